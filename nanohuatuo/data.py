@@ -1,0 +1,603 @@
+"""Conversation data for nanohuatuo: the JSONL schema, its validation, converters
+from public Chinese medical corpora, source mixing, held-out splits, RLAIF prompt
+files and a small CLI (`python -m nanohuatuo.data {convert,mix,prompts,stats}`).
+
+Schema, one JSON object a line (UTF-8):
+    {"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...],
+     "source": str, "department": str (optional), "id": str (optional)}
+An optional system message comes first, then user/assistant turns alternate,
+starting with user and ending with assistant. `source` names the SFT source;
+HuatuoGPT's four are exported as SOURCES, other strings (e.g. "other") are allowed.
+
+Converters (each yields schema rows and stops with a DataError naming the file,
+the line and the reason at the first malformed record; every row gets an id
+"<file stem>-<line>", with "-<k>" added when one record gives several rows):
+  - huatuo_sft   HuatuoGPT-sft-data-v1 JSONL {"data": ["问：..", "答：..", ...]}.
+                 The "问："/"答：" prefixes (or half-width "问:"/"答:") are stripped.
+                 The file does not say where a record came from, so the caller
+                 passes `source`; by default one question/answer pair is
+                 distilled_instructions and more pairs distilled_conversations.
+  - huatuo26m    Huatuo-26M family JSONL {"questions": .., "answers": ..} (also the
+                 singular "question"/"answer" keys). Each side is a string or a
+                 list; a nested list in questions is a group of paraphrases and
+                 its first item is kept. When both sides are lists of the same
+                 length above one, they are paired into one row per pair;
+                 otherwise the first question is the user turn (the others are
+                 paraphrases of it) and the answers are joined by a blank line.
+                 Default source real_doctor_instructions.
+  - cmd_csv      Chinese-medical-dialogue-data CSV, header department,title,ask,
+                 answer. Read as UTF-8 (BOM allowed) when the bytes decode cleanly
+                 as that, else as GB18030 (the corpus' own encoding); `encoding`
+                 forces one. The user turn is `ask`, or `title` when `ask` is empty
+                 or just "无". Default source real_doctor_instructions.
+  - cmd_jsonl    the same corpus as JSONL with keys department,title,question,answer.
+  - cmedqa2      cMedQA2 questions.csv (question_id,content) and answers.csv
+                 (ans_id,question_id,content) joined on question_id: one row per
+                 question with its first answer in file order, or one row per
+                 answer with all_answers. Questions without answers are skipped.
+Real doctor replies are kept verbatim (only surrounding whitespace is stripped):
+polishing them into fluent answers is an LLM job, out of scope here.
+"""
+
+import argparse
+import csv
+import hashlib
+import io
+import itertools
+import json
+import os
+import random
+import statistics
+import sys
+import tempfile
+from collections import Counter, defaultdict
+from pathlib import Path
+from typing import Iterable, Iterator
+
+SOURCES = (
+    "distilled_instructions",
+    "real_doctor_instructions",
+    "distilled_conversations",
+    "real_doctor_conversations",
+)
+ROLES = ("system", "user", "assistant")
+FORMATS = ("huatuo_sft", "huatuo26m", "cmd_csv", "cmd_jsonl", "cmedqa2")
+
+
+class DataError(ValueError):
+    """A malformed file or row; the message starts with `file:line:` (or `where:`)."""
+
+
+# ---------------------------------------------------------------- JSONL files
+
+
+def iter_jsonl(path) -> Iterator[tuple[int, dict]]:
+    """Yield (line number, object) for each non-blank line of a UTF-8 JSONL file."""
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                # utf-8-sig on the first line drops a BOM some editors write
+                text = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}:{lineno}: not UTF-8: {e.reason}") from None
+            if not text.strip():
+                continue
+            try:
+                obj = json.loads(text)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{lineno}: bad JSON: {e.msg} (column {e.colno})") from None
+            if not isinstance(obj, dict):
+                raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
+            yield lineno, obj
+
+
+def read_jsonl(path) -> list[dict]:
+    """All objects of a JSONL file; blank lines are skipped."""
+    return [obj for _, obj in iter_jsonl(path)]
+
+
+def write_jsonl(path, rows: Iterable[dict]) -> int:
+    """Write rows as UTF-8 JSONL atomically (temp file + os.replace); return the count."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    n = 0
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
+            for row in rows:
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+                n += 1
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        # a half-written temp file must not linger next to the real output
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return n
+
+
+# ---------------------------------------------------------------- schema
+
+
+def validate(row, where: str) -> dict:
+    """Check one row against the schema; raise DataError('<where>: <reason>'); return row."""
+
+    def fail(reason):
+        raise DataError(f"{where}: {reason}")
+
+    if not isinstance(row, dict):
+        fail(f"row must be a JSON object, got {type(row).__name__}")
+    if "messages" not in row:
+        fail("missing 'messages'")
+    messages = row["messages"]
+    if not isinstance(messages, list) or not messages:
+        fail("'messages' must be a non-empty list")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            fail(f"messages[{i}] must be an object")
+        if m.get("role") not in ROLES:
+            fail(f"messages[{i}]: bad role {m.get('role')!r} (expected one of {', '.join(ROLES)})")
+        if not isinstance(m.get("content"), str):
+            fail(f"messages[{i}]: content must be a string")
+        if not m["content"].strip():
+            fail(f"messages[{i}]: empty content")
+    start = 1 if messages[0]["role"] == "system" else 0
+    if start == len(messages):
+        fail("no user/assistant turns after the system message")
+    for i in range(start, len(messages)):
+        expected = "user" if (i - start) % 2 == 0 else "assistant"
+        got = messages[i]["role"]
+        if got != expected:
+            if got == "system":
+                fail(f"messages[{i}]: system message is only allowed first")
+            fail(f"messages[{i}]: broken alternation, expected {expected!r}, got {got!r}")
+    if messages[-1]["role"] != "assistant":
+        fail("conversation must end with an assistant message")
+    if not isinstance(row.get("source"), str) or not row["source"].strip():
+        fail("missing or empty 'source'")
+    for key in ("department", "id"):
+        if key in row and not isinstance(row[key], str):
+            fail(f"'{key}' must be a string")
+    return row
+
+
+def load_conversations(path) -> list[dict]:
+    """Read a JSONL file and validate every row, naming file:line on the first bad one."""
+    return [validate(obj, f"{path}:{lineno}") for lineno, obj in iter_jsonl(path)]
+
+
+def _single_turn(question: str, answer: str, source: str, department: str, row_id: str, where: str) -> dict:
+    """A validated one-question row; contents lose only their surrounding whitespace."""
+    row = {
+        "messages": [
+            {"role": "user", "content": question.strip()},
+            {"role": "assistant", "content": answer.strip()},
+        ],
+        "source": source,
+    }
+    if department and department.strip():
+        row["department"] = department.strip()
+    row["id"] = row_id
+    return validate(row, where)
+
+
+# ---------------------------------------------------------------- converters
+
+_Q_PREFIXES = ("问：", "问:")
+_A_PREFIXES = ("答：", "答:")
+
+
+def convert_huatuo_sft(path, source: str | None = None) -> Iterator[dict]:
+    """HuatuoGPT-sft-data-v1 JSONL -> rows; source defaults by pair count (see module doc)."""
+    stem = Path(path).stem
+    for lineno, obj in iter_jsonl(path):
+        where = f"{path}:{lineno}"
+        data = obj.get("data")
+        if not isinstance(data, list) or not data:
+            raise DataError(f"{where}: 'data' must be a non-empty list")
+        if len(data) % 2:
+            raise DataError(f"{where}: 'data' has {len(data)} items, expected question/answer pairs")
+        messages = []
+        for i, text in enumerate(data):
+            if not isinstance(text, str):
+                raise DataError(f"{where}: data[{i}] must be a string")
+            role, own, other = ("user", _Q_PREFIXES, _A_PREFIXES) if i % 2 == 0 else ("assistant", _A_PREFIXES, _Q_PREFIXES)
+            text = text.strip()
+            if text.startswith(other):
+                raise DataError(f"{where}: data[{i}] starts with {text[:2]!r} but a {role} turn is expected here")
+            for prefix in own:
+                if text.startswith(prefix):
+                    text = text[len(prefix):]
+                    break
+            messages.append({"role": role, "content": text.strip()})
+        default = "distilled_instructions" if len(data) == 2 else "distilled_conversations"
+        row = {"messages": messages, "source": source or default, "id": f"{stem}-{lineno}"}
+        yield validate(row, where)
+
+
+def _texts(value, key: str, where: str) -> list[str]:
+    """A Huatuo-26M field as a list of strings; a nested list is paraphrases, first kept."""
+    if isinstance(value, str):
+        return [value]
+    if not isinstance(value, list) or not value:
+        raise DataError(f"{where}: '{key}' must be a string or a non-empty list")
+    out = []
+    for i, item in enumerate(value):
+        if isinstance(item, list) and item:
+            item = item[0]
+        if not isinstance(item, str):
+            raise DataError(f"{where}: {key}[{i}] must be a string or a non-empty list of strings")
+        out.append(item)
+    return out
+
+
+def convert_huatuo26m(path, source: str | None = None) -> Iterator[dict]:
+    """Huatuo-26M family JSONL -> single-turn rows (pairing rules in the module doc)."""
+    source = source or "real_doctor_instructions"
+    stem = Path(path).stem
+    for lineno, obj in iter_jsonl(path):
+        where = f"{path}:{lineno}"
+        qkey = "questions" if "questions" in obj else "question"
+        akey = "answers" if "answers" in obj else "answer"
+        if qkey not in obj or akey not in obj:
+            raise DataError(f"{where}: expected keys 'questions' and 'answers'")
+        questions = _texts(obj[qkey], qkey, where)
+        answers = _texts(obj[akey], akey, where)
+        if isinstance(obj[qkey], list) and isinstance(obj[akey], list) and len(questions) == len(answers) > 1:
+            for k, (q, a) in enumerate(zip(questions, answers), start=1):
+                yield _single_turn(q, a, source, "", f"{stem}-{lineno}-{k}", where)
+        else:
+            answer = "\n\n".join(a.strip() for a in answers if a.strip())
+            yield _single_turn(questions[0], answer, source, "", f"{stem}-{lineno}", where)
+
+
+def _decode(path, encoding: str | None) -> str:
+    """File text in `encoding`, or UTF-8 (BOM allowed) when clean, else GB18030."""
+    data = Path(path).read_bytes()
+    if encoding is None:
+        # UTF-8 first: UTF-8 Chinese often decodes without error as GB18030 mojibake
+        try:
+            return data.decode("utf-8-sig")
+        except UnicodeDecodeError:
+            encoding = "gb18030"
+    try:
+        return data.decode(encoding)
+    except LookupError:
+        raise DataError(f"{path}: unknown encoding {encoding!r}") from None
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise DataError(f"{path}:{line}: cannot decode as {encoding}: {e.reason}") from None
+
+
+def _iter_csv(path, columns: tuple[str, ...], encoding: str | None) -> Iterator[tuple[int, dict]]:
+    """Yield (first line of the record, {column: value}) for a CSV with a header row."""
+    reader = csv.reader(io.StringIO(_decode(path, encoding), newline=""))
+    try:
+        header = [h.strip() for h in next(reader)]
+    except StopIteration:
+        raise DataError(f"{path}:1: empty file, expected header {','.join(columns)}") from None
+    except csv.Error as e:
+        raise DataError(f"{path}:1: bad CSV: {e}") from None
+    missing = [c for c in columns if c not in header]
+    if missing:
+        raise DataError(f"{path}:1: header lacks {', '.join(missing)} (expected {','.join(columns)})")
+    end = reader.line_num
+    while True:
+        # a quoted field may span lines, so a record starts just after the previous one ends
+        start = end + 1
+        try:
+            record = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as e:
+            raise DataError(f"{path}:{start}: bad CSV: {e}") from None
+        end = reader.line_num
+        if not record:
+            continue
+        if len(record) != len(header):
+            raise DataError(f"{path}:{start}: expected {len(header)} fields, got {len(record)}")
+        yield start, dict(zip(header, record))
+
+
+def _cmd_question(ask: str, title: str) -> str:
+    """The user turn of a Chinese-medical-dialogue record: ask, or title when ask is empty/无."""
+    return title if ask.strip() in ("", "无") else ask
+
+
+def convert_cmd_csv(path, source: str | None = None, encoding: str | None = None) -> Iterator[dict]:
+    """Chinese-medical-dialogue-data CSV (department,title,ask,answer) -> single-turn rows."""
+    source = source or "real_doctor_instructions"
+    stem = Path(path).stem
+    for line, rec in _iter_csv(path, ("department", "title", "ask", "answer"), encoding):
+        question = _cmd_question(rec["ask"], rec["title"])
+        yield _single_turn(question, rec["answer"], source, rec["department"], f"{stem}-{line}", f"{path}:{line}")
+
+
+def convert_cmd_jsonl(path, source: str | None = None) -> Iterator[dict]:
+    """Chinese-medical-dialogue-data JSONL (department,title,question,answer) -> rows."""
+    source = source or "real_doctor_instructions"
+    stem = Path(path).stem
+    for lineno, obj in iter_jsonl(path):
+        where = f"{path}:{lineno}"
+        for key in ("department", "title", "question", "answer"):
+            if not isinstance(obj.get(key, ""), str):
+                raise DataError(f"{where}: '{key}' must be a string")
+        if "answer" not in obj:
+            raise DataError(f"{where}: missing 'answer'")
+        question = _cmd_question(obj.get("question", ""), obj.get("title", ""))
+        yield _single_turn(question, obj["answer"], source, obj.get("department", ""), f"{stem}-{lineno}", where)
+
+
+def convert_cmedqa2(questions_path, answers_path, source: str | None = None, all_answers: bool = False,
+                    encoding: str | None = None) -> Iterator[dict]:
+    """cMedQA2 questions.csv + answers.csv joined on question_id -> single-turn rows."""
+    source = source or "real_doctor_instructions"
+    questions = {}
+    for line, rec in _iter_csv(questions_path, ("question_id", "content"), encoding):
+        qid = rec["question_id"].strip()
+        if qid in questions:
+            raise DataError(f"{questions_path}:{line}: duplicate question_id {qid!r}")
+        questions[qid] = (rec["content"], f"{questions_path}:{line}")
+    answers = defaultdict(list)
+    for line, rec in _iter_csv(answers_path, ("ans_id", "question_id", "content"), encoding):
+        qid = rec["question_id"].strip()
+        if qid not in questions:
+            raise DataError(f"{answers_path}:{line}: question_id {qid!r} is not in {questions_path}")
+        answers[qid].append((rec["ans_id"].strip(), rec["content"], f"{answers_path}:{line}"))
+    for qid, (question, qwhere) in questions.items():
+        for ans_id, answer, awhere in answers[qid] if all_answers else answers[qid][:1]:
+            row_id = f"cmedqa2-{qid}-{ans_id}" if all_answers else f"cmedqa2-{qid}"
+            # an empty question is blamed on questions.csv, an empty answer on answers.csv
+            where = qwhere if not question.strip() else awhere
+            yield _single_turn(question, answer, source, "", row_id, where)
+
+
+def convert(fmt: str, paths: list, source: str | None = None, encoding: str | None = None,
+            all_answers: bool = False) -> Iterator[dict]:
+    """Rows from one or more files of a public format (cmedqa2 takes questions, answers)."""
+    if fmt == "cmedqa2":
+        if len(paths) != 2:
+            raise DataError(f"cmedqa2 needs two files (questions.csv answers.csv), got {len(paths)}")
+        yield from convert_cmedqa2(paths[0], paths[1], source, all_answers, encoding)
+        return
+    for path in paths:
+        if fmt == "huatuo_sft":
+            yield from convert_huatuo_sft(path, source)
+        elif fmt == "huatuo26m":
+            yield from convert_huatuo26m(path, source)
+        elif fmt == "cmd_csv":
+            yield from convert_cmd_csv(path, source, encoding)
+        elif fmt == "cmd_jsonl":
+            yield from convert_cmd_jsonl(path, source)
+        else:
+            raise DataError(f"unknown format {fmt!r} (expected one of {', '.join(FORMATS)})")
+
+
+# ---------------------------------------------------------------- mixing
+
+
+def mix_sources(rows: list[dict], weights: dict[str, float], seed: int, total: int | None = None) -> list[dict]:
+    """Resample rows per source and shuffle, deterministically by seed.
+
+    A weight multiplies its source's row count: 0.5 keeps a random half, 2 takes
+    every row twice. Above 1 each row is repeated floor(w) times and the fraction
+    left is sampled without replacement, so no row is lost by chance. With
+    `total`, the per-source counts are rescaled to sum to exactly `total`.
+    Sources absent from `weights`, or weighted 0, are dropped.
+    """
+    by_source = defaultdict(list)
+    for row in rows:
+        by_source[row["source"]].append(row)
+    for source, w in weights.items():
+        if w < 0:
+            raise ValueError(f"weight for {source!r} is negative: {w}")
+        if w > 0 and source not in by_source:
+            raise ValueError(f"weight given for source {source!r} but no row has it")
+    wanted = {s: w * len(by_source[s]) for s, w in sorted(weights.items()) if w > 0}
+    if total is None:
+        counts = {s: round(v) for s, v in wanted.items()}
+    else:
+        mass = sum(wanted.values())
+        if mass == 0:
+            raise ValueError("all weights are zero, cannot draw a total")
+        counts = _round_to_sum({s: total * v / mass for s, v in wanted.items()}, total)
+    rng = random.Random(seed)
+    out = []
+    for source, k in counts.items():
+        pool = by_source[source]
+        whole, rest = divmod(k, len(pool))
+        out.extend(pool * whole)
+        out.extend(rng.sample(pool, rest))
+    rng.shuffle(out)
+    return out
+
+
+def _round_to_sum(wanted: dict[str, float], total: int) -> dict[str, int]:
+    """Integer counts near `wanted` summing to `total`; largest remainders get the extra ones."""
+    counts = {s: int(v) for s, v in wanted.items()}
+    by_remainder = sorted(wanted, key=lambda s: (counts[s] - wanted[s], s))
+    for s in by_remainder[: total - sum(counts.values())]:
+        counts[s] += 1
+    return counts
+
+
+def split_heldout(rows: list[dict], frac: float, seed: int) -> tuple[list[dict], list[dict]]:
+    """Split rows into (train, heldout) with round(frac * n) held out; both keep input order."""
+    if not 0 <= frac < 1:
+        raise ValueError(f"heldout fraction must be in [0, 1), got {frac}")
+    n_held = round(frac * len(rows))
+    held = set(random.Random(seed).sample(range(len(rows)), n_held))
+    train = [r for i, r in enumerate(rows) if i not in held]
+    heldout = [r for i, r in enumerate(rows) if i in held]
+    return train, heldout
+
+
+# ---------------------------------------------------------------- prompts and stats
+
+
+def row_id(row: dict) -> str:
+    """The row's id, or a stable hash of its messages when it has none."""
+    if row.get("id"):
+        return row["id"]
+    blob = json.dumps(row["messages"], ensure_ascii=False, sort_keys=True)
+    return hashlib.sha1(blob.encode("utf-8")).hexdigest()[:16]
+
+
+def to_prompt(row: dict) -> dict:
+    """RLAIF prompt: the conversation up to its last answer, and that answer as reference."""
+    messages = row.get("messages") or []
+    if not messages or messages[-1].get("role") != "assistant":
+        raise DataError(f"row {row.get('id', '?')}: a prompt needs a conversation ending with an assistant message")
+    return {
+        "id": row_id(row),
+        "messages": messages[:-1],
+        "reference": messages[-1]["content"],
+        "department": row.get("department"),
+    }
+
+
+def _summary(values: list[int]) -> dict:
+    """min/mean/median/max of a list of lengths (zeros when empty)."""
+    if not values:
+        return {"min": 0, "mean": 0.0, "median": 0.0, "max": 0}
+    return {"min": min(values), "mean": round(statistics.fmean(values), 1),
+            "median": float(statistics.median(values)), "max": max(values)}
+
+
+def stats(rows: list[dict]) -> dict:
+    """Counts per source, department and number of turns; char lengths per role."""
+    chars = {"user": [], "assistant": []}
+    turns = Counter()
+    for row in rows:
+        turns[sum(m["role"] == "assistant" for m in row["messages"])] += 1
+        for m in row["messages"]:
+            if m["role"] in chars:
+                chars[m["role"]].append(len(m["content"]))
+    return {
+        "rows": len(rows),
+        "sources": dict(Counter(r["source"] for r in rows).most_common()),
+        "departments": dict(Counter(r.get("department", "(none)") for r in rows).most_common()),
+        "turns": dict(sorted(turns.items())),
+        "chars": {role: _summary(v) for role, v in chars.items()},
+    }
+
+
+# ---------------------------------------------------------------- CLI
+
+
+def _parse_weights(text: str) -> dict[str, float]:
+    """'a=1,b=2.5' -> {'a': 1.0, 'b': 2.5}."""
+    weights = {}
+    for part in text.split(","):
+        name, eq, value = part.partition("=")
+        try:
+            if not eq or not name.strip():
+                raise ValueError
+            weights[name.strip()] = float(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"bad weight {part!r}, expected source=number") from None
+    return weights
+
+
+def _cmd_convert(args) -> None:
+    if args.all_answers and args.format != "cmedqa2":
+        raise DataError("--all-answers only applies to --format cmedqa2")
+    groups = [args.inputs] if args.format == "cmedqa2" else [[path] for path in args.inputs]
+    counts = []
+
+    def rows():
+        for group in groups:
+            counts.append(0)
+            for row in convert(args.format, group, args.source, args.encoding, args.all_answers):
+                counts[-1] += 1
+                yield row
+
+    n = write_jsonl(args.out, itertools.islice(rows(), args.limit))
+    for group, k in zip(groups, counts):
+        print(f"converted {k} rows from {' + '.join(map(str, group))} ({args.format})")
+    print(f"wrote {n} rows to {args.out}")
+
+
+def _cmd_mix(args) -> None:
+    rows = []
+    for path in args.inputs:
+        part = load_conversations(path)
+        print(f"read {len(part)} rows from {path}")
+        rows.extend(part)
+    # held-out rows are taken before resampling so no duplicate leaks into both sides
+    pool = [r for r in rows if args.weights.get(r["source"], 0) > 0]
+    train, heldout = split_heldout(pool, args.heldout, args.seed) if args.heldout else (pool, [])
+    mixed = mix_sources(train, args.weights, args.seed, args.total)
+    have, got = Counter(r["source"] for r in rows), Counter(r["source"] for r in mixed)
+    for source in sorted(have):
+        print(f"  {source}: {have[source]} in, weight {args.weights.get(source, 0):g}, {got[source]} out")
+    print(f"wrote {write_jsonl(args.out, mixed)} rows to {args.out}")
+    if args.heldout:
+        print(f"wrote {write_jsonl(args.heldout_out, heldout)} held-out rows to {args.heldout_out}")
+
+
+def _cmd_prompts(args) -> None:
+    rows = load_conversations(args.inputs)
+    n = write_jsonl(args.out, (to_prompt(r) for r in rows))
+    print(f"read {len(rows)} rows from {args.inputs}; wrote {n} prompts to {args.out}")
+
+
+def _cmd_stats(args) -> None:
+    for path in args.inputs:
+        s = stats(load_conversations(path))
+        print(f"{path}: {s['rows']} rows")
+        for key in ("sources", "departments", "turns"):
+            print(f"  {key}: " + ", ".join(f"{k}={v}" for k, v in s[key].items()))
+        for role, summary in s["chars"].items():
+            print(f"  {role} chars: " + ", ".join(f"{k}={v}" for k, v in summary.items()))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of `python -m nanohuatuo.data`; returns the exit status."""
+    parser = argparse.ArgumentParser(prog="python -m nanohuatuo.data", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("convert", help="convert a public corpus to the conversation schema")
+    p.add_argument("--format", required=True, choices=FORMATS)
+    p.add_argument("--in", dest="inputs", nargs="+", required=True, help="input file(s); cmedqa2: questions.csv answers.csv")
+    p.add_argument("--out", required=True)
+    p.add_argument("--source", help="source for every row (defaults per format, see module doc)")
+    p.add_argument("--encoding", help="force the CSV encoding (default: UTF-8 if clean, else GB18030)")
+    p.add_argument("--limit", type=int, help="stop after this many rows")
+    p.add_argument("--all-answers", action="store_true", help="cmedqa2: one row per answer, not per question")
+    p.set_defaults(run=_cmd_convert)
+
+    p = sub.add_parser("mix", help="resample sources by weight into one shuffled file")
+    p.add_argument("--in", dest="inputs", nargs="+", required=True)
+    p.add_argument("--weights", type=_parse_weights, required=True, help="source=w,... (w multiplies the source's count)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--total", type=int, help="rescale the counts to exactly this many rows")
+    p.add_argument("--heldout", type=float, default=0.0, help="fraction held out before resampling")
+    p.add_argument("--heldout-out", help="where the held-out rows go (needed with --heldout)")
+    p.set_defaults(run=_cmd_mix)
+
+    p = sub.add_parser("prompts", help="RLAIF prompt file: conversation minus last answer, plus reference")
+    p.add_argument("--in", dest="inputs", required=True)
+    p.add_argument("--out", required=True)
+    p.set_defaults(run=_cmd_prompts)
+
+    p = sub.add_parser("stats", help="counts per source/department, turns and char lengths")
+    p.add_argument("--in", dest="inputs", nargs="+", required=True)
+    p.set_defaults(run=_cmd_stats)
+
+    args = parser.parse_args(argv)
+    if args.command == "mix" and args.heldout and not args.heldout_out:
+        parser.error("--heldout needs --heldout-out")
+    try:
+        args.run(args)
+    except (DataError, ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,356 @@
+"""The transformer: one class, configured by a dataclass, for every base a HuatuoGPT model uses.
+
+Families and the flags that tell them apart (see `ModelConfig`):
+- Llama-2/3/3.1, Mistral, Yi, TinyLlama: RMSNorm, SwiGLU, RoPE (llama3 scaling), grouped-query attention.
+- Qwen2 / Qwen2.5: as Llama plus bias on q/k/v, tied embeddings on small models. Qwen3: q/k RMSNorm.
+- Baichuan / Baichuan2: q/k/v packed in one `W_pack` matrix; Baichuan2-7B's NormHead
+  (unit-norm rows of the output matrix); the 13B models use ALiBi instead of RoPE.
+- BLOOM: LayerNorm with bias, GELU MLP, ALiBi, an extra LayerNorm after the embedding,
+  q/k/v fused with the heads interleaved.
+- An optional scalar value head on the last hidden state (reward and value models).
+
+Module names follow the Hugging Face Llama layout without the `model.` prefix, so the weight maps
+in `hf.py` are near-identity and LoRA targets keep their familiar names (`q_proj`, `W_pack`, ...).
+
+Attention goes through `F.scaled_dot_product_attention`. A `KVCache` preallocated for the whole
+generation is written in place at `cache_pos`, so a decode step has fixed shapes (torch.compile).
+"""
+
+import math
+from dataclasses import dataclass, field, asdict
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "llama"  # Hugging Face model_type written back on save: llama mistral qwen2 qwen3 baichuan bloom
+    vocab_size: int = 32000
+    dim: int = 4096
+    n_layers: int = 32
+    n_heads: int = 32
+    n_kv_heads: int | None = None  # None: same as n_heads (no grouped-query attention)
+    head_dim: int | None = None  # None: dim // n_heads
+    ffn_dim: int = 11008
+    norm: str = "rms"  # rms | layer
+    norm_eps: float = 1e-6
+    mlp: str = "swiglu"  # swiglu | gelu (BLOOM)
+    pos: str = "rope"  # rope | alibi
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None  # {"rope_type": "llama3" | "linear", ...} as in HF configs
+    qkv: str = "split"  # split (q_proj/k_proj/v_proj) | packed (Baichuan W_pack) | bloom (interleaved per head)
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
+    qk_norm: bool = False  # Qwen3
+    embed_norm: bool = False  # BLOOM: LayerNorm right after the embedding
+    norm_head: bool = False  # Baichuan2: output matrix rows normalised to unit length
+    tie_embeddings: bool = False
+    sliding_window: int | None = None  # Mistral
+    max_seq_len: int = 4096
+    lm_head: bool = True  # False for reward models that only carry a value head
+    value_head: bool = False
+    extra: dict = field(default_factory=dict)  # HF config keys we carry through save unchanged
+
+    def __post_init__(self):
+        if self.n_kv_heads is None:
+            self.n_kv_heads = self.n_heads
+        if self.head_dim is None:
+            self.head_dim = self.dim // self.n_heads
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}")
+
+    def to_dict(self):
+        return asdict(self)
+
+
+# ----------------------------------------------------------------------------- positions
+
+def rope_inv_freq(c: ModelConfig) -> torch.Tensor:
+    """Per-pair rotation frequencies, with the scaling the config asks for (computed in float32)."""
+    inv_freq = 1.0 / (c.rope_theta ** (torch.arange(0, c.head_dim, 2, dtype=torch.int64).float() / c.head_dim))
+    s = c.rope_scaling or {}
+    kind = s.get("rope_type", s.get("type", "default"))
+    if kind == "default":
+        return inv_freq
+    if kind == "linear":
+        return inv_freq / s["factor"]
+    if kind == "llama3":
+        # Llama 3.1: long wavelengths slowed by `factor`, short ones kept, smooth ramp in between
+        factor, lo, hi = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
+        old_len = s["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > old_len / lo, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - lo) / (hi - lo)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= old_len / hi) & (wavelen <= old_len / lo)
+        return torch.where(medium, smoothed, scaled)
+    raise NotImplementedError(f"rope_scaling type {kind!r} is not supported (default, linear, llama3 are)")
+
+
+def rope_cos_sin(inv_freq, positions, dtype):
+    """cos/sin of shape (B, 1, T, head_dim) for integer positions (B, T), computed in float32."""
+    freqs = positions[..., None].float() * inv_freq  # (B, T, head_dim/2)
+    emb = torch.cat([freqs, freqs], dim=-1)
+    return emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]
+
+
+def apply_rope(x, cos, sin):
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+def alibi_slopes(n_heads: int) -> torch.Tensor:
+    """ALiBi head slopes (BLOOM's and Baichuan's formula, identical for every head count)."""
+    closest = 2 ** math.floor(math.log2(n_heads))
+    base = 2.0 ** (-(2.0 ** -(math.log2(closest) - 3)))
+    slopes = [base ** p for p in range(1, closest + 1)]
+    if closest != n_heads:
+        extra = 2.0 ** (-(2.0 ** -(math.log2(2 * closest) - 3)))
+        slopes += [extra ** p for p in range(1, 1 + 2 * (n_heads - closest), 2)]
+    return torch.tensor(slopes, dtype=torch.float32)
+
+
+# ----------------------------------------------------------------------------- layers
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # normalise in float32 and cast back before the gain, as the reference implementations do
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+def make_norm(c: ModelConfig, dim=None):
+    dim = dim or c.dim
+    return RMSNorm(dim, c.norm_eps) if c.norm == "rms" else nn.LayerNorm(dim, eps=c.norm_eps)
+
+
+class KVCache:
+    """Keys and values of every layer, preallocated as (B, n_kv_heads, max_len, head_dim)."""
+
+    def __init__(self, c: ModelConfig, batch: int, max_len: int, dtype, device):
+        shape = (batch, c.n_kv_heads, max_len, c.head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(c.n_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(c.n_layers)]
+        self.max_len = max_len
+
+    def update(self, layer: int, cache_pos, k, v):
+        self.k[layer].index_copy_(2, cache_pos, k)
+        self.v[layer].index_copy_(2, cache_pos, v)
+        return self.k[layer], self.v[layer]
+
+
+class Attention(nn.Module):
+    def __init__(self, c: ModelConfig, layer: int):
+        super().__init__()
+        self.c, self.layer = c, layer
+        q_dim, kv_dim = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
+        if c.qkv == "split":
+            self.q_proj = nn.Linear(c.dim, q_dim, bias=c.qkv_bias)
+            self.k_proj = nn.Linear(c.dim, kv_dim, bias=c.qkv_bias)
+            self.v_proj = nn.Linear(c.dim, kv_dim, bias=c.qkv_bias)
+        elif c.qkv == "packed":
+            self.W_pack = nn.Linear(c.dim, q_dim + 2 * kv_dim, bias=c.qkv_bias)
+        elif c.qkv == "bloom":
+            self.query_key_value = nn.Linear(c.dim, 3 * q_dim, bias=c.qkv_bias)
+        else:
+            raise ValueError(f"unknown qkv layout {c.qkv!r}")
+        self.o_proj = nn.Linear(q_dim, c.dim, bias=c.o_bias)
+        if c.qk_norm:
+            self.q_norm = RMSNorm(c.head_dim, c.norm_eps)
+            self.k_norm = RMSNorm(c.head_dim, c.norm_eps)
+
+    def qkv(self, x):
+        c = self.c
+        B, T, _ = x.shape
+        if c.qkv == "split":
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        elif c.qkv == "packed":
+            q, k, v = self.W_pack(x).split([c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim,
+                                            c.n_kv_heads * c.head_dim], dim=-1)
+        else:  # BLOOM stores q, k, v interleaved head by head
+            q, k, v = self.query_key_value(x).view(B, T, c.n_heads, 3, c.head_dim).unbind(3)
+        return (q.view(B, T, -1, c.head_dim), k.view(B, T, -1, c.head_dim), v.view(B, T, -1, c.head_dim))
+
+    def forward(self, x, cos_sin, mask, cache, cache_pos):
+        B, T, _ = x.shape
+        q, k, v = self.qkv(x)  # (B, T, n_head, head_dim)
+        if self.c.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, n_head, T, head_dim)
+        if cos_sin is not None:
+            q, k = apply_rope(q, *cos_sin), apply_rope(k, *cos_sin)
+        if cache is not None:
+            k, v = cache.update(self.layer, cache_pos, k, v)
+        gqa = self.c.n_kv_heads != self.c.n_heads
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=gqa)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, c: ModelConfig):
+        super().__init__()
+        self.swiglu = c.mlp == "swiglu"
+        if self.swiglu:
+            self.gate_proj = nn.Linear(c.dim, c.ffn_dim, bias=c.mlp_bias)
+        self.up_proj = nn.Linear(c.dim, c.ffn_dim, bias=c.mlp_bias)
+        self.down_proj = nn.Linear(c.ffn_dim, c.dim, bias=c.mlp_bias)
+
+    def forward(self, x):
+        if self.swiglu:
+            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(F.gelu(self.up_proj(x), approximate="tanh"))
+
+
+class Block(nn.Module):
+    def __init__(self, c: ModelConfig, layer: int):
+        super().__init__()
+        self.input_layernorm = make_norm(c)
+        self.self_attn = Attention(c, layer)
+        self.post_attention_layernorm = make_norm(c)
+        self.mlp = MLP(c)
+
+    def forward(self, x, cos_sin, mask, cache, cache_pos):
+        x = x + self.self_attn(self.input_layernorm(x), cos_sin, mask, cache, cache_pos)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+# ----------------------------------------------------------------------------- the model
+
+class Transformer(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        c = self.config = config
+        self.embed_tokens = nn.Embedding(c.vocab_size, c.dim)
+        if c.embed_norm:
+            self.embed_norm = make_norm(c)
+        self.layers = nn.ModuleList(Block(c, i) for i in range(c.n_layers))
+        self.norm = make_norm(c)
+        self.lm_head = None
+        if c.lm_head:
+            self.lm_head = nn.Linear(c.dim, c.vocab_size, bias=False)
+            if c.tie_embeddings:
+                self.lm_head.weight = self.embed_tokens.weight
+        self.value_head = nn.Linear(c.dim, 1) if c.value_head else None
+        self.register_buffer("inv_freq", rope_inv_freq(c) if c.pos == "rope" else torch.zeros(0), persistent=False)
+        self.register_buffer("slopes", alibi_slopes(c.n_heads) if c.pos == "alibi" else torch.zeros(0), persistent=False)
+        self.grad_checkpointing = False
+
+    # -- building blocks used by generation, training and the reward/value code
+
+    def attention_bias(self, T, S, attention_mask, cache_pos, dtype):
+        """The mask handed to every layer: None (plain causal) or (B|1, 1|H, T, S), bool or additive.
+
+        attention_mask (B, S) marks real tokens among the S keys; cache_pos (T,) is the key slot of
+        each query. A query may see keys at or before its slot that are real; a padding query sees
+        itself so its row never goes all -inf (NaN would leak into real rows through the values).
+        """
+        c = self.config
+        if attention_mask is None and cache_pos is None and c.pos == "rope" and c.sliding_window is None:
+            return None  # fast path: SDPA's own causal mask
+        device = self.embed_tokens.weight.device
+        q_slot = cache_pos if cache_pos is not None else torch.arange(T, device=device)
+        k_slot = torch.arange(S, device=device)
+        allowed = k_slot[None, :] <= q_slot[:, None]  # (T, S)
+        if c.sliding_window is not None:
+            allowed = allowed & (q_slot[:, None] - k_slot[None, :] < c.sliding_window)
+        allowed = allowed[None, None]  # (1, 1, T, S)
+        if attention_mask is not None:
+            own = k_slot[None, :] == q_slot[:, None]
+            allowed = allowed & (attention_mask[:, None, None, :].bool() | own[None, None])
+        if c.pos != "alibi":
+            return allowed
+        # ALiBi: slope * (key - query) distance; within a row padding shifts both, so slots suffice
+        dist = (k_slot[None, :] - q_slot[:, None]).float()  # (T, S)
+        bias = self.slopes[None, :, None, None] * dist[None, None]  # (1, H, T, S)
+        return bias.masked_fill(~allowed, float("-inf")).to(dtype)
+
+    def hidden_states(self, input_ids, attention_mask=None, positions=None, cache=None, cache_pos=None):
+        """Final-normed hidden states (B, T, dim).
+
+        Without a cache, positions default to `attention_mask.cumsum(-1) - 1` clamped at 0, so left
+        padding never shifts a sequence. With a cache the caller passes positions and cache_pos.
+        """
+        c = self.config
+        B, T = input_ids.shape
+        x = self.embed_tokens(input_ids)
+        if c.embed_norm:
+            x = self.embed_norm(x)
+        cos_sin = None
+        if c.pos == "rope":
+            if positions is None:
+                if attention_mask is not None and cache is None:
+                    positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+                else:
+                    positions = torch.arange(T, device=input_ids.device)[None].expand(B, T)
+            cos_sin = rope_cos_sin(self.inv_freq, positions, x.dtype)
+        S = cache.max_len if cache is not None else T
+        mask = self.attention_bias(T, S, attention_mask, cache_pos, x.dtype)
+        for layer in self.layers:
+            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(layer, x, cos_sin, mask, cache, cache_pos, use_reentrant=False)
+            else:
+                x = layer(x, cos_sin, mask, cache, cache_pos)
+        return self.norm(x)
+
+    def logits(self, h):
+        w = self.lm_head.weight
+        if self.config.norm_head and w.requires_grad:
+            # weights are normalised once at load; while training they must stay normalised
+            w = F.normalize(w, dim=-1)
+        return F.linear(h, w)
+
+    def values(self, h):
+        """Scalar value-head output per position (B, T), computed in the head's dtype."""
+        return self.value_head(h.to(self.value_head.weight.dtype)).squeeze(-1)
+
+    def forward(self, input_ids, attention_mask=None, positions=None, cache=None, cache_pos=None):
+        """Logits (B, T, vocab_size)."""
+        return self.logits(self.hidden_states(input_ids, attention_mask, positions, cache, cache_pos))
+
+    # -- initialisation, sizes, Hugging Face I/O
+
+    @torch.no_grad()
+    def init_weights(self, std=0.02, seed=None):
+        """Random init for models trained from scratch (the demo and tests)."""
+        g = torch.Generator().manual_seed(seed) if seed is not None else None
+        for name, p in self.named_parameters():
+            if name.endswith("bias"):
+                p.zero_()
+            elif p.ndim == 1:
+                p.fill_(1.0)
+            else:
+                p.copy_(torch.randn(p.shape, generator=g) * std)
+        if self.value_head is not None:
+            init_value_head(self.value_head, g)
+
+    def num_params(self):
+        return sum(p.numel() for p in {id(p): p for p in self.parameters()}.values())
+
+    @classmethod
+    def from_pretrained(cls, path, dtype=None, device=None, adapter=None, **kw):
+        """Load a Hugging Face model directory (config.json + safetensors); see `hf.load`."""
+        from .hf import load
+        return load(path, dtype=dtype, device=device, adapter=adapter, **kw)
+
+    def save_pretrained(self, path, **kw):
+        """Write config.json + safetensors in the Hugging Face layout of this architecture."""
+        from .hf import save
+        save(self, path, **kw)
+
+
+@torch.no_grad()
+def init_value_head(head: nn.Linear, generator=None):
+    # N(0, 1/sqrt(d+1)) as in the RLHF reference implementations; bias 0
+    d = head.weight.shape[1]
+    head.weight.copy_(torch.randn(head.weight.shape, generator=generator) / math.sqrt(d + 1))
+    head.bias.zero_()
