@@ -68,6 +68,19 @@ def left_pad(prompts, pad_id, device):
     return ids.to(device), mask.to(device)
 
 
+def use_column_major_head(model):
+    """On CPU, store the output matrix column-major (same values, transposed strides).
+
+    A decode step is dominated by reading the (vocab, dim) output matrix once per token; CPU BLAS
+    reads it about twice as fast for a few rows of activations when it is laid out as (dim, vocab).
+    The parameter object is kept, so tied embeddings stay tied.
+    """
+    w = getattr(model.lm_head, "weight", None)
+    if w is None or w.device.type != "cpu" or not w.is_floating_point() or not w.is_contiguous():
+        return
+    w.data = w.data.t().contiguous().t()
+
+
 def _decode_one(model, x, positions, attention_mask, cache, cache_pos):
     # one decode step: fixed shapes, so torch.compile can capture it as a CUDA graph
     h = model.hidden_states(x, attention_mask=attention_mask, positions=positions, cache=cache, cache_pos=cache_pos)
@@ -93,6 +106,7 @@ def _steps(model: Transformer, prompts, max_new_tokens, temperature, top_k, top_
     device = model.embed_tokens.weight.device
     dtype = model.embed_tokens.weight.dtype
     c = model.config
+    use_column_major_head(model)
     ids, real = left_pad(prompts, pad_id, device)
     B, P = ids.shape
     S = P + max_new_tokens

@@ -303,11 +303,10 @@ class Transformer(nn.Module):
         return self.norm(x)
 
     def logits(self, h):
-        w = self.lm_head.weight
-        if self.config.norm_head and w.requires_grad:
+        if self.config.norm_head and self.lm_head.weight.requires_grad:
             # weights are normalised once at load; while training they must stay normalised
-            w = F.normalize(w, dim=-1)
-        return F.linear(h, w)
+            return F.linear(h, F.normalize(self.lm_head.weight, dim=-1))
+        return self.lm_head(h)
 
     def values(self, h):
         """Scalar value-head output per position (B, T), computed in the head's dtype."""
