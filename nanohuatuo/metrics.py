@@ -1,0 +1,108 @@
+"""Progress, metrics and plots for every long job: one JSONL line per step, a PNG one call away.
+
+    log = MetricsLog(out_dir / "metrics.jsonl", total_steps=1000)
+    log.write(step=1, loss=2.3, lr=1e-4, tokens=4096)   # prints a progress line, appends JSONL
+    plot_metrics(out_dir / "metrics.jsonl", out_dir / "loss.png", ["loss", "eval_loss"])
+"""
+
+import json
+import math
+import os
+import sys
+import time
+
+
+class MetricsLog:
+    """Appends metrics rows to a JSONL file and prints step, values, tokens/s and ETA.
+
+    Opening in append mode keeps the rows of an interrupted run; a resumed run continues the file.
+    """
+
+    def __init__(self, path, total_steps=None, print_every=1, stream=sys.stdout):
+        self.path = str(path)
+        os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
+        self.total_steps = total_steps
+        self.print_every = print_every
+        self.stream = stream
+        self.t0 = time.time()
+        self.first_step = None
+        self.tokens = 0
+
+    def write(self, step, **values):
+        now = time.time()
+        if self.first_step is None:
+            self.first_step = step - 1  # a resumed run measures speed from where it resumed
+        self.tokens += values.pop("tokens", 0) or 0
+        elapsed = now - self.t0
+        row = {"step": step, **{k: _plain(v) for k, v in values.items()}, "time": round(now, 3)}
+        if self.tokens:
+            row["tokens_per_s"] = round(self.tokens / max(elapsed, 1e-9), 1)
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        if self.stream is not None and (step % self.print_every == 0 or step == self.total_steps):
+            self.stream.write(self.format(step, row, elapsed) + "\n")
+            self.stream.flush()
+        return row
+
+    def format(self, step, row, elapsed):
+        parts = [f"step {step}" + (f"/{self.total_steps}" if self.total_steps else "")]
+        for k, v in row.items():
+            if k in ("step", "time", "tokens_per_s"):
+                continue
+            parts.append(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}")
+        if "tokens_per_s" in row:
+            parts.append(f"{row['tokens_per_s']:.0f} tok/s")
+        done = step - (self.first_step or 0)
+        if self.total_steps and done > 0:
+            eta = elapsed / done * (self.total_steps - step)
+            parts.append(f"eta {_hms(eta)}")
+        return " | ".join(parts)
+
+
+def _plain(v):
+    if hasattr(v, "item"):
+        v = v.item()
+    if isinstance(v, float):
+        return v if math.isfinite(v) else str(v)
+    return v
+
+
+def _hms(seconds):
+    seconds = int(max(seconds, 0))
+    h, m, s = seconds // 3600, seconds // 60 % 60, seconds % 60
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
+
+def read_metrics(path):
+    rows = []
+    with open(path) as f:
+        for line in f:
+            if line.strip():
+                rows.append(json.loads(line))
+    return rows
+
+
+def plot_metrics(jsonl_path, png_path, keys, title=None, x="step"):
+    """One panel per key (rows lacking a key are skipped), written to png_path. Returns the path."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = read_metrics(jsonl_path)
+    keys = [k for k in keys if any(isinstance(r.get(k), (int, float)) for r in rows)]
+    if not keys:
+        raise ValueError(f"{jsonl_path}: none of the requested metrics were logged")
+    fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.2), squeeze=False)
+    for ax, k in zip(axes[0], keys):
+        pts = [(r[x], r[k]) for r in rows if isinstance(r.get(k), (int, float)) and x in r]
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="." if len(pts) < 50 else None)
+        ax.set_title(k)
+        ax.set_xlabel(x)
+        ax.grid(alpha=0.3)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    tmp = str(png_path) + ".tmp.png"
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, png_path)
+    return png_path
