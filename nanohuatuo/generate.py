@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+import torch._dynamo
+
 from .model import KVCache, Transformer
 
 
@@ -81,6 +83,24 @@ def use_column_major_head(model):
     w.data = w.data.t().contiguous().t()
 
 
+def make_cache(model, B, S, dtype, device, keep=False):
+    """A KV cache for B rows of S slots. With `keep` (compiled decoding) one cache is kept on the model
+    and reused while the shapes match: CUDA graphs replay on fixed addresses, so the cache tensors
+    are marked static and must not be reallocated each call. Stale entries never leak: every slot a
+    query may see is rewritten by the prefill or an earlier decode step."""
+    if not keep:
+        return KVCache(model.config, B, S, dtype, device)
+    cache = getattr(model, "_static_cache", None)
+    if cache is None or cache.k[0].shape != (B, model.config.n_kv_heads, S, model.config.head_dim) \
+            or cache.k[0].dtype != dtype or cache.k[0].device != torch.device(device):
+        model._static_cache = None  # free the old one before allocating
+        cache = KVCache(model.config, B, S, dtype, device)
+        for t in cache.k + cache.v:
+            torch._dynamo.mark_static_address(t)
+        model._static_cache = cache
+    return cache
+
+
 def _decode_one(model, x, positions, attention_mask, cache, cache_pos):
     # one decode step: fixed shapes, so torch.compile can capture it as a CUDA graph
     h = model.hidden_states(x, attention_mask=attention_mask, positions=positions, cache=cache, cache_pos=cache_pos)
@@ -110,7 +130,9 @@ def _steps(model: Transformer, prompts, max_new_tokens, temperature, top_k, top_
     ids, real = left_pad(prompts, pad_id, device)
     B, P = ids.shape
     S = P + max_new_tokens
-    cache = KVCache(c, B, S, dtype, device)
+    if compile:
+        S = -(-S // 256) * 256  # few distinct cache shapes, so few compilations and CUDA graphs
+    cache = make_cache(model, B, S, dtype, device, keep=compile)
     attention_mask = torch.ones((B, S), dtype=torch.long, device=device)
     attention_mask[:, :P] = real  # generated slots are all real; later slots are hidden by causality
     lengths = real.sum(-1)  # (B,)

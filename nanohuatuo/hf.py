@@ -158,7 +158,7 @@ def _rename(key, pairs):
 
 
 def hf_to_ours(key: str, arch: str) -> str:
-    if arch == "bloom" and not key.startswith(("transformer.", "lm_head.")):
+    if arch == "bloom" and not key.startswith(("transformer.", "lm_head.", "value_head.")):
         key = "transformer." + key  # some BLOOM checkpoints store the trunk without its prefix
     return _rename(key, _table(arch))
 

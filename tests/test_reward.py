@@ -1,0 +1,211 @@
+"""Reward model: the pairwise loss by hand, last-token reads, learning a synthetic preference,
+save/load round trips (LoRA, full, with an SFT adapter), the bias, and a released-layout directory."""
+
+import json
+import math
+import random
+
+import pytest
+import torch
+
+from nanohuatuo import reward
+from nanohuatuo.data import DataError
+from nanohuatuo.lora import apply_lora, lora_modules, save_adapter
+from nanohuatuo.model import ModelConfig, Transformer
+from nanohuatuo.templates import render
+from nanohuatuo.tokenizer import train_sentencepiece
+
+FILL = ["多喝水", "注意休息", "清淡饮食", "按时吃药", "测量体温", "保持睡眠", "适当运动", "观察症状"]
+MARK = "及时就医"  # the synthetic preference: more of these is better
+QUESTIONS = ["头疼三天怎么办", "孩子发烧咳嗽", "胃痛吃什么药", "血压偏高要注意什么", "失眠多梦怎么调理"]
+
+
+def tiny_base(path, value_head=False, lm_head=True):
+    """A tiny Llama-style model with a sentencepiece tokenizer in one directory."""
+    texts = FILL + [MARK] + QUESTIONS + [f"User: {q}" for q in QUESTIONS] + ["Assistant:"]
+    tok = train_sentencepiece(texts, path, vocab_size=320)
+    model = Transformer(ModelConfig(arch="llama", vocab_size=tok.vocab_size, dim=32, n_layers=2, n_heads=4,
+                                    ffn_dim=64, lm_head=lm_head, value_head=value_head))
+    model.init_weights(seed=0)
+    model.save_pretrained(path)
+    return str(path), tok, model
+
+
+def preferences(n, seed=0):
+    """Records with 3 answers of 4 phrases holding 2, 1 and 0 markers: best first."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        answers = []
+        for marks in (2, 1, 0):
+            words = [rng.choice(FILL) for _ in range(4 - marks)] + [MARK] * marks
+            rng.shuffle(words)
+            answers.append("，".join(words) + "。")
+        rows.append({"id": f"p{i}", "prompt": rng.choice(QUESTIONS), "reference": "及时就医，多喝水。",
+                     "answers": answers})
+    return rows
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    return tiny_base(tmp_path_factory.mktemp("base"))
+
+
+@pytest.fixture(scope="module")
+def trained(base, tmp_path_factory):
+    """A LoRA reward model trained on the marker preference; bias and gain from separate SFT samples."""
+    path, _, _ = base
+    tmp = tmp_path_factory.mktemp("rm")
+    data = write_jsonl(tmp / "prefs.jsonl", preferences(200))
+    samples = [{"id": f"s{i}", "question": r["prompt"], "reference": "x", "answers": r["answers"]}
+               for i, r in enumerate(preferences(20, seed=1))]
+    norm = write_jsonl(tmp / "samples.jsonl", samples)
+    cfg = reward.RMConfig(base=path, data=data, out=str(tmp / "out"), template="plain", lora_r=8, lr=3e-3,
+                          eval_frac=0.2, eval_every=20, norm_samples=norm, normalize_std=True, seed=0, device="cpu")
+    return cfg, reward.train(cfg), samples
+
+
+# ----------------------------------------------------------------------------- loss and forward
+
+def _nls(d):
+    return math.log1p(math.exp(-d))  # -logsigmoid(d)
+
+
+def test_pairwise_loss_by_hand():
+    r = torch.tensor([1.0, 0.2, -0.5])
+    want = (_nls(0.8) + _nls(1.5) + _nls(0.7)) / 3
+    assert reward.pairwise_loss(r, [0, 1, 2]).item() == pytest.approx(want, abs=1e-6)
+    assert reward.pairwise_loss(r).item() == pytest.approx(want, abs=1e-6)
+    # ranking 2 > 0 > 1: pairs (-0.5, 1.0), (-0.5, 0.2), (1.0, 0.2)
+    want = (_nls(-1.5) + _nls(-0.7) + _nls(0.8)) / 3
+    assert reward.pairwise_loss(r, [2, 0, 1]).item() == pytest.approx(want, abs=1e-6)
+    center = ((1.2 ** 2) + (0.5 ** 2) + (0.3 ** 2)) / 3
+    got = reward.pairwise_loss(r, [0, 1, 2], center_coef=0.01).item()
+    assert got == pytest.approx((_nls(0.8) + _nls(1.5) + _nls(0.7)) / 3 + 0.01 * center, abs=1e-6)
+    assert reward.pairwise_accuracy(r, [0, 1, 2]) == (3, 3)
+    assert reward.pairwise_accuracy(r, [2, 0, 1]) == (1, 3)
+
+
+def test_lr_schedule_warms_up_and_anneals_to_zero():
+    f = [reward.lr_factor(s, 10, 2, "cosine") for s in range(10)]
+    assert f[:3] == [0.5, 1.0, 1.0] and all(a >= b for a, b in zip(f[1:], f[2:])) and f[-1] < 0.05
+    assert reward.lr_factor(6, 10, 2, "linear") == pytest.approx(0.5)
+
+
+def test_rm_forward_reads_last_real_token(base):
+    _, _, model = base
+    model = Transformer(ModelConfig(**{**model.config.to_dict(), "value_head": True})).eval()
+    model.init_weights(seed=1)
+    seqs = [[1, 40, 41, 42, 43, 44, 2], [1, 50, 51, 2], [1, 60, 2]]
+    ids, mask = reward.right_pad(seqs, pad_id=3)
+    assert ids[2].tolist() == [1, 60, 2, 3, 3, 3, 3] and mask[2].tolist() == [1, 1, 1, 0, 0, 0, 0]
+    with torch.no_grad():
+        got = reward.rm_forward(model, ids, mask)
+        direct = model.values(model.hidden_states(ids, attention_mask=mask))  # (B, T)
+        alone = [model.values(model.hidden_states(torch.tensor([s])))[0, -1] for s in seqs]
+    torch.testing.assert_close(got, direct[torch.arange(3), torch.tensor([6, 3, 2])], atol=1e-5, rtol=0)
+    torch.testing.assert_close(got, torch.stack(alone), atol=1e-5, rtol=0)
+    # left truncation keeps the end, where the score is read
+    ids, mask = reward.right_pad(seqs, pad_id=3, max_len=4)
+    assert ids[0].tolist() == [42, 43, 44, 2]
+    with pytest.raises(ValueError, match="right padding"):
+        reward.rm_forward(model, ids.flip(1), mask.flip(1))
+
+
+# ----------------------------------------------------------------------------- training
+
+def test_learns_synthetic_preference(trained):
+    cfg, result, _ = trained
+    assert result["eval_accuracy"] >= 0.9 and result["eval_pairs"] == 40 * 3
+    assert result["steps"] == 40 and result["train_loss"] < 0.3
+    rows = [json.loads(line) for line in open(f"{cfg.out}/metrics.jsonl")]
+    assert sum("eval_accuracy" in r for r in rows) == 2  # at step 20 and at the end
+    rc = json.load(open(f"{cfg.out}/reward_config.json"))
+    assert rc["lora"] is True and rc["template"] == "plain" and rc["max_len"] == 1024
+    assert rc["bias"] == pytest.approx(result["bias"]) and rc["gain"] == pytest.approx(1 / result["score_std"])
+    with open(f"{cfg.out}/metrics.png", "rb") as f:
+        assert f.read(4) == b"\x89PNG"
+
+
+def test_bias_and_gain_normalise_the_sft_samples(trained):
+    cfg, _, samples = trained
+    rm = reward.load_reward_model(cfg.out, device="cpu")
+    questions = [s["question"] for s in samples for _ in s["answers"]]
+    scores = reward.score_texts(rm, questions, [a for s in samples for a in s["answers"]])
+    assert scores.dtype == torch.float32 and scores.shape == (60,)
+    assert abs(scores.mean().item()) < 1e-4
+    assert scores.std(correction=0).item() == pytest.approx(1.0, abs=1e-4)
+    # and the preference still holds after normalisation: 2 markers > 1 > 0 on average
+    by_rank = scores.view(20, 3).mean(0)
+    assert by_rank[0] > by_rank[1] > by_rank[2]
+
+
+def _perturb(model, seed):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, m in lora_modules(model):
+            m.lora_B.weight.copy_(torch.randn(m.lora_B.weight.shape, generator=g) * 0.1)
+
+
+@pytest.mark.parametrize("mode", ["lora", "lora+sft", "full"])
+def test_save_load_round_trip(base, tmp_path, mode):
+    path, tok, _ = base
+    sft = None
+    if mode == "lora+sft":  # an SFT adapter that really changes the weights
+        sft_model = Transformer.from_pretrained(path)
+        apply_lora(sft_model, r=4, alpha=8)
+        _perturb(sft_model, seed=5)
+        sft = str(tmp_path / "sft")
+        save_adapter(sft_model, sft)
+    cfg = reward.RMConfig(base=path, data="unused", out=str(tmp_path / "rm"), adapter=sft, template="plain",
+                          lora_r=0 if mode == "full" else 8, max_len=20, device="cpu")
+    model, _, _ = reward.build_model(cfg, torch.device("cpu"), torch.float32)
+    _perturb(model, seed=6)
+    with torch.no_grad():
+        model.value_head.bias.fill_(0.3)
+        if mode == "full":
+            model.layers[0].mlp.up_proj.weight.mul_(1.5)
+    model.eval()
+    rows = preferences(2)
+    messages = [[{"role": "user", "content": r["prompt"]}] for r in rows for _ in r["answers"]]
+    answers = [a for r in rows for a in r["answers"]]
+    seqs = [render(m + [{"role": "assistant", "content": a}], tok, "plain")[0] for m, a in zip(messages, answers)]
+    assert max(map(len, seqs)) > 20  # so left truncation to max_len is exercised too
+    with torch.no_grad():
+        want = reward.rm_forward(model, *reward.right_pad(seqs, tok.pad_id, max_len=20)) - 0.25
+    reward.save_reward_model(model, cfg, "plain", bias=0.25, gain=1.0, score_std=1.0, eval_accuracy=0.5)
+    rm = reward.load_reward_model(cfg.out, device="cpu")
+    assert rm.model.lm_head is None and not any(p.requires_grad for p in rm.model.parameters())
+    assert (rm.template, rm.bias, rm.gain, rm.max_len) == ("plain", 0.25, 1.0, 20)
+    torch.testing.assert_close(reward.score_texts(rm, messages, answers), want, atol=1e-5, rtol=0)
+    torch.testing.assert_close(reward.score_ids(rm, seqs, batch_size=2), want, atol=1e-5, rtol=0)
+    rc = json.load(open(tmp_path / "rm" / "reward_config.json"))
+    assert rc["sft_adapter"] == (sft and str(tmp_path / "sft"))
+    if mode == "full":
+        assert json.load(open(tmp_path / "rm" / "config.json"))["architectures"] == ["LlamaRewardModel"]
+
+
+def test_released_reward_model_layout_loads(tmp_path):
+    path, tok, model = tiny_base(tmp_path / "HuatuoGPT-reward-model-tiny", value_head=True, lm_head=False)
+    assert json.load(open(f"{path}/config.json"))["architectures"] == ["LlamaRewardModel"]
+    rm = reward.load_reward_model(path, device="cpu")
+    assert (rm.bias, rm.gain, rm.template) == (0.0, 1.0, "huatuo")
+    messages = [{"role": "user", "content": "孩子发烧咳嗽"}]
+    ids = render(messages + [{"role": "assistant", "content": "多喝水。"}], tok, "huatuo")[0]
+    with torch.no_grad():
+        want = model.values(model.hidden_states(torch.tensor([ids])))[0, -1]
+    torch.testing.assert_close(reward.score_texts(rm, [messages], ["多喝水。"])[0], want, atol=1e-5, rtol=0)
+
+
+def test_errors_name_the_problem(base, tmp_path):
+    path, tok, _ = base
+    data = write_jsonl(tmp_path / "prefs.jsonl", [preferences(1)[0], {"prompt": "x", "answers": ["a"]}])
+    with pytest.raises(DataError, match=r"prefs.jsonl:2: .*at least 2 answers"):
+        reward.read_preferences(data, tok, "plain")
+    with pytest.raises(ValueError, match="not a reward model"):
+        reward.load_reward_model(path, device="cpu")
