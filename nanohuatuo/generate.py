@@ -83,6 +83,22 @@ def use_column_major_head(model):
     w.data = w.data.t().contiguous().t()
 
 
+_ONEDNN_LINEAR = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+def head_logits(model, h):
+    """float32 logits (B, vocab) of the last hidden states h (B, dim).
+
+    On CPU with several rows, MKL's sgemm reads a tall (vocab, dim) matrix far below memory speed
+    on some processors; oneDNN's linear kernel does not, so batched decoding uses it there.
+    """
+    head = model.lm_head
+    if (_ONEDNN_LINEAR and h.device.type == "cpu" and h.shape[0] > 1 and type(head) is torch.nn.Linear
+            and head.weight.dtype == torch.float32):
+        return torch.ops.mkldnn._linear_pointwise(h, head.weight, None, "none", [], "")
+    return model.logits(h).float()
+
+
 def make_cache(model, B, S, dtype, device, keep=False):
     """A KV cache for B rows of S slots. With `keep` (compiled decoding) one cache is kept on the model
     and reused while the shapes match: CUDA graphs replay on fixed addresses, so the cache tensors
@@ -104,7 +120,7 @@ def make_cache(model, B, S, dtype, device, keep=False):
 def _decode_one(model, x, positions, attention_mask, cache, cache_pos):
     # one decode step: fixed shapes, so torch.compile can capture it as a CUDA graph
     h = model.hidden_states(x, attention_mask=attention_mask, positions=positions, cache=cache, cache_pos=cache_pos)
-    return model.logits(h[:, -1]).float()
+    return head_logits(model, h[:, -1])
 
 
 _compiled = {}
@@ -149,7 +165,7 @@ def _steps(model: Transformer, prompts, max_new_tokens, temperature, top_k, top_
     positions = (real.cumsum(-1) - 1).clamp(min=0)
     h = model.hidden_states(ids, attention_mask=attention_mask, positions=positions, cache=cache,
                             cache_pos=torch.arange(P, device=device))
-    logits = model.logits(h[:, -1]).float()
+    logits = head_logits(model, h[:, -1])
     step = decode_step_fn(compile)
     for t in range(max_new_tokens):
         processed = process_logits(logits, temperature, top_k, top_p, repetition_penalty, seen)
