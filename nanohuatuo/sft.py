@@ -1,0 +1,827 @@
+"""Supervised fine-tuning (SFT) on chat conversations, HuatuoGPT's recipe: `train(SFTConfig)` and its CLI.
+
+    python train_sft.py --base DIR --data a.jsonl b.jsonl --out out/sft [--lora-r 8] [--max-steps N]
+    torchrun --nproc_per_node 2 train_sft.py ...          # DDP (gloo on CPU, nccl on CUDA)
+    torchrun --nproc_per_node 8 train_sft.py --fsdp ...   # FSDP for models that do not fit one GPU
+
+What happens, in order (`_train` is the loop, `train_step` one optimizer step; read them top to bottom):
+- Data: schema JSONL files (data.load_conversations), a held-out split (--eval-frac, or --eval-data),
+  optional per-source resampling (data.mix_sources). Each conversation is rendered with its chat
+  template (templates.render -> ids and the mask of assistant tokens). A conversation longer than
+  --max-len keeps its first max_len tokens (the tail is cut: later turns build on earlier ones); one
+  with no assistant token left to predict is dropped and counted.
+- Batches: length-grouped and padded, no packing. Each epoch is a seeded shuffle; windows of 64
+  global batches are sorted by length and cut into global batches, whose order is shuffled again.
+  Padding goes on the right, so the plain causal mask already keeps every real token from seeing
+  a pad: no attention mask is needed and nothing crosses between conversations. The last
+  len % batch_size rows of each epoch's shuffle wait for the next epoch (a different few each time).
+- Loss: next-token cross-entropy on assistant tokens only (labels[t] = ids[t+1] where mask[t+1]),
+  averaged over all assistant tokens of the global batch (token mean, not sequence mean: a long
+  answer weighs by its length, as transformers' loss does). Every process knows the whole batch, so
+  each scales its sum by world_size / tokens_in_global_batch; gradient accumulation sums and
+  DDP's average then give exactly the single-process gradient of the same global batch.
+  Logits are computed only at labelled positions, a chunk of rows at a time, with the gradient
+  taken in the same pass (LinearCrossEntropy): the (tokens, vocab) logits never exist in full.
+- Update: AdamW (weight decay 0.1 on matrices, none on norms and biases), cosine schedule with
+  linear warm-up (5%), gradient clipping at 1.0. bf16 autocast on CUDA; float32 on CPU.
+- Around it: held-out loss every --eval-every steps and at the end; progress and metrics.jsonl
+  through metrics.MetricsLog; loss.png; atomic checkpoints (written to a temp dir, then renamed)
+  holding weights or adapter, optimizer, step (the schedule and the data position are functions
+  of it) and every process's RNG, so `--resume` continues with the same losses as an
+  uninterrupted run.
+
+LoRA (default, --lora-r 8) or full fine-tuning (--lora-r 0). LoRA trains float32 adapters on a
+frozen base kept in --dtype; full fine-tuning keeps float32 master weights under autocast.
+Outputs in --out: LoRA: adapter_config.json + adapter_model.safetensors (PEFT layout); full:
+config.json + safetensors + tokenizer files; --merge adds the merged full model in out/merged.
+
+FSDP (--fsdp, torch's fully_shard): every transformer block is one shard unit and the rest
+(embedding, final norm, output matrix) the root unit. Gradients are reduce-scattered after every
+micro-batch (no accumulation in unsharded form: that memory is what FSDP is for). Each process
+still reads the full weights once at start before they are sharded, and checkpoints gather full
+weights and optimizer state on rank 0's CPU, so checkpoints are the same files as without FSDP
+and a run may resume with another number of processes (exactly only without LoRA dropout).
+"""
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+import types
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .data import DataError, _parse_weights, load_conversations, mix_sources, split_heldout
+from .hf import _atomic_json
+from .lora import apply_lora, load_adapter, merge_and_unload, save_adapter
+from .metrics import MetricsLog, plot_metrics, read_metrics
+from .model import Transformer
+from .templates import guess_template, render
+from .tokenizer import Tokenizer
+
+IGNORE = -100  # label of positions without a loss (prompt tokens, padding)
+LORA_LR_LIMIT = 2e-4  # above this a narrow medical LoRA is known to erode general ability
+WINDOW = 64  # global batches per length-sorted window
+
+
+def _arg(default, help, **kw):
+    """A config field with its CLI help text (the CLI is generated from SFTConfig)."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help, **kw})
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class SFTConfig:
+    base: str = _arg("", "base model directory (Hugging Face layout with tokenizer files)")
+    data: list[str] = _arg([], "schema JSONL file(s) to train on", metavar="FILE")
+    out: str = _arg("out/sft", "output directory: adapter or model, metrics.jsonl, loss.png, checkpoints/")
+    template: str | None = _arg(None, "chat template name (default: guessed from the base model directory)")
+    source_weights: dict[str, float] | None = _arg(
+        None, "resample sources, e.g. distilled_instructions=1,real_doctor_instructions=2; sources not named are "
+              "dropped (data.mix_sources)")
+    eval_data: list[str] | None = _arg(None, "held-out JSONL file(s); default: --eval-frac of --data", metavar="FILE")
+    eval_frac: float = _arg(0.05, "fraction of --data held out for the eval loss when --eval-data is not given")
+    max_len: int = _arg(2048, "tokens per conversation; longer ones keep their first max_len tokens")
+    # what is trained
+    lora_r: int = _arg(8, "LoRA rank; 0 means full fine-tuning")
+    lora_alpha: float = _arg(16.0, "LoRA alpha (scaling alpha / r)")
+    lora_dropout: float = _arg(0.05, "dropout on the LoRA input")
+    lora_targets: list[str] | None = _arg(None, "LoRA target modules (default: every attention and MLP projection)",
+                                          metavar="NAME")
+    lr: float | None = _arg(None, "peak learning rate (default 5e-5 full fine-tuning, 1e-4 LoRA)")
+    allow_high_lr: bool = _arg(False, f"allow a LoRA learning rate above {LORA_LR_LIMIT:g}")
+    # schedule and batches
+    epochs: int = _arg(3, "passes over the training data (ignored with --max-steps)")
+    max_steps: int | None = _arg(None, "optimizer steps in all (the cosine schedule spans them)")
+    stop_after: int | None = _arg(None, "stop after this step as if interrupted (checkpoint written; resume later)")
+    batch_size: int = _arg(128, "global batch: conversations per optimizer step, over all processes")
+    micro_batch_size: int = _arg(2, "conversations per forward pass per process (accumulation = the rest)")
+    weight_decay: float = _arg(0.1, "AdamW weight decay on matrices (norms and biases get none)")
+    warmup_frac: float = _arg(0.05, "fraction of the steps spent in linear warm-up")
+    grad_clip: float = _arg(1.0, "clip the global gradient norm to this (0: off)")
+    grad_checkpointing: bool = _arg(False, "recompute each block's activations in backward (less memory)")
+    seed: int = _arg(42, "seed of the split, the shuffles, LoRA init and dropout")
+    # bookkeeping
+    eval_every: int = _arg(200, "held-out loss every N steps (and before the first step and at the end)")
+    save_every: int = _arg(500, "checkpoint every N steps (and at the end)")
+    keep_checkpoints: int = _arg(2, "checkpoints kept in out/checkpoints (older ones are deleted)")
+    log_every: int = _arg(1, "print progress every N steps (metrics.jsonl gets every step)")
+    resume: bool = _arg(False, "continue from the last checkpoint in --out")
+    merge: bool = _arg(False, "also write the merged full model to out/merged (LoRA)")
+    # hardware
+    device: str = _arg("auto", "auto (cuda if available), cpu, cuda, cuda:1, ...")
+    dtype: str = _arg("auto", "compute dtype: auto (bfloat16 autocast on CUDA, float32 on CPU), float32, bfloat16")
+    fsdp: bool = _arg(False, "shard parameters, gradients and optimizer state over the processes (torchrun)")
+
+
+# ----------------------------------------------------------------------------- data
+
+class Example(NamedTuple):
+    ids: torch.Tensor  # (T,) int32 token ids (half the memory of int64 on a large corpus)
+    mask: torch.Tensor  # (T,) bool, True on tokens the model must learn (templates.render)
+    source: str
+
+    @property
+    def n_targets(self) -> int:
+        return int(self.mask[1:].sum())  # the first token is never predicted
+
+
+def load_rows(cfg: SFTConfig) -> tuple[list[dict], list[dict], dict]:
+    """Training and held-out rows: the split comes before resampling, so no duplicate lands on both sides."""
+    if not cfg.data:
+        raise ValueError("no training data: pass --data FILE [FILE ...] (schema JSONL, see nanohuatuo/data.py)")
+    rows = [row for path in cfg.data for row in load_conversations(path)]
+    if cfg.eval_data:
+        train, held = rows, [row for path in cfg.eval_data for row in load_conversations(path)]
+    else:
+        train, held = split_heldout(rows, cfg.eval_frac, cfg.seed)
+    info = {"read": Counter(r["source"] for r in train)}
+    if cfg.source_weights:
+        train = mix_sources(train, cfg.source_weights, cfg.seed)
+    return train, held, info
+
+
+def tokenize(rows: list[dict], tok: Tokenizer, template: str, max_len: int) -> tuple[list[Example], dict]:
+    """Render every conversation; cut to max_len tokens; drop those left with nothing to learn."""
+    examples, truncated, dropped = [], 0, 0
+    for row in rows:
+        ids, mask = render(row["messages"], tok, template)
+        if len(ids) > max_len:
+            ids, mask = ids[:max_len], mask[:max_len]
+            truncated += 1
+        if not any(mask[1:]):
+            dropped += 1
+            continue
+        examples.append(Example(torch.tensor(ids, dtype=torch.int32), torch.tensor(mask, dtype=torch.bool),
+                                row["source"]))
+    stats = {"truncated": truncated, "dropped": dropped, "tokens": sum(len(e.ids) for e in examples),
+             "targets": sum(e.n_targets for e in examples)}
+    return examples, stats
+
+
+def plan_epoch(lengths: list[int], batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    """The global batches of one epoch as lists of example indices, each sorted longest first."""
+    rng = random.Random(seed * 1_000_003 + epoch)
+    order = list(range(len(lengths)))
+    rng.shuffle(order)
+    order = order[: len(order) // batch_size * batch_size]
+    batches = []
+    span = batch_size * WINDOW
+    for start in range(0, len(order), span):
+        window = sorted(order[start:start + span], key=lambda i: -lengths[i])  # stable: ties keep shuffle order
+        batches += [window[k:k + batch_size] for k in range(0, len(window), batch_size)]
+    rng.shuffle(batches)  # else every window would run from long to short
+    return batches
+
+
+def micro_batches(batch: list[int], micro_batch_size: int, rank: int = 0, world: int = 1) -> list[list[int]]:
+    """This process's micro-batches of a global batch: consecutive slices, dealt round-robin to ranks."""
+    slices = [batch[k:k + micro_batch_size] for k in range(0, len(batch), micro_batch_size)]
+    return slices[rank::world]
+
+
+def collate(examples: list[Example], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded input ids (B, T) and labels (B, T): labels[b, t] = ids[b, t+1] where trained, else IGNORE."""
+    T = max(len(e.ids) for e in examples)
+    ids = torch.full((len(examples), T), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), T), IGNORE, dtype=torch.long)
+    for b, e in enumerate(examples):
+        n = len(e.ids)
+        ids[b, :n] = e.ids
+        labels[b, :n - 1] = torch.where(e.mask[1:], e.ids[1:], IGNORE)
+    return ids, labels
+
+
+# ----------------------------------------------------------------------------- loss
+
+def _ce_chunk(h, weight, targets):
+    """Log-probabilities (n, vocab) in float32 and the summed cross-entropy of one chunk of rows."""
+    logp = torch.log_softmax((h @ weight.t()).float(), dim=-1)
+    return logp, -logp.gather(1, targets[:, None]).sum()
+
+
+class LinearCrossEntropy(torch.autograd.Function):
+    """sum_i CE(h_i @ W^T, t_i), `chunk` rows at a time, with the gradients of h and W computed in the
+    forward pass (softmax - onehot is at hand there) and only scaled in backward: the float32 logits
+    of one chunk are the largest temporary, never the whole (N, vocab) matrix and its gradient."""
+
+    @staticmethod
+    def forward(ctx, h, weight, targets, chunk):
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        # under autocast the matmuls below run in bf16; without it the dtypes must agree
+        cast = None if torch.is_autocast_enabled(h.device.type) else weight.dtype
+        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        grad_h = torch.empty_like(h) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        for s in range(0, h.shape[0], chunk):
+            hc, tc = h[s:s + chunk], targets[s:s + chunk]
+            logp, loss = _ce_chunk(hc, weight, tc)
+            total += loss
+            g = logp.exp_()  # softmax, in place
+            g[torch.arange(len(tc), device=g.device), tc] -= 1  # d CE / d logits
+            g = g if cast is None else g.to(cast)
+            if need_h:
+                grad_h[s:s + chunk] = g @ weight
+            if need_w:
+                grad_w += g.t() @ hc
+        ctx.w_dtype = weight.dtype
+        ctx.save_for_backward(grad_h, grad_w)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        grad_h, grad_w = ctx.saved_tensors
+        if grad_h is not None:
+            grad_h = grad_h * grad_total.to(grad_h.dtype)
+        if grad_w is not None:
+            grad_w = (grad_w * grad_total).to(ctx.w_dtype)
+        return grad_h, grad_w, None, None
+
+
+def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Summed cross-entropy of the logits h @ weight.T (h (N, dim), weight (vocab, dim)) at targets (N,)."""
+    # rows per chunk: 128 MB of float32 logits on CPU (cache-friendly), 512 MB on a GPU (fewer launches)
+    chunk = max(1, (2**27 if h.is_cuda else 2**25) // weight.shape[0])
+    if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
+        return LinearCrossEntropy.apply(h, weight, targets, chunk)
+    return sum((_ce_chunk(h[s:s + chunk], weight, targets[s:s + chunk])[1] for s in range(0, len(h), chunk)),
+               torch.zeros((), device=h.device))
+
+
+def output_weight(model: Transformer) -> torch.Tensor:
+    """The output matrix as `Transformer.logits` uses it (Baichuan2's NormHead normalises its rows)."""
+    w = model.lm_head.weight
+    return F.normalize(w, dim=-1) if model.config.norm_head and w.requires_grad else w
+
+
+class SFTLoss(nn.Module):
+    """The model and its summed SFT loss in one forward call, the unit DDP and FSDP wrap."""
+
+    def __init__(self, model: Transformer):
+        super().__init__()
+        self.model = model
+
+    def forward(self, ids, labels):
+        # right padding: the causal mask alone keeps real tokens from seeing pads (see module doc)
+        h = self.model.hidden_states(ids)  # (B, T, dim)
+        keep = (labels != IGNORE).flatten().nonzero().squeeze(1)
+        return linear_cross_entropy(h.flatten(0, 1)[keep], output_weight(self.model), labels.flatten()[keep])
+
+
+# ----------------------------------------------------------------------------- optimizer and schedule
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Trainable parameters in two AdamW groups: matrices decay, norms and biases (1-d) do not."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    return [{"params": [p for p in trainable if p.ndim >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in trainable if p.ndim < 2], "weight_decay": 0.0}]
+
+
+def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
+    """Learning rate of optimizer step `step` (0-based): linear warm-up to peak, then cosine to 0."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return peak * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+# ----------------------------------------------------------------------------- distributed
+
+class Dist(NamedTuple):
+    rank: int
+    world: int
+    device: torch.device
+    owns_group: bool = False  # whether setup_distributed started the process group (and train ends it)
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed(device: str) -> Dist:
+    """One process, or the process group torchrun describes (nccl on CUDA, gloo on CPU)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    cuda = torch.cuda.is_available() and device in ("auto", "cuda") or device.startswith("cuda")
+    if world == 1:
+        return Dist(0, 1, torch.device(("cuda" if cuda else "cpu") if device == "auto" else device))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    dev = torch.device(f"cuda:{local}" if cuda else "cpu")
+    if cuda:
+        torch.cuda.set_device(dev)
+    owns = not dist.is_initialized()  # a caller under torchrun may have started it already
+    if owns:
+        dist.init_process_group("nccl" if cuda else "gloo")
+    return Dist(dist.get_rank(), dist.get_world_size(), dev, owns)
+
+
+def all_sum(x: float, d: Dist) -> float:
+    if d.world == 1:
+        return x
+    t = torch.tensor([x], dtype=torch.float64, device=d.device)
+    dist.all_reduce(t)
+    return t.item()
+
+
+def barrier(d: Dist):
+    if d.world > 1:
+        dist.barrier()
+
+
+def wrap(loss_model: SFTLoss, cfg: SFTConfig, d: Dist) -> nn.Module:
+    """DDP or FSDP around the loss module when running under torchrun; the module itself otherwise."""
+    if cfg.fsdp:
+        if d.world == 1:
+            print("--fsdp with one process: nothing to shard, training without it", flush=True)
+            return loss_model
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+        mesh = init_device_mesh(d.device.type, (d.world,))  # explicit: the default is CUDA whenever present
+        for block in loss_model.model.layers:
+            fully_shard(block, mesh=mesh)
+        return fully_shard(loss_model, mesh=mesh)
+    if d.world == 1:
+        return loss_model
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    return DDP(loss_model, device_ids=[d.device] if d.device.type == "cuda" else None, gradient_as_bucket_view=True)
+
+
+def _full(p: torch.Tensor) -> torch.Tensor:
+    """A parameter as one plain CPU tensor (FSDP holds shards: gathering them is a collective)."""
+    p = p.detach()
+    return (p.full_tensor() if hasattr(p, "full_tensor") else p).cpu()
+
+
+def host_model(model: Transformer, cfg: SFTConfig, d: Dist) -> Transformer | None:
+    """On rank 0, a model whose weights can be written (None on other ranks).
+
+    Without FSDP it is the model itself. With FSDP, every rank gathers the trained tensors one by one
+    and rank 0 puts them into a copy built on the meta device (the frozen LoRA base is not gathered:
+    only the adapter is written from it)."""
+    if not cfg.fsdp or d.world == 1:
+        return model if d.main else None
+    shadow = None
+    if d.main:
+        with torch.device("meta"):
+            shadow = Transformer(model.config)
+        if cfg.lora_r:
+            lc = model.lora_config
+            apply_lora(shadow, r=lc["r"], alpha=lc["lora_alpha"], dropout=lc["lora_dropout"],
+                       targets=lc["target_modules"], use_rslora=lc["use_rslora"])
+            shadow.lora_config = dict(lc)
+        shadow.source_dir = getattr(model, "source_dir", None)
+    for name, p in model.named_parameters():
+        if cfg.lora_r and not p.requires_grad:
+            continue
+        t = _full(p)
+        if shadow is not None:
+            parent, _, attr = name.rpartition(".")
+            setattr(shadow.get_submodule(parent), attr, nn.Parameter(t, requires_grad=p.requires_grad))
+    if shadow is not None and model.config.tie_embeddings and shadow.lm_head is not None:
+        shadow.lm_head.weight = shadow.embed_tokens.weight
+    return shadow
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+def checkpoint_dirs(out) -> list[Path]:
+    """Complete checkpoints in out/checkpoints, oldest first (a half-written one is still a .tmp dir)."""
+    root = Path(out) / "checkpoints"
+    return sorted(root.glob("step_*")) if root.is_dir() else []
+
+
+def save_checkpoint(cfg, d: Dist, step: int, model, wrapped, optimizer, tok):
+    """Write weights/adapter, optimizer, step and RNG to a temp dir, then rename it into place."""
+    root = Path(cfg.out) / "checkpoints"
+    final, tmp = root / f"step_{step:06d}", root / f".tmp-step_{step:06d}"
+    if d.main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    barrier(d)
+    host = host_model(model, cfg, d)
+    opt_state = optimizer_state(optimizer, wrapped, cfg, d)
+    if d.main:
+        if cfg.lora_r:
+            save_adapter(host, tmp / "adapter")
+        else:
+            host.save_pretrained(tmp / "model")
+            tok.save_pretrained(tmp / "model")
+        torch.save(opt_state, tmp / "optimizer.pt")
+        _atomic_json(str(tmp / "state.json"), {"step": step, "world": d.world, "config": dataclasses.asdict(cfg)})
+    torch.save(rng_state(), tmp / f"rng_rank{d.rank}.pt")
+    barrier(d)
+    if d.main:
+        if final.exists():  # the same step saved again (a resumed run that had nothing left to do)
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        for old in checkpoint_dirs(cfg.out)[:-max(1, cfg.keep_checkpoints)]:
+            shutil.rmtree(old)
+    barrier(d)
+    return final
+
+
+def optimizer_state(optimizer, wrapped, cfg, d: Dist):
+    """The full optimizer state on rank 0 (FSDP gathers it from the shards)."""
+    if not cfg.fsdp or d.world == 1:
+        return optimizer.state_dict() if d.main else None
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+    return get_optimizer_state_dict(wrapped, optimizer,
+                                    options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def load_optimizer_state(optimizer, wrapped, ckpt: Path, cfg, d: Dist):
+    if not cfg.fsdp or d.world == 1:
+        optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", map_location=d.device, weights_only=True))
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+    state = torch.load(ckpt / "optimizer.pt", map_location="cpu", weights_only=True) if d.main else {}
+    set_optimizer_state_dict(wrapped, optimizer, state,
+                             options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict):
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+# settings that may change between a run and its resumption without changing the losses
+_RESUMABLE = {"resume", "stop_after", "eval_every", "save_every", "keep_checkpoints", "log_every", "merge",
+              "device", "out"}
+
+
+def _check_resume(cfg, ckpt: Path, d: Dist, say):
+    state = json.loads((ckpt / "state.json").read_text())
+    old = state["config"]
+    changed = [k for k, v in dataclasses.asdict(cfg).items() if k not in _RESUMABLE and old.get(k) != v]
+    if changed:
+        say(f"warning: resuming {ckpt} with changed settings: " +
+            ", ".join(f"{k} {old.get(k)!r} -> {getattr(cfg, k)!r}" for k in changed) + "; losses will differ")
+    if state["world"] != d.world and cfg.lora_r and cfg.lora_dropout:
+        say(f"warning: {ckpt} was written by {state['world']} processes, this run has {d.world}: the LoRA "
+            f"dropout masks (per-process RNG) will differ from an uninterrupted run")
+    return state["step"]
+
+
+# ----------------------------------------------------------------------------- model
+
+def lora_target_names(model: Transformer) -> list[str]:
+    """Every linear layer inside the blocks (the family's attention and MLP projections), by its last name."""
+    return sorted({n.rsplit(".", 1)[-1] for n, m in model.layers.named_modules() if isinstance(m, nn.Linear)})
+
+
+def build_model(cfg: SFTConfig, d: Dist, compute_dtype, ckpt: Path | None) -> Transformer:
+    """The model to train: base + fresh or checkpointed LoRA, or full weights from base or checkpoint."""
+    if cfg.lora_r:
+        # frozen base in the compute dtype (a 7B fits a 24 GB card in bf16); adapters stay float32
+        model = Transformer.from_pretrained(cfg.base, dtype=compute_dtype, device=d.device)
+        apply_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
+                   targets=cfg.lora_targets or lora_target_names(model))
+        if ckpt is not None:
+            load_adapter(model, ckpt / "adapter", trainable=True)
+    else:
+        # float32 master weights: bf16 weights would lose most small AdamW updates
+        model = Transformer.from_pretrained(ckpt / "model" if ckpt else cfg.base, dtype=torch.float32,
+                                            device=d.device)
+        model.source_dir = os.path.abspath(cfg.base)
+        for p in model.parameters():
+            p.requires_grad_(True)
+    if model.lm_head is None:
+        raise ValueError(f"{cfg.base}: this model has no language-model head (a reward model?); SFT needs one")
+    model.grad_checkpointing = cfg.grad_checkpointing
+    return model.train()
+
+
+def _dtypes(cfg: SFTConfig, device: torch.device):
+    """(compute dtype, autocast on?) from --dtype."""
+    name = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if device.type == "cuda" else "float32")
+    if name in ("float16", "fp16"):
+        raise ValueError("--dtype float16: training in fp16 needs loss scaling, which this loop does not do; "
+                         "use bfloat16 (or float32)")
+    dtype = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+             "bf16": torch.bfloat16}.get(name)
+    if dtype is None:
+        raise ValueError(f"--dtype {cfg.dtype!r}: use auto, float32 or bfloat16")
+    return dtype, dtype != torch.float32
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+@torch.no_grad()
+def evaluate(wrapped, examples: list[Example], cfg: SFTConfig, d: Dist, pad_id: int, autocast) -> float | None:
+    """Token-mean cross-entropy over the held-out conversations (all processes share the work)."""
+    if not examples:
+        return None
+    order = sorted(range(len(examples)), key=lambda i: -len(examples[i].ids))
+    batches = [order[k:k + cfg.micro_batch_size] for k in range(0, len(order), cfg.micro_batch_size)]
+    mine = batches[d.rank::d.world]
+    # every process runs as many forwards as the busiest one (FSDP's all-gathers must pair up)
+    n_rounds = math.ceil(len(batches) / d.world)
+    was_training = wrapped.training
+    wrapped.eval()
+    total = 0.0
+    for k in range(n_rounds):
+        batch = mine[k] if k < len(mine) else batches[0]
+        ids, labels = collate([examples[i] for i in batch], pad_id)
+        with autocast():
+            loss = wrapped(ids.to(d.device), labels.to(d.device))
+        total += loss.item() if k < len(mine) else 0.0
+    wrapped.train(was_training)
+    if hasattr(wrapped, "reshard"):
+        wrapped.reshard()  # FSDP keeps the root unit gathered after a forward with no backward to follow
+    return all_sum(total, d) / sum(e.n_targets for e in examples)
+
+
+# ----------------------------------------------------------------------------- training
+
+def train_step(wrapped, optimizer, params, micro, n_targets: int, lr: float, grad_clip: float, d: Dist,
+               autocast=contextlib.nullcontext) -> tuple[float, float]:
+    """One optimizer step over this process's micro-batches [(ids, labels), ...].
+
+    n_targets counts the labelled tokens of the whole global batch (every process's micro-batches), so
+    the gradient is that of the global token mean. Returns (this process's summed loss, gradient norm
+    before clipping)."""
+    loss_sum = torch.zeros((), device=d.device)
+    for k, (ids, labels) in enumerate(micro):
+        # DDP all-reduces on the last micro-batch only; FSDP reduce-scatters after each (module doc)
+        sync = k == len(micro) - 1 or not hasattr(wrapped, "no_sync")
+        with contextlib.nullcontext() if sync else wrapped.no_sync():
+            with autocast():
+                loss = wrapped(ids.to(d.device), labels.to(d.device))
+            # DDP and FSDP average gradients over processes: scale by world to get the global token mean
+            (loss * (d.world / n_targets)).backward()
+        loss_sum += loss.detach()
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))
+    if hasattr(grad_norm, "full_tensor"):  # FSDP: a sharded norm
+        grad_norm = grad_norm.full_tensor()
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss_sum.item(), grad_norm.item()
+
+
+def train(cfg: SFTConfig) -> dict:
+    """Fine-tune cfg.base on cfg.data; write the results to cfg.out; return the final metrics.
+
+    Returns {"train_loss", "eval_loss", "first_eval_loss", "steps", "out", "tokens", "seconds",
+    "stopped"} (eval losses None without held-out data; first_eval_loss is before step 1, None
+    when resuming)."""
+    d = setup_distributed(cfg.device)
+    try:
+        return _train(cfg, d)
+    finally:
+        if d.owns_group:
+            dist.destroy_process_group()
+
+
+def _train(cfg: SFTConfig, d: Dist) -> dict:
+    t_start = time.time()
+    say = (lambda *a: print(*a, flush=True)) if d.main else (lambda *a: None)
+    out = Path(cfg.out)
+    if not cfg.base:
+        raise ValueError("no base model: pass --base DIR (a Hugging Face model directory)")
+    lora = cfg.lora_r > 0
+    peak_lr = cfg.lr if cfg.lr is not None else (1e-4 if lora else 5e-5)
+    if lora and peak_lr > LORA_LR_LIMIT and not cfg.allow_high_lr:
+        raise ValueError(f"--lr {peak_lr:g} for LoRA is above {LORA_LR_LIMIT:g}: a narrow medical LoRA at a high "
+                         f"learning rate is known to erode general ability; keep it near 1e-4 or pass --allow-high-lr")
+    micro_total = cfg.micro_batch_size * d.world
+    if cfg.batch_size % micro_total:
+        raise ValueError(f"--batch-size {cfg.batch_size} is not a multiple of --micro-batch-size "
+                         f"{cfg.micro_batch_size} x {d.world} process(es); make it one "
+                         f"(e.g. {micro_total * max(1, cfg.batch_size // micro_total)})")
+    accum = cfg.batch_size // micro_total
+
+    ckpt = None
+    if cfg.resume:
+        found = checkpoint_dirs(out)
+        ckpt = found[-1] if found else None
+        if ckpt is None:
+            say(f"--resume: no checkpoint in {out / 'checkpoints'}, starting from scratch")
+    elif checkpoint_dirs(out) or (out / "metrics.jsonl").exists():
+        raise ValueError(f"{out} already holds a run (metrics.jsonl or checkpoints/); pass --resume to continue "
+                         f"it, or choose another --out")
+
+    # data (every process reads and tokenizes all of it: each must know the whole global batch)
+    random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    tok = Tokenizer.from_pretrained(cfg.base)
+    template = cfg.template or guess_template(cfg.base)
+    train_rows, eval_rows, info = load_rows(cfg)
+    train_ex, tstats = tokenize(train_rows, tok, template, cfg.max_len)
+    eval_ex, estats = tokenize(eval_rows, tok, template, cfg.max_len)
+    lengths = [len(e.ids) for e in train_ex]
+    steps_per_epoch = len(train_ex) // cfg.batch_size
+    if steps_per_epoch == 0:
+        raise ValueError(f"{len(train_ex)} training conversations make less than one global batch "
+                         f"(--batch-size {cfg.batch_size}); lower --batch-size or add data")
+    total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
+    if total_steps < 1:
+        raise ValueError(f"nothing to train: --max-steps {cfg.max_steps}, --epochs {cfg.epochs}; "
+                         f"give at least one step")
+    warmup = math.ceil(cfg.warmup_frac * total_steps)
+
+    # model, wrapping, optimizer
+    compute_dtype, use_autocast = _dtypes(cfg, d.device)
+    model = build_model(cfg, d, compute_dtype, ckpt)
+    n_params = model.num_params()
+    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    start_step = _check_resume(cfg, ckpt, d, say) if ckpt else 0
+    if ckpt:
+        rng = ckpt / f"rng_rank{d.rank}.pt"
+        set_rng_state(torch.load(rng if rng.exists() else ckpt / "rng_rank0.pt", weights_only=False))
+    else:
+        torch.manual_seed(cfg.seed + d.rank)  # per-process dropout streams, fixed by the seed
+    wrapped = wrap(SFTLoss(model), cfg, d)
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=peak_lr, betas=(0.9, 0.999), eps=1e-8)
+    if ckpt:
+        load_optimizer_state(optimizer, wrapped, ckpt, cfg, d)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+
+    def autocast():
+        return torch.autocast(d.device.type, dtype=compute_dtype, enabled=use_autocast)
+
+    # summary
+    targets = "" if not lora else f" on {','.join(model.lora_config['target_modules'])}"
+    say(f"sft: {cfg.base} ({model.config.arch}, {n_params / 1e6:.1f}M params), template {template}, "
+        f"{d.device} {'autocast ' if use_autocast else ''}{str(compute_dtype).removeprefix('torch.')}, "
+        f"{d.world} process(es){' FSDP' if cfg.fsdp and d.world > 1 else ' DDP' if d.world > 1 else ''}")
+    what = f"LoRA r={cfg.lora_r} alpha={cfg.lora_alpha:g} dropout {cfg.lora_dropout:g}{targets}" if lora \
+        else "full fine-tuning"
+    say(f"  {what}: {n_trainable / 1e6:.2f}M trainable ({100 * n_trainable / n_params:.2f}%)")
+    used, held = Counter(e.source for e in train_ex), Counter(e.source for e in eval_ex)
+    for source in sorted(set(info["read"]) | set(used) | set(held)):
+        mixed = f" -> {used[source]} after weighting" if cfg.source_weights else ""
+        say(f"  {source}: {info['read'][source]} train rows{mixed}, {held[source]} held out")
+    say(f"  tokens: {tstats['tokens']:,} train ({tstats['targets']:,} trained on), {estats['tokens']:,} held out; "
+        f"{tstats['truncated'] + estats['truncated']} conversations cut to {cfg.max_len} tokens, "
+        f"{tstats['dropped'] + estats['dropped']} dropped (no assistant token left)")
+    say(f"  steps: {total_steps} ({steps_per_epoch} per epoch; global batch {cfg.batch_size} = "
+        f"{cfg.micro_batch_size} x {accum} accumulation x {d.world} process(es)), lr {peak_lr:g} cosine, "
+        f"{warmup} warm-up" + (f"; resuming after step {start_step} from {ckpt}" if ckpt else ""))
+
+    log = None
+    if d.main:
+        out.mkdir(parents=True, exist_ok=True)
+        _atomic_json(str(out / "sft_config.json"), dataclasses.asdict(cfg))
+        if ckpt:
+            _truncate_metrics(out / "metrics.jsonl", start_step)
+        log = MetricsLog(out / "metrics.jsonl", total_steps=total_steps, print_every=cfg.log_every)
+
+    first_eval = eval_loss = None
+    if start_step == 0:
+        first_eval = eval_loss = evaluate(wrapped, eval_ex, cfg, d, tok.pad_id, autocast)
+        if log and eval_loss is not None:
+            log.write(0, eval_loss=eval_loss)
+    plan, plan_epoch_no = None, -1
+    train_loss, tokens_seen, stopped, last_saved, done = None, 0, False, start_step, start_step
+    for step in range(start_step, total_steps):
+        epoch, index = divmod(step, steps_per_epoch)
+        if epoch != plan_epoch_no:
+            plan, plan_epoch_no = plan_epoch(lengths, cfg.batch_size, cfg.seed, epoch), epoch
+        batch = plan[index]
+        n_targets = sum(train_ex[i].n_targets for i in batch)  # over the global batch, known to every rank
+        n_tokens = sum(lengths[i] for i in batch)
+        lr = lr_at(step, total_steps, peak_lr, warmup)
+        mine = [collate([train_ex[i] for i in mb], tok.pad_id)
+                for mb in micro_batches(batch, cfg.micro_batch_size, d.rank, d.world)]
+        loss_sum, grad_norm = train_step(wrapped, optimizer, trainable, mine, n_targets, lr, cfg.grad_clip, d,
+                                         autocast)
+        train_loss = all_sum(loss_sum, d) / n_targets
+        tokens_seen += n_tokens
+        done = step + 1
+        if log:
+            log.write(done, loss=train_loss, lr=lr, grad_norm=grad_norm, epoch=round(done / steps_per_epoch, 3),
+                      tokens=n_tokens)
+        if not math.isfinite(train_loss):
+            raise FloatingPointError(f"step {done}: the loss is {train_loss}; lower --lr (now {peak_lr:g}), check "
+                                     f"the data, or resume from an earlier checkpoint in {out / 'checkpoints'}")
+        final = done == total_steps or done == cfg.stop_after
+        if done % cfg.eval_every == 0 or final:
+            eval_loss = evaluate(wrapped, eval_ex, cfg, d, tok.pad_id, autocast)
+            if log and eval_loss is not None:
+                log.write(done, eval_loss=eval_loss)
+        if done % cfg.save_every == 0 or final:
+            path = save_checkpoint(cfg, d, done, model, wrapped, optimizer, tok)
+            last_saved = done
+            if log:
+                plot_metrics(out / "metrics.jsonl", out / "loss.png", ["loss", "eval_loss"])
+                say(f"checkpoint: {path}")
+        if done == cfg.stop_after and done < total_steps:
+            stopped = True
+            say(f"stopped after step {done} (--stop-after); continue with --resume")
+            break
+
+    if start_step == total_steps:
+        say(f"{ckpt} is already at the last step ({total_steps}); writing the outputs again")
+        eval_loss = evaluate(wrapped, eval_ex, cfg, d, tok.pad_id, autocast)
+    if not stopped:
+        write_outputs(cfg, d, model, tok, say)
+    if d.main and last_saved == start_step and (out / "metrics.jsonl").exists():
+        plot_metrics(out / "metrics.jsonl", out / "loss.png", ["loss", "eval_loss"])
+    seconds = time.time() - t_start
+    say(f"done in {seconds:.0f}s: train loss {_fmt(train_loss)}, eval loss {_fmt(eval_loss)}"
+        f" (before training {_fmt(first_eval)}); metrics {out / 'metrics.jsonl'}, plot {out / 'loss.png'}")
+    return {"train_loss": train_loss, "eval_loss": eval_loss, "first_eval_loss": first_eval,
+            "steps": done, "out": str(out),
+            "tokens": tokens_seen, "seconds": seconds, "stopped": stopped}
+
+
+def _fmt(x):
+    return "n/a" if x is None else f"{x:.4f}"
+
+
+def _truncate_metrics(path: Path, step: int):
+    """Drop the rows an interrupted run logged after its last checkpoint: the resumed run writes them again."""
+    if path.exists():
+        rows = [r for r in read_metrics(path) if r.get("step", 0) <= step]
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+        os.replace(tmp, path)
+
+
+def write_outputs(cfg: SFTConfig, d: Dist, model: Transformer, tok: Tokenizer, say):
+    """The adapter (LoRA) or the full model with its tokenizer in cfg.out; with --merge the merged model."""
+    host = host_model(model, cfg, d)
+    if not d.main:
+        return
+    out = Path(cfg.out)
+    if cfg.lora_r:
+        save_adapter(host, out)
+        say(f"adapter (PEFT layout): {out / 'adapter_config.json'}, {out / 'adapter_model.safetensors'}")
+    else:
+        host.save_pretrained(out)
+        tok.save_pretrained(out)
+        say(f"model: {out} (config.json, safetensors, tokenizer)")
+    if cfg.merge:
+        if not cfg.lora_r:
+            say("--merge: full fine-tuning already wrote a full model; nothing to merge")
+            return
+        if cfg.fsdp and d.world > 1:
+            # the shadow holds only the adapter: merge onto a freshly loaded base
+            merged = Transformer.from_pretrained(cfg.base, adapter=out)
+        else:
+            merged = model
+        merge_and_unload(merged)
+        merged.save_pretrained(out / "merged", copy_from=cfg.base)
+        tok.save_pretrained(out / "merged")
+        say(f"merged model: {out / 'merged'}")
+
+
+# ----------------------------------------------------------------------------- CLI
+
+def parse_args(argv=None) -> SFTConfig:
+    """SFTConfig from the command line: one flag per field (--lora-r, --batch-size, ...)."""
+    p = argparse.ArgumentParser(prog="train_sft.py", description=__doc__.split("\n\n")[0])
+    for f in dataclasses.fields(SFTConfig):
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        help = f.metadata["help"]
+        if "default" not in help and default not in (None, [], False, ""):
+            help += f" (default: {default})"
+        kw = {"help": help, "default": default, "dest": f.name}
+        typ = f.type
+        if isinstance(typ, types.UnionType):  # `X | None`
+            typ = next(t for t in typ.__args__ if t is not type(None))
+        if typ is bool:
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
+        elif typ is dict or getattr(typ, "__origin__", None) is dict:
+            p.add_argument(flag, type=_parse_weights, metavar="SOURCE=W,...", **kw)
+        elif getattr(typ, "__origin__", None) is list:
+            p.add_argument(flag, nargs="+", metavar=f.metadata["metavar"], **kw)
+        else:
+            p.add_argument(flag, type=typ, **kw)
+    args = p.parse_args(argv)
+    return SFTConfig(**vars(args))
+
+
+def main(argv=None) -> int:
+    cfg = parse_args(argv)
+    try:
+        train(cfg)
+    except (DataError, ValueError, FileNotFoundError, FloatingPointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
