@@ -1095,5 +1095,10 @@ def parse_args(argv=None) -> PPOConfig:
 
 
 def main(argv=None) -> int:
-    train(parse_args(argv))
+    cfg = parse_args(argv)
+    try:
+        train(cfg)
+    except (DataError, ValueError, FileNotFoundError, FileExistsError) as e:
+        print(f"train_ppo.py: {e}", file=sys.stderr)  # bad input: the message names the file or flag
+        return 1
     return 0
