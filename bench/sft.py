@@ -112,7 +112,7 @@ def run_engine(args):
             optimizer.zero_grad(set_to_none=True)
             return loss.item()
 
-    loaded_mb = rss_mb()
+    loaded_mb, load_peak = rss_mb(), peak_mb()
     first_loss = None
     times = []
     for i in range(args.warmup + args.steps):
@@ -125,7 +125,8 @@ def run_engine(args):
         if i >= args.warmup:
             times.append(time.perf_counter() - t)
     row = dict(engine=args.engine, tok_s=args.batch * args.seq_len * len(times) / sum(times),
-               step_s=sum(times) / len(times), first_loss=first_loss, peak_rss_mb=peak_mb(), loaded_rss_mb=loaded_mb)
+               step_s=sum(times) / len(times), first_loss=first_loss, peak_rss_mb=peak_mb(), loaded_rss_mb=loaded_mb,
+               load_peak_rss_mb=load_peak)
     if device.startswith("cuda"):
         row["cuda_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
     print(json.dumps(row), flush=True)

@@ -208,10 +208,24 @@ def collate(examples: list[Example], pad_id: int) -> tuple[torch.Tensor, torch.T
 
 # ----------------------------------------------------------------------------- loss
 
-def _ce_chunk(h, weight, targets):
-    """Log-probabilities (n, vocab) in float32 and the summed cross-entropy of one chunk of rows."""
-    logp = torch.log_softmax((h @ weight.t()).float(), dim=-1)
-    return logp, -logp.gather(1, targets[:, None]).sum()
+def _logits(h, weight, buf):
+    """float32 logits h @ weight.T of one chunk, written into the reused buffer when the dtypes allow."""
+    if h.dtype == weight.dtype == torch.float32 and not torch.is_autocast_enabled(h.device.type):
+        return torch.mm(h, weight.t(), out=buf[:len(h)])  # no fresh (rows, vocab) allocation per chunk
+    return (h @ weight.t()).float()  # under autocast the matmul runs in bf16; the softmax below in float32
+
+
+def _ce_grad_(logits, targets):
+    """Summed cross-entropy of float32 logits (n, vocab) at targets (n,); logits become, in place,
+    softmax - onehot(targets), the gradient of that sum with respect to them. One exp pass, no copies."""
+    rows = torch.arange(len(targets), device=logits.device)
+    picked = logits[rows, targets]
+    top = logits.amax(-1, keepdim=True)
+    total = logits.sub_(top).exp_().sum(-1, keepdim=True)
+    loss = (top + total.log()).sum() - picked.sum()  # log-sum-exp minus the target's logit
+    logits.div_(total)
+    logits[rows, targets] -= 1
+    return loss
 
 
 class LinearCrossEntropy(torch.autograd.Function):
@@ -227,12 +241,11 @@ class LinearCrossEntropy(torch.autograd.Function):
         total = torch.zeros((), dtype=torch.float32, device=h.device)
         grad_h = torch.empty_like(h) if need_h else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        buf = torch.empty(min(chunk, len(h)), weight.shape[0], dtype=torch.float32, device=h.device)
         for s in range(0, h.shape[0], chunk):
             hc, tc = h[s:s + chunk], targets[s:s + chunk]
-            logp, loss = _ce_chunk(hc, weight, tc)
-            total += loss
-            g = logp.exp_()  # softmax, in place
-            g[torch.arange(len(tc), device=g.device), tc] -= 1  # d CE / d logits
+            g = _logits(hc, weight, buf)
+            total += _ce_grad_(g, tc)  # g is now d CE / d logits
             g = g if cast is None else g.to(cast)
             if need_h:
                 grad_h[s:s + chunk] = g @ weight
@@ -254,12 +267,13 @@ class LinearCrossEntropy(torch.autograd.Function):
 
 def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Summed cross-entropy of the logits h @ weight.T (h (N, dim), weight (vocab, dim)) at targets (N,)."""
-    # rows per chunk: 128 MB of float32 logits on CPU (cache-friendly), 512 MB on a GPU (fewer launches)
-    chunk = max(1, (2**27 if h.is_cuda else 2**25) // weight.shape[0])
+    # rows per chunk: 512 MB of float32 logits; fewer, larger matmuls run faster on CPU and GPU alike
+    chunk = max(1, 2**27 // weight.shape[0])
     if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
         return LinearCrossEntropy.apply(h, weight, targets, chunk)
-    return sum((_ce_chunk(h[s:s + chunk], weight, targets[s:s + chunk])[1] for s in range(0, len(h), chunk)),
-               torch.zeros((), device=h.device))
+    buf = torch.empty(min(chunk, len(h)), weight.shape[0], dtype=torch.float32, device=h.device)
+    return sum((_ce_grad_(_logits(h[s:s + chunk], weight, buf), targets[s:s + chunk])
+                for s in range(0, len(h), chunk)), torch.zeros((), device=h.device))
 
 
 def output_weight(model: Transformer) -> torch.Tensor:

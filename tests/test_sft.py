@@ -236,8 +236,9 @@ def test_torchrun_two_processes_match_one(tmp_path, base, data, mode):
     else:
         assert "2 process(es) FSDP" in torchrun(tmp_path / "two", base, data, *lora, "--fsdp", "--stop-after", "2")
         assert "resuming after step 2" in torchrun(tmp_path / "two", base, data, *lora, "--fsdp", "--resume")
-    assert losses(tmp_path / "two") == pytest.approx(losses(tmp_path / "one"), abs=2e-6, rel=0)
-    assert losses(tmp_path / "two", "eval_loss")[-1] == pytest.approx(one["eval_loss"], abs=2e-6)
+    # the same sums in another order (per-process partial sums, all-reduce): float32 rounding only
+    assert losses(tmp_path / "two") == pytest.approx(losses(tmp_path / "one"), abs=1e-5, rel=0)
+    assert losses(tmp_path / "two", "eval_loss")[-1] == pytest.approx(one["eval_loss"], abs=1e-5)
     name = "adapter_model.safetensors" if mode == "ddp" else "model.safetensors"
     ours, ref = load_file(tmp_path / "two" / name), load_file(tmp_path / "one" / name)
     assert ours.keys() == ref.keys() and all(torch.allclose(ours[k], ref[k], atol=1e-6, rtol=0) for k in ref)
