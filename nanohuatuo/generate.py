@@ -50,10 +50,20 @@ def process_logits(logits, temperature, top_k, top_p, repetition_penalty, seen):
 
 
 def sample(logits, temperature, generator):
+    """One token per row: argmax at temperature 0, else a draw from softmax(logits) by inverse CDF.
+
+    One uniform number per row against the cumulative probabilities: torch.multinomial draws an
+    exponential variate per vocabulary entry, which on a CPU costs more than the rest of a small
+    model's decode step. right=True never lands on a zero-probability (masked) token, and the clamp
+    to the last token with mass guards the top end against rounding.
+    """
     if temperature <= 0:
         return logits.argmax(-1)
     probs = logits.float().softmax(-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    cdf = probs.double().cumsum(-1)
+    u = torch.rand(len(cdf), 1, generator=generator, dtype=torch.float64, device=cdf.device) * cdf[:, -1:]
+    last = probs.shape[-1] - 1 - (probs > 0).flip(-1).int().argmax(-1)  # the last token with mass
+    return torch.minimum(torch.searchsorted(cdf, u, right=True).squeeze(-1), last)
 
 
 # ----------------------------------------------------------------------------- the engine

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from nanohuatuo import Transformer
-from nanohuatuo.generate import generate, generate_batch, stream, cut_at_stop, process_logits
+from nanohuatuo.generate import generate, generate_batch, stream, cut_at_stop, process_logits, sample
 from nanohuatuo.model import KVCache
 
 FAMILIES = ["llama", "llama3", "mistral", "qwen2", "qwen3", "bloom"]
@@ -49,6 +49,19 @@ def test_cached_decode_logits_equal_full_recompute(hf_dirs, kind):
             h = m.hidden_states(seq[:, t:t + 1], mask, torch.tensor([[t]]), cache, torch.tensor([t]))
             steps.append(m.logits(h))
     torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-4, rtol=0)
+
+
+def test_sampling_draws_from_the_distribution_and_never_a_masked_token():
+    logits = torch.tensor([[float("-inf"), 0.0, 1.0, 2.0, float("-inf")],  # masked first and last tokens
+                           [3.0, float("-inf"), float("-inf"), float("-inf"), float("-inf")]])
+    g = torch.Generator().manual_seed(0)
+    draws = torch.stack([sample(logits, 1.0, g) for _ in range(20000)])  # (20000, 2)
+    assert (draws[:, 1] == 0).all()
+    freq = torch.bincount(draws[:, 0], minlength=5).double() / len(draws)
+    assert freq[0] == 0 and freq[4] == 0
+    # within 4 standard errors of the softmax probabilities
+    torch.testing.assert_close(freq, logits[0].double().softmax(-1), atol=4 * (0.25 / len(draws)) ** 0.5, rtol=0)
+    assert sample(logits, 0.0, g).tolist() == [3, 0]
 
 
 def test_same_seed_same_sample_and_logprobs(hf_dirs):
