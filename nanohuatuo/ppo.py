@@ -389,6 +389,59 @@ def disable_dropout(model):
         mod.lora_dropout = nn.Identity()
 
 
+class TokenLogprobs(torch.autograd.Function):
+    """Per row: log softmax(h @ W.T / T)[target], and optionally the entropy, for a frozen W.
+
+    Chunk by chunk, the gradient with respect to h, (onehot - softmax) @ W / T, is computed in the
+    forward pass while the softmax is at hand and only scaled in backward: the (rows, vocab) logits
+    are never kept for backward, and no log-softmax backward pass over them is needed. The
+    entropy carries no gradient (PPO only logs it).
+    """
+
+    @staticmethod
+    def forward(ctx, h, weight, targets, temperature, chunk, want_entropy):
+        n = h.shape[0]
+        logp = torch.empty(n, dtype=torch.float32, device=h.device)
+        entropy = torch.empty(n, dtype=torch.float32, device=h.device) if want_entropy else None
+        grad = torch.empty_like(h) if ctx.needs_input_grad[0] else None
+        for s in range(0, n, chunk):
+            t = targets[s:s + chunk]
+            z = (h[s:s + chunk] @ weight.t()).float().div_(temperature)  # (c, vocab)
+            lse = z.logsumexp(-1)
+            logp[s:s + chunk] = z.gather(1, t[:, None]).squeeze(1) - lse
+            if grad is None and not want_entropy:
+                continue
+            z.sub_(lse[:, None])  # log-probabilities, in place
+            if want_entropy:
+                entropy[s:s + chunk] = -(z.exp() * z).sum(-1)  # -sum p log p (logits are finite: no 0 * -inf)
+            if grad is not None:
+                p = z.exp_()  # softmax, in place
+                p[torch.arange(len(t), device=p.device), t] -= 1  # d(-logp)/dz
+                grad[s:s + chunk] = (p.to(weight.dtype) @ weight).mul_(-1.0 / temperature).to(h.dtype)
+        ctx.save_for_backward(grad)
+        if entropy is not None:
+            ctx.mark_non_differentiable(entropy)
+        return logp, entropy
+
+    @staticmethod
+    def backward(ctx, grad_logp, grad_entropy):
+        (grad,) = ctx.saved_tensors
+        return grad * grad_logp[:, None].to(grad.dtype), None, None, None, None, None
+
+
+def token_logprobs(model, h, targets, temperature, want_entropy=False):
+    """(logp, entropy or None) of targets (N,) under softmax(logits(h) / temperature), h (N, dim)."""
+    weight = model.lm_head.weight
+    if weight.requires_grad:  # a trained output matrix (or NormHead being trained): plain autograd
+        z = model.logits(h).float() / temperature
+        lse = z.logsumexp(-1)
+        logp = z.gather(-1, targets[:, None]).squeeze(-1) - lse
+        entropy = (lse - (z.softmax(-1) * z).sum(-1)).detach() if want_entropy else None
+        return logp, entropy
+    chunk = max(1, 2**25 // weight.shape[0])  # 128 MB of float32 logits at a time
+    return TokenLogprobs.apply(h, weight, targets, temperature, chunk, want_entropy)
+
+
 def response_forward(model, ids, attn, P, temperature, value_head=None, want_logp=True, want_entropy=False):
     """Per-token (logp, entropy, values), each (B, R) or None, for the response ids[:, P:].
 
@@ -399,14 +452,13 @@ def response_forward(model, ids, attn, P, temperature, value_head=None, want_log
     """
     h = model.hidden_states(ids, attention_mask=attn)  # (B, P + R, dim)
     h = h[:, P - 1:-1]  # (B, R, dim): the states that predict the response tokens
+    B, R = h.shape[:2]
     logp = entropy = values = None
     if want_logp or want_entropy:
-        logits = model.logits(h).float() / temperature  # (B, R, vocab)
-        lse = logits.logsumexp(-1)  # (B, R)
-        if want_logp:
-            logp = logits.gather(-1, ids[:, P:, None]).squeeze(-1) - lse
-        if want_entropy:
-            entropy = lse - (logits.softmax(-1) * logits).sum(-1)
+        flat = h.reshape(B * R, -1)  # one (B * R, dim) matrix: a 3-d strided slice would make matmul batch
+        logp, entropy = token_logprobs(model, flat, ids[:, P:].reshape(-1), temperature, want_entropy)
+        logp = logp.view(B, R) if want_logp else None
+        entropy = entropy.view(B, R) if want_entropy else None
     if value_head is not None:
         values = value_head(h.float()).squeeze(-1)
     return logp, entropy, values

@@ -134,6 +134,22 @@ def test_masks_stop_truncation_and_left_padded_prompts():
     assert mask.tolist() == [[1, 1, 0, 0], [1, 1, 1, 1]] and ended.tolist() == [False, True]
 
 
+def test_token_logprobs_match_log_softmax_with_gradients():
+    torch.manual_seed(0)
+    h = torch.randn(10, 8, requires_grad=True)
+    w = torch.randn(50, 8)
+    t = torch.randint(0, 50, (10,))
+    logp, ent = ppo.TokenLogprobs.apply(h, w, t, 0.7, 3, True)  # 4 chunks, the last one short
+    z = (h @ w.t()) / 0.7
+    ref = torch.log_softmax(z, -1).gather(1, t[:, None]).squeeze(1)
+    torch.testing.assert_close(logp, ref, atol=1e-5, rtol=0)
+    torch.testing.assert_close(ent, -(z.softmax(-1) * torch.log_softmax(z, -1)).sum(-1).detach(), atol=1e-5, rtol=0)
+    weights = torch.randn(10)
+    ours, = torch.autograd.grad((logp * weights).sum(), h)
+    want, = torch.autograd.grad((ref * weights).sum(), h)
+    torch.testing.assert_close(ours, want, atol=1e-5, rtol=0)
+
+
 def test_adaptive_kl_controller():
     assert ppo.adaptive_kl_coef(0.1, kl=12.0, target=6.0, horizon=10000, n_steps=100) == pytest.approx(0.1 * 1.002)
     assert ppo.adaptive_kl_coef(0.1, kl=5.7, target=6.0, horizon=10000, n_steps=100) == pytest.approx(0.1 * (1 - 0.05 * 0.01))
