@@ -80,17 +80,25 @@ def left_pad(prompts, pad_id, device):
     return ids.to(device), mask.to(device)
 
 
-def use_column_major_head(model):
-    """On CPU, store the output matrix column-major (same values, transposed strides).
+def use_column_major_weights(model):
+    """On CPU, store the output matrix and the blocks' projections column-major (same values,
+    transposed strides).
 
-    A decode step is dominated by reading the (vocab, dim) output matrix once per token; CPU BLAS
-    reads it about twice as fast for a few rows of activations when it is laid out as (dim, vocab).
-    The parameter object is kept, so tied embeddings stay tied.
+    A decode step is dominated by reading the weights once per token; CPU BLAS reads them faster
+    for a few rows of activations when a (out, in) matrix is laid out as (in, out): about twice as
+    fast for the (vocab, dim) output matrix, and 1.3-1.5x for the projections at batch 8 (measured
+    with bench/generate.py). The parameter objects are kept, so tied embeddings stay tied, and
+    saving writes the usual row-major tensors.
     """
     w = getattr(model.lm_head, "weight", None)
     if w is None or w.device.type != "cpu" or not w.is_floating_point() or not w.is_contiguous():
         return
     w.data = w.data.t().contiguous().t()
+    # the blocks' projections too: with a few rows (batched decoding) MKL reads (in, out) faster
+    for m in model.layers.modules():
+        if isinstance(m, torch.nn.Linear) and m.weight.is_floating_point() and m.weight.is_contiguous() \
+                and min(m.weight.shape) >= 64:
+            m.weight.data = m.weight.data.t().contiguous().t()
 
 
 _ONEDNN_LINEAR = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
@@ -152,7 +160,7 @@ def _steps(model: Transformer, prompts, max_new_tokens, temperature, top_k, top_
     device = model.embed_tokens.weight.device
     dtype = model.embed_tokens.weight.dtype
     c = model.config
-    use_column_major_head(model)
+    use_column_major_weights(model)
     ids, real = left_pad(prompts, pad_id, device)
     B, P = ids.shape
     S = P + max_new_tokens

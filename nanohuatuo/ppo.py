@@ -67,7 +67,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from .data import DataError, iter_jsonl
-from .generate import cut_at_stop, generate_batch, left_pad, use_column_major_head
+from .generate import cut_at_stop, generate_batch, left_pad, use_column_major_weights
 from .lora import (DEFAULT_TARGETS, apply_lora, disabled_adapters, load_adapter, lora_modules, lora_parameters,
                    merge_and_unload, save_adapter)
 from .metrics import MetricsLog, plot_metrics
@@ -366,7 +366,7 @@ def load_policy(cfg: PPOConfig, device=None, dtype=None) -> Models:
     with torch.no_grad():
         # generate_batch re-lays the output matrix for CPU decoding under inference_mode, which would
         # make it an inference tensor that backward cannot use; doing it here first makes that a no-op
-        use_column_major_head(model)
+        use_column_major_weights(model)
     head = nn.Linear(model.config.dim, 1, device=model.embed_tokens.weight.device, dtype=torch.float32)
     nn.init.zeros_(head.weight)  # V = 0 at the start: no random baseline in the first advantages
     nn.init.zeros_(head.bias)

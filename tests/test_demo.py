@@ -38,3 +38,16 @@ def test_quick_demo_artefacts(tmp_path):
     assert 0.0 <= s["rm"]["eval_accuracy"] <= 1.0
     assert s["ppo"]["first_score"] is not None and s["ppo"]["last_kl"] is not None
     assert summary["seconds"] < 120
+
+
+def test_quick_demo_with_an_openai_compatible_judge(tmp_path):
+    from test_feedback import ScriptedServer  # the scripted local /v1/chat/completions server
+    server = ScriptedServer(lambda body, count: (200, {}, "理由：第二个回答更贴近医生的回复。\n排名：2 > 1"))
+    try:
+        summary = run(str(tmp_path / "demo"), quick=True, judge_base_url=server.base_url, judge_model="judge",
+                      judge_api_key="EMPTY")
+    finally:
+        server.close()
+    assert len(server.requests) == summary["size"]["rl_prompts"]  # one ranking request per sampled prompt
+    assert summary["judge"] == "OpenAI-compatible judge judge"
+    assert "OpenAI-compatible judge" in open(tmp_path / "demo" / "report.md").read()
