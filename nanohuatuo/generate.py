@@ -95,9 +95,9 @@ def use_column_major_weights(model):
         return
     w.data = w.data.t().contiguous().t()
     # the blocks' projections too: with a few rows (batched decoding) MKL reads (in, out) faster
-    for m in model.layers.modules():
-        if isinstance(m, torch.nn.Linear) and m.weight.is_floating_point() and m.weight.is_contiguous() \
-                and min(m.weight.shape) >= 64:
+    for name, m in model.layers.named_modules():
+        if isinstance(m, torch.nn.Linear) and "lora_" not in name and m.weight.is_floating_point() \
+                and m.weight.is_contiguous():  # LoRA's own small matrices stay as they are
             m.weight.data = m.weight.data.t().contiguous().t()
 
 

@@ -364,7 +364,7 @@ def load_policy(cfg: PPOConfig, device=None, dtype=None) -> Models:
         apply_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=0.0, targets=targets)
     disable_dropout(model)
     with torch.no_grad():
-        # generate_batch re-lays the output matrix for CPU decoding under inference_mode, which would
+        # generate_batch re-lays the weights for CPU decoding under inference_mode, which would
         # make it an inference tensor that backward cannot use; doing it here first makes that a no-op
         use_column_major_weights(model)
     head = nn.Linear(model.config.dim, 1, device=model.embed_tokens.weight.device, dtype=torch.float32)
