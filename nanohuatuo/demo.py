@@ -97,19 +97,26 @@ def build_base(out, size: DemoSize, rows, seed):
     return model.num_params()
 
 
-def evaluate(policy_dir, adapter, rm, prompts, size, seed):
-    """Answers of one model to held-out prompts (sampled at temperature 0.7) with RM scores."""
+def evaluate(policy_dir, adapter, rm, prompts, size, seed, samples=4):
+    """Answers of one model to held-out prompts (`samples` per prompt at temperature 0.7), scored.
+
+    "score" is what PPO maximises: the RM score, or the missing-EOS penalty for an answer that
+    never stops; "rm_score" is the reward model's score alone.
+    """
     model = Transformer.from_pretrained(policy_dir, adapter=adapter)
     tok = Tokenizer.from_pretrained(policy_dir)
-    ids = [render_prompt(p["messages"], tok, TEMPLATE) for p in prompts]
+    ids = [render_prompt(p["messages"], tok, TEMPLATE) for p in prompts] * samples
     g = generate_batch(model, ids, size.ppo_tokens, temperature=0.7, seed=seed,
                        stop_ids=stop_token_ids(tok, TEMPLATE), stop_strings=stop_strings(TEMPLATE),
                        tokenizer=tok, pad_id=tok.pad_id)
     texts = [cut_at_stop(tok.decode(t), stop_strings(TEMPLATE)).strip() for t in g.tokens]
-    scores = reward.score_texts(rm, [p["messages"] for p in prompts], texts).tolist()
-    return {"answers": texts, "scores": scores, "mean_score": sum(scores) / len(scores),
-            "mean_length": sum(len(t) for t in g.tokens) / len(g.tokens),
-            "eos_rate": sum(g.finished) / len(g.finished)}
+    rm_scores = reward.score_texts(rm, [p["messages"] for p in prompts] * samples, texts).tolist()
+    penalty = ppo.PPOConfig.missing_eos_penalty
+    scores = [s if done else penalty for s, done in zip(rm_scores, g.finished)]
+    n = len(texts)
+    return {"answers": texts[:len(prompts)], "scores": scores[:len(prompts)], "mean_score": sum(scores) / n,
+            "mean_rm_score": sum(rm_scores) / n, "mean_length": sum(len(t) for t in g.tokens) / n,
+            "eos_rate": sum(g.finished) / n, "answers_scored": n}
 
 
 def run(out="runs/demo", quick=False, judge_base_url=None, judge_model=None, judge_api_key=None, seed=0):
@@ -190,8 +197,8 @@ def run(out="runs/demo", quick=False, judge_base_url=None, judge_model=None, jud
     ev_sft = evaluate(sft_dir, None, rm, eval_prompts, size, seed)
     ev_ppo = evaluate(sft_dir, ppo_dir, rm, eval_prompts, size, seed)
     for name, ev in (("SFT", ev_sft), ("PPO", ev_ppo)):
-        print(f"{name}: RM score {ev['mean_score']:+.3f}, length {ev['mean_length']:.1f} tokens, "
-              f"EOS rate {ev['eos_rate']:.0%}")
+        print(f"{name}: score {ev['mean_score']:+.3f} (RM alone {ev['mean_rm_score']:+.3f}), "
+              f"length {ev['mean_length']:.1f} tokens, EOS rate {ev['eos_rate']:.0%}")
     chat_model = Transformer.from_pretrained(sft_dir, adapter=ppo_dir)
     question = questions[0]["query"]
     chat_answer = reply(chat_model, tok, TEMPLATE, [{"role": "user", "content": question}],
@@ -250,18 +257,18 @@ def write_report(out, s, ev_sft, ev_ppo, eval_prompts, side, question, chat_answ
         f"(means of the first and last {ppo_r.get('trend_steps')} of {ppo_r.get('steps')} steps); KL to the SFT "
         f"model {_f(ppo_r.get('kl_last'), '{:.2f}')} nats per answer at the end "
         f"({_f(ppo_r.get('kl_per_token_last'), '{:.3f}')} per token, max {_f(ppo_r.get('kl_max'), '{:.2f}')}) |",
-        f"| held-out prompts, SFT | RM score {ev_sft['mean_score']:+.3f}, length {ev_sft['mean_length']:.1f} tokens, "
-        f"EOS rate {ev_sft['eos_rate']:.0%} |",
-        f"| held-out prompts, PPO | RM score {ev_ppo['mean_score']:+.3f}, length {ev_ppo['mean_length']:.1f} tokens, "
-        f"EOS rate {ev_ppo['eos_rate']:.0%} |", "",
+        *[f"| held-out prompts, {name} | score {ev['mean_score']:+.3f} (RM alone {ev['mean_rm_score']:+.3f}), "
+          f"length {ev['mean_length']:.1f} tokens, EOS rate {ev['eos_rate']:.0%} ({ev['answers_scored']} answers) |"
+          for name, ev in (("SFT", ev_sft), ("PPO", ev_ppo))], "",
+        "The score is what PPO maximises: the reward model's score, or -1 for an answer that never emits EOS. "
         "RM scores are shifted by the reward model's stored bias, the mean score of the SFT answers it was trained "
-        "on (sampled at temperature 1.0); answers sampled at 0.7, as here, are more coherent and score above 0. "
+        "on (sampled at temperature 1.0); answers sampled at 0.7 are more coherent and score above 0. "
         "KL is summed over an answer's tokens (k1 estimator, at the sampling temperature).", "",
         "## Curves", "",
         "SFT loss: ![sft](sft/loss.png)", "",
         "Reward model: ![rm](rm/metrics.png)", "",
         "PPO: ![ppo](ppo/curves.png) ![ppo stats](ppo/ppo_stats.png)", "",
-        "## Side by side (held-out prompts, sampled at temperature 0.7)", "",
+        "## Side by side (held-out prompts, sampled at temperature 0.7; score in brackets)", "",
     ]
     for p, a, b, sa, sb in list(zip(eval_prompts, ev_sft["answers"], ev_ppo["answers"], ev_sft["scores"],
                                     ev_ppo["scores"]))[:4]:
