@@ -189,7 +189,8 @@ def run(out="runs/demo", quick=False, judge_base_url=None, judge_model=None, jud
     ppo_res = ppo.train(ppo.PPOConfig(policy=sft_dir, reward=rm_dir, prompts=rl_path, out=ppo_dir, template=TEMPLATE,
                                       max_steps=size.ppo_steps, batch_size=size.ppo_batch,
                                       max_new_tokens=size.ppo_tokens, temperature=0.7, lr=size.ppo_lr,
-                                      kl_coef=size.kl_coef, micro_batch_size=size.ppo_batch, sample_every=max(size.ppo_steps // 4, 1),
+                                      kl_coef=size.kl_coef, micro_batch_size=size.ppo_batch,
+                                      sample_every=max(size.ppo_steps // 4, 1),
                                       save_every=size.ppo_steps, device="cpu", dtype="float32", seed=seed), rm)
     times["ppo"] = time.time() - t0 - sum(times.values())
 

@@ -305,9 +305,12 @@ class OpenAIJudge:
         self.stats = {}
 
     def close(self) -> None:
-        if self._db is not None:
-            self._db.close()
-            self._db = None
+        # under the lock: after an error, rank() returns while running workers may still finish a
+        # request and touch the cache; they find it gone instead of using a closed connection
+        with self._lock:
+            if self._db is not None:
+                self._db.close()
+                self._db = None
         self._client.close()
 
     def __enter__(self):
@@ -320,15 +323,15 @@ class OpenAIJudge:
 
     def _complete(self, messages: list[dict]) -> tuple[str, bool]:
         key = request_key(self.base_url, self.model, messages, self.params)
-        if self._db is not None:
-            with self._lock:
-                row = self._db.execute("SELECT text FROM responses WHERE key = ?", (key,)).fetchone()
-            if row is not None:
-                self._count(cache_hits=1)
-                return row[0], True
+        with self._lock:
+            row = None if self._db is None else \
+                self._db.execute("SELECT text FROM responses WHERE key = ?", (key,)).fetchone()
+        if row is not None:
+            self._count(cache_hits=1)
+            return row[0], True
         text, prompt_tokens, completion_tokens = self._request(messages)
-        if self._db is not None:
-            with self._lock:
+        with self._lock:
+            if self._db is not None:
                 self._db.execute("INSERT OR REPLACE INTO responses VALUES (?, ?, ?, ?, ?)",
                                  (key, text, prompt_tokens, completion_tokens, time.time()))
                 # a commit per row so an interrupted run keeps everything it paid for
