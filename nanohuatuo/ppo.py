@@ -72,6 +72,7 @@ from .lora import (DEFAULT_TARGETS, apply_lora, disabled_adapters, load_adapter,
                    merge_and_unload, save_adapter)
 from .metrics import MetricsLog, plot_metrics
 from .model import Transformer
+from .sft import rng_state, set_rng_state, setup_distributed
 from .templates import guess_template, render_prompt, stop_strings, stop_token_ids
 from .tokenizer import Tokenizer
 
@@ -829,10 +830,7 @@ def save_checkpoint(m: Models, cfg: PPOConfig, optimizer, state: dict):
         save_adapter(m.model, os.path.join(tmp, "policy"))
         with critic(m):
             save_adapter(m.model, os.path.join(tmp, "critic"), extra=head)
-    rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state_all()
-    torch.save({**state, "optimizer": optimizer.state_dict(), "rng": rng, "config": asdict(cfg)},
+    torch.save({**state, "optimizer": optimizer.state_dict(), "rng": rng_state(), "config": asdict(cfg)},
                os.path.join(tmp, "state.pt"))
     shutil.rmtree(final, ignore_errors=True)
     os.rename(tmp, final)
@@ -855,11 +853,7 @@ def load_checkpoint(m: Models, path, optimizer, device):
     m.model.eval()
     state = torch.load(os.path.join(path, "state.pt"), map_location=device, weights_only=False)
     optimizer.load_state_dict(state.pop("optimizer"))
-    rng = state.pop("rng")
-    torch.set_rng_state(rng["torch"].cpu())
-    random.setstate(rng["python"])
-    if "cuda" in rng and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([s.cpu() for s in rng["cuda"]])
+    set_rng_state(state.pop("rng"))
     return state
 
 
@@ -910,17 +904,8 @@ def save_merged(m: Models, out_dir):
 
 def _setup_distributed(cfg):
     """(device, whether we started the process group): torchrun's group, gloo on CPU, nccl on CUDA."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    want = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    started = world > 1 and not dist.is_initialized()
-    if started:
-        dist.init_process_group("nccl" if want.startswith("cuda") else "gloo")
-    if want == "cuda" and world > 1:
-        want = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
-    device = torch.device(want)
-    if device.type == "cuda" and device.index is not None:
-        torch.cuda.set_device(device)
-    return device, started
+    d = setup_distributed(cfg.device or "auto")  # the SFT loop's: one process or torchrun's group
+    return d.device, d.owns_group
 
 
 def _dtype(cfg, device):
