@@ -72,7 +72,7 @@ from .lora import (DEFAULT_TARGETS, apply_lora, disabled_adapters, load_adapter,
                    merge_and_unload, save_adapter)
 from .metrics import MetricsLog, plot_metrics
 from .model import Transformer
-from .sft import rng_state, set_rng_state, setup_distributed
+from .sft import ce_grad_, logits_into, rng_state, set_rng_state, setup_distributed
 from .templates import guess_template, render_prompt, stop_strings, stop_token_ids
 from .tokenizer import Tokenizer
 
@@ -391,56 +391,47 @@ def disable_dropout(model):
 
 
 class TokenLogprobs(torch.autograd.Function):
-    """Per row: log softmax(h @ W.T / T)[target], and optionally the entropy, for a frozen W.
+    """Per row: log softmax(h @ W.T / T)[target], for a frozen W, with its gradient.
 
     Chunk by chunk, the gradient with respect to h, (onehot - softmax) @ W / T, is computed in the
-    forward pass while the softmax is at hand and only scaled in backward: the (rows, vocab) logits
-    are never kept for backward, and no log-softmax backward pass over them is needed. The
-    entropy carries no gradient (PPO only logs it).
+    forward pass while the softmax is at hand (sft.ce_grad_, the SFT loss's in-place softmax) and
+    only scaled in backward: the (rows, vocab) logits are never kept for backward, and no
+    log-softmax backward pass over them is needed.
     """
 
     @staticmethod
-    def forward(ctx, h, weight, targets, temperature, chunk, want_entropy):
-        n = h.shape[0]
-        logp = torch.empty(n, dtype=torch.float32, device=h.device)
-        entropy = torch.empty(n, dtype=torch.float32, device=h.device) if want_entropy else None
-        grad = torch.empty_like(h) if ctx.needs_input_grad[0] else None
-        for s in range(0, n, chunk):
-            t = targets[s:s + chunk]
-            z = (h[s:s + chunk] @ weight.t()).float().div_(temperature)  # (c, vocab)
-            lse = z.logsumexp(-1)
-            logp[s:s + chunk] = z.gather(1, t[:, None]).squeeze(1) - lse
-            if grad is None and not want_entropy:
-                continue
-            z.sub_(lse[:, None])  # log-probabilities, in place
-            if want_entropy:
-                entropy[s:s + chunk] = -(z.exp() * z).sum(-1)  # -sum p log p (logits are finite: no 0 * -inf)
-            if grad is not None:
-                p = z.exp_()  # softmax, in place
-                p[torch.arange(len(t), device=p.device), t] -= 1  # d(-logp)/dz
-                grad[s:s + chunk] = (p.to(weight.dtype) @ weight).mul_(-1.0 / temperature).to(h.dtype)
+    def forward(ctx, h, weight, targets, temperature, chunk):
+        logp = torch.empty(h.shape[0], dtype=torch.float32, device=h.device)
+        grad = torch.empty_like(h)
+        buf = torch.empty(min(chunk, len(h)), weight.shape[0], dtype=torch.float32, device=h.device)
+        for s in range(0, h.shape[0], chunk):
+            z = logits_into(h[s:s + chunk], weight, buf).div_(temperature)
+            logp[s:s + chunk] = -ce_grad_(z, targets[s:s + chunk])  # z is now d(-logp)/dz
+            grad[s:s + chunk] = (z.to(weight.dtype) @ weight).mul_(-1.0 / temperature).to(h.dtype)
         ctx.save_for_backward(grad)
-        if entropy is not None:
-            ctx.mark_non_differentiable(entropy)
-        return logp, entropy
+        return logp
 
     @staticmethod
-    def backward(ctx, grad_logp, grad_entropy):
+    def backward(ctx, grad_logp):
         (grad,) = ctx.saved_tensors
-        return grad * grad_logp[:, None].to(grad.dtype), None, None, None, None, None
+        return grad * grad_logp[:, None].to(grad.dtype), None, None, None, None
 
 
 def token_logprobs(model, h, targets, temperature, want_entropy=False):
-    """(logp, entropy or None) of targets (N,) under softmax(logits(h) / temperature), h (N, dim)."""
+    """(logp, entropy or None) of targets (N,) under softmax(logits(h) / temperature), h (N, dim).
+
+    With a gradient to take through a frozen output matrix (the PPO update), TokenLogprobs; else
+    (the no-grad rollout forwards, or a trained output matrix) plain autograd on the logits.
+    """
     weight = model.lm_head.weight
-    if weight.requires_grad:  # a trained output matrix (or NormHead being trained): plain autograd
-        z = model.logits(h).float() / temperature
-        lse = z.logsumexp(-1)
-        logp = z.gather(-1, targets[:, None]).squeeze(-1) - lse
-        entropy = (lse - (z.softmax(-1) * z).sum(-1)).detach() if want_entropy else None
-        return logp, entropy
-    chunk = max(1, 2**25 // weight.shape[0])  # 128 MB of float32 logits at a time
-    return TokenLogprobs.apply(h, weight, targets, temperature, chunk, want_entropy)
+    if torch.is_grad_enabled() and h.requires_grad and not weight.requires_grad and not want_entropy:
+        chunk = max(1, 2**25 // weight.shape[0])  # 128 MB of float32 logits at a time
+        return TokenLogprobs.apply(h, weight, targets, temperature, chunk), None
+    z = model.logits(h).float() / temperature
+    lse = z.logsumexp(-1)
+    logp = z.gather(-1, targets[:, None]).squeeze(-1) - lse
+    entropy = (lse - (z.softmax(-1) * z).sum(-1)).detach() if want_entropy else None
+    return logp, entropy
 
 
 def response_forward(model, ids, attn, P, temperature, value_head=None, want_logp=True, want_entropy=False):

@@ -208,21 +208,22 @@ def collate(examples: list[Example], pad_id: int) -> tuple[torch.Tensor, torch.T
 
 # ----------------------------------------------------------------------------- loss
 
-def _logits(h, weight, buf):
+def logits_into(h, weight, buf):
     """float32 logits h @ weight.T of one chunk, written into the reused buffer when the dtypes allow."""
     if h.dtype == weight.dtype == torch.float32 and not torch.is_autocast_enabled(h.device.type):
         return torch.mm(h, weight.t(), out=buf[:len(h)])  # no fresh (rows, vocab) allocation per chunk
     return (h @ weight.t()).float()  # under autocast the matmul runs in bf16; the softmax below in float32
 
 
-def _ce_grad_(logits, targets):
-    """Summed cross-entropy of float32 logits (n, vocab) at targets (n,); logits become, in place,
-    softmax - onehot(targets), the gradient of that sum with respect to them. One exp pass, no copies."""
+def ce_grad_(logits, targets):
+    """Per-row cross-entropy (n,) of float32 logits (n, vocab) at targets (n,); logits become, in
+    place, softmax - onehot(targets), the gradient of each row's loss with respect to its logits.
+    One exp pass, no copies (PPO's per-token log-probs use it too)."""
     rows = torch.arange(len(targets), device=logits.device)
     picked = logits[rows, targets]
     top = logits.amax(-1, keepdim=True)
     total = logits.sub_(top).exp_().sum(-1, keepdim=True)
-    loss = (top + total.log()).sum() - picked.sum()  # log-sum-exp minus the target's logit
+    loss = (top + total.log()).squeeze(1) - picked  # log-sum-exp minus the target's logit
     logits.div_(total)
     logits[rows, targets] -= 1
     return loss
@@ -244,8 +245,8 @@ class LinearCrossEntropy(torch.autograd.Function):
         buf = torch.empty(min(chunk, len(h)), weight.shape[0], dtype=torch.float32, device=h.device)
         for s in range(0, h.shape[0], chunk):
             hc, tc = h[s:s + chunk], targets[s:s + chunk]
-            g = _logits(hc, weight, buf)
-            total += _ce_grad_(g, tc)  # g is now d CE / d logits
+            g = logits_into(hc, weight, buf)
+            total += ce_grad_(g, tc).sum()  # g is now d CE / d logits
             g = g if cast is None else g.to(cast)
             if need_h:
                 grad_h[s:s + chunk] = g @ weight
@@ -272,7 +273,7 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.T
     if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
         return LinearCrossEntropy.apply(h, weight, targets, chunk)
     buf = torch.empty(min(chunk, len(h)), weight.shape[0], dtype=torch.float32, device=h.device)
-    return sum((_ce_grad_(_logits(h[s:s + chunk], weight, buf), targets[s:s + chunk])
+    return sum((ce_grad_(logits_into(h[s:s + chunk], weight, buf), targets[s:s + chunk]).sum()
                 for s in range(0, len(h), chunk)), torch.zeros((), device=h.device))
 
 

@@ -139,10 +139,17 @@ def test_token_logprobs_match_log_softmax_with_gradients():
     h = torch.randn(10, 8, requires_grad=True)
     w = torch.randn(50, 8)
     t = torch.randint(0, 50, (10,))
-    logp, ent = ppo.TokenLogprobs.apply(h, w, t, 0.7, 3, True)  # 4 chunks, the last one short
+    logp = ppo.TokenLogprobs.apply(h, w, t, 0.7, 3)  # 4 chunks, the last one short
+    # the entropy comes from token_logprobs' plain path (the rollout's no-grad forwards)
+    head = torch.nn.Linear(8, 50, bias=False).requires_grad_(False)
+    head.weight.copy_(w)
+    model = type("Head", (), {"lm_head": head, "logits": staticmethod(head)})()
+    with torch.no_grad():
+        plain, ent = ppo.token_logprobs(model, h, t, 0.7, want_entropy=True)
     z = (h @ w.t()) / 0.7
     ref = torch.log_softmax(z, -1).gather(1, t[:, None]).squeeze(1)
     torch.testing.assert_close(logp, ref, atol=1e-5, rtol=0)
+    torch.testing.assert_close(plain, ref.detach(), atol=1e-5, rtol=0)
     torch.testing.assert_close(ent, -(z.softmax(-1) * torch.log_softmax(z, -1)).sum(-1).detach(), atol=1e-5, rtol=0)
     weights = torch.randn(10)
     ours, = torch.autograd.grad((logp * weights).sum(), h)
