@@ -427,10 +427,13 @@ def token_logprobs(model, h, targets, temperature, want_entropy=False):
     if torch.is_grad_enabled() and h.requires_grad and not weight.requires_grad and not want_entropy:
         chunk = max(1, 2**25 // weight.shape[0])  # 128 MB of float32 logits at a time
         return TokenLogprobs.apply(h, weight, targets, temperature, chunk), None
-    z = model.logits(h).float() / temperature
+    z = model.logits(h).float().div_(temperature)  # in place: the fresh logits are not needed unscaled
     lse = z.logsumexp(-1)
     logp = z.gather(-1, targets[:, None]).squeeze(-1) - lse
-    entropy = (lse - (z.softmax(-1) * z).sum(-1)).detach() if want_entropy else None
+    entropy = None
+    if want_entropy:
+        with torch.no_grad():  # logged only; one (N, vocab) temporary, multiplied in place
+            entropy = lse - z.softmax(-1).mul_(z).sum(-1)
     return logp, entropy
 
 
