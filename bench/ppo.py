@@ -111,7 +111,6 @@ def worker_ours(a):
     torch.set_num_threads(a.threads)
     from nanohuatuo import ppo
     out = os.path.join(a.workdir, "out_ours")
-    import shutil
     shutil.rmtree(out, ignore_errors=True)
     cfg = ppo.PPOConfig(policy=os.path.join(a.workdir, "policy"), reward=os.path.join(a.workdir, "rm"),
                         prompts=os.path.join(a.workdir, "prompts.jsonl"), out=out, template="plain",

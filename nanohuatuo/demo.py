@@ -233,7 +233,7 @@ def ppo_trend(history, n=5):
     head, tail = history[:n], history[-n:]
     return {"trend_steps": n, "score_first": mean(head, "score"), "score_last": mean(tail, "score"),
             "kl_last": mean(tail, "kl"), "kl_max": max((r["kl"] for r in history), default=None),
-            "kl_per_token_last": mean([dict(r, k=r["kl"] / max(r["response_length"], 1)) for r in tail], "k")}
+            "kl_per_token_last": sum(r["kl"] for r in tail) / max(sum(r["response_length"] for r in tail), 1)}
 
 
 def _f(x, fmt="{:.3f}"):
@@ -261,7 +261,8 @@ def write_report(out, s, ev_sft, ev_ppo, eval_prompts, side, question, chat_answ
         *[f"| held-out prompts, {name} | score {ev['mean_score']:+.3f} (RM alone {ev['mean_rm_score']:+.3f}), "
           f"length {ev['mean_length']:.1f} tokens, EOS rate {ev['eos_rate']:.0%} ({ev['answers_scored']} answers) |"
           for name, ev in (("SFT", ev_sft), ("PPO", ev_ppo))], "",
-        "The score is what PPO maximises: the reward model's score, or -1 for an answer that never emits EOS. "
+        f"The score is what PPO maximises: the reward model's score, or {ppo.PPOConfig.missing_eos_penalty:g} for "
+        "an answer that never emits EOS. "
         "RM scores are shifted by the reward model's stored bias, the mean score of the SFT answers it was trained "
         "on (sampled at temperature 1.0); answers sampled at 0.7 are more coherent and score above 0. "
         "KL is summed over an answer's tokens (k1 estimator, at the sampling temperature).", "",
