@@ -1,0 +1,248 @@
+"""One command-line convention for every script: flags generated from a config dataclass.
+
+    @dataclass
+    class Config:
+        model: str = arg("", "model directory (Hugging Face layout)")
+        data: list[str] = arg([], "input JSONL file(s)", metavar="FILE")
+        resume: bool = arg(False, "continue the run in --out")
+
+    def run(cfg: Config): ...                      # raise UserError("what, where, what to do")
+    def main(argv=None) -> int:
+        return cli_main(run, Config, argv, prog="x.py", description=__doc__)
+
+What it holds:
+- `arg`: a dataclass field carrying its help text (and metavar, choices, a parser), so a flag
+  can never lose its documentation; `parse_config` builds argparse from the fields and shows
+  every default. Booleans are `--x/--no-x`; lists take space-separated values, each also split
+  on commas (`--lora-targets q_proj,v_proj` and `--lora-targets q_proj v_proj` are the same);
+  dicts are `k=v,k=v`.
+- `cli_main`: runs a command and turns user errors into one line on stderr and exit code 2,
+  never a traceback (Ctrl-C exits 130).
+- `resolve_device`, `resolve_dtype`: the one place a device or dtype name becomes a torch object.
+- `prepare_out`: the one policy for an existing output directory (refuse unless --resume or
+  --overwrite) and an exclusive lock on it for the whole run.
+"""
+
+import argparse
+import dataclasses
+import fcntl
+import os
+import shutil
+import sys
+import types
+from dataclasses import field
+from pathlib import Path
+
+import torch
+
+COMMON_HELP = {  # the same words for the same flag in every script
+    "device": "auto (cuda if available), cpu, cuda, cuda:1, ...",
+    "dtype": "auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16 or float16",
+    "seed": "random seed",
+    "resume": "continue the interrupted run in --out",
+    "overwrite": "delete what --out holds and start again",
+}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class UserError(ValueError):
+    """Bad input from the user: the message says what was wrong, where, and what to do."""
+
+
+def arg(default, help: str, metavar: str | None = None, choices=None, parse=None):
+    """A config field with its command-line help text (and optional metavar, choices, parser)."""
+    meta = {"help": help, "metavar": metavar, "choices": choices, "parse": parse}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def parse_kv(text: str) -> dict[str, float]:
+    """'a=1,b=2.5' -> {'a': 1.0, 'b': 2.5}."""
+    out = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        key, eq, value = part.partition("=")
+        try:
+            out[key.strip()] = float(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{part!r}: expected NAME=NUMBER") from None
+        if not eq or not key.strip():
+            raise argparse.ArgumentTypeError(f"{part!r}: expected NAME=NUMBER")
+    return out
+
+
+def _bare(typ):
+    """X for `X | None`; the type itself otherwise."""
+    if isinstance(typ, types.UnionType):
+        return next(t for t in typ.__args__ if t is not type(None))
+    return typ
+
+
+def _split_lists(values):
+    return [v for item in values for v in item.split(",") if v]
+
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def add_fields(p: argparse.ArgumentParser, cls) -> None:
+    """One flag per field of the dataclass cls, help and default from the field."""
+    for f in dataclasses.fields(cls):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        help = f.metadata.get("help") or COMMON_HELP.get(f.name)
+        if not help:
+            raise TypeError(f"{cls.__name__}.{f.name} has no help text: declare it with cli.arg(default, help)")
+        if default not in (None, [], {}, "") and not isinstance(default, bool):
+            help += f" (default: {','.join(map(str, default)) if isinstance(default, list) else default})"
+        kw = {"help": help, "default": default, "dest": f.name}
+        if f.metadata.get("choices"):
+            kw["choices"] = f.metadata["choices"]
+        if f.metadata.get("metavar"):
+            kw["metavar"] = f.metadata["metavar"]
+        typ = _bare(f.type)
+        origin = getattr(typ, "__origin__", None)
+        if f.metadata.get("parse"):
+            p.add_argument(flag(f.name), type=f.metadata["parse"], **kw)
+        elif typ is bool:
+            kw["help"] += f" (default: {'on' if default else 'off'})"
+            p.add_argument(flag(f.name), action=argparse.BooleanOptionalAction, **kw)
+        elif typ is dict or origin is dict:
+            kw.setdefault("metavar", "NAME=W,...")
+            p.add_argument(flag(f.name), type=parse_kv, **kw)
+        elif typ is list or origin is list:
+            inner = (getattr(typ, "__args__", None) or (str,))[0]
+            p.add_argument(flag(f.name), nargs="+", type=str, **kw)
+            p.set_defaults(**{f"_list_{f.name}": inner})
+        else:
+            p.add_argument(flag(f.name), type=typ, **kw)
+
+
+def config_from(cls, ns: argparse.Namespace):
+    """The dataclass cls from parsed arguments (list flags split on commas and converted)."""
+    values = {}
+    for f in dataclasses.fields(cls):
+        v = getattr(ns, f.name)
+        inner = getattr(ns, f"_list_{f.name}", None)
+        if inner is not None and isinstance(v, list):
+            try:
+                v = [inner(x) for x in _split_lists(v)]
+            except ValueError as e:
+                raise UserError(f"{flag(f.name)}: {e}") from None
+        values[f.name] = v
+    return cls(**values)
+
+
+def make_parser(cls, prog: str | None = None, description: str | None = None) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description=description,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_fields(p, cls)
+    return p
+
+
+def parse_config(cls, argv=None, prog: str | None = None, description: str | None = None):
+    """cls from the command line: one flag per field (--lora-r, --batch-size, ...)."""
+    return config_from(cls, make_parser(cls, prog, description).parse_args(argv))
+
+
+USER_ERRORS = (UserError, ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError,
+               PermissionError, UnicodeDecodeError, OSError)
+
+
+def cli_main(run, cls, argv=None, prog: str | None = None, description: str | None = None) -> int:
+    """Parse argv into cls, call run(cfg); a user error becomes `error: ...` on stderr and exit code 2."""
+    cfg = parse_config(cls, argv, prog, description)
+    return guarded(run, cfg)
+
+
+def guarded(fn, *args) -> int:
+    """fn(*args) -> exit code: 0 (or fn's int), 2 with one line on a user error, 130 on Ctrl-C."""
+    try:
+        code = fn(*args)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except USER_ERRORS as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return code if isinstance(code, int) else 0
+
+
+def resolve_device(name: str | None = "auto") -> torch.device:
+    """'auto' -> cuda if available else cpu; otherwise the named device (checked)."""
+    if name in (None, "", "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device {name!r}: use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
+    return device
+
+
+def resolve_dtype(name: str | None, device, training: bool = False) -> torch.dtype:
+    """'auto' -> bfloat16 on CUDA, float32 on CPU; float16 is refused for training (no loss scaling)."""
+    device = torch.device(device)
+    if name in (None, "", "auto"):
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtype = DTYPES.get(name)
+    if dtype is None:
+        raise UserError(f"--dtype {name!r}: use auto, float32, bfloat16 or float16")
+    if training and dtype == torch.float16:
+        raise UserError("--dtype float16: training in float16 needs loss scaling, which nanohuatuo does not do; "
+                        "use bfloat16 (or float32)")
+    return dtype
+
+
+class OutLock:
+    """An exclusive lock on an output directory, held until release() (or the end of a `with`)."""
+
+    def __init__(self, path: Path, fd: int | None):
+        self.path, self.fd = path, fd
+
+    def release(self):
+        if self.fd is not None:
+            os.close(self.fd)  # closing the descriptor drops the flock
+            self.fd = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.release()
+
+
+LOCK_NAME = ".lock"
+
+
+def prepare_out(out, resume: bool = False, overwrite: bool = False, main_process: bool = True) -> OutLock:
+    """Make --out ready for a run and lock it.
+
+    An existing directory that holds anything is refused unless resume (continue what is there)
+    or overwrite (delete it first). The lock (fcntl on out/.lock) is held for the whole run, so a
+    second run on the same --out stops at once instead of interleaving checkpoints and metrics.
+    Only the main process of a distributed run touches the directory."""
+    out = Path(out)
+    if not main_process:
+        return OutLock(out, None)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file; give a directory")
+    out.mkdir(parents=True, exist_ok=True)
+    fd = os.open(out / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise UserError(f"--out {out} is in use by another run (it holds the lock {out / LOCK_NAME}); wait for it "
+                        f"to finish or choose another --out") from None
+    held = [p for p in out.iterdir() if p.name != LOCK_NAME]
+    if held and not resume:
+        if not overwrite:
+            os.close(fd)
+            raise UserError(f"--out {out} already holds a run ({', '.join(sorted(p.name for p in held)[:4])}"
+                            f"{', ...' if len(held) > 4 else ''}); pass --resume to continue it, --overwrite to "
+                            f"start again, or choose another --out")
+        for p in held:
+            shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+    return OutLock(out, fd)
