@@ -1,15 +1,73 @@
-"""Shared test helpers: tiny random-weight models saved in the Hugging Face layout by `transformers`."""
+"""Shared test helpers: tiny random-weight models saved in the Hugging Face layout (by `transformers`
+or by our own Transformer), a sentencepiece or word-level tokenizer beside them, JSONL writing, and
+one torch thread for every test.
 
+Helpers are plain functions: `from conftest import tiny_base, write_jsonl, word_tokenizer`.
+"""
+
+import json
 import os
+from typing import NamedTuple
 
 import pytest
 import torch
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
-
 # small enough to be fast, odd enough to catch shape mix-ups (GQA, head_dim != dim / heads)
 TINY = dict(vocab_size=101, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def one_thread():
+    # a 32-wide model gains nothing from threads, and on a shared 2-core machine spinning threads cost 5x
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def write_jsonl(path, rows) -> str:
+    """Rows as UTF-8 JSON lines (Chinese unescaped); returns the path as a string."""
+    with open(path, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+    return str(path)
+
+
+class TinyBase(NamedTuple):
+    dir: str
+    tok: object     # nanohuatuo.tokenizer.Tokenizer
+    model: object   # nanohuatuo.model.Transformer
+
+
+def tiny_base(path, texts, *, vocab_size=320, extra_tokens=(), seed=0, **model_kw) -> TinyBase:
+    """A sentencepiece tokenizer trained on `texts` and a random tiny Llama (dim 32, 2 layers), saved
+    together in `path` in the Hugging Face layout. `model_kw` overrides ModelConfig fields
+    (n_kv_heads, ffn_dim, max_seq_len, value_head, lm_head, ...)."""
+    from nanohuatuo.model import ModelConfig, Transformer
+    from nanohuatuo.tokenizer import train_sentencepiece
+    tok = train_sentencepiece(texts, path, vocab_size=vocab_size, extra_tokens=extra_tokens)
+    kw = dict(arch="llama", vocab_size=tok.vocab_size, dim=32, n_layers=2, n_heads=4, ffn_dim=64)
+    kw.update(model_kw)
+    model = Transformer(ModelConfig(**kw))
+    model.init_weights(seed=seed)
+    model.save_pretrained(path)
+    return TinyBase(str(path), tok, model)
+
+
+SPECIAL_WORDS = ("<unk>", "<s>", "</s>", "<pad>")
+
+
+def word_tokenizer(d, words, bos="<s>", eos="</s>", pad="<pad>", unk="<unk>"):
+    """A word-level tokenizer.json in `d`: id i is words[i], split on whitespace; the first four
+    are usually SPECIAL_WORDS. Exact and tiny: a test can write answers as ids."""
+    from tokenizers import Tokenizer as HFTokenizer, models, pre_tokenizers
+    tk = HFTokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token=unk))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    tk.add_special_tokens([t for t in (unk, bos, eos, pad) if t])
+    tk.save(os.path.join(d, "tokenizer.json"))
+    with open(os.path.join(d, "tokenizer_config.json"), "w") as f:
+        json.dump({"bos_token": bos, "eos_token": eos, "pad_token": pad, "unk_token": unk,
+                   "add_bos_token": False}, f)
 
 
 def hf_tiny(kind: str, seed: int = 0):

@@ -10,6 +10,7 @@ import sys
 import pytest
 import torch
 
+from conftest import word_tokenizer
 from nanohuatuo import ModelConfig, Transformer, Tokenizer
 from nanohuatuo import ppo
 from nanohuatuo.lora import apply_lora, disabled_adapters, lora_modules, save_adapter
@@ -19,15 +20,6 @@ WORDS = ["<unk>", "<s>", "</s>", "<pad>", "User", "Assistant", ":"] + [f"w{i}" f
 EOS, PAD = 2, 3
 GOOD = range(7, 17)  # the learning test rewards answers made of these ids (w0..w9)
 
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    # a 32-wide model gains nothing from threads, and on a busy 2-core machine spinning threads cost 5x
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 # ----------------------------------------------------------------------------- the math, by hand
@@ -164,23 +156,11 @@ def test_adaptive_kl_controller():
 
 # ----------------------------------------------------------------------------- models
 
-def make_tokenizer(d):
-    """A 64-id word-level tokenizer.json: <unk> <s> </s> <pad>, the 'plain' template's words, w0..w56."""
-    from tokenizers import Tokenizer as HFTokenizer, models, pre_tokenizers
-    tk = HFTokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
-    tk.pre_tokenizer = pre_tokenizers.Whitespace()
-    tk.add_special_tokens(["<unk>", "<s>", "</s>", "<pad>"])
-    tk.save(os.path.join(d, "tokenizer.json"))
-    with open(os.path.join(d, "tokenizer_config.json"), "w") as f:
-        json.dump({"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>",
-                   "add_bos_token": False}, f)
-
-
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """A tiny Llama-shaped model from scratch with its tokenizer, an SFT adapter and 64 prompts."""
     d = tmp_path_factory.mktemp("ppo_base")
-    make_tokenizer(d)
+    word_tokenizer(d, WORDS)  # 64 ids: <unk> <s> </s> <pad>, the 'plain' template's words, w0..w56
     model = Transformer(ModelConfig(arch="llama", vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2,
                                     ffn_dim=64, max_seq_len=128))
     model.init_weights(std=0.1, seed=0)  # 0.1, not 0.02: so a 32-wide model's logits can move far from uniform

@@ -8,27 +8,22 @@ import random
 import pytest
 import torch
 
+from conftest import tiny_base, write_jsonl
 from nanohuatuo import reward
 from nanohuatuo.data import DataError
 from nanohuatuo.lora import apply_lora, lora_modules, save_adapter
 from nanohuatuo.model import ModelConfig, Transformer
 from nanohuatuo.templates import render
-from nanohuatuo.tokenizer import train_sentencepiece
 
 FILL = ["多喝水", "注意休息", "清淡饮食", "按时吃药", "测量体温", "保持睡眠", "适当运动", "观察症状"]
 MARK = "及时就医"  # the synthetic preference: more of these is better
 QUESTIONS = ["头疼三天怎么办", "孩子发烧咳嗽", "胃痛吃什么药", "血压偏高要注意什么", "失眠多梦怎么调理"]
 
 
-def tiny_base(path, value_head=False, lm_head=True):
+def rm_base(path, value_head=False, lm_head=True):
     """A tiny Llama-style model with a sentencepiece tokenizer in one directory."""
     texts = FILL + [MARK] + QUESTIONS + [f"User: {q}" for q in QUESTIONS] + ["Assistant:"]
-    tok = train_sentencepiece(texts, path, vocab_size=320)
-    model = Transformer(ModelConfig(arch="llama", vocab_size=tok.vocab_size, dim=32, n_layers=2, n_heads=4,
-                                    ffn_dim=64, lm_head=lm_head, value_head=value_head))
-    model.init_weights(seed=0)
-    model.save_pretrained(path)
-    return str(path), tok, model
+    return tiny_base(path, texts, lm_head=lm_head, value_head=value_head)
 
 
 def preferences(n, seed=0):
@@ -46,14 +41,9 @@ def preferences(n, seed=0):
     return rows
 
 
-def write_jsonl(path, rows):
-    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-    return str(path)
-
-
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
-    return tiny_base(tmp_path_factory.mktemp("base"))
+    return rm_base(tmp_path_factory.mktemp("base"))
 
 
 @pytest.fixture(scope="module")
@@ -191,7 +181,7 @@ def test_save_load_round_trip(base, tmp_path, mode):
 
 
 def test_released_reward_model_layout_loads(tmp_path):
-    path, tok, model = tiny_base(tmp_path / "HuatuoGPT-reward-model-tiny", value_head=True, lm_head=False)
+    path, tok, model = rm_base(tmp_path / "HuatuoGPT-reward-model-tiny", value_head=True, lm_head=False)
     assert json.load(open(f"{path}/config.json"))["architectures"] == ["LlamaRewardModel"]
     rm = reward.load_reward_model(path, device="cpu")
     assert (rm.bias, rm.gain, rm.template) == (0.0, 1.0, "huatuo")

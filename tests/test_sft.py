@@ -15,11 +15,13 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
+from conftest import tiny_base, write_jsonl
+
 from nanohuatuo import sft
 from nanohuatuo.data import SOURCES
-from nanohuatuo.model import ModelConfig, Transformer
+from nanohuatuo.model import Transformer
 from nanohuatuo.templates import HUATUO_SYSTEM, render
-from nanohuatuo.tokenizer import Tokenizer, train_sentencepiece
+from nanohuatuo.tokenizer import Tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 SYMPTOMS = ["头疼", "咳嗽", "发烧", "胃痛", "失眠", "腰疼", "皮疹", "腹泻"]
@@ -40,26 +42,16 @@ def conversations(n=32):
     return rows
 
 
-def write_jsonl(path, rows):
-    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-    return str(path)
-
-
-def tiny_base(path, extra_tokens=()):
+def sft_base(path, extra_tokens=()):
     """Tokenizer trained on the test conversations plus a random tiny model, saved in one directory."""
     texts = [HUATUO_SYSTEM, "<病人>： <HuatuoGPT>：", "system user assistant"]
     texts += [m["content"] for r in conversations() for m in r["messages"]]
-    tok = train_sentencepiece(texts, path, vocab_size=420, extra_tokens=extra_tokens)
-    model = Transformer(ModelConfig(arch="llama", vocab_size=tok.vocab_size, dim=32, n_layers=2, n_heads=4,
-                                    n_kv_heads=2, ffn_dim=64, max_seq_len=512))
-    model.init_weights(seed=0)
-    model.save_pretrained(path)
-    return str(path)
+    return tiny_base(path, texts, vocab_size=420, extra_tokens=extra_tokens, n_kv_heads=2, max_seq_len=512).dir
 
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
-    return tiny_base(tmp_path_factory.mktemp("sft_base"))
+    return sft_base(tmp_path_factory.mktemp("sft_base"))
 
 
 @pytest.fixture(scope="module")
@@ -78,21 +70,12 @@ def losses(out, key="loss"):
     return [r[key] for r in rows if key in r]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # a tiny model gains nothing from threads, and spinning threads crawl when other jobs share the cores
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 # ----------------------------------------------------------------------------- batches and loss
 
 @pytest.mark.parametrize("template", ["huatuo", "chatml"])
 def test_labels_cover_exactly_the_assistant_tokens(tmp_path, template):
     extra = ("<|im_start|>", "<|im_end|>") if template == "chatml" else ()
-    tok = Tokenizer.from_pretrained(tiny_base(tmp_path, extra_tokens=extra))
+    tok = Tokenizer.from_pretrained(sft_base(tmp_path, extra_tokens=extra))
     rows = conversations(6)
     examples, stats = sft.tokenize(rows, tok, template, max_len=512)
     assert stats["truncated"] == stats["dropped"] == 0
