@@ -1,48 +1,156 @@
-"""Hugging Face layout in and out: config.json <-> ModelConfig, weight names, safetensors.
+"""The model's config and the Hugging Face layout in and out: config.json, weight names, safetensors.
 
-One small function per family turns an HF config into a `ModelConfig`; weight names are a table
-of renames per family (our names are the Llama ones without the `model.` prefix). Loading builds
-the model on the meta device and fills it tensor by tensor straight from the safetensors files,
-so peak memory stays about one copy of the weights.
+`ModelConfig` is the one dataclass that configures `model.Transformer`; it lives here, next to the
+small function per family that turns an HF config.json into it (and `hf_config` back). Weight
+names are a table of renames per family (our names are the Llama ones without the `model.`
+prefix). `load` builds the model on the meta device and fills it tensor by tensor straight from
+the safetensors files, so peak memory stays about one copy of the weights.
+
+Everything that can be wrong with a model directory is found before a tensor is read and raised
+as `ModelDirError` (a ValueError) naming the file and, where there is one, the key or tensor:
+no or invalid config.json, a missing key, an unsupported model_type, no weights, a truncated
+safetensors file, a missing, unexpected or mis-shaped tensor, no tokenizer files.
+
+This module imports nothing else from the package: model.py, lora.py and the rest build on it.
 """
 
 import json
 import os
 import shutil
+from dataclasses import asdict, dataclass, field
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .model import ModelConfig, Transformer, init_value_head, rope_inv_freq, alibi_slopes
 
-# ----------------------------------------------------------------------------- configs
+class ModelDirError(ValueError):
+    """A model directory that cannot be loaded as asked; the message names the file (and tensor)."""
+
+
+class MissingFileError(ModelDirError, FileNotFoundError):
+    """A file the model directory needs is not there."""
+
+
+# ----------------------------------------------------------------------------- the config
+
+@dataclass
+class ModelConfig:
+    arch: str = "llama"  # Hugging Face model_type written back on save: llama mistral qwen2 qwen3 baichuan bloom
+    vocab_size: int = 32000
+    dim: int = 4096
+    n_layers: int = 32
+    n_heads: int = 32
+    n_kv_heads: int | None = None  # None: same as n_heads (no grouped-query attention)
+    head_dim: int | None = None  # None: dim // n_heads
+    ffn_dim: int = 11008
+    norm: str = "rms"  # rms | layer
+    norm_eps: float = 1e-6
+    mlp: str = "swiglu"  # swiglu | gelu (BLOOM)
+    pos: str = "rope"  # rope | alibi
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None  # {"rope_type": "llama3" | "linear", ...} as in HF configs
+    qkv: str = "split"  # split (q_proj/k_proj/v_proj) | packed (Baichuan W_pack) | bloom (interleaved per head)
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
+    qk_norm: bool = False  # Qwen3
+    embed_norm: bool = False  # BLOOM: LayerNorm right after the embedding
+    norm_head: bool = False  # Baichuan2: output matrix rows normalised to unit length
+    tie_embeddings: bool = False
+    sliding_window: int | None = None  # Mistral
+    max_seq_len: int = 4096
+    lm_head: bool = True  # False for reward models that only carry a value head
+    value_head: bool = False
+    extra: dict = field(default_factory=dict)  # HF config keys we carry through save unchanged
+
+    def __post_init__(self):
+        if self.n_kv_heads is None:
+            self.n_kv_heads = self.n_heads
+        if self.head_dim is None:
+            self.head_dim = self.dim // self.n_heads
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}")
+
+    def to_dict(self):
+        return asdict(self)
+
+
+# ----------------------------------------------------------------------------- config.json
 
 LLAMA_LIKE = ("llama", "mistral", "qwen2", "qwen3", "yi")
+SUPPORTED = LLAMA_LIKE + ("baichuan", "bloom")
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# the keys each rope_scaling type needs (model.rope_inv_freq reads them)
+ROPE_SCALING_KEYS = {"linear": ("factor",),
+                     "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
 
 
-def _rope(hf):
+def _rope(hf, where):
     """rope_theta and rope_scaling from either the classic keys or transformers 5's rope_parameters."""
     params = dict(hf.get("rope_parameters") or {})
     theta = hf.get("rope_theta", params.pop("rope_theta", 10000.0))
     scaling = hf.get("rope_scaling") or (params if params.get("rope_type", "default") != "default" else None)
     if scaling and scaling.get("rope_type", scaling.get("type")) == "default":
         scaling = None
+    if scaling:
+        kind = scaling.get("rope_type", scaling.get("type"))
+        if kind not in ROPE_SCALING_KEYS:
+            raise ModelDirError(f"{where}: rope_scaling type {kind!r} is not supported "
+                                f"(default, {', '.join(ROPE_SCALING_KEYS)} are)")
+        lacking = [k for k in ROPE_SCALING_KEYS[kind] if k not in scaling]
+        if lacking:
+            raise ModelDirError(f"{where}: rope_scaling of type {kind!r} lacks {', '.join(lacking)}")
     return float(theta), scaling
 
 
+def _check_ints(hf, where, keys):
+    """Sizes must be positive integers: a string or a float here would fail far from the file."""
+    for k in keys:
+        v = hf.get(k)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v <= 0):
+            raise ModelDirError(f"{where}: {k} is {v!r}; it must be a positive integer")
+
+
 def config_from_hf(hf: dict, where: str = "config.json") -> ModelConfig:
-    mt = hf.get("model_type", "")
+    """The ModelConfig of an HF config.json (as a dict); `where` names the file in errors."""
+    if not isinstance(hf, dict):
+        raise ModelDirError(f"{where}: expected a JSON object, got {type(hf).__name__}")
+    mt = hf.get("model_type")
+    if mt is None:
+        raise ModelDirError(f"{where}: no model_type key (supported: {', '.join(SUPPORTED)})")
+    if mt not in SUPPORTED:
+        raise ModelDirError(f"{where}: model_type {mt!r} is not supported (supported: {', '.join(SUPPORTED)})")
+    _check_ints(hf, where, ("vocab_size", "hidden_size", "n_embed", "intermediate_size", "num_hidden_layers",
+                            "n_layer", "num_attention_heads", "n_head", "num_key_value_heads", "head_dim"))
+    try:
+        return _config(hf, mt, where)
+    except KeyError as e:  # hf[...] of a key every config of the family has
+        raise ModelDirError(f"{where}: missing key {e.args[0]!r}, which a {mt} config needs") from None
+    except ValueError as e:  # ModelConfig's own checks (heads vs key/value heads)
+        if isinstance(e, ModelDirError):
+            raise
+        raise ModelDirError(f"{where}: {e}") from None
+
+
+def _first(hf, *keys):
+    """The value of the first of keys present (BLOOM configs use either name); KeyError names the first."""
+    for k in keys:
+        if k in hf:
+            return hf[k]
+    raise KeyError(keys[0])
+
+
+def _config(hf, mt, where):
     arch = " ".join(hf.get("architectures") or [])
     is_reward = "RewardModel" in arch
     if mt in LLAMA_LIKE:
-        theta, scaling = _rope(hf)
+        theta, scaling = _rope(hf, where)
         n_heads = hf["num_attention_heads"]
         qwen2 = mt == "qwen2"
         act = hf.get("hidden_act", "silu")
         if act != "silu":
-            raise ValueError(f"{where}: hidden_act {act!r} is not supported for {mt} (silu is)")
+            raise ModelDirError(f"{where}: hidden_act {act!r} is not supported for {mt} (silu is)")
         window = hf.get("sliding_window") if (mt == "mistral" or hf.get("use_sliding_window")) else None
         return ModelConfig(
             arch="llama" if mt == "yi" else mt, vocab_size=hf["vocab_size"], dim=hf["hidden_size"],
@@ -69,18 +177,16 @@ def config_from_hf(hf: dict, where: str = "config.json") -> ModelConfig:
             qkv="packed", norm_head=hf["vocab_size"] == 125696,
             tie_embeddings=hf.get("tie_word_embeddings", False),
             max_seq_len=hf.get("max_position_embeddings", hf.get("model_max_length", 4096)), extra=_extra(hf))
-    if mt == "bloom":
-        if hf.get("apply_residual_connection_post_layernorm"):
-            raise ValueError(f"{where}: BLOOM with apply_residual_connection_post_layernorm=true is not supported")
-        dim = hf.get("hidden_size", hf.get("n_embed"))
-        return ModelConfig(
-            arch="bloom", vocab_size=hf["vocab_size"], dim=dim, n_layers=hf.get("n_layer", hf.get("num_hidden_layers")),
-            n_heads=hf.get("n_head", hf.get("num_attention_heads")), ffn_dim=4 * dim, norm="layer",
-            norm_eps=hf.get("layer_norm_epsilon", 1e-5), mlp="gelu", pos="alibi", qkv="bloom",
-            qkv_bias=True, o_bias=True, mlp_bias=True, embed_norm=True, tie_embeddings=True,
-            max_seq_len=hf.get("seq_length", 2048), extra=_extra(hf))
-    raise ValueError(f"{where}: model_type {mt!r} is not supported "
-                     f"(supported: {', '.join(LLAMA_LIKE)}, baichuan, bloom)")
+    # bloom
+    if hf.get("apply_residual_connection_post_layernorm"):
+        raise ModelDirError(f"{where}: BLOOM with apply_residual_connection_post_layernorm=true is not supported")
+    dim = _first(hf, "hidden_size", "n_embed")
+    return ModelConfig(
+        arch="bloom", vocab_size=hf["vocab_size"], dim=dim, n_layers=_first(hf, "n_layer", "num_hidden_layers"),
+        n_heads=_first(hf, "n_head", "num_attention_heads"), ffn_dim=4 * dim, norm="layer",
+        norm_eps=hf.get("layer_norm_epsilon", 1e-5), mlp="gelu", pos="alibi", qkv="bloom",
+        qkv_bias=True, o_bias=True, mlp_bias=True, embed_norm=True, tie_embeddings=True,
+        max_seq_len=hf.get("seq_length", 2048), extra=_extra(hf))
 
 
 # keys of an HF config we carry through unchanged (token ids and the like)
@@ -171,14 +277,49 @@ def ours_to_hf(key: str, arch: str) -> str:
     return _rename(key, pairs)
 
 
-# ----------------------------------------------------------------------------- load
+# ----------------------------------------------------------------------------- reading a model directory
 
-def _weight_files(path):
+# a tokenizer needs one of these (tokenizer.py reads them); checked before any weight is read
+TOKENIZER_MODEL_FILES = ("tokenizer.json", "tokenizer.model")
+
+
+def read_json(where):
+    """A JSON file's content; a file that is not JSON (or not UTF-8) is a ModelDirError naming it."""
+    try:
+        with open(where, encoding="utf-8") as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise ModelDirError(f"{where}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
+    except UnicodeDecodeError:
+        raise ModelDirError(f"{where}: not UTF-8 text") from None
+
+
+def read_config(path) -> tuple[dict, ModelConfig]:
+    """(the config.json dict, its ModelConfig) of a model directory."""
+    path = str(path)
+    where = os.path.join(path, "config.json")
+    if not os.path.isdir(path):
+        raise MissingFileError(f"{path}: no such model directory (expected config.json and safetensors weights)")
+    if not os.path.exists(where):
+        raise MissingFileError(f"{where} not found: is {path} a Hugging Face model directory?")
+    hf = read_json(where)
+    return hf, config_from_hf(hf, where)
+
+
+def weight_files(path) -> list[str]:
+    """The safetensors files of a model directory: those its index lists, or model.safetensors, or all."""
+    path = str(path)
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.exists(index):
-        with open(index) as f:
-            files = sorted(set(json.load(f)["weight_map"].values()))
-        return [os.path.join(path, f) for f in files]
+        weight_map = read_json(index)
+        weight_map = weight_map.get("weight_map") if isinstance(weight_map, dict) else None
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise ModelDirError(f"{index}: no weight_map (expected {{\"weight_map\": {{tensor: file}}}})")
+        files = [os.path.join(path, f) for f in sorted(set(weight_map.values()))]
+        for f in files:
+            if not os.path.exists(f):
+                raise MissingFileError(f"{index} lists {os.path.basename(f)}, which is not in {path}")
+        return files
     single = os.path.join(path, "model.safetensors")
     if os.path.exists(single):
         return [single]
@@ -188,86 +329,133 @@ def _weight_files(path):
     bins = [f for f in os.listdir(path) if f.endswith(".bin")]
     hint = (" It has PyTorch .bin files: convert them once to safetensors "
             "(for example with transformers' save_pretrained(..., safe_serialization=True)).") if bins else ""
-    raise FileNotFoundError(f"{path}: no safetensors weights (model.safetensors or an index).{hint}")
+    raise MissingFileError(f"{path}: no safetensors weights (model.safetensors or an index).{hint}")
 
 
-def read_config(path) -> tuple[dict, ModelConfig]:
-    where = os.path.join(path, "config.json")
-    if not os.path.exists(where):
-        raise FileNotFoundError(f"{where} not found: is {path} a Hugging Face model directory?")
-    with open(where) as f:
-        hf = json.load(f)
-    return hf, config_from_hf(hf, where)
+def safetensors_header(file) -> dict[str, dict]:
+    """{tensor name: {"dtype", "shape", "data_offsets"}} of a safetensors file, read without its data.
+
+    The header says where every tensor ends, so a file cut short by an interrupted copy or download
+    is caught here (a ModelDirError saying it is truncated) rather than as a crash mid-load.
+    """
+    size = os.path.getsize(file)
+    again = "copy or download it again"
+    with open(file, "rb") as f:
+        head = f.read(8)  # little-endian u64: the length of the JSON header that follows
+        n = int.from_bytes(head, "little") if len(head) == 8 else None
+        if n is None or 8 + n > size:
+            raise ModelDirError(f"{file}: truncated or not a safetensors file ({size:,} bytes, shorter than its "
+                                f"header); {again}")
+        try:
+            header = json.loads(f.read(n))
+            header.pop("__metadata__", None)
+            end = max((int(t["data_offsets"][1]) for t in header.values()), default=0)
+            for t in header.values():
+                t["shape"] = tuple(t["shape"])
+        except (ValueError, KeyError, TypeError, IndexError, AttributeError):
+            raise ModelDirError(f"{file}: corrupt safetensors file (its header cannot be read); {again}") from None
+    if 8 + n + end > size:
+        raise ModelDirError(f"{file}: truncated safetensors file: its header promises {8 + n + end:,} bytes, the "
+                            f"file has {size:,}; {again}")
+    return header
 
 
-def load(path, dtype=None, device=None, adapter=None, value_head=None, strict=True):
-    """Build the model for `path` and fill it from its safetensors files.
+def require_tokenizer(path) -> None:
+    """Raise a MissingFileError unless the directory holds a tokenizer (tokenizer.json or tokenizer.model)."""
+    if not any(os.path.exists(os.path.join(path, f)) for f in TOKENIZER_MODEL_FILES):
+        raise MissingFileError(f"{path}: no tokenizer ({' or '.join(TOKENIZER_MODEL_FILES)}); copy the base model's "
+                               f"tokenizer files into it")
+
+
+def check_model_dir(path, tokenizer: bool = False) -> ModelConfig:
+    """Check a model directory without reading any tensor data: config.json, the weight files and
+    their headers (truncation), and with tokenizer=True the tokenizer files. Cheap enough to call
+    before touching an output directory; `load` repeats these checks and adds the tensor ones."""
+    _, c = read_config(path)
+    if tokenizer:
+        require_tokenizer(path)
+    for f in weight_files(path):
+        safetensors_header(f)
+    return c
+
+
+def load(path, build, dtype=None, device=None, value_head=None, strict=True):
+    """`build(config)` (model.Transformer) created on the meta device and filled from the safetensors files.
 
     dtype: None keeps float32 (safe on every device); pass torch.bfloat16 for a 7B model on a GPU.
-    value_head: True adds a freshly initialised value head when the files have none (reward models
-    built from an SFT model); missing, unexpected or mis-shaped tensors otherwise raise.
-    adapter: a LoRA adapter directory (PEFT layout) applied on top, see lora.py.
+    value_head: None takes the value head the directory has (a released reward model's config or a
+    `value_head.*` tensor): its weight must be there, a missing bias is 0. True adds a freshly
+    initialised head when the files have none (reward models built from an SFT model).
+    strict: an unexpected tensor is an error (else skipped). Missing and mis-shaped tensors always are,
+    and every check runs on the file headers before a byte of tensor data is read.
     """
+    path = str(path)
     hf, c = read_config(path)
-    if isinstance(dtype, str):
-        dtype = TORCH_DTYPES[dtype]
-    dtype = dtype or torch.float32
+    dtype = TORCH_DTYPES[dtype] if isinstance(dtype, str) else (dtype or torch.float32)
     device = torch.device(device or "cpu")
-    files = _weight_files(path)
-    with safe_open(files[0], "pt") as f:
-        keys0 = set(f.keys())
+    files = weight_files(path)
+    stored = {}  # our name -> (file, HF key, shape)
+    for file in files:
+        for key, info in safetensors_header(file).items():
+            stored[hf_to_ours(key, c.arch)] = (file, key, info["shape"])
+    in_files = {n for n in stored if n.startswith("value_head.")}
+    released = c.value_head  # the config names a reward model
     if value_head is not None:
         c.value_head = value_head
-    elif any(k.startswith("value_head.") for k in keys0):
+    elif in_files:
         c.value_head = True
     with torch.device("meta"):
-        model = Transformer(c)
+        model = build(c)
     params = dict(model.named_parameters(remove_duplicate=False))
-    loaded = set()
     tied = c.tie_embeddings and c.lm_head
-    for file in files:
-        with safe_open(file, "pt", device="cpu") as f:
-            for key in f.keys():
-                name = hf_to_ours(key, c.arch)
-                if tied and name == "lm_head.weight":
-                    continue  # tied: the embedding is the output matrix
-                if name not in params:
-                    if strict:
-                        raise KeyError(f"{file}: unexpected tensor {key!r} (no such weight in a {c.arch} model "
-                                       f"of this config)")
-                    continue
-                t = f.get_tensor(key)
-                want = params[name].shape
-                if t.shape != want:
-                    raise ValueError(f"{file}: tensor {key!r} has shape {tuple(t.shape)}, the config in "
-                                     f"{path}/config.json implies {tuple(want)}")
-                keep = torch.float32 if name.startswith("value_head.") else dtype  # value heads stay fp32
-                _assign(model, name, t.to(device=device, dtype=keep))
-                loaded.add(name)
-    for name, p in model.named_parameters():
-        if name in loaded or (tied and name == "lm_head.weight"):
+    todo = {}  # file -> [(our name, HF key)]
+    for name, (file, key, shape) in stored.items():
+        if tied and name == "lm_head.weight":
+            continue  # tied: the embedding is the output matrix
+        if name not in params:
+            if strict:
+                raise ModelDirError(f"{file}: unexpected tensor {key!r} (no such weight in a {c.arch} model of "
+                                    f"this config)")
             continue
-        if name.startswith("value_head."):
-            continue
-        raise KeyError(f"{path}: tensor {ours_to_hf(name, c.arch)!r} is missing from the weight files "
-                       f"({', '.join(os.path.basename(f) for f in files)})")
-    if c.value_head and not loaded.issuperset({"value_head.weight", "value_head.bias"}):
-        model.value_head = torch.nn.Linear(c.dim, 1, device=device, dtype=torch.float32)
-        init_value_head(model.value_head)
+        want = tuple(params[name].shape)
+        if shape != want:
+            raise ModelDirError(f"{file}: tensor {key!r} has shape {shape}, the config in {path}/config.json "
+                                f"implies {want}")
+        todo.setdefault(file, []).append((name, key))
+    listed = ", ".join(os.path.basename(f) for f in files)
+    missing = [n for n in params if n not in stored and not n.startswith("value_head.")
+               and not (tied and n == "lm_head.weight")]
+    if missing:
+        more = f"; {len(missing)} tensors are missing in all" if len(missing) > 1 else ""
+        raise ModelDirError(f"{path}: tensor {ours_to_hf(missing[0], c.arch)!r} is missing from the weight files "
+                            f"({listed}){more}")
+    fresh_head = c.value_head and value_head is True and not in_files and not released
+    if c.value_head and "value_head.weight" not in stored and not fresh_head:
+        why = "the files hold value_head.bias without its weight" if in_files else \
+            f"config.json names a reward model ({' '.join(hf.get('architectures') or [])})" if released else \
+            "a value head was asked for"
+        raise ModelDirError(f"{path}: tensor 'value_head.weight' is missing from the weight files ({listed}); {why}")
+    for file, names in todo.items():
+        try:
+            with safe_open(file, "pt", device="cpu") as f:
+                for name, key in names:
+                    keep = torch.float32 if name.startswith("value_head.") else dtype  # value heads stay fp32
+                    _assign(model, name, f.get_tensor(key).to(device=device, dtype=keep))
+        except SafetensorError as e:
+            raise ModelDirError(f"{file}: corrupt safetensors file ({e}); copy or download it again") from None
+    if fresh_head:
+        model.new_value_head(device)
+    elif c.value_head and "value_head.bias" not in stored:
+        # a released head saved without a bias (nn.Linear(bias=False)) means bias 0, not a random one
+        _assign(model, "value_head.bias", torch.zeros(1, device=device, dtype=torch.float32))
     if tied:
         model.lm_head.weight = model.embed_tokens.weight
     if c.norm_head and c.lm_head:
         with torch.no_grad():  # idempotent, so a saved (already normalised) head loads the same
             model.lm_head.weight.copy_(torch.nn.functional.normalize(model.lm_head.weight.float(), dim=-1))
-    # buffers computed from the config, not stored in the files
-    model.inv_freq = rope_inv_freq(c).to(device) if c.pos == "rope" else torch.zeros(0, device=device)
-    model.slopes = alibi_slopes(c.n_heads).to(device) if c.pos == "alibi" else torch.zeros(0, device=device)
+    model.init_buffers(device)  # computed from the config, not stored in the files
     model.source_dir = os.path.abspath(path)
-    model.eval()
-    if adapter is not None:
-        from .lora import load_adapter
-        load_adapter(model, adapter)
-    return model
+    return model.eval()
 
 
 def _assign(model, name, tensor):
@@ -279,12 +467,12 @@ def _assign(model, name, tensor):
 # ----------------------------------------------------------------------------- save
 
 # files a model directory carries besides the weights, copied from where the model came from
-_SIDE_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
-               "generation_config.json", "vocab.json", "merges.txt", "added_tokens.json")
+SIDE_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
+              "generation_config.json", "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja")
 
 
-def save(model: Transformer, path, max_shard_bytes=5 * 1024**3, copy_from=None):
-    """Write config.json and safetensors (sharded with an index above `max_shard_bytes`).
+def save(model, path, max_shard_bytes=5 * 1024**3, copy_from=None):
+    """Write a model.Transformer as config.json + safetensors (sharded with an index above `max_shard_bytes`).
 
     Each file is written under a temporary name and renamed, so an interrupted save never leaves a
     half-written file under the real name. Tokenizer, generation config and (for Baichuan) the
@@ -311,33 +499,38 @@ def save(model: Transformer, path, max_shard_bytes=5 * 1024**3, copy_from=None):
     shards.append(cur)
     meta = {"format": "pt"}
     if len(shards) == 1:
-        _atomic(os.path.join(path, "model.safetensors"), lambda tmp: save_file(shards[0], tmp, metadata=meta))
+        atomic_write(os.path.join(path, "model.safetensors"), lambda tmp: save_file(shards[0], tmp, metadata=meta))
     else:
         weight_map, total = {}, 0
         for i, shard in enumerate(shards):
             fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-            _atomic(os.path.join(path, fname), lambda tmp, s=shard: save_file(s, tmp, metadata=meta))
+            atomic_write(os.path.join(path, fname), lambda tmp, s=shard: save_file(s, tmp, metadata=meta))
             for k, t in shard.items():
                 weight_map[k] = fname
                 total += t.numel() * t.element_size()
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-        _atomic_json(os.path.join(path, "model.safetensors.index.json"), index)
-    _atomic_json(os.path.join(path, "config.json"), hf_config(c, dtype))
+        atomic_json(os.path.join(path, "model.safetensors.index.json"), index)
+    atomic_json(os.path.join(path, "config.json"), hf_config(c, dtype))
     src = copy_from or getattr(model, "source_dir", None)
     if src and os.path.abspath(src) != os.path.abspath(path):
         for f in os.listdir(src):
-            if f in _SIDE_FILES or (c.arch == "baichuan" and f.endswith(".py")):
+            if f in SIDE_FILES or (c.arch == "baichuan" and f.endswith(".py")):
                 shutil.copyfile(os.path.join(src, f), os.path.join(path, f))
 
 
-def _atomic(final, write):
+def atomic_write(final, write):
+    """write(tmp) to a temporary name next to `final`, then rename it: `final` is whole or absent."""
     tmp = final + ".tmp"
     write(tmp)
     os.replace(tmp, final)
 
 
-def _atomic_json(final, obj):
+def atomic_json(final, obj):
     def write(tmp):
-        with open(tmp, "w") as f:
+        with open(tmp, "w", encoding="utf-8") as f:
             json.dump(obj, f, indent=2, ensure_ascii=False)
-    _atomic(final, write)
+    atomic_write(final, write)
+
+
+# the old private names, still imported by sft.py and reward.py until they use checkpoint.py
+_atomic, _atomic_json = atomic_write, atomic_json

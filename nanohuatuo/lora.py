@@ -16,7 +16,6 @@ source of NaNs, so the adapter path runs in float32 and only its output is cast 
 """
 
 import contextlib
-import json
 import math
 import os
 import re
@@ -26,8 +25,10 @@ import torch.nn as nn
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from .hf import _atomic, _atomic_json, hf_to_ours, ours_to_hf
+from .hf import (MissingFileError, ModelDirError, atomic_json, atomic_write, hf_to_ours, ours_to_hf, read_json,
+                 safetensors_header)
 
+# Llama-family names; `default_targets(model)` gives every projection of any family
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 HEADS = ("lm_head", "value_head")  # trained in full when needed; `Transformer.logits` bypasses lm_head's forward
 
@@ -139,6 +140,23 @@ def _is_target(targets, names) -> bool:
     if isinstance(targets, str):
         return targets == "all-linear" or any(re.fullmatch(targets, n) for n in names)
     return any(n == t or n.endswith("." + t) for t in targets for n in names)
+
+
+def default_targets(model) -> list[str]:
+    """Every linear layer inside the blocks, by its last Hugging Face name, in model order.
+
+    The same list for SFT, the reward model and PPO, so they adapt the same layers and PPO can share
+    the base with the reward model: q/k/v/o and gate/up/down for Llama, Mistral, Qwen; `W_pack`,
+    o/gate/up/down for Baichuan; `query_key_value`, `dense`, `dense_h_to_4h`, `dense_4h_to_h` for BLOOM.
+    """
+    arch, names = model.config.arch, []
+    for n, m in model.named_modules():
+        inside_lora = n.rsplit(".", 1)[-1] in ("base", "lora_A", "lora_B")
+        if n.startswith("layers.") and (isinstance(m, LoRALinear) or (isinstance(m, nn.Linear) and not inside_lora)):
+            last = _hf_module_name(n, arch).rsplit(".", 1)[-1]
+            if last not in names:
+                names.append(last)
+    return names
 
 
 def lora_modules(model: nn.Module) -> list[tuple[str, LoRALinear]]:
@@ -256,11 +274,11 @@ def save_adapter(model, out_dir, extra: dict[str, torch.Tensor] | None = None):
         tensors[key + ".lora_B.weight"] = m.lora_B.weight.detach().to("cpu").contiguous()
     os.makedirs(out_dir, exist_ok=True)
     meta = {"format": "pt"}
-    _atomic(os.path.join(out_dir, WEIGHTS_FILE), lambda tmp: save_file(tensors, tmp, metadata=meta))
+    atomic_write(os.path.join(out_dir, WEIGHTS_FILE), lambda tmp: save_file(tensors, tmp, metadata=meta))
     extra_path = os.path.join(out_dir, EXTRA_FILE)
     if extra:
         cpu = {k: t.detach().to("cpu").contiguous() for k, t in extra.items()}
-        _atomic(extra_path, lambda tmp: save_file(cpu, tmp, metadata=meta))
+        atomic_write(extra_path, lambda tmp: save_file(cpu, tmp, metadata=meta))
     elif os.path.exists(extra_path):
         os.remove(extra_path)
     config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": cfg["r"], "lora_alpha": cfg["lora_alpha"],
@@ -268,7 +286,7 @@ def save_adapter(model, out_dir, extra: dict[str, torch.Tensor] | None = None):
               "fan_in_fan_out": False, "base_model_name_or_path": getattr(model, "source_dir", None),
               "inference_mode": True, "modules_to_save": None, "init_lora_weights": True,
               "use_rslora": cfg["use_rslora"], "use_dora": False}
-    _atomic_json(os.path.join(out_dir, CONFIG_FILE), config)
+    atomic_json(os.path.join(out_dir, CONFIG_FILE), config)
 
 
 def _peft_key_to_ours(key: str, arch: str) -> str | None:
@@ -283,17 +301,21 @@ def _peft_key_to_ours(key: str, arch: str) -> str | None:
 def read_adapter_config(adapter_dir) -> dict:
     where = os.path.join(adapter_dir, CONFIG_FILE)
     if not os.path.exists(where):
-        raise FileNotFoundError(f"{where} not found: is {adapter_dir} a LoRA adapter directory (PEFT layout)?")
-    with open(where) as f:
-        cfg = json.load(f)
+        raise MissingFileError(f"{where} not found: is {adapter_dir} a LoRA adapter directory (PEFT layout)?")
+    cfg = read_json(where)
+    if not isinstance(cfg, dict):
+        raise ModelDirError(f"{where}: expected a JSON object, got {type(cfg).__name__}")
     if cfg.get("peft_type") != "LORA":
-        raise ValueError(f"{where}: peft_type is {cfg.get('peft_type')!r}; only LORA adapters can be loaded")
+        raise ModelDirError(f"{where}: peft_type is {cfg.get('peft_type')!r}; only LORA adapters can be loaded")
     for k in _UNSUPPORTED:
         if cfg.get(k):
-            raise ValueError(f"{where}: {k}={cfg[k]!r} is not supported (plain LoRA only); "
-                             f"merge that adapter with PEFT and load the merged model instead")
+            raise ModelDirError(f"{where}: {k}={cfg[k]!r} is not supported (plain LoRA only); "
+                                f"merge that adapter with PEFT and load the merged model instead")
     if cfg.get("bias", "none") != "none":
-        raise ValueError(f"{where}: bias={cfg['bias']!r} is not supported (only 'none')")
+        raise ModelDirError(f"{where}: bias={cfg['bias']!r} is not supported (only 'none')")
+    for k in ("r", "lora_alpha", "target_modules"):
+        if k not in cfg:
+            raise ModelDirError(f"{where}: missing key {k!r}")
     return cfg
 
 
@@ -310,7 +332,7 @@ def load_adapter(model, adapter_dir, trainable: bool = False) -> dict[str, torch
         bins = os.path.exists(os.path.join(adapter_dir, "adapter_model.bin"))
         hint = " It has adapter_model.bin: re-save it with PEFT's save_pretrained(safe_serialization=True)." \
             if bins else ""
-        raise FileNotFoundError(f"{where} not found.{hint}")
+        raise MissingFileError(f"{where} not found.{hint}")
     want = {"r": cfg["r"], "lora_alpha": cfg["lora_alpha"], "use_rslora": bool(cfg.get("use_rslora", False))}
     have = getattr(model, "lora_config", None)
     if have is None:
@@ -323,24 +345,25 @@ def load_adapter(model, adapter_dir, trainable: bool = False) -> dict[str, torch
     arch = model.config.arch
     params = {n: p for n, p in model.named_parameters() if n.endswith((".lora_A.weight", ".lora_B.weight"))}
     loaded = set()
+    safetensors_header(where)  # a truncated file is named as such, not a crash mid-read
     with safe_open(where, "pt", device="cpu") as f:
         for key in f.keys():
             name = _peft_key_to_ours(key, arch)
             if name not in params:
-                raise KeyError(f"{where}: unexpected tensor {key!r} (no such LoRA weight in this {arch} model "
-                               f"with target_modules {cfg['target_modules']})")
+                raise ModelDirError(f"{where}: unexpected tensor {key!r} (no such LoRA weight in this {arch} model "
+                                    f"with target_modules {cfg['target_modules']})")
             t = f.get_tensor(key)
             p = params[name]
             if t.shape != p.shape:
-                raise ValueError(f"{where}: tensor {key!r} has shape {tuple(t.shape)}, the model's LoRA "
-                                 f"(r={cfg['r']}) expects {tuple(p.shape)}")
+                raise ModelDirError(f"{where}: tensor {key!r} has shape {tuple(t.shape)}, the model's LoRA "
+                                    f"(r={cfg['r']}) expects {tuple(p.shape)}")
             with torch.no_grad():
                 p.copy_(t)  # copy_ keeps our float32 and device whatever the file holds
             loaded.add(name)
     missing = sorted(set(params) - loaded)
     if missing:
         key = "base_model.model." + _hf_module_name(missing[0].removesuffix(".weight"), arch) + ".weight"
-        raise KeyError(f"{where}: tensor {key!r} is missing ({len(missing)} LoRA weights missing in all)")
+        raise ModelDirError(f"{where}: tensor {key!r} is missing ({len(missing)} LoRA weights missing in all)")
     for p in lora_parameters(model):
         p.requires_grad_(trainable)
     if not trainable:

@@ -1,6 +1,7 @@
 """The transformer: one class, configured by a dataclass, for every base a HuatuoGPT model uses.
 
-Families and the flags that tell them apart (see `ModelConfig`):
+Families and the flags that tell them apart (see `ModelConfig`, in hf.py next to the per-family
+mapping from config.json):
 - Llama-2/3/3.1, Mistral, Yi, TinyLlama: RMSNorm, SwiGLU, RoPE (llama3 scaling), grouped-query attention.
 - Qwen2 / Qwen2.5: as Llama plus bias on q/k/v, tied embeddings on small models. Qwen3: q/k RMSNorm.
 - Baichuan / Baichuan2: q/k/v packed in one `W_pack` matrix; Baichuan2-7B's NormHead
@@ -17,54 +18,15 @@ generation is written in place at `cache_pos`, so a decode step has fixed shapes
 """
 
 import math
-from dataclasses import dataclass, field, asdict
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-
-@dataclass
-class ModelConfig:
-    arch: str = "llama"  # Hugging Face model_type written back on save: llama mistral qwen2 qwen3 baichuan bloom
-    vocab_size: int = 32000
-    dim: int = 4096
-    n_layers: int = 32
-    n_heads: int = 32
-    n_kv_heads: int | None = None  # None: same as n_heads (no grouped-query attention)
-    head_dim: int | None = None  # None: dim // n_heads
-    ffn_dim: int = 11008
-    norm: str = "rms"  # rms | layer
-    norm_eps: float = 1e-6
-    mlp: str = "swiglu"  # swiglu | gelu (BLOOM)
-    pos: str = "rope"  # rope | alibi
-    rope_theta: float = 10000.0
-    rope_scaling: dict | None = None  # {"rope_type": "llama3" | "linear", ...} as in HF configs
-    qkv: str = "split"  # split (q_proj/k_proj/v_proj) | packed (Baichuan W_pack) | bloom (interleaved per head)
-    qkv_bias: bool = False
-    o_bias: bool = False
-    mlp_bias: bool = False
-    qk_norm: bool = False  # Qwen3
-    embed_norm: bool = False  # BLOOM: LayerNorm right after the embedding
-    norm_head: bool = False  # Baichuan2: output matrix rows normalised to unit length
-    tie_embeddings: bool = False
-    sliding_window: int | None = None  # Mistral
-    max_seq_len: int = 4096
-    lm_head: bool = True  # False for reward models that only carry a value head
-    value_head: bool = False
-    extra: dict = field(default_factory=dict)  # HF config keys we carry through save unchanged
-
-    def __post_init__(self):
-        if self.n_kv_heads is None:
-            self.n_kv_heads = self.n_heads
-        if self.head_dim is None:
-            self.head_dim = self.dim // self.n_heads
-        if self.n_heads % self.n_kv_heads:
-            raise ValueError(f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}")
-
-    def to_dict(self):
-        return asdict(self)
+from . import hf
+from .hf import ModelConfig
+from .lora import load_adapter
 
 
 # ----------------------------------------------------------------------------- positions
@@ -335,16 +297,34 @@ class Transformer(nn.Module):
     def num_params(self):
         return sum(p.numel() for p in {id(p): p for p in self.parameters()}.values())
 
+    def init_buffers(self, device=None):
+        """RoPE frequencies and ALiBi slopes: computed from the config, never stored in weight files."""
+        c, device = self.config, device or self.embed_tokens.weight.device
+        self.inv_freq = rope_inv_freq(c).to(device) if c.pos == "rope" else torch.zeros(0, device=device)
+        self.slopes = alibi_slopes(c.n_heads).to(device) if c.pos == "alibi" else torch.zeros(0, device=device)
+
+    def new_value_head(self, device=None, generator=None):
+        """A freshly initialised float32 value head (a reward or value model started from an LM)."""
+        self.config.value_head = True
+        self.value_head = nn.Linear(self.config.dim, 1, device=device, dtype=torch.float32)
+        init_value_head(self.value_head, generator)
+        return self.value_head
+
     @classmethod
-    def from_pretrained(cls, path, dtype=None, device=None, adapter=None, **kw):
-        """Load a Hugging Face model directory (config.json + safetensors); see `hf.load`."""
-        from .hf import load
-        return load(path, dtype=dtype, device=device, adapter=adapter, **kw)
+    def from_pretrained(cls, path, dtype=None, device=None, adapter=None, value_head=None, strict=True):
+        """Load a Hugging Face model directory (config.json + safetensors); see `hf.load`.
+
+        adapter: a LoRA adapter directory (PEFT layout) applied on top, see lora.py. Errors in the
+        directory are `hf.ModelDirError`s naming the file and tensor.
+        """
+        model = hf.load(path, cls, dtype=dtype, device=device, value_head=value_head, strict=strict)
+        if adapter is not None:
+            load_adapter(model, adapter)
+        return model
 
     def save_pretrained(self, path, **kw):
-        """Write config.json + safetensors in the Hugging Face layout of this architecture."""
-        from .hf import save
-        save(self, path, **kw)
+        """Write config.json + safetensors in the Hugging Face layout of this architecture (`hf.save`)."""
+        hf.save(self, path, **kw)
 
 
 @torch.no_grad()

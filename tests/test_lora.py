@@ -8,6 +8,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from nanohuatuo import Transformer
+from nanohuatuo.hf import ModelDirError
 from nanohuatuo.lora import (LoRALinear, apply_lora, disabled_adapters, load_adapter, lora_parameters,
                              merge_and_unload, merge_lora, save_adapter, unmerge_lora)
 
@@ -158,7 +159,7 @@ def test_bad_adapter_dirs(hf_dirs, tmp_path):
     with pytest.raises(ValueError, match=rf"adapter_model.safetensors: tensor '{key}' has shape \(48, 5\)"):
         load_adapter(Transformer.from_pretrained(path), tmp_path)
     save_file({k: t for k, t in tensors.items() if k != key}, weights)
-    with pytest.raises(KeyError, match=key):
+    with pytest.raises(ModelDirError, match=key):
         load_adapter(Transformer.from_pretrained(path), tmp_path)
     cfg = json.loads((tmp_path / "adapter_config.json").read_text())
     (tmp_path / "adapter_config.json").write_text(json.dumps({**cfg, "peft_type": "IA3"}))
@@ -166,3 +167,19 @@ def test_bad_adapter_dirs(hf_dirs, tmp_path):
         load_adapter(Transformer.from_pretrained(path), tmp_path)
     with pytest.raises(ValueError, match="no linear layer matches targets.*gate_proj"):
         apply_lora(Transformer.from_pretrained(path), targets=("c_attn",))
+
+
+@pytest.mark.parametrize("arch, kw, want", [
+    ("llama", {}, ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]),
+    ("baichuan", dict(qkv="packed"), ["W_pack", "o_proj", "gate_proj", "up_proj", "down_proj"]),
+    ("bloom", dict(qkv="bloom", mlp="gelu", norm="layer", pos="alibi", embed_norm=True),
+     ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"]),
+])
+def test_default_targets_cover_every_block_linear(arch, kw, want):
+    from nanohuatuo import ModelConfig
+    from nanohuatuo.lora import default_targets
+    model = Transformer(ModelConfig(arch=arch, vocab_size=50, dim=16, n_layers=2, n_heads=2, ffn_dim=32, **kw))
+    assert default_targets(model) == want
+    n_linear = sum(isinstance(m, torch.nn.Linear) for n, m in model.named_modules() if n.startswith("layers."))
+    assert len(apply_lora(model, targets=default_targets(model))) == n_linear
+    assert default_targets(model) == want  # the same names once wrapped

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from nanohuatuo import Transformer
+from nanohuatuo.hf import ModelDirError
 from nanohuatuo.model import alibi_slopes
 
 FAMILIES = ["llama", "llama3", "mistral", "mistral_window", "qwen2", "qwen3", "bloom"]
@@ -88,10 +89,10 @@ def test_bad_weights_name_the_tensor_and_file(hf_dirs, tmp_path):
 
     missing = dict(sd)
     del missing["model.layers.1.mlp.up_proj.weight"]
-    with pytest.raises(KeyError, match=r"model\.layers\.1\.mlp\.up_proj\.weight.*missing"):
+    with pytest.raises(ModelDirError, match=r"model\.layers\.1\.mlp\.up_proj\.weight.*missing"):
         Transformer.from_pretrained(write(missing, "missing"))
     extra = dict(sd, **{"model.layers.0.foo.weight": torch.zeros(2)})
-    with pytest.raises(KeyError, match=r"model\.safetensors.*unexpected tensor 'model\.layers\.0\.foo\.weight'"):
+    with pytest.raises(ModelDirError, match=r"model\.safetensors.*unexpected tensor 'model\.layers\.0\.foo\.weight'"):
         Transformer.from_pretrained(write(extra, "extra"))
     bad = dict(sd, **{"model.norm.weight": torch.zeros(7)})
     with pytest.raises(ValueError, match=r"model\.safetensors.*'model\.norm\.weight' has shape \(7,\)"):
@@ -261,3 +262,85 @@ def test_ziya_reward_model_layout(mha_llama, tmp_path):
     torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
     rm.save_pretrained(tmp_path / "again")
     assert set(load_file(tmp_path / "again" / "model.safetensors")) == set(sd)
+
+
+def _rm_dir(mha_llama, d, head):
+    """The Ziya layout with the given value_head tensors."""
+    path, _ = mha_llama
+    sd = {k: v for k, v in load_file(os.path.join(path, "model.safetensors")).items() if not k.startswith("lm_head")}
+    sd.update(head)
+    cfg = json.load(open(os.path.join(path, "config.json")))
+    cfg["architectures"] = ["LlamaRewardModel"]
+    d.mkdir()
+    json.dump(cfg, open(d / "config.json", "w"))
+    save_file(sd, d / "model.safetensors")
+    return d
+
+
+def test_released_value_head_without_bias_gets_bias_zero(mha_llama, tmp_path):
+    w = torch.randn(1, 32, generator=torch.Generator().manual_seed(0))
+    rm = Transformer.from_pretrained(_rm_dir(mha_llama, tmp_path / "nobias", {"value_head.weight": w}))
+    assert torch.equal(rm.value_head.weight, w) and torch.equal(rm.value_head.bias, torch.zeros(1))
+    # value_head=True on a directory that has a head keeps it, bias 0 too
+    rm = Transformer.from_pretrained(tmp_path / "nobias", value_head=True)
+    assert torch.equal(rm.value_head.weight, w) and torch.equal(rm.value_head.bias, torch.zeros(1))
+
+
+def test_released_reward_model_without_head_weight_is_an_error(mha_llama, tmp_path):
+    with pytest.raises(ModelDirError, match=r"'value_head\.weight' is missing .*model\.safetensors.*LlamaRewardModel"):
+        Transformer.from_pretrained(_rm_dir(mha_llama, tmp_path / "nohead", {}))
+    with pytest.raises(ModelDirError, match=r"'value_head\.weight' is missing .*bias without its weight"):
+        Transformer.from_pretrained(_rm_dir(mha_llama, tmp_path / "biasonly", {"value_head.bias": torch.ones(1)}))
+
+
+def test_fresh_value_head_on_an_lm(hf_dirs):
+    path, _ = hf_dirs("llama")
+    m = Transformer.from_pretrained(path, value_head=True)
+    assert m.value_head.weight.dtype == torch.float32 and torch.equal(m.value_head.bias, torch.zeros(1))
+    assert m.value_head.weight.abs().sum() > 0 and m.lm_head is not None
+
+
+def _copy_dir(src, dst):
+    import shutil
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_bad_directories_name_file_and_key(hf_dirs, tmp_path):
+    from nanohuatuo.hf import MissingFileError, check_model_dir
+    path, _ = hf_dirs("llama")
+    cfg = json.load(open(os.path.join(path, "config.json")))
+
+    def with_config(name, text):
+        d = _copy_dir(path, tmp_path / name)
+        (d / "config.json").write_text(text)
+        return d
+
+    with pytest.raises(ModelDirError, match=r"config\.json: not valid JSON"):
+        Transformer.from_pretrained(with_config("badjson", "{not json"))
+    lacking = dict(cfg)
+    del lacking["hidden_size"]
+    with pytest.raises(ModelDirError, match=r"config\.json: missing key 'hidden_size', which a llama config needs"):
+        Transformer.from_pretrained(with_config("nokey", json.dumps(lacking)))
+    with pytest.raises(ModelDirError, match=r"config\.json: model_type 'gpt9' is not supported \(supported: llama.*bloom"):
+        Transformer.from_pretrained(with_config("unknown", json.dumps(dict(cfg, model_type="gpt9"))))
+    with pytest.raises(ModelDirError, match=r"config\.json: hidden_size is '32'; it must be a positive integer"):
+        Transformer.from_pretrained(with_config("strsize", json.dumps(dict(cfg, hidden_size="32"))))
+    d = _copy_dir(path, tmp_path / "noconfig")
+    os.remove(d / "config.json")
+    with pytest.raises(MissingFileError, match=r"config\.json not found"):
+        Transformer.from_pretrained(d)
+    d = _copy_dir(path, tmp_path / "truncated")
+    f = d / "model.safetensors"
+    f.write_bytes(f.read_bytes()[:-100])
+    with pytest.raises(ModelDirError, match=r"model\.safetensors: truncated safetensors file"):
+        Transformer.from_pretrained(d)
+    with pytest.raises(ModelDirError, match=r"truncated"):
+        check_model_dir(d)
+    f.write_bytes(b"\x01\x02")
+    with pytest.raises(ModelDirError, match=r"model\.safetensors: truncated or not a safetensors file"):
+        Transformer.from_pretrained(d)
+    d = _copy_dir(path, tmp_path / "notok")
+    with pytest.raises(MissingFileError, match=r"no tokenizer \(tokenizer\.json or tokenizer\.model\)"):
+        check_model_dir(d, tokenizer=True)
+    assert check_model_dir(d).dim == 32
