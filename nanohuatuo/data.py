@@ -49,7 +49,7 @@ import os
 import random
 import statistics
 import sys
-import tempfile
+import uuid
 from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -97,10 +97,14 @@ def read_jsonl(path) -> list[dict]:
 
 
 def write_jsonl(path, rows: Iterable[dict]) -> int:
-    """Write rows as UTF-8 JSONL atomically (temp file + os.replace); return the count."""
+    """Write rows as UTF-8 JSONL atomically (temp file + os.replace); return the count.
+
+    The file gets the usual permissions (0666 less the umask, as `open` gives), not a temp file's 0600.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex[:12]}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     n = 0
     try:
         with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
@@ -163,9 +167,24 @@ def validate(row, where: str) -> dict:
     return row
 
 
+def iter_conversations(path) -> Iterator[tuple[str, dict]]:
+    """Yield ("file:line", row) for every row of a JSONL file, validated; the place names the row in
+    messages later on (a conversation dropped as too long, say)."""
+    for lineno, obj in iter_jsonl(path):
+        where = f"{path}:{lineno}"
+        yield where, validate(obj, where)
+
+
 def load_conversations(path) -> list[dict]:
     """Read a JSONL file and validate every row, naming file:line on the first bad one."""
-    return [validate(obj, f"{path}:{lineno}") for lineno, obj in iter_jsonl(path)]
+    return [row for _, row in iter_conversations(path)]
+
+
+def require_rows(rows: list, path, what: str = "rows"):
+    """rows, or a DataError when a file gave none: an empty input is a mistake, not an empty result."""
+    if not rows:
+        raise DataError(f"{path}: no {what} (the file is empty)")
+    return rows
 
 
 def _single_turn(question: str, answer: str, source: str, department: str, row_id: str, where: str) -> dict:
@@ -487,7 +506,7 @@ def stats(rows: list[dict]) -> dict:
 # ---------------------------------------------------------------- CLI
 
 
-def _parse_weights(text: str) -> dict[str, float]:
+def parse_weights(text: str) -> dict[str, float]:
     """'a=1,b=2.5' -> {'a': 1.0, 'b': 2.5}."""
     weights = {}
     for part in text.split(","):
@@ -513,6 +532,8 @@ def _cmd_convert(args) -> None:
             for row in convert(args.format, group, args.source, args.encoding, args.all_answers):
                 counts[-1] += 1
                 yield row
+            if not counts[-1]:  # raised before the output is renamed into place, so none is written
+                raise DataError(f"{' + '.join(map(str, group))}: no records to convert (the file is empty)")
 
     n = write_jsonl(args.out, itertools.islice(rows(), args.limit))
     for group, k in zip(groups, counts):
@@ -523,7 +544,7 @@ def _cmd_convert(args) -> None:
 def _cmd_mix(args) -> None:
     rows = []
     for path in args.inputs:
-        part = load_conversations(path)
+        part = require_rows(load_conversations(path), path, "conversations")
         print(f"read {len(part)} rows from {path}")
         rows.extend(part)
     # held-out rows are taken before resampling so no duplicate leaks into both sides
@@ -539,7 +560,7 @@ def _cmd_mix(args) -> None:
 
 
 def _cmd_prompts(args) -> None:
-    rows = load_conversations(args.inputs)
+    rows = require_rows(load_conversations(args.inputs), args.inputs, "conversations")
     n = write_jsonl(args.out, (to_prompt(r) for r in rows))
     print(f"read {len(rows)} rows from {args.inputs}; wrote {n} prompts to {args.out}")
 
@@ -555,48 +576,59 @@ def _cmd_stats(args) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of `python -m nanohuatuo.data`; returns the exit status."""
+    """Entry point of `python -m nanohuatuo.data`; returns the exit status (2 on bad input, one line)."""
     parser = argparse.ArgumentParser(prog="python -m nanohuatuo.data", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("convert", help="convert a public corpus to the conversation schema")
-    p.add_argument("--format", required=True, choices=FORMATS)
-    p.add_argument("--in", dest="inputs", nargs="+", required=True, help="input file(s); cmedqa2: questions.csv answers.csv")
-    p.add_argument("--out", required=True)
+    def command(name, help, run):
+        p = sub.add_parser(name, help=help, description=help,
+                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        p.set_defaults(run=run)
+        return p
+
+    p = command("convert", "convert a public corpus to the conversation schema", _cmd_convert)
+    p.add_argument("--format", required=True, choices=FORMATS, help="the corpus' format (see the module doc)")
+    p.add_argument("--in", dest="inputs", nargs="+", required=True, metavar="FILE",
+                   help="input file(s); cmedqa2: questions.csv answers.csv")
+    p.add_argument("--out", required=True, help="output JSONL file")
     p.add_argument("--source", help="source for every row (defaults per format, see module doc)")
     p.add_argument("--encoding", help="force the CSV encoding (default: UTF-8 if clean, else GB18030)")
     p.add_argument("--limit", type=int, help="stop after this many rows")
     p.add_argument("--all-answers", action="store_true", help="cmedqa2: one row per answer, not per question")
-    p.set_defaults(run=_cmd_convert)
 
-    p = sub.add_parser("mix", help="resample sources by weight into one shuffled file")
-    p.add_argument("--in", dest="inputs", nargs="+", required=True)
-    p.add_argument("--weights", type=_parse_weights, required=True, help="source=w,... (w multiplies the source's count)")
-    p.add_argument("--out", required=True)
-    p.add_argument("--seed", type=int, default=0)
+    p = command("mix", "resample sources by weight into one shuffled file", _cmd_mix)
+    p.add_argument("--in", dest="inputs", nargs="+", required=True, metavar="FILE", help="schema JSONL file(s)")
+    p.add_argument("--weights", type=parse_weights, required=True, metavar="SOURCE=W,...",
+                   help="source=w,... (w multiplies the source's count)")
+    p.add_argument("--out", required=True, help="output JSONL file")
+    p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--total", type=int, help="rescale the counts to exactly this many rows")
     p.add_argument("--heldout", type=float, default=0.0, help="fraction held out before resampling")
     p.add_argument("--heldout-out", help="where the held-out rows go (needed with --heldout)")
-    p.set_defaults(run=_cmd_mix)
 
-    p = sub.add_parser("prompts", help="RLAIF prompt file: conversation minus last answer, plus reference")
-    p.add_argument("--in", dest="inputs", required=True)
-    p.add_argument("--out", required=True)
-    p.set_defaults(run=_cmd_prompts)
+    p = command("prompts", "RLAIF prompt file: conversation minus last answer, plus reference", _cmd_prompts)
+    p.add_argument("--in", dest="inputs", required=True, metavar="FILE", help="schema JSONL file")
+    p.add_argument("--out", required=True, help="output JSONL file of prompts")
 
-    p = sub.add_parser("stats", help="counts per source/department, turns and char lengths")
-    p.add_argument("--in", dest="inputs", nargs="+", required=True)
-    p.set_defaults(run=_cmd_stats)
+    p = command("stats", "counts per source/department, turns and char lengths", _cmd_stats)
+    p.add_argument("--in", dest="inputs", nargs="+", required=True, metavar="FILE", help="schema JSONL file(s)")
 
     args = parser.parse_args(argv)
     if args.command == "mix" and args.heldout and not args.heldout_out:
         parser.error("--heldout needs --heldout-out")
     try:
         args.run(args)
-    except (DataError, ValueError, OSError) as e:
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, OSError) as e:  # DataError is a ValueError: the message names file and line
         print(f"error: {e}", file=sys.stderr)
-        return 1
+        return 2
     return 0
+
+
+# the old private name, still imported by sft.py
+_parse_weights = parse_weights
 
 
 if __name__ == "__main__":

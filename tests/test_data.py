@@ -2,6 +2,8 @@
 source mixing, held-out splits, RLAIF prompts, stats and the CLI."""
 
 import json
+import os
+import stat
 from collections import Counter
 
 import pytest
@@ -314,6 +316,42 @@ def test_cli_convert_mix_prompts_stats(tmp_path, capsys):
 def test_cli_reports_bad_input(tmp_path, capsys):
     bad = write_lines(tmp_path / "bad.jsonl", [jl({"data": ["问：a"]})])
     out = tmp_path / "out.jsonl"
-    assert data.main(["convert", "--format", "huatuo_sft", "--in", str(bad), "--out", str(out)]) == 1
+    assert data.main(["convert", "--format", "huatuo_sft", "--in", str(bad), "--out", str(out)]) == 2
     assert "bad.jsonl:1:" in capsys.readouterr().err
     assert not out.exists() and list(tmp_path.iterdir()) == [bad]
+
+
+@pytest.mark.parametrize("command", [
+    ["convert", "--format", "huatuo_sft"], ["convert", "--format", "cmd_csv"], ["prompts"],
+    ["mix", "--weights", "other=1"]])
+def test_cli_empty_input_is_an_error(tmp_path, capsys, command):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n\n")
+    out = tmp_path / "out.jsonl"
+    assert data.main(command + ["--in", str(empty), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and str(empty) in err and "empty" in err and err.count("\n") == 1
+    assert not out.exists() and list(tmp_path.iterdir()) == [empty]
+
+
+def test_outputs_have_normal_permissions(tmp_path):
+    old = os.umask(0o022)
+    try:
+        data.write_jsonl(tmp_path / "rows.jsonl", [conv("other")])
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(os.stat(tmp_path / "rows.jsonl").st_mode) == 0o644
+
+
+def test_iter_conversations_names_each_row(tmp_path):
+    path = write_lines(tmp_path / "c.jsonl", [jl(conv("other")), "", jl(conv("other", q="咳嗽"))])
+    assert [w for w, _ in data.iter_conversations(path)] == [f"{path}:1", f"{path}:3"]
+    assert data.parse_weights("a=1,b=2.5") == {"a": 1.0, "b": 2.5}
+
+
+def test_module_cli_bad_input_one_line_exit_2(tmp_path):
+    import subprocess
+    import sys
+    r = subprocess.run([sys.executable, "-m", "nanohuatuo.data", "prompts", "--in", str(tmp_path / "none.jsonl"),
+                        "--out", str(tmp_path / "p.jsonl")], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "none.jsonl" in r.stderr, r.stderr
