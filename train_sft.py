@@ -1,6 +1,6 @@
 """Supervised fine-tuning of a chat model on schema JSONL conversations (see nanohuatuo/sft.py).
 
-    python train_sft.py --base DIR --data a.jsonl [b.jsonl ...] --out out/sft [--lora-r 8] [--max-steps N]
+    python train_sft.py --model DIR --data a.jsonl [b.jsonl ...] --out out/sft [--lora-r 8] [--max-steps N]
     torchrun --nproc_per_node 2 train_sft.py ...      # several processes (DDP); add --fsdp to shard
     python train_sft.py --help                        # every flag with its default
 """

@@ -1,6 +1,6 @@
 """Supervised fine-tuning (SFT) on chat conversations, HuatuoGPT's recipe: `train(SFTConfig)` and its CLI.
 
-    python train_sft.py --base DIR --data a.jsonl b.jsonl --out out/sft [--lora-r 8] [--max-steps N]
+    python train_sft.py --model DIR --data a.jsonl b.jsonl --out out/sft [--lora-r 8] [--max-steps N]
     torchrun --nproc_per_node 2 train_sft.py ...          # DDP (gloo on CPU, nccl on CUDA)
     torchrun --nproc_per_node 8 train_sft.py --fsdp ...   # FSDP for models that do not fit one GPU
 
@@ -21,19 +21,19 @@ What happens, in order (`_train` is the loop, `train_step` one optimizer step; r
   each scales its sum by world_size / tokens_in_global_batch; gradient accumulation sums and
   DDP's average then give exactly the single-process gradient of the same global batch.
   Logits are computed only at labelled positions, a chunk of rows at a time, with the gradient
-  taken in the same pass (LinearCrossEntropy): the (tokens, vocab) logits never exist in full.
+  taken in the same pass (losses.linear_cross_entropy): the (tokens, vocab) logits never exist in full.
 - Update: AdamW (weight decay 0.1 on matrices, none on norms and biases), cosine schedule with
   linear warm-up (5%), gradient clipping at 1.0. bf16 autocast on CUDA; float32 on CPU.
 - Around it: held-out loss every --eval-every steps and at the end; progress and metrics.jsonl
-  through metrics.MetricsLog; loss.png; atomic checkpoints (written to a temp dir, then renamed)
-  holding weights or adapter, optimizer, step (the schedule and the data position are functions
-  of it) and every process's RNG, so `--resume` continues with the same losses as an
-  uninterrupted run.
+  through metrics.MetricsLog; loss.png; checkpoints (checkpoint.py: weights or adapter, optimizer,
+  step, every process's RNG; the schedule and the data position are functions of the step), so
+  `--resume` continues with the same losses as an uninterrupted run.
 
-LoRA (default, --lora-r 8) or full fine-tuning (--lora-r 0). LoRA trains float32 adapters on a
-frozen base kept in --dtype; full fine-tuning keeps float32 master weights under autocast.
-Outputs in --out: LoRA: adapter_config.json + adapter_model.safetensors (PEFT layout); full:
-config.json + safetensors + tokenizer files; --merge adds the merged full model in out/merged.
+LoRA (default, --lora-r 8, on every attention and MLP projection) or full fine-tuning (--lora-r 0).
+LoRA trains float32 adapters on a frozen base kept in --dtype; full fine-tuning keeps float32
+master weights under autocast. Outputs in --out: LoRA: adapter_config.json +
+adapter_model.safetensors (PEFT layout); full: config.json + safetensors + tokenizer files;
+--merge adds the merged full model in out/merged.
 
 FSDP (--fsdp, torch's fully_shard): every transformer block is one shard unit and the rest
 (embedding, final norm, output matrix) the root unit. Gradients are reduce-scattered after every
@@ -43,89 +43,81 @@ weights and optimizer state on rank 0's CPU, so checkpoints are the same files a
 and a run may resume with another number of processes (exactly only without LoRA dropout).
 """
 
-import argparse
 import contextlib
 import dataclasses
-import json
 import math
 import os
 import random
-import shutil
 import sys
 import time
-import types
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
-import torch.nn.functional as F
 
-from .data import DataError, _parse_weights, load_conversations, mix_sources, split_heldout
-from .hf import _atomic_json
+from . import checkpoint, dist
+from .adapters import default_targets
+from .cli import UserError, arg, cli_main, prepare_out, resolve_dtype
+from .data import load_conversations, mix_sources, split_heldout
+from .dist import Dist
 from .lora import apply_lora, load_adapter, merge_and_unload, save_adapter
-from .metrics import MetricsLog, plot_metrics, read_metrics
+from .losses import IGNORE, linear_cross_entropy, output_weight
+from .metrics import MetricsLog, plot_metrics
 from .model import Transformer
 from .templates import guess_template, render
 from .tokenizer import Tokenizer
 
-IGNORE = -100  # label of positions without a loss (prompt tokens, padding)
 LORA_LR_LIMIT = 2e-4  # above this a narrow medical LoRA is known to erode general ability
 WINDOW = 64  # global batches per length-sorted window
 
 
-def _arg(default, help, **kw):
-    """A config field with its CLI help text (the CLI is generated from SFTConfig)."""
-    if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: type(default)(default), metadata={"help": help, **kw})
-    return field(default=default, metadata={"help": help, **kw})
-
-
 @dataclass
 class SFTConfig:
-    base: str = _arg("", "base model directory (Hugging Face layout with tokenizer files)")
-    data: list[str] = _arg([], "schema JSONL file(s) to train on", metavar="FILE")
-    out: str = _arg("out/sft", "output directory: adapter or model, metrics.jsonl, loss.png, checkpoints/")
-    template: str | None = _arg(None, "chat template name (default: guessed from the base model directory)")
-    source_weights: dict[str, float] | None = _arg(
+    model: str = arg("", "model directory to fine-tune (Hugging Face layout with tokenizer files)")
+    data: list[str] = arg([], "schema JSONL file(s) to train on", metavar="FILE")
+    out: str = arg("out/sft", "output directory: adapter or model, metrics.jsonl, loss.png, checkpoints/")
+    template: str = arg("auto", "chat template: auto (the model's own), or a name (huatuo, huatuo2, chatml, ...)")
+    source_weights: dict[str, float] | None = arg(
         None, "resample sources, e.g. distilled_instructions=1,real_doctor_instructions=2; sources not named are "
-              "dropped (data.mix_sources)")
-    eval_data: list[str] | None = _arg(None, "held-out JSONL file(s); default: --eval-frac of --data", metavar="FILE")
-    eval_frac: float = _arg(0.05, "fraction of --data held out for the eval loss when --eval-data is not given")
-    max_len: int = _arg(2048, "tokens per conversation; longer ones keep their first max_len tokens")
+              "dropped (data.mix_sources)", metavar="SOURCE=W,...")
+    eval_data: list[str] | None = arg(None, "held-out JSONL file(s); default: --eval-frac of --data", metavar="FILE")
+    eval_frac: float = arg(0.05, "fraction of --data held out for the eval loss when --eval-data is not given")
+    max_len: int = arg(2048, "tokens per conversation; longer ones keep their first max_len tokens")
     # what is trained
-    lora_r: int = _arg(8, "LoRA rank; 0 means full fine-tuning")
-    lora_alpha: float = _arg(16.0, "LoRA alpha (scaling alpha / r)")
-    lora_dropout: float = _arg(0.05, "dropout on the LoRA input")
-    lora_targets: list[str] | None = _arg(None, "LoRA target modules (default: every attention and MLP projection)",
-                                          metavar="NAME")
-    lr: float | None = _arg(None, "peak learning rate (default 5e-5 full fine-tuning, 1e-4 LoRA)")
-    allow_high_lr: bool = _arg(False, f"allow a LoRA learning rate above {LORA_LR_LIMIT:g}")
+    lora_r: int = arg(8, "LoRA rank; 0 means full fine-tuning")
+    lora_alpha: float = arg(16.0, "LoRA alpha (scaling alpha / r)")
+    lora_dropout: float = arg(0.05, "dropout on the LoRA input")
+    lora_targets: list[str] = arg([], "LoRA target modules (default: every attention and MLP linear of the family)",
+                                  metavar="NAME")
+    lr: float | None = arg(None, "peak learning rate (default 5e-5 full fine-tuning, 1e-4 LoRA)")
+    allow_high_lr: bool = arg(False, f"allow a LoRA learning rate above {LORA_LR_LIMIT:g}")
     # schedule and batches
-    epochs: int = _arg(3, "passes over the training data (ignored with --max-steps)")
-    max_steps: int | None = _arg(None, "optimizer steps in all (the cosine schedule spans them)")
-    stop_after: int | None = _arg(None, "stop after this step as if interrupted (checkpoint written; resume later)")
-    batch_size: int = _arg(128, "global batch: conversations per optimizer step, over all processes")
-    micro_batch_size: int = _arg(2, "conversations per forward pass per process (accumulation = the rest)")
-    weight_decay: float = _arg(0.1, "AdamW weight decay on matrices (norms and biases get none)")
-    warmup_frac: float = _arg(0.05, "fraction of the steps spent in linear warm-up")
-    grad_clip: float = _arg(1.0, "clip the global gradient norm to this (0: off)")
-    grad_checkpointing: bool = _arg(False, "recompute each block's activations in backward (less memory)")
-    seed: int = _arg(42, "seed of the split, the shuffles, LoRA init and dropout")
+    epochs: int = arg(3, "passes over the training data (ignored with --max-steps)")
+    max_steps: int | None = arg(None, "optimizer steps in all (the cosine schedule spans them)")
+    stop_after: int | None = arg(None, "stop after this step as if interrupted (checkpoint written; resume later)")
+    batch_size: int = arg(128, "global batch: conversations per optimizer step, over all processes")
+    micro_batch_size: int = arg(2, "conversations per forward pass per process (accumulation = the rest)")
+    weight_decay: float = arg(0.1, "AdamW weight decay on matrices (norms and biases get none)")
+    warmup_frac: float = arg(0.05, "fraction of the steps spent in linear warm-up")
+    max_grad_norm: float = arg(1.0, "clip the global gradient norm to this (0: off)")
+    grad_checkpointing: bool = arg(False, "recompute each block's activations in backward (less memory)")
+    seed: int = arg(0, "seed of the split, the shuffles, LoRA init and dropout")
     # bookkeeping
-    eval_every: int = _arg(200, "held-out loss every N steps (and before the first step and at the end)")
-    save_every: int = _arg(500, "checkpoint every N steps (and at the end)")
-    keep_checkpoints: int = _arg(2, "checkpoints kept in out/checkpoints (older ones are deleted)")
-    log_every: int = _arg(1, "print progress every N steps (metrics.jsonl gets every step)")
-    resume: bool = _arg(False, "continue from the last checkpoint in --out")
-    merge: bool = _arg(False, "also write the merged full model to out/merged (LoRA)")
+    eval_every: int = arg(200, "held-out loss every N steps (and before the first step and at the end)")
+    save_every: int = arg(500, "checkpoint every N steps (and at the end)")
+    keep_checkpoints: int = arg(2, "checkpoints kept in out/checkpoints (older ones are deleted)")
+    log_every: int = arg(1, "print progress every N steps (metrics.jsonl gets every step)")
+    resume: bool = arg(False, "continue the interrupted run in --out from its last checkpoint")
+    overwrite: bool = arg(False, "delete what --out holds and start again")
+    merge: bool = arg(False, "also write the merged full model to out/merged (LoRA)")
     # hardware
-    device: str = _arg("auto", "auto (cuda if available), cpu, cuda, cuda:1, ...")
-    dtype: str = _arg("auto", "compute dtype: auto (bfloat16 autocast on CUDA, float32 on CPU), float32, bfloat16")
-    fsdp: bool = _arg(False, "shard parameters, gradients and optimizer state over the processes (torchrun)")
+    device: str = arg("auto", "auto (cuda if available), cpu, cuda, cuda:1, ...")
+    dtype: str = arg("auto", "compute dtype: auto (bfloat16 autocast on CUDA, float32 on CPU), float32, bfloat16",
+                     choices=["auto", "float32", "bfloat16", "float16"])
+    fsdp: bool = arg(False, "shard parameters, gradients and optimizer state over the processes (torchrun)")
 
 
 # ----------------------------------------------------------------------------- data
@@ -143,7 +135,7 @@ class Example(NamedTuple):
 def load_rows(cfg: SFTConfig) -> tuple[list[dict], list[dict], dict]:
     """Training and held-out rows: the split comes before resampling, so no duplicate lands on both sides."""
     if not cfg.data:
-        raise ValueError("no training data: pass --data FILE [FILE ...] (schema JSONL, see nanohuatuo/data.py)")
+        raise UserError("no training data: pass --data FILE [FILE ...] (schema JSONL, see nanohuatuo/data.py)")
     rows = [row for path in cfg.data for row in load_conversations(path)]
     if cfg.eval_data:
         train, held = rows, [row for path in cfg.eval_data for row in load_conversations(path)]
@@ -208,81 +200,6 @@ def collate(examples: list[Example], pad_id: int) -> tuple[torch.Tensor, torch.T
 
 # ----------------------------------------------------------------------------- loss
 
-def logits_into(h, weight, buf):
-    """float32 logits h @ weight.T of one chunk, written into the reused buffer when the dtypes allow."""
-    if h.dtype == weight.dtype == torch.float32 and not torch.is_autocast_enabled(h.device.type):
-        return torch.mm(h, weight.t(), out=buf[:len(h)])  # no fresh (rows, vocab) allocation per chunk
-    return (h @ weight.t()).float()  # under autocast the matmul runs in bf16; the softmax below in float32
-
-
-def ce_grad_(logits, targets):
-    """Per-row cross-entropy (n,) of float32 logits (n, vocab) at targets (n,); logits become, in
-    place, softmax - onehot(targets), the gradient of each row's loss with respect to its logits.
-    One exp pass, no copies (PPO's per-token log-probs use it too)."""
-    rows = torch.arange(len(targets), device=logits.device)
-    picked = logits[rows, targets]
-    top = logits.amax(-1, keepdim=True)
-    total = logits.sub_(top).exp_().sum(-1, keepdim=True)
-    loss = (top + total.log()).squeeze(1) - picked  # log-sum-exp minus the target's logit
-    logits.div_(total)
-    logits[rows, targets] -= 1
-    return loss
-
-
-class LinearCrossEntropy(torch.autograd.Function):
-    """sum_i CE(h_i @ W^T, t_i), `chunk` rows at a time, with the gradients of h and W computed in the
-    forward pass (softmax - onehot is at hand there) and only scaled in backward: the float32 logits
-    of one chunk are the largest temporary, never the whole (N, vocab) matrix and its gradient."""
-
-    @staticmethod
-    def forward(ctx, h, weight, targets, chunk):
-        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        # under autocast the matmuls below run in bf16; without it the dtypes must agree
-        cast = None if torch.is_autocast_enabled(h.device.type) else weight.dtype
-        total = torch.zeros((), dtype=torch.float32, device=h.device)
-        grad_h = torch.empty_like(h) if need_h else None
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
-        buf = torch.empty(min(chunk, len(h)), weight.shape[0], dtype=torch.float32, device=h.device)
-        for s in range(0, h.shape[0], chunk):
-            hc, tc = h[s:s + chunk], targets[s:s + chunk]
-            g = logits_into(hc, weight, buf)
-            total += ce_grad_(g, tc).sum()  # g is now d CE / d logits
-            g = g if cast is None else g.to(cast)
-            if need_h:
-                grad_h[s:s + chunk] = g @ weight
-            if need_w:
-                grad_w += g.t() @ hc
-        ctx.w_dtype = weight.dtype
-        ctx.save_for_backward(grad_h, grad_w)
-        return total
-
-    @staticmethod
-    def backward(ctx, grad_total):
-        grad_h, grad_w = ctx.saved_tensors
-        if grad_h is not None:
-            grad_h = grad_h * grad_total.to(grad_h.dtype)
-        if grad_w is not None:
-            grad_w = (grad_w * grad_total).to(ctx.w_dtype)
-        return grad_h, grad_w, None, None
-
-
-def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Summed cross-entropy of the logits h @ weight.T (h (N, dim), weight (vocab, dim)) at targets (N,)."""
-    # rows per chunk: 512 MB of float32 logits; fewer, larger matmuls run faster on CPU and GPU alike
-    chunk = max(1, 2**27 // weight.shape[0])
-    if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
-        return LinearCrossEntropy.apply(h, weight, targets, chunk)
-    buf = torch.empty(min(chunk, len(h)), weight.shape[0], dtype=torch.float32, device=h.device)
-    return sum((ce_grad_(logits_into(h[s:s + chunk], weight, buf), targets[s:s + chunk]).sum()
-                for s in range(0, len(h), chunk)), torch.zeros((), device=h.device))
-
-
-def output_weight(model: Transformer) -> torch.Tensor:
-    """The output matrix as `Transformer.logits` uses it (Baichuan2's NormHead normalises its rows)."""
-    w = model.lm_head.weight
-    return F.normalize(w, dim=-1) if model.config.norm_head and w.requires_grad else w
-
-
 class SFTLoss(nn.Module):
     """The model and its summed SFT loss in one forward call, the unit DDP and FSDP wrap."""
 
@@ -314,231 +231,28 @@ def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
     return peak * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-# ----------------------------------------------------------------------------- distributed
-
-class Dist(NamedTuple):
-    rank: int
-    world: int
-    device: torch.device
-    owns_group: bool = False  # whether setup_distributed started the process group (and train ends it)
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
-def setup_distributed(device: str) -> Dist:
-    """One process, or the process group torchrun describes (nccl on CUDA, gloo on CPU)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    cuda = torch.cuda.is_available() and device in ("auto", "cuda") or device.startswith("cuda")
-    if world == 1:
-        return Dist(0, 1, torch.device(("cuda" if cuda else "cpu") if device == "auto" else device))
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    dev = torch.device(f"cuda:{local}" if cuda else "cpu")
-    if cuda:
-        torch.cuda.set_device(dev)
-    owns = not dist.is_initialized()  # a caller under torchrun may have started it already
-    if owns:
-        dist.init_process_group("nccl" if cuda else "gloo")
-    return Dist(dist.get_rank(), dist.get_world_size(), dev, owns)
-
-
-def all_sum(x: float, d: Dist) -> float:
-    if d.world == 1:
-        return x
-    t = torch.tensor([x], dtype=torch.float64, device=d.device)
-    dist.all_reduce(t)
-    return t.item()
-
-
-def barrier(d: Dist):
-    if d.world > 1:
-        dist.barrier()
-
-
-def wrap(loss_model: SFTLoss, cfg: SFTConfig, d: Dist) -> nn.Module:
-    """DDP or FSDP around the loss module when running under torchrun; the module itself otherwise."""
-    if cfg.fsdp:
-        if d.world == 1:
-            print("--fsdp with one process: nothing to shard, training without it", flush=True)
-            return loss_model
-        from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import fully_shard
-        mesh = init_device_mesh(d.device.type, (d.world,))  # explicit: the default is CUDA whenever present
-        for block in loss_model.model.layers:
-            fully_shard(block, mesh=mesh)
-        return fully_shard(loss_model, mesh=mesh)
-    if d.world == 1:
-        return loss_model
-    from torch.nn.parallel import DistributedDataParallel as DDP
-    return DDP(loss_model, device_ids=[d.device] if d.device.type == "cuda" else None, gradient_as_bucket_view=True)
-
-
-def _full(p: torch.Tensor) -> torch.Tensor:
-    """A parameter as one plain CPU tensor (FSDP holds shards: gathering them is a collective)."""
-    p = p.detach()
-    return (p.full_tensor() if hasattr(p, "full_tensor") else p).cpu()
-
-
-def host_model(model: Transformer, cfg: SFTConfig, d: Dist) -> Transformer | None:
-    """On rank 0, a model whose weights can be written (None on other ranks).
-
-    Without FSDP it is the model itself. With FSDP, every rank gathers the trained tensors one by one
-    and rank 0 puts them into a copy built on the meta device (the frozen LoRA base is not gathered:
-    only the adapter is written from it)."""
-    if not cfg.fsdp or d.world == 1:
-        return model if d.main else None
-    shadow = None
-    if d.main:
-        with torch.device("meta"):
-            shadow = Transformer(model.config)
-        if cfg.lora_r:
-            lc = model.lora_config
-            apply_lora(shadow, r=lc["r"], alpha=lc["lora_alpha"], dropout=lc["lora_dropout"],
-                       targets=lc["target_modules"], use_rslora=lc["use_rslora"])
-            shadow.lora_config = dict(lc)
-        shadow.source_dir = getattr(model, "source_dir", None)
-    for name, p in model.named_parameters():
-        if cfg.lora_r and not p.requires_grad:
-            continue
-        t = _full(p)
-        if shadow is not None:
-            parent, _, attr = name.rpartition(".")
-            setattr(shadow.get_submodule(parent), attr, nn.Parameter(t, requires_grad=p.requires_grad))
-    if shadow is not None and model.config.tie_embeddings and shadow.lm_head is not None:
-        shadow.lm_head.weight = shadow.embed_tokens.weight
-    return shadow
-
-
-# ----------------------------------------------------------------------------- checkpoints
-
-def checkpoint_dirs(out) -> list[Path]:
-    """Complete checkpoints in out/checkpoints, oldest first (a half-written one is still a .tmp dir)."""
-    root = Path(out) / "checkpoints"
-    return sorted(root.glob("step_*")) if root.is_dir() else []
-
-
-def save_checkpoint(cfg, d: Dist, step: int, model, wrapped, optimizer, tok):
-    """Write weights/adapter, optimizer, step and RNG to a temp dir, then rename it into place."""
-    root = Path(cfg.out) / "checkpoints"
-    final, tmp = root / f"step_{step:06d}", root / f".tmp-step_{step:06d}"
-    if d.main:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    barrier(d)
-    host = host_model(model, cfg, d)
-    opt_state = optimizer_state(optimizer, wrapped, cfg, d)
-    if d.main:
-        if cfg.lora_r:
-            save_adapter(host, tmp / "adapter")
-        else:
-            host.save_pretrained(tmp / "model")
-            tok.save_pretrained(tmp / "model")
-        torch.save(opt_state, tmp / "optimizer.pt")
-        _atomic_json(str(tmp / "state.json"), {"step": step, "world": d.world, "config": dataclasses.asdict(cfg)})
-    torch.save(rng_state(), tmp / f"rng_rank{d.rank}.pt")
-    barrier(d)
-    if d.main:
-        if final.exists():  # the same step saved again (a resumed run that had nothing left to do)
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        for old in checkpoint_dirs(cfg.out)[:-max(1, cfg.keep_checkpoints)]:
-            shutil.rmtree(old)
-    barrier(d)
-    return final
-
-
-def optimizer_state(optimizer, wrapped, cfg, d: Dist):
-    """The full optimizer state on rank 0 (FSDP gathers it from the shards)."""
-    if not cfg.fsdp or d.world == 1:
-        return optimizer.state_dict() if d.main else None
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-    return get_optimizer_state_dict(wrapped, optimizer,
-                                    options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-
-
-def load_optimizer_state(optimizer, wrapped, ckpt: Path, cfg, d: Dist):
-    if not cfg.fsdp or d.world == 1:
-        optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", map_location=d.device, weights_only=True))
-        return
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-    state = torch.load(ckpt / "optimizer.pt", map_location="cpu", weights_only=True) if d.main else {}
-    set_optimizer_state_dict(wrapped, optimizer, state,
-                             options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
-
-
-def rng_state() -> dict:
-    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def set_rng_state(state: dict):
-    random.setstate(state["python"])
-    torch.set_rng_state(state["torch"].cpu())  # a checkpoint loaded with map_location=cuda moved it
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"].cpu())
-
-
-# settings that may change between a run and its resumption without changing the losses
-_RESUMABLE = {"resume", "stop_after", "eval_every", "save_every", "keep_checkpoints", "log_every", "merge",
-              "device", "out"}
-
-
-def _check_resume(cfg, ckpt: Path, d: Dist, say):
-    state = json.loads((ckpt / "state.json").read_text())
-    old = state["config"]
-    changed = [k for k, v in dataclasses.asdict(cfg).items() if k not in _RESUMABLE and old.get(k) != v]
-    if changed:
-        say(f"warning: resuming {ckpt} with changed settings: " +
-            ", ".join(f"{k} {old.get(k)!r} -> {getattr(cfg, k)!r}" for k in changed) + "; losses will differ")
-    if state["world"] != d.world and cfg.lora_r and cfg.lora_dropout:
-        say(f"warning: {ckpt} was written by {state['world']} processes, this run has {d.world}: the LoRA "
-            f"dropout masks (per-process RNG) will differ from an uninterrupted run")
-    return state["step"]
-
-
 # ----------------------------------------------------------------------------- model
-
-def lora_target_names(model: Transformer) -> list[str]:
-    """Every linear layer inside the blocks (the family's attention and MLP projections), by its last name."""
-    return sorted({n.rsplit(".", 1)[-1] for n, m in model.layers.named_modules() if isinstance(m, nn.Linear)})
-
 
 def build_model(cfg: SFTConfig, d: Dist, compute_dtype, ckpt: Path | None) -> Transformer:
     """The model to train: base + fresh or checkpointed LoRA, or full weights from base or checkpoint."""
     if cfg.lora_r:
         # frozen base in the compute dtype (a 7B fits a 24 GB card in bf16); adapters stay float32
-        model = Transformer.from_pretrained(cfg.base, dtype=compute_dtype, device=d.device)
+        model = Transformer.from_pretrained(cfg.model, dtype=compute_dtype, device=d.device)
         apply_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
-                   targets=cfg.lora_targets or lora_target_names(model))
+                   targets=cfg.lora_targets or default_targets(model))
         if ckpt is not None:
             load_adapter(model, ckpt / "adapter", trainable=True)
     else:
         # float32 master weights: bf16 weights would lose most small AdamW updates
-        model = Transformer.from_pretrained(ckpt / "model" if ckpt else cfg.base, dtype=torch.float32,
+        model = Transformer.from_pretrained(ckpt / "model" if ckpt else cfg.model, dtype=torch.float32,
                                             device=d.device)
-        model.source_dir = os.path.abspath(cfg.base)
+        model.source_dir = os.path.abspath(cfg.model)
         for p in model.parameters():
             p.requires_grad_(True)
     if model.lm_head is None:
-        raise ValueError(f"{cfg.base}: this model has no language-model head (a reward model?); SFT needs one")
+        raise UserError(f"{cfg.model}: this model has no language-model head (a reward model?); SFT needs one")
     model.grad_checkpointing = cfg.grad_checkpointing
     return model.train()
-
-
-def _dtypes(cfg: SFTConfig, device: torch.device):
-    """(compute dtype, autocast on?) from --dtype."""
-    name = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if device.type == "cuda" else "float32")
-    if name in ("float16", "fp16"):
-        raise ValueError("--dtype float16: training in fp16 needs loss scaling, which this loop does not do; "
-                         "use bfloat16 (or float32)")
-    dtype = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-             "bf16": torch.bfloat16}.get(name)
-    if dtype is None:
-        raise ValueError(f"--dtype {cfg.dtype!r}: use auto, float32 or bfloat16")
-    return dtype, dtype != torch.float32
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -565,12 +279,12 @@ def evaluate(wrapped, examples: list[Example], cfg: SFTConfig, d: Dist, pad_id: 
     wrapped.train(was_training)
     if hasattr(wrapped, "reshard"):
         wrapped.reshard()  # FSDP keeps the root unit gathered after a forward with no backward to follow
-    return all_sum(total, d) / sum(e.n_targets for e in examples)
+    return dist.all_sum(total, d) / sum(e.n_targets for e in examples)
 
 
 # ----------------------------------------------------------------------------- training
 
-def train_step(wrapped, optimizer, params, micro, n_targets: int, lr: float, grad_clip: float, d: Dist,
+def train_step(wrapped, optimizer, params, micro, n_targets: int, lr: float, max_grad_norm: float, d: Dist,
                autocast=contextlib.nullcontext) -> tuple[float, float]:
     """One optimizer step over this process's micro-batches [(ids, labels), ...].
 
@@ -587,7 +301,7 @@ def train_step(wrapped, optimizer, params, micro, n_targets: int, lr: float, gra
             # DDP and FSDP average gradients over processes: scale by world to get the global token mean
             (loss * (d.world / n_targets)).backward()
         loss_sum += loss.detach()
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm > 0 else float("inf"))
     if hasattr(grad_norm, "full_tensor"):  # FSDP: a sharded norm
         grad_norm = grad_norm.full_tensor()
     for group in optimizer.param_groups:
@@ -598,81 +312,73 @@ def train_step(wrapped, optimizer, params, micro, n_targets: int, lr: float, gra
 
 
 def train(cfg: SFTConfig) -> dict:
-    """Fine-tune cfg.base on cfg.data; write the results to cfg.out; return the final metrics.
+    """Fine-tune cfg.model on cfg.data; write the results to cfg.out; return the final metrics.
 
     Returns {"train_loss", "eval_loss", "first_eval_loss", "steps", "out", "tokens", "seconds",
     "stopped"} (eval losses None without held-out data; first_eval_loss is before step 1, None
     when resuming)."""
-    d = setup_distributed(cfg.device)
+    d = dist.setup(cfg.device)
     try:
-        return _train(cfg, d)
+        with contextlib.ExitStack() as hold:  # holds the lock on --out until the run ends, however it ends
+            return _train(cfg, d, hold)
     finally:
-        if d.owns_group:
-            dist.destroy_process_group()
+        dist.close(d)
 
 
-def _train(cfg: SFTConfig, d: Dist) -> dict:
+def _train(cfg: SFTConfig, d: Dist, hold: contextlib.ExitStack) -> dict:
     t_start = time.time()
     say = (lambda *a: print(*a, flush=True)) if d.main else (lambda *a: None)
     out = Path(cfg.out)
-    if not cfg.base:
-        raise ValueError("no base model: pass --base DIR (a Hugging Face model directory)")
+    if not cfg.model:
+        raise UserError("no model: pass --model DIR (a Hugging Face model directory)")
     lora = cfg.lora_r > 0
     peak_lr = cfg.lr if cfg.lr is not None else (1e-4 if lora else 5e-5)
     if lora and peak_lr > LORA_LR_LIMIT and not cfg.allow_high_lr:
-        raise ValueError(f"--lr {peak_lr:g} for LoRA is above {LORA_LR_LIMIT:g}: a narrow medical LoRA at a high "
-                         f"learning rate is known to erode general ability; keep it near 1e-4 or pass --allow-high-lr")
+        raise UserError(f"--lr {peak_lr:g} for LoRA is above {LORA_LR_LIMIT:g}: a narrow medical LoRA at a high "
+                        f"learning rate is known to erode general ability; keep it near 1e-4 or pass --allow-high-lr")
     micro_total = cfg.micro_batch_size * d.world
     if cfg.batch_size % micro_total:
-        raise ValueError(f"--batch-size {cfg.batch_size} is not a multiple of --micro-batch-size "
-                         f"{cfg.micro_batch_size} x {d.world} process(es); make it one "
-                         f"(e.g. {micro_total * max(1, cfg.batch_size // micro_total)})")
+        raise UserError(f"--batch-size {cfg.batch_size} is not a multiple of --micro-batch-size "
+                        f"{cfg.micro_batch_size} x {d.world} process(es); make it one "
+                        f"(e.g. {micro_total * max(1, cfg.batch_size // micro_total)})")
     accum = cfg.batch_size // micro_total
-
-    ckpt = None
-    if cfg.resume:
-        found = checkpoint_dirs(out)
-        ckpt = found[-1] if found else None
-        if ckpt is None:
-            say(f"--resume: no checkpoint in {out / 'checkpoints'}, starting from scratch")
-    elif checkpoint_dirs(out) or (out / "metrics.jsonl").exists():
-        raise ValueError(f"{out} already holds a run (metrics.jsonl or checkpoints/); pass --resume to continue "
-                         f"it, or choose another --out")
+    compute_dtype = resolve_dtype(cfg.dtype, d.device, training=True)
+    use_autocast = compute_dtype != torch.float32
 
     # data (every process reads and tokenizes all of it: each must know the whole global batch)
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
-    tok = Tokenizer.from_pretrained(cfg.base)
-    template = cfg.template or guess_template(cfg.base)
+    tok = Tokenizer.from_pretrained(cfg.model)
+    template = cfg.template if cfg.template and cfg.template != "auto" else guess_template(cfg.model)
     train_rows, eval_rows, info = load_rows(cfg)
     train_ex, tstats = tokenize(train_rows, tok, template, cfg.max_len)
     eval_ex, estats = tokenize(eval_rows, tok, template, cfg.max_len)
     lengths = [len(e.ids) for e in train_ex]
     steps_per_epoch = len(train_ex) // cfg.batch_size
     if steps_per_epoch == 0:
-        raise ValueError(f"{len(train_ex)} training conversations make less than one global batch "
-                         f"(--batch-size {cfg.batch_size}); lower --batch-size or add data")
+        raise UserError(f"{len(train_ex)} training conversations make less than one global batch "
+                        f"(--batch-size {cfg.batch_size}); lower --batch-size or add data")
     total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
     if total_steps < 1:
-        raise ValueError(f"nothing to train: --max-steps {cfg.max_steps}, --epochs {cfg.epochs}; "
-                         f"give at least one step")
+        raise UserError(f"nothing to train: --max-steps {cfg.max_steps}, --epochs {cfg.epochs}; "
+                        f"give at least one step")
     warmup = math.ceil(cfg.warmup_frac * total_steps)
 
-    # model, wrapping, optimizer
-    compute_dtype, use_autocast = _dtypes(cfg, d.device)
+    # the output directory: locked for the run; resumed from its last checkpoint, or refused when it holds one
+    hold.enter_context(prepare_out(out, resume=cfg.resume, overwrite=cfg.overwrite, main_process=d.main))
+    ckpt = checkpoint.resume_from(out, cfg.resume, say)
     model = build_model(cfg, d, compute_dtype, ckpt)
     n_params = model.num_params()
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    start_step = _check_resume(cfg, ckpt, d, say) if ckpt else 0
+    start_step = check_resume(cfg, ckpt, d, say) if ckpt else 0
     if ckpt:
-        rng = ckpt / f"rng_rank{d.rank}.pt"
-        set_rng_state(torch.load(rng if rng.exists() else ckpt / "rng_rank0.pt", weights_only=False))
+        checkpoint.load_rng(ckpt, d.rank)
     else:
         torch.manual_seed(cfg.seed + d.rank)  # per-process dropout streams, fixed by the seed
-    wrapped = wrap(SFTLoss(model), cfg, d)
+    wrapped = dist.wrap(SFTLoss(model), d, cfg.fsdp, shard=model.layers)
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=peak_lr, betas=(0.9, 0.999), eps=1e-8)
     if ckpt:
-        load_optimizer_state(optimizer, wrapped, ckpt, cfg, d)
+        dist.load_optimizer_state(optimizer, wrapped, ckpt / checkpoint.OPTIMIZER, d, cfg.fsdp)
     trainable = [p for p in model.parameters() if p.requires_grad]
 
     def autocast():
@@ -680,7 +386,7 @@ def _train(cfg: SFTConfig, d: Dist) -> dict:
 
     # summary
     targets = "" if not lora else f" on {','.join(model.lora_config['target_modules'])}"
-    say(f"sft: {cfg.base} ({model.config.arch}, {n_params / 1e6:.1f}M params), template {template}, "
+    say(f"sft: {cfg.model} ({model.config.arch}, {n_params / 1e6:.1f}M params), template {template}, "
         f"{d.device} {'autocast ' if use_autocast else ''}{str(compute_dtype).removeprefix('torch.')}, "
         f"{d.world} process(es){' FSDP' if cfg.fsdp and d.world > 1 else ' DDP' if d.world > 1 else ''}")
     what = f"LoRA r={cfg.lora_r} alpha={cfg.lora_alpha:g} dropout {cfg.lora_dropout:g}{targets}" if lora \
@@ -699,10 +405,9 @@ def _train(cfg: SFTConfig, d: Dist) -> dict:
 
     log = None
     if d.main:
-        out.mkdir(parents=True, exist_ok=True)
-        _atomic_json(str(out / "sft_config.json"), dataclasses.asdict(cfg))
-        if ckpt:
-            _truncate_metrics(out / "metrics.jsonl", start_step)
+        checkpoint.atomic_json(out / "sft_config.json", dataclasses.asdict(cfg))
+        # rows logged after the checkpoint are written again by this run (every row, without one)
+        checkpoint.truncate_jsonl(out / "metrics.jsonl", start_step if ckpt else -1)
         log = MetricsLog(out / "metrics.jsonl", total_steps=total_steps, print_every=cfg.log_every)
 
     first_eval = eval_loss = None
@@ -722,17 +427,17 @@ def _train(cfg: SFTConfig, d: Dist) -> dict:
         lr = lr_at(step, total_steps, peak_lr, warmup)
         mine = [collate([train_ex[i] for i in mb], tok.pad_id)
                 for mb in micro_batches(batch, cfg.micro_batch_size, d.rank, d.world)]
-        loss_sum, grad_norm = train_step(wrapped, optimizer, trainable, mine, n_targets, lr, cfg.grad_clip, d,
+        loss_sum, grad_norm = train_step(wrapped, optimizer, trainable, mine, n_targets, lr, cfg.max_grad_norm, d,
                                          autocast)
-        train_loss = all_sum(loss_sum, d) / n_targets
+        train_loss = dist.all_sum(loss_sum, d) / n_targets
         tokens_seen += n_tokens
         done = step + 1
         if log:
             log.write(done, loss=train_loss, lr=lr, grad_norm=grad_norm, epoch=round(done / steps_per_epoch, 3),
                       tokens=n_tokens)
         if not math.isfinite(train_loss):
-            raise FloatingPointError(f"step {done}: the loss is {train_loss}; lower --lr (now {peak_lr:g}), check "
-                                     f"the data, or resume from an earlier checkpoint in {out / 'checkpoints'}")
+            raise UserError(f"step {done}: the loss is {train_loss}; lower --lr (now {peak_lr:g}), check the data, "
+                            f"or resume from an earlier checkpoint in {out / 'checkpoints'}")
         final = done == total_steps or done == cfg.stop_after
         if done % cfg.eval_every == 0 or final:
             eval_loss = evaluate(wrapped, eval_ex, cfg, d, tok.pad_id, autocast)
@@ -768,18 +473,46 @@ def _fmt(x):
     return "n/a" if x is None else f"{x:.4f}"
 
 
-def _truncate_metrics(path: Path, step: int):
-    """Drop the rows an interrupted run logged after its last checkpoint: the resumed run writes them again."""
-    if path.exists():
-        rows = [r for r in read_metrics(path) if r.get("step", 0) <= step]
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-        os.replace(tmp, path)
+# ----------------------------------------------------------------------------- checkpoints and outputs
+
+def save_checkpoint(cfg: SFTConfig, d: Dist, step: int, model, wrapped, optimizer, tok) -> Path:
+    """Adapter (LoRA) or full model, optimizer, step and every process's RNG (checkpoint.py's format)."""
+    with checkpoint.writing(cfg.out, step, cfg.keep_checkpoints, d.main, lambda: dist.barrier(d)) as tmp:
+        host = dist.gather_model(model, d, cfg.fsdp)
+        opt_state = dist.optimizer_state(optimizer, wrapped, d, cfg.fsdp)
+        if d.main:
+            if cfg.lora_r:
+                save_adapter(host, tmp / "adapter")
+            else:
+                host.save_pretrained(tmp / "model")
+                tok.save_pretrained(tmp / "model")
+            checkpoint.save_optimizer(tmp, opt_state)
+            checkpoint.save_state(tmp, step, dataclasses.asdict(cfg), world=d.world)
+        checkpoint.save_rng(tmp, d.rank)
+    return Path(cfg.out) / "checkpoints" / f"step_{step:06d}"
+
+
+# settings that may change between a run and its resumption without changing the losses
+RESUMABLE = {"resume", "overwrite", "stop_after", "eval_every", "save_every", "keep_checkpoints", "log_every",
+             "merge", "device", "out"}
+
+
+def check_resume(cfg: SFTConfig, ckpt: Path, d: Dist, say) -> int:
+    """The checkpoint's step; changed settings are applied and announced (the losses will differ)."""
+    state = checkpoint.read_state(ckpt)
+    changed = checkpoint.config_changes(state["config"], dataclasses.asdict(cfg), RESUMABLE)
+    if changed:
+        say(f"warning: resuming {ckpt} with changed settings, applied from here on (losses will differ from an "
+            f"uninterrupted run): " + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items()))
+    if state["world"] != d.world and cfg.lora_r and cfg.lora_dropout:
+        say(f"warning: {ckpt} was written by {state['world']} processes, this run has {d.world}: the LoRA "
+            f"dropout masks (per-process RNG) will differ from an uninterrupted run")
+    return state["step"]
 
 
 def write_outputs(cfg: SFTConfig, d: Dist, model: Transformer, tok: Tokenizer, say):
     """The adapter (LoRA) or the full model with its tokenizer in cfg.out; with --merge the merged model."""
-    host = host_model(model, cfg, d)
+    host = dist.gather_model(model, d, cfg.fsdp)
     if not d.main:
         return
     out = Path(cfg.out)
@@ -796,47 +529,20 @@ def write_outputs(cfg: SFTConfig, d: Dist, model: Transformer, tok: Tokenizer, s
             return
         if cfg.fsdp and d.world > 1:
             # the shadow holds only the adapter: merge onto a freshly loaded base
-            merged = Transformer.from_pretrained(cfg.base, adapter=out)
+            merged = Transformer.from_pretrained(cfg.model, adapter=out)
         else:
             merged = model
         merge_and_unload(merged)
-        merged.save_pretrained(out / "merged", copy_from=cfg.base)
+        merged.save_pretrained(out / "merged", copy_from=cfg.model)
         tok.save_pretrained(out / "merged")
         say(f"merged model: {out / 'merged'}")
 
 
 # ----------------------------------------------------------------------------- CLI
 
-def parse_args(argv=None) -> SFTConfig:
-    """SFTConfig from the command line: one flag per field (--lora-r, --batch-size, ...)."""
-    p = argparse.ArgumentParser(prog="train_sft.py", description=__doc__.split("\n\n")[0])
-    for f in dataclasses.fields(SFTConfig):
-        flag = "--" + f.name.replace("_", "-")
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        help = f.metadata["help"]
-        if "default" not in help and default not in (None, [], False, ""):
-            help += f" (default: {default})"
-        kw = {"help": help, "default": default, "dest": f.name}
-        typ = f.type
-        if isinstance(typ, types.UnionType):  # `X | None`
-            typ = next(t for t in typ.__args__ if t is not type(None))
-        if typ is bool:
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
-        elif typ is dict or getattr(typ, "__origin__", None) is dict:
-            p.add_argument(flag, type=_parse_weights, metavar="SOURCE=W,...", **kw)
-        elif getattr(typ, "__origin__", None) is list:
-            p.add_argument(flag, nargs="+", metavar=f.metadata["metavar"], **kw)
-        else:
-            p.add_argument(flag, type=typ, **kw)
-    args = p.parse_args(argv)
-    return SFTConfig(**vars(args))
-
-
 def main(argv=None) -> int:
-    cfg = parse_args(argv)
-    try:
-        train(cfg)
-    except (DataError, ValueError, FileNotFoundError, FloatingPointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    return 0
+    return cli_main(train, SFTConfig, argv, prog="train_sft.py", description=__doc__.split("\n\n")[0])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -17,7 +17,8 @@ from safetensors.torch import load_file
 
 from conftest import tiny_base, write_jsonl
 
-from nanohuatuo import sft
+from nanohuatuo import checkpoint, sft
+from nanohuatuo.losses import IGNORE, LinearCrossEntropy, linear_cross_entropy
 from nanohuatuo.data import SOURCES
 from nanohuatuo.model import Transformer
 from nanohuatuo.templates import HUATUO_SYSTEM, render
@@ -62,7 +63,7 @@ def data(tmp_path_factory):
 def config(base, data, out, **kw):
     kw = {"batch_size": 4, "micro_batch_size": 2, "max_steps": 4, "eval_frac": 0.0, "lr": 1e-3, "device": "cpu",
           "allow_high_lr": True, "save_every": 1000, "eval_every": 1000, **kw}
-    return sft.SFTConfig(base=base, data=[data], out=str(out), **kw)
+    return sft.SFTConfig(model=base, data=[data], out=str(out), **kw)
 
 
 def losses(out, key="loss"):
@@ -84,7 +85,7 @@ def test_labels_cover_exactly_the_assistant_tokens(tmp_path, template):
         want_ids, want_mask = render(row["messages"], tok, template)
         n = len(want_ids)
         assert ids[b, :n].tolist() == want_ids and (ids[b, n:] == tok.pad_id).all()
-        trained = [t for t in range(ids.shape[1]) if labels[b, t] != sft.IGNORE]
+        trained = [t for t in range(ids.shape[1]) if labels[b, t] != IGNORE]
         assert trained == [t - 1 for t in range(1, n) if want_mask[t]]  # position t predicts token t+1
         assert all(labels[b, t] == want_ids[t + 1] for t in trained)
     if template == "chatml":  # the answer's <|im_end|> is learned, the prompt's markers are not
@@ -123,7 +124,7 @@ def test_linear_cross_entropy_matches_autograd():
     h = torch.randn(11, 8, generator=g, requires_grad=True)
     w = torch.randn(29, 8, generator=g, requires_grad=True)
     t = torch.randint(0, 29, (11,), generator=g)
-    ours = sft.LinearCrossEntropy.apply(h, w, t, 3)  # 4 chunks, the last one short
+    ours = LinearCrossEntropy.apply(h, w, t, 3)  # 4 chunks, the last one short
     (ours * 0.5).backward()
     gh, gw = h.grad.clone(), w.grad.clone()
     h.grad = w.grad = None
@@ -133,7 +134,7 @@ def test_linear_cross_entropy_matches_autograd():
     torch.testing.assert_close(gh, h.grad, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(gw, w.grad, atol=1e-6, rtol=1e-5)
     with torch.no_grad():
-        torch.testing.assert_close(sft.linear_cross_entropy(h, w, t), ref, atol=1e-5, rtol=1e-6)
+        torch.testing.assert_close(linear_cross_entropy(h, w, t), ref, atol=1e-5, rtol=1e-6)
 
 
 def test_step_loss_is_the_token_mean_over_the_global_batch(tmp_path, base, data):
@@ -183,7 +184,7 @@ def test_resume_gives_the_same_losses(tmp_path, base, data):
     full = sft.train(config(base, data, tmp_path / "full", **kw))
     part = sft.train(config(base, data, tmp_path / "part", stop_after=3, **kw))
     assert part["stopped"] and part["steps"] == 3
-    assert [p.name for p in sft.checkpoint_dirs(tmp_path / "part")] == ["step_000003"]
+    assert [p.name for p in checkpoint.checkpoint_dirs(tmp_path / "part")] == ["step_000003"]
     (tmp_path / "part" / "checkpoints" / ".tmp-step_000004").mkdir()  # a save killed half-way is ignored
     with open(tmp_path / "part" / "metrics.jsonl", "a") as f:  # a step logged after the checkpoint, then killed
         f.write(json.dumps({"step": 4, "loss": 99.0}) + "\n")
@@ -199,7 +200,7 @@ def test_resume_gives_the_same_losses(tmp_path, base, data):
 
 def torchrun(out, base, data, *args):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(ROOT / "train_sft.py"), "--base", base, "--data", data, "--out", str(out), "--batch-size", "4",
+           str(ROOT / "train_sft.py"), "--model", base, "--data", data, "--out", str(out), "--batch-size", "4",
            "--micro-batch-size", "2", "--max-steps", "3", "--eval-frac", "0.125", "--lr", "1e-3", "--allow-high-lr",
            "--device", "cpu", *args]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
@@ -240,7 +241,7 @@ def test_heldout_loss_falls(tmp_path, base, data):
 
 def test_cli_lora_writes_a_peft_adapter_and_merged_model(tmp_path, base, data):
     out = tmp_path / "lora"
-    assert sft.main(["--base", base, "--data", data, "--out", str(out), "--lora-r", "4", "--max-steps", "2",
+    assert sft.main(["--model", base, "--data", data, "--out", str(out), "--lora-r", "4", "--max-steps", "2",
                      "--batch-size", "4", "--eval-frac", "0.125", "--merge", "--lr", "2e-4", "--device", "cpu"]) == 0
     cfg = json.loads((out / "adapter_config.json").read_text())
     assert cfg["r"] == 4 and cfg["target_modules"] == ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj",
@@ -297,7 +298,7 @@ def test_cuda_bf16_autocast_lora_full_and_checkpointing(tmp_path, base, data):
     w = torch.randn(5000, 64, device="cuda", generator=g, requires_grad=True)
     t = torch.randint(0, 5000, (300,), device="cuda", generator=g)
     with torch.autocast("cuda", dtype=torch.bfloat16):
-        ours = sft.LinearCrossEntropy.apply(h, w, t, 64)
+        ours = LinearCrossEntropy.apply(h, w, t, 64)
         ref = F.cross_entropy((h @ w.t()).float(), t, reduction="sum")
     torch.testing.assert_close(ours, ref, rtol=1e-3, atol=1e-2)
     gh, gw = torch.autograd.grad(ours, (h, w))

@@ -1,0 +1,140 @@
+"""The output-layer maths SFT and PPO share: cross-entropy and per-token log-probs through the
+output matrix without ever holding the (tokens, vocab) logits in full.
+
+- `ce_grad_(logits, targets)`: per-row cross-entropy, turning the logits in place into
+  softmax - onehot, the gradient of each row's loss (one exp pass, no copies).
+- `logits_into(h, W, buf)`: one chunk of float32 logits h @ W.T, into a reused buffer.
+- `linear_cross_entropy(h, W, targets)` (SFT's loss, `LinearCrossEntropy`): summed CE of
+  h @ W.T, a chunk of rows at a time, with the gradients of h and W taken in the forward pass.
+- `token_logprobs(model, h, targets, T)` (PPO's log-probs, `TokenLogprobs`): log softmax(h @ W.T /
+  T)[target] per row, with the gradient of h taken in the forward pass through a frozen W.
+"""
+
+import torch
+import torch.nn.functional as F
+
+IGNORE = -100  # label of positions without a loss (prompt tokens, padding)
+
+
+def logits_into(h, weight, buf):
+    """float32 logits h @ weight.T of one chunk, written into the reused buffer when the dtypes allow."""
+    if h.dtype == weight.dtype == torch.float32 and not torch.is_autocast_enabled(h.device.type):
+        return torch.mm(h, weight.t(), out=buf[:len(h)])  # no fresh (rows, vocab) allocation per chunk
+    return (h @ weight.t()).float()  # under autocast the matmul runs in bf16; the softmax below in float32
+
+
+def ce_grad_(logits, targets):
+    """Per-row cross-entropy (n,) of float32 logits (n, vocab) at targets (n,); logits become, in
+    place, softmax - onehot(targets), the gradient of each row's loss with respect to its logits."""
+    rows = torch.arange(len(targets), device=logits.device)
+    picked = logits[rows, targets]
+    top = logits.amax(-1, keepdim=True)
+    total = logits.sub_(top).exp_().sum(-1, keepdim=True)
+    loss = (top + total.log()).squeeze(1) - picked  # log-sum-exp minus the target's logit
+    logits.div_(total)
+    logits[rows, targets] -= 1
+    return loss
+
+
+# ----------------------------------------------------------------------------- SFT: summed cross-entropy
+
+class LinearCrossEntropy(torch.autograd.Function):
+    """sum_i CE(h_i @ W^T, t_i), `chunk` rows at a time, with the gradients of h and W computed in the
+    forward pass (softmax - onehot is at hand there) and only scaled in backward: the float32 logits
+    of one chunk are the largest temporary, never the whole (N, vocab) matrix and its gradient."""
+
+    @staticmethod
+    def forward(ctx, h, weight, targets, chunk):
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        # under autocast the matmuls below run in bf16; without it the dtypes must agree
+        cast = None if torch.is_autocast_enabled(h.device.type) else weight.dtype
+        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        grad_h = torch.empty_like(h) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        buf = torch.empty(min(chunk, len(h)), weight.shape[0], dtype=torch.float32, device=h.device)
+        for s in range(0, h.shape[0], chunk):
+            hc, tc = h[s:s + chunk], targets[s:s + chunk]
+            g = logits_into(hc, weight, buf)
+            total += ce_grad_(g, tc).sum()  # g is now d CE / d logits
+            g = g if cast is None else g.to(cast)
+            if need_h:
+                grad_h[s:s + chunk] = g @ weight
+            if need_w:
+                grad_w += g.t() @ hc
+        ctx.w_dtype = weight.dtype
+        ctx.save_for_backward(grad_h, grad_w)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        grad_h, grad_w = ctx.saved_tensors
+        if grad_h is not None:
+            grad_h = grad_h * grad_total.to(grad_h.dtype)
+        if grad_w is not None:
+            grad_w = (grad_w * grad_total).to(ctx.w_dtype)
+        return grad_h, grad_w, None, None
+
+
+def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Summed cross-entropy of the logits h @ weight.T (h (N, dim), weight (vocab, dim)) at targets (N,)."""
+    # rows per chunk: 512 MB of float32 logits; fewer, larger matmuls run faster on CPU and GPU alike
+    chunk = max(1, 2**27 // weight.shape[0])
+    if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
+        return LinearCrossEntropy.apply(h, weight, targets, chunk)
+    buf = torch.empty(min(chunk, len(h)), weight.shape[0], dtype=torch.float32, device=h.device)
+    return sum((ce_grad_(logits_into(h[s:s + chunk], weight, buf), targets[s:s + chunk]).sum()
+                for s in range(0, len(h), chunk)), torch.zeros((), device=h.device))
+
+
+def output_weight(model) -> torch.Tensor:
+    """The output matrix as `Transformer.logits` uses it (Baichuan2's NormHead normalises its rows)."""
+    w = model.lm_head.weight
+    return F.normalize(w, dim=-1) if model.config.norm_head and w.requires_grad else w
+
+
+# ----------------------------------------------------------------------------- PPO: per-token log-probs
+
+class TokenLogprobs(torch.autograd.Function):
+    """Per row: log softmax(h @ W.T / T)[target], for a frozen W, with its gradient.
+
+    Chunk by chunk, the gradient with respect to h, (onehot - softmax) @ W / T, is computed in the
+    forward pass while the softmax is at hand (ce_grad_) and only scaled in backward: the (rows,
+    vocab) logits are never kept for backward, and no log-softmax backward pass over them is needed.
+    """
+
+    @staticmethod
+    def forward(ctx, h, weight, targets, temperature, chunk):
+        logp = torch.empty(h.shape[0], dtype=torch.float32, device=h.device)
+        grad = torch.empty_like(h)
+        buf = torch.empty(min(chunk, len(h)), weight.shape[0], dtype=torch.float32, device=h.device)
+        for s in range(0, h.shape[0], chunk):
+            z = logits_into(h[s:s + chunk], weight, buf).div_(temperature)
+            logp[s:s + chunk] = -ce_grad_(z, targets[s:s + chunk])  # z is now d(-logp)/dz
+            grad[s:s + chunk] = (z.to(weight.dtype) @ weight).mul_(-1.0 / temperature).to(h.dtype)
+        ctx.save_for_backward(grad)
+        return logp
+
+    @staticmethod
+    def backward(ctx, grad_logp):
+        (grad,) = ctx.saved_tensors
+        return grad * grad_logp[:, None].to(grad.dtype), None, None, None, None
+
+
+def token_logprobs(model, h, targets, temperature, want_entropy=False):
+    """(logp, entropy or None) of targets (N,) under softmax(logits(h) / temperature), h (N, dim).
+
+    With a gradient to take through a frozen output matrix (the PPO update), TokenLogprobs; else
+    (the no-grad rollout forwards, or a trained output matrix) plain autograd on the logits.
+    """
+    weight = model.lm_head.weight
+    if torch.is_grad_enabled() and h.requires_grad and not weight.requires_grad and not want_entropy:
+        chunk = max(1, 2**25 // weight.shape[0])  # 128 MB of float32 logits at a time
+        return TokenLogprobs.apply(h, weight, targets, temperature, chunk), None
+    z = model.logits(h).float().div_(temperature)  # in place: the fresh logits are not needed unscaled
+    lse = z.logsumexp(-1)
+    logp = z.gather(-1, targets[:, None]).squeeze(-1) - lse
+    entropy = None
+    if want_entropy:
+        with torch.no_grad():  # logged only; one (N, vocab) temporary, multiplied in place
+            entropy = lse - z.softmax(-1).mul_(z).sum(-1)
+    return logp, entropy
