@@ -1,0 +1,983 @@
+"""An OpenAI-compatible HTTP server for one model, on the continuous-batching engine, and a chat page.
+
+    python serve.py --model DIR [--adapter DIR] [--host 127.0.0.1] [--port 8000]
+
+Routes: GET /v1/models, POST /v1/chat/completions, POST /v1/completions (raw prompts), GET /health
+(no key needed) and GET / (the chat page in nanohuatuo/static/). The wire format follows OpenAI's
+closely enough that the official `openai` client, our judge, evaluate.py and distill.py use it
+unchanged: streaming as server-sent events (a role delta, content deltas, the finish_reason, then
+`data: [DONE]`), usage in every answer, `n`, `stop`, `seed`, logprobs. Chat prompts are rendered
+with the model's own chat template; answers are what the model wrote (no disclaimer added).
+
+How a request flows: a handler thread (one per connection) checks the request and renders the
+prompt; `Runner.submit` adds it to the engine; one engine thread calls `engine.step()` in a loop,
+turns each new token into text (a StreamDecoder, so no half characters; text that may be the start
+of a stop string is held back) and puts the pieces on the request's queue; the handler writes them
+to the client. A client that goes away is noticed between tokens and its rows are cancelled, so the
+slot is free at the next step. When slots plus --max-queue sequences are in flight, new requests are
+answered 429 with Retry-After instead of piling up.
+
+The HTTP layer is the standard library's ThreadingHTTPServer: the server needs little of a
+framework (JSON in, JSON or an event stream out, a thread per client that blocks on a queue), and
+the engine already runs its own thread, so threads read more plainly than an asyncio bridge. It is
+meant for a trusted network (loopback by default, an optional API key); put a reverse proxy in
+front of it, or use vLLM, to face the internet.
+"""
+
+import hmac
+import json
+import os
+import queue
+import re
+import select
+import socket
+import sys
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import torch
+
+from .cli import UserError, arg, cli_main, resolve_device, resolve_dtype
+from .generate import stream as generate_stream
+from .model import Transformer
+from .templates import guess_template, render_prompt, stop_strings, stop_token_ids
+from .tokenizer import StreamDecoder, Tokenizer
+
+STATIC = Path(__file__).parent / "static"
+MAX_BODY = 16 * 2**20  # bytes of request JSON accepted
+MAX_STOP = 16  # stop strings per request (OpenAI allows 4; a few more cost nothing)
+MAX_TOP_LOGPROBS = 20  # OpenAI's limit for chat (5 for completions)
+ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+
+
+@dataclass
+class ServeConfig:
+    model: str = arg("", "model directory (Hugging Face layout)")
+    adapter: str | None = arg(None, "LoRA adapter directory (PEFT layout), merged at load")
+    host: str = arg("127.0.0.1", "address to listen on (0.0.0.0 for every interface: set --api-key then)")
+    port: int = arg(8000, "port to listen on (0: any free port, printed at start)")
+    model_name: str | None = arg(None, "the model name clients ask for (default: the model directory's name)")
+    template: str = arg("auto", "chat template: auto (the model's own) or a name (huatuo, huatuo2, chatml, ...)")
+    device: str = arg("auto", "auto (cuda if available), cpu, cuda, cuda:1, ...")
+    dtype: str = arg("auto", "auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16 or float16")
+    int8: bool = arg(False, "int8 weight-only quantisation (a 7B model in about 7.5 GB)")
+    compile: bool = arg(False, "torch.compile the decode step (CUDA graphs; slow first requests)")
+    slots: int = arg(16, "sequences decoded together in one batch (also the largest n)")
+    max_len: int = arg(4096, "context window per sequence, prompt plus answer, in tokens (at most the model's); "
+                             "the KV cache holds slots x max-len tokens")
+    max_queue: int = arg(64, "sequences allowed to wait for a slot; beyond that requests get 429")
+    api_key: str | None = arg(None, "require 'Authorization: Bearer KEY' on every route but /health "
+                                    "(default: env NANOHUATUO_API_KEY, else no key)")
+    log_requests: bool = arg(True, "print one line per request on stderr")
+
+
+# ----------------------------------------------------------------------------- loading
+
+def tokenizer_dir(model_dir, adapter=None) -> str:
+    """Where the tokenizer and chat template live: a trained adapter's own copy wins (SFT saves the
+    template it trained with there), else the model directory."""
+    if adapter and any((Path(adapter) / f).exists() for f in ("tokenizer.json", "tokenizer.model")):
+        return str(adapter)
+    return str(model_dir)
+
+
+def load_model(cfg: ServeConfig):
+    """(model, tokenizer, template) ready for inference, as the flags ask."""
+    if not cfg.model:
+        raise UserError("--model is required: a model directory in the Hugging Face layout")
+    if not Path(cfg.model).is_dir():
+        raise UserError(f"--model {cfg.model}: no such directory")
+    if cfg.adapter and not Path(cfg.adapter).is_dir():
+        raise UserError(f"--adapter {cfg.adapter}: no such directory")
+    device = resolve_device(cfg.device)
+    dtype = resolve_dtype(cfg.dtype, device)
+    # int8: load on the CPU and quantise there, so the full-precision copy never sits on the GPU
+    model = Transformer.from_pretrained(cfg.model, dtype=dtype, device="cpu" if cfg.int8 else device,
+                                        adapter=cfg.adapter)
+    if cfg.adapter:
+        from .lora import merge_and_unload
+        merge_and_unload(model)  # serving costs no more than the base model
+    if cfg.int8:
+        from .quant import quantize_int8
+        quantize_int8(model)
+        model.to(device)
+    model.eval()
+    where = tokenizer_dir(cfg.model, cfg.adapter)
+    tok = Tokenizer.from_pretrained(where)
+    template = guess_template(where) if cfg.template == "auto" else cfg.template
+    stop_strings(template)  # an unknown template name fails here, at start, not on the first request
+    return model, tok, template
+
+
+# ----------------------------------------------------------------------------- engine (stand-in)
+# The continuous-batching engine (nanohuatuo/engine.py) is not in the tree yet; this stand-in has
+# its interface (add / cancel from any thread, step from one) over generate.stream, with one KV
+# cache per request. It goes away when the engine lands.
+
+@dataclass
+class SamplingParams:
+    max_new_tokens: int = 256
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    repetition_penalty: float = 1.0
+    stop_ids: tuple = ()
+    stop_strings: tuple = ()
+    seed: int | None = None
+    logprobs: bool = False
+    top_logprobs: int = 0
+
+
+@dataclass
+class Event:
+    rid: int
+    token: int
+    logprob: float | None
+    top_logprobs: list | None
+    finish_reason: str | None
+
+
+class Engine:
+    def __init__(self, model, tokenizer=None, slots=16, max_len=None, compile=False):
+        self.model, self.slots, self.compile = model, slots, compile
+        self.pad_id = tokenizer.pad_id if tokenizer is not None else 0
+        self.lock = threading.Lock()
+        self.waiting, self.running, self.next_rid = [], {}, 0
+
+    def add(self, prompt_ids, params, n=1):
+        with self.lock:
+            rids = list(range(self.next_rid, self.next_rid + n))
+            self.next_rid += n
+            for i, rid in enumerate(rids):
+                seed = None if params.seed is None else params.seed + i
+                self.waiting.append((rid, list(prompt_ids), params, seed))
+        return rids if n > 1 else rids[0]
+
+    def cancel(self, rid):
+        with self.lock:
+            self.waiting = [w for w in self.waiting if w[0] != rid]
+            self.running.pop(rid, None)
+
+    def has_work(self):
+        return bool(self.waiting or self.running)
+
+    def step(self):
+        with self.lock:
+            while self.waiting and len(self.running) < self.slots:
+                rid, prompt, p, seed = self.waiting.pop(0)
+                gen = generate_stream(self.model, prompt, p.max_new_tokens, p.temperature, stop_ids=p.stop_ids,
+                                      top_k=p.top_k, top_p=p.top_p, repetition_penalty=p.repetition_penalty,
+                                      seed=seed, pad_id=self.pad_id, compile=self.compile)
+                self.running[rid] = [gen, p, 0]
+            running = list(self.running.items())
+        events = []
+        for rid, state in running:
+            gen, p, count = state
+            token = next(gen)
+            state[2] = count = count + 1
+            finish = "stop" if token in set(p.stop_ids) else "length" if count >= p.max_new_tokens else None
+            events.append(Event(rid, token, None, None, finish))
+            if finish:
+                with self.lock:
+                    self.running.pop(rid, None)
+        return events
+
+
+# ----------------------------------------------------------------------------- requests
+
+class APIError(Exception):
+    """A request the server refuses: HTTP status and an OpenAI-style error body."""
+
+    def __init__(self, status, message, param=None, code=None, type="invalid_request_error", headers=None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.type = status, message, param, code, type
+        self.headers = headers or {}
+
+    def body(self):
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+@dataclass
+class Job:
+    """A checked request: what to generate and how to answer."""
+    kind: str  # "chat" or "completion"
+    prompts: list  # token ids per prompt (chat: one)
+    params: SamplingParams
+    n: int
+    stops: list  # stop strings cut from the text
+    stream: bool
+    include_usage: bool
+    logprobs: bool
+    top_logprobs: int
+    echo: list | None = None  # completions with echo: the prompt text per prompt
+
+
+def _type_name(v):
+    return "null" if v is None else {bool: "boolean", int: "integer", float: "number", str: "string",
+                                     list: "array", dict: "object"}.get(type(v), type(v).__name__)
+
+
+def _get(body, name, kinds, default=None, lo=None, hi=None):
+    """body[name] checked against the JSON kinds ("integer", "number", "boolean", "string") and [lo, hi]."""
+    v = body.get(name)
+    if v is None:
+        return default
+    ok = {"integer": isinstance(v, int) and not isinstance(v, bool),
+          "number": isinstance(v, (int, float)) and not isinstance(v, bool),
+          "boolean": isinstance(v, bool), "string": isinstance(v, str)}
+    if not any(ok[k] for k in kinds):
+        raise APIError(400, f"'{name}' must be {' or '.join(kinds)}, got {_type_name(v)} {json.dumps(v)[:40]}",
+                       param=name, code="invalid_type")
+    if (lo is not None and v < lo) or (hi is not None and v > hi):
+        raise APIError(400, f"'{name}' is {v}; it must be between {lo} and {hi}", param=name,
+                       code="invalid_value")
+    return v
+
+
+def _stops(body):
+    stop = body.get("stop")
+    if stop is None:
+        return []
+    stop = [stop] if isinstance(stop, str) else stop
+    if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
+        raise APIError(400, "'stop' must be a string or an array of strings", param="stop", code="invalid_type")
+    if len(stop) > MAX_STOP:
+        raise APIError(400, f"'stop' has {len(stop)} strings; at most {MAX_STOP}", param="stop",
+                       code="invalid_value")
+    return [s for s in stop if s]
+
+
+def _content(message, i):
+    content = message.get("content")
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):  # content parts: only text can be served by a text model
+        texts = []
+        for j, part in enumerate(content):
+            if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
+                raise APIError(400, f"messages[{i}].content[{j}]: only text parts are supported",
+                               param=f"messages[{i}].content", code="invalid_value")
+            texts.append(part["text"])
+        return "".join(texts)
+    raise APIError(400, f"messages[{i}].content must be a string or an array of text parts, got "
+                        f"{_type_name(content)}", param=f"messages[{i}].content", code="invalid_type")
+
+
+def chat_messages(body):
+    """The request's messages as [{"role", "content"}] with OpenAI's role names mapped to the template's."""
+    messages = body.get("messages")
+    if messages is None:
+        raise APIError(400, "'messages' is required: a list of {role, content} objects", param="messages",
+                       code="missing_required_parameter")
+    if not isinstance(messages, list) or not messages:
+        raise APIError(400, "'messages' must be a non-empty array of {role, content} objects", param="messages",
+                       code="invalid_value")
+    out = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            raise APIError(400, f"messages[{i}] must be an object with 'role' and 'content', got {_type_name(m)}",
+                           param=f"messages[{i}]", code="invalid_type")
+        role = m.get("role")
+        if role not in ROLES:
+            what = "is not supported by this server (no tools)" if role in ("tool", "function") else "is unknown"
+            raise APIError(400, f"messages[{i}].role {json.dumps(role)} {what}; use system, user or assistant",
+                           param=f"messages[{i}].role", code="invalid_value")
+        out.append({"role": ROLES[role], "content": _content(m, i)})
+    return out
+
+
+# ----------------------------------------------------------------------------- tokens to text
+
+def held_back(text, stops):
+    """Length of the longest end of `text` that could still grow into a stop string."""
+    for k in range(min(len(text), max((len(s) for s in stops), default=1) - 1), 0, -1):
+        tail = text[-k:]
+        if any(s.startswith(tail) for s in stops):
+            return k
+    return 0
+
+
+class Choice:
+    """One answer being generated: its text so far, what was sent, its pending logprobs."""
+
+    def __init__(self, index, rid, tok, stops, strip_end):
+        self.index, self.rid = index, rid
+        self.decoder = StreamDecoder(tok)
+        self.stops, self.strip_end = stops, strip_end
+        self.text, self.sent = "", 0
+        self.stopped = False  # a stop string was found (the text is cut before it)
+        self.tokens = 0  # generated tokens, the stop token included (what usage counts)
+        self.logprobs = []  # (token, logprob, top, offset in text) not yet sent
+        self.finish_reason = None
+
+    def put(self, token):
+        """Add a token's text; True if a stop string is now complete (the text is cut before it)."""
+        piece = self.decoder.put(token)
+        if not piece:
+            return False
+        start = max(0, len(self.text) - max((len(s) for s in self.stops), default=1) + 1)
+        self.text += piece
+        return self._cut(start)
+
+    def _cut(self, start=0):
+        hits = [i for i in (self.text.find(s, start) for s in self.stops) if i >= 0]
+        if hits:
+            self.text = self.text[:min(hits)]
+            self.stopped = True
+        return bool(hits)
+
+    def close(self, reason):
+        """The answer is complete: take what the decoder still holds (never a half character)."""
+        if not self.stopped:
+            self.text += self.decoder.flush().rstrip("\ufffd")
+            self._cut()
+        self.finish_reason = "stop" if self.stopped else reason
+
+    def take(self):
+        """(new text safe to send, its logprobs): held back is what might start a stop string and,
+        in chat, trailing white space (the template puts a space or newline before the end token)."""
+        end = len(self.text)
+        if self.finish_reason is None:
+            end -= held_back(self.text, self.stops)
+        if self.strip_end:
+            end = len(self.text[:end].rstrip())
+        delta = self.text[self.sent:end] if end > self.sent else ""
+        if not delta and self.finish_reason is None:
+            return "", []
+        self.sent = max(self.sent, end)
+        lps, self.logprobs = self.logprobs, []
+        return delta, lps
+
+
+class Ticket:
+    """A submitted request: its choices and the queue the engine thread answers on."""
+
+    def __init__(self, job, prompt_tokens):
+        self.job = job
+        self.prompt_tokens = prompt_tokens
+        self.choices = []
+        self.queue = queue.Queue()  # ("delta", index, text, logprobs, finish_reason) | ("error", message)
+        self.t0 = time.perf_counter()
+
+
+class QueueFull(Exception):
+    pass
+
+
+class Runner:
+    """Owns the engine and the one thread that steps it; maps engine rows back to requests."""
+
+    def __init__(self, engine, tok, capacity):
+        self.engine, self.tok, self.capacity = engine, tok, capacity
+        self.lock = threading.Lock()  # guards rows and in_flight, and keeps add/cancel paired with them
+        self.rows = {}  # rid -> (ticket, choice)
+        self.in_flight = 0  # sequences added and not finished
+        self.cancelled = 0  # sequences cancelled because their client went away, for /health
+        self.wake = threading.Event()
+        self.stopping = False
+        self.thread = threading.Thread(target=self.loop, name="engine", daemon=True)
+
+    def start(self):
+        self.thread.start()
+
+    def stop(self):
+        self.stopping = True
+        self.wake.set()
+        self.thread.join(timeout=30)
+
+    def submit(self, job, strip_end) -> Ticket:
+        ticket = Ticket(job, sum(len(p) for p in job.prompts))
+        with self.lock:
+            want = len(job.prompts) * job.n
+            if self.in_flight + want > self.capacity:
+                raise QueueFull()
+            try:
+                for prompt in job.prompts:
+                    rids = self.engine.add(prompt, job.params, n=job.n)
+                    for rid in rids if isinstance(rids, list) else [rids]:
+                        choice = Choice(len(ticket.choices), rid, self.tok, job.stops, strip_end)
+                        ticket.choices.append(choice)
+                        self.rows[rid] = (ticket, choice)
+            except ValueError as e:  # the engine refused a prompt: take back what was added
+                for c in ticket.choices:
+                    self.engine.cancel(c.rid)
+                    del self.rows[c.rid]
+                raise APIError(400, str(e), param="prompt", code="invalid_value") from None
+            self.in_flight += want
+        self.wake.set()
+        return ticket
+
+    def cancel(self, ticket):
+        """Drop a request's unfinished rows (the client went away); their slots free at the next step."""
+        with self.lock:
+            for choice in ticket.choices:
+                if self.rows.pop(choice.rid, None) is not None:
+                    self.engine.cancel(choice.rid)
+                    self.in_flight -= 1
+                    self.cancelled += 1
+
+    @torch.inference_mode()
+    def loop(self):
+        while not self.stopping:
+            self.wake.clear()  # cleared before the check, so an add between the two still wakes us
+            if not self.engine.has_work():
+                self.wake.wait(0.5)
+                continue
+            try:
+                events = self.engine.step()
+            except Exception as e:  # a failed step fails the requests in it, not the server
+                self.fail_all(f"generation failed: {type(e).__name__}: {e}")
+                continue
+            with self.lock:
+                for ev in events:
+                    self.on_event(ev)
+
+    def on_event(self, ev):
+        row = self.rows.get(ev.rid)
+        if row is None:  # cancelled while the step ran
+            return
+        ticket, choice = row
+        choice.tokens += 1
+        reason = ev.finish_reason
+        stop_token = reason == "stop" and ev.token in ticket.job.params.stop_ids
+        if not stop_token:
+            if ticket.job.logprobs:
+                choice.logprobs.append((ev.token, ev.logprob, ev.top_logprobs, len(choice.text)))
+            if choice.put(ev.token) and reason is None:
+                reason = "stop"  # a stop string: the engine need not go on
+                self.engine.cancel(ev.rid)
+        if reason is not None:
+            choice.close("stop" if reason == "stop" else "length")
+            del self.rows[ev.rid]
+            self.in_flight -= 1
+        text, lps = choice.take()
+        if text or lps or reason is not None:
+            ticket.queue.put(("delta", choice.index, text, lps, choice.finish_reason))
+
+    def fail_all(self, message):
+        print(f"error: {message}", file=sys.stderr, flush=True)
+        with self.lock:
+            tickets = {id(t): t for t, _ in self.rows.values()}
+            for rid in list(self.rows):
+                self.engine.cancel(rid)
+            self.rows.clear()
+            self.in_flight = 0
+        for t in tickets.values():
+            t.queue.put(("error", message))
+
+
+# ----------------------------------------------------------------------------- the service
+
+class Service:
+    """Everything a request handler needs: the model's tokenizer and template, limits, the runner."""
+
+    def __init__(self, cfg: ServeConfig, model, tok, template, engine=None):
+        self.cfg = cfg
+        self.tok, self.template = tok, template
+        self.name = cfg.model_name or Path(cfg.model).resolve().name
+        self.context = min(cfg.max_len, model.config.max_seq_len) if cfg.max_len > 0 else model.config.max_seq_len
+        self.api_key = cfg.api_key if cfg.api_key is not None else os.environ.get("NANOHUATUO_API_KEY") or None
+        self.chat_stop_ids = tuple(sorted(stop_token_ids(tok, template)))
+        self.raw_stop_ids = tuple(sorted(tok.stop_ids))
+        self.template_stops = stop_strings(template)
+        self.created = int(time.time())
+        engine = engine or Engine(model, tokenizer=tok, slots=cfg.slots, max_len=self.context, compile=cfg.compile)
+        self.runner = Runner(engine, tok, capacity=cfg.slots + cfg.max_queue)
+
+    # --- checking requests
+
+    def check_model(self, body):
+        model = body.get("model")
+        if model is None:
+            raise APIError(400, f"'model' is required; this server serves {self.name!r}", param="model",
+                           code="missing_required_parameter")
+        if not isinstance(model, str):
+            raise APIError(400, f"'model' must be a string, got {_type_name(model)}", param="model",
+                           code="invalid_type")
+        if model != self.name:
+            raise APIError(404, f"The model {model!r} does not exist; this server serves {self.name!r}",
+                           param="model", code="model_not_found")
+
+    def sampling(self, body, prompt_len, chat):
+        """SamplingParams from the request fields, checked against the context window."""
+        limit = self.context - prompt_len
+        if limit < 1:
+            raise APIError(400, f"This model's maximum context length is {self.context} tokens, but the prompt is "
+                                f"{prompt_len} tokens; shorten the messages", param="messages" if chat else "prompt",
+                           code="context_length_exceeded")
+        name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+        max_tokens = _get(body, name, ["integer"], default=None)
+        if max_tokens is not None and max_tokens < 1:
+            raise APIError(400, f"'{name}' is {max_tokens}; it must be at least 1", param=name, code="invalid_value")
+        if max_tokens is not None and max_tokens > limit:
+            raise APIError(400, f"This model's maximum context length is {self.context} tokens; you asked for "
+                                f"{prompt_len + max_tokens} ({prompt_len} in the prompt, {max_tokens} in the "
+                                f"answer); lower '{name}' to at most {limit}", param=name,
+                           code="context_length_exceeded")
+        seed = _get(body, "seed", ["integer"])
+        ignore_eos = _get(body, "ignore_eos", ["boolean"], default=False)  # vLLM's extension, for benchmarks
+        return SamplingParams(
+            max_new_tokens=max_tokens or limit,
+            temperature=float(_get(body, "temperature", ["number"], 1.0, 0, 2)),
+            top_p=float(_get(body, "top_p", ["number"], 1.0, 0, 1)),
+            top_k=max(0, _get(body, "top_k", ["integer"], 0, -1, None)),  # vLLM's extension; -1 means off
+            repetition_penalty=float(_get(body, "repetition_penalty", ["number"], 1.0, 0.01, 10)),
+            stop_ids=() if ignore_eos else (self.chat_stop_ids if chat else self.raw_stop_ids),
+            seed=None if seed is None else seed % 2**63,
+        )
+
+    def common(self, body, job_kwargs):
+        n = _get(body, "n", ["integer"], 1)
+        if not 1 <= n <= self.cfg.slots:
+            raise APIError(400, f"'n' is {n}; it must be between 1 and {self.cfg.slots} (the server's --slots)",
+                           param="n", code="invalid_value")
+        stream = _get(body, "stream", ["boolean"], False)
+        options = body.get("stream_options") or {}
+        if not isinstance(options, dict):
+            raise APIError(400, "'stream_options' must be an object", param="stream_options", code="invalid_type")
+        include_usage = _get(options, "include_usage", ["boolean"], False)
+        return Job(n=n, stream=stream, include_usage=bool(stream and include_usage), **job_kwargs)
+
+    def chat_job(self, body) -> Job:
+        self.check_model(body)
+        messages = chat_messages(body)
+        try:
+            prompt = render_prompt(messages, self.tok, self.template)
+        except ValueError as e:
+            raise APIError(400, str(e), param="messages", code="invalid_value") from None
+        params = self.sampling(body, len(prompt), chat=True)
+        logprobs = _get(body, "logprobs", ["boolean"], False)
+        top = _get(body, "top_logprobs", ["integer"], 0, 0, MAX_TOP_LOGPROBS)
+        if top and not logprobs:
+            raise APIError(400, "'top_logprobs' needs 'logprobs': true", param="top_logprobs", code="invalid_value")
+        params.logprobs, params.top_logprobs = logprobs, top
+        return self.common(body, dict(kind="chat", prompts=[prompt], params=params,
+                                      stops=_stops(body) + self.template_stops, logprobs=logprobs,
+                                      top_logprobs=top))
+
+    def completion_job(self, body) -> Job:
+        self.check_model(body)
+        prompts = self.raw_prompts(body.get("prompt"))
+        params = self.sampling(body, max(len(p) for p in prompts), chat=False)
+        top = _get(body, "logprobs", ["integer"], None, 0, 5)
+        params.logprobs, params.top_logprobs = top is not None, top or 0
+        echo = _get(body, "echo", ["boolean"], False)
+        return self.common(body, dict(kind="completion", prompts=prompts, params=params, stops=_stops(body),
+                                      logprobs=top is not None, top_logprobs=top or 0,
+                                      echo=[self.tok.decode(p) for p in prompts] if echo else None))
+
+    def raw_prompts(self, prompt):
+        """Token ids per prompt: a string, an array of strings, an array of ids or of id arrays."""
+        if prompt is None:
+            raise APIError(400, "'prompt' is required", param="prompt", code="missing_required_parameter")
+        if isinstance(prompt, str) or (isinstance(prompt, list) and prompt and all(isinstance(i, int) for i in prompt)):
+            prompt = [prompt]
+        if not isinstance(prompt, list) or not prompt:
+            raise APIError(400, "'prompt' must be a string, an array of strings or of token ids", param="prompt",
+                           code="invalid_type")
+        if len(prompt) > self.cfg.slots:
+            raise APIError(400, f"'prompt' holds {len(prompt)} prompts; at most {self.cfg.slots}", param="prompt",
+                           code="invalid_value")
+        out = []
+        for p in prompt:
+            if isinstance(p, str):
+                ids = self.tok.encode(p, bos=self.tok.add_bos)
+            elif isinstance(p, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in p):
+                if any(not 0 <= i < self.tok.vocab_size for i in p):
+                    raise APIError(400, f"'prompt': token ids must be in [0, {self.tok.vocab_size})", param="prompt",
+                                   code="invalid_value")
+                ids = list(p)
+            else:
+                raise APIError(400, "'prompt' must be a string, an array of strings or of token ids",
+                               param="prompt", code="invalid_type")
+            if not ids:
+                raise APIError(400, "'prompt' is empty", param="prompt", code="invalid_value")
+            out.append(ids)
+        return out
+
+    # --- the answer's pieces
+
+    def token_text(self, token):
+        """(text, bytes) of one token as logprobs show it; a byte-fallback piece (part of a character)
+        is written as OpenAI does, "\\xe5", with its byte."""
+        piece = self.tok.id_to_token(token) or ""
+        m = re.fullmatch(r"<0x([0-9A-Fa-f]{2})>", piece)
+        if m:
+            return "\\x" + m.group(1).lower(), [int(m.group(1), 16)]
+        text = self.tok.decode([token], skip_special=False, continuation=True)
+        return text, list(text.encode("utf-8"))
+
+    def chat_logprobs(self, lps):
+        content = []
+        for token, logprob, top, _ in lps:
+            text, raw = self.token_text(token)
+            tops = []
+            for t, lp in (top or [])[:MAX_TOP_LOGPROBS]:
+                t_text, t_raw = self.token_text(t)
+                tops.append({"token": t_text, "logprob": lp, "bytes": t_raw})
+            content.append({"token": text, "logprob": logprob, "bytes": raw, "top_logprobs": tops})
+        return {"content": content, "refusal": None}
+
+    def completion_logprobs(self, lps, echo_len):
+        tokens, token_lps, tops, offsets = [], [], [], []
+        for token, logprob, top, offset in lps:
+            tokens.append(self.token_text(token)[0])
+            token_lps.append(logprob)
+            tops.append({self.token_text(t)[0]: lp for t, lp in top} if top is not None else None)
+            offsets.append(echo_len + offset)
+        return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops, "text_offset": offsets}
+
+    def usage(self, ticket):
+        completion = sum(c.tokens for c in ticket.choices)
+        return {"prompt_tokens": ticket.prompt_tokens, "completion_tokens": completion,
+                "total_tokens": ticket.prompt_tokens + completion}
+
+
+# ----------------------------------------------------------------------------- HTTP
+
+class ClientGone(Exception):
+    pass
+
+
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # keep-alive: the openai client reuses its connections
+    server_version = "nanohuatuo"
+    timeout = 600  # seconds an idle kept-alive connection holds its thread
+
+    @property
+    def svc(self) -> Service:
+        return self.server.service
+
+    def log_message(self, fmt, *args):  # the standard per-request line goes through log_request below
+        pass
+
+    def log_line(self, status, extra=""):
+        if self.svc.cfg.log_requests:
+            print(f'{self.client_address[0]} "{self.command} {self.path}" {status}{extra}', file=sys.stderr,
+                  flush=True)
+
+    # --- plumbing
+
+    def send_json(self, status, obj, headers=None):
+        data = json.dumps(obj, ensure_ascii=False).encode("utf-8")
+        self.send_response_only(status)
+        self.send_header("Content-Type", "application/json; charset=utf-8")
+        self.send_header("Content-Length", str(len(data)))
+        for k, v in (headers or {}).items():
+            self.send_header(k, v)
+        self.end_headers()
+        self.wfile.write(data)
+
+    def send_error_body(self, err: APIError):
+        self.send_json(err.status, err.body(), err.headers)
+        self.log_line(err.status, f" {err.message[:120]}")
+
+    def client_gone(self):
+        """True if the client closed its end (EOF on the socket); checked between tokens."""
+        try:
+            readable, _, _ = select.select([self.connection], [], [], 0)
+            return bool(readable) and self.connection.recv(1, socket.MSG_PEEK) == b""
+        except (OSError, ValueError):
+            return True
+
+    def authorized(self):
+        key = self.svc.api_key
+        if key is None:
+            return True
+        given = self.headers.get("Authorization", "")
+        return given.startswith("Bearer ") and hmac.compare_digest(given[7:].strip().encode(), key.encode())
+
+    def read_body(self):
+        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+            self.close_connection = True
+            raise APIError(411, "send the body with a Content-Length (chunked request bodies are not supported)")
+        try:
+            length = int(self.headers.get("Content-Length") or 0)
+        except ValueError:
+            length = -1
+        if length < 0 or length > MAX_BODY:
+            self.close_connection = True
+            raise APIError(413 if length > MAX_BODY else 400, f"the request body must be at most {MAX_BODY} bytes "
+                                                              f"with a valid Content-Length")
+        return self.rfile.read(length)
+
+    def route(self, routes):
+        self.streaming = False
+        path = self.path.split("?", 1)[0].rstrip("/") or "/"
+        try:
+            if self.command == "POST":
+                raw = self.read_body()  # read first, so a refused request leaves the connection clean
+            # the page is public (a browser cannot send a key to load it; it asks for one); /health too
+            if path not in ("/", "/health", "/index.html") and not self.authorized():
+                raise APIError(401, "a valid API key is required: send 'Authorization: Bearer KEY'",
+                               code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+            handler = routes.get(path)
+            if handler is None:
+                if path.startswith("/v1/models/") and self.command == "GET":
+                    handler = self.model_info
+                else:
+                    raise APIError(404, f"no route {self.command} {path}", code="not_found")
+            if self.command == "POST":
+                try:
+                    body = json.loads(raw.decode("utf-8"))
+                except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                    raise APIError(400, f"the request body is not valid JSON: {e}", code="invalid_json") from None
+                if not isinstance(body, dict):
+                    raise APIError(400, f"the request body must be a JSON object, got {_type_name(body)}",
+                                   code="invalid_type")
+                handler(body)
+            else:
+                handler()
+        except APIError as e:
+            self.send_error_body(e)
+        except (ClientGone, BrokenPipeError, ConnectionResetError):
+            self.close_connection = True
+            self.log_line("-", " the client went away; its rows were cancelled")
+        except Exception as e:  # a bug answers 500 and the server goes on
+            import traceback
+            traceback.print_exc()
+            self.close_connection = True
+            if not self.streaming:  # once an event stream began, only closing it can tell the client
+                try:
+                    self.send_error_body(APIError(500, f"internal error: {type(e).__name__}: {e}",
+                                                  type="server_error"))
+                except OSError:
+                    pass
+
+    def do_GET(self):
+        self.route({"/": self.page, "/index.html": self.page, "/health": self.health, "/v1/models": self.models})
+
+    def do_POST(self):
+        self.route({"/v1/chat/completions": self.chat, "/v1/completions": self.completions})
+
+    # --- routes
+
+    def page(self):
+        data = (STATIC / "index.html").read_bytes()
+        self.send_response_only(200)
+        self.send_header("Content-Type", "text/html; charset=utf-8")
+        self.send_header("Content-Length", str(len(data)))
+        self.send_header("Cache-Control", "no-cache")
+        self.end_headers()
+        self.wfile.write(data)
+
+    def health(self):
+        r = self.svc.runner
+        self.send_json(200, {"status": "ok", "model": self.svc.name, "in_flight": r.in_flight,
+                             "capacity": r.capacity, "cancelled": r.cancelled})
+
+    def model_card(self):
+        return {"id": self.svc.name, "object": "model", "created": self.svc.created, "owned_by": "nanohuatuo",
+                "max_model_len": self.svc.context}
+
+    def models(self):
+        self.send_json(200, {"object": "list", "data": [self.model_card()]})
+
+    def model_info(self):
+        name = self.path.split("?", 1)[0][len("/v1/models/"):]
+        if name != self.svc.name:
+            raise APIError(404, f"The model {name!r} does not exist; this server serves {self.svc.name!r}",
+                           param="model", code="model_not_found")
+        self.send_json(200, self.model_card())
+
+    def chat(self, body):
+        self.answer(self.svc.chat_job(body), "chatcmpl")
+
+    def completions(self, body):
+        self.answer(self.svc.completion_job(body), "cmpl")
+
+    # --- answering
+
+    def answer(self, job, prefix):
+        svc = self.svc
+        try:
+            ticket = svc.runner.submit(job, strip_end=job.kind == "chat")
+        except QueueFull:
+            raise APIError(429, f"the server is busy ({svc.runner.capacity} sequences in flight or waiting); "
+                                f"retry shortly", type="rate_limit_error", code="queue_full",
+                           headers={"Retry-After": "1"}) from None
+        head = {"id": f"{prefix}-{uuid.uuid4().hex[:24]}", "created": int(time.time()), "model": svc.name,
+                "system_fingerprint": "nanohuatuo"}
+        try:
+            if job.stream:
+                self.stream_answer(ticket, head)
+            else:
+                self.whole_answer(ticket, head)
+        finally:
+            svc.runner.cancel(ticket)  # a no-op once every choice finished; frees the rows of a client gone
+        u = svc.usage(ticket)
+        self.log_line(200, f" {u['prompt_tokens']} prompt + {u['completion_tokens']} completion tokens, "
+                           f"{time.perf_counter() - ticket.t0:.2f} s")
+
+    def messages(self, ticket):
+        """(index, text, logprobs, finish_reason) from the engine thread, until every choice finished."""
+        open_choices = len(ticket.choices)
+        while open_choices:
+            try:
+                item = ticket.queue.get(timeout=0.2)
+            except queue.Empty:
+                if self.client_gone():
+                    raise ClientGone() from None
+                continue
+            if item[0] == "error":
+                raise APIError(500, item[1], type="server_error")
+            open_choices -= item[4] is not None
+            yield item[1:]
+
+    def whole_answer(self, ticket, head):
+        job, svc = ticket.job, self.svc
+        texts = [""] * len(ticket.choices)
+        lps = [[] for _ in ticket.choices]
+        for index, text, logprobs, _ in self.messages(ticket):
+            texts[index] += text
+            lps[index] += logprobs
+        choices = []
+        for c in ticket.choices:
+            if job.kind == "chat":
+                choices.append({"index": c.index, "message": {"role": "assistant", "content": texts[c.index],
+                                                              "refusal": None},
+                                "logprobs": svc.chat_logprobs(lps[c.index]) if job.logprobs else None,
+                                "finish_reason": c.finish_reason})
+            else:
+                echo = job.echo[c.index // job.n] if job.echo else ""
+                choices.append({"index": c.index, "text": echo + texts[c.index],
+                                "logprobs": svc.completion_logprobs(lps[c.index], len(echo)) if job.logprobs else None,
+                                "finish_reason": c.finish_reason})
+        obj = "chat.completion" if job.kind == "chat" else "text_completion"
+        self.send_json(200, {**head, "object": obj, "choices": choices, "usage": svc.usage(ticket)})
+
+    def write_chunk(self, data: bytes):
+        """One piece of a chunked (HTTP/1.1) response."""
+        if self.client_gone():
+            raise ClientGone()
+        try:
+            self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+        except OSError:
+            raise ClientGone() from None
+
+    def event(self, obj):
+        self.write_chunk(b"data: " + json.dumps(obj, ensure_ascii=False).encode("utf-8") + b"\n\n")
+
+    def stream_answer(self, ticket, head):
+        job, svc = ticket.job, self.svc
+        chat = job.kind == "chat"
+        self.streaming = True
+        self.send_response_only(200)
+        self.send_header("Content-Type", "text/event-stream; charset=utf-8")
+        self.send_header("Cache-Control", "no-cache")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        base = {**head, "object": "chat.completion.chunk" if chat else "text_completion"}
+        if job.include_usage:
+            base["usage"] = None  # OpenAI sends usage null in every chunk but the last
+        echo_len = [len(job.echo[c.index // job.n]) if job.echo else 0 for c in ticket.choices]
+
+        def chunk(index, text, lps, reason, role=False):
+            if chat:
+                delta = {"role": "assistant", "content": ""} if role else ({"content": text} if text else {})
+                choice = {"index": index, "delta": delta,
+                          "logprobs": svc.chat_logprobs(lps) if job.logprobs and lps else None,
+                          "finish_reason": reason}
+            else:
+                choice = {"index": index, "text": text,
+                          "logprobs": svc.completion_logprobs(lps, echo_len[index]) if job.logprobs and lps else None,
+                          "finish_reason": reason}
+            self.event({**base, "choices": [choice]})
+
+        for c in ticket.choices:
+            if chat:
+                chunk(c.index, "", [], None, role=True)
+            elif job.echo:
+                chunk(c.index, job.echo[c.index // job.n], [], None)
+        try:
+            for index, text, lps, reason in self.messages(ticket):
+                if text or lps:
+                    chunk(index, text, lps, None)
+                if reason is not None:
+                    chunk(index, "", [], reason)
+        except APIError as e:  # the engine failed after the answer began: say so in the stream
+            self.event(e.body())
+        if job.include_usage:
+            self.event({**base, "choices": [], "usage": svc.usage(ticket)})
+        self.write_chunk(b"data: [DONE]\n\n")
+        try:
+            self.wfile.write(b"0\r\n\r\n")  # the end of the chunked body
+        except OSError:
+            raise ClientGone() from None
+
+
+class Server(ThreadingHTTPServer):
+    """The HTTP server with its Service; start() serves from a background thread, close() stops all."""
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self, service: Service, host="127.0.0.1", port=8000):
+        self.service = service
+        super().__init__((host, port), Handler)
+        self.host, self.port = self.server_address[:2]
+        self.url = f"http://{self.host}:{self.port}"
+        self._thread = None
+
+    def start(self):
+        self.service.runner.start()
+        self._thread = threading.Thread(target=self.serve_forever, name="http", daemon=True)
+        self._thread.start()
+        return self
+
+    def close(self):
+        if self._thread is not None:
+            self.shutdown()
+            self._thread.join(timeout=30)
+        self.server_close()
+        self.service.runner.stop()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def make_server(cfg: ServeConfig, model=None, tok=None, template=None, engine=None) -> Server:
+    """A Server for cfg (the model loaded from cfg.model unless given), bound but not started."""
+    if model is None:
+        model, tok, template = load_model(cfg)
+    if cfg.slots < 1 or cfg.max_queue < 0:
+        raise UserError(f"--slots {cfg.slots} / --max-queue {cfg.max_queue}: need slots >= 1 and max-queue >= 0")
+    try:
+        return Server(Service(cfg, model, tok, template, engine), cfg.host, cfg.port)
+    except OSError as e:
+        raise UserError(f"cannot listen on {cfg.host}:{cfg.port}: {e.strerror or e}; pick another --port") from None
+
+
+def run(cfg: ServeConfig) -> int:
+    server = make_server(cfg)
+    svc = server.service
+    if svc.api_key is None and cfg.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"warning: listening on {cfg.host} without an API key; anyone who can reach it can use the model",
+              file=sys.stderr)
+    print(f"serving {svc.name} (template {svc.template}, context {svc.context}, {cfg.slots} slots) on {server.url}: "
+          f"chat page at {server.url}/, API at {server.url}/v1", flush=True)
+    server.service.runner.start()
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        print("stopped", file=sys.stderr)
+    finally:
+        server.server_close()
+        svc.runner.stop()
+    return 0
+
+
+def main(argv=None) -> int:
+    return cli_main(run, ServeConfig, argv, prog="serve.py", description=__doc__)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
