@@ -2,63 +2,75 @@
 
 Holds the judge prompt (HuatuoGPT's criteria: informativeness, coherence,
 agreement with human preference and accuracy, with the real doctor's reply as
-the reference), a strict parser for the judge's final ranking line,
-`OpenAIJudge` (any OpenAI-compatible server: bounded concurrency, retries,
-SQLite cache), `OfflineJudge` (similarity to the doctor's reply, no network),
-the conversion of rankings into reward-model preference records, and a CLI:
+the reference), a strict parser for the judge's final ranking line, the choice
+of candidates (repeats and answers cut by max_new_tokens left out), `OpenAIJudge`
+(any OpenAI-compatible server, through `llm.LLM`: cache, concurrency, retries,
+usage), `OfflineJudge` (similarity to the doctor's reply, no network), the
+conversion of rankings into reward-model preference records, and a CLI:
 
-    python -m nanohuatuo.feedback rank --in samples.jsonl --out prefs.jsonl \
-        [--judge offline|openai] [--base-url URL --model NAME --api-key KEY \
-         --cache FILE --concurrency N --mixed --seed S]
+    python -m nanohuatuo.feedback rank --data samples.jsonl --out prefs.jsonl \
+        [--judge offline|openai] [--base-url URL --model-name NAME --api-key KEY \
+         --cache FILE --concurrency N --mixed --seed S --refresh-unusable]
 
-Item (one JSON object per line of the CLI's input):
+Item (one JSON object per line of the CLI's input, as `python -m nanohuatuo.sampling` writes):
     {"id": str,
      "question": str | [{"role": "user"|"assistant"|"system", "content": str}, ...],
      "reference": str,          # the real doctor's reply
-     "answers": [str, ...]}     # K answers sampled from the SFT model
+     "answers": [str, ...],     # K answers sampled from the SFT model
+     "finished": [bool, ...]}   # optional: False = cut by max_new_tokens
+
+Candidates: an answer cut by max_new_tokens (finished False) is dropped, never
+ranked as if complete, and an answer identical (after stripping) to an earlier
+one, or to the doctor's reply in mixed mode, is judged once. Both are counted
+and said in the summary; an item left with fewer than 2 candidates is skipped.
 
 Judge result per item:
-    {"id": str, "ranking": [int, ...] | None, "raw": str, "cached": bool}
-    `ranking` holds indices into `answers`, best first, and is always a
-    permutation of all of them; None means the judge gave no usable ranking
-    (`raw` keeps the judge's last reply for inspection, "error" says why when a
-    request was rejected). `cached` is True when every call was served from
-    the cache.
+    {"id": str, "ranking": [int, ...] | None, "raw": str, "cached": bool,
+     "dropped": {"duplicate": int, "truncated": int}}
+    `ranking` holds indices into `answers`, best first, covering every judged
+    candidate (all answers minus the dropped ones); None means no usable ranking
+    ("error" says why: the judge's reason, a rejected request, or a skipped item;
+    `raw` keeps the judge's last reply). `cached` is True when every call was
+    served from the cache.
     mixed=True (HuatuoGPT's mixed feedback) makes the doctor's reply one more
-    candidate: `ranking` then indexes answers + [reference], index K
-    (= len(answers)) is the doctor's reply, and the result also has
-    "reference_rank", the doctor's 0-based place (0 = best) or None.
+    candidate: index K (= len(answers)) in `ranking` is the doctor's reply, and
+    the result also has "reference_rank", the doctor's 0-based place (0 = best)
+    or None.
 
 Judge reply format (stated in the prompt, checked by `parse_ranking`):
     brief reasoning, then a final line with the candidate numbers as shown,
     best first, each exactly once:
         排名：3 > 1 > 2
-    A JSON object {"ranking": [3, 1, 2]} is accepted too, as are full-width
-    characters (＞ ： ，), code fences, markdown bold, "回答3"-style labels and
-    "," or "、" instead of ">". Ties ("=") are not supported: they yield None.
+    Label variants (排名为：, 最终排名如下： with the ranking on the next line,
+    排序结果：, Final ranking is:) and a JSON object {"ranking": [3, 1, 2]} are
+    accepted too, as are full-width characters (＞ ： ，), code fences, markdown
+    bold, "回答3"-style labels and "," or "、" instead of ">". Ties ("=") are not
+    supported: they yield None. A reply without a valid ranking is followed up
+    with a nudge, up to `parse_attempts` asks; then the item counts as unusable
+    ("no ranking line") and the run goes on.
 
 Preference record (what `rankings_to_preferences` returns, one per usable item):
     {"id", "prompt": <question str or messages>, "reference", "answers": [best, ..., worst]}
-    With mixed feedback the doctor's reply is one of the ranked answers.
+    With mixed feedback the doctor's reply is one of the ranked answers and the
+    record also has "reference_index": its position in `answers`. It is not an
+    SFT sample, so the reward model's score statistics (bias, spread) must skip
+    answers[reference_index].
 """
 
-from __future__ import annotations
 
 import argparse
-import concurrent.futures
-import email.utils
-import hashlib
 import json
 import os
 import random
 import re
-import sqlite3
 import sys
-import threading
-import time
 import unicodedata
 from collections import Counter
-from pathlib import Path
+from dataclasses import dataclass
+
+from .cli import UserError, arg, config_from, guarded, make_parser
+from .data import DataError, iter_jsonl, write_jsonl
+from .llm import LLM, LLMError
 
 # ---------------------------------------------------------------- judge prompt
 
@@ -131,7 +143,10 @@ def nudge_message(n: int) -> dict:
 
 # -------------------------------------------------------------- ranking parser
 
-_LABEL = re.compile(r"(?:最终排名|排名|排序|ranking)\s*(?:结果)?\s*:\s*(?P<body>[^\n]*)", re.IGNORECASE)
+# 排名：/ 排名为：/ 最终排名如下：/ 排序结果是：/ Final ranking is: ; a label ending its line
+# ("最终排名如下：" then the ranking below) takes the next non-empty line as its body
+_LABEL = re.compile(r"(?:排名|排序|ranking)[ \t]*(?:结果)?[ \t]*(?:为|是|如下|is)?[ \t]*(?::|(?=\n))[ \t]*"
+                    r"(?P<body>[^\n]*)(?=(?:\n\s*(?P<below>[^\n]*))?)", re.IGNORECASE)
 _JSON = re.compile(r"\{[^{}]*\}")
 _ITEM = r"[\[(【]?\s*(?:候选回答|候选|回答|答案|candidate|answer)?\s*#?\s*\d+\s*[\])】]?"
 _SEQUENCE = re.compile(rf"{_ITEM}(?:\s*[>,、=]\s*{_ITEM})*", re.IGNORECASE)
@@ -164,8 +179,9 @@ def parse_ranking(text: str, n: int) -> list[int] | None:
     text = unicodedata.normalize("NFKC", text or "").replace("`", "").replace("*", "")
     found = []  # (position, sequence text or list of numbers)
     for match in _LABEL.finditer(text):
-        if _SEQUENCE.match(match.group("body").strip()):
-            found.append((match.start(), match.group("body")))
+        body = match.group("body").strip() or (match.group("below") or "").strip()
+        if _SEQUENCE.match(body):
+            found.append((match.start(), body))
     for match in _JSON.finditer(text):
         try:
             obj = json.loads(match.group(0))
@@ -189,8 +205,7 @@ def parse_ranking(text: str, n: int) -> list[int] | None:
 
 def check_item(item: dict, mixed: bool = False) -> None:
     """Raise ValueError naming the item and field when an item is malformed."""
-    where = f"nanohuatuo/feedback.py: item {item.get('id')!r}" if isinstance(item, dict) else \
-        "nanohuatuo/feedback.py: an item"
+    where = f"item {item.get('id')!r}" if isinstance(item, dict) else "an item"
     if not isinstance(item, dict) or not isinstance(item.get("id"), str):
         raise ValueError(f"{where} needs a string 'id'; fix the input items")
     question = item.get("question")
@@ -204,114 +219,128 @@ def check_item(item: dict, mixed: bool = False) -> None:
     answers = item.get("answers")
     if not isinstance(answers, list) or not all(isinstance(a, str) for a in answers):
         raise ValueError(f"{where}: 'answers' must be a list of strings")
+    finished = item.get("finished")
+    if finished is not None and not (isinstance(finished, list) and len(finished) == len(answers)
+                                     and all(isinstance(f, bool) for f in finished)):
+        raise ValueError(f"{where}: 'finished' must be one true/false per answer "
+                         f"({len(answers)} answers)")
     if len(answers) + mixed < 2:
         raise ValueError(f"{where}: needs at least 2 candidates to rank, got {len(answers) + mixed}; "
                          "sample more answers per prompt")
 
 
-def _result(item: dict, ranking: list[int] | None, raw: str, cached: bool, mixed: bool) -> dict:
-    result = {"id": item["id"], "ranking": ranking, "raw": raw, "cached": cached}
-    if mixed:
-        k = len(item["answers"])
-        result["reference_rank"] = ranking.index(k) if ranking is not None else None
-    return result
+# -------------------------------------------------------- choosing candidates
+
+MIN_CANDIDATES = 2
+
+
+def judged_answers(item: dict, mixed: bool = False) -> tuple[list[int], Counter]:
+    """Indices of the answers the judge sees, and what was left out: {"truncated": n, "duplicate": n}.
+
+    An answer cut by max_new_tokens would be ranked as if complete, and two identical answers
+    make a preference pair with nothing to learn (and a judge forced to order equals)."""
+    finished = item.get("finished") or [True] * len(item["answers"])
+    seen = {item["reference"].strip()} if mixed else set()
+    kept, dropped = [], Counter(truncated=0, duplicate=0)
+    for i, (answer, done) in enumerate(zip(item["answers"], finished)):
+        if not done:
+            dropped["truncated"] += 1
+        elif answer.strip() in seen:
+            dropped["duplicate"] += 1
+        else:
+            seen.add(answer.strip())
+            kept.append(i)
+    return kept, dropped
+
+
+def judged_view(item: dict, kept: list[int]) -> dict:
+    """The item as the judge sees it: only the kept answers (ranking indices map back via kept)."""
+    return {**item, "answers": [item["answers"][i] for i in kept]}
+
+
+class Selection:
+    """The candidates of every item, with the totals the summary reports."""
+
+    def __init__(self, items: list[dict], mixed: bool):
+        for item in items:
+            check_item(item, mixed)
+        self.mixed = mixed
+        self.kept, self.item_dropped, self.dropped, self.skipped = [], [], Counter(truncated=0, duplicate=0), 0
+        for item in items:
+            kept, dropped = judged_answers(item, mixed)
+            self.kept.append(kept)
+            self.item_dropped.append(dict(dropped))
+            self.dropped.update(dropped)
+            self.skipped += len(kept) + mixed < MIN_CANDIDATES
+
+    def judged(self, j: int) -> bool:
+        return len(self.kept[j]) + self.mixed >= MIN_CANDIDATES
+
+    def result(self, item: dict, j: int, shown_ranking: list[int] | None, raw: str, cached: bool,
+               error: str | None = None) -> dict:
+        """A judge result, its ranking mapped from judged positions back to indices of item["answers"]."""
+        k, kept = len(item["answers"]), self.kept[j]
+        back = kept + [k]  # judged position -> index; the doctor's reply (mixed) is last
+        ranking = None if shown_ranking is None else [back[p] for p in shown_ranking]
+        result = {"id": item["id"], "ranking": ranking, "raw": raw, "cached": cached,
+                  "dropped": self.item_dropped[j]}
+        if error is not None:
+            result["error"] = error
+        elif not self.judged(j):
+            result["error"] = f"skipped: fewer than {MIN_CANDIDATES} distinct complete candidates"
+        if self.mixed:
+            result["reference_rank"] = ranking.index(k) if ranking is not None else None
+        return result
+
+    def summary(self, name: str) -> str:
+        n = len(self.kept)
+        return (f"{name}: {n} items; left out {self.dropped['duplicate']} repeated answers and "
+                f"{self.dropped['truncated']} answers cut by max_new_tokens; {self.skipped} items skipped "
+                f"(fewer than {MIN_CANDIDATES} candidates left)")
 
 
 # ---------------------------------------------------------------- OpenAI judge
 
-class JudgeError(RuntimeError):
-    """A judge failure that retrying cannot fix: bad key, unknown model, server gone."""
-
-
-RETRY_STATUS = {408, 409, 429}  # and every 5xx
-
-
-def request_key(base_url: str, model: str, messages: list[dict], params: dict) -> str:
-    """Cache key: hash of everything that determines the judge's reply."""
-    blob = json.dumps({"base_url": base_url, "model": model, "messages": messages, "params": params},
-                      sort_keys=True, ensure_ascii=False)
-    return hashlib.sha256(blob.encode("utf-8")).hexdigest()
-
-
-def retry_after_seconds(headers) -> float | None:
-    """Seconds the server asked us to wait (Retry-After / retry-after-ms), or None."""
-    try:
-        return max(0.0, float(headers.get("retry-after-ms")) / 1000)
-    except (TypeError, ValueError):
-        pass
-    value = headers.get("retry-after")
-    if value is None:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        return max(0.0, email.utils.parsedate_to_datetime(value).timestamp() - time.time())
-    except (TypeError, ValueError):
-        return None
+JudgeError = LLMError  # the judge's endpoint refused or is gone (bad key, unknown model, server down)
+NO_RANKING = "no ranking line"
 
 
 class OpenAIJudge:
-    """Ranks answers with an LLM behind an OpenAI-compatible chat completions API.
+    """Ranks answers with an LLM behind an OpenAI-compatible chat completions API, through llm.LLM.
 
-    Every successful call is stored in a SQLite cache (cache_path=None turns it
-    off), so an interrupted or repeated run re-sends nothing it already has.
-    Transient failures (429, 408, 409, 5xx, timeouts, connection errors) are
-    retried up to max_retries times with capped exponential backoff and jitter,
-    or after the server's Retry-After; a 400/422 makes that item unusable; a bad
-    key or unknown model raises JudgeError at once. A reply without a valid
-    ranking is followed up with a nudge, up to parse_attempts replies in all.
+    Every reply is stored in a SQLite cache (cache_path=None turns it off), so an interrupted or
+    repeated run re-sends nothing it already has; the `openai` client retries connection errors,
+    timeouts, 429 and 5xx itself (max_retries); a bad key or unknown model raises JudgeError at
+    once; a reply without a valid ranking is followed up with a nudge, up to parse_attempts asks,
+    then the item is unusable and counted, and the run goes on.
     """
 
     def __init__(self, base_url: str | None = None, model: str | None = None, api_key: str | None = None,
-                 cache_path: str | Path | None = "runs/judge_cache.sqlite", concurrency: int = 4,
-                 timeout: float = 60.0, max_retries: int = 5, temperature: float = 0.0,
-                 max_tokens: int = 1024, parse_attempts: int = 3, base_delay: float = 1.0,
-                 max_delay: float = 60.0, seed: int = 0, progress_every: float = 5.0):
-        import openai  # only the networked judge needs the client; the offline path runs without it
-
-        self.base_url = (base_url or os.environ.get("NANOHUATUO_JUDGE_BASE_URL")
-                         or os.environ.get("OPENAI_BASE_URL") or "https://api.openai.com/v1")
-        self.model = model or os.environ.get("NANOHUATUO_JUDGE_MODEL")
-        if not self.model:
-            raise JudgeError("nanohuatuo/feedback.py: no judge model given; pass --model (model=...) "
-                             "or set NANOHUATUO_JUDGE_MODEL, or use --judge offline")
-        # local servers (vLLM, llama.cpp) ignore the key but the client insists on one
-        api_key = api_key or os.environ.get("OPENAI_API_KEY") or "EMPTY"
-        self._openai = openai
-        self._client = openai.OpenAI(base_url=self.base_url, api_key=api_key, timeout=timeout, max_retries=0)
-        self.concurrency = concurrency
-        self.max_retries = max_retries
+                 cache_path=None, concurrency: int = 4, timeout: float = 60.0, max_retries: int = 5,
+                 temperature: float = 0.0, max_tokens: int = 1024, parse_attempts: int = 3, seed: int = 0,
+                 progress_every: float = 5.0, refresh_unusable: bool = False):
+        base_url = (base_url or os.environ.get("NANOHUATUO_JUDGE_BASE_URL") or os.environ.get("OPENAI_BASE_URL")
+                    or "https://api.openai.com/v1")
+        model = model or os.environ.get("NANOHUATUO_JUDGE_MODEL")
+        if not model:
+            raise UserError("no judge model given; pass --model-name (model=...) or set NANOHUATUO_JUDGE_MODEL, "
+                            "or use --judge offline")
+        self.llm = LLM(base_url, model, api_key=api_key, cache=cache_path, concurrency=concurrency,
+                       max_retries=max_retries, timeout=timeout, attempts=parse_attempts,
+                       refresh_unusable=refresh_unusable, name="judge", progress_every=progress_every)
+        self.base_url, self.model = self.llm.base_url, model
         self.params = {"temperature": temperature, "max_tokens": max_tokens}
-        self.parse_attempts = parse_attempts
-        self.base_delay = base_delay
-        self.max_delay = max_delay
         self.seed = seed
-        self.progress_every = progress_every
-        self.cache_path = Path(cache_path) if cache_path is not None else None
-        self._lock = threading.Lock()
-        self._rng = random.Random(seed)
-        self._db = None
-        if self.cache_path is not None:
-            self.cache_path.parent.mkdir(parents=True, exist_ok=True)
-            # one connection shared by the worker threads, serialised by self._lock
-            self._db = sqlite3.connect(self.cache_path, check_same_thread=False, timeout=30.0)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("CREATE TABLE IF NOT EXISTS responses (key TEXT PRIMARY KEY, text TEXT NOT NULL, "
-                             "prompt_tokens INTEGER NOT NULL, completion_tokens INTEGER NOT NULL, "
-                             "created REAL NOT NULL)")
-            self._db.commit()
-        self.stats = {}
+
+    @property
+    def usage(self):
+        return self.llm.usage
+
+    def summary(self) -> str:
+        return self.llm.summary()
 
     def close(self) -> None:
-        # under the lock: after an error, rank() returns while running workers may still finish a
-        # request and touch the cache; they find it gone instead of using a closed connection
-        with self._lock:
-            if self._db is not None:
-                self._db.close()
-                self._db = None
-        self._client.close()
+        self.llm.close()
 
     def __enter__(self):
         return self
@@ -319,113 +348,39 @@ class OpenAIJudge:
     def __exit__(self, *exc):
         self.close()
 
-    # -- one chat completion, from the cache or the server
-
-    def _complete(self, messages: list[dict]) -> tuple[str, bool]:
-        key = request_key(self.base_url, self.model, messages, self.params)
-        with self._lock:
-            row = None if self._db is None else \
-                self._db.execute("SELECT text FROM responses WHERE key = ?", (key,)).fetchone()
-        if row is not None:
-            self._count(cache_hits=1)
-            return row[0], True
-        text, prompt_tokens, completion_tokens = self._request(messages)
-        with self._lock:
-            if self._db is not None:
-                self._db.execute("INSERT OR REPLACE INTO responses VALUES (?, ?, ?, ?, ?)",
-                                 (key, text, prompt_tokens, completion_tokens, time.time()))
-                # a commit per row so an interrupted run keeps everything it paid for
-                self._db.commit()
-        self._count(requests=1, prompt_tokens=prompt_tokens, completion_tokens=completion_tokens)
-        return text, False
-
-    def _request(self, messages: list[dict]) -> tuple[str, int, int]:
-        openai = self._openai
-        for attempt in range(self.max_retries + 1):
-            try:
-                response = self._client.chat.completions.create(model=self.model, messages=messages,
-                                                                **self.params)
-                usage = response.usage
-                return (response.choices[0].message.content or "",
-                        usage.prompt_tokens if usage else 0, usage.completion_tokens if usage else 0)
-            except (openai.AuthenticationError, openai.PermissionDeniedError) as e:
-                raise JudgeError(f"nanohuatuo/feedback.py: the judge server at {self.base_url} rejected the "
-                                 f"API key ({e.status_code}); check --api-key / OPENAI_API_KEY") from e
-            except openai.NotFoundError as e:
-                raise JudgeError(f"nanohuatuo/feedback.py: {self.base_url} answered 404 for model "
-                                 f"{self.model!r}; check --base-url (usually ends in /v1) and --model") from e
-            except openai.APIStatusError as e:
-                if e.status_code not in RETRY_STATUS and e.status_code < 500:
-                    raise  # 400/422: this request is wrong, resending it cannot help
-                error, wait = e, retry_after_seconds(e.response.headers)
-            except openai.APIConnectionError as e:  # includes APITimeoutError
-                error, wait = e, None
-            if attempt == self.max_retries:
-                break
-            if wait is None:
-                wait = min(self.max_delay, self.base_delay * 2 ** attempt) * (0.5 + 0.5 * self._rng.random())
-            self._count(retries=1)
-            time.sleep(min(wait, self.max_delay))
-        where = f"; finished calls are cached in {self.cache_path}, rerun to resume" if self._db else ""
-        raise JudgeError(f"nanohuatuo/feedback.py: judge request to {self.base_url} failed after "
-                         f"{self.max_retries + 1} attempts ({error!r}){where}") from error
-
-    # -- one item: shuffle, ask, parse, nudge, map back
-
-    def _rank_one(self, item: dict, mixed: bool) -> dict:
-        n = len(item["answers"]) + mixed
-        order = candidate_order(item["id"], n, self.seed)
-        messages = build_judge_messages(item, order, mixed)
-        raw, all_cached = "", True
-        for _ in range(self.parse_attempts):
-            try:
-                raw, cached = self._complete(messages)
-            except self._openai.APIStatusError as e:  # only 400-like errors get here
-                result = _result(item, None, raw, False, mixed)
-                result["error"] = f"request rejected ({e.status_code}): {e.message}"
-                return result
-            all_cached = all_cached and cached
-            shown = parse_ranking(raw, n)
-            if shown is not None:
-                return _result(item, [order[p] for p in shown], raw, all_cached, mixed)
-            # nudge rather than resend: at temperature 0 the same request returns the same text
-            messages = messages + [{"role": "assistant", "content": raw}, nudge_message(n)]
-        return _result(item, None, raw, all_cached, mixed)
-
-    def _count(self, **deltas) -> None:
-        with self._lock:
-            for name, delta in deltas.items():
-                self.stats[name] = self.stats.get(name, 0) + delta
-
-    def _report(self) -> None:
-        s = self.stats
-        print(f"judge: {s['done']}/{s['total']} done, {s['cache_hits']} cache hits, {s['unusable']} unusable, "
-              f"{s['requests']} requests ({s['retries']} retries), tokens {s['prompt_tokens']} prompt + "
-              f"{s['completion_tokens']} completion", file=sys.stderr, flush=True)
-
     def rank(self, items: list[dict], mixed: bool = False) -> list[dict]:
         """Judge every item; results come back in item order (see the module docstring)."""
-        for item in items:
-            check_item(item, mixed)
-        self.stats = dict.fromkeys(["done", "cache_hits", "unusable", "requests", "retries",
-                                    "prompt_tokens", "completion_tokens"], 0)
-        self.stats["total"] = len(items)
-        results = [None] * len(items)
-        last_report = time.monotonic()
-        pool = concurrent.futures.ThreadPoolExecutor(max_workers=self.concurrency)
-        try:
-            futures = {pool.submit(self._rank_one, item, mixed): i for i, item in enumerate(items)}
-            for future in concurrent.futures.as_completed(futures):
-                result = results[futures[future]] = future.result()
-                self._count(done=1, unusable=result["ranking"] is None)
-                if time.monotonic() - last_report >= self.progress_every:
-                    self._report()
-                    last_report = time.monotonic()
-        finally:
-            # on an error or Ctrl-C, drop queued items instead of waiting for them
-            pool.shutdown(wait=False, cancel_futures=True)
-        self._report()
+        sel = Selection(items, mixed)
+        todo = [j for j in range(len(items)) if sel.judged(j)]
+        requests, parses, followups, orders = [], [], [], []
+        for j in todo:
+            view = judged_view(items[j], sel.kept[j])
+            n = len(view["answers"]) + mixed
+            order = candidate_order(items[j]["id"], n, self.seed)
+            requests.append({"messages": build_judge_messages(view, order, mixed), **self.params})
+            parses.append(ranking_parser(n))
+            # nudge rather than resend: at temperature 0 the same request returns the same text
+            followups.append(lambda messages, text, reason, n=n:
+                             messages + [{"role": "assistant", "content": text}, nudge_message(n)])
+            orders.append(order)
+        answers = self.llm.map(requests, parse=parses, followup=followups, desc="judge")
+        results = [sel.result(item, j, None, "", False) for j, item in enumerate(items)]
+        for j, order, a in zip(todo, orders, answers):
+            shown = [order[p] for p in a.value] if a.ok else None
+            results[j] = sel.result(items[j], j, shown, a.text or "", a.cached, None if a.ok else a.error)
+        print(sel.summary("judge"), file=sys.stderr)
+        print(self.summary(), file=sys.stderr)
         return results
+
+
+def ranking_parser(n: int):
+    """parse(text) for llm.LLM: positions best first, or ValueError(NO_RANKING)."""
+    def parse(text: str) -> list[int]:
+        ranking = parse_ranking(text, n)
+        if ranking is None:
+            raise ValueError(NO_RANKING)
+        return ranking
+    return parse
 
 
 # --------------------------------------------------------------- offline judge
@@ -460,17 +415,22 @@ class OfflineJudge:
     """Ranks answers by `offline_score` against the doctor's reply; no network, deterministic.
 
     Ties go to the lower answer index. With mixed=True the doctor's reply is a
-    candidate too and, matching itself, always ranks first.
+    candidate too and, matching itself, always ranks first. Candidates are chosen as for the
+    OpenAI judge (no repeats, no answers cut by max_new_tokens).
     """
 
     def rank(self, items: list[dict], mixed: bool = False) -> list[dict]:
+        sel = Selection(items, mixed)
         results = []
-        for item in items:
-            check_item(item, mixed)
-            scores = [offline_score(c, item["reference"]) for c in candidates(item, mixed)]
+        for j, item in enumerate(items):
+            if not sel.judged(j):
+                results.append(sel.result(item, j, None, "", False))
+                continue
+            scores = [offline_score(c, item["reference"]) for c in candidates(judged_view(item, sel.kept[j]), mixed)]
             ranking = sorted(range(len(scores)), key=lambda i: (-round(scores[i], 12), i))
             raw = "offline scores: " + json.dumps([round(s, 4) for s in scores])
-            results.append(_result(item, ranking, raw, False, mixed))
+            results.append(sel.result(item, j, ranking, raw, False))
+        print(sel.summary("offline judge"), file=sys.stderr)
         return results
 
 
@@ -479,90 +439,115 @@ class OfflineJudge:
 def rankings_to_preferences(items: list[dict], results: list[dict]) -> list[dict]:
     """Preference records (answers best first) for every usable ranking; unusable ones are dropped.
 
-    `results` must be what a judge's rank(items) returned: same length and order.
-    """
+    `results` must be what a judge's rank(items) returned: same length and order. A ranking
+    holding index K (= len(answers)) is mixed feedback: the record then marks where the doctor's
+    reply is, as "reference_index"."""
     if len(items) != len(results):
-        raise ValueError(f"nanohuatuo/feedback.py: {len(items)} items but {len(results)} judge results; "
+        raise ValueError(f"{len(items)} items but {len(results)} judge results; "
                          "pass the results of judge.rank(items) for the same items")
-    records, dropped = [], 0
+    records, dropped = [], Counter()
     for item, result in zip(items, results):
         if result["id"] != item["id"]:
-            raise ValueError(f"nanohuatuo/feedback.py: result {result['id']!r} does not match item "
-                             f"{item['id']!r}; keep results in the order rank() returned them")
+            raise ValueError(f"judge result {result['id']!r} does not match item {item['id']!r}; "
+                             "keep results in the order rank() returned them")
         ranking = result["ranking"]
         if ranking is None:
-            dropped += 1
+            dropped[(result.get("error") or NO_RANKING).split(":")[0]] += 1
             continue
         k = len(item["answers"])
-        if len(ranking) not in (k, k + 1) or sorted(ranking) != list(range(len(ranking))):
-            raise ValueError(f"nanohuatuo/feedback.py: item {item['id']!r}: ranking {ranking} is not a "
-                             f"permutation of its {k} answers (or {k + 1} with the reference)")
-        cands = candidates(item, mixed=len(ranking) == k + 1)
-        records.append({"id": item["id"], "prompt": item["question"], "reference": item["reference"],
-                        "answers": [cands[i] for i in ranking]})
-    print(f"feedback: kept {len(records)} preference records, dropped {dropped} unusable rankings",
-          file=sys.stderr)
+        if len(set(ranking)) != len(ranking) or not all(isinstance(i, int) and 0 <= i <= k for i in ranking) \
+                or len(ranking) < 2:
+            raise ValueError(f"item {item['id']!r}: ranking {ranking} is not an order of distinct answer "
+                             f"indices 0..{k - 1} (and {k} for the doctor's reply)")
+        cands = candidates(item, mixed=True)
+        record = {"id": item["id"], "prompt": item["question"], "reference": item["reference"],
+                  "answers": [cands[i] for i in ranking]}
+        if k in ranking:
+            record["reference_index"] = ranking.index(k)
+        records.append(record)
+    why = ", ".join(f"{n} {reason}" for reason, n in dropped.most_common())
+    print(f"feedback: kept {len(records)} preference records, dropped {sum(dropped.values())} items without a "
+          f"ranking{f' ({why})' if why else ''}", file=sys.stderr)
     return records
 
 
 # ----------------------------------------------------------------------- CLI
 
-def _read_items(path: str) -> list[dict]:
-    if not Path(path).is_file():
-        raise SystemExit(f"nanohuatuo/feedback.py: input {path} not found; pass --in a JSONL file of "
-                         "{id, question, reference, answers} items")
+@dataclass
+class RankConfig:
+    data: str = arg("", "JSONL of judge items {id, question, reference, answers[, finished]}, as "
+                        "`python -m nanohuatuo.sampling` writes them", metavar="FILE")
+    out: str = arg("", "JSONL of preference records to write", metavar="FILE")
+    judge: str = arg("openai", "who ranks: an OpenAI-compatible endpoint, or offline (similarity to the doctor's "
+                               "reply, no network)", choices=["openai", "offline"])
+    base_url: str | None = arg(None, "OpenAI-compatible endpoint of the judge (default: "
+                                     "$NANOHUATUO_JUDGE_BASE_URL, $OPENAI_BASE_URL, then https://api.openai.com/v1)")
+    model_name: str | None = arg(None, "judge model name (default: $NANOHUATUO_JUDGE_MODEL)")
+    api_key: str | None = arg(None, "API key (default: $NANOHUATUO_API_KEY, $OPENAI_API_KEY, else EMPTY for "
+                                    "local servers)")
+    cache: str = arg("runs/judge_cache.sqlite", "SQLite cache of the judge's replies; a rerun resumes from it")
+    refresh_unusable: bool = arg(False, "ask again the items whose cached replies gave no usable ranking")
+    concurrency: int = arg(4, "judge requests in flight at once")
+    timeout: float = arg(60.0, "seconds per judge request")
+    max_retries: int = arg(5, "client retries of a request after connection errors, timeouts, 429 and 5xx")
+    attempts: int = arg(3, "asks per item (the first, then nudges) before it counts as unusable")
+    mixed: bool = arg(False, "rank the doctor's reply among the answers (HuatuoGPT's mixed feedback)")
+    seed: int = arg(0, "seed of the per-item shuffle of the candidates")
+
+
+def read_items(path: str, mixed: bool = False) -> list[dict]:
+    """Judge items from a JSONL file; errors name the file and line."""
+    if not os.path.isfile(path):
+        raise UserError(f"--data {path}: no such file; pass a JSONL of judge items "
+                        "(`python -m nanohuatuo.sampling` writes them)")
     items = []
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                items.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise SystemExit(f"nanohuatuo/feedback.py: {path}:{line_no} is not valid JSON ({e}); "
-                                 "fix or remove that line") from e
+    for lineno, row in iter_jsonl(path):
+        try:
+            check_item(row, mixed)
+        except ValueError as e:
+            raise DataError(f"{path}:{lineno}: {e}") from None
+        items.append(row)
+    if not items:
+        raise DataError(f"{path}: no judge items (the file is empty); sample answers first with "
+                        "`python -m nanohuatuo.sampling`")
     return items
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m nanohuatuo.feedback",
-                                     description="Rank sampled answers with a judge and write preference data.")
-    sub = parser.add_subparsers(dest="command", required=True)
-    rank = sub.add_parser("rank", help="rank the answers of each item, write preference records")
-    rank.add_argument("--in", dest="input", required=True, help="JSONL of {id, question, reference, answers}")
-    rank.add_argument("--out", required=True, help="JSONL of preference records to write")
-    rank.add_argument("--judge", choices=["offline", "openai"], default="openai")
-    rank.add_argument("--base-url", help="OpenAI-compatible endpoint (default: $NANOHUATUO_JUDGE_BASE_URL, "
-                                         "$OPENAI_BASE_URL, then api.openai.com)")
-    rank.add_argument("--model", help="judge model (default: $NANOHUATUO_JUDGE_MODEL)")
-    rank.add_argument("--api-key", help="default: $OPENAI_API_KEY, else 'EMPTY' for local servers")
-    rank.add_argument("--cache", default="runs/judge_cache.sqlite", help="SQLite cache of judge replies")
-    rank.add_argument("--concurrency", type=int, default=4)
-    rank.add_argument("--timeout", type=float, default=60.0)
-    rank.add_argument("--max-retries", type=int, default=5)
-    rank.add_argument("--mixed", action="store_true", help="rank the doctor's reply among the answers")
-    rank.add_argument("--seed", type=int, default=0, help="seed of the per-item answer shuffle")
-    args = parser.parse_args(argv)
-
-    items = _read_items(args.input)
-    try:
-        if args.judge == "offline":
-            results = OfflineJudge().rank(items, mixed=args.mixed)
-        else:
-            with OpenAIJudge(base_url=args.base_url, model=args.model, api_key=args.api_key,
-                             cache_path=args.cache, concurrency=args.concurrency, timeout=args.timeout,
-                             max_retries=args.max_retries, seed=args.seed) as judge:
-                results = judge.rank(items, mixed=args.mixed)
-    except (JudgeError, ValueError) as e:
-        raise SystemExit(str(e)) from e
+def rank_command(cfg: RankConfig) -> int:
+    if not cfg.data or not cfg.out:
+        raise UserError("feedback rank needs --data (judge items) and --out (preference records)")
+    items = read_items(cfg.data, cfg.mixed)
+    if cfg.judge == "offline":
+        results = OfflineJudge().rank(items, mixed=cfg.mixed)
+    else:
+        with OpenAIJudge(base_url=cfg.base_url, model=cfg.model_name, api_key=cfg.api_key,
+                         cache_path=cfg.cache or None, concurrency=cfg.concurrency, timeout=cfg.timeout,
+                         max_retries=cfg.max_retries, parse_attempts=cfg.attempts, seed=cfg.seed,
+                         refresh_unusable=cfg.refresh_unusable) as judge:
+            results = judge.rank(items, mixed=cfg.mixed)
     records = rankings_to_preferences(items, results)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out, "w", encoding="utf-8") as f:
-        for record in records:
-            f.write(json.dumps(record, ensure_ascii=False) + "\n")
-    print(f"feedback: wrote {len(records)} records to {out}", file=sys.stderr)
+    n = write_jsonl(cfg.out, records)
+    print(f"feedback: wrote {n} records to {cfg.out}", file=sys.stderr)
     return 0
+
+
+USAGE = "usage: python -m nanohuatuo.feedback rank --data SAMPLES.jsonl --out PREFS.jsonl [options]  (rank --help)"
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE + "\n\n" + __doc__.split("\n\n")[0])
+        return 0 if argv else 2
+    if argv[0] != "rank":
+        print(f"error: unknown command {argv[0]!r}; {USAGE}", file=sys.stderr)
+        return 2
+    parser = make_parser(RankConfig, prog="python -m nanohuatuo.feedback rank",
+                         description="Rank sampled answers with a judge and write preference data.")
+    # the names of earlier releases, kept working but not advertised
+    parser.add_argument("--in", dest="data", help=argparse.SUPPRESS)
+    parser.add_argument("--model", dest="model_name", help=argparse.SUPPRESS)
+    return guarded(rank_command, config_from(RankConfig, parser.parse_args(argv[1:])))
 
 
 if __name__ == "__main__":

@@ -4,12 +4,14 @@ OpenAI-compatible server (real openai client), the offline judge, preference rec
 import json
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
+from fake_openai import ScriptedServer, completion
+
 from nanohuatuo.feedback import (
     JudgeError,
+    judged_answers,
     OfflineJudge,
     OpenAIJudge,
     main,
@@ -30,65 +32,32 @@ def make_items(n=3):
              "reference": REFERENCE, "answers": list(ANSWERS)} for i in range(n)]
 
 
-class ScriptedServer:
-    """Local /v1/chat/completions; `script(body, count)` returns (status, headers, reply text)."""
-
-    def __init__(self, script):
-        self.script = script
-        self.requests = []
-        self.lock = threading.Lock()
-        outer = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                with outer.lock:
-                    outer.requests.append(body)
-                    count = len(outer.requests)
-                status, headers, text = outer.script(body, count)
-                if status == 200:
-                    payload = {"id": f"chatcmpl-{count}", "object": "chat.completion", "created": 0,
-                               "model": body["model"],
-                               "choices": [{"index": 0, "finish_reason": "stop",
-                                            "message": {"role": "assistant", "content": text}}],
-                               "usage": {"prompt_tokens": 100, "completion_tokens": 10, "total_tokens": 110}}
-                else:
-                    payload = {"error": {"message": text, "type": "error", "code": status}}
-                data = json.dumps(payload, ensure_ascii=False).encode("utf-8")
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                for name, value in headers.items():
-                    self.send_header(name, value)
-                self.end_headers()
-                self.wfile.write(data)
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        self.thread = threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True)
-        self.thread.start()
-        self.base_url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
-
-    def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
-
 @pytest.fixture
 def serve(monkeypatch):
+    """start(script) -> a scripted server; script(body, count) returns (status, headers, reply text)."""
     monkeypatch.setenv("NO_PROXY", "127.0.0.1")
     servers = []
 
     def start(script):
-        servers.append(ScriptedServer(script))
-        return servers[-1]
+        lock, count = threading.Lock(), [0]
+
+        def handler(body, path):
+            with lock:
+                count[0] += 1
+                n = count[0]
+            status, headers, text = script(body, n)
+            if status == 200:
+                return completion(text, body, prompt_tokens=100, completion_tokens=10)
+            return status, {"error": {"message": text, "type": "error", "code": status}}, headers
+
+        server = ScriptedServer(handler).start()
+        server.bodies = lambda: [body for _, body in server.requests]
+        servers.append(server)
+        return server
 
     yield start
     for server in servers:
-        server.close()
+        server.stop()
 
 
 def shown_order(body, texts):
@@ -107,7 +76,7 @@ def ranks(best_first):
 
 
 def judge_for(server, tmp_path, **kw):
-    kw = {"cache_path": tmp_path / "cache.sqlite", "base_delay": 0.001, "progress_every": 0, **kw}
+    kw = {"cache_path": tmp_path / "cache.sqlite", "progress_every": 0, **kw}
     return OpenAIJudge(base_url=server.base_url, model="judge-test", api_key="EMPTY", **kw)
 
 
@@ -128,6 +97,13 @@ def judge_for(server, tmp_path, **kw):
     ("最终排名：1 > 2 > 3\n排名：1 > 2", 3, None),                           # invalid last, no fallback
     ('{"ranking": [1, true]}', 2, None),
     ("我觉得都不错。", 3, None),
+    ("排名为：2 > 1", 2, [1, 0]),                                            # label variants
+    ("综合以上分析，最终排名如下：\n\n候选回答2 > 候选回答3 > 候选回答1", 3, [1, 2, 0]),
+    ("最终排名如下：3＞1＞2", 3, [2, 0, 1]),
+    ("排序结果是：1 > 3 > 2", 3, [0, 2, 1]),
+    ("**最终排名**：\n2、1", 2, [1, 0]),
+    ("Final ranking is: 2 > 1", 2, [1, 0]),
+    ("关于排名\n我认为都不错", 2, None),                                    # a label with no ranking below
     ("", 3, None),
 ])
 def test_parse_ranking(text, n, expected):
@@ -142,10 +118,10 @@ def test_ranking_is_mapped_back_through_the_shuffle(serve, tmp_path):
     assert [r["ranking"] for r in results] == [[1, 2, 0]] * 4
     assert [r["id"] for r in results] == ["q0", "q1", "q2", "q3"]
     assert not any(r["cached"] for r in results)
-    assert judge.stats["prompt_tokens"] == 400 and judge.stats["completion_tokens"] == 40
+    assert judge.usage.prompt_tokens == 400 and judge.usage.completion_tokens == 40
     # the shuffle really happened: some item did not see the answers in their original order
-    assert any(shown_order(body, ANSWERS) != [0, 1, 2] for body in server.requests)
-    assert all(body["temperature"] == 0.0 and body["model"] == "judge-test" for body in server.requests)
+    assert any(shown_order(body, ANSWERS) != [0, 1, 2] for body in server.bodies())
+    assert all(body["temperature"] == 0.0 and body["model"] == "judge-test" for body in server.bodies())
 
 
 def test_mixed_ranks_the_hidden_doctor_reply(serve, tmp_path):
@@ -160,7 +136,7 @@ def test_mixed_ranks_the_hidden_doctor_reply(serve, tmp_path):
         [result] = judge.rank(make_items(1), mixed=True)
     assert result["ranking"] == [3, 1, 2, 0] and result["reference_rank"] == 0
     # the doctor's reply appears once, as a candidate, not also as a labelled reference
-    assert server.requests[0]["messages"][1]["content"].count(REFERENCE) == 1
+    assert server.bodies()[0]["messages"][1]["content"].count(REFERENCE) == 1
     [record] = rankings_to_preferences(make_items(1), [result])
     assert record["answers"] == [REFERENCE, ANSWERS[1], ANSWERS[2], ANSWERS[0]]
 
@@ -170,10 +146,10 @@ def test_garbled_reply_is_retried_then_unusable(serve, tmp_path):
     with judge_for(server, tmp_path, parse_attempts=3) as judge:
         [result] = judge.rank(make_items(1))
     assert result["ranking"] is None and result["raw"] == "我觉得都不错。"
-    assert len(server.requests) == 3
+    assert len(server.bodies()) == 3
     # each retry nudges, so the request differs (and would not be a cache hit)
-    assert [len(body["messages"]) for body in server.requests] == [2, 4, 6]
-    assert judge.stats["unusable"] == 1
+    assert [len(body["messages"]) for body in server.bodies()] == [2, 4, 6]
+    assert judge.usage.unusable == {"no ranking line": 1}
     assert rankings_to_preferences(make_items(1), [result]) == []
 
 
@@ -191,7 +167,7 @@ def test_429_and_503_are_retried(serve, tmp_path):
     with judge_for(server, tmp_path) as judge:
         [result] = judge.rank(make_items(1))
     assert result["ranking"] == [1, 0, 2]
-    assert len(server.requests) == 3 and judge.stats["retries"] == 2
+    assert len(server.bodies()) == 3 and judge.usage.retried == 2
 
 
 def test_timeout_is_retried(serve, tmp_path):
@@ -205,7 +181,7 @@ def test_timeout_is_retried(serve, tmp_path):
     server = serve(script)
     with judge_for(server, tmp_path, timeout=0.3) as judge:
         [result] = judge.rank(make_items(1))
-    assert result["ranking"] == [2, 1, 0] and len(server.requests) == 2
+    assert result["ranking"] == [2, 1, 0] and len(server.bodies()) == 2
 
 
 def test_bad_request_is_not_retried_and_auth_error_raises(serve, tmp_path):
@@ -213,7 +189,7 @@ def test_bad_request_is_not_retried_and_auth_error_raises(serve, tmp_path):
     with judge_for(server, tmp_path) as judge:
         [result] = judge.rank(make_items(1))
     assert result["ranking"] is None and "400" in result["error"]
-    assert len(server.requests) == 1
+    assert len(server.bodies()) == 1
 
     server = serve(lambda body, count: (401, {}, "invalid api key"))
     with judge_for(server, tmp_path) as judge, pytest.raises(JudgeError, match="API key"):
@@ -228,14 +204,14 @@ def test_rerun_is_served_from_cache(serve, tmp_path):
     items = make_items(3)
     with judge_for(server, tmp_path, concurrency=2) as judge:
         first = judge.rank(items)
-    sent = len(server.requests)
+    sent = len(server.bodies())
     assert sent == 2 + 3
     with judge_for(server, tmp_path) as judge:
         second = judge.rank(items)
-    assert len(server.requests) == sent  # zero new requests
+    assert len(server.bodies()) == sent  # zero new requests
     assert [r["ranking"] for r in second] == [r["ranking"] for r in first] == [[1, 2, 0], None, [1, 2, 0]]
     assert all(r["cached"] for r in second)
-    assert judge.stats["requests"] == 0 and judge.stats["cache_hits"] == 5
+    assert judge.usage.requests == judge.usage.cached == 5
 
 
 def test_offline_judge_prefers_reference_like_and_sinks_repetition():
@@ -262,8 +238,99 @@ def test_cli_offline(tmp_path):
                             {"role": "user", "content": "有点低热"}]
     src, out = tmp_path / "samples.jsonl", tmp_path / "out" / "prefs.jsonl"
     src.write_text("".join(json.dumps(it, ensure_ascii=False) + "\n" for it in items), encoding="utf-8")
-    assert main(["rank", "--in", str(src), "--out", str(out), "--judge", "offline"]) == 0
+    assert main(["rank", "--data", str(src), "--out", str(out), "--judge", "offline"]) == 0
     records = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
     assert [r["id"] for r in records] == ["q0", "q1"]
     assert records[1]["prompt"] == items[1]["question"] and records[1]["answers"][0] == ANSWERS[1]
     assert "咳嗽" in out.read_text(encoding="utf-8")  # written without \u escapes
+
+
+def test_repeats_and_truncated_answers_are_left_out(serve, tmp_path, capsys):
+    item = make_items(1)[0]
+    item["answers"] = [ANSWERS[1], " " + ANSWERS[1], ANSWERS[2], ANSWERS[0], ANSWERS[2]]
+    item["finished"] = [True, True, True, False, True]  # the loop was cut by max_new_tokens
+    assert judged_answers(item) == ([0, 2], {"duplicate": 2, "truncated": 1})
+    seen = []
+
+    def script(body, count):
+        seen.append(body["messages"][1]["content"])
+        order = shown_order(body, [ANSWERS[1], ANSWERS[2]])
+        return 200, {}, "排名：" + " > ".join(str(order.index(i) + 1) for i in [1, 0])
+
+    server = serve(script)
+    with judge_for(server, tmp_path) as judge:
+        [result] = judge.rank([item])
+    assert result["ranking"] == [2, 0] and result["dropped"] == {"truncated": 1, "duplicate": 2}
+    assert "2个候选回答" in seen[0] and ANSWERS[0] not in seen[0]  # only the two distinct complete ones
+    assert "left out 2 repeated answers and 1 answers cut by max_new_tokens" in capsys.readouterr().err
+    [record] = rankings_to_preferences([item], [result])
+    assert record["answers"] == [ANSWERS[2], ANSWERS[1]] and "reference_index" not in record
+
+    # fewer than two candidates left: skipped (no request), counted, the run goes on
+    lone = dict(item, id="lone", answers=[ANSWERS[1], ANSWERS[1]], finished=[True, True])
+    with judge_for(server, tmp_path) as judge:
+        results = judge.rank([lone, item])
+    assert results[0]["ranking"] is None and results[0]["error"].startswith("skipped")
+    assert results[1]["ranking"] == [2, 0] and len(server.bodies()) == 1  # the other one came from the cache
+    [offline] = OfflineJudge().rank([lone])
+    assert offline["ranking"] is None
+
+
+def test_mixed_record_marks_the_doctor_reply():
+    item = make_items(1)[0]
+    item["answers"] = ANSWERS + [REFERENCE]  # a sampled answer equal to the doctor's reply is judged once
+    [result] = OfflineJudge().rank([item], mixed=True)
+    assert result["dropped"]["duplicate"] == 1 and sorted(result["ranking"]) == [0, 1, 2, 4]
+    [record] = rankings_to_preferences([item], [result])
+    assert record["answers"][record["reference_index"]] == REFERENCE
+    assert record["reference_index"] == result["reference_rank"] == 0
+
+
+def test_a_failing_item_is_counted_and_the_rest_is_judged(serve, tmp_path):
+    good = ranks([1, 2, 0])
+    server = serve(lambda body, count: (200, {}, "都挺好") if "（0）" in body["messages"][1]["content"]
+                   else (200, {}, "") if "（1）" in body["messages"][1]["content"] else good(body, count))
+    with judge_for(server, tmp_path, parse_attempts=2) as judge:
+        results = judge.rank(make_items(3))
+    assert [r["ranking"] for r in results] == [None, None, [1, 2, 0]]
+    assert results[0]["error"] == "no ranking line" and judge.usage.unusable == {"no ranking line": 2}
+    assert "2 unusable (no ranking line)" in judge.summary()
+
+
+def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
+    out = str(tmp_path / "prefs.jsonl")
+    cases = {"latin1.jsonl": json.dumps(make_items(1)[0], ensure_ascii=False).encode("gb18030"),
+             "empty.jsonl": b"", "blank.jsonl": b"\n\n"}
+    for name, data in cases.items():
+        (tmp_path / name).write_bytes(data)
+        assert main(["rank", "--data", str(tmp_path / name), "--out", out, "--judge", "offline"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and name in err and "\n" not in err, err
+    assert main(["rank", "--data", str(tmp_path / "missing.jsonl"), "--out", out, "--judge", "offline"]) == 2
+    assert "missing.jsonl" in capsys.readouterr().err
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"id": "x", "question": "q", "reference": "r", "answers": "a"}) + "\n")
+    assert main(["rank", "--data", str(bad), "--out", out, "--judge", "offline"]) == 2
+    assert "bad.jsonl:1: item 'x': 'answers' must be a list" in capsys.readouterr().err
+    assert not (tmp_path / "prefs.jsonl").exists()
+    assert main(["judge"]) == 2
+
+
+def test_cli_openai_judge_and_old_flag_names(serve, tmp_path, capsys):
+    server = serve(ranks([1, 2, 0]))
+    src, out = tmp_path / "samples.jsonl", tmp_path / "prefs.jsonl"
+    src.write_text("".join(json.dumps(it, ensure_ascii=False) + "\n" for it in make_items(2)), encoding="utf-8")
+    args = ["rank", "--in", str(src), "--out", str(out), "--base-url", server.base_url, "--model", "judge-test",
+            "--cache", str(tmp_path / "c.sqlite")]
+    assert main(args) == 0
+    assert [json.loads(line)["answers"][0] for line in out.read_text(encoding="utf-8").splitlines()] == [ANSWERS[1]] * 2
+    assert "judge: 2 requests (0 cached)" in capsys.readouterr().err
+    assert main(args) == 0 and len(server.bodies()) == 2  # the rerun is served from the cache
+    assert "judge: 2 requests (2 cached)" in capsys.readouterr().err
+
+    auth = serve(lambda body, count: (401, {}, "invalid api key"))
+    args = ["rank", "--data", str(src), "--out", str(out), "--base-url", auth.base_url, "--model-name", "m",
+            "--cache", ""]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "rejected the API key (401" in err and "Traceback" not in err
