@@ -315,14 +315,21 @@ class LLM:
         return self._ask({"messages": messages, **params}, parse, followup)
 
     def map(self, requests: list[dict], parse=None, followup=None, desc: str | None = None) -> list[Answer]:
-        """Answers for [{"messages": [...], **params}, ...], in request order; progress lines on stderr."""
+        """Answers for [{"messages": [...], **params}, ...], in request order; progress lines on stderr.
+
+        parse and followup are one function for all requests, or a list with one per request."""
         desc = desc or self.name
         total, done, from_cache = len(requests), 0, 0
+        parses = list(parse) if isinstance(parse, (list, tuple)) else [parse] * total
+        followups = list(followup) if isinstance(followup, (list, tuple)) else [followup] * total
+        if len(parses) != total or len(followups) != total:
+            raise ValueError(f"{self.name}: {total} requests but {len(parses)} parsers and {len(followups)} "
+                             "followups; pass one function or one per request")
         answers: list[Answer | None] = [None] * total
         t0 = last = time.monotonic()
         pool = concurrent.futures.ThreadPoolExecutor(max_workers=self.concurrency)
         try:
-            futures = {pool.submit(self._ask, r, parse, followup): i for i, r in enumerate(requests)}
+            futures = {pool.submit(self._ask, r, parses[i], followups[i]): i for i, r in enumerate(requests)}
             pending = set(futures)
             while pending:
                 finished, pending = concurrent.futures.wait(
