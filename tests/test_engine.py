@@ -1,0 +1,238 @@
+"""The continuous-batching engine: every request gets exactly what it gets alone, whatever joins,
+leaves, stops or is cancelled around it; prefix reuse; log-probs against a plain forward pass."""
+
+import threading
+import time
+
+import pytest
+import torch
+
+from nanohuatuo.engine import Engine, SamplingParams, sample_seed, tune_cpu_kernels
+from nanohuatuo.model import ModelConfig, Transformer
+
+PROMPTS = [[5, 17, 3, 88, 42, 9, 1], [7, 7, 60], [99, 12, 31, 4, 4, 70, 2, 8, 15, 23], [1], [64, 2, 33, 33],
+           [11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22], [3, 1, 4, 1, 5, 9, 2, 6]]
+CONFIGS = {
+    "llama": dict(),  # RoPE, grouped-query attention
+    "alibi": dict(pos="alibi", norm="layer", mlp="gelu", qkv="bloom", n_kv_heads=None, qkv_bias=True),
+    "window": dict(sliding_window=4),
+}
+
+
+def tiny(kind="llama", seed=0):
+    kw = dict(arch="llama", vocab_size=101, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=48,
+              max_seq_len=128)
+    kw.update(CONFIGS[kind])
+    m = Transformer(ModelConfig(**kw))
+    m.init_weights(std=0.3, seed=seed)  # wide enough that greedy choices are not near-ties
+    return m.eval()
+
+
+def solo(model, prompt, params, **kw):
+    return Engine(model, slots=1, max_len=64, **kw).generate([prompt], params)[0]
+
+
+def drain(eng, outs=None):
+    outs = {} if outs is None else outs
+    while eng.has_work():
+        for ev in eng.step():
+            o = outs.setdefault(ev.rid, {"tokens": [], "logprobs": [], "reason": None})
+            if ev.token is not None:
+                o["tokens"].append(ev.token)
+                o["logprobs"].append(ev.logprob)
+            o["reason"] = ev.finish_reason
+    return outs
+
+
+@pytest.mark.parametrize("kind", list(CONFIGS))
+def test_requests_joining_and_leaving_get_their_solo_greedy_output(kind):
+    m = tiny(kind)
+    lengths = [9, 3, 14, 6, 11, 5, 8]
+    want = [solo(m, p, SamplingParams(max_new_tokens=n)).tokens for p, n in zip(PROMPTS, lengths)]
+    assert all(len(w) == n for w, n in zip(want, lengths))
+    eng = Engine(m, slots=3, max_len=64)
+    rid_of, outs, pending, step = {}, {}, list(range(len(PROMPTS))), 0
+    while pending or eng.has_work():
+        if pending and (step % 2 == 0 or len(rid_of) < 3):  # three at once, then one every other step
+            i = pending.pop(0)
+            rid_of[eng.add(PROMPTS[i], SamplingParams(max_new_tokens=lengths[i]))] = i
+        for ev in eng.step():
+            outs.setdefault(ev.rid, []).append(ev.token)
+        assert len(eng.running) <= 3
+        step += 1
+    assert {i: outs[rid] for rid, i in rid_of.items()} == dict(enumerate(want))
+
+
+def test_more_requests_than_slots_reuse_the_slots():
+    m = tiny()
+    params = [SamplingParams(max_new_tokens=n) for n in (7, 12, 4, 9, 10, 3, 6)]
+    want = [solo(m, p, sp).tokens for p, sp in zip(PROMPTS, params)]
+    eng = Engine(m, slots=2, max_len=64)
+    outs = eng.generate(PROMPTS, params)
+    assert [o.tokens for o in outs] == want
+    assert [o.finish_reason for o in outs] == ["length"] * len(PROMPTS)
+    assert not eng.running and not eng.requests and not eng.has_work()
+
+
+def test_seeded_sampling_does_not_depend_on_the_batch():
+    m = tiny()
+    sp = SamplingParams(max_new_tokens=12, temperature=0.9, top_k=20, top_p=0.9, seed=123)
+    alone = solo(m, PROMPTS[0], sp).tokens
+    others = [SamplingParams(max_new_tokens=n, temperature=t, top_p=p, top_k=k, repetition_penalty=r, seed=s)
+              for n, t, p, k, r, s in [(5, 1.2, 1.0, 0, 1.3, None), (15, 0.0, 1.0, 0, 1.0, None),
+                                       (8, 0.7, 0.5, 5, 1.0, 7), (12, 1.0, 1.0, 0, 1.0, 123)]]
+    eng = Engine(m, slots=3, max_len=64)
+    outs = eng.generate([PROMPTS[2], PROMPTS[1], PROMPTS[0], PROMPTS[4], PROMPTS[5]],
+                        [others[0], others[1], sp, others[2], others[3]])
+    assert outs[2].tokens == alone
+    assert solo(m, PROMPTS[0], SamplingParams(**dict(vars(sp), seed=124))).tokens != alone
+
+
+def test_stop_ids_and_stop_strings_end_only_their_own_row():
+    class CharTok:
+        def decode(self, ids):
+            return "".join(chr(ord("a") + i % 26) for i in ids)
+
+    m = tiny()
+    free = [solo(m, p, SamplingParams(max_new_tokens=12)).tokens for p in PROMPTS[:3]]
+    stop_id = free[0][4]
+    text = CharTok().decode(free[2])
+    stop = text[5:7]
+    end = text.find(stop) + len(stop)
+    eng = Engine(m, tokenizer=CharTok(), slots=3, max_len=64)
+    outs = eng.generate(PROMPTS[:3], [SamplingParams(max_new_tokens=12, stop_ids=(stop_id,)),
+                                      SamplingParams(max_new_tokens=12),
+                                      SamplingParams(max_new_tokens=12, stop_strings=(stop,))])
+    assert outs[0].tokens == free[0][:free[0].index(stop_id) + 1] and outs[0].finish_reason == "stop"
+    assert outs[1].tokens == free[1] and outs[1].finish_reason == "length"
+    assert outs[2].tokens == free[2][:end] and outs[2].finish_reason == "stop"
+    assert outs[2].text == text[:end]
+    with pytest.raises(ValueError, match="tokenizer"):
+        Engine(m).add([1, 2], SamplingParams(stop_strings=("x",)))
+
+
+def test_prefix_reuse_equals_prefilling_each_copy(monkeypatch):
+    import nanohuatuo.engine as engine
+    m = tiny()
+    prefills = []
+    real = engine.forward
+
+    def counting(model, ids, *a):
+        if ids.shape[1] > 1:
+            prefills.append(ids.shape[1])
+        return real(model, ids, *a)
+
+    monkeypatch.setattr(engine, "forward", counting)
+    sp = SamplingParams(max_new_tokens=10, temperature=1.0, seed=5, logprobs=True)
+    eng = Engine(m, slots=5, max_len=64)
+    other = eng.add(PROMPTS[2], SamplingParams(max_new_tokens=4))  # runs beside the samples
+    reqs = [eng.requests[r] for r in eng.add(PROMPTS[5], sp, n=4)]
+    outs = drain(eng)
+    assert prefills == [len(PROMPTS[2]) - 1, len(PROMPTS[5]) - 1]
+    assert outs[other]["tokens"] == solo(m, PROMPTS[2], SamplingParams(max_new_tokens=4)).tokens
+    seeds = [SamplingParams(**dict(vars(sp), seed=sample_seed(5, j))) for j in range(4)]
+    # the same batch with each copy added (and prefilled) on its own: bit-identical
+    prefills.clear()
+    eng = Engine(m, slots=5, max_len=64)
+    eng.add(PROMPTS[2], SamplingParams(max_new_tokens=4))
+    copies = [eng.requests[eng.add(PROMPTS[5], s)] for s in seeds]
+    drain(eng)
+    assert len(prefills) == 5
+    assert [r.tokens for r in reqs] == [r.tokens for r in copies]
+    assert [r.logprobs for r in reqs] == [r.logprobs for r in copies]
+    assert len({tuple(r.tokens) for r in reqs}) > 1  # the samples differ
+    # generate() groups identical prompts itself; alone, each copy gets the same tokens
+    prefills.clear()
+    grouped = Engine(m, slots=4, max_len=64).generate([PROMPTS[5]] * 4, seeds)
+    assert len(prefills) == 1
+    assert [o.tokens for o in grouped] == [r.tokens for r in reqs] == [solo(m, PROMPTS[5], s).tokens for s in seeds]
+
+
+def test_logprobs_match_a_plain_forward_pass():
+    m = tiny()
+    params = [SamplingParams(max_new_tokens=10, temperature=t, top_k=k, top_p=p, seed=3, logprobs=True,
+                             top_logprobs=3) for t, k, p in [(0.0, 0, 1.0), (0.7, 10, 0.9), (1.3, 0, 1.0)]]
+    outs = Engine(m, slots=3, max_len=64).generate(PROMPTS[:3], params)
+    for p, sp, o in zip(PROMPTS, params, outs):
+        seq = torch.tensor([p + o.tokens])
+        with torch.no_grad():
+            lp = torch.log_softmax(m(seq)[0, len(p) - 1:-1] / (sp.temperature or 1.0), -1)
+        want = lp.gather(-1, torch.tensor(o.tokens)[:, None]).squeeze(-1)
+        torch.testing.assert_close(torch.tensor(o.logprobs), want, atol=1e-5, rtol=0)
+        top = lp.topk(3, -1)
+        assert [[t for t, _ in row] for row in o.top_logprobs] == top.indices.tolist()
+        torch.testing.assert_close(torch.tensor([[v for _, v in row] for row in o.top_logprobs]), top.values,
+                                   atol=1e-5, rtol=0)
+
+
+def test_cancel_frees_the_slot():
+    m = tiny()
+    eng = Engine(m, slots=1, max_len=64)
+    a = eng.add(PROMPTS[0], SamplingParams(max_new_tokens=50))
+    b = eng.add(PROMPTS[1], SamplingParams(max_new_tokens=6))
+    c = eng.add(PROMPTS[2], SamplingParams(max_new_tokens=6))
+    for _ in range(3):
+        assert [ev.rid for ev in eng.step()] == [a]
+    eng.cancel(a)
+    eng.cancel(c)  # still waiting
+    events = eng.step()
+    assert [(ev.rid, ev.token, ev.finish_reason) for ev in events[:2]] == [(c, None, "cancelled"),
+                                                                         (a, None, "cancelled")]
+    assert [ev.rid for ev in events[2:]] == [b]  # b took a's slot in the same step
+    outs = drain(eng)
+    assert [events[2].token] + outs[b]["tokens"] == solo(m, PROMPTS[1], SamplingParams(max_new_tokens=6)).tokens
+    assert set(outs) == {b} and not eng.requests
+    eng.cancel(a)  # a finished request: nothing happens
+    assert not eng.has_work()
+
+
+def test_add_from_another_thread_while_stepping():
+    m = tiny()
+    params = SamplingParams(max_new_tokens=8)
+    want = {i: solo(m, p, params).tokens for i, p in enumerate(PROMPTS)}
+    eng = Engine(m, slots=3, max_len=64)
+    rids = {}
+
+    def client():
+        for i, p in enumerate(PROMPTS * 3):
+            rids[eng.add(p, params)] = i % len(PROMPTS)
+            time.sleep(0.002)
+
+    th = threading.Thread(target=client)
+    th.start()
+    outs = {}
+    while th.is_alive() or eng.has_work():
+        drain(eng, outs)
+    th.join()
+    drain(eng, outs)
+    assert len(rids) == 3 * len(PROMPTS)
+    assert all(outs[rid]["tokens"] == want[i] and outs[rid]["reason"] == "length" for rid, i in rids.items())
+
+
+def test_bad_requests_are_refused_with_a_reason():
+    eng = Engine(tiny(), slots=2, max_len=16)
+    with pytest.raises(ValueError, match="empty"):
+        eng.add([], SamplingParams())
+    with pytest.raises(ValueError, match=r"\[0, 101\)"):
+        eng.add([5, 101], SamplingParams())
+    with pytest.raises(ValueError, match="max_len=16"):
+        eng.add(list(range(17)), SamplingParams())
+    with pytest.raises(ValueError, match="slots"):
+        eng.add([5], SamplingParams(), n=3)
+    # a row whose cache is full ends with "length"
+    out = eng.generate([list(range(10))], SamplingParams(max_new_tokens=50))[0]
+    assert len(out.tokens) == 16 - 10 + 1 and out.finish_reason == "length"
+
+
+def test_cpu_kernel_choice_keeps_the_values():
+    m = tiny(seed=1)
+    m.lm_head.weight = m.embed_tokens.weight  # tied, as on small Qwen models
+    ids = torch.tensor([PROMPTS[2]])
+    with torch.no_grad():
+        want = m(ids)
+    tune_cpu_kernels(m, batches=(1, 4))
+    assert set(m.cpu_kernels["layouts"].values()) <= {"row", "col"} and set(m.cpu_kernels["head"]) == {1, 4}
+    assert m.lm_head.weight is m.embed_tokens.weight
+    with torch.no_grad():
+        torch.testing.assert_close(m(ids), want, atol=1e-5, rtol=0)
+    assert not Engine(m, compile=True).compile  # CUDA graphs only on CUDA: CPU stays eager
