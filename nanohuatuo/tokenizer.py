@@ -18,7 +18,12 @@ segment by segment (see `nanohuatuo.templates`):
   Metaspace `prepend_scheme="first"`), which is also what `train_sentencepiece` writes
   into `tokenizer_config.json`. `continuation=True` encodes text that continues earlier
   text (no prefix at all), which is how transformers tokenizes text after a special token.
-* `decode` does no clean-up of spaces (`clean_up_tokenization_spaces=False`).
+* `decode` does no clean-up of spaces (`clean_up_tokenization_spaces=False`), and drops the
+  U+FFFD that byte pieces stopping mid-character decode to (a generation cut off inside a
+  character, or bytes a small model strings together that form none): readers never see "�".
+  `replacement=True` keeps them, as the underlying tokenizer returns them.
+* `encode_offsets(text)` gives the ids of `encode(text)` with each token's character span,
+  which is how chat templates map the assistant's text onto tokens.
 """
 
 import io
@@ -36,6 +41,9 @@ TOKENIZER_FILES = (
     "special_tokens_map.json",
     "added_tokens.json",
 )
+
+# The named special tokens transformers hands a chat template (its special_tokens_map).
+SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 
 # Tried in order when no pad token is defined; eos is avoided because code that masks
 # labels by `ids == pad_id` would then also drop the end-of-turn labels.
@@ -56,6 +64,23 @@ def _content(token) -> str | None:
     if isinstance(token, dict):
         return token.get("content")
     return token if isinstance(token, str) else None
+
+
+def special_tokens(model_dir: str | Path) -> dict[str, str]:
+    """The named special tokens of a model directory as strings ({"eos_token": "</s>", ...}).
+
+    tokenizer_config.json wins over special_tokens_map.json, even when it says null; this is
+    the map transformers hands a chat template as `bos_token`, `eos_token`, ...
+    """
+    model_dir = Path(model_dir)
+    config = _read_json(model_dir / "tokenizer_config.json")
+    special_map = _read_json(model_dir / "special_tokens_map.json")
+    found = {}
+    for key in SPECIAL_TOKEN_NAMES:
+        content = _content(config[key] if key in config else special_map.get(key))
+        if content is not None:
+            found[key] = content
+    return found
 
 
 def _id_list(value) -> list[int]:
@@ -172,7 +197,9 @@ class Tokenizer:
 
     Attributes: `path`, `backend` ("tokenizers" or "sentencepiece"), `bos_id` (or None),
     `eos_id`, `stop_ids` (every id that ends a generation), `pad_id`, `vocab_size`,
-    `add_bos` (whether the model family starts sequences with BOS), `files` (what was loaded).
+    `add_bos` (whether the model family starts sequences with BOS), `files` (what was loaded),
+    `special_tokens` (the named special tokens as strings, {"eos_token": "</s>", ...}: what
+    transformers passes to a chat template).
 
     `pad_id` is the defined pad token when there is one; otherwise the first of
     PAD_CANDIDATES present, then unk, then bos, and eos only as the last resort, so that
@@ -248,6 +275,8 @@ class Tokenizer:
             self.add_bos: bool = bool(config["add_bos_token"]) and self.bos_id is not None
         else:
             self.add_bos = self._native_add_bos()
+
+        self.special_tokens: dict[str, str] = special_tokens(self.path)
 
         # Named special tokens are split out of text and skipped by decode, as transformers does.
         for key in ("bos_token", "eos_token", "unk_token", "pad_token"):
@@ -370,11 +399,51 @@ class Tokenizer:
             at_start = False
         return ids
 
-    def decode(self, ids, skip_special: bool = True, *, continuation: bool = False) -> str:
+    def encode_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """`encode(text)` and, per token, the (start, end) character span of `text` it covers.
+
+        A character spelled with several byte pieces gives each of them the character's span.
+        """
+        if self.backend == "tokenizers":
+            encoding = self._tk.encode(text, add_special_tokens=False)
+            return list(encoding.ids), [tuple(o) for o in encoding.offsets]
+        ids, offsets, start = [], [], 0
+        chunks = self._split_re.split(text) if self._split_re else [text]
+        for i, chunk in enumerate(chunks):
+            if i % 2:
+                ids.append(self._added_ids[chunk])
+                offsets.append((start, start + len(chunk)))
+            elif chunk:
+                prefixed = i == 0 and self._dummy_prefix and not chunk.startswith(" ")
+                pieces = (self._sp if prefixed else self._sp_cont).encode(chunk, return_type="proto").pieces
+                # sentencepiece counts bytes of the chunk; byte pieces of one character are empty but the last
+                char_at = [0] * (len(chunk.encode("utf-8")) + 1)
+                position = 0
+                for k, ch in enumerate(chunk):
+                    for _ in range(len(ch.encode("utf-8"))):
+                        char_at[position] = k
+                        position += 1
+                char_at[position] = len(chunk)
+                spans = [[char_at[p.begin], char_at[p.end]] for p in pieces]
+                for k in range(len(spans) - 2, -1, -1):
+                    if spans[k][0] == spans[k][1]:
+                        spans[k] = list(spans[k + 1])
+                ids += [p.id for p in pieces]
+                offsets += [(start + a, start + b) for a, b in spans]
+            start += len(chunk)
+        return ids, offsets
+
+    def decode(self, ids, skip_special: bool = True, *, continuation: bool = False, replacement: bool = False) -> str:
         """Text of `ids`; special tokens are dropped unless `skip_special=False`.
 
         `continuation=True`: the ids continue earlier ids, so a leading space is kept.
+        Bytes that form no complete character decode to nothing; `replacement=True` gives the
+        tokenizer's U+FFFD for them instead (a U+FFFD in the text itself is dropped too unless set).
         """
+        text = self._decode(ids, skip_special, continuation)
+        return text if replacement else text.replace("\ufffd", "")
+
+    def _decode(self, ids, skip_special: bool, continuation: bool) -> str:
         ids = [int(i) for i in ids]
         if self.backend == "tokenizers":
             tk = self._tk_cont if continuation else self._tk
@@ -427,7 +496,8 @@ class StreamDecoder:
 
     It decodes a sliding window (the previous chunk plus the new tokens) and holds text
     back while it ends in U+FFFD, i.e. while a multi-byte character is still split over
-    byte tokens. The concatenated output equals `tok.decode(all ids)`.
+    byte tokens; bytes that turn out to form no character are dropped, as `decode` drops
+    them. The concatenated output equals `tok.decode(all ids)`.
     """
 
     def __init__(self, tok: Tokenizer, skip_special: bool = True):
@@ -439,7 +509,7 @@ class StreamDecoder:
 
     def _window(self, end: int) -> str:
         ids = self.ids[self._prefix : end]
-        return self.tok.decode(ids, self.skip_special, continuation=self._prefix > 0)
+        return self.tok.decode(ids, self.skip_special, continuation=self._prefix > 0, replacement=True)
 
     def put(self, token_id: int) -> str:
         self.ids.append(int(token_id))
@@ -448,14 +518,14 @@ class StreamDecoder:
         if text.endswith("\ufffd") or len(text) <= len(before):
             return ""
         self._prefix, self._read = self._read, len(self.ids)
-        return text[len(before) :]
+        return text[len(before) :].replace("\ufffd", "")
 
     def flush(self) -> str:
-        """Whatever is still held back (an unfinished character comes out as U+FFFD)."""
+        """Whatever is still held back; an unfinished character is dropped."""
         before = self._window(self._read)
         text = self._window(len(self.ids))
         self._prefix = self._read = len(self.ids)
-        return text[len(before) :]
+        return text[len(before) :].replace("\ufffd", "")
 
 
 def _drop_rare_chars(lines: list[str], max_chars: int) -> list[str]:

@@ -259,3 +259,53 @@ def test_metaspace_json_agrees_with_sentencepiece(tmp_path, spm_dir):
             ids = from_spm.encode(text, continuation=continuation)
             assert from_json.encode(text, continuation=continuation) == ids, text
             assert from_json.decode(ids, continuation=continuation) == from_spm.decode(ids, continuation=continuation)
+
+
+# --- special tokens, offsets, and decoding without U+FFFD --------------------------------------
+
+
+def test_special_tokens_as_transformers_passes_them(spm_dir, json_dir):
+    from transformers import AutoTokenizer
+
+    assert Tokenizer.from_pretrained(spm_dir).special_tokens == {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<pad>"}
+    tok = Tokenizer.from_pretrained(json_dir)
+    assert tok.special_tokens == {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"}
+    assert tok.special_tokens == AutoTokenizer.from_pretrained(json_dir).special_tokens_map
+
+
+@pytest.mark.parametrize("backend", ["sentencepiece", "tokenizers"])
+def test_encode_offsets(spm_dir, json_dir, backend):
+    tok = Tokenizer.from_pretrained(spm_dir if backend == "sentencepiece" else json_dir)
+    for text in TEXTS + ["<|im_start|>user\n罕见字：龘<|im_end|>\n", "</s>头疼 x</s>"]:
+        ids, offsets = tok.encode_offsets(text)
+        assert ids == tok.encode(text), text
+        assert all(0 <= a < b <= len(text) for a, b in offsets), text
+        assert all(a2 >= a1 and b2 >= b1 for (a1, b1), (a2, b2) in zip(offsets, offsets[1:])), text
+        # each token decodes to the text it covers (up to the ▁ that stands for a space; a lone
+        # prefix ▁ and a character's byte pieces share the span of the character they start)
+        for token_id, (a, b) in zip(ids, offsets):
+            piece = tok.decode([token_id], skip_special=False, continuation=True, replacement=True)
+            assert "\ufffd" in piece or piece.strip() in ("", text[a:b].strip()), (text, piece, text[a:b])
+    # the byte pieces of a character share its span
+    ids, offsets = tok.encode_offsets("头龘")
+    assert set(offsets) == {(0, 1), (1, 2)} and offsets[-1] == (1, 2)
+    if backend == "sentencepiece":
+        assert [tok.id_to_token(i) for i in ids[-3:]] == ["<0xE9>", "<0xBE>", "<0x98>"] and offsets[-3:] == [(1, 2)] * 3
+
+
+@pytest.mark.parametrize("backend", ["sentencepiece", "tokenizers"])
+def test_decode_drops_incomplete_characters(spm_dir, json_dir, backend):
+    tok = Tokenizer.from_pretrained(spm_dir if backend == "sentencepiece" else json_dir)
+    rare = tok.encode("龘", continuation=True)  # U+9F98: byte pieces (sentencepiece) or partial bytes (byte-level)
+    assert tok.decode(rare) == "龘"
+    good = tok.encode("你好，医生。", continuation=True)
+    cut = rare[:-1]
+    # cut mid-character at the end, or a stray lead byte in the middle: no U+FFFD either way
+    assert tok.decode(good + cut) == "你好，医生。"
+    assert tok.decode(cut + good) == "你好，医生。"
+    assert "\ufffd" in tok.decode(good + cut, replacement=True)
+    stream = StreamDecoder(tok)
+    ids = good + cut + good + rare + cut
+    pieces = [stream.put(i) for i in ids] + [stream.flush()]
+    assert "".join(pieces) == tok.decode(ids) == "你好，医生。你好，医生。龘"
+    assert not any("\ufffd" in piece for piece in pieces)
