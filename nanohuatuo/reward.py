@@ -1,4 +1,5 @@
-"""Reward model: a scalar score for (conversation, answer), trained on the AI judge's rankings (RLAIF step 3).
+"""Reward model training: a scalar score for (conversation, answer), learned from the AI judge's
+rankings (RLAIF step 3). `train(RMConfig)` and its CLI (train_rm.py, python -m nanohuatuo.reward).
 
 The model is the base transformer (with the SFT adapter merged into it, when given) plus a LoRA
 adapter (or all weights trained: lora_r=0) plus a linear value head d -> 1 read at the LAST REAL
@@ -10,12 +11,19 @@ and a batch is the mean over its prompts (InstructGPT: shuffling single pairs ov
 overfits within one epoch). One epoch, AdamW, short warm-up, lr annealed to 0 (cosine or linear).
 LoRA lr 1e-4 by default (higher erodes a medical model, lower barely moves a fresh head in one
 epoch); the value head gets the same lr; LoRA and head weights stay float32 on a bf16 base.
-Full-weight training (lora_r=0) defaults to lr 1e-5.
+Full-weight training (lora_r=0) defaults to lr 1e-5. LoRA targets default to SFT's: every
+attention and MLP linear of the family.
 
 Held-out pairwise accuracy (fraction of held-out pairs with r_better > r_worse) is logged during
 and after training. Then the answers of the training preferences (or --norm-samples) are scored
 and their mean is stored as `bias`, so SFT-like answers score 0 on average at PPO time; 1/std is
-stored as `gain` only with normalize_std (otherwise gain is 1 and the std is kept as `score_std`).
+stored as `gain` only with normalize_std (otherwise gain is 1 and the std is kept as `score_std`,
+which PPO divides by: its penalty and KL coefficient are in units of the score spread).
+
+Checkpoints and resume work as in SFT and PPO (checkpoint.py): --save-every, --stop-after,
+--resume continues with the same losses and ends with the same weights as an uninterrupted run.
+Every input (model, data, held-out data, normalisation samples, template) is read and checked
+before --out is touched, so a mistyped flag never damages an earlier reward model there.
 
 Saved layout in `out`:
     LoRA mode:  adapter_config.json + adapter_model.safetensors   (PEFT layout, the RM's LoRA)
@@ -29,81 +37,84 @@ Saved layout in `out`:
                 "eval_accuracy", "trained_from": {"base", "sft_adapter"}}, written last: a directory
                 with it is complete; metrics.jsonl and metrics.png (loss, accuracy curves).
 
-Scoring API (what PPO uses):
-    rm = load_reward_model(path)             # our RM dir, or a released HuatuoGPT/Ziya RM dir
-    score_ids(rm, seqs) -> (B,) float32      # (raw - bias) * gain at each sequence's last token
-    score_texts(rm, messages_list, answers)  # renders with rm.template, then score_ids
+Scoring (what PPO, the demo and evaluation use) lives in reward_model.py, below the stages:
+load_reward_model, score_ids, score_texts (re-exported here).
 """
 
-import argparse
-import json
+import contextlib
+import dataclasses
 import math
 import os
 import random
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from .chat import pick_device
+from . import checkpoint
+from .cli import UserError, arg, cli_main, prepare_out, resolve_device, resolve_dtype
 from .data import DataError, iter_jsonl, split_heldout
-from .hf import LLAMA_LIKE, TORCH_DTYPES, _atomic_json, read_config
-from .lora import CONFIG_FILE as ADAPTER_CONFIG, apply_lora, load_adapter, merge_and_unload, save_adapter
+from .hf import LLAMA_LIKE, read_config
+from .lora import apply_lora, default_targets, load_adapter, save_adapter
 from .metrics import MetricsLog, plot_metrics
 from .model import Transformer
+from .reward_model import (RM_CONFIG, RewardModel, load_reward_model, load_trunk, raw_scores, right_pad,  # noqa: F401
+                           rm_forward, score_ids, score_texts, with_answer)
 from .templates import guess_template, render
 from .tokenizer import Tokenizer
-
-RM_CONFIG = "reward_config.json"
 
 
 @dataclass
 class RMConfig:
-    base: str = ""  # base model directory (Hugging Face layout), usually the SFT model's base
-    data: str = ""  # preference JSONL from `python -m nanohuatuo.feedback rank`
-    out: str = "runs/rm"
-    adapter: str | None = None  # SFT LoRA adapter, merged into the base before the RM's own LoRA
-    template: str | None = None  # None: guessed from the base directory
-    lora_r: int = 8  # 0: train all weights
-    lora_alpha: float = 16.0
-    lora_dropout: float = 0.0
-    lora_targets: str = "all-linear"  # or a comma list such as q_proj,v_proj
-    lr: float | None = None  # None: 1e-4 with LoRA, 1e-5 for all weights
-    head_lr: float | None = None  # None: same as lr
-    weight_decay: float = 0.0
-    warmup_frac: float = 0.03
-    schedule: str = "cosine"  # cosine | linear, both down to 0 at the end
-    epochs: int = 1
-    batch_prompts: int = 4  # prompts per optimizer step (each brings all its K answers)
-    micro_prompts: int = 0  # prompts per forward/backward (gradient accumulation); 0: the whole batch
-    max_len: int = 1024  # longer sequences lose tokens from the left (the score is read at the end)
-    eval_frac: float = 0.1  # held out from --data when no --eval-data
-    eval_data: str | None = None
-    eval_every: int = 200  # steps; and always at the end
-    max_steps: int | None = None
-    center_coef: float = 0.0  # 0.01 is the usual value when used
-    norm_samples: str | None = None  # default: the answers of the training preferences
-    norm_max: int = 2000  # at most this many answers scored for the bias
-    normalize_std: bool = False
-    grad_clip: float = 1.0
-    grad_checkpointing: bool = False
-    device: str | None = None
-    dtype: str | None = None  # None: bfloat16 on cuda, float32 on cpu
-    seed: int = 0
+    model: str = arg("", "model directory the reward model starts from (Hugging Face layout), usually the "
+                         "SFT model's base")
+    adapter: str | None = arg(None, "SFT LoRA adapter on --model, merged into it before the reward model's own LoRA")
+    data: list[str] = arg([], "preference JSONL file(s) from `python -m nanohuatuo.feedback rank`", metavar="FILE")
+    out: str = arg("out/rm", "output directory: the reward model, reward_config.json, metrics.jsonl, checkpoints/")
+    template: str = arg("auto", "chat template: auto (the model's own), or a name (huatuo, huatuo2, chatml, ...)")
+    lora_r: int = arg(8, "LoRA rank; 0 trains all weights")
+    lora_alpha: float = arg(16.0, "LoRA alpha (scaling alpha / r)")
+    lora_dropout: float = arg(0.0, "dropout on the LoRA input")
+    lora_targets: list[str] = arg([], "LoRA target modules (default: every attention and MLP linear of the family, "
+                                      "as SFT and PPO)", metavar="NAME")
+    lr: float | None = arg(None, "peak learning rate (default 1e-4 with LoRA, 1e-5 for all weights)")
+    head_lr: float | None = arg(None, "value-head learning rate (default: --lr)")
+    weight_decay: float = arg(0.0, "AdamW weight decay on matrices")
+    warmup_frac: float = arg(0.03, "fraction of the steps spent in linear warm-up")
+    schedule: str = arg("cosine", "learning-rate decay to 0 after the warm-up", choices=["cosine", "linear"])
+    epochs: int = arg(1, "passes over the preferences (ignored with --max-steps)")
+    batch_prompts: int = arg(4, "prompts per optimizer step (each brings all its K answers)")
+    micro_prompts: int = arg(0, "prompts per forward/backward (gradient accumulation); 0: the whole batch")
+    max_len: int = arg(1024, "tokens per prompt + answer; longer ones lose tokens from the left (the score is "
+                             "read at the end)")
+    eval_frac: float = arg(0.1, "fraction of --data held out when --eval-data is not given")
+    eval_data: list[str] | None = arg(None, "held-out preference JSONL file(s) (then all of --data trains)",
+                                      metavar="FILE")
+    eval_every: int = arg(200, "held-out accuracy every N steps (and at the end)")
+    max_steps: int | None = arg(None, "optimizer steps in all (default: --epochs over the data)")
+    stop_after: int | None = arg(None, "stop after this step as if interrupted (checkpoint written; resume later)")
+    center_coef: float = arg(0.0, "weight of the mean squared score of each pair, keeping scores near 0 (0.01 is "
+                                  "usual when used)")
+    norm_samples: str | None = arg(None, "JSONL of SFT-like answers for the bias (default: the training answers)",
+                                   metavar="FILE")
+    norm_max: int = arg(2000, "at most this many answers scored for the bias")
+    normalize_std: bool = arg(False, "also scale scores to std 1 (gain = 1/std); PPO divides by the stored std "
+                                     "either way")
+    max_grad_norm: float = arg(1.0, "clip the gradient norm to this")
+    grad_checkpointing: bool = arg(False, "recompute each block's activations in backward (less memory)")
+    save_every: int = arg(200, "checkpoint every N steps (and at the end)")
+    keep_checkpoints: int = arg(1, "checkpoints kept in out/checkpoints (older ones are deleted)")
+    resume: bool = arg(False, "continue the interrupted run in --out from its last checkpoint")
+    overwrite: bool = arg(False, "delete what --out holds and start again")
+    device: str = arg("auto", "auto (cuda if available), cpu, cuda, cuda:1, ...")
+    dtype: str = arg("auto", "auto (bfloat16 on CUDA, float32 on CPU), float32 or bfloat16",
+                     choices=["auto", "float32", "bfloat16", "float16"])
+    seed: int = arg(0, "seed of the split, the batch order, LoRA and value-head init")
 
 
-@dataclass
-class RewardModel:
-    model: Transformer  # with value_head, eval mode, frozen
-    tok: Tokenizer
-    template: str
-    bias: float
-    gain: float
-    max_len: int
-
-
-# ----------------------------------------------------------------------------- loss and forward
+# ----------------------------------------------------------------------------- loss
 
 def pairwise_loss(rewards: torch.Tensor, order=None, center_coef: float = 0.0) -> torch.Tensor:
     """Mean over all C(K,2) pairs of -logsigmoid(r_better - r_worse) for one prompt's K answers.
@@ -125,57 +136,7 @@ def pairwise_accuracy(rewards: torch.Tensor, order=None) -> tuple[int, int]:
     return int((r[i] > r[j]).sum()), len(i)
 
 
-def right_pad(seqs: list[list[int]], pad_id: int, max_len: int | None = None, device=None):
-    """(B, T) ids right-padded with pad_id and the (B, T) mask of real tokens; longer rows keep their last max_len."""
-    if any(len(s) == 0 for s in seqs):
-        raise ValueError("nanohuatuo/reward.py: an empty token sequence cannot be scored; render prompt + answer first")
-    seqs = [s[-max_len:] if max_len else s for s in seqs]
-    T = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), T), dtype=torch.long)
-    for b, s in enumerate(seqs):
-        ids[b, :len(s)] = torch.tensor(s, dtype=torch.long)
-        mask[b, :len(s)] = 1
-    return ids.to(device), mask.to(device)
-
-
-def rm_forward(model: Transformer, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Value-head output (B,) float32 at the last real token of each row of a right-padded batch."""
-    if (mask[:, 1:] > mask[:, :-1]).any():
-        raise ValueError("nanohuatuo/reward.py: rm_forward needs right padding (real tokens first); "
-                         "build the batch with right_pad")
-    # with right padding a real token only attends to earlier real tokens under the causal mask,
-    # so no attention mask is needed and SDPA takes its fastest causal path
-    h = model.hidden_states(ids)  # (B, T, dim)
-    last = mask.sum(-1) - 1  # (B,)
-    h_last = h[torch.arange(ids.shape[0], device=ids.device), last]  # (B, dim)
-    return model.values(h_last[:, None]).squeeze(1).float()
-
-
-@torch.no_grad()
-def raw_scores(model: Transformer, seqs: list[list[int]], pad_id: int, max_len: int, batch_size: int = 16):
-    """Value-head scores (N,) float32 of token sequences, before bias and gain."""
-    device = model.embed_tokens.weight.device
-    # similar lengths together so little compute goes to padding; scores go back in input order
-    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
-    out = torch.empty(len(seqs), dtype=torch.float32, device=device)
-    for start in range(0, len(order), batch_size):
-        idx = order[start:start + batch_size]
-        ids, mask = right_pad([seqs[i] for i in idx], pad_id, max_len, device)
-        out[torch.tensor(idx, device=device)] = rm_forward(model, ids, mask)
-    return out
-
-
 # ----------------------------------------------------------------------------- data
-
-def as_messages(prompt) -> list[dict]:
-    """A preference record's prompt (a question string or a messages list) as messages."""
-    return [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
-
-
-def with_answer(prompt, answer: str) -> list[dict]:
-    return as_messages(prompt) + [{"role": "assistant", "content": answer}]
-
 
 def read_preferences(path, tok: Tokenizer, template: str) -> list[dict]:
     """Preference records -> [{"id", "seqs": token ids of prompt + answer, best answer first}]."""
@@ -226,37 +187,20 @@ def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
         return 0.5 * (1 + math.cos(math.pi * progress))
     if schedule == "linear":
         return 1 - progress
-    raise ValueError(f"nanohuatuo/reward.py: schedule {schedule!r}; use cosine or linear")
-
-
-def _dtype(dtype, device):
-    if dtype is None:
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return TORCH_DTYPES[dtype] if isinstance(dtype, str) else dtype
-
-
-def _load_trunk(base, sft_adapter, device, dtype, keep_lm_head=False) -> Transformer:
-    """Base (+ merged SFT adapter) with a value head (loaded, or fresh) and, usually, no lm_head."""
-    model = Transformer.from_pretrained(base, dtype=dtype, device=device, adapter=sft_adapter, value_head=True)
-    if sft_adapter:
-        merge_and_unload(model)
-    if not keep_lm_head:
-        model.lm_head = None  # a reward model never needs the vocab projection: save its memory
-        model.config.lm_head = False
-    return model
+    raise UserError(f"schedule {schedule!r}; use cosine or linear")
 
 
 def build_model(cfg: RMConfig, device, dtype) -> tuple[Transformer, list, list]:
     """The trainable reward model and its (trunk params, head params)."""
     torch.manual_seed(cfg.seed)  # value head and LoRA A initialisation
     # full mode keeps lm_head outside the Llama family: only there is the head-less layout reloadable
-    keep = cfg.lora_r == 0 and read_config(cfg.base)[1].arch not in LLAMA_LIKE
-    model = _load_trunk(cfg.base, cfg.adapter, device, dtype, keep_lm_head=keep)
+    keep = cfg.lora_r == 0 and read_config(cfg.model)[1].arch not in LLAMA_LIKE
+    model = load_trunk(cfg.model, cfg.adapter, device, dtype, keep_lm_head=keep)
     model.value_head.requires_grad_(True)
     head = list(model.value_head.parameters())
     if cfg.lora_r > 0:
-        targets = cfg.lora_targets if cfg.lora_targets == "all-linear" else tuple(cfg.lora_targets.split(","))
-        apply_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, targets=targets)
+        apply_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
+                   targets=cfg.lora_targets or default_targets(model))
         model.value_head.requires_grad_(True)  # apply_lora froze everything but the adapters
     elif model.lm_head is not None:
         model.lm_head.requires_grad_(False)
@@ -289,32 +233,43 @@ def evaluate(model, examples, pad_id, max_len, batch_prompts, center_coef=0.0) -
 
 def train(cfg: RMConfig) -> dict:
     """Train a reward model as `cfg` says, save it to cfg.out, return the final metrics."""
-    if not cfg.base or not cfg.data:
-        raise ValueError("nanohuatuo/reward.py: RMConfig needs base (model directory) and data (preference JSONL)")
-    device = pick_device(cfg.device)
-    dtype = _dtype(cfg.dtype, device)
+    with contextlib.ExitStack() as hold:  # holds the lock on --out until the run ends, however it ends
+        return _train(cfg, hold)
+
+
+def _train(cfg: RMConfig, hold: contextlib.ExitStack) -> dict:
+    if not cfg.model or not cfg.data:
+        raise UserError("the reward model needs --model (model directory) and --data (preference JSONL)")
+    device = resolve_device(cfg.device)
+    dtype = resolve_dtype(cfg.dtype, device, training=True)
     lr = cfg.lr if cfg.lr is not None else (1e-4 if cfg.lora_r > 0 else 1e-5)
     head_lr = cfg.head_lr if cfg.head_lr is not None else lr
-    os.makedirs(cfg.out, exist_ok=True)
-    for stale in (RM_CONFIG, "metrics.jsonl"):  # no half-old directory if this run stops early
-        if os.path.exists(os.path.join(cfg.out, stale)):
-            os.remove(os.path.join(cfg.out, stale))
 
-    tok = Tokenizer(cfg.base)
-    template = cfg.template or guess_template(cfg.base)
-    examples = read_preferences(cfg.data, tok, template)
+    # every input is read and checked before --out is touched
+    tok = Tokenizer(cfg.model)
+    template = cfg.template if cfg.template and cfg.template != "auto" else guess_template(cfg.model)
+    examples = [ex for path in cfg.data for ex in read_preferences(path, tok, template)]
     if cfg.eval_data:
-        train_ex, eval_ex = examples, read_preferences(cfg.eval_data, tok, template)
+        train_ex, eval_ex = examples, [ex for path in cfg.eval_data for ex in read_preferences(path, tok, template)]
     else:
         train_ex, eval_ex = split_heldout(examples, cfg.eval_frac, cfg.seed)
+    norm = read_norm_samples(cfg.norm_samples, tok, template) if cfg.norm_samples else \
+        [s for ex in train_ex for s in ex["seqs"]]
+    model, trunk, head = build_model(cfg, device, dtype)
+
+    out = Path(cfg.out)
+    hold.enter_context(prepare_out(out, resume=cfg.resume, overwrite=cfg.overwrite))
+    ckpt = checkpoint.resume_from(out, cfg.resume)
+    if cfg.resume and (out / RM_CONFIG).exists():
+        os.remove(out / RM_CONFIG)  # written last: until this run ends, the directory is not a finished RM
+
     n_seqs = sum(len(ex["seqs"]) for ex in train_ex)
     n_long = sum(len(s) > cfg.max_len for ex in train_ex for s in ex["seqs"])
     print(f"reward: {len(train_ex)} training prompts ({n_seqs} answers), {len(eval_ex)} held out; template "
           f"{template}; {n_long} answers longer than max_len {cfg.max_len} lose their first tokens")
-
-    model, trunk, head = build_model(cfg, device, dtype)
     model.train()
-    print(f"reward: {'LoRA r=%d' % cfg.lora_r if cfg.lora_r else 'all weights'}, "
+    targets = f" on {','.join(model.lora_config['target_modules'])}" if cfg.lora_r else ""
+    print(f"reward: {'LoRA r=%d' % cfg.lora_r if cfg.lora_r else 'all weights'}{targets}, "
           f"{sum(p.numel() for p in trunk + head):,} trainable parameters, {dtype}, {device}")
     groups = [{"params": [p for p in trunk if p.ndim >= 2], "lr": lr, "weight_decay": cfg.weight_decay},
               {"params": [p for p in trunk if p.ndim < 2], "lr": lr, "weight_decay": 0.0},
@@ -333,20 +288,27 @@ def train(cfg: RMConfig) -> dict:
     batches = batches[:cfg.max_steps] if cfg.max_steps else batches
     total = len(batches)
     warmup = round(cfg.warmup_frac * total)
-    log = MetricsLog(os.path.join(cfg.out, "metrics.jsonl"), total_steps=total)
-    micro = cfg.micro_prompts or cfg.batch_prompts
-    recent, result = [], {}
-    params = trunk + head
 
-    for step, batch in enumerate(batches):
+    start, recent = 0, []
+    if ckpt:
+        start, recent = load_checkpoint(cfg, ckpt, model, opt, device)
+        print(f"reward: resuming after step {start} from {ckpt}")
+    checkpoint.atomic_json(out / "rm_config.json", dataclasses.asdict(cfg))
+    checkpoint.truncate_jsonl(out / "metrics.jsonl", start if ckpt else -1)
+    log = MetricsLog(out / "metrics.jsonl", total_steps=total)
+    micro = cfg.micro_prompts or cfg.batch_prompts
+    result, params, stopped = {}, trunk + head, False
+
+    for step in range(start, total):
+        batch = batches[step]
         factor = lr_factor(step, total, warmup, cfg.schedule)
         for g in opt.param_groups:
             g["lr"] = g["peak_lr"] * factor
         opt.zero_grad(set_to_none=True)
         loss_sum, correct, pairs, tokens = 0.0, 0, 0, 0
-        for start in range(0, len(batch), micro):
-            chunk = [train_ex[i] for i in batch[start:start + micro]]
-            ids, mask = right_pad([s for ex in chunk for s in ex["seqs"]], tok.pad_id, cfg.max_len, device)
+        for s in range(0, len(batch), micro):
+            chunk = [train_ex[i] for i in batch[s:s + micro]]
+            ids, mask = right_pad([q for ex in chunk for q in ex["seqs"]], tok.pad_id, cfg.max_len, device)
             r, i, losses = rm_forward(model, ids, mask), 0, []
             for ex in chunk:
                 k = len(ex["seqs"])
@@ -355,19 +317,28 @@ def train(cfg: RMConfig) -> dict:
                 correct, pairs, i = correct + c, pairs + n, i + k
             loss = torch.stack(losses).sum() / len(batch)  # mean over the step's prompts
             if not torch.isfinite(loss):
-                raise FloatingPointError(f"nanohuatuo/reward.py: loss is {loss.item()} at step {step + 1}; lower "
-                                         f"--lr, and train in bfloat16 or float32 rather than float16")
+                raise UserError(f"the reward model's loss is {loss.item()} at step {step + 1}; lower --lr, and "
+                                f"train in bfloat16 or float32")
             loss.backward()
             loss_sum += loss.item()
             tokens += int(mask.sum())
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
         opt.step()
+        done = step + 1
         recent = (recent + [(loss_sum, correct, pairs)])[-20:]
-        log.write(step + 1, loss=loss_sum, accuracy=correct / pairs, lr=lr * factor,
+        log.write(done, loss=loss_sum, accuracy=correct / pairs, lr=lr * factor,
                   grad_norm=float(grad_norm), tokens=tokens)
-        if eval_ex and cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < total:
+        if eval_ex and cfg.eval_every and done % cfg.eval_every == 0 and done < total:
             ev = evaluate(model, eval_ex, tok.pad_id, cfg.max_len, cfg.batch_prompts, cfg.center_coef)
-            log.write(step + 1, **ev)
+            log.write(done, **ev)
+        if done % cfg.save_every == 0 or done == total or done == cfg.stop_after:
+            print(f"checkpoint: {save_checkpoint(cfg, done, model, opt, tok, recent)}")
+        if done == cfg.stop_after and done < total:
+            print(f"stopped after step {done} (--stop-after); continue with --resume")
+            stopped = True
+            break
+    if stopped:
+        return {"steps": cfg.stop_after, "stopped": True, "out": os.path.abspath(cfg.out)}
 
     model.eval()
     ev = evaluate(model, eval_ex, tok.pad_id, cfg.max_len, cfg.batch_prompts, cfg.center_coef)
@@ -379,23 +350,19 @@ def train(cfg: RMConfig) -> dict:
     result["train_accuracy"] = sum(x[1] for x in recent) / max(sum(x[2] for x in recent), 1)
 
     # normalisation: SFT-like answers should score 0 on average at PPO time
-    if cfg.norm_samples:
-        norm = read_norm_samples(cfg.norm_samples, tok, template)
-    else:
-        norm = [s for ex in train_ex for s in ex["seqs"]]
     if len(norm) > cfg.norm_max:
         norm = random.Random(cfg.seed).sample(norm, cfg.norm_max)
     scores = raw_scores(model, norm, tok.pad_id, cfg.max_len)
     bias = scores.mean().item()
     std = scores.std(correction=0).item() if len(scores) > 1 else 1.0
     gain = 1.0 / max(std, 1e-6) if cfg.normalize_std else 1.0
-    result.update(bias=bias, gain=gain, score_std=std, norm_samples=len(norm))
+    result.update(bias=bias, gain=gain, score_std=std, norm_samples=len(norm), stopped=False)
     print(f"reward: bias {bias:.4f} (mean raw score of {len(norm)} SFT answers), std {std:.4f}, gain {gain:.4f}; "
           f"held-out pairwise accuracy {ev['eval_accuracy']:.3f} over {ev['eval_pairs']} pairs")
 
     save_reward_model(model, cfg, template, bias, gain, std, ev["eval_accuracy"])
     try:
-        plot_metrics(os.path.join(cfg.out, "metrics.jsonl"), os.path.join(cfg.out, "metrics.png"),
+        plot_metrics(out / "metrics.jsonl", out / "metrics.png",
                      ["loss", "accuracy", "eval_loss", "eval_accuracy", "lr"], title="reward model")
     except ValueError:
         pass  # nothing logged (zero steps)
@@ -403,18 +370,65 @@ def train(cfg: RMConfig) -> dict:
     return result
 
 
+# ----------------------------------------------------------------------------- checkpoints and outputs
+
+def _head(model) -> dict:
+    return {"value_head.weight": model.value_head.weight, "value_head.bias": model.value_head.bias}
+
+
+def save_checkpoint(cfg: RMConfig, step: int, model, opt, tok, recent) -> Path:
+    """The trained weights (LoRA adapter + head, or the full model), optimizer, RNG and step."""
+    with checkpoint.writing(cfg.out, step, cfg.keep_checkpoints) as tmp:
+        if cfg.lora_r:
+            save_adapter(model, tmp / "adapter", extra=_head(model))
+        else:
+            model.save_pretrained(tmp / "model")
+            tok.save_pretrained(tmp / "model")
+        checkpoint.save_optimizer(tmp, opt.state_dict())
+        checkpoint.save_state(tmp, step, dataclasses.asdict(cfg), recent=recent)
+        checkpoint.save_rng(tmp)
+    return Path(cfg.out) / "checkpoints" / f"step_{step:06d}"
+
+
+# settings that may change between a run and its resumption without changing the result
+RESUMABLE = {"resume", "overwrite", "stop_after", "eval_every", "save_every", "keep_checkpoints", "device", "out"}
+
+
+def load_checkpoint(cfg: RMConfig, ckpt: Path, model, opt, device) -> tuple[int, list]:
+    """Restore weights, optimizer and RNG; returns (step, the recent-loss window). Changed settings are
+    applied and announced."""
+    state = checkpoint.read_state(ckpt)
+    changed = checkpoint.config_changes(state["config"], dataclasses.asdict(cfg), RESUMABLE)
+    if changed:
+        print(f"warning: resuming {ckpt} with changed settings, applied from here on (the result will differ "
+              f"from an uninterrupted run): " + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items()))
+    if cfg.lora_r:
+        extra = load_adapter(model, ckpt / "adapter", trainable=True)
+        with torch.no_grad():
+            model.value_head.weight.copy_(extra["value_head.weight"])
+            model.value_head.bias.copy_(extra["value_head.bias"])
+    else:
+        saved = Transformer.from_pretrained(ckpt / "model", dtype=model.embed_tokens.weight.dtype, device=device)
+        with torch.no_grad():
+            for name, p in model.state_dict().items():
+                p.copy_(saved.state_dict()[name])
+    model.train()
+    checkpoint.load_optimizer(ckpt, opt, device)
+    checkpoint.load_rng(ckpt)
+    return state["step"], [tuple(x) for x in state["recent"]]
+
+
 def save_reward_model(model, cfg: RMConfig, template, bias, gain, score_std, eval_accuracy):
     """Write the layout described in the module docstring; reward_config.json last."""
     out = cfg.out
-    base = os.path.abspath(cfg.base)
+    base = os.path.abspath(cfg.model)
     adapter = os.path.abspath(cfg.adapter) if cfg.adapter else None
     lora = cfg.lora_r > 0
     if lora:
-        head = {"value_head.weight": model.value_head.weight, "value_head.bias": model.value_head.bias}
-        save_adapter(model, out, extra=head)
+        save_adapter(model, out, extra=_head(model))
     else:
         model.save_pretrained(out, copy_from=base)  # tokenizer files come along from the base
-    _atomic_json(os.path.join(out, RM_CONFIG), {
+    checkpoint.atomic_json(os.path.join(out, RM_CONFIG), {
         "base": base if lora else os.path.abspath(out),
         "sft_adapter": adapter if lora else None,  # full mode: already merged into the saved weights
         "template": template, "bias": bias, "gain": gain, "lora": lora, "max_len": cfg.max_len,
@@ -422,113 +436,11 @@ def save_reward_model(model, cfg: RMConfig, template, bias, gain, score_std, eva
         "trained_from": {"base": base, "sft_adapter": adapter}})
 
 
-# ----------------------------------------------------------------------------- loading and scoring
-
-def load_reward_model(path, device=None, dtype=None) -> RewardModel:
-    """A frozen reward model in eval mode from our RM directory (LoRA or full) or a released
-    HuatuoGPT/Ziya reward-model directory (LlamaRewardModel, value_head.* tensors, no reward_config.json:
-    bias 0, gain 1, template guessed, max_len from its config)."""
-    device = pick_device(device)
-    dtype = _dtype(dtype, device)
-    where = os.path.join(path, RM_CONFIG)
-    if os.path.exists(where):
-        with open(where) as f:
-            rc = json.load(f)
-        if rc["lora"]:
-            if not os.path.isdir(rc["base"]):
-                raise FileNotFoundError(f"{where}: base model {rc['base']} not found; fix 'base' in that file")
-            model = _load_trunk(rc["base"], rc.get("sft_adapter"), device, dtype)
-            extra = load_adapter(model, path)
-            if set(extra) != {"value_head.weight", "value_head.bias"}:
-                raise KeyError(f"{path}/extra.safetensors: expected value_head.weight and value_head.bias, found "
-                               f"{sorted(extra)}; the directory is not a complete reward model")
-            with torch.no_grad():
-                model.value_head.weight.copy_(extra["value_head.weight"])
-                model.value_head.bias.copy_(extra["value_head.bias"])
-            tok = Tokenizer(rc["base"])
-        else:
-            model = Transformer.from_pretrained(path, dtype=dtype, device=device)
-            tok = Tokenizer(path)
-        template, bias, gain, max_len = rc["template"], rc["bias"], rc["gain"], rc["max_len"]
-    else:
-        if os.path.exists(os.path.join(path, ADAPTER_CONFIG)):
-            raise FileNotFoundError(f"{where} not found but {path} holds an adapter: reward-model training did "
-                                    f"not finish; rerun train_rm.py")
-        model = Transformer.from_pretrained(path, dtype=dtype, device=device)
-        if model.value_head is None:
-            raise ValueError(f"{path}: no value_head tensors and no {RM_CONFIG}; this is not a reward model "
-                             f"(train one with train_rm.py)")
-        tok = Tokenizer(path)
-        template, bias, gain, max_len = guess_template(path), 0.0, 1.0, model.config.max_seq_len
-    model.requires_grad_(False)
-    model.eval()
-    return RewardModel(model=model, tok=tok, template=template, bias=float(bias), gain=float(gain),
-                       max_len=int(max_len))
-
-
-def score_ids(rm: RewardModel, seqs: list[list[int]], batch_size: int = 16) -> torch.Tensor:
-    """Normalised scores (B,) float32 on the model's device: (raw - bias) * gain at each sequence's
-    last token. seqs: prompt + response ids as the template renders them, ending with the end token;
-    sequences longer than rm.max_len keep their last max_len tokens."""
-    raw = raw_scores(rm.model, seqs, rm.tok.pad_id, rm.max_len, batch_size)
-    return (raw - rm.bias) * rm.gain
-
-
-def score_texts(rm: RewardModel, messages_list: list, answers: list[str], batch_size: int = 16) -> torch.Tensor:
-    """Scores (B,) of each answer to its conversation (messages ending with a user turn, or a question string)."""
-    if len(messages_list) != len(answers):
-        raise ValueError(f"nanohuatuo/reward.py: score_texts got {len(messages_list)} conversations but "
-                         f"{len(answers)} answers; pass one answer per conversation")
-    seqs = [render(with_answer(m, a), rm.tok, rm.template)[0] for m, a in zip(messages_list, answers)]
-    return score_ids(rm, seqs, batch_size)
-
-
 # ----------------------------------------------------------------------------- CLI
 
-def main(argv=None) -> dict:
-    d = RMConfig()
-    ap = argparse.ArgumentParser(prog="train_rm.py", description="Train a reward model on ranked answers.")
-    ap.add_argument("--base", required=True, help="base model directory (Hugging Face layout)")
-    ap.add_argument("--adapter", help="SFT LoRA adapter, merged into the base before the reward model's LoRA")
-    ap.add_argument("--data", required=True, help="preference JSONL from `python -m nanohuatuo.feedback rank`")
-    ap.add_argument("--out", required=True, help="output directory")
-    ap.add_argument("--template", help="chat template (default: guessed from --base)")
-    ap.add_argument("--lora-r", type=int, default=d.lora_r, help="LoRA rank; 0 trains all weights")
-    ap.add_argument("--lora-alpha", type=float, default=d.lora_alpha)
-    ap.add_argument("--lora-dropout", type=float, default=d.lora_dropout)
-    ap.add_argument("--lora-targets", default=d.lora_targets, help="all-linear or a comma list (q_proj,v_proj)")
-    ap.add_argument("--lr", type=float, help="peak lr (default 1e-4 with LoRA, 1e-5 for all weights)")
-    ap.add_argument("--head-lr", type=float, help="value-head lr (default: --lr)")
-    ap.add_argument("--weight-decay", type=float, default=d.weight_decay)
-    ap.add_argument("--warmup-frac", type=float, default=d.warmup_frac)
-    ap.add_argument("--schedule", choices=["cosine", "linear"], default=d.schedule)
-    ap.add_argument("--epochs", type=int, default=d.epochs)
-    ap.add_argument("--batch-prompts", type=int, default=d.batch_prompts, help="prompts per optimizer step")
-    ap.add_argument("--micro-prompts", type=int, default=d.micro_prompts,
-                    help="prompts per forward/backward (0: the whole batch)")
-    ap.add_argument("--max-len", type=int, default=d.max_len)
-    ap.add_argument("--eval-frac", type=float, default=d.eval_frac)
-    ap.add_argument("--eval-data", help="held-out preference JSONL (then all of --data trains)")
-    ap.add_argument("--eval-every", type=int, default=d.eval_every)
-    ap.add_argument("--max-steps", type=int)
-    ap.add_argument("--center-coef", type=float, default=d.center_coef, help="e.g. 0.01")
-    ap.add_argument("--norm-samples", help="JSONL of SFT answers for the bias (default: the training answers)")
-    ap.add_argument("--norm-max", type=int, default=d.norm_max)
-    ap.add_argument("--normalize-std", action="store_true", help="also scale scores to std 1 (gain = 1/std)")
-    ap.add_argument("--grad-clip", type=float, default=d.grad_clip)
-    ap.add_argument("--grad-checkpointing", action="store_true")
-    ap.add_argument("--device", help="default: cuda if available, else cpu")
-    ap.add_argument("--dtype", choices=sorted(TORCH_DTYPES), help="default: bfloat16 on cuda, float32 on cpu")
-    ap.add_argument("--seed", type=int, default=d.seed)
-    args = ap.parse_args(argv)
-    cfg = RMConfig(**vars(args))
-    try:
-        result = train(cfg)
-    except (DataError, FileNotFoundError) as e:
-        raise SystemExit(f"train_rm.py: {e}") from None
-    print(json.dumps(result, indent=2))
-    return result
+def main(argv=None) -> int:
+    return cli_main(train, RMConfig, argv, prog="train_rm.py", description=__doc__.split("\n\n")[0])
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    sys.exit(main())

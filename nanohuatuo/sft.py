@@ -59,11 +59,10 @@ import torch
 import torch.nn as nn
 
 from . import checkpoint, dist
-from .adapters import default_targets
 from .cli import UserError, arg, cli_main, prepare_out, resolve_dtype
 from .data import load_conversations, mix_sources, split_heldout
 from .dist import Dist
-from .lora import apply_lora, load_adapter, merge_and_unload, save_adapter
+from .lora import apply_lora, default_targets, load_adapter, merge_and_unload, save_adapter
 from .losses import IGNORE, linear_cross_entropy, output_weight
 from .metrics import MetricsLog, plot_metrics
 from .model import Transformer

@@ -3,6 +3,7 @@ save/load round trips (LoRA, full, with an SFT adapter), the bias, and a release
 
 import json
 import math
+import os
 import random
 
 import pytest
@@ -55,7 +56,7 @@ def trained(base, tmp_path_factory):
     samples = [{"id": f"s{i}", "question": r["prompt"], "reference": "x", "answers": r["answers"]}
                for i, r in enumerate(preferences(20, seed=1))]
     norm = write_jsonl(tmp / "samples.jsonl", samples)
-    cfg = reward.RMConfig(base=path, data=data, out=str(tmp / "out"), template="plain", lora_r=8, lr=3e-3,
+    cfg = reward.RMConfig(model=path, data=[data], out=str(tmp / "out"), template="plain", lora_r=8, lr=3e-3,
                           eval_frac=0.2, eval_every=20, norm_samples=norm, normalize_std=True, seed=0, device="cpu")
     return cfg, reward.train(cfg), samples
 
@@ -152,7 +153,7 @@ def test_save_load_round_trip(base, tmp_path, mode):
         _perturb(sft_model, seed=5)
         sft = str(tmp_path / "sft")
         save_adapter(sft_model, sft)
-    cfg = reward.RMConfig(base=path, data="unused", out=str(tmp_path / "rm"), adapter=sft, template="plain",
+    cfg = reward.RMConfig(model=path, data=["unused"], out=str(tmp_path / "rm"), adapter=sft, template="plain",
                           lora_r=0 if mode == "full" else 8, max_len=20, device="cpu")
     model, _, _ = reward.build_model(cfg, torch.device("cpu"), torch.float32)
     _perturb(model, seed=6)
@@ -199,3 +200,60 @@ def test_errors_name_the_problem(base, tmp_path):
         reward.read_preferences(data, tok, "plain")
     with pytest.raises(ValueError, match="not a reward model"):
         reward.load_reward_model(path, device="cpu")
+
+
+# ----------------------------------------------------------------------------- checkpoints, resume, --out
+
+def _rm_cfg(path, data, out, **kw):
+    kw = {**dict(template="plain", lora_r=4, lr=3e-3, eval_frac=0.2, eval_every=3, batch_prompts=4, seed=0,
+                 device="cpu", lora_dropout=0.1, save_every=100), **kw}
+    return reward.RMConfig(model=path, data=[data], out=str(out), **kw)
+
+
+@pytest.mark.parametrize("lora_r", [4, 0])
+def test_resume_ends_with_the_weights_of_an_uninterrupted_run(base, tmp_path, lora_r):
+    path, _, _ = base
+    data = write_jsonl(tmp_path / "prefs.jsonl", preferences(30))
+    full = reward.train(_rm_cfg(path, data, tmp_path / "full", lora_r=lora_r))
+    part = reward.train(_rm_cfg(path, data, tmp_path / "part", lora_r=lora_r, stop_after=3))
+    assert part["stopped"] and not (tmp_path / "part" / "reward_config.json").exists()
+    with open(tmp_path / "part" / "metrics.jsonl", "a") as f:  # a row after the checkpoint, then a torn line
+        f.write(json.dumps({"step": 4, "loss": 99.0}) + "\n" + '{"step": 5, "lo')
+    with pytest.raises(ValueError, match="pass --resume"):
+        reward.train(_rm_cfg(path, data, tmp_path / "part", lora_r=lora_r))
+    rest = reward.train(_rm_cfg(path, data, tmp_path / "part", lora_r=lora_r, resume=True))
+    assert {k: v for k, v in rest.items() if k != "out"} == {k: v for k, v in full.items() if k != "out"}
+    rows = [json.loads(line) for line in open(tmp_path / "part" / "metrics.jsonl")]
+    want = [json.loads(line) for line in open(tmp_path / "full" / "metrics.jsonl")]
+    strip = lambda rs: [{k: v for k, v in r.items() if k not in ("time", "tokens_per_s")} for r in rs]  # noqa: E731
+    assert strip(rows) == strip(want)  # one row per step: nothing after the checkpoint written twice
+    name = "adapter_model.safetensors" if lora_r else "model.safetensors"
+    assert (tmp_path / "part" / name).read_bytes() == (tmp_path / "full" / name).read_bytes()
+    if lora_r:
+        assert (tmp_path / "part" / "extra.safetensors").read_bytes() == \
+            (tmp_path / "full" / "extra.safetensors").read_bytes()
+
+
+def test_bad_input_leaves_the_old_reward_model_intact(trained, tmp_path, capsys):
+    cfg, _, _ = trained
+    before = {f: open(os.path.join(cfg.out, f), "rb").read() for f in os.listdir(cfg.out) if not f.startswith(".")
+              and os.path.isfile(os.path.join(cfg.out, f))}
+    argv = ["--model", cfg.model, "--out", cfg.out, "--overwrite", "--template", "plain", "--device", "cpu"]
+    assert reward.main(argv + ["--data", str(tmp_path / "typo.jsonl")]) == 2
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "x", "answers": ["only one"]}])
+    assert reward.main(argv + ["--data", bad]) == 2
+    assert reward.main(argv + ["--data", cfg.data[0], "--model", str(tmp_path / "nowhere")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 3 and all(line.startswith("error: ") for line in err), err
+    assert "typo.jsonl" in err[0] and "bad.jsonl:1" in err[1] and "nowhere" in err[2]
+    after = {f: open(os.path.join(cfg.out, f), "rb").read() for f in before}
+    assert after == before
+
+
+def test_a_second_run_on_the_same_out_refuses(base, tmp_path):
+    from nanohuatuo.cli import prepare_out
+    path, _, _ = base
+    data = write_jsonl(tmp_path / "prefs.jsonl", preferences(8))
+    with prepare_out(tmp_path / "rm"):  # another run holds --out
+        with pytest.raises(ValueError, match="in use by another run"):
+            reward.train(_rm_cfg(path, data, tmp_path / "rm", resume=True))

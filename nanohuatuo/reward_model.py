@@ -1,0 +1,181 @@
+"""A trained reward model, for scoring: load one (ours or a released one) and score answers.
+
+    rm = load_reward_model(path)             # our RM dir (train_rm.py), or a released HuatuoGPT/Ziya RM dir
+    score_ids(rm, seqs) -> (B,) float32      # (raw - bias) * gain at each sequence's last token
+    score_texts(rm, messages_list, answers)  # renders with rm.template, then score_ids
+
+The model is a transformer trunk plus a linear value head d -> 1 read at the LAST REAL token of a
+right-padded batch (the answer's end token). Training it is the reward stage (reward.py); PPO,
+the demo and evaluation only score with it, so this lives below the stages.
+
+Our layout (written by reward.py): LoRA mode: adapter files + extra.safetensors (value_head.*) on
+`base` (+ `sft_adapter` merged); full mode: a model directory in the Ziya/HuatuoGPT reward-model
+layout. Both carry reward_config.json {"base", "sft_adapter", "template", "bias", "gain", "lora",
+"max_len", "score_std", ...}, written last. A released RM has no reward_config.json: bias 0, gain 1,
+no score statistics (`score_std` None), its template given by the caller (`template=`).
+"""
+
+import json
+import os
+from dataclasses import dataclass
+
+import torch
+
+from .cli import resolve_device, resolve_dtype
+from .lora import CONFIG_FILE as ADAPTER_CONFIG, load_adapter, merge_and_unload
+from .model import Transformer
+from .templates import guess_template, render
+from .tokenizer import Tokenizer
+
+RM_CONFIG = "reward_config.json"
+
+
+@dataclass
+class RewardModel:
+    model: Transformer  # with value_head, eval mode, frozen
+    tok: Tokenizer
+    template: str
+    bias: float
+    gain: float
+    max_len: int
+    score_std: float | None = None  # std of raw scores on SFT-like answers (None: not measured)
+    path: str | None = None
+
+
+def resolve_rm_template(model_dir, name: str | None) -> str:
+    """The chat template a reward model scores in: the name given, else its directory's own."""
+    return name if name and name != "auto" else guess_template(model_dir)
+
+
+# ----------------------------------------------------------------------------- forward
+
+def right_pad(seqs: list[list[int]], pad_id: int, max_len: int | None = None, device=None):
+    """(B, T) ids right-padded with pad_id and the (B, T) mask of real tokens; longer rows keep their last max_len."""
+    if any(len(s) == 0 for s in seqs):
+        raise ValueError("an empty token sequence cannot be scored; render prompt + answer first")
+    seqs = [s[-max_len:] if max_len else s for s in seqs]
+    T = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), T), dtype=torch.long)
+    for b, s in enumerate(seqs):
+        ids[b, :len(s)] = torch.tensor(s, dtype=torch.long)
+        mask[b, :len(s)] = 1
+    return ids.to(device), mask.to(device)
+
+
+def rm_forward(model: Transformer, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Value-head output (B,) float32 at the last real token of each row of a right-padded batch."""
+    if (mask[:, 1:] > mask[:, :-1]).any():
+        raise ValueError("rm_forward needs right padding (real tokens first); build the batch with right_pad")
+    # with right padding a real token only attends to earlier real tokens under the causal mask,
+    # so no attention mask is needed and SDPA takes its fastest causal path
+    h = model.hidden_states(ids)  # (B, T, dim)
+    last = mask.sum(-1) - 1  # (B,)
+    h_last = h[torch.arange(ids.shape[0], device=ids.device), last]  # (B, dim)
+    return model.values(h_last[:, None]).squeeze(1).float()
+
+
+@torch.no_grad()
+def raw_scores(model: Transformer, seqs: list[list[int]], pad_id: int, max_len: int, batch_size: int = 16):
+    """Value-head scores (N,) float32 of token sequences, before bias and gain."""
+    device = model.embed_tokens.weight.device
+    # similar lengths together so little compute goes to padding; scores go back in input order
+    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
+    out = torch.empty(len(seqs), dtype=torch.float32, device=device)
+    for start in range(0, len(order), batch_size):
+        idx = order[start:start + batch_size]
+        ids, mask = right_pad([seqs[i] for i in idx], pad_id, max_len, device)
+        out[torch.tensor(idx, device=device)] = rm_forward(model, ids, mask)
+    return out
+
+
+def as_messages(prompt) -> list[dict]:
+    """A preference record's prompt (a question string or a messages list) as messages."""
+    return [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+
+
+def with_answer(prompt, answer: str) -> list[dict]:
+    return as_messages(prompt) + [{"role": "assistant", "content": answer}]
+
+
+# ----------------------------------------------------------------------------- loading and scoring
+
+def load_trunk(base, sft_adapter, device, dtype, keep_lm_head=False) -> Transformer:
+    """Base (+ merged SFT adapter) with a value head (loaded, or fresh) and, usually, no lm_head."""
+    model = Transformer.from_pretrained(base, dtype=dtype, device=device, adapter=sft_adapter, value_head=True)
+    if sft_adapter:
+        merge_and_unload(model)
+    if not keep_lm_head:
+        model.lm_head = None  # a reward model never needs the vocab projection: save its memory
+        model.config.lm_head = False
+    return model
+
+
+def read_rm_config(path) -> dict | None:
+    """reward_config.json of our reward-model directory, or None (a released RM, or not a RM)."""
+    where = os.path.join(path, RM_CONFIG)
+    if not os.path.exists(where):
+        return None
+    with open(where, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def load_reward_model(path, device=None, dtype=None, template: str | None = None) -> RewardModel:
+    """A frozen reward model in eval mode from our RM directory (LoRA or full) or a released
+    HuatuoGPT/Ziya reward-model directory (value_head.* tensors, no reward_config.json: bias 0,
+    gain 1, max_len from its config, the template `template` or, when None/"auto", its directory's).
+    `template` overrides the one our reward_config.json records."""
+    device = resolve_device(device)
+    dtype = dtype if isinstance(dtype, torch.dtype) else resolve_dtype(dtype, device)
+    rc = read_rm_config(path)
+    if rc is not None:
+        where = os.path.join(path, RM_CONFIG)
+        if rc["lora"]:
+            if not os.path.isdir(rc["base"]):
+                raise FileNotFoundError(f"{where}: base model {rc['base']} not found; fix 'base' in that file")
+            model = load_trunk(rc["base"], rc.get("sft_adapter"), device, dtype)
+            extra = load_adapter(model, path)
+            if set(extra) != {"value_head.weight", "value_head.bias"}:
+                raise KeyError(f"{path}/extra.safetensors: expected value_head.weight and value_head.bias, found "
+                               f"{sorted(extra)}; the directory is not a complete reward model")
+            with torch.no_grad():
+                model.value_head.weight.copy_(extra["value_head.weight"])
+                model.value_head.bias.copy_(extra["value_head.bias"])
+            tok = Tokenizer(rc["base"])
+        else:
+            model = Transformer.from_pretrained(path, dtype=dtype, device=device)
+            tok = Tokenizer(path)
+        tmpl = template if template and template != "auto" else rc["template"]
+        bias, gain, max_len, std = rc["bias"], rc["gain"], rc["max_len"], rc.get("score_std")
+    else:
+        if os.path.exists(os.path.join(path, ADAPTER_CONFIG)):
+            raise FileNotFoundError(f"{os.path.join(path, RM_CONFIG)} not found but {path} holds an adapter: "
+                                    f"reward-model training did not finish; rerun train_rm.py")
+        model = Transformer.from_pretrained(path, dtype=dtype, device=device)
+        if model.value_head is None:
+            raise ValueError(f"{path}: no value_head tensors and no {RM_CONFIG}; this is not a reward model "
+                             f"(train one with train_rm.py)")
+        tok = Tokenizer(path)
+        tmpl = resolve_rm_template(path, template)
+        bias, gain, max_len, std = 0.0, 1.0, model.config.max_seq_len, None
+    model.requires_grad_(False)
+    model.eval()
+    return RewardModel(model=model, tok=tok, template=tmpl, bias=float(bias), gain=float(gain),
+                       max_len=int(max_len), score_std=None if std is None else float(std), path=str(path))
+
+
+def score_ids(rm: RewardModel, seqs: list[list[int]], batch_size: int = 16) -> torch.Tensor:
+    """Normalised scores (B,) float32 on the model's device: (raw - bias) * gain at each sequence's
+    last token. seqs: prompt + response ids as the template renders them, ending with the end token;
+    sequences longer than rm.max_len keep their last max_len tokens."""
+    raw = raw_scores(rm.model, seqs, rm.tok.pad_id, rm.max_len, batch_size)
+    return (raw - rm.bias) * rm.gain
+
+
+def score_texts(rm: RewardModel, messages_list: list, answers: list[str], batch_size: int = 16) -> torch.Tensor:
+    """Scores (B,) of each answer to its conversation (messages ending with a user turn, or a question string)."""
+    if len(messages_list) != len(answers):
+        raise ValueError(f"score_texts got {len(messages_list)} conversations but {len(answers)} answers; "
+                         f"pass one answer per conversation")
+    seqs = [render(with_answer(m, a), rm.tok, rm.template)[0] for m, a in zip(messages_list, answers)]
+    return score_ids(rm, seqs, batch_size)
