@@ -42,7 +42,7 @@ from pathlib import Path
 import torch
 
 from .cli import UserError, arg, cli_main, resolve_device, resolve_dtype
-from .generate import stream as generate_stream
+from .engine import Engine, SamplingParams
 from .model import Transformer
 from .templates import guess_template, render_prompt, stop_strings, stop_token_ids
 from .tokenizer import StreamDecoder, Tokenizer
@@ -111,80 +111,6 @@ def load_model(cfg: ServeConfig):
     template = guess_template(where) if cfg.template == "auto" else cfg.template
     stop_strings(template)  # an unknown template name fails here, at start, not on the first request
     return model, tok, template
-
-
-# ----------------------------------------------------------------------------- engine (stand-in)
-# The continuous-batching engine (nanohuatuo/engine.py) is not in the tree yet; this stand-in has
-# its interface (add / cancel from any thread, step from one) over generate.stream, with one KV
-# cache per request. It goes away when the engine lands.
-
-@dataclass
-class SamplingParams:
-    max_new_tokens: int = 256
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int = 0
-    repetition_penalty: float = 1.0
-    stop_ids: tuple = ()
-    stop_strings: tuple = ()
-    seed: int | None = None
-    logprobs: bool = False
-    top_logprobs: int = 0
-
-
-@dataclass
-class Event:
-    rid: int
-    token: int
-    logprob: float | None
-    top_logprobs: list | None
-    finish_reason: str | None
-
-
-class Engine:
-    def __init__(self, model, tokenizer=None, slots=16, max_len=None, compile=False):
-        self.model, self.slots, self.compile = model, slots, compile
-        self.pad_id = tokenizer.pad_id if tokenizer is not None else 0
-        self.lock = threading.Lock()
-        self.waiting, self.running, self.next_rid = [], {}, 0
-
-    def add(self, prompt_ids, params, n=1):
-        with self.lock:
-            rids = list(range(self.next_rid, self.next_rid + n))
-            self.next_rid += n
-            for i, rid in enumerate(rids):
-                seed = None if params.seed is None else params.seed + i
-                self.waiting.append((rid, list(prompt_ids), params, seed))
-        return rids if n > 1 else rids[0]
-
-    def cancel(self, rid):
-        with self.lock:
-            self.waiting = [w for w in self.waiting if w[0] != rid]
-            self.running.pop(rid, None)
-
-    def has_work(self):
-        return bool(self.waiting or self.running)
-
-    def step(self):
-        with self.lock:
-            while self.waiting and len(self.running) < self.slots:
-                rid, prompt, p, seed = self.waiting.pop(0)
-                gen = generate_stream(self.model, prompt, p.max_new_tokens, p.temperature, stop_ids=p.stop_ids,
-                                      top_k=p.top_k, top_p=p.top_p, repetition_penalty=p.repetition_penalty,
-                                      seed=seed, pad_id=self.pad_id, compile=self.compile)
-                self.running[rid] = [gen, p, 0]
-            running = list(self.running.items())
-        events = []
-        for rid, state in running:
-            gen, p, count = state
-            token = next(gen)
-            state[2] = count = count + 1
-            finish = "stop" if token in set(p.stop_ids) else "length" if count >= p.max_new_tokens else None
-            events.append(Event(rid, token, None, None, finish))
-            if finish:
-                with self.lock:
-                    self.running.pop(rid, None)
-        return events
 
 
 # ----------------------------------------------------------------------------- requests
@@ -610,7 +536,7 @@ class Service:
         m = re.fullmatch(r"<0x([0-9A-Fa-f]{2})>", piece)
         if m:
             return "\\x" + m.group(1).lower(), [int(m.group(1), 16)]
-        text = self.tok.decode([token], skip_special=False, continuation=True)
+        text = self.tok.decode([token], skip_special=False, continuation=True, replacement=True)
         return text, list(text.encode("utf-8"))
 
     def chat_logprobs(self, lps):

@@ -19,11 +19,12 @@ import openai
 import pytest
 import torch
 
-from nanohuatuo import ModelConfig, Transformer
+from conftest import tiny_base
+from nanohuatuo import Transformer
 from nanohuatuo.generate import cut_at_stop, generate
 from nanohuatuo.serve import ServeConfig, make_server
 from nanohuatuo.templates import render_prompt, stop_strings, stop_token_ids
-from nanohuatuo.tokenizer import Tokenizer, train_sentencepiece
+from nanohuatuo.tokenizer import Tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LINES = ["头痛三天了，伴有低烧，需要吃什么药？", "建议多休息，多喝水，体温超过38.5度可以服用退烧药。",
@@ -38,16 +39,9 @@ TEMPLATE = "huatuo"
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """(dir, model, tokenizer): a sentencepiece tokenizer and a random tiny Llama with room for
-    HuatuoGPT's long system prompt."""
-    torch.set_num_threads(1)
-    d = tmp_path_factory.mktemp(NAME)
-    tok = train_sentencepiece(LINES, d, vocab_size=320)
-    model = Transformer(ModelConfig(arch="llama", vocab_size=tok.vocab_size, dim=32, n_layers=2, n_heads=4,
-                                    n_kv_heads=2, ffn_dim=64, max_seq_len=1024))
-    model.init_weights(seed=0)
-    model.save_pretrained(d)
-    model = Transformer.from_pretrained(d).eval()
-    return str(d), model, Tokenizer.from_pretrained(d)
+    HuatuoGPT's long system prompt, loaded back from disk as the server loads it."""
+    d = tiny_base(tmp_path_factory.mktemp(NAME), LINES, max_seq_len=1024).dir
+    return d, Transformer.from_pretrained(d).eval(), Tokenizer.from_pretrained(d)
 
 
 def start(tiny, **kw):
