@@ -52,7 +52,7 @@ import os
 import re
 import sys
 from contextvars import ContextVar
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from functools import lru_cache
 from pathlib import Path
@@ -165,13 +165,14 @@ TEMPLATES = {
 class ChatTemplate:
     """What `resolve_template` returns: a named template, or Jinja text and where it came from.
 
-    Plain strings only, so it pickles and compares by value; the compiled Jinja lives in a cache.
+    Plain strings only, so it pickles and compares by value (two copies of one template from
+    different directories are equal); the compiled Jinja lives in a cache.
     `spec` is what `resolve_template(model_dir, spec)` turns back into this template.
     """
 
     name: str  # a TEMPLATES key, "auto" (the model's default), a named Jinja template, or a .jinja path
     source: str | None = None  # the Jinja text; None for a named template
-    origin: str = ""  # the file the Jinja text was read from, for messages
+    origin: str = field(default="", compare=False)  # the file the Jinja text was read from, for messages
     special_tokens: tuple[tuple[str, str], ...] = ()  # bos_token, eos_token, ... of the model directory
     options: tuple[tuple[str, object], ...] = ()  # extra template variables, e.g. (("enable_thinking", False),)
 

@@ -305,3 +305,15 @@ def test_guess_template(tmp_path, name, files, expected):
 def test_guess_template_reads_chat_template_jinja(tmp_path):
     (tmp_path / "chat_template.jinja").write_text(QWEN2_TEMPLATE)
     assert guess_template(tmp_path) == "chatml"
+
+
+def test_named_templates_as_resolved_objects(tmp_path, spm, qwen):
+    from nanohuatuo.templates import ChatTemplate, resolve_template
+
+    for name, tok in (("huatuo", spm), ("huatuo2", spm), ("chatml", qwen)):
+        template = resolve_template(tmp_path, name)
+        assert template == ChatTemplate(name) and not template.is_jinja and str(template) == name
+        assert render(CHAT, tok, template) == render(CHAT, tok, name)
+        assert render_prompt(CHAT[:3], tok, template) == render_prompt(CHAT[:3], tok, name)
+        assert stop_token_ids(tok, template) == stop_token_ids(tok, name)
+        assert stop_strings(template) == stop_strings(name) and default_system(template) == default_system(name)
