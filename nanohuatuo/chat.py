@@ -1,51 +1,95 @@
-"""Chatting with a model: loading for inference, history trimmed to the context, streamed replies.
+"""Chatting with a model: loading for inference, the prompt fitted to the context, streamed replies.
 
-Used by the top-level `chat.py` (interactive and one-shot) and by the demo. HuatuoGPT's own
-CLI decodes with temperature 0.5, at most 512 new tokens, a 1024-token context and stops on EOS
-and on `<病人>`; those are the defaults here.
+    python chat.py --model DIR [--adapter DIR]               # interactive, streamed
+    python chat.py --model DIR --prompt "头痛三天了怎么办？"   # one answer, then exit
+    python -m nanohuatuo.chat ...                             # the same
+
+The prompt budget: the context (`--context`, capped at the model's max_seq_len) holds the prompt
+and the answer, so the prompt gets `context - max_new_tokens` tokens. Whole earlier turns are
+dropped, oldest first, until it fits; the system message and the last question are always kept,
+and when even those do not fit the question is refused with a message saying by how much
+(`PromptTooLong`), never cut. HuatuoGPT's own CLI decodes with temperature 0.5, at most 512 new
+tokens and a 1024-token context; those are the defaults here unless the model's
+generation_config.json sets sampling values (flags override both).
+
+Ctrl-C during an answer stops that answer and keeps the conversation; at the input prompt it
+exits. A bad model directory ends with one line and exit code 2.
 """
 
+import contextlib
+import os
 import sys
+from dataclasses import dataclass
 
-import torch
-
+from .cli import UserError, arg, cli_main, resolve_device, resolve_dtype
 from .generate import cut_at_stop, stream
+from .hf import TOKENIZER_MODEL_FILES, check_model_dir
+from .lora import merge_and_unload, read_adapter_config
 from .model import Transformer
-from .templates import guess_template, render_prompt, stop_strings, stop_token_ids
+from .quant import quantize_int8
+from .templates import generation_defaults, render_prompt, resolve_template, stop_strings, stop_token_ids
 from .tokenizer import StreamDecoder, Tokenizer
 
+# HuatuoGPT's CLI values, used where neither a flag nor generation_config.json says otherwise
+DEFAULTS = {"temperature": 0.5, "top_p": 1.0, "top_k": 0, "repetition_penalty": 1.0}
+
+
+class PromptTooLong(UserError):
+    """The system message and the last question alone do not fit the prompt budget."""
+
+
+# ----------------------------------------------------------------------------- loading
 
 def pick_device(device=None):
-    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    """The device for inference: cuda when there is one (kept for callers; new code uses cli.resolve_device)."""
+    return resolve_device(device or "auto")
+
+
+def tokenizer_dir(model_dir, adapter=None):
+    """Where the tokenizer and chat template come from: an adapter directory that carries its own
+    (training writes the template it used next to the adapter), else the model directory."""
+    if adapter and any(os.path.exists(os.path.join(adapter, f)) for f in TOKENIZER_MODEL_FILES):
+        return adapter
+    return model_dir
 
 
 def load_for_chat(model_dir, adapter=None, dtype=None, device=None, int8=False, template=None):
-    """(model, tokenizer, template name) ready for inference.
+    """(model, tokenizer, template) ready for inference.
 
-    bf16 on CUDA by default (a 7B model then needs about 15 GB), float32 on CPU; `int8` stores
-    linear weights as int8 (about 7.5 GB for 7B). An adapter is merged first, so chatting costs
-    no more than the base model.
+    Everything cheap is checked before the weights are read: config.json, the weight files'
+    headers, the tokenizer, the adapter's config and the chat template (template None or "auto":
+    the model's own, see templates.resolve_template). bf16 on CUDA by default (a 7B model then
+    needs about 15 GB), float32 on CPU; `int8` stores linear weights as int8 (about 7.5 GB for 7B).
+    An adapter is merged first, so chatting costs no more than the base model.
     """
     device = pick_device(device)
-    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    dtype = dtype or resolve_dtype("auto", device)
+    config = check_model_dir(model_dir, build=Transformer)  # every tensor's name and shape, no data read
+    if not config.lm_head:
+        raise UserError(f"{model_dir} is a reward model (a value head, no lm_head): chat needs a language model")
+    if adapter is not None:
+        read_adapter_config(adapter)
+    source = tokenizer_dir(model_dir, adapter)
+    tok = Tokenizer.from_pretrained(source)
+    template = resolve_template(source, template or "auto", tok)
     # int8: load on the CPU, quantise, then move, so the full-precision copy never sits on the GPU
     model = Transformer.from_pretrained(model_dir, dtype=dtype, device="cpu" if int8 else device, adapter=adapter)
     if adapter is not None:
-        from .lora import merge_and_unload
         merge_and_unload(model)
     if int8:
-        from .quant import quantize_int8
         quantize_int8(model)
         model.to(device)
     model.eval()
-    tok = Tokenizer.from_pretrained(model_dir)
-    return model, tok, template or guess_template(model_dir)
+    return model, tok, template
 
+
+# ----------------------------------------------------------------------------- the prompt
 
 def trim_history(messages, tok, template, budget):
     """Drop the oldest user/assistant pairs (keeping a system message) until the prompt fits `budget` tokens.
 
-    A single last question longer than the budget is kept whole; the caller cuts its ids from the left.
+    The last question is always kept, so the result may still be longer than the budget: `fit_prompt`
+    refuses it then.
     """
     messages = list(messages)
     system = [m for m in messages[:1] if m["role"] == "system"]
@@ -55,17 +99,44 @@ def trim_history(messages, tok, template, budget):
     return system + turns
 
 
+def prompt_budget(model, context: int, max_new_tokens: int) -> int:
+    """Prompt tokens left once the answer has its room in a context capped at the model's max_seq_len."""
+    max_seq_len = model.config.max_seq_len
+    context = min(context, max_seq_len)
+    budget = context - max_new_tokens
+    if max_new_tokens < 1 or budget < 1:
+        raise UserError(f"--max-new-tokens {max_new_tokens} leaves no room for a prompt in a {context}-token "
+                        f"context (--context, at most the model's max_seq_len {max_seq_len}); lower "
+                        f"--max-new-tokens or raise --context")
+    return budget
+
+
+def fit_prompt(messages, tok, template, budget: int) -> tuple[list[int], int]:
+    """(prompt ids within `budget`, earlier turns dropped) for a conversation ending on a question."""
+    kept = trim_history(messages, tok, template, budget)
+    ids = render_prompt(kept, tok, template)
+    if len(ids) > budget:
+        raise PromptTooLong(f"the question{' with the system message' if kept[0]['role'] == 'system' else ''} "
+                            f"is {len(ids)} tokens, but only {budget} of the context are left for the prompt "
+                            f"once the answer has its --max-new-tokens; shorten it, lower --max-new-tokens or "
+                            f"raise --context")
+    return ids, (len(messages) - len(kept)) // 2
+
+
+# ----------------------------------------------------------------------------- answering
+
 def reply(model, tok, template, messages, max_new_tokens=512, temperature=0.5, top_p=1.0, top_k=0,
-          repetition_penalty=1.0, seed=None, context=1024, on_text=None, compile=False):
-    """Generate the assistant's answer to `messages` (last one a user turn), streaming text to on_text."""
-    budget = max(context - max_new_tokens, 1)
-    messages = trim_history(messages, tok, template, budget)
-    ids = render_prompt(messages, tok, template)[-budget:]
+          repetition_penalty=1.0, seed=None, context=1024, on_text=None, compile=False, stop_ids=()):
+    """Generate the assistant's answer to `messages` (last one a user turn), streaming text to on_text.
+
+    Raises PromptTooLong (a UserError) when the system message and the last question do not fit.
+    """
+    ids, _ = fit_prompt(messages, tok, template, prompt_budget(model, context, max_new_tokens))
     stops = stop_strings(template)
     hold = max((len(s) for s in stops), default=1) - 1  # text that might be the start of a stop string
     decoder = StreamDecoder(tok)
     text, shown = "", 0
-    for t in stream(model, ids, max_new_tokens, temperature, stop_ids=stop_token_ids(tok, template),
+    for t in stream(model, ids, max_new_tokens, temperature, stop_ids=stop_token_ids(tok, template) | set(stop_ids),
                     top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty, seed=seed,
                     pad_id=tok.pad_id, compile=compile):
         text += decoder.put(t)
@@ -84,12 +155,19 @@ def reply(model, tok, template, messages, max_new_tokens=512, temperature=0.5, t
     return text
 
 
-HELP = "commands: /reset clears the history, /system TEXT sets the system message, /exit quits"
+HELP = "commands: /reset clears the history, /system TEXT sets the system message, /exit quits; " \
+       "Ctrl-C stops an answer"
 
 
-def repl(model, tok, template, system=None, **gen):
-    """Interactive multi-turn chat on stdin/stdout."""
+def _write(text):
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
+
+def repl(model, tok, template, system=None, seed=None, **gen):
+    """Interactive multi-turn chat on stdin/stdout; answer k is sampled with seed + k (a new answer each time)."""
     messages = [{"role": "system", "content": system}] if system else []
+    asked = 0
     print(f"template {template}; {HELP}", flush=True)
     while True:
         try:
@@ -115,8 +193,87 @@ def repl(model, tok, template, system=None, **gen):
             print(HELP)
             continue
         messages.append({"role": "user", "content": line})
-        sys.stdout.write("助手> ")
-        answer = reply(model, tok, template, messages, on_text=lambda s: (sys.stdout.write(s), sys.stdout.flush()),
-                       **gen)
-        sys.stdout.write("\n")
+        shown = []
+        _write("助手> ")
+        try:
+            answer = reply(model, tok, template, messages, on_text=lambda s: (shown.append(s), _write(s)),
+                           seed=None if seed is None else seed + asked, **gen)
+            asked += 1
+        except PromptTooLong as e:
+            messages.pop()  # the question never reached the model; the conversation stays as it was
+            print(f"\n(not asked: {e})")
+            continue
+        except KeyboardInterrupt:
+            # stop this answer, keep the conversation: what was shown becomes the assistant's turn
+            answer = "".join(shown).rstrip()
+            print("\n(answer stopped)")
+            if not answer:
+                messages.pop()
+                continue
+        else:
+            _write("\n")
         messages.append({"role": "assistant", "content": answer})
+
+
+# ----------------------------------------------------------------------------- command line
+
+@dataclass
+class ChatConfig:
+    model: str = arg("", "model directory (Hugging Face layout: config.json, safetensors, tokenizer)")
+    adapter: str | None = arg(None, "LoRA adapter directory (PEFT layout), merged at load")
+    prompt: str | None = arg(None, "answer this one question and exit (default: chat interactively)")
+    system: str | None = arg(None, "system message (default: the template's)")
+    template: str = arg("auto", "chat template: auto (the model's own, else HuatuoGPT's), a name (huatuo, "
+                                "huatuo2, chatml, ...) or a .jinja file")
+    max_new_tokens: int = arg(512, "most tokens in one answer")
+    temperature: float | None = arg(None, "sampling temperature, 0 is greedy (default: generation_config.json's, "
+                                          "else 0.5)")
+    top_p: float | None = arg(None, "nucleus sampling mass (default: generation_config.json's, else 1.0: off)")
+    top_k: int | None = arg(None, "sample among the k likeliest tokens (default: generation_config.json's, else 0: "
+                                  "off)")
+    repetition_penalty: float | None = arg(None, "penalty on tokens already in the prompt or answer "
+                                                 "(default: generation_config.json's, else 1.0: off)")
+    context: int = arg(1024, "tokens of history plus answer, capped at the model's max_seq_len")
+    seed: int = arg(0, "random seed of sampling; answer k of a session uses seed + k, so a run is reproducible")
+    device: str = arg("auto", "auto (cuda if available), cpu, cuda, cuda:1, ...")
+    dtype: str = arg("auto", "auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16 or float16")
+    int8: bool = arg(False, "int8 weight-only quantisation (a 7B model fits a 24 GB card)")
+    compile: bool = arg(False, "torch.compile the decode step (CUDA)")
+
+
+def sampling(cfg: ChatConfig, model_dir) -> dict:
+    """reply()'s sampling arguments: the flags, else generation_config.json, else HuatuoGPT's values."""
+    own = generation_defaults(model_dir)
+    out = {k: getattr(cfg, k) if getattr(cfg, k) is not None else own.get(k, v) for k, v in DEFAULTS.items()}
+    out["stop_ids"] = tuple(own.get("stop_ids", ()))
+    return out
+
+
+def run(cfg: ChatConfig) -> int:
+    if not cfg.model:
+        raise UserError("--model is required: a model directory (config.json, safetensors weights, tokenizer)")
+    if cfg.prompt is not None and not cfg.prompt.strip():
+        raise UserError("--prompt is empty: give the question, or leave --prompt out to chat interactively")
+    device = resolve_device(cfg.device)
+    dtype = resolve_dtype(cfg.dtype, device)
+    # one-shot: stdout carries the answer alone, so what loading prints goes to stderr
+    with contextlib.redirect_stdout(sys.stderr) if cfg.prompt is not None else contextlib.nullcontext():
+        model, tok, template = load_for_chat(cfg.model, cfg.adapter, dtype, device, cfg.int8, cfg.template)
+    gen = dict(max_new_tokens=cfg.max_new_tokens, seed=cfg.seed, context=cfg.context, compile=cfg.compile,
+               **sampling(cfg, tokenizer_dir(cfg.model, cfg.adapter)))
+    prompt_budget(model, cfg.context, cfg.max_new_tokens)  # refuse an impossible budget before the first question
+    if cfg.prompt is not None:
+        messages = ([{"role": "system", "content": cfg.system}] if cfg.system else [])
+        messages.append({"role": "user", "content": cfg.prompt})
+        print(reply(model, tok, template, messages, **gen))
+        return 0
+    repl(model, tok, template, system=cfg.system, **gen)
+    return 0
+
+
+def main(argv=None) -> int:
+    return cli_main(run, ChatConfig, argv, prog="chat.py", description=__doc__)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

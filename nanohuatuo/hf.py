@@ -367,32 +367,29 @@ def require_tokenizer(path) -> None:
                                f"tokenizer files into it")
 
 
-def check_model_dir(path, tokenizer: bool = False) -> ModelConfig:
-    """Check a model directory without reading any tensor data: config.json, the weight files and
-    their headers (truncation), and with tokenizer=True the tokenizer files. Cheap enough to call
-    before touching an output directory; `load` repeats these checks and adds the tensor ones."""
-    _, c = read_config(path)
-    if tokenizer:
-        require_tokenizer(path)
-    for f in weight_files(path):
-        safetensors_header(f)
-    return c
+def check_model_dir(path, tokenizer: bool = False, build=None, value_head=None, strict=True) -> ModelConfig:
+    """Check a model directory without reading any tensor data and return its config.
 
-
-def load(path, build, dtype=None, device=None, value_head=None, strict=True):
-    """`build(config)` (model.Transformer) created on the meta device and filled from the safetensors files.
-
-    dtype: None keeps float32 (safe on every device); pass torch.bfloat16 for a 7B model on a GPU.
-    value_head: None takes the value head the directory has (a released reward model's config or a
-    `value_head.*` tensor): its weight must be there, a missing bias is 0. True adds a freshly
-    initialised head when the files have none (reward models built from an SFT model).
-    strict: an unexpected tensor is an error (else skipped). Missing and mis-shaped tensors always are,
-    and every check runs on the file headers before a byte of tensor data is read.
+    config.json, the weight files and their headers (truncation), with tokenizer=True the
+    tokenizer files, and with `build` (model.Transformer) every tensor's name and shape against a
+    model built on the meta device, as `load` would. Cheap enough to call before touching an
+    output directory or loading anything else.
     """
-    path = str(path)
+    if tokenizer:
+        read_config(path)  # a directory that is not a model at all is named as such first
+        require_tokenizer(path)
+    if build is None:
+        _, c = read_config(path)
+        for f in weight_files(path):
+            safetensors_header(f)
+        return c
+    return _plan(str(path), build, value_head, strict)[0].config
+
+
+def _plan(path, build, value_head, strict):
+    """(the model on the meta device, {file: [(our name, HF key)]}, what the value head needs: "fresh",
+    "zero bias" or None): every check of `load`, from config.json and the file headers alone."""
     hf, c = read_config(path)
-    dtype = TORCH_DTYPES[dtype] if isinstance(dtype, str) else (dtype or torch.float32)
-    device = torch.device(device or "cpu")
     files = weight_files(path)
     stored = {}  # our name -> (file, HF key, shape)
     for file in files:
@@ -408,7 +405,7 @@ def load(path, build, dtype=None, device=None, value_head=None, strict=True):
         model = build(c)
     params = dict(model.named_parameters(remove_duplicate=False))
     tied = c.tie_embeddings and c.lm_head
-    todo = {}  # file -> [(our name, HF key)]
+    todo = {}
     for name, (file, key, shape) in stored.items():
         if tied and name == "lm_head.weight":
             continue  # tied: the embedding is the output matrix
@@ -435,6 +432,25 @@ def load(path, build, dtype=None, device=None, value_head=None, strict=True):
             f"config.json names a reward model ({' '.join(hf.get('architectures') or [])})" if released else \
             "a value head was asked for"
         raise ModelDirError(f"{path}: tensor 'value_head.weight' is missing from the weight files ({listed}); {why}")
+    head = "fresh" if fresh_head else "zero bias" if c.value_head and "value_head.bias" not in stored else None
+    return model, todo, head
+
+
+def load(path, build, dtype=None, device=None, value_head=None, strict=True):
+    """`build(config)` (model.Transformer) created on the meta device and filled from the safetensors files.
+
+    dtype: None keeps float32 (safe on every device); pass torch.bfloat16 for a 7B model on a GPU.
+    value_head: None takes the value head the directory has (a released reward model's config or a
+    `value_head.*` tensor): its weight must be there, a missing bias is 0. True adds a freshly
+    initialised head when the files have none (reward models built from an SFT model).
+    strict: an unexpected tensor is an error (else skipped). Missing and mis-shaped tensors always are,
+    and every check runs on the file headers before a byte of tensor data is read (`check_model_dir`).
+    """
+    path = str(path)
+    model, todo, head = _plan(path, build, value_head, strict)
+    c = model.config
+    dtype = TORCH_DTYPES[dtype] if isinstance(dtype, str) else (dtype or torch.float32)
+    device = torch.device(device or "cpu")
     for file, names in todo.items():
         try:
             with safe_open(file, "pt", device="cpu") as f:
@@ -443,12 +459,12 @@ def load(path, build, dtype=None, device=None, value_head=None, strict=True):
                     _assign(model, name, f.get_tensor(key).to(device=device, dtype=keep))
         except SafetensorError as e:
             raise ModelDirError(f"{file}: corrupt safetensors file ({e}); copy or download it again") from None
-    if fresh_head:
+    if head == "fresh":
         model.new_value_head(device)
-    elif c.value_head and "value_head.bias" not in stored:
+    elif head == "zero bias":
         # a released head saved without a bias (nn.Linear(bias=False)) means bias 0, not a random one
         _assign(model, "value_head.bias", torch.zeros(1, device=device, dtype=torch.float32))
-    if tied:
+    if c.tie_embeddings and c.lm_head:
         model.lm_head.weight = model.embed_tokens.weight
     if c.norm_head and c.lm_head:
         with torch.no_grad():  # idempotent, so a saved (already normalised) head loads the same

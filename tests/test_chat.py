@@ -8,7 +8,9 @@ import pytest
 import torch
 
 from nanohuatuo import ModelConfig, Transformer, Tokenizer
-from nanohuatuo.chat import load_for_chat, reply, trim_history
+from nanohuatuo import chat
+from nanohuatuo.chat import PromptTooLong, fit_prompt, load_for_chat, reply, trim_history
+from nanohuatuo.cli import UserError
 from nanohuatuo.generate import generate
 from nanohuatuo.templates import render_prompt
 from nanohuatuo.tokenizer import train_sentencepiece
@@ -24,7 +26,7 @@ def tiny_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("chatmodel")
     tok = train_sentencepiece(LINES, d, vocab_size=320)
     m = Transformer(ModelConfig(arch="llama", vocab_size=tok.vocab_size, dim=32, n_layers=2, n_heads=4,
-                                n_kv_heads=2, ffn_dim=64, max_seq_len=256))
+                                n_kv_heads=2, ffn_dim=64, max_seq_len=512))
     m.init_weights(seed=0)
     m.save_pretrained(d)
     return str(d)
@@ -56,7 +58,7 @@ def test_trim_history_keeps_system_and_latest(tiny_dir):
 
 
 def test_cli_one_shot_and_interactive(tiny_dir):
-    env = dict(os.environ, PYTHONPATH=ROOT)
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
     out = subprocess.run([sys.executable, "chat.py", "--model", tiny_dir, "--prompt", "头痛怎么办？",
                           "--max-new-tokens", "8", "--temperature", "0"], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=120)
@@ -64,10 +66,80 @@ def test_cli_one_shot_and_interactive(tiny_dir):
     model, tok, template = load_for_chat(tiny_dir)
     want = reply(model, tok, template, [{"role": "user", "content": "头痛怎么办？"}], max_new_tokens=8,
                  temperature=0.0)
-    assert out.stdout.strip() == want.strip()
+    assert out.stdout.strip() == want.strip()  # one-shot: stdout is the answer alone
     session = "/system 你是医生\n头痛怎么办？\n/reset\n咳嗽怎么办？\n/exit\n"
-    out = subprocess.run([sys.executable, "chat.py", "--model", tiny_dir, "--max-new-tokens", "5"], cwd=ROOT,
-                         env=env, input=session, capture_output=True, text=True, timeout=120)
+    out = subprocess.run([sys.executable, "-m", "nanohuatuo.chat", "--model", tiny_dir, "--max-new-tokens", "5"],
+                         cwd=ROOT, env=env, input=session, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "system message set" in out.stdout and "history cleared" in out.stdout
     assert out.stdout.count("助手>") == 2
+
+
+# ----------------------------------------------------------------------------- the prompt budget
+
+def _history(n, system=True):
+    msgs = [{"role": "system", "content": "你是一名医生，请认真回答。"}] if system else []
+    for i in range(n):
+        msgs += [{"role": "user", "content": f"问题{i}" * 5}, {"role": "assistant", "content": f"回答{i}" * 5}]
+    return msgs + [{"role": "user", "content": "最后的问题"}]
+
+
+def test_budget_keeps_system_and_question_and_drops_whole_turns(tiny_dir, monkeypatch):
+    model, tok, _ = load_for_chat(tiny_dir, template="huatuo")
+    msgs = _history(6)
+    full = render_prompt(msgs, tok, "huatuo")
+    last = render_prompt([msgs[0], msgs[-1]], tok, "huatuo")
+    max_new = model.config.max_seq_len - (len(full) + len(last)) // 2  # room for some turns, not all
+    fed = []
+    monkeypatch.setattr(chat, "stream", lambda m, ids, *a, **k: fed.append(ids) or iter(()))
+    reply(model, tok, "huatuo", msgs, max_new_tokens=max_new, temperature=0.0, context=10_000)  # capped at 512
+    budget = model.config.max_seq_len - max_new
+    ids = fed[-1]
+    assert len(last) < len(ids) <= budget < len(full)
+    kept = trim_history(msgs, tok, "huatuo", budget)
+    assert ids == render_prompt(kept, tok, "huatuo")  # whole turns dropped, nothing cut mid-turn
+    assert kept[0] == msgs[0] and kept[-1] == msgs[-1] and (len(msgs) - len(kept)) % 2 == 0
+    assert fit_prompt(msgs, tok, "huatuo", budget) == (ids, (len(msgs) - len(kept)) // 2)
+
+
+def test_budget_refuses_what_cannot_fit(tiny_dir):
+    model, tok, _ = load_for_chat(tiny_dir, template="huatuo")
+    msgs = _history(2)
+    with pytest.raises(UserError, match=r"--max-new-tokens 1024 leaves no room for a prompt in a 512-token context"):
+        reply(model, tok, "huatuo", msgs, max_new_tokens=1024, context=1024)
+    last = len(render_prompt([msgs[0], msgs[-1]], tok, "huatuo"))
+    with pytest.raises(PromptTooLong, match=rf"the question with the system message is {last} tokens, but only "
+                                            rf"{last - 1} of the context"):
+        reply(model, tok, "huatuo", msgs, max_new_tokens=512 - (last - 1), context=512)
+
+
+def test_ctrl_c_stops_the_answer_and_keeps_the_conversation(tiny_dir, monkeypatch, capsys):
+    lines = iter(["第一个问题", "第二个问题", "第三个问题"])
+    seen = []
+
+    def fake_input(prompt=""):
+        try:
+            return next(lines)
+        except StopIteration:
+            raise KeyboardInterrupt  # Ctrl-C at the input prompt: leave cleanly
+    calls = iter(["interrupt", "silent", "answer"])
+
+    def fake_reply(model, tok, template, messages, on_text=None, seed=None, **gen):
+        seen.append(([dict(m) for m in messages], seed))
+        what = next(calls)
+        if what == "answer":
+            on_text("好的")
+            return "好的"
+        if what == "interrupt":
+            on_text("部分回答")
+        raise KeyboardInterrupt
+    monkeypatch.setattr("builtins.input", fake_input)
+    monkeypatch.setattr(chat, "reply", fake_reply)
+    chat.repl(None, None, "huatuo", seed=7)
+    out = capsys.readouterr().out
+    assert out.count("(answer stopped)") == 2
+    # the stopped answer stays as the assistant's turn; a stop before any text drops the question
+    assert seen[1][0] == [{"role": "user", "content": "第一个问题"}, {"role": "assistant", "content": "部分回答"},
+                          {"role": "user", "content": "第二个问题"}]
+    assert seen[2][0] == seen[1][0][:2] + [{"role": "user", "content": "第三个问题"}]
+    assert [s for _, s in seen] == [7, 7, 7]  # stopped answers don't count: the next one samples afresh
