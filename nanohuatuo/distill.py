@@ -1,0 +1,941 @@
+"""Distillation: HuatuoGPT's data-making pipeline, as three commands against any OpenAI-compatible
+endpoint (a cloud model, vLLM, or our own serve.py). Each writes rows of the conversation schema
+(nanohuatuo/data.py) with `source` set to the HuatuoGPT source it makes, ready for
+`python -m nanohuatuo.data mix` and train_sft.py:
+
+    python distill.py instructions --seeds data/distill_seeds.jsonl --n 1000 --out di.jsonl \
+        --base-url URL --model-name NAME             # -> distilled_instructions
+    python distill.py conversations --cases cases.jsonl --out dc.jsonl ...
+                                                     # -> distilled_conversations
+    python distill.py polish --in real.jsonl --out polished.jsonl ...
+                                                     # -> real_doctor_instructions / _conversations
+
+- instructions (self-instruct): each request shows a few sampled seed instructions and one sampled
+  focus, a department or a role, and asks for new instructions. A new one is kept if it passes
+  simple filters (length, Chinese, no refusal, no picture needed) and its character ROUGE-L
+  against everything kept so far (seeds included) is below 0.7 (`RougeIndex`: exact, and fast for
+  thousands of items); then each kept instruction is answered. Rows record `department` or `role`.
+- conversations: two agents, a patient and a doctor (one endpoint, or two with --patient-* and
+  --doctor-*), share a background built from a real case: a schema row (the patient's question and
+  the real doctor's reply) or a Med-dialog case ({"medical_case", "doctor_diagnosis",
+  "Department"}). The patient knows the case and reveals it bit by bit; the doctor sees only the
+  real doctor's conclusion, as a hint, and asks follow-up questions. A conversation ends when the
+  doctor (or the patient) writes END_MARK, or after --max-turns doctor turns (`stop` in the row).
+- polish: every doctor reply (single-turn rows and each doctor turn of a conversation) is rewritten
+  to be clear, complete and warm; the original stays beside it (`original` on the message). A
+  rewrite whose drug names or numbers differ from the original's (`fact_check`) is flagged
+  (`flag` on the message, `flagged` on the row); --on-flag keep|original|drop says what to do.
+
+Every LLM call goes through nanohuatuo.llm.LLM: cached in SQLite (default <out>.cache.sqlite), so a
+rerun of an interrupted command resumes without repeating a request (requests are a pure function
+of the inputs, the seed and the cached replies); malformed replies are re-asked, then skipped and
+counted. Each command prints a summary (requests, tokens, items kept, items dropped by reason) and
+returns it as a dict. Python API: run_instructions(cfg), run_conversations(cfg), run_polish(cfg)
+with InstructionsConfig / ConversationsConfig / PolishConfig.
+
+All prompts are the constants below, in Chinese, written for this project.
+"""
+
+import json
+import math
+import random
+import re
+import sys
+import unicodedata
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+from .cli import UserError, arg, cli_main
+from .data import DataError, iter_jsonl, row_id, validate, write_jsonl
+from .llm import LLM
+
+# ---------------------------------------------------------------- prompts and vocabularies
+
+# HuatuoGPT's 20 evaluation departments and the askers its self-instruct step samples.
+DEPARTMENTS = ("皮肤科", "儿科", "骨科", "泌尿外科", "内科", "妇科", "妇产科", "皮肤性病科", "中医科", "眼科",
+               "消化内科", "产科", "外科", "神经内科", "神经外科", "口腔科", "精神科", "心血管内科", "普外科", "男科")
+ROLES = {  # role -> what such a person asks about (shown in the prompt)
+    "患者": "描述自己的症状和担心，想知道是什么病、要不要紧、怎么治",
+    "患者家属": "替孩子、父母或伴侣咨询，关心病情判断、照护方法和就医安排",
+    "医生": "临床工作中的鉴别诊断、检查选择、治疗方案和指南要点",
+    "护士": "护理操作、病情观察、健康宣教和用药护理",
+    "药师": "药物作用、相互作用、剂量调整、特殊人群用药和用药交代",
+    "医学生": "医学知识、发病机制、诊断思路和学习中遇到的问题",
+    "康复治疗师": "功能评估、康复训练方案和训练中的注意事项",
+    "健康管理师": "慢病管理、体检报告解读、饮食运动等生活方式干预",
+}
+
+INSTRUCTION_PROMPT = """你是一名医学教育专家，正在为中文医疗助手编写训练用的指令（用户会提出的问题或任务）。
+下面是几条示例指令：
+{examples}
+
+请再写{n}条新的指令，要求：
+1. {focus}
+2. 每条指令都是真实用户会向医疗助手提出的问题或任务，内容具体、自成一体，不依赖图片、化验单照片或附件；
+3. 类型要多样：症状咨询、病因分析、检查和指标解读、治疗和用药、护理和康复、预防和生活方式、知识讲解、写作任务等；
+4. 不要与示例或彼此重复，用简体中文书写，每条不超过100字；
+5. 只输出指令本身，每条一行，以序号开头，例如“1. ……”。"""
+FOCUS_DEPARTMENT = "所有指令都与{department}有关：该科常见疾病的症状、检查、诊断、治疗、护理或预防。"
+FOCUS_ROLE = "所有指令的提问者都是{role}，用{role}的身份和口吻提出，内容符合其关注点：{hint}。"
+
+ANSWER_SYSTEM = """你是一位知识渊博、耐心细致的医学专家。请用简体中文回答用户的医疗问题或完成其任务：
+内容准确、条理清晰、详细而温暖；涉及用药时说明用法和注意事项；病情可能严重时建议及时就医。
+直接回答，不要说你是人工智能。"""
+
+END_MARK = "【问诊结束】"  # either agent writes it to end the consultation (the stop rule)
+
+PATIENT_SYSTEM = """你正在线上问诊平台向医生咨询，请扮演下面这份病例中的患者（如果病例显示是替孩子或家人咨询，就以家属的身份说话）。
+病例资料（只有你知道，医生看不到）：
+{case}
+
+规则：
+1. 第一次发言只说最主要的不适和想咨询的问题，一两句话，口语化；
+2. 之后只回答医生问到的内容，每次透露一点，不要一次把资料全部说出；资料里没有的细节可以合理补充，但不能与资料矛盾；
+3. 像普通人一样说话，不要堆砌医学术语，也不要替医生下诊断；
+4. 医生已经给出诊断和建议、你也没有别的问题时，简单道谢，并在最后写上“{end}”；
+5. 只输出你要说的话，不要加“患者：”之类的前缀。"""
+PATIENT_START = "（问诊开始，请说出你的第一句话。）"
+
+DOCTOR_SYSTEM = """你是一位经验丰富、耐心温和的{department}医生，正在线上接诊。
+{reference}规则：
+1. 信息不足时先有针对性地追问（每次不超过3个问题），不要一开始就下结论；
+2. 信息足够后给出可能的诊断及依据、处理建议（检查、用药及注意事项）和需要尽快就医的情况，准确、详细、温暖；
+3. 已经给出诊断和建议、患者也没有新的问题时，在回复最后写上“{end}”；
+4. 只输出你要对患者说的话，不要加“医生：”之类的前缀。"""
+DOCTOR_REFERENCE = """同一病例中真实医生的意见如下，供你把握方向（不要照抄，也不要在问清病情之前直接说出）：
+{reference}
+
+"""
+
+POLISH_PROMPT = """下面是线上问诊中真实医生的一条回复，内容专业，但简短、口语化。请在不改变医学内容的前提下，把它改写得清晰、完整、温暖：
+1. 保留原回复中的全部判断、药名、剂量、次数、时间和数值，不要增加原回复没有的药物、剂量或检查；
+2. 可以解释原因、把建议整理得更有条理、加上关心的话；
+3. 用简体中文，以医生的口吻直接对患者说，只输出改写后的回复。
+
+{context}医生的原回复：
+{reply}"""
+POLISH_CONTEXT = "对话记录：\n{dialogue}\n\n"
+
+# A refusal or an AI disclaimer makes an instruction, an answer or a turn unusable.
+REFUSALS = ("作为一个人工智能", "作为人工智能", "作为一个AI", "作为AI", "作为一名AI", "我是一个AI", "我是AI",
+            "AI助手", "语言模型", "我无法回答", "我不能回答", "无法提供医疗建议", "很抱歉，我", "抱歉，我无法",
+            "对不起，我无法", "对不起，我不能", "as an ai", "i'm sorry", "i am sorry", "i cannot", "i can't")
+MEDIA_WORDS = ("图片", "照片", "图像", "附图", "附件", "视频", "如图", "截图", "录音")  # text cannot answer these
+
+# Drug names the polish check looks for (generic names, written for this project), and the name
+# endings that mark most other Chinese generic names; see fact_check.
+DRUG_NAMES = (
+    "阿莫西林", "克拉维酸", "头孢呋辛", "头孢克肟", "头孢曲松", "阿奇霉素", "克拉霉素", "红霉素", "左氧氟沙星",
+    "莫西沙星", "甲硝唑", "替硝唑", "呋喃妥因", "磷霉素", "多西环素", "米诺环素", "莫匹罗星", "夫西地酸",
+    "布洛芬", "对乙酰氨基酚", "阿司匹林", "双氯芬酸", "塞来昔布", "洛索洛芬", "氯雷他定", "西替利嗪", "依巴斯汀",
+    "扑尔敏", "氯苯那敏", "孟鲁司特", "沙丁胺醇", "布地奈德", "氨溴索", "右美沙芬", "奥司他韦", "阿昔洛韦",
+    "伐昔洛韦", "泛昔洛韦", "奥美拉唑", "雷贝拉唑", "泮托拉唑", "艾司奥美拉唑", "铝碳酸镁", "枸橼酸铋钾",
+    "蒙脱石散", "益生菌", "乳果糖", "聚乙二醇", "多潘立酮", "莫沙必利", "匹维溴铵", "二甲双胍", "格列美脲",
+    "阿卡波糖", "胰岛素", "氨氯地平", "硝苯地平", "缬沙坦", "厄贝沙坦", "氯沙坦", "依那普利", "贝那普利",
+    "美托洛尔", "比索洛尔", "氢氯噻嗪", "螺内酯", "呋塞米", "阿托伐他汀", "瑞舒伐他汀", "辛伐他汀", "他汀",
+    "氯吡格雷", "华法林", "硝酸甘油", "单硝酸异山梨酯", "地高辛", "别嘌醇", "非布司他", "秋水仙碱", "苯溴马隆",
+    "左甲状腺素", "甲巯咪唑", "丙硫氧嘧啶", "泼尼松", "甲泼尼龙", "地塞米松", "氢化可的松", "可的松", "糠酸莫米松",
+    "卤米松", "他克莫司", "吡美莫司", "阿达帕林", "过氧苯甲酰", "维A酸", "异维A酸", "克霉唑", "咪康唑", "酮康唑",
+    "氟康唑", "伊曲康唑", "特比萘芬", "联苯苄唑", "阿昔莫司", "玻璃酸钠", "人工泪液", "妥布霉素", "加替沙星",
+    "阿托品", "舍曲林", "氟西汀", "帕罗西汀", "艾司西酞普兰", "文拉法辛", "米氮平", "阿普唑仑", "艾司唑仑",
+    "劳拉西泮", "唑吡坦", "卡马西平", "奥卡西平", "普瑞巴林", "加巴喷丁", "氟桂利嗪", "甲钴胺", "维生素B1",
+    "维生素B12", "维生素C", "维生素D", "叶酸", "硫酸亚铁", "琥珀酸亚铁", "多糖铁", "钙片", "碳酸钙",
+    "坦索罗辛", "非那雄胺", "西地那非", "他达拉非", "达泊西汀", "黄体酮", "地屈孕酮", "炔雌醇", "来曲唑",
+    "氯米芬", "米非司酮", "缩宫素", "硝酸甘油", "利多卡因", "苄星青霉素", "青霉素", "破伤风抗毒素",
+)
+DRUG_ENDINGS = ("霉素", "沙星", "西林", "他汀", "拉唑", "康唑", "硝唑", "地平", "普利", "沙坦", "替丁", "洛尔",
+                "利嗪", "替尼", "单抗", "洛韦", "昔布", "洛芬", "米松", "尼松", "尼龙", "西泮", "唑仑", "西汀")
+# a character before an ending that is not part of the name (吃/用/一种/类 ...)
+NOT_NAME = set("吃用服涂抹擦滴喷加含打输换停种类些的和或及与等是个了要可先再点片粒支粒盒")
+NUMBER_UNITS = ("毫克", "毫升", "微克", "小时", "分钟", "个月", "周岁", "公斤", "厘米", "毫米", "次", "片", "粒",
+                "袋", "支", "滴", "克", "天", "日", "周", "月", "年", "岁", "瓶", "盒", "颗", "顿", "斤", "度",
+                "倍", "mg", "ml", "g", "kg", "cm", "mm")
+
+
+# ---------------------------------------------------------------- character ROUGE-L
+
+
+def rouge_text(text: str) -> str:
+    """The characters ROUGE-L compares: NFKC-normalised, lower case, letters and digits only
+    (whitespace and punctuation do not count, so ？ and ? or a trailing 。 change nothing)."""
+    return "".join(c for c in unicodedata.normalize("NFKC", text).lower() if c.isalnum())
+
+
+def lcs_length(a: str, b: str) -> int:
+    """Length of the longest common subsequence of two strings (bit-parallel, Hyyro 2004).
+
+    One bit per character of the longer string; each character of the other updates all bits in
+    a few big-integer operations, so the cost is len(b) * len(a) / 64 machine words."""
+    if len(a) < len(b):
+        a, b = b, a
+    if not b:
+        return 0
+    masks: dict[str, int] = {}
+    for i, c in enumerate(a):
+        masks[c] = masks.get(c, 0) | (1 << i)
+    full = (1 << len(a)) - 1
+    v = full  # zero bits of v mark the columns where the LCS grew
+    for c in b:
+        u = v & masks.get(c, 0)
+        v = ((v + u) | (v - u)) & full
+    return len(a) - bin(v).count("1")
+
+
+def rouge_l(a: str, b: str) -> float:
+    """Character-level ROUGE-L F1 of two texts: 2 * LCS / (len(a) + len(b)) over rouge_text."""
+    a, b = rouge_text(a), rouge_text(b)
+    if not a or not b:
+        return 0.0
+    return 2 * lcs_length(a, b) / (len(a) + len(b))
+
+
+class RougeIndex:
+    """Kept texts, and for a new one the kept text of highest ROUGE-L with it if that reaches the
+    threshold: exactly what comparing with every kept text gives, without doing so.
+
+    Why it is exact: ROUGE-L F1 = 2L/(m+n) with L = LCS <= the multiset overlap U of the two
+    character bags. A pair scoring >= t therefore has n >= t*m/(2-t) and U >= t*m/(2-t) =: k(m).
+    Write each text as tokens (character, occurrence number) in one fixed global order, rarest
+    first; two token sets sharing >= k tokens share a token within the first m-k+1 of each
+    ("prefix filtering"). Only the prefixes are indexed, so a new text meets just the kept texts
+    sharing one of its rare characters; those are checked by length, then U (one AND and a
+    popcount of token bitmasks), then the exact LCS.
+    The order is frozen between rebuilds and rebuilt (with fresh character frequencies) when the
+    collection doubles, so the total work of rebuilding stays linear.
+    """
+
+    def __init__(self, threshold: float = 0.7):
+        if not 0 < threshold <= 1:
+            raise ValueError(f"ROUGE-L threshold must be in (0, 1], got {threshold}")
+        self.threshold = threshold
+        self.texts: list[str] = []  # as rouge_text gives them
+        self.bags: list[Counter] = []
+        self.masks: list[int] = []  # bit per token id: the overlap of two texts is one AND + popcount
+        self.token_ids: dict[tuple, int] = {}
+        self.df: Counter = Counter()  # token -> number of kept texts holding it
+        self.frozen: dict = {}  # the df the current order was built from
+        self.built = 0  # len(texts) at the last rebuild
+        self.postings: dict[tuple, list[int]] = {}
+        self.checked = 0  # candidates that reached the exact LCS (for tests and benchmarks)
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def _prefix(self, bag: Counter, m: int) -> list[tuple]:
+        tokens = [(c, k) for c, count in bag.items() for k in range(1, count + 1)]
+        tokens.sort(key=lambda tok: (self.frozen.get(tok, 0), tok))
+        # the smallest overlap a partner can have; rounded down a hair so float error never loses a pair
+        need = max(1, math.ceil(self.threshold * m / (2 - self.threshold) - 1e-9))
+        return tokens[: m - need + 1]
+
+    def _mask(self, bag: Counter, add: bool) -> int:
+        mask = 0
+        for c, count in bag.items():
+            for k in range(1, count + 1):
+                i = self.token_ids.get((c, k))
+                if i is None:
+                    if not add:  # a token no kept text has adds nothing to any overlap
+                        continue
+                    i = self.token_ids[(c, k)] = len(self.token_ids)
+                mask |= 1 << i
+        return mask
+
+    def _rebuild(self) -> None:
+        self.frozen = dict(self.df)
+        self.built = len(self.texts)
+        self.postings = {}
+        for i, (text, bag) in enumerate(zip(self.texts, self.bags)):
+            for tok in self._prefix(bag, len(text)):
+                self.postings.setdefault(tok, []).append(i)
+
+    def match(self, text: str) -> tuple[int, float] | None:
+        """(index, score) of the kept text with the highest ROUGE-L >= threshold (lowest index
+        among ties), or None when every kept text scores below the threshold."""
+        norm = rouge_text(text)
+        m = len(norm)
+        if not m:
+            return None
+        bag = Counter(norm)
+        mask = self._mask(bag, add=False)
+        candidates = set()
+        for tok in self._prefix(bag, m):
+            candidates.update(self.postings.get(tok, ()))
+        best = None
+        t, texts, masks = self.threshold, self.texts, self.masks
+        for j in sorted(candidates):
+            n = len(texts[j])
+            # each bound is >= the final score computed the same way, so no pair >= t is skipped
+            if 2 * min(m, n) / (m + n) < t or 2 * (mask & masks[j]).bit_count() / (m + n) < t:
+                continue
+            self.checked += 1
+            score = 2 * lcs_length(norm, texts[j]) / (m + n)
+            if score >= t and (best is None or score > best[1]):
+                best = (j, score)
+        return best
+
+    def add(self, text: str) -> int:
+        """Keep a text; returns its index. An empty text (no letters or digits) is kept unindexed."""
+        norm = rouge_text(text)
+        bag = Counter(norm)
+        i = len(self.texts)
+        self.texts.append(norm)
+        self.bags.append(bag)
+        self.masks.append(self._mask(bag, add=True))
+        for c, count in bag.items():
+            for k in range(1, count + 1):
+                self.df[(c, k)] += 1
+        if len(self.texts) >= max(16, 2 * self.built):
+            self._rebuild()
+        elif norm:
+            for tok in self._prefix(bag, len(norm)):
+                self.postings.setdefault(tok, []).append(i)
+        return i
+
+
+# ---------------------------------------------------------------- filters and parsers
+
+
+def is_refusal(text: str) -> bool:
+    low = text.lower()
+    return any(p.lower() in low for p in REFUSALS)
+
+
+def chinese_share(text: str) -> float:
+    """Share of CJK characters among the letters (CJK + Latin) of a text; 0 when it has none."""
+    cjk = sum("\u4e00" <= c <= "\u9fff" for c in text)
+    latin = sum(c.isascii() and c.isalpha() for c in text)
+    return cjk / (cjk + latin) if cjk + latin else 0.0
+
+
+def instruction_problem(text: str, min_chars: int = 6, max_chars: int = 200) -> str | None:
+    """Why a generated instruction is not kept ('too short', ...), or None when it passes."""
+    if len(text) < min_chars:
+        return "too short"
+    if len(text) > max_chars:
+        return "too long"
+    if chinese_share(text) < 0.6:
+        return "not Chinese"
+    if is_refusal(text):
+        return "refusal"
+    if any(w in text for w in MEDIA_WORDS):
+        return "needs a picture or file"
+    if not text[0].isalnum():
+        return "starts with punctuation"
+    return None
+
+
+_ITEM = re.compile(r"^\s*(?:[-*•]\s*)?[(（]?\d{1,3}\s*(?:[.．、:：)）]|\s)\s*(.*\S)")
+_QUOTES = "\"'“”‘’「」『』"
+
+
+def parse_instructions(text: str) -> list[str]:
+    """The numbered items of a reply ('1. ...', '2、...', '(3) ...'), quotes and 指令： stripped.
+    Raises ValueError when there is none, so the request is asked again."""
+    items = []
+    for line in (text or "").splitlines():
+        m = _ITEM.match(line)
+        if not m:
+            continue
+        item = m.group(1).strip()
+        for prefix in ("指令：", "指令:", "问题：", "问题:", "任务：", "任务:"):
+            if item.startswith(prefix):
+                item = item[len(prefix):].strip()
+        item = item.strip(_QUOTES).strip()
+        if item:
+            items.append(item)
+    if not items:
+        raise ValueError("no numbered instructions")
+    return items
+
+
+def parse_answer(text: str) -> str:
+    """A usable answer: not empty, no refusal; ValueError(reason) otherwise."""
+    text = (text or "").strip()
+    if not text:
+        raise ValueError("empty answer")
+    if is_refusal(text):
+        raise ValueError("refusal")
+    return text
+
+
+_TAGS = {"patient": ("患者：", "患者:", "病人：", "病人:", "家属：", "家属:"),
+         "doctor": ("医生：", "医生:", "大夫：", "大夫:")}
+
+
+def parse_turn(text: str, speaker: str) -> tuple[str, bool]:
+    """(utterance, ended) from an agent's reply: END_MARK found and removed, a leading speaker tag
+    dropped, anything after the agent starts writing the other side's lines cut off."""
+    text = (text or "").strip()
+    ended = END_MARK in text or END_MARK.strip("【】") in text
+    text = text.replace(END_MARK, "").replace(END_MARK.strip("【】"), "").strip()
+    own, other = _TAGS[speaker], _TAGS["doctor" if speaker == "patient" else "patient"]
+    for tag in own:
+        if text.startswith(tag):
+            text = text[len(tag):].strip()
+    cut = [i for tag in other for i in [text.find("\n" + tag)] if i >= 0]
+    if cut:
+        text = text[: min(cut)].strip()
+    if not text and not ended:
+        raise ValueError("empty turn")
+    if is_refusal(text):
+        raise ValueError("refusal")
+    return text, ended
+
+
+def parse_patient(text: str) -> tuple[str, bool]:
+    return parse_turn(text, "patient")
+
+
+def parse_doctor(text: str) -> tuple[str, bool]:
+    said, ended = parse_turn(text, "doctor")
+    if not said:
+        raise ValueError("empty turn")
+    return said, ended
+
+
+def parse_polished(text: str) -> str:
+    """A usable rewrite: the reply itself (a leading 改写后： or 医生： dropped), no refusal."""
+    text = (text or "").strip()
+    for prefix in ("改写后的回复：", "改写后：", "改写：", "医生：", "医生:"):
+        if text.startswith(prefix):
+            text = text[len(prefix):].strip()
+    if not text:
+        raise ValueError("empty rewrite")
+    if is_refusal(text):
+        raise ValueError("refusal")
+    return text
+
+
+# ---------------------------------------------------------------- the polish fact check
+
+_CN_DIGITS = {"零": 0, "一": 1, "二": 2, "两": 2, "三": 3, "四": 4, "五": 5, "六": 6, "七": 7, "八": 8, "九": 9}
+_CN_NUMBER = re.compile("([零一二两三四五六七八九十百半]+)(?=" + "|".join(NUMBER_UNITS) + ")")
+_LIST_MARK = re.compile(r"(?m)^\s*[(（]?\d{1,2}\s*[.．、)）]\s*")
+_ARABIC = re.compile(r"\d+(?:\.\d+)?")
+_ENDING = re.compile("([\u4e00-\u9fff]?)(" + "|".join(DRUG_ENDINGS) + ")")
+
+
+def chinese_number(s: str) -> float | None:
+    """'三' -> 3, '十二' -> 12, '二十五' -> 25, '一百' -> 100, '半' -> 0.5; None for '两三' and the like."""
+    if s == "半":
+        return 0.5
+    if re.fullmatch("[零一二两三四五六七八九]", s):
+        return _CN_DIGITS[s]
+    m = re.fullmatch("([一二两三四五六七八九])?百(?:零?([一二三四五六七八九]))?", s)
+    if m:
+        return 100 * _CN_DIGITS.get(m.group(1) or "一") + _CN_DIGITS.get(m.group(2) or "零")
+    m = re.fullmatch("([二两三四五六七八九])?十([一二三四五六七八九])?", s)
+    if m:
+        return 10 * (_CN_DIGITS[m.group(1)] if m.group(1) else 1) + (_CN_DIGITS[m.group(2)] if m.group(2) else 0)
+    return None
+
+
+def numbers(text: str) -> set[str]:
+    """The quantities a text states, as normalised numerals ('0.5', '3', '150').
+
+    Full-width digits count as digits; a Chinese numeral before a unit (两片, 三天, 半年) counts as
+    its value; list markers ('1.', '（2）' at a line start) are not quantities; and 1 is left out,
+    since Chinese states it implicitly (一天两次 = 每天两次, 一次一片 = 每次1片)."""
+    text = unicodedata.normalize("NFKC", text)
+    text = _LIST_MARK.sub("", text)
+
+    def arabic(m):
+        value = chinese_number(m.group(1))
+        return m.group(1) if value is None else f" {value:g} "
+    text = _CN_NUMBER.sub(arabic, text)
+    found = {f"{float(x):g}" for x in _ARABIC.findall(text)}
+    found.discard("1")
+    return found
+
+
+def drug_terms(text: str) -> set[str]:
+    """The drug names a text mentions: every DRUG_NAMES entry it contains, plus each typical
+    generic-name ending (…霉素, …沙星, …他汀, …) with the character before it (红霉素 -> 红霉素,
+    阿托伐他汀 -> 伐他汀; 换一种他汀 -> 他汀), which tells apart most names the list lacks."""
+    found = {name for name in DRUG_NAMES if name in text}
+    for m in _ENDING.finditer(text):
+        before = m.group(1) if m.group(1) not in NOT_NAME else ""
+        found.add(before + m.group(2))
+    return found
+
+
+def fact_check(original: str, rewrite: str) -> dict:
+    """What a rewrite lost or added of the original's checkable facts (drug names and numbers):
+    {"missing": [...], "added": [...]}, both empty when it kept them. A simple check by design: it
+    does not read meaning, it only catches a dropped/invented drug or a changed dose or duration."""
+    def diff(a: set, b: set) -> list:
+        gone = a - b
+        # one lost name is listed once: 西替利嗪, not also its ending 替利嗪
+        return sorted(x for x in gone if not any(x != y and x in y for y in gone))
+
+    drugs = drug_terms(original), drug_terms(rewrite)
+    nums = numbers(original), numbers(rewrite)
+    return {"missing": diff(drugs[0], drugs[1]) + sorted(nums[0] - nums[1], key=float),
+            "added": diff(drugs[1], drugs[0]) + sorted(nums[1] - nums[0], key=float)}
+
+
+# ---------------------------------------------------------------- configs
+
+
+@dataclass
+class EndpointConfig:
+    """Flags every command shares: the OpenAI-compatible endpoint, the cache and the output."""
+    out: str = arg("", "output JSONL file (conversation schema)", metavar="FILE")
+    base_url: str = arg("", "OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1", metavar="URL")
+    model_name: str = arg("", "model name the endpoint serves", metavar="NAME")
+    api_key: str | None = arg(None, "API key (default: $NANOHUATUO_API_KEY, $OPENAI_API_KEY, else EMPTY)")
+    cache: str = arg("", "SQLite reply cache; a rerun resumes from it (default: <out>.cache.sqlite; 'none': off)",
+                     metavar="FILE")
+    concurrency: int = arg(4, "requests in flight at once")
+    attempts: int = arg(3, "asks per item before a malformed reply is skipped and counted")
+    timeout: float = arg(120.0, "seconds per request")
+    max_tokens: int = arg(1024, "most tokens per reply")
+    temperature: float = arg(0.7, "sampling temperature of the replies")
+    seed: int = arg(0, "random seed (sampling of seeds/focus; request seeds)")
+
+
+@dataclass
+class InstructionsConfig(EndpointConfig):
+    """python distill.py instructions: self-instruct from seed instructions."""
+    seeds: str = arg("", "seed instructions, JSONL {instruction, department?, role?} (default: the bundled "
+                     "data/distill_seeds.jsonl)", metavar="FILE")
+    n: int = arg(100, "instructions to keep (each is then answered)")
+    per_request: int = arg(5, "new instructions asked for in one request")
+    examples: int = arg(3, "seed instructions shown in one request")
+    role_share: float = arg(0.5, "share of requests that sample a role; the others sample a department")
+    rouge: float = arg(0.7, "keep an instruction only if its character ROUGE-L with every kept one is below this")
+    min_chars: int = arg(6, "shortest instruction kept (characters)")
+    max_chars: int = arg(200, "longest instruction kept (characters)")
+    max_requests: int = arg(0, "give up after this many generation requests (0: 4 * n / per-request + 10)")
+    instruction_temperature: float = arg(1.0, "sampling temperature when writing instructions")
+
+
+@dataclass
+class ConversationsConfig(EndpointConfig):
+    """python distill.py conversations: patient and doctor agents on real cases."""
+    cases: list[str] = arg([], "cases: schema JSONL rows, or Med-dialog JSON/JSONL {medical_case, "
+                           "doctor_diagnosis, Department}", metavar="FILE")
+    limit: int = arg(0, "use only the first N cases (0: all)")
+    max_turns: int = arg(4, "most doctor turns in one conversation")
+    patient_base_url: str = arg("", "patient agent's endpoint (default: --base-url)", metavar="URL")
+    patient_model_name: str = arg("", "patient agent's model (default: --model-name)", metavar="NAME")
+    patient_api_key: str | None = arg(None, "patient agent's API key (default: --api-key)")
+    doctor_base_url: str = arg("", "doctor agent's endpoint (default: --base-url)", metavar="URL")
+    doctor_model_name: str = arg("", "doctor agent's model (default: --model-name)", metavar="NAME")
+    doctor_api_key: str | None = arg(None, "doctor agent's API key (default: --api-key)")
+
+
+@dataclass
+class PolishConfig(EndpointConfig):
+    """python distill.py polish: rewrite real doctors' replies, keeping their medical content."""
+    input: list[str] = arg([], "schema JSONL rows with real doctors' replies (--in works too)", metavar="FILE")
+    limit: int = arg(0, "polish only the first N rows (0: all)")
+    on_flag: str = arg("keep", "a rewrite that changed drug names or numbers: keep it (flagged), use the "
+                       "original reply instead (flagged), or drop the row", choices=("keep", "original", "drop"))
+    temperature: float = arg(0.3, "sampling temperature of the rewrites")
+
+
+# ---------------------------------------------------------------- shared plumbing
+
+
+def _check_endpoint(cfg: EndpointConfig) -> None:
+    if not cfg.out:
+        raise UserError("pass --out FILE (the JSONL file to write)")
+    if Path(cfg.out).is_dir():
+        raise UserError(f"--out {cfg.out} is a directory; give a file name")
+    if cfg.concurrency < 1 or cfg.attempts < 1 or cfg.max_tokens < 1:
+        raise UserError("--concurrency, --attempts and --max-tokens must be at least 1")
+
+
+def cache_path(cfg: EndpointConfig, suffix: str = "") -> str | None:
+    """The SQLite cache file: --cache, or <out>.cache.sqlite; 'none' turns caching off."""
+    if cfg.cache.lower() == "none":
+        return None
+    path = cfg.cache or f"{cfg.out}.cache.sqlite"
+    if suffix:  # one file per endpoint when two are used
+        p = Path(path)
+        path = str(p.with_name(f"{p.stem}.{suffix}{p.suffix}"))
+    return path
+
+
+def make_llm(cfg: EndpointConfig, name: str, base_url: str = "", model_name: str = "",
+             api_key: str | None = None, cache_suffix: str = "") -> LLM:
+    """The LLM client of one agent; LLM itself refuses a missing --base-url or --model-name."""
+    return LLM(base_url or cfg.base_url, model_name or cfg.model_name, api_key=api_key if api_key is not None else cfg.api_key,
+               cache=cache_path(cfg, cache_suffix), concurrency=cfg.concurrency, attempts=cfg.attempts,
+               timeout=cfg.timeout, name=name)
+
+
+def _report(command: str, out: str, rows: int, kept: int, dropped: Counter, llms: list, **extra) -> dict:
+    """The summary every command prints and returns."""
+    usage = [llm.usage for llm in llms]
+    report = {"command": command, "out": out, "rows": rows, "kept": kept,
+              "dropped": dict(sorted(dropped.items(), key=lambda kv: (-kv[1], kv[0]))),
+              "requests": sum(u.requests for u in usage), "cached": sum(u.cached for u in usage),
+              "prompt_tokens": sum(u.prompt_tokens for u in usage),
+              "completion_tokens": sum(u.completion_tokens for u in usage),
+              "llm": [llm.summary() for llm in llms], **extra}
+    for line in report["llm"]:
+        print(line)
+    extras = "".join(f", {k} {v}" for k, v in extra.items() if isinstance(v, int))
+    print(f"{command}: kept {kept}{extras}; wrote {rows} rows to {out}")
+    if dropped:
+        print("dropped: " + ", ".join(f"{reason} {k}" for reason, k in report["dropped"].items()))
+    return report
+
+
+def _close(llms) -> None:
+    for llm in {id(x): x for x in llms}.values():
+        llm.close()
+
+
+# ---------------------------------------------------------------- instructions
+
+
+def load_seeds(path) -> list[dict]:
+    """Seed instructions: JSONL rows {"instruction": str, "department"?: str, "role"?: str}."""
+    seeds = []
+    for lineno, obj in iter_jsonl(path):
+        text = obj.get("instruction")
+        if not isinstance(text, str) or not text.strip():
+            raise DataError(f"{path}:{lineno}: a seed needs a non-empty 'instruction' string")
+        seeds.append({**obj, "instruction": text.strip()})
+    if not seeds:
+        raise DataError(f"{path}: no seed instructions")
+    return seeds
+
+
+def bundled_seeds() -> Path:
+    return Path(__file__).resolve().parent.parent / "data" / "distill_seeds.jsonl"
+
+
+def instruction_request(seeds: list[dict], cfg: InstructionsConfig, i: int) -> dict:
+    """Request number i: its sampled focus (department or role) and the chat call. A pure function
+    of (seeds, cfg, i), so a rerun asks exactly the same requests and finds them in the cache."""
+    rng = random.Random(f"{cfg.seed}-instructions-{i}")
+    if rng.random() < cfg.role_share:
+        role = rng.choice(sorted(ROLES))
+        focus, label = FOCUS_ROLE.format(role=role, hint=ROLES[role]), {"role": role}
+    else:
+        department = rng.choice(DEPARTMENTS)
+        focus, label = FOCUS_DEPARTMENT.format(department=department), {"department": department}
+    shown = rng.sample(seeds, min(cfg.examples, len(seeds)))
+    examples = "\n".join(f"{k}. {s['instruction']}" for k, s in enumerate(shown, 1))
+    prompt = INSTRUCTION_PROMPT.format(examples=examples, n=cfg.per_request, focus=focus)
+    call = {"messages": [{"role": "user", "content": prompt}], "temperature": cfg.instruction_temperature,
+            "max_tokens": cfg.max_tokens, "seed": cfg.seed * 1_000_003 + i}
+    return {"label": label, "call": call}
+
+
+def run_instructions(cfg: InstructionsConfig) -> dict:
+    """Self-instruct: generate, filter and deduplicate instructions, answer them, write the rows."""
+    _check_endpoint(cfg)
+    if cfg.n < 1 or cfg.per_request < 1 or cfg.examples < 1:
+        raise UserError("--n, --per-request and --examples must be at least 1")
+    if not 0 <= cfg.role_share <= 1:
+        raise UserError(f"--role-share must be between 0 and 1, got {cfg.role_share}")
+    if not 0 < cfg.rouge <= 1:
+        raise UserError(f"--rouge must be in (0, 1], got {cfg.rouge}")
+    seeds_path = cfg.seeds or bundled_seeds()
+    if not Path(seeds_path).is_file():
+        raise UserError(f"--seeds {seeds_path}: no such file")
+    seeds = load_seeds(seeds_path)
+    max_requests = cfg.max_requests or 4 * math.ceil(cfg.n / cfg.per_request) + 10
+    llm = make_llm(cfg, "instructions")
+    try:
+        index = RougeIndex(cfg.rouge)
+        for s in seeds:  # a copy of a seed is a near-duplicate too
+            index.add(s["instruction"])
+        kept, dropped, asked = [], Counter(), 0
+        while len(kept) < cfg.n and asked < max_requests:
+            # rounds sized by what is still missing: deterministic, so a rerun replays the cache
+            k = min(max_requests - asked, math.ceil((cfg.n - len(kept)) / cfg.per_request))
+            requests = [instruction_request(seeds, cfg, i) for i in range(asked, asked + k)]
+            answers = llm.map([r["call"] for r in requests], parse=parse_instructions,
+                              desc=f"instructions {len(kept)}/{cfg.n}")
+            asked += k
+            for request, answer in zip(requests, answers):
+                if not answer.ok:
+                    dropped[f"generation reply unusable ({answer.error})"] += 1
+                    continue
+                for text in answer.value:
+                    if len(kept) == cfg.n:
+                        break
+                    reason = instruction_problem(text, cfg.min_chars, cfg.max_chars)
+                    if reason is None and index.match(text) is not None:
+                        reason = f"near-duplicate (ROUGE-L >= {cfg.rouge:g})"
+                    if reason:
+                        dropped[reason] += 1
+                        continue
+                    index.add(text)
+                    kept.append({"instruction": text, **request["label"]})
+        if len(kept) < cfg.n:
+            print(f"warning: kept {len(kept)} of {cfg.n} instructions after {asked} requests "
+                  f"(--max-requests {max_requests}); raise it or lower --n", file=sys.stderr)
+        calls = [{"messages": [{"role": "system", "content": ANSWER_SYSTEM},
+                               {"role": "user", "content": item["instruction"]}],
+                  "temperature": cfg.temperature, "max_tokens": cfg.max_tokens} for item in kept]
+        answers = llm.map(calls, parse=parse_answer, desc="answers")
+        rows = []
+        for k, (item, answer) in enumerate(zip(kept, answers), 1):
+            if not answer.ok:
+                dropped[f"answer unusable ({answer.error})"] += 1
+                continue
+            row = {"id": f"distill-di-{cfg.seed}-{k:05d}",
+                   "messages": [{"role": "user", "content": item["instruction"]},
+                                {"role": "assistant", "content": answer.value}],
+                   "source": "distilled_instructions"}
+            row.update({key: item[key] for key in ("department", "role") if key in item})
+            rows.append(validate(row, f"instruction {k}"))
+        write_jsonl(cfg.out, rows)
+        return _report("instructions", cfg.out, len(rows), len(kept), dropped, [llm],
+                       generation_requests=asked, rouge_checks=index.checked)
+    finally:
+        llm.close()
+
+
+# ---------------------------------------------------------------- conversations
+
+
+def _case_from_row(obj: dict, where: str) -> dict:
+    validate(obj, where)
+    turns = [m for m in obj["messages"] if m["role"] != "system"]
+    case = "\n".join(m["content"] for m in turns if m["role"] == "user")
+    reference = "\n".join(m["content"] for m in turns if m["role"] == "assistant")
+    return {"id": row_id(obj), "case": case, "reference": reference, "department": obj.get("department") or ""}
+
+
+def _case_from_med_dialog(obj: dict, where: str, fallback_id: str) -> dict:
+    case = obj.get("medical_case")
+    if not isinstance(case, str) or not case.strip():
+        raise DataError(f"{where}: 'medical_case' must be a non-empty string")
+    reference = obj.get("doctor_diagnosis") or ""
+    department = obj.get("Department") or obj.get("department") or ""
+    if not isinstance(reference, str) or not isinstance(department, str):
+        raise DataError(f"{where}: 'doctor_diagnosis' and 'Department' must be strings")
+    return {"id": str(obj.get("id", fallback_id)), "case": case.strip(), "reference": reference.strip(),
+            "department": department.strip()}
+
+
+def load_cases(paths: list[str]) -> list[dict]:
+    """Cases {id, case, reference, department} from schema JSONL rows (patient turns = case, doctor
+    turns = reference) or Med-dialog records (a JSON list, or JSONL), in file order."""
+    cases = []
+    for path in paths:
+        stem = Path(path).stem
+        if str(path).endswith(".json"):
+            try:
+                data = json.loads(Path(path).read_text(encoding="utf-8"))
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{e.lineno}: bad JSON: {e.msg}") from None
+            if not isinstance(data, list):
+                raise DataError(f"{path}: expected a JSON list of cases")
+            records = [(f"{path}: item {i}", i, obj) for i, obj in enumerate(data)]
+        else:
+            records = [(f"{path}:{lineno}", lineno, obj) for lineno, obj in iter_jsonl(path)]
+        for where, k, obj in records:
+            if not isinstance(obj, dict):
+                raise DataError(f"{where}: expected a JSON object")
+            if "medical_case" in obj:
+                cases.append(_case_from_med_dialog(obj, where, f"{stem}-{k}"))
+            elif "messages" in obj:
+                cases.append(_case_from_row(obj, where))
+            else:
+                raise DataError(f"{where}: expected a schema row ('messages') or a Med-dialog case ('medical_case')")
+    return cases
+
+
+def patient_messages(case: dict, turns: list[dict]) -> list[dict]:
+    """The patient agent's view: the case in its system prompt, the doctor's turns as 'user'."""
+    msgs = [{"role": "system", "content": PATIENT_SYSTEM.format(case=case["case"], end=END_MARK)},
+            {"role": "user", "content": PATIENT_START}]
+    for t in turns:
+        msgs.append({"role": "assistant" if t["role"] == "user" else "user", "content": t["content"]})
+    return msgs
+
+
+def doctor_messages(case: dict, turns: list[dict]) -> list[dict]:
+    """The doctor agent's view: the real doctor's conclusion as a hint, the patient's turns as 'user'."""
+    reference = DOCTOR_REFERENCE.format(reference=case["reference"]) if case["reference"] else ""
+    system = DOCTOR_SYSTEM.format(department=case["department"] or "全科", reference=reference, end=END_MARK)
+    return [{"role": "system", "content": system}] + [dict(t) for t in turns]
+
+
+def run_conversations(cfg: ConversationsConfig) -> dict:
+    """Two agents per case, all cases advancing one turn at a time (one map per turn, so the
+    endpoint sees up to --concurrency conversations at once); rows for finished conversations."""
+    _check_endpoint(cfg)
+    if not cfg.cases:
+        raise UserError("pass --cases FILE [FILE ...] (schema rows or Med-dialog cases)")
+    if cfg.max_turns < 1:
+        raise UserError("--max-turns must be at least 1")
+    cases = load_cases(cfg.cases)
+    if cfg.limit:
+        cases = cases[: cfg.limit]
+    if not cases:
+        raise UserError(f"--cases {' '.join(cfg.cases)}: no cases")
+    patient_ep = (cfg.patient_base_url or cfg.base_url, cfg.patient_model_name or cfg.model_name,
+                  cfg.patient_api_key if cfg.patient_api_key is not None else cfg.api_key)
+    doctor_ep = (cfg.doctor_base_url or cfg.base_url, cfg.doctor_model_name or cfg.model_name,
+                 cfg.doctor_api_key if cfg.doctor_api_key is not None else cfg.api_key)
+    if patient_ep == doctor_ep:
+        patient = doctor = make_llm(cfg, "conversations", *patient_ep)
+    else:
+        patient = make_llm(cfg, "patient", *patient_ep, cache_suffix="patient")
+        doctor = make_llm(cfg, "doctor", *doctor_ep, cache_suffix="doctor")
+    try:
+        turns = {i: [] for i in range(len(cases))}
+        stop, dropped = {}, Counter()
+        active = list(range(len(cases)))
+        params = {"temperature": cfg.temperature, "max_tokens": cfg.max_tokens}
+        for turn in range(1, cfg.max_turns + 1):
+            replies = patient.map([{"messages": patient_messages(cases[i], turns[i]), **params} for i in active],
+                                  parse=parse_patient, desc=f"patient turn {turn}")
+            speaking = []
+            for i, a in zip(active, replies):
+                if not a.ok:
+                    dropped[f"patient turn unusable ({a.error})"] += 1
+                    continue
+                said, ended = a.value
+                if ended and turns[i]:  # the patient has no more questions: the last doctor turn ends it
+                    stop[i] = "patient_end"
+                    continue
+                if not said:
+                    dropped["patient ended before speaking"] += 1
+                    continue
+                turns[i].append({"role": "user", "content": said})
+                speaking.append(i)
+            replies = doctor.map([{"messages": doctor_messages(cases[i], turns[i]), **params} for i in speaking],
+                                 parse=parse_doctor, desc=f"doctor turn {turn}")
+            active = []
+            for i, a in zip(speaking, replies):
+                if not a.ok:
+                    dropped[f"doctor turn unusable ({a.error})"] += 1
+                    continue  # the whole conversation is dropped: it is never given a stop reason
+                said, ended = a.value
+                turns[i].append({"role": "assistant", "content": said})
+                if ended:
+                    stop[i] = "doctor_end"
+                else:
+                    active.append(i)
+            for i in active if turn == cfg.max_turns else ():
+                stop[i] = "max_turns"
+            if not active:
+                break
+        rows = []
+        for i in sorted(stop):
+            if not turns[i]:
+                continue
+            case = cases[i]
+            row = {"id": f"distill-dc-{case['id']}", "messages": turns[i], "source": "distilled_conversations",
+                   "case_id": case["id"], "stop": stop[i]}
+            if case["department"]:
+                row["department"] = case["department"]
+            rows.append(validate(row, f"case {case['id']}"))
+        stops = Counter(r["stop"] for r in rows)
+        return _report("conversations", cfg.out, write_jsonl(cfg.out, rows), len(rows), dropped,
+                       [patient] if patient is doctor else [patient, doctor],
+                       **{f"stop_{k}": v for k, v in sorted(stops.items())})
+    finally:
+        _close([patient, doctor])
+
+
+# ---------------------------------------------------------------- polish
+
+
+def _dialogue(messages: list[dict]) -> str:
+    return "\n".join(("患者：" if m["role"] == "user" else "医生：") + m["content"]
+                     for m in messages if m["role"] != "system")
+
+
+def polish_call(messages: list[dict], k: int, cfg: PolishConfig) -> dict:
+    """The rewrite request for the doctor turn messages[k], with the dialogue before it as context."""
+    context = POLISH_CONTEXT.format(dialogue=_dialogue(messages[:k])) if k else ""
+    prompt = POLISH_PROMPT.format(context=context, reply=messages[k]["content"])
+    return {"messages": [{"role": "user", "content": prompt}], "temperature": cfg.temperature,
+            "max_tokens": cfg.max_tokens}
+
+
+def run_polish(cfg: PolishConfig) -> dict:
+    """Rewrite every doctor turn of every row; keep the original beside it; flag lost facts."""
+    _check_endpoint(cfg)
+    if not cfg.input:
+        raise UserError("pass --in FILE [FILE ...] (schema rows with real doctors' replies)")
+    rows = []
+    for path in cfg.input:
+        rows.extend(validate(obj, f"{path}:{lineno}") for lineno, obj in iter_jsonl(path))
+    if cfg.limit:
+        rows = rows[: cfg.limit]
+    if not rows:
+        raise UserError(f"--in {' '.join(cfg.input)}: no rows")
+    jobs = [(r, k) for r, row in enumerate(rows) for k, m in enumerate(row["messages"]) if m["role"] == "assistant"]
+    llm = make_llm(cfg, "polish")
+    try:
+        answers = llm.map([polish_call(rows[r]["messages"], k, cfg) for r, k in jobs], parse=parse_polished,
+                          desc="polish")
+        by_row: dict[int, dict[int, object]] = {}
+        for (r, k), a in zip(jobs, answers):
+            by_row.setdefault(r, {})[k] = a
+        out, dropped, flagged_turns = [], Counter(), 0
+        for r, row in enumerate(rows):
+            got = by_row[r]
+            bad = next((a for a in got.values() if not a.ok), None)
+            if bad is not None:
+                dropped[f"rewrite unusable ({bad.error})"] += 1
+                continue
+            messages, flagged = [], False
+            for k, m in enumerate(row["messages"]):
+                if k not in got:
+                    messages.append(dict(m))
+                    continue
+                check = fact_check(m["content"], got[k].value)
+                msg = {"role": "assistant", "content": got[k].value, "original": m["content"]}
+                if check["missing"] or check["added"]:
+                    flagged, flagged_turns = True, flagged_turns + 1
+                    msg["flag"] = check
+                    if cfg.on_flag == "original":
+                        msg["content"] = m["content"]
+                messages.append(msg)
+            if flagged and cfg.on_flag == "drop":
+                dropped["rewrite changed drug names or numbers"] += 1
+                continue
+            pairs = sum(m["role"] == "assistant" for m in messages)
+            polished = {key: v for key, v in row.items() if key != "messages"}
+            polished.update(id=row_id(row), messages=messages,
+                            source="real_doctor_instructions" if pairs == 1 else "real_doctor_conversations")
+            if flagged:
+                polished["flagged"] = True
+            out.append(validate(polished, f"row {polished['id']}"))
+        write_jsonl(cfg.out, out)
+        return _report("polish", cfg.out, len(out), len(out), dropped, [llm],
+                       flagged_rows=sum(bool(r.get("flagged")) for r in out), flagged_turns=flagged_turns)
+    finally:
+        llm.close()
+
+
+# ---------------------------------------------------------------- CLI
+
+COMMANDS = {
+    "instructions": (InstructionsConfig, run_instructions, "self-instruct: seeds -> new instructions -> answers"),
+    "conversations": (ConversationsConfig, run_conversations, "patient and doctor agents on real cases"),
+    "polish": (PolishConfig, run_polish, "rewrite real doctors' replies, keeping their medical content"),
+}
+USAGE = "usage: distill.py {instructions,conversations,polish} [--help] ...\n\n" + "\n".join(
+    f"  {name:14s} {doc}" for name, (_, _, doc) in COMMANDS.items())
+
+
+def main(argv=None) -> int:
+    """Entry point of distill.py: the first argument names the command."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE, file=sys.stdout if argv else sys.stderr)
+        return 0 if argv else 2
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"error: unknown command {name!r}\n{USAGE}", file=sys.stderr)
+        return 2
+    cls, run, doc = COMMANDS[name]
+    if name == "polish":  # the flag reads --in like `python -m nanohuatuo.data`; `in` cannot be a field
+        rest = ["--input" + a[4:] if a == "--in" or a.startswith("--in=") else a for a in rest]
+    return cli_main(run, cls, rest, prog=f"distill.py {name}", description=f"{doc}\n\n{__doc__}")
