@@ -203,7 +203,9 @@ def _as_template(template, tok: Tokenizer | None = None) -> ChatTemplate:
     """A ChatTemplate from what callers pass: the object itself, a TEMPLATES name, or "auto" (tok's directory)."""
     if isinstance(template, ChatTemplate):
         return template
-    if template in (None, "", "auto") and tok is not None:
+    if template in (None, "", "auto"):
+        if tok is None:
+            raise ValueError("template 'auto' means the model directory's own; pass resolve_template(model_dir) instead of the name")
         return _auto(str(tok.path))
     _template(template)
     return ChatTemplate(template)
