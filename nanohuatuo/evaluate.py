@@ -1,0 +1,1647 @@
+"""HuatuoGPT's evaluation, for our models and any OpenAI-compatible one.
+
+    python evaluate.py metrics  --data test.jsonl --model runs/sft
+    python evaluate.py pairwise --data KUAKE-QIC_100.json --a-model runs/ppo --b-base-url URL \
+        --b-model-name gpt-4o-mini --judge-base-url URL --judge-model-name gpt-4o
+    python evaluate.py dialogue --data Med-dialog_100.json --a-model ... --b-model ... \
+        --patient-base-url URL --patient-model-name NAME --judge-base-url URL --judge-model-name NAME
+    python evaluate.py sheet    --source runs/eval_pairwise --out runs/sheet
+    python evaluate.py tally    --sheet runs/sheet --marks marks.csv
+
+The modes, as the paper ran them:
+- metrics: answers to a QA test set (our schema, Huatuo-26M questions/answers JSONL, cMedQA2
+  questions.csv + answers.csv, Chinese-medical-dialogue CSV/JSONL; read by data.py's converters)
+  scored against the doctors' replies with BLEU-1..4, GLEU, ROUGE-1/2/L and Distinct-1/2 at
+  character level (textmetrics.py documents the exact variants).
+- pairwise: questions in the KUAKE-QIC format (`id, label, query`), two candidates' answers, a
+  judge that reasons first and ends with "Assistant 1 is better than / worse than / equal to
+  Assistant 2". Every pair is judged twice with the answers swapped; the two verdicts are summed
+  (+1 win, 0 tie, -1 loss for candidate A), so opposite verdicts are a tie (`--combine strict`:
+  any disagreement is a tie, as FastChat's MT-bench). A verdict the judge garbles is re-asked
+  (llm.py), then the pair is unjudged: reported, never a win. Win/tie/loss overall and per intent
+  with a bootstrap CI over questions, and a length-controlled win rate (below).
+- dialogue: cases in the Med-dialog format (`id, medical_case, doctor_diagnosis, Department`).
+  A patient model plays the patient from `medical_case`, one symptom at a time; each candidate
+  consults for at most `--max-turns` doctor turns; the judge compares the two transcripts against
+  the real doctor's diagnosis, order swapped as above; win/tie/loss per department.
+  Stop rule (`gives_diagnosis_and_advice`): a doctor turn ends the consultation when it asks no
+  question (no ？ or ?), names a diagnosis (考虑, 可能是, 诊断, 初步判断, 印象, 属于, 应该是, 多半是)
+  and gives advice (建议, 治疗, 用药, 服用, 口服, 外用, 注意, 复查, 就诊, 就医, 检查).
+- sheet / tally: a blind, shuffled side-by-side sheet (self-contained HTML + CSV) of a pairwise
+  or dialogue run for doctors to mark; tally reads the marks back into win/tie/loss and their
+  agreement with the automatic judge (percent and Cohen's kappa).
+
+Candidates: each side is one of our models (`--a-model DIR [--a-adapter DIR]`, generated in
+batches on the engine), an OpenAI-compatible endpoint (`--a-base-url URL --a-model-name NAME`)
+or a file of answers (`--a-answers FILE`, JSONL/JSON of {id, answer}). Answers are kept in one
+JSONL per candidate under `--answers-dir` (default OUT/answers), keyed by what produced them
+(model files, adapter, template, sampling settings), so a model answers once and every later
+comparison that points at the same directory reuses it. Every LLM call (judge, patient,
+endpoint candidates) goes through llm.LLM with a SQLite cache per role under `--cache` (default
+OUT/cache): an interrupted run rerun with --resume sends only what it had not received.
+
+Offline (no network): `--judge offline` is a deterministic stand-in for a judge (character-bigram
+similarity to the reference, textmetrics.similarity_score: the doctor's diagnosis in dialogue,
+an item's `reference` in pairwise when it has one, else the question); `--patient offline` is a
+stand-in that recites the case one sentence per turn. Both are labelled as such in the report.
+
+Length control (AlpacaEval 2): a logistic fit of the per-question outcome (win 1, tie 0.5,
+loss 0) on tanh(length difference / its standard deviation), lengths in characters; the
+length-controlled win rate is the fitted probability at zero length difference.
+
+Outputs in --out: report.md (tables, with HuatuoGPT's published numbers beside ours when the
+set is the one they used), winrate.png (win/tie/loss bars), judgements.jsonl (every judge request
+with its reasoning), pairs.jsonl (one row per question or case), transcripts.jsonl (dialogue),
+summary.json (what run_* returns).
+
+Python API (what the demo calls): run_metrics(MetricsConfig), run_pairwise(PairwiseConfig),
+run_dialogue(DialogueConfig), make_sheet(SheetConfig), run_tally(TallyConfig); each returns the
+summary dict.
+"""
+
+import csv
+import hashlib
+import html
+import io
+import json
+import math
+import os
+import random
+import re
+import sys
+import time
+import unicodedata
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from . import data as qa_data
+from . import templates
+from .cli import UserError, arg, cli_main, prepare_out
+from .textmetrics import METRICS, chars, distinct, score_corpus, similarity_score
+
+# ---------------------------------------------------------------- published numbers
+
+PUBLISHED = {
+    "kuake-qic": {
+        "match": "kuake-qic_100",
+        "title": "HuatuoGPT-13B, single-turn, KUAKE-QIC_100, GPT-4 judge (win / tie / loss for HuatuoGPT)",
+        "rows": [("vs ChatGPT", 47, 21, 32), ("vs ChatGLM-6B", 43, 18, 39), ("vs DoctorGLM", 95, 2, 3),
+                 ("vs BenTsao", 98, 2, 0), ("vs GPT-4", 31, 17, 52)],
+    },
+    "med-dialog": {
+        "match": "med-dialog_100",
+        "title": "HuatuoGPT, multi-turn, Med-dialog_100, GPT-4 judge (win / tie / loss for HuatuoGPT)",
+        "rows": [("vs ChatGPT", 62, 6, 32)],
+    },
+    "huatuo26m-test": {
+        "match": "huatuo26m",  # with "test" in the name too
+        "title": "Huatuo-26M test set, character level (HuatuoGPT paper)",
+        "rows": [("HuatuoGPT", 27.42, 14.84, 8.54, 4.96, 8.01, 29.16, 8.29, 15.84, 0.74, 0.93),
+                 ("T5 (fine-tuned)", 26.63, 16.74, 11.77, 8.46, 11.38, 33.21, 13.26, 24.85, 0.51, 0.68)],
+    },
+}
+
+
+def published_for(kind: str, paths: list[str], choice: str) -> str | None:
+    """Which published table fits this run: `choice` itself, or by the data file's name for 'auto'."""
+    if choice == "none":
+        return None
+    if choice != "auto":
+        if choice not in PUBLISHED:
+            raise UserError(f"--published {choice!r}: use auto, none or one of {', '.join(PUBLISHED)}")
+        return choice
+    names = " ".join(Path(p).name.lower().replace(" ", "") for p in paths)
+    if kind == "pairwise" and PUBLISHED["kuake-qic"]["match"] in names:
+        return "kuake-qic"
+    if kind == "dialogue" and PUBLISHED["med-dialog"]["match"] in names:
+        return "med-dialog"
+    if kind == "metrics" and re.search(r"huatuo[-_]?26m", names) and "test" in names:
+        return "huatuo26m-test"
+    return None
+
+
+# ---------------------------------------------------------------- evaluation sets
+
+def read_records(path: str, what: str, flag: str = "--data") -> list[dict]:
+    """A JSON list of objects, or JSONL; errors name the file and the item."""
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"{flag} {path}: no such file; pass a {what} file")
+    text = p.read_text(encoding="utf-8-sig")
+    if text.lstrip().startswith("["):
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path}:{e.lineno}: bad JSON ({e.msg}); expected a list of {what} objects") from None
+        where = [f"{path}: item {i}" for i in range(len(rows))]
+    else:
+        rows, where = [], []
+        for lineno, obj in qa_data.iter_jsonl(path):
+            rows.append(obj)
+            where.append(f"{path}:{lineno}")
+    for row, w in zip(rows, where):
+        if not isinstance(row, dict):
+            raise UserError(f"{w}: expected a JSON object, got {type(row).__name__}")
+    if not rows:
+        raise UserError(f"{path}: no {what} in the file")
+    return [dict(row, _where=w) for row, w in zip(rows, where)]
+
+
+def _field(row: dict, key: str, what: str, *alts) -> str:
+    for k in (key, *alts):
+        if isinstance(row.get(k), str) and row[k].strip():
+            return row[k]
+    raise UserError(f"{row['_where']}: {what} needs a non-empty string {key!r}")
+
+
+def load_questions(path: str, limit: int = 0) -> list[dict]:
+    """KUAKE-QIC items -> [{id, group (the intent label), query, reference?}]."""
+    items = []
+    for row in read_records(path, "question (KUAKE-QIC: id, label, query)"):
+        if row.get("id") is None:
+            raise UserError(f"{row['_where']}: question needs an 'id'")
+        item = {"id": str(row["id"]), "group": str(row.get("label") or "(none)"),
+                "query": _field(row, "query", "a question", "question")}
+        if isinstance(row.get("reference"), str) and row["reference"].strip():
+            item["reference"] = row["reference"]
+        items.append(item)
+    return _unique(items, path)[: limit or None]
+
+
+def load_cases(path: str, limit: int = 0) -> list[dict]:
+    """Med-dialog cases -> [{id, group (the department), medical_case, doctor_diagnosis}]."""
+    items = []
+    for row in read_records(path, "case (Med-dialog: id, medical_case, doctor_diagnosis, Department)"):
+        if row.get("id") is None:
+            raise UserError(f"{row['_where']}: case needs an 'id'")
+        items.append({"id": str(row["id"]),
+                      "group": str(row.get("Department") or row.get("department") or "(none)"),
+                      "medical_case": _field(row, "medical_case", "a case"),
+                      "doctor_diagnosis": _field(row, "doctor_diagnosis", "a case")})
+    return _unique(items, path)[: limit or None]
+
+
+def _unique(items: list[dict], path: str) -> list[dict]:
+    seen = set()
+    for item in items:
+        if item["id"] in seen:
+            raise UserError(f"{path}: id {item['id']!r} appears twice; ids must be unique")
+        seen.add(item["id"])
+    return items
+
+
+QA_FORMATS = ("auto", "schema", "huatuo26m", "cmedqa2", "cmd_csv", "cmd_jsonl")
+
+
+def detect_format(paths: list[str]) -> str:
+    """The QA format of the files from their names and first record."""
+    if len(paths) == 2 and all(p.lower().endswith(".csv") for p in paths):
+        return "cmedqa2"
+    path = paths[0]
+    if path.lower().endswith(".csv"):
+        with open(path, "rb") as f:
+            head = f.readline().decode("utf-8-sig", "replace")
+        if "ask" in head and "answer" in head:
+            return "cmd_csv"
+        if "question_id" in head:
+            raise UserError(f"--data {path}: looks like cMedQA2; pass both files: --data questions.csv answers.csv")
+        raise UserError(f"--data {path}: unknown CSV header {head.strip()!r}; pass --format")
+    for _, obj in qa_data.iter_jsonl(path):
+        if "messages" in obj:
+            return "schema"
+        if "title" in obj or "department" in obj:
+            return "cmd_jsonl"
+        if any(k in obj for k in ("questions", "question")):
+            return "huatuo26m"
+        raise UserError(f"--data {path}: cannot tell the format from keys {sorted(obj)}; pass --format")
+    raise UserError(f"--data {path}: empty file")
+
+
+def load_qa(paths: list[str], fmt: str = "auto", limit: int = 0) -> list[dict]:
+    """QA pairs -> [{id, messages (the question turns), reference (the doctor's reply)}]."""
+    if not paths:
+        raise UserError("pass --data FILE (a QA test set; cMedQA2: --data questions.csv answers.csv)")
+    for p in paths:
+        if not Path(p).is_file():
+            raise UserError(f"--data {p}: no such file")
+    fmt = detect_format(paths) if fmt == "auto" else fmt
+    if fmt == "schema":
+        rows = [r for p in paths for r in qa_data.load_conversations(p)]
+    elif fmt in qa_data.FORMATS:
+        rows = list(qa_data.convert(fmt, paths))
+    else:
+        raise UserError(f"--format {fmt!r}: use one of {', '.join(QA_FORMATS)}")
+    items = [qa_data.to_prompt(r) for r in rows]
+    if not items:
+        raise UserError(f"--data {' '.join(paths)}: no question/answer pairs ({fmt})")
+    return items[: limit or None]
+
+
+# ---------------------------------------------------------------- candidates
+
+@dataclass
+class Candidate:
+    """One side of a comparison: our model, an endpoint, or a file of answers (exactly one)."""
+    name: str = ""
+    model: str = ""
+    adapter: str | None = None
+    base_url: str = ""
+    model_name: str = ""
+    api_key: str | None = None
+    answers: str = ""
+    template: str = "auto"
+
+    def kind(self, flag: str = "") -> str:
+        kinds = [k for k, on in (("model", self.model), ("endpoint", self.base_url or self.model_name),
+                                 ("answers", self.answers)) if on]
+        if len(kinds) != 1:
+            what = " and ".join(kinds) if kinds else "nothing"
+            raise UserError(f"candidate {flag or self.name or '?'}: got {what}; give exactly one of --{flag}model DIR, "
+                            f"--{flag}base-url URL with --{flag}model-name NAME, or --{flag}answers FILE")
+        return kinds[0]
+
+    def label(self) -> str:
+        if self.name:
+            return self.name
+        if self.model:
+            return Path(self.adapter or self.model).name
+        return self.model_name or Path(self.answers).stem
+
+
+@dataclass
+class Sampling:
+    max_new_tokens: int = 512
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int = 0
+    system: str = ""
+
+
+def _files_fingerprint(directory: str | None) -> list:
+    """Name, size and mtime of a model directory's weight and config files: retraining in place
+    into the same directory makes new answers instead of reusing stale ones."""
+    if not directory:
+        return []
+    d = Path(directory)
+    if not d.is_dir():
+        raise UserError(f"{directory}: not a model directory")
+    return [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(d.iterdir())
+            if p.suffix in (".safetensors", ".bin", ".json", ".model")]
+
+
+def candidate_key(c: Candidate, s: Sampling, extra: dict | None = None) -> str:
+    """File stem for the candidate's answers: its label and a hash of what produced them."""
+    kind = c.kind()
+    if kind == "model":
+        what = {"model": str(Path(c.model).resolve()), "adapter": str(Path(c.adapter).resolve()) if c.adapter else None,
+                "files": _files_fingerprint(c.model) + _files_fingerprint(c.adapter), "template": c.template}
+    elif kind == "endpoint":
+        what = {"base_url": c.base_url.rstrip("/"), "model_name": c.model_name}
+    else:
+        return "file-" + slug(c.label())
+    blob = json.dumps({**what, **asdict(s), **(extra or {})}, sort_keys=True, ensure_ascii=False)
+    return f"{slug(c.label())}-{hashlib.sha1(blob.encode()).hexdigest()[:10]}"
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-")[:40] or "x"
+
+
+def prompt_hash(messages) -> str:
+    return hashlib.sha1(json.dumps(messages, ensure_ascii=False, sort_keys=True).encode()).hexdigest()[:12]
+
+
+class AnswerStore:
+    """One JSONL file of a candidate's outputs, keyed by item id and prompt hash; appended as they come.
+
+    A torn last line (a run killed mid-write) is ignored and written again."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.rows = {}
+        if self.path.exists():
+            with open(self.path, encoding="utf-8") as f:
+                for line in f:
+                    try:
+                        row = json.loads(line)
+                    except json.JSONDecodeError:
+                        continue
+                    self.rows[(row["id"], row["hash"])] = row
+
+    def get(self, item_id: str, h: str) -> dict | None:
+        return self.rows.get((item_id, h))
+
+    def add(self, rows: list[dict]) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a", encoding="utf-8") as f:
+            for row in rows:
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+                self.rows[(row["id"], row["hash"])] = row
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def make_llm(role: str, base_url: str, model_name: str, api_key: str | None, cache_dir: Path, concurrency: int):
+    """An llm.LLM for one role with its own SQLite cache file (one cache per endpoint and model)."""
+    from .llm import LLM
+    cache = cache_dir / f"{slug(role)}-{slug(model_name)}.sqlite"
+    return LLM(base_url, model_name, api_key=api_key, cache=cache, concurrency=concurrency, name=role)
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
+
+
+class LocalModel:
+    """One of our models answering conversations in batches on the engine."""
+
+    def __init__(self, c: Candidate, s: Sampling, device, dtype, batch_size: int = 16):
+        from .model import Transformer
+        from .tokenizer import Tokenizer
+        if not Path(c.model, "config.json").is_file():
+            raise UserError(f"--model {c.model}: no config.json there; pass a model directory (Hugging Face layout)")
+        if c.adapter and not Path(c.adapter).is_dir():
+            raise UserError(f"--adapter {c.adapter}: no such directory")
+        self.name, self.s, self.batch_size = c.label(), s, batch_size
+        t0 = time.time()
+        self.model = Transformer.from_pretrained(c.model, dtype=dtype, device=device, adapter=c.adapter)
+        if c.adapter:
+            from .lora import merge_and_unload
+            merge_and_unload(self.model)  # a merged model decodes at base-model cost
+        self.model.eval()
+        # a trained adapter carries the tokenizer files with the chat template it was trained with
+        tok_dir = c.adapter if c.adapter and any(Path(c.adapter, f).is_file() for f in TOKENIZER_FILES) else c.model
+        self.tok = Tokenizer.from_pretrained(tok_dir)
+        resolve = getattr(templates, "resolve_template", None)
+        if resolve is not None:
+            self.template = resolve(tok_dir, c.template, self.tok)
+        else:
+            self.template = templates.guess_template(tok_dir) if c.template == "auto" else c.template
+        self.stop_ids = templates.stop_token_ids(self.tok, self.template)
+        self.stops = templates.stop_strings(self.template)
+        self.budget = max(self.model.config.max_seq_len - s.max_new_tokens, 1)
+        self.generated_tokens, self.truncated, self.seconds = 0, 0, 0.0
+        print(f"{self.name}: loaded {c.model}{' + ' + c.adapter if c.adapter else ''} in {time.time() - t0:.1f}s",
+              file=sys.stderr, flush=True)
+
+    def _prompt(self, messages: list[dict]) -> list[int]:
+        """Prompt ids; the oldest turns go first when the context is full, then the question's head."""
+        system = [m for m in messages[:1] if m["role"] == "system"]
+        turns = messages[len(system):]
+        ids = templates.render_prompt(system + turns, self.tok, self.template)
+        while len(ids) > self.budget and len(turns) > 1:
+            turns = turns[2:]
+            ids = templates.render_prompt(system + turns, self.tok, self.template)
+        if len(ids) > self.budget:
+            self.truncated += 1
+            ids = ids[-self.budget:]
+        return ids
+
+    def respond(self, conversations: list[list[dict]], keys: list[str]) -> list[tuple[str | None, str]]:
+        """(answer text, finish reason) per conversation; `keys` seed each sampled answer on its own."""
+        from .generate import cut_at_stop
+        s, t0 = self.s, time.time()
+        prompts = [self._prompt(self._with_system(m)) for m in conversations]
+        seeds = [int(hashlib.sha1(f"{s.seed}:{k}".encode()).hexdigest()[:8], 16) for k in keys]
+        try:
+            from .engine import Engine, SamplingParams
+        except ImportError:
+            Engine = None
+        out: list[tuple[list[int], str]] = []
+        if Engine is not None:
+            # sized for this batch: a 7B model's cache for its full context in every slot would not fit
+            max_len = min(self.model.config.max_seq_len, max(map(len, prompts)) + s.max_new_tokens)
+            engine = Engine(self.model, tokenizer=self.tok, slots=self.batch_size, max_len=max_len)
+            params = [SamplingParams(max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p,
+                                     top_k=s.top_k, stop_ids=tuple(self.stop_ids), stop_strings=tuple(self.stops),
+                                     seed=seed) for seed in seeds]
+            out = [(o.tokens, o.finish_reason) for o in engine.generate(prompts, params)]
+        else:
+            from .generate import generate_batch
+            # without the engine: static batches of similar lengths, so little padding is decoded
+            order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+            got = {}
+            for b in range(0, len(order), self.batch_size):
+                idx = order[b:b + self.batch_size]
+                g = generate_batch(self.model, [prompts[i] for i in idx], s.max_new_tokens, temperature=s.temperature,
+                                   top_k=s.top_k, top_p=s.top_p, seed=seeds[idx[0]], stop_ids=self.stop_ids,
+                                   stop_strings=self.stops, tokenizer=self.tok, pad_id=self.tok.pad_id)
+                for i, tokens, done in zip(idx, g.tokens, g.finished):
+                    got[i] = (tokens, "stop" if done else "length")
+            out = [got[i] for i in range(len(prompts))]
+        self.generated_tokens += sum(len(t) for t, _ in out)
+        self.seconds += time.time() - t0
+        return [(cut_at_stop(self.tok.decode(t), self.stops).strip(), reason) for t, reason in out]
+
+    def _with_system(self, messages):
+        if self.s.system and messages[0]["role"] != "system":
+            return [{"role": "system", "content": self.s.system}] + messages
+        return messages
+
+    def summary(self) -> str:
+        rate = self.generated_tokens / self.seconds if self.seconds else 0.0
+        text = f"{self.name}: {self.generated_tokens:,} tokens generated in {self.seconds:.1f}s ({rate:.0f} tok/s)"
+        return text + (f", {self.truncated} prompts cut to fit the context" if self.truncated else "")
+
+    def close(self):
+        self.model = None
+
+
+class EndpointModel:
+    """An OpenAI-compatible endpoint answering conversations (through llm.LLM, cached)."""
+
+    def __init__(self, c: Candidate, s: Sampling, cache_dir: Path, concurrency: int):
+        self.name, self.s = c.label(), s
+        self.llm = make_llm(f"answers-{c.label()}", c.base_url, c.model_name, c.api_key, cache_dir, concurrency)
+
+    def respond(self, conversations, keys):
+        s = self.s
+        requests = [{"messages": ([{"role": "system", "content": s.system}] if s.system else []) + m,
+                     "temperature": s.temperature, "top_p": s.top_p if s.top_p < 1 else None,
+                     "max_tokens": s.max_new_tokens, "seed": s.seed} for m in conversations]
+        out = []
+        for a in self.llm.map(requests, desc=f"{self.name} answering"):
+            reason = (a.finish_reasons or ["stop"])[0] if a.ok else "error"
+            out.append((a.text.strip() if a.ok else None, reason))
+        return out
+
+    def summary(self) -> str:
+        return self.llm.summary()
+
+    def close(self):
+        self.llm.close()
+
+
+def answers_from_file(path: str, flag: str = "--answers") -> dict[str, str]:
+    rows = read_records(path, "answer ({id, answer})", flag)
+    out = {}
+    for row in rows:
+        if row.get("id") is None or not isinstance(row.get("answer"), str):
+            raise UserError(f"{row['_where']}: an answer row needs 'id' and a string 'answer'")
+        out[str(row["id"])] = row["answer"]
+    return out
+
+
+def open_model(c: Candidate, s: Sampling, run) -> LocalModel | EndpointModel:
+    if c.kind() == "model":
+        from .cli import resolve_device, resolve_dtype
+        device = resolve_device(run.device)
+        return LocalModel(c, s, device, resolve_dtype(run.dtype, device), run.batch_size)
+    return EndpointModel(c, s, Path(run.cache), run.concurrency)
+
+
+def get_answers(c: Candidate, s: Sampling, items: list[dict], run, summaries: list[str]) -> list[str | None]:
+    """The candidate's answer to each item (item["messages"]), from its answer file or generated.
+
+    None marks an endpoint that gave no usable answer (that pair is unjudged)."""
+    if c.kind() == "answers":
+        given = answers_from_file(c.answers)
+        missing = [it["id"] for it in items if it["id"] not in given]
+        if missing:
+            raise UserError(f"--answers {c.answers}: no answer for ids {', '.join(missing[:5])}"
+                            f"{' ...' if len(missing) > 5 else ''}")
+        return [given[it["id"]] for it in items]
+    store = AnswerStore(Path(run.answers_dir) / f"{candidate_key(c, s)}.jsonl")
+    hashes = [prompt_hash(it["messages"]) for it in items]
+    todo = [i for i, (it, h) in enumerate(zip(items, hashes)) if store.get(it["id"], h) is None]
+    print(f"{c.label()}: {len(items) - len(todo)}/{len(items)} answers in {store.path}, {len(todo)} to make",
+          file=sys.stderr, flush=True)
+    if todo:
+        model = open_model(c, s, run)
+        try:
+            chunk = 64 if isinstance(model, LocalModel) else len(todo)  # a local run saves as it goes
+            for b in range(0, len(todo), chunk):
+                idx = todo[b:b + chunk]
+                replies = model.respond([items[i]["messages"] for i in idx], [items[i]["id"] for i in idx])
+                store.add([{"id": items[i]["id"], "hash": hashes[i], "answer": text, "finish_reason": reason}
+                           for i, (text, reason) in zip(idx, replies) if text is not None])
+                if isinstance(model, LocalModel):
+                    print(f"{c.label()}: {min(b + chunk, len(todo))}/{len(todo)} answered", file=sys.stderr, flush=True)
+            summaries.append(model.summary())
+        finally:
+            model.close()
+    rows = [store.get(it["id"], h) for it, h in zip(items, hashes)]
+    return [r["answer"] if r else None for r in rows]
+
+
+# ---------------------------------------------------------------- the judge
+
+JUDGE_SYSTEM = "You are a helpful, precise and impartial medical expert who checks the quality of doctors' answers."
+
+CRITERIA = (
+    "1. To the point: it answers what the patient asked.\n"
+    "2. Symptoms covered: it takes every symptom the patient described into account.\n"
+    "3. Diagnosis: it gives the most reasonable diagnosis.\n"
+    "4. Treatment: it proposes an effective treatment that fits the severity of the condition.\n"
+    "5. Safety: prescriptions respect indications, contraindications and dosage.")
+
+VERDICT_LINES = ("Assistant 1 is better than Assistant 2\n"
+                 "Assistant 1 is worse than Assistant 2\n"
+                 "Assistant 1 is equal to Assistant 2")
+
+ASK_VERDICT = (
+    "Avoid any position bias: the order in which the two are shown must not affect your judgement, "
+    "and neither may their length on its own. First explain your reasoning in a few sentences, "
+    "comparing the two. Then write the final verdict alone on the last line, exactly one of:\n" + VERDICT_LINES)
+
+
+def pairwise_messages(question: str, answer_1: str, answer_2: str) -> list[dict]:
+    """The judge request for one single-turn question, method.md's structure:
+    [Question] [Assistant 1] [Assistant 2] [System] criteria, reasoning first, verdict line last."""
+    user = (f"[Question]\n{question.strip()}\n\n"
+            f"[The Start of Assistant 1's Answer]\n{answer_1.strip() or '(no answer)'}\n[The End of Assistant 1's Answer]\n\n"
+            f"[The Start of Assistant 2's Answer]\n{answer_2.strip() or '(no answer)'}\n[The End of Assistant 2's Answer]\n\n"
+            "[System]\nWe would like to request your feedback on the performance of two AI assistants in response "
+            "to the patient's question displayed above. Judge which answer is better by these criteria:\n"
+            f"{CRITERIA}\n{ASK_VERDICT}")
+    return [{"role": "system", "content": JUDGE_SYSTEM}, {"role": "user", "content": user}]
+
+
+def dialogue_messages(case: str, diagnosis: str, transcript_1: str, transcript_2: str) -> list[dict]:
+    """The judge request for two consultations of one case, against the real doctor's diagnosis."""
+    user = (f"[Medical Case]\n{case.strip()}\n\n[Real Doctor's Diagnosis and Advice]\n{diagnosis.strip()}\n\n"
+            f"[The Start of Assistant 1's Consultation]\n{transcript_1}\n[The End of Assistant 1's Consultation]\n\n"
+            f"[The Start of Assistant 2's Consultation]\n{transcript_2}\n[The End of Assistant 2's Consultation]\n\n"
+            "[System]\nTwo AI assistants each consulted the same patient, who was played from the case above and "
+            "revealed it step by step. Compare each consultation with the real doctor's diagnosis and advice, and "
+            "judge which assistant did better by these criteria:\n"
+            f"{CRITERIA}\n6. Consultation: it asks the questions needed before concluding, and its diagnosis and "
+            f"advice agree with the real doctor's.\n{ASK_VERDICT}")
+    return [{"role": "system", "content": JUDGE_SYSTEM}, {"role": "user", "content": user}]
+
+
+_VERDICT = re.compile(r"assistant\s*([12])\s*is\s*(better|worse|equal)\s*(?:than|to)\s*assistant\s*([12])",
+                      re.IGNORECASE)
+
+
+def parse_verdict(text: str) -> str:
+    """'1', '2' (the assistant shown in that place is better) or 'tie', from the last verdict sentence.
+
+    Markdown decoration (** __ ` #) and full-width characters are ignored; ValueError when there is
+    no verdict sentence or it compares an assistant with itself."""
+    clean = re.sub(r"[*_`#]", "", unicodedata.normalize("NFKC", text or ""))
+    found = list(_VERDICT.finditer(clean))
+    if not found:
+        raise ValueError("no verdict line")
+    x, relation, y = found[-1].groups()
+    if x == y:
+        raise ValueError("verdict compares an assistant with itself")
+    return "tie" if relation.lower() == "equal" else (x if relation.lower() == "better" else y)
+
+
+def verdict_followup(messages: list[dict], reply: str, reason: str) -> list[dict]:
+    """Ask again for the verdict line after a reply without one."""
+    return messages + [{"role": "assistant", "content": reply},
+                       {"role": "user", "content": "Your reply did not end with a valid verdict. Answer with one line "
+                                                   "only, exactly one of:\n" + VERDICT_LINES}]
+
+
+@dataclass
+class Verdict:
+    text: str | None
+    value: str | None       # "1" | "2" | "tie" (as shown), None when unusable
+    ok: bool
+    error: str | None = None
+    cached: bool = False
+
+
+TIE_MARGIN = 0.005  # offline judge: scores closer than this are a tie
+
+
+class OfflineJudge:
+    """Deterministic stand-in for a judge: the answer more similar to the reference wins.
+
+    textmetrics.similarity_score (character-bigram F1, minus repetition and length penalties) of
+    each shown answer against the request's reference; no network, symmetric, so an order swap
+    never changes its mind. Not a medical judgement."""
+
+    name = "offline judge"
+
+    def judge(self, requests: list[dict]) -> list[Verdict]:
+        out = []
+        for r in requests:
+            s1, s2 = (similarity_score(a, r["reference"]) for a in r["shown"])
+            line = ("Assistant 1 is equal to Assistant 2" if abs(s1 - s2) < TIE_MARGIN else
+                    "Assistant 1 is better than Assistant 2" if s1 > s2 else "Assistant 1 is worse than Assistant 2")
+            text = (f"Offline judge (a deterministic stand-in, not a medical judgement): similarity to the "
+                    f"{r['reference_name']}: assistant 1 {s1:.4f}, assistant 2 {s2:.4f}.\n{line}")
+            out.append(Verdict(text, parse_verdict(text), True))
+        return out
+
+    def summary(self) -> str:
+        return "judge: offline (deterministic similarity stand-in), no requests"
+
+    def close(self):
+        pass
+
+
+class EndpointJudge:
+    """The judge behind an OpenAI-compatible endpoint: verdicts parsed, garbled ones re-asked."""
+
+    def __init__(self, llm, temperature: float, max_tokens: int):
+        self.llm, self.temperature, self.max_tokens = llm, temperature, max_tokens
+        self.name = f"{llm.model} ({llm.base_url})"
+
+    def judge(self, requests: list[dict]) -> list[Verdict]:
+        answers = self.llm.map([{"messages": r["messages"], "temperature": self.temperature,
+                                 "max_tokens": self.max_tokens} for r in requests],
+                               parse=parse_verdict, followup=verdict_followup, desc="judging")
+        return [Verdict(a.text, a.value if a.ok else None, a.ok, a.error, a.cached) for a in answers]
+
+    def summary(self) -> str:
+        return self.llm.summary()
+
+    def close(self):
+        self.llm.close()
+
+
+def open_judge(cfg):
+    if cfg.judge == "offline":
+        return OfflineJudge()
+    if cfg.judge == "endpoint":
+        if not (cfg.judge_base_url and cfg.judge_model_name):
+            raise UserError("the judge needs --judge-base-url URL and --judge-model-name NAME "
+                            "(or --judge offline for the deterministic stand-in, --judge none for answers only)")
+        llm = make_llm("judge", cfg.judge_base_url, cfg.judge_model_name, cfg.judge_api_key,
+                       Path(cfg.cache), cfg.concurrency)
+        return EndpointJudge(llm, cfg.judge_temperature, cfg.judge_max_tokens)
+    if cfg.judge == "none":
+        return None
+    raise UserError(f"--judge {cfg.judge!r}: use endpoint, offline or none")
+
+
+def judge_swapped(judge, items: list[dict], build, a_name: str, b_name: str, rule: str):
+    """Judge every item twice (A shown first, then B first) -> (judgement rows, outcome per item).
+
+    items: {id, group, answer_a, answer_b, reference, reference_name, ...}; build(item, first, second)
+    -> judge messages. An item whose answer is missing on either side is unjudged without a request."""
+    requests, where = [], []
+    for k, it in enumerate(items):
+        if it["answer_a"] is None or it["answer_b"] is None:
+            continue
+        for order in ("AB", "BA"):
+            first, second = (it["answer_a"], it["answer_b"]) if order == "AB" else (it["answer_b"], it["answer_a"])
+            requests.append({"messages": build(it, first, second), "shown": (first, second),
+                             "reference": it["reference"], "reference_name": it["reference_name"]})
+            where.append((k, order))
+    verdicts = judge.judge(requests) if requests else []
+    rows, per_item = [], [dict() for _ in items]
+    for (k, order), v, r in zip(where, verdicts, requests):
+        side = None
+        if v.ok:
+            side = "tie" if v.value == "tie" else ("A" if (v.value == "1") == (order == "AB") else "B")
+        per_item[k][order] = side
+        rows.append({"id": items[k]["id"], "group": items[k]["group"], "order": order,
+                     "assistant_1": a_name if order == "AB" else b_name,
+                     "assistant_2": b_name if order == "AB" else a_name,
+                     "verdict": side, "shown_verdict": v.value, "ok": v.ok, "error": v.error,
+                     "cached": v.cached, "reasoning": v.text, "judge": judge.name})
+    outcomes = []
+    for it, got in zip(items, per_item):
+        if it["answer_a"] is None or it["answer_b"] is None:
+            outcomes.append((None, "no answer from " + (a_name if it["answer_a"] is None else b_name)))
+        elif got.get("AB") is None or got.get("BA") is None:
+            outcomes.append((None, "judge gave no usable verdict"))
+        else:
+            outcomes.append((combine(got["AB"], got["BA"], rule), None))
+    return rows, outcomes
+
+
+def combine(first: str, second: str, rule: str = "sum") -> str:
+    """A's outcome from two verdicts ("A", "B", "tie"): sum (HuatuoGPT: +1/0/-1 summed) or strict."""
+    if rule == "strict":
+        return {"A": "win", "B": "loss", "tie": "tie"}[first] if first == second else "tie"
+    if rule != "sum":
+        raise UserError(f"--combine {rule!r}: use sum or strict")
+    score = sum({"A": 1, "B": -1, "tie": 0}[v] for v in (first, second))
+    return "win" if score > 0 else "loss" if score < 0 else "tie"
+
+
+# ---------------------------------------------------------------- statistics
+
+OUTCOME_SCORE = {"win": 1.0, "tie": 0.5, "loss": 0.0}
+
+
+def fit_length_controlled(y, diff, l2: float = 1e-2):
+    """Win rate at equal length and slope: logistic fit of outcome y (1 / 0.5 / 0) on tanh(diff / std).
+
+    y and diff are (n,) for one fit or (B, n) for B fits at once (the bootstrap). Newton's method on
+    the soft-label cross-entropy, the 2x2 system solved in closed form per row; the small L2 term
+    keeps a clean sweep finite."""
+    y, d = np.atleast_2d(np.asarray(y, float)), np.atleast_2d(np.asarray(diff, float))  # (B, n)
+    if y.shape[1] == 0:
+        return np.full(len(y), np.nan), np.full(len(y), np.nan)
+    sd = d.std(axis=1, keepdims=True)
+    x = np.tanh(d / np.where(sd > 0, sd, 1.0))  # all zeros where every difference is the same
+    w0, w1 = np.zeros(len(y)), np.zeros(len(y))
+    for _ in range(100):
+        p = 1 / (1 + np.exp(-(w0[:, None] + w1[:, None] * x)))
+        r, h = p - y, p * (1 - p)
+        g0, g1 = r.sum(1) + l2 * w0, (r * x).sum(1) + l2 * w1  # gradient
+        a, b, c = h.sum(1) + l2, (h * x).sum(1), (h * x * x).sum(1) + l2  # Hessian [[a, b], [b, c]]
+        det = a * c - b * b
+        s0, s1 = (c * g0 - b * g1) / det, (a * g1 - b * g0) / det
+        w0, w1 = w0 - s0, w1 - s1
+        if max(np.abs(s0).max(), np.abs(s1).max()) < 1e-10:
+            break
+    return 1 / (1 + np.exp(-w0)), w1
+
+
+def wtl_stats(outcomes: list[str], diffs: list[float], boots: int = 1000, seed: int = 0,
+              length_control: bool = True) -> dict:
+    """Counts, rates (%), win rate (win + tie/2, %), length-controlled win rate, bootstrap 95% CIs."""
+    n = len(outcomes)
+    counts = {k: outcomes.count(k) for k in ("win", "tie", "loss")}
+    out = {"n": n, **counts}
+    if n == 0:
+        return out
+    y = np.array([OUTCOME_SCORE[o] for o in outcomes])
+    d = np.array(diffs, dtype=float)
+    codes = np.array([("win", "tie", "loss").index(o) for o in outcomes])
+    for name in ("win", "tie", "loss"):
+        out[f"{name}_pct"] = 100 * counts[name] / n
+    out["winrate"] = 100 * float(y.mean())
+    if length_control:
+        lc, slope = fit_length_controlled(y, d)
+        out["lc_winrate"], out["length_slope"] = 100 * float(lc[0]), float(slope[0])
+    if boots:
+        idx = np.random.default_rng(seed).integers(0, n, (boots, n))  # resampled questions, (B, n)
+        samples = {f"{name}_pct": 100 * (codes[idx] == k).mean(1) for k, name in enumerate(("win", "tie", "loss"))}
+        samples["winrate"] = 100 * y[idx].mean(1)
+        if length_control:
+            samples["lc_winrate"] = 100 * fit_length_controlled(y[idx], d[idx])[0]
+        for k, v in samples.items():
+            out[f"{k}_ci"] = [float(np.percentile(v, 2.5)), float(np.percentile(v, 97.5))]
+    return out
+
+
+def length(text: str | None) -> int:
+    """Characters without whitespace: the unit of the length-controlled fit."""
+    return len("".join((text or "").split()))
+
+
+def tables(items: list[dict], outcomes: list, boots: int, seed: int) -> dict:
+    """Overall and per-group statistics from (outcome, why-unjudged) per item."""
+    def stats(sel, length_control):
+        judged = [(it, o) for it, (o, _) in sel if o is not None]
+        s = wtl_stats([o for _, o in judged], [it["len_a"] - it["len_b"] for it, _ in judged], boots, seed,
+                      length_control)
+        s["unjudged"] = len(sel) - len(judged)
+        return s
+
+    pairs = list(zip(items, outcomes))
+    groups = dict.fromkeys(it["group"] for it in items)  # in order of first appearance
+    # per group: counts and CIs only, a length fit on ten questions would be noise
+    return {"overall": stats(pairs, True),
+            "groups": {g: stats([(it, o) for it, o in pairs if it["group"] == g], False) for g in groups}}
+
+
+# ---------------------------------------------------------------- dialogue: patient and stop rule
+
+PATIENT_SYSTEM = (
+    "你在扮演一位正在网上问诊的患者。下面是你的病情资料，只有你自己知道，医生看不到：\n{case}\n\n"
+    "规则：第一次发言只用一两句话说出最主要的不适和你想问的问题，不要一次把资料全部说出来；"
+    "之后医生问到什么，就根据资料如实回答什么，资料里没有的就说不清楚或没注意；"
+    "像普通患者一样口语化，不用医学术语，不要自己下诊断；每次不超过80字；只输出患者说的话。")
+PATIENT_OPENING = "（问诊开始。请说出你的第一句话。）"
+
+DIAGNOSIS_CUES = ("考虑", "可能是", "诊断", "初步判断", "印象", "属于", "应该是", "多半是")
+ADVICE_CUES = ("建议", "治疗", "用药", "服用", "口服", "外用", "注意", "复查", "就诊", "就医", "检查")
+
+
+def gives_diagnosis_and_advice(reply: str) -> bool:
+    """The stop rule: no question asked, a diagnosis named and advice given (cue words above)."""
+    return ("？" not in reply and "?" not in reply and any(c in reply for c in DIAGNOSIS_CUES)
+            and any(c in reply for c in ADVICE_CUES))
+
+
+def patient_view(case: str, transcript: list[dict]) -> list[dict]:
+    """The patient model's messages: its case as system text; its own turns are the assistant's."""
+    messages = [{"role": "system", "content": PATIENT_SYSTEM.format(case=case.strip())},
+                {"role": "user", "content": PATIENT_OPENING}]
+    for turn in transcript:
+        messages.append({"role": "assistant" if turn["role"] == "patient" else "user", "content": turn["content"]})
+    return messages
+
+
+def doctor_view(transcript: list[dict]) -> list[dict]:
+    return [{"role": "user" if t["role"] == "patient" else "assistant", "content": t["content"]} for t in transcript]
+
+
+def _clean_patient(text: str) -> str:
+    return re.sub(r"^\s*(患者|病人|我)\s*[:：]\s*", "", text.strip())
+
+
+class EndpointPatient:
+    """An LLM plays the patient (see PATIENT_SYSTEM)."""
+
+    label = "LLM patient"
+
+    def __init__(self, llm, temperature: float, max_tokens: int):
+        self.llm, self.temperature, self.max_tokens = llm, temperature, max_tokens
+        self.label = f"LLM patient: {llm.model}"
+
+    def speak(self, cases: list[dict], transcripts: list[list[dict]]) -> list[str | None]:
+        answers = self.llm.map([{"messages": patient_view(c["medical_case"], t), "temperature": self.temperature,
+                                 "max_tokens": self.max_tokens} for c, t in zip(cases, transcripts)],
+                               desc="patient speaking")
+        return [_clean_patient(a.text) if a.ok and a.text.strip() else None for a in answers]
+
+    def key(self) -> dict:
+        return {"patient": self.llm.model, "patient_url": self.llm.base_url, "t": self.temperature,
+                "max_tokens": self.max_tokens, "prompt": hashlib.sha1(PATIENT_SYSTEM.encode()).hexdigest()[:8]}
+
+    def summary(self) -> str:
+        return self.llm.summary()
+
+    def close(self):
+        self.llm.close()
+
+
+class OfflinePatient:
+    """OFFLINE STAND-IN for the patient model (no LLM): recites the case, one sentence per turn.
+
+    Opening: the first sentence of the description and the help wanted; then each later turn the
+    next sentence of the description, the duration, allergies and history; then a closing line.
+    It does not listen to the doctor: it only lets the pipeline run without a network."""
+
+    label = "offline patient stand-in (recites the case one sentence per turn; not an LLM)"
+
+    @staticmethod
+    def facts(case: str) -> tuple[str, list[str]]:
+        sections = dict(re.findall(r"([^\n：:]{1,12})[：:]\n(.*?)(?=\n[^\n：:]{1,12}[：:]\n|\Z)", case, re.S))
+        sentences = lambda t: [s for s in re.split(r"(?<=[。！；!;])", t.replace("\n", "")) if s.strip()]
+        description = sentences(sections.get("病情描述", "")) or sentences(case)
+        ask = sections.get("希望获得的帮助", "").strip()
+        opening = "医生您好，" + description[0] + (ask if ask else "")
+        rest = description[1:] + [f"{k}：{sections[k].strip()}" for k in ("患病多久", "过敏史", "既往病史")
+                                  if sections.get(k, "").strip()]
+        return opening, rest
+
+    def speak(self, cases, transcripts):
+        out = []
+        for case, t in zip(cases, transcripts):
+            opening, rest = self.facts(case["medical_case"])
+            said = sum(turn["role"] == "patient" for turn in t)
+            out.append(opening if said == 0 else rest[said - 1] if said - 1 < len(rest) else "没有别的情况了，请问我该怎么办？")
+        return out
+
+    def key(self) -> dict:
+        return {"patient": "offline"}
+
+    def summary(self) -> str:
+        return "patient: offline stand-in, no requests"
+
+    def close(self):
+        pass
+
+
+def open_patient(cfg):
+    if cfg.patient == "offline":
+        return OfflinePatient()
+    if cfg.patient == "endpoint":
+        if not (cfg.patient_base_url and cfg.patient_model_name):
+            raise UserError("the patient needs --patient-base-url URL and --patient-model-name NAME "
+                            "(or --patient offline for the stand-in that recites the case)")
+        llm = make_llm("patient", cfg.patient_base_url, cfg.patient_model_name, cfg.patient_api_key,
+                       Path(cfg.cache), cfg.concurrency)
+        return EndpointPatient(llm, cfg.patient_temperature, cfg.patient_max_tokens)
+    raise UserError(f"--patient {cfg.patient!r}: use endpoint or offline")
+
+
+def consult(c: Candidate, s: Sampling, cases: list[dict], patient, cfg, summaries: list[str]) -> list[dict | None]:
+    """Transcripts of the candidate consulting every case (stored per candidate, reused when done).
+
+    All open consultations advance together: one batch of doctor turns, then one of patient turns."""
+    if c.kind() == "answers":
+        raise UserError("dialogue: a candidate must be a model or an endpoint (--a-answers is for pairwise)")
+    extra = {**patient.key(), "max_turns": cfg.max_turns, "stop_rule": cfg.stop_rule}
+    store = AnswerStore(Path(cfg.answers_dir) / f"dialogue-{candidate_key(c, s, extra)}.jsonl")
+    hashes = [prompt_hash([case["medical_case"]]) for case in cases]
+    todo = [k for k, case in enumerate(cases) if store.get(case["id"], hashes[k]) is None]
+    print(f"{c.label()}: {len(cases) - len(todo)}/{len(cases)} consultations in {store.path}, {len(todo)} to run",
+          file=sys.stderr, flush=True)
+    if todo:
+        model = open_model(c, s, cfg)
+        try:
+            transcripts = {k: [] for k in todo}
+            stopped = {}
+            active = list(todo)
+            for turn in range(cfg.max_turns):
+                said = patient.speak([cases[k] for k in active], [transcripts[k] for k in active])
+                for k, text in zip(active, said):
+                    if text is None:
+                        stopped[k] = "patient gave no usable reply"
+                    else:
+                        transcripts[k].append({"role": "patient", "content": text})
+                active = [k for k in active if k not in stopped]
+                if not active:
+                    break
+                replies = model.respond([doctor_view(transcripts[k]) for k in active],
+                                        [f"{cases[k]['id']}:{turn}" for k in active])
+                for k, (text, _) in zip(active, replies):
+                    if text is None:
+                        stopped[k] = "doctor gave no usable reply"
+                        continue
+                    transcripts[k].append({"role": "doctor", "content": text})
+                    if cfg.stop_rule == "diagnosis" and gives_diagnosis_and_advice(text):
+                        stopped[k] = "diagnosis and advice"
+                    elif turn == cfg.max_turns - 1:
+                        stopped[k] = "turn limit"
+                active = [k for k in active if k not in stopped]
+                print(f"{c.label()}: turn {turn + 1}/{cfg.max_turns}, {len(active)} consultations still open",
+                      file=sys.stderr, flush=True)
+                if not active:
+                    break
+            store.add([{"id": cases[k]["id"], "hash": hashes[k], "transcript": transcripts[k], "stopped": stopped[k],
+                        "doctor_turns": sum(t["role"] == "doctor" for t in transcripts[k])}
+                       for k in todo if not stopped[k].endswith("no usable reply")])
+            summaries.append(model.summary())
+        finally:
+            model.close()
+    return [store.get(case["id"], h) for case, h in zip(cases, hashes)]
+
+
+def render_transcript(transcript: list[dict]) -> str:
+    return "\n".join(f"{'患者' if t['role'] == 'patient' else '医生'}：{t['content'].strip()}" for t in transcript)
+
+
+# ---------------------------------------------------------------- configs
+
+@dataclass
+class OutputFlags:
+    out: str = arg("runs/eval", "output directory (report.md, judgements, caches)")
+    resume: bool = arg(False, "continue the interrupted run in --out (cached answers and replies are reused)")
+    overwrite: bool = arg(False, "delete what --out holds and start again")
+    answers_dir: str = arg("", "directory of per-candidate answer files (default OUT/answers); point several "
+                               "runs at one directory to generate each model's answers once")
+    cache: str = arg("", "directory of the SQLite caches of LLM replies, one per role (default OUT/cache)")
+    concurrency: int = arg(4, "requests in flight per endpoint")
+    limit: int = arg(0, "use only the first N items (0: all)")
+    seed: int = arg(0, "random seed (sampling, bootstrap, sheet shuffle)")
+
+
+@dataclass
+class GenerationFlags:
+    device: str = arg("auto", "auto (cuda if available), cpu, cuda, cuda:1, ...")
+    dtype: str = arg("auto", "auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16 or float16")
+    batch_size: int = arg(16, "our models: sequences decoded together")
+    max_new_tokens: int = arg(512, "answer length limit in tokens (max_tokens for endpoints)")
+    temperature: float = arg(0.0, "sampling temperature of the candidates (0: greedy)")
+    top_p: float = arg(1.0, "nucleus sampling of the candidates")
+    top_k: int = arg(0, "top-k sampling of our models (0: off)")
+    system: str = arg("", "system message for both candidates (empty: each model's own default)")
+
+
+CANDIDATE_HELP = {
+    "model": ("", "our model directory (Hugging Face layout)"),
+    "adapter": (None, "LoRA adapter directory (PEFT layout) on top of the model"),
+    "base_url": ("", "OpenAI-compatible endpoint instead of our model (e.g. http://127.0.0.1:8000/v1)"),
+    "model_name": ("", "model name at the endpoint"),
+    "api_key": (None, "API key of the endpoint (default $NANOHUATUO_API_KEY, then $OPENAI_API_KEY)"),
+    "answers": ("", "file of ready answers (JSONL/JSON of id, answer) instead of a model"),
+    "name": ("", "name in the report (default: from the model directory or model name)"),
+    "template": ("auto", "chat template of our model (auto: the model's own)"),
+}
+
+
+def _cand(side: str, what: str):
+    default, help = CANDIDATE_HELP[what]
+    return arg(default, f"candidate {side}: {help}")
+
+
+@dataclass
+class CandidateFlags:
+    """Two candidates, A and B: each one of our models, an endpoint, or a file of answers."""
+    a_model: str = _cand("A", "model")
+    a_adapter: str | None = _cand("A", "adapter")
+    a_base_url: str = _cand("A", "base_url")
+    a_model_name: str = _cand("A", "model_name")
+    a_api_key: str | None = _cand("A", "api_key")
+    a_answers: str = _cand("A", "answers")
+    a_name: str = _cand("A", "name")
+    a_template: str = _cand("A", "template")
+    b_model: str = _cand("B", "model")
+    b_adapter: str | None = _cand("B", "adapter")
+    b_base_url: str = _cand("B", "base_url")
+    b_model_name: str = _cand("B", "model_name")
+    b_api_key: str | None = _cand("B", "api_key")
+    b_answers: str = _cand("B", "answers")
+    b_name: str = _cand("B", "name")
+    b_template: str = _cand("B", "template")
+
+
+@dataclass
+class JudgeFlags:
+    judge: str = arg("endpoint", "who judges: endpoint (--judge-base-url, --judge-model-name), offline "
+                                 "(deterministic similarity stand-in, no network) or none (answers only, for a sheet)",
+                     choices=["endpoint", "offline", "none"])
+    judge_base_url: str = arg("", "judge: OpenAI-compatible endpoint")
+    judge_model_name: str = arg("", "judge: model name at --judge-base-url")
+    judge_api_key: str | None = arg(None, "judge: API key (default $NANOHUATUO_API_KEY, $OPENAI_API_KEY)")
+    judge_temperature: float = arg(0.0, "judge: sampling temperature")
+    judge_max_tokens: int = arg(1024, "judge: reply length limit")
+    combine: str = arg("sum", "two verdicts -> outcome: sum (HuatuoGPT: +1/0/-1 summed, opposite verdicts tie) "
+                              "or strict (any disagreement is a tie, as FastChat)", choices=["sum", "strict"])
+    bootstrap: int = arg(1000, "bootstrap resamples over questions for the confidence intervals")
+    published: str = arg("auto", "published HuatuoGPT table to show beside ours: auto (by data file name), none, "
+                                 + ", ".join(PUBLISHED))
+
+
+@dataclass
+class PairwiseConfig(JudgeFlags, CandidateFlags, GenerationFlags, OutputFlags):
+    out: str = arg("runs/eval_pairwise", "output directory (report.md, judgements, caches)")
+    data: str = arg("data/eval_questions.json", "questions in the KUAKE-QIC format (JSON list of id, label, query)",
+                    metavar="FILE")
+
+
+@dataclass
+class DialogueConfig(JudgeFlags, CandidateFlags, GenerationFlags, OutputFlags):
+    out: str = arg("runs/eval_dialogue", "output directory (report.md, transcripts, judgements, caches)")
+    data: str = arg("data/eval_dialogues.json", "cases in the Med-dialog format (JSON list of id, medical_case, "
+                                                "doctor_diagnosis, Department)", metavar="FILE")
+    max_turns: int = arg(5, "doctor turns per consultation at most")
+    stop_rule: str = arg("diagnosis", "diagnosis: stop at a doctor turn with a diagnosis and advice and no question; "
+                                      "turns: always run --max-turns", choices=["diagnosis", "turns"])
+    patient: str = arg("endpoint", "who plays the patient: endpoint (--patient-base-url, --patient-model-name) or "
+                                   "offline (a stand-in reciting the case, no LLM)", choices=["endpoint", "offline"])
+    patient_base_url: str = arg("", "patient: OpenAI-compatible endpoint")
+    patient_model_name: str = arg("", "patient: model name at --patient-base-url")
+    patient_api_key: str | None = arg(None, "patient: API key (default $NANOHUATUO_API_KEY, $OPENAI_API_KEY)")
+    patient_temperature: float = arg(0.0, "patient: sampling temperature")
+    patient_max_tokens: int = arg(256, "patient: reply length limit")
+
+
+@dataclass
+class MetricsConfig(GenerationFlags, OutputFlags):
+    out: str = arg("runs/eval_metrics", "output directory (report.md, answers, caches)")
+    data: list[str] = arg([], "QA test set file(s): our JSONL schema, Huatuo-26M JSONL, cMedQA2 questions.csv "
+                              "answers.csv, Chinese-medical-dialogue CSV/JSONL", metavar="FILE")
+    format: str = arg("auto", "format of --data", choices=list(QA_FORMATS))
+    model: str = arg("", "our model directory (Hugging Face layout)")
+    adapter: str | None = arg(None, "LoRA adapter directory (PEFT layout)")
+    base_url: str = arg("", "OpenAI-compatible endpoint answering instead of our model")
+    model_name: str = arg("", "model name at --base-url")
+    api_key: str | None = arg(None, "API key (default $NANOHUATUO_API_KEY, $OPENAI_API_KEY)")
+    answers: str = arg("", "file of ready answers (JSONL/JSON of id, answer) instead of a model")
+    name: str = arg("", "name in the report (default from the model)")
+    template: str = arg("auto", "chat template of our model")
+    level: str = arg("corpus", "BLEU/GLEU level: corpus (nltk corpus_bleu) or sentence (smoothed, averaged)",
+                     choices=["corpus", "sentence"])
+    keep_punct: bool = arg(True, "count punctuation marks as characters")
+    published: str = arg("auto", "published table to show beside ours: auto (by data file name), none, huatuo26m-test")
+
+
+@dataclass
+class SheetConfig:
+    source: str = arg("", "a finished pairwise or dialogue output directory (its pairs.jsonl)", metavar="DIR")
+    out: str = arg("runs/sheet", "output directory for sheet.html, sheet.csv and sheet_key.json")
+    overwrite: bool = arg(False, "delete what --out holds and start again")
+    seed: int = arg(0, "random seed of the blind shuffle")
+    limit: int = arg(0, "put only the first N items of the shuffled order on the sheet (0: all)")
+
+
+@dataclass
+class TallyConfig:
+    sheet: str = arg("", "the sheet directory (holds sheet_key.json)", metavar="DIR")
+    marks: list[str] = arg([], "marked CSV file(s), one per rater (columns item, mark)", metavar="FILE")
+    out: str = arg("", "where tally.md and tally.json go (default: the sheet directory)")
+
+
+def side(cfg, s: str) -> Candidate:
+    g = lambda k: getattr(cfg, f"{s}_{k}")
+    c = Candidate(g("name"), g("model"), g("adapter"), g("base_url"), g("model_name"), g("api_key"), g("answers"),
+                  g("template"))
+    c.kind(f"{s}-")
+    return c
+
+
+def sampling(cfg) -> Sampling:
+    return Sampling(cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.top_k, cfg.seed, cfg.system)
+
+
+def _setup(cfg):
+    """Lock --out and fill in the default cache and answer directories."""
+    lock = prepare_out(cfg.out, resume=cfg.resume, overwrite=cfg.overwrite)
+    cfg.answers_dir = cfg.answers_dir or str(Path(cfg.out) / "answers")
+    cfg.cache = cfg.cache or str(Path(cfg.out) / "cache")
+    return lock
+
+
+def _names(a: Candidate, b: Candidate) -> tuple[str, str]:
+    na, nb = a.label(), b.label()
+    return (na, nb) if na != nb else (f"{na} (A)", f"{nb} (B)")
+
+
+def finish(out: Path, summary: dict, usage: list[str]) -> dict:
+    summary["usage"] = usage
+    (out / "summary.json").write_text(json.dumps(summary, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
+    for line in usage:
+        print(line)
+    print(f"report: {out / 'report.md'}")
+    return summary
+
+
+# ---------------------------------------------------------------- runs
+
+def run_pairwise(cfg: PairwiseConfig) -> dict:
+    """Single-turn pairwise evaluation (see the module doc); returns the summary dict."""
+    a, b = side(cfg, "a"), side(cfg, "b")
+    questions = load_questions(cfg.data, cfg.limit)
+    with _setup(cfg):
+        out, s, usage = Path(cfg.out), sampling(cfg), []
+        items = [{"id": q["id"], "group": q["group"], "messages": [{"role": "user", "content": q["query"]}]}
+                 for q in questions]
+        answers_a = get_answers(a, s, items, cfg, usage)
+        answers_b = get_answers(b, s, items, cfg, usage)
+        na, nb = _names(a, b)
+        pairs = [{"id": q["id"], "group": q["group"], "prompt": q["query"], "answer_a": x, "answer_b": y,
+                  "reference": q.get("reference") or q["query"],
+                  "reference_name": "reference answer" if q.get("reference") else "question",
+                  "len_a": length(x), "len_b": length(y)}
+                 for q, x, y in zip(questions, answers_a, answers_b)]
+        judge = open_judge(cfg)
+        build = lambda it, first, second: pairwise_messages(it["prompt"], first, second)
+        return _judge_and_report(cfg, "pairwise", judge, pairs, build, na, nb, usage, "intent")
+
+
+def _judge_and_report(cfg, mode, judge, pairs, build, na, nb, usage, group_name, extra=None) -> dict:
+    out = Path(cfg.out)
+    summary = {"mode": mode, "a": na, "b": nb, "data": cfg.data, "items": len(pairs), "usage": usage}
+    if judge is None:
+        qa_data.write_jsonl(out / "pairs.jsonl", pairs)
+        summary["judge"] = None
+        write_report(out, summary, None, pairs, group_name, cfg, extra)
+        return finish(out, summary, usage)
+    try:
+        rows, outcomes = judge_swapped(judge, pairs, build, na, nb, cfg.combine)
+        usage.append(judge.summary())
+    finally:
+        judge.close()
+    verdicts = {}
+    for r in rows:
+        verdicts.setdefault(r["id"], []).append(r["verdict"])
+    for p, (o, why) in zip(pairs, outcomes):
+        p["outcome"], p["unjudged"], p["verdicts"] = o, why, verdicts.get(p["id"], [])
+    qa_data.write_jsonl(out / "judgements.jsonl", rows)
+    qa_data.write_jsonl(out / "pairs.jsonl", pairs)
+    stats = tables(pairs, outcomes, cfg.bootstrap, cfg.seed)
+    summary.update(judge=judge.name, combine=cfg.combine, stats=stats,
+                   published=published_for(mode, [cfg.data], cfg.published))
+    plot_wtl(out / "winrate.png", stats, f"{na} vs {nb} ({mode}, {judge.name})")
+    write_report(out, summary, stats, pairs, group_name, cfg, extra)
+    o = stats["overall"]
+    print(f"{na} vs {nb}: {o.get('win', 0)} win / {o.get('tie', 0)} tie / {o.get('loss', 0)} loss"
+          f"{', ' + str(o['unjudged']) + ' unjudged' if o['unjudged'] else ''}")
+    return finish(out, summary, usage)
+
+
+def run_dialogue(cfg: DialogueConfig) -> dict:
+    """Multi-turn evaluation with a patient model (see the module doc); returns the summary dict."""
+    a, b = side(cfg, "a"), side(cfg, "b")
+    if cfg.max_turns < 1:
+        raise UserError(f"--max-turns {cfg.max_turns}: need at least 1")
+    cases = load_cases(cfg.data, cfg.limit)
+    with _setup(cfg):
+        out, s, usage = Path(cfg.out), sampling(cfg), []
+        patient = open_patient(cfg)
+        try:
+            ta = consult(a, s, cases, patient, cfg, usage)
+            tb = consult(b, s, cases, patient, cfg, usage)
+            usage.append(patient.summary())
+        finally:
+            patient.close()
+        na, nb = _names(a, b)
+        qa_data.write_jsonl(out / "transcripts.jsonl", [
+            {"id": case["id"], "group": case["group"], "candidate": name, "patient": patient.label, **(t or {})}
+            for case, x, y in zip(cases, ta, tb) for name, t in ((na, x), (nb, y))])
+        pairs = []
+        for case, x, y in zip(cases, ta, tb):
+            pairs.append({"id": case["id"], "group": case["group"], "prompt": case["medical_case"],
+                          "reference": case["doctor_diagnosis"], "reference_name": "real doctor's diagnosis",
+                          "answer_a": render_transcript(x["transcript"]) if x else None,
+                          "answer_b": render_transcript(y["transcript"]) if y else None,
+                          "stopped_a": x and x["stopped"], "stopped_b": y and y["stopped"],
+                          "turns_a": x and x["doctor_turns"], "turns_b": y and y["doctor_turns"],
+                          "len_a": length(" ".join(t["content"] for t in x["transcript"] if t["role"] == "doctor")) if x else 0,
+                          "len_b": length(" ".join(t["content"] for t in y["transcript"] if t["role"] == "doctor")) if y else 0})
+        judge = open_judge(cfg)
+
+        def build(it, first, second):
+            return dialogue_messages(it["prompt"], it["reference"], first, second)
+        return _judge_and_report(cfg, "dialogue", judge, pairs, build, na, nb, usage, "department",
+                                 extra={"patient": patient.label, "max_turns": cfg.max_turns,
+                                        "stop_rule": cfg.stop_rule})
+
+
+def run_metrics(cfg: MetricsConfig) -> dict:
+    """Reference metrics of one candidate's answers on a QA set; returns the summary dict."""
+    c = Candidate(cfg.name, cfg.model, cfg.adapter, cfg.base_url, cfg.model_name, cfg.api_key, cfg.answers, cfg.template)
+    c.kind()
+    items = load_qa(cfg.data, cfg.format, cfg.limit)
+    with _setup(cfg):
+        out, usage = Path(cfg.out), []
+        answers = get_answers(c, sampling(cfg), items, cfg, usage)
+        scored = [(it, a) for it, a in zip(items, answers) if a is not None]
+        scores = score_corpus([a for _, a in scored], [it["reference"] for it, _ in scored], cfg.level, cfg.keep_punct)
+        refs = [chars(it["reference"], cfg.keep_punct) for it, _ in scored]
+        qa_data.write_jsonl(out / "answers.jsonl", [{"id": it["id"], "question": it["messages"], "reference": it["reference"],
+                                             "answer": a} for it, a in zip(items, answers)])
+        summary = {"mode": "metrics", "usage": usage, "model": c.label(), "data": cfg.data, "items": len(items),
+                   "scored": len(scored), "level": cfg.level, "keep_punct": cfg.keep_punct, "scores": scores,
+                   "reference_distinct": {f"distinct-{n}": float(np.mean([distinct(r, n) for r in refs])) if refs else 0.0
+                                          for n in (1, 2)},
+                   "mean_length": float(np.mean([length(a) for _, a in scored])) if scored else 0.0,
+                   "reference_mean_length": float(np.mean([length(it["reference"]) for it, _ in scored])) if scored else 0.0,
+                   "published": published_for("metrics", cfg.data, cfg.published)}
+        write_metrics_report(out, summary, scored)
+        print(" ".join(f"{k} {v:.2f}" for k, v in scores.items()))
+        return finish(out, summary, usage)
+
+
+# ---------------------------------------------------------------- reports
+
+def _ci(s: dict, key: str) -> str:
+    ci = s.get(f"{key}_ci")
+    return f"{s[key]:.1f} [{ci[0]:.1f}, {ci[1]:.1f}]" if ci else (f"{s[key]:.1f}" if key in s else "–")
+
+
+def _stats_row(name: str, s: dict) -> str:
+    if not s.get("n"):
+        return f"| {name} | 0 | – | – | – | – | – | {s.get('unjudged', 0)} |"
+    return (f"| {name} | {s['n']} | {s['win']} / {s['tie']} / {s['loss']} | {_ci(s, 'win_pct')} | {_ci(s, 'tie_pct')} "
+            f"| {_ci(s, 'loss_pct')} | {_ci(s, 'winrate')} | {s.get('unjudged', 0)} |")
+
+
+def write_report(out: Path, summary: dict, stats: dict | None, pairs: list[dict], group_name: str, cfg, extra) -> None:
+    na, nb, mode = summary["a"], summary["b"], summary["mode"]
+    lines = [f"# {'Single-turn pairwise' if mode == 'pairwise' else 'Multi-turn'} evaluation: {na} vs {nb}", "",
+             f"Data: `{cfg.data}` ({len(pairs)} {'questions' if mode == 'pairwise' else 'cases'}). "
+             f"Candidate A: **{na}**, candidate B: **{nb}**."]
+    if extra:
+        lines += ["", f"Patient: {extra['patient']}. At most {extra['max_turns']} doctor turns; stop rule: "
+                      f"{extra['stop_rule']}" + (" (a doctor turn with a diagnosis, advice and no question ends it)."
+                                                 if extra["stop_rule"] == "diagnosis" else ".")]
+    if stats is None:
+        lines += ["", "No judge (`--judge none`): answers only, in pairs.jsonl; make a sheet for doctors with "
+                      "`python evaluate.py sheet`."]
+    else:
+        o = stats["overall"]
+        offline = "offline" in summary["judge"]
+        lines += ["", f"Judge: {summary['judge']}" + (" — **a deterministic similarity stand-in, not a model's judgement"
+                                                       "; the numbers only show the pipeline working**" if offline else "")
+                  + f". Every pair judged twice with the order swapped; verdicts combined by `{summary['combine']}`"
+                  + (" (summed +1/0/-1: opposite verdicts are a tie)." if summary["combine"] == "sum" else
+                     " (any disagreement is a tie)."),
+                  "", f"## Win / tie / loss for {na}", "",
+                  "Percentages of judged pairs with 95% bootstrap intervals over "
+                  f"{'questions' if mode == 'pairwise' else 'cases'} ({cfg.bootstrap} resamples). "
+                  "Win rate = win + tie / 2.", "",
+                  f"| {group_name} | judged | W / T / L | win % | tie % | loss % | win rate | unjudged |",
+                  "|---|---|---|---|---|---|---|---|", _stats_row("**overall**", o)]
+        lines += [_stats_row(g, s) for g, s in stats["groups"].items()]
+        if o.get("n"):
+            lens_a = [p["len_a"] for p in pairs if p.get("outcome")]
+            lens_b = [p["len_b"] for p in pairs if p.get("outcome")]
+            lines += ["", "## Length-controlled win rate", "",
+                      "LLM judges favour longer answers. Logistic fit of the outcome (win 1, tie 0.5, loss 0) on "
+                      "tanh(length difference / its standard deviation), as AlpacaEval 2; the length-controlled win "
+                      "rate is the fit at equal length.", "",
+                      "| raw win rate | length-controlled win rate | length slope | mean length A | mean length B |",
+                      "|---|---|---|---|---|",
+                      f"| {_ci(o, 'winrate')} | {_ci(o, 'lc_winrate')} | {o['length_slope']:+.2f} | "
+                      f"{np.mean(lens_a):.0f} | {np.mean(lens_b):.0f} |", "",
+                      "Lengths in characters (whitespace excluded)" + (", doctor turns only." if mode == "dialogue" else ".")]
+        unjudged = [p for p in pairs if p.get("outcome") is None]
+        if unjudged:
+            lines += ["", f"Unjudged ({len(unjudged)}, never counted as a win): " +
+                      "; ".join(f"{p['id']}: {p['unjudged']}" for p in unjudged[:20])]
+        lines += ["", "![win/tie/loss](winrate.png)"]
+        pub = summary.get("published")
+        if pub:
+            t = PUBLISHED[pub]
+            lines += ["", "## Published numbers on the same set", "", t["title"] + ":", "",
+                      "| comparison | win | tie | loss |", "|---|---|---|---|"]
+            lines += [f"| {r[0]} | {r[1]} | {r[2]} | {r[3]} |" for r in t["rows"]]
+            lines += ["", f"Ours: {na} vs {nb}: {o.get('win', 0)} / {o.get('tie', 0)} / {o.get('loss', 0)} "
+                          f"(counts out of {len(pairs)})."]
+    if mode == "dialogue":
+        stops = {}
+        for p in pairs:
+            for k in ("stopped_a", "stopped_b"):
+                if p.get(k):
+                    stops[(k[-1], p[k])] = stops.get((k[-1], p[k]), 0) + 1
+        turns_a = [p["turns_a"] for p in pairs if p.get("turns_a")]
+        turns_b = [p["turns_b"] for p in pairs if p.get("turns_b")]
+        lines += ["", "## Consultations", "", "| candidate | mean doctor turns | ended by |", "|---|---|---|"]
+        for name, key, turns in ((na, "a", turns_a), (nb, "b", turns_b)):
+            ended = ", ".join(f"{why}: {n}" for (k, why), n in sorted(stops.items()) if k == key)
+            lines.append(f"| {name} | {np.mean(turns):.1f} | {ended} |" if turns else f"| {name} | – | – |")
+        lines += ["", "Transcripts: transcripts.jsonl."]
+    lines += ["", "## Samples", ""]
+    for p in pairs[:3]:
+        lines += [f"**{p['id']}** ({p['group']}): {_short(p['prompt'], 200)}", "",
+                  f"- A ({na}): {_short(p['answer_a'], 300)}", f"- B ({nb}): {_short(p['answer_b'], 300)}"]
+        if p.get("outcome"):
+            lines.append(f"- outcome for A: {p['outcome']} (verdicts {', '.join(str(v) for v in p['verdicts'])})")
+        lines.append("")
+    lines += ["Files: pairs.jsonl (one row per item), judgements.jsonl (every judge request with its reasoning), "
+              "summary.json.", "", "Usage:", ""] + [f"- {u}" for u in summary.get("usage", [])]
+    (out / "report.md").write_text("\n".join(lines).rstrip() + "\n", encoding="utf-8")
+
+
+def _short(text: str | None, n: int) -> str:
+    if text is None:
+        return "(no answer)"
+    text = " ".join(text.split())
+    return (text[:n] + "…" if len(text) > n else text).replace("|", "\\|")
+
+
+def write_metrics_report(out: Path, summary: dict, scored: list) -> None:
+    s = summary["scores"]
+    head = "| model | " + " | ".join(k.upper().replace("BLEU-", "B").replace("ROUGE-", "R").replace("DISTINCT-", "D")
+                                     for k in METRICS) + " |"
+    rule = "|---" * (len(METRICS) + 1) + "|"
+    fmt = lambda vals: " | ".join(f"{v:.2f}" for v in vals)
+    lines = [f"# Reference metrics: {summary['model']}", "",
+             f"Data: {', '.join(f'`{d}`' for d in summary['data'])} ({summary['items']} pairs, {summary['scored']} "
+             "answered). Character level: NFKC, lower-case, whitespace dropped, every other character one token"
+             + (" (punctuation kept)" if summary["keep_punct"] else " (punctuation dropped)") +
+             f"; BLEU/GLEU {summary['level']} level (nltk's definition), ROUGE F1 averaged over answers, Distinct per "
+             "answer averaged (see nanohuatuo/textmetrics.py). BLEU/GLEU/ROUGE x100, Distinct as a fraction.", "",
+             head, rule, f"| {summary['model']} | {fmt(s.values())} |"]
+    pub = summary.get("published")
+    if pub:
+        lines += [f"| {r[0]} (published) | {fmt(r[1:])} |" for r in PUBLISHED[pub]["rows"]]
+        lines += ["", PUBLISHED[pub]["title"] + "; the published table does not state its BLEU variant, so compare "
+                                                "with care."]
+    lines += ["", f"Mean answer length {summary['mean_length']:.0f} characters (references "
+                  f"{summary['reference_mean_length']:.0f}); references' own Distinct-1/2: "
+                  f"{summary['reference_distinct']['distinct-1']:.2f} / {summary['reference_distinct']['distinct-2']:.2f}.",
+              "", "## Samples", ""]
+    for it, a in scored[:3]:
+        q = it["messages"][-1]["content"]
+        lines += [f"**{it['id']}**: {_short(q, 200)}", "", f"- reference: {_short(it['reference'], 300)}",
+                  f"- answer: {_short(a, 300)}", ""]
+    lines += ["Files: answers.jsonl (question, reference, answer), summary.json.", "", "Usage:", ""]
+    lines += [f"- {u}" for u in summary["usage"]] or ["- no requests"]
+    (out / "report.md").write_text("\n".join(lines).rstrip() + "\n", encoding="utf-8")
+
+
+GROUP_EN = {  # plot labels where no CJK font is installed
+    "病情诊断": "diagnosis", "病因分析": "cause", "治疗方案": "treatment", "就医建议": "where to seek care",
+    "指标解读": "test results", "疾病表述": "disease description", "后果表述": "consequences",
+    "注意事项": "precautions", "功效作用": "effects of drugs", "医疗费用": "costs",
+    "皮肤科": "dermatology", "儿科": "pediatrics", "骨科": "orthopedics", "泌尿外科": "urology",
+    "内科": "internal medicine", "妇科": "gynecology", "妇产科": "obstetrics & gynecology",
+    "皮肤性病科": "dermatovenereology", "中医科": "Chinese medicine", "眼科": "ophthalmology",
+    "消化内科": "gastroenterology", "产科": "obstetrics", "外科": "surgery", "神经内科": "neurology",
+    "神经外科": "neurosurgery", "口腔科": "stomatology", "精神科": "psychiatry", "心血管内科": "cardiology",
+    "普外科": "general surgery", "男科": "andrology",
+}
+CJK_FONTS = ("Noto Sans CJK SC", "Noto Sans SC", "Source Han Sans SC", "WenQuanYi Zen Hei", "WenQuanYi Micro Hei",
+             "SimHei", "Microsoft YaHei", "PingFang SC")
+
+
+def plot_wtl(path: Path, stats: dict, title: str) -> None:
+    """Horizontal stacked bars of win / tie / loss (%), overall first, then each group."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = [("overall", stats["overall"])] + list(stats["groups"].items())
+    rows = [(name, s) for name, s in rows if s.get("n")]
+    if not rows:
+        return
+    from matplotlib import font_manager
+    installed = {f.name for f in font_manager.fontManager.ttflist}
+    cjk = [f for f in CJK_FONTS if f in installed]
+    if cjk:
+        plt.rcParams["font.sans-serif"] = cjk + list(plt.rcParams["font.sans-serif"])
+
+    def label(name):
+        if cjk or name.isascii():
+            return name
+        return GROUP_EN.get(name, f"group {[n for n, _ in rows].index(name)}")
+    fig, ax = plt.subplots(figsize=(7, 0.45 * len(rows) + 1.4))
+    names = [f"{label(name)} (n={s['n']})" for name, s in rows][::-1]
+    left = np.zeros(len(rows))
+    for key, color, label in (("win_pct", "#4c9a5b", "win"), ("tie_pct", "#b8b8b8", "tie"),
+                              ("loss_pct", "#c8524b", "loss")):
+        vals = np.array([s[key] for _, s in rows][::-1])
+        ax.barh(names, vals, left=left, color=color, label=label)
+        for y, (x0, v) in enumerate(zip(left, vals)):
+            if v >= 8:
+                ax.text(x0 + v / 2, y, f"{v:.0f}", ha="center", va="center", fontsize=8)
+        left += vals
+    ax.set_xlim(0, 100)
+    ax.set_xlabel("% of judged pairs")
+    ax.set_title(title, fontsize=9)
+    ax.legend(ncol=3, loc="lower center", bbox_to_anchor=(0.5, 1.06), fontsize=8, frameon=False)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------- human evaluation: sheet and tally
+
+MARKS = {"1": "1", "left": "1", "l": "1", "左": "1", "回答1": "1",
+         "2": "2", "right": "2", "r": "2", "右": "2", "回答2": "2",
+         "=": "tie", "0": "tie", "tie": "tie", "t": "tie", "equal": "tie", "相当": "tie", "平": "tie"}
+
+
+def make_sheet(cfg: SheetConfig) -> dict:
+    """A blind, shuffled sheet of a pairwise/dialogue run: sheet.html, sheet.csv, sheet_key.json."""
+    src = Path(cfg.source)
+    if not (src / "pairs.jsonl").is_file():
+        raise UserError(f"--source {cfg.source}: no pairs.jsonl there; pass the --out of a pairwise or dialogue run")
+    pairs = [p for p in qa_data.read_jsonl(src / "pairs.jsonl") if p["answer_a"] is not None and p["answer_b"] is not None]
+    summary_src = json.loads((src / "summary.json").read_text(encoding="utf-8")) if (src / "summary.json").is_file() else {}
+    rng = random.Random(cfg.seed)
+    rng.shuffle(pairs)
+    pairs = pairs[: cfg.limit or None]
+    with prepare_out(cfg.out, overwrite=cfg.overwrite):
+        out = Path(cfg.out)
+        key, rows = [], []
+        for k, p in enumerate(pairs, start=1):
+            left = rng.choice("AB")
+            first, second = (p["answer_a"], p["answer_b"]) if left == "A" else (p["answer_b"], p["answer_a"])
+            reference = p["reference"] if summary_src.get("mode") == "dialogue" else ""
+            rows.append({"item": str(k), "question": p["prompt"], "reference": reference,
+                         "answer_1": first, "answer_2": second, "mark": ""})
+            key.append({"item": str(k), "id": p["id"], "group": p["group"], "left": left, "judge": p.get("outcome")})
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=["item", "question", "reference", "answer_1", "answer_2", "mark"])
+        w.writeheader()
+        w.writerows(rows)
+        # a BOM so spreadsheet programs open the Chinese text as UTF-8
+        (out / "sheet.csv").write_text("\ufeff" + buf.getvalue(), encoding="utf-8")
+        meta = {"source": str(src), "mode": summary_src.get("mode"), "a": summary_src.get("a"),
+                "b": summary_src.get("b"), "judge": summary_src.get("judge"), "seed": cfg.seed, "items": key}
+        (out / "sheet_key.json").write_text(json.dumps(meta, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
+        (out / "sheet.html").write_text(sheet_html(rows, summary_src.get("mode") == "dialogue"), encoding="utf-8")
+    print(f"sheet: {len(rows)} items in {out / 'sheet.html'} and {out / 'sheet.csv'}; keep {out / 'sheet_key.json'} "
+          "away from the raters")
+    return {"mode": "sheet", "items": len(rows), "out": str(out)}
+
+
+SHEET_CSS = """body{font-family:sans-serif;max-width:1100px;margin:auto;padding:1em;color:#222}
+.item{border:1px solid #ccc;border-radius:6px;padding:.8em;margin:1em 0}
+.q{white-space:pre-wrap;background:#f5f5f5;padding:.5em}.ref{white-space:pre-wrap;background:#f0f6ff;padding:.5em}
+.pair{display:flex;gap:1em}.pair>div{flex:1;white-space:pre-wrap;border-left:3px solid #ddd;padding-left:.6em}
+.marks label{margin-right:1.5em}.note{color:#a33}"""
+
+SHEET_JS = """const KEY='nanohuatuo-sheet-'+document.title;
+function save(){const m={};document.querySelectorAll('input[type=radio]:checked').forEach(r=>m[r.name]=r.value);
+m.rater=document.getElementById('rater').value;localStorage.setItem(KEY,JSON.stringify(m));}
+function load(){const m=JSON.parse(localStorage.getItem(KEY)||'{}');for(const[k,v]of Object.entries(m)){
+if(k==='rater'){document.getElementById('rater').value=v;continue;}
+const r=document.querySelector(`input[name="${k}"][value="${v}"]`);if(r)r.checked=true;}}
+function download(){const rater=document.getElementById('rater').value||'rater';
+let csv='item,mark,rater\\n';document.querySelectorAll('.item').forEach(d=>{const id=d.dataset.item;
+const r=document.querySelector(`input[name="m${id}"]:checked`);csv+=`${id},${r?r.value:''},"${rater.replace(/"/g,'""')}"\\n`;});
+const a=document.createElement('a');a.href=URL.createObjectURL(new Blob(['\\ufeff'+csv],{type:'text/csv'}));
+a.download='marks-'+rater+'.csv';a.click();}
+document.addEventListener('change',save);window.addEventListener('load',load);"""
+
+
+def sheet_html(rows: list[dict], dialogue: bool) -> str:
+    """A self-contained page: each item's question (or case), two unnamed answers, three marks."""
+    e = html.escape
+    what = "问诊对话" if dialogue else "回答"
+    parts = [f"<!doctype html><html lang='zh'><head><meta charset='utf-8'><title>blind evaluation sheet</title>"
+             f"<style>{SHEET_CSS}</style></head><body><h1>盲评表 · Blind evaluation</h1>"
+             f"<p>每一题有两个{what}，顺序随机，不显示来自哪个模型。请按准确性、完整性、安全性和是否切题，选出更好的一个。"
+             f"<br>Each item shows two anonymous {'consultations' if dialogue else 'answers'} in random order; "
+             "mark the better one (or equal). Marks are kept in this browser; press the button to download them "
+             "as a CSV.</p><p class='note'>Research use only; the answers are model outputs, not medical advice.</p>"
+             "<p>评估人 Rater: <input id='rater'> <button onclick='download()'>下载评分 Download marks (CSV)</button></p>"]
+    for r in rows:
+        i = e(r["item"])
+        ref = f"<p><b>真实医生诊断 Real doctor's diagnosis</b></p><div class='ref'>{e(r['reference'])}</div>" \
+            if r["reference"] else ""
+        parts.append(
+            f"<div class='item' data-item='{i}'><h3>#{i}</h3><div class='q'>{e(r['question'])}</div>{ref}"
+            f"<div class='pair'><div><b>{what}1</b>\n{e(r['answer_1'])}</div><div><b>{what}2</b>\n{e(r['answer_2'])}</div></div>"
+            f"<p class='marks'><label><input type='radio' name='m{i}' value='1'> {what}1更好 (1 better)</label>"
+            f"<label><input type='radio' name='m{i}' value='='> 相当 (equal)</label>"
+            f"<label><input type='radio' name='m{i}' value='2'> {what}2更好 (2 better)</label></p></div>")
+    parts.append(f"<script>{SHEET_JS}</script></body></html>\n")
+    return "\n".join(parts)
+
+
+def read_marks(path: str) -> dict[str, str]:
+    """item -> '1' | '2' | 'tie' from a marked CSV (columns item, mark); blank marks are skipped."""
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"--marks {path}: no such file")
+    reader = csv.DictReader(io.StringIO(p.read_text(encoding="utf-8-sig")))
+    if not reader.fieldnames or "item" not in reader.fieldnames or "mark" not in reader.fieldnames:
+        raise UserError(f"{path}:1: needs columns 'item' and 'mark' (got {reader.fieldnames})")
+    marks = {}
+    for line, row in enumerate(reader, start=2):
+        mark = (row.get("mark") or "").strip().lower()
+        if not mark:
+            continue
+        if mark not in MARKS:
+            raise UserError(f"{path}:{line}: mark {row['mark']!r} for item {row['item']}: use 1, 2 or = "
+                            "(also left/right/tie, 左/右/相当)")
+        marks[(row.get("item") or "").strip()] = MARKS[mark]
+    return marks
+
+
+def cohen_kappa(x: list[str], y: list[str], labels=("win", "tie", "loss")) -> float | None:
+    """Cohen's kappa of two raters' labels; None when chance agreement is 1 (both used one label)."""
+    n = len(x)
+    if n == 0:
+        return None
+    po = sum(a == b for a, b in zip(x, y)) / n
+    pe = sum((x.count(k) / n) * (y.count(k) / n) for k in labels)
+    return None if pe >= 1 else (po - pe) / (1 - pe)
+
+
+def run_tally(cfg: TallyConfig) -> dict:
+    """Marks back into win/tie/loss for candidate A, and agreement with the judge; writes tally.md/json."""
+    keyfile = Path(cfg.sheet) / "sheet_key.json"
+    if not keyfile.is_file():
+        raise UserError(f"--sheet {cfg.sheet}: no sheet_key.json there; pass the --out of `evaluate.py sheet`")
+    if not cfg.marks:
+        raise UserError("pass --marks FILE (a marked sheet.csv or a downloaded marks CSV), one per rater")
+    meta = json.loads(keyfile.read_text(encoding="utf-8"))
+    key = {k["item"]: k for k in meta["items"]}
+    raters, pooled_h, pooled_j = [], [], []
+    for path in cfg.marks:
+        marks = read_marks(path)
+        unknown = sorted(set(marks) - set(key))
+        if unknown:
+            raise UserError(f"{path}: items {', '.join(unknown[:5])} are not on the sheet {cfg.sheet}")
+        outcomes = {}
+        for item, m in marks.items():
+            left = key[item]["left"]
+            outcomes[item] = "tie" if m == "tie" else ("win" if (m == "1") == (left == "A") else "loss")
+        human = [outcomes[i] for i in sorted(outcomes, key=int)]
+        both = [(outcomes[i], key[i]["judge"]) for i in sorted(outcomes, key=int) if key[i]["judge"]]
+        h, j = [a for a, _ in both], [b for _, b in both]
+        pooled_h += h
+        pooled_j += j
+        raters.append({"file": path, "marked": len(human), "unmarked": len(key) - len(human),
+                       **{k: human.count(k) for k in ("win", "tie", "loss")},
+                       "compared": len(both), "agreement": 100 * sum(a == b for a, b in both) / len(both) if both else None,
+                       "kappa": cohen_kappa(h, j)})
+    pooled = {"compared": len(pooled_h),
+              "agreement": 100 * sum(a == b for a, b in zip(pooled_h, pooled_j)) / len(pooled_h) if pooled_h else None,
+              "kappa": cohen_kappa(pooled_h, pooled_j)}
+    result = {"mode": "tally", "a": meta.get("a"), "b": meta.get("b"), "judge": meta.get("judge"),
+              "raters": raters, "pooled": pooled}
+    out = Path(cfg.out or cfg.sheet)
+    out.mkdir(parents=True, exist_ok=True)
+    f = lambda v, fmt="{:.1f}": "–" if v is None else fmt.format(v)
+    lines = [f"# Human evaluation: {meta.get('a')} vs {meta.get('b')}", "",
+             f"Marks read back from a blind sheet (sheet {cfg.sheet}, {len(key)} items); outcomes for "
+             f"{meta.get('a')}. Agreement with the automatic judge ({meta.get('judge')}) over win/tie/loss.", "",
+             "| rater | marked | W / T / L | compared with judge | agreement % | Cohen's kappa |",
+             "|---|---|---|---|---|---|"]
+    for r in raters:
+        lines.append(f"| {Path(r['file']).name} | {r['marked']} | {r['win']} / {r['tie']} / {r['loss']} | "
+                     f"{r['compared']} | {f(r['agreement'])} | {f(r['kappa'], '{:.3f}')} |")
+    if len(raters) > 1:
+        lines.append(f"| all raters | | | {pooled['compared']} | {f(pooled['agreement'])} | {f(pooled['kappa'], '{:.3f}')} |")
+    (out / "tally.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    (out / "tally.json").write_text(json.dumps(result, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
+    print("\n".join(lines[4:]))
+    return result
+
+
+# ---------------------------------------------------------------- CLI
+
+COMMANDS = {
+    "metrics": (run_metrics, MetricsConfig, "reference metrics (BLEU, GLEU, ROUGE, Distinct) on a QA test set"),
+    "pairwise": (run_pairwise, PairwiseConfig, "two candidates on KUAKE-QIC-format questions, judged with order swap"),
+    "dialogue": (run_dialogue, DialogueConfig, "two candidates consulting a patient model on Med-dialog-format cases"),
+    "sheet": (make_sheet, SheetConfig, "a blind side-by-side sheet (HTML + CSV) of a pairwise or dialogue run"),
+    "tally": (run_tally, TallyConfig, "read doctors' marks back: win/tie/loss and agreement with the judge"),
+}
+
+
+def usage() -> str:
+    return ("usage: evaluate.py {" + ",".join(COMMANDS) + "} [flags]\n\n" +
+            "\n".join(f"  {name:9s} {desc}" for name, (_, _, desc) in COMMANDS.items()) +
+            "\n\n`evaluate.py COMMAND --help` lists a command's flags.")
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in ("-h", "--help"):
+        print(usage())
+        return 0
+    if not argv or argv[0] not in COMMANDS:
+        print(usage(), file=sys.stderr)
+        print(f"error: {'no command given' if not argv else f'unknown command {argv[0]!r}'}", file=sys.stderr)
+        return 2
+    run, cls, desc = COMMANDS[argv[0]]
+    return cli_main(run, cls, argv[1:], prog=f"evaluate.py {argv[0]}", description=desc)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

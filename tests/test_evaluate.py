@@ -1,0 +1,506 @@
+"""evaluate.py: pairwise and multi-turn judging with the real openai client against a scripted
+server on 127.0.0.1 (order swap, inconsistent and garbled verdicts, resume, per-group tables),
+our own tiny model as a candidate, the QA readers, the sheet/tally round trip, and the CLI."""
+
+import csv
+import json
+import re
+
+import numpy as np
+import pytest
+
+from conftest import tiny_base, write_jsonl
+from fake_openai import ScriptedServer
+from nanohuatuo import evaluate as ev
+from nanohuatuo.llm import LLMError
+from nanohuatuo.textmetrics import score_corpus
+
+INTENTS = ["病因分析", "治疗方案", "注意事项"]
+
+
+@pytest.fixture(autouse=True)
+def no_proxy(monkeypatch):
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")  # a proxy in the environment must not see loopback calls
+
+
+def questions(tmp_path, n=6):
+    rows = [{"id": f"s{i}", "label": INTENTS[i % 3], "query": f"第{i}个问题：头痛发热怎么办"} for i in range(n)]
+    path = tmp_path / "questions.json"
+    path.write_text(json.dumps(rows, ensure_ascii=False), encoding="utf-8")
+    return str(path), rows
+
+
+def answers(tmp_path, name, rows, text):
+    return write_jsonl(tmp_path / f"{name}.jsonl", [{"id": r["id"], "answer": text(r)} for r in rows])
+
+
+def shown(request):
+    """The two texts the judge was shown, from the first user message of the request."""
+    body = request["messages"][1]["content"]
+    return [re.search(rf"\[The Start of Assistant {k}'s \w+\]\n(.*?)\n\[The End", body, re.S).group(1) for k in (1, 2)]
+
+
+def judge_requests(srv):
+    return [body for _, body in srv.requests if body.get("model") == "judge"]
+
+
+def pairwise_cfg(tmp_path, srv, data, a, b, **kw):
+    base = dict(data=data, out=str(tmp_path / "out"), a_answers=a, b_answers=b, judge="endpoint",
+                judge_base_url=srv.base_url, judge_model_name="judge", judge_api_key="k", bootstrap=200)
+    return ev.PairwiseConfig(**{**base, **kw})
+
+
+def good_judge(request, path):
+    """Prefers the shown answer that says 好; explains first, verdict last."""
+    one, two = shown(request)
+    verdict = "better than" if "好" in one else "worse than" if "好" in two else "equal to"
+    return f"Assistant 1 covers the symptoms; assistant 2 less so.\n\n**Assistant 1 is {verdict} Assistant 2**"
+
+
+def add_up(stats):
+    """The per-group tables sum to the overall one."""
+    o = stats["overall"]
+    for key in ("n", "win", "tie", "loss", "unjudged"):
+        assert sum(g.get(key, 0) for g in stats["groups"].values()) == o.get(key, 0), key
+
+
+def test_order_swap_two_requests_per_pair_with_answers_exchanged(tmp_path):
+    data, rows = questions(tmp_path)
+    a = answers(tmp_path, "a", rows, lambda r: f"好的回答：{r['id']}，多喝水")
+    b = answers(tmp_path, "b", rows, lambda r: f"差的回答：{r['id']}")
+    with ScriptedServer(good_judge) as srv:
+        summary = ev.run_pairwise(pairwise_cfg(tmp_path, srv, data, a, b, a_name="huatuo", b_name="base"))
+        reqs = judge_requests(srv)
+    assert len(reqs) == 2 * len(rows)
+    by_question = {}
+    for r in reqs:
+        one, two = shown(r)
+        by_question.setdefault(re.search(r"s\d+", one).group(0), []).append((one, two))
+    for q, pair in by_question.items():
+        assert len(pair) == 2 and pair[0] == pair[1][::-1]  # the same two answers, exchanged
+        assert {pair[0][0], pair[1][0]} == {f"好的回答：{q}，多喝水", f"差的回答：{q}"}
+        assert reqs[0]["messages"][1]["content"].startswith("[Question]\n")
+    o = summary["stats"]["overall"]
+    assert (o["win"], o["tie"], o["loss"], o["unjudged"]) == (6, 0, 0, 0)
+    assert o["winrate"] == 100.0 and o["win_pct_ci"] == [100.0, 100.0]
+    assert set(summary["stats"]["groups"]) == set(INTENTS)
+    add_up(summary["stats"])
+    out = tmp_path / "out"
+    judgements = [json.loads(x) for x in (out / "judgements.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert len(judgements) == 12 and all(j["verdict"] == "A" and "covers the symptoms" in j["reasoning"]
+                                         for j in judgements)
+    assert {(j["order"], j["assistant_1"]) for j in judgements} == {("AB", "huatuo"), ("BA", "base")}
+    report = (out / "report.md").read_text(encoding="utf-8")
+    assert "| **overall** | 6 | 6 / 0 / 0 |" in report and "length-controlled" in report
+    assert (out / "winrate.png").stat().st_size > 1000
+    assert any("judge: 12 requests (0 cached)" in u for u in summary["usage"])
+
+
+def test_inconsistent_verdicts_are_ties(tmp_path):
+    data, rows = questions(tmp_path)
+    a = answers(tmp_path, "a", rows, lambda r: "A的回答" + r["id"])
+    b = answers(tmp_path, "b", rows, lambda r: "B的回答" + r["id"])
+    with ScriptedServer(lambda req, path: "Position one reads better.\nAssistant 1 is better than Assistant 2") as srv:
+        o = ev.run_pairwise(pairwise_cfg(tmp_path, srv, data, a, b))["stats"]["overall"]
+    assert (o["win"], o["tie"], o["loss"]) == (0, 6, 0)  # each side won once, in first position
+
+    def a_first_equal(req, path):  # A shown first: equal; B shown first: A (in second place) better
+        one, _ = shown(req)
+        return "Assistant 1 is equal to Assistant 2" if one.startswith("A") else "Assistant 2 is better than Assistant 1"
+
+    with ScriptedServer(a_first_equal) as srv:
+        summed = ev.run_pairwise(pairwise_cfg(tmp_path, srv, data, a, b, out=str(tmp_path / "sum")))
+        strict = ev.run_pairwise(pairwise_cfg(tmp_path, srv, data, a, b, out=str(tmp_path / "strict"),
+                                              combine="strict"))
+    assert summed["stats"]["overall"]["win"] == 6      # tie + win sums to +1
+    assert strict["stats"]["overall"]["tie"] == 6      # strict: the verdicts disagree
+
+
+def test_garbled_verdicts_are_retried_then_unjudged(tmp_path):
+    data, rows = questions(tmp_path)
+    a = answers(tmp_path, "a", rows, lambda r: f"好的回答{r['id']}")
+    b = answers(tmp_path, "b", rows, lambda r: f"差的回答{r['id']}")
+
+    def handler(req, path):
+        one, _ = shown(req)
+        if "s1" in one:
+            return "Both answers have merits."            # never a verdict
+        if "s2" in one and len(req["messages"]) == 2:
+            return "Assistant 1 is better than Assistant 1"  # garbled on the first ask only
+        return good_judge(req, path)
+
+    with ScriptedServer(handler) as srv:
+        summary = ev.run_pairwise(pairwise_cfg(tmp_path, srv, data, a, b))
+        reqs = judge_requests(srv)
+    s1 = [r for r in reqs if "s1" in shown(r)[0]]
+    assert len(s1) == 6  # three asks in each order
+    assert "valid verdict" in s1[-1]["messages"][-1]["content"]  # the re-ask nudges towards the line
+    o = summary["stats"]["overall"]
+    assert (o["win"], o["tie"], o["loss"], o["unjudged"]) == (5, 0, 0, 1)  # never counted as a win
+    add_up(summary["stats"])
+    assert any("unusable (no verdict line)" in u for u in summary["usage"])
+    out = tmp_path / "out"
+    pairs = {p["id"]: p for p in map(json.loads, (out / "pairs.jsonl").read_text(encoding="utf-8").splitlines())}
+    assert pairs["s1"]["outcome"] is None and pairs["s1"]["unjudged"] == "judge gave no usable verdict"
+    assert pairs["s2"]["outcome"] == "win"
+    rows1 = [j for j in map(json.loads, (out / "judgements.jsonl").read_text(encoding="utf-8").splitlines())
+             if j["id"] == "s1"]
+    assert [j["ok"] for j in rows1] == [False, False] and rows1[0]["error"] == "no verdict line"
+    assert "Unjudged (1, never counted as a win): s1" in (out / "report.md").read_text(encoding="utf-8")
+
+
+def test_interrupted_run_resumes_from_the_cache(tmp_path):
+    data, rows = questions(tmp_path, 8)
+    a = answers(tmp_path, "a", rows, lambda r: f"好的回答{r['id']}")
+    b = answers(tmp_path, "b", rows, lambda r: f"差的回答{r['id']}")
+    served = []
+
+    def dies_after_five(req, path):
+        if len(served) >= 5:
+            return 401, {"error": {"message": "server gone", "type": "auth"}}
+        served.append(1)
+        return good_judge(req, path)
+
+    with ScriptedServer(dies_after_five) as srv:
+        with pytest.raises(LLMError):
+            ev.run_pairwise(pairwise_cfg(tmp_path, srv, data, a, b, concurrency=1))
+    with ScriptedServer(good_judge) as srv:
+        first = ev.run_pairwise(pairwise_cfg(tmp_path, srv, data, a, b, concurrency=1, resume=True))
+        assert len(judge_requests(srv)) == 2 * 8 - 5  # only what the first run did not receive
+    with ScriptedServer(good_judge) as srv:
+        again = ev.run_pairwise(pairwise_cfg(tmp_path, srv, data, a, b, resume=True))
+        assert srv.requests == []  # a finished run reruns from the cache alone
+        with pytest.raises(ev.UserError, match="already holds a run"):  # without --resume
+            ev.run_pairwise(pairwise_cfg(tmp_path, srv, data, a, b))
+    assert first["stats"] == again["stats"] and again["stats"]["overall"]["win"] == 8
+
+
+def test_endpoint_candidate_answers_once_across_comparisons(tmp_path):
+    data, rows = questions(tmp_path)
+    a = answers(tmp_path, "a", rows, lambda r: f"好的回答{r['id']}")
+
+    def handler(req, path):
+        if req["model"] == "cand-b":
+            return f"差的回答{req['messages'][-1]['content'][1]}"
+        return good_judge(req, path)
+
+    shared = str(tmp_path / "answers")
+    with ScriptedServer(handler) as srv:
+        for out in ("one", "two"):
+            ev.run_pairwise(pairwise_cfg(tmp_path, srv, data, a, "", b_base_url=srv.base_url,
+                                         b_model_name="cand-b", b_api_key="k", out=str(tmp_path / out),
+                                         answers_dir=shared, max_new_tokens=64))
+        cand = [body for _, body in srv.requests if body.get("model") == "cand-b"]
+    assert len(cand) == len(rows)  # generated by the first comparison, read back by the second
+    assert sorted(json.dumps(c["messages"], ensure_ascii=False) for c in cand) == sorted(
+        json.dumps([{"role": "user", "content": r["query"]}], ensure_ascii=False) for r in rows)
+    assert cand[0]["max_tokens"] == 64 and cand[0]["temperature"] == 0.0
+    [store] = list((tmp_path / "answers").glob("cand-b-*.jsonl"))
+    assert len(store.read_text(encoding="utf-8").splitlines()) == len(rows)
+
+
+# ---------------------------------------------------------------- dialogue
+
+CASES = [
+    {"id": 1, "medical_case": "疾病：\n偏头痛\n病情描述：\n右侧太阳穴跳痛两年。熬夜后加重。\n希望获得的帮助：\n怎么办？\n"
+                              "过敏史：\n无", "doctor_diagnosis": "病情摘要及初步印象：\n偏头痛\n总结建议：\n规律作息",
+     "Department": "神经内科"},
+    {"id": 2, "medical_case": "疾病：\n湿疹\n病情描述：\n手上起小水疱很痒。洗碗后加重。\n希望获得的帮助：\n用什么药？",
+     "doctor_diagnosis": "病情摘要及初步印象：\n手部湿疹\n总结建议：\n戴手套，保湿", "Department": "皮肤科"},
+    {"id": 3, "medical_case": "疾病：\n荨麻疹\n病情描述：\n身上起风团。一天内消退。\n希望获得的帮助：\n严重吗？",
+     "doctor_diagnosis": "病情摘要及初步印象：\n荨麻疹\n总结建议：\n抗组胺药", "Department": "皮肤科"},
+]
+DIAGNOSIS = "考虑偏头痛，建议规律作息，必要时服用布洛芬。"
+
+
+def cases_file(tmp_path):
+    path = tmp_path / "cases.json"
+    path.write_text(json.dumps(CASES, ensure_ascii=False), encoding="utf-8")
+    return str(path)
+
+
+def dialogue_handler(req, path):
+    model, messages = req["model"], req["messages"]
+    if model == "patient":
+        return f"患者：我还是不舒服（第{len(messages) // 2}次说）。"
+    if model == "doc-ask":
+        return "请问还有别的症状吗？"
+    if model == "doc-dx":  # one question first, then a diagnosis with advice
+        return DIAGNOSIS if sum(m["role"] == "user" for m in messages) >= 2 else "请问多久了？"
+    one, two = shown(req)
+    verdict = "better than" if "考虑" in one and "考虑" not in two else \
+        "worse than" if "考虑" in two and "考虑" not in one else "equal to"
+    return f"Assistant 1 matches the real diagnosis.\nAssistant 1 is {verdict} Assistant 2"
+
+
+def dialogue_cfg(tmp_path, srv, **kw):
+    base = dict(data=cases_file(tmp_path), out=str(tmp_path / "dlg"), a_base_url=srv.base_url, a_model_name="doc-dx",
+                a_api_key="k", b_base_url=srv.base_url, b_model_name="doc-ask", b_api_key="k", patient="endpoint",
+                patient_base_url=srv.base_url, patient_model_name="patient", patient_api_key="k", judge="endpoint",
+                judge_base_url=srv.base_url, judge_model_name="judge", judge_api_key="k", max_turns=3, bootstrap=100)
+    return ev.DialogueConfig(**{**base, **kw})
+
+
+def test_dialogue_stops_at_the_rule_and_at_the_turn_limit(tmp_path):
+    with ScriptedServer(dialogue_handler) as srv:
+        summary = ev.run_dialogue(dialogue_cfg(tmp_path, srv))
+        reqs = srv.requests
+    out = tmp_path / "dlg"
+    transcripts = [json.loads(x) for x in (out / "transcripts.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert len(transcripts) == 6
+    for t in transcripts:
+        roles = [turn["role"] for turn in t["transcript"]]
+        assert roles[::2] == ["patient"] * len(roles[::2]) and roles[1::2] == ["doctor"] * len(roles[1::2])
+        assert "患者：" not in t["transcript"][0]["content"]  # the patient's own label is stripped
+        if t["candidate"] == "doc-dx":
+            assert (t["stopped"], t["doctor_turns"]) == ("diagnosis and advice", 2)
+            assert t["transcript"][-1]["content"] == DIAGNOSIS
+        else:
+            assert (t["stopped"], t["doctor_turns"]) == ("turn limit", 3)
+    patient = [b for _, b in reqs if b["model"] == "patient"]
+    assert len(patient) == 3 * 2 + 3 * 3 - 3  # the openings (the case alone) are asked once, then cached
+    assert all(b["messages"][0]["content"].count("病情描述") == 1 for b in patient)  # the patient sees its case
+    doctors = [b for _, b in reqs if b["model"] in ("doc-dx", "doc-ask")]
+    assert all("右侧太阳穴跳痛两年" not in json.dumps(b, ensure_ascii=False) for b in doctors)  # not revealed
+    judges = judge_requests(srv)
+    assert len(judges) == 6 and all("[Real Doctor's Diagnosis and Advice]" in j["messages"][1]["content"]
+                                    for j in judges)
+    stats = summary["stats"]
+    assert (stats["overall"]["win"], stats["overall"]["n"]) == (3, 3)
+    assert stats["groups"]["皮肤科"]["n"] == 2 and stats["groups"]["神经内科"]["n"] == 1
+    add_up(stats)
+    report = (out / "report.md").read_text(encoding="utf-8")
+    assert "| department |" in report and "diagnosis and advice: 3" in report and "turn limit: 3" in report
+
+    with ScriptedServer(dialogue_handler) as srv:  # the "turns" rule runs every consultation to the limit
+        ev.run_dialogue(dialogue_cfg(tmp_path, srv, out=str(tmp_path / "turns"), stop_rule="turns", max_turns=2))
+    turns = [json.loads(x) for x in (tmp_path / "turns" / "transcripts.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert {(t["stopped"], t["doctor_turns"]) for t in turns} == {("turn limit", 2)}
+
+
+def test_dialogue_resumes_without_requests(tmp_path):
+    with ScriptedServer(dialogue_handler) as srv:
+        first = ev.run_dialogue(dialogue_cfg(tmp_path, srv))
+    with ScriptedServer(dialogue_handler) as srv:
+        again = ev.run_dialogue(dialogue_cfg(tmp_path, srv, resume=True))
+        assert srv.requests == []
+    assert first["stats"] == again["stats"]
+
+
+def test_stop_rule_and_offline_patient():
+    assert ev.gives_diagnosis_and_advice("考虑湿疹，建议外用药膏。")
+    assert not ev.gives_diagnosis_and_advice("考虑湿疹，建议外用药膏。还痒吗？")  # still asking
+    assert not ev.gives_diagnosis_and_advice("建议多喝水。")                       # no diagnosis
+    assert not ev.gives_diagnosis_and_advice("可能是湿疹。")                       # no advice
+    patient = ev.OfflinePatient()
+    case = {"medical_case": CASES[0]["medical_case"]}
+    t, said = [], []
+    for _ in range(5):
+        [line] = patient.speak([case], [t])
+        said.append(line)
+        t += [{"role": "patient", "content": line}, {"role": "doctor", "content": "请问呢？"}]
+    assert said[0] == "医生您好，右侧太阳穴跳痛两年。怎么办？"  # not the whole case at once
+    assert said[1:3] == ["熬夜后加重。", "过敏史：无"]
+    assert said[3] == said[4] == "没有别的情况了，请问我该怎么办？"
+
+
+# ---------------------------------------------------------------- our own model as a candidate
+
+TEXTS = ["头痛发热怎么办", "多喝水，注意休息", "建议及时就医", "手上起小水疱很痒", "考虑湿疹，建议外用药膏"] * 4
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return tiny_base(tmp_path_factory.mktemp("tiny"), TEXTS, vocab_size=300, max_seq_len=256).dir
+
+
+def test_local_model_answers_are_generated_once(tmp_path, tiny, monkeypatch):
+    data, rows = questions(tmp_path, 4)
+    shared = str(tmp_path / "answers")
+    cfg = dict(data=data, a_model=tiny, a_name="tiny", b_answers=answers(tmp_path, "b", rows, lambda r: "多喝水"),
+             judge="offline", answers_dir=shared, max_new_tokens=8, device="cpu", bootstrap=50)
+    first = ev.run_pairwise(ev.PairwiseConfig(out=str(tmp_path / "one"), **cfg))
+    [store] = list((tmp_path / "answers").glob("tiny-*.jsonl"))
+    made = [json.loads(x) for x in store.read_text(encoding="utf-8").splitlines()]
+    assert [m["id"] for m in made] == [r["id"] for r in rows]
+    assert all(m["finish_reason"] in ("stop", "length") for m in made)
+    assert first["stats"]["overall"]["n"] == 4 and "offline" in first["judge"]
+
+    def no_loading(*a, **k):
+        raise AssertionError("the answers are in the store; the model must not be loaded again")
+
+    monkeypatch.setattr(ev, "LocalModel", no_loading)
+    again = ev.run_pairwise(ev.PairwiseConfig(out=str(tmp_path / "two"), **cfg))
+    assert again["stats"] == first["stats"]
+    report = (tmp_path / "two" / "report.md").read_text(encoding="utf-8")
+    assert "deterministic similarity stand-in" in report
+
+
+def test_offline_dialogue_with_our_model(tmp_path, tiny):
+    cfg = ev.DialogueConfig(data=cases_file(tmp_path), out=str(tmp_path / "dlg"), a_model=tiny, a_name="tiny",
+                            b_model=tiny, b_name="tiny-again", judge="offline", patient="offline", max_turns=2,
+                            max_new_tokens=6, device="cpu", bootstrap=50)
+    summary = ev.run_dialogue(cfg)
+    o = summary["stats"]["overall"]
+    assert (o["n"], o["tie"]) == (3, 3)  # the same greedy model on both sides: identical transcripts
+    transcripts = [json.loads(x) for x in (tmp_path / "dlg" / "transcripts.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert all(t["patient"].startswith("offline patient stand-in") for t in transcripts)
+    assert all(1 <= t["doctor_turns"] <= 2 for t in transcripts)
+    assert "offline patient stand-in" in (tmp_path / "dlg" / "report.md").read_text(encoding="utf-8")
+
+
+def test_metrics_run_scores_the_answers(tmp_path):
+    qa = [{"id": f"r{i}", "messages": [{"role": "user", "content": f"问题{i}"}, {"role": "assistant", "content": ref}],
+           "source": "real_doctor_instructions"} for i, ref in enumerate(["多喝水，注意休息", "建议及时就医检查", "外用药膏"])]
+    data = write_jsonl(tmp_path / "qa.jsonl", qa)
+    given = ["多喝水休息", "建议就医", ""]
+    ans = write_jsonl(tmp_path / "ans.jsonl", [{"id": f"r{i}", "answer": a} for i, a in enumerate(given)])
+    summary = ev.run_metrics(ev.MetricsConfig(data=[data], answers=ans, out=str(tmp_path / "m")))
+    expected = score_corpus(given, [q["messages"][1]["content"] for q in qa])
+    assert summary["scores"] == pytest.approx(expected)
+    assert summary["published"] is None
+    report = (tmp_path / "m" / "report.md").read_text(encoding="utf-8")
+    assert "| B1 | B2 | B3 | B4 | GLEU | R1 | R2 | RL | D1 | D2 |" in report
+
+
+def test_metrics_with_our_model_and_the_published_table(tmp_path, tiny):
+    rows = [{"questions": [f"头痛{i}怎么办"], "answers": ["多喝水，注意休息"]} for i in range(3)]
+    data = write_jsonl(tmp_path / "huatuo26m_test.jsonl", rows)
+    summary = ev.run_metrics(ev.MetricsConfig(data=[data], model=tiny, out=str(tmp_path / "m"), max_new_tokens=6,
+                                              device="cpu"))
+    assert summary["scored"] == 3 and summary["published"] == "huatuo26m-test"
+    assert "HuatuoGPT (published) | 27.42 | 14.84" in (tmp_path / "m" / "report.md").read_text(encoding="utf-8")
+
+
+def test_qa_readers_reuse_the_data_converters(tmp_path):
+    h = write_jsonl(tmp_path / "h.jsonl", [{"questions": [["头痛怎么办", "头疼咋办"]], "answers": ["多休息"]}])
+    [item] = ev.load_qa([h])
+    assert item["messages"] == [{"role": "user", "content": "头痛怎么办"}] and item["reference"] == "多休息"
+    (tmp_path / "questions.csv").write_text("question_id,content\n1,头痛怎么办\n2,发热怎么办\n", encoding="utf-8")
+    (tmp_path / "answers.csv").write_text("ans_id,question_id,content\n7,1,多休息\n8,2,多喝水\n", encoding="utf-8")
+    items = ev.load_qa([str(tmp_path / "questions.csv"), str(tmp_path / "answers.csv")])
+    assert [i["reference"] for i in items] == ["多休息", "多喝水"]
+    (tmp_path / "cmd.csv").write_text("department,title,ask,answer\n内科,头痛,无,多休息\n", encoding="utf-8")
+    [item] = ev.load_qa([str(tmp_path / "cmd.csv")])
+    assert item["messages"][0]["content"] == "头痛" and item["department"] == "内科"
+    with pytest.raises(ev.UserError, match="pass both files"):
+        ev.load_qa([str(tmp_path / "questions.csv")])
+
+
+# ---------------------------------------------------------------- sheet and tally
+
+def test_sheet_tally_round_trip_reproduces_marks_and_kappa(tmp_path):
+    src = tmp_path / "run"
+    src.mkdir()
+    judge = ["win", "tie", "tie", "loss", "win", "win"]
+    human = ["win", "win", "tie", "loss", "loss", "win"]
+    pairs = [{"id": f"s{i}", "group": "g", "prompt": f"问题{i}", "reference": "", "answer_a": f"甲答{i}",
+              "answer_b": f"乙答{i}", "outcome": o} for i, o in enumerate(judge)]
+    write_jsonl(src / "pairs.jsonl", pairs)
+    (src / "summary.json").write_text(json.dumps({"mode": "pairwise", "a": "model-a", "b": "model-b",
+                                                  "judge": "judge-x"}), encoding="utf-8")
+    ev.make_sheet(ev.SheetConfig(source=str(src), out=str(tmp_path / "sheet"), seed=3))
+    sheet = tmp_path / "sheet"
+    page = (sheet / "sheet.html").read_text(encoding="utf-8")
+    assert "model-a" not in page and "model-b" not in page  # blind
+    assert all(f"甲答{i}" in page and f"乙答{i}" in page for i in range(6))
+    key = json.loads((sheet / "sheet_key.json").read_text(encoding="utf-8"))["items"]
+    assert sorted(k["id"] for k in key) == [p["id"] for p in pairs]
+    assert [k["id"] for k in key] != [p["id"] for p in pairs] or len({k["left"] for k in key}) == 2  # shuffled
+    with open(sheet / "sheet.csv", encoding="utf-8-sig", newline="") as f:
+        rows = list(csv.DictReader(f))
+    truth = dict(zip((p["id"] for p in pairs), human))
+    for row, k in zip(rows, key):
+        want = truth[k["id"]]
+        left_wins = (want == "win") == (k["left"] == "A")
+        assert (row["answer_1"].startswith("甲")) == (k["left"] == "A")
+        row["mark"] = "=" if want == "tie" else ("1" if left_wins else "2")
+    with open(tmp_path / "marks.csv", "w", encoding="utf-8-sig", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    (tmp_path / "rater2.csv").write_text("item,mark\n1,left\n2,\n", encoding="utf-8")  # the page's download format
+    result = ev.run_tally(ev.TallyConfig(sheet=str(sheet), marks=[str(tmp_path / "marks.csv"), str(tmp_path / "rater2.csv")]))
+    r = result["raters"][0]
+    assert (r["win"], r["tie"], r["loss"], r["marked"], r["unmarked"]) == (3, 1, 2, 6, 0)
+    assert r["agreement"] == pytest.approx(100 * 4 / 6)
+    assert r["kappa"] == pytest.approx(11 / 23)  # po = 4/6, pe = 13/36, by hand
+    assert result["raters"][1]["marked"] == 1 and result["raters"][1]["unmarked"] == 5
+    assert "| marks.csv | 6 | 3 / 1 / 2 | 6 | 66.7 | 0.478 |" in (sheet / "tally.md").read_text(encoding="utf-8")
+    (tmp_path / "bad.csv").write_text("item,mark\n1,maybe\n", encoding="utf-8")
+    with pytest.raises(ev.UserError, match="bad.csv:2"):
+        ev.run_tally(ev.TallyConfig(sheet=str(sheet), marks=[str(tmp_path / "bad.csv")]))
+
+
+def test_cohen_kappa_edges():
+    assert ev.cohen_kappa(["win", "loss"], ["win", "loss"]) == pytest.approx(1.0)
+    assert ev.cohen_kappa(["win", "win"], ["win", "win"]) is None  # chance agreement 1: undefined
+    assert ev.cohen_kappa([], []) is None
+
+
+# ---------------------------------------------------------------- pieces
+
+def test_parse_verdict():
+    assert ev.parse_verdict("reasons...\n**Assistant 2 is better than Assistant 1**") == "2"
+    assert ev.parse_verdict("assistant 1 is worse than assistant 2") == "2"
+    assert ev.parse_verdict("Ａｓｓｉｓｔａｎｔ 1 is equal to Assistant 2") == "tie"  # full-width
+    assert ev.parse_verdict("Assistant 1 is better than Assistant 2 in tone, but\nAssistant 1 is worse than "
+                            "Assistant 2") == "2"  # the last one counts
+    for bad in ("I prefer the first.", "Assistant 1 is better than Assistant 1", ""):
+        with pytest.raises(ValueError):
+            ev.parse_verdict(bad)
+
+
+def test_combine_rules():
+    assert ev.combine("A", "A") == "win" and ev.combine("B", "tie") == "loss" and ev.combine("A", "B") == "tie"
+    assert ev.combine("A", "tie", "strict") == "tie" and ev.combine("B", "B", "strict") == "loss"
+
+
+def test_length_controlled_fit():
+    rng = np.random.default_rng(0)
+    d = rng.normal(60, 100, 2000)  # A is usually the longer answer
+    x = np.tanh(d / d.std())
+    # a judge that only likes length: at equal length a coin toss, yet A's raw win rate is high
+    y = (rng.random(2000) < 1 / (1 + np.exp(-3 * x))).astype(float)
+    lc, slope = ev.fit_length_controlled(y, d)
+    assert y.mean() > 0.65 and abs(lc[0] - 0.5) < 0.05 and slope[0] == pytest.approx(3, abs=0.5)
+    # a judge with no length effect: the length-controlled win rate is the raw one
+    y = (rng.random(2000) < 0.75).astype(float)
+    lc, slope = ev.fit_length_controlled(y, d)
+    assert lc[0] == pytest.approx(y.mean(), abs=0.03) and abs(slope[0]) < 0.3
+    # Newton's optimum against a general-purpose optimiser on the same objective
+    opt = pytest.importorskip("scipy.optimize")
+    soft = np.where(rng.random(2000) < 0.2, 0.5, y)
+
+    def loss(w):
+        z = w[0] + w[1] * x
+        return np.sum(np.logaddexp(0, z) - soft * z) + 0.5e-2 * (w @ w)
+
+    w = opt.minimize(loss, np.zeros(2), method="BFGS", options={"gtol": 1e-10}).x
+    lc, slope = ev.fit_length_controlled(soft, d)
+    assert lc[0] == pytest.approx(1 / (1 + np.exp(-w[0])), abs=1e-6) and slope[0] == pytest.approx(w[1], abs=1e-4)
+    stats = ev.wtl_stats(["win"] * 6 + ["tie"] * 2 + ["loss"] * 2, list(range(10)), boots=300)
+    assert stats["winrate"] == 70.0 and stats["winrate_ci"][0] <= 70.0 <= stats["winrate_ci"][1]
+    assert (stats["win"], stats["tie"], stats["loss"]) == (6, 2, 2)
+
+
+def test_offline_judge_is_symmetric():
+    j = ev.OfflineJudge()
+    req = lambda x, y: {"shown": (x, y), "reference": "头痛发热，多喝水", "reference_name": "question"}
+    v1, v2 = j.judge([req("头痛发热要多喝水", "天气很好"), req("天气很好", "头痛发热要多喝水")])
+    assert (v1.value, v2.value) == ("1", "2") and "stand-in" in v1.text
+
+
+def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
+    assert ev.main(["bogus"]) == 2
+    assert ev.main(["pairwise", "--data", str(tmp_path / "none.json"), "--a-answers", "x", "--b-answers", "y",
+                    "--judge", "offline", "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "unknown command 'bogus'" in err and "none.json: no such file" in err and "Traceback" not in err
+    assert ev.main(["pairwise", "--a-model", "m", "--a-base-url", "http://x/v1", "--b-answers", "y",
+                    "--judge", "offline", "--out", str(tmp_path / "o")]) == 2
+    assert "got model and endpoint" in capsys.readouterr().err
+    data, _ = questions(tmp_path)
+    assert ev.main(["pairwise", "--data", data, "--a-answers", "x", "--b-answers", "y", "--out", str(tmp_path / "o")]) == 2
+    assert "no such file" in capsys.readouterr().err
+    assert ev.main(["--help"]) == 0 and "pairwise" in capsys.readouterr().out
