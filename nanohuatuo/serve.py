@@ -44,7 +44,7 @@ import torch
 from .cli import UserError, arg, cli_main, resolve_device, resolve_dtype
 from .engine import Engine, SamplingParams
 from .model import Transformer
-from .templates import guess_template, render_prompt, stop_strings, stop_token_ids
+from .templates import generation_defaults, render_prompt, resolve_template, stop_strings, stop_token_ids
 from .tokenizer import StreamDecoder, Tokenizer
 
 STATIC = Path(__file__).parent / "static"
@@ -108,8 +108,7 @@ def load_model(cfg: ServeConfig):
     model.eval()
     where = tokenizer_dir(cfg.model, cfg.adapter)
     tok = Tokenizer.from_pretrained(where)
-    template = guess_template(where) if cfg.template == "auto" else cfg.template
-    stop_strings(template)  # an unknown template name fails here, at start, not on the first request
+    template = resolve_template(where, cfg.template, tok=tok)  # a broken template fails here, not per request
     return model, tok, template
 
 
@@ -406,6 +405,10 @@ class Service:
     def __init__(self, cfg: ServeConfig, model, tok, template, engine=None):
         self.cfg = cfg
         self.tok, self.template = tok, template
+        # what a request leaves out: the model's generation_config.json, else OpenAI's defaults
+        where = tokenizer_dir(cfg.model, cfg.adapter)
+        self.defaults = {"temperature": 1.0, "top_p": 1.0, "top_k": 0, "repetition_penalty": 1.0,
+                         **(generation_defaults(where) or generation_defaults(cfg.model))}
         self.name = cfg.model_name or Path(cfg.model).resolve().name
         self.context = min(cfg.max_len, model.config.max_seq_len) if cfg.max_len > 0 else model.config.max_seq_len
         self.api_key = cfg.api_key if cfg.api_key is not None else os.environ.get("NANOHUATUO_API_KEY") or None
@@ -448,12 +451,13 @@ class Service:
                            code="context_length_exceeded")
         seed = _get(body, "seed", ["integer"])
         ignore_eos = _get(body, "ignore_eos", ["boolean"], default=False)  # vLLM's extension, for benchmarks
+        d = self.defaults
         return SamplingParams(
             max_new_tokens=max_tokens or limit,
-            temperature=float(_get(body, "temperature", ["number"], 1.0, 0, 2)),
-            top_p=float(_get(body, "top_p", ["number"], 1.0, 0, 1)),
-            top_k=max(0, _get(body, "top_k", ["integer"], 0, -1, None)),  # vLLM's extension; -1 means off
-            repetition_penalty=float(_get(body, "repetition_penalty", ["number"], 1.0, 0.01, 10)),
+            temperature=float(_get(body, "temperature", ["number"], d["temperature"], 0, 2)),
+            top_p=float(_get(body, "top_p", ["number"], d["top_p"], 0, 1)),
+            top_k=max(0, _get(body, "top_k", ["integer"], d["top_k"], -1, None)),  # vLLM's extension; -1: off
+            repetition_penalty=float(_get(body, "repetition_penalty", ["number"], d["repetition_penalty"], 0.01, 10)),
             stop_ids=() if ignore_eos else (self.chat_stop_ids if chat else self.raw_stop_ids),
             seed=None if seed is None else seed % 2**63,
         )
@@ -872,10 +876,11 @@ class Server(ThreadingHTTPServer):
 
 def make_server(cfg: ServeConfig, model=None, tok=None, template=None, engine=None) -> Server:
     """A Server for cfg (the model loaded from cfg.model unless given), bound but not started."""
+    if cfg.slots < 1 or cfg.max_queue < 0 or cfg.max_len < 0:
+        raise UserError(f"--slots {cfg.slots}, --max-queue {cfg.max_queue}, --max-len {cfg.max_len}: need slots >= 1, "
+                        f"max-queue >= 0 and max-len >= 0")
     if model is None:
         model, tok, template = load_model(cfg)
-    if cfg.slots < 1 or cfg.max_queue < 0:
-        raise UserError(f"--slots {cfg.slots} / --max-queue {cfg.max_queue}: need slots >= 1 and max-queue >= 0")
     try:
         return Server(Service(cfg, model, tok, template, engine), cfg.host, cfg.port)
     except OSError as e:
@@ -888,10 +893,10 @@ def run(cfg: ServeConfig) -> int:
     if svc.api_key is None and cfg.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"warning: listening on {cfg.host} without an API key; anyone who can reach it can use the model",
               file=sys.stderr)
-    print(f"serving {svc.name} (template {svc.template}, context {svc.context}, {cfg.slots} slots) on {server.url}: "
-          f"chat page at {server.url}/, API at {server.url}/v1", flush=True)
-    server.service.runner.start()
     try:
+        svc.runner.start()
+        print(f"serving {svc.name} (template {svc.template}, context {svc.context}, {cfg.slots} slots) on "
+              f"{server.url}: chat page at {server.url}/, API at {server.url}/v1", flush=True)
         server.serve_forever()
     except KeyboardInterrupt:
         print("stopped", file=sys.stderr)
