@@ -20,9 +20,11 @@ Item (one JSON object per line of the CLI's input, as `python -m nanohuatuo.samp
      "finished": [bool, ...]}   # optional: False = cut by max_new_tokens
 
 Candidates: an answer cut by max_new_tokens (finished False) is dropped, never
-ranked as if complete, and an answer identical (after stripping) to an earlier
-one, or to the doctor's reply in mixed mode, is judged once. Both are counted
-and said in the summary; an item left with fewer than 2 candidates is skipped.
+ranked as if complete (or, with truncated="last" / --truncated last, judged and
+then ranked below every finished answer), and an answer identical (after
+stripping) to an earlier one, or to the doctor's reply in mixed mode, is judged
+once. Both are counted and said in the summary; an item left with fewer than 2
+candidates is skipped.
 
 Judge result per item:
     {"id": str, "ranking": [int, ...] | None, "raw": str, "cached": bool,
@@ -234,16 +236,23 @@ def check_item(item: dict, mixed: bool = False) -> None:
 MIN_CANDIDATES = 2
 
 
-def judged_answers(item: dict, mixed: bool = False) -> tuple[list[int], Counter]:
+TRUNCATED = ("drop", "last")  # what happens to an answer cut by max_new_tokens
+
+
+def judged_answers(item: dict, mixed: bool = False, truncated: str = "drop") -> tuple[list[int], Counter]:
     """Indices of the answers the judge sees, and what was left out: {"truncated": n, "duplicate": n}.
 
     An answer cut by max_new_tokens would be ranked as if complete, and two identical answers
-    make a preference pair with nothing to learn (and a judge forced to order equals)."""
+    make a preference pair with nothing to learn (and a judge forced to order equals).
+    truncated="last" keeps cut answers for the judge (not counted as left out); the judges then
+    rank them below every complete one."""
+    if truncated not in TRUNCATED:
+        raise ValueError(f"truncated={truncated!r}; use one of {TRUNCATED}")
     finished = item.get("finished") or [True] * len(item["answers"])
     seen = {item["reference"].strip()} if mixed else set()
     kept, dropped = [], Counter(truncated=0, duplicate=0)
     for i, (answer, done) in enumerate(zip(item["answers"], finished)):
-        if not done:
+        if not done and truncated == "drop":
             dropped["truncated"] += 1
         elif answer.strip() in seen:
             dropped["duplicate"] += 1
@@ -261,13 +270,16 @@ def judged_view(item: dict, kept: list[int]) -> dict:
 class Selection:
     """The candidates of every item, with the totals the summary reports."""
 
-    def __init__(self, items: list[dict], mixed: bool):
+    def __init__(self, items: list[dict], mixed: bool, truncated: str = "drop"):
         for item in items:
             check_item(item, mixed)
-        self.mixed = mixed
+        self.mixed, self.truncated = mixed, truncated
         self.kept, self.item_dropped, self.dropped, self.skipped = [], [], Counter(truncated=0, duplicate=0), 0
+        self.cut = []  # per item: the kept answers that were cut by max_new_tokens (truncated="last")
         for item in items:
-            kept, dropped = judged_answers(item, mixed)
+            kept, dropped = judged_answers(item, mixed, truncated)
+            finished = item.get("finished") or [True] * len(item["answers"])
+            self.cut.append({i for i in kept if not finished[i]})
             self.kept.append(kept)
             self.item_dropped.append(dict(dropped))
             self.dropped.update(dropped)
@@ -282,6 +294,8 @@ class Selection:
         k, kept = len(item["answers"]), self.kept[j]
         back = kept + [k]  # judged position -> index; the doctor's reply (mixed) is last
         ranking = None if shown_ranking is None else [back[p] for p in shown_ranking]
+        if ranking is not None and self.cut[j]:  # an unfinished answer is never better than a finished one
+            ranking = [i for i in ranking if i not in self.cut[j]] + [i for i in ranking if i in self.cut[j]]
         result = {"id": item["id"], "ranking": ranking, "raw": raw, "cached": cached,
                   "dropped": self.item_dropped[j]}
         if error is not None:
@@ -293,9 +307,10 @@ class Selection:
         return result
 
     def summary(self, name: str) -> str:
-        n = len(self.kept)
+        n, cut = len(self.kept), sum(map(len, self.cut))
+        last = f", ranked {cut} cut answers last" if self.truncated == "last" else ""
         return (f"{name}: {n} items; left out {self.dropped['duplicate']} repeated answers and "
-                f"{self.dropped['truncated']} answers cut by max_new_tokens; {self.skipped} items skipped "
+                f"{self.dropped['truncated']} answers cut by max_new_tokens{last}; {self.skipped} items skipped "
                 f"(fewer than {MIN_CANDIDATES} candidates left)")
 
 
@@ -318,7 +333,7 @@ class OpenAIJudge:
     def __init__(self, base_url: str | None = None, model: str | None = None, api_key: str | None = None,
                  cache_path=None, concurrency: int = 4, timeout: float = 60.0, max_retries: int = 5,
                  temperature: float = 0.0, max_tokens: int = 1024, parse_attempts: int = 3, seed: int = 0,
-                 progress_every: float = 5.0, refresh_unusable: bool = False):
+                 progress_every: float = 5.0, refresh_unusable: bool = False, truncated: str = "drop"):
         base_url = (base_url or os.environ.get("NANOHUATUO_JUDGE_BASE_URL") or os.environ.get("OPENAI_BASE_URL")
                     or "https://api.openai.com/v1")
         model = model or os.environ.get("NANOHUATUO_JUDGE_MODEL")
@@ -330,7 +345,7 @@ class OpenAIJudge:
                        refresh_unusable=refresh_unusable, name="judge", progress_every=progress_every)
         self.base_url, self.model = self.llm.base_url, model
         self.params = {"temperature": temperature, "max_tokens": max_tokens}
-        self.seed = seed
+        self.seed, self.truncated = seed, truncated
 
     @property
     def usage(self):
@@ -350,7 +365,7 @@ class OpenAIJudge:
 
     def rank(self, items: list[dict], mixed: bool = False) -> list[dict]:
         """Judge every item; results come back in item order (see the module docstring)."""
-        sel = Selection(items, mixed)
+        sel = Selection(items, mixed, self.truncated)
         todo = [j for j in range(len(items)) if sel.judged(j)]
         requests, parses, followups, orders = [], [], [], []
         for j in todo:
@@ -419,8 +434,11 @@ class OfflineJudge:
     OpenAI judge (no repeats, no answers cut by max_new_tokens).
     """
 
+    def __init__(self, truncated: str = "drop"):
+        self.truncated = truncated
+
     def rank(self, items: list[dict], mixed: bool = False) -> list[dict]:
-        sel = Selection(items, mixed)
+        sel = Selection(items, mixed, self.truncated)
         results = []
         for j, item in enumerate(items):
             if not sel.judged(j):
@@ -492,6 +510,8 @@ class RankConfig:
     max_retries: int = arg(5, "client retries of a request after connection errors, timeouts, 429 and 5xx")
     attempts: int = arg(3, "asks per item (the first, then nudges) before it counts as unusable")
     mixed: bool = arg(False, "rank the doctor's reply among the answers (HuatuoGPT's mixed feedback)")
+    truncated: str = arg("drop", "answers cut by max_new_tokens: drop them, or rank them last (below every "
+                                 "finished answer)", choices=list(TRUNCATED))
     seed: int = arg(0, "seed of the per-item shuffle of the candidates")
 
 
@@ -518,12 +538,12 @@ def rank_command(cfg: RankConfig) -> int:
         raise UserError("feedback rank needs --data (judge items) and --out (preference records)")
     items = read_items(cfg.data, cfg.mixed)
     if cfg.judge == "offline":
-        results = OfflineJudge().rank(items, mixed=cfg.mixed)
+        results = OfflineJudge(cfg.truncated).rank(items, mixed=cfg.mixed)
     else:
         with OpenAIJudge(base_url=cfg.base_url, model=cfg.model_name, api_key=cfg.api_key,
                          cache_path=cfg.cache or None, concurrency=cfg.concurrency, timeout=cfg.timeout,
                          max_retries=cfg.max_retries, parse_attempts=cfg.attempts, seed=cfg.seed,
-                         refresh_unusable=cfg.refresh_unusable) as judge:
+                         refresh_unusable=cfg.refresh_unusable, truncated=cfg.truncated) as judge:
             results = judge.rank(items, mixed=cfg.mixed)
     records = rankings_to_preferences(items, results)
     n = write_jsonl(cfg.out, records)

@@ -1,82 +1,228 @@
-"""Sampling K answers per prompt from the SFT model: the candidates the AI judge ranks (RLAIF step 1).
+"""Sampling K answers per prompt: the candidates the AI judge ranks (RLAIF step 1).
 
-    items = sample_answers(model, tok, template, prompts, k=4)   # prompts: data.to_prompt records
+    items = sample_answers(model, tok, template, prompts, k=4)        # our model, on the engine
+    items = sample_from_endpoint(llm, prompts, k=4)                   # any OpenAI-compatible server
+
     python -m nanohuatuo.sampling --model SFT_DIR [--adapter DIR] --prompts PROMPTS.jsonl --k 4 \
-        --out SAMPLES.jsonl [--max-new-tokens 256 --temperature 0.7 --top-p 1.0 --batch-size 8 \
-         --seed 0 --context 2048 --template NAME --device cuda --dtype bfloat16 --limit N]
+        --out SAMPLES.jsonl [--max-new-tokens 256 --temperature 0.7 --batch-size 16 --seed 0 ...]
+    python -m nanohuatuo.sampling --base-url http://127.0.0.1:8000/v1 --model-name NAME \
+        --prompts PROMPTS.jsonl --k 4 --out SAMPLES.jsonl [--cache FILE --concurrency 8 ...]
 
 PROMPTS.jsonl holds prompt records `{"id", "messages" (ending with a user turn), "reference"}`
 (`python -m nanohuatuo.data prompts`) or schema conversations, which are turned into prompt
 records with `data.to_prompt` (the last assistant turn becomes the reference).
 
 Each output line is a judge item for `python -m nanohuatuo.feedback rank`:
-    {"id", "question": messages, "reference": the doctor's reply, "answers": [k sampled answers]}
+    {"id", "question": messages, "reference": the doctor's reply, "answers": [k sampled answers],
+     "finished": [k bools]}
+`finished[j]` is False when answer j was cut by max_new_tokens (finish reason "length") instead
+of ending on the end token or a stop string; the judge leaves such answers out.
 
-Each prompt is repeated k times inside one batch, so its k answers differ only by the sampling
-noise. Answers stop at the template's end token or stop strings and are cut before the stop string.
+Our model: one `engine.Engine` for the whole run; each prompt goes in as `add(ids, params, n=k)`,
+so its k samples share one prefill, and a finished row takes the next prompt at once. Prompt i's
+samples are seeded by (seed, its id) alone, so the answers do not depend on --batch-size, on the
+order of the prompts or on a resume. Answers are cut before a stop string. A prompt longer than
+context - max_new_tokens loses its oldest turns (the system message and the last question are
+kept); one that still does not fit is skipped and named. Sampling settings not given as flags
+come from the model's generation_config.json, else temperature 0.7, top_p 1, no top_k.
+
+An endpoint (vLLM, our serve.py, a cloud model) gets one request per prompt with n=k (topped up
+with single requests if the server returns fewer choices), through `llm.LLM`: cached, bounded,
+retried; a prompt whose replies stay unusable is skipped and counted.
+
 The output file is rewritten atomically every half minute and at the end; a rerun with the same
 --out skips the ids already there, so an interrupted run resumes.
 """
 
-import argparse
+import hashlib
 import os
 import sys
 import time
+from collections import deque
+from dataclasses import dataclass
 
-import torch
-
-from .chat import load_for_chat, trim_history
+from .cli import UserError, arg, cli_main, resolve_device, resolve_dtype
 from .data import DataError, iter_jsonl, to_prompt, write_jsonl
-from .generate import cut_at_stop, generate_batch
-from .templates import render_prompt, stop_strings, stop_token_ids
+from .engine import Engine, SamplingParams
+from .generate import cut_at_stop
+from .llm import LLM
+from .lora import merge_and_unload
+from .model import Transformer
+from .templates import find_chat_templates, generation_defaults, render_prompt, resolve_template, stop_strings, \
+    stop_token_ids
+from .tokenizer import Tokenizer
 
 SAVE_EVERY_S = 30.0  # how often the CLI rewrites --out with what it has so far
+PRINT_EVERY_S = 10.0
+DEFAULTS = {"temperature": 0.7, "top_p": 1.0, "top_k": 0, "repetition_penalty": 1.0}
 
 
-def sample_answers(model, tok, template: str, prompts: list[dict], k: int = 4, max_new_tokens: int = 256,
-                   temperature: float = 0.7, top_p: float = 1.0, batch_size: int = 8, seed: int = 0,
-                   context: int = 2048, on_batch=None) -> list[dict]:
-    """Judge items with k sampled answers for each prompt record, in prompt order.
+def prompt_seed(seed: int, prompt_id: str) -> int:
+    """The seed of one prompt's samples: a function of the run's seed and the prompt id only."""
+    return int.from_bytes(hashlib.sha256(f"{seed}:{prompt_id}".encode()).digest()[:8], "big") % 2**62
 
-    batch_size counts sequences per generation call; it holds max(1, batch_size // k) prompts.
-    Batch number b samples with seed + b, so a run is reproducible for a given batch_size.
-    Prompts longer than context - max_new_tokens lose their oldest turns, then their oldest tokens.
-    on_batch(new_items) is called after each batch (the CLI saves progress there).
-    """
+
+def fit_prompt(messages: list[dict], tok, template, budget: int) -> list[int] | None:
+    """Prompt ids within `budget` tokens: the oldest question/answer pairs dropped (a system
+    message kept); None when even the last question alone does not fit."""
+    system = [m for m in messages[:1] if m["role"] == "system"]
+    turns = messages[len(system):]
+    while True:
+        ids = render_prompt(system + turns, tok, template)
+        if len(ids) <= budget:
+            return ids
+        if len(turns) <= 1:
+            return None
+        turns = turns[2:]  # one question and its answer
+
+
+def answer_text(tok, tokens: list[int], stops) -> str:
+    """The answer as text: special tokens (the end token) skipped, cut before a stop string."""
+    return cut_at_stop(tok.decode(tokens), stops).strip()
+
+
+def judge_item(prompt: dict, answers: list[str], finished: list[bool]) -> dict:
+    return {"id": prompt["id"], "question": prompt["messages"], "reference": prompt["reference"],
+            "answers": answers, "finished": finished}
+
+
+class Progress:
+    """`sampling: done/total prompts | cut answers | tok/s | eta` about every 10 s and at the end."""
+
+    def __init__(self, total: int, k: int):
+        self.total, self.k, self.done, self.cut, self.tokens = total, k, 0, 0, 0
+        self.t0, self.last = time.time(), 0.0
+
+    def add(self, finished: list[bool], tokens: int = 0) -> None:
+        self.done += 1
+        self.cut += finished.count(False)
+        self.tokens += tokens
+
+    def show(self, force: bool = False) -> None:
+        elapsed = time.time() - self.t0
+        if not force and elapsed - self.last < PRINT_EVERY_S:
+            return
+        self.last = elapsed
+        eta = elapsed / max(self.done, 1) * (self.total - self.done)
+        speed = f" | {self.tokens / max(elapsed, 1e-9):.0f} tok/s" if self.tokens else ""
+        # many answers cut at the length limit: raise max_new_tokens, or the judge has few to rank
+        print(f"sampling: {self.done}/{self.total} prompts | {self.cut}/{self.done * self.k} answers hit "
+              f"max_new_tokens{speed} | eta {eta / 60:.1f} min", flush=True)
+
+
+def sample_answers(model, tok, template, prompts: list[dict], k: int = 4, max_new_tokens: int = 256,
+                   temperature: float = 0.7, top_p: float = 1.0, top_k: int = 0, repetition_penalty: float = 1.0,
+                   batch_size: int = 16, seed: int = 0, context: int = 2048, extra_stop_ids=(),
+                   compile: bool = False, on_batch=None) -> list[dict]:
+    """Judge items with k sampled answers for each prompt record, in prompt order (see module doc).
+
+    batch_size: sequences decoded together (the engine's slots, at least k). on_batch(new_items)
+    is called as items complete, in prompt order (the CLI saves progress there)."""
     if k < 1:
         raise ValueError(f"sample_answers: k={k}; need at least one answer per prompt (the judge needs 2+)")
+    if temperature <= 0 and k > 1:
+        print(f"sampling: temperature {temperature} is greedy: the {k} answers of a prompt will be identical "
+              "(the judge keeps one); sample with temperature > 0", flush=True)
     stops = stop_strings(template)
-    stop_ids = stop_token_ids(tok, template)
-    budget = max(context - max_new_tokens, 1)
-    per_batch = max(1, batch_size // k)
-    items, t0, n_tokens, n_cut, last_print = [], time.time(), 0, 0, 0.0
-    for b, start in enumerate(range(0, len(prompts), per_batch)):
-        chunk = prompts[start:start + per_batch]
-        ids = []
-        for p in chunk:
-            messages = trim_history(p["messages"], tok, template, budget)
-            ids.append(render_prompt(messages, tok, template)[-budget:])
-        batch = [prompt_ids for prompt_ids in ids for _ in range(k)]  # (len(chunk) * k) rows, k per prompt
-        gen = generate_batch(model, batch, max_new_tokens, temperature=temperature, top_p=top_p, seed=seed + b,
-                             stop_ids=stop_ids, stop_strings=stops, tokenizer=tok, pad_id=tok.pad_id)
-        n_tokens += sum(len(t) for t in gen.tokens)
-        n_cut += gen.finished.count(False)
+    stop_ids = tuple(sorted(set(stop_token_ids(tok, template)) | set(extra_stop_ids)))
+    context = min(context, model.config.max_seq_len)
+    budget = context - max_new_tokens
+    if budget < 1:
+        raise UserError(f"--max-new-tokens {max_new_tokens} leaves no room for the prompt in a context of {context} "
+                        "tokens; lower --max-new-tokens or raise --context")
+    fitted, skipped = [], []
+    for p in prompts:
+        ids = fit_prompt(p["messages"], tok, template, budget)
+        (fitted if ids is not None else skipped).append((p, ids))
+    if skipped:
+        names = ", ".join(repr(p["id"]) for p, _ in skipped[:5]) + (", ..." if len(skipped) > 5 else "")
+        print(f"sampling: skipped {len(skipped)} prompts whose last question alone is longer than {budget} "
+              f"tokens ({names}); raise --context or lower --max-new-tokens", flush=True)
+    if not fitted:
+        return []
+    max_len = min(context, max(len(ids) for _, ids in fitted) + max_new_tokens)
+    eng = Engine(model, tokenizer=tok, slots=max(batch_size, k), max_len=max_len, compile=compile)
+    queue = deque(enumerate(fitted))
+    owner, tokens, reasons = {}, {}, {}  # rid -> prompt index; rid -> new tokens; rid -> finish reason
+    rids_of, left = {}, {}  # prompt index -> its k rids; -> samples still running
+    ready, items, next_out = {}, [], 0
+    progress, outstanding = Progress(len(fitted), k), 0
+    while queue or eng.has_work():
+        # keep about two batches' worth of samples queued, so a freed row never waits for Python
+        while queue and outstanding < 2 * eng.slots:
+            i, (p, ids) = queue.popleft()
+            params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                                    repetition_penalty=repetition_penalty, stop_ids=stop_ids,
+                                    stop_strings=tuple(stops), seed=prompt_seed(seed, p["id"]))
+            rids = eng.add(ids, params, n=k)
+            rids_of[i], left[i] = rids if isinstance(rids, list) else [rids], k
+            for rid in rids_of[i]:
+                owner[rid], tokens[rid] = i, []
+            outstanding += k
+        for ev in eng.step():
+            if ev.token is not None:
+                tokens[ev.rid].append(ev.token)
+            if ev.finish_reason is None:
+                continue
+            reasons[ev.rid] = ev.finish_reason
+            i = owner[ev.rid]
+            left[i] -= 1
+            outstanding -= 1
+            if left[i] == 0:
+                rids = rids_of.pop(i)
+                finished = [reasons.pop(r) == "stop" for r in rids]
+                rows = [tokens.pop(r) for r in rids]
+                progress.add(finished, sum(len(t) for t in rows))
+                answers = [answer_text(tok, t, stops) for t in rows]
+                ready[i] = judge_item(fitted[i][0], answers, finished)
         new = []
-        for i, p in enumerate(chunk):
-            rows = gen.tokens[i * k:(i + 1) * k]
-            # decode skips the end token; a stop string the model wrote out is cut here
-            answers = [cut_at_stop(tok.decode(t), stops).strip() for t in rows]
-            new.append({"id": p["id"], "question": p["messages"], "reference": p["reference"], "answers": answers})
-        items += new
-        if on_batch is not None:
-            on_batch(new)
-        done, elapsed = start + len(chunk), time.time() - t0
-        if elapsed - last_print >= 10 or done == len(prompts):
-            last_print = elapsed
-            eta = elapsed / done * (len(prompts) - done)
-            # many answers cut at the length limit: raise max_new_tokens, or the judge ranks fragments
-            print(f"sampling: {done}/{len(prompts)} prompts | {n_cut}/{done * k} answers hit max_new_tokens | "
-                  f"{n_tokens / max(elapsed, 1e-9):.0f} tok/s | eta {eta / 60:.1f} min", flush=True)
+        while next_out in ready:  # hand items out in prompt order
+            new.append(ready.pop(next_out))
+            next_out += 1
+        if new:
+            items += new
+            if on_batch is not None:
+                on_batch(new)
+            progress.show(force=next_out == len(fitted))
+    return items
+
+
+def sample_from_endpoint(llm: LLM, prompts: list[dict], k: int = 4, max_new_tokens: int = 256,
+                         temperature: float = 0.7, top_p: float = 1.0, top_k: int | None = None,
+                         repetition_penalty: float | None = None, seed: int = 0, on_batch=None) -> list[dict]:
+    """Judge items with k answers per prompt from an OpenAI-compatible endpoint (see module doc).
+
+    top_k and repetition_penalty are not OpenAI parameters: when given they are sent as extra
+    body fields, which vLLM and our serve.py read."""
+    extra = {name: v for name, v in (("top_k", top_k), ("repetition_penalty", repetition_penalty)) if v is not None}
+    params = {"max_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p,
+              **({"extra_body": extra} if extra else {})}
+    answers = llm.map([{"messages": p["messages"], "n": k, "seed": prompt_seed(seed, p["id"]), **params}
+                       for p in prompts], desc="sampling")
+    # a server that ignores n (or returns fewer choices) is topped up with single seeded requests
+    short = [(i, j) for i, a in enumerate(answers) if a.ok for j in range(len(a.texts), k)]
+    extra_answers = llm.map([{"messages": prompts[i]["messages"], "n": 1,
+                              "seed": prompt_seed(seed, f"{prompts[i]['id']}#{j}"), **params} for i, j in short],
+                            desc="sampling (top-up)") if short else []
+    got = {i: (list(a.texts[:k]), list(a.finish_reasons[:k])) for i, a in enumerate(answers) if a.ok}
+    for (i, _), a in zip(short, extra_answers):
+        if a.ok:
+            got[i][0].append(a.texts[0])
+            got[i][1].append(a.finish_reasons[0] if a.finish_reasons else None)
+    items, lost = [], 0
+    for i, p in enumerate(prompts):
+        texts, reasons = got.get(i, ([], []))
+        if len(texts) < k:
+            lost += 1
+            continue
+        # "length" (and a filtered answer) is a cut answer; a server that gives no reason is trusted
+        items.append(judge_item(p, [t.strip() for t in texts], [r not in ("length", "content_filter")
+                                                                 for r in reasons]))
+    if lost:
+        print(f"sampling: skipped {lost} prompts without {k} usable answers from {llm.base_url} "
+              "(see the summary below; --refresh-unusable asks again)", flush=True)
+    if on_batch is not None and items:
+        on_batch(items)
     return items
 
 
@@ -100,57 +246,120 @@ def read_prompts(path) -> list[dict]:
                             f"(with 'messages' ending in an assistant turn)")
         if prompts[-1]["messages"][-1].get("role") != "user":
             raise DataError(f"{where}: the prompt must end with a user turn to be answered")
+    if not prompts:
+        raise DataError(f"{path}: no prompts (the file is empty); make them with `python -m nanohuatuo.data prompts`")
     return prompts
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m nanohuatuo.sampling",
-                                 description="Sample K answers per prompt from the SFT model for the AI judge.")
-    ap.add_argument("--model", required=True, help="model directory (Hugging Face layout)")
-    ap.add_argument("--adapter", help="LoRA adapter directory (the SFT adapter), merged before sampling")
-    ap.add_argument("--prompts", required=True, help="JSONL of prompt records or conversations")
-    ap.add_argument("--out", required=True, help="JSONL of judge items to write")
-    ap.add_argument("--k", type=int, default=4, help="answers per prompt")
-    ap.add_argument("--max-new-tokens", type=int, default=256)
-    ap.add_argument("--temperature", type=float, default=0.7)
-    ap.add_argument("--top-p", type=float, default=1.0)
-    ap.add_argument("--batch-size", type=int, default=8, help="sequences per generation call")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--context", type=int, default=2048, help="prompt + answer token budget")
-    ap.add_argument("--template", help="chat template (default: guessed from the model directory)")
-    ap.add_argument("--device", help="default: cuda if available, else cpu")
-    ap.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: bf16 on cuda, else fp32")
-    ap.add_argument("--limit", type=int, help="only the first N prompts")
-    args = ap.parse_args(argv)
+# ----------------------------------------------------------------------- CLI
 
-    try:
-        prompts = read_prompts(args.prompts)[:args.limit]
-        done = [row for _, row in iter_jsonl(args.out)] if os.path.exists(args.out) else []
-    except DataError as e:
-        raise SystemExit(f"nanohuatuo/sampling.py: {e}") from None
-    seen = {row["id"] for row in done}
+@dataclass
+class SampleConfig:
+    prompts: str = arg("", "JSONL of prompt records or conversations (python -m nanohuatuo.data prompts)",
+                       metavar="FILE")
+    out: str = arg("", "JSONL of judge items to write; a rerun with the same --out samples only the missing "
+                       "prompts", metavar="FILE")
+    model: str = arg("", "SFT model directory (Hugging Face layout); or --base-url for an endpoint")
+    adapter: str | None = arg(None, "LoRA adapter directory (PEFT layout, e.g. the SFT output), merged before "
+                                    "sampling; its chat template, if it has one, is used")
+    base_url: str | None = arg(None, "OpenAI-compatible endpoint to sample from instead of --model "
+                                     "(vLLM, serve.py, a cloud model)")
+    model_name: str | None = arg(None, "model name at --base-url")
+    api_key: str | None = arg(None, "API key for --base-url (default: $NANOHUATUO_API_KEY, $OPENAI_API_KEY, "
+                                    "else EMPTY)")
+    cache: str = arg("", "SQLite cache of the endpoint's replies (with --base-url; default: none)")
+    refresh_unusable: bool = arg(False, "with --base-url and --cache: ask again the prompts whose cached "
+                                        "replies were unusable")
+    concurrency: int = arg(4, "requests in flight at once (with --base-url)")
+    k: int = arg(4, "answers per prompt")
+    max_new_tokens: int = arg(256, "new tokens per answer; longer answers are marked unfinished")
+    temperature: float | None = arg(None, "sampling temperature (default: the model's generation_config.json, "
+                                          "else 0.7)")
+    top_p: float | None = arg(None, "nucleus sampling (default: generation_config.json, else 1.0: off)")
+    top_k: int | None = arg(None, "top-k sampling (default: generation_config.json, else 0: off)")
+    repetition_penalty: float | None = arg(None, "repetition penalty (default: generation_config.json, "
+                                                 "else 1.0: off)")
+    batch_size: int = arg(16, "sequences decoded together (engine slots; at least --k)")
+    seed: int = arg(0, "random seed; a prompt's answers depend only on it and the prompt id")
+    context: int = arg(2048, "prompt + answer token budget (capped at the model's max_seq_len)")
+    template: str = arg("auto", "chat template: auto (the model's own, else HuatuoGPT's), a built-in name or a "
+                                ".jinja file")
+    device: str = arg("auto", "auto (cuda if available), cpu, cuda, cuda:1, ...")
+    dtype: str = arg("auto", "auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16 or float16")
+    compile: bool = arg(False, "on CUDA, compile the decode step (CUDA graphs)")
+    limit: int | None = arg(None, "only the first N prompts")
+
+
+def has_tokenizer(path) -> bool:
+    return any(os.path.exists(os.path.join(path, f)) for f in ("tokenizer.json", "tokenizer.model"))
+
+
+def load_policy(cfg: SampleConfig):
+    """(model, tokenizer, template) for sampling: the adapter merged (sampling then costs what the base
+    does), the adapter directory's tokenizer and chat template where it carries them."""
+    device = resolve_device(cfg.device)
+    model = Transformer.from_pretrained(cfg.model, dtype=resolve_dtype(cfg.dtype, device), device=device,
+                                        adapter=cfg.adapter)
+    if cfg.adapter:
+        merge_and_unload(model)
+    tok = Tokenizer.from_pretrained(cfg.adapter if cfg.adapter and has_tokenizer(cfg.adapter) else cfg.model)
+    # an SFT output carries the template it was trained with; it wins over the base's own
+    trained = cfg.adapter if cfg.adapter and find_chat_templates(cfg.adapter) else cfg.model
+    return model.eval(), tok, resolve_template(trained, cfg.template, tok)
+
+
+def run(cfg: SampleConfig) -> int:
+    if not cfg.prompts or not cfg.out:
+        raise UserError("sampling needs --prompts (prompt records) and --out (judge items to write)")
+    if bool(cfg.model) == bool(cfg.base_url):
+        raise UserError("sampling needs either --model (a model directory) or --base-url with --model-name "
+                        "(an OpenAI-compatible endpoint)")
+    if cfg.k < 1 or cfg.max_new_tokens < 1:
+        raise UserError(f"--k {cfg.k} and --max-new-tokens {cfg.max_new_tokens} must be at least 1")
+    prompts = read_prompts(cfg.prompts)[:cfg.limit]
+    done = [row for _, row in iter_jsonl(cfg.out)] if os.path.exists(cfg.out) else []
+    seen = {row.get("id") for row in done}
     todo = [p for p in prompts if p["id"] not in seen]
     if done:
-        print(f"sampling: {args.out} already has {len(done)} items; sampling the other {len(todo)} prompts")
-    dtype = getattr(torch, args.dtype) if args.dtype else None
-    model, tok, template = load_for_chat(args.model, adapter=args.adapter, dtype=dtype, device=args.device,
-                                         template=args.template)
-    print(f"sampling: {len(todo)} prompts x {args.k} answers, template {template}, device "
-          f"{model.embed_tokens.weight.device}", flush=True)
+        print(f"sampling: {cfg.out} already has {len(done)} items; sampling the other {len(todo)} prompts")
     last_save = [time.time()]
 
     def save(new):
         done.extend(new)
         if time.time() - last_save[0] > SAVE_EVERY_S:
-            write_jsonl(args.out, done)
+            write_jsonl(cfg.out, done)
             last_save[0] = time.time()
 
-    sample_answers(model, tok, template, todo, k=args.k, max_new_tokens=args.max_new_tokens,
-                   temperature=args.temperature, top_p=args.top_p, batch_size=args.batch_size, seed=args.seed,
-                   context=args.context, on_batch=save)
-    n = write_jsonl(args.out, done)
-    print(f"sampling: wrote {n} items to {args.out}")
+    given = {name: getattr(cfg, name) for name in DEFAULTS if getattr(cfg, name) is not None}
+    if cfg.base_url:
+        settings = {**DEFAULTS, **given}
+        print(f"sampling: {len(todo)} prompts x {cfg.k} answers from {cfg.model_name} at {cfg.base_url}", flush=True)
+        with LLM(cfg.base_url, cfg.model_name, api_key=cfg.api_key, cache=cfg.cache or None,
+                 concurrency=cfg.concurrency, refresh_unusable=cfg.refresh_unusable, name="sampling") as llm:
+            sample_from_endpoint(llm, todo, k=cfg.k, max_new_tokens=cfg.max_new_tokens,
+                                 temperature=settings["temperature"], top_p=settings["top_p"],
+                                 top_k=given.get("top_k"), repetition_penalty=given.get("repetition_penalty"),
+                                 seed=cfg.seed, on_batch=save)
+            print(llm.summary(), flush=True)
+    else:
+        model_defaults = generation_defaults(cfg.model)
+        settings = {**DEFAULTS, **{n: v for n, v in model_defaults.items() if n in DEFAULTS}, **given}
+        model, tok, template = load_policy(cfg)
+        print(f"sampling: {len(todo)} prompts x {cfg.k} answers, template {template}, device "
+              f"{model.embed_tokens.weight.device}, " + ", ".join(f"{n} {v}" for n, v in settings.items()), flush=True)
+        sample_answers(model, tok, template, todo, k=cfg.k, max_new_tokens=cfg.max_new_tokens,
+                       batch_size=cfg.batch_size, seed=cfg.seed, context=cfg.context,
+                       extra_stop_ids=model_defaults.get("stop_ids", ()), compile=cfg.compile, on_batch=save,
+                       **settings)
+    n = write_jsonl(cfg.out, done)
+    print(f"sampling: wrote {n} items to {cfg.out}")
     return 0
+
+
+def main(argv=None) -> int:
+    return cli_main(run, SampleConfig, argv, prog="python -m nanohuatuo.sampling",
+                    description="Sample K answers per prompt (our model or an OpenAI-compatible endpoint) "
+                                "for the AI judge.")
 
 
 if __name__ == "__main__":

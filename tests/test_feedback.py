@@ -276,6 +276,17 @@ def test_repeats_and_truncated_answers_are_left_out(serve, tmp_path, capsys):
     assert offline["ranking"] is None
 
 
+def test_truncated_last_ranks_cut_answers_below_finished_ones():
+    item = make_items(1)[0]
+    item["finished"] = [True, False, True]  # the best-scoring answer was cut
+    [dropped] = OfflineJudge().rank([item])
+    assert dropped["ranking"] == [2, 0]
+    [last] = OfflineJudge(truncated="last").rank([item])
+    assert last["ranking"] == [2, 0, 1] and last["dropped"] == {"truncated": 0, "duplicate": 0}
+    [mixed] = OfflineJudge(truncated="last").rank([item], mixed=True)
+    assert mixed["ranking"] == [3, 2, 0, 1]
+
+
 def test_mixed_record_marks_the_doctor_reply():
     item = make_items(1)[0]
     item["answers"] = ANSWERS + [REFERENCE]  # a sampled answer equal to the doctor's reply is judged once

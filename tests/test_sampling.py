@@ -3,19 +3,18 @@ sampling -> offline judge -> train_rm.py on a tiny model."""
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 
-from nanohuatuo import feedback, sampling
+from fake_openai import ScriptedServer, completion
+from nanohuatuo import feedback, reward, sampling
 from nanohuatuo.data import DataError
-from nanohuatuo.generate import Generation
+from nanohuatuo.engine import Event
+from nanohuatuo.llm import LLM
 from nanohuatuo.model import ModelConfig, Transformer
-from nanohuatuo.templates import stop_token_ids
+from nanohuatuo.templates import render_prompt, stop_token_ids
 from nanohuatuo.tokenizer import train_sentencepiece
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TEXTS = ["User: 孩子发烧咳嗽怎么办", "Assistant:", "多喝水，注意休息，及时就医。", "头疼三天，晚上睡不着。"]
 PROMPTS = [
     {"id": "a", "messages": [{"role": "user", "content": "孩子发烧咳嗽怎么办"}], "reference": "多喝水，及时就医。"},
@@ -47,24 +46,123 @@ def test_k_answers_per_prompt_and_seeded(tiny):
     assert sampling.sample_answers(model, tok, "plain", PROMPTS, **dict(kw, seed=8)) != items
 
 
-def test_answers_are_cut_at_stop_strings(tiny, monkeypatch):
+class FakeEngine:
+    """Engine stand-in: replays scripted (text, finish_reason) samples, one token per step."""
+    script = []  # per add() call: k (text, reason) pairs
+    made = []
+
+    def __init__(self, model, tokenizer=None, slots=16, max_len=None, compile=False):
+        self.tok, self.slots, self.max_len = tokenizer, slots, max_len
+        self.adds, self.running, self.next_rid = [], {}, 0
+        FakeEngine.made.append(self)
+
+    def add(self, ids, params, n=1):
+        self.adds.append((list(ids), params, n))
+        rids = []
+        for text, reason in self.script[len(self.adds) - 1]:
+            tokens = self.tok.encode(text) + ([self.tok.eos_id] if reason == "stop" else [])
+            self.running[self.next_rid] = (tokens, reason)
+            rids.append(self.next_rid)
+            self.next_rid += 1
+        return rids if n > 1 else rids[0]
+
+    def has_work(self):
+        return bool(self.running)
+
+    def step(self):
+        events = []
+        for rid, (tokens, reason) in list(self.running.items())[:self.slots]:
+            last = len(tokens) == 1
+            events.append(Event(rid, tokens[0], None, None, reason if last else None))
+            self.running[rid] = (tokens[1:], reason)
+            if last:
+                del self.running[rid]
+        return events
+
+
+def test_engine_samples_k_per_prompt_with_finished_flags(tiny, monkeypatch):
     _, model, tok = tiny
-    calls = []
-
-    def fake_generate(model, prompts, max_new_tokens, **kw):
-        calls.append((prompts, kw))
-        texts = ["多喝水。\nUser: 还有", "注意休息", "及时就医。"]  # a stop string, a cut-off answer, an end token
-        tokens = [tok.encode(t) for t in texts] + [[]] * (len(prompts) - 3)
-        tokens[2].append(tok.eos_id)
-        return Generation(tokens=tokens, logprobs=None, finished=[True, False, True] + [True] * (len(prompts) - 3))
-
-    monkeypatch.setattr(sampling, "generate_batch", fake_generate)
-    items = sampling.sample_answers(model, tok, "plain", PROMPTS[:1], k=3, seed=0)
+    FakeEngine.made, FakeEngine.script = [], [
+        [("多喝水。\nUser: 还有", "stop"), ("注意休息", "length"), ("及时就医。", "stop")],  # stop string, cut, EOS
+        [("好的", "stop"), ("好的", "stop"), ("头疼要注意", "length")],
+    ]
+    monkeypatch.setattr(sampling, "Engine", FakeEngine)
+    items = sampling.sample_answers(model, tok, "plain", PROMPTS[:2], k=3, seed=0, batch_size=4)
     assert items[0]["answers"] == ["多喝水。", "注意休息", "及时就医。"]
-    prompts, kw = calls[0]
-    assert len(prompts) == 3 and prompts[0] == prompts[1] == prompts[2]  # the prompt repeated k times
-    assert kw["stop_strings"] == ["\nUser:"] and set(kw["stop_ids"]) == stop_token_ids(tok, "plain")
-    assert kw["temperature"] == 0.7 and kw["pad_id"] == tok.pad_id
+    assert items[0]["finished"] == [True, False, True] and items[1]["finished"] == [True, True, False]
+    [eng] = FakeEngine.made
+    assert eng.slots == 4 and [n for _, _, n in eng.adds] == [3, 3]  # one add per prompt, n = k
+    ids, params, _ = eng.adds[0]
+    assert ids == render_prompt(PROMPTS[0]["messages"], tok, "plain")
+    assert params.stop_strings == ("\nUser:",) and set(params.stop_ids) == stop_token_ids(tok, "plain")
+    assert params.temperature == 0.7 and params.max_new_tokens == 256
+    # a prompt's seed depends on the run's seed and its id only
+    assert params.seed == sampling.prompt_seed(0, "a") != eng.adds[1][1].seed
+
+
+def test_answers_do_not_depend_on_batch_size(tiny):
+    _, model, tok = tiny
+    kw = dict(k=2, max_new_tokens=5, temperature=1.0, seed=3)
+    a = sampling.sample_answers(model, tok, "plain", PROMPTS, batch_size=2, **kw)
+    b = sampling.sample_answers(model, tok, "plain", PROMPTS[::-1], batch_size=8, **kw)
+    assert a == b[::-1]
+    assert all(len(it["finished"]) == 2 for it in a)
+
+
+def test_long_prompt_loses_old_turns_or_is_skipped(tiny, capsys):
+    _, model, tok = tiny
+    long_turns = [{"role": "user", "content": "头疼三天，晚上睡不着。" * 20},
+                  {"role": "assistant", "content": "多久了？" * 20}, {"role": "user", "content": "三天"}]
+    full = len(render_prompt(long_turns, tok, "plain"))
+    ids = sampling.fit_prompt(long_turns, tok, "plain", full - 1)
+    assert ids == render_prompt(long_turns[2:], tok, "plain")
+    assert sampling.fit_prompt(long_turns[:1], tok, "plain", 10) is None
+    prompts = [dict(PROMPTS[0], id="long", messages=long_turns[:1]), PROMPTS[1]]
+    items = sampling.sample_answers(model, tok, "plain", prompts, k=2, max_new_tokens=4, context=40)
+    assert [it["id"] for it in items] == ["b"]
+    assert "skipped 1 prompts" in capsys.readouterr().out
+
+
+def test_endpoint_sampling_n_k_finish_reasons_and_top_up(tmp_path, monkeypatch):
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+
+    def handler(req, path):
+        question = req["messages"][-1]["content"]
+        if question == "头疼三天":  # a server that ignores n: one choice per request
+            return completion(f"答{req['seed'] % 7}", req)
+        if question == "三天":
+            return {"choices": []}  # never usable: the prompt is skipped
+        return completion(["多喝水", "及时就医", "注意休"], req, finish_reason=["stop", "stop", "length"])
+
+    with ScriptedServer(handler) as srv, LLM(srv.base_url, "m", cache=tmp_path / "c.sqlite", attempts=2) as llm:
+        items = sampling.sample_from_endpoint(llm, PROMPTS, k=3, max_new_tokens=9, temperature=0.9, seed=1)
+        assert [it["id"] for it in items] == ["a", "b"]
+        assert items[0]["answers"] == ["多喝水", "及时就医", "注意休"] and items[0]["finished"] == [True, True, False]
+        assert len(items[1]["answers"]) == 3 and items[1]["finished"] == [True] * 3
+        bodies = [body for _, body in srv.requests]
+        [first] = [b for b in bodies if b["messages"][-1]["content"] == PROMPTS[0]["messages"][-1]["content"]]
+        assert (first["n"], first["max_tokens"], first["temperature"], first["seed"]) == (
+            3, 9, 0.9, sampling.prompt_seed(1, "a"))
+        assert "top_k" not in first and llm.usage.unusable == {"empty choices": 1}
+        top_ups = [b for b in bodies if b["messages"][-1]["content"] == "头疼三天" and b["n"] == 1]
+        assert len(top_ups) == 2 and len({b["seed"] for b in top_ups}) == 2  # two single requests make up 3
+
+
+def test_cli_endpoint(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in PROMPTS[:2]), encoding="utf-8")
+    out = tmp_path / "samples.jsonl"
+    with ScriptedServer(lambda req, path: completion(["甲", "乙"], req, finish_reason=["stop", "length"])) as srv:
+        args = ["--base-url", srv.base_url, "--model-name", "m", "--prompts", str(prompts), "--out", str(out),
+                "--k", "2", "--top-k", "20", "--cache", str(tmp_path / "c.sqlite")]
+        assert sampling.main(args) == 0
+        items = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+        assert [(it["answers"], it["finished"]) for it in items] == [(["甲", "乙"], [True, False])] * 2
+        assert srv.requests[0][1]["top_k"] == 20  # sent as an extra body field
+        assert "sampling: 2 requests (0 cached)" in capsys.readouterr().out
+    assert sampling.main(["--prompts", str(prompts), "--out", str(out)]) == 2
+    assert "either --model" in capsys.readouterr().err
 
 
 def test_cli_sample_rank_train(tiny, tmp_path):
@@ -83,14 +181,15 @@ def test_cli_sample_rank_train(tiny, tmp_path):
     assert [it["id"] for it in items] == ["a", "b", "conv"]
     assert items[2]["reference"] == PROMPTS[2]["reference"] and len(items[2]["answers"]) == 3
 
-    assert feedback.main(["rank", "--in", str(samples), "--out", str(prefs), "--judge", "offline"]) == 0
+    assert all(len(it["finished"]) == 3 for it in items)
+    # a random tiny model rarely ends an answer within 6 tokens: rank the cut ones last instead of dropping them
+    assert feedback.main(["rank", "--data", str(samples), "--out", str(prefs), "--judge", "offline",
+                          "--truncated", "last"]) == 0
     out = tmp_path / "rm"
-    run = subprocess.run([sys.executable, "train_rm.py", "--base", path, "--data", str(prefs), "--out", str(out),
-                          "--template", "plain", "--max-steps", "1", "--eval-frac", "0", "--device", "cpu"],
-                         cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert run.returncode == 0, run.stderr
-    assert "step 1/1" in run.stdout
-    rc = json.loads((out / "reward_config.json").read_text())
+    # in-process (train_rm.py only calls reward.main): no second torch start-up
+    assert reward.main(["--model", path, "--data", str(prefs), "--out", str(out), "--template", "plain",
+                        "--max-steps", "1", "--eval-frac", "0", "--device", "cpu"]) == 0
+    rc = json.loads((out / "reward_config.json").read_text())  # written last: the RM is complete
     assert rc["lora"] is True and rc["base"] == os.path.abspath(path)
 
 
