@@ -1,154 +1,158 @@
 """PPO with LoRA: RL from a reward model on the SFT policy, with one copy of the base weights.
 
-What is here, top to bottom:
-- `PPOConfig`, the one config (every CLI flag of train_ppo.py is a field).
-- The math, as small pure functions on (B, R) response tensors (R = response length, padded):
-  `masks_after_stop`, `compute_rewards`, `gae`, `whiten`, `policy_loss`, `value_loss`,
-  `explained_variance`, `adaptive_kl_coef`.
-- The models: `load_policy` builds policy, reference and value from one base (see below);
-  `reference` and `critic` are context managers that switch the LoRA layers to the reference's or
-  the critic's weights; `response_forward` gives per-token log-probs, entropy and values.
-- `make_experience` (rollout + no-grad forwards + rewards + GAE) and `ppo_update` (epochs x
-  shuffled minibatches x micro-batches with gradient accumulation): the two halves of a step.
-- `train(cfg, reward_fn=None) -> dict`: the loop, logging, checkpoints, export; `main()`: the CLI.
+    python train_ppo.py --model BASE --adapter SFT_ADAPTER --reward RM_DIR --prompts p.jsonl --out out/ppo
+    ppo.train(PPOConfig(...), reward_fn=None) -> dict
+
+Top to bottom: `PPOConfig`; the maths as small pure functions on (B, R) response tensors
+(`masks_after_stop`, `compute_rewards`, `gae`, `whiten`, `policy_loss`, `value_loss`, ...); the
+models (`load_policy`, `reference`, `critic`, `response_forward`); the rewards; the rollout
+(`make_experience` -> a `Rollout`); the update (`ppo_update`); checkpoints and export; the loop.
 
 One base serves everything:
 - Policy = base + the SFT adapter merged into the weights + a fresh PPO LoRA (B = 0, so step 0 is
-  the SFT model). Merging first means the reference is simply "adapters off" and a PPO adapter
-  of any rank or targets can be trained. `continue_adapter` instead keeps training the SFT adapter
-  itself; the reference then runs with a frozen copy of the SFT adapter's tensors (a few MB).
-- Reference = the same modules with the PPO adapter disabled: no second copy of the weights.
-- Value: by default a value head (fp32, zero-initialised, so V = 0 and the first advantages are the
-  whitened rewards, free of a random baseline) on the policy's last hidden state; value gradients
-  reach the policy LoRA, scaled by vf_coef. `critic="separate"` gives the critic its own LoRA
-  tensors and head: the LoRA layers are pointed at the critic's tensors for its forward (policy
-  adapter off, critic adapter on). Cost: one more trunk forward per rollout micro-batch and one
-  more forward + backward per update micro-batch (about 1.5-2x the update time), plus one
-  adapter's parameters and Adam state; the base weights are still shared.
-- Reward: a LoRA reward model from train_rm.py on the same base and SFT adapter is one more adapter
-  + head on the same weights (`shared_reward_fn`: its tensors are swapped into the LoRA layers for
-  scoring), so one copy of the base serves policy, reference, value and reward. Any other reward
-  model (full weights, another base) is loaded by `nanohuatuo.reward` as its own model; or pass
-  `reward_fn` to `train`. A score is read at the answer's last token (its stop token), normalised
-  by the reward model's stored bias (and gain); an answer that never stops scores
-  `missing_eos_penalty` instead.
+  the SFT model) on every attention and MLP linear of the family (SFT's targets). Merging first
+  means the reference is simply "adapters off". `continue_adapter` keeps training the SFT adapter
+  itself; the reference then runs with a frozen copy of its tensors (a few MB).
+- Value: a zero-initialised fp32 head on the policy's last hidden state (V = 0 at first, so the
+  first advantages are the whitened rewards), its gradient reaching the policy LoRA scaled by
+  vf_coef; or `critic="separate"`: its own LoRA tensors and head on the same base (one more trunk
+  forward per rollout micro-batch and forward + backward per update micro-batch).
+- Reward: a LoRA reward model from train_rm.py on the same base and SFT adapter is one more
+  adapter + head on the same weights (`shared_reward_fn`); any other reward model is loaded as its
+  own model, with a printed line saying why it could not share. Or pass `reward_fn` to `train`.
 
-Export (--out): the policy adapter in PEFT layout with the value head in extra.safetensors, written
-for the ORIGINAL base, so `Transformer.from_pretrained(BASE, adapter=OUT)` and
-`chat.py --model BASE --adapter OUT` give the trained policy. When the SFT adapter was merged, the
-exported adapter is the exact concatenation SFT (+) PPO: s1*B1*A1 + s2*B2*A2 = [s1*B1, s2*B2] @ [A1; A2],
-a rank r1 + r2 adapter with scaling 1 (on a bf16 base the training policy had the SFT update rounded
-into bf16 weights; the export keeps it in fp32). `--save-merged` also writes OUT/merged, a full
-model with everything folded in.
+Scores: the reward model reads the answer up to its end token. An answer that stops on a stop
+*string* is cut before it and given the template's end token (the cut tokens leave the rollout),
+so it is scored, and learned, as the answer the reward model was trained on. An answer that
+never stops scores `missing_eos_penalty`. With a reward model, scores are in units of its spread
+on SFT-like answers (`reward_norm std`: divided by the std train_rm.py stored; for a released RM
+without statistics, bias and std are estimated on the first rollout batch and logged), so the
+penalty and kl_coef mean the same on any reward model.
 
-Learning rate: 5e-5 by default. Full-weight PPO uses 1e-6..1e-5, but a LoRA update moves the
-weights much less per step (the change is scaling * dB @ A with B starting at zero), so it needs a
-higher lr; we stay below the 1e-4 at which medical LoRAs start eroding general ability.
+Export (--out): the policy adapter in PEFT layout with the value head in extra.safetensors, for the
+ORIGINAL base: with a merged SFT adapter it is the exact concatenation SFT (+) PPO, a rank r1 + r2
+adapter with scaling 1 (adapters.save_concatenated). `--save-merged` also writes OUT/merged.
 
-Distributed: under torchrun every rank rolls out its share of each step's prompts, the gradients
-of the (small) trainable tensors are averaged with one all-reduce, and logged metrics are averaged
-over ranks. Advantages are whitened per rank. gloo on CPU, nccl on CUDA.
+Learning rate: 5e-5 by default: a LoRA update moves the weights much less per step than a
+full-weight one (1e-6..1e-5), and we stay below the 1e-4 at which medical LoRAs erode general
+ability. Distributed: every rank rolls out its share of each step's prompts, gradients of the
+small trainable tensors are averaged with one all-reduce, logged metrics averaged over ranks.
 """
 
-import argparse
 import contextlib
 import dataclasses
 import json
 import math
 import os
 import random
-import shutil
 import sys
 import time
-from dataclasses import dataclass, asdict
+from dataclasses import dataclass, field
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 
+from . import adapters, checkpoint, dist
+from .cli import UserError, arg, cli_main, prepare_out, resolve_dtype
 from .data import DataError, iter_jsonl
 from .generate import cut_at_stop, generate_batch, left_pad, use_column_major_weights
-from .lora import (DEFAULT_TARGETS, apply_lora, disabled_adapters, load_adapter, lora_modules, lora_parameters,
+from .lora import (apply_lora, default_targets, disabled_adapters, load_adapter, lora_modules, lora_parameters,
                    merge_and_unload, save_adapter)
+from .losses import token_logprobs
 from .metrics import MetricsLog, plot_metrics
 from .model import Transformer
-from .sft import ce_grad_, logits_into, rng_state, set_rng_state, setup_distributed
-from .templates import guess_template, render_prompt, stop_strings, stop_token_ids
+from .reward_model import RewardModel, load_reward_model, score_ids, score_texts, share_base
+from .templates import guess_template, render, render_prompt, stop_strings, stop_token_ids
 from .tokenizer import Tokenizer
+
+
+def _penalty(text: str):
+    return None if text.lower() in ("none", "off") else float(text)
 
 
 @dataclass
 class PPOConfig:
     # what to train on
-    policy: str = ""  # base model directory (HF layout, with the tokenizer)
-    adapter: str | None = None  # SFT LoRA adapter on `policy`; merged into the weights unless continue_adapter
-    continue_adapter: bool = False  # train the SFT adapter itself instead of a fresh PPO LoRA
-    reward: str | None = None  # reward model directory written by train_rm.py
-    prompts: str = ""  # JSONL: schema conversations (last assistant turn dropped) or to_prompt records
-    out: str = "out/ppo"
-    template: str | None = None  # chat template; None guesses from the policy directory
-    max_prompt_len: int = 512  # longer prompts are skipped
+    model: str = arg("", "base model directory (Hugging Face layout, with the tokenizer)")
+    adapter: str | None = arg(None, "SFT LoRA adapter on --model (merged into the weights, then a fresh PPO LoRA)")
+    continue_adapter: bool = arg(False, "keep training the SFT adapter itself instead of a fresh PPO LoRA")
+    reward: str | None = arg(None, "reward model directory (train_rm.py, or a released HuatuoGPT/Ziya RM)")
+    reward_template: str = arg("auto", "chat template the reward model scores in: auto (the one train_rm.py "
+                                       "recorded, else the RM directory's own), or a name")
+    reward_norm: str = arg("std", "std: reward-model scores in units of their spread on SFT-like answers (so "
+                                  "--missing-eos-penalty and --kl-coef are too); none: as the RM gives them",
+                           choices=["std", "none"])
+    prompts: str = arg("", "JSONL: schema conversations (last assistant turn dropped) or prompt records",
+                       metavar="FILE")
+    out: str = arg("out/ppo", "output directory: adapter, metrics.jsonl, samples.jsonl, plots, checkpoints/")
+    template: str = arg("auto", "chat template: auto (the model's own), or a name (huatuo, huatuo2, chatml, ...)")
+    max_prompt_len: int = arg(512, "longer prompts are skipped")
     # rollouts
-    max_steps: int | None = None  # None: one pass over the prompts
-    batch_size: int = 32  # prompts (= rollouts) per step, over all ranks
-    max_new_tokens: int = 256
-    temperature: float = 0.7  # pure sampling at this temperature: top_k 0, top_p 1, no min length
-    rollout_batch_size: int = 0  # rows generated at once per rank; 0 = the whole local batch
-    missing_eos_penalty: float | None = -1.0  # score of an answer that never stops; None keeps the RM score
+    max_steps: int | None = arg(None, "PPO steps (default: one pass over the prompts)")
+    batch_size: int = arg(32, "prompts (= rollouts) per step, over all processes")
+    max_new_tokens: int = arg(256, "answer length limit")
+    temperature: float = arg(0.7, "sampling temperature (top_k 0, top_p 1, no min length)")
+    rollout_batch_size: int = arg(0, "rows generated at once per process; 0: the whole local batch")
+    missing_eos_penalty: float | None = arg(-1.0, "score of an answer that never stops, in reward units ('none' "
+                                                  "keeps the reward model's score)", parse=_penalty)
     # KL penalty in the reward
-    kl_coef: float = 0.05
-    kl_estimator: str = "k1"  # k1 = logp - logp_ref; k3 = (r - 1) - log r with r = p_ref / p
-    adaptive_kl: bool = False
-    kl_target: float = 6.0
-    kl_horizon: int = 10000
+    kl_coef: float = arg(0.05, "weight of the per-token KL to the reference in the reward")
+    kl_estimator: str = arg("k1", "k1 = logp - logp_ref; k3 = (r - 1) - log r with r = p_ref / p",
+                            choices=["k1", "k3"])
+    adaptive_kl: bool = arg(False, "adapt kl_coef towards --kl-target (Ziegler et al.)")
+    kl_target: float = arg(6.0, "KL per answer the adaptive controller aims at")
+    kl_horizon: int = arg(10000, "horizon of the adaptive KL controller, in rollouts")
     # PPO
-    ppo_epochs: int = 4
-    num_mini_batches: int = 1  # optimizer steps per epoch
-    micro_batch_size: int = 4  # rows per forward/backward; minibatches accumulate gradients over these
-    gamma: float = 1.0
-    lam: float = 0.95
-    clip_range: float = 0.2
-    clip_range_value: float = 0.2
-    vf_coef: float = 0.1
-    whiten_advantages: bool = True
-    max_log_ratio: float = 20.0  # log-ratios are clamped to +-this before exp
-    max_ratio: float = 10.0  # a minibatch whose mean ratio exceeds this is skipped
-    target_approx_kl: float | None = None  # stop the epochs of a step once approx KL exceeds this
+    ppo_epochs: int = arg(4, "passes over each step's rollouts")
+    num_mini_batches: int = arg(1, "optimizer steps per PPO epoch")
+    micro_batch_size: int = arg(4, "rows per forward/backward; minibatches accumulate gradients over these")
+    gamma: float = arg(1.0, "discount")
+    lam: float = arg(0.95, "GAE lambda")
+    clip_range: float = arg(0.2, "policy ratio clip")
+    clip_range_value: float = arg(0.2, "value clip around the rollout's values")
+    vf_coef: float = arg(0.1, "weight of the value loss")
+    whiten_advantages: bool = arg(True, "normalise advantages to mean 0, std 1 over the batch")
+    max_log_ratio: float = arg(20.0, "log-ratios are clamped to +-this before exp")
+    max_ratio: float = arg(10.0, "a minibatch whose mean ratio exceeds this is skipped")
+    target_approx_kl: float | None = arg(None, "stop a step's epochs once approx KL exceeds this")
     # optimisation
-    lr: float = 5e-5  # LoRA: higher than full-weight PPO (1e-6..1e-5), see the module docstring
-    value_lr: float | None = None  # value head (and critic adapter); None = lr
-    adam_eps: float = 1e-5
-    max_grad_norm: float = 1.0
-    anneal_lr: bool = False  # linear decay to 0 at max_steps
+    lr: float = arg(5e-5, "learning rate of the policy LoRA (higher than full-weight PPO: see the module doc)")
+    value_lr: float | None = arg(None, "learning rate of the value head and critic adapter (default: --lr)")
+    adam_eps: float = arg(1e-5, "Adam epsilon")
+    max_grad_norm: float = arg(1.0, "clip the gradient norm to this")
+    anneal_lr: bool = arg(False, "decay the learning rates linearly to 0 at --max-steps")
     # LoRA and value
-    lora_r: int = 16
-    lora_alpha: float = 32.0
-    lora_targets: tuple[str, ...] | str = DEFAULT_TARGETS
-    critic: str = "shared"  # shared: value head on the policy trunk | separate: own LoRA + head
+    lora_r: int = arg(16, "rank of the PPO LoRA")
+    lora_alpha: float = arg(32.0, "LoRA alpha (scaling alpha / r)")
+    lora_targets: list[str] = arg([], "LoRA target modules (default: every attention and MLP linear of the family, "
+                                      "as SFT and the reward model)", metavar="NAME")
+    critic: str = arg("shared", "shared: value head on the policy trunk; separate: own LoRA + head",
+                      choices=["shared", "separate"])
     # run
-    device: str | None = None  # None: cuda if available, else cpu
-    dtype: str | None = None  # None: bfloat16 on cuda, float32 on cpu
-    grad_checkpointing: bool = False
-    compile: bool = False  # torch.compile the decode step (CUDA)
-    seed: int = 0
-    sample_every: int = 10  # print sample answers every N steps (0: never)
-    save_every: int = 50  # checkpoint every N steps (and at the end)
-    keep_checkpoints: int = 1
-    resume: bool = False
-    save_merged: bool = False  # also write OUT/merged: a full model with the adapters folded in
+    device: str = arg("auto", "auto (cuda if available), cpu, cuda, cuda:1, ...")
+    dtype: str = arg("auto", "auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16 or float16",
+                     choices=["auto", "float32", "bfloat16", "float16"])
+    grad_checkpointing: bool = arg(False, "recompute each block's activations in backward (less memory)")
+    compile: bool = arg(False, "torch.compile the decode step (CUDA)")
+    seed: int = arg(0, "seed of the LoRA init, the prompt order and the rollouts")
+    sample_every: int = arg(10, "print and save sample answers every N steps (0: never)")
+    save_every: int = arg(50, "checkpoint every N steps (and at the end)")
+    stop_after: int | None = arg(None, "stop after this step as if interrupted (checkpoint written; resume later)")
+    keep_checkpoints: int = arg(1, "checkpoints kept in out/checkpoints")
+    resume: bool = arg(False, "continue the interrupted run in --out from its last checkpoint")
+    overwrite: bool = arg(False, "delete what --out holds and start again")
+    save_merged: bool = arg(False, "also write OUT/merged: a full model with the adapters folded in")
 
     def check(self):
-        if self.kl_estimator not in ("k1", "k3"):
-            raise ValueError(f"kl_estimator={self.kl_estimator!r}: use 'k1' or 'k3'")
-        if self.critic not in ("shared", "separate"):
-            raise ValueError(f"critic={self.critic!r}: use 'shared' or 'separate'")
         if self.temperature <= 0:
-            raise ValueError(f"temperature={self.temperature}: PPO samples, so it must be > 0 (0.7 is usual)")
+            raise UserError(f"--temperature {self.temperature}: PPO samples, so it must be > 0 (0.7 is usual)")
         if self.continue_adapter and not self.adapter:
-            raise ValueError("continue_adapter needs --adapter (the SFT adapter to keep training)")
+            raise UserError("--continue-adapter needs --adapter (the SFT adapter to keep training)")
+        if not self.model or not self.prompts:
+            raise UserError("PPO needs --model (model directory) and --prompts (JSONL)")
 
 
-# ============================================================================= the math (pure functions)
+# ============================================================================= the maths (pure functions)
 
 def masked_mean(x, mask):
     return (x * mask).sum() / mask.sum().clamp(min=1)
@@ -210,7 +214,6 @@ def gae(rewards, values, mask, gamma=1.0, lam=0.95):
     """Generalised advantage estimation in a reverse loop: (advantages, returns), each (B, R), 0 on padding.
 
     values[:, t] = V(state before token t); the value after the last real token is 0 (episode over).
-    returns = advantages + values.
     """
     values = values * mask
     rewards = rewards * mask
@@ -242,9 +245,9 @@ def whiten(x, mask, shift_mean=True):
 def policy_loss(logp, old_logp, advantages, mask, clip=0.2, max_log_ratio=20.0, denom=None):
     """Clipped PPO loss: sum(max(-A * ratio, -A * clip(ratio, 1 - clip, 1 + clip)) * mask) / denom.
 
-    denom defaults to the number of valid tokens (a masked token mean); gradient accumulation passes
-    the minibatch's token count so micro-batches add up to the minibatch mean. Returns (loss, stats)
-    with stats (masked means over this call): clipfrac, approx_kl = 0.5 * mean(log_ratio^2), ratio.
+    denom defaults to the number of valid tokens; gradient accumulation passes the minibatch's token
+    count so micro-batches add up to the minibatch mean. Returns (loss, stats): clipfrac,
+    approx_kl = 0.5 * mean(log_ratio^2), ratio (masked means over this call).
     """
     log_ratio = (logp - old_logp).clamp(-max_log_ratio, max_log_ratio)
     ratio = log_ratio.exp()
@@ -261,10 +264,7 @@ def policy_loss(logp, old_logp, advantages, mask, clip=0.2, max_log_ratio=20.0, 
 
 
 def value_loss(values, old_values, returns, mask, clip=0.2, denom=None):
-    """Clipped value loss 0.5 * max((v - R)^2, (v_clipped - R)^2), v_clipped = old + clip(v - old, +-clip).
-
-    Returns (loss, stats) with stats["vf_clipfrac"]: the share of tokens where the clipped term won.
-    """
+    """Clipped value loss 0.5 * max((v - R)^2, (v_clipped - R)^2), v_clipped = old + clip(v - old, +-clip)."""
     v_clipped = old_values + (values - old_values).clamp(-clip, clip)
     l1 = (values - returns) ** 2
     l2 = (v_clipped - returns) ** 2
@@ -298,72 +298,40 @@ class Models:
     critic_lora: dict | None = None  # critic="separate": the critic's LoRA tensors
     sft: dict | None = None  # the SFT adapter merged into the weights: name -> (A, B, scaling), for export
 
-
-def _lora_snapshot(model, trainable: bool):
-    """A copy of every LoRA layer's (A, B) as Parameters, keyed by module name."""
-    return {name: (nn.Parameter(m.lora_A.weight.detach().clone(), requires_grad=trainable),
-                   nn.Parameter(m.lora_B.weight.detach().clone(), requires_grad=trainable))
-            for name, m in lora_modules(model)}
-
-
-@contextlib.contextmanager
-def use_lora_weights(model, weights):
-    """Run the LoRA layers with other (A, B) tensors for the duration; gradients flow to those tensors.
-
-    weights: module name -> (A, B) Parameters, or None to switch that layer's adapter off. With
-    gradient checkpointing the backward recomputes layers, so call backward inside the block.
-    """
-    saved = []
-    try:
-        for name, m in lora_modules(model):
-            saved.append((m, m.lora_A.weight, m.lora_B.weight, m.disabled))
-            if weights.get(name) is None:
-                m.disabled = True
-            else:
-                m.lora_A.weight, m.lora_B.weight = weights[name]
-                m.disabled = False
-        yield model
-    finally:
-        for m, a, b, disabled in saved:
-            m.lora_A.weight, m.lora_B.weight, m.disabled = a, b, disabled
+    def head(self) -> dict:
+        return {"value_head.weight": self.value_head.weight, "value_head.bias": self.value_head.bias}
 
 
 def reference(m: Models):
     """The SFT model: adapters off (merged SFT), or the SFT adapter's frozen tensors (continue_adapter)."""
-    return use_lora_weights(m.model, m.ref_lora) if m.ref_lora is not None else disabled_adapters(m.model)
+    return adapters.use_lora_weights(m.model, m.ref_lora) if m.ref_lora is not None else disabled_adapters(m.model)
 
 
 def critic(m: Models):
     """The value model: the policy itself (shared) or the LoRA layers on the critic's tensors (separate)."""
-    return use_lora_weights(m.model, m.critic_lora) if m.critic_lora is not None else contextlib.nullcontext()
-
-
-def trainable_groups(m: Models, cfg: PPOConfig):
-    vlr = cfg.value_lr if cfg.value_lr is not None else cfg.lr
-    groups = [{"params": lora_parameters(m.model), "lr": cfg.lr}]
-    value = list(m.value_head.parameters())
-    if m.critic_lora is not None:
-        value += [p for ab in m.critic_lora.values() for p in ab]
-    groups.append({"params": value, "lr": vlr})
-    return groups
+    return adapters.use_lora_weights(m.model, m.critic_lora) if m.critic_lora is not None \
+        else contextlib.nullcontext()
 
 
 def load_policy(cfg: PPOConfig, device=None, dtype=None) -> Models:
-    """Build policy, reference and value from cfg.policy (+ cfg.adapter); see the module docstring."""
-    model = Transformer.from_pretrained(cfg.policy, dtype=dtype, device=device, value_head=False)
-    targets = cfg.lora_targets if isinstance(cfg.lora_targets, str) else list(cfg.lora_targets)
+    """Build policy, reference and value from cfg.model (+ cfg.adapter); see the module docstring."""
+    model = Transformer.from_pretrained(cfg.model, dtype=dtype, device=device, value_head=False)
     ref_lora, sft = None, None
     if cfg.adapter and cfg.continue_adapter:
         load_adapter(model, cfg.adapter, trainable=True)
-        ref_lora = _lora_snapshot(model, trainable=False)
+        ref_lora = adapters.snapshot(model, trainable=False)
     else:
         if cfg.adapter:
             load_adapter(model, cfg.adapter, trainable=False)
-            sft = {name: (mod.lora_A.weight.detach().cpu().clone(), mod.lora_B.weight.detach().cpu().clone(),
-                          mod.scaling) for name, mod in lora_modules(model)}
+            sft = adapters.lora_tensors(model)
             merge_and_unload(model)
-        apply_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=0.0, targets=targets)
-    disable_dropout(model)
+        apply_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=0.0,
+                   targets=cfg.lora_targets or default_targets(model))
+    for mod in model.modules():  # dropout off everywhere: it would make old and new log-probs disagree
+        if isinstance(mod, nn.Dropout):
+            mod.p = 0.0
+    for _, mod in lora_modules(model):
+        mod.lora_dropout = nn.Identity()
     with torch.no_grad():
         # generate_batch re-lays the weights for CPU decoding under inference_mode, which would
         # make it an inference tensor that backward cannot use; doing it here first makes that a no-op
@@ -374,67 +342,19 @@ def load_policy(cfg: PPOConfig, device=None, dtype=None) -> Models:
     m = Models(model=model, value_head=head, ref_lora=ref_lora, sft=sft)
     if cfg.critic == "separate":
         # starts as the policy's trunk: a fresh adapter (B = 0) or a copy of the continued SFT adapter
-        m.critic_lora = _lora_snapshot(model, trainable=True)
+        m.critic_lora = adapters.snapshot(model, trainable=True)
     else:
         model.value_head = head  # so model.values(h) works on the shared trunk
     model.eval()
     return m
 
 
-def disable_dropout(model):
-    """Dropout off everywhere during RL: it would make old and new log-probs disagree."""
-    for mod in model.modules():
-        if isinstance(mod, nn.Dropout):
-            mod.p = 0.0
-    for _, mod in lora_modules(model):
-        mod.lora_dropout = nn.Identity()
-
-
-class TokenLogprobs(torch.autograd.Function):
-    """Per row: log softmax(h @ W.T / T)[target], for a frozen W, with its gradient.
-
-    Chunk by chunk, the gradient with respect to h, (onehot - softmax) @ W / T, is computed in the
-    forward pass while the softmax is at hand (sft.ce_grad_, the SFT loss's in-place softmax) and
-    only scaled in backward: the (rows, vocab) logits are never kept for backward, and no
-    log-softmax backward pass over them is needed.
-    """
-
-    @staticmethod
-    def forward(ctx, h, weight, targets, temperature, chunk):
-        logp = torch.empty(h.shape[0], dtype=torch.float32, device=h.device)
-        grad = torch.empty_like(h)
-        buf = torch.empty(min(chunk, len(h)), weight.shape[0], dtype=torch.float32, device=h.device)
-        for s in range(0, h.shape[0], chunk):
-            z = logits_into(h[s:s + chunk], weight, buf).div_(temperature)
-            logp[s:s + chunk] = -ce_grad_(z, targets[s:s + chunk])  # z is now d(-logp)/dz
-            grad[s:s + chunk] = (z.to(weight.dtype) @ weight).mul_(-1.0 / temperature).to(h.dtype)
-        ctx.save_for_backward(grad)
-        return logp
-
-    @staticmethod
-    def backward(ctx, grad_logp):
-        (grad,) = ctx.saved_tensors
-        return grad * grad_logp[:, None].to(grad.dtype), None, None, None, None
-
-
-def token_logprobs(model, h, targets, temperature, want_entropy=False):
-    """(logp, entropy or None) of targets (N,) under softmax(logits(h) / temperature), h (N, dim).
-
-    With a gradient to take through a frozen output matrix (the PPO update), TokenLogprobs; else
-    (the no-grad rollout forwards, or a trained output matrix) plain autograd on the logits.
-    """
-    weight = model.lm_head.weight
-    if torch.is_grad_enabled() and h.requires_grad and not weight.requires_grad and not want_entropy:
-        chunk = max(1, 2**25 // weight.shape[0])  # 128 MB of float32 logits at a time
-        return TokenLogprobs.apply(h, weight, targets, temperature, chunk), None
-    z = model.logits(h).float().div_(temperature)  # in place: the fresh logits are not needed unscaled
-    lse = z.logsumexp(-1)
-    logp = z.gather(-1, targets[:, None]).squeeze(-1) - lse
-    entropy = None
-    if want_entropy:
-        with torch.no_grad():  # logged only; one (N, vocab) temporary, multiplied in place
-            entropy = lse - z.softmax(-1).mul_(z).sum(-1)
-    return logp, entropy
+def trainable_groups(m: Models, cfg: PPOConfig) -> list[dict]:
+    value = list(m.value_head.parameters())
+    if m.critic_lora is not None:
+        value += [p for ab in m.critic_lora.values() for p in ab]
+    value_lr = cfg.value_lr if cfg.value_lr is not None else cfg.lr
+    return [{"params": lora_parameters(m.model), "lr": cfg.lr}, {"params": value, "lr": value_lr}]
 
 
 def response_forward(model, ids, attn, P, temperature, value_head=None, want_logp=True, want_entropy=False):
@@ -459,7 +379,78 @@ def response_forward(model, ids, attn, P, temperature, value_head=None, want_log
     return logp, entropy, values
 
 
-# ============================================================================= data
+# ============================================================================= rewards
+
+@dataclass
+class Reward:
+    """What PPO scores rollouts with: fn(prompts, responses, rows, texts) -> (B,) scores, for prompt
+    ids, response ids (cut after their stop token, which they include), prompt records and answer
+    texts; and, for a reward model, the spread of its scores on SFT-like answers."""
+    fn: object
+    from_rm: bool = False  # a reward model: its scores are put in units of their spread (reward_norm std)
+    spread: float | None = None  # std of its scores on SFT-like answers; None: estimate on the first batch
+
+
+@dataclass
+class ScoreScale:
+    """Reward-model scores in units of their spread: (score - shift) / scale."""
+    shift: float = 0.0
+    scale: float | None = None  # None: estimated on the first rollout batch (a released RM, no statistics)
+
+    def __call__(self, scores, d):
+        if self.scale is None:
+            s = dist.all_mean({"mean": scores.mean().item(), "square": (scores ** 2).mean().item()}, d)
+            std = math.sqrt(max(s["square"] - s["mean"] ** 2, 0.0))
+            self.shift, self.scale = s["mean"], max(std, 1e-6)
+            if d.main:
+                print(f"reward: the reward model stores no score statistics; from the first rollout batch: bias "
+                      f"{self.shift:.4g}, std {std:.4g}; scores are (score - bias) / std from here on")
+        return (scores - self.shift) / self.scale
+
+
+def reward_from_model(rm: RewardModel, tok, template) -> Reward:
+    """Token ids scored as they are when the reward model shares the policy's tokenizer and template,
+    else the answers re-rendered as text in its own template."""
+    probe = "头痛三天，伴有低烧。Fever 38.5°C?\n"
+    same = (str(rm.template) == str(template) and rm.tok.vocab_size == tok.vocab_size
+            and rm.tok.eos_id == tok.eos_id and rm.tok.encode(probe) == tok.encode(probe))
+
+    def fn(prompts, responses, rows, texts):
+        if same:
+            return score_ids(rm, [p + r for p, r in zip(prompts, responses)])
+        return score_texts(rm, [row["messages"] for row in rows], texts)
+    return Reward(fn, from_rm=True, spread=rm.spread)
+
+
+def shared_reward_model(m: Models, cfg: PPOConfig, tok) -> tuple[RewardModel | None, str]:
+    """cfg.reward as one more adapter + head on the policy's base (reward_model.share_base), or (None, why)."""
+    layers = dict(lora_modules(m.model))
+    ref = None if m.ref_lora is None else {n: (a, b, layers[n].scaling) for n, (a, b) in m.ref_lora.items()}
+    return share_base(cfg.reward, m.model, cfg.model, cfg.adapter, tok, cfg.reward_template, stack_first=ref)
+
+
+def make_reward(reward_fn, m: Models, cfg: PPOConfig, tok, template, d, dtype) -> Reward:
+    """reward_fn (a function or a RewardModel), else the model in cfg.reward: on the policy's base
+    when it can be, else loaded as its own model with a line saying why."""
+    if isinstance(reward_fn, RewardModel):
+        return reward_from_model(reward_fn, tok, template)
+    if reward_fn is not None:
+        return Reward(reward_fn)
+    if not cfg.reward:
+        raise UserError("no reward: pass --reward DIR (a reward model from train_rm.py) or call "
+                        "ppo.train(cfg, reward_fn=...)")
+    rm, why = shared_reward_model(m, cfg, tok)
+    if rm is not None and d.main:
+        print(f"reward model {cfg.reward} shares the policy's base: scoring with its adapter and head on the "
+              f"same weights (no second copy)")
+    elif rm is None:
+        if d.main:
+            print(f"reward model {cfg.reward} cannot share the policy's base ({why}): loading it as its own model")
+        rm = load_reward_model(cfg.reward, device=d.device, dtype=dtype, template=cfg.reward_template)
+    return reward_from_model(rm, tok, template)
+
+
+# ============================================================================= prompts
 
 def load_prompts(path, tok, template, max_prompt_len):
     """(rows, ids): prompt records {id, messages, reference} and their rendered prompt ids.
@@ -487,9 +478,9 @@ def load_prompts(path, tok, template, max_prompt_len):
                      "reference": reference_text})
         ids.append(prompt)
     if not rows:
-        raise DataError(f"{path}: no usable prompts ({skipped} longer than max_prompt_len={max_prompt_len})")
+        raise DataError(f"{path}: no usable prompts ({skipped} longer than --max-prompt-len {max_prompt_len})")
     if skipped:
-        print(f"{path}: skipped {skipped} prompts longer than max_prompt_len={max_prompt_len} tokens")
+        print(f"{path}: skipped {skipped} prompts longer than --max-prompt-len {max_prompt_len} tokens")
     return rows, ids
 
 
@@ -504,151 +495,43 @@ def prompt_indices(n, start, count, seed):
     return out
 
 
-# ============================================================================= reward
+# ============================================================================= the rollout
 
-def reward_fn_from_model(rm, tok, template):
-    """A reward function (see `train`) from a loaded `nanohuatuo.reward.RewardModel`.
+@dataclass
+class Batch:
+    """Prompts and responses packed for the forwards."""
+    ids: torch.Tensor  # (B, P + R) left-padded prompts, then responses right-padded
+    attn: torch.Tensor  # (B, P + R) 1 on real tokens (padding on both sides is 0)
+    P: int  # the padded prompt width
+    mask: torch.Tensor  # (B, R) real response tokens, stop token included
+    ended: torch.Tensor  # (B,) whether the response has a stop token
 
-    When the reward model uses the policy's tokenizer and template, the token ids are scored as
-    they are; otherwise the answers are scored as text in the reward model's own template.
-    """
-    from .reward import score_ids, score_texts  # the reward stage is only needed when we score with it
-    probe = "头痛三天，伴有低烧。Fever 38.5°C?\n"
-    same = (rm.template == template and rm.tok.vocab_size == tok.vocab_size and rm.tok.eos_id == tok.eos_id
-            and rm.tok.encode(probe) == tok.encode(probe))
-
-    def fn(prompts, responses, rows, texts):
-        if same:
-            return score_ids(rm, [p + r for p, r in zip(prompts, responses)])
-        return score_texts(rm, [row["messages"] for row in rows], texts)
-    fn.shares_tokenizer = same
-    return fn
+    def rows(self, idx):
+        """Rows idx with all-padding columns dropped: (ids, attn, P, r)."""
+        attn = self.attn[idx]
+        p0 = self.P - int(attn[:, :self.P].sum(-1).max())  # leading columns that are padding in every row
+        r = int(self.mask[idx].sum(-1).max())  # the widest response among these rows
+        return self.ids[idx][:, p0:self.P + r], attn[:, p0:self.P + r], self.P - p0, r
 
 
-def load_reward_fn(path, tok, template, device=None, dtype=None):
-    if not path:
-        raise ValueError("no reward: pass --reward DIR (a reward model from train_rm.py) or call "
-                         "ppo.train(cfg, reward_fn=...)")
-    from .reward import load_reward_model
-    return reward_fn_from_model(load_reward_model(path, device=device, dtype=dtype), tok, template)
+@dataclass
+class Rollout(Batch):
+    """One step's experience: everything the update needs, (B, R) over the response unless noted."""
+    old_logp: torch.Tensor
+    ref_logp: torch.Tensor
+    values: torch.Tensor
+    rewards: torch.Tensor  # score at the last token - kl_coef * KL per token
+    kl: torch.Tensor
+    advantages: torch.Tensor
+    returns: torch.Tensor
+    scores: torch.Tensor  # (B,) what PPO maximises: the (scaled) reward, or the missing-EOS penalty
+    texts: list[str]  # the answers as text (stop token and strings removed)
+    responses: list[list[int]]  # the response ids as scored
+    metrics: dict = field(default_factory=dict)
 
 
-def _same_path(a, b):
-    return (a is None and b is None) or (a is not None and b is not None and os.path.abspath(a) == os.path.abspath(b))
-
-
-def shared_reward_fn(m: Models, cfg: PPOConfig, tok, template):
-    """The reward model as one more adapter + head on the policy's base, or None when it cannot be.
-
-    Possible when the reward model is a LoRA reward model (train_rm.py) on the same base and SFT
-    adapter as the policy, and our LoRA layers cover its targets: for scoring, the LoRA layers run
-    with the reward adapter's tensors (B folded by its scaling over ours) and the value head is the
-    reward head, so one copy of the base serves policy, reference, value and reward. Under
-    continue_adapter the SFT adapter is concatenated in (the reward model's trunk has it merged).
-    """
-    from .lora import read_adapter_config
-    from .reward import RM_CONFIG, RewardModel, score_ids, score_texts
-    where = os.path.join(cfg.reward or "", RM_CONFIG)
-    if not cfg.reward or not os.path.exists(where):
-        return None
-    with open(where) as f:
-        rc = json.load(f)
-    if not rc.get("lora") or not _same_path(rc.get("base"), cfg.policy) or \
-            not _same_path(rc.get("sft_adapter"), cfg.adapter):
-        return None
-    acfg = read_adapter_config(cfg.reward)
-    with torch.device("meta"):
-        shell = Transformer(m.model.config)  # weightless: only its LoRA tensors are made real and filled
-    apply_lora(shell, r=acfg["r"], alpha=acfg["lora_alpha"], dropout=0.0, targets=acfg["target_modules"],
-               use_rslora=bool(acfg.get("use_rslora")))
-    for _, mod in lora_modules(shell):
-        mod.lora_A.weight = nn.Parameter(torch.empty(mod.lora_A.weight.shape))
-        mod.lora_B.weight = nn.Parameter(torch.empty(mod.lora_B.weight.shape))
-    extra = load_adapter(shell, cfg.reward)
-    rm_lora = {name: (mod.lora_A.weight, mod.lora_B.weight, mod.scaling) for name, mod in lora_modules(shell)}
-    ours = dict(lora_modules(m.model))
-    if not set(rm_lora) <= set(ours) or set(extra) != {"value_head.weight", "value_head.bias"}:
-        return None
-    device = m.model.embed_tokens.weight.device
-    weights = {}
-    for name, mod in ours.items():
-        parts = [(a, b) for a, b in [m.ref_lora[name]]] if m.ref_lora is not None else []
-        if name in rm_lora:
-            a, b, s = rm_lora[name]
-            parts.append((a, b * (s / mod.scaling)))  # our layer multiplies by its own scaling
-        weights[name] = None if not parts else tuple(
-            nn.Parameter(torch.cat(t, dim=d).to(device), requires_grad=False)
-            for t, d in ((tuple(p[0] for p in parts), 0), (tuple(p[1] for p in parts), 1)))
-    head = nn.Linear(m.model.config.dim, 1, device=device, dtype=torch.float32).requires_grad_(False)
-    with torch.no_grad():
-        head.weight.copy_(extra["value_head.weight"])
-        head.bias.copy_(extra["value_head.bias"])
-    rm = RewardModel(model=m.model, tok=tok, template=rc["template"], bias=float(rc["bias"]),
-                     gain=float(rc.get("gain", 1.0)), max_len=int(rc["max_len"]))
-
-    def fn(prompts, responses, rows, texts):
-        model = m.model
-        keep = model.value_head
-        model.value_head = head
-        try:
-            with use_lora_weights(model, weights), torch.no_grad():
-                if rm.template == template:
-                    return score_ids(rm, [p + r for p, r in zip(prompts, responses)])
-                return score_texts(rm, [row["messages"] for row in rows], texts)
-        finally:
-            model.value_head = keep
-    return fn
-
-
-# ============================================================================= distributed helpers
-
-def _world():
-    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-
-
-def all_mean(values: dict) -> dict:
-    """Average a dict of floats over ranks (one all-reduce); identity on one process."""
-    if not dist.is_initialized():
-        return values
-    keys = sorted(values)
-    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64)
-    if dist.get_backend() == "nccl":
-        t = t.cuda()
-    dist.all_reduce(t)
-    return dict(zip(keys, (t / dist.get_world_size()).tolist()))
-
-
-def all_reduce_grads(params):
-    """Average gradients over ranks in one flat all-reduce (LoRA tensors are small)."""
-    if not dist.is_initialized():
-        return
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat)
-    flat /= dist.get_world_size()
-    for p, g in zip(params, flat.split([p.numel() for p in params])):
-        p.grad = g.view_as(p)
-
-
-# ============================================================================= one PPO step
-
-def _rows(exp, idx):
-    """Rows idx of the experience with all-padding columns dropped: (ids, attn, P, r)."""
-    P = exp["P"]
-    attn = exp["attn"][idx]
-    p0 = P - int(attn[:, :P].sum(-1).max())  # leading columns that are padding in every row
-    r = int(exp["mask"][idx].sum(-1).max())  # the widest response among these rows
-    return exp["ids"][idx][:, p0:P + r], attn[:, p0:P + r], P - p0, r
-
-
-def pack(prompts, responses, stop_ids, pad_id, device=None):
-    """One batch from prompt and response ids: left-padded prompts, then responses cut after their
-    first stop token and right-padded, as a dict:
-
-    ids, attn (B, P + R): tokens and the mask of real ones (padding on both sides is 0);
-    P: the padded prompt width; mask (B, R): real response tokens, stop token included;
-    ended (B,): whether the response has a stop token.
-    """
+def pack(prompts, responses, stop_ids, pad_id, device=None) -> Batch:
+    """Left-padded prompts, then responses cut after their first stop token and right-padded."""
     prompt_ids, prompt_attn = left_pad(prompts, pad_id, device)  # (B, P)
     B, R = len(responses), max(max(len(r) for r in responses), 1)
     resp = torch.full((B, R), pad_id, dtype=torch.long)
@@ -656,41 +539,64 @@ def pack(prompts, responses, stop_ids, pad_id, device=None):
         resp[i, :len(r)] = torch.tensor(r, dtype=torch.long)
     resp, mask, ended = masks_after_stop(resp, stop_ids, pad_id, lengths=[len(r) for r in responses])
     resp, mask, ended = resp.to(device), mask.to(device), ended.to(device)
-    return {"ids": torch.cat([prompt_ids, resp], 1), "attn": torch.cat([prompt_attn, mask], 1),
-            "P": prompt_ids.shape[1], "mask": mask, "ended": ended}
+    return Batch(torch.cat([prompt_ids, resp], 1), torch.cat([prompt_attn, mask], 1), prompt_ids.shape[1], mask, ended)
+
+
+def end_token(tok, template) -> int:
+    """The token that closes an assistant turn in this template (what the reward model reads)."""
+    ids, mask = render([{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}], tok, template)
+    return ids[max(i for i, v in enumerate(mask) if v)]
+
+
+def end_at_stop_string(tokens, tok, stop_strs, end_id) -> list[int] | None:
+    """An answer that stopped on a stop string, as the tokens before it plus end_id; None without one.
+
+    Scored as written, the reward model would read the stop string's last token, a position it was
+    never trained on, and the policy would learn to write the string instead of ending its turn."""
+    text = tok.decode(tokens)
+    kept = cut_at_stop(text, stop_strs)
+    if kept == text:
+        return None
+    k = len(tokens)
+    while k > 0 and not kept.startswith(tok.decode(tokens[:k])):  # the stop string is at the end: a few steps
+        k -= 1
+    return tokens[:k] + [end_id]
 
 
 @torch.no_grad()
-def make_experience(m: Models, cfg: PPOConfig, kl_coef, prompts, rows, reward_fn, tok, stops, stop_strs, seed):
-    """Roll out the prompts, score them, and compute everything the update needs, as a dict.
-
-    Tensors (B, R) over the response: mask, old_logp, ref_logp, values, rewards, kl, advantages,
-    returns; plus ids/attn (B, P + R), P, scores (B,), ended (B,), texts and metrics.
-    """
+def make_experience(m: Models, cfg: PPOConfig, kl_coef, prompts, rows, reward: Reward, scale, tok, stops,
+                    stop_strs, end_id, seed, d) -> Rollout:
+    """Roll out the prompts, score them, and compute everything the update needs."""
     model = m.model
     device = model.embed_tokens.weight.device
     model.eval()
     chunk = cfg.rollout_batch_size or len(prompts)
-    responses, gen_logp, finished = [], [], []
+    responses, gen_logp, cut = [], [], []
     for s in range(0, len(prompts), chunk):
         gen = generate_batch(model, prompts[s:s + chunk], cfg.max_new_tokens, temperature=cfg.temperature,
                              top_k=0, top_p=1.0, seed=seed + s, stop_ids=stops, stop_strings=stop_strs,
                              tokenizer=tok, pad_id=tok.pad_id, compile=cfg.compile, return_logprobs=True)
-        responses += gen.tokens
-        gen_logp += gen.logprobs
-        finished += gen.finished
-    exp = pack(prompts, responses, stops, tok.pad_id, device)
-    B, R = exp["mask"].shape
-    mask = exp["mask"]
-    ended = exp["ended"] = exp["ended"] | torch.tensor(finished, device=device)  # a stop string ends it too
+        for tokens, lp, finished in zip(gen.tokens, gen.logprobs, gen.finished):
+            fixed = finished and stop_strs and not any(t in stops for t in tokens) and \
+                end_at_stop_string(tokens, tok, stop_strs, end_id)
+            cut.append(len(fixed) - 1 if fixed else None)  # the appended end token's position
+            responses.append(fixed or tokens)
+            gen_logp.append(lp)
+    b = pack(prompts, responses, stops, tok.pad_id, device)
+    B, R = b.mask.shape
+    maskf = b.mask.float()
     sampled_logp = torch.zeros(B, R, device=device)
+    sampled = maskf.clone()  # the tokens the sampler drew (not an end token put in place of a stop string)
     for i, lp in enumerate(gen_logp):
-        sampled_logp[i, :len(lp)] = torch.tensor(lp[:R])
+        n = min(len(lp), R) if cut[i] is None else cut[i]
+        sampled_logp[i, :n] = torch.tensor(lp[:n])
+        if cut[i] is not None:
+            sampled[i, cut[i]:] = 0
 
     # old log-probs recomputed by the same forward the update uses; reference and values likewise
     old_logp, ref_logp, values, entropy = (torch.zeros(B, R, device=device) for _ in range(4))
     for idx in torch.arange(B, device=device).split(cfg.micro_batch_size):
-        ids, attn, p, r = _rows(exp, idx)
+        ids, attn, p, r = b.rows(idx)
         lp, ent, v = response_forward(model, ids, attn, p, cfg.temperature, want_entropy=True,
                                       value_head=m.value_head if m.critic_lora is None else None)
         old_logp[idx, :r], entropy[idx, :r] = lp, ent
@@ -700,65 +606,68 @@ def make_experience(m: Models, cfg: PPOConfig, kl_coef, prompts, rows, reward_fn
             with critic(m):
                 v = response_forward(model, ids, attn, p, cfg.temperature, m.value_head, want_logp=False)[2]
         values[idx, :r] = v
-    maskf = mask.float()
     old_logp, ref_logp, values = old_logp * maskf, ref_logp * maskf, values * maskf
 
-    # scores: the reward model reads the answer up to its stop token; a never-ending answer gets the penalty
-    lengths = mask.sum(-1).tolist()
-    resp = exp["ids"][:, exp["P"]:]
+    # scores: the reward model reads the answer up to its end token; a never-ending answer gets the penalty
+    lengths = b.mask.sum(-1).tolist()
+    resp = b.ids[:, b.P:]
     resp_lists = [resp[i, :n].tolist() for i, n in enumerate(lengths)]
     texts = [cut_at_stop(tok.decode([t for t in r if t not in stops]), stop_strs) for r in resp_lists]
-    scores = torch.as_tensor(reward_fn(prompts, resp_lists, rows, texts), dtype=torch.float32).to(device).reshape(B)
+    scores = torch.as_tensor(reward.fn(prompts, resp_lists, rows, texts), dtype=torch.float32).to(device).reshape(B)
+    if scale is not None:
+        scores = scale(scores, d)
     rm_scores = scores.clone()
     if cfg.missing_eos_penalty is not None:
-        scores = torch.where(ended, scores, torch.full_like(scores, cfg.missing_eos_penalty))
+        scores = torch.where(b.ended, scores, torch.full_like(scores, cfg.missing_eos_penalty))
 
     rewards, kl = compute_rewards(scores, old_logp, ref_logp, maskf, kl_coef, cfg.kl_estimator)
     advantages, returns = gae(rewards, values, maskf, cfg.gamma, cfg.lam)
     if cfg.whiten_advantages:
         advantages = whiten(advantages, maskf)
-    exp.update(old_logp=old_logp, ref_logp=ref_logp, values=values, rewards=rewards, kl=kl,
-               advantages=advantages, returns=returns, scores=scores, texts=texts, responses=resp_lists)
-    exp["metrics"] = {
+    metrics = {
         "score": scores.mean().item(),
         "rm_score": rm_scores.mean().item(),
         "kl": kl.sum(-1).mean().item(),  # per answer, summed over tokens, with the chosen estimator
         "reward": rewards.sum(-1).mean().item(),  # score - kl_coef * KL, per answer
         "entropy": masked_mean(entropy, maskf).item(),
         "response_length": maskf.sum(-1).mean().item(),
-        "eos_rate": ended.float().mean().item(),
+        "eos_rate": b.ended.float().mean().item(),
+        "stop_string_rate": sum(c is not None for c in cut) / B,  # answers cut at a stop string
         "value_ev": explained_variance(values, returns, maskf).item(),
         # sampling-time vs recomputed log-probs: should be ~0 (fp32) or small (bf16); large means a bug
-        "logprob_gap": masked_mean((sampled_logp - old_logp).abs(), maskf).item(),
+        "logprob_gap": masked_mean((sampled_logp - old_logp).abs(), sampled).item(),
     }
-    return exp
+    return Rollout(**vars(b), old_logp=old_logp, ref_logp=ref_logp, values=values, rewards=rewards, kl=kl,
+                   advantages=advantages, returns=returns, scores=scores, texts=texts, responses=resp_lists,
+                   metrics=metrics)
 
 
-def ppo_update(m: Models, cfg: PPOConfig, exp, optimizer, params, seed):
+# ============================================================================= the update
+
+def ppo_update(m: Models, cfg: PPOConfig, exp: Rollout, optimizer, params, seed, d) -> dict:
     """PPO epochs over shuffled minibatches of the experience; returns the mean of the update stats."""
     model = m.model
     model.train()  # only enables gradient checkpointing: dropout is off everywhere
     model.grad_checkpointing = cfg.grad_checkpointing
-    B = exp["mask"].shape[0]
-    device = exp["mask"].device
+    B = exp.mask.shape[0]
+    device = exp.mask.device
     g = torch.Generator().manual_seed(seed)
+    shared = m.critic_lora is None
     sums, n_mb, skipped, epochs = {}, 0, 0, 0
     for epoch in range(cfg.ppo_epochs):
         epochs += 1
         epoch_kl, epoch_n = 0.0, 0
         perm = torch.randperm(B, generator=g).to(device)
         for mb in perm.chunk(cfg.num_mini_batches):
-            n_tok = exp["mask"][mb].sum().clamp(min=1).float()
-            acc = {"pg_loss": 0.0, "vf_loss": 0.0, "clipfrac": 0.0, "approx_kl": 0.0, "ratio": 0.0,
-                   "vf_clipfrac": 0.0}
+            n_tok = exp.mask[mb].sum().clamp(min=1).float()
+            acc = dict.fromkeys(("pg_loss", "vf_loss", "clipfrac", "approx_kl", "ratio", "vf_clipfrac"), 0.0)
             for idx in mb.split(cfg.micro_batch_size):
-                ids, attn, p, r = _rows(exp, idx)
-                mask = exp["mask"][idx, :r].float()
-                old_v, ret = exp["values"][idx, :r], exp["returns"][idx, :r]
-                shared = m.critic_lora is None
+                ids, attn, p, r = exp.rows(idx)
+                mask = exp.mask[idx, :r].float()
+                old_v, ret = exp.values[idx, :r], exp.returns[idx, :r]
                 logp, _, v = response_forward(model, ids, attn, p, cfg.temperature,
                                               value_head=m.value_head if shared else None)
-                pg, pst = policy_loss(logp, exp["old_logp"][idx, :r], exp["advantages"][idx, :r], mask,
+                pg, pst = policy_loss(logp, exp.old_logp[idx, :r], exp.advantages[idx, :r], mask,
                                       cfg.clip_range, cfg.max_log_ratio, denom=n_tok)
                 if shared:
                     vf, vst = value_loss(v, old_v, ret, mask, cfg.clip_range_value, denom=n_tok)
@@ -774,8 +683,8 @@ def ppo_update(m: Models, cfg: PPOConfig, exp, optimizer, params, seed):
                 acc["vf_loss"] += vf.item()
                 for k, val in {**pst, **vst}.items():
                     acc[k] += val.item() * w
-            all_reduce_grads(params)
-            acc = all_mean(acc)
+            dist.all_reduce_grads(params, d)
+            acc = dist.all_mean(acc, d)
             if not math.isfinite(acc["ratio"]) or acc["ratio"] > cfg.max_ratio:
                 skipped += 1  # a runaway ratio means the policy moved too far: drop this minibatch
                 optimizer.zero_grad(set_to_none=True)
@@ -798,121 +707,74 @@ def ppo_update(m: Models, cfg: PPOConfig, exp, optimizer, params, seed):
 
 # ============================================================================= checkpoints and export
 
-def _ckpt_dirs(out):
-    root = os.path.join(out, "checkpoints")
-    if not os.path.isdir(root):
-        return []
-    names = [d for d in os.listdir(root) if d.startswith("step_") and not d.endswith(".tmp")]
-    return [os.path.join(root, d) for d in sorted(names)]
+def save_checkpoint(m: Models, cfg: PPOConfig, optimizer, state: dict, d) -> None:
+    """Adapter(s) + value head, optimizer, RNG, and the loop's state (step, kl_coef, data position,
+    score scale) in checkpoint.py's format."""
+    with checkpoint.writing(cfg.out, state["step"], cfg.keep_checkpoints, d.main, lambda: dist.barrier(d)) as tmp:
+        if d.main:
+            save_adapter(m.model, tmp / "policy", extra=m.head() if m.critic_lora is None else None)
+            if m.critic_lora is not None:
+                with critic(m):
+                    save_adapter(m.model, tmp / "critic", extra=m.head())
+            checkpoint.save_optimizer(tmp, optimizer.state_dict())
+            checkpoint.save_state(tmp, config=dataclasses.asdict(cfg), world=d.world, **state)
+        checkpoint.save_rng(tmp, d.rank)
 
 
-def save_checkpoint(m: Models, cfg: PPOConfig, optimizer, state: dict):
-    """Adapter(s) + value head + optimizer + RNG + step, kl coef and data position, written atomically.
-
-    Everything goes to checkpoints/step_N.tmp, which is renamed to step_N once complete; older
-    checkpoints beyond keep_checkpoints are then removed.
-    """
-    root = os.path.join(cfg.out, "checkpoints")
-    final = os.path.join(root, f"step_{state['step']:06d}")
-    tmp = final + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    head = {"value_head.weight": m.value_head.weight, "value_head.bias": m.value_head.bias}
-    if m.critic_lora is None:
-        save_adapter(m.model, os.path.join(tmp, "policy"), extra=head)
-    else:
-        save_adapter(m.model, os.path.join(tmp, "policy"))
-        with critic(m):
-            save_adapter(m.model, os.path.join(tmp, "critic"), extra=head)
-    torch.save({**state, "optimizer": optimizer.state_dict(), "rng": rng_state(), "config": asdict(cfg)},
-               os.path.join(tmp, "state.pt"))
-    shutil.rmtree(final, ignore_errors=True)
-    os.rename(tmp, final)
-    for old in _ckpt_dirs(cfg.out)[:-max(cfg.keep_checkpoints, 1)]:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
+# settings a resumed run must keep: the checkpoint's tensors would not fit the others
+FIXED = ("model", "adapter", "continue_adapter", "lora_r", "lora_alpha", "lora_targets", "critic")
+# settings that change nothing a resumed run computes
+BOOKKEEPING = {"resume", "overwrite", "stop_after", "sample_every", "save_every", "keep_checkpoints", "device",
+               "out", "save_merged"}
 
 
-def load_checkpoint(m: Models, path, optimizer, device):
-    """Restore what save_checkpoint wrote; returns the state dict (step, kl_coef, data_pos)."""
-    extra = load_adapter(m.model, os.path.join(path, "policy"), trainable=True)
+def load_checkpoint(m: Models, cfg: PPOConfig, path, optimizer, d) -> dict:
+    """Restore what save_checkpoint wrote; returns the loop's state. A changed setting in FIXED is
+    refused; any other is applied from here on, and said."""
+    state = checkpoint.read_state(path)
+    state.pop("world")
+    changed = checkpoint.config_changes(state.pop("config"), dataclasses.asdict(cfg), BOOKKEEPING)
+    fixed = {k: v for k, v in changed.items() if k in FIXED}
+    if fixed:
+        raise UserError(f"--resume: {path} was trained with " + ", ".join(f"{k}={a!r}" for k, (a, _) in fixed.items())
+                        + "; this run asks for " + ", ".join(f"{k}={b!r}" for k, (_, b) in fixed.items())
+                        + "; use the checkpoint's values, or start a new run in another --out")
+    extra = load_adapter(m.model, path / "policy", trainable=True)
     if m.critic_lora is not None:
         with critic(m):
-            extra = load_adapter(m.model, os.path.join(path, "critic"), trainable=True)
-    if "value_head.weight" not in extra:
-        raise KeyError(f"{path}: no value head in the checkpoint (was it written with another --critic?)")
+            extra = load_adapter(m.model, path / "critic", trainable=True)
     with torch.no_grad():
         m.value_head.weight.copy_(extra["value_head.weight"])
         m.value_head.bias.copy_(extra["value_head.bias"])
     m.model.eval()
-    state = torch.load(os.path.join(path, "state.pt"), map_location=device, weights_only=False)
-    optimizer.load_state_dict(state.pop("optimizer"))
-    set_rng_state(state.pop("rng"))
+    checkpoint.load_optimizer(path, optimizer, d.device)
+    for group, lr in zip(optimizer.param_groups, (cfg.lr, cfg.value_lr if cfg.value_lr is not None else cfg.lr)):
+        group["lr"] = lr  # the optimizer state carries the old rates: this run's flags decide
+    checkpoint.load_rng(path, d.rank)
+    if "kl_coef" in changed:  # a new --kl-coef restarts the (adaptive) coefficient from it
+        state["kl_coef"] = cfg.kl_coef
+    if changed and d.main:
+        print(f"resuming {path} with changed settings, applied from here on: "
+              + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items()))
     return state
 
 
 def save_policy_adapter(m: Models, out_dir):
-    """Write the trained policy as one PEFT adapter on the original base (value head in extra).
-
-    With a merged SFT adapter, the export concatenates SFT and PPO into one adapter (see the
-    module docstring), built on a weightless (meta-device) copy of the model.
-    """
-    head = {"value_head.weight": m.value_head.weight, "value_head.bias": m.value_head.bias}
+    """The trained policy as one PEFT adapter on the original base (value head in extra): with a merged
+    SFT adapter, the concatenation SFT (+) PPO (adapters.save_concatenated)."""
+    head = m.head() if m.critic_lora is None else None
     if m.sft is None:
-        if m.critic_lora is not None:
-            save_adapter(m.model, out_dir)
-        else:
-            save_adapter(m.model, out_dir, extra=head)
-        return
-    ppo = {name: (mod.lora_A.weight.detach().cpu(), mod.lora_B.weight.detach().cpu(), mod.scaling)
-           for name, mod in lora_modules(m.model)}
-    r1 = max(a.shape[0] for a, _, _ in m.sft.values())
-    r2 = max(a.shape[0] for a, _, _ in ppo.values())
-    suffixes = sorted({n.rsplit(".", 1)[-1] for n in list(m.sft) + list(ppo)})
-    with torch.device("meta"):
-        shell = Transformer(m.model.config)
-    apply_lora(shell, r=r1 + r2, alpha=r1 + r2, dropout=0.0, targets=suffixes)  # scaling 1
-    for name, mod in lora_modules(shell):
-        A = torch.zeros(r1 + r2, mod.in_features)
-        B = torch.zeros(mod.out_features, r1 + r2)
-        if name in m.sft:
-            a, b, s = m.sft[name]
-            A[:a.shape[0]], B[:, :a.shape[0]] = a, b * s
-        if name in ppo:
-            a, b, s = ppo[name]
-            A[r1:r1 + a.shape[0]], B[:, r1:r1 + a.shape[0]] = a, b * s
-        mod.lora_A.weight, mod.lora_B.weight = nn.Parameter(A), nn.Parameter(B)
-    shell.source_dir = getattr(m.model, "source_dir", None)
-    save_adapter(shell, out_dir, extra=None if m.critic_lora is not None else head)
+        save_adapter(m.model, out_dir, extra=head)
+    else:
+        adapters.save_concatenated(m.model.config, [m.sft, adapters.lora_tensors(m.model)], out_dir,
+                                   source_dir=getattr(m.model, "source_dir", None), extra=head)
 
 
-def save_merged(m: Models, out_dir):
-    """A full model with every adapter folded in (destroys the LoRA layers: call last)."""
-    model = m.model
-    model.value_head = None
-    merge_and_unload(model)
-    model.save_pretrained(out_dir)
-
-
-# ============================================================================= the loop
-
-def _setup_distributed(cfg):
-    """(device, whether we started the process group): torchrun's group, gloo on CPU, nccl on CUDA."""
-    d = setup_distributed(cfg.device or "auto")  # the SFT loop's: one process or torchrun's group
-    return d.device, d.owns_group
-
-
-def _dtype(cfg, device):
-    if cfg.dtype:
-        return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[cfg.dtype]
-    return torch.bfloat16 if device.type == "cuda" else torch.float32
-
-
-def _print_samples(step, exp, prompts, tok, out, n=2):
+def _print_samples(step, exp: Rollout, prompts, tok, out, n=2):
     with open(os.path.join(out, "samples.jsonl"), "a", encoding="utf-8") as f:
         for i in range(min(n, len(prompts))):
             prompt = tok.decode(prompts[i])
-            row = {"step": step, "prompt": prompt, "response": exp["texts"][i], "score": exp["scores"][i].item()}
+            row = {"step": step, "prompt": prompt, "response": exp.texts[i], "score": exp.scores[i].item()}
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
             print(f"--- sample {i} at step {step} (score {row['score']:.3f})\n[prompt] ...{prompt[-300:]}\n"
                   f"[answer] {row['response']}")
@@ -927,209 +789,124 @@ def _plot(out, path):
         plot_metrics(path, os.path.join(out, name), keys, title="PPO")
 
 
+# ============================================================================= the loop
+
 def train(cfg: PPOConfig, reward_fn=None) -> dict:
     """Run PPO; returns the last step's metrics plus first/last score and KL and the per-step history.
 
-    reward_fn(prompts, responses, rows, texts) -> (B,) scores, for prompt ids, response ids (cut
-    after the first stop token, which they include), prompt records {id, messages, reference} and
-    answer texts (stop token/strings removed). It may also be a loaded `nanohuatuo.reward.RewardModel`.
-    None: the reward model in cfg.reward is loaded.
+    reward_fn: a function (see `Reward`) or a loaded `reward_model.RewardModel`; None loads cfg.reward.
     """
     cfg.check()
-    device, started = _setup_distributed(cfg)
+    d = dist.setup(cfg.device)
     try:
-        return _train(cfg, reward_fn, device)
+        with contextlib.ExitStack() as hold:  # holds the lock on --out until the run ends, however it ends
+            return _train(cfg, reward_fn, d, hold)
     finally:
-        if started and dist.is_initialized():
-            dist.destroy_process_group()  # we made it, we end it (a process exiting with it alive aborts)
+        dist.close(d)
 
 
-def _train(cfg, reward_fn, device):
-    rank, world = _world()
-    if cfg.batch_size % world:
-        raise ValueError(f"batch_size={cfg.batch_size} is not divisible by the {world} ranks")
-    dtype = _dtype(cfg, device)
+def _train(cfg: PPOConfig, reward_fn, d, hold) -> dict:
+    if cfg.batch_size % d.world:
+        raise UserError(f"--batch-size {cfg.batch_size} is not divisible by the {d.world} processes")
+    local = cfg.batch_size // d.world
+    if local < cfg.num_mini_batches:
+        raise UserError(f"{local} rollouts per process cannot make {cfg.num_mini_batches} minibatches; "
+                        f"raise --batch-size or lower --num-mini-batches")
+    dtype = resolve_dtype(cfg.dtype, d.device)
     torch.manual_seed(cfg.seed)  # same LoRA init on every rank
     random.seed(cfg.seed)
-    tok = Tokenizer.from_pretrained(cfg.policy)
-    template = cfg.template or guess_template(cfg.policy)
+    tok = Tokenizer.from_pretrained(cfg.model)
+    template = cfg.template if cfg.template and cfg.template != "auto" else guess_template(cfg.model)
     stops = sorted(stop_token_ids(tok, template))
     stop_strs = stop_strings(template)
-    if tok.pad_id in stops:
-        print(f"note: {cfg.policy}'s pad id {tok.pad_id} is also a stop id; masks use lengths, so EOS still counts")
-    m = load_policy(cfg, device=device, dtype=dtype)
+    end_id = end_token(tok, template)
+    if tok.pad_id in stops and d.main:
+        print(f"note: {cfg.model}'s pad id {tok.pad_id} is also a stop id; masks use lengths, so EOS still counts")
     rows, prompts = load_prompts(cfg.prompts, tok, template, cfg.max_prompt_len)
-    if reward_fn is None:
-        reward_fn = shared_reward_fn(m, cfg, tok, template)
-        if reward_fn is not None and rank == 0:
-            print(f"reward model {cfg.reward} shares the policy's base: scoring with its adapter and head "
-                  f"on the same weights (no second copy)")
-        if reward_fn is None:
-            reward_fn = load_reward_fn(cfg.reward, tok, template, device=device, dtype=dtype)
-    elif not callable(reward_fn):
-        reward_fn = reward_fn_from_model(reward_fn, tok, template)
+    m = load_policy(cfg, device=d.device, dtype=dtype)
+    reward = make_reward(reward_fn, m, cfg, tok, template, d, dtype)
     groups = trainable_groups(m, cfg)
     params = [p for g in groups for p in g["params"]]
     optimizer = torch.optim.Adam(groups, eps=cfg.adam_eps)
     base_lrs = [g["lr"] for g in optimizer.param_groups]
     max_steps = cfg.max_steps or math.ceil(len(rows) / cfg.batch_size)
-    local = cfg.batch_size // world
-    if local < cfg.num_mini_batches:
-        raise ValueError(f"{local} rollouts per rank cannot make {cfg.num_mini_batches} minibatches; "
-                         f"raise --batch-size or lower --num-mini-batches")
 
-    state = {"step": 0, "kl_coef": cfg.kl_coef, "data_pos": 0}
-    found = _ckpt_dirs(cfg.out)
-    if found and not cfg.resume:
-        raise FileExistsError(f"{cfg.out} already has checkpoints ({found[-1]}); pass --resume to continue "
-                              f"or choose another --out")
-    if cfg.resume and found:
-        state = load_checkpoint(m, found[-1], optimizer, device)
-        if rank == 0:
-            print(f"resumed from {found[-1]} (step {state['step']}, kl_coef {state['kl_coef']:.4g})")
-    elif rank == 0:
-        if cfg.resume:
-            print(f"--resume: no checkpoint in {cfg.out}/checkpoints, starting from step 0")
-        os.makedirs(cfg.out, exist_ok=True)
-        for f in ("metrics.jsonl", "samples.jsonl"):
-            if os.path.exists(os.path.join(cfg.out, f)):
-                os.remove(os.path.join(cfg.out, f))
-    if rank == 0:
-        os.makedirs(cfg.out, exist_ok=True)
-        with open(os.path.join(cfg.out, "ppo_config.json"), "w") as f:
-            json.dump(asdict(cfg), f, indent=2)
-    log = MetricsLog(os.path.join(cfg.out, "metrics.jsonl"), total_steps=max_steps,
-                     stream=None if rank else sys.stdout)
-    history = []
-    kl_coef = state["kl_coef"]
-    last_plot = time.time()
+    hold.enter_context(prepare_out(cfg.out, resume=cfg.resume, overwrite=cfg.overwrite, main_process=d.main))
+    out = cfg.out
+    state = {"step": 0, "kl_coef": cfg.kl_coef, "data_pos": 0, "score_scale": None}
+    ckpt = checkpoint.resume_from(out, cfg.resume, print if d.main else lambda *a: None)
+    if ckpt:
+        state = load_checkpoint(m, cfg, ckpt, optimizer, d)
+        if d.main:
+            print(f"resumed from {ckpt} (step {state['step']}, kl_coef {state['kl_coef']:.4g})")
+    scale = None
+    if reward.from_rm and cfg.reward_norm == "std":
+        scale = ScoreScale(*state["score_scale"]) if state.get("score_scale") else \
+            ScoreScale(0.0, reward.spread)
+        if reward.spread is not None and d.main:
+            print(f"reward: scores divided by {reward.spread:.4g}, the reward model's std on SFT-like answers")
+    if d.main:
+        checkpoint.atomic_json(os.path.join(out, "ppo_config.json"), dataclasses.asdict(cfg))
+        for log_file in ("metrics.jsonl", "samples.jsonl"):  # rows after the checkpoint come again
+            checkpoint.truncate_jsonl(os.path.join(out, log_file), state["step"] if ckpt else -1)
+    log = MetricsLog(os.path.join(out, "metrics.jsonl"), total_steps=max_steps, stream=sys.stdout if d.main else None)
+    history, kl_coef, last_plot = [], state["kl_coef"], time.time()
     for step in range(state["step"] + 1, max_steps + 1):
         if cfg.anneal_lr:
             frac = 1 - (step - 1) / max_steps
             for group, lr in zip(optimizer.param_groups, base_lrs):
                 group["lr"] = lr * frac
-        idx = prompt_indices(len(rows), state["data_pos"], cfg.batch_size, cfg.seed)[rank * local:(rank + 1) * local]
-        step_seed = (cfg.seed * 1_000_003 + step) * 1009 + rank  # rollouts and shuffles reproducible on resume
+        idx = prompt_indices(len(rows), state["data_pos"], cfg.batch_size, cfg.seed)[d.rank * local:(d.rank + 1) * local]
+        step_seed = (cfg.seed * 1_000_003 + step) * 1009 + d.rank  # rollouts and shuffles reproducible on resume
         t0 = time.time()
-        exp = make_experience(m, cfg, kl_coef, [prompts[i] for i in idx], [rows[i] for i in idx], reward_fn,
-                              tok, stops, stop_strs, step_seed)
+        exp = make_experience(m, cfg, kl_coef, [prompts[i] for i in idx], [rows[i] for i in idx], reward, scale,
+                              tok, stops, stop_strs, end_id, step_seed, d)
         t1 = time.time()
-        stats = ppo_update(m, cfg, exp, optimizer, params, step_seed)
+        stats = ppo_update(m, cfg, exp, optimizer, params, step_seed, d)
         t2 = time.time()
-        metrics = all_mean(exp["metrics"])
+        metrics = dist.all_mean(exp.metrics, d)
         if cfg.adaptive_kl:
             kl_coef = adaptive_kl_coef(kl_coef, metrics["kl"], cfg.kl_target, cfg.kl_horizon, cfg.batch_size)
-        state.update(step=step, kl_coef=kl_coef, data_pos=state["data_pos"] + cfg.batch_size)
+        state.update(step=step, kl_coef=kl_coef, data_pos=state["data_pos"] + cfg.batch_size,
+                     score_scale=None if scale is None or scale.scale is None else [scale.shift, scale.scale])
         row = {**metrics, **stats, "kl_coef": kl_coef, "lr": optimizer.param_groups[0]["lr"],
-               "rollout_s": t1 - t0, "update_s": t2 - t1,
-               "tokens": int(exp["mask"].sum().item()) * world}
-        history.append(log.write(step, **row) if rank == 0 else dict(row, step=step))
-        if rank == 0 and cfg.sample_every and (step % cfg.sample_every == 0 or step == 1):
-            _print_samples(step, exp, [prompts[i] for i in idx], tok, cfg.out)
-        if step % cfg.save_every == 0 or step == max_steps:
-            if rank == 0:
-                save_checkpoint(m, cfg, optimizer, state)
-                if time.time() - last_plot > 120:  # a plot costs about a second: refresh it now and then
-                    _plot(cfg.out, log.path)
-                    last_plot = time.time()
-            if dist.is_initialized():
-                dist.barrier()
+               "rollout_s": t1 - t0, "update_s": t2 - t1, "tokens": int(exp.mask.sum().item()) * d.world}
+        history.append(log.write(step, **row) if d.main else dict(row, step=step))
+        if d.main and cfg.sample_every and (step % cfg.sample_every == 0 or step == 1):
+            _print_samples(step, exp, [prompts[i] for i in idx], tok, out)
+        if step % cfg.save_every == 0 or step == max_steps or step == cfg.stop_after:
+            save_checkpoint(m, cfg, optimizer, state, d)
+            if d.main and time.time() - last_plot > 120:  # a plot costs about a second: refresh it now and then
+                _plot(out, log.path)
+                last_plot = time.time()
+        if step == cfg.stop_after and step < max_steps:
+            if d.main:
+                print(f"stopped after step {step} (--stop-after); continue with --resume")
+            return {"steps": step, "stopped": True, "out": out, "history": history}
 
-    if rank == 0:
-        save_policy_adapter(m, cfg.out)
+    if d.main:
+        save_policy_adapter(m, out)
         if m.critic_lora is not None:
             with critic(m):
-                save_adapter(m.model, os.path.join(cfg.out, "critic"),
-                             extra={"value_head.weight": m.value_head.weight, "value_head.bias": m.value_head.bias})
-        if history and os.path.exists(log.path):
-            _plot(cfg.out, log.path)
-        if cfg.save_merged:
-            save_merged(m, os.path.join(cfg.out, "merged"))
-        print(f"wrote the policy adapter to {cfg.out} (load with --model {cfg.policy} --adapter {cfg.out})")
-    if dist.is_initialized():
-        dist.barrier()
+                save_adapter(m.model, os.path.join(out, "critic"), extra=m.head())
+        if os.path.exists(log.path) and os.path.getsize(log.path):
+            _plot(out, log.path)
+        if cfg.save_merged:  # destroys the LoRA layers: last
+            m.model.value_head = None
+            merge_and_unload(m.model).save_pretrained(os.path.join(out, "merged"))
+        print(f"wrote the policy adapter to {out} (load with --model {cfg.model} --adapter {out})")
+    dist.barrier(d)
     summary = dict(history[-1]) if history else {}
     if history:
         summary.update(first_score=history[0]["score"], last_score=history[-1]["score"],
                        first_kl=history[0]["kl"], last_kl=history[-1]["kl"])
-    summary.update(steps=len(history), out=cfg.out, history=history)
+    summary.update(steps=len(history), out=out, history=history, stopped=False)
     return summary
 
 
-# ============================================================================= CLI
-
-def _float_or_none(text):
-    return None if text.lower() in ("none", "off") else float(text)
-
-
-def parse_args(argv=None) -> PPOConfig:
-    d = PPOConfig()
-    p = argparse.ArgumentParser(
-        description="PPO with LoRA on an SFT model against a reward model (HuatuoGPT's RLAIF stage).",
-        epilog="torchrun --nproc-per-node N train_ppo.py ... runs data-parallel (each rank rolls out its share).")
-    a = p.add_argument
-    a("--policy", required=True, help="base model directory (HF layout with tokenizer)")
-    a("--adapter", help="SFT LoRA adapter on --policy (merged into the weights, then a fresh PPO LoRA is added)")
-    a("--continue-adapter", action="store_true", help="keep training the SFT adapter instead of a fresh LoRA")
-    a("--reward", help="reward model directory from train_rm.py")
-    a("--prompts", required=True, help="JSONL conversations (last assistant turn dropped) or prompt records")
-    a("--out", required=True, help="output directory: adapter, metrics.jsonl, curves.png, checkpoints/")
-    a("--template", help="chat template (default: guessed from --policy)")
-    a("--max-prompt-len", type=int, default=d.max_prompt_len)
-    a("--max-steps", type=int, help="PPO steps (default: one pass over the prompts)")
-    a("--batch-size", type=int, default=d.batch_size, help="rollouts per step over all ranks")
-    a("--max-new-tokens", type=int, default=d.max_new_tokens)
-    a("--temperature", type=float, default=d.temperature)
-    a("--rollout-batch-size", type=int, default=d.rollout_batch_size, help="rows generated at once (0: all)")
-    a("--missing-eos-penalty", type=_float_or_none, default=d.missing_eos_penalty,
-      help="score of answers that never stop ('none' keeps the reward model's score)")
-    a("--kl-coef", type=float, default=d.kl_coef)
-    a("--kl-estimator", choices=["k1", "k3"], default=d.kl_estimator)
-    a("--adaptive-kl", action="store_true")
-    a("--kl-target", type=float, default=d.kl_target)
-    a("--kl-horizon", type=int, default=d.kl_horizon)
-    a("--ppo-epochs", type=int, default=d.ppo_epochs)
-    a("--num-mini-batches", type=int, default=d.num_mini_batches)
-    a("--micro-batch-size", type=int, default=d.micro_batch_size)
-    a("--gamma", type=float, default=d.gamma)
-    a("--lam", type=float, default=d.lam)
-    a("--clip-range", type=float, default=d.clip_range)
-    a("--clip-range-value", type=float, default=d.clip_range_value)
-    a("--vf-coef", type=float, default=d.vf_coef)
-    a("--no-whiten-advantages", dest="whiten_advantages", action="store_false")
-    a("--max-ratio", type=float, default=d.max_ratio)
-    a("--target-approx-kl", type=float, default=d.target_approx_kl)
-    a("--lr", type=float, default=d.lr)
-    a("--value-lr", type=float, default=d.value_lr)
-    a("--adam-eps", type=float, default=d.adam_eps)
-    a("--max-grad-norm", type=float, default=d.max_grad_norm)
-    a("--anneal-lr", action="store_true")
-    a("--lora-r", type=int, default=d.lora_r)
-    a("--lora-alpha", type=float, default=d.lora_alpha)
-    a("--lora-targets", default=",".join(d.lora_targets), help="comma-separated module names, or all-linear")
-    a("--critic", choices=["shared", "separate"], default=d.critic)
-    a("--device")
-    a("--dtype", choices=["float32", "bfloat16", "float16"])
-    a("--grad-checkpointing", action="store_true")
-    a("--compile", action="store_true")
-    a("--seed", type=int, default=d.seed)
-    a("--sample-every", type=int, default=d.sample_every)
-    a("--save-every", type=int, default=d.save_every)
-    a("--keep-checkpoints", type=int, default=d.keep_checkpoints)
-    a("--resume", action="store_true", help="continue from the latest checkpoint in --out")
-    a("--save-merged", action="store_true", help="also write OUT/merged, a full model with the adapters folded in")
-    args = vars(p.parse_args(argv))
-    targets = args.pop("lora_targets")
-    args["lora_targets"] = targets if targets == "all-linear" else tuple(t for t in targets.split(",") if t)
-    fields = {f.name for f in dataclasses.fields(PPOConfig)}
-    return PPOConfig(**{k: v for k, v in args.items() if k in fields})
-
-
 def main(argv=None) -> int:
-    cfg = parse_args(argv)
-    try:
-        train(cfg)
-    except (DataError, ValueError, FileNotFoundError, FileExistsError) as e:
-        print(f"train_ppo.py: {e}", file=sys.stderr)  # bad input: the message names the file or flag
-        return 1
-    return 0
+    return cli_main(train, PPOConfig, argv, prog="train_ppo.py", description=__doc__.split("\n\n")[0])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

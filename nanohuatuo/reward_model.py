@@ -8,6 +8,9 @@ The model is a transformer trunk plus a linear value head d -> 1 read at the LAS
 right-padded batch (the answer's end token). Training it is the reward stage (reward.py); PPO,
 the demo and evaluation only score with it, so this lives below the stages.
 
+`share_base` makes a LoRA reward model one more adapter + head on a policy model that already
+holds the reward model's base and SFT adapter (PPO: one copy of the base for everything).
+
 Our layout (written by reward.py): LoRA mode: adapter files + extra.safetensors (value_head.*) on
 `base` (+ `sft_adapter` merged); full mode: a model directory in the Ziya/HuatuoGPT reward-model
 layout. Both carry reward_config.json {"base", "sft_adapter", "template", "bias", "gain", "lora",
@@ -15,14 +18,17 @@ layout. Both carry reward_config.json {"base", "sft_adapter", "template", "bias"
 no score statistics (`score_std` None), its template given by the caller (`template=`).
 """
 
+import contextlib
 import json
 import os
 from dataclasses import dataclass
 
 import torch
+import torch.nn as nn
 
+from . import adapters
 from .cli import resolve_device, resolve_dtype
-from .lora import CONFIG_FILE as ADAPTER_CONFIG, load_adapter, merge_and_unload
+from .lora import CONFIG_FILE as ADAPTER_CONFIG, load_adapter, lora_modules, merge_and_unload
 from .model import Transformer
 from .templates import guess_template, render
 from .tokenizer import Tokenizer
@@ -40,6 +46,12 @@ class RewardModel:
     max_len: int
     score_std: float | None = None  # std of raw scores on SFT-like answers (None: not measured)
     path: str | None = None
+    swap: object = None  # shared with a policy (share_base): a context manager that puts the RM's tensors in
+
+    @property
+    def spread(self) -> float | None:
+        """The std of its (normalised) scores on SFT-like answers, None when not measured."""
+        return None if self.score_std is None else self.score_std * self.gain
 
 
 def resolve_rm_template(model_dir, name: str | None) -> str:
@@ -168,7 +180,8 @@ def score_ids(rm: RewardModel, seqs: list[list[int]], batch_size: int = 16) -> t
     """Normalised scores (B,) float32 on the model's device: (raw - bias) * gain at each sequence's
     last token. seqs: prompt + response ids as the template renders them, ending with the end token;
     sequences longer than rm.max_len keep their last max_len tokens."""
-    raw = raw_scores(rm.model, seqs, rm.tok.pad_id, rm.max_len, batch_size)
+    with rm.swap() if rm.swap is not None else contextlib.nullcontext():
+        raw = raw_scores(rm.model, seqs, rm.tok.pad_id, rm.max_len, batch_size)
     return (raw - rm.bias) * rm.gain
 
 
@@ -179,3 +192,54 @@ def score_texts(rm: RewardModel, messages_list: list, answers: list[str], batch_
                          f"pass one answer per conversation")
     seqs = [render(with_answer(m, a), rm.tok, rm.template)[0] for m, a in zip(messages_list, answers)]
     return score_ids(rm, seqs, batch_size)
+
+
+def _same_path(a, b):
+    return (a is None and b is None) or (a is not None and b is not None and os.path.abspath(a) == os.path.abspath(b))
+
+
+def share_base(path, model: Transformer, base, sft_adapter, tok, template=None, stack_first=None):
+    """(the reward model in `path` as an adapter + head on `model`, "") or (None, why it cannot be).
+
+    `model` is `base` with `sft_adapter` merged and LoRA layers of its own (a PPO policy). Possible
+    when `path` is a LoRA reward model (train_rm.py) on the same base and SFT adapter whose targets
+    `model`'s LoRA layers cover: for scoring, the LoRA layers run with the reward adapter's tensors
+    (adapters.stack) and the value head is the reward head; everything is put back afterwards.
+    stack_first: LoRA tensors to stack under the reward adapter's (a policy that keeps training its
+    SFT adapter instead of merging it). `template` overrides the recorded one."""
+    rc = read_rm_config(path) if path else None
+    if rc is None:
+        return None, "it has no reward_config.json (not a reward model from train_rm.py)"
+    if not rc.get("lora"):
+        return None, "it was trained with all weights (train_rm.py --lora-r 0), not as a LoRA adapter"
+    if not _same_path(rc.get("base"), base):
+        return None, f"it was trained on {rc.get('base')}, the policy is {os.path.abspath(base)}"
+    if not _same_path(rc.get("sft_adapter"), sft_adapter):
+        return None, f"it was trained on the SFT adapter {rc.get('sft_adapter')}, the policy has {sft_adapter}"
+    tensors, extra = adapters.read_lora_tensors(path, model.config)
+    ours = dict(lora_modules(model))
+    if not set(tensors) <= set(ours):
+        return None, (f"its LoRA layers ({len(tensors)}) are not all among the policy's ({len(ours)}): give the "
+                      f"policy the reward model's LoRA targets too")
+    if set(extra) != {"value_head.weight", "value_head.bias"}:
+        return None, f"{path}/extra.safetensors holds {sorted(extra)}, not a value head"
+    device = model.embed_tokens.weight.device
+    weights = adapters.stack(model, ([stack_first] if stack_first else []) + [tensors], device)
+    head = nn.Linear(model.config.dim, 1, device=device, dtype=torch.float32).requires_grad_(False)
+    with torch.no_grad():
+        head.weight.copy_(extra["value_head.weight"])
+        head.bias.copy_(extra["value_head.bias"])
+
+    @contextlib.contextmanager
+    def swap():
+        keep = model.value_head
+        model.value_head = head
+        try:
+            with adapters.use_lora_weights(model, weights), torch.no_grad():
+                yield
+        finally:
+            model.value_head = keep
+    rm = RewardModel(model=model, tok=tok, template=template if template and template != "auto" else rc["template"],
+                     bias=float(rc["bias"]), gain=float(rc.get("gain", 1.0)), max_len=int(rc["max_len"]),
+                     score_std=rc.get("score_std"), path=str(path), swap=swap)
+    return rm, ""

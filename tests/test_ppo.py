@@ -13,6 +13,7 @@ import torch
 from conftest import word_tokenizer
 from nanohuatuo import ModelConfig, Transformer, Tokenizer
 from nanohuatuo import ppo
+from nanohuatuo.losses import TokenLogprobs, token_logprobs
 from nanohuatuo.lora import apply_lora, disabled_adapters, lora_modules, save_adapter
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -108,14 +109,14 @@ def test_masks_stop_truncation_and_left_padded_prompts():
                  [20, 21, 22, 23, 24],  # never stops
                  [30, EOS]]  # shorter, stops at its end
     b = ppo.pack([[1, 5, 6], [1], [1, 7]], responses, stop_ids=[EOS], pad_id=PAD)
-    P = b["P"]
+    P = b.P
     assert P == 3
-    assert b["ids"].tolist() == [[1, 5, 6, 10, 11, EOS, PAD, PAD],
+    assert b.ids.tolist() == [[1, 5, 6, 10, 11, EOS, PAD, PAD],
                                  [PAD, PAD, 1, 20, 21, 22, 23, 24],
                                  [PAD, 1, 7, 30, EOS, PAD, PAD, PAD]]
-    assert b["attn"].tolist() == [[1, 1, 1, 1, 1, 1, 0, 0], [0, 0, 1, 1, 1, 1, 1, 1], [0, 1, 1, 1, 1, 0, 0, 0]]
-    assert b["mask"].tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 1, 0, 0, 0]]
-    assert b["ended"].tolist() == [True, False, True]
+    assert b.attn.tolist() == [[1, 1, 1, 1, 1, 1, 0, 0], [0, 0, 1, 1, 1, 1, 1, 1], [0, 1, 1, 1, 1, 0, 0, 0]]
+    assert b.mask.tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 1, 0, 0, 0]]
+    assert b.ended.tolist() == [True, False, True]
     # pad == EOS: the stop token stays a real token in the mask
     tokens = torch.tensor([[4, EOS, EOS, EOS], [4, 5, 6, 7]])
     for lengths in ([2, 4], None):
@@ -131,13 +132,13 @@ def test_token_logprobs_match_log_softmax_with_gradients():
     h = torch.randn(10, 8, requires_grad=True)
     w = torch.randn(50, 8)
     t = torch.randint(0, 50, (10,))
-    logp = ppo.TokenLogprobs.apply(h, w, t, 0.7, 3)  # 4 chunks, the last one short
+    logp = TokenLogprobs.apply(h, w, t, 0.7, 3)  # 4 chunks, the last one short
     # the entropy comes from token_logprobs' plain path (the rollout's no-grad forwards)
     head = torch.nn.Linear(8, 50, bias=False).requires_grad_(False)
     head.weight.copy_(w)
     model = type("Head", (), {"lm_head": head, "logits": staticmethod(head)})()
     with torch.no_grad():
-        plain, ent = ppo.token_logprobs(model, h, t, 0.7, want_entropy=True)
+        plain, ent = token_logprobs(model, h, t, 0.7, want_entropy=True)
     z = (h @ w.t()) / 0.7
     ref = torch.log_softmax(z, -1).gather(1, t[:, None]).squeeze(1)
     torch.testing.assert_close(logp, ref, atol=1e-5, rtol=0)
@@ -184,7 +185,7 @@ def tiny(tmp_path_factory):
 
 
 def tiny_cfg(base, out, **kw):
-    d = dict(policy=base, prompts=os.path.join(base, "prompts.jsonl"), out=str(out), template="plain",
+    d = dict(model=base, prompts=os.path.join(base, "prompts.jsonl"), out=str(out), template="plain",
              max_steps=2, batch_size=16, max_new_tokens=6, micro_batch_size=8, num_mini_batches=2, lr=3e-3,
              lora_r=4, lora_alpha=8, sample_every=0, save_every=100, missing_eos_penalty=None, device="cpu")
     d.update(kw)
@@ -205,7 +206,7 @@ def batch_for(model_dir):
 
 def logp_of(model, b, temperature=0.7):
     with torch.no_grad():
-        return ppo.response_forward(model, b["ids"], b["attn"], b["P"], temperature)[0] * b["mask"]
+        return ppo.response_forward(model, b.ids, b.attn, b.P, temperature)[0] * b.mask
 
 
 def randomise_lora(model, seed=3):
@@ -242,7 +243,7 @@ def test_separate_critic_has_its_own_adapter_and_gradients(tiny, tmp_path):
     torch.nn.init.normal_(m.value_head.weight, std=0.5)
     policy_logp = logp_of(m.model, b)
     with ppo.critic(m):
-        _, _, v = ppo.response_forward(m.model, b["ids"], b["attn"], b["P"], 0.7, m.value_head, want_logp=False)
+        _, _, v = ppo.response_forward(m.model, b.ids, b.attn, b.P, 0.7, m.value_head, want_logp=False)
         v.sum().backward()
         critic_logp = logp_of(m.model, b)
     assert (critic_logp - policy_logp).abs().max() > 1e-2  # critic trunk = base + its own (fresh) adapter
@@ -281,8 +282,9 @@ def test_shared_reward_model_matches_the_separate_one(tiny, rm_dir, tmp_path):
         cfg = tiny_cfg(base, tmp_path, adapter=sft, continue_adapter=cont, reward=rm_dir)
         m = ppo.load_policy(cfg)
         randomise_lora(m.model)  # the policy's own adapter must not leak into the score
-        fn = ppo.shared_reward_fn(m, cfg, tok, "plain")
-        assert fn is not None
+        rm, why = ppo.shared_reward_model(m, cfg, tok)
+        assert rm is not None, why
+        fn = ppo.reward_from_model(rm, tok, "plain").fn
         got = fn([s[:5] for s in seqs], [s[5:] for s in seqs], None, None)
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)  # scores are ~10: merged vs LoRA rounding
         b = batch_for(base)
@@ -290,7 +292,8 @@ def test_shared_reward_model_matches_the_separate_one(tiny, rm_dir, tmp_path):
         fn([s[:5] for s in seqs], [s[5:] for s in seqs], None, None)
         assert torch.equal(logp_of(m.model, b), before) and m.model.value_head is m.value_head  # all restored
     # a policy without the reward model's SFT adapter cannot share its trunk
-    assert ppo.shared_reward_fn(m, tiny_cfg(base, tmp_path, reward=rm_dir), tok, "plain") is None
+    rm, why = ppo.shared_reward_model(m, tiny_cfg(base, tmp_path, reward=rm_dir), tok)
+    assert rm is None and why.startswith("it was trained on the SFT adapter")
 
 
 # ----------------------------------------------------------------------------- training runs
@@ -322,7 +325,7 @@ def test_resume_is_exact_and_export_loads_on_the_base(tiny, tmp_path):
     kw = dict(adapter=sft, save_every=1, adaptive_kl=True, kl_horizon=100, missing_eos_penalty=-1.0)
     straight = ppo.train(tiny_cfg(base, tmp_path / "a", max_steps=3, **kw), reward_fn=good_fraction)
     ppo.train(tiny_cfg(base, tmp_path / "b", max_steps=2, **kw), reward_fn=good_fraction)
-    with pytest.raises(FileExistsError, match="--resume"):
+    with pytest.raises(ValueError, match="--resume"):
         ppo.train(tiny_cfg(base, tmp_path / "b", max_steps=3, **kw), reward_fn=good_fraction)
     resumed = ppo.train(tiny_cfg(base, tmp_path / "b", max_steps=3, resume=True, **kw), reward_fn=good_fraction)
     assert len(resumed["history"]) == 1
@@ -351,7 +354,7 @@ from nanohuatuo import ppo
 from nanohuatuo.lora import lora_parameters
 def reward(prompts, responses, rows, texts):
     return torch.tensor([sum(7 <= t < 17 for t in r) / len(r) for r in responses])
-cfg = ppo.PPOConfig(policy={base!r}, prompts={os.path.join(base, 'prompts.jsonl')!r}, out={str(tmp_path / 'out')!r},
+cfg = ppo.PPOConfig(model={base!r}, prompts={os.path.join(base, 'prompts.jsonl')!r}, out={str(tmp_path / 'out')!r},
                     template="plain", max_steps=2, batch_size=16, max_new_tokens=6, micro_batch_size=8, lr=3e-3,
                     lora_r=4, lora_alpha=8, sample_every=0, missing_eos_penalty=None, device="cpu")
 models = []
@@ -372,19 +375,20 @@ torch.save(flat, {str(tmp_path)!r} + f"/rank{{os.environ['RANK']}}.pt")
 
 
 def test_cli_flags_parse():
-    cfg = ppo.parse_args(["--policy", "p", "--prompts", "x.jsonl", "--out", "o", "--reward", "r",
+    from nanohuatuo.cli import parse_config
+    cfg = parse_config(ppo.PPOConfig, ["--model", "p", "--prompts", "x.jsonl", "--out", "o", "--reward", "r",
                           "--kl-estimator", "k3", "--adaptive-kl", "--missing-eos-penalty", "none",
                           "--critic", "separate", "--lora-targets", "q_proj,v_proj", "--max-steps", "3"])
     assert cfg.kl_estimator == "k3" and cfg.adaptive_kl and cfg.missing_eos_penalty is None
-    assert cfg.critic == "separate" and cfg.lora_targets == ("q_proj", "v_proj") and cfg.max_steps == 3
-    assert ppo.parse_args(["--policy", "p", "--prompts", "x", "--out", "o"]).temperature == 0.7
+    assert cfg.critic == "separate" and cfg.lora_targets == ["q_proj", "v_proj"] and cfg.max_steps == 3
+    assert parse_config(ppo.PPOConfig, ["--model", "p", "--prompts", "x", "--out", "o"]).temperature == 0.7
 
 
 def test_cli_run_with_reward_model_separate_critic_and_merged_export(tiny, rm_dir, tmp_path):
     base, _ = tiny
     out = tmp_path / "cli"
     # no --adapter, so the reward model (trained on base + SFT) is loaded as its own model
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "train_ppo.py"), "--policy", base, "--reward", rm_dir,
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "train_ppo.py"), "--model", base, "--reward", rm_dir,
                         "--prompts", os.path.join(base, "prompts.jsonl"), "--out", str(out), "--max-steps", "2",
                         "--batch-size", "8", "--max-new-tokens", "4", "--template", "plain", "--lora-r", "4",
                         "--micro-batch-size", "4", "--critic", "separate", "--sample-every", "2", "--save-merged",
@@ -396,7 +400,8 @@ def test_cli_run_with_reward_model_separate_critic_and_merged_export(tiny, rm_di
     assert {"adapter_config.json", "adapter_model.safetensors", "critic", "merged", "metrics.jsonl",
             "samples.jsonl", "curves.png", "ppo_stats.png", "checkpoints"} <= names
     assert "extra.safetensors" in os.listdir(out / "critic")  # the value head goes with the critic
-    assert os.path.exists(out / "checkpoints" / "step_000002" / "state.pt")
+    assert os.path.exists(out / "checkpoints" / "step_000002" / "state.json")
+    assert "cannot share the policy's base (it was trained on the SFT adapter" in r.stdout
     b = batch_for(base)
     merged = logp_of(Transformer.from_pretrained(out / "merged"), b)
     torch.testing.assert_close(merged, logp_of(Transformer.from_pretrained(base, adapter=str(out)), b),
