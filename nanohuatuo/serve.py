@@ -359,9 +359,12 @@ class Runner:
             except Exception as e:  # a failed step fails the requests in it, not the server
                 self.fail_all(f"generation failed: {type(e).__name__}: {e}")
                 continue
-            with self.lock:
-                for ev in events:
-                    self.on_event(ev)
+            try:
+                with self.lock:
+                    for ev in events:
+                        self.on_event(ev)
+            except Exception as e:  # a bug here must not stop the thread every request waits on
+                self.fail_all(f"internal error: {type(e).__name__}: {e}")
 
     def on_event(self, ev):
         row = self.rows.get(ev.rid)
@@ -584,8 +587,13 @@ class Handler(BaseHTTPRequestHandler):
     def svc(self) -> Service:
         return self.server.service
 
-    def log_message(self, fmt, *args):  # the standard per-request line goes through log_request below
+    def log_message(self, fmt, *args):  # replaced by log_line: one line per request, with its tokens
         pass
+
+    def send_error(self, code, message=None, explain=None):
+        # what the standard library answers itself (a garbled request line, an unknown method): in JSON too
+        self.close_connection = True
+        self.send_json(code, APIError(code, message or explain or "bad request").body())
 
     def log_line(self, status, extra=""):
         if self.svc.cfg.log_requests:
@@ -807,8 +815,9 @@ class Handler(BaseHTTPRequestHandler):
         if job.include_usage:
             base["usage"] = None  # OpenAI sends usage null in every chunk but the last
         echo_len = [len(job.echo[c.index // job.n]) if job.echo else 0 for c in ticket.choices]
+        unfinished = len(ticket.choices)
 
-        def chunk(index, text, lps, reason, role=False):
+        def chunk(index, text, lps, reason, role=False, usage=None):
             if chat:
                 delta = {"role": "assistant", "content": ""} if role else ({"content": text} if text else {})
                 choice = {"index": index, "delta": delta,
@@ -818,7 +827,7 @@ class Handler(BaseHTTPRequestHandler):
                 choice = {"index": index, "text": text,
                           "logprobs": svc.completion_logprobs(lps, echo_len[index]) if job.logprobs and lps else None,
                           "finish_reason": reason}
-            self.event({**base, "choices": [choice]})
+            self.event({**base, "choices": [choice], **({"usage": usage} if usage else {})})
 
         for c in ticket.choices:
             if chat:
@@ -830,7 +839,10 @@ class Handler(BaseHTTPRequestHandler):
                 if text or lps:
                     chunk(index, text, lps, None)
                 if reason is not None:
-                    chunk(index, "", [], reason)
+                    unfinished -= 1
+                    # usage in every answer: on the last chunk, unless asked for as a chunk of its own
+                    last = not unfinished and not job.include_usage
+                    chunk(index, "", [], reason, usage=svc.usage(ticket) if last else None)
         except APIError as e:  # the engine failed after the answer began: say so in the stream
             self.event(e.body())
         if job.include_usage:

@@ -180,12 +180,14 @@ def test_chat_stream(tiny, client, server):
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == n_tokens
     assert all(c.usage is None for c in chunks[:-1])
     assert "\ufffd" not in "".join(pieces[:-1])  # no half characters on the wire
-    # the raw wire: events end with data: [DONE]; no usage chunk unless asked
+    # the raw wire: events end with data: [DONE]
     status, hdrs, text = http(server, "/v1/chat/completions", {"model": NAME, "messages": msgs, "max_tokens": 4,
                                                                "stream": True})
     assert status == 200 and hdrs["Content-Type"].startswith("text/event-stream")
     events = [e[len("data: "):] for e in text.strip().split("\n\n")]
     assert events[-1] == "[DONE]" and all(json.loads(e)["choices"] for e in events[:-1])
+    # no usage chunk unless asked for, but the last chunk still carries the counts
+    assert json.loads(events[-2])["usage"]["completion_tokens"] == reference_chat(tiny, msgs, 4)[2]
 
 
 def test_completions(tiny, client):
@@ -368,6 +370,14 @@ def test_bad_request(server, name, path, body, status, param):
     assert set(err) == {"message", "type", "param", "code"} and err["message"]
     assert err["param"] == param
     assert http(server, "/health")[0] == 200  # and the server keeps serving
+
+
+def test_unsupported_method_answers_json(server):
+    req = urllib.request.Request(server.url + "/v1/chat/completions", data=b"{}", method="PUT")
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(req, timeout=30)
+    assert e.value.code == 501 and json.loads(e.value.read())["error"]["message"]
+    assert http(server, "/health")[0] == 200
 
 
 def test_bad_requests_through_the_client_and_unknown_fields(tiny, client):
