@@ -374,11 +374,7 @@ class LocalModel:
         # a trained adapter carries the tokenizer files with the chat template it was trained with
         tok_dir = c.adapter if c.adapter and any(Path(c.adapter, f).is_file() for f in TOKENIZER_FILES) else c.model
         self.tok = Tokenizer.from_pretrained(tok_dir)
-        resolve = getattr(templates, "resolve_template", None)
-        if resolve is not None:
-            self.template = resolve(tok_dir, c.template, self.tok)
-        else:
-            self.template = templates.guess_template(tok_dir) if c.template == "auto" else c.template
+        self.template = templates.resolve_template(tok_dir, c.template, self.tok)
         self.stop_ids = templates.stop_token_ids(self.tok, self.template)
         self.stops = templates.stop_strings(self.template)
         self.budget = max(self.model.config.max_seq_len - s.max_new_tokens, 1)
@@ -401,36 +397,19 @@ class LocalModel:
 
     def respond(self, conversations: list[list[dict]], keys: list[str]) -> list[tuple[str | None, str]]:
         """(answer text, finish reason) per conversation; `keys` seed each sampled answer on its own."""
+        from .engine import Engine, SamplingParams
         from .generate import cut_at_stop
         s, t0 = self.s, time.time()
         prompts = [self._prompt(self._with_system(m)) for m in conversations]
-        seeds = [int(hashlib.sha1(f"{s.seed}:{k}".encode()).hexdigest()[:8], 16) for k in keys]
-        try:
-            from .engine import Engine, SamplingParams
-        except ImportError:
-            Engine = None
-        out: list[tuple[list[int], str]] = []
-        if Engine is not None:
-            # sized for this batch: a 7B model's cache for its full context in every slot would not fit
-            max_len = min(self.model.config.max_seq_len, max(map(len, prompts)) + s.max_new_tokens)
-            engine = Engine(self.model, tokenizer=self.tok, slots=self.batch_size, max_len=max_len)
-            params = [SamplingParams(max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p,
-                                     top_k=s.top_k, stop_ids=tuple(self.stop_ids), stop_strings=tuple(self.stops),
-                                     seed=seed) for seed in seeds]
-            out = [(o.tokens, o.finish_reason) for o in engine.generate(prompts, params)]
-        else:
-            from .generate import generate_batch
-            # without the engine: static batches of similar lengths, so little padding is decoded
-            order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-            got = {}
-            for b in range(0, len(order), self.batch_size):
-                idx = order[b:b + self.batch_size]
-                g = generate_batch(self.model, [prompts[i] for i in idx], s.max_new_tokens, temperature=s.temperature,
-                                   top_k=s.top_k, top_p=s.top_p, seed=seeds[idx[0]], stop_ids=self.stop_ids,
-                                   stop_strings=self.stops, tokenizer=self.tok, pad_id=self.tok.pad_id)
-                for i, tokens, done in zip(idx, g.tokens, g.finished):
-                    got[i] = (tokens, "stop" if done else "length")
-            out = [got[i] for i in range(len(prompts))]
+        # one seed per answer, from the candidate and the item: it does not depend on the rest of the batch
+        seeds = [int(hashlib.sha1(f"{s.seed}:{self.name}:{k}".encode()).hexdigest()[:8], 16) for k in keys]
+        params = [SamplingParams(max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p,
+                                 top_k=s.top_k, stop_ids=tuple(self.stop_ids), stop_strings=tuple(self.stops),
+                                 seed=seed) for seed in seeds]
+        # the cache sized for this batch: a 7B model's full context in every slot would not fit
+        max_len = min(self.model.config.max_seq_len, max(map(len, prompts)) + s.max_new_tokens)
+        engine = Engine(self.model, tokenizer=self.tok, slots=self.batch_size, max_len=max_len)
+        out = [(o.tokens, o.finish_reason) for o in engine.generate(prompts, params)]
         self.generated_tokens += sum(len(t) for t, _ in out)
         self.seconds += time.time() - t0
         return [(cut_at_stop(self.tok.decode(t), self.stops).strip(), reason) for t, reason in out]

@@ -23,9 +23,9 @@ def no_proxy(monkeypatch):
     monkeypatch.setenv("NO_PROXY", "127.0.0.1")  # a proxy in the environment must not see loopback calls
 
 
-def questions(tmp_path, n=6):
+def questions(tmp_path, n=6, name="questions.json"):
     rows = [{"id": f"s{i}", "label": INTENTS[i % 3], "query": f"第{i}个问题：头痛发热怎么办"} for i in range(n)]
-    path = tmp_path / "questions.json"
+    path = tmp_path / name
     path.write_text(json.dumps(rows, ensure_ascii=False), encoding="utf-8")
     return str(path), rows
 
@@ -65,7 +65,7 @@ def add_up(stats):
 
 
 def test_order_swap_two_requests_per_pair_with_answers_exchanged(tmp_path):
-    data, rows = questions(tmp_path)
+    data, rows = questions(tmp_path, name="KUAKE-QIC_100.json")  # named as the paper's set
     a = answers(tmp_path, "a", rows, lambda r: f"好的回答：{r['id']}，多喝水")
     b = answers(tmp_path, "b", rows, lambda r: f"差的回答：{r['id']}")
     with ScriptedServer(good_judge) as srv:
@@ -92,6 +92,7 @@ def test_order_swap_two_requests_per_pair_with_answers_exchanged(tmp_path):
     assert {(j["order"], j["assistant_1"]) for j in judgements} == {("AB", "huatuo"), ("BA", "base")}
     report = (out / "report.md").read_text(encoding="utf-8")
     assert "| **overall** | 6 | 6 / 0 / 0 |" in report and "length-controlled" in report
+    assert "| vs ChatGPT | 47 | 21 | 32 |" in report  # the published numbers beside ours
     assert (out / "winrate.png").stat().st_size > 1000
     assert any("judge: 12 requests (0 cached)" in u for u in summary["usage"])
 
@@ -430,6 +431,20 @@ def test_sheet_tally_round_trip_reproduces_marks_and_kappa(tmp_path):
     (tmp_path / "bad.csv").write_text("item,mark\n1,maybe\n", encoding="utf-8")
     with pytest.raises(ev.UserError, match="bad.csv:2"):
         ev.run_tally(ev.TallyConfig(sheet=str(sheet), marks=[str(tmp_path / "bad.csv")]))
+
+
+def test_answers_only_run_makes_a_sheet(tmp_path):
+    data, rows = questions(tmp_path, 3)
+    a = answers(tmp_path, "a", rows, lambda r: "甲" + r["id"])
+    b = answers(tmp_path, "b", rows, lambda r: "乙" + r["id"])
+    summary = ev.run_pairwise(ev.PairwiseConfig(data=data, a_answers=a, b_answers=b, judge="none",
+                                                out=str(tmp_path / "run")))
+    assert summary["judge"] is None and not (tmp_path / "run" / "judgements.jsonl").exists()
+    ev.make_sheet(ev.SheetConfig(source=str(tmp_path / "run"), out=str(tmp_path / "sheet")))
+    (tmp_path / "m.csv").write_text("item,mark\n1,1\n2,=\n3,2\n", encoding="utf-8")
+    result = ev.run_tally(ev.TallyConfig(sheet=str(tmp_path / "sheet"), marks=[str(tmp_path / "m.csv")]))
+    r = result["raters"][0]
+    assert (r["win"] + r["loss"], r["tie"], r["compared"], r["agreement"]) == (2, 1, 0, None)
 
 
 def test_cohen_kappa_edges():
