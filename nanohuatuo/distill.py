@@ -13,8 +13,8 @@ endpoint (a cloud model, vLLM, or our own serve.py). Each writes rows of the con
 - instructions (self-instruct): each request shows a few sampled seed instructions and one sampled
   focus, a department or a role, and asks for new instructions. A new one is kept if it passes
   simple filters (length, Chinese, no refusal, no picture needed) and its character ROUGE-L
-  against everything kept so far (seeds included) is below 0.7 (`RougeIndex`: exact, and fast for
-  thousands of items); then each kept instruction is answered. Rows record `department` or `role`.
+  against everything kept so far (seeds included) is below 0.7 (`RougeIndex`: exact, an inverted
+  index bounds every pair in C before any LCS); then each kept instruction is answered. Rows record `department` or `role`.
 - conversations: two agents, a patient and a doctor (one endpoint, or two with --patient-* and
   --doctor-*), share a background built from a real case: a schema row (the patient's question and
   the real doctor's reply) or a Med-dialog case ({"medical_case", "doctor_diagnosis",
@@ -42,11 +42,14 @@ import random
 import re
 import sys
 import unicodedata
+from array import array
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from .cli import UserError, arg, cli_main
+import numpy as np
+
+from .cli import UserError, arg, cli_main, parse_config
 from .data import DataError, iter_jsonl, row_id, validate, write_jsonl
 from .llm import LLM
 
@@ -159,7 +162,7 @@ NUMBER_UNITS = ("毫克", "毫升", "微克", "小时", "分钟", "个月", "周
 def rouge_text(text: str) -> str:
     """The characters ROUGE-L compares: NFKC-normalised, lower case, letters and digits only
     (whitespace and punctuation do not count, so ？ and ? or a trailing 。 change nothing)."""
-    return "".join(c for c in unicodedata.normalize("NFKC", text).lower() if c.isalnum())
+    return "".join(filter(str.isalnum, unicodedata.normalize("NFKC", text).lower()))
 
 
 def lcs_length(a: str, b: str) -> int:
@@ -192,17 +195,15 @@ def rouge_l(a: str, b: str) -> float:
 
 class RougeIndex:
     """Kept texts, and for a new one the kept text of highest ROUGE-L with it if that reaches the
-    threshold: exactly what comparing with every kept text gives, without doing so.
+    threshold: exactly what comparing with every kept text gives, without an LCS for each.
 
-    Why it is exact: ROUGE-L F1 = 2L/(m+n) with L = LCS <= the multiset overlap U of the two
-    character bags. A pair scoring >= t therefore has n >= t*m/(2-t) and U >= t*m/(2-t) =: k(m).
-    Write each text as tokens (character, occurrence number) in one fixed global order, rarest
-    first; two token sets sharing >= k tokens share a token within the first m-k+1 of each
-    ("prefix filtering"). Only the prefixes are indexed, so a new text meets just the kept texts
-    sharing one of its rare characters; those are checked by length, then U (one AND and a
-    popcount of token bitmasks), then the exact LCS.
-    The order is frozen between rebuilds and rebuilt (with fresh character frequencies) when the
-    collection doubles, so the total work of rebuilding stays linear.
+    Why it is exact: ROUGE-L F1 = 2L/(m+n) and the LCS L is at most the multiset overlap U of the
+    two texts' characters, so 2U/(m+n) bounds the score from above. Each text is a set of tokens
+    (character, occurrence number: 的 twice gives (的,1), (的,2)), so U is the number of shared
+    tokens. An inverted index maps each token to the kept texts holding it (C int arrays); one
+    bincount over the new text's posting lists gives U against every kept text at once, in C, and
+    only texts whose bound reaches the threshold get the exact (bit-parallel) LCS. With thousands of
+    kept texts a query costs the length of its posting lists, not one LCS per kept text.
     """
 
     def __init__(self, threshold: float = 0.7):
@@ -210,86 +211,46 @@ class RougeIndex:
             raise ValueError(f"ROUGE-L threshold must be in (0, 1], got {threshold}")
         self.threshold = threshold
         self.texts: list[str] = []  # as rouge_text gives them
-        self.bags: list[Counter] = []
-        self.masks: list[int] = []  # bit per token id: the overlap of two texts is one AND + popcount
-        self.token_ids: dict[tuple, int] = {}
-        self.df: Counter = Counter()  # token -> number of kept texts holding it
-        self.frozen: dict = {}  # the df the current order was built from
-        self.built = 0  # len(texts) at the last rebuild
-        self.postings: dict[tuple, list[int]] = {}
-        self.checked = 0  # candidates that reached the exact LCS (for tests and benchmarks)
+        self.lengths = array("i")
+        self.postings: dict[tuple, array] = {}  # token -> indices of the kept texts holding it
+        self.checked = 0  # kept texts whose bound reached the threshold: exact LCS computed
 
     def __len__(self) -> int:
         return len(self.texts)
 
-    def _prefix(self, bag: Counter, m: int) -> list[tuple]:
-        tokens = [(c, k) for c, count in bag.items() for k in range(1, count + 1)]
-        tokens.sort(key=lambda tok: (self.frozen.get(tok, 0), tok))
-        # the smallest overlap a partner can have; rounded down a hair so float error never loses a pair
-        need = max(1, math.ceil(self.threshold * m / (2 - self.threshold) - 1e-9))
-        return tokens[: m - need + 1]
-
-    def _mask(self, bag: Counter, add: bool) -> int:
-        mask = 0
-        for c, count in bag.items():
-            for k in range(1, count + 1):
-                i = self.token_ids.get((c, k))
-                if i is None:
-                    if not add:  # a token no kept text has adds nothing to any overlap
-                        continue
-                    i = self.token_ids[(c, k)] = len(self.token_ids)
-                mask |= 1 << i
-        return mask
-
-    def _rebuild(self) -> None:
-        self.frozen = dict(self.df)
-        self.built = len(self.texts)
-        self.postings = {}
-        for i, (text, bag) in enumerate(zip(self.texts, self.bags)):
-            for tok in self._prefix(bag, len(text)):
-                self.postings.setdefault(tok, []).append(i)
+    @staticmethod
+    def _tokens(norm: str) -> list[tuple]:
+        return [(c, k) for c, count in Counter(norm).items() for k in range(1, count + 1)]
 
     def match(self, text: str) -> tuple[int, float] | None:
         """(index, score) of the kept text with the highest ROUGE-L >= threshold (lowest index
         among ties), or None when every kept text scores below the threshold."""
         norm = rouge_text(text)
         m = len(norm)
-        if not m:
+        postings = self.postings
+        hits = b"".join([postings[tok] for tok in self._tokens(norm) if tok in postings])  # one copy, in C
+        if not hits:
             return None
-        bag = Counter(norm)
-        mask = self._mask(bag, add=False)
-        candidates = set()
-        for tok in self._prefix(bag, m):
-            candidates.update(self.postings.get(tok, ()))
+        overlap = np.bincount(np.frombuffer(hits, dtype=np.intc), minlength=len(self.texts))  # U per kept text
+        lengths = np.frombuffer(self.lengths, dtype=np.intc)
+        # the bound in float64 as the score is computed below, and >= it, so no text scoring >= t is skipped
+        candidates = np.flatnonzero(2 * overlap / (lengths + m) >= self.threshold)
+        self.checked += len(candidates)
         best = None
-        t, texts, masks = self.threshold, self.texts, self.masks
-        for j in sorted(candidates):
-            n = len(texts[j])
-            # each bound is >= the final score computed the same way, so no pair >= t is skipped
-            if 2 * min(m, n) / (m + n) < t or 2 * (mask & masks[j]).bit_count() / (m + n) < t:
-                continue
-            self.checked += 1
-            score = 2 * lcs_length(norm, texts[j]) / (m + n)
-            if score >= t and (best is None or score > best[1]):
+        for j in candidates.tolist():
+            score = 2 * lcs_length(norm, self.texts[j]) / (m + len(self.texts[j]))
+            if score >= self.threshold and (best is None or score > best[1]):
                 best = (j, score)
         return best
 
     def add(self, text: str) -> int:
-        """Keep a text; returns its index. An empty text (no letters or digits) is kept unindexed."""
+        """Keep a text; returns its index. A text without letters or digits matches nothing."""
         norm = rouge_text(text)
-        bag = Counter(norm)
         i = len(self.texts)
         self.texts.append(norm)
-        self.bags.append(bag)
-        self.masks.append(self._mask(bag, add=True))
-        for c, count in bag.items():
-            for k in range(1, count + 1):
-                self.df[(c, k)] += 1
-        if len(self.texts) >= max(16, 2 * self.built):
-            self._rebuild()
-        elif norm:
-            for tok in self._prefix(bag, len(norm)):
-                self.postings.setdefault(tok, []).append(i)
+        self.lengths.append(len(norm))
+        for tok in self._tokens(norm):
+            self.postings.setdefault(tok, array("i")).append(i)
         return i
 
 
@@ -925,17 +886,28 @@ USAGE = "usage: distill.py {instructions,conversations,polish} [--help] ...\n\n"
     f"  {name:14s} {doc}" for name, (_, _, doc) in COMMANDS.items())
 
 
+def _command_argv(name: str, argv: list[str]) -> list[str]:
+    if name == "polish":  # the flag reads --in like `python -m nanohuatuo.data`; `in` cannot be a field
+        return ["--input" + a[4:] if a == "--in" or a.startswith("--in=") else a for a in argv]
+    return list(argv)
+
+
+def command_config(name: str, argv: list[str]):
+    """The config of command `name` from its flags, as on the command line (for scripts and tests)."""
+    cls, _, doc = COMMANDS[name]
+    return parse_config(cls, _command_argv(name, argv), prog=f"distill.py {name}", description=doc)
+
+
 def main(argv=None) -> int:
     """Entry point of distill.py: the first argument names the command."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE, file=sys.stdout if argv else sys.stderr)
         return 0 if argv else 2
-    name, rest = argv[0], argv[1:]
+    name = argv[0]
     if name not in COMMANDS:
         print(f"error: unknown command {name!r}\n{USAGE}", file=sys.stderr)
         return 2
     cls, run, doc = COMMANDS[name]
-    if name == "polish":  # the flag reads --in like `python -m nanohuatuo.data`; `in` cannot be a field
-        rest = ["--input" + a[4:] if a == "--in" or a.startswith("--in=") else a for a in rest]
-    return cli_main(run, cls, rest, prog=f"distill.py {name}", description=f"{doc}\n\n{__doc__}")
+    return cli_main(run, cls, _command_argv(name, argv[1:]), prog=f"distill.py {name}",
+                    description=f"{doc}\n\n{__doc__}")
