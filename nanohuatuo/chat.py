@@ -99,9 +99,8 @@ def trim_history(messages, tok, template, budget):
     return system + turns
 
 
-def prompt_budget(model, context: int, max_new_tokens: int) -> int:
+def prompt_budget(max_seq_len: int, context: int, max_new_tokens: int) -> int:
     """Prompt tokens left once the answer has its room in a context capped at the model's max_seq_len."""
-    max_seq_len = model.config.max_seq_len
     context = min(context, max_seq_len)
     budget = context - max_new_tokens
     if max_new_tokens < 1 or budget < 1:
@@ -131,7 +130,7 @@ def reply(model, tok, template, messages, max_new_tokens=512, temperature=0.5, t
 
     Raises PromptTooLong (a UserError) when the system message and the last question do not fit.
     """
-    ids, _ = fit_prompt(messages, tok, template, prompt_budget(model, context, max_new_tokens))
+    ids, _ = fit_prompt(messages, tok, template, prompt_budget(model.config.max_seq_len, context, max_new_tokens))
     stops = stop_strings(template)
     hold = max((len(s) for s in stops), default=1) - 1  # text that might be the start of a stop string
     decoder = StreamDecoder(tok)
@@ -256,12 +255,13 @@ def run(cfg: ChatConfig) -> int:
         raise UserError("--prompt is empty: give the question, or leave --prompt out to chat interactively")
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
+    # an impossible budget is refused before anything is loaded
+    prompt_budget(check_model_dir(cfg.model).max_seq_len, cfg.context, cfg.max_new_tokens)
     # one-shot: stdout carries the answer alone, so what loading prints goes to stderr
     with contextlib.redirect_stdout(sys.stderr) if cfg.prompt is not None else contextlib.nullcontext():
         model, tok, template = load_for_chat(cfg.model, cfg.adapter, dtype, device, cfg.int8, cfg.template)
     gen = dict(max_new_tokens=cfg.max_new_tokens, seed=cfg.seed, context=cfg.context, compile=cfg.compile,
                **sampling(cfg, tokenizer_dir(cfg.model, cfg.adapter)))
-    prompt_budget(model, cfg.context, cfg.max_new_tokens)  # refuse an impossible budget before the first question
     if cfg.prompt is not None:
         messages = ([{"role": "system", "content": cfg.system}] if cfg.system else [])
         messages.append({"role": "user", "content": cfg.prompt})
