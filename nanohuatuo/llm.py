@@ -114,6 +114,16 @@ def default_api_key() -> str:
     return os.environ.get("NANOHUATUO_API_KEY") or os.environ.get("OPENAI_API_KEY") or "EMPTY"
 
 
+def server_message(e) -> str:
+    """The server's own words from an openai APIStatusError (its error.message where it sent one)."""
+    body = getattr(e, "body", None)
+    if isinstance(body, dict):
+        body = body.get("error", body)
+        if isinstance(body, dict) and body.get("message"):
+            return str(body["message"])
+    return str(getattr(e, "message", e))
+
+
 def _duration(seconds: float) -> str:
     seconds = int(round(seconds))
     return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
@@ -145,7 +155,8 @@ class LLM:
         self._slots = threading.BoundedSemaphore(concurrency)
         self._lock = threading.Lock()  # guards usage and the SQLite connection
         self.usage = Usage()
-        self.cache_path = Path(cache) if cache is not None else None
+        self._rejected = set()  # 4xx statuses already explained on stderr
+        self.cache_path = Path(cache) if cache else None
         self._db = None
         if self.cache_path is not None:
             self.cache_path.parent.mkdir(parents=True, exist_ok=True)
@@ -215,15 +226,21 @@ class LLM:
             with self._slots:
                 response = self._client.chat.completions.create(model=self.model, messages=messages, **params)
         except (openai.AuthenticationError, openai.PermissionDeniedError) as e:
-            raise LLMError(f"{where} rejected the API key ({e.status_code}: {e.message}); check --api-key or "
+            raise LLMError(f"{where} rejected the API key ({e.status_code}: {server_message(e)}); check --api-key or "
                            "$NANOHUATUO_API_KEY / $OPENAI_API_KEY") from None
         except openai.NotFoundError as e:
-            raise LLMError(f"{where} answered 404 for model {self.model!r} ({e.message}); check --base-url "
+            raise LLMError(f"{where} answered 404 for model {self.model!r} ({server_message(e)}); check --base-url "
                            "(usually ends in /v1) and --model-name") from None
         except openai.APIStatusError as e:
             if e.status_code in (408, 409, 429) or e.status_code >= 500:
                 raise LLMError(f"{where} still answered {e.status_code} after {self.max_retries} retries "
-                               f"({e.message}){resume}") from None
+                               f"({server_message(e)}){resume}") from None
+            with self._lock:  # say why once per status; the count is in the summary
+                first = e.status_code not in self._rejected
+                self._rejected.add(e.status_code)
+            if first:
+                print(f"{where} rejected a request ({e.status_code}: {server_message(e)}); such items are unusable",
+                      file=sys.stderr, flush=True)
             return Reply(error=f"rejected ({e.status_code})", final=True)  # resending cannot help
         except openai.APIConnectionError as e:  # includes timeouts
             raise LLMError(f"{where} could not be reached after {self.max_retries} retries ({e}){resume}") from None

@@ -195,7 +195,7 @@ def test_auth_and_not_found_raise_clear_errors(tmp_path):
             llm.map(requests_for(3))
 
 
-def test_bad_request_is_one_unusable_item(tmp_path):
+def test_bad_request_is_one_unusable_item(tmp_path, capsys):
     def handler(req, path):
         if numbered(req) == 1:
             return 400, {"error": {"message": "context too long"}}, None
@@ -205,6 +205,7 @@ def test_bad_request_is_one_unusable_item(tmp_path):
         answers = llm.map(requests_for(3))
         assert [a.ok for a in answers] == [True, False, True] and answers[1].error == "rejected (400)"
         assert len(srv.requests) == 3 and llm.usage.unusable == {"rejected (400)": 1}
+    assert "rejected a request (400: context too long)" in capsys.readouterr().err
 
 
 def test_429_and_503_retried_by_the_client(tmp_path):
