@@ -43,7 +43,10 @@ import torch
 
 from .cli import UserError, arg, cli_main, resolve_device, resolve_dtype
 from .engine import Engine, SamplingParams
+from .hf import TOKENIZER_MODEL_FILES, check_model_dir
+from .lora import merge_and_unload, read_adapter_config
 from .model import Transformer
+from .quant import quantize_int8
 from .templates import generation_defaults, render_prompt, resolve_template, stop_strings, stop_token_ids
 from .tokenizer import StreamDecoder, Tokenizer
 
@@ -80,13 +83,17 @@ class ServeConfig:
 def tokenizer_dir(model_dir, adapter=None) -> str:
     """Where the tokenizer and chat template live: a trained adapter's own copy wins (SFT saves the
     template it trained with there), else the model directory."""
-    if adapter and any((Path(adapter) / f).exists() for f in ("tokenizer.json", "tokenizer.model")):
+    if adapter and any((Path(adapter) / f).exists() for f in TOKENIZER_MODEL_FILES):
         return str(adapter)
     return str(model_dir)
 
 
 def load_model(cfg: ServeConfig):
-    """(model, tokenizer, template) ready for inference, as the flags ask."""
+    """(model, tokenizer, template) ready for inference, as the flags ask.
+
+    Everything cheap is checked before the weights are read (the directory, every tensor's name
+    and shape, the adapter's config, the tokenizer, the chat template), so a mistake costs seconds.
+    """
     if not cfg.model:
         raise UserError("--model is required: a model directory in the Hugging Face layout")
     if not Path(cfg.model).is_dir():
@@ -95,20 +102,22 @@ def load_model(cfg: ServeConfig):
         raise UserError(f"--adapter {cfg.adapter}: no such directory")
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
+    if not check_model_dir(cfg.model, build=Transformer).lm_head:
+        raise UserError(f"{cfg.model} is a reward model (a value head, no lm_head): serving needs a language model")
+    if cfg.adapter:
+        read_adapter_config(cfg.adapter)
+    where = tokenizer_dir(cfg.model, cfg.adapter)
+    tok = Tokenizer.from_pretrained(where)
+    template = resolve_template(where, cfg.template, tok=tok)  # a broken template fails here, not per request
     # int8: load on the CPU and quantise there, so the full-precision copy never sits on the GPU
     model = Transformer.from_pretrained(cfg.model, dtype=dtype, device="cpu" if cfg.int8 else device,
                                         adapter=cfg.adapter)
     if cfg.adapter:
-        from .lora import merge_and_unload
         merge_and_unload(model)  # serving costs no more than the base model
     if cfg.int8:
-        from .quant import quantize_int8
         quantize_int8(model)
         model.to(device)
     model.eval()
-    where = tokenizer_dir(cfg.model, cfg.adapter)
-    tok = Tokenizer.from_pretrained(where)
-    template = resolve_template(where, cfg.template, tok=tok)  # a broken template fails here, not per request
     return model, tok, template
 
 
@@ -918,8 +927,21 @@ def run(cfg: ServeConfig) -> int:
     return 0
 
 
+USAGE = """Serve a model as an OpenAI-compatible endpoint, with a chat page at /.
+
+    python serve.py --model DIR [--adapter DIR] [--host 127.0.0.1] [--port 8000]
+
+    from openai import OpenAI
+    client = OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="EMPTY")
+    client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "头痛怎么办？"}])
+
+NAME is the model directory's name (or --model-name); GET /v1/models lists it. Routes:
+/v1/chat/completions, /v1/completions, /v1/models, /health (no key needed) and / (the chat page).
+Models are not medical advice: everything they say must be checked by a doctor."""
+
+
 def main(argv=None) -> int:
-    return cli_main(run, ServeConfig, argv, prog="serve.py", description=__doc__)
+    return cli_main(run, ServeConfig, argv, prog="serve.py", description=USAGE)
 
 
 if __name__ == "__main__":

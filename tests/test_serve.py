@@ -22,6 +22,7 @@ import torch
 from conftest import tiny_base
 from nanohuatuo import Transformer
 from nanohuatuo.generate import cut_at_stop, generate
+from nanohuatuo.lora import apply_lora, lora_parameters, merge_and_unload, save_adapter
 from nanohuatuo.serve import ServeConfig, main as serve_main, make_server
 from nanohuatuo.templates import render_prompt, resolve_template, stop_strings, stop_token_ids
 from nanohuatuo.tokenizer import Tokenizer
@@ -162,6 +163,33 @@ def test_the_models_own_chat_template(tmp_path):
         assert r.usage.prompt_tokens == len(prompt)
         want = tok.decode([t for t in out if t not in stop_token_ids(tok, template)])
         assert r.choices[0].message.content == cut_at_stop(want, stop_strings(template)).rstrip()
+        c.close()
+    finally:
+        srv.close()
+
+
+def test_adapter_is_merged(tiny, tmp_path):
+    """--adapter serves base + LoRA: the answer is the merged model's, not the base's."""
+    d, base, tok = tiny
+    model = Transformer.from_pretrained(d)
+    apply_lora(model, r=4, alpha=8, dropout=0.0)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in lora_parameters(model):
+            p.copy_(torch.randn_like(p) * 0.5)  # a zero-initialised B would make the adapter a no-op
+    save_adapter(model, tmp_path / "adapter")
+    srv = start(tiny, slots=1, adapter=str(tmp_path / "adapter"))
+    try:
+        merged = Transformer.from_pretrained(d, adapter=str(tmp_path / "adapter"))
+        merge_and_unload(merged)
+        ids = render_prompt(user(QUESTIONS[0]), tok, TEMPLATE)
+        stops = stop_token_ids(tok, TEMPLATE)
+        want = generate(merged.eval(), [ids], 12, stop_ids=stops)[0]
+        assert want != generate(base, [ids], 12, stop_ids=stops)[0]
+        c = openai.OpenAI(base_url=srv.url + "/v1", api_key="EMPTY", max_retries=0)
+        r = c.chat.completions.create(model=NAME, messages=user(QUESTIONS[0]), max_tokens=12, temperature=0)
+        text = tok.decode([t for t in want if t not in stops])
+        assert r.choices[0].message.content == cut_at_stop(text, stop_strings(TEMPLATE)).rstrip()
         c.close()
     finally:
         srv.close()
