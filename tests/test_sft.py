@@ -305,3 +305,41 @@ def test_cuda_bf16_autocast_lora_full_and_checkpointing(tmp_path, base, data):
     rh, rw = torch.autograd.grad(ref, (h, w))
     torch.testing.assert_close(gh, rh, rtol=2e-2, atol=2e-2)
     torch.testing.assert_close(gw, rw, rtol=2e-2, atol=2e-2)
+
+
+def test_a_second_run_on_the_same_out_refuses(tmp_path, base, data):
+    from nanohuatuo.cli import prepare_out
+    with prepare_out(tmp_path / "run"):  # another run holds --out (train_sft.py started twice)
+        with pytest.raises(ValueError, match="in use by another run"):
+            sft.train(config(base, data, tmp_path / "run", resume=True))
+    run = subprocess.run([sys.executable, str(ROOT / "train_sft.py"), "--model", base, "--data", data, "--out",
+                          str(tmp_path / "run"), "--max-steps", "1", "--batch-size", "4", "--device", "cpu",
+                          "--lora-r", "0"], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert run.returncode == 0, run.stderr[-2000:]  # the lock went with the first run
+
+
+@pytest.mark.parametrize("damage", ["config key", "tensor", "truncated", "no directory"])
+def test_bad_model_directories_are_one_line_and_exit_2(tmp_path, base, data, damage, capsys):
+    import shutil
+    from safetensors.torch import save_file
+    bad = tmp_path / "model"
+    shutil.copytree(base, bad)
+    weights = bad / "model.safetensors"
+    if damage == "config key":
+        cfg = json.loads((bad / "config.json").read_text())
+        del cfg["hidden_size"]
+        (bad / "config.json").write_text(json.dumps(cfg))
+    elif damage == "tensor":
+        tensors = load_file(weights)
+        del tensors[sorted(tensors)[-1]]
+        save_file(tensors, weights, metadata={"format": "pt"})
+    elif damage == "truncated":
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    else:
+        bad = tmp_path / "nowhere"
+    code = sft.main(["--model", str(bad), "--data", data, "--out", str(tmp_path / "out"), "--max-steps", "1",
+                     "--batch-size", "4", "--device", "cpu"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith("error: ") and str(bad) in err[0], err
+    assert not (tmp_path / "out").exists()  # checked before --out is made

@@ -1,0 +1,255 @@
+"""The package's shape: imports run one way through the layers, and every command line follows one
+convention.
+
+- Layers (the README's code map): core < engine < shared < stages < demo. A module imports only
+  its own layer or lower ones, a stage never imports another stage, no `_private` name is
+  imported (or reached as `module._name`) from another module, and the imports have no cycle,
+  function-local imports included.
+- Every script and every `python -m nanohuatuo.X` (and each of its subcommands) answers `--help`
+  with help text for every flag, one name per concept (--model, not --base or --policy), dashes
+  in flag names, and a seed that defaults to 0.
+"""
+
+import ast
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PKG = ROOT / "nanohuatuo"
+
+LAYERS = {  # imports go down (or sideways within a layer, but never between stages)
+    "core": {"model", "hf", "lora", "quant", "tokenizer", "templates", "data", "metrics", "textmetrics"},
+    "engine": {"engine", "generate"},
+    "shared": {"cli", "checkpoint", "dist", "losses", "llm", "adapters", "reward_model"},
+    "stages": {"sft", "reward", "ppo", "sampling", "feedback", "chat", "serve", "evaluate", "distill"},
+    "top": {"demo", "__init__"},  # __init__: the package's public names, from every layer
+}
+ORDER = list(LAYERS)
+LAYER_OF = {m: layer for layer, mods in LAYERS.items() for m in mods}
+
+SCRIPTS = ["train_sft.py", "train_rm.py", "train_ppo.py", "chat.py", "serve.py", "evaluate.py", "distill.py",
+           "demo.py"]
+# one concept, one name: flags seen in the wild for a concept this project spells otherwise
+SYNONYMS = {
+    "--base": "--model", "--policy": "--model", "--model-dir": "--model", "--model-path": "--model",
+    "--base-model": "--model", "--adapter-dir": "--adapter", "--adapter-path": "--adapter", "--lora-adapter": "--adapter",
+    "--output": "--out", "--output-dir": "--out", "--out-dir": "--out", "--input": "--data", "--train-data": "--data",
+    "--grad-clip": "--max-grad-norm", "--clip-grad": "--max-grad-norm", "--clip-grad-norm": "--max-grad-norm",
+    "--lora-rank": "--lora-r", "--rank": "--lora-r", "--target-modules": "--lora-targets",
+    "--lora-target-modules": "--lora-targets", "--precision": "--dtype", "--torch-dtype": "--dtype",
+    "--random-seed": "--seed", "--learning-rate": "--lr", "--max-tokens": "--max-new-tokens",
+    "--temp": "--temperature", "--api-base": "--base-url", "--endpoint": "--base-url", "--openai-api-key": "--api-key",
+    "--restart": "--resume", "--continue": "--resume", "--force": "--overwrite", "--cache-path": "--cache",
+    "--workers": "--concurrency", "--threads": "--concurrency", "--chat-template": "--template",
+}
+
+
+# ----------------------------------------------------------------------------- imports
+
+def package_imports():
+    """{module: [(imported module, names, line)]} for every import of a nanohuatuo module, anywhere in the file,
+    and {module: [(module, attribute, line)]} for `module._name` reached through an imported module."""
+    imports, attributes = {}, {}
+    for path in sorted(PKG.glob("*.py")):
+        me = path.stem
+        tree = ast.parse(path.read_text(encoding="utf-8"), str(path))
+        found, aliases = [], {}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom):
+                if node.level == 1 and node.module:  # from .x import a, b
+                    found.append((node.module.split(".")[0], [a.name for a in node.names], node.lineno))
+                elif node.level == 1:  # from . import x, y
+                    for a in node.names:
+                        found.append((a.name, [], node.lineno))
+                        aliases[a.asname or a.name] = a.name
+                elif node.module and node.module.split(".")[0] == "nanohuatuo":
+                    parts = node.module.split(".")
+                    if len(parts) > 1:
+                        found.append((parts[1], [a.name for a in node.names], node.lineno))
+                    else:
+                        for a in node.names:
+                            found.append((a.name, [], node.lineno))
+                            aliases[a.asname or a.name] = a.name
+            elif isinstance(node, ast.Import):
+                for a in node.names:
+                    parts = a.name.split(".")
+                    if parts[0] == "nanohuatuo" and len(parts) > 1:
+                        found.append((parts[1], [], node.lineno))
+        imports[me] = [(m, names, line) for m, names, line in found if (PKG / f"{m}.py").exists()]
+        attributes[me] = [(aliases[n.value.id], n.attr, n.lineno) for n in ast.walk(tree)
+                          if isinstance(n, ast.Attribute) and isinstance(n.value, ast.Name) and n.value.id in aliases
+                          and n.attr.startswith("_") and not n.attr.startswith("__")]
+    return imports, attributes
+
+
+def test_every_module_has_a_layer():
+    missing = sorted(p.stem for p in PKG.glob("*.py") if p.stem not in LAYER_OF)
+    assert not missing, f"modules in no layer (add them to LAYERS here and to the README's code map): {missing}"
+
+
+def test_imports_go_down_and_stages_never_import_stages():
+    imports, _ = package_imports()
+    bad = []
+    for me, found in imports.items():
+        mine = LAYER_OF.get(me)
+        for other, _, line in found:
+            theirs = LAYER_OF.get(other)
+            if mine is None or theirs is None or other == me:
+                continue
+            if ORDER.index(theirs) > ORDER.index(mine):
+                bad.append(f"nanohuatuo/{me}.py:{line}: {mine} module imports {other} ({theirs} layer, above it)")
+            elif mine == theirs == "stages":
+                bad.append(f"nanohuatuo/{me}.py:{line}: stage imports another stage, {other}; move what both need "
+                           f"to the shared layer")
+    assert not bad, "\n".join(bad)
+
+
+def test_no_private_name_crosses_a_module():
+    imports, attributes = package_imports()
+    bad = [f"nanohuatuo/{me}.py:{line}: imports {n} from {other}"
+           for me, found in imports.items() for other, names, line in found
+           for n in names if n.startswith("_") and not n.startswith("__")]
+    bad += [f"nanohuatuo/{me}.py:{line}: uses {other}.{attr}" for me, found in attributes.items()
+            for other, attr, line in found if other != me]
+    assert not bad, "private names used from another module (make them public or move the code):\n" + "\n".join(bad)
+
+
+def find_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Every elementary cycle's first appearance in a depth-first walk (enough to name each offender)."""
+    cycles, state = [], {}
+
+    def visit(node, path):
+        state[node] = "open"
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == "open":
+                cycles.append(path[path.index(nxt):] + [nxt])
+            elif nxt not in state:
+                visit(nxt, path + [nxt])
+        state[node] = "done"
+    for node in sorted(graph):
+        if node not in state:
+            visit(node, [node])
+    return cycles
+
+
+def test_find_cycles_by_hand():
+    assert find_cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c", "a"]]
+    assert find_cycles({"a": {"b"}, "b": set()}) == []
+
+
+def test_no_import_cycles():
+    imports, _ = package_imports()
+    graph = {me: {other for other, _, _ in found if other != me} for me, found in imports.items()}
+    graph["__init__"] = set()  # importing nanohuatuo.x runs __init__ first whatever it imports: not an edge back
+    cycles = find_cycles(graph)
+    assert not cycles, "import cycles (function-local imports included):\n" + \
+        "\n".join(" -> ".join(c) for c in cycles)
+
+
+# ----------------------------------------------------------------------------- command lines
+
+HELP_RUNNER = r"""
+import contextlib, io, json, re, runpy, sys
+sys.path.insert(0, sys.argv[1])
+def run(kind, target, args):
+    buf = io.StringIO()
+    old = sys.argv
+    sys.argv = [target] + args
+    code = 0
+    try:
+        with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(buf):
+            if kind == "script":
+                runpy.run_path(target, run_name="__main__")
+            else:
+                runpy.run_module(target, run_name="__main__", alter_sys=True)
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    except BaseException as e:
+        code, _ = 1, buf.write(f"{type(e).__name__}: {e}")
+    finally:
+        sys.argv = old
+    return code, buf.getvalue()
+out = {}
+for kind, target in json.loads(sys.argv[2]):
+    todo = [[]]
+    while todo:
+        sub = todo.pop(0)
+        code, text = run(kind, target, sub + ["--help"])
+        out[" ".join([target] + sub)] = [code, text]
+        usage = text.split("\n\n")[0]
+        m = re.search(r"\{([\w,-]+)\}", usage) if not sub else None
+        if code == 0 and m:
+            todo += [[s] for s in m.group(1).split(",")]
+print("\0" + json.dumps(out))
+"""
+
+
+@pytest.fixture(scope="module")
+def helps():
+    """{command: (exit code, --help output)} of every script and `python -m nanohuatuo.X`, with subcommands."""
+    targets = [["script", str(ROOT / s)] for s in SCRIPTS if (ROOT / s).exists()]
+    targets += [["module", f"nanohuatuo.{p.stem}"] for p in sorted(PKG.glob("*.py"))
+                if '__name__ == "__main__"' in p.read_text(encoding="utf-8")]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    r = subprocess.run([sys.executable, "-c", HELP_RUNNER, str(ROOT), json.dumps(targets)], capture_output=True,
+                       text=True, timeout=300, env=env, cwd=ROOT)
+    assert "\0" in r.stdout, r.stderr[-3000:]
+    return {k.replace(str(ROOT) + "/", ""): tuple(v) for k, v in json.loads(r.stdout.split("\0")[-1]).items()}
+
+
+def options(text: str) -> list[tuple[list[str], str]]:
+    """(flag names, help text) of each option in argparse --help output."""
+    lines = text.splitlines()
+    start = next((i for i, line in enumerate(lines) if line in ("positional arguments:", "options:",
+                                                                  "optional arguments:")), len(lines))
+    out = []
+    for i, line in enumerate(lines):
+        if i < start or not re.match(r"^  -", line):  # the description may quote flags too
+            continue
+        invocation, _, help = line.strip().partition("  ")
+        following = []
+        for nxt in lines[i + 1:]:  # a long invocation puts its help on the next, deeper-indented lines
+            if re.match(r"^\s{4,}\S", nxt) and not re.match(r"^\s+-", nxt):
+                following.append(nxt.strip())
+            else:
+                break
+        flags = re.findall(r"(--?[\w-]+)", invocation.split(" ")[0] + " " + " ".join(
+            p.split(" ")[0] for p in invocation.split(", ")))
+        out.append((sorted(set(flags)), " ".join([help.strip()] + following).strip()))
+    return out
+
+
+def test_options_parser_by_hand():
+    text = ("usage: x\n\n  --not-a-flag in the description\n\noptions:\n  -h, --help            show this help message and exit\n"
+            "  --lora-targets NAME [NAME ...]\n                        LoRA targets (default: all)\n"
+            "  --seed SEED\n  --out OUT             output directory\n")
+    assert options(text) == [(["--help", "-h"], "show this help message and exit"),
+                             (["--lora-targets"], "LoRA targets (default: all)"), (["--seed"], ""),
+                             (["--out"], "output directory")]
+
+
+def test_every_command_answers_help(helps):
+    broken = {cmd: text[-500:] for cmd, (code, text) in helps.items() if code != 0 or "usage:" not in text}
+    assert not broken, "commands whose --help fails:\n" + "\n".join(f"{c}: {t}" for c, t in broken.items())
+
+
+def test_every_flag_has_help_and_one_name_per_concept(helps):
+    bad = []
+    for cmd, (code, text) in sorted(helps.items()):
+        for flags, help in options(text):
+            if not help:
+                bad.append(f"{cmd}: {'/'.join(flags)} has no help text")
+            for f in flags:
+                if f in SYNONYMS:
+                    bad.append(f"{cmd}: {f} is spelled {SYNONYMS[f]} everywhere else")
+                if "_" in f:
+                    bad.append(f"{cmd}: {f}: flags use dashes ({f.replace('_', '-')})")
+            if "--seed" in flags and not re.search(r"default:? 0\b", help):
+                bad.append(f"{cmd}: --seed should default to 0 like every other command ({help!r})")
+    assert not bad, "\n".join(bad)
