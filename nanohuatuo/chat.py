@@ -40,11 +40,6 @@ class PromptTooLong(UserError):
 
 # ----------------------------------------------------------------------------- loading
 
-def pick_device(device=None):
-    """The device for inference: cuda when there is one (kept for callers; new code uses cli.resolve_device)."""
-    return resolve_device(device or "auto")
-
-
 def tokenizer_dir(model_dir, adapter=None):
     """Where the tokenizer and chat template come from: an adapter directory that carries its own
     (training writes the template it used next to the adapter), else the model directory."""
@@ -62,7 +57,7 @@ def load_for_chat(model_dir, adapter=None, dtype=None, device=None, int8=False, 
     needs about 15 GB), float32 on CPU; `int8` stores linear weights as int8 (about 7.5 GB for 7B).
     An adapter is merged first, so chatting costs no more than the base model.
     """
-    device = pick_device(device)
+    device = resolve_device(device or "auto")
     dtype = dtype or resolve_dtype("auto", device)
     config = check_model_dir(model_dir, build=Transformer)  # every tensor's name and shape, no data read
     if not config.lm_head:

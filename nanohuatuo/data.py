@@ -627,9 +627,5 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-# the old private name, still imported by sft.py
-_parse_weights = parse_weights
-
-
 if __name__ == "__main__":
     sys.exit(main())

@@ -546,7 +546,3 @@ def atomic_json(final, obj):
         with open(tmp, "w", encoding="utf-8") as f:
             json.dump(obj, f, indent=2, ensure_ascii=False)
     atomic_write(final, write)
-
-
-# the old private names, still imported by sft.py and reward.py until they use checkpoint.py
-_atomic, _atomic_json = atomic_write, atomic_json

@@ -10,6 +10,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .lora import LoRALinear
+
 
 class Int8Linear(nn.Module):
     def __init__(self, linear: nn.Linear):
@@ -33,7 +35,7 @@ def quantize_int8(model, skip=("value_head",)) -> int:
     Returns the number of layers replaced. Tied embeddings keep their full-precision copy for the
     input lookup; the output head gets its own int8 copy.
     """
-    if any(type(m).__name__ == "LoRALinear" for m in model.modules()):
+    if any(isinstance(m, LoRALinear) for m in model.modules()):
         raise ValueError("merge the LoRA adapter first (lora.merge_and_unload) and then quantise")
     todo = [(name, m) for name, m in model.named_modules()
             if isinstance(m, nn.Linear) and not any(s in name for s in skip)]

@@ -143,3 +143,16 @@ def test_ctrl_c_stops_the_answer_and_keeps_the_conversation(tiny_dir, monkeypatc
                           {"role": "user", "content": "第二个问题"}]
     assert seen[2][0] == seen[1][0][:2] + [{"role": "user", "content": "第三个问题"}]
     assert [s for _, s in seen] == [7, 7, 7]  # stopped answers don't count: the next one samples afresh
+
+
+def test_int8_chat_and_lora_refused(tiny_dir):
+    from nanohuatuo.lora import apply_lora
+    from nanohuatuo.quant import Int8Linear, quantize_int8
+    model, tok, _ = load_for_chat(tiny_dir, template="huatuo", int8=True)
+    assert isinstance(model.layers[0].self_attn.q_proj, Int8Linear)
+    assert isinstance(reply(model, tok, "huatuo", [{"role": "user", "content": "头痛怎么办？"}], max_new_tokens=4,
+                            temperature=0.0), str)
+    lora = Transformer.from_pretrained(tiny_dir)
+    apply_lora(lora, r=2)
+    with pytest.raises(ValueError, match="merge the LoRA adapter first"):
+        quantize_int8(lora)
