@@ -302,7 +302,10 @@ def candidate_key(c: Candidate, s: Sampling, extra: dict | None = None) -> str:
         what = {"base_url": c.base_url.rstrip("/"), "model_name": c.model_name}
     else:
         return "file-" + slug(c.label())
-    blob = json.dumps({**what, **asdict(s), **(extra or {})}, sort_keys=True, ensure_ascii=False)
+    sampled = asdict(s)
+    if s.temperature == 0:
+        del sampled["seed"]  # greedy answers do not depend on it (it also drives the bootstrap)
+    blob = json.dumps({**what, **sampled, **(extra or {})}, sort_keys=True, ensure_ascii=False)
     return f"{slug(c.label())}-{hashlib.sha1(blob.encode()).hexdigest()[:10]}"
 
 
@@ -317,19 +320,20 @@ def prompt_hash(messages) -> str:
 class AnswerStore:
     """One JSONL file of a candidate's outputs, keyed by item id and prompt hash; appended as they come.
 
-    A torn last line (a run killed mid-write) is ignored and written again."""
+    A torn last line (a run killed mid-write) is cut off, and that answer made again."""
 
     def __init__(self, path: Path):
         self.path = Path(path)
         self.rows = {}
         if self.path.exists():
-            with open(self.path, encoding="utf-8") as f:
-                for line in f:
-                    try:
-                        row = json.loads(line)
-                    except json.JSONDecodeError:
-                        continue
-                    self.rows[(row["id"], row["hash"])] = row
+            raw = self.path.read_bytes()
+            if raw and not raw.endswith(b"\n"):
+                raw = raw[: raw.rfind(b"\n") + 1]
+                with open(self.path, "r+b") as f:
+                    f.truncate(len(raw))
+            for line in raw.decode("utf-8").splitlines():
+                row = json.loads(line)
+                self.rows[(row["id"], row["hash"])] = row
 
     def get(self, item_id: str, h: str) -> dict | None:
         return self.rows.get((item_id, h))

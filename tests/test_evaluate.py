@@ -337,6 +337,27 @@ def test_local_model_answers_are_generated_once(tmp_path, tiny, monkeypatch):
     assert "deterministic similarity stand-in" in report
 
 
+def test_adapter_candidate(tmp_path, tiny):
+    import torch
+    from nanohuatuo.lora import apply_lora, lora_modules, save_adapter
+    from nanohuatuo.model import Transformer
+    model = Transformer.from_pretrained(tiny)
+    apply_lora(model, r=2, alpha=4, dropout=0.0)
+    with torch.no_grad():
+        for _, m in lora_modules(model):
+            for p in m.parameters():
+                if p.requires_grad:
+                    p.normal_(0, 0.5)  # a trained-looking adapter: its answers differ from the base's
+    save_adapter(model, tmp_path / "adapter")
+    data, rows = questions(tmp_path, 3)
+    summary = ev.run_pairwise(ev.PairwiseConfig(
+        data=data, a_model=tiny, a_adapter=str(tmp_path / "adapter"), b_model=tiny, b_name="base", judge="offline",
+        out=str(tmp_path / "out"), max_new_tokens=6, device="cpu", bootstrap=20))
+    assert summary["a"] == "adapter" and summary["stats"]["overall"]["n"] == 3
+    pairs = [json.loads(x) for x in (tmp_path / "out" / "pairs.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert any(p["answer_a"] != p["answer_b"] for p in pairs)
+
+
 def test_offline_dialogue_with_our_model(tmp_path, tiny):
     cfg = ev.DialogueConfig(data=cases_file(tmp_path), out=str(tmp_path / "dlg"), a_model=tiny, a_name="tiny",
                             b_model=tiny, b_name="tiny-again", judge="offline", patient="offline", max_turns=2,
@@ -519,3 +540,12 @@ def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
     assert ev.main(["pairwise", "--data", data, "--a-answers", "x", "--b-answers", "y", "--out", str(tmp_path / "o")]) == 2
     assert "no such file" in capsys.readouterr().err
     assert ev.main(["--help"]) == 0 and "pairwise" in capsys.readouterr().out
+
+
+def test_answer_store_cuts_a_torn_last_line(tmp_path):
+    path = tmp_path / "a.jsonl"
+    path.write_text('{"id": "1", "hash": "h", "answer": "x"}\n{"id": "2", "ha', encoding="utf-8")  # killed mid-write
+    store = ev.AnswerStore(path)
+    assert list(store.rows) == [("1", "h")]
+    store.add([{"id": "2", "hash": "h", "answer": "y"}])
+    assert [k for k in ev.AnswerStore(path).rows] == [("1", "h"), ("2", "h")]
