@@ -323,7 +323,9 @@ class Runner:
     def stop(self):
         self.stopping = True
         self.wake.set()
-        self.thread.join(timeout=30)
+        if self.thread.is_alive():
+            self.thread.join(timeout=30)
+        self.fail_all("the server is shutting down", log=False)  # no handler waits for ever
 
     def submit(self, job, strip_end) -> Ticket:
         ticket = Ticket(job, sum(len(p) for p in job.prompts))
@@ -397,8 +399,9 @@ class Runner:
         if text or lps or reason is not None:
             ticket.queue.put(("delta", choice.index, text, lps, choice.finish_reason))
 
-    def fail_all(self, message):
-        print(f"error: {message}", file=sys.stderr, flush=True)
+    def fail_all(self, message, log=True):
+        if log:
+            print(f"error: {message}", file=sys.stderr, flush=True)
         with self.lock:
             tickets = {id(t): t for t, _ in self.rows.values()}
             for rid in list(self.rows):

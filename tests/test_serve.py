@@ -493,6 +493,25 @@ def test_dropped_stream_frees_its_slot(tiny):
         srv.close()
 
 
+def test_failed_step_answers_500_and_serving_goes_on(tiny):
+    srv = start(tiny, slots=2)
+    try:
+        engine = srv.service.runner.engine
+        step = engine.step
+
+        def broken():
+            engine.step = step  # fail once
+            raise RuntimeError("out of memory (simulated)")
+        engine.step = broken
+        status, _, body = http(srv, "/v1/chat/completions", {"model": NAME, "messages": user("hi"), "max_tokens": 3})
+        assert status == 500 and "out of memory (simulated)" in body["error"]["message"]
+        assert body["error"]["type"] == "server_error"
+        assert http(srv, "/v1/chat/completions", {"model": NAME, "messages": user("hi"), "max_tokens": 3})[0] == 200
+        assert srv.service.runner.in_flight == 0
+    finally:
+        srv.close()
+
+
 def test_api_key(tiny, monkeypatch):
     monkeypatch.setenv("NANOHUATUO_API_KEY", "from-env")
     srv = start(tiny, slots=1, api_key="sekrit")
