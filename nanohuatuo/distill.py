@@ -29,7 +29,7 @@ endpoint (a cloud model, vLLM, or our own serve.py). Each writes rows of the con
 Every LLM call goes through nanohuatuo.llm.LLM: cached in SQLite (default <out>.cache.sqlite), so a
 rerun of an interrupted command resumes without repeating a request (requests are a pure function
 of the inputs, the seed and the cached replies); malformed replies are re-asked, then skipped and
-counted. Each command prints a summary (requests, tokens, items kept, items dropped by reason) and
+counted (each re-ask shows the model its reply and a nudge, NUDGES). Each command prints a summary (requests, tokens, items kept, items dropped by reason) and
 returns it as a dict. Python API: run_instructions(cfg), run_conversations(cfg), run_polish(cfg)
 with InstructionsConfig / ConversationsConfig / PolishConfig.
 
@@ -119,6 +119,14 @@ POLISH_PROMPT = """下面是线上问诊中真实医生的一条回复，内容�
 {context}医生的原回复：
 {reply}"""
 POLISH_CONTEXT = "对话记录：\n{dialogue}\n\n"
+
+# Sent after an unusable reply, with that reply, so the next ask differs even from a seeded or greedy endpoint.
+NUDGES = {
+    "instructions": "格式不对。请重新输出：只写指令本身，每条一行，以序号开头，例如“1. ……”。",
+    "answer": "请直接用简体中文回答上面的问题，内容准确、具体。",
+    "turn": "请只输出你这一轮要说的话，一两句到一段，不要加前缀。",
+    "polish": "请直接输出改写后的医生回复，不要加任何说明。",
+}
 
 # A refusal or an AI disclaimer makes an instruction, an answer or a turn unusable.
 REFUSALS = ("作为一个人工智能", "作为人工智能", "作为一个AI", "作为AI", "作为一名AI", "我是一个AI", "我是AI",
@@ -368,6 +376,14 @@ def parse_polished(text: str) -> str:
     return text
 
 
+def nudge(kind: str):
+    """LLM followup for a re-ask: the conversation so far, the unusable reply, and NUDGES[kind]."""
+    def followup(messages: list[dict], reply: str, reason: str) -> list[dict]:
+        return messages + [{"role": "assistant", "content": reply or "（空）"},
+                           {"role": "user", "content": NUDGES[kind]}]
+    return followup
+
+
 # ---------------------------------------------------------------- the polish fact check
 
 _CN_DIGITS = {"零": 0, "一": 1, "二": 2, "两": 2, "三": 3, "四": 4, "五": 5, "六": 6, "七": 7, "八": 8, "九": 9}
@@ -614,7 +630,7 @@ def run_instructions(cfg: InstructionsConfig) -> dict:
             k = min(max_requests - asked, math.ceil((cfg.n - len(kept)) / cfg.per_request))
             requests = [instruction_request(seeds, cfg, i) for i in range(asked, asked + k)]
             answers = llm.map([r["call"] for r in requests], parse=parse_instructions,
-                              desc=f"instructions {len(kept)}/{cfg.n}")
+                              followup=nudge("instructions"), desc=f"instructions {len(kept)}/{cfg.n}")
             asked += k
             for request, answer in zip(requests, answers):
                 if not answer.ok:
@@ -637,7 +653,7 @@ def run_instructions(cfg: InstructionsConfig) -> dict:
         calls = [{"messages": [{"role": "system", "content": ANSWER_SYSTEM},
                                {"role": "user", "content": item["instruction"]}],
                   "temperature": cfg.temperature, "max_tokens": cfg.max_tokens} for item in kept]
-        answers = llm.map(calls, parse=parse_answer, desc="answers")
+        answers = llm.map(calls, parse=parse_answer, followup=nudge("answer"), desc="answers")
         rows = []
         for k, (item, answer) in enumerate(zip(kept, answers), 1):
             if not answer.ok:
@@ -752,7 +768,7 @@ def run_conversations(cfg: ConversationsConfig) -> dict:
         params = {"temperature": cfg.temperature, "max_tokens": cfg.max_tokens}
         for turn in range(1, cfg.max_turns + 1):
             replies = patient.map([{"messages": patient_messages(cases[i], turns[i]), **params} for i in active],
-                                  parse=parse_patient, desc=f"patient turn {turn}")
+                                  parse=parse_patient, followup=nudge("turn"), desc=f"patient turn {turn}")
             speaking = []
             for i, a in zip(active, replies):
                 if not a.ok:
@@ -768,7 +784,7 @@ def run_conversations(cfg: ConversationsConfig) -> dict:
                 turns[i].append({"role": "user", "content": said})
                 speaking.append(i)
             replies = doctor.map([{"messages": doctor_messages(cases[i], turns[i]), **params} for i in speaking],
-                                 parse=parse_doctor, desc=f"doctor turn {turn}")
+                                 parse=parse_doctor, followup=nudge("turn"), desc=f"doctor turn {turn}")
             active = []
             for i, a in zip(speaking, replies):
                 if not a.ok:
@@ -834,7 +850,7 @@ def run_polish(cfg: PolishConfig) -> dict:
     llm = make_llm(cfg, "polish")
     try:
         answers = llm.map([polish_call(rows[r]["messages"], k, cfg) for r, k in jobs], parse=parse_polished,
-                          desc="polish")
+                          followup=nudge("polish"), desc="polish")
         by_row: dict[int, dict[int, object]] = {}
         for (r, k), a in zip(jobs, answers):
             by_row.setdefault(r, {})[k] = a

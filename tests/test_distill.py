@@ -277,10 +277,15 @@ def test_malformed_replies_retried_then_skipped_and_counted(tmp_path):
         report = D.run_instructions(D.command_config(
             "instructions", base_args(srv, tmp_path, "di", n=12, attempts=3)))
         sent = srv.requests
-    asks = Counter(bodies(sent, kinds={"generate"}))
-    bad_seeds = sorted({json.loads(b)["seed"] for b in asks if json.loads(b)["seed"] % 3 == 1})
-    assert bad_seeds == [1, 4]  # requests 1 and 4 of 6 (rounds of 3, 2 and 1 requests)
-    assert all(n == (3 if json.loads(b)["seed"] in bad_seeds else 1) for b, n in asks.items())  # 3 asks each
+    gens = [b for _, b in sent if kind(b) == "generate"]
+    asks = Counter(b["seed"] for b in gens)
+    assert asks == {0: 1, 1: 3, 2: 1, 3: 1, 4: 3, 5: 1}  # requests 1 and 4 (rounds of 3, 2, 1) asked 3 times
+    for b in gens:  # a re-ask shows the model its reply and says what was wrong
+        again = asks[b["seed"]] > 1 and len(b["messages"]) > 1
+        if again:
+            assert b["messages"][-2]["content"] == "好的，我来写几条，不过这次没有序号。"
+            assert b["messages"][-1]["content"] == D.NUDGES["instructions"]
+    assert sum(len(b["messages"]) == 5 for b in gens) == 2  # the third asks: two nudges
     refused = report["dropped"]["answer unusable (refusal)"]
     empty = report["dropped"]["answer unusable (empty choices)"]
     assert report["dropped"]["generation reply unusable (no numbered instructions)"] == 2
