@@ -38,7 +38,9 @@ JSONL per candidate under `--answers-dir` (default OUT/answers), keyed by what p
 (model files, adapter, template, sampling settings), so a model answers once and every later
 comparison that points at the same directory reuses it. Every LLM call (judge, patient,
 endpoint candidates) goes through llm.LLM with a SQLite cache per role under `--cache` (default
-OUT/cache): an interrupted run rerun with --resume sends only what it had not received.
+OUT/cache): an interrupted run rerun with --resume sends only what it had not received. A
+consultation is stored when it ends; one cut short is replayed, from the cache where the doctor
+repeats itself (greedy decoding, a seeded or cached endpoint).
 
 Offline (no network): `--judge offline` is a deterministic stand-in for a judge (character-bigram
 similarity to the reference, textmetrics.similarity_score: the doctor's diagnosis in dialogue,
@@ -64,14 +66,13 @@ import hashlib
 import html
 import io
 import json
-import math
 import os
 import random
 import re
 import sys
 import time
 import unicodedata
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -1106,11 +1107,10 @@ def sampling(cfg) -> Sampling:
 
 
 def _setup(cfg):
-    """Lock --out and fill in the default cache and answer directories."""
+    """Lock --out; the config with the default cache and answer directories filled in (a copy)."""
     lock = prepare_out(cfg.out, resume=cfg.resume, overwrite=cfg.overwrite)
-    cfg.answers_dir = cfg.answers_dir or str(Path(cfg.out) / "answers")
-    cfg.cache = cfg.cache or str(Path(cfg.out) / "cache")
-    return lock
+    return lock, replace(cfg, answers_dir=cfg.answers_dir or str(Path(cfg.out) / "answers"),
+                         cache=cfg.cache or str(Path(cfg.out) / "cache"))
 
 
 def _names(a: Candidate, b: Candidate) -> tuple[str, str]:
@@ -1133,8 +1133,9 @@ def run_pairwise(cfg: PairwiseConfig) -> dict:
     """Single-turn pairwise evaluation (see the module doc); returns the summary dict."""
     a, b = side(cfg, "a"), side(cfg, "b")
     questions = load_questions(cfg.data, cfg.limit)
-    with _setup(cfg):
-        out, s, usage = Path(cfg.out), sampling(cfg), []
+    lock, cfg = _setup(cfg)
+    with lock:
+        s, usage = sampling(cfg), []
         items = [{"id": q["id"], "group": q["group"], "messages": [{"role": "user", "content": q["query"]}]}
                  for q in questions]
         answers_a = get_answers(a, s, items, cfg, usage)
@@ -1187,7 +1188,8 @@ def run_dialogue(cfg: DialogueConfig) -> dict:
     if cfg.max_turns < 1:
         raise UserError(f"--max-turns {cfg.max_turns}: need at least 1")
     cases = load_cases(cfg.data, cfg.limit)
-    with _setup(cfg):
+    lock, cfg = _setup(cfg)
+    with lock:
         out, s, usage = Path(cfg.out), sampling(cfg), []
         patient = open_patient(cfg)
         try:
@@ -1202,14 +1204,14 @@ def run_dialogue(cfg: DialogueConfig) -> dict:
             for case, x, y in zip(cases, ta, tb) for name, t in ((na, x), (nb, y))])
         pairs = []
         for case, x, y in zip(cases, ta, tb):
-            pairs.append({"id": case["id"], "group": case["group"], "prompt": case["medical_case"],
-                          "reference": case["doctor_diagnosis"], "reference_name": "real doctor's diagnosis",
-                          "answer_a": render_transcript(x["transcript"]) if x else None,
-                          "answer_b": render_transcript(y["transcript"]) if y else None,
-                          "stopped_a": x and x["stopped"], "stopped_b": y and y["stopped"],
-                          "turns_a": x and x["doctor_turns"], "turns_b": y and y["doctor_turns"],
-                          "len_a": length(" ".join(t["content"] for t in x["transcript"] if t["role"] == "doctor")) if x else 0,
-                          "len_b": length(" ".join(t["content"] for t in y["transcript"] if t["role"] == "doctor")) if y else 0})
+            pair = {"id": case["id"], "group": case["group"], "prompt": case["medical_case"],
+                    "reference": case["doctor_diagnosis"], "reference_name": "real doctor's diagnosis"}
+            for k, t in (("a", x), ("b", y)):  # t is None when that consultation broke off
+                doctor = " ".join(turn["content"] for turn in t["transcript"] if turn["role"] == "doctor") if t else ""
+                pair.update({f"answer_{k}": render_transcript(t["transcript"]) if t else None,
+                             f"stopped_{k}": t and t["stopped"], f"turns_{k}": t and t["doctor_turns"],
+                             f"len_{k}": length(doctor)})  # the length fit counts the doctor's words only
+            pairs.append(pair)
         judge = open_judge(cfg)
 
         def build(it, first, second):
@@ -1224,7 +1226,8 @@ def run_metrics(cfg: MetricsConfig) -> dict:
     c = Candidate(cfg.name, cfg.model, cfg.adapter, cfg.base_url, cfg.model_name, cfg.api_key, cfg.answers, cfg.template)
     c.kind()
     items = load_qa(cfg.data, cfg.format, cfg.limit)
-    with _setup(cfg):
+    lock, cfg = _setup(cfg)
+    with lock:
         out, usage = Path(cfg.out), []
         answers = get_answers(c, sampling(cfg), items, cfg, usage)
         scored = [(it, a) for it, a in zip(items, answers) if a is not None]
