@@ -1,89 +1,213 @@
-"""The whole HuatuoGPT recipe end to end on the bundled data, on a CPU, in minutes.
+"""The whole HuatuoGPT recipe end to end, evaluation included: on the bundled data, on a CPU, in minutes.
 
-Each stage calls the same code the real scripts call; this module only chains them:
+Each stage calls the same code the real commands run; this module only chains them and writes
+the report:
 
-    0. tokenizer: a sentencepiece model trained on the bundled text
-    1. base:      a tiny Llama-style Transformer, random weights, saved in the Hugging Face layout
-    2. SFT:       sft.train on the four sources (full fine-tuning: a random model has nothing to adapt)
-    3. samples:   sampling.sample_answers, K answers per real-doctor prompt
-    4. feedback:  the offline judge (or an OpenAI-compatible one) ranks them against the doctor's reply
+    0. data:      the four bundled SFT sources (with --llm-base-url: plus a few items of each made
+                  by distill.py: self-instruct, patient/doctor conversations, polished replies)
+    1. base:      a sentencepiece tokenizer and a tiny random Llama-style model (or --model DIR)
+    2. SFT:       sft.train on the four sources (full fine-tuning of the tiny model; LoRA on --model)
+    3. samples:   sampling.sample_answers, K answers per real-doctor prompt on the engine
+    4. feedback:  the offline judge (or an LLM) ranks them against the doctor's reply
     5. RM:        reward.train on the rankings
-    6. PPO:       ppo.train, policy = SFT model + LoRA, reference = adapters off, value head on the trunk
-    7. eval:      SFT vs PPO on held-out prompts (RM score, length, EOS rate), side-by-side answers,
-                  one chat turn, report.md with the plots
+    6. PPO:       ppo.train, policy = SFT model + LoRA, reference = adapters off, value head
+    7. eval:      HuatuoGPT's evaluation of PPO against SFT: reference metrics (BLEU, GLEU, ROUGE,
+                  Distinct) on held-out doctor answers, pairwise judging on the KUAKE-QIC-format
+                  questions with the order swapped, and a multi-turn round on the Med-dialog-format
+                  cases with a patient (an offline stand-in unless an LLM plays it)
+    8. report:    runs/demo/report.md with the numbers, plots, sample answers and time per stage
 
 A tiny model trained from scratch for a few minutes speaks broken Chinese; the point is to watch
-every stage work and its numbers move the right way, then run the same scripts on a real model.
+every stage work and its numbers move the right way, then run the same commands on a real model.
 """
 
-import argparse
+import cProfile
+import io
 import json
 import os
+import platform
+import pstats
 import random
-import shutil
 import sys
 import time
-from dataclasses import dataclass, asdict
+from dataclasses import asdict, dataclass, replace
 
 import torch
 
-from . import ppo, reward, sft
-from .chat import reply
-from .data import load_conversations, to_prompt, write_jsonl, split_heldout
+from . import distill, evaluate, ppo, reward, sft
+from .cli import UserError, arg, cli_main, prepare_out
+from .data import load_conversations, to_prompt, write_jsonl
 from .feedback import OfflineJudge, OpenAIJudge, rankings_to_preferences
-from .generate import generate_batch, cut_at_stop
 from .model import ModelConfig, Transformer
+from .reward_model import load_reward_model
 from .sampling import sample_answers
-from .templates import render_prompt, stop_strings, stop_token_ids
 from .tokenizer import Tokenizer, train_sentencepiece
 
 DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data")
 SOURCES = ["distilled_instructions", "real_doctor_instructions", "distilled_conversations",
            "real_doctor_conversations"]
-TEMPLATE = "huatuo"
+MARKER = "demo.json"  # written first: a directory holding it is an earlier demo run, safe to replace
 
 
 @dataclass
 class DemoSize:
+    """How much each stage does. The default fits five minutes on two CPU cores; REAL is for one GPU."""
     vocab: int = 1200
     dim: int = 128
     n_layers: int = 4
     n_heads: int = 4
     ffn: int = 352
-    sft_steps: int = 200
+    lora_r: int = 0  # 0: full fine-tuning (a random model has nothing to adapt)
+    sft_steps: int = 150
     sft_batch: int = 16
     sft_lr: float = 3e-3
-    rl_prompts: int = 120  # prompts sampled and judged for the reward model
+    max_len: int = 384
+    rl_prompts: int = 96  # prompts sampled and judged for the reward model
     k: int = 4
-    sample_tokens: int = 96
+    sample_tokens: int = 80
     rm_epochs: int = 2
     rm_lr: float = 3e-4
-    ppo_steps: int = 40
+    ppo_steps: int = 30
     ppo_batch: int = 16
-    ppo_tokens: int = 96
+    ppo_tokens: int = 80
     ppo_lr: float = 3e-4
     kl_coef: float = 0.1
-    eval_prompts: int = 32
+    eval_prompts: int = 32  # held-out real-doctor prompts (reference metrics)
+    eval_questions: int = 50  # KUAKE-QIC-format questions judged pairwise
+    eval_cases: int = 8  # Med-dialog-format cases consulted
+    eval_turns: int = 3
+    eval_tokens: int = 80
+    distill_items: int = 4  # with --llm-base-url: items of each distilled source
 
 
-QUICK = DemoSize(vocab=400, dim=32, n_layers=2, n_heads=4, ffn=64, sft_steps=12, sft_batch=8, rl_prompts=12,
-                 k=2, sample_tokens=24, rm_epochs=1, ppo_steps=3, ppo_batch=4, ppo_tokens=24, eval_prompts=4)
+QUICK = DemoSize(vocab=400, dim=32, n_layers=2, n_heads=4, ffn=64, sft_steps=12, sft_batch=8, max_len=256,
+                 rl_prompts=12, k=2, sample_tokens=24, rm_epochs=1, ppo_steps=3, ppo_batch=4, ppo_tokens=24,
+                 eval_prompts=4, eval_questions=6, eval_cases=2, eval_turns=2, eval_tokens=24, distill_items=2)
+# --model DIR: LoRA on a real checkpoint, sized for one 24 GB GPU with a 0.5B-7B model in bf16
+REAL = DemoSize(lora_r=16, sft_steps=200, sft_batch=16, sft_lr=1e-4, max_len=1024, rl_prompts=256, k=4,
+                sample_tokens=256, rm_epochs=1, rm_lr=5e-5, ppo_steps=50, ppo_batch=32, ppo_tokens=256,
+                ppo_lr=2e-5, kl_coef=0.05, eval_prompts=64, eval_questions=50, eval_cases=8, eval_turns=4,
+                eval_tokens=384, distill_items=16)
+
+# rough share of the wall time per stage on a 2-core CPU, for the ETA printed as each stage starts
+BUDGET = {"data": 0.01, "base": 0.02, "sft": 0.27, "samples": 0.08, "feedback": 0.01, "rm": 0.12, "ppo": 0.32,
+          "eval": 0.16, "report": 0.01}
 
 
-def say(msg):
-    print(f"\n=== {msg}", flush=True)
+@dataclass
+class DemoConfig:
+    out: str = arg("runs/demo", "output directory (report.md, every stage's outputs); an earlier demo run there "
+                                "is replaced")
+    quick: bool = arg(False, "a reduced run in under a minute (what the tests run)")
+    model: str = arg("", "run the recipe with LoRA on this real checkpoint (Hugging Face layout) instead of the "
+                         "tiny model trained from scratch; sizes for one 24 GB GPU: LoRA r 16, SFT 200 steps of 16, "
+                         "256 prompts x 4 answers of 256 tokens, PPO 50 steps of 32")
+    llm_base_url: str = arg("", "one OpenAI-compatible endpoint as teacher (distill.py), judge and patient; "
+                                "default: offline stand-ins", metavar="URL")
+    llm_model: str = arg("", "the model name at --llm-base-url", metavar="NAME")
+    llm_api_key: str | None = arg(None, "API key of --llm-base-url (default: $NANOHUATUO_API_KEY, then "
+                                        "$OPENAI_API_KEY)")
+    profile: bool = arg(False, "profile every stage with cProfile; the top functions go to OUT/profile/STAGE.txt")
+    overwrite: bool = arg(False, "replace --out even if it holds something other than an earlier demo run")
+    device: str = arg("auto", "auto (cuda if available), cpu, cuda, ...")
+    dtype: str = arg("auto", "auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16")
+    seed: int = arg(0, "random seed of every stage")
 
 
-def load_bundled():
+# ----------------------------------------------------------------------------- stage bookkeeping
+
+def cpu_name() -> str:
+    """The processor's model name (what `lscpu` prints), for the report's timing table."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+class Stages:
+    """Runs the stages one after another: a header with the ETA, wall time each, optional profiles."""
+
+    def __init__(self, out: str, names: list[str], profile: bool):
+        self.out, self.names, self.profile = out, names, profile
+        self.seconds: dict[str, float] = {}
+        self.t0 = time.time()
+
+    def run(self, name: str, title: str, fn, *args, **kw):
+        i = self.names.index(name)
+        done = sum(BUDGET[n] for n in self.names[:i])
+        elapsed = time.time() - self.t0
+        if done > 0.05:  # extrapolate from the stages so far once they are a fair sample
+            left = elapsed / done * (1 - done)
+            eta = f", about {left / 60:.1f} min left in all"
+        else:
+            eta = ""
+        print(f"\n=== [{i + 1}/{len(self.names)}] {title} ({elapsed / 60:.1f} min so far{eta})", flush=True)
+        prof = cProfile.Profile() if self.profile else None
+        t = time.time()
+        if prof:
+            prof.enable()
+        try:
+            return fn(*args, **kw)
+        finally:
+            if prof:
+                prof.disable()
+            self.seconds[name] = time.time() - t
+            print(f"--- {name}: {self.seconds[name]:.1f} s", flush=True)
+            if prof:
+                self.write_profile(name, prof)
+
+    def write_profile(self, name, prof):
+        os.makedirs(os.path.join(self.out, "profile"), exist_ok=True)
+        buf = io.StringIO()
+        pstats.Stats(prof, stream=buf).sort_stats("cumulative").print_stats(30)
+        with open(os.path.join(self.out, "profile", f"{name}.txt"), "w") as f:
+            f.write(buf.getvalue())
+
+    def total(self) -> float:
+        return time.time() - self.t0
+
+
+# ----------------------------------------------------------------------------- the stages
+
+def load_bundled() -> tuple[list[dict], list[str]]:
+    paths = [os.path.join(DATA, f"sft_{s}.jsonl") for s in SOURCES]
     rows = []
-    for s in SOURCES:
-        rows += load_conversations(os.path.join(DATA, f"sft_{s}.jsonl"))
-    with open(os.path.join(DATA, "eval_questions.json")) as f:
-        questions = json.load(f)
-    return rows, questions
+    for p in paths:
+        rows += load_conversations(p)
+    return rows, paths
 
 
-def build_base(out, size: DemoSize, rows, seed):
+def distill_sources(out: str, cfg: DemoConfig, size: DemoSize, rows: list[dict]) -> list[str]:
+    """A few items of each LLM-made source, through distill.py's own commands."""
+    d = os.path.join(out, "distilled")
+    os.makedirs(d, exist_ok=True)
+    common = dict(base_url=cfg.llm_base_url, model_name=cfg.llm_model, api_key=cfg.llm_api_key, seed=cfg.seed)
+    real_single = [r for r in rows if r["source"] == "real_doctor_instructions"][:size.distill_items]
+    real_multi = [r for r in rows if r["source"] == "real_doctor_conversations"][:size.distill_items]
+    cases = os.path.join(d, "cases.jsonl")
+    write_jsonl(cases, real_single)
+    to_polish = os.path.join(d, "to_polish.jsonl")
+    write_jsonl(to_polish, real_single + real_multi)
+    made = []
+    for name, run_fn, conf in (
+            ("instructions", distill.run_instructions,
+             distill.InstructionsConfig(out=os.path.join(d, "instructions.jsonl"), n=size.distill_items, **common)),
+            ("conversations", distill.run_conversations,
+             distill.ConversationsConfig(out=os.path.join(d, "conversations.jsonl"), cases=[cases], max_turns=3,
+                                         **common)),
+            ("polish", distill.run_polish,
+             distill.PolishConfig(out=os.path.join(d, "polished.jsonl"), input=[to_polish], **common))):
+        print(f"distill {name}:", flush=True)
+        run_fn(conf)
+        made.append(conf.out)
+    return made
+
+
+def build_base(out: str, size: DemoSize, rows: list[dict], seed: int) -> int:
     """Tokenizer trained on the bundled text, and a random tiny Llama-style model, saved together."""
     texts = [m["content"] for r in rows for m in r["messages"]]
     tok = train_sentencepiece(texts, out, vocab_size=size.vocab)
@@ -97,130 +221,170 @@ def build_base(out, size: DemoSize, rows, seed):
     return model.num_params()
 
 
-def evaluate(policy_dir, adapter, rm, prompts, size, seed, samples=4):
-    """Answers of one model to held-out prompts (`samples` per prompt at temperature 0.7), scored.
-
-    "score" is what PPO maximises: the RM score, or the missing-EOS penalty for an answer that
-    never stops; "rm_score" is the reward model's score alone.
-    """
-    model = Transformer.from_pretrained(policy_dir, adapter=adapter)
-    tok = Tokenizer.from_pretrained(policy_dir)
-    ids = [render_prompt(p["messages"], tok, TEMPLATE) for p in prompts] * samples
-    g = generate_batch(model, ids, size.ppo_tokens, temperature=0.7, seed=seed,
-                       stop_ids=stop_token_ids(tok, TEMPLATE), stop_strings=stop_strings(TEMPLATE),
-                       tokenizer=tok, pad_id=tok.pad_id)
-    texts = [cut_at_stop(tok.decode(t), stop_strings(TEMPLATE)).strip() for t in g.tokens]
-    rm_scores = reward.score_texts(rm, [p["messages"] for p in prompts] * samples, texts).tolist()
-    penalty = ppo.PPOConfig.missing_eos_penalty
-    scores = [s if done else penalty for s, done in zip(rm_scores, g.finished)]
-    n = len(texts)
-    return {"answers": texts[:len(prompts)], "scores": scores[:len(prompts)], "mean_score": sum(scores) / n,
-            "mean_rm_score": sum(rm_scores) / n, "mean_length": sum(len(t) for t in g.tokens) / n,
-            "eos_rate": sum(g.finished) / n, "answers_scored": n}
-
-
-def run(out="runs/demo", quick=False, judge_base_url=None, judge_model=None, judge_api_key=None, seed=0):
-    size = QUICK if quick else DemoSize()
-    t0 = time.time()
-    times = {}
-    torch.manual_seed(seed)
-    random.seed(seed)
-    if os.path.exists(out):
-        shutil.rmtree(out)  # each demo run starts clean: its stages refuse to overwrite old checkpoints
-    os.makedirs(out)
-    rows, questions = load_bundled()
-
-    say("0-1. tokenizer and a tiny random base model")
-    base = os.path.join(out, "base")
-    n_params = build_base(base, size, rows, seed)
-    print(f"base: {n_params / 1e6:.2f}M parameters, tokenizer of {Tokenizer.from_pretrained(base).vocab_size} pieces")
-    times["base"] = time.time() - t0
-
-    say("2. SFT on the four sources")
-    sft_dir = os.path.join(out, "sft")
-    sft_cfg = sft.SFTConfig(base=base, data=[os.path.join(DATA, f"sft_{s}.jsonl") for s in SOURCES], out=sft_dir,
-                            template=TEMPLATE, lora_r=0, lr=size.sft_lr, max_steps=size.sft_steps,
-                            batch_size=size.sft_batch, micro_batch_size=size.sft_batch, max_len=512,
-                            eval_every=max(size.sft_steps // 6, 1), save_every=size.sft_steps, warmup_frac=0.05,
-                            seed=seed, device="cpu", dtype="float32", log_every=max(size.sft_steps // 20, 1))
-    sft_res = sft.train(sft_cfg)
-    times["sft"] = time.time() - t0 - sum(times.values())
-
-    say("3. sample K answers per real-doctor prompt")
-    real = [r for r in rows if r["source"].startswith("real_doctor")]
-    random.Random(seed).shuffle(real)
-    prompts = [to_prompt(r) for r in real]
-    n_eval = size.eval_prompts
-    eval_prompts, rl_prompts = prompts[:n_eval], prompts[n_eval:]
-    model = Transformer.from_pretrained(sft_dir)
+def sample_stage(out, sft_dir, adapter, template, prompts, size, seed, device):
+    model = Transformer.from_pretrained(sft_dir, adapter=adapter, device=device)
     tok = Tokenizer.from_pretrained(sft_dir)
-    items = sample_answers(model, tok, TEMPLATE, rl_prompts[:size.rl_prompts], k=size.k,
-                           max_new_tokens=size.sample_tokens, temperature=1.0, batch_size=32, seed=seed)
-    write_jsonl(os.path.join(out, "samples.jsonl"), items)
-    del model
-    times["sample"] = time.time() - t0 - sum(times.values())
+    items = sample_answers(model, tok, template, prompts, k=size.k, max_new_tokens=size.sample_tokens,
+                           temperature=1.0, batch_size=32, seed=seed)
+    path = os.path.join(out, "samples.jsonl")
+    write_jsonl(path, items)
+    return items
 
-    say("4. AI feedback: rank the answers against the doctor's reply")
-    if judge_base_url or judge_model:
-        judge = OpenAIJudge(base_url=judge_base_url, model=judge_model, api_key=judge_api_key,
-                            cache_path=os.path.join(out, "judge_cache.sqlite"))
-        judge_name = f"OpenAI-compatible judge {judge.model}"
+
+def feedback_stage(out, cfg: DemoConfig, items):
+    if cfg.llm_base_url:
+        judge = OpenAIJudge(base_url=cfg.llm_base_url, model=cfg.llm_model, api_key=cfg.llm_api_key,
+                            cache_path=os.path.join(out, "judge_cache.sqlite"), truncated="last")
+        name = f"OpenAI-compatible judge {cfg.llm_model}"
     else:
-        judge, judge_name = OfflineJudge(), "offline judge (similarity to the doctor's reply)"
+        judge, name = OfflineJudge(truncated="last"), "offline judge (similarity to the doctor's reply)"
+    # a small model's answers are often cut by the token limit: rank them below every finished one
+    # instead of dropping them, so the reward model still learns from every prompt
     results = judge.rank(items)
     prefs = rankings_to_preferences(items, results)
-    prefs_path = os.path.join(out, "prefs.jsonl")
-    write_jsonl(prefs_path, prefs)
-    print(f"{judge_name}: {len(prefs)} usable rankings of {len(items)}")
-    times["feedback"] = time.time() - t0 - sum(times.values())
+    write_jsonl(os.path.join(out, "prefs.jsonl"), prefs)
+    print(f"{name}: {len(prefs)} usable rankings of {len(items)}")
+    return name, prefs
 
-    say("5. reward model")
+
+def eval_stage(out, cfg: DemoConfig, size: DemoSize, policy, sft_adapter, ppo_dir, template, eval_prompts, device):
+    """HuatuoGPT's three automatic evaluations of PPO (A) against SFT (B), through evaluate.py's API."""
+    d = os.path.join(out, "eval")
+    answers = os.path.join(d, "answers")  # one answer file per candidate, shared by the comparisons
+    qa = os.path.join(d, "qa_heldout.jsonl")
+    write_jsonl(qa, [{"id": p["id"], "messages": p["messages"] + [{"role": "assistant", "content": p["reference"]}],
+                      "source": "real_doctor_instructions"} for p in eval_prompts])
+    online = bool(cfg.llm_base_url)
+    judge = dict(judge="endpoint", judge_base_url=cfg.llm_base_url, judge_model_name=cfg.llm_model,
+                 judge_api_key=cfg.llm_api_key) if online else dict(judge="offline")
+    gen = dict(device=device, dtype=cfg.dtype, batch_size=32, max_new_tokens=size.eval_tokens, seed=cfg.seed,
+               answers_dir=answers, overwrite=True)
+    a = dict(a_model=policy, a_adapter=ppo_dir, a_name="PPO", a_template=template)
+    b = dict(b_model=policy, b_adapter=sft_adapter, b_name="SFT", b_template=template)
+    res = {"metrics": {}}
+    for name, adapter in (("PPO", ppo_dir), ("SFT", sft_adapter)):
+        res["metrics"][name] = evaluate.run_metrics(evaluate.MetricsConfig(
+            out=os.path.join(d, f"metrics_{name.lower()}"), data=[qa], model=policy, adapter=adapter, name=name,
+            template=template, **gen))
+    res["pairwise"] = evaluate.run_pairwise(evaluate.PairwiseConfig(
+        out=os.path.join(d, "pairwise"), data=os.path.join(DATA, "eval_questions.json"), limit=size.eval_questions,
+        bootstrap=200, **a, **b, **judge, **gen))
+    patient = dict(patient="endpoint", patient_base_url=cfg.llm_base_url, patient_model_name=cfg.llm_model,
+                   patient_api_key=cfg.llm_api_key) if online else dict(patient="offline")
+    res["patient"] = f"{cfg.llm_model} (LLM)" if online else "offline stand-in reciting the case"
+    res["dialogue"] = evaluate.run_dialogue(evaluate.DialogueConfig(
+        out=os.path.join(d, "dialogue"), data=os.path.join(DATA, "eval_dialogues.json"), limit=size.eval_cases,
+        max_turns=size.eval_turns, bootstrap=200, **a, **b, **judge, **patient, **gen))
+    return res
+
+
+# ----------------------------------------------------------------------------- the run
+
+def run(cfg: DemoConfig | None = None, **kw) -> dict:
+    """Run the demo (DemoConfig fields as keywords work too: run(out=..., quick=True)); returns the summary."""
+    cfg = replace(cfg or DemoConfig(), **kw)
+    if cfg.llm_base_url and not cfg.llm_model:
+        raise UserError("--llm-base-url needs --llm-model NAME (the model the endpoint serves)")
+    size = QUICK if cfg.quick else REAL if cfg.model else DemoSize()
+    real = bool(cfg.model)
+    out = cfg.out
+    if os.path.isdir(out) and os.listdir(out) and not os.path.exists(os.path.join(out, MARKER)) \
+            and not cfg.overwrite:
+        raise UserError(f"--out {out} holds something other than an earlier demo run; choose another --out or pass "
+                        "--overwrite")
+    lock = prepare_out(out, overwrite=True)  # an earlier demo run is replaced: every stage starts clean
+    try:
+        with open(os.path.join(out, MARKER), "w") as f:
+            json.dump({"config": asdict(cfg), "size": asdict(size)}, f, indent=1)
+        return _run(cfg, size, real, out)
+    finally:
+        lock.release()
+
+
+def _run(cfg: DemoConfig, size: DemoSize, real: bool, out: str) -> dict:
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    names = list(BUDGET)
+    st = Stages(out, names, cfg.profile)
+    rows, sft_files = load_bundled()
+    template = "auto" if real else "huatuo"  # the tiny base has no chat template of its own
+    device = "cpu" if not real else cfg.device
+
+    def data():
+        files = list(sft_files)
+        if cfg.llm_base_url:
+            files += distill_sources(out, cfg, size, rows)
+        print(f"SFT data: {len(rows)} bundled rows in the four sources"
+              + (f", plus {len(files) - 4} distilled files" if len(files) > 4 else ""))
+        return files
+    sft_files = st.run("data", "data: the four HuatuoGPT sources", data)
+
+    base = cfg.model
+    if real:
+        n_params = st.run("base", "base: the real checkpoint", lambda: Transformer.from_pretrained(base).num_params())
+    else:
+        base = os.path.join(out, "base")
+        n_params = st.run("base", "base: tokenizer and a tiny random model", build_base, base, size, rows, cfg.seed)
+        print(f"base: {n_params / 1e6:.2f}M parameters, tokenizer of {Tokenizer.from_pretrained(base).vocab_size} "
+              "pieces")
+
+    sft_dir = os.path.join(out, "sft")
+    sft_cfg = sft.SFTConfig(model=base, data=sft_files, out=sft_dir, template=template, lora_r=size.lora_r,
+                            lr=size.sft_lr, max_steps=size.sft_steps, batch_size=size.sft_batch,
+                            micro_batch_size=size.sft_batch if not real else 2, max_len=size.max_len,
+                            eval_every=max(size.sft_steps // 5, 1), save_every=size.sft_steps, warmup_frac=0.05,
+                            seed=cfg.seed, device=device, dtype=cfg.dtype, log_every=max(size.sft_steps // 10, 1))
+    sft_res = st.run("sft", "SFT on the four sources", sft.train, sft_cfg)
+    # the policy every later stage starts from: the SFT model (tiny), or base + SFT adapter (real)
+    policy, sft_adapter = (base, sft_dir) if real else (sft_dir, None)
+
+    real_rows = [r for r in rows if r["source"].startswith("real_doctor")]
+    random.Random(cfg.seed).shuffle(real_rows)
+    prompts = [to_prompt(r) for r in real_rows]
+    eval_prompts, rl_prompts = prompts[:size.eval_prompts], prompts[size.eval_prompts:]
+    items = st.run("samples", "K answers per real-doctor prompt", sample_stage, out, policy, sft_adapter, template,
+                   rl_prompts[:size.rl_prompts], size, cfg.seed, device)
+
+    judge_name, prefs = st.run("feedback", "AI feedback: rank the answers against the doctor's reply",
+                               feedback_stage, out, cfg, items)
+
     rm_dir = os.path.join(out, "rm")
-    rm_res = reward.train(reward.RMConfig(base=sft_dir, data=prefs_path, out=rm_dir, lora_r=0, lr=size.rm_lr,
-                                          epochs=size.rm_epochs, batch_prompts=4, max_len=512, eval_frac=0.2,
-                                          eval_every=10, device="cpu", dtype="float32", seed=seed))
-    rm = reward.load_reward_model(rm_dir, device="cpu")
-    times["rm"] = time.time() - t0 - sum(times.values())
+    rm_cfg = reward.RMConfig(model=policy, adapter=sft_adapter, data=[os.path.join(out, "prefs.jsonl")], out=rm_dir,
+                             template=template, lora_r=size.lora_r, lr=size.rm_lr, epochs=size.rm_epochs,
+                             batch_prompts=4, max_len=size.max_len, eval_frac=0.2, eval_every=10, device=device,
+                             dtype=cfg.dtype, seed=cfg.seed)
+    rm_res = st.run("rm", "reward model on the rankings", reward.train, rm_cfg)
+    rm = load_reward_model(rm_dir, device=device)
 
-    say("6. PPO against the reward model")
     ppo_dir = os.path.join(out, "ppo")
     rl_path = os.path.join(out, "rl_prompts.jsonl")
     write_jsonl(rl_path, rl_prompts)
-    ppo_res = ppo.train(ppo.PPOConfig(policy=sft_dir, reward=rm_dir, prompts=rl_path, out=ppo_dir, template=TEMPLATE,
-                                      max_steps=size.ppo_steps, batch_size=size.ppo_batch,
-                                      max_new_tokens=size.ppo_tokens, temperature=0.7, lr=size.ppo_lr,
-                                      kl_coef=size.kl_coef, micro_batch_size=size.ppo_batch,
-                                      sample_every=max(size.ppo_steps // 4, 1),
-                                      save_every=size.ppo_steps, device="cpu", dtype="float32", seed=seed), rm)
-    times["ppo"] = time.time() - t0 - sum(times.values())
+    ppo_cfg = ppo.PPOConfig(model=policy, adapter=sft_adapter, reward=rm_dir, prompts=rl_path, out=ppo_dir,
+                            template=template, max_steps=size.ppo_steps, batch_size=size.ppo_batch,
+                            max_new_tokens=size.ppo_tokens, temperature=0.7, lr=size.ppo_lr, kl_coef=size.kl_coef,
+                            micro_batch_size=size.ppo_batch if not real else 4,
+                            sample_every=max(size.ppo_steps // 4, 1), save_every=size.ppo_steps, device=device,
+                            dtype=cfg.dtype, seed=cfg.seed)
+    ppo_res = st.run("ppo", "PPO against the reward model", ppo.train, ppo_cfg, rm)
+    del rm
 
-    say("7. SFT vs PPO on held-out prompts")
-    ev_sft = evaluate(sft_dir, None, rm, eval_prompts, size, seed)
-    ev_ppo = evaluate(sft_dir, ppo_dir, rm, eval_prompts, size, seed)
-    for name, ev in (("SFT", ev_sft), ("PPO", ev_ppo)):
-        print(f"{name}: score {ev['mean_score']:+.3f} (RM alone {ev['mean_rm_score']:+.3f}), "
-              f"length {ev['mean_length']:.1f} tokens, EOS rate {ev['eos_rate']:.0%}")
-    chat_model = Transformer.from_pretrained(sft_dir, adapter=ppo_dir)
-    question = questions[0]["query"]
-    chat_answer = reply(chat_model, tok, TEMPLATE, [{"role": "user", "content": question}],
-                        max_new_tokens=size.ppo_tokens, temperature=0.0)
-    print(f"chat> {question}\n{chat_answer}")
-    side = []
-    sft_model = Transformer.from_pretrained(sft_dir)
-    for q in questions[:3]:
-        msgs = [{"role": "user", "content": q["query"]}]
-        side.append((q, reply(sft_model, tok, TEMPLATE, msgs, max_new_tokens=size.ppo_tokens, temperature=0.0),
-                      reply(chat_model, tok, TEMPLATE, msgs, max_new_tokens=size.ppo_tokens, temperature=0.0)))
-    times["eval"] = time.time() - t0 - sum(times.values())
+    ev = st.run("eval", "HuatuoGPT's evaluation: PPO against SFT", eval_stage, out, cfg, size, policy, sft_adapter,
+                ppo_dir, template, eval_prompts, device)
 
-    summary = dict(params=n_params, sft=sft_res, rm=rm_res,
-                   ppo={**{k: v for k, v in ppo_res.items() if k != "history"}, **ppo_trend(ppo_res["history"])},
-                   eval={"sft": {k: v for k, v in ev_sft.items() if k != "answers"},
-                         "ppo": {k: v for k, v in ev_ppo.items() if k != "answers"}},
-                   judge=judge_name, seconds=time.time() - t0, stage_seconds=times, size=asdict(size))
+    summary = dict(params=n_params, model=cfg.model or "tiny model trained from scratch",
+                   sft={k: v for k, v in sft_res.items()},
+                   rm=rm_res, ppo={**{k: v for k, v in ppo_res.items() if k != "history"},
+                                   **ppo_trend(ppo_res["history"])},
+                   eval=eval_digest(ev), judge=judge_name, size=asdict(size),
+                   machine={"cpu": cpu_name(), "threads": torch.get_num_threads(), "torch": torch.__version__,
+                            "python": platform.python_version(),
+                            "device": "cuda" if device != "cpu" and torch.cuda.is_available() else "cpu"},
+                   online=bool(cfg.llm_base_url))
+    st.run("report", "report", write_report, out, summary, ev, st.seconds)
+    summary["stage_seconds"], summary["seconds"] = dict(st.seconds), st.total()
     with open(os.path.join(out, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1, ensure_ascii=False, default=str)
-    write_report(out, summary, ev_sft, ev_ppo, eval_prompts, side, question, chat_answer)
+    write_report(out, summary, ev, st.seconds)  # again, with the report stage's own time and the total
     print(f"\ndone in {summary['seconds'] / 60:.1f} min: {os.path.join(out, 'report.md')}")
     return summary
 
@@ -233,70 +397,133 @@ def ppo_trend(history, n=5):
     head, tail = history[:n], history[-n:]
     return {"trend_steps": n, "score_first": mean(head, "score"), "score_last": mean(tail, "score"),
             "kl_last": mean(tail, "kl"), "kl_max": max((r["kl"] for r in history), default=None),
-            "kl_per_token_last": sum(r["kl"] for r in tail) / max(sum(r["response_length"] for r in tail), 1)}
+            "kl_per_token_last": sum(r["kl"] for r in tail) / max(sum(r["response_length"] for r in tail), 1),
+            "length_first": mean(head, "response_length"), "length_last": mean(tail, "response_length")}
 
+
+def eval_digest(ev: dict) -> dict:
+    """The numbers of the evaluation the summary keeps (the full results are in OUT/eval/*/summary.json)."""
+    def wtl(s):
+        o = (s.get("stats") or {}).get("overall", {})
+        return {k: o.get(k) for k in ("n", "win", "tie", "loss", "unjudged", "winrate", "lc_winrate", "winrate_ci")}
+    return {"metrics": {k: v["scores"] for k, v in ev["metrics"].items()},
+            "pairwise": wtl(ev["pairwise"]), "dialogue": wtl(ev["dialogue"]),
+            "pairwise_groups": (ev["pairwise"].get("stats") or {}).get("groups", {}),
+            "dialogue_groups": (ev["dialogue"].get("stats") or {}).get("groups", {}),
+            "judge": ev["pairwise"].get("judge"), "patient": ev["patient"]}
+
+
+# ----------------------------------------------------------------------------- the report
 
 def _f(x, fmt="{:.3f}"):
     return "n/a" if x is None else fmt.format(x)
 
 
-def write_report(out, s, ev_sft, ev_ppo, eval_prompts, side, question, chat_answer):
-    sft_r, rm_r, ppo_r = s["sft"], s["rm"], s["ppo"]
+def _short(text, n=120):
+    text = " ".join((text or "").split())
+    return text if len(text) <= n else text[:n] + "…"
+
+
+def _wtl_row(name, w):
+    if not w or w.get("n") is None:
+        return f"| {name} | not judged | | | | |"
+    ci = w.get("winrate_ci")
+    return (f"| {name} | {w['win']} / {w['tie']} / {w['loss']} | {_f(w.get('winrate'), '{:.1f}')}% "
+            f"{'[' + ', '.join(f'{c:.0f}' for c in ci) + ']' if ci else ''} | {_f(w.get('lc_winrate'), '{:.1f}')}% | "
+            f"{w.get('unjudged', 0)} | {w['n']} |")
+
+
+def write_report(out, s, ev, seconds):
+    sft_r, rm_r, ppo_r, e, m = s["sft"], s["rm"], s["ppo"], s["eval"], s["machine"]
+    total = sum(seconds.values())
+    offline = not s["online"]
     lines = [
-        "# nanohuatuo demo report", "",
-        "The HuatuoGPT recipe on the bundled illustrative data with a tiny model trained from scratch on a CPU.",
-        "Not medical advice: the answers below come from a few-minute toy model.", "",
-        f"Model: tiny Llama-style transformer, {s['params'] / 1e6:.2f}M parameters. Judge: {s['judge']}.",
-        f"Total time {s['seconds'] / 60:.1f} min (" + ", ".join(f"{k} {v:.0f}s" for k, v in s["stage_seconds"].items())
-        + ").", "",
-        "| stage | result |", "|---|---|",
-        f"| SFT | held-out loss {_f(sft_r.get('first_eval_loss'))} -> {_f(sft_r.get('eval_loss'))} "
-        f"over {sft_r.get('steps')} steps |",
-        f"| reward model | held-out pairwise accuracy {_f(rm_r.get('eval_accuracy'), '{:.1%}')} "
-        f"({rm_r.get('eval_pairs')} pairs; chance 50%) |",
-        f"| PPO | mean RM score {_f(ppo_r.get('score_first'))} -> {_f(ppo_r.get('score_last'))} "
-        f"(means of the first and last {ppo_r.get('trend_steps')} of {ppo_r.get('steps')} steps); KL to the SFT "
-        f"model {_f(ppo_r.get('kl_last'), '{:.2f}')} nats per answer at the end "
-        f"({_f(ppo_r.get('kl_per_token_last'), '{:.3f}')} per token, max {_f(ppo_r.get('kl_max'), '{:.2f}')}) |",
-        *[f"| held-out prompts, {name} | score {ev['mean_score']:+.3f} (RM alone {ev['mean_rm_score']:+.3f}), "
-          f"length {ev['mean_length']:.1f} tokens, EOS rate {ev['eos_rate']:.0%} ({ev['answers_scored']} answers) |"
-          for name, ev in (("SFT", ev_sft), ("PPO", ev_ppo))], "",
-        f"The score is what PPO maximises: the reward model's score, or {ppo.PPOConfig.missing_eos_penalty:g} for "
-        "an answer that never emits EOS. "
-        "RM scores are shifted by the reward model's stored bias, the mean score of the SFT answers it was trained "
-        "on (sampled at temperature 1.0); answers sampled at 0.7 are more coherent and score above 0. "
-        "KL is summed over an answer's tokens (k1 estimator, at the sampling temperature).", "",
-        "## Curves", "",
-        "SFT loss: ![sft](sft/loss.png)", "",
-        "Reward model: ![rm](rm/metrics.png)", "",
-        "PPO: ![ppo](ppo/curves.png) ![ppo stats](ppo/ppo_stats.png)", "",
-        "## Side by side (held-out prompts, sampled at temperature 0.7; score in brackets)", "",
+        "# nanohuatuo: the HuatuoGPT recipe, end to end", "",
+        "> Not medical advice. The answers below come from a " +
+        ("toy model trained for a few minutes on illustrative data." if "tiny" in s["model"] else
+         "model trained with a short demo recipe."), "",
+        f"**Model:** {s['model']} ({s['params'] / 1e6:.2f}M parameters). **AI feedback:** {s['judge']}. "
+        f"**Evaluation judge:** {e['judge']}; **patient:** {e['patient']}.", "",
+        "HuatuoGPT (Zhang et al., 2023) fine-tunes a chat model on a mix of fluent answers distilled from ChatGPT and "
+        "terse but accurate replies of real doctors, then aligns it with reinforcement learning from AI feedback: an "
+        "LLM ranks the model's answers with the real doctor's reply as the reference, a reward model learns the "
+        "rankings, and PPO optimises the policy against it. It is evaluated by pairwise judging (single-turn "
+        "questions and multi-turn consultations, each pair judged twice with the order swapped) and reference "
+        "metrics. This run does every step on the bundled data"
+        + (" with offline stand-ins for the LLM (a similarity judge and a patient that recites the case): they make "
+           "the mechanics visible, not the quality." if offline else " with an LLM as teacher, judge and patient."),
+        "",
+        "## Time", "",
+        "| stage | seconds | share |", "|---|---:|---:|",
+        *[f"| {k} | {v:.1f} | {100 * v / max(total, 1e-9):.0f}% |" for k, v in seconds.items()],
+        f"| **total** | **{total:.1f}** ({total / 60:.1f} min) | |", "",
+        f"Machine: {m['cpu']}, {m['threads']} threads, {m['device']}; torch {m['torch']}, Python {m['python']}.", "",
+        "## 1. Supervised fine-tuning", "",
+        f"{sft_r.get('steps')} steps on the four sources (held-out loss {_f(sft_r.get('first_eval_loss'))} before "
+        f"training, {_f(sft_r.get('eval_loss'))} after).", "",
+        "![SFT loss](sft/loss.png)", "",
+        "## 2. AI feedback and the reward model", "",
+        f"The SFT model sampled {s['size']['k']} answers to each of {s['size']['rl_prompts']} real-doctor prompts; "
+        f"the judge ranked them against the doctor's reply. The reward model (pairwise loss over every pair of a "
+        f"ranking) reached **{_f(rm_r.get('eval_accuracy'), '{:.1%}')}** held-out pairwise accuracy on "
+        f"{rm_r.get('eval_pairs')} pairs (chance: 50%).", "",
+        "![reward model](rm/metrics.png)", "",
+        "## 3. PPO", "",
+        f"{ppo_r.get('steps')} steps. Mean reward-model score {_f(ppo_r.get('score_first'))} -> "
+        f"**{_f(ppo_r.get('score_last'))}** (means of the first and last {ppo_r.get('trend_steps')} steps); KL to the "
+        f"SFT model {_f(ppo_r.get('kl_last'), '{:.2f}')} nats per answer at the end "
+        f"({_f(ppo_r.get('kl_per_token_last'), '{:.3f}')} per token, at most {_f(ppo_r.get('kl_max'), '{:.2f}')}); "
+        f"answer length {_f(ppo_r.get('length_first'), '{:.0f}')} -> {_f(ppo_r.get('length_last'), '{:.0f}')} "
+        "tokens. Scores are in units of the reward model's spread on SFT samples.", "",
+        "![PPO](ppo/curves.png) ![PPO statistics](ppo/ppo_stats.png)", "",
+        "## 4. Evaluation (HuatuoGPT's protocol): PPO against SFT", "",
+        "Pairwise: each question is answered by both models and judged twice, the order swapped; the two verdicts "
+        "are summed, so opposite verdicts are a tie. Win rate = win + tie / 2, with a bootstrap 95% interval over "
+        "questions; LC = length-controlled win rate (the verdict fitted on the length difference, read at equal "
+        "length).", "",
+        "| comparison (PPO vs SFT) | win / tie / loss | win rate [95% CI] | LC win rate | unjudged | items |",
+        "|---|---|---|---|---|---|",
+        _wtl_row("single-turn questions (KUAKE-QIC format)", e["pairwise"]),
+        _wtl_row("multi-turn consultations (Med-dialog format)", e["dialogue"]), "",
+        "![single-turn](eval/pairwise/winrate.png) ![multi-turn](eval/dialogue/winrate.png)", "",
     ]
-    for p, a, b, sa, sb in list(zip(eval_prompts, ev_sft["answers"], ev_ppo["answers"], ev_sft["scores"],
-                                    ev_ppo["scores"]))[:4]:
-        lines += [f"**Patient:** {p['messages'][-1]['content']}", "",
-                  f"- doctor (reference): {p['reference']}",
-                  f"- SFT ({sa:+.2f}): {a}", f"- PPO ({sb:+.2f}): {b}", ""]
-    lines += ["## Evaluation questions (greedy)", ""]
-    for q, a, b in side:
-        lines += [f"**{q['label']}:** {q['query']}", "", f"- SFT: {a}", f"- PPO: {b}", ""]
-    lines += ["## One chat turn with the result", "", f"用户> {question}", "", f"助手> {chat_answer}", ""]
-    with open(os.path.join(out, "report.md"), "w") as f:
+    if e["pairwise_groups"]:
+        lines += ["Per intent (single-turn):", "", "| intent | win / tie / loss |", "|---|---|",
+                  *[f"| {g} | {v.get('win', 0)} / {v.get('tie', 0)} / {v.get('loss', 0)} |"
+                    for g, v in e["pairwise_groups"].items()], ""]
+    metric_names = list(next(iter(e["metrics"].values()), {}).keys())
+    lines += ["Reference metrics on held-out real-doctor answers (character level, as HuatuoGPT's tables; "
+              "evaluate.py documents the variants):", "",
+              "| model | " + " | ".join(metric_names) + " |", "|---|" + "---:|" * len(metric_names),
+              *[f"| {name} | " + " | ".join(f"{v[k]:.2f}" for k in metric_names) + " |"
+                for name, v in e["metrics"].items()], ""]
+    # answers side by side from the pairwise run
+    pairs = []
+    path = os.path.join(out, "eval", "pairwise", "pairs.jsonl")
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            pairs = [json.loads(line) for line in f if line.strip()][:4]
+    if pairs:
+        lines += ["## Sample answers (greedy)", ""]
+        for p in pairs:
+            lines += [f"**{p['group']}:** {p['prompt']}", "", f"- PPO: {_short(p['answer_a'])}",
+                      f"- SFT: {_short(p['answer_b'])}", f"- verdict: {p.get('outcome') or 'unjudged'} for PPO", ""]
+    lines += ["## What to run next", "",
+              "- The same recipe with LoRA on a real checkpoint: `python demo.py --model /models/Qwen2.5-0.5B-Instruct` "
+              "(one GPU; a CPU works for a 0.5B model, slowly).",
+              "- A real judge, teacher and patient: `--llm-base-url URL --llm-model NAME` (any OpenAI-compatible "
+              "endpoint, e.g. vLLM or `serve.py`).",
+              "- Each stage on its own, with your data: the README's pipeline table; HuatuoGPT's own evaluation sets "
+              "with `python evaluate.py pairwise --data KUAKE-QIC_100.json ...` and `python evaluate.py dialogue "
+              "--data Med-dialog_100.json ...`.", ""]
+    with open(os.path.join(out, "report.md"), "w", encoding="utf-8") as f:
         f.write("\n".join(lines))
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", default="runs/demo")
-    ap.add_argument("--quick", action="store_true", help="a reduced run in under a minute (what the test runs)")
-    ap.add_argument("--judge-base-url", help="use an OpenAI-compatible judge at this base URL")
-    ap.add_argument("--judge-model", help="the judge's model name")
-    ap.add_argument("--judge-api-key", help="API key (default: OPENAI_API_KEY)")
-    ap.add_argument("--seed", type=int, default=0)
-    args = ap.parse_args(argv)
+def main(argv=None) -> int:
     torch.set_num_threads(max(1, min(torch.get_num_threads(), os.cpu_count() or 1)))
-    run(args.out, args.quick, args.judge_base_url, args.judge_model, args.judge_api_key, args.seed)
+    return cli_main(run, DemoConfig, argv, prog="demo.py", description=__doc__.split("\n\n")[0])
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    sys.exit(main())
