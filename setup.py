@@ -1,24 +1,34 @@
 """nanohuatuo: HuatuoGPT-style medical LLM alignment (SFT, RL from AI feedback, reward model, PPO) in PyTorch.
 
 Run-time dependencies and why each is here:
-- torch: the model, training and generation.
+- torch >= 2.6: the model, training and generation (FSDP's `fully_shard` needs 2.6).
 - safetensors: reading and writing Hugging Face weight files.
 - sentencepiece, tokenizers: reading tokenizer.model and tokenizer.json (the two formats base models ship).
-- numpy: small numeric helpers.
-- openai: the client for any OpenAI-compatible endpoint used as the AI-feedback judge.
-- matplotlib: the PNG curves every long job writes; writing plots by hand would be worse code.
-Test-only: transformers, peft (and protobuf, which transformers needs to read a bare tokenizer.model)
-are the reference implementations the tests compare against; they are never imported at run time.
+- jinja2 >= 3.1.6: rendering a model's own chat template exactly as transformers does (the same floor).
+- openai >= 1.17: the one client for every OpenAI-compatible endpoint (judge, teacher, patient, endpoint
+  candidates); its DefaultHttpxClient and retry counting are used.
+- numpy: the evaluation's bootstrap intervals and length-controlled logistic fit.
+- matplotlib: the PNG curves every long job writes and the win/tie/loss charts.
+serve.py needs nothing more: the standard library's ThreadingHTTPServer is enough for JSON in, JSON or an
+event stream out, with one engine thread behind it, so no web framework is pulled in (the "serve" extra is
+kept, empty, so `pip install -e ".[serve]"` works as the README says).
+Test-only: transformers, peft (and protobuf, which transformers needs to read a bare tokenizer.model) are the
+reference implementations the tests compare against; nltk and rouge-score are the reference metrics; and
+websocket-client drives headless Chromium through the DevTools protocol in the chat-page test. None of them is
+imported at run time.
 """
 
 from setuptools import find_packages, setup
 
 setup(
     name="nanohuatuo",
-    version="0.1.0",
+    version="0.2.0",
     description=__doc__.splitlines()[0],
     packages=find_packages(include=["nanohuatuo", "nanohuatuo.*"]),
+    package_data={"nanohuatuo": ["static/*"]},
     python_requires=">=3.11",
-    install_requires=["torch>=2.4", "safetensors", "sentencepiece", "tokenizers", "numpy", "openai", "matplotlib"],
-    extras_require={"test": ["pytest", "transformers", "peft", "protobuf"]},
+    install_requires=["torch>=2.6", "safetensors", "sentencepiece", "tokenizers", "jinja2>=3.1.6", "openai>=1.17",
+                      "numpy", "matplotlib"],
+    extras_require={"serve": [],
+                    "test": ["pytest", "transformers", "peft", "protobuf", "nltk", "rouge-score", "websocket-client"]},
 )
