@@ -167,8 +167,8 @@ def _get(body, name, kinds, default=None, lo=None, hi=None):
         raise APIError(400, f"'{name}' must be {' or '.join(kinds)}, got {_type_name(v)} {json.dumps(v)[:40]}",
                        param=name, code="invalid_type")
     if (lo is not None and v < lo) or (hi is not None and v > hi):
-        raise APIError(400, f"'{name}' is {v}; it must be between {lo} and {hi}", param=name,
-                       code="invalid_value")
+        bound = f"at least {lo}" if hi is None else f"at most {hi}" if lo is None else f"between {lo} and {hi}"
+        raise APIError(400, f"'{name}' is {v}; it must be {bound}", param=name, code="invalid_value")
     return v
 
 
@@ -331,6 +331,9 @@ class Runner:
         ticket = Ticket(job, sum(len(p) for p in job.prompts))
         with self.lock:
             want = len(job.prompts) * job.n
+            if want > self.capacity:  # would never fit: not a reason to retry
+                raise APIError(400, f"the request needs {want} sequences (prompts x n); this server holds at most "
+                                    f"{self.capacity} (--slots plus --max-queue)", param="n", code="invalid_value")
             if self.in_flight + want > self.capacity:
                 raise QueueFull()
             try:

@@ -195,6 +195,17 @@ def test_adapter_is_merged(tiny, tmp_path):
         srv.close()
 
 
+def test_int8(tiny):
+    """--int8 serves the weight-only quantised model (answers close to, not equal to, float32)."""
+    srv = start(tiny, slots=1, int8=True)
+    try:
+        status, _, body = http(srv, "/v1/chat/completions", {"model": NAME, "messages": user(QUESTIONS[0]),
+                                                             "max_tokens": 6, "temperature": 0})
+        assert status == 200 and body["usage"]["completion_tokens"] >= 1
+    finally:
+        srv.close()
+
+
 def test_chat_stream(tiny, client, server):
     msgs = user(QUESTIONS[0])
     want, finish, n_tokens = reference_chat(tiny, msgs, 24)
@@ -385,6 +396,8 @@ BAD = [
     ("completion token id out of range", "/v1/completions", {"model": NAME, "prompt": [1, 10**6]}, 400, "prompt"),
     ("completion logprobs too many", "/v1/completions", {"model": NAME, "prompt": "hi", "logprobs": 9}, 400,
      "logprobs"),
+    ("completion prompts x n beyond capacity", "/v1/completions", {"model": NAME, "prompt": ["a"] * 4, "n": 4},
+     400, "n"),
     ("unknown route", "/v1/embeddings", {"model": NAME, "input": "hi"}, 404, None),
 ]
 
