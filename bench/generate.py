@@ -1,18 +1,32 @@
-"""Benchmark: generation tokens/s of nanohuatuo against transformers' generate on the same weights.
+"""Benchmark: generation tokens/s of nanohuatuo's engine against its old static-batch path and
+transformers' generate, on the same weights, in one run.
 
-Builds Qwen2-shaped models with random weights (about 100M and 500M parameters), saves them in the
-Hugging Face layout, then times greedy generation of the same prompts for both engines at batch 1
-and batch 8, in one run. At batch 1 it also reports the share of the memory-bandwidth limit
-reached: weight bytes x tokens/s over the bandwidth this machine reaches in a large
-matrix-vector product.
+Builds Qwen2-shaped models with random weights (about 100M and 500M parameters; "tiny" for a smoke
+run), saves them in the Hugging Face layout, then times, for each size:
 
-    python bench/generate.py                       # CPU, float32
+(a) fixed length: greedy, the same prompt length and number of new tokens in every row, batch 1
+    and 8: transformers, the static path, the engine; at batch 1 also the share of the
+    memory-bandwidth limit reached (weight bytes x tokens/s over the bandwidth this machine
+    reaches in a large matrix-vector product);
+(b) mixed workload: --mixed-requests requests with prompt and answer lengths drawn uniformly from
+    --mixed-prompt and --mixed-new (answers fixed by max_new_tokens, EOS ignored, so every engine
+    does the same useful work), --slots rows at a time: the engine (all requests queued at once),
+    the static path and transformers in batches of --slots (each batch decodes until its longest
+    answer is done). Tokens/s counts the requested tokens only;
+(c) prefix reuse: --k samples of each of --k-prompts prompts (temperature 1, seeded), on the
+    engine with add(prompt, n=k) (prompt prefilled once) and with k separate adds;
+(d) with --compile on CUDA, every table again with the decode step compiled (CUDA graphs).
+
+    python bench/generate.py                                  # CPU, float32, 100M and 500M
     python bench/generate.py --device cuda --dtype bfloat16 --compile
+    python bench/generate.py --sizes tiny --new-tokens 8 --mixed-requests 8 --slots 4 \\
+        --mixed-prompt 8 32 --mixed-new 4 16 --k-prompts 4 --k-prompt-len 8 32 --k-new-tokens 8   # smoke run
 """
 
 import argparse
 import json
 import os
+import platform
 import sys
 import tempfile
 import time
@@ -21,10 +35,14 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from nanohuatuo import Transformer  # noqa: E402
-from nanohuatuo.generate import generate  # noqa: E402
+from nanohuatuo.engine import Engine, SamplingParams, head_logits, tune_cpu_kernels  # noqa: E402
+from nanohuatuo.generate import generate, left_pad  # noqa: E402
+from nanohuatuo.model import KVCache  # noqa: E402
 
 SIZES = {
-    # Qwen2.5-0.5B's shape, and a narrower, shallower one with the same vocabulary
+    # Qwen2.5-0.5B's shape, a narrower, shallower one with the same vocabulary, and a smoke-test toy
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=1000),
     "100M": dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=8, num_attention_heads=8,
                  num_key_value_heads=2),
     "500M": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
@@ -42,9 +60,9 @@ def build(size, workdir, dtype):
     path = os.path.join(workdir, f"qwen2-{size}")
     if not os.path.exists(os.path.join(path, "config.json")):
         torch.manual_seed(0)
-        cfg = tf.Qwen2Config(vocab_size=151936, tie_word_embeddings=True, max_position_embeddings=4096,
-                             **SIZES[size])
-        tf.Qwen2ForCausalLM(cfg).to(dtype).save_pretrained(path)
+        kw = dict(vocab_size=151936, tie_word_embeddings=True, max_position_embeddings=4096)
+        kw.update(SIZES[size])
+        tf.Qwen2ForCausalLM(tf.Qwen2Config(**kw)).to(dtype).save_pretrained(path)
     return path
 
 
@@ -79,71 +97,248 @@ def time_it(fn, device, repeats):
     return best
 
 
-def bench_size(size, args, bandwidth, rows):
-    import transformers as tf
+# ----------------------------------------------------------------------------- the three engines
+
+_kept = {}  # compiled static path: one compiled step and one cache kept (CUDA graphs replay on fixed addresses)
+
+
+def _static_decode(model, x, positions, attention_mask, cache, cache_pos):
+    h = model.hidden_states(x, attention_mask=attention_mask, positions=positions, cache=cache, cache_pos=cache_pos)
+    return head_logits(model, h[:, -1])
+
+
+@torch.inference_mode()
+def static_generate(model, prompts, max_new_tokens, compile=False):
+    """The engine before continuous batching, greedy: all rows left-padded into one batch, one KV
+    cache for prompt + answer, every row decoded until the batch is done (EOS ignored)."""
+    device, dtype = model.embed_tokens.weight.device, model.embed_tokens.weight.dtype
+    tune_cpu_kernels(model, batches=(1, len(prompts)))
+    ids, real = left_pad(prompts, 0, device)
+    B, P = ids.shape
+    S = P + max_new_tokens
+    step = _static_decode
+    if compile:
+        S = -(-S // 256) * 256  # few cache shapes, so few graphs
+        if _kept.get("shape") != (B, S):
+            _kept.pop("cache", None)
+            _kept["cache"], _kept["shape"] = KVCache(model.config, B, S, dtype, device), (B, S)
+            for t in _kept["cache"].k + _kept["cache"].v:
+                torch._dynamo.mark_static_address(t)
+        if "step" not in _kept:
+            _kept["step"] = torch.compile(_static_decode, mode="reduce-overhead", fullgraph=True)
+        cache, step = _kept["cache"], _kept["step"]
+    else:
+        cache = KVCache(model.config, B, S, dtype, device)
+    mask = torch.ones((B, S), dtype=torch.long, device=device)
+    mask[:, :P] = real
+    lengths = real.sum(-1)
+    h = model.hidden_states(ids, attention_mask=mask, positions=(real.cumsum(-1) - 1).clamp(min=0), cache=cache,
+                            cache_pos=torch.arange(P, device=device))
+    tok = head_logits(model, h[:, -1]).argmax(-1)
+    out = [tok]
+    for t in range(max_new_tokens - 1):
+        if compile:
+            torch.compiler.cudagraph_mark_step_begin()
+        tok = step(model, tok[:, None], (lengths + t)[:, None], mask, cache, torch.tensor([P + t], device=device))
+        tok = tok.argmax(-1)
+        out.append(tok)
+    return torch.stack(out, 1).tolist()
+
+
+def hf_generate(hf, prompts, max_new_tokens, device):
+    ids, mask = left_pad(prompts, 0, device)
+    with torch.inference_mode():
+        out = hf.generate(ids, attention_mask=mask, max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens,
+                          do_sample=False, pad_token_id=0, eos_token_id=None)
+    return out[:, ids.shape[1]:].tolist()
+
+
+def engine_run(ours, prompts, news, slots, compile, n=1, sample=False):
+    """All requests queued at once on one Engine; returns the tokens per request."""
+    eng = Engine(ours, slots=slots, max_len=max(map(len, prompts)) + max(news), compile=compile)
+    reqs = []
+    for i, (p, m) in enumerate(zip(prompts, news)):
+        sp = SamplingParams(max_new_tokens=m, temperature=1.0 if sample else 0.0, seed=i)
+        rids = eng.add(p, sp, n=n)
+        reqs += [eng.requests[r] for r in (rids if n > 1 else [rids])]
+    while eng.has_work():
+        eng.step()
+    return [r.tokens for r in reqs]
+
+
+# ----------------------------------------------------------------------------- the tables
+
+def fixed_length(size, args, hf, ours, bandwidth, compile, rows):
     dtype = getattr(torch, args.dtype)
-    path = build(size, args.workdir, dtype)
-    hf = tf.AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(args.device).eval()
-    ours = Transformer.from_pretrained(path, dtype=dtype, device=args.device)
-    n_params = ours.num_params()
-    weight_bytes = n_params * torch.finfo(dtype).bits // 8
+    weight_bytes = ours.num_params() * torch.finfo(dtype).bits // 8
     n_new = args.new_tokens
+    V = ours.config.vocab_size
     for B in args.batch_sizes:
-        g = torch.Generator().manual_seed(B)
-        prompts = torch.randint(0, 151936, (B, args.prompt_len), generator=g)
-        ids = prompts.to(args.device)
-
-        def run_hf():
-            with torch.inference_mode():
-                return hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n_new,
-                                   min_new_tokens=n_new, do_sample=False, pad_token_id=0, eos_token_id=None)
-
-        plist = prompts.tolist()
-
-        def run_ours():
-            return generate(ours, plist, max_new_tokens=n_new, compile=args.compile)
-
-        same = run_hf()[:, args.prompt_len:].tolist() == run_ours()
-        t_hf = time_it(run_hf, args.device, args.repeats)
-        t_ours = time_it(run_ours, args.device, args.repeats)
-        row = dict(size=size, params=n_params, device=args.device, dtype=args.dtype, batch=B,
-                   new_tokens=n_new, prompt_len=args.prompt_len, compile=args.compile,
-                   hf_tok_s=B * n_new / t_hf, ours_tok_s=B * n_new / t_ours, speedup=t_hf / t_ours,
-                   same_tokens=same)
-        if B == 1:
-            row["hf_bw_share"] = weight_bytes * row["hf_tok_s"] / bandwidth
-            row["ours_bw_share"] = weight_bytes * row["ours_tok_s"] / bandwidth
+        prompts = torch.randint(0, V, (B, args.prompt_len), generator=torch.Generator().manual_seed(B)).tolist()
+        runs = {"hf": lambda: hf_generate(hf, prompts, n_new, args.device),
+                "static": lambda: static_generate(ours, prompts, n_new, compile=compile),
+                "engine": lambda: generate(ours, prompts, max_new_tokens=n_new, compile=compile)}
+        toks = {k: f() for k, f in runs.items()}
+        row = dict(table="fixed", size=size, params=ours.num_params(), device=args.device, dtype=args.dtype,
+                   compile=compile, batch=B, new_tokens=n_new, prompt_len=args.prompt_len,
+                   same_tokens={k: toks[k] == toks["hf"] for k in ("static", "engine")})
+        for k, f in runs.items():
+            row[f"{k}_tok_s"] = B * n_new / time_it(f, args.device, args.repeats)
+            if B == 1:
+                row[f"{k}_bw_share"] = weight_bytes * row[f"{k}_tok_s"] / bandwidth
         rows.append(row)
         print(json.dumps(row), flush=True)
-    del hf, ours
+
+
+def mixed(size, args, hf, ours, compile, rows):
+    g = torch.Generator().manual_seed(1)
+    n, (p0, p1), (n0, n1), S = args.mixed_requests, args.mixed_prompt, args.mixed_new, args.slots
+    V = ours.config.vocab_size
+    plens = torch.randint(p0, p1 + 1, (n,), generator=g).tolist()
+    news = torch.randint(n0, n1 + 1, (n,), generator=g).tolist()
+    prompts = [torch.randint(0, V, (L,), generator=g).tolist() for L in plens]
+    wanted = sum(news)
+
+    def batched(fn):
+        return lambda: [t[:m] for s in range(0, n, S) for t, m in zip(fn(prompts[s:s + S], max(news[s:s + S])),
+                                                                      news[s:s + S])]
+
+    runs = {"hf": batched(lambda ps, m: hf_generate(hf, ps, m, args.device)),
+            "static": batched(lambda ps, m: static_generate(ours, ps, m, compile=compile)),
+            "engine": lambda: engine_run(ours, prompts, news, S, compile)}
+    warm = [p[:8] for p in prompts[:S]]
+    engine_run(ours, warm, list(range(1, len(warm) + 1)), S, compile)  # every batch size the engine meets
+    static_generate(ours, warm, 4, compile=compile)
+    hf_generate(hf, warm, 4, args.device)
+    row = dict(table="mixed", size=size, device=args.device, dtype=args.dtype, compile=compile, requests=n,
+               slots=S, prompt=args.mixed_prompt, new=args.mixed_new, tokens=wanted)
+    toks = {}
+    for k, f in runs.items():
+        sync(args.device)
+        t = time.perf_counter()
+        toks[k] = f()
+        sync(args.device)
+        row[f"{k}_tok_s"] = wanted / (time.perf_counter() - t)
+    row["same_tokens"] = {k: toks[k] == toks["hf"] for k in ("static", "engine")}
+    rows.append(row)
+    print(json.dumps(row), flush=True)
+
+
+def prefix_reuse(size, args, ours, compile, rows):
+    g = torch.Generator().manual_seed(2)
+    (p0, p1), V, K = args.k_prompt_len, ours.config.vocab_size, args.k
+    prompts = [torch.randint(0, V, (int(L),), generator=g).tolist()
+               for L in torch.randint(p0, p1 + 1, (args.k_prompts,), generator=g)]
+    news = [args.k_new_tokens] * len(prompts)
+    copies = [p for p in prompts for _ in range(K)]
+    engine_run(ours, [p[:8] for p in prompts], [4] * len(prompts), args.slots, compile, n=K, sample=True)  # warm-up
+    row = dict(table="prefix", size=size, device=args.device, dtype=args.dtype, compile=compile,
+               prompts=len(prompts), k=K, prompt_len=args.k_prompt_len, new_tokens=args.k_new_tokens,
+               slots=args.slots)
+    for name, fn in (("reuse", lambda: engine_run(ours, prompts, news, args.slots, compile, n=K, sample=True)),
+                     ("separate", lambda: engine_run(ours, copies, news * K, args.slots, compile, sample=True))):
+        sync(args.device)
+        t = time.perf_counter()
+        fn()
+        sync(args.device)
+        row[f"{name}_tok_s"] = K * sum(news) / (time.perf_counter() - t)
+    rows.append(row)
+    print(json.dumps(row), flush=True)
+
+
+def report(rows):
+    def label(r):
+        return f"{r['size']}{' compiled' if r['compile'] else ''}"
+
+    fixed = [r for r in rows if r["table"] == "fixed"]
+    if fixed:
+        print("\n(a) fixed length\n\n| model | batch | transformers tok/s | static tok/s | engine tok/s | "
+              "engine / transformers | same tokens (static, engine) | bandwidth share (transformers / static / engine) |")
+        print("|---|---|---|---|---|---|---|---|")
+        for r in fixed:
+            bw = " / ".join(f"{r[k + '_bw_share']:.0%}" for k in ("hf", "static", "engine")) if r["batch"] == 1 else ""
+            same = ", ".join("yes" if r["same_tokens"][k] else "no" for k in ("static", "engine"))
+            print(f"| {label(r)} ({r['params'] / 1e6:.0f}M) | {r['batch']} | {r['hf_tok_s']:.1f} | {r['static_tok_s']:.1f} | "
+                  f"{r['engine_tok_s']:.1f} | {r['engine_tok_s'] / r['hf_tok_s']:.2f}x | {same} | {bw} |")
+    mix = [r for r in rows if r["table"] == "mixed"]
+    if mix:
+        print("\n(b) mixed workload\n\n| model | requests / slots | tokens | transformers tok/s | static tok/s | "
+              "engine tok/s | engine / static | engine / transformers | same tokens (static, engine) |")
+        print("|---|---|---|---|---|---|---|---|---|")
+        for r in mix:
+            same = ", ".join("yes" if r["same_tokens"][k] else "no" for k in ("static", "engine"))
+            print(f"| {label(r)} | {r['requests']} / {r['slots']} | {r['tokens']} | {r['hf_tok_s']:.1f} | "
+                  f"{r['static_tok_s']:.1f} | {r['engine_tok_s']:.1f} | {r['engine_tok_s'] / r['static_tok_s']:.2f}x | "
+                  f"{r['engine_tok_s'] / r['hf_tok_s']:.2f}x | {same} |")
+    pre = [r for r in rows if r["table"] == "prefix"]
+    if pre:
+        print("\n(c) prefix reuse\n\n| model | prompts x k | prompt tokens | new tokens | separate tok/s | "
+              "reuse tok/s | ratio |")
+        print("|---|---|---|---|---|---|---|")
+        for r in pre:
+            print(f"| {label(r)} | {r['prompts']} x {r['k']} | {r['prompt_len'][0]}-{r['prompt_len'][1]} | "
+                  f"{r['new_tokens']} | {r['separate_tok_s']:.1f} | {r['reuse_tok_s']:.1f} | "
+                  f"{r['reuse_tok_s'] / r['separate_tok_s']:.2f}x |")
+
+
+def cpu_name():
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or "cpu"
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32")
-    ap.add_argument("--sizes", nargs="+", default=["100M", "500M"])
-    ap.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 8])
-    ap.add_argument("--new-tokens", type=int, default=64)
-    ap.add_argument("--prompt-len", type=int, default=32)
-    ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--compile", action="store_true", help="torch.compile the decode step (CUDA graphs)")
+    ap.add_argument("--sizes", nargs="+", default=["100M", "500M"], choices=list(SIZES))
+    ap.add_argument("--tables", nargs="+", default=["fixed", "mixed", "prefix"], choices=["fixed", "mixed", "prefix"])
+    ap.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 8], help="(a) batch sizes")
+    ap.add_argument("--new-tokens", type=int, default=64, help="(a) new tokens per row")
+    ap.add_argument("--prompt-len", type=int, default=32, help="(a) prompt tokens per row")
+    ap.add_argument("--repeats", type=int, default=2, help="(a) timed runs after a warm-up; the best counts")
+    ap.add_argument("--mixed-requests", type=int, default=64, help="(b) requests")
+    ap.add_argument("--mixed-prompt", type=int, nargs=2, default=[16, 256], help="(b) prompt length range")
+    ap.add_argument("--mixed-new", type=int, nargs=2, default=[8, 256], help="(b) new-token range")
+    ap.add_argument("--slots", type=int, default=16, help="(b, c) engine slots and static/transformers batch size")
+    ap.add_argument("--k", type=int, default=4, help="(c) samples per prompt")
+    ap.add_argument("--k-prompts", type=int, default=16, help="(c) prompts")
+    ap.add_argument("--k-prompt-len", type=int, nargs=2, default=[128, 256], help="(c) prompt length range")
+    ap.add_argument("--k-new-tokens", type=int, default=32, help="(c) new tokens per sample")
+    ap.add_argument("--compile", action="store_true",
+                    help="on CUDA: every table again with the decode step compiled (CUDA graphs)")
     ap.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "nanohuatuo-bench"))
     ap.add_argument("--out", default=None, help="also write the rows as JSON here")
     args = ap.parse_args()
+    import transformers as tf
     dtype = getattr(torch, args.dtype)
+    cuda = args.device.startswith("cuda")
+    modes = [False, True] if args.compile and cuda else [False]
+    if args.compile and not cuda:
+        print("--compile: CUDA graphs need a CUDA device; the CPU tables run eager", flush=True)
     bandwidth = matvec_bandwidth(args.device, dtype)
-    print(f"device {args.device} ({torch.cuda.get_device_name() if args.device.startswith('cuda') else 'cpu'}),"
-          f" threads {torch.get_num_threads()}, matvec bandwidth {bandwidth / 1e9:.1f} GB/s", flush=True)
+    print(f"device {args.device} ({torch.cuda.get_device_name() if cuda else cpu_name()}), threads "
+          f"{torch.get_num_threads()}, torch {torch.__version__}, transformers {tf.__version__}, "
+          f"matvec bandwidth {bandwidth / 1e9:.1f} GB/s", flush=True)
     rows = []
     for size in args.sizes:
-        bench_size(size, args, bandwidth, rows)
-    print("\n| model | batch | transformers tok/s | nanohuatuo tok/s | ratio | bandwidth share (hf / ours) |")
-    print("|---|---|---|---|---|---|")
-    for r in rows:
-        bw = f"{r['hf_bw_share']:.0%} / {r['ours_bw_share']:.0%}" if "hf_bw_share" in r else ""
-        print(f"| {r['size']} ({r['params'] / 1e6:.0f}M) | {r['batch']} | {r['hf_tok_s']:.1f} | "
-              f"{r['ours_tok_s']:.1f} | {r['speedup']:.2f}x | {bw} |")
+        path = build(size, args.workdir, dtype)
+        hf = tf.AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(args.device).eval()
+        ours = Transformer.from_pretrained(path, dtype=dtype, device=args.device)
+        tune_cpu_kernels(ours, batches=sorted({1, args.slots, *args.batch_sizes}))
+        if not cuda:
+            print(f"{size}: CPU kernels measured at load: {ours.cpu_kernels}", flush=True)
+        for compile in modes:
+            if "fixed" in args.tables:
+                fixed_length(size, args, hf, ours, bandwidth, compile, rows)
+            if "mixed" in args.tables:
+                mixed(size, args, hf, ours, compile, rows)
+            if "prefix" in args.tables:
+                prefix_reuse(size, args, ours, compile, rows)
+        del hf, ours
+    report(rows)
     if args.out:
         with open(args.out, "w") as f:
             json.dump(dict(bandwidth=bandwidth, rows=rows), f, indent=1)
