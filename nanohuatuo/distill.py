@@ -14,7 +14,8 @@ endpoint (a cloud model, vLLM, or our own serve.py). Each writes rows of the con
   focus, a department or a role, and asks for new instructions. A new one is kept if it passes
   simple filters (length, Chinese, no refusal, no picture needed) and its character ROUGE-L
   against everything kept so far (seeds included) is below 0.7 (`RougeIndex`: exact, an inverted
-  index bounds every pair in C before any LCS); then each kept instruction is answered. Rows record `department` or `role`.
+  index bounds every pair in C before any LCS); then each kept instruction is answered. Rows
+  record `department` or `role`.
 - conversations: two agents, a patient and a doctor (one endpoint, or two with --patient-* and
   --doctor-*), share a background built from a real case: a schema row (the patient's question and
   the real doctor's reply) or a Med-dialog case ({"medical_case", "doctor_diagnosis",
@@ -28,10 +29,12 @@ endpoint (a cloud model, vLLM, or our own serve.py). Each writes rows of the con
 
 Every LLM call goes through nanohuatuo.llm.LLM: cached in SQLite (default <out>.cache.sqlite), so a
 rerun of an interrupted command resumes without repeating a request (requests are a pure function
-of the inputs, the seed and the cached replies); malformed replies are re-asked, then skipped and
-counted (each re-ask shows the model its reply and a nudge, NUDGES). Each command prints a summary (requests, tokens, items kept, items dropped by reason) and
-returns it as a dict. Python API: run_instructions(cfg), run_conversations(cfg), run_polish(cfg)
-with InstructionsConfig / ConversationsConfig / PolishConfig.
+of the inputs, the seed and the cached replies); malformed replies are re-asked (showing the model
+its reply and a nudge, NUDGES), then skipped and counted. Each command prints a summary (requests,
+tokens, items kept, items dropped by reason) and returns it as a dict.
+
+Python API: run_instructions(cfg), run_conversations(cfg), run_polish(cfg) with
+InstructionsConfig / ConversationsConfig / PolishConfig (or command_config(name, argv) from flags).
 
 All prompts are the constants below, in Chinese, written for this project.
 """
@@ -539,9 +542,9 @@ def cache_path(cfg: EndpointConfig, suffix: str = "") -> str | None:
 def make_llm(cfg: EndpointConfig, name: str, base_url: str = "", model_name: str = "",
              api_key: str | None = None, cache_suffix: str = "") -> LLM:
     """The LLM client of one agent; LLM itself refuses a missing --base-url or --model-name."""
-    return LLM(base_url or cfg.base_url, model_name or cfg.model_name, api_key=api_key if api_key is not None else cfg.api_key,
-               cache=cache_path(cfg, cache_suffix), concurrency=cfg.concurrency, attempts=cfg.attempts,
-               timeout=cfg.timeout, name=name)
+    return LLM(base_url or cfg.base_url, model_name or cfg.model_name,
+               api_key=api_key if api_key is not None else cfg.api_key, cache=cache_path(cfg, cache_suffix),
+               concurrency=cfg.concurrency, attempts=cfg.attempts, timeout=cfg.timeout, name=name)
 
 
 def _report(command: str, out: str, rows: int, kept: int, dropped: Counter, llms: list, **extra) -> dict:

@@ -369,7 +369,7 @@ def test_conversations_two_endpoints(tmp_path):
         assert {b["model"] for _, b in p.requests} == {"patient-model"}
         assert {b["model"] for _, b in d.requests} == {"test-model"}
     assert len(report["llm"]) == 2 and report["llm"][0].startswith("patient: 2 requests")
-    assert (tmp_path / "dc.jsonl.cache.patient.sqlite").exists() and (tmp_path / "dc.jsonl.cache.doctor.sqlite").exists()
+    assert all((tmp_path / f"dc.jsonl.cache.{agent}.sqlite").exists() for agent in ("patient", "doctor"))
     [row] = load_conversations(tmp_path / "dc.jsonl")
     assert row["stop"] == "doctor_end"
 
