@@ -62,7 +62,7 @@ from .losses import token_logprobs
 from .metrics import MetricsLog, plot_metrics
 from .model import Transformer
 from .reward_model import RewardModel, load_reward_model, score_ids, score_texts, share_base
-from .templates import guess_template, render, render_prompt, stop_strings, stop_token_ids
+from .templates import render, render_prompt, resolve_template, save_chat_template, stop_strings, stop_token_ids
 from .tokenizer import Tokenizer
 
 
@@ -412,7 +412,7 @@ def reward_from_model(rm: RewardModel, tok, template) -> Reward:
     """Token ids scored as they are when the reward model shares the policy's tokenizer and template,
     else the answers re-rendered as text in its own template."""
     probe = "头痛三天，伴有低烧。Fever 38.5°C?\n"
-    same = (str(rm.template) == str(template) and rm.tok.vocab_size == tok.vocab_size
+    same = (rm.template == template and rm.tok.vocab_size == tok.vocab_size
             and rm.tok.eos_id == tok.eos_id and rm.tok.encode(probe) == tok.encode(probe))
 
     def fn(prompts, responses, rows, texts):
@@ -816,7 +816,7 @@ def _train(cfg: PPOConfig, reward_fn, d, hold) -> dict:
     torch.manual_seed(cfg.seed)  # same LoRA init on every rank
     random.seed(cfg.seed)
     tok = Tokenizer.from_pretrained(cfg.model)
-    template = cfg.template if cfg.template and cfg.template != "auto" else guess_template(cfg.model)
+    template = resolve_template(cfg.model, cfg.template, tok)
     stops = sorted(stop_token_ids(tok, template))
     stop_strs = stop_strings(template)
     end_id = end_token(tok, template)
@@ -886,6 +886,7 @@ def _train(cfg: PPOConfig, reward_fn, d, hold) -> dict:
 
     if d.main:
         save_policy_adapter(m, out)
+        save_chat_template(out, tok, template)  # the trained format travels with the adapter
         if m.critic_lora is not None:
             with critic(m):
                 save_adapter(m.model, os.path.join(out, "critic"), extra=m.head())
@@ -894,6 +895,7 @@ def _train(cfg: PPOConfig, reward_fn, d, hold) -> dict:
         if cfg.save_merged:  # destroys the LoRA layers: last
             m.model.value_head = None
             merge_and_unload(m.model).save_pretrained(os.path.join(out, "merged"))
+            save_chat_template(os.path.join(out, "merged"), tok, template)
         print(f"wrote the policy adapter to {out} (load with --model {cfg.model} --adapter {out})")
     dist.barrier(d)
     summary = dict(history[-1]) if history else {}

@@ -62,7 +62,7 @@ from .metrics import MetricsLog, plot_metrics
 from .model import Transformer
 from .reward_model import (RM_CONFIG, RewardModel, load_reward_model, load_trunk, raw_scores, right_pad,  # noqa: F401
                            rm_forward, score_ids, score_texts, with_answer)
-from .templates import guess_template, render
+from .templates import render, resolve_template, save_chat_template
 from .tokenizer import Tokenizer
 
 
@@ -247,7 +247,7 @@ def _train(cfg: RMConfig, hold: contextlib.ExitStack) -> dict:
 
     # every input is read and checked before --out is touched
     tok = Tokenizer(cfg.model)
-    template = cfg.template if cfg.template and cfg.template != "auto" else guess_template(cfg.model)
+    template = resolve_template(cfg.model, cfg.template, tok)
     examples = [ex for path in cfg.data for ex in read_preferences(path, tok, template)]
     if cfg.eval_data:
         train_ex, eval_ex = examples, [ex for path in cfg.eval_data for ex in read_preferences(path, tok, template)]
@@ -361,6 +361,8 @@ def _train(cfg: RMConfig, hold: contextlib.ExitStack) -> dict:
           f"held-out pairwise accuracy {ev['eval_accuracy']:.3f} over {ev['eval_pairs']} pairs")
 
     save_reward_model(model, cfg, template, bias, gain, std, ev["eval_accuracy"])
+    if not cfg.lora_r:  # a full reward model is its own model directory: it carries its template
+        save_chat_template(out, tok, template)
     try:
         plot_metrics(out / "metrics.jsonl", out / "metrics.png",
                      ["loss", "accuracy", "eval_loss", "eval_accuracy", "lr"], title="reward model")
@@ -431,7 +433,7 @@ def save_reward_model(model, cfg: RMConfig, template, bias, gain, score_std, eva
     checkpoint.atomic_json(os.path.join(out, RM_CONFIG), {
         "base": base if lora else os.path.abspath(out),
         "sft_adapter": adapter if lora else None,  # full mode: already merged into the saved weights
-        "template": template, "bias": bias, "gain": gain, "lora": lora, "max_len": cfg.max_len,
+        "template": template if isinstance(template, str) else template.spec, "bias": bias, "gain": gain, "lora": lora, "max_len": cfg.max_len,
         "score_std": score_std, "eval_accuracy": None if math.isnan(eval_accuracy) else eval_accuracy,
         "trained_from": {"base": base, "sft_adapter": adapter}})
 

@@ -30,7 +30,7 @@ from . import adapters
 from .cli import resolve_device, resolve_dtype
 from .lora import CONFIG_FILE as ADAPTER_CONFIG, load_adapter, lora_modules, merge_and_unload
 from .model import Transformer
-from .templates import guess_template, render
+from .templates import ChatTemplate, render, resolve_template
 from .tokenizer import Tokenizer
 
 RM_CONFIG = "reward_config.json"
@@ -40,7 +40,7 @@ RM_CONFIG = "reward_config.json"
 class RewardModel:
     model: Transformer  # with value_head, eval mode, frozen
     tok: Tokenizer
-    template: str
+    template: ChatTemplate
     bias: float
     gain: float
     max_len: int
@@ -54,9 +54,10 @@ class RewardModel:
         return None if self.score_std is None else self.score_std * self.gain
 
 
-def resolve_rm_template(model_dir, name: str | None) -> str:
-    """The chat template a reward model scores in: the name given, else its directory's own."""
-    return name if name and name != "auto" else guess_template(model_dir)
+def rm_template(model_dir, name: str | None, recorded: str | None = None) -> ChatTemplate:
+    """The chat template a reward model scores in: `name` when given (not "auto"), else the one
+    train_rm.py recorded, else the model directory's own (templates.resolve_template)."""
+    return resolve_template(model_dir, name if name and name != "auto" else recorded or "auto")
 
 
 # ----------------------------------------------------------------------------- forward
@@ -135,8 +136,8 @@ def read_rm_config(path) -> dict | None:
 def load_reward_model(path, device=None, dtype=None, template: str | None = None) -> RewardModel:
     """A frozen reward model in eval mode from our RM directory (LoRA or full) or a released
     HuatuoGPT/Ziya reward-model directory (value_head.* tensors, no reward_config.json: bias 0,
-    gain 1, max_len from its config, the template `template` or, when None/"auto", its directory's).
-    `template` overrides the one our reward_config.json records."""
+    gain 1, max_len from its config, the template `template` or, when None/"auto", its directory's
+    own chat template). `template` overrides the one our reward_config.json records."""
     device = resolve_device(device)
     dtype = dtype if isinstance(dtype, torch.dtype) else resolve_dtype(dtype, device)
     rc = read_rm_config(path)
@@ -157,7 +158,7 @@ def load_reward_model(path, device=None, dtype=None, template: str | None = None
         else:
             model = Transformer.from_pretrained(path, dtype=dtype, device=device)
             tok = Tokenizer(path)
-        tmpl = template if template and template != "auto" else rc["template"]
+        tmpl = rm_template(rc["base"] if rc["lora"] else path, template, rc["template"])
         bias, gain, max_len, std = rc["bias"], rc["gain"], rc["max_len"], rc.get("score_std")
     else:
         if os.path.exists(os.path.join(path, ADAPTER_CONFIG)):
@@ -168,7 +169,7 @@ def load_reward_model(path, device=None, dtype=None, template: str | None = None
             raise ValueError(f"{path}: no value_head tensors and no {RM_CONFIG}; this is not a reward model "
                              f"(train one with train_rm.py)")
         tok = Tokenizer(path)
-        tmpl = resolve_rm_template(path, template)
+        tmpl = rm_template(path, template)
         bias, gain, max_len, std = 0.0, 1.0, model.config.max_seq_len, None
     model.requires_grad_(False)
     model.eval()
@@ -239,7 +240,7 @@ def share_base(path, model: Transformer, base, sft_adapter, tok, template=None, 
                 yield
         finally:
             model.value_head = keep
-    rm = RewardModel(model=model, tok=tok, template=template if template and template != "auto" else rc["template"],
+    rm = RewardModel(model=model, tok=tok, template=rm_template(base, template, rc["template"]),
                      bias=float(rc["bias"]), gain=float(rc.get("gain", 1.0)), max_len=int(rc["max_len"]),
                      score_std=rc.get("score_std"), path=str(path), swap=swap)
     return rm, ""

@@ -7,7 +7,8 @@
 What happens, in order (`_train` is the loop, `train_step` one optimizer step; read them top to bottom):
 - Data: schema JSONL files (data.load_conversations), a held-out split (--eval-frac, or --eval-data),
   optional per-source resampling (data.mix_sources). Each conversation is rendered with its chat
-  template (templates.render -> ids and the mask of assistant tokens). A conversation longer than
+  template (--template auto: the model's own; templates.render -> ids and the mask of assistant
+  tokens), and the outputs carry that template in their tokenizer files. A conversation longer than
   --max-len keeps its first max_len tokens (the tail is cut: later turns build on earlier ones); one
   with no assistant token left to predict is dropped and counted.
 - Batches: length-grouped and padded, no packing. Each epoch is a seeded shuffle; windows of 64
@@ -66,7 +67,7 @@ from .lora import apply_lora, default_targets, load_adapter, merge_and_unload, s
 from .losses import IGNORE, linear_cross_entropy, output_weight
 from .metrics import MetricsLog, plot_metrics
 from .model import Transformer
-from .templates import guess_template, render
+from .templates import render, resolve_template, save_chat_template
 from .tokenizer import Tokenizer
 
 LORA_LR_LIMIT = 2e-4  # above this a narrow medical LoRA is known to erode general ability
@@ -348,7 +349,7 @@ def _train(cfg: SFTConfig, d: Dist, hold: contextlib.ExitStack) -> dict:
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     tok = Tokenizer.from_pretrained(cfg.model)
-    template = cfg.template if cfg.template and cfg.template != "auto" else guess_template(cfg.model)
+    template = resolve_template(cfg.model, cfg.template, tok)
     train_rows, eval_rows, info = load_rows(cfg)
     train_ex, tstats = tokenize(train_rows, tok, template, cfg.max_len)
     eval_ex, estats = tokenize(eval_rows, tok, template, cfg.max_len)
@@ -457,7 +458,7 @@ def _train(cfg: SFTConfig, d: Dist, hold: contextlib.ExitStack) -> dict:
         say(f"{ckpt} is already at the last step ({total_steps}); writing the outputs again")
         eval_loss = evaluate(wrapped, eval_ex, cfg, d, tok.pad_id, autocast)
     if not stopped:
-        write_outputs(cfg, d, model, tok, say)
+        write_outputs(cfg, d, model, tok, template, say)
     if d.main and last_saved == start_step and (out / "metrics.jsonl").exists():
         plot_metrics(out / "metrics.jsonl", out / "loss.png", ["loss", "eval_loss"])
     seconds = time.time() - t_start
@@ -509,8 +510,9 @@ def check_resume(cfg: SFTConfig, ckpt: Path, d: Dist, say) -> int:
     return state["step"]
 
 
-def write_outputs(cfg: SFTConfig, d: Dist, model: Transformer, tok: Tokenizer, say):
-    """The adapter (LoRA) or the full model with its tokenizer in cfg.out; with --merge the merged model."""
+def write_outputs(cfg: SFTConfig, d: Dist, model: Transformer, tok: Tokenizer, template, say):
+    """The adapter (LoRA) or the full model with its tokenizer in cfg.out; with --merge the merged model.
+    Each carries the chat template it was trained with, so transformers and vLLM render that format."""
     host = dist.gather_model(model, d, cfg.fsdp)
     if not d.main:
         return
@@ -522,6 +524,7 @@ def write_outputs(cfg: SFTConfig, d: Dist, model: Transformer, tok: Tokenizer, s
         host.save_pretrained(out)
         tok.save_pretrained(out)
         say(f"model: {out} (config.json, safetensors, tokenizer)")
+    save_chat_template(out, tok, template)
     if cfg.merge:
         if not cfg.lora_r:
             say("--merge: full fine-tuning already wrote a full model; nothing to merge")
@@ -534,6 +537,7 @@ def write_outputs(cfg: SFTConfig, d: Dist, model: Transformer, tok: Tokenizer, s
         merge_and_unload(merged)
         merged.save_pretrained(out / "merged", copy_from=cfg.model)
         tok.save_pretrained(out / "merged")
+        save_chat_template(out / "merged", tok, template)
         say(f"merged model: {out / 'merged'}")
 
 

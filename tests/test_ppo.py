@@ -14,6 +14,7 @@ from conftest import word_tokenizer
 from nanohuatuo import ModelConfig, Transformer, Tokenizer
 from nanohuatuo import ppo
 from nanohuatuo.losses import TokenLogprobs, token_logprobs
+from nanohuatuo.templates import resolve_template
 from nanohuatuo.lora import apply_lora, disabled_adapters, lora_modules, save_adapter
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -284,7 +285,7 @@ def test_shared_reward_model_matches_the_separate_one(tiny, rm_dir, tmp_path):
         randomise_lora(m.model)  # the policy's own adapter must not leak into the score
         rm, why = ppo.shared_reward_model(m, cfg, tok)
         assert rm is not None, why
-        fn = ppo.reward_from_model(rm, tok, "plain").fn
+        fn = ppo.reward_from_model(rm, tok, resolve_template(base, "plain")).fn
         got = fn([s[:5] for s in seqs], [s[5:] for s in seqs], None, None)
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)  # scores are ~10: merged vs LoRA rounding
         b = batch_for(base)
@@ -406,3 +407,105 @@ def test_cli_run_with_reward_model_separate_critic_and_merged_export(tiny, rm_di
     merged = logp_of(Transformer.from_pretrained(out / "merged"), b)
     torch.testing.assert_close(merged, logp_of(Transformer.from_pretrained(base, adapter=str(out)), b),
                                atol=1e-5, rtol=0)
+
+
+# ----------------------------------------------------------------------------- HuatuoGPT's bases, stop strings, reward scale
+
+FAMILIES = {
+    "baichuan": dict(arch="baichuan", qkv="packed", ffn_dim=64),
+    "bloom": dict(arch="bloom", norm="layer", norm_eps=1e-5, mlp="gelu", pos="alibi", qkv="bloom", qkv_bias=True,
+                  o_bias=True, mlp_bias=True, embed_norm=True, tie_embeddings=True, ffn_dim=128),
+}
+
+
+def family_run(tmp_path, family):
+    """A tiny base of the family, an SFT adapter and a LoRA reward model on base + SFT, all on the
+    default targets (Baichuan's W_pack, BLOOM's query_key_value, ...), as train_sft/train_rm write them."""
+    from nanohuatuo.lora import default_targets, merge_and_unload
+    base, sft, rm = tmp_path / "base", tmp_path / "sft", tmp_path / "rm"
+    base.mkdir()
+    word_tokenizer(base, WORDS)
+    model = Transformer(ModelConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4, max_seq_len=128, **FAMILIES[family]))
+    model.init_weights(std=0.1, seed=0)
+    model.save_pretrained(base)
+    with open(base / "prompts.jsonl", "w") as f:
+        for i in range(8):
+            f.write(json.dumps({"messages": [{"role": "user", "content": f"w{i} w{i + 3}"}]}) + "\n")
+    torch.manual_seed(0)
+    apply_lora(model, r=2, alpha=4, dropout=0.0, targets=default_targets(model))
+    randomise_lora(model, seed=4)
+    save_adapter(model, sft)
+    rm_model = merge_and_unload(Transformer.from_pretrained(base, adapter=sft))
+    apply_lora(rm_model, r=2, alpha=4, dropout=0.0, targets=default_targets(rm_model))
+    randomise_lora(rm_model, seed=5)
+    g = torch.Generator().manual_seed(6)
+    save_adapter(rm_model, rm, extra={"value_head.weight": torch.randn(1, 32, generator=g),
+                                      "value_head.bias": torch.tensor([0.3])})
+    with open(rm / "reward_config.json", "w") as f:
+        json.dump({"base": str(base), "sft_adapter": str(sft), "template": "plain", "bias": 0.1, "gain": 1.0,
+                   "lora": True, "max_len": 64, "score_std": 0.5}, f)
+    return str(base), str(sft), str(rm)
+
+
+@pytest.mark.parametrize("family", ["baichuan", "bloom"])
+def test_huatuo_bases_load_the_base_once(tmp_path, family, monkeypatch, capsys):
+    base, sft, rm = family_run(tmp_path, family)
+    loads = []
+    monkeypatch.setattr(ppo, "load_reward_model", lambda *a, **k: loads.append(a) or pytest.fail("second copy"))
+    out = ppo.train(tiny_cfg(base, tmp_path / "out", adapter=sft, reward=rm, prompts=os.path.join(base, "prompts.jsonl"),
+                             max_steps=1, batch_size=4, micro_batch_size=4, num_mini_batches=1, max_new_tokens=4))
+    said = capsys.readouterr().out
+    assert "shares the policy's base" in said and "divided by 0.5" in said and not loads
+    assert out["steps"] == 1 and math.isfinite(out["score"])
+    targets = json.load(open(tmp_path / "out" / "adapter_config.json"))["target_modules"]
+    assert {"W_pack"} <= set(targets) if family == "baichuan" else {"query_key_value"} <= set(targets)
+
+
+def test_a_reward_model_that_cannot_share_says_why(tmp_path, capsys):
+    base, sft, rm = family_run(tmp_path, "baichuan")
+    ppo.train(tiny_cfg(base, tmp_path / "out", adapter=sft, reward=rm, prompts=os.path.join(base, "prompts.jsonl"),
+                       lora_targets=["o_proj"], max_steps=1, batch_size=4, micro_batch_size=4, max_new_tokens=2))
+    assert "cannot share the policy's base (its LoRA layers" in capsys.readouterr().out
+
+
+def test_stop_string_answers_end_on_the_end_token(tiny, tmp_path, monkeypatch):
+    """An answer that stops on a stop string is cut before it and ends on the template's end token, so
+    the reward reads the position it was trained on and the policy learns to end its turn."""
+    from nanohuatuo.generate import Generation
+    base, _ = tiny
+    tok = Tokenizer(base)
+    stop = ["w5 w6"]
+    assert ppo.end_at_stop_string([10, 11], tok, stop, EOS) is None  # w3 w4
+    assert ppo.end_at_stop_string([10, 12, 14], tok, stop, EOS) is None  # w3 w5 w7
+    assert ppo.end_at_stop_string([10, 11, 12, 13], tok, stop, EOS) == [10, 11, EOS]  # w3 w4 w5 w6 -> w3 w4 </s>
+    assert ppo.end_at_stop_string([10, 12, 13], tok, stop, EOS) == [10, EOS]
+
+    def fake(model, prompts, n, **kw):
+        answers = [[10, 12, 13], [10, 11, EOS], [10, 11, 14]]  # stop string, end token, cut by length
+        return Generation(tokens=answers[:len(prompts)], logprobs=[[-1.0] * len(a) for a in answers[:len(prompts)]],
+                          finished=[True, True, False][:len(prompts)])
+    monkeypatch.setattr(ppo, "generate_batch", fake)
+    cfg = tiny_cfg(base, tmp_path)
+    m = ppo.load_policy(cfg)
+    seen = []
+    reward = ppo.Reward(lambda p, r, rows, texts: seen.append((r, texts)) or torch.ones(len(r)))
+    rows, prompts = ppo.load_prompts(cfg.prompts, tok, "plain", 64)
+    from nanohuatuo.dist import Dist
+    exp = ppo.make_experience(m, cfg, 0.0, prompts[:3], rows[:3], reward, None, tok, [EOS], stop, EOS, 0,
+                              Dist(0, 1, torch.device("cpu")))
+    assert seen[0][0] == [[10, EOS], [10, 11, EOS], [10, 11, 14]] and seen[0][1][0] == "w3"
+    assert exp.mask.tolist() == [[1, 1, 0], [1, 1, 1], [1, 1, 1]] and exp.ended.tolist() == [True, True, False]
+    assert exp.metrics["stop_string_rate"] == pytest.approx(1 / 3)
+
+
+def test_reward_model_scores_in_units_of_their_spread():
+    from nanohuatuo.dist import Dist
+    d = Dist(0, 1, torch.device("cpu"))
+    known = ppo.ScoreScale(0.0, 0.5)  # train_rm.py stored std 0.5: a score of 1 is two spreads
+    assert known(torch.tensor([1.0, -0.5]), d).tolist() == [2.0, -1.0]
+    released = ppo.ScoreScale()  # no statistics: bias and std from the first batch, then fixed
+    first = released(torch.tensor([3.0, 5.0, 7.0, 9.0]), d)
+    assert first.mean().item() == pytest.approx(0.0) and first.std(correction=0).item() == pytest.approx(1.0)
+    assert (released.shift, released.scale) == (6.0, pytest.approx(math.sqrt(5.0)))
+    assert released(torch.tensor([6.0]), d).tolist() == [0.0]
+    # so a missing-EOS penalty of -1 means one spread below an average SFT answer on any reward model

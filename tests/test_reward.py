@@ -172,7 +172,7 @@ def test_save_load_round_trip(base, tmp_path, mode):
     reward.save_reward_model(model, cfg, "plain", bias=0.25, gain=1.0, score_std=1.0, eval_accuracy=0.5)
     rm = reward.load_reward_model(cfg.out, device="cpu")
     assert rm.model.lm_head is None and not any(p.requires_grad for p in rm.model.parameters())
-    assert (rm.template, rm.bias, rm.gain, rm.max_len) == ("plain", 0.25, 1.0, 20)
+    assert (rm.template.spec, rm.bias, rm.gain, rm.max_len) == ("plain", 0.25, 1.0, 20)
     torch.testing.assert_close(reward.score_texts(rm, messages, answers), want, atol=1e-5, rtol=0)
     torch.testing.assert_close(reward.score_ids(rm, seqs, batch_size=2), want, atol=1e-5, rtol=0)
     rc = json.load(open(tmp_path / "rm" / "reward_config.json"))
@@ -184,8 +184,9 @@ def test_save_load_round_trip(base, tmp_path, mode):
 def test_released_reward_model_layout_loads(tmp_path):
     path, tok, model = rm_base(tmp_path / "HuatuoGPT-reward-model-tiny", value_head=True, lm_head=False)
     assert json.load(open(f"{path}/config.json"))["architectures"] == ["LlamaRewardModel"]
-    rm = reward.load_reward_model(path, device="cpu")
-    assert (rm.bias, rm.gain, rm.template) == (0.0, 1.0, "huatuo")
+    rm = reward.load_reward_model(path, device="cpu")  # no chat template of its own: HuatuoGPT's, with a line
+    assert (rm.bias, rm.gain, rm.template.spec, rm.score_std) == (0.0, 1.0, "huatuo", None)
+    assert reward.load_reward_model(path, device="cpu", template="plain").template.spec == "plain"  # --template
     messages = [{"role": "user", "content": "孩子发烧咳嗽"}]
     ids = render(messages + [{"role": "assistant", "content": "多喝水。"}], tok, "huatuo")[0]
     with torch.no_grad():

@@ -21,7 +21,7 @@ from nanohuatuo import checkpoint, sft
 from nanohuatuo.losses import IGNORE, LinearCrossEntropy, linear_cross_entropy
 from nanohuatuo.data import SOURCES
 from nanohuatuo.model import Transformer
-from nanohuatuo.templates import HUATUO_SYSTEM, render
+from nanohuatuo.templates import HUATUO_SYSTEM, render, render_text, resolve_template
 from nanohuatuo.tokenizer import Tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -248,12 +248,18 @@ def test_cli_lora_writes_a_peft_adapter_and_merged_model(tmp_path, base, data):
                                                        "up_proj", "v_proj"]
     tuned = Transformer.from_pretrained(base, adapter=out)
     merged = Transformer.from_pretrained(out / "merged")
+    tok = Tokenizer.from_pretrained(base)
     ids = torch.tensor([[1, 5, 9, 30, 60, 7]])
     with torch.no_grad():
         torch.testing.assert_close(tuned(ids), merged(ids), atol=1e-5, rtol=0)
         assert not torch.allclose(tuned(ids), Transformer.from_pretrained(base)(ids))
     assert Tokenizer.from_pretrained(out / "merged").vocab_size == Tokenizer.from_pretrained(base).vocab_size
     assert (out / "loss.png").exists() and (out / "checkpoints" / "step_000002" / "adapter").is_dir()
+    # the trained format travels with the adapter and the merged model (their tokenizer files hold it)
+    conv = conversations(1)[0]["messages"]
+    for d in (out, out / "merged"):
+        carried = resolve_template(d, "auto")
+        assert carried.is_jinja and render_text(conv, tok, carried) == render_text(conv, tok, "huatuo")
 
 
 def test_full_fine_tuning_writes_a_model_dir(tmp_path, base, data):
