@@ -55,6 +55,7 @@ import numpy as np
 from .cli import UserError, arg, cli_main, parse_config
 from .data import DataError, iter_jsonl, row_id, validate, write_jsonl
 from .llm import LLM
+from .textmetrics import chars, lcs_length
 
 # ---------------------------------------------------------------- prompts and vocabularies
 
@@ -171,33 +172,15 @@ NUMBER_UNITS = ("毫克", "毫升", "微克", "小时", "分钟", "个月", "周
 
 
 def rouge_text(text: str) -> str:
-    """The characters ROUGE-L compares: NFKC-normalised, lower case, letters and digits only
-    (whitespace and punctuation do not count, so ？ and ? or a trailing 。 change nothing)."""
-    return "".join(filter(str.isalnum, unicodedata.normalize("NFKC", text).lower()))
-
-
-def lcs_length(a: str, b: str) -> int:
-    """Length of the longest common subsequence of two strings (bit-parallel, Hyyro 2004).
-
-    One bit per character of the longer string; each character of the other updates all bits in
-    a few big-integer operations, so the cost is len(b) * len(a) / 64 machine words."""
-    if len(a) < len(b):
-        a, b = b, a
-    if not b:
-        return 0
-    masks: dict[str, int] = {}
-    for i, c in enumerate(a):
-        masks[c] = masks.get(c, 0) | (1 << i)
-    full = (1 << len(a)) - 1
-    v = full  # zero bits of v mark the columns where the LCS grew
-    for c in b:
-        u = v & masks.get(c, 0)
-        v = ((v + u) | (v - u)) & full
-    return len(a) - bin(v).count("1")
+    """The characters ROUGE-L compares: textmetrics.chars without punctuation (NFKC-normalised, lower
+    case, no whitespace, punctuation or symbols), so ？ and ? or a trailing 。 change nothing and a
+    character means here what it means in evaluation's ROUGE-L."""
+    return chars(text, keep_punct=False)
 
 
 def rouge_l(a: str, b: str) -> float:
-    """Character-level ROUGE-L F1 of two texts: 2 * LCS / (len(a) + len(b)) over rouge_text."""
+    """Character-level ROUGE-L F1 of two texts: 2 * LCS / (len(a) + len(b)) over rouge_text
+    (textmetrics' bit-parallel lcs_length)."""
     a, b = rouge_text(a), rouge_text(b)
     if not a or not b:
         return 0.0
