@@ -253,8 +253,8 @@ def tune_cpu_kernels(model: Transformer, batches=(1, 8)):
 def head_logits(model: Transformer, h):
     """float32 logits (B, vocab) of the last hidden states h (B, dim), with the kernel that
     `tune_cpu_kernels` measured fastest for the nearest batch size (model.logits otherwise)."""
-    kernels = (getattr(model, "cpu_kernels", None) or {}).get("head")
-    if kernels and h.device.type == "cpu" and h.dtype == torch.float32:
+    kernels = (getattr(model, "cpu_kernels", None) or {}).get("head") if h.device.type == "cpu" else None
+    if kernels and h.dtype == torch.float32:
         b = min(kernels, key=lambda m: max(m, h.shape[0]) / min(m, h.shape[0]))
         if kernels[b] == "onednn":
             return _onednn_linear(h, model.lm_head.weight)

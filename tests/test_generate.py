@@ -1,10 +1,12 @@
-"""The generation engine: greedy == transformers, batched == alone, cache == recompute, sampling, stops."""
+"""Generation (the wrappers over the engine): greedy == transformers, batched == alone, cache ==
+recompute, sampling, stops."""
 
 import pytest
 import torch
 
 from nanohuatuo import Transformer
 from nanohuatuo.generate import generate, generate_batch, stream, cut_at_stop, process_logits, sample
+from nanohuatuo.engine import sample_seed
 from nanohuatuo.model import KVCache
 
 FAMILIES = ["llama", "llama3", "mistral", "qwen2", "qwen3", "bloom"]
@@ -79,6 +81,16 @@ def test_same_seed_same_sample_and_logprobs(hf_dirs):
         lp = torch.log_softmax(m(seq)[0, len(p) - 1:-1] / 0.9, -1)
     want = lp.gather(-1, torch.tensor(a.tokens[0])[:, None]).squeeze(-1)
     torch.testing.assert_close(torch.tensor(a.logprobs[0]), want, atol=1e-4, rtol=0)
+
+
+def test_rows_of_a_seeded_batch_are_independent_samples(hf_dirs):
+    path, _ = hf_dirs("llama")
+    m = Transformer.from_pretrained(path)
+    g = generate_batch(m, [PROMPTS[0]] * 3 + [PROMPTS[1]], 10, temperature=1.0, seed=7)
+    assert len({tuple(t) for t in g.tokens[:3]}) == 3  # copies of one prompt are different samples
+    # row i has its own seed, so it gets what it gets alone with that seed
+    assert generate(m, [PROMPTS[1]], 10, temperature=1.0, seed=sample_seed(7, 3)) == [g.tokens[3]]
+    assert generate(m, [PROMPTS[0]], 10, temperature=1.0, seed=7) == [g.tokens[0]]
 
 
 def test_stop_ids_and_streaming(hf_dirs):
