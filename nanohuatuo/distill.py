@@ -157,12 +157,12 @@ DRUG_NAMES = (
     "劳拉西泮", "唑吡坦", "卡马西平", "奥卡西平", "普瑞巴林", "加巴喷丁", "氟桂利嗪", "甲钴胺", "维生素B1",
     "维生素B12", "维生素C", "维生素D", "叶酸", "硫酸亚铁", "琥珀酸亚铁", "多糖铁", "钙片", "碳酸钙",
     "坦索罗辛", "非那雄胺", "西地那非", "他达拉非", "达泊西汀", "黄体酮", "地屈孕酮", "炔雌醇", "来曲唑",
-    "氯米芬", "米非司酮", "缩宫素", "硝酸甘油", "利多卡因", "苄星青霉素", "青霉素", "破伤风抗毒素",
+    "氯米芬", "米非司酮", "缩宫素", "利多卡因", "苄星青霉素", "青霉素", "破伤风抗毒素",
 )
 DRUG_ENDINGS = ("霉素", "沙星", "西林", "他汀", "拉唑", "康唑", "硝唑", "地平", "普利", "沙坦", "替丁", "洛尔",
                 "利嗪", "替尼", "单抗", "洛韦", "昔布", "洛芬", "米松", "尼松", "尼龙", "西泮", "唑仑", "西汀")
 # a character before an ending that is not part of the name (吃/用/一种/类 ...)
-NOT_NAME = set("吃用服涂抹擦滴喷加含打输换停种类些的和或及与等是个了要可先再点片粒支粒盒")
+NOT_NAME = set("吃用服涂抹擦滴喷加含打输换停种类些的和或及与等是个了要可先再点片粒支盒")
 NUMBER_UNITS = ("毫克", "毫升", "微克", "小时", "分钟", "个月", "周岁", "公斤", "厘米", "毫米", "次", "片", "粒",
                 "袋", "支", "滴", "克", "天", "日", "周", "月", "年", "岁", "瓶", "盒", "颗", "顿", "斤", "度",
                 "倍", "mg", "ml", "g", "kg", "cm", "mm")
@@ -727,7 +727,8 @@ def doctor_messages(case: dict, turns: list[dict]) -> list[dict]:
 
 def run_conversations(cfg: ConversationsConfig) -> dict:
     """Two agents per case, all cases advancing one turn at a time (one map per turn, so the
-    endpoint sees up to --concurrency conversations at once); rows for finished conversations."""
+    endpoint sees up to --concurrency conversations at once); rows for finished conversations. A
+    turn still unusable after its re-asks drops its whole conversation (counted by reason)."""
     _check_endpoint(cfg)
     if not cfg.cases:
         raise UserError("pass --cases FILE [FILE ...] (schema rows or Med-dialog cases)")
