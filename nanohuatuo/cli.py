@@ -33,8 +33,6 @@ import types
 from dataclasses import field
 from pathlib import Path
 
-import torch
-
 COMMON_HELP = {  # the same words for the same flag in every script
     "device": "auto (cuda if available), cpu, cuda, cuda:1, ...",
     "dtype": "auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16 or float16",
@@ -42,16 +40,18 @@ COMMON_HELP = {  # the same words for the same flag in every script
     "resume": "continue the interrupted run in --out",
     "overwrite": "delete what --out holds and start again",
 }
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = ("float32", "bfloat16", "float16")  # torch is imported only where a device or dtype is resolved:
+# the LLM-only commands (distill.py, feedback, evaluate with endpoints) start without it
 
 
 class UserError(ValueError):
     """Bad input from the user: the message says what was wrong, where, and what to do."""
 
 
-def arg(default, help: str, metavar: str | None = None, choices=None, parse=None):
-    """A config field with its command-line help text (and optional metavar, choices, parser)."""
-    meta = {"help": help, "metavar": metavar, "choices": choices, "parse": parse}
+def arg(default, help: str, metavar: str | None = None, choices=None, parse=None, flag: str | None = None):
+    """A config field with its command-line help text (and optional metavar, choices, parser, and a flag
+    name for a field whose name cannot be one, e.g. flag="--in" for a field `input`)."""
+    meta = {"help": help, "metavar": metavar, "choices": choices, "parse": parse, "flag": flag}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -82,7 +82,10 @@ def _split_lists(values):
     return [v for item in values for v in item.split(",") if v]
 
 
-def flag(name: str) -> str:
+def flag(name: str, f=None) -> str:
+    """The command-line flag of a field: its own (arg(flag=...)) or --field-name."""
+    if f is not None and f.metadata.get("flag"):
+        return f.metadata["flag"]
     return "--" + name.replace("_", "-")
 
 
@@ -103,19 +106,19 @@ def add_fields(p: argparse.ArgumentParser, cls) -> None:
         typ = _bare(f.type)
         origin = getattr(typ, "__origin__", None)
         if f.metadata.get("parse"):
-            p.add_argument(flag(f.name), type=f.metadata["parse"], **kw)
+            p.add_argument(flag(f.name, f), type=f.metadata["parse"], **kw)
         elif typ is bool:
             kw["help"] += f" (default: {'on' if default else 'off'})"
-            p.add_argument(flag(f.name), action=argparse.BooleanOptionalAction, **kw)
+            p.add_argument(flag(f.name, f), action=argparse.BooleanOptionalAction, **kw)
         elif typ is dict or origin is dict:
             kw.setdefault("metavar", "NAME=W,...")
-            p.add_argument(flag(f.name), type=parse_kv, **kw)
+            p.add_argument(flag(f.name, f), type=parse_kv, **kw)
         elif typ is list or origin is list:
             inner = (getattr(typ, "__args__", None) or (str,))[0]
-            p.add_argument(flag(f.name), nargs="+", type=str, **kw)
+            p.add_argument(flag(f.name, f), nargs="+", type=str, **kw)
             p.set_defaults(**{f"_list_{f.name}": inner})
         else:
-            p.add_argument(flag(f.name), type=typ, **kw)
+            p.add_argument(flag(f.name, f), type=typ, **kw)
 
 
 def config_from(cls, ns: argparse.Namespace):
@@ -128,7 +131,7 @@ def config_from(cls, ns: argparse.Namespace):
             try:
                 v = [inner(x) for x in _split_lists(v)]
             except ValueError as e:
-                raise UserError(f"{flag(f.name)}: {e}") from None
+                raise UserError(f"{flag(f.name, f)}: {e}") from None
         values[f.name] = v
     return cls(**values)
 
@@ -168,8 +171,9 @@ def guarded(fn, *args) -> int:
     return code if isinstance(code, int) else 0
 
 
-def resolve_device(name: str | None = "auto") -> torch.device:
-    """'auto' -> cuda if available else cpu; otherwise the named device (checked)."""
+def resolve_device(name: str | None = "auto"):
+    """'auto' -> cuda if available else cpu; otherwise the named device (checked): a torch.device."""
+    import torch
     if name in (None, "", "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -181,12 +185,13 @@ def resolve_device(name: str | None = "auto") -> torch.device:
     return device
 
 
-def resolve_dtype(name: str | None, device, training: bool = False) -> torch.dtype:
+def resolve_dtype(name: str | None, device, training: bool = False):
     """'auto' -> bfloat16 on CUDA, float32 on CPU; float16 is refused for training (no loss scaling)."""
+    import torch
     device = torch.device(device)
     if name in (None, "", "auto"):
         return torch.bfloat16 if device.type == "cuda" else torch.float32
-    dtype = DTYPES.get(name)
+    dtype = getattr(torch, name) if name in DTYPES else None
     if dtype is None:
         raise UserError(f"--dtype {name!r}: use auto, float32, bfloat16 or float16")
     if training and dtype == torch.float16:
