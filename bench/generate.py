@@ -253,13 +253,15 @@ def report(rows):
     fixed = [r for r in rows if r["table"] == "fixed"]
     if fixed:
         print("\n(a) fixed length\n\n| model | batch | transformers tok/s | static tok/s | engine tok/s | "
-              "engine / transformers | same tokens (static, engine) | bandwidth share (transformers / static / engine) |")
+              "engine / transformers | same tokens (static, engine) | "
+              "bandwidth share (transformers / static / engine) |")
         print("|---|---|---|---|---|---|---|---|")
         for r in fixed:
             bw = " / ".join(f"{r[k + '_bw_share']:.0%}" for k in ("hf", "static", "engine")) if r["batch"] == 1 else ""
             same = ", ".join("yes" if r["same_tokens"][k] else "no" for k in ("static", "engine"))
-            print(f"| {label(r)} ({r['params'] / 1e6:.0f}M) | {r['batch']} | {r['hf_tok_s']:.1f} | {r['static_tok_s']:.1f} | "
-                  f"{r['engine_tok_s']:.1f} | {r['engine_tok_s'] / r['hf_tok_s']:.2f}x | {same} | {bw} |")
+            print(f"| {label(r)} ({r['params'] / 1e6:.0f}M) | {r['batch']} | {r['hf_tok_s']:.1f} | "
+                  f"{r['static_tok_s']:.1f} | {r['engine_tok_s']:.1f} | {r['engine_tok_s'] / r['hf_tok_s']:.2f}x | "
+                  f"{same} | {bw} |")
     mix = [r for r in rows if r["table"] == "mixed"]
     if mix:
         print("\n(b) mixed workload\n\n| model | requests / slots | tokens | transformers tok/s | static tok/s | "

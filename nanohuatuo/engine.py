@@ -411,10 +411,10 @@ class Engine:
         (seeded samples j > 0 get `sample_seed(seed, j)`) or a list of n.
         """
         prompt = [int(t) for t in prompt_ids]
-        plist = list(params) if isinstance(params, (list, tuple)) else None
-        if plist is not None and len(plist) != n:
+        shared = not isinstance(params, (list, tuple))  # one setting for all n: seeds derived per sample
+        plist = [params or SamplingParams()] * n if shared else list(params)
+        if len(plist) != n:
             raise ValueError(f"add: {len(plist)} SamplingParams for n={n} samples")
-        params = params if plist is None else None
         V = self.model.config.vocab_size
         if not prompt:
             raise ValueError("the prompt is empty; it needs at least one token (add a BOS token or some text)")
@@ -424,21 +424,21 @@ class Engine:
             raise ValueError(f"prompt of {len(prompt)} tokens is longer than the engine's max_len={self.max_len}")
         if not 1 <= n <= self.slots:
             raise ValueError(f"n={n} samples must be between 1 and the engine's {self.slots} slots")
-        group = []
-        base_seed = None
-        for j in range(n):
-            sp = plist[j] if plist is not None else (params or SamplingParams())
+        group, drawn = [], None
+        for j, sp in enumerate(plist):
             if sp.max_new_tokens < 1:
                 raise ValueError(f"max_new_tokens={sp.max_new_tokens}; ask for at least one token")
+            if not 0 <= sp.top_logprobs <= V:
+                raise ValueError(f"top_logprobs={sp.top_logprobs}; it must lie in [0, {V}]")
             if sp.stop_strings and self.tokenizer is None:
                 raise ValueError("stop_strings need a tokenizer to decode the generated text (Engine(tokenizer=...))")
             gen = None
             if sp.temperature > 0:
-                if sp.seed is None and base_seed is None:
-                    base_seed = int(torch.randint(2**62, ()))  # torch.manual_seed makes it repeatable
-                seed = sp.seed if sp.seed is not None else base_seed
+                if sp.seed is None and drawn is None:
+                    drawn = int(torch.randint(2**62, ()))  # from torch's RNG: torch.manual_seed makes it repeatable
+                seed = sample_seed(drawn, j) if sp.seed is None else sample_seed(sp.seed, j) if shared else sp.seed
                 gen = torch.Generator(device=self.device)
-                gen.manual_seed(sample_seed(seed, j) if plist is None or sp.seed is None else seed)
+                gen.manual_seed(seed)
             group.append(_Request(-1, prompt, sp, frozenset(int(i) for i in sp.stop_ids), gen))
         with self.lock:
             for r in group:
@@ -461,8 +461,9 @@ class Engine:
 
     @torch.inference_mode()
     def step(self) -> list[Event]:
-        """Drop cancelled requests, admit waiting ones into free rows, decode one token for every
-        running row, retire the finished ones. Returns this step's events (one per running request)."""
+        """Drop cancelled requests, admit waiting ones into free rows (first come first served; n
+        samples of one prompt wait until n rows are free), decode one token for every running row,
+        retire the finished ones. Returns this step's events (one per running request)."""
         events = []
         with self.lock:
             cancelled, self.cancelled = self.cancelled, set()
@@ -592,20 +593,19 @@ class Engine:
         plist = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
         if len(plist) != len(prompts):
             raise ValueError(f"generate: {len(plist)} SamplingParams for {len(prompts)} prompts")
-        order = []  # one _Request per output, in output order
         if n == 1:
+            order = [None] * len(prompts)  # one _Request per output, in output order
             groups = {}
             for i, p in enumerate(prompts):
                 groups.setdefault(tuple(int(t) for t in p), []).append(i)
-            slots = [None] * len(prompts)
             for key, idx in groups.items():
                 for s in range(0, len(idx), self.slots):  # a group never exceeds the slots
                     part = idx[s:s + self.slots]
                     rids = self.add(list(key), [plist[i] or SamplingParams() for i in part], n=len(part))
                     for i, rid in zip(part, rids if isinstance(rids, list) else [rids]):
-                        slots[i] = self.requests[rid]
-            order = slots
+                        order[i] = self.requests[rid]
         else:
+            order = []
             for p, sp in zip(prompts, plist):
                 order += [self.requests[rid] for rid in self.add(p, sp, n=n)]
         while any(r.finish_reason is None for r in order):
