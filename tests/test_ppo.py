@@ -509,3 +509,33 @@ def test_reward_model_scores_in_units_of_their_spread():
     assert (released.shift, released.scale) == (6.0, pytest.approx(math.sqrt(5.0)))
     assert released(torch.tensor([6.0]), d).tolist() == [0.0]
     # so a missing-EOS penalty of -1 means one spread below an average SFT answer on any reward model
+
+
+def test_stop_after_and_resume_match_an_uninterrupted_run(tiny, tmp_path, capsys):
+    base, sft = tiny
+    kw = dict(adapter=sft, max_steps=3, save_every=10, adaptive_kl=True, kl_horizon=100, missing_eos_penalty=-1.0,
+              critic="separate", sample_every=1)
+    ppo.train(tiny_cfg(base, tmp_path / "full", **kw), reward_fn=good_fraction)
+    part = ppo.train(tiny_cfg(base, tmp_path / "part", stop_after=2, **kw), reward_fn=good_fraction)
+    assert part["stopped"] and not (tmp_path / "part" / "adapter_model.safetensors").exists()
+    with open(tmp_path / "part" / "metrics.jsonl", "a") as f:  # logged after the checkpoint, then killed mid-line
+        f.write(json.dumps({"step": 3, "score": 9.0}) + "\n" + '{"step": 4, "sco')
+    with pytest.raises(ValueError, match="lora_r=4.*lora_r=8"):  # the checkpoint's tensors would not fit
+        ppo.train(tiny_cfg(base, tmp_path / "part", resume=True, **{**kw, "lora_r": 8}), reward_fn=good_fraction)
+    ppo.train(tiny_cfg(base, tmp_path / "part", resume=True, **kw), reward_fn=good_fraction)
+    rows = [json.loads(line) for line in open(tmp_path / "part" / "metrics.jsonl")]
+    want = [json.loads(line) for line in open(tmp_path / "full" / "metrics.jsonl")]
+    assert [r["step"] for r in rows] == [1, 2, 3]  # one row per step
+    for r, w in zip(rows, want):
+        assert {k: v for k, v in r.items() if not k.endswith("_s") and k not in ("time", "tokens_per_s")} == \
+            {k: v for k, v in w.items() if not k.endswith("_s") and k not in ("time", "tokens_per_s")}
+    assert [json.loads(x)["step"] for x in open(tmp_path / "part" / "samples.jsonl")] == [1, 1, 2, 2, 3, 3]
+    for name in ("adapter_model.safetensors", "critic/adapter_model.safetensors", "critic/extra.safetensors"):
+        assert (tmp_path / "part" / name).read_bytes() == (tmp_path / "full" / name).read_bytes(), name
+    # a changed learning rate or KL coefficient is applied from the checkpoint on, and said
+    capsys.readouterr()
+    again = ppo.train(tiny_cfg(base, tmp_path / "part", resume=True, **{**kw, "max_steps": 4, "lr": 1e-3,
+                                                                      "kl_coef": 0.2}), reward_fn=good_fraction)
+    said = capsys.readouterr().out
+    assert "changed settings, applied from here on" in said and "lr 0.003 -> 0.001" in said
+    assert again["lr"] == 1e-3 and again["history"][0]["kl_coef"] != want[-1]["kl_coef"]
