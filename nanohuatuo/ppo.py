@@ -18,8 +18,8 @@ One base serves everything:
   vf_coef; or `critic="separate"`: its own LoRA tensors and head on the same base (one more trunk
   forward per rollout micro-batch and forward + backward per update micro-batch).
 - Reward: a LoRA reward model from train_rm.py on the same base and SFT adapter is one more
-  adapter + head on the same weights (`shared_reward_fn`); any other reward model is loaded as its
-  own model, with a printed line saying why it could not share. Or pass `reward_fn` to `train`.
+  adapter + head on the same weights (`reward_model.share_base`); any other reward model is loaded
+  as its own model, with a printed line saying why it could not share. Or pass `reward_fn` to `train`.
 
 Scores: the reward model reads the answer up to its end token. An answer that stops on a stop
 *string* is cut before it and given the template's end token (the cut tokens leave the rollout),
@@ -61,7 +61,7 @@ from .lora import (apply_lora, default_targets, disabled_adapters, load_adapter,
 from .losses import token_logprobs
 from .metrics import MetricsLog, plot_metrics
 from .model import Transformer
-from .reward_model import RewardModel, load_reward_model, score_ids, score_texts, share_base
+from .reward_model import RewardModel, Scorer, load_reward_model, scorer, share_base
 from .templates import render, render_prompt, resolve_template, save_chat_template, stop_strings, stop_token_ids
 from .tokenizer import Tokenizer
 
@@ -382,16 +382,6 @@ def response_forward(model, ids, attn, P, temperature, value_head=None, want_log
 # ============================================================================= rewards
 
 @dataclass
-class Reward:
-    """What PPO scores rollouts with: fn(prompts, responses, rows, texts) -> (B,) scores, for prompt
-    ids, response ids (cut after their stop token, which they include), prompt records and answer
-    texts; and, for a reward model, the spread of its scores on SFT-like answers."""
-    fn: object
-    from_rm: bool = False  # a reward model: its scores are put in units of their spread (reward_norm std)
-    spread: float | None = None  # std of its scores on SFT-like answers; None: estimate on the first batch
-
-
-@dataclass
 class ScoreScale:
     """Reward-model scores in units of their spread: (score - shift) / scale."""
     shift: float = 0.0
@@ -408,20 +398,6 @@ class ScoreScale:
         return (scores - self.shift) / self.scale
 
 
-def reward_from_model(rm: RewardModel, tok, template) -> Reward:
-    """Token ids scored as they are when the reward model shares the policy's tokenizer and template,
-    else the answers re-rendered as text in its own template."""
-    probe = "头痛三天，伴有低烧。Fever 38.5°C?\n"
-    same = (rm.template == template and rm.tok.vocab_size == tok.vocab_size
-            and rm.tok.eos_id == tok.eos_id and rm.tok.encode(probe) == tok.encode(probe))
-
-    def fn(prompts, responses, rows, texts):
-        if same:
-            return score_ids(rm, [p + r for p, r in zip(prompts, responses)])
-        return score_texts(rm, [row["messages"] for row in rows], texts)
-    return Reward(fn, from_rm=True, spread=rm.spread)
-
-
 def shared_reward_model(m: Models, cfg: PPOConfig, tok) -> tuple[RewardModel | None, str]:
     """cfg.reward as one more adapter + head on the policy's base (reward_model.share_base), or (None, why)."""
     layers = dict(lora_modules(m.model))
@@ -429,13 +405,13 @@ def shared_reward_model(m: Models, cfg: PPOConfig, tok) -> tuple[RewardModel | N
     return share_base(cfg.reward, m.model, cfg.model, cfg.adapter, tok, cfg.reward_template, stack_first=ref)
 
 
-def make_reward(reward_fn, m: Models, cfg: PPOConfig, tok, template, d, dtype) -> Reward:
+def make_reward(reward_fn, m: Models, cfg: PPOConfig, tok, template, d, dtype) -> Scorer:
     """reward_fn (a function or a RewardModel), else the model in cfg.reward: on the policy's base
     when it can be, else loaded as its own model with a line saying why."""
     if isinstance(reward_fn, RewardModel):
-        return reward_from_model(reward_fn, tok, template)
+        return scorer(reward_fn, tok, template)
     if reward_fn is not None:
-        return Reward(reward_fn)
+        return Scorer(reward_fn)
     if not cfg.reward:
         raise UserError("no reward: pass --reward DIR (a reward model from train_rm.py) or call "
                         "ppo.train(cfg, reward_fn=...)")
@@ -447,7 +423,7 @@ def make_reward(reward_fn, m: Models, cfg: PPOConfig, tok, template, d, dtype) -
         if d.main:
             print(f"reward model {cfg.reward} cannot share the policy's base ({why}): loading it as its own model")
         rm = load_reward_model(cfg.reward, device=d.device, dtype=dtype, template=cfg.reward_template)
-    return reward_from_model(rm, tok, template)
+    return scorer(rm, tok, template)
 
 
 # ============================================================================= prompts
@@ -564,7 +540,7 @@ def end_at_stop_string(tokens, tok, stop_strs, end_id) -> list[int] | None:
 
 
 @torch.no_grad()
-def make_experience(m: Models, cfg: PPOConfig, kl_coef, prompts, rows, reward: Reward, scale, tok, stops,
+def make_experience(m: Models, cfg: PPOConfig, kl_coef, prompts, rows, reward: Scorer, scale, tok, stops,
                     stop_strs, end_id, seed, d) -> Rollout:
     """Roll out the prompts, score them, and compute everything the update needs."""
     model = m.model
@@ -794,7 +770,9 @@ def _plot(out, path):
 def train(cfg: PPOConfig, reward_fn=None) -> dict:
     """Run PPO; returns the last step's metrics plus first/last score and KL and the per-step history.
 
-    reward_fn: a function (see `Reward`) or a loaded `reward_model.RewardModel`; None loads cfg.reward.
+    reward_fn(prompts, responses, rows, texts) -> (B,) scores, for prompt ids, response ids (cut after
+    their end token, which they include), prompt records and answer texts; or a loaded
+    `reward_model.RewardModel`; None loads cfg.reward.
     """
     cfg.check()
     d = dist.setup(cfg.device)

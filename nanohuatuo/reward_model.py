@@ -3,6 +3,7 @@
     rm = load_reward_model(path)             # our RM dir (train_rm.py), or a released HuatuoGPT/Ziya RM dir
     score_ids(rm, seqs) -> (B,) float32      # (raw - bias) * gain at each sequence's last token
     score_texts(rm, messages_list, answers)  # renders with rm.template, then score_ids
+    scorer(rm, tok, template) -> Scorer      # a reward function for a policy's rollouts (PPO)
 
 The model is a transformer trunk plus a linear value head d -> 1 read at the LAST REAL token of a
 right-padded batch (the answer's end token). Training it is the reward stage (reward.py); PPO,
@@ -193,6 +194,29 @@ def score_texts(rm: RewardModel, messages_list: list, answers: list[str], batch_
                          f"pass one answer per conversation")
     seqs = [render(with_answer(m, a), rm.tok, rm.template)[0] for m, a in zip(messages_list, answers)]
     return score_ids(rm, seqs, batch_size)
+
+
+@dataclass
+class Scorer:
+    """A reward for RL: fn(prompts, responses, rows, texts) -> (B,) scores, for a policy's prompt ids,
+    response ids (ending with their end token), prompt records {messages, ...} and answer texts."""
+    fn: object
+    from_rm: bool = False  # a reward model (whose scores PPO puts in units of their spread)
+    spread: float | None = None  # std of its scores on SFT-like answers; None: not measured
+
+
+def scorer(rm: RewardModel, tok, template) -> Scorer:
+    """Token ids scored as they are when the reward model shares the policy's tokenizer and template,
+    else the answers re-rendered as text in the reward model's own template."""
+    probe = "头痛三天，伴有低烧。Fever 38.5°C?\n"
+    same = (rm.template == template and rm.tok.vocab_size == tok.vocab_size and rm.tok.eos_id == tok.eos_id
+            and rm.tok.encode(probe) == tok.encode(probe))
+
+    def fn(prompts, responses, rows, texts):
+        if same:
+            return score_ids(rm, [p + r for p, r in zip(prompts, responses)])
+        return score_texts(rm, [row["messages"] for row in rows], texts)
+    return Scorer(fn, from_rm=True, spread=rm.spread)
 
 
 def _same_path(a, b):

@@ -285,7 +285,7 @@ def test_shared_reward_model_matches_the_separate_one(tiny, rm_dir, tmp_path):
         randomise_lora(m.model)  # the policy's own adapter must not leak into the score
         rm, why = ppo.shared_reward_model(m, cfg, tok)
         assert rm is not None, why
-        fn = ppo.reward_from_model(rm, tok, resolve_template(base, "plain")).fn
+        fn = ppo.scorer(rm, tok, resolve_template(base, "plain")).fn
         got = fn([s[:5] for s in seqs], [s[5:] for s in seqs], None, None)
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)  # scores are ~10: merged vs LoRA rounding
         b = batch_for(base)
@@ -488,7 +488,7 @@ def test_stop_string_answers_end_on_the_end_token(tiny, tmp_path, monkeypatch):
     cfg = tiny_cfg(base, tmp_path)
     m = ppo.load_policy(cfg)
     seen = []
-    reward = ppo.Reward(lambda p, r, rows, texts: seen.append((r, texts)) or torch.ones(len(r)))
+    reward = ppo.Scorer(lambda p, r, rows, texts: seen.append((r, texts)) or torch.ones(len(r)))
     rows, prompts = ppo.load_prompts(cfg.prompts, tok, "plain", 64)
     from nanohuatuo.dist import Dist
     exp = ppo.make_experience(m, cfg, 0.0, prompts[:3], rows[:3], reward, None, tok, [EOS], stop, EOS, 0,
