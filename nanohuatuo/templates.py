@@ -45,10 +45,14 @@ the whole conversation is what the template renders for it as the last turn**, i
 model generates at inference; a rewritten turn stays in the sequence as context, masked.
 `render_turns` gives such turns their own sequences (the conversation through that turn,
 rendered as the model would see it), so every answer can be trained in its inference form.
+
+For inference (chat, sampling, evaluation): `tokenizer_and_template(model_dir, adapter)` picks
+the tokenizer and template a model was trained with, and `fit_prompt` fits a conversation into
+`prompt_budget(...)` tokens by dropping whole earlier turns, raising `PromptTooLong` when the
+system message and the last question alone do not fit.
 """
 
 import json
-import os
 import re
 import sys
 from contextvars import ContextVar
@@ -57,6 +61,7 @@ from datetime import datetime
 from functools import lru_cache
 from pathlib import Path
 
+from nanohuatuo.hf import TOKENIZER_MODEL_FILES, atomic_write, read_json
 from nanohuatuo.tokenizer import StreamDecoder, Tokenizer, special_tokens
 
 HUATUO_SYSTEM = (
@@ -215,12 +220,7 @@ def _as_template(template, tok: Tokenizer | None = None) -> ChatTemplate:
 
 
 def _read_json(path: Path) -> dict:
-    if not path.exists():
-        return {}
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e}); fix or delete the file") from e
+    return read_json(path) if path.is_file() else {}  # an absent file says nothing; a broken one is named
 
 
 def find_chat_templates(model_dir: str | Path) -> dict[str, tuple[str, str]]:
@@ -707,6 +707,72 @@ def render_text(messages: list[dict], tok: Tokenizer, template, add_generation_p
     return text
 
 
+# --- a prompt that fits the context ----------------------------------------------------------
+
+
+class PromptTooLong(ValueError):
+    """The system message and the last question alone are longer than the prompt budget.
+
+    `ids` is that shortest prompt and `budget` the room it had: a caller that would rather cut
+    the question than refuse it keeps `ids[-budget:]` (evaluation does, and counts it).
+    """
+
+    def __init__(self, message: str, ids: list[int], budget: int):
+        super().__init__(message)
+        self.ids, self.budget = ids, budget
+
+
+def prompt_budget(max_seq_len: int, context: int, max_new_tokens: int) -> int:
+    """Prompt tokens left once the answer has its max_new_tokens in a context capped at max_seq_len."""
+    context = min(context, max_seq_len)
+    budget = context - max_new_tokens
+    if max_new_tokens < 1 or budget < 1:
+        raise ValueError(f"--max-new-tokens {max_new_tokens} leaves no room for a prompt in a {context}-token "
+                         f"context (the model's max_seq_len is {max_seq_len}); lower --max-new-tokens"
+                         + (" or raise --context" if context < max_seq_len else ""))
+    return budget
+
+
+def fit_prompt(messages: list[dict], tok: Tokenizer, template, budget: int) -> list[int]:
+    """Prompt ids (as render_prompt) of a conversation ending on a question, at most `budget` of them.
+
+    Whole earlier turns are dropped, oldest first (a question with its answer), until the prompt
+    fits; the system message and the last question are always kept and never cut. When they alone
+    are longer than `budget`, PromptTooLong says by how much (chat refuses the question, sampling
+    skips the prompt, evaluation keeps the tail).
+    """
+    system = [m for m in messages[:1] if isinstance(m, dict) and m.get("role") == "system"]
+    turns = messages[len(system):]
+    ids = render_prompt(system + turns, tok, template)
+    while len(ids) > budget and len(turns) > 1:
+        turns = turns[2:]  # one question and its answer
+        ids = render_prompt(system + turns, tok, template)
+    if len(ids) > budget:
+        raise PromptTooLong(f"the question{' with the system message' if system else ''} is {len(ids)} tokens, "
+                            f"but only {budget} of the context are left for the prompt once the answer has its "
+                            f"--max-new-tokens; shorten it, lower --max-new-tokens or raise --context", ids, budget)
+    return ids
+
+
+# --- where a model's tokenizer and chat template come from -----------------------------------
+
+
+def tokenizer_and_template(model_dir: str | Path, adapter: str | Path | None = None,
+                           name: str | None = "auto") -> tuple[Tokenizer, ChatTemplate]:
+    """(tokenizer, chat template) of a model directory, or of a model with a LoRA adapter on it.
+
+    A trained adapter directory carries the tokenizer and the chat template it was trained with
+    (`save_chat_template` writes them next to the adapter), and those win over the base model's:
+    the tokenizer comes from the adapter when it holds tokenizer.json or tokenizer.model, the
+    template (`resolve_template(dir, name)`) from the first of adapter and model directory that
+    has one; with neither, the fallback is guessed from the model directory.
+    """
+    own = adapter is not None and any((Path(adapter) / f).is_file() for f in TOKENIZER_MODEL_FILES)
+    tok = Tokenizer.from_pretrained(adapter if own else model_dir)
+    where = adapter if adapter is not None and find_chat_templates(adapter) else model_dir
+    return tok, resolve_template(where, name, tok)
+
+
 def _named_spelling(template: str, tok: Tokenizer) -> dict[str, str]:
     """How a named template's tokens are written as text for this tokenizer ({eos} -> "</s>", ...)."""
     tpl = _template(template)
@@ -766,10 +832,8 @@ def named_jinja(template: str, tok: Tokenizer) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+def _write_text(path: Path, text: str) -> None:
+    atomic_write(str(path), lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
 def save_chat_template(out_dir: str | Path, tok: Tokenizer, template) -> None:
@@ -786,20 +850,22 @@ def save_chat_template(out_dir: str | Path, tok: Tokenizer, template) -> None:
     if not any((out_dir / name).exists() for name in ("tokenizer.json", "tokenizer.model")):
         tok.save_pretrained(out_dir)
     source = template.source if template.is_jinja else named_jinja(template.name, tok)
-    _write_atomic(out_dir / "chat_template.jinja", source)
+    _write_text(out_dir / "chat_template.jinja", source)
     config = _read_json(out_dir / "tokenizer_config.json")
     config["chat_template"] = source
-    _write_atomic(out_dir / "tokenizer_config.json", json.dumps(config, ensure_ascii=False, indent=2) + "\n")
+    _write_text(out_dir / "tokenizer_config.json", json.dumps(config, ensure_ascii=False, indent=2) + "\n")
 
 
-def generation_defaults(model_dir: str | Path) -> dict:
+def generation_defaults(model_dir: str | Path, adapter: str | Path | None = None) -> dict:
     """Sampling defaults of a model directory's generation_config.json, named as SamplingParams names them.
 
     Keys present only when the file sets them: temperature, top_p, top_k, repetition_penalty,
     stop_ids (the eos_token_id list). `do_sample: false` means greedy: temperature 0.0 and
-    no top_p / top_k. {} when there is no generation_config.json.
+    no top_p / top_k. {} when there is no generation_config.json. With an adapter, its own
+    generation_config.json wins when it has one (a trained model may ship its sampling values).
     """
-    config = _read_json(Path(model_dir) / "generation_config.json")
+    config = (adapter and _read_json(Path(adapter) / "generation_config.json")) or \
+        _read_json(Path(model_dir) / "generation_config.json")
     out = {}
     for key, kind in (("temperature", float), ("top_p", float), ("top_k", int), ("repetition_penalty", float)):
         if config.get(key) is not None:
@@ -849,12 +915,8 @@ def guess_template(model_dir: str | Path) -> str:
     """
     model_dir = Path(model_dir)
 
-    def read(name: str) -> dict:
-        path = model_dir / name
-        return json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
-
-    tokenizer_config = read("tokenizer_config.json")
-    config, generation = read("config.json"), read("generation_config.json")
+    tokenizer_config = _read_json(model_dir / "tokenizer_config.json")
+    config, generation = _read_json(model_dir / "config.json"), _read_json(model_dir / "generation_config.json")
     chat = tokenizer_config.get("chat_template") or ""
     if isinstance(chat, list):  # named templates: [{"name": ..., "template": ...}]
         chat = " ".join(str(t.get("template", "")) for t in chat)

@@ -580,3 +580,9 @@ def test_generation_defaults(tmp_path):
     assert generation_defaults(tmp_path) == {"temperature": 0.7, "top_p": 0.8, "top_k": 20, "repetition_penalty": 1.05, "stop_ids": [151645, 151643]}
     (tmp_path / "generation_config.json").write_text(json.dumps({"do_sample": False, "temperature": 0.6, "top_p": 0.9, "eos_token_id": 2}))
     assert generation_defaults(tmp_path) == {"temperature": 0.0, "stop_ids": [2]}
+    # a trained adapter's own generation_config.json wins; one without keeps the base's
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    assert generation_defaults(tmp_path, adapter) == {"temperature": 0.0, "stop_ids": [2]}
+    (adapter / "generation_config.json").write_text(json.dumps({"temperature": 0.3}))
+    assert generation_defaults(tmp_path, adapter) == {"temperature": 0.3}

@@ -317,3 +317,56 @@ def test_named_templates_as_resolved_objects(tmp_path, spm, qwen):
         assert render_prompt(CHAT[:3], tok, template) == render_prompt(CHAT[:3], tok, name)
         assert stop_token_ids(tok, template) == stop_token_ids(tok, name)
         assert stop_strings(template) == stop_strings(name) and default_system(template) == default_system(name)
+
+
+# --- fitting a prompt into the context, and where a model's template comes from ------------
+
+
+def test_fit_prompt_drops_whole_turns_and_keeps_system_and_question(spm):
+    from nanohuatuo.templates import PromptTooLong, fit_prompt
+
+    msgs = [SYSTEM] + CHAT * 3 + [{"role": "user", "content": "最后的问题"}]
+    full = render_prompt(msgs, spm, "huatuo")
+    assert fit_prompt(msgs, spm, "huatuo", len(full)) == full
+    # one token short: exactly the oldest question and its answer go
+    assert fit_prompt(msgs, spm, "huatuo", len(full) - 1) == render_prompt([SYSTEM] + msgs[3:], spm, "huatuo")
+    last = render_prompt([SYSTEM, msgs[-1]], spm, "huatuo")
+    assert fit_prompt(msgs, spm, "huatuo", len(last)) == last
+    with pytest.raises(PromptTooLong, match=rf"the question with the system message is {len(last)} tokens, but only "
+                                            rf"{len(last) - 1} of the context") as e:
+        fit_prompt(msgs, spm, "huatuo", len(last) - 1)
+    assert e.value.ids == last and e.value.budget == len(last) - 1 and isinstance(e.value, ValueError)
+    with pytest.raises(PromptTooLong, match=r"^the question is"):
+        fit_prompt(msgs[-1:], spm, "huatuo", 3)
+
+
+def test_prompt_budget():
+    from nanohuatuo.templates import prompt_budget
+
+    assert prompt_budget(512, 1024, 12) == 500 and prompt_budget(512, 100, 12) == 88
+    with pytest.raises(ValueError, match=r"--max-new-tokens 512 leaves no room for a prompt in a 512-token context"
+                                         r" \(the model's max_seq_len is 512\); lower --max-new-tokens$"):
+        prompt_budget(512, 1024, 512)
+    with pytest.raises(ValueError, match=r"lower --max-new-tokens or raise --context$"):
+        prompt_budget(512, 100, 100)
+    with pytest.raises(ValueError, match=r"--max-new-tokens 0 leaves no room"):
+        prompt_budget(512, 100, 0)
+
+
+def test_tokenizer_and_template_prefer_what_the_adapter_carries(tmp_path, spm, qwen):
+    from nanohuatuo.templates import ChatTemplate, render_text, save_chat_template, tokenizer_and_template
+
+    base, adapter, bare = tmp_path / "base", tmp_path / "adapter", tmp_path / "bare"
+    qwen.save_pretrained(base)
+    (base / "chat_template.jinja").write_text(QWEN2_TEMPLATE)
+    tok, template = tokenizer_and_template(base)
+    assert tok.path == base and template.source == QWEN2_TEMPLATE
+    # an SFT output: the tokenizer and the template it was trained with, next to the adapter
+    save_chat_template(adapter, spm, "huatuo")
+    tok, template = tokenizer_and_template(base, adapter)
+    assert tok.path == adapter and template.is_jinja and template.origin == str(adapter / "chat_template.jinja")
+    assert render_text(CHAT[:3], tok, template, True) == render_text(CHAT[:3], spm, "huatuo", True)
+    # an adapter with neither: the base's tokenizer and template; a named template is taken as asked
+    bare.mkdir()
+    assert tokenizer_and_template(base, bare)[1].source == QWEN2_TEMPLATE
+    assert tokenizer_and_template(base, bare, "chatml")[1] == ChatTemplate("chatml")
