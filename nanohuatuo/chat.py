@@ -8,8 +8,9 @@ The prompt budget: the context (`--context`, capped at the model's max_seq_len) 
 and the answer, so the prompt gets `context - max_new_tokens` tokens. Whole earlier turns are
 dropped, oldest first, until it fits; the system message and the last question are always kept,
 and when even those do not fit the question is refused with a message saying by how much
-(`PromptTooLong`), never cut. HuatuoGPT's own CLI decodes with temperature 0.5, at most 512 new
-tokens and a 1024-token context; those are the defaults here unless the model's
+(`PromptTooLong`), never cut (templates.fit_prompt, shared with sampling and evaluation).
+HuatuoGPT's own CLI decodes with temperature 0.5, at most 512 new tokens and a 1024-token
+context; those are the defaults here unless the model's (or the adapter's)
 generation_config.json sets sampling values (flags override both).
 
 Ctrl-C during an answer stops that answer and keeps the conversation; at the input prompt it
@@ -17,44 +18,33 @@ exits. A bad model directory ends with one line and exit code 2.
 """
 
 import contextlib
-import os
 import sys
 from dataclasses import dataclass
 
 from .cli import UserError, arg, cli_main, resolve_device, resolve_dtype
 from .generate import cut_at_stop, stream
-from .hf import TOKENIZER_MODEL_FILES, check_model_dir
+from .hf import check_model_dir
 from .lora import merge_and_unload, read_adapter_config
 from .model import Transformer
 from .quant import quantize_int8
-from .templates import generation_defaults, render_prompt, resolve_template, stop_strings, stop_token_ids
-from .tokenizer import StreamDecoder, Tokenizer
+from .templates import (PromptTooLong, fit_prompt, generation_defaults, prompt_budget, stop_strings, stop_token_ids,
+                        tokenizer_and_template)
+from .tokenizer import StreamDecoder
 
 # HuatuoGPT's CLI values, used where neither a flag nor generation_config.json says otherwise
 DEFAULTS = {"temperature": 0.5, "top_p": 1.0, "top_k": 0, "repetition_penalty": 1.0}
 
 
-class PromptTooLong(UserError):
-    """The system message and the last question alone do not fit the prompt budget."""
-
-
 # ----------------------------------------------------------------------------- loading
-
-def tokenizer_dir(model_dir, adapter=None):
-    """Where the tokenizer and chat template come from: an adapter directory that carries its own
-    (training writes the template it used next to the adapter), else the model directory."""
-    if adapter and any(os.path.exists(os.path.join(adapter, f)) for f in TOKENIZER_MODEL_FILES):
-        return adapter
-    return model_dir
-
 
 def load_for_chat(model_dir, adapter=None, dtype=None, device=None, int8=False, template=None):
     """(model, tokenizer, template) ready for inference.
 
     Everything cheap is checked before the weights are read: config.json, the weight files'
     headers, the tokenizer, the adapter's config and the chat template (template None or "auto":
-    the model's own, see templates.resolve_template). bf16 on CUDA by default (a 7B model then
-    needs about 15 GB), float32 on CPU; `int8` stores linear weights as int8 (about 7.5 GB for 7B).
+    the model's own; an adapter's own tokenizer and template win, templates.tokenizer_and_template).
+    bf16 on CUDA by default (a 7B model then needs about 15 GB), float32 on CPU; `int8` stores
+    linear weights as int8 (about 7.5 GB for 7B).
     An adapter is merged first, so chatting costs no more than the base model.
     """
     device = resolve_device(device or "auto")
@@ -64,9 +54,7 @@ def load_for_chat(model_dir, adapter=None, dtype=None, device=None, int8=False, 
         raise UserError(f"{model_dir} is a reward model (a value head, no lm_head): chat needs a language model")
     if adapter is not None:
         read_adapter_config(adapter)
-    source = tokenizer_dir(model_dir, adapter)
-    tok = Tokenizer.from_pretrained(source)
-    template = resolve_template(source, template or "auto", tok)
+    tok, template = tokenizer_and_template(model_dir, adapter, template or "auto")
     # int8: load on the CPU, quantise, then move, so the full-precision copy never sits on the GPU
     model = Transformer.from_pretrained(model_dir, dtype=dtype, device="cpu" if int8 else device, adapter=adapter)
     if adapter is not None:
@@ -78,54 +66,16 @@ def load_for_chat(model_dir, adapter=None, dtype=None, device=None, int8=False, 
     return model, tok, template
 
 
-# ----------------------------------------------------------------------------- the prompt
-
-def trim_history(messages, tok, template, budget):
-    """Drop the oldest user/assistant pairs (keeping a system message) until the prompt fits `budget` tokens.
-
-    The last question is always kept, so the result may still be longer than the budget: `fit_prompt`
-    refuses it then.
-    """
-    messages = list(messages)
-    system = [m for m in messages[:1] if m["role"] == "system"]
-    turns = messages[len(system):]
-    while len(turns) > 1 and len(render_prompt(system + turns, tok, template)) > budget:
-        turns = turns[2:]  # one question and its answer
-    return system + turns
-
-
-def prompt_budget(max_seq_len: int, context: int, max_new_tokens: int) -> int:
-    """Prompt tokens left once the answer has its room in a context capped at the model's max_seq_len."""
-    context = min(context, max_seq_len)
-    budget = context - max_new_tokens
-    if max_new_tokens < 1 or budget < 1:
-        raise UserError(f"--max-new-tokens {max_new_tokens} leaves no room for a prompt in a {context}-token "
-                        f"context (--context, at most the model's max_seq_len {max_seq_len}); lower "
-                        f"--max-new-tokens or raise --context")
-    return budget
-
-
-def fit_prompt(messages, tok, template, budget: int) -> tuple[list[int], int]:
-    """(prompt ids within `budget`, earlier turns dropped) for a conversation ending on a question."""
-    kept = trim_history(messages, tok, template, budget)
-    ids = render_prompt(kept, tok, template)
-    if len(ids) > budget:
-        raise PromptTooLong(f"the question{' with the system message' if kept[0]['role'] == 'system' else ''} "
-                            f"is {len(ids)} tokens, but only {budget} of the context are left for the prompt "
-                            f"once the answer has its --max-new-tokens; shorten it, lower --max-new-tokens or "
-                            f"raise --context")
-    return ids, (len(messages) - len(kept)) // 2
-
-
 # ----------------------------------------------------------------------------- answering
 
 def reply(model, tok, template, messages, max_new_tokens=512, temperature=0.5, top_p=1.0, top_k=0,
           repetition_penalty=1.0, seed=None, context=1024, on_text=None, compile=False, stop_ids=()):
     """Generate the assistant's answer to `messages` (last one a user turn), streaming text to on_text.
 
-    Raises PromptTooLong (a UserError) when the system message and the last question do not fit.
+    Earlier turns are dropped to fit the context (templates.fit_prompt); raises PromptTooLong (a
+    ValueError) when the system message and the last question alone do not fit.
     """
-    ids, _ = fit_prompt(messages, tok, template, prompt_budget(model.config.max_seq_len, context, max_new_tokens))
+    ids = fit_prompt(messages, tok, template, prompt_budget(model.config.max_seq_len, context, max_new_tokens))
     stops = stop_strings(template)
     hold = max((len(s) for s in stops), default=1) - 1  # text that might be the start of a stop string
     decoder = StreamDecoder(tok)
@@ -235,9 +185,9 @@ class ChatConfig:
     compile: bool = arg(False, "torch.compile the decode step (CUDA)")
 
 
-def sampling(cfg: ChatConfig, model_dir) -> dict:
+def sampling(cfg: ChatConfig) -> dict:
     """reply()'s sampling arguments: the flags, else generation_config.json, else HuatuoGPT's values."""
-    own = generation_defaults(model_dir)
+    own = generation_defaults(cfg.model, cfg.adapter)
     out = {k: getattr(cfg, k) if getattr(cfg, k) is not None else own.get(k, v) for k, v in DEFAULTS.items()}
     out["stop_ids"] = tuple(own.get("stop_ids", ()))
     return out
@@ -256,7 +206,7 @@ def run(cfg: ChatConfig) -> int:
     with contextlib.redirect_stdout(sys.stderr) if cfg.prompt is not None else contextlib.nullcontext():
         model, tok, template = load_for_chat(cfg.model, cfg.adapter, dtype, device, cfg.int8, cfg.template)
     gen = dict(max_new_tokens=cfg.max_new_tokens, seed=cfg.seed, context=cfg.context, compile=cfg.compile,
-               **sampling(cfg, tokenizer_dir(cfg.model, cfg.adapter)))
+               **sampling(cfg))
     if cfg.prompt is not None:
         messages = ([{"role": "system", "content": cfg.system}] if cfg.system else [])
         messages.append({"role": "user", "content": cfg.prompt})

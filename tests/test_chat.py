@@ -9,10 +9,9 @@ import torch
 
 from nanohuatuo import ModelConfig, Transformer, Tokenizer
 from nanohuatuo import chat
-from nanohuatuo.chat import PromptTooLong, fit_prompt, load_for_chat, reply, trim_history
-from nanohuatuo.cli import UserError
+from nanohuatuo.chat import load_for_chat, reply
 from nanohuatuo.generate import generate
-from nanohuatuo.templates import render_prompt
+from nanohuatuo.templates import PromptTooLong, fit_prompt, render_prompt
 from nanohuatuo.tokenizer import train_sentencepiece
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -44,17 +43,17 @@ def test_one_shot_reply_is_greedy_generation(tiny_dir):
     assert "".join(streamed) == text
 
 
-def test_trim_history_keeps_system_and_latest(tiny_dir):
+def test_fit_prompt_keeps_system_and_latest(tiny_dir):
     tok = Tokenizer.from_pretrained(tiny_dir)
     msgs = [{"role": "system", "content": "系统"}]
     for i in range(6):
         msgs += [{"role": "user", "content": f"问题{i}" * 5}, {"role": "assistant", "content": f"回答{i}" * 5}]
     msgs.append({"role": "user", "content": "最后的问题"})
     full = len(render_prompt(msgs, tok, "huatuo"))
-    kept = trim_history(msgs, tok, "huatuo", full - 1)
-    assert kept[0] == msgs[0] and kept[-1] == msgs[-1] and len(kept) == len(msgs) - 2
-    assert len(render_prompt(kept, tok, "huatuo")) <= full - 1
-    assert trim_history(msgs, tok, "huatuo", 1) == [msgs[0], msgs[-1]]
+    ids = fit_prompt(msgs, tok, "huatuo", full - 1)
+    assert ids == render_prompt(msgs[:1] + msgs[3:], tok, "huatuo") and len(ids) <= full - 1
+    last = render_prompt([msgs[0], msgs[-1]], tok, "huatuo")
+    assert fit_prompt(msgs, tok, "huatuo", len(last)) == last
 
 
 def test_cli_one_shot_and_interactive(tiny_dir):
@@ -96,16 +95,16 @@ def test_budget_keeps_system_and_question_and_drops_whole_turns(tiny_dir, monkey
     budget = model.config.max_seq_len - max_new
     ids = fed[-1]
     assert len(last) < len(ids) <= budget < len(full)
-    kept = trim_history(msgs, tok, "huatuo", budget)
-    assert ids == render_prompt(kept, tok, "huatuo")  # whole turns dropped, nothing cut mid-turn
-    assert kept[0] == msgs[0] and kept[-1] == msgs[-1] and (len(msgs) - len(kept)) % 2 == 0
-    assert fit_prompt(msgs, tok, "huatuo", budget) == (ids, (len(msgs) - len(kept)) // 2)
+    # whole turns dropped, oldest first, nothing cut mid-turn
+    kept = next(msgs[:1] + msgs[k:] for k in range(1, len(msgs), 2)
+                if len(render_prompt(msgs[:1] + msgs[k:], tok, "huatuo")) <= budget)
+    assert ids == render_prompt(kept, tok, "huatuo") == fit_prompt(msgs, tok, "huatuo", budget)
 
 
 def test_budget_refuses_what_cannot_fit(tiny_dir):
     model, tok, _ = load_for_chat(tiny_dir, template="huatuo")
     msgs = _history(2)
-    with pytest.raises(UserError, match=r"--max-new-tokens 1024 leaves no room for a prompt in a 512-token context"):
+    with pytest.raises(ValueError, match=r"--max-new-tokens 1024 leaves no room for a prompt in a 512-token context"):
         reply(model, tok, "huatuo", msgs, max_new_tokens=1024, context=1024)
     last = len(render_prompt([msgs[0], msgs[-1]], tok, "huatuo"))
     with pytest.raises(PromptTooLong, match=rf"the question with the system message is {last} tokens, but only "
