@@ -23,8 +23,9 @@ so its k samples share one prefill, and a finished row takes the next prompt at 
 samples are seeded by (seed, its id) alone, so the answers do not depend on --batch-size, on the
 order of the prompts or on a resume. Answers are cut before a stop string. A prompt longer than
 context - max_new_tokens loses its oldest turns (the system message and the last question are
-kept); one that still does not fit is skipped and named. Sampling settings not given as flags
-come from the model's generation_config.json, else temperature 0.7, top_p 1, no top_k.
+kept: templates.fit_prompt, as chat and evaluation fit theirs); one that still does not fit is
+skipped and named. Sampling settings not given as flags come from generation_config.json (the
+adapter's, else the model's), else temperature 0.7, top_p 1, no top_k.
 
 An endpoint (vLLM, our serve.py, a cloud model) gets one request per prompt with n=k (topped up
 with single requests if the server returns fewer choices), through `llm.LLM`: cached, bounded,
@@ -42,15 +43,14 @@ from collections import deque
 from dataclasses import dataclass
 
 from .cli import UserError, arg, cli_main, resolve_device, resolve_dtype
-from .data import DataError, iter_jsonl, to_prompt, write_jsonl
+from .data import DataError, iter_jsonl, read_jsonl, to_prompt, write_jsonl
 from .engine import Engine, SamplingParams
 from .generate import cut_at_stop
 from .llm import LLM
 from .lora import merge_and_unload
 from .model import Transformer
-from .templates import find_chat_templates, generation_defaults, render_prompt, resolve_template, stop_strings, \
-    stop_token_ids
-from .tokenizer import Tokenizer
+from .templates import (PromptTooLong, fit_prompt, generation_defaults, prompt_budget, stop_strings, stop_token_ids,
+                        tokenizer_and_template)
 
 SAVE_EVERY_S = 30.0  # how often the CLI rewrites --out with what it has so far
 PRINT_EVERY_S = 10.0
@@ -60,20 +60,6 @@ DEFAULTS = {"temperature": 0.7, "top_p": 1.0, "top_k": 0, "repetition_penalty": 
 def prompt_seed(seed: int, prompt_id: str) -> int:
     """The seed of one prompt's samples: a function of the run's seed and the prompt id only."""
     return int.from_bytes(hashlib.sha256(f"{seed}:{prompt_id}".encode()).digest()[:8], "big") % 2**62
-
-
-def fit_prompt(messages: list[dict], tok, template, budget: int) -> list[int] | None:
-    """Prompt ids within `budget` tokens: the oldest question/answer pairs dropped (a system
-    message kept); None when even the last question alone does not fit."""
-    system = [m for m in messages[:1] if m["role"] == "system"]
-    turns = messages[len(system):]
-    while True:
-        ids = render_prompt(system + turns, tok, template)
-        if len(ids) <= budget:
-            return ids
-        if len(turns) <= 1:
-            return None
-        turns = turns[2:]  # one question and its answer
 
 
 def answer_text(tok, tokens: list[int], stops) -> str:
@@ -126,16 +112,15 @@ def sample_answers(model, tok, template, prompts: list[dict], k: int = 4, max_ne
     stops = stop_strings(template)
     stop_ids = tuple(sorted(set(stop_token_ids(tok, template)) | set(extra_stop_ids)))
     context = min(context, model.config.max_seq_len)
-    budget = context - max_new_tokens
-    if budget < 1:
-        raise UserError(f"--max-new-tokens {max_new_tokens} leaves no room for the prompt in a context of {context} "
-                        "tokens; lower --max-new-tokens or raise --context")
+    budget = prompt_budget(model.config.max_seq_len, context, max_new_tokens)
     fitted, skipped = [], []
     for p in prompts:
-        ids = fit_prompt(p["messages"], tok, template, budget)
-        (fitted if ids is not None else skipped).append((p, ids))
+        try:
+            fitted.append((p, fit_prompt(p["messages"], tok, template, budget)))
+        except PromptTooLong:
+            skipped.append(p)
     if skipped:
-        names = ", ".join(repr(p["id"]) for p, _ in skipped[:5]) + (", ..." if len(skipped) > 5 else "")
+        names = ", ".join(repr(p["id"]) for p in skipped[:5]) + (", ..." if len(skipped) > 5 else "")
         print(f"sampling: skipped {len(skipped)} prompts whose last question alone is longer than {budget} "
               f"tokens ({names}); raise --context or lower --max-new-tokens", flush=True)
     if not fitted:
@@ -290,22 +275,16 @@ class SampleConfig:
     limit: int | None = arg(None, "only the first N prompts")
 
 
-def has_tokenizer(path) -> bool:
-    return any(os.path.exists(os.path.join(path, f)) for f in ("tokenizer.json", "tokenizer.model"))
-
-
 def load_policy(cfg: SampleConfig):
     """(model, tokenizer, template) for sampling: the adapter merged (sampling then costs what the base
-    does), the adapter directory's tokenizer and chat template where it carries them."""
+    does); an SFT output's own tokenizer and chat template win (templates.tokenizer_and_template)."""
     device = resolve_device(cfg.device)
     model = Transformer.from_pretrained(cfg.model, dtype=resolve_dtype(cfg.dtype, device), device=device,
                                         adapter=cfg.adapter)
     if cfg.adapter:
         merge_and_unload(model)
-    tok = Tokenizer.from_pretrained(cfg.adapter if cfg.adapter and has_tokenizer(cfg.adapter) else cfg.model)
-    # an SFT output carries the template it was trained with; it wins over the base's own
-    trained = cfg.adapter if cfg.adapter and find_chat_templates(cfg.adapter) else cfg.model
-    return model.eval(), tok, resolve_template(trained, cfg.template, tok)
+    tok, template = tokenizer_and_template(cfg.model, cfg.adapter or None, cfg.template)
+    return model.eval(), tok, template
 
 
 def run(cfg: SampleConfig) -> int:
@@ -317,7 +296,7 @@ def run(cfg: SampleConfig) -> int:
     if cfg.k < 1 or cfg.max_new_tokens < 1:
         raise UserError(f"--k {cfg.k} and --max-new-tokens {cfg.max_new_tokens} must be at least 1")
     prompts = read_prompts(cfg.prompts)[:cfg.limit]
-    done = [row for _, row in iter_jsonl(cfg.out)] if os.path.exists(cfg.out) else []
+    done = read_jsonl(cfg.out) if os.path.exists(cfg.out) else []
     seen = {row.get("id") for row in done}
     todo = [p for p in prompts if p["id"] not in seen]
     if done:
@@ -342,7 +321,7 @@ def run(cfg: SampleConfig) -> int:
                                  seed=cfg.seed, on_batch=save)
             print(llm.summary(), flush=True)
     else:
-        model_defaults = generation_defaults(cfg.model)
+        model_defaults = generation_defaults(cfg.model, cfg.adapter or None)
         settings = {**DEFAULTS, **{n: v for n, v in model_defaults.items() if n in DEFAULTS}, **given}
         model, tok, template = load_policy(cfg)
         print(f"sampling: {len(todo)} prompts x {cfg.k} answers, template {template}, device "

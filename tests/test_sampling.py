@@ -12,7 +12,7 @@ from nanohuatuo.data import DataError
 from nanohuatuo.engine import Event
 from nanohuatuo.llm import LLM
 from nanohuatuo.model import ModelConfig, Transformer
-from nanohuatuo.templates import render_prompt, stop_token_ids
+from nanohuatuo.templates import PromptTooLong, fit_prompt, render_prompt, stop_token_ids
 from nanohuatuo.tokenizer import train_sentencepiece
 
 TEXTS = ["User: 孩子发烧咳嗽怎么办", "Assistant:", "多喝水，注意休息，及时就医。", "头疼三天，晚上睡不着。"]
@@ -114,9 +114,9 @@ def test_long_prompt_loses_old_turns_or_is_skipped(tiny, capsys):
     long_turns = [{"role": "user", "content": "头疼三天，晚上睡不着。" * 20},
                   {"role": "assistant", "content": "多久了？" * 20}, {"role": "user", "content": "三天"}]
     full = len(render_prompt(long_turns, tok, "plain"))
-    ids = sampling.fit_prompt(long_turns, tok, "plain", full - 1)
-    assert ids == render_prompt(long_turns[2:], tok, "plain")
-    assert sampling.fit_prompt(long_turns[:1], tok, "plain", 10) is None
+    assert fit_prompt(long_turns, tok, "plain", full - 1) == render_prompt(long_turns[2:], tok, "plain")
+    with pytest.raises(PromptTooLong):
+        fit_prompt(long_turns[:1], tok, "plain", 10)
     prompts = [dict(PROMPTS[0], id="long", messages=long_turns[:1]), PROMPTS[1]]
     items = sampling.sample_answers(model, tok, "plain", prompts, k=2, max_new_tokens=4, context=40)
     assert [it["id"] for it in items] == ["b"]
