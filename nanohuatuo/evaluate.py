@@ -356,15 +356,11 @@ def make_llm(role: str, base_url: str, model_name: str, api_key: str | None, cac
     return LLM(base_url, model_name, api_key=api_key, cache=cache, concurrency=concurrency, name=role)
 
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
-
-
 class LocalModel:
     """One of our models answering conversations in batches on the engine."""
 
     def __init__(self, c: Candidate, s: Sampling, device, dtype, batch_size: int = 16):
         from .model import Transformer
-        from .tokenizer import Tokenizer
         if not Path(c.model, "config.json").is_file():
             raise UserError(f"--model {c.model}: no config.json there; pass a model directory (Hugging Face layout)")
         if c.adapter and not Path(c.adapter).is_dir():
@@ -376,29 +372,24 @@ class LocalModel:
             from .lora import merge_and_unload
             merge_and_unload(self.model)  # a merged model decodes at base-model cost
         self.model.eval()
-        # a trained adapter carries the tokenizer files with the chat template it was trained with
-        tok_dir = c.adapter if c.adapter and any(Path(c.adapter, f).is_file() for f in TOKENIZER_FILES) else c.model
-        self.tok = Tokenizer.from_pretrained(tok_dir)
-        self.template = templates.resolve_template(tok_dir, c.template, self.tok)
+        # a trained adapter carries the tokenizer and the chat template it was trained with
+        self.tok, self.template = templates.tokenizer_and_template(c.model, c.adapter or None, c.template)
         self.stop_ids = templates.stop_token_ids(self.tok, self.template)
         self.stops = templates.stop_strings(self.template)
-        self.budget = max(self.model.config.max_seq_len - s.max_new_tokens, 1)
+        max_seq_len = self.model.config.max_seq_len
+        self.budget = templates.prompt_budget(max_seq_len, max_seq_len, s.max_new_tokens)
         self.generated_tokens, self.truncated, self.seconds = 0, 0, 0.0
         print(f"{self.name}: loaded {c.model}{' + ' + c.adapter if c.adapter else ''} in {time.time() - t0:.1f}s",
               file=sys.stderr, flush=True)
 
     def _prompt(self, messages: list[dict]) -> list[int]:
-        """Prompt ids; the oldest turns go first when the context is full, then the question's head."""
-        system = [m for m in messages[:1] if m["role"] == "system"]
-        turns = messages[len(system):]
-        ids = templates.render_prompt(system + turns, self.tok, self.template)
-        while len(ids) > self.budget and len(turns) > 1:
-            turns = turns[2:]
-            ids = templates.render_prompt(system + turns, self.tok, self.template)
-        if len(ids) > self.budget:
+        """Prompt ids; the oldest turns go first when the context is full (templates.fit_prompt), then
+        the question's head: every item gets an answer, and the summary counts the cut ones."""
+        try:
+            return templates.fit_prompt(messages, self.tok, self.template, self.budget)
+        except templates.PromptTooLong as e:
             self.truncated += 1
-            ids = ids[-self.budget:]
-        return ids
+            return e.ids[-self.budget:]
 
     def respond(self, conversations: list[list[dict]], keys: list[str]) -> list[tuple[str | None, str]]:
         """(answer text, finish reason) per conversation; `keys` seed each sampled answer on its own."""
@@ -641,15 +632,20 @@ class EndpointJudge:
         self.llm.close()
 
 
+def role_llm(cfg, role: str, instead: str):
+    """The llm.LLM of a role ("judge", "patient") from its flags: --ROLE-base-url and --ROLE-model-name
+    (required), --ROLE-api-key, its cache under --cache."""
+    base_url, model_name = getattr(cfg, f"{role}_base_url"), getattr(cfg, f"{role}_model_name")
+    if not (base_url and model_name):
+        raise UserError(f"the {role} needs --{role}-base-url URL and --{role}-model-name NAME ({instead})")
+    return make_llm(role, base_url, model_name, getattr(cfg, f"{role}_api_key"), Path(cfg.cache), cfg.concurrency)
+
+
 def open_judge(cfg):
     if cfg.judge == "offline":
         return OfflineJudge()
     if cfg.judge == "endpoint":
-        if not (cfg.judge_base_url and cfg.judge_model_name):
-            raise UserError("the judge needs --judge-base-url URL and --judge-model-name NAME "
-                            "(or --judge offline for the deterministic stand-in, --judge none for answers only)")
-        llm = make_llm("judge", cfg.judge_base_url, cfg.judge_model_name, cfg.judge_api_key,
-                       Path(cfg.cache), cfg.concurrency)
+        llm = role_llm(cfg, "judge", "or --judge offline for the deterministic stand-in, --judge none for answers only")
         return EndpointJudge(llm, cfg.judge_temperature, cfg.judge_max_tokens)
     if cfg.judge == "none":
         return None
@@ -886,11 +882,7 @@ def open_patient(cfg):
     if cfg.patient == "offline":
         return OfflinePatient()
     if cfg.patient == "endpoint":
-        if not (cfg.patient_base_url and cfg.patient_model_name):
-            raise UserError("the patient needs --patient-base-url URL and --patient-model-name NAME "
-                            "(or --patient offline for the stand-in that recites the case)")
-        llm = make_llm("patient", cfg.patient_base_url, cfg.patient_model_name, cfg.patient_api_key,
-                       Path(cfg.cache), cfg.concurrency)
+        llm = role_llm(cfg, "patient", "or --patient offline for the stand-in that recites the case")
         return EndpointPatient(llm, cfg.patient_temperature, cfg.patient_max_tokens)
     raise UserError(f"--patient {cfg.patient!r}: use endpoint or offline")
 

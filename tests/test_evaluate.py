@@ -337,6 +337,36 @@ def test_local_model_answers_are_generated_once(tmp_path, tiny, monkeypatch):
     assert "deterministic similarity stand-in" in report
 
 
+def test_local_model_fits_prompts_to_the_context(tiny):
+    import torch
+    from nanohuatuo.templates import fit_prompt, render_prompt
+    q = {"role": "user", "content": "头痛发热怎么办"}
+    history = [q, {"role": "assistant", "content": "多喝水，注意休息" * 3}] * 3 + [q]
+    cand = ev.Candidate(model=tiny, template="plain")
+    probe = ev.LocalModel(cand, ev.Sampling(max_new_tokens=8), torch.device("cpu"), torch.float32)
+    budget = len(render_prompt([q], probe.tok, probe.template)) + 2  # the question fits, its history does not
+    m = ev.LocalModel(cand, ev.Sampling(max_new_tokens=256 - budget), torch.device("cpu"), torch.float32)
+    assert m.budget == budget and m._prompt(history) == render_prompt([q], m.tok, m.template)
+    assert m._prompt(history) == fit_prompt(history, m.tok, m.template, budget) and m.truncated == 0
+    # a question longer than the budget keeps its tail, so the answer still has its room; it is counted
+    long = [{"role": "user", "content": "手上起小水疱很痒" * 10}]
+    assert m._prompt(long) == render_prompt(long, m.tok, m.template)[-budget:] and m.truncated == 1
+    assert "1 prompts cut to fit the context" in m.summary()
+    with pytest.raises(ValueError, match="--max-new-tokens 256 leaves no room for a prompt in a 256-token context"):
+        ev.LocalModel(cand, ev.Sampling(max_new_tokens=256), torch.device("cpu"), torch.float32)
+
+
+def test_judge_and_patient_endpoints_need_their_flags(tmp_path):
+    from nanohuatuo.cli import UserError
+    cfg = ev.DialogueConfig(judge_base_url="http://127.0.0.1:9/v1", cache=str(tmp_path))
+    with pytest.raises(UserError, match=r"the judge needs --judge-base-url URL and --judge-model-name NAME "
+                                        r"\(or --judge offline"):
+        ev.open_judge(cfg)
+    with pytest.raises(UserError, match=r"the patient needs --patient-base-url URL and --patient-model-name NAME"):
+        ev.open_patient(cfg)
+    assert isinstance(ev.open_judge(ev.DialogueConfig(judge="offline")), ev.OfflineJudge)
+
+
 def test_adapter_candidate(tmp_path, tiny):
     import torch
     from nanohuatuo.lora import apply_lora, lora_modules, save_adapter
