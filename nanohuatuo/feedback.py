@@ -73,6 +73,7 @@ from dataclasses import dataclass
 from .cli import UserError, arg, config_from, guarded, make_parser
 from .data import DataError, iter_jsonl, write_jsonl
 from .llm import LLM, LLMError
+from .textmetrics import similarity_score
 
 # ---------------------------------------------------------------- judge prompt
 
@@ -400,34 +401,10 @@ def ranking_parser(n: int):
 
 # --------------------------------------------------------------- offline judge
 
-REPETITION_WEIGHT = 0.5  # 1 - distinct/total bigrams is ~0.1 for normal text, ~1 for loops
-LENGTH_WEIGHT = 0.1      # times |len(answer) - len(reference)| / len(reference), capped at 1
-
-
-def _bigrams(text: str) -> tuple[Counter, int]:
-    chars = "".join(unicodedata.normalize("NFKC", text).split())
-    return Counter(chars[i:i + 2] for i in range(len(chars) - 1)), len(chars)
-
-
-def offline_score(answer: str, reference: str) -> float:
-    """Character-bigram F1 against the reference, minus repetition and length penalties.
-
-    score = F1 - REPETITION_WEIGHT * (1 - distinct bigrams / bigrams)
-               - LENGTH_WEIGHT * min(1, |len(answer) - len(reference)| / len(reference))
-    Lengths count characters without whitespace.
-    """
-    a, a_len = _bigrams(answer)
-    r, r_len = _bigrams(reference)
-    a_total, r_total = sum(a.values()), sum(r.values())
-    overlap = sum((a & r).values())
-    f1 = 2 * overlap / (a_total + r_total) if overlap else 0.0
-    repetition = 1 - len(a) / a_total if a_total else 0.0
-    length_gap = min(1.0, abs(a_len - r_len) / max(r_len, 1))
-    return f1 - REPETITION_WEIGHT * repetition - LENGTH_WEIGHT * length_gap
-
-
 class OfflineJudge:
-    """Ranks answers by `offline_score` against the doctor's reply; no network, deterministic.
+    """Ranks answers by textmetrics.similarity_score against the doctor's reply (character-bigram F1
+    minus repetition and length penalties; evaluation's offline judge uses the same score); no
+    network, deterministic.
 
     Ties go to the lower answer index. With mixed=True the doctor's reply is a
     candidate too and, matching itself, always ranks first. Candidates are chosen as for the
@@ -444,7 +421,7 @@ class OfflineJudge:
             if not sel.judged(j):
                 results.append(sel.result(item, j, None, "", False))
                 continue
-            scores = [offline_score(c, item["reference"]) for c in candidates(judged_view(item, sel.kept[j]), mixed)]
+            scores = [similarity_score(c, item["reference"]) for c in candidates(judged_view(item, sel.kept[j]), mixed)]
             ranking = sorted(range(len(scores)), key=lambda i: (-round(scores[i], 12), i))
             raw = "offline scores: " + json.dumps([round(s, 4) for s in scores])
             results.append(sel.result(item, j, ranking, raw, False))

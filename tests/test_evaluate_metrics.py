@@ -127,7 +127,12 @@ def test_distinct_per_answer():
 
 
 def test_similarity_score_is_the_rlaif_offline_judges_score():
-    from nanohuatuo.feedback import offline_score
+    from nanohuatuo.feedback import OfflineJudge
     hyps, refs = random_pairs(7, 30)
-    for h, r in zip(hyps, refs):
-        assert similarity_score(h, r) == pytest.approx(offline_score(h, r), abs=1e-12)
+    items = [{"id": str(i), "question": "问", "reference": r, "answers": [hyps[i], hyps[i - 1], hyps[i - 2]]}
+             for i, r in enumerate(refs) if len({hyps[i], hyps[i - 1], hyps[i - 2]}) == 3]
+    results = OfflineJudge().rank(items)
+    assert len(items) > 20 and all(r["ranking"] is not None for r in results)
+    for item, result in zip(items, results):
+        scores = [similarity_score(a, item["reference"]) for a in item["answers"]]
+        assert result["ranking"] == sorted(range(3), key=lambda i: (-round(scores[i], 12), i))
