@@ -157,13 +157,13 @@ _MEASURED = {}  # (what, weight shape, dtype, threads, batches) -> decision: mea
 
 
 def _seconds(fn):
-    """Best-of-3 seconds per call of fn, each timing long enough (~2 ms) to be more than noise."""
-    fn()
+    """Best-of-3 (best-of-2 past 20 ms) seconds per call of fn, each timing at least ~2 ms long."""
     t = time.perf_counter()
-    fn()
-    n = max(1, min(200, int(2e-3 / max(time.perf_counter() - t, 1e-7))))
+    fn()  # warm-up, and a first estimate
+    first = time.perf_counter() - t
+    n = max(1, min(200, int(2e-3 / max(first, 1e-7))))
     best = float("inf")
-    for _ in range(3):
+    for _ in range(3 if first < 0.02 else 2):
         t = time.perf_counter()
         for _ in range(n):
             fn()
@@ -210,12 +210,14 @@ def tune_cpu_kernels(model: Transformer, batches=(1, 8)):
     reads a tall (vocab, dim) matrix far below memory speed on some processors where oneDNN's
     linear kernel does not. So nothing is fixed: for each distinct (out, in) shape of the blocks'
     projections, and for the output head, this times F.linear on a random (b, in) activation for
-    each b in `batches` with the weight row-major (as loaded) and column-major (same values,
-    transposed strides), and keeps for every matrix of that shape the layout with the smaller
-    summed time; for the head it also times oneDNN's kernel against F.linear at each b, and
-    `head_logits` uses the winner for the measured batch size nearest in ratio. Decisions are
+    each b in `batches` (at most 16) with the weight row-major (as loaded) and column-major (same
+    values, transposed strides), and keeps for every matrix of that shape the layout with the
+    smaller summed time; for the head it also times oneDNN's kernel against F.linear at each b,
+    and `head_logits` uses the winner for the measured batch size nearest in ratio. Decisions are
     cached per shape, dtype, thread count and batches for the process, so a second model (or a
-    second Engine) costs no timing; the whole measurement reads each weight shape some 20 times.
+    second Engine) costs no timing. A large head is multiplied 3 times per layout, kernel and
+    batch size (24 products: a few seconds for a 150k-token vocabulary on 2 cores), a test
+    model's matrices take milliseconds.
 
     The parameter objects are kept (tied embeddings stay tied; saving writes the usual row-major
     tensors), the values are unchanged, and it runs outside inference mode, so training can go on
@@ -225,7 +227,8 @@ def tune_cpu_kernels(model: Transformer, batches=(1, 8)):
     w = getattr(head, "weight", None)
     if getattr(model, "cpu_kernels", None) is not None or w is None or w.device.type != "cpu":
         return
-    batches = tuple(sorted(set(int(b) for b in batches)))
+    # beyond 16 rows the products are compute-bound and timing a big head there would take seconds
+    batches = tuple(sorted(set(min(int(b), 16) for b in batches)))
     choice = {"batches": batches, "layouts": {}, "head": {}}
     with torch.inference_mode(False), torch.no_grad():
         by_shape = {}
