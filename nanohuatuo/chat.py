@@ -22,13 +22,9 @@ import sys
 from dataclasses import dataclass
 
 from .cli import UserError, arg, cli_main, resolve_device, resolve_dtype
-from .generate import cut_at_stop, stream
+from .generate import cut_at_stop, load_for_inference, stream
 from .hf import check_model_dir
-from .lora import merge_and_unload, read_adapter_config
-from .model import Transformer
-from .quant import quantize_int8
-from .templates import (PromptTooLong, fit_prompt, generation_defaults, prompt_budget, stop_strings, stop_token_ids,
-                        tokenizer_and_template)
+from .templates import PromptTooLong, fit_prompt, generation_defaults, prompt_budget, stop_strings, stop_token_ids
 from .tokenizer import StreamDecoder
 
 # HuatuoGPT's CLI values, used where neither a flag nor generation_config.json says otherwise
@@ -48,22 +44,8 @@ def load_for_chat(model_dir, adapter=None, dtype=None, device=None, int8=False, 
     An adapter is merged first, so chatting costs no more than the base model.
     """
     device = resolve_device(device or "auto")
-    dtype = dtype or resolve_dtype("auto", device)
-    config = check_model_dir(model_dir, build=Transformer)  # every tensor's name and shape, no data read
-    if not config.lm_head:
-        raise UserError(f"{model_dir} is a reward model (a value head, no lm_head): chat needs a language model")
-    if adapter is not None:
-        read_adapter_config(adapter)
-    tok, template = tokenizer_and_template(model_dir, adapter, template or "auto")
-    # int8: load on the CPU, quantise, then move, so the full-precision copy never sits on the GPU
-    model = Transformer.from_pretrained(model_dir, dtype=dtype, device="cpu" if int8 else device, adapter=adapter)
-    if adapter is not None:
-        merge_and_unload(model)
-    if int8:
-        quantize_int8(model)
-        model.to(device)
-    model.eval()
-    return model, tok, template
+    return load_for_inference(model_dir, adapter, dtype or resolve_dtype("auto", device), device, int8, template,
+                              what="chat")
 
 
 # ----------------------------------------------------------------------------- answering

@@ -453,7 +453,7 @@ class EndpointConfig:
     concurrency: int = arg(4, "requests in flight at once")
     attempts: int = arg(3, "asks per item before a malformed reply is skipped and counted")
     timeout: float = arg(120.0, "seconds per request")
-    max_tokens: int = arg(1024, "most tokens per reply")
+    max_new_tokens: int = arg(1024, "most tokens per reply (the request's max_tokens)")
     temperature: float = arg(0.7, "sampling temperature of the replies")
     seed: int = arg(0, "random seed (sampling of seeds/focus; request seeds)")
 
@@ -492,7 +492,7 @@ class ConversationsConfig(EndpointConfig):
 @dataclass
 class PolishConfig(EndpointConfig):
     """python distill.py polish: rewrite real doctors' replies, keeping their medical content."""
-    input: list[str] = arg([], "schema JSONL rows with real doctors' replies (--in works too)", metavar="FILE")
+    input: list[str] = arg([], "schema JSONL rows with real doctors' replies", metavar="FILE", flag="--in")
     limit: int = arg(0, "polish only the first N rows (0: all)")
     on_flag: str = arg("keep", "a rewrite that changed drug names or numbers: keep it (flagged), use the "
                        "original reply instead (flagged), or drop the row", choices=("keep", "original", "drop"))
@@ -507,8 +507,8 @@ def _check_endpoint(cfg: EndpointConfig) -> None:
         raise UserError("pass --out FILE (the JSONL file to write)")
     if Path(cfg.out).is_dir():
         raise UserError(f"--out {cfg.out} is a directory; give a file name")
-    if cfg.concurrency < 1 or cfg.attempts < 1 or cfg.max_tokens < 1:
-        raise UserError("--concurrency, --attempts and --max-tokens must be at least 1")
+    if cfg.concurrency < 1 or cfg.attempts < 1 or cfg.max_new_tokens < 1:
+        raise UserError("--concurrency, --attempts and --max-new-tokens must be at least 1")
 
 
 def cache_path(cfg: EndpointConfig, suffix: str = "") -> str | None:
@@ -587,7 +587,7 @@ def instruction_request(seeds: list[dict], cfg: InstructionsConfig, i: int) -> d
     examples = "\n".join(f"{k}. {s['instruction']}" for k, s in enumerate(shown, 1))
     prompt = INSTRUCTION_PROMPT.format(examples=examples, n=cfg.per_request, focus=focus)
     call = {"messages": [{"role": "user", "content": prompt}], "temperature": cfg.instruction_temperature,
-            "max_tokens": cfg.max_tokens, "seed": cfg.seed * 1_000_003 + i}
+            "max_tokens": cfg.max_new_tokens, "seed": cfg.seed * 1_000_003 + i}
     return {"label": label, "call": call}
 
 
@@ -638,7 +638,7 @@ def run_instructions(cfg: InstructionsConfig) -> dict:
                   f"(--max-requests {max_requests}); raise it or lower --n", file=sys.stderr)
         calls = [{"messages": [{"role": "system", "content": ANSWER_SYSTEM},
                                {"role": "user", "content": item["instruction"]}],
-                  "temperature": cfg.temperature, "max_tokens": cfg.max_tokens} for item in kept]
+                  "temperature": cfg.temperature, "max_tokens": cfg.max_new_tokens} for item in kept]
         answers = llm.map(calls, parse=parse_answer, followup=nudge("answer"), desc="answers")
         rows = []
         for k, (item, answer) in enumerate(zip(kept, answers), 1):
@@ -752,7 +752,7 @@ def run_conversations(cfg: ConversationsConfig) -> dict:
         turns = {i: [] for i in range(len(cases))}
         stop, dropped = {}, Counter()
         active = list(range(len(cases)))
-        params = {"temperature": cfg.temperature, "max_tokens": cfg.max_tokens}
+        params = {"temperature": cfg.temperature, "max_tokens": cfg.max_new_tokens}
         for turn in range(1, cfg.max_turns + 1):
             replies = patient.map([{"messages": patient_messages(cases[i], turns[i]), **params} for i in active],
                                   parse=parse_patient, followup=nudge("turn"), desc=f"patient turn {turn}")
@@ -818,7 +818,7 @@ def polish_call(messages: list[dict], k: int, cfg: PolishConfig) -> dict:
     context = POLISH_CONTEXT.format(dialogue=_dialogue(messages[:k])) if k else ""
     prompt = POLISH_PROMPT.format(context=context, reply=messages[k]["content"])
     return {"messages": [{"role": "user", "content": prompt}], "temperature": cfg.temperature,
-            "max_tokens": cfg.max_tokens}
+            "max_tokens": cfg.max_new_tokens}
 
 
 def run_polish(cfg: PolishConfig) -> dict:
@@ -889,16 +889,10 @@ USAGE = "usage: distill.py {instructions,conversations,polish} [--help] ...\n\n"
     f"  {name:14s} {doc}" for name, (_, _, doc) in COMMANDS.items())
 
 
-def _command_argv(name: str, argv: list[str]) -> list[str]:
-    if name == "polish":  # the flag reads --in like `python -m nanohuatuo.data`; `in` cannot be a field
-        return ["--input" + a[4:] if a == "--in" or a.startswith("--in=") else a for a in argv]
-    return list(argv)
-
-
 def command_config(name: str, argv: list[str]):
     """The config of command `name` from its flags, as on the command line (for scripts and tests)."""
     cls, _, doc = COMMANDS[name]
-    return parse_config(cls, _command_argv(name, argv), prog=f"distill.py {name}", description=doc)
+    return parse_config(cls, list(argv), prog=f"distill.py {name}", description=doc)
 
 
 def main(argv=None) -> int:
@@ -912,5 +906,5 @@ def main(argv=None) -> int:
         print(f"error: unknown command {name!r}\n{USAGE}", file=sys.stderr)
         return 2
     cls, run, doc = COMMANDS[name]
-    return cli_main(run, cls, _command_argv(name, argv[1:]), prog=f"distill.py {name}",
+    return cli_main(run, cls, argv[1:], prog=f"distill.py {name}",
                     description=f"{doc}\n\n{__doc__}")

@@ -360,20 +360,16 @@ class LocalModel:
     """One of our models answering conversations in batches on the engine."""
 
     def __init__(self, c: Candidate, s: Sampling, device, dtype, batch_size: int = 16):
-        from .model import Transformer
         if not Path(c.model, "config.json").is_file():
             raise UserError(f"--model {c.model}: no config.json there; pass a model directory (Hugging Face layout)")
         if c.adapter and not Path(c.adapter).is_dir():
             raise UserError(f"--adapter {c.adapter}: no such directory")
         self.name, self.s, self.batch_size = c.label(), s, batch_size
         t0 = time.time()
-        self.model = Transformer.from_pretrained(c.model, dtype=dtype, device=device, adapter=c.adapter)
-        if c.adapter:
-            from .lora import merge_and_unload
-            merge_and_unload(self.model)  # a merged model decodes at base-model cost
-        self.model.eval()
-        # a trained adapter carries the tokenizer and the chat template it was trained with
-        self.tok, self.template = templates.tokenizer_and_template(c.model, c.adapter or None, c.template)
+        from .generate import load_for_inference  # torch loads only when one of our models answers
+        # the adapter merged (base-model cost); a trained adapter's own tokenizer and template win
+        self.model, self.tok, self.template = load_for_inference(c.model, c.adapter, dtype, device,
+                                                                 template=c.template, what="evaluation")
         self.stop_ids = templates.stop_token_ids(self.tok, self.template)
         self.stops = templates.stop_strings(self.template)
         max_seq_len = self.model.config.max_seq_len

@@ -45,12 +45,9 @@ from dataclasses import dataclass
 from .cli import UserError, arg, cli_main, resolve_device, resolve_dtype
 from .data import DataError, iter_jsonl, read_jsonl, to_prompt, write_jsonl
 from .engine import Engine, SamplingParams
-from .generate import cut_at_stop
+from .generate import cut_at_stop, load_for_inference
 from .llm import LLM
-from .lora import merge_and_unload
-from .model import Transformer
-from .templates import (PromptTooLong, fit_prompt, generation_defaults, prompt_budget, stop_strings, stop_token_ids,
-                        tokenizer_and_template)
+from .templates import PromptTooLong, fit_prompt, generation_defaults, prompt_budget, stop_strings, stop_token_ids
 
 SAVE_EVERY_S = 30.0  # how often the CLI rewrites --out with what it has so far
 PRINT_EVERY_S = 10.0
@@ -279,12 +276,8 @@ def load_policy(cfg: SampleConfig):
     """(model, tokenizer, template) for sampling: the adapter merged (sampling then costs what the base
     does); an SFT output's own tokenizer and chat template win (templates.tokenizer_and_template)."""
     device = resolve_device(cfg.device)
-    model = Transformer.from_pretrained(cfg.model, dtype=resolve_dtype(cfg.dtype, device), device=device,
-                                        adapter=cfg.adapter)
-    if cfg.adapter:
-        merge_and_unload(model)
-    tok, template = tokenizer_and_template(cfg.model, cfg.adapter or None, cfg.template)
-    return model.eval(), tok, template
+    return load_for_inference(cfg.model, cfg.adapter, resolve_dtype(cfg.dtype, device), device,
+                              template=cfg.template, what="sampling")
 
 
 def run(cfg: SampleConfig) -> int:

@@ -43,12 +43,9 @@ import torch
 
 from .cli import UserError, arg, cli_main, resolve_device, resolve_dtype
 from .engine import Engine, SamplingParams
-from .hf import TOKENIZER_MODEL_FILES, check_model_dir
-from .lora import merge_and_unload, read_adapter_config
-from .model import Transformer
-from .quant import quantize_int8
-from .templates import generation_defaults, render_prompt, resolve_template, stop_strings, stop_token_ids
-from .tokenizer import StreamDecoder, Tokenizer
+from .generate import load_for_inference
+from .templates import generation_defaults, render_prompt, stop_strings, stop_token_ids
+from .tokenizer import StreamDecoder
 
 STATIC = Path(__file__).parent / "static"
 MAX_BODY = 16 * 2**20  # bytes of request JSON accepted
@@ -80,14 +77,6 @@ class ServeConfig:
 
 # ----------------------------------------------------------------------------- loading
 
-def tokenizer_dir(model_dir, adapter=None) -> str:
-    """Where the tokenizer and chat template live: a trained adapter's own copy wins (SFT saves the
-    template it trained with there), else the model directory."""
-    if adapter and any((Path(adapter) / f).exists() for f in TOKENIZER_MODEL_FILES):
-        return str(adapter)
-    return str(model_dir)
-
-
 def load_model(cfg: ServeConfig):
     """(model, tokenizer, template) ready for inference, as the flags ask.
 
@@ -101,24 +90,9 @@ def load_model(cfg: ServeConfig):
     if cfg.adapter and not Path(cfg.adapter).is_dir():
         raise UserError(f"--adapter {cfg.adapter}: no such directory")
     device = resolve_device(cfg.device)
-    dtype = resolve_dtype(cfg.dtype, device)
-    if not check_model_dir(cfg.model, build=Transformer).lm_head:
-        raise UserError(f"{cfg.model} is a reward model (a value head, no lm_head): serving needs a language model")
-    if cfg.adapter:
-        read_adapter_config(cfg.adapter)
-    where = tokenizer_dir(cfg.model, cfg.adapter)
-    tok = Tokenizer.from_pretrained(where)
-    template = resolve_template(where, cfg.template, tok=tok)  # a broken template fails here, not per request
-    # int8: load on the CPU and quantise there, so the full-precision copy never sits on the GPU
-    model = Transformer.from_pretrained(cfg.model, dtype=dtype, device="cpu" if cfg.int8 else device,
-                                        adapter=cfg.adapter)
-    if cfg.adapter:
-        merge_and_unload(model)  # serving costs no more than the base model
-    if cfg.int8:
-        quantize_int8(model)
-        model.to(device)
-    model.eval()
-    return model, tok, template
+    # a broken template fails here (resolve_template renders a probe), not per request
+    return load_for_inference(cfg.model, cfg.adapter, resolve_dtype(cfg.dtype, device), device, cfg.int8,
+                              cfg.template, what="serving")
 
 
 # ----------------------------------------------------------------------------- requests
@@ -424,9 +398,8 @@ class Service:
         self.cfg = cfg
         self.tok, self.template = tok, template
         # what a request leaves out: the model's generation_config.json, else OpenAI's defaults
-        where = tokenizer_dir(cfg.model, cfg.adapter)
         self.defaults = {"temperature": 1.0, "top_p": 1.0, "top_k": 0, "repetition_penalty": 1.0,
-                         **(generation_defaults(where) or generation_defaults(cfg.model))}
+                         **generation_defaults(cfg.model, cfg.adapter or None)}
         self.name = cfg.model_name or Path(cfg.model).resolve().name
         self.context = min(cfg.max_len, model.config.max_seq_len) if cfg.max_len > 0 else model.config.max_seq_len
         self.api_key = cfg.api_key if cfg.api_key is not None else os.environ.get("NANOHUATUO_API_KEY") or None

@@ -67,7 +67,7 @@ def test_three_commands_on_serve_then_mix_and_sft(tmp_path, capsys):
     cfg = serve.ServeConfig(model=model, port=0, template="huatuo", model_name="tiny", slots=4, device="cpu",
                             log_requests=False)
     with serve.make_server(cfg).start() as srv:
-        common = ["--base-url", srv.url + "/v1", "--model-name", "tiny", "--max-tokens", "12", "--concurrency", "4"]
+        common = ["--base-url", srv.url + "/v1", "--model-name", "tiny", "--max-new-tokens", "12", "--concurrency", "4"]
         assert D.main(["instructions", "--n", "4", "--out", out["di"]] + common) == 0
         assert D.main(["conversations", "--cases", real_path, str(cases), "--limit", "2", "--max-turns", "2",
                        "--out", out["dc"]] + common) == 0
