@@ -58,7 +58,7 @@ class DemoSize:
     n_heads: int = 4
     ffn: int = 352
     lora_r: int = 0  # 0: full fine-tuning (a random model has nothing to adapt)
-    sft_steps: int = 150
+    sft_steps: int = 120
     sft_batch: int = 16
     sft_lr: float = 3e-3
     max_len: int = 384
@@ -67,7 +67,8 @@ class DemoSize:
     sample_tokens: int = 80
     rm_epochs: int = 2
     rm_lr: float = 3e-4
-    ppo_steps: int = 30
+    ppo_steps: int = 24
+    ppo_epochs: int = 2  # passes over each rollout batch (DeepSpeed-Chat uses 1; the default 4 doubles the time)
     ppo_batch: int = 16
     ppo_tokens: int = 80
     ppo_lr: float = 3e-4
@@ -81,11 +82,11 @@ class DemoSize:
 
 
 QUICK = DemoSize(vocab=400, dim=32, n_layers=2, n_heads=4, ffn=64, sft_steps=12, sft_batch=8, max_len=256,
-                 rl_prompts=12, k=2, sample_tokens=24, rm_epochs=1, ppo_steps=3, ppo_batch=4, ppo_tokens=24,
+                 rl_prompts=12, k=2, sample_tokens=24, rm_epochs=1, ppo_steps=3, ppo_epochs=1, ppo_batch=4, ppo_tokens=24,
                  eval_prompts=4, eval_questions=6, eval_cases=2, eval_turns=2, eval_tokens=24, distill_items=2)
 # --model DIR: LoRA on a real checkpoint, sized for one 24 GB GPU with a 0.5B-7B model in bf16
 REAL = DemoSize(lora_r=16, sft_steps=200, sft_batch=16, sft_lr=1e-4, max_len=1024, rl_prompts=256, k=4,
-                sample_tokens=256, rm_epochs=1, rm_lr=5e-5, ppo_steps=50, ppo_batch=32, ppo_tokens=256,
+                sample_tokens=256, rm_epochs=1, rm_lr=5e-5, ppo_steps=50, ppo_epochs=4, ppo_batch=32, ppo_tokens=256,
                 ppo_lr=2e-5, kl_coef=0.05, eval_prompts=64, eval_questions=50, eval_cases=8, eval_turns=4,
                 eval_tokens=384, distill_items=16)
 
@@ -362,6 +363,7 @@ def _run(cfg: DemoConfig, size: DemoSize, real: bool, out: str) -> dict:
     ppo_cfg = ppo.PPOConfig(model=policy, adapter=sft_adapter, reward=rm_dir, prompts=rl_path, out=ppo_dir,
                             template=template, max_steps=size.ppo_steps, batch_size=size.ppo_batch,
                             max_new_tokens=size.ppo_tokens, temperature=0.7, lr=size.ppo_lr, kl_coef=size.kl_coef,
+                            ppo_epochs=size.ppo_epochs,
                             micro_batch_size=size.ppo_batch if not real else 4,
                             sample_every=max(size.ppo_steps // 4, 1), save_every=size.ppo_steps, device=device,
                             dtype=cfg.dtype, seed=cfg.seed)
