@@ -26,7 +26,6 @@ run), saves them in the Hugging Face layout, then times, for each size:
 import argparse
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -38,6 +37,7 @@ from nanohuatuo import Transformer  # noqa: E402
 from nanohuatuo.engine import Engine, SamplingParams, head_logits, tune_cpu_kernels  # noqa: E402
 from nanohuatuo.generate import generate, left_pad  # noqa: E402
 from nanohuatuo.model import KVCache  # noqa: E402
+from nanohuatuo.metrics import cpu_name  # noqa: E402
 
 SIZES = {
     # Qwen2.5-0.5B's shape, a narrower, shallower one with the same vocabulary, and a smoke-test toy
@@ -281,14 +281,6 @@ def report(rows):
             print(f"| {label(r)} | {r['prompts']} x {r['k']} | {r['prompt_len'][0]}-{r['prompt_len'][1]} | "
                   f"{r['new_tokens']} | {r['separate_tok_s']:.1f} | {r['reuse_tok_s']:.1f} | "
                   f"{r['reuse_tok_s'] / r['separate_tok_s']:.2f}x |")
-
-
-def cpu_name():
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or "cpu"
 
 
 def main():

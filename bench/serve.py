@@ -19,7 +19,6 @@ import argparse
 import http.client
 import json
 import os
-import platform
 import re
 import statistics
 import subprocess
@@ -31,6 +30,8 @@ import time
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from nanohuatuo.metrics import cpu_name  # noqa: E402
 VOCAB = 151936  # Qwen2's
 SIZES = {
     "100M": dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=8, num_attention_heads=8,
@@ -130,14 +131,6 @@ def run_round(host, port, clients, args, vocab, seed):
     return dict(clients=clients, requests=len(results), tokens=tokens, wall_s=wall, tok_s=tokens / wall,
                 ttft_median_s=statistics.median(ttft), ttft_p90_s=ttft[min(len(ttft) - 1, int(0.9 * len(ttft)))],
                 client_decode_tok_s=statistics.median(decode) if decode else float("nan"))
-
-
-def cpu_name():
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or "unknown"
 
 
 def main():

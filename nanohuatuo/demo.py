@@ -38,6 +38,7 @@ from . import distill, evaluate, ppo, reward, sft
 from .cli import UserError, arg, cli_main, prepare_out
 from .data import load_conversations, to_prompt, write_jsonl
 from .feedback import OfflineJudge, OpenAIJudge, rankings_to_preferences
+from .metrics import cpu_name
 from .model import ModelConfig, Transformer
 from .reward_model import load_reward_model
 from .sampling import sample_answers
@@ -117,24 +118,13 @@ class DemoConfig:
 
 # ----------------------------------------------------------------------------- stage bookkeeping
 
-def cpu_name() -> str:
-    """The processor's model name (what `lscpu` prints), for the report's timing table."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 class Stages:
     """Runs the stages one after another: a header with the ETA, wall time each, optional profiles."""
 
     def __init__(self, out: str, names: list[str], profile: bool):
         self.out, self.names, self.profile = out, names, profile
         self.seconds: dict[str, float] = {}
+        self.hot: dict[str, list] = {}  # stage -> [(function, own seconds)] with --profile
         self.t0 = time.time()
 
     def run(self, name: str, title: str, fn, *args, **kw):
@@ -164,9 +154,14 @@ class Stages:
     def write_profile(self, name, prof):
         os.makedirs(os.path.join(self.out, "profile"), exist_ok=True)
         buf = io.StringIO()
-        pstats.Stats(prof, stream=buf).sort_stats("cumulative").print_stats(30)
+        stats = pstats.Stats(prof, stream=buf)
+        stats.sort_stats("cumulative").print_stats(30)
         with open(os.path.join(self.out, "profile", f"{name}.txt"), "w") as f:
             f.write(buf.getvalue())
+        # the report's "where the time goes": the functions with the most time of their own
+        own = sorted(((tt, fn) for fn, (_, _, tt, _, _) in stats.stats.items()), reverse=True)[:4]
+        self.hot[name] = [(f"{os.path.basename(file)}:{func}" if not file.startswith("~") else func, tt)
+                          for tt, (file, _, func) in own]
 
     def total(self) -> float:
         return time.time() - self.t0
@@ -382,8 +377,9 @@ def _run(cfg: DemoConfig, size: DemoSize, real: bool, out: str) -> dict:
                             "python": platform.python_version(),
                             "device": "cuda" if device != "cpu" and torch.cuda.is_available() else "cpu"},
                    online=bool(cfg.llm_base_url))
+    summary["profile"] = st.hot
     st.run("report", "report", write_report, out, summary, ev, st.seconds)
-    summary["stage_seconds"], summary["seconds"] = dict(st.seconds), st.total()
+    summary["stage_seconds"], summary["seconds"], summary["profile"] = dict(st.seconds), st.total(), st.hot
     with open(os.path.join(out, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1, ensure_ascii=False, default=str)
     write_report(out, summary, ev, st.seconds)  # again, with the report stage's own time and the total
@@ -435,6 +431,19 @@ def _wtl_row(name, w):
             f"{w.get('unjudged', 0)} | {w['n']} |")
 
 
+def _profile_lines(hot: dict, seconds: dict) -> list[str]:
+    """Where the time goes (with --profile): each stage's functions with the most time of their own."""
+    if not hot:
+        return ["(`python demo.py --profile` adds where the time goes in each stage.)", ""]
+    lines = ["Where the time goes (cProfile, own time; full listings in `profile/`):", "",
+             "| stage | functions with the most own time |", "|---|---|"]
+    for stage, funcs in hot.items():
+        total = max(seconds.get(stage, 0.0), 1e-9)
+        lines.append(f"| {stage} | " + "; ".join(f"`{f}` {t:.1f} s ({100 * t / total:.0f}%)" for f, t in funcs
+                                                  if t >= 0.05) + " |")
+    return lines + [""]
+
+
 def write_report(out, s, ev, seconds):
     sft_r, rm_r, ppo_r, e, m = s["sft"], s["rm"], s["ppo"], s["eval"], s["machine"]
     total = sum(seconds.values())
@@ -460,6 +469,7 @@ def write_report(out, s, ev, seconds):
         *[f"| {k} | {v:.1f} | {100 * v / max(total, 1e-9):.0f}% |" for k, v in seconds.items()],
         f"| **total** | **{total:.1f}** ({total / 60:.1f} min) | |", "",
         f"Machine: {m['cpu']}, {m['threads']} threads, {m['device']}; torch {m['torch']}, Python {m['python']}.", "",
+        *_profile_lines(s.get("profile") or {}, seconds),
         "## 1. Supervised fine-tuning", "",
         f"{sft_r.get('steps')} steps on the four sources (held-out loss {_f(sft_r.get('first_eval_loss'))} before "
         f"training, {_f(sft_r.get('eval_loss'))} after).", "",

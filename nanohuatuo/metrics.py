@@ -8,6 +8,7 @@
 import json
 import math
 import os
+import platform
 import sys
 import time
 
@@ -106,3 +107,12 @@ def plot_metrics(jsonl_path, png_path, keys, title=None, x="step"):
     plt.close(fig)
     os.replace(tmp, png_path)
     return png_path
+
+
+def cpu_name() -> str:
+    """The processor's model name, as `lscpu` prints it: every timing is reported with it."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine() or "unknown"

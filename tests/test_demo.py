@@ -17,12 +17,14 @@ def _png(path):
 
 def test_quick_demo_runs_every_stage_and_reports_them(tmp_path):
     out = str(tmp_path / "demo")
-    summary = run(out=out, quick=True)
+    summary = run(out=out, quick=True, profile=True)
     assert list(summary["stage_seconds"]) == list(BUDGET)  # every stage ran, in order
+    for stage in BUDGET:  # --profile: one listing per stage, the hottest functions in the report
+        assert os.path.getsize(os.path.join(out, "profile", f"{stage}.txt")) > 0
     report = open(os.path.join(out, "report.md"), encoding="utf-8").read()
     for needle in ("held-out loss", "pairwise accuracy", "Mean reward-model score", "win / tie / loss",
                    "single-turn questions", "multi-turn consultations", "bleu-1", "rouge-l", "distinct-2",
-                   "## Time", "| **total** |", summary["machine"]["cpu"], f"torch {torch.__version__}"):
+                   "## Time", "| **total** |", "Where the time goes", summary["machine"]["cpu"], f"torch {torch.__version__}"):
         assert needle in report, needle
     for stage in BUDGET:
         assert f"| {stage} | " in report  # the timing table has a row per stage
