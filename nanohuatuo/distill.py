@@ -908,3 +908,7 @@ def main(argv=None) -> int:
     cls, run, doc = COMMANDS[name]
     return cli_main(run, cls, argv[1:], prog=f"distill.py {name}",
                     description=f"{doc}\n\n{__doc__}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
