@@ -33,6 +33,8 @@ import shutil
 from collections import Counter
 from pathlib import Path
 
+from .hf import read_json
+
 # Files that make up a tokenizer; save_pretrained copies the ones that were present.
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -51,12 +53,8 @@ PAD_CANDIDATES = ("<pad>", "<|pad|>", "[PAD]", "<|finetune_right_pad_id|>", "<|e
 
 
 def _read_json(path: Path) -> dict:
-    if not path.exists():
-        return {}
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e}); fix or delete the file") from e
+    """An optional JSON side file: {} when absent (hf.read_json names a broken one)."""
+    return read_json(path) if path.exists() else {}
 
 
 def _content(token) -> str | None:
