@@ -10,10 +10,10 @@ unchanged: streaming as server-sent events (a role delta, content deltas, the fi
 with the model's own chat template; answers are what the model wrote (no disclaimer added).
 
 How a request flows: a handler thread (one per connection) checks the request and renders the
-prompt; `Runner.submit` adds it to the engine; one engine thread calls `engine.step()` in a loop,
-turns each new token into text (a StreamDecoder, so no half characters; text that may be the start
-of a stop string is held back) and puts the pieces on the request's queue; the handler writes them
-to the client. A client that goes away is noticed between tokens and its rows are cancelled, so the
+prompt; `EngineLoop.submit` (nanohuatuo/engine.py) adds it to the engine; one engine thread calls
+`engine.step()` in a loop, turns each new token into text (a StreamDecoder, so no half characters;
+text that may be the start of a stop string is held back) and puts the pieces on the request's
+queue; the handler writes them to the client. A client that goes away is noticed between tokens and its rows are cancelled, so the
 slot is free at the next step. When slots plus --max-queue sequences are in flight, new requests are
 answered 429 with Retry-After instead of piling up.
 
@@ -27,7 +27,6 @@ front of it, or use vLLM, to face the internet.
 import hmac
 import json
 import os
-import queue
 import re
 import select
 import socket
@@ -39,13 +38,10 @@ from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-import torch
-
 from .cli import UserError, arg, cli_main, resolve_device, resolve_dtype
-from .engine import Engine, SamplingParams
+from .engine import Engine, EngineLoop, GenerationFailed, QueueFull, SamplingParams
 from .generate import load_for_inference
 from .templates import generation_defaults, render_prompt, stop_strings, stop_token_ids
-from .tokenizer import StreamDecoder
 
 STATIC = Path(__file__).parent / "static"
 MAX_BODY = 16 * 2**20  # bytes of request JSON accepted
@@ -200,195 +196,6 @@ def chat_messages(body):
     return out
 
 
-# ----------------------------------------------------------------------------- tokens to text
-
-def held_back(text, stops):
-    """Length of the longest end of `text` that could still grow into a stop string."""
-    for k in range(min(len(text), max((len(s) for s in stops), default=1) - 1), 0, -1):
-        tail = text[-k:]
-        if any(s.startswith(tail) for s in stops):
-            return k
-    return 0
-
-
-class Choice:
-    """One answer being generated: its text so far, what was sent, its pending logprobs."""
-
-    def __init__(self, index, rid, tok, stops, strip_end):
-        self.index, self.rid = index, rid
-        self.decoder = StreamDecoder(tok)
-        self.stops, self.strip_end = stops, strip_end
-        self.text, self.sent = "", 0
-        self.stopped = False  # a stop string was found (the text is cut before it)
-        self.tokens = 0  # generated tokens, the stop token included (what usage counts)
-        self.logprobs = []  # (token, logprob, top, offset in text) not yet sent
-        self.finish_reason = None
-
-    def put(self, token):
-        """Add a token's text; True if a stop string is now complete (the text is cut before it)."""
-        piece = self.decoder.put(token)
-        if not piece:
-            return False
-        start = max(0, len(self.text) - max((len(s) for s in self.stops), default=1) + 1)
-        self.text += piece
-        return self._cut(start)
-
-    def _cut(self, start=0):
-        hits = [i for i in (self.text.find(s, start) for s in self.stops) if i >= 0]
-        if hits:
-            self.text = self.text[:min(hits)]
-            self.stopped = True
-        return bool(hits)
-
-    def close(self, reason):
-        """The answer is complete: take what the decoder still holds (never a half character)."""
-        if not self.stopped:
-            self.text += self.decoder.flush().rstrip("\ufffd")
-            self._cut()
-        self.finish_reason = "stop" if self.stopped else reason
-
-    def take(self):
-        """(new text safe to send, its logprobs): held back is what might start a stop string and,
-        in chat, trailing white space (the template puts a space or newline before the end token)."""
-        end = len(self.text)
-        if self.finish_reason is None:
-            end -= held_back(self.text, self.stops)
-        if self.strip_end:
-            end = len(self.text[:end].rstrip())
-        delta = self.text[self.sent:end] if end > self.sent else ""
-        if not delta and self.finish_reason is None:
-            return "", []
-        self.sent = max(self.sent, end)
-        lps, self.logprobs = self.logprobs, []
-        return delta, lps
-
-
-class Ticket:
-    """A submitted request: its choices and the queue the engine thread answers on."""
-
-    def __init__(self, job, prompt_tokens):
-        self.job = job
-        self.prompt_tokens = prompt_tokens
-        self.choices = []
-        self.queue = queue.Queue()  # ("delta", index, text, logprobs, finish_reason) | ("error", message)
-        self.t0 = time.perf_counter()
-
-
-class QueueFull(Exception):
-    pass
-
-
-class Runner:
-    """Owns the engine and the one thread that steps it; maps engine rows back to requests."""
-
-    def __init__(self, engine, tok, capacity):
-        self.engine, self.tok, self.capacity = engine, tok, capacity
-        self.lock = threading.Lock()  # guards rows and in_flight, and keeps add/cancel paired with them
-        self.rows = {}  # rid -> (ticket, choice)
-        self.in_flight = 0  # sequences added and not finished
-        self.cancelled = 0  # sequences cancelled because their client went away, for /health
-        self.wake = threading.Event()
-        self.stopping = False
-        self.thread = threading.Thread(target=self.loop, name="engine", daemon=True)
-
-    def start(self):
-        self.thread.start()
-
-    def stop(self):
-        self.stopping = True
-        self.wake.set()
-        if self.thread.is_alive():
-            self.thread.join(timeout=30)
-        self.fail_all("the server is shutting down", log=False)  # no handler waits for ever
-
-    def submit(self, job, strip_end) -> Ticket:
-        ticket = Ticket(job, sum(len(p) for p in job.prompts))
-        with self.lock:
-            want = len(job.prompts) * job.n
-            if want > self.capacity:  # would never fit: not a reason to retry
-                raise APIError(400, f"the request needs {want} sequences (prompts x n); this server holds at most "
-                                    f"{self.capacity} (--slots plus --max-queue)", param="n", code="invalid_value")
-            if self.in_flight + want > self.capacity:
-                raise QueueFull()
-            try:
-                for prompt in job.prompts:
-                    rids = self.engine.add(prompt, job.params, n=job.n)
-                    for rid in rids if isinstance(rids, list) else [rids]:
-                        choice = Choice(len(ticket.choices), rid, self.tok, job.stops, strip_end)
-                        ticket.choices.append(choice)
-                        self.rows[rid] = (ticket, choice)
-            except ValueError as e:  # the engine refused a prompt: take back what was added
-                for c in ticket.choices:
-                    self.engine.cancel(c.rid)
-                    del self.rows[c.rid]
-                raise APIError(400, str(e), param="prompt", code="invalid_value") from None
-            self.in_flight += want
-        self.wake.set()
-        return ticket
-
-    def cancel(self, ticket):
-        """Drop a request's unfinished rows (the client went away); their slots free at the next step."""
-        with self.lock:
-            for choice in ticket.choices:
-                if self.rows.pop(choice.rid, None) is not None:
-                    self.engine.cancel(choice.rid)
-                    self.in_flight -= 1
-                    self.cancelled += 1
-
-    @torch.inference_mode()
-    def loop(self):
-        while not self.stopping:
-            self.wake.clear()  # cleared before the check, so an add between the two still wakes us
-            if not self.engine.has_work():
-                self.wake.wait(0.5)
-                continue
-            try:
-                events = self.engine.step()
-            except Exception as e:  # a failed step fails the requests in it, not the server
-                self.fail_all(f"generation failed: {type(e).__name__}: {e}")
-                continue
-            try:
-                with self.lock:
-                    for ev in events:
-                        self.on_event(ev)
-            except Exception as e:  # a bug here must not stop the thread every request waits on
-                self.fail_all(f"internal error: {type(e).__name__}: {e}")
-
-    def on_event(self, ev):
-        row = self.rows.get(ev.rid)
-        if row is None:  # cancelled while the step ran
-            return
-        ticket, choice = row
-        choice.tokens += 1
-        reason = ev.finish_reason
-        stop_token = reason == "stop" and ev.token in ticket.job.params.stop_ids
-        if not stop_token:
-            if ticket.job.logprobs:
-                choice.logprobs.append((ev.token, ev.logprob, ev.top_logprobs, len(choice.text)))
-            if choice.put(ev.token) and reason is None:
-                reason = "stop"  # a stop string: the engine need not go on
-                self.engine.cancel(ev.rid)
-        if reason is not None:
-            choice.close("stop" if reason == "stop" else "length")
-            del self.rows[ev.rid]
-            self.in_flight -= 1
-        text, lps = choice.take()
-        if text or lps or reason is not None:
-            ticket.queue.put(("delta", choice.index, text, lps, choice.finish_reason))
-
-    def fail_all(self, message, log=True):
-        if log:
-            print(f"error: {message}", file=sys.stderr, flush=True)
-        with self.lock:
-            tickets = {id(t): t for t, _ in self.rows.values()}
-            for rid in list(self.rows):
-                self.engine.cancel(rid)
-            self.rows.clear()
-            self.in_flight = 0
-        for t in tickets.values():
-            t.queue.put(("error", message))
-
-
 # ----------------------------------------------------------------------------- the service
 
 class Service:
@@ -408,7 +215,7 @@ class Service:
         self.template_stops = stop_strings(template)
         self.created = int(time.time())
         engine = engine or Engine(model, tokenizer=tok, slots=cfg.slots, max_len=self.context, compile=cfg.compile)
-        self.runner = Runner(engine, tok, capacity=cfg.slots + cfg.max_queue)
+        self.runner = EngineLoop(engine, tok, capacity=cfg.slots + cfg.max_queue)
 
     # --- checking requests
 
@@ -722,42 +529,45 @@ class Handler(BaseHTTPRequestHandler):
 
     def answer(self, job, prefix):
         svc = self.svc
+        want, capacity = len(job.prompts) * job.n, svc.runner.capacity
+        if want > capacity:  # would never fit: not a reason to retry
+            raise APIError(400, f"the request needs {want} sequences (prompts x n); this server holds at most "
+                                f"{capacity} (--slots plus --max-queue)", param="n", code="invalid_value")
         try:
-            ticket = svc.runner.submit(job, strip_end=job.kind == "chat")
+            ticket = svc.runner.submit(job.prompts, job.params, job.n, job.stops, strip_end=job.kind == "chat")
         except QueueFull:
-            raise APIError(429, f"the server is busy ({svc.runner.capacity} sequences in flight or waiting); "
+            raise APIError(429, f"the server is busy ({capacity} sequences in flight or waiting); "
                                 f"retry shortly", type="rate_limit_error", code="queue_full",
                            headers={"Retry-After": "1"}) from None
+        except ValueError as e:  # the engine refused a prompt
+            raise APIError(400, str(e), param="prompt", code="invalid_value") from None
         head = {"id": f"{prefix}-{uuid.uuid4().hex[:24]}", "created": int(time.time()), "model": svc.name,
                 "system_fingerprint": "nanohuatuo"}
         try:
             if job.stream:
-                self.stream_answer(ticket, head)
+                self.stream_answer(job, ticket, head)
             else:
-                self.whole_answer(ticket, head)
+                self.whole_answer(job, ticket, head)
         finally:
             svc.runner.cancel(ticket)  # a no-op once every choice finished; frees the rows of a client gone
         u = svc.usage(ticket)
         self.log_line(200, f" {u['prompt_tokens']} prompt + {u['completion_tokens']} completion tokens, "
                            f"{time.perf_counter() - ticket.t0:.2f} s")
 
-    def messages(self, ticket):
-        """(index, text, logprobs, finish_reason) from the engine thread, until every choice finished."""
-        open_choices = len(ticket.choices)
-        while open_choices:
-            try:
-                item = ticket.queue.get(timeout=0.2)
-            except queue.Empty:
-                if self.client_gone():
-                    raise ClientGone() from None
-                continue
-            if item[0] == "error":
-                raise APIError(500, item[1], type="server_error")
-            open_choices -= item[4] is not None
-            yield item[1:]
+    def check_client(self):
+        if self.client_gone():
+            raise ClientGone()
 
-    def whole_answer(self, ticket, head):
-        job, svc = ticket.job, self.svc
+    def messages(self, ticket):
+        """(index, text, logprobs, finish_reason) from the engine thread, until every choice finished;
+        the client is checked whenever nothing came for a moment."""
+        try:
+            yield from ticket.pieces(idle=self.check_client)
+        except GenerationFailed as e:
+            raise APIError(500, str(e), type="server_error") from None
+
+    def whole_answer(self, job, ticket, head):
+        svc = self.svc
         texts = [""] * len(ticket.choices)
         lps = [[] for _ in ticket.choices]
         for index, text, logprobs, _ in self.messages(ticket):
@@ -790,8 +600,8 @@ class Handler(BaseHTTPRequestHandler):
     def event(self, obj):
         self.write_chunk(b"data: " + json.dumps(obj, ensure_ascii=False).encode("utf-8") + b"\n\n")
 
-    def stream_answer(self, ticket, head):
-        job, svc = ticket.job, self.svc
+    def stream_answer(self, job, ticket, head):
+        svc = self.svc
         chat = job.kind == "chat"
         self.streaming = True
         self.send_response_only(200)
