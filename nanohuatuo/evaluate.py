@@ -47,7 +47,7 @@ similarity to the reference, textmetrics.similarity_score: the doctor's diagnosi
 an item's `reference` in pairwise when it has one, else the question); `--patient offline` is a
 stand-in that recites the case one sentence per turn. Both are labelled as such in the report.
 
-Length control (AlpacaEval 2): a logistic fit of the per-question outcome (win 1, tie 0.5,
+Length control (AlpacaEval 2; the statistics are in winrate.py): a logistic fit of the per-question outcome (win 1, tie 0.5,
 loss 0) on tanh(length difference / its standard deviation), lengths in characters; the
 length-controlled win rate is the fitted probability at zero length difference.
 
@@ -80,7 +80,10 @@ import numpy as np
 from . import data as qa_data
 from . import templates
 from .cli import UserError, arg, cli_main, prepare_out
+from .data import QA_FORMATS, load_cases, load_qa, load_questions, read_records
+from .metrics import plot_wtl
 from .textmetrics import METRICS, chars, distinct, score_corpus, similarity_score
+from .winrate import cohen_kappa, combine, length, tables
 
 # ---------------------------------------------------------------- published numbers
 
@@ -121,123 +124,6 @@ def published_for(kind: str, paths: list[str], choice: str) -> str | None:
     if kind == "metrics" and re.search(r"huatuo[-_]?26m", names) and "test" in names:
         return "huatuo26m-test"
     return None
-
-
-# ---------------------------------------------------------------- evaluation sets
-
-def read_records(path: str, what: str, flag: str = "--data") -> list[dict]:
-    """A JSON list of objects, or JSONL; errors name the file and the item."""
-    p = Path(path)
-    if not p.is_file():
-        raise UserError(f"{flag} {path}: no such file; pass a {what} file")
-    text = p.read_text(encoding="utf-8-sig")
-    if text.lstrip().startswith("["):
-        try:
-            rows = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path}:{e.lineno}: bad JSON ({e.msg}); expected a list of {what} objects") from None
-        where = [f"{path}: item {i}" for i in range(len(rows))]
-    else:
-        rows, where = [], []
-        for lineno, obj in qa_data.iter_jsonl(path):
-            rows.append(obj)
-            where.append(f"{path}:{lineno}")
-    for row, w in zip(rows, where):
-        if not isinstance(row, dict):
-            raise UserError(f"{w}: expected a JSON object, got {type(row).__name__}")
-    if not rows:
-        raise UserError(f"{path}: no {what} in the file")
-    return [dict(row, _where=w) for row, w in zip(rows, where)]
-
-
-def _field(row: dict, key: str, what: str, *alts) -> str:
-    for k in (key, *alts):
-        if isinstance(row.get(k), str) and row[k].strip():
-            return row[k]
-    raise UserError(f"{row['_where']}: {what} needs a non-empty string {key!r}")
-
-
-def load_questions(path: str, limit: int = 0) -> list[dict]:
-    """KUAKE-QIC items -> [{id, group (the intent label), query, reference?}]."""
-    items = []
-    for row in read_records(path, "question (KUAKE-QIC: id, label, query)"):
-        if row.get("id") is None:
-            raise UserError(f"{row['_where']}: question needs an 'id'")
-        item = {"id": str(row["id"]), "group": str(row.get("label") or "(none)"),
-                "query": _field(row, "query", "a question", "question")}
-        if isinstance(row.get("reference"), str) and row["reference"].strip():
-            item["reference"] = row["reference"]
-        items.append(item)
-    return _unique(items, path)[: limit or None]
-
-
-def load_cases(path: str, limit: int = 0) -> list[dict]:
-    """Med-dialog cases -> [{id, group (the department), medical_case, doctor_diagnosis}]."""
-    items = []
-    for row in read_records(path, "case (Med-dialog: id, medical_case, doctor_diagnosis, Department)"):
-        if row.get("id") is None:
-            raise UserError(f"{row['_where']}: case needs an 'id'")
-        items.append({"id": str(row["id"]),
-                      "group": str(row.get("Department") or row.get("department") or "(none)"),
-                      "medical_case": _field(row, "medical_case", "a case"),
-                      "doctor_diagnosis": _field(row, "doctor_diagnosis", "a case")})
-    return _unique(items, path)[: limit or None]
-
-
-def _unique(items: list[dict], path: str) -> list[dict]:
-    seen = set()
-    for item in items:
-        if item["id"] in seen:
-            raise UserError(f"{path}: id {item['id']!r} appears twice; ids must be unique")
-        seen.add(item["id"])
-    return items
-
-
-QA_FORMATS = ("auto", "schema", "huatuo26m", "cmedqa2", "cmd_csv", "cmd_jsonl")
-
-
-def detect_format(paths: list[str]) -> str:
-    """The QA format of the files from their names and first record."""
-    if len(paths) == 2 and all(p.lower().endswith(".csv") for p in paths):
-        return "cmedqa2"
-    path = paths[0]
-    if path.lower().endswith(".csv"):
-        with open(path, "rb") as f:
-            head = f.readline().decode("utf-8-sig", "replace")
-        if "ask" in head and "answer" in head:
-            return "cmd_csv"
-        if "question_id" in head:
-            raise UserError(f"--data {path}: looks like cMedQA2; pass both files: --data questions.csv answers.csv")
-        raise UserError(f"--data {path}: unknown CSV header {head.strip()!r}; pass --format")
-    for _, obj in qa_data.iter_jsonl(path):
-        if "messages" in obj:
-            return "schema"
-        if "title" in obj or "department" in obj:
-            return "cmd_jsonl"
-        if any(k in obj for k in ("questions", "question")):
-            return "huatuo26m"
-        raise UserError(f"--data {path}: cannot tell the format from keys {sorted(obj)}; pass --format")
-    raise UserError(f"--data {path}: empty file")
-
-
-def load_qa(paths: list[str], fmt: str = "auto", limit: int = 0) -> list[dict]:
-    """QA pairs -> [{id, messages (the question turns), reference (the doctor's reply)}]."""
-    if not paths:
-        raise UserError("pass --data FILE (a QA test set; cMedQA2: --data questions.csv answers.csv)")
-    for p in paths:
-        if not Path(p).is_file():
-            raise UserError(f"--data {p}: no such file")
-    fmt = detect_format(paths) if fmt == "auto" else fmt
-    if fmt == "schema":
-        rows = [r for p in paths for r in qa_data.load_conversations(p)]
-    elif fmt in qa_data.FORMATS:
-        rows = list(qa_data.convert(fmt, paths))
-    else:
-        raise UserError(f"--format {fmt!r}: use one of {', '.join(QA_FORMATS)}")
-    items = [qa_data.to_prompt(r) for r in rows]
-    if not items:
-        raise UserError(f"--data {' '.join(paths)}: no question/answer pairs ({fmt})")
-    return items[: limit or None]
 
 
 # ---------------------------------------------------------------- candidates
@@ -683,95 +569,6 @@ def judge_swapped(judge, items: list[dict], build, a_name: str, b_name: str, rul
         else:
             outcomes.append((combine(got["AB"], got["BA"], rule), None))
     return rows, outcomes
-
-
-def combine(first: str, second: str, rule: str = "sum") -> str:
-    """A's outcome from two verdicts ("A", "B", "tie"): sum (HuatuoGPT: +1/0/-1 summed) or strict."""
-    if rule == "strict":
-        return {"A": "win", "B": "loss", "tie": "tie"}[first] if first == second else "tie"
-    if rule != "sum":
-        raise UserError(f"--combine {rule!r}: use sum or strict")
-    score = sum({"A": 1, "B": -1, "tie": 0}[v] for v in (first, second))
-    return "win" if score > 0 else "loss" if score < 0 else "tie"
-
-
-# ---------------------------------------------------------------- statistics
-
-OUTCOME_SCORE = {"win": 1.0, "tie": 0.5, "loss": 0.0}
-
-
-def fit_length_controlled(y, diff, l2: float = 1e-2):
-    """Win rate at equal length and slope: logistic fit of outcome y (1 / 0.5 / 0) on tanh(diff / std).
-
-    y and diff are (n,) for one fit or (B, n) for B fits at once (the bootstrap). Newton's method on
-    the soft-label cross-entropy, the 2x2 system solved in closed form per row; the small L2 term
-    keeps a clean sweep finite."""
-    y, d = np.atleast_2d(np.asarray(y, float)), np.atleast_2d(np.asarray(diff, float))  # (B, n)
-    if y.shape[1] == 0:
-        return np.full(len(y), np.nan), np.full(len(y), np.nan)
-    sd = d.std(axis=1, keepdims=True)
-    x = np.tanh(d / np.where(sd > 0, sd, 1.0))  # all zeros where every difference is the same
-    w0, w1 = np.zeros(len(y)), np.zeros(len(y))
-    for _ in range(100):
-        p = 1 / (1 + np.exp(-(w0[:, None] + w1[:, None] * x)))
-        r, h = p - y, p * (1 - p)
-        g0, g1 = r.sum(1) + l2 * w0, (r * x).sum(1) + l2 * w1  # gradient
-        a, b, c = h.sum(1) + l2, (h * x).sum(1), (h * x * x).sum(1) + l2  # Hessian [[a, b], [b, c]]
-        det = a * c - b * b
-        s0, s1 = (c * g0 - b * g1) / det, (a * g1 - b * g0) / det
-        w0, w1 = w0 - s0, w1 - s1
-        if max(np.abs(s0).max(), np.abs(s1).max()) < 1e-10:
-            break
-    return 1 / (1 + np.exp(-w0)), w1
-
-
-def wtl_stats(outcomes: list[str], diffs: list[float], boots: int = 1000, seed: int = 0,
-              length_control: bool = True) -> dict:
-    """Counts, rates (%), win rate (win + tie/2, %), length-controlled win rate, bootstrap 95% CIs."""
-    n = len(outcomes)
-    counts = {k: outcomes.count(k) for k in ("win", "tie", "loss")}
-    out = {"n": n, **counts}
-    if n == 0:
-        return out
-    y = np.array([OUTCOME_SCORE[o] for o in outcomes])
-    d = np.array(diffs, dtype=float)
-    codes = np.array([("win", "tie", "loss").index(o) for o in outcomes])
-    for name in ("win", "tie", "loss"):
-        out[f"{name}_pct"] = 100 * counts[name] / n
-    out["winrate"] = 100 * float(y.mean())
-    if length_control:
-        lc, slope = fit_length_controlled(y, d)
-        out["lc_winrate"], out["length_slope"] = 100 * float(lc[0]), float(slope[0])
-    if boots:
-        idx = np.random.default_rng(seed).integers(0, n, (boots, n))  # resampled questions, (B, n)
-        samples = {f"{name}_pct": 100 * (codes[idx] == k).mean(1) for k, name in enumerate(("win", "tie", "loss"))}
-        samples["winrate"] = 100 * y[idx].mean(1)
-        if length_control:
-            samples["lc_winrate"] = 100 * fit_length_controlled(y[idx], d[idx])[0]
-        for k, v in samples.items():
-            out[f"{k}_ci"] = [float(np.percentile(v, 2.5)), float(np.percentile(v, 97.5))]
-    return out
-
-
-def length(text: str | None) -> int:
-    """Characters without whitespace: the unit of the length-controlled fit."""
-    return len("".join((text or "").split()))
-
-
-def tables(items: list[dict], outcomes: list, boots: int, seed: int) -> dict:
-    """Overall and per-group statistics from (outcome, why-unjudged) per item."""
-    def stats(sel, length_control):
-        judged = [(it, o) for it, (o, _) in sel if o is not None]
-        s = wtl_stats([o for _, o in judged], [it["len_a"] - it["len_b"] for it, _ in judged], boots, seed,
-                      length_control)
-        s["unjudged"] = len(sel) - len(judged)
-        return s
-
-    pairs = list(zip(items, outcomes))
-    groups = dict.fromkeys(it["group"] for it in items)  # in order of first appearance
-    # per group: counts and CIs only, a length fit on ten questions would be noise
-    return {"overall": stats(pairs, True),
-            "groups": {g: stats([(it, o) for it, o in pairs if it["group"] == g], False) for g in groups}}
 
 
 # ---------------------------------------------------------------- dialogue: patient and stop rule
@@ -1364,60 +1161,6 @@ def write_metrics_report(out: Path, summary: dict, scored: list) -> None:
     (out / "report.md").write_text("\n".join(lines).rstrip() + "\n", encoding="utf-8")
 
 
-GROUP_EN = {  # plot labels where no CJK font is installed
-    "病情诊断": "diagnosis", "病因分析": "cause", "治疗方案": "treatment", "就医建议": "where to seek care",
-    "指标解读": "test results", "疾病表述": "disease description", "后果表述": "consequences",
-    "注意事项": "precautions", "功效作用": "effects of drugs", "医疗费用": "costs",
-    "皮肤科": "dermatology", "儿科": "pediatrics", "骨科": "orthopedics", "泌尿外科": "urology",
-    "内科": "internal medicine", "妇科": "gynecology", "妇产科": "obstetrics & gynecology",
-    "皮肤性病科": "dermatovenereology", "中医科": "Chinese medicine", "眼科": "ophthalmology",
-    "消化内科": "gastroenterology", "产科": "obstetrics", "外科": "surgery", "神经内科": "neurology",
-    "神经外科": "neurosurgery", "口腔科": "stomatology", "精神科": "psychiatry", "心血管内科": "cardiology",
-    "普外科": "general surgery", "男科": "andrology",
-}
-CJK_FONTS = ("Noto Sans CJK SC", "Noto Sans SC", "Source Han Sans SC", "WenQuanYi Zen Hei", "WenQuanYi Micro Hei",
-             "SimHei", "Microsoft YaHei", "PingFang SC")
-
-
-def plot_wtl(path: Path, stats: dict, title: str) -> None:
-    """Horizontal stacked bars of win / tie / loss (%), overall first, then each group."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    rows = [("overall", stats["overall"])] + list(stats["groups"].items())
-    rows = [(name, s) for name, s in rows if s.get("n")]
-    if not rows:
-        return
-    from matplotlib import font_manager
-    installed = {f.name for f in font_manager.fontManager.ttflist}
-    cjk = [f for f in CJK_FONTS if f in installed]
-    if cjk:
-        plt.rcParams["font.sans-serif"] = cjk + list(plt.rcParams["font.sans-serif"])
-
-    def label(name):
-        if cjk or name.isascii():
-            return name
-        return GROUP_EN.get(name, f"group {[n for n, _ in rows].index(name)}")
-    fig, ax = plt.subplots(figsize=(7, 0.45 * len(rows) + 1.4))
-    names = [f"{label(name)} (n={s['n']})" for name, s in rows][::-1]
-    left = np.zeros(len(rows))
-    for key, color, label in (("win_pct", "#4c9a5b", "win"), ("tie_pct", "#b8b8b8", "tie"),
-                              ("loss_pct", "#c8524b", "loss")):
-        vals = np.array([s[key] for _, s in rows][::-1])
-        ax.barh(names, vals, left=left, color=color, label=label)
-        for y, (x0, v) in enumerate(zip(left, vals)):
-            if v >= 8:
-                ax.text(x0 + v / 2, y, f"{v:.0f}", ha="center", va="center", fontsize=8)
-        left += vals
-    ax.set_xlim(0, 100)
-    ax.set_xlabel("% of judged pairs")
-    ax.set_title(title, fontsize=9)
-    ax.legend(ncol=3, loc="lower center", bbox_to_anchor=(0.5, 1.06), fontsize=8, frameon=False)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
 # ---------------------------------------------------------------- human evaluation: sheet and tally
 
 MARKS = {"1": "1", "left": "1", "l": "1", "左": "1", "回答1": "1",
@@ -1523,16 +1266,6 @@ def read_marks(path: str) -> dict[str, str]:
                             "(also left/right/tie, 左/右/相当)")
         marks[(row.get("item") or "").strip()] = MARKS[mark]
     return marks
-
-
-def cohen_kappa(x: list[str], y: list[str], labels=("win", "tie", "loss")) -> float | None:
-    """Cohen's kappa of two raters' labels; None when chance agreement is 1 (both used one label)."""
-    n = len(x)
-    if n == 0:
-        return None
-    po = sum(a == b for a, b in zip(x, y)) / n
-    pe = sum((x.count(k) / n) * (y.count(k) / n) for k in labels)
-    return None if pe >= 1 else (po - pe) / (1 - pe)
 
 
 def run_tally(cfg: TallyConfig) -> dict:

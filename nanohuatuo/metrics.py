@@ -3,6 +3,7 @@
     log = MetricsLog(out_dir / "metrics.jsonl", total_steps=1000)
     log.write(step=1, loss=2.3, lr=1e-4, tokens=4096)   # prints a progress line, appends JSONL
     plot_metrics(out_dir / "metrics.jsonl", out_dir / "loss.png", ["loss", "eval_loss"])
+    plot_wtl(out_dir / "winrate.png", stats, "A vs B")   # win / tie / loss bars of an evaluation
 """
 
 import json
@@ -107,6 +108,69 @@ def plot_metrics(jsonl_path, png_path, keys, title=None, x="step"):
     plt.close(fig)
     os.replace(tmp, png_path)
     return png_path
+
+
+GROUP_EN = {  # plot labels where no CJK font is installed
+    "病情诊断": "diagnosis", "病因分析": "cause", "治疗方案": "treatment", "就医建议": "where to seek care",
+    "指标解读": "test results", "疾病表述": "disease description", "后果表述": "consequences",
+    "注意事项": "precautions", "功效作用": "effects of drugs", "医疗费用": "costs",
+    "皮肤科": "dermatology", "儿科": "pediatrics", "骨科": "orthopedics", "泌尿外科": "urology",
+    "内科": "internal medicine", "妇科": "gynecology", "妇产科": "obstetrics & gynecology",
+    "皮肤性病科": "dermatovenereology", "中医科": "Chinese medicine", "眼科": "ophthalmology",
+    "消化内科": "gastroenterology", "产科": "obstetrics", "外科": "surgery", "神经内科": "neurology",
+    "神经外科": "neurosurgery", "口腔科": "stomatology", "精神科": "psychiatry", "心血管内科": "cardiology",
+    "普外科": "general surgery", "男科": "andrology",
+}
+CJK_FONTS = ("Noto Sans CJK SC", "Noto Sans SC", "Source Han Sans SC", "WenQuanYi Zen Hei", "WenQuanYi Micro Hei",
+             "SimHei", "Microsoft YaHei", "PingFang SC")
+
+
+def cjk_fonts() -> list[str]:
+    """The fonts of CJK_FONTS that matplotlib finds installed, in order of preference."""
+    from matplotlib import font_manager
+    installed = {f.name for f in font_manager.fontManager.ttflist}
+    return [f for f in CJK_FONTS if f in installed]
+
+
+def plot_wtl(path, stats: dict, title: str) -> None:
+    """Horizontal stacked bars of win / tie / loss (%), overall first, then each group.
+
+    stats: {"overall": s, "groups": {name: s}}, each s with n, win_pct, tie_pct, loss_pct (winrate.tables).
+    Group names are drawn in a CJK font when one is installed, else in English (GROUP_EN)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+    rows = [("overall", stats["overall"])] + list(stats["groups"].items())
+    rows = [(name, s) for name, s in rows if s.get("n")]
+    if not rows:
+        return
+    cjk = cjk_fonts()
+    if cjk:
+        plt.rcParams["font.sans-serif"] = cjk + list(plt.rcParams["font.sans-serif"])
+
+    def label(name):
+        if cjk or name.isascii():
+            return name
+        return GROUP_EN.get(name, f"group {[n for n, _ in rows].index(name)}")
+    fig, ax = plt.subplots(figsize=(7, 0.45 * len(rows) + 1.4))
+    names = [f"{label(name)} (n={s['n']})" for name, s in rows][::-1]
+    left = np.zeros(len(rows))
+    for key, color, legend in (("win_pct", "#4c9a5b", "win"), ("tie_pct", "#b8b8b8", "tie"),
+                               ("loss_pct", "#c8524b", "loss")):
+        vals = np.array([s[key] for _, s in rows][::-1])
+        ax.barh(names, vals, left=left, color=color, label=legend)
+        for y, (x0, v) in enumerate(zip(left, vals)):
+            if v >= 8:
+                ax.text(x0 + v / 2, y, f"{v:.0f}", ha="center", va="center", fontsize=8)
+        left += vals
+    ax.set_xlim(0, 100)
+    ax.set_xlabel("% of judged pairs")
+    ax.set_title(title, fontsize=9)
+    ax.legend(ncol=3, loc="lower center", bbox_to_anchor=(0.5, 1.06), fontsize=8, frameon=False)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def cpu_name() -> str:

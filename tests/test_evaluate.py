@@ -12,8 +12,10 @@ import pytest
 from conftest import tiny_base, write_jsonl
 from fake_openai import ScriptedServer
 from nanohuatuo import evaluate as ev
+from nanohuatuo.data import DataError, load_qa
 from nanohuatuo.llm import LLMError
 from nanohuatuo.textmetrics import score_corpus
+from nanohuatuo.winrate import cohen_kappa, combine, fit_length_controlled, wtl_stats
 
 INTENTS = ["病因分析", "治疗方案", "注意事项"]
 
@@ -426,17 +428,17 @@ def test_metrics_with_our_model_and_the_published_table(tmp_path, tiny):
 
 def test_qa_readers_reuse_the_data_converters(tmp_path):
     h = write_jsonl(tmp_path / "h.jsonl", [{"questions": [["头痛怎么办", "头疼咋办"]], "answers": ["多休息"]}])
-    [item] = ev.load_qa([h])
+    [item] = load_qa([h])
     assert item["messages"] == [{"role": "user", "content": "头痛怎么办"}] and item["reference"] == "多休息"
     (tmp_path / "questions.csv").write_text("question_id,content\n1,头痛怎么办\n2,发热怎么办\n", encoding="utf-8")
     (tmp_path / "answers.csv").write_text("ans_id,question_id,content\n7,1,多休息\n8,2,多喝水\n", encoding="utf-8")
-    items = ev.load_qa([str(tmp_path / "questions.csv"), str(tmp_path / "answers.csv")])
+    items = load_qa([str(tmp_path / "questions.csv"), str(tmp_path / "answers.csv")])
     assert [i["reference"] for i in items] == ["多休息", "多喝水"]
     (tmp_path / "cmd.csv").write_text("department,title,ask,answer\n内科,头痛,无,多休息\n", encoding="utf-8")
-    [item] = ev.load_qa([str(tmp_path / "cmd.csv")])
+    [item] = load_qa([str(tmp_path / "cmd.csv")])
     assert item["messages"][0]["content"] == "头痛" and item["department"] == "内科"
-    with pytest.raises(ev.UserError, match="pass both files"):
-        ev.load_qa([str(tmp_path / "questions.csv")])
+    with pytest.raises(DataError, match="pass both files"):
+        load_qa([str(tmp_path / "questions.csv")])
 
 
 # ---------------------------------------------------------------- sheet and tally
@@ -499,9 +501,9 @@ def test_answers_only_run_makes_a_sheet(tmp_path):
 
 
 def test_cohen_kappa_edges():
-    assert ev.cohen_kappa(["win", "loss"], ["win", "loss"]) == pytest.approx(1.0)
-    assert ev.cohen_kappa(["win", "win"], ["win", "win"]) is None  # chance agreement 1: undefined
-    assert ev.cohen_kappa([], []) is None
+    assert cohen_kappa(["win", "loss"], ["win", "loss"]) == pytest.approx(1.0)
+    assert cohen_kappa(["win", "win"], ["win", "win"]) is None  # chance agreement 1: undefined
+    assert cohen_kappa([], []) is None
 
 
 # ---------------------------------------------------------------- pieces
@@ -518,8 +520,8 @@ def test_parse_verdict():
 
 
 def test_combine_rules():
-    assert ev.combine("A", "A") == "win" and ev.combine("B", "tie") == "loss" and ev.combine("A", "B") == "tie"
-    assert ev.combine("A", "tie", "strict") == "tie" and ev.combine("B", "B", "strict") == "loss"
+    assert combine("A", "A") == "win" and combine("B", "tie") == "loss" and combine("A", "B") == "tie"
+    assert combine("A", "tie", "strict") == "tie" and combine("B", "B", "strict") == "loss"
 
 
 def test_length_controlled_fit():
@@ -528,11 +530,11 @@ def test_length_controlled_fit():
     x = np.tanh(d / d.std())
     # a judge that only likes length: at equal length a coin toss, yet A's raw win rate is high
     y = (rng.random(2000) < 1 / (1 + np.exp(-3 * x))).astype(float)
-    lc, slope = ev.fit_length_controlled(y, d)
+    lc, slope = fit_length_controlled(y, d)
     assert y.mean() > 0.65 and abs(lc[0] - 0.5) < 0.05 and slope[0] == pytest.approx(3, abs=0.5)
     # a judge with no length effect: the length-controlled win rate is the raw one
     y = (rng.random(2000) < 0.75).astype(float)
-    lc, slope = ev.fit_length_controlled(y, d)
+    lc, slope = fit_length_controlled(y, d)
     assert lc[0] == pytest.approx(y.mean(), abs=0.03) and abs(slope[0]) < 0.3
     # Newton's optimum against a general-purpose optimiser on the same objective
     opt = pytest.importorskip("scipy.optimize")
@@ -543,9 +545,9 @@ def test_length_controlled_fit():
         return np.sum(np.logaddexp(0, z) - soft * z) + 0.5e-2 * (w @ w)
 
     w = opt.minimize(loss, np.zeros(2), method="BFGS", options={"gtol": 1e-10}).x
-    lc, slope = ev.fit_length_controlled(soft, d)
+    lc, slope = fit_length_controlled(soft, d)
     assert lc[0] == pytest.approx(1 / (1 + np.exp(-w[0])), abs=1e-6) and slope[0] == pytest.approx(w[1], abs=1e-4)
-    stats = ev.wtl_stats(["win"] * 6 + ["tie"] * 2 + ["loss"] * 2, list(range(10)), boots=300)
+    stats = wtl_stats(["win"] * 6 + ["tie"] * 2 + ["loss"] * 2, list(range(10)), boots=300)
     assert stats["winrate"] == 70.0 and stats["winrate_ci"][0] <= 70.0 <= stats["winrate_ci"][1]
     assert (stats["win"], stats["tie"], stats["loss"]) == (6, 2, 2)
 
