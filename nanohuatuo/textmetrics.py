@@ -26,15 +26,21 @@ The variants, chosen to match what `nltk` and `rouge-score` compute on space-joi
   thousands of answers would be far lower). An answer with no n-gram of that order scores 0.
 BLEU, GLEU and ROUGE are reported x100 and Distinct as a fraction, as in the published table.
 
-Also here: `lcs_length` (bit-parallel, fast on long answers) and `similarity_score`, the
-deterministic answer-vs-reference score the offline judges use.
+Also here: `lcs_length` (bit-parallel, fast on long answers); `rouge_l` of two texts without
+punctuation and `RougeIndex`, which finds among thousands of kept texts the one nearest a new text
+(distillation's near-duplicate filter) with an LCS only for the few whose bound can reach the
+threshold; and `similarity_score`, the deterministic answer-vs-reference score the offline judges
+use.
 """
 
 from __future__ import annotations
 
 import math
 import unicodedata
+from array import array
 from collections import Counter
+
+import numpy as np
 
 METRICS = ("bleu-1", "bleu-2", "bleu-3", "bleu-4", "gleu", "rouge-1", "rouge-2", "rouge-l",
            "distinct-1", "distinct-2")
@@ -149,6 +155,85 @@ def rouge(hyp: str, ref: str) -> dict:
         out[f"rouge-{n}"] = _f1(sum((h & r).values()), sum(h.values()), sum(r.values()))
     out["rouge-l"] = _f1(lcs_length(hyp, ref), len(hyp), len(ref))
     return out
+
+
+# ---------------------------------------------------------------- near-duplicates: indexed ROUGE-L
+
+def rouge_text(text: str) -> str:
+    """The characters rouge_l compares: chars without punctuation (NFKC-normalised, lower case, no
+    whitespace, punctuation or symbols), so ？ and ? or a trailing 。 change nothing and a character
+    means here what it means in the evaluation's ROUGE-L."""
+    return chars(text, keep_punct=False)
+
+
+def rouge_l(a: str, b: str) -> float:
+    """Character-level ROUGE-L F1 of two texts: 2 * LCS / (len(a) + len(b)) over rouge_text
+    (the bit-parallel lcs_length)."""
+    a, b = rouge_text(a), rouge_text(b)
+    if not a or not b:
+        return 0.0
+    return 2 * lcs_length(a, b) / (len(a) + len(b))
+
+
+class RougeIndex:
+    """Kept texts, and for a new one the kept text of highest ROUGE-L with it if that reaches the
+    threshold: exactly what comparing with every kept text gives, without an LCS for each.
+
+    Why it is exact: ROUGE-L F1 = 2L/(m+n) and the LCS L is at most the multiset overlap U of the
+    two texts' characters, so 2U/(m+n) bounds the score from above. Each text is a set of tokens
+    (character, occurrence number: 的 twice gives (的,1), (的,2)), so U is the number of shared
+    tokens. An inverted index maps each token to the kept texts holding it (C int arrays); one
+    bincount over the new text's posting lists gives U against every kept text at once, in C, and
+    only texts whose bound reaches the threshold get the exact (bit-parallel) LCS. With thousands of
+    kept texts a query costs the length of its posting lists, not one LCS per kept text.
+    """
+
+    def __init__(self, threshold: float = 0.7):
+        if not 0 < threshold <= 1:
+            raise ValueError(f"ROUGE-L threshold must be in (0, 1], got {threshold}")
+        self.threshold = threshold
+        self.texts: list[str] = []  # as rouge_text gives them
+        self.lengths = array("i")
+        self.postings: dict[tuple, array] = {}  # token -> indices of the kept texts holding it
+        self.checked = 0  # kept texts whose bound reached the threshold: exact LCS computed
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    @staticmethod
+    def _tokens(norm: str) -> list[tuple]:
+        return [(c, k) for c, count in Counter(norm).items() for k in range(1, count + 1)]
+
+    def match(self, text: str) -> tuple[int, float] | None:
+        """(index, score) of the kept text with the highest ROUGE-L >= threshold (lowest index
+        among ties), or None when every kept text scores below the threshold."""
+        norm = rouge_text(text)
+        m = len(norm)
+        postings = self.postings
+        hits = b"".join([postings[tok] for tok in self._tokens(norm) if tok in postings])  # one copy, in C
+        if not hits:
+            return None
+        overlap = np.bincount(np.frombuffer(hits, dtype=np.intc), minlength=len(self.texts))  # U per kept text
+        lengths = np.frombuffer(self.lengths, dtype=np.intc)
+        # the bound in float64 as the score is computed below, and >= it, so no text scoring >= t is skipped
+        candidates = np.flatnonzero(2 * overlap / (lengths + m) >= self.threshold)
+        self.checked += len(candidates)
+        best = None
+        for j in candidates.tolist():
+            score = 2 * lcs_length(norm, self.texts[j]) / (m + len(self.texts[j]))
+            if score >= self.threshold and (best is None or score > best[1]):
+                best = (j, score)
+        return best
+
+    def add(self, text: str) -> int:
+        """Keep a text; returns its index. A text without letters or digits matches nothing."""
+        norm = rouge_text(text)
+        i = len(self.texts)
+        self.texts.append(norm)
+        self.lengths.append(len(norm))
+        for tok in self._tokens(norm):
+            self.postings.setdefault(tok, array("i")).append(i)
+        return i
 
 
 # ---------------------------------------------------------------- Distinct

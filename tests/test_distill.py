@@ -20,6 +20,8 @@ import pytest
 from conftest import write_jsonl
 from fake_openai import ScriptedServer
 import nanohuatuo.distill as D
+import nanohuatuo.textcheck as TC
+import nanohuatuo.textmetrics as TM
 from nanohuatuo.data import SOURCES, load_conversations
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -48,9 +50,9 @@ def test_lcs_equals_dynamic_programming():
     for _ in range(1500):
         a = "".join(rng.choice("abcd") for _ in range(rng.randint(0, 70)))
         b = "".join(rng.choice("abcd") for _ in range(rng.randint(0, 70)))
-        assert D.lcs_length(a, b) == lcs_dp(a, b), (a, b)
-    assert D.rouge_l("孩子发烧怎么办？", "孩子发烧怎么办") == 1.0  # punctuation does not count
-    assert D.rouge_l("ABC", "abd") == pytest.approx(2 / 3)
+        assert TM.lcs_length(a, b) == lcs_dp(a, b), (a, b)
+    assert TM.rouge_l("孩子发烧怎么办？", "孩子发烧怎么办") == 1.0  # punctuation does not count
+    assert TM.rouge_l("ABC", "abd") == pytest.approx(2 / 3)
 
 
 def edit(rng, text, alphabet):
@@ -73,13 +75,13 @@ def test_rouge_index_equals_brute_force(threshold):
     hits = 0
     for trial in range(12):
         alphabet = "的了是病痛医药吃天次孩子发烧咳嗽头疼怎么办？ ，"[: rng.randint(4, 24)]
-        index, kept = D.RougeIndex(threshold), []
+        index, kept = TM.RougeIndex(threshold), []
         for _ in range(120):  # enough to rebuild the index (frozen character order) three times
             if kept and rng.random() < 0.5:
                 text = edit(rng, rng.choice(kept), alphabet)
             else:
                 text = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 25)))
-            scores = [D.rouge_l(text, k) for k in kept]
+            scores = [TM.rouge_l(text, k) for k in kept]
             best = max(range(len(kept)), key=lambda i: (scores[i], -i), default=None)
             got = index.match(text)
             if best is not None and scores[best] >= threshold:
@@ -100,7 +102,7 @@ def test_rouge_index_runs_few_lcs_on_thousands():
     weights = [1 / (r + 1) for r in range(len(chars))]
     texts = ["".join(rng.choices(chars, weights, k=rng.randint(12, 40))) for _ in range(2500)]
     texts += [edit(rng, rng.choice(texts), chars) for _ in range(500)]  # near-duplicates
-    index = D.RougeIndex(0.7)
+    index = TM.RougeIndex(0.7)
     t0 = time.perf_counter()
     dropped = 0
     for text in texts:
@@ -121,13 +123,13 @@ def test_rouge_index_runs_few_lcs_on_thousands():
 
 
 def test_instruction_filters_and_parsers():
-    assert D.instruction_problem("头痛？") == "too short"
-    assert D.instruction_problem("孩" * 201) == "too long"
-    assert D.instruction_problem("What should I do about a bad headache?") == "not Chinese"
-    assert D.instruction_problem("作为一个AI，我无法回答这个问题。") == "refusal"
-    assert D.instruction_problem("请根据这张化验单照片解释各项指标。") == "needs a picture or file"
-    assert D.instruction_problem("，孩子发烧三天了怎么办") == "starts with punctuation"
-    assert D.instruction_problem("孩子发烧三天，CT正常，需要住院吗？") is None
+    assert TC.instruction_problem("头痛？") == "too short"
+    assert TC.instruction_problem("孩" * 201) == "too long"
+    assert TC.instruction_problem("What should I do about a bad headache?") == "not Chinese"
+    assert TC.instruction_problem("作为一个AI，我无法回答这个问题。") == "refusal"
+    assert TC.instruction_problem("请根据这张化验单照片解释各项指标。") == "needs a picture or file"
+    assert TC.instruction_problem("，孩子发烧三天了怎么办") == "starts with punctuation"
+    assert TC.instruction_problem("孩子发烧三天，CT正常，需要住院吗？") is None
     reply = "好的，以下是新的指令：\n1. 孩子发烧怎么办？\n2、“湿疹能根治吗”\n（3）指令：请解释高血压的分级\n"
     assert D.parse_instructions(reply) == ["孩子发烧怎么办？", "湿疹能根治吗", "请解释高血压的分级"]
     with pytest.raises(ValueError, match="no numbered"):
@@ -144,13 +146,13 @@ def test_instruction_filters_and_parsers():
 def test_fact_check_drug_names_and_numbers():
     original = "考虑手部湿疹。丁酸氢化可的松乳膏薄涂，一天两次，痒得厉害加一片氯雷他定，用7天。"
     kept = "您好，考虑是手部湿疹。\n1. 丁酸氢化可的松乳膏薄薄涂一层，每天2次；\n2. 特别痒时加服氯雷他定，连用七天。"
-    assert D.fact_check(original, kept) == {"missing": [], "added": []}  # 两次 = 2次, list markers ignored
+    assert TC.fact_check(original, kept) == {"missing": [], "added": []}  # 两次 = 2次, list markers ignored
     lost = "您好，考虑是手部湿疹，抹点药膏，每天两次，痒就吃点抗过敏药，用7天。"
-    assert D.fact_check(original, lost) == {"missing": ["氢化可的松", "氯雷他定"], "added": []}
+    assert TC.fact_check(original, lost) == {"missing": ["氢化可的松", "氯雷他定"], "added": []}
     changed = "考虑手部湿疹。丁酸氢化可的松乳膏每天三次，加氯雷他定和西替利嗪，用7天。"
-    assert D.fact_check(original, changed) == {"missing": ["2"], "added": ["西替利嗪", "3"]}
-    assert D.drug_terms("换一种他汀，或者口服磷霉素") == {"他汀", "磷霉素"}  # names the list lacks, by ending
-    assert D.numbers("每次0.5片，半年复查，血压150/95") == {"0.5", "150", "95"}
+    assert TC.fact_check(original, changed) == {"missing": ["2"], "added": ["西替利嗪", "3"]}
+    assert TC.drug_terms("换一种他汀，或者口服磷霉素") == {"他汀", "磷霉素"}  # names the list lacks, by ending
+    assert TC.numbers("每次0.5片，半年复查，血压150/95") == {"0.5", "150", "95"}
 
 
 def test_seeds_cover_departments_and_roles():
@@ -159,8 +161,8 @@ def test_seeds_cover_departments_and_roles():
     assert {s["department"] for s in seeds} == set(D.DEPARTMENTS)
     assert {s["role"] for s in seeds} == set(D.ROLES)
     for s in seeds:
-        assert D.instruction_problem(s["instruction"]) is None, s
-    index = D.RougeIndex(0.7)
+        assert TC.instruction_problem(s["instruction"]) is None, s
+    index = TM.RougeIndex(0.7)
     for s in seeds:  # the seeds are no near-duplicates of one another
         assert index.match(s["instruction"]) is None
         index.add(s["instruction"])
