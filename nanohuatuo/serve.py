@@ -28,19 +28,18 @@ import hmac
 import json
 import os
 import re
-import select
-import socket
 import sys
 import threading
 import time
 import uuid
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 
 from .cli import UserError, arg, cli_main, resolve_device, resolve_dtype
 from .engine import Engine, EngineLoop, GenerationFailed, QueueFull, SamplingParams
 from .generate import load_for_inference
+from .httpjson import APIError, ClientGone, JSONHandler, type_name
 from .templates import generation_defaults, render_prompt, stop_strings, stop_token_ids
 
 STATIC = Path(__file__).parent / "static"
@@ -93,18 +92,6 @@ def load_model(cfg: ServeConfig):
 
 # ----------------------------------------------------------------------------- requests
 
-class APIError(Exception):
-    """A request the server refuses: HTTP status and an OpenAI-style error body."""
-
-    def __init__(self, status, message, param=None, code=None, type="invalid_request_error", headers=None):
-        super().__init__(message)
-        self.status, self.message, self.param, self.code, self.type = status, message, param, code, type
-        self.headers = headers or {}
-
-    def body(self):
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
-
-
 @dataclass
 class Job:
     """A checked request: what to generate and how to answer."""
@@ -120,11 +107,6 @@ class Job:
     echo: list | None = None  # completions with echo: the prompt text per prompt
 
 
-def _type_name(v):
-    return "null" if v is None else {bool: "boolean", int: "integer", float: "number", str: "string",
-                                     list: "array", dict: "object"}.get(type(v), type(v).__name__)
-
-
 def _get(body, name, kinds, default=None, lo=None, hi=None):
     """body[name] checked against the JSON kinds ("integer", "number", "boolean", "string") and [lo, hi]."""
     v = body.get(name)
@@ -134,7 +116,7 @@ def _get(body, name, kinds, default=None, lo=None, hi=None):
           "number": isinstance(v, (int, float)) and not isinstance(v, bool),
           "boolean": isinstance(v, bool), "string": isinstance(v, str)}
     if not any(ok[k] for k in kinds):
-        raise APIError(400, f"'{name}' must be {' or '.join(kinds)}, got {_type_name(v)} {json.dumps(v)[:40]}",
+        raise APIError(400, f"'{name}' must be {' or '.join(kinds)}, got {type_name(v)} {json.dumps(v)[:40]}",
                        param=name, code="invalid_type")
     if (lo is not None and v < lo) or (hi is not None and v > hi):
         bound = f"at least {lo}" if hi is None else f"at most {hi}" if lo is None else f"between {lo} and {hi}"
@@ -170,7 +152,7 @@ def _content(message, i):
             texts.append(part["text"])
         return "".join(texts)
     raise APIError(400, f"messages[{i}].content must be a string or an array of text parts, got "
-                        f"{_type_name(content)}", param=f"messages[{i}].content", code="invalid_type")
+                        f"{type_name(content)}", param=f"messages[{i}].content", code="invalid_type")
 
 
 def chat_messages(body):
@@ -185,7 +167,7 @@ def chat_messages(body):
     out = []
     for i, m in enumerate(messages):
         if not isinstance(m, dict):
-            raise APIError(400, f"messages[{i}] must be an object with 'role' and 'content', got {_type_name(m)}",
+            raise APIError(400, f"messages[{i}] must be an object with 'role' and 'content', got {type_name(m)}",
                            param=f"messages[{i}]", code="invalid_type")
         role = m.get("role")
         if role not in ROLES:
@@ -225,7 +207,7 @@ class Service:
             raise APIError(400, f"'model' is required; this server serves {self.name!r}", param="model",
                            code="missing_required_parameter")
         if not isinstance(model, str):
-            raise APIError(400, f"'model' must be a string, got {_type_name(model)}", param="model",
+            raise APIError(400, f"'model' must be a string, got {type_name(model)}", param="model",
                            code="invalid_type")
         if model != self.name:
             raise APIError(404, f"The model {model!r} does not exist; this server serves {self.name!r}",
@@ -369,12 +351,7 @@ class Service:
 
 # ----------------------------------------------------------------------------- HTTP
 
-class ClientGone(Exception):
-    pass
-
-
-class Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"  # keep-alive: the openai client reuses its connections
+class Handler(JSONHandler):
     server_version = "nanohuatuo"
     timeout = 600  # seconds an idle kept-alive connection holds its thread
 
@@ -382,42 +359,14 @@ class Handler(BaseHTTPRequestHandler):
     def svc(self) -> Service:
         return self.server.service
 
-    def log_message(self, fmt, *args):  # replaced by log_line: one line per request, with its tokens
-        pass
-
-    def send_error(self, code, message=None, explain=None):
-        # what the standard library answers itself (a garbled request line, an unknown method): in JSON too
-        self.close_connection = True
-        self.send_json(code, APIError(code, message or explain or "bad request").body())
-
     def log_line(self, status, extra=""):
         if self.svc.cfg.log_requests:
             print(f'{self.client_address[0]} "{self.command} {self.path}" {status}{extra}', file=sys.stderr,
                   flush=True)
 
-    # --- plumbing
-
-    def send_json(self, status, obj, headers=None):
-        data = json.dumps(obj, ensure_ascii=False).encode("utf-8")
-        self.send_response_only(status)
-        self.send_header("Content-Type", "application/json; charset=utf-8")
-        self.send_header("Content-Length", str(len(data)))
-        for k, v in (headers or {}).items():
-            self.send_header(k, v)
-        self.end_headers()
-        self.wfile.write(data)
-
     def send_error_body(self, err: APIError):
         self.send_json(err.status, err.body(), err.headers)
         self.log_line(err.status, f" {err.message[:120]}")
-
-    def client_gone(self):
-        """True if the client closed its end (EOF on the socket); checked between tokens."""
-        try:
-            readable, _, _ = select.select([self.connection], [], [], 0)
-            return bool(readable) and self.connection.recv(1, socket.MSG_PEEK) == b""
-        except (OSError, ValueError):
-            return True
 
     def authorized(self):
         key = self.svc.api_key
@@ -426,26 +375,12 @@ class Handler(BaseHTTPRequestHandler):
         given = self.headers.get("Authorization", "")
         return given.startswith("Bearer ") and hmac.compare_digest(given[7:].strip().encode(), key.encode())
 
-    def read_body(self):
-        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
-            self.close_connection = True
-            raise APIError(411, "send the body with a Content-Length (chunked request bodies are not supported)")
-        try:
-            length = int(self.headers.get("Content-Length") or 0)
-        except ValueError:
-            length = -1
-        if length < 0 or length > MAX_BODY:
-            self.close_connection = True
-            raise APIError(413 if length > MAX_BODY else 400, f"the request body must be at most {MAX_BODY} bytes "
-                                                              f"with a valid Content-Length")
-        return self.rfile.read(length)
-
     def route(self, routes):
         self.streaming = False
         path = self.path.split("?", 1)[0].rstrip("/") or "/"
         try:
             if self.command == "POST":
-                raw = self.read_body()  # read first, so a refused request leaves the connection clean
+                raw = self.read_body(MAX_BODY)  # read first, so a refused request leaves the connection clean
             # the page is public (a browser cannot send a key to load it; it asks for one); /health too
             if path not in ("/", "/health", "/index.html") and not self.authorized():
                 raise APIError(401, "a valid API key is required: send 'Authorization: Bearer KEY'",
@@ -457,14 +392,7 @@ class Handler(BaseHTTPRequestHandler):
                 else:
                     raise APIError(404, f"no route {self.command} {path}", code="not_found")
             if self.command == "POST":
-                try:
-                    body = json.loads(raw.decode("utf-8"))
-                except (UnicodeDecodeError, json.JSONDecodeError) as e:
-                    raise APIError(400, f"the request body is not valid JSON: {e}", code="invalid_json") from None
-                if not isinstance(body, dict):
-                    raise APIError(400, f"the request body must be a JSON object, got {_type_name(body)}",
-                                   code="invalid_type")
-                handler(body)
+                handler(self.json_body(raw))
             else:
                 handler()
         except APIError as e:
@@ -492,13 +420,8 @@ class Handler(BaseHTTPRequestHandler):
     # --- routes
 
     def page(self):
-        data = (STATIC / "index.html").read_bytes()
-        self.send_response_only(200)
-        self.send_header("Content-Type", "text/html; charset=utf-8")
-        self.send_header("Content-Length", str(len(data)))
-        self.send_header("Cache-Control", "no-cache")
-        self.end_headers()
-        self.wfile.write(data)
+        self.send_bytes(200, (STATIC / "index.html").read_bytes(), "text/html; charset=utf-8",
+                        {"Cache-Control": "no-cache"})
 
     def health(self):
         r = self.svc.runner
@@ -554,10 +477,6 @@ class Handler(BaseHTTPRequestHandler):
         self.log_line(200, f" {u['prompt_tokens']} prompt + {u['completion_tokens']} completion tokens, "
                            f"{time.perf_counter() - ticket.t0:.2f} s")
 
-    def check_client(self):
-        if self.client_gone():
-            raise ClientGone()
-
     def messages(self, ticket):
         """(index, text, logprobs, finish_reason) from the engine thread, until every choice finished;
         the client is checked whenever nothing came for a moment."""
@@ -588,27 +507,11 @@ class Handler(BaseHTTPRequestHandler):
         obj = "chat.completion" if job.kind == "chat" else "text_completion"
         self.send_json(200, {**head, "object": obj, "choices": choices, "usage": svc.usage(ticket)})
 
-    def write_chunk(self, data: bytes):
-        """One piece of a chunked (HTTP/1.1) response."""
-        if self.client_gone():
-            raise ClientGone()
-        try:
-            self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
-        except OSError:
-            raise ClientGone() from None
-
-    def event(self, obj):
-        self.write_chunk(b"data: " + json.dumps(obj, ensure_ascii=False).encode("utf-8") + b"\n\n")
-
     def stream_answer(self, job, ticket, head):
         svc = self.svc
         chat = job.kind == "chat"
         self.streaming = True
-        self.send_response_only(200)
-        self.send_header("Content-Type", "text/event-stream; charset=utf-8")
-        self.send_header("Cache-Control", "no-cache")
-        self.send_header("Transfer-Encoding", "chunked")
-        self.end_headers()
+        self.begin_event_stream()
         base = {**head, "object": "chat.completion.chunk" if chat else "text_completion"}
         if job.include_usage:
             base["usage"] = None  # OpenAI sends usage null in every chunk but the last
@@ -645,11 +548,7 @@ class Handler(BaseHTTPRequestHandler):
             self.event(e.body())
         if job.include_usage:
             self.event({**base, "choices": [], "usage": svc.usage(ticket)})
-        self.write_chunk(b"data: [DONE]\n\n")
-        try:
-            self.wfile.write(b"0\r\n\r\n")  # the end of the chunked body
-        except OSError:
-            raise ClientGone() from None
+        self.end_event_stream()
 
 
 class Server(ThreadingHTTPServer):
