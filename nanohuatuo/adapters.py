@@ -8,7 +8,8 @@ shared base, in terms of {module name: (A, B, scaling)} dicts:
 - `read_lora_tensors(adapter_dir, config)`: an adapter directory's tensors without a base model.
 - `stack(model, parts)`: several adapters as one set of tensors for the model's LoRA layers
   (s1*B1*A1 + s2*B2*A2 = [s1*B1, s2*B2] @ [A1; A2]); `save_concatenated` writes such a sum as one
-  PEFT adapter of rank r1 + r2 with scaling 1.
+  PEFT adapter of rank r1 + r2 with scaling 1; `save_on_base` writes a model's adapter for its
+  original base, concatenated after one that was merged into the weights.
 """
 
 import contextlib
@@ -116,3 +117,14 @@ def save_concatenated(config: ModelConfig, parts: list[LoRATensors], out_dir, so
             start += r
     shell.source_dir = source_dir
     save_adapter(shell, out_dir, extra=extra)
+
+
+def save_on_base(model, out_dir, merged: LoRATensors | None = None, extra=None):
+    """The model's LoRA layers as one PEFT adapter on its original base (extra: tensors for
+    extra.safetensors). merged: an adapter folded into the weights before these layers were added;
+    then the adapter written is the exact concatenation merged (+) these layers (save_concatenated)."""
+    if merged is None:
+        save_adapter(model, out_dir, extra=extra)
+    else:
+        save_concatenated(model.config, [merged, lora_tensors(model)], out_dir,
+                          source_dir=getattr(model, "source_dir", None), extra=extra)

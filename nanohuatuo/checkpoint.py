@@ -13,6 +13,11 @@ On resume, `resume_from` finds the last complete checkpoint and `truncate_jsonl`
 its last checkpoint are not written twice; a half-written last line (kill -9 mid-write) is dropped.
 `config_changes` lists the settings a resumed run changed, for the stage to refuse or announce.
 
+A stage with a plain optimizer writes a checkpoint with `save(out, step, keep, d, config, optimizer,
+write_weights, **state)` and resumes with `read_resume(path, config, fixed, ignore)` (its state, the
+changed settings, a refusal of changed fixed ones) then, once its weights are in, `restore(path,
+optimizer, d, lrs)` (optimizer, this run's learning rates, RNG).
+
 Every file that must never be seen half-written goes through `atomic_write` / `atomic_json`.
 """
 
@@ -24,6 +29,9 @@ import shutil
 from pathlib import Path
 
 import torch
+
+from . import dist
+from .cli import UserError
 
 STATE, OPTIMIZER = "state.json", "optimizer.pt"
 
@@ -134,6 +142,45 @@ def save_optimizer(ckpt, state_dict) -> None:
 
 def load_optimizer(ckpt, optimizer, device) -> None:
     optimizer.load_state_dict(torch.load(Path(ckpt) / OPTIMIZER, map_location=device, weights_only=True))
+
+
+def save(out, step: int, keep: int, d, config: dict, optimizer, write_weights, **state) -> None:
+    """Checkpoint `step` of a run on every process of `d` (a dist.Dist): on the main one
+    write_weights(tmp dir), the optimizer's state and state.json (config and the stage's state);
+    on each, its RNG."""
+    with writing(out, step, keep, d.main, lambda: dist.barrier(d)) as tmp:
+        if d.main:
+            write_weights(tmp)
+            save_optimizer(tmp, optimizer.state_dict())
+            save_state(tmp, step, config, world=d.world, **state)
+        save_rng(tmp, d.rank)
+
+
+def read_resume(path, config: dict, fixed=(), ignore=(), say=print) -> tuple[dict, dict]:
+    """(the stage's state as saved, the settings changed since: {name: (old, new)}) of checkpoint
+    `path` for a run with `config`. A change to a setting in `fixed` is refused (the checkpoint's
+    tensors would not fit); any other is said, the stage applying it from here on."""
+    state = read_state(path)
+    state.pop("world")
+    changed = config_changes(state.pop("config"), config, ignore)
+    refused = {k: v for k, v in changed.items() if k in fixed}
+    if refused:
+        raise UserError(f"--resume: {path} was trained with " + ", ".join(f"{k}={a!r}" for k, (a, _) in refused.items())
+                        + "; this run asks for " + ", ".join(f"{k}={b!r}" for k, (_, b) in refused.items())
+                        + "; use the checkpoint's values, or start a new run in another --out")
+    if changed:
+        say(f"resuming {path} with changed settings, applied from here on: "
+            + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items()))
+    return state, changed
+
+
+def restore(path, optimizer, d, lrs=None) -> None:
+    """The optimizer's state, with this run's learning rates `lrs` (one per group; the saved state
+    carries the old ones), and this process's RNG."""
+    load_optimizer(path, optimizer, d.device)
+    for group, lr in zip(optimizer.param_groups, lrs or ()):
+        group["lr"] = lr
+    load_rng(path, d.rank)
 
 
 def config_changes(old: dict, new: dict, ignore=()) -> dict[str, tuple]:

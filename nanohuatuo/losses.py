@@ -8,6 +8,9 @@ output matrix without ever holding the (tokens, vocab) logits in full.
   h @ W.T, a chunk of rows at a time, with the gradients of h and W taken in the forward pass.
 - `token_logprobs(model, h, targets, T)` (PPO's log-probs, `TokenLogprobs`): log softmax(h @ W.T /
   T)[target] per row, with the gradient of h taken in the forward pass through a frozen W.
+- `response_forward(model, ids, attn, P, T)`: per-token log-probs, entropy and values of the
+  responses after a batch of left-padded prompts (one trunk forward).
+- `masked_mean`, `masked_var`, `whiten`: statistics over the valid (mask 1) entries of a tensor.
 """
 
 import torch
@@ -138,3 +141,49 @@ def token_logprobs(model, h, targets, temperature, want_entropy=False):
         with torch.no_grad():  # logged only; one (N, vocab) temporary, multiplied in place
             entropy = lse - z.softmax(-1).mul_(z).sum(-1)
     return logp, entropy
+
+
+def response_forward(model, ids, attn, P, temperature, value_head=None, want_logp=True, want_entropy=False):
+    """Per-token (logp, entropy, values), each (B, R) or None, for the response ids[:, P:].
+
+    ids, attn (B, P + R): left-padded prompt then response; positions come from attn, so padding
+    never shifts them. The output at position t predicts token t + 1, so the response's log-probs
+    and values are read from P - 1 (the last prompt token) to the second-to-last position.
+    Log-probs and entropy are of logits / temperature, the distribution the tokens were sampled from.
+    """
+    h = model.hidden_states(ids, attention_mask=attn)  # (B, P + R, dim)
+    h = h[:, P - 1:-1]  # (B, R, dim): the states that predict the response tokens
+    B, R = h.shape[:2]
+    logp = entropy = values = None
+    if want_logp or want_entropy:
+        flat = h.reshape(B * R, -1)  # one (B * R, dim) matrix: a 3-d strided slice would make matmul batch
+        logp, entropy = token_logprobs(model, flat, ids[:, P:].reshape(-1), temperature, want_entropy)
+        logp = logp.view(B, R) if want_logp else None
+        entropy = entropy.view(B, R) if want_entropy else None
+    if value_head is not None:
+        values = value_head(h.float()).squeeze(-1)
+    return logp, entropy, values
+
+
+# ----------------------------------------------------------------------------- masked statistics
+
+def masked_mean(x, mask):
+    return (x * mask).sum() / mask.sum().clamp(min=1)
+
+
+def masked_var(x, mask):
+    mean = masked_mean(x, mask)
+    return masked_mean((x - mean) ** 2, mask)
+
+
+def whiten(x, mask, shift_mean=True):
+    """(x - mean) / std over the valid (mask 1) entries only; unchanged (zeroed padding) under 2 of them."""
+    n = mask.sum()
+    if n < 2:
+        return x * mask
+    mean = (x * mask).sum() / n
+    var = (((x - mean) * mask) ** 2).sum() / (n - 1)  # unbiased, as the reference implementations
+    out = (x - mean) * torch.rsqrt(var + 1e-8)
+    if not shift_mean:
+        out = out + mean
+    return out * mask

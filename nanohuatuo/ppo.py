@@ -4,9 +4,11 @@
     ppo.train(PPOConfig(...), reward_fn=None) -> dict
 
 Top to bottom: `PPOConfig`; the maths as small pure functions on (B, R) response tensors
-(`masks_after_stop`, `compute_rewards`, `gae`, `whiten`, `policy_loss`, `value_loss`, ...); the
-models (`load_policy`, `reference`, `critic`, `response_forward`); the rewards; the rollout
-(`make_experience` -> a `Rollout`); the update (`ppo_update`); checkpoints and export; the loop.
+(`masks_after_stop`, `compute_rewards`, `gae`, `policy_loss`, `value_loss`, ...); the models
+(`load_policy`, `reference`, `critic`); the rewards; the rollout (`make_experience` -> a
+`Rollout`); the update (`ppo_update`); checkpoints and export; the loop. One layer down:
+losses.py (`response_forward`, `whiten`, masked statistics), reward_model.py (scoring a rollout,
+`ScoreScale`, answers ending on their end token), checkpoint.py and adapters.py (the export).
 
 One base serves everything:
 - Policy = base + the SFT adapter merged into the weights + a fresh PPO LoRA (B = 0, so step 0 is
@@ -31,7 +33,7 @@ penalty and kl_coef mean the same on any reward model.
 
 Export (--out): the policy adapter in PEFT layout with the value head in extra.safetensors, for the
 ORIGINAL base: with a merged SFT adapter it is the exact concatenation SFT (+) PPO, a rank r1 + r2
-adapter with scaling 1 (adapters.save_concatenated). `--save-merged` also writes OUT/merged.
+adapter with scaling 1 (adapters.save_on_base). `--save-merged` also writes OUT/merged.
 
 Learning rate: 5e-5 by default: a LoRA update moves the weights much less per step than a
 full-weight one (1e-6..1e-5), and we stay below the 1e-4 at which medical LoRAs erode general
@@ -58,11 +60,11 @@ from .data import DataError, iter_jsonl
 from .generate import cut_at_stop, generate_batch, left_pad, use_column_major_weights
 from .lora import (apply_lora, default_targets, disabled_adapters, load_adapter, lora_modules, lora_parameters,
                    merge_and_unload, save_adapter)
-from .losses import token_logprobs
+from .losses import masked_mean, masked_var, response_forward, whiten
 from .metrics import MetricsLog, plot_metrics
 from .model import Transformer
-from .reward_model import RewardModel, Scorer, load_reward_model, scorer, share_base
-from .templates import render, render_prompt, resolve_template, save_chat_template, stop_strings, stop_token_ids
+from .reward_model import RewardModel, Scorer, ScoreScale, end_at_stop_string, end_token, reward_scorer, share_base
+from .templates import render_prompt, resolve_template, save_chat_template, stop_strings, stop_token_ids
 from .tokenizer import Tokenizer
 
 
@@ -154,15 +156,6 @@ class PPOConfig:
 
 # ============================================================================= the maths (pure functions)
 
-def masked_mean(x, mask):
-    return (x * mask).sum() / mask.sum().clamp(min=1)
-
-
-def masked_var(x, mask):
-    mean = masked_mean(x, mask)
-    return masked_mean((x - mean) ** 2, mask)
-
-
 def masks_after_stop(tokens, stop_ids, pad_id, lengths=None):
     """Cut each response after its first stop token: (tokens with the rest set to pad, mask, ended).
 
@@ -227,19 +220,6 @@ def gae(rewards, values, mask, gamma=1.0, lam=0.95):
         out[t] = last
     advantages = torch.stack(out, dim=1) * mask
     return advantages, advantages + values
-
-
-def whiten(x, mask, shift_mean=True):
-    """(x - mean) / std over the valid (mask 1) entries only; unchanged (zeroed padding) under 2 of them."""
-    n = mask.sum()
-    if n < 2:
-        return x * mask
-    mean = (x * mask).sum() / n
-    var = (((x - mean) * mask) ** 2).sum() / (n - 1)  # unbiased, as the reference implementations
-    out = (x - mean) * torch.rsqrt(var + 1e-8)
-    if not shift_mean:
-        out = out + mean
-    return out * mask
 
 
 def policy_loss(logp, old_logp, advantages, mask, clip=0.2, max_log_ratio=20.0, denom=None):
@@ -357,46 +337,7 @@ def trainable_groups(m: Models, cfg: PPOConfig) -> list[dict]:
     return [{"params": lora_parameters(m.model), "lr": cfg.lr}, {"params": value, "lr": value_lr}]
 
 
-def response_forward(model, ids, attn, P, temperature, value_head=None, want_logp=True, want_entropy=False):
-    """Per-token (logp, entropy, values), each (B, R) or None, for the response ids[:, P:].
-
-    ids, attn (B, P + R): left-padded prompt then response; positions come from attn, so padding
-    never shifts them. The output at position t predicts token t + 1, so the response's log-probs
-    and values are read from P - 1 (the last prompt token) to the second-to-last position.
-    Log-probs and entropy are of logits / temperature, the distribution the tokens were sampled from.
-    """
-    h = model.hidden_states(ids, attention_mask=attn)  # (B, P + R, dim)
-    h = h[:, P - 1:-1]  # (B, R, dim): the states that predict the response tokens
-    B, R = h.shape[:2]
-    logp = entropy = values = None
-    if want_logp or want_entropy:
-        flat = h.reshape(B * R, -1)  # one (B * R, dim) matrix: a 3-d strided slice would make matmul batch
-        logp, entropy = token_logprobs(model, flat, ids[:, P:].reshape(-1), temperature, want_entropy)
-        logp = logp.view(B, R) if want_logp else None
-        entropy = entropy.view(B, R) if want_entropy else None
-    if value_head is not None:
-        values = value_head(h.float()).squeeze(-1)
-    return logp, entropy, values
-
-
 # ============================================================================= rewards
-
-@dataclass
-class ScoreScale:
-    """Reward-model scores in units of their spread: (score - shift) / scale."""
-    shift: float = 0.0
-    scale: float | None = None  # None: estimated on the first rollout batch (a released RM, no statistics)
-
-    def __call__(self, scores, d):
-        if self.scale is None:
-            s = dist.all_mean({"mean": scores.mean().item(), "square": (scores ** 2).mean().item()}, d)
-            std = math.sqrt(max(s["square"] - s["mean"] ** 2, 0.0))
-            self.shift, self.scale = s["mean"], max(std, 1e-6)
-            if d.main:
-                print(f"reward: the reward model stores no score statistics; from the first rollout batch: bias "
-                      f"{self.shift:.4g}, std {std:.4g}; scores are (score - bias) / std from here on")
-        return (scores - self.shift) / self.scale
-
 
 def shared_reward_model(m: Models, cfg: PPOConfig, tok) -> tuple[RewardModel | None, str]:
     """cfg.reward as one more adapter + head on the policy's base (reward_model.share_base), or (None, why)."""
@@ -406,24 +347,13 @@ def shared_reward_model(m: Models, cfg: PPOConfig, tok) -> tuple[RewardModel | N
 
 
 def make_reward(reward_fn, m: Models, cfg: PPOConfig, tok, template, d, dtype) -> Scorer:
-    """reward_fn (a function or a RewardModel), else the model in cfg.reward: on the policy's base
-    when it can be, else loaded as its own model with a line saying why."""
-    if isinstance(reward_fn, RewardModel):
-        return scorer(reward_fn, tok, template)
-    if reward_fn is not None:
-        return Scorer(reward_fn)
-    if not cfg.reward:
+    """reward_fn (a function or a RewardModel), else the model in cfg.reward, on the policy's base when it can be."""
+    if reward_fn is None and not cfg.reward:
         raise UserError("no reward: pass --reward DIR (a reward model from train_rm.py) or call "
                         "ppo.train(cfg, reward_fn=...)")
-    rm, why = shared_reward_model(m, cfg, tok)
-    if rm is not None and d.main:
-        print(f"reward model {cfg.reward} shares the policy's base: scoring with its adapter and head on the "
-              f"same weights (no second copy)")
-    elif rm is None:
-        if d.main:
-            print(f"reward model {cfg.reward} cannot share the policy's base ({why}): loading it as its own model")
-        rm = load_reward_model(cfg.reward, device=d.device, dtype=dtype, template=cfg.reward_template)
-    return scorer(rm, tok, template)
+    return reward_scorer(reward_fn or cfg.reward, tok, template, share=lambda: shared_reward_model(m, cfg, tok),
+                         device=d.device, dtype=dtype, reward_template=cfg.reward_template,
+                         say=print if d.main else lambda *a: None)
 
 
 # ============================================================================= prompts
@@ -516,27 +446,6 @@ def pack(prompts, responses, stop_ids, pad_id, device=None) -> Batch:
     resp, mask, ended = masks_after_stop(resp, stop_ids, pad_id, lengths=[len(r) for r in responses])
     resp, mask, ended = resp.to(device), mask.to(device), ended.to(device)
     return Batch(torch.cat([prompt_ids, resp], 1), torch.cat([prompt_attn, mask], 1), prompt_ids.shape[1], mask, ended)
-
-
-def end_token(tok, template) -> int:
-    """The token that closes an assistant turn in this template (what the reward model reads)."""
-    ids, mask = render([{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}], tok, template)
-    return ids[max(i for i, v in enumerate(mask) if v)]
-
-
-def end_at_stop_string(tokens, tok, stop_strs, end_id) -> list[int] | None:
-    """An answer that stopped on a stop string, as the tokens before it plus end_id; None without one.
-
-    Scored as written, the reward model would read the stop string's last token, a position it was
-    never trained on, and the policy would learn to write the string instead of ending its turn."""
-    text = tok.decode(tokens)
-    kept = cut_at_stop(text, stop_strs)
-    if kept == text:
-        return None
-    k = len(tokens)
-    while k > 0 and not kept.startswith(tok.decode(tokens[:k])):  # the stop string is at the end: a few steps
-        k -= 1
-    return tokens[:k] + [end_id]
 
 
 @torch.no_grad()
@@ -686,15 +595,13 @@ def ppo_update(m: Models, cfg: PPOConfig, exp: Rollout, optimizer, params, seed,
 def save_checkpoint(m: Models, cfg: PPOConfig, optimizer, state: dict, d) -> None:
     """Adapter(s) + value head, optimizer, RNG, and the loop's state (step, kl_coef, data position,
     score scale) in checkpoint.py's format."""
-    with checkpoint.writing(cfg.out, state["step"], cfg.keep_checkpoints, d.main, lambda: dist.barrier(d)) as tmp:
-        if d.main:
-            save_adapter(m.model, tmp / "policy", extra=m.head() if m.critic_lora is None else None)
-            if m.critic_lora is not None:
-                with critic(m):
-                    save_adapter(m.model, tmp / "critic", extra=m.head())
-            checkpoint.save_optimizer(tmp, optimizer.state_dict())
-            checkpoint.save_state(tmp, config=dataclasses.asdict(cfg), world=d.world, **state)
-        checkpoint.save_rng(tmp, d.rank)
+    def write_weights(tmp):
+        save_adapter(m.model, tmp / "policy", extra=m.head() if m.critic_lora is None else None)
+        if m.critic_lora is not None:
+            with critic(m):
+                save_adapter(m.model, tmp / "critic", extra=m.head())
+    checkpoint.save(cfg.out, state["step"], cfg.keep_checkpoints, d, dataclasses.asdict(cfg), optimizer,
+                    write_weights, **{k: v for k, v in state.items() if k != "step"})
 
 
 # settings a resumed run must keep: the checkpoint's tensors would not fit the others
@@ -707,14 +614,8 @@ BOOKKEEPING = {"resume", "overwrite", "stop_after", "sample_every", "save_every"
 def load_checkpoint(m: Models, cfg: PPOConfig, path, optimizer, d) -> dict:
     """Restore what save_checkpoint wrote; returns the loop's state. A changed setting in FIXED is
     refused; any other is applied from here on, and said."""
-    state = checkpoint.read_state(path)
-    state.pop("world")
-    changed = checkpoint.config_changes(state.pop("config"), dataclasses.asdict(cfg), BOOKKEEPING)
-    fixed = {k: v for k, v in changed.items() if k in FIXED}
-    if fixed:
-        raise UserError(f"--resume: {path} was trained with " + ", ".join(f"{k}={a!r}" for k, (a, _) in fixed.items())
-                        + "; this run asks for " + ", ".join(f"{k}={b!r}" for k, (_, b) in fixed.items())
-                        + "; use the checkpoint's values, or start a new run in another --out")
+    state, changed = checkpoint.read_resume(path, dataclasses.asdict(cfg), FIXED, BOOKKEEPING,
+                                            say=print if d.main else lambda *a: None)
     extra = load_adapter(m.model, path / "policy", trainable=True)
     if m.critic_lora is not None:
         with critic(m):
@@ -723,27 +624,10 @@ def load_checkpoint(m: Models, cfg: PPOConfig, path, optimizer, d) -> dict:
         m.value_head.weight.copy_(extra["value_head.weight"])
         m.value_head.bias.copy_(extra["value_head.bias"])
     m.model.eval()
-    checkpoint.load_optimizer(path, optimizer, d.device)
-    for group, lr in zip(optimizer.param_groups, (cfg.lr, cfg.value_lr if cfg.value_lr is not None else cfg.lr)):
-        group["lr"] = lr  # the optimizer state carries the old rates: this run's flags decide
-    checkpoint.load_rng(path, d.rank)
+    checkpoint.restore(path, optimizer, d, lrs=(cfg.lr, cfg.value_lr if cfg.value_lr is not None else cfg.lr))
     if "kl_coef" in changed:  # a new --kl-coef restarts the (adaptive) coefficient from it
         state["kl_coef"] = cfg.kl_coef
-    if changed and d.main:
-        print(f"resuming {path} with changed settings, applied from here on: "
-              + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items()))
     return state
-
-
-def save_policy_adapter(m: Models, out_dir):
-    """The trained policy as one PEFT adapter on the original base (value head in extra): with a merged
-    SFT adapter, the concatenation SFT (+) PPO (adapters.save_concatenated)."""
-    head = m.head() if m.critic_lora is None else None
-    if m.sft is None:
-        save_adapter(m.model, out_dir, extra=head)
-    else:
-        adapters.save_concatenated(m.model.config, [m.sft, adapters.lora_tensors(m.model)], out_dir,
-                                   source_dir=getattr(m.model, "source_dir", None), extra=head)
 
 
 def _print_samples(step, exp: Rollout, prompts, tok, out, n=2):
@@ -863,7 +747,8 @@ def _train(cfg: PPOConfig, reward_fn, d, hold) -> dict:
             return {"steps": step, "stopped": True, "out": out, "history": history}
 
     if d.main:
-        save_policy_adapter(m, out)
+        # for the original base: with a merged SFT adapter, the concatenation SFT (+) PPO
+        adapters.save_on_base(m.model, out, merged=m.sft, extra=m.head() if m.critic_lora is None else None)
         save_chat_template(out, tok, template)  # the trained format travels with the adapter
         if m.critic_lora is not None:
             with critic(m):

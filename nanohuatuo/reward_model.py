@@ -4,6 +4,9 @@
     score_ids(rm, seqs) -> (B,) float32      # (raw - bias) * gain at each sequence's last token
     score_texts(rm, messages_list, answers)  # renders with rm.template, then score_ids
     scorer(rm, tok, template) -> Scorer      # a reward function for a policy's rollouts (PPO)
+    reward_scorer(fn | rm | path, tok, template, share=...) -> Scorer   # any of those, sharing when it can
+    ScoreScale(shift, scale)(scores, d)      # scores in units of the RM's spread on SFT-like answers
+    end_token(tok, template), end_at_stop_string(tokens, tok, stop_strs, end_id)   # answers as the RM reads them
 
 The model is a transformer trunk plus a linear value head d -> 1 read at the LAST REAL token of a
 right-padded batch (the answer's end token). Training it is the reward stage (reward.py); PPO,
@@ -21,14 +24,16 @@ no score statistics (`score_std` None), its template given by the caller (`templ
 
 import contextlib
 import json
+import math
 import os
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 
-from . import adapters
+from . import adapters, dist
 from .cli import resolve_device, resolve_dtype
+from .generate import cut_at_stop
 from .lora import CONFIG_FILE as ADAPTER_CONFIG, load_adapter, lora_modules, merge_and_unload
 from .model import Transformer
 from .templates import ChatTemplate, render, resolve_template
@@ -219,6 +224,29 @@ def scorer(rm: RewardModel, tok, template) -> Scorer:
     return Scorer(fn, from_rm=True, spread=rm.spread)
 
 
+# ----------------------------------------------------------------------------- answers as a reward model reads them
+
+def end_token(tok, template) -> int:
+    """The token that closes an assistant turn in this template (what the reward model reads)."""
+    ids, mask = render([{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}], tok, template)
+    return ids[max(i for i, v in enumerate(mask) if v)]
+
+
+def end_at_stop_string(tokens, tok, stop_strs, end_id) -> list[int] | None:
+    """An answer that stopped on a stop string, as the tokens before it plus end_id; None without one.
+
+    Scored as written, the reward model would read the stop string's last token, a position it was
+    never trained on, and the policy would learn to write the string instead of ending its turn."""
+    text = tok.decode(tokens)
+    kept = cut_at_stop(text, stop_strs)
+    if kept == text:
+        return None
+    k = len(tokens)
+    while k > 0 and not kept.startswith(tok.decode(tokens[:k])):  # the stop string is at the end: a few steps
+        k -= 1
+    return tokens[:k] + [end_id]
+
+
 def _same_path(a, b):
     return (a is None and b is None) or (a is not None and b is not None and os.path.abspath(a) == os.path.abspath(b))
 
@@ -268,3 +296,41 @@ def share_base(path, model: Transformer, base, sft_adapter, tok, template=None, 
                      bias=float(rc["bias"]), gain=float(rc.get("gain", 1.0)), max_len=int(rc["max_len"]),
                      score_std=rc.get("score_std"), path=str(path), swap=swap)
     return rm, ""
+
+
+def reward_scorer(reward, tok, template, share=None, device=None, dtype=None, reward_template=None,
+                  say=print) -> Scorer:
+    """A policy's reward: `reward` a function fn(prompts, responses, rows, texts), a loaded RewardModel,
+    or a reward model directory. A directory's model is `share()`'s (rm, why) when that gives one (one
+    more adapter + head on the policy's base, share_base), else loaded as its own model with a line
+    saying why it could not share."""
+    if isinstance(reward, RewardModel):
+        return scorer(reward, tok, template)
+    if callable(reward):
+        return Scorer(reward)
+    rm, why = share() if share is not None else (None, "no policy model to share")
+    if rm is not None:
+        say(f"reward model {reward} shares the policy's base: scoring with its adapter and head on the "
+            f"same weights (no second copy)")
+    else:
+        say(f"reward model {reward} cannot share the policy's base ({why}): loading it as its own model")
+        rm = load_reward_model(reward, device=device, dtype=dtype, template=reward_template)
+    return scorer(rm, tok, template)
+
+
+@dataclass
+class ScoreScale:
+    """Reward-model scores in units of their spread: (score - shift) / scale."""
+    shift: float = 0.0
+    scale: float | None = None  # None: estimated on the first rollout batch (a released RM, no statistics)
+
+    def __call__(self, scores, d):
+        """scores (B,) of this process's rollouts; d: the run's dist.Dist (the first estimate is over all ranks)."""
+        if self.scale is None:
+            s = dist.all_mean({"mean": scores.mean().item(), "square": (scores ** 2).mean().item()}, d)
+            std = math.sqrt(max(s["square"] - s["mean"] ** 2, 0.0))
+            self.shift, self.scale = s["mean"], max(std, 1e-6)
+            if d.main:
+                print(f"reward: the reward model stores no score statistics; from the first rollout batch: bias "
+                      f"{self.shift:.4g}, std {std:.4g}; scores are (score - bias) / std from here on")
+        return (scores - self.shift) / self.scale

@@ -12,8 +12,9 @@ import torch
 
 from conftest import word_tokenizer
 from nanohuatuo import ModelConfig, Transformer, Tokenizer
-from nanohuatuo import ppo
-from nanohuatuo.losses import TokenLogprobs, token_logprobs
+from nanohuatuo import ppo, reward_model
+from nanohuatuo.losses import TokenLogprobs, response_forward, token_logprobs, whiten
+from nanohuatuo.reward_model import Scorer, ScoreScale, end_at_stop_string, scorer
 from nanohuatuo.templates import resolve_template
 from nanohuatuo.lora import apply_lora, disabled_adapters, lora_modules, save_adapter
 
@@ -96,13 +97,13 @@ def test_value_loss_clipped_by_hand():
 def test_whiten_over_valid_tokens_only():
     x = torch.tensor([[1.0, 2.0, 3.0, 100.0], [4.0, -50.0, -50.0, -50.0]])
     mask = torch.tensor([[1.0, 1, 1, 0], [1, 0, 0, 0]])
-    w = ppo.whiten(x, mask)
+    w = whiten(x, mask)
     # valid 1, 2, 3, 4: mean 2.5, unbiased variance 5/3
     want = (torch.tensor([1.0, 2.0, 3.0, 4.0]) - 2.5) / math.sqrt(5 / 3)
     torch.testing.assert_close(w[mask.bool()], want, atol=1e-6, rtol=0)
     assert w[~mask.bool()].abs().max() == 0
     one = torch.tensor([[7.0, 9.0]])
-    assert torch.equal(ppo.whiten(one, torch.tensor([[1.0, 0.0]])), torch.tensor([[7.0, 0.0]]))  # < 2 tokens
+    assert torch.equal(whiten(one, torch.tensor([[1.0, 0.0]])), torch.tensor([[7.0, 0.0]]))  # < 2 tokens
 
 
 def test_masks_stop_truncation_and_left_padded_prompts():
@@ -207,7 +208,7 @@ def batch_for(model_dir):
 
 def logp_of(model, b, temperature=0.7):
     with torch.no_grad():
-        return ppo.response_forward(model, b.ids, b.attn, b.P, temperature)[0] * b.mask
+        return response_forward(model, b.ids, b.attn, b.P, temperature)[0] * b.mask
 
 
 def randomise_lora(model, seed=3):
@@ -244,7 +245,7 @@ def test_separate_critic_has_its_own_adapter_and_gradients(tiny, tmp_path):
     torch.nn.init.normal_(m.value_head.weight, std=0.5)
     policy_logp = logp_of(m.model, b)
     with ppo.critic(m):
-        _, _, v = ppo.response_forward(m.model, b.ids, b.attn, b.P, 0.7, m.value_head, want_logp=False)
+        _, _, v = response_forward(m.model, b.ids, b.attn, b.P, 0.7, m.value_head, want_logp=False)
         v.sum().backward()
         critic_logp = logp_of(m.model, b)
     assert (critic_logp - policy_logp).abs().max() > 1e-2  # critic trunk = base + its own (fresh) adapter
@@ -285,7 +286,7 @@ def test_shared_reward_model_matches_the_separate_one(tiny, rm_dir, tmp_path):
         randomise_lora(m.model)  # the policy's own adapter must not leak into the score
         rm, why = ppo.shared_reward_model(m, cfg, tok)
         assert rm is not None, why
-        fn = ppo.scorer(rm, tok, resolve_template(base, "plain")).fn
+        fn = scorer(rm, tok, resolve_template(base, "plain")).fn
         got = fn([s[:5] for s in seqs], [s[5:] for s in seqs], None, None)
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)  # scores are ~10: merged vs LoRA rounding
         b = batch_for(base)
@@ -451,7 +452,8 @@ def family_run(tmp_path, family):
 def test_huatuo_bases_load_the_base_once(tmp_path, family, monkeypatch, capsys):
     base, sft, rm = family_run(tmp_path, family)
     loads = []
-    monkeypatch.setattr(ppo, "load_reward_model", lambda *a, **k: loads.append(a) or pytest.fail("second copy"))
+    monkeypatch.setattr(reward_model, "load_reward_model",
+                        lambda *a, **k: loads.append(a) or pytest.fail("second copy"))
     out = ppo.train(tiny_cfg(base, tmp_path / "out", adapter=sft, reward=rm, prompts=os.path.join(base, "prompts.jsonl"),
                              max_steps=1, batch_size=4, micro_batch_size=4, num_mini_batches=1, max_new_tokens=4))
     said = capsys.readouterr().out
@@ -475,10 +477,10 @@ def test_stop_string_answers_end_on_the_end_token(tiny, tmp_path, monkeypatch):
     base, _ = tiny
     tok = Tokenizer(base)
     stop = ["w5 w6"]
-    assert ppo.end_at_stop_string([10, 11], tok, stop, EOS) is None  # w3 w4
-    assert ppo.end_at_stop_string([10, 12, 14], tok, stop, EOS) is None  # w3 w5 w7
-    assert ppo.end_at_stop_string([10, 11, 12, 13], tok, stop, EOS) == [10, 11, EOS]  # w3 w4 w5 w6 -> w3 w4 </s>
-    assert ppo.end_at_stop_string([10, 12, 13], tok, stop, EOS) == [10, EOS]
+    assert end_at_stop_string([10, 11], tok, stop, EOS) is None  # w3 w4
+    assert end_at_stop_string([10, 12, 14], tok, stop, EOS) is None  # w3 w5 w7
+    assert end_at_stop_string([10, 11, 12, 13], tok, stop, EOS) == [10, 11, EOS]  # w3 w4 w5 w6 -> w3 w4 </s>
+    assert end_at_stop_string([10, 12, 13], tok, stop, EOS) == [10, EOS]
 
     def fake(model, prompts, n, **kw):
         answers = [[10, 12, 13], [10, 11, EOS], [10, 11, 14]]  # stop string, end token, cut by length
@@ -488,7 +490,7 @@ def test_stop_string_answers_end_on_the_end_token(tiny, tmp_path, monkeypatch):
     cfg = tiny_cfg(base, tmp_path)
     m = ppo.load_policy(cfg)
     seen = []
-    reward = ppo.Scorer(lambda p, r, rows, texts: seen.append((r, texts)) or torch.ones(len(r)))
+    reward = Scorer(lambda p, r, rows, texts: seen.append((r, texts)) or torch.ones(len(r)))
     rows, prompts = ppo.load_prompts(cfg.prompts, tok, "plain", 64)
     from nanohuatuo.dist import Dist
     exp = ppo.make_experience(m, cfg, 0.0, prompts[:3], rows[:3], reward, None, tok, [EOS], stop, EOS, 0,
@@ -501,9 +503,9 @@ def test_stop_string_answers_end_on_the_end_token(tiny, tmp_path, monkeypatch):
 def test_reward_model_scores_in_units_of_their_spread():
     from nanohuatuo.dist import Dist
     d = Dist(0, 1, torch.device("cpu"))
-    known = ppo.ScoreScale(0.0, 0.5)  # train_rm.py stored std 0.5: a score of 1 is two spreads
+    known = ScoreScale(0.0, 0.5)  # train_rm.py stored std 0.5: a score of 1 is two spreads
     assert known(torch.tensor([1.0, -0.5]), d).tolist() == [2.0, -1.0]
-    released = ppo.ScoreScale()  # no statistics: bias and std from the first batch, then fixed
+    released = ScoreScale()  # no statistics: bias and std from the first batch, then fixed
     first = released(torch.tensor([3.0, 5.0, 7.0, 9.0]), d)
     assert first.mean().item() == pytest.approx(0.0) and first.std(correction=0).item() == pytest.approx(1.0)
     assert (released.shift, released.scale) == (6.0, pytest.approx(math.sqrt(5.0)))
