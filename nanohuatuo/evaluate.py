@@ -29,9 +29,9 @@ The modes, as the paper ran them:
   and gives advice (建议, 治疗, 用药, 服用, 口服, 外用, 注意, 复查, 就诊, 就医, 检查).
 - sheet / tally: a blind, shuffled side-by-side sheet (self-contained HTML + CSV) of a pairwise
   or dialogue run for doctors to mark; tally reads the marks back into win/tie/loss and their
-  agreement with the automatic judge (percent and Cohen's kappa).
+  agreement with the automatic judge (percent and Cohen's kappa); the file formats are in sheets.py.
 
-Candidates: each side is one of our models (`--a-model DIR [--a-adapter DIR]`, generated in
+Candidates (answers.py): each side is one of our models (`--a-model DIR [--a-adapter DIR]`, generated in
 batches on the engine), an OpenAI-compatible endpoint (`--a-base-url URL --a-model-name NAME`)
 or a file of answers (`--a-answers FILE`, JSONL/JSON of {id, answer}). Answers are kept in one
 JSONL per candidate under `--answers-dir` (default OUT/answers), keyed by what produced them
@@ -61,29 +61,24 @@ run_dialogue(DialogueConfig), make_sheet(SheetConfig), run_tally(TallyConfig); e
 summary dict.
 """
 
-import csv
 import hashlib
-import html
-import io
 import json
-import os
-import random
 import re
 import sys
-import time
 import unicodedata
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
 from . import data as qa_data
-from . import templates
+from . import sheets
+from .answers import AnswerStore, Candidate, Sampling, candidate_key, get_answers, make_llm, open_model, prompt_hash
 from .cli import UserError, arg, cli_main, prepare_out
-from .data import QA_FORMATS, load_cases, load_qa, load_questions, read_records
+from .data import QA_FORMATS, load_cases, load_qa, load_questions
 from .metrics import plot_wtl
 from .textmetrics import METRICS, chars, distinct, score_corpus, similarity_score
-from .winrate import cohen_kappa, combine, length, tables
+from .winrate import combine, length, tables
 
 # ---------------------------------------------------------------- published numbers
 
@@ -124,263 +119,6 @@ def published_for(kind: str, paths: list[str], choice: str) -> str | None:
     if kind == "metrics" and re.search(r"huatuo[-_]?26m", names) and "test" in names:
         return "huatuo26m-test"
     return None
-
-
-# ---------------------------------------------------------------- candidates
-
-@dataclass
-class Candidate:
-    """One side of a comparison: our model, an endpoint, or a file of answers (exactly one)."""
-    name: str = ""
-    model: str = ""
-    adapter: str | None = None
-    base_url: str = ""
-    model_name: str = ""
-    api_key: str | None = None
-    answers: str = ""
-    template: str = "auto"
-
-    def kind(self, flag: str = "") -> str:
-        kinds = [k for k, on in (("model", self.model), ("endpoint", self.base_url or self.model_name),
-                                 ("answers", self.answers)) if on]
-        if len(kinds) != 1:
-            what = " and ".join(kinds) if kinds else "nothing"
-            raise UserError(f"candidate {flag or self.name or '?'}: got {what}; give exactly one of --{flag}model DIR, "
-                            f"--{flag}base-url URL with --{flag}model-name NAME, or --{flag}answers FILE")
-        return kinds[0]
-
-    def label(self) -> str:
-        if self.name:
-            return self.name
-        if self.model:
-            return Path(self.adapter or self.model).name
-        return self.model_name or Path(self.answers).stem
-
-
-@dataclass
-class Sampling:
-    max_new_tokens: int = 512
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int = 0
-    seed: int = 0
-    system: str = ""
-
-
-def _files_fingerprint(directory: str | None) -> list:
-    """Name, size and mtime of a model directory's weight and config files: retraining in place
-    into the same directory makes new answers instead of reusing stale ones."""
-    if not directory:
-        return []
-    d = Path(directory)
-    if not d.is_dir():
-        raise UserError(f"{directory}: not a model directory")
-    return [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(d.iterdir())
-            if p.suffix in (".safetensors", ".bin", ".json", ".model")]
-
-
-def candidate_key(c: Candidate, s: Sampling, extra: dict | None = None) -> str:
-    """File stem for the candidate's answers: its label and a hash of what produced them."""
-    kind = c.kind()
-    if kind == "model":
-        what = {"model": str(Path(c.model).resolve()), "adapter": str(Path(c.adapter).resolve()) if c.adapter else None,
-                "files": _files_fingerprint(c.model) + _files_fingerprint(c.adapter), "template": c.template}
-    elif kind == "endpoint":
-        what = {"base_url": c.base_url.rstrip("/"), "model_name": c.model_name}
-    else:
-        return "file-" + slug(c.label())
-    sampled = asdict(s)
-    if s.temperature == 0:
-        del sampled["seed"]  # greedy answers do not depend on it (it also drives the bootstrap)
-    blob = json.dumps({**what, **sampled, **(extra or {})}, sort_keys=True, ensure_ascii=False)
-    return f"{slug(c.label())}-{hashlib.sha1(blob.encode()).hexdigest()[:10]}"
-
-
-def slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-")[:40] or "x"
-
-
-def prompt_hash(messages) -> str:
-    return hashlib.sha1(json.dumps(messages, ensure_ascii=False, sort_keys=True).encode()).hexdigest()[:12]
-
-
-class AnswerStore:
-    """One JSONL file of a candidate's outputs, keyed by item id and prompt hash; appended as they come.
-
-    A torn last line (a run killed mid-write) is cut off, and that answer made again."""
-
-    def __init__(self, path: Path):
-        self.path = Path(path)
-        self.rows = {}
-        if self.path.exists():
-            raw = self.path.read_bytes()
-            if raw and not raw.endswith(b"\n"):
-                raw = raw[: raw.rfind(b"\n") + 1]
-                with open(self.path, "r+b") as f:
-                    f.truncate(len(raw))
-            for line in raw.decode("utf-8").splitlines():
-                row = json.loads(line)
-                self.rows[(row["id"], row["hash"])] = row
-
-    def get(self, item_id: str, h: str) -> dict | None:
-        return self.rows.get((item_id, h))
-
-    def add(self, rows: list[dict]) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path, "a", encoding="utf-8") as f:
-            for row in rows:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
-                self.rows[(row["id"], row["hash"])] = row
-            f.flush()
-            os.fsync(f.fileno())
-
-
-def make_llm(role: str, base_url: str, model_name: str, api_key: str | None, cache_dir: Path, concurrency: int):
-    """An llm.LLM for one role with its own SQLite cache file (one cache per endpoint and model)."""
-    from .llm import LLM
-    cache = cache_dir / f"{slug(role)}-{slug(model_name)}.sqlite"
-    return LLM(base_url, model_name, api_key=api_key, cache=cache, concurrency=concurrency, name=role)
-
-
-class LocalModel:
-    """One of our models answering conversations in batches on the engine."""
-
-    def __init__(self, c: Candidate, s: Sampling, device, dtype, batch_size: int = 16):
-        if not Path(c.model, "config.json").is_file():
-            raise UserError(f"--model {c.model}: no config.json there; pass a model directory (Hugging Face layout)")
-        if c.adapter and not Path(c.adapter).is_dir():
-            raise UserError(f"--adapter {c.adapter}: no such directory")
-        self.name, self.s, self.batch_size = c.label(), s, batch_size
-        t0 = time.time()
-        from .generate import load_for_inference  # torch loads only when one of our models answers
-        # the adapter merged (base-model cost); a trained adapter's own tokenizer and template win
-        self.model, self.tok, self.template = load_for_inference(c.model, c.adapter, dtype, device,
-                                                                 template=c.template, what="evaluation")
-        self.stop_ids = templates.stop_token_ids(self.tok, self.template)
-        self.stops = templates.stop_strings(self.template)
-        max_seq_len = self.model.config.max_seq_len
-        self.budget = templates.prompt_budget(max_seq_len, max_seq_len, s.max_new_tokens)
-        self.generated_tokens, self.truncated, self.seconds = 0, 0, 0.0
-        print(f"{self.name}: loaded {c.model}{' + ' + c.adapter if c.adapter else ''} in {time.time() - t0:.1f}s",
-              file=sys.stderr, flush=True)
-
-    def _prompt(self, messages: list[dict]) -> list[int]:
-        """Prompt ids; the oldest turns go first when the context is full (templates.fit_prompt), then
-        the question's head: every item gets an answer, and the summary counts the cut ones."""
-        try:
-            return templates.fit_prompt(messages, self.tok, self.template, self.budget)
-        except templates.PromptTooLong as e:
-            self.truncated += 1
-            return e.ids[-self.budget:]
-
-    def respond(self, conversations: list[list[dict]], keys: list[str]) -> list[tuple[str | None, str]]:
-        """(answer text, finish reason) per conversation; `keys` seed each sampled answer on its own."""
-        from .engine import Engine, SamplingParams
-        from .generate import cut_at_stop
-        s, t0 = self.s, time.time()
-        prompts = [self._prompt(self._with_system(m)) for m in conversations]
-        # one seed per answer, from the candidate and the item: it does not depend on the rest of the batch
-        seeds = [int(hashlib.sha1(f"{s.seed}:{self.name}:{k}".encode()).hexdigest()[:8], 16) for k in keys]
-        params = [SamplingParams(max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p,
-                                 top_k=s.top_k, stop_ids=tuple(self.stop_ids), stop_strings=tuple(self.stops),
-                                 seed=seed) for seed in seeds]
-        # the cache sized for this batch: a 7B model's full context in every slot would not fit
-        max_len = min(self.model.config.max_seq_len, max(map(len, prompts)) + s.max_new_tokens)
-        engine = Engine(self.model, tokenizer=self.tok, slots=self.batch_size, max_len=max_len)
-        out = [(o.tokens, o.finish_reason) for o in engine.generate(prompts, params)]
-        self.generated_tokens += sum(len(t) for t, _ in out)
-        self.seconds += time.time() - t0
-        return [(cut_at_stop(self.tok.decode(t), self.stops).strip(), reason) for t, reason in out]
-
-    def _with_system(self, messages):
-        if self.s.system and messages[0]["role"] != "system":
-            return [{"role": "system", "content": self.s.system}] + messages
-        return messages
-
-    def summary(self) -> str:
-        rate = self.generated_tokens / self.seconds if self.seconds else 0.0
-        text = f"{self.name}: {self.generated_tokens:,} tokens generated in {self.seconds:.1f}s ({rate:.0f} tok/s)"
-        return text + (f", {self.truncated} prompts cut to fit the context" if self.truncated else "")
-
-    def close(self):
-        self.model = None
-
-
-class EndpointModel:
-    """An OpenAI-compatible endpoint answering conversations (through llm.LLM, cached)."""
-
-    def __init__(self, c: Candidate, s: Sampling, cache_dir: Path, concurrency: int):
-        self.name, self.s = c.label(), s
-        self.llm = make_llm(f"answers-{c.label()}", c.base_url, c.model_name, c.api_key, cache_dir, concurrency)
-
-    def respond(self, conversations, keys):
-        s = self.s
-        requests = [{"messages": ([{"role": "system", "content": s.system}] if s.system else []) + m,
-                     "temperature": s.temperature, "top_p": s.top_p if s.top_p < 1 else None,
-                     "max_tokens": s.max_new_tokens, "seed": s.seed} for m in conversations]
-        out = []
-        for a in self.llm.map(requests, desc=f"{self.name} answering"):
-            reason = (a.finish_reasons or ["stop"])[0] if a.ok else "error"
-            out.append((a.text.strip() if a.ok else None, reason))
-        return out
-
-    def summary(self) -> str:
-        return self.llm.summary()
-
-    def close(self):
-        self.llm.close()
-
-
-def answers_from_file(path: str, flag: str = "--answers") -> dict[str, str]:
-    rows = read_records(path, "answer ({id, answer})", flag)
-    out = {}
-    for row in rows:
-        if row.get("id") is None or not isinstance(row.get("answer"), str):
-            raise UserError(f"{row['_where']}: an answer row needs 'id' and a string 'answer'")
-        out[str(row["id"])] = row["answer"]
-    return out
-
-
-def open_model(c: Candidate, s: Sampling, run) -> LocalModel | EndpointModel:
-    if c.kind() == "model":
-        from .cli import resolve_device, resolve_dtype
-        device = resolve_device(run.device)
-        return LocalModel(c, s, device, resolve_dtype(run.dtype, device), run.batch_size)
-    return EndpointModel(c, s, Path(run.cache), run.concurrency)
-
-
-def get_answers(c: Candidate, s: Sampling, items: list[dict], run, summaries: list[str]) -> list[str | None]:
-    """The candidate's answer to each item (item["messages"]), from its answer file or generated.
-
-    None marks an endpoint that gave no usable answer (that pair is unjudged)."""
-    if c.kind() == "answers":
-        given = answers_from_file(c.answers)
-        missing = [it["id"] for it in items if it["id"] not in given]
-        if missing:
-            raise UserError(f"--answers {c.answers}: no answer for ids {', '.join(missing[:5])}"
-                            f"{' ...' if len(missing) > 5 else ''}")
-        return [given[it["id"]] for it in items]
-    store = AnswerStore(Path(run.answers_dir) / f"{candidate_key(c, s)}.jsonl")
-    hashes = [prompt_hash(it["messages"]) for it in items]
-    todo = [i for i, (it, h) in enumerate(zip(items, hashes)) if store.get(it["id"], h) is None]
-    print(f"{c.label()}: {len(items) - len(todo)}/{len(items)} answers in {store.path}, {len(todo)} to make",
-          file=sys.stderr, flush=True)
-    if todo:
-        model = open_model(c, s, run)
-        try:
-            chunk = 64 if isinstance(model, LocalModel) else len(todo)  # a local run saves as it goes
-            for b in range(0, len(todo), chunk):
-                idx = todo[b:b + chunk]
-                replies = model.respond([items[i]["messages"] for i in idx], [items[i]["id"] for i in idx])
-                store.add([{"id": items[i]["id"], "hash": hashes[i], "answer": text, "finish_reason": reason}
-                           for i, (text, reason) in zip(idx, replies) if text is not None])
-                if isinstance(model, LocalModel):
-                    print(f"{c.label()}: {min(b + chunk, len(todo))}/{len(todo)} answered", file=sys.stderr, flush=True)
-            summaries.append(model.summary())
-        finally:
-            model.close()
-    rows = [store.get(it["id"], h) for it, h in zip(items, hashes)]
-    return [r["answer"] if r else None for r in rows]
 
 
 # ---------------------------------------------------------------- the judge
@@ -1163,159 +901,18 @@ def write_metrics_report(out: Path, summary: dict, scored: list) -> None:
 
 # ---------------------------------------------------------------- human evaluation: sheet and tally
 
-MARKS = {"1": "1", "left": "1", "l": "1", "左": "1", "回答1": "1",
-         "2": "2", "right": "2", "r": "2", "右": "2", "回答2": "2",
-         "=": "tie", "0": "tie", "tie": "tie", "t": "tie", "equal": "tie", "相当": "tie", "平": "tie"}
-
-
 def make_sheet(cfg: SheetConfig) -> dict:
-    """A blind, shuffled sheet of a pairwise/dialogue run: sheet.html, sheet.csv, sheet_key.json."""
-    src = Path(cfg.source)
-    if not (src / "pairs.jsonl").is_file():
-        raise UserError(f"--source {cfg.source}: no pairs.jsonl there; pass the --out of a pairwise or dialogue run")
-    pairs = [p for p in qa_data.read_jsonl(src / "pairs.jsonl") if p["answer_a"] is not None and p["answer_b"] is not None]
-    summary_src = json.loads((src / "summary.json").read_text(encoding="utf-8")) if (src / "summary.json").is_file() else {}
-    rng = random.Random(cfg.seed)
-    rng.shuffle(pairs)
-    pairs = pairs[: cfg.limit or None]
-    with prepare_out(cfg.out, overwrite=cfg.overwrite):
-        out = Path(cfg.out)
-        key, rows = [], []
-        for k, p in enumerate(pairs, start=1):
-            left = rng.choice("AB")
-            first, second = (p["answer_a"], p["answer_b"]) if left == "A" else (p["answer_b"], p["answer_a"])
-            reference = p["reference"] if summary_src.get("mode") == "dialogue" else ""
-            rows.append({"item": str(k), "question": p["prompt"], "reference": reference,
-                         "answer_1": first, "answer_2": second, "mark": ""})
-            key.append({"item": str(k), "id": p["id"], "group": p["group"], "left": left, "judge": p.get("outcome")})
-        buf = io.StringIO()
-        w = csv.DictWriter(buf, fieldnames=["item", "question", "reference", "answer_1", "answer_2", "mark"])
-        w.writeheader()
-        w.writerows(rows)
-        # a BOM so spreadsheet programs open the Chinese text as UTF-8
-        (out / "sheet.csv").write_text("\ufeff" + buf.getvalue(), encoding="utf-8")
-        meta = {"source": str(src), "mode": summary_src.get("mode"), "a": summary_src.get("a"),
-                "b": summary_src.get("b"), "judge": summary_src.get("judge"), "seed": cfg.seed, "items": key}
-        (out / "sheet_key.json").write_text(json.dumps(meta, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
-        (out / "sheet.html").write_text(sheet_html(rows, summary_src.get("mode") == "dialogue"), encoding="utf-8")
-    print(f"sheet: {len(rows)} items in {out / 'sheet.html'} and {out / 'sheet.csv'}; keep {out / 'sheet_key.json'} "
-          "away from the raters")
-    return {"mode": "sheet", "items": len(rows), "out": str(out)}
-
-
-SHEET_CSS = """body{font-family:sans-serif;max-width:1100px;margin:auto;padding:1em;color:#222}
-.item{border:1px solid #ccc;border-radius:6px;padding:.8em;margin:1em 0}
-.q{white-space:pre-wrap;background:#f5f5f5;padding:.5em}.ref{white-space:pre-wrap;background:#f0f6ff;padding:.5em}
-.pair{display:flex;gap:1em}.pair>div{flex:1;white-space:pre-wrap;border-left:3px solid #ddd;padding-left:.6em}
-.marks label{margin-right:1.5em}.note{color:#a33}"""
-
-SHEET_JS = """const KEY='nanohuatuo-sheet-'+document.title;
-function save(){const m={};document.querySelectorAll('input[type=radio]:checked').forEach(r=>m[r.name]=r.value);
-m.rater=document.getElementById('rater').value;localStorage.setItem(KEY,JSON.stringify(m));}
-function load(){const m=JSON.parse(localStorage.getItem(KEY)||'{}');for(const[k,v]of Object.entries(m)){
-if(k==='rater'){document.getElementById('rater').value=v;continue;}
-const r=document.querySelector(`input[name="${k}"][value="${v}"]`);if(r)r.checked=true;}}
-function download(){const rater=document.getElementById('rater').value||'rater';
-let csv='item,mark,rater\\n';document.querySelectorAll('.item').forEach(d=>{const id=d.dataset.item;
-const r=document.querySelector(`input[name="m${id}"]:checked`);csv+=`${id},${r?r.value:''},"${rater.replace(/"/g,'""')}"\\n`;});
-const a=document.createElement('a');a.href=URL.createObjectURL(new Blob(['\\ufeff'+csv],{type:'text/csv'}));
-a.download='marks-'+rater+'.csv';a.click();}
-document.addEventListener('change',save);window.addEventListener('load',load);"""
-
-
-def sheet_html(rows: list[dict], dialogue: bool) -> str:
-    """A self-contained page: each item's question (or case), two unnamed answers, three marks."""
-    e = html.escape
-    what = "问诊对话" if dialogue else "回答"
-    parts = [f"<!doctype html><html lang='zh'><head><meta charset='utf-8'><title>blind evaluation sheet</title>"
-             f"<style>{SHEET_CSS}</style></head><body><h1>盲评表 · Blind evaluation</h1>"
-             f"<p>每一题有两个{what}，顺序随机，不显示来自哪个模型。请按准确性、完整性、安全性和是否切题，选出更好的一个。"
-             f"<br>Each item shows two anonymous {'consultations' if dialogue else 'answers'} in random order; "
-             "mark the better one (or equal). Marks are kept in this browser; press the button to download them "
-             "as a CSV.</p><p class='note'>Research use only; the answers are model outputs, not medical advice.</p>"
-             "<p>评估人 Rater: <input id='rater'> <button onclick='download()'>下载评分 Download marks (CSV)</button></p>"]
-    for r in rows:
-        i = e(r["item"])
-        ref = f"<p><b>真实医生诊断 Real doctor's diagnosis</b></p><div class='ref'>{e(r['reference'])}</div>" \
-            if r["reference"] else ""
-        parts.append(
-            f"<div class='item' data-item='{i}'><h3>#{i}</h3><div class='q'>{e(r['question'])}</div>{ref}"
-            f"<div class='pair'><div><b>{what}1</b>\n{e(r['answer_1'])}</div><div><b>{what}2</b>\n{e(r['answer_2'])}</div></div>"
-            f"<p class='marks'><label><input type='radio' name='m{i}' value='1'> {what}1更好 (1 better)</label>"
-            f"<label><input type='radio' name='m{i}' value='='> 相当 (equal)</label>"
-            f"<label><input type='radio' name='m{i}' value='2'> {what}2更好 (2 better)</label></p></div>")
-    parts.append(f"<script>{SHEET_JS}</script></body></html>\n")
-    return "\n".join(parts)
-
-
-def read_marks(path: str) -> dict[str, str]:
-    """item -> '1' | '2' | 'tie' from a marked CSV (columns item, mark); blank marks are skipped."""
-    p = Path(path)
-    if not p.is_file():
-        raise UserError(f"--marks {path}: no such file")
-    reader = csv.DictReader(io.StringIO(p.read_text(encoding="utf-8-sig")))
-    if not reader.fieldnames or "item" not in reader.fieldnames or "mark" not in reader.fieldnames:
-        raise UserError(f"{path}:1: needs columns 'item' and 'mark' (got {reader.fieldnames})")
-    marks = {}
-    for line, row in enumerate(reader, start=2):
-        mark = (row.get("mark") or "").strip().lower()
-        if not mark:
-            continue
-        if mark not in MARKS:
-            raise UserError(f"{path}:{line}: mark {row['mark']!r} for item {row['item']}: use 1, 2 or = "
-                            "(also left/right/tie, 左/右/相当)")
-        marks[(row.get("item") or "").strip()] = MARKS[mark]
-    return marks
+    """A blind, shuffled sheet of a pairwise/dialogue run: sheet.html, sheet.csv, sheet_key.json (sheets.py)."""
+    return sheets.write_sheet(cfg.source, cfg.out, seed=cfg.seed, limit=cfg.limit, overwrite=cfg.overwrite)
 
 
 def run_tally(cfg: TallyConfig) -> dict:
     """Marks back into win/tie/loss for candidate A, and agreement with the judge; writes tally.md/json."""
-    keyfile = Path(cfg.sheet) / "sheet_key.json"
-    if not keyfile.is_file():
-        raise UserError(f"--sheet {cfg.sheet}: no sheet_key.json there; pass the --out of `evaluate.py sheet`")
+    meta = sheets.read_key(cfg.sheet)
     if not cfg.marks:
         raise UserError("pass --marks FILE (a marked sheet.csv or a downloaded marks CSV), one per rater")
-    meta = json.loads(keyfile.read_text(encoding="utf-8"))
-    key = {k["item"]: k for k in meta["items"]}
-    raters, pooled_h, pooled_j = [], [], []
-    for path in cfg.marks:
-        marks = read_marks(path)
-        unknown = sorted(set(marks) - set(key))
-        if unknown:
-            raise UserError(f"{path}: items {', '.join(unknown[:5])} are not on the sheet {cfg.sheet}")
-        outcomes = {}
-        for item, m in marks.items():
-            left = key[item]["left"]
-            outcomes[item] = "tie" if m == "tie" else ("win" if (m == "1") == (left == "A") else "loss")
-        human = [outcomes[i] for i in sorted(outcomes, key=int)]
-        both = [(outcomes[i], key[i]["judge"]) for i in sorted(outcomes, key=int) if key[i]["judge"]]
-        h, j = [a for a, _ in both], [b for _, b in both]
-        pooled_h += h
-        pooled_j += j
-        raters.append({"file": path, "marked": len(human), "unmarked": len(key) - len(human),
-                       **{k: human.count(k) for k in ("win", "tie", "loss")},
-                       "compared": len(both), "agreement": 100 * sum(a == b for a, b in both) / len(both) if both else None,
-                       "kappa": cohen_kappa(h, j)})
-    pooled = {"compared": len(pooled_h),
-              "agreement": 100 * sum(a == b for a, b in zip(pooled_h, pooled_j)) / len(pooled_h) if pooled_h else None,
-              "kappa": cohen_kappa(pooled_h, pooled_j)}
-    result = {"mode": "tally", "a": meta.get("a"), "b": meta.get("b"), "judge": meta.get("judge"),
-              "raters": raters, "pooled": pooled}
-    out = Path(cfg.out or cfg.sheet)
-    out.mkdir(parents=True, exist_ok=True)
-    f = lambda v, fmt="{:.1f}": "–" if v is None else fmt.format(v)
-    lines = [f"# Human evaluation: {meta.get('a')} vs {meta.get('b')}", "",
-             f"Marks read back from a blind sheet (sheet {cfg.sheet}, {len(key)} items); outcomes for "
-             f"{meta.get('a')}. Agreement with the automatic judge ({meta.get('judge')}) over win/tie/loss.", "",
-             "| rater | marked | W / T / L | compared with judge | agreement % | Cohen's kappa |",
-             "|---|---|---|---|---|---|"]
-    for r in raters:
-        lines.append(f"| {Path(r['file']).name} | {r['marked']} | {r['win']} / {r['tie']} / {r['loss']} | "
-                     f"{r['compared']} | {f(r['agreement'])} | {f(r['kappa'], '{:.3f}')} |")
-    if len(raters) > 1:
-        lines.append(f"| all raters | | | {pooled['compared']} | {f(pooled['agreement'])} | {f(pooled['kappa'], '{:.3f}')} |")
-    (out / "tally.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    (out / "tally.json").write_text(json.dumps(result, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
+    result = sheets.tally(meta, cfg.marks, cfg.sheet)
+    lines = sheets.write_tally(Path(cfg.out or cfg.sheet), result, cfg.sheet, len(meta["items"]))
     print("\n".join(lines[4:]))
     return result
 

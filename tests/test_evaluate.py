@@ -11,6 +11,7 @@ import pytest
 
 from conftest import tiny_base, write_jsonl
 from fake_openai import ScriptedServer
+from nanohuatuo import answers as ans
 from nanohuatuo import evaluate as ev
 from nanohuatuo.data import DataError, load_qa
 from nanohuatuo.llm import LLMError
@@ -332,7 +333,7 @@ def test_local_model_answers_are_generated_once(tmp_path, tiny, monkeypatch):
     def no_loading(*a, **k):
         raise AssertionError("the answers are in the store; the model must not be loaded again")
 
-    monkeypatch.setattr(ev, "LocalModel", no_loading)
+    monkeypatch.setattr(ans, "LocalModel", no_loading)
     again = ev.run_pairwise(ev.PairwiseConfig(out=str(tmp_path / "two"), **cfg))
     assert again["stats"] == first["stats"]
     report = (tmp_path / "two" / "report.md").read_text(encoding="utf-8")
@@ -344,10 +345,10 @@ def test_local_model_fits_prompts_to_the_context(tiny):
     from nanohuatuo.templates import fit_prompt, render_prompt
     q = {"role": "user", "content": "头痛发热怎么办"}
     history = [q, {"role": "assistant", "content": "多喝水，注意休息" * 3}] * 3 + [q]
-    cand = ev.Candidate(model=tiny, template="plain")
-    probe = ev.LocalModel(cand, ev.Sampling(max_new_tokens=8), torch.device("cpu"), torch.float32)
+    cand = ans.Candidate(model=tiny, template="plain")
+    probe = ans.LocalModel(cand, ans.Sampling(max_new_tokens=8), torch.device("cpu"), torch.float32)
     budget = len(render_prompt([q], probe.tok, probe.template)) + 2  # the question fits, its history does not
-    m = ev.LocalModel(cand, ev.Sampling(max_new_tokens=256 - budget), torch.device("cpu"), torch.float32)
+    m = ans.LocalModel(cand, ans.Sampling(max_new_tokens=256 - budget), torch.device("cpu"), torch.float32)
     assert m.budget == budget and m._prompt(history) == render_prompt([q], m.tok, m.template)
     assert m._prompt(history) == fit_prompt(history, m.tok, m.template, budget) and m.truncated == 0
     # a question longer than the budget keeps its tail, so the answer still has its room; it is counted
@@ -355,7 +356,7 @@ def test_local_model_fits_prompts_to_the_context(tiny):
     assert m._prompt(long) == render_prompt(long, m.tok, m.template)[-budget:] and m.truncated == 1
     assert "1 prompts cut to fit the context" in m.summary()
     with pytest.raises(ValueError, match="--max-new-tokens 256 leaves no room for a prompt in a 256-token context"):
-        ev.LocalModel(cand, ev.Sampling(max_new_tokens=256), torch.device("cpu"), torch.float32)
+        ans.LocalModel(cand, ans.Sampling(max_new_tokens=256), torch.device("cpu"), torch.float32)
 
 
 def test_judge_and_patient_endpoints_need_their_flags(tmp_path):
@@ -577,7 +578,7 @@ def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
 def test_answer_store_cuts_a_torn_last_line(tmp_path):
     path = tmp_path / "a.jsonl"
     path.write_text('{"id": "1", "hash": "h", "answer": "x"}\n{"id": "2", "ha', encoding="utf-8")  # killed mid-write
-    store = ev.AnswerStore(path)
+    store = ans.AnswerStore(path)
     assert list(store.rows) == [("1", "h")]
     store.add([{"id": "2", "hash": "h", "answer": "y"}])
-    assert [k for k in ev.AnswerStore(path).rows] == [("1", "h"), ("2", "h")]
+    assert [k for k in ans.AnswerStore(path).rows] == [("1", "h"), ("2", "h")]

@@ -24,9 +24,11 @@ ROOT = Path(__file__).resolve().parents[1]
 PKG = ROOT / "nanohuatuo"
 
 LAYERS = {  # imports go down (or sideways within a layer, but never between stages)
-    "core": {"model", "hf", "lora", "quant", "tokenizer", "templates", "data", "metrics", "textmetrics"},
+    "core": {"model", "hf", "lora", "quant", "tokenizer", "templates", "data", "metrics", "textmetrics", "winrate",
+             "textcheck", "jinja_template"},
     "engine": {"engine", "generate"},
-    "shared": {"cli", "checkpoint", "dist", "losses", "llm", "adapters", "reward_model"},
+    "shared": {"cli", "checkpoint", "dist", "losses", "llm", "adapters", "reward_model", "httpjson",
+               "answers", "sheets"},
     "stages": {"sft", "reward", "ppo", "sampling", "feedback", "chat", "serve", "evaluate", "distill"},
     "top": {"demo", "__init__"},  # __init__: the package's public names, from every layer
 }

@@ -1,0 +1,279 @@
+"""Candidates and their answers: one side of a comparison (one of our models on the engine, an
+OpenAI-compatible endpoint, or a file of answers) answering conversations, each answer kept once.
+
+- Candidate names the side (exactly one of model, endpoint, answers file); Sampling its decoding.
+- AnswerStore: one JSONL per candidate, keyed by item id and prompt hash, appended as answers come
+  (a torn last line is cut off); candidate_key names the file after what produced the answers
+  (model and adapter files with their sizes and mtimes, template, sampling), so retraining in
+  place makes new answers and every comparison pointing at the same directory reuses old ones.
+- LocalModel answers in batches on the engine (prompts fitted to the context, a seed per answer);
+  EndpointModel through llm.LLM with a SQLite cache; get_answers ties them together.
+"""
+
+import hashlib
+import json
+import os
+import re
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from . import templates
+from .cli import UserError
+from .data import read_records
+
+
+@dataclass
+class Candidate:
+    """One side of a comparison: our model, an endpoint, or a file of answers (exactly one)."""
+    name: str = ""
+    model: str = ""
+    adapter: str | None = None
+    base_url: str = ""
+    model_name: str = ""
+    api_key: str | None = None
+    answers: str = ""
+    template: str = "auto"
+
+    def kind(self, flag: str = "") -> str:
+        kinds = [k for k, on in (("model", self.model), ("endpoint", self.base_url or self.model_name),
+                                 ("answers", self.answers)) if on]
+        if len(kinds) != 1:
+            what = " and ".join(kinds) if kinds else "nothing"
+            raise UserError(f"candidate {flag or self.name or '?'}: got {what}; give exactly one of --{flag}model DIR, "
+                            f"--{flag}base-url URL with --{flag}model-name NAME, or --{flag}answers FILE")
+        return kinds[0]
+
+    def label(self) -> str:
+        if self.name:
+            return self.name
+        if self.model:
+            return Path(self.adapter or self.model).name
+        return self.model_name or Path(self.answers).stem
+
+
+@dataclass
+class Sampling:
+    max_new_tokens: int = 512
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int = 0
+    system: str = ""
+
+
+def _files_fingerprint(directory: str | None) -> list:
+    """Name, size and mtime of a model directory's weight and config files: retraining in place
+    into the same directory makes new answers instead of reusing stale ones."""
+    if not directory:
+        return []
+    d = Path(directory)
+    if not d.is_dir():
+        raise UserError(f"{directory}: not a model directory")
+    return [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(d.iterdir())
+            if p.suffix in (".safetensors", ".bin", ".json", ".model")]
+
+
+def candidate_key(c: Candidate, s: Sampling, extra: dict | None = None) -> str:
+    """File stem for the candidate's answers: its label and a hash of what produced them."""
+    kind = c.kind()
+    if kind == "model":
+        what = {"model": str(Path(c.model).resolve()), "adapter": str(Path(c.adapter).resolve()) if c.adapter else None,
+                "files": _files_fingerprint(c.model) + _files_fingerprint(c.adapter), "template": c.template}
+    elif kind == "endpoint":
+        what = {"base_url": c.base_url.rstrip("/"), "model_name": c.model_name}
+    else:
+        return "file-" + slug(c.label())
+    sampled = asdict(s)
+    if s.temperature == 0:
+        del sampled["seed"]  # greedy answers do not depend on it (it also drives the bootstrap)
+    blob = json.dumps({**what, **sampled, **(extra or {})}, sort_keys=True, ensure_ascii=False)
+    return f"{slug(c.label())}-{hashlib.sha1(blob.encode()).hexdigest()[:10]}"
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-")[:40] or "x"
+
+
+def prompt_hash(messages) -> str:
+    return hashlib.sha1(json.dumps(messages, ensure_ascii=False, sort_keys=True).encode()).hexdigest()[:12]
+
+
+class AnswerStore:
+    """One JSONL file of a candidate's outputs, keyed by item id and prompt hash; appended as they come.
+
+    A torn last line (a run killed mid-write) is cut off, and that answer made again."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.rows = {}
+        if self.path.exists():
+            raw = self.path.read_bytes()
+            if raw and not raw.endswith(b"\n"):
+                raw = raw[: raw.rfind(b"\n") + 1]
+                with open(self.path, "r+b") as f:
+                    f.truncate(len(raw))
+            for line in raw.decode("utf-8").splitlines():
+                row = json.loads(line)
+                self.rows[(row["id"], row["hash"])] = row
+
+    def get(self, item_id: str, h: str) -> dict | None:
+        return self.rows.get((item_id, h))
+
+    def add(self, rows: list[dict]) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a", encoding="utf-8") as f:
+            for row in rows:
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+                self.rows[(row["id"], row["hash"])] = row
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def make_llm(role: str, base_url: str, model_name: str, api_key: str | None, cache_dir: Path, concurrency: int):
+    """An llm.LLM for one role with its own SQLite cache file (one cache per endpoint and model)."""
+    from .llm import LLM
+    cache = cache_dir / f"{slug(role)}-{slug(model_name)}.sqlite"
+    return LLM(base_url, model_name, api_key=api_key, cache=cache, concurrency=concurrency, name=role)
+
+
+class LocalModel:
+    """One of our models answering conversations in batches on the engine."""
+
+    def __init__(self, c: Candidate, s: Sampling, device, dtype, batch_size: int = 16):
+        if not Path(c.model, "config.json").is_file():
+            raise UserError(f"--model {c.model}: no config.json there; pass a model directory (Hugging Face layout)")
+        if c.adapter and not Path(c.adapter).is_dir():
+            raise UserError(f"--adapter {c.adapter}: no such directory")
+        self.name, self.s, self.batch_size = c.label(), s, batch_size
+        t0 = time.time()
+        from .generate import load_for_inference  # torch loads only when one of our models answers
+        # the adapter merged (base-model cost); a trained adapter's own tokenizer and template win
+        self.model, self.tok, self.template = load_for_inference(c.model, c.adapter, dtype, device,
+                                                                 template=c.template, what="evaluation")
+        self.stop_ids = templates.stop_token_ids(self.tok, self.template)
+        self.stops = templates.stop_strings(self.template)
+        max_seq_len = self.model.config.max_seq_len
+        self.budget = templates.prompt_budget(max_seq_len, max_seq_len, s.max_new_tokens)
+        self.generated_tokens, self.truncated, self.seconds = 0, 0, 0.0
+        print(f"{self.name}: loaded {c.model}{' + ' + c.adapter if c.adapter else ''} in {time.time() - t0:.1f}s",
+              file=sys.stderr, flush=True)
+
+    def _prompt(self, messages: list[dict]) -> list[int]:
+        """Prompt ids; the oldest turns go first when the context is full (templates.fit_prompt), then
+        the question's head: every item gets an answer, and the summary counts the cut ones."""
+        try:
+            return templates.fit_prompt(messages, self.tok, self.template, self.budget)
+        except templates.PromptTooLong as e:
+            self.truncated += 1
+            return e.ids[-self.budget:]
+
+    def respond(self, conversations: list[list[dict]], keys: list[str]) -> list[tuple[str | None, str]]:
+        """(answer text, finish reason) per conversation; `keys` seed each sampled answer on its own."""
+        from .engine import Engine, SamplingParams
+        from .generate import cut_at_stop
+        s, t0 = self.s, time.time()
+        prompts = [self._prompt(self._with_system(m)) for m in conversations]
+        # one seed per answer, from the candidate and the item: it does not depend on the rest of the batch
+        seeds = [int(hashlib.sha1(f"{s.seed}:{self.name}:{k}".encode()).hexdigest()[:8], 16) for k in keys]
+        params = [SamplingParams(max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p,
+                                 top_k=s.top_k, stop_ids=tuple(self.stop_ids), stop_strings=tuple(self.stops),
+                                 seed=seed) for seed in seeds]
+        # the cache sized for this batch: a 7B model's full context in every slot would not fit
+        max_len = min(self.model.config.max_seq_len, max(map(len, prompts)) + s.max_new_tokens)
+        engine = Engine(self.model, tokenizer=self.tok, slots=self.batch_size, max_len=max_len)
+        out = [(o.tokens, o.finish_reason) for o in engine.generate(prompts, params)]
+        self.generated_tokens += sum(len(t) for t, _ in out)
+        self.seconds += time.time() - t0
+        return [(cut_at_stop(self.tok.decode(t), self.stops).strip(), reason) for t, reason in out]
+
+    def _with_system(self, messages):
+        if self.s.system and messages[0]["role"] != "system":
+            return [{"role": "system", "content": self.s.system}] + messages
+        return messages
+
+    def summary(self) -> str:
+        rate = self.generated_tokens / self.seconds if self.seconds else 0.0
+        text = f"{self.name}: {self.generated_tokens:,} tokens generated in {self.seconds:.1f}s ({rate:.0f} tok/s)"
+        return text + (f", {self.truncated} prompts cut to fit the context" if self.truncated else "")
+
+    def close(self):
+        self.model = None
+
+
+class EndpointModel:
+    """An OpenAI-compatible endpoint answering conversations (through llm.LLM, cached)."""
+
+    def __init__(self, c: Candidate, s: Sampling, cache_dir: Path, concurrency: int):
+        self.name, self.s = c.label(), s
+        self.llm = make_llm(f"answers-{c.label()}", c.base_url, c.model_name, c.api_key, cache_dir, concurrency)
+
+    def respond(self, conversations, keys):
+        s = self.s
+        requests = [{"messages": ([{"role": "system", "content": s.system}] if s.system else []) + m,
+                     "temperature": s.temperature, "top_p": s.top_p if s.top_p < 1 else None,
+                     "max_tokens": s.max_new_tokens, "seed": s.seed} for m in conversations]
+        out = []
+        for a in self.llm.map(requests, desc=f"{self.name} answering"):
+            reason = (a.finish_reasons or ["stop"])[0] if a.ok else "error"
+            out.append((a.text.strip() if a.ok else None, reason))
+        return out
+
+    def summary(self) -> str:
+        return self.llm.summary()
+
+    def close(self):
+        self.llm.close()
+
+
+def answers_from_file(path: str, flag: str = "--answers") -> dict[str, str]:
+    rows = read_records(path, "answer ({id, answer})", flag)
+    out = {}
+    for row in rows:
+        if row.get("id") is None or not isinstance(row.get("answer"), str):
+            raise UserError(f"{row['_where']}: an answer row needs 'id' and a string 'answer'")
+        out[str(row["id"])] = row["answer"]
+    return out
+
+
+def open_model(c: Candidate, s: Sampling, run) -> LocalModel | EndpointModel:
+    if c.kind() == "model":
+        from .cli import resolve_device, resolve_dtype
+        device = resolve_device(run.device)
+        return LocalModel(c, s, device, resolve_dtype(run.dtype, device), run.batch_size)
+    return EndpointModel(c, s, Path(run.cache), run.concurrency)
+
+
+def get_answers(c: Candidate, s: Sampling, items: list[dict], run, summaries: list[str]) -> list[str | None]:
+    """The candidate's answer to each item (item["messages"]), from its answer file or generated.
+
+    None marks an endpoint that gave no usable answer (that pair is unjudged)."""
+    if c.kind() == "answers":
+        given = answers_from_file(c.answers)
+        missing = [it["id"] for it in items if it["id"] not in given]
+        if missing:
+            raise UserError(f"--answers {c.answers}: no answer for ids {', '.join(missing[:5])}"
+                            f"{' ...' if len(missing) > 5 else ''}")
+        return [given[it["id"]] for it in items]
+    store = AnswerStore(Path(run.answers_dir) / f"{candidate_key(c, s)}.jsonl")
+    hashes = [prompt_hash(it["messages"]) for it in items]
+    todo = [i for i, (it, h) in enumerate(zip(items, hashes)) if store.get(it["id"], h) is None]
+    print(f"{c.label()}: {len(items) - len(todo)}/{len(items)} answers in {store.path}, {len(todo)} to make",
+          file=sys.stderr, flush=True)
+    if todo:
+        model = open_model(c, s, run)
+        try:
+            chunk = 64 if isinstance(model, LocalModel) else len(todo)  # a local run saves as it goes
+            for b in range(0, len(todo), chunk):
+                idx = todo[b:b + chunk]
+                replies = model.respond([items[i]["messages"] for i in idx], [items[i]["id"] for i in idx])
+                store.add([{"id": items[i]["id"], "hash": hashes[i], "answer": text, "finish_reason": reason}
+                           for i, (text, reason) in zip(idx, replies) if text is not None])
+                if isinstance(model, LocalModel):
+                    print(f"{c.label()}: {min(b + chunk, len(todo))}/{len(todo)} answered", file=sys.stderr, flush=True)
+            summaries.append(model.summary())
+        finally:
+            model.close()
+    rows = [store.get(it["id"], h) for it, h in zip(items, hashes)]
+    return [r["answer"] if r else None for r in rows]
