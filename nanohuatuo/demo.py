@@ -91,9 +91,9 @@ REAL = DemoSize(lora_r=16, sft_steps=200, sft_batch=16, sft_lr=1e-4, max_len=102
                 ppo_lr=2e-5, kl_coef=0.05, eval_prompts=64, eval_questions=50, eval_cases=8, eval_turns=4,
                 eval_tokens=384, distill_items=16)
 
-# rough share of the wall time per stage on a 2-core CPU, for the ETA printed as each stage starts
-BUDGET = {"data": 0.01, "base": 0.02, "sft": 0.27, "samples": 0.08, "feedback": 0.01, "rm": 0.12, "ppo": 0.32,
-          "eval": 0.16, "report": 0.01}
+# share of the wall time per stage, measured on a 2-core CPU, for the ETA printed as each stage starts
+BUDGET = {"data": 0.005, "base": 0.005, "sft": 0.32, "samples": 0.06, "feedback": 0.005, "rm": 0.14, "ppo": 0.43,
+          "eval": 0.04}
 
 
 @dataclass
@@ -369,7 +369,7 @@ def _run(cfg: DemoConfig, size: DemoSize, real: bool, out: str) -> dict:
                 ppo_dir, template, eval_prompts, device)
 
     summary = dict(params=n_params, model=cfg.model or "tiny model trained from scratch",
-                   sft={k: v for k, v in sft_res.items()},
+                   sft=sft_res,
                    rm=rm_res, ppo={**{k: v for k, v in ppo_res.items() if k != "history"},
                                    **ppo_trend(ppo_res["history"])},
                    eval=eval_digest(ev), judge=judge_name, size=asdict(size),
@@ -377,12 +377,10 @@ def _run(cfg: DemoConfig, size: DemoSize, real: bool, out: str) -> dict:
                             "python": platform.python_version(),
                             "device": "cuda" if device != "cpu" and torch.cuda.is_available() else "cpu"},
                    online=bool(cfg.llm_base_url))
-    summary["profile"] = st.hot
-    st.run("report", "report", write_report, out, summary, ev, st.seconds)
-    summary["stage_seconds"], summary["seconds"], summary["profile"] = dict(st.seconds), st.total(), st.hot
+    summary.update(stage_seconds=dict(st.seconds), seconds=st.total(), profile=st.hot)
     with open(os.path.join(out, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1, ensure_ascii=False, default=str)
-    write_report(out, summary, ev, st.seconds)  # again, with the report stage's own time and the total
+    write_report(out, summary, ev, st.seconds)
     print(f"\ndone in {summary['seconds'] / 60:.1f} min: {os.path.join(out, 'report.md')}")
     return summary
 
@@ -446,7 +444,7 @@ def _profile_lines(hot: dict, seconds: dict) -> list[str]:
 
 def write_report(out, s, ev, seconds):
     sft_r, rm_r, ppo_r, e, m = s["sft"], s["rm"], s["ppo"], s["eval"], s["machine"]
-    total = sum(seconds.values())
+    total = s.get("seconds") or sum(seconds.values())  # wall time, loading between stages included
     offline = not s["online"]
     lines = [
         "# nanohuatuo: the HuatuoGPT recipe, end to end", "",
@@ -467,7 +465,7 @@ def write_report(out, s, ev, seconds):
         "## Time", "",
         "| stage | seconds | share |", "|---|---:|---:|",
         *[f"| {k} | {v:.1f} | {100 * v / max(total, 1e-9):.0f}% |" for k, v in seconds.items()],
-        f"| **total** | **{total:.1f}** ({total / 60:.1f} min) | |", "",
+        f"| **total** | **{total:.1f}** ({total / 60:.1f} min wall time, loading included) | |", "",
         f"Machine: {m['cpu']}, {m['threads']} threads, {m['device']}; torch {m['torch']}, Python {m['python']}.", "",
         *_profile_lines(s.get("profile") or {}, seconds),
         "## 1. Supervised fine-tuning", "",
