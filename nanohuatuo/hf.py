@@ -283,8 +283,11 @@ def ours_to_hf(key: str, arch: str) -> str:
 TOKENIZER_MODEL_FILES = ("tokenizer.json", "tokenizer.model")
 
 
-def read_json(where):
-    """A JSON file's content; a file that is not JSON (or not UTF-8) is a ModelDirError naming it."""
+def read_json(where, optional: bool = False):
+    """A JSON file's content; a file that is not JSON (or not UTF-8) is a ModelDirError naming it.
+    optional: an absent file (a side file a model directory may lack) reads as {}."""
+    if optional and not os.path.isfile(where):
+        return {}
     try:
         with open(where, encoding="utf-8") as f:
             return json.load(f)

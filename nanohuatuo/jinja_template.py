@@ -75,10 +75,6 @@ class ChatTemplate:
 # --- where a model directory keeps its chat template -----------------------------------------
 
 
-def _read_json(path: Path) -> dict:
-    return read_json(path) if path.is_file() else {}  # an absent file says nothing; a broken one is named
-
-
 def find_chat_templates(model_dir: str | Path) -> dict[str, tuple[str, str]]:
     """{name: (jinja text, file)} of a model directory, with transformers' precedence.
 
@@ -97,7 +93,7 @@ def find_chat_templates(model_dir: str | Path) -> dict[str, tuple[str, str]]:
     if found:
         return found
     for file in ("tokenizer_config.json", "chat_template.json"):
-        value = _read_json(model_dir / file).get("chat_template")
+        value = read_json(model_dir / file, optional=True).get("chat_template")
         origin = str(model_dir / file)
         if isinstance(value, str) and value:
             return {"default": (value, origin)}
@@ -372,6 +368,6 @@ def write_chat_template(out_dir: str | Path, tok: Tokenizer, source: str) -> Non
     if not any((out_dir / name).exists() for name in ("tokenizer.json", "tokenizer.model")):
         tok.save_pretrained(out_dir)
     _write_text(out_dir / "chat_template.jinja", source)
-    config = _read_json(out_dir / "tokenizer_config.json")
+    config = read_json(out_dir / "tokenizer_config.json", optional=True)
     config["chat_template"] = source
     _write_text(out_dir / "tokenizer_config.json", json.dumps(config, ensure_ascii=False, indent=2) + "\n")

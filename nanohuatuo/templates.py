@@ -185,10 +185,6 @@ def _as_template(template, tok: Tokenizer | None = None) -> ChatTemplate:
 # --- which template a command uses ----------------------------------------------------------
 
 
-def _read_json(path: Path) -> dict:
-    return read_json(path) if path.is_file() else {}  # an absent file says nothing; a broken one is named
-
-
 def resolve_template(model_dir: str | Path, name: str | None = "auto", tok: Tokenizer | None = None) -> ChatTemplate:
     """The chat template a command uses for `model_dir` (see the module docstring).
 
@@ -558,8 +554,8 @@ def generation_defaults(model_dir: str | Path, adapter: str | Path | None = None
     no top_p / top_k. {} when there is no generation_config.json. With an adapter, its own
     generation_config.json wins when it has one (a trained model may ship its sampling values).
     """
-    config = (adapter and _read_json(Path(adapter) / "generation_config.json")) or \
-        _read_json(Path(model_dir) / "generation_config.json")
+    config = (adapter and read_json(Path(adapter) / "generation_config.json", optional=True)) or \
+        read_json(Path(model_dir) / "generation_config.json", optional=True)
     out = {}
     for key, kind in (("temperature", float), ("top_p", float), ("top_k", int), ("repetition_penalty", float)):
         if config.get(key) is not None:
@@ -609,8 +605,9 @@ def guess_template(model_dir: str | Path) -> str:
     """
     model_dir = Path(model_dir)
 
-    tokenizer_config = _read_json(model_dir / "tokenizer_config.json")
-    config, generation = _read_json(model_dir / "config.json"), _read_json(model_dir / "generation_config.json")
+    tokenizer_config = read_json(model_dir / "tokenizer_config.json", optional=True)
+    config = read_json(model_dir / "config.json", optional=True)
+    generation = read_json(model_dir / "generation_config.json", optional=True)
     chat = tokenizer_config.get("chat_template") or ""
     if isinstance(chat, list):  # named templates: [{"name": ..., "template": ...}]
         chat = " ".join(str(t.get("template", "")) for t in chat)

@@ -52,11 +52,6 @@ SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_
 PAD_CANDIDATES = ("<pad>", "<|pad|>", "[PAD]", "<|finetune_right_pad_id|>", "<|endoftext|>")
 
 
-def _read_json(path: Path) -> dict:
-    """An optional JSON side file: {} when absent (hf.read_json names a broken one)."""
-    return read_json(path) if path.exists() else {}
-
-
 def _content(token) -> str | None:
     # tokenizer_config.json writes special tokens either as "</s>" or {"content": "</s>", ...}
     if isinstance(token, dict):
@@ -71,8 +66,8 @@ def special_tokens(model_dir: str | Path) -> dict[str, str]:
     the map transformers hands a chat template as `bos_token`, `eos_token`, ...
     """
     model_dir = Path(model_dir)
-    config = _read_json(model_dir / "tokenizer_config.json")
-    special_map = _read_json(model_dir / "special_tokens_map.json")
+    config = read_json(model_dir / "tokenizer_config.json", optional=True)
+    special_map = read_json(model_dir / "special_tokens_map.json", optional=True)
     found = {}
     for key in SPECIAL_TOKEN_NAMES:
         content = _content(config[key] if key in config else special_map.get(key))
@@ -209,17 +204,17 @@ class Tokenizer:
         if not self.path.is_dir():
             raise FileNotFoundError(f"{self.path}: no such model directory; pass a directory holding tokenizer.json or tokenizer.model")
         self.files = [name for name in TOKENIZER_FILES if (self.path / name).exists()]
-        config = _read_json(self.path / "tokenizer_config.json")
-        special_map = _read_json(self.path / "special_tokens_map.json")
-        generation = _read_json(self.path / "generation_config.json")
-        model_config = _read_json(self.path / "config.json")
+        config = read_json(self.path / "tokenizer_config.json", optional=True)
+        special_map = read_json(self.path / "special_tokens_map.json", optional=True)
+        generation = read_json(self.path / "generation_config.json", optional=True)
+        model_config = read_json(self.path / "config.json", optional=True)
 
         # Added tokens: id -> (content, special), from the config files and the tokenizer itself.
         self._added: dict[int, tuple[str, bool]] = {}
         for key, token in (config.get("added_tokens_decoder") or {}).items():
             special = token.get("special", True) if isinstance(token, dict) else True
             self._added[int(key)] = (_content(token), special)
-        for content, token_id in _read_json(self.path / "added_tokens.json").items():
+        for content, token_id in read_json(self.path / "added_tokens.json", optional=True).items():
             self._added.setdefault(int(token_id), (content, True))
 
         if (self.path / "tokenizer.json").exists():
