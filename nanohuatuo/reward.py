@@ -15,8 +15,9 @@ Full-weight training (lora_r=0) defaults to lr 1e-5. LoRA targets default to SFT
 attention and MLP linear of the family.
 
 Held-out pairwise accuracy (fraction of held-out pairs with r_better > r_worse) is logged during
-and after training. Then the answers of the training preferences (or --norm-samples) are scored
-and their mean is stored as `bias`, so SFT-like answers score 0 on average at PPO time; 1/std is
+and after training. Then the answers of the training preferences (or --norm-samples) are scored,
+the doctor's reply of mixed-feedback records left out (the policy never writes it), and their mean
+is stored as `bias`, so SFT-like answers score 0 on average at PPO time; 1/std is
 stored as `gain` only with normalize_std (otherwise gain is 1 and the std is kept as `score_std`,
 which PPO divides by: its penalty and KL coefficient are in units of the score spread).
 
@@ -138,8 +139,23 @@ def pairwise_accuracy(rewards: torch.Tensor, order=None) -> tuple[int, int]:
 
 # ----------------------------------------------------------------------------- data
 
+def reference_index(row: dict, where: str) -> int | None:
+    """Where the doctor's reply sits in a mixed-feedback record's answers (None: not there).
+
+    The reply is ranked with the policy's answers, so it belongs in the preference pairs, but it
+    is no answer the policy wrote: the score statistics PPO's reward is measured in must skip it."""
+    i = row.get("reference_index")
+    if i is None:
+        return None
+    if not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < len(row["answers"]):
+        raise DataError(f"{where}: reference_index {i!r} is not the position of one of the "
+                        f"{len(row['answers'])} answers")
+    return i
+
+
 def read_preferences(path, tok: Tokenizer, template: str) -> list[dict]:
-    """Preference records -> [{"id", "seqs": token ids of prompt + answer, best answer first}]."""
+    """Preference records -> [{"id", "seqs": token ids of prompt + answer, best answer first,
+    "reference_index": position of the doctor's reply in seqs, or None}]."""
     examples = []
     for lineno, row in iter_jsonl(path):
         where = f"{path}:{lineno}"
@@ -152,21 +168,29 @@ def read_preferences(path, tok: Tokenizer, template: str) -> list[dict]:
             seqs = [render(with_answer(prompt, a), tok, template)[0] for a in answers]
         except ValueError as e:
             raise DataError(f"{where}: {e}") from None
-        examples.append({"id": row.get("id", where), "seqs": seqs})
+        examples.append({"id": row.get("id", where), "seqs": seqs, "reference_index": reference_index(row, where)})
     if not examples:
         raise DataError(f"{path}: no preference records; run `python -m nanohuatuo.feedback rank` first")
     return examples
 
 
+def policy_seqs(examples: list[dict]) -> list[list[int]]:
+    """Every answer of the preference examples that the policy wrote: the doctor's reply left out."""
+    return [s for ex in examples for i, s in enumerate(ex["seqs"]) if i != ex.get("reference_index")]
+
+
 def read_norm_samples(path, tok: Tokenizer, template: str) -> list[list[int]]:
-    """Token ids of SFT-like answers for the bias: every answer of preference records or judge items,
-    or conversations ending with an assistant turn (scored as they are)."""
+    """Token ids of SFT-like answers for the bias: every answer of preference records or judge items
+    but the doctor's reply of a mixed record, or conversations ending with an assistant turn (scored
+    as they are)."""
     seqs = []
     for lineno, row in iter_jsonl(path):
         try:
             if isinstance(row.get("answers"), list):
                 prompt = row.get("prompt", row.get("question"))
-                seqs += [render(with_answer(prompt, a), tok, template)[0] for a in row["answers"]]
+                skip = reference_index(row, f"{path}:{lineno}")
+                seqs += [render(with_answer(prompt, a), tok, template)[0] for i, a in enumerate(row["answers"])
+                         if i != skip]
             elif isinstance(row.get("messages"), list):
                 seqs.append(render(row["messages"], tok, template)[0])
             else:
@@ -253,8 +277,7 @@ def _train(cfg: RMConfig, hold: contextlib.ExitStack) -> dict:
         train_ex, eval_ex = examples, [ex for path in cfg.eval_data for ex in read_preferences(path, tok, template)]
     else:
         train_ex, eval_ex = split_heldout(examples, cfg.eval_frac, cfg.seed)
-    norm = read_norm_samples(cfg.norm_samples, tok, template) if cfg.norm_samples else \
-        [s for ex in train_ex for s in ex["seqs"]]
+    norm = read_norm_samples(cfg.norm_samples, tok, template) if cfg.norm_samples else policy_seqs(train_ex)
     model, trunk, head = build_model(cfg, device, dtype)
 
     out = Path(cfg.out)

@@ -258,3 +258,30 @@ def test_a_second_run_on_the_same_out_refuses(base, tmp_path):
     with prepare_out(tmp_path / "rm"):  # another run holds --out
         with pytest.raises(ValueError, match="in use by another run"):
             reward.train(_rm_cfg(path, data, tmp_path / "rm", resume=True))
+
+
+# ----------------------------------------------------------------------------- statistics skip the doctor's reply
+
+def _with_reference(rows, where=1):
+    """Mixed feedback: the doctor's reply ranked among the answers, its position marked."""
+    return [{**r, "answers": r["answers"][:where] + [r["reference"]] + r["answers"][where:],
+             "reference_index": where} for r in rows]
+
+
+def test_score_statistics_leave_out_the_doctors_reply(base, tmp_path):
+    path, tok, _ = base
+    rows = preferences(12, seed=3)
+    plain = write_jsonl(tmp_path / "plain.jsonl", rows)
+    mixed = write_jsonl(tmp_path / "mixed.jsonl", _with_reference(rows))
+    # the same policy answers whichever way they arrive: as preference records or as --norm-samples
+    want = reward.policy_seqs(reward.read_preferences(plain, tok, "plain"))
+    assert reward.policy_seqs(reward.read_preferences(mixed, tok, "plain")) == want
+    assert reward.read_norm_samples(mixed, tok, "plain") == reward.read_norm_samples(plain, tok, "plain") == want
+    # and a run's bias and spread: one model, statistics from answers with and without the reply
+    data = write_jsonl(tmp_path / "prefs.jsonl", preferences(20))
+    runs = [reward.train(_rm_cfg(path, data, tmp_path / name, norm_samples=norm, max_steps=2))
+            for name, norm in (("a", plain), ("b", mixed))]
+    assert runs[0]["bias"] == runs[1]["bias"] and runs[0]["score_std"] == runs[1]["score_std"]
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{**_with_reference(rows[:1])[0], "reference_index": 7}])
+    with pytest.raises(DataError, match=r"bad.jsonl:1: reference_index 7"):
+        reward.read_preferences(bad, tok, "plain")
