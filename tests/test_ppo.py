@@ -541,3 +541,23 @@ def test_stop_after_and_resume_match_an_uninterrupted_run(tiny, tmp_path, capsys
     said = capsys.readouterr().out
     assert "changed settings, applied from here on" in said and "lr 0.003 -> 0.001" in said
     assert again["lr"] == 1e-3 and again["history"][0]["kl_coef"] != want[-1]["kl_coef"]
+
+
+def test_length_penalty_by_hand_and_it_holds_the_length(tiny, tmp_path):
+    lengths = torch.tensor([10, 20, 40, 5])
+    want = [0.5 * abs(math.log(n / 20)) for n in (10, 20, 40, 5)]
+    assert ppo.length_penalty(lengths, 20.0, 0.5).tolist() == pytest.approx(want)
+    assert ppo.length_penalty(lengths, 20.0, 0.0).abs().sum() == 0
+    # a scorer that pays for short answers: PPO shrinks them, unless the length penalty stands against it
+    base, _ = tiny
+    def short(prompts, responses, rows, texts):  # noqa: E306
+        return torch.tensor([-len(r) / 8 for r in responses])
+    kw = dict(max_steps=12, batch_size=32, max_new_tokens=8, micro_batch_size=32, lr=3e-3, kl_coef=0.0)
+    free = ppo.train(tiny_cfg(base, tmp_path / "free", **kw), reward_fn=short)["history"]
+    held = ppo.train(tiny_cfg(base, tmp_path / "held", length_penalty=3.0, **kw), reward_fn=short)["history"]
+    first = free[0]["response_length"]
+    assert held[0]["response_length"] == first and free[0]["length_penalty"] == 0.0
+    assert free[-1]["response_length"] < first - 1.5, [r["response_length"] for r in free]
+    assert held[-1]["response_length"] > free[-1]["response_length"] + 1
+    assert held[-1]["length_penalty"] > 0  # the score PPO maximises is the scorer's less the penalty:
+    assert held[-1]["score"] == pytest.approx(held[-1]["rm_score"] - held[-1]["length_penalty"], abs=1e-5)
