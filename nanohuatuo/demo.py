@@ -74,6 +74,7 @@ class DemoSize:
     ppo_tokens: int = 80
     ppo_lr: float = 3e-4
     kl_coef: float = 0.1
+    length_penalty: float = 2.0  # PPO's --length-penalty: the offline judge, and so the RM, likes short answers
     eval_prompts: int = 32  # held-out real-doctor prompts (reference metrics)
     eval_questions: int = 50  # KUAKE-QIC-format questions judged pairwise
     eval_cases: int = 8  # Med-dialog-format cases consulted
@@ -358,7 +359,7 @@ def _run(cfg: DemoConfig, size: DemoSize, real: bool, out: str) -> dict:
     ppo_cfg = ppo.PPOConfig(model=policy, adapter=sft_adapter, reward=rm_dir, prompts=rl_path, out=ppo_dir,
                             template=template, max_steps=size.ppo_steps, batch_size=size.ppo_batch,
                             max_new_tokens=size.ppo_tokens, temperature=0.7, lr=size.ppo_lr, kl_coef=size.kl_coef,
-                            ppo_epochs=size.ppo_epochs,
+                            length_penalty=size.length_penalty, ppo_epochs=size.ppo_epochs,
                             micro_batch_size=size.ppo_batch if not real else 4,
                             sample_every=max(size.ppo_steps // 4, 1), save_every=size.ppo_steps, device=device,
                             dtype=cfg.dtype, seed=cfg.seed)
