@@ -777,10 +777,11 @@ def _ci(s: dict, key: str) -> str:
 
 
 def _stats_row(name: str, s: dict) -> str:
+    of_all = " / ".join(f"{s[f'{k}_pct_all']:.1f}" for k in ("win", "tie", "loss", "unjudged")) if s["items"] else "–"
     if not s.get("n"):
-        return f"| {name} | 0 | – | – | – | – | – | {s.get('unjudged', 0)} |"
+        return f"| {name} | 0 | – | – | – | – | – | {s['unjudged']} | {of_all} |"
     return (f"| {name} | {s['n']} | {s['win']} / {s['tie']} / {s['loss']} | {_ci(s, 'win_pct')} | {_ci(s, 'tie_pct')} "
-            f"| {_ci(s, 'loss_pct')} | {_ci(s, 'winrate')} | {s.get('unjudged', 0)} |")
+            f"| {_ci(s, 'loss_pct')} | {_ci(s, 'winrate')} | {s.get('unjudged', 0)} | {of_all} |")
 
 
 def write_report(out: Path, summary: dict, stats: dict | None, pairs: list[dict], group_name: str, cfg, extra) -> None:
@@ -806,9 +807,9 @@ def write_report(out: Path, summary: dict, stats: dict | None, pairs: list[dict]
                   "", f"## Win / tie / loss for {na}", "",
                   "Percentages of judged pairs with 95% bootstrap intervals over "
                   f"{'questions' if mode == 'pairwise' else 'cases'} ({cfg.bootstrap} resamples). "
-                  "Win rate = win + tie / 2.", "",
-                  f"| {group_name} | judged | W / T / L | win % | tie % | loss % | win rate | unjudged |",
-                  "|---|---|---|---|---|---|---|---|", _stats_row("**overall**", o)]
+                  "Win rate = win + tie / 2. The last column: win / tie / loss / unjudged as % of all items.", "",
+                  f"| {group_name} | judged | W / T / L | win % | tie % | loss % | win rate | unjudged | % of all |",
+                  "|---|---|---|---|---|---|---|---|---|", _stats_row("**overall**", o)]
         lines += [_stats_row(g, s) for g, s in stats["groups"].items()]
         if o.get("n"):
             lens_a = [p["len_a"] for p in pairs if p.get("outcome")]

@@ -1,13 +1,14 @@
 """Win / tie / loss statistics of a pairwise comparison: pure numpy, no model, no judge.
 
     outcome = combine("A", "tie")                    # two order-swapped verdicts -> "win" / "tie" / "loss"
-    s = wtl_stats(outcomes, len_a_minus_len_b)       # counts, %, win rate, length control, CIs
+    s = wtl_stats(outcomes, len_a_minus_len_b, unjudged=2)   # counts, %, win rate, length control, CIs
     t = tables(items, [(outcome | None, why), ...], boots=1000, seed=0)   # overall and per group
     lc_text(s["length_control"])   # "61.2% [48.0, 73.1]; length slope ..." or "not identifiable (...)"
     cohen_kappa(human, judge)                        # agreement of two raters' labels
 
-Win rate = win + tie / 2 (OUTCOME_SCORE). Confidence intervals: 95% percentile bootstrap over
-questions (or cases), the same resamples for every statistic.
+Win rate = win + tie / 2 (OUTCOME_SCORE). Rates are out of the judged items, and again out of all
+items with the unjudged ones included (`*_pct_all`). Confidence intervals: 95% percentile
+bootstrap over questions (or cases), the same resamples for every statistic.
 
 Length control follows AlpacaEval 2's length-controlled GLM (Dubois et al. 2024). AlpacaEval fits
 a logistic regression of the judge's preference on three terms: the model's identity, tanh(len
@@ -128,12 +129,14 @@ def lc_text(lc: dict | None) -> str:
 
 
 def wtl_stats(outcomes: list[str], diffs: list[float], boots: int = 1000, seed: int = 0,
-              length_controlled: bool = True) -> dict:
-    """Counts, rates (%), win rate (win + tie/2, %), the length-controlled result (`length_control`),
-    bootstrap 95% CIs."""
+              length_controlled: bool = True, unjudged: int = 0) -> dict:
+    """Counts, rates (%) of the judged and of all items (`*_pct_all`, unjudged included), win rate
+    (win + tie/2, %), the length-controlled result (`length_control`), bootstrap 95% CIs."""
     n = len(outcomes)
     counts = {k: outcomes.count(k) for k in ("win", "tie", "loss")}
-    out = {"n": n, **counts}
+    out = {"n": n, **counts, "unjudged": unjudged, "items": n + unjudged}
+    for name, k in (*counts.items(), ("unjudged", unjudged)):  # an unjudged pair is never a win
+        out[f"{name}_pct_all"] = 100 * k / (n + unjudged) if n + unjudged else None
     if n == 0:
         return out
     y = np.array([OUTCOME_SCORE[o] for o in outcomes])
@@ -162,10 +165,8 @@ def tables(items: list[dict], outcomes: list, boots: int, seed: int) -> dict:
     """Overall and per-group statistics from (outcome, why-unjudged) per item."""
     def stats(sel, length_controlled):
         judged = [(it, o) for it, (o, _) in sel if o is not None]
-        s = wtl_stats([o for _, o in judged], [it["len_a"] - it["len_b"] for it, _ in judged], boots, seed,
-                      length_controlled)
-        s["unjudged"] = len(sel) - len(judged)
-        return s
+        return wtl_stats([o for _, o in judged], [it["len_a"] - it["len_b"] for it, _ in judged], boots, seed,
+                         length_controlled, unjudged=len(sel) - len(judged))
 
     pairs = list(zip(items, outcomes))
     groups = dict.fromkeys(it["group"] for it in items)  # in order of first appearance

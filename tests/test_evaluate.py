@@ -151,7 +151,12 @@ def test_garbled_verdicts_are_retried_then_unjudged(tmp_path):
     rows1 = [j for j in map(json.loads, (out / "judgements.jsonl").read_text(encoding="utf-8").splitlines())
              if j["id"] == "s1"]
     assert [j["ok"] for j in rows1] == [False, False] and rows1[0]["error"] == "no verdict line"
-    assert "Unjudged (1, never counted as a win): s1" in (out / "report.md").read_text(encoding="utf-8")
+    report = (out / "report.md").read_text(encoding="utf-8")
+    assert "Unjudged (1, never counted as a win): s1" in report
+    # rates of all six items, the unjudged one included: 5 / 0 / 0 / 1 of 6
+    assert o["win_pct"] == 100.0 and o["win_pct_all"] == pytest.approx(500 / 6)
+    assert o["unjudged_pct_all"] == pytest.approx(100 / 6)
+    assert "| 1 | 83.3 / 0.0 / 0.0 / 16.7 |" in report
 
 
 def test_interrupted_run_resumes_from_the_cache(tmp_path):

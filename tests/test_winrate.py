@@ -1,12 +1,12 @@
 """winrate.py: the length-controlled win rate against verdicts simulated from a known logistic model
 (candidate effect θ, length slope β), the refusals when the lengths cannot support it, ties counted
-half."""
+half, and the rates out of all items with the unjudged ones included."""
 
 import numpy as np
 import pytest
 
 from nanohuatuo.winrate import (MIN_LC_ITEMS, MIN_MINORITY_SHARE, fit_length_controlled, lc_text, length_control,
-                                wtl_stats)
+                                tables, wtl_stats)
 
 
 def simulate(n, theta, beta, shift, seed, spread=100.0):
@@ -101,3 +101,19 @@ def test_ties_count_half_and_newton_matches_a_general_optimiser():
     w = opt.minimize(loss, np.zeros(2), method="BFGS", options={"gtol": 1e-10}).x
     lc, slope = fit_length_controlled(soft, d)
     assert lc[0] == pytest.approx(1 / (1 + np.exp(-w[0])), abs=1e-6) and slope[0] == pytest.approx(w[1], abs=1e-4)
+
+
+def test_rates_of_all_items_include_the_unjudged():
+    items = [{"group": "g1" if i < 6 else "g2", "len_a": 10, "len_b": 10} for i in range(10)]
+    verdicts = [("win", None)] * 5 + [(None, "no verdict")] + [("tie", None)] * 2 + [("loss", None)] + [(None, "x")]
+    t = tables(items, verdicts, boots=100, seed=0)
+    o = t["overall"]
+    assert (o["n"], o["unjudged"], o["items"]) == (8, 2, 10)
+    assert o["win_pct"] == 62.5 and o["tie_pct"] == 25.0 and o["loss_pct"] == 12.5  # of the judged
+    assert (o["win_pct_all"], o["tie_pct_all"], o["loss_pct_all"], o["unjudged_pct_all"]) == (50.0, 20.0, 10.0, 20.0)
+    assert o["winrate"] == 75.0 and o["winrate_ci"][0] <= 75.0 <= o["winrate_ci"][1]
+    assert "not identifiable (8 judged pairs" in lc_text(o["length_control"])
+    g2 = t["groups"]["g2"]
+    assert (g2["win_pct_all"], g2["unjudged_pct_all"]) == (0.0, 25.0) and "length_control" not in g2
+    empty = wtl_stats([], [], unjudged=3)
+    assert empty["unjudged_pct_all"] == 100.0 and empty["win_pct_all"] == 0.0 and "winrate" not in empty
