@@ -43,6 +43,7 @@ from .model import ModelConfig, Transformer
 from .reward_model import load_reward_model
 from .sampling import sample_answers
 from .tokenizer import Tokenizer, train_sentencepiece
+from .winrate import lc_text
 
 DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data")
 SOURCES = ["distilled_instructions", "real_doctor_instructions", "distilled_conversations",
@@ -402,7 +403,8 @@ def eval_digest(ev: dict) -> dict:
     """The numbers of the evaluation the summary keeps (the full results are in OUT/eval/*/summary.json)."""
     def wtl(s):
         o = (s.get("stats") or {}).get("overall", {})
-        return {k: o.get(k) for k in ("n", "win", "tie", "loss", "unjudged", "winrate", "lc_winrate", "winrate_ci")}
+        return {k: o.get(k) for k in ("n", "win", "tie", "loss", "unjudged", "winrate", "winrate_ci", "length_control",
+                                      "win_pct_all", "tie_pct_all", "loss_pct_all", "unjudged_pct_all")}
     return {"metrics": {k: v["scores"] for k, v in ev["metrics"].items()},
             "pairwise": wtl(ev["pairwise"]), "dialogue": wtl(ev["dialogue"]),
             "pairwise_groups": (ev["pairwise"].get("stats") or {}).get("groups", {}),
@@ -425,9 +427,10 @@ def _wtl_row(name, w):
     if not w or w.get("n") is None:
         return f"| {name} | not judged | | | | |"
     ci = w.get("winrate_ci")
+    of_all = " / ".join(_f(w.get(f"{k}_pct_all"), "{:.0f}") for k in ("win", "tie", "loss", "unjudged"))
     return (f"| {name} | {w['win']} / {w['tie']} / {w['loss']} | {_f(w.get('winrate'), '{:.1f}')}% "
-            f"{'[' + ', '.join(f'{c:.0f}' for c in ci) + ']' if ci else ''} | {_f(w.get('lc_winrate'), '{:.1f}')}% | "
-            f"{w.get('unjudged', 0)} | {w['n']} |")
+            f"{'[' + ', '.join(f'{c:.0f}' for c in ci) + ']' if ci else ''} | {lc_text(w.get('length_control'))} | "
+            f"{w.get('unjudged', 0)} | {of_all} |")
 
 
 def _profile_lines(hot: dict, seconds: dict) -> list[str]:
@@ -491,8 +494,9 @@ def write_report(out, s, ev, seconds):
         "Pairwise: each question is answered by both models and judged twice, the order swapped; the two verdicts "
         "are summed, so opposite verdicts are a tie. Win rate = win + tie / 2, with a bootstrap 95% interval over "
         "questions; LC = length-controlled win rate (the verdict fitted on the length difference, read at equal "
-        "length).", "",
-        "| comparison (PPO vs SFT) | win / tie / loss | win rate [95% CI] | LC win rate | unjudged | items |",
+        "length; not identifiable when one answer is the longer in nearly every pair), with the length slope.", "",
+        "| comparison (PPO vs SFT) | win / tie / loss | win rate [95% CI] | LC win rate [95% CI]; length slope | "
+        "unjudged | W / T / L / unjudged, % of all items |",
         "|---|---|---|---|---|---|",
         _wtl_row("single-turn questions (KUAKE-QIC format)", e["pairwise"]),
         _wtl_row("multi-turn consultations (Med-dialog format)", e["dialogue"]), "",

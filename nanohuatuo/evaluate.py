@@ -47,9 +47,8 @@ similarity to the reference, textmetrics.similarity_score: the doctor's diagnosi
 an item's `reference` in pairwise when it has one, else the question); `--patient offline` is a
 stand-in that recites the case one sentence per turn. Both are labelled as such in the report.
 
-Length control (AlpacaEval 2; the statistics are in winrate.py): a logistic fit of the per-question outcome (win 1, tie 0.5,
-loss 0) on tanh(length difference / its standard deviation), lengths in characters; the
-length-controlled win rate is the fitted probability at zero length difference.
+Length control: AlpacaEval 2's GLM read at equal length, with bootstrap intervals, or "not identifiable
+(reason)" when the pairs cannot support it; the terms kept, the intervals and the thresholds are in winrate.py.
 
 Outputs in --out: report.md (tables, with HuatuoGPT's published numbers beside ours when the
 set is the one they used), winrate.png (win/tie/loss bars), judgements.jsonl (every judge request
@@ -78,7 +77,7 @@ from .cli import UserError, arg, cli_main, prepare_out
 from .data import QA_FORMATS, load_cases, load_qa, load_questions
 from .metrics import plot_wtl
 from .textmetrics import METRICS, chars, distinct, score_corpus, similarity_score
-from .winrate import combine, length, tables
+from .winrate import combine, lc_text, length, tables
 
 # ---------------------------------------------------------------- published numbers
 
@@ -778,10 +777,11 @@ def _ci(s: dict, key: str) -> str:
 
 
 def _stats_row(name: str, s: dict) -> str:
+    of_all = " / ".join(f"{s[f'{k}_pct_all']:.1f}" for k in ("win", "tie", "loss", "unjudged")) if s["items"] else "–"
     if not s.get("n"):
-        return f"| {name} | 0 | – | – | – | – | – | {s.get('unjudged', 0)} |"
+        return f"| {name} | 0 | – | – | – | – | – | {s['unjudged']} | {of_all} |"
     return (f"| {name} | {s['n']} | {s['win']} / {s['tie']} / {s['loss']} | {_ci(s, 'win_pct')} | {_ci(s, 'tie_pct')} "
-            f"| {_ci(s, 'loss_pct')} | {_ci(s, 'winrate')} | {s.get('unjudged', 0)} |")
+            f"| {_ci(s, 'loss_pct')} | {_ci(s, 'winrate')} | {s.get('unjudged', 0)} | {of_all} |")
 
 
 def write_report(out: Path, summary: dict, stats: dict | None, pairs: list[dict], group_name: str, cfg, extra) -> None:
@@ -807,20 +807,21 @@ def write_report(out: Path, summary: dict, stats: dict | None, pairs: list[dict]
                   "", f"## Win / tie / loss for {na}", "",
                   "Percentages of judged pairs with 95% bootstrap intervals over "
                   f"{'questions' if mode == 'pairwise' else 'cases'} ({cfg.bootstrap} resamples). "
-                  "Win rate = win + tie / 2.", "",
-                  f"| {group_name} | judged | W / T / L | win % | tie % | loss % | win rate | unjudged |",
-                  "|---|---|---|---|---|---|---|---|", _stats_row("**overall**", o)]
+                  "Win rate = win + tie / 2. The last column: win / tie / loss / unjudged as % of all items.", "",
+                  f"| {group_name} | judged | W / T / L | win % | tie % | loss % | win rate | unjudged | % of all |",
+                  "|---|---|---|---|---|---|---|---|---|", _stats_row("**overall**", o)]
         lines += [_stats_row(g, s) for g, s in stats["groups"].items()]
         if o.get("n"):
             lens_a = [p["len_a"] for p in pairs if p.get("outcome")]
             lens_b = [p["len_b"] for p in pairs if p.get("outcome")]
+            lc = o["length_control"]
             lines += ["", "## Length-controlled win rate", "",
                       "LLM judges favour longer answers. Logistic fit of the outcome (win 1, tie 0.5, loss 0) on "
-                      "tanh(length difference / its standard deviation), as AlpacaEval 2; the length-controlled win "
-                      "rate is the fit at equal length.", "",
-                      "| raw win rate | length-controlled win rate | length slope | mean length A | mean length B |",
-                      "|---|---|---|---|---|",
-                      f"| {_ci(o, 'winrate')} | {_ci(o, 'lc_winrate')} | {o['length_slope']:+.2f} | "
+                      "tanh(length difference / its standard deviation), as AlpacaEval 2, read at equal length; "
+                      "95% bootstrap intervals; slope > 0: the judge favours A when A is the longer.", "",
+                      "| raw win rate | length-controlled win rate; length slope | A / B longer (equal) | "
+                      "mean length A | mean length B |", "|---|---|---|---|---|",
+                      f"| {_ci(o, 'winrate')} | {lc_text(lc)} | {lc['a_longer']} / {lc['b_longer']} ({lc['equal']}) | "
                       f"{np.mean(lens_a):.0f} | {np.mean(lens_b):.0f} |", "",
                       "Lengths in characters (whitespace excluded)" + (", doctor turns only." if mode == "dialogue" else ".")]
         unjudged = [p for p in pairs if p.get("outcome") is None]
