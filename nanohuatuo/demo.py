@@ -407,6 +407,8 @@ def eval_digest(ev: dict) -> dict:
                                       "win_pct_all", "tie_pct_all", "loss_pct_all", "unjudged_pct_all")}
     return {"metrics": {k: v["scores"] for k, v in ev["metrics"].items()},
             "pairwise": wtl(ev["pairwise"]), "dialogue": wtl(ev["dialogue"]),
+            "length_shift": {k: ((ev[k].get("stats") or {}).get("length_shift") or {}).get("warning")
+                             for k in ("pairwise", "dialogue")},
             "pairwise_groups": (ev["pairwise"].get("stats") or {}).get("groups", {}),
             "dialogue_groups": (ev["dialogue"].get("stats") or {}).get("groups", {}),
             "judge": ev["pairwise"].get("judge"), "patient": ev["patient"]}
@@ -500,6 +502,7 @@ def write_report(out, s, ev, seconds):
         "|---|---|---|---|---|---|",
         _wtl_row("single-turn questions (KUAKE-QIC format)", e["pairwise"]),
         _wtl_row("multi-turn consultations (Med-dialog format)", e["dialogue"]), "",
+        *[f"**Warning ({k}), {w}.**\n" for k, w in e.get("length_shift", {}).items() if w],
         "![single-turn](eval/pairwise/winrate.png) ![multi-turn](eval/dialogue/winrate.png)", "",
     ]
     if e["pairwise_groups"]:

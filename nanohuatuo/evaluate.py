@@ -693,7 +693,9 @@ def _judge_and_report(cfg, mode, judge, pairs, build, na, nb, usage, group_name,
         p["outcome"], p["unjudged"], p["verdicts"] = o, why, verdicts.get(p["id"], [])
     qa_data.write_jsonl(out / "judgements.jsonl", rows)
     qa_data.write_jsonl(out / "pairs.jsonl", pairs)
-    stats = tables(pairs, outcomes, cfg.bootstrap, cfg.seed)
+    stats = tables(pairs, outcomes, cfg.bootstrap, cfg.seed, (na, nb))
+    if stats["length_shift"]["warning"]:
+        print(f"warning: {stats['length_shift']['warning']}", file=sys.stderr)
     summary.update(judge=judge.name, combine=cfg.combine, stats=stats,
                    published=published_for(mode, [cfg.data], cfg.published))
     plot_wtl(out / "winrate.png", stats, f"{na} vs {nb} ({mode}, {judge.name})")
@@ -805,6 +807,7 @@ def write_report(out: Path, summary: dict, stats: dict | None, pairs: list[dict]
                   + (" (summed +1/0/-1: opposite verdicts are a tie)." if summary["combine"] == "sum" else
                      " (any disagreement is a tie)."),
                   "", f"## Win / tie / loss for {na}", "",
+                  *([f"**Warning, {stats['length_shift']['warning']}.**", ""] if stats["length_shift"]["warning"] else []),
                   "Percentages of judged pairs with 95% bootstrap intervals over "
                   f"{'questions' if mode == 'pairwise' else 'cases'} ({cfg.bootstrap} resamples). "
                   "Win rate = win + tie / 2. The last column: win / tie / loss / unjudged as % of all items.", "",

@@ -2,7 +2,7 @@
 
     outcome = combine("A", "tie")                    # two order-swapped verdicts -> "win" / "tie" / "loss"
     s = wtl_stats(outcomes, len_a_minus_len_b, unjudged=2)   # counts, %, win rate, length control, CIs
-    t = tables(items, [(outcome | None, why), ...], boots=1000, seed=0)   # overall and per group
+    t = tables(items, [(outcome | None, why), ...], boots=1000, seed=0)   # overall, per group, length shift
     lc_text(s["length_control"])   # "61.2% [48.0, 73.1]; length slope ..." or "not identifiable (...)"
     cohen_kappa(human, judge)                        # agreement of two raters' labels
 
@@ -161,8 +161,32 @@ def length(text: str | None) -> int:
     return len("".join((text or "").split()))
 
 
-def tables(items: list[dict], outcomes: list, boots: int, seed: int) -> dict:
-    """Overall and per-group statistics from (outcome, why-unjudged) per item."""
+LENGTH_SHIFT = 1.25  # mean lengths further apart than this ratio are flagged in the reports
+
+
+def length_shift(len_a: list[float], len_b: list[float], names=("A", "B")) -> dict:
+    """Mean lengths of the two candidates over the same items, and a warning in plain words when one
+    writes more than LENGTH_SHIFT times as much as the other: a win rate between answers of very
+    different lengths says as much about the judge's taste in length as about quality (and PPO
+    that learnt to shrink or pad its answers wins or loses on that alone)."""
+    if not len_a:
+        return {"mean_a": None, "mean_b": None, "ratio": None, "warning": None}
+    mean_a, mean_b = float(np.mean(len_a)), float(np.mean(len_b))
+    ratio = mean_a / max(mean_b, 1e-9)
+    out = {"mean_a": mean_a, "mean_b": mean_b, "ratio": ratio, "warning": None}
+    if ratio > LENGTH_SHIFT or ratio < 1 / LENGTH_SHIFT:
+        short, long_ = (names[0], names[1]) if ratio < 1 else (names[1], names[0])
+        n_short = sum((a < b) if ratio < 1 else (b < a) for a, b in zip(len_a, len_b))
+        out["warning"] = (f"length shift: {short}'s answers are {100 * (1 - min(ratio, 1 / ratio)):.0f}% shorter than "
+                          f"{long_}'s (mean {min(mean_a, mean_b):.0f} vs {max(mean_a, mean_b):.0f} characters; "
+                          f"shorter in {n_short} of {len(len_a)} items), so the win rate may reflect the judge's "
+                          "taste in length rather than the quality of the answers")
+    return out
+
+
+def tables(items: list[dict], outcomes: list, boots: int, seed: int, names=("A", "B")) -> dict:
+    """Overall and per-group statistics from (outcome, why-unjudged) per item, and the length shift
+    between the candidates (`names` in its warning)."""
     def stats(sel, length_controlled):
         judged = [(it, o) for it, (o, _) in sel if o is not None]
         return wtl_stats([o for _, o in judged], [it["len_a"] - it["len_b"] for it, _ in judged], boots, seed,
@@ -172,6 +196,7 @@ def tables(items: list[dict], outcomes: list, boots: int, seed: int) -> dict:
     groups = dict.fromkeys(it["group"] for it in items)  # in order of first appearance
     # per group: counts and CIs only, a length fit on ten questions would be noise
     return {"overall": stats(pairs, True),
+            "length_shift": length_shift([it["len_a"] for it in items], [it["len_b"] for it in items], names),
             "groups": {g: stats([(it, o) for it, o in pairs if it["group"] == g], False) for g in groups}}
 
 

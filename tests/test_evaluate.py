@@ -97,6 +97,9 @@ def test_order_swap_two_requests_per_pair_with_answers_exchanged(tmp_path):
     # six pairs are too few for a length slope: said in words, never a number
     assert o["length_control"]["winrate"] is None and "not identifiable (6 judged pairs, fewer than 20" in report
     assert "| vs ChatGPT | 47 | 21 | 32 |" in report  # the published numbers beside ours
+    # A writes 11 characters to B's 7: the win may be length, and the report says so in words
+    assert "**Warning, length shift: base's answers are 36% shorter than huatuo's (mean 7 vs 11 characters; " \
+        "shorter in 6 of 6 items)" in report
     assert (out / "winrate.png").stat().st_size > 1000
     assert any("judge: 12 requests (0 cached)" in u for u in summary["usage"])
 

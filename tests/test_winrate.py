@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from nanohuatuo.winrate import (MIN_LC_ITEMS, MIN_MINORITY_SHARE, fit_length_controlled, lc_text, length_control,
-                                tables, wtl_stats)
+                                length_shift, tables, wtl_stats)
 
 
 def simulate(n, theta, beta, shift, seed, spread=100.0):
@@ -117,3 +117,16 @@ def test_rates_of_all_items_include_the_unjudged():
     assert (g2["win_pct_all"], g2["unjudged_pct_all"]) == (0.0, 25.0) and "length_control" not in g2
     empty = wtl_stats([], [], unjudged=3)
     assert empty["unjudged_pct_all"] == 100.0 and empty["win_pct_all"] == 0.0 and "winrate" not in empty
+
+
+def test_length_shift_is_flagged_in_words_beyond_the_ratio():
+    even = length_shift([50, 52, 48], [51, 49, 50], ("PPO", "SFT"))
+    assert even["warning"] is None and even["mean_a"] == 50 and even["mean_b"] == 50
+    # PPO's answers shrank from ~51 to ~18 characters: flagged, whichever side is shorter
+    short = length_shift([18, 20, 16, 60], [51, 50, 52, 51], ("PPO", "SFT"))
+    assert short["warning"].startswith("length shift: PPO's answers are 44% shorter than SFT's (mean 28 vs 51 "
+                                       "characters; shorter in 3 of 4 items)")
+    long_ = length_shift([51, 50], [18, 20], ("PPO", "SFT"))
+    assert long_["warning"].startswith("length shift: SFT's answers are 62% shorter than PPO's")
+    assert length_shift([125], [100])["warning"] is None and length_shift([126], [100])["warning"]  # the edge
+    assert length_shift([], [])["warning"] is None
