@@ -11,8 +11,8 @@
 The modes, as the paper ran them:
 - metrics: answers to a QA test set (our schema, Huatuo-26M questions/answers JSONL, cMedQA2
   questions.csv + answers.csv, Chinese-medical-dialogue CSV/JSONL; read by data.py's converters)
-  scored against the doctors' replies with BLEU-1..4, GLEU, ROUGE-1/2/L and Distinct-1/2 at
-  character level (textmetrics.py documents the exact variants).
+  scored against the doctors' replies (all of them when several doctors answered) with BLEU-1..4,
+  GLEU, ROUGE-1/2/L and Distinct-1/2 at character level (textmetrics.py documents the variants).
 - pairwise: questions in the KUAKE-QIC format (`id, label, query`), two candidates' answers, a
   judge that reasons first and ends with "Assistant 1 is better than / worse than / equal to
   Assistant 2". Every pair is judged twice with the answers swapped; the two verdicts are summed
@@ -754,16 +754,18 @@ def run_metrics(cfg: MetricsConfig) -> dict:
         out, usage = Path(cfg.out), []
         answers = get_answers(c, sampling(cfg), items, cfg, usage)
         scored = [(it, a) for it, a in zip(items, answers) if a is not None]
-        scores = score_corpus([a for _, a in scored], [it["reference"] for it, _ in scored], cfg.level, cfg.keep_punct)
-        refs = [chars(it["reference"], cfg.keep_punct) for it, _ in scored]
+        scores = score_corpus([a for _, a in scored], [it["references"] for it, _ in scored], cfg.level, cfg.keep_punct)
+        refs = [r for it, _ in scored for r in it["references"]]  # every doctor's reply, for their own statistics
         qa_data.write_jsonl(out / "answers.jsonl", [{"id": it["id"], "question": it["messages"], "reference": it["reference"],
-                                             "answer": a} for it, a in zip(items, answers)])
+                                             "references": it["references"], "answer": a} for it, a in zip(items, answers)])
         summary = {"mode": "metrics", "usage": usage, "model": c.label(), "data": cfg.data, "items": len(items),
                    "scored": len(scored), "level": cfg.level, "keep_punct": cfg.keep_punct, "scores": scores,
-                   "reference_distinct": {f"distinct-{n}": float(np.mean([distinct(r, n) for r in refs])) if refs else 0.0
+                   "several_references": sum(len(it["references"]) > 1 for it, _ in scored),
+                   "reference_distinct": {f"distinct-{n}": float(np.mean([distinct(chars(r, cfg.keep_punct), n)
+                                                                          for r in refs])) if refs else 0.0
                                           for n in (1, 2)},
                    "mean_length": float(np.mean([length(a) for _, a in scored])) if scored else 0.0,
-                   "reference_mean_length": float(np.mean([length(it["reference"]) for it, _ in scored])) if scored else 0.0,
+                   "reference_mean_length": float(np.mean([length(r) for r in refs])) if refs else 0.0,
                    "published": published_for("metrics", cfg.data, cfg.published)}
         write_metrics_report(out, summary, scored)
         print(" ".join(f"{k} {v:.2f}" for k, v in scores.items()))
@@ -879,7 +881,10 @@ def write_metrics_report(out: Path, summary: dict, scored: list) -> None:
              "answered). Character level: NFKC, lower-case, whitespace dropped, every other character one token"
              + (" (punctuation kept)" if summary["keep_punct"] else " (punctuation dropped)") +
              f"; BLEU/GLEU {summary['level']} level (nltk's definition), ROUGE F1 averaged over answers, Distinct per "
-             "answer averaged (see nanohuatuo/textmetrics.py). BLEU/GLEU/ROUGE x100, Distinct as a fraction.", "",
+             "answer averaged (see nanohuatuo/textmetrics.py). BLEU/GLEU/ROUGE x100, Distinct as a fraction."
+             + (f" {summary['several_references']} answered items have several references, each scored against "
+                "all of them (multi-reference BLEU/GLEU as nltk, the best ROUGE)." if summary.get("several_references")
+                else ""), "",
              head, rule, f"| {summary['model']} | {fmt(s.values())} |"]
     pub = summary.get("published")
     if pub:

@@ -418,6 +418,23 @@ def test_metrics_run_scores_the_answers(tmp_path):
     assert "| B1 | B2 | B3 | B4 | GLEU | R1 | R2 | RL | D1 | D2 |" in report
 
 
+def test_metrics_score_against_every_reference(tmp_path):
+    # Huatuo-26M: two doctors answered q0; cMedQA2 format keeps every answer of a question as well
+    rows = [{"questions": ["头痛怎么办"], "answers": ["多喝水", "注意休息，多喝水"]},
+            {"questions": ["发热怎么办"], "answers": ["及时就医"]}]
+    data = write_jsonl(tmp_path / "h.jsonl", rows)
+    ans = write_jsonl(tmp_path / "ans.jsonl", [{"id": "h-1", "answer": "多喝水"}, {"id": "h-2", "answer": "就医"}])
+    summary = ev.run_metrics(ev.MetricsConfig(data=[data], answers=ans, out=str(tmp_path / "m")))
+    expected = score_corpus(["多喝水", "就医"], [["多喝水", "注意休息，多喝水"], "及时就医"])
+    assert summary["scores"] == pytest.approx(expected)
+    assert summary["scores"]["rouge-l"] != pytest.approx(score_corpus(["多喝水", "就医"], ["多喝水\n\n注意休息，多喝水",
+                                                                                       "及时就医"])["rouge-l"])
+    assert summary["several_references"] == 1
+    assert "1 answered items have several references" in (tmp_path / "m" / "report.md").read_text(encoding="utf-8")
+    saved = [json.loads(x) for x in (tmp_path / "m" / "answers.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert saved[0]["references"] == ["多喝水", "注意休息，多喝水"] and saved[1]["references"] == ["及时就医"]
+
+
 def test_metrics_with_our_model_and_the_published_table(tmp_path, tiny):
     rows = [{"questions": [f"头痛{i}怎么办"], "answers": ["多喝水，注意休息"]} for i in range(3)]
     data = write_jsonl(tmp_path / "huatuo26m_test.jsonl", rows)
@@ -435,6 +452,15 @@ def test_qa_readers_reuse_the_data_converters(tmp_path):
     (tmp_path / "answers.csv").write_text("ans_id,question_id,content\n7,1,多休息\n8,2,多喝水\n", encoding="utf-8")
     items = load_qa([str(tmp_path / "questions.csv"), str(tmp_path / "answers.csv")])
     assert [i["reference"] for i in items] == ["多休息", "多喝水"]
+    assert [i["references"] for i in items] == [["多休息"], ["多喝水"]]
+    # several doctors' answers: every one is a reference (Huatuo-26M row, cMedQA2 question)
+    h2 = write_jsonl(tmp_path / "h2.jsonl", [{"questions": ["头痛怎么办"], "answers": ["多休息", "必要时吃止痛药"]}])
+    assert load_qa([h2])[0]["references"] == ["多休息", "必要时吃止痛药"]
+    (tmp_path / "answers.csv").write_text("ans_id,question_id,content\n7,1,多休息\n8,2,多喝水\n9,1,查血压\n",
+                                          encoding="utf-8")
+    items = load_qa([str(tmp_path / "questions.csv"), str(tmp_path / "answers.csv")])
+    assert [i["reference"] for i in items] == ["多休息", "多喝水"]
+    assert [i["references"] for i in items] == [["多休息", "查血压"], ["多喝水"]]
     (tmp_path / "cmd.csv").write_text("department,title,ask,answer\n内科,头痛,无,多休息\n", encoding="utf-8")
     [item] = load_qa([str(tmp_path / "cmd.csv")])
     assert item["messages"][0]["content"] == "头痛" and item["department"] == "内科"
