@@ -77,6 +77,7 @@ from .answers import AnswerStore, Candidate, Sampling, candidate_key, get_answer
 from .cli import UserError, arg, cli_main, prepare_out
 from .data import QA_FORMATS, load_cases, load_qa, load_questions
 from .metrics import plot_wtl
+from .textcheck import own_lines
 from .textmetrics import METRICS, chars, distinct, score_corpus, similarity_score
 from .winrate import combine, length, tables
 
@@ -342,7 +343,8 @@ def doctor_view(transcript: list[dict]) -> list[dict]:
 
 
 def _clean_patient(text: str) -> str:
-    return re.sub(r"^\s*(患者|病人|我)\s*[:：]\s*", "", text.strip())
+    """The patient's own words: its tag dropped (我： too), the doctor's lines it may go on to write cut off."""
+    return re.sub(r"^我\s*[:：]\s*", "", own_lines(text, "patient"))
 
 
 class EndpointPatient:
@@ -358,11 +360,12 @@ class EndpointPatient:
         answers = self.llm.map([{"messages": patient_view(c["medical_case"], t), "temperature": self.temperature,
                                  "max_tokens": self.max_tokens} for c, t in zip(cases, transcripts)],
                                desc="patient speaking")
-        return [_clean_patient(a.text) if a.ok and a.text.strip() else None for a in answers]
+        return [(_clean_patient(a.text) if a.ok else "") or None for a in answers]
 
     def key(self) -> dict:
         return {"patient": self.llm.model, "patient_url": self.llm.base_url, "t": self.temperature,
-                "max_tokens": self.max_tokens, "prompt": hashlib.sha1(PATIENT_SYSTEM.encode()).hexdigest()[:8]}
+                "max_tokens": self.max_tokens, "prompt": hashlib.sha1(PATIENT_SYSTEM.encode()).hexdigest()[:8],
+                "turn": "own lines"}  # consultations stored before the doctor's lines were cut are not reused
 
     def summary(self) -> str:
         return self.llm.summary()

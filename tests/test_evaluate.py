@@ -282,6 +282,21 @@ def test_dialogue_stops_at_the_rule_and_at_the_turn_limit(tmp_path):
     assert {(t["stopped"], t["doctor_turns"]) for t in turns} == {("turn limit", 2)}
 
 
+def test_patient_that_writes_both_sides_keeps_its_own_lines(tmp_path):
+    def handler(req, path):
+        if req["model"] == "patient":  # plays the whole consultation, the doctor's lines included
+            return "病人：我头痛三天了。\n医生：你好，考虑偏头痛，建议休息。\n病人：好的谢谢。"
+        return dialogue_handler(req, path)
+
+    with ScriptedServer(handler) as srv:
+        ev.run_dialogue(dialogue_cfg(tmp_path, srv, max_turns=2))
+        doctors = [b for _, b in srv.requests if b["model"] in ("doc-dx", "doc-ask")]
+    transcripts = [json.loads(x) for x in (tmp_path / "dlg" / "transcripts.jsonl").read_text(encoding="utf-8").splitlines()]
+    said = {turn["content"] for t in transcripts for turn in t["transcript"] if turn["role"] == "patient"}
+    assert said == {"我头痛三天了。"}
+    assert doctors and all(m["content"] == "我头痛三天了。" for b in doctors for m in b["messages"] if m["role"] == "user")
+
+
 def test_dialogue_resumes_without_requests(tmp_path):
     with ScriptedServer(dialogue_handler) as srv:
         first = ev.run_dialogue(dialogue_cfg(tmp_path, srv))
