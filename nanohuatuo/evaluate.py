@@ -13,10 +13,11 @@ The modes, as the paper ran them:
   questions.csv + answers.csv, Chinese-medical-dialogue CSV/JSONL; read by data.py's converters)
   scored against the doctors' replies (all of them when several doctors answered) with BLEU-1..4,
   GLEU, ROUGE-1/2/L and Distinct-1/2 at character level (textmetrics.py documents the variants).
-- pairwise: questions in the KUAKE-QIC format (`id, label, query`), two candidates' answers, a
-  judge that reasons first and ends with "Assistant 1 is better than / worse than / equal to
-  Assistant 2". Every pair is judged twice with the answers swapped; the two verdicts are summed
-  (+1 win, 0 tie, -1 loss for candidate A), so opposite verdicts are a tie (`--combine strict`:
+- pairwise: questions in the KUAKE-QIC format (`id, label, query`, optionally `reference`: a real
+  doctor's answer, shown to the judge as HuatuoGPT's feedback prompt shows it), two candidates'
+  answers, a judge that reasons first and ends with "Assistant 1 is better than / worse than /
+  equal to Assistant 2". Every pair is judged twice with the answers swapped; the two verdicts are
+  summed (+1 win, 0 tie, -1 loss for candidate A), so opposite verdicts are a tie (`--combine strict`:
   any disagreement is a tie, as FastChat's MT-bench). A verdict the judge garbles is re-asked
   (llm.py), then the pair is unjudged: reported, never a win. Win/tie/loss overall and per intent
   with a bootstrap CI over questions, and a length-controlled win rate (below).
@@ -143,14 +144,20 @@ ASK_VERDICT = (
     "comparing the two. Then write the final verdict alone on the last line, exactly one of:\n" + VERDICT_LINES)
 
 
-def pairwise_messages(question: str, answer_1: str, answer_2: str) -> list[dict]:
+def pairwise_messages(question: str, answer_1: str, answer_2: str, reference: str | None = None) -> list[dict]:
     """The judge request for one single-turn question, method.md's structure:
-    [Question] [Assistant 1] [Assistant 2] [System] criteria, reasoning first, verdict line last."""
+    [Question] [Assistant 1] [Assistant 2] [System] criteria, reasoning first, verdict line last;
+    with a [Reference Answer] after the question when the item has a real doctor's answer."""
     user = (f"[Question]\n{question.strip()}\n\n"
+            + (f"[Reference Answer]\n{reference.strip()}\n\n" if reference else "") +
             f"[The Start of Assistant 1's Answer]\n{answer_1.strip() or '(no answer)'}\n[The End of Assistant 1's Answer]\n\n"
             f"[The Start of Assistant 2's Answer]\n{answer_2.strip() or '(no answer)'}\n[The End of Assistant 2's Answer]\n\n"
             "[System]\nWe would like to request your feedback on the performance of two AI assistants in response "
-            "to the patient's question displayed above. Judge which answer is better by these criteria:\n"
+            "to the patient's question displayed above. "
+            + ("A real doctor's reply is given as the reference answer: compare each answer with it for accuracy "
+               "and professionalism; an answer need not share its wording, and one more complete and accurate "
+               "than the reference is better. " if reference else "") +
+            "Judge which answer is better by these criteria:\n"
             f"{CRITERIA}\n{ASK_VERDICT}")
     return [{"role": "system", "content": JUDGE_SYSTEM}, {"role": "user", "content": user}]
 
@@ -668,18 +675,20 @@ def run_pairwise(cfg: PairwiseConfig) -> dict:
         answers_b = get_answers(b, s, items, cfg, usage)
         na, nb = _names(a, b)
         pairs = [{"id": q["id"], "group": q["group"], "prompt": q["query"], "answer_a": x, "answer_b": y,
-                  "reference": q.get("reference") or q["query"],
+                  "reference": q.get("reference") or q["query"], "with_reference": bool(q.get("reference")),
                   "reference_name": "reference answer" if q.get("reference") else "question",
                   "len_a": length(x), "len_b": length(y)}
                  for q, x, y in zip(questions, answers_a, answers_b)]
         judge = open_judge(cfg)
-        build = lambda it, first, second: pairwise_messages(it["prompt"], first, second)
+        build = lambda it, first, second: pairwise_messages(it["prompt"], first, second,
+                                                            it["reference"] if it["with_reference"] else None)
         return _judge_and_report(cfg, "pairwise", judge, pairs, build, na, nb, usage, "intent")
 
 
 def _judge_and_report(cfg, mode, judge, pairs, build, na, nb, usage, group_name, extra=None) -> dict:
     out = Path(cfg.out)
-    summary = {"mode": mode, "a": na, "b": nb, "data": cfg.data, "items": len(pairs), "usage": usage}
+    summary = {"mode": mode, "a": na, "b": nb, "data": cfg.data, "items": len(pairs), "usage": usage,
+               "judge_saw_reference": sum(p["with_reference"] for p in pairs)}
     if judge is None:
         qa_data.write_jsonl(out / "pairs.jsonl", pairs)
         summary["judge"] = None
@@ -731,7 +740,8 @@ def run_dialogue(cfg: DialogueConfig) -> dict:
         pairs = []
         for case, x, y in zip(cases, ta, tb):
             pair = {"id": case["id"], "group": case["group"], "prompt": case["medical_case"],
-                    "reference": case["doctor_diagnosis"], "reference_name": "real doctor's diagnosis"}
+                    "reference": case["doctor_diagnosis"], "with_reference": True,
+                    "reference_name": "real doctor's diagnosis"}
             for k, t in (("a", x), ("b", y)):  # t is None when that consultation broke off
                 doctor = " ".join(turn["content"] for turn in t["transcript"] if turn["role"] == "doctor") if t else ""
                 pair.update({f"answer_{k}": render_transcript(t["transcript"]) if t else None,
@@ -804,11 +814,13 @@ def write_report(out: Path, summary: dict, stats: dict | None, pairs: list[dict]
     else:
         o = stats["overall"]
         offline = "offline" in summary["judge"]
+        reference, things = ("reference answer", "questions") if mode == "pairwise" else ("real doctor's diagnosis", "cases")
         lines += ["", f"Judge: {summary['judge']}" + (" — **a deterministic similarity stand-in, not a model's judgement"
                                                        "; the numbers only show the pipeline working**" if offline else "")
                   + f". Every pair judged twice with the order swapped; verdicts combined by `{summary['combine']}`"
                   + (" (summed +1/0/-1: opposite verdicts are a tie)." if summary["combine"] == "sum" else
-                     " (any disagreement is a tie)."),
+                     " (any disagreement is a tie).")
+                  + f" The judge saw the {reference} for {summary['judge_saw_reference']} of {len(pairs)} {things}.",
                   "", f"## Win / tie / loss for {na}", "",
                   "Percentages of judged pairs with 95% bootstrap intervals over "
                   f"{'questions' if mode == 'pairwise' else 'cases'} ({cfg.bootstrap} resamples). "

@@ -100,6 +100,31 @@ def test_order_swap_two_requests_per_pair_with_answers_exchanged(tmp_path):
     assert any("judge: 12 requests (0 cached)" in u for u in summary["usage"])
 
 
+def test_endpoint_judge_sees_the_reference_answer_when_the_question_has_one(tmp_path):
+    data, rows = questions(tmp_path)
+    with_ref = {"s0": "医生回答：先查血常规再决定", "s3": "医生回答：多饮水，体温超过38.5度服退烧药"}
+    for r in rows:
+        if r["id"] in with_ref:
+            r["reference"] = with_ref[r["id"]]
+    (tmp_path / "questions.json").write_text(json.dumps(rows, ensure_ascii=False), encoding="utf-8")
+    a = answers(tmp_path, "a", rows, lambda r: f"好的回答：{r['id']}")
+    b = answers(tmp_path, "b", rows, lambda r: f"差的回答：{r['id']}")
+    with ScriptedServer(good_judge) as srv:
+        summary = ev.run_pairwise(pairwise_cfg(tmp_path, srv, data, a, b))
+        reqs = judge_requests(srv)
+    assert len(reqs) == 12
+    for r in reqs:
+        body = r["messages"][1]["content"]
+        qid = re.search(r"s\d+", shown(r)[0]).group(0)
+        if qid in with_ref:
+            assert f"[Reference Answer]\n{with_ref[qid]}\n" in body and "reference answer" in body
+        else:
+            assert "[Reference Answer]" not in body and "医生回答" not in body
+    assert summary["judge_saw_reference"] == 2
+    report = (tmp_path / "out" / "report.md").read_text(encoding="utf-8")
+    assert "The judge saw the reference answer for 2 of 6 questions." in report
+
+
 def test_inconsistent_verdicts_are_ties(tmp_path):
     data, rows = questions(tmp_path)
     a = answers(tmp_path, "a", rows, lambda r: "A的回答" + r["id"])
@@ -275,6 +300,7 @@ def test_dialogue_stops_at_the_rule_and_at_the_turn_limit(tmp_path):
     add_up(stats)
     report = (out / "report.md").read_text(encoding="utf-8")
     assert "| department |" in report and "diagnosis and advice: 3" in report and "turn limit: 3" in report
+    assert "The judge saw the real doctor's diagnosis for 3 of 3 cases." in report
 
     with ScriptedServer(dialogue_handler) as srv:  # the "turns" rule runs every consultation to the limit
         ev.run_dialogue(dialogue_cfg(tmp_path, srv, out=str(tmp_path / "turns"), stop_rule="turns", max_turns=2))
