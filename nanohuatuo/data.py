@@ -4,10 +4,14 @@ files and a small CLI (`python -m nanohuatuo.data {convert,mix,prompts,stats}`).
 
 Schema, one JSON object a line (UTF-8):
     {"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...],
-     "source": str, "department": str (optional), "id": str (optional)}
+     "source": str, "department": str (optional), "id": str (optional),
+     "references": [str, ...] (optional)}
 An optional system message comes first, then user/assistant turns alternate,
 starting with user and ending with assistant. `source` names the SFT source;
 HuatuoGPT's four are exported as SOURCES, other strings (e.g. "other") are allowed.
+`references` holds every doctor's answer to the last question when there are
+several (Huatuo-26M, cMedQA2): the reference metrics score against each of them,
+while training sees only the last assistant turn.
 
 Converters (each yields schema rows and stops with a DataError naming the file,
 the line and the reason at the first malformed record; every row gets an id
@@ -23,7 +27,8 @@ the line and the reason at the first malformed record; every row gets an id
                  its first item is kept. When both sides are lists of the same
                  length above one, they are paired into one row per pair;
                  otherwise the first question is the user turn (the others are
-                 paraphrases of it) and the answers are joined by a blank line.
+                 paraphrases of it) and the answers are joined by a blank line,
+                 each also kept in `references` when there are several.
                  Default source real_doctor_instructions.
   - cmd_csv      Chinese-medical-dialogue-data CSV, header department,title,ask,
                  answer. Read as UTF-8 (BOM allowed) when the bytes decode cleanly
@@ -33,15 +38,17 @@ the line and the reason at the first malformed record; every row gets an id
   - cmd_jsonl    the same corpus as JSONL with keys department,title,question,answer.
   - cmedqa2      cMedQA2 questions.csv (question_id,content) and answers.csv
                  (ans_id,question_id,content) joined on question_id: one row per
-                 question with its first answer in file order, or one row per
-                 answer with all_answers. Questions without answers are skipped.
+                 question with its first answer in file order (every answer in
+                 `references` when it has several), or one row per answer with
+                 all_answers. Questions without answers are skipped.
 Real doctor replies are kept verbatim (only surrounding whitespace is stripped):
 polishing them into fluent answers is an LLM job, out of scope here.
 
 Evaluation sets (what evaluate.py reads; errors are DataErrors naming the file and item):
 read_records (a JSON list or JSONL of objects), load_questions (KUAKE-QIC: id, label, query),
 load_cases (Med-dialog: id, medical_case, doctor_diagnosis, Department) and load_qa (a QA test
-set in the schema or any converter's format, detect_format telling which) -> prompt rows.
+set in the schema or any converter's format, detect_format telling which) -> prompt rows with
+the list of their references.
 """
 
 import argparse
@@ -169,6 +176,10 @@ def validate(row, where: str) -> dict:
     for key in ("department", "id"):
         if key in row and not isinstance(row[key], str):
             fail(f"'{key}' must be a string")
+    if "references" in row:
+        refs = row["references"]
+        if not isinstance(refs, list) or not refs or not all(isinstance(r, str) and r.strip() for r in refs):
+            fail("'references' must be a non-empty list of non-empty strings")
     return row
 
 
@@ -192,8 +203,10 @@ def require_rows(rows: list, path, what: str = "rows"):
     return rows
 
 
-def _single_turn(question: str, answer: str, source: str, department: str, row_id: str, where: str) -> dict:
-    """A validated one-question row; contents lose only their surrounding whitespace."""
+def _single_turn(question: str, answer: str, source: str, department: str, row_id: str, where: str,
+                 references: list[str] = ()) -> dict:
+    """A validated one-question row; contents lose only their surrounding whitespace. Several
+    `references` (every doctor's answer) are kept on the row; one is the answer itself."""
     row = {
         "messages": [
             {"role": "user", "content": question.strip()},
@@ -204,6 +217,8 @@ def _single_turn(question: str, answer: str, source: str, department: str, row_i
     if department and department.strip():
         row["department"] = department.strip()
     row["id"] = row_id
+    if len(references) > 1:
+        row["references"] = [r.strip() for r in references]
     return validate(row, where)
 
 
@@ -273,8 +288,9 @@ def convert_huatuo26m(path, source: str | None = None) -> Iterator[dict]:
             for k, (q, a) in enumerate(zip(questions, answers), start=1):
                 yield _single_turn(q, a, source, "", f"{stem}-{lineno}-{k}", where)
         else:
-            answer = "\n\n".join(a.strip() for a in answers if a.strip())
-            yield _single_turn(questions[0], answer, source, "", f"{stem}-{lineno}", where)
+            kept = [a for a in answers if a.strip()]
+            answer = "\n\n".join(a.strip() for a in kept)
+            yield _single_turn(questions[0], answer, source, "", f"{stem}-{lineno}", where, kept)
 
 
 def _decode(path, encoding: str | None) -> str:
@@ -375,7 +391,9 @@ def convert_cmedqa2(questions_path, answers_path, source: str | None = None, all
             row_id = f"cmedqa2-{qid}-{ans_id}" if all_answers else f"cmedqa2-{qid}"
             # an empty question is blamed on questions.csv, an empty answer on answers.csv
             where = qwhere if not question.strip() else awhere
-            yield _single_turn(question, answer, source, "", row_id, where)
+            # a question's row keeps all its answers as references for the metrics
+            others = [] if all_answers else [a for _, a, _ in answers[qid] if a.strip()]
+            yield _single_turn(question, answer, source, "", row_id, where, others)
 
 
 def convert(fmt: str, paths: list, source: str | None = None, encoding: str | None = None,
@@ -470,16 +488,20 @@ def row_id(row: dict) -> str:
 
 
 def to_prompt(row: dict) -> dict:
-    """RLAIF prompt: the conversation up to its last answer, and that answer as reference."""
+    """RLAIF prompt: the conversation up to its last answer, and that answer as reference (plus the
+    row's `references` when it has several)."""
     messages = row.get("messages") or []
     if not messages or messages[-1].get("role") != "assistant":
         raise DataError(f"row {row.get('id', '?')}: a prompt needs a conversation ending with an assistant message")
-    return {
+    prompt = {
         "id": row_id(row),
         "messages": messages[:-1],
         "reference": messages[-1]["content"],
         "department": row.get("department"),
     }
+    if row.get("references"):
+        prompt["references"] = row["references"]
+    return prompt
 
 
 def _summary(values: list[int]) -> dict:
@@ -608,7 +630,8 @@ def detect_format(paths: list[str]) -> str:
 
 
 def load_qa(paths: list[str], fmt: str = "auto", limit: int = 0) -> list[dict]:
-    """QA pairs -> [{id, messages (the question turns), reference (the doctor's reply)}]."""
+    """QA pairs -> [{id, messages (the question turns), reference (the doctor's reply), references
+    (every doctor's reply, what the metrics score against: [reference] unless the row has several)}]."""
     if not paths:
         raise DataError("pass --data FILE (a QA test set; cMedQA2: --data questions.csv answers.csv)")
     for p in paths:
@@ -621,7 +644,7 @@ def load_qa(paths: list[str], fmt: str = "auto", limit: int = 0) -> list[dict]:
         rows = list(convert(fmt, paths))
     else:
         raise DataError(f"--format {fmt!r}: use one of {', '.join(QA_FORMATS)}")
-    items = [to_prompt(r) for r in rows]
+    items = [{**p, "references": p.get("references") or [p["reference"]]} for p in map(to_prompt, rows)]
     if not items:
         raise DataError(f"--data {' '.join(paths)}: no question/answer pairs ({fmt})")
     return items[: limit or None]

@@ -51,7 +51,7 @@ from pathlib import Path
 from .cli import UserError, arg, cli_main, parse_config
 from .data import DataError, iter_jsonl, row_id, validate, write_jsonl
 from .llm import LLM
-from .textcheck import fact_check, instruction_problem, is_refusal
+from .textcheck import fact_check, instruction_problem, is_refusal, own_lines
 from .textmetrics import RougeIndex
 
 # ---------------------------------------------------------------- prompts and vocabularies
@@ -167,23 +167,12 @@ def parse_answer(text: str) -> str:
     return text
 
 
-_TAGS = {"patient": ("患者：", "患者:", "病人：", "病人:", "家属：", "家属:"),
-         "doctor": ("医生：", "医生:", "大夫：", "大夫:")}
-
-
 def parse_turn(text: str, speaker: str) -> tuple[str, bool]:
-    """(utterance, ended) from an agent's reply: END_MARK found and removed, a leading speaker tag
-    dropped, anything after the agent starts writing the other side's lines cut off."""
+    """(utterance, ended) from an agent's reply: END_MARK found and removed, then its own lines
+    (textcheck.own_lines: a leading speaker tag dropped, the other side's lines cut off)."""
     text = (text or "").strip()
     ended = END_MARK in text or END_MARK.strip("【】") in text
-    text = text.replace(END_MARK, "").replace(END_MARK.strip("【】"), "").strip()
-    own, other = _TAGS[speaker], _TAGS["doctor" if speaker == "patient" else "patient"]
-    for tag in own:
-        if text.startswith(tag):
-            text = text[len(tag):].strip()
-    cut = [i for tag in other for i in [text.find("\n" + tag)] if i >= 0]
-    if cut:
-        text = text[: min(cut)].strip()
+    text = own_lines(text.replace(END_MARK, "").replace(END_MARK.strip("【】"), ""), speaker)
     if not text and not ended:
         raise ValueError("empty turn")
     if is_refusal(text):

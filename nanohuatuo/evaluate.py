@@ -11,12 +11,13 @@
 The modes, as the paper ran them:
 - metrics: answers to a QA test set (our schema, Huatuo-26M questions/answers JSONL, cMedQA2
   questions.csv + answers.csv, Chinese-medical-dialogue CSV/JSONL; read by data.py's converters)
-  scored against the doctors' replies with BLEU-1..4, GLEU, ROUGE-1/2/L and Distinct-1/2 at
-  character level (textmetrics.py documents the exact variants).
-- pairwise: questions in the KUAKE-QIC format (`id, label, query`), two candidates' answers, a
-  judge that reasons first and ends with "Assistant 1 is better than / worse than / equal to
-  Assistant 2". Every pair is judged twice with the answers swapped; the two verdicts are summed
-  (+1 win, 0 tie, -1 loss for candidate A), so opposite verdicts are a tie (`--combine strict`:
+  scored against the doctors' replies (all of them when several doctors answered) with BLEU-1..4,
+  GLEU, ROUGE-1/2/L and Distinct-1/2 at character level (textmetrics.py documents the variants).
+- pairwise: questions in the KUAKE-QIC format (`id, label, query`, optionally `reference`: a real
+  doctor's answer, shown to the judge as HuatuoGPT's feedback prompt shows it), two candidates'
+  answers, a judge that reasons first and ends with "Assistant 1 is better than / worse than /
+  equal to Assistant 2". Every pair is judged twice with the answers swapped; the two verdicts are
+  summed (+1 win, 0 tie, -1 loss for candidate A), so opposite verdicts are a tie (`--combine strict`:
   any disagreement is a tie, as FastChat's MT-bench). A verdict the judge garbles is re-asked
   (llm.py), then the pair is unjudged: reported, never a win. Win/tie/loss overall and per intent
   with a bootstrap CI over questions, and a length-controlled win rate (below).
@@ -76,6 +77,7 @@ from .answers import AnswerStore, Candidate, Sampling, candidate_key, get_answer
 from .cli import UserError, arg, cli_main, prepare_out
 from .data import QA_FORMATS, load_cases, load_qa, load_questions
 from .metrics import plot_wtl
+from .textcheck import own_lines
 from .textmetrics import METRICS, chars, distinct, score_corpus, similarity_score
 from .winrate import combine, lc_text, length, tables
 
@@ -141,14 +143,20 @@ ASK_VERDICT = (
     "comparing the two. Then write the final verdict alone on the last line, exactly one of:\n" + VERDICT_LINES)
 
 
-def pairwise_messages(question: str, answer_1: str, answer_2: str) -> list[dict]:
+def pairwise_messages(question: str, answer_1: str, answer_2: str, reference: str | None = None) -> list[dict]:
     """The judge request for one single-turn question, method.md's structure:
-    [Question] [Assistant 1] [Assistant 2] [System] criteria, reasoning first, verdict line last."""
+    [Question] [Assistant 1] [Assistant 2] [System] criteria, reasoning first, verdict line last;
+    with a [Reference Answer] after the question when the item has a real doctor's answer."""
     user = (f"[Question]\n{question.strip()}\n\n"
+            + (f"[Reference Answer]\n{reference.strip()}\n\n" if reference else "") +
             f"[The Start of Assistant 1's Answer]\n{answer_1.strip() or '(no answer)'}\n[The End of Assistant 1's Answer]\n\n"
             f"[The Start of Assistant 2's Answer]\n{answer_2.strip() or '(no answer)'}\n[The End of Assistant 2's Answer]\n\n"
             "[System]\nWe would like to request your feedback on the performance of two AI assistants in response "
-            "to the patient's question displayed above. Judge which answer is better by these criteria:\n"
+            "to the patient's question displayed above. "
+            + ("A real doctor's reply is given as the reference answer: compare each answer with it for accuracy "
+               "and professionalism; an answer need not share its wording, and one more complete and accurate "
+               "than the reference is better. " if reference else "") +
+            "Judge which answer is better by these criteria:\n"
             f"{CRITERIA}\n{ASK_VERDICT}")
     return [{"role": "system", "content": JUDGE_SYSTEM}, {"role": "user", "content": user}]
 
@@ -341,7 +349,8 @@ def doctor_view(transcript: list[dict]) -> list[dict]:
 
 
 def _clean_patient(text: str) -> str:
-    return re.sub(r"^\s*(患者|病人|我)\s*[:：]\s*", "", text.strip())
+    """The patient's own words: its tag dropped (我： too), the doctor's lines it may go on to write cut off."""
+    return re.sub(r"^我\s*[:：]\s*", "", own_lines(text, "patient"))
 
 
 class EndpointPatient:
@@ -357,11 +366,12 @@ class EndpointPatient:
         answers = self.llm.map([{"messages": patient_view(c["medical_case"], t), "temperature": self.temperature,
                                  "max_tokens": self.max_tokens} for c, t in zip(cases, transcripts)],
                                desc="patient speaking")
-        return [_clean_patient(a.text) if a.ok and a.text.strip() else None for a in answers]
+        return [(_clean_patient(a.text) if a.ok else "") or None for a in answers]
 
     def key(self) -> dict:
         return {"patient": self.llm.model, "patient_url": self.llm.base_url, "t": self.temperature,
-                "max_tokens": self.max_tokens, "prompt": hashlib.sha1(PATIENT_SYSTEM.encode()).hexdigest()[:8]}
+                "max_tokens": self.max_tokens, "prompt": hashlib.sha1(PATIENT_SYSTEM.encode()).hexdigest()[:8],
+                "turn": "own lines"}  # consultations stored before the doctor's lines were cut are not reused
 
     def summary(self) -> str:
         return self.llm.summary()
@@ -664,18 +674,20 @@ def run_pairwise(cfg: PairwiseConfig) -> dict:
         answers_b = get_answers(b, s, items, cfg, usage)
         na, nb = _names(a, b)
         pairs = [{"id": q["id"], "group": q["group"], "prompt": q["query"], "answer_a": x, "answer_b": y,
-                  "reference": q.get("reference") or q["query"],
+                  "reference": q.get("reference") or q["query"], "with_reference": bool(q.get("reference")),
                   "reference_name": "reference answer" if q.get("reference") else "question",
                   "len_a": length(x), "len_b": length(y)}
                  for q, x, y in zip(questions, answers_a, answers_b)]
         judge = open_judge(cfg)
-        build = lambda it, first, second: pairwise_messages(it["prompt"], first, second)
+        build = lambda it, first, second: pairwise_messages(it["prompt"], first, second,
+                                                            it["reference"] if it["with_reference"] else None)
         return _judge_and_report(cfg, "pairwise", judge, pairs, build, na, nb, usage, "intent")
 
 
 def _judge_and_report(cfg, mode, judge, pairs, build, na, nb, usage, group_name, extra=None) -> dict:
     out = Path(cfg.out)
-    summary = {"mode": mode, "a": na, "b": nb, "data": cfg.data, "items": len(pairs), "usage": usage}
+    summary = {"mode": mode, "a": na, "b": nb, "data": cfg.data, "items": len(pairs), "usage": usage,
+               "judge_saw_reference": sum(p["with_reference"] for p in pairs)}
     if judge is None:
         qa_data.write_jsonl(out / "pairs.jsonl", pairs)
         summary["judge"] = None
@@ -729,7 +741,8 @@ def run_dialogue(cfg: DialogueConfig) -> dict:
         pairs = []
         for case, x, y in zip(cases, ta, tb):
             pair = {"id": case["id"], "group": case["group"], "prompt": case["medical_case"],
-                    "reference": case["doctor_diagnosis"], "reference_name": "real doctor's diagnosis"}
+                    "reference": case["doctor_diagnosis"], "with_reference": True,
+                    "reference_name": "real doctor's diagnosis"}
             for k, t in (("a", x), ("b", y)):  # t is None when that consultation broke off
                 doctor = " ".join(turn["content"] for turn in t["transcript"] if turn["role"] == "doctor") if t else ""
                 pair.update({f"answer_{k}": render_transcript(t["transcript"]) if t else None,
@@ -755,16 +768,18 @@ def run_metrics(cfg: MetricsConfig) -> dict:
         out, usage = Path(cfg.out), []
         answers = get_answers(c, sampling(cfg), items, cfg, usage)
         scored = [(it, a) for it, a in zip(items, answers) if a is not None]
-        scores = score_corpus([a for _, a in scored], [it["reference"] for it, _ in scored], cfg.level, cfg.keep_punct)
-        refs = [chars(it["reference"], cfg.keep_punct) for it, _ in scored]
+        scores = score_corpus([a for _, a in scored], [it["references"] for it, _ in scored], cfg.level, cfg.keep_punct)
+        refs = [r for it, _ in scored for r in it["references"]]  # every doctor's reply, for their own statistics
         qa_data.write_jsonl(out / "answers.jsonl", [{"id": it["id"], "question": it["messages"], "reference": it["reference"],
-                                             "answer": a} for it, a in zip(items, answers)])
+                                             "references": it["references"], "answer": a} for it, a in zip(items, answers)])
         summary = {"mode": "metrics", "usage": usage, "model": c.label(), "data": cfg.data, "items": len(items),
                    "scored": len(scored), "level": cfg.level, "keep_punct": cfg.keep_punct, "scores": scores,
-                   "reference_distinct": {f"distinct-{n}": float(np.mean([distinct(r, n) for r in refs])) if refs else 0.0
+                   "several_references": sum(len(it["references"]) > 1 for it, _ in scored),
+                   "reference_distinct": {f"distinct-{n}": float(np.mean([distinct(chars(r, cfg.keep_punct), n)
+                                                                          for r in refs])) if refs else 0.0
                                           for n in (1, 2)},
                    "mean_length": float(np.mean([length(a) for _, a in scored])) if scored else 0.0,
-                   "reference_mean_length": float(np.mean([length(it["reference"]) for it, _ in scored])) if scored else 0.0,
+                   "reference_mean_length": float(np.mean([length(r) for r in refs])) if refs else 0.0,
                    "published": published_for("metrics", cfg.data, cfg.published)}
         write_metrics_report(out, summary, scored)
         print(" ".join(f"{k} {v:.2f}" for k, v in scores.items()))
@@ -801,11 +816,13 @@ def write_report(out: Path, summary: dict, stats: dict | None, pairs: list[dict]
     else:
         o = stats["overall"]
         offline = "offline" in summary["judge"]
+        reference, things = ("reference answer", "questions") if mode == "pairwise" else ("real doctor's diagnosis", "cases")
         lines += ["", f"Judge: {summary['judge']}" + (" — **a deterministic similarity stand-in, not a model's judgement"
                                                        "; the numbers only show the pipeline working**" if offline else "")
                   + f". Every pair judged twice with the order swapped; verdicts combined by `{summary['combine']}`"
                   + (" (summed +1/0/-1: opposite verdicts are a tie)." if summary["combine"] == "sum" else
-                     " (any disagreement is a tie)."),
+                     " (any disagreement is a tie).")
+                  + f" The judge saw the {reference} for {summary['judge_saw_reference']} of {len(pairs)} {things}.",
                   "", f"## Win / tie / loss for {na}", "",
                   *([f"**Warning, {stats['length_shift']['warning']}.**", ""] if stats["length_shift"]["warning"] else []),
                   "Percentages of judged pairs with 95% bootstrap intervals over "
@@ -883,7 +900,10 @@ def write_metrics_report(out: Path, summary: dict, scored: list) -> None:
              "answered). Character level: NFKC, lower-case, whitespace dropped, every other character one token"
              + (" (punctuation kept)" if summary["keep_punct"] else " (punctuation dropped)") +
              f"; BLEU/GLEU {summary['level']} level (nltk's definition), ROUGE F1 averaged over answers, Distinct per "
-             "answer averaged (see nanohuatuo/textmetrics.py). BLEU/GLEU/ROUGE x100, Distinct as a fraction.", "",
+             "answer averaged (see nanohuatuo/textmetrics.py). BLEU/GLEU/ROUGE x100, Distinct as a fraction."
+             + (f" {summary['several_references']} answered items have several references, each scored against "
+                "all of them (multi-reference BLEU/GLEU as nltk, the best ROUGE)." if summary.get("several_references")
+                else ""), "",
              head, rule, f"| {summary['model']} | {fmt(s.values())} |"]
     pub = summary.get("published")
     if pub:

@@ -1,7 +1,9 @@
 """Checks on generated medical text in Chinese: is it a refusal, is it Chinese, would it need a
-picture, and which drug names and quantities does it state. They read text only, without the
-pipeline that made it; distillation (nanohuatuo/distill.py) uses them to filter instructions,
-answers and turns, and to flag a polished reply whose facts differ from the original's:
+picture, which drug names and quantities does it state, and which lines of a consultation turn
+are the speaker's own. They read text only, without the pipeline that made it; distillation
+(nanohuatuo/distill.py) uses them to filter instructions, answers and turns, and to flag a
+polished reply whose facts differ from the original's; evaluation (evaluate.py dialogue) to keep
+its patient model to the patient's lines:
 
     instruction_problem("我咳嗽三天了，要吃什么药？")        # None: kept (else "too short", "refusal", ...)
     fact_check("阿莫西林一天三次", "阿莫西林每天两次")   # {"missing": ["3"], "added": ["2"]}
@@ -13,6 +15,8 @@ answers and turns, and to flag a polished reply whose facts differ from the orig
 - fact_check: the drug names (`drug_terms`: DRUG_NAMES, plus the typical generic-name endings
   DRUG_ENDINGS) and the quantities (`numbers`: Arabic and Chinese numerals before NUMBER_UNITS)
   one text has and the other lacks. A simple check by design: it does not read meaning.
+- own_lines: what one side of a consultation says in a reply that may go on to write the other
+  side's lines too (SPEAKER_TAGS: 患者：..., 医生：...).
 """
 
 import re
@@ -52,6 +56,10 @@ NOT_NAME = set("吃用服涂抹擦滴喷加含打输换停种类些的和或及�
 NUMBER_UNITS = ("毫克", "毫升", "微克", "小时", "分钟", "个月", "周岁", "公斤", "厘米", "毫米", "次", "片", "粒",
                 "袋", "支", "滴", "克", "天", "日", "周", "月", "年", "岁", "瓶", "盒", "颗", "顿", "斤", "度",
                 "倍", "mg", "ml", "g", "kg", "cm", "mm")
+
+
+# Tags before a consultation turn, per side; either colon, with or without spaces ("患者：", "医生 :").
+SPEAKER_TAGS = {"patient": ("患者", "病人", "家属"), "doctor": ("医生", "大夫")}
 
 
 # ---------------------------------------------------------------- filters
@@ -152,3 +160,23 @@ def fact_check(original: str, rewrite: str) -> dict:
     nums = numbers(original), numbers(rewrite)
     return {"missing": diff(drugs[0], drugs[1]) + sorted(nums[0] - nums[1], key=float),
             "added": diff(drugs[1], drugs[0]) + sorted(nums[1] - nums[0], key=float)}
+
+
+# ---------------------------------------------------------------- consultation turns
+
+
+def _tag(speaker: str) -> str:
+    return "(?:" + "|".join(SPEAKER_TAGS[speaker]) + r")\s*[:：]"
+
+
+def own_lines(text: str, speaker: str) -> str:
+    """What `speaker` ("patient" or "doctor") says in a reply: a leading tag of its own dropped, and
+    everything from a line opening with the other side's tag cut off, since a model playing one
+    side often goes on to write the whole dialogue.
+
+        own_lines("病人：我头痛三天了。\n医生：你好，发烧吗？", "patient") == "我头痛三天了。"
+    """
+    other = "doctor" if speaker == "patient" else "patient"
+    text = re.sub(r"^\s*" + _tag(speaker), "", text or "").strip()
+    cut = re.search(r"\n\s*" + _tag(other), text)
+    return (text[:cut.start()] if cut else text).strip()

@@ -8,19 +8,28 @@ every other code point is one token: a CJK character, a letter, a digit and a pu
 alike (`keep_punct=False` drops punctuation and symbols, Unicode categories P* and S*).
 So "Ｂ超 正常。" is the four tokens b, 超, 正, 常, 。 minus nothing: ['b', '超', '正', '常', '。'].
 
+An answer may have several references (Huatuo-26M and cMedQA2 questions answered by several
+doctors): each answer's reference is a string or a list of strings, and every metric uses all of
+them as nltk and rouge-score do with several references, never one string joined from them (that
+would set the brevity penalty by the joined length and halve ROUGE recall).
+
 The variants, chosen to match what `nltk` and `rouge-score` compute on space-joined characters
 (the tests check both):
 - BLEU-n (n = 1..4): cumulative BLEU with uniform weights 1/n over the 1..n-gram precisions and the
-  brevity penalty. Corpus level (default, `nltk.translate.bleu_score.corpus_bleu`): clipped
+  brevity penalty. An n-gram's matches are clipped by its largest count in any one reference,
+  and the brevity penalty takes for each answer the reference length closest to the answer's
+  (the shorter on a tie). Corpus level (default, `nltk.translate.bleu_score.corpus_bleu`): clipped
   n-gram matches and hypothesis n-gram counts are summed over all answers before dividing, each
   answer adding max(1, its n-gram count) to the denominator as nltk does; no smoothing, so a
   corpus without a single matching n-gram of some order scores 0. Sentence level
   (`level="sentence"`): `sentence_bleu` with nltk's smoothing method 1 (epsilon 0.1 for a zero
   count), averaged over answers.
 - GLEU: Google-BLEU over 1..4-grams (`nltk` corpus_gleu): matches / max(answer n-grams, reference
-  n-grams), summed over the corpus (sentence level: averaged per answer).
-- ROUGE-1/2/L: F1 (beta 1) per answer, averaged over answers (`rouge-score`'s rouge1, rouge2,
-  rougeL on the same tokens). ROUGE-L is the sentence-level LCS, not rougeLsum.
+  n-grams) of the reference giving the answer its best GLEU, summed over the corpus (sentence
+  level: averaged per answer).
+- ROUGE-1/2/L: F1 (beta 1) per answer, the best over its references for each of the three
+  (`rouge-score`'s score_multi), averaged over answers (rouge1, rouge2, rougeL on the same
+  tokens). ROUGE-L is the sentence-level LCS, not rougeLsum.
 - Distinct-1/2: distinct n-grams / n-grams of each answer, averaged over answers (per-answer
   distinct is what gives the ~0.7-0.9 values of the published table; corpus-level distinct over
   thousands of answers would be far lower). An answer with no n-gram of that order scores 0.
@@ -76,41 +85,66 @@ def _bleu(matches: list[float], totals: list[float], hyp_len: int, ref_len: int,
     return bp * math.exp(sum(math.log(m / t) for m, t in zip(matches[:n], totals[:n])) / n)
 
 
-def _counts(hyp: str, ref: str, max_n: int = 4):
-    """Per order 1..max_n: clipped matches, max(1, hypothesis n-grams), and GLEU's two totals."""
-    matches, totals, gleu_match, gleu_hyp, gleu_ref = [], [], 0, 0, 0
-    for n in range(1, max_n + 1):
-        h, r = ngrams(hyp, n), ngrams(ref, n)
-        overlap = sum((h & r).values())
-        matches.append(overlap)
+def reference_lists(references: list) -> list[list]:
+    """Each answer's references as a list: a string is one reference, a list is kept as it is."""
+    out = [[r] if isinstance(r, str) else list(r) for r in references]
+    for i, refs in enumerate(out):
+        if not refs:
+            raise ValueError(f"answer {i} has an empty list of references; give it at least one")
+    return out
+
+
+def _counts(hyp: str, refs: list[str], max_n: int = 4):
+    """Per order 1..max_n: clipped matches (an n-gram counts at most as often as in the reference
+    holding it most) and max(1, hypothesis n-grams); then GLEU's matches and total for the reference
+    giving the best GLEU (the first on a tie, as nltk)."""
+    hyp_grams = [ngrams(hyp, n) for n in range(1, max_n + 1)]
+    ref_grams = [[ngrams(ref, n) for n in range(1, max_n + 1)] for ref in refs]
+    matches, totals = [], []
+    for n, h in enumerate(hyp_grams):
+        most = Counter()
+        for grams in ref_grams:
+            most |= grams[n]  # | keeps the larger count of each n-gram
+        matches.append(sum((h & most).values()))
         totals.append(max(1, sum(h.values())))  # nltk's max(1, .): an answer shorter than n adds 1
-        gleu_match += overlap
-        gleu_hyp += sum(h.values())
-        gleu_ref += sum(r.values())
-    return matches, totals, gleu_match, max(gleu_hyp, gleu_ref)
+    n_hyp = sum(sum(h.values()) for h in hyp_grams)
+    gleu_match, gleu_all = 0, 0
+    for grams in ref_grams:
+        match = sum(sum((h & r).values()) for h, r in zip(hyp_grams, grams))
+        n_all = max(n_hyp, sum(sum(r.values()) for r in grams))
+        if n_all and (not gleu_all or match * gleu_all > gleu_match * n_all):
+            gleu_match, gleu_all = match, n_all
+    return matches, totals, gleu_match, gleu_all
 
 
-def bleu_gleu(hyps: list[str], refs: list[str], level: str = "corpus") -> dict:
-    """BLEU-1..4 and GLEU (fractions in [0, 1]) of token strings against one reference each."""
+def closest_length(refs: list[str], hyp_len: int) -> int:
+    """The reference length nearest the answer's, the shorter on a tie (nltk's closest_ref_length)."""
+    return min((len(r) for r in refs), key=lambda n: (abs(n - hyp_len), n))
+
+
+def bleu_gleu(hyps: list[str], refs: list, level: str = "corpus") -> dict:
+    """BLEU-1..4 and GLEU (fractions in [0, 1]) of token strings against their references (a token
+    string or a list of them per answer)."""
     if level not in ("corpus", "sentence"):
         raise ValueError(f"BLEU level {level!r}: use 'corpus' or 'sentence'")
     out = {f"bleu-{n}": 0.0 for n in range(1, 5)} | {"gleu": 0.0}
     if not hyps:
         return out
     matches, totals, g_match, g_all, hyp_len, ref_len = [0] * 4, [0] * 4, 0, 0, 0, 0
-    for hyp, ref in zip(hyps, refs):
+    for hyp, ref in zip(hyps, reference_lists(refs)):
         m, t, gm, ga = _counts(hyp, ref)
+        closest = closest_length(ref, len(hyp))
         if level == "sentence":
             # nltk's smoothing method 1: a zero count becomes epsilon = 0.1 (unigrams excepted)
             smoothed = [x if x or i == 0 else 0.1 for i, x in enumerate(m)]
             for n in range(1, 5):
-                out[f"bleu-{n}"] += _bleu(smoothed, t, len(hyp), len(ref), n) / len(hyps)
+                out[f"bleu-{n}"] += _bleu(smoothed, t, len(hyp), closest, n) / len(hyps)
             out["gleu"] += (gm / ga if ga else 0.0) / len(hyps)
             continue
         matches = [a + b for a, b in zip(matches, m)]
         totals = [a + b for a, b in zip(totals, t)]
         g_match, g_all = g_match + gm, g_all + ga
-        hyp_len, ref_len = hyp_len + len(hyp), ref_len + len(ref)
+        hyp_len, ref_len = hyp_len + len(hyp), ref_len + closest
     if level == "corpus":
         for n in range(1, 5):
             out[f"bleu-{n}"] = _bleu(matches, totals, hyp_len, ref_len, n)
@@ -147,13 +181,15 @@ def _f1(overlap: int, n_hyp: int, n_ref: int) -> float:
     return 2 * p * r / (p + r)
 
 
-def rouge(hyp: str, ref: str) -> dict:
-    """ROUGE-1, ROUGE-2 and ROUGE-L F1 (fractions) of one token string against its reference."""
-    out = {}
-    for n in (1, 2):
-        h, r = ngrams(hyp, n), ngrams(ref, n)
-        out[f"rouge-{n}"] = _f1(sum((h & r).values()), sum(h.values()), sum(r.values()))
-    out["rouge-l"] = _f1(lcs_length(hyp, ref), len(hyp), len(ref))
+def rouge(hyp: str, ref: str | list[str]) -> dict:
+    """ROUGE-1, ROUGE-2 and ROUGE-L F1 (fractions) of one token string against its reference, or
+    against several: each of the three is its best over them (rouge-score's score_multi)."""
+    out = {"rouge-1": 0.0, "rouge-2": 0.0, "rouge-l": 0.0}
+    for ref in reference_lists([ref])[0]:
+        for n in (1, 2):
+            h, r = ngrams(hyp, n), ngrams(ref, n)
+            out[f"rouge-{n}"] = max(out[f"rouge-{n}"], _f1(sum((h & r).values()), sum(h.values()), sum(r.values())))
+        out["rouge-l"] = max(out["rouge-l"], _f1(lcs_length(hyp, ref), len(hyp), len(ref)))
     return out
 
 
@@ -247,16 +283,18 @@ def distinct(tokens: str, n: int) -> float:
 
 # ---------------------------------------------------------------- the table
 
-def score_corpus(answers: list[str], references: list[str], level: str = "corpus",
+def score_corpus(answers: list[str], references: list, level: str = "corpus",
                  keep_punct: bool = True) -> dict:
-    """Every metric of METRICS for answers against references (one reference per answer).
+    """Every metric of METRICS for answers against references (per answer a string, or a list of
+    strings when it has several references).
 
     BLEU/GLEU/ROUGE x100, Distinct as a fraction; an empty list scores all zeros.
     """
     if len(answers) != len(references):
-        raise ValueError(f"{len(answers)} answers but {len(references)} references; pass one reference per answer")
+        raise ValueError(f"{len(answers)} answers but {len(references)} references; pass one reference "
+                         "(or one list of references) per answer")
     hyps = [chars(a, keep_punct) for a in answers]
-    refs = [chars(r, keep_punct) for r in references]
+    refs = [[chars(r, keep_punct) for r in rs] for rs in reference_lists(references)]
     out = {k: 100 * v for k, v in bleu_gleu(hyps, refs, level).items()}
     sums = Counter()
     for h, r in zip(hyps, refs):
@@ -271,7 +309,7 @@ def score_corpus(answers: list[str], references: list[str], level: str = "corpus
     return {k: out[k] for k in METRICS}
 
 
-def score_one(answer: str, reference: str, keep_punct: bool = True) -> dict:
+def score_one(answer: str, reference: str | list[str], keep_punct: bool = True) -> dict:
     """Per-answer scores (sentence-level BLEU with smoothing, ROUGE, Distinct), for sample tables."""
     return score_corpus([answer], [reference], level="sentence", keep_punct=keep_punct)
 

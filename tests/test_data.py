@@ -74,6 +74,8 @@ A = {"role": "assistant", "content": "量体温"}
     ({"messages": [U, A]}, "missing or empty 'source'"),
     ({"messages": [U, A], "source": "other", "department": 3}, "'department' must be a string"),
     ({"messages": [U, A], "source": "other", "id": 7}, "'id' must be a string"),
+    ({"messages": [U, A], "source": "other", "references": "量体温"}, "'references' must be a non-empty list"),
+    ({"messages": [U, A], "source": "other", "references": ["量体温", " "]}, "'references' must be a non-empty list"),
 ])
 def test_validate_catches_each_broken_form(row, reason):
     with pytest.raises(DataError, match=r"^data/x\.jsonl:17: .*" + reason):
@@ -130,7 +132,7 @@ def test_huatuo26m_shapes(tmp_path):
     assert list(data.convert_huatuo26m(path)) == [
         {"messages": turn("胃痛吃什么药？", "可用奥美拉唑。"), "source": "real_doctor_instructions", "id": "h26m-1"},
         {"messages": turn("肝癌的症状有哪些？", "乏力、消瘦。\n\n黄疸。"), "source": "real_doctor_instructions",
-         "id": "h26m-2"},
+         "id": "h26m-2", "references": ["乏力、消瘦。", "黄疸。"]},  # two doctors: each answer kept for the metrics
         {"messages": turn("感冒怎么办？", "多喝水。"), "source": "real_doctor_instructions", "id": "h26m-3-1"},
         {"messages": turn("咳嗽怎么办？", "止咳。"), "source": "real_doctor_instructions", "id": "h26m-3-2"},
         {"messages": turn("失眠？", "规律作息。"), "source": "real_doctor_instructions", "id": "h26m-4"},
@@ -214,7 +216,8 @@ def test_cmedqa2_first_and_all_answers(tmp_path):
     q, a = write_cmedqa2(tmp_path)
     src = "real_doctor_instructions"
     assert list(data.convert_cmedqa2(q, a)) == [
-        {"messages": turn("糖尿病能吃水果吗？", "少量低糖水果可以。"), "source": src, "id": "cmedqa2-1"},
+        {"messages": turn("糖尿病能吃水果吗？", "少量低糖水果可以。"), "source": src, "id": "cmedqa2-1",
+         "references": ["少量低糖水果可以。", "注意监测血糖。"]},  # every answer, for the metrics
         {"messages": turn("孕妇能喝咖啡吗？", "少量可以。"), "source": src, "id": "cmedqa2-3"},
     ]
     assert list(data.convert_cmedqa2(q, a, all_answers=True)) == [
@@ -269,6 +272,8 @@ def test_to_prompt():
     row = {"messages": [SYS, U, A, U, {"role": "assistant", "content": "去医院"}], "source": "other",
            "department": "急诊", "id": "p1"}
     assert data.to_prompt(row) == {"id": "p1", "messages": [SYS, U, A, U], "reference": "去医院", "department": "急诊"}
+    several = data.to_prompt({**row, "references": ["去医院", "先观察"]})
+    assert several["reference"] == "去医院" and several["references"] == ["去医院", "先观察"]
     anon = data.to_prompt(conv("other"))
     assert anon["department"] is None and anon["id"] == data.to_prompt(conv("other"))["id"]
     with pytest.raises(DataError, match="ending with an assistant"):

@@ -137,6 +137,8 @@ def test_instruction_filters_and_parsers():
     assert D.parse_patient("患者：医生，我头疼。") == ("医生，我头疼。", False)
     assert D.parse_patient("谢谢医生！" + D.END_MARK) == ("谢谢医生！", True)
     assert D.parse_doctor("医生：多大年纪？\n患者：三十岁。") == ("多大年纪？", False)
+    assert TC.own_lines("病人 : 我头痛三天了。\n\n医生：你好。\n病人：谢谢。", "patient") == "我头痛三天了。"
+    assert TC.own_lines("家属：孩子咳嗽，医生：这句是转述。", "patient") == "孩子咳嗽，医生：这句是转述。"  # not a new line
     with pytest.raises(ValueError, match="empty turn"):
         D.parse_doctor(D.END_MARK)
     with pytest.raises(ValueError, match="refusal"):

@@ -104,6 +104,31 @@ def test_order_swap_two_requests_per_pair_with_answers_exchanged(tmp_path):
     assert any("judge: 12 requests (0 cached)" in u for u in summary["usage"])
 
 
+def test_endpoint_judge_sees_the_reference_answer_when_the_question_has_one(tmp_path):
+    data, rows = questions(tmp_path)
+    with_ref = {"s0": "医生回答：先查血常规再决定", "s3": "医生回答：多饮水，体温超过38.5度服退烧药"}
+    for r in rows:
+        if r["id"] in with_ref:
+            r["reference"] = with_ref[r["id"]]
+    (tmp_path / "questions.json").write_text(json.dumps(rows, ensure_ascii=False), encoding="utf-8")
+    a = answers(tmp_path, "a", rows, lambda r: f"好的回答：{r['id']}")
+    b = answers(tmp_path, "b", rows, lambda r: f"差的回答：{r['id']}")
+    with ScriptedServer(good_judge) as srv:
+        summary = ev.run_pairwise(pairwise_cfg(tmp_path, srv, data, a, b))
+        reqs = judge_requests(srv)
+    assert len(reqs) == 12
+    for r in reqs:
+        body = r["messages"][1]["content"]
+        qid = re.search(r"s\d+", shown(r)[0]).group(0)
+        if qid in with_ref:
+            assert f"[Reference Answer]\n{with_ref[qid]}\n" in body and "reference answer" in body
+        else:
+            assert "[Reference Answer]" not in body and "医生回答" not in body
+    assert summary["judge_saw_reference"] == 2
+    report = (tmp_path / "out" / "report.md").read_text(encoding="utf-8")
+    assert "The judge saw the reference answer for 2 of 6 questions." in report
+
+
 def test_inconsistent_verdicts_are_ties(tmp_path):
     data, rows = questions(tmp_path)
     a = answers(tmp_path, "a", rows, lambda r: "A的回答" + r["id"])
@@ -284,11 +309,27 @@ def test_dialogue_stops_at_the_rule_and_at_the_turn_limit(tmp_path):
     add_up(stats)
     report = (out / "report.md").read_text(encoding="utf-8")
     assert "| department |" in report and "diagnosis and advice: 3" in report and "turn limit: 3" in report
+    assert "The judge saw the real doctor's diagnosis for 3 of 3 cases." in report
 
     with ScriptedServer(dialogue_handler) as srv:  # the "turns" rule runs every consultation to the limit
         ev.run_dialogue(dialogue_cfg(tmp_path, srv, out=str(tmp_path / "turns"), stop_rule="turns", max_turns=2))
     turns = [json.loads(x) for x in (tmp_path / "turns" / "transcripts.jsonl").read_text(encoding="utf-8").splitlines()]
     assert {(t["stopped"], t["doctor_turns"]) for t in turns} == {("turn limit", 2)}
+
+
+def test_patient_that_writes_both_sides_keeps_its_own_lines(tmp_path):
+    def handler(req, path):
+        if req["model"] == "patient":  # plays the whole consultation, the doctor's lines included
+            return "病人：我头痛三天了。\n医生：你好，考虑偏头痛，建议休息。\n病人：好的谢谢。"
+        return dialogue_handler(req, path)
+
+    with ScriptedServer(handler) as srv:
+        ev.run_dialogue(dialogue_cfg(tmp_path, srv, max_turns=2))
+        doctors = [b for _, b in srv.requests if b["model"] in ("doc-dx", "doc-ask")]
+    transcripts = [json.loads(x) for x in (tmp_path / "dlg" / "transcripts.jsonl").read_text(encoding="utf-8").splitlines()]
+    said = {turn["content"] for t in transcripts for turn in t["transcript"] if turn["role"] == "patient"}
+    assert said == {"我头痛三天了。"}
+    assert doctors and all(m["content"] == "我头痛三天了。" for b in doctors for m in b["messages"] if m["role"] == "user")
 
 
 def test_dialogue_resumes_without_requests(tmp_path):
@@ -427,6 +468,23 @@ def test_metrics_run_scores_the_answers(tmp_path):
     assert "| B1 | B2 | B3 | B4 | GLEU | R1 | R2 | RL | D1 | D2 |" in report
 
 
+def test_metrics_score_against_every_reference(tmp_path):
+    # Huatuo-26M: two doctors answered q0; cMedQA2 format keeps every answer of a question as well
+    rows = [{"questions": ["头痛怎么办"], "answers": ["多喝水", "注意休息，多喝水"]},
+            {"questions": ["发热怎么办"], "answers": ["及时就医"]}]
+    data = write_jsonl(tmp_path / "h.jsonl", rows)
+    ans = write_jsonl(tmp_path / "ans.jsonl", [{"id": "h-1", "answer": "多喝水"}, {"id": "h-2", "answer": "就医"}])
+    summary = ev.run_metrics(ev.MetricsConfig(data=[data], answers=ans, out=str(tmp_path / "m")))
+    expected = score_corpus(["多喝水", "就医"], [["多喝水", "注意休息，多喝水"], "及时就医"])
+    assert summary["scores"] == pytest.approx(expected)
+    assert summary["scores"]["rouge-l"] != pytest.approx(score_corpus(["多喝水", "就医"], ["多喝水\n\n注意休息，多喝水",
+                                                                                       "及时就医"])["rouge-l"])
+    assert summary["several_references"] == 1
+    assert "1 answered items have several references" in (tmp_path / "m" / "report.md").read_text(encoding="utf-8")
+    saved = [json.loads(x) for x in (tmp_path / "m" / "answers.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert saved[0]["references"] == ["多喝水", "注意休息，多喝水"] and saved[1]["references"] == ["及时就医"]
+
+
 def test_metrics_with_our_model_and_the_published_table(tmp_path, tiny):
     rows = [{"questions": [f"头痛{i}怎么办"], "answers": ["多喝水，注意休息"]} for i in range(3)]
     data = write_jsonl(tmp_path / "huatuo26m_test.jsonl", rows)
@@ -444,6 +502,15 @@ def test_qa_readers_reuse_the_data_converters(tmp_path):
     (tmp_path / "answers.csv").write_text("ans_id,question_id,content\n7,1,多休息\n8,2,多喝水\n", encoding="utf-8")
     items = load_qa([str(tmp_path / "questions.csv"), str(tmp_path / "answers.csv")])
     assert [i["reference"] for i in items] == ["多休息", "多喝水"]
+    assert [i["references"] for i in items] == [["多休息"], ["多喝水"]]
+    # several doctors' answers: every one is a reference (Huatuo-26M row, cMedQA2 question)
+    h2 = write_jsonl(tmp_path / "h2.jsonl", [{"questions": ["头痛怎么办"], "answers": ["多休息", "必要时吃止痛药"]}])
+    assert load_qa([h2])[0]["references"] == ["多休息", "必要时吃止痛药"]
+    (tmp_path / "answers.csv").write_text("ans_id,question_id,content\n7,1,多休息\n8,2,多喝水\n9,1,查血压\n",
+                                          encoding="utf-8")
+    items = load_qa([str(tmp_path / "questions.csv"), str(tmp_path / "answers.csv")])
+    assert [i["reference"] for i in items] == ["多休息", "多喝水"]
+    assert [i["references"] for i in items] == [["多休息", "查血压"], ["多喝水"]]
     (tmp_path / "cmd.csv").write_text("department,title,ask,answer\n内科,头痛,无,多休息\n", encoding="utf-8")
     [item] = load_qa([str(tmp_path / "cmd.csv")])
     assert item["messages"][0]["content"] == "头痛" and item["department"] == "内科"

@@ -121,6 +121,71 @@ def test_rouge_matches_rouge_score_on_space_joined_characters():
                 assert ours[k] == pytest.approx(ref[name].fmeasure, abs=1e-12)
 
 
+def test_several_references_by_hand():
+    # two doctors answered: the answer repeats the first one exactly
+    s = score_corpus(["多喝水"], [["多喝水", "注意休息，多喝水"]])
+    assert all(s[k] == pytest.approx(100.0) for k in ("bleu-1", "bleu-3", "gleu", "rouge-1", "rouge-2", "rouge-l"))
+    # one string joined from both would set the brevity penalty by 11 characters and halve ROUGE recall
+    joined = score_corpus(["多喝水"], ["多喝水\n\n注意休息，多喝水"])
+    assert joined["bleu-1"] == pytest.approx(100 * 2.718281828459045 ** (1 - 11 / 3))
+    assert joined["rouge-l"] == pytest.approx(100 * 2 * 3 / (3 + 11))
+    # counts clipped by the reference holding an n-gram most often; the closest reference length (2) is shorter
+    clipped = score_corpus(["哈哈哈"], [["哈", "哈哈"]])
+    assert clipped["bleu-1"] == pytest.approx(100 * 2 / 3)
+    assert clipped["bleu-2"] == pytest.approx(100 * (2 / 3 * 1 / 2) ** 0.5)
+    assert score_one("头痛", ["头痛"]) == score_one("头痛", "头痛")  # a one-item list is the string
+    with pytest.raises(ValueError, match="empty list of references"):
+        score_corpus(["头痛"], [[]])
+
+
+def random_multi(seed, n):
+    """n answers, each with one to three references."""
+    rng = random.Random(seed)
+    hyps, _ = random_pairs(seed, n)
+    refs = [random_pairs(seed * 10 + i, rng.randint(1, 3))[1] for i in range(n)]
+    return hyps, refs
+
+
+@pytest.mark.filterwarnings("ignore:\\s*The hypothesis contains 0 counts")
+def test_several_references_bleu_gleu_match_nltk():
+    bleu = pytest.importorskip("nltk.translate.bleu_score")
+    gleu = pytest.importorskip("nltk.translate.gleu_score")
+    smooth = bleu.SmoothingFunction().method1
+    for seed in range(40):
+        hyps, refs = random_multi(seed, 1 + seed % 6)
+        H = [list(chars(h)) for h in hyps]
+        R = [[list(chars(r)) for r in rs] for rs in refs]
+        tokens = [[chars(r) for r in rs] for rs in refs]
+        ours = bleu_gleu([chars(h) for h in hyps], tokens)
+        sent = bleu_gleu([chars(h) for h in hyps], tokens, level="sentence")
+        for n in range(1, 5):
+            w = (1 / n,) * n
+            assert ours[f"bleu-{n}"] == pytest.approx(bleu.corpus_bleu(R, H, weights=w), abs=1e-12)
+            expected = sum(bleu.sentence_bleu(r, h, weights=w, smoothing_function=smooth) for r, h in zip(R, H)) / len(H)
+            assert sent[f"bleu-{n}"] == pytest.approx(expected, abs=1e-12)
+        assert ours["gleu"] == pytest.approx(gleu.corpus_gleu(R, H), abs=1e-12)
+        expected = sum(gleu.sentence_gleu(r, h) for r, h in zip(R, H)) / len(H)
+        assert sent["gleu"] == pytest.approx(expected, abs=1e-12)
+
+
+def test_several_references_rouge_matches_rouge_score_multi():
+    rouge_scorer = pytest.importorskip("rouge_score.rouge_scorer")
+
+    class Spaces:
+        def tokenize(self, text):
+            return text.split()
+
+    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], tokenizer=Spaces())
+    for seed in range(40):
+        hyps, refs = random_multi(200 + seed, 5)
+        for h, rs in zip(hyps, refs):
+            h, rs = chars(h), [chars(r) for r in rs]
+            ref = scorer.score_multi([" ".join(r) for r in rs], " ".join(h))
+            ours = rouge(h, rs)
+            for k, name in (("rouge-1", "rouge1"), ("rouge-2", "rouge2"), ("rouge-l", "rougeL")):
+                assert ours[k] == pytest.approx(ref[name].fmeasure, abs=1e-12)
+
+
 def test_distinct_per_answer():
     assert distinct("哈哈哈哈", 1) == 0.25 and distinct("哈哈哈哈", 2) == pytest.approx(1 / 3)
     assert score_corpus(["哈哈哈哈", "头痛"], ["x", "y"])["distinct-1"] == pytest.approx((0.25 + 1) / 2)
