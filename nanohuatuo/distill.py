@@ -24,8 +24,10 @@ endpoint (a cloud model, vLLM, or our own serve.py). Each writes rows of the con
   doctor (or the patient) writes END_MARK, or after --max-turns doctor turns (`stop` in the row).
 - polish: every doctor reply (single-turn rows and each doctor turn of a conversation) is rewritten
   to be clear, complete and warm; the original stays beside it (`original` on the message). A
-  rewrite whose drug names or numbers differ from the original's (textcheck.fact_check) is flagged
-  (`flag` on the message, `flagged` on the row); --on-flag keep|original|drop says what to do.
+  rewrite whose drug names or numbers differ from the original's (textcheck.fact_check) gets `flag`
+  on the message and, by default (--on-flag original), gives way to the doctor's own reply (the
+  rewrite kept as `rewrite`): a wrong dose must not reach SFT. --on-flag keep keeps it and marks
+  the row `flagged`, which `data mix` drops unless --keep-flagged; --on-flag drop drops the row.
 
 Every LLM call goes through nanohuatuo.llm.LLM: cached in SQLite (default <out>.cache.sqlite), so a
 rerun of an interrupted command resumes without repeating a request (requests are a pure function
@@ -279,8 +281,9 @@ class PolishConfig(EndpointConfig):
     """python distill.py polish: rewrite real doctors' replies, keeping their medical content."""
     input: list[str] = arg([], "schema JSONL rows with real doctors' replies", metavar="FILE", flag="--in")
     limit: int = arg(0, "polish only the first N rows (0: all)")
-    on_flag: str = arg("keep", "a rewrite that changed drug names or numbers: keep it (flagged), use the "
-                       "original reply instead (flagged), or drop the row", choices=("keep", "original", "drop"))
+    on_flag: str = arg("original", "a rewrite that changed drug names or numbers: use the doctor's original "
+                       "reply instead, keep the rewrite (row marked flagged), or drop the row",
+                       choices=("original", "keep", "drop"))
     temperature: float = arg(0.3, "sampling temperature of the rewrites")
 
 
@@ -618,7 +621,7 @@ def run_polish(cfg: PolishConfig) -> dict:
         by_row: dict[int, dict[int, object]] = {}
         for (r, k), a in zip(jobs, answers):
             by_row.setdefault(r, {})[k] = a
-        out, dropped, flagged_turns = [], Counter(), 0
+        out, dropped, flagged_rows, flagged_turns = [], Counter(), 0, 0
         for r, row in enumerate(rows):
             got = by_row[r]
             bad = next((a for a in got.values() if not a.ok), None)
@@ -636,8 +639,9 @@ def run_polish(cfg: PolishConfig) -> dict:
                     flagged, flagged_turns = True, flagged_turns + 1
                     msg["flag"] = check
                     if cfg.on_flag == "original":
-                        msg["content"] = m["content"]
+                        msg.update(content=m["content"], rewrite=got[k].value)
                 messages.append(msg)
+            flagged_rows += flagged
             if flagged and cfg.on_flag == "drop":
                 dropped["rewrite changed drug names or numbers"] += 1
                 continue
@@ -645,12 +649,12 @@ def run_polish(cfg: PolishConfig) -> dict:
             polished = {key: v for key, v in row.items() if key != "messages"}
             polished.update(id=row_id(row), messages=messages,
                             source="real_doctor_instructions" if pairs == 1 else "real_doctor_conversations")
-            if flagged:
+            if flagged and cfg.on_flag == "keep":  # a changed fact is in the row: mix drops it by default
                 polished["flagged"] = True
             out.append(validate(polished, f"row {polished['id']}"))
         write_jsonl(cfg.out, out)
         return _report("polish", cfg.out, len(out), len(out), dropped, [llm],
-                       flagged_rows=sum(bool(r.get("flagged")) for r in out), flagged_turns=flagged_turns)
+                       flagged_rows=flagged_rows, flagged_turns=flagged_turns)
 
 
 # ---------------------------------------------------------------- CLI

@@ -422,35 +422,40 @@ def polish_endpoint(request, path):
     return "改写后：" + REWRITES[original]
 
 
-@pytest.mark.parametrize("on_flag", ["keep", "original", "drop"])
+@pytest.mark.parametrize("on_flag", [None, "original", "keep", "drop"])
 def test_polish_keeps_original_and_flags_lost_facts(tmp_path, on_flag):
     data = write_jsonl(tmp_path / "real.jsonl", REAL)
+    extra = {} if on_flag is None else {"on_flag": on_flag}
     with ScriptedServer(polish_endpoint) as srv:
-        report = D.run_polish(D.command_config(
-            "polish", ["--in", data] + base_args(srv, tmp_path, "p", on_flag=on_flag)))
+        report = D.run_polish(D.command_config("polish", ["--in", data] + base_args(srv, tmp_path, "p", **extra)))
         assert len(srv.requests) == 4  # every doctor turn, once
     rows = {r["id"]: r for r in load_conversations(tmp_path / "p.jsonl")}
     r1 = rows["r1"]
     assert r1["messages"][1] == {"role": "assistant", "content": REWRITES[REAL[0]["messages"][1]["content"]],
                                  "original": REAL[0]["messages"][1]["content"]}
     assert r1["source"] == "real_doctor_instructions" and r1["department"] == "皮肤科" and "flagged" not in r1
+    assert (report["flagged_rows"], report["flagged_turns"]) == (2, 2)
     if on_flag == "drop":
         assert set(rows) == {"r1"}
         assert report["dropped"] == {"rewrite changed drug names or numbers": 2}
         return
     r2, r3 = rows["r2"], rows["r3"]
-    assert r2["flagged"] and r2["messages"][1]["flag"] == {"missing": ["西替利嗪"], "added": []}
-    assert r3["flagged"] and "flag" not in r3["messages"][1]
-    assert r3["messages"][3]["flag"] == {"missing": ["200"], "added": ["400"]}
+    assert r2["messages"][1]["flag"] == {"missing": ["西替利嗪"], "added": []}
+    assert "flag" not in r3["messages"][1] and r3["messages"][3]["flag"] == {"missing": ["200"], "added": ["400"]}
     assert r3["source"] == "real_doctor_conversations" and r3["messages"][2] == REAL[2]["messages"][2]
+    # by default a changed dose never reaches SFT: the doctor's reply stands, the rewrite is kept aside
+    restored = on_flag in (None, "original")
     for r, real in ((r2, REAL[1]), (r3, REAL[2])):
+        assert r.get("flagged", False) == (not restored)  # only a row holding a changed fact is flagged
         for msg, before in zip(r["messages"], real["messages"]):
             if msg["role"] == "assistant":
                 assert msg["original"] == before["content"]
                 if "flag" in msg:
-                    expected = before["content"] if on_flag == "original" else REWRITES[before["content"]]
-                    assert msg["content"] == expected
-    assert (report["flagged_rows"], report["flagged_turns"]) == (2, 2)
+                    rewrite = REWRITES[before["content"]]
+                    assert msg["content"] == (before["content"] if restored else rewrite)
+                    assert msg.get("rewrite") == (rewrite if restored else None)
+    assert r3["messages"][3]["content"] == ("考虑膝骨关节炎。布洛芬每次200毫克，疼时吃，少爬楼。" if restored
+                                            else REWRITES[REAL[2]["messages"][3]["content"]])
 
 
 # ---------------------------------------------------------------- resuming
