@@ -13,9 +13,9 @@ endpoint (a cloud model, vLLM, or our own serve.py). Each writes rows of the con
 - instructions (self-instruct): each request shows a few sampled seed instructions and one sampled
   focus, a department or a role, and asks for new instructions. A new one is kept if it passes
   simple filters (textcheck.instruction_problem: length, Chinese, no refusal, no picture needed)
-  and its character ROUGE-L against everything kept so far (seeds included) is below 0.7
-  (textmetrics.RougeIndex: exact, an inverted index bounds every pair in C before any LCS); then each kept instruction is answered. Rows
-  record `department` or `role`.
+  and its character ROUGE-L against everything kept so far (seeds included) is at most 0.7, as in
+  Self-Instruct (textmetrics.RougeIndex: exact, an inverted index bounds every pair in C before any
+  LCS); then each kept instruction is answered. Rows record `department` or `role`.
 - conversations: two agents, a patient and a doctor (one endpoint, or two with --patient-* and
   --doctor-*), share a background built from a real case: a schema row (the patient's question and
   the real doctor's reply) or a Med-dialog case ({"medical_case", "doctor_diagnosis",
@@ -254,7 +254,7 @@ class InstructionsConfig(EndpointConfig):
     per_request: int = arg(5, "new instructions asked for in one request")
     examples: int = arg(3, "seed instructions shown in one request")
     role_share: float = arg(0.5, "share of requests that sample a role; the others sample a department")
-    rouge: float = arg(0.7, "keep an instruction only if its character ROUGE-L with every kept one is below this")
+    rouge: float = arg(0.7, "keep an instruction only if its character ROUGE-L with every kept one is at most this")
     min_chars: int = arg(6, "shortest instruction kept (characters)")
     max_chars: int = arg(200, "longest instruction kept (characters)")
     max_requests: int = arg(0, "give up after this many generation requests (0: 4 * n / per-request + 10)")
@@ -381,8 +381,8 @@ def run_instructions(cfg: InstructionsConfig) -> dict:
         raise UserError("--n, --per-request and --examples must be at least 1")
     if not 0 <= cfg.role_share <= 1:
         raise UserError(f"--role-share must be between 0 and 1, got {cfg.role_share}")
-    if not 0 < cfg.rouge <= 1:
-        raise UserError(f"--rouge must be in (0, 1], got {cfg.rouge}")
+    if not 0 <= cfg.rouge < 1:
+        raise UserError(f"--rouge must be in [0, 1) (a higher ROUGE-L drops an instruction), got {cfg.rouge}")
     seeds_path = cfg.seeds or bundled_seeds()
     if not Path(seeds_path).is_file():
         raise UserError(f"--seeds {seeds_path}: no such file")
@@ -409,7 +409,7 @@ def run_instructions(cfg: InstructionsConfig) -> dict:
                         break
                     reason = instruction_problem(text, cfg.min_chars, cfg.max_chars)
                     if reason is None and index.match(text) is not None:
-                        reason = f"near-duplicate (ROUGE-L >= {cfg.rouge:g})"
+                        reason = f"near-duplicate (ROUGE-L > {cfg.rouge:g})"
                     if reason:
                         dropped[reason] += 1
                         continue

@@ -84,7 +84,7 @@ def test_rouge_index_equals_brute_force(threshold):
             scores = [TM.rouge_l(text, k) for k in kept]
             best = max(range(len(kept)), key=lambda i: (scores[i], -i), default=None)
             got = index.match(text)
-            if best is not None and scores[best] >= threshold:
+            if best is not None and scores[best] > threshold:
                 assert got == (best, scores[best]), (text, got)
                 hits += 1
             else:
@@ -93,6 +93,20 @@ def test_rouge_index_equals_brute_force(threshold):
                 index.add(text)
                 kept.append(text)
     assert hits > 100  # the comparison exercised many matches, not just misses
+
+
+def test_rouge_filter_keeps_exactly_the_threshold_like_self_instruct():
+    # Self-Instruct drops an instruction when max ROUGE-L > 0.7 (bootstrap_instructions.py), keeps it at 0.7
+    kept = "孩子发烧三天了怎么办"
+    at = "孩子发烧三天了吃啥药"  # LCS 孩子发烧三天了 = 7 of 10 and 10: F = 14 / 20
+    above = "孩子发烧三天了吃药"  # LCS 7 of 10 and 9: F = 14 / 19
+    assert TM.rouge_l(kept, at) == 0.7 and TM.rouge_l(kept, above) == 14 / 19
+    index = TM.RougeIndex(0.7)
+    index.add(kept)
+    assert index.match(at) is None
+    assert index.match(above) == (0, 14 / 19)
+    with pytest.raises(ValueError, match="in \\[0, 1\\)"):
+        TM.RougeIndex(1.0)  # nothing scores above 1: a filter that drops nothing
 
 
 def test_rouge_index_runs_few_lcs_on_thousands():
@@ -240,7 +254,7 @@ def test_instructions_rows_near_duplicates_and_summary(tmp_path, capsys):
     assert len(rows) == report["rows"] == report["kept"] == 10
     # 3 fresh questions per request, and kept stops at --n: requests 0,1 (round 1), 2 (round 2), 3 (round 3)
     assert report["generation_requests"] == 4
-    assert report["dropped"] == {"near-duplicate (ROUGE-L >= 0.7)": 4, "not Chinese": 1, "too short": 1}
+    assert report["dropped"] == {"near-duplicate (ROUGE-L > 0.7)": 4, "not Chinese": 1, "too short": 1}
     assert Counter(kind(b) for _, b in sent) == {"generate": 4, "answer": 10}
     assert report["requests"] == 14 and report["cached"] == 0 and report["completion_tokens"] > 0
     for row in rows:
@@ -254,7 +268,7 @@ def test_instructions_rows_near_duplicates_and_summary(tmp_path, capsys):
     assert len({b["seed"] for b in gens}) == 4
     out = capsys.readouterr().out
     assert "instructions: 14 requests (0 cached)" in out and "kept 10" in out
-    assert "dropped: near-duplicate (ROUGE-L >= 0.7) 4, not Chinese 1, too short 1" in out
+    assert "dropped: near-duplicate (ROUGE-L > 0.7) 4, not Chinese 1, too short 1" in out
 
     # a rerun sends nothing: every request is answered from the cache, with the same rows
     with ScriptedServer(endpoint) as srv:
