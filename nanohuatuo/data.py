@@ -694,6 +694,16 @@ def _cmd_mix(args) -> None:
         part = require_rows(load_conversations(path), path, "conversations")
         print(f"read {len(part)} rows from {path}")
         rows.extend(part)
+    # distill.py polish --on-flag keep marks a row whose rewrite changed drug names or numbers
+    flagged = Counter(r["source"] for r in rows if r.get("flagged"))
+    if flagged:
+        per_source = ", ".join(f"{s} {n}" for s, n in sorted(flagged.items()))
+        if args.keep_flagged:
+            print(f"kept {flagged.total()} flagged rows (--keep-flagged): {per_source}")
+        else:
+            rows = [r for r in rows if not r.get("flagged")]
+            print(f"dropped {flagged.total()} flagged rows (a polished reply changed drug names or numbers; "
+                  f"--keep-flagged keeps them): {per_source}")
     # held-out rows are taken before resampling so no duplicate leaks into both sides
     pool = [r for r in rows if args.weights.get(r["source"], 0) > 0]
     train, heldout = split_heldout(pool, args.heldout, args.seed) if args.heldout else (pool, [])
@@ -752,6 +762,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--total", type=int, help="rescale the counts to exactly this many rows")
     p.add_argument("--heldout", type=float, default=0.0, help="fraction held out before resampling")
     p.add_argument("--heldout-out", help="where the held-out rows go (needed with --heldout)")
+    p.add_argument("--keep-flagged", action="store_true",
+                   help="keep rows marked flagged (a polished reply whose drug names or numbers changed); "
+                        "by default they are dropped before the held-out split")
 
     p = command("prompts", "RLAIF prompt file: conversation minus last answer, plus reference", _cmd_prompts)
     p.add_argument("--in", dest="inputs", required=True, metavar="FILE", help="schema JSONL file")

@@ -13,9 +13,9 @@ endpoint (a cloud model, vLLM, or our own serve.py). Each writes rows of the con
 - instructions (self-instruct): each request shows a few sampled seed instructions and one sampled
   focus, a department or a role, and asks for new instructions. A new one is kept if it passes
   simple filters (textcheck.instruction_problem: length, Chinese, no refusal, no picture needed)
-  and its character ROUGE-L against everything kept so far (seeds included) is below 0.7
-  (textmetrics.RougeIndex: exact, an inverted index bounds every pair in C before any LCS); then each kept instruction is answered. Rows
-  record `department` or `role`.
+  and its character ROUGE-L against everything kept so far (seeds included) is at most 0.7, as in
+  Self-Instruct (textmetrics.RougeIndex: exact, an inverted index bounds every pair in C before any
+  LCS); then each kept instruction is answered. Rows record `department` or `role`.
 - conversations: two agents, a patient and a doctor (one endpoint, or two with --patient-* and
   --doctor-*), share a background built from a real case: a schema row (the patient's question and
   the real doctor's reply) or a Med-dialog case ({"medical_case", "doctor_diagnosis",
@@ -24,8 +24,10 @@ endpoint (a cloud model, vLLM, or our own serve.py). Each writes rows of the con
   doctor (or the patient) writes END_MARK, or after --max-turns doctor turns (`stop` in the row).
 - polish: every doctor reply (single-turn rows and each doctor turn of a conversation) is rewritten
   to be clear, complete and warm; the original stays beside it (`original` on the message). A
-  rewrite whose drug names or numbers differ from the original's (textcheck.fact_check) is flagged
-  (`flag` on the message, `flagged` on the row); --on-flag keep|original|drop says what to do.
+  rewrite whose drug names or numbers differ from the original's (textcheck.fact_check) gets `flag`
+  on the message and, by default (--on-flag original), gives way to the doctor's own reply (the
+  rewrite kept as `rewrite`): a wrong dose must not reach SFT. --on-flag keep keeps it and marks
+  the row `flagged`, which `data mix` drops unless --keep-flagged; --on-flag drop drops the row.
 
 Every LLM call goes through nanohuatuo.llm.LLM: cached in SQLite (default <out>.cache.sqlite), so a
 rerun of an interrupted command resumes without repeating a request (requests are a pure function
@@ -241,7 +243,7 @@ class InstructionsConfig(EndpointConfig):
     per_request: int = arg(5, "new instructions asked for in one request")
     examples: int = arg(3, "seed instructions shown in one request")
     role_share: float = arg(0.5, "share of requests that sample a role; the others sample a department")
-    rouge: float = arg(0.7, "keep an instruction only if its character ROUGE-L with every kept one is below this")
+    rouge: float = arg(0.7, "keep an instruction only if its character ROUGE-L with every kept one is at most this")
     min_chars: int = arg(6, "shortest instruction kept (characters)")
     max_chars: int = arg(200, "longest instruction kept (characters)")
     max_requests: int = arg(0, "give up after this many generation requests (0: 4 * n / per-request + 10)")
@@ -268,8 +270,9 @@ class PolishConfig(EndpointConfig):
     """python distill.py polish: rewrite real doctors' replies, keeping their medical content."""
     input: list[str] = arg([], "schema JSONL rows with real doctors' replies", metavar="FILE", flag="--in")
     limit: int = arg(0, "polish only the first N rows (0: all)")
-    on_flag: str = arg("keep", "a rewrite that changed drug names or numbers: keep it (flagged), use the "
-                       "original reply instead (flagged), or drop the row", choices=("keep", "original", "drop"))
+    on_flag: str = arg("original", "a rewrite that changed drug names or numbers: use the doctor's original "
+                       "reply instead, keep the rewrite (row marked flagged), or drop the row",
+                       choices=("original", "keep", "drop"))
     temperature: float = arg(0.3, "sampling temperature of the rewrites")
 
 
@@ -367,8 +370,8 @@ def run_instructions(cfg: InstructionsConfig) -> dict:
         raise UserError("--n, --per-request and --examples must be at least 1")
     if not 0 <= cfg.role_share <= 1:
         raise UserError(f"--role-share must be between 0 and 1, got {cfg.role_share}")
-    if not 0 < cfg.rouge <= 1:
-        raise UserError(f"--rouge must be in (0, 1], got {cfg.rouge}")
+    if not 0 <= cfg.rouge < 1:
+        raise UserError(f"--rouge must be in [0, 1) (a higher ROUGE-L drops an instruction), got {cfg.rouge}")
     seeds_path = cfg.seeds or bundled_seeds()
     if not Path(seeds_path).is_file():
         raise UserError(f"--seeds {seeds_path}: no such file")
@@ -395,7 +398,7 @@ def run_instructions(cfg: InstructionsConfig) -> dict:
                         break
                     reason = instruction_problem(text, cfg.min_chars, cfg.max_chars)
                     if reason is None and index.match(text) is not None:
-                        reason = f"near-duplicate (ROUGE-L >= {cfg.rouge:g})"
+                        reason = f"near-duplicate (ROUGE-L > {cfg.rouge:g})"
                     if reason:
                         dropped[reason] += 1
                         continue
@@ -607,7 +610,7 @@ def run_polish(cfg: PolishConfig) -> dict:
         by_row: dict[int, dict[int, object]] = {}
         for (r, k), a in zip(jobs, answers):
             by_row.setdefault(r, {})[k] = a
-        out, dropped, flagged_turns = [], Counter(), 0
+        out, dropped, flagged_rows, flagged_turns = [], Counter(), 0, 0
         for r, row in enumerate(rows):
             got = by_row[r]
             bad = next((a for a in got.values() if not a.ok), None)
@@ -625,8 +628,9 @@ def run_polish(cfg: PolishConfig) -> dict:
                     flagged, flagged_turns = True, flagged_turns + 1
                     msg["flag"] = check
                     if cfg.on_flag == "original":
-                        msg["content"] = m["content"]
+                        msg.update(content=m["content"], rewrite=got[k].value)
                 messages.append(msg)
+            flagged_rows += flagged
             if flagged and cfg.on_flag == "drop":
                 dropped["rewrite changed drug names or numbers"] += 1
                 continue
@@ -634,12 +638,12 @@ def run_polish(cfg: PolishConfig) -> dict:
             polished = {key: v for key, v in row.items() if key != "messages"}
             polished.update(id=row_id(row), messages=messages,
                             source="real_doctor_instructions" if pairs == 1 else "real_doctor_conversations")
-            if flagged:
+            if flagged and cfg.on_flag == "keep":  # a changed fact is in the row: mix drops it by default
                 polished["flagged"] = True
             out.append(validate(polished, f"row {polished['id']}"))
         write_jsonl(cfg.out, out)
         return _report("polish", cfg.out, len(out), len(out), dropped, [llm],
-                       flagged_rows=sum(bool(r.get("flagged")) for r in out), flagged_turns=flagged_turns)
+                       flagged_rows=flagged_rows, flagged_turns=flagged_turns)
 
 
 # ---------------------------------------------------------------- CLI

@@ -30,7 +30,8 @@ The modes, as the paper ran them:
   and gives advice (建议, 治疗, 用药, 服用, 口服, 外用, 注意, 复查, 就诊, 就医, 检查).
 - sheet / tally: a blind, shuffled side-by-side sheet (self-contained HTML + CSV) of a pairwise
   or dialogue run for doctors to mark; tally reads the marks back into win/tie/loss and their
-  agreement with the automatic judge (percent and Cohen's kappa); the file formats are in sheets.py.
+  agreement with the automatic judge (percent and Cohen's kappa) and, with several raters, with one
+  another (Fleiss' kappa) and each item's outcome by vote; the file formats are in sheets.py.
 
 Candidates (answers.py): each side is one of our models (`--a-model DIR [--a-adapter DIR]`, generated in
 batches on the engine), an OpenAI-compatible endpoint (`--a-base-url URL --a-model-name NAME`)
@@ -948,7 +949,7 @@ COMMANDS = {
     "pairwise": (run_pairwise, PairwiseConfig, "two candidates on KUAKE-QIC-format questions, judged with order swap"),
     "dialogue": (run_dialogue, DialogueConfig, "two candidates consulting a patient model on Med-dialog-format cases"),
     "sheet": (make_sheet, SheetConfig, "a blind side-by-side sheet (HTML + CSV) of a pairwise or dialogue run"),
-    "tally": (run_tally, TallyConfig, "read doctors' marks back: win/tie/loss and agreement with the judge"),
+    "tally": (run_tally, TallyConfig, "read doctors' marks back: win/tie/loss, agreement with the judge and between raters"),
 }
 
 

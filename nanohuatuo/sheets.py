@@ -6,8 +6,10 @@
   judge's outcome; kept away from the raters).
 - read_marks: a marked CSV (columns item, mark; 1/2/= and their spellings in MARKS) back to
   '1' | '2' | 'tie' per item; tally turns each rater's marks into win/tie/loss for candidate A and
-  their agreement with the judge (percent and Cohen's kappa, winrate.py); write_tally writes
-  tally.md and tally.json.
+  their agreement with the judge (percent and Cohen's kappa, winrate.py); with several raters also
+  their agreement with one another (Fleiss' kappa over the items all of them marked) and each
+  item's outcome by vote (the most votes; "no majority" when two outcomes share the most);
+  write_tally writes tally.md and tally.json.
 """
 
 import csv
@@ -19,8 +21,10 @@ from pathlib import Path
 
 from .cli import UserError, prepare_out
 from .data import read_jsonl
-from .winrate import cohen_kappa
+from .winrate import NO_MAJORITY, cohen_kappa, fleiss_kappa, majority
 
+
+WTL = ("win", "tie", "loss")  # candidate A's outcomes, in table order
 
 MARKS = {"1": "1", "left": "1", "l": "1", "左": "1", "回答1": "1",
          "2": "2", "right": "2", "r": "2", "右": "2", "回答2": "2",
@@ -139,7 +143,7 @@ def read_key(sheet: str) -> dict:
 def tally(meta: dict, mark_files: list[str], sheet: str) -> dict:
     """Each rater's marks as win/tie/loss for candidate A, and their agreement with the judge (also pooled)."""
     key = {k["item"]: k for k in meta["items"]}
-    raters, pooled_h, pooled_j = [], [], []
+    raters, pooled_h, pooled_j, votes = [], [], [], {i: [] for i in key}
     for path in mark_files:
         marks = read_marks(path)
         unknown = sorted(set(marks) - set(key))
@@ -149,6 +153,7 @@ def tally(meta: dict, mark_files: list[str], sheet: str) -> dict:
         for item, m in marks.items():
             left = key[item]["left"]
             outcomes[item] = "tie" if m == "tie" else ("win" if (m == "1") == (left == "A") else "loss")
+            votes[item].append(outcomes[item])
         human = [outcomes[i] for i in sorted(outcomes, key=int)]
         both = [(outcomes[i], key[i]["judge"]) for i in sorted(outcomes, key=int) if key[i]["judge"]]
         h, j = [a for a, _ in both], [b for _, b in both]
@@ -162,11 +167,25 @@ def tally(meta: dict, mark_files: list[str], sheet: str) -> dict:
               "agreement": 100 * sum(a == b for a, b in zip(pooled_h, pooled_j)) / len(pooled_h) if pooled_h else None,
               "kappa": cohen_kappa(pooled_h, pooled_j)}
     return {"mode": "tally", "a": meta.get("a"), "b": meta.get("b"), "judge": meta.get("judge"),
-            "raters": raters, "pooled": pooled}
+            "raters": raters, "pooled": pooled, **between_raters(votes, key, len(mark_files))}
+
+
+def between_raters(votes: dict[str, list[str]], key: dict, n_raters: int) -> dict:
+    """With two raters or more: Fleiss' kappa over the items every rater marked, and per marked item
+    the votes and the outcome by vote (winrate.majority)."""
+    if n_raters < 2:
+        return {"between": None, "items": []}
+    items = [{"item": i, "id": key[i]["id"], **{k: v.count(k) for k in WTL}, "majority": majority(v),
+              "judge": key[i]["judge"]} for i, v in sorted(votes.items(), key=lambda kv: int(kv[0])) if v]
+    full = [[it[k] for k in WTL] for it in items if sum(it[k] for k in WTL) == n_raters]
+    by_vote = {k: sum(it["majority"] == k for it in items) for k in WTL + (NO_MAJORITY,)}
+    return {"between": {"raters": n_raters, "items": len(full), "fleiss_kappa": fleiss_kappa(full),
+                        "majority": by_vote}, "items": items}
 
 
 def write_tally(out: Path, result: dict, sheet: str, items: int) -> list[str]:
-    """tally.md (a table per rater, pooled when there are several) and tally.json in `out`; the markdown lines."""
+    """tally.md (a table per rater, pooled when there are several; agreement between raters and the outcome
+    by vote per item) and tally.json in `out`; the markdown lines, less the per-item table."""
     out.mkdir(parents=True, exist_ok=True)
     raters, pooled = result["raters"], result["pooled"]
     f = lambda v, fmt="{:.1f}": "–" if v is None else fmt.format(v)
@@ -180,6 +199,16 @@ def write_tally(out: Path, result: dict, sheet: str, items: int) -> list[str]:
                      f"{r['compared']} | {f(r['agreement'])} | {f(r['kappa'], '{:.3f}')} |")
     if len(raters) > 1:
         lines.append(f"| all raters | | | {pooled['compared']} | {f(pooled['agreement'])} | {f(pooled['kappa'], '{:.3f}')} |")
-    (out / "tally.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    table = []
+    if result["between"]:
+        b = result["between"]
+        lines += ["", f"Between the {b['raters']} raters: Fleiss' kappa {f(b['fleiss_kappa'], '{:.3f}')} over the "
+                  f"{b['items']} items all of them marked. Outcome by vote (the most votes; {NO_MAJORITY} when two "
+                  "outcomes share the most): " + " / ".join(f"{b['majority'][k]} {k}" for k in b["majority"]) + "."]
+        table = ["", "| item | id | votes W / T / L | by vote | judge |", "|---|---|---|---|---|"]
+        table += [f"| {it['item']} | {it['id']} | {it['win']} / {it['tie']} / {it['loss']} | {it['majority']} | "
+                  f"{it['judge'] or '–'} |" for it in result["items"]]
+    # the per-item table goes to tally.md only; the lines returned are the summary printed
+    (out / "tally.md").write_text("\n".join(lines + table) + "\n", encoding="utf-8")
     (out / "tally.json").write_text(json.dumps(result, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
     return lines

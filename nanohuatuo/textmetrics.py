@@ -212,26 +212,28 @@ def rouge_l(a: str, b: str) -> float:
 
 
 class RougeIndex:
-    """Kept texts, and for a new one the kept text of highest ROUGE-L with it if that reaches the
+    """Kept texts, and for a new one the kept text of highest ROUGE-L with it if that exceeds the
     threshold: exactly what comparing with every kept text gives, without an LCS for each.
+    Above, not at: Self-Instruct (bootstrap_instructions.py) drops an instruction when its highest
+    ROUGE-L is > 0.7, so one at exactly 0.7 is kept, and so it is here.
 
     Why it is exact: ROUGE-L F1 = 2L/(m+n) and the LCS L is at most the multiset overlap U of the
     two texts' characters, so 2U/(m+n) bounds the score from above. Each text is a set of tokens
     (character, occurrence number: 的 twice gives (的,1), (的,2)), so U is the number of shared
     tokens. An inverted index maps each token to the kept texts holding it (C int arrays); one
     bincount over the new text's posting lists gives U against every kept text at once, in C, and
-    only texts whose bound reaches the threshold get the exact (bit-parallel) LCS. With thousands of
+    only texts whose bound exceeds the threshold get the exact (bit-parallel) LCS. With thousands of
     kept texts a query costs the length of its posting lists, not one LCS per kept text.
     """
 
     def __init__(self, threshold: float = 0.7):
-        if not 0 < threshold <= 1:
-            raise ValueError(f"ROUGE-L threshold must be in (0, 1], got {threshold}")
+        if not 0 <= threshold < 1:
+            raise ValueError(f"ROUGE-L threshold must be in [0, 1) (a score above it matches), got {threshold}")
         self.threshold = threshold
         self.texts: list[str] = []  # as rouge_text gives them
         self.lengths = array("i")
         self.postings: dict[tuple, array] = {}  # token -> indices of the kept texts holding it
-        self.checked = 0  # kept texts whose bound reached the threshold: exact LCS computed
+        self.checked = 0  # kept texts whose bound exceeded the threshold: exact LCS computed
 
     def __len__(self) -> int:
         return len(self.texts)
@@ -241,8 +243,8 @@ class RougeIndex:
         return [(c, k) for c, count in Counter(norm).items() for k in range(1, count + 1)]
 
     def match(self, text: str) -> tuple[int, float] | None:
-        """(index, score) of the kept text with the highest ROUGE-L >= threshold (lowest index
-        among ties), or None when every kept text scores below the threshold."""
+        """(index, score) of the kept text with the highest ROUGE-L > threshold (lowest index
+        among ties), or None when every kept text scores at most the threshold."""
         norm = rouge_text(text)
         m = len(norm)
         postings = self.postings
@@ -251,13 +253,13 @@ class RougeIndex:
             return None
         overlap = np.bincount(np.frombuffer(hits, dtype=np.intc), minlength=len(self.texts))  # U per kept text
         lengths = np.frombuffer(self.lengths, dtype=np.intc)
-        # the bound in float64 as the score is computed below, and >= it, so no text scoring >= t is skipped
-        candidates = np.flatnonzero(2 * overlap / (lengths + m) >= self.threshold)
+        # the bound in float64 as the score is computed below, and >= it, so no text scoring > t is skipped
+        candidates = np.flatnonzero(2 * overlap / (lengths + m) > self.threshold)
         self.checked += len(candidates)
         best = None
         for j in candidates.tolist():
             score = 2 * lcs_length(norm, self.texts[j]) / (m + len(self.texts[j]))
-            if score >= self.threshold and (best is None or score > best[1]):
+            if score > self.threshold and (best is None or score > best[1]):
                 best = (j, score)
         return best
 

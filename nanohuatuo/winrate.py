@@ -5,6 +5,8 @@
     t = tables(items, [(outcome | None, why), ...], boots=1000, seed=0)   # overall, per group, length shift
     lc_text(s["length_control"])   # "61.2% [48.0, 73.1]; length slope ..." or "not identifiable (...)"
     cohen_kappa(human, judge)                        # agreement of two raters' labels
+    fleiss_kappa([[3, 0, 0], [1, 1, 1]])             # agreement of n raters: per item, votes per category
+    majority(["win", "win", "tie"])                  # an item's outcome by vote ("no majority" on a tie)
 
 Win rate = win + tie / 2 (OUTCOME_SCORE). Rates are out of the judged items, and again out of all
 items with the unjudged ones included (`*_pct_all`). Confidence intervals: 95% percentile
@@ -37,6 +39,8 @@ judged, or when fewer than MIN_MINORITY_SHARE of them lie on the minority side o
 difference (pairs of equal length count on both sides): then one answer is longer in nearly
 every pair and the rate "at equal length" is an extrapolation of the fitted curve.
 """
+
+from collections import Counter
 
 import numpy as np
 
@@ -208,3 +212,34 @@ def cohen_kappa(x: list[str], y: list[str], labels=("win", "tie", "loss")) -> fl
     po = sum(a == b for a, b in zip(x, y)) / n
     pe = sum((x.count(k) / n) * (y.count(k) / n) for k in labels)
     return None if pe >= 1 else (po - pe) / (1 - pe)
+
+
+def fleiss_kappa(counts) -> float | None:
+    """Fleiss' kappa: counts[i][j] raters put item i in category j, every item rated by the same
+    n >= 2 raters. None without items, or when chance agreement is 1 (every rating one category)."""
+    c = np.asarray(counts, dtype=float)  # (N items, k categories)
+    if c.size == 0:
+        return None
+    if c.ndim != 2:
+        raise ValueError(f"Fleiss' kappa needs a table of counts, one row per item, got shape {c.shape}")
+    n = c.sum(1)
+    if (n != n[0]).any() or n[0] < 2:
+        raise ValueError("Fleiss' kappa needs the same number (>= 2) of ratings for every item, "
+                         f"got {sorted({int(x) for x in n})}")
+    n = n[0]
+    agree = ((c * c).sum(1) - n) / (n * (n - 1))  # (N,) share of rater pairs that agree on the item
+    share = c.sum(0) / c.sum()  # (k,) share of all ratings in each category
+    pe = float((share * share).sum())
+    return None if pe >= 1 else (float(agree.mean()) - pe) / (1 - pe)
+
+
+NO_MAJORITY = "no majority"
+
+
+def majority(votes: list[str]) -> str | None:
+    """The outcome most votes gave (a plurality), NO_MAJORITY when two outcomes share the most
+    votes, None without votes."""
+    top = Counter(votes).most_common(2)
+    if not top:
+        return None
+    return NO_MAJORITY if len(top) == 2 and top[0][1] == top[1][1] else top[0][0]

@@ -318,6 +318,22 @@ def test_cli_convert_mix_prompts_stats(tmp_path, capsys):
     assert "20 rows" in capsys.readouterr().out
 
 
+def test_cli_mix_drops_flagged_rows_unless_asked(tmp_path, capsys):
+    rows = [conv("real_doctor_instructions", id=f"r{i}", **({"flagged": True} if i < 2 else {})) for i in range(5)]
+    rows += [conv("real_doctor_conversations", id="c0", flagged=True), conv("distilled_instructions", id="d0")]
+    path = tmp_path / "polished.jsonl"
+    data.write_jsonl(path, rows)
+    argv = ["mix", "--in", str(path), "--out", str(tmp_path / "m.jsonl"), "--weights",
+            "real_doctor_instructions=1,real_doctor_conversations=0,distilled_instructions=1"]
+    assert data.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "dropped 3 flagged rows" in out and "real_doctor_conversations 1, real_doctor_instructions 2" in out
+    assert sorted(r["id"] for r in data.read_jsonl(tmp_path / "m.jsonl")) == ["d0", "r2", "r3", "r4"]
+    assert data.main(argv + ["--keep-flagged"]) == 0
+    assert "kept 3 flagged rows (--keep-flagged)" in capsys.readouterr().out
+    assert sorted(r["id"] for r in data.read_jsonl(tmp_path / "m.jsonl")) == ["d0", "r0", "r1", "r2", "r3", "r4"]
+
+
 def test_cli_reports_bad_input(tmp_path, capsys):
     bad = write_lines(tmp_path / "bad.jsonl", [jl({"data": ["问：a"]})])
     out = tmp_path / "out.jsonl"

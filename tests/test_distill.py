@@ -84,7 +84,7 @@ def test_rouge_index_equals_brute_force(threshold):
             scores = [TM.rouge_l(text, k) for k in kept]
             best = max(range(len(kept)), key=lambda i: (scores[i], -i), default=None)
             got = index.match(text)
-            if best is not None and scores[best] >= threshold:
+            if best is not None and scores[best] > threshold:
                 assert got == (best, scores[best]), (text, got)
                 hits += 1
             else:
@@ -93,6 +93,20 @@ def test_rouge_index_equals_brute_force(threshold):
                 index.add(text)
                 kept.append(text)
     assert hits > 100  # the comparison exercised many matches, not just misses
+
+
+def test_rouge_filter_keeps_exactly_the_threshold_like_self_instruct():
+    # Self-Instruct drops an instruction when max ROUGE-L > 0.7 (bootstrap_instructions.py), keeps it at 0.7
+    kept = "孩子发烧三天了怎么办"
+    at = "孩子发烧三天了吃啥药"  # LCS 孩子发烧三天了 = 7 of 10 and 10: F = 14 / 20
+    above = "孩子发烧三天了吃药"  # LCS 7 of 10 and 9: F = 14 / 19
+    assert TM.rouge_l(kept, at) == 0.7 and TM.rouge_l(kept, above) == 14 / 19
+    index = TM.RougeIndex(0.7)
+    index.add(kept)
+    assert index.match(at) is None
+    assert index.match(above) == (0, 14 / 19)
+    with pytest.raises(ValueError, match="in \\[0, 1\\)"):
+        TM.RougeIndex(1.0)  # nothing scores above 1: a filter that drops nothing
 
 
 def test_rouge_index_runs_few_lcs_on_thousands():
@@ -242,7 +256,7 @@ def test_instructions_rows_near_duplicates_and_summary(tmp_path, capsys):
     assert len(rows) == report["rows"] == report["kept"] == 10
     # 3 fresh questions per request, and kept stops at --n: requests 0,1 (round 1), 2 (round 2), 3 (round 3)
     assert report["generation_requests"] == 4
-    assert report["dropped"] == {"near-duplicate (ROUGE-L >= 0.7)": 4, "not Chinese": 1, "too short": 1}
+    assert report["dropped"] == {"near-duplicate (ROUGE-L > 0.7)": 4, "not Chinese": 1, "too short": 1}
     assert Counter(kind(b) for _, b in sent) == {"generate": 4, "answer": 10}
     assert report["requests"] == 14 and report["cached"] == 0 and report["completion_tokens"] > 0
     for row in rows:
@@ -256,7 +270,7 @@ def test_instructions_rows_near_duplicates_and_summary(tmp_path, capsys):
     assert len({b["seed"] for b in gens}) == 4
     out = capsys.readouterr().out
     assert "instructions: 14 requests (0 cached)" in out and "kept 10" in out
-    assert "dropped: near-duplicate (ROUGE-L >= 0.7) 4, not Chinese 1, too short 1" in out
+    assert "dropped: near-duplicate (ROUGE-L > 0.7) 4, not Chinese 1, too short 1" in out
 
     # a rerun sends nothing: every request is answered from the cache, with the same rows
     with ScriptedServer(endpoint) as srv:
@@ -424,35 +438,40 @@ def polish_endpoint(request, path):
     return "改写后：" + REWRITES[original]
 
 
-@pytest.mark.parametrize("on_flag", ["keep", "original", "drop"])
+@pytest.mark.parametrize("on_flag", [None, "original", "keep", "drop"])
 def test_polish_keeps_original_and_flags_lost_facts(tmp_path, on_flag):
     data = write_jsonl(tmp_path / "real.jsonl", REAL)
+    extra = {} if on_flag is None else {"on_flag": on_flag}
     with ScriptedServer(polish_endpoint) as srv:
-        report = D.run_polish(D.command_config(
-            "polish", ["--in", data] + base_args(srv, tmp_path, "p", on_flag=on_flag)))
+        report = D.run_polish(D.command_config("polish", ["--in", data] + base_args(srv, tmp_path, "p", **extra)))
         assert len(srv.requests) == 4  # every doctor turn, once
     rows = {r["id"]: r for r in load_conversations(tmp_path / "p.jsonl")}
     r1 = rows["r1"]
     assert r1["messages"][1] == {"role": "assistant", "content": REWRITES[REAL[0]["messages"][1]["content"]],
                                  "original": REAL[0]["messages"][1]["content"]}
     assert r1["source"] == "real_doctor_instructions" and r1["department"] == "皮肤科" and "flagged" not in r1
+    assert (report["flagged_rows"], report["flagged_turns"]) == (2, 2)
     if on_flag == "drop":
         assert set(rows) == {"r1"}
         assert report["dropped"] == {"rewrite changed drug names or numbers": 2}
         return
     r2, r3 = rows["r2"], rows["r3"]
-    assert r2["flagged"] and r2["messages"][1]["flag"] == {"missing": ["西替利嗪"], "added": []}
-    assert r3["flagged"] and "flag" not in r3["messages"][1]
-    assert r3["messages"][3]["flag"] == {"missing": ["200"], "added": ["400"]}
+    assert r2["messages"][1]["flag"] == {"missing": ["西替利嗪"], "added": []}
+    assert "flag" not in r3["messages"][1] and r3["messages"][3]["flag"] == {"missing": ["200"], "added": ["400"]}
     assert r3["source"] == "real_doctor_conversations" and r3["messages"][2] == REAL[2]["messages"][2]
+    # by default a changed dose never reaches SFT: the doctor's reply stands, the rewrite is kept aside
+    restored = on_flag in (None, "original")
     for r, real in ((r2, REAL[1]), (r3, REAL[2])):
+        assert r.get("flagged", False) == (not restored)  # only a row holding a changed fact is flagged
         for msg, before in zip(r["messages"], real["messages"]):
             if msg["role"] == "assistant":
                 assert msg["original"] == before["content"]
                 if "flag" in msg:
-                    expected = before["content"] if on_flag == "original" else REWRITES[before["content"]]
-                    assert msg["content"] == expected
-    assert (report["flagged_rows"], report["flagged_turns"]) == (2, 2)
+                    rewrite = REWRITES[before["content"]]
+                    assert msg["content"] == (before["content"] if restored else rewrite)
+                    assert msg.get("rewrite") == (rewrite if restored else None)
+    assert r3["messages"][3]["content"] == ("考虑膝骨关节炎。布洛芬每次200毫克，疼时吃，少爬楼。" if restored
+                                            else REWRITES[REAL[2]["messages"][3]["content"]])
 
 
 # ---------------------------------------------------------------- resuming

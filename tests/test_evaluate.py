@@ -15,7 +15,7 @@ from nanohuatuo import evaluate as ev
 from nanohuatuo.data import DataError, load_qa
 from nanohuatuo.llm import LLMError
 from nanohuatuo.textmetrics import score_corpus
-from nanohuatuo.winrate import cohen_kappa, combine
+from nanohuatuo.winrate import cohen_kappa, combine, fleiss_kappa, majority
 
 INTENTS = ["病因分析", "治疗方案", "注意事项"]
 
@@ -581,6 +581,67 @@ def test_cohen_kappa_edges():
     assert cohen_kappa(["win", "loss"], ["win", "loss"]) == pytest.approx(1.0)
     assert cohen_kappa(["win", "win"], ["win", "win"]) is None  # chance agreement 1: undefined
     assert cohen_kappa([], []) is None
+
+
+def test_fleiss_kappa_textbook_case():
+    # Fleiss (1971) as worked on Wikipedia: 10 items, 14 raters, 5 categories; P = 0.378, Pe = 0.213
+    counts = [[0, 0, 0, 0, 14], [0, 2, 6, 4, 2], [0, 0, 3, 5, 6], [0, 3, 9, 2, 0], [2, 2, 8, 1, 1],
+              [7, 7, 0, 0, 0], [3, 2, 6, 3, 0], [2, 5, 3, 2, 2], [6, 5, 2, 1, 0], [0, 2, 2, 3, 7]]
+    p = sum((sum(c * c for c in row) - 14) / (14 * 13) for row in counts) / 10
+    pe = sum((sum(col) / 140) ** 2 for col in zip(*counts))
+    assert (round(p, 3), round(pe, 3)) == (0.378, 0.213)
+    assert fleiss_kappa(counts) == pytest.approx((p - pe) / (1 - pe)) and round(fleiss_kappa(counts), 3) == 0.210
+    assert fleiss_kappa([[2, 0, 0], [0, 0, 2]]) == pytest.approx(1.0)
+    assert fleiss_kappa([[3, 0, 0], [3, 0, 0]]) is None and fleiss_kappa([]) is None  # chance agreement 1; no items
+    with pytest.raises(ValueError, match="same number"):
+        fleiss_kappa([[2, 0, 0], [1, 0, 0]])
+
+
+def test_majority_reports_a_tie_in_the_vote():
+    assert majority(["win", "win", "tie"]) == "win"
+    assert majority(["tie", "loss", "loss", "win"]) == "loss"  # the most votes, not more than half
+    assert majority(["win", "loss"]) == "no majority" and majority(["win", "tie", "loss"]) == "no majority"
+    assert majority([]) is None
+
+
+def test_tally_of_three_raters_gives_fleiss_kappa_and_outcome_by_vote(tmp_path):
+    src = tmp_path / "run"
+    src.mkdir()
+    pairs = [{"id": f"s{i}", "group": "g", "prompt": f"问题{i}", "reference": "", "answer_a": f"甲{i}",
+              "answer_b": f"乙{i}", "outcome": "win"} for i in range(4)]
+    write_jsonl(src / "pairs.jsonl", pairs)
+    (src / "summary.json").write_text(json.dumps({"mode": "pairwise", "a": "A", "b": "B", "judge": "j"}),
+                                      encoding="utf-8")
+    ev.make_sheet(ev.SheetConfig(source=str(src), out=str(tmp_path / "sheet"), seed=1))
+    key = json.loads((tmp_path / "sheet" / "sheet_key.json").read_text(encoding="utf-8"))["items"]
+    wanted = {"s0": ["win", "win", "win"], "s1": ["win", "tie", "loss"], "s2": ["loss", "loss", "tie"],
+              "s3": ["tie", "tie", None]}  # the third rater left s3 blank
+    files = []
+    for r in range(3):
+        lines = ["item,mark"]
+        for k in key:
+            o = wanted[k["id"]][r]
+            mark = "" if o is None else "=" if o == "tie" else "1" if (o == "win") == (k["left"] == "A") else "2"
+            lines.append(f"{k['item']},{mark}")
+        files.append(tmp_path / f"rater{r}.csv")
+        files[-1].write_text("\n".join(lines) + "\n", encoding="utf-8")
+    result = ev.run_tally(ev.TallyConfig(sheet=str(tmp_path / "sheet"), marks=[str(f) for f in files]))
+    # by hand over s0-s2, votes W/T/L 3/0/0, 1/1/1, 0/1/2: P = (1 + 0 + 1/3) / 3 = 4/9, Pe = (16 + 4 + 9) / 81
+    b = result["between"]
+    assert (b["raters"], b["items"]) == (3, 3) and b["fleiss_kappa"] == pytest.approx(7 / 52)
+    assert b["majority"] == {"win": 1, "tie": 1, "loss": 1, "no majority": 1}
+    by_id = {it["id"]: it for it in result["items"]}
+    assert {i: it["majority"] for i, it in by_id.items()} == {"s0": "win", "s1": "no majority", "s2": "loss",
+                                                              "s3": "tie"}
+    assert (by_id["s3"]["win"], by_id["s3"]["tie"], by_id["s3"]["loss"]) == (0, 2, 0)
+    md = (tmp_path / "sheet" / "tally.md").read_text(encoding="utf-8")
+    assert "Fleiss' kappa 0.135 over the 3 items all of them marked" in md
+    assert "1 win / 1 tie / 1 loss / 1 no majority" in md
+    item = next(k["item"] for k in key if k["id"] == "s1")
+    assert f"| {item} | s1 | 1 / 1 / 1 | no majority | win |" in md
+    assert json.loads((tmp_path / "sheet" / "tally.json").read_text(encoding="utf-8"))["between"] == b
+    one = ev.run_tally(ev.TallyConfig(sheet=str(tmp_path / "sheet"), marks=[str(files[0])]))
+    assert one["between"] is None and "Fleiss" not in (tmp_path / "sheet" / "tally.md").read_text(encoding="utf-8")
 
 
 # ---------------------------------------------------------------- pieces
