@@ -35,10 +35,11 @@ from dataclasses import asdict, dataclass, replace
 import torch
 
 from . import distill, evaluate, ppo, reward, sft
-from .cli import UserError, arg, cli_main, prepare_out
+from .cli import UserError, arg, cli_main, prepare_out, resolve_device, resolve_dtype
 from .data import load_conversations, to_prompt, write_jsonl
 from .feedback import OfflineJudge, OpenAIJudge, rankings_to_preferences
 from .metrics import cpu_name
+from .hf import ModelDirError, check_model_dir, count_params
 from .model import ModelConfig, Transformer
 from .reward_model import load_reward_model
 from .sampling import sample_answers
@@ -53,8 +54,9 @@ MARKER = "demo.json"  # written first: a directory holding it is an earlier demo
 
 @dataclass
 class DemoSize:
-    """How much each stage does. The default fits five minutes on two CPU cores; REAL is for one GPU."""
-    vocab: int = 1200
+    """How much each stage does. The defaults are the "tiny" profile: a model trained from scratch,
+    the whole recipe in about five minutes on two CPU cores."""
+    vocab: int = 1200  # the tiny model's own tokenizer and shape (unused with --model)
     dim: int = 128
     n_layers: int = 4
     n_heads: int = 4
@@ -62,6 +64,7 @@ class DemoSize:
     lora_r: int = 0  # 0: full fine-tuning (a random model has nothing to adapt)
     sft_steps: int = 120
     sft_batch: int = 16
+    sft_micro: int = 16  # rows per forward/backward (gradient accumulation makes up sft_batch)
     sft_lr: float = 3e-3
     max_len: int = 384
     rl_prompts: int = 96  # prompts sampled and judged for the reward model
@@ -72,26 +75,72 @@ class DemoSize:
     ppo_steps: int = 24
     ppo_epochs: int = 2  # passes over each rollout batch (DeepSpeed-Chat uses 1; the default 4 doubles the time)
     ppo_batch: int = 16
+    ppo_micro: int = 16
     ppo_tokens: int = 80
     ppo_lr: float = 3e-4
     kl_coef: float = 0.1
-    length_penalty: float = 2.0  # PPO's --length-penalty: the offline judge, and so the RM, likes short answers
+    length_debias: float = 1.0  # PPO's --length-debias: the offline judge, and so the RM, likes short answers
     eval_prompts: int = 32  # held-out real-doctor prompts (reference metrics)
     eval_questions: int = 50  # KUAKE-QIC-format questions judged pairwise
     eval_cases: int = 8  # Med-dialog-format cases consulted
     eval_turns: int = 3
     eval_tokens: int = 80
     distill_items: int = 4  # with --llm-base-url: items of each distilled source
+    grad_checkpointing: bool = False
+    compile: bool = False  # CUDA-graph decode (CUDA only)
 
 
-QUICK = DemoSize(vocab=400, dim=32, n_layers=2, n_heads=4, ffn=64, sft_steps=12, sft_batch=8, max_len=256,
-                 rl_prompts=12, k=2, sample_tokens=24, rm_epochs=1, ppo_steps=3, ppo_epochs=1, ppo_batch=4, ppo_tokens=24,
-                 eval_prompts=4, eval_questions=6, eval_cases=2, eval_turns=2, eval_tokens=24, distill_items=2)
-# --model DIR: LoRA on a real checkpoint, sized for one 24 GB GPU with a 0.5B-7B model in bf16
-REAL = DemoSize(lora_r=16, sft_steps=200, sft_batch=16, sft_lr=1e-4, max_len=1024, rl_prompts=256, k=4,
-                sample_tokens=256, rm_epochs=1, rm_lr=5e-5, ppo_steps=50, ppo_epochs=4, ppo_batch=32, ppo_tokens=256,
-                ppo_lr=2e-5, kl_coef=0.05, eval_prompts=64, eval_questions=50, eval_cases=8, eval_turns=4,
-                eval_tokens=384, distill_items=16)
+# Size profiles. "tiny" trains a model from scratch. The others put LoRA on a real checkpoint with
+# learning rates for pretrained weights (SFT 2e-4 at most, as sft.py allows without
+# --allow-high-lr; RM 1e-4; PPO 5e-5 to 1e-4): a rate meant for random weights destroys them.
+PROFILES = {
+    "tiny": DemoSize(),
+    # a 100-500M checkpoint on two CPU cores in about 20 minutes (measured in docs/benchmarks.md)
+    "cpu": DemoSize(lora_r=16, sft_steps=40, sft_batch=8, sft_micro=4, sft_lr=2e-4, max_len=256, rl_prompts=48, k=4,
+                    sample_tokens=64, rm_epochs=1, rm_lr=1e-4, ppo_steps=12, ppo_epochs=2, ppo_batch=8, ppo_micro=8,
+                    ppo_tokens=64, ppo_lr=1e-4, kl_coef=0.05, length_debias=1.0, eval_prompts=16,
+                    eval_questions=20, eval_cases=2, eval_turns=2, eval_tokens=64, distill_items=2),
+    # a 0.5-7B checkpoint on one 24 GB GPU in bf16 within the hour: gradient checkpointing and small
+    # micro-batches keep a 7B base (14 GB) and its activations inside 24 GB, the compiled decode
+    # path serves the rollouts, and K = 8 answers per prompt give the judge more to rank
+    "gpu-24g": DemoSize(lora_r=16, sft_steps=200, sft_batch=16, sft_micro=2, sft_lr=1e-4, max_len=1024,
+                        rl_prompts=256, k=8, sample_tokens=256, rm_epochs=1, rm_lr=5e-5, ppo_steps=50, ppo_epochs=2,
+                        ppo_batch=32, ppo_micro=4, ppo_tokens=256, ppo_lr=2e-5, kl_coef=0.05, length_debias=1.0,
+                        eval_prompts=64, eval_questions=50, eval_cases=8, eval_turns=4, eval_tokens=384,
+                        distill_items=16, grad_checkpointing=True, compile=True),
+}
+CPU_PARAMS = 600e6  # above this, a CPU run of the recipe takes hours: said before it starts
+
+
+def quick(size: DemoSize, tiny: bool) -> DemoSize:
+    """--quick: the same recipe with fewer steps, prompts and tokens (what the tests run); learning
+    rates, LoRA and lengths of the profile stay. The tiny model also shrinks its width."""
+    q = replace(size, sft_steps=12, sft_batch=8, sft_micro=min(size.sft_micro, 8), max_len=min(size.max_len, 256),
+                rl_prompts=12, k=2, sample_tokens=24, rm_epochs=1, ppo_steps=3, ppo_epochs=1, ppo_batch=4,
+                ppo_micro=4, ppo_tokens=24, eval_prompts=4, eval_questions=6, eval_cases=2, eval_turns=2,
+                eval_tokens=24, distill_items=2)
+    return replace(q, vocab=400, dim=32, n_layers=2, n_heads=4, ffn=64) if tiny else q
+
+
+def choose_size(cfg, device: str, n_params: int | None) -> tuple[str, DemoSize, str]:
+    """(profile name, its sizes, why): --size, else from the device and the model's parameter count."""
+    if not cfg.model:
+        if cfg.size not in ("auto", "tiny"):
+            raise UserError(f"--size {cfg.size} is for a real checkpoint: pass --model DIR too")
+        name, why = "tiny", "no --model: a tiny model trained from scratch"
+    elif cfg.size == "tiny":
+        raise UserError("--size tiny trains a model from scratch; with --model choose cpu or gpu-24g (or auto)")
+    elif cfg.size != "auto":
+        name, why = cfg.size, "--size"
+    else:
+        name = "gpu-24g" if device.startswith("cuda") else "cpu"
+        why = f"{n_params / 1e6:.0f}M parameters on {device}"
+    if name == "cpu" and n_params and n_params > CPU_PARAMS:
+        why += (f"; warning: the cpu profile is sized for 100-500M parameters, this model has "
+                f"{n_params / 1e9:.1f}B: expect hours (a GPU and --size gpu-24g fit it)")
+    size = PROFILES[name]
+    return name, quick(size, name == "tiny") if cfg.quick else size, why
+
 
 # share of the wall time per stage, measured on a 2-core CPU, for the ETA printed as each stage starts
 BUDGET = {"data": 0.005, "base": 0.005, "sft": 0.32, "samples": 0.06, "feedback": 0.005, "rm": 0.14, "ppo": 0.43,
@@ -102,10 +151,13 @@ BUDGET = {"data": 0.005, "base": 0.005, "sft": 0.32, "samples": 0.06, "feedback"
 class DemoConfig:
     out: str = arg("runs/demo", "output directory (report.md, every stage's outputs); an earlier demo run there "
                                 "is replaced")
-    quick: bool = arg(False, "a reduced run in under a minute (what the tests run)")
+    quick: bool = arg(False, "fewer steps, prompts and tokens, same recipe (what the tests run): under a minute "
+                             "with the tiny model")
     model: str = arg("", "run the recipe with LoRA on this real checkpoint (Hugging Face layout) instead of the "
-                         "tiny model trained from scratch; sizes for one 24 GB GPU: LoRA r 16, SFT 200 steps of 16, "
-                         "256 prompts x 4 answers of 256 tokens, PPO 50 steps of 32")
+                         "tiny model trained from scratch; evaluated against the base model and against SFT")
+    size: str = arg("auto", "size profile: auto (tiny without --model; with it cpu or gpu-24g from the device), "
+                            "cpu (100-500M parameters, ~20 min on 2 cores), gpu-24g (0.5-7B on one 24 GB GPU, "
+                            "bf16, gradient checkpointing, compiled decode)", choices=["auto", *PROFILES])
     llm_base_url: str = arg("", "one OpenAI-compatible endpoint as teacher (distill.py), judge and patient; "
                                 "default: offline stand-ins", metavar="URL")
     llm_model: str = arg("", "the model name at --llm-base-url", metavar="NAME")
@@ -219,11 +271,12 @@ def build_base(out: str, size: DemoSize, rows: list[dict], seed: int) -> int:
     return model.num_params()
 
 
-def sample_stage(out, sft_dir, adapter, template, prompts, size, seed, device):
-    model = Transformer.from_pretrained(sft_dir, adapter=adapter, device=device)
+def sample_stage(out, sft_dir, adapter, template, prompts, size, seed, device, dtype):
+    model = Transformer.from_pretrained(sft_dir, adapter=adapter, device=device,
+                                        dtype=resolve_dtype(dtype, torch.device(device)))
     tok = Tokenizer.from_pretrained(sft_dir)
     items = sample_answers(model, tok, template, prompts, k=size.k, max_new_tokens=size.sample_tokens,
-                           temperature=1.0, batch_size=32, seed=seed)
+                           temperature=1.0, batch_size=32, seed=seed, compile=size.compile and device.startswith("cuda"))
     path = os.path.join(out, "samples.jsonl")
     write_jsonl(path, items)
     return items
@@ -246,7 +299,9 @@ def feedback_stage(out, cfg: DemoConfig, items):
 
 
 def eval_stage(out, cfg: DemoConfig, size: DemoSize, policy, sft_adapter, ppo_dir, template, eval_prompts, device):
-    """HuatuoGPT's three automatic evaluations of PPO (A) against SFT (B), through evaluate.py's API."""
+    """HuatuoGPT's three automatic evaluations of PPO (A) against SFT (B), through evaluate.py's API;
+    with a real checkpoint, single-turn questions and reference metrics against the base model too
+    (what the whole recipe bought, not only what PPO added to SFT)."""
     d = os.path.join(out, "eval")
     answers = os.path.join(d, "answers")  # one answer file per candidate, shared by the comparisons
     qa = os.path.join(d, "qa_heldout.jsonl")
@@ -258,21 +313,25 @@ def eval_stage(out, cfg: DemoConfig, size: DemoSize, policy, sft_adapter, ppo_di
     gen = dict(device=device, dtype=cfg.dtype, batch_size=32, max_new_tokens=size.eval_tokens, seed=cfg.seed,
                answers_dir=answers, overwrite=True)
     a = dict(a_model=policy, a_adapter=ppo_dir, a_name="PPO", a_template=template)
-    b = dict(b_model=policy, b_adapter=sft_adapter, b_name="SFT", b_template=template)
+    # the tiny model's "base" is random weights: nothing to compare against
+    others = {"SFT": sft_adapter, **({"base": None} if cfg.model else {})}
     res = {"metrics": {}}
-    for name, adapter in (("PPO", ppo_dir), ("SFT", sft_adapter)):
+    for name, adapter in (("PPO", ppo_dir), *others.items()):
         res["metrics"][name] = evaluate.run_metrics(evaluate.MetricsConfig(
             out=os.path.join(d, f"metrics_{name.lower()}"), data=[qa], model=policy, adapter=adapter, name=name,
             template=template, **gen))
-    res["pairwise"] = evaluate.run_pairwise(evaluate.PairwiseConfig(
-        out=os.path.join(d, "pairwise"), data=os.path.join(DATA, "eval_questions.json"), limit=size.eval_questions,
-        bootstrap=200, **a, **b, **judge, **gen))
+    for name, adapter in others.items():
+        key = "pairwise" if name == "SFT" else f"pairwise_{name}"
+        res[key] = evaluate.run_pairwise(evaluate.PairwiseConfig(
+            out=os.path.join(d, key), data=os.path.join(DATA, "eval_questions.json"), limit=size.eval_questions,
+            bootstrap=200, **a, b_model=policy, b_adapter=adapter, b_name=name, b_template=template, **judge, **gen))
     patient = dict(patient="endpoint", patient_base_url=cfg.llm_base_url, patient_model_name=cfg.llm_model,
                    patient_api_key=cfg.llm_api_key) if online else dict(patient="offline")
     res["patient"] = f"{cfg.llm_model} (LLM)" if online else "offline stand-in reciting the case"
     res["dialogue"] = evaluate.run_dialogue(evaluate.DialogueConfig(
         out=os.path.join(d, "dialogue"), data=os.path.join(DATA, "eval_dialogues.json"), limit=size.eval_cases,
-        max_turns=size.eval_turns, bootstrap=200, **a, **b, **judge, **patient, **gen))
+        max_turns=size.eval_turns, bootstrap=200, **a, b_model=policy, b_adapter=sft_adapter, b_name="SFT",
+        b_template=template, **judge, **patient, **gen))
     return res
 
 
@@ -283,8 +342,20 @@ def run(cfg: DemoConfig | None = None, **kw) -> dict:
     cfg = replace(cfg or DemoConfig(), **kw)
     if cfg.llm_base_url and not cfg.llm_model:
         raise UserError("--llm-base-url needs --llm-model NAME (the model the endpoint serves)")
-    size = QUICK if cfg.quick else REAL if cfg.model else DemoSize()
     real = bool(cfg.model)
+    device = str(resolve_device(cfg.device)) if real else "cpu"  # the tiny model is a CPU demo
+    try:
+        n_params = count_params(cfg.model) if real else None
+    except ModelDirError as e:
+        raise UserError(f"--model: {e}") from None
+    profile, size, why = choose_size(cfg, device, n_params)
+    print(f"size profile: {profile} ({why}; --size to change){' with --quick' if cfg.quick else ''}: "
+          + ("" if not real else f"LoRA r {size.lora_r}, ")
+          + f"SFT {size.sft_steps} steps x {size.sft_batch} (lr {size.sft_lr:g}, {size.max_len} tokens), "
+          f"{size.rl_prompts} prompts x {size.k} answers, RM lr {size.rm_lr:g}, PPO {size.ppo_steps} steps x "
+          f"{size.ppo_batch} (lr {size.ppo_lr:g}), evaluation on {size.eval_questions} questions and "
+          f"{size.eval_cases} consultations" + (", gradient checkpointing" if size.grad_checkpointing else "")
+          + (", compiled decode" if size.compile and device.startswith("cuda") else ""), flush=True)
     out = cfg.out
     if os.path.isdir(out) and os.listdir(out) and not os.path.exists(os.path.join(out, MARKER)) \
             and not cfg.overwrite:
@@ -293,20 +364,19 @@ def run(cfg: DemoConfig | None = None, **kw) -> dict:
     lock = prepare_out(out, overwrite=True)  # an earlier demo run is replaced: every stage starts clean
     try:
         with open(os.path.join(out, MARKER), "w") as f:
-            json.dump({"config": asdict(cfg), "size": asdict(size)}, f, indent=1)
-        return _run(cfg, size, real, out)
+            json.dump({"config": asdict(cfg), "profile": profile, "size": asdict(size)}, f, indent=1)
+        return _run(cfg, size, real, out, device, profile)
     finally:
         lock.release()
 
 
-def _run(cfg: DemoConfig, size: DemoSize, real: bool, out: str) -> dict:
+def _run(cfg: DemoConfig, size: DemoSize, real: bool, out: str, device: str, profile: str) -> dict:
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     names = list(BUDGET)
     st = Stages(out, names, cfg.profile)
     rows, sft_files = load_bundled()
     template = "auto" if real else "huatuo"  # the tiny base has no chat template of its own
-    device = "cpu" if not real else cfg.device
 
     def data():
         files = list(sft_files)
@@ -319,7 +389,8 @@ def _run(cfg: DemoConfig, size: DemoSize, real: bool, out: str) -> dict:
 
     base = cfg.model
     if real:
-        n_params = st.run("base", "base: the real checkpoint", lambda: Transformer.from_pretrained(base).num_params())
+        n_params = st.run("base", "base: the real checkpoint",
+                          lambda: (check_model_dir(base, tokenizer=True), count_params(base))[1])
     else:
         base = os.path.join(out, "base")
         n_params = st.run("base", "base: tokenizer and a tiny random model", build_base, base, size, rows, cfg.seed)
@@ -329,7 +400,8 @@ def _run(cfg: DemoConfig, size: DemoSize, real: bool, out: str) -> dict:
     sft_dir = os.path.join(out, "sft")
     sft_cfg = sft.SFTConfig(model=base, data=sft_files, out=sft_dir, template=template, lora_r=size.lora_r,
                             lr=size.sft_lr, max_steps=size.sft_steps, batch_size=size.sft_batch,
-                            micro_batch_size=size.sft_batch if not real else 2, max_len=size.max_len,
+                            micro_batch_size=size.sft_micro, max_len=size.max_len,
+                            grad_checkpointing=size.grad_checkpointing,
                             eval_every=max(size.sft_steps // 5, 1), save_every=size.sft_steps, warmup_frac=0.05,
                             seed=cfg.seed, device=device, dtype=cfg.dtype, log_every=max(size.sft_steps // 10, 1))
     sft_res = st.run("sft", "SFT on the four sources", sft.train, sft_cfg)
@@ -341,7 +413,7 @@ def _run(cfg: DemoConfig, size: DemoSize, real: bool, out: str) -> dict:
     prompts = [to_prompt(r) for r in real_rows]
     eval_prompts, rl_prompts = prompts[:size.eval_prompts], prompts[size.eval_prompts:]
     items = st.run("samples", "K answers per real-doctor prompt", sample_stage, out, policy, sft_adapter, template,
-                   rl_prompts[:size.rl_prompts], size, cfg.seed, device)
+                   rl_prompts[:size.rl_prompts], size, cfg.seed, device, cfg.dtype)
 
     judge_name, prefs = st.run("feedback", "AI feedback: rank the answers against the doctor's reply",
                                feedback_stage, out, cfg, items)
@@ -350,7 +422,7 @@ def _run(cfg: DemoConfig, size: DemoSize, real: bool, out: str) -> dict:
     rm_cfg = reward.RMConfig(model=policy, adapter=sft_adapter, data=[os.path.join(out, "prefs.jsonl")], out=rm_dir,
                              template=template, lora_r=size.lora_r, lr=size.rm_lr, epochs=size.rm_epochs,
                              batch_prompts=4, max_len=size.max_len, eval_frac=0.2, eval_every=10, device=device,
-                             dtype=cfg.dtype, seed=cfg.seed)
+                             dtype=cfg.dtype, seed=cfg.seed, grad_checkpointing=size.grad_checkpointing)
     rm_res = st.run("rm", "reward model on the rankings", reward.train, rm_cfg)
     rm = load_reward_model(rm_dir, device=device)
 
@@ -360,8 +432,9 @@ def _run(cfg: DemoConfig, size: DemoSize, real: bool, out: str) -> dict:
     ppo_cfg = ppo.PPOConfig(model=policy, adapter=sft_adapter, reward=rm_dir, prompts=rl_path, out=ppo_dir,
                             template=template, max_steps=size.ppo_steps, batch_size=size.ppo_batch,
                             max_new_tokens=size.ppo_tokens, temperature=0.7, lr=size.ppo_lr, kl_coef=size.kl_coef,
-                            length_penalty=size.length_penalty, ppo_epochs=size.ppo_epochs,
-                            micro_batch_size=size.ppo_batch if not real else 4,
+                            length_debias=size.length_debias, ppo_epochs=size.ppo_epochs,
+                            micro_batch_size=size.ppo_micro, grad_checkpointing=size.grad_checkpointing,
+                            compile=size.compile and device.startswith("cuda"),
                             sample_every=max(size.ppo_steps // 4, 1), save_every=size.ppo_steps, device=device,
                             dtype=cfg.dtype, seed=cfg.seed)
     ppo_res = st.run("ppo", "PPO against the reward model", ppo.train, ppo_cfg, rm)
@@ -407,8 +480,9 @@ def eval_digest(ev: dict) -> dict:
                                       "win_pct_all", "tie_pct_all", "loss_pct_all", "unjudged_pct_all")}
     return {"metrics": {k: v["scores"] for k, v in ev["metrics"].items()},
             "pairwise": wtl(ev["pairwise"]), "dialogue": wtl(ev["dialogue"]),
+            **({"pairwise_base": wtl(ev["pairwise_base"])} if "pairwise_base" in ev else {}),
             "length_shift": {k: ((ev[k].get("stats") or {}).get("length_shift") or {}).get("warning")
-                             for k in ("pairwise", "dialogue")},
+                             for k in ("pairwise", "dialogue", "pairwise_base") if k in ev},
             "pairwise_groups": (ev["pairwise"].get("stats") or {}).get("groups", {}),
             "dialogue_groups": (ev["dialogue"].get("stats") or {}).get("groups", {}),
             "judge": ev["pairwise"].get("judge"), "patient": ev["patient"]}
@@ -501,7 +575,9 @@ def write_report(out, s, ev, seconds):
         "unjudged | W / T / L / unjudged, % of all items |",
         "|---|---|---|---|---|---|",
         _wtl_row("single-turn questions (KUAKE-QIC format)", e["pairwise"]),
-        _wtl_row("multi-turn consultations (Med-dialog format)", e["dialogue"]), "",
+        _wtl_row("multi-turn consultations (Med-dialog format)", e["dialogue"]),
+        *([_wtl_row("single-turn questions, PPO vs the base model", e["pairwise_base"])] if "pairwise_base" in e
+          else []), "",
         *[f"**Warning ({k}), {w}.**\n" for k, w in e.get("length_shift", {}).items() if w],
         "![single-turn](eval/pairwise/winrate.png) ![multi-turn](eval/dialogue/winrate.png)", "",
     ]
@@ -515,20 +591,27 @@ def write_report(out, s, ev, seconds):
               "| model | " + " | ".join(metric_names) + " |", "|---|" + "---:|" * len(metric_names),
               *[f"| {name} | " + " | ".join(f"{v[k]:.2f}" for k in metric_names) + " |"
                 for name, v in e["metrics"].items()], ""]
-    # answers side by side from the pairwise run
-    pairs = []
-    path = os.path.join(out, "eval", "pairwise", "pairs.jsonl")
-    if os.path.exists(path):
+    # answers side by side: PPO and SFT from the pairwise run, the base model's from the run against it
+    def read_pairs(name):
+        path = os.path.join(out, "eval", name, "pairs.jsonl")
+        if not os.path.exists(path):
+            return []
         with open(path, encoding="utf-8") as f:
-            pairs = [json.loads(line) for line in f if line.strip()][:4]
+            return [json.loads(line) for line in f if line.strip()]
+    base_answers = {p["id"]: p["answer_b"] for p in read_pairs("pairwise_base")}
+    pairs = read_pairs("pairwise")[:4]
     if pairs:
-        lines += ["## Sample answers (greedy)", ""]
+        lines += ["## Sample answers (greedy, questions held out of training)", ""]
         for p in pairs:
-            lines += [f"**{p['group']}:** {p['prompt']}", "", f"- PPO: {_short(p['answer_a'])}",
-                      f"- SFT: {_short(p['answer_b'])}", f"- verdict: {p.get('outcome') or 'unjudged'} for PPO", ""]
+            lines += [f"**{p['group']}:** {p['prompt']}", ""]
+            if p["id"] in base_answers:
+                lines.append(f"- base: {_short(base_answers[p['id']], 200)}")
+            lines += [f"- SFT: {_short(p['answer_b'], 200)}", f"- PPO: {_short(p['answer_a'], 200)}",
+                      f"- verdict: {p.get('outcome') or 'unjudged'} for PPO against SFT", ""]
     lines += ["## What to run next", "",
               "- The same recipe with LoRA on a real checkpoint: `python demo.py --model /models/Qwen2.5-0.5B-Instruct` "
-              "(one GPU; a CPU works for a 0.5B model, slowly).",
+              "(the size profile follows the device: `--size cpu` about 20 minutes for a 100-500M model on two "
+              "cores, `--size gpu-24g` for 0.5-7B on one 24 GB GPU).",
               "- A real judge, teacher and patient: `--llm-base-url URL --llm-model NAME` (any OpenAI-compatible "
               "endpoint, e.g. vLLM or `serve.py`).",
               "- Each stage on its own, with your data: the README's pipeline table; HuatuoGPT's own evaluation sets "

@@ -15,6 +15,7 @@ This module imports nothing else from the package: model.py, lora.py and the res
 """
 
 import json
+import math
 import os
 import shutil
 from dataclasses import asdict, dataclass, field
@@ -361,6 +362,12 @@ def safetensors_header(file) -> dict[str, dict]:
         raise ModelDirError(f"{file}: truncated safetensors file: its header promises {8 + n + end:,} bytes, the "
                             f"file has {size:,}; {again}")
     return header
+
+
+def count_params(path) -> int:
+    """Parameters of a model directory, from its safetensors headers (nothing loaded): enough to
+    choose sizes for a 7B model on a machine whose memory could not hold it in float32."""
+    return sum(math.prod(t["shape"]) for f in weight_files(path) for t in safetensors_header(f).values())
 
 
 def require_tokenizer(path) -> None:

@@ -29,9 +29,9 @@ so it is scored, and learned, as the answer the reward model was trained on. An 
 never stops scores `missing_eos_penalty`. With a reward model, scores are in units of its spread
 on SFT-like answers (`reward_norm std`: divided by the std train_rm.py stored; for a released RM
 without statistics, bias and std are estimated on the first rollout batch and logged), so the
-penalty and kl_coef mean the same on any reward model. `length_penalty` (off by default) subtracts
-coef * |log(length / L0)|, L0 the first rollout's mean answer length, so a scorer that likes short
-(or long) answers cannot be won by changing the length alone.
+penalty and kl_coef mean the same on any reward model. `length_debias` (off by default) takes the
+batch's linear dependence of the score on answer length out, so a scorer that likes short (or
+long) answers cannot be won by changing the length alone.
 
 Export (--out): the policy adapter in PEFT layout with the value head in extra.safetensors, for the
 ORIGINAL base: with a merged SFT adapter it is the exact concatenation SFT (+) PPO, a rank r1 + r2
@@ -99,9 +99,8 @@ class PPOConfig:
     rollout_batch_size: int = arg(0, "rows generated at once per process; 0: the whole local batch")
     missing_eos_penalty: float | None = arg(-1.0, "score of an answer that never stops, in reward units ('none' "
                                                   "keeps the reward model's score)", parse=_penalty)
-    length_penalty: float = arg(0.0, "subtract COEF * |log(answer length / the first rollout's mean length)| from "
-                                     "each score, in reward units: PPO cannot win by shrinking or padding answers "
-                                     "(0: off)")
+    length_debias: float = arg(0.0, "remove COEF times the batch's linear dependence of the score on answer length "
+                                    "(1: all of it), so PPO cannot win by shrinking or padding answers (0: off)")
     # KL penalty in the reward
     kl_coef: float = arg(0.05, "weight of the per-token KL to the reference in the reward")
     kl_estimator: str = arg("k1", "k1 = logp - logp_ref; k3 = (r - 1) - log r with r = p_ref / p",
@@ -453,23 +452,30 @@ def pack(prompts, responses, stop_ids, pad_id, device=None) -> Batch:
     return Batch(torch.cat([prompt_ids, resp], 1), torch.cat([prompt_attn, mask], 1), prompt_ids.shape[1], mask, ended)
 
 
-def length_penalty(lengths, ref_length: float, coef: float):
-    """coef * |log(length / ref_length)| per answer: zero at the SFT policy's mean length, the same
-    cost for halving as for doubling an answer.
+def length_debias(scores, lengths, coef: float):
+    """The scores less coef times their least-squares slope on answer length within the batch:
+    score_i - coef * slope * (len_i - mean len). With coef 1 the batch's scores no longer correlate
+    with length, so no answer gains from being shorter or longer than its batch-mates.
 
-    Reward models (and the offline judge's similarity stand-in) are correlated with length, and
-    PPO finds it: answers drift to the length the scorer likes rather than the content (Singhal et
-    al. 2023, "A Long Way to Go: Investigating Length Correlations in RLHF", who add a length term
-    to the reward). Theirs penalises length in one direction; here the drift seen is shrinking (the
-    summed per-token KL also pays less for short answers), so the term is symmetric in the ratio."""
-    return coef * (lengths.float().clamp(min=1) / ref_length).log().abs()
+    Reward models (and the offline judge's similarity stand-in) correlate with length, and PPO
+    finds it: answers drift to the length the scorer likes rather than better content (Singhal et
+    al. 2023, "A Long Way to Go: Investigating Length Correlations in RLHF"). Regressing the length
+    out is what AlpacaEval 2's length control does to a judge's verdicts (Dubois et al. 2024) and
+    ODIN does inside the reward model (Chen et al. 2024); done per batch it needs no second reward
+    head. Its cost: where a longer answer really is better, that part of the signal goes too. A
+    penalty on the distance to a fixed length was tried first: answers vary in length by nature,
+    so it mostly punished that variance and drowned the reward model's signal."""
+    if coef == 0 or len(scores) < 3:
+        return scores, 0.0
+    x = lengths.float() - lengths.float().mean()
+    slope = float((x * (scores - scores.mean())).sum() / (x * x).sum().clamp(min=1e-9))
+    return scores - coef * slope * x, slope
 
 
 @torch.no_grad()
 def make_experience(m: Models, cfg: PPOConfig, kl_coef, prompts, rows, reward: Scorer, scale, tok, stops,
-                    stop_strs, end_id, seed, d, length_ref=None) -> Rollout:
-    """Roll out the prompts, score them, and compute everything the update needs. `length_ref`: the
-    mean answer length the length penalty measures against (None: this rollout's, as at step 1)."""
+                    stop_strs, end_id, seed, d) -> Rollout:
+    """Roll out the prompts, score them, and compute everything the update needs."""
     model = m.model
     device = model.embed_tokens.weight.device
     model.eval()
@@ -520,11 +526,9 @@ def make_experience(m: Models, cfg: PPOConfig, kl_coef, prompts, rows, reward: S
     if scale is not None:
         scores = scale(scores, d)
     rm_scores = scores.clone()
+    scores, slope = length_debias(scores, b.mask.sum(-1), cfg.length_debias)  # before the EOS penalty: not undone
     if cfg.missing_eos_penalty is not None:
         scores = torch.where(b.ended, scores, torch.full_like(scores, cfg.missing_eos_penalty))
-    answer_len = b.mask.sum(-1)
-    penalty = length_penalty(answer_len, length_ref or answer_len.float().mean().item(), cfg.length_penalty)
-    scores = scores - penalty
 
     rewards, kl = compute_rewards(scores, old_logp, ref_logp, maskf, kl_coef, cfg.kl_estimator)
     advantages, returns = gae(rewards, values, maskf, cfg.gamma, cfg.lam)
@@ -533,7 +537,7 @@ def make_experience(m: Models, cfg: PPOConfig, kl_coef, prompts, rows, reward: S
     metrics = {
         "score": scores.mean().item(),
         "rm_score": rm_scores.mean().item(),
-        "length_penalty": penalty.mean().item(),
+        "length_slope": slope,  # score per answer token in this batch, before --length-debias took it out
         "kl": kl.sum(-1).mean().item(),  # per answer, summed over tokens, with the chosen estimator
         "reward": rewards.sum(-1).mean().item(),  # score - kl_coef * KL, per answer
         "entropy": masked_mean(entropy, maskf).item(),
@@ -616,7 +620,7 @@ def ppo_update(m: Models, cfg: PPOConfig, exp: Rollout, optimizer, params, seed,
 
 def save_checkpoint(m: Models, cfg: PPOConfig, optimizer, state: dict, d) -> None:
     """Adapter(s) + value head, optimizer, RNG, and the loop's state (step, kl_coef, data position,
-    score scale, reference length) in checkpoint.py's format."""
+    score scale) in checkpoint.py's format."""
     def write_weights(tmp):
         save_adapter(m.model, tmp / "policy", extra=m.head() if m.critic_lora is None else None)
         if m.critic_lora is not None:
@@ -717,8 +721,7 @@ def _train(cfg: PPOConfig, reward_fn, d, hold) -> dict:
 
     hold.enter_context(prepare_out(cfg.out, resume=cfg.resume, overwrite=cfg.overwrite, main_process=d.main))
     out = cfg.out
-    # length_ref: the first rollout's mean answer length (the SFT policy's), for --length-penalty
-    state = {"step": 0, "kl_coef": cfg.kl_coef, "data_pos": 0, "score_scale": None, "length_ref": None}
+    state = {"step": 0, "kl_coef": cfg.kl_coef, "data_pos": 0, "score_scale": None}
     ckpt = checkpoint.resume_from(out, cfg.resume, print if d.main else lambda *a: None)
     if ckpt:
         state = load_checkpoint(m, cfg, ckpt, optimizer, d)
@@ -745,7 +748,7 @@ def _train(cfg: PPOConfig, reward_fn, d, hold) -> dict:
         step_seed = (cfg.seed * 1_000_003 + step) * 1009 + d.rank  # rollouts and shuffles reproducible on resume
         t0 = time.time()
         exp = make_experience(m, cfg, kl_coef, [prompts[i] for i in idx], [rows[i] for i in idx], reward, scale,
-                              tok, stops, stop_strs, end_id, step_seed, d, state.get("length_ref"))
+                              tok, stops, stop_strs, end_id, step_seed, d)
         t1 = time.time()
         stats = ppo_update(m, cfg, exp, optimizer, params, step_seed, d)
         t2 = time.time()
@@ -753,7 +756,6 @@ def _train(cfg: PPOConfig, reward_fn, d, hold) -> dict:
         if cfg.adaptive_kl:
             kl_coef = adaptive_kl_coef(kl_coef, metrics["kl"], cfg.kl_target, cfg.kl_horizon, cfg.batch_size)
         state.update(step=step, kl_coef=kl_coef, data_pos=state["data_pos"] + cfg.batch_size,
-                     length_ref=state.get("length_ref") or metrics["response_length"],
                      score_scale=None if scale is None or scale.scale is None else [scale.shift, scale.scale])
         row = {**metrics, **stats, "kl_coef": kl_coef, "lr": optimizer.param_groups[0]["lr"],
                "rollout_s": t1 - t0, "update_s": t2 - t1, "tokens": int(exp.mask.sum().item()) * d.world}

@@ -543,21 +543,23 @@ def test_stop_after_and_resume_match_an_uninterrupted_run(tiny, tmp_path, capsys
     assert again["lr"] == 1e-3 and again["history"][0]["kl_coef"] != want[-1]["kl_coef"]
 
 
-def test_length_penalty_by_hand_and_it_holds_the_length(tiny, tmp_path):
-    lengths = torch.tensor([10, 20, 40, 5])
-    want = [0.5 * abs(math.log(n / 20)) for n in (10, 20, 40, 5)]
-    assert ppo.length_penalty(lengths, 20.0, 0.5).tolist() == pytest.approx(want)
-    assert ppo.length_penalty(lengths, 20.0, 0.0).abs().sum() == 0
-    # a scorer that pays for short answers: PPO shrinks them, unless the length penalty stands against it
+def test_length_debias_by_hand_and_it_holds_the_length(tiny, tmp_path):
+    scores, lengths = torch.tensor([1.0, 2.0, 0.0, 5.0]), torch.tensor([10, 20, 30, 40])
+    x = lengths.float() - 25
+    slope = float((x * (scores - 2)).sum() / (x * x).sum())  # least squares by hand: 30 / 500
+    fixed, got = ppo.length_debias(scores, lengths, 1.0)
+    assert got == pytest.approx(slope) and fixed.tolist() == pytest.approx((scores - slope * x).tolist())
+    assert float((fixed - fixed.mean()) @ x) == pytest.approx(0.0, abs=1e-5)  # no length correlation left
+    assert ppo.length_debias(scores, lengths, 0.0)[0] is scores
+    # a scorer that pays for short answers: PPO shrinks them, unless the length is taken out of the score
     base, _ = tiny
     def short(prompts, responses, rows, texts):  # noqa: E306
         return torch.tensor([-len(r) / 8 for r in responses])
     kw = dict(max_steps=12, batch_size=32, max_new_tokens=8, micro_batch_size=32, lr=3e-3, kl_coef=0.0)
     free = ppo.train(tiny_cfg(base, tmp_path / "free", **kw), reward_fn=short)["history"]
-    held = ppo.train(tiny_cfg(base, tmp_path / "held", length_penalty=3.0, **kw), reward_fn=short)["history"]
+    held = ppo.train(tiny_cfg(base, tmp_path / "held", length_debias=1.0, **kw), reward_fn=short)["history"]
     first = free[0]["response_length"]
-    assert held[0]["response_length"] == first and free[0]["length_penalty"] == 0.0
+    assert held[0]["response_length"] == first and held[0]["length_slope"] == pytest.approx(-1 / 8)
     assert free[-1]["response_length"] < first - 1.5, [r["response_length"] for r in free]
-    assert held[-1]["response_length"] > free[-1]["response_length"] + 1
-    assert held[-1]["length_penalty"] > 0  # the score PPO maximises is the scorer's less the penalty:
-    assert held[-1]["score"] == pytest.approx(held[-1]["rm_score"] - held[-1]["length_penalty"], abs=1e-5)
+    assert abs(held[-1]["response_length"] - first) < 1, [r["response_length"] for r in held]
+    assert all(r["score"] == pytest.approx(r["rm_score"], abs=1e-5) for r in held)  # the mean is kept
