@@ -43,6 +43,7 @@ from .hf import ModelDirError, check_model_dir, count_params
 from .model import ModelConfig, Transformer
 from .reward_model import load_reward_model
 from .sampling import sample_answers
+from .templates import resolve_template
 from .tokenizer import Tokenizer, train_sentencepiece
 from .winrate import lc_text
 
@@ -275,7 +276,7 @@ def sample_stage(out, sft_dir, adapter, template, prompts, size, seed, device, d
     model = Transformer.from_pretrained(sft_dir, adapter=adapter, device=device,
                                         dtype=resolve_dtype(dtype, torch.device(device)))
     tok = Tokenizer.from_pretrained(sft_dir)
-    items = sample_answers(model, tok, template, prompts, k=size.k, max_new_tokens=size.sample_tokens,
+    items = sample_answers(model, tok, resolve_template(sft_dir, template, tok), prompts, k=size.k, max_new_tokens=size.sample_tokens,
                            temperature=1.0, batch_size=32, seed=seed, compile=size.compile and device.startswith("cuda"))
     path = os.path.join(out, "samples.jsonl")
     write_jsonl(path, items)
@@ -443,7 +444,7 @@ def _run(cfg: DemoConfig, size: DemoSize, real: bool, out: str, device: str, pro
     ev = st.run("eval", "HuatuoGPT's evaluation: PPO against SFT", eval_stage, out, cfg, size, policy, sft_adapter,
                 ppo_dir, template, eval_prompts, device)
 
-    summary = dict(params=n_params, model=cfg.model or "tiny model trained from scratch",
+    summary = dict(params=n_params, model=cfg.model or "tiny model trained from scratch", size_profile=profile,
                    sft=sft_res,
                    rm=rm_res, ppo={**{k: v for k, v in ppo_res.items() if k != "history"},
                                    **ppo_trend(ppo_res["history"])},
@@ -531,7 +532,8 @@ def write_report(out, s, ev, seconds):
         "> Not medical advice. The answers below come from a " +
         ("toy model trained for a few minutes on illustrative data." if "tiny" in s["model"] else
          "model trained with a short demo recipe."), "",
-        f"**Model:** {s['model']} ({s['params'] / 1e6:.2f}M parameters). **AI feedback:** {s['judge']}. "
+        f"**Model:** {s['model']} ({s['params'] / 1e6:.2f}M parameters; size profile {s['size_profile']}). "
+        f"**AI feedback:** {s['judge']}. "
         f"**Evaluation judge:** {e['judge']}; **patient:** {e['patient']}.", "",
         "HuatuoGPT (Zhang et al., 2023) fine-tunes a chat model on a mix of fluent answers distilled from ChatGPT and "
         "terse but accurate replies of real doctors, then aligns it with reinforcement learning from AI feedback: an "

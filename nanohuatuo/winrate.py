@@ -176,13 +176,14 @@ def length_shift(len_a: list[float], len_b: list[float], names=("A", "B")) -> di
     if not len_a:
         return {"mean_a": None, "mean_b": None, "ratio": None, "warning": None}
     mean_a, mean_b = float(np.mean(len_a)), float(np.mean(len_b))
-    ratio = mean_a / max(mean_b, 1e-9)
-    out = {"mean_a": mean_a, "mean_b": mean_b, "ratio": ratio, "warning": None}
-    if ratio > LENGTH_SHIFT or ratio < 1 / LENGTH_SHIFT:
-        short, long_ = (names[0], names[1]) if ratio < 1 else (names[1], names[0])
-        n_short = sum((a < b) if ratio < 1 else (b < a) for a, b in zip(len_a, len_b))
-        out["warning"] = (f"length shift: {short}'s answers are {100 * (1 - min(ratio, 1 / ratio)):.0f}% shorter than "
-                          f"{long_}'s (mean {min(mean_a, mean_b):.0f} vs {max(mean_a, mean_b):.0f} characters; "
+    shorter, longer = min(mean_a, mean_b), max(mean_a, mean_b)
+    out = {"mean_a": mean_a, "mean_b": mean_b, "ratio": mean_a / mean_b if mean_b else None, "warning": None}
+    if longer > LENGTH_SHIFT * shorter:
+        a_short = mean_a < mean_b
+        short, long_ = (names[0], names[1]) if a_short else (names[1], names[0])
+        n_short = sum((a < b) if a_short else (b < a) for a, b in zip(len_a, len_b))
+        out["warning"] = (f"length shift: {short}'s answers are {100 * (1 - shorter / longer):.0f}% shorter than "
+                          f"{long_}'s (mean {shorter:.0f} vs {longer:.0f} characters; "
                           f"shorter in {n_short} of {len(len_a)} items), so the win rate may reflect the judge's "
                           "taste in length rather than the quality of the answers")
     return out

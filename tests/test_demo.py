@@ -107,3 +107,68 @@ def test_quick_demo_with_one_llm_as_teacher_judge_and_patient(tmp_path):
     assert "with an LLM as teacher, judge and patient" in report
     # the judge always prefers the answer shown first, so with the order swap every pair is a tie
     assert summary["eval"]["pairwise"]["tie"] == summary["size"]["eval_questions"]
+
+
+CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
+          "'<|im_end|>' + '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+
+
+def real_checkpoint(path):
+    """A tiny Qwen2 checkpoint as transformers saves it (random weights), with a byte-level BPE tokenizer
+    trained on the bundled data and a ChatML template in tokenizer_config.json, as Qwen publishes it."""
+    import transformers as tf
+    from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, trainers
+    from nanohuatuo.demo import load_bundled
+    rows, _ = load_bundled()
+    tk = HFTokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    tk.train_from_iterator([m["content"] for r in rows for m in r["messages"]], trainers.BpeTrainer(
+        vocab_size=600, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"], show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    path.mkdir(parents=True)
+    tk.save(str(path / "tokenizer.json"))
+    (path / "tokenizer_config.json").write_text(json.dumps(
+        {"bos_token": None, "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "chat_template": CHATML}))
+    torch.manual_seed(0)
+    cfg = tf.Qwen2Config(vocab_size=tk.get_vocab_size(), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         tie_word_embeddings=True, eos_token_id=tk.token_to_id("<|im_end|>"))
+    tf.AutoModelForCausalLM.from_config(cfg).save_pretrained(path)
+    return str(path)
+
+
+def test_quick_demo_on_a_real_checkpoint_is_lora_with_its_own_template(tmp_path, capsys):
+    model = real_checkpoint(tmp_path / "qwen")
+    out = tmp_path / "demo"
+    summary = run(out=str(out), quick=True, model=model)
+    said = capsys.readouterr().out
+    # the profile follows the device; --quick shrank the counts, not the recipe
+    assert summary["size_profile"] == "cpu" and "size profile: cpu (" in said and "with --quick" in said
+    size = summary["size"]
+    assert size["lora_r"] == 16 and size["sft_lr"] <= 2e-4 and size["rm_lr"] <= 1e-4 and size["ppo_lr"] <= 1e-4
+    assert size["sft_steps"] == 12 and size["ppo_steps"] == 3
+    for d in ("sft", "ppo"):  # adapters on the real base, never full weights
+        assert (out / d / "adapter_model.safetensors").exists() and not (out / d / "model.safetensors").exists()
+        assert CHATML in (out / d / "chat_template.jinja").read_text()  # template auto: the model's own
+    assert summary["sft"]["eval_loss"] < summary["sft"]["first_eval_loss"]
+    # evaluated against the base model too, with its answers in the report
+    report = (out / "report.md").read_text(encoding="utf-8")
+    assert "PPO vs the base model" in report and "\n- base: " in report and "\n- SFT: " in report
+    assert summary["eval"]["pairwise_base"]["n"] + summary["eval"]["pairwise_base"]["unjudged"] == 6
+    assert "\ufffd" not in report
+
+
+def test_size_profiles_follow_the_device_and_the_parameter_count():
+    from nanohuatuo.demo import DemoConfig, choose_size
+    from nanohuatuo.cli import UserError
+    import pytest
+    assert choose_size(DemoConfig(), "cpu", None)[0] == "tiny"
+    assert choose_size(DemoConfig(model="m"), "cpu", 135_000_000)[:1] == ("cpu",)
+    assert choose_size(DemoConfig(model="m"), "cuda", 7_000_000_000)[0] == "gpu-24g"
+    name, size, why = choose_size(DemoConfig(model="m", size="cpu"), "cpu", 7_000_000_000)
+    assert name == "cpu" and "expect hours" in why
+    gpu = choose_size(DemoConfig(model="m", size="gpu-24g"), "cpu", 1)[1]
+    assert gpu.grad_checkpointing and gpu.compile and gpu.k == 8 and gpu.lora_r == 16
+    with pytest.raises(UserError, match="--model"):
+        choose_size(DemoConfig(size="cpu"), "cpu", None)
