@@ -81,6 +81,7 @@ class DemoSize:
     ppo_lr: float = 3e-4
     kl_coef: float = 0.1
     length_debias: float = 1.0  # PPO's --length-debias: the offline judge, and so the RM, likes short answers
+    eos_penalty: float | None = -1.0  # PPO's --missing-eos-penalty
     eval_prompts: int = 32  # held-out real-doctor prompts (reference metrics)
     eval_questions: int = 50  # KUAKE-QIC-format questions judged pairwise
     eval_cases: int = 8  # Med-dialog-format cases consulted
@@ -97,10 +98,13 @@ class DemoSize:
 PROFILES = {
     "tiny": DemoSize(),
     # a 100-500M checkpoint on two CPU cores in about 20 minutes (measured in docs/benchmarks.md)
-    "cpu": DemoSize(lora_r=16, sft_steps=40, sft_batch=8, sft_micro=4, sft_lr=2e-4, max_len=256, rl_prompts=48, k=4,
-                    sample_tokens=64, rm_epochs=1, rm_lr=1e-4, ppo_steps=12, ppo_epochs=2, ppo_batch=8, ppo_micro=8,
-                    ppo_tokens=64, ppo_lr=1e-4, kl_coef=0.05, length_debias=1.0, eval_prompts=16,
-                    eval_questions=20, eval_cases=2, eval_turns=2, eval_tokens=64, distill_items=2),
+    "cpu": DemoSize(lora_r=16, sft_steps=16, sft_batch=8, sft_micro=4, sft_lr=2e-4, max_len=192, rl_prompts=32, k=4,
+                    sample_tokens=48, rm_epochs=1, rm_lr=1e-4, ppo_steps=10, ppo_epochs=2, ppo_batch=8, ppo_micro=8,
+                    ppo_tokens=48, ppo_lr=1e-4, kl_coef=0.05, length_debias=1.0, eval_prompts=8,
+                    eval_questions=12, eval_cases=2, eval_turns=2, eval_tokens=48, distill_items=2,
+                    # 48 tokens cut most answers of a small model (Chinese is 1-3 tokens a character):
+                    # a penalty on every cut answer would leave PPO nothing to learn from
+                    eos_penalty=None),
     # a 0.5-7B checkpoint on one 24 GB GPU in bf16 within the hour: gradient checkpointing and small
     # micro-batches keep a 7B base (14 GB) and its activations inside 24 GB, the compiled decode
     # path serves the rollouts, and K = 8 answers per prompt give the judge more to rank
@@ -433,7 +437,8 @@ def _run(cfg: DemoConfig, size: DemoSize, real: bool, out: str, device: str, pro
     ppo_cfg = ppo.PPOConfig(model=policy, adapter=sft_adapter, reward=rm_dir, prompts=rl_path, out=ppo_dir,
                             template=template, max_steps=size.ppo_steps, batch_size=size.ppo_batch,
                             max_new_tokens=size.ppo_tokens, temperature=0.7, lr=size.ppo_lr, kl_coef=size.kl_coef,
-                            length_debias=size.length_debias, ppo_epochs=size.ppo_epochs,
+                            length_debias=size.length_debias, missing_eos_penalty=size.eos_penalty,
+                            ppo_epochs=size.ppo_epochs,
                             micro_batch_size=size.ppo_micro, grad_checkpointing=size.grad_checkpointing,
                             compile=size.compile and device.startswith("cuda"),
                             sample_every=max(size.ppo_steps // 4, 1), save_every=size.ppo_steps, device=device,

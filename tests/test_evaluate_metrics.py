@@ -89,18 +89,23 @@ def test_bleu_gleu_match_nltk():
     gleu = pytest.importorskip("nltk.translate.gleu_score")
     for seed in range(40):
         hyps, refs = random_pairs(seed, 1 + seed % 6)
-        H, R = [list(chars(h)) for h in hyps], [[list(chars(r))] for r in refs]
-        ours = bleu_gleu([chars(h) for h in hyps], [chars(r) for r in refs])
-        sent = bleu_gleu([chars(h) for h in hyps], [chars(r) for r in refs], level="sentence")
-        smooth = bleu.SmoothingFunction().method1
-        for n in range(1, 5):
-            w = (1 / n,) * n
-            assert ours[f"bleu-{n}"] == pytest.approx(bleu.corpus_bleu(R, H, weights=w), abs=1e-12)
-            expected = sum(bleu.sentence_bleu(r, h, weights=w, smoothing_function=smooth) for r, h in zip(R, H)) / len(H)
-            assert sent[f"bleu-{n}"] == pytest.approx(expected, abs=1e-12)
-        assert ours["gleu"] == pytest.approx(gleu.corpus_gleu(R, H), abs=1e-12)
-        expected = sum(gleu.sentence_gleu(r, h) for r, h in zip(R, H)) / len(H)
-        assert sent["gleu"] == pytest.approx(expected, abs=1e-12)
+        same_as_nltk(bleu, gleu, hyps, [chars(r) for r in refs], [[list(chars(r))] for r in refs])
+
+
+def same_as_nltk(bleu, gleu, hyps, tokens, R):
+    """Corpus and sentence BLEU-1..4 and GLEU of ours against nltk's, references R in nltk's shape."""
+    H = [list(chars(h)) for h in hyps]
+    ours = bleu_gleu([chars(h) for h in hyps], tokens)
+    sent = bleu_gleu([chars(h) for h in hyps], tokens, level="sentence")
+    smooth = bleu.SmoothingFunction().method1
+    for n in range(1, 5):
+        w = (1 / n,) * n
+        assert ours[f"bleu-{n}"] == pytest.approx(bleu.corpus_bleu(R, H, weights=w), abs=1e-12)
+        expected = sum(bleu.sentence_bleu(r, h, weights=w, smoothing_function=smooth) for r, h in zip(R, H)) / len(H)
+        assert sent[f"bleu-{n}"] == pytest.approx(expected, abs=1e-12)
+    assert ours["gleu"] == pytest.approx(gleu.corpus_gleu(R, H), abs=1e-12)
+    expected = sum(gleu.sentence_gleu(r, h) for r, h in zip(R, H)) / len(H)
+    assert sent["gleu"] == pytest.approx(expected, abs=1e-12)
 
 
 def test_rouge_matches_rouge_score_on_space_joined_characters():
@@ -150,22 +155,10 @@ def random_multi(seed, n):
 def test_several_references_bleu_gleu_match_nltk():
     bleu = pytest.importorskip("nltk.translate.bleu_score")
     gleu = pytest.importorskip("nltk.translate.gleu_score")
-    smooth = bleu.SmoothingFunction().method1
     for seed in range(40):
         hyps, refs = random_multi(seed, 1 + seed % 6)
-        H = [list(chars(h)) for h in hyps]
-        R = [[list(chars(r)) for r in rs] for rs in refs]
-        tokens = [[chars(r) for r in rs] for rs in refs]
-        ours = bleu_gleu([chars(h) for h in hyps], tokens)
-        sent = bleu_gleu([chars(h) for h in hyps], tokens, level="sentence")
-        for n in range(1, 5):
-            w = (1 / n,) * n
-            assert ours[f"bleu-{n}"] == pytest.approx(bleu.corpus_bleu(R, H, weights=w), abs=1e-12)
-            expected = sum(bleu.sentence_bleu(r, h, weights=w, smoothing_function=smooth) for r, h in zip(R, H)) / len(H)
-            assert sent[f"bleu-{n}"] == pytest.approx(expected, abs=1e-12)
-        assert ours["gleu"] == pytest.approx(gleu.corpus_gleu(R, H), abs=1e-12)
-        expected = sum(gleu.sentence_gleu(r, h) for r, h in zip(R, H)) / len(H)
-        assert sent["gleu"] == pytest.approx(expected, abs=1e-12)
+        same_as_nltk(bleu, gleu, hyps, [[chars(r) for r in rs] for rs in refs],
+                     [[list(chars(r)) for r in rs] for rs in refs])
 
 
 def test_several_references_rouge_matches_rouge_score_multi():
