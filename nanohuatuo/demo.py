@@ -38,8 +38,8 @@ from . import distill, evaluate, ppo, reward, sft
 from .cli import UserError, arg, cli_main, prepare_out, resolve_device, resolve_dtype
 from .data import load_conversations, to_prompt, write_jsonl
 from .feedback import OfflineJudge, OpenAIJudge, rankings_to_preferences
-from .metrics import cpu_name
 from .hf import ModelDirError, check_model_dir, count_params
+from .metrics import cpu_name
 from .model import ModelConfig, Transformer
 from .reward_model import load_reward_model
 from .sampling import sample_answers
