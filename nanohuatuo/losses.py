@@ -11,6 +11,8 @@ output matrix without ever holding the (tokens, vocab) logits in full.
 - `response_forward(model, ids, attn, P, T)`: per-token log-probs, entropy and values of the
   responses after a batch of left-padded prompts (one trunk forward).
 - `masked_mean`, `masked_var`, `whiten`: statistics over the valid (mask 1) entries of a tensor.
+- `length_debias(scores, lengths, coef)`: scores with the batch's linear dependence on answer
+  length taken out (PPO's --length-debias).
 """
 
 import torch
@@ -187,3 +189,23 @@ def whiten(x, mask, shift_mean=True):
     if not shift_mean:
         out = out + mean
     return out * mask
+
+
+def length_debias(scores, lengths, coef: float):
+    """The scores less coef times their least-squares slope on answer length within the batch:
+    score_i - coef * slope * (len_i - mean len). With coef 1 the batch's scores no longer correlate
+    with length, so no answer gains from being shorter or longer than its batch-mates.
+
+    Reward models (and the offline judge's similarity stand-in) correlate with length, and PPO
+    finds it: answers drift to the length the scorer likes rather than better content (Singhal et
+    al. 2023, "A Long Way to Go: Investigating Length Correlations in RLHF"). Regressing the length
+    out is what AlpacaEval 2's length control does to a judge's verdicts (Dubois et al. 2024) and
+    ODIN does inside the reward model (Chen et al. 2024); done per batch it needs no second reward
+    head. Its cost: where a longer answer really is better, that part of the signal goes too. A
+    penalty on the distance to a fixed length was tried first: answers vary in length by nature,
+    so it mostly punished that variance and drowned the reward model's signal."""
+    if coef == 0 or len(scores) < 3:
+        return scores, 0.0
+    x = lengths.float() - lengths.float().mean()
+    slope = float((x * (scores - scores.mean())).sum() / (x * x).sum().clamp(min=1e-9))
+    return scores - coef * slope * x, slope

@@ -7,7 +7,7 @@ Top to bottom: `PPOConfig`; the maths as small pure functions on (B, R) response
 (`masks_after_stop`, `compute_rewards`, `gae`, `policy_loss`, `value_loss`, ...); the models
 (`load_policy`, `reference`, `critic`); the rewards; the rollout (`make_experience` -> a
 `Rollout`); the update (`ppo_update`); checkpoints and export; the loop. One layer down:
-losses.py (`response_forward`, `whiten`, masked statistics), reward_model.py (scoring a rollout,
+losses.py (`response_forward`, `whiten`, masked statistics, `length_debias`), reward_model.py (scoring a rollout,
 `ScoreScale`, answers ending on their end token), checkpoint.py and adapters.py (the export).
 
 One base serves everything:
@@ -62,7 +62,7 @@ from .data import DataError, iter_jsonl
 from .generate import cut_at_stop, generate_batch, left_pad, use_column_major_weights
 from .lora import (apply_lora, default_targets, disabled_adapters, load_adapter, lora_modules, lora_parameters,
                    merge_and_unload, save_adapter)
-from .losses import masked_mean, masked_var, response_forward, whiten
+from .losses import length_debias, masked_mean, masked_var, response_forward, whiten
 from .metrics import MetricsLog, plot_metrics
 from .model import Transformer
 from .reward_model import RewardModel, Scorer, ScoreScale, end_at_stop_string, end_token, reward_scorer, share_base
@@ -450,26 +450,6 @@ def pack(prompts, responses, stop_ids, pad_id, device=None) -> Batch:
     resp, mask, ended = masks_after_stop(resp, stop_ids, pad_id, lengths=[len(r) for r in responses])
     resp, mask, ended = resp.to(device), mask.to(device), ended.to(device)
     return Batch(torch.cat([prompt_ids, resp], 1), torch.cat([prompt_attn, mask], 1), prompt_ids.shape[1], mask, ended)
-
-
-def length_debias(scores, lengths, coef: float):
-    """The scores less coef times their least-squares slope on answer length within the batch:
-    score_i - coef * slope * (len_i - mean len). With coef 1 the batch's scores no longer correlate
-    with length, so no answer gains from being shorter or longer than its batch-mates.
-
-    Reward models (and the offline judge's similarity stand-in) correlate with length, and PPO
-    finds it: answers drift to the length the scorer likes rather than better content (Singhal et
-    al. 2023, "A Long Way to Go: Investigating Length Correlations in RLHF"). Regressing the length
-    out is what AlpacaEval 2's length control does to a judge's verdicts (Dubois et al. 2024) and
-    ODIN does inside the reward model (Chen et al. 2024); done per batch it needs no second reward
-    head. Its cost: where a longer answer really is better, that part of the signal goes too. A
-    penalty on the distance to a fixed length was tried first: answers vary in length by nature,
-    so it mostly punished that variance and drowned the reward model's signal."""
-    if coef == 0 or len(scores) < 3:
-        return scores, 0.0
-    x = lengths.float() - lengths.float().mean()
-    slope = float((x * (scores - scores.mean())).sum() / (x * x).sum().clamp(min=1e-9))
-    return scores - coef * slope * x, slope
 
 
 @torch.no_grad()

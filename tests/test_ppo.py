@@ -13,7 +13,7 @@ import torch
 from conftest import word_tokenizer
 from nanohuatuo import ModelConfig, Transformer, Tokenizer
 from nanohuatuo import ppo, reward_model
-from nanohuatuo.losses import TokenLogprobs, response_forward, token_logprobs, whiten
+from nanohuatuo.losses import TokenLogprobs, length_debias, response_forward, token_logprobs, whiten
 from nanohuatuo.reward_model import Scorer, ScoreScale, end_at_stop_string, scorer
 from nanohuatuo.templates import resolve_template
 from nanohuatuo.lora import apply_lora, disabled_adapters, lora_modules, save_adapter
@@ -547,10 +547,10 @@ def test_length_debias_by_hand_and_it_holds_the_length(tiny, tmp_path):
     scores, lengths = torch.tensor([1.0, 2.0, 0.0, 5.0]), torch.tensor([10, 20, 30, 40])
     x = lengths.float() - 25
     slope = float((x * (scores - 2)).sum() / (x * x).sum())  # least squares by hand: 30 / 500
-    fixed, got = ppo.length_debias(scores, lengths, 1.0)
+    fixed, got = length_debias(scores, lengths, 1.0)
     assert got == pytest.approx(slope) and fixed.tolist() == pytest.approx((scores - slope * x).tolist())
     assert float((fixed - fixed.mean()) @ x) == pytest.approx(0.0, abs=1e-5)  # no length correlation left
-    assert ppo.length_debias(scores, lengths, 0.0)[0] is scores
+    assert length_debias(scores, lengths, 0.0)[0] is scores
     # a scorer that pays for short answers: PPO shrinks them, unless the length is taken out of the score
     base, _ = tiny
     def short(prompts, responses, rows, texts):  # noqa: E306
