@@ -7,8 +7,9 @@ Top to bottom: `PPOConfig`; the maths as small pure functions on (B, R) response
 (`masks_after_stop`, `compute_rewards`, `gae`, `policy_loss`, `value_loss`, ...); the models
 (`load_policy`, `reference`, `critic`); the rewards; the rollout (`make_experience` -> a
 `Rollout`); the update (`ppo_update`); checkpoints and export; the loop. One layer down:
-losses.py (`response_forward`, `whiten`, masked statistics, `length_debias`), reward_model.py (scoring a rollout,
-`ScoreScale`, answers ending on their end token), checkpoint.py and adapters.py (the export).
+losses.py (`response_forward`, `whiten`, masked statistics, `length_debias`), reward_model.py
+(scoring a rollout, `ScoreScale`, answers ending on their end token), checkpoint.py and
+adapters.py (the export).
 
 One base serves everything:
 - Policy = base + the SFT adapter merged into the weights + a fresh PPO LoRA (B = 0, so step 0 is
