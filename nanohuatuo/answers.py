@@ -21,7 +21,7 @@ from pathlib import Path
 
 from . import templates
 from .cli import UserError
-from .data import read_records
+from .evalsets import read_records
 
 
 @dataclass

@@ -76,7 +76,7 @@ from . import data as qa_data
 from . import sheets
 from .answers import AnswerStore, Candidate, Sampling, candidate_key, get_answers, make_llm, open_model, prompt_hash
 from .cli import UserError, arg, cli_main, prepare_out
-from .data import QA_FORMATS, load_cases, load_qa, load_questions
+from .evalsets import QA_FORMATS, load_cases, load_qa, load_questions
 from .metrics import plot_wtl
 from .textcheck import own_lines
 from .textmetrics import METRICS, chars, distinct, score_corpus, similarity_score

@@ -12,7 +12,8 @@ from conftest import tiny_base, write_jsonl
 from fake_openai import ScriptedServer
 from nanohuatuo import answers as ans
 from nanohuatuo import evaluate as ev
-from nanohuatuo.data import DataError, load_qa
+from nanohuatuo.data import DataError
+from nanohuatuo.evalsets import load_qa
 from nanohuatuo.llm import LLMError
 from nanohuatuo.textmetrics import score_corpus
 from nanohuatuo.winrate import cohen_kappa, combine, fleiss_kappa, majority

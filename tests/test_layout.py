@@ -25,7 +25,7 @@ PKG = ROOT / "nanohuatuo"
 
 LAYERS = {  # imports go down (or sideways within a layer, but never between stages)
     "core": {"model", "hf", "lora", "quant", "tokenizer", "templates", "data", "metrics", "textmetrics", "winrate",
-             "textcheck", "jinja_template"},
+             "textcheck", "jinja_template", "evalsets"},
     "engine": {"engine", "generate"},
     "shared": {"cli", "checkpoint", "dist", "losses", "llm", "adapters", "reward_model", "httpjson",
                "answers", "sheets"},
