@@ -12,7 +12,7 @@ import torch
 
 from conftest import word_tokenizer
 from nanohuatuo import ModelConfig, Transformer, Tokenizer
-from nanohuatuo import ppo, reward_model
+from nanohuatuo import ppo, reward_model, rollout
 from nanohuatuo.losses import TokenLogprobs, length_debias, response_forward, token_logprobs, whiten
 from nanohuatuo.reward_model import Scorer, ScoreScale, end_at_stop_string, scorer
 from nanohuatuo.templates import resolve_template
@@ -110,7 +110,7 @@ def test_masks_stop_truncation_and_left_padded_prompts():
     responses = [[10, 11, EOS, 12, 13],  # EOS mid-way: cut after it
                  [20, 21, 22, 23, 24],  # never stops
                  [30, EOS]]  # shorter, stops at its end
-    b = ppo.pack([[1, 5, 6], [1], [1, 7]], responses, stop_ids=[EOS], pad_id=PAD)
+    b = rollout.pack([[1, 5, 6], [1], [1, 7]], responses, stop_ids=[EOS], pad_id=PAD)
     P = b.P
     assert P == 3
     assert b.ids.tolist() == [[1, 5, 6, 10, 11, EOS, PAD, PAD],
@@ -122,10 +122,10 @@ def test_masks_stop_truncation_and_left_padded_prompts():
     # pad == EOS: the stop token stays a real token in the mask
     tokens = torch.tensor([[4, EOS, EOS, EOS], [4, 5, 6, 7]])
     for lengths in ([2, 4], None):
-        cut, mask, ended = ppo.masks_after_stop(tokens, [EOS], pad_id=EOS, lengths=lengths)
+        cut, mask, ended = rollout.masks_after_stop(tokens, [EOS], pad_id=EOS, lengths=lengths)
         assert mask.tolist() == [[1, 1, 0, 0], [1, 1, 1, 1]] and ended.tolist() == [True, False]
     # without lengths, a trailing run of pad is padding
-    cut, mask, ended = ppo.masks_after_stop(torch.tensor([[4, 5, PAD, PAD], [4, PAD, 6, EOS]]), [EOS], PAD)
+    cut, mask, ended = rollout.masks_after_stop(torch.tensor([[4, 5, PAD, PAD], [4, PAD, 6, EOS]]), [EOS], PAD)
     assert mask.tolist() == [[1, 1, 0, 0], [1, 1, 1, 1]] and ended.tolist() == [False, True]
 
 
@@ -201,9 +201,9 @@ def good_fraction(prompts, responses, rows, texts):
 
 def batch_for(model_dir):
     tok = Tokenizer(model_dir)
-    rows, prompts = ppo.load_prompts(os.path.join(model_dir, "prompts.jsonl"), tok, "plain", 512)
+    rows, prompts = rollout.load_prompts(os.path.join(model_dir, "prompts.jsonl"), tok, "plain", 512)
     responses = [[7 + i % 9, 20 + i, EOS][: 1 + i % 3] for i in range(6)]
-    return ppo.pack(prompts[:6], responses, [EOS], tok.pad_id)
+    return rollout.pack(prompts[:6], responses, [EOS], tok.pad_id)
 
 
 def logp_of(model, b, temperature=0.7):
@@ -491,7 +491,7 @@ def test_stop_string_answers_end_on_the_end_token(tiny, tmp_path, monkeypatch):
     m = ppo.load_policy(cfg)
     seen = []
     reward = Scorer(lambda p, r, rows, texts: seen.append((r, texts)) or torch.ones(len(r)))
-    rows, prompts = ppo.load_prompts(cfg.prompts, tok, "plain", 64)
+    rows, prompts = rollout.load_prompts(cfg.prompts, tok, "plain", 64)
     from nanohuatuo.dist import Dist
     exp = ppo.make_experience(m, cfg, 0.0, prompts[:3], rows[:3], reward, None, tok, [EOS], stop, EOS, 0,
                               Dist(0, 1, torch.device("cpu")))
