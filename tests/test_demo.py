@@ -3,10 +3,12 @@
 import json
 import os
 
+import pytest
 import torch
 
 from nanohuatuo import Transformer
-from nanohuatuo.demo import BUDGET, main, run
+from nanohuatuo.cli import UserError
+from nanohuatuo.demo import BUDGET, DemoConfig, choose_size, main, run
 from nanohuatuo.reward_model import load_reward_model, score_texts
 
 
@@ -134,14 +136,16 @@ def real_checkpoint(path):
     cfg = tf.Qwen2Config(vocab_size=tk.get_vocab_size(), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
                          tie_word_embeddings=True, eos_token_id=tk.token_to_id("<|im_end|>"))
-    tf.AutoModelForCausalLM.from_config(cfg).save_pretrained(path)
-    return str(path)
+    model = tf.AutoModelForCausalLM.from_config(cfg)
+    model.save_pretrained(path)
+    return str(path), sum(p.numel() for p in model.parameters())  # tied embeddings counted once
 
 
 def test_quick_demo_on_a_real_checkpoint_is_lora_with_its_own_template(tmp_path, capsys):
-    model = real_checkpoint(tmp_path / "qwen")
+    model, n_params = real_checkpoint(tmp_path / "qwen")
     out = tmp_path / "demo"
     summary = run(out=str(out), quick=True, model=model)
+    assert summary["params"] == n_params  # counted from the safetensors headers, nothing loaded
     said = capsys.readouterr().out
     # the profile follows the device; --quick shrank the counts, not the recipe
     assert summary["size_profile"] == "cpu" and "size profile: cpu (" in said and "with --quick" in said
@@ -160,9 +164,6 @@ def test_quick_demo_on_a_real_checkpoint_is_lora_with_its_own_template(tmp_path,
 
 
 def test_size_profiles_follow_the_device_and_the_parameter_count():
-    from nanohuatuo.demo import DemoConfig, choose_size
-    from nanohuatuo.cli import UserError
-    import pytest
     assert choose_size(DemoConfig(), "cpu", None)[0] == "tiny"
     assert choose_size(DemoConfig(model="m"), "cpu", 135_000_000)[:1] == ("cpu",)
     assert choose_size(DemoConfig(model="m"), "cuda", 7_000_000_000)[0] == "gpu-24g"
