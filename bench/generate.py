@@ -34,7 +34,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from nanohuatuo import Transformer  # noqa: E402
-from nanohuatuo.engine import Engine, SamplingParams, head_logits, tune_cpu_kernels  # noqa: E402
+from nanohuatuo.cpu_kernels import head_logits, tune_cpu_kernels  # noqa: E402
+from nanohuatuo.engine import Engine, SamplingParams  # noqa: E402
 from nanohuatuo.generate import generate, left_pad  # noqa: E402
 from nanohuatuo.model import KVCache  # noqa: E402
 from nanohuatuo.metrics import cpu_name  # noqa: E402

@@ -16,7 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .engine import Engine, SamplingParams, head_logits, process_logits, sample, sample_seed, tune_cpu_kernels
+from .cpu_kernels import head_logits, tune_cpu_kernels
+from .engine import Engine, SamplingParams, process_logits, sample, sample_seed
 from .hf import check_model_dir
 from .lora import merge_and_unload, read_adapter_config
 from .model import Transformer
@@ -73,7 +74,7 @@ def left_pad(prompts, pad_id, device):
 
 
 def use_column_major_weights(model):
-    """Lay out the CPU weights as this machine reads them fastest (`engine.tune_cpu_kernels`).
+    """Lay out the CPU weights as this machine reads them fastest (`cpu_kernels.tune_cpu_kernels`).
 
     Training code calls this once before its first generation, outside inference mode, so that
     generation later finds the layout done."""

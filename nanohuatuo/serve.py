@@ -10,7 +10,7 @@ unchanged: streaming as server-sent events (a role delta, content deltas, the fi
 with the model's own chat template; answers are what the model wrote (no disclaimer added).
 
 How a request flows: a handler thread (one per connection) checks the request and renders the
-prompt; `EngineLoop.submit` (nanohuatuo/engine.py) adds it to the engine; one engine thread calls
+prompt; `EngineLoop.submit` (nanohuatuo/engine_loop.py) adds it to the engine; one engine thread calls
 `engine.step()` in a loop, turns each new token into text (a StreamDecoder, so no half characters;
 text that may be the start of a stop string is held back) and puts the pieces on the request's
 queue; the handler writes them to the client. A client that goes away is noticed between tokens and its rows are cancelled, so the
@@ -37,7 +37,8 @@ from http.server import ThreadingHTTPServer
 from pathlib import Path
 
 from .cli import UserError, arg, cli_main, resolve_device, resolve_dtype
-from .engine import Engine, EngineLoop, GenerationFailed, QueueFull, SamplingParams
+from .engine import Engine, SamplingParams
+from .engine_loop import EngineLoop, GenerationFailed, QueueFull
 from .generate import load_for_inference
 from .httpjson import APIError, ClientGone, JSONHandler, type_name
 from .templates import generation_defaults, render_prompt, stop_strings, stop_token_ids

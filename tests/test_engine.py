@@ -7,7 +7,8 @@ import time
 import pytest
 import torch
 
-from nanohuatuo.engine import Engine, SamplingParams, sample_seed, tune_cpu_kernels
+from nanohuatuo.cpu_kernels import tune_cpu_kernels
+from nanohuatuo.engine import Engine, SamplingParams, sample_seed
 from nanohuatuo.model import ModelConfig, Transformer
 
 PROMPTS = [[5, 17, 3, 88, 42, 9, 1], [7, 7, 60], [99, 12, 31, 4, 4, 70, 2, 8, 15, 23], [1], [64, 2, 33, 33],

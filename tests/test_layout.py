@@ -26,7 +26,7 @@ PKG = ROOT / "nanohuatuo"
 LAYERS = {  # imports go down (or sideways within a layer, but never between stages)
     "core": {"model", "hf", "lora", "quant", "tokenizer", "templates", "data", "metrics", "textmetrics", "winrate",
              "textcheck", "jinja_template", "evalsets"},
-    "engine": {"engine", "generate"},
+    "engine": {"engine", "engine_loop", "cpu_kernels", "generate"},
     "shared": {"cli", "checkpoint", "dist", "losses", "llm", "adapters", "reward_model", "httpjson",
                "answers", "sheets", "rollout"},
     "stages": {"sft", "reward", "ppo", "sampling", "feedback", "chat", "serve", "evaluate", "distill"},

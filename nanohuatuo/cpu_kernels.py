@@ -1,0 +1,130 @@
+"""CPU kernels for decoding: the weight layout and the output head's kernel, chosen by timing.
+
+    tune_cpu_kernels(model, batches=(1, 8))   # once per model, outside inference mode
+    logits = head_logits(model, h)            # (B, vocab) float32, the head's measured kernel
+
+A decode step on a CPU reads every weight once per token, and which memory layout (row- or
+column-major) and which matrix kernel (F.linear or oneDNN's) read fastest depends on the processor,
+so they are measured on this machine instead of fixed. This is machine tuning, not scheduling: it
+lives apart from the engine (which calls both functions, when it is made and at every decode step),
+and generate.py and the benchmarks use it too.
+"""
+
+import time
+
+import torch
+import torch.nn.functional as F
+
+from .model import Transformer
+
+
+_ONEDNN_LINEAR = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+_MEASURED = {}  # (what, weight shape, dtype, threads, batches) -> decision: measured once per process
+
+
+def _seconds(fn):
+    """Best-of-3 (best-of-2 past 20 ms) seconds per call of fn, each timing at least ~2 ms long."""
+    t = time.perf_counter()
+    fn()  # warm-up, and a first estimate
+    first = time.perf_counter() - t
+    n = max(1, min(200, int(2e-3 / max(first, 1e-7))))
+    best = float("inf")
+    for _ in range(3 if first < 0.02 else 2):
+        t = time.perf_counter()
+        for _ in range(n):
+            fn()
+        best = min(best, (time.perf_counter() - t) / n)
+    return best
+
+
+def _onednn_linear(x, w):
+    return torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
+
+
+def _column_major(w):
+    return w.t().contiguous().t()  # same values, (in, out) in memory
+
+
+def _measure(w, batches, head):
+    """('row' | 'col', {batch: 'linear' | 'onednn'}) for weight w (out, in): the faster layout over
+    all batches; for the head also the faster kernel at each batch."""
+    key = ("head" if head else "proj", tuple(w.shape), w.dtype, torch.get_num_threads(), batches)
+    if key not in _MEASURED:
+        kernels = {"linear": F.linear}
+        if head and _ONEDNN_LINEAR and w.dtype == torch.float32:
+            kernels["onednn"] = _onednn_linear
+        times = {}  # (layout, kernel, batch) -> seconds
+        for layout, wl in (("row", w), ("col", _column_major(w))):
+            for b in batches:
+                x = torch.randn(b, w.shape[1], dtype=w.dtype)
+                for name, fn in kernels.items():
+                    times[layout, name, b] = _seconds(lambda: fn(x, wl))
+            del wl
+        best = {layout: sum(min(times[layout, k, b] for k in kernels) for b in batches) for layout in ("row", "col")}
+        layout = min(best, key=best.get)
+        _MEASURED[key] = (layout, {b: min(kernels, key=lambda k: times[layout, k, b]) for b in batches})
+    return _MEASURED[key]
+
+
+def tune_cpu_kernels(model: Transformer, batches=(1, 8)):
+    """Choose, by timing on this machine, the layout of the CPU weight matrices and the head's kernel.
+
+    A decode step is dominated by reading every weight once per token. Which layout the CPU BLAS
+    reads fastest for a few rows of activations depends on the processor: on one Intel Xeon an
+    (out, in) matrix stored column-major was read about twice as fast for the (vocab, dim) output
+    matrix and 1.3-1.5x for the projections at batch 8; on an AMD EPYC much less. And MKL's sgemm
+    reads a tall (vocab, dim) matrix far below memory speed on some processors where oneDNN's
+    linear kernel does not. So nothing is fixed: for each distinct (out, in) shape of the blocks'
+    projections, and for the output head, this times F.linear on a random (b, in) activation for
+    each b in `batches` (at most 16) with the weight row-major (as loaded) and column-major (same
+    values, transposed strides), and keeps for every matrix of that shape the layout with the
+    smaller summed time; for the head it also times oneDNN's kernel against F.linear at each b,
+    and `head_logits` uses the winner for the measured batch size nearest in ratio. Decisions are
+    cached per shape, dtype, thread count and batches for the process, so a second model (or a
+    second Engine) costs no timing. A large head is multiplied 3 times per layout, kernel and
+    batch size (24 products: a few seconds for a 150k-token vocabulary on 2 cores), a test
+    model's matrices take milliseconds.
+
+    The parameter objects are kept (tied embeddings stay tied; saving writes the usual row-major
+    tensors), the values are unchanged, and it runs outside inference mode, so training can go on
+    using the weights. No-op off CPU, for non-float (quantised) weights, and when already done.
+    """
+    head = model.lm_head
+    w = getattr(head, "weight", None)
+    if getattr(model, "cpu_kernels", None) is not None or w is None or w.device.type != "cpu":
+        return
+    # beyond 16 rows the products are compute-bound and timing a big head there would take seconds
+    batches = tuple(sorted(set(min(int(b), 16) for b in batches)))
+    choice = {"batches": batches, "layouts": {}, "head": {}}
+    with torch.inference_mode(False), torch.no_grad():
+        by_shape = {}
+        for name, m in model.layers.named_modules():
+            # LoRA's own small matrices stay as they are; quantised (int8) weights are not floats
+            if isinstance(m, torch.nn.Linear) and "lora_" not in name and m.weight.is_floating_point() \
+                    and m.weight.is_contiguous():
+                by_shape.setdefault((tuple(m.weight.shape), m.weight.dtype), []).append(m.weight)
+        for (shape, dtype), ws in by_shape.items():
+            layout, _ = _measure(ws[0].data, batches, head=False)
+            choice["layouts"][shape] = layout
+            if layout == "col":
+                for p in ws:
+                    p.data = _column_major(p.data)
+        if w.is_floating_point() and w.is_contiguous():
+            layout, kernels = _measure(w.data, batches, head=True)
+            choice["layouts"]["head"] = layout
+            if layout == "col":
+                w.data = _column_major(w.data)
+            if type(head) is torch.nn.Linear and not (model.config.norm_head and w.requires_grad):
+                choice["head"] = kernels  # NormHead while training must go through model.logits
+    model.cpu_kernels = choice
+
+
+def head_logits(model: Transformer, h):
+    """float32 logits (B, vocab) of the last hidden states h (B, dim), with the kernel that
+    `tune_cpu_kernels` measured fastest for the nearest batch size (model.logits otherwise)."""
+    kernels = (getattr(model, "cpu_kernels", None) or {}).get("head") if h.device.type == "cpu" else None
+    if kernels and h.dtype == torch.float32:
+        b = min(kernels, key=lambda m: max(m, h.shape[0]) / min(m, h.shape[0]))
+        if kernels[b] == "onednn":
+            return _onednn_linear(h, model.lm_head.weight)
+    return model.logits(h).float()
