@@ -60,9 +60,12 @@ summary.json (what run_* returns).
 Python API (what the demo calls): run_metrics(MetricsConfig), run_pairwise(PairwiseConfig),
 run_dialogue(DialogueConfig), make_sheet(SheetConfig), run_tally(TallyConfig); each returns the
 summary dict.
+
+Here: the judge (prompts, verdict parsing, the order swap), the configs, the runs and the CLI.
+Below it: consult.py (the patient, the stop rule, the consultation loop), reports.py (report.md
+and the published numbers), sheets.py (the sheet and the tally), answers.py (the candidates).
 """
 
-import hashlib
 import json
 import re
 import sys
@@ -74,53 +77,14 @@ import numpy as np
 
 from . import data as qa_data
 from . import sheets
-from .answers import AnswerStore, Candidate, Sampling, candidate_key, get_answers, make_llm, open_model, prompt_hash
+from .answers import Candidate, Sampling, get_answers, make_llm
 from .cli import UserError, arg, cli_main, prepare_out
+from .consult import EndpointPatient, OfflinePatient, consult, render_transcript
 from .evalsets import QA_FORMATS, load_cases, load_qa, load_questions
 from .metrics import plot_wtl
-from .textcheck import own_lines
-from .textmetrics import METRICS, chars, distinct, score_corpus, similarity_score
-from .winrate import combine, lc_text, length, tables
-
-# ---------------------------------------------------------------- published numbers
-
-PUBLISHED = {
-    "kuake-qic": {
-        "match": "kuake-qic_100",
-        "title": "HuatuoGPT-13B, single-turn, KUAKE-QIC_100, GPT-4 judge (win / tie / loss for HuatuoGPT)",
-        "rows": [("vs ChatGPT", 47, 21, 32), ("vs ChatGLM-6B", 43, 18, 39), ("vs DoctorGLM", 95, 2, 3),
-                 ("vs BenTsao", 98, 2, 0), ("vs GPT-4", 31, 17, 52)],
-    },
-    "med-dialog": {
-        "match": "med-dialog_100",
-        "title": "HuatuoGPT, multi-turn, Med-dialog_100, GPT-4 judge (win / tie / loss for HuatuoGPT)",
-        "rows": [("vs ChatGPT", 62, 6, 32)],
-    },
-    "huatuo26m-test": {
-        "match": "huatuo26m",  # with "test" in the name too
-        "title": "Huatuo-26M test set, character level (HuatuoGPT paper)",
-        "rows": [("HuatuoGPT", 27.42, 14.84, 8.54, 4.96, 8.01, 29.16, 8.29, 15.84, 0.74, 0.93),
-                 ("T5 (fine-tuned)", 26.63, 16.74, 11.77, 8.46, 11.38, 33.21, 13.26, 24.85, 0.51, 0.68)],
-    },
-}
-
-
-def published_for(kind: str, paths: list[str], choice: str) -> str | None:
-    """Which published table fits this run: `choice` itself, or by the data file's name for 'auto'."""
-    if choice == "none":
-        return None
-    if choice != "auto":
-        if choice not in PUBLISHED:
-            raise UserError(f"--published {choice!r}: use auto, none or one of {', '.join(PUBLISHED)}")
-        return choice
-    names = " ".join(Path(p).name.lower().replace(" ", "") for p in paths)
-    if kind == "pairwise" and PUBLISHED["kuake-qic"]["match"] in names:
-        return "kuake-qic"
-    if kind == "dialogue" and PUBLISHED["med-dialog"]["match"] in names:
-        return "med-dialog"
-    if kind == "metrics" and re.search(r"huatuo[-_]?26m", names) and "test" in names:
-        return "huatuo26m-test"
-    return None
+from .reports import PUBLISHED, published_for, write_metrics_report, write_report
+from .textmetrics import chars, distinct, score_corpus, similarity_score
+from .winrate import combine, length, tables
 
 
 # ---------------------------------------------------------------- the judge
@@ -260,26 +224,6 @@ class EndpointJudge:
         self.llm.close()
 
 
-def role_llm(cfg, role: str, instead: str):
-    """The llm.LLM of a role ("judge", "patient") from its flags: --ROLE-base-url and --ROLE-model-name
-    (required), --ROLE-api-key, its cache under --cache."""
-    base_url, model_name = getattr(cfg, f"{role}_base_url"), getattr(cfg, f"{role}_model_name")
-    if not (base_url and model_name):
-        raise UserError(f"the {role} needs --{role}-base-url URL and --{role}-model-name NAME ({instead})")
-    return make_llm(role, base_url, model_name, getattr(cfg, f"{role}_api_key"), Path(cfg.cache), cfg.concurrency)
-
-
-def open_judge(cfg):
-    if cfg.judge == "offline":
-        return OfflineJudge()
-    if cfg.judge == "endpoint":
-        llm = role_llm(cfg, "judge", "or --judge offline for the deterministic stand-in, --judge none for answers only")
-        return EndpointJudge(llm, cfg.judge_temperature, cfg.judge_max_tokens)
-    if cfg.judge == "none":
-        return None
-    raise UserError(f"--judge {cfg.judge!r}: use endpoint, offline or none")
-
-
 def judge_swapped(judge, items: list[dict], build, a_name: str, b_name: str, rule: str):
     """Judge every item twice (A shown first, then B first) -> (judgement rows, outcome per item).
 
@@ -317,106 +261,26 @@ def judge_swapped(judge, items: list[dict], build, a_name: str, b_name: str, rul
     return rows, outcomes
 
 
-# ---------------------------------------------------------------- dialogue: patient and stop rule
+# ---------------------------------------------------------------- the judge and the patient from their flags
 
-PATIENT_SYSTEM = (
-    "你在扮演一位正在网上问诊的患者。下面是你的病情资料，只有你自己知道，医生看不到：\n{case}\n\n"
-    "规则：第一次发言只用一两句话说出最主要的不适和你想问的问题，不要一次把资料全部说出来；"
-    "之后医生问到什么，就根据资料如实回答什么，资料里没有的就说不清楚或没注意；"
-    "像普通患者一样口语化，不用医学术语，不要自己下诊断；每次不超过80字；只输出患者说的话。")
-PATIENT_OPENING = "（问诊开始。请说出你的第一句话。）"
-
-DIAGNOSIS_CUES = ("考虑", "可能是", "诊断", "初步判断", "印象", "属于", "应该是", "多半是")
-ADVICE_CUES = ("建议", "治疗", "用药", "服用", "口服", "外用", "注意", "复查", "就诊", "就医", "检查")
+def role_llm(cfg, role: str, instead: str):
+    """The llm.LLM of a role ("judge", "patient") from its flags: --ROLE-base-url and --ROLE-model-name
+    (required), --ROLE-api-key, its cache under --cache."""
+    base_url, model_name = getattr(cfg, f"{role}_base_url"), getattr(cfg, f"{role}_model_name")
+    if not (base_url and model_name):
+        raise UserError(f"the {role} needs --{role}-base-url URL and --{role}-model-name NAME ({instead})")
+    return make_llm(role, base_url, model_name, getattr(cfg, f"{role}_api_key"), Path(cfg.cache), cfg.concurrency)
 
 
-def gives_diagnosis_and_advice(reply: str) -> bool:
-    """The stop rule: no question asked, a diagnosis named and advice given (cue words above)."""
-    return ("？" not in reply and "?" not in reply and any(c in reply for c in DIAGNOSIS_CUES)
-            and any(c in reply for c in ADVICE_CUES))
-
-
-def patient_view(case: str, transcript: list[dict]) -> list[dict]:
-    """The patient model's messages: its case as system text; its own turns are the assistant's."""
-    messages = [{"role": "system", "content": PATIENT_SYSTEM.format(case=case.strip())},
-                {"role": "user", "content": PATIENT_OPENING}]
-    for turn in transcript:
-        messages.append({"role": "assistant" if turn["role"] == "patient" else "user", "content": turn["content"]})
-    return messages
-
-
-def doctor_view(transcript: list[dict]) -> list[dict]:
-    return [{"role": "user" if t["role"] == "patient" else "assistant", "content": t["content"]} for t in transcript]
-
-
-def _clean_patient(text: str) -> str:
-    """The patient's own words: its tag dropped (我： too), the doctor's lines it may go on to write cut off."""
-    return re.sub(r"^我\s*[:：]\s*", "", own_lines(text, "patient"))
-
-
-class EndpointPatient:
-    """An LLM plays the patient (see PATIENT_SYSTEM)."""
-
-    label = "LLM patient"
-
-    def __init__(self, llm, temperature: float, max_tokens: int):
-        self.llm, self.temperature, self.max_tokens = llm, temperature, max_tokens
-        self.label = f"LLM patient: {llm.model}"
-
-    def speak(self, cases: list[dict], transcripts: list[list[dict]]) -> list[str | None]:
-        answers = self.llm.map([{"messages": patient_view(c["medical_case"], t), "temperature": self.temperature,
-                                 "max_tokens": self.max_tokens} for c, t in zip(cases, transcripts)],
-                               desc="patient speaking")
-        return [(_clean_patient(a.text) if a.ok else "") or None for a in answers]
-
-    def key(self) -> dict:
-        return {"patient": self.llm.model, "patient_url": self.llm.base_url, "t": self.temperature,
-                "max_tokens": self.max_tokens, "prompt": hashlib.sha1(PATIENT_SYSTEM.encode()).hexdigest()[:8],
-                "turn": "own lines"}  # consultations stored before the doctor's lines were cut are not reused
-
-    def summary(self) -> str:
-        return self.llm.summary()
-
-    def close(self):
-        self.llm.close()
-
-
-class OfflinePatient:
-    """OFFLINE STAND-IN for the patient model (no LLM): recites the case, one sentence per turn.
-
-    Opening: the first sentence of the description and the help wanted; then each later turn the
-    next sentence of the description, the duration, allergies and history; then a closing line.
-    It does not listen to the doctor: it only lets the pipeline run without a network."""
-
-    label = "offline patient stand-in (recites the case one sentence per turn; not an LLM)"
-
-    @staticmethod
-    def facts(case: str) -> tuple[str, list[str]]:
-        sections = dict(re.findall(r"([^\n：:]{1,12})[：:]\n(.*?)(?=\n[^\n：:]{1,12}[：:]\n|\Z)", case, re.S))
-        sentences = lambda t: [s for s in re.split(r"(?<=[。！；!;])", t.replace("\n", "")) if s.strip()]
-        description = sentences(sections.get("病情描述", "")) or sentences(case)
-        ask = sections.get("希望获得的帮助", "").strip()
-        opening = "医生您好，" + description[0] + (ask if ask else "")
-        rest = description[1:] + [f"{k}：{sections[k].strip()}" for k in ("患病多久", "过敏史", "既往病史")
-                                  if sections.get(k, "").strip()]
-        return opening, rest
-
-    def speak(self, cases, transcripts):
-        out = []
-        for case, t in zip(cases, transcripts):
-            opening, rest = self.facts(case["medical_case"])
-            said = sum(turn["role"] == "patient" for turn in t)
-            out.append(opening if said == 0 else rest[said - 1] if said - 1 < len(rest) else "没有别的情况了，请问我该怎么办？")
-        return out
-
-    def key(self) -> dict:
-        return {"patient": "offline"}
-
-    def summary(self) -> str:
-        return "patient: offline stand-in, no requests"
-
-    def close(self):
-        pass
+def open_judge(cfg):
+    if cfg.judge == "offline":
+        return OfflineJudge()
+    if cfg.judge == "endpoint":
+        llm = role_llm(cfg, "judge", "or --judge offline for the deterministic stand-in, --judge none for answers only")
+        return EndpointJudge(llm, cfg.judge_temperature, cfg.judge_max_tokens)
+    if cfg.judge == "none":
+        return None
+    raise UserError(f"--judge {cfg.judge!r}: use endpoint, offline or none")
 
 
 def open_patient(cfg):
@@ -426,63 +290,6 @@ def open_patient(cfg):
         llm = role_llm(cfg, "patient", "or --patient offline for the stand-in that recites the case")
         return EndpointPatient(llm, cfg.patient_temperature, cfg.patient_max_tokens)
     raise UserError(f"--patient {cfg.patient!r}: use endpoint or offline")
-
-
-def consult(c: Candidate, s: Sampling, cases: list[dict], patient, cfg, summaries: list[str]) -> list[dict | None]:
-    """Transcripts of the candidate consulting every case (stored per candidate, reused when done).
-
-    All open consultations advance together: one batch of doctor turns, then one of patient turns."""
-    if c.kind() == "answers":
-        raise UserError("dialogue: a candidate must be a model or an endpoint (--a-answers is for pairwise)")
-    extra = {**patient.key(), "max_turns": cfg.max_turns, "stop_rule": cfg.stop_rule}
-    store = AnswerStore(Path(cfg.answers_dir) / f"dialogue-{candidate_key(c, s, extra)}.jsonl")
-    hashes = [prompt_hash([case["medical_case"]]) for case in cases]
-    todo = [k for k, case in enumerate(cases) if store.get(case["id"], hashes[k]) is None]
-    print(f"{c.label()}: {len(cases) - len(todo)}/{len(cases)} consultations in {store.path}, {len(todo)} to run",
-          file=sys.stderr, flush=True)
-    if todo:
-        model = open_model(c, s, cfg)
-        try:
-            transcripts = {k: [] for k in todo}
-            stopped = {}
-            active = list(todo)
-            for turn in range(cfg.max_turns):
-                said = patient.speak([cases[k] for k in active], [transcripts[k] for k in active])
-                for k, text in zip(active, said):
-                    if text is None:
-                        stopped[k] = "patient gave no usable reply"
-                    else:
-                        transcripts[k].append({"role": "patient", "content": text})
-                active = [k for k in active if k not in stopped]
-                if not active:
-                    break
-                replies = model.respond([doctor_view(transcripts[k]) for k in active],
-                                        [f"{cases[k]['id']}:{turn}" for k in active])
-                for k, (text, _) in zip(active, replies):
-                    if text is None:
-                        stopped[k] = "doctor gave no usable reply"
-                        continue
-                    transcripts[k].append({"role": "doctor", "content": text})
-                    if cfg.stop_rule == "diagnosis" and gives_diagnosis_and_advice(text):
-                        stopped[k] = "diagnosis and advice"
-                    elif turn == cfg.max_turns - 1:
-                        stopped[k] = "turn limit"
-                active = [k for k in active if k not in stopped]
-                print(f"{c.label()}: turn {turn + 1}/{cfg.max_turns}, {len(active)} consultations still open",
-                      file=sys.stderr, flush=True)
-                if not active:
-                    break
-            store.add([{"id": cases[k]["id"], "hash": hashes[k], "transcript": transcripts[k], "stopped": stopped[k],
-                        "doctor_turns": sum(t["role"] == "doctor" for t in transcripts[k])}
-                       for k in todo if not stopped[k].endswith("no usable reply")])
-            summaries.append(model.summary())
-        finally:
-            model.close()
-    return [store.get(case["id"], h) for case, h in zip(cases, hashes)]
-
-
-def render_transcript(transcript: list[dict]) -> str:
-    return "\n".join(f"{'患者' if t['role'] == 'patient' else '医生'}：{t['content'].strip()}" for t in transcript)
 
 
 # ---------------------------------------------------------------- configs
@@ -785,143 +592,6 @@ def run_metrics(cfg: MetricsConfig) -> dict:
         write_metrics_report(out, summary, scored)
         print(" ".join(f"{k} {v:.2f}" for k, v in scores.items()))
         return finish(out, summary, usage)
-
-
-# ---------------------------------------------------------------- reports
-
-def _ci(s: dict, key: str) -> str:
-    ci = s.get(f"{key}_ci")
-    return f"{s[key]:.1f} [{ci[0]:.1f}, {ci[1]:.1f}]" if ci else (f"{s[key]:.1f}" if key in s else "–")
-
-
-def _stats_row(name: str, s: dict) -> str:
-    of_all = " / ".join(f"{s[f'{k}_pct_all']:.1f}" for k in ("win", "tie", "loss", "unjudged")) if s["items"] else "–"
-    if not s.get("n"):
-        return f"| {name} | 0 | – | – | – | – | – | {s['unjudged']} | {of_all} |"
-    return (f"| {name} | {s['n']} | {s['win']} / {s['tie']} / {s['loss']} | {_ci(s, 'win_pct')} | {_ci(s, 'tie_pct')} "
-            f"| {_ci(s, 'loss_pct')} | {_ci(s, 'winrate')} | {s.get('unjudged', 0)} | {of_all} |")
-
-
-def write_report(out: Path, summary: dict, stats: dict | None, pairs: list[dict], group_name: str, cfg, extra) -> None:
-    na, nb, mode = summary["a"], summary["b"], summary["mode"]
-    lines = [f"# {'Single-turn pairwise' if mode == 'pairwise' else 'Multi-turn'} evaluation: {na} vs {nb}", "",
-             f"Data: `{cfg.data}` ({len(pairs)} {'questions' if mode == 'pairwise' else 'cases'}). "
-             f"Candidate A: **{na}**, candidate B: **{nb}**."]
-    if extra:
-        lines += ["", f"Patient: {extra['patient']}. At most {extra['max_turns']} doctor turns; stop rule: "
-                      f"{extra['stop_rule']}" + (" (a doctor turn with a diagnosis, advice and no question ends it)."
-                                                 if extra["stop_rule"] == "diagnosis" else ".")]
-    if stats is None:
-        lines += ["", "No judge (`--judge none`): answers only, in pairs.jsonl; make a sheet for doctors with "
-                      "`python evaluate.py sheet`."]
-    else:
-        o = stats["overall"]
-        offline = "offline" in summary["judge"]
-        reference, things = ("reference answer", "questions") if mode == "pairwise" else ("real doctor's diagnosis", "cases")
-        lines += ["", f"Judge: {summary['judge']}" + (" — **a deterministic similarity stand-in, not a model's judgement"
-                                                       "; the numbers only show the pipeline working**" if offline else "")
-                  + f". Every pair judged twice with the order swapped; verdicts combined by `{summary['combine']}`"
-                  + (" (summed +1/0/-1: opposite verdicts are a tie)." if summary["combine"] == "sum" else
-                     " (any disagreement is a tie).")
-                  + f" The judge saw the {reference} for {summary['judge_saw_reference']} of {len(pairs)} {things}.",
-                  "", f"## Win / tie / loss for {na}", "",
-                  *([f"**Warning, {stats['length_shift']['warning']}.**", ""] if stats["length_shift"]["warning"] else []),
-                  "Percentages of judged pairs with 95% bootstrap intervals over "
-                  f"{'questions' if mode == 'pairwise' else 'cases'} ({cfg.bootstrap} resamples). "
-                  "Win rate = win + tie / 2. The last column: win / tie / loss / unjudged as % of all items.", "",
-                  f"| {group_name} | judged | W / T / L | win % | tie % | loss % | win rate | unjudged | % of all |",
-                  "|---|---|---|---|---|---|---|---|---|", _stats_row("**overall**", o)]
-        lines += [_stats_row(g, s) for g, s in stats["groups"].items()]
-        if o.get("n"):
-            lens_a = [p["len_a"] for p in pairs if p.get("outcome")]
-            lens_b = [p["len_b"] for p in pairs if p.get("outcome")]
-            lc = o["length_control"]
-            lines += ["", "## Length-controlled win rate", "",
-                      "LLM judges favour longer answers. Logistic fit of the outcome (win 1, tie 0.5, loss 0) on "
-                      "tanh(length difference / its standard deviation), as AlpacaEval 2, read at equal length; "
-                      "95% bootstrap intervals; slope > 0: the judge favours A when A is the longer.", "",
-                      "| raw win rate | length-controlled win rate; length slope | A / B longer (equal) | "
-                      "mean length A | mean length B |", "|---|---|---|---|---|",
-                      f"| {_ci(o, 'winrate')} | {lc_text(lc)} | {lc['a_longer']} / {lc['b_longer']} ({lc['equal']}) | "
-                      f"{np.mean(lens_a):.0f} | {np.mean(lens_b):.0f} |", "",
-                      "Lengths in characters (whitespace excluded)" + (", doctor turns only." if mode == "dialogue" else ".")]
-        unjudged = [p for p in pairs if p.get("outcome") is None]
-        if unjudged:
-            lines += ["", f"Unjudged ({len(unjudged)}, never counted as a win): " +
-                      "; ".join(f"{p['id']}: {p['unjudged']}" for p in unjudged[:20])]
-        lines += ["", "![win/tie/loss](winrate.png)"]
-        pub = summary.get("published")
-        if pub:
-            t = PUBLISHED[pub]
-            lines += ["", "## Published numbers on the same set", "", t["title"] + ":", "",
-                      "| comparison | win | tie | loss |", "|---|---|---|---|"]
-            lines += [f"| {r[0]} | {r[1]} | {r[2]} | {r[3]} |" for r in t["rows"]]
-            lines += ["", f"Ours: {na} vs {nb}: {o.get('win', 0)} / {o.get('tie', 0)} / {o.get('loss', 0)} "
-                          f"(counts out of {len(pairs)})."]
-    if mode == "dialogue":
-        stops = {}
-        for p in pairs:
-            for k in ("stopped_a", "stopped_b"):
-                if p.get(k):
-                    stops[(k[-1], p[k])] = stops.get((k[-1], p[k]), 0) + 1
-        turns_a = [p["turns_a"] for p in pairs if p.get("turns_a")]
-        turns_b = [p["turns_b"] for p in pairs if p.get("turns_b")]
-        lines += ["", "## Consultations", "", "| candidate | mean doctor turns | ended by |", "|---|---|---|"]
-        for name, key, turns in ((na, "a", turns_a), (nb, "b", turns_b)):
-            ended = ", ".join(f"{why}: {n}" for (k, why), n in sorted(stops.items()) if k == key)
-            lines.append(f"| {name} | {np.mean(turns):.1f} | {ended} |" if turns else f"| {name} | – | – |")
-        lines += ["", "Transcripts: transcripts.jsonl."]
-    lines += ["", "## Samples", ""]
-    for p in pairs[:3]:
-        lines += [f"**{p['id']}** ({p['group']}): {_short(p['prompt'], 200)}", "",
-                  f"- A ({na}): {_short(p['answer_a'], 300)}", f"- B ({nb}): {_short(p['answer_b'], 300)}"]
-        if p.get("outcome"):
-            lines.append(f"- outcome for A: {p['outcome']} (verdicts {', '.join(str(v) for v in p['verdicts'])})")
-        lines.append("")
-    lines += ["Files: pairs.jsonl (one row per item), judgements.jsonl (every judge request with its reasoning), "
-              "summary.json.", "", "Usage:", ""] + [f"- {u}" for u in summary.get("usage", [])]
-    (out / "report.md").write_text("\n".join(lines).rstrip() + "\n", encoding="utf-8")
-
-
-def _short(text: str | None, n: int) -> str:
-    if text is None:
-        return "(no answer)"
-    text = " ".join(text.split())
-    return (text[:n] + "…" if len(text) > n else text).replace("|", "\\|")
-
-
-def write_metrics_report(out: Path, summary: dict, scored: list) -> None:
-    s = summary["scores"]
-    head = "| model | " + " | ".join(k.upper().replace("BLEU-", "B").replace("ROUGE-", "R").replace("DISTINCT-", "D")
-                                     for k in METRICS) + " |"
-    rule = "|---" * (len(METRICS) + 1) + "|"
-    fmt = lambda vals: " | ".join(f"{v:.2f}" for v in vals)
-    lines = [f"# Reference metrics: {summary['model']}", "",
-             f"Data: {', '.join(f'`{d}`' for d in summary['data'])} ({summary['items']} pairs, {summary['scored']} "
-             "answered). Character level: NFKC, lower-case, whitespace dropped, every other character one token"
-             + (" (punctuation kept)" if summary["keep_punct"] else " (punctuation dropped)") +
-             f"; BLEU/GLEU {summary['level']} level (nltk's definition), ROUGE F1 averaged over answers, Distinct per "
-             "answer averaged (see nanohuatuo/textmetrics.py). BLEU/GLEU/ROUGE x100, Distinct as a fraction."
-             + (f" {summary['several_references']} answered items have several references, each scored against "
-                "all of them (multi-reference BLEU/GLEU as nltk, the best ROUGE)." if summary.get("several_references")
-                else ""), "",
-             head, rule, f"| {summary['model']} | {fmt(s.values())} |"]
-    pub = summary.get("published")
-    if pub:
-        lines += [f"| {r[0]} (published) | {fmt(r[1:])} |" for r in PUBLISHED[pub]["rows"]]
-        lines += ["", PUBLISHED[pub]["title"] + "; the published table does not state its BLEU variant, so compare "
-                                                "with care."]
-    lines += ["", f"Mean answer length {summary['mean_length']:.0f} characters (references "
-                  f"{summary['reference_mean_length']:.0f}); references' own Distinct-1/2: "
-                  f"{summary['reference_distinct']['distinct-1']:.2f} / {summary['reference_distinct']['distinct-2']:.2f}.",
-              "", "## Samples", ""]
-    for it, a in scored[:3]:
-        q = it["messages"][-1]["content"]
-        lines += [f"**{it['id']}**: {_short(q, 200)}", "", f"- reference: {_short(it['reference'], 300)}",
-                  f"- answer: {_short(a, 300)}", ""]
-    lines += ["Files: answers.jsonl (question, reference, answer), summary.json.", "", "Usage:", ""]
-    lines += [f"- {u}" for u in summary["usage"]] or ["- no requests"]
-    (out / "report.md").write_text("\n".join(lines).rstrip() + "\n", encoding="utf-8")
 
 
 # ---------------------------------------------------------------- human evaluation: sheet and tally

@@ -69,7 +69,7 @@ def test_quick_demo_with_one_llm_as_teacher_judge_and_patient(tmp_path):
     import random
 
     from fake_openai import ScriptedServer
-    from nanohuatuo import distill, evaluate, feedback
+    from nanohuatuo import consult, distill, evaluate, feedback
 
     def handler(request, path):
         first = request["messages"][0]["content"]
@@ -91,7 +91,7 @@ def test_quick_demo_with_one_llm_as_teacher_judge_and_patient(tmp_path):
             return "理由：略。\n排名：" + " > ".join(str(i) for i in range(n, 0, -1))
         if first == evaluate.JUDGE_SYSTEM:
             return "Both are short.\nAssistant 1 is better than Assistant 2"
-        if first.startswith(evaluate.PATIENT_SYSTEM[:20]):
+        if first.startswith(consult.PATIENT_SYSTEM[:20]):
             return "我头痛三天了，晚上睡不好。"
         raise AssertionError(f"unexpected request: {first[:60]!r}")
 
@@ -101,7 +101,7 @@ def test_quick_demo_with_one_llm_as_teacher_judge_and_patient(tmp_path):
         sent = [body["messages"][0]["content"] for _, body in srv.requests]
     assert summary["online"] and summary["judge"] == "OpenAI-compatible judge teacher"
     for prefix in (distill.INSTRUCTION_PROMPT[:20], distill.PATIENT_SYSTEM[:20], distill.POLISH_PROMPT[:20],
-                   feedback.SYSTEM_PROMPT, evaluate.JUDGE_SYSTEM, evaluate.PATIENT_SYSTEM[:20]):
+                   feedback.SYSTEM_PROMPT, evaluate.JUDGE_SYSTEM, consult.PATIENT_SYSTEM[:20]):
         assert any(s.startswith(prefix) for s in sent), prefix  # every role was played by the endpoint
     for name in ("instructions", "conversations", "polished"):
         assert (out / "distilled" / f"{name}.jsonl").stat().st_size > 0

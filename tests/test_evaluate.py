@@ -11,6 +11,7 @@ import pytest
 from conftest import tiny_base, write_jsonl
 from fake_openai import ScriptedServer
 from nanohuatuo import answers as ans
+from nanohuatuo import consult
 from nanohuatuo import evaluate as ev
 from nanohuatuo.data import DataError
 from nanohuatuo.evalsets import load_qa
@@ -343,11 +344,11 @@ def test_dialogue_resumes_without_requests(tmp_path):
 
 
 def test_stop_rule_and_offline_patient():
-    assert ev.gives_diagnosis_and_advice("考虑湿疹，建议外用药膏。")
-    assert not ev.gives_diagnosis_and_advice("考虑湿疹，建议外用药膏。还痒吗？")  # still asking
-    assert not ev.gives_diagnosis_and_advice("建议多喝水。")                       # no diagnosis
-    assert not ev.gives_diagnosis_and_advice("可能是湿疹。")                       # no advice
-    patient = ev.OfflinePatient()
+    assert consult.gives_diagnosis_and_advice("考虑湿疹，建议外用药膏。")
+    assert not consult.gives_diagnosis_and_advice("考虑湿疹，建议外用药膏。还痒吗？")  # still asking
+    assert not consult.gives_diagnosis_and_advice("建议多喝水。")                       # no diagnosis
+    assert not consult.gives_diagnosis_and_advice("可能是湿疹。")                       # no advice
+    patient = consult.OfflinePatient()
     case = {"medical_case": CASES[0]["medical_case"]}
     t, said = [], []
     for _ in range(5):

@@ -28,7 +28,7 @@ LAYERS = {  # imports go down (or sideways within a layer, but never between sta
              "textcheck", "jinja_template", "evalsets"},
     "engine": {"engine", "engine_loop", "cpu_kernels", "generate"},
     "shared": {"cli", "checkpoint", "dist", "losses", "llm", "adapters", "reward_model", "httpjson",
-               "answers", "sheets", "rollout"},
+               "answers", "sheets", "rollout", "reports", "consult"},
     "stages": {"sft", "reward", "ppo", "sampling", "feedback", "chat", "serve", "evaluate", "distill"},
     "top": {"demo", "__init__"},  # __init__: the package's public names, from every layer
 }
