@@ -349,8 +349,8 @@ def run(cfg: DemoConfig | None = None, **kw) -> dict:
         raise UserError("--llm-base-url needs --llm-model NAME (the model the endpoint serves)")
     real = bool(cfg.model)
     device = str(resolve_device(cfg.device)) if real else "cpu"  # the tiny model is a CPU demo
-    try:
-        n_params = count_params(cfg.model) if real else None
+    try:  # the checkpoint is checked (tokenizer too) and its size read before anything is written
+        n_params = (check_model_dir(cfg.model, tokenizer=True), count_params(cfg.model))[1] if real else None
     except ModelDirError as e:
         raise UserError(f"--model: {e}") from None
     profile, size, why = choose_size(cfg, device, n_params)
@@ -370,12 +370,13 @@ def run(cfg: DemoConfig | None = None, **kw) -> dict:
     try:
         with open(os.path.join(out, MARKER), "w") as f:
             json.dump({"config": asdict(cfg), "profile": profile, "size": asdict(size)}, f, indent=1)
-        return _run(cfg, size, real, out, device, profile)
+        return _run(cfg, size, real, out, device, profile, n_params)
     finally:
         lock.release()
 
 
-def _run(cfg: DemoConfig, size: DemoSize, real: bool, out: str, device: str, profile: str) -> dict:
+def _run(cfg: DemoConfig, size: DemoSize, real: bool, out: str, device: str, profile: str,
+         n_params: int | None) -> dict:
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     names = list(BUDGET)
@@ -394,8 +395,7 @@ def _run(cfg: DemoConfig, size: DemoSize, real: bool, out: str, device: str, pro
 
     base = cfg.model
     if real:
-        n_params = st.run("base", "base: the real checkpoint",
-                          lambda: (check_model_dir(base, tokenizer=True), count_params(base))[1])
+        st.run("base", "base: the real checkpoint (checked before the run)", lambda: None)
     else:
         base = os.path.join(out, "base")
         n_params = st.run("base", "base: tokenizer and a tiny random model", build_base, base, size, rows, cfg.seed)
