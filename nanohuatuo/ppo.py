@@ -6,8 +6,9 @@
 Top to bottom: `PPOConfig`; the maths as small pure functions on (B, R) response tensors
 (`compute_rewards`, `gae`, `policy_loss`, `value_loss`, ...); the models (`load_policy`,
 `reference`, `critic`); the rewards; the rollout (`make_experience` -> a `Rollout`); the update
-(`ppo_update`); checkpoints and export; the loop. One layer down: rollout.py (the prompt file and
-its order, a `Batch` of prompts + responses cut at their stop token), losses.py
+(`ppo_update`); checkpoints and export; the loop. One layer down: rollout.py (the policy on one
+base, the prompt file and its order, sampling answers, a `Batch` of prompts + responses cut at
+their stop token), losses.py
 (`response_forward`, `whiten`, masked statistics, `length_debias`), reward_model.py (scoring a
 rollout, `ScoreScale`, answers ending on their end token), checkpoint.py and adapters.py (the
 export).
@@ -60,14 +61,13 @@ import torch.nn as nn
 
 from . import adapters, checkpoint, dist
 from .cli import UserError, arg, cli_main, prepare_out, resolve_dtype
-from .generate import cut_at_stop, generate_batch, use_column_major_weights
-from .lora import (apply_lora, default_targets, disabled_adapters, load_adapter, lora_modules, lora_parameters,
-                   merge_and_unload, save_adapter)
+from .lora import load_adapter, lora_modules, lora_parameters, merge_and_unload, save_adapter
 from .losses import length_debias, masked_mean, masked_var, response_forward, whiten
 from .metrics import MetricsLog, plot_metrics
 from .model import Transformer
-from .reward_model import RewardModel, Scorer, ScoreScale, end_at_stop_string, end_token, reward_scorer, share_base
-from .rollout import Batch, load_prompts, pack, prompt_indices
+from .reward_model import RewardModel, Scorer, ScoreScale, end_token, reward_scorer, share_base
+from .rollout import Batch, answer_texts, load_prompts, pack, policy_model, prompt_indices, sample_answers
+from .rollout import reference as rollout_reference
 from .templates import resolve_template, save_chat_template, stop_strings, stop_token_ids
 from .tokenizer import Tokenizer
 
@@ -263,7 +263,7 @@ class Models:
 
 def reference(m: Models):
     """The SFT model: adapters off (merged SFT), or the SFT adapter's frozen tensors (continue_adapter)."""
-    return adapters.use_lora_weights(m.model, m.ref_lora) if m.ref_lora is not None else disabled_adapters(m.model)
+    return rollout_reference(m.model, m.ref_lora)
 
 
 def critic(m: Models):
@@ -274,27 +274,8 @@ def critic(m: Models):
 
 def load_policy(cfg: PPOConfig, device=None, dtype=None) -> Models:
     """Build policy, reference and value from cfg.model (+ cfg.adapter); see the module docstring."""
-    model = Transformer.from_pretrained(cfg.model, dtype=dtype, device=device, value_head=False)
-    ref_lora, sft = None, None
-    if cfg.adapter and cfg.continue_adapter:
-        load_adapter(model, cfg.adapter, trainable=True)
-        ref_lora = adapters.snapshot(model, trainable=False)
-    else:
-        if cfg.adapter:
-            load_adapter(model, cfg.adapter, trainable=False)
-            sft = adapters.lora_tensors(model)
-            merge_and_unload(model)
-        apply_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=0.0,
-                   targets=cfg.lora_targets or default_targets(model))
-    for mod in model.modules():  # dropout off everywhere: it would make old and new log-probs disagree
-        if isinstance(mod, nn.Dropout):
-            mod.p = 0.0
-    for _, mod in lora_modules(model):
-        mod.lora_dropout = nn.Identity()
-    with torch.no_grad():
-        # generate_batch re-lays the weights for CPU decoding under inference_mode, which would
-        # make it an inference tensor that backward cannot use; doing it here first makes that a no-op
-        use_column_major_weights(model)
+    model, ref_lora, sft = policy_model(cfg.model, cfg.adapter, cfg.continue_adapter, cfg.lora_r, cfg.lora_alpha,
+                                        cfg.lora_targets, device=device, dtype=dtype)
     head = nn.Linear(model.config.dim, 1, device=model.embed_tokens.weight.device, dtype=torch.float32)
     nn.init.zeros_(head.weight)  # V = 0 at the start: no random baseline in the first advantages
     nn.init.zeros_(head.bias)
@@ -362,18 +343,8 @@ def make_experience(m: Models, cfg: PPOConfig, kl_coef, prompts, rows, reward: S
     model = m.model
     device = model.embed_tokens.weight.device
     model.eval()
-    chunk = cfg.rollout_batch_size or len(prompts)
-    responses, gen_logp, cut = [], [], []
-    for s in range(0, len(prompts), chunk):
-        gen = generate_batch(model, prompts[s:s + chunk], cfg.max_new_tokens, temperature=cfg.temperature,
-                             top_k=0, top_p=1.0, seed=seed + s, stop_ids=stops, stop_strings=stop_strs,
-                             tokenizer=tok, pad_id=tok.pad_id, compile=cfg.compile, return_logprobs=True)
-        for tokens, lp, finished in zip(gen.tokens, gen.logprobs, gen.finished):
-            fixed = finished and stop_strs and not any(t in stops for t in tokens) and \
-                end_at_stop_string(tokens, tok, stop_strs, end_id)
-            cut.append(len(fixed) - 1 if fixed else None)  # the appended end token's position
-            responses.append(fixed or tokens)
-            gen_logp.append(lp)
+    responses, gen_logp, cut = sample_answers(model, prompts, cfg.max_new_tokens, cfg.temperature, tok, stops,
+                                              stop_strs, end_id, seed, cfg.rollout_batch_size, cfg.compile)
     b = pack(prompts, responses, stops, tok.pad_id, device)
     B, R = b.mask.shape
     maskf = b.mask.float()
@@ -401,10 +372,7 @@ def make_experience(m: Models, cfg: PPOConfig, kl_coef, prompts, rows, reward: S
     old_logp, ref_logp, values = old_logp * maskf, ref_logp * maskf, values * maskf
 
     # scores: the reward model reads the answer up to its end token; a never-ending answer gets the penalty
-    lengths = b.mask.sum(-1).tolist()
-    resp = b.ids[:, b.P:]
-    resp_lists = [resp[i, :n].tolist() for i, n in enumerate(lengths)]
-    texts = [cut_at_stop(tok.decode([t for t in r if t not in stops]), stop_strs) for r in resp_lists]
+    resp_lists, texts = answer_texts(b, tok, stops, stop_strs)
     scores = torch.as_tensor(reward.fn(prompts, resp_lists, rows, texts), dtype=torch.float32).to(device).reshape(B)
     if scale is not None:
         scores = scale(scores, d)
