@@ -161,6 +161,12 @@ def test_quick_demo_on_a_real_checkpoint_is_lora_with_its_own_template(tmp_path,
     assert "PPO vs the base model" in report and "\n- base: " in report and "\n- SFT: " in report
     assert summary["eval"]["pairwise_base"]["n"] + summary["eval"]["pairwise_base"]["unjudged"] == 6
     assert "\ufffd" not in report
+    # the reward model's scores of base, SFT and PPO on prompts PPO never saw: 4 doctor prompts + 6 questions
+    h = summary["eval"]["rm_heldout"]
+    assert h["n"] == 10 and set(h["mean"]) == {"PPO", "SFT", "base"}
+    p = h["PPO_vs_SFT"]
+    assert p["higher"] + p["lower"] <= 10 and abs(p["diff"] - (h["mean"]["PPO"] - h["mean"]["SFT"])) < 1e-9
+    assert "prompts PPO never saw" in report
 
 
 def test_size_profiles_follow_the_device_and_the_parameter_count():
