@@ -100,7 +100,8 @@ class PPOConfig:
     temperature: float = arg(0.7, "sampling temperature (top_k 0, top_p 1, no min length)")
     rollout_batch_size: int = arg(0, "rows generated at once per process; 0: the whole local batch")
     missing_eos_penalty: float | None = arg(-1.0, "score of an answer that never stops, in reward units ('none' "
-                                                  "keeps the reward model's score)", parse=_penalty)
+                                                  "keeps the reward model's score of it, closed by the end token)",
+                                            parse=_penalty)
     length_debias: float = arg(0.0, "remove COEF times the batch's linear dependence of the score on answer length "
                                     "(1: all of it), so PPO cannot win by shrinking or padding answers (0: off)")
     # KL penalty in the reward
@@ -405,6 +406,10 @@ def make_experience(m: Models, cfg: PPOConfig, kl_coef, prompts, rows, reward: S
     resp = b.ids[:, b.P:]
     resp_lists = [resp[i, :n].tolist() for i, n in enumerate(lengths)]
     texts = [cut_at_stop(tok.decode([t for t in r if t not in stops]), stop_strs) for r in resp_lists]
+    # an answer cut by the token limit is scored closed by the end token, as the judge's rankings and the
+    # reward model's training pairs hold every answer; scored mid-text, the reward model would read a
+    # position it never learned from, and its score would be noise
+    resp_lists = [r if b.ended[i] else r + [end_id] for i, r in enumerate(resp_lists)]
     scores = torch.as_tensor(reward.fn(prompts, resp_lists, rows, texts), dtype=torch.float32).to(device).reshape(B)
     if scale is not None:
         scores = scale(scores, d)
