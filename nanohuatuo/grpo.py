@@ -53,6 +53,8 @@ from .llm import LLM
 from .lora import load_adapter, lora_modules, lora_parameters, merge_and_unload, save_adapter
 from .losses import group_advantages, grpo_loss, kl_k3, length_debias, response_forward
 from .metrics import MetricsLog, plot_metrics
+from .model import Transformer
+from .quant import QUANT_HELP, QUANTS
 from .rank_prompt import build_judge_messages, candidate_order, nudge_message, ranking_parser
 from .reward_model import Scorer, ScoreScale, end_token, reward_scorer, share_base
 from .rollout import (Batch, answer_texts, load_prompts, pack, policy_model, prompt_indices, reference,
@@ -125,6 +127,7 @@ class GRPOConfig:
     dtype: str = arg("auto", "auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16 or float16",
                      choices=["auto", "float32", "bfloat16", "float16"])
     grad_checkpointing: bool = arg(False, "recompute each block's activations in backward (less memory)")
+    quant: str = arg("none", QUANT_HELP, choices=list(QUANTS))
     compile: bool = arg(False, "torch.compile the decode step (CUDA)")
     seed: int = arg(0, "seed of the LoRA init, the prompt order and the rollouts")
     sample_every: int = arg(10, "print and save sample answers every N steps (0: never)")
@@ -228,7 +231,8 @@ def make_reward(reward_fn, model, ref_lora, cfg: GRPOConfig, tok, template, d, d
         ref = None if ref_lora is None else {n: (a, b, layers[n].scaling) for n, (a, b) in ref_lora.items()}
         return share_base(cfg.reward, model, cfg.model, cfg.adapter, tok, cfg.reward_template, stack_first=ref)
     return reward_scorer(reward_fn or cfg.reward, tok, template, share=share, device=d.device, dtype=dtype,
-                         reward_template=cfg.reward_template, say=print if d.main else lambda *a: None)
+                         reward_template=cfg.reward_template, say=print if d.main else lambda *a: None,
+                         quant=cfg.quant)
 
 
 # ============================================================================= the rollout
@@ -259,7 +263,7 @@ def make_group_rollout(model, ref_lora, cfg: GRPOConfig, prompts, rows, reward: 
     b = pack(prompts, answers, stops, tok.pad_id, device)
     B, R = b.mask.shape
     maskf = b.mask.float()
-    responses, texts = answer_texts(b, tok, stops, stop_strs)
+    responses, texts = answer_texts(b, tok, stops, stop_strs, end_id)  # cut by the limit: closed, as an RM reads
     scores = torch.as_tensor(reward.fn(prompts, responses, rows, texts), dtype=torch.float32).to(device).reshape(B)
     if scale is not None:
         scores = scale(scores, d)
@@ -344,7 +348,7 @@ def grpo_update(model, cfg: GRPOConfig, exp: GroupRollout, optimizer, params, d)
 # ============================================================================= checkpoints and export
 
 # settings a resumed run must keep: the checkpoint's tensors would not fit the others
-FIXED = ("model", "adapter", "continue_adapter", "lora_r", "lora_alpha", "lora_targets")
+FIXED = ("model", "adapter", "continue_adapter", "lora_r", "lora_alpha", "lora_targets", "quant")
 # settings that change nothing a resumed run computes
 BOOKKEEPING = {"resume", "overwrite", "stop_after", "sample_every", "save_every", "keep_checkpoints", "device",
                "out", "save_merged", "api_key", "cache", "concurrency"}
@@ -418,7 +422,7 @@ def _train(cfg: GRPOConfig, reward_fn, d, hold) -> dict:
     end_id = end_token(tok, template)
     rows, prompts = load_prompts(cfg.prompts, tok, template, cfg.max_prompt_len)
     model, ref_lora, sft = policy_model(cfg.model, cfg.adapter, cfg.continue_adapter, cfg.lora_r, cfg.lora_alpha,
-                                        cfg.lora_targets, device=d.device, dtype=dtype)
+                                        cfg.lora_targets, device=d.device, dtype=dtype, quant=cfg.quant)
     hold.enter_context(prepare_out(cfg.out, resume=cfg.resume, overwrite=cfg.overwrite, main_process=d.main))
     out = cfg.out
     reward = make_reward(reward_fn, model, ref_lora, cfg, tok, template, d, dtype)
@@ -477,7 +481,12 @@ def _train(cfg: GRPOConfig, reward_fn, d, hold) -> dict:
         save_chat_template(out, tok, template)
         if os.path.exists(log.path) and os.path.getsize(log.path):
             _plot(out, log.path)
-        if cfg.save_merged:  # destroys the LoRA layers: last
+        if cfg.save_merged and cfg.quant != "none":
+            # a 4-bit base takes no merge: the adapter just written, merged on the full-precision base (CPU)
+            Transformer.from_pretrained(cfg.model, dtype=dtype, adapter=out, merge=True, value_head=False) \
+                .save_pretrained(os.path.join(out, "merged"))
+            save_chat_template(os.path.join(out, "merged"), tok, template)
+        elif cfg.save_merged:  # destroys the LoRA layers: last
             merge_and_unload(model).save_pretrained(os.path.join(out, "merged"))
             save_chat_template(os.path.join(out, "merged"), tok, template)
         print(f"wrote the policy adapter to {out} (load with --model {cfg.model} --adapter {out})")

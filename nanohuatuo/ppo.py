@@ -65,6 +65,7 @@ from .lora import load_adapter, lora_modules, lora_parameters, merge_and_unload,
 from .losses import length_debias, masked_mean, masked_var, response_forward, whiten
 from .metrics import MetricsLog, plot_metrics
 from .model import Transformer
+from .quant import QUANT_HELP, QUANTS
 from .reward_model import RewardModel, Scorer, ScoreScale, end_token, reward_scorer, share_base
 from .rollout import Batch, answer_texts, load_prompts, pack, policy_model, prompt_indices, sample_answers
 from .rollout import reference as rollout_reference
@@ -100,7 +101,8 @@ class PPOConfig:
     temperature: float = arg(0.7, "sampling temperature (top_k 0, top_p 1, no min length)")
     rollout_batch_size: int = arg(0, "rows generated at once per process; 0: the whole local batch")
     missing_eos_penalty: float | None = arg(-1.0, "score of an answer that never stops, in reward units ('none' "
-                                                  "keeps the reward model's score)", parse=_penalty)
+                                                  "keeps the reward model's score of it, closed by the end token)",
+                                            parse=_penalty)
     length_debias: float = arg(0.0, "remove COEF times the batch's linear dependence of the score on answer length "
                                     "(1: all of it), so PPO cannot win by shrinking or padding answers (0: off)")
     # KL penalty in the reward
@@ -141,6 +143,7 @@ class PPOConfig:
     dtype: str = arg("auto", "auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16 or float16",
                      choices=["auto", "float32", "bfloat16", "float16"])
     grad_checkpointing: bool = arg(False, "recompute each block's activations in backward (less memory)")
+    quant: str = arg("none", QUANT_HELP, choices=list(QUANTS))
     compile: bool = arg(False, "torch.compile the decode step (CUDA)")
     seed: int = arg(0, "seed of the LoRA init, the prompt order and the rollouts")
     sample_every: int = arg(10, "print and save sample answers every N steps (0: never)")
@@ -275,7 +278,7 @@ def critic(m: Models):
 def load_policy(cfg: PPOConfig, device=None, dtype=None) -> Models:
     """Build policy, reference and value from cfg.model (+ cfg.adapter); see the module docstring."""
     model, ref_lora, sft = policy_model(cfg.model, cfg.adapter, cfg.continue_adapter, cfg.lora_r, cfg.lora_alpha,
-                                        cfg.lora_targets, device=device, dtype=dtype)
+                                        cfg.lora_targets, device=device, dtype=dtype, quant=cfg.quant)
     head = nn.Linear(model.config.dim, 1, device=model.embed_tokens.weight.device, dtype=torch.float32)
     nn.init.zeros_(head.weight)  # V = 0 at the start: no random baseline in the first advantages
     nn.init.zeros_(head.bias)
@@ -313,7 +316,7 @@ def make_reward(reward_fn, m: Models, cfg: PPOConfig, tok, template, d, dtype) -
                         "ppo.train(cfg, reward_fn=...)")
     return reward_scorer(reward_fn or cfg.reward, tok, template, share=lambda: shared_reward_model(m, cfg, tok),
                          device=d.device, dtype=dtype, reward_template=cfg.reward_template,
-                         say=print if d.main else lambda *a: None)
+                         say=print if d.main else lambda *a: None, quant=cfg.quant)
 
 
 # ============================================================================= prompts
@@ -372,7 +375,10 @@ def make_experience(m: Models, cfg: PPOConfig, kl_coef, prompts, rows, reward: S
     old_logp, ref_logp, values = old_logp * maskf, ref_logp * maskf, values * maskf
 
     # scores: the reward model reads the answer up to its end token; a never-ending answer gets the penalty
-    resp_lists, texts = answer_texts(b, tok, stops, stop_strs)
+    # an answer cut by the token limit is scored closed by the end token, as the judge's rankings and the
+    # reward model's training pairs hold every answer; scored mid-text, the reward model would read a
+    # position it never learned from, and its score would be noise
+    resp_lists, texts = answer_texts(b, tok, stops, stop_strs, end_id)
     scores = torch.as_tensor(reward.fn(prompts, resp_lists, rows, texts), dtype=torch.float32).to(device).reshape(B)
     if scale is not None:
         scores = scale(scores, d)
@@ -632,7 +638,12 @@ def _train(cfg: PPOConfig, reward_fn, d, hold) -> dict:
                 save_adapter(m.model, os.path.join(out, "critic"), extra=m.head())
         if os.path.exists(log.path) and os.path.getsize(log.path):
             _plot(out, log.path)
-        if cfg.save_merged:  # destroys the LoRA layers: last
+        if cfg.save_merged and cfg.quant != "none":
+            # a 4-bit base takes no merge: the adapter just written, merged on the full-precision base (CPU)
+            Transformer.from_pretrained(cfg.model, dtype=dtype, adapter=out, merge=True, value_head=False) \
+                .save_pretrained(os.path.join(out, "merged"))
+            save_chat_template(os.path.join(out, "merged"), tok, template)
+        elif cfg.save_merged:  # destroys the LoRA layers: last
             m.model.value_head = None
             merge_and_unload(m.model).save_pretrained(os.path.join(out, "merged"))
             save_chat_template(os.path.join(out, "merged"), tok, template)

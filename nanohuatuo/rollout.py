@@ -9,7 +9,7 @@ left/right-padded batch for the forwards.
     answers, logprobs, cut = sample_answers(model, prompts, ...)     # answers ending on the end token
     b = pack(prompt_ids, responses, stop_ids, pad_id)                # a Batch; b.rows(idx) for a micro-batch
     tokens, mask, ended = masks_after_stop(tokens, stop_ids, pad_id) # responses cut after their stop token
-    responses, texts = answer_texts(b, tok, stops, stop_strs)      # what the reward reads
+    responses, texts = answer_texts(b, tok, stops, stop_strs, end_id)   # what the reward reads
 """
 
 import os
@@ -21,30 +21,31 @@ import torch.nn as nn
 from . import adapters
 from .data import DataError, iter_jsonl
 from .generate import cut_at_stop, generate_batch, left_pad, use_column_major_weights
-from .lora import apply_lora, default_targets, disabled_adapters, load_adapter, lora_modules, merge_and_unload
+from .lora import apply_lora, default_targets, disabled_adapters, load_adapter, lora_modules
 from .model import Transformer
 from .reward_model import end_at_stop_string
 from .templates import render_prompt
 
 
 def policy_model(model_dir, adapter=None, continue_adapter=False, lora_r=16, lora_alpha=32.0, targets=(),
-                 device=None, dtype=None):
+                 device=None, dtype=None, quant="none"):
     """(model, ref_lora, sft): the base with the trainable LoRA layers an RL stage trains.
 
-    The SFT adapter is merged into the weights and a fresh LoRA (B = 0, so step 0 is the SFT model)
-    goes on `targets` (default: every attention and MLP linear of the family), so the reference is
-    simply "adapters off"; `sft` keeps the merged tensors for the export. `continue_adapter` keeps
-    training the SFT adapter itself; `ref_lora` is then a frozen copy of its tensors."""
-    model = Transformer.from_pretrained(model_dir, dtype=dtype, device=device, value_head=False)
+    The SFT adapter is merged into the weights at load (before any quantisation: a 4-bit base
+    takes no merge, `quant`) and a fresh LoRA (B = 0, so step 0 is the SFT model) goes on `targets`
+    (default: every attention and MLP linear of the family), so the reference is simply "adapters
+    off"; `sft` keeps the merged tensors for the export. `continue_adapter` keeps training the SFT
+    adapter itself; `ref_lora` is then a frozen copy of its tensors."""
+    merge_sft = bool(adapter) and not continue_adapter
+    model = Transformer.from_pretrained(model_dir, dtype=dtype, device=device, value_head=False, merge=True,
+                                        adapter=adapter if merge_sft else None, quant=quant)
     ref_lora, sft = None, None
     if adapter and continue_adapter:
         load_adapter(model, adapter, trainable=True)
         ref_lora = adapters.snapshot(model, trainable=False)
     else:
-        if adapter:
-            load_adapter(model, adapter, trainable=False)
-            sft = adapters.lora_tensors(model)
-            merge_and_unload(model)
+        if merge_sft:  # its tensors, for the export on the original base
+            sft = adapters.read_lora_tensors(adapter, model.config)[0]
         apply_lora(model, r=lora_r, alpha=lora_alpha, dropout=0.0, targets=list(targets) or default_targets(model))
     for mod in model.modules():  # dropout off everywhere: it would make old and new log-probs disagree
         if isinstance(mod, nn.Dropout):
@@ -187,10 +188,13 @@ def pack(prompts, responses, stop_ids, pad_id, device=None) -> Batch:
     return Batch(torch.cat([prompt_ids, resp], 1), torch.cat([prompt_attn, mask], 1), prompt_ids.shape[1], mask, ended)
 
 
-def answer_texts(b: Batch, tok, stops, stop_strs):
+def answer_texts(b: Batch, tok, stops, stop_strs, end_id=None):
     """(responses, texts): each packed answer's ids up to and including its stop token, and its text
-    without the stop token and cut at the first stop string (what a reward function reads)."""
+    without the stop token and cut at the first stop string (what a reward function reads). With
+    end_id, an answer cut by the token limit is closed by it, as a reward model reads answers."""
     resp = b.ids[:, b.P:]
     responses = [resp[i, :n].tolist() for i, n in enumerate(b.mask.sum(-1).tolist())]
     texts = [cut_at_stop(tok.decode([t for t in r if t not in stops]), stop_strs) for r in responses]
+    if end_id is not None:
+        responses = [r if b.ended[i] else r + [end_id] for i, r in enumerate(responses)]
     return responses, texts
