@@ -10,6 +10,10 @@ group-scaled advantages, the token-level loss (TRL's loss_type "dapo"), one upda
 - nanohuatuo (`grpo.train`): generation on the continuous-batching engine, the K copies of a
   prompt prefilled once; the sampling policy's log-probs come from the update's own forward.
 - TRL (`trl.GRPOTrainer`, TRL 1.16, PEFT LoRA; transformers' generate, no vLLM).
+nanohuatuo's training process on CPU has glibc return freed blocks of 1 MiB or more to the OS
+(`cpu_kernels.return_large_blocks`); the engine "trl-mmap" runs TRL with the same allocator
+setting (MALLOC_MMAP_THRESHOLD_=1048576 in its environment), so the memory ratio can be read
+with and without it.
 Each engine runs in its own subprocess, so peak memory is that process's ru_maxrss (and on CUDA
 also torch.cuda.max_memory_allocated), the same measure for both. The first step (warm-up) is
 reported apart; the step time is the mean wall time between the ends of the later steps.
@@ -19,7 +23,8 @@ TRL is never installed into the project's virtualenv. Setup used for the numbers
     /tmp/venv-trl-grpo/bin/pip install torch==2.13.0 trl peft transformers
     # (TRL 1.16.0, peft 0.21.2, transformers 5.24.0, datasets 5.2.0; CPU torch wheel)
 Run (CPU, 2 threads per engine):
-    .venv/bin/python bench/grpo.py --trl-python /tmp/venv-trl-grpo/bin/python [--steps 4 --repeat 2]
+    .venv/bin/python bench/grpo.py --trl-python /tmp/venv-trl-grpo/bin/python --engines ours,trl,trl-mmap \
+        --steps 3 --repeat 2
     .venv/bin/python bench/grpo.py --engines ours            # without TRL
 """
 
@@ -113,7 +118,7 @@ def worker_trl(a):
     trainer.train()
     first, later = step_times([t0] + ends)
     lengths = [r["completions/mean_length"] for r in trainer.state.log_history if "completions/mean_length" in r]
-    return {"engine": "trl", "first_step_s": first, "step_s": later,
+    return {"engine": "trl-mmap" if os.environ.get("MALLOC_MMAP_THRESHOLD_") else "trl", "first_step_s": first, "step_s": later,
             "response_length": lengths[-1] if lengths else None}
 
 
@@ -124,7 +129,8 @@ def main():
     p.add_argument("--workdir", help="where the model and runs go (default: a folder per shape in the temp dir)")
     p.add_argument("--shape", choices=sorted(SHAPES), default="45M")
     p.add_argument("--trl-python", default="/tmp/venv-trl-grpo/bin/python", help="python of the venv that has TRL")
-    p.add_argument("--engines", default="ours,trl", help="comma list of ours, trl")
+    p.add_argument("--engines", default="ours,trl,trl-mmap", help="comma list of ours, trl, trl-mmap (TRL with "
+                   "glibc's mmap threshold at 1 MiB, as nanohuatuo sets it)")
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--prompts", type=int, default=4, help="prompts per step")
     p.add_argument("--k", type=int, default=4, help="answers per prompt")
@@ -164,7 +170,10 @@ def main():
                 print(f"{engine}: {a.trl_python} not found; set up TRL's venv as the docstring says, or pass --trl-python")
                 continue
             env = dict(os.environ, OMP_NUM_THREADS=str(a.threads), TOKENIZERS_PARALLELISM="false")
-            r = subprocess.run([python, os.path.abspath(__file__), "--worker", engine, *shared], capture_output=True,
+            if engine == "trl-mmap":
+                env["MALLOC_MMAP_THRESHOLD_"] = "1048576"
+            worker = "trl" if engine.startswith("trl") else engine
+            r = subprocess.run([python, os.path.abspath(__file__), "--worker", worker, *shared], capture_output=True,
                                text=True, env=env)
             line = [x for x in r.stdout.splitlines() if x.startswith("RESULT ")]
             if r.returncode or not line:

@@ -49,6 +49,7 @@ import torch
 
 from . import adapters, checkpoint, dist
 from .cli import UserError, arg, cli_main, prepare_out, resolve_dtype
+from .cpu_kernels import return_large_blocks
 from .llm import LLM
 from .lora import load_adapter, lora_modules, lora_parameters, merge_and_unload, save_adapter
 from .losses import group_advantages, grpo_loss, kl_k3, length_debias, response_forward
@@ -413,6 +414,8 @@ def _train(cfg: GRPOConfig, reward_fn, d, hold) -> dict:
         raise UserError(f"--batch-size {cfg.batch_size} is not divisible by the {d.world} processes")
     local = cfg.batch_size // d.world
     dtype = resolve_dtype(cfg.dtype, d.device)
+    if d.device.type == "cpu":
+        return_large_blocks()  # the update's freed activations go back to the OS instead of fragmenting the heap
     torch.manual_seed(cfg.seed)  # same LoRA init on every rank
     random.seed(cfg.seed)
     tok = Tokenizer.from_pretrained(cfg.model)
