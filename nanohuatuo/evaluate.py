@@ -77,10 +77,11 @@ import numpy as np
 
 from . import data as qa_data
 from . import sheets
-from .answers import Candidate, Sampling, get_answers, make_llm
+from .answers import Candidate, Sampling, get_answers
 from .cli import UserError, arg, cli_main, prepare_out
 from .consult import EndpointPatient, OfflinePatient, consult, render_transcript
 from .evalsets import QA_FORMATS, load_cases, load_qa, load_questions
+from .llm import from_flags, role_cache
 from .metrics import plot_wtl
 from .reports import PUBLISHED, published_for, write_metrics_report, write_report
 from .textmetrics import chars, distinct, score_corpus, similarity_score
@@ -266,10 +267,10 @@ def judge_swapped(judge, items: list[dict], build, a_name: str, b_name: str, rul
 def role_llm(cfg, role: str, instead: str):
     """The llm.LLM of a role ("judge", "patient") from its flags: --ROLE-base-url and --ROLE-model-name
     (required), --ROLE-api-key, its cache under --cache."""
-    base_url, model_name = getattr(cfg, f"{role}_base_url"), getattr(cfg, f"{role}_model_name")
-    if not (base_url and model_name):
+    model_name = getattr(cfg, f"{role}_model_name")
+    if not (getattr(cfg, f"{role}_base_url") and model_name):
         raise UserError(f"the {role} needs --{role}-base-url URL and --{role}-model-name NAME ({instead})")
-    return make_llm(role, base_url, model_name, getattr(cfg, f"{role}_api_key"), Path(cfg.cache), cfg.concurrency)
+    return from_flags(cfg, role, cache=role_cache(cfg.cache, role, model_name))
 
 
 def open_judge(cfg):
