@@ -67,11 +67,11 @@ def test_three_commands_on_serve_then_mix_and_sft(tmp_path, capsys):
     cfg = serve.ServeConfig(model=model, port=0, template="huatuo", model_name="tiny", slots=4, device="cpu",
                             log_requests=False)
     with serve.make_server(cfg).start() as srv:
-        common = ["--base-url", srv.url + "/v1", "--model-name", "tiny", "--max-new-tokens", "12", "--concurrency", "4"]
-        assert D.main(["instructions", "--n", "4", "--out", out["di"]] + common) == 0
-        assert D.main(["conversations", "--cases", real_path, str(cases), "--limit", "2", "--max-turns", "2",
+        common = ["--teacher-base-url", srv.url + "/v1", "--teacher-model-name", "tiny", "--max-new-tokens", "12", "--concurrency", "4"]
+        assert D.main(["instructions", "--limit", "4", "--out", out["di"]] + common) == 0
+        assert D.main(["conversations", "--data", real_path, str(cases), "--limit", "2", "--max-turns", "2",
                        "--out", out["dc"]] + common) == 0
-        assert D.main(["polish", "--in", real_path, "--out", out["rd"]] + common) == 0
+        assert D.main(["polish", "--data", real_path, "--out", out["rd"]] + common) == 0
     printed = capsys.readouterr().out
     assert "instructions: kept 4" in printed and "conversations: kept 2" in printed and "polish: kept 3" in printed
 
