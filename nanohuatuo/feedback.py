@@ -9,7 +9,7 @@ usage), `OfflineJudge` (similarity to the doctor's reply, no network), the
 conversion of rankings into reward-model preference records, and a CLI:
 
     python -m nanohuatuo.feedback rank --data samples.jsonl --out prefs.jsonl \
-        [--judge offline|openai] [--base-url URL --model-name NAME --api-key KEY \
+        [--judge endpoint|offline] [--judge-base-url URL --judge-model-name NAME --judge-api-key KEY \
          --cache FILE --concurrency N --mixed --seed S --refresh-unusable]
 
 Item (one JSON object per line of the CLI's input, as `python -m nanohuatuo.sampling` writes):
@@ -60,7 +60,6 @@ Preference record (what `rankings_to_preferences` returns, one per usable item):
 """
 
 
-import argparse
 import json
 import os
 import random
@@ -70,7 +69,7 @@ import unicodedata
 from collections import Counter
 from dataclasses import dataclass
 
-from .cli import UserError, arg, config_from, guarded, make_parser
+from .cli import UserError, arg, config_from, endpoint_flags, guarded, make_parser
 from .data import DataError, iter_jsonl, write_jsonl
 from .llm import LLM, LLMError
 from .textmetrics import similarity_score
@@ -339,7 +338,7 @@ class OpenAIJudge:
                     or "https://api.openai.com/v1")
         model = model or os.environ.get("NANOHUATUO_JUDGE_MODEL")
         if not model:
-            raise UserError("no judge model given; pass --model-name (model=...) or set NANOHUATUO_JUDGE_MODEL, "
+            raise UserError("no judge model given; pass --judge-model-name (model=...) or set NANOHUATUO_JUDGE_MODEL, "
                             "or use --judge offline")
         self.llm = LLM(base_url, model, api_key=api_key, cache=cache_path, concurrency=concurrency,
                        max_retries=max_retries, timeout=timeout, attempts=parse_attempts,
@@ -469,22 +468,22 @@ def rankings_to_preferences(items: list[dict], results: list[dict]) -> list[dict
 # ----------------------------------------------------------------------- CLI
 
 @dataclass
-class RankConfig:
+class RankConfig(endpoint_flags("judge", "judge", old={"base_url": ("--base-url",),
+                                                       "model_name": ("--model-name", "--model"),
+                                                       "api_key": ("--api-key",)})):
     data: str = arg("", "JSONL of judge items {id, question, reference, answers[, finished]}, as "
-                        "`python -m nanohuatuo.sampling` writes them", metavar="FILE")
+                        "`python -m nanohuatuo.sampling` writes them", metavar="FILE", old=("--in",))
     out: str = arg("", "JSONL of preference records to write", metavar="FILE")
-    judge: str = arg("openai", "who ranks: an OpenAI-compatible endpoint, or offline (similarity to the doctor's "
-                               "reply, no network)", choices=["openai", "offline"])
-    base_url: str | None = arg(None, "OpenAI-compatible endpoint of the judge (default: "
-                                     "$NANOHUATUO_JUDGE_BASE_URL, $OPENAI_BASE_URL, then https://api.openai.com/v1)")
-    model_name: str | None = arg(None, "judge model name (default: $NANOHUATUO_JUDGE_MODEL)")
-    api_key: str | None = arg(None, "API key (default: $NANOHUATUO_API_KEY, $OPENAI_API_KEY, else EMPTY for "
-                                    "local servers)")
+    judge: str = arg("endpoint", "who ranks: endpoint (--judge-base-url, default $NANOHUATUO_JUDGE_BASE_URL, "
+                                 "$OPENAI_BASE_URL, then https://api.openai.com/v1; --judge-model-name, default "
+                                 "$NANOHUATUO_JUDGE_MODEL), or offline (similarity to the doctor's reply, no network)",
+                     choices=["endpoint", "offline"], old_values={"openai": "endpoint"})
     cache: str = arg("runs/judge_cache.sqlite", "SQLite cache of the judge's replies; a rerun resumes from it")
     refresh_unusable: bool = arg(False, "ask again the items whose cached replies gave no usable ranking")
     concurrency: int = arg(4, "judge requests in flight at once")
     timeout: float = arg(60.0, "seconds per judge request")
-    max_retries: int = arg(5, "client retries of a request after connection errors, timeouts, 429 and 5xx")
+    max_retries: int = arg(5, "client retries of a request after connection errors, timeouts, 429 and 5xx",
+                           retired="--attempts for re-asks of unusable replies (the client's own retries stay 5)")
     attempts: int = arg(3, "asks per item (the first, then nudges) before it counts as unusable")
     mixed: bool = arg(False, "rank the doctor's reply among the answers (HuatuoGPT's mixed feedback)")
     truncated: str = arg("drop", "answers cut by max_new_tokens: drop them, or rank them last (below every "
@@ -517,7 +516,7 @@ def rank_command(cfg: RankConfig) -> int:
     if cfg.judge == "offline":
         results = OfflineJudge(cfg.truncated).rank(items, mixed=cfg.mixed)
     else:
-        with OpenAIJudge(base_url=cfg.base_url, model=cfg.model_name, api_key=cfg.api_key,
+        with OpenAIJudge(base_url=cfg.judge_base_url, model=cfg.judge_model_name, api_key=cfg.judge_api_key,
                          cache_path=cfg.cache or None, concurrency=cfg.concurrency, timeout=cfg.timeout,
                          max_retries=cfg.max_retries, parse_attempts=cfg.attempts, seed=cfg.seed,
                          refresh_unusable=cfg.refresh_unusable, truncated=cfg.truncated) as judge:
@@ -541,9 +540,6 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     parser = make_parser(RankConfig, prog="python -m nanohuatuo.feedback rank",
                          description="Rank sampled answers with a judge and write preference data.")
-    # the names of earlier releases, kept working but not advertised
-    parser.add_argument("--in", dest="data", help=argparse.SUPPRESS)
-    parser.add_argument("--model", dest="model_name", help=argparse.SUPPRESS)
     return guarded(rank_command, config_from(RankConfig, parser.parse_args(argv[1:])))
 
 

@@ -335,13 +335,18 @@ def test_cli_openai_judge_and_old_flag_names(serve, tmp_path, capsys):
             "--cache", str(tmp_path / "c.sqlite")]
     assert main(args) == 0
     assert [json.loads(line)["answers"][0] for line in out.read_text(encoding="utf-8").splitlines()] == [ANSWERS[1]] * 2
-    assert "judge: 2 requests (0 cached)" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "judge: 2 requests (0 cached)" in err
+    assert ("warning: --in is deprecated and will be removed in the next release; use --data\n" in err
+            and "warning: --model is deprecated and will be removed in the next release; use --judge-model-name" in err)
+    args = ["rank", "--data", str(src), "--out", str(out), "--judge-base-url", server.base_url, "--judge-model-name",
+            "judge-test", "--cache", str(tmp_path / "c.sqlite")]
     assert main(args) == 0 and len(server.bodies()) == 2  # the rerun is served from the cache
     assert "judge: 2 requests (2 cached)" in capsys.readouterr().err
 
     auth = serve(lambda body, count: (401, {}, "invalid api key"))
-    args = ["rank", "--data", str(src), "--out", str(out), "--base-url", auth.base_url, "--model-name", "m",
-            "--cache", ""]
+    args = ["rank", "--data", str(src), "--out", str(out), "--judge-base-url", auth.base_url, "--judge-model-name",
+            "m", "--cache", ""]
     assert main(args) == 2
     err = capsys.readouterr().err
     assert "rejected the API key (401" in err and "Traceback" not in err
