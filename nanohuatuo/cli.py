@@ -237,10 +237,15 @@ class TrainLoopFlags(OutputFlags):
     stop_after: int | None = arg(None, "stop after this step as if interrupted (checkpoint written; resume later)")
     batch_size: int = arg(32, "prompts or conversations per optimizer step, over all processes")
     micro_batch_size: int = arg(2, "rows per forward/backward per process (gradient accumulation = the rest)")
-    max_grad_norm: float = arg(1.0, "clip the global gradient norm to this (0: off)")
+    max_grad_norm: float = arg(1.0, "clip the global gradient norm to this")
     grad_checkpointing: bool = arg(False, "recompute each block's activations in backward (less memory)")
     save_every: int = arg(200, "checkpoint every N steps (and at the end)")
     keep_checkpoints: int = arg(1, "checkpoints kept in out/checkpoints (older ones are deleted)")
+
+
+@dataclasses.dataclass
+class ExportFlags:
+    """What a policy trainer writes besides its adapter."""
     save_merged: bool = arg(False, "also write OUT/merged: a full model with the adapters folded in",
                             old=("--merge",))
 
@@ -251,7 +256,8 @@ class GenerationFlags:
     temperature: float | None = arg(None, "sampling temperature, 0 is greedy (default: generation_config.json's, "
                                           "else 0.7)")
     top_p: float | None = arg(None, "nucleus sampling mass (default: generation_config.json's, else 1.0: off)")
-    top_k: int | None = arg(None, "sample among the k likeliest tokens (default: generation_config.json's, else 0: off)")
+    top_k: int | None = arg(None, "sample among the k likeliest tokens (default: generation_config.json's, "
+                                  "else 0: off)")
 
 
 def endpoint_flags(role: str, who: str, old: dict | None = None) -> type:
