@@ -426,7 +426,7 @@ def _run(cfg: DemoConfig, size: DemoSize, real: bool, out: str, device: str, pro
     rm_dir = os.path.join(out, "rm")
     rm_cfg = reward.RMConfig(model=policy, adapter=sft_adapter, data=[os.path.join(out, "prefs.jsonl")], out=rm_dir,
                              template=template, lora_r=size.lora_r, lr=size.rm_lr, epochs=size.rm_epochs,
-                             batch_prompts=4, max_len=size.max_len, eval_frac=0.2, eval_every=10, device=device,
+                             batch_size=4, max_len=size.max_len, eval_frac=0.2, eval_every=10, device=device,
                              dtype=cfg.dtype, seed=cfg.seed, grad_checkpointing=size.grad_checkpointing)
     rm_res = st.run("rm", "reward model on the rankings", reward.train, rm_cfg)
     rm = load_reward_model(rm_dir, device=device)
