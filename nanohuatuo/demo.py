@@ -434,7 +434,7 @@ def _run(cfg: DemoConfig, size: DemoSize, real: bool, out: str, device: str, pro
     ppo_dir = os.path.join(out, "ppo")
     rl_path = os.path.join(out, "rl_prompts.jsonl")
     write_jsonl(rl_path, rl_prompts)
-    ppo_cfg = ppo.PPOConfig(model=policy, adapter=sft_adapter, reward=rm_dir, prompts=rl_path, out=ppo_dir,
+    ppo_cfg = ppo.PPOConfig(model=policy, adapter=sft_adapter, reward=rm_dir, data=rl_path, out=ppo_dir,
                             template=template, max_steps=size.ppo_steps, batch_size=size.ppo_batch,
                             max_new_tokens=size.ppo_tokens, temperature=0.7, lr=size.ppo_lr, kl_coef=size.kl_coef,
                             length_debias=size.length_debias, missing_eos_penalty=size.eos_penalty,
