@@ -120,9 +120,9 @@ def _argv(script, model, d, out):
     if script == "train_rm.py":
         return ["--model", model, "--data", d["prefs"], "--out", out, "--max-steps", "1", "--device", "cpu"]
     if script == "train_ppo.py":  # the policy and the reward model are both the broken directory
-        return ["--model", model, "--reward", model, "--prompts", d["prompts"], "--out", out,
+        return ["--model", model, "--reward", model, "--data", d["prompts"], "--out", out,
                 "--max-steps", "1", "--batch-size", "2", "--device", "cpu"]
-    return ["--model", model, "--prompts", d["prompts"], "--out", os.path.join(out, "samples.jsonl"), "--k", "2",
+    return ["--model", model, "--data", d["prompts"], "--out", os.path.join(out, "samples.jsonl"), "--k", "2",
             "--max-new-tokens", "4", "--device", "cpu"]
 
 
