@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from http.server import ThreadingHTTPServer
 from pathlib import Path
 
-from .cli import UserError, arg, cli_main, resolve_device, resolve_dtype
+from .cli import ModelFlags, UserError, arg, cli_main, resolve_device, resolve_dtype
 from .engine import Engine, SamplingParams
 from .engine_loop import EngineLoop, GenerationFailed, QueueFull
 from .generate import load_for_inference
@@ -51,20 +51,17 @@ ROLES = {"system": "system", "developer": "system", "user": "user", "assistant":
 
 
 @dataclass
-class ServeConfig:
-    model: str = arg("", "model directory (Hugging Face layout)")
+class ServeConfig(ModelFlags):
     adapter: str | None = arg(None, "LoRA adapter directory (PEFT layout), merged at load")
     host: str = arg("127.0.0.1", "address to listen on (0.0.0.0 for every interface: set --api-key then)")
     port: int = arg(8000, "port to listen on (0: any free port, printed at start)")
-    model_name: str | None = arg(None, "the model name clients ask for (default: the model directory's name)")
-    template: str = arg("auto", "chat template: auto (the model's own) or a name (huatuo, huatuo2, chatml, ...)")
-    device: str = arg("auto", "auto (cuda if available), cpu, cuda, cuda:1, ...")
-    dtype: str = arg("auto", "auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16 or float16")
+    served_model_name: str | None = arg(None, "the model name the server advertises and clients ask for (default: "
+                                              "the model directory's name)", old=("--model-name",))
     int8: bool = arg(False, "int8 weight-only quantisation (a 7B model in about 7.5 GB)")
     compile: bool = arg(False, "torch.compile the decode step (CUDA graphs; slow first requests)")
-    slots: int = arg(16, "sequences decoded together in one batch (also the largest n)")
+    batch_size: int = arg(16, "sequences decoded together (engine slots; also the largest n)", old=("--slots",))
     max_len: int = arg(4096, "context window per sequence, prompt plus answer, in tokens (at most the model's); "
-                             "the KV cache holds slots x max-len tokens")
+                             "the KV cache holds batch-size x max-len tokens")
     max_queue: int = arg(64, "sequences allowed to wait for a slot; beyond that requests get 429")
     api_key: str | None = arg(None, "require 'Authorization: Bearer KEY' on every route but /health "
                                     "(default: env NANOHUATUO_API_KEY, else no key)")
@@ -190,15 +187,16 @@ class Service:
         # what a request leaves out: the model's generation_config.json, else OpenAI's defaults
         self.defaults = {"temperature": 1.0, "top_p": 1.0, "top_k": 0, "repetition_penalty": 1.0,
                          **generation_defaults(cfg.model, cfg.adapter or None)}
-        self.name = cfg.model_name or Path(cfg.model).resolve().name
+        self.name = cfg.served_model_name or Path(cfg.model).resolve().name
         self.context = min(cfg.max_len, model.config.max_seq_len) if cfg.max_len > 0 else model.config.max_seq_len
         self.api_key = cfg.api_key if cfg.api_key is not None else os.environ.get("NANOHUATUO_API_KEY") or None
         self.chat_stop_ids = tuple(sorted(stop_token_ids(tok, template)))
         self.raw_stop_ids = tuple(sorted(tok.stop_ids))
         self.template_stops = stop_strings(template)
         self.created = int(time.time())
-        engine = engine or Engine(model, tokenizer=tok, slots=cfg.slots, max_len=self.context, compile=cfg.compile)
-        self.runner = EngineLoop(engine, tok, capacity=cfg.slots + cfg.max_queue)
+        engine = engine or Engine(model, tokenizer=tok, slots=cfg.batch_size, max_len=self.context,
+                                  compile=cfg.compile)
+        self.runner = EngineLoop(engine, tok, capacity=cfg.batch_size + cfg.max_queue)
 
     # --- checking requests
 
@@ -245,9 +243,9 @@ class Service:
 
     def common(self, body, job_kwargs):
         n = _get(body, "n", ["integer"], 1)
-        if not 1 <= n <= self.cfg.slots:
-            raise APIError(400, f"'n' is {n}; it must be between 1 and {self.cfg.slots} (the server's --slots)",
-                           param="n", code="invalid_value")
+        if not 1 <= n <= self.cfg.batch_size:
+            raise APIError(400, f"'n' is {n}; it must be between 1 and {self.cfg.batch_size} (the server's "
+                                f"--batch-size)", param="n", code="invalid_value")
         stream = _get(body, "stream", ["boolean"], False)
         options = body.get("stream_options") or {}
         if not isinstance(options, dict):
@@ -292,8 +290,8 @@ class Service:
         if not isinstance(prompt, list) or not prompt:
             raise APIError(400, "'prompt' must be a string, an array of strings or of token ids", param="prompt",
                            code="invalid_type")
-        if len(prompt) > self.cfg.slots:
-            raise APIError(400, f"'prompt' holds {len(prompt)} prompts; at most {self.cfg.slots}", param="prompt",
+        if len(prompt) > self.cfg.batch_size:
+            raise APIError(400, f"'prompt' holds {len(prompt)} prompts; at most {self.cfg.batch_size}", param="prompt",
                            code="invalid_value")
         out = []
         for p in prompt:
@@ -456,7 +454,7 @@ class Handler(JSONHandler):
         want, capacity = len(job.prompts) * job.n, svc.runner.capacity
         if want > capacity:  # would never fit: not a reason to retry
             raise APIError(400, f"the request needs {want} sequences (prompts x n); this server holds at most "
-                                f"{capacity} (--slots plus --max-queue)", param="n", code="invalid_value")
+                                f"{capacity} (--batch-size plus --max-queue)", param="n", code="invalid_value")
         try:
             ticket = svc.runner.submit(job.prompts, job.params, job.n, job.stops, strip_end=job.kind == "chat")
         except QueueFull:
@@ -586,9 +584,9 @@ class Server(ThreadingHTTPServer):
 
 def make_server(cfg: ServeConfig, model=None, tok=None, template=None, engine=None) -> Server:
     """A Server for cfg (the model loaded from cfg.model unless given), bound but not started."""
-    if cfg.slots < 1 or cfg.max_queue < 0 or cfg.max_len < 0:
-        raise UserError(f"--slots {cfg.slots}, --max-queue {cfg.max_queue}, --max-len {cfg.max_len}: need slots >= 1, "
-                        f"max-queue >= 0 and max-len >= 0")
+    if cfg.batch_size < 1 or cfg.max_queue < 0 or cfg.max_len < 0:
+        raise UserError(f"--batch-size {cfg.batch_size}, --max-queue {cfg.max_queue}, --max-len {cfg.max_len}: need "
+                        f"batch-size >= 1, max-queue >= 0 and max-len >= 0")
     if model is None:
         model, tok, template = load_model(cfg)
     try:
@@ -605,7 +603,7 @@ def run(cfg: ServeConfig) -> int:
               file=sys.stderr)
     try:
         svc.runner.start()
-        print(f"serving {svc.name} (template {svc.template}, context {svc.context}, {cfg.slots} slots) on "
+        print(f"serving {svc.name} (template {svc.template}, context {svc.context}, {cfg.batch_size} slots) on "
               f"{server.url}: chat page at {server.url}/, API at {server.url}/v1", flush=True)
         server.serve_forever()
     except KeyboardInterrupt:

@@ -64,7 +64,7 @@ def test_three_commands_on_serve_then_mix_and_sft(tmp_path, capsys):
     cases.write_text(json.dumps([CASE], ensure_ascii=False), encoding="utf-8")
     out = {name: str(tmp_path / f"{name}.jsonl") for name in ("di", "dc", "rd", "mix")}
 
-    cfg = serve.ServeConfig(model=model, port=0, template="huatuo", model_name="tiny", slots=4, device="cpu",
+    cfg = serve.ServeConfig(model=model, port=0, template="huatuo", served_model_name="tiny", batch_size=4, device="cpu",
                             log_requests=False)
     with serve.make_server(cfg).start() as srv:
         common = ["--teacher-base-url", srv.url + "/v1", "--teacher-model-name", "tiny", "--max-new-tokens", "12", "--concurrency", "4"]
