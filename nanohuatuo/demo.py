@@ -165,7 +165,7 @@ class DemoConfig:
                             "bf16, gradient checkpointing, compiled decode)", choices=["auto", *PROFILES])
     llm_base_url: str = arg("", "one OpenAI-compatible endpoint as teacher (distill.py), judge and patient; "
                                 "default: offline stand-ins", metavar="URL")
-    llm_model: str = arg("", "the model name at --llm-base-url", metavar="NAME")
+    llm_model_name: str = arg("", "the model name at --llm-base-url", metavar="NAME", old=("--llm-model",))
     llm_api_key: str | None = arg(None, "API key of --llm-base-url (default: $NANOHUATUO_API_KEY, then "
                                         "$OPENAI_API_KEY)")
     profile: bool = arg(False, "profile every stage with cProfile; the top functions go to OUT/profile/STAGE.txt")
@@ -240,7 +240,8 @@ def distill_sources(out: str, cfg: DemoConfig, size: DemoSize, rows: list[dict])
     """A few items of each LLM-made source, through distill.py's own commands."""
     d = os.path.join(out, "distilled")
     os.makedirs(d, exist_ok=True)
-    common = dict(base_url=cfg.llm_base_url, model_name=cfg.llm_model, api_key=cfg.llm_api_key, seed=cfg.seed)
+    common = dict(teacher_base_url=cfg.llm_base_url, teacher_model_name=cfg.llm_model_name,
+                  teacher_api_key=cfg.llm_api_key, seed=cfg.seed)
     real_single = [r for r in rows if r["source"] == "real_doctor_instructions"][:size.distill_items]
     real_multi = [r for r in rows if r["source"] == "real_doctor_conversations"][:size.distill_items]
     cases = os.path.join(d, "cases.jsonl")
@@ -250,12 +251,12 @@ def distill_sources(out: str, cfg: DemoConfig, size: DemoSize, rows: list[dict])
     made = []
     for name, run_fn, conf in (
             ("instructions", distill.run_instructions,
-             distill.InstructionsConfig(out=os.path.join(d, "instructions.jsonl"), n=size.distill_items, **common)),
+             distill.InstructionsConfig(out=os.path.join(d, "instructions.jsonl"), limit=size.distill_items, **common)),
             ("conversations", distill.run_conversations,
-             distill.ConversationsConfig(out=os.path.join(d, "conversations.jsonl"), cases=[cases], max_turns=3,
+             distill.ConversationsConfig(out=os.path.join(d, "conversations.jsonl"), data=[cases], max_turns=3,
                                          **common)),
             ("polish", distill.run_polish,
-             distill.PolishConfig(out=os.path.join(d, "polished.jsonl"), input=[to_polish], **common))):
+             distill.PolishConfig(out=os.path.join(d, "polished.jsonl"), data=[to_polish], **common))):
         print(f"distill {name}:", flush=True)
         run_fn(conf)
         made.append(conf.out)
@@ -289,9 +290,9 @@ def sample_stage(out, sft_dir, adapter, template, prompts, size, seed, device, d
 
 def feedback_stage(out, cfg: DemoConfig, items):
     if cfg.llm_base_url:
-        judge = OpenAIJudge(base_url=cfg.llm_base_url, model=cfg.llm_model, api_key=cfg.llm_api_key,
+        judge = OpenAIJudge(base_url=cfg.llm_base_url, model=cfg.llm_model_name, api_key=cfg.llm_api_key,
                             cache_path=os.path.join(out, "judge_cache.sqlite"), truncated="last")
-        name = f"OpenAI-compatible judge {cfg.llm_model}"
+        name = f"OpenAI-compatible judge {cfg.llm_model_name}"
     else:
         judge, name = OfflineJudge(truncated="last"), "offline judge (similarity to the doctor's reply)"
     # a small model's answers are often cut by the token limit: rank them below every finished one
@@ -313,7 +314,7 @@ def eval_stage(out, cfg: DemoConfig, size: DemoSize, policy, sft_adapter, ppo_di
     write_jsonl(qa, [{"id": p["id"], "messages": p["messages"] + [{"role": "assistant", "content": p["reference"]}],
                       "source": "real_doctor_instructions"} for p in eval_prompts])
     online = bool(cfg.llm_base_url)
-    judge = dict(judge="endpoint", judge_base_url=cfg.llm_base_url, judge_model_name=cfg.llm_model,
+    judge = dict(judge="endpoint", judge_base_url=cfg.llm_base_url, judge_model_name=cfg.llm_model_name,
                  judge_api_key=cfg.llm_api_key) if online else dict(judge="offline")
     gen = dict(device=device, dtype=cfg.dtype, batch_size=32, max_new_tokens=size.eval_tokens, seed=cfg.seed,
                answers_dir=answers, overwrite=True)
@@ -330,9 +331,9 @@ def eval_stage(out, cfg: DemoConfig, size: DemoSize, policy, sft_adapter, ppo_di
         res[key] = evaluate.run_pairwise(evaluate.PairwiseConfig(
             out=os.path.join(d, key), data=os.path.join(DATA, "eval_questions.json"), limit=size.eval_questions,
             bootstrap=200, **a, b_model=policy, b_adapter=adapter, b_name=name, b_template=template, **judge, **gen))
-    patient = dict(patient="endpoint", patient_base_url=cfg.llm_base_url, patient_model_name=cfg.llm_model,
+    patient = dict(patient="endpoint", patient_base_url=cfg.llm_base_url, patient_model_name=cfg.llm_model_name,
                    patient_api_key=cfg.llm_api_key) if online else dict(patient="offline")
-    res["patient"] = f"{cfg.llm_model} (LLM)" if online else "offline stand-in reciting the case"
+    res["patient"] = f"{cfg.llm_model_name} (LLM)" if online else "offline stand-in reciting the case"
     res["dialogue"] = evaluate.run_dialogue(evaluate.DialogueConfig(
         out=os.path.join(d, "dialogue"), data=os.path.join(DATA, "eval_dialogues.json"), limit=size.eval_cases,
         max_turns=size.eval_turns, bootstrap=200, **a, b_model=policy, b_adapter=sft_adapter, b_name="SFT",
@@ -345,8 +346,8 @@ def eval_stage(out, cfg: DemoConfig, size: DemoSize, policy, sft_adapter, ppo_di
 def run(cfg: DemoConfig | None = None, **kw) -> dict:
     """Run the demo (DemoConfig fields as keywords work too: run(out=..., quick=True)); returns the summary."""
     cfg = replace(cfg or DemoConfig(), **kw)
-    if cfg.llm_base_url and not cfg.llm_model:
-        raise UserError("--llm-base-url needs --llm-model NAME (the model the endpoint serves)")
+    if cfg.llm_base_url and not cfg.llm_model_name:
+        raise UserError("--llm-base-url needs --llm-model-name NAME (the model the endpoint serves)")
     real = bool(cfg.model)
     device = str(resolve_device(cfg.device)) if real else "cpu"  # the tiny model is a CPU demo
     try:  # the checkpoint is checked (tokenizer too) and its size read before anything is written
@@ -619,7 +620,7 @@ def write_report(out, s, ev, seconds):
               "- The same recipe with LoRA on a real checkpoint: `python demo.py --model /models/Qwen2.5-0.5B-Instruct` "
               "(the size profile follows the device: `--size cpu` about 20 minutes for a 100-500M model on two "
               "cores, `--size gpu-24g` for 0.5-7B on one 24 GB GPU).",
-              "- A real judge, teacher and patient: `--llm-base-url URL --llm-model NAME` (any OpenAI-compatible "
+              "- A real judge, teacher and patient: `--llm-base-url URL --llm-model-name NAME` (any OpenAI-compatible "
               "endpoint, e.g. vLLM or `serve.py`).",
               "- Each stage on its own, with your data: the README's pipeline table; HuatuoGPT's own evaluation sets "
               "with `python evaluate.py pairwise --data KUAKE-QIC_100.json ...` and `python evaluate.py dialogue "

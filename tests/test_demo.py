@@ -97,7 +97,7 @@ def test_quick_demo_with_one_llm_as_teacher_judge_and_patient(tmp_path):
 
     out = tmp_path / "demo"
     with ScriptedServer(handler) as srv:
-        summary = run(out=str(out), quick=True, llm_base_url=srv.base_url, llm_model="teacher", llm_api_key="k")
+        summary = run(out=str(out), quick=True, llm_base_url=srv.base_url, llm_model_name="teacher", llm_api_key="k")
         sent = [body["messages"][0]["content"] for _, body in srv.requests]
     assert summary["online"] and summary["judge"] == "OpenAI-compatible judge teacher"
     for prefix in (distill.INSTRUCTION_PROMPT[:20], distill.PATIENT_SYSTEM[:20], distill.POLISH_PROMPT[:20],
