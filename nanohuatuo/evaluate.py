@@ -278,7 +278,7 @@ def open_judge(cfg):
         return OfflineJudge()
     if cfg.judge == "endpoint":
         llm = role_llm(cfg, "judge", "or --judge offline for the deterministic stand-in, --judge none for answers only")
-        return EndpointJudge(llm, cfg.judge_temperature, cfg.judge_max_tokens)
+        return EndpointJudge(llm, cfg.judge_temperature, cfg.judge_max_new_tokens)
     if cfg.judge == "none":
         return None
     raise UserError(f"--judge {cfg.judge!r}: use endpoint, offline or none")
@@ -289,7 +289,7 @@ def open_patient(cfg):
         return OfflinePatient()
     if cfg.patient == "endpoint":
         llm = role_llm(cfg, "patient", "or --patient offline for the stand-in that recites the case")
-        return EndpointPatient(llm, cfg.patient_temperature, cfg.patient_max_tokens)
+        return EndpointPatient(llm, cfg.patient_temperature, cfg.patient_max_new_tokens)
     raise UserError(f"--patient {cfg.patient!r}: use endpoint or offline")
 
 
@@ -367,7 +367,7 @@ class JudgeFlags:
     judge_model_name: str = arg("", "judge: model name at --judge-base-url")
     judge_api_key: str | None = arg(None, "judge: API key (default $NANOHUATUO_API_KEY, $OPENAI_API_KEY)")
     judge_temperature: float = arg(0.0, "judge: sampling temperature")
-    judge_max_tokens: int = arg(1024, "judge: reply length limit")
+    judge_max_new_tokens: int = arg(1024, "judge: reply length limit", old=("--judge-max-tokens",))
     combine: str = arg("sum", "two verdicts -> outcome: sum (HuatuoGPT: +1/0/-1 summed, opposite verdicts tie) "
                               "or strict (any disagreement is a tie, as FastChat)", choices=["sum", "strict"])
     bootstrap: int = arg(1000, "bootstrap resamples over questions for the confidence intervals")
@@ -396,7 +396,7 @@ class DialogueConfig(JudgeFlags, CandidateFlags, GenerationFlags, OutputFlags):
     patient_model_name: str = arg("", "patient: model name at --patient-base-url")
     patient_api_key: str | None = arg(None, "patient: API key (default $NANOHUATUO_API_KEY, $OPENAI_API_KEY)")
     patient_temperature: float = arg(0.0, "patient: sampling temperature")
-    patient_max_tokens: int = arg(256, "patient: reply length limit")
+    patient_max_new_tokens: int = arg(256, "patient: reply length limit", old=("--patient-max-tokens",))
 
 
 @dataclass
