@@ -136,10 +136,10 @@ def _extra_chat_cases(d):
         "budget": ("chat.py", ["--model", d["good"], "--prompt", QUESTION, "--max-new-tokens", "1024"]),
         "long_question": ("chat.py", ["--model", d["good"], "--prompt", "头痛" * 400, "--max-new-tokens", "8",
                                    "--template", "huatuo"]),
-        "data_convert_empty": ("-m nanohuatuo.data", ["convert", "--format", "huatuo_sft", "--in", empty,
+        "data_convert_empty": ("-m nanohuatuo.data", ["convert", "--format", "huatuo_sft", "--data", empty,
                                                       "--out", out]),
-        "data_prompts_empty": ("-m nanohuatuo.data", ["prompts", "--in", empty, "--out", out]),
-        "data_mix_empty": ("-m nanohuatuo.data", ["mix", "--in", empty, "--weights", "other=1", "--out", out]),
+        "data_prompts_empty": ("-m nanohuatuo.data", ["prompts", "--data", empty, "--out", out]),
+        "data_mix_empty": ("-m nanohuatuo.data", ["mix", "--data", empty, "--weights", "other=1", "--out", out]),
     }
 
 

@@ -87,7 +87,7 @@ def test_three_commands_on_serve_then_mix_and_sft(tmp_path, capsys):
 
     weights = ",".join(f"{s}=1" for s in SOURCES)
     from nanohuatuo.data import main as data_main
-    assert data_main(["mix", "--in", out["di"], out["dc"], out["rd"], "--weights", weights, "--out", out["mix"]]) == 0
+    assert data_main(["mix", "--data", out["di"], out["dc"], out["rd"], "--weights", weights, "--out", out["mix"]]) == 0
     mixed = load_conversations(out["mix"])
     assert len(mixed) == 9 and {r["source"] for r in mixed} == set(SOURCES)
 
