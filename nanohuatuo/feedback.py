@@ -527,7 +527,7 @@ def rank_command(cfg: RankConfig) -> int:
     return 0
 
 
-USAGE = "usage: python -m nanohuatuo.feedback rank --data SAMPLES.jsonl --out PREFS.jsonl [options]  (rank --help)"
+USAGE = "usage: python -m nanohuatuo.feedback {rank} --data SAMPLES.jsonl --out PREFS.jsonl [options]  (rank --help)"
 
 
 def main(argv: list[str] | None = None) -> int:
