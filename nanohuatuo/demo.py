@@ -37,7 +37,7 @@ import torch
 from . import distill, evaluate, ppo, reward, sft
 from .cli import UserError, arg, cli_main, prepare_out, resolve_device, resolve_dtype
 from .data import load_conversations, to_prompt, write_jsonl
-from .feedback import OfflineJudge, OpenAIJudge, rankings_to_preferences
+from .feedback import EndpointRanker, OfflineRanker, rankings_to_preferences
 from .hf import ModelDirError, check_model_dir, count_params
 from .metrics import cpu_name
 from .model import ModelConfig, Transformer
@@ -290,11 +290,11 @@ def sample_stage(out, sft_dir, adapter, template, prompts, size, seed, device, d
 
 def feedback_stage(out, cfg: DemoConfig, items):
     if cfg.llm_base_url:
-        judge = OpenAIJudge(base_url=cfg.llm_base_url, model=cfg.llm_model_name, api_key=cfg.llm_api_key,
+        judge = EndpointRanker(base_url=cfg.llm_base_url, model=cfg.llm_model_name, api_key=cfg.llm_api_key,
                             cache_path=os.path.join(out, "judge_cache.sqlite"), truncated="last")
         name = f"OpenAI-compatible judge {cfg.llm_model_name}"
     else:
-        judge, name = OfflineJudge(truncated="last"), "offline judge (similarity to the doctor's reply)"
+        judge, name = OfflineRanker(truncated="last"), "offline judge (similarity to the doctor's reply)"
     # a small model's answers are often cut by the token limit: rank them below every finished one
     # instead of dropping them, so the reward model still learns from every prompt
     results = judge.rank(items)

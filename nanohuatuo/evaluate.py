@@ -92,7 +92,7 @@ from .winrate import combine, length, tables
 
 JUDGE_SYSTEM = "You are a helpful, precise and impartial medical expert who checks the quality of doctors' answers."
 
-CRITERIA = (
+VERDICT_CRITERIA = (
     "1. To the point: it answers what the patient asked.\n"
     "2. Symptoms covered: it takes every symptom the patient described into account.\n"
     "3. Diagnosis: it gives the most reasonable diagnosis.\n"
@@ -123,7 +123,7 @@ def pairwise_messages(question: str, answer_1: str, answer_2: str, reference: st
                "and professionalism; an answer need not share its wording, and one more complete and accurate "
                "than the reference is better. " if reference else "") +
             "Judge which answer is better by these criteria:\n"
-            f"{CRITERIA}\n{ASK_VERDICT}")
+            f"{VERDICT_CRITERIA}\n{ASK_VERDICT}")
     return [{"role": "system", "content": JUDGE_SYSTEM}, {"role": "user", "content": user}]
 
 
@@ -135,7 +135,7 @@ def dialogue_messages(case: str, diagnosis: str, transcript_1: str, transcript_2
             "[System]\nTwo AI assistants each consulted the same patient, who was played from the case above and "
             "revealed it step by step. Compare each consultation with the real doctor's diagnosis and advice, and "
             "judge which assistant did better by these criteria:\n"
-            f"{CRITERIA}\n6. Consultation: it asks the questions needed before concluding, and its diagnosis and "
+            f"{VERDICT_CRITERIA}\n6. Consultation: it asks the questions needed before concluding, and its diagnosis and "
             f"advice agree with the real doctor's.\n{ASK_VERDICT}")
     return [{"role": "system", "content": JUDGE_SYSTEM}, {"role": "user", "content": user}]
 

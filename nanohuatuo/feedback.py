@@ -3,9 +3,9 @@
 Holds the judge prompt (HuatuoGPT's criteria: informativeness, coherence,
 agreement with human preference and accuracy, with the real doctor's reply as
 the reference), a strict parser for the judge's final ranking line, the choice
-of candidates (repeats and answers cut by max_new_tokens left out), `OpenAIJudge`
+of candidates (repeats and answers cut by max_new_tokens left out), `EndpointRanker`
 (any OpenAI-compatible server, through `llm.LLM`: cache, concurrency, retries,
-usage), `OfflineJudge` (similarity to the doctor's reply, no network), the
+usage), `OfflineRanker` (similarity to the doctor's reply, no network), the
 conversion of rankings into reward-model preference records, and a CLI:
 
     python -m nanohuatuo.feedback rank --data samples.jsonl --out prefs.jsonl \
@@ -78,7 +78,7 @@ from .textmetrics import similarity_score
 
 SYSTEM_PROMPT = "你是一名经验丰富、严谨公正的医学专家，负责评估医生对患者问题的回答质量。"
 
-CRITERIA = (
+RANKING_CRITERIA = (
     "1. 信息量：是否给出充分、具体、有用的医学信息和建议；\n"
     "2. 连贯性：表达是否通顺、有条理，与对话上下文衔接自然；\n"
     "3. 符合人类偏好：是否像一位耐心、专业、有同理心的医生，必要时主动询问病情；\n"
@@ -115,7 +115,7 @@ def build_judge_messages(item: dict, order: list[int], mixed: bool = False) -> l
     n = len(cands)
     parts = [
         f"下面是一段医患对话，以及针对患者最后一个问题的{n}个候选回答。"
-        f"请按以下标准，把这{n}个候选回答从好到差排名：\n{CRITERIA}",
+        f"请按以下标准，把这{n}个候选回答从好到差排名：\n{RANKING_CRITERIA}",
         f"【对话】\n{format_dialogue(item['question'])}",
     ]
     if mixed:
@@ -314,13 +314,13 @@ class Selection:
                 f"(fewer than {MIN_CANDIDATES} candidates left)")
 
 
-# ---------------------------------------------------------------- OpenAI judge
+# ---------------------------------------------------------------- endpoint ranker
 
 JudgeError = LLMError  # the judge's endpoint refused or is gone (bad key, unknown model, server down)
 NO_RANKING = "no ranking line"
 
 
-class OpenAIJudge:
+class EndpointRanker:
     """Ranks answers with an LLM behind an OpenAI-compatible chat completions API, through llm.LLM.
 
     Every reply is stored in a SQLite cache (cache_path=None turns it off), so an interrupted or
@@ -398,16 +398,16 @@ def ranking_parser(n: int):
     return parse
 
 
-# --------------------------------------------------------------- offline judge
+# --------------------------------------------------------------- offline ranker
 
-class OfflineJudge:
+class OfflineRanker:
     """Ranks answers by textmetrics.similarity_score against the doctor's reply (character-bigram F1
     minus repetition and length penalties; evaluation's offline judge uses the same score); no
     network, deterministic.
 
     Ties go to the lower answer index. With mixed=True the doctor's reply is a
     candidate too and, matching itself, always ranks first. Candidates are chosen as for the
-    OpenAI judge (no repeats, no answers cut by max_new_tokens).
+    endpoint ranker (no repeats, no answers cut by max_new_tokens).
     """
 
     def __init__(self, truncated: str = "drop"):
@@ -514,9 +514,9 @@ def rank_command(cfg: RankConfig) -> int:
         raise UserError("feedback rank needs --data (judge items) and --out (preference records)")
     items = read_items(cfg.data, cfg.mixed)
     if cfg.judge == "offline":
-        results = OfflineJudge(cfg.truncated).rank(items, mixed=cfg.mixed)
+        results = OfflineRanker(cfg.truncated).rank(items, mixed=cfg.mixed)
     else:
-        with OpenAIJudge(base_url=cfg.judge_base_url, model=cfg.judge_model_name, api_key=cfg.judge_api_key,
+        with EndpointRanker(base_url=cfg.judge_base_url, model=cfg.judge_model_name, api_key=cfg.judge_api_key,
                          cache_path=cfg.cache or None, concurrency=cfg.concurrency, timeout=cfg.timeout,
                          max_retries=cfg.max_retries, parse_attempts=cfg.attempts, seed=cfg.seed,
                          refresh_unusable=cfg.refresh_unusable, truncated=cfg.truncated) as judge:
