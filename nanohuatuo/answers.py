@@ -228,7 +228,7 @@ def answers_from_file(path: str, flag: str = "--answers") -> dict[str, str]:
     return out
 
 
-def open_model(c: Candidate, s: Sampling, run) -> LocalModel | EndpointModel:
+def open_candidate(c: Candidate, s: Sampling, run) -> LocalModel | EndpointModel:
     if c.kind() == "model":
         from .cli import resolve_device, resolve_dtype
         device = resolve_device(run.device)
@@ -253,7 +253,7 @@ def get_answers(c: Candidate, s: Sampling, items: list[dict], run, summaries: li
     print(f"{c.label()}: {len(items) - len(todo)}/{len(items)} answers in {store.path}, {len(todo)} to make",
           file=sys.stderr, flush=True)
     if todo:
-        model = open_model(c, s, run)
+        model = open_candidate(c, s, run)
         try:
             chunk = 64 if isinstance(model, LocalModel) else len(todo)  # a local run saves as it goes
             for b in range(0, len(todo), chunk):

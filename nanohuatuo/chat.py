@@ -31,23 +31,6 @@ from .tokenizer import StreamDecoder
 DEFAULTS = {"temperature": 0.5, "top_p": 1.0, "top_k": 0, "repetition_penalty": 1.0}
 
 
-# ----------------------------------------------------------------------------- loading
-
-def load_for_chat(model_dir, adapter=None, dtype=None, device=None, int8=False, template=None):
-    """(model, tokenizer, template) ready for inference.
-
-    Everything cheap is checked before the weights are read: config.json, the weight files'
-    headers, the tokenizer, the adapter's config and the chat template (template None or "auto":
-    the model's own; an adapter's own tokenizer and template win, templates.tokenizer_and_template).
-    bf16 on CUDA by default (a 7B model then needs about 15 GB), float32 on CPU; `int8` stores
-    linear weights as int8 (about 7.5 GB for 7B).
-    An adapter is merged first, so chatting costs no more than the base model.
-    """
-    device = resolve_device(device or "auto")
-    return load_for_inference(model_dir, adapter, dtype or resolve_dtype("auto", device), device, int8, template,
-                              what="chat")
-
-
 # ----------------------------------------------------------------------------- answering
 
 def reply(model, tok, template, messages, max_new_tokens=512, temperature=0.5, top_p=1.0, top_k=0,
@@ -149,8 +132,8 @@ class ChatConfig(GenerationFlags, ModelFlags):
     prompt: str | None = arg(None, "answer this one question and exit (default: chat interactively)")
     system: str | None = arg(None, "system message (default: the template's)")
     max_new_tokens: int = like(GenerationFlags, "max_new_tokens", 512)
-    temperature: float | None = like(GenerationFlags, "temperature", help="sampling temperature, 0 is greedy "
-                                                                          "(default: generation_config.json's, else 0.5)")
+    temperature: float | None = like(GenerationFlags, "temperature",
+                                     help="sampling temperature, 0 is greedy (default: generation_config.json's, else 0.5)")
     repetition_penalty: float | None = arg(None, "penalty on tokens already in the prompt or answer "
                                                  "(default: generation_config.json's, else 1.0: off)")
     max_len: int = arg(1024, "tokens of history plus answer, capped at the model's max_seq_len", old=("--context",))
@@ -178,7 +161,8 @@ def run(cfg: ChatConfig) -> int:
     prompt_budget(check_model_dir(cfg.model).max_seq_len, cfg.max_len, cfg.max_new_tokens)
     # one-shot: stdout carries the answer alone, so what loading prints goes to stderr
     with contextlib.redirect_stdout(sys.stderr) if cfg.prompt is not None else contextlib.nullcontext():
-        model, tok, template = load_for_chat(cfg.model, cfg.adapter, dtype, device, cfg.int8, cfg.template)
+        model, tok, template = load_for_inference(cfg.model, cfg.adapter, dtype, device, cfg.int8, cfg.template,
+                                                  what="chat")
     gen = dict(max_new_tokens=cfg.max_new_tokens, seed=cfg.seed, context=cfg.max_len, compile=cfg.compile,
                **generation_settings(cfg))
     if cfg.prompt is not None:

@@ -4,7 +4,7 @@
     ppo.train(PPOConfig(...), reward_fn=None) -> dict
 
 Top to bottom: `PPOConfig`; the maths as small pure functions on (B, R) response tensors
-(`compute_rewards`, `gae`, `policy_loss`, `value_loss`, ...); the models (`load_policy`,
+(`compute_rewards`, `gae`, `policy_loss`, `value_loss`, ...); the models (`build_models`,
 `reference`, `critic`); the rewards; the rollout (`make_experience` -> a `Rollout`); the update
 (`ppo_update`); checkpoints and export; the loop. One layer down: rollout.py (the prompt file and
 its order, a `Batch` of prompts + responses cut at their stop token), losses.py
@@ -263,7 +263,7 @@ def critic(m: Models):
         else contextlib.nullcontext()
 
 
-def load_policy(cfg: PPOConfig, device=None, dtype=None) -> Models:
+def build_models(cfg: PPOConfig, device=None, dtype=None) -> Models:
     """Build policy, reference and value from cfg.model (+ cfg.adapter); see the module docstring."""
     model = Transformer.from_pretrained(cfg.model, dtype=dtype, device=device, value_head=False)
     ref_lora, sft = None, None
@@ -585,7 +585,7 @@ def _train(cfg: PPOConfig, reward_fn, d, hold) -> dict:
     if tok.pad_id in stops and d.main:
         print(f"note: {cfg.model}'s pad id {tok.pad_id} is also a stop id; masks use lengths, so EOS still counts")
     rows, prompts = load_prompts(cfg.data, tok, template, cfg.max_prompt_len)
-    m = load_policy(cfg, device=d.device, dtype=dtype)
+    m = build_models(cfg, device=d.device, dtype=dtype)
     reward = make_reward(reward_fn, m, cfg, tok, template, d, dtype)
     groups = trainable_groups(m, cfg)
     params = [p for g in groups for p in g["params"]]

@@ -42,7 +42,8 @@ import time
 from collections import deque
 from dataclasses import dataclass
 
-from .cli import GenerationFlags, ModelFlags, UserError, arg, cli_main, endpoint_flags, like, resolve_device, resolve_dtype
+from .cli import (GenerationFlags, ModelFlags, UserError, arg, cli_main, endpoint_flags, like, resolve_device,
+                  resolve_dtype)
 from .data import DataError, iter_jsonl, read_jsonl, to_prompt, write_jsonl
 from .engine import Engine, SamplingParams
 from .generate import cut_at_stop, load_for_inference
@@ -261,14 +262,6 @@ class SampleConfig(GenerationFlags, endpoint_flags("", "instead of --model"), Mo
     limit: int | None = arg(None, "only the first N prompts")
 
 
-def load_policy(cfg: SampleConfig):
-    """(model, tokenizer, template) for sampling: the adapter merged (sampling then costs what the base
-    does); an SFT output's own tokenizer and chat template win (templates.tokenizer_and_template)."""
-    device = resolve_device(cfg.device)
-    return load_for_inference(cfg.model, cfg.adapter, resolve_dtype(cfg.dtype, device), device,
-                              template=cfg.template, what="sampling")
-
-
 def run(cfg: SampleConfig) -> int:
     if not cfg.data or not cfg.out:
         raise UserError("sampling needs --data (prompt records) and --out (judge items to write)")
@@ -304,7 +297,11 @@ def run(cfg: SampleConfig) -> int:
     else:
         model_defaults = generation_defaults(cfg.model, cfg.adapter or None)
         settings = {**DEFAULTS, **{n: v for n, v in model_defaults.items() if n in DEFAULTS}, **given}
-        model, tok, template = load_policy(cfg)
+        device = resolve_device(cfg.device)
+        # the adapter merged (sampling then costs what the base does); an SFT output's own tokenizer and
+        # chat template win (templates.tokenizer_and_template)
+        model, tok, template = load_for_inference(cfg.model, cfg.adapter, resolve_dtype(cfg.dtype, device), device,
+                                                  template=cfg.template, what="sampling")
         print(f"sampling: {len(todo)} prompts x {cfg.k} answers, template {template}, device "
               f"{model.embed_tokens.weight.device}, " + ", ".join(f"{n} {v}" for n, v in settings.items()), flush=True)
         sample_answers(model, tok, template, todo, k=cfg.k, max_new_tokens=cfg.max_new_tokens,

@@ -68,26 +68,6 @@ class ServeConfig(ModelFlags):
     log_requests: bool = arg(True, "print one line per request on stderr")
 
 
-# ----------------------------------------------------------------------------- loading
-
-def load_model(cfg: ServeConfig):
-    """(model, tokenizer, template) ready for inference, as the flags ask.
-
-    Everything cheap is checked before the weights are read (the directory, every tensor's name
-    and shape, the adapter's config, the tokenizer, the chat template), so a mistake costs seconds.
-    """
-    if not cfg.model:
-        raise UserError("--model is required: a model directory in the Hugging Face layout")
-    if not Path(cfg.model).is_dir():
-        raise UserError(f"--model {cfg.model}: no such directory")
-    if cfg.adapter and not Path(cfg.adapter).is_dir():
-        raise UserError(f"--adapter {cfg.adapter}: no such directory")
-    device = resolve_device(cfg.device)
-    # a broken template fails here (resolve_template renders a probe), not per request
-    return load_for_inference(cfg.model, cfg.adapter, resolve_dtype(cfg.dtype, device), device, cfg.int8,
-                              cfg.template, what="serving")
-
-
 # ----------------------------------------------------------------------------- requests
 
 @dataclass
@@ -588,7 +568,17 @@ def make_server(cfg: ServeConfig, model=None, tok=None, template=None, engine=No
         raise UserError(f"--batch-size {cfg.batch_size}, --max-queue {cfg.max_queue}, --max-len {cfg.max_len}: need "
                         f"batch-size >= 1, max-queue >= 0 and max-len >= 0")
     if model is None:
-        model, tok, template = load_model(cfg)
+        if not cfg.model:
+            raise UserError("--model is required: a model directory in the Hugging Face layout")
+        if not Path(cfg.model).is_dir():
+            raise UserError(f"--model {cfg.model}: no such directory")
+        if cfg.adapter and not Path(cfg.adapter).is_dir():
+            raise UserError(f"--adapter {cfg.adapter}: no such directory")
+        device = resolve_device(cfg.device)
+        # everything cheap is checked before the weights are read; a broken template fails here
+        # (resolve_template renders a probe), not per request
+        model, tok, template = load_for_inference(cfg.model, cfg.adapter, resolve_dtype(cfg.dtype, device), device,
+                                                  cfg.int8, cfg.template, what="serving")
     try:
         return Server(Service(cfg, model, tok, template, engine), cfg.host, cfg.port)
     except OSError as e:

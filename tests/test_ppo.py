@@ -225,14 +225,14 @@ def test_reference_is_the_model_without_the_adapter(tiny, tmp_path):
     with_sft = logp_of(Transformer.from_pretrained(base, adapter=sft), b)
     assert (plain - with_sft).abs().max() > 1e-2  # the SFT adapter matters
     for adapter, cont, want in [(None, False, plain), (sft, False, with_sft), (sft, True, with_sft)]:
-        m = ppo.load_policy(tiny_cfg(base, tmp_path, adapter=adapter, continue_adapter=cont))
+        m = ppo.build_models(tiny_cfg(base, tmp_path, adapter=adapter, continue_adapter=cont))
         torch.testing.assert_close(logp_of(m.model, b), want, atol=1e-5, rtol=0)  # step 0 is the SFT model
         randomise_lora(m.model)  # as if trained
         assert (logp_of(m.model, b) - want).abs().max() > 1e-2
         with ppo.reference(m):
             torch.testing.assert_close(logp_of(m.model, b), want, atol=1e-5, rtol=0)
     # no second copy: the reference runs on the very same parameters
-    m = ppo.load_policy(tiny_cfg(base, tmp_path))
+    m = ppo.build_models(tiny_cfg(base, tmp_path))
     with disabled_adapters(m.model):
         assert torch.equal(logp_of(m.model, b), plain)
 
@@ -240,7 +240,7 @@ def test_reference_is_the_model_without_the_adapter(tiny, tmp_path):
 def test_separate_critic_has_its_own_adapter_and_gradients(tiny, tmp_path):
     base, _ = tiny
     b = batch_for(base)
-    m = ppo.load_policy(tiny_cfg(base, tmp_path, critic="separate"))
+    m = ppo.build_models(tiny_cfg(base, tmp_path, critic="separate"))
     randomise_lora(m.model)
     torch.nn.init.normal_(m.value_head.weight, std=0.5)
     policy_logp = logp_of(m.model, b)
@@ -282,7 +282,7 @@ def test_shared_reward_model_matches_the_separate_one(tiny, rm_dir, tmp_path):
     tok = Tokenizer(base)
     for cont in (False, True):
         cfg = tiny_cfg(base, tmp_path, adapter=sft, continue_adapter=cont, reward=rm_dir)
-        m = ppo.load_policy(cfg)
+        m = ppo.build_models(cfg)
         randomise_lora(m.model)  # the policy's own adapter must not leak into the score
         rm, why = ppo.shared_reward_model(m, cfg, tok)
         assert rm is not None, why
@@ -360,8 +360,8 @@ cfg = ppo.PPOConfig(model={base!r}, data={os.path.join(base, 'prompts.jsonl')!r}
                     template="plain", max_steps=2, batch_size=16, max_new_tokens=6, micro_batch_size=8, lr=3e-3,
                     lora_r=4, lora_alpha=8, sample_every=0, missing_eos_penalty=None, device="cpu")
 models = []
-orig = ppo.load_policy
-ppo.load_policy = lambda *a, **k: models.append(orig(*a, **k)) or models[-1]
+orig = ppo.build_models
+ppo.build_models = lambda *a, **k: models.append(orig(*a, **k)) or models[-1]
 ppo.train(cfg, reward)
 m = models[0]
 flat = torch.cat([p.detach().flatten() for p in lora_parameters(m.model)] + [m.value_head.weight.flatten()])
@@ -488,7 +488,7 @@ def test_stop_string_answers_end_on_the_end_token(tiny, tmp_path, monkeypatch):
                           finished=[True, True, False][:len(prompts)])
     monkeypatch.setattr(ppo, "generate_batch", fake)
     cfg = tiny_cfg(base, tmp_path)
-    m = ppo.load_policy(cfg)
+    m = ppo.build_models(cfg)
     seen = []
     reward = Scorer(lambda p, r, rows, texts: seen.append((r, texts)) or torch.ones(len(r)))
     rows, prompts = rollout.load_prompts(cfg.data, tok, "plain", 64)
