@@ -5,7 +5,8 @@
     torchrun --nproc_per_node 8 train_sft.py --fsdp ...   # FSDP for models that do not fit one GPU
 
 What happens, in order (`_train` is the loop, `train_step` one optimizer step; read them top to bottom):
-- Data: schema JSONL files (data.load_conversations), a held-out split (--eval-frac, or --eval-data),
+- Data: conversation files (data.load_conversations: schema JSONL, or OpenAI `messages`, ShareGPT
+  or Alpaca rows in JSONL, a JSON array, Parquet or a datasets folder), a held-out split (--eval-frac, or --eval-data),
   optional per-source resampling (data.mix_sources). Each conversation is rendered with its chat
   template (--template auto: the model's own; templates.render -> ids and the mask of assistant
   tokens), and the outputs carry that template in their tokenizer files. A conversation longer than
@@ -77,13 +78,14 @@ WINDOW = 64  # global batches per length-sorted window
 @dataclass
 class SFTConfig:
     model: str = arg("", "model directory to fine-tune (Hugging Face layout with tokenizer files)")
-    data: list[str] = arg([], "schema JSONL file(s) to train on", metavar="FILE")
+    data: list[str] = arg([], "conversation file(s) to train on: schema JSONL, or OpenAI messages, ShareGPT or "
+                                "Alpaca rows (JSONL, JSON array, Parquet, datasets folder)", metavar="FILE")
     out: str = arg("out/sft", "output directory: adapter or model, metrics.jsonl, loss.png, checkpoints/")
     template: str = arg("auto", "chat template: auto (the model's own), or a name (huatuo, huatuo2, chatml, ...)")
     source_weights: dict[str, float] | None = arg(
         None, "resample sources, e.g. distilled_instructions=1,real_doctor_instructions=2; sources not named are "
               "dropped (data.mix_sources)", metavar="SOURCE=W,...")
-    eval_data: list[str] | None = arg(None, "held-out JSONL file(s); default: --eval-frac of --data", metavar="FILE")
+    eval_data: list[str] | None = arg(None, "held-out conversation file(s), as --data; default: --eval-frac of --data", metavar="FILE")
     eval_frac: float = arg(0.05, "fraction of --data held out for the eval loss when --eval-data is not given")
     max_len: int = arg(2048, "tokens per conversation; longer ones keep their first max_len tokens")
     # what is trained
@@ -135,7 +137,8 @@ class Example(NamedTuple):
 def load_rows(cfg: SFTConfig) -> tuple[list[dict], list[dict], dict]:
     """Training and held-out rows: the split comes before resampling, so no duplicate lands on both sides."""
     if not cfg.data:
-        raise UserError("no training data: pass --data FILE [FILE ...] (schema JSONL, see nanohuatuo/data.py)")
+        raise UserError("no training data: pass --data FILE [FILE ...] (schema JSONL or another chat format, see "
+                        "nanohuatuo/data.py)")
     rows = [row for path in cfg.data for row in load_conversations(path)]
     if cfg.eval_data:
         train, held = rows, [row for path in cfg.eval_data for row in load_conversations(path)]

@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PKG = ROOT / "nanohuatuo"
 
 LAYERS = {  # imports go down (or sideways within a layer, but never between stages)
-    "core": {"model", "hf", "lora", "quant", "tokenizer", "templates", "data", "metrics", "textmetrics", "winrate",
+    "core": {"model", "hf", "lora", "quant", "tokenizer", "templates", "formats", "data", "metrics", "textmetrics", "winrate",
              "textcheck", "jinja_template", "evalsets"},
     "engine": {"engine", "engine_loop", "cpu_kernels", "generate"},
     "shared": {"cli", "checkpoint", "dist", "losses", "llm", "adapters", "reward_model", "httpjson",
