@@ -35,7 +35,7 @@ from dataclasses import asdict, dataclass, replace
 import torch
 
 from . import distill, evaluate, ppo, reward, sft
-from .cli import UserError, arg, cli_main, prepare_out, resolve_device, resolve_dtype
+from .cli import UserError, arg, cli_main, prepare_out, resolve_device, resolve_dtype, write_config
 from .data import load_conversations, to_prompt, write_jsonl
 from .feedback import OfflineJudge, OpenAIJudge, rankings_to_preferences
 from .hf import ModelDirError, check_model_dir, count_params
@@ -370,6 +370,7 @@ def run(cfg: DemoConfig | None = None, **kw) -> dict:
     try:
         with open(os.path.join(out, MARKER), "w") as f:
             json.dump({"config": asdict(cfg), "profile": profile, "size": asdict(size)}, f, indent=1)
+        write_config(out, cfg, "demo")
         return _run(cfg, size, real, out, device, profile, n_params)
     finally:
         lock.release()

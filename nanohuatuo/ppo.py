@@ -59,7 +59,7 @@ import torch
 import torch.nn as nn
 
 from . import adapters, checkpoint, dist
-from .cli import UserError, arg, cli_main, prepare_out, resolve_dtype
+from .cli import UserError, arg, cli_main, prepare_out, resolve_dtype, write_config
 from .generate import cut_at_stop, generate_batch, use_column_major_weights
 from .lora import (apply_lora, default_targets, disabled_adapters, load_adapter, lora_modules, lora_parameters,
                    merge_and_unload, save_adapter)
@@ -617,7 +617,7 @@ def _train(cfg: PPOConfig, reward_fn, d, hold) -> dict:
         if reward.spread is not None and d.main:
             print(f"reward: scores divided by {reward.spread:.4g}, the reward model's std on SFT-like answers")
     if d.main:
-        checkpoint.atomic_json(os.path.join(out, "ppo_config.json"), dataclasses.asdict(cfg))
+        write_config(out, cfg, "ppo")
         for log_file in ("metrics.jsonl", "samples.jsonl"):  # rows after the checkpoint come again
             checkpoint.truncate_jsonl(os.path.join(out, log_file), state["step"] if ckpt else -1)
     log = MetricsLog(os.path.join(out, "metrics.jsonl"), total_steps=max_steps, stream=sys.stdout if d.main else None)

@@ -55,7 +55,7 @@ import torch
 import torch.nn.functional as F
 
 from . import checkpoint
-from .cli import UserError, arg, cli_main, prepare_out, resolve_device, resolve_dtype
+from .cli import UserError, arg, cli_main, prepare_out, resolve_device, resolve_dtype, write_config
 from .data import DataError, iter_jsonl, split_heldout
 from .hf import LLAMA_LIKE, read_config
 from .lora import apply_lora, default_targets, load_adapter, save_adapter
@@ -316,7 +316,7 @@ def _train(cfg: RMConfig, hold: contextlib.ExitStack) -> dict:
     if ckpt:
         start, recent = load_checkpoint(cfg, ckpt, model, opt, device)
         print(f"reward: resuming after step {start} from {ckpt}")
-    checkpoint.atomic_json(out / "rm_config.json", dataclasses.asdict(cfg))
+    write_config(out, cfg, "rm")
     checkpoint.truncate_jsonl(out / "metrics.jsonl", start if ckpt else -1)
     log = MetricsLog(out / "metrics.jsonl", total_steps=total)
     micro = cfg.micro_prompts or cfg.batch_prompts

@@ -61,7 +61,7 @@ import torch
 import torch.nn as nn
 
 from . import checkpoint, dist
-from .cli import UserError, arg, cli_main, prepare_out, resolve_dtype
+from .cli import UserError, arg, cli_main, prepare_out, resolve_dtype, write_config
 from .data import load_conversations, mix_sources, split_heldout
 from .dist import Dist
 from .lora import apply_lora, default_targets, load_adapter, merge_and_unload, save_adapter
@@ -408,7 +408,7 @@ def _train(cfg: SFTConfig, d: Dist, hold: contextlib.ExitStack) -> dict:
 
     log = None
     if d.main:
-        checkpoint.atomic_json(out / "sft_config.json", dataclasses.asdict(cfg))
+        write_config(out, cfg, "sft")
         # rows logged after the checkpoint are written again by this run (every row, without one)
         checkpoint.truncate_jsonl(out / "metrics.jsonl", start_step if ckpt else -1)
         log = MetricsLog(out / "metrics.jsonl", total_steps=total_steps, print_every=cfg.log_every)
