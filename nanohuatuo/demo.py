@@ -345,6 +345,9 @@ def eval_stage(out, cfg: DemoConfig, size: DemoSize, policy, sft_adapter, ppo_di
 def run(cfg: DemoConfig | None = None, **kw) -> dict:
     """Run the demo (DemoConfig fields as keywords work too: run(out=..., quick=True)); returns the summary."""
     cfg = replace(cfg or DemoConfig(), **kw)
+    if not os.path.isdir(DATA):  # a non-editable install has the package but not the repository's data/
+        raise UserError(f"the bundled data is not at {DATA}: run the demo from a clone of the repository "
+                        f"(pip install -e . there)")
     if cfg.llm_base_url and not cfg.llm_model:
         raise UserError("--llm-base-url needs --llm-model NAME (the model the endpoint serves)")
     real = bool(cfg.model)

@@ -264,6 +264,9 @@ def train(cfg: RMConfig) -> dict:
 def _train(cfg: RMConfig, hold: contextlib.ExitStack) -> dict:
     if not cfg.model or not cfg.data:
         raise UserError("the reward model needs --model (model directory) and --data (preference JSONL)")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # each process would train and write its own copy
+        raise UserError("train_rm.py runs in one process (it has no data-parallel path, unlike SFT and PPO); "
+                        "start it with python, not torchrun")
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device, training=True)
     lr = cfg.lr if cfg.lr is not None else (1e-4 if cfg.lora_r > 0 else 1e-5)
