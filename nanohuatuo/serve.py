@@ -174,11 +174,12 @@ class Handler(JSONHandler):
         headers = getattr(self, "headers", None)  # absent when the request line itself was refused
         origin = headers.get("Origin") if headers is not None else None
         allowed = self.svc.cors
-        if origin and allowed:
-            self.send_header("Access-Control-Allow-Origin", "*" if "*" in allowed else
-                             origin if origin in allowed else "null")
-            if "*" not in allowed:
-                self.send_header("Vary", "Origin")
+        if "*" in allowed and origin:
+            self.send_header("Access-Control-Allow-Origin", "*")
+        elif allowed:  # a list: the origin is named back if it is on it, else the browser withholds the answer
+            if origin in allowed:
+                self.send_header("Access-Control-Allow-Origin", origin)
+            self.send_header("Vary", "Origin")
         super().end_headers()
 
     def send_error_body(self, err: APIError):
@@ -249,7 +250,8 @@ class Handler(JSONHandler):
     def preflight(self):
         """A browser's CORS preflight: the methods and headers the request that follows may use."""
         headers = {"Allow": "GET, POST, OPTIONS", "Content-Length": "0"}
-        if self.svc.cors and self.headers.get("Origin"):
+        origin = self.headers.get("Origin")
+        if origin and ("*" in self.svc.cors or origin in self.svc.cors):
             headers.update({"Access-Control-Allow-Methods": "GET, POST, OPTIONS",
                             "Access-Control-Allow-Headers": self.headers.get("Access-Control-Request-Headers")
                             or "Authorization, Content-Type",
