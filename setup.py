@@ -12,6 +12,11 @@ Run-time dependencies and why each is here:
 serve.py needs nothing more: the standard library's ThreadingHTTPServer is enough for JSON in, JSON or an
 event stream out, with one engine thread behind it, so no web framework is pulled in (the "serve" extra is
 kept, empty, so `pip install -e ".[serve]"` works as the README says).
+Optional experiment trackers, one extra each, imported only when a training run names it in --report-to
+(metrics.MetricsLog forwards every metrics row; metrics.jsonl and the PNGs are written either way):
+- tensorboard: torch.utils.tensorboard's SummaryWriter needs the tensorboard package to write event files.
+- trackio: a local, wandb-compatible tracker (its own dashboard, no account needed).
+- wandb: Weights & Biases, the hosted tracker many teams already use.
 Test-only: transformers, peft (and protobuf, which transformers needs to read a bare tokenizer.model) are the
 reference implementations the tests compare against; nltk and rouge-score are the reference metrics; and
 websocket-client drives headless Chromium through the DevTools protocol in the chat-page test. None of them is
@@ -30,5 +35,6 @@ setup(
     install_requires=["torch>=2.6", "safetensors", "sentencepiece", "tokenizers", "jinja2>=3.1.6", "openai>=1.17",
                       "numpy", "matplotlib"],
     extras_require={"serve": [],
+                    "tensorboard": ["tensorboard"], "trackio": ["trackio"], "wandb": ["wandb"],
                     "test": ["pytest", "transformers", "peft", "protobuf", "nltk", "rouge-score", "websocket-client"]},
 )

@@ -59,7 +59,7 @@ from .cli import UserError, arg, cli_main, prepare_out, resolve_device, resolve_
 from .data import DataError, iter_jsonl, split_heldout
 from .hf import LLAMA_LIKE, read_config
 from .lora import apply_lora, default_targets, load_adapter, save_adapter
-from .metrics import MetricsLog, plot_metrics
+from .metrics import REPORT_TO_HELP, MetricsLog, check_report_to, plot_metrics
 from .model import Transformer
 from .reward_model import (RM_CONFIG, RewardModel, load_reward_model, load_trunk, raw_scores, right_pad,  # noqa: F401
                            rm_forward, score_ids, score_texts, with_answer)
@@ -107,6 +107,7 @@ class RMConfig:
     grad_checkpointing: bool = arg(False, "recompute each block's activations in backward (less memory)")
     save_every: int = arg(200, "checkpoint every N steps (and at the end)")
     keep_checkpoints: int = arg(1, "checkpoints kept in out/checkpoints (older ones are deleted)")
+    report_to: list[str] = arg([], REPORT_TO_HELP, metavar="TRACKER")
     resume: bool = arg(False, "continue the interrupted run in --out from its last checkpoint")
     overwrite: bool = arg(False, "delete what --out holds and start again")
     device: str = arg("auto", "auto (cuda if available), cpu, cuda, cuda:1, ...")
@@ -264,6 +265,7 @@ def train(cfg: RMConfig) -> dict:
 def _train(cfg: RMConfig, hold: contextlib.ExitStack) -> dict:
     if not cfg.model or not cfg.data:
         raise UserError("the reward model needs --model (model directory) and --data (preference JSONL)")
+    check_report_to(cfg.report_to)  # a missing tracker package is said now, not after the model loads
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device, training=True)
     lr = cfg.lr if cfg.lr is not None else (1e-4 if cfg.lora_r > 0 else 1e-5)
@@ -318,7 +320,8 @@ def _train(cfg: RMConfig, hold: contextlib.ExitStack) -> dict:
         print(f"reward: resuming after step {start} from {ckpt}")
     checkpoint.atomic_json(out / "rm_config.json", dataclasses.asdict(cfg))
     checkpoint.truncate_jsonl(out / "metrics.jsonl", start if ckpt else -1)
-    log = MetricsLog(out / "metrics.jsonl", total_steps=total)
+    log = MetricsLog(out / "metrics.jsonl", total_steps=total, report_to=cfg.report_to, config=dataclasses.asdict(cfg))
+    hold.callback(log.close)
     micro = cfg.micro_prompts or cfg.batch_prompts
     result, params, stopped = {}, trunk + head, False
 
