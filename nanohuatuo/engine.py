@@ -26,7 +26,10 @@ Built like nano-vllm, in three parts that each fit on a screen:
 Exactness: a request's tokens do not depend on what else is in the batch (greedy: the tokens of
 running it alone; seeded sampling: one torch.Generator per request, one uniform draw per token).
 Log-probs are those of logits / temperature before top-k/top-p and the repetition penalty, what
-PPO's importance ratios need; they match a plain forward pass to float rounding.
+PPO's importance ratios need; they match a plain forward pass to float rounding. Prompt
+log-probs (`prompt_logprobs`, for scoring a text) are read off the prefill, plain log-softmax, and
+arrive on the request's first event. `add(..., adapter=i)` runs a request under the i-th LoRA
+adapter attached with multi_lora.attach_adapters: each row of a step picks its own.
 
 Two neighbours hold what the engine uses but is not the engine: cpu_kernels.py chooses, by timing,
 the CPU weight layout and the output head's kernel (`tune_cpu_kernels`, `head_logits`), and
