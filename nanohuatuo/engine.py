@@ -294,7 +294,8 @@ class Engine:
         self.max_len = max_len or min(c.max_seq_len, 2048)
         p = model.embed_tokens.weight
         self.device, self.dtype = p.device, p.dtype
-        self.compile = compile and self.device.type == "cuda"  # CUDA graphs are what pays; CPU stays eager
+        # CUDA graphs are what pays (CPU stays eager); they would freeze a multi-LoRA model's per-row adapter mask
+        self.compile = compile and self.device.type == "cuda" and getattr(model, "adapter_bank", None) is None
         self.buckets = sorted({min(2 ** i, slots) for i in range(slots.bit_length() + 1)})
         tune_cpu_kernels(model, batches=(1, slots))
         self.k, self.v = kv_cache(model, slots, self.max_len, self.dtype, self.device, static=self.compile)
