@@ -18,6 +18,11 @@ those two say which extra to install. YAML config files need PyYAML, which is no
 TOML (the standard library's tomllib) and JSON without it.
 Console scripts: nanohuatuo-sft, -rm, -ppo, -serve, -eval, -distill, -demo, -chat and -data run the same
 commands as the top-level scripts, so a non-editable install (which has no train_sft.py beside it) works.
+Optional experiment trackers, one extra each, imported only when a training run names it in --report-to
+(metrics.MetricsLog forwards every metrics row; metrics.jsonl and the PNGs are written either way):
+- tensorboard: torch.utils.tensorboard's SummaryWriter needs the tensorboard package to write event files.
+- trackio: a local, wandb-compatible tracker (its own dashboard, no account needed).
+- wandb: Weights & Biases, the hosted tracker many teams already use.
 Test-only: transformers, peft (and protobuf, which transformers needs to read a bare tokenizer.model) are the
 reference implementations the tests compare against; nltk and rouge-score are the reference metrics; and
 websocket-client drives headless Chromium through the DevTools protocol in the chat-page test. None of them is
@@ -43,5 +48,6 @@ setup(
         "nanohuatuo-data = nanohuatuo.data:main", "nanohuatuo-sample = nanohuatuo.sampling:main",
         "nanohuatuo-feedback = nanohuatuo.feedback:main"]},
     extras_require={"serve": [], "parquet": ["pyarrow"], "datasets": ["datasets"],
+                    "tensorboard": ["tensorboard"], "trackio": ["trackio"], "wandb": ["wandb"],
                     "test": ["pytest", "transformers", "peft", "protobuf", "nltk", "rouge-score", "websocket-client"]},
 )

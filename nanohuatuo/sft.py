@@ -66,7 +66,7 @@ from .data import load_conversations, mix_sources, split_heldout
 from .dist import Dist
 from .lora import apply_lora, default_targets, load_adapter, merge_and_unload, save_adapter
 from .losses import IGNORE, linear_cross_entropy, output_weight
-from .metrics import MetricsLog, plot_metrics
+from .metrics import REPORT_TO_HELP, MetricsLog, check_report_to, plot_metrics
 from .model import Transformer
 from .quant import QUANT_HELP, QUANTS
 from .templates import render, resolve_template, save_chat_template
@@ -114,6 +114,7 @@ class SFTConfig:
     save_every: int = arg(500, "checkpoint every N steps (and at the end)")
     keep_checkpoints: int = arg(2, "checkpoints kept in out/checkpoints (older ones are deleted)")
     log_every: int = arg(1, "print progress every N steps (metrics.jsonl gets every step)")
+    report_to: list[str] = arg([], REPORT_TO_HELP, metavar="TRACKER")
     resume: bool = arg(False, "continue the interrupted run in --out from its last checkpoint")
     overwrite: bool = arg(False, "delete what --out holds and start again")
     merge: bool = arg(False, "also write the merged full model to out/merged (LoRA)")
@@ -322,6 +323,7 @@ def train(cfg: SFTConfig) -> dict:
     Returns {"train_loss", "eval_loss", "first_eval_loss", "steps", "out", "tokens", "seconds",
     "stopped"} (eval losses None without held-out data; first_eval_loss is before step 1, None
     when resuming)."""
+    check_report_to(cfg.report_to)  # a missing tracker package is said now, not after the model loads
     d = dist.setup(cfg.device)
     try:
         with contextlib.ExitStack() as hold:  # holds the lock on --out until the run ends, however it ends
@@ -418,7 +420,9 @@ def _train(cfg: SFTConfig, d: Dist, hold: contextlib.ExitStack) -> dict:
         write_config(out, cfg, "sft")
         # rows logged after the checkpoint are written again by this run (every row, without one)
         checkpoint.truncate_jsonl(out / "metrics.jsonl", start_step if ckpt else -1)
-        log = MetricsLog(out / "metrics.jsonl", total_steps=total_steps, print_every=cfg.log_every)
+        log = MetricsLog(out / "metrics.jsonl", total_steps=total_steps, print_every=cfg.log_every,
+                         report_to=cfg.report_to, config=dataclasses.asdict(cfg))
+        hold.callback(log.close)
 
     first_eval = eval_loss = None
     if start_step == 0:
@@ -503,7 +507,7 @@ def save_checkpoint(cfg: SFTConfig, d: Dist, step: int, model, wrapped, optimize
 
 
 # settings that may change between a run and its resumption without changing the losses
-RESUMABLE = {"resume", "overwrite", "stop_after", "eval_every", "save_every", "keep_checkpoints", "log_every",
+RESUMABLE = {"resume", "overwrite", "report_to", "stop_after", "eval_every", "save_every", "keep_checkpoints", "log_every",
              "merge", "device", "out"}
 
 

@@ -25,10 +25,10 @@ PKG = ROOT / "nanohuatuo"
 
 LAYERS = {  # imports go down (or sideways within a layer, but never between stages)
     "core": {"model", "hf", "lora", "quant", "tokenizer", "templates", "formats", "data", "metrics", "textmetrics", "winrate",
-             "textcheck", "jinja_template", "evalsets"},
+             "textcheck", "jinja_template", "evalsets", "multi_lora"},
     "engine": {"engine", "engine_loop", "cpu_kernels", "generate"},
     "shared": {"cli", "checkpoint", "dist", "losses", "llm", "adapters", "reward_model", "httpjson",
-               "answers", "sheets", "rollout", "reports", "consult"},
+               "answers", "sheets", "rollout", "reports", "consult", "openai_api"},
     "stages": {"sft", "reward", "ppo", "sampling", "feedback", "chat", "serve", "evaluate", "distill"},
     "top": {"demo", "demo_report", "__init__"},  # __init__: the package's public names, from every layer
 }
