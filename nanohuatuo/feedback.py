@@ -69,7 +69,7 @@ import unicodedata
 from collections import Counter
 from dataclasses import dataclass
 
-from .cli import UserError, arg, config_from, endpoint_flags, guarded, make_parser
+from .cli import UserError, arg, config_from, endpoint_flags, guarded, make_parser, parse_args
 from .data import DataError, iter_jsonl, write_jsonl
 from .llm import LLM, LLMError
 from .textmetrics import similarity_score
@@ -540,7 +540,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     parser = make_parser(RankConfig, prog="python -m nanohuatuo.feedback rank",
                          description="Rank sampled answers with a judge and write preference data.")
-    return guarded(rank_command, config_from(RankConfig, parser.parse_args(argv[1:])))
+    return guarded(rank_command, config_from(RankConfig, parse_args(parser, RankConfig, argv[1:])))
 
 
 if __name__ == "__main__":

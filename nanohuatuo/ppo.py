@@ -60,13 +60,14 @@ import torch.nn as nn
 
 from . import adapters, checkpoint, dist
 from .cli import (ExportFlags, LoRAFlags, ModelFlags, TrainLoopFlags, UserError, arg, cli_main, like, prepare_out,
-                  resolve_dtype)
+                  resolve_dtype, write_config)
 from .generate import cut_at_stop, generate_batch, use_column_major_weights
 from .lora import (apply_lora, default_targets, disabled_adapters, load_adapter, lora_modules, lora_parameters,
                    merge_and_unload, save_adapter)
 from .losses import length_debias, masked_mean, masked_var, response_forward, whiten
-from .metrics import MetricsLog, plot_metrics
+from .metrics import REPORT_TO_HELP, MetricsLog, check_report_to, plot_metrics
 from .model import Transformer
+from .quant import QUANT_HELP, QUANTS
 from .reward_model import RewardModel, Scorer, ScoreScale, end_at_stop_string, end_token, reward_scorer, share_base
 from .rollout import Batch, load_prompts, pack, prompt_indices
 from .templates import resolve_template, save_chat_template, stop_strings, stop_token_ids
@@ -101,7 +102,8 @@ class PPOConfig(ExportFlags, TrainLoopFlags, LoRAFlags, ModelFlags):
     temperature: float = arg(0.7, "sampling temperature (top_k 0, top_p 1, no min length)")
     rollout_batch_size: int = arg(0, "rows generated at once per process; 0: the whole local batch")
     missing_eos_penalty: float | None = arg(-1.0, "score of an answer that never stops, in reward units ('none' "
-                                                  "keeps the reward model's score)", parse=_penalty)
+                                                  "keeps the reward model's score of it, closed by the end token)",
+                                            parse=_penalty)
     length_debias: float = arg(0.0, "remove COEF times the batch's linear dependence of the score on answer length "
                                     "(1: all of it), so PPO cannot win by shrinking or padding answers (0: off)")
     # KL penalty in the reward
@@ -137,10 +139,12 @@ class PPOConfig(ExportFlags, TrainLoopFlags, LoRAFlags, ModelFlags):
     critic: str = arg("shared", "shared: value head on the policy trunk; separate: own LoRA + head",
                       choices=["shared", "separate"])
     # run
+    quant: str = arg("none", QUANT_HELP, choices=list(QUANTS))
     compile: bool = arg(False, "torch.compile the decode step (CUDA)")
     seed: int = arg(0, "seed of the LoRA init, the prompt order and the rollouts")
     sample_every: int = arg(10, "print and save sample answers every N steps (0: never)")
     save_every: int = like(TrainLoopFlags, "save_every", 50)
+    report_to: list[str] = arg([], REPORT_TO_HELP, metavar="TRACKER")
 
     def check(self):
         if self.temperature <= 0:
@@ -265,16 +269,17 @@ def critic(m: Models):
 
 def build_models(cfg: PPOConfig, device=None, dtype=None) -> Models:
     """Build policy, reference and value from cfg.model (+ cfg.adapter); see the module docstring."""
-    model = Transformer.from_pretrained(cfg.model, dtype=dtype, device=device, value_head=False)
+    merge_sft = bool(cfg.adapter) and not cfg.continue_adapter
+    # the SFT adapter is merged at load, before any quantisation: a 4-bit base takes no merge
+    model = Transformer.from_pretrained(cfg.model, dtype=dtype, device=device, value_head=False, merge=True,
+                                        adapter=cfg.adapter if merge_sft else None, quant=cfg.quant)
     ref_lora, sft = None, None
     if cfg.adapter and cfg.continue_adapter:
         load_adapter(model, cfg.adapter, trainable=True)
         ref_lora = adapters.snapshot(model, trainable=False)
     else:
-        if cfg.adapter:
-            load_adapter(model, cfg.adapter, trainable=False)
-            sft = adapters.lora_tensors(model)
-            merge_and_unload(model)
+        if merge_sft:  # its tensors, for the export on the original base
+            sft = adapters.read_lora_tensors(cfg.adapter, model.config)[0]
         apply_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=0.0,
                    targets=cfg.lora_targets or default_targets(model))
     for mod in model.modules():  # dropout off everywhere: it would make old and new log-probs disagree
@@ -323,7 +328,7 @@ def make_reward(reward_fn, m: Models, cfg: PPOConfig, tok, template, d, dtype) -
                         "ppo.train(cfg, reward_fn=...)")
     return reward_scorer(reward_fn or cfg.reward, tok, template, share=lambda: shared_reward_model(m, cfg, tok),
                          device=d.device, dtype=dtype, reward_template=cfg.reward_template,
-                         say=print if d.main else lambda *a: None)
+                         say=print if d.main else lambda *a: None, quant=cfg.quant)
 
 
 # ============================================================================= prompts
@@ -396,6 +401,10 @@ def make_experience(m: Models, cfg: PPOConfig, kl_coef, prompts, rows, reward: S
     resp = b.ids[:, b.P:]
     resp_lists = [resp[i, :n].tolist() for i, n in enumerate(lengths)]
     texts = [cut_at_stop(tok.decode([t for t in r if t not in stops]), stop_strs) for r in resp_lists]
+    # an answer cut by the token limit is scored closed by the end token, as the judge's rankings and the
+    # reward model's training pairs hold every answer; scored mid-text, the reward model would read a
+    # position it never learned from, and its score would be noise
+    resp_lists = [r if b.ended[i] else r + [end_id] for i, r in enumerate(resp_lists)]
     scores = torch.as_tensor(reward.fn(prompts, resp_lists, rows, texts), dtype=torch.float32).to(device).reshape(B)
     if scale is not None:
         scores = scale(scores, d)
@@ -507,7 +516,7 @@ def save_checkpoint(m: Models, cfg: PPOConfig, optimizer, state: dict, d) -> Non
 # settings a resumed run must keep: the checkpoint's tensors would not fit the others
 FIXED = ("model", "adapter", "continue_adapter", "lora_r", "lora_alpha", "lora_targets", "critic")
 # settings that change nothing a resumed run computes
-BOOKKEEPING = {"resume", "overwrite", "stop_after", "sample_every", "save_every", "keep_checkpoints", "device",
+BOOKKEEPING = {"resume", "overwrite", "report_to", "stop_after", "sample_every", "save_every", "keep_checkpoints", "device",
                "out", "save_merged"}
 
 
@@ -530,7 +539,8 @@ def load_checkpoint(m: Models, cfg: PPOConfig, path, optimizer, d) -> dict:
     return state
 
 
-def _print_samples(step, exp: Rollout, prompts, tok, out, n=2):
+def _print_samples(step, exp: Rollout, prompts, tok, out, log, n=2):
+    rows = []
     with open(os.path.join(out, "samples.jsonl"), "a", encoding="utf-8") as f:
         for i in range(min(n, len(prompts))):
             prompt = tok.decode(prompts[i])
@@ -538,6 +548,8 @@ def _print_samples(step, exp: Rollout, prompts, tok, out, n=2):
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
             print(f"--- sample {i} at step {step} (score {row['score']:.3f})\n[prompt] ...{prompt[-300:]}\n"
                   f"[answer] {row['response']}")
+            rows.append(list(row.values()))
+    log.table("samples", ["step", "prompt", "response", "score"], rows, step)
 
 
 PLOTS = {"curves.png": ["score", "kl", "reward", "response_length", "eos_rate"],
@@ -559,6 +571,7 @@ def train(cfg: PPOConfig, reward_fn=None) -> dict:
     `reward_model.RewardModel`; None loads cfg.reward.
     """
     cfg.check()
+    check_report_to(cfg.report_to)  # a missing tracker package is said now, not after the models load
     d = dist.setup(cfg.device)
     try:
         with contextlib.ExitStack() as hold:  # holds the lock on --out until the run ends, however it ends
@@ -608,10 +621,12 @@ def _train(cfg: PPOConfig, reward_fn, d, hold) -> dict:
         if reward.spread is not None and d.main:
             print(f"reward: scores divided by {reward.spread:.4g}, the reward model's std on SFT-like answers")
     if d.main:
-        checkpoint.atomic_json(os.path.join(out, "ppo_config.json"), dataclasses.asdict(cfg))
+        write_config(out, cfg, "ppo")
         for log_file in ("metrics.jsonl", "samples.jsonl"):  # rows after the checkpoint come again
             checkpoint.truncate_jsonl(os.path.join(out, log_file), state["step"] if ckpt else -1)
-    log = MetricsLog(os.path.join(out, "metrics.jsonl"), total_steps=max_steps, stream=sys.stdout if d.main else None)
+    log = MetricsLog(os.path.join(out, "metrics.jsonl"), total_steps=max_steps, stream=sys.stdout if d.main else None,
+                     report_to=cfg.report_to if d.main else (), config=dataclasses.asdict(cfg))
+    hold.callback(log.close)
     history, kl_coef, last_plot = [], state["kl_coef"], time.time()
     for step in range(state["step"] + 1, max_steps + 1):
         if cfg.anneal_lr:
@@ -635,7 +650,7 @@ def _train(cfg: PPOConfig, reward_fn, d, hold) -> dict:
                "rollout_s": t1 - t0, "update_s": t2 - t1, "tokens": int(exp.mask.sum().item()) * d.world}
         history.append(log.write(step, **row) if d.main else dict(row, step=step))
         if d.main and cfg.sample_every and (step % cfg.sample_every == 0 or step == 1):
-            _print_samples(step, exp, [prompts[i] for i in idx], tok, out)
+            _print_samples(step, exp, [prompts[i] for i in idx], tok, out, log)
         if step % cfg.save_every == 0 or step == max_steps or step == cfg.stop_after:
             save_checkpoint(m, cfg, optimizer, state, d)
             if d.main and time.time() - last_plot > 120:  # a plot costs about a second: refresh it now and then
@@ -655,7 +670,12 @@ def _train(cfg: PPOConfig, reward_fn, d, hold) -> dict:
                 save_adapter(m.model, os.path.join(out, "critic"), extra=m.head())
         if os.path.exists(log.path) and os.path.getsize(log.path):
             _plot(out, log.path)
-        if cfg.save_merged:  # destroys the LoRA layers: last
+        if cfg.save_merged and cfg.quant != "none":
+            # a 4-bit base takes no merge: the adapter just written, merged on the full-precision base (CPU)
+            Transformer.from_pretrained(cfg.model, dtype=dtype, adapter=out, merge=True, value_head=False) \
+                .save_pretrained(os.path.join(out, "merged"))
+            save_chat_template(os.path.join(out, "merged"), tok, template)
+        elif cfg.save_merged:  # destroys the LoRA layers: last
             m.model.value_head = None
             merge_and_unload(m.model).save_pretrained(os.path.join(out, "merged"))
             save_chat_template(os.path.join(out, "merged"), tok, template)

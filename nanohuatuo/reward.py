@@ -56,12 +56,13 @@ import torch.nn.functional as F
 
 from . import checkpoint
 from .cli import (LoRAFlags, ModelFlags, TrainLoopFlags, UserError, arg, cli_main, like, prepare_out,
-                  resolve_device, resolve_dtype)
+                  resolve_device, resolve_dtype, write_config)
 from .data import DataError, iter_jsonl, split_heldout
 from .hf import LLAMA_LIKE, read_config
 from .lora import apply_lora, default_targets, load_adapter, save_adapter
-from .metrics import MetricsLog, plot_metrics
+from .metrics import REPORT_TO_HELP, MetricsLog, check_report_to, plot_metrics
 from .model import Transformer
+from .quant import QUANT_HELP, QUANTS
 from .reward_model import (RM_CONFIG, RewardModel, load_reward_model, load_trunk, raw_scores, right_pad,  # noqa: F401
                            rm_forward, score_ids, score_texts, with_answer)
 from .templates import render, resolve_template, save_chat_template
@@ -83,8 +84,8 @@ class RMConfig(TrainLoopFlags, LoRAFlags, ModelFlags):
     warmup_frac: float = arg(0.03, "fraction of the steps spent in linear warm-up")
     schedule: str = arg("cosine", "learning-rate decay to 0 after the warm-up", choices=["cosine", "linear"])
     epochs: int = arg(1, "passes over the preferences (ignored with --max-steps)")
-    batch_size: int = like(TrainLoopFlags, "batch_size", 4, "prompts per optimizer step (each brings all its K answers)",
-                           old=("--batch-prompts",))
+    batch_size: int = like(TrainLoopFlags, "batch_size", 4,
+                           "prompts per optimizer step (each brings all its K answers)", old=("--batch-prompts",))
     micro_batch_size: int = like(TrainLoopFlags, "micro_batch_size", 0, "prompts per forward/backward (gradient "
                                                                         "accumulation); 0: the whole batch",
                                  old=("--micro-prompts",))
@@ -101,6 +102,8 @@ class RMConfig(TrainLoopFlags, LoRAFlags, ModelFlags):
     norm_max: int = arg(2000, "at most this many answers scored for the bias")
     normalize_std: bool = arg(False, "also scale scores to std 1 (gain = 1/std); PPO divides by the stored std "
                                      "either way")
+    quant: str = arg("none", QUANT_HELP, choices=list(QUANTS))
+    report_to: list[str] = arg([], REPORT_TO_HELP, metavar="TRACKER")
     seed: int = arg(0, "seed of the split, the batch order, LoRA and value-head init")
 
 
@@ -208,7 +211,7 @@ def build_model(cfg: RMConfig, device, dtype) -> tuple[Transformer, list, list]:
     torch.manual_seed(cfg.seed)  # value head and LoRA A initialisation
     # full mode keeps lm_head outside the Llama family: only there is the head-less layout reloadable
     keep = cfg.lora_r == 0 and read_config(cfg.model)[1].arch not in LLAMA_LIKE
-    model = load_trunk(cfg.model, cfg.adapter, device, dtype, keep_lm_head=keep)
+    model = load_trunk(cfg.model, cfg.adapter, device, dtype, keep_lm_head=keep, quant=cfg.quant)
     model.value_head.requires_grad_(True)
     head = list(model.value_head.parameters())
     if cfg.lora_r > 0:
@@ -253,6 +256,12 @@ def train(cfg: RMConfig) -> dict:
 def _train(cfg: RMConfig, hold: contextlib.ExitStack) -> dict:
     if not cfg.model or not cfg.data:
         raise UserError("the reward model needs --model (model directory) and --data (preference JSONL)")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # each process would train and write its own copy
+        raise UserError("train_rm.py runs in one process (it has no data-parallel path, unlike SFT and PPO); "
+                        "start it with python, not torchrun")
+    check_report_to(cfg.report_to)  # a missing tracker package is said now, not after the model loads
+    if cfg.quant != "none" and cfg.lora_r <= 0:
+        raise UserError(f"--quant {cfg.quant} freezes the base weights: it needs LoRA (--lora-r > 0)")
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device, training=True)
     lr = cfg.lr if cfg.lr is not None else (1e-4 if cfg.lora_r > 0 else 1e-5)
@@ -305,9 +314,10 @@ def _train(cfg: RMConfig, hold: contextlib.ExitStack) -> dict:
     if ckpt:
         start, recent = load_checkpoint(cfg, ckpt, model, opt, device)
         print(f"reward: resuming after step {start} from {ckpt}")
-    checkpoint.atomic_json(out / "rm_config.json", dataclasses.asdict(cfg))
+    write_config(out, cfg, "rm")
     checkpoint.truncate_jsonl(out / "metrics.jsonl", start if ckpt else -1)
-    log = MetricsLog(out / "metrics.jsonl", total_steps=total)
+    log = MetricsLog(out / "metrics.jsonl", total_steps=total, report_to=cfg.report_to, config=dataclasses.asdict(cfg))
+    hold.callback(log.close)
     micro = cfg.micro_batch_size or cfg.batch_size
     result, params, stopped = {}, trunk + head, False
 

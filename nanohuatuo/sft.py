@@ -5,7 +5,8 @@
     torchrun --nproc_per_node 8 train_sft.py --fsdp ...   # FSDP for models that do not fit one GPU
 
 What happens, in order (`_train` is the loop, `train_step` one optimizer step; read them top to bottom):
-- Data: schema JSONL files (data.load_conversations), a held-out split (--eval-frac, or --eval-data),
+- Data: conversation files (data.load_conversations: schema JSONL, or OpenAI `messages`, ShareGPT
+  or Alpaca rows in JSONL, a JSON array, Parquet or a datasets folder), a held-out split (--eval-frac, or --eval-data),
   optional per-source resampling (data.mix_sources). Each conversation is rendered with its chat
   template (--template auto: the model's own; templates.render -> ids and the mask of assistant
   tokens), and the outputs carry that template in their tokenizer files. A conversation longer than
@@ -61,13 +62,14 @@ import torch.nn as nn
 
 from . import checkpoint, dist
 from .cli import (ExportFlags, LoRAFlags, ModelFlags, TrainLoopFlags, UserError, arg, cli_main, like, prepare_out,
-                  resolve_dtype)
+                  resolve_dtype, write_config)
 from .data import load_conversations, mix_sources, split_heldout
 from .dist import Dist
 from .lora import apply_lora, default_targets, load_adapter, merge_and_unload, save_adapter
 from .losses import IGNORE, linear_cross_entropy, output_weight
-from .metrics import MetricsLog, plot_metrics
+from .metrics import REPORT_TO_HELP, MetricsLog, check_report_to, plot_metrics
 from .model import Transformer
+from .quant import QUANT_HELP, QUANTS
 from .templates import render, resolve_template, save_chat_template
 from .tokenizer import Tokenizer
 
@@ -77,14 +79,16 @@ WINDOW = 64  # global batches per length-sorted window
 
 @dataclass
 class SFTConfig(ExportFlags, TrainLoopFlags, LoRAFlags, ModelFlags):
-    model: str = like(ModelFlags, "model", help="model directory to fine-tune (Hugging Face layout with tokenizer files)")
-    data: list[str] = arg([], "schema JSONL file(s) to train on", metavar="FILE")
+    model: str = like(ModelFlags, "model",
+                      help="model directory to fine-tune (Hugging Face layout with tokenizer files)")
+    data: list[str] = arg([], "conversation file(s) to train on: schema JSONL, or OpenAI messages, ShareGPT or "
+                                "Alpaca rows (JSONL, JSON array, Parquet, datasets folder)", metavar="FILE")
     out: str = like(TrainLoopFlags, "out", "out/sft", "output directory: adapter or model, metrics.jsonl, loss.png, "
                                                       "checkpoints/")
     source_weights: dict[str, float] | None = arg(
         None, "resample sources, e.g. distilled_instructions=1,real_doctor_instructions=2; sources not named are "
               "dropped (data.mix_sources)", metavar="SOURCE=W,...")
-    eval_data: list[str] | None = arg(None, "held-out JSONL file(s); default: --eval-frac of --data", metavar="FILE")
+    eval_data: list[str] | None = arg(None, "held-out conversation file(s), as --data; default: --eval-frac of --data", metavar="FILE")
     eval_frac: float = arg(0.05, "fraction of --data held out for the eval loss when --eval-data is not given")
     max_len: int = arg(2048, "tokens per conversation; longer ones keep their first max_len tokens")
     # what is trained
@@ -93,20 +97,24 @@ class SFTConfig(ExportFlags, TrainLoopFlags, LoRAFlags, ModelFlags):
     allow_high_lr: bool = arg(False, f"allow a LoRA learning rate above {LORA_LR_LIMIT:g}")
     # schedule and batches
     epochs: int = arg(3, "passes over the training data (ignored with --max-steps)")
-    max_steps: int | None = like(TrainLoopFlags, "max_steps", help="optimizer steps in all (the cosine schedule spans them)")
-    batch_size: int = like(TrainLoopFlags, "batch_size", 128, "global batch: conversations per optimizer step, over all "
-                                                              "processes")
+    max_steps: int | None = like(TrainLoopFlags, "max_steps",
+                                 help="optimizer steps in all (the cosine schedule spans them)")
+    batch_size: int = like(TrainLoopFlags, "batch_size", 128,
+                           "global batch: conversations per optimizer step, over all processes")
     micro_batch_size: int = like(TrainLoopFlags, "micro_batch_size", 2, "conversations per forward pass per process "
                                                                         "(accumulation = the rest)")
     weight_decay: float = arg(0.1, "AdamW weight decay on matrices (norms and biases get none)")
     warmup_frac: float = arg(0.05, "fraction of the steps spent in linear warm-up")
-    max_grad_norm: float = like(TrainLoopFlags, "max_grad_norm", help="clip the global gradient norm to this (0: off)")
+    max_grad_norm: float = like(TrainLoopFlags, "max_grad_norm",
+                                help="clip the global gradient norm to this (0: off)")
+    quant: str = arg("none", QUANT_HELP, choices=list(QUANTS))
     seed: int = arg(0, "seed of the split, the shuffles, LoRA init and dropout")
     # bookkeeping
     eval_every: int = arg(200, "held-out loss every N steps (and before the first step and at the end)")
     save_every: int = like(TrainLoopFlags, "save_every", 500)
     keep_checkpoints: int = like(TrainLoopFlags, "keep_checkpoints", 2)
     log_every: int = arg(1, "print progress every N steps (metrics.jsonl gets every step)")
+    report_to: list[str] = arg([], REPORT_TO_HELP, metavar="TRACKER")
     save_merged: bool = like(ExportFlags, "save_merged", help="also write the merged full model to out/merged (LoRA)")
     # hardware
     dtype: str = like(ModelFlags, "dtype", help="compute dtype: auto (bfloat16 autocast on CUDA, float32 on CPU), "
@@ -129,7 +137,8 @@ class Example(NamedTuple):
 def load_rows(cfg: SFTConfig) -> tuple[list[dict], list[dict], dict]:
     """Training and held-out rows: the split comes before resampling, so no duplicate lands on both sides."""
     if not cfg.data:
-        raise UserError("no training data: pass --data FILE [FILE ...] (schema JSONL, see nanohuatuo/data.py)")
+        raise UserError("no training data: pass --data FILE [FILE ...] (schema JSONL or another chat format, see "
+                        "nanohuatuo/data.py)")
     rows = [row for path in cfg.data for row in load_conversations(path)]
     if cfg.eval_data:
         train, held = rows, [row for path in cfg.eval_data for row in load_conversations(path)]
@@ -230,8 +239,8 @@ def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
 def build_model(cfg: SFTConfig, d: Dist, compute_dtype, ckpt: Path | None) -> Transformer:
     """The model to train: base + fresh or checkpointed LoRA, or full weights from base or checkpoint."""
     if cfg.lora_r:
-        # frozen base in the compute dtype (a 7B fits a 24 GB card in bf16); adapters stay float32
-        model = Transformer.from_pretrained(cfg.model, dtype=compute_dtype, device=d.device)
+        # frozen base in the compute dtype (a 7B fits a 24 GB card in bf16) or NF4; adapters stay float32
+        model = Transformer.from_pretrained(cfg.model, dtype=compute_dtype, device=d.device, quant=cfg.quant)
         apply_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
                    targets=cfg.lora_targets or default_targets(model))
         if ckpt is not None:
@@ -311,6 +320,7 @@ def train(cfg: SFTConfig) -> dict:
     Returns {"train_loss", "eval_loss", "first_eval_loss", "steps", "out", "tokens", "seconds",
     "stopped"} (eval losses None without held-out data; first_eval_loss is before step 1, None
     when resuming)."""
+    check_report_to(cfg.report_to)  # a missing tracker package is said now, not after the model loads
     d = dist.setup(cfg.device)
     try:
         with contextlib.ExitStack() as hold:  # holds the lock on --out until the run ends, however it ends
@@ -326,6 +336,11 @@ def _train(cfg: SFTConfig, d: Dist, hold: contextlib.ExitStack) -> dict:
     if not cfg.model:
         raise UserError("no model: pass --model DIR (a Hugging Face model directory)")
     lora = cfg.lora_r > 0
+    if cfg.quant != "none" and not lora:
+        raise UserError(f"--quant {cfg.quant} freezes the base weights: it needs LoRA (--lora-r > 0)")
+    if cfg.quant != "none" and cfg.fsdp:
+        raise UserError(f"--quant {cfg.quant} with --fsdp: FSDP does not shard 4-bit weights; use one of them "
+                        f"(a 4-bit 7B base fits one 24 GB GPU)")
     peak_lr = cfg.lr if cfg.lr is not None else (1e-4 if lora else 5e-5)
     if lora and peak_lr > LORA_LR_LIMIT and not cfg.allow_high_lr:
         raise UserError(f"--lr {peak_lr:g} for LoRA is above {LORA_LR_LIMIT:g}: a narrow medical LoRA at a high "
@@ -399,10 +414,12 @@ def _train(cfg: SFTConfig, d: Dist, hold: contextlib.ExitStack) -> dict:
 
     log = None
     if d.main:
-        checkpoint.atomic_json(out / "sft_config.json", dataclasses.asdict(cfg))
+        write_config(out, cfg, "sft")
         # rows logged after the checkpoint are written again by this run (every row, without one)
         checkpoint.truncate_jsonl(out / "metrics.jsonl", start_step if ckpt else -1)
-        log = MetricsLog(out / "metrics.jsonl", total_steps=total_steps, print_every=cfg.log_every)
+        log = MetricsLog(out / "metrics.jsonl", total_steps=total_steps, print_every=cfg.log_every,
+                         report_to=cfg.report_to, config=dataclasses.asdict(cfg))
+        hold.callback(log.close)
 
     first_eval = eval_loss = None
     if start_step == 0:
@@ -487,8 +504,8 @@ def save_checkpoint(cfg: SFTConfig, d: Dist, step: int, model, wrapped, optimize
 
 
 # settings that may change between a run and its resumption without changing the losses
-RESUMABLE = {"resume", "overwrite", "stop_after", "eval_every", "save_every", "keep_checkpoints", "log_every",
-             "save_merged", "device", "out"}
+RESUMABLE = {"resume", "overwrite", "report_to", "stop_after", "eval_every", "save_every", "keep_checkpoints",
+             "log_every", "save_merged", "device", "out"}
 
 
 def check_resume(cfg: SFTConfig, ckpt: Path, d: Dist, say) -> int:
@@ -523,8 +540,8 @@ def write_outputs(cfg: SFTConfig, d: Dist, model: Transformer, tok: Tokenizer, t
         if not cfg.lora_r:
             say("--save-merged: full fine-tuning already wrote a full model; nothing to merge")
             return
-        if cfg.fsdp and d.world > 1:
-            # the shadow holds only the adapter: merge onto a freshly loaded base
+        if (cfg.fsdp and d.world > 1) or cfg.quant != "none":
+            # the shadow holds only the adapter, or the base is 4-bit: merge onto a freshly loaded full base
             merged = Transformer.from_pretrained(cfg.model, adapter=out)
         else:
             merged = model

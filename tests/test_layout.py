@@ -28,11 +28,11 @@ ROOT = Path(__file__).resolve().parents[1]
 PKG = ROOT / "nanohuatuo"
 
 LAYERS = {  # imports go down (or sideways within a layer, but never between stages)
-    "core": {"model", "hf", "lora", "quant", "tokenizer", "templates", "data", "metrics", "textmetrics", "winrate",
-             "textcheck", "jinja_template", "evalsets"},
+    "core": {"model", "hf", "lora", "quant", "tokenizer", "templates", "formats", "data", "metrics", "textmetrics", "winrate",
+             "textcheck", "jinja_template", "evalsets", "multi_lora"},
     "engine": {"engine", "engine_loop", "cpu_kernels", "generate"},
     "shared": {"cli", "checkpoint", "dist", "losses", "llm", "adapters", "reward_model", "httpjson",
-               "answers", "sheets", "rollout", "reports", "consult"},
+               "answers", "sheets", "rollout", "reports", "consult", "openai_api"},
     "stages": {"sft", "reward", "ppo", "sampling", "feedback", "chat", "serve", "evaluate", "distill"},
     "top": {"demo", "demo_report", "__init__"},  # __init__: the package's public names, from every layer
 }
@@ -267,6 +267,14 @@ def test_every_flag_has_help_and_one_name_per_concept(helps):
     assert not bad, "\n".join(bad)
 
 
+def test_the_llm_only_commands_start_without_torch():
+    # distill, feedback and evaluate with endpoints only call an LLM endpoint; the README says they need no torch
+    code = ("import sys, nanohuatuo, nanohuatuo.distill, nanohuatuo.feedback, nanohuatuo.evaluate, nanohuatuo.data; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'torch')[:3])")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert (r.returncode, r.stdout.strip()) == (0, "[]"), r.stderr
+
+
 # ----------------------------------------------------------------------------- the vocabulary
 
 SFT, RM, PPO = "train_sft.py", "train_rm.py", "train_ppo.py"
@@ -307,6 +315,10 @@ VOCABULARY = {
     "stop as if interrupted": ("--stop-after", r"as if interrupted", TRAIN),
     "checkpoint interval": ("--save-every", r"^checkpoint every", TRAIN),
     "checkpoints kept": ("--keep-checkpoints", r"^checkpoints kept", TRAIN),
+    "quantised frozen base (QLoRA)": ("--quant", r"^(\w+ )*frozen base|NF4", TRAIN),
+    "experiment trackers": ("--report-to", r"tensorboard", TRAIN),
+    "flag values from a file": ("--config", r"read flag values from", TRAIN + [SAMPLE, RANK, "chat.py", "serve.py",
+                                                                        "demo.py", *EVAL, *DISTILL]),
     "merged full model": ("--save-merged", r"\bmerged (full )?model|adapters folded in", [SFT, PPO]),
     "tokens of prompt plus answer": ("--max-len", r"prompt \+ answer|prompt plus answer|history plus answer|"
                                                   r"tokens per conversation", [SFT, RM, SAMPLE, "chat.py", "serve.py"]),
