@@ -199,7 +199,7 @@ def test_qlora_ppo_step_with_a_merged_sft_adapter(tmp_path):
     model.source_dir = str(d)
     save_adapter(model, tmp_path / "sft")
     write_jsonl(d / "prompts.jsonl", [{"messages": [{"role": "user", "content": f"w{i} w{i + 1}"}]} for i in range(8)])
-    cfg = ppo.PPOConfig(model=str(d), adapter=str(tmp_path / "sft"), prompts=str(d / "prompts.jsonl"),
+    cfg = ppo.PPOConfig(model=str(d), adapter=str(tmp_path / "sft"), data=str(d / "prompts.jsonl"),
                         out=str(tmp_path / "ppo"), template="plain", max_steps=1, batch_size=4, max_new_tokens=4,
                         micro_batch_size=4, lora_r=4, lora_alpha=8, sample_every=0, missing_eos_penalty=None,
                         quant="nf4", grad_checkpointing=True, save_merged=True, device="cpu")
