@@ -211,7 +211,7 @@ def test_engine_mixes_adapters_in_one_batch(tiny, tmp_path):
     model = Transformer.from_pretrained(d).eval()
     assert attach_adapters(model, {"a": dirs[0], "b": dirs[1]}) == ["a", "b"]
     prompts = [tok.encode(q, bos=tok.add_bos) for q in QUESTIONS[:3]]
-    eng = Engine(model, batch_size=6)
+    eng = Engine(model, slots=6)
     rids = {}
     for p in prompts:  # every prompt under the base and both adapters, all in one running batch
         for a in range(3):
