@@ -16,6 +16,13 @@ What it holds:
   every default. Booleans are `--x/--no-x`; lists take space-separated values, each also split
   on commas (`--lora-targets q_proj,v_proj` and `--lora-targets q_proj v_proj` are the same);
   dicts are `k=v,k=v`.
+- Flag groups, one flag per concept everywhere (the README's flag table): `ModelFlags`,
+  `DeviceFlags`, `LoRAFlags`, `OutputFlags`, `TrainLoopFlags`, `ExportFlags`, `GenerationFlags`,
+  and `endpoint_flags(role, who)` (--ROLE-base-url, --ROLE-model-name, --ROLE-api-key; llm.from_flags
+  builds the client). A config inherits the groups it needs; `like(group, name, default)` changes a
+  field's default or help, never its flag. `arg(old=...)` keeps a renamed flag's earlier spellings for
+  one release, hidden from --help, with a one-line deprecation on stderr (`old_values` for a choice,
+  `retired` for a flag leaving the vocabulary).
 - `--config FILE` (every command): flag values from a TOML, JSON or YAML file, keys named as the
   fields or flags (`lora_r` or `lora-r`); flags given on the command line win, an unknown key or a
   value of the wrong type is one line naming the file and the key. `write_config` writes the
