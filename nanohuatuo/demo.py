@@ -78,6 +78,7 @@ class DemoSize:
     ppo_epochs: int = 2  # passes over each rollout batch (DeepSpeed-Chat uses 1; the default 4 doubles the time)
     ppo_batch: int = 16
     ppo_micro: int = 16
+    ppo_minibatches: int = 1  # optimizer steps per pass over a rollout batch
     ppo_tokens: int = 80
     ppo_lr: float = 3e-4
     kl_coef: float = 0.1
@@ -95,13 +96,15 @@ class DemoSize:
 
 # Size profiles. "tiny" trains a model from scratch. The others put LoRA on a real checkpoint with
 # learning rates for pretrained weights (SFT 2e-4 at most, as sft.py allows without
-# --allow-high-lr; RM 1e-4; PPO 5e-5 to 1e-4): a rate meant for random weights destroys them.
+# --allow-high-lr; RM 1e-4; PPO 2e-5 to 2e-4, the top for the few steps of a CPU run): a rate meant for
+# random weights destroys them.
 PROFILES = {
     "tiny": DemoSize(),
     # a 100-500M checkpoint on two CPU cores in about 20 minutes (measured in docs/benchmarks.md)
     "cpu": DemoSize(lora_r=16, sft_steps=16, sft_batch=8, sft_micro=4, sft_lr=2e-4, max_len=192, rl_prompts=32, k=4,
-                    sample_tokens=48, rm_epochs=1, rm_lr=1e-4, ppo_steps=10, ppo_epochs=2, ppo_batch=8, ppo_micro=8,
-                    ppo_tokens=48, ppo_lr=1e-4, kl_coef=0.05, length_debias=1.0, eval_prompts=8,
+                    sample_tokens=48, rm_epochs=1, rm_lr=1e-4, ppo_steps=10, ppo_epochs=2, ppo_batch=8, ppo_micro=4,
+                    ppo_minibatches=2,
+                    ppo_tokens=48, ppo_lr=2e-4, kl_coef=0.05, length_debias=1.0, eval_prompts=8,
                     eval_questions=12, eval_cases=2, eval_turns=2, eval_tokens=48, distill_items=2,
                     # 48 tokens cut most answers of a small model (Chinese is 1-3 tokens a character):
                     # a penalty on every cut answer would leave PPO nothing to learn from
@@ -111,7 +114,7 @@ PROFILES = {
     # path serves the rollouts, and K = 8 answers per prompt give the judge more to rank
     "gpu-24g": DemoSize(lora_r=16, sft_steps=200, sft_batch=16, sft_micro=2, sft_lr=1e-4, max_len=1024,
                         rl_prompts=256, k=8, sample_tokens=256, rm_epochs=1, rm_lr=5e-5, ppo_steps=50, ppo_epochs=2,
-                        ppo_batch=32, ppo_micro=4, ppo_tokens=256, ppo_lr=2e-5, kl_coef=0.05, length_debias=1.0,
+                        ppo_batch=32, ppo_micro=4, ppo_minibatches=4, ppo_tokens=256, ppo_lr=2e-5, kl_coef=0.05, length_debias=1.0,
                         eval_prompts=64, eval_questions=50, eval_cases=8, eval_turns=4, eval_tokens=384,
                         distill_items=16, grad_checkpointing=True, compile=True),
 }
@@ -474,7 +477,7 @@ def _run(cfg: DemoConfig, size: DemoSize, real: bool, out: str, device: str, pro
                             template=template, max_steps=size.ppo_steps, batch_size=size.ppo_batch,
                             max_new_tokens=size.ppo_tokens, temperature=0.7, lr=size.ppo_lr, kl_coef=size.kl_coef,
                             length_debias=size.length_debias, missing_eos_penalty=size.eos_penalty,
-                            ppo_epochs=size.ppo_epochs,
+                            ppo_epochs=size.ppo_epochs, num_mini_batches=size.ppo_minibatches,
                             micro_batch_size=size.ppo_micro, grad_checkpointing=size.grad_checkpointing,
                             compile=size.compile and device.startswith("cuda"),
                             sample_every=max(size.ppo_steps // 4, 1), save_every=size.ppo_steps, device=device,
