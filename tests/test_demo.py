@@ -166,7 +166,7 @@ def test_quick_demo_on_a_real_checkpoint_is_lora_with_its_own_template(tmp_path,
     assert h["n"] == 10 and set(h["mean"]) == {"PPO", "SFT", "base"}
     p = h["PPO_vs_SFT"]
     assert p["higher"] + p["lower"] <= 10 and abs(p["diff"] - (h["mean"]["PPO"] - h["mean"]["SFT"])) < 1e-9
-    assert "prompts PPO never saw" in report
+    assert "prompts RL never saw" in report
 
 
 def test_gpu_profile_runs_on_a_cpu_with_a_tiny_checkpoint(tmp_path, capsys):
