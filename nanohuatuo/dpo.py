@@ -301,7 +301,8 @@ def load_checkpoint(model, cfg: DPOConfig, path, optimizer, d) -> int:
 
 def train(cfg: DPOConfig) -> dict:
     """Train the DPO adapter as `cfg` says; returns the summary: first/last loss, the last step's
-    means (accuracy, margin, rewards, log_ratio), held-out figures, steps, out, seconds, history."""
+    means (accuracy, margin, rewards, log_ratio), held-out figures, steps, out, seconds (ref_seconds of
+    them computing the reference log-probs), history (the logged rows)."""
     cfg.check()
     d = dist.setup(cfg.device)
     try:
@@ -407,8 +408,8 @@ def _train(cfg: DPOConfig, d, hold) -> dict:
     summary.update(evals)
     if history:
         summary.update(first_loss=history[0]["loss"], last_loss=history[-1]["loss"])
-    summary.update(steps=start + len(history), out=str(out), seconds=time.time() - t_start, stopped=stopped,
-                   history=history)
+    summary.update(steps=start + len(history), out=str(out), seconds=time.time() - t_start, ref_seconds=t_ref,
+                   stopped=stopped, history=history)
     return summary
 
 
