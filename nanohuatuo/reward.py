@@ -1,5 +1,6 @@
 """Reward model training: a scalar score for (conversation, answer), learned from the AI judge's
 rankings (RLAIF step 3). `train(RMConfig)` and its CLI (train_rm.py, python -m nanohuatuo.reward).
+The preference files (ours, TRL's, MedicalGPT's) are read by preferences.py, shared with DPO.
 
 The model is the base transformer (with the SFT adapter merged into it, when given) plus a LoRA
 adapter (or all weights trained: lora_r=0) plus a linear value head d -> 1 read at the LAST REAL
@@ -73,7 +74,9 @@ class RMConfig:
     model: str = arg("", "model directory the reward model starts from (Hugging Face layout), usually the "
                          "SFT model's base")
     adapter: str | None = arg(None, "SFT LoRA adapter on --model, merged into it before the reward model's own LoRA")
-    data: list[str] = arg([], "preference JSONL file(s) from `python -m nanohuatuo.feedback rank`", metavar="FILE")
+    data: list[str] = arg([], "preference JSONL file(s): `python -m nanohuatuo.feedback rank` records, TRL "
+                              "prompt/chosen/rejected or MedicalGPT question/response_chosen/response_rejected rows",
+                          metavar="FILE")
     out: str = arg("out/rm", "output directory: the reward model, reward_config.json, metrics.jsonl, checkpoints/")
     template: str = arg("auto", "chat template: auto (the model's own), or a name (huatuo, huatuo2, chatml, ...)")
     lora_r: int = arg(8, "LoRA rank; 0 trains all weights")
