@@ -185,3 +185,27 @@ def test_bad_input_is_one_line_and_exit_2(base, tmp_path, capsys):
     assert len(err) == 3 and all(line.startswith("error: ") for line in err), err
     assert "bad.jsonl:1" in err[0] and "typo.jsonl" in err[1] and "label-smoothing" in err[2]
     assert not (tmp_path / "out").exists()  # nothing was touched
+
+
+def test_the_adapter_written_for_the_base_is_sft_plus_dpo(base, tmp_path):
+    from nanohuatuo.lora import apply_lora, lora_modules, save_adapter
+    from nanohuatuo.model import Transformer
+    path, tok, _ = base
+    sft = Transformer.from_pretrained(path)
+    apply_lora(sft, r=2, alpha=4, dropout=0.0)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for _, m in lora_modules(sft):
+            m.lora_B.weight.normal_(0, 0.1)  # a non-trivial SFT adapter
+    save_adapter(sft, tmp_path / "sft")
+    data = write_jsonl(tmp_path / "prefs.jsonl", records(8))
+    res = dpo.train(_cfg(path, data, tmp_path / "out", adapter=str(tmp_path / "sft"), max_steps=2, save_merged=True))
+    ids = torch.tensor([render(preferences.with_answer("孩子发烧咳嗽", "多喝水。"), tok, "plain")[0]])
+    with torch.no_grad():
+        model = Transformer.from_pretrained(path, adapter=res["out"])
+        merged = Transformer.from_pretrained(tmp_path / "out" / "merged")
+        sft_only = Transformer.from_pretrained(path, adapter=str(tmp_path / "sft"))
+        got, want = model.logits(model.hidden_states(ids)), merged.logits(merged.hidden_states(ids))
+        before = sft_only.logits(sft_only.hidden_states(ids))
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+    assert (got - before).abs().max() > 1e-4  # DPO moved it away from the SFT model
