@@ -229,7 +229,11 @@ def sequence_logprobs(model, ids, starts, lengths):
     # the state at t predicts token t + 1: answer tokens starts..lengths-1 are read from starts-1..lengths-2
     keep = (pos[None] >= starts[:, None] - 1) & (pos[None] < lengths[:, None] - 1)  # (B, T - 1)
     rows, cols = keep.nonzero(as_tuple=True)
-    logp, _ = token_logprobs(model, h[rows, cols], ids[rows, cols + 1], 1.0)
+    h, targets = h[rows, cols], ids[rows, cols + 1]
+    # with a gradient, token_logprobs chunks the logits itself; without (the reference) it would take all at once
+    chunk = len(h) if torch.is_grad_enabled() else max(1, 2**25 // model.lm_head.weight.shape[0])
+    logp = torch.cat([token_logprobs(model, h[s:s + chunk], targets[s:s + chunk], 1.0)[0]
+                      for s in range(0, len(h), chunk)]) if len(h) else h.new_zeros(0, dtype=torch.float32)
     total = torch.zeros(B, dtype=logp.dtype, device=ids.device).index_add(0, rows, logp)
     return total, keep.sum(-1)
 
