@@ -185,8 +185,9 @@ def load_policy(cfg: DPOConfig, device, dtype) -> tuple[Transformer, dict | None
         merge_and_unload(model)
     apply_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
                targets=cfg.lora_targets or default_targets(model))
+    lora_dropout = {id(m.lora_dropout) for _, m in lora_modules(model)}
     for mod in model.modules():  # no dropout in the trunk: policy and reference must agree at step 0
-        if isinstance(mod, nn.Dropout) and not any(mod is m.lora_dropout for _, m in lora_modules(model)):
+        if isinstance(mod, nn.Dropout) and id(mod) not in lora_dropout:
             mod.p = 0.0
     model.grad_checkpointing = cfg.grad_checkpointing
     return model, sft
