@@ -27,10 +27,12 @@ from safetensors.torch import load_file, save_file
 
 from .hf import (MissingFileError, ModelDirError, atomic_json, atomic_write, hf_to_ours, ours_to_hf, read_json,
                  safetensors_header)
+from .quant import NF4Linear
 
 # Llama-family names; `default_targets(model)` gives every projection of any family
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 HEADS = ("lm_head", "value_head")  # trained in full when needed; `Transformer.logits` bypasses lm_head's forward
+LINEARS = (nn.Linear, NF4Linear)  # what LoRA wraps: a plain layer or a frozen 4-bit one (QLoRA)
 
 
 # ----------------------------------------------------------------------------- the layer
@@ -46,16 +48,18 @@ class LoRALinear(nn.Module):
     `weight`/`bias` read the base's, so code that looks at `module.weight` keeps working, and the
     state dict uses the plain layer's names (`q_proj.weight`, not `q_proj.base.weight`) next to
     `lora_A.weight`/`lora_B.weight`: `save_pretrained` of a LoRA model writes the base model.
+    On a 4-bit base (quant.NF4Linear) there is no `weight` and no merging: save the adapter.
     """
 
-    def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False):
+    def __init__(self, base: nn.Linear | NF4Linear, r: int, alpha: float, dropout: float = 0.0,
+                 use_rslora: bool = False):
         super().__init__()
         if r <= 0:
             raise ValueError(f"LoRA rank r={r}: it must be a positive integer")
         self.base = base.requires_grad_(False)
         self.r, self.alpha = r, alpha
         self.scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
-        device = base.weight.device
+        device = (base.packed if isinstance(base, NF4Linear) else base.weight).device
         self.lora_A = nn.Linear(base.in_features, r, bias=False, device=device, dtype=torch.float32)
         self.lora_B = nn.Linear(r, base.out_features, bias=False, device=device, dtype=torch.float32)
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))  # PEFT's default init
@@ -100,6 +104,10 @@ class LoRALinear(nn.Module):
             return
         if self.disabled:
             raise RuntimeError("LoRALinear.merge: the adapter is disabled; enable it before merging")
+        if isinstance(self.base, NF4Linear):
+            raise RuntimeError("LoRALinear.merge: the base is 4-bit (NF4), and rounding base + update to 4 bits "
+                               "would lose most of the update; save the adapter and merge it on the "
+                               "full-precision base")
         w = self.base.weight
         w.copy_((w.float() + self.delta_weight()).to(w.dtype))
         self.merged = True
@@ -152,7 +160,7 @@ def default_targets(model) -> list[str]:
     arch, names = model.config.arch, []
     for n, m in model.named_modules():
         inside_lora = n.rsplit(".", 1)[-1] in ("base", "lora_A", "lora_B")
-        if n.startswith("layers.") and (isinstance(m, LoRALinear) or (isinstance(m, nn.Linear) and not inside_lora)):
+        if n.startswith("layers.") and (isinstance(m, LoRALinear) or (isinstance(m, LINEARS) and not inside_lora)):
             last = _hf_module_name(n, arch).rsplit(".", 1)[-1]
             if last not in names:
                 names.append(last)
@@ -178,7 +186,7 @@ def apply_lora(model, r=8, alpha=16, dropout=0.05, targets=DEFAULT_TARGETS, use_
                          f"LoRA here: train them in full and save them with save_adapter(..., extra=...)")
     arch = model.config.arch
     linears = [(n, m) for n, m in model.named_modules()
-               if isinstance(m, nn.Linear) and n.split(".")[0] not in HEADS]
+               if isinstance(m, LINEARS) and n.split(".")[0] not in HEADS]
     chosen = [(n, m) for n, m in linears if _is_target(targets, (n, _hf_module_name(n, arch)))]
     if not chosen:
         names = sorted({n.rsplit(".", 1)[-1] for n, _ in linears})

@@ -26,7 +26,8 @@ from torch.utils.checkpoint import checkpoint
 
 from . import hf
 from .hf import ModelConfig
-from .lora import load_adapter
+from .lora import load_adapter, merge_and_unload
+from .quant import quantize
 
 
 # ----------------------------------------------------------------------------- positions
@@ -311,19 +312,31 @@ class Transformer(nn.Module):
         return self.value_head
 
     @classmethod
-    def from_pretrained(cls, path, dtype=None, device=None, adapter=None, value_head=None, strict=True):
+    def from_pretrained(cls, path, dtype=None, device=None, adapter=None, value_head=None, strict=True,
+                        merge=False, quant="none"):
         """Load a Hugging Face model directory (config.json + safetensors); see `hf.load`.
 
-        adapter: a LoRA adapter directory (PEFT layout) applied on top, see lora.py. Errors in the
-        directory are `hf.ModelDirError`s naming the file and tensor.
+        adapter: a LoRA adapter directory (PEFT layout) applied on top, see lora.py; merge=True folds
+        it into the weights (plain layers again, as `lora.merge_and_unload`). Errors in the directory
+        are `hf.ModelDirError`s naming the file and tensor.
+        quant: "nf4" stores the linear layers of the blocks in 4 bits, frozen (quant.py: QLoRA), after
+        the merge, since a 4-bit base takes none later. Every training stage loads its base here, so
+        this is where a QLoRA base comes from. The weights are first loaded whole in `dtype` on
+        `device` (one full copy at the peak), then quantised there layer by layer.
         """
         model = hf.load(path, cls, dtype=dtype, device=device, value_head=value_head, strict=strict)
         if adapter is not None:
             load_adapter(model, adapter)
+            if merge:
+                merge_and_unload(model)
+        quantize(model, quant)
         return model
 
     def save_pretrained(self, path, **kw):
         """Write config.json + safetensors in the Hugging Face layout of this architecture (`hf.save`)."""
+        if getattr(self, "quant", "none") != "none":
+            raise ValueError(f"save_pretrained: this model's blocks are {self.quant}-quantised; save its LoRA "
+                             f"adapter and merge that on the full-precision base instead")
         hf.save(self, path, **kw)
 
 

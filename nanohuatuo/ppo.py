@@ -66,6 +66,7 @@ from .lora import (apply_lora, default_targets, disabled_adapters, load_adapter,
 from .losses import length_debias, masked_mean, masked_var, response_forward, whiten
 from .metrics import MetricsLog, plot_metrics
 from .model import Transformer
+from .quant import QUANT_HELP, QUANTS
 from .reward_model import RewardModel, Scorer, ScoreScale, end_at_stop_string, end_token, reward_scorer, share_base
 from .rollout import Batch, load_prompts, pack, prompt_indices
 from .templates import resolve_template, save_chat_template, stop_strings, stop_token_ids
@@ -100,7 +101,8 @@ class PPOConfig:
     temperature: float = arg(0.7, "sampling temperature (top_k 0, top_p 1, no min length)")
     rollout_batch_size: int = arg(0, "rows generated at once per process; 0: the whole local batch")
     missing_eos_penalty: float | None = arg(-1.0, "score of an answer that never stops, in reward units ('none' "
-                                                  "keeps the reward model's score)", parse=_penalty)
+                                                  "keeps the reward model's score of it, closed by the end token)",
+                                            parse=_penalty)
     length_debias: float = arg(0.0, "remove COEF times the batch's linear dependence of the score on answer length "
                                     "(1: all of it), so PPO cannot win by shrinking or padding answers (0: off)")
     # KL penalty in the reward
@@ -141,6 +143,7 @@ class PPOConfig:
     dtype: str = arg("auto", "auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16 or float16",
                      choices=["auto", "float32", "bfloat16", "float16"])
     grad_checkpointing: bool = arg(False, "recompute each block's activations in backward (less memory)")
+    quant: str = arg("none", QUANT_HELP, choices=list(QUANTS))
     compile: bool = arg(False, "torch.compile the decode step (CUDA)")
     seed: int = arg(0, "seed of the LoRA init, the prompt order and the rollouts")
     sample_every: int = arg(10, "print and save sample answers every N steps (0: never)")
@@ -274,16 +277,17 @@ def critic(m: Models):
 
 def load_policy(cfg: PPOConfig, device=None, dtype=None) -> Models:
     """Build policy, reference and value from cfg.model (+ cfg.adapter); see the module docstring."""
-    model = Transformer.from_pretrained(cfg.model, dtype=dtype, device=device, value_head=False)
+    merge_sft = bool(cfg.adapter) and not cfg.continue_adapter
+    # the SFT adapter is merged at load, before any quantisation: a 4-bit base takes no merge
+    model = Transformer.from_pretrained(cfg.model, dtype=dtype, device=device, value_head=False, merge=True,
+                                        adapter=cfg.adapter if merge_sft else None, quant=cfg.quant)
     ref_lora, sft = None, None
     if cfg.adapter and cfg.continue_adapter:
         load_adapter(model, cfg.adapter, trainable=True)
         ref_lora = adapters.snapshot(model, trainable=False)
     else:
-        if cfg.adapter:
-            load_adapter(model, cfg.adapter, trainable=False)
-            sft = adapters.lora_tensors(model)
-            merge_and_unload(model)
+        if merge_sft:  # its tensors, for the export on the original base
+            sft = adapters.read_lora_tensors(cfg.adapter, model.config)[0]
         apply_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=0.0,
                    targets=cfg.lora_targets or default_targets(model))
     for mod in model.modules():  # dropout off everywhere: it would make old and new log-probs disagree
@@ -332,7 +336,7 @@ def make_reward(reward_fn, m: Models, cfg: PPOConfig, tok, template, d, dtype) -
                         "ppo.train(cfg, reward_fn=...)")
     return reward_scorer(reward_fn or cfg.reward, tok, template, share=lambda: shared_reward_model(m, cfg, tok),
                          device=d.device, dtype=dtype, reward_template=cfg.reward_template,
-                         say=print if d.main else lambda *a: None)
+                         say=print if d.main else lambda *a: None, quant=cfg.quant)
 
 
 # ============================================================================= prompts
@@ -405,6 +409,10 @@ def make_experience(m: Models, cfg: PPOConfig, kl_coef, prompts, rows, reward: S
     resp = b.ids[:, b.P:]
     resp_lists = [resp[i, :n].tolist() for i, n in enumerate(lengths)]
     texts = [cut_at_stop(tok.decode([t for t in r if t not in stops]), stop_strs) for r in resp_lists]
+    # an answer cut by the token limit is scored closed by the end token, as the judge's rankings and the
+    # reward model's training pairs hold every answer; scored mid-text, the reward model would read a
+    # position it never learned from, and its score would be noise
+    resp_lists = [r if b.ended[i] else r + [end_id] for i, r in enumerate(resp_lists)]
     scores = torch.as_tensor(reward.fn(prompts, resp_lists, rows, texts), dtype=torch.float32).to(device).reshape(B)
     if scale is not None:
         scores = scale(scores, d)
@@ -664,7 +672,12 @@ def _train(cfg: PPOConfig, reward_fn, d, hold) -> dict:
                 save_adapter(m.model, os.path.join(out, "critic"), extra=m.head())
         if os.path.exists(log.path) and os.path.getsize(log.path):
             _plot(out, log.path)
-        if cfg.save_merged:  # destroys the LoRA layers: last
+        if cfg.save_merged and cfg.quant != "none":
+            # a 4-bit base takes no merge: the adapter just written, merged on the full-precision base (CPU)
+            Transformer.from_pretrained(cfg.model, dtype=dtype, adapter=out, merge=True, value_head=False) \
+                .save_pretrained(os.path.join(out, "merged"))
+            save_chat_template(os.path.join(out, "merged"), tok, template)
+        elif cfg.save_merged:  # destroys the LoRA layers: last
             m.model.value_head = None
             merge_and_unload(m.model).save_pretrained(os.path.join(out, "merged"))
             save_chat_template(os.path.join(out, "merged"), tok, template)

@@ -63,6 +63,7 @@ from .lora import apply_lora, default_targets, load_adapter, save_adapter
 from .metrics import MetricsLog, plot_metrics
 from .model import Transformer
 from .preferences import policy_seqs, read_preferences, reference_index  # noqa: F401 (re-exported)
+from .quant import QUANT_HELP, QUANTS
 from .reward_model import (RM_CONFIG, RewardModel, load_reward_model, load_trunk, raw_scores, right_pad,  # noqa: F401
                            rm_forward, score_ids, score_texts, with_answer)
 from .templates import render, resolve_template, save_chat_template
@@ -109,6 +110,7 @@ class RMConfig:
                                      "either way")
     max_grad_norm: float = arg(1.0, "clip the gradient norm to this")
     grad_checkpointing: bool = arg(False, "recompute each block's activations in backward (less memory)")
+    quant: str = arg("none", QUANT_HELP, choices=list(QUANTS))
     save_every: int = arg(200, "checkpoint every N steps (and at the end)")
     keep_checkpoints: int = arg(1, "checkpoints kept in out/checkpoints (older ones are deleted)")
     resume: bool = arg(False, "continue the interrupted run in --out from its last checkpoint")
@@ -183,7 +185,7 @@ def build_model(cfg: RMConfig, device, dtype) -> tuple[Transformer, list, list]:
     torch.manual_seed(cfg.seed)  # value head and LoRA A initialisation
     # full mode keeps lm_head outside the Llama family: only there is the head-less layout reloadable
     keep = cfg.lora_r == 0 and read_config(cfg.model)[1].arch not in LLAMA_LIKE
-    model = load_trunk(cfg.model, cfg.adapter, device, dtype, keep_lm_head=keep)
+    model = load_trunk(cfg.model, cfg.adapter, device, dtype, keep_lm_head=keep, quant=cfg.quant)
     model.value_head.requires_grad_(True)
     head = list(model.value_head.parameters())
     if cfg.lora_r > 0:
@@ -228,6 +230,8 @@ def train(cfg: RMConfig) -> dict:
 def _train(cfg: RMConfig, hold: contextlib.ExitStack) -> dict:
     if not cfg.model or not cfg.data:
         raise UserError("the reward model needs --model (model directory) and --data (preference JSONL)")
+    if cfg.quant != "none" and cfg.lora_r <= 0:
+        raise UserError(f"--quant {cfg.quant} freezes the base weights: it needs LoRA (--lora-r > 0)")
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device, training=True)
     lr = cfg.lr if cfg.lr is not None else (1e-4 if cfg.lora_r > 0 else 1e-5)

@@ -34,7 +34,7 @@ import torch.nn as nn
 from . import adapters, dist
 from .cli import resolve_device, resolve_dtype
 from .generate import cut_at_stop
-from .lora import CONFIG_FILE as ADAPTER_CONFIG, load_adapter, lora_modules, merge_and_unload
+from .lora import CONFIG_FILE as ADAPTER_CONFIG, load_adapter, lora_modules
 from .model import Transformer
 from .templates import ChatTemplate, render, resolve_template
 from .tokenizer import Tokenizer
@@ -119,11 +119,11 @@ def with_answer(prompt, answer: str) -> list[dict]:
 
 # ----------------------------------------------------------------------------- loading and scoring
 
-def load_trunk(base, sft_adapter, device, dtype, keep_lm_head=False) -> Transformer:
-    """Base (+ merged SFT adapter) with a value head (loaded, or fresh) and, usually, no lm_head."""
-    model = Transformer.from_pretrained(base, dtype=dtype, device=device, adapter=sft_adapter, value_head=True)
-    if sft_adapter:
-        merge_and_unload(model)
+def load_trunk(base, sft_adapter, device, dtype, keep_lm_head=False, quant="none") -> Transformer:
+    """Base (+ merged SFT adapter) with a value head (loaded, or fresh) and, usually, no lm_head;
+    quant="nf4": blocks in 4 bits after the merge (quant.py)."""
+    model = Transformer.from_pretrained(base, dtype=dtype, device=device, adapter=sft_adapter, value_head=True,
+                                        merge=True, quant=quant)
     if not keep_lm_head:
         model.lm_head = None  # a reward model never needs the vocab projection: save its memory
         model.config.lm_head = False
@@ -139,11 +139,12 @@ def read_rm_config(path) -> dict | None:
         return json.load(f)
 
 
-def load_reward_model(path, device=None, dtype=None, template: str | None = None) -> RewardModel:
+def load_reward_model(path, device=None, dtype=None, template: str | None = None, quant="none") -> RewardModel:
     """A frozen reward model in eval mode from our RM directory (LoRA or full) or a released
     HuatuoGPT/Ziya reward-model directory (value_head.* tensors, no reward_config.json: bias 0,
     gain 1, max_len from its config, the template `template` or, when None/"auto", its directory's
-    own chat template). `template` overrides the one our reward_config.json records."""
+    own chat template). `template` overrides the one our reward_config.json records. quant="nf4": the
+    frozen blocks in 4 bits (quant.py)."""
     device = resolve_device(device)
     dtype = dtype if isinstance(dtype, torch.dtype) else resolve_dtype(dtype, device)
     rc = read_rm_config(path)
@@ -152,7 +153,7 @@ def load_reward_model(path, device=None, dtype=None, template: str | None = None
         if rc["lora"]:
             if not os.path.isdir(rc["base"]):
                 raise FileNotFoundError(f"{where}: base model {rc['base']} not found; fix 'base' in that file")
-            model = load_trunk(rc["base"], rc.get("sft_adapter"), device, dtype)
+            model = load_trunk(rc["base"], rc.get("sft_adapter"), device, dtype, quant=quant)
             extra = load_adapter(model, path)
             if set(extra) != {"value_head.weight", "value_head.bias"}:
                 raise KeyError(f"{path}/extra.safetensors: expected value_head.weight and value_head.bias, found "
@@ -162,7 +163,7 @@ def load_reward_model(path, device=None, dtype=None, template: str | None = None
                 model.value_head.bias.copy_(extra["value_head.bias"])
             tok = Tokenizer(rc["base"])
         else:
-            model = Transformer.from_pretrained(path, dtype=dtype, device=device)
+            model = Transformer.from_pretrained(path, dtype=dtype, device=device, quant=quant)
             tok = Tokenizer(path)
         tmpl = rm_template(rc["base"] if rc["lora"] else path, template, rc["template"])
         bias, gain, max_len, std = rc["bias"], rc["gain"], rc["max_len"], rc.get("score_std")
@@ -170,7 +171,7 @@ def load_reward_model(path, device=None, dtype=None, template: str | None = None
         if os.path.exists(os.path.join(path, ADAPTER_CONFIG)):
             raise FileNotFoundError(f"{os.path.join(path, RM_CONFIG)} not found but {path} holds an adapter: "
                                     f"reward-model training did not finish; rerun train_rm.py")
-        model = Transformer.from_pretrained(path, dtype=dtype, device=device)
+        model = Transformer.from_pretrained(path, dtype=dtype, device=device, quant=quant)
         if model.value_head is None:
             raise ValueError(f"{path}: no value_head tensors and no {RM_CONFIG}; this is not a reward model "
                              f"(train one with train_rm.py)")
@@ -299,7 +300,7 @@ def share_base(path, model: Transformer, base, sft_adapter, tok, template=None, 
 
 
 def reward_scorer(reward, tok, template, share=None, device=None, dtype=None, reward_template=None,
-                  say=print) -> Scorer:
+                  say=print, quant="none") -> Scorer:
     """A policy's reward: `reward` a function fn(prompts, responses, rows, texts), a loaded RewardModel,
     or a reward model directory. A directory's model is `share()`'s (rm, why) when that gives one (one
     more adapter + head on the policy's base, share_base), else loaded as its own model with a line
@@ -314,7 +315,7 @@ def reward_scorer(reward, tok, template, share=None, device=None, dtype=None, re
             f"same weights (no second copy)")
     else:
         say(f"reward model {reward} cannot share the policy's base ({why}): loading it as its own model")
-        rm = load_reward_model(reward, device=device, dtype=dtype, template=reward_template)
+        rm = load_reward_model(reward, device=device, dtype=dtype, template=reward_template, quant=quant)
     return scorer(rm, tok, template)
 
 

@@ -67,6 +67,7 @@ from .lora import apply_lora, default_targets, load_adapter, merge_and_unload, s
 from .losses import IGNORE, linear_cross_entropy, output_weight
 from .metrics import MetricsLog, plot_metrics
 from .model import Transformer
+from .quant import QUANT_HELP, QUANTS
 from .templates import render, resolve_template, save_chat_template
 from .tokenizer import Tokenizer
 
@@ -104,6 +105,7 @@ class SFTConfig:
     warmup_frac: float = arg(0.05, "fraction of the steps spent in linear warm-up")
     max_grad_norm: float = arg(1.0, "clip the global gradient norm to this (0: off)")
     grad_checkpointing: bool = arg(False, "recompute each block's activations in backward (less memory)")
+    quant: str = arg("none", QUANT_HELP, choices=list(QUANTS))
     seed: int = arg(0, "seed of the split, the shuffles, LoRA init and dropout")
     # bookkeeping
     eval_every: int = arg(200, "held-out loss every N steps (and before the first step and at the end)")
@@ -236,8 +238,8 @@ def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
 def build_model(cfg: SFTConfig, d: Dist, compute_dtype, ckpt: Path | None) -> Transformer:
     """The model to train: base + fresh or checkpointed LoRA, or full weights from base or checkpoint."""
     if cfg.lora_r:
-        # frozen base in the compute dtype (a 7B fits a 24 GB card in bf16); adapters stay float32
-        model = Transformer.from_pretrained(cfg.model, dtype=compute_dtype, device=d.device)
+        # frozen base in the compute dtype (a 7B fits a 24 GB card in bf16) or NF4; adapters stay float32
+        model = Transformer.from_pretrained(cfg.model, dtype=compute_dtype, device=d.device, quant=cfg.quant)
         apply_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
                    targets=cfg.lora_targets or default_targets(model))
         if ckpt is not None:
@@ -332,6 +334,11 @@ def _train(cfg: SFTConfig, d: Dist, hold: contextlib.ExitStack) -> dict:
     if not cfg.model:
         raise UserError("no model: pass --model DIR (a Hugging Face model directory)")
     lora = cfg.lora_r > 0
+    if cfg.quant != "none" and not lora:
+        raise UserError(f"--quant {cfg.quant} freezes the base weights: it needs LoRA (--lora-r > 0)")
+    if cfg.quant != "none" and cfg.fsdp:
+        raise UserError(f"--quant {cfg.quant} with --fsdp: FSDP does not shard 4-bit weights; use one of them "
+                        f"(a 4-bit 7B base fits one 24 GB GPU)")
     peak_lr = cfg.lr if cfg.lr is not None else (1e-4 if lora else 5e-5)
     if lora and peak_lr > LORA_LR_LIMIT and not cfg.allow_high_lr:
         raise UserError(f"--lr {peak_lr:g} for LoRA is above {LORA_LR_LIMIT:g}: a narrow medical LoRA at a high "
@@ -529,8 +536,8 @@ def write_outputs(cfg: SFTConfig, d: Dist, model: Transformer, tok: Tokenizer, t
         if not cfg.lora_r:
             say("--merge: full fine-tuning already wrote a full model; nothing to merge")
             return
-        if cfg.fsdp and d.world > 1:
-            # the shadow holds only the adapter: merge onto a freshly loaded base
+        if (cfg.fsdp and d.world > 1) or cfg.quant != "none":
+            # the shadow holds only the adapter, or the base is 4-bit: merge onto a freshly loaded full base
             merged = Transformer.from_pretrained(cfg.model, adapter=out)
         else:
             merged = model

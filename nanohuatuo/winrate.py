@@ -160,6 +160,19 @@ def wtl_stats(outcomes: list[str], diffs: list[float], boots: int = 1000, seed: 
     return out
 
 
+def paired_diff(a: list[float], b: list[float], boots: int = 1000, seed: int = 0) -> dict:
+    """Mean of a - b over the same items, its bootstrap 95% interval over items, and how many items
+    went up or down: a score (e.g. a reward model's) of two systems' answers to the same questions."""
+    d = np.asarray(a, dtype=float) - np.asarray(b, dtype=float)
+    out = {"n": len(d), "mean_a": float(np.mean(a)) if len(d) else None, "mean_b": float(np.mean(b)) if len(d) else None,
+           "diff": float(d.mean()) if len(d) else None, "diff_ci": None,
+           "higher": int((d > 0).sum()), "lower": int((d < 0).sum())}
+    if len(d) > 1 and boots:
+        means = d[np.random.default_rng(seed).integers(0, len(d), (boots, len(d)))].mean(1)
+        out["diff_ci"] = [float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))]
+    return out
+
+
 def length(text: str | None) -> int:
     """Characters without whitespace: the unit of the length-controlled fit."""
     return len("".join((text or "").split()))

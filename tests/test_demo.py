@@ -161,6 +161,27 @@ def test_quick_demo_on_a_real_checkpoint_is_lora_with_its_own_template(tmp_path,
     assert "PPO vs the base model" in report and "\n- base: " in report and "\n- SFT: " in report
     assert summary["eval"]["pairwise_base"]["n"] + summary["eval"]["pairwise_base"]["unjudged"] == 6
     assert "\ufffd" not in report
+    # the reward model's scores of base, SFT and PPO on prompts PPO never saw: 4 doctor prompts + 6 questions
+    h = summary["eval"]["rm_heldout"]
+    assert h["n"] == 10 and set(h["mean"]) == {"PPO", "SFT", "base"}
+    p = h["PPO_vs_SFT"]
+    assert p["higher"] + p["lower"] <= 10 and abs(p["diff"] - (h["mean"]["PPO"] - h["mean"]["SFT"])) < 1e-9
+    assert "prompts PPO never saw" in report
+
+
+def test_gpu_profile_runs_on_a_cpu_with_a_tiny_checkpoint(tmp_path, capsys):
+    """The gpu-24g profile's recipe (gradient checkpointing in SFT, RM and PPO; K = 8 before --quick) runs
+    end to end where no GPU is at hand; the compiled decode path is CUDA-only and says so by its absence."""
+    model, _ = real_checkpoint(tmp_path / "qwen")
+    out = tmp_path / "demo"
+    summary = run(out=str(out), quick=True, model=model, size="gpu-24g")
+    said = capsys.readouterr().out
+    assert summary["size_profile"] == "gpu-24g" and "size profile: gpu-24g (--size" in said
+    assert "gradient checkpointing" in said and "compiled decode" not in said
+    assert summary["size"]["grad_checkpointing"] and summary["size"]["sft_lr"] == 1e-4
+    for stage, name in (("sft", "sft_config.json"), ("rm", "rm_config.json"), ("ppo", "ppo_config.json")):
+        assert json.loads((out / stage / name).read_text())["grad_checkpointing"], stage
+    assert summary["eval"]["rm_heldout"]["n"] == 10
 
 
 def test_size_profiles_follow_the_device_and_the_parameter_count():

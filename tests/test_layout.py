@@ -30,7 +30,7 @@ LAYERS = {  # imports go down (or sideways within a layer, but never between sta
     "shared": {"cli", "checkpoint", "dist", "losses", "llm", "adapters", "reward_model", "httpjson",
                "answers", "sheets", "rollout", "reports", "consult", "preferences"},
     "stages": {"sft", "reward", "ppo", "dpo", "sampling", "feedback", "chat", "serve", "evaluate", "distill"},
-    "top": {"demo", "__init__"},  # __init__: the package's public names, from every layer
+    "top": {"demo", "demo_report", "__init__"},  # __init__: the package's public names, from every layer
 }
 ORDER = list(LAYERS)
 LAYER_OF = {m: layer for layer, mods in LAYERS.items() for m in mods}

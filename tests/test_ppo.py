@@ -472,7 +472,8 @@ def test_a_reward_model_that_cannot_share_says_why(tmp_path, capsys):
 
 def test_stop_string_answers_end_on_the_end_token(tiny, tmp_path, monkeypatch):
     """An answer that stops on a stop string is cut before it and ends on the template's end token, so
-    the reward reads the position it was trained on and the policy learns to end its turn."""
+    the reward reads the position it was trained on and the policy learns to end its turn; an answer
+    cut by the token limit is read closed by the end token as well (the penalty, when set, replaces it)."""
     from nanohuatuo.generate import Generation
     base, _ = tiny
     tok = Tokenizer(base)
@@ -495,7 +496,8 @@ def test_stop_string_answers_end_on_the_end_token(tiny, tmp_path, monkeypatch):
     from nanohuatuo.dist import Dist
     exp = ppo.make_experience(m, cfg, 0.0, prompts[:3], rows[:3], reward, None, tok, [EOS], stop, EOS, 0,
                               Dist(0, 1, torch.device("cpu")))
-    assert seen[0][0] == [[10, EOS], [10, 11, EOS], [10, 11, 14]] and seen[0][1][0] == "w3"
+    # the answer cut by the length limit is scored closed by the end token too, as the RM was trained
+    assert seen[0][0] == [[10, EOS], [10, 11, EOS], [10, 11, 14, EOS]] and seen[0][1][0] == "w3"
     assert exp.mask.tolist() == [[1, 1, 0], [1, 1, 1], [1, 1, 1]] and exp.ended.tolist() == [True, True, False]
     assert exp.metrics["stop_string_rate"] == pytest.approx(1 / 3)
 
@@ -559,7 +561,8 @@ def test_length_debias_by_hand_and_it_holds_the_length(tiny, tmp_path):
     free = ppo.train(tiny_cfg(base, tmp_path / "free", **kw), reward_fn=short)["history"]
     held = ppo.train(tiny_cfg(base, tmp_path / "held", length_debias=1.0, **kw), reward_fn=short)["history"]
     first = free[0]["response_length"]
-    assert held[0]["response_length"] == first and held[0]["length_slope"] == pytest.approx(-1 / 8)
+    # about -1/8 per token (not exactly: an answer cut by the limit is scored with its end token appended)
+    assert held[0]["response_length"] == first and -0.3 < held[0]["length_slope"] < -0.1
     assert free[-1]["response_length"] < first - 1.5, [r["response_length"] for r in free]
     assert abs(held[-1]["response_length"] - first) < 1, [r["response_length"] for r in held]
     assert all(r["score"] == pytest.approx(r["rm_score"], abs=1e-5) for r in held)  # the mean is kept

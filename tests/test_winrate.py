@@ -130,3 +130,13 @@ def test_length_shift_is_flagged_in_words_beyond_the_ratio():
     assert long_["warning"].startswith("length shift: SFT's answers are 62% shorter than PPO's")
     assert length_shift([125], [100])["warning"] is None and length_shift([126], [100])["warning"]  # the edge
     assert length_shift([], [])["warning"] is None
+
+
+def test_paired_diff_counts_and_interval():
+    from nanohuatuo.winrate import paired_diff
+    r = paired_diff([1.0, 2.0, 3.0, 0.5], [0.0, 2.0, 1.0, 1.0], boots=200, seed=0)
+    assert r["n"] == 4 and r["higher"] == 2 and r["lower"] == 1
+    assert abs(r["diff"] - (1 + 0 + 2 - 0.5) / 4) < 1e-12 and abs(r["mean_a"] - 1.625) < 1e-12
+    lo, hi = r["diff_ci"]
+    assert -0.5 <= lo <= r["diff"] <= hi <= 2.0  # a bootstrap mean lies between the smallest and largest diff
+    assert paired_diff([1.0], [0.0])["diff_ci"] is None  # one item: no interval
