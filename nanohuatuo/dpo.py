@@ -64,6 +64,7 @@ from .losses import dpo_loss, sequence_logprobs
 from .metrics import MetricsLog, plot_metrics
 from .model import Transformer
 from .preferences import read_preferences
+from .quant import QUANT_HELP, QUANTS
 from .reward_model import right_pad
 from .templates import resolve_template, save_chat_template
 from .tokenizer import Tokenizer
@@ -105,6 +106,7 @@ class DPOConfig:
     batch_size: int = arg(16, "pairs per optimizer step, over all processes")
     micro_batch_size: int = arg(2, "pairs per forward/backward per process (each brings two answers)")
     grad_checkpointing: bool = arg(False, "recompute each block's activations in backward (less memory)")
+    quant: str = arg("none", QUANT_HELP, choices=list(QUANTS))
     # run
     eval_every: int = arg(50, "held-out loss and accuracy every N steps (and at the end)")
     save_every: int = arg(50, "checkpoint every N steps (and at the end)")
@@ -175,14 +177,12 @@ def lr_factor(step: int, total: int, warmup: int) -> float:
 
 def load_policy(cfg: DPOConfig, device, dtype) -> tuple[Transformer, dict | None]:
     """Base (+ merged SFT adapter) with a fresh LoRA; returns the model and the merged SFT tensors (export)."""
-    model = Transformer.from_pretrained(cfg.model, dtype=dtype, device=device, value_head=False)
+    # the SFT adapter is merged at load, before any quantisation: a 4-bit base takes no merge
+    model = Transformer.from_pretrained(cfg.model, dtype=dtype, device=device, value_head=False, merge=True,
+                                        adapter=cfg.adapter, quant=cfg.quant)
     if model.lm_head is None:
         raise UserError(f"{cfg.model}: this model has no language-model head (a reward model?); DPO needs one")
-    sft = None
-    if cfg.adapter:
-        load_adapter(model, cfg.adapter, trainable=False)
-        sft = adapters.lora_tensors(model)
-        merge_and_unload(model)
+    sft = adapters.read_lora_tensors(cfg.adapter, model.config)[0] if cfg.adapter else None  # for the export
     apply_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
                targets=cfg.lora_targets or default_targets(model))
     lora_dropout = {id(m.lora_dropout) for _, m in lora_modules(model)}
@@ -399,8 +399,13 @@ def _train(cfg: DPOConfig, d, hold) -> dict:
     if d.main and os.path.exists(log.path) and os.path.getsize(log.path):
         plot_metrics(log.path, out / "metrics.png", ["loss", "accuracy", "margin", "eval_loss", "eval_accuracy"],
                      title="DPO")
-    if d.main and cfg.save_merged and not stopped:  # destroys the LoRA layers: last
+    if d.main and cfg.save_merged and not stopped and cfg.quant != "none":
+        # a 4-bit base takes no merge: the adapter just written, merged on the full-precision base (CPU)
+        Transformer.from_pretrained(cfg.model, dtype=dtype, adapter=str(out), merge=True, value_head=False) \
+            .save_pretrained(out / "merged", copy_from=cfg.model)
+    elif d.main and cfg.save_merged and not stopped:  # destroys the LoRA layers: last
         merge_and_unload(model).save_pretrained(out / "merged", copy_from=cfg.model)
+    if d.main and cfg.save_merged and not stopped:
         tok.save_pretrained(out / "merged")
         save_chat_template(out / "merged", tok, template)
     dist.barrier(d)
