@@ -243,10 +243,10 @@ def dpo_step(model, cfg: DPOConfig, seqs, ref, pairs, n_global: int, optimizer, 
     """One optimizer step on this process's `pairs` of a batch of n_global pairs; returns the batch means."""
     sums = dict.fromkeys(("loss", "accuracy", "margin", "chosen_reward", "rejected_reward", "log_ratio"), 0.0)
     for s in range(0, len(pairs), cfg.micro_batch_size):
-        losses, cr, rr, lr_ = pair_losses(model, cfg, seqs, ref, pairs[s:s + cfg.micro_batch_size], pad_id, d.device)
+        losses, cr, rr, ratio = pair_losses(model, cfg, seqs, ref, pairs[s:s + cfg.micro_batch_size], pad_id, d.device)
         # all_reduce_grads averages over processes: scaled by world, the sum is the batch's pair mean
         (losses.sum() * (d.world / n_global)).backward()
-        for k, v in _stats(losses, cr, rr, lr_).items():
+        for k, v in _stats(losses, cr, rr, ratio).items():
             sums[k] += v
     dist.all_reduce_grads(params, d)
     grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
