@@ -16,6 +16,10 @@ What it holds:
   every default. Booleans are `--x/--no-x`; lists take space-separated values, each also split
   on commas (`--lora-targets q_proj,v_proj` and `--lora-targets q_proj v_proj` are the same);
   dicts are `k=v,k=v`.
+- `--config FILE` (every command): flag values from a TOML, JSON or YAML file, keys named as the
+  fields or flags (`lora_r` or `lora-r`); flags given on the command line win, an unknown key or a
+  value of the wrong type is one line naming the file and the key. `write_config` writes the
+  resolved config into --out as JSON, which `--config` reads back, so a run can be repeated.
 - `cli_main`: runs a command and turns user errors into one line on stderr and exit code 2,
   never a traceback (Ctrl-C exits 130).
 - `resolve_device`, `resolve_dtype`: the one place a device or dtype name becomes a torch object.
@@ -26,6 +30,7 @@ What it holds:
 import argparse
 import dataclasses
 import fcntl
+import json
 import os
 import shutil
 import sys
@@ -79,7 +84,7 @@ def _bare(typ):
 
 
 def _split_lists(values):
-    return [v for item in values for v in item.split(",") if v]
+    return [v for item in values for v in str(item).split(",") if v]  # a default list may hold numbers
 
 
 def flag(name: str, f=None) -> str:
@@ -140,12 +145,132 @@ def make_parser(cls, prog: str | None = None, description: str | None = None) ->
     p = argparse.ArgumentParser(prog=prog, description=description,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_fields(p, cls)
+    add_config_flag(p)
     return p
 
 
 def parse_config(cls, argv=None, prog: str | None = None, description: str | None = None):
-    """cls from the command line: one flag per field (--lora-r, --batch-size, ...)."""
-    return config_from(cls, make_parser(cls, prog, description).parse_args(argv))
+    """cls from the command line: one flag per field (--lora-r, --batch-size, ...), over --config FILE."""
+    return config_from(cls, parse_args(make_parser(cls, prog, description), cls, argv))
+
+
+# ----------------------------------------------------------------------------- config files
+
+CONFIG_SUFFIXES = (".toml", ".json", ".yaml", ".yml")
+
+
+def add_config_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", metavar="FILE", help="read flag values from a TOML, JSON or YAML file (keys as the "
+                   "flags, e.g. lora_r = 16); flags on the command line win. A run's resolved config, the "
+                   "*_config.json in its --out, is such a file")
+
+
+def parse_args(parser: argparse.ArgumentParser, cls, argv=None) -> argparse.Namespace:
+    """parser.parse_args(argv) over the values of --config FILE (when given): the file's values become the
+    defaults, so any flag on the command line overrides them. A bad file exits 2 with one line."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    path = None
+    for i, a in enumerate(argv):
+        if a == "--config" and i + 1 < len(argv):
+            path = argv[i + 1]
+        elif a.startswith("--config="):
+            path = a.partition("=")[2]
+    if path and not {"-h", "--help"} & set(argv):
+        try:
+            parser.set_defaults(**config_values(cls, path))
+        except UserError as e:
+            parser.exit(2, f"error: {e}\n")
+    return parser.parse_args(argv)
+
+
+def read_config_file(path) -> dict:
+    """The mapping a TOML (tomllib), JSON or YAML (PyYAML, when installed) file holds."""
+    suffix = Path(path).suffix.lower()
+    if suffix not in CONFIG_SUFFIXES:
+        raise UserError(f"--config {path}: expected a {', '.join(CONFIG_SUFFIXES)} file")
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"--config {path}: cannot read it ({e})") from None
+    try:
+        if suffix == ".toml":
+            import tomllib
+            values = tomllib.loads(text)
+        elif suffix == ".json":
+            values = json.loads(text)
+        else:
+            try:
+                import yaml
+            except ImportError:
+                raise UserError(f"--config {path}: reading YAML needs PyYAML (pip install pyyaml); "
+                                f"or write the file as TOML") from None
+            values = yaml.safe_load(text)
+    except UserError:
+        raise
+    except Exception as e:  # each parser has its own error class; all say where in the file
+        raise UserError(f"--config {path}: not valid {suffix[1:].upper()}: {e}".replace("\n", " ")) from None
+    if not isinstance(values, dict):
+        raise UserError(f"--config {path}: expected a table of flag = value, got {type(values).__name__}")
+    return values
+
+
+def config_values(cls, path) -> dict:
+    """{field name: value} from a config file, each key checked against cls's fields (by field or flag name)
+    and each value against the field's type; list values become strings, as config_from expects."""
+    fields = {}
+    for f in dataclasses.fields(cls):
+        fields[f.name] = fields[f.name.replace("_", "-")] = fields[flag(f.name, f).lstrip("-")] = f
+    out = {}
+    for key, value in read_config_file(path).items():
+        f = fields.get(str(key))
+        if f is None:
+            raise UserError(f"--config {path}: unknown key {key!r} (no such flag; see --help)")
+        out[f.name] = file_value(f, value, f"--config {path}: {key}")
+    return out
+
+
+def file_value(f, value, where: str):
+    """A config file's value for field f, checked (and converted as the flag's parser would)."""
+    typ = _bare(f.type)
+    origin = getattr(typ, "__origin__", None)
+    number = (int, float)
+    if value is None:
+        if isinstance(f.type, types.UnionType) or f.default is None:
+            return None
+        raise UserError(f"{where}: null is not a value here")
+    if f.metadata.get("parse") and isinstance(value, str):
+        try:
+            return f.metadata["parse"](value)
+        except (argparse.ArgumentTypeError, ValueError) as e:
+            raise UserError(f"{where}: {e}") from None
+    if typ is bool:
+        ok = isinstance(value, bool)
+    elif typ in (int, float):
+        ok = isinstance(value, typ if typ is int else number) and not isinstance(value, bool)
+    elif typ is list or origin is list:
+        value = value if isinstance(value, list) else [value]
+        ok = all(isinstance(v, (str, *number)) and not isinstance(v, bool) for v in value)
+        value = [str(v) for v in value]
+    elif typ is dict or origin is dict:
+        ok = isinstance(value, dict) and all(isinstance(v, number) and not isinstance(v, bool) for v in value.values())
+    elif typ is str:
+        ok = isinstance(value, str)
+    else:
+        ok = True
+    if not ok:
+        raise UserError(f"{where}: expected {getattr(typ, '__name__', typ)}, got {value!r}")
+    if f.metadata.get("choices") and value not in f.metadata["choices"]:
+        raise UserError(f"{where}: {value!r} is not one of {', '.join(map(str, f.metadata['choices']))}")
+    return float(value) if typ is float else value
+
+
+def write_config(out, cfg, name: str) -> Path:
+    """The resolved config as out/<name>_config.json (atomically), a file `--config` reads back."""
+    path = Path(out) / f"{name}_config.json"
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(dataclasses.asdict(cfg), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+    return path
 
 
 USER_ERRORS = (UserError, ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError,

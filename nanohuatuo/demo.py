@@ -35,7 +35,7 @@ from dataclasses import asdict, dataclass, replace
 import torch
 
 from . import distill, evaluate, ppo, reward, sft
-from .cli import UserError, arg, cli_main, prepare_out, resolve_device, resolve_dtype
+from .cli import UserError, arg, cli_main, prepare_out, resolve_device, resolve_dtype, write_config
 from .data import load_conversations, read_jsonl, to_prompt, write_jsonl
 from .feedback import OfflineJudge, OpenAIJudge, rankings_to_preferences
 from .hf import ModelDirError, check_model_dir, count_params
@@ -374,6 +374,9 @@ def rm_heldout(d, rm_dir, device, dtype, seed) -> dict:
 def run(cfg: DemoConfig | None = None, **kw) -> dict:
     """Run the demo (DemoConfig fields as keywords work too: run(out=..., quick=True)); returns the summary."""
     cfg = replace(cfg or DemoConfig(), **kw)
+    if not os.path.isdir(DATA):  # a non-editable install has the package but not the repository's data/
+        raise UserError(f"the bundled data is not at {DATA}: run the demo from a clone of the repository "
+                        f"(pip install -e . there)")
     if cfg.llm_base_url and not cfg.llm_model:
         raise UserError("--llm-base-url needs --llm-model NAME (the model the endpoint serves)")
     real = bool(cfg.model)
@@ -399,6 +402,7 @@ def run(cfg: DemoConfig | None = None, **kw) -> dict:
     try:
         with open(os.path.join(out, MARKER), "w") as f:
             json.dump({"config": asdict(cfg), "profile": profile, "size": asdict(size)}, f, indent=1)
+        write_config(out, cfg, "demo")
         return _run(cfg, size, real, out, device, profile, n_params)
     finally:
         lock.release()

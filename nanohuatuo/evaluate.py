@@ -78,7 +78,7 @@ import numpy as np
 from . import data as qa_data
 from . import sheets
 from .answers import Candidate, Sampling, get_answers, make_llm
-from .cli import UserError, arg, cli_main, prepare_out
+from .cli import UserError, arg, cli_main, prepare_out, write_config
 from .consult import EndpointPatient, OfflinePatient, consult, render_transcript
 from .evalsets import QA_FORMATS, load_cases, load_qa, load_questions
 from .metrics import plot_wtl
@@ -447,10 +447,13 @@ def sampling(cfg) -> Sampling:
 
 
 def _setup(cfg):
-    """Lock --out; the config with the default cache and answer directories filled in (a copy)."""
+    """Lock --out; the config with the default cache and answer directories filled in (a copy), also
+    written as evaluate_config.json."""
     lock = prepare_out(cfg.out, resume=cfg.resume, overwrite=cfg.overwrite)
-    return lock, replace(cfg, answers_dir=cfg.answers_dir or str(Path(cfg.out) / "answers"),
-                         cache=cfg.cache or str(Path(cfg.out) / "cache"))
+    cfg = replace(cfg, answers_dir=cfg.answers_dir or str(Path(cfg.out) / "answers"),
+                  cache=cfg.cache or str(Path(cfg.out) / "cache"))
+    write_config(cfg.out, cfg, "evaluate")
+    return lock, cfg
 
 
 def _names(a: Candidate, b: Candidate) -> tuple[str, str]:

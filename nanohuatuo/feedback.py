@@ -70,7 +70,7 @@ import unicodedata
 from collections import Counter
 from dataclasses import dataclass
 
-from .cli import UserError, arg, config_from, guarded, make_parser
+from .cli import UserError, arg, config_from, guarded, make_parser, parse_args
 from .data import DataError, iter_jsonl, write_jsonl
 from .llm import LLM, LLMError
 from .textmetrics import similarity_score
@@ -544,7 +544,7 @@ def main(argv: list[str] | None = None) -> int:
     # the names of earlier releases, kept working but not advertised
     parser.add_argument("--in", dest="data", help=argparse.SUPPRESS)
     parser.add_argument("--model", dest="model_name", help=argparse.SUPPRESS)
-    return guarded(rank_command, config_from(RankConfig, parser.parse_args(argv[1:])))
+    return guarded(rank_command, config_from(RankConfig, parse_args(parser, RankConfig, argv[1:])))
 
 
 if __name__ == "__main__":

@@ -59,12 +59,12 @@ import torch
 import torch.nn as nn
 
 from . import adapters, checkpoint, dist
-from .cli import UserError, arg, cli_main, prepare_out, resolve_dtype
+from .cli import UserError, arg, cli_main, prepare_out, resolve_dtype, write_config
 from .generate import cut_at_stop, generate_batch, use_column_major_weights
 from .lora import (apply_lora, default_targets, disabled_adapters, load_adapter, lora_modules, lora_parameters,
                    merge_and_unload, save_adapter)
 from .losses import length_debias, masked_mean, masked_var, response_forward, whiten
-from .metrics import MetricsLog, plot_metrics
+from .metrics import REPORT_TO_HELP, MetricsLog, check_report_to, plot_metrics
 from .model import Transformer
 from .quant import QUANT_HELP, QUANTS
 from .reward_model import RewardModel, Scorer, ScoreScale, end_at_stop_string, end_token, reward_scorer, share_base
@@ -150,6 +150,7 @@ class PPOConfig:
     save_every: int = arg(50, "checkpoint every N steps (and at the end)")
     stop_after: int | None = arg(None, "stop after this step as if interrupted (checkpoint written; resume later)")
     keep_checkpoints: int = arg(1, "checkpoints kept in out/checkpoints")
+    report_to: list[str] = arg([], REPORT_TO_HELP, metavar="TRACKER")
     resume: bool = arg(False, "continue the interrupted run in --out from its last checkpoint")
     overwrite: bool = arg(False, "delete what --out holds and start again")
     save_merged: bool = arg(False, "also write OUT/merged: a full model with the adapters folded in")
@@ -524,7 +525,7 @@ def save_checkpoint(m: Models, cfg: PPOConfig, optimizer, state: dict, d) -> Non
 # settings a resumed run must keep: the checkpoint's tensors would not fit the others
 FIXED = ("model", "adapter", "continue_adapter", "lora_r", "lora_alpha", "lora_targets", "critic")
 # settings that change nothing a resumed run computes
-BOOKKEEPING = {"resume", "overwrite", "stop_after", "sample_every", "save_every", "keep_checkpoints", "device",
+BOOKKEEPING = {"resume", "overwrite", "report_to", "stop_after", "sample_every", "save_every", "keep_checkpoints", "device",
                "out", "save_merged"}
 
 
@@ -547,7 +548,8 @@ def load_checkpoint(m: Models, cfg: PPOConfig, path, optimizer, d) -> dict:
     return state
 
 
-def _print_samples(step, exp: Rollout, prompts, tok, out, n=2):
+def _print_samples(step, exp: Rollout, prompts, tok, out, log, n=2):
+    rows = []
     with open(os.path.join(out, "samples.jsonl"), "a", encoding="utf-8") as f:
         for i in range(min(n, len(prompts))):
             prompt = tok.decode(prompts[i])
@@ -555,6 +557,8 @@ def _print_samples(step, exp: Rollout, prompts, tok, out, n=2):
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
             print(f"--- sample {i} at step {step} (score {row['score']:.3f})\n[prompt] ...{prompt[-300:]}\n"
                   f"[answer] {row['response']}")
+            rows.append(list(row.values()))
+    log.table("samples", ["step", "prompt", "response", "score"], rows, step)
 
 
 PLOTS = {"curves.png": ["score", "kl", "reward", "response_length", "eos_rate"],
@@ -576,6 +580,7 @@ def train(cfg: PPOConfig, reward_fn=None) -> dict:
     `reward_model.RewardModel`; None loads cfg.reward.
     """
     cfg.check()
+    check_report_to(cfg.report_to)  # a missing tracker package is said now, not after the models load
     d = dist.setup(cfg.device)
     try:
         with contextlib.ExitStack() as hold:  # holds the lock on --out until the run ends, however it ends
@@ -625,10 +630,12 @@ def _train(cfg: PPOConfig, reward_fn, d, hold) -> dict:
         if reward.spread is not None and d.main:
             print(f"reward: scores divided by {reward.spread:.4g}, the reward model's std on SFT-like answers")
     if d.main:
-        checkpoint.atomic_json(os.path.join(out, "ppo_config.json"), dataclasses.asdict(cfg))
+        write_config(out, cfg, "ppo")
         for log_file in ("metrics.jsonl", "samples.jsonl"):  # rows after the checkpoint come again
             checkpoint.truncate_jsonl(os.path.join(out, log_file), state["step"] if ckpt else -1)
-    log = MetricsLog(os.path.join(out, "metrics.jsonl"), total_steps=max_steps, stream=sys.stdout if d.main else None)
+    log = MetricsLog(os.path.join(out, "metrics.jsonl"), total_steps=max_steps, stream=sys.stdout if d.main else None,
+                     report_to=cfg.report_to if d.main else (), config=dataclasses.asdict(cfg))
+    hold.callback(log.close)
     history, kl_coef, last_plot = [], state["kl_coef"], time.time()
     for step in range(state["step"] + 1, max_steps + 1):
         if cfg.anneal_lr:
@@ -652,7 +659,7 @@ def _train(cfg: PPOConfig, reward_fn, d, hold) -> dict:
                "rollout_s": t1 - t0, "update_s": t2 - t1, "tokens": int(exp.mask.sum().item()) * d.world}
         history.append(log.write(step, **row) if d.main else dict(row, step=step))
         if d.main and cfg.sample_every and (step % cfg.sample_every == 0 or step == 1):
-            _print_samples(step, exp, [prompts[i] for i in idx], tok, out)
+            _print_samples(step, exp, [prompts[i] for i in idx], tok, out, log)
         if step % cfg.save_every == 0 or step == max_steps or step == cfg.stop_after:
             save_checkpoint(m, cfg, optimizer, state, d)
             if d.main and time.time() - last_plot > 120:  # a plot costs about a second: refresh it now and then

@@ -56,11 +56,11 @@ import torch
 import torch.nn.functional as F
 
 from . import checkpoint
-from .cli import UserError, arg, cli_main, prepare_out, resolve_device, resolve_dtype
+from .cli import UserError, arg, cli_main, prepare_out, resolve_device, resolve_dtype, write_config
 from .data import DataError, iter_jsonl, split_heldout
 from .hf import LLAMA_LIKE, read_config
 from .lora import apply_lora, default_targets, load_adapter, save_adapter
-from .metrics import MetricsLog, plot_metrics
+from .metrics import REPORT_TO_HELP, MetricsLog, check_report_to, plot_metrics
 from .model import Transformer
 from .preferences import policy_seqs, read_preferences, reference_index  # noqa: F401 (re-exported)
 from .quant import QUANT_HELP, QUANTS
@@ -113,6 +113,7 @@ class RMConfig:
     quant: str = arg("none", QUANT_HELP, choices=list(QUANTS))
     save_every: int = arg(200, "checkpoint every N steps (and at the end)")
     keep_checkpoints: int = arg(1, "checkpoints kept in out/checkpoints (older ones are deleted)")
+    report_to: list[str] = arg([], REPORT_TO_HELP, metavar="TRACKER")
     resume: bool = arg(False, "continue the interrupted run in --out from its last checkpoint")
     overwrite: bool = arg(False, "delete what --out holds and start again")
     device: str = arg("auto", "auto (cuda if available), cpu, cuda, cuda:1, ...")
@@ -230,6 +231,10 @@ def train(cfg: RMConfig) -> dict:
 def _train(cfg: RMConfig, hold: contextlib.ExitStack) -> dict:
     if not cfg.model or not cfg.data:
         raise UserError("the reward model needs --model (model directory) and --data (preference JSONL)")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # each process would train and write its own copy
+        raise UserError("train_rm.py runs in one process (it has no data-parallel path, unlike SFT and PPO); "
+                        "start it with python, not torchrun")
+    check_report_to(cfg.report_to)  # a missing tracker package is said now, not after the model loads
     if cfg.quant != "none" and cfg.lora_r <= 0:
         raise UserError(f"--quant {cfg.quant} freezes the base weights: it needs LoRA (--lora-r > 0)")
     device = resolve_device(cfg.device)
@@ -284,9 +289,10 @@ def _train(cfg: RMConfig, hold: contextlib.ExitStack) -> dict:
     if ckpt:
         start, recent = load_checkpoint(cfg, ckpt, model, opt, device)
         print(f"reward: resuming after step {start} from {ckpt}")
-    checkpoint.atomic_json(out / "rm_config.json", dataclasses.asdict(cfg))
+    write_config(out, cfg, "rm")
     checkpoint.truncate_jsonl(out / "metrics.jsonl", start if ckpt else -1)
-    log = MetricsLog(out / "metrics.jsonl", total_steps=total)
+    log = MetricsLog(out / "metrics.jsonl", total_steps=total, report_to=cfg.report_to, config=dataclasses.asdict(cfg))
+    hold.callback(log.close)
     micro = cfg.micro_prompts or cfg.batch_prompts
     result, params, stopped = {}, trunk + head, False
 

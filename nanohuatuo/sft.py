@@ -5,7 +5,8 @@
     torchrun --nproc_per_node 8 train_sft.py --fsdp ...   # FSDP for models that do not fit one GPU
 
 What happens, in order (`_train` is the loop, `train_step` one optimizer step; read them top to bottom):
-- Data: schema JSONL files (data.load_conversations), a held-out split (--eval-frac, or --eval-data),
+- Data: conversation files (data.load_conversations: schema JSONL, or OpenAI `messages`, ShareGPT
+  or Alpaca rows in JSONL, a JSON array, Parquet or a datasets folder), a held-out split (--eval-frac, or --eval-data),
   optional per-source resampling (data.mix_sources). Each conversation is rendered with its chat
   template (--template auto: the model's own; templates.render -> ids and the mask of assistant
   tokens), and the outputs carry that template in their tokenizer files. A conversation longer than
@@ -60,12 +61,12 @@ import torch
 import torch.nn as nn
 
 from . import checkpoint, dist
-from .cli import UserError, arg, cli_main, prepare_out, resolve_dtype
+from .cli import UserError, arg, cli_main, prepare_out, resolve_dtype, write_config
 from .data import load_conversations, mix_sources, split_heldout
 from .dist import Dist
 from .lora import apply_lora, default_targets, load_adapter, merge_and_unload, save_adapter
 from .losses import IGNORE, linear_cross_entropy, output_weight
-from .metrics import MetricsLog, plot_metrics
+from .metrics import REPORT_TO_HELP, MetricsLog, check_report_to, plot_metrics
 from .model import Transformer
 from .quant import QUANT_HELP, QUANTS
 from .templates import render, resolve_template, save_chat_template
@@ -78,13 +79,14 @@ WINDOW = 64  # global batches per length-sorted window
 @dataclass
 class SFTConfig:
     model: str = arg("", "model directory to fine-tune (Hugging Face layout with tokenizer files)")
-    data: list[str] = arg([], "schema JSONL file(s) to train on", metavar="FILE")
+    data: list[str] = arg([], "conversation file(s) to train on: schema JSONL, or OpenAI messages, ShareGPT or "
+                                "Alpaca rows (JSONL, JSON array, Parquet, datasets folder)", metavar="FILE")
     out: str = arg("out/sft", "output directory: adapter or model, metrics.jsonl, loss.png, checkpoints/")
     template: str = arg("auto", "chat template: auto (the model's own), or a name (huatuo, huatuo2, chatml, ...)")
     source_weights: dict[str, float] | None = arg(
         None, "resample sources, e.g. distilled_instructions=1,real_doctor_instructions=2; sources not named are "
               "dropped (data.mix_sources)", metavar="SOURCE=W,...")
-    eval_data: list[str] | None = arg(None, "held-out JSONL file(s); default: --eval-frac of --data", metavar="FILE")
+    eval_data: list[str] | None = arg(None, "held-out conversation file(s), as --data; default: --eval-frac of --data", metavar="FILE")
     eval_frac: float = arg(0.05, "fraction of --data held out for the eval loss when --eval-data is not given")
     max_len: int = arg(2048, "tokens per conversation; longer ones keep their first max_len tokens")
     # what is trained
@@ -112,6 +114,7 @@ class SFTConfig:
     save_every: int = arg(500, "checkpoint every N steps (and at the end)")
     keep_checkpoints: int = arg(2, "checkpoints kept in out/checkpoints (older ones are deleted)")
     log_every: int = arg(1, "print progress every N steps (metrics.jsonl gets every step)")
+    report_to: list[str] = arg([], REPORT_TO_HELP, metavar="TRACKER")
     resume: bool = arg(False, "continue the interrupted run in --out from its last checkpoint")
     overwrite: bool = arg(False, "delete what --out holds and start again")
     merge: bool = arg(False, "also write the merged full model to out/merged (LoRA)")
@@ -137,7 +140,8 @@ class Example(NamedTuple):
 def load_rows(cfg: SFTConfig) -> tuple[list[dict], list[dict], dict]:
     """Training and held-out rows: the split comes before resampling, so no duplicate lands on both sides."""
     if not cfg.data:
-        raise UserError("no training data: pass --data FILE [FILE ...] (schema JSONL, see nanohuatuo/data.py)")
+        raise UserError("no training data: pass --data FILE [FILE ...] (schema JSONL or another chat format, see "
+                        "nanohuatuo/data.py)")
     rows = [row for path in cfg.data for row in load_conversations(path)]
     if cfg.eval_data:
         train, held = rows, [row for path in cfg.eval_data for row in load_conversations(path)]
@@ -319,6 +323,7 @@ def train(cfg: SFTConfig) -> dict:
     Returns {"train_loss", "eval_loss", "first_eval_loss", "steps", "out", "tokens", "seconds",
     "stopped"} (eval losses None without held-out data; first_eval_loss is before step 1, None
     when resuming)."""
+    check_report_to(cfg.report_to)  # a missing tracker package is said now, not after the model loads
     d = dist.setup(cfg.device)
     try:
         with contextlib.ExitStack() as hold:  # holds the lock on --out until the run ends, however it ends
@@ -412,10 +417,12 @@ def _train(cfg: SFTConfig, d: Dist, hold: contextlib.ExitStack) -> dict:
 
     log = None
     if d.main:
-        checkpoint.atomic_json(out / "sft_config.json", dataclasses.asdict(cfg))
+        write_config(out, cfg, "sft")
         # rows logged after the checkpoint are written again by this run (every row, without one)
         checkpoint.truncate_jsonl(out / "metrics.jsonl", start_step if ckpt else -1)
-        log = MetricsLog(out / "metrics.jsonl", total_steps=total_steps, print_every=cfg.log_every)
+        log = MetricsLog(out / "metrics.jsonl", total_steps=total_steps, print_every=cfg.log_every,
+                         report_to=cfg.report_to, config=dataclasses.asdict(cfg))
+        hold.callback(log.close)
 
     first_eval = eval_loss = None
     if start_step == 0:
@@ -500,7 +507,7 @@ def save_checkpoint(cfg: SFTConfig, d: Dist, step: int, model, wrapped, optimize
 
 
 # settings that may change between a run and its resumption without changing the losses
-RESUMABLE = {"resume", "overwrite", "stop_after", "eval_every", "save_every", "keep_checkpoints", "log_every",
+RESUMABLE = {"resume", "overwrite", "report_to", "stop_after", "eval_every", "save_every", "keep_checkpoints", "log_every",
              "merge", "device", "out"}
 
 

@@ -24,11 +24,11 @@ ROOT = Path(__file__).resolve().parents[1]
 PKG = ROOT / "nanohuatuo"
 
 LAYERS = {  # imports go down (or sideways within a layer, but never between stages)
-    "core": {"model", "hf", "lora", "quant", "tokenizer", "templates", "data", "metrics", "textmetrics", "winrate",
-             "textcheck", "jinja_template", "evalsets"},
+    "core": {"model", "hf", "lora", "quant", "tokenizer", "templates", "formats", "data", "metrics", "textmetrics", "winrate",
+             "textcheck", "jinja_template", "evalsets", "multi_lora"},
     "engine": {"engine", "engine_loop", "cpu_kernels", "generate"},
     "shared": {"cli", "checkpoint", "dist", "losses", "llm", "adapters", "reward_model", "httpjson",
-               "answers", "sheets", "rollout", "reports", "consult", "preferences"},
+               "answers", "sheets", "rollout", "reports", "consult", "openai_api", "preferences"},
     "stages": {"sft", "reward", "ppo", "dpo", "sampling", "feedback", "chat", "serve", "evaluate", "distill"},
     "top": {"demo", "demo_report", "__init__"},  # __init__: the package's public names, from every layer
 }
@@ -255,3 +255,11 @@ def test_every_flag_has_help_and_one_name_per_concept(helps):
             if "--seed" in flags and not re.search(r"default:? 0\b", help):
                 bad.append(f"{cmd}: --seed should default to 0 like every other command ({help!r})")
     assert not bad, "\n".join(bad)
+
+
+def test_the_llm_only_commands_start_without_torch():
+    # distill, feedback and evaluate with endpoints only call an LLM endpoint; the README says they need no torch
+    code = ("import sys, nanohuatuo, nanohuatuo.distill, nanohuatuo.feedback, nanohuatuo.evaluate, nanohuatuo.data; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'torch')[:3])")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert (r.returncode, r.stdout.strip()) == (0, "[]"), r.stderr

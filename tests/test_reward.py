@@ -285,3 +285,12 @@ def test_score_statistics_leave_out_the_doctors_reply(base, tmp_path):
     bad = write_jsonl(tmp_path / "bad.jsonl", [{**_with_reference(rows[:1])[0], "reference_index": 7}])
     with pytest.raises(DataError, match=r"bad.jsonl:1: reference_index 7"):
         reward.read_preferences(bad, tok, "plain")
+
+
+def test_torchrun_is_refused_in_one_line(monkeypatch, capsys):
+    # the reward model has no data-parallel path: two processes would each train and write their own copy
+    from nanohuatuo import reward
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert reward.main(["--model", "m", "--data", "p.jsonl"]) == 2
+    assert capsys.readouterr().err == ("error: train_rm.py runs in one process (it has no data-parallel path, unlike "
+                                       "SFT and PPO); start it with python, not torchrun\n")
