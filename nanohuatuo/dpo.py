@@ -61,7 +61,7 @@ from .data import split_heldout
 from .lora import (apply_lora, default_targets, disabled_adapters, load_adapter, lora_modules, lora_parameters,
                    merge_and_unload, save_adapter)
 from .losses import dpo_loss, sequence_logprobs
-from .metrics import MetricsLog, plot_metrics
+from .metrics import REPORT_TO_HELP, MetricsLog, check_report_to, plot_metrics
 from .model import Transformer
 from .preferences import read_preferences
 from .quant import QUANT_HELP, QUANTS
@@ -108,6 +108,7 @@ class DPOConfig:
     grad_checkpointing: bool = arg(False, "recompute each block's activations in backward (less memory)")
     quant: str = arg("none", QUANT_HELP, choices=list(QUANTS))
     # run
+    report_to: list[str] = arg([], REPORT_TO_HELP, metavar="TRACKER")
     eval_every: int = arg(50, "held-out loss and accuracy every N steps (and at the end)")
     save_every: int = arg(50, "checkpoint every N steps (and at the end)")
     stop_after: int | None = arg(None, "stop after this step as if interrupted (checkpoint written; resume later)")
@@ -279,7 +280,7 @@ def evaluate(model, cfg: DPOConfig, seqs, ref, pairs, d, pad_id) -> dict:
 # settings a resumed run must keep: the checkpoint's tensors would not fit the others
 FIXED = ("model", "adapter", "lora_r", "lora_alpha", "lora_targets")
 # settings that change nothing a resumed run computes
-BOOKKEEPING = {"resume", "overwrite", "stop_after", "eval_every", "save_every", "keep_checkpoints", "device",
+BOOKKEEPING = {"resume", "overwrite", "report_to", "stop_after", "eval_every", "save_every", "keep_checkpoints", "device",
                "out", "save_merged"}
 
 
@@ -323,6 +324,7 @@ def _read(paths, tok, template, max_len):
 def _train(cfg: DPOConfig, d, hold) -> dict:
     t_start = time.time()
     say = print if d.main else (lambda *a, **k: None)
+    check_report_to(cfg.report_to)  # a missing tracker package is said now, not after the model loads
     dtype = resolve_dtype(cfg.dtype, d.device, training=True)
     # every input is read and checked before --out is touched
     tok = Tokenizer.from_pretrained(cfg.model)
@@ -369,7 +371,9 @@ def _train(cfg: DPOConfig, d, hold) -> dict:
     if d.main:
         checkpoint.atomic_json(out / "dpo_config.json", dataclasses.asdict(cfg))
         checkpoint.truncate_jsonl(out / "metrics.jsonl", start if ckpt else -1)
-    log = MetricsLog(out / "metrics.jsonl", total_steps=total, stream=sys.stdout if d.main else None)
+    log = MetricsLog(out / "metrics.jsonl", total_steps=total, stream=sys.stdout if d.main else None,
+                     report_to=cfg.report_to if d.main else (), config=dataclasses.asdict(cfg))
+    hold.callback(log.close)
 
     model.train()
     history, evals, stopped = [], {}, False
