@@ -589,30 +589,41 @@ def _cmd_stats(args) -> None:
             print(f"  {role} chars: " + ", ".join(f"{k}={v}" for k, v in summary.items()))
 
 
+class OldIn(argparse._StoreAction):
+    """--in, the earlier spelling of --data: still read for one release, with a one-line warning."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print("warning: --in is deprecated and will be removed in the next release; use --data", file=sys.stderr)
+        super().__call__(parser, namespace, values, option_string)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `python -m nanohuatuo.data`; returns the exit status (2 on bad input, one line)."""
     parser = argparse.ArgumentParser(prog="python -m nanohuatuo.data", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
-    def command(name, help, run):
+    def command(name, help, run, nargs="+", what="schema JSONL file(s)"):
         p = sub.add_parser(name, help=help, description=help,
                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
         p.set_defaults(run=run)
+        p.add_argument("--data", dest="inputs", nargs=nargs, metavar="FILE", help=what + " (required)")
+        # the earlier spelling, hidden: it warns for one release
+        p.add_argument("--in", dest="inputs", nargs=nargs, action=OldIn, default=argparse.SUPPRESS,
+                       help=argparse.SUPPRESS)
         return p
 
-    p = command("convert", "convert a public corpus to the conversation schema", _cmd_convert)
+    p = command("convert", "convert a public corpus to the conversation schema", _cmd_convert,
+                what="input file(s) (sharegpt/alpaca/openai: also a JSON array, Parquet or a datasets folder); "
+                     "cmedqa2: questions.csv answers.csv")
     p.add_argument("--format", required=True, choices=FORMATS, help="the corpus' format (see the module doc)")
-    p.add_argument("--in", dest="inputs", nargs="+", required=True, metavar="FILE",
-                   help="input file(s) (sharegpt/alpaca/openai: also a JSON array, Parquet or a datasets "
-                        "folder); cmedqa2: questions.csv answers.csv")
     p.add_argument("--out", required=True, help="output JSONL file")
     p.add_argument("--source", help="source for every row (defaults per format, see module doc)")
     p.add_argument("--encoding", help="force the CSV encoding (default: UTF-8 if clean, else GB18030)")
     p.add_argument("--limit", type=int, help="stop after this many rows")
     p.add_argument("--all-answers", action="store_true", help="cmedqa2: one row per answer, not per question")
 
-    p = command("mix", "resample sources by weight into one shuffled file", _cmd_mix)
-    p.add_argument("--in", dest="inputs", nargs="+", required=True, metavar="FILE", help="conversation file(s): schema JSONL, or any shape SFT reads")
+    p = command("mix", "resample sources by weight into one shuffled file", _cmd_mix,
+                what="conversation file(s): schema JSONL, or any shape SFT reads")
     p.add_argument("--weights", type=parse_weights, required=True, metavar="SOURCE=W,...",
                    help="source=w,... (w multiplies the source's count)")
     p.add_argument("--out", required=True, help="output JSONL file")
@@ -624,14 +635,16 @@ def main(argv: list[str] | None = None) -> int:
                    help="keep rows marked flagged (a polished reply whose drug names or numbers changed); "
                         "by default they are dropped before the held-out split")
 
-    p = command("prompts", "RLAIF prompt file: conversation minus last answer, plus reference", _cmd_prompts)
-    p.add_argument("--in", dest="inputs", required=True, metavar="FILE", help="conversation file: schema JSONL, or any shape SFT reads")
+    p = command("prompts", "RLAIF prompt file: conversation minus last answer, plus reference", _cmd_prompts,
+                nargs=None, what="conversation file: schema JSONL, or any shape SFT reads")
     p.add_argument("--out", required=True, help="output JSONL file of prompts")
 
-    p = command("stats", "counts per source/department, turns and char lengths", _cmd_stats)
-    p.add_argument("--in", dest="inputs", nargs="+", required=True, metavar="FILE", help="conversation file(s): schema JSONL, or any shape SFT reads")
+    p = command("stats", "counts per source/department, turns and char lengths", _cmd_stats,
+                what="conversation file(s): schema JSONL, or any shape SFT reads")
 
     args = parser.parse_args(argv)
+    if args.inputs is None:
+        parser.error(f"{args.command} needs --data FILE")
     if args.command == "mix" and args.heldout and not args.heldout_out:
         parser.error("--heldout needs --heldout-out")
     try:

@@ -37,7 +37,7 @@ import torch
 from . import distill, evaluate, ppo, reward, sft
 from .cli import UserError, arg, cli_main, prepare_out, resolve_device, resolve_dtype, write_config
 from .data import load_conversations, read_jsonl, to_prompt, write_jsonl
-from .feedback import OfflineJudge, OpenAIJudge, rankings_to_preferences
+from .feedback import EndpointRanker, OfflineRanker, rankings_to_preferences
 from .hf import ModelDirError, check_model_dir, count_params
 from .metrics import cpu_name
 from .model import ModelConfig, Transformer
@@ -78,6 +78,7 @@ class DemoSize:
     ppo_epochs: int = 2  # passes over each rollout batch (DeepSpeed-Chat uses 1; the default 4 doubles the time)
     ppo_batch: int = 16
     ppo_micro: int = 16
+    ppo_minibatches: int = 1  # optimizer steps per pass over a rollout batch
     ppo_tokens: int = 80
     ppo_lr: float = 3e-4
     kl_coef: float = 0.1
@@ -95,13 +96,15 @@ class DemoSize:
 
 # Size profiles. "tiny" trains a model from scratch. The others put LoRA on a real checkpoint with
 # learning rates for pretrained weights (SFT 2e-4 at most, as sft.py allows without
-# --allow-high-lr; RM 1e-4; PPO 5e-5 to 1e-4): a rate meant for random weights destroys them.
+# --allow-high-lr; RM 1e-4; PPO 2e-5 to 2e-4, the top for the few steps of a CPU run): a rate meant for
+# random weights destroys them.
 PROFILES = {
     "tiny": DemoSize(),
     # a 100-500M checkpoint on two CPU cores in about 20 minutes (measured in docs/benchmarks.md)
     "cpu": DemoSize(lora_r=16, sft_steps=16, sft_batch=8, sft_micro=4, sft_lr=2e-4, max_len=192, rl_prompts=32, k=4,
-                    sample_tokens=48, rm_epochs=1, rm_lr=1e-4, ppo_steps=10, ppo_epochs=2, ppo_batch=8, ppo_micro=8,
-                    ppo_tokens=48, ppo_lr=1e-4, kl_coef=0.05, length_debias=1.0, eval_prompts=8,
+                    sample_tokens=48, rm_epochs=1, rm_lr=1e-4, ppo_steps=10, ppo_epochs=2, ppo_batch=8, ppo_micro=4,
+                    ppo_minibatches=2,
+                    ppo_tokens=48, ppo_lr=2e-4, kl_coef=0.05, length_debias=1.0, eval_prompts=8,
                     eval_questions=12, eval_cases=2, eval_turns=2, eval_tokens=48, distill_items=2,
                     # 48 tokens cut most answers of a small model (Chinese is 1-3 tokens a character):
                     # a penalty on every cut answer would leave PPO nothing to learn from
@@ -111,7 +114,7 @@ PROFILES = {
     # path serves the rollouts, and K = 8 answers per prompt give the judge more to rank
     "gpu-24g": DemoSize(lora_r=16, sft_steps=200, sft_batch=16, sft_micro=2, sft_lr=1e-4, max_len=1024,
                         rl_prompts=256, k=8, sample_tokens=256, rm_epochs=1, rm_lr=5e-5, ppo_steps=50, ppo_epochs=2,
-                        ppo_batch=32, ppo_micro=4, ppo_tokens=256, ppo_lr=2e-5, kl_coef=0.05, length_debias=1.0,
+                        ppo_batch=32, ppo_micro=4, ppo_minibatches=4, ppo_tokens=256, ppo_lr=2e-5, kl_coef=0.05, length_debias=1.0,
                         eval_prompts=64, eval_questions=50, eval_cases=8, eval_turns=4, eval_tokens=384,
                         distill_items=16, grad_checkpointing=True, compile=True),
 }
@@ -166,7 +169,7 @@ class DemoConfig:
                             "bf16, gradient checkpointing, compiled decode)", choices=["auto", *PROFILES])
     llm_base_url: str = arg("", "one OpenAI-compatible endpoint as teacher (distill.py), judge and patient; "
                                 "default: offline stand-ins", metavar="URL")
-    llm_model: str = arg("", "the model name at --llm-base-url", metavar="NAME")
+    llm_model_name: str = arg("", "the model name at --llm-base-url", metavar="NAME", old=("--llm-model",))
     llm_api_key: str | None = arg(None, "API key of --llm-base-url (default: $NANOHUATUO_API_KEY, then "
                                         "$OPENAI_API_KEY)")
     profile: bool = arg(False, "profile every stage with cProfile; the top functions go to OUT/profile/STAGE.txt")
@@ -241,7 +244,8 @@ def distill_sources(out: str, cfg: DemoConfig, size: DemoSize, rows: list[dict])
     """A few items of each LLM-made source, through distill.py's own commands."""
     d = os.path.join(out, "distilled")
     os.makedirs(d, exist_ok=True)
-    common = dict(base_url=cfg.llm_base_url, model_name=cfg.llm_model, api_key=cfg.llm_api_key, seed=cfg.seed)
+    common = dict(teacher_base_url=cfg.llm_base_url, teacher_model_name=cfg.llm_model_name,
+                  teacher_api_key=cfg.llm_api_key, seed=cfg.seed)
     real_single = [r for r in rows if r["source"] == "real_doctor_instructions"][:size.distill_items]
     real_multi = [r for r in rows if r["source"] == "real_doctor_conversations"][:size.distill_items]
     cases = os.path.join(d, "cases.jsonl")
@@ -251,12 +255,12 @@ def distill_sources(out: str, cfg: DemoConfig, size: DemoSize, rows: list[dict])
     made = []
     for name, run_fn, conf in (
             ("instructions", distill.run_instructions,
-             distill.InstructionsConfig(out=os.path.join(d, "instructions.jsonl"), n=size.distill_items, **common)),
+             distill.InstructionsConfig(out=os.path.join(d, "instructions.jsonl"), limit=size.distill_items, **common)),
             ("conversations", distill.run_conversations,
-             distill.ConversationsConfig(out=os.path.join(d, "conversations.jsonl"), cases=[cases], max_turns=3,
+             distill.ConversationsConfig(out=os.path.join(d, "conversations.jsonl"), data=[cases], max_turns=3,
                                          **common)),
             ("polish", distill.run_polish,
-             distill.PolishConfig(out=os.path.join(d, "polished.jsonl"), input=[to_polish], **common))):
+             distill.PolishConfig(out=os.path.join(d, "polished.jsonl"), data=[to_polish], **common))):
         print(f"distill {name}:", flush=True)
         run_fn(conf)
         made.append(conf.out)
@@ -290,11 +294,11 @@ def sample_stage(out, sft_dir, adapter, template, prompts, size, seed, device, d
 
 def feedback_stage(out, cfg: DemoConfig, items):
     if cfg.llm_base_url:
-        judge = OpenAIJudge(base_url=cfg.llm_base_url, model=cfg.llm_model, api_key=cfg.llm_api_key,
-                            cache_path=os.path.join(out, "judge_cache.sqlite"), truncated="last")
-        name = f"OpenAI-compatible judge {cfg.llm_model}"
+        judge = EndpointRanker(base_url=cfg.llm_base_url, model=cfg.llm_model_name, api_key=cfg.llm_api_key,
+                               cache_path=os.path.join(out, "judge_cache.sqlite"), truncated="last")
+        name = f"OpenAI-compatible judge {cfg.llm_model_name}"
     else:
-        judge, name = OfflineJudge(truncated="last"), "offline judge (similarity to the doctor's reply)"
+        judge, name = OfflineRanker(truncated="last"), "offline judge (similarity to the doctor's reply)"
     # a small model's answers are often cut by the token limit: rank them below every finished one
     # instead of dropping them, so the reward model still learns from every prompt
     results = judge.rank(items)
@@ -315,7 +319,7 @@ def eval_stage(out, cfg: DemoConfig, size: DemoSize, policy, sft_adapter, ppo_di
     write_jsonl(qa, [{"id": p["id"], "messages": p["messages"] + [{"role": "assistant", "content": p["reference"]}],
                       "source": "real_doctor_instructions"} for p in eval_prompts])
     online = bool(cfg.llm_base_url)
-    judge = dict(judge="endpoint", judge_base_url=cfg.llm_base_url, judge_model_name=cfg.llm_model,
+    judge = dict(judge="endpoint", judge_base_url=cfg.llm_base_url, judge_model_name=cfg.llm_model_name,
                  judge_api_key=cfg.llm_api_key) if online else dict(judge="offline")
     gen = dict(device=device, dtype=cfg.dtype, batch_size=32, max_new_tokens=size.eval_tokens, seed=cfg.seed,
                answers_dir=answers, overwrite=True)
@@ -332,9 +336,9 @@ def eval_stage(out, cfg: DemoConfig, size: DemoSize, policy, sft_adapter, ppo_di
         res[key] = evaluate.run_pairwise(evaluate.PairwiseConfig(
             out=os.path.join(d, key), data=os.path.join(DATA, "eval_questions.json"), limit=size.eval_questions,
             bootstrap=200, **a, b_model=policy, b_adapter=adapter, b_name=name, b_template=template, **judge, **gen))
-    patient = dict(patient="endpoint", patient_base_url=cfg.llm_base_url, patient_model_name=cfg.llm_model,
+    patient = dict(patient="endpoint", patient_base_url=cfg.llm_base_url, patient_model_name=cfg.llm_model_name,
                    patient_api_key=cfg.llm_api_key) if online else dict(patient="offline")
-    res["patient"] = f"{cfg.llm_model} (LLM)" if online else "offline stand-in reciting the case"
+    res["patient"] = f"{cfg.llm_model_name} (LLM)" if online else "offline stand-in reciting the case"
     res["dialogue"] = evaluate.run_dialogue(evaluate.DialogueConfig(
         out=os.path.join(d, "dialogue"), data=os.path.join(DATA, "eval_dialogues.json"), limit=size.eval_cases,
         max_turns=size.eval_turns, bootstrap=200, **a, b_model=policy, b_adapter=sft_adapter, b_name="SFT",
@@ -377,8 +381,8 @@ def run(cfg: DemoConfig | None = None, **kw) -> dict:
     if not os.path.isdir(DATA):  # a non-editable install has the package but not the repository's data/
         raise UserError(f"the bundled data is not at {DATA}: run the demo from a clone of the repository "
                         f"(pip install -e . there)")
-    if cfg.llm_base_url and not cfg.llm_model:
-        raise UserError("--llm-base-url needs --llm-model NAME (the model the endpoint serves)")
+    if cfg.llm_base_url and not cfg.llm_model_name:
+        raise UserError("--llm-base-url needs --llm-model-name NAME (the model the endpoint serves)")
     real = bool(cfg.model)
     device = str(resolve_device(cfg.device)) if real else "cpu"  # the tiny model is a CPU demo
     try:  # the checkpoint is checked (tokenizer too) and its size read before anything is written
@@ -459,7 +463,7 @@ def _run(cfg: DemoConfig, size: DemoSize, real: bool, out: str, device: str, pro
     rm_dir = os.path.join(out, "rm")
     rm_cfg = reward.RMConfig(model=policy, adapter=sft_adapter, data=[os.path.join(out, "prefs.jsonl")], out=rm_dir,
                              template=template, lora_r=size.lora_r, lr=size.rm_lr, epochs=size.rm_epochs,
-                             batch_prompts=4, max_len=size.max_len, eval_frac=0.2, eval_every=10, device=device,
+                             batch_size=4, max_len=size.max_len, eval_frac=0.2, eval_every=10, device=device,
                              dtype=cfg.dtype, seed=cfg.seed, grad_checkpointing=size.grad_checkpointing)
     rm_res = st.run("rm", "reward model on the rankings", reward.train, rm_cfg)
     # a real checkpoint's reward model is one more adapter on the policy's base weights (PPO shares them
@@ -469,11 +473,11 @@ def _run(cfg: DemoConfig, size: DemoSize, real: bool, out: str, device: str, pro
     ppo_dir = os.path.join(out, "ppo")
     rl_path = os.path.join(out, "rl_prompts.jsonl")
     write_jsonl(rl_path, rl_prompts)
-    ppo_cfg = ppo.PPOConfig(model=policy, adapter=sft_adapter, reward=rm_dir, prompts=rl_path, out=ppo_dir,
+    ppo_cfg = ppo.PPOConfig(model=policy, adapter=sft_adapter, reward=rm_dir, data=rl_path, out=ppo_dir,
                             template=template, max_steps=size.ppo_steps, batch_size=size.ppo_batch,
                             max_new_tokens=size.ppo_tokens, temperature=0.7, lr=size.ppo_lr, kl_coef=size.kl_coef,
                             length_debias=size.length_debias, missing_eos_penalty=size.eos_penalty,
-                            ppo_epochs=size.ppo_epochs,
+                            ppo_epochs=size.ppo_epochs, num_mini_batches=size.ppo_minibatches,
                             micro_batch_size=size.ppo_micro, grad_checkpointing=size.grad_checkpointing,
                             compile=size.compile and device.startswith("cuda"),
                             sample_every=max(size.ppo_steps // 4, 1), save_every=size.ppo_steps, device=device,

@@ -177,7 +177,7 @@ def write_report(out, s, ev, seconds):
               "- The same recipe with LoRA on a real checkpoint: `python demo.py --model /models/Qwen2.5-0.5B-Instruct` "
               "(the size profile follows the device: `--size cpu` about 20 minutes for a 100-500M model on two "
               "cores, `--size gpu-24g` for 0.5-7B on one 24 GB GPU).",
-              "- A real judge, teacher and patient: `--llm-base-url URL --llm-model NAME` (any OpenAI-compatible "
+              "- A real judge, teacher and patient: `--llm-base-url URL --llm-model-name NAME` (any OpenAI-compatible "
               "endpoint, e.g. vLLM or `serve.py`).",
               "- Each stage on its own, with your data: the README's pipeline table; HuatuoGPT's own evaluation sets "
               "with `python evaluate.py pairwise --data KUAKE-QIC_100.json ...` and `python evaluate.py dialogue "

@@ -226,7 +226,7 @@ class OpenAIProtocol:
     def common(self, body, job_kwargs):
         n = get_field(body, "n", ["integer"], 1)
         if not 1 <= n <= self.slots:
-            raise APIError(400, f"'n' is {n}; it must be between 1 and {self.slots} (the server's --slots)",
+            raise APIError(400, f"'n' is {n}; it must be between 1 and {self.slots} (the server's --batch-size)",
                            param="n", code="invalid_value")
         stream = get_field(body, "stream", ["boolean"], False)
         options = body.get("stream_options") or {}

@@ -4,7 +4,7 @@
     ppo.train(PPOConfig(...), reward_fn=None) -> dict
 
 Top to bottom: `PPOConfig`; the maths as small pure functions on (B, R) response tensors
-(`compute_rewards`, `gae`, `policy_loss`, `value_loss`, ...); the models (`load_policy`,
+(`compute_rewards`, `gae`, `policy_loss`, `value_loss`, ...); the models (`build_models`,
 `reference`, `critic`); the rewards; the rollout (`make_experience` -> a `Rollout`); the update
 (`ppo_update`); checkpoints and export; the loop. One layer down: rollout.py (the prompt file and
 its order, a `Batch` of prompts + responses cut at their stop token), losses.py
@@ -59,7 +59,8 @@ import torch
 import torch.nn as nn
 
 from . import adapters, checkpoint, dist
-from .cli import UserError, arg, cli_main, prepare_out, resolve_dtype, write_config
+from .cli import (ExportFlags, LoRAFlags, ModelFlags, TrainLoopFlags, UserError, arg, cli_main, like, prepare_out,
+                  resolve_dtype, write_config)
 from .generate import cut_at_stop, generate_batch, use_column_major_weights
 from .lora import (apply_lora, default_targets, disabled_adapters, load_adapter, lora_modules, lora_parameters,
                    merge_and_unload, save_adapter)
@@ -78,9 +79,9 @@ def _penalty(text: str):
 
 
 @dataclass
-class PPOConfig:
+class PPOConfig(ExportFlags, TrainLoopFlags, LoRAFlags, ModelFlags):
     # what to train on
-    model: str = arg("", "base model directory (Hugging Face layout, with the tokenizer)")
+    model: str = like(ModelFlags, "model", help="base model directory (Hugging Face layout, with the tokenizer)")
     adapter: str | None = arg(None, "SFT LoRA adapter on --model (merged into the weights, then a fresh PPO LoRA)")
     continue_adapter: bool = arg(False, "keep training the SFT adapter itself instead of a fresh PPO LoRA")
     reward: str | None = arg(None, "reward model directory (train_rm.py, or a released HuatuoGPT/Ziya RM)")
@@ -89,14 +90,14 @@ class PPOConfig:
     reward_norm: str = arg("std", "std: reward-model scores in units of their spread on SFT-like answers (so "
                                   "--missing-eos-penalty and --kl-coef are too); none: as the RM gives them",
                            choices=["std", "none"])
-    prompts: str = arg("", "JSONL: schema conversations (last assistant turn dropped) or prompt records",
-                       metavar="FILE")
-    out: str = arg("out/ppo", "output directory: adapter, metrics.jsonl, samples.jsonl, plots, checkpoints/")
-    template: str = arg("auto", "chat template: auto (the model's own), or a name (huatuo, huatuo2, chatml, ...)")
+    data: str = arg("", "prompts, JSONL: schema conversations (last assistant turn dropped) or prompt records",
+                    metavar="FILE", old=("--prompts",))
+    out: str = like(TrainLoopFlags, "out", "out/ppo", "output directory: adapter, metrics.jsonl, samples.jsonl, plots, "
+                                                      "checkpoints/")
     max_prompt_len: int = arg(512, "longer prompts are skipped")
     # rollouts
-    max_steps: int | None = arg(None, "PPO steps (default: one pass over the prompts)")
-    batch_size: int = arg(32, "prompts (= rollouts) per step, over all processes")
+    max_steps: int | None = like(TrainLoopFlags, "max_steps", help="PPO steps (default: one pass over the prompts)")
+    batch_size: int = like(TrainLoopFlags, "batch_size", 32, "prompts (= rollouts) per step, over all processes")
     max_new_tokens: int = arg(256, "answer length limit")
     temperature: float = arg(0.7, "sampling temperature (top_k 0, top_p 1, no min length)")
     rollout_batch_size: int = arg(0, "rows generated at once per process; 0: the whole local batch")
@@ -115,7 +116,8 @@ class PPOConfig:
     # PPO
     ppo_epochs: int = arg(4, "passes over each step's rollouts")
     num_mini_batches: int = arg(1, "optimizer steps per PPO epoch")
-    micro_batch_size: int = arg(4, "rows per forward/backward; minibatches accumulate gradients over these")
+    micro_batch_size: int = like(TrainLoopFlags, "micro_batch_size", 4, "rows per forward/backward; minibatches "
+                                                                        "accumulate gradients over these")
     gamma: float = arg(1.0, "discount")
     lam: float = arg(0.95, "GAE lambda")
     clip_range: float = arg(0.2, "policy ratio clip")
@@ -129,39 +131,28 @@ class PPOConfig:
     lr: float = arg(5e-5, "learning rate of the policy LoRA (higher than full-weight PPO: see the module doc)")
     value_lr: float | None = arg(None, "learning rate of the value head and critic adapter (default: --lr)")
     adam_eps: float = arg(1e-5, "Adam epsilon")
-    max_grad_norm: float = arg(1.0, "clip the gradient norm to this")
     anneal_lr: bool = arg(False, "decay the learning rates linearly to 0 at --max-steps")
     # LoRA and value
-    lora_r: int = arg(16, "rank of the PPO LoRA")
-    lora_alpha: float = arg(32.0, "LoRA alpha (scaling alpha / r)")
-    lora_targets: list[str] = arg([], "LoRA target modules (default: every attention and MLP linear of the family, "
-                                      "as SFT and the reward model)", metavar="NAME")
+    lora_r: int = like(LoRAFlags, "lora_r", 16, "rank of the PPO LoRA (no dropout: the reference is the policy with "
+                                                "its adapters off, so both must be deterministic)")
+    lora_alpha: float = like(LoRAFlags, "lora_alpha", 32.0)
     critic: str = arg("shared", "shared: value head on the policy trunk; separate: own LoRA + head",
                       choices=["shared", "separate"])
     # run
-    device: str = arg("auto", "auto (cuda if available), cpu, cuda, cuda:1, ...")
-    dtype: str = arg("auto", "auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16 or float16",
-                     choices=["auto", "float32", "bfloat16", "float16"])
-    grad_checkpointing: bool = arg(False, "recompute each block's activations in backward (less memory)")
     quant: str = arg("none", QUANT_HELP, choices=list(QUANTS))
     compile: bool = arg(False, "torch.compile the decode step (CUDA)")
     seed: int = arg(0, "seed of the LoRA init, the prompt order and the rollouts")
     sample_every: int = arg(10, "print and save sample answers every N steps (0: never)")
-    save_every: int = arg(50, "checkpoint every N steps (and at the end)")
-    stop_after: int | None = arg(None, "stop after this step as if interrupted (checkpoint written; resume later)")
-    keep_checkpoints: int = arg(1, "checkpoints kept in out/checkpoints")
+    save_every: int = like(TrainLoopFlags, "save_every", 50)
     report_to: list[str] = arg([], REPORT_TO_HELP, metavar="TRACKER")
-    resume: bool = arg(False, "continue the interrupted run in --out from its last checkpoint")
-    overwrite: bool = arg(False, "delete what --out holds and start again")
-    save_merged: bool = arg(False, "also write OUT/merged: a full model with the adapters folded in")
 
     def check(self):
         if self.temperature <= 0:
             raise UserError(f"--temperature {self.temperature}: PPO samples, so it must be > 0 (0.7 is usual)")
         if self.continue_adapter and not self.adapter:
             raise UserError("--continue-adapter needs --adapter (the SFT adapter to keep training)")
-        if not self.model or not self.prompts:
-            raise UserError("PPO needs --model (model directory) and --prompts (JSONL)")
+        if not self.model or not self.data:
+            raise UserError("PPO needs --model (model directory) and --data (prompts, JSONL)")
 
 
 # ============================================================================= the maths (pure functions)
@@ -276,7 +267,7 @@ def critic(m: Models):
         else contextlib.nullcontext()
 
 
-def load_policy(cfg: PPOConfig, device=None, dtype=None) -> Models:
+def build_models(cfg: PPOConfig, device=None, dtype=None) -> Models:
     """Build policy, reference and value from cfg.model (+ cfg.adapter); see the module docstring."""
     merge_sft = bool(cfg.adapter) and not cfg.continue_adapter
     # the SFT adapter is merged at load, before any quantisation: a 4-bit base takes no merge
@@ -606,8 +597,8 @@ def _train(cfg: PPOConfig, reward_fn, d, hold) -> dict:
     end_id = end_token(tok, template)
     if tok.pad_id in stops and d.main:
         print(f"note: {cfg.model}'s pad id {tok.pad_id} is also a stop id; masks use lengths, so EOS still counts")
-    rows, prompts = load_prompts(cfg.prompts, tok, template, cfg.max_prompt_len)
-    m = load_policy(cfg, device=d.device, dtype=dtype)
+    rows, prompts = load_prompts(cfg.data, tok, template, cfg.max_prompt_len)
+    m = build_models(cfg, device=d.device, dtype=dtype)
     reward = make_reward(reward_fn, m, cfg, tok, template, d, dtype)
     groups = trainable_groups(m, cfg)
     params = [p for g in groups for p in g["params"]]

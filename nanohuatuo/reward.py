@@ -56,7 +56,8 @@ import torch
 import torch.nn.functional as F
 
 from . import checkpoint
-from .cli import UserError, arg, cli_main, prepare_out, resolve_device, resolve_dtype, write_config
+from .cli import (LoRAFlags, ModelFlags, TrainLoopFlags, UserError, arg, cli_main, like, prepare_out,
+                  resolve_device, resolve_dtype, write_config)
 from .data import DataError, iter_jsonl, split_heldout
 from .hf import LLAMA_LIKE, read_config
 from .lora import apply_lora, default_targets, load_adapter, save_adapter
@@ -71,36 +72,33 @@ from .tokenizer import Tokenizer
 
 
 @dataclass
-class RMConfig:
-    model: str = arg("", "model directory the reward model starts from (Hugging Face layout), usually the "
-                         "SFT model's base")
+class RMConfig(TrainLoopFlags, LoRAFlags, ModelFlags):
+    model: str = like(ModelFlags, "model", help="model directory the reward model starts from (Hugging Face layout), "
+                                                "usually the SFT model's base")
     adapter: str | None = arg(None, "SFT LoRA adapter on --model, merged into it before the reward model's own LoRA")
     data: list[str] = arg([], "preference JSONL file(s): `python -m nanohuatuo.feedback rank` records, TRL "
                               "prompt/chosen/rejected or MedicalGPT question/response_chosen/response_rejected rows",
                           metavar="FILE")
-    out: str = arg("out/rm", "output directory: the reward model, reward_config.json, metrics.jsonl, checkpoints/")
-    template: str = arg("auto", "chat template: auto (the model's own), or a name (huatuo, huatuo2, chatml, ...)")
-    lora_r: int = arg(8, "LoRA rank; 0 trains all weights")
-    lora_alpha: float = arg(16.0, "LoRA alpha (scaling alpha / r)")
+    out: str = like(TrainLoopFlags, "out", "out/rm", "output directory: the reward model, reward_config.json, "
+                                                    "metrics.jsonl, checkpoints/")
     lora_dropout: float = arg(0.0, "dropout on the LoRA input")
-    lora_targets: list[str] = arg([], "LoRA target modules (default: every attention and MLP linear of the family, "
-                                      "as SFT and PPO)", metavar="NAME")
     lr: float | None = arg(None, "peak learning rate (default 1e-4 with LoRA, 1e-5 for all weights)")
     head_lr: float | None = arg(None, "value-head learning rate (default: --lr)")
     weight_decay: float = arg(0.0, "AdamW weight decay on matrices")
     warmup_frac: float = arg(0.03, "fraction of the steps spent in linear warm-up")
     schedule: str = arg("cosine", "learning-rate decay to 0 after the warm-up", choices=["cosine", "linear"])
     epochs: int = arg(1, "passes over the preferences (ignored with --max-steps)")
-    batch_prompts: int = arg(4, "prompts per optimizer step (each brings all its K answers)")
-    micro_prompts: int = arg(0, "prompts per forward/backward (gradient accumulation); 0: the whole batch")
+    batch_size: int = like(TrainLoopFlags, "batch_size", 4,
+                           "prompts per optimizer step (each brings all its K answers)", old=("--batch-prompts",))
+    micro_batch_size: int = like(TrainLoopFlags, "micro_batch_size", 0, "prompts per forward/backward (gradient "
+                                                                        "accumulation); 0: the whole batch",
+                                 old=("--micro-prompts",))
     max_len: int = arg(1024, "tokens per prompt + answer; longer ones lose tokens from the left (the score is "
                              "read at the end)")
     eval_frac: float = arg(0.1, "fraction of --data held out when --eval-data is not given")
     eval_data: list[str] | None = arg(None, "held-out preference JSONL file(s) (then all of --data trains)",
                                       metavar="FILE")
     eval_every: int = arg(200, "held-out accuracy every N steps (and at the end)")
-    max_steps: int | None = arg(None, "optimizer steps in all (default: --epochs over the data)")
-    stop_after: int | None = arg(None, "stop after this step as if interrupted (checkpoint written; resume later)")
     center_coef: float = arg(0.0, "weight of the mean squared score of each pair, keeping scores near 0 (0.01 is "
                                   "usual when used)")
     norm_samples: str | None = arg(None, "JSONL of SFT-like answers for the bias (default: the training answers)",
@@ -108,17 +106,8 @@ class RMConfig:
     norm_max: int = arg(2000, "at most this many answers scored for the bias")
     normalize_std: bool = arg(False, "also scale scores to std 1 (gain = 1/std); PPO divides by the stored std "
                                      "either way")
-    max_grad_norm: float = arg(1.0, "clip the gradient norm to this")
-    grad_checkpointing: bool = arg(False, "recompute each block's activations in backward (less memory)")
     quant: str = arg("none", QUANT_HELP, choices=list(QUANTS))
-    save_every: int = arg(200, "checkpoint every N steps (and at the end)")
-    keep_checkpoints: int = arg(1, "checkpoints kept in out/checkpoints (older ones are deleted)")
     report_to: list[str] = arg([], REPORT_TO_HELP, metavar="TRACKER")
-    resume: bool = arg(False, "continue the interrupted run in --out from its last checkpoint")
-    overwrite: bool = arg(False, "delete what --out holds and start again")
-    device: str = arg("auto", "auto (cuda if available), cpu, cuda, cuda:1, ...")
-    dtype: str = arg("auto", "auto (bfloat16 on CUDA, float32 on CPU), float32 or bfloat16",
-                     choices=["auto", "float32", "bfloat16", "float16"])
     seed: int = arg(0, "seed of the split, the batch order, LoRA and value-head init")
 
 
@@ -280,7 +269,7 @@ def _train(cfg: RMConfig, hold: contextlib.ExitStack) -> dict:
     for epoch in range(cfg.epochs):
         order = list(range(len(train_ex)))
         random.Random(cfg.seed + epoch).shuffle(order)
-        batches += [order[s:s + cfg.batch_prompts] for s in range(0, len(order), cfg.batch_prompts)]
+        batches += [order[s:s + cfg.batch_size] for s in range(0, len(order), cfg.batch_size)]
     batches = batches[:cfg.max_steps] if cfg.max_steps else batches
     total = len(batches)
     warmup = round(cfg.warmup_frac * total)
@@ -293,7 +282,7 @@ def _train(cfg: RMConfig, hold: contextlib.ExitStack) -> dict:
     checkpoint.truncate_jsonl(out / "metrics.jsonl", start if ckpt else -1)
     log = MetricsLog(out / "metrics.jsonl", total_steps=total, report_to=cfg.report_to, config=dataclasses.asdict(cfg))
     hold.callback(log.close)
-    micro = cfg.micro_prompts or cfg.batch_prompts
+    micro = cfg.micro_batch_size or cfg.batch_size
     result, params, stopped = {}, trunk + head, False
 
     for step in range(start, total):
@@ -326,7 +315,7 @@ def _train(cfg: RMConfig, hold: contextlib.ExitStack) -> dict:
         log.write(done, loss=loss_sum, accuracy=correct / pairs, lr=lr * factor,
                   grad_norm=float(grad_norm), tokens=tokens)
         if eval_ex and cfg.eval_every and done % cfg.eval_every == 0 and done < total:
-            ev = evaluate(model, eval_ex, tok.pad_id, cfg.max_len, cfg.batch_prompts, cfg.center_coef)
+            ev = evaluate(model, eval_ex, tok.pad_id, cfg.max_len, cfg.batch_size, cfg.center_coef)
             log.write(done, **ev)
         if done % cfg.save_every == 0 or done == total or done == cfg.stop_after:
             print(f"checkpoint: {save_checkpoint(cfg, done, model, opt, tok, recent)}")
@@ -338,7 +327,7 @@ def _train(cfg: RMConfig, hold: contextlib.ExitStack) -> dict:
         return {"steps": cfg.stop_after, "stopped": True, "out": os.path.abspath(cfg.out)}
 
     model.eval()
-    ev = evaluate(model, eval_ex, tok.pad_id, cfg.max_len, cfg.batch_prompts, cfg.center_coef)
+    ev = evaluate(model, eval_ex, tok.pad_id, cfg.max_len, cfg.batch_size, cfg.center_coef)
     if eval_ex:
         log.write(total, **ev)
     result.update(ev)

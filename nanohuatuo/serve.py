@@ -46,7 +46,7 @@ from dataclasses import dataclass
 from http.server import ThreadingHTTPServer
 from pathlib import Path
 
-from .cli import UserError, arg, cli_main, resolve_device, resolve_dtype
+from .cli import ModelFlags, UserError, arg, cli_main, resolve_device, resolve_dtype
 from .engine import Engine
 from .engine_loop import EngineLoop, GenerationFailed, QueueFull
 from .generate import load_for_inference
@@ -60,22 +60,19 @@ MAX_BODY = 16 * 2**20  # bytes of request JSON accepted
 
 
 @dataclass
-class ServeConfig:
-    model: str = arg("", "model directory (Hugging Face layout)")
+class ServeConfig(ModelFlags):
     adapter: str | None = arg(None, "LoRA adapter directory (PEFT layout), merged at load")
     lora: list[str] = arg([], "LoRA adapters served by name next to the base, unmerged: NAME=DIR ... (a "
                               "request's 'model' picks one)", metavar="NAME=DIR")
     host: str = arg("127.0.0.1", "address to listen on (0.0.0.0 for every interface: set --api-key then)")
     port: int = arg(8000, "port to listen on (0: any free port, printed at start)")
-    model_name: str | None = arg(None, "the model name clients ask for (default: the model directory's name)")
-    template: str = arg("auto", "chat template: auto (the model's own) or a name (huatuo, huatuo2, chatml, ...)")
-    device: str = arg("auto", "auto (cuda if available), cpu, cuda, cuda:1, ...")
-    dtype: str = arg("auto", "auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16 or float16")
+    served_model_name: str | None = arg(None, "the model name the server advertises and clients ask for (default: "
+                                              "the model directory's name)", old=("--model-name",))
     int8: bool = arg(False, "int8 weight-only quantisation (a 7B model in about 7.5 GB)")
     compile: bool = arg(False, "torch.compile the decode step (CUDA graphs; slow first requests)")
-    slots: int = arg(16, "sequences decoded together in one batch (also the largest n)")
+    batch_size: int = arg(16, "sequences decoded together (engine slots; also the largest n)", old=("--slots",))
     max_len: int = arg(4096, "context window per sequence, prompt plus answer, in tokens (at most the model's); "
-                             "the KV cache holds slots x max-len tokens")
+                             "the KV cache holds batch-size x max-len tokens")
     max_queue: int = arg(64, "sequences allowed to wait for a slot; beyond that requests get 429")
     api_key: str | None = arg(None, "require 'Authorization: Bearer KEY' on every route but /health "
                                     "(default: env NANOHUATUO_API_KEY, else no key)")
@@ -127,7 +124,7 @@ def lora_flags(cfg: ServeConfig) -> dict[str, str]:
 
 
 def served_name(cfg: ServeConfig) -> str:
-    return cfg.model_name or Path(cfg.model).resolve().name
+    return cfg.served_model_name or Path(cfg.model).resolve().name
 
 
 # ----------------------------------------------------------------------------- the service
@@ -148,11 +145,12 @@ class Service:
         self.api_key = cfg.api_key if cfg.api_key is not None else os.environ.get("NANOHUATUO_API_KEY") or None
         origins = cfg.cors_origin.strip()
         self.cors = set() if origins in ("", "none") else {o.strip() for o in origins.split(",") if o.strip()}
-        self.api = OpenAIProtocol(tok, template, defaults, self.context, cfg.slots, self.names,
+        self.api = OpenAIProtocol(tok, template, defaults, self.context, cfg.batch_size, self.names,
                                   sorted(stop_token_ids(tok, template)), stop_strings(template))
         self.created = int(time.time())
-        engine = engine or Engine(model, tokenizer=tok, slots=cfg.slots, max_len=self.context, compile=cfg.compile)
-        self.runner = EngineLoop(engine, tok, capacity=cfg.slots + cfg.max_queue)
+        engine = engine or Engine(model, tokenizer=tok, slots=cfg.batch_size, max_len=self.context,
+                                  compile=cfg.compile)
+        self.runner = EngineLoop(engine, tok, capacity=cfg.batch_size + cfg.max_queue)
 
 # ----------------------------------------------------------------------------- HTTP
 
@@ -294,7 +292,7 @@ class Handler(JSONHandler):
         want, capacity = len(job.prompts) * job.n, svc.runner.capacity
         if want > capacity:  # would never fit: not a reason to retry
             raise APIError(400, f"the request needs {want} sequences (prompts x n); this server holds at most "
-                                f"{capacity} (--slots plus --max-queue)", param="n", code="invalid_value")
+                                f"{capacity} (--batch-size plus --max-queue)", param="n", code="invalid_value")
         try:
             ticket = svc.runner.submit(job.prompts, job.params, job.n, job.stops, strip_end=job.kind == "chat",
                                        adapter=job.adapter, prompt_only=job.prompt_only)
@@ -445,9 +443,9 @@ class Server(ThreadingHTTPServer):
 
 def make_server(cfg: ServeConfig, model=None, tok=None, template=None, engine=None) -> Server:
     """A Server for cfg (the model loaded from cfg.model unless given), bound but not started."""
-    if cfg.slots < 1 or cfg.max_queue < 0 or cfg.max_len < 0:
-        raise UserError(f"--slots {cfg.slots}, --max-queue {cfg.max_queue}, --max-len {cfg.max_len}: need slots >= 1, "
-                        f"max-queue >= 0 and max-len >= 0")
+    if cfg.batch_size < 1 or cfg.max_queue < 0 or cfg.max_len < 0:
+        raise UserError(f"--batch-size {cfg.batch_size}, --max-queue {cfg.max_queue}, --max-len {cfg.max_len}: need "
+                        f"batch-size >= 1, max-queue >= 0 and max-len >= 0")
     if model is None:
         model, tok, template = load_model(cfg)
     try:
@@ -464,7 +462,7 @@ def run(cfg: ServeConfig) -> int:
               file=sys.stderr)
     try:
         svc.runner.start()
-        print(f"serving {svc.name} (template {svc.template}, context {svc.context}, {cfg.slots} slots) on "
+        print(f"serving {svc.name} (template {svc.template}, context {svc.context}, {cfg.batch_size} slots) on "
               f"{server.url}: chat page at {server.url}/, API at {server.url}/v1", flush=True)
         server.serve_forever()
     except KeyboardInterrupt:
@@ -483,7 +481,7 @@ USAGE = """Serve a model as an OpenAI-compatible endpoint, with a chat page at /
     client = OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="EMPTY")
     client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "头痛怎么办？"}])
 
-NAME is the model directory's name (or --model-name); GET /v1/models lists it. Routes:
+NAME is the model directory's name (or --served-model-name); GET /v1/models lists it. Routes:
 /v1/chat/completions, /v1/completions, /v1/models, /health (no key needed) and / (the chat page).
 Models are not medical advice: everything they say must be checked by a doctor."""
 

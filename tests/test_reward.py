@@ -206,7 +206,7 @@ def test_errors_name_the_problem(base, tmp_path):
 # ----------------------------------------------------------------------------- checkpoints, resume, --out
 
 def _rm_cfg(path, data, out, **kw):
-    kw = {**dict(template="plain", lora_r=4, lr=3e-3, eval_frac=0.2, eval_every=3, batch_prompts=4, seed=0,
+    kw = {**dict(template="plain", lora_r=4, lr=3e-3, eval_frac=0.2, eval_every=3, batch_size=4, seed=0,
                  device="cpu", lora_dropout=0.1, save_every=100), **kw}
     return reward.RMConfig(model=path, data=[data], out=str(out), **kw)
 

@@ -29,7 +29,7 @@ from test_serve import LINES, NAME, QUESTIONS, TEMPLATE, http, start, tiny, user
 
 @pytest.fixture(scope="module")
 def server(tiny):
-    srv = start(tiny, slots=4, max_queue=8)
+    srv = start(tiny, batch_size=4, max_queue=8)
     yield srv
     srv.close()
 
@@ -77,7 +77,7 @@ def test_chat_template_kwargs_reach_the_template(tmp_path):
                                "{% if add_generation_prompt %}assistant:{% if enable_thinking is defined and "
                                "not enable_thinking %} 不想{% endif %}{% endif %}")
     json.dump(config, open(os.path.join(d, "tokenizer_config.json"), "w"))
-    srv = make_server(ServeConfig(model=d, port=0, slots=1, log_requests=False)).start()
+    srv = make_server(ServeConfig(model=d, port=0, batch_size=1, log_requests=False)).start()
     try:
         tok = Tokenizer.from_pretrained(d)
         template = srv.service.template
@@ -109,7 +109,7 @@ def test_cors(server, tiny):
     assert status == 200 and hdrs["Access-Control-Allow-Origin"] == "*"
     status, hdrs, _ = http(server, "/v1/models")
     assert "Access-Control-Allow-Origin" not in hdrs  # no Origin, not a browser: nothing to say
-    srv = start(tiny, slots=1, cors_origin="http://ok.example", api_key="k")
+    srv = start(tiny, batch_size=1, cors_origin="http://ok.example", api_key="k")
     try:
         req = urllib.request.Request(srv.url + "/v1/completions", method="OPTIONS",
                                      headers={**preflight, "Origin": "http://ok.example"})
@@ -119,7 +119,7 @@ def test_cors(server, tiny):
         assert status == 200 and "Access-Control-Allow-Origin" not in hdrs
     finally:
         srv.close()
-    srv = start(tiny, slots=1, cors_origin="none")
+    srv = start(tiny, batch_size=1, cors_origin="none")
     try:
         assert "Access-Control-Allow-Origin" not in http(srv, "/v1/models", headers={"Origin": "http://a.example"})[1]
     finally:
@@ -231,7 +231,7 @@ def test_engine_mixes_adapters_in_one_batch(tiny, tmp_path):
 def test_server_serves_adapters_by_name(tiny, tmp_path):
     d, base, tok = tiny
     dirs = [random_adapter(d, tmp_path / f"a{i}", i) for i in range(2)]
-    srv = start(tiny, slots=4, lora=[f"triage={dirs[0]}", f"peds={dirs[1]}"])
+    srv = start(tiny, batch_size=4, lora=[f"triage={dirs[0]}", f"peds={dirs[1]}"])
     try:
         status, _, models = http(srv, "/v1/models")
         assert [m["id"] for m in models["data"]] == [NAME, "triage", "peds"]
@@ -262,6 +262,6 @@ def test_bad_lora_flags(tiny, tmp_path, capsys):
     for flags, says in ((["--lora", "noequals"], "NAME=DIR"), (["--lora", f"a={tmp_path}/missing"], "no such"),
                         (["--lora", f"{NAME}={tmp_path}"], "taken"),
                         (["--lora", f"a={tmp_path}", "--compile"], "--compile")):
-        assert serve_main(["--model", tiny[0], "--model-name", NAME, "--port", "0", *flags]) == 2
+        assert serve_main(["--model", tiny[0], "--served-model-name", NAME, "--port", "0", *flags]) == 2
         err = capsys.readouterr().err
         assert err.startswith("error:") and says in err and "Traceback" not in err

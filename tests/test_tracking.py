@@ -105,6 +105,6 @@ def test_ppo_samples_go_as_a_table(tiny, tmp_path, trackers):
 
 def test_cli_missing_tracker_is_one_line(capsys, monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "trackio", None)
-    assert ppo.main(["--model", str(tmp_path), "--prompts", str(tmp_path / "p.jsonl"), "--report-to", "trackio"]) == 2
+    assert ppo.main(["--model", str(tmp_path), "--data", str(tmp_path / "p.jsonl"), "--report-to", "trackio"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: --report-to trackio") and "Traceback" not in err
