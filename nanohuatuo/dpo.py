@@ -38,8 +38,9 @@ evaluation; checkpoints; the loop. The objectives live one layer down in losses.
   uninterrupted run.
 
 Saved in --out: the DPO adapter in PEFT layout for the ORIGINAL base (with a merged SFT adapter,
-the exact concatenation SFT (+) DPO, as PPO writes), the chat template, dpo_config.json,
-metrics.jsonl and metrics.png; with --save-merged also OUT/merged, a full model.
+the exact concatenation SFT (+) DPO, as PPO writes), the chat template, dpo_config.json (the
+resolved config, which --config reads back), metrics.jsonl and metrics.png; with --save-merged
+also OUT/merged, a full model.
 """
 
 import contextlib
@@ -56,7 +57,8 @@ import torch
 import torch.nn as nn
 
 from . import adapters, checkpoint, dist
-from .cli import UserError, arg, cli_main, prepare_out, resolve_dtype
+from .cli import (ExportFlags, LoRAFlags, ModelFlags, TrainLoopFlags, UserError, arg, cli_main, like, prepare_out,
+                  resolve_dtype, write_config)
 from .data import split_heldout
 from .lora import (apply_lora, default_targets, disabled_adapters, load_adapter, lora_modules, lora_parameters,
                    merge_and_unload, save_adapter)
@@ -71,15 +73,15 @@ from .tokenizer import Tokenizer
 
 
 @dataclass
-class DPOConfig:
-    model: str = arg("", "base model directory (Hugging Face layout, with the tokenizer)")
+class DPOConfig(ExportFlags, TrainLoopFlags, LoRAFlags, ModelFlags):
+    model: str = like(ModelFlags, "model", help="base model directory (Hugging Face layout, with the tokenizer)")
     adapter: str | None = arg(None, "SFT LoRA adapter on --model (merged into the weights, then a fresh DPO LoRA; "
                                     "the reference is this SFT model)")
     data: list[str] = arg([], "preference JSONL file(s): `python -m nanohuatuo.feedback rank` records, TRL "
                               "prompt/chosen/rejected or MedicalGPT question/response_chosen/response_rejected rows",
                           metavar="FILE")
-    out: str = arg("out/dpo", "output directory: adapter, metrics.jsonl, metrics.png, checkpoints/")
-    template: str = arg("auto", "chat template: auto (the model's own), or a name (huatuo, huatuo2, chatml, ...)")
+    out: str = like(TrainLoopFlags, "out", "out/dpo", "output directory: adapter, metrics.jsonl, metrics.png, "
+                                                      "checkpoints/")
     pairs: str = arg("all", "all: every ranked pair (better, worse) of a record; best-worst: first against last",
                      choices=["all", "best-worst"])
     eval_data: list[str] | None = arg(None, "held-out preference JSONL file(s) (then all of --data trains)",
@@ -92,33 +94,20 @@ class DPOConfig:
     beta: float = arg(0.1, "strength of the pull towards the reference (DPO's beta; IPO's tau)")
     label_smoothing: float = arg(0.0, "conservative DPO: the probability that a ranking is wrong (sigmoid loss)")
     # LoRA and optimisation
-    lora_r: int = arg(8, "rank of the DPO LoRA")
-    lora_alpha: float = arg(16.0, "LoRA alpha (scaling alpha / r)")
+    lora_r: int = like(LoRAFlags, "lora_r", 8, "rank of the DPO LoRA")
     lora_dropout: float = arg(0.0, "dropout on the LoRA input (0: the policy starts exactly at the reference)")
-    lora_targets: list[str] = arg([], "LoRA target modules (default: every attention and MLP linear of the family, "
-                                      "as SFT and PPO)", metavar="NAME")
     lr: float = arg(5e-5, "peak learning rate of the LoRA tensors")
     weight_decay: float = arg(0.0, "AdamW weight decay")
     warmup_frac: float = arg(0.1, "fraction of the steps spent in linear warm-up")
-    max_grad_norm: float = arg(1.0, "clip the gradient norm to this")
     epochs: int = arg(1, "passes over the pairs (ignored with --max-steps)")
-    max_steps: int | None = arg(None, "optimizer steps in all (default: --epochs over the pairs)")
-    batch_size: int = arg(16, "pairs per optimizer step, over all processes")
-    micro_batch_size: int = arg(2, "pairs per forward/backward per process (each brings two answers)")
-    grad_checkpointing: bool = arg(False, "recompute each block's activations in backward (less memory)")
+    batch_size: int = like(TrainLoopFlags, "batch_size", 16, "pairs per optimizer step, over all processes")
+    micro_batch_size: int = like(TrainLoopFlags, "micro_batch_size", 2, "pairs per forward/backward per process "
+                                                                        "(each brings two answers)")
     quant: str = arg("none", QUANT_HELP, choices=list(QUANTS))
     # run
     report_to: list[str] = arg([], REPORT_TO_HELP, metavar="TRACKER")
     eval_every: int = arg(50, "held-out loss and accuracy every N steps (and at the end)")
-    save_every: int = arg(50, "checkpoint every N steps (and at the end)")
-    stop_after: int | None = arg(None, "stop after this step as if interrupted (checkpoint written; resume later)")
-    keep_checkpoints: int = arg(1, "checkpoints kept in out/checkpoints")
-    resume: bool = arg(False, "continue the interrupted run in --out from its last checkpoint")
-    overwrite: bool = arg(False, "delete what --out holds and start again")
-    save_merged: bool = arg(False, "also write OUT/merged: a full model with the adapters folded in")
-    device: str = arg("auto", "auto (cuda if available), cpu, cuda, cuda:1, ...")
-    dtype: str = arg("auto", "auto (bfloat16 on CUDA, float32 on CPU), float32 or bfloat16",
-                     choices=["auto", "float32", "bfloat16", "float16"])
+    save_every: int = like(TrainLoopFlags, "save_every", 50)
     seed: int = arg(0, "seed of the split, the pair order and the LoRA init")
 
     def check(self):
@@ -369,7 +358,7 @@ def _train(cfg: DPOConfig, d, hold) -> dict:
         f"{dtype}, {d.device}, {d.world} process(es); reference log-probs of {len(ref)} answers in {t_ref:.1f}s"
         + (f"; resuming after step {start} from {ckpt}" if ckpt else ""))
     if d.main:
-        checkpoint.atomic_json(out / "dpo_config.json", dataclasses.asdict(cfg))
+        write_config(out, cfg, "dpo")
         checkpoint.truncate_jsonl(out / "metrics.jsonl", start if ckpt else -1)
     log = MetricsLog(out / "metrics.jsonl", total_steps=total, stream=sys.stdout if d.main else None,
                      report_to=cfg.report_to if d.main else (), config=dataclasses.asdict(cfg))
