@@ -1,5 +1,6 @@
 """Reward model training: a scalar score for (conversation, answer), learned from the AI judge's
 rankings (RLAIF step 3). `train(RMConfig)` and its CLI (train_rm.py, python -m nanohuatuo.reward).
+The preference files (ours, TRL's, MedicalGPT's) are read by preferences.py, shared with DPO.
 
 The model is the base transformer (with the SFT adapter merged into it, when given) plus a LoRA
 adapter (or all weights trained: lora_r=0) plus a linear value head d -> 1 read at the LAST REAL
@@ -62,6 +63,7 @@ from .hf import LLAMA_LIKE, read_config
 from .lora import apply_lora, default_targets, load_adapter, save_adapter
 from .metrics import REPORT_TO_HELP, MetricsLog, check_report_to, plot_metrics
 from .model import Transformer
+from .preferences import policy_seqs, read_preferences, reference_index  # noqa: F401 (re-exported)
 from .quant import QUANT_HELP, QUANTS
 from .reward_model import (RM_CONFIG, RewardModel, load_reward_model, load_trunk, raw_scores, right_pad,  # noqa: F401
                            rm_forward, score_ids, score_texts, with_answer)
@@ -74,7 +76,9 @@ class RMConfig(TrainLoopFlags, LoRAFlags, ModelFlags):
     model: str = like(ModelFlags, "model", help="model directory the reward model starts from (Hugging Face layout), "
                                                 "usually the SFT model's base")
     adapter: str | None = arg(None, "SFT LoRA adapter on --model, merged into it before the reward model's own LoRA")
-    data: list[str] = arg([], "preference JSONL file(s) from `python -m nanohuatuo.feedback rank`", metavar="FILE")
+    data: list[str] = arg([], "preference JSONL file(s): `python -m nanohuatuo.feedback rank` records, TRL "
+                              "prompt/chosen/rejected or MedicalGPT question/response_chosen/response_rejected rows",
+                          metavar="FILE")
     out: str = like(TrainLoopFlags, "out", "out/rm", "output directory: the reward model, reward_config.json, "
                                                     "metrics.jsonl, checkpoints/")
     lora_dropout: float = arg(0.0, "dropout on the LoRA input")
@@ -130,46 +134,6 @@ def pairwise_accuracy(rewards: torch.Tensor, order=None) -> tuple[int, int]:
 
 
 # ----------------------------------------------------------------------------- data
-
-def reference_index(row: dict, where: str) -> int | None:
-    """Where the doctor's reply sits in a mixed-feedback record's answers (None: not there).
-
-    The reply is ranked with the policy's answers, so it belongs in the preference pairs, but it
-    is no answer the policy wrote: the score statistics PPO's reward is measured in must skip it."""
-    i = row.get("reference_index")
-    if i is None:
-        return None
-    if not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < len(row["answers"]):
-        raise DataError(f"{where}: reference_index {i!r} is not the position of one of the "
-                        f"{len(row['answers'])} answers")
-    return i
-
-
-def read_preferences(path, tok: Tokenizer, template: str) -> list[dict]:
-    """Preference records -> [{"id", "seqs": token ids of prompt + answer, best answer first,
-    "reference_index": position of the doctor's reply in seqs, or None}]."""
-    examples = []
-    for lineno, row in iter_jsonl(path):
-        where = f"{path}:{lineno}"
-        prompt, answers = row.get("prompt", row.get("question")), row.get("answers")
-        if not isinstance(prompt, (str, list)) or not isinstance(answers, list) or len(answers) < 2 \
-                or not all(isinstance(a, str) for a in answers):
-            raise DataError(f"{where}: expected a preference record {{'prompt', 'answers': [best, ..., worst]}} "
-                            f"with at least 2 answers, as `python -m nanohuatuo.feedback rank` writes")
-        try:
-            seqs = [render(with_answer(prompt, a), tok, template)[0] for a in answers]
-        except ValueError as e:
-            raise DataError(f"{where}: {e}") from None
-        examples.append({"id": row.get("id", where), "seqs": seqs, "reference_index": reference_index(row, where)})
-    if not examples:
-        raise DataError(f"{path}: no preference records; run `python -m nanohuatuo.feedback rank` first")
-    return examples
-
-
-def policy_seqs(examples: list[dict]) -> list[list[int]]:
-    """Every answer of the preference examples that the policy wrote: the doctor's reply left out."""
-    return [s for ex in examples for i, s in enumerate(ex["seqs"]) if i != ex.get("reference_index")]
-
 
 def read_norm_samples(path, tok: Tokenizer, template: str) -> list[list[int]]:
     """Token ids of SFT-like answers for the bias: every answer of preference records or judge items

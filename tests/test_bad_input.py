@@ -36,7 +36,7 @@ CASES = {
     "truncated": ["model.safetensors", "truncated"],
     "no_tokenizer": ["tokenizer"],
 }
-SCRIPTS = ["chat.py", "train_sft.py", "train_rm.py", "train_ppo.py", "-m nanohuatuo.sampling"]
+SCRIPTS = ["chat.py", "train_sft.py", "train_rm.py", "train_dpo.py", "train_ppo.py", "-m nanohuatuo.sampling"]
 
 DRIVER = r'''
 import contextlib, io, json, os, runpy, sys, traceback, warnings
@@ -117,7 +117,7 @@ def _argv(script, model, d, out):
     if script == "train_sft.py":
         return ["--model", model, "--data", d["sft"], "--out", out, "--max-steps", "1", "--batch-size", "2",
                 "--micro-batch-size", "2", "--device", "cpu"]
-    if script == "train_rm.py":
+    if script in ("train_rm.py", "train_dpo.py"):
         return ["--model", model, "--data", d["prefs"], "--out", out, "--max-steps", "1", "--device", "cpu"]
     if script == "train_ppo.py":  # the policy and the reward model are both the broken directory
         return ["--model", model, "--reward", model, "--data", d["prompts"], "--out", out,
