@@ -1,6 +1,6 @@
 """GRPO / RLOO with LoRA from K answers per prompt (RLAIF step 4, critic-free); see nanohuatuo/grpo.py.
 
-    python train_grpo.py --model BASE_DIR [--adapter SFT_ADAPTER] --reward RM_DIR --prompts prompts.jsonl \
+    python train_grpo.py --model BASE_DIR [--adapter SFT_ADAPTER] --reward RM_DIR --data prompts.jsonl \
         --out out/grpo [--k 4 --batch-size 8 --max-new-tokens 256 --beta 0.04 --advantage grpo|rloo \
         --no-scale-rewards --lr 5e-5 --device cuda --dtype bfloat16 --resume]
     python train_grpo.py ... --reward-fn my_rewards:short_answers      # a rule reward instead

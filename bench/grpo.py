@@ -59,7 +59,7 @@ def worker_ours(a):
     from nanohuatuo import grpo
     out = os.path.join(a.workdir, "out_ours")
     shutil.rmtree(out, ignore_errors=True)
-    cfg = grpo.GRPOConfig(model=os.path.join(a.workdir, "policy"), prompts=os.path.join(a.workdir, "prompts.jsonl"),
+    cfg = grpo.GRPOConfig(model=os.path.join(a.workdir, "policy"), data=os.path.join(a.workdir, "prompts.jsonl"),
                           out=out, template="plain", max_prompt_len=4096, max_steps=a.steps, batch_size=a.prompts,
                           k=a.k, max_new_tokens=a.response, temperature=0.7, micro_batch_size=a.micro, beta=0.04,
                           clip_range=0.2, lora_r=16, lora_alpha=32, lr=5e-5, missing_eos_penalty=None,

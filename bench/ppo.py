@@ -113,7 +113,7 @@ def worker_ours(a):
     out = os.path.join(a.workdir, "out_ours")
     shutil.rmtree(out, ignore_errors=True)
     cfg = ppo.PPOConfig(model=os.path.join(a.workdir, "policy"), reward=os.path.join(a.workdir, "rm"),
-                        prompts=os.path.join(a.workdir, "prompts.jsonl"), out=out, template="plain",
+                        data=os.path.join(a.workdir, "prompts.jsonl"), out=out, template="plain",
                         max_prompt_len=4096, max_steps=a.steps, batch_size=a.batch, max_new_tokens=a.response,
                         micro_batch_size=a.micro, num_mini_batches=1, ppo_epochs=a.epochs, temperature=0.7,
                         lora_r=16, lora_alpha=32, lr=5e-5, kl_coef=0.05, missing_eos_penalty=-1.0,

@@ -66,8 +66,8 @@ def build(size, workdir):
 
 def start_server(path, args):
     """serve.py in a subprocess; returns (process, host, port) once it listens."""
-    cmd = [sys.executable, os.path.join(ROOT, "serve.py"), "--model", path, "--port", "0", "--model-name", "bench",
-           "--slots", str(args.slots), "--max-queue", str(4 * max(args.clients)), "--template", "plain",
+    cmd = [sys.executable, os.path.join(ROOT, "serve.py"), "--model", path, "--port", "0", "--served-model-name", "bench",
+           "--batch-size", str(args.slots), "--max-queue", str(4 * max(args.clients)), "--template", "plain",
            "--max-len", str(args.prompt_len + args.new_tokens + 8), "--device", args.device, "--dtype", args.dtype,
            "--no-log-requests"] + (["--compile"] if args.compile else [])
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, cwd=ROOT)

@@ -1,7 +1,17 @@
-"""nanohuatuo: HuatuoGPT-style medical LLM alignment (SFT, AI feedback, reward model, PPO) in PyTorch."""
+"""nanohuatuo: HuatuoGPT-style medical LLM alignment (SFT, AI feedback, reward model, PPO) in PyTorch.
 
-from .model import ModelConfig, Transformer, KVCache
-from .tokenizer import Tokenizer
-from .generate import generate
+The public names below load on first use, so `import nanohuatuo` (and the commands that only call an
+LLM endpoint: distill, feedback and evaluate with endpoints) start without importing torch.
+"""
 
-__all__ = ["ModelConfig", "Transformer", "KVCache", "Tokenizer", "generate"]
+import importlib
+
+_HOMES = {"ModelConfig": "model", "Transformer": "model", "KVCache": "model", "Tokenizer": "tokenizer",
+          "generate": "generate"}
+__all__ = list(_HOMES)
+
+
+def __getattr__(name):
+    if name in _HOMES:
+        return getattr(importlib.import_module(f".{_HOMES[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

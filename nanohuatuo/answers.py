@@ -22,6 +22,7 @@ from pathlib import Path
 from . import templates
 from .cli import UserError
 from .evalsets import read_records
+from .llm import from_flags, role_cache, slug
 
 
 @dataclass
@@ -92,10 +93,6 @@ def candidate_key(c: Candidate, s: Sampling, extra: dict | None = None) -> str:
     return f"{slug(c.label())}-{hashlib.sha1(blob.encode()).hexdigest()[:10]}"
 
 
-def slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-")[:40] or "x"
-
-
 def prompt_hash(messages) -> str:
     return hashlib.sha1(json.dumps(messages, ensure_ascii=False, sort_keys=True).encode()).hexdigest()[:12]
 
@@ -129,13 +126,6 @@ class AnswerStore:
                 self.rows[(row["id"], row["hash"])] = row
             f.flush()
             os.fsync(f.fileno())
-
-
-def make_llm(role: str, base_url: str, model_name: str, api_key: str | None, cache_dir: Path, concurrency: int):
-    """An llm.LLM for one role with its own SQLite cache file (one cache per endpoint and model)."""
-    from .llm import LLM
-    cache = cache_dir / f"{slug(role)}-{slug(model_name)}.sqlite"
-    return LLM(base_url, model_name, api_key=api_key, cache=cache, concurrency=concurrency, name=role)
 
 
 class LocalModel:
@@ -207,7 +197,8 @@ class EndpointModel:
 
     def __init__(self, c: Candidate, s: Sampling, cache_dir: Path, concurrency: int):
         self.name, self.s = c.label(), s
-        self.llm = make_llm(f"answers-{c.label()}", c.base_url, c.model_name, c.api_key, cache_dir, concurrency)
+        name = f"answers-{c.label()}"
+        self.llm = from_flags(c, name=name, cache=role_cache(cache_dir, name, c.model_name), concurrency=concurrency)
 
     def respond(self, conversations, keys):
         s = self.s
@@ -237,7 +228,7 @@ def answers_from_file(path: str, flag: str = "--answers") -> dict[str, str]:
     return out
 
 
-def open_model(c: Candidate, s: Sampling, run) -> LocalModel | EndpointModel:
+def open_candidate(c: Candidate, s: Sampling, run) -> LocalModel | EndpointModel:
     if c.kind() == "model":
         from .cli import resolve_device, resolve_dtype
         device = resolve_device(run.device)
@@ -262,7 +253,7 @@ def get_answers(c: Candidate, s: Sampling, items: list[dict], run, summaries: li
     print(f"{c.label()}: {len(items) - len(todo)}/{len(items)} answers in {store.path}, {len(todo)} to make",
           file=sys.stderr, flush=True)
     if todo:
-        model = open_model(c, s, run)
+        model = open_candidate(c, s, run)
         try:
             chunk = 64 if isinstance(model, LocalModel) else len(todo)  # a local run saves as it goes
             for b in range(0, len(todo), chunk):

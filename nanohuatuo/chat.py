@@ -21,7 +21,7 @@ import contextlib
 import sys
 from dataclasses import dataclass
 
-from .cli import UserError, arg, cli_main, resolve_device, resolve_dtype
+from .cli import GenerationFlags, ModelFlags, UserError, arg, cli_main, like, resolve_device, resolve_dtype
 from .generate import cut_at_stop, load_for_inference, stream
 from .hf import check_model_dir
 from .templates import PromptTooLong, fit_prompt, generation_defaults, prompt_budget, stop_strings, stop_token_ids
@@ -29,23 +29,6 @@ from .tokenizer import StreamDecoder
 
 # HuatuoGPT's CLI values, used where neither a flag nor generation_config.json says otherwise
 DEFAULTS = {"temperature": 0.5, "top_p": 1.0, "top_k": 0, "repetition_penalty": 1.0}
-
-
-# ----------------------------------------------------------------------------- loading
-
-def load_for_chat(model_dir, adapter=None, dtype=None, device=None, int8=False, template=None):
-    """(model, tokenizer, template) ready for inference.
-
-    Everything cheap is checked before the weights are read: config.json, the weight files'
-    headers, the tokenizer, the adapter's config and the chat template (template None or "auto":
-    the model's own; an adapter's own tokenizer and template win, templates.tokenizer_and_template).
-    bf16 on CUDA by default (a 7B model then needs about 15 GB), float32 on CPU; `int8` stores
-    linear weights as int8 (about 7.5 GB for 7B).
-    An adapter is merged first, so chatting costs no more than the base model.
-    """
-    device = resolve_device(device or "auto")
-    return load_for_inference(model_dir, adapter, dtype or resolve_dtype("auto", device), device, int8, template,
-                              what="chat")
 
 
 # ----------------------------------------------------------------------------- answering
@@ -144,30 +127,22 @@ def repl(model, tok, template, system=None, seed=None, **gen):
 # ----------------------------------------------------------------------------- command line
 
 @dataclass
-class ChatConfig:
-    model: str = arg("", "model directory (Hugging Face layout: config.json, safetensors, tokenizer)")
+class ChatConfig(GenerationFlags, ModelFlags):
     adapter: str | None = arg(None, "LoRA adapter directory (PEFT layout), merged at load")
     prompt: str | None = arg(None, "answer this one question and exit (default: chat interactively)")
     system: str | None = arg(None, "system message (default: the template's)")
-    template: str = arg("auto", "chat template: auto (the model's own, else HuatuoGPT's), a name (huatuo, "
-                                "huatuo2, chatml, ...) or a .jinja file")
-    max_new_tokens: int = arg(512, "most tokens in one answer")
-    temperature: float | None = arg(None, "sampling temperature, 0 is greedy (default: generation_config.json's, "
-                                          "else 0.5)")
-    top_p: float | None = arg(None, "nucleus sampling mass (default: generation_config.json's, else 1.0: off)")
-    top_k: int | None = arg(None, "sample among the k likeliest tokens (default: generation_config.json's, else 0: "
-                                  "off)")
+    max_new_tokens: int = like(GenerationFlags, "max_new_tokens", 512)
+    temperature: float | None = like(GenerationFlags, "temperature",
+                                     help="sampling temperature, 0 is greedy (default: generation_config.json's, else 0.5)")
     repetition_penalty: float | None = arg(None, "penalty on tokens already in the prompt or answer "
                                                  "(default: generation_config.json's, else 1.0: off)")
-    context: int = arg(1024, "tokens of history plus answer, capped at the model's max_seq_len")
+    max_len: int = arg(1024, "tokens of history plus answer, capped at the model's max_seq_len", old=("--context",))
     seed: int = arg(0, "random seed of sampling; answer k of a session uses seed + k, so a run is reproducible")
-    device: str = arg("auto", "auto (cuda if available), cpu, cuda, cuda:1, ...")
-    dtype: str = arg("auto", "auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16 or float16")
     int8: bool = arg(False, "int8 weight-only quantisation (a 7B model fits a 24 GB card)")
     compile: bool = arg(False, "torch.compile the decode step (CUDA)")
 
 
-def sampling(cfg: ChatConfig) -> dict:
+def generation_settings(cfg: ChatConfig) -> dict:
     """reply()'s sampling arguments: the flags, else generation_config.json, else HuatuoGPT's values."""
     own = generation_defaults(cfg.model, cfg.adapter)
     out = {k: getattr(cfg, k) if getattr(cfg, k) is not None else own.get(k, v) for k, v in DEFAULTS.items()}
@@ -183,12 +158,13 @@ def run(cfg: ChatConfig) -> int:
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
     # an impossible budget is refused before anything is loaded
-    prompt_budget(check_model_dir(cfg.model).max_seq_len, cfg.context, cfg.max_new_tokens)
+    prompt_budget(check_model_dir(cfg.model).max_seq_len, cfg.max_len, cfg.max_new_tokens)
     # one-shot: stdout carries the answer alone, so what loading prints goes to stderr
     with contextlib.redirect_stdout(sys.stderr) if cfg.prompt is not None else contextlib.nullcontext():
-        model, tok, template = load_for_chat(cfg.model, cfg.adapter, dtype, device, cfg.int8, cfg.template)
-    gen = dict(max_new_tokens=cfg.max_new_tokens, seed=cfg.seed, context=cfg.context, compile=cfg.compile,
-               **sampling(cfg))
+        model, tok, template = load_for_inference(cfg.model, cfg.adapter, dtype, device, cfg.int8, cfg.template,
+                                                  what="chat")
+    gen = dict(max_new_tokens=cfg.max_new_tokens, seed=cfg.seed, context=cfg.max_len, compile=cfg.compile,
+               **generation_settings(cfg))
     if cfg.prompt is not None:
         messages = ([{"role": "system", "content": cfg.system}] if cfg.system else [])
         messages.append({"role": "user", "content": cfg.prompt})

@@ -16,6 +16,17 @@ What it holds:
   every default. Booleans are `--x/--no-x`; lists take space-separated values, each also split
   on commas (`--lora-targets q_proj,v_proj` and `--lora-targets q_proj v_proj` are the same);
   dicts are `k=v,k=v`.
+- Flag groups, one flag per concept everywhere (the README's flag table): `ModelFlags`,
+  `DeviceFlags`, `LoRAFlags`, `OutputFlags`, `TrainLoopFlags`, `ExportFlags`, `GenerationFlags`,
+  and `endpoint_flags(role, who)` (--ROLE-base-url, --ROLE-model-name, --ROLE-api-key; llm.from_flags
+  builds the client). A config inherits the groups it needs; `like(group, name, default)` changes a
+  field's default or help, never its flag. `arg(old=...)` keeps a renamed flag's earlier spellings for
+  one release, hidden from --help, with a one-line deprecation on stderr (`old_values` for a choice,
+  `retired` for a flag leaving the vocabulary).
+- `--config FILE` (every command): flag values from a TOML, JSON or YAML file, keys named as the
+  fields or flags (`lora_r` or `lora-r`); flags given on the command line win, an unknown key or a
+  value of the wrong type is one line naming the file and the key. `write_config` writes the
+  resolved config into --out as JSON, which `--config` reads back, so a run can be repeated.
 - `cli_main`: runs a command and turns user errors into one line on stderr and exit code 2,
   never a traceback (Ctrl-C exits 130).
 - `resolve_device`, `resolve_dtype`: the one place a device or dtype name becomes a torch object.
@@ -26,6 +37,7 @@ What it holds:
 import argparse
 import dataclasses
 import fcntl
+import json
 import os
 import shutil
 import sys
@@ -48,10 +60,16 @@ class UserError(ValueError):
     """Bad input from the user: the message says what was wrong, where, and what to do."""
 
 
-def arg(default, help: str, metavar: str | None = None, choices=None, parse=None, flag: str | None = None):
+def arg(default, help: str, metavar: str | None = None, choices=None, parse=None, flag: str | None = None,
+        old: tuple = (), old_values: dict | None = None, retired: str | None = None):
     """A config field with its command-line help text (and optional metavar, choices, parser, and a flag
-    name for a field whose name cannot be one, e.g. flag="--in" for a field `input`)."""
-    meta = {"help": help, "metavar": metavar, "choices": choices, "parse": parse, "flag": flag}
+    name for a field whose name cannot be one, e.g. flag="--in" for a field `input`).
+
+    old: earlier spellings of the flag, still accepted for one release but not shown in --help, with a
+    one-line deprecation on stderr; old_values: earlier spellings of a choice, {old: new}, the same way;
+    retired: a flag leaving the vocabulary, still working for one release, hidden, warning what to use instead."""
+    meta = {"help": help, "metavar": metavar, "choices": choices, "parse": parse, "flag": flag,
+            "old": tuple(old), "old_values": dict(old_values or {}), "retired": retired}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -79,7 +97,31 @@ def _bare(typ):
 
 
 def _split_lists(values):
-    return [v for item in values for v in item.split(",") if v]
+    return [v for item in values for v in str(item).split(",") if v]  # a default list may hold numbers
+
+
+def deprecated(old: str, new: str) -> None:
+    """The one-line warning for a spelling kept for one release."""
+    print(f"warning: {old} is deprecated and will be removed in the next release; use {new}", file=sys.stderr)
+
+
+def _deprecated_action(action_cls, new: str):
+    """action_cls that warns first: the hidden alias of a renamed flag."""
+    class Deprecated(action_cls):
+        def __call__(self, parser, namespace, values, option_string=None):
+            deprecated(option_string, new if not option_string.startswith("--no-") else "--no-" + new[2:])
+            super().__call__(parser, namespace, values, option_string)
+    return Deprecated
+
+
+def _renaming(convert, old_values: dict, name: str):
+    """convert, after mapping an old choice to its new spelling (with the warning)."""
+    def parse(text):
+        if text in old_values:
+            deprecated(f"{name} {text}", f"{name} {old_values[text]}")
+            text = old_values[text]
+        return convert(text)
+    return parse
 
 
 def flag(name: str, f=None) -> str:
@@ -90,7 +132,7 @@ def flag(name: str, f=None) -> str:
 
 
 def add_fields(p: argparse.ArgumentParser, cls) -> None:
-    """One flag per field of the dataclass cls, help and default from the field."""
+    """One flag per field of the dataclass cls, help and default from the field (and its old spellings, hidden)."""
     for f in dataclasses.fields(cls):
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         help = f.metadata.get("help") or COMMON_HELP.get(f.name)
@@ -105,20 +147,30 @@ def add_fields(p: argparse.ArgumentParser, cls) -> None:
             kw["metavar"] = f.metadata["metavar"]
         typ = _bare(f.type)
         origin = getattr(typ, "__origin__", None)
+        name = flag(f.name, f)
         if f.metadata.get("parse"):
-            p.add_argument(flag(f.name, f), type=f.metadata["parse"], **kw)
+            kw["type"] = f.metadata["parse"]
         elif typ is bool:
             kw["help"] += f" (default: {'on' if default else 'off'})"
-            p.add_argument(flag(f.name, f), action=argparse.BooleanOptionalAction, **kw)
+            kw["action"] = argparse.BooleanOptionalAction
         elif typ is dict or origin is dict:
             kw.setdefault("metavar", "NAME=W,...")
-            p.add_argument(flag(f.name, f), type=parse_kv, **kw)
+            kw["type"] = parse_kv
         elif typ is list or origin is list:
             inner = (getattr(typ, "__args__", None) or (str,))[0]
-            p.add_argument(flag(f.name, f), nargs="+", type=str, **kw)
+            kw.update(nargs="+", type=str)
             p.set_defaults(**{f"_list_{f.name}": inner})
         else:
-            p.add_argument(flag(f.name, f), type=typ, **kw)
+            kw["type"] = typ
+        if f.metadata.get("old_values"):
+            kw["type"] = _renaming(kw.get("type", str), f.metadata["old_values"], name)
+        if f.metadata.get("retired"):
+            kw.update(help=argparse.SUPPRESS, action=_deprecated_action(
+                argparse.BooleanOptionalAction if typ is bool else argparse._StoreAction, f.metadata["retired"]))
+        action = p.add_argument(name, **kw)
+        for old in f.metadata.get("old") or ():
+            p.add_argument(old, **{**kw, "help": argparse.SUPPRESS, "default": argparse.SUPPRESS,
+                                   "action": _deprecated_action(type(action), name)})
 
 
 def config_from(cls, ns: argparse.Namespace):
@@ -140,12 +192,220 @@ def make_parser(cls, prog: str | None = None, description: str | None = None) ->
     p = argparse.ArgumentParser(prog=prog, description=description,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_fields(p, cls)
+    add_config_flag(p)
     return p
 
 
 def parse_config(cls, argv=None, prog: str | None = None, description: str | None = None):
-    """cls from the command line: one flag per field (--lora-r, --batch-size, ...)."""
-    return config_from(cls, make_parser(cls, prog, description).parse_args(argv))
+    """cls from the command line: one flag per field (--lora-r, --batch-size, ...), over --config FILE."""
+    return config_from(cls, parse_args(make_parser(cls, prog, description), cls, argv))
+
+
+# ----------------------------------------------------------------------------- config files
+
+CONFIG_SUFFIXES = (".toml", ".json", ".yaml", ".yml")
+
+
+def add_config_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", metavar="FILE", help="read flag values from a TOML, JSON or YAML file (keys as the "
+                   "flags, e.g. lora_r = 16); flags on the command line win. A run's resolved config, the "
+                   "*_config.json in its --out, is such a file")
+
+
+def parse_args(parser: argparse.ArgumentParser, cls, argv=None) -> argparse.Namespace:
+    """parser.parse_args(argv) over the values of --config FILE (when given): the file's values become the
+    defaults, so any flag on the command line overrides them. A bad file exits 2 with one line."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    path = None
+    for i, a in enumerate(argv):
+        if a == "--config" and i + 1 < len(argv):
+            path = argv[i + 1]
+        elif a.startswith("--config="):
+            path = a.partition("=")[2]
+    if path and not {"-h", "--help"} & set(argv):
+        try:
+            parser.set_defaults(**config_values(cls, path))
+        except UserError as e:
+            parser.exit(2, f"error: {e}\n")
+    return parser.parse_args(argv)
+
+
+def read_config_file(path) -> dict:
+    """The mapping a TOML (tomllib), JSON or YAML (PyYAML, when installed) file holds."""
+    suffix = Path(path).suffix.lower()
+    if suffix not in CONFIG_SUFFIXES:
+        raise UserError(f"--config {path}: expected a {', '.join(CONFIG_SUFFIXES)} file")
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"--config {path}: cannot read it ({e})") from None
+    try:
+        if suffix == ".toml":
+            import tomllib
+            values = tomllib.loads(text)
+        elif suffix == ".json":
+            values = json.loads(text)
+        else:
+            try:
+                import yaml
+            except ImportError:
+                raise UserError(f"--config {path}: reading YAML needs PyYAML (pip install pyyaml); "
+                                f"or write the file as TOML") from None
+            values = yaml.safe_load(text)
+    except UserError:
+        raise
+    except Exception as e:  # each parser has its own error class; all say where in the file
+        raise UserError(f"--config {path}: not valid {suffix[1:].upper()}: {e}".replace("\n", " ")) from None
+    if not isinstance(values, dict):
+        raise UserError(f"--config {path}: expected a table of flag = value, got {type(values).__name__}")
+    return values
+
+
+def config_values(cls, path) -> dict:
+    """{field name: value} from a config file, each key checked against cls's fields (by field or flag name)
+    and each value against the field's type; list values become strings, as config_from expects."""
+    fields = {}
+    for f in dataclasses.fields(cls):
+        fields[f.name] = fields[f.name.replace("_", "-")] = fields[flag(f.name, f).lstrip("-")] = f
+    out = {}
+    for key, value in read_config_file(path).items():
+        f = fields.get(str(key))
+        if f is None:
+            raise UserError(f"--config {path}: unknown key {key!r} (no such flag; see --help)")
+        out[f.name] = file_value(f, value, f"--config {path}: {key}")
+    return out
+
+
+def file_value(f, value, where: str):
+    """A config file's value for field f, checked (and converted as the flag's parser would)."""
+    typ = _bare(f.type)
+    origin = getattr(typ, "__origin__", None)
+    number = (int, float)
+    if value is None:
+        if isinstance(f.type, types.UnionType) or f.default is None:
+            return None
+        raise UserError(f"{where}: null is not a value here")
+    if f.metadata.get("parse") and isinstance(value, str):
+        try:
+            return f.metadata["parse"](value)
+        except (argparse.ArgumentTypeError, ValueError) as e:
+            raise UserError(f"{where}: {e}") from None
+    if typ is bool:
+        ok = isinstance(value, bool)
+    elif typ in (int, float):
+        ok = isinstance(value, typ if typ is int else number) and not isinstance(value, bool)
+    elif typ is list or origin is list:
+        value = value if isinstance(value, list) else [value]
+        ok = all(isinstance(v, (str, *number)) and not isinstance(v, bool) for v in value)
+        value = [str(v) for v in value]
+    elif typ is dict or origin is dict:
+        ok = isinstance(value, dict) and all(isinstance(v, number) and not isinstance(v, bool) for v in value.values())
+    elif typ is str:
+        ok = isinstance(value, str)
+    else:
+        ok = True
+    if not ok:
+        raise UserError(f"{where}: expected {getattr(typ, '__name__', typ)}, got {value!r}")
+    if f.metadata.get("choices") and value not in f.metadata["choices"]:
+        raise UserError(f"{where}: {value!r} is not one of {', '.join(map(str, f.metadata['choices']))}")
+    return float(value) if typ is float else value
+
+
+def write_config(out, cfg, name: str) -> Path:
+    """The resolved config as out/<name>_config.json (atomically), a file `--config` reads back."""
+    path = Path(out) / f"{name}_config.json"
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(dataclasses.asdict(cfg), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
+
+# ----------------------------------------------------------------------------- flag groups
+# One concept, one flag, in every script: a config inherits the groups it needs (fields of the first base
+# listed come last in --help) and redeclares a field with like() only to change its default or help.
+
+
+def like(group, name: str, default=dataclasses.MISSING, help: str | None = None, **meta):
+    """The field `name` of a flag group with another default (or help text): the same flag, per-script default."""
+    f = group.__dataclass_fields__[name]
+    kw = {**f.metadata, **meta, "help": help or f.metadata["help"]}
+    if default is dataclasses.MISSING:
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+    return arg(default, **kw)
+
+
+@dataclasses.dataclass
+class DeviceFlags:
+    device: str = arg("auto", COMMON_HELP["device"])
+    dtype: str = arg("auto", COMMON_HELP["dtype"], choices=["auto", *DTYPES])
+
+
+@dataclasses.dataclass
+class ModelFlags(DeviceFlags):
+    model: str = arg("", "model directory (Hugging Face layout: config.json, safetensors, tokenizer)")
+    template: str = arg("auto", "chat template: auto (the model's own, else HuatuoGPT's), a name (huatuo, huatuo2, "
+                                "chatml, ...) or a .jinja file")
+
+
+@dataclasses.dataclass
+class LoRAFlags:
+    lora_r: int = arg(8, "LoRA rank; 0 trains all weights")
+    lora_alpha: float = arg(16.0, "LoRA alpha (scaling alpha / r)")
+    lora_targets: list[str] = arg([], "LoRA target modules (default: every attention and MLP linear of the family)",
+                                  metavar="NAME")
+
+
+@dataclasses.dataclass
+class OutputFlags:
+    out: str = arg("out", "output directory")
+    resume: bool = arg(False, COMMON_HELP["resume"])
+    overwrite: bool = arg(False, COMMON_HELP["overwrite"])
+
+
+@dataclasses.dataclass
+class TrainLoopFlags(OutputFlags):
+    """The training loop every trainer shares: steps, batches, clipping, checkpoints."""
+    max_steps: int | None = arg(None, "optimizer steps in all (default: --epochs over the data)")
+    stop_after: int | None = arg(None, "stop after this step as if interrupted (checkpoint written; resume later)")
+    batch_size: int = arg(32, "prompts or conversations per optimizer step, over all processes")
+    micro_batch_size: int = arg(2, "rows per forward/backward per process (gradient accumulation = the rest)")
+    max_grad_norm: float = arg(1.0, "clip the global gradient norm to this")
+    grad_checkpointing: bool = arg(False, "recompute each block's activations in backward (less memory)")
+    save_every: int = arg(200, "checkpoint every N steps (and at the end)")
+    keep_checkpoints: int = arg(1, "checkpoints kept in out/checkpoints (older ones are deleted)")
+
+
+@dataclasses.dataclass
+class ExportFlags:
+    """What a policy trainer writes besides its adapter."""
+    save_merged: bool = arg(False, "also write OUT/merged: a full model with the adapters folded in",
+                            old=("--merge",))
+
+
+@dataclasses.dataclass
+class GenerationFlags:
+    max_new_tokens: int = arg(256, "most new tokens in one answer")
+    temperature: float | None = arg(None, "sampling temperature, 0 is greedy (default: generation_config.json's, "
+                                          "else 0.7)")
+    top_p: float | None = arg(None, "nucleus sampling mass (default: generation_config.json's, else 1.0: off)")
+    top_k: int | None = arg(None, "sample among the k likeliest tokens (default: generation_config.json's, "
+                                  "else 0: off)")
+
+
+def endpoint_flags(role: str, who: str, old: dict | None = None) -> type:
+    """The flags of one OpenAI-compatible endpoint playing a role, prefixed by it: endpoint_flags("judge", ...)
+    gives --judge-base-url, --judge-model-name, --judge-api-key (role "": our model behind an endpoint,
+    --base-url ...). old: {field: earlier spellings}. llm.from_flags(cfg, role) builds the client."""
+    pre, dash = (f"{role}_", f"--{role}-") if role else ("", "--")
+    old = old or {}
+    fields = [("base_url", str, "", f"{who}: OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1", "URL"),
+              ("model_name", str, "", f"{who}: model name at {dash}base-url", "NAME"),
+              ("api_key", str | None, None, f"{who}: API key (default: $NANOHUATUO_API_KEY, $OPENAI_API_KEY, "
+                                            "else EMPTY for local servers)", "KEY")]
+    return dataclasses.make_dataclass(
+        f"{role.title()}EndpointFlags",
+        [(pre + name, typ, arg(default, help, metavar=metavar, old=old.get(name, ())))
+         for name, typ, default, help, metavar in fields])
 
 
 USER_ERRORS = (UserError, ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError,

@@ -19,7 +19,7 @@ import re
 import sys
 from pathlib import Path
 
-from .answers import AnswerStore, Candidate, Sampling, candidate_key, open_model, prompt_hash
+from .answers import AnswerStore, Candidate, Sampling, candidate_key, open_candidate, prompt_hash
 from .cli import UserError
 from .textcheck import own_lines
 
@@ -141,7 +141,7 @@ def consult(c: Candidate, s: Sampling, cases: list[dict], patient, cfg, summarie
     print(f"{c.label()}: {len(cases) - len(todo)}/{len(cases)} consultations in {store.path}, {len(todo)} to run",
           file=sys.stderr, flush=True)
     if todo:
-        model = open_model(c, s, cfg)
+        model = open_candidate(c, s, cfg)
         try:
             transcripts = {k: [] for k in todo}
             stopped = {}

@@ -1,6 +1,6 @@
 """Conversation data for nanohuatuo: the JSONL schema, its validation, converters
-from public Chinese medical corpora, source mixing, held-out splits, RLAIF prompt
-files and a small CLI (`python -m nanohuatuo.data {convert,mix,prompts,stats}`).
+from public Chinese medical corpora and other tools' chat formats, source mixing,
+held-out splits, RLAIF prompt files and a small CLI (`python -m nanohuatuo.data {convert,mix,prompts,stats}`).
 
 Schema, one JSON object a line (UTF-8):
     {"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...],
@@ -41,6 +41,18 @@ the line and the reason at the first malformed record; every row gets an id
                  question with its first answer in file order (every answer in
                  `references` when it has several), or one row per answer with
                  all_answers. Questions without answers are skipped.
+  - webmedqa     webMedQA medQA_{train,valid,test}.txt: tab-separated, no header, one answer a
+                 line as `id, label, category, question, answer` (the layout of the
+                 repository's own sample; the id and the 0/1 label are told apart by
+                 value). Each question has one positive answer (label 1) and four
+                 negatives, which are other questions' answers sampled for ranking:
+                 one row per question with its positive answer (every positive in
+                 `references` when several), the category as department; a question
+                 without a positive is skipped. Default source real_doctor_instructions.
+  - sharegpt, alpaca, openai   the chat shapes of other tools (formats.py), from JSONL, a
+                 JSON array, Parquet or a datasets folder; default source "other".
+SFT reads all of these shapes directly (load_conversations), so converting them first is only
+needed to mix, split or inspect them with this module's commands.
 Real doctor replies are kept verbatim (only surrounding whitespace is stripped):
 polishing them into fluent answers is an LLM job, out of scope here.
 
@@ -48,9 +60,7 @@ The evaluation sets evaluate.py reads are in evalsets.py, on top of these conver
 """
 
 import argparse
-import csv
 import hashlib
-import io
 import itertools
 import json
 import os
@@ -62,6 +72,8 @@ from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Iterable, Iterator
 
+from .formats import DataError, iter_csv, iter_jsonl, iter_records, iter_tsv, shape_of, to_row
+
 SOURCES = (
     "distilled_instructions",
     "real_doctor_instructions",
@@ -69,34 +81,12 @@ SOURCES = (
     "real_doctor_conversations",
 )
 ROLES = ("system", "user", "assistant")
-FORMATS = ("huatuo_sft", "huatuo26m", "cmd_csv", "cmd_jsonl", "cmedqa2")
-
-
-class DataError(ValueError):
-    """A malformed file or row; the message starts with `file:line:` (or `where:`)."""
+FORMATS = ("huatuo_sft", "huatuo26m", "cmd_csv", "cmd_jsonl", "cmedqa2", "webmedqa", "sharegpt", "alpaca", "openai")
+FOREIGN = ("sharegpt", "alpaca", "openai")  # the chat shapes of other tools (formats.py)
+WEBMEDQA_LAYOUT = "id, label, category, question, answer"
 
 
 # ---------------------------------------------------------------- JSONL files
-
-
-def iter_jsonl(path) -> Iterator[tuple[int, dict]]:
-    """Yield (line number, object) for each non-blank line of a UTF-8 JSONL file."""
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, start=1):
-            try:
-                # utf-8-sig on the first line drops a BOM some editors write
-                text = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
-            except UnicodeDecodeError as e:
-                raise DataError(f"{path}:{lineno}: not UTF-8: {e.reason}") from None
-            if not text.strip():
-                continue
-            try:
-                obj = json.loads(text)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{lineno}: bad JSON: {e.msg} (column {e.colno})") from None
-            if not isinstance(obj, dict):
-                raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
-            yield lineno, obj
 
 
 def read_jsonl(path) -> list[dict]:
@@ -179,17 +169,18 @@ def validate(row, where: str) -> dict:
     return row
 
 
-def iter_conversations(path) -> Iterator[tuple[str, dict]]:
-    """Yield ("file:line", row) for every row of a JSONL file, validated; the place names the row in
-    messages later on (a conversation dropped as too long, say)."""
-    for lineno, obj in iter_jsonl(path):
-        where = f"{path}:{lineno}"
-        yield where, validate(obj, where)
+def iter_conversations(path, source: str | None = None) -> Iterator[tuple[str, dict]]:
+    """Yield ("file:line", row) for every record of a file, validated; the place names the row in
+    messages later on (a conversation dropped as too long, say). The file may be JSONL, a JSON
+    array, Parquet or a datasets folder, and its rows schema rows or OpenAI, ShareGPT or Alpaca
+    ones (formats.py), turned into schema rows; `source` for those that carry none."""
+    for where, obj in iter_records(path):
+        yield where, validate(to_row(obj, where, source), where)
 
 
-def load_conversations(path) -> list[dict]:
-    """Read a JSONL file and validate every row, naming file:line on the first bad one."""
-    return [row for _, row in iter_conversations(path)]
+def load_conversations(path, source: str | None = None) -> list[dict]:
+    """Read a file of conversations (any format iter_conversations reads), naming file:line on the first bad row."""
+    return [row for _, row in iter_conversations(path, source)]
 
 
 def require_rows(rows: list, path, what: str = "rows"):
@@ -289,54 +280,6 @@ def convert_huatuo26m(path, source: str | None = None) -> Iterator[dict]:
             yield _single_turn(questions[0], answer, source, "", f"{stem}-{lineno}", where, kept)
 
 
-def _decode(path, encoding: str | None) -> str:
-    """File text in `encoding`, or UTF-8 (BOM allowed) when clean, else GB18030."""
-    data = Path(path).read_bytes()
-    if encoding is None:
-        # UTF-8 first: UTF-8 Chinese often decodes without error as GB18030 mojibake
-        try:
-            return data.decode("utf-8-sig")
-        except UnicodeDecodeError:
-            encoding = "gb18030"
-    try:
-        return data.decode(encoding)
-    except LookupError:
-        raise DataError(f"{path}: unknown encoding {encoding!r}") from None
-    except UnicodeDecodeError as e:
-        line = data[: e.start].count(b"\n") + 1
-        raise DataError(f"{path}:{line}: cannot decode as {encoding}: {e.reason}") from None
-
-
-def _iter_csv(path, columns: tuple[str, ...], encoding: str | None) -> Iterator[tuple[int, dict]]:
-    """Yield (first line of the record, {column: value}) for a CSV with a header row."""
-    reader = csv.reader(io.StringIO(_decode(path, encoding), newline=""))
-    try:
-        header = [h.strip() for h in next(reader)]
-    except StopIteration:
-        raise DataError(f"{path}:1: empty file, expected header {','.join(columns)}") from None
-    except csv.Error as e:
-        raise DataError(f"{path}:1: bad CSV: {e}") from None
-    missing = [c for c in columns if c not in header]
-    if missing:
-        raise DataError(f"{path}:1: header lacks {', '.join(missing)} (expected {','.join(columns)})")
-    end = reader.line_num
-    while True:
-        # a quoted field may span lines, so a record starts just after the previous one ends
-        start = end + 1
-        try:
-            record = next(reader)
-        except StopIteration:
-            return
-        except csv.Error as e:
-            raise DataError(f"{path}:{start}: bad CSV: {e}") from None
-        end = reader.line_num
-        if not record:
-            continue
-        if len(record) != len(header):
-            raise DataError(f"{path}:{start}: expected {len(header)} fields, got {len(record)}")
-        yield start, dict(zip(header, record))
-
-
 def _cmd_question(ask: str, title: str) -> str:
     """The user turn of a Chinese-medical-dialogue record: ask, or title when ask is empty/无."""
     return title if ask.strip() in ("", "无") else ask
@@ -346,7 +289,7 @@ def convert_cmd_csv(path, source: str | None = None, encoding: str | None = None
     """Chinese-medical-dialogue-data CSV (department,title,ask,answer) -> single-turn rows."""
     source = source or "real_doctor_instructions"
     stem = Path(path).stem
-    for line, rec in _iter_csv(path, ("department", "title", "ask", "answer"), encoding):
+    for line, rec in iter_csv(path, ("department", "title", "ask", "answer"), encoding):
         question = _cmd_question(rec["ask"], rec["title"])
         yield _single_turn(question, rec["answer"], source, rec["department"], f"{stem}-{line}", f"{path}:{line}")
 
@@ -371,13 +314,13 @@ def convert_cmedqa2(questions_path, answers_path, source: str | None = None, all
     """cMedQA2 questions.csv + answers.csv joined on question_id -> single-turn rows."""
     source = source or "real_doctor_instructions"
     questions = {}
-    for line, rec in _iter_csv(questions_path, ("question_id", "content"), encoding):
+    for line, rec in iter_csv(questions_path, ("question_id", "content"), encoding):
         qid = rec["question_id"].strip()
         if qid in questions:
             raise DataError(f"{questions_path}:{line}: duplicate question_id {qid!r}")
         questions[qid] = (rec["content"], f"{questions_path}:{line}")
     answers = defaultdict(list)
-    for line, rec in _iter_csv(answers_path, ("ans_id", "question_id", "content"), encoding):
+    for line, rec in iter_csv(answers_path, ("ans_id", "question_id", "content"), encoding):
         qid = rec["question_id"].strip()
         if qid not in questions:
             raise DataError(f"{answers_path}:{line}: question_id {qid!r} is not in {questions_path}")
@@ -390,6 +333,40 @@ def convert_cmedqa2(questions_path, answers_path, source: str | None = None, all
             # a question's row keeps all its answers as references for the metrics
             others = [] if all_answers else [a for _, a, _ in answers[qid] if a.strip()]
             yield _single_turn(question, answer, source, "", row_id, where, others)
+
+
+def convert_webmedqa(path, source: str | None = None, encoding: str | None = None) -> Iterator[dict]:
+    """webMedQA text (id, label, category, question, answer a line) -> one row per question."""
+    source = source or "real_doctor_instructions"
+    questions = {}  # id -> [question, category, where, positive answers], in file order
+    for line, fields in iter_tsv(path, 5, WEBMEDQA_LAYOUT, encoding):
+        where = f"{path}:{line}"
+        # the label (0 or 1) and the id are told apart by value: descriptions of the files differ on their order
+        first, second = fields[0].strip(), fields[1].strip()
+        label, qid = (first, second) if first in ("0", "1") and second not in ("0", "1") else (second, first)
+        if label not in ("0", "1"):
+            raise DataError(f"{where}: neither of the first two fields is a 0/1 label ({WEBMEDQA_LAYOUT})")
+        _, _, category, question, answer = fields
+        entry = questions.setdefault(qid, [question, category, where, []])
+        if label == "1" and answer.strip():
+            entry[3].append((answer, where))
+    for qid, (question, category, qwhere, positives) in questions.items():
+        if positives:  # the negatives are other questions' answers, sampled for ranking: never a reply
+            answer, where = positives[0]
+            yield _single_turn(question, answer, source, category, f"webmedqa-{qid}",
+                               qwhere if not question.strip() else where, [a for a, _ in positives])
+
+
+def convert_foreign(fmt: str, path, source: str | None = None) -> Iterator[dict]:
+    """Rows of another tool's chat shape (sharegpt, alpaca, openai; formats.py) -> schema rows, each with an
+    id "<file stem>-<record number>" unless it has its own; a row of another shape is an error."""
+    stem = Path(path).stem
+    for n, (where, obj) in enumerate(iter_records(path), start=1):
+        if shape_of(obj) not in ((fmt, "schema") if fmt == "openai" else (fmt,)):
+            raise DataError(f"{where}: not a {fmt} row (keys: {', '.join(sorted(map(str, obj))[:6])})")
+        row = to_row(obj, where, source)
+        row.setdefault("id", f"{stem}-{n}")
+        yield validate(row, where)
 
 
 def convert(fmt: str, paths: list, source: str | None = None, encoding: str | None = None,
@@ -409,6 +386,10 @@ def convert(fmt: str, paths: list, source: str | None = None, encoding: str | No
             yield from convert_cmd_csv(path, source, encoding)
         elif fmt == "cmd_jsonl":
             yield from convert_cmd_jsonl(path, source)
+        elif fmt == "webmedqa":
+            yield from convert_webmedqa(path, source, encoding)
+        elif fmt in FOREIGN:
+            yield from convert_foreign(fmt, path, source)
         else:
             raise DataError(f"unknown format {fmt!r} (expected one of {', '.join(FORMATS)})")
 
@@ -608,29 +589,41 @@ def _cmd_stats(args) -> None:
             print(f"  {role} chars: " + ", ".join(f"{k}={v}" for k, v in summary.items()))
 
 
+class OldIn(argparse._StoreAction):
+    """--in, the earlier spelling of --data: still read for one release, with a one-line warning."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print("warning: --in is deprecated and will be removed in the next release; use --data", file=sys.stderr)
+        super().__call__(parser, namespace, values, option_string)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `python -m nanohuatuo.data`; returns the exit status (2 on bad input, one line)."""
     parser = argparse.ArgumentParser(prog="python -m nanohuatuo.data", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
-    def command(name, help, run):
+    def command(name, help, run, nargs="+", what="schema JSONL file(s)"):
         p = sub.add_parser(name, help=help, description=help,
                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
         p.set_defaults(run=run)
+        p.add_argument("--data", dest="inputs", nargs=nargs, metavar="FILE", help=what + " (required)")
+        # the earlier spelling, hidden: it warns for one release
+        p.add_argument("--in", dest="inputs", nargs=nargs, action=OldIn, default=argparse.SUPPRESS,
+                       help=argparse.SUPPRESS)
         return p
 
-    p = command("convert", "convert a public corpus to the conversation schema", _cmd_convert)
+    p = command("convert", "convert a public corpus to the conversation schema", _cmd_convert,
+                what="input file(s) (sharegpt/alpaca/openai: also a JSON array, Parquet or a datasets folder); "
+                     "cmedqa2: questions.csv answers.csv")
     p.add_argument("--format", required=True, choices=FORMATS, help="the corpus' format (see the module doc)")
-    p.add_argument("--in", dest="inputs", nargs="+", required=True, metavar="FILE",
-                   help="input file(s); cmedqa2: questions.csv answers.csv")
     p.add_argument("--out", required=True, help="output JSONL file")
     p.add_argument("--source", help="source for every row (defaults per format, see module doc)")
     p.add_argument("--encoding", help="force the CSV encoding (default: UTF-8 if clean, else GB18030)")
     p.add_argument("--limit", type=int, help="stop after this many rows")
     p.add_argument("--all-answers", action="store_true", help="cmedqa2: one row per answer, not per question")
 
-    p = command("mix", "resample sources by weight into one shuffled file", _cmd_mix)
-    p.add_argument("--in", dest="inputs", nargs="+", required=True, metavar="FILE", help="schema JSONL file(s)")
+    p = command("mix", "resample sources by weight into one shuffled file", _cmd_mix,
+                what="conversation file(s): schema JSONL, or any shape SFT reads")
     p.add_argument("--weights", type=parse_weights, required=True, metavar="SOURCE=W,...",
                    help="source=w,... (w multiplies the source's count)")
     p.add_argument("--out", required=True, help="output JSONL file")
@@ -642,14 +635,16 @@ def main(argv: list[str] | None = None) -> int:
                    help="keep rows marked flagged (a polished reply whose drug names or numbers changed); "
                         "by default they are dropped before the held-out split")
 
-    p = command("prompts", "RLAIF prompt file: conversation minus last answer, plus reference", _cmd_prompts)
-    p.add_argument("--in", dest="inputs", required=True, metavar="FILE", help="schema JSONL file")
+    p = command("prompts", "RLAIF prompt file: conversation minus last answer, plus reference", _cmd_prompts,
+                nargs=None, what="conversation file: schema JSONL, or any shape SFT reads")
     p.add_argument("--out", required=True, help="output JSONL file of prompts")
 
-    p = command("stats", "counts per source/department, turns and char lengths", _cmd_stats)
-    p.add_argument("--in", dest="inputs", nargs="+", required=True, metavar="FILE", help="schema JSONL file(s)")
+    p = command("stats", "counts per source/department, turns and char lengths", _cmd_stats,
+                what="conversation file(s): schema JSONL, or any shape SFT reads")
 
     args = parser.parse_args(argv)
+    if args.inputs is None:
+        parser.error(f"{args.command} needs --data FILE")
     if args.command == "mix" and args.heldout and not args.heldout_out:
         parser.error("--heldout needs --heldout-out")
     try:

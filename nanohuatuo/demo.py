@@ -34,10 +34,10 @@ from dataclasses import asdict, dataclass, replace
 
 import torch
 
-from . import distill, evaluate, ppo, reward, sft
-from .cli import UserError, arg, cli_main, prepare_out, resolve_device, resolve_dtype
+from . import distill, dpo, evaluate, grpo, ppo, reward, sft
+from .cli import UserError, arg, cli_main, prepare_out, resolve_device, resolve_dtype, write_config
 from .data import load_conversations, read_jsonl, to_prompt, write_jsonl
-from .feedback import OfflineJudge, OpenAIJudge, rankings_to_preferences
+from .feedback import EndpointRanker, OfflineRanker, rankings_to_preferences
 from .hf import ModelDirError, check_model_dir, count_params
 from .metrics import cpu_name
 from .model import ModelConfig, Transformer
@@ -78,6 +78,10 @@ class DemoSize:
     ppo_epochs: int = 2  # passes over each rollout batch (DeepSpeed-Chat uses 1; the default 4 doubles the time)
     ppo_batch: int = 16
     ppo_micro: int = 16
+    ppo_minibatches: int = 1  # optimizer steps per pass over a rollout batch
+    dpo_steps: int = 24  # DPO on the same rankings the reward model learns from (--algo dpo|all)
+    dpo_batch: int = 16  # pairs per step
+    dpo_lr: float = 5e-4  # GRPO (--algo grpo|all) takes PPO's steps, lr and lengths, ppo_batch // k prompts x k
     ppo_tokens: int = 80
     ppo_lr: float = 3e-4
     kl_coef: float = 0.1
@@ -95,13 +99,15 @@ class DemoSize:
 
 # Size profiles. "tiny" trains a model from scratch. The others put LoRA on a real checkpoint with
 # learning rates for pretrained weights (SFT 2e-4 at most, as sft.py allows without
-# --allow-high-lr; RM 1e-4; PPO 5e-5 to 1e-4): a rate meant for random weights destroys them.
+# --allow-high-lr; RM 1e-4; PPO 2e-5 to 2e-4, the top for the few steps of a CPU run): a rate meant for
+# random weights destroys them.
 PROFILES = {
     "tiny": DemoSize(),
     # a 100-500M checkpoint on two CPU cores in about 20 minutes (measured in docs/benchmarks.md)
     "cpu": DemoSize(lora_r=16, sft_steps=16, sft_batch=8, sft_micro=4, sft_lr=2e-4, max_len=192, rl_prompts=32, k=4,
-                    sample_tokens=48, rm_epochs=1, rm_lr=1e-4, ppo_steps=10, ppo_epochs=2, ppo_batch=8, ppo_micro=8,
-                    ppo_tokens=48, ppo_lr=1e-4, kl_coef=0.05, length_debias=1.0, eval_prompts=8,
+                    sample_tokens=48, rm_epochs=1, rm_lr=1e-4, ppo_steps=10, ppo_epochs=2, ppo_batch=8, ppo_micro=4,
+                    ppo_minibatches=2, dpo_steps=10, dpo_batch=8, dpo_lr=2e-4,
+                    ppo_tokens=48, ppo_lr=2e-4, kl_coef=0.05, length_debias=1.0, eval_prompts=8,
                     eval_questions=12, eval_cases=2, eval_turns=2, eval_tokens=48, distill_items=2,
                     # 48 tokens cut most answers of a small model (Chinese is 1-3 tokens a character):
                     # a penalty on every cut answer would leave PPO nothing to learn from
@@ -111,7 +117,8 @@ PROFILES = {
     # path serves the rollouts, and K = 8 answers per prompt give the judge more to rank
     "gpu-24g": DemoSize(lora_r=16, sft_steps=200, sft_batch=16, sft_micro=2, sft_lr=1e-4, max_len=1024,
                         rl_prompts=256, k=8, sample_tokens=256, rm_epochs=1, rm_lr=5e-5, ppo_steps=50, ppo_epochs=2,
-                        ppo_batch=32, ppo_micro=4, ppo_tokens=256, ppo_lr=2e-5, kl_coef=0.05, length_debias=1.0,
+                        ppo_batch=32, ppo_micro=4, ppo_minibatches=4, ppo_tokens=256, ppo_lr=2e-5, kl_coef=0.05,
+                        length_debias=1.0, dpo_steps=100, dpo_batch=16, dpo_lr=5e-5,
                         eval_prompts=64, eval_questions=50, eval_cases=8, eval_turns=4, eval_tokens=384,
                         distill_items=16, grad_checkpointing=True, compile=True),
 }
@@ -123,8 +130,8 @@ def quick(size: DemoSize, tiny: bool) -> DemoSize:
     rates, LoRA and lengths of the profile stay. The tiny model also shrinks its width."""
     q = replace(size, sft_steps=12, sft_batch=8, sft_micro=min(size.sft_micro, 8), max_len=min(size.max_len, 256),
                 rl_prompts=12, k=2, sample_tokens=24, rm_epochs=1, ppo_steps=3, ppo_epochs=1, ppo_batch=4,
-                ppo_micro=4, ppo_tokens=24, eval_prompts=4, eval_questions=6, eval_cases=2, eval_turns=2,
-                eval_tokens=24, distill_items=2)
+                dpo_steps=3, dpo_batch=4, ppo_micro=4, ppo_tokens=24, eval_prompts=4, eval_questions=6, eval_cases=2,
+                eval_turns=2, eval_tokens=24, distill_items=2)
     return replace(q, vocab=400, dim=32, n_layers=2, n_heads=4, ffn=64) if tiny else q
 
 
@@ -149,7 +156,9 @@ def choose_size(cfg, device: str, n_params: int | None) -> tuple[str, DemoSize, 
 
 
 # share of the wall time per stage, measured on a 2-core CPU, for the ETA printed as each stage starts
+ALGOS = ["ppo", "dpo", "grpo", "all"]
 BUDGET = {"data": 0.005, "base": 0.005, "sft": 0.32, "samples": 0.06, "feedback": 0.005, "rm": 0.14, "ppo": 0.43,
+          "dpo": 0.15, "grpo": 0.43,
           "eval": 0.04}
 
 
@@ -166,9 +175,12 @@ class DemoConfig:
                             "bf16, gradient checkpointing, compiled decode)", choices=["auto", *PROFILES])
     llm_base_url: str = arg("", "one OpenAI-compatible endpoint as teacher (distill.py), judge and patient; "
                                 "default: offline stand-ins", metavar="URL")
-    llm_model: str = arg("", "the model name at --llm-base-url", metavar="NAME")
+    llm_model_name: str = arg("", "the model name at --llm-base-url", metavar="NAME", old=("--llm-model",))
     llm_api_key: str | None = arg(None, "API key of --llm-base-url (default: $NANOHUATUO_API_KEY, then "
                                         "$OPENAI_API_KEY)")
+    algo: str = arg("ppo", "the RL step after SFT: ppo (HuatuoGPT's), dpo (on the judge's rankings), grpo (K answers "
+                           "per prompt scored by the reward model), or all three, compared in one report table",
+                    choices=ALGOS)
     profile: bool = arg(False, "profile every stage with cProfile; the top functions go to OUT/profile/STAGE.txt")
     overwrite: bool = arg(False, "replace --out even if it holds something other than an earlier demo run")
     device: str = arg("auto", "auto (cuda if available), cpu, cuda, ...")
@@ -241,7 +253,8 @@ def distill_sources(out: str, cfg: DemoConfig, size: DemoSize, rows: list[dict])
     """A few items of each LLM-made source, through distill.py's own commands."""
     d = os.path.join(out, "distilled")
     os.makedirs(d, exist_ok=True)
-    common = dict(base_url=cfg.llm_base_url, model_name=cfg.llm_model, api_key=cfg.llm_api_key, seed=cfg.seed)
+    common = dict(teacher_base_url=cfg.llm_base_url, teacher_model_name=cfg.llm_model_name,
+                  teacher_api_key=cfg.llm_api_key, seed=cfg.seed)
     real_single = [r for r in rows if r["source"] == "real_doctor_instructions"][:size.distill_items]
     real_multi = [r for r in rows if r["source"] == "real_doctor_conversations"][:size.distill_items]
     cases = os.path.join(d, "cases.jsonl")
@@ -251,12 +264,12 @@ def distill_sources(out: str, cfg: DemoConfig, size: DemoSize, rows: list[dict])
     made = []
     for name, run_fn, conf in (
             ("instructions", distill.run_instructions,
-             distill.InstructionsConfig(out=os.path.join(d, "instructions.jsonl"), n=size.distill_items, **common)),
+             distill.InstructionsConfig(out=os.path.join(d, "instructions.jsonl"), limit=size.distill_items, **common)),
             ("conversations", distill.run_conversations,
-             distill.ConversationsConfig(out=os.path.join(d, "conversations.jsonl"), cases=[cases], max_turns=3,
+             distill.ConversationsConfig(out=os.path.join(d, "conversations.jsonl"), data=[cases], max_turns=3,
                                          **common)),
             ("polish", distill.run_polish,
-             distill.PolishConfig(out=os.path.join(d, "polished.jsonl"), input=[to_polish], **common))):
+             distill.PolishConfig(out=os.path.join(d, "polished.jsonl"), data=[to_polish], **common))):
         print(f"distill {name}:", flush=True)
         run_fn(conf)
         made.append(conf.out)
@@ -290,11 +303,11 @@ def sample_stage(out, sft_dir, adapter, template, prompts, size, seed, device, d
 
 def feedback_stage(out, cfg: DemoConfig, items):
     if cfg.llm_base_url:
-        judge = OpenAIJudge(base_url=cfg.llm_base_url, model=cfg.llm_model, api_key=cfg.llm_api_key,
-                            cache_path=os.path.join(out, "judge_cache.sqlite"), truncated="last")
-        name = f"OpenAI-compatible judge {cfg.llm_model}"
+        judge = EndpointRanker(base_url=cfg.llm_base_url, model=cfg.llm_model_name, api_key=cfg.llm_api_key,
+                               cache_path=os.path.join(out, "judge_cache.sqlite"), truncated="last")
+        name = f"OpenAI-compatible judge {cfg.llm_model_name}"
     else:
-        judge, name = OfflineJudge(truncated="last"), "offline judge (similarity to the doctor's reply)"
+        judge, name = OfflineRanker(truncated="last"), "offline judge (similarity to the doctor's reply)"
     # a small model's answers are often cut by the token limit: rank them below every finished one
     # instead of dropping them, so the reward model still learns from every prompt
     results = judge.rank(items)
@@ -304,66 +317,72 @@ def feedback_stage(out, cfg: DemoConfig, items):
     return name, prefs
 
 
-def eval_stage(out, cfg: DemoConfig, size: DemoSize, policy, sft_adapter, ppo_dir, rm_dir, template, eval_prompts,
-               device):
-    """HuatuoGPT's three automatic evaluations of PPO (A) against SFT (B), through evaluate.py's API;
-    with a real checkpoint, single-turn questions and reference metrics against the base model too
-    (what the whole recipe bought, not only what PPO added to SFT)."""
+def eval_stage(out, cfg: DemoConfig, size: DemoSize, policy, sft_adapter, trained: dict, rm_dir, template,
+               eval_prompts, device):
+    """HuatuoGPT's three automatic evaluations of each trained policy (A: PPO, DPO, GRPO) against SFT (B),
+    through evaluate.py's API; with a real checkpoint, single-turn questions and reference metrics against
+    the base model too (what the whole recipe bought, not only what RL added to SFT). The first policy's
+    results keep the plain names (pairwise, dialogue, pairwise_base); the others' carry their name."""
     d = os.path.join(out, "eval")
     answers = os.path.join(d, "answers")  # one answer file per candidate, shared by the comparisons
     qa = os.path.join(d, "qa_heldout.jsonl")
     write_jsonl(qa, [{"id": p["id"], "messages": p["messages"] + [{"role": "assistant", "content": p["reference"]}],
                       "source": "real_doctor_instructions"} for p in eval_prompts])
     online = bool(cfg.llm_base_url)
-    judge = dict(judge="endpoint", judge_base_url=cfg.llm_base_url, judge_model_name=cfg.llm_model,
+    judge = dict(judge="endpoint", judge_base_url=cfg.llm_base_url, judge_model_name=cfg.llm_model_name,
                  judge_api_key=cfg.llm_api_key) if online else dict(judge="offline")
+    patient = dict(patient="endpoint", patient_base_url=cfg.llm_base_url, patient_model_name=cfg.llm_model_name,
+                   patient_api_key=cfg.llm_api_key) if online else dict(patient="offline")
     gen = dict(device=device, dtype=cfg.dtype, batch_size=32, max_new_tokens=size.eval_tokens, seed=cfg.seed,
                answers_dir=answers, overwrite=True)
-    a = dict(a_model=policy, a_adapter=ppo_dir, a_name="PPO", a_template=template)
     # the tiny model's "base" is random weights: nothing to compare against
     others = {"SFT": sft_adapter, **({"base": None} if cfg.model else {})}
-    res = {"metrics": {}}
-    for name, adapter in (("PPO", ppo_dir), *others.items()):
+    res = {"metrics": {}, "patient": f"{cfg.llm_model_name} (LLM)" if online else "offline stand-in reciting the case"}
+    for name, adapter in (*trained.items(), *others.items()):
         res["metrics"][name] = evaluate.run_metrics(evaluate.MetricsConfig(
             out=os.path.join(d, f"metrics_{name.lower()}"), data=[qa], model=policy, adapter=adapter, name=name,
             template=template, **gen))
-    for name, adapter in others.items():
-        key = "pairwise" if name == "SFT" else f"pairwise_{name}"
-        res[key] = evaluate.run_pairwise(evaluate.PairwiseConfig(
-            out=os.path.join(d, key), data=os.path.join(DATA, "eval_questions.json"), limit=size.eval_questions,
-            bootstrap=200, **a, b_model=policy, b_adapter=adapter, b_name=name, b_template=template, **judge, **gen))
-    patient = dict(patient="endpoint", patient_base_url=cfg.llm_base_url, patient_model_name=cfg.llm_model,
-                   patient_api_key=cfg.llm_api_key) if online else dict(patient="offline")
-    res["patient"] = f"{cfg.llm_model} (LLM)" if online else "offline stand-in reciting the case"
-    res["dialogue"] = evaluate.run_dialogue(evaluate.DialogueConfig(
-        out=os.path.join(d, "dialogue"), data=os.path.join(DATA, "eval_dialogues.json"), limit=size.eval_cases,
-        max_turns=size.eval_turns, bootstrap=200, **a, b_model=policy, b_adapter=sft_adapter, b_name="SFT",
-        b_template=template, **judge, **patient, **gen))
-    res["rm_heldout"] = rm_heldout(d, rm_dir, device, cfg.dtype, cfg.seed)
+    for i, (algo, adapter_dir) in enumerate(trained.items()):
+        suffix = "" if i == 0 else f"_{algo.lower()}"
+        a = dict(a_model=policy, a_adapter=adapter_dir, a_name=algo, a_template=template)
+        for name, adapter in (others.items() if i == 0 else [("SFT", sft_adapter)]):
+            key = ("pairwise" if name == "SFT" else f"pairwise_{name}") + suffix
+            res[key] = evaluate.run_pairwise(evaluate.PairwiseConfig(
+                out=os.path.join(d, key), data=os.path.join(DATA, "eval_questions.json"), limit=size.eval_questions,
+                bootstrap=200, **a, b_model=policy, b_adapter=adapter, b_name=name, b_template=template, **judge,
+                **gen))
+        res["dialogue" + suffix] = evaluate.run_dialogue(evaluate.DialogueConfig(
+            out=os.path.join(d, "dialogue" + suffix), data=os.path.join(DATA, "eval_dialogues.json"),
+            limit=size.eval_cases, max_turns=size.eval_turns, bootstrap=200, **a, b_model=policy,
+            b_adapter=sft_adapter, b_name="SFT", b_template=template, **judge, **patient, **gen))
+    res["rm_heldout"] = rm_heldout(d, list(trained), rm_dir, device, cfg.dtype, cfg.seed)
     return res
 
 
-def rm_heldout(d, rm_dir, device, dtype, seed) -> dict:
-    """The reward model's scores of each model's greedy answers to prompts PPO never saw (the held-out
+def rm_heldout(d, algos: list[str], rm_dir, device, dtype, seed) -> dict:
+    """The reward model's scores of each model's greedy answers to prompts RL never saw (the held-out
     doctor prompts and the single-turn questions), in units of its spread on SFT samples as in PPO:
     PPO's own score curve is on its training prompts and, batch by batch, mostly prompt noise."""
     answers = {}  # model name -> {item id: (question, answer)}
-    for name in ("PPO", "SFT", "base"):
+    for name in (*algos, "SFT", "base"):
         path = os.path.join(d, f"metrics_{name.lower()}", "answers.jsonl")
         if os.path.exists(path):
             answers[name] = {r["id"]: (r["question"], r["answer"]) for r in read_jsonl(path)}
-    for key, other in (("pairwise", "SFT"), ("pairwise_base", "base")):
-        path = os.path.join(d, key, "pairs.jsonl")
-        for p in read_jsonl(path) if os.path.exists(path) else []:
-            answers["PPO"][p["id"]] = (p["prompt"], p["answer_a"])
-            answers[other][p["id"]] = (p["prompt"], p["answer_b"])
-    ids = sorted(answers["PPO"])
+    for i, algo in enumerate(algos):
+        suffix = "" if i == 0 else f"_{algo.lower()}"
+        for key, other in (("pairwise", "SFT"), ("pairwise_base", "base")):
+            path = os.path.join(d, key + suffix, "pairs.jsonl")
+            for p in read_jsonl(path) if os.path.exists(path) else []:
+                answers[algo][p["id"]] = (p["prompt"], p["answer_a"])
+                answers[other][p["id"]] = (p["prompt"], p["answer_b"])
+    ids = sorted(answers[algos[0]])
     rm = load_reward_model(rm_dir, device=device, dtype=dtype)
     unit = rm.spread or 1.0
     scores = {name: (score_texts(rm, [a[i][0] for i in ids], [a[i][1] for i in ids]) / unit).tolist()
               for name, a in answers.items() if all(i in a for i in ids)}
     res = {"n": len(ids), "mean": {k: sum(v) / len(v) for k, v in scores.items()},
-           **{f"PPO_vs_{k}": paired_diff(scores["PPO"], scores[k], seed=seed) for k in scores if k != "PPO"}}
+           **{f"{algo}_vs_{k}": paired_diff(scores[algo], scores[k], seed=seed)
+              for algo in algos if algo in scores for k in ("SFT", "base") if k in scores}}
     with open(os.path.join(d, "rm_heldout.json"), "w", encoding="utf-8") as f:
         json.dump({**res, "ids": ids, "scores": scores}, f, indent=1)
     return res
@@ -374,8 +393,11 @@ def rm_heldout(d, rm_dir, device, dtype, seed) -> dict:
 def run(cfg: DemoConfig | None = None, **kw) -> dict:
     """Run the demo (DemoConfig fields as keywords work too: run(out=..., quick=True)); returns the summary."""
     cfg = replace(cfg or DemoConfig(), **kw)
-    if cfg.llm_base_url and not cfg.llm_model:
-        raise UserError("--llm-base-url needs --llm-model NAME (the model the endpoint serves)")
+    if not os.path.isdir(DATA):  # a non-editable install has the package but not the repository's data/
+        raise UserError(f"the bundled data is not at {DATA}: run the demo from a clone of the repository "
+                        f"(pip install -e . there)")
+    if cfg.llm_base_url and not cfg.llm_model_name:
+        raise UserError("--llm-base-url needs --llm-model-name NAME (the model the endpoint serves)")
     real = bool(cfg.model)
     device = str(resolve_device(cfg.device)) if real else "cpu"  # the tiny model is a CPU demo
     try:  # the checkpoint is checked (tokenizer too) and its size read before anything is written
@@ -399,6 +421,7 @@ def run(cfg: DemoConfig | None = None, **kw) -> dict:
     try:
         with open(os.path.join(out, MARKER), "w") as f:
             json.dump({"config": asdict(cfg), "profile": profile, "size": asdict(size)}, f, indent=1)
+        write_config(out, cfg, "demo")
         return _run(cfg, size, real, out, device, profile, n_params)
     finally:
         lock.release()
@@ -408,7 +431,8 @@ def _run(cfg: DemoConfig, size: DemoSize, real: bool, out: str, device: str, pro
          n_params: int | None) -> dict:
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
-    names = list(BUDGET)
+    algos = ["ppo", "dpo", "grpo"] if cfg.algo == "all" else [cfg.algo]
+    names = [n for n in BUDGET if n not in ("ppo", "dpo", "grpo") or n in algos]
     st = Stages(out, names, cfg.profile)
     rows, sft_files = load_bundled()
     template = "auto" if real else "huatuo"  # the tiny base has no chat template of its own
@@ -455,36 +479,63 @@ def _run(cfg: DemoConfig, size: DemoSize, real: bool, out: str, device: str, pro
     rm_dir = os.path.join(out, "rm")
     rm_cfg = reward.RMConfig(model=policy, adapter=sft_adapter, data=[os.path.join(out, "prefs.jsonl")], out=rm_dir,
                              template=template, lora_r=size.lora_r, lr=size.rm_lr, epochs=size.rm_epochs,
-                             batch_prompts=4, max_len=size.max_len, eval_frac=0.2, eval_every=10, device=device,
+                             batch_size=4, max_len=size.max_len, eval_frac=0.2, eval_every=10, device=device,
                              dtype=cfg.dtype, seed=cfg.seed, grad_checkpointing=size.grad_checkpointing)
     rm_res = st.run("rm", "reward model on the rankings", reward.train, rm_cfg)
     # a real checkpoint's reward model is one more adapter on the policy's base weights (PPO shares them
     # when given the directory); the tiny model's is loaded as its own copy, as it always was
     rm = None if real else load_reward_model(rm_dir, device=device)
 
-    ppo_dir = os.path.join(out, "ppo")
     rl_path = os.path.join(out, "rl_prompts.jsonl")
     write_jsonl(rl_path, rl_prompts)
-    ppo_cfg = ppo.PPOConfig(model=policy, adapter=sft_adapter, reward=rm_dir, prompts=rl_path, out=ppo_dir,
-                            template=template, max_steps=size.ppo_steps, batch_size=size.ppo_batch,
-                            max_new_tokens=size.ppo_tokens, temperature=0.7, lr=size.ppo_lr, kl_coef=size.kl_coef,
-                            length_debias=size.length_debias, missing_eos_penalty=size.eos_penalty,
-                            ppo_epochs=size.ppo_epochs,
-                            micro_batch_size=size.ppo_micro, grad_checkpointing=size.grad_checkpointing,
-                            compile=size.compile and device.startswith("cuda"),
-                            sample_every=max(size.ppo_steps // 4, 1), save_every=size.ppo_steps, device=device,
-                            dtype=cfg.dtype, seed=cfg.seed)
-    ppo_res = st.run("ppo", "PPO against the reward model", ppo.train, ppo_cfg, rm)
+    trained, res = {}, {}  # name -> adapter directory; stage -> its summary
+    if "ppo" in algos:
+        ppo_cfg = ppo.PPOConfig(model=policy, adapter=sft_adapter, reward=rm_dir, data=rl_path,
+                                out=os.path.join(out, "ppo"), template=template, max_steps=size.ppo_steps,
+                                batch_size=size.ppo_batch, max_new_tokens=size.ppo_tokens, temperature=0.7,
+                                lr=size.ppo_lr, kl_coef=size.kl_coef, length_debias=size.length_debias,
+                                missing_eos_penalty=size.eos_penalty, ppo_epochs=size.ppo_epochs,
+                                num_mini_batches=size.ppo_minibatches, micro_batch_size=size.ppo_micro,
+                                grad_checkpointing=size.grad_checkpointing,
+                                compile=size.compile and device.startswith("cuda"),
+                                sample_every=max(size.ppo_steps // 4, 1), save_every=size.ppo_steps, device=device,
+                                dtype=cfg.dtype, seed=cfg.seed)
+        res["ppo"] = st.run("ppo", "PPO against the reward model", ppo.train, ppo_cfg, rm)
+        trained["PPO"] = ppo_cfg.out
+    if "dpo" in algos:  # no reward model: the judge's rankings themselves, against the SFT model
+        dpo_cfg = dpo.DPOConfig(model=policy, adapter=sft_adapter, data=[os.path.join(out, "prefs.jsonl")],
+                                out=os.path.join(out, "dpo"), template=template, lora_r=size.lora_r or 16,
+                                lr=size.dpo_lr, max_steps=size.dpo_steps, batch_size=size.dpo_batch,
+                                micro_batch_size=min(4, size.dpo_batch), max_len=size.max_len, eval_frac=0.2,
+                                eval_every=max(size.dpo_steps // 2, 1), save_every=size.dpo_steps,
+                                grad_checkpointing=size.grad_checkpointing, device=device, dtype=cfg.dtype,
+                                seed=cfg.seed)
+        res["dpo"] = st.run("dpo", "DPO on the judge's rankings", dpo.train, dpo_cfg)
+        trained["DPO"] = dpo_cfg.out
+    if "grpo" in algos:  # PPO's rollouts and steps, K answers per prompt instead of a value head
+        grpo_cfg = grpo.GRPOConfig(model=policy, adapter=sft_adapter, reward=rm_dir, data=rl_path,
+                                   out=os.path.join(out, "grpo"), template=template, max_steps=size.ppo_steps,
+                                   batch_size=max(size.ppo_batch // size.k, 1), k=size.k,
+                                   max_new_tokens=size.ppo_tokens, temperature=0.7, lr=size.ppo_lr,
+                                   length_debias=size.length_debias, missing_eos_penalty=size.eos_penalty,
+                                   micro_batch_size=size.ppo_micro, grad_checkpointing=size.grad_checkpointing,
+                                   compile=size.compile and device.startswith("cuda"),
+                                   sample_every=max(size.ppo_steps // 4, 1), save_every=size.ppo_steps,
+                                   device=device, dtype=cfg.dtype, seed=cfg.seed)
+        res["grpo"] = st.run("grpo", "GRPO against the reward model", grpo.train, grpo_cfg, rm)
+        trained["GRPO"] = grpo_cfg.out
     del rm
 
-    ev = st.run("eval", "HuatuoGPT's evaluation: PPO against SFT", eval_stage, out, cfg, size, policy, sft_adapter,
-                ppo_dir, rm_dir, template, eval_prompts, device)
+    ev = st.run("eval", f"HuatuoGPT's evaluation: {', '.join(trained)} against SFT", eval_stage, out, cfg, size,
+                policy, sft_adapter, trained, rm_dir, template, eval_prompts, device)
 
     summary = dict(params=n_params, model=cfg.model or "tiny model trained from scratch", size_profile=profile,
                    sft=sft_res,
-                   rm=rm_res, ppo={**{k: v for k, v in ppo_res.items() if k != "history"},
-                                   **ppo_trend(ppo_res["history"])},
-                   eval=eval_digest(ev), judge=judge_name, size=asdict(size),
+                   rm=rm_res, algos=list(trained),
+                   **{k: {**{n: v for n, v in r.items() if n != "history"},
+                          **(ppo_trend(r["history"]) if k != "dpo" else {}), "stage_seconds": st.seconds[k]}
+                      for k, r in res.items()},
+                   eval=eval_digest(ev, list(trained)), judge=judge_name, size=asdict(size),
                    machine={"cpu": cpu_name(), "threads": torch.get_num_threads(), "torch": torch.__version__,
                             "python": platform.python_version(),
                             "device": "cuda" if device != "cpu" and torch.cuda.is_available() else "cpu"},

@@ -21,13 +21,21 @@ def ppo_trend(history, n=5):
             "length_first": mean(head, "response_length"), "length_last": mean(tail, "response_length")}
 
 
-def eval_digest(ev: dict) -> dict:
-    """The numbers of the evaluation the summary keeps (the full results are in OUT/eval/*/summary.json)."""
-    def wtl(s):
-        o = (s.get("stats") or {}).get("overall", {})
-        return {k: o.get(k) for k in ("n", "win", "tie", "loss", "unjudged", "winrate", "winrate_ci", "length_control",
-                                      "win_pct_all", "tie_pct_all", "loss_pct_all", "unjudged_pct_all")}
-    return {"metrics": {k: v["scores"] for k, v in ev["metrics"].items()},
+def _wtl(s):
+    o = (s.get("stats") or {}).get("overall", {})
+    return {k: o.get(k) for k in ("n", "win", "tie", "loss", "unjudged", "winrate", "winrate_ci", "length_control",
+                                  "win_pct_all", "tie_pct_all", "loss_pct_all", "unjudged_pct_all")}
+
+
+def eval_digest(ev: dict, algos: list[str]) -> dict:
+    """The numbers of the evaluation the summary keeps (the full results are in OUT/eval/*/summary.json).
+    The first policy's comparisons keep the plain keys; every policy's are also under by_algo."""
+    wtl = _wtl
+    by_algo = {a: {"pairwise": wtl(ev["pairwise" + sfx]), "dialogue": wtl(ev["dialogue" + sfx]),
+                   "mean_length": ev["metrics"][a].get("mean_length")}
+               for a, sfx in zip(algos, ["", *[f"_{a.lower()}" for a in algos[1:]]])}
+    return {"metrics": {k: v["scores"] for k, v in ev["metrics"].items()}, "by_algo": by_algo,
+            "mean_length": {k: v.get("mean_length") for k, v in ev["metrics"].items()},
             "pairwise": wtl(ev["pairwise"]), "dialogue": wtl(ev["dialogue"]),
             **({"pairwise_base": wtl(ev["pairwise_base"])} if "pairwise_base" in ev else {}),
             "length_shift": {k: ((ev[k].get("stats") or {}).get("length_shift") or {}).get("warning")
@@ -71,22 +79,66 @@ def _profile_lines(hot: dict, seconds: dict) -> list[str]:
     return lines + [""]
 
 
-def rm_heldout_lines(h) -> list[str]:
+def rm_heldout_lines(h, algos) -> list[str]:
     if not h or not h.get("n"):
         return []
-    def vs(k):
-        p = h.get(f"PPO_vs_{k}")
-        return "" if not p else (f"; PPO - {k} {p['diff']:+.2f} [{', '.join(f'{c:+.2f}' for c in p['diff_ci'] or [])}], "
-                                 f"higher on {p['higher']} and lower on {p['lower']} of {p['n']}")
+    def vs(a, k):
+        p = h.get(f"{a}_vs_{k}")
+        return "" if not p else (f"; {a} - {k} {p['diff']:+.2f} [{', '.join(f'{c:+.2f}' for c in p['diff_ci'] or [])}]"
+                                 f", higher on {p['higher']} and lower on {p['lower']} of {p['n']}")
     means = ", ".join(f"{k} {v:.2f}" for k, v in h["mean"].items())
-    return [f"On {h['n']} prompts PPO never saw (the held-out doctor prompts and the single-turn questions), the "
-            f"reward model scores the greedy answers: {means}{vs('SFT')}{vs('base')} (95% bootstrap intervals "
-            "over prompts). This is what PPO optimised, on new prompts; whether the answers are better is the "
-            "judge's call below.", ""]
+    return [f"On {h['n']} prompts RL never saw (the held-out doctor prompts and the single-turn questions), the "
+            f"reward model scores the greedy answers: {means}" + "".join(vs(a, k) for a in algos for k in ("SFT", "base"))
+            + " (95% bootstrap intervals over prompts). This is what PPO and GRPO optimise, on new prompts; whether "
+            "the answers are better is the judge's call below.", ""]
+
+
+def rl_lines(s) -> list[str]:
+    """Section 3: what each RL step did during training, and the three side by side when there are several."""
+    lines, algos = [], s.get("algos", ["PPO"])
+    for key, name in (("ppo", "PPO"), ("grpo", "GRPO")):
+        r = s.get(key)
+        if r:
+            lines += [f"### {name}", "",
+                      f"{r.get('steps')} steps. Mean reward-model score {_f(r.get('score_first'))} -> "
+                      f"**{_f(r.get('score_last'))}** (means of the first and last {r.get('trend_steps')} steps); KL "
+                      f"to the SFT model {_f(r.get('kl_last'), '{:.2f}')} at the end (at most "
+                      f"{_f(r.get('kl_max'), '{:.2f}')}; "
+                      + ("nats per answer" if key == "ppo" else "the k3 estimate per token, as GRPO's loss uses it")
+                      + f"); answer length {_f(r.get('length_first'), '{:.0f}')} -> "
+                      f"{_f(r.get('length_last'), '{:.0f}')} tokens. Scores are in units of the reward model's "
+                      "spread on SFT samples.", "",
+                      f"![{name}]({key}/curves.png)" + (" ![PPO statistics](ppo/ppo_stats.png)" if key == "ppo" else ""),
+                      ""]
+    if s.get("dpo"):
+        r = s["dpo"]
+        lines += ["### DPO", "",
+                  f"{r.get('steps')} steps on the judge's rankings (no reward model). Loss {_f(r.get('first_loss'))} "
+                  f"-> **{_f(r.get('last_loss'))}**; held-out preference accuracy "
+                  f"{_f(r.get('eval_accuracy'), '{:.1%}')} (the policy's implicit reward ranks the better answer "
+                  f"higher; chance 50%).", "", "![DPO](dpo/metrics.png)", ""]
+    if len(algos) > 1:
+        e = s["eval"]
+        h = e.get("rm_heldout") or {}
+        lines += ["### Side by side (each against SFT, single-turn questions)", "",
+                  "| algorithm | win / tie / loss | win rate [95% CI] | LC win rate; slope | mean answer length "
+                  "(chars) | RM score on held-out prompts | seconds |", "|---|---|---|---|---:|---:|---:|"]
+        for a in algos:
+            w, r = e["by_algo"][a]["pairwise"], s.get(a.lower(), {})
+            ci = w.get("winrate_ci")
+            lines.append(f"| {a} | {w.get('win')} / {w.get('tie')} / {w.get('loss')} | {_f(w.get('winrate'), '{:.1f}')}%"
+                         f"{' [' + ', '.join(f'{c:.0f}' for c in ci) + ']' if ci else ''} | "
+                         f"{lc_text(w.get('length_control'))} | {_f(e['by_algo'][a].get('mean_length'), '{:.0f}')} | "
+                         f"{_f(h.get('mean', {}).get(a), '{:.2f}')} | {_f(r.get('stage_seconds'), '{:.0f}')} |")
+        lines.append(f"| SFT | | | | {_f(e['mean_length'].get('SFT'), '{:.0f}')} | "
+                     f"{_f(h.get('mean', {}).get('SFT'), '{:.2f}')} | |")
+        lines.append("")
+    return lines + rm_heldout_lines(s["eval"].get("rm_heldout"), algos)
 
 
 def write_report(out, s, ev, seconds):
-    sft_r, rm_r, ppo_r, e, m = s["sft"], s["rm"], s["ppo"], s["eval"], s["machine"]
+    sft_r, rm_r, e, m = s["sft"], s["rm"], s["eval"], s["machine"]
+    a = s.get("algos", ["PPO"])[0]  # the policy the detailed evaluation is about
     total = s.get("seconds") or sum(seconds.values())  # wall time, loading between stages included
     offline = not s["online"]
     lines = [
@@ -122,26 +174,19 @@ def write_report(out, s, ev, seconds):
         f"ranking) reached **{_f(rm_r.get('eval_accuracy'), '{:.1%}')}** held-out pairwise accuracy on "
         f"{rm_r.get('eval_pairs')} pairs (chance: 50%).", "",
         "![reward model](rm/metrics.png)", "",
-        "## 3. PPO", "",
-        f"{ppo_r.get('steps')} steps. Mean reward-model score {_f(ppo_r.get('score_first'))} -> "
-        f"**{_f(ppo_r.get('score_last'))}** (means of the first and last {ppo_r.get('trend_steps')} steps); KL to the "
-        f"SFT model {_f(ppo_r.get('kl_last'), '{:.2f}')} nats per answer at the end "
-        f"({_f(ppo_r.get('kl_per_token_last'), '{:.3f}')} per token, at most {_f(ppo_r.get('kl_max'), '{:.2f}')}); "
-        f"answer length {_f(ppo_r.get('length_first'), '{:.0f}')} -> {_f(ppo_r.get('length_last'), '{:.0f}')} "
-        "tokens. Scores are in units of the reward model's spread on SFT samples.", "",
-        *rm_heldout_lines(e.get("rm_heldout")),
-        "![PPO](ppo/curves.png) ![PPO statistics](ppo/ppo_stats.png)", "",
-        "## 4. Evaluation (HuatuoGPT's protocol): PPO against SFT", "",
+        "## 3. Reinforcement learning after SFT", "",
+        *rl_lines(s),
+        f"## 4. Evaluation (HuatuoGPT's protocol): {a} against SFT", "",
         "Pairwise: each question is answered by both models and judged twice, the order swapped; the two verdicts "
         "are summed, so opposite verdicts are a tie. Win rate = win + tie / 2, with a bootstrap 95% interval over "
         "questions; LC = length-controlled win rate (the verdict fitted on the length difference, read at equal "
         "length; not identifiable when one answer is the longer in nearly every pair), with the length slope.", "",
-        "| comparison (PPO vs SFT) | win / tie / loss | win rate [95% CI] | LC win rate [95% CI]; length slope | "
+        f"| comparison ({a} vs SFT) | win / tie / loss | win rate [95% CI] | LC win rate [95% CI]; length slope | "
         "unjudged | W / T / L / unjudged, % of all items |",
         "|---|---|---|---|---|---|",
         _wtl_row("single-turn questions (KUAKE-QIC format)", e["pairwise"]),
         _wtl_row("multi-turn consultations (Med-dialog format)", e["dialogue"]),
-        *([_wtl_row("single-turn questions, PPO vs the base model", e["pairwise_base"])] if "pairwise_base" in e
+        *([_wtl_row(f"single-turn questions, {a} vs the base model", e["pairwise_base"])] if "pairwise_base" in e
           else []), "",
         *[f"**Warning ({k}), {w}.**\n" for k, w in e.get("length_shift", {}).items() if w],
         "![single-turn](eval/pairwise/winrate.png) ![multi-turn](eval/dialogue/winrate.png)", "",
@@ -156,7 +201,7 @@ def write_report(out, s, ev, seconds):
               "| model | " + " | ".join(metric_names) + " |", "|---|" + "---:|" * len(metric_names),
               *[f"| {name} | " + " | ".join(f"{v[k]:.2f}" for k in metric_names) + " |"
                 for name, v in e["metrics"].items()], ""]
-    # answers side by side: PPO and SFT from the pairwise run, the base model's from the run against it
+    # answers side by side: the first policy and SFT from the pairwise run, the base model's from the run against it
     def read_pairs(name):
         path = os.path.join(out, "eval", name, "pairs.jsonl")
         if not os.path.exists(path):
@@ -171,13 +216,13 @@ def write_report(out, s, ev, seconds):
             lines += [f"**{p['group']}:** {p['prompt']}", ""]
             if p["id"] in base_answers:
                 lines.append(f"- base: {_short(base_answers[p['id']], 200)}")
-            lines += [f"- SFT: {_short(p['answer_b'], 200)}", f"- PPO: {_short(p['answer_a'], 200)}",
-                      f"- verdict: {p.get('outcome') or 'unjudged'} for PPO against SFT", ""]
+            lines += [f"- SFT: {_short(p['answer_b'], 200)}", f"- {a}: {_short(p['answer_a'], 200)}",
+                      f"- verdict: {p.get('outcome') or 'unjudged'} for {a} against SFT", ""]
     lines += ["## What to run next", "",
               "- The same recipe with LoRA on a real checkpoint: `python demo.py --model /models/Qwen2.5-0.5B-Instruct` "
               "(the size profile follows the device: `--size cpu` about 20 minutes for a 100-500M model on two "
               "cores, `--size gpu-24g` for 0.5-7B on one 24 GB GPU).",
-              "- A real judge, teacher and patient: `--llm-base-url URL --llm-model NAME` (any OpenAI-compatible "
+              "- A real judge, teacher and patient: `--llm-base-url URL --llm-model-name NAME` (any OpenAI-compatible "
               "endpoint, e.g. vLLM or `serve.py`).",
               "- Each stage on its own, with your data: the README's pipeline table; HuatuoGPT's own evaluation sets "
               "with `python evaluate.py pairwise --data KUAKE-QIC_100.json ...` and `python evaluate.py dialogue "

@@ -3,11 +3,11 @@ endpoint (a cloud model, vLLM, or our own serve.py). Each writes rows of the con
 (nanohuatuo/data.py) with `source` set to the HuatuoGPT source it makes, ready for
 `python -m nanohuatuo.data mix` and train_sft.py:
 
-    python distill.py instructions --seeds data/distill_seeds.jsonl --n 1000 --out di.jsonl \
-        --base-url URL --model-name NAME             # -> distilled_instructions
-    python distill.py conversations --cases cases.jsonl --out dc.jsonl ...
+    python distill.py instructions --seeds data/distill_seeds.jsonl --limit 1000 --out di.jsonl \
+        --teacher-base-url URL --teacher-model-name NAME   # -> distilled_instructions
+    python distill.py conversations --data cases.jsonl --out dc.jsonl ...
                                                      # -> distilled_conversations
-    python distill.py polish --in real.jsonl --out polished.jsonl ...
+    python distill.py polish --data real.jsonl --out polished.jsonl ...
                                                      # -> real_doctor_instructions / _conversations
 
 - instructions (self-instruct): each request shows a few sampled seed instructions and one sampled
@@ -50,9 +50,9 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from .cli import UserError, arg, cli_main, parse_config
+from .cli import UserError, arg, cli_main, endpoint_flags, parse_config
 from .data import DataError, iter_jsonl, row_id, validate, write_jsonl
-from .llm import LLM
+from .llm import LLM, from_flags
 from .textcheck import fact_check, instruction_problem, is_refusal, own_lines
 from .textmetrics import RougeIndex
 
@@ -217,13 +217,15 @@ def nudge(kind: str):
 # ---------------------------------------------------------------- configs
 
 
+TeacherFlags = endpoint_flags("teacher", "the teacher LLM", old={"base_url": ("--base-url",),
+                                                                 "model_name": ("--model-name",),
+                                                                 "api_key": ("--api-key",)})
+
+
 @dataclass
-class EndpointConfig:
-    """Flags every command shares: the OpenAI-compatible endpoint, the cache and the output."""
+class EndpointConfig(TeacherFlags):
+    """Flags every command shares: the teacher's OpenAI-compatible endpoint, the cache and the output."""
     out: str = arg("", "output JSONL file (conversation schema)", metavar="FILE")
-    base_url: str = arg("", "OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1", metavar="URL")
-    model_name: str = arg("", "model name the endpoint serves", metavar="NAME")
-    api_key: str | None = arg(None, "API key (default: $NANOHUATUO_API_KEY, $OPENAI_API_KEY, else EMPTY)")
     cache: str = arg("", "SQLite reply cache; a rerun resumes from it (default: <out>.cache.sqlite; 'none': off)",
                      metavar="FILE")
     concurrency: int = arg(4, "requests in flight at once")
@@ -239,7 +241,7 @@ class InstructionsConfig(EndpointConfig):
     """python distill.py instructions: self-instruct from seed instructions."""
     seeds: str = arg("", "seed instructions, JSONL {instruction, department?, role?} (default: the bundled "
                      "data/distill_seeds.jsonl)", metavar="FILE")
-    n: int = arg(100, "instructions to keep (each is then answered)")
+    limit: int = arg(100, "instructions to keep (each is then answered)", old=("--n",))
     per_request: int = arg(5, "new instructions asked for in one request")
     examples: int = arg(3, "seed instructions shown in one request")
     role_share: float = arg(0.5, "share of requests that sample a role; the others sample a department")
@@ -253,22 +255,22 @@ class InstructionsConfig(EndpointConfig):
 @dataclass
 class ConversationsConfig(EndpointConfig):
     """python distill.py conversations: patient and doctor agents on real cases."""
-    cases: list[str] = arg([], "cases: schema JSONL rows, or Med-dialog JSON/JSONL {medical_case, "
-                           "doctor_diagnosis, Department}", metavar="FILE")
+    data: list[str] = arg([], "cases: schema JSONL rows, or Med-dialog JSON/JSONL {medical_case, "
+                              "doctor_diagnosis, Department}", metavar="FILE", old=("--cases",))
     limit: int = arg(0, "use only the first N cases (0: all)")
     max_turns: int = arg(4, "most doctor turns in one conversation")
-    patient_base_url: str = arg("", "patient agent's endpoint (default: --base-url)", metavar="URL")
-    patient_model_name: str = arg("", "patient agent's model (default: --model-name)", metavar="NAME")
-    patient_api_key: str | None = arg(None, "patient agent's API key (default: --api-key)")
-    doctor_base_url: str = arg("", "doctor agent's endpoint (default: --base-url)", metavar="URL")
-    doctor_model_name: str = arg("", "doctor agent's model (default: --model-name)", metavar="NAME")
-    doctor_api_key: str | None = arg(None, "doctor agent's API key (default: --api-key)")
+    patient_base_url: str = arg("", "patient agent's endpoint (default: --teacher-base-url)", metavar="URL")
+    patient_model_name: str = arg("", "patient agent's model (default: --teacher-model-name)", metavar="NAME")
+    patient_api_key: str | None = arg(None, "patient agent's API key (default: --teacher-api-key)")
+    doctor_base_url: str = arg("", "doctor agent's endpoint (default: --teacher-base-url)", metavar="URL")
+    doctor_model_name: str = arg("", "doctor agent's model (default: --teacher-model-name)", metavar="NAME")
+    doctor_api_key: str | None = arg(None, "doctor agent's API key (default: --teacher-api-key)")
 
 
 @dataclass
 class PolishConfig(EndpointConfig):
     """python distill.py polish: rewrite real doctors' replies, keeping their medical content."""
-    input: list[str] = arg([], "schema JSONL rows with real doctors' replies", metavar="FILE", flag="--in")
+    data: list[str] = arg([], "schema JSONL rows with real doctors' replies", metavar="FILE", old=("--in",))
     limit: int = arg(0, "polish only the first N rows (0: all)")
     on_flag: str = arg("original", "a rewrite that changed drug names or numbers: use the doctor's original "
                        "reply instead, keep the rewrite (row marked flagged), or drop the row",
@@ -299,12 +301,11 @@ def cache_path(cfg: EndpointConfig, suffix: str = "") -> str | None:
     return path
 
 
-def make_llm(cfg: EndpointConfig, name: str, base_url: str = "", model_name: str = "",
-             api_key: str | None = None, cache_suffix: str = "") -> LLM:
-    """The LLM client of one agent; LLM itself refuses a missing --base-url or --model-name."""
-    return LLM(base_url or cfg.base_url, model_name or cfg.model_name,
-               api_key=api_key if api_key is not None else cfg.api_key, cache=cache_path(cfg, cache_suffix),
-               concurrency=cfg.concurrency, attempts=cfg.attempts, timeout=cfg.timeout, name=name)
+def teacher(cfg: EndpointConfig, name: str, base_url: str = "", model_name: str = "",
+            api_key: str | None = None, cache_suffix: str = "") -> LLM:
+    """The LLM client of one agent: the teacher's endpoint unless another is given."""
+    return from_flags(cfg, "teacher", cache=cache_path(cfg, cache_suffix), name=name, base_url=base_url,
+                      model_name=model_name, api_key=api_key)
 
 
 def _report(command: str, out: str, rows: int, kept: int, dropped: Counter, llms: list, **extra) -> dict:
@@ -366,8 +367,8 @@ def instruction_request(seeds: list[dict], cfg: InstructionsConfig, i: int) -> d
 def run_instructions(cfg: InstructionsConfig) -> dict:
     """Self-instruct: generate, filter and deduplicate instructions, answer them, write the rows."""
     _check_endpoint(cfg)
-    if cfg.n < 1 or cfg.per_request < 1 or cfg.examples < 1:
-        raise UserError("--n, --per-request and --examples must be at least 1")
+    if cfg.limit < 1 or cfg.per_request < 1 or cfg.examples < 1:
+        raise UserError("--limit, --per-request and --examples must be at least 1")
     if not 0 <= cfg.role_share <= 1:
         raise UserError(f"--role-share must be between 0 and 1, got {cfg.role_share}")
     if not 0 <= cfg.rouge < 1:
@@ -376,25 +377,25 @@ def run_instructions(cfg: InstructionsConfig) -> dict:
     if not Path(seeds_path).is_file():
         raise UserError(f"--seeds {seeds_path}: no such file")
     seeds = load_seeds(seeds_path)
-    max_requests = cfg.max_requests or 4 * math.ceil(cfg.n / cfg.per_request) + 10
-    with make_llm(cfg, "instructions") as llm:
+    max_requests = cfg.max_requests or 4 * math.ceil(cfg.limit / cfg.per_request) + 10
+    with teacher(cfg, "instructions") as llm:
         index = RougeIndex(cfg.rouge)
         for s in seeds:  # a copy of a seed is a near-duplicate too
             index.add(s["instruction"])
         kept, dropped, asked = [], Counter(), 0
-        while len(kept) < cfg.n and asked < max_requests:
+        while len(kept) < cfg.limit and asked < max_requests:
             # rounds sized by what is still missing: deterministic, so a rerun replays the cache
-            k = min(max_requests - asked, math.ceil((cfg.n - len(kept)) / cfg.per_request))
+            k = min(max_requests - asked, math.ceil((cfg.limit - len(kept)) / cfg.per_request))
             requests = [instruction_request(seeds, cfg, i) for i in range(asked, asked + k)]
             answers = llm.map([r["call"] for r in requests], parse=parse_instructions,
-                              followup=nudge("instructions"), desc=f"instructions {len(kept)}/{cfg.n}")
+                              followup=nudge("instructions"), desc=f"instructions {len(kept)}/{cfg.limit}")
             asked += k
             for request, answer in zip(requests, answers):
                 if not answer.ok:
                     dropped[f"generation reply unusable ({answer.error})"] += 1
                     continue
                 for text in answer.value:
-                    if len(kept) == cfg.n:
+                    if len(kept) == cfg.limit:
                         break
                     reason = instruction_problem(text, cfg.min_chars, cfg.max_chars)
                     if reason is None and index.match(text) is not None:
@@ -404,9 +405,9 @@ def run_instructions(cfg: InstructionsConfig) -> dict:
                         continue
                     index.add(text)
                     kept.append({"instruction": text, **request["label"]})
-        if len(kept) < cfg.n:
-            print(f"warning: kept {len(kept)} of {cfg.n} instructions after {asked} requests "
-                  f"(--max-requests {max_requests}); raise it or lower --n", file=sys.stderr)
+        if len(kept) < cfg.limit:
+            print(f"warning: kept {len(kept)} of {cfg.limit} instructions after {asked} requests "
+                  f"(--max-requests {max_requests}); raise it or lower --limit", file=sys.stderr)
         calls = [{"messages": [{"role": "system", "content": ANSWER_SYSTEM},
                                {"role": "user", "content": item["instruction"]}],
                   "temperature": cfg.temperature, "max_tokens": cfg.max_new_tokens} for item in kept]
@@ -499,24 +500,24 @@ def run_conversations(cfg: ConversationsConfig) -> dict:
     endpoint sees up to --concurrency conversations at once); rows for finished conversations. A
     turn still unusable after its re-asks drops its whole conversation (counted by reason)."""
     _check_endpoint(cfg)
-    if not cfg.cases:
-        raise UserError("pass --cases FILE [FILE ...] (schema rows or Med-dialog cases)")
+    if not cfg.data:
+        raise UserError("pass --data FILE [FILE ...] (schema rows or Med-dialog cases)")
     if cfg.max_turns < 1:
         raise UserError("--max-turns must be at least 1")
-    cases = load_cases(cfg.cases)
+    cases = load_cases(cfg.data)
     if cfg.limit:
         cases = cases[: cfg.limit]
     if not cases:
-        raise UserError(f"--cases {' '.join(cfg.cases)}: no cases")
-    patient_ep = (cfg.patient_base_url or cfg.base_url, cfg.patient_model_name or cfg.model_name,
-                  cfg.patient_api_key if cfg.patient_api_key is not None else cfg.api_key)
-    doctor_ep = (cfg.doctor_base_url or cfg.base_url, cfg.doctor_model_name or cfg.model_name,
-                 cfg.doctor_api_key if cfg.doctor_api_key is not None else cfg.api_key)
+        raise UserError(f"--data {' '.join(cfg.data)}: no cases")
+    patient_ep = (cfg.patient_base_url or cfg.teacher_base_url, cfg.patient_model_name or cfg.teacher_model_name,
+                  cfg.patient_api_key if cfg.patient_api_key is not None else cfg.teacher_api_key)
+    doctor_ep = (cfg.doctor_base_url or cfg.teacher_base_url, cfg.doctor_model_name or cfg.teacher_model_name,
+                 cfg.doctor_api_key if cfg.doctor_api_key is not None else cfg.teacher_api_key)
     if patient_ep == doctor_ep:
-        patient = doctor = make_llm(cfg, "conversations", *patient_ep)
+        patient = doctor = teacher(cfg, "conversations", *patient_ep)
     else:
-        patient = make_llm(cfg, "patient", *patient_ep, cache_suffix="patient")
-        doctor = make_llm(cfg, "doctor", *doctor_ep, cache_suffix="doctor")
+        patient = teacher(cfg, "patient", *patient_ep, cache_suffix="patient")
+        doctor = teacher(cfg, "doctor", *doctor_ep, cache_suffix="doctor")
     llms = [patient] if patient is doctor else [patient, doctor]
     try:
         turns = {i: [] for i in range(len(cases))}
@@ -594,17 +595,17 @@ def polish_call(messages: list[dict], k: int, cfg: PolishConfig) -> dict:
 def run_polish(cfg: PolishConfig) -> dict:
     """Rewrite every doctor turn of every row; keep the original beside it; flag lost facts."""
     _check_endpoint(cfg)
-    if not cfg.input:
-        raise UserError("pass --in FILE [FILE ...] (schema rows with real doctors' replies)")
+    if not cfg.data:
+        raise UserError("pass --data FILE [FILE ...] (schema rows with real doctors' replies)")
     rows = []
-    for path in cfg.input:
+    for path in cfg.data:
         rows.extend(validate(obj, f"{path}:{lineno}") for lineno, obj in iter_jsonl(path))
     if cfg.limit:
         rows = rows[: cfg.limit]
     if not rows:
-        raise UserError(f"--in {' '.join(cfg.input)}: no rows")
+        raise UserError(f"--data {' '.join(cfg.data)}: no rows")
     jobs = [(r, k) for r, row in enumerate(rows) for k, m in enumerate(row["messages"]) if m["role"] == "assistant"]
-    with make_llm(cfg, "polish") as llm:
+    with teacher(cfg, "polish") as llm:
         answers = llm.map([polish_call(rows[r]["messages"], k, cfg) for r, k in jobs], parse=parse_polished,
                           followup=nudge("polish"), desc="polish")
         by_row: dict[int, dict[int, object]] = {}

@@ -26,7 +26,10 @@ Built like nano-vllm, in three parts that each fit on a screen:
 Exactness: a request's tokens do not depend on what else is in the batch (greedy: the tokens of
 running it alone; seeded sampling: one torch.Generator per request, one uniform draw per token).
 Log-probs are those of logits / temperature before top-k/top-p and the repetition penalty, what
-PPO's importance ratios need; they match a plain forward pass to float rounding.
+PPO's importance ratios need; they match a plain forward pass to float rounding. Prompt
+log-probs (`prompt_logprobs`, for scoring a text) are read off the prefill, plain log-softmax, and
+arrive on the request's first event. `add(..., adapter=i)` runs a request under the i-th LoRA
+adapter attached with multi_lora.attach_adapters: each row of a step picks its own.
 
 Two neighbours hold what the engine uses but is not the engine: cpu_kernels.py chooses, by timing,
 the CPU weight layout and the output head's kernel (`tune_cpu_kernels`, `head_logits`), and
@@ -43,6 +46,7 @@ import torch
 
 from .cpu_kernels import head_logits, tune_cpu_kernels
 from .model import Transformer, rope_cos_sin
+from .multi_lora import select_adapters
 
 
 @dataclass
@@ -57,6 +61,7 @@ class SamplingParams:
     seed: int | None = None  # None: drawn from torch's global RNG when the request is added
     logprobs: bool = False  # log-prob of each token under logits / temperature
     top_logprobs: int = 0  # also the n most likely tokens and their log-probs at each step
+    prompt_logprobs: bool = False  # also each prompt token's log-prob (and its top_logprobs), from the prefill
 
 
 @dataclass
@@ -66,6 +71,9 @@ class Event:
     logprob: float | None  # None unless the request asked for log-probs
     top_logprobs: list[tuple[int, float]] | None
     finish_reason: str | None  # None while the request runs; "stop" | "length" | "cancelled" at its end
+    # on a request's first event, if it asked for them: (token, logprob, top) for prompt tokens 1.. (the
+    # first token has no context to be predicted from)
+    prompt_logprobs: list[tuple[int, float, list | None]] | None = None
 
 
 @dataclass
@@ -261,6 +269,8 @@ class _Request:
     length: int = 0  # tokens whose keys are in its row
     next: int = 0  # the token the next decode step feeds
     finish_reason: str | None = None
+    adapter: int = 0  # which LoRA adapter of a multi_lora model the request runs under (0: none)
+    prompt_logprobs: list | None = None  # until its first event carries them
 
 
 class Engine:
@@ -284,7 +294,8 @@ class Engine:
         self.max_len = max_len or min(c.max_seq_len, 2048)
         p = model.embed_tokens.weight
         self.device, self.dtype = p.device, p.dtype
-        self.compile = compile and self.device.type == "cuda"  # CUDA graphs are what pays; CPU stays eager
+        # CUDA graphs are what pays (CPU stays eager); they would freeze a multi-LoRA model's per-row adapter mask
+        self.compile = compile and self.device.type == "cuda" and getattr(model, "adapter_bank", None) is None
         self.buckets = sorted({min(2 ** i, slots) for i in range(slots.bit_length() + 1)})
         tune_cpu_kernels(model, batches=(1, slots))
         self.k, self.v = kv_cache(model, slots, self.max_len, self.dtype, self.device, static=self.compile)
@@ -298,11 +309,12 @@ class Engine:
 
     # -- called from any thread
 
-    def add(self, prompt_ids, params: SamplingParams | list | None = None, n: int = 1):
+    def add(self, prompt_ids, params: SamplingParams | list | None = None, n: int = 1, adapter: int = 0):
         """Queue a request; returns its id (a list of n ids if n > 1).
 
         n > 1: n samples of the prompt, prefilled once; params is one SamplingParams for all
-        (seeded samples j > 0 get `sample_seed(seed, j)`) or a list of n.
+        (seeded samples j > 0 get `sample_seed(seed, j)`) or a list of n. adapter: the id of a
+        LoRA adapter attached with multi_lora.attach_adapters (0: the base model).
         """
         prompt = [int(t) for t in prompt_ids]
         shared = not isinstance(params, (list, tuple))  # one setting for all n: seeds derived per sample
@@ -318,6 +330,9 @@ class Engine:
             raise ValueError(f"prompt of {len(prompt)} tokens is longer than the engine's max_len={self.max_len}")
         if not 1 <= n <= self.slots:
             raise ValueError(f"n={n} samples must be between 1 and the engine's {self.slots} slots")
+        bank = getattr(self.model, "adapter_bank", None)
+        if not 0 <= adapter <= (len(bank.names) if bank else 0):
+            raise ValueError(f"adapter={adapter}: the model has {len(bank.names) if bank else 0} adapters attached")
         group, drawn = [], None
         for j, sp in enumerate(plist):
             if sp.max_new_tokens < 1:
@@ -333,7 +348,7 @@ class Engine:
                 seed = sample_seed(drawn, j) if sp.seed is None else sample_seed(sp.seed, j) if shared else sp.seed
                 gen = torch.Generator(device=self.device)
                 gen.manual_seed(seed)
-            group.append(_Request(-1, prompt, sp, frozenset(int(i) for i in sp.stop_ids), gen))
+            group.append(_Request(-1, prompt, sp, frozenset(int(i) for i in sp.stop_ids), gen, adapter=adapter))
         with self.lock:
             for r in group:
                 r.rid, self.next_rid = self.next_rid, self.next_rid + 1
@@ -395,7 +410,12 @@ class Engine:
             c = self.model.config
             plain = c.pos == "rope" and c.sliding_window is None  # SDPA's own causal mask fits
             mask = None if plain else key_mask(self.model, pos, P, self.dtype)
-            forward(self.model, ids, pos, RowCache(self.k, self.v, first, pos, P), mask)
+            select_adapters(self.model, [group[0].adapter])
+            h = forward(self.model, ids, pos, RowCache(self.k, self.v, first, pos, P), mask)
+            if any(r.params.prompt_logprobs for r in group):
+                lps = self._prompt_logprobs(h[0], prompt, max(r.params.top_logprobs for r in group))
+                for r in group:
+                    r.prompt_logprobs = lps if r.params.prompt_logprobs else None
         prompt_ids = torch.tensor(prompt, device=self.device)
         for j, r in enumerate(group):
             r.slot, r.length, r.next = first + j, P, prompt[-1]
@@ -406,11 +426,29 @@ class Engine:
             self.seen[r.slot, prompt_ids] = True
             self.running.append(r)
 
+    def _prompt_logprobs(self, h, prompt, n_top, chunk=512):
+        """(token, logprob, top) of prompt tokens 1.. from the prefill's hidden states h (P, dim): the
+        plain log-softmax of the logits (no temperature), in chunks so a long prompt's (P, vocab)
+        log-probs never sit in memory at once."""
+        out = []
+        targets = torch.tensor(prompt[1:], device=self.device)
+        for s in range(0, h.shape[0], chunk):
+            lp = torch.log_softmax(head_logits(self.model, h[s:s + chunk]), -1)
+            picked = lp.gather(-1, targets[s:s + chunk, None]).squeeze(-1).tolist()
+            if n_top:
+                top = lp.topk(n_top, dim=-1)
+                tops = [list(zip(i, v)) for i, v in zip(top.indices.tolist(), top.values.tolist())]
+            else:
+                tops = [None] * len(picked)
+            out += list(zip(prompt[1 + s:1 + s + chunk], picked, tops))
+        return out
+
     def _decode(self):
         rows, n = self.running, len(self.running)
         B = next(b for b in self.buckets if b >= n) if self.compile else n
         tokens = torch.tensor([r.next for r in rows] + [0] * (B - n), device=self.device)
         positions = torch.tensor([r.length for r in rows] + [0] * (B - n), device=self.device)
+        select_adapters(self.model, [r.adapter for r in rows] + [0] * (B - n))
         if self.compile:  # fixed shapes: all max_len keys, idle rows see their key 0 only
             torch.compiler.cudagraph_mark_step_begin()
             logits = compiled_decode()(self.model, tokens, positions, self.k, self.v, self.max_len)[:n]
@@ -449,7 +487,8 @@ class Engine:
                 reason = "stop"
             elif len(r.tokens) >= p.max_new_tokens or r.length >= self.max_len:
                 reason = "length"
-            events.append(Event(r.rid, t, logprob, top, reason))
+            events.append(Event(r.rid, t, logprob, top, reason, r.prompt_logprobs))
+            r.prompt_logprobs = None
             if reason:
                 done.append((r, reason))
         for r, reason in done:

@@ -38,6 +38,7 @@ class Choice:
         self.stopped = False  # a stop string was found (the text is cut before it)
         self.tokens = 0  # generated tokens, the stop token included (what usage counts)
         self.logprobs = []  # (token, logprob, top, offset in text) not yet sent
+        self.prompt_logprobs = []  # (token, logprob, top) of prompt tokens 1.., if asked for; set before the first piece
         self.finish_reason = None
 
     def put(self, token):
@@ -90,9 +91,10 @@ class GenerationFailed(RuntimeError):
 class Ticket:
     """A submitted request: its choices and the queue the engine thread answers on."""
 
-    def __init__(self, params, prompt_tokens):
+    def __init__(self, params, prompt_tokens, prompt_only=False):
         self.params = params
         self.prompt_tokens = prompt_tokens
+        self.prompt_only = prompt_only  # the one generated token is dropped: only the prompt's log-probs are wanted
         self.choices = []
         self.queue = queue.Queue()  # ("delta", index, text, logprobs, finish_reason) | ("error", message)
         self.t0 = time.perf_counter()
@@ -147,10 +149,12 @@ class EngineLoop:
             self.thread.join(timeout=30)
         self.fail_all("the server is shutting down", log=False)  # no waiting caller blocks for ever
 
-    def submit(self, prompts, params, n=1, stops=(), strip_end=False) -> Ticket:
-        """Add n samples of each prompt; raises QueueFull (retry later) or ValueError (a prompt the
-        engine refuses, or more sequences than the capacity: neither is worth a retry)."""
-        ticket = Ticket(params, sum(len(p) for p in prompts))
+    def submit(self, prompts, params, n=1, stops=(), strip_end=False, adapter=0, prompt_only=False) -> Ticket:
+        """Add n samples of each prompt (under LoRA adapter `adapter`, 0: the base); raises QueueFull
+        (retry later) or ValueError (a prompt the engine refuses, or more sequences than the capacity:
+        neither is worth a retry). prompt_only: one token is generated and dropped (finish_reason
+        "length", no text, not counted), for a client that wants the prompt's log-probs alone."""
+        ticket = Ticket(params, sum(len(p) for p in prompts), prompt_only)
         want = len(prompts) * n
         if want > self.capacity:
             raise ValueError(f"the request needs {want} sequences; at most {self.capacity} fit")
@@ -159,7 +163,7 @@ class EngineLoop:
                 raise QueueFull()
             try:
                 for prompt in prompts:
-                    rids = self.engine.add(prompt, params, n=n)
+                    rids = self.engine.add(prompt, params, n=n, adapter=adapter)
                     for rid in rids if isinstance(rids, list) else [rids]:
                         choice = Choice(len(ticket.choices), rid, self.tok, stops, strip_end)
                         ticket.choices.append(choice)
@@ -206,10 +210,17 @@ class EngineLoop:
         if row is None:  # cancelled while the step ran
             return
         ticket, choice = row
-        choice.tokens += 1
+        if ev.prompt_logprobs is not None:
+            choice.prompt_logprobs = ev.prompt_logprobs
         reason = ev.finish_reason
+        if ticket.prompt_only:
+            if ev.finish_reason is None:
+                self.engine.cancel(ev.rid)
+            reason = "length"
+        else:
+            choice.tokens += 1
         stop_token = reason == "stop" and ev.token in ticket.params.stop_ids
-        if not stop_token:
+        if not stop_token and not ticket.prompt_only:
             if ticket.params.logprobs:
                 choice.logprobs.append((ev.token, ev.logprob, ev.top_logprobs, len(choice.text)))
             if choice.put(ev.token) and reason is None:

@@ -77,10 +77,11 @@ import numpy as np
 
 from . import data as qa_data
 from . import sheets
-from .answers import Candidate, Sampling, get_answers, make_llm
-from .cli import UserError, arg, cli_main, prepare_out
+from .answers import Candidate, Sampling, get_answers
+from .cli import UserError, arg, cli_main, prepare_out, write_config
 from .consult import EndpointPatient, OfflinePatient, consult, render_transcript
 from .evalsets import QA_FORMATS, load_cases, load_qa, load_questions
+from .llm import from_flags, role_cache
 from .metrics import plot_wtl
 from .reports import PUBLISHED, published_for, write_metrics_report, write_report
 from .textmetrics import chars, distinct, score_corpus, similarity_score
@@ -91,7 +92,7 @@ from .winrate import combine, length, tables
 
 JUDGE_SYSTEM = "You are a helpful, precise and impartial medical expert who checks the quality of doctors' answers."
 
-CRITERIA = (
+VERDICT_CRITERIA = (
     "1. To the point: it answers what the patient asked.\n"
     "2. Symptoms covered: it takes every symptom the patient described into account.\n"
     "3. Diagnosis: it gives the most reasonable diagnosis.\n"
@@ -122,7 +123,7 @@ def pairwise_messages(question: str, answer_1: str, answer_2: str, reference: st
                "and professionalism; an answer need not share its wording, and one more complete and accurate "
                "than the reference is better. " if reference else "") +
             "Judge which answer is better by these criteria:\n"
-            f"{CRITERIA}\n{ASK_VERDICT}")
+            f"{VERDICT_CRITERIA}\n{ASK_VERDICT}")
     return [{"role": "system", "content": JUDGE_SYSTEM}, {"role": "user", "content": user}]
 
 
@@ -134,7 +135,7 @@ def dialogue_messages(case: str, diagnosis: str, transcript_1: str, transcript_2
             "[System]\nTwo AI assistants each consulted the same patient, who was played from the case above and "
             "revealed it step by step. Compare each consultation with the real doctor's diagnosis and advice, and "
             "judge which assistant did better by these criteria:\n"
-            f"{CRITERIA}\n6. Consultation: it asks the questions needed before concluding, and its diagnosis and "
+            f"{VERDICT_CRITERIA}\n6. Consultation: it asks the questions needed before concluding, and its diagnosis and "
             f"advice agree with the real doctor's.\n{ASK_VERDICT}")
     return [{"role": "system", "content": JUDGE_SYSTEM}, {"role": "user", "content": user}]
 
@@ -266,10 +267,10 @@ def judge_swapped(judge, items: list[dict], build, a_name: str, b_name: str, rul
 def role_llm(cfg, role: str, instead: str):
     """The llm.LLM of a role ("judge", "patient") from its flags: --ROLE-base-url and --ROLE-model-name
     (required), --ROLE-api-key, its cache under --cache."""
-    base_url, model_name = getattr(cfg, f"{role}_base_url"), getattr(cfg, f"{role}_model_name")
-    if not (base_url and model_name):
+    model_name = getattr(cfg, f"{role}_model_name")
+    if not (getattr(cfg, f"{role}_base_url") and model_name):
         raise UserError(f"the {role} needs --{role}-base-url URL and --{role}-model-name NAME ({instead})")
-    return make_llm(role, base_url, model_name, getattr(cfg, f"{role}_api_key"), Path(cfg.cache), cfg.concurrency)
+    return from_flags(cfg, role, cache=role_cache(cfg.cache, role, model_name))
 
 
 def open_judge(cfg):
@@ -277,7 +278,7 @@ def open_judge(cfg):
         return OfflineJudge()
     if cfg.judge == "endpoint":
         llm = role_llm(cfg, "judge", "or --judge offline for the deterministic stand-in, --judge none for answers only")
-        return EndpointJudge(llm, cfg.judge_temperature, cfg.judge_max_tokens)
+        return EndpointJudge(llm, cfg.judge_temperature, cfg.judge_max_new_tokens)
     if cfg.judge == "none":
         return None
     raise UserError(f"--judge {cfg.judge!r}: use endpoint, offline or none")
@@ -288,7 +289,7 @@ def open_patient(cfg):
         return OfflinePatient()
     if cfg.patient == "endpoint":
         llm = role_llm(cfg, "patient", "or --patient offline for the stand-in that recites the case")
-        return EndpointPatient(llm, cfg.patient_temperature, cfg.patient_max_tokens)
+        return EndpointPatient(llm, cfg.patient_temperature, cfg.patient_max_new_tokens)
     raise UserError(f"--patient {cfg.patient!r}: use endpoint or offline")
 
 
@@ -366,7 +367,7 @@ class JudgeFlags:
     judge_model_name: str = arg("", "judge: model name at --judge-base-url")
     judge_api_key: str | None = arg(None, "judge: API key (default $NANOHUATUO_API_KEY, $OPENAI_API_KEY)")
     judge_temperature: float = arg(0.0, "judge: sampling temperature")
-    judge_max_tokens: int = arg(1024, "judge: reply length limit")
+    judge_max_new_tokens: int = arg(1024, "judge: reply length limit", old=("--judge-max-tokens",))
     combine: str = arg("sum", "two verdicts -> outcome: sum (HuatuoGPT: +1/0/-1 summed, opposite verdicts tie) "
                               "or strict (any disagreement is a tie, as FastChat)", choices=["sum", "strict"])
     bootstrap: int = arg(1000, "bootstrap resamples over questions for the confidence intervals")
@@ -395,7 +396,7 @@ class DialogueConfig(JudgeFlags, CandidateFlags, GenerationFlags, OutputFlags):
     patient_model_name: str = arg("", "patient: model name at --patient-base-url")
     patient_api_key: str | None = arg(None, "patient: API key (default $NANOHUATUO_API_KEY, $OPENAI_API_KEY)")
     patient_temperature: float = arg(0.0, "patient: sampling temperature")
-    patient_max_tokens: int = arg(256, "patient: reply length limit")
+    patient_max_new_tokens: int = arg(256, "patient: reply length limit", old=("--patient-max-tokens",))
 
 
 @dataclass
@@ -447,10 +448,13 @@ def sampling(cfg) -> Sampling:
 
 
 def _setup(cfg):
-    """Lock --out; the config with the default cache and answer directories filled in (a copy)."""
+    """Lock --out; the config with the default cache and answer directories filled in (a copy), also
+    written as evaluate_config.json."""
     lock = prepare_out(cfg.out, resume=cfg.resume, overwrite=cfg.overwrite)
-    return lock, replace(cfg, answers_dir=cfg.answers_dir or str(Path(cfg.out) / "answers"),
-                         cache=cfg.cache or str(Path(cfg.out) / "cache"))
+    cfg = replace(cfg, answers_dir=cfg.answers_dir or str(Path(cfg.out) / "answers"),
+                  cache=cfg.cache or str(Path(cfg.out) / "cache"))
+    write_config(cfg.out, cfg, "evaluate")
+    return lock, cfg
 
 
 def _names(a: Candidate, b: Candidate) -> tuple[str, str]:

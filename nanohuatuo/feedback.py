@@ -4,13 +4,13 @@ Asks the judge prompt (HuatuoGPT's criteria: informativeness, coherence,
 agreement with human preference and accuracy, with the real doctor's reply as
 the reference) and reads its final ranking line with a strict parser (both in
 rank_prompt.py, one layer down, shared with GRPO's endpoint reward); holds the choice
-of candidates (repeats and answers cut by max_new_tokens left out), `OpenAIJudge`
+of candidates (repeats and answers cut by max_new_tokens left out), `EndpointRanker`
 (any OpenAI-compatible server, through `llm.LLM`: cache, concurrency, retries,
-usage), `OfflineJudge` (similarity to the doctor's reply, no network), the
+usage), `OfflineRanker` (similarity to the doctor's reply, no network), the
 conversion of rankings into reward-model preference records, and a CLI:
 
     python -m nanohuatuo.feedback rank --data samples.jsonl --out prefs.jsonl \
-        [--judge offline|openai] [--base-url URL --model-name NAME --api-key KEY \
+        [--judge endpoint|offline] [--judge-base-url URL --judge-model-name NAME --judge-api-key KEY \
          --cache FILE --concurrency N --mixed --seed S --refresh-unusable]
 
 Item (one JSON object per line of the CLI's input, as `python -m nanohuatuo.sampling` writes):
@@ -61,22 +61,20 @@ Preference record (what `rankings_to_preferences` returns, one per usable item):
 """
 
 
-import argparse
 import json
 import os
 import sys
 from collections import Counter
 from dataclasses import dataclass
 
-from .cli import UserError, arg, config_from, guarded, make_parser
+from .cli import UserError, arg, config_from, endpoint_flags, guarded, make_parser, parse_args
 from .data import DataError, iter_jsonl, write_jsonl
 from .llm import LLM, LLMError
 # the prompt's names stay importable from here, where callers and tests have always found them
-from .rank_prompt import (CRITERIA, NO_RANKING, ROLE_NAMES, SYSTEM_PROMPT,  # noqa: F401
+from .rank_prompt import (NO_RANKING, RANKING_CRITERIA, ROLE_NAMES, SYSTEM_PROMPT,  # noqa: F401
                           build_judge_messages, candidate_order, candidates, format_dialogue, nudge_message,
                           parse_ranking, ranking_parser)
 from .textmetrics import similarity_score
-
 
 # ------------------------------------------------------------- item checking
 
@@ -189,12 +187,12 @@ class Selection:
                 f"(fewer than {MIN_CANDIDATES} candidates left)")
 
 
-# ---------------------------------------------------------------- OpenAI judge
+# ---------------------------------------------------------------- endpoint ranker
 
 JudgeError = LLMError  # the judge's endpoint refused or is gone (bad key, unknown model, server down)
 
 
-class OpenAIJudge:
+class EndpointRanker:
     """Ranks answers with an LLM behind an OpenAI-compatible chat completions API, through llm.LLM.
 
     Every reply is stored in a SQLite cache (cache_path=None turns it off), so an interrupted or
@@ -212,7 +210,7 @@ class OpenAIJudge:
                     or "https://api.openai.com/v1")
         model = model or os.environ.get("NANOHUATUO_JUDGE_MODEL")
         if not model:
-            raise UserError("no judge model given; pass --model-name (model=...) or set NANOHUATUO_JUDGE_MODEL, "
+            raise UserError("no judge model given; pass --judge-model-name (model=...) or set NANOHUATUO_JUDGE_MODEL, "
                             "or use --judge offline")
         self.llm = LLM(base_url, model, api_key=api_key, cache=cache_path, concurrency=concurrency,
                        max_retries=max_retries, timeout=timeout, attempts=parse_attempts,
@@ -262,16 +260,16 @@ class OpenAIJudge:
         return results
 
 
-# --------------------------------------------------------------- offline judge
+# --------------------------------------------------------------- offline ranker
 
-class OfflineJudge:
+class OfflineRanker:
     """Ranks answers by textmetrics.similarity_score against the doctor's reply (character-bigram F1
     minus repetition and length penalties; evaluation's offline judge uses the same score); no
     network, deterministic.
 
     Ties go to the lower answer index. With mixed=True the doctor's reply is a
     candidate too and, matching itself, always ranks first. Candidates are chosen as for the
-    OpenAI judge (no repeats, no answers cut by max_new_tokens).
+    endpoint ranker (no repeats, no answers cut by max_new_tokens).
     """
 
     def __init__(self, truncated: str = "drop"):
@@ -332,22 +330,22 @@ def rankings_to_preferences(items: list[dict], results: list[dict]) -> list[dict
 # ----------------------------------------------------------------------- CLI
 
 @dataclass
-class RankConfig:
+class RankConfig(endpoint_flags("judge", "judge", old={"base_url": ("--base-url",),
+                                                       "model_name": ("--model-name", "--model"),
+                                                       "api_key": ("--api-key",)})):
     data: str = arg("", "JSONL of judge items {id, question, reference, answers[, finished]}, as "
-                        "`python -m nanohuatuo.sampling` writes them", metavar="FILE")
+                        "`python -m nanohuatuo.sampling` writes them", metavar="FILE", old=("--in",))
     out: str = arg("", "JSONL of preference records to write", metavar="FILE")
-    judge: str = arg("openai", "who ranks: an OpenAI-compatible endpoint, or offline (similarity to the doctor's "
-                               "reply, no network)", choices=["openai", "offline"])
-    base_url: str | None = arg(None, "OpenAI-compatible endpoint of the judge (default: "
-                                     "$NANOHUATUO_JUDGE_BASE_URL, $OPENAI_BASE_URL, then https://api.openai.com/v1)")
-    model_name: str | None = arg(None, "judge model name (default: $NANOHUATUO_JUDGE_MODEL)")
-    api_key: str | None = arg(None, "API key (default: $NANOHUATUO_API_KEY, $OPENAI_API_KEY, else EMPTY for "
-                                    "local servers)")
+    judge: str = arg("endpoint", "who ranks: endpoint (--judge-base-url, default $NANOHUATUO_JUDGE_BASE_URL, "
+                                 "$OPENAI_BASE_URL, then https://api.openai.com/v1; --judge-model-name, default "
+                                 "$NANOHUATUO_JUDGE_MODEL), or offline (similarity to the doctor's reply, no network)",
+                     choices=["endpoint", "offline"], old_values={"openai": "endpoint"})
     cache: str = arg("runs/judge_cache.sqlite", "SQLite cache of the judge's replies; a rerun resumes from it")
     refresh_unusable: bool = arg(False, "ask again the items whose cached replies gave no usable ranking")
     concurrency: int = arg(4, "judge requests in flight at once")
     timeout: float = arg(60.0, "seconds per judge request")
-    max_retries: int = arg(5, "client retries of a request after connection errors, timeouts, 429 and 5xx")
+    max_retries: int = arg(5, "client retries of a request after connection errors, timeouts, 429 and 5xx",
+                           retired="--attempts for re-asks of unusable replies (the client's own retries stay 5)")
     attempts: int = arg(3, "asks per item (the first, then nudges) before it counts as unusable")
     mixed: bool = arg(False, "rank the doctor's reply among the answers (HuatuoGPT's mixed feedback)")
     truncated: str = arg("drop", "answers cut by max_new_tokens: drop them, or rank them last (below every "
@@ -378,9 +376,9 @@ def rank_command(cfg: RankConfig) -> int:
         raise UserError("feedback rank needs --data (judge items) and --out (preference records)")
     items = read_items(cfg.data, cfg.mixed)
     if cfg.judge == "offline":
-        results = OfflineJudge(cfg.truncated).rank(items, mixed=cfg.mixed)
+        results = OfflineRanker(cfg.truncated).rank(items, mixed=cfg.mixed)
     else:
-        with OpenAIJudge(base_url=cfg.base_url, model=cfg.model_name, api_key=cfg.api_key,
+        with EndpointRanker(base_url=cfg.judge_base_url, model=cfg.judge_model_name, api_key=cfg.judge_api_key,
                          cache_path=cfg.cache or None, concurrency=cfg.concurrency, timeout=cfg.timeout,
                          max_retries=cfg.max_retries, parse_attempts=cfg.attempts, seed=cfg.seed,
                          refresh_unusable=cfg.refresh_unusable, truncated=cfg.truncated) as judge:
@@ -391,7 +389,7 @@ def rank_command(cfg: RankConfig) -> int:
     return 0
 
 
-USAGE = "usage: python -m nanohuatuo.feedback rank --data SAMPLES.jsonl --out PREFS.jsonl [options]  (rank --help)"
+USAGE = "usage: python -m nanohuatuo.feedback {rank} --data SAMPLES.jsonl --out PREFS.jsonl [options]  (rank --help)"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -404,10 +402,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     parser = make_parser(RankConfig, prog="python -m nanohuatuo.feedback rank",
                          description="Rank sampled answers with a judge and write preference data.")
-    # the names of earlier releases, kept working but not advertised
-    parser.add_argument("--in", dest="data", help=argparse.SUPPRESS)
-    parser.add_argument("--model", dest="model_name", help=argparse.SUPPRESS)
-    return guarded(rank_command, config_from(RankConfig, parser.parse_args(argv[1:])))
+    return guarded(rank_command, config_from(RankConfig, parse_args(parser, RankConfig, argv[1:])))
 
 
 if __name__ == "__main__":

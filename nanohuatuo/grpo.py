@@ -1,6 +1,6 @@
 """GRPO (and RLOO) with LoRA: RL without a critic, from K answers per prompt, on one copy of the base.
 
-    python train_grpo.py --model BASE --adapter SFT_ADAPTER --reward RM_DIR --prompts p.jsonl --out out/grpo
+    python train_grpo.py --model BASE --adapter SFT_ADAPTER --reward RM_DIR --data p.jsonl --out out/grpo
     grpo.train(GRPOConfig(...), reward_fn=None) -> dict        # the same shape as ppo.train's
 
 Top to bottom: `GRPOConfig`; the rewards (a reward model, a `--reward-fn module:function`, or a
@@ -74,7 +74,7 @@ class GRPOConfig:
     model: str = arg("", "base model directory (Hugging Face layout, with the tokenizer)")
     adapter: str | None = arg(None, "SFT LoRA adapter on --model (merged into the weights, then a fresh GRPO LoRA)")
     continue_adapter: bool = arg(False, "keep training the SFT adapter itself instead of a fresh GRPO LoRA")
-    prompts: str = arg("", "JSONL: schema conversations (last assistant turn dropped: the doctor's reply, the "
+    data: str = arg("", "prompts, JSONL: schema conversations (last assistant turn dropped: the doctor's reply, the "
                            "judge's reference) or prompt records", metavar="FILE")
     out: str = arg("out/grpo", "output directory: adapter, metrics.jsonl, samples.jsonl, plots, checkpoints/")
     template: str = arg("auto", "chat template: auto (the model's own), or a name (huatuo, huatuo2, chatml, ...)")
@@ -140,8 +140,8 @@ class GRPOConfig:
     save_merged: bool = arg(False, "also write OUT/merged: a full model with the adapter folded in")
 
     def check(self):
-        if not self.model or not self.prompts:
-            raise UserError("GRPO needs --model (model directory) and --prompts (JSONL)")
+        if not self.model or not self.data:
+            raise UserError("GRPO needs --model (model directory) and --data (prompts JSONL)")
         if self.temperature <= 0:
             raise UserError(f"--temperature {self.temperature}: GRPO samples, so it must be > 0")
         if self.k < 2:
@@ -193,7 +193,7 @@ def judge_reward(cfg: GRPOConfig, k: int):
         for g in range(0, len(texts), k):
             row = rows[g]
             if not row.get("reference"):
-                raise UserError(f"{cfg.prompts}: prompt {row['id']} has no doctor's reply (a last assistant turn "
+                raise UserError(f"{cfg.data}: prompt {row['id']} has no doctor's reply (a last assistant turn "
                                 f"or 'reference'), which the judge compares the answers with")
             item = {"question": row["messages"], "reference": row["reference"], "answers": texts[g:g + k]}
             order = candidate_order(str(row["id"]), k, cfg.seed)
@@ -423,7 +423,7 @@ def _train(cfg: GRPOConfig, reward_fn, d, hold) -> dict:
     stops = sorted(stop_token_ids(tok, template))
     stop_strs = stop_strings(template)
     end_id = end_token(tok, template)
-    rows, prompts = load_prompts(cfg.prompts, tok, template, cfg.max_prompt_len)
+    rows, prompts = load_prompts(cfg.data, tok, template, cfg.max_prompt_len)
     model, ref_lora, sft = policy_model(cfg.model, cfg.adapter, cfg.continue_adapter, cfg.lora_r, cfg.lora_alpha,
                                         cfg.lora_targets, device=d.device, dtype=dtype, quant=cfg.quant)
     hold.enter_context(prepare_out(cfg.out, resume=cfg.resume, overwrite=cfg.overwrite, main_process=d.main))

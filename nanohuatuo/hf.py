@@ -20,9 +20,10 @@ import os
 import shutil
 from dataclasses import asdict, dataclass, field
 
-import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+
+# torch is imported by the functions that build, load or save weights, not here: templates and the
+# tokenizer read config files through this module, and the LLM-only commands must start without torch
 
 
 class ModelDirError(ValueError):
@@ -81,7 +82,7 @@ class ModelConfig:
 
 LLAMA_LIKE = ("llama", "mistral", "qwen2", "qwen3", "yi")
 SUPPORTED = LLAMA_LIKE + ("baichuan", "bloom")
-TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DTYPE_NAMES = ("float32", "float16", "bfloat16")
 # the keys each rope_scaling type needs (model.rope_inv_freq reads them)
 ROPE_SCALING_KEYS = {"linear": ("factor",),
                      "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
@@ -199,7 +200,7 @@ def _extra(hf):
     return {k: hf[k] for k in _CARRY if k in hf}
 
 
-def hf_config(c: ModelConfig, dtype: torch.dtype) -> dict:
+def hf_config(c: ModelConfig, dtype: "torch.dtype") -> dict:
     """The config.json that `transformers` (or the family's own code for Baichuan) reads back."""
     dtype_name = str(dtype).removeprefix("torch.")
     if c.arch == "bloom":
@@ -411,6 +412,7 @@ def _plan(path, build, value_head, strict):
         c.value_head = value_head
     elif in_files:
         c.value_head = True
+    import torch
     with torch.device("meta"):
         model = build(c)
     params = dict(model.named_parameters(remove_duplicate=False))
@@ -456,10 +458,11 @@ def load(path, build, dtype=None, device=None, value_head=None, strict=True):
     strict: an unexpected tensor is an error (else skipped). Missing and mis-shaped tensors always are,
     and every check runs on the file headers before a byte of tensor data is read (`check_model_dir`).
     """
+    import torch
     path = str(path)
     model, todo, head = _plan(path, build, value_head, strict)
     c = model.config
-    dtype = TORCH_DTYPES[dtype] if isinstance(dtype, str) else (dtype or torch.float32)
+    dtype = getattr(torch, dtype) if dtype in DTYPE_NAMES else (dtype or torch.float32)
     device = torch.device(device or "cpu")
     for file, names in todo.items():
         try:
@@ -485,6 +488,7 @@ def load(path, build, dtype=None, device=None, value_head=None, strict=True):
 
 
 def _assign(model, name, tensor):
+    import torch
     mod_name, _, attr = name.rpartition(".")
     mod = model.get_submodule(mod_name)
     setattr(mod, attr, torch.nn.Parameter(tensor, requires_grad=tensor.is_floating_point()))
@@ -504,6 +508,7 @@ def save(model, path, max_shard_bytes=5 * 1024**3, copy_from=None):
     half-written file under the real name. Tokenizer, generation config and (for Baichuan) the
     family's Python files are copied from `copy_from` or the directory the model was loaded from.
     """
+    from safetensors.torch import save_file  # imports torch
     os.makedirs(path, exist_ok=True)
     c = model.config
     tensors, seen = {}, set()

@@ -225,8 +225,10 @@ def _template_messages(messages: list[dict]) -> list[dict]:
 
 
 def _render_jinja(template: ChatTemplate, messages: list[dict], specials: dict, add_generation_prompt: bool,
-                  now: datetime | None = None, track: bool = False) -> tuple[str, list[tuple[int, int]]]:
-    """(text, character spans of {% generation %} blocks) of `messages` under a Jinja template."""
+                  now: datetime | None = None, track: bool = False,
+                  variables: dict | None = None) -> tuple[str, list[tuple[int, int]]]:
+    """(text, character spans of {% generation %} blocks) of `messages` under a Jinja template;
+    `variables` are extra names the template can read (they cannot replace the ones set here)."""
     import jinja2
 
     compiled = _compile(template.source, template.origin)
@@ -238,6 +240,7 @@ def _render_jinja(template: ChatTemplate, messages: list[dict], specials: dict, 
         "strftime_now": lambda fmt: now.strftime(fmt),
     }
     kwargs = dict(messages=_template_messages(messages), tools=None, documents=None, add_generation_prompt=add_generation_prompt)
+    context = {**(variables or {}), **context}
     blocks, spans = [], []
     token = _tracking.set((blocks, spans)) if track else None
     try:
@@ -292,9 +295,11 @@ def turn_markers(template: ChatTemplate, tok: Tokenizer | None = None) -> TurnMa
     return _probe(template, tuple(sorted(_specials(template, tok).items())))
 
 
-def render_jinja_text(messages: list[dict], tok: Tokenizer | None, template: ChatTemplate, add_generation_prompt: bool) -> str:
+def render_jinja_text(messages: list[dict], tok: Tokenizer | None, template: ChatTemplate, add_generation_prompt: bool,
+                      variables: dict | None = None) -> str:
     """The text a Jinja template writes for `messages` (special tokens spelled out), before tokenizing."""
-    return _render_jinja(template, messages, _specials(template, tok), add_generation_prompt)[0]
+    return _render_jinja(template, messages, _specials(template, tok), add_generation_prompt,
+                         variables=variables)[0]
 
 
 def _specials(template: ChatTemplate, tok: Tokenizer | None) -> dict:

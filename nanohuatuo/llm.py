@@ -48,6 +48,7 @@ import concurrent.futures
 import hashlib
 import json
 import os
+import re
 import sqlite3
 import sys
 import threading
@@ -382,3 +383,34 @@ class LLM:
             why = ", ".join(f"{n} {reason}" if n != n_bad else reason for reason, n in u.unusable.most_common())
             text += f", {n_bad:,} unusable ({why})"
         return text
+
+
+def from_flags(cfg, role: str = "", cache: str | Path | None = None, name: str | None = None,
+               base_url: str | None = None, model_name: str | None = None, api_key: str | None = None,
+               **kw) -> LLM:
+    """The LLM of one role from its endpoint flags (cli.endpoint_flags): --ROLE-base-url, --ROLE-model-name,
+    --ROLE-api-key, and --concurrency, --attempts, --timeout, --refresh-unusable where the config has them.
+
+    The one way a command builds a client; base_url, model_name and api_key given here win over the flags
+    (a role falling back to another's endpoint). A missing endpoint or model name is one line naming the flags."""
+    pre, dash = (f"{role}_", f"--{role}-") if role else ("", "--")
+    base_url = base_url or getattr(cfg, pre + "base_url")
+    model_name = model_name or getattr(cfg, pre + "model_name")
+    api_key = api_key if api_key is not None else getattr(cfg, pre + "api_key")
+    name = name or role or "llm"
+    if not (base_url and model_name):
+        raise UserError(f"{name}: needs {dash}base-url URL and {dash}model-name NAME (an OpenAI-compatible endpoint)")
+    for key in ("concurrency", "attempts", "timeout", "refresh_unusable"):
+        if hasattr(cfg, key):
+            kw.setdefault(key, getattr(cfg, key))
+    return LLM(base_url, model_name, api_key=api_key, cache=cache, name=name, **kw)
+
+
+def slug(text: str) -> str:
+    """A file-name-safe short form of a name."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-")[:40] or "x"
+
+
+def role_cache(cache_dir: str | Path, name: str, model_name: str) -> Path:
+    """One SQLite cache per role and model under a directory of caches (one cache belongs to one endpoint)."""
+    return Path(cache_dir) / f"{slug(name)}-{slug(model_name)}.sqlite"

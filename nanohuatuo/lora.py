@@ -327,6 +327,28 @@ def read_adapter_config(adapter_dir) -> dict:
     return cfg
 
 
+def adapter_tensors(adapter_dir, arch: str) -> tuple[dict, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+    """(config, {our module name: (lora_A (r, in), lora_B (out, r))}) of the adapter in `adapter_dir`,
+    read without a model (multi_lora.py stacks several adapters this way)."""
+    cfg = read_adapter_config(adapter_dir)
+    where = os.path.join(adapter_dir, WEIGHTS_FILE)
+    if not os.path.exists(where):
+        raise MissingFileError(f"{where} not found")
+    safetensors_header(where)
+    pairs = {}
+    with safe_open(where, "pt", device="cpu") as f:
+        for key in f.keys():
+            name = _peft_key_to_ours(key, arch)
+            if name is None:
+                raise ModelDirError(f"{where}: unexpected tensor {key!r} (not a lora_A or lora_B weight)")
+            module, which = name.removesuffix(".weight").rsplit(".", 1)
+            pairs.setdefault(module, {})[which] = f.get_tensor(key)
+    for module, pair in pairs.items():
+        if set(pair) != {"lora_A", "lora_B"}:
+            raise ModelDirError(f"{where}: {module} has {', '.join(sorted(pair))} but not both lora_A and lora_B")
+    return cfg, {m: (p["lora_A"], p["lora_B"]) for m, p in pairs.items()}
+
+
 def load_adapter(model, adapter_dir, trainable: bool = False) -> dict[str, torch.Tensor]:
     """Apply the adapter in `adapter_dir` (ours or PEFT's) to `model`; return its extra tensors or {}.
 

@@ -1,4 +1,4 @@
-"""The output-layer maths SFT and PPO share: cross-entropy and per-token log-probs through the
+"""The output-layer maths SFT, PPO and DPO share: cross-entropy and per-token log-probs through the
 output matrix without ever holding the (tokens, vocab) logits in full.
 
 - `ce_grad_(logits, targets)`: per-row cross-entropy, turning the logits in place into
@@ -16,6 +16,9 @@ output matrix without ever holding the (tokens, vocab) logits in full.
 - GRPO / RLOO (their own block at the end): `group_advantages(scores, k, mode, scale)`, one
   advantage per answer from the K answers to its prompt; `kl_k3(logp, ref_logp)`, the per-token
   KL estimate; `grpo_loss(...)`, the token-level clipped surrogate plus beta * k3 KL.
+- DPO (its own block at the end): `sequence_logprobs(model, ids, starts, lengths)`, the summed
+  log-probs of each row's answer; `dpo_loss(...)`, the sigmoid (DPO, conservative DPO), ipo and
+  hinge objectives on them.
 """
 
 import torch
@@ -272,3 +275,51 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, clip=0.2, beta=0.0, ma
         stats = {"clipfrac": masked_mean((pg2 > pg1).float(), mask), "kl": masked_mean(kl, mask),
                  "ratio": masked_mean(ratio, mask)}
     return loss, stats
+# ============================================================================= DPO: preference losses
+# (DPO's own block: the per-answer log-probs it needs and the pairwise objectives on them.)
+
+def sequence_logprobs(model, ids, starts, lengths):
+    """(B,) summed log-probs of each row's answer, ids[b, starts[b]:lengths[b]], and (B,) its token count.
+
+    ids (B, T) right-padded: with the causal mask a real token never sees a pad, so no attention
+    mask is needed. Only the answer positions reach the output matrix (token_logprobs, chunked):
+    the (B, T, vocab) logits never exist."""
+    h = model.hidden_states(ids)  # (B, T, dim)
+    B, T = ids.shape
+    pos = torch.arange(T - 1, device=ids.device)
+    # the state at t predicts token t + 1: answer tokens starts..lengths-1 are read from starts-1..lengths-2
+    keep = (pos[None] >= starts[:, None] - 1) & (pos[None] < lengths[:, None] - 1)  # (B, T - 1)
+    rows, cols = keep.nonzero(as_tuple=True)
+    h, targets = h[rows, cols], ids[rows, cols + 1]
+    # with a gradient, token_logprobs chunks the logits itself; without (the reference) it would take all at once
+    chunk = len(h) if torch.is_grad_enabled() else max(1, 2**25 // model.lm_head.weight.shape[0])
+    logp = torch.cat([token_logprobs(model, h[s:s + chunk], targets[s:s + chunk], 1.0)[0]
+                      for s in range(0, len(h), chunk)]) if len(h) else h.new_zeros(0, dtype=torch.float32)
+    total = torch.zeros(B, dtype=logp.dtype, device=ids.device).index_add(0, rows, logp)
+    return total, keep.sum(-1)
+
+
+def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta=0.1, loss_type="sigmoid",
+             label_smoothing=0.0):
+    """Per-pair DPO-family losses (P,) and the implicit rewards beta * (logp - ref_logp) of both answers.
+
+    The inputs are (P,) answer log-probs under the policy and the reference. With the margin
+    h = (policy_chosen - ref_chosen) - (policy_rejected - ref_rejected):
+        sigmoid (DPO, Rafailov et al. 2023): -logsigmoid(beta * h); with label_smoothing e (conservative
+                 DPO: the labels are wrong with probability e) -(1 - e) logsigmoid(beta h) - e logsigmoid(-beta h)
+        ipo     (Azar et al. 2023): (h - 1 / (2 beta))^2, a squared loss that stops at a finite margin;
+                 the caller passes per-token mean log-probs, as the IPO paper and TRL do
+        hinge   (SLiC, Zhao et al. 2023): relu(1 - beta * h)
+    """
+    h = (policy_chosen - ref_chosen) - (policy_rejected - ref_rejected)
+    if loss_type == "sigmoid":
+        losses = -F.logsigmoid(beta * h) * (1 - label_smoothing) - F.logsigmoid(-beta * h) * label_smoothing
+    elif loss_type == "ipo":
+        losses = (h - 1 / (2 * beta)) ** 2
+    elif loss_type == "hinge":
+        losses = torch.relu(1 - beta * h)
+    else:
+        raise ValueError(f"DPO loss {loss_type!r}: use sigmoid, ipo or hinge")
+    chosen_rewards = beta * (policy_chosen - ref_chosen).detach()
+    rejected_rewards = beta * (policy_rejected - ref_rejected).detach()
+    return losses, chosen_rewards, rejected_rewards

@@ -1,9 +1,18 @@
 """Progress, metrics and plots for every long job: one JSONL line per step, a PNG one call away.
 
-    log = MetricsLog(out_dir / "metrics.jsonl", total_steps=1000)
+    log = MetricsLog(out_dir / "metrics.jsonl", total_steps=1000, report_to=cfg.report_to)
     log.write(step=1, loss=2.3, lr=1e-4, tokens=4096)   # prints a progress line, appends JSONL
+    log.table("samples", ["prompt", "response"], rows, step=1)   # to the trackers that have tables
+    log.close()
     plot_metrics(out_dir / "metrics.jsonl", out_dir / "loss.png", ["loss", "eval_loss"])
     plot_wtl(out_dir / "winrate.png", stats, "A vs B")   # win / tie / loss bars of an evaluation
+
+Trackers: `report_to` names experiment trackers (tensorboard, trackio, wandb) that receive every
+row MetricsLog writes, as well as, never instead of, metrics.jsonl and the PNGs. This is the one
+hook: a training stage declares `report_to: list[str] = arg([], REPORT_TO_HELP, ...)` and passes it
+to its MetricsLog. Each tracker's package is imported only when named, and a missing one is a
+one-line error naming the extra to install (`pip install -e ".[wandb]"`); `check_report_to` says
+so before a run spends minutes loading a model.
 """
 
 import json
@@ -14,13 +23,72 @@ import sys
 import time
 
 
+REPORT_TO_HELP = ("also send the metrics to these trackers: tensorboard, trackio, wandb (pip install -e "
+                  "'.[NAME]'); metrics.jsonl and the plots are written either way")
+
+
+class Tracker:
+    """One experiment tracker: numbers per step, and tables where the tracker has them."""
+
+    def __init__(self, name, module, out_dir, run_name, config):
+        self.name, self.module = name, module
+        if name == "tensorboard":  # torch's writer; tensorboard has no tables, so they go as markdown text
+            self.run = module.SummaryWriter(log_dir=os.path.join(out_dir, "tensorboard"))
+        else:  # wandb, and trackio (wandb's calls, stored locally): the module-level calls both have
+            project = os.environ.get(f"{name.upper()}_PROJECT") or "nanohuatuo"
+            extra = {"dir": out_dir} if name == "wandb" else {}
+            self.run = module.init(project=project, name=run_name, config=config, **extra)
+
+    def log(self, step, values):
+        if self.name == "tensorboard":
+            for k, v in values.items():
+                self.run.add_scalar(k, v, step)
+            self.run.flush()  # a crash must not lose the steps since the writer's last flush
+        else:
+            self.module.log(values, step=step)
+
+    def table(self, name, columns, rows, step):
+        if self.name == "tensorboard":
+            cell = lambda v: str(v).replace("|", "\\|").replace("\n", " ")  # noqa: E731
+            lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+            lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+            self.run.add_text(name, "\n".join(lines), step)
+            self.run.flush()
+        elif hasattr(self.module, "Table"):
+            self.module.log({name: self.module.Table(columns=list(columns), data=[list(r) for r in rows])},
+                            step=step)
+
+    def close(self):
+        (self.run.close if self.name == "tensorboard" else self.module.finish)()
+
+
+TRACKERS = {"tensorboard": "torch.utils.tensorboard", "trackio": "trackio", "wandb": "wandb"}  # name -> module
+
+
+def check_report_to(names) -> list:
+    """The tracker modules for `names`, imported; ValueError (one line) for an unknown name or a
+    package that is not installed, naming the extra that installs it."""
+    import importlib
+    modules = []
+    for name in names:
+        if name not in TRACKERS:
+            raise ValueError(f"--report-to {name}: unknown tracker; choose from {', '.join(TRACKERS)}")
+        try:
+            modules.append(importlib.import_module(TRACKERS[name]))
+        except ImportError as e:
+            raise ValueError(f"--report-to {name} needs a package that is not installed ({e.name or e}): "
+                             f"pip install -e '.[{name}]'") from None
+    return modules
+
+
 class MetricsLog:
-    """Appends metrics rows to a JSONL file and prints step, values, tokens/s and ETA.
+    """Appends metrics rows to a JSONL file and prints step, values, tokens/s and ETA; forwards
+    each row to the trackers named in `report_to` (config: the run's settings, which they record).
 
     Opening in append mode keeps the rows of an interrupted run; a resumed run continues the file.
     """
 
-    def __init__(self, path, total_steps=None, print_every=1, stream=sys.stdout):
+    def __init__(self, path, total_steps=None, print_every=1, stream=sys.stdout, report_to=(), config=None):
         self.path = str(path)
         os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
         self.total_steps = total_steps
@@ -29,6 +97,9 @@ class MetricsLog:
         self.t0 = time.time()
         self.first_step = None
         self.tokens = 0
+        out_dir = os.path.dirname(os.path.abspath(self.path))
+        self.trackers = [Tracker(name, module, out_dir, os.path.basename(out_dir), config)
+                         for name, module in zip(report_to, check_report_to(report_to))]
 
     def write(self, step, **values):
         now = time.time()
@@ -44,7 +115,21 @@ class MetricsLog:
         if self.stream is not None and (step % self.print_every == 0 or step == self.total_steps):
             self.stream.write(self.format(step, row, elapsed) + "\n")
             self.stream.flush()
+        numbers = {k: v for k, v in row.items() if k not in ("step", "time") and isinstance(v, (int, float))
+                   and not isinstance(v, bool)}
+        for t in self.trackers:
+            t.log(step, numbers)
         return row
+
+    def table(self, name, columns, rows, step):
+        """Rows of text and numbers (PPO's sample answers) to every tracker that shows tables."""
+        for t in self.trackers:
+            t.table(name, columns, rows, step)
+
+    def close(self):
+        for t in self.trackers:
+            t.close()
+        self.trackers = []
 
     def format(self, step, row, elapsed):
         parts = [f"step {step}" + (f"/{self.total_steps}" if self.total_steps else "")]

@@ -4,11 +4,10 @@
     ppo.train(PPOConfig(...), reward_fn=None) -> dict
 
 Top to bottom: `PPOConfig`; the maths as small pure functions on (B, R) response tensors
-(`compute_rewards`, `gae`, `policy_loss`, `value_loss`, ...); the models (`load_policy`,
+(`compute_rewards`, `gae`, `policy_loss`, `value_loss`, ...); the models (`build_models`,
 `reference`, `critic`); the rewards; the rollout (`make_experience` -> a `Rollout`); the update
-(`ppo_update`); checkpoints and export; the loop. One layer down: rollout.py (the policy on one
-base, the prompt file and its order, sampling answers, a `Batch` of prompts + responses cut at
-their stop token), losses.py
+(`ppo_update`); checkpoints and export; the loop. One layer down: rollout.py (the prompt file and
+its order, a `Batch` of prompts + responses cut at their stop token), losses.py
 (`response_forward`, `whiten`, masked statistics, `length_debias`), reward_model.py (scoring a
 rollout, `ScoreScale`, answers ending on their end token), checkpoint.py and adapters.py (the
 export).
@@ -60,15 +59,17 @@ import torch
 import torch.nn as nn
 
 from . import adapters, checkpoint, dist
-from .cli import UserError, arg, cli_main, prepare_out, resolve_dtype
-from .lora import load_adapter, lora_modules, lora_parameters, merge_and_unload, save_adapter
+from .cli import (ExportFlags, LoRAFlags, ModelFlags, TrainLoopFlags, UserError, arg, cli_main, like, prepare_out,
+                  resolve_dtype, write_config)
+from .generate import cut_at_stop, generate_batch, use_column_major_weights
+from .lora import (apply_lora, default_targets, disabled_adapters, load_adapter, lora_modules, lora_parameters,
+                   merge_and_unload, save_adapter)
 from .losses import length_debias, masked_mean, masked_var, response_forward, whiten
-from .metrics import MetricsLog, plot_metrics
+from .metrics import REPORT_TO_HELP, MetricsLog, check_report_to, plot_metrics
 from .model import Transformer
 from .quant import QUANT_HELP, QUANTS
-from .reward_model import RewardModel, Scorer, ScoreScale, end_token, reward_scorer, share_base
-from .rollout import Batch, answer_texts, load_prompts, pack, policy_model, prompt_indices, sample_answers
-from .rollout import reference as rollout_reference
+from .reward_model import RewardModel, Scorer, ScoreScale, end_at_stop_string, end_token, reward_scorer, share_base
+from .rollout import Batch, load_prompts, pack, prompt_indices
 from .templates import resolve_template, save_chat_template, stop_strings, stop_token_ids
 from .tokenizer import Tokenizer
 
@@ -78,9 +79,9 @@ def _penalty(text: str):
 
 
 @dataclass
-class PPOConfig:
+class PPOConfig(ExportFlags, TrainLoopFlags, LoRAFlags, ModelFlags):
     # what to train on
-    model: str = arg("", "base model directory (Hugging Face layout, with the tokenizer)")
+    model: str = like(ModelFlags, "model", help="base model directory (Hugging Face layout, with the tokenizer)")
     adapter: str | None = arg(None, "SFT LoRA adapter on --model (merged into the weights, then a fresh PPO LoRA)")
     continue_adapter: bool = arg(False, "keep training the SFT adapter itself instead of a fresh PPO LoRA")
     reward: str | None = arg(None, "reward model directory (train_rm.py, or a released HuatuoGPT/Ziya RM)")
@@ -89,14 +90,14 @@ class PPOConfig:
     reward_norm: str = arg("std", "std: reward-model scores in units of their spread on SFT-like answers (so "
                                   "--missing-eos-penalty and --kl-coef are too); none: as the RM gives them",
                            choices=["std", "none"])
-    prompts: str = arg("", "JSONL: schema conversations (last assistant turn dropped) or prompt records",
-                       metavar="FILE")
-    out: str = arg("out/ppo", "output directory: adapter, metrics.jsonl, samples.jsonl, plots, checkpoints/")
-    template: str = arg("auto", "chat template: auto (the model's own), or a name (huatuo, huatuo2, chatml, ...)")
+    data: str = arg("", "prompts, JSONL: schema conversations (last assistant turn dropped) or prompt records",
+                    metavar="FILE", old=("--prompts",))
+    out: str = like(TrainLoopFlags, "out", "out/ppo", "output directory: adapter, metrics.jsonl, samples.jsonl, plots, "
+                                                      "checkpoints/")
     max_prompt_len: int = arg(512, "longer prompts are skipped")
     # rollouts
-    max_steps: int | None = arg(None, "PPO steps (default: one pass over the prompts)")
-    batch_size: int = arg(32, "prompts (= rollouts) per step, over all processes")
+    max_steps: int | None = like(TrainLoopFlags, "max_steps", help="PPO steps (default: one pass over the prompts)")
+    batch_size: int = like(TrainLoopFlags, "batch_size", 32, "prompts (= rollouts) per step, over all processes")
     max_new_tokens: int = arg(256, "answer length limit")
     temperature: float = arg(0.7, "sampling temperature (top_k 0, top_p 1, no min length)")
     rollout_batch_size: int = arg(0, "rows generated at once per process; 0: the whole local batch")
@@ -115,7 +116,8 @@ class PPOConfig:
     # PPO
     ppo_epochs: int = arg(4, "passes over each step's rollouts")
     num_mini_batches: int = arg(1, "optimizer steps per PPO epoch")
-    micro_batch_size: int = arg(4, "rows per forward/backward; minibatches accumulate gradients over these")
+    micro_batch_size: int = like(TrainLoopFlags, "micro_batch_size", 4, "rows per forward/backward; minibatches "
+                                                                        "accumulate gradients over these")
     gamma: float = arg(1.0, "discount")
     lam: float = arg(0.95, "GAE lambda")
     clip_range: float = arg(0.2, "policy ratio clip")
@@ -129,38 +131,28 @@ class PPOConfig:
     lr: float = arg(5e-5, "learning rate of the policy LoRA (higher than full-weight PPO: see the module doc)")
     value_lr: float | None = arg(None, "learning rate of the value head and critic adapter (default: --lr)")
     adam_eps: float = arg(1e-5, "Adam epsilon")
-    max_grad_norm: float = arg(1.0, "clip the gradient norm to this")
     anneal_lr: bool = arg(False, "decay the learning rates linearly to 0 at --max-steps")
     # LoRA and value
-    lora_r: int = arg(16, "rank of the PPO LoRA")
-    lora_alpha: float = arg(32.0, "LoRA alpha (scaling alpha / r)")
-    lora_targets: list[str] = arg([], "LoRA target modules (default: every attention and MLP linear of the family, "
-                                      "as SFT and the reward model)", metavar="NAME")
+    lora_r: int = like(LoRAFlags, "lora_r", 16, "rank of the PPO LoRA (no dropout: the reference is the policy with "
+                                                "its adapters off, so both must be deterministic)")
+    lora_alpha: float = like(LoRAFlags, "lora_alpha", 32.0)
     critic: str = arg("shared", "shared: value head on the policy trunk; separate: own LoRA + head",
                       choices=["shared", "separate"])
     # run
-    device: str = arg("auto", "auto (cuda if available), cpu, cuda, cuda:1, ...")
-    dtype: str = arg("auto", "auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16 or float16",
-                     choices=["auto", "float32", "bfloat16", "float16"])
-    grad_checkpointing: bool = arg(False, "recompute each block's activations in backward (less memory)")
     quant: str = arg("none", QUANT_HELP, choices=list(QUANTS))
     compile: bool = arg(False, "torch.compile the decode step (CUDA)")
     seed: int = arg(0, "seed of the LoRA init, the prompt order and the rollouts")
     sample_every: int = arg(10, "print and save sample answers every N steps (0: never)")
-    save_every: int = arg(50, "checkpoint every N steps (and at the end)")
-    stop_after: int | None = arg(None, "stop after this step as if interrupted (checkpoint written; resume later)")
-    keep_checkpoints: int = arg(1, "checkpoints kept in out/checkpoints")
-    resume: bool = arg(False, "continue the interrupted run in --out from its last checkpoint")
-    overwrite: bool = arg(False, "delete what --out holds and start again")
-    save_merged: bool = arg(False, "also write OUT/merged: a full model with the adapters folded in")
+    save_every: int = like(TrainLoopFlags, "save_every", 50)
+    report_to: list[str] = arg([], REPORT_TO_HELP, metavar="TRACKER")
 
     def check(self):
         if self.temperature <= 0:
             raise UserError(f"--temperature {self.temperature}: PPO samples, so it must be > 0 (0.7 is usual)")
         if self.continue_adapter and not self.adapter:
             raise UserError("--continue-adapter needs --adapter (the SFT adapter to keep training)")
-        if not self.model or not self.prompts:
-            raise UserError("PPO needs --model (model directory) and --prompts (JSONL)")
+        if not self.model or not self.data:
+            raise UserError("PPO needs --model (model directory) and --data (prompts, JSONL)")
 
 
 # ============================================================================= the maths (pure functions)
@@ -266,7 +258,7 @@ class Models:
 
 def reference(m: Models):
     """The SFT model: adapters off (merged SFT), or the SFT adapter's frozen tensors (continue_adapter)."""
-    return rollout_reference(m.model, m.ref_lora)
+    return adapters.use_lora_weights(m.model, m.ref_lora) if m.ref_lora is not None else disabled_adapters(m.model)
 
 
 def critic(m: Models):
@@ -275,10 +267,30 @@ def critic(m: Models):
         else contextlib.nullcontext()
 
 
-def load_policy(cfg: PPOConfig, device=None, dtype=None) -> Models:
+def build_models(cfg: PPOConfig, device=None, dtype=None) -> Models:
     """Build policy, reference and value from cfg.model (+ cfg.adapter); see the module docstring."""
-    model, ref_lora, sft = policy_model(cfg.model, cfg.adapter, cfg.continue_adapter, cfg.lora_r, cfg.lora_alpha,
-                                        cfg.lora_targets, device=device, dtype=dtype, quant=cfg.quant)
+    merge_sft = bool(cfg.adapter) and not cfg.continue_adapter
+    # the SFT adapter is merged at load, before any quantisation: a 4-bit base takes no merge
+    model = Transformer.from_pretrained(cfg.model, dtype=dtype, device=device, value_head=False, merge=True,
+                                        adapter=cfg.adapter if merge_sft else None, quant=cfg.quant)
+    ref_lora, sft = None, None
+    if cfg.adapter and cfg.continue_adapter:
+        load_adapter(model, cfg.adapter, trainable=True)
+        ref_lora = adapters.snapshot(model, trainable=False)
+    else:
+        if merge_sft:  # its tensors, for the export on the original base
+            sft = adapters.read_lora_tensors(cfg.adapter, model.config)[0]
+        apply_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=0.0,
+                   targets=cfg.lora_targets or default_targets(model))
+    for mod in model.modules():  # dropout off everywhere: it would make old and new log-probs disagree
+        if isinstance(mod, nn.Dropout):
+            mod.p = 0.0
+    for _, mod in lora_modules(model):
+        mod.lora_dropout = nn.Identity()
+    with torch.no_grad():
+        # generate_batch re-lays the weights for CPU decoding under inference_mode, which would
+        # make it an inference tensor that backward cannot use; doing it here first makes that a no-op
+        use_column_major_weights(model)
     head = nn.Linear(model.config.dim, 1, device=model.embed_tokens.weight.device, dtype=torch.float32)
     nn.init.zeros_(head.weight)  # V = 0 at the start: no random baseline in the first advantages
     nn.init.zeros_(head.bias)
@@ -346,8 +358,18 @@ def make_experience(m: Models, cfg: PPOConfig, kl_coef, prompts, rows, reward: S
     model = m.model
     device = model.embed_tokens.weight.device
     model.eval()
-    responses, gen_logp, cut = sample_answers(model, prompts, cfg.max_new_tokens, cfg.temperature, tok, stops,
-                                              stop_strs, end_id, seed, cfg.rollout_batch_size, cfg.compile)
+    chunk = cfg.rollout_batch_size or len(prompts)
+    responses, gen_logp, cut = [], [], []
+    for s in range(0, len(prompts), chunk):
+        gen = generate_batch(model, prompts[s:s + chunk], cfg.max_new_tokens, temperature=cfg.temperature,
+                             top_k=0, top_p=1.0, seed=seed + s, stop_ids=stops, stop_strings=stop_strs,
+                             tokenizer=tok, pad_id=tok.pad_id, compile=cfg.compile, return_logprobs=True)
+        for tokens, lp, finished in zip(gen.tokens, gen.logprobs, gen.finished):
+            fixed = finished and stop_strs and not any(t in stops for t in tokens) and \
+                end_at_stop_string(tokens, tok, stop_strs, end_id)
+            cut.append(len(fixed) - 1 if fixed else None)  # the appended end token's position
+            responses.append(fixed or tokens)
+            gen_logp.append(lp)
     b = pack(prompts, responses, stops, tok.pad_id, device)
     B, R = b.mask.shape
     maskf = b.mask.float()
@@ -375,10 +397,14 @@ def make_experience(m: Models, cfg: PPOConfig, kl_coef, prompts, rows, reward: S
     old_logp, ref_logp, values = old_logp * maskf, ref_logp * maskf, values * maskf
 
     # scores: the reward model reads the answer up to its end token; a never-ending answer gets the penalty
+    lengths = b.mask.sum(-1).tolist()
+    resp = b.ids[:, b.P:]
+    resp_lists = [resp[i, :n].tolist() for i, n in enumerate(lengths)]
+    texts = [cut_at_stop(tok.decode([t for t in r if t not in stops]), stop_strs) for r in resp_lists]
     # an answer cut by the token limit is scored closed by the end token, as the judge's rankings and the
     # reward model's training pairs hold every answer; scored mid-text, the reward model would read a
     # position it never learned from, and its score would be noise
-    resp_lists, texts = answer_texts(b, tok, stops, stop_strs, end_id)
+    resp_lists = [r if b.ended[i] else r + [end_id] for i, r in enumerate(resp_lists)]
     scores = torch.as_tensor(reward.fn(prompts, resp_lists, rows, texts), dtype=torch.float32).to(device).reshape(B)
     if scale is not None:
         scores = scale(scores, d)
@@ -490,7 +516,7 @@ def save_checkpoint(m: Models, cfg: PPOConfig, optimizer, state: dict, d) -> Non
 # settings a resumed run must keep: the checkpoint's tensors would not fit the others
 FIXED = ("model", "adapter", "continue_adapter", "lora_r", "lora_alpha", "lora_targets", "critic")
 # settings that change nothing a resumed run computes
-BOOKKEEPING = {"resume", "overwrite", "stop_after", "sample_every", "save_every", "keep_checkpoints", "device",
+BOOKKEEPING = {"resume", "overwrite", "report_to", "stop_after", "sample_every", "save_every", "keep_checkpoints", "device",
                "out", "save_merged"}
 
 
@@ -513,7 +539,8 @@ def load_checkpoint(m: Models, cfg: PPOConfig, path, optimizer, d) -> dict:
     return state
 
 
-def _print_samples(step, exp: Rollout, prompts, tok, out, n=2):
+def _print_samples(step, exp: Rollout, prompts, tok, out, log, n=2):
+    rows = []
     with open(os.path.join(out, "samples.jsonl"), "a", encoding="utf-8") as f:
         for i in range(min(n, len(prompts))):
             prompt = tok.decode(prompts[i])
@@ -521,6 +548,8 @@ def _print_samples(step, exp: Rollout, prompts, tok, out, n=2):
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
             print(f"--- sample {i} at step {step} (score {row['score']:.3f})\n[prompt] ...{prompt[-300:]}\n"
                   f"[answer] {row['response']}")
+            rows.append(list(row.values()))
+    log.table("samples", ["step", "prompt", "response", "score"], rows, step)
 
 
 PLOTS = {"curves.png": ["score", "kl", "reward", "response_length", "eos_rate"],
@@ -542,6 +571,7 @@ def train(cfg: PPOConfig, reward_fn=None) -> dict:
     `reward_model.RewardModel`; None loads cfg.reward.
     """
     cfg.check()
+    check_report_to(cfg.report_to)  # a missing tracker package is said now, not after the models load
     d = dist.setup(cfg.device)
     try:
         with contextlib.ExitStack() as hold:  # holds the lock on --out until the run ends, however it ends
@@ -567,8 +597,8 @@ def _train(cfg: PPOConfig, reward_fn, d, hold) -> dict:
     end_id = end_token(tok, template)
     if tok.pad_id in stops and d.main:
         print(f"note: {cfg.model}'s pad id {tok.pad_id} is also a stop id; masks use lengths, so EOS still counts")
-    rows, prompts = load_prompts(cfg.prompts, tok, template, cfg.max_prompt_len)
-    m = load_policy(cfg, device=d.device, dtype=dtype)
+    rows, prompts = load_prompts(cfg.data, tok, template, cfg.max_prompt_len)
+    m = build_models(cfg, device=d.device, dtype=dtype)
     reward = make_reward(reward_fn, m, cfg, tok, template, d, dtype)
     groups = trainable_groups(m, cfg)
     params = [p for g in groups for p in g["params"]]
@@ -591,10 +621,12 @@ def _train(cfg: PPOConfig, reward_fn, d, hold) -> dict:
         if reward.spread is not None and d.main:
             print(f"reward: scores divided by {reward.spread:.4g}, the reward model's std on SFT-like answers")
     if d.main:
-        checkpoint.atomic_json(os.path.join(out, "ppo_config.json"), dataclasses.asdict(cfg))
+        write_config(out, cfg, "ppo")
         for log_file in ("metrics.jsonl", "samples.jsonl"):  # rows after the checkpoint come again
             checkpoint.truncate_jsonl(os.path.join(out, log_file), state["step"] if ckpt else -1)
-    log = MetricsLog(os.path.join(out, "metrics.jsonl"), total_steps=max_steps, stream=sys.stdout if d.main else None)
+    log = MetricsLog(os.path.join(out, "metrics.jsonl"), total_steps=max_steps, stream=sys.stdout if d.main else None,
+                     report_to=cfg.report_to if d.main else (), config=dataclasses.asdict(cfg))
+    hold.callback(log.close)
     history, kl_coef, last_plot = [], state["kl_coef"], time.time()
     for step in range(state["step"] + 1, max_steps + 1):
         if cfg.anneal_lr:
@@ -618,7 +650,7 @@ def _train(cfg: PPOConfig, reward_fn, d, hold) -> dict:
                "rollout_s": t1 - t0, "update_s": t2 - t1, "tokens": int(exp.mask.sum().item()) * d.world}
         history.append(log.write(step, **row) if d.main else dict(row, step=step))
         if d.main and cfg.sample_every and (step % cfg.sample_every == 0 or step == 1):
-            _print_samples(step, exp, [prompts[i] for i in idx], tok, out)
+            _print_samples(step, exp, [prompts[i] for i in idx], tok, out, log)
         if step % cfg.save_every == 0 or step == max_steps or step == cfg.stop_after:
             save_checkpoint(m, cfg, optimizer, state, d)
             if d.main and time.time() - last_plot > 120:  # a plot costs about a second: refresh it now and then

@@ -20,7 +20,7 @@ import unicodedata
 
 SYSTEM_PROMPT = "你是一名经验丰富、严谨公正的医学专家，负责评估医生对患者问题的回答质量。"
 
-CRITERIA = (
+RANKING_CRITERIA = (
     "1. 信息量：是否给出充分、具体、有用的医学信息和建议；\n"
     "2. 连贯性：表达是否通顺、有条理，与对话上下文衔接自然；\n"
     "3. 符合人类偏好：是否像一位耐心、专业、有同理心的医生，必要时主动询问病情；\n"
@@ -57,7 +57,7 @@ def build_judge_messages(item: dict, order: list[int], mixed: bool = False) -> l
     n = len(cands)
     parts = [
         f"下面是一段医患对话，以及针对患者最后一个问题的{n}个候选回答。"
-        f"请按以下标准，把这{n}个候选回答从好到差排名：\n{CRITERIA}",
+        f"请按以下标准，把这{n}个候选回答从好到差排名：\n{RANKING_CRITERIA}",
         f"【对话】\n{format_dialogue(item['question'])}",
     ]
     if mixed:

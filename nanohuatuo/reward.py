@@ -1,5 +1,6 @@
 """Reward model training: a scalar score for (conversation, answer), learned from the AI judge's
 rankings (RLAIF step 3). `train(RMConfig)` and its CLI (train_rm.py, python -m nanohuatuo.reward).
+The preference files (ours, TRL's, MedicalGPT's) are read by preferences.py, shared with DPO.
 
 The model is the base transformer (with the SFT adapter merged into it, when given) plus a LoRA
 adapter (or all weights trained: lora_r=0) plus a linear value head d -> 1 read at the LAST REAL
@@ -55,12 +56,14 @@ import torch
 import torch.nn.functional as F
 
 from . import checkpoint
-from .cli import UserError, arg, cli_main, prepare_out, resolve_device, resolve_dtype
+from .cli import (LoRAFlags, ModelFlags, TrainLoopFlags, UserError, arg, cli_main, like, prepare_out,
+                  resolve_device, resolve_dtype, write_config)
 from .data import DataError, iter_jsonl, split_heldout
 from .hf import LLAMA_LIKE, read_config
 from .lora import apply_lora, default_targets, load_adapter, save_adapter
-from .metrics import MetricsLog, plot_metrics
+from .metrics import REPORT_TO_HELP, MetricsLog, check_report_to, plot_metrics
 from .model import Transformer
+from .preferences import policy_seqs, read_preferences, reference_index  # noqa: F401 (re-exported)
 from .quant import QUANT_HELP, QUANTS
 from .reward_model import (RM_CONFIG, RewardModel, load_reward_model, load_trunk, raw_scores, right_pad,  # noqa: F401
                            rm_forward, score_ids, score_texts, with_answer)
@@ -69,34 +72,33 @@ from .tokenizer import Tokenizer
 
 
 @dataclass
-class RMConfig:
-    model: str = arg("", "model directory the reward model starts from (Hugging Face layout), usually the "
-                         "SFT model's base")
+class RMConfig(TrainLoopFlags, LoRAFlags, ModelFlags):
+    model: str = like(ModelFlags, "model", help="model directory the reward model starts from (Hugging Face layout), "
+                                                "usually the SFT model's base")
     adapter: str | None = arg(None, "SFT LoRA adapter on --model, merged into it before the reward model's own LoRA")
-    data: list[str] = arg([], "preference JSONL file(s) from `python -m nanohuatuo.feedback rank`", metavar="FILE")
-    out: str = arg("out/rm", "output directory: the reward model, reward_config.json, metrics.jsonl, checkpoints/")
-    template: str = arg("auto", "chat template: auto (the model's own), or a name (huatuo, huatuo2, chatml, ...)")
-    lora_r: int = arg(8, "LoRA rank; 0 trains all weights")
-    lora_alpha: float = arg(16.0, "LoRA alpha (scaling alpha / r)")
+    data: list[str] = arg([], "preference JSONL file(s): `python -m nanohuatuo.feedback rank` records, TRL "
+                              "prompt/chosen/rejected or MedicalGPT question/response_chosen/response_rejected rows",
+                          metavar="FILE")
+    out: str = like(TrainLoopFlags, "out", "out/rm", "output directory: the reward model, reward_config.json, "
+                                                    "metrics.jsonl, checkpoints/")
     lora_dropout: float = arg(0.0, "dropout on the LoRA input")
-    lora_targets: list[str] = arg([], "LoRA target modules (default: every attention and MLP linear of the family, "
-                                      "as SFT and PPO)", metavar="NAME")
     lr: float | None = arg(None, "peak learning rate (default 1e-4 with LoRA, 1e-5 for all weights)")
     head_lr: float | None = arg(None, "value-head learning rate (default: --lr)")
     weight_decay: float = arg(0.0, "AdamW weight decay on matrices")
     warmup_frac: float = arg(0.03, "fraction of the steps spent in linear warm-up")
     schedule: str = arg("cosine", "learning-rate decay to 0 after the warm-up", choices=["cosine", "linear"])
     epochs: int = arg(1, "passes over the preferences (ignored with --max-steps)")
-    batch_prompts: int = arg(4, "prompts per optimizer step (each brings all its K answers)")
-    micro_prompts: int = arg(0, "prompts per forward/backward (gradient accumulation); 0: the whole batch")
+    batch_size: int = like(TrainLoopFlags, "batch_size", 4,
+                           "prompts per optimizer step (each brings all its K answers)", old=("--batch-prompts",))
+    micro_batch_size: int = like(TrainLoopFlags, "micro_batch_size", 0, "prompts per forward/backward (gradient "
+                                                                        "accumulation); 0: the whole batch",
+                                 old=("--micro-prompts",))
     max_len: int = arg(1024, "tokens per prompt + answer; longer ones lose tokens from the left (the score is "
                              "read at the end)")
     eval_frac: float = arg(0.1, "fraction of --data held out when --eval-data is not given")
     eval_data: list[str] | None = arg(None, "held-out preference JSONL file(s) (then all of --data trains)",
                                       metavar="FILE")
     eval_every: int = arg(200, "held-out accuracy every N steps (and at the end)")
-    max_steps: int | None = arg(None, "optimizer steps in all (default: --epochs over the data)")
-    stop_after: int | None = arg(None, "stop after this step as if interrupted (checkpoint written; resume later)")
     center_coef: float = arg(0.0, "weight of the mean squared score of each pair, keeping scores near 0 (0.01 is "
                                   "usual when used)")
     norm_samples: str | None = arg(None, "JSONL of SFT-like answers for the bias (default: the training answers)",
@@ -104,16 +106,8 @@ class RMConfig:
     norm_max: int = arg(2000, "at most this many answers scored for the bias")
     normalize_std: bool = arg(False, "also scale scores to std 1 (gain = 1/std); PPO divides by the stored std "
                                      "either way")
-    max_grad_norm: float = arg(1.0, "clip the gradient norm to this")
-    grad_checkpointing: bool = arg(False, "recompute each block's activations in backward (less memory)")
     quant: str = arg("none", QUANT_HELP, choices=list(QUANTS))
-    save_every: int = arg(200, "checkpoint every N steps (and at the end)")
-    keep_checkpoints: int = arg(1, "checkpoints kept in out/checkpoints (older ones are deleted)")
-    resume: bool = arg(False, "continue the interrupted run in --out from its last checkpoint")
-    overwrite: bool = arg(False, "delete what --out holds and start again")
-    device: str = arg("auto", "auto (cuda if available), cpu, cuda, cuda:1, ...")
-    dtype: str = arg("auto", "auto (bfloat16 on CUDA, float32 on CPU), float32 or bfloat16",
-                     choices=["auto", "float32", "bfloat16", "float16"])
+    report_to: list[str] = arg([], REPORT_TO_HELP, metavar="TRACKER")
     seed: int = arg(0, "seed of the split, the batch order, LoRA and value-head init")
 
 
@@ -140,46 +134,6 @@ def pairwise_accuracy(rewards: torch.Tensor, order=None) -> tuple[int, int]:
 
 
 # ----------------------------------------------------------------------------- data
-
-def reference_index(row: dict, where: str) -> int | None:
-    """Where the doctor's reply sits in a mixed-feedback record's answers (None: not there).
-
-    The reply is ranked with the policy's answers, so it belongs in the preference pairs, but it
-    is no answer the policy wrote: the score statistics PPO's reward is measured in must skip it."""
-    i = row.get("reference_index")
-    if i is None:
-        return None
-    if not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < len(row["answers"]):
-        raise DataError(f"{where}: reference_index {i!r} is not the position of one of the "
-                        f"{len(row['answers'])} answers")
-    return i
-
-
-def read_preferences(path, tok: Tokenizer, template: str) -> list[dict]:
-    """Preference records -> [{"id", "seqs": token ids of prompt + answer, best answer first,
-    "reference_index": position of the doctor's reply in seqs, or None}]."""
-    examples = []
-    for lineno, row in iter_jsonl(path):
-        where = f"{path}:{lineno}"
-        prompt, answers = row.get("prompt", row.get("question")), row.get("answers")
-        if not isinstance(prompt, (str, list)) or not isinstance(answers, list) or len(answers) < 2 \
-                or not all(isinstance(a, str) for a in answers):
-            raise DataError(f"{where}: expected a preference record {{'prompt', 'answers': [best, ..., worst]}} "
-                            f"with at least 2 answers, as `python -m nanohuatuo.feedback rank` writes")
-        try:
-            seqs = [render(with_answer(prompt, a), tok, template)[0] for a in answers]
-        except ValueError as e:
-            raise DataError(f"{where}: {e}") from None
-        examples.append({"id": row.get("id", where), "seqs": seqs, "reference_index": reference_index(row, where)})
-    if not examples:
-        raise DataError(f"{path}: no preference records; run `python -m nanohuatuo.feedback rank` first")
-    return examples
-
-
-def policy_seqs(examples: list[dict]) -> list[list[int]]:
-    """Every answer of the preference examples that the policy wrote: the doctor's reply left out."""
-    return [s for ex in examples for i, s in enumerate(ex["seqs"]) if i != ex.get("reference_index")]
-
 
 def read_norm_samples(path, tok: Tokenizer, template: str) -> list[list[int]]:
     """Token ids of SFT-like answers for the bias: every answer of preference records or judge items
@@ -266,6 +220,10 @@ def train(cfg: RMConfig) -> dict:
 def _train(cfg: RMConfig, hold: contextlib.ExitStack) -> dict:
     if not cfg.model or not cfg.data:
         raise UserError("the reward model needs --model (model directory) and --data (preference JSONL)")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # each process would train and write its own copy
+        raise UserError("train_rm.py runs in one process (it has no data-parallel path, unlike SFT and PPO); "
+                        "start it with python, not torchrun")
+    check_report_to(cfg.report_to)  # a missing tracker package is said now, not after the model loads
     if cfg.quant != "none" and cfg.lora_r <= 0:
         raise UserError(f"--quant {cfg.quant} freezes the base weights: it needs LoRA (--lora-r > 0)")
     device = resolve_device(cfg.device)
@@ -311,7 +269,7 @@ def _train(cfg: RMConfig, hold: contextlib.ExitStack) -> dict:
     for epoch in range(cfg.epochs):
         order = list(range(len(train_ex)))
         random.Random(cfg.seed + epoch).shuffle(order)
-        batches += [order[s:s + cfg.batch_prompts] for s in range(0, len(order), cfg.batch_prompts)]
+        batches += [order[s:s + cfg.batch_size] for s in range(0, len(order), cfg.batch_size)]
     batches = batches[:cfg.max_steps] if cfg.max_steps else batches
     total = len(batches)
     warmup = round(cfg.warmup_frac * total)
@@ -320,10 +278,11 @@ def _train(cfg: RMConfig, hold: contextlib.ExitStack) -> dict:
     if ckpt:
         start, recent = load_checkpoint(cfg, ckpt, model, opt, device)
         print(f"reward: resuming after step {start} from {ckpt}")
-    checkpoint.atomic_json(out / "rm_config.json", dataclasses.asdict(cfg))
+    write_config(out, cfg, "rm")
     checkpoint.truncate_jsonl(out / "metrics.jsonl", start if ckpt else -1)
-    log = MetricsLog(out / "metrics.jsonl", total_steps=total)
-    micro = cfg.micro_prompts or cfg.batch_prompts
+    log = MetricsLog(out / "metrics.jsonl", total_steps=total, report_to=cfg.report_to, config=dataclasses.asdict(cfg))
+    hold.callback(log.close)
+    micro = cfg.micro_batch_size or cfg.batch_size
     result, params, stopped = {}, trunk + head, False
 
     for step in range(start, total):
@@ -356,7 +315,7 @@ def _train(cfg: RMConfig, hold: contextlib.ExitStack) -> dict:
         log.write(done, loss=loss_sum, accuracy=correct / pairs, lr=lr * factor,
                   grad_norm=float(grad_norm), tokens=tokens)
         if eval_ex and cfg.eval_every and done % cfg.eval_every == 0 and done < total:
-            ev = evaluate(model, eval_ex, tok.pad_id, cfg.max_len, cfg.batch_prompts, cfg.center_coef)
+            ev = evaluate(model, eval_ex, tok.pad_id, cfg.max_len, cfg.batch_size, cfg.center_coef)
             log.write(done, **ev)
         if done % cfg.save_every == 0 or done == total or done == cfg.stop_after:
             print(f"checkpoint: {save_checkpoint(cfg, done, model, opt, tok, recent)}")
@@ -368,7 +327,7 @@ def _train(cfg: RMConfig, hold: contextlib.ExitStack) -> dict:
         return {"steps": cfg.stop_after, "stopped": True, "out": os.path.abspath(cfg.out)}
 
     model.eval()
-    ev = evaluate(model, eval_ex, tok.pad_id, cfg.max_len, cfg.batch_prompts, cfg.center_coef)
+    ev = evaluate(model, eval_ex, tok.pad_id, cfg.max_len, cfg.batch_size, cfg.center_coef)
     if eval_ex:
         log.write(total, **ev)
     result.update(ev)

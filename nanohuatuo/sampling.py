@@ -42,11 +42,12 @@ import time
 from collections import deque
 from dataclasses import dataclass
 
-from .cli import UserError, arg, cli_main, resolve_device, resolve_dtype
+from .cli import (GenerationFlags, ModelFlags, UserError, arg, cli_main, endpoint_flags, like, resolve_device,
+                  resolve_dtype)
 from .data import DataError, iter_jsonl, read_jsonl, to_prompt, write_jsonl
 from .engine import Engine, SamplingParams
 from .generate import cut_at_stop, load_for_inference
-from .llm import LLM
+from .llm import LLM, from_flags
 from .templates import PromptTooLong, fit_prompt, generation_defaults, prompt_budget, stop_strings, stop_token_ids
 
 SAVE_EVERY_S = 30.0  # how often the CLI rewrites --out with what it has so far
@@ -236,59 +237,40 @@ def read_prompts(path) -> list[dict]:
 # ----------------------------------------------------------------------- CLI
 
 @dataclass
-class SampleConfig:
-    prompts: str = arg("", "JSONL of prompt records or conversations (python -m nanohuatuo.data prompts)",
-                       metavar="FILE")
+class SampleConfig(GenerationFlags, endpoint_flags("", "instead of --model"), ModelFlags):
+    data: str = arg("", "prompts, JSONL of prompt records or conversations (python -m nanohuatuo.data prompts)",
+                    metavar="FILE", old=("--prompts",))
     out: str = arg("", "JSONL of judge items to write; a rerun with the same --out samples only the missing "
                        "prompts", metavar="FILE")
-    model: str = arg("", "SFT model directory (Hugging Face layout); or --base-url for an endpoint")
+    model: str = like(ModelFlags, "model", help="SFT model directory (Hugging Face layout); or --base-url for an "
+                                                "endpoint")
     adapter: str | None = arg(None, "LoRA adapter directory (PEFT layout, e.g. the SFT output), merged before "
                                     "sampling; its chat template, if it has one, is used")
-    base_url: str | None = arg(None, "OpenAI-compatible endpoint to sample from instead of --model "
-                                     "(vLLM, serve.py, a cloud model)")
-    model_name: str | None = arg(None, "model name at --base-url")
-    api_key: str | None = arg(None, "API key for --base-url (default: $NANOHUATUO_API_KEY, $OPENAI_API_KEY, "
-                                    "else EMPTY)")
     cache: str = arg("", "SQLite cache of the endpoint's replies (with --base-url; default: none)")
     refresh_unusable: bool = arg(False, "with --base-url and --cache: ask again the prompts whose cached "
                                         "replies were unusable")
     concurrency: int = arg(4, "requests in flight at once (with --base-url)")
     k: int = arg(4, "answers per prompt")
-    max_new_tokens: int = arg(256, "new tokens per answer; longer answers are marked unfinished")
-    temperature: float | None = arg(None, "sampling temperature (default: the model's generation_config.json, "
-                                          "else 0.7)")
-    top_p: float | None = arg(None, "nucleus sampling (default: generation_config.json, else 1.0: off)")
-    top_k: int | None = arg(None, "top-k sampling (default: generation_config.json, else 0: off)")
+    max_new_tokens: int = like(GenerationFlags, "max_new_tokens", help="new tokens per answer; longer answers are "
+                                                                       "marked unfinished")
     repetition_penalty: float | None = arg(None, "repetition penalty (default: generation_config.json, "
                                                  "else 1.0: off)")
     batch_size: int = arg(16, "sequences decoded together (engine slots; at least --k)")
     seed: int = arg(0, "random seed; a prompt's answers depend only on it and the prompt id")
-    context: int = arg(2048, "prompt + answer token budget (capped at the model's max_seq_len)")
-    template: str = arg("auto", "chat template: auto (the model's own, else HuatuoGPT's), a built-in name or a "
-                                ".jinja file")
-    device: str = arg("auto", "auto (cuda if available), cpu, cuda, cuda:1, ...")
-    dtype: str = arg("auto", "auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16 or float16")
+    max_len: int = arg(2048, "prompt + answer token budget (capped at the model's max_seq_len)", old=("--context",))
     compile: bool = arg(False, "on CUDA, compile the decode step (CUDA graphs)")
     limit: int | None = arg(None, "only the first N prompts")
 
 
-def load_policy(cfg: SampleConfig):
-    """(model, tokenizer, template) for sampling: the adapter merged (sampling then costs what the base
-    does); an SFT output's own tokenizer and chat template win (templates.tokenizer_and_template)."""
-    device = resolve_device(cfg.device)
-    return load_for_inference(cfg.model, cfg.adapter, resolve_dtype(cfg.dtype, device), device,
-                              template=cfg.template, what="sampling")
-
-
 def run(cfg: SampleConfig) -> int:
-    if not cfg.prompts or not cfg.out:
-        raise UserError("sampling needs --prompts (prompt records) and --out (judge items to write)")
+    if not cfg.data or not cfg.out:
+        raise UserError("sampling needs --data (prompt records) and --out (judge items to write)")
     if bool(cfg.model) == bool(cfg.base_url):
         raise UserError("sampling needs either --model (a model directory) or --base-url with --model-name "
                         "(an OpenAI-compatible endpoint)")
     if cfg.k < 1 or cfg.max_new_tokens < 1:
         raise UserError(f"--k {cfg.k} and --max-new-tokens {cfg.max_new_tokens} must be at least 1")
-    prompts = read_prompts(cfg.prompts)[:cfg.limit]
+    prompts = read_prompts(cfg.data)[:cfg.limit]
     done = read_jsonl(cfg.out) if os.path.exists(cfg.out) else []
     seen = {row.get("id") for row in done}
     todo = [p for p in prompts if p["id"] not in seen]
@@ -306,8 +288,7 @@ def run(cfg: SampleConfig) -> int:
     if cfg.base_url:
         settings = {**DEFAULTS, **given}
         print(f"sampling: {len(todo)} prompts x {cfg.k} answers from {cfg.model_name} at {cfg.base_url}", flush=True)
-        with LLM(cfg.base_url, cfg.model_name, api_key=cfg.api_key, cache=cfg.cache or None,
-                 concurrency=cfg.concurrency, refresh_unusable=cfg.refresh_unusable, name="sampling") as llm:
+        with from_flags(cfg, cache=cfg.cache or None, name="sampling") as llm:
             sample_from_endpoint(llm, todo, k=cfg.k, max_new_tokens=cfg.max_new_tokens,
                                  temperature=settings["temperature"], top_p=settings["top_p"],
                                  top_k=given.get("top_k"), repetition_penalty=given.get("repetition_penalty"),
@@ -316,11 +297,15 @@ def run(cfg: SampleConfig) -> int:
     else:
         model_defaults = generation_defaults(cfg.model, cfg.adapter or None)
         settings = {**DEFAULTS, **{n: v for n, v in model_defaults.items() if n in DEFAULTS}, **given}
-        model, tok, template = load_policy(cfg)
+        device = resolve_device(cfg.device)
+        # the adapter merged (sampling then costs what the base does); an SFT output's own tokenizer and
+        # chat template win (templates.tokenizer_and_template)
+        model, tok, template = load_for_inference(cfg.model, cfg.adapter, resolve_dtype(cfg.dtype, device), device,
+                                                  template=cfg.template, what="sampling")
         print(f"sampling: {len(todo)} prompts x {cfg.k} answers, template {template}, device "
               f"{model.embed_tokens.weight.device}, " + ", ".join(f"{n} {v}" for n, v in settings.items()), flush=True)
         sample_answers(model, tok, template, todo, k=cfg.k, max_new_tokens=cfg.max_new_tokens,
-                       batch_size=cfg.batch_size, seed=cfg.seed, context=cfg.context,
+                       batch_size=cfg.batch_size, seed=cfg.seed, context=cfg.max_len,
                        extra_stop_ids=model_defaults.get("stop_ids", ()), compile=cfg.compile, on_batch=save,
                        **settings)
     n = write_jsonl(cfg.out, done)

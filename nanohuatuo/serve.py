@@ -1,33 +1,43 @@
-"""An OpenAI-compatible HTTP server for one model, on the continuous-batching engine, and a chat page.
+"""An OpenAI-compatible HTTP server for one model and its LoRA adapters, on the continuous-batching engine.
 
-    python serve.py --model DIR [--adapter DIR] [--host 127.0.0.1] [--port 8000]
+    python serve.py --model DIR [--adapter DIR] [--lora NAME=DIR ...] [--host 127.0.0.1] [--port 8000]
 
 Routes: GET /v1/models, POST /v1/chat/completions, POST /v1/completions (raw prompts), GET /health
-(no key needed) and GET / (the chat page in nanohuatuo/static/). The wire format follows OpenAI's
-closely enough that the official `openai` client, our judge, evaluate.py and distill.py use it
-unchanged: streaming as server-sent events (a role delta, content deltas, the finish_reason, then
-`data: [DONE]`), usage in every answer, `n`, `stop`, `seed`, logprobs. Chat prompts are rendered
-with the model's own chat template; answers are what the model wrote (no disclaimer added).
+(no key needed), GET / (the chat page in nanohuatuo/static/) and OPTIONS on any of them (a
+browser's CORS preflight). The wire format follows OpenAI's closely enough that the official
+`openai` client, our judge, evaluate.py, distill.py and lm-evaluation-harness's local-completions
+use it unchanged: streaming as server-sent events (a role delta, content deltas, the finish_reason,
+then `data: [DONE]`), usage in every answer, `n`, `stop`, `seed`, logprobs, prompt log-probs with
+`echo`. What a request may ask and how an answer is shaped is nanohuatuo/openai_api.py (fields the
+server would not honour are refused there with a 400 naming them); this module is the HTTP side.
+Chat prompts are rendered with the model's own chat template; answers are what the model wrote.
+
+LoRA adapters: `--adapter DIR` is merged into the weights (the base's name then serves it);
+`--lora NAME=DIR ...` serves each adapter under its own name next to the base, and a request's
+`model` picks one, as vLLM's --lora-modules. They run unmerged on the one base and one KV cache,
+each batch row through its own adapter (nanohuatuo/multi_lora.py: two small extra products per
+adapted layer and step, nothing while every row runs the base); the base's tokenizer, chat
+template and generation defaults serve them all.
 
 How a request flows: a handler thread (one per connection) checks the request and renders the
 prompt; `EngineLoop.submit` (nanohuatuo/engine_loop.py) adds it to the engine; one engine thread calls
 `engine.step()` in a loop, turns each new token into text (a StreamDecoder, so no half characters;
 text that may be the start of a stop string is held back) and puts the pieces on the request's
-queue; the handler writes them to the client. A client that goes away is noticed between tokens and its rows are cancelled, so the
-slot is free at the next step. When slots plus --max-queue sequences are in flight, new requests are
-answered 429 with Retry-After instead of piling up.
+queue; the handler writes them to the client. A client that goes away is noticed between tokens
+and its rows are cancelled, so the slot is free at the next step. When slots plus --max-queue
+sequences are in flight, new requests are answered 429 with Retry-After instead of piling up.
 
 The HTTP layer is the standard library's ThreadingHTTPServer: the server needs little of a
 framework (JSON in, JSON or an event stream out, a thread per client that blocks on a queue), and
 the engine already runs its own thread, so threads read more plainly than an asyncio bridge. It is
 meant for a trusted network (loopback by default, an optional API key); put a reverse proxy in
-front of it, or use vLLM, to face the internet.
+front of it, or use vLLM, to face the internet. CORS: every answer carries
+Access-Control-Allow-Origin: * by default, as vLLM's, so a page on another origin can call it
+(with the API key if one is set); --cors-origin names the origins allowed, or none.
 """
 
 import hmac
-import json
 import os
-import re
 import sys
 import threading
 import time
@@ -36,38 +46,38 @@ from dataclasses import dataclass
 from http.server import ThreadingHTTPServer
 from pathlib import Path
 
-from .cli import UserError, arg, cli_main, resolve_device, resolve_dtype
-from .engine import Engine, SamplingParams
+from .cli import ModelFlags, UserError, arg, cli_main, resolve_device, resolve_dtype
+from .engine import Engine
 from .engine_loop import EngineLoop, GenerationFailed, QueueFull
 from .generate import load_for_inference
-from .httpjson import APIError, ClientGone, JSONHandler, type_name
-from .templates import generation_defaults, render_prompt, stop_strings, stop_token_ids
+from .httpjson import APIError, ClientGone, JSONHandler
+from .multi_lora import attach_adapters
+from .openai_api import OpenAIProtocol, joined_logprobs
+from .templates import generation_defaults, stop_strings, stop_token_ids
 
 STATIC = Path(__file__).parent / "static"
 MAX_BODY = 16 * 2**20  # bytes of request JSON accepted
-MAX_STOP = 16  # stop strings per request (OpenAI allows 4; a few more cost nothing)
-MAX_TOP_LOGPROBS = 20  # OpenAI's limit for chat (5 for completions)
-ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 
 
 @dataclass
-class ServeConfig:
-    model: str = arg("", "model directory (Hugging Face layout)")
+class ServeConfig(ModelFlags):
     adapter: str | None = arg(None, "LoRA adapter directory (PEFT layout), merged at load")
+    lora: list[str] = arg([], "LoRA adapters served by name next to the base, unmerged: NAME=DIR ... (a "
+                              "request's 'model' picks one)", metavar="NAME=DIR")
     host: str = arg("127.0.0.1", "address to listen on (0.0.0.0 for every interface: set --api-key then)")
     port: int = arg(8000, "port to listen on (0: any free port, printed at start)")
-    model_name: str | None = arg(None, "the model name clients ask for (default: the model directory's name)")
-    template: str = arg("auto", "chat template: auto (the model's own) or a name (huatuo, huatuo2, chatml, ...)")
-    device: str = arg("auto", "auto (cuda if available), cpu, cuda, cuda:1, ...")
-    dtype: str = arg("auto", "auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16 or float16")
+    served_model_name: str | None = arg(None, "the model name the server advertises and clients ask for (default: "
+                                              "the model directory's name)", old=("--model-name",))
     int8: bool = arg(False, "int8 weight-only quantisation (a 7B model in about 7.5 GB)")
     compile: bool = arg(False, "torch.compile the decode step (CUDA graphs; slow first requests)")
-    slots: int = arg(16, "sequences decoded together in one batch (also the largest n)")
+    batch_size: int = arg(16, "sequences decoded together (engine slots; also the largest n)", old=("--slots",))
     max_len: int = arg(4096, "context window per sequence, prompt plus answer, in tokens (at most the model's); "
-                             "the KV cache holds slots x max-len tokens")
+                             "the KV cache holds batch-size x max-len tokens")
     max_queue: int = arg(64, "sequences allowed to wait for a slot; beyond that requests get 429")
     api_key: str | None = arg(None, "require 'Authorization: Bearer KEY' on every route but /health "
                                     "(default: env NANOHUATUO_API_KEY, else no key)")
+    cors_origin: str = arg("*", "origins a browser page may call the API from (Access-Control-Allow-Origin): "
+                                "* for any, as vLLM; a comma-separated list; none for no CORS headers")
     log_requests: bool = arg(True, "print one line per request on stderr")
 
 
@@ -85,98 +95,36 @@ def load_model(cfg: ServeConfig):
         raise UserError(f"--model {cfg.model}: no such directory")
     if cfg.adapter and not Path(cfg.adapter).is_dir():
         raise UserError(f"--adapter {cfg.adapter}: no such directory")
+    loras = lora_flags(cfg)
     device = resolve_device(cfg.device)
     # a broken template fails here (resolve_template renders a probe), not per request
-    return load_for_inference(cfg.model, cfg.adapter, resolve_dtype(cfg.dtype, device), device, cfg.int8,
-                              cfg.template, what="serving")
+    model, tok, template = load_for_inference(cfg.model, cfg.adapter, resolve_dtype(cfg.dtype, device), device,
+                                              cfg.int8, cfg.template, what="serving")
+    if loras:
+        attach_adapters(model, loras)
+    return model, tok, template
 
 
-# ----------------------------------------------------------------------------- requests
-
-@dataclass
-class Job:
-    """A checked request: what to generate and how to answer."""
-    kind: str  # "chat" or "completion"
-    prompts: list  # token ids per prompt (chat: one)
-    params: SamplingParams
-    n: int
-    stops: list  # stop strings cut from the text
-    stream: bool
-    include_usage: bool
-    logprobs: bool
-    top_logprobs: int
-    echo: list | None = None  # completions with echo: the prompt text per prompt
-
-
-def _get(body, name, kinds, default=None, lo=None, hi=None):
-    """body[name] checked against the JSON kinds ("integer", "number", "boolean", "string") and [lo, hi]."""
-    v = body.get(name)
-    if v is None:
-        return default
-    ok = {"integer": isinstance(v, int) and not isinstance(v, bool),
-          "number": isinstance(v, (int, float)) and not isinstance(v, bool),
-          "boolean": isinstance(v, bool), "string": isinstance(v, str)}
-    if not any(ok[k] for k in kinds):
-        raise APIError(400, f"'{name}' must be {' or '.join(kinds)}, got {type_name(v)} {json.dumps(v)[:40]}",
-                       param=name, code="invalid_type")
-    if (lo is not None and v < lo) or (hi is not None and v > hi):
-        bound = f"at least {lo}" if hi is None else f"at most {hi}" if lo is None else f"between {lo} and {hi}"
-        raise APIError(400, f"'{name}' is {v}; it must be {bound}", param=name, code="invalid_value")
-    return v
+def lora_flags(cfg: ServeConfig) -> dict[str, str]:
+    """{name: directory} from --lora NAME=DIR ..., checked: names unique and not the base's."""
+    loras = {}
+    for item in cfg.lora:
+        name, eq, path = item.partition("=")
+        if not eq or not name or not path:
+            raise UserError(f"--lora {item}: expected NAME=DIR (the name clients ask for, the adapter's directory)")
+        if name in loras or name == served_name(cfg):
+            raise UserError(f"--lora {item}: the name {name!r} is taken (each adapter needs its own, not the base's)")
+        if not Path(path).is_dir():
+            raise UserError(f"--lora {item}: no such directory {path}")
+        loras[name] = path
+    if loras and cfg.compile:
+        raise UserError("--compile cannot be used with --lora: the per-row adapter choice changes every step, "
+                        "which CUDA graphs would freeze")
+    return loras
 
 
-def _stops(body):
-    stop = body.get("stop")
-    if stop is None:
-        return []
-    stop = [stop] if isinstance(stop, str) else stop
-    if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
-        raise APIError(400, "'stop' must be a string or an array of strings", param="stop", code="invalid_type")
-    if len(stop) > MAX_STOP:
-        raise APIError(400, f"'stop' has {len(stop)} strings; at most {MAX_STOP}", param="stop",
-                       code="invalid_value")
-    return [s for s in stop if s]
-
-
-def _content(message, i):
-    content = message.get("content")
-    if content is None:
-        return ""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):  # content parts: only text can be served by a text model
-        texts = []
-        for j, part in enumerate(content):
-            if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
-                raise APIError(400, f"messages[{i}].content[{j}]: only text parts are supported",
-                               param=f"messages[{i}].content", code="invalid_value")
-            texts.append(part["text"])
-        return "".join(texts)
-    raise APIError(400, f"messages[{i}].content must be a string or an array of text parts, got "
-                        f"{type_name(content)}", param=f"messages[{i}].content", code="invalid_type")
-
-
-def chat_messages(body):
-    """The request's messages as [{"role", "content"}] with OpenAI's role names mapped to the template's."""
-    messages = body.get("messages")
-    if messages is None:
-        raise APIError(400, "'messages' is required: a list of {role, content} objects", param="messages",
-                       code="missing_required_parameter")
-    if not isinstance(messages, list) or not messages:
-        raise APIError(400, "'messages' must be a non-empty array of {role, content} objects", param="messages",
-                       code="invalid_value")
-    out = []
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict):
-            raise APIError(400, f"messages[{i}] must be an object with 'role' and 'content', got {type_name(m)}",
-                           param=f"messages[{i}]", code="invalid_type")
-        role = m.get("role")
-        if role not in ROLES:
-            what = "is not supported by this server (no tools)" if role in ("tool", "function") else "is unknown"
-            raise APIError(400, f"messages[{i}].role {json.dumps(role)} {what}; use system, user or assistant",
-                           param=f"messages[{i}].role", code="invalid_value")
-        out.append({"role": ROLES[role], "content": _content(m, i)})
-    return out
+def served_name(cfg: ServeConfig) -> str:
+    return cfg.served_model_name or Path(cfg.model).resolve().name
 
 
 # ----------------------------------------------------------------------------- the service
@@ -188,167 +136,21 @@ class Service:
         self.cfg = cfg
         self.tok, self.template = tok, template
         # what a request leaves out: the model's generation_config.json, else OpenAI's defaults
-        self.defaults = {"temperature": 1.0, "top_p": 1.0, "top_k": 0, "repetition_penalty": 1.0,
-                         **generation_defaults(cfg.model, cfg.adapter or None)}
-        self.name = cfg.model_name or Path(cfg.model).resolve().name
+        defaults = {"temperature": 1.0, "top_p": 1.0, "top_k": 0, "repetition_penalty": 1.0,
+                    **generation_defaults(cfg.model, cfg.adapter or None)}
+        self.name = served_name(cfg)
+        bank = getattr(model, "adapter_bank", None)
+        self.names = [self.name] + (bank.names if bank else [])  # adapter id = index
         self.context = min(cfg.max_len, model.config.max_seq_len) if cfg.max_len > 0 else model.config.max_seq_len
         self.api_key = cfg.api_key if cfg.api_key is not None else os.environ.get("NANOHUATUO_API_KEY") or None
-        self.chat_stop_ids = tuple(sorted(stop_token_ids(tok, template)))
-        self.raw_stop_ids = tuple(sorted(tok.stop_ids))
-        self.template_stops = stop_strings(template)
+        origins = cfg.cors_origin.strip()
+        self.cors = set() if origins in ("", "none") else {o.strip() for o in origins.split(",") if o.strip()}
+        self.api = OpenAIProtocol(tok, template, defaults, self.context, cfg.batch_size, self.names,
+                                  sorted(stop_token_ids(tok, template)), stop_strings(template))
         self.created = int(time.time())
-        engine = engine or Engine(model, tokenizer=tok, slots=cfg.slots, max_len=self.context, compile=cfg.compile)
-        self.runner = EngineLoop(engine, tok, capacity=cfg.slots + cfg.max_queue)
-
-    # --- checking requests
-
-    def check_model(self, body):
-        model = body.get("model")
-        if model is None:
-            raise APIError(400, f"'model' is required; this server serves {self.name!r}", param="model",
-                           code="missing_required_parameter")
-        if not isinstance(model, str):
-            raise APIError(400, f"'model' must be a string, got {type_name(model)}", param="model",
-                           code="invalid_type")
-        if model != self.name:
-            raise APIError(404, f"The model {model!r} does not exist; this server serves {self.name!r}",
-                           param="model", code="model_not_found")
-
-    def sampling(self, body, prompt_len, chat):
-        """SamplingParams from the request fields, checked against the context window."""
-        limit = self.context - prompt_len
-        if limit < 1:
-            raise APIError(400, f"This model's maximum context length is {self.context} tokens, but the prompt is "
-                                f"{prompt_len} tokens; shorten the messages", param="messages" if chat else "prompt",
-                           code="context_length_exceeded")
-        name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
-        max_tokens = _get(body, name, ["integer"], default=None)
-        if max_tokens is not None and max_tokens < 1:
-            raise APIError(400, f"'{name}' is {max_tokens}; it must be at least 1", param=name, code="invalid_value")
-        if max_tokens is not None and max_tokens > limit:
-            raise APIError(400, f"This model's maximum context length is {self.context} tokens; you asked for "
-                                f"{prompt_len + max_tokens} ({prompt_len} in the prompt, {max_tokens} in the "
-                                f"answer); lower '{name}' to at most {limit}", param=name,
-                           code="context_length_exceeded")
-        seed = _get(body, "seed", ["integer"])
-        ignore_eos = _get(body, "ignore_eos", ["boolean"], default=False)  # vLLM's extension, for benchmarks
-        d = self.defaults
-        return SamplingParams(
-            max_new_tokens=max_tokens or limit,
-            temperature=float(_get(body, "temperature", ["number"], d["temperature"], 0, 2)),
-            top_p=float(_get(body, "top_p", ["number"], d["top_p"], 0, 1)),
-            top_k=max(0, _get(body, "top_k", ["integer"], d["top_k"], -1, None)),  # vLLM's extension; -1: off
-            repetition_penalty=float(_get(body, "repetition_penalty", ["number"], d["repetition_penalty"], 0.01, 10)),
-            stop_ids=() if ignore_eos else (self.chat_stop_ids if chat else self.raw_stop_ids),
-            seed=None if seed is None else seed % 2**63,
-        )
-
-    def common(self, body, job_kwargs):
-        n = _get(body, "n", ["integer"], 1)
-        if not 1 <= n <= self.cfg.slots:
-            raise APIError(400, f"'n' is {n}; it must be between 1 and {self.cfg.slots} (the server's --slots)",
-                           param="n", code="invalid_value")
-        stream = _get(body, "stream", ["boolean"], False)
-        options = body.get("stream_options") or {}
-        if not isinstance(options, dict):
-            raise APIError(400, "'stream_options' must be an object", param="stream_options", code="invalid_type")
-        include_usage = _get(options, "include_usage", ["boolean"], False)
-        return Job(n=n, stream=stream, include_usage=bool(stream and include_usage), **job_kwargs)
-
-    def chat_job(self, body) -> Job:
-        self.check_model(body)
-        messages = chat_messages(body)
-        try:
-            prompt = render_prompt(messages, self.tok, self.template)
-        except ValueError as e:
-            raise APIError(400, str(e), param="messages", code="invalid_value") from None
-        params = self.sampling(body, len(prompt), chat=True)
-        logprobs = _get(body, "logprobs", ["boolean"], False)
-        top = _get(body, "top_logprobs", ["integer"], 0, 0, MAX_TOP_LOGPROBS)
-        if top and not logprobs:
-            raise APIError(400, "'top_logprobs' needs 'logprobs': true", param="top_logprobs", code="invalid_value")
-        params.logprobs, params.top_logprobs = logprobs, top
-        return self.common(body, dict(kind="chat", prompts=[prompt], params=params,
-                                      stops=_stops(body) + self.template_stops, logprobs=logprobs,
-                                      top_logprobs=top))
-
-    def completion_job(self, body) -> Job:
-        self.check_model(body)
-        prompts = self.raw_prompts(body.get("prompt"))
-        params = self.sampling(body, max(len(p) for p in prompts), chat=False)
-        top = _get(body, "logprobs", ["integer"], None, 0, 5)
-        params.logprobs, params.top_logprobs = top is not None, top or 0
-        echo = _get(body, "echo", ["boolean"], False)
-        return self.common(body, dict(kind="completion", prompts=prompts, params=params, stops=_stops(body),
-                                      logprobs=top is not None, top_logprobs=top or 0,
-                                      echo=[self.tok.decode(p) for p in prompts] if echo else None))
-
-    def raw_prompts(self, prompt):
-        """Token ids per prompt: a string, an array of strings, an array of ids or of id arrays."""
-        if prompt is None:
-            raise APIError(400, "'prompt' is required", param="prompt", code="missing_required_parameter")
-        if isinstance(prompt, str) or (isinstance(prompt, list) and prompt and all(isinstance(i, int) for i in prompt)):
-            prompt = [prompt]
-        if not isinstance(prompt, list) or not prompt:
-            raise APIError(400, "'prompt' must be a string, an array of strings or of token ids", param="prompt",
-                           code="invalid_type")
-        if len(prompt) > self.cfg.slots:
-            raise APIError(400, f"'prompt' holds {len(prompt)} prompts; at most {self.cfg.slots}", param="prompt",
-                           code="invalid_value")
-        out = []
-        for p in prompt:
-            if isinstance(p, str):
-                ids = self.tok.encode(p, bos=self.tok.add_bos)
-            elif isinstance(p, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in p):
-                if any(not 0 <= i < self.tok.vocab_size for i in p):
-                    raise APIError(400, f"'prompt': token ids must be in [0, {self.tok.vocab_size})", param="prompt",
-                                   code="invalid_value")
-                ids = list(p)
-            else:
-                raise APIError(400, "'prompt' must be a string, an array of strings or of token ids",
-                               param="prompt", code="invalid_type")
-            if not ids:
-                raise APIError(400, "'prompt' is empty", param="prompt", code="invalid_value")
-            out.append(ids)
-        return out
-
-    # --- the answer's pieces
-
-    def token_text(self, token):
-        """(text, bytes) of one token as logprobs show it; a byte-fallback piece (part of a character)
-        is written as OpenAI does, "\\xe5", with its byte."""
-        piece = self.tok.id_to_token(token) or ""
-        m = re.fullmatch(r"<0x([0-9A-Fa-f]{2})>", piece)
-        if m:
-            return "\\x" + m.group(1).lower(), [int(m.group(1), 16)]
-        text = self.tok.decode([token], skip_special=False, continuation=True, replacement=True)
-        return text, list(text.encode("utf-8"))
-
-    def chat_logprobs(self, lps):
-        content = []
-        for token, logprob, top, _ in lps:
-            text, raw = self.token_text(token)
-            tops = []
-            for t, lp in (top or [])[:MAX_TOP_LOGPROBS]:
-                t_text, t_raw = self.token_text(t)
-                tops.append({"token": t_text, "logprob": lp, "bytes": t_raw})
-            content.append({"token": text, "logprob": logprob, "bytes": raw, "top_logprobs": tops})
-        return {"content": content, "refusal": None}
-
-    def completion_logprobs(self, lps, echo_len):
-        tokens, token_lps, tops, offsets = [], [], [], []
-        for token, logprob, top, offset in lps:
-            tokens.append(self.token_text(token)[0])
-            token_lps.append(logprob)
-            tops.append({self.token_text(t)[0]: lp for t, lp in top} if top is not None else None)
-            offsets.append(echo_len + offset)
-        return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops, "text_offset": offsets}
-
-    def usage(self, ticket):
-        completion = sum(c.tokens for c in ticket.choices)
-        return {"prompt_tokens": ticket.prompt_tokens, "completion_tokens": completion,
-                "total_tokens": ticket.prompt_tokens + completion}
-
+        engine = engine or Engine(model, tokenizer=tok, slots=cfg.batch_size, max_len=self.context,
+                                  compile=cfg.compile)
+        self.runner = EngineLoop(engine, tok, capacity=cfg.batch_size + cfg.max_queue)
 
 # ----------------------------------------------------------------------------- HTTP
 
@@ -364,6 +166,19 @@ class Handler(JSONHandler):
         if self.svc.cfg.log_requests:
             print(f'{self.client_address[0]} "{self.command} {self.path}" {status}{extra}', file=sys.stderr,
                   flush=True)
+
+    def end_headers(self):
+        # every answer (errors, event streams and preflights too) says which origins may read it
+        headers = getattr(self, "headers", None)  # absent when the request line itself was refused
+        origin = headers.get("Origin") if headers is not None else None
+        allowed = self.svc.cors
+        if "*" in allowed and origin:
+            self.send_header("Access-Control-Allow-Origin", "*")
+        elif allowed:  # a list: the origin is named back if it is on it, else the browser withholds the answer
+            if origin in allowed:
+                self.send_header("Access-Control-Allow-Origin", origin)
+            self.send_header("Vary", "Origin")
+        super().end_headers()
 
     def send_error_body(self, err: APIError):
         self.send_json(err.status, err.body(), err.headers)
@@ -382,8 +197,10 @@ class Handler(JSONHandler):
         try:
             if self.command == "POST":
                 raw = self.read_body(MAX_BODY)  # read first, so a refused request leaves the connection clean
-            # the page is public (a browser cannot send a key to load it; it asks for one); /health too
-            if path not in ("/", "/health", "/index.html") and not self.authorized():
+            # the page is public (a browser cannot send a key to load it; it asks for one); /health too;
+            # a CORS preflight never carries the key (the browser sends it on the request that follows)
+            public = path in ("/", "/health", "/index.html") or self.command == "OPTIONS"
+            if not public and not self.authorized():
                 raise APIError(401, "a valid API key is required: send 'Authorization: Bearer KEY'",
                                code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
             handler = routes.get(path)
@@ -418,36 +235,55 @@ class Handler(JSONHandler):
     def do_POST(self):
         self.route({"/v1/chat/completions": self.chat, "/v1/completions": self.completions})
 
+    def do_OPTIONS(self):
+        paths = ("/", "/index.html", "/health", "/v1/models", "/v1/chat/completions", "/v1/completions")
+        self.route({p: self.preflight for p in paths})
+
     # --- routes
 
     def page(self):
         self.send_bytes(200, (STATIC / "index.html").read_bytes(), "text/html; charset=utf-8",
                         {"Cache-Control": "no-cache"})
 
+    def preflight(self):
+        """A browser's CORS preflight: the methods and headers the request that follows may use."""
+        headers = {"Allow": "GET, POST, OPTIONS", "Content-Length": "0"}
+        origin = self.headers.get("Origin")
+        if origin and ("*" in self.svc.cors or origin in self.svc.cors):
+            headers.update({"Access-Control-Allow-Methods": "GET, POST, OPTIONS",
+                            "Access-Control-Allow-Headers": self.headers.get("Access-Control-Request-Headers")
+                            or "Authorization, Content-Type",
+                            "Access-Control-Max-Age": "600"})
+        self.send_response_only(204)
+        for k, v in headers.items():
+            self.send_header(k, v)
+        self.end_headers()
+        self.log_line(204)
+
     def health(self):
         r = self.svc.runner
         self.send_json(200, {"status": "ok", "model": self.svc.name, "in_flight": r.in_flight,
                              "capacity": r.capacity, "cancelled": r.cancelled})
 
-    def model_card(self):
-        return {"id": self.svc.name, "object": "model", "created": self.svc.created, "owned_by": "nanohuatuo",
-                "max_model_len": self.svc.context}
+    def model_card(self, name):
+        """A served model as /v1/models lists it; an adapter names its base in `parent`, as vLLM's."""
+        svc = self.svc
+        return {"id": name, "object": "model", "created": svc.created, "owned_by": "nanohuatuo",
+                "root": svc.name, "parent": None if name == svc.name else svc.name, "max_model_len": svc.context}
 
     def models(self):
-        self.send_json(200, {"object": "list", "data": [self.model_card()]})
+        self.send_json(200, {"object": "list", "data": [self.model_card(n) for n in self.svc.names]})
 
     def model_info(self):
         name = self.path.split("?", 1)[0][len("/v1/models/"):]
-        if name != self.svc.name:
-            raise APIError(404, f"The model {name!r} does not exist; this server serves {self.svc.name!r}",
-                           param="model", code="model_not_found")
-        self.send_json(200, self.model_card())
+        self.svc.api.adapter_of({"model": name})  # 404 for a name not served
+        self.send_json(200, self.model_card(name))
 
     def chat(self, body):
-        self.answer(self.svc.chat_job(body), "chatcmpl")
+        self.answer(self.svc.api.chat_job(body), "chatcmpl")
 
     def completions(self, body):
-        self.answer(self.svc.completion_job(body), "cmpl")
+        self.answer(self.svc.api.completion_job(body), "cmpl")
 
     # --- answering
 
@@ -456,16 +292,17 @@ class Handler(JSONHandler):
         want, capacity = len(job.prompts) * job.n, svc.runner.capacity
         if want > capacity:  # would never fit: not a reason to retry
             raise APIError(400, f"the request needs {want} sequences (prompts x n); this server holds at most "
-                                f"{capacity} (--slots plus --max-queue)", param="n", code="invalid_value")
+                                f"{capacity} (--batch-size plus --max-queue)", param="n", code="invalid_value")
         try:
-            ticket = svc.runner.submit(job.prompts, job.params, job.n, job.stops, strip_end=job.kind == "chat")
+            ticket = svc.runner.submit(job.prompts, job.params, job.n, job.stops, strip_end=job.kind == "chat",
+                                       adapter=job.adapter, prompt_only=job.prompt_only)
         except QueueFull:
             raise APIError(429, f"the server is busy ({capacity} sequences in flight or waiting); "
                                 f"retry shortly", type="rate_limit_error", code="queue_full",
                            headers={"Retry-After": "1"}) from None
         except ValueError as e:  # the engine refused a prompt
             raise APIError(400, str(e), param="prompt", code="invalid_value") from None
-        head = {"id": f"{prefix}-{uuid.uuid4().hex[:24]}", "created": int(time.time()), "model": svc.name,
+        head = {"id": f"{prefix}-{uuid.uuid4().hex[:24]}", "created": int(time.time()), "model": job.model,
                 "system_fingerprint": "nanohuatuo"}
         try:
             if job.stream:
@@ -474,7 +311,7 @@ class Handler(JSONHandler):
                 self.whole_answer(job, ticket, head)
         finally:
             svc.runner.cancel(ticket)  # a no-op once every choice finished; frees the rows of a client gone
-        u = svc.usage(ticket)
+        u = svc.api.usage(ticket)
         self.log_line(200, f" {u['prompt_tokens']} prompt + {u['completion_tokens']} completion tokens, "
                            f"{time.perf_counter() - ticket.t0:.2f} s")
 
@@ -486,8 +323,18 @@ class Handler(JSONHandler):
         except GenerationFailed as e:
             raise APIError(500, str(e), type="server_error") from None
 
+    def echo_logprobs(self, job, ticket, index, lps):
+        """A completion choice's logprobs object: with echo, the prompt's tokens and log-probs first."""
+        api = self.svc.api
+        echo = job.echo[index // job.n] if job.echo else ""
+        answer = api.completion_logprobs(lps, len(echo)) if lps or not job.echo else None
+        if not job.echo:
+            return answer
+        prompt = job.prompts[index // job.n]
+        return joined_logprobs(api.prompt_logprobs(prompt, ticket.choices[index].prompt_logprobs), answer)
+
     def whole_answer(self, job, ticket, head):
-        svc = self.svc
+        api = self.svc.api
         texts = [""] * len(ticket.choices)
         lps = [[] for _ in ticket.choices]
         for index, text, logprobs, _ in self.messages(ticket):
@@ -498,18 +345,19 @@ class Handler(JSONHandler):
             if job.kind == "chat":
                 choices.append({"index": c.index, "message": {"role": "assistant", "content": texts[c.index],
                                                               "refusal": None},
-                                "logprobs": svc.chat_logprobs(lps[c.index]) if job.logprobs else None,
+                                "logprobs": api.chat_logprobs(lps[c.index]) if job.logprobs else None,
                                 "finish_reason": c.finish_reason})
             else:
                 echo = job.echo[c.index // job.n] if job.echo else ""
                 choices.append({"index": c.index, "text": echo + texts[c.index],
-                                "logprobs": svc.completion_logprobs(lps[c.index], len(echo)) if job.logprobs else None,
+                                "logprobs": self.echo_logprobs(job, ticket, c.index, lps[c.index])
+                                if job.logprobs else None,
                                 "finish_reason": c.finish_reason})
         obj = "chat.completion" if job.kind == "chat" else "text_completion"
-        self.send_json(200, {**head, "object": obj, "choices": choices, "usage": svc.usage(ticket)})
+        self.send_json(200, {**head, "object": obj, "choices": choices, "usage": api.usage(ticket)})
 
     def stream_answer(self, job, ticket, head):
-        svc = self.svc
+        api = self.svc.api
         chat = job.kind == "chat"
         self.streaming = True
         self.begin_event_stream()
@@ -523,32 +371,41 @@ class Handler(JSONHandler):
             if chat:
                 delta = {"role": "assistant", "content": ""} if role else ({"content": text} if text else {})
                 choice = {"index": index, "delta": delta,
-                          "logprobs": svc.chat_logprobs(lps) if job.logprobs and lps else None,
+                          "logprobs": api.chat_logprobs(lps) if job.logprobs and lps else None,
                           "finish_reason": reason}
             else:
                 choice = {"index": index, "text": text,
-                          "logprobs": svc.completion_logprobs(lps, echo_len[index]) if job.logprobs and lps else None,
+                          "logprobs": api.completion_logprobs(lps, echo_len[index]) if job.logprobs and lps else None,
                           "finish_reason": reason}
             self.event({**base, "choices": [choice], **({"usage": usage} if usage else {})})
 
-        for c in ticket.choices:
-            if chat:
+        def echo_chunk(index):
+            # sent with the choice's first piece: the prompt's log-probs come with the first token
+            logprobs = api.prompt_logprobs(job.prompts[index // job.n], ticket.choices[index].prompt_logprobs) \
+                if job.logprobs else None
+            self.event({**base, "choices": [{"index": index, "text": job.echo[index // job.n], "logprobs": logprobs,
+                                             "finish_reason": None}]})
+
+        if chat:
+            for c in ticket.choices:
                 chunk(c.index, "", [], None, role=True)
-            elif job.echo:
-                chunk(c.index, job.echo[c.index // job.n], [], None)
+        echoed = set()
         try:
             for index, text, lps, reason in self.messages(ticket):
+                if job.echo and index not in echoed:
+                    echoed.add(index)
+                    echo_chunk(index)
                 if text or lps:
                     chunk(index, text, lps, None)
                 if reason is not None:
                     unfinished -= 1
                     # usage in every answer: on the last chunk, unless asked for as a chunk of its own
                     last = not unfinished and not job.include_usage
-                    chunk(index, "", [], reason, usage=svc.usage(ticket) if last else None)
+                    chunk(index, "", [], reason, usage=api.usage(ticket) if last else None)
         except APIError as e:  # the engine failed after the answer began: say so in the stream
             self.event(e.body())
         if job.include_usage:
-            self.event({**base, "choices": [], "usage": svc.usage(ticket)})
+            self.event({**base, "choices": [], "usage": api.usage(ticket)})
         self.end_event_stream()
 
 
@@ -586,9 +443,9 @@ class Server(ThreadingHTTPServer):
 
 def make_server(cfg: ServeConfig, model=None, tok=None, template=None, engine=None) -> Server:
     """A Server for cfg (the model loaded from cfg.model unless given), bound but not started."""
-    if cfg.slots < 1 or cfg.max_queue < 0 or cfg.max_len < 0:
-        raise UserError(f"--slots {cfg.slots}, --max-queue {cfg.max_queue}, --max-len {cfg.max_len}: need slots >= 1, "
-                        f"max-queue >= 0 and max-len >= 0")
+    if cfg.batch_size < 1 or cfg.max_queue < 0 or cfg.max_len < 0:
+        raise UserError(f"--batch-size {cfg.batch_size}, --max-queue {cfg.max_queue}, --max-len {cfg.max_len}: need "
+                        f"batch-size >= 1, max-queue >= 0 and max-len >= 0")
     if model is None:
         model, tok, template = load_model(cfg)
     try:
@@ -605,7 +462,7 @@ def run(cfg: ServeConfig) -> int:
               file=sys.stderr)
     try:
         svc.runner.start()
-        print(f"serving {svc.name} (template {svc.template}, context {svc.context}, {cfg.slots} slots) on "
+        print(f"serving {svc.name} (template {svc.template}, context {svc.context}, {cfg.batch_size} slots) on "
               f"{server.url}: chat page at {server.url}/, API at {server.url}/v1", flush=True)
         server.serve_forever()
     except KeyboardInterrupt:
@@ -624,7 +481,7 @@ USAGE = """Serve a model as an OpenAI-compatible endpoint, with a chat page at /
     client = OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="EMPTY")
     client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "头痛怎么办？"}])
 
-NAME is the model directory's name (or --model-name); GET /v1/models lists it. Routes:
+NAME is the model directory's name (or --served-model-name); GET /v1/models lists it. Routes:
 /v1/chat/completions, /v1/completions, /v1/models, /health (no key needed) and / (the chat page).
 Models are not medical advice: everything they say must be checked by a doctor."""
 

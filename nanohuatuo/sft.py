@@ -5,7 +5,8 @@
     torchrun --nproc_per_node 8 train_sft.py --fsdp ...   # FSDP for models that do not fit one GPU
 
 What happens, in order (`_train` is the loop, `train_step` one optimizer step; read them top to bottom):
-- Data: schema JSONL files (data.load_conversations), a held-out split (--eval-frac, or --eval-data),
+- Data: conversation files (data.load_conversations: schema JSONL, or OpenAI `messages`, ShareGPT
+  or Alpaca rows in JSONL, a JSON array, Parquet or a datasets folder), a held-out split (--eval-frac, or --eval-data),
   optional per-source resampling (data.mix_sources). Each conversation is rendered with its chat
   template (--template auto: the model's own; templates.render -> ids and the mask of assistant
   tokens), and the outputs carry that template in their tokenizer files. A conversation longer than
@@ -34,7 +35,7 @@ LoRA (default, --lora-r 8, on every attention and MLP projection) or full fine-t
 LoRA trains float32 adapters on a frozen base kept in --dtype; full fine-tuning keeps float32
 master weights under autocast. Outputs in --out: LoRA: adapter_config.json +
 adapter_model.safetensors (PEFT layout); full: config.json + safetensors + tokenizer files;
---merge adds the merged full model in out/merged.
+--save-merged adds the merged full model in out/merged.
 
 FSDP (--fsdp, torch's fully_shard): every transformer block is one shard unit and the rest
 (embedding, final norm, output matrix) the root unit. Gradients are reduce-scattered after every
@@ -60,12 +61,13 @@ import torch
 import torch.nn as nn
 
 from . import checkpoint, dist
-from .cli import UserError, arg, cli_main, prepare_out, resolve_dtype
+from .cli import (ExportFlags, LoRAFlags, ModelFlags, TrainLoopFlags, UserError, arg, cli_main, like, prepare_out,
+                  resolve_dtype, write_config)
 from .data import load_conversations, mix_sources, split_heldout
 from .dist import Dist
 from .lora import apply_lora, default_targets, load_adapter, merge_and_unload, save_adapter
 from .losses import IGNORE, linear_cross_entropy, output_weight
-from .metrics import MetricsLog, plot_metrics
+from .metrics import REPORT_TO_HELP, MetricsLog, check_report_to, plot_metrics
 from .model import Transformer
 from .quant import QUANT_HELP, QUANTS
 from .templates import render, resolve_template, save_chat_template
@@ -76,49 +78,47 @@ WINDOW = 64  # global batches per length-sorted window
 
 
 @dataclass
-class SFTConfig:
-    model: str = arg("", "model directory to fine-tune (Hugging Face layout with tokenizer files)")
-    data: list[str] = arg([], "schema JSONL file(s) to train on", metavar="FILE")
-    out: str = arg("out/sft", "output directory: adapter or model, metrics.jsonl, loss.png, checkpoints/")
-    template: str = arg("auto", "chat template: auto (the model's own), or a name (huatuo, huatuo2, chatml, ...)")
+class SFTConfig(ExportFlags, TrainLoopFlags, LoRAFlags, ModelFlags):
+    model: str = like(ModelFlags, "model",
+                      help="model directory to fine-tune (Hugging Face layout with tokenizer files)")
+    data: list[str] = arg([], "conversation file(s) to train on: schema JSONL, or OpenAI messages, ShareGPT or "
+                                "Alpaca rows (JSONL, JSON array, Parquet, datasets folder)", metavar="FILE")
+    out: str = like(TrainLoopFlags, "out", "out/sft", "output directory: adapter or model, metrics.jsonl, loss.png, "
+                                                      "checkpoints/")
     source_weights: dict[str, float] | None = arg(
         None, "resample sources, e.g. distilled_instructions=1,real_doctor_instructions=2; sources not named are "
               "dropped (data.mix_sources)", metavar="SOURCE=W,...")
-    eval_data: list[str] | None = arg(None, "held-out JSONL file(s); default: --eval-frac of --data", metavar="FILE")
+    eval_data: list[str] | None = arg(None, "held-out conversation file(s), as --data; default: --eval-frac of --data", metavar="FILE")
     eval_frac: float = arg(0.05, "fraction of --data held out for the eval loss when --eval-data is not given")
     max_len: int = arg(2048, "tokens per conversation; longer ones keep their first max_len tokens")
     # what is trained
-    lora_r: int = arg(8, "LoRA rank; 0 means full fine-tuning")
-    lora_alpha: float = arg(16.0, "LoRA alpha (scaling alpha / r)")
     lora_dropout: float = arg(0.05, "dropout on the LoRA input")
-    lora_targets: list[str] = arg([], "LoRA target modules (default: every attention and MLP linear of the family)",
-                                  metavar="NAME")
     lr: float | None = arg(None, "peak learning rate (default 5e-5 full fine-tuning, 1e-4 LoRA)")
     allow_high_lr: bool = arg(False, f"allow a LoRA learning rate above {LORA_LR_LIMIT:g}")
     # schedule and batches
     epochs: int = arg(3, "passes over the training data (ignored with --max-steps)")
-    max_steps: int | None = arg(None, "optimizer steps in all (the cosine schedule spans them)")
-    stop_after: int | None = arg(None, "stop after this step as if interrupted (checkpoint written; resume later)")
-    batch_size: int = arg(128, "global batch: conversations per optimizer step, over all processes")
-    micro_batch_size: int = arg(2, "conversations per forward pass per process (accumulation = the rest)")
+    max_steps: int | None = like(TrainLoopFlags, "max_steps",
+                                 help="optimizer steps in all (the cosine schedule spans them)")
+    batch_size: int = like(TrainLoopFlags, "batch_size", 128,
+                           "global batch: conversations per optimizer step, over all processes")
+    micro_batch_size: int = like(TrainLoopFlags, "micro_batch_size", 2, "conversations per forward pass per process "
+                                                                        "(accumulation = the rest)")
     weight_decay: float = arg(0.1, "AdamW weight decay on matrices (norms and biases get none)")
     warmup_frac: float = arg(0.05, "fraction of the steps spent in linear warm-up")
-    max_grad_norm: float = arg(1.0, "clip the global gradient norm to this (0: off)")
-    grad_checkpointing: bool = arg(False, "recompute each block's activations in backward (less memory)")
+    max_grad_norm: float = like(TrainLoopFlags, "max_grad_norm",
+                                help="clip the global gradient norm to this (0: off)")
     quant: str = arg("none", QUANT_HELP, choices=list(QUANTS))
     seed: int = arg(0, "seed of the split, the shuffles, LoRA init and dropout")
     # bookkeeping
     eval_every: int = arg(200, "held-out loss every N steps (and before the first step and at the end)")
-    save_every: int = arg(500, "checkpoint every N steps (and at the end)")
-    keep_checkpoints: int = arg(2, "checkpoints kept in out/checkpoints (older ones are deleted)")
+    save_every: int = like(TrainLoopFlags, "save_every", 500)
+    keep_checkpoints: int = like(TrainLoopFlags, "keep_checkpoints", 2)
     log_every: int = arg(1, "print progress every N steps (metrics.jsonl gets every step)")
-    resume: bool = arg(False, "continue the interrupted run in --out from its last checkpoint")
-    overwrite: bool = arg(False, "delete what --out holds and start again")
-    merge: bool = arg(False, "also write the merged full model to out/merged (LoRA)")
+    report_to: list[str] = arg([], REPORT_TO_HELP, metavar="TRACKER")
+    save_merged: bool = like(ExportFlags, "save_merged", help="also write the merged full model to out/merged (LoRA)")
     # hardware
-    device: str = arg("auto", "auto (cuda if available), cpu, cuda, cuda:1, ...")
-    dtype: str = arg("auto", "compute dtype: auto (bfloat16 autocast on CUDA, float32 on CPU), float32, bfloat16",
-                     choices=["auto", "float32", "bfloat16", "float16"])
+    dtype: str = like(ModelFlags, "dtype", help="compute dtype: auto (bfloat16 autocast on CUDA, float32 on CPU), "
+                                               "float32, bfloat16")
     fsdp: bool = arg(False, "shard parameters, gradients and optimizer state over the processes (torchrun)")
 
 
@@ -137,7 +137,8 @@ class Example(NamedTuple):
 def load_rows(cfg: SFTConfig) -> tuple[list[dict], list[dict], dict]:
     """Training and held-out rows: the split comes before resampling, so no duplicate lands on both sides."""
     if not cfg.data:
-        raise UserError("no training data: pass --data FILE [FILE ...] (schema JSONL, see nanohuatuo/data.py)")
+        raise UserError("no training data: pass --data FILE [FILE ...] (schema JSONL or another chat format, see "
+                        "nanohuatuo/data.py)")
     rows = [row for path in cfg.data for row in load_conversations(path)]
     if cfg.eval_data:
         train, held = rows, [row for path in cfg.eval_data for row in load_conversations(path)]
@@ -319,6 +320,7 @@ def train(cfg: SFTConfig) -> dict:
     Returns {"train_loss", "eval_loss", "first_eval_loss", "steps", "out", "tokens", "seconds",
     "stopped"} (eval losses None without held-out data; first_eval_loss is before step 1, None
     when resuming)."""
+    check_report_to(cfg.report_to)  # a missing tracker package is said now, not after the model loads
     d = dist.setup(cfg.device)
     try:
         with contextlib.ExitStack() as hold:  # holds the lock on --out until the run ends, however it ends
@@ -412,10 +414,12 @@ def _train(cfg: SFTConfig, d: Dist, hold: contextlib.ExitStack) -> dict:
 
     log = None
     if d.main:
-        checkpoint.atomic_json(out / "sft_config.json", dataclasses.asdict(cfg))
+        write_config(out, cfg, "sft")
         # rows logged after the checkpoint are written again by this run (every row, without one)
         checkpoint.truncate_jsonl(out / "metrics.jsonl", start_step if ckpt else -1)
-        log = MetricsLog(out / "metrics.jsonl", total_steps=total_steps, print_every=cfg.log_every)
+        log = MetricsLog(out / "metrics.jsonl", total_steps=total_steps, print_every=cfg.log_every,
+                         report_to=cfg.report_to, config=dataclasses.asdict(cfg))
+        hold.callback(log.close)
 
     first_eval = eval_loss = None
     if start_step == 0:
@@ -500,8 +504,8 @@ def save_checkpoint(cfg: SFTConfig, d: Dist, step: int, model, wrapped, optimize
 
 
 # settings that may change between a run and its resumption without changing the losses
-RESUMABLE = {"resume", "overwrite", "stop_after", "eval_every", "save_every", "keep_checkpoints", "log_every",
-             "merge", "device", "out"}
+RESUMABLE = {"resume", "overwrite", "report_to", "stop_after", "eval_every", "save_every", "keep_checkpoints",
+             "log_every", "save_merged", "device", "out"}
 
 
 def check_resume(cfg: SFTConfig, ckpt: Path, d: Dist, say) -> int:
@@ -518,7 +522,7 @@ def check_resume(cfg: SFTConfig, ckpt: Path, d: Dist, say) -> int:
 
 
 def write_outputs(cfg: SFTConfig, d: Dist, model: Transformer, tok: Tokenizer, template, say):
-    """The adapter (LoRA) or the full model with its tokenizer in cfg.out; with --merge the merged model.
+    """The adapter (LoRA) or the full model with its tokenizer in cfg.out; with --save-merged the merged model.
     Each carries the chat template it was trained with, so transformers and vLLM render that format."""
     host = dist.gather_model(model, d, cfg.fsdp)
     if not d.main:
@@ -532,9 +536,9 @@ def write_outputs(cfg: SFTConfig, d: Dist, model: Transformer, tok: Tokenizer, t
         tok.save_pretrained(out)
         say(f"model: {out} (config.json, safetensors, tokenizer)")
     save_chat_template(out, tok, template)
-    if cfg.merge:
+    if cfg.save_merged:
         if not cfg.lora_r:
-            say("--merge: full fine-tuning already wrote a full model; nothing to merge")
+            say("--save-merged: full fine-tuning already wrote a full model; nothing to merge")
             return
         if (cfg.fsdp and d.world > 1) or cfg.quant != "none":
             # the shadow holds only the adapter, or the base is 4-bit: merge onto a freshly loaded full base

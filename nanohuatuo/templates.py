@@ -386,12 +386,15 @@ def render_turns(messages: list[dict], tok: Tokenizer, template) -> list[tuple[l
     return [masked_ids(tok, text, spans)] + [masked_ids(tok, through, [span]) for _, through, span in rewritten]
 
 
-def render_prompt(messages: list[dict], tok: Tokenizer, template) -> list[int]:
-    """Token ids to generate the next assistant turn from: the conversation plus the assistant opener."""
+def render_prompt(messages: list[dict], tok: Tokenizer, template, variables: dict | None = None) -> list[int]:
+    """Token ids to generate the next assistant turn from: the conversation plus the assistant opener.
+
+    variables: extra names a Jinja template can read (a server's `chat_template_kwargs`, such as
+    Qwen3's `enable_thinking`); the named templates read none."""
     template = _as_template(template, tok)
     _check(messages, "user")
     if template.is_jinja:
-        return tok.encode(render_jinja_text(messages, tok, template, True))
+        return tok.encode(render_jinja_text(messages, tok, template, True, variables))
     return [i for segment, _ in _segments(messages, tok, template.name, prompt=True) for i in segment]
 
 

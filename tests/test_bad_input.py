@@ -36,7 +36,7 @@ CASES = {
     "truncated": ["model.safetensors", "truncated"],
     "no_tokenizer": ["tokenizer"],
 }
-SCRIPTS = ["chat.py", "train_sft.py", "train_rm.py", "train_ppo.py", "-m nanohuatuo.sampling"]
+SCRIPTS = ["chat.py", "train_sft.py", "train_rm.py", "train_dpo.py", "train_ppo.py", "-m nanohuatuo.sampling"]
 
 DRIVER = r'''
 import contextlib, io, json, os, runpy, sys, traceback, warnings
@@ -117,12 +117,12 @@ def _argv(script, model, d, out):
     if script == "train_sft.py":
         return ["--model", model, "--data", d["sft"], "--out", out, "--max-steps", "1", "--batch-size", "2",
                 "--micro-batch-size", "2", "--device", "cpu"]
-    if script == "train_rm.py":
+    if script in ("train_rm.py", "train_dpo.py"):
         return ["--model", model, "--data", d["prefs"], "--out", out, "--max-steps", "1", "--device", "cpu"]
     if script == "train_ppo.py":  # the policy and the reward model are both the broken directory
-        return ["--model", model, "--reward", model, "--prompts", d["prompts"], "--out", out,
+        return ["--model", model, "--reward", model, "--data", d["prompts"], "--out", out,
                 "--max-steps", "1", "--batch-size", "2", "--device", "cpu"]
-    return ["--model", model, "--prompts", d["prompts"], "--out", os.path.join(out, "samples.jsonl"), "--k", "2",
+    return ["--model", model, "--data", d["prompts"], "--out", os.path.join(out, "samples.jsonl"), "--k", "2",
             "--max-new-tokens", "4", "--device", "cpu"]
 
 
@@ -136,10 +136,10 @@ def _extra_chat_cases(d):
         "budget": ("chat.py", ["--model", d["good"], "--prompt", QUESTION, "--max-new-tokens", "1024"]),
         "long_question": ("chat.py", ["--model", d["good"], "--prompt", "头痛" * 400, "--max-new-tokens", "8",
                                    "--template", "huatuo"]),
-        "data_convert_empty": ("-m nanohuatuo.data", ["convert", "--format", "huatuo_sft", "--in", empty,
+        "data_convert_empty": ("-m nanohuatuo.data", ["convert", "--format", "huatuo_sft", "--data", empty,
                                                       "--out", out]),
-        "data_prompts_empty": ("-m nanohuatuo.data", ["prompts", "--in", empty, "--out", out]),
-        "data_mix_empty": ("-m nanohuatuo.data", ["mix", "--in", empty, "--weights", "other=1", "--out", out]),
+        "data_prompts_empty": ("-m nanohuatuo.data", ["prompts", "--data", empty, "--out", out]),
+        "data_mix_empty": ("-m nanohuatuo.data", ["mix", "--data", empty, "--weights", "other=1", "--out", out]),
     }
 
 

@@ -9,7 +9,8 @@ import torch
 
 from nanohuatuo import ModelConfig, Transformer, Tokenizer
 from nanohuatuo import chat
-from nanohuatuo.chat import load_for_chat, reply
+from nanohuatuo.chat import reply
+from nanohuatuo.generate import load_for_inference
 from nanohuatuo.generate import generate
 from nanohuatuo.templates import PromptTooLong, fit_prompt, render_prompt
 from nanohuatuo.tokenizer import train_sentencepiece
@@ -32,7 +33,7 @@ def tiny_dir(tmp_path_factory):
 
 
 def test_one_shot_reply_is_greedy_generation(tiny_dir):
-    model, tok, template = load_for_chat(tiny_dir, template="huatuo")
+    model, tok, template = load_for_inference(tiny_dir, template="huatuo")
     msgs = [{"role": "user", "content": "头痛怎么办？"}]
     text = reply(model, tok, template, msgs, max_new_tokens=20, temperature=0.0)
     ids = render_prompt(msgs, tok, template)
@@ -62,7 +63,7 @@ def test_cli_one_shot_and_interactive(tiny_dir):
                           "--max-new-tokens", "8", "--temperature", "0"], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
-    model, tok, template = load_for_chat(tiny_dir)
+    model, tok, template = load_for_inference(tiny_dir)
     want = reply(model, tok, template, [{"role": "user", "content": "头痛怎么办？"}], max_new_tokens=8,
                  temperature=0.0)
     assert out.stdout.strip() == want.strip()  # one-shot: stdout is the answer alone
@@ -84,7 +85,7 @@ def _history(n, system=True):
 
 
 def test_budget_keeps_system_and_question_and_drops_whole_turns(tiny_dir, monkeypatch):
-    model, tok, _ = load_for_chat(tiny_dir, template="huatuo")
+    model, tok, _ = load_for_inference(tiny_dir, template="huatuo")
     msgs = _history(6)
     full = render_prompt(msgs, tok, "huatuo")
     last = render_prompt([msgs[0], msgs[-1]], tok, "huatuo")
@@ -102,7 +103,7 @@ def test_budget_keeps_system_and_question_and_drops_whole_turns(tiny_dir, monkey
 
 
 def test_budget_refuses_what_cannot_fit(tiny_dir):
-    model, tok, _ = load_for_chat(tiny_dir, template="huatuo")
+    model, tok, _ = load_for_inference(tiny_dir, template="huatuo")
     msgs = _history(2)
     with pytest.raises(ValueError, match=r"--max-new-tokens 1024 leaves no room for a prompt in a 512-token context"):
         reply(model, tok, "huatuo", msgs, max_new_tokens=1024, context=1024)
@@ -147,7 +148,7 @@ def test_ctrl_c_stops_the_answer_and_keeps_the_conversation(tiny_dir, monkeypatc
 def test_int8_chat_and_lora_refused(tiny_dir):
     from nanohuatuo.lora import apply_lora
     from nanohuatuo.quant import Int8Linear, quantize_int8
-    model, tok, _ = load_for_chat(tiny_dir, template="huatuo", int8=True)
+    model, tok, _ = load_for_inference(tiny_dir, template="huatuo", int8=True)
     assert isinstance(model.layers[0].self_attn.q_proj, Int8Linear)
     assert isinstance(reply(model, tok, "huatuo", [{"role": "user", "content": "头痛怎么办？"}], max_new_tokens=4,
                             temperature=0.0), str)

@@ -66,3 +66,27 @@ def test_out_policy_and_lock(tmp_path):
     assert (out / "metrics.jsonl").exists()
     prepare_out(out, overwrite=True).release()
     assert [p.name for p in out.iterdir()] == [".lock"]
+
+
+@dataclass
+class Renamed:
+    data: list[str] = arg([], "input files", old=("--in",))
+    save_merged: bool = arg(False, "write the merged model", old=("--merge",))
+    judge: str = arg("endpoint", "who judges", choices=["endpoint", "offline"], old_values={"openai": "endpoint"})
+    max_retries: int = arg(5, "client retries", retired="--attempts")
+
+
+def test_old_spellings_work_hidden_with_one_line_of_deprecation(capsys):
+    text = make_parser(Renamed).format_help()
+    assert "--data" in text and "--save-merged" in text
+    assert not any(old in text for old in ("--in ", "--merge", "openai", "--max-retries"))
+    cfg = parse_config(Renamed, ["--in", "a,b", "--merge", "--judge", "openai", "--max-retries", "2"])
+    assert cfg == Renamed(data=["a", "b"], save_merged=True, judge="endpoint", max_retries=2)
+    assert capsys.readouterr().err.splitlines() == [
+        "warning: --in is deprecated and will be removed in the next release; use --data",
+        "warning: --merge is deprecated and will be removed in the next release; use --save-merged",
+        "warning: --judge openai is deprecated and will be removed in the next release; use --judge endpoint",
+        "warning: --max-retries is deprecated and will be removed in the next release; use --attempts"]
+    assert parse_config(Renamed, ["--no-merge"]) == Renamed()
+    assert "use --no-save-merged" in capsys.readouterr().err
+    assert parse_config(Renamed, []) == Renamed() and capsys.readouterr().err == ""

@@ -294,13 +294,13 @@ def test_stats():
 def test_cli_convert_mix_prompts_stats(tmp_path, capsys):
     sft = write_lines(tmp_path / "sft.jsonl", [jl({"data": [f"问：问题{i}", f"答：回答{i}"]}) for i in range(20)])
     q, a = write_cmedqa2(tmp_path)
-    assert data.main(["convert", "--format", "huatuo_sft", "--in", str(sft), "--out", str(tmp_path / "d.jsonl")]) == 0
-    assert data.main(["convert", "--format", "cmedqa2", "--in", str(q), str(a), "--all-answers", "--limit", "2",
+    assert data.main(["convert", "--format", "huatuo_sft", "--data", str(sft), "--out", str(tmp_path / "d.jsonl")]) == 0
+    assert data.main(["convert", "--format", "cmedqa2", "--data", str(q), str(a), "--all-answers", "--limit", "2",
                       "--out", str(tmp_path / "r.jsonl")]) == 0
     assert "wrote 20 rows" in capsys.readouterr().out
     assert [r["id"] for r in data.load_conversations(tmp_path / "r.jsonl")] == ["cmedqa2-1-10", "cmedqa2-1-12"]
 
-    assert data.main(["mix", "--in", str(tmp_path / "d.jsonl"), str(tmp_path / "r.jsonl"),
+    assert data.main(["mix", "--data", str(tmp_path / "d.jsonl"), str(tmp_path / "r.jsonl"),
                       "--weights", "distilled_instructions=1,real_doctor_instructions=2", "--seed", "0",
                       "--heldout", "0.1", "--heldout-out", str(tmp_path / "h.jsonl"), "--out", str(tmp_path / "m.jsonl")]) == 0
     mixed, held = data.load_conversations(tmp_path / "m.jsonl"), data.load_conversations(tmp_path / "h.jsonl")
@@ -310,11 +310,11 @@ def test_cli_convert_mix_prompts_stats(tmp_path, capsys):
         "real_doctor_instructions": 2 * (2 - held_sources["real_doctor_instructions"])}
     assert not {r["id"] for r in held} & {r["id"] for r in mixed}
 
-    assert data.main(["prompts", "--in", str(tmp_path / "d.jsonl"), "--out", str(tmp_path / "p.jsonl")]) == 0
+    assert data.main(["prompts", "--data", str(tmp_path / "d.jsonl"), "--out", str(tmp_path / "p.jsonl")]) == 0
     assert data.read_jsonl(tmp_path / "p.jsonl")[0] == {
         "id": "sft-1", "messages": [{"role": "user", "content": "问题0"}], "reference": "回答0", "department": None}
     capsys.readouterr()
-    assert data.main(["stats", "--in", str(tmp_path / "d.jsonl")]) == 0
+    assert data.main(["stats", "--data", str(tmp_path / "d.jsonl")]) == 0
     assert "20 rows" in capsys.readouterr().out
 
 
@@ -323,7 +323,7 @@ def test_cli_mix_drops_flagged_rows_unless_asked(tmp_path, capsys):
     rows += [conv("real_doctor_conversations", id="c0", flagged=True), conv("distilled_instructions", id="d0")]
     path = tmp_path / "polished.jsonl"
     data.write_jsonl(path, rows)
-    argv = ["mix", "--in", str(path), "--out", str(tmp_path / "m.jsonl"), "--weights",
+    argv = ["mix", "--data", str(path), "--out", str(tmp_path / "m.jsonl"), "--weights",
             "real_doctor_instructions=1,real_doctor_conversations=0,distilled_instructions=1"]
     assert data.main(argv) == 0
     out = capsys.readouterr().out
@@ -337,7 +337,7 @@ def test_cli_mix_drops_flagged_rows_unless_asked(tmp_path, capsys):
 def test_cli_reports_bad_input(tmp_path, capsys):
     bad = write_lines(tmp_path / "bad.jsonl", [jl({"data": ["问：a"]})])
     out = tmp_path / "out.jsonl"
-    assert data.main(["convert", "--format", "huatuo_sft", "--in", str(bad), "--out", str(out)]) == 2
+    assert data.main(["convert", "--format", "huatuo_sft", "--data", str(bad), "--out", str(out)]) == 2
     assert "bad.jsonl:1:" in capsys.readouterr().err
     assert not out.exists() and list(tmp_path.iterdir()) == [bad]
 
@@ -349,7 +349,7 @@ def test_cli_empty_input_is_an_error(tmp_path, capsys, command):
     empty = tmp_path / "empty.jsonl"
     empty.write_text("\n\n")
     out = tmp_path / "out.jsonl"
-    assert data.main(command + ["--in", str(empty), "--out", str(out)]) == 2
+    assert data.main(command + ["--data", str(empty), "--out", str(out)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and str(empty) in err and "empty" in err and err.count("\n") == 1
     assert not out.exists() and list(tmp_path.iterdir()) == [empty]
@@ -373,6 +373,16 @@ def test_iter_conversations_names_each_row(tmp_path):
 def test_module_cli_bad_input_one_line_exit_2(tmp_path):
     import subprocess
     import sys
-    r = subprocess.run([sys.executable, "-m", "nanohuatuo.data", "prompts", "--in", str(tmp_path / "none.jsonl"),
+    r = subprocess.run([sys.executable, "-m", "nanohuatuo.data", "prompts", "--data", str(tmp_path / "none.jsonl"),
                         "--out", str(tmp_path / "p.jsonl")], capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "none.jsonl" in r.stderr, r.stderr
+
+
+def test_old_in_spelling_still_works_with_a_deprecation_line(tmp_path, capsys):
+    src = tmp_path / "d.jsonl"
+    src.write_text(json.dumps({"id": "a", "source": "real_doctor_instructions", "messages": [
+        {"role": "user", "content": "头痛"}, {"role": "assistant", "content": "多休息"}]}, ensure_ascii=False) + "\n",
+        encoding="utf-8")
+    assert data.main(["prompts", "--in", str(src), "--out", str(tmp_path / "p.jsonl")]) == 0
+    assert capsys.readouterr().err == "warning: --in is deprecated and will be removed in the next release; use --data\n"
+    assert data.read_jsonl(tmp_path / "p.jsonl")[0]["id"] == "a"

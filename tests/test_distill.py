@@ -236,8 +236,8 @@ def endpoint(request, path):
 
 
 def base_args(srv, tmp_path, name, **extra):
-    args = ["--out", str(tmp_path / f"{name}.jsonl"), "--base-url", srv.base_url, "--model-name", "test-model",
-            "--api-key", "k", "--concurrency", "2"]
+    args = ["--out", str(tmp_path / f"{name}.jsonl"), "--teacher-base-url", srv.base_url, "--teacher-model-name",
+            "test-model", "--teacher-api-key", "k", "--concurrency", "2"]
     for key, value in extra.items():
         args += [f"--{key.replace('_', '-')}"] + ([str(v) for v in value] if isinstance(value, list) else [str(value)])
     return args
@@ -250,7 +250,7 @@ def bodies(requests, kinds=None):
 
 def test_instructions_rows_near_duplicates_and_summary(tmp_path, capsys):
     with ScriptedServer(endpoint) as srv:
-        report = D.run_instructions(D.command_config("instructions", base_args(srv, tmp_path, "di", n=10)))
+        report = D.run_instructions(D.command_config("instructions", base_args(srv, tmp_path, "di", limit=10)))
         sent = srv.requests
     rows = load_conversations(tmp_path / "di.jsonl")  # what train_sft.py reads
     assert len(rows) == report["rows"] == report["kept"] == 10
@@ -274,7 +274,7 @@ def test_instructions_rows_near_duplicates_and_summary(tmp_path, capsys):
 
     # a rerun sends nothing: every request is answered from the cache, with the same rows
     with ScriptedServer(endpoint) as srv:
-        again = D.run_instructions(D.command_config("instructions", base_args(srv, tmp_path, "di", n=10)))
+        again = D.run_instructions(D.command_config("instructions", base_args(srv, tmp_path, "di", limit=10)))
         assert srv.requests == []
     assert again["cached"] == again["requests"] == 14
     assert load_conversations(tmp_path / "di.jsonl") == rows
@@ -293,7 +293,7 @@ def test_malformed_replies_retried_then_skipped_and_counted(tmp_path):
 
     with ScriptedServer(handler) as srv:
         report = D.run_instructions(D.command_config(
-            "instructions", base_args(srv, tmp_path, "di", n=12, attempts=3)))
+            "instructions", base_args(srv, tmp_path, "di", limit=12, attempts=3)))
         sent = srv.requests
     gens = [b for _, b in sent if kind(b) == "generate"]
     asks = Counter(b["seed"] for b in gens)
@@ -355,7 +355,7 @@ def test_conversations_stop_at_stop_rule_and_turn_limit(tmp_path):
     Path(cases[1]).write_text(json.dumps(CASES_BC, ensure_ascii=False), encoding="utf-8")
     with ScriptedServer(conversation_endpoint) as srv:
         report = D.run_conversations(D.command_config(
-            "conversations", base_args(srv, tmp_path, "dc", cases=cases, max_turns=3)))
+            "conversations", base_args(srv, tmp_path, "dc", data=cases, max_turns=3)))
         sent = srv.requests
     rows = {r["case_id"]: r for r in load_conversations(tmp_path / "dc.jsonl")}
     assert set(rows) == {"rdi-1", "7", "8"} and report["rows"] == 3
@@ -381,7 +381,7 @@ def test_conversations_two_endpoints(tmp_path):
         return handler
 
     with ScriptedServer(only("patient")) as p, ScriptedServer(only("doctor")) as d:
-        args = base_args(p, tmp_path, "dc", cases=[cases], max_turns=3, patient_model_name="patient-model",
+        args = base_args(p, tmp_path, "dc", data=[cases], max_turns=3, patient_model_name="patient-model",
                          doctor_base_url=d.base_url)
         report = D.run_conversations(D.command_config("conversations", args))
         assert {b["model"] for _, b in p.requests} == {"patient-model"}
@@ -402,7 +402,7 @@ def test_conversation_with_an_unusable_doctor_turn_is_dropped(tmp_path):
     path.write_text(json.dumps(CASES_BC, ensure_ascii=False), encoding="utf-8")
     with ScriptedServer(handler) as srv:
         report = D.run_conversations(D.command_config(
-            "conversations", base_args(srv, tmp_path, "dc", cases=[str(path)], max_turns=3)))
+            "conversations", base_args(srv, tmp_path, "dc", data=[str(path)], max_turns=3)))
     assert [r["case_id"] for r in load_conversations(tmp_path / "dc.jsonl")] == ["7"]
     assert report["dropped"] == {"doctor turn unusable (empty turn)": 1}
 
@@ -443,7 +443,7 @@ def test_polish_keeps_original_and_flags_lost_facts(tmp_path, on_flag):
     data = write_jsonl(tmp_path / "real.jsonl", REAL)
     extra = {} if on_flag is None else {"on_flag": on_flag}
     with ScriptedServer(polish_endpoint) as srv:
-        report = D.run_polish(D.command_config("polish", ["--in", data] + base_args(srv, tmp_path, "p", **extra)))
+        report = D.run_polish(D.command_config("polish", ["--data", data] + base_args(srv, tmp_path, "p", **extra)))
         assert len(srv.requests) == 4  # every doctor turn, once
     rows = {r["id"]: r for r in load_conversations(tmp_path / "p.jsonl")}
     r1 = rows["r1"]
@@ -496,13 +496,13 @@ class Interrupting:
 def command_setup(command, tmp_path):
     """(handler, extra argv) of a small run of each command."""
     if command == "instructions":
-        return endpoint, ["--n", "8"]
+        return endpoint, ["--limit", "8"]
     if command == "conversations":
         cases = tmp_path / "bc.json"
         cases.write_text(json.dumps(CASES_BC, ensure_ascii=False), encoding="utf-8")
-        return conversation_endpoint, ["--cases", write_jsonl(tmp_path / "a.jsonl", [CASE_A]), str(cases),
+        return conversation_endpoint, ["--data", write_jsonl(tmp_path / "a.jsonl", [CASE_A]), str(cases),
                                        "--max-turns", "3"]
-    return polish_endpoint, ["--in", write_jsonl(tmp_path / "real.jsonl", REAL)]
+    return polish_endpoint, ["--data", write_jsonl(tmp_path / "real.jsonl", REAL)]
 
 
 @pytest.mark.parametrize("command", ["instructions", "conversations", "polish"])
@@ -538,7 +538,7 @@ def test_killed_process_resumes_from_the_cache(tmp_path):
         return endpoint(request, path)
 
     with ScriptedServer(hanging) as srv:
-        args = base_args(srv, tmp_path, "di", n=8, concurrency=1)
+        args = base_args(srv, tmp_path, "di", limit=8, concurrency=1)
         env = {**os.environ, "NO_PROXY": "127.0.0.1", "PYTHONPATH": str(ROOT)}
         proc = subprocess.Popen([sys.executable, str(ROOT / "distill.py"), "instructions"] + args, env=env,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -552,7 +552,7 @@ def test_killed_process_resumes_from_the_cache(tmp_path):
             proc.wait()
             release.set()
     with ScriptedServer(endpoint) as srv:
-        assert D.main(["instructions"] + base_args(srv, tmp_path, "di", n=8)) == 0
+        assert D.main(["instructions"] + base_args(srv, tmp_path, "di", limit=8)) == 0
         rest = bodies(srv.requests)
     assert len(answered) == 3 and not set(answered) & set(rest)
     assert len(load_conversations(tmp_path / "di.jsonl")) == 8
@@ -566,13 +566,13 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
     assert "unknown command 'distil'" in capsys.readouterr().err
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"medical_case": "病例"}\n{"question": "x"}\n', encoding="utf-8")
-    argv = ["conversations", "--cases", str(bad), "--out", str(tmp_path / "o.jsonl"), "--base-url",
-            "http://127.0.0.1:9/v1", "--model-name", "m"]
+    argv = ["conversations", "--data", str(bad), "--out", str(tmp_path / "o.jsonl"), "--teacher-base-url",
+            "http://127.0.0.1:9/v1", "--teacher-model-name", "m"]
     assert D.main(argv) == 2
     err = capsys.readouterr().err
     assert err == f"error: {bad}:2: expected a schema row ('messages') or a Med-dialog case ('medical_case')\n"
-    assert D.main(["polish", "--in", str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "o.jsonl"),
-                   "--base-url", "http://127.0.0.1:9/v1", "--model-name", "m"]) == 2
+    assert D.main(["polish", "--data", str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "o.jsonl"),
+                   "--teacher-base-url", "http://127.0.0.1:9/v1", "--teacher-model-name", "m"]) == 2
     assert "missing.jsonl" in capsys.readouterr().err
-    assert D.main(["instructions", "--out", str(tmp_path / "o.jsonl"), "--model-name", "m"]) == 2
-    assert "--base-url" in capsys.readouterr().err
+    assert D.main(["instructions", "--out", str(tmp_path / "o.jsonl"), "--teacher-model-name", "m"]) == 2
+    assert "--teacher-base-url" in capsys.readouterr().err

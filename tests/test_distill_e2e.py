@@ -64,14 +64,14 @@ def test_three_commands_on_serve_then_mix_and_sft(tmp_path, capsys):
     cases.write_text(json.dumps([CASE], ensure_ascii=False), encoding="utf-8")
     out = {name: str(tmp_path / f"{name}.jsonl") for name in ("di", "dc", "rd", "mix")}
 
-    cfg = serve.ServeConfig(model=model, port=0, template="huatuo", model_name="tiny", slots=4, device="cpu",
+    cfg = serve.ServeConfig(model=model, port=0, template="huatuo", served_model_name="tiny", batch_size=4, device="cpu",
                             log_requests=False)
     with serve.make_server(cfg).start() as srv:
-        common = ["--base-url", srv.url + "/v1", "--model-name", "tiny", "--max-new-tokens", "12", "--concurrency", "4"]
-        assert D.main(["instructions", "--n", "4", "--out", out["di"]] + common) == 0
-        assert D.main(["conversations", "--cases", real_path, str(cases), "--limit", "2", "--max-turns", "2",
+        common = ["--teacher-base-url", srv.url + "/v1", "--teacher-model-name", "tiny", "--max-new-tokens", "12", "--concurrency", "4"]
+        assert D.main(["instructions", "--limit", "4", "--out", out["di"]] + common) == 0
+        assert D.main(["conversations", "--data", real_path, str(cases), "--limit", "2", "--max-turns", "2",
                        "--out", out["dc"]] + common) == 0
-        assert D.main(["polish", "--in", real_path, "--out", out["rd"]] + common) == 0
+        assert D.main(["polish", "--data", real_path, "--out", out["rd"]] + common) == 0
     printed = capsys.readouterr().out
     assert "instructions: kept 4" in printed and "conversations: kept 2" in printed and "polish: kept 3" in printed
 
@@ -87,7 +87,7 @@ def test_three_commands_on_serve_then_mix_and_sft(tmp_path, capsys):
 
     weights = ",".join(f"{s}=1" for s in SOURCES)
     from nanohuatuo.data import main as data_main
-    assert data_main(["mix", "--in", out["di"], out["dc"], out["rd"], "--weights", weights, "--out", out["mix"]]) == 0
+    assert data_main(["mix", "--data", out["di"], out["dc"], out["rd"], "--weights", weights, "--out", out["mix"]]) == 0
     mixed = load_conversations(out["mix"])
     assert len(mixed) == 9 and {r["source"] for r in mixed} == set(SOURCES)
 

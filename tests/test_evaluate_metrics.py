@@ -185,11 +185,11 @@ def test_distinct_per_answer():
 
 
 def test_similarity_score_is_the_rlaif_offline_judges_score():
-    from nanohuatuo.feedback import OfflineJudge
+    from nanohuatuo.feedback import OfflineRanker
     hyps, refs = random_pairs(7, 30)
     items = [{"id": str(i), "question": "问", "reference": r, "answers": [hyps[i], hyps[i - 1], hyps[i - 2]]}
              for i, r in enumerate(refs) if len({hyps[i], hyps[i - 1], hyps[i - 2]}) == 3]
-    results = OfflineJudge().rank(items)
+    results = OfflineRanker().rank(items)
     assert len(items) > 20 and all(r["ranking"] is not None for r in results)
     for item, result in zip(items, results):
         scores = [similarity_score(a, item["reference"]) for a in item["answers"]]

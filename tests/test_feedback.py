@@ -1,4 +1,4 @@
-"""Tests for nanohuatuo.feedback: the ranking parser, OpenAIJudge against a scripted local
+"""Tests for nanohuatuo.feedback: the ranking parser, EndpointRanker against a scripted local
 OpenAI-compatible server (real openai client), the offline judge, preference records and the CLI."""
 
 import json
@@ -10,10 +10,10 @@ import pytest
 from fake_openai import ScriptedServer, completion
 
 from nanohuatuo.feedback import (
+    EndpointRanker,
     JudgeError,
     judged_answers,
-    OfflineJudge,
-    OpenAIJudge,
+    OfflineRanker,
     main,
     parse_ranking,
     rankings_to_preferences,
@@ -77,7 +77,7 @@ def ranks(best_first):
 
 def judge_for(server, tmp_path, **kw):
     kw = {"cache_path": tmp_path / "cache.sqlite", "progress_every": 0, **kw}
-    return OpenAIJudge(base_url=server.base_url, model="judge-test", api_key="EMPTY", **kw)
+    return EndpointRanker(base_url=server.base_url, model="judge-test", api_key="EMPTY", **kw)
 
 
 @pytest.mark.parametrize("text, n, expected", [
@@ -215,9 +215,9 @@ def test_rerun_is_served_from_cache(serve, tmp_path):
 
 
 def test_offline_judge_prefers_reference_like_and_sinks_repetition():
-    [result] = OfflineJudge().rank(make_items(1))
+    [result] = OfflineRanker().rank(make_items(1))
     assert result["ranking"][0] == 1 and result["ranking"][-1] == 0
-    [mixed] = OfflineJudge().rank(make_items(1), mixed=True)
+    [mixed] = OfflineRanker().rank(make_items(1), mixed=True)
     assert mixed["ranking"][0] == 3 and mixed["reference_rank"] == 0
 
 
@@ -272,25 +272,25 @@ def test_repeats_and_truncated_answers_are_left_out(serve, tmp_path, capsys):
         results = judge.rank([lone, item])
     assert results[0]["ranking"] is None and results[0]["error"].startswith("skipped")
     assert results[1]["ranking"] == [2, 0] and len(server.bodies()) == 1  # the other one came from the cache
-    [offline] = OfflineJudge().rank([lone])
+    [offline] = OfflineRanker().rank([lone])
     assert offline["ranking"] is None
 
 
 def test_truncated_last_ranks_cut_answers_below_finished_ones():
     item = make_items(1)[0]
     item["finished"] = [True, False, True]  # the best-scoring answer was cut
-    [dropped] = OfflineJudge().rank([item])
+    [dropped] = OfflineRanker().rank([item])
     assert dropped["ranking"] == [2, 0]
-    [last] = OfflineJudge(truncated="last").rank([item])
+    [last] = OfflineRanker(truncated="last").rank([item])
     assert last["ranking"] == [2, 0, 1] and last["dropped"] == {"truncated": 0, "duplicate": 0}
-    [mixed] = OfflineJudge(truncated="last").rank([item], mixed=True)
+    [mixed] = OfflineRanker(truncated="last").rank([item], mixed=True)
     assert mixed["ranking"] == [3, 2, 0, 1]
 
 
 def test_mixed_record_marks_the_doctor_reply():
     item = make_items(1)[0]
     item["answers"] = ANSWERS + [REFERENCE]  # a sampled answer equal to the doctor's reply is judged once
-    [result] = OfflineJudge().rank([item], mixed=True)
+    [result] = OfflineRanker().rank([item], mixed=True)
     assert result["dropped"]["duplicate"] == 1 and sorted(result["ranking"]) == [0, 1, 2, 4]
     [record] = rankings_to_preferences([item], [result])
     assert record["answers"][record["reference_index"]] == REFERENCE
@@ -335,13 +335,18 @@ def test_cli_openai_judge_and_old_flag_names(serve, tmp_path, capsys):
             "--cache", str(tmp_path / "c.sqlite")]
     assert main(args) == 0
     assert [json.loads(line)["answers"][0] for line in out.read_text(encoding="utf-8").splitlines()] == [ANSWERS[1]] * 2
-    assert "judge: 2 requests (0 cached)" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "judge: 2 requests (0 cached)" in err
+    assert ("warning: --in is deprecated and will be removed in the next release; use --data\n" in err
+            and "warning: --model is deprecated and will be removed in the next release; use --judge-model-name" in err)
+    args = ["rank", "--data", str(src), "--out", str(out), "--judge-base-url", server.base_url, "--judge-model-name",
+            "judge-test", "--cache", str(tmp_path / "c.sqlite")]
     assert main(args) == 0 and len(server.bodies()) == 2  # the rerun is served from the cache
     assert "judge: 2 requests (2 cached)" in capsys.readouterr().err
 
     auth = serve(lambda body, count: (401, {}, "invalid api key"))
-    args = ["rank", "--data", str(src), "--out", str(out), "--base-url", auth.base_url, "--model-name", "m",
-            "--cache", ""]
+    args = ["rank", "--data", str(src), "--out", str(out), "--judge-base-url", auth.base_url, "--judge-model-name",
+            "m", "--cache", ""]
     assert main(args) == 2
     err = capsys.readouterr().err
     assert "rejected the API key (401" in err and "Traceback" not in err

@@ -87,7 +87,7 @@ def test_judge_reward_ranks_each_group_against_the_doctor(tmp_path):
            [{"id": "b", "messages": [{"role": "user", "content": "w9"}], "reference": "看医生"}] * 3
     texts = ["w1 w2 w3", "w1", "w1 w2", "x", "yy", "zzz"]
     with ScriptedServer(shortest_first) as srv:
-        cfg = grpo.GRPOConfig(model="m", prompts="p.jsonl", out=str(tmp_path), base_url=srv.base_url,
+        cfg = grpo.GRPOConfig(model="m", data="p.jsonl", out=str(tmp_path), base_url=srv.base_url,
                               model_name="test-model", k=3)
         fn = grpo.judge_reward(cfg, 3)
         scores = fn(None, None, rows, texts)
@@ -123,7 +123,7 @@ def tiny(tmp_path_factory):
 
 
 def tiny_cfg(base, out, **kw):
-    d = dict(model=base, prompts=os.path.join(base, "prompts.jsonl"), out=str(out), template="plain", max_steps=2,
+    d = dict(model=base, data=os.path.join(base, "prompts.jsonl"), out=str(out), template="plain", max_steps=2,
              batch_size=4, k=4, max_new_tokens=6, micro_batch_size=8, lr=3e-3, lora_r=4, lora_alpha=8,
              sample_every=0, save_every=100, missing_eos_penalty=None, device="cpu",
              reward_fn=os.path.join(base, "rules.py") + ":short")
@@ -161,7 +161,7 @@ def test_stop_after_and_resume_match_an_uninterrupted_run(tiny, tmp_path):
 
 def test_cli_run_bad_reward_fn_and_flags(tiny, tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    args = [sys.executable, os.path.join(ROOT, "train_grpo.py"), "--model", tiny, "--prompts",
+    args = [sys.executable, os.path.join(ROOT, "train_grpo.py"), "--model", tiny, "--data",
             os.path.join(tiny, "prompts.jsonl"), "--template", "plain", "--max-steps", "1", "--batch-size", "2",
             "--k", "3", "--max-new-tokens", "4", "--lora-r", "4", "--device", "cpu", "--sample-every", "1"]
     r = subprocess.run(args + ["--out", str(tmp_path / "cli"), "--reward-fn", os.path.join(tiny, "rules.py") + ":short",
@@ -175,6 +175,6 @@ def test_cli_run_bad_reward_fn_and_flags(tiny, tmp_path):
     assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and "has no function nope" in bad.stderr
     assert "Traceback" not in bad.stderr
     from nanohuatuo.cli import parse_config
-    cfg = parse_config(grpo.GRPOConfig, ["--model", "m", "--prompts", "p", "--k", "8", "--advantage", "rloo",
+    cfg = parse_config(grpo.GRPOConfig, ["--model", "m", "--data", "p", "--k", "8", "--advantage", "rloo",
                                          "--no-scale-rewards", "--beta", "0.1", "--reward-fn", "mod:fn"])
     assert (cfg.k, cfg.advantage, cfg.scale_rewards, cfg.beta, cfg.reward_fn) == (8, "rloo", False, 0.1, "mod:fn")

@@ -187,7 +187,7 @@ def tiny(tmp_path_factory):
 
 
 def tiny_cfg(base, out, **kw):
-    d = dict(model=base, prompts=os.path.join(base, "prompts.jsonl"), out=str(out), template="plain",
+    d = dict(model=base, data=os.path.join(base, "prompts.jsonl"), out=str(out), template="plain",
              max_steps=2, batch_size=16, max_new_tokens=6, micro_batch_size=8, num_mini_batches=2, lr=3e-3,
              lora_r=4, lora_alpha=8, sample_every=0, save_every=100, missing_eos_penalty=None, device="cpu")
     d.update(kw)
@@ -225,14 +225,14 @@ def test_reference_is_the_model_without_the_adapter(tiny, tmp_path):
     with_sft = logp_of(Transformer.from_pretrained(base, adapter=sft), b)
     assert (plain - with_sft).abs().max() > 1e-2  # the SFT adapter matters
     for adapter, cont, want in [(None, False, plain), (sft, False, with_sft), (sft, True, with_sft)]:
-        m = ppo.load_policy(tiny_cfg(base, tmp_path, adapter=adapter, continue_adapter=cont))
+        m = ppo.build_models(tiny_cfg(base, tmp_path, adapter=adapter, continue_adapter=cont))
         torch.testing.assert_close(logp_of(m.model, b), want, atol=1e-5, rtol=0)  # step 0 is the SFT model
         randomise_lora(m.model)  # as if trained
         assert (logp_of(m.model, b) - want).abs().max() > 1e-2
         with ppo.reference(m):
             torch.testing.assert_close(logp_of(m.model, b), want, atol=1e-5, rtol=0)
     # no second copy: the reference runs on the very same parameters
-    m = ppo.load_policy(tiny_cfg(base, tmp_path))
+    m = ppo.build_models(tiny_cfg(base, tmp_path))
     with disabled_adapters(m.model):
         assert torch.equal(logp_of(m.model, b), plain)
 
@@ -240,7 +240,7 @@ def test_reference_is_the_model_without_the_adapter(tiny, tmp_path):
 def test_separate_critic_has_its_own_adapter_and_gradients(tiny, tmp_path):
     base, _ = tiny
     b = batch_for(base)
-    m = ppo.load_policy(tiny_cfg(base, tmp_path, critic="separate"))
+    m = ppo.build_models(tiny_cfg(base, tmp_path, critic="separate"))
     randomise_lora(m.model)
     torch.nn.init.normal_(m.value_head.weight, std=0.5)
     policy_logp = logp_of(m.model, b)
@@ -282,7 +282,7 @@ def test_shared_reward_model_matches_the_separate_one(tiny, rm_dir, tmp_path):
     tok = Tokenizer(base)
     for cont in (False, True):
         cfg = tiny_cfg(base, tmp_path, adapter=sft, continue_adapter=cont, reward=rm_dir)
-        m = ppo.load_policy(cfg)
+        m = ppo.build_models(cfg)
         randomise_lora(m.model)  # the policy's own adapter must not leak into the score
         rm, why = ppo.shared_reward_model(m, cfg, tok)
         assert rm is not None, why
@@ -356,12 +356,12 @@ from nanohuatuo import ppo
 from nanohuatuo.lora import lora_parameters
 def reward(prompts, responses, rows, texts):
     return torch.tensor([sum(7 <= t < 17 for t in r) / len(r) for r in responses])
-cfg = ppo.PPOConfig(model={base!r}, prompts={os.path.join(base, 'prompts.jsonl')!r}, out={str(tmp_path / 'out')!r},
+cfg = ppo.PPOConfig(model={base!r}, data={os.path.join(base, 'prompts.jsonl')!r}, out={str(tmp_path / 'out')!r},
                     template="plain", max_steps=2, batch_size=16, max_new_tokens=6, micro_batch_size=8, lr=3e-3,
                     lora_r=4, lora_alpha=8, sample_every=0, missing_eos_penalty=None, device="cpu")
 models = []
-orig = ppo.load_policy
-ppo.load_policy = lambda *a, **k: models.append(orig(*a, **k)) or models[-1]
+orig = ppo.build_models
+ppo.build_models = lambda *a, **k: models.append(orig(*a, **k)) or models[-1]
 ppo.train(cfg, reward)
 m = models[0]
 flat = torch.cat([p.detach().flatten() for p in lora_parameters(m.model)] + [m.value_head.weight.flatten()])
@@ -378,12 +378,12 @@ torch.save(flat, {str(tmp_path)!r} + f"/rank{{os.environ['RANK']}}.pt")
 
 def test_cli_flags_parse():
     from nanohuatuo.cli import parse_config
-    cfg = parse_config(ppo.PPOConfig, ["--model", "p", "--prompts", "x.jsonl", "--out", "o", "--reward", "r",
+    cfg = parse_config(ppo.PPOConfig, ["--model", "p", "--data", "x.jsonl", "--out", "o", "--reward", "r",
                           "--kl-estimator", "k3", "--adaptive-kl", "--missing-eos-penalty", "none",
                           "--critic", "separate", "--lora-targets", "q_proj,v_proj", "--max-steps", "3"])
     assert cfg.kl_estimator == "k3" and cfg.adaptive_kl and cfg.missing_eos_penalty is None
     assert cfg.critic == "separate" and cfg.lora_targets == ["q_proj", "v_proj"] and cfg.max_steps == 3
-    assert parse_config(ppo.PPOConfig, ["--model", "p", "--prompts", "x", "--out", "o"]).temperature == 0.7
+    assert parse_config(ppo.PPOConfig, ["--model", "p", "--data", "x", "--out", "o"]).temperature == 0.7
 
 
 def test_cli_run_with_reward_model_separate_critic_and_merged_export(tiny, rm_dir, tmp_path):
@@ -391,7 +391,7 @@ def test_cli_run_with_reward_model_separate_critic_and_merged_export(tiny, rm_di
     out = tmp_path / "cli"
     # no --adapter, so the reward model (trained on base + SFT) is loaded as its own model
     r = subprocess.run([sys.executable, os.path.join(ROOT, "train_ppo.py"), "--model", base, "--reward", rm_dir,
-                        "--prompts", os.path.join(base, "prompts.jsonl"), "--out", str(out), "--max-steps", "2",
+                        "--data", os.path.join(base, "prompts.jsonl"), "--out", str(out), "--max-steps", "2",
                         "--batch-size", "8", "--max-new-tokens", "4", "--template", "plain", "--lora-r", "4",
                         "--micro-batch-size", "4", "--critic", "separate", "--sample-every", "2", "--save-merged",
                         "--device", "cpu"], capture_output=True, text=True, timeout=120,
@@ -454,7 +454,7 @@ def test_huatuo_bases_load_the_base_once(tmp_path, family, monkeypatch, capsys):
     loads = []
     monkeypatch.setattr(reward_model, "load_reward_model",
                         lambda *a, **k: loads.append(a) or pytest.fail("second copy"))
-    out = ppo.train(tiny_cfg(base, tmp_path / "out", adapter=sft, reward=rm, prompts=os.path.join(base, "prompts.jsonl"),
+    out = ppo.train(tiny_cfg(base, tmp_path / "out", adapter=sft, reward=rm, data=os.path.join(base, "prompts.jsonl"),
                              max_steps=1, batch_size=4, micro_batch_size=4, num_mini_batches=1, max_new_tokens=4))
     said = capsys.readouterr().out
     assert "shares the policy's base" in said and "divided by 0.5" in said and not loads
@@ -465,7 +465,7 @@ def test_huatuo_bases_load_the_base_once(tmp_path, family, monkeypatch, capsys):
 
 def test_a_reward_model_that_cannot_share_says_why(tmp_path, capsys):
     base, sft, rm = family_run(tmp_path, "baichuan")
-    ppo.train(tiny_cfg(base, tmp_path / "out", adapter=sft, reward=rm, prompts=os.path.join(base, "prompts.jsonl"),
+    ppo.train(tiny_cfg(base, tmp_path / "out", adapter=sft, reward=rm, data=os.path.join(base, "prompts.jsonl"),
                        lora_targets=["o_proj"], max_steps=1, batch_size=4, micro_batch_size=4, max_new_tokens=2))
     assert "cannot share the policy's base (its LoRA layers" in capsys.readouterr().out
 
@@ -489,10 +489,10 @@ def test_stop_string_answers_end_on_the_end_token(tiny, tmp_path, monkeypatch):
                           finished=[True, True, False][:len(prompts)])
     monkeypatch.setattr(rollout, "generate_batch", fake)
     cfg = tiny_cfg(base, tmp_path)
-    m = ppo.load_policy(cfg)
+    m = ppo.build_models(cfg)
     seen = []
     reward = Scorer(lambda p, r, rows, texts: seen.append((r, texts)) or torch.ones(len(r)))
-    rows, prompts = rollout.load_prompts(cfg.prompts, tok, "plain", 64)
+    rows, prompts = rollout.load_prompts(cfg.data, tok, "plain", 64)
     from nanohuatuo.dist import Dist
     exp = ppo.make_experience(m, cfg, 0.0, prompts[:3], rows[:3], reward, None, tok, [EOS], stop, EOS, 0,
                               Dist(0, 1, torch.device("cpu")))

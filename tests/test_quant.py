@@ -160,7 +160,7 @@ def test_qlora_sft_cli_writes_an_adapter_for_the_full_base(tmp_path, base):
     data, out = write_jsonl(tmp_path / "d.jsonl", rows), tmp_path / "out"
     assert sft.main(["--model", base, "--data", data, "--out", str(out), "--quant", "nf4", "--lora-r", "4",
                      "--max-steps", "2", "--batch-size", "4", "--eval-frac", "0", "--lr", "2e-4", "--template", "plain",
-                     "--grad-checkpointing", "--merge", "--device", "cpu"]) == 0
+                     "--grad-checkpointing", "--save-merged", "--device", "cpu"]) == 0
     tuned = Transformer.from_pretrained(base, adapter=out)  # the adapter loads on the full-precision base
     merged = Transformer.from_pretrained(out / "merged")
     ids = torch.tensor([[1, 5, 9, 30, 60, 7]])
@@ -173,7 +173,7 @@ def test_qlora_reward_model_trains_and_loads_in_4_bits(tmp_path, base):
     prefs = [{"id": f"p{i}", "prompt": TEXTS[0], "answers": [TEXTS[4] + TEXTS[1], TEXTS[2]]} for i in range(8)]
     data = write_jsonl(tmp_path / "prefs.jsonl", prefs)
     cfg = reward.RMConfig(model=base, data=[data], out=str(tmp_path / "rm"), template="plain", lora_r=4, lr=3e-3,
-                          eval_frac=0.25, max_steps=2, batch_prompts=2, quant="nf4", device="cpu", seed=0)
+                          eval_frac=0.25, max_steps=2, batch_size=2, quant="nf4", device="cpu", seed=0)
     reward.train(cfg)
     rm = load_reward_model(cfg.out, device="cpu", quant="nf4")
     assert isinstance(rm.model.layers[0].self_attn.q_proj.base, NF4Linear)
@@ -199,11 +199,11 @@ def test_qlora_ppo_step_with_a_merged_sft_adapter(tmp_path):
     model.source_dir = str(d)
     save_adapter(model, tmp_path / "sft")
     write_jsonl(d / "prompts.jsonl", [{"messages": [{"role": "user", "content": f"w{i} w{i + 1}"}]} for i in range(8)])
-    cfg = ppo.PPOConfig(model=str(d), adapter=str(tmp_path / "sft"), prompts=str(d / "prompts.jsonl"),
+    cfg = ppo.PPOConfig(model=str(d), adapter=str(tmp_path / "sft"), data=str(d / "prompts.jsonl"),
                         out=str(tmp_path / "ppo"), template="plain", max_steps=1, batch_size=4, max_new_tokens=4,
                         micro_batch_size=4, lora_r=4, lora_alpha=8, sample_every=0, missing_eos_penalty=None,
                         quant="nf4", grad_checkpointing=True, save_merged=True, device="cpu")
-    m = ppo.load_policy(cfg, device="cpu", dtype=torch.float32)
+    m = ppo.build_models(cfg, device="cpu", dtype=torch.float32)
     assert isinstance(m.model.layers[0].self_attn.q_proj.base, NF4Linear) and m.sft is not None
     summary = ppo.train(cfg, reward_fn=lambda p, r, rows, t: torch.tensor([len(x) / 4.0 for x in r]))
     assert summary["steps"] == 1

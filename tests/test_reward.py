@@ -206,7 +206,7 @@ def test_errors_name_the_problem(base, tmp_path):
 # ----------------------------------------------------------------------------- checkpoints, resume, --out
 
 def _rm_cfg(path, data, out, **kw):
-    kw = {**dict(template="plain", lora_r=4, lr=3e-3, eval_frac=0.2, eval_every=3, batch_prompts=4, seed=0,
+    kw = {**dict(template="plain", lora_r=4, lr=3e-3, eval_frac=0.2, eval_every=3, batch_size=4, seed=0,
                  device="cpu", lora_dropout=0.1, save_every=100), **kw}
     return reward.RMConfig(model=path, data=[data], out=str(out), **kw)
 
@@ -285,3 +285,12 @@ def test_score_statistics_leave_out_the_doctors_reply(base, tmp_path):
     bad = write_jsonl(tmp_path / "bad.jsonl", [{**_with_reference(rows[:1])[0], "reference_index": 7}])
     with pytest.raises(DataError, match=r"bad.jsonl:1: reference_index 7"):
         reward.read_preferences(bad, tok, "plain")
+
+
+def test_torchrun_is_refused_in_one_line(monkeypatch, capsys):
+    # the reward model has no data-parallel path: two processes would each train and write their own copy
+    from nanohuatuo import reward
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert reward.main(["--model", "m", "--data", "p.jsonl"]) == 2
+    assert capsys.readouterr().err == ("error: train_rm.py runs in one process (it has no data-parallel path, unlike "
+                                       "SFT and PPO); start it with python, not torchrun\n")

@@ -154,14 +154,14 @@ def test_cli_endpoint(tmp_path, monkeypatch, capsys):
     prompts.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in PROMPTS[:2]), encoding="utf-8")
     out = tmp_path / "samples.jsonl"
     with ScriptedServer(lambda req, path: completion(["甲", "乙"], req, finish_reason=["stop", "length"])) as srv:
-        args = ["--base-url", srv.base_url, "--model-name", "m", "--prompts", str(prompts), "--out", str(out),
+        args = ["--base-url", srv.base_url, "--model-name", "m", "--data", str(prompts), "--out", str(out),
                 "--k", "2", "--top-k", "20", "--cache", str(tmp_path / "c.sqlite")]
         assert sampling.main(args) == 0
         items = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
         assert [(it["answers"], it["finished"]) for it in items] == [(["甲", "乙"], [True, False])] * 2
         assert srv.requests[0][1]["top_k"] == 20  # sent as an extra body field
         assert "sampling: 2 requests (0 cached)" in capsys.readouterr().out
-    assert sampling.main(["--prompts", str(prompts), "--out", str(out)]) == 2
+    assert sampling.main(["--data", str(prompts), "--out", str(out)]) == 2
     assert "either --model" in capsys.readouterr().err
 
 
@@ -172,7 +172,7 @@ def test_cli_sample_rank_train(tiny, tmp_path):
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
     samples, prefs = tmp_path / "samples.jsonl", tmp_path / "prefs.jsonl"
-    args = ["--model", path, "--prompts", str(prompts), "--out", str(samples), "--k", "3", "--max-new-tokens", "6",
+    args = ["--model", path, "--data", str(prompts), "--out", str(samples), "--k", "3", "--max-new-tokens", "6",
             "--template", "plain", "--temperature", "1.0", "--device", "cpu"]
     assert sampling.main(args + ["--limit", "2"]) == 0
     assert [json.loads(line)["id"] for line in samples.read_text().splitlines()] == ["a", "b"]

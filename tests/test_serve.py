@@ -46,13 +46,13 @@ def tiny(tmp_path_factory):
 
 
 def start(tiny, **kw):
-    cfg = ServeConfig(model=tiny[0], port=0, template=TEMPLATE, model_name=NAME, log_requests=False, **kw)
+    cfg = ServeConfig(model=tiny[0], port=0, template=TEMPLATE, served_model_name=NAME, log_requests=False, **kw)
     return make_server(cfg).start()
 
 
 @pytest.fixture(scope="module")
 def server(tiny):
-    srv = start(tiny, slots=4, max_queue=8)
+    srv = start(tiny, batch_size=4, max_queue=8)
     yield srv
     srv.close()
 
@@ -149,7 +149,7 @@ def test_the_models_own_chat_template(tmp_path):
     config["chat_template"] = ("{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}"
                                "{% if add_generation_prompt %}assistant:{% endif %}")
     json.dump(config, open(os.path.join(d, "tokenizer_config.json"), "w"))
-    srv = make_server(ServeConfig(model=d, port=0, slots=1, log_requests=False)).start()
+    srv = make_server(ServeConfig(model=d, port=0, batch_size=1, log_requests=False)).start()
     try:
         model, tok = Transformer.from_pretrained(d).eval(), Tokenizer.from_pretrained(d)
         template = resolve_template(d, "auto", tok=tok)
@@ -178,7 +178,7 @@ def test_adapter_is_merged(tiny, tmp_path):
         for p in lora_parameters(model):
             p.copy_(torch.randn_like(p) * 0.5)  # a zero-initialised B would make the adapter a no-op
     save_adapter(model, tmp_path / "adapter")
-    srv = start(tiny, slots=1, adapter=str(tmp_path / "adapter"))
+    srv = start(tiny, batch_size=1, adapter=str(tmp_path / "adapter"))
     try:
         merged = Transformer.from_pretrained(d, adapter=str(tmp_path / "adapter"))
         merge_and_unload(merged)
@@ -197,7 +197,7 @@ def test_adapter_is_merged(tiny, tmp_path):
 
 def test_int8(tiny):
     """--int8 serves the weight-only quantised model (answers close to, not equal to, float32)."""
-    srv = start(tiny, slots=1, int8=True)
+    srv = start(tiny, batch_size=1, int8=True)
     try:
         status, _, body = http(srv, "/v1/chat/completions", {"model": NAME, "messages": user(QUESTIONS[0]),
                                                              "max_tokens": 6, "temperature": 0})
@@ -367,7 +367,6 @@ BAD = [
      400, "messages[0].role"),
     ("turn order", "/v1/chat/completions", {"model": NAME, "messages": [{"role": "assistant", "content": "hi"}]},
      400, "messages"),
-    ("missing model", "/v1/chat/completions", {"messages": user("hi")}, 400, "model"),
     ("unknown model", "/v1/chat/completions", {"model": "gpt-4", "messages": user("hi")}, 404, "model"),
     ("temperature wrong type", "/v1/chat/completions", {"model": NAME, "messages": user("hi"), "temperature": "hot"},
      400, "temperature"),
@@ -452,7 +451,7 @@ def gate_engine(srv, delay=0.0):
 
 
 def test_full_queue_answers_429(tiny):
-    srv = start(tiny, slots=1, max_queue=1)
+    srv = start(tiny, batch_size=1, max_queue=1)
     try:
         gate = gate_engine(srv)
         results = []
@@ -479,7 +478,7 @@ def test_full_queue_answers_429(tiny):
 
 
 def test_dropped_stream_frees_its_slot(tiny):
-    srv = start(tiny, slots=1, max_queue=0)
+    srv = start(tiny, batch_size=1, max_queue=0)
     try:
         gate = gate_engine(srv, delay=0.005)  # ~200 tokens/s: 900 tokens would take seconds
         gate.set()
@@ -507,7 +506,7 @@ def test_dropped_stream_frees_its_slot(tiny):
 
 
 def test_failed_step_answers_500_and_serving_goes_on(tiny):
-    srv = start(tiny, slots=2)
+    srv = start(tiny, batch_size=2)
     try:
         engine = srv.service.runner.engine
         step = engine.step
@@ -527,8 +526,8 @@ def test_failed_step_answers_500_and_serving_goes_on(tiny):
 
 def test_api_key(tiny, monkeypatch):
     monkeypatch.setenv("NANOHUATUO_API_KEY", "from-env")
-    srv = start(tiny, slots=1, api_key="sekrit")
-    env_srv = start(tiny, slots=1)
+    srv = start(tiny, batch_size=1, api_key="sekrit")
+    env_srv = start(tiny, batch_size=1)
     try:
         assert http(srv, "/health")[0] == 200  # no key needed
         assert http(srv, "/")[0] == 200  # the page asks for the key itself
@@ -557,7 +556,7 @@ def test_cli_bad_input(tiny, server, capsys):
     for argv, words in ([["--model", os.path.join(tiny[0], "missing")], "no such directory"],
                         [["--model", tiny[0], "--template", "nonsense"], "unknown chat template"],
                         [["--model", tiny[0], "--port", str(server.port)], "cannot listen"],
-                        [["--model", tiny[0], "--slots", "0"], "--slots"]):
+                        [["--model", tiny[0], "--batch-size", "0"], "--batch-size"]):
         assert serve_main(argv) == 2, argv
         err = capsys.readouterr().err
         assert err.startswith("error:") and words in err and "Traceback" not in err, err
@@ -568,7 +567,7 @@ def test_cli(tiny):
     env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
     env.pop("NANOHUATUO_API_KEY", None)
     proc = subprocess.Popen([sys.executable, "serve.py", "--model", tiny[0], "--port", "0", "--template", TEMPLATE,
-                             "--slots", "2"], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             "--batch-size", "2"], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
     try:
         line = proc.stdout.readline()

@@ -94,7 +94,7 @@ class Browser:
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     d = tiny_base(tmp_path_factory.mktemp("pagemodel"), LINES, max_seq_len=1024).dir
-    srv = make_server(ServeConfig(model=d, port=0, template=TEMPLATE, model_name="tiny", slots=2,
+    srv = make_server(ServeConfig(model=d, port=0, template=TEMPLATE, served_model_name="tiny", batch_size=2,
                                   log_requests=False)).start()
     # slow each engine step a little, so the test sees a reply grow instead of arriving at once
     engine = srv.service.runner.engine

@@ -242,7 +242,7 @@ def test_heldout_loss_falls(tmp_path, base, data):
 def test_cli_lora_writes_a_peft_adapter_and_merged_model(tmp_path, base, data):
     out = tmp_path / "lora"
     assert sft.main(["--model", base, "--data", data, "--out", str(out), "--lora-r", "4", "--max-steps", "2",
-                     "--batch-size", "4", "--eval-frac", "0.125", "--merge", "--lr", "2e-4", "--device", "cpu"]) == 0
+                     "--batch-size", "4", "--eval-frac", "0.125", "--save-merged", "--lr", "2e-4", "--device", "cpu"]) == 0
     cfg = json.loads((out / "adapter_config.json").read_text())
     assert cfg["r"] == 4 and cfg["target_modules"] == ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj",
                                                        "up_proj", "v_proj"]
