@@ -7,7 +7,8 @@ Top to bottom: `PPOConfig`; the maths as small pure functions on (B, R) response
 (`compute_rewards`, `gae`, `policy_loss`, `value_loss`, ...); the models (`build_models`,
 `reference`, `critic`); the rewards; the rollout (`make_experience` -> a `Rollout`); the update
 (`ppo_update`); checkpoints and export; the loop. One layer down: rollout.py (the prompt file and
-its order, a `Batch` of prompts + responses cut at their stop token), losses.py
+its order, the policy on one base with its reference, sampled answers, a `Batch` of prompts +
+responses cut at their stop token, the texts a reward reads; shared with GRPO), losses.py
 (`response_forward`, `whiten`, masked statistics, `length_debias`), reward_model.py (scoring a
 rollout, `ScoreScale`, answers ending on their end token), checkpoint.py and adapters.py (the
 export).
@@ -61,15 +62,14 @@ import torch.nn as nn
 from . import adapters, checkpoint, dist
 from .cli import (ExportFlags, LoRAFlags, ModelFlags, TrainLoopFlags, UserError, arg, cli_main, like, prepare_out,
                   resolve_dtype, write_config)
-from .generate import cut_at_stop, generate_batch, use_column_major_weights
-from .lora import (apply_lora, default_targets, disabled_adapters, load_adapter, lora_modules, lora_parameters,
-                   merge_and_unload, save_adapter)
+from .lora import load_adapter, lora_modules, lora_parameters, merge_and_unload, save_adapter
 from .losses import length_debias, masked_mean, masked_var, response_forward, whiten
 from .metrics import REPORT_TO_HELP, MetricsLog, check_report_to, plot_metrics
 from .model import Transformer
 from .quant import QUANT_HELP, QUANTS
-from .reward_model import RewardModel, Scorer, ScoreScale, end_at_stop_string, end_token, reward_scorer, share_base
-from .rollout import Batch, load_prompts, pack, prompt_indices
+from .reward_model import RewardModel, Scorer, ScoreScale, end_token, reward_scorer, share_base
+from .rollout import Batch, answer_texts, load_prompts, pack, policy_model, prompt_indices, sample_answers
+from .rollout import reference as rollout_reference
 from .templates import resolve_template, save_chat_template, stop_strings, stop_token_ids
 from .tokenizer import Tokenizer
 
@@ -258,7 +258,7 @@ class Models:
 
 def reference(m: Models):
     """The SFT model: adapters off (merged SFT), or the SFT adapter's frozen tensors (continue_adapter)."""
-    return adapters.use_lora_weights(m.model, m.ref_lora) if m.ref_lora is not None else disabled_adapters(m.model)
+    return rollout_reference(m.model, m.ref_lora)
 
 
 def critic(m: Models):
@@ -269,28 +269,8 @@ def critic(m: Models):
 
 def build_models(cfg: PPOConfig, device=None, dtype=None) -> Models:
     """Build policy, reference and value from cfg.model (+ cfg.adapter); see the module docstring."""
-    merge_sft = bool(cfg.adapter) and not cfg.continue_adapter
-    # the SFT adapter is merged at load, before any quantisation: a 4-bit base takes no merge
-    model = Transformer.from_pretrained(cfg.model, dtype=dtype, device=device, value_head=False, merge=True,
-                                        adapter=cfg.adapter if merge_sft else None, quant=cfg.quant)
-    ref_lora, sft = None, None
-    if cfg.adapter and cfg.continue_adapter:
-        load_adapter(model, cfg.adapter, trainable=True)
-        ref_lora = adapters.snapshot(model, trainable=False)
-    else:
-        if merge_sft:  # its tensors, for the export on the original base
-            sft = adapters.read_lora_tensors(cfg.adapter, model.config)[0]
-        apply_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=0.0,
-                   targets=cfg.lora_targets or default_targets(model))
-    for mod in model.modules():  # dropout off everywhere: it would make old and new log-probs disagree
-        if isinstance(mod, nn.Dropout):
-            mod.p = 0.0
-    for _, mod in lora_modules(model):
-        mod.lora_dropout = nn.Identity()
-    with torch.no_grad():
-        # generate_batch re-lays the weights for CPU decoding under inference_mode, which would
-        # make it an inference tensor that backward cannot use; doing it here first makes that a no-op
-        use_column_major_weights(model)
+    model, ref_lora, sft = policy_model(cfg.model, cfg.adapter, cfg.continue_adapter, cfg.lora_r, cfg.lora_alpha,
+                                        cfg.lora_targets, device, dtype, cfg.quant)
     head = nn.Linear(model.config.dim, 1, device=model.embed_tokens.weight.device, dtype=torch.float32)
     nn.init.zeros_(head.weight)  # V = 0 at the start: no random baseline in the first advantages
     nn.init.zeros_(head.bias)
@@ -300,7 +280,6 @@ def build_models(cfg: PPOConfig, device=None, dtype=None) -> Models:
         m.critic_lora = adapters.snapshot(model, trainable=True)
     else:
         model.value_head = head  # so model.values(h) works on the shared trunk
-    model.eval()
     return m
 
 
@@ -358,18 +337,8 @@ def make_experience(m: Models, cfg: PPOConfig, kl_coef, prompts, rows, reward: S
     model = m.model
     device = model.embed_tokens.weight.device
     model.eval()
-    chunk = cfg.rollout_batch_size or len(prompts)
-    responses, gen_logp, cut = [], [], []
-    for s in range(0, len(prompts), chunk):
-        gen = generate_batch(model, prompts[s:s + chunk], cfg.max_new_tokens, temperature=cfg.temperature,
-                             top_k=0, top_p=1.0, seed=seed + s, stop_ids=stops, stop_strings=stop_strs,
-                             tokenizer=tok, pad_id=tok.pad_id, compile=cfg.compile, return_logprobs=True)
-        for tokens, lp, finished in zip(gen.tokens, gen.logprobs, gen.finished):
-            fixed = finished and stop_strs and not any(t in stops for t in tokens) and \
-                end_at_stop_string(tokens, tok, stop_strs, end_id)
-            cut.append(len(fixed) - 1 if fixed else None)  # the appended end token's position
-            responses.append(fixed or tokens)
-            gen_logp.append(lp)
+    responses, gen_logp, cut = sample_answers(model, prompts, cfg.max_new_tokens, cfg.temperature, tok, stops,
+                                              stop_strs, end_id, seed, cfg.rollout_batch_size, cfg.compile)
     b = pack(prompts, responses, stops, tok.pad_id, device)
     B, R = b.mask.shape
     maskf = b.mask.float()
@@ -397,14 +366,10 @@ def make_experience(m: Models, cfg: PPOConfig, kl_coef, prompts, rows, reward: S
     old_logp, ref_logp, values = old_logp * maskf, ref_logp * maskf, values * maskf
 
     # scores: the reward model reads the answer up to its end token; a never-ending answer gets the penalty
-    lengths = b.mask.sum(-1).tolist()
-    resp = b.ids[:, b.P:]
-    resp_lists = [resp[i, :n].tolist() for i, n in enumerate(lengths)]
-    texts = [cut_at_stop(tok.decode([t for t in r if t not in stops]), stop_strs) for r in resp_lists]
     # an answer cut by the token limit is scored closed by the end token, as the judge's rankings and the
     # reward model's training pairs hold every answer; scored mid-text, the reward model would read a
     # position it never learned from, and its score would be noise
-    resp_lists = [r if b.ended[i] else r + [end_id] for i, r in enumerate(resp_lists)]
+    resp_lists, texts = answer_texts(b, tok, stops, stop_strs, end_id)
     scores = torch.as_tensor(reward.fn(prompts, resp_lists, rows, texts), dtype=torch.float32).to(device).reshape(B)
     if scale is not None:
         scores = scale(scores, d)
