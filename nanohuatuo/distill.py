@@ -1,7 +1,7 @@
 """Distillation: HuatuoGPT's data-making pipeline, as three commands against any OpenAI-compatible
 endpoint (a cloud model, vLLM, or our own serve.py). Each writes rows of the conversation schema
 (nanohuatuo/data.py) with `source` set to the HuatuoGPT source it makes, ready for
-`python -m nanohuatuo.data mix` and train_sft.py:
+`python data.py mix` and train_sft.py:
 
     python distill.py instructions --seeds data/distill_seeds.jsonl --limit 1000 --out di.jsonl \
         --teacher-base-url URL --teacher-model-name NAME   # -> distilled_instructions
