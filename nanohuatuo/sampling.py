@@ -1,4 +1,4 @@
-"""Sampling K answers per prompt: the candidates the AI judge ranks (RLAIF step 1).
+"""Sampling K answers per prompt, which the AI judge ranks (RLAIF step 1).
 
     items = sample_answers(model, tok, template, prompts, k=4)        # our model, on the engine
     items = sample_from_endpoint(llm, prompts, k=4)                   # any OpenAI-compatible server

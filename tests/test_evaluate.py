@@ -398,9 +398,9 @@ def test_local_model_fits_prompts_to_the_context(tiny):
     q = {"role": "user", "content": "头痛发热怎么办"}
     history = [q, {"role": "assistant", "content": "多喝水，注意休息" * 3}] * 3 + [q]
     cand = ans.Candidate(model=tiny, template="plain")
-    probe = ans.LocalModel(cand, ans.Sampling(max_new_tokens=8), torch.device("cpu"), torch.float32)
+    probe = ans.LocalModel(cand, ans.GenerationSettings(max_new_tokens=8), torch.device("cpu"), torch.float32)
     budget = len(render_prompt([q], probe.tok, probe.template)) + 2  # the question fits, its history does not
-    m = ans.LocalModel(cand, ans.Sampling(max_new_tokens=256 - budget), torch.device("cpu"), torch.float32)
+    m = ans.LocalModel(cand, ans.GenerationSettings(max_new_tokens=256 - budget), torch.device("cpu"), torch.float32)
     assert m.budget == budget and m._prompt(history) == render_prompt([q], m.tok, m.template)
     assert m._prompt(history) == fit_prompt(history, m.tok, m.template, budget) and m.truncated == 0
     # a question longer than the budget keeps its tail, so the answer still has its room; it is counted
@@ -408,7 +408,7 @@ def test_local_model_fits_prompts_to_the_context(tiny):
     assert m._prompt(long) == render_prompt(long, m.tok, m.template)[-budget:] and m.truncated == 1
     assert "1 prompts cut to fit the context" in m.summary()
     with pytest.raises(ValueError, match="--max-new-tokens 256 leaves no room for a prompt in a 256-token context"):
-        ans.LocalModel(cand, ans.Sampling(max_new_tokens=256), torch.device("cpu"), torch.float32)
+        ans.LocalModel(cand, ans.GenerationSettings(max_new_tokens=256), torch.device("cpu"), torch.float32)
 
 
 def test_judge_and_patient_endpoints_need_their_flags(tmp_path):
