@@ -178,8 +178,8 @@ class DemoConfig:
     llm_model_name: str = arg("", "the model name at --llm-base-url", metavar="NAME", old=("--llm-model",))
     llm_api_key: str | None = arg(None, "API key of --llm-base-url (default: $NANOHUATUO_API_KEY, then "
                                         "$OPENAI_API_KEY)")
-    algo: str = arg("ppo", "the RL step after SFT: ppo (HuatuoGPT's), dpo (on the judge's rankings), grpo (K answers "
-                           "per prompt scored by the reward model), or all three, compared in one report table",
+    algo: str = arg("ppo", "the RL step after SFT: ppo (HuatuoGPT's), dpo (on the judge's rankings), grpo (groups of "
+                           "sampled answers scored by the reward model), or all three, compared in one report table",
                     choices=ALGOS)
     profile: bool = arg(False, "profile every stage with cProfile; the top functions go to OUT/profile/STAGE.txt")
     overwrite: bool = arg(False, "replace --out even if it holds something other than an earlier demo run")

@@ -96,9 +96,15 @@ def rm_heldout_lines(h, algos) -> list[str]:
 def rl_lines(s) -> list[str]:
     """Section 3: what each RL step did during training, and the three side by side when there are several."""
     lines, algos = [], s.get("algos", ["PPO"])
-    for key, name in (("ppo", "PPO"), ("grpo", "GRPO")):
-        r = s.get(key)
-        if r:
+    for key in ("ppo", "dpo", "grpo"):
+        r, name = s.get(key), key.upper()
+        if r and key == "dpo":
+            lines += ["### DPO", "",
+                      f"{r.get('steps')} steps on the judge's rankings (no reward model). Loss {_f(r.get('first_loss'))} "
+                      f"-> **{_f(r.get('last_loss'))}**; held-out preference accuracy "
+                      f"{_f(r.get('eval_accuracy'), '{:.1%}')} (the policy's implicit reward ranks the better answer "
+                      f"higher; chance 50%).", "", "![DPO](dpo/metrics.png)", ""]
+        elif r:
             lines += [f"### {name}", "",
                       f"{r.get('steps')} steps. Mean reward-model score {_f(r.get('score_first'))} -> "
                       f"**{_f(r.get('score_last'))}** (means of the first and last {r.get('trend_steps')} steps); KL "
@@ -110,13 +116,6 @@ def rl_lines(s) -> list[str]:
                       "spread on SFT samples.", "",
                       f"![{name}]({key}/curves.png)" + (" ![PPO statistics](ppo/ppo_stats.png)" if key == "ppo" else ""),
                       ""]
-    if s.get("dpo"):
-        r = s["dpo"]
-        lines += ["### DPO", "",
-                  f"{r.get('steps')} steps on the judge's rankings (no reward model). Loss {_f(r.get('first_loss'))} "
-                  f"-> **{_f(r.get('last_loss'))}**; held-out preference accuracy "
-                  f"{_f(r.get('eval_accuracy'), '{:.1%}')} (the policy's implicit reward ranks the better answer "
-                  f"higher; chance 50%).", "", "![DPO](dpo/metrics.png)", ""]
     if len(algos) > 1:
         e = s["eval"]
         h = e.get("rm_heldout") or {}

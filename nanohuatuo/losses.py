@@ -13,6 +13,9 @@ output matrix without ever holding the (tokens, vocab) logits in full.
 - `masked_mean`, `masked_var`, `whiten`: statistics over the valid (mask 1) entries of a tensor.
 - `length_debias(scores, lengths, coef)`: scores with the batch's linear dependence on answer
   length taken out (PPO's --length-debias).
+- GRPO / RLOO (their own block at the end): `group_advantages(scores, k, mode, scale)`, one
+  advantage per answer from the K answers to its prompt; `kl_k3(logp, ref_logp)`, the per-token
+  KL estimate; `grpo_loss(...)`, the token-level clipped surrogate plus beta * k3 KL.
 - DPO (its own block at the end): `sequence_logprobs(model, ids, starts, lengths)`, the summed
   log-probs of each row's answer; `dpo_loss(...)`, the sigmoid (DPO, conservative DPO), ipo and
   hinge objectives on them.
@@ -214,6 +217,64 @@ def length_debias(scores, lengths, coef: float):
     return scores - coef * slope * x, slope
 
 
+# ----------------------------------------------------------------------------- GRPO / RLOO (critic-free)
+
+def group_advantages(scores, k: int, mode: str = "grpo", scale: bool = True, eps: float = 1e-4):
+    """(B,) advantages of B = n * k answers, the k answers to one prompt consecutive.
+
+    grpo (Shao et al. 2024): (r - mean of the group) / (std of the group + eps), the unbiased std
+    as TRL; scale=False leaves the std out (Dr. GRPO, Liu et al. 2025: dividing by it weights
+    nearly-solved and nearly-hopeless prompts up). rloo (Ahmadian et al. 2024): r - the mean of
+    the other k - 1 answers, an unbiased baseline (= k / (k - 1) * (r - mean of the group));
+    scale=True divides it by the group's std too. A group whose answers all score the same gets 0.
+    """
+    if k < 2:
+        raise ValueError(f"group advantages need k >= 2 answers per prompt, got k={k}")
+    r = scores.float().view(-1, k)
+    mean = r.mean(-1, keepdim=True)
+    if mode == "grpo":
+        adv = r - mean
+    elif mode == "rloo":
+        adv = r - (r.sum(-1, keepdim=True) - r) / (k - 1)
+    else:
+        raise ValueError(f"advantage {mode!r}: use 'grpo' or 'rloo'")
+    if scale:
+        adv = adv / (r.std(-1, keepdim=True) + eps)
+    return adv.reshape(-1)
+
+
+def kl_k3(logp, ref_logp):
+    """Per-token k3 estimate of KL(policy || reference) at the sampled tokens: r - 1 - log r with
+    r = p_ref / p (Schulman 2020): >= 0, unbiased, lower variance than logp - ref_logp."""
+    d = ref_logp - logp
+    return torch.expm1(d) - d
+
+
+def grpo_loss(logp, old_logp, ref_logp, advantages, mask, clip=0.2, beta=0.0, max_log_ratio=20.0, denom=None):
+    """GRPO's token-level objective: sum((max(-A r, -A clip(r, 1 - clip, 1 + clip)) + beta * k3) * mask) / denom.
+
+    logp (B, R) with gradient; old_logp the sampling policy's (= logp.detach() with one update per
+    rollout, so r = 1 and the loss is the plain policy gradient); ref_logp the reference's (None
+    when beta is 0); advantages (B,), one per answer, spread over its tokens. denom defaults to the
+    number of valid tokens: every token of the step weighs the same, however long its answer
+    (DAPO's token-level mean; a per-answer mean would weigh a short answer's tokens more).
+    Returns (loss, stats): clipfrac, kl (masked mean of k3), ratio.
+    """
+    log_ratio = (logp - old_logp).clamp(-max_log_ratio, max_log_ratio)
+    ratio = log_ratio.exp()
+    adv = advantages[:, None]
+    pg1 = -adv * ratio
+    pg2 = -adv * ratio.clamp(1 - clip, 1 + clip)
+    per_token = torch.maximum(pg1, pg2)
+    kl = kl_k3(logp, ref_logp) if ref_logp is not None else torch.zeros_like(logp)
+    if beta:
+        per_token = per_token + beta * kl
+    n = mask.sum() if denom is None else denom
+    loss = (per_token * mask).sum() / n
+    with torch.no_grad():
+        stats = {"clipfrac": masked_mean((pg2 > pg1).float(), mask), "kl": masked_mean(kl, mask),
+                 "ratio": masked_mean(ratio, mask)}
+    return loss, stats
 # ============================================================================= DPO: preference losses
 # (DPO's own block: the per-answer log-probs it needs and the pairwise objectives on them.)
 

@@ -1,20 +1,68 @@
-"""Rollout plumbing shared by the RL stages: the prompt file, the order prompts are drawn in, and
-prompts + sampled responses packed into one left/right-padded batch for the forwards.
+"""Rollout plumbing shared by the RL stages (PPO, GRPO): the policy on one base, the prompt file,
+the order prompts are drawn in, sampling answers, and prompts + sampled responses packed into one
+left/right-padded batch for the forwards.
 
+    model, ref_lora, sft = policy_model(model_dir, adapter, continue_adapter, r, alpha, targets)
+    with reference(model, ref_lora): ...                             # the SFT model: adapters off
     rows, ids = load_prompts(path, tok, template, max_prompt_len)   # prompt records + rendered ids
     idx = prompt_indices(n, start, count, seed)                      # an endless per-pass shuffle
+    answers, logprobs, cut = sample_answers(model, prompts, ...)     # answers ending on the end token
     b = pack(prompt_ids, responses, stop_ids, pad_id)                # a Batch; b.rows(idx) for a micro-batch
     tokens, mask, ended = masks_after_stop(tokens, stop_ids, pad_id) # responses cut after their stop token
+    responses, texts = answer_texts(b, tok, stops, stop_strs, end_id)   # what the reward reads
 """
 
 import os
 from dataclasses import dataclass
 
 import torch
+import torch.nn as nn
 
+from . import adapters
 from .data import DataError, iter_jsonl
-from .generate import left_pad
+from .generate import cut_at_stop, generate_batch, left_pad, use_column_major_weights
+from .lora import apply_lora, default_targets, disabled_adapters, load_adapter, lora_modules
+from .model import Transformer
+from .reward_model import end_at_stop_string
 from .templates import render_prompt
+
+
+def policy_model(model_dir, adapter=None, continue_adapter=False, lora_r=16, lora_alpha=32.0, targets=(),
+                 device=None, dtype=None, quant="none"):
+    """(model, ref_lora, sft): the base with the trainable LoRA layers an RL stage trains.
+
+    The SFT adapter is merged into the weights at load (before any quantisation: a 4-bit base
+    takes no merge, `quant`) and a fresh LoRA (B = 0, so step 0 is the SFT model) goes on `targets`
+    (default: every attention and MLP linear of the family), so the reference is simply "adapters
+    off"; `sft` keeps the merged tensors for the export. `continue_adapter` keeps training the SFT
+    adapter itself; `ref_lora` is then a frozen copy of its tensors."""
+    merge_sft = bool(adapter) and not continue_adapter
+    model = Transformer.from_pretrained(model_dir, dtype=dtype, device=device, value_head=False, merge=True,
+                                        adapter=adapter if merge_sft else None, quant=quant)
+    ref_lora, sft = None, None
+    if adapter and continue_adapter:
+        load_adapter(model, adapter, trainable=True)
+        ref_lora = adapters.snapshot(model, trainable=False)
+    else:
+        if merge_sft:  # its tensors, for the export on the original base
+            sft = adapters.read_lora_tensors(adapter, model.config)[0]
+        apply_lora(model, r=lora_r, alpha=lora_alpha, dropout=0.0, targets=list(targets) or default_targets(model))
+    for mod in model.modules():  # dropout off everywhere: it would make old and new log-probs disagree
+        if isinstance(mod, nn.Dropout):
+            mod.p = 0.0
+    for _, mod in lora_modules(model):
+        mod.lora_dropout = nn.Identity()
+    with torch.no_grad():
+        # generate_batch re-lays the weights for CPU decoding under inference_mode, which would
+        # make it an inference tensor that backward cannot use; doing it here first makes that a no-op
+        use_column_major_weights(model)
+    model.eval()
+    return model, ref_lora, sft
+
+
+def reference(model, ref_lora=None):
+    """The SFT model: adapters off (merged SFT), or the SFT adapter's frozen tensors (continue_adapter)."""
+    return adapters.use_lora_weights(model, ref_lora) if ref_lora is not None else disabled_adapters(model)
 
 
 def load_prompts(path, tok, template, max_prompt_len):
@@ -58,6 +106,30 @@ def prompt_indices(n, start, count, seed):
             order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7919 + epoch)).tolist()
         out.append(order[i])
     return out
+
+
+def sample_answers(model, prompts, max_new_tokens, temperature, tok, stops, stop_strs, end_id, seed, chunk=0,
+                   compile=False):
+    """(answers, logprobs, cut): one sampled answer per prompt (top_k 0, top_p 1), with the log-prob
+    of each sampled token, `chunk` prompts at a time (0: all at once).
+
+    Identical prompts (K answers to one prompt) are prefilled once by the engine. An answer that
+    stops on a stop *string* is cut before it and ends on the template's end token `end_id`, so a
+    reward model reads the position it was trained on; cut[i] is that end token's position (its
+    log-prob was never sampled), None for the others."""
+    chunk = chunk or len(prompts)
+    answers, logprobs, cut = [], [], []
+    for s in range(0, len(prompts), chunk):
+        gen = generate_batch(model, prompts[s:s + chunk], max_new_tokens, temperature=temperature, top_k=0,
+                             top_p=1.0, seed=seed + s, stop_ids=stops, stop_strings=stop_strs, tokenizer=tok,
+                             pad_id=tok.pad_id, compile=compile, return_logprobs=True)
+        for tokens, lp, finished in zip(gen.tokens, gen.logprobs, gen.finished):
+            fixed = finished and stop_strs and not any(t in stops for t in tokens) and \
+                end_at_stop_string(tokens, tok, stop_strs, end_id)
+            cut.append(len(fixed) - 1 if fixed else None)
+            answers.append(fixed or tokens)
+            logprobs.append(lp)
+    return answers, logprobs, cut
 
 
 def masks_after_stop(tokens, stop_ids, pad_id, lengths=None):
@@ -114,3 +186,15 @@ def pack(prompts, responses, stop_ids, pad_id, device=None) -> Batch:
     resp, mask, ended = masks_after_stop(resp, stop_ids, pad_id, lengths=[len(r) for r in responses])
     resp, mask, ended = resp.to(device), mask.to(device), ended.to(device)
     return Batch(torch.cat([prompt_ids, resp], 1), torch.cat([prompt_attn, mask], 1), prompt_ids.shape[1], mask, ended)
+
+
+def answer_texts(b: Batch, tok, stops, stop_strs, end_id=None):
+    """(responses, texts): each packed answer's ids up to and including its stop token, and its text
+    without the stop token and cut at the first stop string (what a reward function reads). With
+    end_id, an answer cut by the token limit is closed by it, as a reward model reads answers."""
+    resp = b.ids[:, b.P:]
+    responses = [resp[i, :n].tolist() for i, n in enumerate(b.mask.sum(-1).tolist())]
+    texts = [cut_at_stop(tok.decode([t for t in r if t not in stops]), stop_strs) for r in responses]
+    if end_id is not None:
+        responses = [r if b.ended[i] else r + [end_id] for i, r in enumerate(responses)]
+    return responses, texts

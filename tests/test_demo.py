@@ -19,8 +19,9 @@ def _png(path):
 
 def test_quick_demo_runs_every_stage_and_reports_them(tmp_path):
     out = str(tmp_path / "demo")
-    summary = run(out=out, quick=True, profile=True)
-    assert list(summary["stage_seconds"]) == list(BUDGET)  # every stage ran, in order
+    summary = run(out=out, quick=True, profile=True, algo="all")
+    assert list(summary["stage_seconds"]) == list(BUDGET)  # every stage ran, in order, the three RL steps too
+    assert summary["algos"] == ["PPO", "DPO", "GRPO"]
     for stage in BUDGET:  # --profile: one listing per stage, the hottest functions in the report
         assert os.path.getsize(os.path.join(out, "profile", f"{stage}.txt")) > 0
     report = open(os.path.join(out, "report.md"), encoding="utf-8").read()
@@ -30,8 +31,15 @@ def test_quick_demo_runs_every_stage_and_reports_them(tmp_path):
         assert needle in report, needle
     for stage in BUDGET:
         assert f"| {stage} | " in report  # the timing table has a row per stage
-    for png in ("sft/loss.png", "rm/metrics.png", "ppo/curves.png", "ppo/ppo_stats.png", "eval/pairwise/winrate.png",
-                "eval/dialogue/winrate.png"):
+    # the three against SFT in one table: win/tie/loss, LC, answer length, held-out RM score, wall time
+    table = report[report.index("### Side by side"):]
+    for algo in ("PPO", "DPO", "GRPO"):
+        w = summary["eval"]["by_algo"][algo]["pairwise"]
+        assert f"| {algo} | {w['win']} / {w['tie']} / {w['loss']} |" in table
+        assert summary[algo.lower()]["stage_seconds"] == summary["stage_seconds"][algo.lower()]
+        assert f"{algo}_vs_SFT" in summary["eval"]["rm_heldout"]
+    for png in ("sft/loss.png", "rm/metrics.png", "ppo/curves.png", "ppo/ppo_stats.png", "dpo/metrics.png",
+                "grpo/curves.png", "eval/pairwise/winrate.png", "eval/dialogue/winrate.png"):
         assert _png(os.path.join(out, png)), png
         assert f"({png})" in report  # the report shows it
     assert "\ufffd" not in report  # incomplete byte sequences are never shown

@@ -32,16 +32,16 @@ LAYERS = {  # imports go down (or sideways within a layer, but never between sta
              "textcheck", "jinja_template", "evalsets", "multi_lora"},
     "engine": {"engine", "engine_loop", "cpu_kernels", "generate"},
     "shared": {"cli", "checkpoint", "dist", "losses", "llm", "adapters", "reward_model", "httpjson",
-               "answers", "sheets", "rollout", "reports", "consult", "openai_api", "preferences"},
-    "stages": {"sft", "reward", "ppo", "dpo", "sampling", "feedback", "chat", "serve", "evaluate", "distill",
+               "answers", "sheets", "rollout", "reports", "consult", "openai_api", "preferences", "rank_prompt"},
+    "stages": {"sft", "reward", "ppo", "dpo", "grpo", "sampling", "feedback", "chat", "serve", "evaluate", "distill",
                "prepare"},
     "top": {"demo", "demo_report", "__init__"},  # __init__: the package's public names, from every layer
 }
 ORDER = list(LAYERS)
 LAYER_OF = {m: layer for layer, mods in LAYERS.items() for m in mods}
 
-SCRIPTS = ["train_sft.py", "train_rm.py", "train_ppo.py", "train_dpo.py", "chat.py", "serve.py", "evaluate.py", "distill.py",
-           "data.py", "demo.py"]
+SCRIPTS = ["train_sft.py", "train_rm.py", "train_ppo.py", "train_dpo.py", "train_grpo.py", "chat.py", "serve.py", "evaluate.py",
+           "distill.py", "data.py", "demo.py"]
 # one concept, one name: flags seen in the wild for a concept this project spells otherwise
 SYNONYMS = {
     "--base": "--model", "--policy": "--model", "--model-dir": "--model", "--model-path": "--model",

@@ -487,7 +487,7 @@ def test_stop_string_answers_end_on_the_end_token(tiny, tmp_path, monkeypatch):
         answers = [[10, 12, 13], [10, 11, EOS], [10, 11, 14]]  # stop string, end token, cut by length
         return Generation(tokens=answers[:len(prompts)], logprobs=[[-1.0] * len(a) for a in answers[:len(prompts)]],
                           finished=[True, True, False][:len(prompts)])
-    monkeypatch.setattr(ppo, "generate_batch", fake)
+    monkeypatch.setattr(rollout, "generate_batch", fake)
     cfg = tiny_cfg(base, tmp_path)
     m = ppo.build_models(cfg)
     seen = []

@@ -1,0 +1,510 @@
+"""GRPO (and RLOO) with LoRA: RL without a critic, from K answers per prompt, on one copy of the base.
+
+    python train_grpo.py --model BASE --adapter SFT_ADAPTER --reward RM_DIR --data p.jsonl --out out/grpo
+    grpo.train(GRPOConfig(...), reward_fn=None) -> dict        # the same shape as ppo.train's
+
+Top to bottom: `GRPOConfig`; the rewards (a reward model, a `--reward-fn module:function`, or a
+judge behind an OpenAI-compatible endpoint); the rollout (`make_group_rollout`: K answers per
+prompt, scored, turned into group-relative advantages); the update (`grpo_update`); checkpoints
+and export; the loop. The maths is in losses.py (`group_advantages`, `kl_k3`, `grpo_loss`), the
+policy on its base, the prompts and the sampling in rollout.py, shared with PPO.
+
+Per step: `--batch-size` prompts, each answered `--k` times by the continuous-batching engine (the
+K copies of a prompt are prefilled once and share its keys), scored; each answer's advantage is
+its score against its group's: GRPO (r - mean) / (std + eps), or without the std (Dr. GRPO,
+`--no-scale-rewards`), or RLOO (r - the mean of the other K - 1, `--advantage rloo`). The loss is
+the token-level clipped surrogate plus `--beta` times the k3 KL to the reference (the SFT model:
+adapters off, no second copy). With one update per rollout (`--num-iterations 1`, the default) the
+sampling policy is the current one, so its log-probs come from the update's own forward: a step
+costs the generation, one reference forward (none with --beta 0) and one forward + backward.
+
+Rewards: a LoRA reward model from train_rm.py on the same base and SFT adapter is one more adapter
++ head on the same weights (reward_model.share_base), its scores in units of its spread on
+SFT-like answers as in PPO; `--reward-fn module:function` (or path/to/file.py:function) is called
+as function(prompts, responses, rows, texts) -> one float per answer; `--base-url` + `--model-name`
+asks a judge to rank each prompt's K answers with the doctor's reply as reference (feedback.py's
+question, rank_prompt.py), an answer's score being 1 for the best down to 0 for the worst (a group
+the judge could not rank scores 0.5 throughout: no gradient). An answer that never stops scores
+`--missing-eos-penalty`.
+
+Export (--out) and checkpoints as PPO: the adapter for the ORIGINAL base (SFT (+) GRPO when the SFT
+adapter was merged), metrics.jsonl, samples.jsonl, curves.png; `--resume` continues exactly (the
+same weights as an uninterrupted run). Distributed: every rank rolls out its share of each step's
+prompts, gradients averaged with one all-reduce.
+"""
+
+import contextlib
+import dataclasses
+import importlib
+import importlib.util
+import json
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+
+from . import adapters, checkpoint, dist
+from .cli import UserError, arg, cli_main, prepare_out, resolve_dtype
+from .cpu_kernels import return_large_blocks
+from .llm import LLM
+from .lora import load_adapter, lora_modules, lora_parameters, merge_and_unload, save_adapter
+from .losses import group_advantages, grpo_loss, kl_k3, length_debias, response_forward
+from .metrics import MetricsLog, plot_metrics
+from .model import Transformer
+from .quant import QUANT_HELP, QUANTS
+from .rank_prompt import build_judge_messages, nudge_message, ranking_parser, shown_order
+from .reward_model import Scorer, ScoreScale, end_token, reward_scorer, share_base
+from .rollout import (Batch, answer_texts, load_prompts, pack, policy_model, prompt_indices, reference,
+                      sample_answers)
+from .templates import resolve_template, save_chat_template, stop_strings, stop_token_ids
+from .tokenizer import Tokenizer
+
+
+def _penalty(text: str):
+    return None if text.lower() in ("none", "off") else float(text)
+
+
+@dataclass
+class GRPOConfig:
+    # what to train on
+    model: str = arg("", "base model directory (Hugging Face layout, with the tokenizer)")
+    adapter: str | None = arg(None, "SFT LoRA adapter on --model (merged into the weights, then a fresh GRPO LoRA)")
+    continue_adapter: bool = arg(False, "keep training the SFT adapter itself instead of a fresh GRPO LoRA")
+    data: str = arg("", "prompts, JSONL: schema conversations (last assistant turn dropped: the doctor's reply, the "
+                           "judge's reference) or prompt records", metavar="FILE")
+    out: str = arg("out/grpo", "output directory: adapter, metrics.jsonl, samples.jsonl, plots, checkpoints/")
+    template: str = arg("auto", "chat template: auto (the model's own), or a name (huatuo, huatuo2, chatml, ...)")
+    max_prompt_len: int = arg(512, "longer prompts are skipped")
+    # the reward: one of --reward, --reward-fn, --base-url
+    reward: str | None = arg(None, "reward model directory (train_rm.py, or a released HuatuoGPT/Ziya RM)")
+    reward_fn: str | None = arg(None, "rule reward: module:function or path/file.py:function, called as "
+                                      "function(prompts, responses, rows, texts) -> one float per answer",
+                                metavar="MODULE:FUNCTION")
+    reward_template: str = arg("auto", "chat template the reward model scores in: auto (the one train_rm.py "
+                                       "recorded, else the RM directory's own), or a name")
+    reward_norm: str = arg("std", "std: reward-model scores in units of their spread on SFT-like answers; "
+                                  "none: as the RM gives them", choices=["std", "none"])
+    base_url: str | None = arg(None, "judge reward: an OpenAI-compatible endpoint that ranks each prompt's K "
+                                     "answers against the doctor's reply (e.g. http://127.0.0.1:8000/v1)")
+    model_name: str | None = arg(None, "judge reward: the endpoint's model name")
+    api_key: str | None = arg(None, "judge reward: API key (default: $NANOHUATUO_API_KEY, $OPENAI_API_KEY)")
+    cache: str | None = arg(None, "judge reward: SQLite cache of the judge's replies (default: OUT/judge_cache.sqlite)")
+    concurrency: int = arg(4, "judge reward: requests in flight")
+    # rollouts
+    max_steps: int | None = arg(None, "GRPO steps (default: one pass over the prompts)")
+    batch_size: int = arg(8, "prompts per step, over all processes (each answered --k times)")
+    k: int = arg(4, "answers sampled per prompt: the group its advantages are relative to")
+    max_new_tokens: int = arg(256, "answer length limit")
+    temperature: float = arg(0.7, "sampling temperature (top_k 0, top_p 1)")
+    rollout_batch_size: int = arg(0, "prompts generated at once per process (times --k rows); 0: all of them")
+    missing_eos_penalty: float | None = arg(-1.0, "score of an answer that never stops ('none' keeps its score)",
+                                            parse=_penalty)
+    length_debias: float = arg(0.0, "remove COEF times the batch's linear dependence of the score on answer length "
+                                    "(1: all of it; 0: off)")
+    # GRPO
+    advantage: str = arg("grpo", "grpo: score - group mean (over the group's std with --scale-rewards); "
+                                 "rloo: score - mean of the other K-1 answers", choices=["grpo", "rloo"])
+    scale_rewards: bool = arg(True, "divide the advantages by the group's score std (--no-scale-rewards: Dr. GRPO)")
+    beta: float = arg(0.04, "weight of the k3 KL to the reference policy in the loss (0: no reference forward)")
+    clip_range: float = arg(0.2, "policy ratio clip")
+    num_iterations: int = arg(1, "updates per rollout batch (1: on-policy, the ratio is 1 and needs no old forward)")
+    micro_batch_size: int = arg(8, "rows (answers) per forward/backward; a step's gradients accumulate over these")
+    max_log_ratio: float = arg(20.0, "log-ratios are clamped to +-this before exp")
+    # optimisation
+    lr: float = arg(5e-5, "learning rate of the LoRA (as PPO's: see ppo.py's module doc)")
+    adam_eps: float = arg(1e-5, "Adam epsilon")
+    max_grad_norm: float = arg(1.0, "clip the gradient norm to this")
+    anneal_lr: bool = arg(False, "decay the learning rate linearly to 0 at --max-steps")
+    lora_r: int = arg(16, "rank of the GRPO LoRA")
+    lora_alpha: float = arg(32.0, "LoRA alpha (scaling alpha / r)")
+    lora_targets: list[str] = arg([], "LoRA target modules (default: every attention and MLP linear of the family)",
+                                  metavar="NAME")
+    # run
+    device: str = arg("auto", "auto (cuda if available), cpu, cuda, cuda:1, ...")
+    dtype: str = arg("auto", "auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16 or float16",
+                     choices=["auto", "float32", "bfloat16", "float16"])
+    grad_checkpointing: bool = arg(False, "recompute each block's activations in backward (less memory)")
+    quant: str = arg("none", QUANT_HELP, choices=list(QUANTS))
+    compile: bool = arg(False, "torch.compile the decode step (CUDA)")
+    seed: int = arg(0, "seed of the LoRA init, the prompt order and the rollouts")
+    sample_every: int = arg(10, "print and save sample answers every N steps (0: never)")
+    save_every: int = arg(50, "checkpoint every N steps (and at the end)")
+    stop_after: int | None = arg(None, "stop after this step as if interrupted (checkpoint written; resume later)")
+    keep_checkpoints: int = arg(1, "checkpoints kept in out/checkpoints")
+    resume: bool = arg(False, "continue the interrupted run in --out from its last checkpoint")
+    overwrite: bool = arg(False, "delete what --out holds and start again")
+    save_merged: bool = arg(False, "also write OUT/merged: a full model with the adapter folded in")
+
+    def check(self):
+        if not self.model or not self.data:
+            raise UserError("GRPO needs --model (model directory) and --data (prompts JSONL)")
+        if self.temperature <= 0:
+            raise UserError(f"--temperature {self.temperature}: GRPO samples, so it must be > 0")
+        if self.k < 2:
+            raise UserError(f"--k {self.k}: group-relative advantages need at least 2 answers per prompt")
+        if self.continue_adapter and not self.adapter:
+            raise UserError("--continue-adapter needs --adapter (the SFT adapter to keep training)")
+        if sum(x is not None for x in (self.reward, self.reward_fn, self.base_url)) > 1:
+            raise UserError("give one reward: --reward (a reward model), --reward-fn (a function) or --base-url "
+                            "(a judge endpoint)")
+        if self.num_iterations < 1 or self.micro_batch_size < 1:
+            raise UserError("--num-iterations and --micro-batch-size must be at least 1")
+
+
+# ============================================================================= rewards
+
+def load_function(spec: str):
+    """`module:function` (importable, the working directory first) or `path/file.py:function`."""
+    name, sep, fn_name = spec.rpartition(":")
+    if not sep or not name or not fn_name:
+        raise UserError(f"--reward-fn {spec!r}: write it as module:function or path/to/file.py:function")
+    try:
+        if name.endswith(".py"):
+            if not os.path.isfile(name):
+                raise UserError(f"--reward-fn: {name} does not exist")
+            loaded = importlib.util.spec_from_file_location(os.path.basename(name)[:-3], name)
+            module = importlib.util.module_from_spec(loaded)
+            loaded.loader.exec_module(module)
+        else:
+            if os.getcwd() not in sys.path:
+                sys.path.insert(0, os.getcwd())
+            module = importlib.import_module(name)
+    except ImportError as e:
+        raise UserError(f"--reward-fn {spec!r}: cannot import {name} ({e})") from None
+    fn = getattr(module, fn_name, None)
+    if not callable(fn):
+        raise UserError(f"--reward-fn {spec!r}: {name} has no function {fn_name}")
+    return fn
+
+
+def judge_reward(cfg: GRPOConfig, k: int):
+    """fn(prompts, responses, rows, texts) -> scores: each prompt's K answers (consecutive rows) ranked
+    by the judge at cfg.base_url against the doctor's reply; best 1, worst 0, unranked groups 0.5."""
+    llm = LLM(cfg.base_url, cfg.model_name, api_key=cfg.api_key, concurrency=cfg.concurrency, name="judge",
+              cache=cfg.cache or os.path.join(cfg.out, "judge_cache.sqlite"), progress_every=0)
+    stats = {"unranked": 0}
+
+    def fn(prompts, responses, rows, texts):
+        requests, parses, followups, orders = [], [], [], []
+        for g in range(0, len(texts), k):
+            row = rows[g]
+            if not row.get("reference"):
+                raise UserError(f"{cfg.data}: prompt {row['id']} has no doctor's reply (a last assistant turn "
+                                f"or 'reference'), which the judge compares the answers with")
+            item = {"question": row["messages"], "reference": row["reference"], "answers": texts[g:g + k]}
+            order = shown_order(str(row["id"]), k, cfg.seed)
+            requests.append({"messages": build_judge_messages(item, order), "temperature": 0.0, "max_tokens": 1024})
+            parses.append(ranking_parser(k))
+            followups.append(lambda messages, text, reason: messages + [{"role": "assistant", "content": text},
+                                                                        nudge_message(k)])
+            orders.append(order)
+        scores = []
+        for order, a in zip(orders, llm.map(requests, parse=parses, followup=followups, desc="judge")):
+            group = [0.5] * k
+            if a.ok:
+                for place, shown in enumerate(a.value):  # shown position -> answer index via the order
+                    group[order[shown]] = 1.0 - place / (k - 1)
+            else:
+                stats["unranked"] += 1
+            scores += group
+        return scores
+    fn.llm, fn.stats = llm, stats
+    return fn
+
+
+def make_reward(reward_fn, model, ref_lora, cfg: GRPOConfig, tok, template, d, dtype) -> Scorer:
+    """reward_fn (a function or a RewardModel) if given, else --reward-fn, --base-url or --reward."""
+    if reward_fn is None:
+        if cfg.reward_fn:
+            reward_fn = load_function(cfg.reward_fn)
+        elif cfg.base_url:
+            reward_fn = judge_reward(cfg, cfg.k)
+        elif not cfg.reward:
+            raise UserError("no reward: pass --reward DIR (a reward model), --reward-fn MODULE:FUNCTION or "
+                            "--base-url URL --model-name NAME (a judge)")
+
+    def share():  # the reward model as one more adapter + head on the policy's base, or (None, why)
+        layers = dict(lora_modules(model))
+        ref = None if ref_lora is None else {n: (a, b, layers[n].scaling) for n, (a, b) in ref_lora.items()}
+        return share_base(cfg.reward, model, cfg.model, cfg.adapter, tok, cfg.reward_template, stack_first=ref)
+    return reward_scorer(reward_fn or cfg.reward, tok, template, share=share, device=d.device, dtype=dtype,
+                         reward_template=cfg.reward_template, say=print if d.main else lambda *a: None,
+                         quant=cfg.quant)
+
+
+# ============================================================================= the rollout
+
+@dataclass
+class GroupRollout(Batch):
+    """One step's answers, K per prompt (consecutive rows), with what the update needs."""
+    ref_logp: torch.Tensor | None  # (B, R) the reference's log-probs; None with beta 0
+    old_logp: torch.Tensor | None  # (B, R) the sampling policy's; None with one update per rollout
+    advantages: torch.Tensor  # (B,) one per answer
+    scores: torch.Tensor  # (B,)
+    texts: list[str]
+    metrics: dict
+
+
+@torch.no_grad()
+def make_group_rollout(model, ref_lora, cfg: GRPOConfig, prompts, rows, reward: Scorer, scale, tok, stops,
+                       stop_strs, end_id, seed, d) -> GroupRollout:
+    """K answers to each prompt, their scores and group-relative advantages, and the log-probs the loss needs."""
+    device = model.embed_tokens.weight.device
+    model.eval()
+    k = cfg.k
+    prompts = [p for p in prompts for _ in range(k)]  # K copies in a row: the engine prefills each prompt once
+    rows = [r for r in rows for _ in range(k)]
+    chunk = cfg.rollout_batch_size * k
+    answers, gen_logp, cut = sample_answers(model, prompts, cfg.max_new_tokens, cfg.temperature, tok, stops,
+                                            stop_strs, end_id, seed, chunk, cfg.compile)
+    b = pack(prompts, answers, stops, tok.pad_id, device)
+    B, R = b.mask.shape
+    maskf = b.mask.float()
+    responses, texts = answer_texts(b, tok, stops, stop_strs, end_id)  # cut by the limit: closed, as an RM reads
+    scores = torch.as_tensor(reward.fn(prompts, responses, rows, texts), dtype=torch.float32).to(device).reshape(B)
+    if scale is not None:
+        scores = scale(scores, d)
+    raw = scores.clone()
+    scores, slope = length_debias(scores, b.mask.sum(-1), cfg.length_debias)
+    if cfg.missing_eos_penalty is not None:
+        scores = torch.where(b.ended, scores, torch.full_like(scores, cfg.missing_eos_penalty))
+    advantages = group_advantages(scores, k, cfg.advantage, cfg.scale_rewards)
+
+    ref_logp = old_logp = None
+    if cfg.beta or cfg.num_iterations > 1:
+        ref_logp = torch.zeros(B, R, device=device) if cfg.beta else None
+        old_logp = torch.zeros(B, R, device=device) if cfg.num_iterations > 1 else None
+        for idx in torch.arange(B, device=device).split(cfg.micro_batch_size):
+            ids, attn, p, r = b.rows(idx)
+            if old_logp is not None:
+                old_logp[idx, :r] = response_forward(model, ids, attn, p, cfg.temperature)[0]
+            if ref_logp is not None:
+                with reference(model, ref_lora):
+                    ref_logp[idx, :r] = response_forward(model, ids, attn, p, cfg.temperature)[0]
+    # KL to the reference of the answers as sampled (the engine's log-probs are the policy's, to
+    # float rounding), over the sampled tokens: not an end token put in place of a stop string
+    sampled, drawn = torch.zeros(B, R, device=device), maskf.clone()
+    for i, lp in enumerate(gen_logp):
+        n = min(len(lp), R) if cut[i] is None else cut[i]
+        sampled[i, :n] = torch.tensor(lp[:n])
+        drawn[i, n:] = 0
+    group = scores.view(-1, k)
+    metrics = {
+        "score": scores.mean().item(),
+        "rm_score": raw.mean().item(),
+        "length_slope": slope,
+        "score_std": group.std(-1).mean().item(),  # within a group: what the advantages are made of
+        "zero_std_frac": (group.std(-1) < 1e-6).float().mean().item(),  # groups that teach nothing
+        # per answer, summed over its tokens (PPO's "kl"); not measured without a reference forward (--beta 0)
+        "kl": (kl_k3(sampled, ref_logp) * drawn).sum(-1).mean().item() if ref_logp is not None else float("nan"),
+        "response_length": maskf.sum(-1).mean().item(),
+        "eos_rate": b.ended.float().mean().item(),
+    }
+    return GroupRollout(**vars(b), ref_logp=ref_logp, old_logp=old_logp, advantages=advantages, scores=scores,
+                        texts=texts, metrics=metrics)
+
+
+# ============================================================================= the update
+
+def grpo_update(model, cfg: GRPOConfig, exp: GroupRollout, optimizer, params, d) -> dict:
+    """--num-iterations optimizer steps, each over all of the step's answers in micro-batches (the
+    loss a mean over all their tokens); returns the mean of the update stats."""
+    model.train()  # only enables gradient checkpointing: dropout is off everywhere
+    model.grad_checkpointing = cfg.grad_checkpointing
+    B = exp.mask.shape[0]
+    n_tok = dist.all_sum(exp.mask.sum().item(), d) / d.world  # so every rank's tokens weigh the same
+    sums = {}
+    for _ in range(cfg.num_iterations):
+        acc = dict.fromkeys(("loss", "clipfrac", "approx_kl", "ratio"), 0.0)
+        for idx in torch.arange(B, device=exp.mask.device).split(cfg.micro_batch_size):
+            ids, attn, p, r = exp.rows(idx)
+            mask = exp.mask[idx, :r].float()
+            logp = response_forward(model, ids, attn, p, cfg.temperature)[0]
+            old = exp.old_logp[idx, :r] if exp.old_logp is not None else logp.detach()
+            ref = exp.ref_logp[idx, :r] if exp.ref_logp is not None else None
+            loss, st = grpo_loss(logp, old, ref, exp.advantages[idx], mask, cfg.clip_range, cfg.beta,
+                                 cfg.max_log_ratio, denom=torch.tensor(max(n_tok, 1.0)))
+            loss.backward()
+            w = mask.sum().item() / max(n_tok, 1.0)
+            acc["loss"] += loss.item()
+            acc["clipfrac"] += st["clipfrac"].item() * w
+            acc["approx_kl"] += st["kl"].item() * w  # the k3 KL to the reference, per token
+            acc["ratio"] += st["ratio"].item() * w
+        dist.all_reduce_grads(params, d)
+        acc = dist.all_mean(acc, d)
+        acc["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        for key, val in acc.items():
+            sums[key] = sums.get(key, 0.0) + val / cfg.num_iterations
+    model.eval()
+    model.grad_checkpointing = False
+    return sums
+
+
+# ============================================================================= checkpoints and export
+
+# settings a resumed run must keep: the checkpoint's tensors would not fit the others
+FIXED = ("model", "adapter", "continue_adapter", "lora_r", "lora_alpha", "lora_targets", "quant")
+# settings that change nothing a resumed run computes
+BOOKKEEPING = {"resume", "overwrite", "stop_after", "sample_every", "save_every", "keep_checkpoints", "device",
+               "out", "save_merged", "api_key", "cache", "concurrency"}
+
+
+def save_checkpoint(model, cfg: GRPOConfig, optimizer, state: dict, d) -> None:
+    checkpoint.save(cfg.out, state["step"], cfg.keep_checkpoints, d, dataclasses.asdict(cfg), optimizer,
+                    lambda tmp: save_adapter(model, tmp / "policy"), **{k: v for k, v in state.items() if k != "step"})
+
+
+def load_checkpoint(model, cfg: GRPOConfig, path, optimizer, d) -> dict:
+    """Restore what save_checkpoint wrote; returns the loop's state (a changed FIXED setting is refused)."""
+    state, _ = checkpoint.read_resume(path, dataclasses.asdict(cfg), FIXED, BOOKKEEPING,
+                                      say=print if d.main else lambda *a: None)
+    load_adapter(model, path / "policy", trainable=True)
+    model.eval()
+    checkpoint.restore(path, optimizer, d, lrs=(cfg.lr,))
+    return state
+
+
+def _print_samples(step, exp: GroupRollout, tok, prompts, out, k, n=2):
+    with open(os.path.join(out, "samples.jsonl"), "a", encoding="utf-8") as f:
+        for i in range(min(n, len(prompts))):
+            prompt = tok.decode(prompts[i])
+            row = {"step": step, "prompt": prompt, "response": exp.texts[i * k], "score": exp.scores[i * k].item(),
+                   "advantage": exp.advantages[i * k].item()}
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+            print(f"--- sample {i} at step {step} (score {row['score']:.3f}, advantage {row['advantage']:+.3f})\n"
+                  f"[prompt] ...{prompt[-300:]}\n[answer] {row['response']}")
+
+
+PLOTS = {"curves.png": ["score", "kl", "response_length", "eos_rate"],
+         "grpo_stats.png": ["score_std", "zero_std_frac", "approx_kl", "clipfrac", "grad_norm"]}
+
+
+def _plot(out, path):
+    for name, keys in PLOTS.items():
+        plot_metrics(path, os.path.join(out, name), keys, title="GRPO")
+
+
+# ============================================================================= the loop
+
+def train(cfg: GRPOConfig, reward_fn=None) -> dict:
+    """Run GRPO; returns the last step's metrics plus first/last score and KL, steps, out, seconds
+    and the per-step history (ppo.train's shape).
+
+    reward_fn(prompts, responses, rows, texts) -> one score per answer (K consecutive answers per
+    prompt), or a loaded `reward_model.RewardModel`; None: cfg.reward_fn, cfg.base_url or cfg.reward.
+    """
+    cfg.check()
+    d = dist.setup(cfg.device)
+    try:
+        with contextlib.ExitStack() as hold:  # holds the lock on --out until the run ends, however it ends
+            return _train(cfg, reward_fn, d, hold)
+    finally:
+        dist.close(d)
+
+
+def _train(cfg: GRPOConfig, reward_fn, d, hold) -> dict:
+    started = time.time()
+    if cfg.batch_size % d.world:
+        raise UserError(f"--batch-size {cfg.batch_size} is not divisible by the {d.world} processes")
+    local = cfg.batch_size // d.world
+    dtype = resolve_dtype(cfg.dtype, d.device)
+    if d.device.type == "cpu":
+        return_large_blocks()  # the update's freed activations go back to the OS instead of fragmenting the heap
+    torch.manual_seed(cfg.seed)  # same LoRA init on every rank
+    random.seed(cfg.seed)
+    tok = Tokenizer.from_pretrained(cfg.model)
+    template = resolve_template(cfg.model, cfg.template, tok)
+    stops = sorted(stop_token_ids(tok, template))
+    stop_strs = stop_strings(template)
+    end_id = end_token(tok, template)
+    rows, prompts = load_prompts(cfg.data, tok, template, cfg.max_prompt_len)
+    model, ref_lora, sft = policy_model(cfg.model, cfg.adapter, cfg.continue_adapter, cfg.lora_r, cfg.lora_alpha,
+                                        cfg.lora_targets, device=d.device, dtype=dtype, quant=cfg.quant)
+    hold.enter_context(prepare_out(cfg.out, resume=cfg.resume, overwrite=cfg.overwrite, main_process=d.main))
+    out = cfg.out
+    reward = make_reward(reward_fn, model, ref_lora, cfg, tok, template, d, dtype)
+    params = lora_parameters(model)
+    optimizer = torch.optim.Adam([{"params": params, "lr": cfg.lr}], eps=cfg.adam_eps)
+    max_steps = cfg.max_steps or math.ceil(len(rows) / cfg.batch_size)
+
+    state = {"step": 0, "data_pos": 0, "score_scale": None}
+    ckpt = checkpoint.resume_from(out, cfg.resume, print if d.main else lambda *a: None)
+    if ckpt:
+        state = load_checkpoint(model, cfg, ckpt, optimizer, d)
+        if d.main:
+            print(f"resumed from {ckpt} (step {state['step']})")
+    scale = None
+    if reward.from_rm and cfg.reward_norm == "std":
+        scale = ScoreScale(*state["score_scale"]) if state.get("score_scale") else ScoreScale(0.0, reward.spread)
+    if d.main:
+        checkpoint.atomic_json(os.path.join(out, "grpo_config.json"), dataclasses.asdict(cfg))
+        for log_file in ("metrics.jsonl", "samples.jsonl"):  # rows after the checkpoint come again
+            checkpoint.truncate_jsonl(os.path.join(out, log_file), state["step"] if ckpt else -1)
+    log = MetricsLog(os.path.join(out, "metrics.jsonl"), total_steps=max_steps, stream=sys.stdout if d.main else None)
+    history, last_plot = [], time.time()
+    for step in range(state["step"] + 1, max_steps + 1):
+        if cfg.anneal_lr:
+            optimizer.param_groups[0]["lr"] = cfg.lr * (1 - (step - 1) / max_steps)
+        idx = prompt_indices(len(rows), state["data_pos"], cfg.batch_size, cfg.seed)[d.rank * local:(d.rank + 1) * local]
+        step_seed = (cfg.seed * 1_000_003 + step) * 1009 + d.rank  # rollouts reproducible on resume
+        t0 = time.time()
+        exp = make_group_rollout(model, ref_lora, cfg, [prompts[i] for i in idx], [rows[i] for i in idx], reward,
+                                 scale, tok, stops, stop_strs, end_id, step_seed, d)
+        t1 = time.time()
+        stats = grpo_update(model, cfg, exp, optimizer, params, d)
+        t2 = time.time()
+        metrics = dist.all_mean(exp.metrics, d)
+        state.update(step=step, data_pos=state["data_pos"] + cfg.batch_size,
+                     score_scale=None if scale is None or scale.scale is None else [scale.shift, scale.scale])
+        row = {**metrics, **stats, "lr": optimizer.param_groups[0]["lr"], "rollout_s": t1 - t0, "update_s": t2 - t1,
+               "tokens": int(exp.mask.sum().item()) * d.world}
+        history.append(log.write(step, **row) if d.main else dict(row, step=step))
+        if d.main and cfg.sample_every and (step % cfg.sample_every == 0 or step == 1):
+            _print_samples(step, exp, tok, [prompts[i] for i in idx], out, cfg.k)
+        if step % cfg.save_every == 0 or step == max_steps or step == cfg.stop_after:
+            save_checkpoint(model, cfg, optimizer, state, d)
+            if d.main and time.time() - last_plot > 120:  # a plot costs about a second: refresh it now and then
+                _plot(out, log.path)
+                last_plot = time.time()
+        if step == cfg.stop_after and step < max_steps:
+            if d.main:
+                print(f"stopped after step {step} (--stop-after); continue with --resume")
+            return {"steps": step, "stopped": True, "out": out, "history": history, "seconds": time.time() - started}
+
+    if getattr(reward.fn, "llm", None) is not None and d.main:
+        print(reward.fn.llm.summary() + f"; {reward.fn.stats['unranked']} groups unranked (scored 0.5)")
+    if d.main:
+        adapters.save_on_base(model, out, merged=sft)  # for the original base: SFT (+) GRPO when merged
+        save_chat_template(out, tok, template)
+        if os.path.exists(log.path) and os.path.getsize(log.path):
+            _plot(out, log.path)
+        if cfg.save_merged and cfg.quant != "none":
+            # a 4-bit base takes no merge: the adapter just written, merged on the full-precision base (CPU)
+            Transformer.from_pretrained(cfg.model, dtype=dtype, adapter=out, merge=True, value_head=False) \
+                .save_pretrained(os.path.join(out, "merged"))
+            save_chat_template(os.path.join(out, "merged"), tok, template)
+        elif cfg.save_merged:  # destroys the LoRA layers: last
+            merge_and_unload(model).save_pretrained(os.path.join(out, "merged"))
+            save_chat_template(os.path.join(out, "merged"), tok, template)
+        print(f"wrote the policy adapter to {out} (load with --model {cfg.model} --adapter {out})")
+    dist.barrier(d)
+    summary = dict(history[-1]) if history else {}
+    if history:
+        summary.update(first_score=history[0]["score"], last_score=history[-1]["score"],
+                       first_kl=history[0]["kl"], last_kl=history[-1]["kl"])
+    summary.update(steps=len(history), out=out, history=history, stopped=False, seconds=time.time() - started)
+    return summary
+
+
+def main(argv=None) -> int:
+    return cli_main(train, GRPOConfig, argv, prog="train_grpo.py", description=__doc__.split("\n\n")[0])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
