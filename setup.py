@@ -46,7 +46,7 @@ setup(
         "nanohuatuo-serve = nanohuatuo.serve:main",
         "nanohuatuo-eval = nanohuatuo.evaluate:main", "nanohuatuo-distill = nanohuatuo.distill:main",
         "nanohuatuo-demo = nanohuatuo.demo:main", "nanohuatuo-chat = nanohuatuo.chat:main",
-        "nanohuatuo-data = nanohuatuo.data:main", "nanohuatuo-sample = nanohuatuo.sampling:main",
+        "nanohuatuo-data = nanohuatuo.prepare:main", "nanohuatuo-sample = nanohuatuo.sampling:main",
         "nanohuatuo-feedback = nanohuatuo.feedback:main"]},
     extras_require={"serve": [], "parquet": ["pyarrow"], "datasets": ["datasets"],
                     "tensorboard": ["tensorboard"], "trackio": ["trackio"], "wandb": ["wandb"],

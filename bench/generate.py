@@ -1,5 +1,7 @@
-"""Benchmark: generation tokens/s of nanohuatuo's engine against its old static-batch path and
-transformers' generate, on the same weights, in one run.
+"""Benchmark: generation tokens/s of nanohuatuo's engine against a static batch and transformers'
+generate, on the same weights, in one run. The static batch is the engine before continuous
+batching: every row prefilled in one padded batch and decoded until the batch is done, on the
+engine's own KV cache and decode step, so the two differ only in scheduling.
 
 Builds Qwen2-shaped models with random weights (about 100M and 500M parameters; "tiny" for a smoke
 run), saves them in the Hugging Face layout, then times, for each size:
@@ -35,9 +37,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from nanohuatuo import Transformer  # noqa: E402
 from nanohuatuo.cpu_kernels import head_logits, tune_cpu_kernels  # noqa: E402
-from nanohuatuo.engine import Engine, SamplingParams  # noqa: E402
+from nanohuatuo.engine import Engine, RowCache, SamplingParams, decode_logits, forward, key_mask, kv_cache  # noqa: E402
 from nanohuatuo.generate import generate, left_pad  # noqa: E402
-from nanohuatuo.model import KVCache  # noqa: E402
 from nanohuatuo.metrics import cpu_name  # noqa: E402
 
 SIZES = {
@@ -100,48 +101,42 @@ def time_it(fn, device, repeats):
 
 # ----------------------------------------------------------------------------- the three engines
 
-_kept = {}  # compiled static path: one compiled step and one cache kept (CUDA graphs replay on fixed addresses)
-
-
-def _static_decode(model, x, positions, attention_mask, cache, cache_pos):
-    h = model.hidden_states(x, attention_mask=attention_mask, positions=positions, cache=cache, cache_pos=cache_pos)
-    return head_logits(model, h[:, -1])
+_kept = {}  # compiled static batch: one compiled step and one cache kept (CUDA graphs replay on fixed addresses)
 
 
 @torch.inference_mode()
 def static_generate(model, prompts, max_new_tokens, compile=False):
-    """The engine before continuous batching, greedy: all rows left-padded into one batch, one KV
-    cache for prompt + answer, every row decoded until the batch is done (EOS ignored)."""
+    """Greedy, the engine before continuous batching: all rows right-padded into one prefill on the
+    engine's cache (a row's tokens at their positions), then the engine's decode step for every row
+    until the batch is done (EOS ignored). A padding key past a row's prompt is overwritten by the
+    row's next token before any query can see it."""
     device, dtype = model.embed_tokens.weight.device, model.embed_tokens.weight.dtype
     tune_cpu_kernels(model, batches=(1, len(prompts)))
-    ids, real = left_pad(prompts, 0, device)
-    B, P = ids.shape
+    B, lengths = len(prompts), torch.tensor([len(p) for p in prompts], device=device)
+    P = int(lengths.max())
     S = P + max_new_tokens
-    step = _static_decode
+    step = decode_logits
     if compile:
         S = -(-S // 256) * 256  # few cache shapes, so few graphs
         if _kept.get("shape") != (B, S):
             _kept.pop("cache", None)
-            _kept["cache"], _kept["shape"] = KVCache(model.config, B, S, dtype, device), (B, S)
-            for t in _kept["cache"].k + _kept["cache"].v:
+            _kept["cache"], _kept["shape"] = kv_cache(model, B, S, dtype, device, static=False), (B, S)
+            for t in _kept["cache"][0] + _kept["cache"][1]:
                 torch._dynamo.mark_static_address(t)
-        if "step" not in _kept:
-            _kept["step"] = torch.compile(_static_decode, mode="reduce-overhead", fullgraph=True)
-        cache, step = _kept["cache"], _kept["step"]
+        if "step" not in _kept:  # its own compiled step: the engine's keeps graphs for the engine's cache
+            _kept["step"] = torch.compile(decode_logits, mode="reduce-overhead", fullgraph=True, dynamic=False)
+        (k, v), step = _kept["cache"], _kept["step"]
     else:
-        cache = KVCache(model.config, B, S, dtype, device)
-    mask = torch.ones((B, S), dtype=torch.long, device=device)
-    mask[:, :P] = real
-    lengths = real.sum(-1)
-    h = model.hidden_states(ids, attention_mask=mask, positions=(real.cumsum(-1) - 1).clamp(min=0), cache=cache,
-                            cache_pos=torch.arange(P, device=device))
-    tok = head_logits(model, h[:, -1]).argmax(-1)
+        k, v = kv_cache(model, B, S, dtype, device, static=False)
+    ids = torch.tensor([p + [0] * (P - len(p)) for p in prompts], device=device)
+    pos = torch.arange(P, device=device)[None].expand(B, P)
+    h = forward(model, ids, pos, RowCache(k, v, 0, pos, P), key_mask(model, pos, P, dtype))
+    tok = head_logits(model, h[torch.arange(B, device=device), lengths - 1]).argmax(-1)
     out = [tok]
     for t in range(max_new_tokens - 1):
         if compile:
             torch.compiler.cudagraph_mark_step_begin()
-        tok = step(model, tok[:, None], (lengths + t)[:, None], mask, cache, torch.tensor([P + t], device=device))
-        tok = tok.argmax(-1)
+        tok = step(model, tok, lengths + t, k, v, S).argmax(-1)
         out.append(tok)
     return torch.stack(out, 1).tolist()
 

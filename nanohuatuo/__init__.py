@@ -6,7 +6,7 @@ LLM endpoint: distill, feedback and evaluate with endpoints) start without impor
 
 import importlib
 
-_HOMES = {"ModelConfig": "model", "Transformer": "model", "KVCache": "model", "Tokenizer": "tokenizer",
+_HOMES = {"ModelConfig": "model", "Transformer": "model", "Tokenizer": "tokenizer",
           "generate": "generate"}
 __all__ = list(_HOMES)
 

@@ -1,7 +1,8 @@
 """Candidates and their answers: one side of a comparison (one of our models on the engine, an
 OpenAI-compatible endpoint, or a file of answers) answering conversations, each answer kept once.
 
-- Candidate names the side (exactly one of model, endpoint, answers file); Sampling its decoding.
+- Candidate names the side (exactly one of model, endpoint, answers file); GenerationSettings its
+  decoding (max_new_tokens, temperature, top_p, top_k, seed, system).
 - AnswerStore: one JSONL per candidate, keyed by item id and prompt hash, appended as answers come
   (a torn last line is cut off); candidate_key names the file after what produced the answers
   (model and adapter files with their sizes and mtimes, template, sampling), so retraining in
@@ -55,7 +56,7 @@ class Candidate:
 
 
 @dataclass
-class Sampling:
+class GenerationSettings:
     max_new_tokens: int = 512
     temperature: float = 0.0
     top_p: float = 1.0
@@ -76,7 +77,7 @@ def _files_fingerprint(directory: str | None) -> list:
             if p.suffix in (".safetensors", ".bin", ".json", ".model")]
 
 
-def candidate_key(c: Candidate, s: Sampling, extra: dict | None = None) -> str:
+def candidate_key(c: Candidate, s: GenerationSettings, extra: dict | None = None) -> str:
     """File stem for the candidate's answers: its label and a hash of what produced them."""
     kind = c.kind()
     if kind == "model":
@@ -131,7 +132,7 @@ class AnswerStore:
 class LocalModel:
     """One of our models answering conversations in batches on the engine."""
 
-    def __init__(self, c: Candidate, s: Sampling, device, dtype, batch_size: int = 16):
+    def __init__(self, c: Candidate, s: GenerationSettings, device, dtype, batch_size: int = 16):
         if not Path(c.model, "config.json").is_file():
             raise UserError(f"--model {c.model}: no config.json there; pass a model directory (Hugging Face layout)")
         if c.adapter and not Path(c.adapter).is_dir():
@@ -195,7 +196,7 @@ class LocalModel:
 class EndpointModel:
     """An OpenAI-compatible endpoint answering conversations (through llm.LLM, cached)."""
 
-    def __init__(self, c: Candidate, s: Sampling, cache_dir: Path, concurrency: int):
+    def __init__(self, c: Candidate, s: GenerationSettings, cache_dir: Path, concurrency: int):
         self.name, self.s = c.label(), s
         name = f"answers-{c.label()}"
         self.llm = from_flags(c, name=name, cache=role_cache(cache_dir, name, c.model_name), concurrency=concurrency)
@@ -228,7 +229,7 @@ def answers_from_file(path: str, flag: str = "--answers") -> dict[str, str]:
     return out
 
 
-def open_candidate(c: Candidate, s: Sampling, run) -> LocalModel | EndpointModel:
+def open_candidate(c: Candidate, s: GenerationSettings, run) -> LocalModel | EndpointModel:
     if c.kind() == "model":
         from .cli import resolve_device, resolve_dtype
         device = resolve_device(run.device)
@@ -236,7 +237,8 @@ def open_candidate(c: Candidate, s: Sampling, run) -> LocalModel | EndpointModel
     return EndpointModel(c, s, Path(run.cache), run.concurrency)
 
 
-def get_answers(c: Candidate, s: Sampling, items: list[dict], run, summaries: list[str]) -> list[str | None]:
+def get_answers(c: Candidate, s: GenerationSettings, items: list[dict], run,
+                summaries: list[str]) -> list[str | None]:
     """The candidate's answer to each item (item["messages"]), from its answer file or generated.
 
     None marks an endpoint that gave no usable answer (that pair is unjudged)."""

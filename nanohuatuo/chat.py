@@ -22,8 +22,9 @@ import sys
 from dataclasses import dataclass
 
 from .cli import GenerationFlags, ModelFlags, UserError, arg, cli_main, like, resolve_device, resolve_dtype
-from .generate import cut_at_stop, load_for_inference, stream
+from .generate import cut_at_stop, inference_quant, load_for_inference, stream
 from .hf import check_model_dir
+from .quant import INFERENCE_QUANT_HELP, INFERENCE_QUANTS
 from .templates import PromptTooLong, fit_prompt, generation_defaults, prompt_budget, stop_strings, stop_token_ids
 from .tokenizer import StreamDecoder
 
@@ -138,7 +139,8 @@ class ChatConfig(GenerationFlags, ModelFlags):
                                                  "(default: generation_config.json's, else 1.0: off)")
     max_len: int = arg(1024, "tokens of history plus answer, capped at the model's max_seq_len", old=("--context",))
     seed: int = arg(0, "random seed of sampling; answer k of a session uses seed + k, so a run is reproducible")
-    int8: bool = arg(False, "int8 weight-only quantisation (a 7B model fits a 24 GB card)")
+    quant: str = arg("none", INFERENCE_QUANT_HELP, choices=list(INFERENCE_QUANTS))
+    int8: bool = arg(False, "int8 weight-only quantisation", retired="--quant int8")  # earlier spelling, hidden
     compile: bool = arg(False, "torch.compile the decode step (CUDA)")
 
 
@@ -161,8 +163,8 @@ def run(cfg: ChatConfig) -> int:
     prompt_budget(check_model_dir(cfg.model).max_seq_len, cfg.max_len, cfg.max_new_tokens)
     # one-shot: stdout carries the answer alone, so what loading prints goes to stderr
     with contextlib.redirect_stdout(sys.stderr) if cfg.prompt is not None else contextlib.nullcontext():
-        model, tok, template = load_for_inference(cfg.model, cfg.adapter, dtype, device, cfg.int8, cfg.template,
-                                                  what="chat")
+        model, tok, template = load_for_inference(cfg.model, cfg.adapter, dtype, device,
+                                                  inference_quant(cfg.quant, cfg.int8), cfg.template, what="chat")
     gen = dict(max_new_tokens=cfg.max_new_tokens, seed=cfg.seed, context=cfg.max_len, compile=cfg.compile,
                **generation_settings(cfg))
     if cfg.prompt is not None:

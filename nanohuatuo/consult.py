@@ -19,7 +19,7 @@ import re
 import sys
 from pathlib import Path
 
-from .answers import AnswerStore, Candidate, Sampling, candidate_key, open_candidate, prompt_hash
+from .answers import AnswerStore, Candidate, GenerationSettings, candidate_key, open_candidate, prompt_hash
 from .cli import UserError
 from .textcheck import own_lines
 
@@ -128,7 +128,8 @@ class OfflinePatient:
 
 # ---------------------------------------------------------------- the consultation loop
 
-def consult(c: Candidate, s: Sampling, cases: list[dict], patient, cfg, summaries: list[str]) -> list[dict | None]:
+def consult(c: Candidate, s: GenerationSettings, cases: list[dict], patient, cfg,
+            summaries: list[str]) -> list[dict | None]:
     """Transcripts of the candidate consulting every case (stored per candidate, reused when done).
 
     All open consultations advance together: one batch of doctor turns, then one of patient turns."""

@@ -1,6 +1,7 @@
 """Conversation data for nanohuatuo: the JSONL schema, its validation, converters
 from public Chinese medical corpora and other tools' chat formats, source mixing,
-held-out splits, RLAIF prompt files and a small CLI (`python -m nanohuatuo.data {convert,mix,prompts,stats}`).
+held-out splits and RLAIF prompt files. Their command line is prepare.py
+(`python data.py {convert,mix,prompts,stats}`).
 
 Schema, one JSON object a line (UTF-8):
     {"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...],
@@ -59,14 +60,11 @@ polishing them into fluent answers is an LLM job, out of scope here.
 The evaluation sets evaluate.py reads are in evalsets.py, on top of these converters.
 """
 
-import argparse
 import hashlib
-import itertools
 import json
 import os
 import random
 import statistics
-import sys
 import uuid
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -507,156 +505,8 @@ def stats(rows: list[dict]) -> dict:
     }
 
 
-# ---------------------------------------------------------------- CLI
-
-
-def parse_weights(text: str) -> dict[str, float]:
-    """'a=1,b=2.5' -> {'a': 1.0, 'b': 2.5}."""
-    weights = {}
-    for part in text.split(","):
-        name, eq, value = part.partition("=")
-        try:
-            if not eq or not name.strip():
-                raise ValueError
-            weights[name.strip()] = float(value)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"bad weight {part!r}, expected source=number") from None
-    return weights
-
-
-def _cmd_convert(args) -> None:
-    if args.all_answers and args.format != "cmedqa2":
-        raise DataError("--all-answers only applies to --format cmedqa2")
-    groups = [args.inputs] if args.format == "cmedqa2" else [[path] for path in args.inputs]
-    counts = []
-
-    def rows():
-        for group in groups:
-            counts.append(0)
-            for row in convert(args.format, group, args.source, args.encoding, args.all_answers):
-                counts[-1] += 1
-                yield row
-            if not counts[-1]:  # raised before the output is renamed into place, so none is written
-                raise DataError(f"{' + '.join(map(str, group))}: no records to convert (the file is empty)")
-
-    n = write_jsonl(args.out, itertools.islice(rows(), args.limit))
-    for group, k in zip(groups, counts):
-        print(f"converted {k} rows from {' + '.join(map(str, group))} ({args.format})")
-    print(f"wrote {n} rows to {args.out}")
-
-
-def _cmd_mix(args) -> None:
-    rows = []
-    for path in args.inputs:
-        part = require_rows(load_conversations(path), path, "conversations")
-        print(f"read {len(part)} rows from {path}")
-        rows.extend(part)
-    # distill.py polish --on-flag keep marks a row whose rewrite changed drug names or numbers
-    flagged = Counter(r["source"] for r in rows if r.get("flagged"))
-    if flagged:
-        per_source = ", ".join(f"{s} {n}" for s, n in sorted(flagged.items()))
-        if args.keep_flagged:
-            print(f"kept {flagged.total()} flagged rows (--keep-flagged): {per_source}")
-        else:
-            rows = [r for r in rows if not r.get("flagged")]
-            print(f"dropped {flagged.total()} flagged rows (a polished reply changed drug names or numbers; "
-                  f"--keep-flagged keeps them): {per_source}")
-    # held-out rows are taken before resampling so no duplicate leaks into both sides
-    pool = [r for r in rows if args.weights.get(r["source"], 0) > 0]
-    train, heldout = split_heldout(pool, args.heldout, args.seed) if args.heldout else (pool, [])
-    mixed = mix_sources(train, args.weights, args.seed, args.total)
-    have, got = Counter(r["source"] for r in rows), Counter(r["source"] for r in mixed)
-    for source in sorted(have):
-        print(f"  {source}: {have[source]} in, weight {args.weights.get(source, 0):g}, {got[source]} out")
-    print(f"wrote {write_jsonl(args.out, mixed)} rows to {args.out}")
-    if args.heldout:
-        print(f"wrote {write_jsonl(args.heldout_out, heldout)} held-out rows to {args.heldout_out}")
-
-
-def _cmd_prompts(args) -> None:
-    rows = require_rows(load_conversations(args.inputs), args.inputs, "conversations")
-    n = write_jsonl(args.out, (to_prompt(r) for r in rows))
-    print(f"read {len(rows)} rows from {args.inputs}; wrote {n} prompts to {args.out}")
-
-
-def _cmd_stats(args) -> None:
-    for path in args.inputs:
-        s = stats(load_conversations(path))
-        print(f"{path}: {s['rows']} rows")
-        for key in ("sources", "departments", "turns"):
-            print(f"  {key}: " + ", ".join(f"{k}={v}" for k, v in s[key].items()))
-        for role, summary in s["chars"].items():
-            print(f"  {role} chars: " + ", ".join(f"{k}={v}" for k, v in summary.items()))
-
-
-class OldIn(argparse._StoreAction):
-    """--in, the earlier spelling of --data: still read for one release, with a one-line warning."""
-
-    def __call__(self, parser, namespace, values, option_string=None):
-        print("warning: --in is deprecated and will be removed in the next release; use --data", file=sys.stderr)
-        super().__call__(parser, namespace, values, option_string)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of `python -m nanohuatuo.data`; returns the exit status (2 on bad input, one line)."""
-    parser = argparse.ArgumentParser(prog="python -m nanohuatuo.data", description=__doc__.split("\n\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    def command(name, help, run, nargs="+", what="schema JSONL file(s)"):
-        p = sub.add_parser(name, help=help, description=help,
-                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-        p.set_defaults(run=run)
-        p.add_argument("--data", dest="inputs", nargs=nargs, metavar="FILE", help=what + " (required)")
-        # the earlier spelling, hidden: it warns for one release
-        p.add_argument("--in", dest="inputs", nargs=nargs, action=OldIn, default=argparse.SUPPRESS,
-                       help=argparse.SUPPRESS)
-        return p
-
-    p = command("convert", "convert a public corpus to the conversation schema", _cmd_convert,
-                what="input file(s) (sharegpt/alpaca/openai: also a JSON array, Parquet or a datasets folder); "
-                     "cmedqa2: questions.csv answers.csv")
-    p.add_argument("--format", required=True, choices=FORMATS, help="the corpus' format (see the module doc)")
-    p.add_argument("--out", required=True, help="output JSONL file")
-    p.add_argument("--source", help="source for every row (defaults per format, see module doc)")
-    p.add_argument("--encoding", help="force the CSV encoding (default: UTF-8 if clean, else GB18030)")
-    p.add_argument("--limit", type=int, help="stop after this many rows")
-    p.add_argument("--all-answers", action="store_true", help="cmedqa2: one row per answer, not per question")
-
-    p = command("mix", "resample sources by weight into one shuffled file", _cmd_mix,
-                what="conversation file(s): schema JSONL, or any shape SFT reads")
-    p.add_argument("--weights", type=parse_weights, required=True, metavar="SOURCE=W,...",
-                   help="source=w,... (w multiplies the source's count)")
-    p.add_argument("--out", required=True, help="output JSONL file")
-    p.add_argument("--seed", type=int, default=0, help="random seed")
-    p.add_argument("--total", type=int, help="rescale the counts to exactly this many rows")
-    p.add_argument("--heldout", type=float, default=0.0, help="fraction held out before resampling")
-    p.add_argument("--heldout-out", help="where the held-out rows go (needed with --heldout)")
-    p.add_argument("--keep-flagged", action="store_true",
-                   help="keep rows marked flagged (a polished reply whose drug names or numbers changed); "
-                        "by default they are dropped before the held-out split")
-
-    p = command("prompts", "RLAIF prompt file: conversation minus last answer, plus reference", _cmd_prompts,
-                nargs=None, what="conversation file: schema JSONL, or any shape SFT reads")
-    p.add_argument("--out", required=True, help="output JSONL file of prompts")
-
-    p = command("stats", "counts per source/department, turns and char lengths", _cmd_stats,
-                what="conversation file(s): schema JSONL, or any shape SFT reads")
-
-    args = parser.parse_args(argv)
-    if args.inputs is None:
-        parser.error(f"{args.command} needs --data FILE")
-    if args.command == "mix" and args.heldout and not args.heldout_out:
-        parser.error("--heldout needs --heldout-out")
-    try:
-        args.run(args)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    except (ValueError, OSError) as e:  # DataError is a ValueError: the message names file and line
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    # `python -m nanohuatuo.data`, the command's earlier address, still runs it: the command line lives in
+    # the stage layer (prepare.py), which this core module must not import, so it is run by name
+    import runpy
+    runpy.run_module("nanohuatuo.prepare", run_name="__main__", alter_sys=True)

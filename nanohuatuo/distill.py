@@ -1,7 +1,7 @@
 """Distillation: HuatuoGPT's data-making pipeline, as three commands against any OpenAI-compatible
 endpoint (a cloud model, vLLM, or our own serve.py). Each writes rows of the conversation schema
 (nanohuatuo/data.py) with `source` set to the HuatuoGPT source it makes, ready for
-`python -m nanohuatuo.data mix` and train_sft.py:
+`python data.py mix` and train_sft.py:
 
     python distill.py instructions --seeds data/distill_seeds.jsonl --limit 1000 --out di.jsonl \
         --teacher-base-url URL --teacher-model-name NAME   # -> distilled_instructions
@@ -41,7 +41,6 @@ InstructionsConfig / ConversationsConfig / PolishConfig (or command_config(name,
 All prompts are the constants below, in Chinese, written for this project.
 """
 
-import json
 import math
 import random
 import re
@@ -52,6 +51,7 @@ from pathlib import Path
 
 from .cli import UserError, arg, cli_main, endpoint_flags, parse_config
 from .data import DataError, iter_jsonl, row_id, validate, write_jsonl
+from .evalsets import load_cases
 from .llm import LLM, from_flags
 from .textcheck import fact_check, instruction_problem, is_refusal, own_lines
 from .textmetrics import RougeIndex
@@ -431,57 +431,9 @@ def run_instructions(cfg: InstructionsConfig) -> dict:
 # ---------------------------------------------------------------- conversations
 
 
-def _case_from_row(obj: dict, where: str) -> dict:
-    validate(obj, where)
-    turns = [m for m in obj["messages"] if m["role"] != "system"]
-    case = "\n".join(m["content"] for m in turns if m["role"] == "user")
-    reference = "\n".join(m["content"] for m in turns if m["role"] == "assistant")
-    return {"id": row_id(obj), "case": case, "reference": reference, "department": obj.get("department") or ""}
-
-
-def _case_from_med_dialog(obj: dict, where: str, fallback_id: str) -> dict:
-    case = obj.get("medical_case")
-    if not isinstance(case, str) or not case.strip():
-        raise DataError(f"{where}: 'medical_case' must be a non-empty string")
-    reference = obj.get("doctor_diagnosis") or ""
-    department = obj.get("Department") or obj.get("department") or ""
-    if not isinstance(reference, str) or not isinstance(department, str):
-        raise DataError(f"{where}: 'doctor_diagnosis' and 'Department' must be strings")
-    return {"id": str(obj.get("id", fallback_id)), "case": case.strip(), "reference": reference.strip(),
-            "department": department.strip()}
-
-
-def load_cases(paths: list[str]) -> list[dict]:
-    """Cases {id, case, reference, department} from schema JSONL rows (patient turns = case, doctor
-    turns = reference) or Med-dialog records (a JSON list, or JSONL), in file order."""
-    cases = []
-    for path in paths:
-        stem = Path(path).stem
-        if str(path).endswith(".json"):
-            try:
-                data = json.loads(Path(path).read_text(encoding="utf-8"))
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{e.lineno}: bad JSON: {e.msg}") from None
-            if not isinstance(data, list):
-                raise DataError(f"{path}: expected a JSON list of cases")
-            records = [(f"{path}: item {i}", i, obj) for i, obj in enumerate(data)]
-        else:
-            records = [(f"{path}:{lineno}", lineno, obj) for lineno, obj in iter_jsonl(path)]
-        for where, k, obj in records:
-            if not isinstance(obj, dict):
-                raise DataError(f"{where}: expected a JSON object")
-            if "medical_case" in obj:
-                cases.append(_case_from_med_dialog(obj, where, f"{stem}-{k}"))
-            elif "messages" in obj:
-                cases.append(_case_from_row(obj, where))
-            else:
-                raise DataError(f"{where}: expected a schema row ('messages') or a Med-dialog case ('medical_case')")
-    return cases
-
-
 def patient_messages(case: dict, turns: list[dict]) -> list[dict]:
     """The patient agent's view: the case in its system prompt, the doctor's turns as 'user'."""
-    msgs = [{"role": "system", "content": PATIENT_SYSTEM.format(case=case["case"], end=END_MARK)},
+    msgs = [{"role": "system", "content": PATIENT_SYSTEM.format(case=case["medical_case"].strip(), end=END_MARK)},
             {"role": "user", "content": PATIENT_START}]
     for t in turns:
         msgs.append({"role": "assistant" if t["role"] == "user" else "user", "content": t["content"]})
@@ -490,8 +442,9 @@ def patient_messages(case: dict, turns: list[dict]) -> list[dict]:
 
 def doctor_messages(case: dict, turns: list[dict]) -> list[dict]:
     """The doctor agent's view: the real doctor's conclusion as a hint, the patient's turns as 'user'."""
-    reference = DOCTOR_REFERENCE.format(reference=case["reference"]) if case["reference"] else ""
-    system = DOCTOR_SYSTEM.format(department=case["department"] or "全科", reference=reference, end=END_MARK)
+    diagnosis, department = case["doctor_diagnosis"].strip(), case["department"].strip()
+    reference = DOCTOR_REFERENCE.format(reference=diagnosis) if diagnosis else ""
+    system = DOCTOR_SYSTEM.format(department=department or "全科", reference=reference, end=END_MARK)
     return [{"role": "system", "content": system}] + [dict(t) for t in turns]
 
 
@@ -504,9 +457,7 @@ def run_conversations(cfg: ConversationsConfig) -> dict:
         raise UserError("pass --data FILE [FILE ...] (schema rows or Med-dialog cases)")
     if cfg.max_turns < 1:
         raise UserError("--max-turns must be at least 1")
-    cases = load_cases(cfg.data)
-    if cfg.limit:
-        cases = cases[: cfg.limit]
+    cases = load_cases(cfg.data, cfg.limit, strict=False)
     if not cases:
         raise UserError(f"--data {' '.join(cfg.data)}: no cases")
     patient_ep = (cfg.patient_base_url or cfg.teacher_base_url, cfg.patient_model_name or cfg.teacher_model_name,
@@ -565,8 +516,8 @@ def run_conversations(cfg: ConversationsConfig) -> dict:
             case = cases[i]
             row = {"id": f"distill-dc-{case['id']}", "messages": turns[i], "source": "distilled_conversations",
                    "case_id": case["id"], "stop": stop[i]}
-            if case["department"]:
-                row["department"] = case["department"]
+            if case["department"].strip():
+                row["department"] = case["department"].strip()
             rows.append(validate(row, f"case {case['id']}"))
         stops = Counter(r["stop"] for r in rows)
         return _report("conversations", cfg.out, write_jsonl(cfg.out, rows), len(rows), dropped, llms,

@@ -2,7 +2,8 @@
 
     read_records(path, what)       # a JSON list of objects, or JSONL
     load_questions(path)           # KUAKE-QIC: id, label, query[, reference] -> {id, group, query, reference?}
-    load_cases(path)               # Med-dialog: id, medical_case, doctor_diagnosis, Department
+    load_cases(paths)              # Med-dialog cases (id, medical_case, doctor_diagnosis, Department) or
+                                   # schema rows, as evaluate.py dialogue and distill.py conversations read them
     load_qa(paths, fmt="auto")     # a QA test set in the schema or any of data.py's formats
                                    # (detect_format tells which) -> prompt rows with their references
 
@@ -12,11 +13,12 @@ Separate from data.py, which holds the training schema and the converters these 
 import json
 from pathlib import Path
 
-from .data import FORMATS, DataError, convert, iter_jsonl, load_conversations, to_prompt
+from .data import FORMATS, DataError, convert, iter_jsonl, load_conversations, row_id, to_prompt, validate
 
 
 def read_records(path: str, what: str, flag: str = "--data") -> list[dict]:
-    """A JSON list of objects, or JSONL; errors name the file and the item."""
+    """A JSON list of objects, or JSONL; errors name the file and the item. Each row carries `_where` (FILE: item N,
+    or FILE:LINE) and `_at` (N, or LINE)."""
     p = Path(path)
     if not p.is_file():
         raise DataError(f"{flag} {path}: no such file; pass a {what} file")
@@ -27,17 +29,19 @@ def read_records(path: str, what: str, flag: str = "--data") -> list[dict]:
         except json.JSONDecodeError as e:
             raise DataError(f"{path}:{e.lineno}: bad JSON ({e.msg}); expected a list of {what} objects") from None
         where = [f"{path}: item {i}" for i in range(len(rows))]
+        at = list(range(len(rows)))
     else:
-        rows, where = [], []
+        rows, where, at = [], [], []
         for lineno, obj in iter_jsonl(path):
             rows.append(obj)
             where.append(f"{path}:{lineno}")
+            at.append(lineno)
     for row, w in zip(rows, where):
         if not isinstance(row, dict):
             raise DataError(f"{w}: expected a JSON object, got {type(row).__name__}")
     if not rows:
         raise DataError(f"{path}: no {what} in the file")
-    return [dict(row, _where=w) for row, w in zip(rows, where)]
+    return [dict(row, _where=w, _at=n) for row, w, n in zip(rows, where, at)]
 
 
 def _field(row: dict, key: str, what: str, *alts) -> str:
@@ -61,17 +65,46 @@ def load_questions(path: str, limit: int = 0) -> list[dict]:
     return _unique(items, path)[: limit or None]
 
 
-def load_cases(path: str, limit: int = 0) -> list[dict]:
-    """Med-dialog cases -> [{id, group (the department), medical_case, doctor_diagnosis}]."""
+def load_cases(paths: str | list[str], limit: int = 0, strict: bool = True) -> list[dict]:
+    """Cases -> [{id, group (the department, else "(none)"), department (else ""), medical_case, doctor_diagnosis}],
+    in file order, from Med-dialog records (a JSON list, or JSONL) or schema rows (the patient's turns are the
+    case, the doctor's the diagnosis).
+
+    strict (evaluate.py dialogue, whose judge compares against the diagnosis and whose results are kept by
+    id): every case has an id, unique in the file, and a diagnosis. Otherwise (distill.py conversations) a
+    missing id is FILE-STEM-N and the diagnosis may be empty."""
+    paths = [paths] if isinstance(paths, str) else list(paths)
+    what = "case (Med-dialog: id, medical_case, doctor_diagnosis, Department; or schema rows)"
     items = []
-    for row in read_records(path, "case (Med-dialog: id, medical_case, doctor_diagnosis, Department)"):
-        if row.get("id") is None:
-            raise DataError(f"{row['_where']}: case needs an 'id'")
-        items.append({"id": str(row["id"]),
-                      "group": str(row.get("Department") or row.get("department") or "(none)"),
-                      "medical_case": _field(row, "medical_case", "a case"),
-                      "doctor_diagnosis": _field(row, "doctor_diagnosis", "a case")})
-    return _unique(items, path)[: limit or None]
+    for path in paths:
+        cases = [_case(row, strict, f"{Path(path).stem}-{row['_at']}") for row in read_records(path, what)]
+        items += _unique(cases, path) if strict else cases
+    return items[: limit or None]
+
+
+def _case(row: dict, strict: bool, fallback_id: str) -> dict:
+    where = row["_where"]
+    if "medical_case" in row:
+        if strict and row.get("id") is None:
+            raise DataError(f"{where}: case needs an 'id'")
+        case = _field(row, "medical_case", "a case")
+        diagnosis = _field(row, "doctor_diagnosis", "a case") if strict else row.get("doctor_diagnosis") or ""
+        department = row.get("Department") or row.get("department") or ""
+        if not isinstance(diagnosis, str) or not isinstance(department, str):
+            raise DataError(f"{where}: 'doctor_diagnosis' and 'Department' must be strings")
+        case_id = str(row["id"]) if row.get("id") is not None else fallback_id
+    elif "messages" in row:
+        obj = validate({k: v for k, v in row.items() if k not in ("_where", "_at")}, where)
+        turns = [m for m in obj["messages"] if m["role"] != "system"]
+        case = "\n".join(m["content"] for m in turns if m["role"] == "user")
+        diagnosis = "\n".join(m["content"] for m in turns if m["role"] == "assistant")
+        department, case_id = obj.get("department") or "", row_id(obj)
+        if strict and not diagnosis.strip():
+            raise DataError(f"{where}: a case needs the doctor's reply (an assistant turn)")
+    else:
+        raise DataError(f"{where}: expected a schema row ('messages') or a Med-dialog case ('medical_case')")
+    return {"id": case_id, "group": department or "(none)", "department": department, "medical_case": case,
+            "doctor_diagnosis": diagnosis}
 
 
 def _unique(items: list[dict], path: str) -> list[dict]:

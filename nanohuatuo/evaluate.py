@@ -77,7 +77,7 @@ import numpy as np
 
 from . import data as qa_data
 from . import sheets
-from .answers import Candidate, Sampling, get_answers
+from .answers import Candidate, GenerationSettings, get_answers
 from .cli import UserError, arg, cli_main, prepare_out, write_config
 from .consult import EndpointPatient, OfflinePatient, consult, render_transcript
 from .evalsets import QA_FORMATS, load_cases, load_qa, load_questions
@@ -443,8 +443,8 @@ def side(cfg, s: str) -> Candidate:
     return c
 
 
-def sampling(cfg) -> Sampling:
-    return Sampling(cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.top_k, cfg.seed, cfg.system)
+def generation_settings(cfg) -> GenerationSettings:
+    return GenerationSettings(cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.top_k, cfg.seed, cfg.system)
 
 
 def _setup(cfg):
@@ -479,7 +479,7 @@ def run_pairwise(cfg: PairwiseConfig) -> dict:
     questions = load_questions(cfg.data, cfg.limit)
     lock, cfg = _setup(cfg)
     with lock:
-        s, usage = sampling(cfg), []
+        s, usage = generation_settings(cfg), []
         items = [{"id": q["id"], "group": q["group"], "messages": [{"role": "user", "content": q["query"]}]}
                  for q in questions]
         answers_a = get_answers(a, s, items, cfg, usage)
@@ -538,7 +538,7 @@ def run_dialogue(cfg: DialogueConfig) -> dict:
     cases = load_cases(cfg.data, cfg.limit)
     lock, cfg = _setup(cfg)
     with lock:
-        out, s, usage = Path(cfg.out), sampling(cfg), []
+        out, s, usage = Path(cfg.out), generation_settings(cfg), []
         patient = open_patient(cfg)
         try:
             ta = consult(a, s, cases, patient, cfg, usage)
@@ -578,7 +578,7 @@ def run_metrics(cfg: MetricsConfig) -> dict:
     lock, cfg = _setup(cfg)
     with lock:
         out, usage = Path(cfg.out), []
-        answers = get_answers(c, sampling(cfg), items, cfg, usage)
+        answers = get_answers(c, generation_settings(cfg), items, cfg, usage)
         scored = [(it, a) for it, a in zip(items, answers) if a is not None]
         scores = score_corpus([a for _, a in scored], [it["references"] for it, _ in scored], cfg.level, cfg.keep_punct)
         refs = [r for it, _ in scored for r in it["references"]]  # every doctor's reply, for their own statistics

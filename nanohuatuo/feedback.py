@@ -4,7 +4,7 @@ Asks the judge prompt (HuatuoGPT's criteria: informativeness, coherence,
 agreement with human preference and accuracy, with the real doctor's reply as
 the reference) and reads its final ranking line with a strict parser (both in
 rank_prompt.py, one layer down, shared with GRPO's endpoint reward); holds the choice
-of candidates (repeats and answers cut by max_new_tokens left out), `EndpointRanker`
+of the answers to rank (repeats and answers cut by max_new_tokens left out), `EndpointRanker`
 (any OpenAI-compatible server, through `llm.LLM`: cache, concurrency, retries,
 usage), `OfflineRanker` (similarity to the doctor's reply, no network), the
 conversion of rankings into reward-model preference records, and a CLI:
@@ -20,28 +20,28 @@ Item (one JSON object per line of the CLI's input, as `python -m nanohuatuo.samp
      "answers": [str, ...],     # K answers sampled from the SFT model
      "finished": [bool, ...]}   # optional: False = cut by max_new_tokens
 
-Candidates: an answer cut by max_new_tokens (finished False) is dropped, never
+Answers ranked: one cut by max_new_tokens (finished False) is dropped, never
 ranked as if complete (or, with truncated="last" / --truncated last, judged and
 then ranked below every finished answer), and an answer identical (after
 stripping) to an earlier one, or to the doctor's reply in mixed mode, is judged
 once. Both are counted and said in the summary; an item left with fewer than 2
-candidates is skipped.
+answers to rank is skipped.
 
 Judge result per item:
     {"id": str, "ranking": [int, ...] | None, "raw": str, "cached": bool,
      "dropped": {"duplicate": int, "truncated": int}}
     `ranking` holds indices into `answers`, best first, covering every judged
-    candidate (all answers minus the dropped ones); None means no usable ranking
+    answer (all answers minus the dropped ones); None means no usable ranking
     ("error" says why: the judge's reason, a rejected request, or a skipped item;
     `raw` keeps the judge's last reply). `cached` is True when every call was
     served from the cache.
     mixed=True (HuatuoGPT's mixed feedback) makes the doctor's reply one more
-    candidate: index K (= len(answers)) in `ranking` is the doctor's reply, and
+    ranked answer: index K (= len(answers)) in `ranking` is the doctor's reply, and
     the result also has "reference_rank", the doctor's 0-based place (0 = best)
     or None.
 
 Judge reply format (stated in the prompt, checked by `parse_ranking`):
-    brief reasoning, then a final line with the candidate numbers as shown,
+    brief reasoning, then a final line with the answer numbers as shown,
     best first, each exactly once:
         排名：3 > 1 > 2
     Label variants (排名为：, 最终排名如下： with the ranking on the next line,
@@ -72,7 +72,7 @@ from .data import DataError, iter_jsonl, write_jsonl
 from .llm import LLM, LLMError
 # the prompt's names stay importable from here, where callers and tests have always found them
 from .rank_prompt import (NO_RANKING, RANKING_CRITERIA, ROLE_NAMES, SYSTEM_PROMPT,  # noqa: F401
-                          build_judge_messages, candidate_order, candidates, format_dialogue, nudge_message,
+                          build_judge_messages, format_dialogue, nudge_message, ranked_texts, shown_order,
                           parse_ranking, ranking_parser)
 from .textmetrics import similarity_score
 
@@ -100,13 +100,13 @@ def check_item(item: dict, mixed: bool = False) -> None:
         raise ValueError(f"{where}: 'finished' must be one true/false per answer "
                          f"({len(answers)} answers)")
     if len(answers) + mixed < 2:
-        raise ValueError(f"{where}: needs at least 2 candidates to rank, got {len(answers) + mixed}; "
+        raise ValueError(f"{where}: needs at least 2 answers to rank, got {len(answers) + mixed}; "
                          "sample more answers per prompt")
 
 
-# -------------------------------------------------------- choosing candidates
+# -------------------------------------------------------- choosing the answers to rank
 
-MIN_CANDIDATES = 2
+MIN_RANKED = 2
 
 
 TRUNCATED = ("drop", "last")  # what happens to an answer cut by max_new_tokens
@@ -141,7 +141,7 @@ def judged_view(item: dict, kept: list[int]) -> dict:
 
 
 class Selection:
-    """The candidates of every item, with the totals the summary reports."""
+    """The answers judged for every item, with the totals the summary reports."""
 
     def __init__(self, items: list[dict], mixed: bool, truncated: str = "drop"):
         for item in items:
@@ -156,10 +156,10 @@ class Selection:
             self.kept.append(kept)
             self.item_dropped.append(dict(dropped))
             self.dropped.update(dropped)
-            self.skipped += len(kept) + mixed < MIN_CANDIDATES
+            self.skipped += len(kept) + mixed < MIN_RANKED
 
     def judged(self, j: int) -> bool:
-        return len(self.kept[j]) + self.mixed >= MIN_CANDIDATES
+        return len(self.kept[j]) + self.mixed >= MIN_RANKED
 
     def result(self, item: dict, j: int, shown_ranking: list[int] | None, raw: str, cached: bool,
                error: str | None = None) -> dict:
@@ -174,7 +174,7 @@ class Selection:
         if error is not None:
             result["error"] = error
         elif not self.judged(j):
-            result["error"] = f"skipped: fewer than {MIN_CANDIDATES} distinct complete candidates"
+            result["error"] = f"skipped: fewer than {MIN_RANKED} distinct complete answers"
         if self.mixed:
             result["reference_rank"] = ranking.index(k) if ranking is not None else None
         return result
@@ -184,7 +184,7 @@ class Selection:
         last = f", ranked {cut} cut answers last" if self.truncated == "last" else ""
         return (f"{name}: {n} items; left out {self.dropped['duplicate']} repeated answers and "
                 f"{self.dropped['truncated']} answers cut by max_new_tokens{last}; {self.skipped} items skipped "
-                f"(fewer than {MIN_CANDIDATES} candidates left)")
+                f"(fewer than {MIN_RANKED} answers left)")
 
 
 # ---------------------------------------------------------------- endpoint ranker
@@ -243,7 +243,7 @@ class EndpointRanker:
         for j in todo:
             view = judged_view(items[j], sel.kept[j])
             n = len(view["answers"]) + mixed
-            order = candidate_order(items[j]["id"], n, self.seed)
+            order = shown_order(items[j]["id"], n, self.seed)
             requests.append({"messages": build_judge_messages(view, order, mixed), **self.params})
             parses.append(ranking_parser(n))
             # nudge rather than resend: at temperature 0 the same request returns the same text
@@ -267,8 +267,8 @@ class OfflineRanker:
     minus repetition and length penalties; evaluation's offline judge uses the same score); no
     network, deterministic.
 
-    Ties go to the lower answer index. With mixed=True the doctor's reply is a
-    candidate too and, matching itself, always ranks first. Candidates are chosen as for the
+    Ties go to the lower answer index. With mixed=True the doctor's reply is
+    ranked too and, matching itself, always ranks first. The answers are chosen as for the
     endpoint ranker (no repeats, no answers cut by max_new_tokens).
     """
 
@@ -282,7 +282,7 @@ class OfflineRanker:
             if not sel.judged(j):
                 results.append(sel.result(item, j, None, "", False))
                 continue
-            scores = [similarity_score(c, item["reference"]) for c in candidates(judged_view(item, sel.kept[j]), mixed)]
+            scores = [similarity_score(c, item["reference"]) for c in ranked_texts(judged_view(item, sel.kept[j]), mixed)]
             ranking = sorted(range(len(scores)), key=lambda i: (-round(scores[i], 12), i))
             raw = "offline scores: " + json.dumps([round(s, 4) for s in scores])
             results.append(sel.result(item, j, ranking, raw, False))
@@ -315,9 +315,9 @@ def rankings_to_preferences(items: list[dict], results: list[dict]) -> list[dict
                 or len(ranking) < 2:
             raise ValueError(f"item {item['id']!r}: ranking {ranking} is not an order of distinct answer "
                              f"indices 0..{k - 1} (and {k} for the doctor's reply)")
-        cands = candidates(item, mixed=True)
+        texts = ranked_texts(item, mixed=True)
         record = {"id": item["id"], "prompt": item["question"], "reference": item["reference"],
-                  "answers": [cands[i] for i in ranking]}
+                  "answers": [texts[i] for i in ranking]}
         if k in ranking:
             record["reference_index"] = ranking.index(k)
         records.append(record)
@@ -350,7 +350,7 @@ class RankConfig(endpoint_flags("judge", "judge", old={"base_url": ("--base-url"
     mixed: bool = arg(False, "rank the doctor's reply among the answers (HuatuoGPT's mixed feedback)")
     truncated: str = arg("drop", "answers cut by max_new_tokens: drop them, or rank them last (below every "
                                  "finished answer)", choices=list(TRUNCATED))
-    seed: int = arg(0, "seed of the per-item shuffle of the candidates")
+    seed: int = arg(0, "seed of the per-item shuffle of the answers shown to the judge")
 
 
 def read_items(path: str, mixed: bool = False) -> list[dict]:

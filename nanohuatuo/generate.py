@@ -3,7 +3,7 @@
     generate(model, prompts, max_new_tokens, temperature=0.0, ...) -> new tokens per prompt
     generate_batch(...)  -> Generation(tokens, logprobs, finished)   (PPO needs the log-probs)
     stream(model, prompt, ...) -> yields token ids one at a time      (chat)
-    load_for_inference(model_dir, adapter, ...) -> (model, tokenizer, template), adapter merged
+    load_for_inference(model_dir, adapter, ...) -> (model, tokenizer, template), adapter merged, --quant applied
 
 Each call makes an Engine with one slot per prompt, so every prompt runs at once and a row that
 finished early stops costing compute; identical prompts (K samples of one prompt) are prefilled
@@ -21,14 +21,14 @@ from .engine import Engine, SamplingParams, process_logits, sample, sample_seed
 from .hf import check_model_dir
 from .lora import merge_and_unload, read_adapter_config
 from .model import Transformer
-from .quant import quantize_int8
+from .quant import INFERENCE_QUANTS, quantize, quantize_int8
 from .templates import tokenizer_and_template
 
 __all__ = ["Generation", "generate", "generate_batch", "stream", "cut_at_stop", "left_pad", "process_logits",
-           "sample", "head_logits", "use_column_major_weights", "load_for_inference"]
+           "sample", "head_logits", "use_column_major_weights", "load_for_inference", "inference_quant"]
 
 
-def load_for_inference(model_dir, adapter=None, dtype=None, device="cpu", int8=False, template="auto",
+def load_for_inference(model_dir, adapter=None, dtype=None, device="cpu", quant="none", template="auto",
                        what="generation"):
     """(model, tokenizer, template) ready to generate: what chat, serve, sampling and evaluation load.
 
@@ -36,22 +36,33 @@ def load_for_inference(model_dir, adapter=None, dtype=None, device="cpu", int8=F
     shape in the weight files' headers, the adapter's config, the tokenizer and the chat template
     (template "auto": the model's own; a trained adapter's own tokenizer and template win, see
     templates.tokenizer_and_template). The adapter is merged, so generating costs what the base
-    model does. `int8` loads on the CPU and quantises there, so the full-precision copy never sits
-    on the GPU (a 7B model then needs about 7.5 GB).
+    model does. `quant` (quant.INFERENCE_QUANTS): "int8" or "nf4" load on the CPU, merge and
+    quantise there, so the full-precision copy never sits on the GPU (a 7B model then needs about
+    7.5 GB in int8).
     """
+    if quant not in INFERENCE_QUANTS:
+        raise ValueError(f"--quant {quant}: use one of {', '.join(INFERENCE_QUANTS)}")
     if not check_model_dir(model_dir, build=Transformer).lm_head:
         raise ValueError(f"{model_dir} is a reward model (a value head, no lm_head): {what} needs a language model")
     if adapter:
         read_adapter_config(adapter)
     tok, template = tokenizer_and_template(model_dir, adapter or None, template or "auto")
-    model = Transformer.from_pretrained(model_dir, dtype=dtype, device="cpu" if int8 else device,
+    model = Transformer.from_pretrained(model_dir, dtype=dtype, device="cpu" if quant != "none" else device,
                                         adapter=adapter or None)
     if adapter:
         merge_and_unload(model)
-    if int8:
-        quantize_int8(model)
+    if quant != "none":
+        quantize_int8(model) if quant == "int8" else quantize(model, quant)
         model.to(device)
     return model.eval(), tok, template
+
+
+def inference_quant(quant: str, int8: bool = False) -> str:
+    """The --quant of chat and serve, with the earlier --int8 (hidden; cli.py warns) meaning --quant int8."""
+    if int8 and quant not in ("none", "int8"):
+        raise ValueError(f"--int8 is the earlier spelling of --quant int8, which --quant {quant} contradicts; "
+                         f"pass --quant alone")
+    return "int8" if int8 else quant
 
 
 @dataclass

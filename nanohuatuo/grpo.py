@@ -56,7 +56,7 @@ from .losses import group_advantages, grpo_loss, kl_k3, length_debias, response_
 from .metrics import MetricsLog, plot_metrics
 from .model import Transformer
 from .quant import QUANT_HELP, QUANTS
-from .rank_prompt import build_judge_messages, candidate_order, nudge_message, ranking_parser
+from .rank_prompt import build_judge_messages, nudge_message, ranking_parser, shown_order
 from .reward_model import Scorer, ScoreScale, end_token, reward_scorer, share_base
 from .rollout import (Batch, answer_texts, load_prompts, pack, policy_model, prompt_indices, reference,
                       sample_answers)
@@ -196,7 +196,7 @@ def judge_reward(cfg: GRPOConfig, k: int):
                 raise UserError(f"{cfg.data}: prompt {row['id']} has no doctor's reply (a last assistant turn "
                                 f"or 'reference'), which the judge compares the answers with")
             item = {"question": row["messages"], "reference": row["reference"], "answers": texts[g:g + k]}
-            order = candidate_order(str(row["id"]), k, cfg.seed)
+            order = shown_order(str(row["id"]), k, cfg.seed)
             requests.append({"messages": build_judge_messages(item, order), "temperature": 0.0, "max_tokens": 1024})
             parses.append(ranking_parser(k))
             followups.append(lambda messages, text, reason: messages + [{"role": "assistant", "content": text},

@@ -51,6 +51,8 @@ class ChatTemplate:
 
     Plain strings only, so it pickles and compares by value (two copies of one template from
     different directories are equal); the compiled Jinja lives in a cache.
+    `kind` is decided here, once: "jinja" when there is Jinja text, else "named" (a TEMPLATES
+    entry); templates.py does each job through the one implementation of that kind.
     `spec` is what `resolve_template(model_dir, spec)` turns back into this template.
     """
 
@@ -59,10 +61,14 @@ class ChatTemplate:
     origin: str = field(default="", compare=False)  # the file the Jinja text was read from, for messages
     special_tokens: tuple[tuple[str, str], ...] = ()  # bos_token, eos_token, ... of the model directory
     options: tuple[tuple[str, object], ...] = ()  # extra template variables, e.g. (("enable_thinking", False),)
+    kind: str = field(init=False, compare=False, repr=False)  # "jinja" | "named", from source
+
+    def __post_init__(self):
+        object.__setattr__(self, "kind", "named" if self.source is None else "jinja")  # frozen: set once here
 
     @property
     def is_jinja(self) -> bool:
-        return self.source is not None
+        return self.kind == "jinja"
 
     @property
     def spec(self) -> str:

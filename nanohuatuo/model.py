@@ -13,8 +13,10 @@ mapping from config.json):
 Module names follow the Hugging Face Llama layout without the `model.` prefix, so the weight maps
 in `hf.py` are near-identity and LoRA targets keep their familiar names (`q_proj`, `W_pack`, ...).
 
-Attention goes through `F.scaled_dot_product_attention`. A `KVCache` preallocated for the whole
-generation is written in place at `cache_pos`, so a decode step has fixed shapes (torch.compile).
+Attention goes through `F.scaled_dot_product_attention`. A block takes an optional cache: any object
+whose `update(layer, cache_pos, k, v)` stores this step's keys and values and returns the keys and
+values to attend to. The one KV cache is the generation engine's (engine.py: `kv_cache`, `RowCache`);
+training and scoring run whole sequences without one.
 """
 
 import math
@@ -95,21 +97,6 @@ class RMSNorm(nn.Module):
 def make_norm(c: ModelConfig, dim=None):
     dim = dim or c.dim
     return RMSNorm(dim, c.norm_eps) if c.norm == "rms" else nn.LayerNorm(dim, eps=c.norm_eps)
-
-
-class KVCache:
-    """Keys and values of every layer, preallocated as (B, n_kv_heads, max_len, head_dim)."""
-
-    def __init__(self, c: ModelConfig, batch: int, max_len: int, dtype, device):
-        shape = (batch, c.n_kv_heads, max_len, c.head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(c.n_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(c.n_layers)]
-        self.max_len = max_len
-
-    def update(self, layer: int, cache_pos, k, v):
-        self.k[layer].index_copy_(2, cache_pos, k)
-        self.v[layer].index_copy_(2, cache_pos, v)
-        return self.k[layer], self.v[layer]
 
 
 class Attention(nn.Module):
@@ -210,38 +197,38 @@ class Transformer(nn.Module):
 
     # -- building blocks used by generation, training and the reward/value code
 
-    def attention_bias(self, T, S, attention_mask, cache_pos, dtype):
-        """The mask handed to every layer: None (plain causal) or (B|1, 1|H, T, S), bool or additive.
+    def attention_bias(self, T, attention_mask, dtype):
+        """The mask handed to every layer: None (plain causal) or (B|1, 1|H, T, T), bool or additive.
 
-        attention_mask (B, S) marks real tokens among the S keys; cache_pos (T,) is the key slot of
-        each query. A query may see keys at or before its slot that are real; a padding query sees
-        itself so its row never goes all -inf (NaN would leak into real rows through the values).
+        attention_mask (B, T) marks real tokens. A query may see keys at or before it that are real; a
+        padding query sees itself so its row never goes all -inf (NaN would leak into real rows
+        through the values).
         """
         c = self.config
-        if attention_mask is None and cache_pos is None and c.pos == "rope" and c.sliding_window is None:
+        if attention_mask is None and c.pos == "rope" and c.sliding_window is None:
             return None  # fast path: SDPA's own causal mask
         device = self.embed_tokens.weight.device
-        q_slot = cache_pos if cache_pos is not None else torch.arange(T, device=device)
-        k_slot = torch.arange(S, device=device)
-        allowed = k_slot[None, :] <= q_slot[:, None]  # (T, S)
+        q_slot = k_slot = torch.arange(T, device=device)
+        allowed = k_slot[None, :] <= q_slot[:, None]  # (T, T)
         if c.sliding_window is not None:
             allowed = allowed & (q_slot[:, None] - k_slot[None, :] < c.sliding_window)
-        allowed = allowed[None, None]  # (1, 1, T, S)
+        allowed = allowed[None, None]  # (1, 1, T, T)
         if attention_mask is not None:
             own = k_slot[None, :] == q_slot[:, None]
             allowed = allowed & (attention_mask[:, None, None, :].bool() | own[None, None])
         if c.pos != "alibi":
             return allowed
         # ALiBi: slope * (key - query) distance; within a row padding shifts both, so slots suffice
-        dist = (k_slot[None, :] - q_slot[:, None]).float()  # (T, S)
-        bias = self.slopes[None, :, None, None] * dist[None, None]  # (1, H, T, S)
+        dist = (k_slot[None, :] - q_slot[:, None]).float()  # (T, T)
+        bias = self.slopes[None, :, None, None] * dist[None, None]  # (1, H, T, T)
         return bias.masked_fill(~allowed, float("-inf")).to(dtype)
 
-    def hidden_states(self, input_ids, attention_mask=None, positions=None, cache=None, cache_pos=None):
-        """Final-normed hidden states (B, T, dim).
+    def hidden_states(self, input_ids, attention_mask=None, positions=None):
+        """Final-normed hidden states (B, T, dim) of whole sequences (generation runs the same blocks
+        through the engine's cache: engine.forward).
 
-        Without a cache, positions default to `attention_mask.cumsum(-1) - 1` clamped at 0, so left
-        padding never shifts a sequence. With a cache the caller passes positions and cache_pos.
+        positions default to `attention_mask.cumsum(-1) - 1` clamped at 0, so left padding never
+        shifts a sequence.
         """
         c = self.config
         B, T = input_ids.shape
@@ -251,18 +238,17 @@ class Transformer(nn.Module):
         cos_sin = None
         if c.pos == "rope":
             if positions is None:
-                if attention_mask is not None and cache is None:
+                if attention_mask is not None:
                     positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
                 else:
                     positions = torch.arange(T, device=input_ids.device)[None].expand(B, T)
             cos_sin = rope_cos_sin(self.inv_freq, positions, x.dtype)
-        S = cache.max_len if cache is not None else T
-        mask = self.attention_bias(T, S, attention_mask, cache_pos, x.dtype)
+        mask = self.attention_bias(T, attention_mask, x.dtype)
         for layer in self.layers:
             if self.grad_checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(layer, x, cos_sin, mask, cache, cache_pos, use_reentrant=False)
+                x = checkpoint(layer, x, cos_sin, mask, None, None, use_reentrant=False)
             else:
-                x = layer(x, cos_sin, mask, cache, cache_pos)
+                x = layer(x, cos_sin, mask, None, None)
         return self.norm(x)
 
     def logits(self, h):
@@ -275,9 +261,9 @@ class Transformer(nn.Module):
         """Scalar value-head output per position (B, T), computed in the head's dtype."""
         return self.value_head(h.to(self.value_head.weight.dtype)).squeeze(-1)
 
-    def forward(self, input_ids, attention_mask=None, positions=None, cache=None, cache_pos=None):
+    def forward(self, input_ids, attention_mask=None, positions=None):
         """Logits (B, T, vocab_size)."""
-        return self.logits(self.hidden_states(input_ids, attention_mask, positions, cache, cache_pos))
+        return self.logits(self.hidden_states(input_ids, attention_mask, positions))
 
     # -- initialisation, sizes, Hugging Face I/O
 

@@ -192,7 +192,7 @@ class OpenAIProtocol:
                                 f"{', '.join(map(repr, self.names))}", param="model", code="model_not_found")
         return model, self.names.index(model)
 
-    def sampling(self, body, prompt_len, chat, zero_ok=False):
+    def generation_params(self, body, prompt_len, chat, zero_ok=False):
         """SamplingParams from the request fields, checked against the context window."""
         limit = self.context - prompt_len
         if limit < 1:
@@ -243,7 +243,7 @@ class OpenAIProtocol:
             prompt = render_prompt(messages, self.tok, self.template, template_variables(body))
         except ValueError as e:
             raise APIError(400, str(e), param="messages", code="invalid_value") from None
-        params = self.sampling(body, len(prompt), chat=True)
+        params = self.generation_params(body, len(prompt), chat=True)
         logprobs = get_field(body, "logprobs", ["boolean"], False)
         top = get_field(body, "top_logprobs", ["integer"], 0, 0, MAX_TOP_LOGPROBS)
         if top and not logprobs:
@@ -258,7 +258,7 @@ class OpenAIProtocol:
         refuse_unhonoured(body)
         prompts = self.raw_prompts(body.get("prompt"))
         echo = get_field(body, "echo", ["boolean"], False)
-        params = self.sampling(body, max(len(p) for p in prompts), chat=False, zero_ok=echo)
+        params = self.generation_params(body, max(len(p) for p in prompts), chat=False, zero_ok=echo)
         top = get_field(body, "logprobs", ["integer"], None, 0, 5)
         params.logprobs, params.top_logprobs = top is not None, top or 0
         params.prompt_logprobs = echo and top is not None

@@ -34,8 +34,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-QUANTS = ("none", "nf4")  # what a training base can be loaded as (int8 is inference-only: chat/serve --int8)
-QUANT_HELP = "frozen base weights: none (the compute dtype) or nf4 (4-bit, QLoRA; LoRA training only)"
+# one flag, --quant, in every command that loads a model; training takes the formats a frozen base can have
+QUANTS = ("none", "nf4")  # what a training base can be loaded as (int8 has no backward: inference only)
+QUANT_HELP = ("frozen base weights: none (the compute dtype) or nf4 (4-bit, QLoRA; LoRA training only); int8 is "
+              "for inference only (chat.py, serve.py)")
+INFERENCE_QUANTS = ("none", "int8", "nf4")  # what chat and serve can load a model as
+INFERENCE_QUANT_HELP = ("weight quantisation: none (the compute dtype), int8 (weight-only, one scale per row: a 7B "
+                        "model in about 7.5 GB) or nf4 (4-bit blocks, about 4 GB; slower per token)")
 HEADS = ("lm_head", "value_head")  # never quantised: the losses read lm_head's weight directly
 
 

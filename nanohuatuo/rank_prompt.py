@@ -30,15 +30,15 @@ RANKING_CRITERIA = (
 ROLE_NAMES = {"user": "患者", "assistant": "医生", "system": "背景"}
 
 
-def candidates(item: dict, mixed: bool = False) -> list[str]:
+def ranked_texts(item: dict, mixed: bool = False) -> list[str]:
     """The texts the judge ranks: the sampled answers, plus the doctor's reply when mixed."""
     return list(item["answers"]) + ([item["reference"]] if mixed else [])
 
 
-def candidate_order(item_id: str, n: int, seed: int = 0) -> list[int]:
-    """Seeded per-item shuffle: order[j] is the candidate shown to the judge as number j + 1."""
+def shown_order(item_id: str, n: int, seed: int = 0) -> list[int]:
+    """Seeded per-item shuffle: order[j] is the answer shown to the judge as number j + 1."""
     order = list(range(n))
-    # a fresh shuffle per item spreads the judge's position bias evenly over the candidates
+    # a fresh shuffle per item spreads the judge's position bias evenly over the answers
     random.Random(f"{seed}:{item_id}").shuffle(order)
     return order
 
@@ -52,16 +52,16 @@ def format_dialogue(question) -> str:
 
 
 def build_judge_messages(item: dict, order: list[int], mixed: bool = False) -> list[dict]:
-    """Chat messages asking the judge to rank the candidates, shown in `order`."""
-    cands = candidates(item, mixed)
-    n = len(cands)
+    """Chat messages asking the judge to rank the answers, shown in `order`."""
+    texts = ranked_texts(item, mixed)
+    n = len(texts)
     parts = [
         f"下面是一段医患对话，以及针对患者最后一个问题的{n}个候选回答。"
         f"请按以下标准，把这{n}个候选回答从好到差排名：\n{RANKING_CRITERIA}",
         f"【对话】\n{format_dialogue(item['question'])}",
     ]
     if mixed:
-        # the doctor's reply is a hidden candidate here; showing it as the reference too
+        # the doctor's reply is a hidden answer here; showing it as the reference too
         # would let the judge spot it by exact match instead of judging it
         parts.append("请依据你的医学知识判断各回答的准确性。")
     else:
@@ -69,7 +69,7 @@ def build_judge_messages(item: dict, order: list[int], mixed: bool = False) -> l
             f"【真实医生的回复（参考）】\n{item['reference'].strip()}\n"
             "请把每个候选回答与真实医生的回复进行比较，以它作为判断准确性和专业性的参考；"
             "不要求措辞一致，比参考更全面、更准确的回答应排得更高。")
-    parts += [f"【候选回答{j + 1}】\n{cands[i].strip()}" for j, i in enumerate(order)]
+    parts += [f"【候选回答{j + 1}】\n{texts[i].strip()}" for j, i in enumerate(order)]
     parts.append(
         f"请先简要说明理由（不超过200字），然后在最后单独一行严格按以下格式给出排名："
         f"使用候选回答的编号，从最好到最差，用 > 分隔，1到{n}每个编号恰好出现一次，不允许并列。\n"
@@ -117,7 +117,7 @@ def parse_ranking(text: str, n: int) -> list[int] | None:
 
     Looks at every '排名：…' line and every JSON object with a "ranking" key,
     takes the last one that looks like a ranking and accepts it only if it is
-    a permutation of all n candidates; it never falls back to an earlier one.
+    a permutation of all n answers shown; it never falls back to an earlier one.
     """
     # NFKC turns full-width ＞ ： ， and digits into ASCII; fences and bold are decoration
     text = unicodedata.normalize("NFKC", text or "").replace("`", "").replace("*", "")

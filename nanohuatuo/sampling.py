@@ -1,4 +1,4 @@
-"""Sampling K answers per prompt: the candidates the AI judge ranks (RLAIF step 1).
+"""Sampling K answers per prompt, which the AI judge ranks (RLAIF step 1).
 
     items = sample_answers(model, tok, template, prompts, k=4)        # our model, on the engine
     items = sample_from_endpoint(llm, prompts, k=4)                   # any OpenAI-compatible server
@@ -9,7 +9,7 @@
         --prompts PROMPTS.jsonl --k 4 --out SAMPLES.jsonl [--cache FILE --concurrency 8 ...]
 
 PROMPTS.jsonl holds prompt records `{"id", "messages" (ending with a user turn), "reference"}`
-(`python -m nanohuatuo.data prompts`) or schema conversations, which are turned into prompt
+(`python data.py prompts`) or schema conversations, which are turned into prompt
 records with `data.to_prompt` (the last assistant turn becomes the reference).
 
 Each output line is a judge item for `python -m nanohuatuo.feedback rank`:
@@ -217,7 +217,7 @@ def read_prompts(path) -> list[dict]:
         if "reference" in row:
             if not isinstance(row.get("messages"), list) or not row["messages"] or "id" not in row:
                 raise DataError(f"{where}: a prompt record needs 'id', 'messages' (ending with a user turn) "
-                                f"and 'reference'; make it with `python -m nanohuatuo.data prompts`")
+                                f"and 'reference'; make it with `python data.py prompts`")
             prompts.append(row)
         elif isinstance(row.get("messages"), list):
             try:
@@ -230,7 +230,7 @@ def read_prompts(path) -> list[dict]:
         if prompts[-1]["messages"][-1].get("role") != "user":
             raise DataError(f"{where}: the prompt must end with a user turn to be answered")
     if not prompts:
-        raise DataError(f"{path}: no prompts (the file is empty); make them with `python -m nanohuatuo.data prompts`")
+        raise DataError(f"{path}: no prompts (the file is empty); make them with `python data.py prompts`")
     return prompts
 
 
@@ -238,7 +238,7 @@ def read_prompts(path) -> list[dict]:
 
 @dataclass
 class SampleConfig(GenerationFlags, endpoint_flags("", "instead of --model"), ModelFlags):
-    data: str = arg("", "prompts, JSONL of prompt records or conversations (python -m nanohuatuo.data prompts)",
+    data: str = arg("", "prompts, JSONL of prompt records or conversations (python data.py prompts)",
                     metavar="FILE", old=("--prompts",))
     out: str = arg("", "JSONL of judge items to write; a rerun with the same --out samples only the missing "
                        "prompts", metavar="FILE")

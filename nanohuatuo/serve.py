@@ -49,10 +49,11 @@ from pathlib import Path
 from .cli import ModelFlags, UserError, arg, cli_main, resolve_device, resolve_dtype
 from .engine import Engine
 from .engine_loop import EngineLoop, GenerationFailed, QueueFull
-from .generate import load_for_inference
+from .generate import inference_quant, load_for_inference
 from .httpjson import APIError, ClientGone, JSONHandler
 from .multi_lora import attach_adapters
 from .openai_api import OpenAIProtocol, joined_logprobs
+from .quant import INFERENCE_QUANT_HELP, INFERENCE_QUANTS
 from .templates import generation_defaults, stop_strings, stop_token_ids
 
 STATIC = Path(__file__).parent / "static"
@@ -68,7 +69,8 @@ class ServeConfig(ModelFlags):
     port: int = arg(8000, "port to listen on (0: any free port, printed at start)")
     served_model_name: str | None = arg(None, "the model name the server advertises and clients ask for (default: "
                                               "the model directory's name)", old=("--model-name",))
-    int8: bool = arg(False, "int8 weight-only quantisation (a 7B model in about 7.5 GB)")
+    quant: str = arg("none", INFERENCE_QUANT_HELP, choices=list(INFERENCE_QUANTS))
+    int8: bool = arg(False, "int8 weight-only quantisation", retired="--quant int8")  # earlier spelling, hidden
     compile: bool = arg(False, "torch.compile the decode step (CUDA graphs; slow first requests)")
     batch_size: int = arg(16, "sequences decoded together (engine slots; also the largest n)", old=("--slots",))
     max_len: int = arg(4096, "context window per sequence, prompt plus answer, in tokens (at most the model's); "
@@ -99,7 +101,7 @@ def load_model(cfg: ServeConfig):
     device = resolve_device(cfg.device)
     # a broken template fails here (resolve_template renders a probe), not per request
     model, tok, template = load_for_inference(cfg.model, cfg.adapter, resolve_dtype(cfg.dtype, device), device,
-                                              cfg.int8, cfg.template, what="serving")
+                                              inference_quant(cfg.quant, cfg.int8), cfg.template, what="serving")
     if loras:
         attach_adapters(model, loras)
     return model, tok, template

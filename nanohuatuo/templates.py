@@ -4,7 +4,8 @@ A conversation is a list of `{"role": "system"|"user"|"assistant", "content": st
 optional system message first, then user and assistant turns alternating, starting with a
 user turn (other keys, such as `reasoning_content`, are passed to a Jinja template as they are).
 
-`resolve_template(model_dir, name)` gives the template a command uses, one of two kinds:
+`resolve_template(model_dir, name)` gives the template a command uses, one of two kinds
+(`ChatTemplate.kind`, decided when the template is made; `NamedKind` and `JinjaKind` below do the work):
 
 * **The model's own chat template** (`--template auto`, the default): the Jinja text that ships
   in the model directory, rendered as transformers renders it (found, rendered and masked in
@@ -228,12 +229,14 @@ def resolve_template(model_dir: str | Path, name: str | None = "auto", tok: Toke
 
 
 # --- the API --------------------------------------------------------------------------------
+# Each public function checks its input, then hands the job to the template's kind (NAMED or
+# JINJA below), which ChatTemplate decided once, when it was made.
 
 
 def default_system(template) -> str | None:
     """The system text a named template uses when the conversation has none (None for Jinja templates)."""
     template = _as_template(template)
-    return None if template.is_jinja else _template(template.name)["default_system"]
+    return _KINDS[template.kind].default_system(template)
 
 
 def stop_strings(template) -> list[str]:
@@ -242,10 +245,13 @@ def stop_strings(template) -> list[str]:
     For a Jinja template: its end-of-turn text and what opens the next user turn ("[INST]").
     """
     template = _as_template(template)
-    if not template.is_jinja:
-        return list(_template(template.name)["stop_strings"])
-    markers = turn_markers(template)
-    return list(dict.fromkeys(s for s in (markers.end, markers.user_open) if s))
+    return _KINDS[template.kind].stop_strings(template)
+
+
+def stop_token_ids(tok: Tokenizer, template) -> set[int]:
+    """The tokenizer's stop ids plus the token the template closes an assistant turn with."""
+    template = _as_template(template, tok)
+    return _KINDS[template.kind].stop_token_ids(tok, template)
 
 
 def _token_id(name: str, tok: Tokenizer, template: str) -> int:
@@ -265,16 +271,6 @@ def _token_id(name: str, tok: Tokenizer, template: str) -> int:
             f"pick another template (see guess_template)"
         )
     return token_id
-
-
-def stop_token_ids(tok: Tokenizer, template) -> set[int]:
-    """The tokenizer's stop ids plus the token the template closes an assistant turn with."""
-    template = _as_template(template, tok)
-    if not template.is_jinja:
-        return tok.stop_ids | {_token_id(_template(template.name)["end"], tok, template.name)}
-    end = turn_markers(template, tok).end
-    ids = tok.encode(end, continuation=True) if end else []
-    return tok.stop_ids | (set(ids) if len(ids) == 1 else set())
 
 
 def _check(messages: list[dict], last: str) -> None:
@@ -361,14 +357,7 @@ def render(messages: list[dict], tok: Tokenizer, template) -> tuple[list[int], l
     """
     template = _as_template(template, tok)
     _check(messages, "assistant")
-    if template.is_jinja:
-        text, spans, _ = learned_spans(messages, tok, template)
-        return masked_ids(tok, text, spans)
-    ids, mask = [], []
-    for segment, value in _segments(messages, tok, template.name, prompt=False):
-        ids += segment
-        mask += [value] * len(segment)
-    return ids, mask
+    return _KINDS[template.kind].render(messages, tok, template)
 
 
 def render_turns(messages: list[dict], tok: Tokenizer, template) -> list[tuple[list[int], list[int]]]:
@@ -380,10 +369,7 @@ def render_turns(messages: list[dict], tok: Tokenizer, template) -> list[tuple[l
     """
     template = _as_template(template, tok)
     _check(messages, "assistant")
-    if not template.is_jinja:
-        return [render(messages, tok, template)]
-    text, spans, rewritten = learned_spans(messages, tok, template)
-    return [masked_ids(tok, text, spans)] + [masked_ids(tok, through, [span]) for _, through, span in rewritten]
+    return _KINDS[template.kind].render_turns(messages, tok, template)
 
 
 def render_prompt(messages: list[dict], tok: Tokenizer, template, variables: dict | None = None) -> list[int]:
@@ -393,23 +379,87 @@ def render_prompt(messages: list[dict], tok: Tokenizer, template, variables: dic
     Qwen3's `enable_thinking`); the named templates read none."""
     template = _as_template(template, tok)
     _check(messages, "user")
-    if template.is_jinja:
-        return tok.encode(render_jinja_text(messages, tok, template, True, variables))
-    return [i for segment, _ in _segments(messages, tok, template.name, prompt=True) for i in segment]
+    return _KINDS[template.kind].render_prompt(messages, tok, template, variables)
 
 
 def render_text(messages: list[dict], tok: Tokenizer, template, add_generation_prompt: bool = False) -> str:
     """The conversation as the text the template writes (special tokens spelled out), before tokenizing."""
     template = _as_template(template, tok)
     _check(messages, "user" if add_generation_prompt else "assistant")
-    if template.is_jinja:
+    return _KINDS[template.kind].render_text(messages, tok, template, add_generation_prompt)
+
+
+class NamedKind:
+    """How a named template (the TEMPLATES table, rendered segment by segment) does each job."""
+
+    def default_system(self, template):
+        return _template(template.name)["default_system"]
+
+    def stop_strings(self, template):
+        return list(_template(template.name)["stop_strings"])
+
+    def stop_token_ids(self, tok, template):
+        return tok.stop_ids | {_token_id(_template(template.name)["end"], tok, template.name)}
+
+    def render(self, messages, tok, template):
+        ids, mask = [], []
+        for segment, value in _segments(messages, tok, template.name, prompt=False):
+            ids += segment
+            mask += [value] * len(segment)
+        return ids, mask
+
+    def render_turns(self, messages, tok, template):
+        return [self.render(messages, tok, template)]  # a named template never rewrites an earlier turn
+
+    def render_prompt(self, messages, tok, template, variables):
+        return [i for segment, _ in _segments(messages, tok, template.name, prompt=True) for i in segment]
+
+    def render_text(self, messages, tok, template, add_generation_prompt):
+        tpl = _template(template.name)
+        spell = _named_spelling(template.name, tok)
+        text = spell["{bos}"] if _uses_bos(tpl, tok) else ""
+        for fmt, content, _ in _named_parts(messages, template.name, add_generation_prompt):
+            text += _spelled(fmt, spell).replace("{content}", content)
+        return text
+
+    def jinja_source(self, tok, template):
+        return named_jinja(template.name, tok)
+
+
+class JinjaKind:
+    """How a Jinja template (the model's own, rendered as transformers renders it) does each job."""
+
+    def default_system(self, template):
+        return None
+
+    def stop_strings(self, template):
+        markers = turn_markers(template)
+        return list(dict.fromkeys(s for s in (markers.end, markers.user_open) if s))
+
+    def stop_token_ids(self, tok, template):
+        end = turn_markers(template, tok).end
+        ids = tok.encode(end, continuation=True) if end else []
+        return tok.stop_ids | (set(ids) if len(ids) == 1 else set())
+
+    def render(self, messages, tok, template):
+        text, spans, _ = learned_spans(messages, tok, template)
+        return masked_ids(tok, text, spans)
+
+    def render_turns(self, messages, tok, template):
+        text, spans, rewritten = learned_spans(messages, tok, template)
+        return [masked_ids(tok, text, spans)] + [masked_ids(tok, through, [span]) for _, through, span in rewritten]
+
+    def render_prompt(self, messages, tok, template, variables):
+        return tok.encode(render_jinja_text(messages, tok, template, True, variables))
+
+    def render_text(self, messages, tok, template, add_generation_prompt):
         return render_jinja_text(messages, tok, template, add_generation_prompt)
-    tpl = _template(template.name)
-    spell = _named_spelling(template.name, tok)
-    text = spell["{bos}"] if _uses_bos(tpl, tok) else ""
-    for fmt, content, _ in _named_parts(messages, template.name, add_generation_prompt):
-        text += _spelled(fmt, spell).replace("{content}", content)
-    return text
+
+    def jinja_source(self, tok, template):
+        return template.source
+
+
+_KINDS = {"named": NamedKind(), "jinja": JinjaKind()}
 
 
 # --- a prompt that fits the context ----------------------------------------------------------
@@ -546,7 +596,7 @@ def save_chat_template(out_dir: str | Path, tok: Tokenizer, template) -> None:
     readers of the config all render what the model was trained on.
     """
     template = _as_template(template, tok)
-    write_chat_template(out_dir, tok, template.source if template.is_jinja else named_jinja(template.name, tok))
+    write_chat_template(out_dir, tok, _KINDS[template.kind].jinja_source(tok, template))
 
 
 def generation_defaults(model_dir: str | Path, adapter: str | Path | None = None) -> dict:

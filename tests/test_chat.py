@@ -148,7 +148,7 @@ def test_ctrl_c_stops_the_answer_and_keeps_the_conversation(tiny_dir, monkeypatc
 def test_int8_chat_and_lora_refused(tiny_dir):
     from nanohuatuo.lora import apply_lora
     from nanohuatuo.quant import Int8Linear, quantize_int8
-    model, tok, _ = load_for_inference(tiny_dir, template="huatuo", int8=True)
+    model, tok, _ = load_for_inference(tiny_dir, template="huatuo", quant="int8")
     assert isinstance(model.layers[0].self_attn.q_proj, Int8Linear)
     assert isinstance(reply(model, tok, "huatuo", [{"role": "user", "content": "头痛怎么办？"}], max_new_tokens=4,
                             temperature=0.0), str)
@@ -156,3 +156,24 @@ def test_int8_chat_and_lora_refused(tiny_dir):
     apply_lora(lora, r=2)
     with pytest.raises(ValueError, match="merge the LoRA adapter first"):
         quantize_int8(lora)
+
+
+def test_quant_flag_int8_nf4_and_the_earlier_int8(tiny_dir, capsys):
+    from nanohuatuo.chat import ChatConfig
+    from nanohuatuo.cli import parse_config
+    from nanohuatuo.generate import inference_quant
+    from nanohuatuo.quant import NF4Linear
+    model, tok, _ = load_for_inference(tiny_dir, template="huatuo", quant="nf4")
+    assert isinstance(model.layers[0].self_attn.q_proj, NF4Linear)
+    assert isinstance(reply(model, tok, "huatuo", [{"role": "user", "content": "头痛怎么办？"}], max_new_tokens=4,
+                            temperature=0.0), str)
+    with pytest.raises(ValueError, match="--quant fp4: use one of none, int8, nf4"):
+        load_for_inference(tiny_dir, quant="fp4")
+    # --int8, hidden, is --quant int8 for one release
+    cfg = parse_config(ChatConfig, ["--model", tiny_dir, "--int8"])
+    assert inference_quant(cfg.quant, cfg.int8) == "int8"
+    assert capsys.readouterr().err == ("warning: --int8 is deprecated and will be removed in the next release; "
+                                       "use --quant int8\n")
+    assert inference_quant(parse_config(ChatConfig, ["--quant", "nf4"]).quant) == "nf4"
+    with pytest.raises(ValueError, match="contradicts"):
+        inference_quant("nf4", True)

@@ -8,7 +8,8 @@ from collections import Counter
 
 import pytest
 
-from nanohuatuo import data
+from nanohuatuo import data, prepare
+from nanohuatuo.cli import parse_kv
 from nanohuatuo.data import DataError
 
 
@@ -294,13 +295,13 @@ def test_stats():
 def test_cli_convert_mix_prompts_stats(tmp_path, capsys):
     sft = write_lines(tmp_path / "sft.jsonl", [jl({"data": [f"问：问题{i}", f"答：回答{i}"]}) for i in range(20)])
     q, a = write_cmedqa2(tmp_path)
-    assert data.main(["convert", "--format", "huatuo_sft", "--data", str(sft), "--out", str(tmp_path / "d.jsonl")]) == 0
-    assert data.main(["convert", "--format", "cmedqa2", "--data", str(q), str(a), "--all-answers", "--limit", "2",
+    assert prepare.main(["convert", "--format", "huatuo_sft", "--data", str(sft), "--out", str(tmp_path / "d.jsonl")]) == 0
+    assert prepare.main(["convert", "--format", "cmedqa2", "--data", str(q), str(a), "--all-answers", "--limit", "2",
                       "--out", str(tmp_path / "r.jsonl")]) == 0
     assert "wrote 20 rows" in capsys.readouterr().out
     assert [r["id"] for r in data.load_conversations(tmp_path / "r.jsonl")] == ["cmedqa2-1-10", "cmedqa2-1-12"]
 
-    assert data.main(["mix", "--data", str(tmp_path / "d.jsonl"), str(tmp_path / "r.jsonl"),
+    assert prepare.main(["mix", "--data", str(tmp_path / "d.jsonl"), str(tmp_path / "r.jsonl"),
                       "--weights", "distilled_instructions=1,real_doctor_instructions=2", "--seed", "0",
                       "--heldout", "0.1", "--heldout-out", str(tmp_path / "h.jsonl"), "--out", str(tmp_path / "m.jsonl")]) == 0
     mixed, held = data.load_conversations(tmp_path / "m.jsonl"), data.load_conversations(tmp_path / "h.jsonl")
@@ -310,12 +311,17 @@ def test_cli_convert_mix_prompts_stats(tmp_path, capsys):
         "real_doctor_instructions": 2 * (2 - held_sources["real_doctor_instructions"])}
     assert not {r["id"] for r in held} & {r["id"] for r in mixed}
 
-    assert data.main(["prompts", "--data", str(tmp_path / "d.jsonl"), "--out", str(tmp_path / "p.jsonl")]) == 0
+    assert prepare.main(["prompts", "--data", str(tmp_path / "d.jsonl"), "--out", str(tmp_path / "p.jsonl")]) == 0
     assert data.read_jsonl(tmp_path / "p.jsonl")[0] == {
         "id": "sft-1", "messages": [{"role": "user", "content": "问题0"}], "reference": "回答0", "department": None}
     capsys.readouterr()
-    assert data.main(["stats", "--data", str(tmp_path / "d.jsonl")]) == 0
+    assert prepare.main(["stats", "--data", str(tmp_path / "d.jsonl")]) == 0
     assert "20 rows" in capsys.readouterr().out
+    # the earlier spelling of --data, kept for one release with a one-line warning
+    assert prepare.main(["stats", "--in", str(tmp_path / "d.jsonl")]) == 0
+    got = capsys.readouterr()
+    assert "20 rows" in got.out
+    assert got.err == "warning: --in is deprecated and will be removed in the next release; use --data\n"
 
 
 def test_cli_mix_drops_flagged_rows_unless_asked(tmp_path, capsys):
@@ -325,11 +331,11 @@ def test_cli_mix_drops_flagged_rows_unless_asked(tmp_path, capsys):
     data.write_jsonl(path, rows)
     argv = ["mix", "--data", str(path), "--out", str(tmp_path / "m.jsonl"), "--weights",
             "real_doctor_instructions=1,real_doctor_conversations=0,distilled_instructions=1"]
-    assert data.main(argv) == 0
+    assert prepare.main(argv) == 0
     out = capsys.readouterr().out
     assert "dropped 3 flagged rows" in out and "real_doctor_conversations 1, real_doctor_instructions 2" in out
     assert sorted(r["id"] for r in data.read_jsonl(tmp_path / "m.jsonl")) == ["d0", "r2", "r3", "r4"]
-    assert data.main(argv + ["--keep-flagged"]) == 0
+    assert prepare.main(argv + ["--keep-flagged"]) == 0
     assert "kept 3 flagged rows (--keep-flagged)" in capsys.readouterr().out
     assert sorted(r["id"] for r in data.read_jsonl(tmp_path / "m.jsonl")) == ["d0", "r0", "r1", "r2", "r3", "r4"]
 
@@ -337,7 +343,7 @@ def test_cli_mix_drops_flagged_rows_unless_asked(tmp_path, capsys):
 def test_cli_reports_bad_input(tmp_path, capsys):
     bad = write_lines(tmp_path / "bad.jsonl", [jl({"data": ["问：a"]})])
     out = tmp_path / "out.jsonl"
-    assert data.main(["convert", "--format", "huatuo_sft", "--data", str(bad), "--out", str(out)]) == 2
+    assert prepare.main(["convert", "--format", "huatuo_sft", "--data", str(bad), "--out", str(out)]) == 2
     assert "bad.jsonl:1:" in capsys.readouterr().err
     assert not out.exists() and list(tmp_path.iterdir()) == [bad]
 
@@ -349,7 +355,7 @@ def test_cli_empty_input_is_an_error(tmp_path, capsys, command):
     empty = tmp_path / "empty.jsonl"
     empty.write_text("\n\n")
     out = tmp_path / "out.jsonl"
-    assert data.main(command + ["--data", str(empty), "--out", str(out)]) == 2
+    assert prepare.main(command + ["--data", str(empty), "--out", str(out)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and str(empty) in err and "empty" in err and err.count("\n") == 1
     assert not out.exists() and list(tmp_path.iterdir()) == [empty]
@@ -367,7 +373,7 @@ def test_outputs_have_normal_permissions(tmp_path):
 def test_iter_conversations_names_each_row(tmp_path):
     path = write_lines(tmp_path / "c.jsonl", [jl(conv("other")), "", jl(conv("other", q="咳嗽"))])
     assert [w for w, _ in data.iter_conversations(path)] == [f"{path}:1", f"{path}:3"]
-    assert data.parse_weights("a=1,b=2.5") == {"a": 1.0, "b": 2.5}
+    assert parse_kv("a=1,b=2.5") == {"a": 1.0, "b": 2.5}  # what mix --weights reads
 
 
 def test_module_cli_bad_input_one_line_exit_2(tmp_path):
@@ -383,6 +389,6 @@ def test_old_in_spelling_still_works_with_a_deprecation_line(tmp_path, capsys):
     src.write_text(json.dumps({"id": "a", "source": "real_doctor_instructions", "messages": [
         {"role": "user", "content": "头痛"}, {"role": "assistant", "content": "多休息"}]}, ensure_ascii=False) + "\n",
         encoding="utf-8")
-    assert data.main(["prompts", "--in", str(src), "--out", str(tmp_path / "p.jsonl")]) == 0
+    assert prepare.main(["prompts", "--in", str(src), "--out", str(tmp_path / "p.jsonl")]) == 0
     assert capsys.readouterr().err == "warning: --in is deprecated and will be removed in the next release; use --data\n"
     assert data.read_jsonl(tmp_path / "p.jsonl")[0]["id"] == "a"

@@ -1,5 +1,5 @@
 """End to end: the three distill commands against serve.py on a tiny model, the four sources mixed
-by `python -m nanohuatuo.data mix`, and a few SFT steps on the mix.
+by `python data.py mix`, and a few SFT steps on the mix.
 
 The tiny model is random, so its replies are noise; to make them parseable, whole numbered question
 lines are single (ordinary, decoded) tokens of its vocabulary and its output layer favours them:
@@ -86,7 +86,7 @@ def test_three_commands_on_serve_then_mix_and_sft(tmp_path, capsys):
     assert not any(r.get("flagged") for r in rd)  # so mix keeps every row
 
     weights = ",".join(f"{s}=1" for s in SOURCES)
-    from nanohuatuo.data import main as data_main
+    from nanohuatuo.prepare import main as data_main
     assert data_main(["mix", "--data", out["di"], out["dc"], out["rd"], "--weights", weights, "--out", out["mix"]]) == 0
     mixed = load_conversations(out["mix"])
     assert len(mixed) == 9 and {r["source"] for r in mixed} == set(SOURCES)

@@ -14,7 +14,7 @@ from nanohuatuo import answers as ans
 from nanohuatuo import consult
 from nanohuatuo import evaluate as ev
 from nanohuatuo.data import DataError
-from nanohuatuo.evalsets import load_qa
+from nanohuatuo.evalsets import load_cases, load_qa
 from nanohuatuo.llm import LLMError
 from nanohuatuo.textmetrics import score_corpus
 from nanohuatuo.winrate import cohen_kappa, combine, fleiss_kappa, majority
@@ -398,9 +398,9 @@ def test_local_model_fits_prompts_to_the_context(tiny):
     q = {"role": "user", "content": "头痛发热怎么办"}
     history = [q, {"role": "assistant", "content": "多喝水，注意休息" * 3}] * 3 + [q]
     cand = ans.Candidate(model=tiny, template="plain")
-    probe = ans.LocalModel(cand, ans.Sampling(max_new_tokens=8), torch.device("cpu"), torch.float32)
+    probe = ans.LocalModel(cand, ans.GenerationSettings(max_new_tokens=8), torch.device("cpu"), torch.float32)
     budget = len(render_prompt([q], probe.tok, probe.template)) + 2  # the question fits, its history does not
-    m = ans.LocalModel(cand, ans.Sampling(max_new_tokens=256 - budget), torch.device("cpu"), torch.float32)
+    m = ans.LocalModel(cand, ans.GenerationSettings(max_new_tokens=256 - budget), torch.device("cpu"), torch.float32)
     assert m.budget == budget and m._prompt(history) == render_prompt([q], m.tok, m.template)
     assert m._prompt(history) == fit_prompt(history, m.tok, m.template, budget) and m.truncated == 0
     # a question longer than the budget keeps its tail, so the answer still has its room; it is counted
@@ -408,7 +408,7 @@ def test_local_model_fits_prompts_to_the_context(tiny):
     assert m._prompt(long) == render_prompt(long, m.tok, m.template)[-budget:] and m.truncated == 1
     assert "1 prompts cut to fit the context" in m.summary()
     with pytest.raises(ValueError, match="--max-new-tokens 256 leaves no room for a prompt in a 256-token context"):
-        ans.LocalModel(cand, ans.Sampling(max_new_tokens=256), torch.device("cpu"), torch.float32)
+        ans.LocalModel(cand, ans.GenerationSettings(max_new_tokens=256), torch.device("cpu"), torch.float32)
 
 
 def test_judge_and_patient_endpoints_need_their_flags(tmp_path):
@@ -518,6 +518,31 @@ def test_qa_readers_reuse_the_data_converters(tmp_path):
     assert item["messages"][0]["content"] == "头痛" and item["department"] == "内科"
     with pytest.raises(DataError, match="pass both files"):
         load_qa([str(tmp_path / "questions.csv")])
+
+
+
+def test_one_case_reader_for_evaluate_and_distill(tmp_path):
+    # evaluate.py dialogue (strict): ids given and unique, a diagnosis to judge against
+    cases = tmp_path / "cases.json"
+    cases.write_text(json.dumps(CASES, ensure_ascii=False), encoding="utf-8")
+    got = load_cases(str(cases))
+    assert [(c["id"], c["group"]) for c in got] == [("1", "神经内科"), ("2", "皮肤科"),
+                                                    ("3", "皮肤科")]
+    assert got[1]["medical_case"] == CASES[1]["medical_case"] and got[1]["doctor_diagnosis"] == CASES[1]["doctor_diagnosis"]
+    assert load_cases(str(cases), limit=2) == got[:2]
+    bare = write_jsonl(tmp_path / "bare.jsonl", [{"medical_case": "头痛", "Department": " 内科 "}])
+    with pytest.raises(DataError, match=r"bare\.jsonl:1: case needs an 'id'"):
+        load_cases(bare)
+    twice = write_jsonl(tmp_path / "twice.jsonl", [CASES[0], CASES[0]])
+    with pytest.raises(DataError, match="appears twice"):
+        load_cases(twice)
+    # distill.py conversations (lenient): ids from the file's name, no diagnosis needed, schema rows too
+    row = {"id": "r1", "messages": [{"role": "user", "content": "咳嗽"}, {"role": "assistant", "content": "多喝水"}],
+           "source": "other", "department": "内科"}
+    schema = write_jsonl(tmp_path / "rows.jsonl", [row])
+    [a, b] = load_cases([bare, schema], strict=False)
+    assert (a["id"], a["department"], a["doctor_diagnosis"]) == ("bare-1", " 内科 ", "")
+    assert (b["id"], b["medical_case"], b["doctor_diagnosis"], b["group"]) == ("r1", "咳嗽", "多喝水", "内科")
 
 
 # ---------------------------------------------------------------- sheet and tally

@@ -12,7 +12,7 @@ import pytest
 
 from conftest import tiny_base, write_jsonl
 
-from nanohuatuo import data, sft
+from nanohuatuo import data, prepare, sft
 from nanohuatuo.formats import DataError, iter_records, to_row
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -178,7 +178,7 @@ def test_without_pyarrow_the_error_names_the_extra(tmp_path, monkeypatch):
 def test_convert_writes_schema_rows_with_ids(tmp_path, shape):
     src = write_json_array(tmp_path / f"{shape}.json", [SHAPES[shape](r) for r in schema_rows()])
     out = tmp_path / "out.jsonl"
-    assert data.main(["convert", "--format", shape, "--data", src, "--out", str(out)]) == 0
+    assert prepare.main(["convert", "--format", shape, "--data", src, "--out", str(out)]) == 0
     rows = data.read_jsonl(out)
     assert rows == [{**r, "id": f"{shape}-{i}"} for i, r in enumerate(schema_rows(), start=1)]
     assert data.load_conversations(out) == rows
@@ -186,7 +186,7 @@ def test_convert_writes_schema_rows_with_ids(tmp_path, shape):
 
 def test_convert_refuses_a_row_of_another_shape(tmp_path, capsys):
     src = write_jsonl(tmp_path / "s.jsonl", [sharegpt(schema_rows()[0]), alpaca(schema_rows()[0])])
-    assert data.main(["convert", "--format", "sharegpt", "--data", src, "--out", str(tmp_path / "o.jsonl")]) == 2
+    assert prepare.main(["convert", "--format", "sharegpt", "--data", src, "--out", str(tmp_path / "o.jsonl")]) == 2
     assert f"error: {src}:2: not a sharegpt row (keys: input, instruction, output)" in capsys.readouterr().err
 
 

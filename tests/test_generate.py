@@ -6,8 +6,7 @@ import torch
 
 from nanohuatuo import Transformer
 from nanohuatuo.generate import generate, generate_batch, stream, cut_at_stop, process_logits, sample
-from nanohuatuo.engine import sample_seed
-from nanohuatuo.model import KVCache
+from nanohuatuo.engine import RowCache, decode_logits, forward, key_mask, kv_cache, sample_seed
 
 FAMILIES = ["llama", "llama3", "mistral", "qwen2", "qwen3", "bloom"]
 PROMPTS = [[5, 17, 3, 88, 42, 9, 1], [7, 7, 60], [99, 12, 31, 4, 4, 70, 2, 8, 15, 23]]
@@ -43,13 +42,12 @@ def test_cached_decode_logits_equal_full_recompute(hf_dirs, kind):
     T = seq.shape[1]
     with torch.no_grad():
         full = m(seq)
-        cache = KVCache(m.config, 1, T, torch.float32, "cpu")
-        mask = torch.ones(1, T, dtype=torch.long)
-        h = m.hidden_states(seq[:, :4], mask, torch.arange(4)[None], cache, torch.arange(4))
+        k, v = kv_cache(m, 1, T, torch.float32, "cpu", static=False)  # the engine's cache and runner
+        pos = torch.arange(4)[None]
+        h = forward(m, seq[:, :4], pos, RowCache(k, v, 0, pos, 4), key_mask(m, pos, 4, torch.float32))
         steps = [m.logits(h)]
         for t in range(4, T):
-            h = m.hidden_states(seq[:, t:t + 1], mask, torch.tensor([[t]]), cache, torch.tensor([t]))
-            steps.append(m.logits(h))
+            steps.append(decode_logits(m, seq[:, t], torch.tensor([t]), k, v, t + 1)[:, None])
     torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-4, rtol=0)
 
 

@@ -33,14 +33,15 @@ LAYERS = {  # imports go down (or sideways within a layer, but never between sta
     "engine": {"engine", "engine_loop", "cpu_kernels", "generate"},
     "shared": {"cli", "checkpoint", "dist", "losses", "llm", "adapters", "reward_model", "httpjson",
                "answers", "sheets", "rollout", "reports", "consult", "openai_api", "preferences", "rank_prompt"},
-    "stages": {"sft", "reward", "ppo", "dpo", "grpo", "sampling", "feedback", "chat", "serve", "evaluate", "distill"},
+    "stages": {"sft", "reward", "ppo", "dpo", "grpo", "sampling", "feedback", "chat", "serve", "evaluate", "distill",
+               "prepare"},
     "top": {"demo", "demo_report", "__init__"},  # __init__: the package's public names, from every layer
 }
 ORDER = list(LAYERS)
 LAYER_OF = {m: layer for layer, mods in LAYERS.items() for m in mods}
 
-SCRIPTS = ["train_sft.py", "train_rm.py", "train_ppo.py", "train_dpo.py", "train_grpo.py", "chat.py", "serve.py", "evaluate.py", "distill.py",
-           "demo.py"]
+SCRIPTS = ["train_sft.py", "train_rm.py", "train_ppo.py", "train_dpo.py", "train_grpo.py", "chat.py", "serve.py", "evaluate.py",
+           "distill.py", "data.py", "demo.py"]
 # one concept, one name: flags seen in the wild for a concept this project spells otherwise
 SYNONYMS = {
     "--base": "--model", "--policy": "--model", "--model-dir": "--model", "--model-path": "--model",
@@ -269,7 +270,7 @@ def test_every_flag_has_help_and_one_name_per_concept(helps):
 
 def test_the_llm_only_commands_start_without_torch():
     # distill, feedback and evaluate with endpoints only call an LLM endpoint; the README says they need no torch
-    code = ("import sys, nanohuatuo, nanohuatuo.distill, nanohuatuo.feedback, nanohuatuo.evaluate, nanohuatuo.data; "
+    code = ("import sys, nanohuatuo, nanohuatuo.distill, nanohuatuo.feedback, nanohuatuo.evaluate, nanohuatuo.prepare; "
             "print(sorted(m for m in sys.modules if m.split('.')[0] == 'torch')[:3])")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert (r.returncode, r.stdout.strip()) == (0, "[]"), r.stderr
@@ -282,7 +283,7 @@ SAMPLE, RANK = "nanohuatuo.sampling", "nanohuatuo.feedback rank"
 EVAL = ["evaluate.py pairwise", "evaluate.py dialogue", "evaluate.py metrics"]
 DISTILL = ["distill.py instructions", "distill.py conversations", "distill.py polish"]
 TRAIN = [SFT, RM, PPO]
-DATA = ["nanohuatuo.data convert", "nanohuatuo.data mix", "nanohuatuo.data prompts", "nanohuatuo.data stats"]
+DATA = ["data.py convert", "data.py mix", "data.py prompts", "data.py stats"]
 # concept: (its one flag, a pattern of the help texts that describe it, the commands that take the flag).
 # The README's "Flags" table shows the same rows.
 VOCABULARY = {
@@ -315,7 +316,8 @@ VOCABULARY = {
     "stop as if interrupted": ("--stop-after", r"as if interrupted", TRAIN),
     "checkpoint interval": ("--save-every", r"^checkpoint every", TRAIN),
     "checkpoints kept": ("--keep-checkpoints", r"^checkpoints kept", TRAIN),
-    "quantised frozen base (QLoRA)": ("--quant", r"^(\w+ )*frozen base|NF4", TRAIN),
+    "weight quantisation (int8, NF4; a frozen NF4 base for QLoRA)": (
+        "--quant", r"^(\w+ )*frozen base|NF4|^weight quantisation", TRAIN + ["chat.py", "serve.py"]),
     "experiment trackers": ("--report-to", r"tensorboard", TRAIN),
     "flag values from a file": ("--config", r"read flag values from", TRAIN + [SAMPLE, RANK, "chat.py", "serve.py",
                                                                         "demo.py", *EVAL, *DISTILL]),
@@ -331,7 +333,7 @@ VOCABULARY = {
     "top-k sampling": ("--top-k", r"top-k sampling|k likeliest tokens", [SAMPLE, "chat.py", *EVAL]),
     "answers per prompt": ("--k", r"answers per prompt", [SAMPLE]),
     "how many items": ("--limit", r"first N|instructions to keep|stop after this many rows",
-                       [SAMPLE, *EVAL, *DISTILL, "evaluate.py sheet", "nanohuatuo.data convert"]),
+                       [SAMPLE, *EVAL, *DISTILL, "evaluate.py sheet", "data.py convert"]),
     "endpoint URL (of a role)": ("--base-url", r"OpenAI-compatible endpoint", [SAMPLE, "evaluate.py metrics"]),
     "model name at the endpoint (of a role)": ("--model-name", r"model name at|model the endpoint serves|"
                                                                r"agent's model", [SAMPLE, "evaluate.py metrics"]),
@@ -350,7 +352,8 @@ def visible(helps):
     """{command: {flag: help}} of every command's --help, `python -m` twins of the scripts left out."""
     twins = {f"nanohuatuo.{m}": s for m, s in (("sft", SFT), ("reward", RM), ("ppo", PPO), ("chat", "chat.py"),
                                                  ("serve", "serve.py"), ("evaluate", "evaluate.py"),
-                                                 ("distill", "distill.py"), ("demo", "demo.py"))}
+                                                 ("distill", "distill.py"), ("demo", "demo.py"),
+                                                 ("prepare", "data.py"), ("data", "data.py"))}
     out = {}
     for cmd, (code, text) in helps.items():
         if cmd.split(" ")[0] in twins:

@@ -195,9 +195,10 @@ def test_adapter_is_merged(tiny, tmp_path):
         srv.close()
 
 
-def test_int8(tiny):
-    """--int8 serves the weight-only quantised model (answers close to, not equal to, float32)."""
-    srv = start(tiny, batch_size=1, int8=True)
+@pytest.mark.parametrize("quant", ["int8", "nf4"])
+def test_quantised(tiny, quant):
+    """--quant int8|nf4 serves the quantised model (answers close to, not equal to, float32)."""
+    srv = start(tiny, batch_size=1, quant=quant)
     try:
         status, _, body = http(srv, "/v1/chat/completions", {"model": NAME, "messages": user(QUESTIONS[0]),
                                                              "max_tokens": 6, "temperature": 0})

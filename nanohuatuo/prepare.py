@@ -1,0 +1,169 @@
+"""Stage 0, data: convert public corpora to the conversation schema, mix sources, make RLAIF prompt files.
+
+    python data.py convert --format cmd_csv --data 内科.csv --out runs/real_doctor.jsonl
+    python data.py mix     --data a.jsonl b.jsonl --weights real_doctor_instructions=2,other=1 --out mix.jsonl
+    python data.py prompts --data runs/real_doctor.jsonl --out runs/prompts.jsonl
+    python data.py stats   --data mix.jsonl
+
+The same command is `python -m nanohuatuo.prepare` and the `nanohuatuo-data` console script
+(`python -m nanohuatuo.data` still runs it). The readers, converters, mixing and splitting are
+data.py's (the formats and their rules are in its docstring); this module is only the command
+line, built on cli.py's flags like every other stage.
+"""
+
+import itertools
+import sys
+from collections import Counter
+from dataclasses import dataclass
+
+from .cli import UserError, arg, cli_main
+from .data import (FORMATS, DataError, convert, load_conversations, mix_sources, require_rows, split_heldout,
+                   stats, to_prompt, write_jsonl)
+
+CONVERSATIONS = "conversation file(s): schema JSONL, or any shape SFT reads"
+
+
+@dataclass
+class ConvertConfig:
+    data: list[str] = arg([], "input file(s) (sharegpt/alpaca/openai: also a JSON array, Parquet or a datasets "
+                              "folder); cmedqa2: questions.csv answers.csv", metavar="FILE", old=("--in",))
+    format: str = arg("", "the corpus' format (see nanohuatuo/data.py)", choices=list(FORMATS))
+    out: str = arg("", "output JSONL file")
+    source: str | None = arg(None, "source for every row (defaults per format, see nanohuatuo/data.py)")
+    encoding: str | None = arg(None, "force the CSV encoding (default: UTF-8 if clean, else GB18030)")
+    limit: int | None = arg(None, "stop after this many rows")
+    all_answers: bool = arg(False, "cmedqa2: one row per answer, not per question")
+
+
+@dataclass
+class MixConfig:
+    data: list[str] = arg([], CONVERSATIONS, metavar="FILE", old=("--in",))
+    weights: dict = arg({}, "source=w,... (w multiplies the source's count)", metavar="SOURCE=W,...")
+    out: str = arg("", "output JSONL file")
+    seed: int = arg(0, "random seed")
+    total: int | None = arg(None, "rescale the counts to exactly this many rows")
+    heldout: float = arg(0.0, "fraction held out before resampling")
+    heldout_out: str = arg("", "where the held-out rows go (needed with --heldout)")
+    keep_flagged: bool = arg(False, "keep rows marked flagged (a polished reply whose drug names or numbers "
+                                    "changed); by default they are dropped before the held-out split")
+
+
+@dataclass
+class PromptsConfig:
+    data: str = arg("", "conversation file: schema JSONL, or any shape SFT reads", metavar="FILE", old=("--in",))
+    out: str = arg("", "output JSONL file of prompts")
+
+
+@dataclass
+class StatsConfig:
+    data: list[str] = arg([], CONVERSATIONS, metavar="FILE", old=("--in",))
+
+
+def need(cfg, *flags: str) -> None:
+    """A flag every run of the command needs (the dataclass flags have defaults, so argparse cannot require it)."""
+    for name in flags:
+        if not getattr(cfg, name.lstrip("-").replace("-", "_")):
+            raise UserError(f"pass {name}" + (" FILE" if name in ("--data", "--out") else ""))
+
+
+def run_convert(cfg: ConvertConfig) -> None:
+    need(cfg, "--data", "--format", "--out")
+    if cfg.all_answers and cfg.format != "cmedqa2":
+        raise DataError("--all-answers only applies to --format cmedqa2")
+    groups = [cfg.data] if cfg.format == "cmedqa2" else [[path] for path in cfg.data]
+    counts = []
+
+    def rows():
+        for group in groups:
+            counts.append(0)
+            for row in convert(cfg.format, group, cfg.source, cfg.encoding, cfg.all_answers):
+                counts[-1] += 1
+                yield row
+            if not counts[-1]:  # raised before the output is renamed into place, so none is written
+                raise DataError(f"{' + '.join(map(str, group))}: no records to convert (the file is empty)")
+
+    n = write_jsonl(cfg.out, itertools.islice(rows(), cfg.limit))
+    for group, k in zip(groups, counts):
+        print(f"converted {k} rows from {' + '.join(map(str, group))} ({cfg.format})")
+    print(f"wrote {n} rows to {cfg.out}")
+
+
+def run_mix(cfg: MixConfig) -> None:
+    need(cfg, "--data", "--weights", "--out")
+    if cfg.heldout and not cfg.heldout_out:
+        raise UserError("--heldout needs --heldout-out")
+    rows = []
+    for path in cfg.data:
+        part = require_rows(load_conversations(path), path, "conversations")
+        print(f"read {len(part)} rows from {path}")
+        rows.extend(part)
+    # distill.py polish --on-flag keep marks a row whose rewrite changed drug names or numbers
+    flagged = Counter(r["source"] for r in rows if r.get("flagged"))
+    if flagged:
+        per_source = ", ".join(f"{s} {n}" for s, n in sorted(flagged.items()))
+        if cfg.keep_flagged:
+            print(f"kept {flagged.total()} flagged rows (--keep-flagged): {per_source}")
+        else:
+            rows = [r for r in rows if not r.get("flagged")]
+            print(f"dropped {flagged.total()} flagged rows (a polished reply changed drug names or numbers; "
+                  f"--keep-flagged keeps them): {per_source}")
+    # held-out rows are taken before resampling so no duplicate leaks into both sides
+    pool = [r for r in rows if cfg.weights.get(r["source"], 0) > 0]
+    train, heldout = split_heldout(pool, cfg.heldout, cfg.seed) if cfg.heldout else (pool, [])
+    mixed = mix_sources(train, cfg.weights, cfg.seed, cfg.total)
+    have, got = Counter(r["source"] for r in rows), Counter(r["source"] for r in mixed)
+    for source in sorted(have):
+        print(f"  {source}: {have[source]} in, weight {cfg.weights.get(source, 0):g}, {got[source]} out")
+    print(f"wrote {write_jsonl(cfg.out, mixed)} rows to {cfg.out}")
+    if cfg.heldout:
+        print(f"wrote {write_jsonl(cfg.heldout_out, heldout)} held-out rows to {cfg.heldout_out}")
+
+
+def run_prompts(cfg: PromptsConfig) -> None:
+    need(cfg, "--data", "--out")
+    rows = require_rows(load_conversations(cfg.data), cfg.data, "conversations")
+    n = write_jsonl(cfg.out, (to_prompt(r) for r in rows))
+    print(f"read {len(rows)} rows from {cfg.data}; wrote {n} prompts to {cfg.out}")
+
+
+def run_stats(cfg: StatsConfig) -> None:
+    need(cfg, "--data")
+    for path in cfg.data:
+        s = stats(load_conversations(path))
+        print(f"{path}: {s['rows']} rows")
+        for key in ("sources", "departments", "turns"):
+            print(f"  {key}: " + ", ".join(f"{k}={v}" for k, v in s[key].items()))
+        for role, summary in s["chars"].items():
+            print(f"  {role} chars: " + ", ".join(f"{k}={v}" for k, v in summary.items()))
+
+
+COMMANDS = {
+    "convert": (run_convert, ConvertConfig, "convert a public corpus to the conversation schema"),
+    "mix": (run_mix, MixConfig, "resample sources by weight into one shuffled file"),
+    "prompts": (run_prompts, PromptsConfig, "RLAIF prompt file: conversation minus last answer, plus reference"),
+    "stats": (run_stats, StatsConfig, "counts per source/department, turns and char lengths"),
+}
+
+
+def usage() -> str:
+    return ("usage: data.py {" + ",".join(COMMANDS) + "} [flags]\n\n" +
+            "\n".join(f"  {name:8s} {desc}" for name, (_, _, desc) in COMMANDS.items()) +
+            "\n\n`data.py COMMAND --help` lists a command's flags.")
+
+
+def main(argv=None) -> int:
+    """Entry point of data.py: the first argument names the command; 2 and one line on bad input."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in ("-h", "--help"):
+        print(usage())
+        return 0
+    if not argv or argv[0] not in COMMANDS:
+        print(usage(), file=sys.stderr)
+        print(f"error: {'no command given' if not argv else f'unknown command {argv[0]!r}'}", file=sys.stderr)
+        return 2
+    run, cls, desc = COMMANDS[argv[0]]
+    return cli_main(run, cls, argv[1:], prog=f"data.py {argv[0]}", description=desc)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
