@@ -418,6 +418,24 @@ def cli_main(run, cls, argv=None, prog: str | None = None, description: str | No
     return guarded(run, cfg)
 
 
+def commands_main(commands: dict, argv=None, prog: str = "") -> int:
+    """A script of several commands (`evaluate.py pairwise ...`, `data.py mix ...`): the first argument
+    names one of `commands` {name: (run, config class, one-line description)}, the rest are its flags."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    usage = (f"usage: {prog} {{" + ",".join(commands) + "} [flags]\n\n" +
+             "\n".join(f"  {name:9s} {desc}" for name, (_, _, desc) in commands.items()) +
+             f"\n\n`{prog} COMMAND --help` lists a command's flags.")
+    if argv and argv[0] in ("-h", "--help"):
+        print(usage)
+        return 0
+    if not argv or argv[0] not in commands:
+        print(usage, file=sys.stderr)
+        print(f"error: {'no command given' if not argv else f'unknown command {argv[0]!r}'}", file=sys.stderr)
+        return 2
+    run, cls, desc = commands[argv[0]]
+    return cli_main(run, cls, argv[1:], prog=f"{prog} {argv[0]}", description=desc)
+
+
 def guarded(fn, *args) -> int:
     """fn(*args) -> exit code: 0 (or fn's int), 2 with one line on a user error, 130 on Ctrl-C."""
     try:

@@ -78,7 +78,7 @@ import numpy as np
 from . import data as qa_data
 from . import sheets
 from .answers import Candidate, GenerationSettings, get_answers
-from .cli import UserError, arg, cli_main, prepare_out, write_config
+from .cli import UserError, arg, commands_main, prepare_out, write_config
 from .consult import EndpointPatient, OfflinePatient, consult, render_transcript
 from .evalsets import QA_FORMATS, load_cases, load_qa, load_questions
 from .llm import from_flags, role_cache
@@ -627,23 +627,8 @@ COMMANDS = {
 }
 
 
-def usage() -> str:
-    return ("usage: evaluate.py {" + ",".join(COMMANDS) + "} [flags]\n\n" +
-            "\n".join(f"  {name:9s} {desc}" for name, (_, _, desc) in COMMANDS.items()) +
-            "\n\n`evaluate.py COMMAND --help` lists a command's flags.")
-
-
 def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if argv and argv[0] in ("-h", "--help"):
-        print(usage())
-        return 0
-    if not argv or argv[0] not in COMMANDS:
-        print(usage(), file=sys.stderr)
-        print(f"error: {'no command given' if not argv else f'unknown command {argv[0]!r}'}", file=sys.stderr)
-        return 2
-    run, cls, desc = COMMANDS[argv[0]]
-    return cli_main(run, cls, argv[1:], prog=f"evaluate.py {argv[0]}", description=desc)
+    return commands_main(COMMANDS, argv, prog="evaluate.py")
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ import sys
 from collections import Counter
 from dataclasses import dataclass
 
-from .cli import UserError, arg, cli_main
+from .cli import UserError, arg, commands_main
 from .data import (FORMATS, DataError, convert, load_conversations, mix_sources, require_rows, split_heldout,
                    stats, to_prompt, write_jsonl)
 
@@ -145,24 +145,9 @@ COMMANDS = {
 }
 
 
-def usage() -> str:
-    return ("usage: data.py {" + ",".join(COMMANDS) + "} [flags]\n\n" +
-            "\n".join(f"  {name:8s} {desc}" for name, (_, _, desc) in COMMANDS.items()) +
-            "\n\n`data.py COMMAND --help` lists a command's flags.")
-
-
 def main(argv=None) -> int:
     """Entry point of data.py: the first argument names the command; 2 and one line on bad input."""
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if argv and argv[0] in ("-h", "--help"):
-        print(usage())
-        return 0
-    if not argv or argv[0] not in COMMANDS:
-        print(usage(), file=sys.stderr)
-        print(f"error: {'no command given' if not argv else f'unknown command {argv[0]!r}'}", file=sys.stderr)
-        return 2
-    run, cls, desc = COMMANDS[argv[0]]
-    return cli_main(run, cls, argv[1:], prog=f"data.py {argv[0]}", description=desc)
+    return commands_main(COMMANDS, argv, prog="data.py")
 
 
 if __name__ == "__main__":
