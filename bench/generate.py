@@ -37,7 +37,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from nanohuatuo import Transformer  # noqa: E402
 from nanohuatuo.cpu_kernels import head_logits, tune_cpu_kernels  # noqa: E402
-from nanohuatuo.engine import Engine, RowCache, SamplingParams, decode_logits, forward, key_mask, kv_cache  # noqa: E402
+from nanohuatuo.engine import Engine, SamplingParams  # noqa: E402
+from nanohuatuo.engine_runner import RowCache, decode_logits, forward, key_mask, kv_cache  # noqa: E402
 from nanohuatuo.generate import generate, left_pad  # noqa: E402
 from nanohuatuo.metrics import cpu_name  # noqa: E402
 

@@ -31,7 +31,9 @@ log-probs (`prompt_logprobs`, for scoring a text) are read off the prefill, plai
 arrive on the request's first event. `add(..., adapter=i)` runs a request under the i-th LoRA
 adapter attached with multi_lora.attach_adapters: each row of a step picks its own.
 
-Two neighbours hold what the engine uses but is not the engine: cpu_kernels.py chooses, by timing,
+The cache and runner live in engine_runner.py and the sampling in token_sampling.py, each one
+screen; this module is the scheduler. Two neighbours hold what the engine uses but is not the
+engine: cpu_kernels.py chooses, by timing,
 the CPU weight layout and the output head's kernel (`tune_cpu_kernels`, `head_logits`), and
 engine_loop.py holds the serving loop (`EngineLoop` steps an engine from its own thread and hands
 each request's text, decoded incrementally and cut at stop strings, to a queue that any other
@@ -45,23 +47,10 @@ from dataclasses import dataclass, field
 import torch
 
 from .cpu_kernels import head_logits, tune_cpu_kernels
-from .model import Transformer, rope_cos_sin
+from .engine_runner import RowCache, compiled_decode, decode_logits, forward, key_mask, kv_cache
+from .model import Transformer
 from .multi_lora import select_adapters
-
-
-@dataclass
-class SamplingParams:
-    max_new_tokens: int = 256
-    temperature: float = 0.0  # 0: greedy
-    top_p: float = 1.0
-    top_k: int = 0  # 0: off
-    repetition_penalty: float = 1.0
-    stop_ids: tuple = ()  # a request ends on one of these tokens (it is kept)
-    stop_strings: tuple = ()  # ... or on the token that completes one of these (needs the tokenizer)
-    seed: int | None = None  # None: drawn from torch's global RNG when the request is added
-    logprobs: bool = False  # log-prob of each token under logits / temperature
-    top_logprobs: int = 0  # also the n most likely tokens and their log-probs at each step
-    prompt_logprobs: bool = False  # also each prompt token's log-prob (and its top_logprobs), from the prefill
+from .token_sampling import SamplingParams, process_rows, sample_rows, sample_seed
 
 
 @dataclass
@@ -85,172 +74,6 @@ class Output:
     top_logprobs: list[list[tuple[int, float]]] | None
     finish_reason: str  # "stop" (stop id or string) | "length" (max_new_tokens or cache row full) | "cancelled"
     text: str | None  # the tokens decoded, if the engine has a tokenizer
-
-
-def sample_seed(seed: int, j: int) -> int:
-    """The seed of sample j of a request seeded with `seed` (sample 0 keeps it): n samples differ."""
-    return seed if j == 0 else (seed * 6364136223846793005 + j * 1442695040888963407) % 2**63
-
-
-# ----------------------------------------------------------------------------- sampling
-
-def process_rows(logits, temperature, top_k, top_p, penalty, seen):
-    """Each row's repetition penalty, temperature, top-k and top-p (in that order, as transformers does).
-
-    logits (B, V); the settings are lists of B numbers (temperature <= 0: unscaled, top_k 0 and
-    top_p 1: off); seen (B, V) marks the tokens each row has seen, or None. A setting that is off
-    in every row costs nothing, and a row's result never depends on the other rows.
-    """
-    dev, dt, V = logits.device, logits.dtype, logits.shape[-1]
-
-    def col(xs):
-        return torch.tensor(xs, dtype=dt, device=dev)[:, None]  # (B, 1)
-
-    if seen is not None and any(p != 1.0 for p in penalty):
-        pen = col(penalty)
-        logits = torch.where(seen, torch.where(logits < 0, logits * pen, logits / pen), logits)
-    if any(t > 0 for t in temperature):
-        logits = logits / col([t if t > 0 else 1.0 for t in temperature])
-    ks = [k if 0 < k < V else 0 for k in top_k]
-    if any(ks):
-        kth = torch.topk(logits, max(ks), dim=-1).values  # (B, max k), descending
-        thr = kth.gather(-1, torch.tensor([max(k, 1) - 1 for k in ks], device=dev)[:, None])
-        thr = thr.masked_fill(torch.tensor([k == 0 for k in ks], device=dev)[:, None], float("-inf"))
-        logits = logits.masked_fill(logits < thr, float("-inf"))
-    if any(p < 1.0 for p in top_p):
-        sorted_logits, idx = torch.sort(logits, dim=-1)  # ascending
-        cum = sorted_logits.softmax(-1).cumsum(-1)
-        drop = cum <= col([1 - p if p < 1.0 else -1.0 for p in top_p])
-        drop[..., -1] = False  # always keep the most likely token
-        logits = logits.masked_fill(drop.scatter(-1, idx, drop), float("-inf"))
-    return logits
-
-
-def process_logits(logits, temperature, top_k, top_p, repetition_penalty, seen):
-    """`process_rows` with the same settings for every row of logits (B, V)."""
-    B = logits.shape[0]
-    return process_rows(logits, [temperature] * B, [top_k] * B, [top_p] * B, [repetition_penalty] * B, seen)
-
-
-def sample_rows(logits, temperature, generators):
-    """One token per row of logits (B, V): argmax where temperature <= 0, else a draw from
-    softmax(logits) by inverse CDF with one uniform from that row's generator.
-
-    One uniform number per row against the cumulative probabilities: torch.multinomial draws an
-    exponential variate per vocabulary entry, which on a CPU costs more than the rest of a small
-    model's decode step. right=True never lands on a zero-probability (masked) token, and the clamp
-    to the last token with mass guards the top end against rounding.
-    """
-    tok = logits.argmax(-1)
-    rows = [i for i, t in enumerate(temperature) if t > 0]
-    if not rows:
-        return tok
-    sub = logits if len(rows) == len(temperature) else logits[rows]
-    probs = sub.float().softmax(-1)
-    cdf = probs.double().cumsum(-1)
-    u = torch.cat([torch.rand(1, generator=generators[i], dtype=torch.float64, device=cdf.device) for i in rows])
-    u = u[:, None] * cdf[:, -1:]
-    last = probs.shape[-1] - 1 - (probs > 0).flip(-1).int().argmax(-1)  # the last token with mass
-    drawn = torch.minimum(torch.searchsorted(cdf, u, right=True).squeeze(-1), last)
-    if len(rows) == len(temperature):
-        return drawn
-    tok[rows] = drawn
-    return tok
-
-
-def sample(logits, temperature, generator):
-    """`sample_rows` with one temperature and one generator for every row."""
-    return sample_rows(logits, [temperature] * logits.shape[0], [generator] * logits.shape[0])
-
-
-# ----------------------------------------------------------------------------- the runner
-
-class RowCache:
-    """The engine's KV cache as the attention layers see it in one forward: rows [first, first + B),
-    each token's keys and values written at its position (B, T), keys [0, n_keys) returned."""
-
-    def __init__(self, k, v, first, positions, n_keys):
-        self.k, self.v, self.first, self.n_keys = k, v, first, n_keys
-        B, T = positions.shape
-        self.rows = torch.arange(first, first + B, device=positions.device)[:, None].expand(B, T)
-        self.pos = positions
-
-    def update(self, layer, cache_pos, k, v):  # k, v (B, n_kv_heads, T, head_dim)
-        K, V = self.k[layer], self.v[layer]  # (slots, n_kv_heads, max_len, head_dim)
-        K[self.rows, :, self.pos] = k.transpose(1, 2)  # (B, T, n_kv_heads, head_dim) at (row, position)
-        V[self.rows, :, self.pos] = v.transpose(1, 2)
-        rows = slice(self.first, self.first + self.rows.shape[0])
-        return K[rows, :, :self.n_keys], V[rows, :, :self.n_keys]
-
-
-def key_mask(model: Transformer, positions, n_keys, dtype):
-    """(B, 1|H, T, n_keys): a query at position p sees the keys of its own row at positions <= p
-    (within the sliding window); an ALiBi bias instead for ALiBi models."""
-    c = model.config
-    k = torch.arange(n_keys, device=positions.device)
-    q = positions[:, None, :, None]  # (B, 1, T, 1)
-    allowed = k <= q
-    if c.sliding_window is not None:
-        allowed = allowed & (q - k < c.sliding_window)
-    if c.pos != "alibi":
-        return allowed
-    bias = model.slopes[None, :, None, None] * (k - q).float()  # (B, H, T, n_keys)
-    return bias.masked_fill(~allowed, float("-inf")).to(dtype)
-
-
-def forward(model: Transformer, ids, positions, cache: RowCache, mask):
-    """Final-normed hidden states (B, T, dim) of ids (B, T) at positions (B, T), through `cache`.
-
-    `Transformer.hidden_states` takes one cache position for all rows; here each row has its own,
-    so this runs the same blocks with the row cache and a per-row mask (None: plain causal, for a
-    prefill that starts at position 0)."""
-    c = model.config
-    x = model.embed_tokens(ids)
-    if c.embed_norm:
-        x = model.embed_norm(x)
-    cos_sin = rope_cos_sin(model.inv_freq, positions, x.dtype) if c.pos == "rope" else None
-    for layer in model.layers:
-        x = layer(x, cos_sin, mask, cache, positions)
-    return model.norm(x)
-
-
-def decode_logits(model: Transformer, tokens, positions, k, v, n_keys):
-    """float32 logits (B, vocab) of one token per cache row [0, B): tokens, positions (B,)."""
-    pos = positions[:, None]  # (B, 1)
-    cache = RowCache(k, v, 0, pos, n_keys)
-    h = forward(model, tokens[:, None], pos, cache, key_mask(model, pos, n_keys, k[0].dtype))
-    return head_logits(model, h[:, -1])
-
-
-_COMPILED = {}
-
-
-def compiled_decode():
-    # one compiled function: torch.compile keeps a graph per batch size (the buckets)
-    if "decode" not in _COMPILED:
-        _COMPILED["decode"] = torch.compile(decode_logits, mode="reduce-overhead", fullgraph=True, dynamic=False)
-    return _COMPILED["decode"]
-
-
-def kv_cache(model: Transformer, slots, max_len, dtype, device, static):
-    """Key and value tensors per layer, (slots, n_kv_heads, max_len, head_dim), zeroed (a masked
-    key's weight is 0, and 0 * NaN from uninitialised memory would still be NaN). `static`
-    (compiled decoding): CUDA graphs replay on fixed addresses, so one cache is kept on the model
-    and reused by the next Engine of the same shape instead of allocating (and recording) anew."""
-    c = model.config
-    shape = (slots, c.n_kv_heads, max_len, c.head_dim)
-    kept = getattr(model, "engine_cache", None) if static else None
-    if kept is not None and kept[0][0].shape == shape and kept[0][0].dtype == dtype \
-            and kept[0][0].device == torch.device(device):
-        return kept
-    model.engine_cache = None  # free the old one before allocating
-    k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(c.n_layers)]
-    v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(c.n_layers)]
-    if static:
-        for t in k + v:
-            torch._dynamo.mark_static_address(t)
-        model.engine_cache = (k, v)
-    return k, v
 
 
 # ----------------------------------------------------------------------------- the scheduler

@@ -17,7 +17,8 @@ from dataclasses import dataclass
 import torch
 
 from .cpu_kernels import head_logits, tune_cpu_kernels
-from .engine import Engine, SamplingParams, process_logits, sample, sample_seed
+from .engine import Engine
+from .token_sampling import SamplingParams, process_logits, sample, sample_seed
 from .hf import check_model_dir
 from .lora import merge_and_unload, read_adapter_config
 from .model import Transformer

@@ -48,9 +48,9 @@ from dataclasses import dataclass
 import torch
 
 from . import adapters, checkpoint, dist
-from .cli import UserError, arg, cli_main, prepare_out, resolve_dtype
+from .cli import UserError, arg, cli_main, endpoint_flags, prepare_out, resolve_dtype
 from .cpu_kernels import return_large_blocks
-from .llm import LLM
+from .llm import from_flags
 from .lora import load_adapter, lora_modules, lora_parameters, merge_and_unload, save_adapter
 from .losses import group_advantages, grpo_loss, kl_k3, length_debias, response_forward
 from .metrics import MetricsLog, plot_metrics
@@ -69,7 +69,9 @@ def _penalty(text: str):
 
 
 @dataclass
-class GRPOConfig:
+class GRPOConfig(endpoint_flags("judge", "judge reward (ranks each prompt's K answers against the doctor's reply)",
+                                old={"base_url": ("--base-url",), "model_name": ("--model-name",),
+                                     "api_key": ("--api-key",)})):
     # what to train on
     model: str = arg("", "base model directory (Hugging Face layout, with the tokenizer)")
     adapter: str | None = arg(None, "SFT LoRA adapter on --model (merged into the weights, then a fresh GRPO LoRA)")
@@ -79,7 +81,7 @@ class GRPOConfig:
     out: str = arg("out/grpo", "output directory: adapter, metrics.jsonl, samples.jsonl, plots, checkpoints/")
     template: str = arg("auto", "chat template: auto (the model's own), or a name (huatuo, huatuo2, chatml, ...)")
     max_prompt_len: int = arg(512, "longer prompts are skipped")
-    # the reward: one of --reward, --reward-fn, --base-url
+    # the reward: one of --reward, --reward-fn, --judge-base-url
     reward: str | None = arg(None, "reward model directory (train_rm.py, or a released HuatuoGPT/Ziya RM)")
     reward_fn: str | None = arg(None, "rule reward: module:function or path/file.py:function, called as "
                                       "function(prompts, responses, rows, texts) -> one float per answer",
@@ -88,10 +90,6 @@ class GRPOConfig:
                                        "recorded, else the RM directory's own), or a name")
     reward_norm: str = arg("std", "std: reward-model scores in units of their spread on SFT-like answers; "
                                   "none: as the RM gives them", choices=["std", "none"])
-    base_url: str | None = arg(None, "judge reward: an OpenAI-compatible endpoint that ranks each prompt's K "
-                                     "answers against the doctor's reply (e.g. http://127.0.0.1:8000/v1)")
-    model_name: str | None = arg(None, "judge reward: the endpoint's model name")
-    api_key: str | None = arg(None, "judge reward: API key (default: $NANOHUATUO_API_KEY, $OPENAI_API_KEY)")
     cache: str | None = arg(None, "judge reward: SQLite cache of the judge's replies (default: OUT/judge_cache.sqlite)")
     concurrency: int = arg(4, "judge reward: requests in flight")
     # rollouts
@@ -148,9 +146,9 @@ class GRPOConfig:
             raise UserError(f"--k {self.k}: group-relative advantages need at least 2 answers per prompt")
         if self.continue_adapter and not self.adapter:
             raise UserError("--continue-adapter needs --adapter (the SFT adapter to keep training)")
-        if sum(x is not None for x in (self.reward, self.reward_fn, self.base_url)) > 1:
-            raise UserError("give one reward: --reward (a reward model), --reward-fn (a function) or --base-url "
-                            "(a judge endpoint)")
+        if sum(bool(x) for x in (self.reward, self.reward_fn, self.judge_base_url)) > 1:
+            raise UserError("give one reward: --reward (a reward model), --reward-fn (a function) or "
+                            "--judge-base-url (a judge endpoint)")
         if self.num_iterations < 1 or self.micro_batch_size < 1:
             raise UserError("--num-iterations and --micro-batch-size must be at least 1")
 
@@ -183,9 +181,8 @@ def load_function(spec: str):
 
 def judge_reward(cfg: GRPOConfig, k: int):
     """fn(prompts, responses, rows, texts) -> scores: each prompt's K answers (consecutive rows) ranked
-    by the judge at cfg.base_url against the doctor's reply; best 1, worst 0, unranked groups 0.5."""
-    llm = LLM(cfg.base_url, cfg.model_name, api_key=cfg.api_key, concurrency=cfg.concurrency, name="judge",
-              cache=cfg.cache or os.path.join(cfg.out, "judge_cache.sqlite"), progress_every=0)
+    by the judge at --judge-base-url against the doctor's reply; best 1, worst 0, unranked groups 0.5."""
+    llm = from_flags(cfg, "judge", cache=cfg.cache or os.path.join(cfg.out, "judge_cache.sqlite"), progress_every=0)
     stats = {"unranked": 0}
 
     def fn(prompts, responses, rows, texts):
@@ -221,11 +218,11 @@ def make_reward(reward_fn, model, ref_lora, cfg: GRPOConfig, tok, template, d, d
     if reward_fn is None:
         if cfg.reward_fn:
             reward_fn = load_function(cfg.reward_fn)
-        elif cfg.base_url:
+        elif cfg.judge_base_url:
             reward_fn = judge_reward(cfg, cfg.k)
         elif not cfg.reward:
             raise UserError("no reward: pass --reward DIR (a reward model), --reward-fn MODULE:FUNCTION or "
-                            "--base-url URL --model-name NAME (a judge)")
+                            "--judge-base-url URL --judge-model-name NAME (a judge)")
 
     def share():  # the reward model as one more adapter + head on the policy's base, or (None, why)
         layers = dict(lora_modules(model))
@@ -352,7 +349,7 @@ def grpo_update(model, cfg: GRPOConfig, exp: GroupRollout, optimizer, params, d)
 FIXED = ("model", "adapter", "continue_adapter", "lora_r", "lora_alpha", "lora_targets", "quant")
 # settings that change nothing a resumed run computes
 BOOKKEEPING = {"resume", "overwrite", "stop_after", "sample_every", "save_every", "keep_checkpoints", "device",
-               "out", "save_merged", "api_key", "cache", "concurrency"}
+               "out", "save_merged", "judge_api_key", "cache", "concurrency"}
 
 
 def save_checkpoint(model, cfg: GRPOConfig, optimizer, state: dict, d) -> None:
@@ -397,7 +394,7 @@ def train(cfg: GRPOConfig, reward_fn=None) -> dict:
     and the per-step history (ppo.train's shape).
 
     reward_fn(prompts, responses, rows, texts) -> one score per answer (K consecutive answers per
-    prompt), or a loaded `reward_model.RewardModel`; None: cfg.reward_fn, cfg.base_url or cfg.reward.
+    prompt), or a loaded `reward_model.RewardModel`; None: cfg.reward_fn, cfg.judge_base_url or cfg.reward.
     """
     cfg.check()
     d = dist.setup(cfg.device)

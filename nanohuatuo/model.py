@@ -223,12 +223,13 @@ class Transformer(nn.Module):
         bias = self.slopes[None, :, None, None] * dist[None, None]  # (1, H, T, T)
         return bias.masked_fill(~allowed, float("-inf")).to(dtype)
 
-    def hidden_states(self, input_ids, attention_mask=None, positions=None):
-        """Final-normed hidden states (B, T, dim) of whole sequences (generation runs the same blocks
-        through the engine's cache: engine.forward).
+    def hidden_states(self, input_ids, attention_mask=None, positions=None, cache=None, mask=None):
+        """Final-normed hidden states (B, T, dim).
 
-        positions default to `attention_mask.cumsum(-1) - 1` clamped at 0, so left padding never
-        shifts a sequence.
+        Whole sequences: positions default to `attention_mask.cumsum(-1) - 1` clamped at 0, so left
+        padding never shifts a sequence, and the mask is `attention_bias`'s. The generation engine
+        runs the same blocks on rows of its KV cache: each row at its own positions (B, T), `cache`
+        (engine_runner.RowCache) and its own per-row `mask` (None: plain causal).
         """
         c = self.config
         B, T = input_ids.shape
@@ -243,12 +244,13 @@ class Transformer(nn.Module):
                 else:
                     positions = torch.arange(T, device=input_ids.device)[None].expand(B, T)
             cos_sin = rope_cos_sin(self.inv_freq, positions, x.dtype)
-        mask = self.attention_bias(T, attention_mask, x.dtype)
+        if cache is None:
+            mask = self.attention_bias(T, attention_mask, x.dtype)
         for layer in self.layers:
             if self.grad_checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(layer, x, cos_sin, mask, None, None, use_reentrant=False)
+                x = checkpoint(layer, x, cos_sin, mask, cache, positions, use_reentrant=False)
             else:
-                x = layer(x, cos_sin, mask, None, None)
+                x = layer(x, cos_sin, mask, cache, positions)
         return self.norm(x)
 
     def logits(self, h):

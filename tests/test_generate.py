@@ -6,7 +6,8 @@ import torch
 
 from nanohuatuo import Transformer
 from nanohuatuo.generate import generate, generate_batch, stream, cut_at_stop, process_logits, sample
-from nanohuatuo.engine import RowCache, decode_logits, forward, key_mask, kv_cache, sample_seed
+from nanohuatuo.engine_runner import RowCache, decode_logits, forward, key_mask, kv_cache
+from nanohuatuo.token_sampling import sample_seed
 
 FAMILIES = ["llama", "llama3", "mistral", "qwen2", "qwen3", "bloom"]
 PROMPTS = [[5, 17, 3, 88, 42, 9, 1], [7, 7, 60], [99, 12, 31, 4, 4, 70, 2, 8, 15, 23]]

@@ -87,8 +87,8 @@ def test_judge_reward_ranks_each_group_against_the_doctor(tmp_path):
            [{"id": "b", "messages": [{"role": "user", "content": "w9"}], "reference": "看医生"}] * 3
     texts = ["w1 w2 w3", "w1", "w1 w2", "x", "yy", "zzz"]
     with ScriptedServer(shortest_first) as srv:
-        cfg = grpo.GRPOConfig(model="m", data="p.jsonl", out=str(tmp_path), base_url=srv.base_url,
-                              model_name="test-model", k=3)
+        cfg = grpo.GRPOConfig(model="m", data="p.jsonl", out=str(tmp_path), judge_base_url=srv.base_url,
+                              judge_model_name="test-model", k=3)
         fn = grpo.judge_reward(cfg, 3)
         scores = fn(None, None, rows, texts)
         asked = srv.requests
