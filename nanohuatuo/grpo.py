@@ -48,7 +48,8 @@ from dataclasses import dataclass
 import torch
 
 from . import adapters, checkpoint, dist
-from .cli import UserError, arg, cli_main, endpoint_flags, prepare_out, resolve_dtype
+from .cli import (ExportFlags, LoRAFlags, ModelFlags, TrainLoopFlags, UserError, arg, cli_main, endpoint_flags, like,
+                  prepare_out, resolve_dtype)
 from .cpu_kernels import return_large_blocks
 from .llm import from_flags
 from .lora import load_adapter, lora_modules, lora_parameters, merge_and_unload, save_adapter
@@ -69,17 +70,17 @@ def _penalty(text: str):
 
 
 @dataclass
-class GRPOConfig(endpoint_flags("judge", "judge reward (ranks each prompt's K answers against the doctor's reply)",
+class GRPOConfig(ExportFlags, TrainLoopFlags, LoRAFlags, ModelFlags,
+                 endpoint_flags("judge", "judge reward (ranks each prompt's K answers against the doctor's reply)",
                                 old={"base_url": ("--base-url",), "model_name": ("--model-name",),
                                      "api_key": ("--api-key",)})):
     # what to train on
-    model: str = arg("", "base model directory (Hugging Face layout, with the tokenizer)")
     adapter: str | None = arg(None, "SFT LoRA adapter on --model (merged into the weights, then a fresh GRPO LoRA)")
     continue_adapter: bool = arg(False, "keep training the SFT adapter itself instead of a fresh GRPO LoRA")
     data: str = arg("", "prompts, JSONL: schema conversations (last assistant turn dropped: the doctor's reply, the "
-                           "judge's reference) or prompt records", metavar="FILE")
-    out: str = arg("out/grpo", "output directory: adapter, metrics.jsonl, samples.jsonl, plots, checkpoints/")
-    template: str = arg("auto", "chat template: auto (the model's own), or a name (huatuo, huatuo2, chatml, ...)")
+                        "judge's reference) or prompt records", metavar="FILE")
+    out: str = like(TrainLoopFlags, "out", "out/grpo", "output directory: adapter, metrics.jsonl, samples.jsonl, "
+                                                        "plots, checkpoints/")
     max_prompt_len: int = arg(512, "longer prompts are skipped")
     # the reward: one of --reward, --reward-fn, --judge-base-url
     reward: str | None = arg(None, "reward model directory (train_rm.py, or a released HuatuoGPT/Ziya RM)")
@@ -93,8 +94,9 @@ class GRPOConfig(endpoint_flags("judge", "judge reward (ranks each prompt's K an
     cache: str | None = arg(None, "judge reward: SQLite cache of the judge's replies (default: OUT/judge_cache.sqlite)")
     concurrency: int = arg(4, "judge reward: requests in flight")
     # rollouts
-    max_steps: int | None = arg(None, "GRPO steps (default: one pass over the prompts)")
-    batch_size: int = arg(8, "prompts per step, over all processes (each answered --k times)")
+    max_steps: int | None = like(TrainLoopFlags, "max_steps", None, "GRPO steps (default: one pass over the prompts)")
+    batch_size: int = like(TrainLoopFlags, "batch_size", 8, "prompts per step, over all processes (each answered "
+                                                            "--k times)")
     k: int = arg(4, "answers sampled per prompt: the group its advantages are relative to")
     max_new_tokens: int = arg(256, "answer length limit")
     temperature: float = arg(0.7, "sampling temperature (top_k 0, top_p 1)")
@@ -110,32 +112,21 @@ class GRPOConfig(endpoint_flags("judge", "judge reward (ranks each prompt's K an
     beta: float = arg(0.04, "weight of the k3 KL to the reference policy in the loss (0: no reference forward)")
     clip_range: float = arg(0.2, "policy ratio clip")
     num_iterations: int = arg(1, "updates per rollout batch (1: on-policy, the ratio is 1 and needs no old forward)")
-    micro_batch_size: int = arg(8, "rows (answers) per forward/backward; a step's gradients accumulate over these")
+    micro_batch_size: int = like(TrainLoopFlags, "micro_batch_size", 8, "rows (answers) per forward/backward; a "
+                                                                        "step's gradients accumulate over these")
     max_log_ratio: float = arg(20.0, "log-ratios are clamped to +-this before exp")
     # optimisation
     lr: float = arg(5e-5, "learning rate of the LoRA (as PPO's: see ppo.py's module doc)")
     adam_eps: float = arg(1e-5, "Adam epsilon")
-    max_grad_norm: float = arg(1.0, "clip the gradient norm to this")
     anneal_lr: bool = arg(False, "decay the learning rate linearly to 0 at --max-steps")
-    lora_r: int = arg(16, "rank of the GRPO LoRA")
-    lora_alpha: float = arg(32.0, "LoRA alpha (scaling alpha / r)")
-    lora_targets: list[str] = arg([], "LoRA target modules (default: every attention and MLP linear of the family)",
-                                  metavar="NAME")
+    lora_r: int = like(LoRAFlags, "lora_r", 16, "rank of the GRPO LoRA")
+    lora_alpha: float = like(LoRAFlags, "lora_alpha", 32.0)
     # run
-    device: str = arg("auto", "auto (cuda if available), cpu, cuda, cuda:1, ...")
-    dtype: str = arg("auto", "auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16 or float16",
-                     choices=["auto", "float32", "bfloat16", "float16"])
-    grad_checkpointing: bool = arg(False, "recompute each block's activations in backward (less memory)")
     quant: str = arg("none", QUANT_HELP, choices=list(QUANTS))
     compile: bool = arg(False, "torch.compile the decode step (CUDA)")
     seed: int = arg(0, "seed of the LoRA init, the prompt order and the rollouts")
     sample_every: int = arg(10, "print and save sample answers every N steps (0: never)")
-    save_every: int = arg(50, "checkpoint every N steps (and at the end)")
-    stop_after: int | None = arg(None, "stop after this step as if interrupted (checkpoint written; resume later)")
-    keep_checkpoints: int = arg(1, "checkpoints kept in out/checkpoints")
-    resume: bool = arg(False, "continue the interrupted run in --out from its last checkpoint")
-    overwrite: bool = arg(False, "delete what --out holds and start again")
-    save_merged: bool = arg(False, "also write OUT/merged: a full model with the adapter folded in")
+    save_every: int = like(TrainLoopFlags, "save_every", 50)
 
     def check(self):
         if not self.model or not self.data:
