@@ -16,8 +16,8 @@ Optional extras, each for one input format SFT reads: "parquet" (pyarrow) for Pa
 `datasets` library) for folders written by its save_to_disk. Without them every other format works and
 those two say which extra to install. YAML config files need PyYAML, which is not required: `--config` reads
 TOML (the standard library's tomllib) and JSON without it.
-Console scripts: nanohuatuo-sft, -rm, -ppo, -dpo, -serve, -eval, -distill, -demo, -chat and -data run the same
-commands as the top-level scripts, so a non-editable install (which has no train_sft.py beside it) works.
+Console scripts: nanohuatuo-sft, -rm, -ppo, -dpo, -grpo, -serve, -eval, -distill, -demo, -chat, -data, -sample and
+-feedback run the same commands as the top-level scripts, so a non-editable install (which has no train_sft.py beside it) works.
 Optional experiment trackers, one extra each, imported only when a training run names it in --report-to
 (metrics.MetricsLog forwards every metrics row; metrics.jsonl and the PNGs are written either way):
 - tensorboard: torch.utils.tensorboard's SummaryWriter needs the tensorboard package to write event files.
@@ -43,6 +43,7 @@ setup(
     entry_points={"console_scripts": [
         "nanohuatuo-sft = nanohuatuo.sft:main", "nanohuatuo-rm = nanohuatuo.reward:main",
         "nanohuatuo-ppo = nanohuatuo.ppo:main", "nanohuatuo-dpo = nanohuatuo.dpo:main",
+        "nanohuatuo-grpo = nanohuatuo.grpo:main",
         "nanohuatuo-serve = nanohuatuo.serve:main",
         "nanohuatuo-eval = nanohuatuo.evaluate:main", "nanohuatuo-distill = nanohuatuo.distill:main",
         "nanohuatuo-demo = nanohuatuo.demo:main", "nanohuatuo-chat = nanohuatuo.chat:main",
