@@ -58,11 +58,10 @@ from .metrics import MetricsLog, plot_metrics
 from .model import Transformer
 from .quant import QUANT_HELP, QUANTS
 from .rank_prompt import build_judge_messages, nudge_message, ranking_parser, shown_order
-from .reward_model import Scorer, ScoreScale, end_token, reward_scorer, share_base
-from .rollout import (Batch, answer_texts, load_prompts, pack, policy_model, prompt_indices, reference,
+from .reward_model import Scorer, ScoreScale, reward_scorer, share_base
+from .rollout import (Batch, answer_texts, chat_setup, load_prompts, pack, policy_model, prompt_indices, reference,
                       sample_answers)
-from .templates import resolve_template, save_chat_template, stop_strings, stop_token_ids
-from .tokenizer import Tokenizer
+from .templates import save_chat_template
 
 
 def _penalty(text: str):
@@ -406,11 +405,7 @@ def _train(cfg: GRPOConfig, reward_fn, d, hold) -> dict:
         return_large_blocks()  # the update's freed activations go back to the OS instead of fragmenting the heap
     torch.manual_seed(cfg.seed)  # same LoRA init on every rank
     random.seed(cfg.seed)
-    tok = Tokenizer.from_pretrained(cfg.model)
-    template = resolve_template(cfg.model, cfg.template, tok)
-    stops = sorted(stop_token_ids(tok, template))
-    stop_strs = stop_strings(template)
-    end_id = end_token(tok, template)
+    tok, template, stops, stop_strs, end_id = chat_setup(cfg.model, cfg.template)
     rows, prompts = load_prompts(cfg.data, tok, template, cfg.max_prompt_len)
     model, ref_lora, sft = policy_model(cfg.model, cfg.adapter, cfg.continue_adapter, cfg.lora_r, cfg.lora_alpha,
                                         cfg.lora_targets, device=d.device, dtype=dtype, quant=cfg.quant)

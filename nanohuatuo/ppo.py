@@ -67,11 +67,11 @@ from .losses import length_debias, masked_mean, masked_var, response_forward, wh
 from .metrics import REPORT_TO_HELP, MetricsLog, check_report_to, plot_metrics
 from .model import Transformer
 from .quant import QUANT_HELP, QUANTS
-from .reward_model import RewardModel, Scorer, ScoreScale, end_token, reward_scorer, share_base
-from .rollout import Batch, answer_texts, load_prompts, pack, policy_model, prompt_indices, sample_answers
+from .reward_model import RewardModel, Scorer, ScoreScale, reward_scorer, share_base
+from .rollout import (Batch, answer_texts, chat_setup, load_prompts, pack, policy_model, prompt_indices,
+                      sample_answers)
 from .rollout import reference as rollout_reference
-from .templates import resolve_template, save_chat_template, stop_strings, stop_token_ids
-from .tokenizer import Tokenizer
+from .templates import save_chat_template
 
 
 def _penalty(text: str):
@@ -555,11 +555,7 @@ def _train(cfg: PPOConfig, reward_fn, d, hold) -> dict:
     dtype = resolve_dtype(cfg.dtype, d.device)
     torch.manual_seed(cfg.seed)  # same LoRA init on every rank
     random.seed(cfg.seed)
-    tok = Tokenizer.from_pretrained(cfg.model)
-    template = resolve_template(cfg.model, cfg.template, tok)
-    stops = sorted(stop_token_ids(tok, template))
-    stop_strs = stop_strings(template)
-    end_id = end_token(tok, template)
+    tok, template, stops, stop_strs, end_id = chat_setup(cfg.model, cfg.template)
     if tok.pad_id in stops and d.main:
         print(f"note: {cfg.model}'s pad id {tok.pad_id} is also a stop id; masks use lengths, so EOS still counts")
     rows, prompts = load_prompts(cfg.data, tok, template, cfg.max_prompt_len)

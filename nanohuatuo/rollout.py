@@ -23,8 +23,18 @@ from .data import DataError, iter_jsonl
 from .generate import cut_at_stop, generate_batch, left_pad, use_column_major_weights
 from .lora import apply_lora, default_targets, disabled_adapters, load_adapter, lora_modules
 from .model import Transformer
-from .reward_model import end_at_stop_string
-from .templates import render_prompt
+from .reward_model import end_at_stop_string, end_token
+from .templates import render_prompt, resolve_template, stop_strings, stop_token_ids
+from .tokenizer import Tokenizer
+
+
+def chat_setup(model_dir, template_name):
+    """(tok, template, stop ids, stop strings, end id): the model's tokenizer and chat template, the
+    tokens and strings an answer stops on, and the token that closes an assistant turn (what a
+    reward model reads last)."""
+    tok = Tokenizer.from_pretrained(model_dir)
+    template = resolve_template(model_dir, template_name, tok)
+    return tok, template, sorted(stop_token_ids(tok, template)), stop_strings(template), end_token(tok, template)
 
 
 def policy_model(model_dir, adapter=None, continue_adapter=False, lora_r=16, lora_alpha=32.0, targets=(),
