@@ -178,3 +178,33 @@ def test_cli_run_bad_reward_fn_and_flags(tiny, tmp_path):
     cfg = parse_config(grpo.GRPOConfig, ["--model", "m", "--data", "p", "--k", "8", "--advantage", "rloo",
                                          "--no-scale-rewards", "--beta", "0.1", "--reward-fn", "mod:fn"])
     assert (cfg.k, cfg.advantage, cfg.scale_rewards, cfg.beta, cfg.reward_fn) == (8, "rloo", False, 0.1, "mod:fn")
+
+
+def test_torchrun_two_ranks_stay_in_sync(tiny, tmp_path):
+    """Two processes draw different prompts, average their LoRA gradients and end with the same weights."""
+    base = tiny
+    script = tmp_path / "run.py"
+    script.write_text(f"""
+import os, sys, torch
+sys.path.insert(0, {ROOT!r})
+torch.set_num_threads(1)
+from nanohuatuo import grpo
+from nanohuatuo.lora import lora_parameters
+cfg = grpo.GRPOConfig(model={base!r}, data={os.path.join(base, 'prompts.jsonl')!r}, out={str(tmp_path / 'out')!r},
+                      template="plain", max_steps=2, batch_size=4, k=4, max_new_tokens=6, micro_batch_size=8,
+                      lr=3e-3, lora_r=4, lora_alpha=8, sample_every=0, missing_eos_penalty=None, device="cpu",
+                      reward_fn={os.path.join(base, 'rules.py') + ':short'!r})
+models = []
+orig = grpo.policy_model
+grpo.policy_model = lambda *a, **k: models.append(orig(*a, **k)) or models[-1]
+grpo.train(cfg)
+flat = torch.cat([p.detach().flatten() for p in lora_parameters(models[0][0])])
+torch.save(flat, {str(tmp_path)!r} + f"/rank{{os.environ['RANK']}}.pt")
+""")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                        str(script)], capture_output=True, text=True, timeout=180, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    a, b = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
+    assert torch.equal(a, b) and a.abs().sum() > 0  # the same update on both ranks from different rollouts
+    assert len(open(tmp_path / "out" / "metrics.jsonl").readlines()) == 2
