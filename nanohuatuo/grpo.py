@@ -37,7 +37,6 @@ import contextlib
 import dataclasses
 import importlib
 import importlib.util
-import json
 import math
 import os
 import random
@@ -60,7 +59,7 @@ from .quant import QUANT_HELP, QUANTS
 from .rank_prompt import build_judge_messages, nudge_message, ranking_parser, shown_order
 from .reward_model import Scorer, ScoreScale, reward_scorer, share_base
 from .rollout import (Batch, answer_texts, chat_setup, load_prompts, pack, policy_model, prompt_indices, reference,
-                      sample_answers)
+                      sample_answers, write_samples)
 from .templates import save_chat_template
 
 
@@ -357,17 +356,6 @@ def load_checkpoint(model, cfg: GRPOConfig, path, optimizer, d) -> dict:
     return state
 
 
-def _print_samples(step, exp: GroupRollout, tok, prompts, out, k, n=2):
-    with open(os.path.join(out, "samples.jsonl"), "a", encoding="utf-8") as f:
-        for i in range(min(n, len(prompts))):
-            prompt = tok.decode(prompts[i])
-            row = {"step": step, "prompt": prompt, "response": exp.texts[i * k], "score": exp.scores[i * k].item(),
-                   "advantage": exp.advantages[i * k].item()}
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-            print(f"--- sample {i} at step {step} (score {row['score']:.3f}, advantage {row['advantage']:+.3f})\n"
-                  f"[prompt] ...{prompt[-300:]}\n[answer] {row['response']}")
-
-
 PLOTS = {"curves.png": ["score", "kl", "response_length", "eos_rate"],
          "grpo_stats.png": ["score_std", "zero_std_frac", "approx_kl", "clipfrac", "grad_norm"]}
 
@@ -449,7 +437,9 @@ def _train(cfg: GRPOConfig, reward_fn, d, hold) -> dict:
                "tokens": int(exp.mask.sum().item()) * d.world}
         history.append(log.write(step, **row) if d.main else dict(row, step=step))
         if d.main and cfg.sample_every and (step % cfg.sample_every == 0 or step == 1):
-            _print_samples(step, exp, tok, [prompts[i] for i in idx], out, cfg.k)
+            write_samples(out, step, [{"step": step, "prompt": tok.decode(prompts[i]), "response": exp.texts[j * cfg.k],
+                                       "score": exp.scores[j * cfg.k].item(),
+                                       "advantage": exp.advantages[j * cfg.k].item()} for j, i in enumerate(idx[:2])])
         if step % cfg.save_every == 0 or step == max_steps or step == cfg.stop_after:
             save_checkpoint(model, cfg, optimizer, state, d)
             if d.main and time.time() - last_plot > 120:  # a plot costs about a second: refresh it now and then

@@ -48,7 +48,6 @@ small trainable tensors are averaged with one all-reduce, logged metrics average
 
 import contextlib
 import dataclasses
-import json
 import math
 import os
 import random
@@ -69,7 +68,7 @@ from .model import Transformer
 from .quant import QUANT_HELP, QUANTS
 from .reward_model import RewardModel, Scorer, ScoreScale, reward_scorer, share_base
 from .rollout import (Batch, answer_texts, chat_setup, load_prompts, pack, policy_model, prompt_indices,
-                      sample_answers)
+                      sample_answers, write_samples)
 from .rollout import reference as rollout_reference
 from .templates import save_chat_template
 
@@ -504,19 +503,6 @@ def load_checkpoint(m: Models, cfg: PPOConfig, path, optimizer, d) -> dict:
     return state
 
 
-def _print_samples(step, exp: Rollout, prompts, tok, out, log, n=2):
-    rows = []
-    with open(os.path.join(out, "samples.jsonl"), "a", encoding="utf-8") as f:
-        for i in range(min(n, len(prompts))):
-            prompt = tok.decode(prompts[i])
-            row = {"step": step, "prompt": prompt, "response": exp.texts[i], "score": exp.scores[i].item()}
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-            print(f"--- sample {i} at step {step} (score {row['score']:.3f})\n[prompt] ...{prompt[-300:]}\n"
-                  f"[answer] {row['response']}")
-            rows.append(list(row.values()))
-    log.table("samples", ["step", "prompt", "response", "score"], rows, step)
-
-
 PLOTS = {"curves.png": ["score", "kl", "reward", "response_length", "eos_rate"],
          "ppo_stats.png": ["entropy", "approx_kl", "clipfrac", "value_ev", "kl_coef"]}
 
@@ -611,7 +597,8 @@ def _train(cfg: PPOConfig, reward_fn, d, hold) -> dict:
                "rollout_s": t1 - t0, "update_s": t2 - t1, "tokens": int(exp.mask.sum().item()) * d.world}
         history.append(log.write(step, **row) if d.main else dict(row, step=step))
         if d.main and cfg.sample_every and (step % cfg.sample_every == 0 or step == 1):
-            _print_samples(step, exp, [prompts[i] for i in idx], tok, out, log)
+            write_samples(out, step, [{"step": step, "prompt": tok.decode(prompts[i]), "response": exp.texts[j],
+                                       "score": exp.scores[j].item()} for j, i in enumerate(idx[:2])], log)
         if step % cfg.save_every == 0 or step == max_steps or step == cfg.stop_after:
             save_checkpoint(m, cfg, optimizer, state, d)
             if d.main and time.time() - last_plot > 120:  # a plot costs about a second: refresh it now and then

@@ -12,6 +12,7 @@ left/right-padded batch for the forwards.
     responses, texts = answer_texts(b, tok, stops, stop_strs, end_id)   # what the reward reads
 """
 
+import json
 import os
 from dataclasses import dataclass
 
@@ -208,3 +209,16 @@ def answer_texts(b: Batch, tok, stops, stop_strs, end_id=None):
     if end_id is not None:
         responses = [r if b.ended[i] else r + [end_id] for i, r in enumerate(responses)]
     return responses, texts
+
+
+def write_samples(out, step, rows: list[dict], log=None):
+    """Sample answers of one step ({"step", "prompt", "response", "score", ...} each): appended to
+    OUT/samples.jsonl, printed with their numbers, and handed to the experiment tracker as a table."""
+    with open(os.path.join(out, "samples.jsonl"), "a", encoding="utf-8") as f:
+        for i, row in enumerate(rows):
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+            numbers = ", ".join(f"{k} {v:.3f}" for k, v in row.items() if isinstance(v, float))
+            print(f"--- sample {i} at step {step} ({numbers})\n[prompt] ...{row['prompt'][-300:]}\n"
+                  f"[answer] {row['response']}")
+    if log is not None and rows:
+        log.table("samples", list(rows[0]), [list(r.values()) for r in rows], step)
