@@ -10,6 +10,7 @@ Every stage gets a `Dist` (rank, world, device) from `setup` and passes it down;
 the package looks at torch.distributed.
 """
 
+import contextlib
 import os
 from typing import NamedTuple
 
@@ -54,6 +55,18 @@ def close(d: Dist) -> None:
     """End the process group if `setup` started it (a process exiting with it alive aborts)."""
     if d.owns_group and tdist.is_initialized():
         tdist.destroy_process_group()
+
+
+def run(device, body):
+    """body(d, hold) in this run's process group (torchrun's, or one process), with an ExitStack `hold`
+    for what must last the whole run (the lock on --out, a tracker's close); the group is closed
+    however the run ends."""
+    d = setup(device)
+    try:
+        with contextlib.ExitStack() as hold:
+            return body(d, hold)
+    finally:
+        close(d)
 
 
 def barrier(d: Dist) -> None:

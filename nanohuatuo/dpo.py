@@ -43,7 +43,6 @@ resolved config, which --config reads back), metrics.jsonl and metrics.png; with
 also OUT/merged, a full model.
 """
 
-import contextlib
 import dataclasses
 import math
 import os
@@ -267,7 +266,7 @@ def evaluate(model, cfg: DPOConfig, seqs, ref, pairs, d, pad_id) -> dict:
 # ============================================================================= checkpoints
 
 # settings a resumed run must keep: the checkpoint's tensors would not fit the others
-FIXED = ("model", "adapter", "lora_r", "lora_alpha", "lora_targets")
+FIXED = ("model", "adapter", "lora_r", "lora_alpha", "lora_targets", "quant")
 # settings that change nothing a resumed run computes
 BOOKKEEPING = {"resume", "overwrite", "report_to", "stop_after", "eval_every", "save_every", "keep_checkpoints", "device",
                "out", "save_merged"}
@@ -295,12 +294,7 @@ def train(cfg: DPOConfig) -> dict:
     means (accuracy, margin, rewards, log_ratio), held-out figures, steps, out, seconds (ref_seconds of
     them computing the reference log-probs), history (the logged rows)."""
     cfg.check()
-    d = dist.setup(cfg.device)
-    try:
-        with contextlib.ExitStack() as hold:  # holds the lock on --out until the run ends, however it ends
-            return _train(cfg, d, hold)
-    finally:
-        dist.close(d)
+    return dist.run(cfg.device, lambda d, hold: _train(cfg, d, hold))
 
 
 def _read(paths, tok, template, max_len):

@@ -33,7 +33,6 @@ same weights as an uninterrupted run). Distributed: every rank rolls out its sha
 prompts, gradients averaged with one all-reduce.
 """
 
-import contextlib
 import dataclasses
 import importlib
 import importlib.util
@@ -48,12 +47,12 @@ import torch
 
 from . import adapters, checkpoint, dist
 from .cli import (ExportFlags, LoRAFlags, ModelFlags, TrainLoopFlags, UserError, arg, cli_main, endpoint_flags, like,
-                  prepare_out, resolve_dtype)
+                  prepare_out, resolve_dtype, write_config)
 from .cpu_kernels import return_large_blocks
 from .llm import from_flags
 from .lora import load_adapter, lora_modules, lora_parameters, merge_and_unload, save_adapter
 from .losses import group_advantages, grpo_loss, kl_k3, length_debias, response_forward
-from .metrics import MetricsLog, plot_metrics
+from .metrics import REPORT_TO_HELP, MetricsLog, check_report_to, plot_metrics
 from .model import Transformer
 from .quant import QUANT_HELP, QUANTS
 from .rank_prompt import build_judge_messages, nudge_message, ranking_parser, shown_order
@@ -124,6 +123,7 @@ class GRPOConfig(ExportFlags, TrainLoopFlags, LoRAFlags, ModelFlags,
     compile: bool = arg(False, "torch.compile the decode step (CUDA)")
     seed: int = arg(0, "seed of the LoRA init, the prompt order and the rollouts")
     sample_every: int = arg(10, "print and save sample answers every N steps (0: never)")
+    report_to: list[str] = arg([], REPORT_TO_HELP, metavar="TRACKER")
     save_every: int = like(TrainLoopFlags, "save_every", 50)
 
     def check(self):
@@ -338,7 +338,7 @@ def grpo_update(model, cfg: GRPOConfig, exp: GroupRollout, optimizer, params, d)
 FIXED = ("model", "adapter", "continue_adapter", "lora_r", "lora_alpha", "lora_targets", "quant")
 # settings that change nothing a resumed run computes
 BOOKKEEPING = {"resume", "overwrite", "stop_after", "sample_every", "save_every", "keep_checkpoints", "device",
-               "out", "save_merged", "judge_api_key", "cache", "concurrency"}
+               "out", "save_merged", "judge_api_key", "cache", "concurrency", "report_to"}
 
 
 def save_checkpoint(model, cfg: GRPOConfig, optimizer, state: dict, d) -> None:
@@ -375,12 +375,8 @@ def train(cfg: GRPOConfig, reward_fn=None) -> dict:
     prompt), or a loaded `reward_model.RewardModel`; None: cfg.reward_fn, cfg.judge_base_url or cfg.reward.
     """
     cfg.check()
-    d = dist.setup(cfg.device)
-    try:
-        with contextlib.ExitStack() as hold:  # holds the lock on --out until the run ends, however it ends
-            return _train(cfg, reward_fn, d, hold)
-    finally:
-        dist.close(d)
+    check_report_to(cfg.report_to)  # a missing tracker package is said now, not after the models load
+    return dist.run(cfg.device, lambda d, hold: _train(cfg, reward_fn, d, hold))
 
 
 def _train(cfg: GRPOConfig, reward_fn, d, hold) -> dict:
@@ -414,10 +410,12 @@ def _train(cfg: GRPOConfig, reward_fn, d, hold) -> dict:
     if reward.from_rm and cfg.reward_norm == "std":
         scale = ScoreScale(*state["score_scale"]) if state.get("score_scale") else ScoreScale(0.0, reward.spread)
     if d.main:
-        checkpoint.atomic_json(os.path.join(out, "grpo_config.json"), dataclasses.asdict(cfg))
+        write_config(out, cfg, "grpo")
         for log_file in ("metrics.jsonl", "samples.jsonl"):  # rows after the checkpoint come again
             checkpoint.truncate_jsonl(os.path.join(out, log_file), state["step"] if ckpt else -1)
-    log = MetricsLog(os.path.join(out, "metrics.jsonl"), total_steps=max_steps, stream=sys.stdout if d.main else None)
+    log = MetricsLog(os.path.join(out, "metrics.jsonl"), total_steps=max_steps, stream=sys.stdout if d.main else None,
+                     report_to=cfg.report_to if d.main else (), config=dataclasses.asdict(cfg))
+    hold.callback(log.close)
     history, last_plot = [], time.time()
     for step in range(state["step"] + 1, max_steps + 1):
         if cfg.anneal_lr:
@@ -439,7 +437,7 @@ def _train(cfg: GRPOConfig, reward_fn, d, hold) -> dict:
         if d.main and cfg.sample_every and (step % cfg.sample_every == 0 or step == 1):
             write_samples(out, step, [{"step": step, "prompt": tok.decode(prompts[i]), "response": exp.texts[j * cfg.k],
                                        "score": exp.scores[j * cfg.k].item(),
-                                       "advantage": exp.advantages[j * cfg.k].item()} for j, i in enumerate(idx[:2])])
+                                       "advantage": exp.advantages[j * cfg.k].item()} for j, i in enumerate(idx[:2])], log)
         if step % cfg.save_every == 0 or step == max_steps or step == cfg.stop_after:
             save_checkpoint(model, cfg, optimizer, state, d)
             if d.main and time.time() - last_plot > 120:  # a plot costs about a second: refresh it now and then

@@ -478,7 +478,7 @@ def save_checkpoint(m: Models, cfg: PPOConfig, optimizer, state: dict, d) -> Non
 
 
 # settings a resumed run must keep: the checkpoint's tensors would not fit the others
-FIXED = ("model", "adapter", "continue_adapter", "lora_r", "lora_alpha", "lora_targets", "critic")
+FIXED = ("model", "adapter", "continue_adapter", "lora_r", "lora_alpha", "lora_targets", "critic", "quant")
 # settings that change nothing a resumed run computes
 BOOKKEEPING = {"resume", "overwrite", "report_to", "stop_after", "sample_every", "save_every", "keep_checkpoints", "device",
                "out", "save_merged"}
@@ -523,12 +523,7 @@ def train(cfg: PPOConfig, reward_fn=None) -> dict:
     """
     cfg.check()
     check_report_to(cfg.report_to)  # a missing tracker package is said now, not after the models load
-    d = dist.setup(cfg.device)
-    try:
-        with contextlib.ExitStack() as hold:  # holds the lock on --out until the run ends, however it ends
-            return _train(cfg, reward_fn, d, hold)
-    finally:
-        dist.close(d)
+    return dist.run(cfg.device, lambda d, hold: _train(cfg, reward_fn, d, hold))
 
 
 def _train(cfg: PPOConfig, reward_fn, d, hold) -> dict:

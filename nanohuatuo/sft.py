@@ -321,12 +321,7 @@ def train(cfg: SFTConfig) -> dict:
     "stopped"} (eval losses None without held-out data; first_eval_loss is before step 1, None
     when resuming)."""
     check_report_to(cfg.report_to)  # a missing tracker package is said now, not after the model loads
-    d = dist.setup(cfg.device)
-    try:
-        with contextlib.ExitStack() as hold:  # holds the lock on --out until the run ends, however it ends
-            return _train(cfg, d, hold)
-    finally:
-        dist.close(d)
+    return dist.run(cfg.device, lambda d, hold: _train(cfg, d, hold))
 
 
 def _train(cfg: SFTConfig, d: Dist, hold: contextlib.ExitStack) -> dict:

@@ -278,11 +278,11 @@ def test_the_llm_only_commands_start_without_torch():
 
 # ----------------------------------------------------------------------------- the vocabulary
 
-SFT, RM, PPO = "train_sft.py", "train_rm.py", "train_ppo.py"
+SFT, RM, PPO, DPO, GRPO = "train_sft.py", "train_rm.py", "train_ppo.py", "train_dpo.py", "train_grpo.py"
 SAMPLE, RANK = "nanohuatuo.sampling", "nanohuatuo.feedback rank"
 EVAL = ["evaluate.py pairwise", "evaluate.py dialogue", "evaluate.py metrics"]
 DISTILL = ["distill.py instructions", "distill.py conversations", "distill.py polish"]
-TRAIN = [SFT, RM, PPO]
+TRAIN = [SFT, RM, PPO, DPO, GRPO]
 DATA = ["data.py convert", "data.py mix", "data.py prompts", "data.py stats"]
 # concept: (its one flag, a pattern of the help texts that describe it, the commands that take the flag).
 # The README's "Flags" table shows the same rows.
@@ -290,7 +290,7 @@ VOCABULARY = {
     "model directory": ("--model", r"(?<!reward )(?<!from the )\bmodel directory", TRAIN + [SAMPLE, "chat.py", "serve.py",
                                                                           "demo.py", "evaluate.py metrics"]),
     "LoRA adapter on the model": ("--adapter", r"LoRA adapter (directory|on --model)",
-                                  [RM, PPO, SAMPLE, "chat.py", "serve.py", "evaluate.py metrics"]),
+                                  [RM, PPO, DPO, GRPO, SAMPLE, "chat.py", "serve.py", "evaluate.py metrics"]),
     "chat template": ("--template", r"^chat template", TRAIN + [SAMPLE, "chat.py", "serve.py", "evaluate.py metrics"]),
     "the stage's input file(s)": ("--data", None, TRAIN + [SAMPLE, RANK, *EVAL, *DISTILL[1:], *DATA]),
     "output directory or file": ("--out", None, TRAIN + [SAMPLE, RANK, *EVAL, *DISTILL, "demo.py", *DATA[:3]]),
@@ -321,7 +321,7 @@ VOCABULARY = {
     "experiment trackers": ("--report-to", r"tensorboard", TRAIN),
     "flag values from a file": ("--config", r"read flag values from", TRAIN + [SAMPLE, RANK, "chat.py", "serve.py",
                                                                         "demo.py", *EVAL, *DISTILL]),
-    "merged full model": ("--save-merged", r"\bmerged (full )?model|adapters folded in", [SFT, PPO]),
+    "merged full model": ("--save-merged", r"\bmerged (full )?model|adapters folded in", [SFT, PPO, DPO, GRPO]),
     "tokens of prompt plus answer": ("--max-len", r"prompt \+ answer|prompt plus answer|history plus answer|"
                                                   r"tokens per conversation", [SFT, RM, SAMPLE, "chat.py", "serve.py"]),
     "new tokens per answer": ("--max-new-tokens", r"answer length limit|new tokens (in|per) (one )?answer|"

@@ -8,7 +8,7 @@ import types
 
 import pytest
 
-from nanohuatuo import ppo
+from nanohuatuo import dpo, grpo, ppo
 from nanohuatuo.metrics import REPORT_TO_HELP, MetricsLog, check_report_to
 from nanohuatuo.reward import RMConfig
 from nanohuatuo.sft import SFTConfig
@@ -87,7 +87,7 @@ def test_missing_package_and_unknown_tracker_say_what_to_do(monkeypatch):
 
 
 def test_every_training_stage_has_the_flag_with_one_help():
-    for cfg in (SFTConfig, RMConfig, ppo.PPOConfig):
+    for cfg in (SFTConfig, RMConfig, ppo.PPOConfig, dpo.DPOConfig, grpo.GRPOConfig):
         field = cfg.__dataclass_fields__["report_to"]
         assert field.default_factory() == [] and field.metadata["help"] == REPORT_TO_HELP
 
