@@ -246,8 +246,9 @@ class Transformer(nn.Module):
             cos_sin = rope_cos_sin(self.inv_freq, positions, x.dtype)
         if cache is None:
             mask = self.attention_bias(T, attention_mask, x.dtype)
+        recompute = self.grad_checkpointing and self.training and torch.is_grad_enabled()  # decided once a call
         for layer in self.layers:
-            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+            if recompute:
                 x = checkpoint(layer, x, cos_sin, mask, cache, positions, use_reentrant=False)
             else:
                 x = layer(x, cos_sin, mask, cache, positions)
