@@ -6,7 +6,9 @@
 
 A decode step on a CPU reads every weight once per token, and which memory layout (row- or
 column-major) and which matrix kernel (F.linear or oneDNN's) read fastest depends on the processor,
-so they are measured on this machine instead of fixed. This is machine tuning, not scheduling: it
+so they are measured on this machine instead of fixed; so is the kernel of int8 weights
+(quant.Int8Linear: dequantise then F.linear, or torch._weight_int8pack_mm, which reads the int8
+bytes only but on some processors wants bfloat16 activations). This is machine tuning, not scheduling: it
 lives apart from the engine (which calls both functions, when it is made and at every decode step),
 and generate.py and the benchmarks use it too.
 """
@@ -19,9 +21,13 @@ import torch
 import torch.nn.functional as F
 
 from .model import Transformer
+from .quant import Int8Linear, int8pack_fits
 
 
 _ONEDNN_LINEAR = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+# oneDNN's kernel for a bfloat16 head, where the processor has bfloat16 instructions
+_ONEDNN_BF16 = _ONEDNN_LINEAR and hasattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported") \
+    and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 _MEASURED = {}  # (what, weight shape, dtype, threads, batches) -> decision: measured once per process
 
 
@@ -54,7 +60,7 @@ def _measure(w, batches, head):
     key = ("head" if head else "proj", tuple(w.shape), w.dtype, torch.get_num_threads(), batches)
     if key not in _MEASURED:
         kernels = {"linear": F.linear}
-        if head and _ONEDNN_LINEAR and w.dtype == torch.float32:
+        if head and (_ONEDNN_LINEAR and w.dtype == torch.float32 or _ONEDNN_BF16 and w.dtype == torch.bfloat16):
             kernels["onednn"] = _onednn_linear
         times = {}  # (layout, kernel, batch) -> seconds
         for layout, wl in (("row", w), ("col", _column_major(w))):
@@ -67,6 +73,41 @@ def _measure(w, batches, head):
         layout = min(best, key=best.get)
         _MEASURED[key] = (layout, {b: min(kernels, key=lambda k: times[layout, k, b]) for b in batches})
     return _MEASURED[key]
+
+
+def _measure_int8(layer, dtype, batches):
+    """The fastest Int8Linear kernel for `layer`'s shape with activations of `dtype`, summed over
+    `batches`: "dequant" against _weight_int8pack_mm in the activation dtype and (for float
+    activations other than bfloat16) with the activations cast to bfloat16. A kernel whose result
+    on the timing input is not within bfloat16 rounding of the dequantising one is dropped."""
+    key = ("int8", (layer.out_features, layer.in_features), dtype, torch.get_num_threads(), batches)
+    if key not in _MEASURED:
+        kernels = {"dequant": layer.dequant}
+        if int8pack_fits(layer):
+            if dtype in (torch.float32, torch.bfloat16, torch.float16):
+                kernels["int8pack"] = lambda x: layer.int8pack(x, x.dtype)
+            if dtype != torch.bfloat16:
+                kernels["int8pack_bf16"] = lambda x: layer.int8pack(x, torch.bfloat16)
+        times = dict.fromkeys(kernels, 0.0)
+        for b in batches:
+            x = torch.randn(b, layer.in_features, dtype=dtype)
+            want = layer.dequant(x.bfloat16().to(dtype)).float()  # the inputs every kernel sees alike
+            for name, fn in list(kernels.items()):
+                try:
+                    ok = name == "dequant" or _close(fn(x.bfloat16().to(dtype)).float(), want)
+                except RuntimeError:  # the op refused this shape or dtype
+                    ok = False
+                if not ok:
+                    del kernels[name], times[name]
+                    continue
+                times[name] += _seconds(lambda: fn(x))
+        _MEASURED[key] = min(times, key=times.get)
+    return _MEASURED[key]
+
+
+def _close(y, want):
+    # bfloat16 activations carry 8 significant bits: errors stay far below 3% of the largest output
+    return bool(torch.isfinite(y).all()) and float((y - want).abs().max()) <= 0.03 * float(want.abs().max()) + 1e-6
 
 
 def tune_cpu_kernels(model: Transformer, batches=(1, 8)):
@@ -82,7 +123,11 @@ def tune_cpu_kernels(model: Transformer, batches=(1, 8)):
     each b in `batches` (at most 16) with the weight row-major (as loaded) and column-major (same
     values, transposed strides), and keeps for every matrix of that shape the layout with the
     smaller summed time; for the head it also times oneDNN's kernel against F.linear at each b,
-    and `head_logits` uses the winner for the measured batch size nearest in ratio. Decisions are
+    and `head_logits` uses the winner for the measured batch size nearest in ratio (oneDNN takes a
+    float32 head, and a bfloat16 one where the processor has bfloat16 instructions). For int8
+    weights (quant.Int8Linear, the head included) it times, per shape, the dequantising F.linear
+    against _weight_int8pack_mm in the activation dtype and with bfloat16 activations, and sets
+    each layer's `kernel` to the fastest (`_measure_int8`). Decisions are
     cached per shape, dtype, thread count and batches for the process, so a second model (or a
     second Engine) costs no timing. A large head is multiplied 3 times per layout, kernel and
     batch size (24 products: a few seconds for a 150k-token vocabulary on 2 cores), a test
@@ -90,7 +135,7 @@ def tune_cpu_kernels(model: Transformer, batches=(1, 8)):
 
     The parameter objects are kept (tied embeddings stay tied; saving writes the usual row-major
     tensors), the values are unchanged, and it runs outside inference mode, so training can go on
-    using the weights. No-op off CPU, for non-float (quantised) weights, and when already done.
+    using the weights. No-op off CPU and when already done; NF4 weights are left as they are.
     """
     head = model.lm_head
     w = getattr(head, "weight", None)
@@ -98,7 +143,7 @@ def tune_cpu_kernels(model: Transformer, batches=(1, 8)):
         return
     # beyond 16 rows the products are compute-bound and timing a big head there would take seconds
     batches = tuple(sorted(set(min(int(b), 16) for b in batches)))
-    choice = {"batches": batches, "layouts": {}, "head": {}}
+    choice = {"batches": batches, "layouts": {}, "head": {}, "int8": {}}
     with torch.inference_mode(False), torch.no_grad():
         by_shape = {}
         for name, m in model.layers.named_modules():
@@ -119,6 +164,11 @@ def tune_cpu_kernels(model: Transformer, batches=(1, 8)):
                 w.data = _column_major(w.data)
             if type(head) is torch.nn.Linear and not (model.config.norm_head and w.requires_grad):
                 choice["head"] = kernels  # NormHead while training must go through model.logits
+        dtype = model.embed_tokens.weight.dtype  # the activations'
+        for m in model.modules():
+            if isinstance(m, Int8Linear) and m.weight.device.type == "cpu":
+                m.kernel = _measure_int8(m, dtype, batches)
+                choice["int8"][(m.out_features, m.in_features)] = m.kernel
     model.cpu_kernels = choice
 
 
@@ -126,10 +176,10 @@ def head_logits(model: Transformer, h):
     """float32 logits (B, vocab) of the last hidden states h (B, dim), with the kernel that
     `tune_cpu_kernels` measured fastest for the nearest batch size (model.logits otherwise)."""
     kernels = (getattr(model, "cpu_kernels", None) or {}).get("head") if h.device.type == "cpu" else None
-    if kernels and h.dtype == torch.float32:
+    if kernels and h.dtype == model.lm_head.weight.dtype:
         b = min(kernels, key=lambda m: max(m, h.shape[0]) / min(m, h.shape[0]))
         if kernels[b] == "onednn":
-            return _onednn_linear(h, model.lm_head.weight)
+            return _onednn_linear(h, model.lm_head.weight).float()
     return model.logits(h).float()
 
 

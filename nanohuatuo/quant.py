@@ -1,9 +1,19 @@
 """Weight quantisation: int8 for inference, NF4 (4-bit) frozen bases for QLoRA training.
 
-int8 (as in gpt-fast): each linear weight is stored as int8 with one scale per output row; the
-forward converts the weight back to the activation dtype on the fly. A 7B model then takes about
-7 GB of weights instead of 14 GB (bf16) or 28 GB (fp32), which lets it chat on a 24 GB card.
-Merge a LoRA adapter into the weights before quantising.
+int8 (as in gpt-fast): each linear weight is stored as int8 with one scale per output row. A 7B
+model then takes about 7 GB of weights instead of 14 GB (bf16) or 28 GB (fp32), which lets it chat
+on a 24 GB card. Merge a LoRA adapter into the weights before quantising. The forward has three
+kernels (`Int8Linear.kernel`), chosen per weight shape by timing on CPU (cpu_kernels.py):
+- "dequant" (the default, and always on GPU): the weight converted to the activation dtype on the
+  fly, one F.linear, times the scales. It reads the int8 bytes and then writes and reads a float
+  copy, so on CPU a decode step is slower than with float weights;
+- "int8pack": torch._weight_int8pack_mm, which reads the int8 bytes only, in the activation dtype;
+- "int8pack_bf16": the same with the activations cast to bfloat16 and the output cast back: on a
+  CPU with AVX-512 BF16 its float32-activation kernel was 8x slower than the bfloat16 one. The
+  activations are then rounded as a bfloat16 model's are.
+_weight_int8pack_mm wants a 2-D contiguous activation, a contiguous (out, in) int8 weight and
+scales of the activation dtype; `int8pack_fits` says whether a layer can take it at all (with
+in-features that are no multiple of 16 it crashed or returned wrong values on one AVX-512 machine).
 
 NF4 (QLoRA, Dettmers et al. 2023), the layout bitsandbytes uses:
 - the weight, flattened row-major, is cut into blocks of 64; each block is divided by its absmax
@@ -46,7 +56,14 @@ HEADS = ("lm_head", "value_head")  # never quantised: the losses read lm_head's 
 
 # ----------------------------------------------------------------------------- int8 (inference)
 
+# in-features that _weight_int8pack_mm is given: a multiple of 16 was measured safe on AVX-512; 32
+# leaves a margin for kernels of other vector widths (every real model's widths are multiples of 64)
+INT8PACK_IN_MULTIPLE = 32
+
+
 class Int8Linear(nn.Module):
+    kernel = "dequant"  # the forward's kernel (see the module docstring); cpu_kernels sets it by timing
+
     def __init__(self, linear: nn.Linear):
         super().__init__()
         w = linear.weight.detach().float()
@@ -57,8 +74,34 @@ class Int8Linear(nn.Module):
         self.in_features, self.out_features = linear.in_features, linear.out_features
 
     def forward(self, x):
-        y = F.linear(x, self.weight.to(x.dtype)) * self.scales.to(x.dtype)
+        if self.kernel != "dequant" and x.device.type == "cpu" and self.weight.device.type == "cpu":
+            y = self.int8pack(x, torch.bfloat16 if self.kernel == "int8pack_bf16" else x.dtype)
+        else:
+            y = self.dequant(x)
         return y + self.bias if self.bias is not None else y
+
+    def dequant(self, x):
+        """x @ W.T in x's dtype, the weight converted to it for one F.linear (the reference numerics)."""
+        return F.linear(x, self.weight.to(x.dtype)) * self.scales.to(x.dtype)
+
+    def int8pack(self, x, dtype):
+        """x @ W.T by torch._weight_int8pack_mm (reads the int8 weight as it is), the activations and
+        scales in `dtype`, the result cast back to x's dtype. Only for a layer `int8pack_fits`."""
+        y = torch._weight_int8pack_mm(x.reshape(-1, self.in_features).to(dtype).contiguous(), self.weight,
+                                      self.scales.to(dtype))
+        return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self):
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"kernel={self.kernel}")
+
+
+def int8pack_fits(layer: Int8Linear) -> bool:
+    """Whether `layer` meets torch._weight_int8pack_mm's requirements on CPU: the op exists, the weight
+    is a contiguous (out, in) int8 CPU tensor and in-features a multiple of INT8PACK_IN_MULTIPLE."""
+    w = layer.weight
+    return (hasattr(torch, "_weight_int8pack_mm") and w.device.type == "cpu" and w.dtype == torch.int8
+            and w.dim() == 2 and w.is_contiguous() and layer.in_features % INT8PACK_IN_MULTIPLE == 0)
 
 
 @torch.no_grad()

@@ -1,0 +1,179 @@
+"""Weight formats for CPU decoding: float32, bfloat16 and int8 (quant.Int8Linear's kernels).
+
+The end-to-end checks run on a model whose greedy tokens are well separated by construction: the
+output head is a permutation of the (unit-scale) embeddings and the blocks are small, so the next
+token after t is perm[t] by a wide logit margin, and every format must produce exactly that chain.
+A random model's near-ties would flip under bfloat16 rounding; the layer-level checks compare the
+numerics themselves, to bfloat16's tolerance.
+"""
+
+import pytest
+import torch
+
+from conftest import tiny_base
+from nanohuatuo.cpu_kernels import head_logits, tune_cpu_kernels
+from nanohuatuo.engine import Engine, SamplingParams
+from nanohuatuo.engine_runner import decode_logits
+from nanohuatuo.model import ModelConfig, Transformer
+from nanohuatuo.quant import Int8Linear, int8pack_fits, quantize_int8
+
+V = 128
+PROMPTS = [[1, 2, 3, 4], [5, 6], [7, 8, 9, 10, 11, 12], [13]]
+
+
+def chain_model(dtype=torch.float32, int8=False, kernel=None, ffn_dim=128):
+    """A tiny llama whose greedy next token after t is PERM[t] (see the module docstring)."""
+    torch.manual_seed(0)
+    m = Transformer(ModelConfig(arch="llama", vocab_size=V, dim=64, n_layers=2, n_heads=4, n_kv_heads=2,
+                                ffn_dim=ffn_dim, max_seq_len=64))
+    m.init_weights(seed=0)  # blocks at std 0.02: small next to unit-scale embeddings
+    g = torch.Generator().manual_seed(1)
+    perm = torch.randperm(V, generator=g)
+    with torch.no_grad():
+        m.embed_tokens.weight.copy_(torch.randn(V, 64, generator=g))
+        head = torch.empty_like(m.embed_tokens.weight)
+        head[perm] = m.embed_tokens.weight  # row perm[t] is t's embedding: the largest dot product
+        m.lm_head.weight = torch.nn.Parameter(head)
+    m.to(dtype).eval()
+    if int8:
+        quantize_int8(m)
+    tune_cpu_kernels(m, batches=(1, len(PROMPTS)))
+    if kernel is not None:
+        for layer in m.modules():
+            if isinstance(layer, Int8Linear) and (kernel == "dequant" or int8pack_fits(layer)):
+                layer.kernel = kernel
+    return m, perm.tolist()
+
+
+def greedy(m, n=10):
+    return [o.tokens for o in Engine(m, slots=len(PROMPTS)).generate(PROMPTS, SamplingParams(max_new_tokens=n))]
+
+
+def expected(perm, n=10):
+    out = []
+    for p in PROMPTS:
+        t, row = p[-1], []
+        for _ in range(n):
+            t = perm[t]
+            row.append(t)
+        out.append(row)
+    return out
+
+
+# ----------------------------------------------------------------------------- int8 kernels, one layer
+
+def int8_layer(n_in=64, n_out=96, dtype=torch.float32):
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(n_in, n_out)
+    with torch.no_grad():
+        lin.bias.normal_()
+    return Int8Linear(lin.to(dtype))
+
+
+def test_int8pack_matches_the_dequantising_path_to_bfloat16_rounding():
+    layer = int8_layer()
+    assert int8pack_fits(layer) and layer.kernel == "dequant"
+    x = torch.randn(2, 3, 64, generator=torch.Generator().manual_seed(2))
+    xb = x.bfloat16().float()  # the inputs the bfloat16 kernel sees
+    want = layer.dequant(xb)
+    got = layer.int8pack(x, torch.bfloat16)
+    assert got.dtype == torch.float32 and got.shape == (2, 3, 96)
+    # the same int8 products; bfloat16 scales and one bfloat16 rounding of the output: < 2^-7 relative
+    torch.testing.assert_close(got, want, rtol=2 ** -7, atol=2 ** -7 * want.abs().max().item())
+    # float32 activations through _weight_int8pack_mm: float32's rounding only
+    torch.testing.assert_close(layer.int8pack(x, torch.float32), layer.dequant(x), rtol=1e-5, atol=1e-4)
+    # the forward with that kernel is int8pack plus the bias; the default stays the dequantising path
+    with torch.no_grad():
+        assert torch.equal(layer(x), layer.dequant(x) + layer.bias)
+        layer.kernel = "int8pack_bf16"
+        assert torch.equal(layer(x), got + layer.bias)
+
+
+def test_int8pack_in_bfloat16():
+    layer = int8_layer(dtype=torch.bfloat16)
+    assert layer.scales.dtype == torch.bfloat16
+    x = torch.randn(5, 64, generator=torch.Generator().manual_seed(3)).bfloat16()
+    want, got = layer.dequant(x).float(), layer.int8pack(x, torch.bfloat16)
+    assert got.dtype == torch.bfloat16
+    # the dequantising path rounds twice (product, then times the scale), int8pack once
+    torch.testing.assert_close(got.float(), want, rtol=2 ** -6, atol=2 ** -6 * want.abs().max().item())
+
+
+def test_layers_the_op_cannot_take_keep_the_dequantising_path():
+    assert not int8pack_fits(int8_layer(n_in=48))  # in-features no multiple of 32
+    noncontiguous = int8_layer()
+    noncontiguous.weight = noncontiguous.weight.t().contiguous().t()
+    assert not int8pack_fits(noncontiguous)
+    # a whole model: the (64, 48) down projection keeps "dequant" whatever the timings say
+    m, _ = chain_model(int8=True, ffn_dim=48)
+    assert m.cpu_kernels["int8"][(64, 48)] == "dequant" == m.layers[0].mlp.down_proj.kernel
+    assert set(m.cpu_kernels["int8"]) == {(64, 64), (32, 64), (48, 64), (64, 48), (V, 64)}
+    kinds = {layer.kernel for layer in m.modules() if isinstance(layer, Int8Linear)}
+    assert kinds <= {"dequant", "int8pack", "int8pack_bf16"}
+    assert m.layers[0].mlp.up_proj.weight.dtype == torch.int8  # the int8 bytes are what is kept
+
+
+# ----------------------------------------------------------------------------- the engine in each format
+
+def test_every_format_decodes_the_same_well_separated_tokens(monkeypatch):
+    ref, perm = chain_model()
+    want = expected(perm)
+    assert greedy(ref) == want
+    calls = []
+    pack = Int8Linear.int8pack
+    monkeypatch.setattr(Int8Linear, "int8pack", lambda self, x, dtype: calls.append(dtype) or pack(self, x, dtype))
+    for dtype, int8, kernel in [(torch.bfloat16, False, None), (torch.float32, True, "dequant"),
+                                (torch.float32, True, "int8pack_bf16"), (torch.float32, True, "int8pack"),
+                                (torch.bfloat16, True, "dequant"), (torch.bfloat16, True, "int8pack")]:
+        m, _ = chain_model(dtype, int8, kernel)
+        calls.clear()
+        assert greedy(m) == want, (dtype, int8, kernel)
+        wanted = {"int8pack_bf16": {torch.bfloat16}, "int8pack": {dtype}}.get(kernel, set())
+        assert set(calls) == wanted, (dtype, kernel)  # the engine ran the kernel it was given
+
+
+def test_int8pack_greedy_equals_the_dequantising_greedy():
+    fallback, _ = chain_model(int8=True, kernel="dequant")
+    packed, _ = chain_model(int8=True, kernel="int8pack_bf16")
+    assert greedy(packed, 16) == greedy(fallback, 16)
+
+
+def test_bfloat16_engine_keeps_a_bfloat16_cache_and_float32_logits():
+    m, perm = chain_model(torch.bfloat16)
+    eng = Engine(m, slots=2)
+    assert eng.dtype == torch.bfloat16 and eng.k[0].dtype == eng.v[0].dtype == torch.bfloat16
+    assert all(p.dtype == torch.bfloat16 for p in m.parameters())
+    with torch.inference_mode():
+        logits = decode_logits(m, torch.tensor([3, 5]), torch.tensor([0, 0]), eng.k, eng.v, 1)
+    assert logits.dtype == torch.float32 and logits.argmax(-1).tolist() == [perm[3], perm[5]]
+    # the head's measured kernel and the plain head give the same float32 logits
+    h = torch.randn(2, 64, generator=torch.Generator().manual_seed(4)).bfloat16()
+    with torch.inference_mode():
+        for kernel in ("linear", "onednn"):
+            m.cpu_kernels["head"] = {1: kernel, 2: kernel}
+            got = head_logits(m, h)
+            assert got.dtype == torch.float32
+            torch.testing.assert_close(got, m.lm_head(h).float(), rtol=2 ** -7, atol=0.05)
+
+
+# ----------------------------------------------------------------------------- loading with --dtype bfloat16
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    lines = ["头痛怎么办？多休息，多喝水。", "咳嗽怎么办？请去医院检查。"] * 20
+    return tiny_base(tmp_path_factory.mktemp("bf16"), lines, dim=64, ffn_dim=128, max_seq_len=512).dir
+
+
+def test_chat_and_serve_load_bfloat16_on_cpu(tiny_dir, capsys):
+    from nanohuatuo.chat import main as chat_main
+    from nanohuatuo.serve import ServeConfig, load_model
+    for quant in ("none", "int8"):
+        model, _, _ = load_model(ServeConfig(model=tiny_dir, device="cpu", dtype="bfloat16", quant=quant))
+        assert model.embed_tokens.weight.dtype == torch.bfloat16
+        q = model.layers[0].self_attn.q_proj
+        assert q.weight.dtype == (torch.int8 if quant == "int8" else torch.bfloat16)
+    capsys.readouterr()
+    assert chat_main(["--model", tiny_dir, "--device", "cpu", "--dtype", "bfloat16", "--quant", "int8",
+                      "--template", "huatuo", "--prompt", "头痛怎么办？", "--max-new-tokens", "4",
+                      "--temperature", "0"]) == 0
+    assert capsys.readouterr().out.strip()
