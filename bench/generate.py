@@ -17,12 +17,19 @@ run), saves them in the Hugging Face layout, then times, for each size:
     answer is done). Tokens/s counts the requested tokens only;
 (c) prefix reuse: --k samples of each of --k-prompts prompts (temperature 1, seeded), on the
     engine with add(prompt, n=k) (prompt prefilled once) and with k separate adds;
-(d) with --compile on CUDA, every table again with the decode step compiled (CUDA graphs).
+(d) with --compile on CUDA, every table again with the decode step compiled (CUDA graphs);
+(e) weight formats (with table (a), on CPU by default): the engine's greedy decode of (a) with the
+    same weights loaded as each of --weights float32 bfloat16 int8 (int8: quant.quantize_int8 on the
+    --dtype model, its kernel measured at load), batch 1 and 8: tokens/s, the weight bytes a decode
+    step reads, the share of the float32 matrix-vector bandwidth that reaches (weight bytes x
+    steps/s), and the share of tokens identical to float32 greedy's (per row up to the first
+    difference, so a near-tie that flips shows instead of hiding in a later match).
 
     python bench/generate.py                                  # CPU, float32, 100M and 500M
     python bench/generate.py --device cuda --dtype bfloat16 --compile
     python bench/generate.py --sizes tiny --new-tokens 8 --mixed-requests 8 --slots 4 \\
         --mixed-prompt 8 32 --mixed-new 4 16 --k-prompts 4 --k-prompt-len 8 32 --k-new-tokens 8   # smoke run
+    python bench/generate.py --tables fixed --weights float32 bfloat16 int8   # (a) and (e) only
 """
 
 import argparse
@@ -41,6 +48,7 @@ from nanohuatuo.engine import Engine, SamplingParams  # noqa: E402
 from nanohuatuo.engine_runner import RowCache, decode_logits, forward, key_mask, kv_cache  # noqa: E402
 from nanohuatuo.generate import generate, left_pad  # noqa: E402
 from nanohuatuo.metrics import cpu_name  # noqa: E402
+from nanohuatuo.quant import quantize_int8  # noqa: E402
 
 SIZES = {
     # Qwen2.5-0.5B's shape, a narrower, shallower one with the same vocabulary, and a smoke-test toy
@@ -187,6 +195,69 @@ def fixed_length(size, args, hf, ours, bandwidth, compile, rows):
         print(json.dumps(row), flush=True)
 
 
+WEIGHT_FORMATS = ("float32", "bfloat16", "int8")
+
+
+def load_format(path, fmt, args):
+    """The model at `path` with its weights in `fmt`: float32, bfloat16, or int8 on the --dtype model."""
+    dtype = getattr(torch, args.dtype) if fmt == "int8" else getattr(torch, fmt)
+    model = Transformer.from_pretrained(path, dtype=dtype, device="cpu" if fmt == "int8" else args.device)
+    if fmt == "int8":
+        quantize_int8(model)
+        model.to(args.device)
+    return model.eval()
+
+
+def read_bytes(model):
+    """Bytes a decode step reads in full: every parameter and buffer once, except an input embedding
+    that is not also the output head (a step reads one row of it per token)."""
+    head = getattr(model.lm_head, "weight", None)
+    skip = None if model.embed_tokens.weight is head else model.embed_tokens.weight
+    tensors = {id(t): t for t in [*model.parameters(), *model.buffers()] if t is not skip}
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def same_prefix(toks, ref):
+    """Share of ref's tokens matched by toks, each row counted up to its first difference."""
+    same = 0
+    for a, b in zip(toks, ref):
+        for x, y in zip(a, b):
+            if x != y:
+                break
+            same += 1
+    return same / sum(map(len, ref))
+
+
+def weight_formats(size, path, args, bandwidth, rows):
+    """(e): the engine's greedy decode of table (a) with the weights in each of args.weights."""
+    n_new, batches = args.new_tokens, sorted({1, *args.batch_sizes})
+    prompts, ref, params = {}, {}, None
+    for fmt in ["float32"] + [f for f in args.weights if f != "float32"]:
+        model = load_format(path, fmt, args)
+        tune_cpu_kernels(model, batches=batches)
+        if args.device == "cpu":
+            print(f"{size} {fmt}: CPU kernels measured at load: {model.cpu_kernels}", flush=True)
+        nbytes = read_bytes(model)
+        params = params or model.num_params()  # float32's count: int8 weights are buffers, not parameters
+        for B in args.batch_sizes:
+            if B not in prompts:
+                V = model.config.vocab_size
+                prompts[B] = torch.randint(0, V, (B, args.prompt_len), generator=torch.Generator().manual_seed(B)).tolist()
+            run = lambda: generate(model, prompts[B], max_new_tokens=n_new)  # noqa: E731
+            toks = run()
+            ref.setdefault(B, toks)  # float32 comes first
+            if fmt not in args.weights:
+                continue
+            tok_s = B * n_new / time_it(run, args.device, args.repeats)
+            row = dict(table="weights", size=size, params=params, device=args.device, weights=fmt,
+                       act_dtype=str(model.embed_tokens.weight.dtype).removeprefix("torch."), batch=B,
+                       new_tokens=n_new, prompt_len=args.prompt_len, tok_s=tok_s, step_bytes=nbytes,
+                       bw_share=nbytes * tok_s / B / bandwidth, same_as_float32=same_prefix(toks, ref[B]))
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+        del model
+
+
 def mixed(size, args, hf, ours, compile, rows):
     g = torch.Generator().manual_seed(1)
     n, (p0, p1), (n0, n1), S = args.mixed_requests, args.mixed_prompt, args.mixed_new, args.slots
@@ -269,6 +340,14 @@ def report(rows):
             print(f"| {label(r)} | {r['requests']} / {r['slots']} | {r['tokens']} | {r['hf_tok_s']:.1f} | "
                   f"{r['static_tok_s']:.1f} | {r['engine_tok_s']:.1f} | {r['engine_tok_s'] / r['static_tok_s']:.2f}x | "
                   f"{r['engine_tok_s'] / r['hf_tok_s']:.2f}x | {same} |")
+    wf = [r for r in rows if r["table"] == "weights"]
+    if wf:
+        print("\n(e) weight formats (engine, greedy, the prompts of (a))\n\n| model | weights | activations | batch | "
+              "tok/s | weight MB read per step | bandwidth share (of the matvec bandwidth) | same tokens as float32 greedy |")
+        print("|---|---|---|---|---|---|---|---|")
+        for r in wf:
+            print(f"| {r['size']} ({r['params'] / 1e6:.0f}M) | {r['weights']} | {r['act_dtype']} | {r['batch']} | "
+                  f"{r['tok_s']:.1f} | {r['step_bytes'] / 1e6:.1f} | {r['bw_share']:.0%} | {r['same_as_float32']:.0%} |")
     pre = [r for r in rows if r["table"] == "prefix"]
     if pre:
         print("\n(c) prefix reuse\n\n| model | prompts x k | prompt tokens | new tokens | separate tok/s | "
@@ -300,9 +379,13 @@ def main():
     ap.add_argument("--k-new-tokens", type=int, default=32, help="(c) new tokens per sample")
     ap.add_argument("--compile", action="store_true",
                     help="on CUDA: every table again with the decode step compiled (CUDA graphs)")
+    ap.add_argument("--weights", nargs="*", default=None, choices=list(WEIGHT_FORMATS),
+                    help="(e) weight formats to time with table (a) (default: all three on CPU, none on CUDA)")
     ap.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "nanohuatuo-bench"))
     ap.add_argument("--out", default=None, help="also write the rows as JSON here")
     args = ap.parse_args()
+    if args.weights is None:
+        args.weights = [] if args.device.startswith("cuda") else list(WEIGHT_FORMATS)
     import transformers as tf
     dtype = getattr(torch, args.dtype)
     cuda = args.device.startswith("cuda")
@@ -329,6 +412,8 @@ def main():
             if "prefix" in args.tables:
                 prefix_reuse(size, args, ours, compile, rows)
         del hf, ours
+        if "fixed" in args.tables and args.weights:
+            weight_formats(size, path, args, bandwidth, rows)
     report(rows)
     if args.out:
         with open(args.out, "w") as f:

@@ -177,3 +177,28 @@ def test_chat_and_serve_load_bfloat16_on_cpu(tiny_dir, capsys):
                       "--template", "huatuo", "--prompt", "头痛怎么办？", "--max-new-tokens", "4",
                       "--temperature", "0"]) == 0
     assert capsys.readouterr().out.strip()
+
+
+# ----------------------------------------------------------------------------- the benchmark's measures
+
+def test_benchmark_counts_bytes_read_and_tokens_matched():
+    import importlib.util
+    import os
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "generate.py")
+    spec = importlib.util.spec_from_file_location("bench_generate", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    # rows counted up to their first difference: a flipped near-tie costs the rest of its row
+    assert bench.same_prefix([[1, 2, 3, 4], [5, 6, 7, 8]], [[1, 2, 9, 4], [5, 6, 7, 8]]) == 6 / 8
+    m, _ = chain_model()
+    buffers = sum(b.numel() * b.element_size() for b in m.buffers())
+    embed = m.embed_tokens.weight.numel() * 4
+    assert bench.read_bytes(m) == m.num_params() * 4 - embed + buffers  # untied: the embedding is not read whole
+    m.lm_head.weight = m.embed_tokens.weight
+    assert bench.read_bytes(m) == m.num_params() * 4 + buffers  # tied: it is the head
+    q, _ = chain_model(int8=True)
+    linears = [x for x in q.modules() if isinstance(x, Int8Linear)]
+    int8_bytes = sum(x.weight.numel() + x.scales.numel() * 4 for x in linears)
+    norms = sum(p.numel() * 4 for n, p in q.named_parameters() if "norm" in n)
+    rope = sum(b.numel() * b.element_size() for n, b in q.named_buffers() if not n.endswith((".weight", ".scales")))
+    assert bench.read_bytes(q) == int8_bytes + norms + rope  # int8 weights, float32 scales; not the embedding
