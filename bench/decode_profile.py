@@ -1,0 +1,198 @@
+"""Profile: where the engine's CPU decode step spends its time, against the memory-bandwidth floor.
+
+Builds the Qwen2-shaped "100M" model of bench/generate.py (hidden 512, 8 layers, 8 heads / 2 KV
+heads, vocabulary 151,936 tied) with random weights (no transformers needed), and for each batch
+size fills an Engine with that many greedy requests (32-token prompts), then times `--steps`
+decode steps (`Engine.step`) after a warm-up. Printed per batch size:
+
+- the step's wall time, and the floor: the bytes a step reads (every weight once) over the
+  bandwidth this machine reaches in a large matrix-vector product, measured in the same run;
+- a breakdown of the step's wall time: embedding/positions/mask (before the first block), each
+  block, the final norm, the output head, and the rest of the step (sampling, the repetition
+  penalty's bookkeeping, stop checks, events), from timers around those calls;
+- torch.profiler's ops by self CPU time (the top --top).
+
+    python bench/decode_profile.py                       # 100M, batch 1 8 16, float32, 2 threads
+    python bench/decode_profile.py --batches 1 --steps 50 --top 25
+
+On a machine shared with other work the absolute times drift: read the shares, and compare code
+changes A/B (old and new interleaved, same weights and threads), not against another day's run.
+"""
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from nanohuatuo import engine_runner  # noqa: E402
+from nanohuatuo.cpu_kernels import tune_cpu_kernels  # noqa: E402
+from nanohuatuo.engine import Engine, SamplingParams  # noqa: E402
+from nanohuatuo.hf import ModelConfig  # noqa: E402
+from nanohuatuo.model import Transformer  # noqa: E402
+
+
+def qwen2_100m(dtype):
+    c = ModelConfig(arch="qwen2", vocab_size=151936, dim=512, n_layers=8, n_heads=8, n_kv_heads=2, ffn_dim=1536,
+                    qkv_bias=True, tie_embeddings=True, norm_eps=1e-6, max_seq_len=4096)
+    m = Transformer(c)
+    m.init_weights(seed=0)
+    return m.to(dtype).eval()
+
+
+def matvec_bandwidth(dtype, mbytes=512, reps=20):
+    """Bytes/s of a large matrix-vector product, the faster of the two layouts (as bench/generate.py)."""
+    esize = torch.finfo(dtype).bits // 8
+    n = int((mbytes * 2**20 / esize) ** 0.5)
+    W, x = torch.randn(n, n).to(dtype), torch.randn(1, n).to(dtype)
+    best = 0.0
+    for w in (W, W.t().contiguous().t()):
+        for _ in range(3):
+            torch.nn.functional.linear(x, w)
+        t = time.perf_counter()
+        for _ in range(reps):
+            torch.nn.functional.linear(x, w)
+        best = max(best, reps * W.numel() * esize / (time.perf_counter() - t))
+    return best
+
+
+def step_bytes(model):
+    """Bytes a decode step reads in full: every parameter once (a tied embedding counts once, as the head)."""
+    return sum(t.numel() * t.element_size() for t in {id(p): p for p in model.parameters()}.values())
+
+
+class Timers:
+    """Wall time per label, from hooks on the blocks and wrappers around the runner's calls."""
+
+    def __init__(self):
+        self.t = {}
+        self.mark = None
+
+    def add(self, label, dt):
+        self.t[label] = self.t.get(label, 0.0) + dt
+
+
+def instrument(model, timers):
+    """Hooks that split the decode step; returns a function that removes them."""
+    handles, saved = [], {}
+
+    def pre(label):
+        def hook(*_):
+            now = time.perf_counter()
+            if timers.mark is not None:  # from the previous mark to here: what came before this module
+                timers.add(label[1], now - timers.mark)
+            timers.mark = now
+        return hook
+
+    def post(label):
+        def hook(*_):
+            now = time.perf_counter()
+            timers.add(label, now - timers.mark)
+            timers.mark = now
+        return hook
+
+    first = ("", "embed, positions, mask")
+    for i, layer in enumerate(model.layers):
+        handles.append(layer.register_forward_pre_hook(pre(first if i == 0 else ("", "between blocks"))))
+        handles.append(layer.register_forward_hook(post(f"block {i}")))
+    handles.append(model.norm.register_forward_pre_hook(pre(("", "between blocks"))))
+    handles.append(model.norm.register_forward_hook(post("final norm")))
+
+    def wrap(name, label):
+        fn = saved[name] = getattr(engine_runner, name)
+
+        def timed(*a, **k):
+            t = time.perf_counter()
+            if label == "forward":
+                timers.mark = t
+            out = fn(*a, **k)
+            if label == "head":
+                timers.add("head", time.perf_counter() - t)
+            return out
+        setattr(engine_runner, name, timed)
+
+    wrap("forward", "forward")
+    wrap("head_logits", "head")
+
+    def undo():
+        for h in handles:
+            h.remove()
+        for name, fn in saved.items():
+            setattr(engine_runner, name, fn)
+    return undo
+
+
+def filled_engine(model, B, prompt_len, new_tokens):
+    eng = Engine(model, slots=B, max_len=prompt_len + new_tokens + 8)
+    g = torch.Generator().manual_seed(B)
+    for _ in range(B):
+        eng.add(torch.randint(0, model.config.vocab_size, (prompt_len,), generator=g).tolist(),
+                SamplingParams(max_new_tokens=new_tokens))
+    eng.step()  # prefill and the first decode step
+    return eng
+
+
+def profile_batch(model, B, args, floor_s):
+    eng = filled_engine(model, B, args.prompt_len, 2 * args.steps + 16)
+    for _ in range(3):
+        eng.step()
+    times = []
+    for _ in range(args.steps):
+        t = time.perf_counter()
+        eng.step()
+        times.append(time.perf_counter() - t)
+    step = statistics.median(times)
+    print(f"\n== batch {B}: step {step * 1e3:.1f} ms median of {args.steps} ({B / step:.1f} tok/s); "
+          f"floor {floor_s * 1e3:.1f} ms (weights over bandwidth) = {floor_s / step:.0%} of the step")
+
+    timers = Timers()
+    undo = instrument(model, timers)
+    total = 0.0
+    try:
+        for _ in range(args.steps):
+            t = time.perf_counter()
+            eng.step()
+            total += time.perf_counter() - t
+    finally:
+        undo()
+    parts = dict(timers.t)
+    parts["rest of the step (sampling, bookkeeping)"] = total - sum(parts.values())
+    print(f"  breakdown (timed, {total / args.steps * 1e3:.1f} ms a step):")
+    for label, s in parts.items():
+        print(f"    {label:44s} {s / args.steps * 1e3:7.2f} ms  {s / total:6.1%}")
+
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        for _ in range(args.steps):
+            eng.step()
+    print(f"  torch.profiler, ops by self CPU time (top {args.top}):")
+    table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.top)
+    print("\n".join("    " + line for line in table.splitlines()))
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 8, 16])
+    ap.add_argument("--steps", type=int, default=30, help="decode steps timed per batch size")
+    ap.add_argument("--prompt-len", type=int, default=32)
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--top", type=int, default=15)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    dtype = getattr(torch, args.dtype)
+    model = qwen2_100m(dtype)
+    bw = matvec_bandwidth(dtype)
+    nbytes = step_bytes(model)
+    tune_cpu_kernels(model, batches=(1, *args.batches))  # as an Engine with max(batches) slots would
+    print(f"100M ({model.num_params() / 1e6:.0f}M params, {nbytes / 1e6:.0f} MB a step), {args.dtype}, "
+          f"{args.threads} threads, matrix-vector bandwidth {bw / 1e9:.1f} GB/s")
+    for B in args.batches:
+        profile_batch(model, B, args, nbytes / bw)
+    print(f"\nCPU kernels chosen at load: {model.cpu_kernels}")
+
+
+if __name__ == "__main__":
+    main()
