@@ -234,7 +234,7 @@ class Engine:
             plain = c.pos == "rope" and c.sliding_window is None  # SDPA's own causal mask fits
             mask = None if plain else key_mask(self.model, pos, P, self.dtype)
             select_adapters(self.model, [group[0].adapter])
-            h = forward(self.model, ids, pos, RowCache(self.k, self.v, first, pos, P), mask)
+            h = forward(self.model, ids, pos, RowCache(self.k, self.v, first, pos, P, start=0), mask)
             if any(r.params.prompt_logprobs for r in group):
                 lps = self._prompt_logprobs(h[0], prompt, max(r.params.top_logprobs for r in group))
                 for r in group:
@@ -276,8 +276,11 @@ class Engine:
             torch.compiler.cudagraph_mark_step_begin()
             logits = compiled_decode()(self.model, tokens, positions, self.k, self.v, self.max_len)[:n]
         else:
-            n_keys = max(r.length for r in rows) + 1
-            logits = decode_logits(self.model, tokens, positions, self.k, self.v, n_keys)
+            lengths = [r.length for r in rows]
+            n_keys = max(lengths) + 1
+            # rows all at one position (always at batch 1): keys written as a slice, no mask
+            logits = decode_logits(self.model, tokens, positions, self.k, self.v, n_keys,
+                                   same_position=min(lengths) + 1 == n_keys)
         ps = [r.params for r in rows]
         want_lp = [p.logprobs or p.top_logprobs > 0 for p in ps]
         lp = None
@@ -287,7 +290,8 @@ class Engine:
         x = process_rows(logits, [p.temperature for p in ps], [p.top_k for p in ps], [p.top_p for p in ps],
                          [p.repetition_penalty for p in ps], self.seen[:n])
         tok = sample_rows(x, [p.temperature for p in ps], [r.generator for r in rows])
-        self.seen[torch.arange(n, device=self.device), tok] = True
+        if any(p.repetition_penalty != 1.0 for p in ps):  # only a penalised row reads its own row of seen
+            self.seen[torch.arange(n, device=self.device), tok] = True
         toks = tok.tolist()
         tok_lp = lp.gather(-1, tok[:, None]).squeeze(-1).tolist() if lp is not None else None
         n_top = max(p.top_logprobs for p in ps)

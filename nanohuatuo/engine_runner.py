@@ -3,7 +3,7 @@
 `kv_cache` allocates one key and one value tensor per layer, (slots, n_kv_heads, max_len,
 head_dim); `RowCache` is that cache as the attention layers see it in one forward (each token's
 keys and values written at its row and position); `key_mask` lets a query see the keys of its own
-row at or before its position; `forward` runs the blocks; `decode_logits` is one token per running
+row at or before its position (`needs_mask`: unless all of them are its own); `forward` runs the blocks; `decode_logits` is one token per running
 row, and `compiled_decode` its CUDA-graph version (engine.py's scheduler decides what runs).
 """
 
@@ -15,25 +15,38 @@ from .model import Transformer
 
 class RowCache:
     """The engine's KV cache as the attention layers see it in one forward: rows [first, first + B),
-    each token's keys and values written at its position (B, T), keys [0, n_keys) returned."""
+    each token's keys and values written at its position (B, T), keys [0, n_keys) returned.
 
-    def __init__(self, k, v, first, positions, n_keys):
-        self.k, self.v, self.first, self.n_keys = k, v, first, n_keys
+    start: every row's tokens sit at positions [start, start + T) (a prefill from 0, or a decode step
+    whose rows are all at one position, which the scheduler knows without reading `positions`):
+    then they are written as one slice instead of scattered by index."""
+
+    def __init__(self, k, v, first, positions, n_keys, start=None):
+        self.k, self.v, self.first, self.n_keys, self.start = k, v, first, n_keys, start
         B, T = positions.shape
-        self.rows = torch.arange(first, first + B, device=positions.device)[:, None].expand(B, T)
-        self.pos = positions
+        self.span = slice(first, first + B)
+        if start is None:
+            self.rows = torch.arange(first, first + B, device=positions.device)[:, None].expand(B, T)
+            self.pos = positions
 
     def update(self, layer, cache_pos, k, v):  # k, v (B, n_kv_heads, T, head_dim)
         K, V = self.k[layer], self.v[layer]  # (slots, n_kv_heads, max_len, head_dim)
-        K[self.rows, :, self.pos] = k.transpose(1, 2)  # (B, T, n_kv_heads, head_dim) at (row, position)
-        V[self.rows, :, self.pos] = v.transpose(1, 2)
-        rows = slice(self.first, self.first + self.rows.shape[0])
-        return K[rows, :, :self.n_keys], V[rows, :, :self.n_keys]
+        if self.start is not None:
+            at = slice(self.start, self.start + k.shape[2])
+            K[self.span, :, at] = k
+            V[self.span, :, at] = v
+        else:
+            K[self.rows, :, self.pos] = k.transpose(1, 2)  # (B, T, n_kv_heads, head_dim) at (row, position)
+            V[self.rows, :, self.pos] = v.transpose(1, 2)
+        return K[self.span, :, :self.n_keys], V[self.span, :, :self.n_keys]
 
 
 def key_mask(model: Transformer, positions, n_keys, dtype):
-    """(B, 1|H, T, n_keys): a query at position p sees the keys of its own row at positions <= p
-    (within the sliding window); an ALiBi bias instead for ALiBi models."""
+    """(B, 1|H, T, n_keys) additive mask in `dtype`: a query at position p sees the keys of its own
+    row at positions <= p (within the sliding window), plus the ALiBi bias for ALiBi models.
+
+    Additive (0 or -inf) rather than boolean because SDPA turns a boolean mask into exactly this
+    one in every layer; built here it is built once a step."""
     c = model.config
     k = torch.arange(n_keys, device=positions.device)
     q = positions[:, None, :, None]  # (B, 1, T, 1)
@@ -41,9 +54,16 @@ def key_mask(model: Transformer, positions, n_keys, dtype):
     if c.sliding_window is not None:
         allowed = allowed & (q - k < c.sliding_window)
     if c.pos != "alibi":
-        return allowed
+        return torch.zeros(allowed.shape, dtype=dtype, device=positions.device).masked_fill_(~allowed, float("-inf"))
     bias = model.slopes[None, :, None, None] * (k - q).float()  # (B, H, T, n_keys)
     return bias.masked_fill(~allowed, float("-inf")).to(dtype)
+
+
+def needs_mask(model: Transformer, n_keys):
+    """Whether queries at position n_keys - 1 of their rows need a mask to attend to keys [0, n_keys):
+    only for ALiBi's bias or a sliding window shorter than that (RoPE: every key is theirs to see)."""
+    c = model.config
+    return c.pos != "rope" or (c.sliding_window is not None and n_keys > c.sliding_window)
 
 
 def forward(model: Transformer, ids, positions, cache: RowCache, mask):
@@ -52,11 +72,16 @@ def forward(model: Transformer, ids, positions, cache: RowCache, mask):
     return model.hidden_states(ids, positions=positions, cache=cache, mask=mask)
 
 
-def decode_logits(model: Transformer, tokens, positions, k, v, n_keys):
-    """float32 logits (B, vocab) of one token per cache row [0, B): tokens, positions (B,)."""
+def decode_logits(model: Transformer, tokens, positions, k, v, n_keys, same_position=False):
+    """float32 logits (B, vocab) of one token per cache row [0, B): tokens, positions (B,).
+
+    same_position: every row is at position n_keys - 1 (the scheduler knows it without a sync), so
+    the keys are written as one slice and, where `needs_mask` allows, no mask is built or applied
+    (a batch of 1 always; SDPA with a single query and no mask attends to every key it is given)."""
     pos = positions[:, None]  # (B, 1)
-    cache = RowCache(k, v, 0, pos, n_keys)
-    h = forward(model, tokens[:, None], pos, cache, key_mask(model, pos, n_keys, k[0].dtype))
+    cache = RowCache(k, v, 0, pos, n_keys, start=n_keys - 1 if same_position else None)
+    plain = same_position and not needs_mask(model, n_keys)
+    h = forward(model, tokens[:, None], pos, cache, None if plain else key_mask(model, pos, n_keys, k[0].dtype))
     return head_logits(model, h[:, -1])
 
 

@@ -142,7 +142,8 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update(self.layer, cache_pos, k, v)
         gqa = self.c.n_kv_heads != self.c.n_heads
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=gqa)
+        # no mask: causal, or for a single query (a decode step) every key it is given
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1, enable_gqa=gqa)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -229,7 +230,8 @@ class Transformer(nn.Module):
         Whole sequences: positions default to `attention_mask.cumsum(-1) - 1` clamped at 0, so left
         padding never shifts a sequence, and the mask is `attention_bias`'s. The generation engine
         runs the same blocks on rows of its KV cache: each row at its own positions (B, T), `cache`
-        (engine_runner.RowCache) and its own per-row `mask` (None: plain causal).
+        (engine_runner.RowCache) and its own per-row `mask` (None: plain causal, or for one token per
+        row every key the cache returns).
         """
         c = self.config
         B, T = input_ids.shape
