@@ -35,11 +35,11 @@ from nanohuatuo.hf import ModelConfig  # noqa: E402
 from nanohuatuo.model import Transformer  # noqa: E402
 
 
-def qwen2_100m(dtype):
+def qwen2_100m(dtype, seed):
     c = ModelConfig(arch="qwen2", vocab_size=151936, dim=512, n_layers=8, n_heads=8, n_kv_heads=2, ffn_dim=1536,
                     qkv_bias=True, tie_embeddings=True, norm_eps=1e-6, max_seq_len=4096)
     m = Transformer(c)
-    m.init_weights(seed=0)
+    m.init_weights(seed=seed)
     return m.to(dtype).eval()
 
 
@@ -125,9 +125,9 @@ def instrument(model, timers):
     return undo
 
 
-def filled_engine(model, B, prompt_len, new_tokens):
+def filled_engine(model, B, prompt_len, new_tokens, seed):
     eng = Engine(model, slots=B, max_len=prompt_len + new_tokens + 8)
-    g = torch.Generator().manual_seed(B)
+    g = torch.Generator().manual_seed(seed + B)
     for _ in range(B):
         eng.add(torch.randint(0, model.config.vocab_size, (prompt_len,), generator=g).tolist(),
                 SamplingParams(max_new_tokens=new_tokens))
@@ -136,7 +136,7 @@ def filled_engine(model, B, prompt_len, new_tokens):
 
 
 def profile_batch(model, B, args, floor_s):
-    eng = filled_engine(model, B, args.prompt_len, 2 * args.steps + 16)
+    eng = filled_engine(model, B, args.prompt_len, 2 * args.steps + 16, args.seed)
     for _ in range(3):
         eng.step()
     times = []
@@ -174,16 +174,17 @@ def profile_batch(model, B, args, floor_s):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--batches", type=int, nargs="+", default=[1, 8, 16])
-    ap.add_argument("--steps", type=int, default=30, help="decode steps timed per batch size")
-    ap.add_argument("--prompt-len", type=int, default=32)
-    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--top", type=int, default=15)
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 8, 16], help="batch sizes to profile (default: 1 8 16)")
+    ap.add_argument("--steps", type=int, default=30, help="decode steps timed per batch size (default: 30)")
+    ap.add_argument("--prompt-len", type=int, default=32, help="tokens in every prompt (default: 32)")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weight dtype (default: float32)")
+    ap.add_argument("--threads", type=int, default=2, help="torch threads (default: 2)")
+    ap.add_argument("--top", type=int, default=15, help="ops listed from torch.profiler (default: 15)")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the random weights and prompts (default: 0)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
-    model = qwen2_100m(dtype)
+    model = qwen2_100m(dtype, args.seed)
     bw = matvec_bandwidth(dtype)
     nbytes = step_bytes(model)
     tune_cpu_kernels(model, batches=(1, *args.batches))  # as an Engine with max(batches) slots would
