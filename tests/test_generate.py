@@ -52,6 +52,31 @@ def test_cached_decode_logits_equal_full_recompute(hf_dirs, kind):
     torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-4, rtol=0)
 
 
+@pytest.mark.parametrize("kind", ["qwen2", "bloom", "mistral_window"])
+def test_decode_rows_at_one_position_equal_the_masked_step(hf_dirs, kind):
+    # rows all at one position: keys written as a slice and (RoPE without a shorter window) no mask;
+    # the logits and the cache must be those of the general step, bit for bit
+    path, _ = hf_dirs(kind)
+    m = Transformer.from_pretrained(path)
+    prompts = torch.tensor([[3, 14, 15, 92, 65, 35, 89], [79, 32, 38, 46, 26, 43, 38]])
+    B, P = prompts.shape
+    caches, logits = [], []
+    with torch.no_grad():
+        for same in (False, True):
+            k, v = kv_cache(m, B, P + 4, torch.float32, "cpu", static=False)
+            pos = torch.arange(P - 1)[None].expand(B, P - 1)
+            forward(m, prompts[:, :-1], pos, RowCache(k, v, 0, pos, P - 1, start=0 if same else None),
+                    key_mask(m, pos, P - 1, torch.float32))
+            tok, out = prompts[:, -1], []
+            for t in range(P - 1, P + 3):
+                out.append(decode_logits(m, tok, torch.full((B,), t), k, v, t + 1, same_position=same))
+                tok = out[-1].argmax(-1)
+            caches.append(k + v)
+            logits.append(torch.stack(out))
+    assert torch.equal(logits[0], logits[1])
+    assert all(torch.equal(a, b) for a, b in zip(*caches))
+
+
 def test_sampling_draws_from_the_distribution_and_never_a_masked_token():
     logits = torch.tensor([[float("-inf"), 0.0, 1.0, 2.0, float("-inf")],  # masked first and last tokens
                            [3.0, float("-inf"), float("-inf"), float("-inf"), float("-inf")]])
