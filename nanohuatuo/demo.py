@@ -85,7 +85,6 @@ class DemoSize:
     ppo_tokens: int = 80
     ppo_lr: float = 3e-4
     kl_coef: float = 0.1
-    critic: str = "shared"  # PPO's --critic: "reward" starts it from the reward model (needs it on the same base)
     lam: float = 0.95  # PPO's GAE lambda
     length_debias: float = 1.0  # PPO's --length-debias: the offline judge, and so the RM, likes short answers
     eos_penalty: float | None = -1.0  # PPO's --missing-eos-penalty
@@ -107,24 +106,23 @@ PROFILES = {
     "tiny": DemoSize(),
     # a 100-500M checkpoint on two CPU cores in about 20 minutes (measured in docs/benchmarks.md)
     "cpu": DemoSize(lora_r=16, sft_steps=16, sft_batch=8, sft_micro=4, sft_lr=2e-4, max_len=192, rl_prompts=32, k=4,
-                    sample_tokens=48, rm_epochs=1, rm_lr=1e-4, ppo_steps=10, ppo_epochs=1, ppo_batch=8, ppo_micro=4,
+                    sample_tokens=48, rm_epochs=1, rm_lr=1e-4, ppo_steps=10, ppo_epochs=2, ppo_batch=8, ppo_micro=4,
                     ppo_minibatches=2, dpo_steps=10, dpo_batch=8, dpo_lr=2e-4,
                     ppo_tokens=48, ppo_lr=2e-4, kl_coef=0.05, length_debias=1.0, eval_prompts=8,
                     eval_questions=12, eval_cases=2, eval_turns=2, eval_tokens=48, distill_items=2,
                     # 48 tokens cut most answers of a small model (Chinese is 1-3 tokens a character):
                     # a penalty on every cut answer would leave PPO nothing to learn from
                     eos_penalty=None,
-                    # 80 answers are too few for a critic to learn from zero: one started from the reward
-                    # model gives each prompt its baseline at once, and lambda 1 hands every token the
-                    # whole score (with 0.95 an answer's first token gets 0.95^47 = 9% of it)
-                    critic="reward", lam=1.0),
+                    # 80 answers are too few for the critic (V = 0 at first) to learn much: with lambda 0.95
+                    # an answer's first token would get 0.95^47 = 9% of the score, lambda 1 hands every
+                    # token all of it
+                    lam=1.0),
     # a 0.5-7B checkpoint on one 24 GB GPU in bf16 within the hour: gradient checkpointing and small
     # micro-batches keep a 7B base (14 GB) and its activations inside 24 GB, the compiled decode
     # path serves the rollouts, and K = 8 answers per prompt give the judge more to rank
     "gpu-24g": DemoSize(lora_r=16, sft_steps=200, sft_batch=16, sft_micro=2, sft_lr=1e-4, max_len=1024,
                         rl_prompts=256, k=8, sample_tokens=256, rm_epochs=1, rm_lr=5e-5, ppo_steps=50, ppo_epochs=2,
                         ppo_batch=32, ppo_micro=4, ppo_minibatches=4, ppo_tokens=256, ppo_lr=2e-5, kl_coef=0.05,
-                        critic="reward",
                         length_debias=1.0, dpo_steps=100, dpo_batch=16, dpo_lr=5e-5,
                         eval_prompts=64, eval_questions=50, eval_cases=8, eval_turns=4, eval_tokens=384,
                         distill_items=16, grad_checkpointing=True, compile=True),
@@ -501,7 +499,7 @@ def _run(cfg: DemoConfig, size: DemoSize, real: bool, out: str, device: str, pro
                                 out=os.path.join(out, "ppo"), template=template, max_steps=size.ppo_steps,
                                 batch_size=size.ppo_batch, max_new_tokens=size.ppo_tokens, temperature=0.7,
                                 lr=size.ppo_lr, kl_coef=size.kl_coef, length_debias=size.length_debias,
-                                critic=size.critic if real else "shared", lam=size.lam,
+                                lam=size.lam,
                                 missing_eos_penalty=size.eos_penalty, ppo_epochs=size.ppo_epochs,
                                 num_mini_batches=size.ppo_minibatches, micro_batch_size=size.ppo_micro,
                                 grad_checkpointing=size.grad_checkpointing,
