@@ -85,6 +85,7 @@ class DemoSize:
     ppo_tokens: int = 80
     ppo_lr: float = 3e-4
     kl_coef: float = 0.1
+    lam: float = 0.95  # PPO's GAE lambda
     length_debias: float = 1.0  # PPO's --length-debias: the offline judge, and so the RM, likes short answers
     eos_penalty: float | None = -1.0  # PPO's --missing-eos-penalty
     eval_prompts: int = 32  # held-out real-doctor prompts (reference metrics)
@@ -111,7 +112,11 @@ PROFILES = {
                     eval_questions=12, eval_cases=2, eval_turns=2, eval_tokens=48, distill_items=2,
                     # 48 tokens cut most answers of a small model (Chinese is 1-3 tokens a character):
                     # a penalty on every cut answer would leave PPO nothing to learn from
-                    eos_penalty=None),
+                    eos_penalty=None,
+                    # 80 answers are too few for the critic (V = 0 at first) to learn much: with lambda 0.95
+                    # an answer's first token would get 0.95^47 = 9% of the score, lambda 1 hands every
+                    # token all of it
+                    lam=1.0),
     # a 0.5-7B checkpoint on one 24 GB GPU in bf16 within the hour: gradient checkpointing and small
     # micro-batches keep a 7B base (14 GB) and its activations inside 24 GB, the compiled decode
     # path serves the rollouts, and K = 8 answers per prompt give the judge more to rank
@@ -494,6 +499,7 @@ def _run(cfg: DemoConfig, size: DemoSize, real: bool, out: str, device: str, pro
                                 out=os.path.join(out, "ppo"), template=template, max_steps=size.ppo_steps,
                                 batch_size=size.ppo_batch, max_new_tokens=size.ppo_tokens, temperature=0.7,
                                 lr=size.ppo_lr, kl_coef=size.kl_coef, length_debias=size.length_debias,
+                                lam=size.lam,
                                 missing_eos_penalty=size.eos_penalty, ppo_epochs=size.ppo_epochs,
                                 num_mini_batches=size.ppo_minibatches, micro_batch_size=size.ppo_micro,
                                 grad_checkpointing=size.grad_checkpointing,

@@ -53,6 +53,8 @@ class RewardModel:
     score_std: float | None = None  # std of raw scores on SFT-like answers (None: not measured)
     path: str | None = None
     swap: object = None  # shared with a policy (share_base): a context manager that puts the RM's tensors in
+    lora: dict | None = None  # shared: its LoRA (A, B) per policy layer (adapters.stack), what swap puts in
+    head: nn.Module | None = None  # shared: its value head (the trunk's own value_head otherwise)
 
     @property
     def spread(self) -> float | None:
@@ -209,6 +211,7 @@ class Scorer:
     fn: object
     from_rm: bool = False  # a reward model (whose scores PPO puts in units of their spread)
     spread: float | None = None  # std of its scores on SFT-like answers; None: not measured
+    rm: RewardModel | None = None  # the reward model itself (PPO's critic can start from a shared one)
 
 
 def scorer(rm: RewardModel, tok, template) -> Scorer:
@@ -222,7 +225,7 @@ def scorer(rm: RewardModel, tok, template) -> Scorer:
         if same:
             return score_ids(rm, [p + r for p, r in zip(prompts, responses)])
         return score_texts(rm, [row["messages"] for row in rows], texts)
-    return Scorer(fn, from_rm=True, spread=rm.spread)
+    return Scorer(fn, from_rm=True, spread=rm.spread, rm=rm)
 
 
 # ----------------------------------------------------------------------------- answers as a reward model reads them
@@ -295,7 +298,7 @@ def share_base(path, model: Transformer, base, sft_adapter, tok, template=None, 
             model.value_head = keep
     rm = RewardModel(model=model, tok=tok, template=rm_template(base, template, rc["template"]),
                      bias=float(rc["bias"]), gain=float(rc.get("gain", 1.0)), max_len=int(rc["max_len"]),
-                     score_std=rc.get("score_std"), path=str(path), swap=swap)
+                     score_std=rc.get("score_std"), path=str(path), swap=swap, lora=weights, head=head)
     return rm, ""
 
 

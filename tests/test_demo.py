@@ -164,6 +164,8 @@ def test_quick_demo_on_a_real_checkpoint_is_lora_with_its_own_template(tmp_path,
         assert (out / d / "adapter_model.safetensors").exists() and not (out / d / "model.safetensors").exists()
         assert CHATML in (out / d / "chat_template.jinja").read_text()  # template auto: the model's own
     assert summary["sft"]["eval_loss"] < summary["sft"]["first_eval_loss"]
+    ppo_cfg = json.loads((out / "ppo" / "ppo_config.json").read_text())
+    assert ppo_cfg["lam"] == 1.0 and ppo_cfg["reward"] == str(out / "rm")
     # evaluated against the base model too, with its answers in the report
     report = (out / "report.md").read_text(encoding="utf-8")
     assert "PPO vs the base model" in report and "\n- base: " in report and "\n- SFT: " in report

@@ -298,6 +298,37 @@ def test_shared_reward_model_matches_the_separate_one(tiny, rm_dir, tmp_path):
     assert rm is None and why.startswith("it was trained on the SFT adapter")
 
 
+def test_critic_from_the_reward_model_starts_at_its_scores(tiny, rm_dir, tmp_path):
+    """--critic reward: the critic's first values are the reward model's scores in PPO's units."""
+    import shutil
+    from nanohuatuo.reward import load_reward_model, score_ids
+    from nanohuatuo.reward_model import raw_scores
+    base, sft = tiny
+    rm2 = tmp_path / "rm"
+    shutil.copytree(rm_dir, rm2)
+    rc = json.loads((rm2 / "reward_config.json").read_text())
+    (rm2 / "reward_config.json").write_text(json.dumps({**rc, "score_std": 0.5}))  # spread: 0.5 x gain 2
+    seqs = [[4, 6, 10, 11, 5, 6, 12, 13, EOS], [4, 6, 20, 5, 6, EOS], [4, 6, 7, 8, 9, 5, 6, 30]]
+    want = score_ids(load_reward_model(str(rm2), device="cpu"), seqs) / (0.5 * 2.0)
+    tok = Tokenizer(base)
+    cfg = tiny_cfg(base, tmp_path, adapter=sft, reward=str(rm2), critic="reward", lora_r=4)
+    m = ppo.build_models(cfg)
+    reward = ppo.make_reward(None, m, cfg, tok, resolve_template(base, "plain"), ppo.dist.Dist(0, 1, torch.device("cpu")), torch.float32)
+    ppo.start_critic_from_reward(m, reward, cfg)
+    randomise_lora(m.model)  # the policy's own adapter must not reach the critic
+    m.model.value_head = m.value_head
+    with ppo.critic(m):
+        got = raw_scores(m.model, seqs, tok.pad_id, 64)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert all(p.requires_grad for ab in m.critic_lora.values() for p in ab)  # trainable copies
+    assert not any(p.requires_grad for ab in reward.rm.lora.values() if ab for p in ab)  # the RM stays frozen
+    with pytest.raises(ppo.UserError, match="rank 2, above the PPO LoRA rank 1"):
+        ppo.start_critic_from_reward(ppo.build_models(tiny_cfg(base, tmp_path, adapter=sft, critic="reward",
+                                                              lora_r=1, lora_alpha=2)), reward, cfg)
+    with pytest.raises(ppo.UserError, match="--critic shared or separate"):
+        ppo.start_critic_from_reward(m, Scorer(good_fraction), cfg)
+
+
 # ----------------------------------------------------------------------------- training runs
 
 def test_ppo_raises_the_score_with_bounded_kl(tiny, tmp_path):
