@@ -3,8 +3,9 @@
 `kv_cache` allocates one key and one value tensor per layer, (slots, n_kv_heads, max_len,
 head_dim); `RowCache` is that cache as the attention layers see it in one forward (each token's
 keys and values written at its row and position); `key_mask` lets a query see the keys of its own
-row at or before its position (`needs_mask`: unless all of them are its own); `forward` runs the blocks; `decode_logits` is one token per running
-row, and `compiled_decode` its CUDA-graph version (engine.py's scheduler decides what runs).
+row at or before its position (`needs_mask`: whether that takes a mask when every row is at one
+position); `forward` runs the blocks; `decode_logits` is one token per running row, and
+`compiled_decode` its CUDA-graph version (engine.py's scheduler decides what runs).
 """
 
 import torch
