@@ -41,7 +41,7 @@ from .feedback import EndpointRanker, OfflineRanker, rankings_to_preferences
 from .hf import ModelDirError, check_model_dir, count_params
 from .metrics import cpu_name
 from .model import ModelConfig, Transformer
-from .reward_model import load_reward_model, score_texts
+from .reward_model import as_messages, load_reward_model, score_texts
 from .sampling import sample_answers
 from .templates import resolve_template
 from .tokenizer import Tokenizer, train_sentencepiece
@@ -101,16 +101,16 @@ class DemoSize:
 
 # Size profiles. "tiny" trains a model from scratch. The others put LoRA on a real checkpoint with
 # learning rates for pretrained weights (SFT 2e-4 at most, as sft.py allows without
-# --allow-high-lr; RM 1e-4; PPO 2e-5 to 2e-4, the top for the few steps of a CPU run): a rate meant for
-# random weights destroys them.
+# --allow-high-lr; RM 5e-5 to 3e-4, PPO 2e-5 to 2e-4, the tops for the few steps of a CPU run: 7 RM
+# steps at 1e-4 left the reward model at chance on one run): a rate meant for random weights destroys them.
 PROFILES = {
     "tiny": DemoSize(),
     # a 100-500M checkpoint on two CPU cores in about 20 minutes (measured in docs/benchmarks.md)
-    "cpu": DemoSize(lora_r=16, sft_steps=14, sft_batch=8, sft_micro=4, sft_lr=2e-4, max_len=192, rl_prompts=32, k=4,
-                    sample_tokens=48, rm_epochs=1, rm_lr=1e-4, ppo_steps=14, ppo_epochs=2, ppo_batch=8, ppo_micro=4,
+    "cpu": DemoSize(lora_r=16, sft_steps=12, sft_batch=8, sft_micro=4, sft_lr=2e-4, max_len=192, rl_prompts=32, k=4,
+                    sample_tokens=48, rm_epochs=1, rm_lr=3e-4, ppo_steps=14, ppo_epochs=2, ppo_batch=8, ppo_micro=4,
                     ppo_minibatches=2, dpo_steps=10, dpo_batch=8, dpo_lr=2e-4,
                     ppo_tokens=48, ppo_lr=2e-4, kl_coef=0.05, length_debias=1.0, eval_prompts=8,
-                    eval_questions=24, eval_cases=2, eval_turns=2, eval_tokens=48, distill_items=2,
+                    eval_questions=20, eval_cases=2, eval_turns=2, eval_tokens=48, distill_items=2,
                     # 48 tokens cut most answers of a small model (Chinese is 1-3 tokens a character):
                     # a penalty on every cut answer would leave PPO nothing to learn from
                     eos_penalty=None,
@@ -364,14 +364,22 @@ def eval_stage(out, cfg: DemoConfig, size: DemoSize, policy, sft_adapter, traine
             out=os.path.join(d, "dialogue" + suffix), data=os.path.join(DATA, "eval_dialogues.json"),
             limit=size.eval_cases, max_turns=size.eval_turns, bootstrap=200, **a, b_model=policy,
             b_adapter=sft_adapter, b_name="SFT", b_template=template, **judge, **patient, **gen))
-    res["rm_heldout"] = rm_heldout(d, list(trained), rm_dir, device, cfg.dtype, cfg.seed)
+    # real checkpoints: also sampled answers, as PPO samples them (the tiny demo's greedy check suffices there)
+    sampled = dict(policy=policy, template=template, adapters={**trained, "SFT": sft_adapter}, k=2, temperature=0.7,
+                   max_new_tokens=size.ppo_tokens) if cfg.model else None
+    res["rm_heldout"] = rm_heldout(d, list(trained), rm_dir, device, cfg.dtype, cfg.seed, sampled)
     return res
 
 
-def rm_heldout(d, algos: list[str], rm_dir, device, dtype, seed) -> dict:
+def rm_heldout(d, algos: list[str], rm_dir, device, dtype, seed, sampled: dict | None = None) -> dict:
     """The reward model's scores of each model's greedy answers to prompts RL never saw (the held-out
     doctor prompts and the single-turn questions), in units of its spread on SFT samples as in PPO:
-    PPO's own score curve is on its training prompts and, batch by batch, mostly prompt noise."""
+    PPO's own score curve is on its training prompts and, batch by batch, mostly prompt noise.
+
+    sampled: {"policy", "template", "adapters": {name: adapter dir}, "k", "temperature", "max_new_tokens"}:
+    also k answers sampled as PPO samples them (its temperature and length) from each model, scored
+    the same way ("sampled": per-prompt means, paired differences against SFT): what PPO optimises is
+    the expected score of sampled answers, which a greedy answer may not show."""
     answers = {}  # model name -> {item id: (question, answer)}
     for name in (*algos, "SFT", "base"):
         path = os.path.join(d, f"metrics_{name.lower()}", "answers.jsonl")
@@ -392,8 +400,33 @@ def rm_heldout(d, algos: list[str], rm_dir, device, dtype, seed) -> dict:
     res = {"n": len(ids), "mean": {k: sum(v) / len(v) for k, v in scores.items()},
            **{f"{algo}_vs_{k}": paired_diff(scores[algo], scores[k], seed=seed)
               for algo in algos if algo in scores for k in ("SFT", "base") if k in scores}}
+    if sampled:
+        prompts = [{"id": i, "messages": as_messages(answers[algos[0]][i][0]), "reference": ""} for i in ids]
+        per_model = {}
+        for name, adapter in sampled["adapters"].items():
+            model = Transformer.from_pretrained(sampled["policy"], adapter=adapter, device=device,
+                                                dtype=resolve_dtype(dtype, torch.device(device)))
+            tok = Tokenizer.from_pretrained(sampled["policy"])
+            items = sample_answers(model, tok, resolve_template(sampled["policy"], sampled["template"], tok), prompts,
+                                   k=sampled["k"], max_new_tokens=sampled["max_new_tokens"],
+                                   temperature=sampled["temperature"], batch_size=32, seed=seed)
+            del model
+            got = {it["id"]: it["answers"] for it in items}
+            if set(got) != set(ids):
+                continue  # a prompt too long for this model's context: no paired comparison
+            msgs = [p["messages"] for p in prompts for _ in got[p["id"]]]
+            sc = (score_texts(rm, msgs, [a for i in ids for a in got[i]]) / unit).tolist()
+            per_model[name], at = [], 0
+            for i in ids:  # each prompt's mean over its k answers
+                per_model[name].append(sum(sc[at:at + len(got[i])]) / len(got[i]))
+                at += len(got[i])
+        res["sampled"] = {"k": sampled["k"], "temperature": sampled["temperature"],
+                          "mean": {k: sum(v) / len(v) for k, v in per_model.items()},
+                          **{f"{a}_vs_SFT": paired_diff(per_model[a], per_model["SFT"], seed=seed)
+                             for a in algos if a in per_model and "SFT" in per_model}}
     with open(os.path.join(d, "rm_heldout.json"), "w", encoding="utf-8") as f:
-        json.dump({**res, "ids": ids, "scores": scores}, f, indent=1)
+        json.dump({**res, "ids": ids, "scores": scores, **({"sampled_scores": per_model} if sampled else {})}, f,
+                  indent=1)
     return res
 
 

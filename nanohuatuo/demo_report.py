@@ -82,15 +82,22 @@ def _profile_lines(hot: dict, seconds: dict) -> list[str]:
 def rm_heldout_lines(h, algos) -> list[str]:
     if not h or not h.get("n"):
         return []
-    def vs(a, k):
-        p = h.get(f"{a}_vs_{k}")
+    def vs(res, a, k):
+        p = res.get(f"{a}_vs_{k}")
         return "" if not p else (f"; {a} - {k} {p['diff']:+.2f} [{', '.join(f'{c:+.2f}' for c in p['diff_ci'] or [])}]"
                                  f", higher on {p['higher']} and lower on {p['lower']} of {p['n']}")
-    means = ", ".join(f"{k} {v:.2f}" for k, v in h["mean"].items())
-    return [f"On {h['n']} prompts RL never saw (the held-out doctor prompts and the single-turn questions), the "
-            f"reward model scores the greedy answers: {means}" + "".join(vs(a, k) for a in algos for k in ("SFT", "base"))
-            + " (95% bootstrap intervals over prompts). This is what PPO and GRPO optimise, on new prompts; whether "
-            "the answers are better is the judge's call below.", ""]
+    def means(res):
+        return ", ".join(f"{k} {v:.2f}" for k, v in res["mean"].items())
+    lines = [f"On {h['n']} prompts RL never saw (the held-out doctor prompts and the single-turn questions), the "
+             f"reward model scores the greedy answers: {means(h)}"
+             + "".join(vs(h, a, k) for a in algos for k in ("SFT", "base"))
+             + " (95% bootstrap intervals over prompts). This is what PPO and GRPO optimise, on new prompts; whether "
+             "the answers are better is the judge's call below."]
+    sm = h.get("sampled")
+    if sm and sm.get("mean"):
+        lines.append(f"The same prompts, {sm['k']} sampled answers each at temperature {sm['temperature']} (as PPO "
+                     f"samples; mean score per prompt): {means(sm)}" + "".join(vs(sm, a, "SFT") for a in algos) + ".")
+    return lines + [""]
 
 
 def rl_lines(s) -> list[str]:
