@@ -20,7 +20,8 @@ Built like nano-vllm, in three parts that each fit on a screen:
   batch sizes, idle rows padding the batch up to the next size.
 - the scheduler: `Engine.step` drops cancelled requests, admits waiting ones into free rows
   (prefilling all but the last prompt token: the last one is fed by the decode step, which so
-  produces every request's tokens, its first one included), decodes one token for every running
+  produces every request's tokens, its first one included; single requests admitted in one step
+  share one padded forward), decodes one token for every running
   row, applies each request's own sampling settings, and retires the rows that finished.
 
 Exactness: a request's tokens do not depend on what else is in the batch (greedy: the tokens of
@@ -51,6 +52,11 @@ from .engine_runner import RowCache, compiled_decode, decode_logits, forward, ke
 from .model import Transformer
 from .multi_lora import select_adapters
 from .token_sampling import SamplingParams, process_rows, sample_rows, sample_seed
+
+# single requests admitted in one step are prefilled together while right padding costs at most a
+# quarter more tokens than the prompts hold, and at most this many padded tokens in one forward
+PAD_WASTE = 1.25
+PREFILL_TOKENS = 8192
 
 
 @dataclass
@@ -216,38 +222,65 @@ class Engine:
                 group = self.waiting.popleft()
                 if group:
                     admitted.append(group)
-        for group in admitted:
-            self._prefill(group)
+        self._admit(admitted)
         if self.running:
             events += self._decode()
         return events
 
-    def _prefill(self, group):
-        """Keys of all but the last prompt token, computed once into the first row of the group and
-        copied into the others (prefix reuse); the last token is fed by the next decode step."""
-        prompt, first = group[0].prompt, len(self.running)
-        P = len(prompt) - 1
+    def _admit(self, groups):
+        """Prefill the admitted groups into the rows after the running ones. Single requests go
+        together, sorted by length and cut where right padding would exceed PAD_WASTE of a batch's
+        prompt tokens (or PREFILL_TOKENS in all): one forward reads the weights once for the batch,
+        where one forward per request read them once each. A group of n samples of one prompt is
+        prefilled on its own (its keys copied into its n rows)."""
+        singles = sorted((g for g in groups if len(g) == 1), key=lambda g: len(g[0].prompt))
+        batch, tokens = [], 0
+        for g in singles:  # ascending: the newest is the longest, so it sets the padded length
+            P = len(g[0].prompt) - 1
+            if batch and ((len(batch) + 1) * P > PAD_WASTE * (tokens + P) or (len(batch) + 1) * P > PREFILL_TOKENS):
+                self._prefill(batch)
+                batch, tokens = [], 0
+            batch.append(g)
+            tokens += P
+        if batch:
+            self._prefill(batch)
+        for g in groups:
+            if len(g) > 1:
+                self._prefill([g])
+
+    def _prefill(self, groups):
+        """Keys of all but the last prompt token of each group, computed in one forward into the first
+        row of each group (prompts right-padded: a row's padding keys lie past its prompt, where its
+        own tokens overwrite them before any query can see them) and copied into the group's other
+        rows (prefix reuse); the last token is fed by the next decode step. Several groups: one row
+        each (only single requests are batched, so their rows are consecutive)."""
+        first = len(self.running)
+        lengths = [len(g[0].prompt) - 1 for g in groups]
+        P = max(lengths)
         if P:
-            ids = torch.tensor([prompt[:-1]], device=self.device)
-            pos = torch.arange(P, device=self.device)[None]  # (1, P)
+            ids = torch.tensor([g[0].prompt[:-1] + [0] * (P - n) for g, n in zip(groups, lengths)], device=self.device)
+            pos = torch.arange(P, device=self.device)[None].expand(len(groups), P)
             c = self.model.config
             plain = c.pos == "rope" and c.sliding_window is None  # SDPA's own causal mask fits
             mask = None if plain else key_mask(self.model, pos, P, self.dtype)
-            select_adapters(self.model, [group[0].adapter])
+            select_adapters(self.model, [g[0].adapter for g in groups])
             h = forward(self.model, ids, pos, RowCache(self.k, self.v, first, pos, P, start=0), mask)
-            if any(r.params.prompt_logprobs for r in group):
-                lps = self._prompt_logprobs(h[0], prompt, max(r.params.top_logprobs for r in group))
-                for r in group:
-                    r.prompt_logprobs = lps if r.params.prompt_logprobs else None
-        prompt_ids = torch.tensor(prompt, device=self.device)
-        for j, r in enumerate(group):
-            r.slot, r.length, r.next = first + j, P, prompt[-1]
-            if j and P:
-                for t in self.k + self.v:
-                    t[r.slot, :, :P] = t[first, :, :P]
-            self.seen[r.slot] = False
-            self.seen[r.slot, prompt_ids] = True
-            self.running.append(r)
+            for j, (g, n) in enumerate(zip(groups, lengths)):
+                if n and any(r.params.prompt_logprobs for r in g):
+                    lps = self._prompt_logprobs(h[j, :n], g[0].prompt, max(r.params.top_logprobs for r in g))
+                    for r in g:
+                        r.prompt_logprobs = lps if r.params.prompt_logprobs else None
+        for g, n in zip(groups, lengths):
+            prompt_ids = torch.tensor(g[0].prompt, device=self.device)
+            head = len(self.running)  # the group's first row, which the forward filled
+            for j, r in enumerate(g):
+                r.slot, r.length, r.next = head + j, n, g[0].prompt[-1]
+                if j and n:
+                    for t in self.k + self.v:
+                        t[r.slot, :, :n] = t[head, :, :n]
+                self.seen[r.slot] = False
+                self.seen[r.slot, prompt_ids] = True
+                self.running.append(r)
 
     def _prompt_logprobs(self, h, prompt, n_top, chunk=512):
         """(token, logprob, top) of prompt tokens 1.. from the prefill's hidden states h (P, dim): the

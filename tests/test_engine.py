@@ -132,13 +132,14 @@ def test_prefix_reuse_equals_prefilling_each_copy(monkeypatch):
     assert prefills == [len(PROMPTS[2]) - 1, len(PROMPTS[5]) - 1]
     assert outs[other]["tokens"] == solo(m, PROMPTS[2], SamplingParams(max_new_tokens=4)).tokens
     seeds = [SamplingParams(**dict(vars(sp), seed=sample_seed(5, j))) for j in range(4)]
-    # the same batch with each copy added (and prefilled) on its own: bit-identical
+    # the same batch with each copy added on its own (five single requests: one padded prefill of
+    # their 9 and 11 tokens): bit-identical
     prefills.clear()
     eng = Engine(m, slots=5, max_len=64)
     eng.add(PROMPTS[2], SamplingParams(max_new_tokens=4))
     copies = [eng.requests[eng.add(PROMPTS[5], s)] for s in seeds]
     drain(eng)
-    assert len(prefills) == 5
+    assert prefills == [len(PROMPTS[5]) - 1]
     assert [r.tokens for r in reqs] == [r.tokens for r in copies]
     assert [r.logprobs for r in reqs] == [r.logprobs for r in copies]
     assert len({tuple(r.tokens) for r in reqs}) > 1  # the samples differ
@@ -147,6 +148,48 @@ def test_prefix_reuse_equals_prefilling_each_copy(monkeypatch):
     grouped = Engine(m, slots=4, max_len=64).generate([PROMPTS[5]] * 4, seeds)
     assert len(prefills) == 1
     assert [o.tokens for o in grouped] == [r.tokens for r in reqs] == [solo(m, PROMPTS[5], s).tokens for s in seeds]
+
+
+def test_requests_admitted_together_share_one_prefill(monkeypatch):
+    """Single requests admitted in one step are prefilled in one right-padded forward while the padding
+    stays small (sorted by length, cut past a quarter of padding), and each gets what it gets alone:
+    its greedy tokens and its prompt log-probs."""
+    import nanohuatuo.engine as engine
+    m = tiny()
+    shapes = []
+    real = engine.forward
+
+    def counting(model, ids, *a):
+        if ids.shape[1] > 1:
+            shapes.append(tuple(ids.shape))
+        return real(model, ids, *a)
+
+    def run(eng, prompts, sp):
+        rids = [eng.add(p, sp) for p in prompts]
+        got = {}
+        while eng.has_work():
+            for ev in eng.step():
+                o = got.setdefault(ev.rid, {"tokens": [], "prompt": None})
+                o["tokens"].append(ev.token)
+                o["prompt"] = o["prompt"] or ev.prompt_logprobs
+        return [got[r] for r in rids]
+
+    monkeypatch.setattr(engine, "forward", counting)
+    prompts = [PROMPTS[0], PROMPTS[6], PROMPTS[2], [1], PROMPTS[5]]  # 7, 8, 10, 1 and 12 tokens
+    sp = SamplingParams(max_new_tokens=6, prompt_logprobs=True, top_logprobs=2)
+    together = run(Engine(m, slots=5, max_len=64), prompts, sp)
+    # all but the last token prefilled: 6, 7 and 9 in one forward padded to 9 (27 slots for 22 tokens);
+    # 11 would pad 4 rows to 44 slots for 33 tokens, so it goes alone; the 1-token prompt needs none
+    assert shapes == [(3, 9), (1, 11)]
+    for p, o in zip(prompts, together):
+        alone = run(Engine(m, slots=1, max_len=64), [p], sp)[0]
+        assert o["tokens"] == alone["tokens"]
+        if len(p) == 1:
+            assert not o["prompt"]
+            continue
+        assert [t for t, _, _ in o["prompt"]] == p[1:] == [t for t, _, _ in alone["prompt"]]
+        torch.testing.assert_close(torch.tensor([lp for _, lp, _ in o["prompt"]]),
+                                   torch.tensor([lp for _, lp, _ in alone["prompt"]]), atol=1e-5, rtol=0)
 
 
 def test_logprobs_match_a_plain_forward_pass():
