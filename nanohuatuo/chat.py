@@ -4,7 +4,7 @@
     python chat.py --model DIR --prompt "头痛三天了怎么办？"   # one answer, then exit
     python -m nanohuatuo.chat ...                             # the same
 
-The prompt budget: the context (`--context`, capped at the model's max_seq_len) holds the prompt
+The prompt budget: the context (`--max-len`, capped at the model's max_seq_len) holds the prompt
 and the answer, so the prompt gets `context - max_new_tokens` tokens. Whole earlier turns are
 dropped, oldest first, until it fits; the system message and the last question are always kept,
 and when even those do not fit the question is refused with a message saying by how much

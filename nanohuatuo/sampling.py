@@ -120,7 +120,7 @@ def sample_answers(model, tok, template, prompts: list[dict], k: int = 4, max_ne
     if skipped:
         names = ", ".join(repr(p["id"]) for p in skipped[:5]) + (", ..." if len(skipped) > 5 else "")
         print(f"sampling: skipped {len(skipped)} prompts whose last question alone is longer than {budget} "
-              f"tokens ({names}); raise --context or lower --max-new-tokens", flush=True)
+              f"tokens ({names}); raise --max-len or lower --max-new-tokens", flush=True)
     if not fitted:
         return []
     max_len = min(context, max(len(ids) for _, ids in fitted) + max_new_tokens)

@@ -484,7 +484,7 @@ def prompt_budget(max_seq_len: int, context: int, max_new_tokens: int) -> int:
     if max_new_tokens < 1 or budget < 1:
         raise ValueError(f"--max-new-tokens {max_new_tokens} leaves no room for a prompt in a {context}-token "
                          f"context (the model's max_seq_len is {max_seq_len}); lower --max-new-tokens"
-                         + (" or raise --context" if context < max_seq_len else ""))
+                         + (" or raise --max-len" if context < max_seq_len else ""))
     return budget
 
 
@@ -505,7 +505,7 @@ def fit_prompt(messages: list[dict], tok: Tokenizer, template, budget: int) -> l
     if len(ids) > budget:
         raise PromptTooLong(f"the question{' with the system message' if system else ''} is {len(ids)} tokens, "
                             f"but only {budget} of the context are left for the prompt once the answer has its "
-                            f"--max-new-tokens; shorten it, lower --max-new-tokens or raise --context", ids, budget)
+                            f"--max-new-tokens; shorten it, lower --max-new-tokens or raise --max-len", ids, budget)
     return ids
 
 

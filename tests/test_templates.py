@@ -347,7 +347,7 @@ def test_prompt_budget():
     with pytest.raises(ValueError, match=r"--max-new-tokens 512 leaves no room for a prompt in a 512-token context"
                                          r" \(the model's max_seq_len is 512\); lower --max-new-tokens$"):
         prompt_budget(512, 1024, 512)
-    with pytest.raises(ValueError, match=r"lower --max-new-tokens or raise --context$"):
+    with pytest.raises(ValueError, match=r"lower --max-new-tokens or raise --max-len$"):
         prompt_budget(512, 100, 100)
     with pytest.raises(ValueError, match=r"--max-new-tokens 0 leaves no room"):
         prompt_budget(512, 100, 0)
