@@ -47,18 +47,18 @@ import torch
 
 from . import adapters, checkpoint, dist
 from .cli import (ExportFlags, LoRAFlags, ModelFlags, TrainLoopFlags, UserError, arg, cli_main, endpoint_flags, like,
-                  prepare_out, resolve_dtype, write_config)
+                  prepare_out, resolve_dtype)
 from .cpu_kernels import return_large_blocks
 from .llm import from_flags
 from .lora import load_adapter, lora_modules, lora_parameters, merge_and_unload, save_adapter
 from .losses import group_advantages, grpo_loss, kl_k3, length_debias, response_forward
-from .metrics import REPORT_TO_HELP, MetricsLog, check_report_to, plot_metrics
+from .metrics import REPORT_TO_HELP, check_report_to, plot_metrics
 from .model import Transformer
 from .quant import QUANT_HELP, QUANTS
 from .rank_prompt import build_judge_messages, nudge_message, ranking_parser, shown_order
-from .reward_model import Scorer, ScoreScale, reward_scorer, share_base
-from .rollout import (Batch, answer_texts, chat_setup, load_prompts, pack, policy_model, prompt_indices, reference,
-                      sample_answers, write_samples)
+from .reward_model import Scorer, reward_scorer, share_base
+from .rollout import (Batch, answer_texts, chat_setup, end_of_step, load_prompts, open_run_log, pack, policy_model,
+                      prompt_indices, reference, sample_answers, score_scale, write_samples)
 from .templates import save_chat_template
 
 
@@ -406,17 +406,9 @@ def _train(cfg: GRPOConfig, reward_fn, d, hold) -> dict:
         state = load_checkpoint(model, cfg, ckpt, optimizer, d)
         if d.main:
             print(f"resumed from {ckpt} (step {state['step']})")
-    scale = None
-    if reward.from_rm and cfg.reward_norm == "std":
-        scale = ScoreScale(*state["score_scale"]) if state.get("score_scale") else ScoreScale(0.0, reward.spread)
-    if d.main:
-        write_config(out, cfg, "grpo")
-        for log_file in ("metrics.jsonl", "samples.jsonl"):  # rows after the checkpoint come again
-            checkpoint.truncate_jsonl(os.path.join(out, log_file), state["step"] if ckpt else -1)
-    log = MetricsLog(os.path.join(out, "metrics.jsonl"), total_steps=max_steps, stream=sys.stdout if d.main else None,
-                     report_to=cfg.report_to if d.main else (), config=dataclasses.asdict(cfg))
-    hold.callback(log.close)
-    history, last_plot = [], time.time()
+    scale = score_scale(reward, cfg, state, d)
+    log = open_run_log(cfg, "grpo", bool(ckpt), state["step"], max_steps, d, hold)
+    history, clock = [], {"plot": time.time()}
     for step in range(state["step"] + 1, max_steps + 1):
         if cfg.anneal_lr:
             optimizer.param_groups[0]["lr"] = cfg.lr * (1 - (step - 1) / max_steps)
@@ -438,14 +430,8 @@ def _train(cfg: GRPOConfig, reward_fn, d, hold) -> dict:
             write_samples(out, step, [{"step": step, "prompt": tok.decode(prompts[i]), "response": exp.texts[j * cfg.k],
                                        "score": exp.scores[j * cfg.k].item(),
                                        "advantage": exp.advantages[j * cfg.k].item()} for j, i in enumerate(idx[:2])], log)
-        if step % cfg.save_every == 0 or step == max_steps or step == cfg.stop_after:
-            save_checkpoint(model, cfg, optimizer, state, d)
-            if d.main and time.time() - last_plot > 120:  # a plot costs about a second: refresh it now and then
-                _plot(out, log.path)
-                last_plot = time.time()
-        if step == cfg.stop_after and step < max_steps:
-            if d.main:
-                print(f"stopped after step {step} (--stop-after); continue with --resume")
+        if end_of_step(step, max_steps, cfg, lambda: save_checkpoint(model, cfg, optimizer, state, d),
+                       lambda: _plot(out, log.path), d, clock):
             return {"steps": step, "stopped": True, "out": out, "history": history, "seconds": time.time() - started}
 
     if getattr(reward.fn, "llm", None) is not None and d.main:

@@ -67,15 +67,15 @@ import torch.nn as nn
 
 from . import adapters, checkpoint, dist
 from .cli import (ExportFlags, LoRAFlags, ModelFlags, TrainLoopFlags, UserError, arg, cli_main, like, prepare_out,
-                  resolve_dtype, write_config)
+                  resolve_dtype)
 from .lora import load_adapter, lora_modules, lora_parameters, merge_and_unload, save_adapter
 from .losses import length_debias, masked_mean, masked_var, response_forward, whiten
-from .metrics import REPORT_TO_HELP, MetricsLog, check_report_to, plot_metrics
+from .metrics import REPORT_TO_HELP, check_report_to, plot_metrics
 from .model import Transformer
 from .quant import QUANT_HELP, QUANTS
-from .reward_model import RewardModel, Scorer, ScoreScale, reward_scorer, share_base
-from .rollout import (Batch, answer_texts, chat_setup, load_prompts, pack, policy_model, prompt_indices,
-                      sample_answers, write_samples)
+from .reward_model import RewardModel, Scorer, reward_scorer, share_base
+from .rollout import (Batch, answer_texts, chat_setup, end_of_step, load_prompts, open_run_log, pack, policy_model,
+                      prompt_indices, sample_answers, score_scale, write_samples)
 from .rollout import reference as rollout_reference
 from .templates import save_chat_template
 
@@ -592,20 +592,9 @@ def _train(cfg: PPOConfig, reward_fn, d, hold) -> dict:
         state = load_checkpoint(m, cfg, ckpt, optimizer, d)
         if d.main:
             print(f"resumed from {ckpt} (step {state['step']}, kl_coef {state['kl_coef']:.4g})")
-    scale = None
-    if reward.from_rm and cfg.reward_norm == "std":
-        scale = ScoreScale(*state["score_scale"]) if state.get("score_scale") else \
-            ScoreScale(0.0, reward.spread)
-        if reward.spread is not None and d.main:
-            print(f"reward: scores divided by {reward.spread:.4g}, the reward model's std on SFT-like answers")
-    if d.main:
-        write_config(out, cfg, "ppo")
-        for log_file in ("metrics.jsonl", "samples.jsonl"):  # rows after the checkpoint come again
-            checkpoint.truncate_jsonl(os.path.join(out, log_file), state["step"] if ckpt else -1)
-    log = MetricsLog(os.path.join(out, "metrics.jsonl"), total_steps=max_steps, stream=sys.stdout if d.main else None,
-                     report_to=cfg.report_to if d.main else (), config=dataclasses.asdict(cfg))
-    hold.callback(log.close)
-    history, kl_coef, last_plot = [], state["kl_coef"], time.time()
+    scale = score_scale(reward, cfg, state, d)
+    log = open_run_log(cfg, "ppo", bool(ckpt), state["step"], max_steps, d, hold)
+    history, kl_coef, clock = [], state["kl_coef"], {"plot": time.time()}
     for step in range(state["step"] + 1, max_steps + 1):
         if cfg.anneal_lr:
             frac = 1 - (step - 1) / max_steps
@@ -630,14 +619,8 @@ def _train(cfg: PPOConfig, reward_fn, d, hold) -> dict:
         if d.main and cfg.sample_every and (step % cfg.sample_every == 0 or step == 1):
             write_samples(out, step, [{"step": step, "prompt": tok.decode(prompts[i]), "response": exp.texts[j],
                                        "score": exp.scores[j].item()} for j, i in enumerate(idx[:2])], log)
-        if step % cfg.save_every == 0 or step == max_steps or step == cfg.stop_after:
-            save_checkpoint(m, cfg, optimizer, state, d)
-            if d.main and time.time() - last_plot > 120:  # a plot costs about a second: refresh it now and then
-                _plot(out, log.path)
-                last_plot = time.time()
-        if step == cfg.stop_after and step < max_steps:
-            if d.main:
-                print(f"stopped after step {step} (--stop-after); continue with --resume")
+        if end_of_step(step, max_steps, cfg, lambda: save_checkpoint(m, cfg, optimizer, state, d),
+                       lambda: _plot(out, log.path), d, clock):
             return {"steps": step, "stopped": True, "out": out, "history": history}
 
     if d.main:

@@ -10,21 +10,29 @@ left/right-padded batch for the forwards.
     b = pack(prompt_ids, responses, stop_ids, pad_id)                # a Batch; b.rows(idx) for a micro-batch
     tokens, mask, ended = masks_after_stop(tokens, stop_ids, pad_id) # responses cut after their stop token
     responses, texts = answer_texts(b, tok, stops, stop_strs, end_id)   # what the reward reads
+    scale = score_scale(reward, cfg, state, d)                       # RM scores in units of their spread
+    log = open_run_log(cfg, "ppo", resumed, state["step"], max_steps, d, hold)   # config, metrics.jsonl
+    if end_of_step(step, max_steps, cfg, save, plot, d, clock): ...  # checkpoint; True: --stop-after
 """
 
+import dataclasses
 import json
 import os
+import sys
+import time
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 
-from . import adapters
+from . import adapters, checkpoint
+from .cli import write_config
 from .data import DataError, iter_jsonl
 from .generate import cut_at_stop, generate_batch, left_pad, use_column_major_weights
 from .lora import apply_lora, default_targets, disabled_adapters, load_adapter, lora_modules
+from .metrics import MetricsLog
 from .model import Transformer
-from .reward_model import end_at_stop_string, end_token
+from .reward_model import ScoreScale, end_at_stop_string, end_token
 from .templates import render_prompt, resolve_template, stop_strings, stop_token_ids
 from .tokenizer import Tokenizer
 
@@ -222,3 +230,45 @@ def write_samples(out, step, rows: list[dict], log=None):
                   f"[answer] {row['response']}")
     if log is not None and rows:
         log.table("samples", list(rows[0]), [list(r.values()) for r in rows], step)
+
+
+# ----------------------------------------------------------------------------- the run around the steps
+
+def score_scale(reward, cfg, state: dict, d) -> ScoreScale | None:
+    """Reward-model scores in units of their spread (reward_norm std): the checkpoint's scale on resume,
+    else the spread train_rm.py stored (None in it: estimated on the first rollout batch)."""
+    if not (reward.from_rm and cfg.reward_norm == "std"):
+        return None
+    if reward.spread is not None and d.main:
+        print(f"reward: scores divided by {reward.spread:.4g}, the reward model's std on SFT-like answers")
+    return ScoreScale(*state["score_scale"]) if state.get("score_scale") else ScoreScale(0.0, reward.spread)
+
+
+def open_run_log(cfg, name: str, resumed: bool, step: int, max_steps: int, d, hold) -> MetricsLog:
+    """The run's config written, its logs cut back to the checkpoint's step (the rows after it come
+    again), and its metrics log (printed and tracked by the main process), closed with the run."""
+    if d.main:
+        write_config(cfg.out, cfg, name)
+        for log_file in ("metrics.jsonl", "samples.jsonl"):
+            checkpoint.truncate_jsonl(os.path.join(cfg.out, log_file), step if resumed else -1)
+    log = MetricsLog(os.path.join(cfg.out, "metrics.jsonl"), total_steps=max_steps,
+                     stream=sys.stdout if d.main else None, report_to=cfg.report_to if d.main else (),
+                     config=dataclasses.asdict(cfg))
+    hold.callback(log.close)
+    return log
+
+
+def end_of_step(step: int, max_steps: int, cfg, save, plot, d, clock: dict) -> bool:
+    """After a step: save() at --save-every, the last step and --stop-after, with plot() refreshed at
+    most every two minutes (a plot costs about a second; clock["plot"] is when it last ran). True
+    when --stop-after ends the run here."""
+    if step % cfg.save_every == 0 or step == max_steps or step == cfg.stop_after:
+        save()
+        if d.main and time.time() - clock["plot"] > 120:
+            plot()
+            clock["plot"] = time.time()
+    if step == cfg.stop_after and step < max_steps:
+        if d.main:
+            print(f"stopped after step {step} (--stop-after); continue with --resume")
+        return True
+    return False
