@@ -9,16 +9,19 @@ shared base, in terms of {module name: (A, B, scaling)} dicts:
 - `stack(model, parts)`: several adapters as one set of tensors for the model's LoRA layers
   (s1*B1*A1 + s2*B2*A2 = [s1*B1, s2*B2] @ [A1; A2]); `save_concatenated` writes such a sum as one
   PEFT adapter of rank r1 + r2 with scaling 1; `save_on_base` writes a model's adapter for its
-  original base, concatenated after one that was merged into the weights.
+  original base, concatenated after one that was merged into the weights; `save_merged` writes
+  OUT/merged, the full model with the adapters folded in (every trainer's --save-merged).
 """
 
 import contextlib
+from pathlib import Path
 
 import torch
 import torch.nn as nn
 
-from .lora import apply_lora, load_adapter, lora_modules, read_adapter_config, save_adapter
+from .lora import apply_lora, load_adapter, lora_modules, merge_and_unload, read_adapter_config, save_adapter
 from .model import ModelConfig, Transformer
+from .templates import save_chat_template
 
 LoRATensors = dict[str, tuple[torch.Tensor, torch.Tensor, float]]  # module name -> (A, B, scaling)
 
@@ -128,3 +131,21 @@ def save_on_base(model, out_dir, merged: LoRATensors | None = None, extra=None):
     else:
         save_concatenated(model.config, [merged, lora_tensors(model)], out_dir,
                           source_dir=getattr(model, "source_dir", None), extra=extra)
+
+
+def save_merged(out, base_dir, tok, template, model=None, dtype=None) -> Path:
+    """OUT/merged: a full model with the adapters folded in, in the base's layout (its other files
+    copied), with the tokenizer and the trained chat template. model: the trained model, merged in
+    place (its LoRA layers are gone after: call it last; a policy's value head is left out); None:
+    the adapter already written to OUT, merged on a freshly loaded full-precision base (a 4-bit base
+    takes no merge, an FSDP shard holds only part of the weights)."""
+    merged = Path(out) / "merged"
+    if model is None:
+        model = Transformer.from_pretrained(base_dir, dtype=dtype, adapter=str(out), merge=True, value_head=False)
+    else:
+        model.value_head = None
+        merge_and_unload(model)
+    model.save_pretrained(merged, copy_from=base_dir)
+    tok.save_pretrained(merged)
+    save_chat_template(merged, tok, template)
+    return merged

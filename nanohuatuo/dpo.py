@@ -60,7 +60,7 @@ from .cli import (ExportFlags, LoRAFlags, ModelFlags, TrainLoopFlags, UserError,
                   resolve_dtype, write_config)
 from .data import split_heldout
 from .lora import (apply_lora, default_targets, disabled_adapters, load_adapter, lora_modules, lora_parameters,
-                   merge_and_unload, save_adapter)
+                   save_adapter)
 from .losses import dpo_loss, sequence_logprobs
 from .metrics import REPORT_TO_HELP, MetricsLog, check_report_to, plot_metrics
 from .model import Transformer
@@ -386,15 +386,8 @@ def _train(cfg: DPOConfig, d, hold) -> dict:
     if d.main and os.path.exists(log.path) and os.path.getsize(log.path):
         plot_metrics(log.path, out / "metrics.png", ["loss", "accuracy", "margin", "eval_loss", "eval_accuracy"],
                      title="DPO")
-    if d.main and cfg.save_merged and not stopped and cfg.quant != "none":
-        # a 4-bit base takes no merge: the adapter just written, merged on the full-precision base (CPU)
-        Transformer.from_pretrained(cfg.model, dtype=dtype, adapter=str(out), merge=True, value_head=False) \
-            .save_pretrained(out / "merged", copy_from=cfg.model)
-    elif d.main and cfg.save_merged and not stopped:  # destroys the LoRA layers: last
-        merge_and_unload(model).save_pretrained(out / "merged", copy_from=cfg.model)
-    if d.main and cfg.save_merged and not stopped:
-        tok.save_pretrained(out / "merged")
-        save_chat_template(out / "merged", tok, template)
+    if d.main and cfg.save_merged and not stopped:  # merges the LoRA layers away (a 4-bit base: a fresh one): last
+        adapters.save_merged(out, cfg.model, tok, template, model=model if cfg.quant == "none" else None, dtype=dtype)
     dist.barrier(d)
     summary = dict(history[-1]) if history else {}
     summary.pop("time", None)

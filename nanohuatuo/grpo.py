@@ -50,10 +50,9 @@ from .cli import (ExportFlags, LoRAFlags, ModelFlags, TrainLoopFlags, UserError,
                   prepare_out, resolve_dtype)
 from .cpu_kernels import return_large_blocks
 from .llm import from_flags
-from .lora import load_adapter, lora_modules, lora_parameters, merge_and_unload, save_adapter
+from .lora import load_adapter, lora_modules, lora_parameters, save_adapter
 from .losses import group_advantages, grpo_loss, kl_k3, length_debias, response_forward
 from .metrics import REPORT_TO_HELP, check_report_to, plot_metrics
-from .model import Transformer
 from .quant import QUANT_HELP, QUANTS
 from .rank_prompt import build_judge_messages, nudge_message, ranking_parser, shown_order
 from .reward_model import Scorer, reward_scorer, share_base
@@ -441,14 +440,9 @@ def _train(cfg: GRPOConfig, reward_fn, d, hold) -> dict:
         save_chat_template(out, tok, template)
         if os.path.exists(log.path) and os.path.getsize(log.path):
             _plot(out, log.path)
-        if cfg.save_merged and cfg.quant != "none":
-            # a 4-bit base takes no merge: the adapter just written, merged on the full-precision base (CPU)
-            Transformer.from_pretrained(cfg.model, dtype=dtype, adapter=out, merge=True, value_head=False) \
-                .save_pretrained(os.path.join(out, "merged"))
-            save_chat_template(os.path.join(out, "merged"), tok, template)
-        elif cfg.save_merged:  # destroys the LoRA layers: last
-            merge_and_unload(model).save_pretrained(os.path.join(out, "merged"))
-            save_chat_template(os.path.join(out, "merged"), tok, template)
+        if cfg.save_merged:  # merges the LoRA layers away (a 4-bit base: onto a fresh full one): last
+            adapters.save_merged(out, cfg.model, tok, template, model=model if cfg.quant == "none" else None,
+                                 dtype=dtype)
         print(f"wrote the policy adapter to {out} (load with --model {cfg.model} --adapter {out})")
     dist.barrier(d)
     summary = dict(history[-1]) if history else {}

@@ -68,7 +68,7 @@ import torch.nn as nn
 from . import adapters, checkpoint, dist
 from .cli import (ExportFlags, LoRAFlags, ModelFlags, TrainLoopFlags, UserError, arg, cli_main, like, prepare_out,
                   resolve_dtype)
-from .lora import load_adapter, lora_modules, lora_parameters, merge_and_unload, save_adapter
+from .lora import load_adapter, lora_modules, lora_parameters, save_adapter
 from .losses import length_debias, masked_mean, masked_var, response_forward, whiten
 from .metrics import REPORT_TO_HELP, check_report_to, plot_metrics
 from .model import Transformer
@@ -632,15 +632,9 @@ def _train(cfg: PPOConfig, reward_fn, d, hold) -> dict:
                 save_adapter(m.model, os.path.join(out, "critic"), extra=m.head())
         if os.path.exists(log.path) and os.path.getsize(log.path):
             _plot(out, log.path)
-        if cfg.save_merged and cfg.quant != "none":
-            # a 4-bit base takes no merge: the adapter just written, merged on the full-precision base (CPU)
-            Transformer.from_pretrained(cfg.model, dtype=dtype, adapter=out, merge=True, value_head=False) \
-                .save_pretrained(os.path.join(out, "merged"))
-            save_chat_template(os.path.join(out, "merged"), tok, template)
-        elif cfg.save_merged:  # destroys the LoRA layers: last
-            m.model.value_head = None
-            merge_and_unload(m.model).save_pretrained(os.path.join(out, "merged"))
-            save_chat_template(os.path.join(out, "merged"), tok, template)
+        if cfg.save_merged:  # merges the LoRA layers away (a 4-bit base: onto a fresh full one): last
+            adapters.save_merged(out, cfg.model, tok, template, model=m.model if cfg.quant == "none" else None,
+                                 dtype=dtype)
         print(f"wrote the policy adapter to {out} (load with --model {cfg.model} --adapter {out})")
     dist.barrier(d)
     summary = dict(history[-1]) if history else {}

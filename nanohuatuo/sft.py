@@ -60,12 +60,12 @@ from typing import NamedTuple
 import torch
 import torch.nn as nn
 
-from . import checkpoint, dist
+from . import adapters, checkpoint, dist
 from .cli import (ExportFlags, LoRAFlags, ModelFlags, TrainLoopFlags, UserError, arg, cli_main, like, prepare_out,
                   resolve_dtype, write_config)
 from .data import load_conversations, mix_sources, split_heldout
 from .dist import Dist
-from .lora import apply_lora, default_targets, load_adapter, merge_and_unload, save_adapter
+from .lora import apply_lora, default_targets, load_adapter, save_adapter
 from .losses import IGNORE, linear_cross_entropy, output_weight
 from .metrics import REPORT_TO_HELP, MetricsLog, check_report_to, plot_metrics
 from .model import Transformer
@@ -535,16 +535,9 @@ def write_outputs(cfg: SFTConfig, d: Dist, model: Transformer, tok: Tokenizer, t
         if not cfg.lora_r:
             say("--save-merged: full fine-tuning already wrote a full model; nothing to merge")
             return
-        if (cfg.fsdp and d.world > 1) or cfg.quant != "none":
-            # the shadow holds only the adapter, or the base is 4-bit: merge onto a freshly loaded full base
-            merged = Transformer.from_pretrained(cfg.model, adapter=out)
-        else:
-            merged = model
-        merge_and_unload(merged)
-        merged.save_pretrained(out / "merged", copy_from=cfg.model)
-        tok.save_pretrained(out / "merged")
-        save_chat_template(out / "merged", tok, template)
-        say(f"merged model: {out / 'merged'}")
+        # the FSDP shadow holds only the adapter, and a 4-bit base takes no merge: onto a freshly loaded full base
+        fresh = (cfg.fsdp and d.world > 1) or cfg.quant != "none"
+        say(f"merged model: {adapters.save_merged(out, cfg.model, tok, template, model=None if fresh else model)}")
 
 
 # ----------------------------------------------------------------------------- CLI
