@@ -7,6 +7,8 @@ Helpers are plain functions: `from conftest import tiny_base, write_jsonl, word_
 
 import json
 import os
+import subprocess
+import sys
 from typing import NamedTuple
 
 import pytest
@@ -113,3 +115,16 @@ def hf_dirs(tmp_path_factory):
             cache[kind] = (str(path), model)
         return cache[kind]
     return get
+
+
+def torchrun_ranks_agree(script, out):
+    """Run `script` on two CPU processes under torchrun; each saves its trained parameters to
+    out/rank{RANK}.pt. Asserts the run succeeded, both ranks ended with the same non-zero
+    parameters and the metrics log has its two steps."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                        str(script)], capture_output=True, text=True, timeout=180, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    a, b = torch.load(out / "rank0.pt"), torch.load(out / "rank1.pt")
+    assert torch.equal(a, b) and a.abs().sum() > 0  # the same update on both ranks from different rollouts
+    assert len(open(out / "out" / "metrics.jsonl").readlines()) == 2

@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 
-from conftest import word_tokenizer
+from conftest import torchrun_ranks_agree, word_tokenizer
 from fake_openai import ScriptedServer
 from nanohuatuo import ModelConfig, Transformer
 from nanohuatuo import grpo
@@ -201,10 +201,4 @@ grpo.train(cfg)
 flat = torch.cat([p.detach().flatten() for p in lora_parameters(models[0][0])])
 torch.save(flat, {str(tmp_path)!r} + f"/rank{{os.environ['RANK']}}.pt")
 """)
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                        str(script)], capture_output=True, text=True, timeout=180, env=env)
-    assert r.returncode == 0, r.stderr[-3000:]
-    a, b = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
-    assert torch.equal(a, b) and a.abs().sum() > 0  # the same update on both ranks from different rollouts
-    assert len(open(tmp_path / "out" / "metrics.jsonl").readlines()) == 2
+    torchrun_ranks_agree(script, tmp_path)
