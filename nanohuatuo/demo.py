@@ -403,11 +403,12 @@ def rm_heldout(d, algos: list[str], rm_dir, device, dtype, seed, sampled: dict |
     if sampled:
         prompts = [{"id": i, "messages": as_messages(answers[algos[0]][i][0]), "reference": ""} for i in ids]
         per_model = {}
+        tok = Tokenizer.from_pretrained(sampled["policy"])
+        template = resolve_template(sampled["policy"], sampled["template"], tok)
         for name, adapter in sampled["adapters"].items():
             model = Transformer.from_pretrained(sampled["policy"], adapter=adapter, device=device,
                                                 dtype=resolve_dtype(dtype, torch.device(device)))
-            tok = Tokenizer.from_pretrained(sampled["policy"])
-            items = sample_answers(model, tok, resolve_template(sampled["policy"], sampled["template"], tok), prompts,
+            items = sample_answers(model, tok, template, prompts,
                                    k=sampled["k"], max_new_tokens=sampled["max_new_tokens"],
                                    temperature=sampled["temperature"], batch_size=32, seed=seed)
             del model
