@@ -591,3 +591,31 @@ def test_length_debias_by_hand_and_it_holds_the_length(tiny, tmp_path):
     assert free[-1]["response_length"] < first - 1.5, [r["response_length"] for r in free]
     assert abs(held[-1]["response_length"] - first) < 1, [r["response_length"] for r in held]
     assert all(r["score"] == pytest.approx(r["rm_score"], abs=1e-5) for r in held)  # the mean is kept
+
+
+def test_k_answers_a_prompt_learn_from_their_lead_only(tiny, tmp_path):
+    """--k 2: each answer's score counts only as its lead over the other answer to its prompt, so a
+    per-prompt offset in the reward (what a reward model's level from prompt to prompt is) changes
+    nothing PPO does; with one answer a prompt the same offset changes the whole run."""
+    base, _ = tiny
+    seen = []
+
+    def offset(prompts, responses, rows, texts):  # the known reward plus 3 x the prompt's length
+        seen.append([tuple(p) for p in prompts])
+        return good_fraction(prompts, responses, rows, texts) + 3.0 * torch.tensor([len(p) for p in prompts])
+
+    kw = dict(max_steps=3, batch_size=8, max_new_tokens=6, micro_batch_size=8, num_mini_batches=2, lr=3e-3)
+    plain = ppo.train(tiny_cfg(base, tmp_path / "a", k=2, **kw), reward_fn=good_fraction)["history"]
+    moved = ppo.train(tiny_cfg(base, tmp_path / "b", k=2, **kw), reward_fn=offset)["history"]
+    assert all(len(s) == 16 and all(s[i] == s[i + 1] for i in range(0, 16, 2)) for s in seen)  # 8 prompts x 2
+    assert len({s[0] for s in seen}) == 3  # each step its own prompts
+    for a, b in zip(plain, moved):
+        assert b["score"] > a["score"] + 3  # the offset is in the logged score...
+        for key in ("kl", "entropy", "response_length", "approx_kl", "vf_loss", "score_std"):
+            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-5), key  # ...and nowhere in the update
+    one = dict(kw, batch_size=16)
+    plain1 = ppo.train(tiny_cfg(base, tmp_path / "c", **one), reward_fn=good_fraction)["history"]
+    moved1 = ppo.train(tiny_cfg(base, tmp_path / "d", **one), reward_fn=offset)["history"]
+    assert abs(moved1[-1]["kl"] - plain1[-1]["kl"]) > 1e-3  # k=1: the offsets drive the advantages
+    with pytest.raises(ppo.UserError, match="--k 0"):
+        tiny_cfg(base, tmp_path / "e", k=0).check()
