@@ -365,7 +365,7 @@ def eval_stage(out, cfg: DemoConfig, size: DemoSize, policy, sft_adapter, traine
             limit=size.eval_cases, max_turns=size.eval_turns, bootstrap=200, **a, b_model=policy,
             b_adapter=sft_adapter, b_name="SFT", b_template=template, **judge, **patient, **gen))
     # real checkpoints: also sampled answers, as PPO samples them (the tiny demo's greedy check suffices there)
-    sampled = dict(policy=policy, template=template, adapters={**trained, "SFT": sft_adapter}, k=2, temperature=0.7,
+    sampled = dict(policy=policy, template=template, adapters={**trained, "SFT": sft_adapter}, k=4, temperature=0.7,
                    max_new_tokens=size.ppo_tokens) if cfg.model else None
     res["rm_heldout"] = rm_heldout(d, list(trained), rm_dir, device, cfg.dtype, cfg.seed, sampled)
     return res
@@ -402,25 +402,9 @@ def rm_heldout(d, algos: list[str], rm_dir, device, dtype, seed, sampled: dict |
               for algo in algos if algo in scores for k in ("SFT", "base") if k in scores}}
     if sampled:
         prompts = [{"id": i, "messages": as_messages(answers[algos[0]][i][0]), "reference": ""} for i in ids]
-        per_model = {}
-        tok = Tokenizer.from_pretrained(sampled["policy"])
-        template = resolve_template(sampled["policy"], sampled["template"], tok)
-        for name, adapter in sampled["adapters"].items():
-            model = Transformer.from_pretrained(sampled["policy"], adapter=adapter, device=device,
-                                                dtype=resolve_dtype(dtype, torch.device(device)))
-            items = sample_answers(model, tok, template, prompts,
-                                   k=sampled["k"], max_new_tokens=sampled["max_new_tokens"],
-                                   temperature=sampled["temperature"], batch_size=32, seed=seed)
-            del model
-            got = {it["id"]: it["answers"] for it in items}
-            if set(got) != set(ids):
-                continue  # a prompt too long for this model's context: no paired comparison
-            msgs = [p["messages"] for p in prompts for _ in got[p["id"]]]
-            sc = (score_texts(rm, msgs, [a for i in ids for a in got[i]]) / unit).tolist()
-            per_model[name], at = [], 0
-            for i in ids:  # each prompt's mean over its k answers
-                per_model[name].append(sum(sc[at:at + len(got[i])]) / len(got[i]))
-                at += len(got[i])
+        per_model = sampled_rm_scores(sampled["policy"], sampled["template"], sampled["adapters"], prompts, rm,
+                                      sampled["k"], sampled["temperature"], sampled["max_new_tokens"], device, dtype,
+                                      seed)
         res["sampled"] = {"k": sampled["k"], "temperature": sampled["temperature"],
                           "mean": {k: sum(v) / len(v) for k, v in per_model.items()},
                           **{f"{a}_vs_SFT": paired_diff(per_model[a], per_model["SFT"], seed=seed)
@@ -429,6 +413,35 @@ def rm_heldout(d, algos: list[str], rm_dir, device, dtype, seed, sampled: dict |
         json.dump({**res, "ids": ids, "scores": scores, **({"sampled_scores": per_model} if sampled else {})}, f,
                   indent=1)
     return res
+
+
+def sampled_rm_scores(policy, template, adapters: dict, prompts: list[dict], rm, k, temperature, max_new_tokens,
+                      device, dtype, seed) -> dict[str, list[float]]:
+    """{model name: the reward model's mean score of its k sampled answers, per prompt} for each adapter
+    on `policy` (None: the base), in units of the reward model's spread. prompts: {"id", "messages"}.
+    Every model samples with the same seed; a model that cannot answer every prompt (one too long for its
+    context) is left out, as a comparison over fewer prompts would not be paired."""
+    tok = Tokenizer.from_pretrained(policy)
+    template = resolve_template(policy, template, tok)
+    unit = rm.spread or 1.0
+    out = {}
+    for name, adapter in adapters.items():
+        model = Transformer.from_pretrained(policy, adapter=adapter, device=device,
+                                            dtype=resolve_dtype(dtype, torch.device(device)))
+        items = sample_answers(model, tok, template, prompts, k=k, max_new_tokens=max_new_tokens,
+                               temperature=temperature, batch_size=32, seed=seed)
+        del model
+        got = {it["id"]: it["answers"] for it in items}
+        if set(got) != {p["id"] for p in prompts}:
+            continue
+        sc = (score_texts(rm, [p["messages"] for p in prompts for _ in got[p["id"]]],
+                          [a for p in prompts for a in got[p["id"]]]) / unit).tolist()
+        out[name], at = [], 0
+        for p in prompts:  # each prompt's mean over its k answers
+            n = len(got[p["id"]])
+            out[name].append(sum(sc[at:at + n]) / n)
+            at += n
+    return out
 
 
 # ----------------------------------------------------------------------------- the run

@@ -2,6 +2,8 @@
 
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -10,6 +12,8 @@ from nanohuatuo import Transformer
 from nanohuatuo.cli import UserError
 from nanohuatuo.demo import BUDGET, DemoConfig, choose_size, main, run
 from nanohuatuo.reward_model import load_reward_model, score_texts
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _png(path):
@@ -177,10 +181,22 @@ def test_quick_demo_on_a_real_checkpoint_is_lora_with_its_own_template(tmp_path,
     p = h["PPO_vs_SFT"]
     assert p["higher"] + p["lower"] <= 10 and abs(p["diff"] - (h["mean"]["PPO"] - h["mean"]["SFT"])) < 1e-9
     assert "prompts RL never saw" in report
-    # and their sampled answers (k = 2 at PPO's temperature), PPO against SFT
+    # and their sampled answers (k = 4 at PPO's temperature), PPO against SFT
     sm = h["sampled"]
-    assert sm["k"] == 2 and set(sm["mean"]) == {"PPO", "SFT"} and sm["PPO_vs_SFT"]["n"] == 10
+    assert sm["k"] == 4 and set(sm["mean"]) == {"PPO", "SFT"} and sm["PPO_vs_SFT"]["n"] == 10
     assert "sampled answers" in report
+    # the larger sampled check of a finished run: the bundled questions, seeds pooled
+    tool = os.path.join(ROOT, "tools", "rm_heldout.py")
+    done = subprocess.run([sys.executable, tool, str(out), "--questions", "3", "--k", "2", "--seeds", "0", "1",
+                           "--base"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    got = json.loads((out / "eval" / "rm_heldout_sampled.json").read_text())
+    assert got["questions"] == 3 and set(got["mean"]) == {"SFT", "PPO", "base"}
+    assert "PPO - SFT, pooled" in done.stdout and "GRPO: no adapter" in done.stdout
+    pooled = [(a + b) / 2 for a, b in zip(got["scores"]["0"]["PPO"], got["scores"]["1"]["PPO"])]
+    assert got["mean"]["PPO"] == pytest.approx(sum(pooled) / 3)
+    bad = subprocess.run([sys.executable, tool, str(tmp_path)], capture_output=True, text=True)
+    assert bad.returncode == 2 and "finished demo run" in bad.stderr
 
 
 def test_gpu_profile_runs_on_a_cpu_with_a_tiny_checkpoint(tmp_path, capsys):
