@@ -188,10 +188,11 @@ def test_quick_demo_on_a_real_checkpoint_is_lora_with_its_own_template(tmp_path,
     # the larger sampled check of a finished run: the bundled questions, seeds pooled
     tool = os.path.join(ROOT, "tools", "rm_heldout.py")
     done = subprocess.run([sys.executable, tool, str(out), "--questions", "3", "--k", "2", "--seeds", "0", "1",
-                           "--base"], capture_output=True, text=True)
+                           "--base", "--models", "PPO", "GRPO", f"again={out / 'ppo'}"], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     got = json.loads((out / "eval" / "rm_heldout_sampled.json").read_text())
-    assert got["questions"] == 3 and set(got["mean"]) == {"SFT", "PPO", "base"}
+    assert got["questions"] == 3 and set(got["mean"]) == {"SFT", "PPO", "again", "base"}
+    assert got["mean"]["again"] == got["mean"]["PPO"]  # the same adapter, the same seeds: the same answers
     assert "PPO - SFT, pooled" in done.stdout and "GRPO: no adapter" in done.stdout
     pooled = [(a + b) / 2 for a, b in zip(got["scores"]["0"]["PPO"], got["scores"]["1"]["PPO"])]
     assert got["mean"]["PPO"] == pytest.approx(sum(pooled) / 3)

@@ -10,9 +10,10 @@ SFT's with a 95% bootstrap interval over questions (seeds pooled: each question'
 
     python tools/rm_heldout.py runs/smol_cpu --k 4 --seeds 0 1
     python tools/rm_heldout.py runs/smol_cpu --models PPO GRPO --questions 20
+    python tools/rm_heldout.py runs/smol_cpu --models PPO PPO-k2=runs/ppo_k2   # another PPO on the same SFT
 
-Writes RUN/eval/rm_heldout_sampled.json (per-question scores, per seed). Model files that are not
-there (a run without GRPO, say) are skipped with a line saying so.
+Writes RUN/eval/rm_heldout_sampled.json (or --out): per-question scores, per seed. A policy whose
+adapter is not there (a run without GRPO, say) is skipped with a line saying so.
 """
 
 import argparse
@@ -29,13 +30,16 @@ from nanohuatuo.winrate import paired_diff  # noqa: E402
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("run", help="a finished demo run's --out directory (demo_config.json, sft/, rm/, ppo/ ...)")
-    p.add_argument("--models", nargs="+", default=["PPO", "GRPO", "DPO"], help="policies compared with SFT")
+    p.add_argument("--models", nargs="+", default=["PPO", "GRPO", "DPO"],
+                   help="policies compared with SFT: a name (its adapter in RUN/<name>) or NAME=ADAPTER_DIR (an "
+                        "adapter on the run's base, e.g. from a train_ppo.py run with other flags)")
     p.add_argument("--base", action="store_true", help="also the base model without adapters")
     p.add_argument("--k", type=int, default=4, help="sampled answers per question and seed")
     p.add_argument("--seeds", type=int, nargs="+", default=[0], help="sampling seeds (each a full pass)")
     p.add_argument("--questions", type=int, default=0, help="the first N questions (0: all)")
     p.add_argument("--temperature", type=float, default=None, help="default: the run's PPO temperature")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--out", default=None, help="JSON to write (default RUN/eval/rm_heldout_sampled.json)")
     args = p.parse_args(argv)
     cfg_path = os.path.join(args.run, "ppo", "ppo_config.json")
     for need in (os.path.join(args.run, "demo_config.json"), os.path.join(args.run, "rm"), cfg_path):
@@ -45,8 +49,9 @@ def main(argv=None) -> int:
     with open(cfg_path, encoding="utf-8") as f:
         ppo_cfg = json.load(f)  # base, template, answer length and temperature the policies were trained with
     adapters = {"SFT": os.path.join(args.run, "sft")}
-    for name in args.models:
-        d = os.path.join(args.run, name.lower())
+    for spec in args.models:
+        name, _, d = spec.partition("=")
+        d = d or os.path.join(args.run, name.lower())
         if os.path.exists(os.path.join(d, "adapter_config.json")):
             adapters[name] = d
         else:
@@ -84,8 +89,8 @@ def main(argv=None) -> int:
                 n if label == "pooled" else label] = d
     res["scores"] = {str(s): per_seed[s] for s in args.seeds}
     res["ids"] = [q["id"] for q in questions]
-    out = os.path.join(args.run, "eval", "rm_heldout_sampled.json")
-    os.makedirs(os.path.dirname(out), exist_ok=True)
+    out = args.out or os.path.join(args.run, "eval", "rm_heldout_sampled.json")
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     with open(out, "w", encoding="utf-8") as f:
         json.dump(res, f, indent=1)
     print(f"wrote {out}")
