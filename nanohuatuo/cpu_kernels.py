@@ -15,6 +15,7 @@ and generate.py and the benchmarks use it too.
 
 import ctypes
 import ctypes.util
+import os
 import time
 
 import torch
@@ -136,6 +137,13 @@ def tune_cpu_kernels(model: Transformer, batches=(1, 8)):
     The parameter objects are kept (tied embeddings stay tied; saving writes the usual row-major
     tensors), the values are unchanged, and it runs outside inference mode, so training can go on
     using the weights. No-op off CPU and when already done; NF4 weights are left as they are.
+
+    A choice made by timing can differ from one run to the next, and a column-major matrix sums in
+    another order than a row-major one: the logits differ in the last bits, a sampled answer can
+    differ from there on, and two runs of the same PPO command drift apart. With the environment
+    variable NANOHUATUO_CPU_KERNELS=fixed nothing is timed: the weights stay as loaded, the head
+    uses F.linear and int8 weights their dequantising kernel, so runs repeat exactly (giving up
+    whatever speed the timing would have found).
     """
     head = model.lm_head
     w = getattr(head, "weight", None)
@@ -144,6 +152,9 @@ def tune_cpu_kernels(model: Transformer, batches=(1, 8)):
     # beyond 16 rows the products are compute-bound and timing a big head there would take seconds
     batches = tuple(sorted(set(min(int(b), 16) for b in batches)))
     choice = {"batches": batches, "layouts": {}, "head": {}, "int8": {}}
+    if os.environ.get("NANOHUATUO_CPU_KERNELS") == "fixed":  # repeatable runs: the loaded layouts, no timing
+        model.cpu_kernels = choice
+        return
     with torch.inference_mode(False), torch.no_grad():
         by_shape = {}
         for name, m in model.layers.named_modules():

@@ -280,3 +280,21 @@ def test_cpu_kernel_choice_keeps_the_values():
     with torch.no_grad():
         torch.testing.assert_close(m(ids), want, atol=1e-5, rtol=0)
     assert not Engine(m, compile=True).compile  # CUDA graphs only on CUDA: CPU stays eager
+
+
+def test_fixed_cpu_kernels_time_nothing_and_keep_the_loaded_layout(monkeypatch):
+    """NANOHUATUO_CPU_KERNELS=fixed: repeatable runs (no choice made by timing, which can differ run to run)."""
+    import nanohuatuo.cpu_kernels as ck
+    monkeypatch.setenv("NANOHUATUO_CPU_KERNELS", "fixed")
+    monkeypatch.setattr(ck, "_measure", lambda *a, **k: pytest.fail("timed a kernel"))
+    m = tiny(seed=1)
+    ids = torch.tensor([PROMPTS[2]])
+    with torch.no_grad():
+        want = m(ids)
+    tune_cpu_kernels(m, batches=(1, 4))
+    assert m.cpu_kernels["layouts"] == {} and m.cpu_kernels["head"] == {}
+    assert all(p.is_contiguous() for p in m.parameters())
+    eng = Engine(m)
+    out = eng.generate([PROMPTS[2]], SamplingParams(max_new_tokens=4))[0]
+    with torch.no_grad():
+        assert torch.equal(m(ids), want) and out.tokens[0] == int(want[0, -1].argmax())
