@@ -416,11 +416,13 @@ def rm_heldout(d, algos: list[str], rm_dir, device, dtype, seed, sampled: dict |
 
 
 def sampled_rm_scores(policy, template, adapters: dict, prompts: list[dict], rm, k, temperature, max_new_tokens,
-                      device, dtype, seed) -> dict[str, list[float]]:
+                      device, dtype, seed, lengths: dict | None = None) -> dict[str, list[float]]:
     """{model name: the reward model's mean score of its k sampled answers, per prompt} for each adapter
     on `policy` (None: the base), in units of the reward model's spread. prompts: {"id", "messages"}.
     Every model samples with the same seed; a model that cannot answer every prompt (one too long for its
-    context) is left out, as a comparison over fewer prompts would not be paired."""
+    context) is left out, as a comparison over fewer prompts would not be paired. `lengths`, when given,
+    gets each model's mean answer length in characters: a higher score from much shorter or longer
+    answers says as much about the reward model's taste in length as about the answers."""
     tok = Tokenizer.from_pretrained(policy)
     template = resolve_template(policy, template, tok)
     unit = rm.spread or 1.0
@@ -434,8 +436,10 @@ def sampled_rm_scores(policy, template, adapters: dict, prompts: list[dict], rm,
         got = {it["id"]: it["answers"] for it in items}
         if set(got) != {p["id"] for p in prompts}:
             continue
-        sc = (score_texts(rm, [p["messages"] for p in prompts for _ in got[p["id"]]],
-                          [a for p in prompts for a in got[p["id"]]]) / unit).tolist()
+        texts = [a for p in prompts for a in got[p["id"]]]
+        sc = (score_texts(rm, [p["messages"] for p in prompts for _ in got[p["id"]]], texts) / unit).tolist()
+        if lengths is not None:
+            lengths[name] = sum(map(len, texts)) / len(texts)
         out[name], at = [], 0
         for p in prompts:  # each prompt's mean over its k answers
             n = len(got[p["id"]])

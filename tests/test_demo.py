@@ -193,6 +193,7 @@ def test_quick_demo_on_a_real_checkpoint_is_lora_with_its_own_template(tmp_path,
     got = json.loads((out / "eval" / "rm_heldout_sampled.json").read_text())
     assert got["questions"] == 3 and set(got["mean"]) == {"SFT", "PPO", "again", "base"}
     assert got["mean"]["again"] == got["mean"]["PPO"]  # the same adapter, the same seeds: the same answers
+    assert set(got["chars"]) == set(got["mean"]) and "mean answer length: SFT" in done.stdout
     assert "PPO - SFT, pooled" in done.stdout and "GRPO: no adapter" in done.stdout
     pooled = [(a + b) / 2 for a, b in zip(got["scores"]["0"]["PPO"], got["scores"]["1"]["PPO"])]
     assert got["mean"]["PPO"] == pytest.approx(sum(pooled) / 3)

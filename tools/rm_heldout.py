@@ -6,7 +6,8 @@ sampled answers per prompt is as large, so one check over 28 prompts can miss a 
 false one. This samples more: every single-turn question of data/eval_questions.json (none of them
 is a PPO prompt), k answers each, for one or more seeds, with the run's own base, adapters, reward
 model, template, answer length and PPO's temperature, and reports each policy's mean score minus
-SFT's with a 95% bootstrap interval over questions (seeds pooled: each question's mean over them).
+SFT's with a 95% bootstrap interval over questions (seeds pooled: each question's mean over them),
+and each model's mean answer length.
 
     python tools/rm_heldout.py runs/smol_cpu --k 4 --seeds 0 1
     python tools/rm_heldout.py runs/smol_cpu --models PPO GRPO --questions 20
@@ -65,18 +66,22 @@ def main(argv=None) -> int:
                for q in questions]
     temperature = args.temperature if args.temperature is not None else ppo_cfg["temperature"]
     rm = load_reward_model(os.path.join(args.run, "rm"), device=args.device, dtype=ppo_cfg["dtype"])
-    per_seed = {}
+    per_seed, chars = {}, {}
     for seed in args.seeds:
+        chars[seed] = {}
         per_seed[seed] = sampled_rm_scores(ppo_cfg["model"], ppo_cfg["template"], adapters, prompts, rm, args.k,
                                            temperature, ppo_cfg["max_new_tokens"], args.device, ppo_cfg["dtype"],
-                                           seed)
+                                           seed, lengths=chars[seed])
     names = [n for n in adapters if all(n in s for s in per_seed.values())]
     pooled = {n: [sum(per_seed[s][n][i] for s in args.seeds) / len(args.seeds) for i in range(len(prompts))]
               for n in names}
     print(f"{len(prompts)} questions x {args.k} answers x {len(args.seeds)} seed(s), temperature {temperature}, "
           f"{ppo_cfg['max_new_tokens']} tokens; reward-model score in units of its spread on SFT answers")
     res = {"questions": len(prompts), "k": args.k, "seeds": args.seeds, "temperature": temperature,
-           "mean": {n: sum(v) / len(v) for n, v in pooled.items()}, "vs_SFT": {}, "per_seed": {}}
+           "mean": {n: sum(v) / len(v) for n, v in pooled.items()}, "vs_SFT": {}, "per_seed": {},
+           "chars": {n: sum(chars[s][n] for s in args.seeds) / len(args.seeds) for n in names}}
+    # a score won by much shorter (or longer) answers says as much about the reward model's taste in length
+    print("mean answer length: " + ", ".join(f"{n} {c:.0f} characters" for n, c in res["chars"].items()))
     for n in names:
         if n == "SFT":
             continue
