@@ -425,10 +425,7 @@ def make_experience(m: Models, cfg: PPOConfig, kl_coef, prompts, rows, reward: S
     if cfg.missing_eos_penalty is not None:
         scores = torch.where(b.ended, scores, torch.full_like(scores, cfg.missing_eos_penalty))
 
-    # K answers a prompt: the score PPO's return is built from is the lead over the prompt's other answers.
-    # A reward model learns differences between answers to one prompt; its level from prompt to prompt is
-    # arbitrary, and with one answer a prompt that level is most of a batch's score spread (a critic
-    # learns it only slowly), so the advantages would mostly say which prompts were drawn.
+    # K answers a prompt: the return is built from each answer's lead over the others (module doc: why)
     lead = group_advantages(scores, k, "rloo", scale=False) if k > 1 else scores
     rewards, kl = compute_rewards(lead, old_logp, ref_logp, maskf, kl_coef, cfg.kl_estimator)
     advantages, returns = gae(rewards, values, maskf, cfg.gamma, cfg.lam)

@@ -85,13 +85,14 @@ def main(argv=None) -> int:
     for n in names:
         if n == "SFT":
             continue
-        for label, table in [(f"seed {s}", per_seed[s]) for s in args.seeds] + [("pooled", pooled)]:
-            d = paired_diff(table[n], table["SFT"])
+        diffs = {f"seed {s}": paired_diff(per_seed[s][n], per_seed[s]["SFT"]) for s in args.seeds}
+        diffs["pooled"] = paired_diff(pooled[n], pooled["SFT"])
+        for label, d in diffs.items():
             lo, hi = d["diff_ci"] or (float("nan"), float("nan"))
             print(f"{n} - SFT, {label}: {d['diff']:+.3f} [{lo:+.3f}, {hi:+.3f}], higher on {d['higher']} and lower "
                   f"on {d['lower']} of {d['n']}")
-            (res["vs_SFT"] if label == "pooled" else res["per_seed"].setdefault(n, {}))[
-                n if label == "pooled" else label] = d
+        res["vs_SFT"][n] = diffs.pop("pooled")
+        res["per_seed"][n] = diffs
     res["scores"] = {str(s): per_seed[s] for s in args.seeds}
     res["ids"] = [q["id"] for q in questions]
     out = args.out or os.path.join(args.run, "eval", "rm_heldout_sampled.json")
