@@ -205,3 +205,22 @@ def return_large_blocks(threshold: int = 1 << 20) -> bool:
         return bool(libc.mallopt(-3, int(threshold)))  # M_MMAP_THRESHOLD; setting it stops the raising
     except (OSError, AttributeError):
         return False
+
+
+def native_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
+    """Whether this processor has bfloat16 arithmetic instructions: x86's AVX512-BF16 or AMX-BF16
+    (AMD Zen 4 on, Intel Cooper Lake and Sapphire Rapids on) or Arm's BF16. There bfloat16 matrix
+    products are native and training pays: a forward and backward pass of a 0.5B model took 8-10 s
+    in bfloat16 against 14-34 s in float32 on an AMD EPYC (docs/benchmarks.md); without them
+    bfloat16 is converted to and from float32 around the arithmetic, and is not expected to be
+    faster. Read from the flags the kernel reports (Linux; elsewhere False), not timed, so the
+    answer is the same on every run of one machine."""
+    try:
+        with open(cpuinfo, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.lower().startswith(("flags", "features")):
+                    flags = set(line.split(":", 1)[-1].split())
+                    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
+    except OSError:
+        pass
+    return False

@@ -298,3 +298,18 @@ def test_fixed_cpu_kernels_time_nothing_and_keep_the_loaded_layout(monkeypatch):
     out = eng.generate([PROMPTS[2]], SamplingParams(max_new_tokens=4))[0]
     with torch.no_grad():
         assert torch.equal(m(ids), want) and out.tokens[0] == int(want[0, -1].argmax())
+
+
+def test_native_bf16_reads_the_processor_flags(tmp_path):
+    """bfloat16 instructions (x86 AVX512-BF16 / AMX-BF16, Arm BF16) from the kernel's flags; none, or no file: no."""
+    from nanohuatuo.cpu_kernels import native_bf16
+    cases = {"flags\t\t: fpu sse2 avx2 avx512f avx512bw avx512_vnni\n": False,  # AVX-512 without BF16
+             "flags\t\t: fpu avx2 avx512f avx512_bf16 avx512_vnni\n": True,
+             "flags\t\t: fpu avx512f amx_tile amx_bf16\n": True,
+             "Features\t: fp asimd sve bf16 i8mm\n": True,
+             "Features\t: fp asimd\n": False}
+    for i, (text, want) in enumerate(cases.items()):
+        path = tmp_path / f"cpuinfo{i}"
+        path.write_text("processor\t: 0\n" + text)
+        assert native_bf16(str(path)) is want, text
+    assert native_bf16(str(tmp_path / "missing")) is False
