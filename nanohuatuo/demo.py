@@ -36,6 +36,7 @@ import torch
 
 from . import distill, dpo, evaluate, grpo, ppo, reward, sft
 from .cli import UserError, arg, cli_main, prepare_out, resolve_device, resolve_dtype, write_config
+from .cpu_kernels import native_bf16
 from .data import load_conversations, read_jsonl, to_prompt, write_jsonl
 from .feedback import EndpointRanker, OfflineRanker, rankings_to_preferences
 from .hf import ModelDirError, check_model_dir, count_params
@@ -67,6 +68,7 @@ class DemoSize:
     sft_steps: int = 120
     sft_batch: int = 16
     sft_micro: int = 16  # rows per forward/backward (gradient accumulation makes up sft_batch)
+    sft_evals: int = 4  # held-out loss passes, the first before training (one costs most of a step)
     sft_lr: float = 3e-3
     max_len: int = 384
     rl_prompts: int = 96  # prompts sampled and judged for the reward model
@@ -101,20 +103,23 @@ class DemoSize:
 
 # Size profiles. "tiny" trains a model from scratch. The others put LoRA on a real checkpoint with
 # learning rates for pretrained weights (SFT 2e-4 at most, as sft.py allows without
-# --allow-high-lr; RM 5e-5 to 3e-4, PPO 2e-5 to 2e-4, the tops for the few steps of a CPU run: 7 RM
-# steps at 1e-4 left the reward model at chance on one run): a rate meant for random weights destroys them.
+# --allow-high-lr; RM 5e-5 to 3e-4, the top for the few steps of a CPU run: 7 RM steps at 1e-4 left the
+# reward model at chance on one run; PPO 2e-5 to 5e-5): a rate meant for random weights destroys them.
 PROFILES = {
     "tiny": DemoSize(),
-    # a 100-500M checkpoint on two CPU cores in about 20 minutes (measured in docs/benchmarks.md)
-    "cpu": DemoSize(lora_r=16, sft_steps=12, sft_batch=8, sft_micro=4, sft_lr=2e-4, max_len=192, rl_prompts=32, k=4,
-                    sample_tokens=48, rm_epochs=1, rm_lr=3e-4, ppo_steps=14, ppo_epochs=2, ppo_batch=8, ppo_micro=4,
-                    ppo_minibatches=2, dpo_steps=10, dpo_batch=8, dpo_lr=2e-4,
-                    ppo_tokens=48, ppo_lr=2e-4, kl_coef=0.05, length_debias=1.0, eval_prompts=8,
-                    eval_questions=20, eval_cases=2, eval_turns=2, eval_tokens=48, distill_items=2,
+    # a 100-700M checkpoint on two CPU cores in under 20 minutes (measured in docs/benchmarks.md)
+    "cpu": DemoSize(lora_r=16, sft_steps=8, sft_batch=8, sft_micro=4, sft_lr=2e-4, sft_evals=2, max_len=192,
+                    rl_prompts=32, k=4, sample_tokens=48, rm_epochs=1, rm_lr=3e-4, ppo_steps=12, ppo_epochs=2,
+                    ppo_batch=6, ppo_micro=4, ppo_minibatches=2, dpo_steps=10, dpo_batch=8, dpo_lr=2e-4,
+                    ppo_tokens=48, kl_coef=0.05, length_debias=1.0, eval_prompts=8,
+                    # 2e-4 let a 0.5B model (Qwen2.5-Coder-0.5B) drift to KL 10 and few-word answers the
+                    # reward model likes; 5e-5 kept KL under 3 and the answers' length (docs/benchmarks.md)
+                    ppo_lr=5e-5,
+                    eval_questions=16, eval_cases=2, eval_turns=2, eval_tokens=48, distill_items=2,
                     # 48 tokens cut most answers of a small model (Chinese is 1-3 tokens a character):
                     # a penalty on every cut answer would leave PPO nothing to learn from
                     eos_penalty=None,
-                    # 80 answers are too few for the critic (V = 0 at first) to learn much: with lambda 0.95
+                    # 72 answers are too few for the critic (V = 0 at first) to learn much: with lambda 0.95
                     # an answer's first token would get 0.95^47 = 9% of the score, lambda 1 hands every
                     # token all of it
                     lam=1.0,
@@ -131,14 +136,14 @@ PROFILES = {
                         eval_prompts=64, eval_questions=50, eval_cases=8, eval_turns=4, eval_tokens=384,
                         distill_items=16, grad_checkpointing=True, compile=True),
 }
-CPU_PARAMS = 600e6  # above this, a CPU run of the recipe takes hours: said before it starts
+CPU_PARAMS = 700e6  # above this, a CPU run of the recipe takes over 20 minutes: said before it starts
 
 
 def quick(size: DemoSize, tiny: bool) -> DemoSize:
     """--quick: the same recipe with fewer steps, prompts and tokens (what the tests run); learning
     rates, LoRA and lengths of the profile stay. The tiny model also shrinks its width."""
-    q = replace(size, sft_steps=12, sft_batch=8, sft_micro=min(size.sft_micro, 8), max_len=min(size.max_len, 256),
-                rl_prompts=12, k=2, sample_tokens=24, rm_epochs=1, ppo_steps=3, ppo_epochs=1, ppo_batch=4,
+    q = replace(size, sft_steps=min(size.sft_steps, 12), sft_batch=8, sft_micro=min(size.sft_micro, 8),
+                max_len=min(size.max_len, 256), rl_prompts=12, k=2, sample_tokens=24, rm_epochs=1, ppo_steps=3, ppo_epochs=1, ppo_batch=4,
                 dpo_steps=3, dpo_batch=4, ppo_micro=4, ppo_tokens=24, eval_prompts=4, eval_questions=6, eval_cases=2,
                 eval_turns=2, eval_tokens=24, distill_items=2)
     return replace(q, vocab=400, dim=32, n_layers=2, n_heads=4, ffn=64) if tiny else q
@@ -158,8 +163,9 @@ def choose_size(cfg, device: str, n_params: int | None) -> tuple[str, DemoSize, 
         name = "gpu-24g" if device.startswith("cuda") else "cpu"
         why = f"{n_params / 1e6:.0f}M parameters on {device}"
     if name == "cpu" and n_params and n_params > CPU_PARAMS:
-        why += (f"; warning: the cpu profile is sized for 100-500M parameters, this model has "
-                f"{n_params / 1e9:.1f}B: expect hours (a GPU and --size gpu-24g fit it)")
+        why += (f"; warning: the cpu profile is sized for 100-700M parameters, this model has "
+                f"{n_params / 1e9:.1f}B: expect over 20 minutes, hours for a few billion (a GPU and --size "
+                "gpu-24g fit it)")
     size = PROFILES[name]
     return name, quick(size, name == "tiny") if cfg.quick else size, why
 
@@ -180,7 +186,7 @@ class DemoConfig:
     model: str = arg("", "run the recipe with LoRA on this real checkpoint (Hugging Face layout) instead of the "
                          "tiny model trained from scratch; evaluated against the base model and against SFT")
     size: str = arg("auto", "size profile: auto (tiny without --model; with it cpu or gpu-24g from the device), "
-                            "cpu (100-500M parameters, ~20 min on 2 cores), gpu-24g (0.5-7B on one 24 GB GPU, "
+                            "cpu (100-700M parameters, under 20 min on 2 cores), gpu-24g (0.5-7B on one 24 GB GPU, "
                             "bf16, gradient checkpointing, compiled decode)", choices=["auto", *PROFILES])
     llm_base_url: str = arg("", "one OpenAI-compatible endpoint as teacher (distill.py), judge and patient; "
                                 "default: offline stand-ins", metavar="URL")
@@ -193,7 +199,8 @@ class DemoConfig:
     profile: bool = arg(False, "profile every stage with cProfile; the top functions go to OUT/profile/STAGE.txt")
     overwrite: bool = arg(False, "replace --out even if it holds something other than an earlier demo run")
     device: str = arg("auto", "auto (cuda if available), cpu, cuda, ...")
-    dtype: str = arg("auto", "auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16")
+    dtype: str = arg("auto", "auto (bfloat16 on CUDA, and with --model on a CPU that has bfloat16 instructions; "
+                             "float32 otherwise), float32, bfloat16")
     seed: int = arg(0, "random seed of every stage")
 
 
@@ -300,7 +307,8 @@ def build_base(out: str, size: DemoSize, rows: list[dict], seed: int) -> int:
 
 
 def sample_stage(out, sft_dir, adapter, template, prompts, size, seed, device, dtype):
-    model = Transformer.from_pretrained(sft_dir, adapter=adapter, device=device,
+    # merged: sampling only, so the adapter is folded into the weights and decoding costs what the base does
+    model = Transformer.from_pretrained(sft_dir, adapter=adapter, device=device, merge=True,
                                         dtype=resolve_dtype(dtype, torch.device(device)))
     tok = Tokenizer.from_pretrained(sft_dir)
     items = sample_answers(model, tok, resolve_template(sft_dir, template, tok), prompts, k=size.k, max_new_tokens=size.sample_tokens,
@@ -428,7 +436,7 @@ def sampled_rm_scores(policy, template, adapters: dict, prompts: list[dict], rm,
     unit = rm.spread or 1.0
     out = {}
     for name, adapter in adapters.items():
-        model = Transformer.from_pretrained(policy, adapter=adapter, device=device,
+        model = Transformer.from_pretrained(policy, adapter=adapter, device=device, merge=True,
                                             dtype=resolve_dtype(dtype, torch.device(device)))
         items = sample_answers(model, tok, template, prompts, k=k, max_new_tokens=max_new_tokens,
                                temperature=temperature, batch_size=32, seed=seed)
@@ -465,13 +473,21 @@ def run(cfg: DemoConfig | None = None, **kw) -> dict:
     except ModelDirError as e:
         raise UserError(f"--model: {e}") from None
     profile, size, why = choose_size(cfg, device, n_params)
+    dtype_note = ""
+    if real and cfg.dtype == "auto" and device == "cpu" and native_bf16():
+        # LoRA on a real checkpoint trains as well in bfloat16 (the adapter's weights stay float32),
+        # and a CPU with bfloat16 instructions runs it about twice as fast as float32
+        cfg = replace(cfg, dtype="bfloat16")
+        dtype_note = " (auto: this CPU has bfloat16 instructions; --dtype float32 to change)"
     print(f"size profile: {profile} ({why}; --size to change){' with --quick' if cfg.quick else ''}: "
           + ("" if not real else f"LoRA r {size.lora_r}, ")
           + f"SFT {size.sft_steps} steps x {size.sft_batch} (lr {size.sft_lr:g}, {size.max_len} tokens), "
           f"{size.rl_prompts} prompts x {size.k} answers, RM lr {size.rm_lr:g}, PPO {size.ppo_steps} steps x "
           f"{size.ppo_batch} (lr {size.ppo_lr:g}), evaluation on {size.eval_questions} questions and "
           f"{size.eval_cases} consultations" + (", gradient checkpointing" if size.grad_checkpointing else "")
-          + (", compiled decode" if size.compile and device.startswith("cuda") else ""), flush=True)
+          + (", compiled decode" if size.compile and device.startswith("cuda") else "")
+          + f"; dtype {str(resolve_dtype(cfg.dtype, torch.device(device))).removeprefix('torch.')}{dtype_note}",
+          flush=True)
     out = cfg.out
     if os.path.isdir(out) and os.listdir(out) and not os.path.exists(os.path.join(out, MARKER)) \
             and not cfg.overwrite:
@@ -520,8 +536,7 @@ def _run(cfg: DemoConfig, size: DemoSize, real: bool, out: str, device: str, pro
                             lr=size.sft_lr, max_steps=size.sft_steps, batch_size=size.sft_batch,
                             micro_batch_size=size.sft_micro, max_len=size.max_len,
                             grad_checkpointing=size.grad_checkpointing,
-                            # held-out loss 4 times (a pass over the held-out rows costs most of a step)
-                            eval_every=max(size.sft_steps // 3, 1), save_every=size.sft_steps, warmup_frac=0.05,
+                            eval_every=max(size.sft_steps // max(size.sft_evals - 1, 1), 1), save_every=size.sft_steps, warmup_frac=0.05,
                             seed=cfg.seed, device=device, dtype=cfg.dtype, log_every=max(size.sft_steps // 10, 1))
     sft_res = st.run("sft", "SFT on the four sources", sft.train, sft_cfg)
     # the policy every later stage starts from: the SFT model (tiny), or base + SFT adapter (real)

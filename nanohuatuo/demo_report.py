@@ -96,7 +96,10 @@ def rm_heldout_lines(h, algos) -> list[str]:
     sm = h.get("sampled")
     if sm and sm.get("mean"):
         lines.append(f"The same prompts, {sm['k']} sampled answers each at temperature {sm['temperature']} (as PPO "
-                     f"samples; mean score per prompt): {means(sm)}" + "".join(vs(sm, a, "SFT") for a in algos) + ".")
+                     f"samples; mean score per prompt): {means(sm)}" + "".join(vs(sm, a, "SFT") for a in algos) + ". "
+                     f"{h['n']} prompts are few for an effect of a few tenths of the reward model's spread: "
+                     "`python tools/rm_heldout.py RUN_DIR` repeats the check on all 50 bundled questions, several "
+                     "seeds pooled.")
     return lines + [""]
 
 
@@ -226,7 +229,7 @@ def write_report(out, s, ev, seconds):
                       f"- verdict: {p.get('outcome') or 'unjudged'} for {a} against SFT", ""]
     lines += ["## What to run next", "",
               "- The same recipe with LoRA on a real checkpoint: `python demo.py --model /models/Qwen2.5-0.5B-Instruct` "
-              "(the size profile follows the device: `--size cpu` about 20 minutes for a 100-500M model on two "
+              "(the size profile follows the device: `--size cpu` under 20 minutes for a 100-700M model on two "
               "cores, `--size gpu-24g` for 0.5-7B on one 24 GB GPU).",
               "- A real judge, teacher and patient: `--llm-base-url URL --llm-model-name NAME` (any OpenAI-compatible "
               "endpoint, e.g. vLLM or `serve.py`).",
