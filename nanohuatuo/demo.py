@@ -536,7 +536,8 @@ def _run(cfg: DemoConfig, size: DemoSize, real: bool, out: str, device: str, pro
                             lr=size.sft_lr, max_steps=size.sft_steps, batch_size=size.sft_batch,
                             micro_batch_size=size.sft_micro, max_len=size.max_len,
                             grad_checkpointing=size.grad_checkpointing,
-                            eval_every=max(size.sft_steps // max(size.sft_evals - 1, 1), 1), save_every=size.sft_steps, warmup_frac=0.05,
+                            eval_every=max(size.sft_steps // max(size.sft_evals - 1, 1), 1),
+                            save_every=size.sft_steps, warmup_frac=0.05,
                             seed=cfg.seed, device=device, dtype=cfg.dtype, log_every=max(size.sft_steps // 10, 1))
     sft_res = st.run("sft", "SFT on the four sources", sft.train, sft_cfg)
     # the policy every later stage starts from: the SFT model (tiny), or base + SFT adapter (real)
