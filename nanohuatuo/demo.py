@@ -143,7 +143,8 @@ def quick(size: DemoSize, tiny: bool) -> DemoSize:
     """--quick: the same recipe with fewer steps, prompts and tokens (what the tests run); learning
     rates, LoRA and lengths of the profile stay. The tiny model also shrinks its width."""
     q = replace(size, sft_steps=min(size.sft_steps, 12), sft_batch=8, sft_micro=min(size.sft_micro, 8),
-                max_len=min(size.max_len, 256), rl_prompts=12, k=2, sample_tokens=24, rm_epochs=1, ppo_steps=3, ppo_epochs=1, ppo_batch=4,
+                max_len=min(size.max_len, 256), rl_prompts=12, k=2, sample_tokens=24, rm_epochs=1, ppo_steps=3,
+                ppo_epochs=1, ppo_batch=4,
                 dpo_steps=3, dpo_batch=4, ppo_micro=4, ppo_tokens=24, eval_prompts=4, eval_questions=6, eval_cases=2,
                 eval_turns=2, eval_tokens=24, distill_items=2)
     return replace(q, vocab=400, dim=32, n_layers=2, n_heads=4, ffn=64) if tiny else q
@@ -386,8 +387,8 @@ def rm_heldout(d, algos: list[str], rm_dir, device, dtype, seed, sampled: dict |
 
     sampled: {"policy", "template", "adapters": {name: adapter dir}, "k", "temperature", "max_new_tokens"}:
     also k answers sampled as PPO samples them (its temperature and length) from each model, scored
-    the same way ("sampled": per-prompt means, paired differences against SFT): what PPO optimises is
-    the expected score of sampled answers, which a greedy answer may not show."""
+    the same way ("sampled": per-prompt means, paired differences against SFT, mean answer characters):
+    what PPO optimises is the expected score of sampled answers, which a greedy answer may not show."""
     answers = {}  # model name -> {item id: (question, answer)}
     for name in (*algos, "SFT", "base"):
         path = os.path.join(d, f"metrics_{name.lower()}", "answers.jsonl")
@@ -410,11 +411,11 @@ def rm_heldout(d, algos: list[str], rm_dir, device, dtype, seed, sampled: dict |
               for algo in algos if algo in scores for k in ("SFT", "base") if k in scores}}
     if sampled:
         prompts = [{"id": i, "messages": as_messages(answers[algos[0]][i][0]), "reference": ""} for i in ids]
-        per_model = sampled_rm_scores(sampled["policy"], sampled["template"], sampled["adapters"], prompts, rm,
-                                      sampled["k"], sampled["temperature"], sampled["max_new_tokens"], device, dtype,
-                                      seed)
+        per_model, chars = sampled_rm_scores(sampled["policy"], sampled["template"], sampled["adapters"], prompts,
+                                             rm, sampled["k"], sampled["temperature"], sampled["max_new_tokens"],
+                                             device, dtype, seed)
         res["sampled"] = {"k": sampled["k"], "temperature": sampled["temperature"],
-                          "mean": {k: sum(v) / len(v) for k, v in per_model.items()},
+                          "mean": {k: sum(v) / len(v) for k, v in per_model.items()}, "chars": chars,
                           **{f"{a}_vs_SFT": paired_diff(per_model[a], per_model["SFT"], seed=seed)
                              for a in algos if a in per_model and "SFT" in per_model}}
     with open(os.path.join(d, "rm_heldout.json"), "w", encoding="utf-8") as f:
@@ -424,17 +425,17 @@ def rm_heldout(d, algos: list[str], rm_dir, device, dtype, seed, sampled: dict |
 
 
 def sampled_rm_scores(policy, template, adapters: dict, prompts: list[dict], rm, k, temperature, max_new_tokens,
-                      device, dtype, seed, lengths: dict | None = None) -> dict[str, list[float]]:
-    """{model name: the reward model's mean score of its k sampled answers, per prompt} for each adapter
-    on `policy` (None: the base), in units of the reward model's spread. prompts: {"id", "messages"}.
-    Every model samples with the same seed; a model that cannot answer every prompt (one too long for its
-    context) is left out, as a comparison over fewer prompts would not be paired. `lengths`, when given,
-    gets each model's mean answer length in characters: a higher score from much shorter or longer
-    answers says as much about the reward model's taste in length as about the answers."""
+                      device, dtype, seed) -> tuple[dict[str, list[float]], dict[str, float]]:
+    """({model name: the reward model's mean score of its k sampled answers, per prompt}, {model name: its
+    mean answer length in characters}) for each adapter on `policy` (None: the base), scores in units of
+    the reward model's spread. prompts: {"id", "messages"}. Every model samples with the same seed; a
+    model that cannot answer every prompt (one too long for its context) is left out, as a comparison
+    over fewer prompts would not be paired. The lengths go with the scores because a higher score from
+    much shorter or longer answers says as much about the reward model's taste in length as about them."""
     tok = Tokenizer.from_pretrained(policy)
     template = resolve_template(policy, template, tok)
     unit = rm.spread or 1.0
-    out = {}
+    out, chars = {}, {}
     for name, adapter in adapters.items():
         model = Transformer.from_pretrained(policy, adapter=adapter, device=device, merge=True,
                                             dtype=resolve_dtype(dtype, torch.device(device)))
@@ -446,14 +447,13 @@ def sampled_rm_scores(policy, template, adapters: dict, prompts: list[dict], rm,
             continue
         texts = [a for p in prompts for a in got[p["id"]]]
         sc = (score_texts(rm, [p["messages"] for p in prompts for _ in got[p["id"]]], texts) / unit).tolist()
-        if lengths is not None:
-            lengths[name] = sum(map(len, texts)) / len(texts)
+        chars[name] = sum(map(len, texts)) / len(texts)
         out[name], at = [], 0
         for p in prompts:  # each prompt's mean over its k answers
             n = len(got[p["id"]])
             out[name].append(sum(sc[at:at + n]) / n)
             at += n
-    return out
+    return out, chars
 
 
 # ----------------------------------------------------------------------------- the run

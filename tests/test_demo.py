@@ -187,6 +187,7 @@ def test_quick_demo_on_a_real_checkpoint_is_lora_with_its_own_template(tmp_path,
     # and their sampled answers (k = 4 at PPO's temperature), PPO against SFT
     sm = h["sampled"]
     assert sm["k"] == 4 and set(sm["mean"]) == {"PPO", "SFT"} and sm["PPO_vs_SFT"]["n"] == 10
+    assert set(sm["chars"]) == {"PPO", "SFT"} and all(c > 0 for c in sm["chars"].values())
     assert "sampled answers" in report and "`python tools/rm_heldout.py RUN_DIR` repeats the check" in report
     # the larger sampled check of a finished run: the bundled questions, seeds pooled
     tool = os.path.join(ROOT, "tools", "rm_heldout.py")

@@ -68,10 +68,9 @@ def main(argv=None) -> int:
     rm = load_reward_model(os.path.join(args.run, "rm"), device=args.device, dtype=ppo_cfg["dtype"])
     per_seed, chars = {}, {}
     for seed in args.seeds:
-        chars[seed] = {}
-        per_seed[seed] = sampled_rm_scores(ppo_cfg["model"], ppo_cfg["template"], adapters, prompts, rm, args.k,
-                                           temperature, ppo_cfg["max_new_tokens"], args.device, ppo_cfg["dtype"],
-                                           seed, lengths=chars[seed])
+        per_seed[seed], chars[seed] = sampled_rm_scores(ppo_cfg["model"], ppo_cfg["template"], adapters, prompts, rm,
+                                                        args.k, temperature, ppo_cfg["max_new_tokens"], args.device,
+                                                        ppo_cfg["dtype"], seed)
     names = [n for n in adapters if all(n in s for s in per_seed.values())]
     pooled = {n: [sum(per_seed[s][n][i] for s in args.seeds) / len(args.seeds) for i in range(len(prompts))]
               for n in names}
