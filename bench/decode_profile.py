@@ -33,6 +33,7 @@ from nanohuatuo.cpu_kernels import tune_cpu_kernels  # noqa: E402
 from nanohuatuo.engine import Engine, SamplingParams  # noqa: E402
 from nanohuatuo.hf import ModelConfig  # noqa: E402
 from nanohuatuo.model import Transformer  # noqa: E402
+from generate import matvec_bandwidth  # noqa: E402  (bench/generate.py: the same measure)
 
 
 def qwen2_100m(dtype, seed):
@@ -41,22 +42,6 @@ def qwen2_100m(dtype, seed):
     m = Transformer(c)
     m.init_weights(seed=seed)
     return m.to(dtype).eval()
-
-
-def matvec_bandwidth(dtype, mbytes=512, reps=20):
-    """Bytes/s of a large matrix-vector product, the faster of the two layouts (as bench/generate.py)."""
-    esize = torch.finfo(dtype).bits // 8
-    n = int((mbytes * 2**20 / esize) ** 0.5)
-    W, x = torch.randn(n, n).to(dtype), torch.randn(1, n).to(dtype)
-    best = 0.0
-    for w in (W, W.t().contiguous().t()):
-        for _ in range(3):
-            torch.nn.functional.linear(x, w)
-        t = time.perf_counter()
-        for _ in range(reps):
-            torch.nn.functional.linear(x, w)
-        best = max(best, reps * W.numel() * esize / (time.perf_counter() - t))
-    return best
 
 
 def step_bytes(model):
@@ -185,7 +170,7 @@ def main():
     torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
     model = qwen2_100m(dtype, args.seed)
-    bw = matvec_bandwidth(dtype)
+    bw = matvec_bandwidth("cpu", dtype)
     nbytes = step_bytes(model)
     tune_cpu_kernels(model, batches=(1, *args.batches))  # as an Engine with max(batches) slots would
     print(f"100M ({model.num_params() / 1e6:.0f}M params, {nbytes / 1e6:.0f} MB a step), {args.dtype}, "

@@ -1,12 +1,13 @@
-"""CPU kernels for decoding: the weight layout and the output head's kernel, chosen by timing.
+"""CPU kernels for decoding: the weight layouts and matrix kernels, chosen by timing.
 
     tune_cpu_kernels(model, batches=(1, 8))   # once per model, outside inference mode
     return_large_blocks()                     # a training process: freed activations go back to the OS
     logits = head_logits(model, h)            # (B, vocab) float32, the head's measured kernel
 
 A decode step on a CPU reads every weight once per token, and which memory layout (row- or
-column-major) and which matrix kernel (F.linear or oneDNN's) read fastest depends on the processor,
-so they are measured on this machine instead of fixed; so is the kernel of int8 weights
+column-major) and which matrix kernel (F.linear or oneDNN's) read fastest depends on the processor
+and the matrix's shape, so they are measured on this machine instead of fixed (and q, k, v and
+gate, up are read as one matrix each); so is the kernel of int8 weights
 (quant.Int8Linear: dequantise then F.linear, or torch._weight_int8pack_mm, which reads the int8
 bytes only but on some processors wants bfloat16 activations). This is machine tuning, not scheduling: it
 lives apart from the engine (which calls both functions, when it is made and at every decode step),
@@ -47,33 +48,123 @@ def _seconds(fn):
     return best
 
 
-def _onednn_linear(x, w):
-    return torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
+def _onednn_linear(x, w, bias=None):
+    return torch.ops.mkldnn._linear_pointwise(x, w, bias, "none", [], "")
 
 
 def _column_major(w):
     return w.t().contiguous().t()  # same values, (in, out) in memory
 
 
-def _measure(w, batches, head):
-    """('row' | 'col', {batch: 'linear' | 'onednn'}) for weight w (out, in): the faster layout over
-    all batches; for the head also the faster kernel at each batch."""
+# A decode step streams every matrix from memory once; one small matrix timed alone would sit in the
+# processor's caches and read several times faster than it does in a step, so a shape is timed over
+# this many bytes of distinct matrices (the model's own, then copies of them), up to 64 matrices.
+_STREAM_BYTES = 64 << 20
+
+
+def _measure(ws, batches, head):
+    """('row' | 'col', {batch: 'linear' | 'onednn'}) for the matrices ws (out, in) of one shape and
+    dtype: the faster layout over all batches, and the faster kernel at each batch in that layout."""
+    w = ws[0]
     key = ("head" if head else "proj", tuple(w.shape), w.dtype, torch.get_num_threads(), batches)
     if key not in _MEASURED:
         kernels = {"linear": F.linear}
-        if head and (_ONEDNN_LINEAR and w.dtype == torch.float32 or _ONEDNN_BF16 and w.dtype == torch.bfloat16):
+        if _ONEDNN_LINEAR and w.dtype == torch.float32 or _ONEDNN_BF16 and w.dtype == torch.bfloat16:
             kernels["onednn"] = _onednn_linear
-        times = {}  # (layout, kernel, batch) -> seconds
-        for layout, wl in (("row", w), ("col", _column_major(w))):
+        n = max(1, min(64, -(-_STREAM_BYTES // (w.numel() * w.element_size()))))
+        group = [ws[i] if i < len(ws) else ws[i % len(ws)].clone() for i in range(n)]
+        times = {}  # (layout, kernel, batch) -> seconds per matrix
+        for layout in ("row", "col"):
+            wl = group if layout == "row" else [_column_major(m) for m in group]
             for b in batches:
                 x = torch.randn(b, w.shape[1], dtype=w.dtype)
                 for name, fn in kernels.items():
-                    times[layout, name, b] = _seconds(lambda: fn(x, wl))
+                    times[layout, name, b] = _seconds(lambda: [fn(x, m) for m in wl]) / n
             del wl
+        del group
         best = {layout: sum(min(times[layout, k, b] for k in kernels) for b in batches) for layout in ("row", "col")}
         layout = min(best, key=best.get)
         _MEASURED[key] = (layout, {b: min(kernels, key=lambda k: times[layout, k, b]) for b in batches})
     return _MEASURED[key]
+
+
+def _nearest(kernels, rows):
+    """The kernel measured at the batch size nearest in ratio to `rows`."""
+    rows = max(rows, 1)
+    return kernels[min(kernels, key=lambda m: max(m, rows) / min(m, rows))]
+
+
+class KernelLinear(torch.nn.Linear):
+    """An nn.Linear whose inference-mode forward on CPU uses the kernel `tune_cpu_kernels` measured
+    fastest for the nearest batch size (`kernels`: {batch: 'linear' | 'onednn'}). Anything else
+    (training, gradients, no_grad scoring, another device or dtype) runs the plain F.linear, so
+    only generation sees another kernel's float rounding. Same parameters and state dict as the
+    nn.Linear it was (tune_cpu_kernels changes the class of that module in place)."""
+
+    kernels: dict = {}
+
+    def forward(self, x):
+        w = self.weight
+        if torch.is_inference_mode_enabled() and x.device.type == "cpu" and x.dtype == w.dtype \
+                and _nearest(self.kernels, x.numel() // x.shape[-1]) == "onednn":
+            return _onednn_linear(x, w, self.bias)
+        return F.linear(x, w, self.bias)
+
+
+class FusedLinear:
+    """Several projections of one input (q, k and v; gate and up) as one product while decoding.
+
+    `tune_cpu_kernels` concatenates their weights (and biases) into one matrix and points each
+    projection's parameters at its rows of it: no extra memory, and training, optimisers (their
+    in-place steps write into the fused matrix) and saving see the usual parameters. On CPU a
+    small product costs a fixed price per call on top of reading its weight, so one call reading
+    one matrix beats three: on an AMD EPYC, a decode step of a 0.5B model's shape took 108 instead
+    of 122 ms at batch 1. `usable` is checked at every call: only in inference mode on CPU, and only while the
+    model's projections are still the plain layers whose weights live in the fused matrix (a LoRA
+    wrapper loaded later, or a `.to()` that moved the weights, and the separate products run)."""
+
+    def __init__(self, parts, weight, bias, kernels):
+        self.weight, self.bias, self.kernels = weight, bias, kernels
+        self.sizes = [m.out_features for m in parts]
+        self.ptrs = [m.weight.data_ptr() for m in parts]
+
+    def usable(self, x, parts):
+        return torch.is_inference_mode_enabled() and x.device.type == "cpu" and x.dtype == self.weight.dtype \
+            and all(type(m) in (torch.nn.Linear, KernelLinear) and m.weight.data_ptr() == p
+                    for m, p in zip(parts, self.ptrs))
+
+    def __call__(self, x):
+        if _nearest(self.kernels, x.numel() // x.shape[-1]) == "onednn":
+            y = _onednn_linear(x, self.weight, self.bias)
+        else:
+            y = F.linear(x, self.weight, self.bias)
+        return y.split(self.sizes, dim=-1)
+
+
+def _point_into(parts, weight, bias):
+    """Make each projection's parameters its rows of the fused weight (and bias)."""
+    start = 0
+    for m in parts:
+        m.weight.data = weight[start:start + m.out_features]
+        if bias is not None:
+            m.bias.data = bias[start:start + m.out_features]
+        start += m.out_features
+
+
+def _fusable(model):
+    """(owner, [projections]) for each q/k/v and gate/up group that can share one matrix: plain
+    float CPU layers of one dtype, row-major, all with a bias or none."""
+    groups = []
+    for layer in model.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        if attn.c.qkv == "split":
+            groups.append((attn, [attn.q_proj, attn.k_proj, attn.v_proj]))
+        if mlp.swiglu:
+            groups.append((mlp, [mlp.gate_proj, mlp.up_proj]))
+    return [(owner, parts) for owner, parts in groups
+            if all(type(m) is torch.nn.Linear and m.weight.is_floating_point() and m.weight.is_contiguous()
+                   and m.weight.device.type == "cpu" and m.weight.dtype == parts[0].weight.dtype
+                   and (m.bias is None) == (parts[0].bias is None) for m in parts)]
 
 
 def _measure_int8(layer, dtype, batches):
@@ -112,31 +203,36 @@ def _close(y, want):
 
 
 def tune_cpu_kernels(model: Transformer, batches=(1, 8)):
-    """Choose, by timing on this machine, the layout of the CPU weight matrices and the head's kernel.
+    """Choose, by timing on this machine, the layout and kernel of the CPU weight matrices.
 
     A decode step is dominated by reading every weight once per token. Which layout the CPU BLAS
     reads fastest for a few rows of activations depends on the processor: on one Intel Xeon an
     (out, in) matrix stored column-major was read about twice as fast for the (vocab, dim) output
     matrix and 1.3-1.5x for the projections at batch 8; on an AMD EPYC much less. And MKL's sgemm
-    reads a tall (vocab, dim) matrix far below memory speed on some processors where oneDNN's
-    linear kernel does not. So nothing is fixed: for each distinct (out, in) shape of the blocks'
-    projections, and for the output head, this times F.linear on a random (b, in) activation for
-    each b in `batches` (at most 16) with the weight row-major (as loaded) and column-major (same
-    values, transposed strides), and keeps for every matrix of that shape the layout with the
-    smaller summed time; for the head it also times oneDNN's kernel against F.linear at each b,
-    and `head_logits` uses the winner for the measured batch size nearest in ratio (oneDNN takes a
-    float32 head, and a bfloat16 one where the processor has bfloat16 instructions). For int8
+    reads some matrices far below memory speed where oneDNN's linear kernel does not (on an AMD
+    EPYC, a 0.5B model's projections at 1.3x F.linear's speed at batch 1, a 100M model's at 1.5x
+    at batch 8). So nothing is fixed. First q, k, v and gate, up are fused, one matrix per group
+    (`FusedLinear`: one call instead of three or two; their parameters become views of it). Then
+    for each distinct (out, in) shape of the blocks' matrices, and for the output head, this times
+    F.linear and oneDNN's kernel (float32, or bfloat16 where the processor has bfloat16
+    instructions) on a random (b, in) activation for each b in `batches` (at most 16), with the
+    weights row-major (as loaded) and column-major (same values, transposed strides), over every
+    layer's matrices of that shape one after the other (then copies, up to 64 MB or 64 matrices:
+    `_STREAM_BYTES`), since one small matrix timed alone stays in cache and would mislead. Every
+    matrix of a shape gets the layout with the smaller summed time; a projection whose best kernel
+    is oneDNN at some b becomes a `KernelLinear` (oneDNN in inference mode only), and `FusedLinear`
+    and `head_logits` use the kernel measured at the batch size nearest in ratio. For int8
     weights (quant.Int8Linear, the head included) it times, per shape, the dequantising F.linear
     against _weight_int8pack_mm in the activation dtype and with bfloat16 activations, and sets
-    each layer's `kernel` to the fastest (`_measure_int8`). Decisions are
-    cached per shape, dtype, thread count and batches for the process, so a second model (or a
-    second Engine) costs no timing. A large head is multiplied 3 times per layout, kernel and
-    batch size (24 products: a few seconds for a 150k-token vocabulary on 2 cores), a test
-    model's matrices take milliseconds.
+    each layer's `kernel` to the fastest (`_measure_int8`). Decisions are cached per shape, dtype,
+    thread count and batches for the process, so a second model (or a second Engine) costs no
+    timing. A large head is multiplied 3 times per layout, kernel and batch size (24 products: a few
+    seconds for a 150k-token vocabulary on 2 cores), a test model's matrices take milliseconds.
 
     The parameter objects are kept (tied embeddings stay tied; saving writes the usual row-major
-    tensors), the values are unchanged, and it runs outside inference mode, so training can go on
-    using the weights. No-op off CPU and when already done; NF4 weights are left as they are.
+    tensors, the fused ones copied out), the values are unchanged, and it runs outside inference
+    mode, so training can go on using the weights (training and no_grad scoring run F.linear on
+    the separate projections, as before). No-op off CPU and when already done; NF4 weights are left as they are.
 
     A choice made by timing can differ from one run to the next, and a column-major matrix sums in
     another order than a row-major one: the logits differ in the last bits, a sampled answer can
@@ -151,25 +247,46 @@ def tune_cpu_kernels(model: Transformer, batches=(1, 8)):
         return
     # beyond 16 rows the products are compute-bound and timing a big head there would take seconds
     batches = tuple(sorted(set(min(int(b), 16) for b in batches)))
-    choice = {"batches": batches, "layouts": {}, "head": {}, "int8": {}}
+    choice = {"batches": batches, "layouts": {}, "proj": {}, "head": {}, "int8": {}}
     if os.environ.get("NANOHUATUO_CPU_KERNELS") == "fixed":  # repeatable runs: the loaded layouts, no timing
         model.cpu_kernels = choice
         return
     with torch.inference_mode(False), torch.no_grad():
+        # q, k, v and gate, up: one matrix each (made one group at a time, so the peak memory grows by
+        # one group's weights), then measured like the other shapes, over every layer's
+        fused = {}
+        for owner, parts in _fusable(model):
+            fw = torch.cat([m.weight.data for m in parts])
+            fb = torch.cat([m.bias.data for m in parts]) if parts[0].bias is not None else None
+            _point_into(parts, fw, fb)
+            fused.setdefault((tuple(fw.shape), fw.dtype), []).append((owner, parts, fw, fb))
+        in_fused = {id(m) for group in fused.values() for _, parts, _, _ in group for m in parts}
+        for (shape, dtype), group in fused.items():
+            layout, kernels = _measure([fw for _, _, fw, _ in group], batches, head=False)
+            choice["layouts"][shape], choice["proj"][shape] = layout, kernels
+            while group:  # popped, so a row-major matrix is freed as soon as its column-major copy replaces it
+                owner, parts, fw, fb = group.pop()
+                if layout == "col":
+                    fw = _column_major(fw)
+                    _point_into(parts, fw, fb)
+                owner.fused = FusedLinear(parts, fw, fb, kernels)
         by_shape = {}
         for name, m in model.layers.named_modules():
             # LoRA's own small matrices stay as they are; quantised (int8) weights are not floats
-            if isinstance(m, torch.nn.Linear) and "lora_" not in name and m.weight.is_floating_point() \
-                    and m.weight.is_contiguous():
-                by_shape.setdefault((tuple(m.weight.shape), m.weight.dtype), []).append(m.weight)
-        for (shape, dtype), ws in by_shape.items():
-            layout, _ = _measure(ws[0].data, batches, head=False)
+            if type(m) is torch.nn.Linear and "lora_" not in name and m.weight.is_floating_point() \
+                    and m.weight.is_contiguous() and id(m) not in in_fused:
+                by_shape.setdefault((tuple(m.weight.shape), m.weight.dtype), []).append(m)
+        for (shape, dtype), ms in by_shape.items():
+            layout, kernels = _measure([m.weight.data for m in ms], batches, head=False)
             choice["layouts"][shape] = layout
-            if layout == "col":
-                for p in ws:
-                    p.data = _column_major(p.data)
+            choice["proj"][shape] = kernels
+            for m in ms:
+                if layout == "col":
+                    m.weight.data = _column_major(m.weight.data)
+                if "onednn" in kernels.values():
+                    m.__class__, m.kernels = KernelLinear, kernels
         if w.is_floating_point() and w.is_contiguous():
-            layout, kernels = _measure(w.data, batches, head=True)
+            layout, kernels = _measure([w.data], batches, head=True)
             choice["layouts"]["head"] = layout
             if layout == "col":
                 w.data = _column_major(w.data)
@@ -188,8 +305,7 @@ def head_logits(model: Transformer, h):
     `tune_cpu_kernels` measured fastest for the nearest batch size (model.logits otherwise)."""
     kernels = (getattr(model, "cpu_kernels", None) or {}).get("head") if h.device.type == "cpu" else None
     if kernels and h.dtype == model.lm_head.weight.dtype:
-        b = min(kernels, key=lambda m: max(m, h.shape[0]) / min(m, h.shape[0]))
-        if kernels[b] == "onednn":
+        if _nearest(kernels, h.shape[0]) == "onednn":
             return _onednn_linear(h, model.lm_head.weight).float()
     return model.logits(h).float()
 

@@ -518,7 +518,10 @@ def save(model, path, max_shard_bytes=5 * 1024**3, copy_from=None):
         if id(p) in seen:
             continue  # tied weights are stored once, under the embedding's name
         seen.add(id(p))
-        tensors[ours_to_hf(name, c.arch)] = p.detach().to("cpu").contiguous()
+        t = p.detach().to("cpu").contiguous()
+        if t.untyped_storage().nbytes() != t.numel() * t.element_size():
+            t = t.clone()  # a view into a larger tensor (cpu_kernels fuses q, k, v for decoding): safetensors stores whole tensors
+        tensors[ours_to_hf(name, c.arch)] = t
     dtype = model.embed_tokens.weight.dtype
     shards, cur, size = [], {}, 0
     for k, t in tensors.items():

@@ -119,10 +119,14 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(c.head_dim, c.norm_eps)
             self.k_norm = RMSNorm(c.head_dim, c.norm_eps)
 
+    fused = None  # cpu_kernels.FusedLinear: q, k and v in one product while decoding on CPU
+
     def qkv(self, x):
         c = self.c
         B, T, _ = x.shape
-        if c.qkv == "split":
+        if c.qkv == "split" and self.fused is not None and self.fused.usable(x, (self.q_proj, self.k_proj, self.v_proj)):
+            q, k, v = self.fused(x)
+        elif c.qkv == "split":
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         elif c.qkv == "packed":
             q, k, v = self.W_pack(x).split([c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim,
@@ -156,7 +160,12 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(c.dim, c.ffn_dim, bias=c.mlp_bias)
         self.down_proj = nn.Linear(c.ffn_dim, c.dim, bias=c.mlp_bias)
 
+    fused = None  # cpu_kernels.FusedLinear: gate and up in one product while decoding on CPU
+
     def forward(self, x):
+        if self.swiglu and self.fused is not None and self.fused.usable(x, (self.gate_proj, self.up_proj)):
+            gate, up = self.fused(x)
+            return self.down_proj(F.silu(gate) * up)
         if self.swiglu:
             return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
         return self.down_proj(F.gelu(self.up_proj(x), approximate="tanh"))

@@ -6,6 +6,7 @@ import time
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from nanohuatuo.cpu_kernels import tune_cpu_kernels
 from nanohuatuo.engine import Engine, SamplingParams, sample_seed
@@ -280,6 +281,89 @@ def test_cpu_kernel_choice_keeps_the_values():
     with torch.no_grad():
         torch.testing.assert_close(m(ids), want, atol=1e-5, rtol=0)
     assert not Engine(m, compile=True).compile  # CUDA graphs only on CUDA: CPU stays eager
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="oneDNN not in this torch build")
+def test_onednn_projections_only_in_inference_mode(monkeypatch, tmp_path):
+    """Projections timed faster in oneDNN become KernelLinear: oneDNN under inference_mode (the engine),
+    the plain F.linear for training and no_grad scoring; same parameters, state dict and saved files."""
+    import nanohuatuo.cpu_kernels as ck
+    seen = []
+    monkeypatch.setattr(ck, "_MEASURED", {})
+    monkeypatch.setattr(ck, "_measure", lambda ws, batches, head: seen.append((tuple(ws[0].shape), len(ws), head))
+                        or ("row", {b: "onednn" for b in batches}))
+    m = tiny(seed=1)
+    ids = torch.tensor([PROMPTS[2]])
+    with torch.no_grad():
+        want = m(ids)
+    names = [n for n, _ in m.named_parameters()]
+    tune_cpu_kernels(m, batches=(1, 4))
+    # every layer's matrices of a shape are timed together, as a decode step streams them: q|k|v and
+    # gate|up fused, o and down, then the head
+    assert sorted(seen) == [((32, 32), 2, False), ((32, 48), 2, False), ((64, 32), 2, False), ((96, 32), 2, False),
+                            ((101, 32), 1, True)]
+    lin = m.layers[0].self_attn.o_proj
+    assert type(lin) is ck.KernelLinear and lin.kernels == {1: "onednn", 4: "onednn"}
+    assert [n for n, _ in m.named_parameters()] == names and m.cpu_kernels["proj"][(32, 32)] == {1: "onednn", 4: "onednn"}
+    calls = []
+    monkeypatch.setattr(ck, "_onednn_linear", lambda x, w, b=None: calls.append(1) or F.linear(x, w, b))
+    x = torch.randn(3, 2, lin.in_features, requires_grad=True)
+    y = lin(x)  # training: F.linear, bit for bit, and gradients flow
+    assert not calls and torch.equal(y, F.linear(x, lin.weight, lin.bias))
+    y.sum().backward()
+    assert x.grad is not None and lin.weight.grad is not None
+    with torch.no_grad():
+        assert torch.equal(m(ids), want) and not calls  # scoring keeps the plain kernel
+    monkeypatch.undo()
+    with torch.inference_mode():
+        got = m(ids)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    out = Engine(m).generate([PROMPTS[2]], SamplingParams(max_new_tokens=1))[0]
+    assert out.tokens[0] == int(want[0, -1].argmax())
+    m.save_pretrained(tmp_path / "m")
+    back = Transformer.from_pretrained(tmp_path / "m")
+    with torch.no_grad():
+        assert torch.equal(back(ids), want)
+
+
+def test_fused_projections_follow_training_and_step_aside_for_lora(tmp_path):
+    """q|k|v and gate|up share one matrix while decoding: the projections' parameters are views of it,
+    so an optimiser step reaches the fused product, and a LoRA wrapper loaded later turns it off."""
+    from nanohuatuo.cpu_kernels import FusedLinear
+    from nanohuatuo.lora import LoRALinear, apply_lora
+    m = tiny(seed=2)
+    ids = torch.tensor([PROMPTS[1]])
+    tune_cpu_kernels(m, batches=(1, 4))
+    attn, mlp = m.layers[0].self_attn, m.layers[0].mlp
+    assert isinstance(attn.fused, FusedLinear) and isinstance(mlp.fused, FusedLinear)
+    assert attn.q_proj.weight.data_ptr() == attn.fused.weight.data_ptr()
+    assert attn.fused.usable(torch.zeros(1, 1, 32), (attn.q_proj, attn.k_proj, attn.v_proj)) is False  # not in inference mode
+
+    def both():
+        with torch.no_grad():
+            plain = m(ids)
+        with torch.inference_mode():
+            assert attn.fused.usable(torch.zeros(1, 1, 32), (attn.q_proj, attn.k_proj, attn.v_proj)) == (type(attn.q_proj) is not LoRALinear)
+            return plain, m(ids)
+
+    plain, fused = both()
+    torch.testing.assert_close(fused, plain, atol=1e-5, rtol=0)
+    m.train()
+    opt = torch.optim.SGD(m.parameters(), lr=0.5)
+    F.cross_entropy(m(ids)[0], torch.tensor(PROMPTS[1][1:] + [0])).backward()
+    opt.step()
+    m.eval()
+    plain2, fused2 = both()  # the step moved the fused matrix with the projections
+    assert (plain2 - plain).abs().max() > 1e-3
+    torch.testing.assert_close(fused2, plain2, atol=1e-5, rtol=0)
+    apply_lora(m, r=4, alpha=8, dropout=0.0, targets=["q_proj", "v_proj", "gate_proj"])
+    for p in m.parameters():
+        if p.requires_grad:
+            p.data.normal_(0, 0.3)  # B non-zero: the adapter changes the output
+    plain3, fused3 = both()
+    assert (plain3 - plain2).abs().max() > 1e-3
+    torch.testing.assert_close(fused3, plain3, atol=1e-5, rtol=0)
+    m.save_pretrained(tmp_path / "m")  # views of the fused matrix are saved as tensors of their own
 
 
 def test_fixed_cpu_kernels_time_nothing_and_keep_the_loaded_layout(monkeypatch):
