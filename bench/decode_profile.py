@@ -1,7 +1,8 @@
 """Profile: where the engine's CPU decode step spends its time, against the memory-bandwidth floor.
 
 Builds the Qwen2-shaped "100M" model of bench/generate.py (hidden 512, 8 layers, 8 heads / 2 KV
-heads, vocabulary 151,936 tied) with random weights (no transformers needed), and for each batch
+heads, vocabulary 151,936 tied; or with --size 500M, Qwen2.5-0.5B's shape) with random weights
+(no transformers needed), and for each batch
 size fills an Engine with that many greedy requests (32-token prompts), then times `--steps`
 decode steps (`Engine.step`) after a warm-up. Printed per batch size:
 
@@ -14,6 +15,7 @@ decode steps (`Engine.step`) after a warm-up. Printed per batch size:
 
     python bench/decode_profile.py                       # 100M, batch 1 8 16, float32, 2 threads
     python bench/decode_profile.py --batches 1 --steps 50 --top 25
+    python bench/decode_profile.py --size 500M --batches 1 8
 
 On a machine shared with other work the absolute times drift: read the shares, and compare code
 changes A/B (old and new interleaved, same weights and threads), not against another day's run.
@@ -33,12 +35,16 @@ from nanohuatuo.cpu_kernels import tune_cpu_kernels  # noqa: E402
 from nanohuatuo.engine import Engine, SamplingParams  # noqa: E402
 from nanohuatuo.hf import ModelConfig  # noqa: E402
 from nanohuatuo.model import Transformer  # noqa: E402
-from generate import matvec_bandwidth  # noqa: E402  (bench/generate.py: the same measure)
+from generate import SIZES, matvec_bandwidth  # noqa: E402  (bench/generate.py: the same shapes and measure)
 
 
-def qwen2_100m(dtype, seed):
-    c = ModelConfig(arch="qwen2", vocab_size=151936, dim=512, n_layers=8, n_heads=8, n_kv_heads=2, ffn_dim=1536,
-                    qkv_bias=True, tie_embeddings=True, norm_eps=1e-6, max_seq_len=4096)
+def qwen2_model(size, dtype, seed):
+    """bench/generate.py's Qwen2-shaped "100M" or "500M" (Qwen2.5-0.5B's shape) with random weights."""
+    g = SIZES[size]
+    c = ModelConfig(arch="qwen2", vocab_size=151936, dim=g["hidden_size"], n_layers=g["num_hidden_layers"],
+                    n_heads=g["num_attention_heads"], n_kv_heads=g["num_key_value_heads"],
+                    ffn_dim=g["intermediate_size"], qkv_bias=True, tie_embeddings=True, norm_eps=1e-6,
+                    max_seq_len=4096)
     m = Transformer(c)
     m.init_weights(seed=seed)
     return m.to(dtype).eval()
@@ -159,6 +165,7 @@ def profile_batch(model, B, args, floor_s):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--size", default="100M", choices=["100M", "500M"], help="model shape (default: 100M)")
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8, 16], help="batch sizes to profile (default: 1 8 16)")
     ap.add_argument("--steps", type=int, default=30, help="decode steps timed per batch size (default: 30)")
     ap.add_argument("--prompt-len", type=int, default=32, help="tokens in every prompt (default: 32)")
@@ -169,11 +176,11 @@ def main():
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
-    model = qwen2_100m(dtype, args.seed)
+    model = qwen2_model(args.size, dtype, args.seed)
     bw = matvec_bandwidth("cpu", dtype)
     nbytes = step_bytes(model)
     tune_cpu_kernels(model, batches=(1, *args.batches))  # as an Engine with max(batches) slots would
-    print(f"100M ({model.num_params() / 1e6:.0f}M params, {nbytes / 1e6:.0f} MB a step), {args.dtype}, "
+    print(f"{args.size} ({model.num_params() / 1e6:.0f}M params, {nbytes / 1e6:.0f} MB a step), {args.dtype}, "
           f"{args.threads} threads, matrix-vector bandwidth {bw / 1e9:.1f} GB/s")
     for B in args.batches:
         profile_batch(model, B, args, nbytes / bw)

@@ -77,12 +77,13 @@ def build(size, workdir, dtype):
     return path
 
 
-def matvec_bandwidth(device, dtype, mbytes=512, reps=20):
+def matvec_bandwidth(device, dtype, mbytes=512, reps=20, rounds=3):
     """Bytes/s read by a large matrix-vector product (the decode step's dominant operation): the
     fastest of the kernels the engine may choose on this machine (F.linear with the matrix row- and
     column-major; on CPU also oneDNN's linear kernel, which read a 512 MB matrix 1.2-1.3x faster
     than F.linear on an AMD EPYC), so the share reported against it is a share of what this
-    machine's kernels can read, not of a slower kernel's speed."""
+    machine's kernels can read, not of a slower kernel's speed. The best of `rounds` rounds: on a
+    shared 2-core machine one round read anywhere between 20 and 30 GB/s."""
     esize = torch.finfo(dtype).bits // 8
     n = int((mbytes * 2**20 / esize) ** 0.5)
     W = torch.randn(n, n, device=device).to(dtype)
@@ -91,7 +92,7 @@ def matvec_bandwidth(device, dtype, mbytes=512, reps=20):
     if device == "cpu" and torch.backends.mkldnn.is_available() and dtype in (torch.float32, torch.bfloat16):
         kernels.append(lambda x, w: torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], ""))
     best = 0.0
-    for w in (W, W.t().contiguous().t()):  # both layouts: the kernels differ, take the faster
+    for w in [W, W.t().contiguous().t()] * rounds:  # both layouts: the kernels differ, take the faster
         for fn in kernels:
             try:
                 for _ in range(3):

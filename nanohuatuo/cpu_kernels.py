@@ -30,6 +30,9 @@ _ONEDNN_LINEAR = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkld
 # oneDNN's kernel for a bfloat16 head, where the processor has bfloat16 instructions
 _ONEDNN_BF16 = _ONEDNN_LINEAR and hasattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported") \
     and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+# oneDNN's blocked weight layout for bfloat16, which its kernel otherwise rebuilds from the plain
+# matrix at every call (on an AMD EPYC a packed (151936, 512) matrix read at 20 GB/s, the plain one at 11)
+_ONEDNN_PACK = _ONEDNN_BF16 and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
 _MEASURED = {}  # (what, weight shape, dtype, threads, batches) -> decision: measured once per process
 
 
@@ -62,29 +65,42 @@ def _column_major(w):
 _STREAM_BYTES = 64 << 20
 
 
-def _measure(ws, batches, head):
-    """('row' | 'col', {batch: 'linear' | 'onednn'}) for the matrices ws (out, in) of one shape and
-    dtype: the faster layout over all batches, and the faster kernel at each batch in that layout."""
+def _pack(w, batch):
+    """w in oneDNN's own blocked layout for products of about `batch` rows: an opaque tensor only
+    oneDNN's linear kernel reads (no autograd, no saving), so only for a model loaded to infer."""
+    return torch.ops.mkldnn._reorder_linear_weight(w, batch)
+
+
+def _measure(ws, batches, head, pack=False):
+    """(layout, {batch: 'linear' | 'onednn'}) for the matrices ws (out, in) of one shape and dtype:
+    the fastest layout over all batches ('row', 'col', or with `pack` also 'packed': oneDNN's own
+    layout, read by oneDNN only), and the faster kernel at each batch in that layout."""
     w = ws[0]
-    key = ("head" if head else "proj", tuple(w.shape), w.dtype, torch.get_num_threads(), batches)
+    key = ("head" if head else "proj", tuple(w.shape), w.dtype, torch.get_num_threads(), batches, pack)
     if key not in _MEASURED:
         kernels = {"linear": F.linear}
         if _ONEDNN_LINEAR and w.dtype == torch.float32 or _ONEDNN_BF16 and w.dtype == torch.bfloat16:
             kernels["onednn"] = _onednn_linear
+        layouts = {"row": kernels, "col": kernels}
+        if pack and "onednn" in kernels:
+            layouts["packed"] = {"onednn": _onednn_linear}
         n = max(1, min(64, -(-_STREAM_BYTES // (w.numel() * w.element_size()))))
         group = [ws[i] if i < len(ws) else ws[i % len(ws)].clone() for i in range(n)]
-        times = {}  # (layout, kernel, batch) -> seconds per matrix
-        for layout in ("row", "col"):
-            wl = group if layout == "row" else [_column_major(m) for m in group]
+        times = {}  # (layout, batch) -> {kernel: seconds per matrix}
+        for layout, ks in layouts.items():
+            wl = {"row": lambda m: m, "col": _column_major, "packed": lambda m: _pack(m, max(batches))}[layout]
+            wl = [wl(m) for m in group]
             for b in batches:
                 x = torch.randn(b, w.shape[1], dtype=w.dtype)
-                for name, fn in kernels.items():
-                    times[layout, name, b] = _seconds(lambda: [fn(x, m) for m in wl]) / n
+                times[layout, b] = {name: _seconds(lambda: [fn(x, m) for m in wl]) / n for name, fn in ks.items()}
             del wl
         del group
-        best = {layout: sum(min(times[layout, k, b] for k in kernels) for b in batches) for layout in ("row", "col")}
-        layout = min(best, key=best.get)
-        _MEASURED[key] = (layout, {b: min(kernels, key=lambda k: times[layout, k, b]) for b in batches})
+        # each batch size counts alike: the layout's time over the best layout's, summed (a plain sum
+        # of seconds would let the largest batch, the slowest product, decide for batch 1 too)
+        best = {b: min(min(times[layout, b].values()) for layout in layouts) for b in batches}
+        cost = {layout: sum(min(times[layout, b].values()) / best[b] for b in batches) for layout in layouts}
+        layout = min(cost, key=cost.get)
+        _MEASURED[key] = (layout, {b: min(times[layout, b], key=times[layout, b].get) for b in batches})
     return _MEASURED[key]
 
 
@@ -105,6 +121,8 @@ class KernelLinear(torch.nn.Linear):
 
     def forward(self, x):
         w = self.weight
+        if w.is_mkldnn:  # packed (a model loaded to infer): oneDNN is the only kernel that reads it
+            return _onednn_linear(x, w, self.bias)
         if torch.is_inference_mode_enabled() and x.device.type == "cpu" and x.dtype == w.dtype \
                 and _nearest(self.kernels, x.numel() // x.shape[-1]) == "onednn":
             return _onednn_linear(x, w, self.bias)
@@ -219,7 +237,8 @@ def tune_cpu_kernels(model: Transformer, batches=(1, 8)):
     weights row-major (as loaded) and column-major (same values, transposed strides), over every
     layer's matrices of that shape one after the other (then copies, up to 64 MB or 64 matrices:
     `_STREAM_BYTES`), since one small matrix timed alone stays in cache and would mislead. Every
-    matrix of a shape gets the layout with the smaller summed time; a projection whose best kernel
+    matrix of a shape gets the layout with the smaller summed time, each batch size weighing alike
+    (time over the better layout's time at that b); a projection whose best kernel
     is oneDNN at some b becomes a `KernelLinear` (oneDNN in inference mode only), and `FusedLinear`
     and `head_logits` use the kernel measured at the batch size nearest in ratio. For int8
     weights (quant.Int8Linear, the head included) it times, per shape, the dequantising F.linear
@@ -251,11 +270,14 @@ def tune_cpu_kernels(model: Transformer, batches=(1, 8)):
     if os.environ.get("NANOHUATUO_CPU_KERNELS") == "fixed":  # repeatable runs: the loaded layouts, no timing
         model.cpu_kernels = choice
         return
+    # bfloat16 weights of a model loaded only to infer (generate.load_for_inference) may be packed
+    pack = bool(getattr(model, "inference_only", False)) and _ONEDNN_PACK and w.dtype == torch.bfloat16
     with torch.inference_mode(False), torch.no_grad():
         # q, k, v and gate, up: one matrix each (made one group at a time, so the peak memory grows by
-        # one group's weights), then measured like the other shapes, over every layer's
+        # one group's weights), then measured like the other shapes, over every layer's; not where the
+        # weights may be packed instead (a packed matrix has no rows to be views of)
         fused = {}
-        for owner, parts in _fusable(model):
+        for owner, parts in [] if pack else _fusable(model):
             fw = torch.cat([m.weight.data for m in parts])
             fb = torch.cat([m.bias.data for m in parts]) if parts[0].bias is not None else None
             _point_into(parts, fw, fb)
@@ -277,18 +299,26 @@ def tune_cpu_kernels(model: Transformer, batches=(1, 8)):
                     and m.weight.is_contiguous() and id(m) not in in_fused:
                 by_shape.setdefault((tuple(m.weight.shape), m.weight.dtype), []).append(m)
         for (shape, dtype), ms in by_shape.items():
-            layout, kernels = _measure([m.weight.data for m in ms], batches, head=False)
+            layout, kernels = _measure([m.weight.data for m in ms], batches, head=False, pack=pack)
             choice["layouts"][shape] = layout
             choice["proj"][shape] = kernels
             for m in ms:
-                if layout == "col":
+                if layout == "packed":
+                    m.weight = torch.nn.Parameter(_pack(m.weight.data, max(batches)), requires_grad=False)
+                elif layout == "col":
                     m.weight.data = _column_major(m.weight.data)
                 if "onednn" in kernels.values():
                     m.__class__, m.kernels = KernelLinear, kernels
         if w.is_floating_point() and w.is_contiguous():
-            layout, kernels = _measure([w.data], batches, head=True)
+            layout, kernels = _measure([w.data], batches, head=True, pack=pack)
             choice["layouts"]["head"] = layout
-            if layout == "col":
+            if layout == "packed":
+                # a copy where the embedding shares the matrix (the lookup needs the plain rows)
+                model.packed_head = _pack(w.data, max(batches))
+                if w is not model.embed_tokens.weight:
+                    head.weight = torch.nn.Parameter(model.packed_head, requires_grad=False)
+                    head.__class__, head.kernels = KernelLinear, kernels
+            elif layout == "col":
                 w.data = _column_major(w.data)
             if type(head) is torch.nn.Linear and not (model.config.norm_head and w.requires_grad):
                 choice["head"] = kernels  # NormHead while training must go through model.logits
@@ -303,6 +333,9 @@ def tune_cpu_kernels(model: Transformer, batches=(1, 8)):
 def head_logits(model: Transformer, h):
     """float32 logits (B, vocab) of the last hidden states h (B, dim), with the kernel that
     `tune_cpu_kernels` measured fastest for the nearest batch size (model.logits otherwise)."""
+    packed = getattr(model, "packed_head", None)
+    if packed is not None and h.device.type == "cpu":
+        return _onednn_linear(h.to(packed.dtype), packed).float()
     kernels = (getattr(model, "cpu_kernels", None) or {}).get("head") if h.device.type == "cpu" else None
     if kernels and h.dtype == model.lm_head.weight.dtype:
         if _nearest(kernels, h.shape[0]) == "onednn":

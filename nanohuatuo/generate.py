@@ -39,7 +39,9 @@ def load_for_inference(model_dir, adapter=None, dtype=None, device="cpu", quant=
     templates.tokenizer_and_template). The adapter is merged, so generating costs what the base
     model does. `quant` (quant.INFERENCE_QUANTS): "int8" or "nf4" load on the CPU, merge and
     quantise there, so the full-precision copy never sits on the GPU (a 7B model then needs about
-    7.5 GB in int8).
+    7.5 GB in int8). The model is marked `inference_only` (its parameters need no gradients): on
+    a CPU with bfloat16 instructions `cpu_kernels.tune_cpu_kernels` may then store bfloat16 weights
+    in oneDNN's own layout, which only generation can read (no training, no saving).
     """
     if quant not in INFERENCE_QUANTS:
         raise ValueError(f"--quant {quant}: use one of {', '.join(INFERENCE_QUANTS)}")
@@ -55,6 +57,9 @@ def load_for_inference(model_dir, adapter=None, dtype=None, device="cpu", quant=
     if quant != "none":
         quantize_int8(model) if quant == "int8" else quantize(model, quant)
         model.to(device)
+    # only to infer: no gradients, and the CPU kernels may pack bfloat16 weights into oneDNN's layout
+    model.requires_grad_(False)
+    model.inference_only = True
     return model.eval(), tok, template
 
 

@@ -334,6 +334,9 @@ class Transformer(nn.Module):
 
     def save_pretrained(self, path, **kw):
         """Write config.json + safetensors in the Hugging Face layout of this architecture (`hf.save`)."""
+        if any(p.is_mkldnn for p in self.parameters()):
+            raise ValueError("save_pretrained: this model's weights are packed for inference (cpu_kernels, a model from "
+                             "generate.load_for_inference); save the model it was loaded from instead")
         if getattr(self, "quant", "none") != "none":
             raise ValueError(f"save_pretrained: this model's blocks are {self.quant}-quantised; save its LoRA "
                              f"adapter and merge that on the full-precision base instead")

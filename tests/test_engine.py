@@ -290,7 +290,7 @@ def test_onednn_projections_only_in_inference_mode(monkeypatch, tmp_path):
     import nanohuatuo.cpu_kernels as ck
     seen = []
     monkeypatch.setattr(ck, "_MEASURED", {})
-    monkeypatch.setattr(ck, "_measure", lambda ws, batches, head: seen.append((tuple(ws[0].shape), len(ws), head))
+    monkeypatch.setattr(ck, "_measure", lambda ws, batches, head, pack=False: seen.append((tuple(ws[0].shape), len(ws), head))
                         or ("row", {b: "onednn" for b in batches}))
     m = tiny(seed=1)
     ids = torch.tensor([PROMPTS[2]])

@@ -7,10 +7,13 @@ A random model's near-ties would flip under bfloat16 rounding; the layer-level c
 numerics themselves, to bfloat16's tolerance.
 """
 
+import copy
+
 import pytest
 import torch
 
 from conftest import tiny_base
+import nanohuatuo.cpu_kernels as ck
 from nanohuatuo.cpu_kernels import head_logits, tune_cpu_kernels
 from nanohuatuo.engine import Engine, SamplingParams
 from nanohuatuo.engine_runner import decode_logits
@@ -154,6 +157,51 @@ def test_bfloat16_engine_keeps_a_bfloat16_cache_and_float32_logits():
             got = head_logits(m, h)
             assert got.dtype == torch.float32
             torch.testing.assert_close(got, m.lm_head(h).float(), rtol=2 ** -7, atol=0.05)
+
+
+@pytest.mark.skipif(not ck._ONEDNN_PACK, reason="oneDNN bfloat16 packing needs bfloat16 instructions")
+@pytest.mark.parametrize("tied", [False, True])
+def test_packed_bfloat16_weights_for_a_model_loaded_to_infer(monkeypatch, tied):
+    """inference_only bfloat16 models may keep their matrices in oneDNN's packed layout: the chain's
+    tokens stay exact, the parameter count stays, and saving refuses clearly instead of writing junk."""
+    torch.manual_seed(0)
+    m = Transformer(ModelConfig(arch="llama", vocab_size=V, dim=64, n_layers=2, n_heads=4, n_kv_heads=2,
+                                ffn_dim=128, max_seq_len=64, tie_embeddings=tied))
+    m.init_weights(seed=0)
+    g = torch.Generator().manual_seed(1)
+    perm = torch.randperm(V, generator=g)
+    with torch.no_grad():
+        m.embed_tokens.weight.copy_(torch.randn(V, 64, generator=g))
+        if not tied:
+            head = torch.empty_like(m.embed_tokens.weight)
+            head[perm] = m.embed_tokens.weight
+            m.lm_head.weight = torch.nn.Parameter(head)
+    m.to(torch.bfloat16).eval().requires_grad_(False)
+    with torch.no_grad():
+        want = [o.tokens for o in Engine(copy.deepcopy(m), slots=4).generate(PROMPTS, SamplingParams(max_new_tokens=6))]
+    n_params = m.num_params()
+    m.inference_only = True
+    monkeypatch.setattr(ck, "_MEASURED", {})
+    real = ck._measure
+    monkeypatch.setattr(ck, "_measure", lambda ws, batches, head, pack=False:
+                        ("packed", {b: "onednn" for b in batches}) if pack else real(ws, batches, head))
+    tune_cpu_kernels(m, batches=(1, 4))
+    assert all(p.is_mkldnn for n, p in m.layers.named_parameters() if n.endswith("proj.weight"))
+    assert m.cpu_kernels["layouts"]["head"] == "packed" and m.packed_head.is_mkldnn
+    assert m.embed_tokens.weight.is_mkldnn is False  # the lookup reads plain rows
+    assert m.num_params() == n_params
+    got = [o.tokens for o in Engine(m, slots=4).generate(PROMPTS, SamplingParams(max_new_tokens=6))]
+    assert got == want
+    if not tied:
+        assert got == [row[:6] for row in expected(perm.tolist(), 6)]
+    with pytest.raises(ValueError, match="packed for inference"):
+        m.save_pretrained("/nonexistent")
+
+
+def test_load_for_inference_marks_the_model(tiny_dir):
+    from nanohuatuo.generate import load_for_inference
+    m, _, _ = load_for_inference(tiny_dir)
+    assert m.inference_only and not any(p.requires_grad for p in m.parameters())
 
 
 # ----------------------------------------------------------------------------- loading with --dtype bfloat16
