@@ -7,7 +7,8 @@ size fills an Engine with that many greedy requests (32-token prompts), then tim
 decode steps (`Engine.step`) after a warm-up. Printed per batch size:
 
 - the step's wall time, and the floor: the bytes a step reads (every weight once) over the
-  bandwidth this machine reaches in a large matrix-vector product, measured in the same run;
+  bandwidth this machine reaches in a large float32 matrix-vector product, measured in the same
+  run (bench/generate.py's measure; also for bfloat16 weights: bytes are bytes);
 - a breakdown of the step's wall time: embedding/positions/mask (before the first block), each
   block, the final norm, the output head, and the rest of the step (sampling, the repetition
   penalty's bookkeeping, stop checks, events), from timers around those calls;
@@ -16,6 +17,7 @@ decode steps (`Engine.step`) after a warm-up. Printed per batch size:
     python bench/decode_profile.py                       # 100M, batch 1 8 16, float32, 2 threads
     python bench/decode_profile.py --batches 1 --steps 50 --top 25
     python bench/decode_profile.py --size 500M --batches 1 8
+    python bench/decode_profile.py --dtype bfloat16 --infer      # bfloat16 as chat and serve load it
 
 On a machine shared with other work the absolute times drift: read the shares, and compare code
 changes A/B (old and new interleaved, same weights and threads), not against another day's run.
@@ -170,6 +172,8 @@ def main():
     ap.add_argument("--steps", type=int, default=30, help="decode steps timed per batch size (default: 30)")
     ap.add_argument("--prompt-len", type=int, default=32, help="tokens in every prompt (default: 32)")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weight dtype (default: float32)")
+    ap.add_argument("--infer", action="store_true",
+                    help="mark the model inference_only, as chat and serve load it (bfloat16 weights may be packed)")
     ap.add_argument("--threads", type=int, default=2, help="torch threads (default: 2)")
     ap.add_argument("--top", type=int, default=15, help="ops listed from torch.profiler (default: 15)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the random weights and prompts (default: 0)")
@@ -177,11 +181,15 @@ def main():
     torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
     model = qwen2_model(args.size, dtype, args.seed)
-    bw = matvec_bandwidth("cpu", dtype)
+    if args.infer:
+        model.requires_grad_(False).inference_only = True
+    # bytes per second of memory, measured in float32 (bench/generate.py's (e) does the same): a bfloat16
+    # matrix-vector product that reads slower than that is the kernel's shortfall, not the memory's
+    bw = matvec_bandwidth("cpu", torch.float32)
     nbytes = step_bytes(model)
     tune_cpu_kernels(model, batches=(1, *args.batches))  # as an Engine with max(batches) slots would
     print(f"{args.size} ({model.num_params() / 1e6:.0f}M params, {nbytes / 1e6:.0f} MB a step), {args.dtype}, "
-          f"{args.threads} threads, matrix-vector bandwidth {bw / 1e9:.1f} GB/s")
+          f"{args.threads} threads, matrix-vector bandwidth {bw / 1e9:.1f} GB/s (float32)")
     for B in args.batches:
         profile_batch(model, B, args, nbytes / bw)
     print(f"\nCPU kernels chosen at load: {model.cpu_kernels}")

@@ -30,6 +30,7 @@ run), saves them in the Hugging Face layout, then times, for each size:
     python bench/generate.py --sizes tiny --new-tokens 8 --mixed-requests 8 --slots 4 \\
         --mixed-prompt 8 32 --mixed-new 4 16 --k-prompts 4 --k-prompt-len 8 32 --k-new-tokens 8   # smoke run
     python bench/generate.py --tables fixed --weights float32 bfloat16 int8   # (a) and (e) only
+    python bench/generate.py --sizes --model DIR --weights float32 bfloat16 int8   # (e) on a checkpoint
 """
 
 import argparse
@@ -217,7 +218,8 @@ def load_format(path, fmt, args):
     if fmt == "int8":
         quantize_int8(model)
         model.to(args.device)
-    return model.eval()
+    model.inference_only = True  # as generate.load_for_inference marks what chat and serve load
+    return model.eval().requires_grad_(False)
 
 
 def read_bytes(model):
@@ -240,9 +242,27 @@ def same_prefix(toks, ref):
     return same / sum(map(len, ref))
 
 
-def weight_formats(size, path, args, bandwidth, rows):
-    """(e): the engine's greedy decode of table (a) with the weights in each of args.weights."""
+def eval_prompts(model_dir):
+    """A function B -> the first B questions of data/eval_questions.json, each in the checkpoint's
+    chat template (as chat and serve would send them): real text for a trained model, whose greedy
+    tokens have real margins, unlike random ids on random weights."""
+    from nanohuatuo.templates import render_prompt, tokenizer_and_template
+    tok, template = tokenizer_and_template(model_dir, None, "auto")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(root, "data", "eval_questions.json"), encoding="utf-8") as f:
+        questions = [q["query"] for q in json.load(f)]
+    return lambda B, V: [render_prompt([{"role": "user", "content": q}], tok, template) for q in questions[:B]]
+
+
+def random_prompts(args):
+    return lambda B, V: torch.randint(0, V, (B, args.prompt_len), generator=torch.Generator().manual_seed(B)).tolist()
+
+
+def weight_formats(size, path, args, bandwidth, rows, prompts_for=None):
+    """(e): the engine's greedy decode of table (a) with the weights in each of args.weights (the
+    prompts of (a), or prompts_for(B, vocabulary size))."""
     n_new, batches = args.new_tokens, sorted({1, *args.batch_sizes})
+    prompts_for = prompts_for or random_prompts(args)
     prompts, ref, params = {}, {}, None
     for fmt in ["float32"] + [f for f in args.weights if f != "float32"]:
         model = load_format(path, fmt, args)
@@ -253,8 +273,7 @@ def weight_formats(size, path, args, bandwidth, rows):
         params = params or model.num_params()  # float32's count: int8 weights are buffers, not parameters
         for B in args.batch_sizes:
             if B not in prompts:
-                V = model.config.vocab_size
-                prompts[B] = torch.randint(0, V, (B, args.prompt_len), generator=torch.Generator().manual_seed(B)).tolist()
+                prompts[B] = prompts_for(B, model.config.vocab_size)
             run = lambda: generate(model, prompts[B], max_new_tokens=n_new)  # noqa: E731
             toks = run()
             ref.setdefault(B, toks)  # float32 comes first
@@ -263,7 +282,7 @@ def weight_formats(size, path, args, bandwidth, rows):
             tok_s = B * n_new / time_it(run, args.device, args.repeats)
             row = dict(table="weights", size=size, params=params, device=args.device, weights=fmt,
                        act_dtype=str(model.embed_tokens.weight.dtype).removeprefix("torch."), batch=B,
-                       new_tokens=n_new, prompt_len=args.prompt_len, tok_s=tok_s, step_bytes=nbytes,
+                       new_tokens=n_new, prompt_len=max(map(len, prompts[B])), tok_s=tok_s, step_bytes=nbytes,
                        bw_share=nbytes * tok_s / B / bandwidth, same_as_float32=same_prefix(toks, ref[B]))
             rows.append(row)
             print(json.dumps(row), flush=True)
@@ -354,7 +373,7 @@ def report(rows):
                   f"{r['engine_tok_s'] / r['hf_tok_s']:.2f}x | {same} |")
     wf = [r for r in rows if r["table"] == "weights"]
     if wf:
-        print("\n(e) weight formats (engine, greedy, the prompts of (a))\n\n| model | weights | activations | batch | "
+        print("\n(e) weight formats (engine, greedy; the prompts of (a), or for --model the evaluation questions)\n\n| model | weights | activations | batch | "
               "tok/s | weight MB read per step | bandwidth share (of the matvec bandwidth) | same tokens as float32 greedy |")
         print("|---|---|---|---|---|---|---|---|")
         for r in wf:
@@ -375,7 +394,10 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32")
-    ap.add_argument("--sizes", nargs="+", default=["100M", "500M"], choices=list(SIZES))
+    ap.add_argument("--sizes", nargs="*", default=["100M", "500M"], choices=list(SIZES),
+                    help="random-weight models (none: only --model)")
+    ap.add_argument("--model", default=None,
+                    help="also table (e) on this checkpoint (Hugging Face layout), prompts from data/eval_questions.json")
     ap.add_argument("--tables", nargs="+", default=["fixed", "mixed", "prefix"], choices=["fixed", "mixed", "prefix"])
     ap.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 8], help="(a) batch sizes")
     ap.add_argument("--new-tokens", type=int, default=64, help="(a) new tokens per row")
@@ -412,7 +434,8 @@ def main():
     for size in args.sizes:
         path = build(size, args.workdir, dtype)
         hf = tf.AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(args.device).eval()
-        ours = Transformer.from_pretrained(path, dtype=dtype, device=args.device)
+        ours = Transformer.from_pretrained(path, dtype=dtype, device=args.device).requires_grad_(False)
+        ours.inference_only = True  # as generate.load_for_inference marks what chat and serve load
         tune_cpu_kernels(ours, batches=sorted({1, args.slots, *args.batch_sizes}))
         if not cuda:
             print(f"{size}: CPU kernels measured at load: {ours.cpu_kernels}", flush=True)
@@ -426,6 +449,9 @@ def main():
         del hf, ours
         if "fixed" in args.tables and args.weights:
             weight_formats(size, path, args, bandwidth, rows)
+    if args.model:  # (e) on a real checkpoint, with real questions
+        weight_formats(os.path.basename(os.path.normpath(args.model)), args.model, args, bandwidth, rows,
+                       prompts_for=eval_prompts(args.model))
     report(rows)
     if args.out:
         with open(args.out, "w") as f:

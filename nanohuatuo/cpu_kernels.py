@@ -137,9 +137,10 @@ class FusedLinear:
     in-place steps write into the fused matrix) and saving see the usual parameters. On CPU a
     small product costs a fixed price per call on top of reading its weight, so one call reading
     one matrix beats three: on an AMD EPYC, a decode step of a 0.5B model's shape took 108 instead
-    of 122 ms at batch 1. `usable` is checked at every call: only in inference mode on CPU, and only while the
-    model's projections are still the plain layers whose weights live in the fused matrix (a LoRA
-    wrapper loaded later, or a `.to()` that moved the weights, and the separate products run)."""
+    of 122 ms at batch 1. `usable` is checked at every call: only in inference mode on CPU, and
+    only while the model's projections are still the plain layers whose weights live in the fused
+    matrix (a LoRA wrapper loaded later, or a `.to()` that moved the weights, and the separate
+    products run)."""
 
     def __init__(self, parts, weight, bias, kernels):
         self.weight, self.bias, self.kernels = weight, bias, kernels
@@ -251,7 +252,18 @@ def tune_cpu_kernels(model: Transformer, batches=(1, 8)):
     The parameter objects are kept (tied embeddings stay tied; saving writes the usual row-major
     tensors, the fused ones copied out), the values are unchanged, and it runs outside inference
     mode, so training can go on using the weights (training and no_grad scoring run F.linear on
-    the separate projections, as before). No-op off CPU and when already done; NF4 weights are left as they are.
+    the separate projections, as before). No-op off CPU and when already done; NF4 weights are
+    left as they are.
+
+    A model marked `inference_only` (generate.load_for_inference: chat, serve, sampling,
+    evaluation) with bfloat16 weights, on a processor with bfloat16 instructions, also times each
+    shape in oneDNN's packed layout (`_pack`, a third layout besides row and column); where it wins,
+    the matrices are replaced by packed ones, which only oneDNN reads: such a model can generate
+    and score without gradients, not train or be saved (save_pretrained refuses). q, k, v and gate,
+    up are not fused there (a packed matrix has no rows to be views of). A head tied to the
+    embedding is packed as a copy (the lookup reads plain rows): vocabulary x dim more bfloat16
+    numbers, 155 MB for a 150k x 512 head. oneDNN re-lays a plain bfloat16 matrix at every call,
+    so packing roughly doubled its read speed on an AMD EPYC (docs/benchmarks.md).
 
     A choice made by timing can differ from one run to the next, and a column-major matrix sums in
     another order than a row-major one: the logits differ in the last bits, a sampled answer can

@@ -520,7 +520,7 @@ def save(model, path, max_shard_bytes=5 * 1024**3, copy_from=None):
         seen.add(id(p))
         t = p.detach().to("cpu").contiguous()
         if t.untyped_storage().nbytes() != t.numel() * t.element_size():
-            t = t.clone()  # a view into a larger tensor (cpu_kernels fuses q, k, v for decoding): safetensors stores whole tensors
+            t = t.clone()  # a view into a fused matrix (cpu_kernels.FusedLinear): safetensors wants its own
         tensors[ours_to_hf(name, c.arch)] = t
     dtype = model.embed_tokens.weight.dtype
     shards, cur, size = [], {}, 0

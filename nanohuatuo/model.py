@@ -124,8 +124,9 @@ class Attention(nn.Module):
     def qkv(self, x):
         c = self.c
         B, T, _ = x.shape
-        if c.qkv == "split" and self.fused is not None and self.fused.usable(x, (self.q_proj, self.k_proj, self.v_proj)):
-            q, k, v = self.fused(x)
+        fused = self.fused
+        if c.qkv == "split" and fused is not None and fused.usable(x, (self.q_proj, self.k_proj, self.v_proj)):
+            q, k, v = fused(x)
         elif c.qkv == "split":
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         elif c.qkv == "packed":
@@ -335,8 +336,8 @@ class Transformer(nn.Module):
     def save_pretrained(self, path, **kw):
         """Write config.json + safetensors in the Hugging Face layout of this architecture (`hf.save`)."""
         if any(p.is_mkldnn for p in self.parameters()):
-            raise ValueError("save_pretrained: this model's weights are packed for inference (cpu_kernels, a model from "
-                             "generate.load_for_inference); save the model it was loaded from instead")
+            raise ValueError("save_pretrained: this model's weights are packed for inference (cpu_kernels, a model "
+                             "from generate.load_for_inference); save the model it was loaded from instead")
         if getattr(self, "quant", "none") != "none":
             raise ValueError(f"save_pretrained: this model's blocks are {self.quant}-quantised; save its LoRA "
                              f"adapter and merge that on the full-precision base instead")

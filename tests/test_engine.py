@@ -290,8 +290,8 @@ def test_onednn_projections_only_in_inference_mode(monkeypatch, tmp_path):
     import nanohuatuo.cpu_kernels as ck
     seen = []
     monkeypatch.setattr(ck, "_MEASURED", {})
-    monkeypatch.setattr(ck, "_measure", lambda ws, batches, head, pack=False: seen.append((tuple(ws[0].shape), len(ws), head))
-                        or ("row", {b: "onednn" for b in batches}))
+    monkeypatch.setattr(ck, "_measure", lambda ws, batches, head, pack=False:
+                        seen.append((tuple(ws[0].shape), len(ws), head)) or ("row", {b: "onednn" for b in batches}))
     m = tiny(seed=1)
     ids = torch.tensor([PROMPTS[2]])
     with torch.no_grad():
@@ -304,7 +304,8 @@ def test_onednn_projections_only_in_inference_mode(monkeypatch, tmp_path):
                             ((101, 32), 1, True)]
     lin = m.layers[0].self_attn.o_proj
     assert type(lin) is ck.KernelLinear and lin.kernels == {1: "onednn", 4: "onednn"}
-    assert [n for n, _ in m.named_parameters()] == names and m.cpu_kernels["proj"][(32, 32)] == {1: "onednn", 4: "onednn"}
+    assert [n for n, _ in m.named_parameters()] == names
+    assert m.cpu_kernels["proj"][(32, 32)] == {1: "onednn", 4: "onednn"}
     calls = []
     monkeypatch.setattr(ck, "_onednn_linear", lambda x, w, b=None: calls.append(1) or F.linear(x, w, b))
     x = torch.randn(3, 2, lin.in_features, requires_grad=True)
@@ -337,13 +338,15 @@ def test_fused_projections_follow_training_and_step_aside_for_lora(tmp_path):
     attn, mlp = m.layers[0].self_attn, m.layers[0].mlp
     assert isinstance(attn.fused, FusedLinear) and isinstance(mlp.fused, FusedLinear)
     assert attn.q_proj.weight.data_ptr() == attn.fused.weight.data_ptr()
-    assert attn.fused.usable(torch.zeros(1, 1, 32), (attn.q_proj, attn.k_proj, attn.v_proj)) is False  # not in inference mode
+    x = torch.zeros(1, 1, 32)
+    assert attn.fused.usable(x, (attn.q_proj, attn.k_proj, attn.v_proj)) is False  # not in inference mode
 
     def both():
         with torch.no_grad():
             plain = m(ids)
         with torch.inference_mode():
-            assert attn.fused.usable(torch.zeros(1, 1, 32), (attn.q_proj, attn.k_proj, attn.v_proj)) == (type(attn.q_proj) is not LoRALinear)
+            lora = type(attn.q_proj) is LoRALinear
+            assert attn.fused.usable(x, (attn.q_proj, attn.k_proj, attn.v_proj)) is not lora
             return plain, m(ids)
 
     plain, fused = both()

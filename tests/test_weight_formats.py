@@ -229,7 +229,7 @@ def test_chat_and_serve_load_bfloat16_on_cpu(tiny_dir, capsys):
 
 # ----------------------------------------------------------------------------- the benchmark's measures
 
-def test_benchmark_counts_bytes_read_and_tokens_matched():
+def test_benchmark_counts_bytes_read_and_tokens_matched(tiny_dir):
     import importlib.util
     import os
     path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "generate.py")
@@ -250,3 +250,6 @@ def test_benchmark_counts_bytes_read_and_tokens_matched():
     norms = sum(p.numel() * 4 for n, p in q.named_parameters() if "norm" in n)
     rope = sum(b.numel() * b.element_size() for n, b in q.named_buffers() if not n.endswith((".weight", ".scales")))
     assert bench.read_bytes(q) == int8_bytes + norms + rope  # int8 weights, float32 scales; not the embedding
+    # --model DIR: the bundled evaluation questions in the checkpoint's own chat template
+    prompts = bench.eval_prompts(tiny_dir)(3, V)
+    assert len(prompts) == 3 and all(isinstance(i, int) for p in prompts for i in p) and prompts[0] != prompts[1]
