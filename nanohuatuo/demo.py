@@ -39,6 +39,7 @@ from .cli import UserError, arg, cli_main, prepare_out, resolve_device, resolve_
 from .cpu_kernels import native_bf16
 from .data import load_conversations, read_jsonl, to_prompt, write_jsonl
 from .feedback import EndpointRanker, OfflineRanker, rankings_to_preferences
+from .generate import for_inference
 from .hf import ModelDirError, check_model_dir, count_params
 from .metrics import cpu_name
 from .model import ModelConfig, Transformer
@@ -309,8 +310,8 @@ def build_base(out: str, size: DemoSize, rows: list[dict], seed: int) -> int:
 
 def sample_stage(out, sft_dir, adapter, template, prompts, size, seed, device, dtype):
     # merged: sampling only, so the adapter is folded into the weights and decoding costs what the base does
-    model = Transformer.from_pretrained(sft_dir, adapter=adapter, device=device, merge=True,
-                                        dtype=resolve_dtype(dtype, torch.device(device)))
+    model = for_inference(Transformer.from_pretrained(sft_dir, adapter=adapter, device=device, merge=True,
+                                                      dtype=resolve_dtype(dtype, torch.device(device))))
     tok = Tokenizer.from_pretrained(sft_dir)
     items = sample_answers(model, tok, resolve_template(sft_dir, template, tok), prompts, k=size.k, max_new_tokens=size.sample_tokens,
                            temperature=1.0, batch_size=32, seed=seed, compile=size.compile and device.startswith("cuda"))
@@ -437,8 +438,8 @@ def sampled_rm_scores(policy, template, adapters: dict, prompts: list[dict], rm,
     unit = rm.spread or 1.0
     out, chars = {}, {}
     for name, adapter in adapters.items():
-        model = Transformer.from_pretrained(policy, adapter=adapter, device=device, merge=True,
-                                            dtype=resolve_dtype(dtype, torch.device(device)))
+        model = for_inference(Transformer.from_pretrained(policy, adapter=adapter, device=device, merge=True,
+                                                          dtype=resolve_dtype(dtype, torch.device(device))))
         items = sample_answers(model, tok, template, prompts, k=k, max_new_tokens=max_new_tokens,
                                temperature=temperature, batch_size=32, seed=seed)
         del model

@@ -4,6 +4,7 @@
     generate_batch(...)  -> Generation(tokens, logprobs, finished)   (PPO needs the log-probs)
     stream(model, prompt, ...) -> yields token ids one at a time      (chat)
     load_for_inference(model_dir, adapter, ...) -> (model, tokenizer, template), adapter merged, --quant applied
+    for_inference(model)                       # a model that will only generate: cpu_kernels may pack it
 
 Each call makes an Engine with one slot per prompt, so every prompt runs at once and a row that
 finished early stops costing compute; identical prompts (K samples of one prompt) are prefilled
@@ -57,10 +58,16 @@ def load_for_inference(model_dir, adapter=None, dtype=None, device="cpu", quant=
     if quant != "none":
         quantize_int8(model) if quant == "int8" else quantize(model, quant)
         model.to(device)
-    # only to infer: no gradients, and the CPU kernels may pack bfloat16 weights into oneDNN's layout
+    return for_inference(model), tok, template
+
+
+def for_inference(model: Transformer) -> Transformer:
+    """Mark a model that will only generate and score: no gradients, eval mode, and `inference_only`,
+    so the CPU kernels may keep its bfloat16 weights in oneDNN's packed layout (cpu_kernels: faster,
+    but then it cannot train or be saved)."""
     model.requires_grad_(False)
     model.inference_only = True
-    return model.eval(), tok, template
+    return model.eval()
 
 
 def inference_quant(quant: str, int8: bool = False) -> str:
