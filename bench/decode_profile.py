@@ -2,9 +2,9 @@
 
 Builds the Qwen2-shaped "100M" model of bench/generate.py (hidden 512, 8 layers, 8 heads / 2 KV
 heads, vocabulary 151,936 tied; or with --size 500M, Qwen2.5-0.5B's shape) with random weights
-(no transformers needed), and for each batch
-size fills an Engine with that many greedy requests (32-token prompts), then times `--steps`
-decode steps (`Engine.step`) after a warm-up. Printed per batch size:
+(no transformers needed), and for each batch size fills an Engine with that many greedy requests
+(32-token prompts), then times `--steps` decode steps (`Engine.step`) after a warm-up. Printed
+per batch size:
 
 - the step's wall time, and the floor: the bytes a step reads (every weight once) over the
   bandwidth this machine reaches in a large float32 matrix-vector product, measured in the same
@@ -35,6 +35,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from nanohuatuo import engine_runner  # noqa: E402
 from nanohuatuo.cpu_kernels import tune_cpu_kernels  # noqa: E402
 from nanohuatuo.engine import Engine, SamplingParams  # noqa: E402
+from nanohuatuo.generate import for_inference  # noqa: E402
 from nanohuatuo.hf import ModelConfig  # noqa: E402
 from nanohuatuo.model import Transformer  # noqa: E402
 from generate import SIZES, matvec_bandwidth  # noqa: E402  (bench/generate.py: the same shapes and measure)
@@ -182,7 +183,7 @@ def main():
     dtype = getattr(torch, args.dtype)
     model = qwen2_model(args.size, dtype, args.seed)
     if args.infer:
-        model.requires_grad_(False).inference_only = True
+        for_inference(model)
     # bytes per second of memory, measured in float32 (bench/generate.py's (e) does the same): a bfloat16
     # matrix-vector product that reads slower than that is the kernel's shortfall, not the memory's
     bw = matvec_bandwidth("cpu", torch.float32)

@@ -47,7 +47,7 @@ from nanohuatuo import Transformer  # noqa: E402
 from nanohuatuo.cpu_kernels import head_logits, tune_cpu_kernels  # noqa: E402
 from nanohuatuo.engine import Engine, SamplingParams  # noqa: E402
 from nanohuatuo.engine_runner import RowCache, decode_logits, forward, key_mask, kv_cache  # noqa: E402
-from nanohuatuo.generate import generate, left_pad  # noqa: E402
+from nanohuatuo.generate import for_inference, generate, left_pad  # noqa: E402
 from nanohuatuo.metrics import cpu_name  # noqa: E402
 from nanohuatuo.quant import quantize_int8  # noqa: E402
 
@@ -218,8 +218,7 @@ def load_format(path, fmt, args):
     if fmt == "int8":
         quantize_int8(model)
         model.to(args.device)
-    model.inference_only = True  # as generate.load_for_inference marks what chat and serve load
-    return model.eval().requires_grad_(False)
+    return for_inference(model)  # as load_for_inference marks what chat and serve load
 
 
 def read_bytes(model):
@@ -434,8 +433,7 @@ def main():
     for size in args.sizes:
         path = build(size, args.workdir, dtype)
         hf = tf.AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(args.device).eval()
-        ours = Transformer.from_pretrained(path, dtype=dtype, device=args.device).requires_grad_(False)
-        ours.inference_only = True  # as generate.load_for_inference marks what chat and serve load
+        ours = for_inference(Transformer.from_pretrained(path, dtype=dtype, device=args.device))
         tune_cpu_kernels(ours, batches=sorted({1, args.slots, *args.batch_sizes}))
         if not cuda:
             print(f"{size}: CPU kernels measured at load: {ours.cpu_kernels}", flush=True)
