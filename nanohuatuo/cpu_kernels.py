@@ -2,7 +2,7 @@
 
     tune_cpu_kernels(model, batches=(1, 8))   # once per model, outside inference mode
     return_large_blocks()                     # a training process: freed activations go back to the OS
-    logits = head_logits(model, h)            # (B, vocab) float32, the head's measured kernel
+    logits = head_logits(model, h)            # (B, vocab) float32, through the head's measured kernel
 
 A decode step on a CPU reads every weight once per token, and which memory layout (row- or
 column-major) and which matrix kernel (F.linear or oneDNN's) read fastest depends on the processor
@@ -33,7 +33,7 @@ _ONEDNN_BF16 = _ONEDNN_LINEAR and hasattr(torch.ops.mkldnn, "_is_mkldnn_bf16_sup
 # oneDNN's blocked weight layout for bfloat16, which its kernel otherwise rebuilds from the plain
 # matrix at every call (on an AMD EPYC a packed (151936, 512) matrix read at 20 GB/s, the plain one at 11)
 _ONEDNN_PACK = _ONEDNN_BF16 and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
-_MEASURED = {}  # (what, weight shape, dtype, threads, batches) -> decision: measured once per process
+_MEASURED = {}  # (what, weight shape, dtype, threads, batches[, pack]) -> decision: measured once per process
 
 
 def _seconds(fn):
@@ -118,9 +118,10 @@ class KernelLinear(torch.nn.Linear):
     nn.Linear it was (tune_cpu_kernels changes the class of that module in place)."""
 
     kernels: dict = {}
+    packed = None  # oneDNN's packed copy of a weight that must stay plain (a head tied to the embedding)
 
     def forward(self, x):
-        w = self.weight
+        w = self.weight if self.packed is None else self.packed
         if w.is_mkldnn:  # packed (a model loaded to infer): oneDNN is the only kernel that reads it
             return _onednn_linear(x, w, self.bias)
         if torch.is_inference_mode_enabled() and x.device.type == "cpu" and x.dtype == w.dtype \
@@ -149,8 +150,7 @@ class FusedLinear:
 
     def usable(self, x, parts):
         return torch.is_inference_mode_enabled() and x.device.type == "cpu" and x.dtype == self.weight.dtype \
-            and all(type(m) in (torch.nn.Linear, KernelLinear) and m.weight.data_ptr() == p
-                    for m, p in zip(parts, self.ptrs))
+            and all(type(m) is torch.nn.Linear and m.weight.data_ptr() == p for m, p in zip(parts, self.ptrs))
 
     def __call__(self, x):
         if _nearest(self.kernels, x.numel() // x.shape[-1]) == "onednn":
@@ -239,9 +239,9 @@ def tune_cpu_kernels(model: Transformer, batches=(1, 8)):
     layer's matrices of that shape one after the other (then copies, up to 64 MB or 64 matrices:
     `_STREAM_BYTES`), since one small matrix timed alone stays in cache and would mislead. Every
     matrix of a shape gets the layout with the smaller summed time, each batch size weighing alike
-    (time over the better layout's time at that b); a projection whose best kernel
-    is oneDNN at some b becomes a `KernelLinear` (oneDNN in inference mode only), and `FusedLinear`
-    and `head_logits` use the kernel measured at the batch size nearest in ratio. For int8
+    (time over the better layout's time at that b); a projection or head whose best kernel is
+    oneDNN at some b becomes a `KernelLinear` (oneDNN in inference mode only), which like
+    `FusedLinear` uses the kernel measured at the batch size nearest in ratio. For int8
     weights (quant.Int8Linear, the head included) it times, per shape, the dequantising F.linear
     against _weight_int8pack_mm in the activation dtype and with bfloat16 activations, and sets
     each layer's `kernel` to the fastest (`_measure_int8`). Decisions are cached per shape, dtype,
@@ -261,7 +261,7 @@ def tune_cpu_kernels(model: Transformer, batches=(1, 8)):
     the matrices are replaced by packed ones, which only oneDNN reads: such a model can generate
     and score without gradients, not train or be saved (save_pretrained refuses). q, k, v and gate,
     up are not fused there (a packed matrix has no rows to be views of). A head tied to the
-    embedding is packed as a copy (the lookup reads plain rows): vocabulary x dim more bfloat16
+    embedding is packed as a copy (`KernelLinear.packed`; the lookup reads plain rows): vocabulary x dim more bfloat16
     numbers, 155 MB for a 150k x 512 head. oneDNN re-lays a plain bfloat16 matrix at every call,
     so packing roughly doubled its read speed on an AMD EPYC (docs/benchmarks.md).
 
@@ -324,16 +324,16 @@ def tune_cpu_kernels(model: Transformer, batches=(1, 8)):
         if w.is_floating_point() and w.is_contiguous():
             layout, kernels = _measure([w.data], batches, head=True, pack=pack)
             choice["layouts"]["head"] = layout
-            if layout == "packed":
-                # a copy where the embedding shares the matrix (the lookup needs the plain rows)
-                model.packed_head = _pack(w.data, max(batches))
-                if w is not model.embed_tokens.weight:
-                    head.weight = torch.nn.Parameter(model.packed_head, requires_grad=False)
-                    head.__class__, head.kernels = KernelLinear, kernels
+            if layout == "packed" and w is model.embed_tokens.weight:
+                head.packed = _pack(w.data, max(batches))  # a copy: the embedding lookup needs the plain rows
+            elif layout == "packed":
+                head.weight = torch.nn.Parameter(_pack(w.data, max(batches)), requires_grad=False)
             elif layout == "col":
                 w.data = _column_major(w.data)
-            if type(head) is torch.nn.Linear and not (model.config.norm_head and w.requires_grad):
-                choice["head"] = kernels  # NormHead while training must go through model.logits
+            if type(head) is torch.nn.Linear:
+                choice["head"] = kernels
+                if "onednn" in kernels.values() or layout == "packed":
+                    head.__class__, head.kernels = KernelLinear, kernels
         dtype = model.embed_tokens.weight.dtype  # the activations'
         for m in model.modules():
             if isinstance(m, Int8Linear) and m.weight.device.type == "cpu":
@@ -343,15 +343,9 @@ def tune_cpu_kernels(model: Transformer, batches=(1, 8)):
 
 
 def head_logits(model: Transformer, h):
-    """float32 logits (B, vocab) of the last hidden states h (B, dim), with the kernel that
-    `tune_cpu_kernels` measured fastest for the nearest batch size (model.logits otherwise)."""
-    packed = getattr(model, "packed_head", None)
-    if packed is not None and h.device.type == "cpu":
-        return _onednn_linear(h.to(packed.dtype), packed).float()
-    kernels = (getattr(model, "cpu_kernels", None) or {}).get("head") if h.device.type == "cpu" else None
-    if kernels and h.dtype == model.lm_head.weight.dtype:
-        if _nearest(kernels, h.shape[0]) == "onednn":
-            return _onednn_linear(h, model.lm_head.weight).float()
+    """float32 logits (B, vocab) of the last hidden states h (B, dim): `model.logits`, whose head
+    `tune_cpu_kernels` may have made a KernelLinear (its measured kernel in inference mode, or its
+    packed weight)."""
     return model.logits(h).float()
 
 
@@ -371,8 +365,8 @@ def return_large_blocks(threshold: int = 1 << 20) -> bool:
 def native_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
     """Whether this processor has bfloat16 arithmetic instructions: x86's AVX512-BF16 or AMX-BF16
     (AMD Zen 4 on, Intel Cooper Lake and Sapphire Rapids on) or Arm's BF16. There bfloat16 matrix
-    products are native and training pays: a forward and backward pass of a 0.5B model took 8-10 s
-    in bfloat16 against 14-34 s in float32 on an AMD EPYC (docs/benchmarks.md); without them
+    products are native and training pays: a LoRA SFT step of bench/sft.py's 100M model ran 2.0x
+    as many tokens a second in bfloat16 as in float32 on an AMD EPYC (docs/benchmarks.md); without them
     bfloat16 is converted to and from float32 around the arithmetic, and is not expected to be
     faster. Read from the flags the kernel reports (Linux; elsewhere False), not timed, so the
     answer is the same on every run of one machine."""

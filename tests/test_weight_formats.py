@@ -153,10 +153,12 @@ def test_bfloat16_engine_keeps_a_bfloat16_cache_and_float32_logits():
     h = torch.randn(2, 64, generator=torch.Generator().manual_seed(4)).bfloat16()
     with torch.inference_mode():
         for kernel in ("linear", "onednn"):
-            m.cpu_kernels["head"] = {1: kernel, 2: kernel}
+            m.lm_head.__class__, m.lm_head.kernels = ck.KernelLinear, {1: kernel, 2: kernel}
             got = head_logits(m, h)
             assert got.dtype == torch.float32
-            torch.testing.assert_close(got, m.lm_head(h).float(), rtol=2 ** -7, atol=0.05)
+            # against the plain product: the head module itself now runs the measured kernel
+            torch.testing.assert_close(got, torch.nn.functional.linear(h, m.lm_head.weight).float(),
+                                       rtol=2 ** -7, atol=0.05)
 
 
 @pytest.mark.skipif(not ck._ONEDNN_PACK, reason="oneDNN bfloat16 packing needs bfloat16 instructions")
@@ -187,7 +189,8 @@ def test_packed_bfloat16_weights_for_a_model_loaded_to_infer(monkeypatch, tied):
                         ("packed", {b: "onednn" for b in batches}) if pack else real(ws, batches, head))
     tune_cpu_kernels(m, batches=(1, 4))
     assert all(p.is_mkldnn for n, p in m.layers.named_parameters() if n.endswith("proj.weight"))
-    assert m.cpu_kernels["layouts"]["head"] == "packed" and m.packed_head.is_mkldnn
+    assert m.cpu_kernels["layouts"]["head"] == "packed" and type(m.lm_head) is ck.KernelLinear
+    assert (m.lm_head.packed if tied else m.lm_head.weight).is_mkldnn
     assert m.embed_tokens.weight.is_mkldnn is False  # the lookup reads plain rows
     assert m.num_params() == n_params
     got = [o.tokens for o in Engine(m, slots=4).generate(PROMPTS, SamplingParams(max_new_tokens=6))]
