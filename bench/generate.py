@@ -44,6 +44,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from nanohuatuo import Transformer  # noqa: E402
+from nanohuatuo import cpu_kernels as ck  # noqa: E402
 from nanohuatuo.cpu_kernels import head_logits, tune_cpu_kernels  # noqa: E402
 from nanohuatuo.engine import Engine, SamplingParams  # noqa: E402
 from nanohuatuo.engine_runner import RowCache, decode_logits, forward, key_mask, kv_cache  # noqa: E402
@@ -90,16 +91,13 @@ def matvec_bandwidth(device, dtype, mbytes=512, reps=20, rounds=3):
     W = torch.randn(n, n, device=device).to(dtype)
     x = torch.randn(1, n, device=device).to(dtype)
     kernels = [torch.nn.functional.linear]
-    if device == "cpu" and torch.backends.mkldnn.is_available() and dtype in (torch.float32, torch.bfloat16):
-        kernels.append(lambda x, w: torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], ""))
+    if device == "cpu" and (ck._ONEDNN_LINEAR and dtype == torch.float32 or ck._ONEDNN_BF16 and dtype == torch.bfloat16):
+        kernels.append(ck._onednn_linear)  # the engine's own oneDNN kernel, where tune_cpu_kernels would time it
     best = 0.0
     for w in [W, W.t().contiguous().t()] * rounds:  # both layouts: the kernels differ, take the faster
         for fn in kernels:
-            try:
-                for _ in range(3):
-                    fn(x, w)
-            except RuntimeError:  # oneDNN without bfloat16 instructions
-                continue
+            for _ in range(3):
+                fn(x, w)
             sync(device)
             t = time.perf_counter()
             for _ in range(reps):
@@ -372,8 +370,9 @@ def report(rows):
                   f"{r['engine_tok_s'] / r['hf_tok_s']:.2f}x | {same} |")
     wf = [r for r in rows if r["table"] == "weights"]
     if wf:
-        print("\n(e) weight formats (engine, greedy; the prompts of (a), or for --model the evaluation questions)\n\n| model | weights | activations | batch | "
-              "tok/s | weight MB read per step | bandwidth share (of the matvec bandwidth) | same tokens as float32 greedy |")
+        print("\n(e) weight formats (engine, greedy; the prompts of (a), or for --model the evaluation questions)"
+              "\n\n| model | weights | activations | batch | tok/s | weight MB read per step | "
+              "bandwidth share (of the matvec bandwidth) | same tokens as float32 greedy |")
         print("|---|---|---|---|---|---|---|---|")
         for r in wf:
             print(f"| {r['size']} ({r['params'] / 1e6:.0f}M) | {r['weights']} | {r['act_dtype']} | {r['batch']} | "

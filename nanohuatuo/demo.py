@@ -477,7 +477,8 @@ def run(cfg: DemoConfig | None = None, **kw) -> dict:
     dtype_note = ""
     if real and cfg.dtype == "auto" and device == "cpu" and native_bf16():
         # LoRA on a real checkpoint trains as well in bfloat16 (the adapter's weights stay float32),
-        # and a CPU with bfloat16 instructions runs it about twice as fast as float32
+        # and a CPU with bfloat16 instructions runs a LoRA SFT step about twice as fast as float32
+        # (bench/sft.py, docs/benchmarks.md)
         cfg = replace(cfg, dtype="bfloat16")
         dtype_note = " (auto: this CPU has bfloat16 instructions; --dtype float32 to change)"
     print(f"size profile: {profile} ({why}; --size to change){' with --quick' if cfg.quick else ''}: "
