@@ -18,6 +18,7 @@ per batch size:
     python bench/decode_profile.py --batches 1 --steps 50 --top 25
     python bench/decode_profile.py --size 500M --batches 1 8
     python bench/decode_profile.py --dtype bfloat16 --infer      # bfloat16 as chat and serve load it
+    python bench/decode_profile.py --lora 16                     # unmerged LoRA, as PPO/GRPO rollouts decode
 
 On a machine shared with other work the absolute times drift: read the shares, and compare code
 changes A/B (old and new interleaved, same weights and threads), not against another day's run.
@@ -37,6 +38,7 @@ from nanohuatuo.cpu_kernels import tune_cpu_kernels  # noqa: E402
 from nanohuatuo.engine import Engine, SamplingParams  # noqa: E402
 from nanohuatuo.generate import for_inference  # noqa: E402
 from nanohuatuo.hf import ModelConfig  # noqa: E402
+from nanohuatuo.lora import apply_lora, default_targets, lora_parameters  # noqa: E402
 from nanohuatuo.model import Transformer  # noqa: E402
 from generate import SIZES, matvec_bandwidth  # noqa: E402  (bench/generate.py: the same shapes and measure)
 
@@ -178,10 +180,19 @@ def main():
     ap.add_argument("--threads", type=int, default=2, help="torch threads (default: 2)")
     ap.add_argument("--top", type=int, default=15, help="ops listed from torch.profiler (default: 15)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the random weights and prompts (default: 0)")
+    ap.add_argument("--lora", type=int, default=0, metavar="R",
+                    help="wrap every attention and MLP projection in a rank-R LoRA adapter (random, non-zero), "
+                         "unmerged, as the PPO/GRPO policy decodes its rollouts (default: 0, none)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
     model = qwen2_model(args.size, dtype, args.seed)
+    if args.lora:
+        apply_lora(model, r=args.lora, alpha=2 * args.lora, dropout=0.0, targets=default_targets(model))
+        g = torch.Generator().manual_seed(args.seed)
+        with torch.no_grad():  # a trained adapter: B no longer zero
+            for p in lora_parameters(model):
+                p.normal_(0, 0.01, generator=g)
     if args.infer:
         for_inference(model)
     # bytes per second of memory, measured in float32 (bench/generate.py's (e) does the same): a bfloat16
@@ -190,6 +201,7 @@ def main():
     nbytes = step_bytes(model)
     tune_cpu_kernels(model, batches=(1, *args.batches))  # as an Engine with max(batches) slots would
     print(f"{args.size} ({model.num_params() / 1e6:.0f}M params, {nbytes / 1e6:.0f} MB a step), {args.dtype}, "
+          f"{f'LoRA r={args.lora} unmerged, ' if args.lora else ''}"
           f"{args.threads} threads, matrix-vector bandwidth {bw / 1e9:.1f} GB/s (float32)")
     for B in args.batches:
         profile_batch(model, B, args, nbytes / bw)

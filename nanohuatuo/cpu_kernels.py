@@ -22,6 +22,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from .lora import LoRALinear
 from .model import Transformer
 from .quant import Int8Linear, int8pack_fits
 
@@ -140,8 +141,9 @@ class FusedLinear:
     one matrix beats three: on an AMD EPYC, a decode step of a 0.5B model's shape took 108 instead
     of 122 ms at batch 1. `usable` is checked at every call: only in inference mode on CPU, and
     only while the model's projections are still the plain layers whose weights live in the fused
-    matrix (a LoRA wrapper loaded later, or a `.to()` that moved the weights, and the separate
-    products run)."""
+    matrix (a `.to()` that moved the weights, or another wrapper, and the separate products run).
+    A projection wrapped in LoRA (lora.LoRALinear, unmerged, as the PPO and GRPO policies decode
+    their rollouts) keeps its base in the fused product and adds its adapter's term to its share."""
 
     def __init__(self, parts, weight, bias, kernels):
         self.weight, self.bias, self.kernels = weight, bias, kernels
@@ -150,14 +152,21 @@ class FusedLinear:
 
     def usable(self, x, parts):
         return torch.is_inference_mode_enabled() and x.device.type == "cpu" and x.dtype == self.weight.dtype \
-            and all(type(m) is torch.nn.Linear and m.weight.data_ptr() == p for m, p in zip(parts, self.ptrs))
+            and all(type(_plain(m)) is torch.nn.Linear and m.weight.data_ptr() == p for m, p in zip(parts, self.ptrs))
 
-    def __call__(self, x):
+    def __call__(self, x, parts):
         if _nearest(self.kernels, x.numel() // x.shape[-1]) == "onednn":
             y = _onednn_linear(x, self.weight, self.bias)
         else:
             y = F.linear(x, self.weight, self.bias)
-        return y.split(self.sizes, dim=-1)
+        out = y.split(self.sizes, dim=-1)
+        deltas = [m.delta(x) if type(m) is LoRALinear else None for m in parts]
+        return [o if d is None else o + d.to(o.dtype) for o, d in zip(out, deltas)]
+
+
+def _plain(m):
+    """The plain layer holding a projection's weight: itself, or the base under a LoRA wrapper."""
+    return m.base if type(m) is LoRALinear else m
 
 
 def _point_into(parts, weight, bias):
@@ -172,7 +181,7 @@ def _point_into(parts, weight, bias):
 
 def _fusable(model):
     """(owner, [projections]) for each q/k/v and gate/up group that can share one matrix: plain
-    float CPU layers of one dtype, row-major, all with a bias or none."""
+    float CPU layers (or LoRA wrappers of them) of one dtype, row-major, all with a bias or none."""
     groups = []
     for layer in model.layers:
         attn, mlp = layer.self_attn, layer.mlp
@@ -181,7 +190,7 @@ def _fusable(model):
         if mlp.swiglu:
             groups.append((mlp, [mlp.gate_proj, mlp.up_proj]))
     return [(owner, parts) for owner, parts in groups
-            if all(type(m) is torch.nn.Linear and m.weight.is_floating_point() and m.weight.is_contiguous()
+            if all(type(_plain(m)) is torch.nn.Linear and m.weight.is_floating_point() and m.weight.is_contiguous()
                    and m.weight.device.type == "cpu" and m.weight.dtype == parts[0].weight.dtype
                    and (m.bias is None) == (parts[0].bias is None) for m in parts)]
 
@@ -294,7 +303,7 @@ def tune_cpu_kernels(model: Transformer, batches=(1, 8)):
             fb = torch.cat([m.bias.data for m in parts]) if parts[0].bias is not None else None
             _point_into(parts, fw, fb)
             fused.setdefault((tuple(fw.shape), fw.dtype), []).append((owner, parts, fw, fb))
-        in_fused = {id(m) for group in fused.values() for _, parts, _, _ in group for m in parts}
+        in_fused = {id(_plain(m)) for group in fused.values() for _, parts, _, _ in group for m in parts}
         for (shape, dtype), group in fused.items():
             layout, kernels = _measure([fw for _, _, fw, _ in group], batches, head=False)
             choice["layouts"][shape], choice["proj"][shape] = layout, kernels

@@ -89,15 +89,25 @@ class LoRALinear(nn.Module):
 
     def forward(self, x):
         y = self.base(x)
+        d = self.delta(x)
+        return y if d is None else y + d.to(y.dtype)
+
+    def delta(self, x):
+        """The adapter's term B(A(dropout(x)))·scaling in x's dtype; None while disabled or merged.
+        (cpu_kernels.FusedLinear adds it to its share of a fused base product.)"""
         if self.disabled or self.merged:
-            return y
-        # in the activations' dtype, as autocast would run it: the float32 adapter weights, (r, in) and
-        # (out, r) numbers, are cast rather than the (tokens, in) activations (a no-op when the dtypes
-        # agree), and the scaling multiplies the (tokens, r) intermediate, the smallest tensor on the way;
-        # gradients still reach (and stay) float32. On CPU this made a bfloat16 LoRA SFT step 13% faster
-        # (bench/sft.py, docs/benchmarks.md).
-        h = F.linear(self.lora_dropout(x), self.lora_A.weight.to(x.dtype)) * self.scaling
-        return y + F.linear(h, self.lora_B.weight.to(x.dtype)).to(y.dtype)
+            return None
+        # Whichever of the activations and the float32 adapter weights is smaller is cast to the other's
+        # dtype. Training and scoring: the (tokens, in) activations outnumber the (r, in) and (out, r)
+        # weights, which are cast, as autocast would run it (a no-op when the dtypes agree; gradients still
+        # reach and stay float32; on CPU a bfloat16 LoRA SFT step ran 13% faster than with the activations
+        # cast, bench/sft.py). A decode step: a few rows, so they are cast and the products run in float32
+        # (on an AMD EPYC a bfloat16 product this small took 3x as long, docs/benchmarks.md). The scaling
+        # multiplies the (tokens, r) intermediate, the smallest tensor on the way.
+        A, B = self.lora_A.weight, self.lora_B.weight
+        dtype = A.dtype if x.numel() <= A.numel() + B.numel() else x.dtype
+        h = F.linear(self.lora_dropout(x).to(dtype), A.to(dtype)) * self.scaling
+        return F.linear(h, B.to(dtype))
 
     def delta_weight(self) -> torch.Tensor:
         """The update B·A·scaling as a float32 (out, in) matrix."""

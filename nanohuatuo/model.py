@@ -124,11 +124,9 @@ class Attention(nn.Module):
     def qkv(self, x):
         c = self.c
         B, T, _ = x.shape
-        fused = self.fused
-        if c.qkv == "split" and fused is not None and fused.usable(x, (self.q_proj, self.k_proj, self.v_proj)):
-            q, k, v = fused(x)
-        elif c.qkv == "split":
-            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        if c.qkv == "split":
+            parts, fused = (self.q_proj, self.k_proj, self.v_proj), self.fused
+            q, k, v = fused(x, parts) if fused is not None and fused.usable(x, parts) else (m(x) for m in parts)
         elif c.qkv == "packed":
             q, k, v = self.W_pack(x).split([c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim,
                                             c.n_kv_heads * c.head_dim], dim=-1)
@@ -164,11 +162,10 @@ class MLP(nn.Module):
     fused = None  # cpu_kernels.FusedLinear: gate and up in one product while decoding on CPU
 
     def forward(self, x):
-        if self.swiglu and self.fused is not None and self.fused.usable(x, (self.gate_proj, self.up_proj)):
-            gate, up = self.fused(x)
-            return self.down_proj(F.silu(gate) * up)
         if self.swiglu:
-            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+            parts, fused = (self.gate_proj, self.up_proj), self.fused
+            gate, up = fused(x, parts) if fused is not None and fused.usable(x, parts) else (m(x) for m in parts)
+            return self.down_proj(F.silu(gate) * up)
         return self.down_proj(F.gelu(self.up_proj(x), approximate="tanh"))
 
 

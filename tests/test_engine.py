@@ -327,11 +327,11 @@ def test_onednn_projections_only_in_inference_mode(monkeypatch, tmp_path):
         assert torch.equal(back(ids), want)
 
 
-def test_fused_projections_follow_training_and_step_aside_for_lora(tmp_path):
+def test_fused_projections_follow_training_and_lora(tmp_path):
     """q|k|v and gate|up share one matrix while decoding: the projections' parameters are views of it,
-    so an optimiser step reaches the fused product, and a LoRA wrapper loaded later turns it off."""
+    so an optimiser step reaches the fused product, and a LoRA wrapper loaded later adds its term."""
     from nanohuatuo.cpu_kernels import FusedLinear
-    from nanohuatuo.lora import LoRALinear, apply_lora
+    from nanohuatuo.lora import LoRALinear, apply_lora, disabled_adapters, merge_lora, unmerge_lora
     m = tiny(seed=2)
     ids = torch.tensor([PROMPTS[1]])
     tune_cpu_kernels(m, batches=(1, 4))
@@ -345,8 +345,7 @@ def test_fused_projections_follow_training_and_step_aside_for_lora(tmp_path):
         with torch.no_grad():
             plain = m(ids)
         with torch.inference_mode():
-            lora = type(attn.q_proj) is LoRALinear
-            assert attn.fused.usable(x, (attn.q_proj, attn.k_proj, attn.v_proj)) is not lora
+            assert attn.fused.usable(x, (attn.q_proj, attn.k_proj, attn.v_proj))
             return plain, m(ids)
 
     plain, fused = both()
@@ -364,9 +363,45 @@ def test_fused_projections_follow_training_and_step_aside_for_lora(tmp_path):
         if p.requires_grad:
             p.data.normal_(0, 0.3)  # B non-zero: the adapter changes the output
     plain3, fused3 = both()
-    assert (plain3 - plain2).abs().max() > 1e-3
+    assert type(attn.q_proj) is LoRALinear and (plain3 - plain2).abs().max() > 1e-3
     torch.testing.assert_close(fused3, plain3, atol=1e-5, rtol=0)
+    with disabled_adapters(m):  # the reference model of PPO: adapters off, the fused base alone
+        plain4, fused4 = both()
+    torch.testing.assert_close(plain4, plain2, atol=1e-6, rtol=0)
+    torch.testing.assert_close(fused4, plain4, atol=1e-5, rtol=0)
+    merge_lora(m)  # merged into the base weights, so into the fused matrix: no term added twice
+    plain5, fused5 = both()
+    torch.testing.assert_close(plain5, plain3, atol=1e-5, rtol=0)
+    torch.testing.assert_close(fused5, plain3, atol=1e-5, rtol=0)
+    unmerge_lora(m)
     m.save_pretrained(tmp_path / "m")  # views of the fused matrix are saved as tensors of their own
+
+
+def test_fused_projections_under_lora_as_rl_rollouts_decode(monkeypatch):
+    """The PPO/GRPO policy: LoRA wrappers first, then the kernels tuned (rollout.policy_model). The bases
+    of q|k|v and gate|up are fused under their wrappers; sampled log-probs match a plain forward's."""
+    from nanohuatuo.cpu_kernels import FusedLinear
+    from nanohuatuo.generate import generate_batch
+    from nanohuatuo.lora import apply_lora, lora_parameters
+    m = tiny(seed=3)
+    apply_lora(m, r=4, alpha=8, dropout=0.0, targets=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                      "up_proj", "down_proj"])
+    with torch.no_grad():
+        for p in lora_parameters(m):
+            p.normal_(0, 0.3, generator=torch.Generator().manual_seed(len(p)))
+    tune_cpu_kernels(m, batches=(1, 4))
+    attn, mlp = m.layers[1].self_attn, m.layers[1].mlp
+    assert attn.fused is not None and mlp.fused is not None
+    assert attn.q_proj.base.weight.data_ptr() == attn.fused.weight.data_ptr()
+    calls, real = [], FusedLinear.__call__
+    monkeypatch.setattr(FusedLinear, "__call__", lambda self, x, parts: calls.append(1) or real(self, x, parts))
+    gen = generate_batch(m, [PROMPTS[0], PROMPTS[1]], 6, temperature=1.0, seed=5, return_logprobs=True)
+    assert calls  # decoding went through the fused products
+    for prompt, tokens, lp in zip([PROMPTS[0], PROMPTS[1]], gen.tokens, gen.logprobs):
+        with torch.no_grad():
+            logits = m(torch.tensor([prompt + tokens]))[0, len(prompt) - 1:-1].float()
+        want = logits.log_softmax(-1).gather(-1, torch.tensor(tokens)[:, None])[:, 0]
+        torch.testing.assert_close(torch.tensor(lp), want, atol=1e-4, rtol=0)
 
 
 def test_fixed_cpu_kernels_time_nothing_and_keep_the_loaded_layout(monkeypatch):
