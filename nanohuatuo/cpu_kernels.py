@@ -68,8 +68,25 @@ _STREAM_BYTES = 64 << 20
 
 def _pack(w, batch):
     """w in oneDNN's own blocked layout for products of about `batch` rows: an opaque tensor only
-    oneDNN's linear kernel reads (no autograd, no saving), so only for a model loaded to infer."""
+    oneDNN's linear kernel reads (no autograd, no saving): the weight itself in a model loaded to
+    infer, a copy beside a frozen weight otherwise (`PackedCopy`)."""
     return torch.ops.mkldnn._reorder_linear_weight(w, batch)
+
+
+class PackedCopy:
+    """oneDNN's packed copy of a plain weight that stays (a head tied to the embedding, whose lookup
+    reads plain rows; the frozen base weights of a model training LoRA, which its training products
+    read), valid while the parameters it was made from are the same tensors, unchanged: `get(params)`
+    is the copy, or None once one was replaced (`.data =`, `.to()`) or written in place (a LoRA merged
+    into it bumps its version counter), and the plain weight is read again. A fused matrix is checked
+    through its parts' parameters: they are views made by assigning `.data`, and each counts its own
+    in-place writes."""
+
+    def __init__(self, w, batch, params):
+        self.packed, self.of = _pack(w.detach(), batch), [(p.data_ptr(), p._version) for p in params]
+
+    def get(self, params):
+        return self.packed if [(p.data_ptr(), p._version) for p in params] == self.of else None
 
 
 def _measure(ws, batches, head, pack=False):
@@ -119,15 +136,17 @@ class KernelLinear(torch.nn.Linear):
     nn.Linear it was (tune_cpu_kernels changes the class of that module in place)."""
 
     kernels: dict = {}
-    packed = None  # oneDNN's packed copy of a weight that must stay plain (a head tied to the embedding)
+    packed = None  # a PackedCopy of a weight that must stay plain (tied head; frozen base of a LoRA)
 
     def forward(self, x):
-        w = self.weight if self.packed is None else self.packed
+        w = self.weight
         if w.is_mkldnn:  # packed (a model loaded to infer): oneDNN is the only kernel that reads it
             return _onednn_linear(x, w, self.bias)
-        if torch.is_inference_mode_enabled() and x.device.type == "cpu" and x.dtype == w.dtype \
-                and _nearest(self.kernels, x.numel() // x.shape[-1]) == "onednn":
-            return _onednn_linear(x, w, self.bias)
+        if torch.is_inference_mode_enabled() and x.device.type == "cpu" and x.dtype == w.dtype:
+            if self.packed is not None and (p := self.packed.get([w])) is not None:
+                return _onednn_linear(x, p, self.bias)
+            if _nearest(self.kernels, x.numel() // x.shape[-1]) == "onednn":
+                return _onednn_linear(x, w, self.bias)
         return F.linear(x, w, self.bias)
 
 
@@ -143,7 +162,10 @@ class FusedLinear:
     only while the model's projections are still the plain layers whose weights live in the fused
     matrix (a `.to()` that moved the weights, or another wrapper, and the separate products run).
     A projection wrapped in LoRA (lora.LoRALinear, unmerged, as the PPO and GRPO policies decode
-    their rollouts) keeps its base in the fused product and adds its adapter's term to its share."""
+    their rollouts) keeps its base in the fused product and adds its adapter's term to its share.
+    `packed`: a PackedCopy of the fused matrix where the parts are frozen bfloat16 weights."""
+
+    packed = None
 
     def __init__(self, parts, weight, bias, kernels):
         self.weight, self.bias, self.kernels = weight, bias, kernels
@@ -155,7 +177,9 @@ class FusedLinear:
             and all(type(_plain(m)) is torch.nn.Linear and m.weight.data_ptr() == p for m, p in zip(parts, self.ptrs))
 
     def __call__(self, x, parts):
-        if _nearest(self.kernels, x.numel() // x.shape[-1]) == "onednn":
+        if self.packed is not None and (p := self.packed.get([m.weight for m in parts])) is not None:
+            y = _onednn_linear(x, p, self.bias)
+        elif _nearest(self.kernels, x.numel() // x.shape[-1]) == "onednn":
             y = _onednn_linear(x, self.weight, self.bias)
         else:
             y = F.linear(x, self.weight, self.bias)
@@ -291,8 +315,15 @@ def tune_cpu_kernels(model: Transformer, batches=(1, 8)):
     if os.environ.get("NANOHUATUO_CPU_KERNELS") == "fixed":  # repeatable runs: the loaded layouts, no timing
         model.cpu_kernels = choice
         return
-    # bfloat16 weights of a model loaded only to infer (generate.load_for_inference) may be packed
-    pack = bool(getattr(model, "inference_only", False)) and _ONEDNN_PACK and w.dtype == torch.bfloat16
+    # bfloat16 weights may be packed: in place in a model loaded only to infer (generate.load_for_inference),
+    # as copies beside the frozen weights of a model that trains (a LoRA's bases), where those fit
+    bf16 = _ONEDNN_PACK and w.dtype == torch.bfloat16
+    pack = bf16 and bool(getattr(model, "inference_only", False))
+    copies = bf16 and not pack and _room_for_copies(model)
+
+    def frozen(weights):  # may these matrices get packed copies?
+        return copies and not any(t.requires_grad for t in weights)
+
     with torch.inference_mode(False), torch.no_grad():
         # q, k, v and gate, up: one matrix each (made one group at a time, so the peak memory grows by
         # one group's weights), then measured like the other shapes, over every layer's; not where the
@@ -305,7 +336,8 @@ def tune_cpu_kernels(model: Transformer, batches=(1, 8)):
             fused.setdefault((tuple(fw.shape), fw.dtype), []).append((owner, parts, fw, fb))
         in_fused = {id(_plain(m)) for group in fused.values() for _, parts, _, _ in group for m in parts}
         for (shape, dtype), group in fused.items():
-            layout, kernels = _measure([fw for _, _, fw, _ in group], batches, head=False)
+            layout, kernels = _measure([fw for _, _, fw, _ in group], batches, head=False,
+                                       pack=frozen([m.weight for _, parts, _, _ in group for m in parts]))
             choice["layouts"][shape], choice["proj"][shape] = layout, kernels
             while group:  # popped, so a row-major matrix is freed as soon as its column-major copy replaces it
                 owner, parts, fw, fb = group.pop()
@@ -313,6 +345,8 @@ def tune_cpu_kernels(model: Transformer, batches=(1, 8)):
                     fw = _column_major(fw)
                     _point_into(parts, fw, fb)
                 owner.fused = FusedLinear(parts, fw, fb, kernels)
+                if layout == "packed":
+                    owner.fused.packed = PackedCopy(fw, max(batches), [m.weight for m in parts])
         by_shape = {}
         for name, m in model.layers.named_modules():
             # LoRA's own small matrices stay as they are; quantised (int8) weights are not floats
@@ -320,21 +354,24 @@ def tune_cpu_kernels(model: Transformer, batches=(1, 8)):
                     and m.weight.is_contiguous() and id(m) not in in_fused:
                 by_shape.setdefault((tuple(m.weight.shape), m.weight.dtype), []).append(m)
         for (shape, dtype), ms in by_shape.items():
-            layout, kernels = _measure([m.weight.data for m in ms], batches, head=False, pack=pack)
+            layout, kernels = _measure([m.weight.data for m in ms], batches, head=False,
+                                       pack=pack or frozen([m.weight for m in ms]))
             choice["layouts"][shape] = layout
             choice["proj"][shape] = kernels
             for m in ms:
-                if layout == "packed":
+                if layout == "packed" and pack:
                     m.weight = torch.nn.Parameter(_pack(m.weight.data, max(batches)), requires_grad=False)
+                elif layout == "packed":
+                    m.packed = PackedCopy(m.weight, max(batches), [m.weight])
                 elif layout == "col":
                     m.weight.data = _column_major(m.weight.data)
                 if "onednn" in kernels.values():
                     m.__class__, m.kernels = KernelLinear, kernels
         if w.is_floating_point() and w.is_contiguous():
-            layout, kernels = _measure([w.data], batches, head=True, pack=pack)
+            layout, kernels = _measure([w.data], batches, head=True, pack=pack or frozen([w]))
             choice["layouts"]["head"] = layout
-            if layout == "packed" and w is model.embed_tokens.weight:
-                head.packed = _pack(w.data, max(batches))  # a copy: the embedding lookup needs the plain rows
+            if layout == "packed" and (w is model.embed_tokens.weight or not pack):
+                head.packed = PackedCopy(w, max(batches), [w])  # a copy: the embedding lookup needs the plain rows
             elif layout == "packed":
                 head.weight = torch.nn.Parameter(_pack(w.data, max(batches)), requires_grad=False)
             elif layout == "col":
@@ -349,6 +386,18 @@ def tune_cpu_kernels(model: Transformer, batches=(1, 8)):
                 m.kernel = _measure_int8(m, dtype, batches)
                 choice["int8"][(m.out_features, m.in_features)] = m.kernel
     model.cpu_kernels = choice
+
+
+def _room_for_copies(model):
+    """Whether packed copies of the model's frozen matrices fit: at most a quarter of the memory
+    available now (/proc/meminfo's MemAvailable; no copies where that cannot be read)."""
+    nbytes = sum(p.numel() * p.element_size() for p in model.parameters() if p.dim() == 2 and not p.requires_grad)
+    try:
+        with open("/proc/meminfo") as f:
+            available = next(int(line.split()[1]) << 10 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        return False
+    return 0 < nbytes <= available // 4
 
 
 def head_logits(model: Transformer, h):

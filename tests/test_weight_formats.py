@@ -17,6 +17,7 @@ import nanohuatuo.cpu_kernels as ck
 from nanohuatuo.cpu_kernels import head_logits, tune_cpu_kernels
 from nanohuatuo.engine import Engine, SamplingParams
 from nanohuatuo.engine_runner import decode_logits
+from nanohuatuo.lora import apply_lora, lora_parameters, merge_lora
 from nanohuatuo.model import ModelConfig, Transformer
 from nanohuatuo.quant import Int8Linear, int8pack_fits, quantize_int8
 
@@ -24,8 +25,9 @@ V = 128
 PROMPTS = [[1, 2, 3, 4], [5, 6], [7, 8, 9, 10, 11, 12], [13]]
 
 
-def chain_model(dtype=torch.float32, int8=False, kernel=None, ffn_dim=128):
-    """A tiny llama whose greedy next token after t is PERM[t] (see the module docstring)."""
+def chain_model(dtype=torch.float32, int8=False, kernel=None, ffn_dim=128, lora_r=0):
+    """A tiny llama whose greedy next token after t is PERM[t] (see the module docstring); with
+    `lora_r`, every projection wrapped in a small non-zero LoRA first, as the RL policy is."""
     torch.manual_seed(0)
     m = Transformer(ModelConfig(arch="llama", vocab_size=V, dim=64, n_layers=2, n_heads=4, n_kv_heads=2,
                                 ffn_dim=ffn_dim, max_seq_len=64))
@@ -40,6 +42,11 @@ def chain_model(dtype=torch.float32, int8=False, kernel=None, ffn_dim=128):
     m.to(dtype).eval()
     if int8:
         quantize_int8(m)
+    if lora_r:
+        apply_lora(m, r=lora_r, alpha=2 * lora_r, dropout=0.0, targets="all-linear")
+        with torch.no_grad():
+            for p in lora_parameters(m):
+                p.normal_(0, 0.05, generator=g)
     tune_cpu_kernels(m, batches=(1, len(PROMPTS)))
     if kernel is not None:
         for layer in m.modules():
@@ -190,7 +197,7 @@ def test_packed_bfloat16_weights_for_a_model_loaded_to_infer(monkeypatch, tied):
     tune_cpu_kernels(m, batches=(1, 4))
     assert all(p.is_mkldnn for n, p in m.layers.named_parameters() if n.endswith("proj.weight"))
     assert m.cpu_kernels["layouts"]["head"] == "packed" and type(m.lm_head) is ck.KernelLinear
-    assert (m.lm_head.packed if tied else m.lm_head.weight).is_mkldnn
+    assert (m.lm_head.packed.packed if tied else m.lm_head.weight).is_mkldnn
     assert m.embed_tokens.weight.is_mkldnn is False  # the lookup reads plain rows
     assert m.num_params() == n_params
     got = [o.tokens for o in Engine(m, slots=4).generate(PROMPTS, SamplingParams(max_new_tokens=6))]
@@ -199,6 +206,52 @@ def test_packed_bfloat16_weights_for_a_model_loaded_to_infer(monkeypatch, tied):
         assert got == [row[:6] for row in expected(perm.tolist(), 6)]
     with pytest.raises(ValueError, match="packed for inference"):
         m.save_pretrained("/nonexistent")
+
+
+@pytest.mark.skipif(not ck._ONEDNN_PACK, reason="oneDNN bfloat16 packing needs bfloat16 instructions")
+def test_packed_copies_of_frozen_bfloat16_bases_for_lora_rollouts(monkeypatch, tmp_path):
+    """A bfloat16 model training LoRA (the PPO/GRPO policy) keeps its frozen matrices plain, which its
+    training products read, and decodes through oneDNN's packed copies of them (with the adapters'
+    terms added); a merge writes into the bases, the copies go stale and the plain matrices are read."""
+    monkeypatch.setattr(ck, "_MEASURED", {})
+    monkeypatch.setattr(ck, "_room_for_copies", lambda model: True)
+    real = ck._measure
+    monkeypatch.setattr(ck, "_measure", lambda ws, batches, head, pack=False:
+                        ("packed", {b: "onednn" for b in batches}) if pack else real(ws, batches, head))
+    m, perm = chain_model(torch.bfloat16, lora_r=4)
+    assert set(m.cpu_kernels["layouts"].values()) == {"packed"}
+    assert not any(p.is_mkldnn for p in m.parameters())
+    attn, down, head = m.layers[0].self_attn, m.layers[0].mlp.down_proj, m.lm_head
+    assert isinstance(attn.fused.packed, ck.PackedCopy) and isinstance(down.base.packed, ck.PackedCopy)
+    assert isinstance(head.packed, ck.PackedCopy)
+    assert greedy(m) == expected(perm)
+    ids = torch.tensor([PROMPTS[2]])
+    with torch.no_grad():
+        plain = m(ids).float()
+    with torch.inference_mode():
+        torch.testing.assert_close(m(ids).float(), plain, rtol=0.02, atol=0.05)
+    m.train()  # training reads the plain bases: gradients reach the adapters
+    m(ids).float().logsumexp(-1).sum().backward()
+    assert all(p.grad is not None for p in lora_parameters(m))
+    m.eval()
+    merge_lora(m)  # the bases change in place: their packed copies must not be read any more
+    assert attn.fused.packed.get([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]) is None
+    assert down.base.packed.get([down.base.weight]) is None
+    assert head.packed.get([head.weight]) is not None  # the head took no adapter
+    with torch.no_grad():
+        merged = m(ids).float()
+    with torch.inference_mode():
+        torch.testing.assert_close(m(ids).float(), merged, rtol=0.02, atol=0.05)
+    torch.testing.assert_close(merged, plain, rtol=0.02, atol=0.1)
+    m.save_pretrained(tmp_path / "m")  # plain weights: saving works
+
+
+def test_room_for_packed_copies():
+    m = Transformer(ModelConfig(arch="llama", vocab_size=V, dim=64, n_layers=1, n_heads=4, n_kv_heads=2,
+                                ffn_dim=128, max_seq_len=64))
+    assert not ck._room_for_copies(m)  # nothing frozen: nothing to copy
+    m.requires_grad_(False)
+    assert ck._room_for_copies(m)  # a few hundred kB fit anywhere this runs
 
 
 def test_load_for_inference_marks_the_model(tiny_dir):
