@@ -288,15 +288,19 @@ def tune_cpu_kernels(model: Transformer, batches=(1, 8)):
     the separate projections, as before). No-op off CPU and when already done; NF4 weights are
     left as they are.
 
-    A model marked `inference_only` (generate.load_for_inference: chat, serve, sampling,
-    evaluation) with bfloat16 weights, on a processor with bfloat16 instructions, also times each
-    shape in oneDNN's packed layout (`_pack`, a third layout besides row and column); where it wins,
-    the matrices are replaced by packed ones, which only oneDNN reads: such a model can generate
-    and score without gradients, not train or be saved (save_pretrained refuses). q, k, v and gate,
-    up are not fused there (a packed matrix has no rows to be views of). A head tied to the
-    embedding is packed as a copy (`KernelLinear.packed`; the lookup reads plain rows): vocabulary x dim more bfloat16
-    numbers, 155 MB for a 150k x 512 head. oneDNN re-lays a plain bfloat16 matrix at every call,
-    so packing roughly doubled its read speed on an AMD EPYC (docs/benchmarks.md).
+    With bfloat16 weights on a processor with bfloat16 instructions, oneDNN's packed layout (`_pack`)
+    is timed as a third layout besides row and column: oneDNN re-lays a plain bfloat16 matrix at
+    every call, so packing roughly doubled its read speed on an AMD EPYC (docs/benchmarks.md). In a
+    model marked `inference_only` (generate.load_for_inference: chat, serve, sampling, evaluation)
+    the matrices where it wins are replaced by packed ones, which only oneDNN reads: such a model
+    can generate and score without gradients, not train or be saved (save_pretrained refuses); q, k,
+    v and gate, up are not fused there (a packed matrix has no rows to be views of), and a head
+    tied to the embedding is packed as a copy (the lookup reads plain rows: vocabulary x dim more
+    bfloat16 numbers, 155 MB for a 150k x 512 head). In a model that trains, the frozen matrices
+    (the bases under LoRA adapters, the head: the PPO and GRPO policies) get packed copies
+    (`PackedCopy`, the fused matrices included) that decoding reads while training reads the plain
+    ones, if all the copies fit in a quarter of the memory available (`_room_for_copies`): the
+    model's frozen bfloat16 matrices a second time, about 1 GB for a 0.5B model.
 
     A choice made by timing can differ from one run to the next, and a column-major matrix sums in
     another order than a row-major one: the logits differ in the last bits, a sampled answer can
