@@ -249,6 +249,30 @@ def _measure_int8(layer, dtype, batches):
     return _MEASURED[key]
 
 
+_KV_KEYS = 256  # keys per row when timing attention: a prompt and an answer of the evaluation sets' size
+
+
+def _measure_kv(c, dtype, batches):
+    """The dtype a decode step's keys and values are best kept in on this CPU for a model of config
+    `c` whose weights are `dtype`: `dtype` itself or float32 (the queries cast to it, the output
+    back). PyTorch's CPU attention in bfloat16 can be far slower than in float32: on an AMD EPYC a
+    0.5B model's decode attention (14 heads over 2 KV heads, 256 keys, 8 rows) took 2.6 ms a layer
+    in bfloat16 and 0.34 ms in float32, more than its weights take to read (docs/benchmarks.md).
+    Timed with `_KV_KEYS` keys at each batch size, each weighing alike."""
+    key = ("kv", c.n_heads, c.n_kv_heads, c.head_dim, dtype, torch.get_num_threads(), batches)
+    if key not in _MEASURED:
+        gqa, cands = c.n_kv_heads != c.n_heads, (dtype, torch.float32)
+        times = {}
+        for b in batches:
+            q = torch.randn(b, c.n_heads, 1, c.head_dim, dtype=dtype)
+            for kv in cands:
+                k, v = (torch.randn(b, c.n_kv_heads, _KV_KEYS, c.head_dim, dtype=kv) for _ in range(2))
+                times[kv, b] = _seconds(lambda: F.scaled_dot_product_attention(q.to(kv), k, v, enable_gqa=gqa).to(dtype))
+        cost = {kv: sum(times[kv, b] / min(times[d, b] for d in cands) for b in batches) for kv in cands}
+        _MEASURED[key] = min(cost, key=cost.get)
+    return _MEASURED[key]
+
+
 def _close(y, want):
     # bfloat16 activations carry 8 significant bits: errors stay far below 3% of the largest output
     return bool(torch.isfinite(y).all()) and float((y - want).abs().max()) <= 0.03 * float(want.abs().max()) + 1e-6
@@ -315,7 +339,7 @@ def tune_cpu_kernels(model: Transformer, batches=(1, 8)):
         return
     # beyond 16 rows the products are compute-bound and timing a big head there would take seconds
     batches = tuple(sorted(set(min(int(b), 16) for b in batches)))
-    choice = {"batches": batches, "layouts": {}, "proj": {}, "head": {}, "int8": {}}
+    choice = {"batches": batches, "layouts": {}, "proj": {}, "head": {}, "int8": {}, "kv_dtype": None}
     if os.environ.get("NANOHUATUO_CPU_KERNELS") == "fixed":  # repeatable runs: the loaded layouts, no timing
         model.cpu_kernels = choice
         return
@@ -389,19 +413,26 @@ def tune_cpu_kernels(model: Transformer, batches=(1, 8)):
             if isinstance(m, Int8Linear) and m.weight.device.type == "cpu":
                 m.kernel = _measure_int8(m, dtype, batches)
                 choice["int8"][(m.out_features, m.in_features)] = m.kernel
+        if dtype != torch.float32:
+            choice["kv_dtype"] = _measure_kv(model.config, dtype, batches)
     model.cpu_kernels = choice
 
 
-def _room_for_copies(model):
-    """Whether packed copies of the model's frozen matrices fit: at most a quarter of the memory
-    available now (/proc/meminfo's MemAvailable; no copies where that cannot be read)."""
-    nbytes = sum(p.numel() * p.element_size() for p in model.parameters() if p.dim() == 2 and not p.requires_grad)
+def room_for(nbytes) -> bool:
+    """Whether `nbytes` more (a copy, a wider cache, made for speed only) fit in a quarter of the
+    memory available now (/proc/meminfo's MemAvailable; no, where that cannot be read)."""
     try:
         with open("/proc/meminfo") as f:
             available = next(int(line.split()[1]) << 10 for line in f if line.startswith("MemAvailable:"))
     except (OSError, StopIteration, ValueError, IndexError):
         return False
-    return 0 < nbytes <= available // 4
+    return nbytes <= available // 4
+
+
+def _room_for_copies(model):
+    """Whether packed copies of the model's frozen matrices fit (`room_for`)."""
+    nbytes = sum(p.numel() * p.element_size() for p in model.parameters() if p.dim() == 2 and not p.requires_grad)
+    return 0 < nbytes and room_for(nbytes)
 
 
 def head_logits(model: Transformer, h):

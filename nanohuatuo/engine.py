@@ -47,7 +47,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .cpu_kernels import head_logits, tune_cpu_kernels
+from .cpu_kernels import head_logits, room_for, tune_cpu_kernels
 from .engine_runner import RowCache, compiled_decode, decode_logits, forward, key_mask, kv_cache
 from .model import Transformer
 from .multi_lora import select_adapters
@@ -127,7 +127,13 @@ class Engine:
         self.compile = compile and self.device.type == "cuda" and getattr(model, "adapter_bank", None) is None
         self.buckets = sorted({min(2 ** i, slots) for i in range(slots.bit_length() + 1)})
         tune_cpu_kernels(model, batches=(1, slots))
-        self.k, self.v = kv_cache(model, slots, self.max_len, self.dtype, self.device, static=self.compile)
+        # on CPU a bfloat16 model's keys and values may be kept in float32, where its attention was timed
+        # faster so (tune_cpu_kernels), if the wider cache fits (cpu_kernels.room_for)
+        kv = (getattr(model, "cpu_kernels", None) or {}).get("kv_dtype") or self.dtype
+        if kv != self.dtype and not room_for(2 * c.n_layers * slots * c.n_kv_heads * self.max_len * c.head_dim
+                                             * (kv.itemsize - self.dtype.itemsize)):
+            kv = self.dtype
+        self.k, self.v = kv_cache(model, slots, self.max_len, kv, self.device, static=self.compile)
         self.seen = torch.zeros((slots, c.vocab_size), dtype=torch.bool, device=self.device)  # repetition penalty
         self.running: list[_Request] = []  # running[i] owns cache row i
         self.waiting = deque()  # groups of requests sharing one prompt (n samples), first come first served
@@ -262,7 +268,7 @@ class Engine:
             pos = torch.arange(P, device=self.device)[None].expand(len(groups), P)
             c = self.model.config
             plain = c.pos == "rope" and c.sliding_window is None  # SDPA's own causal mask fits
-            mask = None if plain else key_mask(self.model, pos, P, self.dtype)
+            mask = None if plain else key_mask(self.model, pos, P, self.k[0].dtype)
             select_adapters(self.model, [g[0].adapter for g in groups])
             h = forward(self.model, ids, pos, RowCache(self.k, self.v, first, pos, P, start=0), mask)
             for j, (g, n) in enumerate(zip(groups, lengths)):

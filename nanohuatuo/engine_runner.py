@@ -32,6 +32,7 @@ class RowCache:
 
     def update(self, layer, cache_pos, k, v):  # k, v (B, n_kv_heads, T, head_dim)
         K, V = self.k[layer], self.v[layer]  # (slots, n_kv_heads, max_len, head_dim)
+        k, v = k.to(K.dtype), v.to(V.dtype)  # a float32 cache of a bfloat16 model on CPU (kv_cache)
         if self.start is not None:
             at = slice(self.start, self.start + k.shape[2])
             K[self.span, :, at] = k

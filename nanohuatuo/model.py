@@ -142,12 +142,13 @@ class Attention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, n_head, T, head_dim)
         if cos_sin is not None:
             q, k = apply_rope(q, *cos_sin), apply_rope(k, *cos_sin)
-        if cache is not None:
+        if cache is not None:  # the engine's cache may keep a bfloat16 model's keys in float32 (on CPU: faster)
             k, v = cache.update(self.layer, cache_pos, k, v)
+            q = q.to(k.dtype)
         gqa = self.c.n_kv_heads != self.c.n_heads
         # no mask: causal, or for a single query (a decode step) every key it is given
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1, enable_gqa=gqa)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1).to(x.dtype))
 
 
 class MLP(nn.Module):

@@ -148,14 +148,23 @@ def test_int8pack_greedy_equals_the_dequantising_greedy():
     assert greedy(packed, 16) == greedy(fallback, 16)
 
 
-def test_bfloat16_engine_keeps_a_bfloat16_cache_and_float32_logits():
+@pytest.mark.parametrize("kv", [torch.bfloat16, torch.float32])
+def test_bfloat16_engine_keeps_the_measured_cache_dtype_and_float32_logits(monkeypatch, kv):
+    """A bfloat16 model's keys and values stay in the dtype whose attention was timed faster (float32
+    where there is room for the wider cache); the logits are float32 either way."""
+    import nanohuatuo.engine as engine
+    monkeypatch.setattr(ck, "_measure_kv", lambda c, dtype, batches: kv)
     m, perm = chain_model(torch.bfloat16)
+    assert m.cpu_kernels["kv_dtype"] == kv
     eng = Engine(m, slots=2)
-    assert eng.dtype == torch.bfloat16 and eng.k[0].dtype == eng.v[0].dtype == torch.bfloat16
+    assert eng.dtype == torch.bfloat16 and eng.k[0].dtype == eng.v[0].dtype == kv
     assert all(p.dtype == torch.bfloat16 for p in m.parameters())
     with torch.inference_mode():
         logits = decode_logits(m, torch.tensor([3, 5]), torch.tensor([0, 0]), eng.k, eng.v, 1)
     assert logits.dtype == torch.float32 and logits.argmax(-1).tolist() == [perm[3], perm[5]]
+    assert greedy(m) == expected(perm)  # prefills (batched, right-padded) and decode steps through that cache
+    monkeypatch.setattr(engine, "room_for", lambda nbytes: False)
+    assert Engine(m, slots=2).k[0].dtype == torch.bfloat16  # no room for a float32 cache: the model's dtype
     # the head's measured kernel and the plain head give the same float32 logits
     h = torch.randn(2, 64, generator=torch.Generator().manual_seed(4)).bfloat16()
     with torch.inference_mode():
