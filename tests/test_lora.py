@@ -147,6 +147,26 @@ def test_bf16_base_keeps_float32_lora(hf_dirs):
     assert all(p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all() for p in lora_parameters(model))
 
 
+def test_lora_term_casts_the_smaller_of_activations_and_adapter_weights():
+    """bfloat16 activations: many rows (training, scoring) cast the float32 adapter weights to bfloat16;
+    a decode step's few rows are cast to float32 instead, and the products run there."""
+    torch.manual_seed(0)
+    m = LoRALinear(torch.nn.Linear(64, 96).bfloat16(), r=8, alpha=16)
+    torch.nn.init.normal_(m.lora_B.weight, std=0.1)
+    A, B = m.lora_A.weight, m.lora_B.weight
+    for rows in (2, 64):  # 2 x 64 < 8 x (64 + 96) < 64 x 64
+        x = torch.randn(rows, 64).bfloat16()
+        if rows == 2:
+            want = torch.nn.functional.linear(torch.nn.functional.linear(x.float(), A) * m.scaling, B)
+        else:
+            want = torch.nn.functional.linear(torch.nn.functional.linear(x, A.bfloat16()) * m.scaling, B.bfloat16())
+        got = m.delta(x)
+        assert got.dtype == want.dtype and torch.equal(got, want), rows
+        assert torch.equal(m(x), m.base(x) + want.to(torch.bfloat16))
+    m.disabled = True
+    assert m.delta(x) is None and torch.equal(m(x), m.base(x))
+
+
 def test_bad_adapter_dirs(hf_dirs, tmp_path):
     path, _ = hf_dirs("llama")
     with pytest.raises(FileNotFoundError, match="adapter_config.json"):
