@@ -267,7 +267,8 @@ def _measure_kv(c, dtype, batches):
             q = torch.randn(b, c.n_heads, 1, c.head_dim, dtype=dtype)
             for kv in cands:
                 k, v = (torch.randn(b, c.n_kv_heads, _KV_KEYS, c.head_dim, dtype=kv) for _ in range(2))
-                times[kv, b] = _seconds(lambda: F.scaled_dot_product_attention(q.to(kv), k, v, enable_gqa=gqa).to(dtype))
+                attend = F.scaled_dot_product_attention
+                times[kv, b] = _seconds(lambda: attend(q.to(kv), k, v, enable_gqa=gqa).to(dtype))
         cost = {kv: sum(times[kv, b] / min(times[d, b] for d in cands) for b in batches) for kv in cands}
         _MEASURED[key] = min(cost, key=cost.get)
     return _MEASURED[key]
