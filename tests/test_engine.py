@@ -203,11 +203,13 @@ def test_logprobs_match_a_plain_forward_pass():
         with torch.no_grad():
             lp = torch.log_softmax(m(seq)[0, len(p) - 1:-1] / (sp.temperature or 1.0), -1)
         want = lp.gather(-1, torch.tensor(o.tokens)[:, None]).squeeze(-1)
-        torch.testing.assert_close(torch.tensor(o.logprobs), want, atol=1e-5, rtol=0)
+        # the engine decodes through the kernels timed at load (oneDNN or F.linear, row or column
+        # layout, fused q|k|v): their float32 rounding differs from the plain forward's by ~1e-5
+        torch.testing.assert_close(torch.tensor(o.logprobs), want, atol=5e-5, rtol=0)
         top = lp.topk(3, -1)
         assert [[t for t, _ in row] for row in o.top_logprobs] == top.indices.tolist()
         torch.testing.assert_close(torch.tensor([[v for _, v in row] for row in o.top_logprobs]), top.values,
-                                   atol=1e-5, rtol=0)
+                                   atol=5e-5, rtol=0)
 
 
 def test_cancel_frees_the_slot():
