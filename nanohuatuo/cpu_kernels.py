@@ -113,13 +113,18 @@ def _measure(ws, batches, head, pack=False):
                 times[layout, b] = {name: _seconds(lambda: [fn(x, m) for m in wl]) / n for name, fn in ks.items()}
             del wl
         del group
-        # each batch size counts alike: the layout's time over the best layout's, summed (a plain sum
-        # of seconds would let the largest batch, the slowest product, decide for batch 1 too)
-        best = {b: min(min(times[layout, b].values()) for layout in layouts) for b in batches}
-        cost = {layout: sum(min(times[layout, b].values()) / best[b] for b in batches) for layout in layouts}
-        layout = min(cost, key=cost.get)
+        layout = _weighing_batches_alike({lb: min(t.values()) for lb, t in times.items()}, layouts, batches)
         _MEASURED[key] = (layout, {b: min(times[layout, b], key=times[layout, b].get) for b in batches})
     return _MEASURED[key]
+
+
+def _weighing_batches_alike(seconds, options, batches):
+    """The option with the least summed time over the best option's time at each batch size
+    (seconds: {(option, batch): s}). A plain sum of seconds would let the largest batch, the slowest
+    product, decide for batch 1 too."""
+    best = {b: min(seconds[o, b] for o in options) for b in batches}
+    cost = {o: sum(seconds[o, b] / best[b] for b in batches) for o in options}
+    return min(cost, key=cost.get)
 
 
 def _nearest(kernels, rows):
@@ -269,8 +274,7 @@ def _measure_kv(c, dtype, batches):
                 k, v = (torch.randn(b, c.n_kv_heads, _KV_KEYS, c.head_dim, dtype=kv) for _ in range(2))
                 attend = F.scaled_dot_product_attention
                 times[kv, b] = _seconds(lambda: attend(q.to(kv), k, v, enable_gqa=gqa).to(dtype))
-        cost = {kv: sum(times[kv, b] / min(times[d, b] for d in cands) for b in batches) for kv in cands}
-        _MEASURED[key] = min(cost, key=cost.get)
+        _MEASURED[key] = _weighing_batches_alike(times, cands, batches)
     return _MEASURED[key]
 
 

@@ -255,6 +255,14 @@ def test_packed_copies_of_frozen_bfloat16_bases_for_lora_rollouts(monkeypatch, t
     m.save_pretrained(tmp_path / "m")  # plain weights: saving works
 
 
+def test_layouts_and_cache_dtypes_are_chosen_with_each_batch_size_weighing_alike():
+    """Summed seconds would pick "col" (10.5 s against 11 s, decided by batch 8's slow product); over
+    the best time at each batch size "row" costs 1 + 1.11 and "col" 1.5 + 1."""
+    seconds = {("row", 1): 1.0, ("row", 8): 10.0, ("col", 1): 1.5, ("col", 8): 9.0}
+    assert ck._weighing_batches_alike(seconds, ("row", "col"), (1, 8)) == "row"
+    assert ck._weighing_batches_alike(seconds, ("row", "col"), (8,)) == "col"
+
+
 def test_room_for_packed_copies():
     m = Transformer(ModelConfig(arch="llama", vocab_size=V, dim=64, n_layers=1, n_heads=4, n_kv_heads=2,
                                 ffn_dim=128, max_seq_len=64))
