@@ -388,9 +388,10 @@ def test_fused_projections_under_lora_as_rl_rollouts_decode(monkeypatch):
     m = tiny(seed=3)
     apply_lora(m, r=4, alpha=8, dropout=0.0, targets=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
                                                       "up_proj", "down_proj"])
+    g = torch.Generator().manual_seed(3)
     with torch.no_grad():
         for p in lora_parameters(m):
-            p.normal_(0, 0.3, generator=torch.Generator().manual_seed(len(p)))
+            p.normal_(0, 0.3, generator=g)  # B non-zero and every adapter different
     tune_cpu_kernels(m, batches=(1, 4))
     attn, mlp = m.layers[1].self_attn, m.layers[1].mlp
     assert attn.fused is not None and mlp.fused is not None
