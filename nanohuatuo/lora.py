@@ -102,7 +102,7 @@ class LoRALinear(nn.Module):
         # weights, which are cast, as autocast would run it (a no-op when the dtypes agree; gradients still
         # reach and stay float32; on CPU a bfloat16 LoRA SFT step ran 13% faster than with the activations
         # cast, bench/sft.py). A decode step: a few rows, so they are cast and the products run in float32
-        # (on an AMD EPYC a bfloat16 product this small took 3x as long, docs/benchmarks.md). The scaling
+        # (on an AMD EPYC the bfloat16 pair took 1.7-4x as long, docs/benchmarks.md). The scaling
         # multiplies the (tokens, r) intermediate, the smallest tensor on the way.
         A, B = self.lora_A.weight, self.lora_B.weight
         dtype = A.dtype if x.numel() <= A.numel() + B.numel() else x.dtype
