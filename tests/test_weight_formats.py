@@ -234,11 +234,15 @@ def test_packed_copies_of_frozen_bfloat16_bases_for_lora_rollouts(monkeypatch, t
     assert isinstance(attn.fused.packed, ck.PackedCopy) and isinstance(down.base.packed, ck.PackedCopy)
     assert isinstance(head.packed, ck.PackedCopy)
     assert greedy(m) == expected(perm)
+    packed_reads, onednn = [], ck._onednn_linear
+    monkeypatch.setattr(ck, "_onednn_linear", lambda x, w, b=None: packed_reads.append(w.is_mkldnn) or onednn(x, w, b))
     ids = torch.tensor([PROMPTS[2]])
     with torch.no_grad():
         plain = m(ids).float()
+    assert packed_reads == []  # scoring reads the plain matrices
     with torch.inference_mode():
         torch.testing.assert_close(m(ids).float(), plain, rtol=0.02, atol=0.05)
+    assert packed_reads.count(True) == 2 * 4 + 1  # per layer q|k|v, o, gate|up, down; then the head
     m.train()  # training reads the plain bases: gradients reach the adapters
     m(ids).float().logsumexp(-1).sum().backward()
     assert all(p.grad is not None for p in lora_parameters(m))
@@ -249,8 +253,10 @@ def test_packed_copies_of_frozen_bfloat16_bases_for_lora_rollouts(monkeypatch, t
     assert head.packed.get([head.weight]) is not None  # the head took no adapter
     with torch.no_grad():
         merged = m(ids).float()
+    packed_reads.clear()
     with torch.inference_mode():
         torch.testing.assert_close(m(ids).float(), merged, rtol=0.02, atol=0.05)
+    assert packed_reads.count(True) == 1  # the head's copy only: the merged bases are read plain
     torch.testing.assert_close(merged, plain, rtol=0.02, atol=0.1)
     m.save_pretrained(tmp_path / "m")  # plain weights: saving works
 
