@@ -83,7 +83,7 @@ def matvec_bandwidth(device, dtype, mbytes=512, reps=20, rounds=3):
     """Bytes/s read by a large matrix-vector product (the decode step's dominant operation): the
     fastest of the kernels the engine may choose on this machine (F.linear with the matrix row- and
     column-major; on CPU also oneDNN's linear kernel, which read a 512 MB matrix 1.2-1.3x faster
-    than F.linear on an AMD EPYC), so the share reported against it is a share of what this
+    than F.linear on an AMD EPYC, on the plain matrices and on oneDNN's packed layout), so the share reported against it is a share of what this
     machine's kernels can read, not of a slower kernel's speed. The best of `rounds` rounds: on a
     shared 2-core machine one round read anywhere between 20 and 30 GB/s."""
     esize = torch.finfo(dtype).bits // 8
@@ -91,10 +91,14 @@ def matvec_bandwidth(device, dtype, mbytes=512, reps=20, rounds=3):
     W = torch.randn(n, n, device=device).to(dtype)
     x = torch.randn(1, n, device=device).to(dtype)
     kernels = [torch.nn.functional.linear]
-    if device == "cpu" and (ck._ONEDNN_LINEAR and dtype == torch.float32 or ck._ONEDNN_BF16 and dtype == torch.bfloat16):
+    onednn = device == "cpu" and (ck._ONEDNN_LINEAR and dtype == torch.float32 or ck._ONEDNN_BF16 and dtype == torch.bfloat16)
+    if onednn:
         kernels.append(ck._onednn_linear)  # the engine's own oneDNN kernel, where tune_cpu_kernels would time it
+    layouts = [(W, kernels), (W.t().contiguous().t(), kernels)]  # both layouts: the kernels differ, take the faster
+    if onednn and ck._ONEDNN_PACK:  # and oneDNN's packed layout, which the engine may keep too
+        layouts.append((ck._pack(W, 1), [ck._onednn_linear]))
     best = 0.0
-    for w in [W, W.t().contiguous().t()] * rounds:  # both layouts: the kernels differ, take the faster
+    for w, kernels in layouts * rounds:
         for fn in kernels:
             for _ in range(3):
                 fn(x, w)

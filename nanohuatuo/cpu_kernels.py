@@ -31,20 +31,22 @@ _ONEDNN_LINEAR = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkld
 # oneDNN's kernel for a bfloat16 head, where the processor has bfloat16 instructions
 _ONEDNN_BF16 = _ONEDNN_LINEAR and hasattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported") \
     and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-# oneDNN's blocked weight layout for bfloat16, which its kernel otherwise rebuilds from the plain
-# matrix at every call (on an AMD EPYC a packed (151936, 512) matrix read at 20 GB/s, the plain one at 11)
-_ONEDNN_PACK = _ONEDNN_BF16 and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+# oneDNN's blocked weight layout, which its kernel otherwise rebuilds from the plain matrix at every
+# call in bfloat16 (on an AMD EPYC a packed (151936, 512) matrix read at 20 GB/s, the plain one at 11)
+# and reads faster in float32 too (the same matrix at 23 GB/s against 20, a 0.5B model's blocks at
+# batch 8 at 1.8x; docs/benchmarks.md)
+_ONEDNN_PACK = _ONEDNN_LINEAR and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
 _MEASURED = {}  # (what, weight shape, dtype, threads, batches[, pack]) -> decision: measured once per process
 
 
-def _seconds(fn):
-    """Best-of-3 (best-of-2 past 20 ms) seconds per call of fn, each timing at least ~2 ms long."""
+def _seconds(fn, rounds=3):
+    """Best-of-`rounds` (at most 2 past 20 ms) seconds per call of fn, each timing at least ~2 ms long."""
     t = time.perf_counter()
     fn()  # warm-up, and a first estimate
     first = time.perf_counter() - t
     n = max(1, min(200, int(2e-3 / max(first, 1e-7))))
     best = float("inf")
-    for _ in range(3 if first < 0.02 else 2):
+    for _ in range(rounds if first < 0.02 else min(rounds, 2)):
         t = time.perf_counter()
         for _ in range(n):
             fn()
@@ -105,13 +107,20 @@ def _measure(ws, batches, head, pack=False):
         n = max(1, min(64, -(-_STREAM_BYTES // (w.numel() * w.element_size()))))
         group = [ws[i] if i < len(ws) else ws[i % len(ws)].clone() for i in range(n)]
         times = {}  # (layout, batch) -> {kernel: seconds per matrix}
-        for layout, ks in layouts.items():
-            wl = {"row": lambda m: m, "col": _column_major, "packed": lambda m: _pack(m, max(batches))}[layout]
-            wl = [wl(m) for m in group]
-            for b in batches:
-                x = torch.randn(b, w.shape[1], dtype=w.dtype)
-                times[layout, b] = {name: _seconds(lambda: [fn(x, m) for m in wl]) / n for name, fn in ks.items()}
-            del wl
+        # two sweeps over the layouts, the second in reverse order, each time the best of either: the
+        # memory bandwidth of a shared machine drifts over seconds, and one sweep would favour
+        # whichever layout was timed in a fast moment (on an AMD EPYC, a 0.5B model's matrices
+        # chose row-major in one run and the packed layout in the next)
+        for order in (list(layouts), list(layouts)[::-1]):
+            for layout in order:
+                wl = {"row": lambda m: m, "col": _column_major, "packed": lambda m: _pack(m, max(batches))}[layout]
+                wl = [wl(m) for m in group]
+                for b in batches:
+                    x = torch.randn(b, w.shape[1], dtype=w.dtype)
+                    t = times.setdefault((layout, b), {})
+                    for name, fn in layouts[layout].items():
+                        t[name] = min(t.get(name, float("inf")), _seconds(lambda: [fn(x, m) for m in wl], rounds=2) / n)
+                del wl
         del group
         layout = _weighing_batches_alike({lb: min(t.values()) for lb, t in times.items()}, layouts, batches)
         _MEASURED[key] = (layout, {b: min(times[layout, b], key=times[layout, b].get) for b in batches})
@@ -168,7 +177,10 @@ class FusedLinear:
     matrix (a `.to()` that moved the weights, or another wrapper, and the separate products run).
     A projection wrapped in LoRA (lora.LoRALinear, unmerged, as the PPO and GRPO policies decode
     their rollouts) keeps its base in the fused product and adds its adapter's term to its share.
-    `packed`: a PackedCopy of the fused matrix where the parts are frozen bfloat16 weights."""
+    `packed`: a PackedCopy of the fused matrix where the parts are frozen weights of a model that
+    trains. In a model loaded only to infer the fused matrix may itself be packed (`weight.is_mkldnn`):
+    then it is the only copy of the parts' rows, read in any mode, and the parts' weights are that
+    packed matrix too (`_packed_away`)."""
 
     packed = None
 
@@ -178,13 +190,15 @@ class FusedLinear:
         self.ptrs = [m.weight.data_ptr() for m in parts]
 
     def usable(self, x, parts):
+        if self.weight.is_mkldnn:  # packed in place (a model loaded to infer): the only copy of the parts' rows
+            return x.device.type == "cpu"
         return torch.is_inference_mode_enabled() and x.device.type == "cpu" and x.dtype == self.weight.dtype \
             and all(type(_plain(m)) is torch.nn.Linear and m.weight.data_ptr() == p for m, p in zip(parts, self.ptrs))
 
     def __call__(self, x, parts):
         if self.packed is not None and (p := self.packed.get([m.weight for m in parts])) is not None:
             y = _onednn_linear(x, p, self.bias)
-        elif _nearest(self.kernels, x.numel() // x.shape[-1]) == "onednn":
+        elif self.weight.is_mkldnn or _nearest(self.kernels, x.numel() // x.shape[-1]) == "onednn":
             y = _onednn_linear(x, self.weight, self.bias)
         else:
             y = F.linear(x, self.weight, self.bias)
@@ -206,6 +220,16 @@ def _point_into(parts, weight, bias):
         if bias is not None:
             m.bias.data = bias[start:start + m.out_features]
         start += m.out_features
+
+
+def _packed_away(parts, packed):
+    """Make a fused matrix packed in place (a model loaded only to infer) the parts' only weight: each
+    part's weight parameter becomes the packed matrix itself, so the plain rows are freed, the
+    parameter count stays (one shared parameter of all the parts' rows), saving refuses (packed
+    weights) and a part called alone fails loudly in F.linear instead of reading other rows."""
+    shared = torch.nn.Parameter(packed, requires_grad=False)
+    for m in parts:
+        m.weight = shared
 
 
 def _fusable(model):
@@ -348,21 +372,21 @@ def tune_cpu_kernels(model: Transformer, batches=(1, 8)):
     if os.environ.get("NANOHUATUO_CPU_KERNELS") == "fixed":  # repeatable runs: the loaded layouts, no timing
         model.cpu_kernels = choice
         return
-    # bfloat16 weights may be packed: in place in a model loaded only to infer (generate.load_for_inference),
-    # as copies beside the frozen weights of a model that trains (a LoRA's bases), where those fit
-    bf16 = _ONEDNN_PACK and w.dtype == torch.bfloat16
-    pack = bf16 and bool(getattr(model, "inference_only", False))
-    copies = bf16 and not pack and _room_for_copies(model)
+    # float32 and (with bfloat16 instructions) bfloat16 weights may be packed: in place in a model loaded
+    # only to infer (generate.load_for_inference), as copies beside the frozen weights of a model that
+    # trains (a LoRA's bases), where those fit
+    packable = _ONEDNN_PACK and (w.dtype == torch.float32 or _ONEDNN_BF16 and w.dtype == torch.bfloat16)
+    pack = packable and bool(getattr(model, "inference_only", False))
+    copies = packable and not pack and _room_for_copies(model)
 
     def frozen(weights):  # may these matrices get packed copies?
         return copies and not any(t.requires_grad for t in weights)
 
     with torch.inference_mode(False), torch.no_grad():
         # q, k, v and gate, up: one matrix each (made one group at a time, so the peak memory grows by
-        # one group's weights), then measured like the other shapes, over every layer's; not where the
-        # weights may be packed instead (a packed matrix has no rows to be views of)
+        # one group's weights), then measured like the other shapes, over every layer's
         fused = {}
-        for owner, parts in [] if pack else _fusable(model):
+        for owner, parts in _fusable(model):
             fw = torch.cat([m.weight.data for m in parts])
             fb = torch.cat([m.bias.data for m in parts]) if parts[0].bias is not None else None
             _point_into(parts, fw, fb)
@@ -370,7 +394,7 @@ def tune_cpu_kernels(model: Transformer, batches=(1, 8)):
         in_fused = {id(_plain(m)) for group in fused.values() for _, parts, _, _ in group for m in parts}
         for (shape, dtype), group in fused.items():
             layout, kernels = _measure([fw for _, _, fw, _ in group], batches, head=False,
-                                       pack=frozen([m.weight for _, parts, _, _ in group for m in parts]))
+                                       pack=pack or frozen([m.weight for _, parts, _, _ in group for m in parts]))
             choice["layouts"][shape], choice["proj"][shape] = layout, kernels
             while group:  # popped, so a row-major matrix is freed as soon as its column-major copy replaces it
                 owner, parts, fw, fb = group.pop()
@@ -378,7 +402,10 @@ def tune_cpu_kernels(model: Transformer, batches=(1, 8)):
                     fw = _column_major(fw)
                     _point_into(parts, fw, fb)
                 owner.fused = FusedLinear(parts, fw, fb, kernels)
-                if layout == "packed":
+                if layout == "packed" and pack:  # in place: the packed matrix is all that stays
+                    owner.fused.weight = _pack(fw, max(batches))
+                    _packed_away(parts, owner.fused.weight)
+                elif layout == "packed":
                     owner.fused.packed = PackedCopy(fw, max(batches), [m.weight for m in parts])
         by_shape = {}
         for name, m in model.layers.named_modules():
@@ -401,9 +428,12 @@ def tune_cpu_kernels(model: Transformer, batches=(1, 8)):
                 if "onednn" in kernels.values():
                     m.__class__, m.kernels = KernelLinear, kernels
         if w.is_floating_point() and w.is_contiguous():
-            layout, kernels = _measure([w.data], batches, head=True, pack=pack or frozen([w]))
+            # a head tied to the embedding is packed as a copy, if that fits (`room_for`)
+            tied = w is model.embed_tokens.weight
+            layout, kernels = _measure([w.data], batches, head=True, pack=frozen([w]) or pack and (
+                not tied or room_for(w.numel() * w.element_size())))
             choice["layouts"]["head"] = layout
-            if layout == "packed" and (w is model.embed_tokens.weight or not pack):
+            if layout == "packed" and (tied or not pack):
                 head.packed = PackedCopy(w, max(batches), [w])  # a copy: the embedding lookup needs the plain rows
             elif layout == "packed":
                 head.weight = torch.nn.Parameter(_pack(w.data, max(batches)), requires_grad=False)

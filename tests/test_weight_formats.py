@@ -177,11 +177,15 @@ def test_bfloat16_engine_keeps_the_measured_cache_dtype_and_float32_logits(monke
                                        rtol=2 ** -7, atol=0.05)
 
 
-@pytest.mark.skipif(not ck._ONEDNN_PACK, reason="oneDNN bfloat16 packing needs bfloat16 instructions")
+@pytest.mark.skipif(not ck._ONEDNN_PACK, reason="oneDNN's packed layout is not in this PyTorch build")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("tied", [False, True])
-def test_packed_bfloat16_weights_for_a_model_loaded_to_infer(monkeypatch, tied):
-    """inference_only bfloat16 models may keep their matrices in oneDNN's packed layout: the chain's
-    tokens stay exact, the parameter count stays, and saving refuses clearly instead of writing junk."""
+def test_packed_weights_for_a_model_loaded_to_infer(monkeypatch, tied, dtype):
+    """inference_only models may keep their matrices in oneDNN's packed layout, q|k|v and gate|up fused
+    first: the chain's tokens stay exact, the parameter count stays, the plain rows are gone (a part
+    called alone fails), and saving refuses clearly instead of writing junk."""
+    if dtype == torch.bfloat16 and not ck._ONEDNN_BF16:
+        pytest.skip("oneDNN bfloat16 kernels need bfloat16 instructions")
     torch.manual_seed(0)
     m = Transformer(ModelConfig(arch="llama", vocab_size=V, dim=64, n_layers=2, n_heads=4, n_kv_heads=2,
                                 ffn_dim=128, max_seq_len=64, tie_embeddings=tied))
@@ -194,7 +198,7 @@ def test_packed_bfloat16_weights_for_a_model_loaded_to_infer(monkeypatch, tied):
             head = torch.empty_like(m.embed_tokens.weight)
             head[perm] = m.embed_tokens.weight
             m.lm_head.weight = torch.nn.Parameter(head)
-    m.to(torch.bfloat16).eval().requires_grad_(False)
+    m.to(dtype).eval().requires_grad_(False)
     with torch.no_grad():
         want = [o.tokens for o in Engine(copy.deepcopy(m), slots=4).generate(PROMPTS, SamplingParams(max_new_tokens=6))]
     n_params = m.num_params()
@@ -205,7 +209,11 @@ def test_packed_bfloat16_weights_for_a_model_loaded_to_infer(monkeypatch, tied):
                         ("packed", {b: "onednn" for b in batches}) if pack else real(ws, batches, head))
     tune_cpu_kernels(m, batches=(1, 4))
     assert all(p.is_mkldnn for n, p in m.layers.named_parameters() if n.endswith("proj.weight"))
-    assert m.cpu_kernels["layouts"]["head"] == "packed" and type(m.lm_head) is ck.KernelLinear
+    attn, mlp = m.layers[0].self_attn, m.layers[0].mlp
+    assert attn.fused.weight.is_mkldnn and attn.q_proj.weight is attn.v_proj.weight  # one packed q|k|v matrix
+    assert tuple(attn.fused.weight.shape) == (64 + 2 * 32, 64) and mlp.up_proj.weight is mlp.gate_proj.weight
+    with pytest.raises(RuntimeError):  # no plain rows left to read alone
+        attn.k_proj(torch.zeros(1, 64, dtype=dtype))
     assert (m.lm_head.packed.packed if tied else m.lm_head.weight).is_mkldnn
     assert m.embed_tokens.weight.is_mkldnn is False  # the lookup reads plain rows
     assert m.num_params() == n_params
