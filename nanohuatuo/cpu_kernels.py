@@ -332,8 +332,9 @@ def tune_cpu_kernels(model: Transformer, batches=(1, 8)):
     against _weight_int8pack_mm in the activation dtype and with bfloat16 activations, and sets
     each layer's `kernel` to the fastest (`_measure_int8`). Decisions are cached per shape, dtype,
     thread count and batches for the process, so a second model (or a second Engine) costs no
-    timing. A large head is multiplied 3 times per layout, kernel and batch size (24 products: a few
-    seconds for a 150k-token vocabulary on 2 cores), a test model's matrices take milliseconds.
+    timing. A large head is multiplied 6 times per layout, kernel and batch size (two sweeps of a
+    warm-up and two timings: a few seconds for a 150k-token vocabulary on 2 cores), a test model's
+    matrices take milliseconds.
 
     The parameter objects are kept (tied embeddings stay tied; saving writes the usual row-major
     tensors, the fused ones copied out), the values are unchanged, and it runs outside inference
@@ -341,19 +342,24 @@ def tune_cpu_kernels(model: Transformer, batches=(1, 8)):
     the separate projections, as before). No-op off CPU and when already done; NF4 weights are
     left as they are.
 
-    With bfloat16 weights on a processor with bfloat16 instructions, oneDNN's packed layout (`_pack`)
-    is timed as a third layout besides row and column: oneDNN re-lays a plain bfloat16 matrix at
-    every call, so packing roughly doubled its read speed on an AMD EPYC (docs/benchmarks.md). In a
-    model marked `inference_only` (generate.load_for_inference: chat, serve, sampling, evaluation)
-    the matrices where it wins are replaced by packed ones, which only oneDNN reads: such a model
-    can generate and score without gradients, not train or be saved (save_pretrained refuses); q, k,
-    v and gate, up are not fused there (a packed matrix has no rows to be views of), and a head
-    tied to the embedding is packed as a copy (the lookup reads plain rows: vocabulary x dim more
-    bfloat16 numbers, 155 MB for a 150k x 512 head). In a model that trains, the frozen matrices
-    (the bases under LoRA adapters, the head: the PPO and GRPO policies) get packed copies
-    (`PackedCopy`, the fused matrices included) that decoding reads while training reads the plain
-    ones, if all the copies fit in a quarter of the memory available (`_room_for_copies`): the
-    model's frozen bfloat16 matrices a second time (0.99 GB for Qwen2.5-Coder-0.5B).
+    oneDNN's packed layout (`_pack`) is timed as a third layout besides row and column, for float32
+    weights and, on a processor with bfloat16 instructions, bfloat16 ones: oneDNN re-lays a plain
+    bfloat16 matrix at every call, so packing roughly doubled its read speed on an AMD EPYC, and it
+    read float32 matrices faster too (a 0.5B model's blocks 1.8x as fast at 8 rows, 1.1-1.2x at one;
+    docs/benchmarks.md). In a model marked `inference_only` (generate.load_for_inference: chat,
+    serve, sampling, evaluation) the matrices where it wins are replaced by packed ones, which only
+    oneDNN reads: such a model can generate and score without gradients, not train or be saved
+    (save_pretrained refuses). q|k|v and gate|up are fused first there too; a fused matrix packed in
+    place is the only copy of its parts' rows (their weight parameters become it, `_packed_away`). A
+    head tied to the embedding is packed as a copy (the lookup reads plain rows: vocabulary x dim more
+    numbers, 155 MB for a 150k x 512 bfloat16 head), if that fits in a quarter of the available
+    memory (`room_for`). In a model that trains, the frozen matrices (the bases under LoRA adapters,
+    the head: the PPO and GRPO policies) get packed copies (`PackedCopy`, the fused matrices
+    included) that decoding reads while training reads the plain ones, if all the copies fit in a
+    quarter of the memory available (`_room_for_copies`): the model's frozen matrices a second time
+    (0.99 GB for Qwen2.5-Coder-0.5B in bfloat16). Layouts are timed in two sweeps of opposite order,
+    each the best of either, so a drift of the machine's bandwidth over the seconds of a sweep does
+    not decide.
 
     A choice made by timing can differ from one run to the next, and a column-major matrix sums in
     another order than a row-major one: the logits differ in the last bits, a sampled answer can

@@ -41,8 +41,9 @@ def load_for_inference(model_dir, adapter=None, dtype=None, device="cpu", quant=
     model does. `quant` (quant.INFERENCE_QUANTS): "int8" or "nf4" load on the CPU, merge and
     quantise there, so the full-precision copy never sits on the GPU (a 7B model then needs about
     7.5 GB in int8). The model is marked `inference_only` (its parameters need no gradients): on
-    a CPU with bfloat16 instructions `cpu_kernels.tune_cpu_kernels` may then store bfloat16 weights
-    in oneDNN's own layout, which only generation can read (no training, no saving).
+    a CPU `cpu_kernels.tune_cpu_kernels` may then store float32 weights (and, with bfloat16
+    instructions, bfloat16 ones) in oneDNN's own layout, which only generation can read (no
+    training, no saving).
     """
     if quant not in INFERENCE_QUANTS:
         raise ValueError(f"--quant {quant}: use one of {', '.join(INFERENCE_QUANTS)}")
@@ -63,7 +64,7 @@ def load_for_inference(model_dir, adapter=None, dtype=None, device="cpu", quant=
 
 def for_inference(model: Transformer) -> Transformer:
     """Mark a model that will only generate and score: no gradients, eval mode, and `inference_only`,
-    so the CPU kernels may keep its bfloat16 weights in oneDNN's packed layout (cpu_kernels: faster,
+    so the CPU kernels may keep its weights in oneDNN's packed layout (cpu_kernels: faster,
     but then it cannot train or be saved)."""
     model.requires_grad_(False)
     model.inference_only = True

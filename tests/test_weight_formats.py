@@ -225,17 +225,20 @@ def test_packed_weights_for_a_model_loaded_to_infer(monkeypatch, tied, dtype):
         m.save_pretrained("/nonexistent")
 
 
-@pytest.mark.skipif(not ck._ONEDNN_PACK, reason="oneDNN bfloat16 packing needs bfloat16 instructions")
-def test_packed_copies_of_frozen_bfloat16_bases_for_lora_rollouts(monkeypatch, tmp_path):
-    """A bfloat16 model training LoRA (the PPO/GRPO policy) keeps its frozen matrices plain, which its
-    training products read, and decodes through oneDNN's packed copies of them (with the adapters'
-    terms added); a merge writes into the bases, the copies go stale and the plain matrices are read."""
+@pytest.mark.skipif(not ck._ONEDNN_PACK, reason="oneDNN's packed layout is not in this PyTorch build")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_packed_copies_of_frozen_bases_for_lora_rollouts(monkeypatch, tmp_path, dtype):
+    """A model training LoRA (the PPO/GRPO policy) keeps its frozen matrices plain, which its training
+    products read, and decodes through oneDNN's packed copies of them (with the adapters' terms
+    added); a merge writes into the bases, the copies go stale and the plain matrices are read."""
+    if dtype == torch.bfloat16 and not ck._ONEDNN_BF16:
+        pytest.skip("oneDNN bfloat16 kernels need bfloat16 instructions")
     monkeypatch.setattr(ck, "_MEASURED", {})
     monkeypatch.setattr(ck, "_room_for_copies", lambda model: True)
     real = ck._measure
     monkeypatch.setattr(ck, "_measure", lambda ws, batches, head, pack=False:
                         ("packed", {b: "onednn" for b in batches}) if pack else real(ws, batches, head))
-    m, perm = chain_model(torch.bfloat16, lora_r=4)
+    m, perm = chain_model(dtype, lora_r=4)
     assert set(m.cpu_kernels["layouts"].values()) == {"packed"}
     assert not any(p.is_mkldnn for p in m.parameters())
     attn, down, head = m.layers[0].self_attn, m.layers[0].mlp.down_proj, m.lm_head
@@ -267,6 +270,26 @@ def test_packed_copies_of_frozen_bfloat16_bases_for_lora_rollouts(monkeypatch, t
     assert packed_reads.count(True) == 1  # the head's copy only: the merged bases are read plain
     torch.testing.assert_close(merged, plain, rtol=0.02, atol=0.1)
     m.save_pretrained(tmp_path / "m")  # plain weights: saving works
+
+
+@pytest.mark.skipif(not ck._ONEDNN_PACK, reason="oneDNN's packed layout is not in this PyTorch build")
+def test_a_tied_head_gets_no_packed_copy_without_room(monkeypatch):
+    """A head tied to the embedding can only be packed as a copy (the lookup reads plain rows): in a
+    model loaded to infer that copy is made only where it fits (`room_for`); the blocks, packed in
+    place, take no extra memory and are packed either way."""
+    monkeypatch.setattr(ck, "_MEASURED", {})
+    monkeypatch.setattr(ck, "room_for", lambda nbytes: False)
+    real = ck._measure
+    monkeypatch.setattr(ck, "_measure", lambda ws, batches, head, pack=False:
+                        ("packed", {b: "onednn" for b in batches}) if pack else real(ws, batches, head))
+    m = Transformer(ModelConfig(arch="llama", vocab_size=V, dim=64, n_layers=1, n_heads=4, n_kv_heads=2,
+                                ffn_dim=128, max_seq_len=64, tie_embeddings=True))
+    m.init_weights(seed=0)
+    m.eval().requires_grad_(False).inference_only = True
+    tune_cpu_kernels(m, batches=(1, 4))
+    assert m.cpu_kernels["layouts"]["head"] != "packed" and getattr(m.lm_head, "packed", None) is None
+    assert m.lm_head.weight is m.embed_tokens.weight and not m.embed_tokens.weight.is_mkldnn
+    assert m.layers[0].mlp.down_proj.weight.is_mkldnn and m.layers[0].self_attn.fused.weight.is_mkldnn
 
 
 def test_layouts_and_cache_dtypes_are_chosen_with_each_batch_size_weighing_alike():
