@@ -9,12 +9,17 @@ per batch size:
 - the step's wall time, and the floor: the bytes a step reads (every weight once) over the
   bandwidth this machine reaches in a large float32 matrix-vector product, measured in the same
   run (bench/generate.py's measure; also for bfloat16 weights: bytes are bytes);
+- the same share paired (`--pairs` rounds: 10 steps, then one round of the bandwidth measure, each
+  round's steps over its own bandwidth; the median and range), since the bandwidth of a shared
+  machine drifts between the measure at the start and the steps timed later;
 - a breakdown of the step's wall time: embedding/positions/mask (before the first block), each
   block, the final norm, the output head, and the rest of the step (sampling, the repetition
   penalty's bookkeeping, stop checks, events), from timers around those calls;
-- torch.profiler's ops by self CPU time (the top --top).
+- torch.profiler's ops by self CPU time (the top --top), after the matrix products' sum (oneDNN's
+  linear, mm, addmm) and share.
 
     python bench/decode_profile.py                       # 100M, batch 1 8 16, float32, 2 threads
+    python bench/decode_profile.py --infer               # as chat, serve and evaluation load it (packed)
     python bench/decode_profile.py --batches 1 --steps 50 --top 25
     python bench/decode_profile.py --size 500M --batches 1 8
     python bench/decode_profile.py --dtype bfloat16 --infer      # bfloat16 as chat and serve load it
@@ -40,7 +45,7 @@ from nanohuatuo.generate import for_inference  # noqa: E402
 from nanohuatuo.hf import ModelConfig  # noqa: E402
 from nanohuatuo.lora import apply_lora, default_targets, lora_parameters  # noqa: E402
 from nanohuatuo.model import Transformer  # noqa: E402
-from generate import SIZES, matvec_bandwidth  # noqa: E402  (bench/generate.py: the same shapes and measure)
+from generate import SIZES, matvec_reader  # noqa: E402  (bench/generate.py: the same shapes and measure)
 
 
 def qwen2_model(size, dtype, seed):
@@ -131,8 +136,27 @@ def filled_engine(model, B, prompt_len, new_tokens, seed):
     return eng
 
 
-def profile_batch(model, B, args, floor_s):
-    eng = filled_engine(model, B, args.prompt_len, 2 * args.steps + 16, args.seed)
+PRODUCTS = {"mkldnn::_linear_pointwise", "aten::mm", "aten::addmm", "aten::_weight_int8pack_mm"}
+
+
+def paired_shares(eng, nbytes, read, rounds):
+    """The step's bytes/s over the matrix-vector bandwidth, each measured right after the other,
+    `rounds` times. This machine's bandwidth drifts between runs and within one (20-36 GB/s), so a
+    bar measured once at the start (the best of 3 rounds) and a median step taken later compare two
+    different moments; a pair compares one."""
+    shares = []
+    for _ in range(rounds):
+        times = []
+        for _ in range(10):
+            t = time.perf_counter()
+            eng.step()
+            times.append(time.perf_counter() - t)
+        shares.append(nbytes / statistics.median(times) / read(10))
+    return shares
+
+
+def profile_batch(model, B, args, floor_s, nbytes, read):
+    eng = filled_engine(model, B, args.prompt_len, 3 * args.steps + 10 * args.pairs + 16, args.seed)
     for _ in range(3):
         eng.step()
     times = []
@@ -143,6 +167,11 @@ def profile_batch(model, B, args, floor_s):
     step = statistics.median(times)
     print(f"\n== batch {B}: step {step * 1e3:.1f} ms median of {args.steps} ({B / step:.1f} tok/s); "
           f"floor {floor_s * 1e3:.1f} ms (weights over bandwidth) = {floor_s / step:.0%} of the step")
+    if args.pairs:
+        shares = paired_shares(eng, nbytes, read, args.pairs)
+        print(f"  paired with the bandwidth measured next to it ({args.pairs} rounds of 10 steps and one "
+              f"matrix-vector round): the step reads {statistics.median(shares):.0%} of the bandwidth "
+              f"(median; {min(shares):.0%}-{max(shares):.0%})")
 
     timers = Timers()
     undo = instrument(model, timers)
@@ -163,8 +192,13 @@ def profile_batch(model, B, args, floor_s):
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         for _ in range(args.steps):
             eng.step()
+    averages = prof.key_averages()
+    products = sum(e.self_cpu_time_total for e in averages if e.key in PRODUCTS)
+    everything = sum(e.self_cpu_time_total for e in averages)
+    print(f"  matrix products (oneDNN's linear, mm, addmm): {products / args.steps / 1e3:.2f} ms a step, "
+          f"{products / everything:.0%} of the ops' self CPU time")
     print(f"  torch.profiler, ops by self CPU time (top {args.top}):")
-    table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.top)
+    table = averages.table(sort_by="self_cpu_time_total", row_limit=args.top)
     print("\n".join("    " + line for line in table.splitlines()))
 
 
@@ -176,9 +210,11 @@ def main():
     ap.add_argument("--prompt-len", type=int, default=32, help="tokens in every prompt (default: 32)")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weight dtype (default: float32)")
     ap.add_argument("--infer", action="store_true",
-                    help="mark the model inference_only, as chat and serve load it (bfloat16 weights may be packed)")
+                    help="mark the model inference_only, as chat and serve load it (weights may be packed in place)")
     ap.add_argument("--threads", type=int, default=2, help="torch threads (default: 2)")
     ap.add_argument("--top", type=int, default=15, help="ops listed from torch.profiler (default: 15)")
+    ap.add_argument("--pairs", type=int, default=5,
+                    help="rounds of 10 steps each followed by a bandwidth measure, for the paired share (default: 5; 0: none)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the random weights and prompts (default: 0)")
     ap.add_argument("--lora", type=int, default=0, metavar="R",
                     help="wrap every attention and MLP projection in a rank-R LoRA adapter (random, non-zero), "
@@ -197,14 +233,15 @@ def main():
         for_inference(model)
     # bytes per second of memory, measured in float32 (bench/generate.py's (e) does the same): a bfloat16
     # matrix-vector product that reads slower than that is the kernel's shortfall, not the memory's
-    bw = matvec_bandwidth("cpu", torch.float32)
+    read = matvec_reader("cpu", torch.float32)
+    bw = max(read(20) for _ in range(3))  # bench/generate.py's matvec_bandwidth
     nbytes = step_bytes(model)
     tune_cpu_kernels(model, batches=(1, *args.batches))  # as an Engine with max(batches) slots would
     print(f"{args.size} ({model.num_params() / 1e6:.0f}M params, {nbytes / 1e6:.0f} MB a step), {args.dtype}, "
           f"{f'LoRA r={args.lora} unmerged, ' if args.lora else ''}"
           f"{args.threads} threads, matrix-vector bandwidth {bw / 1e9:.1f} GB/s (float32)")
     for B in args.batches:
-        profile_batch(model, B, args, nbytes / bw)
+        profile_batch(model, B, args, nbytes / bw, nbytes, read)
     print(f"\nCPU kernels chosen at load: {model.cpu_kernels}")
 
 

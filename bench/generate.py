@@ -83,9 +83,18 @@ def matvec_bandwidth(device, dtype, mbytes=512, reps=20, rounds=3):
     """Bytes/s read by a large matrix-vector product (the decode step's dominant operation): the
     fastest of the kernels the engine may choose on this machine (F.linear with the matrix row- and
     column-major; on CPU also oneDNN's linear kernel, which read a 512 MB matrix 1.2-1.3x faster
-    than F.linear on an AMD EPYC, on the plain matrices and on oneDNN's packed layout), so the share reported against it is a share of what this
-    machine's kernels can read, not of a slower kernel's speed. The best of `rounds` rounds: on a
-    shared 2-core machine one round read anywhere between 20 and 30 GB/s."""
+    than F.linear on an AMD EPYC, on the plain matrices and on oneDNN's packed layout), so the share
+    reported against it is a share of what this machine's kernels can read, not of a slower
+    kernel's speed. The best of `rounds` rounds: on a shared 2-core machine one round read anywhere
+    between 20 and 30 GB/s."""
+    read = matvec_reader(device, dtype, mbytes)
+    return max(read(reps) for _ in range(rounds))
+
+
+def matvec_reader(device, dtype, mbytes=512):
+    """A function reps -> bytes/s: one round of `matvec_bandwidth`'s products (every kernel and
+    layout, reps calls each, the fastest), on one (mbytes) matrix made once, so a benchmark can
+    measure the bandwidth again next to each of its own timings."""
     esize = torch.finfo(dtype).bits // 8
     n = int((mbytes * 2**20 / esize) ** 0.5)
     W = torch.randn(n, n, device=device).to(dtype)
@@ -97,18 +106,21 @@ def matvec_bandwidth(device, dtype, mbytes=512, reps=20, rounds=3):
     layouts = [(W, kernels), (W.t().contiguous().t(), kernels)]  # both layouts: the kernels differ, take the faster
     if onednn and ck._ONEDNN_PACK:  # and oneDNN's packed layout, which the engine may keep too
         layouts.append((ck._pack(W, 1), [ck._onednn_linear]))
-    best = 0.0
-    for w, kernels in layouts * rounds:
-        for fn in kernels:
-            for _ in range(3):
-                fn(x, w)
-            sync(device)
-            t = time.perf_counter()
-            for _ in range(reps):
-                fn(x, w)
-            sync(device)
-            best = max(best, reps * W.numel() * esize / (time.perf_counter() - t))
-    return best
+
+    def read(reps):
+        best = 0.0
+        for w, fns in layouts:
+            for fn in fns:
+                for _ in range(3):
+                    fn(x, w)
+                sync(device)
+                t = time.perf_counter()
+                for _ in range(reps):
+                    fn(x, w)
+                sync(device)
+                best = max(best, reps * W.numel() * esize / (time.perf_counter() - t))
+        return best
+    return read
 
 
 def time_it(fn, device, repeats):
