@@ -195,7 +195,7 @@ def profile_batch(model, B, args, floor_s, nbytes, read):
     averages = prof.key_averages()
     products = sum(e.self_cpu_time_total for e in averages if e.key in PRODUCTS)
     everything = sum(e.self_cpu_time_total for e in averages)
-    print(f"  matrix products (oneDNN's linear, mm, addmm): {products / args.steps / 1e3:.2f} ms a step, "
+    print(f"  matrix products (oneDNN's linear, mm, addmm, int8 mm): {products / args.steps / 1e3:.2f} ms a step, "
           f"{products / everything:.0%} of the ops' self CPU time")
     print(f"  torch.profiler, ops by self CPU time (top {args.top}):")
     table = averages.table(sort_by="self_cpu_time_total", row_limit=args.top)
