@@ -110,7 +110,9 @@ def _measure(ws, batches, head, pack=False):
         # two sweeps over the layouts, the second in reverse order, each time the best of either: the
         # memory bandwidth of a shared machine drifts over seconds, and one sweep would favour
         # whichever layout was timed in a fast moment (on an AMD EPYC, a 0.5B model's matrices
-        # chose row-major in one run and the packed layout in the next)
+        # chose row-major in one run and the packed layout in the next). A layout's copies are made
+        # again in the second sweep, so only one layout's copies exist at a time (a large head's
+        # copy is as large as the head).
         for order in (list(layouts), list(layouts)[::-1]):
             for layout in order:
                 wl = {"row": lambda m: m, "col": _column_major, "packed": lambda m: _pack(m, max(batches))}[layout]
@@ -198,7 +200,7 @@ class FusedLinear:
     def __call__(self, x, parts):
         if self.packed is not None and (p := self.packed.get([m.weight for m in parts])) is not None:
             y = _onednn_linear(x, p, self.bias)
-        elif self.weight.is_mkldnn or _nearest(self.kernels, x.numel() // x.shape[-1]) == "onednn":
+        elif _nearest(self.kernels, x.numel() // x.shape[-1]) == "onednn":  # always, for a packed weight
             y = _onednn_linear(x, self.weight, self.bias)
         else:
             y = F.linear(x, self.weight, self.bias)
