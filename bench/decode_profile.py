@@ -45,7 +45,7 @@ from nanohuatuo.generate import for_inference  # noqa: E402
 from nanohuatuo.hf import ModelConfig  # noqa: E402
 from nanohuatuo.lora import apply_lora, default_targets, lora_parameters  # noqa: E402
 from nanohuatuo.model import Transformer  # noqa: E402
-from generate import SIZES, matvec_reader  # noqa: E402  (bench/generate.py: the same shapes and measure)
+from generate import SIZES, matvec_bandwidth, matvec_reader  # noqa: E402  (bench/generate.py: the same shapes and measure)
 
 
 def qwen2_model(size, dtype, seed):
@@ -234,7 +234,7 @@ def main():
     # bytes per second of memory, measured in float32 (bench/generate.py's (e) does the same): a bfloat16
     # matrix-vector product that reads slower than that is the kernel's shortfall, not the memory's
     read = matvec_reader("cpu", torch.float32)
-    bw = max(read(20) for _ in range(3))  # bench/generate.py's matvec_bandwidth
+    bw = matvec_bandwidth("cpu", torch.float32, read=read)
     nbytes = step_bytes(model)
     tune_cpu_kernels(model, batches=(1, *args.batches))  # as an Engine with max(batches) slots would
     print(f"{args.size} ({model.num_params() / 1e6:.0f}M params, {nbytes / 1e6:.0f} MB a step), {args.dtype}, "

@@ -79,15 +79,15 @@ def build(size, workdir, dtype):
     return path
 
 
-def matvec_bandwidth(device, dtype, mbytes=512, reps=20, rounds=3):
+def matvec_bandwidth(device, dtype, mbytes=512, reps=20, rounds=3, read=None):
     """Bytes/s read by a large matrix-vector product (the decode step's dominant operation): the
     fastest of the kernels the engine may choose on this machine (F.linear with the matrix row- and
     column-major; on CPU also oneDNN's linear kernel, which read a 512 MB matrix 1.2-1.3x faster
     than F.linear on an AMD EPYC, on the plain matrices and on oneDNN's packed layout), so the share
     reported against it is a share of what this machine's kernels can read, not of a slower
     kernel's speed. The best of `rounds` rounds: on a shared 2-core machine one round read anywhere
-    between 20 and 30 GB/s."""
-    read = matvec_reader(device, dtype, mbytes)
+    between 20 and 30 GB/s. `read`: a `matvec_reader` already made (its matrix is reused)."""
+    read = read or matvec_reader(device, dtype, mbytes)
     return max(read(reps) for _ in range(rounds))
 
 
