@@ -141,7 +141,7 @@ class ChatConfig(GenerationFlags, ModelFlags):
     seed: int = arg(0, "random seed of sampling; answer k of a session uses seed + k, so a run is reproducible")
     quant: str = arg("none", INFERENCE_QUANT_HELP, choices=list(INFERENCE_QUANTS))
     int8: bool = arg(False, "int8 weight-only quantisation", retired="--quant int8")  # earlier spelling, hidden
-    compile: bool = arg(False, "torch.compile the decode step (CUDA)")
+    compile: bool = arg(False, "torch.compile the decode step (CUDA graphs on CUDA; fused element-wise ops on CPU)")
 
 
 def generation_settings(cfg: ChatConfig) -> dict:

@@ -18,6 +18,7 @@ import ctypes
 import ctypes.util
 import os
 import time
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -154,7 +155,11 @@ class KernelLinear(torch.nn.Linear):
     kernels: dict = {}
     packed = None  # a PackedCopy of a weight that must stay plain (tied head; frozen base of a LoRA)
 
+    compiled_key = None  # its entry for a compiled CPU decode step (`opaque_products`)
+
     def forward(self, x):
+        if self.compiled_key is not None and torch.compiler.is_compiling():
+            return torch.ops.nanohuatuo.cpu_products(x, self.compiled_key, self.out_features)
         w = self.weight
         if w.is_mkldnn:  # packed (a model loaded to infer): oneDNN is the only kernel that reads it
             return _onednn_linear(x, w, self.bias)
@@ -185,6 +190,7 @@ class FusedLinear:
     packed matrix too (`_packed_away`)."""
 
     packed = None
+    compiled_key = None  # its entry for a compiled CPU decode step (`opaque_products`)
 
     def __init__(self, parts, weight, bias, kernels):
         self.weight, self.bias, self.kernels = weight, bias, kernels
@@ -192,21 +198,27 @@ class FusedLinear:
         self.ptrs = [m.weight.data_ptr() for m in parts]
 
     def usable(self, x, parts):
+        if self.compiled_key is not None and torch.compiler.is_compiling():
+            return True  # the op decides, as it runs (`opaque_products`)
         if self.weight.is_mkldnn:  # packed in place (a model loaded to infer): the only copy of the parts' rows
             return x.device.type == "cpu"
         return torch.is_inference_mode_enabled() and x.device.type == "cpu" and x.dtype == self.weight.dtype \
             and all(type(_plain(m)) is torch.nn.Linear and m.weight.data_ptr() == p for m, p in zip(parts, self.ptrs))
 
     def __call__(self, x, parts):
-        if self.packed is not None and (p := self.packed.get([m.weight for m in parts])) is not None:
-            y = _onednn_linear(x, p, self.bias)
-        elif _nearest(self.kernels, x.numel() // x.shape[-1]) == "onednn":  # always, for a packed weight
-            y = _onednn_linear(x, self.weight, self.bias)
-        else:
-            y = F.linear(x, self.weight, self.bias)
-        out = y.split(self.sizes, dim=-1)
+        if self.compiled_key is not None and torch.compiler.is_compiling():
+            return list(torch.ops.nanohuatuo.cpu_products(x, self.compiled_key, sum(self.sizes)).split(self.sizes, -1))
+        out = self.product(x, parts).split(self.sizes, dim=-1)
         deltas = [m.delta(x) if type(m) is LoRALinear else None for m in parts]
         return [o if d is None else o + d.to(o.dtype) for o, d in zip(out, deltas)]
+
+    def product(self, x, parts):
+        """The fused matrix's product alone (B, T, sum of the parts' sizes), no LoRA terms."""
+        if self.packed is not None and (p := self.packed.get([m.weight for m in parts])) is not None:
+            return _onednn_linear(x, p, self.bias)
+        if _nearest(self.kernels, x.numel() // x.shape[-1]) == "onednn":  # always, for a packed weight
+            return _onednn_linear(x, self.weight, self.bias)
+        return F.linear(x, self.weight, self.bias)
 
 
 def _plain(m):
@@ -459,6 +471,59 @@ def tune_cpu_kernels(model: Transformer, batches=(1, 8)):
         if dtype != torch.float32:
             choice["kv_dtype"] = _measure_kv(model.config, dtype, batches)
     model.cpu_kernels = choice
+
+
+# ----------------------------------------------------------------------------- a compiled decode step
+
+# A compiled CPU decode step (Engine(compile=True)) fuses the element-wise work between the matrix
+# products (norms, rotary embeddings, residuals, activation: some forty small ops a block, each a few
+# microseconds eagerly) into a few generated C++ loops, while each product still runs the kernel and
+# layout measured here: the compiler cannot read oneDNN's packed weights, and its own kernels read
+# the matrices no faster. So every measured projection is one opaque op in the compiled graph, which
+# calls the layer's eager forward: `_OPAQUE[key]` holds weak references to the layer (a KernelLinear,
+# or a FusedLinear and its parts), so a compiled graph keeps no model alive.
+_OPAQUE = []
+# defined with the plain operator library, not torch.library.custom_op: that wrapper costs about
+# 1.5 us more a call, and a step of a 0.5B model makes 97 of them
+_LIB = torch.library.Library("nanohuatuo", "DEF")
+_LIB.define("cpu_products(Tensor x, int key, int out) -> Tensor")
+
+
+def _cpu_products(x, key, out):
+    entry = _OPAQUE[key]
+    layer, parts = entry[0](), [p() for p in entry[1]]
+    if layer is None or None in parts:
+        raise RuntimeError("a compiled decode step called the product of a model that no longer exists")
+    if not parts:  # a KernelLinear
+        return layer.forward(x)
+    if layer.weight.is_mkldnn:  # packed in place (a model loaded to infer): the only copy, no LoRA
+        return _onednn_linear(x, layer.weight, layer.bias)
+    if layer.usable(x, parts) and not any(type(m) is LoRALinear for m in parts):
+        return layer.product(x, parts)
+    # LoRA terms of the parts (PPO and GRPO rollouts), or the fused matrix no longer the parts' weights
+    return torch.cat(layer(x, parts) if layer.usable(x, parts) else [m(x) for m in parts], dim=-1)
+
+
+_LIB.impl("cpu_products", _cpu_products, "CPU")
+
+
+@torch.library.register_fake("nanohuatuo::cpu_products")
+def _(x, key, out):
+    return x.new_empty((*x.shape[:-1], out))
+
+
+def opaque_products(model: Transformer):
+    """Give each measured projection of `model` (KernelLinear, FusedLinear) its entry in `_OPAQUE`, so
+    a compiled decode step calls it as one op (above). Once per model; run after tune_cpu_kernels."""
+    for m in model.modules():
+        if type(m) is KernelLinear and m.compiled_key is None:
+            _OPAQUE.append((weakref.ref(m), []))
+            m.compiled_key = len(_OPAQUE) - 1
+        fused = m.__dict__.get("fused")
+        if fused is not None and fused.compiled_key is None:
+            parts = [m.q_proj, m.k_proj, m.v_proj] if hasattr(m, "q_proj") else [m.gate_proj, m.up_proj]
+            _OPAQUE.append((weakref.ref(fused), [weakref.ref(p) for p in parts]))
+            fused.compiled_key = len(_OPAQUE) - 1
 
 
 def room_for(nbytes) -> bool:

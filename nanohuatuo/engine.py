@@ -16,8 +16,9 @@ Built like nano-vllm, in three parts that each fit on a screen:
   batch of n rows with no gather.
 - the runner: `forward` runs the model's blocks on some rows, each with its own positions, and
   masks every query to the keys of its own row at or before its position. `decode_logits` is one
-  token per running row; on CUDA with compile=True it is compiled (CUDA graphs) for a few fixed
-  batch sizes, idle rows padding the batch up to the next size.
+  token per running row. With compile=True it is compiled: on CUDA into CUDA graphs for a few
+  fixed batch sizes, idle rows padding the batch up to the next size; on CPU into fused loops
+  for the element-wise work between the matrix products, which keep their measured kernels.
 - the scheduler: `Engine.step` drops cancelled requests, admits waiting ones into free rows
   (prefilling all but the last prompt token: the last one is fed by the decode step, which so
   produces every request's tokens, its first one included; single requests admitted in one step
@@ -42,12 +43,13 @@ thread reads).
 """
 
 import threading
+import warnings
 from collections import deque
 from dataclasses import dataclass, field
 
 import torch
 
-from .cpu_kernels import head_logits, room_for, tune_cpu_kernels
+from .cpu_kernels import head_logits, opaque_products, room_for, tune_cpu_kernels
 from .engine_runner import RowCache, compiled_decode, decode_logits, forward, key_mask, kv_cache
 from .model import Transformer
 from .multi_lora import select_adapters
@@ -106,9 +108,11 @@ class Engine:
     """A fixed number of slots in one preallocated KV cache, shared by requests that come and go.
 
     slots: rows decoded together; max_len: positions per row (prompt + new tokens - 1), default
-    min(model max_seq_len, 2048); compile: on CUDA, compile the decode step (CUDA graphs) for batch
-    sizes 1, 2, 4, ... slots (the first step at each size is slow). On CPU the weight layouts and
-    the head kernel are chosen by timing when the engine is made (see `tune_cpu_kernels`).
+    min(model max_seq_len, 2048); compile: compile the decode step, on CUDA into CUDA graphs for batch
+    sizes 1, 2, 4, ... slots (the first step at each size is slow), on CPU with the element-wise ops
+    between the matrix products fused (needs a C++ compiler; the first steps take seconds to tens of
+    seconds; without a compiler it warns and decodes eagerly). On CPU the weight layouts and the
+    head kernel are chosen by timing when the engine is made (see `tune_cpu_kernels`).
     add/cancel are thread-safe; step is called from one thread only; generate drives step itself.
     """
 
@@ -123,17 +127,20 @@ class Engine:
         self.max_len = max_len or min(c.max_seq_len, 2048)
         p = model.embed_tokens.weight
         self.device, self.dtype = p.device, p.dtype
-        # CUDA graphs are what pays (CPU stays eager); they would freeze a multi-LoRA model's per-row adapter mask
-        self.compile = compile and self.device.type == "cuda" and getattr(model, "adapter_bank", None) is None
+        # a compiled step would freeze a multi-LoRA model's per-row adapter mask
+        self.compile = compile and getattr(model, "adapter_bank", None) is None
+        self.graphs = self.compile and self.device.type == "cuda"  # CUDA graphs: fixed shapes, a static cache
         self.buckets = sorted({min(2 ** i, slots) for i in range(slots.bit_length() + 1)})
         tune_cpu_kernels(model, batches=(1, slots))
+        if self.compile and self.device.type == "cpu":
+            opaque_products(model)
         # on CPU a bfloat16 model's keys and values may be kept in float32, where its attention was timed
         # faster so (tune_cpu_kernels), if the wider cache fits (cpu_kernels.room_for)
         kv = (getattr(model, "cpu_kernels", None) or {}).get("kv_dtype") or self.dtype
         if kv != self.dtype and not room_for(2 * c.n_layers * slots * c.n_kv_heads * self.max_len * c.head_dim
                                              * (kv.itemsize - self.dtype.itemsize)):
             kv = self.dtype
-        self.k, self.v = kv_cache(model, slots, self.max_len, kv, self.device, static=self.compile)
+        self.k, self.v = kv_cache(model, slots, self.max_len, kv, self.device, static=self.graphs)
         self.seen = torch.zeros((slots, c.vocab_size), dtype=torch.bool, device=self.device)  # repetition penalty
         self.running: list[_Request] = []  # running[i] owns cache row i
         self.waiting = deque()  # groups of requests sharing one prompt (n samples), first come first served
@@ -305,21 +312,31 @@ class Engine:
             out += list(zip(prompt[1 + s:1 + s + chunk], picked, tops))
         return out
 
+    def _compiled_cpu(self, args):
+        try:
+            return compiled_decode(self.device.type)(*args)
+        except torch._dynamo.exc.BackendCompilerFailed as e:  # no C++ compiler, most often: slower, not wrong
+            cause = getattr(e, "inner_exception", None) or e
+            warnings.warn(f"compile=True: torch.compile failed on {self.device.type} ({type(cause).__name__}: "
+                          f"{(str(cause).strip() or '?').splitlines()[0]}); this engine decodes eagerly")
+            self.compile = False
+            return decode_logits(*args)
+
     def _decode(self):
         rows, n = self.running, len(self.running)
-        B = next(b for b in self.buckets if b >= n) if self.compile else n
+        B = next(b for b in self.buckets if b >= n) if self.graphs else n
         tokens = torch.tensor([r.next for r in rows] + [0] * (B - n), device=self.device)
         positions = torch.tensor([r.length for r in rows] + [0] * (B - n), device=self.device)
         select_adapters(self.model, [r.adapter for r in rows] + [0] * (B - n))
-        if self.compile:  # fixed shapes: all max_len keys, idle rows see their key 0 only
+        if self.graphs:  # fixed shapes: all max_len keys, idle rows see their key 0 only
             torch.compiler.cudagraph_mark_step_begin()
             logits = compiled_decode()(self.model, tokens, positions, self.k, self.v, self.max_len)[:n]
         else:
             lengths = [r.length for r in rows]
             n_keys = max(lengths) + 1
             # rows all at one position (always at batch 1): keys written as a slice, no mask
-            logits = decode_logits(self.model, tokens, positions, self.k, self.v, n_keys,
-                                   same_position=min(lengths) + 1 == n_keys)
+            args = (self.model, tokens, positions, self.k, self.v, n_keys, min(lengths) + 1 == n_keys)
+            logits = self._compiled_cpu(args) if self.compile else decode_logits(*args)
         ps = [r.params for r in rows]
         want_lp = [p.logprobs or p.top_logprobs > 0 for p in ps]
         lp = None

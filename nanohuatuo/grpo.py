@@ -119,7 +119,7 @@ class GRPOConfig(ExportFlags, TrainLoopFlags, LoRAFlags, ModelFlags,
     lora_alpha: float = like(LoRAFlags, "lora_alpha", 32.0)
     # run
     quant: str = arg("none", QUANT_HELP, choices=list(QUANTS))
-    compile: bool = arg(False, "torch.compile the decode step (CUDA)")
+    compile: bool = arg(False, "torch.compile the decode step (CUDA graphs on CUDA; fused element-wise ops on CPU)")
     seed: int = arg(0, "seed of the LoRA init, the prompt order and the rollouts")
     sample_every: int = arg(10, "print and save sample answers every N steps (0: never)")
     report_to: list[str] = arg([], REPORT_TO_HELP, metavar="TRACKER")

@@ -156,7 +156,7 @@ class PPOConfig(ExportFlags, TrainLoopFlags, LoRAFlags, ModelFlags):
                                 "policy's base)", choices=["shared", "separate", "reward"])
     # run
     quant: str = arg("none", QUANT_HELP, choices=list(QUANTS))
-    compile: bool = arg(False, "torch.compile the decode step (CUDA)")
+    compile: bool = arg(False, "torch.compile the decode step (CUDA graphs on CUDA; fused element-wise ops on CPU)")
     seed: int = arg(0, "seed of the LoRA init, the prompt order and the rollouts")
     sample_every: int = arg(10, "print and save sample answers every N steps (0: never)")
     save_every: int = like(TrainLoopFlags, "save_every", 50)

@@ -258,7 +258,7 @@ class SampleConfig(GenerationFlags, endpoint_flags("", "instead of --model"), Mo
     batch_size: int = arg(16, "sequences decoded together (engine slots; at least --k)")
     seed: int = arg(0, "random seed; a prompt's answers depend only on it and the prompt id")
     max_len: int = arg(2048, "prompt + answer token budget (capped at the model's max_seq_len)", old=("--context",))
-    compile: bool = arg(False, "on CUDA, compile the decode step (CUDA graphs)")
+    compile: bool = arg(False, "torch.compile the decode step (CUDA graphs on CUDA; fused element-wise ops on CPU)")
     limit: int | None = arg(None, "only the first N prompts")
 
 

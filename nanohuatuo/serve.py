@@ -71,7 +71,8 @@ class ServeConfig(ModelFlags):
                                               "the model directory's name)", old=("--model-name",))
     quant: str = arg("none", INFERENCE_QUANT_HELP, choices=list(INFERENCE_QUANTS))
     int8: bool = arg(False, "int8 weight-only quantisation", retired="--quant int8")  # earlier spelling, hidden
-    compile: bool = arg(False, "torch.compile the decode step (CUDA graphs; slow first requests)")
+    compile: bool = arg(False, "torch.compile the decode step (CUDA graphs on CUDA; fused element-wise ops on "
+                               "CPU; slow first requests)")
     batch_size: int = arg(16, "sequences decoded together (engine slots; also the largest n)", old=("--slots",))
     max_len: int = arg(4096, "context window per sequence, prompt plus answer, in tokens (at most the model's); "
                              "the KV cache holds batch-size x max-len tokens")

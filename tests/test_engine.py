@@ -282,7 +282,6 @@ def test_cpu_kernel_choice_keeps_the_values():
     assert m.lm_head.weight is m.embed_tokens.weight
     with torch.no_grad():
         torch.testing.assert_close(m(ids), want, atol=1e-5, rtol=0)
-    assert not Engine(m, compile=True).compile  # CUDA graphs only on CUDA: CPU stays eager
 
 
 @pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="oneDNN not in this torch build")
@@ -405,6 +404,85 @@ def test_fused_projections_under_lora_as_rl_rollouts_decode(monkeypatch):
             logits = m(torch.tensor([prompt + tokens]))[0, len(prompt) - 1:-1].float()
         want = logits.log_softmax(-1).gather(-1, torch.tensor(tokens)[:, None])[:, 0]
         torch.testing.assert_close(torch.tensor(lp), want, atol=1e-4, rtol=0)
+
+
+class _Counted(list):
+    """cpu_kernels._OPAQUE, counting the products that compiled decode steps ran (each reads its entry once)."""
+    reads = 0
+
+    def __getitem__(self, i):
+        self.reads += 1
+        return super().__getitem__(i)
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="oneDNN not in this torch build")
+@pytest.mark.parametrize("kind", ["packed", "lora", "bfloat16"])
+def test_compiled_cpu_decode_gives_the_eager_tokens(monkeypatch, kind):
+    """compile=True on CPU: torch.compile fuses the element-wise work between the products, and every
+    measured product (a KernelLinear, a fused q|k|v or gate|up) runs as it does eagerly, one opaque op.
+    A model loaded to infer with every matrix packed, a LoRA policy decoding rollouts (adapters on
+    the fused bases), and a bfloat16 model (the fused loops round where eager ops round): requests
+    joining and leaving get the eager engine's greedy tokens."""
+    import nanohuatuo.cpu_kernels as ck
+    from nanohuatuo.generate import for_inference
+    from nanohuatuo.lora import apply_lora, lora_parameters
+    monkeypatch.setattr(ck, "_MEASURED", {})
+    monkeypatch.setattr(ck, "_measure", lambda ws, batches, head, pack=False:
+                        ("packed" if pack else "row", {b: "onednn" for b in batches}))
+    monkeypatch.setattr(ck, "_OPAQUE", _Counted())
+
+    def model():
+        m = tiny(seed=4)
+        if kind == "lora":
+            apply_lora(m, r=4, alpha=8, dropout=0.0, targets=["q_proj", "v_proj", "o_proj", "up_proj"])
+            g = torch.Generator().manual_seed(4)
+            with torch.no_grad():
+                for p in lora_parameters(m):
+                    p.normal_(0, 0.3, generator=g)
+            return m
+        return for_inference(m.to(torch.bfloat16) if kind == "bfloat16" else m)
+
+    lengths = [9, 3, 14, 6, 11]
+
+    def run(compile):
+        eng = Engine(model(), slots=3, max_len=64, compile=compile)
+        rids = [eng.add(p, SamplingParams(max_new_tokens=n)) for p, n in zip(PROMPTS[:3], lengths[:3])]
+        outs = {}
+        for _ in range(4):
+            for ev in eng.step():
+                outs.setdefault(ev.rid, []).append(ev.token)
+        rids += [eng.add(p, SamplingParams(max_new_tokens=n)) for p, n in zip(PROMPTS[3:5], lengths[3:])]
+        while eng.has_work():
+            for ev in eng.step():
+                outs.setdefault(ev.rid, []).append(ev.token)
+        return eng, [outs[r] for r in rids]
+
+    _, want = run(False)
+    steps, decode = [], Engine._decode
+    monkeypatch.setattr(Engine, "_decode", lambda self: steps.append(1) or decode(self))
+    eng, got = run(True)
+    assert got == want and [len(t) for t in got] == lengths
+    assert eng.compile and not eng.graphs
+    if kind == "packed" or kind == "bfloat16" and ck._ONEDNN_BF16:
+        assert eng.model.layers[0].self_attn.fused.weight.is_mkldnn
+    else:
+        assert type(eng.model.layers[0].self_attn.q_proj).__name__ == "LoRALinear"
+    # each compiled decode step ran q|k|v, o, gate|up and down in each layer and the head as opaque ops
+    assert ck._OPAQUE.reads == len(steps) * (2 * 4 + 1) > 0
+
+
+def test_compiled_cpu_decode_without_a_compiler_warns_and_decodes_eagerly(monkeypatch):
+    import nanohuatuo.engine as engine_mod
+
+    def fails(*args):
+        raise torch._dynamo.exc.BackendCompilerFailed(fails, RuntimeError("No working C++ compiler found"), None)
+    m = tiny(seed=5)
+    want = Engine(m, slots=2, max_len=64).generate(PROMPTS[:2], SamplingParams(max_new_tokens=5))
+    monkeypatch.setattr(engine_mod, "compiled_decode", lambda device_type: fails)
+    eng = Engine(m, slots=2, max_len=64, compile=True)
+    with pytest.warns(UserWarning, match="torch.compile failed on cpu .*No working C.. compiler.*decodes eagerly"):
+        got = eng.generate(PROMPTS[:2], SamplingParams(max_new_tokens=5))
+    assert [o.tokens for o in got] == [o.tokens for o in want] and not eng.compile
 
 
 def test_fixed_cpu_kernels_time_nothing_and_keep_the_loaded_layout(monkeypatch):
