@@ -1,0 +1,118 @@
+"""A/B in one process: two variants of the engine's CPU decode step, their steps alternated.
+
+    --compare layout   the matrices in the plain layouts (row- or column-major, each timed as
+                       `tune_cpu_kernels` does) against every matrix in oneDNN's packed layout
+    --compare compile  the step as chat, serve and evaluation run it (layouts tuned) eagerly
+                       against the same step compiled (Engine(compile=True): the element-wise ops
+                       between the products fused by torch.compile)
+
+Two copies of bench/generate.py's Qwen2-shaped model (random weights, `for_inference`, as chat,
+serve and evaluation load a model), each with an Engine filled with `--batch` greedy requests
+(32-token random prompts, the same for both). After a warm-up (which compiles, for a compiled
+variant), `--rounds` rounds each time 8 decode steps of one engine and then of the other (the
+order flipped every round) and then one round of bench/generate.py's matrix-vector bandwidth
+measure; printed: each variant's median step, the median of the per-round ratios A / B, each
+variant's share of the bandwidth paired round by round (a step's bytes, every weight once, over
+its time, over that round's bandwidth), and whether both produced the same tokens. On a shared
+machine the same code's step time moves by tens of percent from one process to the next (where
+its memory landed, the bandwidth of the moment), so a change of a few percent is only visible
+this way, both sides in one process and interleaved.
+
+    python bench/decode_ab.py --compare layout --size 100M --batch 1
+    python bench/decode_ab.py --compare compile --size 500M --batch 1 --rounds 12
+"""
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from nanohuatuo import cpu_kernels as ck  # noqa: E402
+from nanohuatuo.engine import Engine, SamplingParams  # noqa: E402
+from nanohuatuo.generate import for_inference  # noqa: E402
+from decode_profile import qwen2_model, step_bytes  # noqa: E402  (bench/decode_profile.py: the same shapes)
+from generate import matvec_bandwidth, matvec_reader  # noqa: E402  (bench/generate.py: the same measure)
+
+VARIANTS = {"layout": ("plain", "packed"), "compile": ("eager", "compiled")}
+
+
+def engine(variant, size, batch, dtype, seed):
+    """An Engine over a fresh model: 'plain' (layouts timed among the plain ones only), 'packed'
+    (every matrix packed), 'eager' (tuned as usual), 'compiled' (tuned as usual, compile=True)."""
+    model = for_inference(qwen2_model(size, dtype, seed))
+    measure = ck._measure
+
+    def choose(ws, batches, head, pack=False):
+        if variant == "packed" and pack:
+            return "packed", {b: "onednn" for b in batches}
+        return measure(ws, batches, head, pack=pack and variant != "plain")
+    ck._measure = choose
+    try:
+        eng = Engine(model, slots=batch, compile=variant == "compiled")
+    finally:
+        ck._measure = measure
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(batch):
+        eng.add(torch.randint(0, model.config.vocab_size, (32,), generator=g).tolist(),
+                SamplingParams(max_new_tokens=1_000_000))
+    return eng
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--compare", default="layout", choices=list(VARIANTS), help="what differs (default: layout)")
+    ap.add_argument("--size", default="100M", choices=["100M", "500M"], help="model shape (default: 100M)")
+    ap.add_argument("--batch", type=int, default=1, help="requests decoding together (default: 1)")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weights (default: float32)")
+    ap.add_argument("--rounds", type=int, default=6, help="alternating rounds of 8 steps each (default: 6)")
+    ap.add_argument("--threads", type=int, default=2, help="torch threads (default: 2)")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the random weights and prompts (default: 0)")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    dtype = getattr(torch, args.dtype)
+    engines = {}
+    for name in VARIANTS[args.compare]:  # eager and compiled: one timing of the layouts, the same choice
+        engines[name] = engine(name, args.size, args.batch, dtype, args.seed)
+        print(f"{name}: layouts {engines[name].model.cpu_kernels['layouts']}", flush=True)
+    nbytes = step_bytes(next(iter(engines.values())).model)
+    read = matvec_reader("cpu", torch.float32)
+    steps, shares = {name: [] for name in engines}, {name: [] for name in engines}
+    with torch.inference_mode():
+        for name, eng in engines.items():
+            t = time.perf_counter()
+            for _ in range(4):  # prefill and warm-up (a compiled variant compiles here)
+                eng.step()
+            print(f"{name}: warm-up {time.perf_counter() - t:.1f} s", flush=True)
+        for r in range(args.rounds):
+            order = list(engines) if r % 2 == 0 else list(engines)[::-1]
+            for name in order:
+                times = []
+                for _ in range(8):
+                    t = time.perf_counter()
+                    engines[name].step()
+                    times.append(time.perf_counter() - t)
+                steps[name].append(statistics.median(times))
+            bandwidth = matvec_bandwidth("cpu", torch.float32, read=read, rounds=1)
+            for name in engines:
+                shares[name].append(nbytes / steps[name][-1] / bandwidth)
+    for name, s in steps.items():
+        print(f"{args.size} {args.dtype} batch {args.batch} {name:8s} step " + " ".join(f"{x * 1e3:.1f}" for x in s)
+              + f" ms, median {statistics.median(s) * 1e3:.1f} ms; paired bandwidth share median "
+              f"{statistics.median(shares[name]):.0%} ({min(shares[name]):.0%}-{max(shares[name]):.0%})")
+    a, b = VARIANTS[args.compare]
+    ratios = [x / y for x, y in zip(steps[a], steps[b])]
+    print(f"{a} / {b} per round: " + " ".join(f"{x:.2f}" for x in ratios) + f", median {statistics.median(ratios):.2f}")
+    tokens = [[r.tokens for r in eng.running] for eng in engines.values()]
+    n = min(len(t) for rows in tokens for t in rows)
+    same = [x[:n] == y[:n] for x, y in zip(*tokens)]
+    print(f"same tokens: {sum(same)} of {len(same)} rows ({n} tokens each)")
+
+
+if __name__ == "__main__":
+    main()
