@@ -141,7 +141,7 @@ def main():
     p.add_argument("--repeat", type=int, default=1, help="runs per engine (alternating); the fastest is reported")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default=None, choices=[None, "float32", "bfloat16"])
-    p.add_argument("--compile", action="store_true", help="nanohuatuo: torch.compile the decode step (CUDA graphs)")
+    p.add_argument("--compile", action="store_true", help="nanohuatuo: torch.compile the decode step (CUDA graphs on CUDA; fused element-wise ops on CPU)")
     p.add_argument("--worker", choices=["ours", "trl"], help=argparse.SUPPRESS)
     a = p.parse_args()
     a.workdir = a.workdir or os.path.join(tempfile.gettempdir(), f"nanohuatuo_bench_grpo_{a.shape}")
