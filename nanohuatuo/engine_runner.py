@@ -107,10 +107,10 @@ def compiled_decode(device_type="cuda"):
 
 
 def _no_parameter_guards(guards):
-    # a guard per parameter (its shape, strides, dtype) is checked before every step: about 0.25 ms a
-    # step for a 100M model on an AMD EPYC, 2% of it. A model's parameters keep their shapes while an
-    # engine decodes; the guards on the values the code reads (the config, the layers' op keys) stay,
-    # so another model still gets its own graph.
+    # a guard per parameter (its shape, strides, dtype) is checked before every step: all the guards
+    # took 0.36 ms of a 100M model's step on an AMD EPYC, 0.22 ms without these. A model's parameters
+    # keep their shapes while an engine decodes; the guards on the values the code reads (the config,
+    # the layers' op keys) stay, so another model still gets its own graph.
     return [not (g.guard_type == "TENSOR_MATCH" and isinstance(g.value, torch.nn.Parameter)) for g in guards]
 
 
