@@ -17,7 +17,8 @@ run), saves them in the Hugging Face layout, then times, for each size:
     answer is done). Tokens/s counts the requested tokens only;
 (c) prefix reuse: --k samples of each of --k-prompts prompts (temperature 1, seeded), on the
     engine with add(prompt, n=k) (prompt prefilled once) and with k separate adds;
-(d) with --compile on CUDA, every table again with the decode step compiled (CUDA graphs);
+(d) with --compile, every table again with the decode step compiled (the engine's and the static
+    path's: CUDA graphs on CUDA, on CPU the element-wise ops between the products fused);
 (e) weight formats (with table (a), on CPU by default): the engine's greedy decode of (a) with the
     same weights loaded as each of --weights float32 bfloat16 int8 (int8: quant.quantize_int8 on the
     --dtype model, its kernel measured at load), batch 1 and 8: tokens/s, the weight bytes a decode
@@ -27,6 +28,7 @@ run), saves them in the Hugging Face layout, then times, for each size:
 
     python bench/generate.py                                  # CPU, float32, 100M and 500M
     python bench/generate.py --device cuda --dtype bfloat16 --compile
+    python bench/generate.py --tables fixed mixed --weights --compile   # CPU: eager, then compiled
     python bench/generate.py --sizes tiny --new-tokens 8 --mixed-requests 8 --slots 4 \\
         --mixed-prompt 8 32 --mixed-new 4 16 --k-prompts 4 --k-prompt-len 8 32 --k-new-tokens 8   # smoke run
     python bench/generate.py --tables fixed --weights float32 bfloat16 int8   # (a) and (e) only
@@ -45,9 +47,9 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from nanohuatuo import Transformer  # noqa: E402
 from nanohuatuo import cpu_kernels as ck  # noqa: E402
-from nanohuatuo.cpu_kernels import head_logits, tune_cpu_kernels  # noqa: E402
+from nanohuatuo.cpu_kernels import head_logits, opaque_products, tune_cpu_kernels  # noqa: E402
 from nanohuatuo.engine import Engine, SamplingParams  # noqa: E402
-from nanohuatuo.engine_runner import RowCache, decode_logits, forward, key_mask, kv_cache  # noqa: E402
+from nanohuatuo.engine_runner import RowCache, compiled_decode, decode_logits, forward, key_mask, kv_cache  # noqa: E402
 from nanohuatuo.generate import for_inference, generate, left_pad  # noqa: E402
 from nanohuatuo.metrics import cpu_name  # noqa: E402
 from nanohuatuo.quant import quantize_int8  # noqa: E402
@@ -152,7 +154,11 @@ def static_generate(model, prompts, max_new_tokens, compile=False):
     P = int(lengths.max())
     S = P + max_new_tokens
     step = decode_logits
-    if compile:
+    if compile and device.type == "cpu":  # the engine's compiled CPU step (products opaque, shapes symbolic)
+        opaque_products(model)
+        step = compiled_decode("cpu")
+        k, v = kv_cache(model, B, S, dtype, device, static=False)
+    elif compile:
         S = -(-S // 256) * 256  # few cache shapes, so few graphs
         if _kept.get("shape") != (B, S):
             _kept.pop("cache", None)
@@ -165,12 +171,13 @@ def static_generate(model, prompts, max_new_tokens, compile=False):
     else:
         k, v = kv_cache(model, B, S, dtype, device, static=False)
     ids = torch.tensor([p + [0] * (P - len(p)) for p in prompts], device=device)
+    graphs = compile and device.type == "cuda"
     pos = torch.arange(P, device=device)[None].expand(B, P)
     h = forward(model, ids, pos, RowCache(k, v, 0, pos, P), key_mask(model, pos, P, dtype))
     tok = head_logits(model, h[torch.arange(B, device=device), lengths - 1]).argmax(-1)
     out = [tok]
     for t in range(max_new_tokens - 1):
-        if compile:
+        if graphs:
             torch.compiler.cudagraph_mark_step_begin()
         tok = step(model, tok, lengths + t, k, v, S).argmax(-1)
         out.append(tok)
@@ -318,8 +325,9 @@ def mixed(size, args, hf, ours, compile, rows):
     runs = {"hf": batched(lambda ps, m: hf_generate(hf, ps, m, args.device)),
             "static": batched(lambda ps, m: static_generate(ours, ps, m, compile=compile)),
             "engine": lambda: engine_run(ours, prompts, news, S, compile)}
-    warm = [p[:8] for p in prompts[:S]]
-    engine_run(ours, warm, list(range(1, len(warm) + 1)), S, compile)  # every batch size the engine meets
+    warm = [p[:8 + i % 2] for i, p in enumerate(prompts[:S])]
+    # every batch size the engine meets, rows at one position and at several (a compiled step's graphs)
+    engine_run(ours, warm, list(range(1, len(warm) + 1)), S, compile)
     static_generate(ours, warm, 4, compile=compile)
     hf_generate(hf, warm, 4, args.device)
     row = dict(table="mixed", size=size, device=args.device, dtype=args.dtype, compile=compile, requests=n,
@@ -426,7 +434,8 @@ def main():
     ap.add_argument("--k-prompt-len", type=int, nargs=2, default=[128, 256], help="(c) prompt length range")
     ap.add_argument("--k-new-tokens", type=int, default=32, help="(c) new tokens per sample")
     ap.add_argument("--compile", action="store_true",
-                    help="on CUDA: every table again with the decode step compiled (CUDA graphs)")
+                    help="every table again with the decode step compiled (CUDA graphs on CUDA; on CPU the "
+                         "element-wise ops between the products fused)")
     ap.add_argument("--weights", nargs="*", default=None, choices=list(WEIGHT_FORMATS),
                     help="(e) weight formats to time with table (a) (default: all three on CPU, none on CUDA)")
     ap.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "nanohuatuo-bench"))
@@ -437,9 +446,7 @@ def main():
     import transformers as tf
     dtype = getattr(torch, args.dtype)
     cuda = args.device.startswith("cuda")
-    modes = [False, True] if args.compile and cuda else [False]
-    if args.compile and not cuda:
-        print("--compile: CUDA graphs need a CUDA device; the CPU tables run eager", flush=True)
+    modes = [False, True] if args.compile else [False]
     bandwidth = matvec_bandwidth(args.device, dtype)
     print(f"device {args.device} ({torch.cuda.get_device_name() if cuda else cpu_name()}), threads "
           f"{torch.get_num_threads()}, torch {torch.__version__}, transformers {tf.__version__}, "

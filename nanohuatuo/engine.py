@@ -140,7 +140,10 @@ class Engine:
         if kv != self.dtype and not room_for(2 * c.n_layers * slots * c.n_kv_heads * self.max_len * c.head_dim
                                              * (kv.itemsize - self.dtype.itemsize)):
             kv = self.dtype
-        self.k, self.v = kv_cache(model, slots, self.max_len, kv, self.device, static=self.graphs)
+        # a compiled CPU step is specialised on the kind of tensor the cache is: always an inference
+        # tensor (only the steps, in inference mode, write it), whether or not the caller is in inference mode
+        with torch.inference_mode(self.compile and not self.graphs):
+            self.k, self.v = kv_cache(model, slots, self.max_len, kv, self.device, static=self.graphs)
         self.seen = torch.zeros((slots, c.vocab_size), dtype=torch.bool, device=self.device)  # repetition penalty
         self.running: list[_Request] = []  # running[i] owns cache row i
         self.waiting = deque()  # groups of requests sharing one prompt (n samples), first come first served
@@ -334,8 +337,10 @@ class Engine:
         else:
             lengths = [r.length for r in rows]
             n_keys = max(lengths) + 1
-            # rows all at one position (always at batch 1): keys written as a slice, no mask
-            args = (self.model, tokens, positions, self.k, self.v, n_keys, min(lengths) + 1 == n_keys)
+            # rows all at one position (always at batch 1): keys written as a slice, no mask; compiled,
+            # only at batch 1, so a model needs two graphs (batch 1 and more), each compiled once
+            same = min(lengths) + 1 == n_keys and (n == 1 or not self.compile)
+            args = (self.model, tokens, positions, self.k, self.v, n_keys, same)
             logits = self._compiled_cpu(args) if self.compile else decode_logits(*args)
         ps = [r.params for r in rows]
         want_lp = [p.logprobs or p.top_logprobs > 0 for p in ps]
