@@ -472,6 +472,7 @@ def test_compiled_cpu_decode_gives_the_eager_tokens(monkeypatch, kind):
 
 
 def test_compiled_cpu_decode_without_a_compiler_warns_and_decodes_eagerly(monkeypatch):
+    """torch.compile needs a C++ compiler on CPU; where it fails the engine says why, once, and goes on eagerly."""
     import nanohuatuo.engine as engine_mod
 
     def fails(*args):
