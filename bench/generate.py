@@ -154,11 +154,11 @@ def static_generate(model, prompts, max_new_tokens, compile=False):
     P = int(lengths.max())
     S = P + max_new_tokens
     step = decode_logits
-    if compile and device.type == "cpu":  # the engine's compiled CPU step (products opaque, shapes symbolic)
+    graphs = compile and device.type == "cuda"
+    if compile and not graphs:  # the engine's compiled CPU step (products opaque, shapes symbolic)
         opaque_products(model)
-        step = compiled_decode("cpu")
-        k, v = kv_cache(model, B, S, dtype, device, static=False)
-    elif compile:
+        step = compiled_decode(device.type)
+    if graphs:
         S = -(-S // 256) * 256  # few cache shapes, so few graphs
         if _kept.get("shape") != (B, S):
             _kept.pop("cache", None)
@@ -171,7 +171,6 @@ def static_generate(model, prompts, max_new_tokens, compile=False):
     else:
         k, v = kv_cache(model, B, S, dtype, device, static=False)
     ids = torch.tensor([p + [0] * (P - len(p)) for p in prompts], device=device)
-    graphs = compile and device.type == "cuda"
     pos = torch.arange(P, device=device)[None].expand(B, P)
     h = forward(model, ids, pos, RowCache(k, v, 0, pos, P), key_mask(model, pos, P, dtype))
     tok = head_logits(model, h[torch.arange(B, device=device), lengths - 1]).argmax(-1)

@@ -246,9 +246,8 @@ def _packed_away(parts, packed):
         m.weight = shared
 
 
-def _fusable(model):
-    """(owner, [projections]) for each q/k/v and gate/up group that can share one matrix: plain
-    float CPU layers (or LoRA wrappers of them) of one dtype, row-major, all with a bias or none."""
+def _groups(model):
+    """(owner, [projections]) for each q/k/v and gate/up group of the model's blocks."""
     groups = []
     for layer in model.layers:
         attn, mlp = layer.self_attn, layer.mlp
@@ -256,7 +255,13 @@ def _fusable(model):
             groups.append((attn, [attn.q_proj, attn.k_proj, attn.v_proj]))
         if mlp.swiglu:
             groups.append((mlp, [mlp.gate_proj, mlp.up_proj]))
-    return [(owner, parts) for owner, parts in groups
+    return groups
+
+
+def _fusable(model):
+    """The `_groups` that can share one matrix: plain float CPU layers (or LoRA wrappers of them) of
+    one dtype, row-major, all with a bias or none."""
+    return [(owner, parts) for owner, parts in _groups(model)
             if all(type(_plain(m)) is torch.nn.Linear and m.weight.is_floating_point() and m.weight.is_contiguous()
                    and m.weight.device.type == "cpu" and m.weight.dtype == parts[0].weight.dtype
                    and (m.bias is None) == (parts[0].bias is None) for m in parts)]
@@ -496,12 +501,11 @@ def _cpu_products(x, key, out):
         raise RuntimeError("a compiled decode step called the product of a model that no longer exists")
     if not parts:  # a KernelLinear
         return layer.forward(x)
-    if layer.weight.is_mkldnn:  # packed in place (a model loaded to infer): the only copy, no LoRA
-        return _onednn_linear(x, layer.weight, layer.bias)
-    if layer.usable(x, parts) and not any(type(m) is LoRALinear for m in parts):
-        return layer.product(x, parts)
-    # LoRA terms of the parts (PPO and GRPO rollouts), or the fused matrix no longer the parts' weights
-    return torch.cat(layer(x, parts) if layer.usable(x, parts) else [m(x) for m in parts], dim=-1)
+    if not layer.usable(x, parts):  # the fused matrix is no longer the parts' weights
+        return torch.cat([m(x) for m in parts], dim=-1)
+    if any(type(m) is LoRALinear for m in parts):  # the LoRA terms of the parts (PPO and GRPO rollouts)
+        return torch.cat(layer(x, parts), dim=-1)
+    return layer.product(x, parts)
 
 
 _LIB.impl("cpu_products", _cpu_products, "CPU")
@@ -519,11 +523,10 @@ def opaque_products(model: Transformer):
         if type(m) is KernelLinear and m.compiled_key is None:
             _OPAQUE.append((weakref.ref(m), []))
             m.compiled_key = len(_OPAQUE) - 1
-        fused = m.__dict__.get("fused")
-        if fused is not None and fused.compiled_key is None:
-            parts = [m.q_proj, m.k_proj, m.v_proj] if hasattr(m, "q_proj") else [m.gate_proj, m.up_proj]
-            _OPAQUE.append((weakref.ref(fused), [weakref.ref(p) for p in parts]))
-            fused.compiled_key = len(_OPAQUE) - 1
+    for owner, parts in _groups(model):
+        if owner.fused is not None and owner.fused.compiled_key is None:
+            _OPAQUE.append((weakref.ref(owner.fused), [weakref.ref(p) for p in parts]))
+            owner.fused.compiled_key = len(_OPAQUE) - 1
 
 
 def room_for(nbytes) -> bool:

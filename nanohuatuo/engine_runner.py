@@ -95,16 +95,15 @@ def compiled_decode(device_type="cuda"):
     On CPU: the element-wise work between the matrix products fused into generated C++ loops, each
     product one opaque op that runs its measured kernel (cpu_kernels.opaque_products); shapes are
     symbolic (the number of keys grows every step, rows come and go, engines differ in max_len),
-    so a few graphs serve a model: batch 1 or more (a size of 1 is always specialised), rows at one
-    position or not."""
+    so the engine needs two graphs a model: batch 1 (a size of 1 is always specialised; the only
+    batch it decodes with `same_position`) and more."""
     if device_type not in _COMPILED:
-        if device_type != "cuda":
-            # those few graphs per model, and each model its own: the default limit of 8 graphs per
-            # function would send a process's second or third model back to eager decoding
-            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         if device_type == "cuda":
             _COMPILED[device_type] = torch.compile(decode_logits, mode="reduce-overhead", fullgraph=True, dynamic=False)
         else:
+            # those few graphs per model, and each model its own: the default limit of 8 graphs per
+            # function would send a process's second or third model back to eager decoding
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
             _COMPILED[device_type] = torch.compile(decode_logits, fullgraph=True, dynamic=True,
                                                    options={"guard_filter_fn": _no_parameter_guards,
                                                             "emulate_precision_casts": True})

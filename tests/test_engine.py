@@ -282,6 +282,8 @@ def test_cpu_kernel_choice_keeps_the_values():
     assert m.lm_head.weight is m.embed_tokens.weight
     with torch.no_grad():
         torch.testing.assert_close(m(ids), want, atol=1e-5, rtol=0)
+    eng = Engine(m, compile=True)
+    assert eng.compile and not eng.graphs  # on CPU compiled too (fused element-wise ops), no CUDA graphs
 
 
 @pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="oneDNN not in this torch build")
