@@ -104,6 +104,11 @@ class _Request:
     prompt_logprobs: list | None = None  # until its first event carries them
 
 
+def cuda_graphs(device):
+    """Whether a compiled decode step records CUDA graphs there (on CUDA; a test takes this path on CPU)."""
+    return device.type == "cuda"
+
+
 class Engine:
     """A fixed number of slots in one preallocated KV cache, shared by requests that come and go.
 
@@ -129,7 +134,7 @@ class Engine:
         self.device, self.dtype = p.device, p.dtype
         # a compiled step would freeze a multi-LoRA model's per-row adapter mask
         self.compile = compile and getattr(model, "adapter_bank", None) is None
-        self.graphs = self.compile and self.device.type == "cuda"  # CUDA graphs: fixed shapes, a static cache
+        self.graphs = self.compile and cuda_graphs(self.device)  # CUDA graphs: bucketed batches, a static cache
         self.buckets = sorted({min(2 ** i, slots) for i in range(slots.bit_length() + 1)})
         tune_cpu_kernels(model, batches=(1, slots))
         if self.compile and self.device.type == "cpu":

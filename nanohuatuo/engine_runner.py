@@ -5,7 +5,7 @@ head_dim); `RowCache` is that cache as the attention layers see it in one forwar
 keys and values written at its row and position); `key_mask` lets a query see the keys of its own
 row at or before its position (`needs_mask`: whether that takes a mask when every row is at one
 position); `forward` runs the blocks; `decode_logits` is one token per running row, and
-`compiled_decode` its CUDA-graph version (engine.py's scheduler decides what runs).
+`compiled_decode` its compiled version (CUDA graphs on CUDA) (engine.py's scheduler decides what runs).
 """
 
 import torch
@@ -91,22 +91,25 @@ _COMPILED = {}
 
 
 def compiled_decode(device_type="cuda"):
-    """`decode_logits` compiled. On CUDA: CUDA graphs, one per batch size (the buckets), fixed shapes.
-    On CPU: the element-wise work between the matrix products fused into generated C++ loops, each
-    product one opaque op that runs its measured kernel (cpu_kernels.opaque_products); shapes are
-    symbolic (the number of keys grows every step, rows come and go, engines differ in max_len),
-    so the engine needs two graphs a model: batch 1 (a size of 1 is always specialised; the only
-    batch it decodes with `same_position`) and more."""
+    """`decode_logits` compiled, shapes symbolic (the engine's batch buckets, the growing number of
+    keys, engines of different max_len: one graph each for batch 1, a size of 1 being always
+    specialised, and for larger batches, instead of one compilation per shape). On CUDA: CUDA
+    graphs (mode reduce-overhead), recorded again for each new shape, which is cheap beside a
+    compilation; the engine pads its batch up to a few bucket sizes and keeps all max_len keys, so
+    only a few shapes occur. On CPU: the element-wise work between the matrix products fused into
+    generated C++ loops, each product one opaque op that runs its measured kernel
+    (cpu_kernels.opaque_products)."""
     if device_type not in _COMPILED:
+        # those few graphs per model, and each model its own: the default limit of 8 graphs per
+        # function would send a process's second or third model back to eager decoding
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        # bfloat16 rounded inside fused kernels where eager ops round (else greedy tokens drift from eager's)
+        options = {"emulate_precision_casts": True}
         if device_type == "cuda":
-            _COMPILED[device_type] = torch.compile(decode_logits, mode="reduce-overhead", fullgraph=True, dynamic=False)
-        else:
-            # those few graphs per model, and each model its own: the default limit of 8 graphs per
-            # function would send a process's second or third model back to eager decoding
-            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-            _COMPILED[device_type] = torch.compile(decode_logits, fullgraph=True, dynamic=True,
-                                                   options={"guard_filter_fn": _no_parameter_guards,
-                                                            "emulate_precision_casts": True})
+            options["triton.cudagraphs"] = True  # what mode="reduce-overhead" sets (mode and options exclude each other)
+        else:  # CPU: fewer guards a step (CUDA keeps them: no op keys tell models apart there, no measure says the gain)
+            options["guard_filter_fn"] = _no_parameter_guards
+        _COMPILED[device_type] = torch.compile(decode_logits, fullgraph=True, dynamic=True, options=options)
     return _COMPILED[device_type]
 
 

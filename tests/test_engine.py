@@ -473,6 +473,41 @@ def test_compiled_cpu_decode_gives_the_eager_tokens(monkeypatch, kind):
     assert ck._OPAQUE.reads == len(steps) * (2 * 4 + 1) > 0
 
 
+def test_cuda_graph_decode_path_gives_the_eager_tokens(monkeypatch):
+    """The compiled path CUDA takes, run on CPU (no CUDA graphs are recorded there, the rest is the
+    same): torch.compile with CUDA's options, the batch padded up to a bucket by idle rows at
+    position 0, every step over all max_len keys behind the mask, a static cache. Requests joining
+    and leaving (4, 3 padded to 4, 2, 1 running) get the eager engine's greedy tokens."""
+    import nanohuatuo.engine as engine_mod
+    import nanohuatuo.engine_runner as runner
+    monkeypatch.setenv("NANOHUATUO_CPU_KERNELS", "fixed")  # plain products, as on CUDA
+    m = tiny(seed=6)
+    lengths = [5, 12, 3, 9, 7]
+
+    def run(compile):
+        eng = Engine(m, slots=4, max_len=48, compile=compile)
+        rids = [eng.add(p, SamplingParams(max_new_tokens=n)) for p, n in zip(PROMPTS, lengths)]
+        outs = {}
+        while eng.has_work():
+            for ev in eng.step():
+                outs.setdefault(ev.rid, []).append(ev.token)
+        return eng, [outs[r] for r in rids]
+
+    _, want = run(False)
+    monkeypatch.setattr(engine_mod, "cuda_graphs", lambda device: True)
+    monkeypatch.setattr(runner, "_COMPILED", {})
+    shapes, real = [], runner.compiled_decode
+
+    def compiled_decode(device_type="cuda"):
+        step = real(device_type)
+        return lambda model, tokens, *rest: shapes.append(tokens.shape[0]) or step(model, tokens, *rest)
+    monkeypatch.setattr(engine_mod, "compiled_decode", compiled_decode)
+    eng, got = run(True)
+    assert got == want and [len(t) for t in got] == lengths
+    assert eng.graphs and m.engine_cache is not None and eng.k is m.engine_cache[0]
+    assert set(shapes) == {1, 2, 4} and "cuda" in runner._COMPILED  # 3 running rows went as 4
+
+
 def test_compiled_cpu_decode_without_a_compiler_warns_and_decodes_eagerly(monkeypatch):
     """torch.compile needs a C++ compiler on CPU; where it fails the engine says why, once, and goes on eagerly."""
     import nanohuatuo.engine as engine_mod
