@@ -3,8 +3,8 @@ generate, on the same weights, in one run. The static batch is the engine before
 batching: every row prefilled in one padded batch and decoded until the batch is done, on the
 engine's own KV cache and decode step, so the two differ only in scheduling.
 
-Builds Qwen2-shaped models with random weights (about 100M and 500M parameters; "tiny" for a smoke
-run), saves them in the Hugging Face layout, then times, for each size:
+Builds Qwen2-shaped models with random weights (about 100M and 500M parameters, 1.5B for a GPU;
+"tiny" for a smoke run), saves them in the Hugging Face layout, then times, for each size:
 
 (a) fixed length: greedy, the same prompt length and number of new tokens in every row, batch 1
     and 8: transformers, the static path, the engine; at batch 1 also the share of the
@@ -19,6 +19,7 @@ run), saves them in the Hugging Face layout, then times, for each size:
     engine with add(prompt, n=k) (prompt prefilled once) and with k separate adds;
 (d) with --compile, every table again with the decode step compiled (the engine's and the static
     path's: CUDA graphs on CUDA, on CPU the element-wise ops between the products fused);
+    transformers is timed in the eager round only, its figure repeated in the compiled one;
 (e) weight formats (with table (a), on CPU by default): the engine's greedy decode of (a) with the
     same weights loaded as each of --weights float32 bfloat16 int8 (int8: quant.quantize_int8 on the
     --dtype model, its kernel measured at load), batch 1 and 8: tokens/s, the weight bytes a decode
@@ -28,6 +29,7 @@ run), saves them in the Hugging Face layout, then times, for each size:
 
     python bench/generate.py                                  # CPU, float32, 100M and 500M
     python bench/generate.py --device cuda --dtype bfloat16 --compile
+    bash bench/gpu.sh DIR          # the GPU table of docs/benchmarks.md: 0.5B and 1.5B, batch 1/8/64, mixed
     python bench/generate.py --tables fixed mixed --weights --compile   # CPU: eager, then compiled
     python bench/generate.py --sizes tiny --new-tokens 8 --mixed-requests 8 --slots 4 \\
         --mixed-prompt 8 32 --mixed-new 4 16 --k-prompts 4 --k-prompt-len 8 32 --k-new-tokens 8   # smoke run
@@ -55,13 +57,15 @@ from nanohuatuo.metrics import cpu_name  # noqa: E402
 from nanohuatuo.quant import quantize_int8  # noqa: E402
 
 SIZES = {
-    # Qwen2.5-0.5B's shape, a narrower, shallower one with the same vocabulary, and a smoke-test toy
+    # a smoke-test toy, a narrower, shallower model with Qwen2.5's vocabulary, Qwen2.5-0.5B's shape
     "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, vocab_size=1000),
     "100M": dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=8, num_attention_heads=8,
                  num_key_value_heads=2),
     "500M": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
                  num_key_value_heads=2),
+    "1.5B": dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
+                 num_key_value_heads=2),  # Qwen2.5-1.5B's shape (for a GPU)
 }
 
 
@@ -70,15 +74,33 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def build(size, workdir, dtype):
+def build(size, workdir, dtype, device="cpu"):
     import transformers as tf
     path = os.path.join(workdir, f"qwen2-{size}")
     if not os.path.exists(os.path.join(path, "config.json")):
         torch.manual_seed(0)
         kw = dict(vocab_size=151936, tie_word_embeddings=True, max_position_embeddings=4096)
         kw.update(SIZES[size])
-        tf.Qwen2ForCausalLM(tf.Qwen2Config(**kw)).to(dtype).save_pretrained(path)
+        with torch.device(device):  # random initialisation of a 1.5B model takes a while on a CPU
+            tf.Qwen2ForCausalLM(tf.Qwen2Config(**kw)).to(dtype).save_pretrained(path)
     return path
+
+
+class Rows(list):
+    """The measured rows: each printed as it comes and, with --out, the JSON file rewritten, so a
+    run stopped part way (a time limit on a lent GPU) keeps what it measured."""
+
+    def __init__(self, out, bandwidth):
+        super().__init__()
+        self.out, self.bandwidth = out, bandwidth
+
+    def add(self, row):
+        self.append(row)
+        print(json.dumps(row), flush=True)
+        if self.out:
+            with open(self.out + ".tmp", "w") as f:
+                json.dump(dict(bandwidth=self.bandwidth, rows=self), f, indent=1)
+            os.replace(self.out + ".tmp", self.out)
 
 
 def matvec_bandwidth(device, dtype, mbytes=512, reps=20, rounds=3, read=None):
@@ -139,7 +161,7 @@ def time_it(fn, device, repeats):
 
 # ----------------------------------------------------------------------------- the three engines
 
-_kept = {}  # compiled static batch: one compiled step and one cache kept (CUDA graphs replay on fixed addresses)
+_kept = {}  # compiled static batch on CUDA: one cache kept (CUDA graphs replay on fixed addresses)
 
 
 @torch.inference_mode()
@@ -155,19 +177,18 @@ def static_generate(model, prompts, max_new_tokens, compile=False):
     S = P + max_new_tokens
     step = decode_logits
     graphs = compile and device.type == "cuda"
-    if compile and not graphs:  # the engine's compiled CPU step (products opaque, shapes symbolic)
-        opaque_products(model)
+    if compile:  # the engine's compiled step (on CPU its products opaque)
+        if not graphs:
+            opaque_products(model)
         step = compiled_decode(device.type)
     if graphs:
-        S = -(-S // 256) * 256  # few cache shapes, so few graphs
+        S = -(-S // 256) * 256  # few cache shapes, so few graphs recorded
         if _kept.get("shape") != (B, S):
             _kept.pop("cache", None)
             _kept["cache"], _kept["shape"] = kv_cache(model, B, S, dtype, device, static=False), (B, S)
             for t in _kept["cache"][0] + _kept["cache"][1]:
                 torch._dynamo.mark_static_address(t)
-        if "step" not in _kept:  # its own compiled step: the engine's keeps graphs for the engine's cache
-            _kept["step"] = torch.compile(decode_logits, mode="reduce-overhead", fullgraph=True, dynamic=False)
-        (k, v), step = _kept["cache"], _kept["step"]
+        k, v = _kept["cache"]
     else:
         k, v = kv_cache(model, B, S, dtype, device, static=False)
     ids = torch.tensor([p + [0] * (P - len(p)) for p in prompts], device=device)
@@ -206,6 +227,8 @@ def engine_run(ours, prompts, news, slots, compile, n=1, sample=False):
 
 # ----------------------------------------------------------------------------- the tables
 
+_hf_runs = {}  # transformers' tokens and tok/s per table, size (and batch): timed in the eager round only
+
 def fixed_length(size, args, hf, ours, bandwidth, compile, rows):
     dtype = getattr(torch, args.dtype)
     weight_bytes = ours.num_params() * torch.finfo(dtype).bits // 8
@@ -213,19 +236,24 @@ def fixed_length(size, args, hf, ours, bandwidth, compile, rows):
     V = ours.config.vocab_size
     for B in args.batch_sizes:
         prompts = torch.randint(0, V, (B, args.prompt_len), generator=torch.Generator().manual_seed(B)).tolist()
-        runs = {"hf": lambda: hf_generate(hf, prompts, n_new, args.device),
-                "static": lambda: static_generate(ours, prompts, n_new, compile=compile),
+        runs = {"static": lambda: static_generate(ours, prompts, n_new, compile=compile),
                 "engine": lambda: generate(ours, prompts, max_new_tokens=n_new, compile=compile)}
+        if args.no_static:
+            del runs["static"]
+        if ("fixed", size, B) not in _hf_runs:  # once per size and batch: the compiled round reuses it
+            run = lambda: hf_generate(hf, prompts, n_new, args.device)  # noqa: E731
+            _hf_runs["fixed", size, B] = run(), B * n_new / time_it(run, args.device, args.repeats)
+        ref, hf_tok_s = _hf_runs["fixed", size, B]
         toks = {k: f() for k, f in runs.items()}
         row = dict(table="fixed", size=size, params=ours.num_params(), device=args.device, dtype=args.dtype,
                    compile=compile, batch=B, new_tokens=n_new, prompt_len=args.prompt_len,
-                   same_tokens={k: toks[k] == toks["hf"] for k in ("static", "engine")})
+                   same_tokens={k: toks[k] == ref for k in runs}, hf_tok_s=hf_tok_s)
         for k, f in runs.items():
             row[f"{k}_tok_s"] = B * n_new / time_it(f, args.device, args.repeats)
-            if B == 1:
+        if B == 1:
+            for k in ("hf", *runs):
                 row[f"{k}_bw_share"] = weight_bytes * row[f"{k}_tok_s"] / bandwidth
-        rows.append(row)
-        print(json.dumps(row), flush=True)
+        rows.add(row)
 
 
 WEIGHT_FORMATS = ("float32", "bfloat16", "int8")
@@ -303,8 +331,7 @@ def weight_formats(size, path, args, bandwidth, rows, prompts_for=None):
                        act_dtype=str(model.embed_tokens.weight.dtype).removeprefix("torch."), batch=B,
                        new_tokens=n_new, prompt_len=max(map(len, prompts[B])), tok_s=tok_s, step_bytes=nbytes,
                        bw_share=nbytes * tok_s / B / bandwidth, same_as_float32=same_prefix(toks, ref[B]))
-            rows.append(row)
-            print(json.dumps(row), flush=True)
+            rows.add(row)
         del model
 
 
@@ -324,11 +351,17 @@ def mixed(size, args, hf, ours, compile, rows):
     runs = {"hf": batched(lambda ps, m: hf_generate(hf, ps, m, args.device)),
             "static": batched(lambda ps, m: static_generate(ours, ps, m, compile=compile)),
             "engine": lambda: engine_run(ours, prompts, news, S, compile)}
+    if args.no_static:
+        del runs["static"]
     warm = [p[:8 + i % 2] for i, p in enumerate(prompts[:S])]
     # every batch size the engine meets, rows at one position and at several (a compiled step's graphs)
     engine_run(ours, warm, list(range(1, len(warm) + 1)), S, compile)
-    static_generate(ours, warm, 4, compile=compile)
-    hf_generate(hf, warm, 4, args.device)
+    if "static" in runs:
+        static_generate(ours, warm, 4, compile=compile)
+    if ("mixed", size) in _hf_runs:  # timed once a size: the compiled round reuses the eager round's
+        del runs["hf"]
+    else:
+        hf_generate(hf, warm, 4, args.device)
     row = dict(table="mixed", size=size, device=args.device, dtype=args.dtype, compile=compile, requests=n,
                slots=S, prompt=args.mixed_prompt, new=args.mixed_new, tokens=wanted)
     toks = {}
@@ -338,9 +371,11 @@ def mixed(size, args, hf, ours, compile, rows):
         toks[k] = f()
         sync(args.device)
         row[f"{k}_tok_s"] = wanted / (time.perf_counter() - t)
-    row["same_tokens"] = {k: toks[k] == toks["hf"] for k in ("static", "engine")}
-    rows.append(row)
-    print(json.dumps(row), flush=True)
+    if "hf" in runs:
+        _hf_runs["mixed", size] = toks.pop("hf"), row.pop("hf_tok_s")
+    ref, row["hf_tok_s"] = _hf_runs["mixed", size]
+    row["same_tokens"] = {k: toks[k] == ref for k in toks}
+    rows.add(row)
 
 
 def prefix_reuse(size, args, ours, compile, rows):
@@ -361,8 +396,16 @@ def prefix_reuse(size, args, ours, compile, rows):
         fn()
         sync(args.device)
         row[f"{name}_tok_s"] = K * sum(news) / (time.perf_counter() - t)
-    rows.append(row)
-    print(json.dumps(row), flush=True)
+    rows.add(row)
+
+
+def _tok_s(r, k):
+    return f"{r[k + '_tok_s']:.1f}" if k + "_tok_s" in r else "-"
+
+
+def _same(r):
+    return ", ".join(("yes" if r["same_tokens"][k] else "no") if k in r["same_tokens"] else "-"
+                     for k in ("static", "engine"))
 
 
 def report(rows):
@@ -376,21 +419,21 @@ def report(rows):
               "bandwidth share (transformers / static / engine) |")
         print("|---|---|---|---|---|---|---|---|")
         for r in fixed:
-            bw = " / ".join(f"{r[k + '_bw_share']:.0%}" for k in ("hf", "static", "engine")) if r["batch"] == 1 else ""
-            same = ", ".join("yes" if r["same_tokens"][k] else "no" for k in ("static", "engine"))
+            bw = " / ".join(f"{r[k + '_bw_share']:.0%}" if k + "_bw_share" in r else "-"
+                            for k in ("hf", "static", "engine")) if r["batch"] == 1 else ""
             print(f"| {label(r)} ({r['params'] / 1e6:.0f}M) | {r['batch']} | {r['hf_tok_s']:.1f} | "
-                  f"{r['static_tok_s']:.1f} | {r['engine_tok_s']:.1f} | {r['engine_tok_s'] / r['hf_tok_s']:.2f}x | "
-                  f"{same} | {bw} |")
+                  f"{_tok_s(r, 'static')} | {r['engine_tok_s']:.1f} | {r['engine_tok_s'] / r['hf_tok_s']:.2f}x | "
+                  f"{_same(r)} | {bw} |")
     mix = [r for r in rows if r["table"] == "mixed"]
     if mix:
         print("\n(b) mixed workload\n\n| model | requests / slots | tokens | transformers tok/s | static tok/s | "
               "engine tok/s | engine / static | engine / transformers | same tokens (static, engine) |")
         print("|---|---|---|---|---|---|---|---|---|")
         for r in mix:
-            same = ", ".join("yes" if r["same_tokens"][k] else "no" for k in ("static", "engine"))
+            vs_static = f"{r['engine_tok_s'] / r['static_tok_s']:.2f}x" if "static_tok_s" in r else "-"
             print(f"| {label(r)} | {r['requests']} / {r['slots']} | {r['tokens']} | {r['hf_tok_s']:.1f} | "
-                  f"{r['static_tok_s']:.1f} | {r['engine_tok_s']:.1f} | {r['engine_tok_s'] / r['static_tok_s']:.2f}x | "
-                  f"{r['engine_tok_s'] / r['hf_tok_s']:.2f}x | {same} |")
+                  f"{_tok_s(r, 'static')} | {r['engine_tok_s']:.1f} | {vs_static} | "
+                  f"{r['engine_tok_s'] / r['hf_tok_s']:.2f}x | {_same(r)} |")
     wf = [r for r in rows if r["table"] == "weights"]
     if wf:
         print("\n(e) weight formats (engine, greedy; the prompts of (a), or for --model the evaluation questions)"
@@ -428,6 +471,7 @@ def main():
     ap.add_argument("--mixed-prompt", type=int, nargs=2, default=[16, 256], help="(b) prompt length range")
     ap.add_argument("--mixed-new", type=int, nargs=2, default=[8, 256], help="(b) new-token range")
     ap.add_argument("--slots", type=int, default=16, help="(b, c) engine slots and static/transformers batch size")
+    ap.add_argument("--no-static", action="store_true", help="(a, b) leave the static path out (a shorter run)")
     ap.add_argument("--k", type=int, default=4, help="(c) samples per prompt")
     ap.add_argument("--k-prompts", type=int, default=16, help="(c) prompts")
     ap.add_argument("--k-prompt-len", type=int, nargs=2, default=[128, 256], help="(c) prompt length range")
@@ -450,9 +494,9 @@ def main():
     print(f"device {args.device} ({torch.cuda.get_device_name() if cuda else cpu_name()}), threads "
           f"{torch.get_num_threads()}, torch {torch.__version__}, transformers {tf.__version__}, "
           f"matvec bandwidth {bandwidth / 1e9:.1f} GB/s", flush=True)
-    rows = []
+    rows = Rows(args.out, bandwidth)
     for size in args.sizes:
-        path = build(size, args.workdir, dtype)
+        path = build(size, args.workdir, dtype, args.device)
         hf = tf.AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(args.device).eval()
         ours = for_inference(Transformer.from_pretrained(path, dtype=dtype, device=args.device))
         tune_cpu_kernels(ours, batches=sorted({1, args.slots, *args.batch_sizes}))
@@ -472,9 +516,6 @@ def main():
         weight_formats(os.path.basename(os.path.normpath(args.model)), args.model, args, bandwidth, rows,
                        prompts_for=eval_prompts(args.model))
     report(rows)
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(dict(bandwidth=bandwidth, rows=rows), f, indent=1)
 
 
 if __name__ == "__main__":

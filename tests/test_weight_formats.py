@@ -363,3 +363,30 @@ def test_benchmark_counts_bytes_read_and_tokens_matched(tiny_dir):
     # --model DIR: the bundled evaluation questions in the checkpoint's own chat template
     prompts = bench.eval_prompts(tiny_dir)(3, V)
     assert len(prompts) == 3 and all(isinstance(i, int) for p in prompts for i in p) and prompts[0] != prompts[1]
+
+
+def test_benchmark_keeps_rows_as_they_come_and_reports_without_the_static_path(tmp_path, capsys):
+    """bench/generate.py --out: the JSON file holds every row measured so far (a run stopped by a time
+    limit keeps them); rows without the static path (--no-static) print '-' in its columns."""
+    import importlib.util
+    import json
+    import os
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "generate.py")
+    spec = importlib.util.spec_from_file_location("bench_generate", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = str(tmp_path / "rows.json")
+    rows = bench.Rows(out, 1e9)
+    fixed = dict(table="fixed", size="tiny", params=1e6, compile=True, batch=1, hf_tok_s=10.0, engine_tok_s=50.0,
+                 hf_bw_share=0.1, engine_bw_share=0.5, same_tokens={"engine": True})
+    rows.add(fixed)
+    assert json.load(open(out)) == dict(bandwidth=1e9, rows=[fixed])
+    mixed = dict(table="mixed", size="tiny", compile=False, requests=8, slots=4, tokens=80, hf_tok_s=20.0,
+                 engine_tok_s=60.0, same_tokens={"engine": False})
+    rows.add(mixed)
+    assert json.load(open(out))["rows"] == [fixed, mixed] and not os.path.exists(out + ".tmp")
+    capsys.readouterr()
+    bench.report(rows)
+    text = capsys.readouterr().out
+    assert "| tiny compiled (1M) | 1 | 10.0 | - | 50.0 | 5.00x | -, yes | 10% / - / 50% |" in text
+    assert "| tiny | 8 / 4 | 80 | 20.0 | - | 60.0 | - | 3.00x | -, no |" in text
