@@ -567,7 +567,7 @@ def test_cli(tiny):
     """serve.py as a user runs it: prints where it listens, answers, stops on Ctrl-C."""
     env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
     env.pop("NANOHUATUO_API_KEY", None)
-    proc = subprocess.Popen([sys.executable, "serve.py", "--model", tiny[0], "--port", "0", "--template", TEMPLATE,
+    proc = subprocess.Popen([sys.executable, "-X", "faulthandler", "serve.py", "--model", tiny[0], "--port", "0", "--template", TEMPLATE,
                              "--batch-size", "2"], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
     try:
@@ -581,5 +581,10 @@ def test_cli(tiny):
         c.close()
     finally:
         proc.send_signal(2)  # Ctrl-C
-        code = proc.wait(timeout=30)
-    assert code == 0
+        try:
+            code = proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:  # say where it hangs: faulthandler prints every thread's stack on SIGABRT
+            proc.send_signal(6)
+            proc.wait(timeout=30)
+            pytest.fail("serve.py did not stop within 30 s of Ctrl-C; its stderr:\n" + proc.stderr.read()[-8000:])
+    assert code == 0, proc.stderr.read()[-8000:]
