@@ -105,9 +105,9 @@ def compiled_decode(device_type="cuda"):
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         # bfloat16 rounded inside fused kernels where eager ops round (else greedy tokens drift from eager's)
         options = {"emulate_precision_casts": True}
-        if device_type == "cuda":
-            options["triton.cudagraphs"] = True  # what mode="reduce-overhead" sets (mode and options exclude each other)
-        else:  # CPU: fewer guards a step (CUDA keeps them: no op keys tell models apart there, no measure says the gain)
+        if device_type == "cuda":  # CUDA graphs, as mode="reduce-overhead" (mode and options exclude each other)
+            options["triton.cudagraphs"] = True
+        else:  # fewer guards a step (CUDA keeps them: no op keys tell models apart there, nor was the gain measured)
             options["guard_filter_fn"] = _no_parameter_guards
         _COMPILED[device_type] = torch.compile(decode_logits, fullgraph=True, dynamic=True, options=options)
     return _COMPILED[device_type]

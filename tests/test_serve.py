@@ -567,9 +567,9 @@ def test_cli(tiny):
     """serve.py as a user runs it: prints where it listens, answers, stops on Ctrl-C."""
     env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
     env.pop("NANOHUATUO_API_KEY", None)
-    proc = subprocess.Popen([sys.executable, "-X", "faulthandler", "serve.py", "--model", tiny[0], "--port", "0", "--template", TEMPLATE,
-                             "--batch-size", "2"], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+    proc = subprocess.Popen([sys.executable, "-X", "faulthandler", "serve.py", "--model", tiny[0], "--port", "0",
+                             "--template", TEMPLATE, "--batch-size", "2"], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         line = proc.stdout.readline()
         assert "serving" in line, proc.stderr.read() if proc.poll() is not None else line
