@@ -229,6 +229,7 @@ def engine_run(ours, prompts, news, slots, compile, n=1, sample=False):
 
 _hf_runs = {}  # transformers' tokens and tok/s per table, size (and batch): timed in the eager round only
 
+
 def fixed_length(size, args, hf, ours, bandwidth, compile, rows):
     dtype = getattr(torch, args.dtype)
     weight_bytes = ours.num_params() * torch.finfo(dtype).bits // 8

@@ -114,10 +114,11 @@ class Engine:
 
     slots: rows decoded together; max_len: positions per row (prompt + new tokens - 1), default
     min(model max_seq_len, 2048); compile: compile the decode step, on CUDA into CUDA graphs for batch
-    sizes 1, 2, 4, ... slots (the first step at each size is slow), on CPU with the element-wise ops
-    between the matrix products fused (needs a C++ compiler; the first steps take seconds to tens of
-    seconds; without a compiler it warns and decodes eagerly). On CPU the weight layouts and the
-    head kernel are chosen by timing when the engine is made (see `tune_cpu_kernels`).
+    sizes 1, 2, 4, ... slots (the first steps compile; the first at each new size records a graph),
+    on CPU with the element-wise ops between the matrix products fused (needs a C++ compiler; the
+    first steps take seconds to tens of seconds; without a compiler it warns and decodes eagerly).
+    On CPU the weight layouts and the head kernel are chosen by timing when the engine is made (see
+    `tune_cpu_kernels`).
     add/cancel are thread-safe; step is called from one thread only; generate drives step itself.
     """
 
