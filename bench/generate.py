@@ -9,7 +9,8 @@ Builds Qwen2-shaped models with random weights (about 100M and 500M parameters, 
 (a) fixed length: greedy, the same prompt length and number of new tokens in every row, batch 1
     and 8: transformers, the static path, the engine; at batch 1 also the share of the
     memory-bandwidth limit reached (weight bytes x tokens/s over the bandwidth this machine
-    reaches in a large matrix-vector product);
+    reaches in a large matrix-vector product, measured at the start and again right after each
+    timing, the higher of the two counting);
 (b) mixed workload: --mixed-requests requests with prompt and answer lengths drawn uniformly from
     --mixed-prompt and --mixed-new (answers fixed by max_new_tokens, EOS ignored, so every engine
     does the same useful work), --slots rows at a time: the engine (all requests queued at once),
@@ -230,7 +231,7 @@ def engine_run(ours, prompts, news, slots, compile, n=1, sample=False):
 _hf_runs = {}  # transformers' tokens and tok/s per table, size (and batch): timed in the eager round only
 
 
-def fixed_length(size, args, hf, ours, bandwidth, compile, rows):
+def fixed_length(size, args, hf, ours, bar, compile, rows):
     dtype = getattr(torch, args.dtype)
     weight_bytes = ours.num_params() * torch.finfo(dtype).bits // 8
     n_new = args.new_tokens
@@ -243,17 +244,19 @@ def fixed_length(size, args, hf, ours, bandwidth, compile, rows):
             del runs["static"]
         if ("fixed", size, B) not in _hf_runs:  # once per size and batch: the compiled round reuses it
             run = lambda: hf_generate(hf, prompts, n_new, args.device)  # noqa: E731
-            _hf_runs["fixed", size, B] = run(), B * n_new / time_it(run, args.device, args.repeats)
-        ref, hf_tok_s = _hf_runs["fixed", size, B]
+            toks, tok_s = run(), B * n_new / time_it(run, args.device, args.repeats)
+            _hf_runs["fixed", size, B] = toks, tok_s, weight_bytes * tok_s / bar() if B == 1 else None
+        ref, hf_tok_s, hf_share = _hf_runs["fixed", size, B]
         toks = {k: f() for k, f in runs.items()}
         row = dict(table="fixed", size=size, params=ours.num_params(), device=args.device, dtype=args.dtype,
                    compile=compile, batch=B, new_tokens=n_new, prompt_len=args.prompt_len,
                    same_tokens={k: toks[k] == ref for k in runs}, hf_tok_s=hf_tok_s)
+        if B == 1:
+            row["hf_bw_share"] = hf_share
         for k, f in runs.items():
             row[f"{k}_tok_s"] = B * n_new / time_it(f, args.device, args.repeats)
-        if B == 1:
-            for k in ("hf", *runs):
-                row[f"{k}_bw_share"] = weight_bytes * row[f"{k}_tok_s"] / bandwidth
+            if B == 1:  # against the bandwidth measured again right after (bar: the higher of it and the start's)
+                row[f"{k}_bw_share"] = weight_bytes * row[f"{k}_tok_s"] / bar()
         rows.add(row)
 
 
@@ -306,7 +309,7 @@ def random_prompts(args):
     return lambda B, V: torch.randint(0, V, (B, args.prompt_len), generator=torch.Generator().manual_seed(B)).tolist()
 
 
-def weight_formats(size, path, args, bandwidth, rows, prompts_for=None):
+def weight_formats(size, path, args, bar, rows, prompts_for=None):
     """(e): the engine's greedy decode of table (a) with the weights in each of args.weights (the
     prompts of (a), or prompts_for(B, vocabulary size))."""
     n_new, batches = args.new_tokens, sorted({1, *args.batch_sizes})
@@ -331,7 +334,7 @@ def weight_formats(size, path, args, bandwidth, rows, prompts_for=None):
             row = dict(table="weights", size=size, params=params, device=args.device, weights=fmt,
                        act_dtype=str(model.embed_tokens.weight.dtype).removeprefix("torch."), batch=B,
                        new_tokens=n_new, prompt_len=max(map(len, prompts[B])), tok_s=tok_s, step_bytes=nbytes,
-                       bw_share=nbytes * tok_s / B / bandwidth, same_as_float32=same_prefix(toks, ref[B]))
+                       bw_share=nbytes * tok_s / B / bar(), same_as_float32=same_prefix(toks, ref[B]))
             rows.add(row)
         del model
 
@@ -491,7 +494,14 @@ def main():
     dtype = getattr(torch, args.dtype)
     cuda = args.device.startswith("cuda")
     modes = [False, True] if args.compile else [False]
-    bandwidth = matvec_bandwidth(args.device, dtype)
+    read = matvec_reader(args.device, dtype)
+    bandwidth = matvec_bandwidth(args.device, dtype, read=read)
+
+    def bar():
+        """The bandwidth measured again next to a timing, or the start's if that was higher: on a
+        shared machine it drifts (a 500M step once read 135% of a bar measured low at the start), and
+        a share should never flatter."""
+        return max(bandwidth, read(20))
     print(f"device {args.device} ({torch.cuda.get_device_name() if cuda else cpu_name()}), threads "
           f"{torch.get_num_threads()}, torch {torch.__version__}, transformers {tf.__version__}, "
           f"matvec bandwidth {bandwidth / 1e9:.1f} GB/s", flush=True)
@@ -505,16 +515,16 @@ def main():
             print(f"{size}: CPU kernels measured at load: {ours.cpu_kernels}", flush=True)
         for compile in modes:
             if "fixed" in args.tables:
-                fixed_length(size, args, hf, ours, bandwidth, compile, rows)
+                fixed_length(size, args, hf, ours, bar, compile, rows)
             if "mixed" in args.tables:
                 mixed(size, args, hf, ours, compile, rows)
             if "prefix" in args.tables:
                 prefix_reuse(size, args, ours, compile, rows)
         del hf, ours
         if "fixed" in args.tables and args.weights:
-            weight_formats(size, path, args, bandwidth, rows)
+            weight_formats(size, path, args, bar, rows)
     if args.model:  # (e) on a real checkpoint, with real questions
-        weight_formats(os.path.basename(os.path.normpath(args.model)), args.model, args, bandwidth, rows,
+        weight_formats(os.path.basename(os.path.normpath(args.model)), args.model, args, bar, rows,
                        prompts_for=eval_prompts(args.model))
     report(rows)
 
