@@ -339,13 +339,19 @@ def test_chat_and_serve_load_bfloat16_on_cpu(tiny_dir, capsys):
 
 # ----------------------------------------------------------------------------- the benchmark's measures
 
-def test_benchmark_counts_bytes_read_and_tokens_matched(tiny_dir):
+def bench_generate():
+    """bench/generate.py as a module."""
     import importlib.util
     import os
     path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "generate.py")
     spec = importlib.util.spec_from_file_location("bench_generate", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
+    return bench
+
+
+def test_benchmark_counts_bytes_read_and_tokens_matched(tiny_dir):
+    bench = bench_generate()
     # rows counted up to their first difference: a flipped near-tie costs the rest of its row
     assert bench.same_prefix([[1, 2, 3, 4], [5, 6, 7, 8]], [[1, 2, 9, 4], [5, 6, 7, 8]]) == 6 / 8
     m, _ = chain_model()
@@ -368,13 +374,9 @@ def test_benchmark_counts_bytes_read_and_tokens_matched(tiny_dir):
 def test_benchmark_keeps_rows_as_they_come_and_reports_without_the_static_path(tmp_path, capsys):
     """bench/generate.py --out: the JSON file holds every row measured so far (a run stopped by a time
     limit keeps them); rows without the static path (--no-static) print '-' in its columns."""
-    import importlib.util
     import json
     import os
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "generate.py")
-    spec = importlib.util.spec_from_file_location("bench_generate", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = bench_generate()
     out = str(tmp_path / "rows.json")
     rows = bench.Rows(out, 1e9)
     fixed = dict(table="fixed", size="tiny", params=1e6, compile=True, batch=1, hf_tok_s=10.0, engine_tok_s=50.0,
@@ -390,3 +392,32 @@ def test_benchmark_keeps_rows_as_they_come_and_reports_without_the_static_path(t
     text = capsys.readouterr().out
     assert "| tiny compiled (1M) | 1 | 10.0 | - | 50.0 | 5.00x | -, yes | 10% / - / 50% |" in text
     assert "| tiny | 8 / 4 | 80 | 20.0 | - | 60.0 | - | 3.00x | -, no |" in text
+
+
+def test_benchmark_tables_as_the_gpu_script_runs_them(tmp_path):
+    """Tables (a) and (b) with bench/gpu.sh's choices on a tiny model: the static path left out,
+    transformers timed in the first round and its tokens and figure reused in the next (the compiled
+    one, there), the engine's tokens checked against them, a batch-1 share against the bar."""
+    import argparse
+    import transformers
+    from nanohuatuo.generate import for_inference
+    bench = bench_generate()
+    path = bench.build("tiny", str(tmp_path), torch.float32)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    ours = for_inference(Transformer.from_pretrained(path))
+    args = argparse.Namespace(device="cpu", dtype="float32", batch_sizes=[1, 3], new_tokens=4, prompt_len=8,
+                              repeats=1, no_static=True, mixed_requests=5, mixed_prompt=[8, 16], mixed_new=[2, 6],
+                              slots=2)
+    rows, calls, real, counts = bench.Rows(None, 1e9), [], bench.hf_generate, []
+    bench.hf_generate = lambda *a: calls.append(1) or real(*a)
+    for _ in range(2):
+        bench.fixed_length("tiny", args, hf, ours, lambda: 1e9, False, rows)
+        bench.mixed("tiny", args, hf, ours, False, rows)
+        counts.append(len(calls))
+    assert [r["table"] for r in rows] == ["fixed", "fixed", "mixed"] * 2
+    first, second = rows[:3], rows[3:]
+    assert all(r["same_tokens"] == {"engine": True} and "static_tok_s" not in r for r in rows)
+    assert [r["hf_tok_s"] for r in first] == [r["hf_tok_s"] for r in second]
+    assert first[0]["engine_bw_share"] == ours.num_params() * 4 * first[0]["engine_tok_s"] / 1e9
+    # (a): tokens, a warm-up and a timed run per batch size; (b): a warm-up and 3 batches of 2 slots; then none
+    assert counts == [2 * 3 + 1 + 3] * 2
