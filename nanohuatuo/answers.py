@@ -14,7 +14,6 @@ OpenAI-compatible endpoint, or a file of answers) answering conversations, each 
 import hashlib
 import json
 import os
-import re
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -132,12 +131,13 @@ class AnswerStore:
 class LocalModel:
     """One of our models answering conversations in batches on the engine."""
 
-    def __init__(self, c: Candidate, s: GenerationSettings, device, dtype, batch_size: int = 16):
+    def __init__(self, c: Candidate, s: GenerationSettings, device, dtype, batch_size: int = 16,
+                 compile: bool = False):
         if not Path(c.model, "config.json").is_file():
             raise UserError(f"--model {c.model}: no config.json there; pass a model directory (Hugging Face layout)")
         if c.adapter and not Path(c.adapter).is_dir():
             raise UserError(f"--adapter {c.adapter}: no such directory")
-        self.name, self.s, self.batch_size = c.label(), s, batch_size
+        self.name, self.s, self.batch_size, self.compile = c.label(), s, batch_size, compile
         t0 = time.time()
         from .generate import load_for_inference  # torch loads only when one of our models answers
         # the adapter merged (base-model cost); a trained adapter's own tokenizer and template win
@@ -173,7 +173,8 @@ class LocalModel:
                                  seed=seed) for seed in seeds]
         # the cache sized for this batch: a 7B model's full context in every slot would not fit
         max_len = min(self.model.config.max_seq_len, max(map(len, prompts)) + s.max_new_tokens)
-        engine = Engine(self.model, tokenizer=self.tok, slots=self.batch_size, max_len=max_len)
+        # compiled, the step is compiled once per model, not per batch (engine_runner.compiled_decode)
+        engine = Engine(self.model, tokenizer=self.tok, slots=self.batch_size, max_len=max_len, compile=self.compile)
         out = [(o.tokens, o.finish_reason) for o in engine.generate(prompts, params)]
         self.generated_tokens += sum(len(t) for t, _ in out)
         self.seconds += time.time() - t0
@@ -233,7 +234,8 @@ def open_candidate(c: Candidate, s: GenerationSettings, run) -> LocalModel | End
     if c.kind() == "model":
         from .cli import resolve_device, resolve_dtype
         device = resolve_device(run.device)
-        return LocalModel(c, s, device, resolve_dtype(run.dtype, device), run.batch_size)
+        return LocalModel(c, s, device, resolve_dtype(run.dtype, device), run.batch_size,
+                          run.compile)
     return EndpointModel(c, s, Path(run.cache), run.concurrency)
 
 

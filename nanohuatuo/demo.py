@@ -353,7 +353,7 @@ def eval_stage(out, cfg: DemoConfig, size: DemoSize, policy, sft_adapter, traine
     patient = dict(patient="endpoint", patient_base_url=cfg.llm_base_url, patient_model_name=cfg.llm_model_name,
                    patient_api_key=cfg.llm_api_key) if online else dict(patient="offline")
     gen = dict(device=device, dtype=cfg.dtype, batch_size=32, max_new_tokens=size.eval_tokens, seed=cfg.seed,
-               answers_dir=answers, overwrite=True)
+               answers_dir=answers, overwrite=True, compile=size.compile and device.startswith("cuda"))
     # the tiny model's "base" is random weights: nothing to compare against
     others = {"SFT": sft_adapter, **({"base": None} if cfg.model else {})}
     res = {"metrics": {}, "patient": f"{cfg.llm_model_name} (LLM)" if online else "offline stand-in reciting the case"}

@@ -318,6 +318,8 @@ class GenerationFlags:
     top_p: float = arg(1.0, "nucleus sampling of the candidates")
     top_k: int = arg(0, "top-k sampling of our models (0: off)")
     system: str = arg("", "system message for both candidates (empty: each model's own default)")
+    compile: bool = arg(False, "our models: torch.compile the decode step (CUDA graphs on CUDA; fused element-wise "
+                               "ops on CPU)")
 
 
 CANDIDATE_HELP = {

@@ -496,6 +496,30 @@ def test_metrics_with_our_model_and_the_published_table(tmp_path, tiny):
     assert "HuatuoGPT (published) | 27.42 | 14.84" in (tmp_path / "m" / "report.md").read_text(encoding="utf-8")
 
 
+def test_metrics_with_a_compiled_decode_step_gives_the_eager_answers(tmp_path, tiny, monkeypatch):
+    """--compile reaches the engine that answers for our model (compiled on CPU: fused element-wise
+    ops), and the greedy answers are the eager ones."""
+    import nanohuatuo.engine as engine_mod
+    built, real = [], engine_mod.Engine
+
+    def engine(*a, **k):
+        built.append(k["compile"])
+        return real(*a, **k)
+
+    monkeypatch.setattr(engine_mod, "Engine", engine)
+    rows = [{"questions": [f"头痛{i}怎么办"], "answers": ["多喝水，注意休息"]} for i in range(3)]
+    data = write_jsonl(tmp_path / "qa.jsonl", rows)
+    answers = {}
+    for compile in (False, True):
+        out = tmp_path / f"compile{compile}"
+        ev.run_metrics(ev.MetricsConfig(data=[data], model=tiny, out=str(out), max_new_tokens=6, device="cpu",
+                                        batch_size=2, compile=compile))
+        [store] = (out / "answers").glob("*.jsonl")
+        answers[compile] = [json.loads(x)["answer"] for x in store.read_text(encoding="utf-8").splitlines()]
+    assert built == [False, True]  # one engine per run, 3 answers over 2 slots
+    assert answers[True] == answers[False] and len(answers[True]) == 3
+
+
 def test_qa_readers_reuse_the_data_converters(tmp_path):
     h = write_jsonl(tmp_path / "h.jsonl", [{"questions": [["头痛怎么办", "头疼咋办"]], "answers": ["多休息"]}])
     [item] = load_qa([h])
