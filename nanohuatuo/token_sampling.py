@@ -69,28 +69,62 @@ def process_logits(logits, temperature, top_k, top_p, repetition_penalty, seen):
     return process_rows(logits, [temperature] * B, [top_k] * B, [top_p] * B, [repetition_penalty] * B, seen)
 
 
+def greedy_tokens(logits, chunk: int = 1024):
+    """logits.argmax(-1): each row's first largest logit (a NaN counting as the largest, as argmax).
+
+    On a CPU through the max of each `chunk` logits: argmax carries an index beside every value it
+    compares and ran one element at a time (0.09 ms for one 151,936-logit row, 0.7 ms for 16, on a
+    2-core AMD EPYC), where amax is vectorised; the argmax is then taken within the first chunk that
+    holds the row's max, which is where argmax's first largest logit is (2.5x as fast at 1 row, 6-8x
+    at 8 to 16)."""
+    B, V = logits.shape
+    n = V // chunk
+    if logits.device.type != "cpu" or n < 2:
+        return logits.argmax(-1)
+    maxes = logits[:, :n * chunk].view(B, n, chunk).amax(-1)  # (B, n)
+    if n * chunk < V:
+        maxes = torch.cat([maxes, logits[:, n * chunk:].amax(-1, keepdim=True)], -1)
+    start = maxes.argmax(-1) * chunk  # (B,) the first chunk holding the max
+    # the last, shorter chunk is filled up with its last logit again, after it: argmax keeps the first
+    at = (start[:, None] + torch.arange(chunk, device=logits.device)).clamp_max(V - 1)
+    return start + logits.gather(-1, at).argmax(-1)
+
+
+def _inverse_cdf(logits, generators):
+    """One draw per row of logits from softmax(logits), with one uniform from that row's generator."""
+    probs = logits.float().softmax(-1)
+    cdf = probs.double().cumsum(-1)
+    u = torch.cat([torch.rand(1, generator=g, dtype=torch.float64, device=cdf.device) for g in generators])
+    total = cdf[:, -1:].contiguous()
+    reach = torch.searchsorted(cdf, total).clamp_max(cdf.shape[-1] - 1)  # (NaN logits: in range)
+    return torch.minimum(torch.searchsorted(cdf, u[:, None] * total, right=True), reach).squeeze(-1)
+
+
 def sample_rows(logits, temperature, generators):
     """One token per row of logits (B, V): argmax where temperature <= 0, else a draw from
     softmax(logits) by inverse CDF with one uniform from that row's generator.
 
     One uniform number per row against the cumulative probabilities: torch.multinomial draws an
     exponential variate per vocabulary entry, which on a CPU costs more than the rest of a small
-    model's decode step. right=True never lands on a zero-probability (masked) token, and the clamp
-    to the last token with mass guards the top end against rounding.
+    model's decode step. right=True never lands on a zero-probability (masked) token; a uniform
+    that rounds to the total (no entry above it) takes the first token where the cumulative sum
+    reaches the total, a token with mass (found by bisection: a pass over every row's
+    probabilities for the last token with mass took a third of the sampling's time).
+
+    The rows are drawn a few at a time, their float64 sums within 4 MiB: 16 rows of 151,936
+    logits at once took 19 MB of sums that came back as fresh pages at every call (7,000-9,500
+    page faults, 9.5-11.6 ms on a 2-core AMD EPYC), 4 rows at a time none (1.4-1.5 ms).
     """
-    tok = logits.argmax(-1)
     rows = [i for i, t in enumerate(temperature) if t > 0]
     if not rows:
-        return tok
+        return greedy_tokens(logits)
     sub = logits if len(rows) == len(temperature) else logits[rows]
-    probs = sub.float().softmax(-1)
-    cdf = probs.double().cumsum(-1)
-    u = torch.cat([torch.rand(1, generator=generators[i], dtype=torch.float64, device=cdf.device) for i in rows])
-    u = u[:, None] * cdf[:, -1:]
-    last = probs.shape[-1] - 1 - (probs > 0).flip(-1).int().argmax(-1)  # the last token with mass
-    drawn = torch.minimum(torch.searchsorted(cdf, u, right=True).squeeze(-1), last)
+    per = max(1, (4 << 20) // (8 * logits.shape[-1]))
+    drawn = torch.cat([_inverse_cdf(sub[i:i + per], [generators[j] for j in rows[i:i + per]])
+                       for i in range(0, len(rows), per)])
     if len(rows) == len(temperature):
         return drawn
+    tok = greedy_tokens(logits)  # only the greedy rows' argmax is needed
     tok[rows] = drawn
     return tok
 

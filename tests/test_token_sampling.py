@@ -1,0 +1,70 @@
+"""token_sampling: the CPU argmax by chunks is torch.argmax, and sampling draws the tokens it drew
+before the argmax and the last-token-with-mass pass left it."""
+
+import pytest
+import torch
+
+from nanohuatuo.token_sampling import greedy_tokens, process_rows, sample_rows
+
+
+@pytest.mark.parametrize("V", [151936, 4096, 5000, 1500, 7])
+def test_greedy_tokens_is_argmax(V):
+    g = torch.Generator().manual_seed(V)
+    x = torch.randn(6, V, generator=g)
+    x[1, V - 1] = 10.0  # the max in the last (shorter) chunk
+    x[2] = 0.0  # every logit tied: the first
+    x[3, V // 3] = x[3, V - 2] = 9.0  # a tie across chunks: the first of the two
+    x[4] = float("-inf")
+    x[4, V // 2:] = 1.0  # masked below, ties above
+    x[5, V // 2] = float("nan")  # a NaN counts as the largest, as in argmax
+    assert torch.equal(greedy_tokens(x), x.argmax(-1))
+    xb = x.bfloat16()  # fewer distinct values: more ties
+    assert torch.equal(greedy_tokens(xb), xb.argmax(-1))
+    for chunk in (1, 3, 64):
+        assert torch.equal(greedy_tokens(x, chunk), x.argmax(-1))
+
+
+def bench_sampling():
+    """bench/token_sampling.py as a module (it keeps the sampler as it was)."""
+    import importlib.util
+    import os
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "token_sampling.py")
+    spec = importlib.util.spec_from_file_location("bench_token_sampling", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    return bench
+
+
+@pytest.mark.parametrize("temperature", [[1.0] * 4, [0.0, 0.7, 0.0, 1.3], [0.0] * 4])
+def test_sample_rows_draws_what_it_drew_before(temperature):
+    V = 3000
+    logits = torch.randn(4, V, generator=torch.Generator().manual_seed(0)) * 3
+    # top-k and top-p masks leave -inf logits, tokens without mass, at both ends of the vocabulary
+    x = process_rows(logits, temperature, [0, 50, 0, 5], [0.9, 1.0, 0.5, 1.0], [1.0] * 4, None)
+    new = [torch.Generator().manual_seed(s) for s in range(4)]
+    old = [torch.Generator().manual_seed(s) for s in range(4)]
+    before = bench_sampling().sample_rows_before
+    for _ in range(200):
+        tok = sample_rows(x, temperature, new)
+        assert torch.equal(tok, before(x, temperature, old))
+        assert torch.isfinite(x.gather(-1, tok[:, None])).all()  # never a masked token
+
+
+def test_a_uniform_at_the_total_takes_a_token_with_mass(monkeypatch):
+    """A uniform that rounds to the total finds no entry above it: the token is then the first one
+    where the cumulative sum reaches the total, which has mass, never one past the vocabulary."""
+    x = torch.full((2, 10), float("-inf"))
+    x[0, [2, 5]] = 0.0
+    x[1, 9] = 0.0
+    monkeypatch.setattr(torch, "rand", lambda *a, **k: torch.ones(1, dtype=torch.float64))
+    assert sample_rows(x, [1.0, 1.0], [None, None]).tolist() == [5, 9]
+
+
+def test_the_benchmark_runs_and_finds_the_same_tokens(tmp_path, capsys):
+    import json
+    out = tmp_path / "s.json"
+    assert bench_sampling().main(["--batches", "1", "3", "--vocab", "5000", "--rounds", "1", "--calls", "2",
+                                  "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())
+    assert [(r["rows"], r["what"]) for r in rows] == [(1, "greedy"), (1, "sampled"), (3, "greedy"), (3, "sampled")]
+    assert all(r["same_tokens"] for r in rows) and "| 3 | sampled |" in capsys.readouterr().out
