@@ -3,9 +3,13 @@
 Greedy: `token_sampling.greedy_tokens` (on a CPU, the argmax taken through each chunk's max)
 against `torch.argmax`. Sampled (temperature 1, one seeded generator per row): `sample_rows`
 against `sample_rows_before` below, the sampler as it was (every row's argmax computed even when
-no row is greedy, and a pass over every probability for the last token with mass). Both pairs on
-the same random logits (Qwen2's vocabulary, 151,936), in interleaved rounds, best of each; the
-tokens are checked to be the same.
+no row is greedy, and a pass over every probability for the last token with mass). Top-p 0.8,
+alone and after top-k 20: `top_p_drop` (the sort over a row's largest logits where they decide)
+against `top_p_drop_before`, every row sorted in full. The engine's whole choice with Qwen2.5's
+generation_config (temperature 0.7, top-k 20, top-p 0.8, repetition penalty 1.05):
+`next_tokens` (a few rows at a time) against `next_tokens_before`. All on the same random logits (Qwen2's
+vocabulary, 151,936, scaled by 4), in interleaved rounds, best of each; the tokens (or the
+dropped ones) are checked to be the same.
 
     python bench/token_sampling.py                       # batch 1, 8, 16 and 64
     python bench/token_sampling.py --batches 16 --rounds 5 --out sampling.json
@@ -21,7 +25,8 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from nanohuatuo.token_sampling import greedy_tokens, sample_rows  # noqa: E402
+from nanohuatuo import token_sampling  # noqa: E402
+from nanohuatuo.token_sampling import greedy_tokens, next_tokens, process_rows, sample_rows, top_p_drop  # noqa: E402
 
 
 def sample_rows_before(logits, temperature, generators):
@@ -41,6 +46,25 @@ def sample_rows_before(logits, temperature, generators):
         return drawn
     tok[rows] = drawn
     return tok
+
+
+def top_p_drop_before(logits, top_p):
+    """The tokens top-p dropped as it was: every row sorted in full."""
+    low = torch.tensor([1 - p if p < 1.0 else -1.0 for p in top_p], dtype=logits.dtype)[:, None]
+    sorted_logits, idx = torch.sort(logits, dim=-1)  # ascending
+    drop = sorted_logits.softmax(-1).cumsum(-1) <= low
+    drop[..., -1] = False
+    return drop.scatter(-1, idx, drop)
+
+
+def next_tokens_before(logits, temperature, top_k, top_p, penalty, seen, generators):
+    """The engine's step as it was: every row processed at once (top-p by the full sort), then sampled."""
+    now, token_sampling.top_p_drop = token_sampling.top_p_drop, top_p_drop_before
+    try:
+        x = process_rows(logits, temperature, top_k, top_p, penalty, seen)
+    finally:
+        token_sampling.top_p_drop = now
+    return sample_rows_before(x, temperature, generators)
 
 
 def best_us(fn, calls):
@@ -80,6 +104,18 @@ def main(argv=None):
         g_old, g_new = gens(), gens()
         pairs["sampled"] = (lambda: sample_rows_before(logits, [1.0] * B, g_old),
                             lambda: sample_rows(logits, [1.0] * B, g_new))
+        # top-p 0.8 alone, and after top-k 20 (Qwen2.5's generation_config): the logits as top-k leaves them
+        pairs["top-p"] = (lambda: top_p_drop_before(logits, [0.8] * B), lambda: top_p_drop(logits, [0.8] * B))
+        top20 = process_rows(logits, [1.0] * B, [20] * B, [1.0] * B, [1.0] * B, None)
+        pairs["top-k, top-p"] = (lambda: top_p_drop_before(top20, [0.8] * B), lambda: top_p_drop(top20, [0.8] * B))
+        # the engine's whole choice with Qwen2.5's defaults: temperature 0.7, top-k 20, top-p 0.8,
+        # repetition penalty 1.05 over 200 seen tokens a row
+        seen = torch.zeros(B, args.vocab, dtype=torch.bool)
+        seen[:, torch.randperm(args.vocab, generator=torch.Generator().manual_seed(0))[:200]] = True
+        qwen = ([0.7] * B, [20] * B, [0.8] * B, [1.05] * B, seen)
+        q_old, q_new = gens(), gens()
+        pairs["Qwen's defaults"] = (lambda: next_tokens_before(logits, *qwen, q_old),
+                                    lambda: next_tokens(logits, *qwen, q_new))
         for what, (before, now) in pairs.items():
             same = all(torch.equal(a, b) for a, b in ((before(), now()) for _ in range(5)))
             before(), now()  # warm

@@ -53,7 +53,7 @@ from .cpu_kernels import head_logits, opaque_products, room_for, tune_cpu_kernel
 from .engine_runner import RowCache, compiled_decode, decode_logits, forward, key_mask, kv_cache
 from .model import Transformer
 from .multi_lora import select_adapters
-from .token_sampling import SamplingParams, process_rows, sample_rows, sample_seed
+from .token_sampling import SamplingParams, next_tokens, sample_seed
 
 # single requests admitted in one step are prefilled together while right padding costs at most a
 # quarter more tokens than the prompts hold, and at most this many padded tokens in one forward
@@ -354,9 +354,8 @@ class Engine:
         if any(want_lp):  # under logits / temperature, before the penalty and top-k/top-p
             temp = torch.tensor([p.temperature if p.temperature > 0 else 1.0 for p in ps], device=self.device)
             lp = torch.log_softmax(logits / temp[:, None], -1)
-        x = process_rows(logits, [p.temperature for p in ps], [p.top_k for p in ps], [p.top_p for p in ps],
-                         [p.repetition_penalty for p in ps], self.seen[:n])
-        tok = sample_rows(x, [p.temperature for p in ps], [r.generator for r in rows])
+        tok = next_tokens(logits, [p.temperature for p in ps], [p.top_k for p in ps], [p.top_p for p in ps],
+                          [p.repetition_penalty for p in ps], self.seen[:n], [r.generator for r in rows])
         if any(p.repetition_penalty != 1.0 for p in ps):  # only a penalised row reads its own row of seen
             self.seen[torch.arange(n, device=self.device), tok] = True
         toks = tok.tolist()

@@ -4,7 +4,7 @@ before the argmax and the last-token-with-mass pass left it."""
 import pytest
 import torch
 
-from nanohuatuo.token_sampling import greedy_tokens, process_rows, sample_rows
+from nanohuatuo.token_sampling import greedy_tokens, process_rows, sample_rows, top_p_drop
 
 
 @pytest.mark.parametrize("V", [151936, 4096, 5000, 1500, 7])
@@ -66,5 +66,41 @@ def test_the_benchmark_runs_and_finds_the_same_tokens(tmp_path, capsys):
     assert bench_sampling().main(["--batches", "1", "3", "--vocab", "5000", "--rounds", "1", "--calls", "2",
                                   "--out", str(out)]) == 0
     rows = json.loads(out.read_text())
-    assert [(r["rows"], r["what"]) for r in rows] == [(1, "greedy"), (1, "sampled"), (3, "greedy"), (3, "sampled")]
+    whats = ["greedy", "sampled", "top-p", "top-k, top-p", "Qwen's defaults"]
+    assert [(r["rows"], r["what"]) for r in rows] == [(n, w) for n in (1, 3) for w in whats]
     assert all(r["same_tokens"] for r in rows) and "| 3 | sampled |" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("V", [151936, 3000])
+def test_top_p_drops_what_the_full_sort_dropped(V, monkeypatch):
+    """Each of top_p_drop's ways gives the full sort's tokens: rows left with few finite logits by
+    top-k (laid out as the sort lays them), peaked rows (the candidates hold the mass), flat rows
+    (sorted in full), rows with top-p off, and -inf / tied logits."""
+    before = bench_sampling().top_p_drop_before
+    g = torch.Generator().manual_seed(V)
+    x = torch.randn(8, V, generator=g)
+    x[:2] *= 8  # peaked: the top 1,024 hold more than p
+    x[4, :V // 2] = float("-inf")  # masked half, still more finite logits than candidates
+    x[5] = torch.randn(V, generator=g).round()  # many ties
+    ps = [0.9, 0.5, 0.8, 1.0, 0.95, 0.7, 0.6, 0.99]
+    top = process_rows(x, [1.0] * 8, [20, 0, 50, 0, 5, 0, 1024, 0], [1.0] * 8, [1.0] * 8, None)
+    real_sort, sorted_rows = torch.sort, []
+
+    def sort(t, *a, **k):
+        sorted_rows.append(t.shape[0])
+        return real_sort(t, *a, **k)
+
+    monkeypatch.setattr(torch, "sort", sort)
+    for logits in (x, top):
+        sorted_rows.clear()
+        got = top_p_drop(logits, ps)
+        # flat rows are sorted (their top 1,024 hold too little), the peaked and top-k ones not
+        assert sorted_rows == [{(151936, True): 5, (151936, False): 2, (3000, True): 3, (3000, False): 1}[
+            V, logits is x]]  # in one sort
+        want = before(logits, ps)
+        assert torch.equal(got[[0, 1, 2, 3, 4, 6, 7]], want[[0, 1, 2, 3, 4, 6, 7]])
+        # row 5's ties at the boundary: as many kept, of the same values (which of equal logits the
+        # full sort keeps is its order of equal values, not a property of top-p)
+        assert torch.equal(logits[5][~got[5]].sort().values, logits[5][~want[5]].sort().values)
+        assert not got[3].any()  # top-p off
+        assert (~got).sum(-1).min() >= 1  # the most likely token always stays
