@@ -7,7 +7,8 @@ no row is greedy, and a pass over every probability for the last token with mass
 alone and after top-k 20: `top_p_drop` (the sort over a row's largest logits where they decide)
 against `top_p_drop_before`, every row sorted in full. The engine's whole choice with Qwen2.5's
 generation_config (temperature 0.7, top-k 20, top-p 0.8, repetition penalty 1.05):
-`next_tokens` (a few rows at a time) against `next_tokens_before`. All on the same random logits (Qwen2's
+`next_tokens` (a few rows at a time) against `next_tokens_before`. The sampled tokens' log-probs
+(PPO and GRPO rollouts): `token_logprobs` against one log_softmax over every row. All on the same random logits (Qwen2's
 vocabulary, 151,936, scaled by 4), in interleaved rounds, best of each; the tokens (or the
 dropped ones) are checked to be the same.
 
@@ -26,7 +27,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from nanohuatuo import token_sampling  # noqa: E402
-from nanohuatuo.token_sampling import greedy_tokens, next_tokens, process_rows, sample_rows, top_p_drop  # noqa: E402
+from nanohuatuo.token_sampling import (greedy_tokens, next_tokens, process_rows, sample_rows, token_logprobs,  # noqa: E402
+                                       top_p_drop)
 
 
 def sample_rows_before(logits, temperature, generators):
@@ -116,6 +118,10 @@ def main(argv=None):
         q_old, q_new = gens(), gens()
         pairs["Qwen's defaults"] = (lambda: next_tokens_before(logits, *qwen, q_old),
                                     lambda: next_tokens(logits, *qwen, q_new))
+        # each token's log-prob, as PPO and GRPO rollouts ask for it (temperature 0.7)
+        toks = greedy_tokens(logits)
+        pairs["log-probs"] = (lambda: torch.log_softmax(logits / 0.7, -1).gather(-1, toks[:, None]).squeeze(-1),
+                              lambda: token_logprobs(logits, [0.7] * B, toks)[0])
         for what, (before, now) in pairs.items():
             same = all(torch.equal(a, b) for a, b in ((before(), now()) for _ in range(5)))
             before(), now()  # warm

@@ -53,7 +53,7 @@ from .cpu_kernels import head_logits, opaque_products, room_for, tune_cpu_kernel
 from .engine_runner import RowCache, compiled_decode, decode_logits, forward, key_mask, kv_cache
 from .model import Transformer
 from .multi_lora import select_adapters
-from .token_sampling import SamplingParams, next_tokens, sample_seed
+from .token_sampling import SamplingParams, next_tokens, sample_seed, token_logprobs
 
 # single requests admitted in one step are prefilled together while right padding costs at most a
 # quarter more tokens than the prompts hold, and at most this many padded tokens in one forward
@@ -349,20 +349,17 @@ class Engine:
             args = (self.model, tokens, positions, self.k, self.v, n_keys, same)
             logits = self._compiled_cpu(args) if self.compile else decode_logits(*args)
         ps = [r.params for r in rows]
-        want_lp = [p.logprobs or p.top_logprobs > 0 for p in ps]
-        lp = None
-        if any(want_lp):  # under logits / temperature, before the penalty and top-k/top-p
-            temp = torch.tensor([p.temperature if p.temperature > 0 else 1.0 for p in ps], device=self.device)
-            lp = torch.log_softmax(logits / temp[:, None], -1)
         tok = next_tokens(logits, [p.temperature for p in ps], [p.top_k for p in ps], [p.top_p for p in ps],
                           [p.repetition_penalty for p in ps], self.seen[:n], [r.generator for r in rows])
         if any(p.repetition_penalty != 1.0 for p in ps):  # only a penalised row reads its own row of seen
             self.seen[torch.arange(n, device=self.device), tok] = True
         toks = tok.tolist()
-        tok_lp = lp.gather(-1, tok[:, None]).squeeze(-1).tolist() if lp is not None else None
-        n_top = max(p.top_logprobs for p in ps)
-        tops = lp.topk(n_top, dim=-1) if n_top else None
-        top_v, top_i = (tops.values.tolist(), tops.indices.tolist()) if tops is not None else (None, None)
+        tok_lp = top_v = top_i = None
+        if any(p.logprobs or p.top_logprobs > 0 for p in ps):  # under logits / temperature, before the penalty
+            lp, tops = token_logprobs(logits, [p.temperature for p in ps], tok, max(p.top_logprobs for p in ps))
+            tok_lp = lp.tolist()
+            if tops is not None:
+                top_v, top_i = tops[0].tolist(), tops[1].tolist()
         events, done = [], []
         for i, r in enumerate(rows):
             p, t = r.params, toks[i]

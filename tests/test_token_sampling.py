@@ -66,7 +66,7 @@ def test_the_benchmark_runs_and_finds_the_same_tokens(tmp_path, capsys):
     assert bench_sampling().main(["--batches", "1", "3", "--vocab", "5000", "--rounds", "1", "--calls", "2",
                                   "--out", str(out)]) == 0
     rows = json.loads(out.read_text())
-    whats = ["greedy", "sampled", "top-p", "top-k, top-p", "Qwen's defaults"]
+    whats = ["greedy", "sampled", "top-p", "top-k, top-p", "Qwen's defaults", "log-probs"]
     assert [(r["rows"], r["what"]) for r in rows] == [(n, w) for n in (1, 3) for w in whats]
     assert all(r["same_tokens"] for r in rows) and "| 3 | sampled |" in capsys.readouterr().out
 
@@ -104,3 +104,18 @@ def test_top_p_drops_what_the_full_sort_dropped(V, monkeypatch):
         assert torch.equal(logits[5][~got[5]].sort().values, logits[5][~want[5]].sort().values)
         assert not got[3].any()  # top-p off
         assert (~got).sum(-1).min() >= 1  # the most likely token always stays
+
+
+def test_token_logprobs_are_log_softmax_over_all_rows():
+    """A few rows at a time, the values of one log_softmax over every row, bit for bit."""
+    from nanohuatuo.token_sampling import rows_at_once, token_logprobs
+    x = torch.randn(9, 151936, generator=torch.Generator().manual_seed(1)) * 4
+    assert rows_at_once(x) < 9  # in blocks
+    temperature = [0.7, 0.0, 1.0, 1.3, 0.7, 0.0, 2.0, 0.5, 1.0]
+    tokens = torch.randint(0, 151936, (9,), generator=torch.Generator().manual_seed(2))
+    lp, (values, indices) = token_logprobs(x, temperature, tokens, 5)
+    want = torch.log_softmax(x / torch.tensor([t if t > 0 else 1.0 for t in temperature])[:, None], -1)
+    assert torch.equal(lp, want.gather(-1, tokens[:, None]).squeeze(-1))
+    top = want.topk(5, dim=-1)
+    assert torch.equal(values, top.values) and torch.equal(indices, top.indices)
+    assert token_logprobs(x, temperature, tokens)[1] is None
