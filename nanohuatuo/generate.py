@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .cpu_kernels import head_logits, tune_cpu_kernels
+from .cpu_kernels import head_logits, keep_large_blocks, tune_cpu_kernels
 from .engine import Engine
 from .token_sampling import SamplingParams, process_logits, sample, sample_seed
 from .hf import check_model_dir
@@ -43,7 +43,8 @@ def load_for_inference(model_dir, adapter=None, dtype=None, device="cpu", quant=
     7.5 GB in int8). The model is marked `inference_only` (its parameters need no gradients): on
     a CPU `cpu_kernels.tune_cpu_kernels` may then store float32 weights (and, with bfloat16
     instructions, bfloat16 ones) in oneDNN's own layout, which only generation can read (no
-    training, no saving).
+    training, no saving). On a CPU the process's allocator then keeps freed blocks for reuse
+    (`cpu_kernels.keep_large_blocks`).
     """
     if quant not in INFERENCE_QUANTS:
         raise ValueError(f"--quant {quant}: use one of {', '.join(INFERENCE_QUANTS)}")
@@ -59,6 +60,8 @@ def load_for_inference(model_dir, adapter=None, dtype=None, device="cpu", quant=
     if quant != "none":
         quantize_int8(model) if quant == "int8" else quantize(model, quant)
         model.to(device)
+    if torch.device(device).type == "cpu":
+        keep_large_blocks()  # every step's temporaries reuse the last step's memory (no fresh pages)
     return for_inference(model), tok, template
 
 

@@ -28,6 +28,7 @@ import torch.nn as nn
 from . import adapters, checkpoint
 from .cli import write_config
 from .data import DataError, iter_jsonl
+from .cpu_kernels import large_blocks_kept
 from .generate import cut_at_stop, generate_batch, left_pad, use_column_major_weights
 from .lora import apply_lora, default_targets, disabled_adapters, load_adapter, lora_modules
 from .metrics import MetricsLog
@@ -138,16 +139,17 @@ def sample_answers(model, prompts, max_new_tokens, temperature, tok, stops, stop
     log-prob was never sampled), None for the others."""
     chunk = chunk or len(prompts)
     answers, logprobs, cut = [], [], []
-    for s in range(0, len(prompts), chunk):
-        gen = generate_batch(model, prompts[s:s + chunk], max_new_tokens, temperature=temperature, top_k=0,
-                             top_p=1.0, seed=seed + s, stop_ids=stops, stop_strings=stop_strs, tokenizer=tok,
-                             pad_id=tok.pad_id, compile=compile, return_logprobs=True)
-        for tokens, lp, finished in zip(gen.tokens, gen.logprobs, gen.finished):
-            fixed = finished and stop_strs and not any(t in stops for t in tokens) and \
-                end_at_stop_string(tokens, tok, stop_strs, end_id)
-            cut.append(len(fixed) - 1 if fixed else None)
-            answers.append(fixed or tokens)
-            logprobs.append(lp)
+    with large_blocks_kept():  # the steps' temporaries reuse memory; training's allocator setting after
+        for s in range(0, len(prompts), chunk):
+            gen = generate_batch(model, prompts[s:s + chunk], max_new_tokens, temperature=temperature, top_k=0,
+                                 top_p=1.0, seed=seed + s, stop_ids=stops, stop_strings=stop_strs, tokenizer=tok,
+                                 pad_id=tok.pad_id, compile=compile, return_logprobs=True)
+            for tokens, lp, finished in zip(gen.tokens, gen.logprobs, gen.finished):
+                fixed = finished and stop_strs and not any(t in stops for t in tokens) and \
+                    end_at_stop_string(tokens, tok, stop_strs, end_id)
+                cut.append(len(fixed) - 1 if fixed else None)
+                answers.append(fixed or tokens)
+                logprobs.append(lp)
     return answers, logprobs, cut
 
 

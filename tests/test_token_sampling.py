@@ -119,3 +119,39 @@ def test_token_logprobs_are_log_softmax_over_all_rows():
     top = want.topk(5, dim=-1)
     assert torch.equal(values, top.values) and torch.equal(indices, top.indices)
     assert token_logprobs(x, temperature, tokens)[1] is None
+
+
+def test_large_blocks_are_kept_while_generating_and_returned_after(monkeypatch):
+    """keep_large_blocks: a freed 8 MiB temporary comes back from the heap without fresh pages,
+    where return_large_blocks maps it afresh (glibc); large_blocks_kept goes back to the training
+    process's return_large_blocks after, or to glibc's own largest thresholds."""
+    import resource
+    import nanohuatuo.cpu_kernels as ck
+    monkeypatch.setattr(ck, "_RETURNED", ck._RETURNED)  # the module's state as it was, after the test
+
+    def faults():
+        for _ in range(3):
+            torch.empty(2 << 20).fill_(1.0)
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        for _ in range(20):
+            torch.empty(2 << 20).fill_(1.0)
+        return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+    if not ck.return_large_blocks():
+        pytest.skip("not glibc")
+    mapped = faults()
+    assert mapped > 20 * 1000  # 2,048 pages each
+    # kept: the heap grown a few times at most (2,048-8,192 faults in 20 rounds here)
+    assert ck.keep_large_blocks() and faults() < mapped / 3
+
+    calls = []
+    monkeypatch.setattr(ck, "_mallopt", lambda *a: calls.append(a) or True)
+    monkeypatch.setattr(ck, "_RETURNED", None)
+    with ck.large_blocks_kept():
+        pass
+    assert calls == [(64 << 20, 256 << 20), (32 << 20, 64 << 20)]  # glibc's own largest after
+    calls.clear()
+    assert ck.return_large_blocks()
+    with ck.large_blocks_kept():
+        assert calls == [(1 << 20,), (64 << 20, 256 << 20)]
+    assert calls[-1] == (1 << 20, 128 << 10) and ck._RETURNED == 1 << 20
