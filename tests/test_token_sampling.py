@@ -125,24 +125,32 @@ def test_large_blocks_are_kept_while_generating_and_returned_after(monkeypatch):
     """keep_large_blocks: a freed 8 MiB temporary comes back from the heap without fresh pages,
     where return_large_blocks maps it afresh (glibc); large_blocks_kept goes back to the training
     process's return_large_blocks after, or to glibc's own largest thresholds."""
-    import resource
+    import subprocess
+    import sys
     import nanohuatuo.cpu_kernels as ck
-    monkeypatch.setattr(ck, "_RETURNED", ck._RETURNED)  # the module's state as it was, after the test
-
-    def faults():
-        for _ in range(3):
-            torch.empty(2 << 20).fill_(1.0)
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-        for _ in range(20):
-            torch.empty(2 << 20).fill_(1.0)
-        return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
-
-    if not ck.return_large_blocks():
+    # in a fresh process: in this one, earlier tests' freed memory may serve the blocks either way
+    script = """
+import resource, sys, torch
+import nanohuatuo.cpu_kernels as ck
+def faults():
+    for _ in range(3):
+        torch.empty(2 << 20).fill_(1.0)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(20):
+        torch.empty(2 << 20).fill_(1.0)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+if not ck.return_large_blocks():
+    sys.exit(3)
+mapped = faults()
+print(mapped, ck.keep_large_blocks() and faults())
+"""
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    if run.returncode == 3:
         pytest.skip("not glibc")
-    mapped = faults()
-    assert mapped > 20 * 1000  # 2,048 pages each
-    # kept: the heap grown a few times at most (2,048-8,192 faults in 20 rounds here)
-    assert ck.keep_large_blocks() and faults() < mapped / 3
+    assert run.returncode == 0, run.stderr
+    mapped, kept = map(int, run.stdout.split())
+    assert mapped > 20 * 1000  # 8 MiB mapped afresh each time: 2,048 pages
+    assert kept < mapped / 3  # kept: the heap grown a few times at most (2,048-8,192 faults in 20 rounds here)
 
     calls = []
     monkeypatch.setattr(ck, "_mallopt", lambda *a: calls.append(a) or True)
