@@ -117,6 +117,16 @@ def hf_dirs(tmp_path_factory):
     return get
 
 
+def bench_module(name: str):
+    """bench/NAME.py as a module (the benchmarks are scripts, not a package)."""
+    import importlib.util
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", f"{name}.py")
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def torchrun_ranks_agree(script, out):
     """Run `script` on two CPU processes under torchrun; each saves its trained parameters to
     out/rank{RANK}.pt. Asserts the run succeeded, both ranks ended with the same non-zero

@@ -1,9 +1,11 @@
-"""token_sampling: the CPU argmax by chunks is torch.argmax, and sampling draws the tokens it drew
-before the argmax and the last-token-with-mass pass left it."""
+"""token_sampling: the CPU argmax by chunks is torch.argmax; sampling, top-p and the log-probs give
+what the code they replaced gave (kept in bench/token_sampling.py); the allocator setting of
+generation (cpu_kernels.keep_large_blocks) keeps freed blocks for reuse."""
 
 import pytest
 import torch
 
+from conftest import bench_module
 from nanohuatuo.token_sampling import greedy_tokens, process_rows, sample_rows, top_p_drop
 
 
@@ -26,13 +28,7 @@ def test_greedy_tokens_is_argmax(V):
 
 def bench_sampling():
     """bench/token_sampling.py as a module (it keeps the sampler as it was)."""
-    import importlib.util
-    import os
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "token_sampling.py")
-    spec = importlib.util.spec_from_file_location("bench_token_sampling", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    return bench
+    return bench_module("token_sampling")
 
 
 @pytest.mark.parametrize("temperature", [[1.0] * 4, [0.0, 0.7, 0.0, 1.3], [0.0] * 4])

@@ -12,7 +12,7 @@ import copy
 import pytest
 import torch
 
-from conftest import tiny_base
+from conftest import bench_module, tiny_base
 import nanohuatuo.cpu_kernels as ck
 from nanohuatuo.cpu_kernels import head_logits, tune_cpu_kernels
 from nanohuatuo.engine import Engine, SamplingParams
@@ -341,13 +341,7 @@ def test_chat_and_serve_load_bfloat16_on_cpu(tiny_dir, capsys):
 
 def bench_generate():
     """bench/generate.py as a module."""
-    import importlib.util
-    import os
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "generate.py")
-    spec = importlib.util.spec_from_file_location("bench_generate", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    return bench
+    return bench_module("generate")
 
 
 def test_benchmark_counts_bytes_read_and_tokens_matched(tiny_dir):
