@@ -587,9 +587,9 @@ def keep_large_blocks(threshold: int = 64 << 20) -> bool:
     allocates the same temporaries at every step ((rows, vocabulary) logits, log-probs and the
     sampler's sums), and every new page costs a fault. With return_large_blocks' 1 MiB, choosing
     16 tokens from 151,936 logits with their log-probs took 27 ms a step (19,000 page faults)
-    against 2.5 ms; with glibc's own moving threshold it took 3.5 ms at 16 rows of 32,000 logits
-    (2,700 faults: a block the size of the threshold is mapped afresh each time) against 0.6 ms
-    (2-core AMD EPYC). Returns whether it was applied (glibc only)."""
+    against 2.5 ms; in a fresh process with glibc's own moving threshold it took 3.5 ms at 16 rows
+    of 32,000 logits (2,700 faults a step, why not looked into) against 0.6 ms (2-core AMD EPYC).
+    Returns whether it was applied (glibc only)."""
     return _mallopt(threshold, 4 * threshold)
 
 

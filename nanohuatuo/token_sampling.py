@@ -139,10 +139,14 @@ def rows_at_once(logits) -> int:
 def next_tokens(logits, temperature, top_k, top_p, penalty, seen, generators):
     """`process_rows` then `sample_rows` (the engine's step): one token per row of logits (B, V).
 
-    A few rows at a time (`rows_at_once`), the same tokens (a row's never depends on the others').
+    A few rows at a time (`rows_at_once`), the same tokens (a row's never depends on the others'):
+    at temperature 1, 16 rows of 151,936 logits at once took 19 MB of float64 sums that came back
+    as fresh pages at every call (7,000-9,500 page faults, 9.5-11.6 ms on a 2-core AMD EPYC), 4
+    rows at a time none (1.4-1.5 ms); with `cpu_kernels.keep_large_blocks` 64 rows at once still
+    paid 38,000 (50 ms against 7.4 ms in blocks).
     With Qwen2.5's defaults (temperature 0.7, top-k 20, top-p 0.8, repetition penalty 1.05), 16
-    rows of 151,936 logits took 47 ms a step on a 2-core AMD EPYC when processed at once, with a
-    full sort a row and a where() over every logit, against 10 ms now (bench/token_sampling.py).
+    rows of 151,936 logits took 57.6 ms a step on a 2-core AMD EPYC when processed at once, with a
+    full sort a row and a where() over every logit, against 14.6 ms now (bench/token_sampling.py).
     Greedy rows without a penalty are not processed and take one argmax."""
     B, V = logits.shape
     if not any(t > 0 for t in temperature) and (seen is None or all(p == 1.0 for p in penalty)):
@@ -205,16 +209,6 @@ def greedy_tokens(logits, chunk: int = 1024):
     return start + logits.gather(-1, at).argmax(-1)
 
 
-def _inverse_cdf(logits, generators):
-    """One draw per row of logits from softmax(logits), with one uniform from that row's generator."""
-    probs = logits.float().softmax(-1)
-    cdf = probs.double().cumsum(-1)
-    u = torch.cat([torch.rand(1, generator=g, dtype=torch.float64, device=cdf.device) for g in generators])
-    total = cdf[:, -1:].contiguous()
-    reach = torch.searchsorted(cdf, total).clamp_max(cdf.shape[-1] - 1)  # (NaN logits: in range)
-    return torch.minimum(torch.searchsorted(cdf, u[:, None] * total, right=True), reach).squeeze(-1)
-
-
 def sample_rows(logits, temperature, generators):
     """One token per row of logits (B, V): argmax where temperature <= 0, else a draw from
     softmax(logits) by inverse CDF with one uniform from that row's generator.
@@ -224,19 +218,19 @@ def sample_rows(logits, temperature, generators):
     model's decode step. right=True never lands on a zero-probability (masked) token; a uniform
     that rounds to the total (no entry above it) takes the first token where the cumulative sum
     reaches the total, a token with mass (found by bisection: a pass over every row's
-    probabilities for the last token with mass took a third of the sampling's time).
-
-    The rows are drawn a few at a time (`rows_at_once`): 16 rows of 151,936 logits at once took
-    19 MB of float64 sums that came back as fresh pages at every call (7,000-9,500 page faults,
-    9.5-11.6 ms on a 2-core AMD EPYC), 4 rows at a time none (1.4-1.5 ms).
+    probabilities for the last token with mass took a third of the sampling's time). All rows at
+    once: the engine calls it a few rows at a time (`next_tokens`).
     """
     rows = [i for i, t in enumerate(temperature) if t > 0]
     if not rows:
         return greedy_tokens(logits)
     sub = logits if len(rows) == len(temperature) else logits[rows]
-    per = rows_at_once(logits)
-    drawn = torch.cat([_inverse_cdf(sub[i:i + per], [generators[j] for j in rows[i:i + per]])
-                       for i in range(0, len(rows), per)])
+    probs = sub.float().softmax(-1)
+    cdf = probs.double().cumsum(-1)
+    u = torch.cat([torch.rand(1, generator=generators[i], dtype=torch.float64, device=cdf.device) for i in rows])
+    total = cdf[:, -1:].contiguous()
+    reach = torch.searchsorted(cdf, total).clamp_max(cdf.shape[-1] - 1)  # (NaN logits: in range)
+    drawn = torch.minimum(torch.searchsorted(cdf, u[:, None] * total, right=True), reach).squeeze(-1)
     if len(rows) == len(temperature):
         return drawn
     tok = greedy_tokens(logits)  # only the greedy rows' argmax is needed
