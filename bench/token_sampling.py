@@ -1,16 +1,17 @@
 """Benchmark: the engine's token choice from a step's logits, against the code it replaced.
 
 Greedy: `token_sampling.greedy_tokens` (on a CPU, the argmax taken through each chunk's max)
-against `torch.argmax`. Sampled (temperature 1, one seeded generator per row): `sample_rows`
-against `sample_rows_before` below, the sampler as it was (every row's argmax computed even when
-no row is greedy, and a pass over every probability for the last token with mass). Top-p 0.8,
-alone and after top-k 20: `top_p_drop` (the sort over a row's largest logits where they decide)
-against `top_p_drop_before`, every row sorted in full. The engine's whole choice with Qwen2.5's
-generation_config (temperature 0.7, top-k 20, top-p 0.8, repetition penalty 1.05):
-`next_tokens` (a few rows at a time) against `next_tokens_before`. The sampled tokens' log-probs
-(PPO and GRPO rollouts): `token_logprobs` against one log_softmax over every row. All on the same random logits (Qwen2's
-vocabulary, 151,936, scaled by 4), in interleaved rounds, best of each; the tokens (or the
-dropped ones) are checked to be the same.
+against `torch.argmax`. The engine's whole choice (`next_tokens`, a few rows at a time) against
+`next_tokens_before` below, the code it replaced (every row at once, a where() over every logit
+for the repetition penalty, top-p by the full sort of every row, and `sample_rows_before`, which
+computed every row's argmax even with no greedy row and found the last token with mass by a pass
+over every probability): sampled at temperature 1 alone, and with Qwen2.5's generation_config
+(temperature 0.7, top-k 20, top-p 0.8, repetition penalty 1.05). Top-p 0.8, alone and after
+top-k 20: `top_p_drop` (the sort over a row's largest logits where they decide) against
+`top_p_drop_before`. The sampled tokens' log-probs (PPO and GRPO rollouts): `token_logprobs`
+against one log_softmax over every row. All on the same random logits (Qwen2's vocabulary,
+151,936, scaled by 4), in interleaved rounds, best of each; the tokens (or the dropped ones) are
+checked to be the same.
 
     python bench/token_sampling.py                       # batch 1, 8, 16 and 64
     python bench/token_sampling.py --batches 16 --rounds 5 --out sampling.json
@@ -26,9 +27,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from nanohuatuo import token_sampling  # noqa: E402
-from nanohuatuo.token_sampling import (greedy_tokens, next_tokens, process_rows, sample_rows, token_logprobs,  # noqa: E402
-                                       top_p_drop)
+from nanohuatuo.token_sampling import greedy_tokens, next_tokens, process_rows, token_logprobs, top_p_drop  # noqa: E402
 
 
 def sample_rows_before(logits, temperature, generators):
@@ -60,12 +59,15 @@ def top_p_drop_before(logits, top_p):
 
 
 def next_tokens_before(logits, temperature, top_k, top_p, penalty, seen, generators):
-    """The engine's step as it was: every row processed at once (top-p by the full sort), then sampled."""
-    now, token_sampling.top_p_drop = token_sampling.top_p_drop, top_p_drop_before
-    try:
-        x = process_rows(logits, temperature, top_k, top_p, penalty, seen)
-    finally:
-        token_sampling.top_p_drop = now
+    """The engine's choice as it was: every row at once, the repetition penalty a where() over every
+    logit, temperature and top-k as now, top-p by the full sort, then sample_rows_before."""
+    B = logits.shape[0]
+    if seen is not None and any(p != 1.0 for p in penalty):
+        pen = torch.tensor(penalty, dtype=logits.dtype)[:, None]
+        logits = torch.where(seen, torch.where(logits < 0, logits * pen, logits / pen), logits)
+    x = process_rows(logits, temperature, top_k, [1.0] * B, [1.0] * B, None)
+    if any(p < 1.0 for p in top_p):
+        x = x.masked_fill(top_p_drop_before(x, top_p), float("-inf"))
     return sample_rows_before(x, temperature, generators)
 
 
@@ -98,14 +100,15 @@ def main(argv=None):
     for B in args.batches:
         x = torch.randn(B, args.vocab)
         for _ in range(3):
-            sample_rows_before(x, [1.0] * B, [None] * B), sample_rows(x, [1.0] * B, [None] * B)
+            sample_rows_before(x, [1.0] * B, [None] * B), next_tokens(x, [1.0] * B, [0] * B, [1.0] * B, [1.0] * B,
+                                                                      None, [None] * B)
     for B in args.batches:
         logits = torch.randn(B, args.vocab, generator=torch.Generator().manual_seed(B)) * 4
         gens = lambda: [torch.Generator().manual_seed(i) for i in range(B)]  # noqa: E731
         pairs = {"greedy": (lambda: logits.argmax(-1), lambda: greedy_tokens(logits))}
         g_old, g_new = gens(), gens()
-        pairs["sampled"] = (lambda: sample_rows_before(logits, [1.0] * B, g_old),
-                            lambda: sample_rows(logits, [1.0] * B, g_new))
+        plain = ([1.0] * B, [0] * B, [1.0] * B, [1.0] * B, None)  # temperature 1, nothing else
+        pairs["sampled"] = (lambda: next_tokens_before(logits, *plain, g_old), lambda: next_tokens(logits, *plain, g_new))
         # top-p 0.8 alone, and after top-k 20 (Qwen2.5's generation_config): the logits as top-k leaves them
         pairs["top-p"] = (lambda: top_p_drop_before(logits, [0.8] * B), lambda: top_p_drop(logits, [0.8] * B))
         top20 = process_rows(logits, [1.0] * B, [20] * B, [1.0] * B, [1.0] * B, None)
