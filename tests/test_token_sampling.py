@@ -159,3 +159,24 @@ print(mapped, ck.keep_large_blocks() and faults())
     with ck.large_blocks_kept():
         assert calls == [(1 << 20,), (64 << 20, 256 << 20)]
     assert calls[-1] == (1 << 20, 128 << 10) and ck._RETURNED == 1 << 20
+
+
+def test_next_tokens_in_blocks_choose_what_the_previous_choice_chose():
+    """The engine's choice, a few rows at a time, against the previous one over every row at once
+    (bench/token_sampling.py's next_tokens_before): greedy, sampled, top-k, top-p and penalised
+    rows mixed, over more rows than one block."""
+    from nanohuatuo.token_sampling import next_tokens, rows_at_once
+    before = bench_sampling().next_tokens_before
+    B, V = 9, 151936
+    logits = torch.randn(B, V, generator=torch.Generator().manual_seed(3)) * 4
+    assert rows_at_once(logits) < B  # more than one block
+    seen = torch.zeros(B, V, dtype=torch.bool)
+    seen[:, torch.randperm(V, generator=torch.Generator().manual_seed(4))[:200]] = True
+    settings = ([0.0, 0.7, 1.0, 0.7, 0.0, 1.3, 0.7, 1.0, 0.5],  # temperature
+                [0, 20, 0, 0, 0, 50, 20, 0, 5],  # top-k
+                [1.0, 0.8, 0.9, 1.0, 1.0, 0.95, 1.0, 0.5, 1.0],  # top-p
+                [1.0, 1.05, 1.0, 1.2, 1.1, 1.0, 1.05, 1.0, 1.0])  # repetition penalty
+    new = [torch.Generator().manual_seed(s) for s in range(B)]
+    old = [torch.Generator().manual_seed(s) for s in range(B)]
+    for _ in range(20):
+        assert torch.equal(next_tokens(logits, *settings, seen, new), before(logits, *settings, seen, old))
