@@ -39,11 +39,13 @@ Builds Qwen2-shaped models with random weights (about 100M and 500M parameters, 
 """
 
 import argparse
+import functools
 import json
 import os
 import sys
 import tempfile
 import time
+import traceback
 
 import torch
 
@@ -250,7 +252,8 @@ def fixed_length(size, args, hf, ours, bar, compile, rows):
         toks = {k: f() for k, f in runs.items()}
         row = dict(table="fixed", size=size, params=ours.num_params(), device=args.device, dtype=args.dtype,
                    compile=compile, batch=B, new_tokens=n_new, prompt_len=args.prompt_len,
-                   same_tokens={k: toks[k] == ref for k in runs}, hf_tok_s=hf_tok_s)
+                   same_tokens={k: toks[k] == ref for k in runs}, hf_tok_s=hf_tok_s,
+                   same_share={k: same_prefix(toks[k], ref) for k in runs})
         if B == 1:
             row["hf_bw_share"] = hf_share
         for k, f in runs.items():
@@ -379,6 +382,7 @@ def mixed(size, args, hf, ours, compile, rows):
         _hf_runs["mixed", size] = toks.pop("hf"), row.pop("hf_tok_s")
     ref, row["hf_tok_s"] = _hf_runs["mixed", size]
     row["same_tokens"] = {k: toks[k] == ref for k in toks}
+    row["same_share"] = {k: same_prefix(toks[k], ref) for k in toks}
     rows.add(row)
 
 
@@ -403,13 +407,32 @@ def prefix_reuse(size, args, ours, compile, rows):
     rows.add(row)
 
 
+def run_table(failed, name, fn, *a):
+    """One table of one size: its time printed and, if it fails, the traceback printed, the failure
+    added to `failed` and the run going on (a GPU lent for one run: a failing compiled table must
+    not cost the eager ones)."""
+    t = time.perf_counter()
+    try:
+        fn(*a)
+    except Exception as e:
+        traceback.print_exc()
+        failed.append(f"{name}: {type(e).__name__}: {e}")
+    print(f"[{name}: {time.perf_counter() - t:.0f} s]", flush=True)
+
+
 def _tok_s(r, k):
     return f"{r[k + '_tok_s']:.1f}" if k + "_tok_s" in r else "-"
 
 
 def _same(r):
-    return ", ".join(("yes" if r["same_tokens"][k] else "no") if k in r["same_tokens"] else "-"
-                     for k in ("static", "engine"))
+    """yes, or no with the share of transformers' tokens matched (each row up to its first difference:
+    in bfloat16 on a GPU, other kernels' rounding flips near-ties, which random weights are full of)."""
+    def one(k):
+        if k not in r["same_tokens"]:
+            return "-"
+        share = r.get("same_share", {}).get(k)
+        return "yes" if r["same_tokens"][k] else "no" if share is None else f"no ({share:.0%})"
+    return ", ".join(one(k) for k in ("static", "engine"))
 
 
 def report(rows):
@@ -506,6 +529,8 @@ def main():
           f"{torch.get_num_threads()}, torch {torch.__version__}, transformers {tf.__version__}, "
           f"matvec bandwidth {bandwidth / 1e9:.1f} GB/s", flush=True)
     rows = Rows(args.out, bandwidth)
+    failed = []
+    table = functools.partial(run_table, failed)
     for size in args.sizes:
         path = build(size, args.workdir, dtype, args.device)
         hf = tf.AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(args.device).eval()
@@ -514,19 +539,23 @@ def main():
         if not cuda:
             print(f"{size}: CPU kernels measured at load: {ours.cpu_kernels}", flush=True)
         for compile in modes:
+            name = f"{size}{' compiled' if compile else ''}"
             if "fixed" in args.tables:
-                fixed_length(size, args, hf, ours, bar, compile, rows)
+                table(f"(a) {name}", fixed_length, size, args, hf, ours, bar, compile, rows)
             if "mixed" in args.tables:
-                mixed(size, args, hf, ours, compile, rows)
+                table(f"(b) {name}", mixed, size, args, hf, ours, compile, rows)
             if "prefix" in args.tables:
-                prefix_reuse(size, args, ours, compile, rows)
+                table(f"(c) {name}", prefix_reuse, size, args, ours, compile, rows)
         del hf, ours
         if "fixed" in args.tables and args.weights:
-            weight_formats(size, path, args, bar, rows)
+            table(f"(e) {size}", weight_formats, size, path, args, bar, rows)
     if args.model:  # (e) on a real checkpoint, with real questions
-        weight_formats(os.path.basename(os.path.normpath(args.model)), args.model, args, bar, rows,
-                       prompts_for=eval_prompts(args.model))
+        table(f"(e) {args.model}", lambda: weight_formats(os.path.basename(os.path.normpath(args.model)),
+                                                          args.model, args, bar, rows, eval_prompts(args.model)))
     report(rows)
+    if failed:
+        print("\nfailed:\n" + "\n".join(failed), flush=True)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

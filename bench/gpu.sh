@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The GPU figures of docs/benchmarks.md in one run (about 6-10 minutes on one H200-class GPU):
+# The GPU figures of docs/benchmarks.md in one run (about 10-11 minutes on one H200: 9.5 measured
+# up to its last table, the 1.5B compiled mixed workload, most of it compiling):
 # Qwen2.5-0.5B- and 1.5B-shaped models with random weights, bfloat16, greedy; the engine eager and
 # compiled (CUDA graphs) against transformers' generate at batch 1, 8 and 64 (64 new tokens after
 # a 32-token prompt), and a mixed workload of 128 requests (prompts 16-256 tokens, answers 8-256)

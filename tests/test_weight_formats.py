@@ -386,6 +386,10 @@ def test_benchmark_keeps_rows_as_they_come_and_reports_without_the_static_path(t
     text = capsys.readouterr().out
     assert "| tiny compiled (1M) | 1 | 10.0 | - | 50.0 | 5.00x | -, yes | 10% / - / 50% |" in text
     assert "| tiny | 8 / 4 | 80 | 20.0 | - | 60.0 | - | 3.00x | -, no |" in text
+    # with the share of transformers' tokens matched (rows up to their first difference), a "no" says how far
+    rows.add(dict(mixed, size="small", same_share={"engine": bench.same_prefix([[1, 2, 9], [4, 5]], [[1, 2, 3], [4, 6]])}))
+    bench.report(rows)
+    assert "| small | 8 / 4 | 80 | 20.0 | - | 60.0 | - | 3.00x | -, no (60%) |" in capsys.readouterr().out
 
 
 def test_benchmark_tables_as_the_gpu_script_runs_them(tmp_path):
@@ -415,3 +419,17 @@ def test_benchmark_tables_as_the_gpu_script_runs_them(tmp_path):
     assert first[0]["engine_bw_share"] == ours.num_params() * 4 * first[0]["engine_tok_s"] / 1e9
     # (a): tokens, a warm-up and a timed run per batch size; (b): a warm-up and 3 batches of 2 slots; then none
     assert counts == [2 * 3 + 1 + 3] * 2
+
+
+
+def test_benchmark_goes_on_past_a_failing_table(capsys):
+    """A table that fails prints its traceback and is listed; the next one still runs (main exits 1
+    after the report when the list is not empty)."""
+    bench = bench_generate()
+    failed, ran = [], []
+    bench.run_table(failed, "(e) missing", lambda path: open(path), "/nonexistent/config.json")
+    bench.run_table(failed, "(a) tiny", ran.append, 1)
+    assert ran == [1] and failed == ["(e) missing: FileNotFoundError: [Errno 2] No such file or directory: "
+                                     "'/nonexistent/config.json'"]
+    out = capsys.readouterr()
+    assert "Traceback" in out.err and "[(e) missing: 0 s]" in out.out and "[(a) tiny: 0 s]" in out.out
