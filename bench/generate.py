@@ -215,9 +215,10 @@ def hf_generate(hf, prompts, max_new_tokens, device):
     return out[:, ids.shape[1]:].tolist()
 
 
-def engine_run(ours, prompts, news, slots, compile, n=1, sample=False):
-    """All requests queued at once on one Engine; returns the tokens per request."""
-    eng = Engine(ours, slots=slots, max_len=max(map(len, prompts)) + max(news), compile=compile)
+def engine_run(ours, prompts, news, slots, compile, n=1, sample=False, max_len=None):
+    """All requests queued at once on one Engine (max_len: its cache's positions per row, by default
+    just enough); returns the tokens per request."""
+    eng = Engine(ours, slots=slots, max_len=max_len or max(map(len, prompts)) + max(news), compile=compile)
     reqs = []
     for i, (p, m) in enumerate(zip(prompts, news)):
         sp = SamplingParams(max_new_tokens=m, temperature=1.0 if sample else 0.0, seed=i)
@@ -357,12 +358,14 @@ def mixed(size, args, hf, ours, compile, rows):
 
     runs = {"hf": batched(lambda ps, m: hf_generate(hf, ps, m, args.device)),
             "static": batched(lambda ps, m: static_generate(ours, ps, m, compile=compile)),
-            "engine": lambda: engine_run(ours, prompts, news, S, compile)}
+            "engine": lambda: engine_run(ours, prompts, news, S, compile, max_len=max_len)}
     if args.no_static:
         del runs["static"]
     warm = [p[:8 + i % 2] for i, p in enumerate(prompts[:S])]
-    # every batch size the engine meets, rows at one position and at several (a compiled step's graphs)
-    engine_run(ours, warm, list(range(1, len(warm) + 1)), S, compile)
+    # every batch size the engine meets, rows at one position and at several (a compiled step's
+    # graphs), on a cache of the timed run's shape: CUDA graphs are recorded per cache shape
+    max_len = max(plens) + max(news)
+    engine_run(ours, warm, list(range(1, len(warm) + 1)), S, compile, max_len=max_len)
     if "static" in runs:
         static_generate(ours, warm, 4, compile=compile)
     if ("mixed", size) in _hf_runs:  # timed once a size: the compiled round reuses the eager round's

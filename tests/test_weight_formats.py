@@ -408,6 +408,8 @@ def test_benchmark_tables_as_the_gpu_script_runs_them(tmp_path):
                               slots=2)
     rows, calls, real, counts = bench.Rows(None, 1e9), [], bench.hf_generate, []
     bench.hf_generate = lambda *a: calls.append(1) or real(*a)
+    engines, engine = [], bench.Engine
+    bench.Engine = lambda *a, **kw: engines.append(kw["max_len"]) or engine(*a, **kw)
     for _ in range(2):
         bench.fixed_length("tiny", args, hf, ours, lambda: 1e9, False, rows)
         bench.mixed("tiny", args, hf, ours, False, rows)
@@ -419,7 +421,8 @@ def test_benchmark_tables_as_the_gpu_script_runs_them(tmp_path):
     assert first[0]["engine_bw_share"] == ours.num_params() * 4 * first[0]["engine_tok_s"] / 1e9
     # (a): tokens, a warm-up and a timed run per batch size; (b): a warm-up and 3 batches of 2 slots; then none
     assert counts == [2 * 3 + 1 + 3] * 2
-
+    # (b)'s warm-up engine has the timed one's cache shape (a compiled step's CUDA graphs are per shape)
+    assert len(engines) == 4 and len(set(engines)) == 1
 
 
 def test_benchmark_goes_on_past_a_failing_table(capsys):
