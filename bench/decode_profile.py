@@ -1,4 +1,4 @@
-"""Profile: where the engine's CPU decode step spends its time, against the memory-bandwidth floor.
+"""Profile: where the engine's decode step spends its time, against the memory-bandwidth floor.
 
 Builds the Qwen2-shaped "100M" model of bench/generate.py (hidden 512, 8 layers, 8 heads / 2 KV
 heads, vocabulary 151,936 tied; or with --size 500M, Qwen2.5-0.5B's shape) with random weights
@@ -18,12 +18,21 @@ per batch size:
 - torch.profiler's ops by self CPU time (the top --top), after the matrix products' sum (oneDNN's
   linear, mm, addmm) and share.
 
+With --compile the step is the engine's compiled one (on CUDA, CUDA graphs; the blocks can't be
+timed one by one inside it): the breakdown is the compiled call (synchronised on CUDA) and the rest
+of the step. With --device cuda the bandwidth is the GPU's in --dtype, and torch.profiler also gives
+the GPU's kernel time a step: a step far longer than that is the host's (launches, guards, the
+inputs' and the new tokens' copies), not the GPU's. Eager on CUDA, a block's time is the host's
+time to launch its kernels; the GPU's wait shows in the rest of the step (the new tokens' copy).
+
     python bench/decode_profile.py                       # 100M, batch 1 8 16, float32, 2 threads
     python bench/decode_profile.py --infer               # as chat, serve and evaluation load it (packed)
     python bench/decode_profile.py --batches 1 --steps 50 --top 25
     python bench/decode_profile.py --size 500M --batches 1 8
     python bench/decode_profile.py --dtype bfloat16 --infer      # bfloat16 as chat and serve load it
     python bench/decode_profile.py --lora 16                     # unmerged LoRA, as PPO/GRPO rollouts decode
+    python bench/decode_profile.py --compile --batches 1         # the compiled CPU step
+    python bench/decode_profile.py --device cuda --dtype bfloat16 --size 500M --batches 1 8 --compile
 
 On a machine shared with other work the absolute times drift: read the shares, and compare code
 changes A/B (old and new interleaved, same weights and threads), not against another day's run.
@@ -38,7 +47,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from nanohuatuo import engine_runner  # noqa: E402
+from nanohuatuo import engine as engine_mod, engine_runner  # noqa: E402
 from nanohuatuo.cpu_kernels import tune_cpu_kernels  # noqa: E402
 from nanohuatuo.engine import Engine, SamplingParams  # noqa: E402
 from nanohuatuo.generate import for_inference  # noqa: E402
@@ -49,7 +58,7 @@ from generate import SIZES, matvec_bandwidth, matvec_reader  # noqa: E402  (benc
 
 
 def qwen2_model(size, dtype, seed):
-    """bench/generate.py's Qwen2-shaped "100M" or "500M" (Qwen2.5-0.5B's shape) with random weights."""
+    """bench/generate.py's Qwen2-shaped "100M", "500M" (Qwen2.5-0.5B's shape) or "1.5B" with random weights."""
     g = SIZES[size]
     c = ModelConfig(arch="qwen2", vocab_size=151936, dim=g["hidden_size"], n_layers=g["num_hidden_layers"],
                     n_heads=g["num_attention_heads"], n_kv_heads=g["num_key_value_heads"],
@@ -126,8 +135,8 @@ def instrument(model, timers):
     return undo
 
 
-def filled_engine(model, B, prompt_len, new_tokens, seed):
-    eng = Engine(model, slots=B, max_len=prompt_len + new_tokens + 8)
+def filled_engine(model, B, prompt_len, new_tokens, seed, compile=False):
+    eng = Engine(model, slots=B, max_len=prompt_len + new_tokens + 8, compile=compile)
     g = torch.Generator().manual_seed(seed + B)
     for _ in range(B):
         eng.add(torch.randint(0, model.config.vocab_size, (prompt_len,), generator=g).tolist(),
@@ -137,6 +146,30 @@ def filled_engine(model, B, prompt_len, new_tokens, seed):
 
 
 PRODUCTS = {"mkldnn::_linear_pointwise", "aten::mm", "aten::addmm", "aten::_weight_int8pack_mm"}
+
+
+def compiled_call_timed(timers, device):
+    """The engine's compiled step with its wall time (synchronised on CUDA) added to `timers`."""
+    real = engine_mod.compiled_decode
+
+    def compiled_decode(*a):
+        step = real(*a)
+
+        def timed(*args):
+            sync(device)
+            t = time.perf_counter()
+            out = step(*args)
+            sync(device)
+            timers.add("compiled call (synchronised)", time.perf_counter() - t)
+            return out
+        return timed
+    engine_mod.compiled_decode = compiled_decode
+    return lambda: setattr(engine_mod, "compiled_decode", real)
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
 
 
 def paired_shares(eng, nbytes, read, rounds):
@@ -156,8 +189,8 @@ def paired_shares(eng, nbytes, read, rounds):
 
 
 def profile_batch(model, B, args, floor_s, nbytes, read):
-    eng = filled_engine(model, B, args.prompt_len, 3 * args.steps + 10 * args.pairs + 16, args.seed)
-    for _ in range(3):
+    eng = filled_engine(model, B, args.prompt_len, 3 * args.steps + 10 * args.pairs + 16, args.seed, args.compile)
+    for _ in range(3):  # on CUDA with --compile, the graph of this batch size recorded here
         eng.step()
     times = []
     for _ in range(args.steps):
@@ -174,7 +207,8 @@ def profile_batch(model, B, args, floor_s, nbytes, read):
               f"(median; {min(shares):.0%}-{max(shares):.0%})")
 
     timers = Timers()
-    undo = instrument(model, timers)
+    device = model.embed_tokens.weight.device
+    undo = compiled_call_timed(timers, device) if args.compile else instrument(model, timers)
     total = 0.0
     try:
         for _ in range(args.steps):
@@ -189,10 +223,17 @@ def profile_batch(model, B, args, floor_s, nbytes, read):
     for label, s in parts.items():
         print(f"    {label:44s} {s / args.steps * 1e3:7.2f} ms  {s / total:6.1%}")
 
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as prof:
         for _ in range(args.steps):
             eng.step()
     averages = prof.key_averages()
+    if device.type == "cuda":  # the kernels' own time (a graph's kernels too): what the GPU was busy for
+        busy = sum(e.self_device_time_total for e in averages)
+        print(f"  GPU kernel time: {busy / args.steps / 1e3:.2f} ms of the {step * 1e3:.2f} ms step; the "
+              f"difference is the GPU waiting on the host")
     products = sum(e.self_cpu_time_total for e in averages if e.key in PRODUCTS)
     everything = sum(e.self_cpu_time_total for e in averages)
     print(f"  matrix products (oneDNN's linear, mm, addmm, int8 mm): {products / args.steps / 1e3:.2f} ms a step, "
@@ -200,11 +241,19 @@ def profile_batch(model, B, args, floor_s, nbytes, read):
     print(f"  torch.profiler, ops by self CPU time (top {args.top}):")
     table = averages.table(sort_by="self_cpu_time_total", row_limit=args.top)
     print("\n".join("    " + line for line in table.splitlines()))
+    if device.type == "cuda":
+        print(f"  torch.profiler, by GPU time (top {args.top}):")
+        table = averages.table(sort_by="self_device_time_total", row_limit=args.top)
+        print("\n".join("    " + line for line in table.splitlines()))
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--size", default="100M", choices=["100M", "500M"], help="model shape (default: 100M)")
+    ap.add_argument("--size", default="100M", choices=["100M", "500M", "1.5B"], help="model shape (default: 100M)")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    ap.add_argument("--compile", action="store_true",
+                    help="the engine's compiled decode step (CUDA graphs on CUDA); the breakdown is then the "
+                         "compiled call and the rest of the step")
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8, 16], help="batch sizes to profile (default: 1 8 16)")
     ap.add_argument("--steps", type=int, default=30, help="decode steps timed per batch size (default: 30)")
     ap.add_argument("--prompt-len", type=int, default=32, help="tokens in every prompt (default: 32)")
@@ -222,7 +271,8 @@ def main():
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
-    model = qwen2_model(args.size, dtype, args.seed)
+    device = torch.device(args.device)
+    model = qwen2_model(args.size, dtype, args.seed).to(device)
     if args.lora:
         apply_lora(model, r=args.lora, alpha=2 * args.lora, dropout=0.0, targets=default_targets(model))
         g = torch.Generator().manual_seed(args.seed)
@@ -231,18 +281,21 @@ def main():
                 p.normal_(0, 0.01, generator=g)
     if args.infer:
         for_inference(model)
-    # bytes per second of memory, measured in float32 (bench/generate.py's (e) does the same): a bfloat16
-    # matrix-vector product that reads slower than that is the kernel's shortfall, not the memory's
-    read = matvec_reader("cpu", torch.float32)
-    bw = matvec_bandwidth("cpu", torch.float32, read=read)
+    # bytes per second of memory, on CPU measured in float32 (bench/generate.py's (e) does the same): a
+    # bfloat16 matrix-vector product that reads slower than that is the kernel's shortfall, not the memory's
+    bar_dtype = dtype if device.type == "cuda" else torch.float32
+    read = matvec_reader(args.device, bar_dtype)
+    bw = matvec_bandwidth(args.device, bar_dtype, read=read)
     nbytes = step_bytes(model)
     tune_cpu_kernels(model, batches=(1, *args.batches))  # as an Engine with max(batches) slots would
     print(f"{args.size} ({model.num_params() / 1e6:.0f}M params, {nbytes / 1e6:.0f} MB a step), {args.dtype}, "
           f"{f'LoRA r={args.lora} unmerged, ' if args.lora else ''}"
-          f"{args.threads} threads, matrix-vector bandwidth {bw / 1e9:.1f} GB/s (float32)")
+          f"{'compiled, ' if args.compile else ''}{args.device}, {args.threads} threads, "
+          f"matrix-vector bandwidth {bw / 1e9:.1f} GB/s ({str(bar_dtype).removeprefix('torch.')})")
     for B in args.batches:
         profile_batch(model, B, args, nbytes / bw, nbytes, read)
-    print(f"\nCPU kernels chosen at load: {model.cpu_kernels}")
+    if device.type == "cpu":
+        print(f"\nCPU kernels chosen at load: {model.cpu_kernels}")
 
 
 if __name__ == "__main__":

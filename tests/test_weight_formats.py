@@ -436,3 +436,20 @@ def test_benchmark_goes_on_past_a_failing_table(capsys):
                                      "'/nonexistent/config.json'"]
     out = capsys.readouterr()
     assert "Traceback" in out.err and "[(e) missing: 0 s]" in out.out and "[(a) tiny: 0 s]" in out.out
+
+
+def test_decode_profile_times_the_compiled_call_and_puts_it_back(monkeypatch):
+    """bench/decode_profile.py --compile: the engine's compiled step is wrapped so that its wall time
+    is added to the timers (it can't be split by block), and the engine's own is restored after."""
+    import os
+    import nanohuatuo.engine as engine_mod
+    monkeypatch.syspath_prepend(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
+    profile = bench_module("decode_profile")  # which imports bench/generate.py as a script does
+    real = lambda device_type="cuda": (lambda *a: sum(a))  # noqa: E731
+    monkeypatch.setattr(engine_mod, "compiled_decode", real)
+    timers = profile.Timers()
+    undo = profile.compiled_call_timed(timers, torch.device("cpu"))
+    assert engine_mod.compiled_decode("cpu")(1, 2) == 3 and engine_mod.compiled_decode("cpu")(3) == 3
+    assert list(timers.t) == ["compiled call (synchronised)"] and timers.t["compiled call (synchronised)"] > 0
+    undo()
+    assert engine_mod.compiled_decode is real
