@@ -88,6 +88,8 @@ def top_p_drop(logits, top_p, candidates: int = 1024):
         return _top_p_sorted(logits, low[:, None])
     drop = torch.zeros(B, V, dtype=torch.bool, device=logits.device)
     rows = [i for i, p in enumerate(top_p) if p < 1.0]
+    if not rows:
+        return drop
     x = logits if len(rows) == B else logits[rows]
     n_finite = (x > float("-inf")).sum(-1).tolist()
     k = min(k, max(1, *n_finite))  # top-k left fewer: topk of 20 is cheaper than of 1,024

@@ -100,6 +100,7 @@ def test_top_p_drops_what_the_full_sort_dropped(V, monkeypatch):
         assert torch.equal(logits[5][~got[5]].sort().values, logits[5][~want[5]].sort().values)
         assert not got[3].any()  # top-p off
         assert (~got).sum(-1).min() >= 1  # the most likely token always stays
+    assert not top_p_drop(x[:3], [1.0, 1.0, 1.0]).any()  # no row asks for top-p: none go (no topk over none)
 
 
 def test_token_logprobs_are_log_softmax_over_all_rows():
