@@ -54,7 +54,7 @@ from nanohuatuo.generate import for_inference  # noqa: E402
 from nanohuatuo.hf import ModelConfig  # noqa: E402
 from nanohuatuo.lora import apply_lora, default_targets, lora_parameters  # noqa: E402
 from nanohuatuo.model import Transformer  # noqa: E402
-from generate import SIZES, matvec_bandwidth, matvec_reader  # noqa: E402  (bench/generate.py: the same shapes and measure)
+from generate import SIZES, matvec_bandwidth, matvec_reader, sync  # noqa: E402  (bench/generate.py: the same shapes and measure)
 
 
 def qwen2_model(size, dtype, seed):
@@ -149,7 +149,8 @@ PRODUCTS = {"mkldnn::_linear_pointwise", "aten::mm", "aten::addmm", "aten::_weig
 
 
 def compiled_call_timed(timers, device):
-    """The engine's compiled step with its wall time (synchronised on CUDA) added to `timers`."""
+    """The engine's compiled step with its wall time (synchronised on CUDA) added to `timers`;
+    device: "cpu", "cuda", ... (bench/generate.py's sync)."""
     real = engine_mod.compiled_decode
 
     def compiled_decode(*a):
@@ -165,11 +166,6 @@ def compiled_call_timed(timers, device):
         return timed
     engine_mod.compiled_decode = compiled_decode
     return lambda: setattr(engine_mod, "compiled_decode", real)
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def paired_shares(eng, nbytes, read, rounds):
@@ -208,7 +204,7 @@ def profile_batch(model, B, args, floor_s, nbytes, read):
 
     timers = Timers()
     device = model.embed_tokens.weight.device
-    undo = compiled_call_timed(timers, device) if args.compile else instrument(model, timers)
+    undo = compiled_call_timed(timers, device.type) if args.compile else instrument(model, timers)
     total = 0.0
     try:
         for _ in range(args.steps):

@@ -448,7 +448,7 @@ def test_decode_profile_times_the_compiled_call_and_puts_it_back(monkeypatch):
     real = lambda device_type="cuda": (lambda *a: sum(a))  # noqa: E731
     monkeypatch.setattr(engine_mod, "compiled_decode", real)
     timers = profile.Timers()
-    undo = profile.compiled_call_timed(timers, torch.device("cpu"))
+    undo = profile.compiled_call_timed(timers, "cpu")
     assert engine_mod.compiled_decode("cpu")(1, 2) == 3 and engine_mod.compiled_decode("cpu")(3) == 3
     assert list(timers.t) == ["compiled call (synchronised)"] and timers.t["compiled call (synchronised)"] > 0
     undo()
