@@ -349,14 +349,15 @@ class Engine:
             args = (self.model, tokens, positions, self.k, self.v, n_keys, same)
             logits = self._compiled_cpu(args) if self.compile else decode_logits(*args)
         ps = [r.params for r in rows]
-        tok = next_tokens(logits, [p.temperature for p in ps], [p.top_k for p in ps], [p.top_p for p in ps],
+        temps = [p.temperature for p in ps]
+        tok = next_tokens(logits, temps, [p.top_k for p in ps], [p.top_p for p in ps],
                           [p.repetition_penalty for p in ps], self.seen[:n], [r.generator for r in rows])
         if any(p.repetition_penalty != 1.0 for p in ps):  # only a penalised row reads its own row of seen
             self.seen[torch.arange(n, device=self.device), tok] = True
         toks = tok.tolist()
         tok_lp = top_v = top_i = None
         if any(p.logprobs or p.top_logprobs > 0 for p in ps):  # under logits / temperature, before the penalty
-            lp, tops = token_logprobs(logits, [p.temperature for p in ps], tok, max(p.top_logprobs for p in ps))
+            lp, tops = token_logprobs(logits, temps, tok, max(p.top_logprobs for p in ps))
             tok_lp = lp.tolist()
             if tops is not None:
                 top_v, top_i = tops[0].tolist(), tops[1].tolist()
