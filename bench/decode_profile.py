@@ -15,6 +15,12 @@ per batch size:
 - a breakdown of the step's wall time: embedding/positions/mask (before the first block), each
   block, the final norm, the output head, and the rest of the step (sampling, the repetition
   penalty's bookkeeping, stop checks, events), from timers around those calls;
+- on CPU, the step split in two (`--pairs` rounds of 10 steps as they are, 10 steps with every
+  measured product returning a zeroed output of its shape without reading its weight, and one round
+  of the bandwidth measure): the time outside the products, and what is left, the products' time,
+  as a read rate of the step's weight bytes against the bandwidth measured next to it. A step short
+  of the bandwidth is then either work outside the products or products reading slower than the
+  large matrix-vector product of the bar;
 - torch.profiler's ops by self CPU time (the top --top), after the matrix products' sum (oneDNN's
   linear, mm, addmm) and share.
 
@@ -48,7 +54,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from nanohuatuo import engine as engine_mod, engine_runner  # noqa: E402
-from nanohuatuo.cpu_kernels import tune_cpu_kernels  # noqa: E402
+from nanohuatuo.cpu_kernels import FusedLinear, KernelLinear, tune_cpu_kernels  # noqa: E402
 from nanohuatuo.engine import Engine, SamplingParams  # noqa: E402
 from nanohuatuo.generate import for_inference  # noqa: E402
 from nanohuatuo.hf import ModelConfig  # noqa: E402
@@ -184,8 +190,75 @@ def paired_shares(eng, nbytes, read, rounds):
     return shares
 
 
+def without_weight_reads():
+    """Make every measured CPU product (a KernelLinear, a fused q|k|v or gate|up matrix: the tuned
+    model's projections and head, eager or as a compiled step's opaque op) return a zeroed output of
+    its shape instead of reading its weight; returns a function that restores them. Writing the
+    zeros stands in for the product writing its output. A product left a plain nn.Linear (F.linear
+    chosen at every batch size) still reads; `measured_bytes` says how many bytes are covered."""
+    forward, product = KernelLinear.forward, FusedLinear.product
+
+    def kernel_linear(self, x):
+        if torch.compiler.is_compiling():  # tracing: the op into the graph, as before
+            return forward(self, x)
+        return x.new_zeros((*x.shape[:-1], self.out_features))
+
+    KernelLinear.forward = kernel_linear
+    FusedLinear.product = lambda self, x, parts: x.new_zeros((*x.shape[:-1], sum(self.sizes)))
+
+    def undo():
+        KernelLinear.forward, FusedLinear.product = forward, product
+    return undo
+
+
+def measured_bytes(model):
+    """The weight bytes `without_weight_reads` takes out of a step: the KernelLinear and fused matrices'."""
+    seen = {}
+    for m in model.modules():
+        if type(m) is KernelLinear:
+            seen[id(m.weight)] = m.weight
+        for f in [getattr(m, "fused", None)]:
+            if isinstance(f, FusedLinear):
+                seen[id(f.weight)] = f.weight
+    return sum(w.numel() * w.element_size() for w in seen.values())
+
+
+def split_step(eng, nbytes, read, rounds):
+    """[(step, step without weight reads, bandwidth)] for `rounds` rounds of 10 steps each way and one
+    bandwidth round (`without_weight_reads`)."""
+    def steps():
+        times = []
+        for _ in range(10):
+            t = time.perf_counter()
+            eng.step()
+            times.append(time.perf_counter() - t)
+        return statistics.median(times)
+    out = []
+    for _ in range(rounds):
+        step = steps()
+        undo = without_weight_reads()
+        try:
+            free = steps()
+        finally:
+            undo()
+        out.append((step, free, read(10)))
+    return out
+
+
+def print_split(split, nbytes, covered):
+    step, free, bw = (statistics.median(r[i] for r in split) for i in range(3))
+    rates = [nbytes / (s - f) / b for s, f, b in split]
+    print(f"  split ({len(split)} rounds of 10 steps as they are, 10 without the products' weight reads, one "
+          f"bandwidth round): outside the products {free * 1e3:.2f} ms ({free / step:.0%} of a {step * 1e3:.2f} ms "
+          f"step); the products {(step - free) * 1e3:.2f} ms, the step's {nbytes / 1e6:.0f} MB at "
+          f"{nbytes / (step - free) / 1e9:.1f} GB/s against {bw / 1e9:.1f} GB/s: {statistics.median(rates):.0%} of "
+          f"the bandwidth (median; {min(rates):.0%}-{max(rates):.0%})"
+          + (f"; {(nbytes - covered) / 1e6:.0f} MB in plain F.linear products still read in the second kind"
+             if covered < nbytes * 0.99 else ""))
+
+
 def profile_batch(model, B, args, floor_s, nbytes, read):
-    eng = filled_engine(model, B, args.prompt_len, 3 * args.steps + 10 * args.pairs + 16, args.seed, args.compile)
+    eng = filled_engine(model, B, args.prompt_len, 3 * args.steps + 20 * args.pairs + 16, args.seed, args.compile)
     for _ in range(3):  # on CUDA with --compile, the graph of this batch size recorded here
         eng.step()
     times = []
@@ -194,6 +267,7 @@ def profile_batch(model, B, args, floor_s, nbytes, read):
         eng.step()
         times.append(time.perf_counter() - t)
     step = statistics.median(times)
+    device = model.embed_tokens.weight.device
     print(f"\n== batch {B}: step {step * 1e3:.1f} ms median of {args.steps} ({B / step:.1f} tok/s); "
           f"floor {floor_s * 1e3:.1f} ms (weights over bandwidth) = {floor_s / step:.0%} of the step")
     if args.pairs:
@@ -201,9 +275,10 @@ def profile_batch(model, B, args, floor_s, nbytes, read):
         print(f"  paired with the bandwidth measured next to it ({args.pairs} rounds of 10 steps and one "
               f"matrix-vector round): the step reads {statistics.median(shares):.0%} of the bandwidth "
               f"(median; {min(shares):.0%}-{max(shares):.0%})")
+        if device.type == "cpu":
+            print_split(split_step(eng, nbytes, read, args.pairs), nbytes, measured_bytes(model))
 
     timers = Timers()
-    device = model.embed_tokens.weight.device
     undo = compiled_call_timed(timers, device.type) if args.compile else instrument(model, timers)
     total = 0.0
     try:

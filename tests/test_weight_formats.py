@@ -453,3 +453,32 @@ def test_decode_profile_times_the_compiled_call_and_puts_it_back(monkeypatch):
     assert list(timers.t) == ["compiled call (synchronised)"] and timers.t["compiled call (synchronised)"] > 0
     undo()
     assert engine_mod.compiled_decode is real
+
+
+def test_decode_profile_takes_the_weight_reads_out_of_the_products_and_puts_them_back(monkeypatch):
+    """bench/decode_profile.py's split: with `without_weight_reads` every measured product (KernelLinear,
+    a fused matrix) returns zeros of its output's shape, unread; undone, it is the product again, and
+    `measured_bytes` counts the weights it took out (each once)."""
+    import os
+    from nanohuatuo.cpu_kernels import FusedLinear, KernelLinear
+    monkeypatch.syspath_prepend(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
+    profile = bench_module("decode_profile")
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(4, 3)
+    lin.__class__, lin.kernels = KernelLinear, {1: "linear"}
+    parts = [torch.nn.Linear(4, 2, bias=False), torch.nn.Linear(4, 5, bias=False)]
+    fused = FusedLinear(parts, torch.randn(7, 4), None, {1: "linear"})
+    x = torch.randn(2, 4)
+    with torch.inference_mode():
+        expected = lin(x), fused.product(x, parts)
+        undo = profile.without_weight_reads()
+        try:
+            zeros = lin(x), fused.product(x, parts)
+        finally:
+            undo()
+        again = lin(x), fused.product(x, parts)
+    assert [tuple(z.shape) for z in zeros] == [(2, 3), (2, 7)] and all(not z.any() for z in zeros)
+    assert all(torch.equal(a, e) for a, e in zip(again, expected)) and expected[0].abs().sum() > 0
+    holder = torch.nn.Module()
+    holder.lin, holder.same = lin, lin
+    assert profile.measured_bytes(holder) == 3 * 4 * 4
