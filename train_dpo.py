@@ -7,9 +7,8 @@
     python train_dpo.py --help                        # every flag with its default
 """
 
-import sys
-
+from nanohuatuo.dist import exit_process
 from nanohuatuo.dpo import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

@@ -11,9 +11,8 @@
 Then chat with the result: python chat.py --model BASE_DIR --adapter out/grpo
 """
 
-import sys
-
+from nanohuatuo.dist import exit_process
 from nanohuatuo.grpo import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

@@ -9,9 +9,8 @@
 Then chat with the result: python chat.py --model BASE_DIR --adapter out/ppo
 """
 
-import sys
-
+from nanohuatuo.dist import exit_process
 from nanohuatuo.ppo import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

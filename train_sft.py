@@ -5,9 +5,8 @@
     python train_sft.py --help                        # every flag with its default
 """
 
-import sys
-
+from nanohuatuo.dist import exit_process
 from nanohuatuo.sft import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

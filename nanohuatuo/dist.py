@@ -5,6 +5,7 @@
     wrapped = dist.wrap(module, d, fsdp=False, shard=module.model.layers)
     host = dist.gather_model(model, d, fsdp)      # rank 0: a model whose weights can be written
     dist.close(d)                   # ends the group if setup started it
+    dist.exit_process(main())       # a stage script's last line (see exit_process)
 
 Every stage gets a `Dist` (rank, world, device) from `setup` and passes it down; nothing else in
 the package looks at torch.distributed.
@@ -12,6 +13,7 @@ the package looks at torch.distributed.
 
 import contextlib
 import os
+import sys
 from typing import NamedTuple
 
 import torch
@@ -21,6 +23,8 @@ import torch.nn as nn
 from .cli import resolve_device
 from .lora import apply_lora
 from .model import Transformer
+
+_GLOO = False  # whether this process started a gloo group (CPU under torchrun): see exit_process
 
 
 class Dist(NamedTuple):
@@ -48,6 +52,8 @@ def setup(device: str | None = "auto") -> Dist:
     owns = not tdist.is_initialized()  # a caller under torchrun may have started it already
     if owns:
         tdist.init_process_group("nccl" if cuda else "gloo")
+        global _GLOO
+        _GLOO = _GLOO or not cuda
     return Dist(tdist.get_rank(), tdist.get_world_size(), dev, owns)
 
 
@@ -55,6 +61,21 @@ def close(d: Dist) -> None:
     """End the process group if `setup` started it (a process exiting with it alive aborts)."""
     if d.owns_group and tdist.is_initialized():
         tdist.destroy_process_group()
+
+
+def exit_process(code: int):
+    """End a stage's script with exit status `code`: sys.exit, except in a process that started a
+    gloo group (torchrun on CPU), which flushes its output and ends with os._exit, skipping the
+    interpreter's shutdown. Gloo's worker threads outlive the destroyed group (FSDP's device mesh
+    keeps it) and may still be dropping the last collective's tensors as Python shuts down; a
+    thread that asks for the interpreter then ends the process with SIGABRT ("terminate called
+    without an active exception") after a run that finished and wrote everything, about one run
+    in ten of two FSDP processes on 2 cores. By then `run` has closed the group and every file."""
+    if not _GLOO:
+        sys.exit(code)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code or 0)
 
 
 def run(device, body):

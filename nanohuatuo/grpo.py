@@ -458,4 +458,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    dist.exit_process(main())

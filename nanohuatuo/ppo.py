@@ -63,7 +63,6 @@ import dataclasses
 import math
 import os
 import random
-import sys
 import time
 from dataclasses import dataclass, field
 
@@ -668,4 +667,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    dist.exit_process(main())

@@ -50,7 +50,6 @@ import dataclasses
 import math
 import os
 import random
-import sys
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -547,4 +546,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    dist.exit_process(main())

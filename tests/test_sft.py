@@ -228,6 +228,29 @@ def test_torchrun_two_processes_match_one(tmp_path, base, data, mode):
     assert ours.keys() == ref.keys() and all(torch.allclose(ours[k], ref[k], atol=1e-6, rtol=0) for k in ref)
 
 
+
+def test_a_script_that_ran_a_gloo_group_ends_without_the_interpreter_shutdown(monkeypatch, capsys):
+    """dist.exit_process: sys.exit's status in a plain process; after a gloo group (torchrun on CPU),
+    the output flushed and os._exit with the same status, so gloo's worker threads, still alive after
+    the group is destroyed, never meet a shutting-down interpreter (an abort after a finished run)."""
+    from nanohuatuo import dist
+    ended = []
+
+    def fake_exit(code):
+        ended.append(code)
+        raise SystemExit("os._exit")
+    monkeypatch.setattr(dist.os, "_exit", fake_exit)
+    monkeypatch.setattr(dist, "_GLOO", False)
+    with pytest.raises(SystemExit) as e:
+        dist.exit_process(2)
+    assert e.value.code == 2 and ended == []
+    monkeypatch.setattr(dist, "_GLOO", True)
+    print("done", end="")
+    for code in (0, 2):
+        with pytest.raises(SystemExit, match="os._exit"):
+            dist.exit_process(code)
+    assert ended == [0, 2] and capsys.readouterr().out == "done"
+
 # ----------------------------------------------------------------------------- learning and outputs
 
 def test_heldout_loss_falls(tmp_path, base, data):
