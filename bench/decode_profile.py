@@ -217,9 +217,9 @@ def measured_bytes(model):
     for m in model.modules():
         if type(m) is KernelLinear:
             seen[id(m.weight)] = m.weight
-        for f in [getattr(m, "fused", None)]:
-            if isinstance(f, FusedLinear):
-                seen[id(f.weight)] = f.weight
+        fused = getattr(m, "fused", None)  # an attention's q|k|v, an MLP's gate|up
+        if isinstance(fused, FusedLinear):
+            seen[id(fused.weight)] = fused.weight
     return sum(w.numel() * w.element_size() for w in seen.values())
 
 
