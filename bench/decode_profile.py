@@ -15,12 +15,11 @@ per batch size:
 - a breakdown of the step's wall time: embedding/positions/mask (before the first block), each
   block, the final norm, the output head, and the rest of the step (sampling, the repetition
   penalty's bookkeeping, stop checks, events), from timers around those calls;
-- on CPU, the step split in two (`--pairs` rounds of 10 steps as they are, 10 steps with every
-  measured product returning a zeroed output of its shape without reading its weight, and one round
-  of the bandwidth measure): the time outside the products, and what is left, the products' time,
-  as a read rate of the step's weight bytes against the bandwidth measured next to it. A step short
-  of the bandwidth is then either work outside the products or products reading slower than the
-  large matrix-vector product of the bar;
+- on CPU, the step split in two (in the same rounds, 10 more steps with every measured product
+  returning a zeroed output of its shape without reading its weight): the time outside the
+  products, and what is left, the products' time, as a read rate of the step's weight bytes
+  against the bandwidth measured next to it. A step short of the bandwidth is then either work
+  outside the products or products reading slower than the large matrix-vector product of the bar;
 - torch.profiler's ops by self CPU time (the top --top), after the matrix products' sum (oneDNN's
   linear, mm, addmm) and share.
 
@@ -174,22 +173,6 @@ def compiled_call_timed(timers, device):
     return lambda: setattr(engine_mod, "compiled_decode", real)
 
 
-def paired_shares(eng, nbytes, read, rounds):
-    """The step's bytes/s over the matrix-vector bandwidth, each measured right after the other,
-    `rounds` times. This machine's bandwidth drifts between runs and within one (20-36 GB/s), so a
-    bar measured once at the start (the best of 3 rounds) and a median step taken later compare two
-    different moments; a pair compares one."""
-    shares = []
-    for _ in range(rounds):
-        times = []
-        for _ in range(10):
-            t = time.perf_counter()
-            eng.step()
-            times.append(time.perf_counter() - t)
-        shares.append(nbytes / statistics.median(times) / read(10))
-    return shares
-
-
 def without_weight_reads():
     """Make every measured CPU product (a KernelLinear, a fused q|k|v or gate|up matrix: the tuned
     model's projections and head, eager or as a compiled step's opaque op) return a zeroed output of
@@ -223,24 +206,30 @@ def measured_bytes(model):
     return sum(w.numel() * w.element_size() for w in seen.values())
 
 
-def split_step(eng, nbytes, read, rounds):
-    """[(step, step without weight reads, bandwidth)] for `rounds` rounds of 10 steps each way and one
-    bandwidth round (`without_weight_reads`)."""
-    def steps():
-        times = []
-        for _ in range(10):
-            t = time.perf_counter()
-            eng.step()
-            times.append(time.perf_counter() - t)
-        return statistics.median(times)
+def median_step(eng, n=10):
+    times = []
+    for _ in range(n):
+        t = time.perf_counter()
+        eng.step()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def paired_rounds(eng, read, rounds, split=False):
+    """[(step, step without the products' weight reads or None, bandwidth)]: `rounds` rounds of 10
+    steps (their median), with `split` 10 more with `without_weight_reads`, then one round of the
+    matrix-vector measure. This machine's bandwidth drifts between runs and within one (20-56
+    GB/s), so a bar measured once at the start (the best of 3 rounds) and a median step taken later
+    compare two different moments; a round compares one."""
     out = []
     for _ in range(rounds):
-        step = steps()
-        undo = without_weight_reads()
-        try:
-            free = steps()
-        finally:
-            undo()
+        step, free = median_step(eng), None
+        if split:
+            undo = without_weight_reads()
+            try:
+                free = median_step(eng)
+            finally:
+                undo()
         out.append((step, free, read(10)))
     return out
 
@@ -253,7 +242,7 @@ def print_split(split, nbytes, covered):
           f"step); the products {(step - free) * 1e3:.2f} ms, the step's {nbytes / 1e6:.0f} MB at "
           f"{nbytes / (step - free) / 1e9:.1f} GB/s against {bw / 1e9:.1f} GB/s: {statistics.median(rates):.0%} of "
           f"the bandwidth (median; {min(rates):.0%}-{max(rates):.0%})"
-          + (f"; {(nbytes - covered) / 1e6:.0f} MB in plain F.linear products still read in the second kind"
+          + (f"; {(nbytes - covered) / 1e6:.0f} MB of plain F.linear products are read in both kinds of step"
              if covered < nbytes * 0.99 else ""))
 
 
@@ -271,12 +260,13 @@ def profile_batch(model, B, args, floor_s, nbytes, read):
     print(f"\n== batch {B}: step {step * 1e3:.1f} ms median of {args.steps} ({B / step:.1f} tok/s); "
           f"floor {floor_s * 1e3:.1f} ms (weights over bandwidth) = {floor_s / step:.0%} of the step")
     if args.pairs:
-        shares = paired_shares(eng, nbytes, read, args.pairs)
+        rounds = paired_rounds(eng, read, args.pairs, split=device.type == "cpu")
+        shares = [nbytes / step / bw for step, _, bw in rounds]
         print(f"  paired with the bandwidth measured next to it ({args.pairs} rounds of 10 steps and one "
               f"matrix-vector round): the step reads {statistics.median(shares):.0%} of the bandwidth "
               f"(median; {min(shares):.0%}-{max(shares):.0%})")
         if device.type == "cpu":
-            print_split(split_step(eng, nbytes, read, args.pairs), nbytes, measured_bytes(model))
+            print_split(rounds, nbytes, measured_bytes(model))
 
     timers = Timers()
     undo = compiled_call_timed(timers, device.type) if args.compile else instrument(model, timers)

@@ -482,3 +482,17 @@ def test_decode_profile_takes_the_weight_reads_out_of_the_products_and_puts_them
     holder = torch.nn.Module()
     holder.lin, holder.same = lin, lin
     assert profile.measured_bytes(holder) == 3 * 4 * 4
+    # each round: 10 steps as they are, 10 without the weight reads (split), one bandwidth read; undone after
+    plain, reads = KernelLinear.forward, []
+
+    class Steps:
+        kinds = []
+
+        def step(self):
+            self.kinds.append(KernelLinear.forward is plain)
+    eng = Steps()
+    rounds = profile.paired_rounds(eng, lambda n: reads.append(n) or 5e10, 2, split=True)
+    assert eng.kinds == ([True] * 10 + [False] * 10) * 2 and reads == [10, 10] and KernelLinear.forward is plain
+    assert [(free is not None, bw) for _, free, bw in rounds] == [(True, 5e10)] * 2
+    eng.kinds.clear()
+    assert [free for _, free, _ in profile.paired_rounds(eng, lambda n: 5e10, 1)] == [None] and eng.kinds == [True] * 10
