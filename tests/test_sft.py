@@ -228,7 +228,6 @@ def test_torchrun_two_processes_match_one(tmp_path, base, data, mode):
     assert ours.keys() == ref.keys() and all(torch.allclose(ours[k], ref[k], atol=1e-6, rtol=0) for k in ref)
 
 
-
 def test_a_script_that_ran_a_gloo_group_ends_without_the_interpreter_shutdown(monkeypatch, capsys):
     """dist.exit_process: sys.exit's status in a plain process; after a gloo group (torchrun on CPU),
     the output flushed and os._exit with the same status, so gloo's worker threads, still alive after
@@ -250,6 +249,7 @@ def test_a_script_that_ran_a_gloo_group_ends_without_the_interpreter_shutdown(mo
         with pytest.raises(SystemExit, match="os._exit"):
             dist.exit_process(code)
     assert ended == [0, 2] and capsys.readouterr().out == "done"
+
 
 # ----------------------------------------------------------------------------- learning and outputs
 
