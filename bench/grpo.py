@@ -11,7 +11,7 @@ group-scaled advantages, the token-level loss (TRL's loss_type "dapo"), one upda
   prompt prefilled once; the sampling policy's log-probs come from the update's own forward.
 - TRL (`trl.GRPOTrainer`, TRL 1.16, PEFT LoRA; transformers' generate, no vLLM).
 nanohuatuo's training process on CPU has glibc return freed blocks of 1 MiB or more to the OS
-(`cpu_kernels.return_large_blocks`); the engine "trl-mmap" runs TRL with the same allocator
+(`heap.return_large_blocks`); the engine "trl-mmap" runs TRL with the same allocator
 setting (MALLOC_MMAP_THRESHOLD_=1048576 in its environment), so the memory ratio can be read
 with and without it.
 Each engine runs in its own subprocess, so peak memory is that process's ru_maxrss (and on CUDA

@@ -17,7 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .cpu_kernels import head_logits, keep_large_blocks, tune_cpu_kernels
+from .cpu_kernels import head_logits, tune_cpu_kernels
+from .heap import keep_large_blocks
 from .engine import Engine
 from .token_sampling import SamplingParams, process_logits, sample, sample_seed
 from .hf import check_model_dir
@@ -44,7 +45,7 @@ def load_for_inference(model_dir, adapter=None, dtype=None, device="cpu", quant=
     a CPU `cpu_kernels.tune_cpu_kernels` may then store float32 weights (and, with bfloat16
     instructions, bfloat16 ones) in oneDNN's own layout, which only generation can read (no
     training, no saving). On a CPU the process's allocator then keeps freed blocks for reuse
-    (`cpu_kernels.keep_large_blocks`).
+    (`heap.keep_large_blocks`).
     """
     if quant not in INFERENCE_QUANTS:
         raise ValueError(f"--quant {quant}: use one of {', '.join(INFERENCE_QUANTS)}")

@@ -48,7 +48,7 @@ import torch
 from . import adapters, checkpoint, dist
 from .cli import (ExportFlags, LoRAFlags, ModelFlags, TrainLoopFlags, UserError, arg, cli_main, endpoint_flags, like,
                   prepare_out, resolve_dtype)
-from .cpu_kernels import return_large_blocks
+from .heap import return_large_blocks
 from .llm import from_flags
 from .lora import load_adapter, lora_modules, lora_parameters, save_adapter
 from .losses import group_advantages, grpo_loss, kl_k3, length_debias, response_forward

@@ -28,7 +28,7 @@ import torch.nn as nn
 from . import adapters, checkpoint
 from .cli import write_config
 from .data import DataError, iter_jsonl
-from .cpu_kernels import large_blocks_kept
+from .heap import large_blocks_kept
 from .generate import cut_at_stop, generate_batch, left_pad, use_column_major_weights
 from .lora import apply_lora, default_targets, disabled_adapters, load_adapter, lora_modules
 from .metrics import MetricsLog

@@ -144,7 +144,7 @@ def next_tokens(logits, temperature, top_k, top_p, penalty, seen, generators):
     A few rows at a time (`rows_at_once`), the same tokens (a row's never depends on the others'):
     at temperature 1, 16 rows of 151,936 logits at once took 19 MB of float64 sums that came back
     as fresh pages at every call (7,000-9,500 page faults, 9.5-11.6 ms on a 2-core AMD EPYC), 4
-    rows at a time none (1.4-1.5 ms); with `cpu_kernels.keep_large_blocks` 64 rows at once still
+    rows at a time none (1.4-1.5 ms); with `heap.keep_large_blocks` 64 rows at once still
     paid 38,000 (50 ms against 7.4 ms in blocks).
     With Qwen2.5's defaults (temperature 0.7, top-k 20, top-p 0.8, repetition penalty 1.05), 16
     rows of 151,936 logits took 57.6 ms a step on a 2-core AMD EPYC when processed at once, with a

@@ -1,6 +1,6 @@
 """token_sampling: the CPU argmax by chunks is torch.argmax; sampling, top-p and the log-probs give
 what the code they replaced gave (kept in bench/token_sampling.py); the allocator setting of
-generation (cpu_kernels.keep_large_blocks) keeps freed blocks for reuse."""
+generation (heap.keep_large_blocks) keeps freed blocks for reuse."""
 
 import pytest
 import torch
@@ -124,11 +124,11 @@ def test_large_blocks_are_kept_while_generating_and_returned_after(monkeypatch):
     process's return_large_blocks after, or to glibc's own largest thresholds."""
     import subprocess
     import sys
-    import nanohuatuo.cpu_kernels as ck
+    import nanohuatuo.heap as ck
     # in a fresh process: in this one, earlier tests' freed memory may serve the blocks either way
     script = """
 import resource, sys, torch
-import nanohuatuo.cpu_kernels as ck
+import nanohuatuo.heap as ck
 def faults():
     for _ in range(3):
         torch.empty(2 << 20).fill_(1.0)
