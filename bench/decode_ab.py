@@ -5,6 +5,10 @@
     --compare compile  the step as chat, serve and evaluation run it (layouts tuned) eagerly
                        against the same step compiled (Engine(compile=True): the element-wise ops
                        between the products fused by torch.compile)
+    --compare reduce   both compiled: every product an opaque op running its measured eager kernel
+                       ("opaque", as before the choice below) against the layouts and kernels timed
+                       with the compiler's batch-1 reduction among them (`tune_cpu_kernels(...,
+                       compiled=True)`, as Engine(compile=True) now tunes)
 
 Two copies of bench/generate.py's Qwen2-shaped model (random weights, `for_inference`, as chat,
 serve and evaluation load a model), each with an Engine filled with `--batch` greedy requests
@@ -20,6 +24,7 @@ this way, both sides in one process and interleaved.
 
     python bench/decode_ab.py --compare layout --size 100M --batch 1
     python bench/decode_ab.py --compare compile --size 500M --batch 1 --rounds 12
+    python bench/decode_ab.py --compare reduce --size 100M --batch 1 --rounds 8
 """
 
 import argparse
@@ -39,22 +44,23 @@ from nanohuatuo.generate import for_inference  # noqa: E402
 from decode_profile import qwen2_model, step_bytes  # noqa: E402  (bench/decode_profile.py: the same shapes)
 from generate import matvec_bandwidth, matvec_reader  # noqa: E402  (bench/generate.py: the same measure)
 
-VARIANTS = {"layout": ("plain", "packed"), "compile": ("eager", "compiled")}
+VARIANTS = {"layout": ("plain", "packed"), "compile": ("eager", "compiled"), "reduce": ("opaque", "reduce")}
 
 
 def engine(variant, size, batch, dtype, seed):
     """An Engine over a fresh model: 'plain' (layouts timed among the plain ones only), 'packed'
-    (every matrix packed), 'eager' (tuned as usual), 'compiled' (tuned as usual, compile=True)."""
+    (every matrix packed), 'eager' (tuned as usual), 'compiled' and 'reduce' (tuned as usual,
+    compile=True), 'opaque' (compile=True, tuned without the compiler's reduction)."""
     model = for_inference(qwen2_model(size, dtype, seed))
     measure = ck._measure
 
-    def choose(ws, batches, head, pack=False):
+    def choose(ws, batches, head, pack=False, compiled=False):
         if variant == "packed" and pack:
-            return "packed", {b: "onednn" for b in batches}
-        return measure(ws, batches, head, pack=pack and variant != "plain")
+            return "packed", {b: "onednn" for b in batches}, False
+        return measure(ws, batches, head, pack=pack and variant != "plain", compiled=compiled and variant != "opaque")
     ck._measure = choose
     try:
-        eng = Engine(model, slots=batch, compile=variant == "compiled")
+        eng = Engine(model, slots=batch, compile=variant in ("compiled", "opaque", "reduce"))
     finally:
         ck._measure = measure
     g = torch.Generator().manual_seed(seed)
@@ -79,7 +85,8 @@ def main():
     engines = {}
     for name in VARIANTS[args.compare]:  # eager and compiled: one timing of the layouts, the same choice
         engines[name] = engine(name, args.size, args.batch, dtype, args.seed)
-        print(f"{name}: layouts {engines[name].model.cpu_kernels['layouts']}", flush=True)
+        print(f"{name}: layouts {engines[name].model.cpu_kernels['layouts']}, reduced at batch 1 in the "
+              f"compiled graph: {engines[name].model.cpu_kernels['reduce']}", flush=True)
     nbytes = step_bytes(next(iter(engines.values())).model)
     read = matvec_reader("cpu", torch.float32)
     steps, shares = {name: [] for name in engines}, {name: [] for name in engines}

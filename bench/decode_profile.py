@@ -194,16 +194,21 @@ def without_weight_reads():
     return undo
 
 
-def measured_bytes(model):
-    """The weight bytes `without_weight_reads` takes out of a step: the KernelLinear and fused matrices'."""
+def measured_bytes(model, reduced=False):
+    """The weight bytes `without_weight_reads` takes out of a step: the KernelLinear and fused matrices',
+    with `reduced` (a compiled batch-1 step) but those its graph reads with its own loops (`reduce`)."""
     seen = {}
     for m in model.modules():
-        if type(m) is KernelLinear:
+        if type(m) is KernelLinear and not (reduced and m.reduce):
             seen[id(m.weight)] = m.weight
         fused = getattr(m, "fused", None)  # an attention's q|k|v, an MLP's gate|up
-        if isinstance(fused, FusedLinear):
+        if isinstance(fused, FusedLinear) and not (reduced and fused.reduce):
             seen[id(fused.weight)] = fused.weight
-    return sum(w.numel() * w.element_size() for w in seen.values())
+    return sum(map(nbytes, seen.values()))
+
+
+def nbytes(w):
+    return w.numel() * w.element_size()
 
 
 def median_step(eng, n=10):
@@ -215,12 +220,53 @@ def median_step(eng, n=10):
     return statistics.median(times)
 
 
-def paired_rounds(eng, read, rounds, split=False):
-    """[(step, step without the products' weight reads or None, bandwidth)]: `rounds` rounds of 10
-    steps (their median), with `split` 10 more with `without_weight_reads`, then one round of the
-    matrix-vector measure. This machine's bandwidth drifts between runs and within one (20-56
-    GB/s), so a bar measured once at the start (the best of 3 rounds) and a median step taken later
-    compare two different moments; a round compares one."""
+def recorded_products(model, eng):
+    """[(label, weight bytes, call)]: the measured products (KernelLinear, a fused matrix) one decode step of `eng`
+    makes, in its order, each call that product again on a copy of the input it had (eager, or from
+    a compiled step's opaque ops). Replayed back to back they are the step's weight reads without
+    anything between them: the products alone."""
+    names = {id(c): name.removesuffix("_proj") for m in model.modules() for name, c in m.named_children()}
+    calls, forward, product = [], KernelLinear.forward, FusedLinear.product
+
+    def kernel_linear(self, x):
+        if not torch.compiler.is_compiling():
+            calls.append((names.get(id(self), "?"), nbytes(self.weight), lambda m=self, x=x.clone(): forward(m, x)))
+        return forward(self, x)
+
+    def fused_product(self, x, parts):
+        label = "|".join(names.get(id(m), "?") for m in parts)
+        calls.append((label, nbytes(self.weight), lambda m=self, x=x.clone(), p=parts: product(m, x, p)))
+        return product(self, x, parts)
+
+    KernelLinear.forward, FusedLinear.product = kernel_linear, fused_product
+    try:
+        eng.step()
+    finally:
+        KernelLinear.forward, FusedLinear.product = forward, product
+    return calls
+
+
+def replay(calls, n=10):
+    """{label: seconds}: the calls back to back, `n` times; per label the median replay's sum."""
+    times = {}
+    for _ in range(n):
+        once = {}
+        for label, _, call in calls:
+            t = time.perf_counter()
+            call()
+            once[label] = once.get(label, 0.0) + time.perf_counter() - t
+        for label, dt in once.items():
+            times.setdefault(label, []).append(dt)
+    return {label: statistics.median(ts) for label, ts in times.items()}
+
+
+def paired_rounds(eng, read, rounds, split=False, calls=None):
+    """[(step, step without the products' weight reads or None, bandwidth, products alone or None)]:
+    `rounds` rounds of 10 steps (their median), with `split` 10 more with `without_weight_reads`, with
+    `calls` (`recorded_products`) those products replayed alone 10 times ({label: seconds}), then one
+    round of the matrix-vector measure. This machine's bandwidth drifts between runs and within one
+    (20-56 GB/s), so a bar measured once at the start (the best of 3 rounds) and a median step taken
+    later compare two different moments; a round compares one."""
     out = []
     for _ in range(rounds):
         step, free = median_step(eng), None
@@ -230,20 +276,46 @@ def paired_rounds(eng, read, rounds, split=False):
                 free = median_step(eng)
             finally:
                 undo()
-        out.append((step, free, read(10)))
+        with torch.inference_mode():
+            alone = replay(calls) if calls else None
+        out.append((step, free, read(10), alone))
     return out
 
 
 def print_split(split, nbytes, covered):
     step, free, bw = (statistics.median(r[i] for r in split) for i in range(3))
-    rates = [nbytes / (s - f) / b for s, f, b in split]
+    rates = [nbytes / (s - f) / b for s, f, b, _ in split]
     print(f"  split ({len(split)} rounds of 10 steps as they are, 10 without the products' weight reads, one "
           f"bandwidth round): outside the products {free * 1e3:.2f} ms ({free / step:.0%} of a {step * 1e3:.2f} ms "
           f"step); the products {(step - free) * 1e3:.2f} ms, the step's {nbytes / 1e6:.0f} MB at "
           f"{nbytes / (step - free) / 1e9:.1f} GB/s against {bw / 1e9:.1f} GB/s: {statistics.median(rates):.0%} of "
           f"the bandwidth (median; {min(rates):.0%}-{max(rates):.0%})"
-          + (f"; {(nbytes - covered) / 1e6:.0f} MB of plain F.linear products are read in both kinds of step"
+          + (f"; {(nbytes - covered) / 1e6:.0f} MB of products not taken out (plain F.linear ones; in a compiled "
+             f"batch-1 step, those its graph reads with its own loops) are read in both kinds of step"
              if covered < nbytes * 0.99 else ""))
+
+
+def print_alone(split, calls):
+    """The products replayed alone (`replay`) against the same rounds' bandwidth: in all, and by matrix.
+    Only opaque products are recorded: none of those a compiled batch-1 graph reads with its own loops."""
+    if not calls:
+        return
+    sizes = {}
+    for label, size, _ in calls:
+        n, b = sizes.get(label, (0, 0))
+        sizes[label] = n + 1, b + size
+    total = sum(b for _, b in sizes.values())
+    alone = [sum(a.values()) for *_, a in split]
+    rates = [total / t / bw for t, (_, _, bw, _) in zip(alone, split)]
+    print(f"  the products alone ({len(calls)} of a step, replayed back to back 10 times a round, "
+          f"{total / 1e6:.0f} MB): {statistics.median(alone) * 1e3:.2f} ms, {statistics.median(rates):.0%} of the "
+          f"bandwidth (median; {min(rates):.0%}-{max(rates):.0%}); by matrix, share of the bandwidth (median; range) "
+          f"and of the products' time:")
+    for label, (n, b) in sizes.items():
+        shares = [b / a[label] / bw for _, _, bw, a in split]
+        part = statistics.median(a[label] / sum(a.values()) for *_, a in split)
+        print(f"    {label:12s} {n:3d} x {b / n / 1e6:7.2f} MB  {statistics.median(shares):4.0%} "
+              f"({min(shares):.0%}-{max(shares):.0%})  {part:4.0%} of the time")
 
 
 def profile_batch(model, B, args, floor_s, nbytes, read):
@@ -260,13 +332,15 @@ def profile_batch(model, B, args, floor_s, nbytes, read):
     print(f"\n== batch {B}: step {step * 1e3:.1f} ms median of {args.steps} ({B / step:.1f} tok/s); "
           f"floor {floor_s * 1e3:.1f} ms (weights over bandwidth) = {floor_s / step:.0%} of the step")
     if args.pairs:
-        rounds = paired_rounds(eng, read, args.pairs, split=device.type == "cpu")
-        shares = [nbytes / step / bw for step, _, bw in rounds]
+        calls = recorded_products(model, eng) if device.type == "cpu" else None
+        rounds = paired_rounds(eng, read, args.pairs, split=device.type == "cpu", calls=calls)
+        shares = [nbytes / step / bw for step, _, bw, _ in rounds]
         print(f"  paired with the bandwidth measured next to it ({args.pairs} rounds of 10 steps and one "
               f"matrix-vector round): the step reads {statistics.median(shares):.0%} of the bandwidth "
               f"(median; {min(shares):.0%}-{max(shares):.0%})")
         if device.type == "cpu":
-            print_split(rounds, nbytes, measured_bytes(model))
+            print_split(rounds, nbytes, measured_bytes(model, reduced=args.compile and B == 1))
+            print_alone(rounds, calls)
 
     timers = Timers()
     undo = compiled_call_timed(timers, device.type) if args.compile else instrument(model, timers)
@@ -348,7 +422,7 @@ def main():
     read = matvec_reader(args.device, bar_dtype)
     bw = matvec_bandwidth(args.device, bar_dtype, read=read)
     nbytes = step_bytes(model)
-    tune_cpu_kernels(model, batches=(1, *args.batches))  # as an Engine with max(batches) slots would
+    tune_cpu_kernels(model, batches=(1, *args.batches), compiled=args.compile)  # as an Engine with max(batches) slots would
     print(f"{args.size} ({model.num_params() / 1e6:.0f}M params, {nbytes / 1e6:.0f} MB a step), {args.dtype}, "
           f"{f'LoRA r={args.lora} unmerged, ' if args.lora else ''}"
           f"{'compiled, ' if args.compile else ''}{args.device}, {args.threads} threads, "

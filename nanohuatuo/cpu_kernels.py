@@ -1,6 +1,7 @@
 """CPU kernels for decoding: the weight layouts and matrix kernels, chosen by timing.
 
     tune_cpu_kernels(model, batches=(1, 8))   # once per model, outside inference mode
+    tune_cpu_kernels(model, compiled=True)    # for an engine that compiles its decode step
     logits = head_logits(model, h)            # (B, vocab) float32, through the head's measured kernel
 
 A decode step on a CPU reads every weight once per token, and which memory layout (row- or
@@ -89,20 +90,25 @@ class PackedCopy:
         return self.packed if [(p.data_ptr(), p._version) for p in params] == self.of else None
 
 
-def _measure(ws, batches, head, pack=False):
-    """(layout, {batch: 'linear' | 'onednn'}) for the matrices ws (out, in) of one shape and dtype:
-    the fastest layout over all batches ('row', 'col', or with `pack` also 'packed': oneDNN's own
-    layout, read by oneDNN only), and the faster kernel at each batch in that layout."""
+def _measure(ws, batches, head, pack=False, compiled=False):
+    """(layout, {batch: 'linear' | 'onednn'}, reduce) for the matrices ws (out, in) of one shape and
+    dtype: the fastest layout over all batches ('row', 'col', or with `pack` also 'packed': oneDNN's
+    own layout, read by oneDNN only), and the faster kernel at each batch in that layout. With
+    `compiled` (an engine that compiles its CPU step) the row layout also has the compiler's own
+    reduction at batch 1 (`_reduction`); `reduce` says whether that layout won and the reduction
+    was its fastest kernel at batch 1 (the eager kernels still cover batch 1 outside the graph)."""
     w = ws[0]
-    key = ("head" if head else "proj", tuple(w.shape), w.dtype, torch.get_num_threads(), batches, pack)
+    compiled = compiled and 1 in batches and _reduction_kernel() is not None
+    key = ("head" if head else "proj", tuple(w.shape), w.dtype, torch.get_num_threads(), batches, pack, compiled)
     if key not in _MEASURED:
         kernels = {"linear": F.linear}
         if _ONEDNN_LINEAR and w.dtype == torch.float32 or _ONEDNN_BF16 and w.dtype == torch.bfloat16:
             kernels["onednn"] = _onednn_linear
-        layouts = {"row": kernels, "col": kernels}
+        layouts = {"row": kernels | ({"reduce": _reduce_all} if compiled else {}), "col": kernels}
         if pack and "onednn" in kernels:
             layouts["packed"] = {"onednn": _onednn_linear}
         n = max(1, min(64, -(-_STREAM_BYTES // (w.numel() * w.element_size()))))
+        n = n if n <= _CHAIN else -(-n // _CHAIN) * _CHAIN  # whole chains of `_reduce_all`
         group = [ws[i] if i < len(ws) else ws[i % len(ws)].clone() for i in range(n)]
         times = {}  # (layout, batch) -> {kernel: seconds per matrix}
         # two sweeps over the layouts, the second in reverse order, each time the best of either: the
@@ -119,12 +125,67 @@ def _measure(ws, batches, head, pack=False):
                     x = torch.randn(b, w.shape[1], dtype=w.dtype)
                     t = times.setdefault((layout, b), {})
                     for name, fn in layouts[layout].items():
-                        t[name] = min(t.get(name, float("inf")), _seconds(lambda: [fn(x, m) for m in wl], rounds=2) / n)
+                        if name == "reduce" and b > 1:
+                            continue
+                        run = (lambda: fn(x, wl)) if name == "reduce" else (lambda: [fn(x, m) for m in wl])
+                        t[name] = min(t.get(name, float("inf")), _seconds(run, rounds=2) / n)
                 del wl
         del group
         layout = _weighing_batches_alike({lb: min(t.values()) for lb, t in times.items()}, layouts, batches)
-        _MEASURED[key] = (layout, {b: min(times[layout, b], key=times[layout, b].get) for b in batches})
+        eager = {b: {k: s for k, s in times[layout, b].items() if k != "reduce"} for b in batches}
+        reduce = "reduce" in times[layout, 1] and min(times[layout, 1], key=times[layout, 1].get) == "reduce"
+        _MEASURED[key] = (layout, {b: min(eager[b], key=eager[b].get) for b in batches}, reduce)
     return _MEASURED[key]
+
+
+def _reduction(x, w, bias=None):
+    """x @ w.T written as a product and a sum, for the compiler to turn into one loop of its own that
+    reads the row-major w once: in a compiled CPU step at batch 1 that read a 100M model's matrices
+    faster than oneDNN's kernel called as an opaque op (docs/benchmarks.md); eagerly it would
+    materialise (rows, out, in), so it is only ever traced."""
+    y = (x.unsqueeze(-2) * w).sum(-1)
+    return y if bias is None else y + bias
+
+
+def _chain(x, *ws):
+    """`_reduction` by each of ws in turn, each product's input depending on the last's output (a
+    sum of it, times a negligible factor), so the compiler keeps them apart, as a step's are."""
+    for w in ws:
+        x = x + _reduction(x, w).sum(-1, keepdim=True) * 1e-30
+    return x
+
+
+_CHAIN = 8  # matrices per compiled call when timing: a call's own cost (some 15 us) spread over 8
+_REDUCTION = []  # [`_chain` compiled, or None where nothing compiles]
+
+
+def _reduction_kernel():
+    """`_chain` compiled (shapes static, as a step's weights are); None where torch.compile cannot
+    build it (no C++ compiler: a compiled step decodes eagerly there)."""
+    if not _REDUCTION:
+        fn = torch.compile(_chain, dynamic=False, fullgraph=True)
+        try:
+            with torch.no_grad():
+                fn(torch.ones(1, 8), torch.ones(4, 8))
+        except Exception:  # noqa: BLE001 (the compiler's failures have many types; none is ours)
+            fn = None
+        # each shape, dtype and chain length timed is one compilation of the same function
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        _REDUCTION.append(fn)
+    return _REDUCTION[0]
+
+
+def _reduce_all(x, ws):
+    """The compiled reduction by every matrix of ws, `_CHAIN` per call (`_measure` times it so: one
+    compiled call per matrix would add the call's cost to each, which inside a step's graph it does
+    not pay)."""
+    for i in range(0, len(ws), _CHAIN):
+        _reduction_kernel()(x, *ws[i:i + _CHAIN])
+
+
+def _one_row(x):
+    """Whether a traced product has exactly one row, known when traced (a compiled step's batch-1 graph)."""
+    return all(isinstance(d, int) and d == 1 for d in x.shape[:-1])
 
 
 def _weighing_batches_alike(seconds, options, batches):
@@ -153,9 +214,12 @@ class KernelLinear(torch.nn.Linear):
     packed = None  # a PackedCopy of a weight that must stay plain (tied head; frozen base of a LoRA)
 
     compiled_key = None  # its entry for a compiled CPU decode step (`opaque_products`)
+    reduce = False  # a compiled step's batch-1 graph reads it with the compiler's `_reduction`
 
     def forward(self, x):
         if self.compiled_key is not None and torch.compiler.is_compiling():
+            if self.reduce and _one_row(x) and not self.weight.is_mkldnn:
+                return _reduction(x, self.weight, self.bias)
             return torch.ops.nanohuatuo.cpu_products(x, self.compiled_key, self.out_features)
         w = self.weight
         if w.is_mkldnn:  # packed (a model loaded to infer): oneDNN is the only kernel that reads it
@@ -189,8 +253,8 @@ class FusedLinear:
     packed = None
     compiled_key = None  # its entry for a compiled CPU decode step (`opaque_products`)
 
-    def __init__(self, parts, weight, bias, kernels):
-        self.weight, self.bias, self.kernels = weight, bias, kernels
+    def __init__(self, parts, weight, bias, kernels, reduce=False):
+        self.weight, self.bias, self.kernels, self.reduce = weight, bias, kernels, reduce
         self.sizes = [m.out_features for m in parts]
         self.ptrs = [m.weight.data_ptr() for m in parts]
 
@@ -204,8 +268,13 @@ class FusedLinear:
 
     def __call__(self, x, parts):
         if self.compiled_key is not None and torch.compiler.is_compiling():
-            return list(torch.ops.nanohuatuo.cpu_products(x, self.compiled_key, sum(self.sizes)).split(self.sizes, -1))
-        out = self.product(x, parts).split(self.sizes, dim=-1)
+            if not (self.reduce and _one_row(x) and not self.weight.is_mkldnn):
+                return list(torch.ops.nanohuatuo.cpu_products(x, self.compiled_key, sum(self.sizes)).split(self.sizes, -1))
+            # each part from its own parameters (views of the fused rows: the same bytes), so what the
+            # graph reads stays the model's weights whatever later happens to the fused matrix
+            out = [_reduction(x, _plain(m).weight, _plain(m).bias) for m in parts]
+        else:
+            out = self.product(x, parts).split(self.sizes, dim=-1)
         deltas = [m.delta(x) if type(m) is LoRALinear else None for m in parts]
         return [o if d is None else o + d.to(o.dtype) for o, d in zip(out, deltas)]
 
@@ -323,7 +392,7 @@ def _close(y, want):
     return bool(torch.isfinite(y).all()) and float((y - want).abs().max()) <= 0.03 * float(want.abs().max()) + 1e-6
 
 
-def tune_cpu_kernels(model: Transformer, batches=(1, 8)):
+def tune_cpu_kernels(model: Transformer, batches=(1, 8), compiled=False):
     """Choose, by timing on this machine, the layout and kernel of the CPU weight matrices.
 
     A decode step is dominated by reading every weight once per token. Which layout the CPU BLAS
@@ -377,6 +446,16 @@ def tune_cpu_kernels(model: Transformer, batches=(1, 8)):
     each the best of either, so a drift of the machine's bandwidth over the seconds of a sweep does
     not decide.
 
+    With `compiled` (an Engine that compiles its CPU step) the row layout has a third kernel at batch
+    1: the product written as a multiply and a sum (`_reduction`), which the compiler turns into one
+    loop of its own inside the step's graph. oneDNN's kernel costs some 14 us a call before it reads
+    anything (on an AMD EPYC, for any matrix, at 1 thread or 2), a third of the time of a 100M
+    model's 1.6 MB q|k|v matrix; the compiler's loop starts at once. It is timed through a compiled
+    function of its own (one call per matrix, whose own cost a call makes the timing err towards
+    the other kernels), and where it wins, the batch-1 graph reads those matrices with it (the
+    choice's "reduce"); batch 1 outside the graph (eager fallbacks, a one-token prefill) uses the
+    layout's fastest eager kernel.
+
     A choice made by timing can differ from one run to the next, and a column-major matrix sums in
     another order than a row-major one: the logits differ in the last bits, a sampled answer can
     differ from there on, and two runs of the same PPO command drift apart. With the environment
@@ -390,7 +469,7 @@ def tune_cpu_kernels(model: Transformer, batches=(1, 8)):
         return
     # beyond 16 rows the products are compute-bound and timing a big head there would take seconds
     batches = tuple(sorted(set(min(int(b), 16) for b in batches)))
-    choice = {"batches": batches, "layouts": {}, "proj": {}, "head": {}, "int8": {}, "kv_dtype": None}
+    choice = {"batches": batches, "layouts": {}, "proj": {}, "head": {}, "int8": {}, "kv_dtype": None, "reduce": []}
     if os.environ.get("NANOHUATUO_CPU_KERNELS") == "fixed":  # repeatable runs: the loaded layouts, no timing
         model.cpu_kernels = choice
         return
@@ -415,15 +494,16 @@ def tune_cpu_kernels(model: Transformer, batches=(1, 8)):
             fused.setdefault((tuple(fw.shape), fw.dtype), []).append((owner, parts, fw, fb))
         in_fused = {id(_plain(m)) for group in fused.values() for _, parts, _, _ in group for m in parts}
         for (shape, dtype), group in fused.items():
-            layout, kernels = _measure([fw for _, _, fw, _ in group], batches, head=False,
-                                       pack=pack or frozen([m.weight for _, parts, _, _ in group for m in parts]))
+            layout, kernels, reduce = _measure([fw for _, _, fw, _ in group], batches, head=False, compiled=compiled,
+                                               pack=pack or frozen([m.weight for _, parts, _, _ in group for m in parts]))
             choice["layouts"][shape], choice["proj"][shape] = layout, kernels
+            choice["reduce"] += [shape] if reduce else []
             while group:  # popped, so a row-major matrix is freed as soon as its column-major copy replaces it
                 owner, parts, fw, fb = group.pop()
                 if layout == "col":
                     fw = _column_major(fw)
                     _point_into(parts, fw, fb)
-                owner.fused = FusedLinear(parts, fw, fb, kernels)
+                owner.fused = FusedLinear(parts, fw, fb, kernels, reduce)
                 if layout == "packed" and pack:  # in place: the packed matrix is all that stays
                     owner.fused.weight = _pack(fw, max(batches))
                     _packed_away(parts, owner.fused.weight)
@@ -436,10 +516,11 @@ def tune_cpu_kernels(model: Transformer, batches=(1, 8)):
                     and m.weight.is_contiguous() and id(m) not in in_fused:
                 by_shape.setdefault((tuple(m.weight.shape), m.weight.dtype), []).append(m)
         for (shape, dtype), ms in by_shape.items():
-            layout, kernels = _measure([m.weight.data for m in ms], batches, head=False,
-                                       pack=pack or frozen([m.weight for m in ms]))
+            layout, kernels, reduce = _measure([m.weight.data for m in ms], batches, head=False, compiled=compiled,
+                                               pack=pack or frozen([m.weight for m in ms]))
             choice["layouts"][shape] = layout
             choice["proj"][shape] = kernels
+            choice["reduce"] += [shape] if reduce else []
             for m in ms:
                 if layout == "packed" and pack:
                     m.weight = torch.nn.Parameter(_pack(m.weight.data, max(batches)), requires_grad=False)
@@ -447,14 +528,15 @@ def tune_cpu_kernels(model: Transformer, batches=(1, 8)):
                     m.packed = PackedCopy(m.weight, max(batches), [m.weight])
                 elif layout == "col":
                     m.weight.data = _column_major(m.weight.data)
-                if "onednn" in kernels.values():
-                    m.__class__, m.kernels = KernelLinear, kernels
+                if "onednn" in kernels.values() or reduce:
+                    m.__class__, m.kernels, m.reduce = KernelLinear, kernels, reduce
         if w.is_floating_point() and w.is_contiguous():
             # a head tied to the embedding is packed as a copy, if that fits (`room_for`)
             tied = w is model.embed_tokens.weight
-            layout, kernels = _measure([w.data], batches, head=True, pack=frozen([w]) or pack and (
+            layout, kernels, reduce = _measure([w.data], batches, head=True, compiled=compiled, pack=frozen([w]) or pack and (
                 not tied or room_for(w.numel() * w.element_size())))
             choice["layouts"]["head"] = layout
+            choice["reduce"] += ["head"] if reduce else []
             if layout == "packed" and (tied or not pack):
                 head.packed = PackedCopy(w, max(batches), [w])  # a copy: the embedding lookup needs the plain rows
             elif layout == "packed":
@@ -463,8 +545,8 @@ def tune_cpu_kernels(model: Transformer, batches=(1, 8)):
                 w.data = _column_major(w.data)
             if type(head) is torch.nn.Linear:
                 choice["head"] = kernels
-                if "onednn" in kernels.values() or layout == "packed":
-                    head.__class__, head.kernels = KernelLinear, kernels
+                if "onednn" in kernels.values() or layout == "packed" or reduce:
+                    head.__class__, head.kernels, head.reduce = KernelLinear, kernels, reduce
         dtype = model.embed_tokens.weight.dtype  # the activations'
         for m in model.modules():
             if isinstance(m, Int8Linear) and m.weight.device.type == "cpu":

@@ -137,7 +137,7 @@ class Engine:
         self.compile = compile and getattr(model, "adapter_bank", None) is None
         self.graphs = self.compile and cuda_graphs(self.device)  # CUDA graphs: bucketed batches, a static cache
         self.buckets = sorted({min(2 ** i, slots) for i in range(slots.bit_length() + 1)})
-        tune_cpu_kernels(model, batches=(1, slots))
+        tune_cpu_kernels(model, batches=(1, slots), compiled=self.compile)
         if self.compile and self.device.type == "cpu":
             opaque_products(model)
         # on CPU a bfloat16 model's keys and values may be kept in float32, where its attention was timed

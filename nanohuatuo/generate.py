@@ -102,12 +102,13 @@ def left_pad(prompts, pad_id, device):
     return ids.to(device), mask.to(device)
 
 
-def use_column_major_weights(model):
-    """Lay out the CPU weights as this machine reads them fastest (`cpu_kernels.tune_cpu_kernels`).
+def use_column_major_weights(model, compiled=False):
+    """Lay out the CPU weights as this machine reads them fastest (`cpu_kernels.tune_cpu_kernels`;
+    `compiled`: for an engine that compiles its decode step).
 
     Training code calls this once before its first generation, outside inference mode, so that
     generation later finds the layout done."""
-    tune_cpu_kernels(model)
+    tune_cpu_kernels(model, compiled=compiled)
 
 
 def _check(prompts):

@@ -287,7 +287,7 @@ def critic(m: Models):
 def build_models(cfg: PPOConfig, device=None, dtype=None) -> Models:
     """Build policy, reference and value from cfg.model (+ cfg.adapter); see the module docstring."""
     model, ref_lora, sft = policy_model(cfg.model, cfg.adapter, cfg.continue_adapter, cfg.lora_r, cfg.lora_alpha,
-                                        cfg.lora_targets, device, dtype, cfg.quant)
+                                        cfg.lora_targets, device, dtype, cfg.quant, compile=cfg.compile)
     head = nn.Linear(model.config.dim, 1, device=model.embed_tokens.weight.device, dtype=torch.float32)
     nn.init.zeros_(head.weight)  # V = 0 at the start: no random baseline in the first advantages
     nn.init.zeros_(head.bias)

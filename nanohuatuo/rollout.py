@@ -48,14 +48,15 @@ def chat_setup(model_dir, template_name):
 
 
 def policy_model(model_dir, adapter=None, continue_adapter=False, lora_r=16, lora_alpha=32.0, targets=(),
-                 device=None, dtype=None, quant="none"):
+                 device=None, dtype=None, quant="none", compile=False):
     """(model, ref_lora, sft): the base with the trainable LoRA layers an RL stage trains.
 
     The SFT adapter is merged into the weights at load (before any quantisation: a 4-bit base
     takes no merge, `quant`) and a fresh LoRA (B = 0, so step 0 is the SFT model) goes on `targets`
     (default: every attention and MLP linear of the family), so the reference is simply "adapters
     off"; `sft` keeps the merged tensors for the export. `continue_adapter` keeps training the SFT
-    adapter itself; `ref_lora` is then a frozen copy of its tensors."""
+    adapter itself; `ref_lora` is then a frozen copy of its tensors. `compile`: the rollouts decode
+    with a compiled step (the CPU kernels are chosen for it)."""
     merge_sft = bool(adapter) and not continue_adapter
     model = Transformer.from_pretrained(model_dir, dtype=dtype, device=device, value_head=False, merge=True,
                                         adapter=adapter if merge_sft else None, quant=quant)
@@ -75,7 +76,7 @@ def policy_model(model_dir, adapter=None, continue_adapter=False, lora_r=16, lor
     with torch.no_grad():
         # generate_batch re-lays the weights for CPU decoding under inference_mode, which would
         # make it an inference tensor that backward cannot use; doing it here first makes that a no-op
-        use_column_major_weights(model)
+        use_column_major_weights(model, compiled=compile)
     model.eval()
     return model, ref_lora, sft
 

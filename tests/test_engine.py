@@ -293,8 +293,8 @@ def test_onednn_projections_only_in_inference_mode(monkeypatch, tmp_path):
     import nanohuatuo.cpu_kernels as ck
     seen = []
     monkeypatch.setattr(ck, "_MEASURED", {})
-    monkeypatch.setattr(ck, "_measure", lambda ws, batches, head, pack=False:
-                        seen.append((tuple(ws[0].shape), len(ws), head)) or ("row", {b: "onednn" for b in batches}))
+    monkeypatch.setattr(ck, "_measure", lambda ws, batches, head, pack=False, compiled=False:
+                        seen.append((tuple(ws[0].shape), len(ws), head)) or ("row", {b: "onednn" for b in batches}, False))
     m = tiny(seed=1)
     ids = torch.tensor([PROMPTS[2]])
     with torch.no_grad():
@@ -418,24 +418,28 @@ class _Counted(list):
 
 
 @pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="oneDNN not in this torch build")
-@pytest.mark.parametrize("kind", ["packed", "lora", "bfloat16"])
+@pytest.mark.parametrize("kind", ["packed", "lora", "bfloat16", "reduce", "reduce-lora"])
 def test_compiled_cpu_decode_gives_the_eager_tokens(monkeypatch, kind):
     """compile=True on CPU: torch.compile fuses the element-wise work between the products, and every
     measured product (a KernelLinear, a fused q|k|v or gate|up) runs as it does eagerly, one opaque op.
     A model loaded to infer with every matrix packed, a LoRA policy decoding rollouts (adapters on
     the fused bases), and a bfloat16 model (the fused loops round where eager ops round): requests
-    joining and leaving get the eager engine's greedy tokens."""
+    joining and leaving get the eager engine's greedy tokens. "reduce": the matrices row-major with
+    the compiler's reduction chosen at batch 1 (`_measure`'s third answer), so the batch-1 graph
+    reads them with its own loops (no opaque op) and larger batches with the ops, the LoRA terms
+    added to the fused bases' parts in both."""
     import nanohuatuo.cpu_kernels as ck
     from nanohuatuo.generate import for_inference
     from nanohuatuo.lora import apply_lora, lora_parameters
     monkeypatch.setattr(ck, "_MEASURED", {})
-    monkeypatch.setattr(ck, "_measure", lambda ws, batches, head, pack=False:
-                        ("packed" if pack else "row", {b: "onednn" for b in batches}))
+    monkeypatch.setattr(ck, "_measure", lambda ws, batches, head, pack=False, compiled=False:
+                        ("packed" if pack and "reduce" not in kind else "row", {b: "onednn" for b in batches},
+                         "reduce" in kind and compiled))
     monkeypatch.setattr(ck, "_OPAQUE", _Counted())
 
     def model():
         m = tiny(seed=4)
-        if kind == "lora":
+        if kind.endswith("lora"):
             apply_lora(m, r=4, alpha=8, dropout=0.0, targets=["q_proj", "v_proj", "o_proj", "up_proj"])
             g = torch.Generator().manual_seed(4)
             with torch.no_grad():
@@ -461,16 +465,19 @@ def test_compiled_cpu_decode_gives_the_eager_tokens(monkeypatch, kind):
 
     _, want = run(False)
     steps, decode = [], Engine._decode
-    monkeypatch.setattr(Engine, "_decode", lambda self: steps.append(1) or decode(self))
+    monkeypatch.setattr(Engine, "_decode", lambda self: steps.append(len(self.running)) or decode(self))
     eng, got = run(True)
     assert got == want and [len(t) for t in got] == lengths
     assert eng.compile and not eng.graphs
     if kind == "packed" or kind == "bfloat16" and ck._ONEDNN_BF16:
         assert eng.model.layers[0].self_attn.fused.weight.is_mkldnn
-    else:
+    elif kind.endswith("lora"):
         assert type(eng.model.layers[0].self_attn.q_proj).__name__ == "LoRALinear"
-    # each compiled decode step ran q|k|v, o, gate|up and down in each layer and the head as opaque ops
-    assert ck._OPAQUE.reads == len(steps) * (2 * 4 + 1) > 0
+    # each compiled decode step ran q|k|v, o, gate|up and down in each layer and the head as opaque ops,
+    # but for the batch-1 steps where the compiler's reduction was chosen
+    opaque = [n for n in steps if n > 1 or "reduce" not in kind]
+    assert ck._OPAQUE.reads == len(opaque) * (2 * 4 + 1) > 0 and (len(opaque) < len(steps)) == ("reduce" in kind)
+    assert eng.model.cpu_kernels["reduce"] == ([(64, 32), (96, 32), (32, 32), (32, 48), "head"] if "reduce" in kind else [])
 
 
 def test_cuda_graph_decode_path_gives_the_eager_tokens(monkeypatch):

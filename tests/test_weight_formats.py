@@ -205,8 +205,8 @@ def test_packed_weights_for_a_model_loaded_to_infer(monkeypatch, tied, dtype):
     m.inference_only = True
     monkeypatch.setattr(ck, "_MEASURED", {})
     real = ck._measure
-    monkeypatch.setattr(ck, "_measure", lambda ws, batches, head, pack=False:
-                        ("packed", {b: "onednn" for b in batches}) if pack else real(ws, batches, head))
+    monkeypatch.setattr(ck, "_measure", lambda ws, batches, head, pack=False, compiled=False:
+                        ("packed", {b: "onednn" for b in batches}, False) if pack else real(ws, batches, head))
     tune_cpu_kernels(m, batches=(1, 4))
     assert all(p.is_mkldnn for n, p in m.layers.named_parameters() if n.endswith("proj.weight"))
     attn, mlp = m.layers[0].self_attn, m.layers[0].mlp
@@ -236,8 +236,8 @@ def test_packed_copies_of_frozen_bases_for_lora_rollouts(monkeypatch, tmp_path, 
     monkeypatch.setattr(ck, "_MEASURED", {})
     monkeypatch.setattr(ck, "_room_for_copies", lambda model: True)
     real = ck._measure
-    monkeypatch.setattr(ck, "_measure", lambda ws, batches, head, pack=False:
-                        ("packed", {b: "onednn" for b in batches}) if pack else real(ws, batches, head))
+    monkeypatch.setattr(ck, "_measure", lambda ws, batches, head, pack=False, compiled=False:
+                        ("packed", {b: "onednn" for b in batches}, False) if pack else real(ws, batches, head))
     m, perm = chain_model(dtype, lora_r=4)
     assert set(m.cpu_kernels["layouts"].values()) == {"packed"}
     assert not any(p.is_mkldnn for p in m.parameters())
@@ -280,8 +280,8 @@ def test_a_tied_head_gets_no_packed_copy_without_room(monkeypatch):
     monkeypatch.setattr(ck, "_MEASURED", {})
     monkeypatch.setattr(ck, "room_for", lambda nbytes: False)
     real = ck._measure
-    monkeypatch.setattr(ck, "_measure", lambda ws, batches, head, pack=False:
-                        ("packed", {b: "onednn" for b in batches}) if pack else real(ws, batches, head))
+    monkeypatch.setattr(ck, "_measure", lambda ws, batches, head, pack=False, compiled=False:
+                        ("packed", {b: "onednn" for b in batches}, False) if pack else real(ws, batches, head))
     m = Transformer(ModelConfig(arch="llama", vocab_size=V, dim=64, n_layers=1, n_heads=4, n_kv_heads=2,
                                 ffn_dim=128, max_seq_len=64, tie_embeddings=True))
     m.init_weights(seed=0)
@@ -493,6 +493,65 @@ def test_decode_profile_takes_the_weight_reads_out_of_the_products_and_puts_them
     eng = Steps()
     rounds = profile.paired_rounds(eng, lambda n: reads.append(n) or 5e10, 2, split=True)
     assert eng.kinds == ([True] * 10 + [False] * 10) * 2 and reads == [10, 10] and KernelLinear.forward is plain
-    assert [(free is not None, bw) for _, free, bw in rounds] == [(True, 5e10)] * 2
+    assert [(free is not None, bw, alone) for _, free, bw, alone in rounds] == [(True, 5e10, None)] * 2
     eng.kinds.clear()
-    assert [free for _, free, _ in profile.paired_rounds(eng, lambda n: 5e10, 1)] == [None] and eng.kinds == [True] * 10
+    assert [free for _, free, _, _ in profile.paired_rounds(eng, lambda n: 5e10, 1)] == [None] and eng.kinds == [True] * 10
+
+
+def test_compiled_reduction_is_timed_as_a_batch_1_kernel_of_the_row_layout(monkeypatch):
+    """`_measure(..., compiled=True)`: the compiler's reduction is timed at batch 1 in the row layout
+    only, its answer the third value (never among the eager kernels, which still cover every batch);
+    the reduction and the chain that times it compute the product; without `compiled` it is never
+    timed, and the decisions are cached apart."""
+    monkeypatch.setattr(ck, "_MEASURED", {})
+    if ck._reduction_kernel() is None:
+        pytest.skip("torch.compile cannot build a CPU kernel here (no C++ compiler)")
+    torch.manual_seed(0)
+    ws = [torch.randn(48, 32) for _ in range(3)]
+    x, b = torch.randn(1, 1, 32), torch.randn(48)
+    torch.testing.assert_close(ck._reduction(x, ws[0], b), torch.nn.functional.linear(x, ws[0], b), atol=1e-5, rtol=0)
+    with torch.no_grad():
+        chained = ck._reduction_kernel()(x[0], *ws)
+    want = x[0]
+    for w in ws:
+        want = want + torch.nn.functional.linear(want, w).sum(-1, keepdim=True) * 1e-30
+    torch.testing.assert_close(chained, want)
+    timed = []
+    reduce_all = ck._reduce_all
+    monkeypatch.setattr(ck, "_reduce_all", lambda x, wl: timed.append((tuple(x.shape), len(wl))) or reduce_all(x, wl))
+    layout, kernels, reduce = ck._measure(ws, (1, 4), head=False, compiled=True)
+    assert timed and set(timed) == {((1, 32), 64)}  # batch 1 only, over whole chains of the streamed copies
+    assert set(kernels) == {1, 4} and set(kernels.values()) <= {"linear", "onednn"}
+    assert reduce in (True, False) and (not reduce or layout == "row")
+    timed.clear()
+    assert ck._measure(ws, (1, 4), head=False)[2] is False and not timed
+    assert len(ck._MEASURED) == 2
+
+
+def test_decode_profile_replays_a_steps_products_in_its_order(monkeypatch):
+    """bench/decode_profile.py's products alone: one decode step's measured products recorded in the
+    step's order (q|k|v, o, gate|up, down in each block, then the head), with their weight bytes,
+    each replayed on a copy of its input; the model's own methods are back after the recording."""
+    import os
+    from nanohuatuo.cpu_kernels import FusedLinear, KernelLinear
+    monkeypatch.syspath_prepend(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
+    profile = bench_module("decode_profile")
+    monkeypatch.setattr(ck, "_MEASURED", {})
+    monkeypatch.setattr(ck, "_measure", lambda ws, batches, head, pack=False, compiled=False:
+                        ("row", {b: "onednn" for b in batches}, False))
+    m = Transformer(ModelConfig(arch="llama", vocab_size=50, dim=32, n_layers=2, n_heads=4, n_kv_heads=2,
+                                ffn_dim=48, max_seq_len=64)).eval()
+    eng = Engine(m, slots=1, max_len=32)
+    eng.add([1, 2, 3], SamplingParams(max_new_tokens=8))
+    with torch.inference_mode():
+        eng.step()  # the prefill
+        forward, product = KernelLinear.forward, FusedLinear.product
+        calls = profile.recorded_products(m, eng)
+        assert (KernelLinear.forward, FusedLinear.product) == (forward, product)
+        assert [(label, size) for label, size, _ in calls] == \
+            [("q|k|v", 64 * 32 * 4), ("o", 32 * 32 * 4), ("gate|up", 96 * 32 * 4), ("down", 32 * 48 * 4)] * 2 \
+            + [("lm_head", 50 * 32 * 4)]
+        outs = [call() for _, _, call in calls]
+        assert [tuple(o.shape) for o in outs[:4]] == [(1, 1, 64), (1, 1, 32), (1, 1, 96), (1, 1, 32)]
+        times = profile.replay(calls, n=2)
+        assert set(times) == {"q|k|v", "o", "gate|up", "down", "lm_head"} and all(t > 0 for t in times.values())
