@@ -19,7 +19,14 @@ per batch size:
   returning a zeroed output of its shape without reading its weight): the time outside the
   products, and what is left, the products' time, as a read rate of the step's weight bytes
   against the bandwidth measured next to it. A step short of the bandwidth is then either work
-  outside the products or products reading slower than the large matrix-vector product of the bar;
+  outside the products or products reading slower than the large matrix-vector product of the bar.
+  Compiled at batch 1, the matrices the graph reads with its own loops (cpu_kernels' "reduce") can't
+  be taken out: they count as outside;
+- on CPU, the products alone (in the same rounds): the step's opaque products, recorded in its
+  order with their inputs, replayed back to back 10 times: their read rate with nothing between
+  them, in all and by matrix (q|k|v, o, gate|up, down, the head). Against the split's rate it
+  shows what the work between the products costs them; by matrix, which shapes read slowly
+  (small matrices pay each call's start);
 - torch.profiler's ops by self CPU time (the top --top), after the matrix products' sum (oneDNN's
   linear, mm, addmm) and share.
 
@@ -283,15 +290,22 @@ def paired_rounds(eng, read, rounds, split=False, calls=None):
 
 
 def print_split(split, nbytes, covered):
+    """The split's medians; `covered` of the step's `nbytes` are the products taken out (the rest,
+    plain F.linear products or, in a compiled batch-1 step, those its graph reads with its own
+    loops, is read in both kinds of step and counts as outside)."""
     step, free, bw = (statistics.median(r[i] for r in split) for i in range(3))
-    rates = [nbytes / (s - f) / b for s, f, b, _ in split]
-    print(f"  split ({len(split)} rounds of 10 steps as they are, 10 without the products' weight reads, one "
-          f"bandwidth round): outside the products {free * 1e3:.2f} ms ({free / step:.0%} of a {step * 1e3:.2f} ms "
-          f"step); the products {(step - free) * 1e3:.2f} ms, the step's {nbytes / 1e6:.0f} MB at "
-          f"{nbytes / (step - free) / 1e9:.1f} GB/s against {bw / 1e9:.1f} GB/s: {statistics.median(rates):.0%} of "
-          f"the bandwidth (median; {min(rates):.0%}-{max(rates):.0%})"
-          + (f"; {(nbytes - covered) / 1e6:.0f} MB of products not taken out (plain F.linear ones; in a compiled "
-             f"batch-1 step, those its graph reads with its own loops) are read in both kinds of step"
+    head = (f"  split ({len(split)} rounds of 10 steps as they are, 10 without the products' weight reads, one "
+            f"bandwidth round): ")
+    if covered == 0:
+        print(head + "no product of this step could be taken out (all read inside a compiled graph)")
+        return
+    rates = [covered / (s - f) / b for s, f, b, _ in split]
+    print(head + f"outside the products {free * 1e3:.2f} ms ({free / step:.0%} of a {step * 1e3:.2f} ms step); the "
+          f"products {(step - free) * 1e3:.2f} ms, {covered / 1e6:.0f} MB at {covered / (step - free) / 1e9:.1f} GB/s "
+          f"against {bw / 1e9:.1f} GB/s: {statistics.median(rates):.0%} of the bandwidth (median; "
+          f"{min(rates):.0%}-{max(rates):.0%})"
+          + (f"; the step's other {(nbytes - covered) / 1e6:.0f} MB (plain F.linear products; in a compiled batch-1 "
+             f"step, those its graph reads with its own loops) are read in both kinds of step, outside"
              if covered < nbytes * 0.99 else ""))
 
 

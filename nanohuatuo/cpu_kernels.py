@@ -142,8 +142,10 @@ def _reduction(x, w, bias=None):
     """x @ w.T written as a product and a sum, for the compiler to turn into one loop of its own that
     reads the row-major w once: in a compiled CPU step at batch 1 that read a 100M model's matrices
     faster than oneDNN's kernel called as an opaque op (docs/benchmarks.md); eagerly it would
-    materialise (rows, out, in), so it is only ever traced."""
-    y = (x.unsqueeze(-2) * w).sum(-1)
+    materialise (rows, out, in), so it is only ever traced. In float32 whatever the weights' dtype,
+    as the matrix kernels accumulate (the casts happen in the loop's registers): bfloat16 products
+    rounded before the sum would lose bits no kernel loses."""
+    y = (x.unsqueeze(-2).float() * w.float()).sum(-1).to(x.dtype)
     return y if bias is None else y + bias
 
 
@@ -449,12 +451,12 @@ def tune_cpu_kernels(model: Transformer, batches=(1, 8), compiled=False):
     With `compiled` (an Engine that compiles its CPU step) the row layout has a third kernel at batch
     1: the product written as a multiply and a sum (`_reduction`), which the compiler turns into one
     loop of its own inside the step's graph. oneDNN's kernel costs some 14 us a call before it reads
-    anything (on an AMD EPYC, for any matrix, at 1 thread or 2), a third of the time of a 100M
-    model's 1.6 MB q|k|v matrix; the compiler's loop starts at once. It is timed through a compiled
-    function of its own (one call per matrix, whose own cost a call makes the timing err towards
-    the other kernels), and where it wins, the batch-1 graph reads those matrices with it (the
-    choice's "reduce"); batch 1 outside the graph (eager fallbacks, a one-token prefill) uses the
-    layout's fastest eager kernel.
+    anything (on an AMD EPYC, a (16, 512) matrix at 1 thread or 2, against 5 us for F.linear), a
+    quarter of the 54 us a 100M model's 1.6 MB q|k|v matrix takes; the compiler's loop has no such
+    start. It is timed through a compiled function of its own, 8 matrices a call (`_reduce_all`:
+    the call's own cost, some 15 us, which a graph does not pay, spread thin), and where it wins, the
+    batch-1 graph reads those matrices with it (the choice's "reduce"); batch 1 outside the graph
+    (eager fallbacks, a one-token prefill) uses the layout's fastest eager kernel.
 
     A choice made by timing can differ from one run to the next, and a column-major matrix sums in
     another order than a row-major one: the logits differ in the last bits, a sampled answer can

@@ -418,7 +418,7 @@ class _Counted(list):
 
 
 @pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="oneDNN not in this torch build")
-@pytest.mark.parametrize("kind", ["packed", "lora", "bfloat16", "reduce", "reduce-lora"])
+@pytest.mark.parametrize("kind", ["packed", "lora", "bfloat16", "reduce", "reduce-lora", "reduce-bfloat16"])
 def test_compiled_cpu_decode_gives_the_eager_tokens(monkeypatch, kind):
     """compile=True on CPU: torch.compile fuses the element-wise work between the products, and every
     measured product (a KernelLinear, a fused q|k|v or gate|up) runs as it does eagerly, one opaque op.
@@ -427,7 +427,7 @@ def test_compiled_cpu_decode_gives_the_eager_tokens(monkeypatch, kind):
     joining and leaving get the eager engine's greedy tokens. "reduce": the matrices row-major with
     the compiler's reduction chosen at batch 1 (`_measure`'s third answer), so the batch-1 graph
     reads them with its own loops (no opaque op) and larger batches with the ops, the LoRA terms
-    added to the fused bases' parts in both."""
+    added to the fused bases' parts in both, in bfloat16 summed in float32 as the kernels sum."""
     import nanohuatuo.cpu_kernels as ck
     from nanohuatuo.generate import for_inference
     from nanohuatuo.lora import apply_lora, lora_parameters
@@ -446,7 +446,7 @@ def test_compiled_cpu_decode_gives_the_eager_tokens(monkeypatch, kind):
                 for p in lora_parameters(m):
                     p.normal_(0, 0.3, generator=g)
             return m
-        return for_inference(m.to(torch.bfloat16) if kind == "bfloat16" else m)
+        return for_inference(m.to(torch.bfloat16) if kind.endswith("bfloat16") else m)
 
     lengths = [9, 3, 14, 6, 11]
 
