@@ -122,6 +122,18 @@ def tiny(tmp_path_factory):
     return str(d)
 
 
+def test_the_policy_is_tuned_for_the_rollouts_compiled_step(tiny, monkeypatch):
+    """--compile: the policy's CPU kernels are chosen for a compiled decode step (the compiler's own
+    batch-1 loops among them, cpu_kernels.tune_cpu_kernels(compiled=True)), and only then."""
+    import nanohuatuo.rollout as rollout
+    seen, real = [], rollout.use_column_major_weights
+    monkeypatch.setattr(rollout, "use_column_major_weights", lambda m, compiled=False: seen.append(compiled) or real(m))
+    for compile in (False, True):
+        model, _, _ = rollout.policy_model(tiny, lora_r=4, lora_alpha=8, compile=compile)
+        assert model.cpu_kernels is not None
+    assert seen == [False, True]
+
+
 def tiny_cfg(base, out, **kw):
     d = dict(model=base, data=os.path.join(base, "prompts.jsonl"), out=str(out), template="plain", max_steps=2,
              batch_size=4, k=4, max_new_tokens=6, micro_batch_size=8, lr=3e-3, lora_r=4, lora_alpha=8,
