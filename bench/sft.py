@@ -176,8 +176,8 @@ def main():
         results.append((frac, best))
 
     mem = "cuda_peak_mb" if args.device.startswith("cuda") else "peak_rss_mb"
-    print(f"\n| answer tokens | transformers+peft tok/s | nanohuatuo tok/s | speed ratio | "
-          f"peak memory MB (hf / ours) | RSS after load MB (hf / ours) | first loss (hf / ours) |")
+    print("\n| answer tokens | transformers+peft tok/s | nanohuatuo tok/s | speed ratio | "
+          "peak memory MB (hf / ours) | RSS after load MB (hf / ours) | first loss (hf / ours) |")
     print("|---|---|---|---|---|---|---|")
     for frac, best in results:
         hf, ours = best["hf"], best["ours"]
