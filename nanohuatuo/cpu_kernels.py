@@ -157,7 +157,7 @@ def _chain(x, *ws):
     return x
 
 
-_CHAIN = 8  # matrices per compiled call when timing: a call's own cost (some 15 us) spread over 8
+_CHAIN = 8  # matrices per compiled call when timing: a call's own cost (some 17 us) spread over 8
 _REDUCTION = []  # [`_chain` compiled, or None where nothing compiles]
 
 
@@ -185,9 +185,11 @@ def _reduce_all(x, ws):
         _reduction_kernel()(x, *ws[i:i + _CHAIN])
 
 
-def _one_row(x):
-    """Whether a traced product has exactly one row, known when traced (a compiled step's batch-1 graph)."""
-    return all(isinstance(d, int) and d == 1 for d in x.shape[:-1])
+def _reduces(layer, x):
+    """Whether a traced product of `layer` (a KernelLinear, a FusedLinear) is the compiler's reduction:
+    chosen for it (`reduce`, only ever in the row layout, so its weights are plain) and exactly one row,
+    known when traced (a compiled step's batch-1 graph)."""
+    return layer.reduce and all(isinstance(d, int) and d == 1 for d in x.shape[:-1])
 
 
 def _weighing_batches_alike(seconds, options, batches):
@@ -220,7 +222,7 @@ class KernelLinear(torch.nn.Linear):
 
     def forward(self, x):
         if self.compiled_key is not None and torch.compiler.is_compiling():
-            if self.reduce and _one_row(x) and not self.weight.is_mkldnn:
+            if _reduces(self, x):
                 return _reduction(x, self.weight, self.bias)
             return torch.ops.nanohuatuo.cpu_products(x, self.compiled_key, self.out_features)
         w = self.weight
@@ -270,7 +272,7 @@ class FusedLinear:
 
     def __call__(self, x, parts):
         if self.compiled_key is not None and torch.compiler.is_compiling():
-            if not (self.reduce and _one_row(x) and not self.weight.is_mkldnn):
+            if not _reduces(self, x):
                 return list(torch.ops.nanohuatuo.cpu_products(x, self.compiled_key, sum(self.sizes)).split(self.sizes, -1))
             # each part from its own parameters (views of the fused rows: the same bytes), so what the
             # graph reads stays the model's weights whatever later happens to the fused matrix
@@ -454,7 +456,7 @@ def tune_cpu_kernels(model: Transformer, batches=(1, 8), compiled=False):
     anything (on an AMD EPYC, a (16, 512) matrix at 1 thread or 2, against 5 us for F.linear), a
     quarter of the 54 us a 100M model's 1.6 MB q|k|v matrix takes; the compiler's loop has no such
     start. It is timed through a compiled function of its own, 8 matrices a call (`_reduce_all`:
-    the call's own cost, some 15 us, which a graph does not pay, spread thin), and where it wins, the
+    the call's own cost, some 17 us, which a graph does not pay, spread thin), and where it wins, the
     batch-1 graph reads those matrices with it (the choice's "reduce"); batch 1 outside the graph
     (eager fallbacks, a one-token prefill) uses the layout's fastest eager kernel.
 

@@ -526,6 +526,11 @@ def test_compiled_reduction_is_timed_as_a_batch_1_kernel_of_the_row_layout(monke
     timed.clear()
     assert ck._measure(ws, (1, 4), head=False)[2] is False and not timed
     assert len(ck._MEASURED) == 2
+    # a reduction that costs nothing wins batch 1, so the row layout, whose eager kernels still cover batch 1
+    monkeypatch.setattr(ck, "_MEASURED", {})
+    monkeypatch.setattr(ck, "_reduce_all", lambda x, wl: timed.append((tuple(x.shape), len(wl))))
+    layout, kernels, reduce = ck._measure(ws, (1, 4), head=False, compiled=True)
+    assert (layout, reduce) == ("row", True) and set(kernels) == {1, 4} and set(kernels.values()) <= {"linear", "onednn"}
 
 
 def test_decode_profile_replays_a_steps_products_in_its_order(monkeypatch):
