@@ -83,7 +83,7 @@ def qwen2_model(size, dtype, seed):
 
 def step_bytes(model):
     """Bytes a decode step reads in full: every parameter once (a tied embedding counts once, as the head)."""
-    return sum(t.numel() * t.element_size() for t in {id(p): p for p in model.parameters()}.values())
+    return sum(t.nbytes for t in {id(p): p for p in model.parameters()}.values())
 
 
 class Timers:
@@ -180,25 +180,29 @@ def compiled_call_timed(timers, device):
     return lambda: setattr(engine_mod, "compiled_decode", real)
 
 
-def without_weight_reads():
-    """Make every measured CPU product (a KernelLinear, a fused q|k|v or gate|up matrix: the tuned
-    model's projections and head, eager or as a compiled step's opaque op) return a zeroed output of
-    its shape instead of reading its weight; returns a function that restores them. Writing the
-    zeros stands in for the product writing its output. A product left a plain nn.Linear (F.linear
-    chosen at every batch size) still reads; `measured_bytes` says how many bytes are covered."""
+def products_patched(kernel_linear, fused_product):
+    """Every measured CPU product (a KernelLinear, a fused q|k|v or gate|up matrix: the tuned model's
+    projections and head, eager or as a compiled step's opaque op, which calls these at run time)
+    through kernel_linear(forward, self, x) and fused_product(product, self, x, parts), given the
+    real methods; tracing a compiled step still gets the real forward (the op into the graph).
+    Returns a function that restores them."""
     forward, product = KernelLinear.forward, FusedLinear.product
-
-    def kernel_linear(self, x):
-        if torch.compiler.is_compiling():  # tracing: the op into the graph, as before
-            return forward(self, x)
-        return x.new_zeros((*x.shape[:-1], self.out_features))
-
-    KernelLinear.forward = kernel_linear
-    FusedLinear.product = lambda self, x, parts: x.new_zeros((*x.shape[:-1], sum(self.sizes)))
+    KernelLinear.forward = lambda self, x: forward(self, x) if torch.compiler.is_compiling() \
+        else kernel_linear(forward, self, x)
+    FusedLinear.product = lambda self, x, parts: fused_product(product, self, x, parts)
 
     def undo():
         KernelLinear.forward, FusedLinear.product = forward, product
     return undo
+
+
+def without_weight_reads():
+    """Make every measured CPU product return a zeroed output of its shape instead of reading its
+    weight (`products_patched`); returns a function that restores them. Writing the zeros stands in
+    for the product writing its output. A product left a plain nn.Linear (F.linear chosen at every
+    batch size) still reads; `measured_bytes` says how many bytes are covered."""
+    return products_patched(lambda _, self, x: x.new_zeros((*x.shape[:-1], self.out_features)),
+                            lambda _, self, x, parts: x.new_zeros((*x.shape[:-1], sum(self.sizes))))
 
 
 def measured_bytes(model, reduced=False):
@@ -211,11 +215,7 @@ def measured_bytes(model, reduced=False):
         fused = getattr(m, "fused", None)  # an attention's q|k|v, an MLP's gate|up
         if isinstance(fused, FusedLinear) and not (reduced and fused.reduce):
             seen[id(fused.weight)] = fused.weight
-    return sum(map(nbytes, seen.values()))
-
-
-def nbytes(w):
-    return w.numel() * w.element_size()
+    return sum(w.nbytes for w in seen.values())
 
 
 def median_step(eng, n=10):
@@ -233,23 +233,22 @@ def recorded_products(model, eng):
     a compiled step's opaque ops). Replayed back to back they are the step's weight reads without
     anything between them: the products alone."""
     names = {id(c): name.removesuffix("_proj") for m in model.modules() for name, c in m.named_children()}
-    calls, forward, product = [], KernelLinear.forward, FusedLinear.product
+    calls = []
 
-    def kernel_linear(self, x):
-        if not torch.compiler.is_compiling():
-            calls.append((names.get(id(self), "?"), nbytes(self.weight), lambda m=self, x=x.clone(): forward(m, x)))
+    def kernel_linear(forward, self, x):
+        calls.append((names.get(id(self), "?"), self.weight.nbytes, lambda m=self, x=x.clone(): forward(m, x)))
         return forward(self, x)
 
-    def fused_product(self, x, parts):
+    def fused_product(product, self, x, parts):
         label = "|".join(names.get(id(m), "?") for m in parts)
-        calls.append((label, nbytes(self.weight), lambda m=self, x=x.clone(), p=parts: product(m, x, p)))
+        calls.append((label, self.weight.nbytes, lambda m=self, x=x.clone(), p=parts: product(m, x, p)))
         return product(self, x, parts)
 
-    KernelLinear.forward, FusedLinear.product = kernel_linear, fused_product
+    undo = products_patched(kernel_linear, fused_product)
     try:
         eng.step()
     finally:
-        KernelLinear.forward, FusedLinear.product = forward, product
+        undo()
     return calls
 
 

@@ -537,22 +537,25 @@ def main():
     for size in args.sizes:
         path = build(size, args.workdir, dtype, args.device)
         hf = tf.AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(args.device).eval()
+        ours = None
         for compile in modes:
-            # loaded and tuned again for the compiled round: on CPU a compiled step's batch-1 graph may
-            # read some matrices with the compiler's own loops, a choice that can change their layout
-            ours = for_inference(Transformer.from_pretrained(path, dtype=dtype, device=args.device))
-            tune_cpu_kernels(ours, batches=sorted({1, args.slots, *args.batch_sizes}), compiled=compile)
             name = f"{size}{' compiled' if compile else ''}"
-            if not cuda:
-                print(f"{name}: CPU kernels measured at load: {ours.cpu_kernels}", flush=True)
+            if ours is None or not cuda:
+                # on CPU loaded and tuned again for the compiled round: its batch-1 graph may read some
+                # matrices with the compiler's own loops, a choice that can change their layout (on
+                # CUDA nothing is tuned, and the model is loaded once)
+                ours = None  # the eager round's model freed before the next is loaded
+                ours = for_inference(Transformer.from_pretrained(path, dtype=dtype, device=args.device))
+                tune_cpu_kernels(ours, batches=sorted({1, args.slots, *args.batch_sizes}), compiled=compile)
+                if not cuda:
+                    print(f"{name}: CPU kernels measured at load: {ours.cpu_kernels}", flush=True)
             if "fixed" in args.tables:
                 table(f"(a) {name}", fixed_length, size, args, hf, ours, bar, compile, rows)
             if "mixed" in args.tables:
                 table(f"(b) {name}", mixed, size, args, hf, ours, compile, rows)
             if "prefix" in args.tables:
                 table(f"(c) {name}", prefix_reuse, size, args, ours, compile, rows)
-            del ours
-        del hf
+        del hf, ours
         if "fixed" in args.tables and args.weights:
             table(f"(e) {size}", weight_formats, size, path, args, bar, rows)
     if args.model:  # (e) on a real checkpoint, with real questions
