@@ -378,8 +378,10 @@ def profile_batch(model, B, args, floor_s, nbytes, read):
         for _ in range(args.steps):
             eng.step()
     averages = prof.key_averages()
-    if device.type == "cuda":  # the kernels' own time (a graph's kernels too): what the GPU was busy for
-        busy = sum(e.self_device_time_total for e in averages)
+    if device.type == "cuda":  # the kernels' own time (a graph's kernels too): what the GPU was busy for;
+        # only the device's events, as the table's own total counts them: a CPU range around a graph
+        # replay (the compiled call's "## Call CompiledFxGraph" row) carries its kernels' time as well
+        busy = sum(e.self_device_time_total for e in averages if e.device_type == torch.autograd.DeviceType.CUDA)
         print(f"  GPU kernel time: {busy / args.steps / 1e3:.2f} ms of the {step * 1e3:.2f} ms step; the "
               f"difference is the GPU waiting on the host")
     products = sum(e.self_cpu_time_total for e in averages if e.key in PRODUCTS)
