@@ -107,7 +107,7 @@ def compiled_decode(device_type="cuda"):
         options = {"emulate_precision_casts": True}
         if device_type == "cuda":  # CUDA graphs, as mode="reduce-overhead" (mode and options exclude each other)
             options["triton.cudagraphs"] = True
-        else:  # fewer guards a step (CUDA keeps them: no op keys tell models apart there, nor was the gain measured)
+        else:  # fewer guards a step (CUDA keeps them: no op keys tell models apart there; they cost microseconds)
             options["guard_filter_fn"] = _no_parameter_guards
         _COMPILED[device_type] = torch.compile(decode_logits, fullgraph=True, dynamic=True, options=options)
     return _COMPILED[device_type]
@@ -116,9 +116,9 @@ def compiled_decode(device_type="cuda"):
 def _no_parameter_guards(guards):
     # a guard per parameter (its shape, strides, dtype) is checked before every step: the guard
     # manager's check of a 100M model's step took 27 us on an AMD EPYC, 20 us without these (timed
-    # alone; torch.profiler's "TorchDynamo Cache Lookup" row shows some ten times more). A model's parameters
-    # keep their shapes while an engine decodes; the guards on the values the code reads (the config,
-    # the layers' op keys) stay, so another model still gets its own graph.
+    # alone; torch.profiler's "TorchDynamo Cache Lookup" row shows some ten times more). A model's
+    # parameters keep their shapes while an engine decodes; the guards on the values the code reads
+    # (the config, the layers' op keys) stay, so another model still gets its own graph.
     return [not (g.guard_type == "TENSOR_MATCH" and isinstance(g.value, torch.nn.Parameter)) for g in guards]
 
 
