@@ -124,11 +124,11 @@ def test_large_blocks_are_kept_while_generating_and_returned_after(monkeypatch):
     process's return_large_blocks after, or to glibc's own largest thresholds."""
     import subprocess
     import sys
-    import nanohuatuo.heap as ck
+    import nanohuatuo.heap as heap
     # in a fresh process: in this one, earlier tests' freed memory may serve the blocks either way
     script = """
 import resource, sys, torch
-import nanohuatuo.heap as ck
+import nanohuatuo.heap as heap
 def faults():
     for _ in range(3):
         torch.empty(2 << 20).fill_(1.0)
@@ -136,10 +136,10 @@ def faults():
     for _ in range(20):
         torch.empty(2 << 20).fill_(1.0)
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
-if not ck.return_large_blocks():
+if not heap.return_large_blocks():
     sys.exit(3)
 mapped = faults()
-print(mapped, ck.keep_large_blocks() and faults())
+print(mapped, heap.keep_large_blocks() and faults())
 """
     run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     if run.returncode == 3:
@@ -150,16 +150,16 @@ print(mapped, ck.keep_large_blocks() and faults())
     assert kept < mapped / 3  # kept: the heap grown a few times at most (2,048-8,192 faults in 20 rounds here)
 
     calls = []
-    monkeypatch.setattr(ck, "_mallopt", lambda *a: calls.append(a) or True)
-    monkeypatch.setattr(ck, "_RETURNED", None)
-    with ck.large_blocks_kept():
+    monkeypatch.setattr(heap, "_mallopt", lambda *a: calls.append(a) or True)
+    monkeypatch.setattr(heap, "_RETURNED", None)
+    with heap.large_blocks_kept():
         pass
     assert calls == [(64 << 20, 256 << 20), (32 << 20, 64 << 20)]  # glibc's own largest after
     calls.clear()
-    assert ck.return_large_blocks()
-    with ck.large_blocks_kept():
+    assert heap.return_large_blocks()
+    with heap.large_blocks_kept():
         assert calls == [(1 << 20,), (64 << 20, 256 << 20)]
-    assert calls[-1] == (1 << 20, 128 << 10) and ck._RETURNED == 1 << 20
+    assert calls[-1] == (1 << 20, 128 << 10) and heap._RETURNED == 1 << 20
 
 
 def test_next_tokens_in_blocks_choose_what_the_previous_choice_chose():
