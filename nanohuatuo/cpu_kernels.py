@@ -14,6 +14,7 @@ lives apart from the engine (which calls both functions, when it is made and at 
 and generate.py and the benchmarks use it too.
 """
 
+import functools
 import os
 import time
 import weakref
@@ -158,23 +159,21 @@ def _chain(x, *ws):
 
 
 _CHAIN = 8  # matrices per compiled call when timing: a call's own cost (some 17 us) spread over 8
-_REDUCTION = []  # [`_chain` compiled, or None where nothing compiles]
 
 
+@functools.cache
 def _reduction_kernel():
     """`_chain` compiled (shapes static, as a step's weights are); None where torch.compile cannot
     build it (no C++ compiler: a compiled step decodes eagerly there)."""
-    if not _REDUCTION:
-        fn = torch.compile(_chain, dynamic=False, fullgraph=True)
-        try:
-            with torch.no_grad():
-                fn(torch.ones(1, 8), torch.ones(4, 8))
-        except Exception:  # noqa: BLE001 (the compiler's failures have many types; none is ours)
-            fn = None
-        # each shape, dtype and chain length timed is one compilation of the same function
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-        _REDUCTION.append(fn)
-    return _REDUCTION[0]
+    fn = torch.compile(_chain, dynamic=False, fullgraph=True)
+    try:
+        with torch.no_grad():
+            fn(torch.ones(1, 8), torch.ones(4, 8))
+    except Exception:  # noqa: BLE001 (the compiler's failures have many types; none is ours)
+        return None
+    # each shape, dtype and chain length timed is one compilation of the same function
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    return fn
 
 
 def _reduce_all(x, ws):
