@@ -32,9 +32,11 @@ per batch size:
 
 With --compile the step is the engine's compiled one (on CUDA, CUDA graphs; the blocks can't be
 timed one by one inside it): the breakdown is the compiled call (synchronised on CUDA) and the rest
-of the step. With --device cuda the bandwidth is the GPU's in --dtype, and torch.profiler also gives
-the GPU's kernel time a step: a step far longer than that is the host's (launches, guards, the
-inputs' and the new tokens' copies), not the GPU's. Eager on CUDA, a block's time is the host's
+of the step, and Dynamo's guard check before each call is timed on its own (torch.profiler's
+"TorchDynamo Cache Lookup" row overstates it several times). With --device cuda the bandwidth is
+the GPU's in --dtype, and torch.profiler also gives the GPU's kernel time a step: a step far
+longer than that is the host's (launches, guards, the inputs' and the new tokens' copies), not
+the GPU's. Eager on CUDA, a block's time is the host's
 time to launch its kernels; the GPU's wait shows in the rest of the step (the new tokens' copy).
 
     python bench/decode_profile.py                       # 100M, batch 1 8 16, float32, 2 threads
@@ -51,6 +53,7 @@ changes A/B (old and new interleaved, same weights and threads), not against ano
 """
 
 import argparse
+import inspect
 import os
 import statistics
 import sys
@@ -178,6 +181,41 @@ def compiled_call_timed(timers, device):
         return timed
     engine_mod.compiled_decode = compiled_decode
     return lambda: setattr(engine_mod, "compiled_decode", real)
+
+
+def guard_check_seconds(eng, n=1000):
+    """Seconds Dynamo's guards take before one compiled decode call of `eng`: the guard checks of
+    the graphs compiled for `decode_logits`, in the order Dynamo tries them up to the one that
+    passes, on one step's own arguments and in its own state, timed alone `n` times during that
+    step (torch.profiler's "TorchDynamo Cache Lookup" row shows several times more). None where no
+    graph passes (the step compiled a new one)."""
+    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+    real, seen = engine_mod.compiled_decode, []
+
+    def compiled_decode(*a):
+        step = real(*a)
+
+        def checked(*args):
+            bound = inspect.signature(engine_runner.decode_logits).bind(*args)
+            bound.apply_defaults()
+            checks = []
+            for entry in _debug_get_cache_entry_list(engine_runner.decode_logits.__code__):
+                checks.append(entry.guard_manager.check)
+                if checks[-1](bound.arguments):
+                    t = time.perf_counter()
+                    for _ in range(n):
+                        for check in checks:
+                            check(bound.arguments)
+                    seen.append((time.perf_counter() - t) / n)
+                    break
+            return step(*args)
+        return checked
+    engine_mod.compiled_decode = compiled_decode
+    try:
+        eng.step()
+    finally:
+        engine_mod.compiled_decode = real
+    return seen[0] if seen else None
 
 
 def products_patched(kernel_linear, fused_product):
@@ -335,12 +373,7 @@ def profile_batch(model, B, args, floor_s, nbytes, read):
     eng = filled_engine(model, B, args.prompt_len, 3 * args.steps + 20 * args.pairs + 16, args.seed, args.compile)
     for _ in range(3):  # on CUDA with --compile, the graph of this batch size recorded here
         eng.step()
-    times = []
-    for _ in range(args.steps):
-        t = time.perf_counter()
-        eng.step()
-        times.append(time.perf_counter() - t)
-    step = statistics.median(times)
+    step = median_step(eng, args.steps)
     device = model.embed_tokens.weight.device
     print(f"\n== batch {B}: step {step * 1e3:.1f} ms median of {args.steps} ({B / step:.1f} tok/s); "
           f"floor {floor_s * 1e3:.1f} ms (weights over bandwidth) = {floor_s / step:.0%} of the step")
@@ -370,6 +403,10 @@ def profile_batch(model, B, args, floor_s, nbytes, read):
     print(f"  breakdown (timed, {total / args.steps * 1e3:.1f} ms a step):")
     for label, s in parts.items():
         print(f"    {label:44s} {s / args.steps * 1e3:7.2f} ms  {s / total:6.1%}")
+    if args.compile:
+        guards = guard_check_seconds(eng)
+        print("  Dynamo's guard check before each compiled call, timed alone: "
+              + (f"{guards * 1e6:.0f} us" if guards is not None else "no compiled graph passed"))
 
     activities = [torch.profiler.ProfilerActivity.CPU]
     if device.type == "cuda":

@@ -116,9 +116,10 @@ def compiled_decode(device_type="cuda"):
 def _no_parameter_guards(guards):
     # a guard per parameter (its shape, strides, dtype) is checked before every step: the guard
     # manager's check of a 100M model's step took 27 us on an AMD EPYC, 20 us without these (timed
-    # alone; torch.profiler's "TorchDynamo Cache Lookup" row shows some ten times more). A model's
-    # parameters keep their shapes while an engine decodes; the guards on the values the code reads
-    # (the config, the layers' op keys) stay, so another model still gets its own graph.
+    # alone as bench/decode_profile.py --compile does; torch.profiler's "TorchDynamo Cache Lookup"
+    # row shows some ten times more). A model's parameters keep their shapes while an engine
+    # decodes; the guards on the values the code reads (the config, the layers' op keys) stay, so
+    # another model still gets its own graph.
     return [not (g.guard_type == "TENSOR_MATCH" and isinstance(g.value, torch.nn.Parameter)) for g in guards]
 
 

@@ -455,6 +455,29 @@ def test_decode_profile_times_the_compiled_call_and_puts_it_back(monkeypatch):
     assert engine_mod.compiled_decode is real
 
 
+def test_decode_profile_times_the_guard_check_of_a_compiled_step(monkeypatch):
+    """bench/decode_profile.py --compile: the guard check Dynamo makes before a compiled step's call,
+    timed on that step's own arguments during the step; the step still decodes its token and the
+    engine's compiled_decode is its own again after."""
+    import os
+    import nanohuatuo.engine as engine_mod
+    monkeypatch.syspath_prepend(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
+    profile = bench_module("decode_profile")
+    m = Transformer(ModelConfig(arch="llama", vocab_size=50, dim=32, n_layers=2, n_heads=4, n_kv_heads=2,
+                                ffn_dim=48, max_seq_len=64))
+    m.init_weights(seed=0)
+    eng = Engine(m.eval(), slots=1, max_len=32, compile=True)
+    eng.add([1, 2, 3], SamplingParams(max_new_tokens=8))
+    for _ in range(3):  # the prefill, then the batch-1 graph compiled
+        eng.step()
+    if not eng.compile:
+        pytest.skip("torch.compile cannot build a CPU kernel here (no C++ compiler)")
+    real, before = engine_mod.compiled_decode, len(eng.running[0].tokens)
+    seconds = profile.guard_check_seconds(eng, n=10)
+    assert seconds is not None and seconds > 0 and len(eng.running[0].tokens) == before + 1
+    assert engine_mod.compiled_decode is real
+
+
 def test_decode_profile_takes_the_weight_reads_out_of_the_products_and_puts_them_back(monkeypatch):
     """bench/decode_profile.py's split: with `without_weight_reads` every measured product (KernelLinear,
     a fused matrix) returns zeros of its output's shape, unread; undone, it is the product again, and
