@@ -9,6 +9,9 @@
                        ("opaque", as before the choice below) against the layouts and kernels timed
                        with the compiler's batch-1 reduction among them (`tune_cpu_kernels(...,
                        compiled=True)`, as Engine(compile=True) now tunes)
+    --compare head     both eager: the head read at batch 1 by its measured eager kernel only ("kernel",
+                       as before) against the same with the compiler's reduction, compiled alone and
+                       called once a step, among the kernels timed ("reduce", as an eager Engine now tunes)
 
 Two copies of bench/generate.py's Qwen2-shaped model (random weights, `for_inference`, as chat,
 serve and evaluation load a model), each with an Engine filled with `--batch` greedy requests
@@ -25,6 +28,7 @@ this way, both sides in one process and interleaved.
     python bench/decode_ab.py --compare layout --size 100M --batch 1
     python bench/decode_ab.py --compare compile --size 500M --batch 1 --rounds 12
     python bench/decode_ab.py --compare reduce --size 100M --batch 1 --rounds 8
+    python bench/decode_ab.py --compare head --size 100M --batch 1 --rounds 8
 """
 
 import argparse
@@ -44,25 +48,29 @@ from nanohuatuo.generate import for_inference  # noqa: E402
 from decode_profile import qwen2_model, step_bytes  # noqa: E402  (bench/decode_profile.py: the same shapes)
 from generate import matvec_bandwidth, matvec_reader  # noqa: E402  (bench/generate.py: the same measure)
 
-VARIANTS = {"layout": ("plain", "packed"), "compile": ("eager", "compiled"), "reduce": ("opaque", "reduce")}
+VARIANTS = {"layout": ("plain", "packed"), "compile": ("eager", "compiled"), "reduce": ("opaque", "reduce"),
+            "head": ("kernel", "head-reduce")}
 
 
 def engine(variant, size, batch, dtype, seed):
     """An Engine over a fresh model: 'plain' (layouts timed among the plain ones only), 'packed'
-    (every matrix packed), 'eager' (tuned as usual), 'compiled' and 'reduce' (tuned as usual,
-    compile=True), 'opaque' (compile=True, tuned without the compiler's reduction)."""
+    (every matrix packed), 'eager' and 'head-reduce' (tuned as usual), 'compiled' and 'reduce' (tuned
+    as usual, compile=True), 'opaque' (compile=True, tuned without the compiler's reduction),
+    'kernel' (eager, the head tuned without the compiler's reduction)."""
     model = for_inference(qwen2_model(size, dtype, seed))
-    measure = ck._measure
+    measure, head_bytes = ck._measure, ck._REDUCE_EAGER_BYTES
 
     def choose(ws, batches, head, pack=False, compiled=False):
         if variant == "packed" and pack:
             return "packed", {b: "onednn" for b in batches}, False
         return measure(ws, batches, head, pack=pack and variant != "plain", compiled=compiled and variant != "opaque")
     ck._measure = choose
+    if variant == "kernel":
+        ck._REDUCE_EAGER_BYTES = float("inf")
     try:
         eng = Engine(model, slots=batch, compile=variant in ("compiled", "opaque", "reduce"))
     finally:
-        ck._measure = measure
+        ck._measure, ck._REDUCE_EAGER_BYTES = measure, head_bytes
     g = torch.Generator().manual_seed(seed)
     for _ in range(batch):
         eng.add(torch.randint(0, model.config.vocab_size, (32,), generator=g).tolist(),
@@ -85,8 +93,8 @@ def main():
     engines = {}
     for name in VARIANTS[args.compare]:  # eager and compiled: one timing of the layouts, the same choice
         engines[name] = engine(name, args.size, args.batch, dtype, args.seed)
-        print(f"{name}: layouts {engines[name].model.cpu_kernels['layouts']}, reduced at batch 1 in the "
-              f"compiled graph: {engines[name].model.cpu_kernels['reduce']}", flush=True)
+        print(f"{name}: layouts {engines[name].model.cpu_kernels['layouts']}, read at batch 1 by the compiler's "
+              f"reduction: {engines[name].model.cpu_kernels['reduce']}", flush=True)
     nbytes = step_bytes(next(iter(engines.values())).model)
     read = matvec_reader("cpu", torch.float32)
     steps, shares = {name: [] for name in engines}, {name: [] for name in engines}

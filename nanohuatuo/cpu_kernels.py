@@ -96,16 +96,23 @@ def _measure(ws, batches, head, pack=False, compiled=False):
     dtype: the fastest layout over all batches ('row', 'col', or with `pack` also 'packed': oneDNN's
     own layout, read by oneDNN only), and the faster kernel at each batch in that layout. With
     `compiled` (an engine that compiles its CPU step) the row layout also has the compiler's own
-    reduction at batch 1 (`_reduction`); `reduce` says whether that layout won and the reduction
-    was its fastest kernel at batch 1 (the eager kernels still cover batch 1 outside the graph)."""
+    reduction at batch 1 (`_reduction`), and so, called eagerly, has a large head whose only batch
+    is 1 (`_reduce_each`); `reduce` says whether that layout won and the reduction was its fastest
+    kernel at batch 1 (the eager kernels still cover batch 1 outside a compiled graph)."""
     w = ws[0]
     compiled = compiled and 1 in batches and _reduction_kernel() is not None
-    key = ("head" if head else "proj", tuple(w.shape), w.dtype, torch.get_num_threads(), batches, pack, compiled)
+    # a one-slot eager engine's head (chat: every step one row) may be read by `_reduction` compiled alone;
+    # not with more slots: wider steps kept oneDNN's packed head there (8 slots on an AMD EPYC), and a
+    # process's first compilation costs seconds (`_REDUCE_EAGER_BYTES`)
+    single = head and not compiled and batches == (1,) and w.numel() * w.element_size() >= _REDUCE_EAGER_BYTES \
+        and _product_kernel() is not None
+    key = ("head" if head else "proj", tuple(w.shape), w.dtype, torch.get_num_threads(), batches, pack, compiled, single)
     if key not in _MEASURED:
         kernels = {"linear": F.linear}
         if _ONEDNN_LINEAR and w.dtype == torch.float32 or _ONEDNN_BF16 and w.dtype == torch.bfloat16:
             kernels["onednn"] = _onednn_linear
-        layouts = {"row": kernels | ({"reduce": _reduce_all} if compiled else {}), "col": kernels}
+        reduce = {"reduce": _reduce_all} if compiled else {"reduce": _reduce_each} if single else {}
+        layouts = {"row": kernels | reduce, "col": kernels}
         if pack and "onednn" in kernels:
             layouts["packed"] = {"onednn": _onednn_linear}
         n = max(1, min(64, -(-_STREAM_BYTES // (w.numel() * w.element_size()))))
@@ -184,6 +191,32 @@ def _reduce_all(x, ws):
         _reduction_kernel()(x, *ws[i:i + _CHAIN])
 
 
+# A head at least this large may be read eagerly by the compiled `_reduction` (`KernelLinear.reduce_eager`):
+# a compiled call costs some 20-70 us (the call, Dynamo's guards), which a 16 MB matrix read in about half
+# a millisecond hardly sees. The first compilation in a process costs seconds (on a 2-core AMD EPYC 4-6 s
+# with the compiler's cache on disk, some 20 s without; another shape then a tenth of a second), which a
+# smaller head would not win back soon, and which a test model's head never waits for.
+_REDUCE_EAGER_BYTES = 16 << 20
+
+
+@functools.cache
+def _product_kernel():
+    """`_reduction` compiled alone (shapes static): a one-slot eager step's head, one call a step (see
+    tune_cpu_kernels). None where torch.compile cannot build a kernel (`_reduction_kernel`)."""
+    if _reduction_kernel() is None:
+        return None
+    return torch.compile(_reduction, dynamic=False, fullgraph=True)
+
+
+def _reduce_each(x, ws):
+    """The compiled `_reduction` by each matrix of ws, one call each, as an eager step calls it (in
+    inference mode, with an inference tensor: compiled otherwise, it would compile again at the first step)."""
+    with torch.inference_mode():
+        x = x.clone()
+        for w in ws:
+            _product_kernel()(x, w)
+
+
 def _reduces(layer, x):
     """Whether a traced product of `layer` (a KernelLinear, a FusedLinear) is the compiler's reduction:
     chosen for it (`reduce`, only ever in the row layout, so its weights are plain) and exactly one row,
@@ -218,6 +251,7 @@ class KernelLinear(torch.nn.Linear):
 
     compiled_key = None  # its entry for a compiled CPU decode step (`opaque_products`)
     reduce = False  # a compiled step's batch-1 graph reads it with the compiler's `_reduction`
+    reduce_eager = False  # an eager step's one row reads it with `_reduction` compiled alone (the head)
 
     def forward(self, x):
         if self.compiled_key is not None and torch.compiler.is_compiling():
@@ -228,6 +262,9 @@ class KernelLinear(torch.nn.Linear):
         if w.is_mkldnn:  # packed (a model loaded to infer): oneDNN is the only kernel that reads it
             return _onednn_linear(x, w, self.bias)
         if torch.is_inference_mode_enabled() and x.device.type == "cpu" and x.dtype == w.dtype:
+            if self.reduce_eager and x.numel() == x.shape[-1]:
+                b = None if self.bias is None else self.bias.detach()  # plain tensors, as timed: one compilation
+                return _product_kernel()(x.reshape(1, -1), w.detach(), b).reshape(*x.shape[:-1], -1)
             if self.packed is not None and (p := self.packed.get([w])) is not None:
                 return _onednn_linear(x, p, self.bias)
             if _nearest(self.kernels, x.numel() // x.shape[-1]) == "onednn":
@@ -457,7 +494,15 @@ def tune_cpu_kernels(model: Transformer, batches=(1, 8), compiled=False):
     start. It is timed through a compiled function of its own, 8 matrices a call (`_reduce_all`:
     the call's own cost, some 17 us, which a graph does not pay, spread thin), and where it wins, the
     batch-1 graph reads those matrices with it (the choice's "reduce"); batch 1 outside the graph
-    (eager fallbacks, a one-token prefill) uses the layout's fastest eager kernel.
+    (eager fallbacks, a one-token prefill) uses the layout's fastest eager kernel. Without `compiled`
+    but with batch 1 the only batch size (a one-slot engine: chat), a head of 16 MB or more
+    (`_REDUCE_EAGER_BYTES`) still has the reduction among its kernels, `_reduction` compiled alone
+    and called once a step (`_product_kernel`; a call's cost, some 20-70 us, is in its timing): one
+    vectorised loop read a large head 1.3-1.5x as fast as F.linear and oneDNN on an AMD EPYC, while
+    the blocks' small matrices would each pay the call. Where it wins the head reads its one row so
+    in any inference-mode step (`KernelLinear.reduce_eager`), the choice's "reduce" naming "head";
+    it costs the load a compilation (there 4-6 s with the compiler's cache on disk, some 20 s the
+    first time), and it needs no copy of a tied head, which reads the plain rows.
 
     A choice made by timing can differ from one run to the next, and a column-major matrix sums in
     another order than a row-major one: the logits differ in the last bits, a sampled answer can
@@ -549,7 +594,9 @@ def tune_cpu_kernels(model: Transformer, batches=(1, 8), compiled=False):
             if type(head) is torch.nn.Linear:
                 choice["head"] = kernels
                 if "onednn" in kernels.values() or layout == "packed" or reduce:
-                    head.__class__, head.kernels, head.reduce = KernelLinear, kernels, reduce
+                    # reduced in a compiled step's batch-1 graph, or eagerly by its own compiled call
+                    head.__class__, head.kernels = KernelLinear, kernels
+                    head.reduce, head.reduce_eager = reduce and compiled, reduce and not compiled
         dtype = model.embed_tokens.weight.dtype  # the activations'
         for m in model.modules():
             if isinstance(m, Int8Linear) and m.weight.device.type == "cpu":

@@ -530,6 +530,65 @@ def test_compiled_cpu_decode_without_a_compiler_warns_and_decodes_eagerly(monkey
     assert [o.tokens for o in got] == [o.tokens for o in want] and not eng.compile
 
 
+def test_eager_head_read_by_the_compiled_reduction_gives_the_same_tokens(monkeypatch):
+    """A one-slot eager engine's head (chat's) may be read by the compiler's reduction, compiled alone
+    and called once a step (`KernelLinear.reduce_eager`): it is timed among the head's kernels (here
+    for a tiny head, the size floor lowered), and where chosen every one-row product of the head
+    goes through it, in inference mode and with the weight as a plain tensor, as timed (so nothing
+    compiles again at the first step); the greedy tokens and the logits are F.linear's on the
+    loaded layout. An engine with two slots does not time it."""
+    import nanohuatuo.cpu_kernels as ck
+    from torch._dynamo.utils import counters
+    if ck._product_kernel() is None:
+        pytest.skip("torch.compile cannot build a CPU kernel here (no C++ compiler)")
+    lengths = [9, 3, 14]
+
+    def run(tuned=lambda eng: None):
+        eng = Engine(tiny(seed=7), slots=1, max_len=64)
+        tuned(eng)
+        rids = [eng.add(p, SamplingParams(max_new_tokens=n)) for p, n in zip(PROMPTS, lengths)]
+        outs = drain(eng)
+        return eng, [outs[r]["tokens"] for r in rids]
+
+    monkeypatch.setenv("NANOHUATUO_CPU_KERNELS", "fixed")
+    _, want = run()
+    monkeypatch.delenv("NANOHUATUO_CPU_KERNELS")
+    monkeypatch.setattr(ck, "_MEASURED", {})
+    monkeypatch.setattr(ck, "_REDUCE_EAGER_BYTES", 0)
+    timed, reduce_each, measure, kernel = [], ck._reduce_each, ck._measure, ck._product_kernel()
+    monkeypatch.setattr(ck, "_reduce_each", lambda x, ws: timed.append(len(ws)) or reduce_each(x, ws))
+
+    def measured(ws, batches, head, pack=False, compiled=False):  # the head's reduction chosen, whatever the timing
+        layout, kernels, reduce = measure(ws, batches, head, pack=pack, compiled=compiled)
+        return ("row", kernels, True) if head and timed else (layout, kernels, reduce)
+    monkeypatch.setattr(ck, "_measure", measured)
+    calls = []  # (rows, compiled graphs so far) at each call of the compiled product
+
+    def product(x, w, b=None):
+        y = kernel(x, w, b)
+        calls.append((x.shape[0], counters["stats"]["unique_graphs"]))
+        return y
+    monkeypatch.setattr(ck, "_product_kernel", lambda: product)
+    steps, decode = [], Engine._decode
+    monkeypatch.setattr(Engine, "_decode", lambda self: steps.append(len(self.running)) or decode(self))
+    graphs = []
+    eng, got = run(lambda eng: graphs.append(calls[-1][1]) or calls.clear())
+    assert got == want and [len(t) for t in got] == lengths
+    head = eng.model.lm_head
+    assert timed and type(head) is ck.KernelLinear and head.reduce_eager and not head.reduce
+    assert eng.model.cpu_kernels["reduce"] == ["head"]
+    # every step's head through the compiled product, which compiled nothing more after the timing
+    assert len(calls) >= len(steps) > 0 and {n for n, _ in calls} == {1} and {g for _, g in calls} == set(graphs)
+    h = torch.randn(2, 32, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        for rows in (h[:1], h):  # one row through the reduction, two through the eager kernel
+            torch.testing.assert_close(ck.head_logits(eng.model, rows), F.linear(rows, head.weight), atol=1e-5, rtol=0)
+    assert len(calls) == len(steps) + 1
+    timed.clear()
+    eng = Engine(tiny(seed=7), slots=2, max_len=64)
+    assert not timed and not getattr(eng.model.lm_head, "reduce_eager", False)
+
+
 def test_fixed_cpu_kernels_time_nothing_and_keep_the_loaded_layout(monkeypatch):
     """NANOHUATUO_CPU_KERNELS=fixed: repeatable runs (no choice made by timing, which can differ run to run)."""
     import nanohuatuo.cpu_kernels as ck
