@@ -38,6 +38,8 @@ the GPU's in --dtype, and torch.profiler also gives the GPU's kernel time a step
 longer than that is the host's (launches, guards, the inputs' and the new tokens' copies), not
 the GPU's. Eager on CUDA, a block's time is the host's
 time to launch its kernels; the GPU's wait shows in the rest of the step (the new tokens' copy).
+With NANOHUATUO_CUDA_GRAPHS=manual the compiled CUDA step replays the engine's own graphs
+(engine_runner.GraphedDecode, no guards checked): the compiled call is that replay.
 
     python bench/decode_profile.py                       # 100M, batch 1 8 16, float32, 2 threads
     python bench/decode_profile.py --infer               # as chat, serve and evaluation load it (packed)
@@ -47,6 +49,7 @@ time to launch its kernels; the GPU's wait shows in the rest of the step (the ne
     python bench/decode_profile.py --lora 16                     # unmerged LoRA, as PPO/GRPO rollouts decode
     python bench/decode_profile.py --compile --batches 1         # the compiled CPU step
     python bench/decode_profile.py --device cuda --dtype bfloat16 --size 500M --batches 1 8 --compile
+    NANOHUATUO_CUDA_GRAPHS=manual python bench/decode_profile.py --device cuda --dtype bfloat16 --size 500M --batches 1 8 --compile
 
 On a machine shared with other work the absolute times drift: read the shares, and compare code
 changes A/B (old and new interleaved, same weights and threads), not against another day's run.
@@ -164,13 +167,12 @@ PRODUCTS = {"mkldnn::_linear_pointwise", "aten::mm", "aten::addmm", "aten::_weig
 
 
 def compiled_call_timed(timers, device):
-    """The engine's compiled step with its wall time (synchronised on CUDA) added to `timers`;
-    device: "cpu", "cuda", ... (bench/generate.py's sync)."""
-    real = engine_mod.compiled_decode
+    """The engine's compiled step (or its replay of its own CUDA graphs, NANOHUATUO_CUDA_GRAPHS=manual)
+    with its wall time (synchronised on CUDA) added to `timers`; device: "cpu", "cuda", ...
+    (bench/generate.py's sync)."""
+    real, replay = engine_mod.compiled_decode, engine_runner.GraphedDecode.__call__
 
-    def compiled_decode(*a):
-        step = real(*a)
-
+    def timing(step):
         def timed(*args):
             sync(device)
             t = time.perf_counter()
@@ -179,8 +181,12 @@ def compiled_call_timed(timers, device):
             timers.add("compiled call (synchronised)", time.perf_counter() - t)
             return out
         return timed
-    engine_mod.compiled_decode = compiled_decode
-    return lambda: setattr(engine_mod, "compiled_decode", real)
+    engine_mod.compiled_decode = lambda *a: timing(real(*a))
+    engine_runner.GraphedDecode.__call__ = timing(replay)
+
+    def undo():
+        engine_mod.compiled_decode, engine_runner.GraphedDecode.__call__ = real, replay
+    return undo
 
 
 def guard_check_seconds(eng, n=1000):
@@ -403,7 +409,9 @@ def profile_batch(model, B, args, floor_s, nbytes, read):
     print(f"  breakdown (timed, {total / args.steps * 1e3:.1f} ms a step):")
     for label, s in parts.items():
         print(f"    {label:44s} {s / args.steps * 1e3:7.2f} ms  {s / total:6.1%}")
-    if args.compile:
+    if args.compile and eng.graphed is not None:
+        print("  Dynamo's guard check: none, the engine replays CUDA graphs of its own (NANOHUATUO_CUDA_GRAPHS=manual)")
+    elif args.compile:
         guards = guard_check_seconds(eng)
         print("  Dynamo's guard check before each compiled call, timed alone: "
               + (f"{guards * 1e6:.0f} us" if guards is not None else "no compiled graph passed"))

@@ -530,7 +530,9 @@ def main():
         return max(bandwidth, read(20))
     print(f"device {args.device} ({torch.cuda.get_device_name() if cuda else cpu_name()}), threads "
           f"{torch.get_num_threads()}, torch {torch.__version__}, transformers {tf.__version__}, "
-          f"matvec bandwidth {bandwidth / 1e9:.1f} GB/s", flush=True)
+          f"matvec bandwidth {bandwidth / 1e9:.1f} GB/s"
+          + (", CUDA graphs the engine's own (NANOHUATUO_CUDA_GRAPHS=manual)"
+             if cuda and args.compile and os.environ.get("NANOHUATUO_CUDA_GRAPHS") == "manual" else ""), flush=True)
     rows = Rows(args.out, bandwidth)
     failed = []
     table = functools.partial(run_table, failed)

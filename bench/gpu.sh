@@ -10,6 +10,7 @@
 #
 #   bash bench/gpu.sh DIR                 # on a machine with a CUDA GPU, PyTorch and transformers
 #   bash bench/gpu.sh DIR --device cpu --sizes tiny --mixed-requests 8   # the same run's plumbing, on a CPU
+#   NANOHUATUO_CUDA_GRAPHS=manual bash bench/gpu.sh DIR --sizes 500M --tables fixed   # the engine's own CUDA graphs
 #
 # Extra arguments go to bench/generate.py after these (a later flag wins).
 set -euo pipefail

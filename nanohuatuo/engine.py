@@ -42,6 +42,7 @@ each request's text, decoded incrementally and cut at stop strings, to a queue t
 thread reads).
 """
 
+import os
 import threading
 import warnings
 from collections import deque
@@ -50,7 +51,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .cpu_kernels import head_logits, opaque_products, room_for, tune_cpu_kernels
-from .engine_runner import RowCache, compiled_decode, decode_logits, forward, key_mask, kv_cache
+from .engine_runner import GraphedDecode, RowCache, compiled_decode, decode_logits, forward, key_mask, kv_cache
 from .model import Transformer
 from .multi_lora import select_adapters
 from .token_sampling import SamplingParams, next_tokens, sample_seed, token_logprobs
@@ -114,7 +115,8 @@ class Engine:
 
     slots: rows decoded together; max_len: positions per row (prompt + new tokens - 1), default
     min(model max_seq_len, 2048); compile: compile the decode step, on CUDA into CUDA graphs for batch
-    sizes 1, 2, 4, ... slots (the first steps compile; the first at each new size records a graph),
+    sizes 1, 2, 4, ... slots (the first steps compile; the first at each new size records a graph;
+    torch.compile's graph trees, or with NANOHUATUO_CUDA_GRAPHS=manual the engine's own, `GraphedDecode`),
     on CPU with the element-wise ops between the matrix products fused (needs a C++ compiler; the
     first steps take seconds to tens of seconds; without a compiler it warns and decodes eagerly).
     On CPU the weight layouts and the head kernel are chosen by timing when the engine is made (see
@@ -150,6 +152,9 @@ class Engine:
         # tensor (only the steps, in inference mode, write it), whether or not the caller is in inference mode
         with torch.inference_mode(self.compile and not self.graphs):
             self.k, self.v = kv_cache(model, slots, self.max_len, kv, self.device, static=self.graphs)
+        # CUDA graphs recorded by the engine instead of torch.compile's graph trees: opt-in until measured
+        self.graphed = GraphedDecode(model, self.k, self.v, self.max_len) \
+            if self.graphs and os.environ.get("NANOHUATUO_CUDA_GRAPHS") == "manual" else None
         self.seen = torch.zeros((slots, c.vocab_size), dtype=torch.bool, device=self.device)  # repetition penalty
         self.running: list[_Request] = []  # running[i] owns cache row i
         self.waiting = deque()  # groups of requests sharing one prompt (n samples), first come first served
@@ -337,7 +342,9 @@ class Engine:
         tokens = torch.tensor([r.next for r in rows] + [0] * (B - n), device=self.device)
         positions = torch.tensor([r.length for r in rows] + [0] * (B - n), device=self.device)
         select_adapters(self.model, [r.adapter for r in rows] + [0] * (B - n))
-        if self.graphs:  # fixed shapes: all max_len keys, idle rows see their key 0 only
+        if self.graphed is not None:  # fixed shapes as below, the graphs the engine's own
+            logits = self.graphed(tokens, positions)[:n]
+        elif self.graphs:  # fixed shapes: all max_len keys, idle rows see their key 0 only
             torch.compiler.cudagraph_mark_step_begin()
             logits = compiled_decode()(self.model, tokens, positions, self.k, self.v, self.max_len)[:n]
         else:

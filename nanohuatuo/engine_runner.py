@@ -5,7 +5,8 @@ head_dim); `RowCache` is that cache as the attention layers see it in one forwar
 keys and values written at its row and position); `key_mask` lets a query see the keys of its own
 row at or before its position (`needs_mask`: whether that takes a mask when every row is at one
 position); `forward` runs the blocks; `decode_logits` is one token per running row, and
-`compiled_decode` its compiled version (CUDA graphs on CUDA) (engine.py's scheduler decides what runs).
+`compiled_decode` its compiled version (CUDA graphs on CUDA; `GraphedDecode` records its own)
+(engine.py's scheduler decides what runs).
 """
 
 import torch
@@ -90,7 +91,7 @@ def decode_logits(model: Transformer, tokens, positions, k, v, n_keys, same_posi
 _COMPILED = {}
 
 
-def compiled_decode(device_type="cuda"):
+def compiled_decode(device_type="cuda", trees=True):
     """`decode_logits` compiled, shapes symbolic (the engine's batch buckets, the growing number of
     keys, engines of different max_len: one graph each for batch 1, a size of 1 being always
     specialised, and for larger batches, instead of one compilation per shape). On CUDA: CUDA
@@ -98,19 +99,65 @@ def compiled_decode(device_type="cuda"):
     compilation; the engine pads its batch up to a few bucket sizes and keeps all max_len keys, so
     only a few shapes occur. On CPU: the element-wise work between the matrix products fused into
     generated C++ loops, each product one opaque op that runs its measured kernel
-    (cpu_kernels.opaque_products)."""
-    if device_type not in _COMPILED:
+    (cpu_kernels.opaque_products). trees=False: on CUDA without CUDA graphs, for `GraphedDecode` to
+    record its own."""
+    key = device_type if trees or device_type != "cuda" else "cuda-kernels"
+    if key not in _COMPILED:
         # those few graphs per model, and each model its own: the default limit of 8 graphs per
         # function would send a process's second or third model back to eager decoding
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         # bfloat16 rounded inside fused kernels where eager ops round (else greedy tokens drift from eager's)
         options = {"emulate_precision_casts": True}
         if device_type == "cuda":  # CUDA graphs, as mode="reduce-overhead" (mode and options exclude each other)
-            options["triton.cudagraphs"] = True
+            options["triton.cudagraphs"] = trees
         else:  # fewer guards a step (CUDA keeps them: no op keys tell models apart there; they cost microseconds)
             options["guard_filter_fn"] = _no_parameter_guards
-        _COMPILED[device_type] = torch.compile(decode_logits, fullgraph=True, dynamic=True, options=options)
-    return _COMPILED[device_type]
+        _COMPILED[key] = torch.compile(decode_logits, fullgraph=True, dynamic=True, options=options)
+    return _COMPILED[key]
+
+
+def _record(fn):
+    """(replay, out): fn's kernels recorded in a CUDA graph and the output tensor it fills at each
+    replay. fn runs once first on a side stream (it compiles, tunes its kernels and allocates there,
+    none of which a capture allows), as torch.cuda.graph's documentation prescribes."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    return graph.replay, out
+
+
+class GraphedDecode:
+    """The compiled decode step (`compiled_decode(trees=False)`) replayed from CUDA graphs recorded
+    here, one per batch size, as nano-vllm and vLLM decode: a replay is two small copies into the
+    graph's input tensors and one launch, where torch.compile's own CUDA graphs (graph trees) run
+    Python checks before each replay. On an H200 the compiled batch-1 step of a 0.5B model took
+    3.1 ms there, of which the GPU ran 1.27 ms (docs/benchmarks.md). Not the default until measured
+    on a GPU: an engine takes it with NANOHUATUO_CUDA_GRAPHS=manual.
+
+    Each batch size's first call records its graph on the engine's static cache (`kv_cache`), with
+    that call's own tokens and positions: the warm-up before the capture decodes them for real
+    (writing their keys, which the replay that follows writes again, the same values at the same
+    places), the capture runs nothing, and the replay gives the logits."""
+
+    def __init__(self, model: Transformer, k, v, max_len):
+        self.model, self.k, self.v, self.max_len = model, k, v, max_len
+        self.graphs = {}  # batch -> (tokens, positions, replay, logits)
+
+    def __call__(self, tokens, positions):
+        B = tokens.shape[0]
+        if B not in self.graphs:
+            t, p, step = tokens.clone(), positions.clone(), compiled_decode("cuda", trees=False)
+            self.graphs[B] = (t, p, *_record(lambda: step(self.model, t, p, self.k, self.v, self.max_len)))
+        t, p, replay, logits = self.graphs[B]
+        t.copy_(tokens)
+        p.copy_(positions)
+        replay()
+        return logits
 
 
 def _no_parameter_guards(guards):

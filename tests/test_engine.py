@@ -480,11 +480,16 @@ def test_compiled_cpu_decode_gives_the_eager_tokens(monkeypatch, kind):
     assert eng.model.cpu_kernels["reduce"] == ([(64, 32), (96, 32), (32, 32), (32, 48), "head"] if "reduce" in kind else [])
 
 
-def test_cuda_graph_decode_path_gives_the_eager_tokens(monkeypatch):
+@pytest.mark.parametrize("graphs", ["trees", "manual"])
+def test_cuda_graph_decode_path_gives_the_eager_tokens(monkeypatch, graphs):
     """The compiled path CUDA takes, run on CPU (no CUDA graphs are recorded there, the rest is the
     same): torch.compile with CUDA's options, the batch padded up to a bucket by idle rows at
     position 0, every step over all max_len keys behind the mask, a static cache. Requests joining
-    and leaving (4, 3 padded to 4, 2, 1 running) get the eager engine's greedy tokens."""
+    and leaving (4, 3 padded to 4, 2, 1 running) get the eager engine's greedy tokens. "trees":
+    torch.compile's own CUDA graphs; "manual": the engine's (`GraphedDecode`, NANOHUATUO_CUDA_GRAPHS=manual),
+    one recorded per batch size at its first step, the capture stood in for by a replay that runs the
+    step again on the graph's own input tensors: the engine's tokens and positions must be copied
+    into them at every step."""
     import nanohuatuo.engine as engine_mod
     import nanohuatuo.engine_runner as runner
     monkeypatch.setenv("NANOHUATUO_CPU_KERNELS", "fixed")  # plain products, as on CUDA
@@ -505,14 +510,28 @@ def test_cuda_graph_decode_path_gives_the_eager_tokens(monkeypatch):
     monkeypatch.setattr(runner, "_COMPILED", {})
     shapes, real = [], runner.compiled_decode
 
-    def compiled_decode(device_type="cuda"):
-        step = real(device_type)
+    def compiled_decode(device_type="cuda", trees=True):
+        step = real(device_type, trees)
         return lambda model, tokens, *rest: shapes.append(tokens.shape[0]) or step(model, tokens, *rest)
     monkeypatch.setattr(engine_mod, "compiled_decode", compiled_decode)
+    monkeypatch.setattr(runner, "compiled_decode", compiled_decode)
+    recorded = []
+    if graphs == "manual":
+        monkeypatch.setenv("NANOHUATUO_CUDA_GRAPHS", "manual")
+
+        def record(fn):  # nothing to record on CPU: the warm-up, the "capture", then each replay a run
+            fn()
+            out = fn()
+            recorded.append(out.shape[0])
+            return (lambda: out.copy_(fn())), out
+        monkeypatch.setattr(runner, "_record", record)
     eng, got = run(True)
     assert got == want and [len(t) for t in got] == lengths
     assert eng.graphs and m.engine_cache is not None and eng.k is m.engine_cache[0]
-    assert set(shapes) == {1, 2, 4} and "cuda" in runner._COMPILED  # 3 running rows went as 4
+    # 3 running rows went as 4; one compilation without torch.compile's graphs where the engine records its own
+    assert set(shapes) == {1, 2, 4} and set(runner._COMPILED) == {"cuda" if graphs == "trees" else "cuda-kernels"}
+    assert (eng.graphed is not None) == (graphs == "manual") and sorted(recorded) == ([1, 2, 4] if recorded else [])
+    assert len(recorded) == (3 if graphs == "manual" else 0)
 
 
 def test_compiled_cpu_decode_without_a_compiler_warns_and_decodes_eagerly(monkeypatch):
