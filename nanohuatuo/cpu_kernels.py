@@ -192,10 +192,8 @@ def _reduce_all(x, ws):
 
 
 # A head at least this large may be read eagerly by the compiled `_reduction` (`KernelLinear.reduce_eager`):
-# a compiled call costs some 20-70 us (the call, Dynamo's guards), which a 16 MB matrix read in about half
-# a millisecond hardly sees. The first compilation in a process costs seconds (on a 2-core AMD EPYC 4-6 s
-# with the compiler's cache on disk, some 20 s without; another shape then a tenth of a second), which a
-# smaller head would not win back soon, and which a test model's head never waits for.
+# a call's 20-70 us (Dynamo's guards, the call) is little beside reading 16 MB, and a process's first
+# compilation (seconds: tune_cpu_kernels) would not be won back soon by a smaller head, nor a test model's.
 _REDUCE_EAGER_BYTES = 16 << 20
 
 
