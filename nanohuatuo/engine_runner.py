@@ -135,8 +135,8 @@ class GraphedDecode:
     """The compiled decode step (`compiled_decode(trees=False)`) replayed from CUDA graphs recorded
     here, one per batch size, as nano-vllm and vLLM decode: a replay is two small copies into the
     graph's input tensors and one launch, where torch.compile's own CUDA graphs (graph trees) run
-    Python checks before each replay. On an H200 the compiled batch-1 step of a 0.5B model took
-    3.1 ms there, of which the GPU ran 1.27 ms (docs/benchmarks.md). Not the default until measured
+    Python checks before each replay: on an H200 a 0.5B model's compiled batch-1 step took 3.1 ms
+    with them, of which the GPU ran 1.27 ms (docs/benchmarks.md). Not the default until measured
     on a GPU: an engine takes it with NANOHUATUO_CUDA_GRAPHS=manual.
 
     Each batch size's first call records its graph on the engine's static cache (`kv_cache`), with
