@@ -45,32 +45,38 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from nanohuatuo import cpu_kernels as ck  # noqa: E402
 from nanohuatuo.engine import Engine, SamplingParams  # noqa: E402
 from nanohuatuo.generate import for_inference  # noqa: E402
-from decode_profile import qwen2_model, step_bytes  # noqa: E402  (bench/decode_profile.py: the same shapes)
-from generate import matvec_bandwidth, matvec_reader  # noqa: E402  (bench/generate.py: the same measure)
+from nanohuatuo.quant import quantize_int8  # noqa: E402
+from decode_profile import qwen2_model  # noqa: E402  (bench/decode_profile.py: the same shapes)
+from generate import matvec_bandwidth, matvec_reader, read_bytes  # noqa: E402  (bench/generate.py: the same measure)
 
 VARIANTS = {"layout": ("plain", "packed"), "compile": ("eager", "compiled"), "reduce": ("opaque", "reduce"),
             "head": ("kernel", "head-reduce")}
 
 
-def engine(variant, size, batch, dtype, seed):
+def engine(variant, size, batch, dtype, seed, int8=False):
     """An Engine over a fresh model: 'plain' (layouts timed among the plain ones only), 'packed'
     (every matrix packed), 'eager' and 'head-reduce' (tuned as usual), 'compiled' and 'reduce' (tuned
     as usual, compile=True), 'opaque' (compile=True, tuned without the compiler's reduction),
     'kernel' (eager, the head tuned without the compiler's reduction)."""
-    model = for_inference(qwen2_model(size, dtype, seed))
-    measure, head_bytes = ck._measure, ck._REDUCE_EAGER_BYTES
+    model = qwen2_model(size, dtype, seed)
+    if int8:
+        quantize_int8(model)
+    model = for_inference(model)
+    measure, measure_int8, head_bytes = ck._measure, ck._measure_int8, ck.EAGER_MIN_BYTES
 
     def choose(ws, batches, head, pack=False, compiled=False):
         if variant == "packed" and pack:
             return "packed", {b: "onednn" for b in batches}, False
         return measure(ws, batches, head, pack=pack and variant != "plain", compiled=compiled and variant != "opaque")
     ck._measure = choose
-    if variant == "kernel":
-        ck._REDUCE_EAGER_BYTES = float("inf")
+    ck._measure_int8 = lambda layer, dtype, batches, compiled=False: measure_int8(
+        layer, dtype, batches, compiled and variant != "opaque")
+    if variant in ("kernel", "opaque"):  # no reduction called alone (an opaque engine: none at all)
+        ck.EAGER_MIN_BYTES = float("inf")
     try:
         eng = Engine(model, slots=batch, compile=variant in ("compiled", "opaque", "reduce"))
     finally:
-        ck._measure, ck._REDUCE_EAGER_BYTES = measure, head_bytes
+        ck._measure, ck._measure_int8, ck.EAGER_MIN_BYTES = measure, measure_int8, head_bytes
     g = torch.Generator().manual_seed(seed)
     for _ in range(batch):
         eng.add(torch.randint(0, model.config.vocab_size, (32,), generator=g).tolist(),
@@ -84,6 +90,7 @@ def main():
     ap.add_argument("--size", default="100M", choices=["100M", "500M"], help="model shape (default: 100M)")
     ap.add_argument("--batch", type=int, default=1, help="requests decoding together (default: 1)")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weights (default: float32)")
+    ap.add_argument("--int8", action="store_true", help="every linear in int8 (quant.quantize_int8), as --quant int8")
     ap.add_argument("--rounds", type=int, default=6, help="alternating rounds of 8 steps each (default: 6)")
     ap.add_argument("--threads", type=int, default=2, help="torch threads (default: 2)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the random weights and prompts (default: 0)")
@@ -92,10 +99,10 @@ def main():
     dtype = getattr(torch, args.dtype)
     engines = {}
     for name in VARIANTS[args.compare]:  # eager and compiled: one timing of the layouts, the same choice
-        engines[name] = engine(name, args.size, args.batch, dtype, args.seed)
+        engines[name] = engine(name, args.size, args.batch, dtype, args.seed, args.int8)
         print(f"{name}: layouts {engines[name].model.cpu_kernels['layouts']}, read at batch 1 by the compiler's "
               f"reduction: {engines[name].model.cpu_kernels['reduce']}", flush=True)
-    nbytes = step_bytes(next(iter(engines.values())).model)
+    nbytes = read_bytes(next(iter(engines.values())).model)  # int8 weights and scales too (buffers)
     read = matvec_reader("cpu", torch.float32)
     steps, shares = {name: [] for name in engines}, {name: [] for name in engines}
     with torch.inference_mode():

@@ -14,7 +14,6 @@ lives apart from the engine (which calls both functions, when it is made and at 
 and generate.py and the benchmarks use it too.
 """
 
-import functools
 import os
 import time
 import weakref
@@ -22,6 +21,7 @@ import weakref
 import torch
 import torch.nn.functional as F
 
+from .cpu_reduction import CHAIN, EAGER_MIN_BYTES, chain_kernel, product_kernel, reduce_all, reduce_each, reduction
 from .lora import LoRALinear
 from .model import Transformer
 from .quant import Int8Linear, int8pack_fits
@@ -96,27 +96,27 @@ def _measure(ws, batches, head, pack=False, compiled=False):
     dtype: the fastest layout over all batches ('row', 'col', or with `pack` also 'packed': oneDNN's
     own layout, read by oneDNN only), and the faster kernel at each batch in that layout. With
     `compiled` (an engine that compiles its CPU step) the row layout also has the compiler's own
-    reduction at batch 1 (`_reduction`), and so, called eagerly, has a large head whose only batch
-    is 1 (`_reduce_each`); `reduce` says whether that layout won and the reduction was its fastest
+    reduction at batch 1 (`reduction`), and so, called eagerly, has a large head whose only batch
+    is 1 (`reduce_each`); `reduce` says whether that layout won and the reduction was its fastest
     kernel at batch 1 (the eager kernels still cover batch 1 outside a compiled graph)."""
     w = ws[0]
-    compiled = compiled and 1 in batches and _reduction_kernel() is not None
-    # a one-slot eager engine's head (chat: every step one row) may be read by `_reduction` compiled alone;
+    compiled = compiled and 1 in batches and chain_kernel() is not None
+    # a one-slot eager engine's head (chat: every step one row) may be read by `reduction` compiled alone;
     # not with more slots: wider steps kept oneDNN's packed head there (8 slots on an AMD EPYC), and a
-    # process's first compilation costs seconds (`_REDUCE_EAGER_BYTES`)
-    single = head and not compiled and batches == (1,) and w.numel() * w.element_size() >= _REDUCE_EAGER_BYTES \
-        and _product_kernel() is not None
+    # process's first compilation costs seconds (`EAGER_MIN_BYTES`)
+    single = head and not compiled and batches == (1,) and w.numel() * w.element_size() >= EAGER_MIN_BYTES \
+        and product_kernel() is not None
     key = ("head" if head else "proj", tuple(w.shape), w.dtype, torch.get_num_threads(), batches, pack, compiled, single)
     if key not in _MEASURED:
         kernels = {"linear": F.linear}
         if _ONEDNN_LINEAR and w.dtype == torch.float32 or _ONEDNN_BF16 and w.dtype == torch.bfloat16:
             kernels["onednn"] = _onednn_linear
-        reduce = {"reduce": _reduce_all} if compiled else {"reduce": _reduce_each} if single else {}
+        reduce = {"reduce": reduce_all} if compiled else {"reduce": reduce_each} if single else {}
         layouts = {"row": kernels | reduce, "col": kernels}
         if pack and "onednn" in kernels:
             layouts["packed"] = {"onednn": _onednn_linear}
         n = max(1, min(64, -(-_STREAM_BYTES // (w.numel() * w.element_size()))))
-        n = n if n <= _CHAIN else -(-n // _CHAIN) * _CHAIN  # whole chains of `_reduce_all`
+        n = n if n <= CHAIN else -(-n // CHAIN) * CHAIN  # whole chains of `reduce_all`
         group = [ws[i] if i < len(ws) else ws[i % len(ws)].clone() for i in range(n)]
         times = {}  # (layout, batch) -> {kernel: seconds per matrix}
         # two sweeps over the layouts, the second in reverse order, each time the best of either: the
@@ -144,75 +144,6 @@ def _measure(ws, batches, head, pack=False, compiled=False):
         reduce = "reduce" in times[layout, 1] and min(times[layout, 1], key=times[layout, 1].get) == "reduce"
         _MEASURED[key] = (layout, {b: min(eager[b], key=eager[b].get) for b in batches}, reduce)
     return _MEASURED[key]
-
-
-def _reduction(x, w, bias=None):
-    """x @ w.T written as a product and a sum, for the compiler to turn into one loop of its own that
-    reads the row-major w once: in a compiled CPU step at batch 1 that read a 100M model's matrices
-    faster than oneDNN's kernel called as an opaque op (docs/benchmarks.md); eagerly it would
-    materialise (rows, out, in), so it is only ever traced. In float32 whatever the weights' dtype,
-    as the matrix kernels accumulate (the casts happen in the loop's registers): bfloat16 products
-    rounded before the sum would lose bits no kernel loses."""
-    y = (x.unsqueeze(-2).float() * w.float()).sum(-1).to(x.dtype)
-    return y if bias is None else y + bias
-
-
-def _chain(x, *ws):
-    """`_reduction` by each of ws in turn, each product's input depending on the last's output (a
-    sum of it, times a negligible factor), so the compiler keeps them apart, as a step's are."""
-    for w in ws:
-        x = x + _reduction(x, w).sum(-1, keepdim=True) * 1e-30
-    return x
-
-
-_CHAIN = 8  # matrices per compiled call when timing: a call's own cost (some 17 us) spread over 8
-
-
-@functools.cache
-def _reduction_kernel():
-    """`_chain` compiled (shapes static, as a step's weights are); None where torch.compile cannot
-    build it (no C++ compiler: a compiled step decodes eagerly there)."""
-    fn = torch.compile(_chain, dynamic=False, fullgraph=True)
-    try:
-        with torch.no_grad():
-            fn(torch.ones(1, 8), torch.ones(4, 8))
-    except Exception:  # noqa: BLE001 (the compiler's failures have many types; none is ours)
-        return None
-    # each shape, dtype and chain length timed is one compilation of the same function
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-    return fn
-
-
-def _reduce_all(x, ws):
-    """The compiled reduction by every matrix of ws, `_CHAIN` per call (`_measure` times it so: one
-    compiled call per matrix would add the call's cost to each, which inside a step's graph it does
-    not pay)."""
-    for i in range(0, len(ws), _CHAIN):
-        _reduction_kernel()(x, *ws[i:i + _CHAIN])
-
-
-# A head at least this large may be read eagerly by the compiled `_reduction` (`KernelLinear.reduce_eager`):
-# a call's 20-70 us (Dynamo's guards, the call) is little beside reading 16 MB, and a process's first
-# compilation (seconds: tune_cpu_kernels) would not be won back soon by a smaller head, nor a test model's.
-_REDUCE_EAGER_BYTES = 16 << 20
-
-
-@functools.cache
-def _product_kernel():
-    """`_reduction` compiled alone (shapes static): a one-slot eager step's head, one call a step (see
-    tune_cpu_kernels). None where torch.compile cannot build a kernel (`_reduction_kernel`)."""
-    if _reduction_kernel() is None:
-        return None
-    return torch.compile(_reduction, dynamic=False, fullgraph=True)
-
-
-def _reduce_each(x, ws):
-    """The compiled `_reduction` by each matrix of ws, one call each, as an eager step calls it (in
-    inference mode, with an inference tensor: compiled otherwise, it would compile again at the first step)."""
-    with torch.inference_mode():
-        x = x.clone()
-        for w in ws:
-            _product_kernel()(x, w)
 
 
 def _reduces(layer, x):
@@ -248,13 +179,13 @@ class KernelLinear(torch.nn.Linear):
     packed = None  # a PackedCopy of a weight that must stay plain (tied head; frozen base of a LoRA)
 
     compiled_key = None  # its entry for a compiled CPU decode step (`opaque_products`)
-    reduce = False  # a compiled step's batch-1 graph reads it with the compiler's `_reduction`
-    reduce_eager = False  # an eager step's one row reads it with `_reduction` compiled alone (the head)
+    reduce = False  # a compiled step's batch-1 graph reads it with the compiler's `reduction`
+    reduce_eager = False  # an eager step's one row reads it with `reduction` compiled alone (the head)
 
     def forward(self, x):
         if self.compiled_key is not None and torch.compiler.is_compiling():
             if _reduces(self, x):
-                return _reduction(x, self.weight, self.bias)
+                return reduction(x, self.weight, self.bias)
             return torch.ops.nanohuatuo.cpu_products(x, self.compiled_key, self.out_features)
         w = self.weight
         if w.is_mkldnn:  # packed (a model loaded to infer): oneDNN is the only kernel that reads it
@@ -262,7 +193,7 @@ class KernelLinear(torch.nn.Linear):
         if torch.is_inference_mode_enabled() and x.device.type == "cpu" and x.dtype == w.dtype:
             if self.reduce_eager and x.numel() == x.shape[-1]:
                 b = None if self.bias is None else self.bias.detach()  # plain tensors, as timed: one compilation
-                return _product_kernel()(x.reshape(1, -1), w.detach(), b).reshape(*x.shape[:-1], -1)
+                return product_kernel()(x.reshape(1, -1), w.detach(), b).reshape(*x.shape[:-1], -1)
             if self.packed is not None and (p := self.packed.get([w])) is not None:
                 return _onednn_linear(x, p, self.bias)
             if _nearest(self.kernels, x.numel() // x.shape[-1]) == "onednn":
@@ -310,7 +241,7 @@ class FusedLinear:
                 return list(torch.ops.nanohuatuo.cpu_products(x, self.compiled_key, sum(self.sizes)).split(self.sizes, -1))
             # each part from its own parameters (views of the fused rows: the same bytes), so what the
             # graph reads stays the model's weights whatever later happens to the fused matrix
-            out = [_reduction(x, _plain(m).weight, _plain(m).bias) for m in parts]
+            out = [reduction(x, _plain(m).weight, _plain(m).bias) for m in parts]
         else:
             out = self.product(x, parts).split(self.sizes, dim=-1)
         deltas = [m.delta(x) if type(m) is LoRALinear else None for m in parts]
@@ -371,12 +302,18 @@ def _fusable(model):
                    and (m.bias is None) == (parts[0].bias is None) for m in parts)]
 
 
-def _measure_int8(layer, dtype, batches):
-    """The fastest Int8Linear kernel for `layer`'s shape with activations of `dtype`, summed over
-    `batches`: "dequant" against _weight_int8pack_mm in the activation dtype and (for float
-    activations other than bfloat16) with the activations cast to bfloat16. A kernel whose result
-    on the timing input is not within bfloat16 rounding of the dequantising one is dropped."""
-    key = ("int8", (layer.out_features, layer.in_features), dtype, torch.get_num_threads(), batches)
+def _measure_int8(layer, dtype, batches, compiled=False):
+    """(kernel, reduce): the fastest Int8Linear kernel for `layer`'s shape with activations of `dtype`,
+    summed over `batches`: "dequant" against _weight_int8pack_mm in the activation dtype and (for
+    float activations other than bfloat16) with the activations cast to bfloat16. A kernel whose
+    result on the timing input is not within bfloat16 rounding of the dequantising one is dropped.
+    reduce: whether the compiler's reduction (`reduction` with the scales, float32 activations) beat
+    that kernel at batch 1, timed as `_measure` times it: chained in a compiled step's graph
+    (`compiled`), or called alone for a matrix of 16 MB or more whose only batch is 1."""
+    w = layer.weight
+    compiled = compiled and 1 in batches and chain_kernel() is not None
+    single = not compiled and batches == (1,) and w.numel() >= EAGER_MIN_BYTES and product_kernel() is not None
+    key = ("int8", (layer.out_features, layer.in_features), dtype, torch.get_num_threads(), batches, compiled, single)
     if key not in _MEASURED:
         kernels = {"dequant": layer.dequant}
         if int8pack_fits(layer):
@@ -384,7 +321,7 @@ def _measure_int8(layer, dtype, batches):
                 kernels["int8pack"] = lambda x: layer.int8pack(x, x.dtype)
             if dtype != torch.bfloat16:
                 kernels["int8pack_bf16"] = lambda x: layer.int8pack(x, torch.bfloat16)
-        times = dict.fromkeys(kernels, 0.0)
+        times, one = dict.fromkeys(kernels, 0.0), {}
         for b in batches:
             x = torch.randn(b, layer.in_features, dtype=dtype)
             want = layer.dequant(x.bfloat16().to(dtype)).float()  # the inputs every kernel sees alike
@@ -396,8 +333,15 @@ def _measure_int8(layer, dtype, batches):
                 if not ok:
                     del kernels[name], times[name]
                     continue
-                times[name] += _seconds(lambda: fn(x))
-        _MEASURED[key] = min(times, key=times.get)
+                times[name] += (t := _seconds(lambda: fn(x)))
+                one[name] = t if b == 1 else one.get(name)
+        kernel = min(times, key=times.get)
+        reduce = False
+        if compiled or single:
+            x, ws = torch.randn(1, layer.in_features, dtype=dtype), [(w, layer.scales)] * (CHAIN if compiled else 1)
+            t = _seconds(lambda: (reduce_all if compiled else reduce_each)(x, ws)) / len(ws)
+            reduce = t < min(s for s in one.values() if s is not None)
+        _MEASURED[key] = kernel, reduce
     return _MEASURED[key]
 
 
@@ -485,17 +429,17 @@ def tune_cpu_kernels(model: Transformer, batches=(1, 8), compiled=False):
     not decide.
 
     With `compiled` (an Engine that compiles its CPU step) the row layout has a third kernel at batch
-    1: the product written as a multiply and a sum (`_reduction`), which the compiler turns into one
+    1: the product written as a multiply and a sum (`reduction`), which the compiler turns into one
     loop of its own inside the step's graph. oneDNN's kernel costs some 14 us a call before it reads
     anything (on an AMD EPYC, a (16, 512) matrix at 1 thread or 2, against 5 us for F.linear), a
     quarter of the 54 us a 100M model's 1.6 MB q|k|v matrix takes; the compiler's loop has no such
-    start. It is timed through a compiled function of its own, 8 matrices a call (`_reduce_all`:
+    start. It is timed through a compiled function of its own, 8 matrices a call (`reduce_all`:
     the call's own cost, some 17 us, which a graph does not pay, spread thin), and where it wins, the
     batch-1 graph reads those matrices with it (the choice's "reduce"); batch 1 outside the graph
     (eager fallbacks, a one-token prefill) uses the layout's fastest eager kernel. Without `compiled`
     but with batch 1 the only batch size (a one-slot engine: chat), a head of 16 MB or more
-    (`_REDUCE_EAGER_BYTES`) still has the reduction among its kernels, `_reduction` compiled alone
-    and called once a step (`_product_kernel`; a call's cost, some 20-70 us, is in its timing): one
+    (`EAGER_MIN_BYTES`) still has the reduction among its kernels, `reduction` compiled alone
+    and called once a step (`product_kernel`; a call's cost, some 20-70 us, is in its timing): one
     vectorised loop read a large head 1.3-1.5x as fast as F.linear and oneDNN on an AMD EPYC, while
     the blocks' small matrices would each pay the call. Where it wins the head reads its one row so
     in any inference-mode step (`KernelLinear.reduce_eager`), the choice's "reduce" naming "head";
@@ -598,8 +542,12 @@ def tune_cpu_kernels(model: Transformer, batches=(1, 8), compiled=False):
         dtype = model.embed_tokens.weight.dtype  # the activations'
         for m in model.modules():
             if isinstance(m, Int8Linear) and m.weight.device.type == "cpu":
-                m.kernel = _measure_int8(m, dtype, batches)
+                m.__class__ = KernelInt8Linear
+                m.kernel, reduce = _measure_int8(m, dtype, batches, compiled)
+                m.reduce, m.reduce_eager = reduce and compiled, reduce and not compiled
                 choice["int8"][(m.out_features, m.in_features)] = m.kernel
+                if reduce and ("int8", (m.out_features, m.in_features)) not in choice["reduce"]:
+                    choice["reduce"].append(("int8", (m.out_features, m.in_features)))
         if dtype != torch.float32:
             choice["kv_dtype"] = _measure_kv(model.config, dtype, batches)
     model.cpu_kernels = choice
@@ -643,11 +591,34 @@ def _(x, key, out):
     return x.new_empty((*x.shape[:-1], out))
 
 
+class KernelInt8Linear(Int8Linear):
+    """An Int8Linear on CPU (`tune_cpu_kernels`): in a compiled step its product is one opaque op
+    running its measured kernel (inductor failed to lower _weight_int8pack_mm fed by a fused cast,
+    "LoweringException: AssertionError: Pointwise" in torch 2.13, so an int8 model's step was not
+    compiled at all), or at batch 1 the compiler's reduction where it was timed faster (`reduce`);
+    eagerly, one row goes through the reduction compiled alone where that won (`reduce_eager`)."""
+
+    compiled_key = None
+    reduce = reduce_eager = False
+
+    def forward(self, x):
+        if self.compiled_key is not None and torch.compiler.is_compiling():
+            if _reduces(self, x):
+                return reduction(x, self.weight, self.bias, self.scales)
+            return torch.ops.nanohuatuo.cpu_products(x, self.compiled_key, self.out_features)
+        if self.reduce_eager and torch.is_inference_mode_enabled() and x.numel() == x.shape[-1]:
+            b = None if self.bias is None else self.bias.detach()
+            return product_kernel()(x.reshape(1, -1), self.weight, b, self.scales).reshape(*x.shape[:-1], -1)
+        return super().forward(x)
+
+
 def opaque_products(model: Transformer):
-    """Give each measured projection of `model` (KernelLinear, FusedLinear) its entry in `_OPAQUE`, so
-    a compiled decode step calls it as one op (above). Once per model; run after tune_cpu_kernels."""
+    """Give each measured projection of `model` (KernelLinear, FusedLinear, an int8 layer) its entry in
+    `_OPAQUE`, so a compiled decode step calls it as one op (above). Once per model; after tune_cpu_kernels."""
     for m in model.modules():
-        if type(m) is KernelLinear and m.compiled_key is None:
+        if type(m) is Int8Linear and m.weight.device.type == "cpu":
+            m.__class__ = KernelInt8Linear
+        if type(m) in (KernelLinear, KernelInt8Linear) and m.compiled_key is None:
             _OPAQUE.append((weakref.ref(m), []))
             m.compiled_key = len(_OPAQUE) - 1
     for owner, parts in _groups(model):

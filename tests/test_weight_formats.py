@@ -142,6 +142,44 @@ def test_every_format_decodes_the_same_well_separated_tokens(monkeypatch):
         assert set(calls) == wanted, (dtype, kernel)  # the engine ran the kernel it was given
 
 
+@pytest.mark.parametrize("where", ["compiled", "eager"])
+def test_int8_layers_through_the_compilers_reduction_decode_the_same_tokens(monkeypatch, where):
+    """An int8 model on CPU. Compiled: every int8 product is one opaque op running its measured kernel
+    (inductor could not lower _weight_int8pack_mm fed by a fused cast, and such a step fell back to
+    eager decoding), and at batch 1 the compiler's reduction with the scales where it was timed
+    faster (here chosen whatever the timing); rows joining and leaving take both graphs. Eager, a
+    one-slot engine: one-row products through the reduction compiled alone (the size floor lowered).
+    The chain model's well-separated greedy tokens either way, and the reduction really ran."""
+    if ck.product_kernel() is None:
+        pytest.skip("torch.compile cannot build a CPU kernel here (no C++ compiler)")
+    monkeypatch.setenv("NANOHUATUO_CPU_KERNELS", "fixed")
+    m, perm = chain_model(int8=True)
+    monkeypatch.delenv("NANOHUATUO_CPU_KERNELS")
+    monkeypatch.setattr(ck, "_MEASURED", {})
+    monkeypatch.setattr(ck, "EAGER_MIN_BYTES", 0)
+    measure, reduced, product = ck._measure_int8, [], ck.product_kernel()
+    monkeypatch.setattr(ck, "_measure_int8", lambda layer, dtype, batches, compiled=False:
+                        (measure(layer, dtype, batches, compiled)[0], True))
+    reduction = ck.reduction
+    monkeypatch.setattr(ck, "reduction", lambda *a: reduced.append("traced") or reduction(*a))
+    monkeypatch.setattr(ck, "product_kernel", lambda: lambda *a: reduced.append("called") or product(*a))
+    m.cpu_kernels, compiled = None, where == "compiled"
+    slots = len(PROMPTS) if compiled else 1
+    tune_cpu_kernels(m, batches=(1, slots), compiled=compiled)
+    layers = [x for x in m.modules() if isinstance(x, Int8Linear)]
+    assert len(layers) == 15 and all(type(x) is ck.KernelInt8Linear for x in layers)
+    assert all(x.reduce == compiled and x.reduce_eager == (not compiled) for x in layers)
+    lengths = [3, 10, 6, 8]
+    eng = Engine(m, slots=slots, compile=compiled)
+    rids = [eng.add(p, SamplingParams(max_new_tokens=n)) for p, n in zip(PROMPTS, lengths)]
+    outs = {}
+    while eng.has_work():
+        for ev in eng.step():
+            outs.setdefault(ev.rid, []).append(ev.token)
+    assert [outs[r] for r in rids] == [row[:n] for row, n in zip(expected(perm), lengths)]
+    assert eng.compile == compiled and set(reduced) == {"traced" if compiled else "called"}
+
+
 def test_int8pack_greedy_equals_the_dequantising_greedy():
     fallback, _ = chain_model(int8=True, kernel="dequant")
     packed, _ = chain_model(int8=True, kernel="int8pack_bf16")
@@ -527,21 +565,21 @@ def test_compiled_reduction_is_timed_as_a_batch_1_kernel_of_the_row_layout(monke
     the reduction and the chain that times it compute the product; without `compiled` it is never
     timed, and the decisions are cached apart."""
     monkeypatch.setattr(ck, "_MEASURED", {})
-    if ck._reduction_kernel() is None:
+    if ck.chain_kernel() is None:
         pytest.skip("torch.compile cannot build a CPU kernel here (no C++ compiler)")
     torch.manual_seed(0)
     ws = [torch.randn(48, 32) for _ in range(3)]
     x, b = torch.randn(1, 1, 32), torch.randn(48)
-    torch.testing.assert_close(ck._reduction(x, ws[0], b), torch.nn.functional.linear(x, ws[0], b), atol=1e-5, rtol=0)
+    torch.testing.assert_close(ck.reduction(x, ws[0], b), torch.nn.functional.linear(x, ws[0], b), atol=1e-5, rtol=0)
     with torch.no_grad():
-        chained = ck._reduction_kernel()(x[0], *ws)
+        chained = ck.chain_kernel()(x[0], *ws)
     want = x[0]
     for w in ws:
         want = want + torch.nn.functional.linear(want, w).sum(-1, keepdim=True) * 1e-30
     torch.testing.assert_close(chained, want)
     timed = []
-    reduce_all = ck._reduce_all
-    monkeypatch.setattr(ck, "_reduce_all", lambda x, wl: timed.append((tuple(x.shape), len(wl))) or reduce_all(x, wl))
+    reduce_all = ck.reduce_all
+    monkeypatch.setattr(ck, "reduce_all", lambda x, wl: timed.append((tuple(x.shape), len(wl))) or reduce_all(x, wl))
     layout, kernels, reduce = ck._measure(ws, (1, 4), head=False, compiled=True)
     assert timed and set(timed) == {((1, 32), 64)}  # batch 1 only, over whole chains of the streamed copies
     assert set(kernels) == {1, 4} and set(kernels.values()) <= {"linear", "onednn"}
@@ -551,7 +589,7 @@ def test_compiled_reduction_is_timed_as_a_batch_1_kernel_of_the_row_layout(monke
     assert len(ck._MEASURED) == 2
     # a reduction that costs nothing wins batch 1, so the row layout, whose eager kernels still cover batch 1
     monkeypatch.setattr(ck, "_MEASURED", {})
-    monkeypatch.setattr(ck, "_reduce_all", lambda x, wl: timed.append((tuple(x.shape), len(wl))))
+    monkeypatch.setattr(ck, "reduce_all", lambda x, wl: timed.append((tuple(x.shape), len(wl))))
     layout, kernels, reduce = ck._measure(ws, (1, 4), head=False, compiled=True)
     assert (layout, reduce) == ("row", True) and set(kernels) == {1, 4} and set(kernels.values()) <= {"linear", "onednn"}
 

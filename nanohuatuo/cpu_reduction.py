@@ -1,0 +1,87 @@
+"""The compiler's reduction: a matrix product written as a multiply and a sum, which torch.compile
+turns into one vectorised loop of its own on CPU, and the compiled functions that time and call it.
+
+    y = reduction(x, w, bias, scales)      # only ever traced (eagerly it would materialise rows x out x in)
+    chain_kernel()(x, w1, ..., w8)         # `_chain` compiled: timing 8 matrices a call, as a graph reads them
+    product_kernel()(x, w, bias, scales)   # `reduction` compiled alone: a one-slot eager step's large matrices
+
+cpu_kernels times these against F.linear, oneDNN and the int8 kernels (`_measure`, `_measure_int8`)
+and reads a matrix through them where they win: inside a compiled step's batch-1 graph, or, in a
+one-slot eager engine, a head (or an int8 matrix) of `EAGER_MIN_BYTES` or more by its own call.
+"""
+
+import functools
+
+import torch
+
+
+def reduction(x, w, bias=None, scales=None):
+    """x @ w.T written as a product and a sum, for the compiler to turn into one loop of its own that
+    reads the row-major w once: in a compiled CPU step at batch 1 that read a 100M model's matrices
+    faster than oneDNN's kernel called as an opaque op (docs/benchmarks.md); eagerly it would
+    materialise (rows, out, in), so it is only ever traced. In float32 whatever the weights' dtype,
+    as the matrix kernels accumulate (the casts happen in the loop's registers): bfloat16 products
+    rounded before the sum would lose bits no kernel loses. scales: an int8 matrix's, one per row."""
+    y = (x.unsqueeze(-2).float() * w.float()).sum(-1)
+    y = (y if scales is None else y * scales.float()).to(x.dtype)
+    return y if bias is None else y + bias
+
+
+def _chain(x, *ws):
+    """`reduction` by each of ws in turn, each product's input depending on the last's output (a
+    sum of it, times a negligible factor), so the compiler keeps them apart, as a step's are. An
+    int8 matrix comes as (weight, scales)."""
+    for w in ws:
+        w, scales = w if isinstance(w, tuple) else (w, None)
+        x = x + reduction(x, w, None, scales).sum(-1, keepdim=True) * 1e-30
+    return x
+
+
+CHAIN = 8  # matrices per compiled call when timing: a call's own cost (some 17 us) spread over 8
+
+
+@functools.cache
+def chain_kernel():
+    """`_chain` compiled (shapes static, as a step's weights are); None where torch.compile cannot
+    build it (no C++ compiler: a compiled step decodes eagerly there)."""
+    fn = torch.compile(_chain, dynamic=False, fullgraph=True)
+    try:
+        with torch.no_grad():
+            fn(torch.ones(1, 8), torch.ones(4, 8))
+    except Exception:  # noqa: BLE001 (the compiler's failures have many types; none is ours)
+        return None
+    # each shape, dtype and chain length timed is one compilation of the same function
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    return fn
+
+
+def reduce_all(x, ws):
+    """The compiled reduction by every matrix of ws, `CHAIN` per call (`_measure` times it so: one
+    compiled call per matrix would add the call's cost to each, which inside a step's graph it does
+    not pay)."""
+    for i in range(0, len(ws), CHAIN):
+        chain_kernel()(x, *ws[i:i + CHAIN])
+
+
+# A head at least this large may be read eagerly by the compiled `reduction` (`KernelLinear.reduce_eager`):
+# a call's 20-70 us (Dynamo's guards, the call) is little beside reading 16 MB, and a process's first
+# compilation (seconds: tune_cpu_kernels) would not be won back soon by a smaller head, nor a test model's.
+EAGER_MIN_BYTES = 16 << 20
+
+
+@functools.cache
+def product_kernel():
+    """`reduction` compiled alone (shapes static): a one-slot eager step's large matrices, one call a step (see
+    tune_cpu_kernels). None where torch.compile cannot build a kernel (`chain_kernel`)."""
+    if chain_kernel() is None:
+        return None
+    return torch.compile(reduction, dynamic=False, fullgraph=True)
+
+
+def reduce_each(x, ws):
+    """The compiled `reduction` by each matrix of ws, one call each, as an eager step calls it (in
+    inference mode, with an inference tensor: compiled otherwise, it would compile again at the first step)."""
+    with torch.inference_mode():
+        x = x.clone()
+        for w in ws:
+            product_kernel()(x, *((w[0], None, w[1]) if isinstance(w, tuple) else (w,)))
