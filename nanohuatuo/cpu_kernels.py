@@ -397,7 +397,8 @@ def tune_cpu_kernels(model: Transformer, batches=(1, 8), compiled=False):
     `FusedLinear` uses the kernel measured at the batch size nearest in ratio. For int8
     weights (quant.Int8Linear, the head included) it times, per shape, the dequantising F.linear
     against _weight_int8pack_mm in the activation dtype and with bfloat16 activations, and sets
-    each layer's `kernel` to the fastest (`_measure_int8`). Decisions are cached per shape, dtype,
+    each layer's `kernel` to the fastest (`_measure_int8`; the layer becomes a `KernelInt8Linear`, whose
+    batch 1 may go through the compiler's reduction as below). Decisions are cached per shape, dtype,
     thread count and batches for the process, so a second model (or a second Engine) costs no
     timing. A large head is multiplied 6 times per layout, kernel and batch size (two sweeps of a
     warm-up and two timings: a few seconds for a 150k-token vocabulary on 2 cores), a test model's
