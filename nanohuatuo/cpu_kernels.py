@@ -17,6 +17,7 @@ and generate.py and the benchmarks use it too.
 import os
 import time
 import weakref
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
@@ -308,8 +309,9 @@ def _measure_int8(layer, dtype, batches, compiled=False):
     float activations other than bfloat16) with the activations cast to bfloat16. A kernel whose
     result on the timing input is not within bfloat16 rounding of the dequantising one is dropped.
     reduce: whether the compiler's reduction (`reduction` with the scales, float32 activations) beat
-    that kernel at batch 1, timed as `_measure` times it: chained in a compiled step's graph
-    (`compiled`), or called alone for a matrix of 16 MB or more whose only batch is 1."""
+    batch 1's fastest kernel over distinct copies of the matrix (`_STREAM_BYTES`, as `_measure`: one
+    small matrix would stay in cache), timed as `_measure` times it: chained in a compiled step's
+    graph (`compiled`), or called alone for a matrix of 16 MB or more whose only batch is 1."""
     w = layer.weight
     compiled = compiled and 1 in batches and chain_kernel() is not None
     single = not compiled and batches == (1,) and w.numel() >= EAGER_MIN_BYTES and product_kernel() is not None
@@ -335,12 +337,18 @@ def _measure_int8(layer, dtype, batches, compiled=False):
                     continue
                 times[name] += (t := _seconds(lambda: fn(x)))
                 one[name] = t if b == 1 else one.get(name)
-        kernel = min(times, key=times.get)
-        reduce = False
-        if compiled or single:
-            x, ws = torch.randn(1, layer.in_features, dtype=dtype), [(w, layer.scales)] * (CHAIN if compiled else 1)
-            t = _seconds(lambda: (reduce_all if compiled else reduce_each)(x, ws)) / len(ws)
-            reduce = t < min(s for s in one.values() if s is not None)
+        kernel, reduce = min(times, key=times.get), False
+        if compiled or single:  # batch 1's fastest kernel against the reduction, over distinct copies as in `_measure`
+            best = min((k for k in one if one[k] is not None), key=one.get)
+            n = max(1, min(64, -(-_STREAM_BYTES // w.numel())))
+            n = n if n <= CHAIN or not compiled else -(-n // CHAIN) * CHAIN
+            copies = [SimpleNamespace(weight=w if i == 0 else w.clone(), scales=layer.scales, in_features=layer.in_features,
+                                      out_features=layer.out_features) for i in range(n)]
+            run = {"dequant": Int8Linear.dequant, "int8pack": lambda c, x: Int8Linear.int8pack(c, x, x.dtype),
+                   "int8pack_bf16": lambda c, x: Int8Linear.int8pack(c, x, torch.bfloat16)}[best]
+            x, ws = torch.randn(1, layer.in_features, dtype=dtype), [(c.weight, c.scales) for c in copies]
+            reduced = _seconds(lambda: (reduce_all if compiled else reduce_each)(x, ws), rounds=2)
+            reduce = reduced < _seconds(lambda: [run(c, x) for c in copies], rounds=2)
         _MEASURED[key] = kernel, reduce
     return _MEASURED[key]
 
