@@ -22,7 +22,8 @@ from types import SimpleNamespace
 import torch
 import torch.nn.functional as F
 
-from .cpu_reduction import CHAIN, EAGER_MIN_BYTES, chain_kernel, product_kernel, reduce_all, reduce_each, reduction
+from .cpu_reduction import (CHAIN, EAGER_MIN_BYTES, chain_kernel, product_kernel, reduce_all, reduce_each, reduce_row,
+                            reduction)
 from .lora import LoRALinear
 from .model import Transformer
 from .quant import Int8Linear, int8pack_fits
@@ -193,8 +194,7 @@ class KernelLinear(torch.nn.Linear):
             return _onednn_linear(x, w, self.bias)
         if torch.is_inference_mode_enabled() and x.device.type == "cpu" and x.dtype == w.dtype:
             if self.reduce_eager and x.numel() == x.shape[-1]:
-                b = None if self.bias is None else self.bias.detach()  # plain tensors, as timed: one compilation
-                return product_kernel()(x.reshape(1, -1), w.detach(), b).reshape(*x.shape[:-1], -1)
+                return reduce_row(x, w, self.bias)
             if self.packed is not None and (p := self.packed.get([w])) is not None:
                 return _onednn_linear(x, p, self.bias)
             if _nearest(self.kernels, x.numel() // x.shape[-1]) == "onednn":
@@ -317,38 +317,38 @@ def _measure_int8(layer, dtype, batches, compiled=False):
     single = not compiled and batches == (1,) and w.numel() >= EAGER_MIN_BYTES and product_kernel() is not None
     key = ("int8", (layer.out_features, layer.in_features), dtype, torch.get_num_threads(), batches, compiled, single)
     if key not in _MEASURED:
-        kernels = {"dequant": layer.dequant}
+        # each kernel as a function of the layer, so that it also runs on copies of its weight (below)
+        kernels = {"dequant": Int8Linear.dequant}
         if int8pack_fits(layer):
             if dtype in (torch.float32, torch.bfloat16, torch.float16):
-                kernels["int8pack"] = lambda x: layer.int8pack(x, x.dtype)
+                kernels["int8pack"] = lambda lay, x: Int8Linear.int8pack(lay, x, x.dtype)
             if dtype != torch.bfloat16:
-                kernels["int8pack_bf16"] = lambda x: layer.int8pack(x, torch.bfloat16)
-        times, one = dict.fromkeys(kernels, 0.0), {}
+                kernels["int8pack_bf16"] = lambda lay, x: Int8Linear.int8pack(lay, x, torch.bfloat16)
+        times, one = dict.fromkeys(kernels, 0.0), {}  # summed over batches; at batch 1
         for b in batches:
             x = torch.randn(b, layer.in_features, dtype=dtype)
             want = layer.dequant(x.bfloat16().to(dtype)).float()  # the inputs every kernel sees alike
             for name, fn in list(kernels.items()):
                 try:
-                    ok = name == "dequant" or _close(fn(x.bfloat16().to(dtype)).float(), want)
+                    ok = name == "dequant" or _close(fn(layer, x.bfloat16().to(dtype)).float(), want)
                 except RuntimeError:  # the op refused this shape or dtype
                     ok = False
                 if not ok:
                     del kernels[name], times[name]
                     continue
-                times[name] += (t := _seconds(lambda: fn(x)))
-                one[name] = t if b == 1 else one.get(name)
+                times[name] += (t := _seconds(lambda: fn(layer, x)))
+                if b == 1:
+                    one[name] = t
         kernel, reduce = min(times, key=times.get), False
         if compiled or single:  # batch 1's fastest kernel against the reduction, over distinct copies as in `_measure`
-            best = min((k for k in one if one[k] is not None), key=one.get)
             n = max(1, min(64, -(-_STREAM_BYTES // w.numel())))
             n = n if n <= CHAIN or not compiled else -(-n // CHAIN) * CHAIN
             copies = [SimpleNamespace(weight=w if i == 0 else w.clone(), scales=layer.scales, in_features=layer.in_features,
                                       out_features=layer.out_features) for i in range(n)]
-            run = {"dequant": Int8Linear.dequant, "int8pack": lambda c, x: Int8Linear.int8pack(c, x, x.dtype),
-                   "int8pack_bf16": lambda c, x: Int8Linear.int8pack(c, x, torch.bfloat16)}[best]
-            x, ws = torch.randn(1, layer.in_features, dtype=dtype), [(c.weight, c.scales) for c in copies]
+            best, x = kernels[min(one, key=one.get)], torch.randn(1, layer.in_features, dtype=dtype)
+            ws = [(c.weight, c.scales) for c in copies]
             reduced = _seconds(lambda: (reduce_all if compiled else reduce_each)(x, ws), rounds=2)
-            reduce = reduced < _seconds(lambda: [run(c, x) for c in copies], rounds=2)
+            reduce = reduced < _seconds(lambda: [best(c, x) for c in copies], rounds=2)
         _MEASURED[key] = kernel, reduce
     return _MEASURED[key]
 
@@ -448,7 +448,7 @@ def tune_cpu_kernels(model: Transformer, batches=(1, 8), compiled=False):
     (eager fallbacks, a one-token prefill) uses the layout's fastest eager kernel. Without `compiled`
     but with batch 1 the only batch size (a one-slot engine: chat), a head of 16 MB or more
     (`EAGER_MIN_BYTES`) still has the reduction among its kernels, `reduction` compiled alone
-    and called once a step (`product_kernel`; a call's cost, some 20-70 us, is in its timing): one
+    and called once a step (`reduce_row`; a call's cost, some 25 us, is in its timing): one
     vectorised loop read a large head 1.3-1.5x as fast as F.linear and oneDNN on an AMD EPYC, while
     the blocks' small matrices would each pay the call. Where it wins the head reads its one row so
     in any inference-mode step (`KernelLinear.reduce_eager`), the choice's "reduce" naming "head";
@@ -469,6 +469,9 @@ def tune_cpu_kernels(model: Transformer, batches=(1, 8), compiled=False):
     # beyond 16 rows the products are compute-bound and timing a big head there would take seconds
     batches = tuple(sorted(set(min(int(b), 16) for b in batches)))
     choice = {"batches": batches, "layouts": {}, "proj": {}, "head": {}, "int8": {}, "kv_dtype": None, "reduce": []}
+    int8 = [m for m in model.modules() if isinstance(m, Int8Linear) and m.weight.device.type == "cpu"]
+    for m in int8:  # timed or not: a compiled step takes their products as opaque ops (`opaque_products`)
+        m.__class__ = KernelInt8Linear
     if os.environ.get("NANOHUATUO_CPU_KERNELS") == "fixed":  # repeatable runs: the loaded layouts, no timing
         model.cpu_kernels = choice
         return
@@ -478,6 +481,10 @@ def tune_cpu_kernels(model: Transformer, batches=(1, 8), compiled=False):
     packable = _ONEDNN_PACK and (w.dtype == torch.float32 or _ONEDNN_BF16 and w.dtype == torch.bfloat16)
     pack = packable and bool(getattr(model, "inference_only", False))
     copies = packable and not pack and _room_for_copies(model)
+
+    def reduced(name, reduce):  # the choice's list of what the compiler's reduction reads, once each
+        if reduce and name not in choice["reduce"]:
+            choice["reduce"].append(name)
 
     def frozen(weights):  # may these matrices get packed copies?
         return copies and not any(t.requires_grad for t in weights)
@@ -496,7 +503,7 @@ def tune_cpu_kernels(model: Transformer, batches=(1, 8), compiled=False):
             layout, kernels, reduce = _measure([fw for _, _, fw, _ in group], batches, head=False, compiled=compiled,
                                                pack=pack or frozen([m.weight for _, parts, _, _ in group for m in parts]))
             choice["layouts"][shape], choice["proj"][shape] = layout, kernels
-            choice["reduce"] += [shape] if reduce else []
+            reduced(shape, reduce)
             while group:  # popped, so a row-major matrix is freed as soon as its column-major copy replaces it
                 owner, parts, fw, fb = group.pop()
                 if layout == "col":
@@ -519,7 +526,7 @@ def tune_cpu_kernels(model: Transformer, batches=(1, 8), compiled=False):
                                                pack=pack or frozen([m.weight for m in ms]))
             choice["layouts"][shape] = layout
             choice["proj"][shape] = kernels
-            choice["reduce"] += [shape] if reduce else []
+            reduced(shape, reduce)
             for m in ms:
                 if layout == "packed" and pack:
                     m.weight = torch.nn.Parameter(_pack(m.weight.data, max(batches)), requires_grad=False)
@@ -535,7 +542,7 @@ def tune_cpu_kernels(model: Transformer, batches=(1, 8), compiled=False):
             layout, kernels, reduce = _measure([w.data], batches, head=True, compiled=compiled, pack=frozen([w]) or pack and (
                 not tied or room_for(w.numel() * w.element_size())))
             choice["layouts"]["head"] = layout
-            choice["reduce"] += ["head"] if reduce else []
+            reduced("head", reduce)
             if layout == "packed" and (tied or not pack):
                 head.packed = PackedCopy(w, max(batches), [w])  # a copy: the embedding lookup needs the plain rows
             elif layout == "packed":
@@ -549,14 +556,11 @@ def tune_cpu_kernels(model: Transformer, batches=(1, 8), compiled=False):
                     head.__class__, head.kernels = KernelLinear, kernels
                     head.reduce, head.reduce_eager = reduce and compiled, reduce and not compiled
         dtype = model.embed_tokens.weight.dtype  # the activations'
-        for m in model.modules():
-            if isinstance(m, Int8Linear) and m.weight.device.type == "cpu":
-                m.__class__ = KernelInt8Linear
-                m.kernel, reduce = _measure_int8(m, dtype, batches, compiled)
-                m.reduce, m.reduce_eager = reduce and compiled, reduce and not compiled
-                choice["int8"][(m.out_features, m.in_features)] = m.kernel
-                if reduce and ("int8", (m.out_features, m.in_features)) not in choice["reduce"]:
-                    choice["reduce"].append(("int8", (m.out_features, m.in_features)))
+        for m in int8:
+            m.kernel, reduce = _measure_int8(m, dtype, batches, compiled)
+            m.reduce, m.reduce_eager = reduce and compiled, reduce and not compiled
+            choice["int8"][(m.out_features, m.in_features)] = m.kernel
+            reduced(("int8", (m.out_features, m.in_features)), reduce)
         if dtype != torch.float32:
             choice["kv_dtype"] = _measure_kv(model.config, dtype, batches)
     model.cpu_kernels = choice
@@ -616,8 +620,7 @@ class KernelInt8Linear(Int8Linear):
                 return reduction(x, self.weight, self.bias, self.scales)
             return torch.ops.nanohuatuo.cpu_products(x, self.compiled_key, self.out_features)
         if self.reduce_eager and torch.is_inference_mode_enabled() and x.numel() == x.shape[-1]:
-            b = None if self.bias is None else self.bias.detach()
-            return product_kernel()(x.reshape(1, -1), self.weight, b, self.scales).reshape(*x.shape[:-1], -1)
+            return reduce_row(x, self.weight, self.bias, self.scales)
         return super().forward(x)
 
 
@@ -625,8 +628,6 @@ def opaque_products(model: Transformer):
     """Give each measured projection of `model` (KernelLinear, FusedLinear, an int8 layer) its entry in
     `_OPAQUE`, so a compiled decode step calls it as one op (above). Once per model; after tune_cpu_kernels."""
     for m in model.modules():
-        if type(m) is Int8Linear and m.weight.device.type == "cpu":
-            m.__class__ = KernelInt8Linear
         if type(m) in (KernelLinear, KernelInt8Linear) and m.compiled_key is None:
             _OPAQUE.append((weakref.ref(m), []))
             m.compiled_key = len(_OPAQUE) - 1

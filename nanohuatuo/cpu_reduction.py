@@ -63,19 +63,28 @@ def reduce_all(x, ws):
         chain_kernel()(x, *ws[i:i + CHAIN])
 
 
-# A head at least this large may be read eagerly by the compiled `reduction` (`KernelLinear.reduce_eager`):
-# a call's 20-70 us (Dynamo's guards, the call) is little beside reading 16 MB, and a process's first
-# compilation (seconds: tune_cpu_kernels) would not be won back soon by a smaller head, nor a test model's.
+# A head (or int8 matrix) at least this large may be read eagerly by the compiled `reduction` (`reduce_row`):
+# a call's cost, some 25 us (Dynamo's guards and the call, on a (64, 64) matrix on a 2-core AMD EPYC), is
+# little beside reading 16 MB, and a process's first compilation (seconds: tune_cpu_kernels) would not be
+# won back soon by a smaller matrix, nor a test model's.
 EAGER_MIN_BYTES = 16 << 20
 
 
 @functools.cache
 def product_kernel():
-    """`reduction` compiled alone (shapes static): a one-slot eager step's large matrices, one call a step (see
-    tune_cpu_kernels). None where torch.compile cannot build a kernel (`chain_kernel`)."""
+    """`reduction` compiled alone (shapes static): a one-slot eager step's large matrices, one call a step
+    (`reduce_row`; see tune_cpu_kernels). None where torch.compile cannot build a kernel (`chain_kernel`)."""
     if chain_kernel() is None:
         return None
     return torch.compile(reduction, dynamic=False, fullgraph=True)
+
+
+def reduce_row(x, w, bias=None, scales=None):
+    """x (..., in) of one row times w by `product_kernel`, in x's shape but the last dimension: an eager
+    step's product (KernelLinear's, KernelInt8Linear's). Plain tensors, as `reduce_each` timed them
+    (a Parameter would fail Dynamo's type guard and compile again)."""
+    bias = None if bias is None else bias.detach()
+    return product_kernel()(x.reshape(1, -1), w.detach(), bias, scales).reshape(*x.shape[:-1], -1)
 
 
 def reduce_each(x, ws):

@@ -530,7 +530,7 @@ def test_cuda_graph_decode_path_gives_the_eager_tokens(monkeypatch, graphs):
     assert eng.graphs and m.engine_cache is not None and eng.k is m.engine_cache[0]
     # 3 running rows went as 4; one compilation without torch.compile's graphs where the engine records its own
     assert set(shapes) == {1, 2, 4} and set(runner._COMPILED) == {"cuda" if graphs == "trees" else "cuda-kernels"}
-    assert (eng.graphed is not None) == (graphs == "manual") and sorted(recorded) == ([1, 2, 4] if recorded else [])
+    assert (eng.graphed is not None) == (graphs == "manual") and sorted(recorded) == ([1, 2, 4] if graphs == "manual" else [])
     assert len(recorded) == (3 if graphs == "manual" else 0)
 
 
@@ -557,6 +557,7 @@ def test_eager_head_read_by_the_compiled_reduction_gives_the_same_tokens(monkeyp
     compiles again at the first step); the greedy tokens and the logits are F.linear's on the
     loaded layout. An engine with two slots does not time it."""
     import nanohuatuo.cpu_kernels as ck
+    import nanohuatuo.cpu_reduction as cpu_reduction
     from torch._dynamo.utils import counters
     if ck.product_kernel() is None:
         pytest.skip("torch.compile cannot build a CPU kernel here (no C++ compiler)")
@@ -583,11 +584,11 @@ def test_eager_head_read_by_the_compiled_reduction_gives_the_same_tokens(monkeyp
     monkeypatch.setattr(ck, "_measure", measured)
     calls = []  # (rows, compiled graphs so far) at each call of the compiled product
 
-    def product(x, w, b=None):
-        y = kernel(x, w, b)
+    def product(x, w, b=None, s=None):
+        y = kernel(x, w, b, s)
         calls.append((x.shape[0], counters["stats"]["unique_graphs"]))
         return y
-    monkeypatch.setattr(ck, "product_kernel", lambda: product)
+    monkeypatch.setattr(cpu_reduction, "product_kernel", lambda: product)  # the timing's calls and the steps'
     steps, decode = [], Engine._decode
     monkeypatch.setattr(Engine, "_decode", lambda self: steps.append(len(self.running)) or decode(self))
     graphs = []
