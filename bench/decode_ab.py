@@ -11,7 +11,9 @@
                        compiled=True)`, as Engine(compile=True) now tunes)
     --compare head     both eager: the head read at batch 1 by its measured eager kernel only ("kernel",
                        as before) against the same with the compiler's reduction, compiled alone and
-                       called once a step, among the kernels timed ("reduce", as an eager Engine now tunes)
+                       called once a step, among the kernels timed ("head-reduce", as a one-slot eager
+                       Engine now tunes; --batch 1: with more slots it is not timed)
+    --int8             every linear in int8 (quant.quantize_int8) before loading to infer, for any of these
 
 Two copies of bench/generate.py's Qwen2-shaped model (random weights, `for_inference`, as chat,
 serve and evaluation load a model), each with an Engine filled with `--batch` greedy requests

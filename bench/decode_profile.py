@@ -72,7 +72,7 @@ from nanohuatuo.generate import for_inference  # noqa: E402
 from nanohuatuo.hf import ModelConfig  # noqa: E402
 from nanohuatuo.lora import apply_lora, default_targets, lora_parameters  # noqa: E402
 from nanohuatuo.model import Transformer  # noqa: E402
-from generate import SIZES, matvec_bandwidth, matvec_reader, sync  # noqa: E402  (bench/generate.py: the same shapes and measure)
+from generate import SIZES, matvec_bandwidth, matvec_reader, read_bytes, sync  # noqa: E402  (bench/generate.py: the same shapes and measure)
 
 
 def qwen2_model(size, dtype, seed):
@@ -85,11 +85,6 @@ def qwen2_model(size, dtype, seed):
     m = Transformer(c)
     m.init_weights(seed=seed)
     return m.to(dtype).eval()
-
-
-def step_bytes(model):
-    """Bytes a decode step reads in full: every parameter once (a tied embedding counts once, as the head)."""
-    return sum(t.nbytes for t in {id(p): p for p in model.parameters()}.values())
 
 
 class Timers:
@@ -481,7 +476,7 @@ def main():
     bar_dtype = dtype if device.type == "cuda" else torch.float32
     read = matvec_reader(args.device, bar_dtype)
     bw = matvec_bandwidth(args.device, bar_dtype, read=read)
-    nbytes = step_bytes(model)
+    nbytes = read_bytes(model)
     tune_cpu_kernels(model, batches=(1, *args.batches), compiled=args.compile)  # as an Engine with max(batches) slots would
     print(f"{args.size} ({model.num_params() / 1e6:.0f}M params, {nbytes / 1e6:.0f} MB a step), {args.dtype}, "
           f"{f'LoRA r={args.lora} unmerged, ' if args.lora else ''}"
