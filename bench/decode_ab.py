@@ -13,6 +13,9 @@
                        as before) against the same with the compiler's reduction, compiled alone and
                        called once a step, among the kernels timed ("head-reduce", as a one-slot eager
                        Engine now tunes; --batch 1: with more slots it is not timed)
+    --compare fuse     with --int8, both eager: q, k, v and gate, up as separate int8 matrices
+                       ("separate", as before) against one int8 matrix per group ("fused",
+                       cpu_int8.FusedInt8, as tune_cpu_kernels now does), kernels timed alike
     --int8             every linear in int8 (quant.quantize_int8) before loading to infer, for any of these
 
 Two copies of bench/generate.py's Qwen2-shaped model (random weights, `for_inference`, as chat,
@@ -31,6 +34,7 @@ this way, both sides in one process and interleaved.
     python bench/decode_ab.py --compare compile --size 500M --batch 1 --rounds 12
     python bench/decode_ab.py --compare reduce --size 100M --batch 1 --rounds 8
     python bench/decode_ab.py --compare head --size 100M --batch 1 --rounds 8
+    python bench/decode_ab.py --compare fuse --int8 --size 500M --batch 1 --rounds 6
 """
 
 import argparse
@@ -44,7 +48,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from nanohuatuo import cpu_kernels as ck  # noqa: E402
+from nanohuatuo import cpu_int8, cpu_kernels as ck  # noqa: E402
 from nanohuatuo.engine import Engine, SamplingParams  # noqa: E402
 from nanohuatuo.generate import for_inference  # noqa: E402
 from nanohuatuo.quant import quantize_int8  # noqa: E402
@@ -52,33 +56,38 @@ from decode_profile import qwen2_model  # noqa: E402  (bench/decode_profile.py: 
 from generate import matvec_bandwidth, matvec_reader, read_bytes  # noqa: E402  (bench/generate.py: the same measure)
 
 VARIANTS = {"layout": ("plain", "packed"), "compile": ("eager", "compiled"), "reduce": ("opaque", "reduce"),
-            "head": ("kernel", "head-reduce")}
+            "head": ("kernel", "head-reduce"), "fuse": ("separate", "fused")}
 
 
 def engine(variant, size, batch, dtype, seed, int8=False):
     """An Engine over a fresh model: 'plain' (layouts timed among the plain ones only), 'packed'
-    (every matrix packed), 'eager' and 'head-reduce' (tuned as usual), 'compiled' and 'reduce' (tuned
-    as usual, compile=True), 'opaque' (compile=True, tuned without the compiler's reduction),
-    'kernel' (eager, the head tuned without the compiler's reduction)."""
+    (every matrix packed), 'eager', 'head-reduce' and 'fused' (tuned as usual), 'separate' (no int8
+    group fused), 'compiled' and 'reduce' (tuned as usual, compile=True), 'opaque' (compile=True,
+    tuned without the compiler's reduction), 'kernel' (eager, no reduction called alone)."""
     model = qwen2_model(size, dtype, seed)
     if int8:
         quantize_int8(model)
     model = for_inference(model)
-    measure, measure_int8, head_bytes = ck._measure, ck._measure_int8, ck.EAGER_MIN_BYTES
+    measure, measure_int8, head_bytes, int8_bytes = ck._measure, ck.measure_int8, ck.EAGER_MIN_BYTES, cpu_int8.EAGER_MIN_INT8
+    fits = cpu_int8.FusedInt8.fits
 
     def choose(ws, batches, head, pack=False, compiled=False):
         if variant == "packed" and pack:
             return "packed", {b: "onednn" for b in batches}, False
         return measure(ws, batches, head, pack=pack and variant != "plain", compiled=compiled and variant != "opaque")
     ck._measure = choose
-    ck._measure_int8 = lambda layer, dtype, batches, compiled=False: measure_int8(
+    ck.measure_int8 = lambda layer, dtype, batches, compiled=False: measure_int8(
         layer, dtype, batches, compiled and variant != "opaque")
     if variant in ("kernel", "opaque"):  # no reduction called alone (an opaque engine: none at all)
-        ck.EAGER_MIN_BYTES = float("inf")
+        ck.EAGER_MIN_BYTES = cpu_int8.EAGER_MIN_INT8 = float("inf")
+    if variant == "separate":
+        cpu_int8.FusedInt8.fits = staticmethod(lambda parts: False)
     try:
         eng = Engine(model, slots=batch, compile=variant in ("compiled", "opaque", "reduce"))
     finally:
-        ck._measure, ck._measure_int8, ck.EAGER_MIN_BYTES = measure, measure_int8, head_bytes
+        ck._measure, ck.measure_int8, ck.EAGER_MIN_BYTES, cpu_int8.EAGER_MIN_INT8 = measure, measure_int8, head_bytes, \
+            int8_bytes
+        cpu_int8.FusedInt8.fits = staticmethod(fits)
     g = torch.Generator().manual_seed(seed)
     for _ in range(batch):
         eng.add(torch.randint(0, model.config.vocab_size, (32,), generator=g).tolist(),
@@ -97,6 +106,8 @@ def main():
     ap.add_argument("--threads", type=int, default=2, help="torch threads (default: 2)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the random weights and prompts (default: 0)")
     args = ap.parse_args()
+    if args.compare == "fuse" and not args.int8:
+        ap.error("--compare fuse compares int8 groups: add --int8")
     torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
     engines = {}

@@ -7,26 +7,25 @@
 A decode step on a CPU reads every weight once per token, and which memory layout (row- or
 column-major) and which matrix kernel (F.linear or oneDNN's) read fastest depends on the processor
 and the matrix's shape, so they are measured on this machine instead of fixed (and q, k, v and
-gate, up are read as one matrix each); so is the kernel of int8 weights
-(quant.Int8Linear: dequantise then F.linear, or torch._weight_int8pack_mm, which reads the int8
-bytes only but on some processors wants bfloat16 activations). This is machine tuning, not scheduling: it
+gate, up are read as one matrix each); so is the kernel of int8 weights (cpu_int8: dequantise then
+F.linear, or torch._weight_int8pack_mm, which reads the int8 bytes only but on some processors wants
+bfloat16 activations). This is machine tuning, not scheduling: it
 lives apart from the engine (which calls both functions, when it is made and at every decode step),
 and generate.py and the benchmarks use it too.
 """
 
 import os
-import time
 import weakref
-from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
 
-from .cpu_reduction import (CHAIN, EAGER_MIN_BYTES, chain_kernel, product_kernel, reduce_all, reduce_each, reduce_row,
-                            reduction)
+from .cpu_int8 import FusedInt8, KernelInt8Linear, measure_int8
+from .cpu_reduction import (CHAIN, EAGER_MIN_BYTES, STREAM_BYTES, chain_kernel, product_kernel, reduce_all, reduce_each,
+                            reduce_row, reduces, reduction, seconds)
 from .lora import LoRALinear
 from .model import Transformer
-from .quant import Int8Linear, int8pack_fits
+from .quant import Int8Linear
 
 
 _ONEDNN_LINEAR = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
@@ -41,33 +40,12 @@ _ONEDNN_PACK = _ONEDNN_LINEAR and hasattr(torch.ops.mkldnn, "_reorder_linear_wei
 _MEASURED = {}  # (what, weight shape, dtype, threads, batches[, pack]) -> decision: measured once per process
 
 
-def _seconds(fn, rounds=3):
-    """Best-of-`rounds` (at most 2 past 20 ms) seconds per call of fn, each timing at least ~2 ms long."""
-    t = time.perf_counter()
-    fn()  # warm-up, and a first estimate
-    first = time.perf_counter() - t
-    n = max(1, min(200, int(2e-3 / max(first, 1e-7))))
-    best = float("inf")
-    for _ in range(rounds if first < 0.02 else min(rounds, 2)):
-        t = time.perf_counter()
-        for _ in range(n):
-            fn()
-        best = min(best, (time.perf_counter() - t) / n)
-    return best
-
-
 def _onednn_linear(x, w, bias=None):
     return torch.ops.mkldnn._linear_pointwise(x, w, bias, "none", [], "")
 
 
 def _column_major(w):
     return w.t().contiguous().t()  # same values, (in, out) in memory
-
-
-# A decode step streams every matrix from memory once; one small matrix timed alone would sit in the
-# processor's caches and read several times faster than it does in a step, so a shape is timed over
-# this many bytes of distinct matrices (the model's own, then copies of them), up to 64 matrices.
-_STREAM_BYTES = 64 << 20
 
 
 def _pack(w, batch):
@@ -117,7 +95,7 @@ def _measure(ws, batches, head, pack=False, compiled=False):
         layouts = {"row": kernels | reduce, "col": kernels}
         if pack and "onednn" in kernels:
             layouts["packed"] = {"onednn": _onednn_linear}
-        n = max(1, min(64, -(-_STREAM_BYTES // (w.numel() * w.element_size()))))
+        n = max(1, min(64, -(-STREAM_BYTES // (w.numel() * w.element_size()))))
         n = n if n <= CHAIN else -(-n // CHAIN) * CHAIN  # whole chains of `reduce_all`
         group = [ws[i] if i < len(ws) else ws[i % len(ws)].clone() for i in range(n)]
         times = {}  # (layout, batch) -> {kernel: seconds per matrix}
@@ -138,7 +116,7 @@ def _measure(ws, batches, head, pack=False, compiled=False):
                         if name == "reduce" and b > 1:
                             continue
                         run = (lambda: fn(x, wl)) if name == "reduce" else (lambda: [fn(x, m) for m in wl])
-                        t[name] = min(t.get(name, float("inf")), _seconds(run, rounds=2) / n)
+                        t[name] = min(t.get(name, float("inf")), seconds(run, rounds=2) / n)
                 del wl
         del group
         layout = _weighing_batches_alike({lb: min(t.values()) for lb, t in times.items()}, layouts, batches)
@@ -146,13 +124,6 @@ def _measure(ws, batches, head, pack=False, compiled=False):
         reduce = "reduce" in times[layout, 1] and min(times[layout, 1], key=times[layout, 1].get) == "reduce"
         _MEASURED[key] = (layout, {b: min(eager[b], key=eager[b].get) for b in batches}, reduce)
     return _MEASURED[key]
-
-
-def _reduces(layer, x):
-    """Whether a traced product of `layer` (a KernelLinear, a FusedLinear) is the compiler's reduction:
-    chosen for it (`reduce`, only ever in the row layout, so its weights are plain) and exactly one row,
-    known when traced (a compiled step's batch-1 graph)."""
-    return layer.reduce and all(isinstance(d, int) and d == 1 for d in x.shape[:-1])
 
 
 def _weighing_batches_alike(seconds, options, batches):
@@ -186,7 +157,7 @@ class KernelLinear(torch.nn.Linear):
 
     def forward(self, x):
         if self.compiled_key is not None and torch.compiler.is_compiling():
-            if _reduces(self, x):
+            if reduces(self, x):
                 return reduction(x, self.weight, self.bias)
             return torch.ops.nanohuatuo.cpu_products(x, self.compiled_key, self.out_features)
         w = self.weight
@@ -238,7 +209,7 @@ class FusedLinear:
 
     def __call__(self, x, parts):
         if self.compiled_key is not None and torch.compiler.is_compiling():
-            if not _reduces(self, x):
+            if not reduces(self, x):
                 return list(torch.ops.nanohuatuo.cpu_products(x, self.compiled_key, sum(self.sizes)).split(self.sizes, -1))
             # each part from its own parameters (views of the fused rows: the same bytes), so what the
             # graph reads stays the model's weights whatever later happens to the fused matrix
@@ -303,56 +274,6 @@ def _fusable(model):
                    and (m.bias is None) == (parts[0].bias is None) for m in parts)]
 
 
-def _measure_int8(layer, dtype, batches, compiled=False):
-    """(kernel, reduce): the fastest Int8Linear kernel for `layer`'s shape with activations of `dtype`,
-    summed over `batches`: "dequant" against _weight_int8pack_mm in the activation dtype and (for
-    float activations other than bfloat16) with the activations cast to bfloat16. A kernel whose
-    result on the timing input is not within bfloat16 rounding of the dequantising one is dropped.
-    reduce: whether the compiler's reduction (`reduction` with the scales, float32 activations) beat
-    batch 1's fastest kernel over distinct copies of the matrix (`_STREAM_BYTES`, as `_measure`: one
-    small matrix would stay in cache), timed as `_measure` times it: chained in a compiled step's
-    graph (`compiled`), or called alone for a matrix of 16 MB or more whose only batch is 1."""
-    w = layer.weight
-    compiled = compiled and 1 in batches and chain_kernel() is not None
-    single = not compiled and batches == (1,) and w.numel() >= EAGER_MIN_BYTES and product_kernel() is not None
-    key = ("int8", (layer.out_features, layer.in_features), dtype, torch.get_num_threads(), batches, compiled, single)
-    if key not in _MEASURED:
-        # each kernel as a function of the layer, so that it also runs on copies of its weight (below)
-        kernels = {"dequant": Int8Linear.dequant}
-        if int8pack_fits(layer):
-            if dtype in (torch.float32, torch.bfloat16, torch.float16):
-                kernels["int8pack"] = lambda lay, x: Int8Linear.int8pack(lay, x, x.dtype)
-            if dtype != torch.bfloat16:
-                kernels["int8pack_bf16"] = lambda lay, x: Int8Linear.int8pack(lay, x, torch.bfloat16)
-        times, one = dict.fromkeys(kernels, 0.0), {}  # summed over batches; at batch 1
-        for b in batches:
-            x = torch.randn(b, layer.in_features, dtype=dtype)
-            want = layer.dequant(x.bfloat16().to(dtype)).float()  # the inputs every kernel sees alike
-            for name, fn in list(kernels.items()):
-                try:
-                    ok = name == "dequant" or _close(fn(layer, x.bfloat16().to(dtype)).float(), want)
-                except RuntimeError:  # the op refused this shape or dtype
-                    ok = False
-                if not ok:
-                    del kernels[name], times[name]
-                    continue
-                times[name] += (t := _seconds(lambda: fn(layer, x)))
-                if b == 1:
-                    one[name] = t
-        kernel, reduce = min(times, key=times.get), False
-        if compiled or single:  # batch 1's fastest kernel against the reduction, over distinct copies as in `_measure`
-            n = max(1, min(64, -(-_STREAM_BYTES // w.numel())))
-            n = n if n <= CHAIN or not compiled else -(-n // CHAIN) * CHAIN
-            copies = [SimpleNamespace(weight=w if i == 0 else w.clone(), scales=layer.scales, in_features=layer.in_features,
-                                      out_features=layer.out_features) for i in range(n)]
-            best, x = kernels[min(one, key=one.get)], torch.randn(1, layer.in_features, dtype=dtype)
-            ws = [(c.weight, c.scales) for c in copies]
-            reduced = _seconds(lambda: (reduce_all if compiled else reduce_each)(x, ws), rounds=2)
-            reduce = reduced < _seconds(lambda: [best(c, x) for c in copies], rounds=2)
-        _MEASURED[key] = kernel, reduce
-    return _MEASURED[key]
-
-
 _KV_KEYS = 256  # keys per row when timing attention: a prompt and an answer of the evaluation sets' size
 
 
@@ -372,14 +293,9 @@ def _measure_kv(c, dtype, batches):
             for kv in cands:
                 k, v = (torch.randn(b, c.n_kv_heads, _KV_KEYS, c.head_dim, dtype=kv) for _ in range(2))
                 attend = F.scaled_dot_product_attention
-                times[kv, b] = _seconds(lambda: attend(q.to(kv), k, v, enable_gqa=gqa).to(dtype))
+                times[kv, b] = seconds(lambda: attend(q.to(kv), k, v, enable_gqa=gqa).to(dtype))
         _MEASURED[key] = _weighing_batches_alike(times, cands, batches)
     return _MEASURED[key]
-
-
-def _close(y, want):
-    # bfloat16 activations carry 8 significant bits: errors stay far below 3% of the largest output
-    return bool(torch.isfinite(y).all()) and float((y - want).abs().max()) <= 0.03 * float(want.abs().max()) + 1e-6
 
 
 def tune_cpu_kernels(model: Transformer, batches=(1, 8), compiled=False):
@@ -398,15 +314,16 @@ def tune_cpu_kernels(model: Transformer, batches=(1, 8), compiled=False):
     instructions) on a random (b, in) activation for each b in `batches` (at most 16), with the
     weights row-major (as loaded) and column-major (same values, transposed strides), over every
     layer's matrices of that shape one after the other (then copies, up to 64 MB or 64 matrices:
-    `_STREAM_BYTES`), since one small matrix timed alone stays in cache and would mislead. Every
+    `STREAM_BYTES`), since one small matrix timed alone stays in cache and would mislead. Every
     matrix of a shape gets the layout with the smaller summed time, each batch size weighing alike
     (time over the better layout's time at that b); a projection or head whose best kernel is
     oneDNN at some b becomes a `KernelLinear` (oneDNN in inference mode only), which like
     `FusedLinear` uses the kernel measured at the batch size nearest in ratio. For int8
-    weights (quant.Int8Linear, the head included) it times, per shape, the dequantising F.linear
-    against _weight_int8pack_mm in the activation dtype and with bfloat16 activations, and sets
-    each layer's `kernel` to the fastest (`_measure_int8`; the layer becomes a `KernelInt8Linear`, whose
-    batch 1 may go through the compiler's reduction as below). Decisions are cached per shape, dtype,
+    weights (quant.Int8Linear, the head included) q|k|v and gate|up are fused as well (cpu_int8.FusedInt8),
+    then it times, per shape, the dequantising F.linear against _weight_int8pack_mm in the activation
+    dtype and with bfloat16 activations, and sets each layer's `kernel` to the fastest
+    (cpu_int8.measure_int8; the layers become `KernelInt8Linear`s, whose batch 1 may go through the
+    compiler's reduction as below, called alone in a one-slot eager engine from 1 MB up). Decisions are cached per shape, dtype,
     thread count and batches for the process, so a second model (or a second Engine) costs no
     timing. A large head is multiplied 6 times per layout, kernel and batch size (two sweeps of a
     warm-up and two timings: a few seconds for a 150k-token vocabulary on 2 cores), a test model's
@@ -556,8 +473,12 @@ def tune_cpu_kernels(model: Transformer, batches=(1, 8), compiled=False):
                     head.__class__, head.kernels = KernelLinear, kernels
                     head.reduce, head.reduce_eager = reduce and compiled, reduce and not compiled
         dtype = model.embed_tokens.weight.dtype  # the activations'
-        for m in int8:
-            m.kernel, reduce = _measure_int8(m, dtype, batches, compiled)
+        fused8 = [(owner, parts) for owner, parts in _groups(model) if FusedInt8.fits(parts)]
+        for owner, parts in fused8:  # int8 q|k|v and gate|up: one matrix each, measured in the parts' stead
+            owner.fused = FusedInt8(parts)
+        in_fused = {id(m) for _, parts in fused8 for m in parts}
+        for m in [m for m in int8 if id(m) not in in_fused] + [owner.fused.layer for owner, _ in fused8]:
+            m.kernel, reduce = measure_int8(m, dtype, batches, compiled)
             m.reduce, m.reduce_eager = reduce and compiled, reduce and not compiled
             choice["int8"][(m.out_features, m.in_features)] = m.kernel
             reduced(("int8", (m.out_features, m.in_features)), reduce)
@@ -604,35 +525,16 @@ def _(x, key, out):
     return x.new_empty((*x.shape[:-1], out))
 
 
-class KernelInt8Linear(Int8Linear):
-    """An Int8Linear on CPU (`tune_cpu_kernels`): in a compiled step its product is one opaque op
-    running its measured kernel (inductor failed to lower _weight_int8pack_mm fed by a fused cast,
-    "LoweringException: AssertionError: Pointwise" in torch 2.13, so an int8 model's step was not
-    compiled at all), or at batch 1 the compiler's reduction where it was timed faster (`reduce`);
-    eagerly, one row goes through the reduction compiled alone where that won (`reduce_eager`)."""
-
-    compiled_key = None
-    reduce = reduce_eager = False
-
-    def forward(self, x):
-        if self.compiled_key is not None and torch.compiler.is_compiling():
-            if _reduces(self, x):
-                return reduction(x, self.weight, self.bias, self.scales)
-            return torch.ops.nanohuatuo.cpu_products(x, self.compiled_key, self.out_features)
-        if self.reduce_eager and torch.is_inference_mode_enabled() and x.numel() == x.shape[-1]:
-            return reduce_row(x, self.weight, self.bias, self.scales)
-        return super().forward(x)
-
-
 def opaque_products(model: Transformer):
     """Give each measured projection of `model` (KernelLinear, FusedLinear, an int8 layer) its entry in
     `_OPAQUE`, so a compiled decode step calls it as one op (above). Once per model; after tune_cpu_kernels."""
-    for m in model.modules():
+    fused8 = [owner.fused.layer for owner, _ in _groups(model) if type(owner.fused) is FusedInt8]
+    for m in [*model.modules(), *fused8]:
         if type(m) in (KernelLinear, KernelInt8Linear) and m.compiled_key is None:
             _OPAQUE.append((weakref.ref(m), []))
             m.compiled_key = len(_OPAQUE) - 1
     for owner, parts in _groups(model):
-        if owner.fused is not None and owner.fused.compiled_key is None:
+        if type(owner.fused) is FusedLinear and owner.fused.compiled_key is None:
             _OPAQUE.append((weakref.ref(owner.fused), [weakref.ref(p) for p in parts]))
             owner.fused.compiled_key = len(_OPAQUE) - 1
 

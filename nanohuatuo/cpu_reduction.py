@@ -5,14 +5,38 @@ turns into one vectorised loop of its own on CPU, and the compiled functions tha
     chain_kernel()(x, w1, ..., w8)         # `_chain` compiled: timing 8 matrices a call, as a graph reads them
     product_kernel()(x, w, bias, scales)   # `reduction` compiled alone: a one-slot eager step's large matrices
 
-cpu_kernels times these against F.linear, oneDNN and the int8 kernels (`_measure`, `_measure_int8`)
-and reads a matrix through them where they win: inside a compiled step's batch-1 graph, or, in a
-one-slot eager engine, a head (or an int8 matrix) of `EAGER_MIN_BYTES` or more by its own call.
+cpu_kernels and cpu_int8 time these against F.linear, oneDNN and the int8 kernels (`_measure`,
+`measure_int8`) and read a matrix through them where they win: inside a compiled step's batch-1
+graph (`reduces`), or, in a one-slot eager engine, a head of `EAGER_MIN_BYTES` or more (an int8
+matrix of `cpu_int8.EAGER_MIN_INT8`) by its own call. The timing both modules share is here too
+(`seconds`, `STREAM_BYTES`).
 """
 
 import functools
+import time
 
 import torch
+
+
+def seconds(fn, rounds=3):
+    """Best-of-`rounds` (at most 2 past 20 ms) seconds per call of fn, each timing at least ~2 ms long."""
+    t = time.perf_counter()
+    fn()  # warm-up, and a first estimate
+    first = time.perf_counter() - t
+    n = max(1, min(200, int(2e-3 / max(first, 1e-7))))
+    best = float("inf")
+    for _ in range(rounds if first < 0.02 else min(rounds, 2)):
+        t = time.perf_counter()
+        for _ in range(n):
+            fn()
+        best = min(best, (time.perf_counter() - t) / n)
+    return best
+
+
+# A decode step streams every matrix from memory once; one small matrix timed alone would sit in the
+# processor's caches and read several times faster than it does in a step, so a shape is timed over
+# this many bytes of distinct matrices (the model's own, then copies of them), up to 64 matrices.
+STREAM_BYTES = 64 << 20
 
 
 def reduction(x, w, bias=None, scales=None):
@@ -25,6 +49,13 @@ def reduction(x, w, bias=None, scales=None):
     y = (x.unsqueeze(-2).float() * w.float()).sum(-1)
     y = (y if scales is None else y * scales.float()).to(x.dtype)
     return y if bias is None else y + bias
+
+
+def reduces(layer, x):
+    """Whether a traced product of `layer` (a KernelLinear, a FusedLinear, an int8 layer) is the compiler's
+    reduction: chosen for it (`reduce`, only ever in the row layout, so its weights are plain) and exactly
+    one row, known when traced (a compiled step's batch-1 graph)."""
+    return layer.reduce and all(isinstance(d, int) and d == 1 for d in x.shape[:-1])
 
 
 def _chain(x, *ws):
@@ -63,7 +94,7 @@ def reduce_all(x, ws):
         chain_kernel()(x, *ws[i:i + CHAIN])
 
 
-# A head (or int8 matrix) at least this large may be read eagerly by the compiled `reduction` (`reduce_row`):
+# A head at least this large may be read eagerly by the compiled `reduction` (`reduce_row`):
 # a call's cost, some 25 us (Dynamo's guards and the call, on a (64, 64) matrix on a 2-core AMD EPYC), is
 # little beside reading 16 MB, and a process's first compilation (seconds: tune_cpu_kernels) would not be
 # won back soon by a smaller matrix, nor a test model's.
@@ -89,8 +120,11 @@ def reduce_row(x, w, bias=None, scales=None):
 
 def reduce_each(x, ws):
     """The compiled `reduction` by each matrix of ws, one call each, as an eager step calls it (in
-    inference mode, with an inference tensor: compiled otherwise, it would compile again at the first step)."""
+    inference mode, with an inference tensor, and an int8 matrix's bias where it has one, given as
+    (weight, scales, bias): otherwise the first step would compile again). An int8 matrix without a
+    bias may come as (weight, scales)."""
     with torch.inference_mode():
         x = x.clone()
         for w in ws:
-            product_kernel()(x, *((w[0], None, w[1]) if isinstance(w, tuple) else (w,)))
+            w, scales, bias = (*w, None)[:3] if isinstance(w, tuple) else (w, None, None)
+            product_kernel()(x, w, bias, scales)

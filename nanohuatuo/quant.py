@@ -73,6 +73,18 @@ class Int8Linear(nn.Module):
         self.bias = linear.bias
         self.in_features, self.out_features = linear.in_features, linear.out_features
 
+    @classmethod
+    def of(cls, weight, scales, bias=None):
+        """A layer of an int8 (out, in) weight and its row scales as they are (no rounding): q|k|v or
+        gate|up read as one matrix (cpu_int8.FusedInt8)."""
+        layer = cls.__new__(cls)
+        nn.Module.__init__(layer)
+        layer.register_buffer("weight", weight)
+        layer.register_buffer("scales", scales)
+        layer.bias = bias
+        layer.out_features, layer.in_features = weight.shape
+        return layer
+
     def forward(self, x):
         if self.kernel != "dequant" and x.device.type == "cpu" and self.weight.device.type == "cpu":
             y = self.int8pack(x, torch.bfloat16 if self.kernel == "int8pack_bf16" else x.dtype)

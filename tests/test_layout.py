@@ -30,7 +30,7 @@ PKG = ROOT / "nanohuatuo"
 LAYERS = {  # imports go down (or sideways within a layer, but never between stages)
     "core": {"model", "hf", "lora", "quant", "tokenizer", "templates", "formats", "data", "metrics", "textmetrics", "winrate",
              "textcheck", "jinja_template", "evalsets", "multi_lora"},
-    "engine": {"engine", "engine_runner", "token_sampling", "engine_loop", "cpu_kernels", "cpu_reduction", "heap",
+    "engine": {"engine", "engine_runner", "token_sampling", "engine_loop", "cpu_kernels", "cpu_int8", "cpu_reduction", "heap",
                "generate"},
     "shared": {"cli", "checkpoint", "dist", "losses", "llm", "adapters", "reward_model", "httpjson",
                "answers", "sheets", "rollout", "reports", "consult", "openai_api", "preferences", "rank_prompt"},

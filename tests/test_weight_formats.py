@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from conftest import bench_module, tiny_base
+import nanohuatuo.cpu_int8 as cpu_int8
 import nanohuatuo.cpu_kernels as ck
 import nanohuatuo.cpu_reduction as cpu_reduction
 from nanohuatuo.cpu_kernels import head_logits, tune_cpu_kernels
@@ -26,16 +27,20 @@ V = 128
 PROMPTS = [[1, 2, 3, 4], [5, 6], [7, 8, 9, 10, 11, 12], [13]]
 
 
-def chain_model(dtype=torch.float32, int8=False, kernel=None, ffn_dim=128, lora_r=0):
+def chain_model(dtype=torch.float32, int8=False, kernel=None, ffn_dim=128, lora_r=0, qkv_bias=False):
     """A tiny llama whose greedy next token after t is PERM[t] (see the module docstring); with
-    `lora_r`, every projection wrapped in a small non-zero LoRA first, as the RL policy is."""
+    `lora_r`, every projection wrapped in a small non-zero LoRA first, as the RL policy is; with
+    `qkv_bias`, q, k and v have small non-zero biases (as Qwen2's)."""
     torch.manual_seed(0)
     m = Transformer(ModelConfig(arch="llama", vocab_size=V, dim=64, n_layers=2, n_heads=4, n_kv_heads=2,
-                                ffn_dim=ffn_dim, max_seq_len=64))
+                                ffn_dim=ffn_dim, max_seq_len=64, qkv_bias=qkv_bias))
     m.init_weights(seed=0)  # blocks at std 0.02: small next to unit-scale embeddings
     g = torch.Generator().manual_seed(1)
     perm = torch.randperm(V, generator=g)
     with torch.no_grad():
+        for name, p in m.named_parameters():
+            if name.endswith("_proj.bias"):
+                p.normal_(0, 0.02, generator=g)
         m.embed_tokens.weight.copy_(torch.randn(V, 64, generator=g))
         head = torch.empty_like(m.embed_tokens.weight)
         head[perm] = m.embed_tokens.weight  # row perm[t] is t's embedding: the largest dot product
@@ -50,10 +55,22 @@ def chain_model(dtype=torch.float32, int8=False, kernel=None, ffn_dim=128, lora_
                 p.normal_(0, 0.05, generator=g)
     tune_cpu_kernels(m, batches=(1, len(PROMPTS)))
     if kernel is not None:
-        for layer in m.modules():
-            if isinstance(layer, Int8Linear) and (kernel == "dequant" or int8pack_fits(layer)):
+        for layer in int8_layers(m):
+            if kernel == "dequant" or int8pack_fits(layer):
                 layer.kernel = kernel
     return m, perm.tolist()
+
+
+def int8_layers(m):
+    """The int8 layers a decode step of `m` runs: the model's own, but q|k|v and gate|up fused (cpu_int8.FusedInt8)."""
+    fused, parts = [], set()
+    for layer in m.layers:
+        a, f = layer.self_attn, layer.mlp
+        for owner, group in ((a, (a.q_proj, a.k_proj, a.v_proj)), (f, (f.gate_proj, f.up_proj))):
+            if type(owner.fused) is cpu_int8.FusedInt8:
+                fused.append(owner.fused.layer)
+                parts |= {id(p) for p in group}
+    return [x for x in m.modules() if isinstance(x, Int8Linear) and id(x) not in parts] + fused
 
 
 def greedy(m, n=10):
@@ -118,10 +135,53 @@ def test_layers_the_op_cannot_take_keep_the_dequantising_path():
     # a whole model: the (64, 48) down projection keeps "dequant" whatever the timings say
     m, _ = chain_model(int8=True, ffn_dim=48)
     assert m.cpu_kernels["int8"][(64, 48)] == "dequant" == m.layers[0].mlp.down_proj.kernel
-    assert set(m.cpu_kernels["int8"]) == {(64, 64), (32, 64), (48, 64), (64, 48), (V, 64)}
-    kinds = {layer.kernel for layer in m.modules() if isinstance(layer, Int8Linear)}
+    # o (64, 64), q|k|v fused (64 + 32 + 32, 64), gate|up fused (2 * 48, 64), down (64, 48), the head
+    assert set(m.cpu_kernels["int8"]) == {(64, 64), (128, 64), (96, 64), (64, 48), (V, 64)}
+    kinds = {layer.kernel for layer in int8_layers(m)}
     assert kinds <= {"dequant", "int8pack", "int8pack_bf16"}
     assert m.layers[0].mlp.up_proj.weight.dtype == torch.int8  # the int8 bytes are what is kept
+
+
+def test_int8_qkv_and_gate_up_fused_into_one_matrix_each():
+    """Tuning an int8 model fuses q|k|v and gate|up (cpu_int8.FusedInt8): the parts' weights, scales and
+    biases become views of the fused rows (same state dict, no extra bytes), the fused product is the
+    parts' products side by side, and a part whose weight was replaced makes the block run the parts."""
+    torch.manual_seed(0)
+    m = Transformer(ModelConfig(arch="qwen2", vocab_size=V, dim=64, n_layers=2, n_heads=4, n_kv_heads=2,
+                                ffn_dim=96, max_seq_len=64, qkv_bias=True))
+    m.init_weights(seed=0)
+    quantize_int8(m.eval())
+    before, nbytes = {k: v.clone() for k, v in m.state_dict().items()}, bench_module("generate").read_bytes(m)
+    ids = torch.tensor([[3, 1, 4, 1, 5, 9]])
+    with torch.inference_mode():
+        plain = m(ids)
+    tune_cpu_kernels(m, batches=(1, 4))
+    attn, mlp = m.layers[0].self_attn, m.layers[0].mlp
+    assert type(attn.fused) is type(mlp.fused) is cpu_int8.FusedInt8
+    assert attn.fused.layer.weight.shape == (64 + 32 + 32, 64) and mlp.fused.layer.weight.shape == (2 * 96, 64)
+    after = m.state_dict()
+    assert list(after) == list(before) and all(torch.equal(after[k], v) for k, v in before.items())
+    assert attn.k_proj.weight.untyped_storage().data_ptr() == attn.fused.layer.weight.untyped_storage().data_ptr()
+    assert attn.v_proj.bias.untyped_storage().data_ptr() == attn.fused.layer.bias.untyped_storage().data_ptr()
+    assert bench_module("generate").read_bytes(m) == nbytes  # the parts are views: no bytes counted twice
+    x = torch.randn(1, 3, 64, generator=torch.Generator().manual_seed(2))
+    with torch.inference_mode():
+        for kernel in ("dequant", "int8pack"):  # float32 activations (the timing may have chosen bfloat16 ones)
+            for layer in int8_layers(m) + [attn.q_proj, attn.k_proj, attn.v_proj, mlp.gate_proj, mlp.up_proj]:
+                layer.kernel = kernel
+            torch.testing.assert_close(torch.cat(attn.fused(x, (attn.q_proj, attn.k_proj, attn.v_proj)), -1),
+                                       torch.cat([attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)], -1), atol=1e-5, rtol=0)
+        torch.testing.assert_close(m(ids), plain, atol=1e-4, rtol=0)
+        calls = []
+        fused_call = cpu_int8.KernelInt8Linear.forward
+        for owner in (attn, mlp):
+            owner.fused.layer.forward = lambda x, layer=owner.fused.layer: calls.append(1) or fused_call(layer, x)
+        m(ids)
+        assert len(calls) == 2
+        mlp.up_proj.weight = mlp.up_proj.weight.clone()  # no longer the fused rows: gate and up run alone
+        calls.clear()
+        torch.testing.assert_close(m(ids), plain, atol=1e-4, rtol=0)
+        assert len(calls) == 1
 
 
 # ----------------------------------------------------------------------------- the engine in each format
@@ -149,30 +209,33 @@ def test_int8_layers_through_the_compilers_reduction_decode_the_same_tokens(monk
     (inductor could not lower _weight_int8pack_mm fed by a fused cast, and such a step fell back to
     eager decoding), and at batch 1 the compiler's reduction with the scales where it was timed
     faster (here chosen whatever the timing); rows joining and leaving take both graphs. Eager, a
-    one-slot engine: one-row products through the reduction compiled alone (the size floor lowered).
+    one-slot engine: one-row products through the reduction compiled alone (the size floor lowered),
+    as timed, so the steps compile nothing more (q|k|v has a bias, which the timing must pass too).
     The chain model's well-separated greedy tokens either way, and the reduction really ran."""
+    from torch._dynamo.utils import counters
     if ck.product_kernel() is None:
         pytest.skip("torch.compile cannot build a CPU kernel here (no C++ compiler)")
     monkeypatch.setenv("NANOHUATUO_CPU_KERNELS", "fixed")
-    m, perm = chain_model(int8=True)
+    m, perm = chain_model(int8=True, qkv_bias=True)
     monkeypatch.delenv("NANOHUATUO_CPU_KERNELS")
-    monkeypatch.setattr(ck, "_MEASURED", {})
-    monkeypatch.setattr(ck, "EAGER_MIN_BYTES", 0)
-    measure, reduced, product = ck._measure_int8, [], ck.product_kernel()
-    monkeypatch.setattr(ck, "_measure_int8", lambda layer, dtype, batches, compiled=False:
+    monkeypatch.setattr(cpu_int8, "_MEASURED", {})
+    monkeypatch.setattr(cpu_int8, "EAGER_MIN_INT8", 0)
+    measure, reduced, product = ck.measure_int8, [], ck.product_kernel()
+    monkeypatch.setattr(ck, "measure_int8", lambda layer, dtype, batches, compiled=False:
                         (measure(layer, dtype, batches, compiled)[0], True))
-    reduction = ck.reduction
-    monkeypatch.setattr(ck, "reduction", lambda *a: reduced.append("traced") or reduction(*a))
+    reduction = cpu_int8.reduction
+    monkeypatch.setattr(cpu_int8, "reduction", lambda *a: reduced.append("traced") or reduction(*a))
     monkeypatch.setattr(cpu_reduction, "product_kernel", lambda: lambda *a: reduced.append("called") or product(*a))
     m.cpu_kernels, compiled = None, where == "compiled"
     slots = len(PROMPTS) if compiled else 1
     tune_cpu_kernels(m, batches=(1, slots), compiled=compiled)
     reduced.clear()  # the timing's calls: only the steps' count
-    layers = [x for x in m.modules() if isinstance(x, Int8Linear)]
-    assert len(layers) == 15 and all(type(x) is ck.KernelInt8Linear for x in layers)
+    layers = int8_layers(m)  # per block o, down, q|k|v and gate|up; the head
+    assert len(layers) == 9 and all(type(x) is cpu_int8.KernelInt8Linear for x in layers)
     assert all(x.reduce == compiled and x.reduce_eager == (not compiled) for x in layers)
     lengths = [3, 10, 6, 8]
     eng = Engine(m, slots=slots, compile=compiled)
+    graphs = counters["stats"]["unique_graphs"]
     rids = [eng.add(p, SamplingParams(max_new_tokens=n)) for p, n in zip(PROMPTS, lengths)]
     outs = {}
     while eng.has_work():
@@ -180,6 +243,7 @@ def test_int8_layers_through_the_compilers_reduction_decode_the_same_tokens(monk
             outs.setdefault(ev.rid, []).append(ev.token)
     assert [outs[r] for r in rids] == [row[:n] for row, n in zip(expected(perm), lengths)]
     assert eng.compile == compiled and set(reduced) == {"traced" if compiled else "called"}
+    assert compiled or counters["stats"]["unique_graphs"] == graphs  # eagerly: nothing compiled at the steps
 
 
 def test_int8pack_greedy_equals_the_dequantising_greedy():
