@@ -9,10 +9,14 @@
                        ("opaque", as before the choice below) against the layouts and kernels timed
                        with the compiler's batch-1 reduction among them (`tune_cpu_kernels(...,
                        compiled=True)`, as Engine(compile=True) now tunes)
-    --compare head     both eager: the head read at batch 1 by its measured eager kernel only ("kernel",
-                       as before) against the same with the compiler's reduction, compiled alone and
-                       called once a step, among the kernels timed ("head-reduce", as a one-slot eager
-                       Engine now tunes; --batch 1: with more slots it is not timed)
+    --compare head     both eager: every matrix read at batch 1 by its measured eager kernel only
+                       ("kernel", as before) against the same with the compiler's reduction, compiled
+                       alone and called once a step, among the kernels timed for the head and every
+                       matrix of 512 KiB or more ("head-reduce", as a one-slot eager Engine now tunes;
+                       --batch 1: with more slots it is not timed)
+    --compare blocks   both eager, one slot: the reduction called alone for the head only (matrices of
+                       16 MB or more: "head-only", as before) against the head and every matrix of
+                       512 KiB or more ("head-reduce", as a one-slot eager Engine now tunes)
     --compare fuse     with --int8, both eager: q, k, v and gate, up as separate int8 matrices
                        ("separate", as before) against one int8 matrix per group ("fused",
                        cpu_int8.FusedInt8, as tune_cpu_kernels now does), kernels timed alike
@@ -35,6 +39,7 @@ this way, both sides in one process and interleaved.
     python bench/decode_ab.py --compare reduce --size 100M --batch 1 --rounds 8
     python bench/decode_ab.py --compare head --size 100M --batch 1 --rounds 8
     python bench/decode_ab.py --compare fuse --int8 --size 500M --batch 1 --rounds 6
+    python bench/decode_ab.py --compare blocks --size 100M --batch 1 --rounds 8
 """
 
 import argparse
@@ -48,7 +53,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from nanohuatuo import cpu_int8, cpu_kernels as ck  # noqa: E402
+from nanohuatuo import cpu_int8, cpu_kernels as ck, cpu_reduction  # noqa: E402
 from nanohuatuo.engine import Engine, SamplingParams  # noqa: E402
 from nanohuatuo.generate import for_inference  # noqa: E402
 from nanohuatuo.quant import quantize_int8  # noqa: E402
@@ -56,37 +61,41 @@ from decode_profile import qwen2_model  # noqa: E402  (bench/decode_profile.py: 
 from generate import matvec_bandwidth, matvec_reader, read_bytes  # noqa: E402  (bench/generate.py: the same measure)
 
 VARIANTS = {"layout": ("plain", "packed"), "compile": ("eager", "compiled"), "reduce": ("opaque", "reduce"),
-            "head": ("kernel", "head-reduce"), "fuse": ("separate", "fused")}
+            "head": ("kernel", "head-reduce"), "fuse": ("separate", "fused"),
+            "blocks": ("head-only", "head-reduce")}
 
 
 def engine(variant, size, batch, dtype, seed, int8=False):
     """An Engine over a fresh model: 'plain' (layouts timed among the plain ones only), 'packed'
     (every matrix packed), 'eager', 'head-reduce' and 'fused' (tuned as usual), 'separate' (no int8
     group fused), 'compiled' and 'reduce' (tuned as usual, compile=True), 'opaque' (compile=True,
-    tuned without the compiler's reduction), 'kernel' (eager, no reduction called alone)."""
+    tuned without the compiler's reduction), 'kernel' (eager, no reduction called alone), 'head-only'
+    (eager, the reduction called alone for matrices of 16 MB or more)."""
     model = qwen2_model(size, dtype, seed)
     if int8:
         quantize_int8(model)
     model = for_inference(model)
-    measure, measure_int8, head_bytes, int8_bytes = ck._measure, ck.measure_int8, ck.EAGER_MIN_BYTES, cpu_int8.EAGER_MIN_INT8
+    measure, measure_int8, floor = ck._measure, ck.measure_int8, cpu_reduction.EAGER_MIN_BYTES
     fits = cpu_int8.FusedInt8.fits
 
-    def choose(ws, batches, head, pack=False, compiled=False):
+    def choose(ws, batches, head, pack=False, compiled=False, bias=False):
         if variant == "packed" and pack:
             return "packed", {b: "onednn" for b in batches}, False
-        return measure(ws, batches, head, pack=pack and variant != "plain", compiled=compiled and variant != "opaque")
+        return measure(ws, batches, head, pack=pack and variant != "plain", compiled=compiled and variant != "opaque",
+                       bias=bias)
     ck._measure = choose
     ck.measure_int8 = lambda layer, dtype, batches, compiled=False: measure_int8(
         layer, dtype, batches, compiled and variant != "opaque")
     if variant in ("kernel", "opaque"):  # no reduction called alone (an opaque engine: none at all)
-        ck.EAGER_MIN_BYTES = cpu_int8.EAGER_MIN_INT8 = float("inf")
+        cpu_reduction.EAGER_MIN_BYTES = float("inf")
+    if variant == "head-only":  # the floor before the blocks' matrices took the reduction too
+        cpu_reduction.EAGER_MIN_BYTES = 16 << 20
     if variant == "separate":
         cpu_int8.FusedInt8.fits = staticmethod(lambda parts: False)
     try:
         eng = Engine(model, slots=batch, compile=variant in ("compiled", "opaque", "reduce"))
     finally:
-        ck._measure, ck.measure_int8, ck.EAGER_MIN_BYTES, cpu_int8.EAGER_MIN_INT8 = measure, measure_int8, head_bytes, \
-            int8_bytes
+        ck._measure, ck.measure_int8, cpu_reduction.EAGER_MIN_BYTES = measure, measure_int8, floor
         cpu_int8.FusedInt8.fits = staticmethod(fits)
     g = torch.Generator().manual_seed(seed)
     for _ in range(batch):

@@ -16,20 +16,11 @@ from types import SimpleNamespace
 
 import torch
 
-from .cpu_reduction import (CHAIN, STREAM_BYTES, chain_kernel, product_kernel, reduce_all, reduce_each, reduce_row,
-                            reduces, reduction, seconds)
+from .cpu_reduction import (CHAIN, EAGER_MARGIN, STREAM_BYTES, chain_kernel, eager_alone, reduce_all, reduce_each,
+                            reduce_row, reduces, reduction, seconds)
 from .quant import Int8Linear, int8pack_fits
 
 _MEASURED = {}  # ("int8", shape, dtype, threads, batches, compiled, single, bias) -> (kernel, reduce), once per process
-
-# An int8 matrix at least this large may be read eagerly by the compiled `reduction` (`reduce_row`) in a
-# one-slot engine. Lower than a float head's floor (cpu_reduction.EAGER_MIN_BYTES) because the int8 kernels
-# read far below memory speed: on a 2-core AMD EPYC _weight_int8pack_mm read a 0.5B model's fused gate|up
-# (9728, 896) at 12 GB/s where the reduction read it at 20, and its q|k|v (1152, 896) at 11 against 15,
-# while a call's own cost (some 25 us) is a quarter of such a 1 MB matrix's read. Below it (a test model's
-# matrices) no compilation is spent.
-EAGER_MIN_INT8 = 1 << 19
-
 
 def _close(y, want):
     # bfloat16 activations carry 8 significant bits: errors stay far below 3% of the largest output
@@ -44,10 +35,10 @@ def measure_int8(layer, dtype, batches, compiled=False):
     reduce: whether the compiler's reduction (`reduction` with the scales, float32 activations) beat
     batch 1's fastest kernel over distinct copies of the matrix (`STREAM_BYTES`, as cpu_kernels times
     float matrices: one small matrix would stay in cache), chained in a compiled step's graph
-    (`compiled`), or called alone for a matrix of `EAGER_MIN_INT8` or more whose only batch is 1."""
+    (`compiled`), or called alone in a one-slot eager engine (`eager_alone`)."""
     w = layer.weight
     compiled = compiled and 1 in batches and chain_kernel() is not None
-    single = not compiled and batches == (1,) and w.numel() >= EAGER_MIN_INT8 and product_kernel() is not None
+    single = eager_alone(w.numel(), batches, compiled)
     # with or without a bias: the eager reduction is compiled for one or the other
     key = ("int8", (layer.out_features, layer.in_features), dtype, torch.get_num_threads(), batches, compiled, single,
            layer.bias is not None)
@@ -81,10 +72,14 @@ def measure_int8(layer, dtype, batches, compiled=False):
             copies = [SimpleNamespace(weight=w if i == 0 else w.clone(), scales=layer.scales, in_features=layer.in_features,
                                       out_features=layer.out_features) for i in range(n)]
             best, x = kernels[min(one, key=one.get)], torch.randn(1, layer.in_features, dtype=dtype)
-            bias = None if layer.bias is None else layer.bias.detach()  # as the step passes it (`reduce_row`)
-            ws = [(c.weight, c.scales) if compiled else (c.weight, c.scales, bias) for c in copies]
-            reduced = seconds(lambda: (reduce_all if compiled else reduce_each)(x, ws), rounds=2)
-            reduce = reduced < seconds(lambda: [best(c, x) for c in copies], rounds=2)
+            ws, bias = [c.weight for c in copies], None if layer.bias is None else layer.bias.detach()
+            if compiled:
+                pairs = [(c, layer.scales) for c in ws]
+                reduced = seconds(lambda: reduce_all(x, pairs), rounds=2)
+            else:  # with the bias, as the step passes it (`reduce_row`)
+                reduced = seconds(lambda: reduce_each(x, ws, layer.scales, bias), rounds=2)
+            # called alone, it must win clearly (`EAGER_MARGIN`)
+            reduce = reduced < (1 if compiled else EAGER_MARGIN) * seconds(lambda: [best(c, x) for c in copies], rounds=2)
         _MEASURED[key] = kernel, reduce
     return _MEASURED[key]
 

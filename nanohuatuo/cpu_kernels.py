@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from .cpu_int8 import FusedInt8, KernelInt8Linear, measure_int8
-from .cpu_reduction import (CHAIN, EAGER_MIN_BYTES, STREAM_BYTES, chain_kernel, product_kernel, reduce_all, reduce_each,
+from .cpu_reduction import (CHAIN, EAGER_MARGIN, STREAM_BYTES, chain_kernel, eager_alone, reduce_all, reduce_each,
                             reduce_row, reduces, reduction, seconds)
 from .lora import LoRALinear
 from .model import Transformer
@@ -71,27 +71,28 @@ class PackedCopy:
         return self.packed if [(p.data_ptr(), p._version) for p in params] == self.of else None
 
 
-def _measure(ws, batches, head, pack=False, compiled=False):
+def _measure(ws, batches, head, pack=False, compiled=False, bias=False):
     """(layout, {batch: 'linear' | 'onednn'}, reduce) for the matrices ws (out, in) of one shape and
     dtype: the fastest layout over all batches ('row', 'col', or with `pack` also 'packed': oneDNN's
     own layout, read by oneDNN only), and the faster kernel at each batch in that layout. With
     `compiled` (an engine that compiles its CPU step) the row layout also has the compiler's own
-    reduction at batch 1 (`reduction`), and so, called eagerly, has a large head whose only batch
-    is 1 (`reduce_each`); `reduce` says whether that layout won and the reduction was its fastest
-    kernel at batch 1 (the eager kernels still cover batch 1 outside a compiled graph)."""
+    reduction at batch 1 (`reduction`), and so, called eagerly, has a matrix of a one-slot engine
+    (`eager_alone`, `reduce_each`, with a bias where the layers have one: `bias`); `reduce` says
+    whether that layout won and the reduction was its fastest kernel at batch 1 (the eager kernels
+    still cover batch 1 outside a compiled graph, and a one-row prefill)."""
     w = ws[0]
     compiled = compiled and 1 in batches and chain_kernel() is not None
-    # a one-slot eager engine's head (chat: every step one row) may be read by `reduction` compiled alone;
-    # not with more slots: wider steps kept oneDNN's packed head there (8 slots on an AMD EPYC), and a
-    # process's first compilation costs seconds (`EAGER_MIN_BYTES`)
-    single = head and not compiled and batches == (1,) and w.numel() * w.element_size() >= EAGER_MIN_BYTES \
-        and product_kernel() is not None
-    key = ("head" if head else "proj", tuple(w.shape), w.dtype, torch.get_num_threads(), batches, pack, compiled, single)
+    # not with more slots: wider steps kept oneDNN's packed head there (8 slots on an AMD EPYC)
+    single = eager_alone(w.numel() * w.element_size(), batches, compiled)
+    key = ("head" if head else "proj", tuple(w.shape), w.dtype, torch.get_num_threads(), batches, pack, compiled, single,
+           bias)
     if key not in _MEASURED:
         kernels = {"linear": F.linear}
         if _ONEDNN_LINEAR and w.dtype == torch.float32 or _ONEDNN_BF16 and w.dtype == torch.bfloat16:
             kernels["onednn"] = _onednn_linear
-        reduce = {"reduce": reduce_all} if compiled else {"reduce": reduce_each} if single else {}
+        b0 = torch.zeros(w.shape[0], dtype=w.dtype) if bias else None  # as the step passes one (`reduce_row`)
+        reduce = {"reduce": reduce_all} if compiled else \
+            {"reduce": lambda x, wl: reduce_each(x, wl, bias=b0)} if single else {}
         layouts = {"row": kernels | reduce, "col": kernels}
         if pack and "onednn" in kernels:
             layouts["packed"] = {"onednn": _onednn_linear}
@@ -119,6 +120,9 @@ def _measure(ws, batches, head, pack=False, compiled=False):
                         t[name] = min(t.get(name, float("inf")), seconds(run, rounds=2) / n)
                 del wl
         del group
+        if single and times["row", 1]["reduce"] > EAGER_MARGIN * min(
+                s for (_, b), t in times.items() if b == 1 for k, s in t.items() if k != "reduce"):
+            del times["row", 1]["reduce"]  # called alone, it must win clearly
         layout = _weighing_batches_alike({lb: min(t.values()) for lb, t in times.items()}, layouts, batches)
         eager = {b: {k: s for k, s in times[layout, b].items() if k != "reduce"} for b in batches}
         reduce = "reduce" in times[layout, 1] and min(times[layout, 1], key=times[layout, 1].get) == "reduce"
@@ -153,7 +157,7 @@ class KernelLinear(torch.nn.Linear):
 
     compiled_key = None  # its entry for a compiled CPU decode step (`opaque_products`)
     reduce = False  # a compiled step's batch-1 graph reads it with the compiler's `reduction`
-    reduce_eager = False  # an eager step's one row reads it with `reduction` compiled alone (the head)
+    reduce_eager = False  # a one-slot eager step's one row reads it with `reduction` compiled alone
 
     def forward(self, x):
         if self.compiled_key is not None and torch.compiler.is_compiling():
@@ -189,13 +193,13 @@ class FusedLinear:
     `packed`: a PackedCopy of the fused matrix where the parts are frozen weights of a model that
     trains. In a model loaded only to infer the fused matrix may itself be packed (`weight.is_mkldnn`):
     then it is the only copy of the parts' rows, read in any mode, and the parts' weights are that
-    packed matrix too (`_packed_away`)."""
+    packed matrix too (`_packed_away`). `reduce`, `reduce_eager`: as KernelLinear's."""
 
     packed = None
     compiled_key = None  # its entry for a compiled CPU decode step (`opaque_products`)
 
-    def __init__(self, parts, weight, bias, kernels, reduce=False):
-        self.weight, self.bias, self.kernels, self.reduce = weight, bias, kernels, reduce
+    def __init__(self, parts, weight, bias, kernels, reduce=False, reduce_eager=False):
+        self.weight, self.bias, self.kernels, self.reduce, self.reduce_eager = weight, bias, kernels, reduce, reduce_eager
         self.sizes = [m.out_features for m in parts]
         self.ptrs = [m.weight.data_ptr() for m in parts]
 
@@ -221,6 +225,8 @@ class FusedLinear:
 
     def product(self, x, parts):
         """The fused matrix's product alone (B, T, sum of the parts' sizes), no LoRA terms."""
+        if self.reduce_eager and x.numel() == x.shape[-1]:  # one row, in inference mode (`usable`)
+            return reduce_row(x, self.weight, self.bias)
         if self.packed is not None and (p := self.packed.get([m.weight for m in parts])) is not None:
             return _onednn_linear(x, p, self.bias)
         if _nearest(self.kernels, x.numel() // x.shape[-1]) == "onednn":  # always, for a packed weight
@@ -363,14 +369,15 @@ def tune_cpu_kernels(model: Transformer, batches=(1, 8), compiled=False):
     the call's own cost, some 17 us, which a graph does not pay, spread thin), and where it wins, the
     batch-1 graph reads those matrices with it (the choice's "reduce"); batch 1 outside the graph
     (eager fallbacks, a one-token prefill) uses the layout's fastest eager kernel. Without `compiled`
-    but with batch 1 the only batch size (a one-slot engine: chat), a head of 16 MB or more
-    (`EAGER_MIN_BYTES`) still has the reduction among its kernels, `reduction` compiled alone
-    and called once a step (`reduce_row`; a call's cost, some 25 us, is in its timing): one
-    vectorised loop read a large head 1.3-1.5x as fast as F.linear and oneDNN on an AMD EPYC, while
-    the blocks' small matrices would each pay the call. Where it wins the head reads its one row so
-    in any inference-mode step (`KernelLinear.reduce_eager`), the choice's "reduce" naming "head";
-    it costs the load a compilation (there 4-6 s with the compiler's cache on disk, some 20 s the
-    first time), and it needs no copy of a tied head, which reads the plain rows.
+    but with batch 1 the only batch size (a one-slot engine: chat), every matrix of 512 KiB or more
+    (`cpu_reduction.eager_alone`) still has the reduction among its kernels, `reduction` compiled
+    alone and called once a step per matrix (`reduce_row`; a call's cost, some 25 us, is in its
+    timing): one vectorised loop read a large head 1.3-1.5x as fast as F.linear and oneDNN on an AMD
+    EPYC, a 100M model's gate|up 1.6x. Where it wins the matrix reads its one row so in any
+    inference-mode step (`reduce_eager` of a KernelLinear, a FusedLinear, an int8 layer), the choice's
+    "reduce" naming it; each shape costs the load a compilation (the first some 4 s with the compiler's
+    cache on disk and 15-20 s without, each further one a second or two), and a tied head needs no
+    copy, reading the plain rows.
 
     A choice made by timing can differ from one run to the next, and a column-major matrix sums in
     another order than a row-major one: the logits differ in the last bits, a sampled answer can
@@ -418,7 +425,8 @@ def tune_cpu_kernels(model: Transformer, batches=(1, 8), compiled=False):
         in_fused = {id(_plain(m)) for group in fused.values() for _, parts, _, _ in group for m in parts}
         for (shape, dtype), group in fused.items():
             layout, kernels, reduce = _measure([fw for _, _, fw, _ in group], batches, head=False, compiled=compiled,
-                                               pack=pack or frozen([m.weight for _, parts, _, _ in group for m in parts]))
+                                               pack=pack or frozen([m.weight for _, parts, _, _ in group for m in parts]),
+                                               bias=group[0][3] is not None)
             choice["layouts"][shape], choice["proj"][shape] = layout, kernels
             reduced(shape, reduce)
             while group:  # popped, so a row-major matrix is freed as soon as its column-major copy replaces it
@@ -426,7 +434,7 @@ def tune_cpu_kernels(model: Transformer, batches=(1, 8), compiled=False):
                 if layout == "col":
                     fw = _column_major(fw)
                     _point_into(parts, fw, fb)
-                owner.fused = FusedLinear(parts, fw, fb, kernels, reduce)
+                owner.fused = FusedLinear(parts, fw, fb, kernels, reduce and compiled, reduce and not compiled)
                 if layout == "packed" and pack:  # in place: the packed matrix is all that stays
                     owner.fused.weight = _pack(fw, max(batches))
                     _packed_away(parts, owner.fused.weight)
@@ -437,10 +445,10 @@ def tune_cpu_kernels(model: Transformer, batches=(1, 8), compiled=False):
             # LoRA's own small matrices stay as they are; quantised (int8) weights are not floats
             if type(m) is torch.nn.Linear and "lora_" not in name and m.weight.is_floating_point() \
                     and m.weight.is_contiguous() and id(m) not in in_fused:
-                by_shape.setdefault((tuple(m.weight.shape), m.weight.dtype), []).append(m)
-        for (shape, dtype), ms in by_shape.items():
+                by_shape.setdefault((tuple(m.weight.shape), m.weight.dtype, m.bias is not None), []).append(m)
+        for (shape, dtype, bias), ms in by_shape.items():
             layout, kernels, reduce = _measure([m.weight.data for m in ms], batches, head=False, compiled=compiled,
-                                               pack=pack or frozen([m.weight for m in ms]))
+                                               pack=pack or frozen([m.weight for m in ms]), bias=bias)
             choice["layouts"][shape] = layout
             choice["proj"][shape] = kernels
             reduced(shape, reduce)
@@ -452,12 +460,13 @@ def tune_cpu_kernels(model: Transformer, batches=(1, 8), compiled=False):
                 elif layout == "col":
                     m.weight.data = _column_major(m.weight.data)
                 if "onednn" in kernels.values() or reduce:
-                    m.__class__, m.kernels, m.reduce = KernelLinear, kernels, reduce
+                    m.__class__, m.kernels = KernelLinear, kernels
+                    m.reduce, m.reduce_eager = reduce and compiled, reduce and not compiled
         if w.is_floating_point() and w.is_contiguous():
             # a head tied to the embedding is packed as a copy, if that fits (`room_for`)
             tied = w is model.embed_tokens.weight
             layout, kernels, reduce = _measure([w.data], batches, head=True, compiled=compiled, pack=frozen([w]) or pack and (
-                not tied or room_for(w.numel() * w.element_size())))
+                not tied or room_for(w.numel() * w.element_size())), bias=getattr(head, "bias", None) is not None)
             choice["layouts"]["head"] = layout
             reduced("head", reduce)
             if layout == "packed" and (tied or not pack):

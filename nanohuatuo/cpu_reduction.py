@@ -3,13 +3,12 @@ turns into one vectorised loop of its own on CPU, and the compiled functions tha
 
     y = reduction(x, w, bias, scales)      # only ever traced (eagerly it would materialise rows x out x in)
     chain_kernel()(x, w1, ..., w8)         # `_chain` compiled: timing 8 matrices a call, as a graph reads them
-    product_kernel()(x, w, bias, scales)   # `reduction` compiled alone: a one-slot eager step's large matrices
+    product_kernel()(x, w, bias, scales)   # `reduction` compiled alone: a one-slot eager step's matrices
 
 cpu_kernels and cpu_int8 time these against F.linear, oneDNN and the int8 kernels (`_measure`,
 `measure_int8`) and read a matrix through them where they win: inside a compiled step's batch-1
-graph (`reduces`), or, in a one-slot eager engine, a head of `EAGER_MIN_BYTES` or more (an int8
-matrix of `cpu_int8.EAGER_MIN_INT8`) by its own call. The timing both modules share is here too
-(`seconds`, `STREAM_BYTES`).
+graph (`reduces`), or, in a one-slot eager engine, a matrix of `EAGER_MIN_BYTES` or more by its own
+call (`eager_alone`, `EAGER_MARGIN`). The timing both modules share is here too (`seconds`, `STREAM_BYTES`).
 """
 
 import functools
@@ -18,6 +17,7 @@ import time
 import torch
 
 
+@torch.inference_mode()  # as a decode step runs: outside it, the dispatcher's autograd handling adds a few us a call
 def seconds(fn, rounds=3):
     """Best-of-`rounds` (at most 2 past 20 ms) seconds per call of fn, each timing at least ~2 ms long."""
     t = time.perf_counter()
@@ -94,11 +94,20 @@ def reduce_all(x, ws):
         chain_kernel()(x, *ws[i:i + CHAIN])
 
 
-# A head at least this large may be read eagerly by the compiled `reduction` (`reduce_row`):
-# a call's cost, some 25 us (Dynamo's guards and the call, on a (64, 64) matrix on a 2-core AMD EPYC), is
-# little beside reading 16 MB, and a process's first compilation (seconds: tune_cpu_kernels) would not be
-# won back soon by a smaller matrix, nor a test model's.
-EAGER_MIN_BYTES = 16 << 20
+# In a one-slot eager engine (chat: every step one row) a matrix at least this large has `reduction` compiled
+# alone among its timed batch-1 kernels (`eager_alone`), called once a step (`reduce_row`). A call costs some
+# 25 us (Dynamo's guards and the call, on a (64, 64) matrix on a 2-core AMD EPYC), yet one vectorised loop
+# read many matrices enough faster to pay it: there, over distinct copies, a 100M model's float32 gate|up
+# (3072, 512) in 227 us against oneDNN's 371, its q|k|v (768, 512) in 77 against 107, a 0.5B model's int8
+# gate|up (9728, 896) in 430 against _weight_int8pack_mm's 717, while its float32 o (512, 512) lost (80
+# against 66): the timing decides. Each shape costs the load one compilation (a second or two with the
+# compiler's cache on disk); a smaller matrix (a test model's) is not worth it.
+EAGER_MIN_BYTES = 512 << 10
+# ... and it is taken only where its timing beats the best other kernel's by this factor: in a step it did
+# worse than alone. bfloat16 block matrices it beat oneDNN's packed kernel on by a few percent when timed
+# made a 100M model's eager step 5-9% slower (2-core AMD EPYC), while the float32 and int8 matrices it
+# beat by a third or more made steps faster.
+EAGER_MARGIN = 0.85
 
 
 @functools.cache
@@ -110,6 +119,13 @@ def product_kernel():
     return torch.compile(reduction, dynamic=False, fullgraph=True)
 
 
+def eager_alone(nbytes, batches, compiled) -> bool:
+    """Whether a matrix of `nbytes` has `reduction` compiled alone among its timed batch-1 kernels: an
+    engine that does not compile its step and has batch 1 as its only batch size (one slot), a matrix
+    of `EAGER_MIN_BYTES` or more, and a compiler that can build the kernel."""
+    return not compiled and batches == (1,) and nbytes >= EAGER_MIN_BYTES and product_kernel() is not None
+
+
 def reduce_row(x, w, bias=None, scales=None):
     """x (..., in) of one row times w by `product_kernel`, in x's shape but the last dimension: an eager
     step's product (KernelLinear's, KernelInt8Linear's). Plain tensors, as `reduce_each` timed them
@@ -118,13 +134,11 @@ def reduce_row(x, w, bias=None, scales=None):
     return product_kernel()(x.reshape(1, -1), w.detach(), bias, scales).reshape(*x.shape[:-1], -1)
 
 
-def reduce_each(x, ws):
-    """The compiled `reduction` by each matrix of ws, one call each, as an eager step calls it (in
-    inference mode, with an inference tensor, and an int8 matrix's bias where it has one, given as
-    (weight, scales, bias): otherwise the first step would compile again). An int8 matrix without a
-    bias may come as (weight, scales)."""
+def reduce_each(x, ws, scales=None, bias=None):
+    """The compiled `reduction` by each matrix of ws (with an int8 matrix's `scales`), one call each, as an
+    eager step calls it: in inference mode, with an inference tensor, and with a bias where the layer has
+    one (any tensor of its shape: the values do not matter), or the first step would compile again."""
     with torch.inference_mode():
         x = x.clone()
         for w in ws:
-            w, scales, bias = (*w, None)[:3] if isinstance(w, tuple) else (w, None, None)
             product_kernel()(x, w, bias, scales)

@@ -293,7 +293,7 @@ def test_onednn_projections_only_in_inference_mode(monkeypatch, tmp_path):
     import nanohuatuo.cpu_kernels as ck
     seen = []
     monkeypatch.setattr(ck, "_MEASURED", {})
-    monkeypatch.setattr(ck, "_measure", lambda ws, batches, head, pack=False, compiled=False:
+    monkeypatch.setattr(ck, "_measure", lambda ws, batches, head, pack=False, compiled=False, bias=False:
                         seen.append((tuple(ws[0].shape), len(ws), head)) or ("row", {b: "onednn" for b in batches}, False))
     m = tiny(seed=1)
     ids = torch.tensor([PROMPTS[2]])
@@ -432,7 +432,7 @@ def test_compiled_cpu_decode_gives_the_eager_tokens(monkeypatch, kind):
     from nanohuatuo.generate import for_inference
     from nanohuatuo.lora import apply_lora, lora_parameters
     monkeypatch.setattr(ck, "_MEASURED", {})
-    monkeypatch.setattr(ck, "_measure", lambda ws, batches, head, pack=False, compiled=False:
+    monkeypatch.setattr(ck, "_measure", lambda ws, batches, head, pack=False, compiled=False, bias=False:
                         ("packed" if pack and "reduce" not in kind else "row", {b: "onednn" for b in batches},
                          "reduce" in kind and compiled))
     monkeypatch.setattr(ck, "_OPAQUE", _Counted())
@@ -549,22 +549,30 @@ def test_compiled_cpu_decode_without_a_compiler_warns_and_decodes_eagerly(monkey
     assert [o.tokens for o in got] == [o.tokens for o in want] and not eng.compile
 
 
-def test_eager_head_read_by_the_compiled_reduction_gives_the_same_tokens(monkeypatch):
-    """A one-slot eager engine's head (chat's) may be read by the compiler's reduction, compiled alone
-    and called once a step (`KernelLinear.reduce_eager`): it is timed among the head's kernels (here
-    for a tiny head, the size floor lowered), and where chosen every one-row product of the head
-    goes through it, in inference mode and with the weight as a plain tensor, as timed (so nothing
-    compiles again at the first step); the greedy tokens and the logits are F.linear's on the
-    loaded layout. An engine with two slots does not time it."""
+def test_one_slot_eager_matrices_read_by_the_compiled_reduction_give_the_same_tokens(monkeypatch):
+    """A one-slot eager engine's matrices (chat's) may each be read by the compiler's reduction, compiled
+    alone and called once a step per matrix (`reduce_eager` of KernelLinear, FusedLinear): it is timed
+    among their kernels (here for tiny matrices, the size floor lowered), and where chosen every one-row
+    product goes through it, in inference mode, with plain tensors and q|k|v's bias, as timed (so nothing
+    compiles again at the first step); the greedy tokens and the logits are F.linear's on the loaded
+    layout. An engine with two slots does not time it."""
     import nanohuatuo.cpu_kernels as ck
     import nanohuatuo.cpu_reduction as cpu_reduction
     from torch._dynamo.utils import counters
-    if ck.product_kernel() is None:
+    if cpu_reduction.product_kernel() is None:
         pytest.skip("torch.compile cannot build a CPU kernel here (no C++ compiler)")
     lengths = [9, 3, 14]
 
+    def model():  # q, k and v with non-zero biases, as Qwen2's
+        m = tiny(seed=7)
+        m.config.qkv_bias = True
+        for a in (layer.self_attn for layer in m.layers):
+            for p in (a.q_proj, a.k_proj, a.v_proj):
+                p.bias = torch.nn.Parameter(torch.randn(p.out_features, generator=torch.Generator().manual_seed(p.out_features)))
+        return m
+
     def run(tuned=lambda eng: None):
-        eng = Engine(tiny(seed=7), slots=1, max_len=64)
+        eng = Engine(model(), slots=1, max_len=64)
         tuned(eng)
         rids = [eng.add(p, SamplingParams(max_new_tokens=n)) for p, n in zip(PROMPTS, lengths)]
         outs = drain(eng)
@@ -574,13 +582,14 @@ def test_eager_head_read_by_the_compiled_reduction_gives_the_same_tokens(monkeyp
     _, want = run()
     monkeypatch.delenv("NANOHUATUO_CPU_KERNELS")
     monkeypatch.setattr(ck, "_MEASURED", {})
-    monkeypatch.setattr(ck, "EAGER_MIN_BYTES", 0)
-    timed, reduce_each, measure, kernel = [], ck.reduce_each, ck._measure, ck.product_kernel()
-    monkeypatch.setattr(ck, "reduce_each", lambda x, ws: timed.append(len(ws)) or reduce_each(x, ws))
+    monkeypatch.setattr(cpu_reduction, "EAGER_MIN_BYTES", 0)
+    timed, reduce_each, measure, kernel = [], ck.reduce_each, ck._measure, cpu_reduction.product_kernel()
+    monkeypatch.setattr(ck, "reduce_each", lambda x, ws, **kw: timed.append(len(ws)) or reduce_each(x, ws, **kw))
 
-    def measured(ws, batches, head, pack=False, compiled=False):  # the head's reduction chosen, whatever the timing
-        layout, kernels, reduce = measure(ws, batches, head, pack=pack, compiled=compiled)
-        return ("row", kernels, True) if head and timed else (layout, kernels, reduce)
+    def measured(ws, batches, head, pack=False, compiled=False, bias=False):  # the reduction chosen where timed
+        before = len(timed)
+        layout, kernels, reduce = measure(ws, batches, head, pack=pack, compiled=compiled, bias=bias)
+        return ("row", kernels, True) if len(timed) > before else (layout, kernels, reduce)
     monkeypatch.setattr(ck, "_measure", measured)
     calls = []  # (rows, compiled graphs so far) at each call of the compiled product
 
@@ -594,18 +603,26 @@ def test_eager_head_read_by_the_compiled_reduction_gives_the_same_tokens(monkeyp
     graphs = []
     eng, got = run(lambda eng: graphs.append(counters["stats"]["unique_graphs"]) or calls.clear())
     assert got == want and [len(t) for t in got] == lengths
-    head = eng.model.lm_head
-    assert timed and type(head) is ck.KernelLinear and head.reduce_eager and not head.reduce
-    assert eng.model.cpu_kernels["reduce"] == ["head"]
-    # every step's head through the compiled product, which compiled nothing more after the timing
-    assert len(calls) >= len(steps) > 0 and {n for n, _ in calls} == {1} and {g for _, g in calls} == set(graphs)
+    m = eng.model
+    head, attn, mlp = m.lm_head, m.layers[0].self_attn, m.layers[0].mlp
+    assert type(head) is type(attn.o_proj) is type(mlp.down_proj) is ck.KernelLinear
+    assert type(attn.fused) is type(mlp.fused) is ck.FusedLinear and attn.fused.bias is not None
+    assert all(x.reduce_eager and not x.reduce for x in (head, attn.o_proj, mlp.down_proj, attn.fused, mlp.fused))
+    # q|k|v (32 + 16 + 16, 32), gate|up (2 * 48, 32), o (32, 32), down (32, 48), the head
+    assert sorted(map(str, m.cpu_kernels["reduce"])) == sorted(map(str, [(64, 32), (96, 32), (32, 32), (32, 48), "head"]))
+    # every step's nine products (four a block, the head) through the compiled product, which compiled
+    # nothing more after the timing
+    assert len(calls) >= 9 * len(steps) > 0 and {n for n, _ in calls} == {1} and {g for _, g in calls} == set(graphs)
     h = torch.randn(2, 32, generator=torch.Generator().manual_seed(0))
+    calls.clear()
     with torch.inference_mode():
         for rows in (h[:1], h):  # one row through the reduction, two through the eager kernel
-            torch.testing.assert_close(ck.head_logits(eng.model, rows), F.linear(rows, head.weight), atol=1e-5, rtol=0)
-    assert len(calls) == len(steps) + 1
+            torch.testing.assert_close(ck.head_logits(m, rows), F.linear(rows, head.weight), atol=1e-5, rtol=0)
+            q, k, v = attn.fused(rows, (attn.q_proj, attn.k_proj, attn.v_proj))
+            torch.testing.assert_close(k, F.linear(rows, attn.k_proj.weight, attn.k_proj.bias), atol=1e-5, rtol=0)
+    assert len(calls) == 2
     timed.clear()
-    eng = Engine(tiny(seed=7), slots=2, max_len=64)
+    eng = Engine(model(), slots=2, max_len=64)
     assert not timed and not getattr(eng.model.lm_head, "reduce_eager", False)
 
 

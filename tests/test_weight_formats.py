@@ -213,14 +213,14 @@ def test_int8_layers_through_the_compilers_reduction_decode_the_same_tokens(monk
     as timed, so the steps compile nothing more (q|k|v has a bias, which the timing must pass too).
     The chain model's well-separated greedy tokens either way, and the reduction really ran."""
     from torch._dynamo.utils import counters
-    if ck.product_kernel() is None:
+    if cpu_reduction.product_kernel() is None:
         pytest.skip("torch.compile cannot build a CPU kernel here (no C++ compiler)")
     monkeypatch.setenv("NANOHUATUO_CPU_KERNELS", "fixed")
     m, perm = chain_model(int8=True, qkv_bias=True)
     monkeypatch.delenv("NANOHUATUO_CPU_KERNELS")
     monkeypatch.setattr(cpu_int8, "_MEASURED", {})
-    monkeypatch.setattr(cpu_int8, "EAGER_MIN_INT8", 0)
-    measure, reduced, product = ck.measure_int8, [], ck.product_kernel()
+    monkeypatch.setattr(cpu_reduction, "EAGER_MIN_BYTES", 0)
+    measure, reduced, product = ck.measure_int8, [], cpu_reduction.product_kernel()
     monkeypatch.setattr(ck, "measure_int8", lambda layer, dtype, batches, compiled=False:
                         (measure(layer, dtype, batches, compiled)[0], True))
     reduction = cpu_int8.reduction
@@ -309,7 +309,7 @@ def test_packed_weights_for_a_model_loaded_to_infer(monkeypatch, tied, dtype):
     m.inference_only = True
     monkeypatch.setattr(ck, "_MEASURED", {})
     real = ck._measure
-    monkeypatch.setattr(ck, "_measure", lambda ws, batches, head, pack=False, compiled=False:
+    monkeypatch.setattr(ck, "_measure", lambda ws, batches, head, pack=False, compiled=False, bias=False:
                         ("packed", {b: "onednn" for b in batches}, False) if pack else real(ws, batches, head))
     tune_cpu_kernels(m, batches=(1, 4))
     assert all(p.is_mkldnn for n, p in m.layers.named_parameters() if n.endswith("proj.weight"))
@@ -340,7 +340,7 @@ def test_packed_copies_of_frozen_bases_for_lora_rollouts(monkeypatch, tmp_path, 
     monkeypatch.setattr(ck, "_MEASURED", {})
     monkeypatch.setattr(ck, "_room_for_copies", lambda model: True)
     real = ck._measure
-    monkeypatch.setattr(ck, "_measure", lambda ws, batches, head, pack=False, compiled=False:
+    monkeypatch.setattr(ck, "_measure", lambda ws, batches, head, pack=False, compiled=False, bias=False:
                         ("packed", {b: "onednn" for b in batches}, False) if pack else real(ws, batches, head))
     m, perm = chain_model(dtype, lora_r=4)
     assert set(m.cpu_kernels["layouts"].values()) == {"packed"}
@@ -384,7 +384,7 @@ def test_a_tied_head_gets_no_packed_copy_without_room(monkeypatch):
     monkeypatch.setattr(ck, "_MEASURED", {})
     monkeypatch.setattr(ck, "room_for", lambda nbytes: False)
     real = ck._measure
-    monkeypatch.setattr(ck, "_measure", lambda ws, batches, head, pack=False, compiled=False:
+    monkeypatch.setattr(ck, "_measure", lambda ws, batches, head, pack=False, compiled=False, bias=False:
                         ("packed", {b: "onednn" for b in batches}, False) if pack else real(ws, batches, head))
     m = Transformer(ModelConfig(arch="llama", vocab_size=V, dim=64, n_layers=1, n_heads=4, n_kv_heads=2,
                                 ffn_dim=128, max_seq_len=64, tie_embeddings=True))
@@ -669,7 +669,7 @@ def test_decode_profile_replays_a_steps_products_in_its_order(monkeypatch):
     monkeypatch.syspath_prepend(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
     profile = bench_module("decode_profile")
     monkeypatch.setattr(ck, "_MEASURED", {})
-    monkeypatch.setattr(ck, "_measure", lambda ws, batches, head, pack=False, compiled=False:
+    monkeypatch.setattr(ck, "_measure", lambda ws, batches, head, pack=False, compiled=False, bias=False:
                         ("row", {b: "onednn" for b in batches}, False))
     m = Transformer(ModelConfig(arch="llama", vocab_size=50, dim=32, n_layers=2, n_heads=4, n_kv_heads=2,
                                 ffn_dim=48, max_seq_len=64)).eval()
