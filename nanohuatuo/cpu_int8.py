@@ -22,6 +22,7 @@ from .quant import Int8Linear, int8pack_fits
 
 _MEASURED = {}  # ("int8", shape, dtype, threads, batches, compiled, single, bias) -> (kernel, reduce), once per process
 
+
 def _close(y, want):
     # bfloat16 activations carry 8 significant bits: errors stay far below 3% of the largest output
     return bool(torch.isfinite(y).all()) and float((y - want).abs().max()) <= 0.03 * float(want.abs().max()) + 1e-6

@@ -9,9 +9,9 @@ column-major) and which matrix kernel (F.linear or oneDNN's) read fastest depend
 and the matrix's shape, so they are measured on this machine instead of fixed (and q, k, v and
 gate, up are read as one matrix each); so is the kernel of int8 weights (cpu_int8: dequantise then
 F.linear, or torch._weight_int8pack_mm, which reads the int8 bytes only but on some processors wants
-bfloat16 activations). This is machine tuning, not scheduling: it
-lives apart from the engine (which calls both functions, when it is made and at every decode step),
-and generate.py and the benchmarks use it too.
+bfloat16 activations). This is machine tuning, not scheduling: it lives apart from the engine (which
+calls both functions, when it is made and at every decode step), and generate.py and the benchmarks
+use it too.
 """
 
 import os
@@ -82,6 +82,7 @@ def _measure(ws, batches, head, pack=False, compiled=False, bias=False):
     still cover batch 1 outside a compiled graph, and a one-row prefill)."""
     w = ws[0]
     compiled = compiled and 1 in batches and chain_kernel() is not None
+    # a one-slot eager engine's matrices (chat: every step one row) may be read by `reduction` compiled alone;
     # not with more slots: wider steps kept oneDNN's packed head there (8 slots on an AMD EPYC)
     single = eager_alone(w.numel() * w.element_size(), batches, compiled)
     key = ("head" if head else "proj", tuple(w.shape), w.dtype, torch.get_num_threads(), batches, pack, compiled, single,
@@ -376,8 +377,8 @@ def tune_cpu_kernels(model: Transformer, batches=(1, 8), compiled=False):
     EPYC, a 100M model's gate|up 1.6x. Where it wins the matrix reads its one row so in any
     inference-mode step (`reduce_eager` of a KernelLinear, a FusedLinear, an int8 layer), the choice's
     "reduce" naming it; each shape costs the load a compilation (the first some 4 s with the compiler's
-    cache on disk and 15-20 s without, each further one a second or two), and a tied head needs no
-    copy, reading the plain rows.
+    cache on disk and 15-20 s without, each further one under a second with it and one or two
+    without), and a tied head needs no copy, reading the plain rows.
 
     A choice made by timing can differ from one run to the next, and a column-major matrix sums in
     another order than a row-major one: the logits differ in the last bits, a sampled answer can

@@ -100,8 +100,8 @@ def reduce_all(x, ws):
 # read many matrices enough faster to pay it: there, over distinct copies, a 100M model's float32 gate|up
 # (3072, 512) in 227 us against oneDNN's 371, its q|k|v (768, 512) in 77 against 107, a 0.5B model's int8
 # gate|up (9728, 896) in 430 against _weight_int8pack_mm's 717, while its float32 o (512, 512) lost (80
-# against 66): the timing decides. Each shape costs the load one compilation (a second or two with the
-# compiler's cache on disk); a smaller matrix (a test model's) is not worth it.
+# against 66): the timing decides. Each shape costs the load one compilation (under a second with the
+# compiler's cache on disk, one or two without); a smaller matrix (a test model's) is not worth it.
 EAGER_MIN_BYTES = 512 << 10
 # ... and it is taken only where its timing beats the best other kernel's by this factor: in a step it did
 # worse than alone. bfloat16 block matrices it beat oneDNN's packed kernel on by a few percent when timed
