@@ -315,18 +315,21 @@ def random_prompts(args):
 
 def weight_formats(size, path, args, bar, rows, prompts_for=None):
     """(e): the engine's greedy decode of table (a) with the weights in each of args.weights (the
-    prompts of (a), or prompts_for(B, vocabulary size))."""
-    n_new, batches = args.new_tokens, sorted({1, *args.batch_sizes})
+    prompts of (a), or prompts_for(B, vocabulary size)). The model is loaded again for each batch size
+    B and tuned as an engine of B slots tunes it, as chat (one slot) and serve would run it: batch 1
+    then gets the one-slot choices (the compiler's reduction called alone, `cpu_reduction.eager_alone`)."""
+    n_new = args.new_tokens
     prompts_for = prompts_for or random_prompts(args)
     prompts, ref, params = {}, {}, None
     for fmt in ["float32"] + [f for f in args.weights if f != "float32"]:
-        model = load_format(path, fmt, args)
-        tune_cpu_kernels(model, batches=batches)
-        if args.device == "cpu":
-            print(f"{size} {fmt}: CPU kernels measured at load: {model.cpu_kernels}", flush=True)
-        nbytes = read_bytes(model)
-        params = params or model.num_params()  # float32's count: int8 weights are buffers, not parameters
         for B in args.batch_sizes:
+            model = None  # the last batch size's model freed before the next is loaded
+            model = load_format(path, fmt, args)
+            tune_cpu_kernels(model, batches=(1, B))
+            if args.device == "cpu":
+                print(f"{size} {fmt} batch {B}: CPU kernels measured at load: {model.cpu_kernels}", flush=True)
+            nbytes = read_bytes(model)
+            params = params or model.num_params()  # float32's count: int8 weights are buffers, not parameters
             if B not in prompts:
                 prompts[B] = prompts_for(B, model.config.vocab_size)
             run = lambda: generate(model, prompts[B], max_new_tokens=n_new)  # noqa: E731
@@ -340,7 +343,6 @@ def weight_formats(size, path, args, bar, rows, prompts_for=None):
                        new_tokens=n_new, prompt_len=max(map(len, prompts[B])), tok_s=tok_s, step_bytes=nbytes,
                        bw_share=nbytes * tok_s / B / bar(), same_as_float32=same_prefix(toks, ref[B]))
             rows.add(row)
-        del model
 
 
 def mixed(size, args, hf, ours, compile, rows):
