@@ -23,10 +23,12 @@ Builds Qwen2-shaped models with random weights (about 100M and 500M parameters, 
     transformers is timed in the eager round only, its figure repeated in the compiled one;
 (e) weight formats (with table (a), on CPU by default): the engine's greedy decode of (a) with the
     same weights loaded as each of --weights float32 bfloat16 int8 (int8: quant.quantize_int8 on the
-    --dtype model, its kernel measured at load), batch 1 and 8: tokens/s, the weight bytes a decode
-    step reads, the share of the float32 matrix-vector bandwidth that reaches (weight bytes x
-    steps/s), and the share of tokens identical to float32 greedy's (per row up to the first
-    difference, so a near-tie that flips shows instead of hiding in a later match).
+    --dtype model, its kernel measured at load), batch 1 and 8, loaded and tuned again for each
+    batch size as an engine of that many slots tunes it (batch 1: chat's one slot): tokens/s, the
+    weight bytes a decode step reads, the share of the float32 matrix-vector bandwidth that
+    reaches (weight bytes x steps/s), and the share of tokens identical to float32 greedy's (per
+    row up to the first difference, so a near-tie that flips shows instead of hiding in a later
+    match).
 
     python bench/generate.py                                  # CPU, float32, 100M and 500M
     python bench/generate.py --device cuda --dtype bfloat16 --compile
