@@ -549,13 +549,16 @@ def test_compiled_cpu_decode_without_a_compiler_warns_and_decodes_eagerly(monkey
     assert [o.tokens for o in got] == [o.tokens for o in want] and not eng.compile
 
 
-def test_one_slot_eager_matrices_read_by_the_compiled_reduction_give_the_same_tokens(monkeypatch):
+@pytest.mark.parametrize("lora", [False, True])
+def test_one_slot_eager_matrices_read_by_the_compiled_reduction_give_the_same_tokens(monkeypatch, lora):
     """A one-slot eager engine's matrices (chat's) may each be read by the compiler's reduction, compiled
     alone and called once a step per matrix (`reduce_eager` of KernelLinear, FusedLinear): it is timed
     among their kernels (here for tiny matrices, the size floor lowered), and where chosen every one-row
     product goes through it, in inference mode, with plain tensors and q|k|v's bias, as timed (so nothing
     compiles again at the first step); the greedy tokens and the logits are F.linear's on the loaded
-    layout. An engine with two slots does not time it."""
+    layout. Under LoRA adapters (a policy's) the bases are reduced and the adapters' terms added. An
+    engine with two slots does not time it."""
+    from nanohuatuo.lora import LoRALinear, apply_lora, lora_parameters
     import nanohuatuo.cpu_kernels as ck
     import nanohuatuo.cpu_reduction as cpu_reduction
     from torch._dynamo.utils import counters
@@ -569,6 +572,12 @@ def test_one_slot_eager_matrices_read_by_the_compiled_reduction_give_the_same_to
         for a in (layer.self_attn for layer in m.layers):
             for p in (a.q_proj, a.k_proj, a.v_proj):
                 p.bias = torch.nn.Parameter(torch.randn(p.out_features, generator=torch.Generator().manual_seed(p.out_features)))
+        if lora:
+            apply_lora(m, r=4, alpha=8, dropout=0.0, targets="all-linear")
+            g = torch.Generator().manual_seed(3)
+            with torch.no_grad():
+                for p in lora_parameters(m):
+                    p.normal_(0, 0.1, generator=g)
         return m
 
     def run(tuned=lambda eng: None):
@@ -605,9 +614,11 @@ def test_one_slot_eager_matrices_read_by_the_compiled_reduction_give_the_same_to
     assert got == want and [len(t) for t in got] == lengths
     m = eng.model
     head, attn, mlp = m.lm_head, m.layers[0].self_attn, m.layers[0].mlp
-    assert type(head) is type(attn.o_proj) is type(mlp.down_proj) is ck.KernelLinear
+    o, down = (x.base if lora else x for x in (attn.o_proj, mlp.down_proj))
+    assert lora == (type(attn.o_proj) is type(attn.q_proj) is LoRALinear)
+    assert type(head) is type(o) is type(down) is ck.KernelLinear
     assert type(attn.fused) is type(mlp.fused) is ck.FusedLinear and attn.fused.bias is not None
-    assert all(x.reduce_eager and not x.reduce for x in (head, attn.o_proj, mlp.down_proj, attn.fused, mlp.fused))
+    assert all(x.reduce_eager and not x.reduce for x in (head, o, down, attn.fused, mlp.fused))
     # q|k|v (32 + 16 + 16, 32), gate|up (2 * 48, 32), o (32, 32), down (32, 48), the head
     assert sorted(map(str, m.cpu_kernels["reduce"])) == sorted(map(str, [(64, 32), (96, 32), (32, 32), (32, 48), "head"]))
     # every step's nine products (four a block, the head) through the compiled product, which compiled
@@ -619,7 +630,8 @@ def test_one_slot_eager_matrices_read_by_the_compiled_reduction_give_the_same_to
         for rows in (h[:1], h):  # one row through the reduction, two through the eager kernel
             torch.testing.assert_close(ck.head_logits(m, rows), F.linear(rows, head.weight), atol=1e-5, rtol=0)
             q, k, v = attn.fused(rows, (attn.q_proj, attn.k_proj, attn.v_proj))
-            torch.testing.assert_close(k, F.linear(rows, attn.k_proj.weight, attn.k_proj.bias), atol=1e-5, rtol=0)
+            want = F.linear(rows, attn.k_proj.weight, attn.k_proj.bias)
+            torch.testing.assert_close(k, want + attn.k_proj.delta(rows) if lora else want, atol=1e-5, rtol=0)
     assert len(calls) == 2
     timed.clear()
     eng = Engine(model(), slots=2, max_len=64)
