@@ -12,12 +12,10 @@ depends on the processor, so it is measured here. The layers become `KernelInt8L
 the choice.
 """
 
-from types import SimpleNamespace
-
 import torch
 
-from .cpu_reduction import (CHAIN, EAGER_MARGIN, STREAM_BYTES, chain_kernel, eager_alone, reduce_all, reduce_each,
-                            reduce_row, reduces, reduction, seconds)
+from .cpu_reduction import (CHAIN, STREAM_BYTES, chain_kernel, eager_alone, reduce_all, reduce_each, reduce_row, reduces,
+                            reduction, reduction_wins, seconds)
 from .quant import Int8Linear, int8pack_fits
 
 _MEASURED = {}  # ("int8", shape, dtype, threads, batches, compiled, single, bias) -> (kernel, reduce), once per process
@@ -70,8 +68,7 @@ def measure_int8(layer, dtype, batches, compiled=False):
         if compiled or single:  # batch 1's fastest kernel against the reduction, over distinct copies
             n = max(1, min(64, -(-STREAM_BYTES // w.numel())))
             n = n if n <= CHAIN or not compiled else -(-n // CHAIN) * CHAIN
-            copies = [SimpleNamespace(weight=w if i == 0 else w.clone(), scales=layer.scales, in_features=layer.in_features,
-                                      out_features=layer.out_features) for i in range(n)]
+            copies = [layer] + [Int8Linear.of(w.clone(), layer.scales, layer.bias) for _ in range(n - 1)]
             best, x = kernels[min(one, key=one.get)], torch.randn(1, layer.in_features, dtype=dtype)
             ws, bias = [c.weight for c in copies], None if layer.bias is None else layer.bias.detach()
             if compiled:
@@ -79,8 +76,7 @@ def measure_int8(layer, dtype, batches, compiled=False):
                 reduced = seconds(lambda: reduce_all(x, pairs), rounds=2)
             else:  # with the bias, as the step passes it (`reduce_row`)
                 reduced = seconds(lambda: reduce_each(x, ws, layer.scales, bias), rounds=2)
-            # called alone, it must win clearly (`EAGER_MARGIN`)
-            reduce = reduced < (1 if compiled else EAGER_MARGIN) * seconds(lambda: [best(c, x) for c in copies], rounds=2)
+            reduce = reduction_wins(reduced, seconds(lambda: [best(c, x) for c in copies], rounds=2), alone=single)
         _MEASURED[key] = kernel, reduce
     return _MEASURED[key]
 

@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 
 from .cpu_int8 import FusedInt8, KernelInt8Linear, measure_int8
-from .cpu_reduction import (CHAIN, EAGER_MARGIN, STREAM_BYTES, chain_kernel, eager_alone, reduce_all, reduce_each,
-                            reduce_row, reduces, reduction, seconds)
+from .cpu_reduction import (CHAIN, STREAM_BYTES, chain_kernel, eager_alone, reduce_all, reduce_each, reduce_row, reduces,
+                            reduction, reduction_wins, seconds)
 from .lora import LoRALinear
 from .model import Transformer
 from .quant import Int8Linear
@@ -91,7 +91,7 @@ def _measure(ws, batches, head, pack=False, compiled=False, bias=False):
         kernels = {"linear": F.linear}
         if _ONEDNN_LINEAR and w.dtype == torch.float32 or _ONEDNN_BF16 and w.dtype == torch.bfloat16:
             kernels["onednn"] = _onednn_linear
-        b0 = torch.zeros(w.shape[0], dtype=w.dtype) if bias else None  # as the step passes one (`reduce_row`)
+        b0 = torch.zeros(w.shape[0], dtype=w.dtype) if bias and single else None  # as the step passes one (`reduce_row`)
         reduce = {"reduce": reduce_all} if compiled else \
             {"reduce": lambda x, wl: reduce_each(x, wl, bias=b0)} if single else {}
         layouts = {"row": kernels | reduce, "col": kernels}
@@ -121,9 +121,9 @@ def _measure(ws, batches, head, pack=False, compiled=False, bias=False):
                         t[name] = min(t.get(name, float("inf")), seconds(run, rounds=2) / n)
                 del wl
         del group
-        if single and times["row", 1]["reduce"] > EAGER_MARGIN * min(
-                s for (_, b), t in times.items() if b == 1 for k, s in t.items() if k != "reduce"):
-            del times["row", 1]["reduce"]  # called alone, it must win clearly
+        if single and not reduction_wins(times["row", 1]["reduce"], min(
+                s for (_, b), t in times.items() if b == 1 for k, s in t.items() if k != "reduce"), alone=True):
+            del times["row", 1]["reduce"]
         layout = _weighing_batches_alike({lb: min(t.values()) for lb, t in times.items()}, layouts, batches)
         eager = {b: {k: s for k, s in times[layout, b].items() if k != "reduce"} for b in batches}
         reduce = "reduce" in times[layout, 1] and min(times[layout, 1], key=times[layout, 1].get) == "reduce"
@@ -486,8 +486,8 @@ def tune_cpu_kernels(model: Transformer, batches=(1, 8), compiled=False):
         fused8 = [(owner, parts) for owner, parts in _groups(model) if FusedInt8.fits(parts)]
         for owner, parts in fused8:  # int8 q|k|v and gate|up: one matrix each, measured in the parts' stead
             owner.fused = FusedInt8(parts)
-        in_fused = {id(m) for _, parts in fused8 for m in parts}
-        for m in [m for m in int8 if id(m) not in in_fused] + [owner.fused.layer for owner, _ in fused8]:
+        in_fused8 = {id(m) for _, parts in fused8 for m in parts}
+        for m in [m for m in int8 if id(m) not in in_fused8] + [owner.fused.layer for owner, _ in fused8]:
             m.kernel, reduce = measure_int8(m, dtype, batches, compiled)
             m.reduce, m.reduce_eager = reduce and compiled, reduce and not compiled
             choice["int8"][(m.out_features, m.in_features)] = m.kernel

@@ -8,7 +8,7 @@ turns into one vectorised loop of its own on CPU, and the compiled functions tha
 cpu_kernels and cpu_int8 time these against F.linear, oneDNN and the int8 kernels (`_measure`,
 `measure_int8`) and read a matrix through them where they win: inside a compiled step's batch-1
 graph (`reduces`), or, in a one-slot eager engine, a matrix of `EAGER_MIN_BYTES` or more by its own
-call (`eager_alone`, `EAGER_MARGIN`). The timing both modules share is here too (`seconds`, `STREAM_BYTES`).
+call (`eager_alone`, `reduction_wins`). The timing both modules share is here too (`seconds`, `STREAM_BYTES`).
 """
 
 import functools
@@ -117,6 +117,12 @@ def product_kernel():
     if chain_kernel() is None:
         return None
     return torch.compile(reduction, dynamic=False, fullgraph=True)
+
+
+def reduction_wins(reduced, best, alone) -> bool:
+    """Whether the reduction, timed at `reduced` seconds against the best other kernel's `best`, is taken:
+    faster inside a compiled graph, faster by `EAGER_MARGIN` when called `alone` (`eager_alone`)."""
+    return reduced < (EAGER_MARGIN if alone else 1.0) * best
 
 
 def eager_alone(nbytes, batches, compiled) -> bool:

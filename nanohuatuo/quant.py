@@ -3,7 +3,7 @@
 int8 (as in gpt-fast): each linear weight is stored as int8 with one scale per output row. A 7B
 model then takes about 7 GB of weights instead of 14 GB (bf16) or 28 GB (fp32), which lets it chat
 on a 24 GB card. Merge a LoRA adapter into the weights before quantising. The forward has three
-kernels (`Int8Linear.kernel`), chosen per weight shape by timing on CPU (cpu_kernels.py):
+kernels (`Int8Linear.kernel`), chosen per weight shape by timing on CPU (cpu_int8.py):
 - "dequant" (the default, and always on GPU): the weight converted to the activation dtype on the
   fly, one F.linear, times the scales. It reads the int8 bytes and then writes and reads a float
   copy, so on CPU a decode step is slower than with float weights;
