@@ -18,7 +18,7 @@ from .cpu_reduction import (CHAIN, STREAM_BYTES, chain_kernel, eager_alone, redu
                             reduction, reduction_wins, seconds)
 from .quant import Int8Linear, int8pack_fits
 
-_MEASURED = {}  # ("int8", shape, dtype, threads, batches, compiled, single, bias) -> (kernel, reduce), once per process
+_MEASURED = {}  # ("int8", shape, dtype, threads, batches, compiled, single, bias, head) -> (kernel, reduce), once per process
 
 
 def _close(y, want):
@@ -26,7 +26,7 @@ def _close(y, want):
     return bool(torch.isfinite(y).all()) and float((y - want).abs().max()) <= 0.03 * float(want.abs().max()) + 1e-6
 
 
-def measure_int8(layer, dtype, batches, compiled=False):
+def measure_int8(layer, dtype, batches, compiled=False, head=False):
     """(kernel, reduce): the fastest Int8Linear kernel for `layer`'s shape with activations of `dtype`,
     summed over `batches`: "dequant" against _weight_int8pack_mm in the activation dtype and (for
     float activations other than bfloat16) with the activations cast to bfloat16. A kernel whose
@@ -34,13 +34,14 @@ def measure_int8(layer, dtype, batches, compiled=False):
     reduce: whether the compiler's reduction (`reduction` with the scales, float32 activations) beat
     batch 1's fastest kernel over distinct copies of the matrix (`STREAM_BYTES`, as cpu_kernels times
     float matrices: one small matrix would stay in cache), chained in a compiled step's graph
-    (`compiled`), or called alone in a one-slot eager engine (`eager_alone`)."""
+    (`compiled`), or called alone in a one-slot eager engine (`eager_alone`; `head`: the output head's,
+    without a block matrix's margin, `reduction_wins`)."""
     w = layer.weight
     compiled = compiled and 1 in batches and chain_kernel() is not None
     single = eager_alone(w.numel(), batches, compiled)
     # with or without a bias: the eager reduction is compiled for one or the other
     key = ("int8", (layer.out_features, layer.in_features), dtype, torch.get_num_threads(), batches, compiled, single,
-           layer.bias is not None)
+           layer.bias is not None, head)
     if key not in _MEASURED:
         # each kernel as a function of the layer, so that it also runs on copies of its weight (below)
         kernels = {"dequant": Int8Linear.dequant}
@@ -76,7 +77,8 @@ def measure_int8(layer, dtype, batches, compiled=False):
                 reduced = seconds(lambda: reduce_all(x, pairs), rounds=2)
             else:  # with the bias, as the step passes it (`reduce_row`)
                 reduced = seconds(lambda: reduce_each(x, ws, layer.scales, bias), rounds=2)
-            reduce = reduction_wins(reduced, seconds(lambda: [best(c, x) for c in copies], rounds=2), alone=single)
+            reduce = reduction_wins(reduced, seconds(lambda: [best(c, x) for c in copies], rounds=2), alone=single,
+                                    head=head)
         _MEASURED[key] = kernel, reduce
     return _MEASURED[key]
 

@@ -122,7 +122,7 @@ def _measure(ws, batches, head, pack=False, compiled=False, bias=False):
                 del wl
         del group
         if single and not reduction_wins(times["row", 1]["reduce"], min(
-                s for (_, b), t in times.items() if b == 1 for k, s in t.items() if k != "reduce"), alone=True):
+                s for (_, b), t in times.items() if b == 1 for k, s in t.items() if k != "reduce"), alone=True, head=head):
             del times["row", 1]["reduce"]
         layout = _weighing_batches_alike({lb: min(t.values()) for lb, t in times.items()}, layouts, batches)
         eager = {b: {k: s for k, s in times[layout, b].items() if k != "reduce"} for b in batches}
@@ -488,7 +488,7 @@ def tune_cpu_kernels(model: Transformer, batches=(1, 8), compiled=False):
             owner.fused = FusedInt8(parts)
         in_fused8 = {id(m) for _, parts in fused8 for m in parts}
         for m in [m for m in int8 if id(m) not in in_fused8] + [owner.fused.layer for owner, _ in fused8]:
-            m.kernel, reduce = measure_int8(m, dtype, batches, compiled)
+            m.kernel, reduce = measure_int8(m, dtype, batches, compiled, head=m is head)
             m.reduce, m.reduce_eager = reduce and compiled, reduce and not compiled
             choice["int8"][(m.out_features, m.in_features)] = m.kernel
             reduced(("int8", (m.out_features, m.in_features)), reduce)

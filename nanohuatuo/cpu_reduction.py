@@ -103,10 +103,12 @@ def reduce_all(x, ws):
 # against 66): the timing decides. Each shape costs the load one compilation (under a second with the
 # compiler's cache on disk, one or two without); a smaller matrix (a test model's) is not worth it.
 EAGER_MIN_BYTES = 512 << 10
-# ... and it is taken only where its timing beats the best other kernel's by this factor: in a step it did
-# worse than alone. bfloat16 block matrices it beat oneDNN's packed kernel on by a few percent when timed
-# made a 100M model's eager step 5-9% slower (2-core AMD EPYC), while the float32 and int8 matrices it
-# beat by a third or more made steps faster.
+# ... and a block's matrix takes it only where its timing beats the best other kernel's by this factor: between
+# a block's other ops it did worse than alone. bfloat16 block matrices it beat oneDNN's packed kernel on by a
+# few percent when timed made a 100M model's eager step 5-9% slower (2-core AMD EPYC), while the float32 and
+# int8 matrices it beat by a third or more made steps faster. Not the head: one long stream at the step's end,
+# read there as when timed. With the margin a 100M float32 head timed at 9.6 ms against oneDNN's 11.2 in one
+# load of three went to oneDNN, and that engine's step took 1.22x as long as one whose head kept the reduction.
 EAGER_MARGIN = 0.85
 
 
@@ -119,10 +121,11 @@ def product_kernel():
     return torch.compile(reduction, dynamic=False, fullgraph=True)
 
 
-def reduction_wins(reduced, best, alone) -> bool:
+def reduction_wins(reduced, best, alone, head=False) -> bool:
     """Whether the reduction, timed at `reduced` seconds against the best other kernel's `best`, is taken:
-    faster inside a compiled graph, faster by `EAGER_MARGIN` when called `alone` (`eager_alone`)."""
-    return reduced < (EAGER_MARGIN if alone else 1.0) * best
+    faster inside a compiled graph or for the output `head`, faster by `EAGER_MARGIN` when a block's matrix
+    calls it `alone` (`eager_alone`)."""
+    return reduced < (EAGER_MARGIN if alone and not head else 1.0) * best
 
 
 def eager_alone(nbytes, batches, compiled) -> bool:

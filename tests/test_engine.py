@@ -638,6 +638,40 @@ def test_one_slot_eager_matrices_read_by_the_compiled_reduction_give_the_same_to
     assert not timed and not getattr(eng.model.lm_head, "reduce_eager", False)
 
 
+def test_one_slot_eager_margin_is_a_block_matrix_s_and_not_the_head_s(monkeypatch):
+    """In a one-slot eager engine a block's matrix takes the reduction called alone only where it was timed
+    `EAGER_MARGIN` faster than the best other kernel; the output head (float or int8) wherever it was
+    timed faster at all, as inside a compiled graph."""
+    import nanohuatuo.cpu_int8 as cpu_int8
+    import nanohuatuo.cpu_kernels as ck
+    import nanohuatuo.cpu_reduction as cpu_reduction
+    from nanohuatuo.quant import quantize_int8
+    wins = cpu_reduction.reduction_wins
+    m = cpu_reduction.EAGER_MARGIN
+    assert wins(0.99, 1.0, alone=False) and not wins(1.0, 1.0, alone=False)
+    assert not wins(m + 0.01, 1.0, alone=True) and wins(m - 0.01, 1.0, alone=True)
+    assert wins(0.99, 1.0, alone=True, head=True) and not wins(1.0, 1.0, alone=True, head=True)
+    if cpu_reduction.product_kernel() is None:
+        pytest.skip("torch.compile cannot build a CPU kernel here (no C++ compiler)")
+    monkeypatch.setattr(cpu_reduction, "EAGER_MIN_BYTES", 0)
+    for int8 in (False, True):
+        monkeypatch.setattr(ck, "_MEASURED", {})
+        monkeypatch.setattr(cpu_int8, "_MEASURED", {})
+        asked = []  # (head?, margin-free?) for each decision
+
+        def recorded(reduced, best, alone, head=False):
+            asked.append((head, alone))
+            return wins(reduced, best, alone, head)
+        monkeypatch.setattr(ck, "reduction_wins", recorded)
+        monkeypatch.setattr(cpu_int8, "reduction_wins", recorded)
+        model = tiny(seed=2)
+        if int8:
+            quantize_int8(model)
+        tune_cpu_kernels(model, batches=(1,))
+        # the blocks' distinct shapes (q|k|v, gate|up, o, down) once each, the head once, all called alone
+        assert sorted(asked) == [(False, True)] * 4 + [(True, True)], (int8, asked)
+
+
 def test_fixed_cpu_kernels_time_nothing_and_keep_the_loaded_layout(monkeypatch):
     """NANOHUATUO_CPU_KERNELS=fixed: repeatable runs (no choice made by timing, which can differ run to run)."""
     import nanohuatuo.cpu_kernels as ck

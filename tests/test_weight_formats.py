@@ -221,8 +221,8 @@ def test_int8_layers_through_the_compilers_reduction_decode_the_same_tokens(monk
     monkeypatch.setattr(cpu_int8, "_MEASURED", {})
     monkeypatch.setattr(cpu_reduction, "EAGER_MIN_BYTES", 0)
     measure, reduced, product = ck.measure_int8, [], cpu_reduction.product_kernel()
-    monkeypatch.setattr(ck, "measure_int8", lambda layer, dtype, batches, compiled=False:
-                        (measure(layer, dtype, batches, compiled)[0], True))
+    monkeypatch.setattr(ck, "measure_int8", lambda layer, dtype, batches, compiled=False, head=False:
+                        (measure(layer, dtype, batches, compiled, head)[0], True))
     reduction = cpu_int8.reduction
     monkeypatch.setattr(cpu_int8, "reduction", lambda *a: reduced.append("traced") or reduction(*a))
     monkeypatch.setattr(cpu_reduction, "product_kernel", lambda: lambda *a: reduced.append("called") or product(*a))
