@@ -20,7 +20,14 @@
     --compare fuse     with --int8, both eager: q, k, v and gate, up as separate int8 matrices
                        ("separate", as before) against one int8 matrix per group ("fused",
                        cpu_int8.FusedInt8, as tune_cpu_kernels now does), kernels timed alike
+    --compare pages    both eager, tuned alike: every weight on 4 KB pages ("small-pages", madvise
+                       MADV_NOHUGEPAGE) against the same in transparent huge pages ("huge-pages",
+                       MADV_HUGEPAGE then MADV_COLLAPSE, Linux 6.1 or later), what `import nanohuatuo`
+                       now asks PyTorch's allocator for (heap.huge_pages_for_large_tensors); run it with
+                       THP_MEM_ALLOC_ENABLE=0, so that neither engine's weights start in huge pages
     --int8             every linear in int8 (quant.quantize_int8) before loading to infer, for any of these
+    --swap             make variant B's engine first (the engine made second read a few percent faster
+                       in some runs of two identical ones: run both orders for a small difference)
 
 Two copies of bench/generate.py's Qwen2-shaped model (random weights, `for_inference`, as chat,
 serve and evaluation load a model), each with an Engine filled with `--batch` greedy requests
@@ -40,9 +47,11 @@ this way, both sides in one process and interleaved.
     python bench/decode_ab.py --compare head --size 100M --batch 1 --rounds 8
     python bench/decode_ab.py --compare fuse --int8 --size 500M --batch 1 --rounds 6
     python bench/decode_ab.py --compare blocks --size 100M --batch 1 --rounds 8
+    THP_MEM_ALLOC_ENABLE=0 python bench/decode_ab.py --compare pages --size 500M --batch 1 --rounds 6
 """
 
 import argparse
+import ctypes
 import os
 import statistics
 import sys
@@ -62,7 +71,42 @@ from generate import matvec_bandwidth, matvec_reader, read_bytes  # noqa: E402  
 
 VARIANTS = {"layout": ("plain", "packed"), "compile": ("eager", "compiled"), "reduce": ("opaque", "reduce"),
             "head": ("kernel", "head-reduce"), "fuse": ("separate", "fused"),
-            "blocks": ("head-only", "head-reduce")}
+            "blocks": ("head-only", "head-reduce"), "pages": ("small-pages", "huge-pages")}
+_MADV_HUGEPAGE, _MADV_NOHUGEPAGE, _MADV_COLLAPSE = 14, 15, 25
+
+
+def advise_pages(model, huge):
+    """Every weight a decode step reads (parameters, buffers, fused and packed matrices) on 4 KB pages
+    from now on, or moved into huge pages now (MADV_COLLAPSE: the kernel copies each 2 MB-aligned run of
+    4 KB pages into one huge page). Prints the bytes advised and those collapsed."""
+    spans = {}
+    tensors = list(model.parameters()) + list(model.buffers())
+    for m in model.modules():
+        for owner in (m, getattr(m, "fused", None)):
+            for name in ("weight", "packed"):
+                t = getattr(owner, name, None)
+                t = getattr(t, "packed", t)  # a cpu_kernels.PackedCopy's copy
+                if isinstance(t, torch.Tensor):
+                    tensors.append(t)
+    for t in tensors:
+        if t.is_mkldnn:  # oneDNN's packed layout: an opaque tensor
+            spans[torch.ops.mkldnn.data_ptr(t)] = torch.ops.mkldnn._nbytes(t)
+        else:
+            spans[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+    libc, page = ctypes.CDLL(None, use_errno=True), 4096
+    advised = collapsed = 0
+    for start, n in spans.items():
+        a, e = -(-start // page) * page, (start + n) // page * page
+        if e <= a:
+            continue
+        at, size = ctypes.c_void_p(a), ctypes.c_size_t(e - a)
+        advised += e - a
+        if libc.madvise(at, size, _MADV_HUGEPAGE if huge else _MADV_NOHUGEPAGE) == 0 and huge:
+            collapsed += (libc.madvise(at, size, _MADV_COLLAPSE) == 0) * (e - a)
+    with open("/proc/self/smaps_rollup") as f:
+        process = next((line.split()[1] for line in f if line.startswith("AnonHugePages")), "?")
+    print(f"{'huge' if huge else '4 KB'} pages advised for {advised / 1e6:.0f} MB of weights"
+          + (f", {collapsed / 1e6:.0f} MB collapsed" if huge else "") + f"; the process's huge pages: {process} kB")
 
 
 def engine(variant, size, batch, dtype, seed, int8=False):
@@ -84,8 +128,8 @@ def engine(variant, size, batch, dtype, seed, int8=False):
         return measure(ws, batches, head, pack=pack and variant != "plain", compiled=compiled and variant != "opaque",
                        bias=bias)
     ck._measure = choose
-    ck.measure_int8 = lambda layer, dtype, batches, compiled=False: measure_int8(
-        layer, dtype, batches, compiled and variant != "opaque")
+    ck.measure_int8 = lambda layer, dtype, batches, compiled=False, head=False: measure_int8(
+        layer, dtype, batches, compiled and variant != "opaque", head)
     if variant in ("kernel", "opaque"):  # no reduction called alone (an opaque engine: none at all)
         cpu_reduction.EAGER_MIN_BYTES = float("inf")
     if variant == "head-only":  # the floor before the blocks' matrices took the reduction too
@@ -94,6 +138,8 @@ def engine(variant, size, batch, dtype, seed, int8=False):
         cpu_int8.FusedInt8.fits = staticmethod(lambda parts: False)
     try:
         eng = Engine(model, slots=batch, compile=variant in ("compiled", "opaque", "reduce"))
+        if variant in VARIANTS["pages"]:
+            advise_pages(model, huge=variant == "huge-pages")
     finally:
         ck._measure, ck.measure_int8, cpu_reduction.EAGER_MIN_BYTES = measure, measure_int8, floor
         cpu_int8.FusedInt8.fits = staticmethod(fits)
@@ -114,13 +160,17 @@ def main():
     ap.add_argument("--rounds", type=int, default=6, help="alternating rounds of 8 steps each (default: 6)")
     ap.add_argument("--threads", type=int, default=2, help="torch threads (default: 2)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the random weights and prompts (default: 0)")
+    ap.add_argument("--swap", action="store_true", help="make variant B's engine first")
     args = ap.parse_args()
     if args.compare == "fuse" and not args.int8:
         ap.error("--compare fuse compares int8 groups: add --int8")
+    if args.compare == "pages" and os.environ.get("THP_MEM_ALLOC_ENABLE") != "0":
+        ap.error("--compare pages starts both engines on 4 KB pages: run it with THP_MEM_ALLOC_ENABLE=0")
     torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
     engines = {}
-    for name in VARIANTS[args.compare]:  # eager and compiled: one timing of the layouts, the same choice
+    # eager and compiled: one timing of the layouts, the same choice
+    for name in VARIANTS[args.compare][::-1] if args.swap else VARIANTS[args.compare]:
         engines[name] = engine(name, args.size, args.batch, dtype, args.seed, args.int8)
         print(f"{name}: layouts {engines[name].model.cpu_kernels['layouts']}, read at batch 1 by the compiler's "
               f"reduction: {engines[name].model.cpu_kernels['reduce']}", flush=True)

@@ -6,6 +6,10 @@ LLM endpoint: distill, feedback and evaluate with endpoints) start without impor
 
 import importlib
 
+from . import heap
+
+heap.huge_pages_for_large_tensors()  # before any module of the package makes a tensor: torch reads it then
+
 _HOMES = {"ModelConfig": "model", "Transformer": "model", "Tokenizer": "tokenizer",
           "generate": "generate"}
 __all__ = list(_HOMES)

@@ -1,19 +1,25 @@
-"""glibc's heap around generation and training: which freed blocks it keeps for reuse.
+"""The process's memory around generation and training: glibc's heap, which freed blocks it keeps for
+reuse, and the pages large tensors live in.
 
     return_large_blocks()     # a training process: freed activations go back to the OS
     keep_large_blocks()       # a generating one: each step's temporaries reuse the last's
     with large_blocks_kept(): # a training process's rollouts, then its own setting again
         ...
+    huge_pages_for_large_tensors()   # run by `import nanohuatuo`, before torch allocates anything
 
-Both settings are glibc's `mallopt` thresholds, set through ctypes (elsewhere every function
+The first two are glibc's `mallopt` thresholds, set through ctypes (elsewhere every function
 returns False and changes nothing). A process's allocation pattern decides which pays: training
 frees large activations once per step and should give them back; decoding allocates the same
-temporaries at every step and should keep them.
+temporaries at every step and should keep them. The last asks PyTorch's CPU allocator for
+transparent huge pages (Linux): a decode step streams every weight, and 2 MB pages spare it most of
+the address translations of 4 KB ones.
 """
 
 import contextlib
 import ctypes
 import ctypes.util
+import os
+import sys
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt's parameter numbers
 _RETURNED = None  # the threshold return_large_blocks set in this process, if it did
@@ -67,3 +73,28 @@ def large_blocks_kept():
             _mallopt(_RETURNED, 128 << 10)
         else:
             _mallopt(32 << 20, 64 << 20)
+
+
+_THP = "/sys/kernel/mm/transparent_hugepage/enabled"
+
+
+def huge_pages_for_large_tensors(thp: str = _THP) -> bool:
+    """Have PyTorch's CPU allocator put every tensor of 2 MB or more in transparent huge pages: it
+    advises the kernel so (madvise) when THP_MEM_ALLOC_ENABLE=1, which it reads once, at the
+    process's first tensor allocation, hence this runs when the package is imported, before any of
+    its modules makes a tensor. Only on Linux, where the kernel gives huge pages on request (`thp`
+    reads "[madvise]"; under "[always]" large allocations get them anyway, under "[never]" none can),
+    and only where the variable is not set already (THP_MEM_ALLOC_ENABLE=0 turns it off). The weights
+    then decode faster: on a 2-core AMD EPYC, both in one process, a 100M model's float32 eager step
+    took 1.05-1.11x as long on 4 KB pages as in huge ones, a 0.5B model's 1.04-1.05x
+    (bench/decode_ab.py --compare pages). Returns whether it set the variable."""
+    if not sys.platform.startswith("linux") or "THP_MEM_ALLOC_ENABLE" in os.environ:
+        return False
+    try:
+        with open(thp) as f:
+            if "[madvise]" not in f.read():
+                return False
+    except OSError:
+        return False
+    os.environ["THP_MEM_ALLOC_ENABLE"] = "1"
+    return True

@@ -2,6 +2,8 @@
 what the code they replaced gave (kept in bench/token_sampling.py); the allocator setting of
 generation (heap.keep_large_blocks) keeps freed blocks for reuse."""
 
+import os
+
 import pytest
 import torch
 
@@ -143,7 +145,9 @@ mapped = faults()
 # rounds: one CI run counted 14,337 faults where the heap itself had grown a few times)
 print(mapped, heap.keep_large_blocks() and min(faults() for _ in range(3)))
 """
-    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    # on 4 KB pages, the faults counted (in huge pages, which `import nanohuatuo` asks for, 8 MiB is 4 faults)
+    env = dict(os.environ, THP_MEM_ALLOC_ENABLE="0")
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=env)
     if run.returncode == 3:
         pytest.skip("not glibc")
     assert run.returncode == 0, run.stderr
@@ -183,3 +187,32 @@ def test_next_tokens_in_blocks_choose_what_the_previous_choice_chose():
     old = [torch.Generator().manual_seed(s) for s in range(B)]
     for _ in range(20):
         assert torch.equal(next_tokens(logits, *settings, seen, new), before(logits, *settings, seen, old))
+
+
+def test_huge_pages_are_asked_for_before_torch_allocates(tmp_path, monkeypatch):
+    """`import nanohuatuo` sets THP_MEM_ALLOC_ENABLE=1 where the kernel gives huge pages on request
+    ("[madvise]"), before torch reads it at its first allocation (a fresh process: a 4 MB tensor then
+    starts on a page boundary, as PyTorch aligns the buffers it advises); never over the user's own
+    setting, and not under "[always]" or "[never]" or without the file."""
+    import subprocess
+    import sys
+    import nanohuatuo.heap as heap
+    thp = tmp_path / "enabled"
+    for text, set_it in [("always madvise [never]\n", False), ("[always] madvise never\n", False),
+                         ("always [madvise] never\n", True)]:
+        thp.write_text(text)
+        monkeypatch.delenv("THP_MEM_ALLOC_ENABLE", raising=False)
+        assert heap.huge_pages_for_large_tensors(str(thp)) == set_it
+        assert os.environ.get("THP_MEM_ALLOC_ENABLE") == ("1" if set_it else None)
+    monkeypatch.setenv("THP_MEM_ALLOC_ENABLE", "0")
+    assert not heap.huge_pages_for_large_tensors(str(thp)) and os.environ["THP_MEM_ALLOC_ENABLE"] == "0"
+    monkeypatch.delenv("THP_MEM_ALLOC_ENABLE")
+    assert not heap.huge_pages_for_large_tensors(str(tmp_path / "missing"))
+    if not sys.platform.startswith("linux") or not heap.huge_pages_for_large_tensors():
+        pytest.skip("no transparent huge pages on request here")
+    script = "import torch, nanohuatuo.engine, os; print(os.environ.get('THP_MEM_ALLOC_ENABLE'), " \
+             "[torch.empty(1 << 20).data_ptr() % 4096 for _ in range(4)])"
+    env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=env)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split(None, 1)[0] == "1" and run.stdout.split(None, 1)[1].strip() == "[0, 0, 0, 0]"
