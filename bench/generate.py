@@ -536,7 +536,9 @@ def main():
           f"{torch.get_num_threads()}, torch {torch.__version__}, transformers {tf.__version__}, "
           f"matvec bandwidth {bandwidth / 1e9:.1f} GB/s"
           + (", CUDA graphs the engine's own (NANOHUATUO_CUDA_GRAPHS=manual)"
-             if cuda and args.compile and os.environ.get("NANOHUATUO_CUDA_GRAPHS") == "manual" else ""), flush=True)
+             if cuda and args.compile and os.environ.get("NANOHUATUO_CUDA_GRAPHS") == "manual" else "")
+          + ("" if cuda else f", huge pages for tensors of 2 MB or more (THP_MEM_ALLOC_ENABLE) "
+             f"{'on' if os.environ.get('THP_MEM_ALLOC_ENABLE') == '1' else 'off'}"), flush=True)
     rows = Rows(args.out, bandwidth)
     failed = []
     table = functools.partial(run_table, failed)

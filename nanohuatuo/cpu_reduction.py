@@ -107,8 +107,9 @@ EAGER_MIN_BYTES = 512 << 10
 # a block's other ops it did worse than alone. bfloat16 block matrices it beat oneDNN's packed kernel on by a
 # few percent when timed made a 100M model's eager step 5-9% slower (2-core AMD EPYC), while the float32 and
 # int8 matrices it beat by a third or more made steps faster. Not the head: one long stream at the step's end,
-# read there as when timed. With the margin a 100M float32 head timed at 9.6 ms against oneDNN's 11.2 in one
-# load of three went to oneDNN, and that engine's step took 1.22x as long as one whose head kept the reduction.
+# read there as when timed. Under the margin a 100M float32 head timed at 9.6 ms against oneDNN's 11.2 went to
+# oneDNN in one load of three, and that engine's step took 1.22x as long as one that took the reduction for
+# the head and its blocks' matrices (docs/benchmarks.md).
 EAGER_MARGIN = 0.85
 
 
