@@ -164,6 +164,8 @@ def main():
     args = ap.parse_args()
     if args.compare == "fuse" and not args.int8:
         ap.error("--compare fuse compares int8 groups: add --int8")
+    if args.compare == "pages" and not sys.platform.startswith("linux"):
+        ap.error("--compare pages advises the Linux kernel (madvise)")
     if args.compare == "pages" and os.environ.get("THP_MEM_ALLOC_ENABLE") != "0":
         ap.error("--compare pages starts both engines on 4 KB pages: run it with THP_MEM_ALLOC_ENABLE=0")
     torch.set_num_threads(args.threads)
