@@ -26,8 +26,8 @@
                        now asks PyTorch's allocator for (heap.huge_pages_for_large_tensors); run it with
                        THP_MEM_ALLOC_ENABLE=0, so that neither engine's weights start in huge pages
     --int8             every linear in int8 (quant.quantize_int8) before loading to infer, for any of these
-    --swap             make variant B's engine first (the engine made second read a few percent faster
-                       in some runs of two identical ones: run both orders for a small difference)
+    --swap             make variant B's engine first (in one run of two identical engines the one made
+                       second read 6% faster: run both orders for a small difference)
 
 Two copies of bench/generate.py's Qwen2-shaped model (random weights, `for_inference`, as chat,
 serve and evaluation load a model), each with an Engine filled with `--batch` greedy requests
@@ -76,19 +76,15 @@ _MADV_HUGEPAGE, _MADV_NOHUGEPAGE, _MADV_COLLAPSE = 14, 15, 25
 
 
 def advise_pages(model, huge):
-    """Every weight a decode step reads (parameters, buffers, fused and packed matrices) on 4 KB pages
-    from now on, or moved into huge pages now (MADV_COLLAPSE: the kernel copies each 2 MB-aligned run of
-    4 KB pages into one huge page). Prints the bytes advised and those collapsed."""
+    """Every weight a decode step reads on 4 KB pages from now on, or moved into huge pages now
+    (MADV_COLLAPSE: the kernel copies each 2 MB-aligned run of 4 KB pages into one huge page): the
+    parameters and buffers (a fused matrix is its parts' storage, or, packed in place, their shared
+    parameter) and the packed copies (cpu_kernels.PackedCopy) of a head or a fused matrix. Prints the
+    bytes advised and those collapsed."""
     spans = {}
-    tensors = list(model.parameters()) + list(model.buffers())
-    for m in model.modules():
-        for owner in (m, getattr(m, "fused", None)):
-            for name in ("weight", "packed"):
-                t = getattr(owner, name, None)
-                t = getattr(t, "packed", t)  # a cpu_kernels.PackedCopy's copy
-                if isinstance(t, torch.Tensor):
-                    tensors.append(t)
-    for t in tensors:
+    copies = [c.packed for m in model.modules() for c in (getattr(m, "packed", None),
+                                                           getattr(getattr(m, "fused", None), "packed", None)) if c]
+    for t in [*model.parameters(), *model.buffers(), *copies]:
         if t.is_mkldnn:  # oneDNN's packed layout: an opaque tensor
             spans[torch.ops.mkldnn.data_ptr(t)] = torch.ops.mkldnn._nbytes(t)
         else:

@@ -7,8 +7,8 @@ reuse, and the pages large tensors live in.
         ...
     huge_pages_for_large_tensors()   # run by `import nanohuatuo`, before torch allocates anything
 
-The first three set glibc's `mallopt` thresholds, set through ctypes (elsewhere every function
-returns False and changes nothing). A process's allocation pattern decides which pays: training
+The first three set glibc's `mallopt` thresholds through ctypes (elsewhere they return False and
+change nothing). A process's allocation pattern decides which pays: training
 frees large activations once per step and should give them back; decoding allocates the same
 temporaries at every step and should keep them. The last asks PyTorch's CPU allocator for
 transparent huge pages (Linux): a decode step streams every weight, and 2 MB pages spare it most of
