@@ -25,6 +25,11 @@
                        MADV_HUGEPAGE then MADV_COLLAPSE, Linux 6.1 or later), what `import nanohuatuo`
                        now asks PyTorch's allocator for (heap.huge_pages_for_large_tensors); run it with
                        THP_MEM_ALLOC_ENABLE=0, so that neither engine's weights start in huge pages
+    --compare rows     both as a one-slot engine tunes (eager, or compiled with --compile): the compiler's
+                       reduction summing one row of a matrix at a time ("one-block", as before) against
+                       its rows in four blocks summed side by side ("four-blocks", cpu_reduction.ROW_BLOCKS,
+                       as it now runs); each engine's steps run with its own setting
+    --compile          with --compare rows: both engines compiled (Engine(compile=True))
     --int8             every linear in int8 (quant.quantize_int8) before loading to infer, for any of these
     --swap             make variant B's engine first (in one run of two identical engines the one made
                        second read 6% faster: run both orders for a small difference)
@@ -48,6 +53,7 @@ this way, both sides in one process and interleaved.
     python bench/decode_ab.py --compare fuse --int8 --size 500M --batch 1 --rounds 6
     python bench/decode_ab.py --compare blocks --size 100M --batch 1 --rounds 8
     THP_MEM_ALLOC_ENABLE=0 python bench/decode_ab.py --compare pages --size 500M --batch 1 --rounds 6
+    python bench/decode_ab.py --compare rows --int8 --size 500M --batch 1 --rounds 8
 """
 
 import argparse
@@ -71,7 +77,9 @@ from generate import matvec_bandwidth, matvec_reader, read_bytes  # noqa: E402  
 
 VARIANTS = {"layout": ("plain", "packed"), "compile": ("eager", "compiled"), "reduce": ("opaque", "reduce"),
             "head": ("kernel", "head-reduce"), "fuse": ("separate", "fused"),
-            "blocks": ("head-only", "head-reduce"), "pages": ("small-pages", "huge-pages")}
+            "blocks": ("head-only", "head-reduce"), "pages": ("small-pages", "huge-pages"),
+            "rows": ("one-block", "four-blocks")}
+ROW_BLOCKS = {"one-block": 1, "four-blocks": 4}  # --compare rows: cpu_reduction.ROW_BLOCKS, set around each engine's steps
 _MADV_HUGEPAGE, _MADV_NOHUGEPAGE, _MADV_COLLAPSE = 14, 15, 25
 
 
@@ -105,17 +113,19 @@ def advise_pages(model, huge):
           + (f", {collapsed / 1e6:.0f} MB collapsed" if huge else "") + f"; the process's huge pages: {process} kB")
 
 
-def engine(variant, size, batch, dtype, seed, int8=False):
+def engine(variant, size, batch, dtype, seed, int8=False, compile=False):
     """An Engine over a fresh model: 'plain' (layouts timed among the plain ones only), 'packed'
     (every matrix packed), 'eager', 'head-reduce' and 'fused' (tuned as usual), 'separate' (no int8
     group fused), 'compiled' and 'reduce' (tuned as usual, compile=True), 'opaque' (compile=True,
     tuned without the compiler's reduction), 'kernel' (eager, no reduction called alone), 'head-only'
-    (eager, the reduction called alone for matrices of 16 MB or more)."""
+    (eager, the reduction called alone for matrices of 16 MB or more), 'one-block' and 'four-blocks'
+    (tuned as usual with that `ROW_BLOCKS`, eager or `compile`d)."""
     model = qwen2_model(size, dtype, seed)
     if int8:
         quantize_int8(model)
     model = for_inference(model)
     measure, measure_int8, floor = ck._measure, ck.measure_int8, cpu_reduction.EAGER_MIN_BYTES
+    blocks = cpu_reduction.ROW_BLOCKS
     fits = cpu_int8.FusedInt8.fits
 
     def choose(ws, batches, head, pack=False, compiled=False, bias=False):
@@ -133,11 +143,13 @@ def engine(variant, size, batch, dtype, seed, int8=False):
     if variant == "separate":
         cpu_int8.FusedInt8.fits = staticmethod(lambda parts: False)
     try:
-        eng = Engine(model, slots=batch, compile=variant in ("compiled", "opaque", "reduce"))
+        cpu_reduction.ROW_BLOCKS = ROW_BLOCKS.get(variant, blocks)
+        eng = Engine(model, slots=batch, compile=variant in ("compiled", "opaque", "reduce") or compile)
         if variant in VARIANTS["pages"]:
             advise_pages(model, huge=variant == "huge-pages")
     finally:
         ck._measure, ck.measure_int8, cpu_reduction.EAGER_MIN_BYTES = measure, measure_int8, floor
+        cpu_reduction.ROW_BLOCKS = blocks
         cpu_int8.FusedInt8.fits = staticmethod(fits)
     g = torch.Generator().manual_seed(seed)
     for _ in range(batch):
@@ -157,7 +169,10 @@ def main():
     ap.add_argument("--threads", type=int, default=2, help="torch threads (default: 2)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the random weights and prompts (default: 0)")
     ap.add_argument("--swap", action="store_true", help="make variant B's engine first")
+    ap.add_argument("--compile", action="store_true", help="with --compare rows: both engines compiled")
     args = ap.parse_args()
+    if args.compile and args.compare != "rows":
+        ap.error("--compile is for --compare rows (the other comparisons fix whether each side compiles)")
     if args.compare == "fuse" and not args.int8:
         ap.error("--compare fuse compares int8 groups: add --int8")
     if args.compare == "pages" and not sys.platform.startswith("linux"):
@@ -169,17 +184,23 @@ def main():
     engines = {}
     # eager and compiled: one timing of the layouts, the same choice
     for name in VARIANTS[args.compare][::-1] if args.swap else VARIANTS[args.compare]:
-        engines[name] = engine(name, args.size, args.batch, dtype, args.seed, args.int8)
+        engines[name] = engine(name, args.size, args.batch, dtype, args.seed, args.int8, args.compile)
         print(f"{name}: layouts {engines[name].model.cpu_kernels['layouts']}, read at batch 1 by the compiler's "
               f"reduction: {engines[name].model.cpu_kernels['reduce']}", flush=True)
     nbytes = read_bytes(next(iter(engines.values())).model)  # int8 weights and scales too (buffers)
     read = matvec_reader("cpu", torch.float32)
     steps, shares = {name: [] for name in engines}, {name: [] for name in engines}
+    blocks = cpu_reduction.ROW_BLOCKS
+
+    def step(name):  # an engine's step under its own ROW_BLOCKS (the compiled kernels guard on it)
+        cpu_reduction.ROW_BLOCKS = ROW_BLOCKS.get(name, blocks)
+        engines[name].step()
+
     with torch.inference_mode():
         for name, eng in engines.items():
             t = time.perf_counter()
             for _ in range(4):  # prefill and warm-up (a compiled variant compiles here)
-                eng.step()
+                step(name)
             print(f"{name}: warm-up {time.perf_counter() - t:.1f} s", flush=True)
         for r in range(args.rounds):
             order = list(engines) if r % 2 == 0 else list(engines)[::-1]
@@ -187,7 +208,7 @@ def main():
                 times = []
                 for _ in range(8):
                     t = time.perf_counter()
-                    engines[name].step()
+                    step(name)
                     times.append(time.perf_counter() - t)
                 steps[name].append(statistics.median(times))
             bandwidth = matvec_bandwidth("cpu", torch.float32, read=read, rounds=1)

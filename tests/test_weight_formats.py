@@ -625,6 +625,34 @@ def test_decode_profile_takes_the_weight_reads_out_of_the_products_and_puts_them
     assert [free for _, free, _, _ in profile.paired_rounds(eng, lambda n: 5e10, 1)] == [None] and eng.kinds == [True] * 10
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int8])
+def test_reduction_in_row_blocks_sums_each_row_as_one_block_does(monkeypatch, dtype):
+    """`reduction` splits the rows into `ROW_BLOCKS` blocks (the last shorter where they do not divide
+    the rows) summed side by side in one compiled loop: each row's sum is bit for bit the one a single
+    block gives, for float32, bfloat16 and int8 (with scales) weights, with a bias, and a tail of the
+    input shorter than a vector; and it is the product F.linear computes."""
+    if cpu_reduction.chain_kernel() is None:
+        pytest.skip("torch.compile cannot build a CPU kernel here (no C++ compiler)")
+    torch.manual_seed(0)
+    fn = torch.compile(cpu_reduction.reduction, dynamic=False, fullgraph=True)  # guards on ROW_BLOCKS
+    for rows in (48, 46, 3):
+        x, bias = torch.randn(1, 1, 40), torch.randn(rows)
+        if dtype is torch.int8:
+            w, scales = torch.randint(-127, 128, (rows, 40), dtype=torch.int8), torch.rand(rows) / 100
+            dense = w.float() * scales[:, None]
+        else:
+            w, scales = torch.randn(rows, 40).to(dtype), None
+            x, bias, dense = x.to(dtype), bias.to(dtype), w.float()
+        with torch.inference_mode():
+            monkeypatch.setattr(cpu_reduction, "ROW_BLOCKS", 1)
+            one = fn(x, w, bias, scales)
+            monkeypatch.setattr(cpu_reduction, "ROW_BLOCKS", 4)
+            blocks = fn(x, w, bias, scales)
+        assert blocks.shape == (1, 1, rows) and blocks.dtype == x.dtype and torch.equal(blocks, one), rows
+        want = torch.nn.functional.linear(x.float(), dense) + bias.float()
+        torch.testing.assert_close(blocks.float(), want, atol=1e-4 if dtype is not torch.bfloat16 else 0.1, rtol=1e-2)
+
+
 def test_compiled_reduction_is_timed_as_a_batch_1_kernel_of_the_row_layout(monkeypatch):
     """`_measure(..., compiled=True)`: the compiler's reduction is timed at batch 1 in the row layout
     only, its answer the third value (never among the eager kernels, which still cover every batch);
