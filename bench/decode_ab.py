@@ -29,7 +29,9 @@
                        reduction summing one row of a matrix at a time ("one-block", as before) against
                        its rows in four blocks summed side by side ("four-blocks", cpu_reduction.ROW_BLOCKS,
                        as it now runs); each engine's steps run with its own setting
-    --compile          with --compare rows: both engines compiled (Engine(compile=True))
+    --compare chunks   as rows: a row of more than 4096 weights summed whole ("whole-rows", as before)
+                       against in chunks of at most 4096 ("chunked", cpu_reduction.CHUNK, as it now runs)
+    --compile          with --compare rows or chunks: both engines compiled (Engine(compile=True))
     --int8             every linear in int8 (quant.quantize_int8) before loading to infer, for any of these
     --swap             make variant B's engine first (in one run of two identical engines the one made
                        second read 6% faster: run both orders for a small difference)
@@ -54,6 +56,7 @@ this way, both sides in one process and interleaved.
     python bench/decode_ab.py --compare blocks --size 100M --batch 1 --rounds 8
     THP_MEM_ALLOC_ENABLE=0 python bench/decode_ab.py --compare pages --size 500M --batch 1 --rounds 6
     python bench/decode_ab.py --compare rows --int8 --size 500M --batch 1 --rounds 8
+    python bench/decode_ab.py --compare chunks --int8 --compile --size 500M --batch 1 --rounds 8
 """
 
 import argparse
@@ -78,8 +81,10 @@ from generate import matvec_bandwidth, matvec_reader, read_bytes  # noqa: E402  
 VARIANTS = {"layout": ("plain", "packed"), "compile": ("eager", "compiled"), "reduce": ("opaque", "reduce"),
             "head": ("kernel", "head-reduce"), "fuse": ("separate", "fused"),
             "blocks": ("head-only", "head-reduce"), "pages": ("small-pages", "huge-pages"),
-            "rows": ("one-block", "four-blocks")}
-ROW_BLOCKS = {"one-block": 1, "four-blocks": 4}  # --compare rows: cpu_reduction.ROW_BLOCKS, set around each engine's steps
+            "rows": ("one-block", "four-blocks"), "chunks": ("whole-rows", "chunked")}
+# --compare rows, chunks: cpu_reduction's settings of each variant, set around its engine's tuning and steps
+SETTINGS = {"one-block": dict(ROW_BLOCKS=1), "four-blocks": dict(ROW_BLOCKS=4),
+            "whole-rows": dict(CHUNK=1 << 62), "chunked": dict(CHUNK=4096)}
 _MADV_HUGEPAGE, _MADV_NOHUGEPAGE, _MADV_COLLAPSE = 14, 15, 25
 
 
@@ -113,19 +118,27 @@ def advise_pages(model, huge):
           + (f", {collapsed / 1e6:.0f} MB collapsed" if huge else "") + f"; the process's huge pages: {process} kB")
 
 
+_DEFAULTS = {k: getattr(cpu_reduction, k) for k in ("ROW_BLOCKS", "CHUNK")}
+
+
+def settings(variant):
+    """cpu_reduction's settings of `variant` (`SETTINGS`), its defaults for any other (None: all)."""
+    for k, v in {**_DEFAULTS, **SETTINGS.get(variant, {})}.items():
+        setattr(cpu_reduction, k, v)
+
+
 def engine(variant, size, batch, dtype, seed, int8=False, compile=False):
     """An Engine over a fresh model: 'plain' (layouts timed among the plain ones only), 'packed'
     (every matrix packed), 'eager', 'head-reduce' and 'fused' (tuned as usual), 'separate' (no int8
     group fused), 'compiled' and 'reduce' (tuned as usual, compile=True), 'opaque' (compile=True,
     tuned without the compiler's reduction), 'kernel' (eager, no reduction called alone), 'head-only'
-    (eager, the reduction called alone for matrices of 16 MB or more), 'one-block' and 'four-blocks'
-    (tuned as usual with that `ROW_BLOCKS`, eager or `compile`d)."""
+    (eager, the reduction called alone for matrices of 16 MB or more), 'one-block', 'four-blocks',
+    'whole-rows' and 'chunked' (tuned as usual with their `SETTINGS`, eager or `compile`d)."""
     model = qwen2_model(size, dtype, seed)
     if int8:
         quantize_int8(model)
     model = for_inference(model)
     measure, measure_int8, floor = ck._measure, ck.measure_int8, cpu_reduction.EAGER_MIN_BYTES
-    blocks = cpu_reduction.ROW_BLOCKS
     fits = cpu_int8.FusedInt8.fits
 
     def choose(ws, batches, head, pack=False, compiled=False, bias=False):
@@ -143,13 +156,16 @@ def engine(variant, size, batch, dtype, seed, int8=False, compile=False):
     if variant == "separate":
         cpu_int8.FusedInt8.fits = staticmethod(lambda parts: False)
     try:
-        cpu_reduction.ROW_BLOCKS = ROW_BLOCKS.get(variant, blocks)
+        settings(variant)
+        if variant in SETTINGS:  # each side times its kernels under its own settings (not the other's cached choice)
+            ck._MEASURED.clear()
+            cpu_int8._MEASURED.clear()
         eng = Engine(model, slots=batch, compile=variant in ("compiled", "opaque", "reduce") or compile)
         if variant in VARIANTS["pages"]:
             advise_pages(model, huge=variant == "huge-pages")
     finally:
         ck._measure, ck.measure_int8, cpu_reduction.EAGER_MIN_BYTES = measure, measure_int8, floor
-        cpu_reduction.ROW_BLOCKS = blocks
+        settings(None)
         cpu_int8.FusedInt8.fits = staticmethod(fits)
     g = torch.Generator().manual_seed(seed)
     for _ in range(batch):
@@ -169,10 +185,10 @@ def main():
     ap.add_argument("--threads", type=int, default=2, help="torch threads (default: 2)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the random weights and prompts (default: 0)")
     ap.add_argument("--swap", action="store_true", help="make variant B's engine first")
-    ap.add_argument("--compile", action="store_true", help="with --compare rows: both engines compiled")
+    ap.add_argument("--compile", action="store_true", help="with --compare rows or chunks: both engines compiled")
     args = ap.parse_args()
-    if args.compile and args.compare != "rows":
-        ap.error("--compile is for --compare rows (the other comparisons fix whether each side compiles)")
+    if args.compile and args.compare not in ("rows", "chunks"):
+        ap.error("--compile is for --compare rows or chunks (the others fix whether each side compiles)")
     if args.compare == "fuse" and not args.int8:
         ap.error("--compare fuse compares int8 groups: add --int8")
     if args.compare == "pages" and not sys.platform.startswith("linux"):
@@ -190,10 +206,9 @@ def main():
     nbytes = read_bytes(next(iter(engines.values())).model)  # int8 weights and scales too (buffers)
     read = matvec_reader("cpu", torch.float32)
     steps, shares = {name: [] for name in engines}, {name: [] for name in engines}
-    blocks = cpu_reduction.ROW_BLOCKS
 
-    def step(name):  # an engine's step under its own ROW_BLOCKS (the compiled kernels guard on it)
-        cpu_reduction.ROW_BLOCKS = ROW_BLOCKS.get(name, blocks)
+    def step(name):  # an engine's step under its own settings (the compiled kernels guard on them)
+        settings(name)
         engines[name].step()
 
     with torch.inference_mode():

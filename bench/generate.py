@@ -24,7 +24,8 @@ Builds Qwen2-shaped models with random weights (about 100M and 500M parameters, 
 (e) weight formats (with table (a), on CPU by default): the engine's greedy decode of (a) with the
     same weights loaded as each of --weights float32 bfloat16 int8 (int8: quant.quantize_int8 on the
     --dtype model, its kernel measured at load), batch 1 and 8, loaded and tuned again for each
-    batch size as an engine of that many slots tunes it (batch 1: chat's one slot): tokens/s, the
+    batch size as an engine of that many slots tunes it (batch 1: chat's one slot), and with
+    --compile again compiled (as chat and serve run with --compile): tokens/s, the
     weight bytes a decode step reads, the share of the float32 matrix-vector bandwidth that
     reaches (weight bytes x steps/s), and the share of tokens identical to float32 greedy's (per
     row up to the first difference, so a near-tie that flips shows instead of hiding in a later
@@ -317,30 +318,36 @@ def random_prompts(args):
 
 def weight_formats(size, path, args, bar, rows, prompts_for=None):
     """(e): the engine's greedy decode of table (a) with the weights in each of args.weights (the
-    prompts of (a), or prompts_for(B, vocabulary size)). The model is loaded again for each batch size
-    B and tuned as an engine of B slots tunes it, as chat (one slot) and serve would run it: batch 1
-    then gets the one-slot choices (the compiler's reduction called alone, `cpu_reduction.eager_alone`)."""
+    prompts of (a), or prompts_for(B, vocabulary size)), eagerly and, with --compile, compiled. The
+    model is loaded again for each batch size B and tuned as an engine of B slots tunes it, as chat
+    (one slot) and serve would run it: batch 1 then gets the one-slot choices (eagerly the compiler's
+    reduction called alone, `cpu_reduction.eager_alone`; compiled, read in the step's graph). Same
+    tokens: against float32's eager greedy tokens."""
     n_new = args.new_tokens
     prompts_for = prompts_for or random_prompts(args)
     prompts, ref, params = {}, {}, None
-    for fmt in ["float32"] + [f for f in args.weights if f != "float32"]:
+    for compile, fmt in [(c, f) for c in ([False, True] if args.compile else [False])
+                         for f in ["float32"] + [f for f in args.weights if f != "float32"]]:
+        if compile and fmt not in args.weights:
+            continue  # float32 ran eagerly as the reference only
         for B in args.batch_sizes:
             model = None  # the last batch size's model freed before the next is loaded
             model = load_format(path, fmt, args)
-            tune_cpu_kernels(model, batches=(1, B))
+            tune_cpu_kernels(model, batches=(1, B), compiled=compile)
             if args.device == "cpu":
-                print(f"{size} {fmt} batch {B}: CPU kernels measured at load: {model.cpu_kernels}", flush=True)
+                print(f"{size} {fmt} batch {B}{' compiled' if compile else ''}: CPU kernels measured at load: "
+                      f"{model.cpu_kernels}", flush=True)
             nbytes = read_bytes(model)
             params = params or model.num_params()  # float32's count: int8 weights are buffers, not parameters
             if B not in prompts:
                 prompts[B] = prompts_for(B, model.config.vocab_size)
-            run = lambda: generate(model, prompts[B], max_new_tokens=n_new)  # noqa: E731
-            toks = run()
-            ref.setdefault(B, toks)  # float32 comes first
+            run = lambda: generate(model, prompts[B], max_new_tokens=n_new, compile=compile)  # noqa: E731
+            toks = run()  # (compiled: compiles here)
+            ref.setdefault(B, toks)  # float32 eager comes first
             if fmt not in args.weights:
                 continue
             tok_s = B * n_new / time_it(run, args.device, args.repeats)
-            row = dict(table="weights", size=size, params=params, device=args.device, weights=fmt,
+            row = dict(table="weights", size=size, compile=compile, params=params, device=args.device, weights=fmt,
                        act_dtype=str(model.embed_tokens.weight.dtype).removeprefix("torch."), batch=B,
                        new_tokens=n_new, prompt_len=max(map(len, prompts[B])), tok_s=tok_s, step_bytes=nbytes,
                        bw_share=nbytes * tok_s / B / bar(), same_as_float32=same_prefix(toks, ref[B]))
@@ -444,7 +451,7 @@ def _same(r):
 
 def report(rows):
     def label(r):
-        return f"{r['size']}{' compiled' if r['compile'] else ''}"
+        return f"{r['size']}{' compiled' if r.get('compile') else ''}"
 
     fixed = [r for r in rows if r["table"] == "fixed"]
     if fixed:
@@ -475,7 +482,7 @@ def report(rows):
               "bandwidth share (of the matvec bandwidth) | same tokens as float32 greedy |")
         print("|---|---|---|---|---|---|---|---|")
         for r in wf:
-            print(f"| {r['size']} ({r['params'] / 1e6:.0f}M) | {r['weights']} | {r['act_dtype']} | {r['batch']} | "
+            print(f"| {label(r)} ({r['params'] / 1e6:.0f}M) | {r['weights']} | {r['act_dtype']} | {r['batch']} | "
                   f"{r['tok_s']:.1f} | {r['step_bytes'] / 1e6:.1f} | {r['bw_share']:.0%} | {r['same_as_float32']:.0%} |")
     pre = [r for r in rows if r["table"] == "prefix"]
     if pre:

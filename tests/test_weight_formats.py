@@ -496,6 +496,45 @@ def test_benchmark_keeps_rows_as_they_come_and_reports_without_the_static_path(t
     assert "| small | 8 / 4 | 80 | 20.0 | - | 60.0 | - | 3.00x | -, no (60%) |" in capsys.readouterr().out
 
 
+def test_benchmark_weight_formats_run_eagerly_then_compiled(tiny_dir, monkeypatch, capsys):
+    """Table (e) with --compile: every format of --weights eagerly, then again tuned and decoded
+    compiled, as chat and serve run with --compile; float32's eager tokens are the reference of all
+    (float32 itself compiled only when asked for), and the report labels the compiled rows."""
+    import argparse
+    bench = bench_generate()
+    calls = []
+    monkeypatch.setattr(bench, "tune_cpu_kernels", lambda m, batches, compiled=False: calls.append(
+        ("tune", m.fmt, batches, compiled)))
+
+    class Loaded:  # what load_format returns, as far as the table reads it
+        config, cpu_kernels, embed_tokens = ModelConfig(vocab_size=V), {}, torch.nn.Embedding(2, 2)
+
+        def __init__(self, fmt):
+            self.fmt = fmt
+
+        def num_params(self):
+            return 10
+    monkeypatch.setattr(bench, "load_format", lambda path, fmt, args: Loaded(fmt))
+    monkeypatch.setattr(bench, "read_bytes", lambda m: 100)
+    monkeypatch.setattr(bench, "time_it", lambda fn, device, repeats: fn() and 0.5)
+
+    def generate(model, prompts, max_new_tokens, compile=False):  # int8 compiled parts from float32's 2nd token
+        calls.append(("generate", model.fmt, compile))
+        return [[1, 2, 3, 4] if model.fmt == "float32" or not compile else [1, 9, 3, 4] for _ in prompts]
+    monkeypatch.setattr(bench, "generate", generate)
+    args = argparse.Namespace(device="cpu", dtype="float32", weights=["int8"], batch_sizes=[1], new_tokens=4,
+                              prompt_len=8, repeats=1, compile=True)
+    rows = bench.Rows(None, 1e9)
+    bench.weight_formats("tiny", tiny_dir, args, lambda: 1e9, rows)
+    assert [c for c in calls if c[0] == "tune"] == [("tune", "float32", (1, 1), False), ("tune", "int8", (1, 1), False),
+                                                    ("tune", "int8", (1, 1), True)]
+    assert [(r["weights"], r["compile"], r["same_as_float32"]) for r in rows] == [("int8", False, 1.0), ("int8", True, 0.25)]
+    capsys.readouterr()
+    bench.report(rows)
+    text = capsys.readouterr().out
+    assert "| tiny (0M) | int8 |" in text and "| tiny compiled (0M) | int8 |" in text
+
+
 def test_benchmark_tables_as_the_gpu_script_runs_them(tmp_path):
     """Tables (a) and (b) with bench/gpu.sh's choices on a tiny model: the static path left out,
     transformers timed in the first round and its tokens and figure reused in the next (the compiled
@@ -630,7 +669,8 @@ def test_reduction_in_row_blocks_sums_each_row_as_one_block_does(monkeypatch, dt
     """`reduction` splits the rows into `ROW_BLOCKS` blocks (the last shorter where they do not divide
     the rows) summed side by side in one compiled loop: each row's sum is bit for bit the one a single
     block gives, for float32, bfloat16 and int8 (with scales) weights, with a bias, and a tail of the
-    input shorter than a vector; and it is the product F.linear computes."""
+    input shorter than a vector; and it is the product F.linear computes, also where rows longer than
+    `CHUNK` are summed in chunks."""
     if cpu_reduction.chain_kernel() is None:
         pytest.skip("torch.compile cannot build a CPU kernel here (no C++ compiler)")
     torch.manual_seed(0)
@@ -650,7 +690,18 @@ def test_reduction_in_row_blocks_sums_each_row_as_one_block_does(monkeypatch, dt
             blocks = fn(x, w, bias, scales)
         assert blocks.shape == (1, 1, rows) and blocks.dtype == x.dtype and torch.equal(blocks, one), rows
         want = torch.nn.functional.linear(x.float(), dense) + bias.float()
-        torch.testing.assert_close(blocks.float(), want, atol=1e-4 if dtype is not torch.bfloat16 else 0.1, rtol=1e-2)
+        tol = dict(atol=1e-4 if dtype is not torch.bfloat16 else 0.1, rtol=1e-2)
+        torch.testing.assert_close(blocks.float(), want, **tol)
+        # rows longer than CHUNK: in equal chunks (40 = 4 x 10 under 16), each summed apart; a length with no
+        # divisor up to 16 (37) stays whole
+        monkeypatch.setattr(cpu_reduction, "CHUNK", 16)
+        with torch.inference_mode():
+            chunked = fn(x, w, bias, scales)
+            odd = fn(x[..., :37], w[:, :37].contiguous(), bias, scales)
+            monkeypatch.setattr(cpu_reduction, "CHUNK", 4096)
+            whole = fn(x[..., :37], w[:, :37].contiguous(), bias, scales)
+        torch.testing.assert_close(chunked.float(), want, **tol)
+        assert torch.equal(odd, whole)
 
 
 def test_compiled_reduction_is_timed_as_a_batch_1_kernel_of_the_row_layout(monkeypatch):
