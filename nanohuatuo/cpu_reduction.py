@@ -50,11 +50,12 @@ STREAM_BYTES = 64 << 20
 # (docs/benchmarks.md).
 ROW_BLOCKS = 4
 # The compiler sums a reduction of more than 4096 elements through a helper (pairwise sums of 4096-element
-# chunks, kept in a vector allocated for every row) that slowed each step of the loop; a longer row is
-# summed as this many chunks or fewer, of equal length (the number of chunks a divisor of the row's
-# length, at most 16), each chunk's sum a reduction of its own. Over distinct copies a 0.5B model's down
-# projection (896, 4864) read 1.41x (int8), 1.33x (bfloat16) and 1.17x (float32) as fast, a 1.5B
-# model's (1536, 8960) 1.15-1.21x (2-core AMD EPYC, docs/benchmarks.md).
+# chunks, in a vector allocated for every row and written at every step of the loop), so a row longer than
+# this is summed in equal chunks of at most this many (their number a divisor of the row's length, at
+# most 16), each chunk a reduction of its own. Over distinct copies a 0.5B model's down projection (896,
+# 4864) read 1.41x (int8), 1.33x (bfloat16) and 1.17x (float32) as fast, a 1.5B model's (1536, 8960)
+# 1.15-1.21x; compiled one-slot steps of the 0.5B shape took it for the down projection and ran
+# 1.07-1.10x as fast (2-core AMD EPYC, docs/benchmarks.md).
 CHUNK = 4096
 
 
