@@ -208,7 +208,8 @@ def main():
     steps, shares = {name: [] for name in engines}, {name: [] for name in engines}
 
     def step(name):  # an engine's step under its own settings (the compiled kernels guard on them)
-        settings(name)
+        if name in SETTINGS:
+            settings(name)
         engines[name].step()
 
     with torch.inference_mode():

@@ -326,10 +326,9 @@ def weight_formats(size, path, args, bar, rows, prompts_for=None):
     n_new = args.new_tokens
     prompts_for = prompts_for or random_prompts(args)
     prompts, ref, params = {}, {}, None
-    for compile, fmt in [(c, f) for c in ([False, True] if args.compile else [False])
-                         for f in ["float32"] + [f for f in args.weights if f != "float32"]]:
-        if compile and fmt not in args.weights:
-            continue  # float32 ran eagerly as the reference only
+    # float32 eagerly first (the reference, timed only if asked for), then each format asked for compiled
+    runs = [(False, f) for f in ["float32"] + [f for f in args.weights if f != "float32"]]
+    for compile, fmt in runs + ([(True, f) for f in args.weights] if args.compile else []):
         for B in args.batch_sizes:
             model = None  # the last batch size's model freed before the next is loaded
             model = load_format(path, fmt, args)

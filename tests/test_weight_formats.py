@@ -670,7 +670,18 @@ def test_reduction_in_row_blocks_sums_each_row_as_one_block_does(monkeypatch, dt
     the rows) summed side by side in one compiled loop: each row's sum is bit for bit the one a single
     block gives, for float32, bfloat16 and int8 (with scales) weights, with a bias, and a tail of the
     input shorter than a vector; and it is the product F.linear computes, also where rows longer than
-    `CHUNK` are summed in chunks."""
+    `CHUNK` are summed in chunks. The reductions it writes are counted in its traced graph, so a
+    `reduction` that ignored the blocks or the chunks would fail here."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    def sums(rows, k, **settings):  # the reductions `reduction` writes for a (rows, k) matrix
+        for name, value in settings.items():
+            monkeypatch.setattr(cpu_reduction, name, value)
+        graph = make_fx(lambda x, w: cpu_reduction.reduction(x, w))(torch.randn(1, 1, k), torch.randn(rows, k)).graph
+        return sum(n.op == "call_function" and "sum" in str(n.target) for n in graph.nodes)
+    # four blocks (46 rows: 12, 12, 12, 10; 3 rows: three of one), or one; chunks: two sums a block, none for 37
+    assert [sums(48, 40, ROW_BLOCKS=1), sums(48, 40, ROW_BLOCKS=4), sums(46, 40), sums(3, 40)] == [1, 4, 4, 3]
+    assert [sums(48, 40, CHUNK=16), sums(48, 37), sums(48, 40, CHUNK=4096)] == [8, 4, 4]
     if cpu_reduction.chain_kernel() is None:
         pytest.skip("torch.compile cannot build a CPU kernel here (no C++ compiler)")
     torch.manual_seed(0)
