@@ -1,4 +1,5 @@
-"""A/B in one process: two variants of the engine's CPU decode step, their steps alternated.
+"""A/B in one process: two variants of the engine's decode step, their steps alternated (on CPU;
+`--compare compile` and `graphs` on CUDA too, with `--device cuda`).
 
     --compare layout   the matrices in the plain layouts (row- or column-major, each timed as
                        `tune_cpu_kernels` does) against every matrix in oneDNN's packed layout
@@ -31,6 +32,10 @@
                        as it now runs); each engine's steps run with its own setting
     --compare chunks   as rows: a row of more than 4096 weights summed whole ("whole-rows", as before)
                        against in chunks of at most 4096 ("chunked", cpu_reduction.CHUNK, as it now runs)
+    --compare graphs   with --device cuda, both compiled (CUDA graphs): torch.compile's own graphs
+                       ("trees", mode reduce-overhead, the default) against the engine's
+                       (`engine_runner.GraphedDecode`, "manual", as NANOHUATUO_CUDA_GRAPHS=manual asks),
+                       each engine made under its own setting of that variable; not yet run on a GPU
     --compile          with --compare rows or chunks: both engines compiled (Engine(compile=True))
     --int8             every linear in int8 (quant.quantize_int8) before loading to infer, for any of these
     --swap             make variant B's engine first (in one run of two identical engines the one made
@@ -57,6 +62,11 @@ this way, both sides in one process and interleaved.
     THP_MEM_ALLOC_ENABLE=0 python bench/decode_ab.py --compare pages --size 500M --batch 1 --rounds 6
     python bench/decode_ab.py --compare rows --int8 --size 500M --batch 1 --rounds 8
     python bench/decode_ab.py --compare chunks --int8 --compile --size 500M --batch 1 --rounds 8
+    python bench/decode_ab.py --device cuda --dtype bfloat16 --compare graphs --size 500M --batch 1 --rounds 8
+
+On CUDA the bandwidth is the device's (the same measure in the model's dtype), the weights are
+those of the model as loaded (no CPU kernels are tuned there), and the steps are timed to the end
+of each one's copy of its tokens to the host, which waits for the GPU.
 """
 
 import argparse
@@ -76,12 +86,13 @@ from nanohuatuo.engine import Engine, SamplingParams  # noqa: E402
 from nanohuatuo.generate import for_inference  # noqa: E402
 from nanohuatuo.quant import quantize_int8  # noqa: E402
 from decode_profile import qwen2_model  # noqa: E402  (bench/decode_profile.py: the same shapes)
-from generate import matvec_bandwidth, matvec_reader, read_bytes  # noqa: E402  (bench/generate.py: the same measure)
+from generate import matvec_bandwidth, matvec_reader, read_bytes, sync  # noqa: E402  (bench/generate.py: the same measure)
 
 VARIANTS = {"layout": ("plain", "packed"), "compile": ("eager", "compiled"), "reduce": ("opaque", "reduce"),
             "head": ("kernel", "head-reduce"), "fuse": ("separate", "fused"),
             "blocks": ("head-only", "head-reduce"), "pages": ("small-pages", "huge-pages"),
-            "rows": ("one-block", "four-blocks"), "chunks": ("whole-rows", "chunked")}
+            "rows": ("one-block", "four-blocks"), "chunks": ("whole-rows", "chunked"), "graphs": ("trees", "manual")}
+CUDA = ("compile", "graphs")  # the comparisons that also run on CUDA (graphs only there); the others time CPU kernels
 # --compare rows, chunks: cpu_reduction's settings of each variant, set around its engine's tuning and steps
 SETTINGS = {"one-block": dict(ROW_BLOCKS=1), "four-blocks": dict(ROW_BLOCKS=4),
             "whole-rows": dict(CHUNK=1 << 62), "chunked": dict(CHUNK=4096)}
@@ -127,19 +138,20 @@ def settings(variant):
         setattr(cpu_reduction, k, v)
 
 
-def engine(variant, size, batch, dtype, seed, int8=False, compile=False):
+def engine(variant, size, batch, dtype, seed, int8=False, compile=False, device="cpu"):
     """An Engine over a fresh model: 'plain' (layouts timed among the plain ones only), 'packed'
     (every matrix packed), 'eager', 'head-reduce' and 'fused' (tuned as usual), 'separate' (no int8
     group fused), 'compiled' and 'reduce' (tuned as usual, compile=True), 'opaque' (compile=True,
     tuned without the compiler's reduction), 'kernel' (eager, no reduction called alone), 'head-only'
     (eager, the reduction called alone for matrices of 16 MB or more), 'one-block', 'four-blocks',
-    'whole-rows' and 'chunked' (tuned as usual with their `SETTINGS`, eager or `compile`d)."""
-    model = qwen2_model(size, dtype, seed)
+    'whole-rows' and 'chunked' (tuned as usual with their `SETTINGS`, eager or `compile`d), 'trees' and
+    'manual' (compile=True on CUDA: torch.compile's CUDA graphs, or the engine's own)."""
+    model = qwen2_model(size, dtype, seed).to(device)
     if int8:
         quantize_int8(model)
     model = for_inference(model)
     measure, measure_int8, floor = ck._measure, ck.measure_int8, cpu_reduction.EAGER_MIN_BYTES
-    fits = cpu_int8.FusedInt8.fits
+    fits, graphs = cpu_int8.FusedInt8.fits, os.environ.get("NANOHUATUO_CUDA_GRAPHS")
 
     def choose(ws, batches, head, pack=False, compiled=False, bias=False):
         if variant == "packed" and pack:
@@ -160,11 +172,17 @@ def engine(variant, size, batch, dtype, seed, int8=False, compile=False):
         if variant in SETTINGS:  # each side times its kernels under its own settings (not the other's cached choice)
             ck._MEASURED.clear()
             cpu_int8._MEASURED.clear()
-        eng = Engine(model, slots=batch, compile=variant in ("compiled", "opaque", "reduce") or compile)
+        if variant in VARIANTS["graphs"]:  # read by Engine.__init__ only
+            os.environ["NANOHUATUO_CUDA_GRAPHS"] = variant
+        eng = Engine(model, slots=batch, compile=variant in ("compiled", "opaque", "reduce", "trees", "manual") or compile)
         if variant in VARIANTS["pages"]:
             advise_pages(model, huge=variant == "huge-pages")
     finally:
         ck._measure, ck.measure_int8, cpu_reduction.EAGER_MIN_BYTES = measure, measure_int8, floor
+        if variant in VARIANTS["graphs"] and graphs is None:
+            del os.environ["NANOHUATUO_CUDA_GRAPHS"]
+        elif variant in VARIANTS["graphs"]:
+            os.environ["NANOHUATUO_CUDA_GRAPHS"] = graphs
         settings(None)
         cpu_int8.FusedInt8.fits = staticmethod(fits)
     g = torch.Generator().manual_seed(seed)
@@ -177,7 +195,7 @@ def engine(variant, size, batch, dtype, seed, int8=False, compile=False):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--compare", default="layout", choices=list(VARIANTS), help="what differs (default: layout)")
-    ap.add_argument("--size", default="100M", choices=["100M", "500M"], help="model shape (default: 100M)")
+    ap.add_argument("--size", default="100M", choices=["100M", "500M", "1.5B"], help="model shape (default: 100M)")
     ap.add_argument("--batch", type=int, default=1, help="requests decoding together (default: 1)")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weights (default: float32)")
     ap.add_argument("--int8", action="store_true", help="every linear in int8 (quant.quantize_int8), as --quant int8")
@@ -186,7 +204,15 @@ def main():
     ap.add_argument("--seed", type=int, default=0, help="seed of the random weights and prompts (default: 0)")
     ap.add_argument("--swap", action="store_true", help="make variant B's engine first")
     ap.add_argument("--compile", action="store_true", help="with --compare rows or chunks: both engines compiled")
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                    help="where both engines run (default: cpu; cuda: --compare compile or graphs)")
     args = ap.parse_args()
+    if args.device == "cuda" and args.compare not in CUDA:
+        ap.error(f"--compare {args.compare} times CPU kernels; on CUDA: --compare " + " or ".join(CUDA))
+    if args.compare == "graphs" and args.device != "cuda":
+        ap.error("--compare graphs compares CUDA graphs: add --device cuda")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        ap.error("--device cuda: PyTorch sees no CUDA device here")
     if args.compile and args.compare not in ("rows", "chunks"):
         ap.error("--compile is for --compare rows or chunks (the others fix whether each side compiles)")
     if args.compare == "fuse" and not args.int8:
@@ -200,22 +226,26 @@ def main():
     engines = {}
     # eager and compiled: one timing of the layouts, the same choice
     for name in VARIANTS[args.compare][::-1] if args.swap else VARIANTS[args.compare]:
-        engines[name] = engine(name, args.size, args.batch, dtype, args.seed, args.int8, args.compile)
-        print(f"{name}: layouts {engines[name].model.cpu_kernels['layouts']}, read at batch 1 by the compiler's "
-              f"reduction: {engines[name].model.cpu_kernels['reduce']}", flush=True)
+        engines[name] = engine(name, args.size, args.batch, dtype, args.seed, args.int8, args.compile, args.device)
+        if args.device == "cpu":
+            print(f"{name}: layouts {engines[name].model.cpu_kernels['layouts']}, read at batch 1 by the compiler's "
+                  f"reduction: {engines[name].model.cpu_kernels['reduce']}", flush=True)
     nbytes = read_bytes(next(iter(engines.values())).model)  # int8 weights and scales too (buffers)
-    read = matvec_reader("cpu", torch.float32)
+    # the bar: a large matrix-vector product, in float32 on CPU (the engine's kernels sum in float32 there)
+    bar = dtype if args.device == "cuda" else torch.float32
+    read = matvec_reader(args.device, bar)
     steps, shares = {name: [] for name in engines}, {name: [] for name in engines}
 
     def step(name):  # an engine's step under its own settings (the compiled kernels guard on them)
         if name in SETTINGS:
             settings(name)
-        engines[name].step()
+        engines[name].step()  # its tokens' copy to the host waits for the device
+        sync(args.device)
 
     with torch.inference_mode():
         for name, eng in engines.items():
             t = time.perf_counter()
-            for _ in range(4):  # prefill and warm-up (a compiled variant compiles here)
+            for _ in range(6):  # prefill and warm-up (a compiled variant compiles, CUDA graphs are recorded here)
                 step(name)
             print(f"{name}: warm-up {time.perf_counter() - t:.1f} s", flush=True)
         for r in range(args.rounds):
@@ -227,7 +257,7 @@ def main():
                     step(name)
                     times.append(time.perf_counter() - t)
                 steps[name].append(statistics.median(times))
-            bandwidth = matvec_bandwidth("cpu", torch.float32, read=read, rounds=1)
+            bandwidth = matvec_bandwidth(args.device, bar, read=read, rounds=1)
             for name in engines:
                 shares[name].append(nbytes / steps[name][-1] / bandwidth)
     for name, s in steps.items():
