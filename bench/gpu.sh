@@ -12,8 +12,8 @@
 #   bash bench/gpu.sh DIR --device cpu --sizes tiny --mixed-requests 8   # the same run's plumbing, on a CPU
 #   NANOHUATUO_CUDA_GRAPHS=manual bash bench/gpu.sh DIR --sizes 500M --tables fixed   # the engine's own CUDA graphs
 #
-# The engine's own CUDA graphs against torch.compile's, alternating in one process (shorter, and paired):
-#   python3 bench/decode_ab.py --device cuda --dtype bfloat16 --compare graphs --size 500M --batch 1 --rounds 8
+# The engine's own CUDA graphs against torch.compile's, alternating in one process (shorter, and paired),
+# with the other checks left for a GPU: bash bench/gpu_graphs.sh DIR
 #
 # Extra arguments go to bench/generate.py after these (a later flag wins).
 set -euo pipefail
