@@ -75,6 +75,7 @@ import os
 import statistics
 import sys
 import time
+from unittest import mock
 
 import torch
 
@@ -151,7 +152,9 @@ def engine(variant, size, batch, dtype, seed, int8=False, compile=False, device=
         quantize_int8(model)
     model = for_inference(model)
     measure, measure_int8, floor = ck._measure, ck.measure_int8, cpu_reduction.EAGER_MIN_BYTES
-    fits, graphs = cpu_int8.FusedInt8.fits, os.environ.get("NANOHUATUO_CUDA_GRAPHS")
+    fits = cpu_int8.FusedInt8.fits
+    # 'trees', 'manual': NANOHUATUO_CUDA_GRAPHS, read by Engine.__init__ only, set around it and then restored
+    graphs = {"NANOHUATUO_CUDA_GRAPHS": variant} if variant in VARIANTS["graphs"] else {}
 
     def choose(ws, batches, head, pack=False, compiled=False, bias=False):
         if variant == "packed" and pack:
@@ -172,17 +175,13 @@ def engine(variant, size, batch, dtype, seed, int8=False, compile=False, device=
         if variant in SETTINGS:  # each side times its kernels under its own settings (not the other's cached choice)
             ck._MEASURED.clear()
             cpu_int8._MEASURED.clear()
-        if variant in VARIANTS["graphs"]:  # read by Engine.__init__ only
-            os.environ["NANOHUATUO_CUDA_GRAPHS"] = variant
-        eng = Engine(model, slots=batch, compile=variant in ("compiled", "opaque", "reduce", "trees", "manual") or compile)
+        with mock.patch.dict(os.environ, graphs):
+            eng = Engine(model, slots=batch, compile=variant in ("compiled", "opaque", "reduce", "trees", "manual")
+                         or compile)
         if variant in VARIANTS["pages"]:
             advise_pages(model, huge=variant == "huge-pages")
     finally:
         ck._measure, ck.measure_int8, cpu_reduction.EAGER_MIN_BYTES = measure, measure_int8, floor
-        if variant in VARIANTS["graphs"] and graphs is None:
-            del os.environ["NANOHUATUO_CUDA_GRAPHS"]
-        elif variant in VARIANTS["graphs"]:
-            os.environ["NANOHUATUO_CUDA_GRAPHS"] = graphs
         settings(None)
         cpu_int8.FusedInt8.fits = staticmethod(fits)
     g = torch.Generator().manual_seed(seed)
