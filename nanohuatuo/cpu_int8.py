@@ -4,13 +4,17 @@ gate|up read as one int8 matrix each.
     kernel, reduce = measure_int8(layer, dtype, batches)   # cpu_kernels.tune_cpu_kernels calls these
     owner.fused = FusedInt8(parts)                          # q, k, v (gate, up) of an int8 block: one matrix
 
-quant.Int8Linear has three kernels: dequantise then F.linear, or torch._weight_int8pack_mm (which
-reads the int8 bytes only but on some processors wants bfloat16 activations) in the activation dtype
-or in bfloat16; on top, at batch 1, the compiler's reduction with the row scales (cpu_reduction), in
-a compiled step's graph or, in a one-slot eager engine, called alone. Which reads a shape fastest
-depends on the processor, so it is measured here. The layers become `KernelInt8Linear`, which runs
-the choice.
+quant.Int8Linear has four kernels: dequantise then F.linear, in the activation dtype or in bfloat16,
+or torch._weight_int8pack_mm (which reads the int8 bytes only but on some processors wants bfloat16
+activations) in the activation dtype or in bfloat16; on top, at batch 1, the compiler's reduction
+with the row scales (cpu_reduction), in a compiled step's graph or, in a one-slot eager engine,
+called alone. Which reads a shape fastest depends on the processor, so it is measured here
+(`measure_int8`); so is the kernel for a prompt's many rows, where the product is bound by
+arithmetic rather than by reading the weight (`measure_rows`). The layers become
+`KernelInt8Linear`, which runs the choices.
 """
+
+import time
 
 import torch
 
@@ -83,6 +87,50 @@ def measure_int8(layer, dtype, batches, compiled=False, head=False):
     return _MEASURED[key]
 
 
+# A prompt's prefill multiplies many rows at once, and there the decode's kernels (chosen for reading
+# the weight) lose: on a 2-core AMD EPYC with AVX-512 BF16, a 0.5B model's int8 gate|up at 64 rows
+# took 7.6 ms in _weight_int8pack_mm with bfloat16 activations and 4.6 ms converted to bfloat16 for
+# one F.linear ("dequant_bf16"), 26 against 60 ms at 512 rows. From ROWS_FROM rows a layer runs the
+# kernel timed at ROWS rows, on at most ROWS_SLICE of its output rows: bound by arithmetic, a slice
+# gives the rate, where the whole of a 7B model's matrix in the slowest kernel would take seconds.
+ROWS_FROM, ROWS, ROWS_SLICE = 32, 64, 1024
+
+
+def measure_rows(layer, dtype):
+    """The fastest kernel for ROWS rows of `dtype` activations through `layer`'s shape: "dequant",
+    "dequant_bf16" (activations other than bfloat16) and, where the op takes the layer, "int8pack"
+    and "int8pack_bf16". A kernel not within bfloat16 rounding of the dequantising one is dropped, and
+    one whose first timed call took over 4 times the quickest one's is not timed further (on that AMD
+    EPYC _weight_int8pack_mm with float32 activations took 30 times the others' time); the check's
+    call is each kernel's warm-up."""
+    key = ("rows", (layer.out_features, layer.in_features), dtype, torch.get_num_threads())
+    if key not in _MEASURED:
+        n = min(layer.out_features, ROWS_SLICE)
+        part = Int8Linear.of(layer.weight[:n], layer.scales[:n])
+        names = ["dequant"]
+        if dtype != torch.bfloat16:
+            names.append("dequant_bf16")
+        if int8pack_fits(part):
+            names += (["int8pack"] if dtype in (torch.float32, torch.bfloat16, torch.float16) else []) + \
+                     (["int8pack_bf16"] if dtype != torch.bfloat16 else [])
+        x = torch.randn(ROWS, layer.in_features, dtype=dtype)
+        xb = x.bfloat16().to(dtype)  # the inputs every kernel sees alike
+        want, first = part.dequant(xb).float(), {}
+        for name in names:
+            try:
+                y = part.product(xb, name).float()  # also its warm-up: a first call may set up a kernel
+            except RuntimeError:  # the op refused this shape or dtype
+                continue
+            if name == "dequant" or _close(y, want):
+                t = time.perf_counter()
+                part.product(x, name)
+                first[name] = time.perf_counter() - t
+        quick = min(first.values())
+        times = {name: seconds(lambda: part.product(x, name)) for name, t in first.items() if t <= 4 * quick}
+        _MEASURED[key] = min(times, key=times.get)
+    return _MEASURED[key]
+
+
 class KernelInt8Linear(Int8Linear):
     """An Int8Linear on CPU (`tune_cpu_kernels`): in a compiled step its product is one opaque op
     running its measured kernel (inductor failed to lower _weight_int8pack_mm fed by a fused cast,
@@ -92,6 +140,11 @@ class KernelInt8Linear(Int8Linear):
 
     compiled_key = None  # its entry for a compiled CPU decode step (cpu_kernels.opaque_products)
     reduce = reduce_eager = False
+    rows_kernel = None  # the kernel from ROWS_FROM rows on (`measure_rows`), None: `kernel` at any count
+
+    def kernel_for(self, x):
+        many = self.rows_kernel is not None and x.numel() >= ROWS_FROM * x.shape[-1]
+        return self.rows_kernel if many else self.kernel
 
     def forward(self, x):
         if self.compiled_key is not None and torch.compiler.is_compiling():

@@ -20,7 +20,7 @@ import weakref
 import torch
 import torch.nn.functional as F
 
-from .cpu_int8 import FusedInt8, KernelInt8Linear, measure_int8
+from .cpu_int8 import FusedInt8, KernelInt8Linear, measure_int8, measure_rows
 from .cpu_reduction import (CHAIN, STREAM_BYTES, chain_kernel, eager_alone, reduce_all, reduce_each, reduce_row, reduces,
                             reduction, reduction_wins, seconds)
 from .lora import LoRALinear
@@ -330,7 +330,9 @@ def tune_cpu_kernels(model: Transformer, batches=(1, 8), compiled=False):
     then it times, per shape, the dequantising F.linear against _weight_int8pack_mm in the activation
     dtype and with bfloat16 activations, and sets each layer's `kernel` to the fastest
     (cpu_int8.measure_int8; the layers become `KernelInt8Linear`s, whose batch 1 may go through the
-    compiler's reduction as below, called alone in a one-slot eager engine from 1 MB up). Decisions are cached per shape, dtype,
+    compiler's reduction as below, called alone in a one-slot eager engine from 1 MB up), and each
+    layer's `rows_kernel` for a prompt's many rows, where the dequantising F.linear in bfloat16 joins
+    them (cpu_int8.measure_rows). Decisions are cached per shape, dtype,
     thread count and batches for the process, so a second model (or a second Engine) costs no
     timing. A large head is multiplied 6 times per layout, kernel and batch size (two sweeps of a
     warm-up and two timings: a few seconds for a 150k-token vocabulary on 2 cores), a test model's
@@ -393,7 +395,8 @@ def tune_cpu_kernels(model: Transformer, batches=(1, 8), compiled=False):
         return
     # beyond 16 rows the products are compute-bound and timing a big head there would take seconds
     batches = tuple(sorted(set(min(int(b), 16) for b in batches)))
-    choice = {"batches": batches, "layouts": {}, "proj": {}, "head": {}, "int8": {}, "kv_dtype": None, "reduce": []}
+    choice = {"batches": batches, "layouts": {}, "proj": {}, "head": {}, "int8": {}, "int8_rows": {}, "kv_dtype": None,
+              "reduce": []}
     int8 = [m for m in model.modules() if isinstance(m, Int8Linear) and m.weight.device.type == "cpu"]
     for m in int8:  # timed or not: a compiled step takes their products as opaque ops (`opaque_products`)
         m.__class__ = KernelInt8Linear
@@ -490,7 +493,9 @@ def tune_cpu_kernels(model: Transformer, batches=(1, 8), compiled=False):
         for m in [m for m in int8 if id(m) not in in_fused8] + [owner.fused.layer for owner, _ in fused8]:
             m.kernel, reduce = measure_int8(m, dtype, batches, compiled, head=m is head)
             m.reduce, m.reduce_eager = reduce and compiled, reduce and not compiled
+            m.rows_kernel = measure_rows(m, dtype)  # a prompt's many rows
             choice["int8"][(m.out_features, m.in_features)] = m.kernel
+            choice["int8_rows"][(m.out_features, m.in_features)] = m.rows_kernel
             reduced(("int8", (m.out_features, m.in_features)), reduce)
         if dtype != torch.float32:
             choice["kv_dtype"] = _measure_kv(model.config, dtype, batches)

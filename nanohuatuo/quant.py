@@ -2,11 +2,15 @@
 
 int8 (as in gpt-fast): each linear weight is stored as int8 with one scale per output row. A 7B
 model then takes about 7 GB of weights instead of 14 GB (bf16) or 28 GB (fp32), which lets it chat
-on a 24 GB card. Merge a LoRA adapter into the weights before quantising. The forward has three
-kernels (`Int8Linear.kernel`), chosen per weight shape by timing on CPU (cpu_int8.py):
+on a 24 GB card. Merge a LoRA adapter into the weights before quantising. The forward has four
+kernels (`Int8Linear.kernel`; a prompt's many rows may take another, `rows_kernel`), chosen per
+weight shape by timing on CPU (cpu_int8.py):
 - "dequant" (the default, and always on GPU): the weight converted to the activation dtype on the
   fly, one F.linear, times the scales. It reads the int8 bytes and then writes and reads a float
   copy, so on CPU a decode step is slower than with float weights;
+- "dequant_bf16": the same in bfloat16 (int8 values are bfloat16 numbers, so the weight converts
+  exactly), the activations cast to bfloat16 and the output cast back: a prompt's product of many
+  rows is compute-bound, and bfloat16 instructions do twice float32's work per cycle;
 - "int8pack": torch._weight_int8pack_mm, which reads the int8 bytes only, in the activation dtype;
 - "int8pack_bf16": the same with the activations cast to bfloat16 and the output cast back: on a
   CPU with AVX-512 BF16 its float32-activation kernel was 8x slower than the bfloat16 one. The
@@ -86,15 +90,25 @@ class Int8Linear(nn.Module):
         return layer
 
     def forward(self, x):
-        if self.kernel != "dequant" and x.device.type == "cpu" and self.weight.device.type == "cpu":
-            y = self.int8pack(x, torch.bfloat16 if self.kernel == "int8pack_bf16" else x.dtype)
-        else:
-            y = self.dequant(x)
+        y = self.product(x, self.kernel_for(x))
         return y + self.bias if self.bias is not None else y
 
-    def dequant(self, x):
-        """x @ W.T in x's dtype, the weight converted to it for one F.linear (the reference numerics)."""
-        return F.linear(x, self.weight.to(x.dtype)) * self.scales.to(x.dtype)
+    def kernel_for(self, x):
+        """The kernel for input x: `kernel` (cpu_int8.KernelInt8Linear may take another for many rows)."""
+        return self.kernel
+
+    def product(self, x, kernel):
+        """x @ W.T by `kernel` (the module docstring's names), without the bias (off CPU the int8pack
+        kernels fall back to "dequant")."""
+        if kernel.startswith("int8pack") and x.device.type == "cpu" and self.weight.device.type == "cpu":
+            return self.int8pack(x, torch.bfloat16 if kernel == "int8pack_bf16" else x.dtype)
+        return self.dequant(x, torch.bfloat16 if kernel == "dequant_bf16" else None)
+
+    def dequant(self, x, dtype=None):
+        """x @ W.T, the weight converted to `dtype` (default x's: the reference numerics) for one
+        F.linear, times the scales in that dtype; the result in x's dtype."""
+        dtype = dtype or x.dtype
+        return (F.linear(x.to(dtype), self.weight.to(dtype)) * self.scales.to(dtype)).to(x.dtype)
 
     def int8pack(self, x, dtype):
         """x @ W.T by torch._weight_int8pack_mm (reads the int8 weight as it is), the activations and

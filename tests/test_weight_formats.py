@@ -56,7 +56,8 @@ def chain_model(dtype=torch.float32, int8=False, kernel=None, ffn_dim=128, lora_
     tune_cpu_kernels(m, batches=(1, len(PROMPTS)))
     if kernel is not None:
         for layer in int8_layers(m):
-            if kernel == "dequant" or int8pack_fits(layer):
+            layer.rows_kernel = None  # this kernel at any number of rows
+            if kernel.startswith("dequant") or int8pack_fits(layer):
                 layer.kernel = kernel
     return m, perm.tolist()
 
@@ -125,6 +126,69 @@ def test_int8pack_in_bfloat16():
     assert got.dtype == torch.bfloat16
     # the dequantising path rounds twice (product, then times the scale), int8pack once
     torch.testing.assert_close(got.float(), want, rtol=2 ** -6, atol=2 ** -6 * want.abs().max().item())
+
+
+def test_dequant_in_bfloat16_is_a_bfloat16_model_s_dequantising_product():
+    """"dequant_bf16": float32 activations cast to bfloat16 for the product a bfloat16 model's int8
+    layer computes (the int8 weight is exact in bfloat16), the result cast back."""
+    layer = int8_layer()
+    x = torch.randn(40, 64, generator=torch.Generator().manual_seed(4))
+    got = layer.product(x, "dequant_bf16")
+    assert got.dtype == torch.float32
+    want = (torch.nn.functional.linear(x.bfloat16(), layer.weight.bfloat16()) * layer.scales.bfloat16()).float()
+    assert torch.equal(got, want)
+    ref = layer.dequant(x.bfloat16().float())  # two bfloat16 roundings (the product, the scale) from it
+    torch.testing.assert_close(got, ref, rtol=2 ** -6, atol=2 ** -6 * ref.abs().max().item())
+
+
+def test_a_prompt_s_many_rows_take_the_kernel_timed_for_them(monkeypatch):
+    """Tuning times each int8 shape's kernel for a prompt's many rows too (cpu_int8.measure_rows:
+    compute-bound there, where the decode's kernels were chosen for reading the weight); a layer
+    runs it from ROWS_FROM rows on. A 40-token prompt's prefill takes the rows kernel, the decode
+    steps their own, and the chain model's greedy tokens are the expected ones."""
+    m, perm = chain_model(int8=True)
+    names = {"dequant", "dequant_bf16", "int8pack", "int8pack_bf16"}
+    assert set(m.cpu_kernels["int8_rows"]) == set(m.cpu_kernels["int8"])
+    assert set(m.cpu_kernels["int8_rows"].values()) <= names
+    layers = int8_layers(m)
+    assert all(x.rows_kernel == m.cpu_kernels["int8_rows"][(x.out_features, x.in_features)] for x in layers)
+    for x in layers:
+        x.kernel, x.rows_kernel = "dequant", "dequant_bf16"
+    ran, product = [], Int8Linear.product
+    monkeypatch.setattr(Int8Linear, "product", lambda self, x, kernel: ran.append((x.numel() // x.shape[-1], kernel))
+                        or product(self, x, kernel))
+    prompt = [int(t) for t in torch.randperm(V, generator=torch.Generator().manual_seed(5))[:40]]
+    out = Engine(m, slots=1).generate([prompt], SamplingParams(max_new_tokens=6))[0].tokens
+    want, t = [], prompt[-1]
+    for _ in range(6):
+        t = perm[t]
+        want.append(t)
+    assert out == want
+    assert {k for rows, k in ran if rows >= cpu_int8.ROWS_FROM} == {"dequant_bf16"}
+    assert {k for rows, k in ran if rows < cpu_int8.ROWS_FROM} == {"dequant"}
+    assert (len(prompt) - 1, "dequant_bf16") in ran and (1, "dequant") in ran  # the last token is the first step's
+
+
+def test_the_rows_kernel_drops_what_disagrees_and_what_starts_slow(monkeypatch):
+    """measure_rows keeps only kernels within bfloat16 rounding of the dequantising one, and does not
+    time further a kernel whose first timed call took over 4 times the quickest one's."""
+    import time
+    layer, product, calls = int8_layer(), Int8Linear.product, []
+
+    def product_(self, x, kernel):
+        calls.append(kernel)
+        if kernel == "int8pack" and calls.count(kernel) == 2:  # slow at its first timed call: not timed further
+            time.sleep(0.05)
+        return product(self, x, kernel) * (-1 if kernel == "int8pack_bf16" else 1)  # wrong values: dropped
+
+    monkeypatch.setattr(cpu_int8, "_MEASURED", {})
+    monkeypatch.setattr(Int8Linear, "product", product_)
+    monkeypatch.setattr(cpu_int8, "seconds", lambda fn, rounds=3: [fn(), 1.0][1])
+    assert int8pack_fits(layer)
+    assert cpu_int8.measure_rows(layer, torch.float32) in ("dequant", "dequant_bf16")
+    # each checked once (its warm-up), then timed once if it was right, then timed on if it was quick
+    assert calls == ["dequant", "dequant", "dequant_bf16", "dequant_bf16", "int8pack", "int8pack", "int8pack_bf16",
+                     "dequant", "dequant_bf16"]
 
 
 def test_layers_the_op_cannot_take_keep_the_dequantising_path():
@@ -777,3 +841,28 @@ def test_decode_profile_replays_a_steps_products_in_its_order(monkeypatch):
         assert [tuple(o.shape) for o in outs[:4]] == [(1, 1, 64), (1, 1, 32), (1, 1, 96), (1, 1, 32)]
         times = profile.replay(calls, n=2)
         assert set(times) == {"q|k|v", "o", "gate|up", "down", "lm_head"} and all(t > 0 for t in times.values())
+
+
+def test_prefill_benchmark_times_each_format_and_int8_with_and_without_its_rows_kernel(tmp_path, monkeypatch):
+    """bench/prefill.py on the tiny shape: a row per format and prompt length beside transformers, and
+    for int8 a second row with every layer's rows kernel off, alternated in the same process; the
+    layers get their measured rows kernels back afterwards."""
+    import json
+    import sys
+    prefill = bench_module("prefill")
+    out = tmp_path / "prefill.json"
+    monkeypatch.setattr(sys, "argv", ["prefill.py", "--size", "tiny", "--lengths", "8", "40", "--repeats", "1",
+                                      "--workdir", str(tmp_path), "--out", str(out)])
+    switched = []
+    real = prefill.first_token
+    monkeypatch.setattr(prefill, "first_token", lambda engine, p: switched.append(
+        {m.rows_kernel for m in prefill.int8_layers(engine.model)}) or real(engine, p))
+    prefill.main()
+    rows = json.load(open(out))["rows"]
+    assert [(r["weights"], r["prompt"]) for r in rows] == [
+        ("float32", 8), ("float32", 40), ("bfloat16", 8), ("bfloat16", 40),
+        ("int8", 8), ("int8, decode kernels", 8), ("int8", 40), ("int8, decode kernels", 40)]
+    assert all(r["engine_ms"] > 0 and r["transformers_ms"] > 0 and r["ratio"] > 0 for r in rows)
+    assert all(r["same_token"] for r in rows if r["weights"] == "float32")
+    int8_runs = switched[-8:]  # 2 lengths x (a warm-up and a timed round) x the two variants, alternated
+    assert all(None not in s for s in int8_runs[0::2]) and all(s == {None} for s in int8_runs[1::2])
