@@ -13,6 +13,10 @@ HuatuoGPT's own CLI decodes with temperature 0.5, at most 512 new tokens and a 1
 context; those are the defaults here unless the model's (or the adapter's)
 generation_config.json sets sampling values (flags override both).
 
+A session runs in one engine that keeps each answer's keys (`chat_engine`): a turn's prompt is the
+conversation so far plus the new question, so only the part the engine does not hold yet is
+prefilled, and the wait before an answer starts no longer grows with the conversation.
+
 Ctrl-C during an answer stops that answer and keeps the conversation; at the input prompt it
 exits. A bad model directory ends with one line and exit code 2.
 """
@@ -22,6 +26,7 @@ import sys
 from dataclasses import dataclass
 
 from .cli import GenerationFlags, ModelFlags, UserError, arg, cli_main, like, resolve_device, resolve_dtype
+from .engine import Engine
 from .generate import cut_at_stop, inference_quant, load_for_inference, stream
 from .hf import check_model_dir
 from .quant import INFERENCE_QUANT_HELP, INFERENCE_QUANTS
@@ -35,11 +40,13 @@ DEFAULTS = {"temperature": 0.5, "top_p": 1.0, "top_k": 0, "repetition_penalty": 
 # ----------------------------------------------------------------------------- answering
 
 def reply(model, tok, template, messages, max_new_tokens=512, temperature=0.5, top_p=1.0, top_k=0,
-          repetition_penalty=1.0, seed=None, context=1024, on_text=None, compile=False, stop_ids=()):
+          repetition_penalty=1.0, seed=None, context=1024, on_text=None, compile=False, stop_ids=(), engine=None):
     """Generate the assistant's answer to `messages` (last one a user turn), streaming text to on_text.
 
     Earlier turns are dropped to fit the context (templates.fit_prompt); raises PromptTooLong (a
-    ValueError) when the system message and the last question alone do not fit.
+    ValueError) when the system message and the last question alone do not fit. engine: the
+    session's (`chat_engine`), whose kept keys spare a turn the prefill of the conversation so far;
+    None: a new engine for this answer.
     """
     ids = fit_prompt(messages, tok, template, prompt_budget(model.config.max_seq_len, context, max_new_tokens))
     stops = stop_strings(template)
@@ -48,7 +55,7 @@ def reply(model, tok, template, messages, max_new_tokens=512, temperature=0.5, t
     text, shown = "", 0
     for t in stream(model, ids, max_new_tokens, temperature, stop_ids=stop_token_ids(tok, template) | set(stop_ids),
                     top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty, seed=seed,
-                    pad_id=tok.pad_id, compile=compile):
+                    pad_id=tok.pad_id, compile=compile, engine=engine):
         text += decoder.put(t)
         cut = cut_at_stop(text, stops)
         if len(cut) < len(text):  # a stop string appeared
@@ -63,6 +70,14 @@ def reply(model, tok, template, messages, max_new_tokens=512, temperature=0.5, t
     if on_text and len(text) > shown:
         on_text(text[shown:])
     return text
+
+
+def chat_engine(model, context=1024, compile=False):
+    """One engine for a chat session: one slot of the whole context (prompt and answer), keeping each
+    answer's keys (Engine's keep_prefixes), so the next turn, whose prompt is this one's conversation
+    plus the new question, prefills only what the row does not hold yet. When fit_prompt drops an
+    early turn the prompt starts differently, and the next turn is prefilled whole."""
+    return Engine(model, slots=1, max_len=min(context, model.config.max_seq_len), compile=compile, keep_prefixes=True)
 
 
 HELP = "commands: /reset clears the history, /system TEXT sets the system message, /exit quits; " \
@@ -166,7 +181,7 @@ def run(cfg: ChatConfig) -> int:
         model, tok, template = load_for_inference(cfg.model, cfg.adapter, dtype, device,
                                                   inference_quant(cfg.quant, cfg.int8), cfg.template, what="chat")
     gen = dict(max_new_tokens=cfg.max_new_tokens, seed=cfg.seed, context=cfg.max_len, compile=cfg.compile,
-               **generation_settings(cfg))
+               engine=chat_engine(model, cfg.max_len, cfg.compile), **generation_settings(cfg))
     if cfg.prompt is not None:
         messages = ([{"role": "system", "content": cfg.system}] if cfg.system else [])
         messages.append({"role": "user", "content": cfg.prompt})

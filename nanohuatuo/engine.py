@@ -23,7 +23,9 @@ Built like nano-vllm, in three parts that each fit on a screen:
   (prefilling all but the last prompt token: the last one is fed by the decode step, which so
   produces every request's tokens, its first one included; single requests admitted in one step
   share one padded forward), decodes one token for every running
-  row, applies each request's own sampling settings, and retires the rows that finished.
+  row, applies each request's own sampling settings, and retires the rows that finished. With
+  keep_prefixes (chat, serve) a retired row keeps its keys while free, and a request whose prompt
+  begins with them (the conversation's next turn) takes that row and prefills only the rest.
 
 Exactness: a request's tokens do not depend on what else is in the batch (greedy: the tokens of
 running it alone; seeded sampling: one torch.Generator per request, one uniform draw per token).
@@ -60,6 +62,9 @@ from .token_sampling import SamplingParams, next_tokens, sample_seed, token_logp
 # quarter more tokens than the prompts hold, and at most this many padded tokens in one forward
 PAD_WASTE = 1.25
 PREFILL_TOKENS = 8192
+# keep_prefixes: a kept row is taken for a request only when it holds this many of its prompt's tokens;
+# a shorter match saves less than a forward of its own costs (one read of every weight)
+PREFIX_MIN = 16
 
 
 @dataclass
@@ -121,11 +126,19 @@ class Engine:
     first steps take seconds to tens of seconds; without a compiler it warns and decodes eagerly).
     On CPU the weight layouts and the head kernel are chosen by timing when the engine is made (see
     `tune_cpu_kernels`).
+    keep_prefixes: a finished request's keys stay in its row while the row is free, and a single
+    request whose prompt begins with PREFIX_MIN or more of the tokens they hold (an earlier turn of
+    its conversation: that turn's prompt and answer) takes that row when it is the next one free and
+    prefills only the rest, so a chat's next turn costs its new tokens, not the whole conversation
+    again. Only for a model whose weights stay as they are while the engine lives (chat, serve).
+    Kept keys were computed by other forwards (the decode steps of the answer, a prefill of other
+    rows), whose kernels may round differently from a fresh prefill's: where greedy logits nearly
+    tie, the next turn's tokens can then differ from a fresh engine's (docs/benchmarks.md).
     add/cancel are thread-safe; step is called from one thread only; generate drives step itself.
     """
 
     def __init__(self, model: Transformer, tokenizer=None, slots: int = 16, max_len: int | None = None,
-                 compile: bool = False):
+                 compile: bool = False, keep_prefixes: bool = False):
         if model.lm_head is None:
             raise ValueError("this model has no output head (lm_head): a reward or value model cannot generate")
         if slots < 1:
@@ -157,6 +170,7 @@ class Engine:
             if self.graphs and os.environ.get("NANOHUATUO_CUDA_GRAPHS") == "manual" else None
         self.seen = torch.zeros((slots, c.vocab_size), dtype=torch.bool, device=self.device)  # repetition penalty
         self.running: list[_Request] = []  # running[i] owns cache row i
+        self.keep_prefixes, self.held = keep_prefixes, {}  # free row -> (token ids its keys hold, adapter)
         self.waiting = deque()  # groups of requests sharing one prompt (n samples), first come first served
         self.requests = {}  # rid -> _Request, until it finishes
         self.cancelled = set()
@@ -259,7 +273,10 @@ class Engine:
         together, sorted by length and cut where right padding would exceed PAD_WASTE of a batch's
         prompt tokens (or PREFILL_TOKENS in all): one forward reads the weights once for the batch,
         where one forward per request read them once each. A group of n samples of one prompt is
-        prefilled on its own (its keys copied into its n rows)."""
+        prefilled on its own (its keys copied into its n rows). With keep_prefixes, first the request
+        that the next free row's kept keys serve best, on its own (`_reuse`)."""
+        if self.keep_prefixes and len(self.running) in self.held:
+            groups = self._reuse(groups)
         singles = sorted((g for g in groups if len(g) == 1), key=lambda g: len(g[0].prompt))
         batch, tokens = [], 0
         for g in singles:  # ascending: the newest is the longest, so it sets the padded length
@@ -275,23 +292,49 @@ class Engine:
             if len(g) > 1:
                 self._prefill([g])
 
-    def _prefill(self, groups):
+    def _reuse(self, groups):
+        """Prefill, into the next free row, the single request (no prompt log-probs, the row's adapter)
+        whose prompt begins with the most of the tokens that row's kept keys hold, at least PREFIX_MIN,
+        from where they stop; the other groups are returned."""
+        held, adapter = self.held[len(self.running)]
+        best, most = None, PREFIX_MIN - 1
+        for g in groups:
+            r = g[0]
+            if len(g) > 1 or r.adapter != adapter or r.params.prompt_logprobs:
+                continue
+            n = 0
+            for a, b in zip(held, r.prompt[:-1]):  # the last prompt token is the first decode step's
+                if a != b:
+                    break
+                n += 1
+            if n > most:
+                best, most = g, n
+        if best is None:
+            return groups
+        self._prefill([best], start=most)
+        return [g for g in groups if g is not best]
+
+    def _prefill(self, groups, start=0):
         """Keys of all but the last prompt token of each group, computed in one forward into the first
         row of each group (prompts right-padded: a row's padding keys lie past its prompt, where its
         own tokens overwrite them before any query can see them) and copied into the group's other
         rows (prefix reuse); the last token is fed by the next decode step. Several groups: one row
-        each (only single requests are batched, so their rows are consecutive)."""
+        each (only single requests are batched, so their rows are consecutive). start: the keys of
+        the first `start` prompt tokens are in the (one) group's row already (`_reuse`)."""
         first = len(self.running)
+        for row in range(first, first + sum(map(len, groups))):  # being overwritten: no longer kept
+            self.held.pop(row, None)
         lengths = [len(g[0].prompt) - 1 for g in groups]
         P = max(lengths)
-        if P:
-            ids = torch.tensor([g[0].prompt[:-1] + [0] * (P - n) for g, n in zip(groups, lengths)], device=self.device)
-            pos = torch.arange(P, device=self.device)[None].expand(len(groups), P)
+        if P > start:
+            ids = torch.tensor([g[0].prompt[start:-1] + [0] * (P - n) for g, n in zip(groups, lengths)],
+                               device=self.device)
+            pos = torch.arange(start, P, device=self.device)[None].expand(len(groups), P - start)
             c = self.model.config
-            plain = c.pos == "rope" and c.sliding_window is None  # SDPA's own causal mask fits
+            plain = c.pos == "rope" and c.sliding_window is None and not start  # SDPA's own causal mask fits
             mask = None if plain else key_mask(self.model, pos, P, self.k[0].dtype)
             select_adapters(self.model, [g[0].adapter for g in groups])
-            h = forward(self.model, ids, pos, RowCache(self.k, self.v, first, pos, P, start=0), mask)
+            h = forward(self.model, ids, pos, RowCache(self.k, self.v, first, pos, P, start=start), mask)
             for j, (g, n) in enumerate(zip(groups, lengths)):
                 if n and any(r.params.prompt_logprobs for r in g):
                     lps = self._prompt_logprobs(h[j, :n], g[0].prompt, max(r.params.top_logprobs for r in g))
@@ -339,6 +382,8 @@ class Engine:
     def _decode(self):
         rows, n = self.running, len(self.running)
         B = next(b for b in self.buckets if b >= n) if self.graphs else n
+        for row in range(n, B):  # idle rows padding a graph's batch write a key at position 0 of theirs
+            self.held.pop(row, None)
         tokens = torch.tensor([r.next for r in rows] + [0] * (B - n), device=self.device)
         positions = torch.tensor([r.length for r in rows] + [0] * (B - n), device=self.device)
         select_adapters(self.model, [r.adapter for r in rows] + [0] * (B - n))
@@ -399,15 +444,21 @@ class Engine:
         return any(s in text for s in r.params.stop_strings)
 
     def _retire(self, r, reason):
-        """Free r's row: the last running row moves into it (its keys copied), so rows stay [0, n)."""
+        """Free r's row: the last running row moves into it (its keys copied), so rows stay [0, n).
+        With keep_prefixes r's keys move the other way, into the row freed, and stay there."""
         i, last = r.slot, self.running[-1]
         if last is not r:
             for t in self.k + self.v:
+                kept = t[i, :, :r.length].clone() if self.keep_prefixes else None
                 t[i, :, :last.length] = t[last.slot, :, :last.length]
+                if kept is not None:
+                    t[last.slot, :, :r.length] = kept
             self.seen[i] = self.seen[last.slot]
             last.slot = i
             self.running[i] = last
         self.running.pop()
+        if self.keep_prefixes:
+            self.held[len(self.running)] = ((r.prompt + r.tokens)[:r.length], r.adapter)
         r.slot, r.finish_reason = -1, reason
         with self.lock:
             self.requests.pop(r.rid, None)

@@ -168,18 +168,28 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
 @torch.inference_mode()
 def stream(model: Transformer, prompt: list[int], max_new_tokens: int, temperature: float = 0.0,
            stop_ids=(), top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0,
-           seed: int | None = None, pad_id: int = 0, compile: bool = False):
-    """Yield new token ids one at a time for one prompt, stopping after a stop id."""
+           seed: int | None = None, pad_id: int = 0, compile: bool = False, engine: Engine | None = None):
+    """Yield new token ids one at a time for one prompt, stopping after a stop id.
+
+    engine: an Engine of `model` to run it in (chat keeps one across turns, with keep_prefixes), else
+    a new one. Closing the generator early (a stop string, Ctrl-C) cancels the request there."""
     _check([prompt])
     if max_new_tokens <= 0:
         return
-    eng = _engine(model, [prompt], max_new_tokens, None, compile)
-    eng.add(prompt, SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                                   top_k=top_k, repetition_penalty=repetition_penalty, stop_ids=tuple(stop_ids),
-                                   seed=_row_seeds(seed, temperature, 1)[0]))
-    while eng.has_work():
-        for ev in eng.step():
-            yield ev.token
+    eng = engine or _engine(model, [prompt], max_new_tokens, None, compile)
+    rid = eng.add(prompt, SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                                         top_k=top_k, repetition_penalty=repetition_penalty, stop_ids=tuple(stop_ids),
+                                         seed=_row_seeds(seed, temperature, 1)[0]))
+    done = False
+    try:
+        while not done:
+            for ev in eng.step():
+                if ev.rid == rid:
+                    done = ev.finish_reason is not None
+                    yield ev.token
+    finally:
+        if not done:  # its row is freed at the engine's next step
+            eng.cancel(rid)
 
 
 def cut_at_stop(text: str, stop_strings) -> str:

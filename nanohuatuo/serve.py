@@ -151,8 +151,9 @@ class Service:
         self.api = OpenAIProtocol(tok, template, defaults, self.context, cfg.batch_size, self.names,
                                   sorted(stop_token_ids(tok, template)), stop_strings(template))
         self.created = int(time.time())
+        # a multi-turn client's next request may find its conversation's keys still in a free row
         engine = engine or Engine(model, tokenizer=tok, slots=cfg.batch_size, max_len=self.context,
-                                  compile=cfg.compile)
+                                  compile=cfg.compile, keep_prefixes=True)
         self.runner = EngineLoop(engine, tok, capacity=cfg.batch_size + cfg.max_queue)
 
 # ----------------------------------------------------------------------------- HTTP

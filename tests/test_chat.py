@@ -177,3 +177,21 @@ def test_quant_flag_int8_nf4_and_the_earlier_int8(tiny_dir, capsys):
     assert inference_quant(parse_config(ChatConfig, ["--quant", "nf4"]).quant) == "nf4"
     with pytest.raises(ValueError, match="contradicts"):
         inference_quant("nf4", True)
+
+
+def test_a_session_engine_prefills_only_what_each_turn_adds(tiny_dir, monkeypatch):
+    """chat_engine keeps each answer's keys: turn 2's prompt (turn 1's conversation plus a question)
+    is prefilled from where the held tokens stop, and both answers are those of a fresh engine."""
+    import nanohuatuo.engine as engine_mod
+    model, tok, template = load_for_inference(tiny_dir, template="huatuo")
+    eng = chat.chat_engine(model, context=512)
+    msgs = [{"role": "user", "content": "头痛怎么办？"}]
+    first = reply(model, tok, template, msgs, max_new_tokens=12, temperature=0.0, engine=eng)
+    assert first == reply(model, tok, template, msgs, max_new_tokens=12, temperature=0.0)
+    msgs += [{"role": "assistant", "content": first}, {"role": "user", "content": "孩子咳嗽有痰怎么办？"}]
+    want = reply(model, tok, template, msgs, max_new_tokens=12, temperature=0.0)
+    seen, forward = [], engine_mod.forward
+    monkeypatch.setattr(engine_mod, "forward", lambda m, ids, *a: seen.append(ids.shape[1]) or forward(m, ids, *a))
+    assert reply(model, tok, template, msgs, max_new_tokens=12, temperature=0.0, engine=eng) == want
+    turn1, turn2 = render_prompt(msgs[:1], tok, template), render_prompt(msgs, tok, template)
+    assert len(seen) == 1 and seen[0] <= len(turn2) - len(turn1)

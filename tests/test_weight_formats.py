@@ -866,3 +866,28 @@ def test_prefill_benchmark_times_each_format_and_int8_with_and_without_its_rows_
     assert all(r["same_token"] for r in rows if r["weights"] == "float32")
     int8_runs = switched[-8:]  # 2 lengths x (a warm-up and a timed round) x the two variants, alternated
     assert all(None not in s for s in int8_runs[0::2]) and all(s == {None} for s in int8_runs[1::2])
+
+
+def test_prefill_benchmark_times_a_conversation_in_the_session_engine_and_in_new_ones(tmp_path, monkeypatch):
+    """bench/prefill.py --model DIR --turns N: a row per turn, the wait for its first token in chat's
+    session engine (keep_prefixes) and in a new engine per turn, with the prompt growing turn by turn."""
+    import json
+    import sys
+    prefill = bench_module("prefill")
+    texts = ["头痛三天了，伴有低烧，需要吃什么药？", "建议多休息，多喝水，体温超过38.5度可以服用退烧药。",
+             "孩子咳嗽有痰怎么办？", "可以先观察，注意保暖，如果持续加重请及时就医。"] * 4
+    base = tiny_base(tmp_path / "base", texts, max_seq_len=1024)
+    out = tmp_path / "turns.json"
+    engines = []
+    real = prefill.conversation
+    monkeypatch.setattr(prefill, "conversation", lambda *a, **kw: engines.append(
+        a[5] if len(a) > 5 else kw.get("engine")) or real(*a, **kw))
+    monkeypatch.setattr(sys, "argv", ["prefill.py", "--model", base.dir, "--lengths", "--weights", "float32", "--turns",
+                                      "3", "--answer-tokens", "4", "--no-hf", "--out", str(out)])
+    prefill.main()
+    turns = json.load(open(out))["turns"]
+    assert [r["turn"] for r in turns] == [1, 2, 3]
+    assert turns[0]["prompt"] < turns[1]["prompt"] < turns[2]["prompt"]
+    assert all(r["session_ms"] > 0 and r["new_engine_ms"] > 0 for r in turns)
+    # the warm-up and the new-engine conversation make their own engines; the session's keeps prefixes
+    assert engines[0] is None and engines[1].keep_prefixes and engines[2] is None

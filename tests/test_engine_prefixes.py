@@ -1,0 +1,122 @@
+"""Engine(keep_prefixes=True): a finished request's keys stay in its free row, and the next request
+whose prompt begins with them (its conversation's next turn) prefills only the rest; chat keeps
+one such engine for a session."""
+
+import pytest
+import torch
+
+import nanohuatuo.engine as engine_mod
+from nanohuatuo.engine import PREFIX_MIN, Engine, SamplingParams
+from nanohuatuo.generate import stream
+from test_engine import CONFIGS, tiny
+
+P1 = [(7 * i + 3) % 101 for i in range(20)]
+EXTRA = [11, 22, 33, 44, 55, 66, 77, 88]
+
+
+def prefills(monkeypatch):
+    """The token count of every forward the engine's prefills run."""
+    seen, real = [], engine_mod.forward
+    monkeypatch.setattr(engine_mod, "forward", lambda model, ids, *a: seen.append(ids.shape[1]) or real(model, ids, *a))
+    return seen
+
+
+def fresh(m, prompt, n):
+    return Engine(m, slots=1, max_len=128).generate([prompt], SamplingParams(max_new_tokens=n, logprobs=True))[0]
+
+
+def plain_logprobs(m, prompt, tokens):
+    with torch.no_grad():
+        lp = torch.log_softmax(m(torch.tensor([prompt + tokens]))[0, len(prompt) - 1:-1], -1)
+    return lp.gather(-1, torch.tensor(tokens)[:, None]).squeeze(-1)
+
+
+@pytest.mark.parametrize("kind", list(CONFIGS))
+def test_the_next_turn_prefills_only_its_new_tokens(monkeypatch, kind):
+    """Turn 2's prompt is turn 1's prompt and answer plus a question: only the question's tokens
+    (past what the row holds) go through a prefill, and the answer is the one a fresh engine gives,
+    its log-probs those of a plain forward pass (RoPE with and without a sliding window, ALiBi)."""
+    m = tiny(kind)
+    eng = Engine(m, slots=1, max_len=128, keep_prefixes=True)
+    first = eng.generate([P1], SamplingParams(max_new_tokens=10))[0]
+    p2 = P1 + first.tokens + EXTRA
+    seen = prefills(monkeypatch)
+    out = eng.generate([p2], SamplingParams(max_new_tokens=10, logprobs=True))[0]
+    # the row held P1 and the answer but its last token (never fed): the prefill starts there
+    assert seen == [len(p2) - 1 - (len(P1) + 9)] == [len(EXTRA)]
+    want = fresh(m, p2, 10)
+    assert out.tokens == want.tokens
+    torch.testing.assert_close(torch.tensor(out.logprobs), plain_logprobs(m, p2, out.tokens), atol=5e-5, rtol=0)
+    # the same prompt again: every key but the last token's is held, no prefill at all
+    seen.clear()
+    assert eng.generate([p2], SamplingParams(max_new_tokens=10))[0].tokens == want.tokens and seen == []
+
+
+def test_what_is_not_reused(monkeypatch):
+    """Without keep_prefixes (the default), under PREFIX_MIN shared tokens, with prompt log-probs
+    asked for, or after another request took the row, the prompt is prefilled whole, and the
+    answers are a fresh engine's."""
+    m = tiny()
+    short, p2 = P1[:PREFIX_MIN - 1], P1 + EXTRA
+    want_short, want = fresh(m, short + EXTRA, 6).tokens, fresh(m, p2, 6).tokens
+    seen = prefills(monkeypatch)
+    plain = Engine(m, slots=1, max_len=128)
+    plain.generate([P1], SamplingParams(max_new_tokens=4))
+    seen.clear()
+    plain.generate([p2], SamplingParams(max_new_tokens=4))
+    assert seen == [len(p2) - 1]
+
+    eng = Engine(m, slots=1, max_len=128, keep_prefixes=True)
+    eng.generate([short + [5]], SamplingParams(max_new_tokens=1))  # holds PREFIX_MIN - 1 tokens
+    seen.clear()
+    assert eng.generate([short + EXTRA], SamplingParams(max_new_tokens=6))[0].tokens == want_short
+    assert seen == [len(short + EXTRA) - 1]
+
+    eng.generate([P1], SamplingParams(max_new_tokens=4))
+    seen.clear()
+    out = eng.generate([p2], SamplingParams(max_new_tokens=6, prompt_logprobs=True))[0]
+    assert seen == [len(p2) - 1] and out.tokens == want
+
+    other = [(5 * i + 1) % 101 for i in range(30)]
+    eng.generate([other], SamplingParams(max_new_tokens=4))  # the row now holds `other`
+    seen.clear()
+    assert eng.generate([p2], SamplingParams(max_new_tokens=6))[0].tokens == want
+    assert seen == [len(p2) - 1]
+
+
+def test_a_stopped_answer_keeps_its_keys_and_a_running_neighbour_keeps_its_row(monkeypatch):
+    """An answer stopped early (its stream closed: chat's Ctrl-C or stop string) is cancelled and its
+    row kept with the tokens fed so far. With two slots, a request retiring from the first row while
+    the second runs: that one moves into the first row, and the retired one's keys into the second,
+    for the next request, which takes that row."""
+    m = tiny()
+    eng = Engine(m, slots=1, max_len=128, keep_prefixes=True)
+    gen = stream(m, P1, 10, engine=eng)
+    got = [next(gen) for _ in range(3)]
+    gen.close()
+    assert eng.running and eng.running[0].rid in eng.cancelled
+    p2 = P1 + got + EXTRA
+    want = fresh(m, p2, 6).tokens
+    seen = prefills(monkeypatch)
+    assert list(stream(m, p2, 6, engine=eng)) == want
+    # the row held P1 and got[:2]: got[2] and EXTRA but its last token (the first decode step's) remain
+    assert seen == [len(EXTRA)] and not eng.has_work()
+
+    two = Engine(m, slots=2, max_len=128, keep_prefixes=True)
+    long_prompt = [(3 * i + 2) % 101 for i in range(25)]
+    a = two.add(long_prompt, SamplingParams(max_new_tokens=12))
+    b = two.add(P1, SamplingParams(max_new_tokens=5))
+    outs = {}
+    while b not in outs or outs[b][-1] is None or len(outs[b]) < 5:
+        for ev in two.step():
+            outs.setdefault(ev.rid, []).append(ev.token)
+    assert len(two.running) == 1 and two.running[0].rid == a and two.held[1][0] == (P1 + outs[b])[:len(P1) + 4]
+    p2 = P1 + outs[b] + EXTRA
+    want, want_a = fresh(m, p2, 6).tokens, fresh(m, long_prompt, 12).tokens
+    seen.clear()
+    c = two.add(p2, SamplingParams(max_new_tokens=6))
+    while two.has_work():
+        for ev in two.step():
+            outs.setdefault(ev.rid, []).append(ev.token)
+    assert seen == [len(EXTRA)]
+    assert outs[c] == want and outs[a] == want_a
