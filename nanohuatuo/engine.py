@@ -128,8 +128,8 @@ class Engine:
     `tune_cpu_kernels`).
     keep_prefixes: a finished request's keys stay in its row while the row is free, and a single
     request whose prompt begins with PREFIX_MIN or more of the tokens they hold (an earlier turn of
-    its conversation: that turn's prompt and answer) takes that row when it is the next one free and
-    prefills only the rest, so a chat's next turn costs its new tokens, not the whole conversation
+    its conversation: that turn's prompt and answer) takes that row when it is the next one free (the
+    free rows are filled in order, each by the request it holds most of) and prefills only the rest, so a chat's next turn costs its new tokens, not the whole conversation
     again. Only for a model whose weights stay as they are while the engine lives (chat, serve).
     Kept keys were computed by other forwards (the decode steps of the answer, a prefill of other
     rows), whose kernels may round differently from a fresh prefill's: where greedy logits nearly
@@ -273,10 +273,13 @@ class Engine:
         together, sorted by length and cut where right padding would exceed PAD_WASTE of a batch's
         prompt tokens (or PREFILL_TOKENS in all): one forward reads the weights once for the batch,
         where one forward per request read them once each. A group of n samples of one prompt is
-        prefilled on its own (its keys copied into its n rows). With keep_prefixes, first the request
-        that the next free row's kept keys serve best, on its own (`_reuse`)."""
-        if self.keep_prefixes and len(self.running) in self.held:
-            groups = self._reuse(groups)
+        prefilled on its own (its keys copied into its n rows). With keep_prefixes, first, row after
+        free row, the request that row's kept keys serve best, each on its own (`_reuse`)."""
+        while self.keep_prefixes and len(self.running) in self.held:
+            rest = self._reuse(groups)
+            if rest is groups:  # none begins with what the next free row holds
+                break
+            groups = rest
         singles = sorted((g for g in groups if len(g) == 1), key=lambda g: len(g[0].prompt))
         batch, tokens = [], 0
         for g in singles:  # ascending: the newest is the longest, so it sets the padded length

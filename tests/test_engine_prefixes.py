@@ -120,3 +120,19 @@ def test_a_stopped_answer_keeps_its_keys_and_a_running_neighbour_keeps_its_row(m
             outs.setdefault(ev.rid, []).append(ev.token)
     assert seen == [len(EXTRA)]
     assert outs[c] == want and outs[a] == want_a
+
+
+def test_conversations_continued_together_each_find_their_row(monkeypatch):
+    """Two conversations answered side by side in two slots, then both continued in one step: each
+    next turn takes the free row holding its conversation (whichever it is after the rows moved)
+    and prefills only its new tokens; the answers are a fresh engine's."""
+    m = tiny()
+    q1, q2 = P1, [(5 * i + 4) % 101 for i in range(24)]
+    eng = Engine(m, slots=2, max_len=128, keep_prefixes=True)
+    a1, a2 = eng.generate([q1, q2], [SamplingParams(max_new_tokens=9), SamplingParams(max_new_tokens=4)])
+    p1, p2 = q1 + a1.tokens + EXTRA, q2 + a2.tokens + EXTRA[:5]
+    want = [fresh(m, p, 6).tokens for p in (p1, p2)]
+    seen = prefills(monkeypatch)
+    outs = eng.generate([p2, p1], SamplingParams(max_new_tokens=6))
+    assert [o.tokens for o in outs] == want[::-1]
+    assert sorted(seen) == [5, 8]
