@@ -40,9 +40,9 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from generate import SIZES, build, load_format, time_it  # noqa: E402  (bench/generate.py: the same model)
+from nanohuatuo.cpu_int8 import FusedInt8  # noqa: E402
 from nanohuatuo.engine import Engine, SamplingParams  # noqa: E402
 from nanohuatuo.metrics import cpu_name  # noqa: E402
-from nanohuatuo.cpu_int8 import FusedInt8  # noqa: E402
 from nanohuatuo.quant import Int8Linear  # noqa: E402
 
 
@@ -114,7 +114,8 @@ def main():
         for fmt in sorted({"float32" if f == "int8" else f for f in args.weights}):
             hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, fmt)).eval()
             for T, p in prompts.items():
-                hf_ms[fmt, T] = (time_it(lambda: hf_first_token(hf, p), "cpu", args.repeats) * 1e3, hf_first_token(hf, p))
+                ms = time_it(lambda: hf_first_token(hf, p), "cpu", args.repeats) * 1e3
+                hf_ms[fmt, T] = (ms, hf_first_token(hf, p))
             del hf
     for fmt in args.weights if prompts else []:
         model = load_format(path, fmt, args)

@@ -128,9 +128,10 @@ class Engine:
     `tune_cpu_kernels`).
     keep_prefixes: a finished request's keys stay in its row while the row is free, and a single
     request whose prompt begins with PREFIX_MIN or more of the tokens they hold (an earlier turn of
-    its conversation: that turn's prompt and answer) takes that row when it is the next one free (the
-    free rows are filled in order, each by the request it holds most of) and prefills only the rest, so a chat's next turn costs its new tokens, not the whole conversation
-    again. Only for a model whose weights stay as they are while the engine lives (chat, serve).
+    its conversation: that turn's prompt and answer) takes that row when it is the next one free
+    (the free rows are filled in order, each by the request it holds most of) and prefills only the
+    rest, so a chat's next turn costs its new tokens, not the whole conversation again. Only for a
+    model whose weights stay as they are while the engine lives (chat, serve).
     Kept keys were computed by other forwards (the decode steps of the answer, a prefill of other
     rows), whose kernels may round differently from a fresh prefill's: where greedy logits nearly
     tie, the next turn's tokens can then differ from a fresh engine's (docs/benchmarks.md).
