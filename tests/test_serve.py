@@ -142,6 +142,23 @@ def test_chat_greedy_is_generate(tiny, client):
     assert r.usage.completion_tokens <= 5
 
 
+def test_a_conversation_s_next_turn_reuses_its_keys(tiny, client, server, monkeypatch):
+    """The server's engine keeps a finished answer's keys (keep_prefixes): the next turn of the same
+    conversation prefills only what it adds, and its greedy answer is still generate's."""
+    import nanohuatuo.engine as engine_mod
+    assert server.service.runner.engine.keep_prefixes
+    msgs = user(QUESTIONS[2])
+    first = client.chat.completions.create(model=NAME, messages=msgs, max_tokens=10, temperature=0)
+    msgs = msgs + [{"role": "assistant", "content": first.choices[0].message.content}] + user(QUESTIONS[3])
+    want = reference_chat(tiny, msgs, 10)[0]
+    seen, forward = [], engine_mod.forward
+    monkeypatch.setattr(engine_mod, "forward", lambda m, ids, *a: seen.append(ids.shape[1]) or forward(m, ids, *a))
+    r = client.chat.completions.create(model=NAME, messages=msgs, max_tokens=10, temperature=0)
+    assert r.choices[0].message.content == want
+    full = len(render_prompt(msgs, tiny[2], TEMPLATE))
+    assert seen and max(seen) < full - len(render_prompt(user(QUESTIONS[2]), tiny[2], TEMPLATE))
+
+
 def test_the_models_own_chat_template(tmp_path):
     """--template auto (the default) renders prompts with the Jinja template the model ships."""
     d = tiny_base(tmp_path, LINES, max_seq_len=512).dir
