@@ -40,19 +40,9 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from generate import SIZES, build, load_format, time_it  # noqa: E402  (bench/generate.py: the same model)
-from nanohuatuo.cpu_int8 import FusedInt8  # noqa: E402
+from nanohuatuo.cpu_kernels import int8_layers  # noqa: E402  (the layers tune_cpu_kernels measured)
 from nanohuatuo.engine import Engine, SamplingParams  # noqa: E402
 from nanohuatuo.metrics import cpu_name  # noqa: E402
-from nanohuatuo.quant import Int8Linear  # noqa: E402
-
-
-def int8_layers(model):
-    """The int8 layers a prefill runs: the model's own, but q|k|v and gate|up as their fused layer
-    (cpu_int8.FusedInt8), whose parts' weights are views of its own."""
-    fused = [m.fused.layer for m in model.modules() if isinstance(getattr(m, "fused", None), FusedInt8)]
-    shared = {f.weight.untyped_storage().data_ptr() for f in fused}
-    return [m for m in model.modules() if isinstance(m, Int8Linear)
-            and m.weight.untyped_storage().data_ptr() not in shared] + fused
 
 
 def first_token(engine, prompt):
@@ -62,7 +52,8 @@ def first_token(engine, prompt):
 def conversation(model, tok, template, questions, answer_tokens, engine=None, context=4096):
     """(seconds to each turn's first token, the answers) of a greedy chat over `questions`, each
     turn's prompt the conversation so far fitted as chat fits it, in `engine` (chat's session
-    engine) or in a new engine per turn."""
+    engine) or in a new engine per turn. The steps of chat.reply without its streamed text, which
+    holds back as many characters as a stop string has, so its first text comes some tokens late."""
     from nanohuatuo.generate import cut_at_stop, stream
     from nanohuatuo.templates import fit_prompt, prompt_budget, stop_strings, stop_token_ids
     budget = prompt_budget(model.config.max_seq_len, context, answer_tokens)

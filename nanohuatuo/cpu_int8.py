@@ -101,8 +101,8 @@ def measure_rows(layer, dtype):
     "dequant_bf16" (activations other than bfloat16) and, where the op takes the layer, "int8pack"
     and "int8pack_bf16". A kernel not within bfloat16 rounding of the dequantising one is dropped, and
     one whose first timed call took over 4 times the quickest one's is not timed further (on that AMD
-    EPYC _weight_int8pack_mm with float32 activations took 30 times the others' time); the check's
-    call is each kernel's warm-up."""
+    EPYC, at 64 rows of the 0.5B gate|up, _weight_int8pack_mm with float32 activations took 233 ms
+    against 7.6 ms with bfloat16 ones); the check's call is each kernel's warm-up."""
     key = ("rows", (layer.out_features, layer.in_features), dtype, torch.get_num_threads())
     if key not in _MEASURED:
         n = min(layer.out_features, ROWS_SLICE)

@@ -272,6 +272,14 @@ def _groups(model):
     return groups
 
 
+def int8_layers(model):
+    """The int8 layers a forward of a tuned model runs on CPU, each with its measured kernels: its
+    quant.Int8Linear layers, but q|k|v and gate|up, where fused, as their cpu_int8.FusedInt8's layer."""
+    fused = [(owner.fused.layer, parts) for owner, parts in _groups(model) if type(owner.fused) is FusedInt8]
+    inside = {id(m) for _, parts in fused for m in parts}
+    return [m for m in model.modules() if isinstance(m, Int8Linear) and id(m) not in inside] + [f for f, _ in fused]
+
+
 def _fusable(model):
     """The `_groups` that can share one matrix: plain float CPU layers (or LoRA wrappers of them) of
     one dtype, row-major, all with a bias or none."""
@@ -489,8 +497,7 @@ def tune_cpu_kernels(model: Transformer, batches=(1, 8), compiled=False):
         fused8 = [(owner, parts) for owner, parts in _groups(model) if FusedInt8.fits(parts)]
         for owner, parts in fused8:  # int8 q|k|v and gate|up: one matrix each, measured in the parts' stead
             owner.fused = FusedInt8(parts)
-        in_fused8 = {id(m) for _, parts in fused8 for m in parts}
-        for m in [m for m in int8 if id(m) not in in_fused8] + [owner.fused.layer for owner, _ in fused8]:
+        for m in int8_layers(model):
             m.kernel, reduce = measure_int8(m, dtype, batches, compiled, head=m is head)
             m.reduce, m.reduce_eager = reduce and compiled, reduce and not compiled
             m.rows_kernel = measure_rows(m, dtype)  # a prompt's many rows

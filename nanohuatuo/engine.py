@@ -277,10 +277,10 @@ class Engine:
         prefilled on its own (its keys copied into its n rows). With keep_prefixes, first, row after
         free row, the request that row's kept keys serve best, each on its own (`_reuse`)."""
         while self.keep_prefixes and len(self.running) in self.held:
-            rest = self._reuse(groups)
-            if rest is groups:  # none begins with what the next free row holds
+            reused = self._reuse(groups)
+            if reused is None:  # none begins with what the next free row holds
                 break
-            groups = rest
+            groups = [g for g in groups if g is not reused]
         singles = sorted((g for g in groups if len(g) == 1), key=lambda g: len(g[0].prompt))
         batch, tokens = [], 0
         for g in singles:  # ascending: the newest is the longest, so it sets the padded length
@@ -299,7 +299,7 @@ class Engine:
     def _reuse(self, groups):
         """Prefill, into the next free row, the single request (no prompt log-probs, the row's adapter)
         whose prompt begins with the most of the tokens that row's kept keys hold, at least PREFIX_MIN,
-        from where they stop; the other groups are returned."""
+        from where they stop; returns its group (None: no request qualified)."""
         held, adapter = self.held[len(self.running)]
         best, most = None, PREFIX_MIN - 1
         for g in groups:
@@ -313,10 +313,9 @@ class Engine:
                 n += 1
             if n > most:
                 best, most = g, n
-        if best is None:
-            return groups
-        self._prefill([best], start=most)
-        return [g for g in groups if g is not best]
+        if best is not None:
+            self._prefill([best], start=most)
+        return best
 
     def _prefill(self, groups, start=0):
         """Keys of all but the last prompt token of each group, computed in one forward into the first

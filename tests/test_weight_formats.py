@@ -856,7 +856,7 @@ def test_prefill_benchmark_times_each_format_and_int8_with_and_without_its_rows_
     switched = []
     real = prefill.first_token
     monkeypatch.setattr(prefill, "first_token", lambda engine, p: switched.append(
-        {m.rows_kernel for m in prefill.int8_layers(engine.model)}) or real(engine, p))
+        {m.rows_kernel for m in ck.int8_layers(engine.model)}) or real(engine, p))
     prefill.main()
     rows = json.load(open(out))["rows"]
     assert [(r["weights"], r["prompt"]) for r in rows] == [
@@ -891,3 +891,22 @@ def test_prefill_benchmark_times_a_conversation_in_the_session_engine_and_in_new
     assert all(r["session_ms"] > 0 and r["new_engine_ms"] > 0 for r in turns)
     # the warm-up and the new-engine conversation make their own engines; the session's keeps prefixes
     assert engines[0] is None and engines[1].keep_prefixes and engines[2] is None
+
+
+def test_decode_ab_refuses_comparisons_its_device_cannot_make(monkeypatch, capsys):
+    """bench/decode_ab.py checks its arguments before building anything: --compare graphs needs
+    --device cuda, CUDA takes only the comparisons that run there, --compile only rows or chunks, and
+    --device cuda needs a CUDA device; each is one line on stderr and exit code 2."""
+    import sys
+    ab = bench_module("decode_ab")
+    cases = [(["--compare", "graphs"], "--compare graphs compares CUDA graphs: add --device cuda"),
+             (["--device", "cuda", "--compare", "layout"], "--compare layout times CPU kernels"),
+             (["--compare", "layout", "--compile"], "--compile is for --compare rows or chunks")]
+    if not torch.cuda.is_available():
+        cases.append((["--device", "cuda", "--compare", "compile"], "PyTorch sees no CUDA device here"))
+    for argv, says in cases:
+        monkeypatch.setattr(sys, "argv", ["decode_ab.py", *argv])
+        with pytest.raises(SystemExit) as e:
+            ab.main()
+        assert e.value.code == 2, argv
+        assert says in capsys.readouterr().err, argv
