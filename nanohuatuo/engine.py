@@ -24,8 +24,9 @@ Built like nano-vllm, in three parts that each fit on a screen:
   produces every request's tokens, its first one included; single requests admitted in one step
   share one padded forward), decodes one token for every running
   row, applies each request's own sampling settings, and retires the rows that finished. With
-  keep_prefixes (chat, serve) a retired row keeps its keys while free, and a request whose prompt
-  begins with them (the conversation's next turn) takes that row and prefills only the rest.
+  keep_prefixes (chat, serve, consultations) a retired row keeps its keys while free, and a request
+  whose prompt begins with them (the conversation's next turn) takes that row and prefills only
+  the rest.
 
 Exactness: a request's tokens do not depend on what else is in the batch (greedy: the tokens of
 running it alone; seeded sampling: one torch.Generator per request, one uniform draw per token).
@@ -65,6 +66,17 @@ PREFILL_TOKENS = 8192
 # keep_prefixes: a kept row is taken for a request only when it holds this many of its prompt's tokens;
 # a shorter match saves less than a forward of its own costs (one read of every weight)
 PREFIX_MIN = 16
+
+
+def common_prefix(a: list, b: list) -> int:
+    """How many leading items two lists share (by halving, each test one slice comparison in C)."""
+    lo, hi = 0, min(len(a), len(b))
+    if a[:hi] == b[:hi]:
+        return hi
+    while hi - lo > 1:  # a[:lo] == b[:lo] and a[:hi] != b[:hi]
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if a[:mid] == b[:mid] else (lo, mid)
+    return lo
 
 
 @dataclass
@@ -128,10 +140,11 @@ class Engine:
     `tune_cpu_kernels`).
     keep_prefixes: a finished request's keys stay in its row while the row is free, and a single
     request whose prompt begins with PREFIX_MIN or more of the tokens they hold (an earlier turn of
-    its conversation: that turn's prompt and answer) takes that row when it is the next one free
-    (the free rows are filled in order, each by the request it holds most of) and prefills only the
-    rest, so a chat's next turn costs its new tokens, not the whole conversation again. Only for a
-    model whose weights stay as they are while the engine lives (chat, serve).
+    its conversation: that turn's prompt and answer) takes that row (longest matches first, so rows
+    sharing only a system prompt do not steal a conversation's turn) and prefills only the rest, so
+    a chat's next turn costs its new tokens, not the whole conversation again. Only for a model
+    whose weights stay as they are while the engine lives (chat, serve, evaluate's consultations).
+    `grow(max_len)` lengthens the rows, running and kept keys carried over.
     Kept keys were computed by other forwards (the decode steps of the answer, a prefill of other
     rows), whose kernels may round differently from a fresh prefill's: where greedy logits nearly
     tie, the next turn's tokens can then differ from a fresh engine's (docs/benchmarks.md).
@@ -237,6 +250,22 @@ class Engine:
         with self.lock:
             return bool(self.running or self.waiting or self.cancelled)
 
+    def grow(self, max_len: int):
+        """Rows of max_len positions from now on (no shorter than now), the keys of running and kept rows
+        carried over: for a caller whose conversations outgrow the cache it sized (evaluate's
+        consultations). Between steps, from the engine's thread; not with CUDA graphs, recorded on
+        the cache's addresses (make a new engine there)."""
+        if max_len <= self.max_len:
+            return
+        if self.graphs:
+            raise ValueError("Engine.grow: a compiled CUDA engine's graphs are recorded on its cache; "
+                             "make a new engine")
+        with torch.inference_mode(self.compile):  # the kind of tensor __init__ made
+            k, v = kv_cache(self.model, self.slots, max_len, self.k[0].dtype, self.device, static=False)
+            for new, old in zip(k + v, self.k + self.v):
+                new[:, :, :self.max_len] = old
+        self.k, self.v, self.max_len = k, v, max_len
+
     # -- called from the engine thread
 
     @torch.inference_mode()
@@ -274,13 +303,10 @@ class Engine:
         together, sorted by length and cut where right padding would exceed PAD_WASTE of a batch's
         prompt tokens (or PREFILL_TOKENS in all): one forward reads the weights once for the batch,
         where one forward per request read them once each. A group of n samples of one prompt is
-        prefilled on its own (its keys copied into its n rows). With keep_prefixes, first, row after
-        free row, the request that row's kept keys serve best, each on its own (`_reuse`)."""
-        while self.keep_prefixes and len(self.running) in self.held:
-            reused = self._reuse(groups)
-            if reused is None:  # none begins with what the next free row holds
-                break
-            groups = [g for g in groups if g is not reused]
+        prefilled on its own (its keys copied into its n rows). With keep_prefixes, first, the requests
+        that begin with a kept row's keys, each on its own from where they stop (`_reuse`)."""
+        if self.keep_prefixes and self.held:
+            groups = self._reuse(groups)
         singles = sorted((g for g in groups if len(g) == 1), key=lambda g: len(g[0].prompt))
         batch, tokens = [], 0
         for g in singles:  # ascending: the newest is the longest, so it sets the padded length
@@ -297,25 +323,43 @@ class Engine:
                 self._prefill([g])
 
     def _reuse(self, groups):
-        """Prefill, into the next free row, the single request (no prompt log-probs, the row's adapter)
-        whose prompt begins with the most of the tokens that row's kept keys hold, at least PREFIX_MIN,
-        from where they stop; returns its group (None: no request qualified)."""
-        held, adapter = self.held[len(self.running)]
-        best, most = None, PREFIX_MIN - 1
-        for g in groups:
-            r = g[0]
-            if len(g) > 1 or r.adapter != adapter or r.params.prompt_logprobs:
-                continue
-            n = 0
-            for a, b in zip(held, r.prompt[:-1]):  # the last prompt token is the first decode step's
-                if a != b:
-                    break
-                n += 1
-            if n > most:
-                best, most = g, n
-        if best is not None:
-            self._prefill([best], start=most)
-        return best
+        """Prefill, each into the next free row, the single requests (no prompt log-probs) whose prompt
+        begins with PREFIX_MIN or more of the tokens a kept row of their adapter holds, from where
+        those stop; returns the groups left. Pairs are taken longest match first, each row and request
+        once, so a conversation's next turn finds its own row even where another kept row shares its
+        system prompt; a row that is not the next free one has its keys moved there first (`_move`)."""
+        singles = [g for g in groups if len(g) == 1 and not g[0].params.prompt_logprobs]
+        pairs = sorted(((common_prefix(held, g[0].prompt[:-1]), row, i) for row, (held, adapter) in self.held.items()
+                        for i, g in enumerate(singles) if g[0].adapter == adapter), reverse=True)
+        rows, taken = set(), {}
+        for n, row, i in pairs:
+            if n < PREFIX_MIN:
+                break
+            if row not in rows and i not in taken:
+                rows.add(row)
+                taken[i] = (row, n)
+        content = {row: row for row in rows}  # a kept row's keys -> the row they are in now
+        for i, (row, n) in taken.items():
+            self._move(content[row], len(self.running), content)
+            self._prefill([singles[i]], start=n)
+        return [g for g in groups if not any(g is singles[i] for i in taken)]
+
+    def _move(self, src, dst, content):
+        """Swap two free rows' keys (those each kept row holds), so the keys of `src` are in `dst`;
+        `content` (kept row -> where its keys are now) follows."""
+        if src == dst:
+            return
+        a, b = self.held.pop(src), self.held.pop(dst, None)
+        for t in self.k + self.v:
+            other = t[dst, :, :len(b[0])].clone() if b else None
+            t[dst, :, :len(a[0])] = t[src, :, :len(a[0])]
+            if b:
+                t[src, :, :len(b[0])] = other
+        self.held[dst] = a
+        if b:
+            self.held[src] = b
+        for key, at in content.items():
+            content[key] = dst if at == src else src if at == dst else at
 
     def _prefill(self, groups, start=0):
         """Keys of all but the last prompt token of each group, computed in one forward into the first

@@ -136,3 +136,54 @@ def test_conversations_continued_together_each_find_their_row(monkeypatch):
     outs = eng.generate([p2, p1], SamplingParams(max_new_tokens=6))
     assert [o.tokens for o in outs] == want[::-1]
     assert sorted(seen) == [5, 8]
+
+
+def test_a_turn_finds_its_row_past_rows_that_share_only_the_system_prompt(monkeypatch):
+    """Two conversations under one system prompt (more than PREFIX_MIN tokens), answered side by side;
+    only the one whose keys are not in the next free row goes on. It takes its own row (moved to the
+    next free one), not the row that shares the system prompt with it, and prefills its new tokens
+    only; the row it passed over keeps the other conversation for that one's next turn."""
+    m = tiny()
+    system = [(3 * i + 1) % 101 for i in range(PREFIX_MIN + 4)]
+    q1, q2 = system + [5, 6, 7], system + [8, 9, 10, 11]
+    eng = Engine(m, slots=2, max_len=128, keep_prefixes=True)
+    a1, a2 = eng.generate([q1, q2], [SamplingParams(max_new_tokens=9), SamplingParams(max_new_tokens=4)])
+    (row0, _), (row1, _) = eng.held[0], eng.held[1]
+    first, second = ((q1, a1), (q2, a2)) if row1[:len(q1)] == q1 else ((q2, a2), (q1, a1))
+    assert row1[:len(first[0])] == first[0] and row0[:len(second[0])] == second[0]
+    p1, p2 = first[0] + first[1].tokens + EXTRA, second[0] + second[1].tokens + EXTRA[:3]
+    want1, want2 = fresh(m, p1, 6).tokens, fresh(m, p2, 6).tokens
+    seen = prefills(monkeypatch)
+    assert eng.generate([p1], SamplingParams(max_new_tokens=6))[0].tokens == want1
+    assert seen == [len(EXTRA)]
+    seen.clear()
+    assert eng.generate([p2], SamplingParams(max_new_tokens=6))[0].tokens == want2
+    assert seen == [3]
+
+
+def test_grow_keeps_running_and_kept_rows():
+    """grow() lengthens every row between steps: a request running across it and a kept conversation's
+    next turn (now longer than the old rows) give a fresh engine's tokens, the turn from its kept keys."""
+    m = tiny()
+    eng = Engine(m, slots=2, max_len=40, keep_prefixes=True)
+    first = eng.generate([P1], SamplingParams(max_new_tokens=8))[0]
+    other = [(5 * i + 2) % 101 for i in range(12)]
+    rid = eng.add(other, SamplingParams(max_new_tokens=30))
+    got = [ev.token for _ in range(3) for ev in eng.step()]
+    eng.grow(96)
+    eng.grow(50)  # never shorter
+    assert eng.max_len == 96 and eng.k[0].shape[2] == 96
+    p2 = P1 + first.tokens + EXTRA * 3  # 59 tokens: more than the old rows held
+    turn = eng.add(p2, SamplingParams(max_new_tokens=10))
+    outs = {}
+    while eng.has_work():
+        for ev in eng.step():
+            outs.setdefault(ev.rid, []).append(ev.token)
+    assert got + outs[rid] == fresh(m, other, 30).tokens
+    assert outs[turn] == fresh(m, p2, 10).tokens
+
+
+def test_common_prefix():
+    assert [engine_mod.common_prefix(a, b) for a, b in
+            [([], [1]), ([1, 2, 3], [1, 2, 3, 4]), ([1, 2, 3], [1, 2, 4]), ([2], [1]), (list(range(100)),
+             list(range(37)) + [0] * 10), ([1, 2], [1, 2])]] == [0, 3, 2, 0, 37, 2]
