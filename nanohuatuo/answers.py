@@ -7,8 +7,9 @@ OpenAI-compatible endpoint, or a file of answers) answering conversations, each 
   (a torn last line is cut off); candidate_key names the file after what produced the answers
   (model and adapter files with their sizes and mtimes, template, sampling), so retraining in
   place makes new answers and every comparison pointing at the same directory reuses old ones.
-- LocalModel answers in batches on the engine (prompts fitted to the context, a seed per answer);
-  EndpointModel through llm.LLM with a SQLite cache; get_answers ties them together.
+- LocalModel answers in batches on the engine (prompts fitted to the context, a seed per answer;
+  with keep_prefixes, one engine for the run that keeps each conversation's keys between its
+  turns, for the consultations); EndpointModel through llm.LLM with a SQLite cache; get_answers ties them together.
 """
 
 import hashlib
@@ -129,15 +130,23 @@ class AnswerStore:
 
 
 class LocalModel:
-    """One of our models answering conversations in batches on the engine."""
+    """One of our models answering conversations in batches on the engine.
+
+    keep_prefixes: one engine for all batches, its cache grown as the conversations lengthen, each
+    finished answer's keys kept in its row (Engine keep_prefixes), so the next turn of a consultation
+    prefills only the patient's new words; batches of at most batch_size conversations, each the
+    next turn of the previous batch's, are what it serves best (consult.consult). Without it a new
+    engine per batch, its cache sized for that batch (a 7B model's full context in every slot
+    would not fit a small card)."""
 
     def __init__(self, c: Candidate, s: GenerationSettings, device, dtype, batch_size: int = 16,
-                 compile: bool = False):
+                 compile: bool = False, keep_prefixes: bool = False):
         if not Path(c.model, "config.json").is_file():
             raise UserError(f"--model {c.model}: no config.json there; pass a model directory (Hugging Face layout)")
         if c.adapter and not Path(c.adapter).is_dir():
             raise UserError(f"--adapter {c.adapter}: no such directory")
         self.name, self.s, self.batch_size, self.compile = c.label(), s, batch_size, compile
+        self.keep_prefixes, self.engine = keep_prefixes, None
         t0 = time.time()
         from .generate import load_for_inference  # torch loads only when one of our models answers
         # the adapter merged (base-model cost); a trained adapter's own tokenizer and template win
@@ -171,10 +180,18 @@ class LocalModel:
         params = [SamplingParams(max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p,
                                  top_k=s.top_k, stop_ids=tuple(self.stop_ids), stop_strings=tuple(self.stops),
                                  seed=seed) for seed in seeds]
-        # the cache sized for this batch: a 7B model's full context in every slot would not fit
         max_len = min(self.model.config.max_seq_len, max(map(len, prompts)) + s.max_new_tokens)
-        # compiled, the step is compiled once per model, not per batch (engine_runner.compiled_decode)
-        engine = Engine(self.model, tokenizer=self.tok, slots=self.batch_size, max_len=max_len, compile=self.compile)
+        engine = self.engine
+        if engine is not None and engine.max_len < max_len:
+            if engine.graphs:  # CUDA graphs are recorded on the cache: a new engine (its kept keys lost)
+                engine = self.engine = None
+            else:  # at least doubled, so a lengthening consultation grows the cache a few times only
+                engine.grow(min(self.model.config.max_seq_len, max(max_len, 2 * engine.max_len)))
+        if engine is None:
+            # compiled, the step is compiled once per model, not per batch (engine_runner.compiled_decode)
+            engine = Engine(self.model, tokenizer=self.tok, slots=self.batch_size, max_len=max_len,
+                            compile=self.compile, keep_prefixes=self.keep_prefixes)
+            self.engine = engine if self.keep_prefixes else None
         out = [(o.tokens, o.finish_reason) for o in engine.generate(prompts, params)]
         self.generated_tokens += sum(len(t) for t, _ in out)
         self.seconds += time.time() - t0
@@ -191,7 +208,7 @@ class LocalModel:
         return text + (f", {self.truncated} prompts cut to fit the context" if self.truncated else "")
 
     def close(self):
-        self.model = None
+        self.model = self.engine = None
 
 
 class EndpointModel:
@@ -230,12 +247,13 @@ def answers_from_file(path: str, flag: str = "--answers") -> dict[str, str]:
     return out
 
 
-def open_candidate(c: Candidate, s: GenerationSettings, run) -> LocalModel | EndpointModel:
+def open_candidate(c: Candidate, s: GenerationSettings, run, keep_prefixes: bool = False) -> LocalModel | EndpointModel:
+    """The candidate, ready to answer; keep_prefixes: our model keeps conversations' keys (LocalModel)."""
     if c.kind() == "model":
         from .cli import resolve_device, resolve_dtype
         device = resolve_device(run.device)
         return LocalModel(c, s, device, resolve_dtype(run.dtype, device), run.batch_size,
-                          run.compile)
+                          run.compile, keep_prefixes)
     return EndpointModel(c, s, Path(run.cache), run.concurrency)
 
 

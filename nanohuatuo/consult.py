@@ -8,7 +8,9 @@
 - EndpointPatient: an LLM plays the patient from the case, its own lines kept (textcheck.own_lines);
   OfflinePatient: a stand-in that recites the case one sentence per turn, without a network.
 - consult: every case consulted by one candidate (answers.py: our model on the engine or an
-  endpoint), all open consultations advancing together, for at most `max_turns` doctor turns;
+  endpoint), open consultations advancing together (run_consultations: our model batch_size of
+  them at a time, each next turn prefilling only what the conversation adds; an endpoint all of
+  them), for at most `max_turns` doctor turns;
   finished transcripts are stored per candidate, keyed by the candidate, its sampling, the
   patient, the turn limit and the stop rule, and reused. render_transcript: a transcript as the
   judge reads it.
@@ -19,7 +21,8 @@ import re
 import sys
 from pathlib import Path
 
-from .answers import AnswerStore, Candidate, GenerationSettings, candidate_key, open_candidate, prompt_hash
+from .answers import (AnswerStore, Candidate, GenerationSettings, LocalModel, candidate_key, open_candidate,
+                      prompt_hash)
 from .cli import UserError
 from .textcheck import own_lines
 
@@ -130,9 +133,8 @@ class OfflinePatient:
 
 def consult(c: Candidate, s: GenerationSettings, cases: list[dict], patient, cfg,
             summaries: list[str]) -> list[dict | None]:
-    """Transcripts of the candidate consulting every case (stored per candidate, reused when done).
-
-    All open consultations advance together: one batch of doctor turns, then one of patient turns."""
+    """Transcripts of the candidate consulting every case (stored per candidate, reused when done);
+    run_consultations runs the turns."""
     if c.kind() == "answers":
         raise UserError("dialogue: a candidate must be a model or an endpoint (--a-answers is for pairwise)")
     extra = {**patient.key(), "max_turns": cfg.max_turns, "stop_rule": cfg.stop_rule}
@@ -142,44 +144,59 @@ def consult(c: Candidate, s: GenerationSettings, cases: list[dict], patient, cfg
     print(f"{c.label()}: {len(cases) - len(todo)}/{len(cases)} consultations in {store.path}, {len(todo)} to run",
           file=sys.stderr, flush=True)
     if todo:
-        model = open_candidate(c, s, cfg)
+        model = open_candidate(c, s, cfg, keep_prefixes=True)
         try:
-            transcripts = {k: [] for k in todo}
-            stopped = {}
-            active = list(todo)
-            for turn in range(cfg.max_turns):
-                said = patient.speak([cases[k] for k in active], [transcripts[k] for k in active])
-                for k, text in zip(active, said):
-                    if text is None:
-                        stopped[k] = "patient gave no usable reply"
-                    else:
-                        transcripts[k].append({"role": "patient", "content": text})
-                active = [k for k in active if k not in stopped]
-                if not active:
-                    break
-                replies = model.respond([doctor_view(transcripts[k]) for k in active],
-                                        [f"{cases[k]['id']}:{turn}" for k in active])
-                for k, (text, _) in zip(active, replies):
-                    if text is None:
-                        stopped[k] = "doctor gave no usable reply"
-                        continue
-                    transcripts[k].append({"role": "doctor", "content": text})
-                    if cfg.stop_rule == "diagnosis" and gives_diagnosis_and_advice(text):
-                        stopped[k] = "diagnosis and advice"
-                    elif turn == cfg.max_turns - 1:
-                        stopped[k] = "turn limit"
-                active = [k for k in active if k not in stopped]
-                print(f"{c.label()}: turn {turn + 1}/{cfg.max_turns}, {len(active)} consultations still open",
-                      file=sys.stderr, flush=True)
-                if not active:
-                    break
-            store.add([{"id": cases[k]["id"], "hash": hashes[k], "transcript": transcripts[k], "stopped": stopped[k],
-                        "doctor_turns": sum(t["role"] == "doctor" for t in transcripts[k])}
-                       for k in todo if not stopped[k].endswith("no usable reply")])
+            # our model: batch_size consultations at a time, all their turns, so each next turn finds its
+            # conversation's keys still in the engine (LocalModel keep_prefixes) and each batch is stored
+            # when done; an endpoint: all of them at once
+            size = model.batch_size if isinstance(model, LocalModel) else len(todo)
+            for b in range(0, len(todo), size):
+                part = todo[b:b + size]
+                where = f"consultations {b + 1}-{b + len(part)} of {len(todo)}, " if size < len(todo) else ""
+                transcripts, stopped = run_consultations(model, [cases[k] for k in part], patient, cfg,
+                                                         f"{c.label()}: {where}")
+                store.add([{"id": cases[k]["id"], "hash": hashes[k], "transcript": t, "stopped": why,
+                            "doctor_turns": sum(turn["role"] == "doctor" for turn in t)}
+                           for k, t, why in zip(part, transcripts, stopped) if not why.endswith("no usable reply")])
             summaries.append(model.summary())
         finally:
             model.close()
     return [store.get(case["id"], h) for case, h in zip(cases, hashes)]
+
+
+def run_consultations(model, cases: list[dict], patient, cfg, say: str) -> tuple[list[list[dict]], list[str]]:
+    """(transcript, why it stopped) of each case, consulted by `model` (LocalModel or EndpointModel),
+    all open consultations advancing together: one batch of patient turns, then one of doctor turns."""
+    transcripts = [[] for _ in cases]
+    stopped = {}
+    active = list(range(len(cases)))
+    for turn in range(cfg.max_turns):
+        said = patient.speak([cases[k] for k in active], [transcripts[k] for k in active])
+        for k, text in zip(active, said):
+            if text is None:
+                stopped[k] = "patient gave no usable reply"
+            else:
+                transcripts[k].append({"role": "patient", "content": text})
+        active = [k for k in active if k not in stopped]
+        if not active:
+            break
+        replies = model.respond([doctor_view(transcripts[k]) for k in active],
+                                [f"{cases[k]['id']}:{turn}" for k in active])
+        for k, (text, _) in zip(active, replies):
+            if text is None:
+                stopped[k] = "doctor gave no usable reply"
+                continue
+            transcripts[k].append({"role": "doctor", "content": text})
+            if cfg.stop_rule == "diagnosis" and gives_diagnosis_and_advice(text):
+                stopped[k] = "diagnosis and advice"
+            elif turn == cfg.max_turns - 1:
+                stopped[k] = "turn limit"
+        active = [k for k in active if k not in stopped]
+        print(f"{say}turn {turn + 1}/{cfg.max_turns}, {len(active)} consultations still open", file=sys.stderr,
+              flush=True)
+        if not active:
+            break
+    return transcripts, [stopped[k] for k in range(len(cases))]
 
 
 def render_transcript(transcript: list[dict]) -> str:

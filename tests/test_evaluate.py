@@ -456,6 +456,52 @@ def test_offline_dialogue_with_our_model(tmp_path, tiny):
     assert "offline patient stand-in" in (tmp_path / "dlg" / "report.md").read_text(encoding="utf-8")
 
 
+def test_consultations_keep_their_keys_between_turns(tmp_path, monkeypatch):
+    """Our model consults batch_size cases at a time through all their turns, in one engine that keeps
+    each conversation's keys: every turn after the first prefills only what the conversation added
+    (the patient's words, the answer's retokenised tail), fewer tokens in all than a new engine per
+    turn (before), with the same transcripts, stored batch by batch."""
+    import nanohuatuo.engine as engine_mod
+    counted, real = [], engine_mod.forward
+    monkeypatch.setattr(engine_mod, "forward",
+                        lambda model, ids, *a: counted.append(ids.numel()) or real(model, ids, *a))
+    # a context the consultations fit in (the tiny tokenizer spells Chinese in bytes), so none is cut from the front
+    roomy = tiny_base(tmp_path / "roomy", TEXTS, vocab_size=300, max_seq_len=1024).dir
+    cand, s = ans.Candidate(model=roomy, name="tiny"), ans.GenerationSettings(max_new_tokens=10)
+    opened = consult.open_candidate
+
+    def run(keep):
+        counted.clear()
+        monkeypatch.setattr(consult, "open_candidate", lambda c, s, cfg, keep_prefixes: opened(c, s, cfg, keep))
+        cfg = ev.DialogueConfig(answers_dir=str(tmp_path / f"keep{keep}"), max_turns=3, stop_rule="turns", batch_size=2,
+                                device="cpu")
+        got = consult.consult(cand, s, CASES, consult.OfflinePatient(), cfg, [])
+        return [g["transcript"] for g in got], sum(counted)
+
+    (kept, kept_tokens), (fresh, fresh_tokens) = run(True), run(False)
+    assert kept == fresh and all(len(t) == 6 for t in kept)
+    assert kept_tokens < fresh_tokens / 2
+    [store] = (tmp_path / "keepTrue").glob("dialogue-*.jsonl")
+    assert [json.loads(x)["id"] for x in store.read_text(encoding="utf-8").splitlines()] == [1, 2, 3]
+
+
+def test_consult_bench_runs_both_ways(tmp_path, monkeypatch, capsys):
+    """bench/consult.py on a tiny model: both runs' figures, the same transcripts, the JSON written."""
+    import sys
+    from conftest import bench_module
+    bench = bench_module("consult")
+    roomy = tiny_base(tmp_path / "roomy", TEXTS, vocab_size=300, max_seq_len=1024).dir
+    monkeypatch.setattr(sys, "argv", ["consult.py", "--model", roomy, "--data", cases_file(tmp_path), "--cases", "3",
+                                      "--turns", "2", "--max-new-tokens", "6", "--batch-size", "2",
+                                      "--out", str(tmp_path / "c.json")])
+    bench.main()
+    got = json.loads((tmp_path / "c.json").read_text(encoding="utf-8"))
+    before, after = got["runs"]
+    assert got["same_transcripts"] == 3 and before["transcripts"] == after["transcripts"]
+    assert after["prefill_tokens"] < before["prefill_tokens"] and before["generated_tokens"] == after["generated_tokens"]
+    assert "identical transcripts 3/3" in capsys.readouterr().out
+
+
 def test_metrics_run_scores_the_answers(tmp_path):
     qa = [{"id": f"r{i}", "messages": [{"role": "user", "content": f"问题{i}"}, {"role": "assistant", "content": ref}],
            "source": "real_doctor_instructions"} for i, ref in enumerate(["多喝水，注意休息", "建议及时就医检查", "外用药膏"])]
