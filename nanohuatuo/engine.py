@@ -304,30 +304,35 @@ class Engine:
         prompt tokens (or PREFILL_TOKENS in all): one forward reads the weights once for the batch,
         where one forward per request read them once each. A group of n samples of one prompt is
         prefilled on its own (its keys copied into its n rows). With keep_prefixes, first, the requests
-        that begin with a kept row's keys, each on its own from where they stop (`_reuse`)."""
+        that begin with a kept row's keys, batched the same way, each from where its keys stop (`_reuse`)."""
         if self.keep_prefixes and self.held:
             groups = self._reuse(groups)
-        singles = sorted((g for g in groups if len(g) == 1), key=lambda g: len(g[0].prompt))
+        self._batches(sorted(((g, 0) for g in groups if len(g) == 1), key=lambda gs: len(gs[0][0].prompt)))
+        for g in groups:
+            if len(g) > 1:
+                self._prefill([(g, 0)])
+
+    def _batches(self, items):
+        """Prefill (single request's group, start) items, ascending by the tokens each has to prefill,
+        in as few forwards as PAD_WASTE and PREFILL_TOKENS allow (see `_admit`)."""
         batch, tokens = [], 0
-        for g in singles:  # ascending: the newest is the longest, so it sets the padded length
-            P = len(g[0].prompt) - 1
+        for g, start in items:  # ascending: the newest is the longest, so it sets the padded length
+            P = len(g[0].prompt) - 1 - start
             if batch and ((len(batch) + 1) * P > PAD_WASTE * (tokens + P) or (len(batch) + 1) * P > PREFILL_TOKENS):
                 self._prefill(batch)
                 batch, tokens = [], 0
-            batch.append(g)
+            batch.append((g, start))
             tokens += P
         if batch:
             self._prefill(batch)
-        for g in groups:
-            if len(g) > 1:
-                self._prefill([g])
 
     def _reuse(self, groups):
-        """Prefill, each into the next free row, the single requests (no prompt log-probs) whose prompt
-        begins with PREFIX_MIN or more of the tokens a kept row of their adapter holds, from where
-        those stop; returns the groups left. Pairs are taken longest match first, each row and request
-        once, so a conversation's next turn finds its own row even where another kept row shares its
-        system prompt; a row that is not the next free one has its keys moved there first (`_move`)."""
+        """Prefill the single requests (no prompt log-probs) whose prompt begins with PREFIX_MIN or more
+        of the tokens a kept row of their adapter holds, from where those stop; returns the groups
+        left. Pairs are taken longest match first, each row and request once, so a conversation's next
+        turn finds its own row even where another kept row shares its system prompt. The rows' keys
+        are moved (`_move`) into the next free rows, in the order of what is left to prefill, which
+        then goes through `_batches` like fresh prompts."""
         singles = [g for g in groups if len(g) == 1 and not g[0].params.prompt_logprobs]
         pairs = sorted(((common_prefix(held, g[0].prompt[:-1]), row, i) for row, (held, adapter) in self.held.items()
                         for i, g in enumerate(singles) if g[0].adapter == adapter), reverse=True)
@@ -338,10 +343,11 @@ class Engine:
             if row not in rows and i not in taken:
                 rows.add(row)
                 taken[i] = (row, n)
+        order = sorted(taken, key=lambda i: len(singles[i][0].prompt) - taken[i][1])
         content = {row: row for row in rows}  # a kept row's keys -> the row they are in now
-        for i, (row, n) in taken.items():
-            self._move(content[row], len(self.running), content)
-            self._prefill([singles[i]], start=n)
+        for j, i in enumerate(order):
+            self._move(content[taken[i][0]], len(self.running) + j, content)
+        self._batches([(singles[i], taken[i][1]) for i in order])
         return [g for g in groups if not any(g is singles[i] for i in taken)]
 
     def _move(self, src, dst, content):
@@ -361,33 +367,42 @@ class Engine:
         for key, at in content.items():
             content[key] = dst if at == src else src if at == dst else at
 
-    def _prefill(self, groups, start=0):
-        """Keys of all but the last prompt token of each group, computed in one forward into the first
-        row of each group (prompts right-padded: a row's padding keys lie past its prompt, where its
-        own tokens overwrite them before any query can see them) and copied into the group's other
-        rows (prefix reuse); the last token is fed by the next decode step. Several groups: one row
-        each (only single requests are batched, so their rows are consecutive). start: the keys of
-        the first `start` prompt tokens are in the (one) group's row already (`_reuse`)."""
+    def _prefill(self, items):
+        """Keys of all but the last prompt token of each (group, start) item, computed in one forward
+        into the first row of each group and copied into the group's other rows (prefix reuse); the
+        last token is fed by the next decode step. Several items: one row each (only single
+        requests are batched, so their rows are consecutive). An item's start: the keys of its first
+        `start` prompt tokens are in its row already (`_reuse`), and its tokens go in from there.
+        Rows are right-padded: a row's padding keys lie past its prompt, where its own tokens
+        overwrite them before any query can see them (with different starts, a padding position
+        past the end of the cache row is written at its last position instead)."""
         first = len(self.running)
-        for row in range(first, first + sum(map(len, groups))):  # being overwritten: no longer kept
+        for row in range(first, first + sum(len(g) for g, _ in items)):  # being overwritten: no longer kept
             self.held.pop(row, None)
-        lengths = [len(g[0].prompt) - 1 for g in groups]
-        P = max(lengths)
-        if P > start:
-            ids = torch.tensor([g[0].prompt[start:-1] + [0] * (P - n) for g, n in zip(groups, lengths)],
+        lengths = [len(g[0].prompt) - 1 for g, _ in items]
+        starts = [s for _, s in items]
+        T = max(n - s for n, s in zip(lengths, starts))
+        if T > 0:
+            ids = torch.tensor([g[0].prompt[s:-1] + [0] * (T - n + s) for (g, s), n in zip(items, lengths)],
                                device=self.device)
-            pos = torch.arange(start, P, device=self.device)[None].expand(len(groups), P - start)
+            if len(set(starts)) == 1:  # one slice of positions for every row: written without scattering
+                pos = torch.arange(starts[0], starts[0] + T, device=self.device)[None].expand(len(items), T)
+                cache = RowCache(self.k, self.v, first, pos, starts[0] + T, start=starts[0])
+            else:
+                pos = (torch.tensor(starts, device=self.device)[:, None] + torch.arange(T, device=self.device))
+                pos = pos.clamp(max=self.max_len - 1)
+                cache = RowCache(self.k, self.v, first, pos, int(pos.max()) + 1)
             c = self.model.config
-            plain = c.pos == "rope" and c.sliding_window is None and not start  # SDPA's own causal mask fits
-            mask = None if plain else key_mask(self.model, pos, P, self.k[0].dtype)
-            select_adapters(self.model, [g[0].adapter for g in groups])
-            h = forward(self.model, ids, pos, RowCache(self.k, self.v, first, pos, P, start=start), mask)
-            for j, (g, n) in enumerate(zip(groups, lengths)):
-                if n and any(r.params.prompt_logprobs for r in g):
+            plain = c.pos == "rope" and c.sliding_window is None and not any(starts)  # SDPA's causal mask fits
+            mask = None if plain else key_mask(self.model, pos, cache.n_keys, self.k[0].dtype)
+            select_adapters(self.model, [g[0].adapter for g, _ in items])
+            h = forward(self.model, ids, pos, cache, mask)
+            for j, ((g, s), n) in enumerate(zip(items, lengths)):
+                if n and not s and any(r.params.prompt_logprobs for r in g):  # (reused rows never ask)
                     lps = self._prompt_logprobs(h[j, :n], g[0].prompt, max(r.params.top_logprobs for r in g))
                     for r in g:
                         r.prompt_logprobs = lps if r.params.prompt_logprobs else None
-        for g, n in zip(groups, lengths):
+        for (g, _), n in zip(items, lengths):
             prompt_ids = torch.tensor(g[0].prompt, device=self.device)
             head = len(self.running)  # the group's first row, which the forward filled
             for j, r in enumerate(g):

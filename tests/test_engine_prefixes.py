@@ -122,11 +122,13 @@ def test_a_stopped_answer_keeps_its_keys_and_a_running_neighbour_keeps_its_row(m
     assert outs[c] == want and outs[a] == want_a
 
 
-def test_conversations_continued_together_each_find_their_row(monkeypatch):
+@pytest.mark.parametrize("kind", list(CONFIGS))
+def test_conversations_continued_together_each_find_their_row(monkeypatch, kind):
     """Two conversations answered side by side in two slots, then both continued in one step: each
-    next turn takes the free row holding its conversation (whichever it is after the rows moved)
-    and prefills only its new tokens; the answers are a fresh engine's."""
-    m = tiny()
+    next turn takes the free row holding its conversation (whichever it is after the rows moved),
+    and the two are prefilled in one forward, each from where its kept keys stop (27 and 28 tokens
+    in), as wide as the longer rest; the answers are a fresh engine's (RoPE, sliding window, ALiBi)."""
+    m = tiny(kind)
     q1, q2 = P1, [(5 * i + 4) % 101 for i in range(24)]
     eng = Engine(m, slots=2, max_len=128, keep_prefixes=True)
     a1, a2 = eng.generate([q1, q2], [SamplingParams(max_new_tokens=9), SamplingParams(max_new_tokens=4)])
@@ -135,7 +137,23 @@ def test_conversations_continued_together_each_find_their_row(monkeypatch):
     seen = prefills(monkeypatch)
     outs = eng.generate([p2, p1], SamplingParams(max_new_tokens=6))
     assert [o.tokens for o in outs] == want[::-1]
-    assert sorted(seen) == [5, 8]
+    assert seen == [8]
+
+
+def test_a_batch_of_turns_padded_past_the_end_of_a_row(monkeypatch):
+    """Two turns prefilled together from different starts, one of them ending at the last position of
+    its cache row: its padding positions past the row's end are written at its last position (the
+    row's own last token overwrites it), and both answers are a fresh engine's."""
+    m = tiny()
+    qa, qb = [(3 * i + 2) % 101 for i in range(40)], P1
+    eng = Engine(m, slots=2, max_len=48, keep_prefixes=True)
+    a1, b1 = eng.generate([qa, qb], [SamplingParams(max_new_tokens=5), SamplingParams(max_new_tokens=4)])
+    pa, pb = qa + a1.tokens + EXTRA[:3], qb + b1.tokens + EXTRA[:5]  # 48 tokens from 44 kept; 29 from 23
+    want = [fresh(m, pa, 1).tokens, fresh(m, pb, 6).tokens]
+    seen = prefills(monkeypatch)
+    outs = eng.generate([pa, pb], [SamplingParams(max_new_tokens=1), SamplingParams(max_new_tokens=6)])
+    assert seen == [5]  # 3 and 5 tokens in one forward: row a's positions 44..48, the last one kept at 47
+    assert [o.tokens for o in outs] == want
 
 
 def test_a_turn_finds_its_row_past_rows_that_share_only_the_system_prompt(monkeypatch):
