@@ -331,6 +331,8 @@ CANDIDATE_HELP = {
     "answers": ("", "file of ready answers (JSONL/JSON of id, answer) instead of a model"),
     "name": ("", "name in the report (default: from the model directory or model name)"),
     "template": ("auto", "chat template of our model (auto: the model's own)"),
+    "quant": ("none", "weight quantisation of our model: none (the --dtype), int8 (weight-only, one scale per row) "
+                      "or nf4 (4-bit blocks), as chat's and serve's --quant; its name gets -int8 or -nf4"),
 }
 
 
@@ -350,6 +352,7 @@ class CandidateFlags:
     a_answers: str = _cand("A", "answers")
     a_name: str = _cand("A", "name")
     a_template: str = _cand("A", "template")
+    a_quant: str = _cand("A", "quant")
     b_model: str = _cand("B", "model")
     b_adapter: str | None = _cand("B", "adapter")
     b_base_url: str = _cand("B", "base_url")
@@ -358,6 +361,7 @@ class CandidateFlags:
     b_answers: str = _cand("B", "answers")
     b_name: str = _cand("B", "name")
     b_template: str = _cand("B", "template")
+    b_quant: str = _cand("B", "quant")
 
 
 @dataclass
@@ -415,6 +419,7 @@ class MetricsConfig(GenerationFlags, OutputFlags):
     answers: str = arg("", "file of ready answers (JSONL/JSON of id, answer) instead of a model")
     name: str = arg("", "name in the report (default from the model)")
     template: str = arg("auto", "chat template of our model")
+    quant: str = arg("none", CANDIDATE_HELP["quant"][1])
     level: str = arg("corpus", "BLEU/GLEU level: corpus (nltk corpus_bleu) or sentence (smoothed, averaged)",
                      choices=["corpus", "sentence"])
     keep_punct: bool = arg(True, "count punctuation marks as characters")
@@ -440,7 +445,7 @@ class TallyConfig:
 def side(cfg, s: str) -> Candidate:
     g = lambda k: getattr(cfg, f"{s}_{k}")
     c = Candidate(g("name"), g("model"), g("adapter"), g("base_url"), g("model_name"), g("api_key"), g("answers"),
-                  g("template"))
+                  g("template"), g("quant"))
     c.kind(f"{s}-")
     return c
 
@@ -574,7 +579,8 @@ def run_dialogue(cfg: DialogueConfig) -> dict:
 
 def run_metrics(cfg: MetricsConfig) -> dict:
     """Reference metrics of one candidate's answers on a QA set; returns the summary dict."""
-    c = Candidate(cfg.name, cfg.model, cfg.adapter, cfg.base_url, cfg.model_name, cfg.api_key, cfg.answers, cfg.template)
+    c = Candidate(cfg.name, cfg.model, cfg.adapter, cfg.base_url, cfg.model_name, cfg.api_key, cfg.answers, cfg.template,
+                  cfg.quant)
     c.kind()
     items = load_qa(cfg.data, cfg.format, cfg.limit)
     lock, cfg = _setup(cfg)

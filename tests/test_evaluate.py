@@ -5,6 +5,7 @@ our own tiny model as a candidate, the QA readers, the sheet/tally round trip, a
 import csv
 import json
 import re
+from pathlib import Path
 
 import pytest
 
@@ -441,6 +442,42 @@ def test_adapter_candidate(tmp_path, tiny):
     assert summary["a"] == "adapter" and summary["stats"]["overall"]["n"] == 3
     pairs = [json.loads(x) for x in (tmp_path / "out" / "pairs.jsonl").read_text(encoding="utf-8").splitlines()]
     assert any(p["answer_a"] != p["answer_b"] for p in pairs)
+
+
+def test_a_quantised_candidate(tmp_path):
+    """--a-quant int8: the candidate is our model loaded as chat and serve load it with --quant int8
+    (its greedy answers are that model's), named and stored apart from the full-precision one;
+    --a-quant on an endpoint, or an unknown value, is a one-line error."""
+    import torch
+    from nanohuatuo.cli import UserError
+    from nanohuatuo.engine import Engine, SamplingParams
+    from nanohuatuo.generate import load_for_inference
+    from nanohuatuo.templates import render_prompt, stop_token_ids
+    data, rows = questions(tmp_path, 3)
+    tiny = tiny_base(tmp_path / "roomy", TEXTS, vocab_size=300, max_seq_len=1024).dir  # no prompt cut to fit
+    summary = ev.run_pairwise(ev.PairwiseConfig(
+        data=data, a_model=tiny, a_quant="int8", b_model=tiny, judge="offline", out=str(tmp_path / "out"),
+        max_new_tokens=6, device="cpu", bootstrap=20))
+    name = f"{Path(tiny).name}-int8"
+    assert summary["a"] == name and summary["b"] == Path(tiny).name
+    stores = sorted(p.name for p in (tmp_path / "out" / "answers").glob("*.jsonl"))
+    assert len(stores) == 2 and stores[1].startswith(name + "-")
+    model, tok, template = load_for_inference(tiny, None, torch.float32, "cpu", "int8", what="evaluation")
+    prompts = [render_prompt([{"role": "user", "content": r["query"]}], tok, template) for r in rows]
+    want = Engine(model, tokenizer=tok, slots=4).generate(
+        prompts, SamplingParams(max_new_tokens=6, stop_ids=tuple(stop_token_ids(tok, template))))
+    pairs = [json.loads(x) for x in (tmp_path / "out" / "pairs.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert [p["answer_a"] for p in pairs] == [tok.decode(o.tokens).strip() for o in want]
+    from nanohuatuo.quant import Int8Linear
+    loaded = ans.LocalModel(ans.Candidate(model=tiny, quant="int8"), ans.GenerationSettings(max_new_tokens=4),
+                            torch.device("cpu"), torch.float32)
+    assert any(isinstance(m, Int8Linear) for m in loaded.model.modules())  # (the tiny model's int8 answers are
+    # float32's here, so the answers alone would not tell)
+    with pytest.raises(UserError, match="--a-quant int8: only our model"):
+        ev.side(ev.PairwiseConfig(a_base_url="http://127.0.0.1:9/v1", a_model_name="m", a_quant="int8"), "a")
+    cand = ans.Candidate(model=tiny, quant="int4")
+    with pytest.raises(UserError, match="quant 'int4'; use one of none, int8, nf4"):
+        ans.LocalModel(cand, ans.GenerationSettings(max_new_tokens=4), torch.device("cpu"), torch.float32)
 
 
 def test_offline_dialogue_with_our_model(tmp_path, tiny):

@@ -318,7 +318,7 @@ VOCABULARY = {
     "checkpoint interval": ("--save-every", r"^checkpoint every", TRAIN),
     "checkpoints kept": ("--keep-checkpoints", r"^checkpoints kept", TRAIN),
     "weight quantisation (int8, NF4; a frozen NF4 base for QLoRA)": (
-        "--quant", r"^(\w+ )*frozen base|NF4|^weight quantisation", TRAIN + ["chat.py", "serve.py"]),
+        "--quant", r"^(\w+ )*frozen base|NF4|^weight quantisation", TRAIN + ["chat.py", "serve.py", EVAL[2]]),
     "experiment trackers": ("--report-to", r"tensorboard", TRAIN),
     "flag values from a file": ("--config", r"read flag values from", TRAIN + [SAMPLE, RANK, "chat.py", "serve.py",
                                                                         "demo.py", *EVAL, *DISTILL]),
