@@ -144,7 +144,8 @@ class Engine:
     sharing only a system prompt do not steal a conversation's turn) and prefills only the rest, so
     a chat's next turn costs its new tokens, not the whole conversation again. Only for a model
     whose weights stay as they are while the engine lives (chat, serve, evaluate's consultations).
-    `grow(max_len)` lengthens the rows, running and kept keys carried over.
+    A prompt prefilled afresh moves the kept keys out of the rows it takes, into free rows that keep
+    nothing, while there are any. `grow(max_len)` lengthens the rows, running and kept keys carried over.
     Kept keys were computed by other forwards (the decode steps of the answer, a prefill of other
     rows), whose kernels may round differently from a fresh prefill's: where greedy logits nearly
     tie, the next turn's tokens can then differ from a fresh engine's (docs/benchmarks.md).
@@ -342,30 +343,31 @@ class Engine:
                 break
             if row not in rows and i not in taken:
                 rows.add(row)
-                taken[i] = (row, n)
+                taken[i] = (self.held[row], n)  # the entry itself: _move carries it from row to row
         order = sorted(taken, key=lambda i: len(singles[i][0].prompt) - taken[i][1])
-        content = {row: row for row in rows}  # a kept row's keys -> the row they are in now
         for j, i in enumerate(order):
-            self._move(content[taken[i][0]], len(self.running) + j, content)
+            dst = len(self.running) + j
+            self._move(next(row for row, kept in self.held.items() if kept is taken[i][0]), dst)
+            del self.held[dst]  # taken: the prefill below goes on from its keys
         self._batches([(singles[i], taken[i][1]) for i in order])
         return [g for g in groups if not any(g is singles[i] for i in taken)]
 
-    def _move(self, src, dst, content):
-        """Swap two free rows' keys (those each kept row holds), so the keys of `src` are in `dst`;
-        `content` (kept row -> where its keys are now) follows."""
-        if src == dst:
-            return
-        a, b = self.held.pop(src), self.held.pop(dst, None)
+    def _swap(self, i, j, n_i, n_j):
+        """Row i's first n_i keys (and values) into row j, row j's first n_j into row i, every layer."""
         for t in self.k + self.v:
-            other = t[dst, :, :len(b[0])].clone() if b else None
-            t[dst, :, :len(a[0])] = t[src, :, :len(a[0])]
+            kept = t[i, :, :n_i].clone() if n_i else None
+            t[i, :, :n_j] = t[j, :, :n_j]
+            if n_i:
+                t[j, :, :n_i] = kept
+
+    def _move(self, src, dst):
+        """Swap two free rows' keys with what each keeps (`held`), so the keys kept in `src` are in `dst`."""
+        if src != dst:
+            a, b = self.held.pop(src), self.held.pop(dst, None)
+            self._swap(src, dst, len(a[0]), len(b[0]) if b else 0)
+            self.held[dst] = a
             if b:
-                t[src, :, :len(b[0])] = other
-        self.held[dst] = a
-        if b:
-            self.held[src] = b
-        for key, at in content.items():
-            content[key] = dst if at == src else src if at == dst else at
+                self.held[src] = b
 
     def _prefill(self, items):
         """Keys of all but the last prompt token of each (group, start) item, computed in one forward
@@ -377,7 +379,11 @@ class Engine:
         overwrite them before any query can see them (with different starts, a padding position
         past the end of the cache row is written at its last position instead)."""
         first = len(self.running)
-        for row in range(first, first + sum(len(g) for g, _ in items)):  # being overwritten: no longer kept
+        rows = range(first, first + sum(len(g) for g, _ in items))
+        spare = [row for row in range(rows.stop, self.slots) if row not in self.held]
+        for row in rows:  # about to be overwritten: kept keys go to a free row that keeps nothing, if any is left
+            if row in self.held and spare:
+                self._move(row, spare.pop())
             self.held.pop(row, None)
         lengths = [len(g[0].prompt) - 1 for g, _ in items]
         starts = [s for _, s in items]
@@ -510,11 +516,7 @@ class Engine:
         With keep_prefixes r's keys move the other way, into the row freed, and stay there."""
         i, last = r.slot, self.running[-1]
         if last is not r:
-            for t in self.k + self.v:
-                kept = t[i, :, :r.length].clone() if self.keep_prefixes else None
-                t[i, :, :last.length] = t[last.slot, :, :last.length]
-                if kept is not None:
-                    t[last.slot, :, :r.length] = kept
+            self._swap(i, last.slot, r.length if self.keep_prefixes else 0, last.length)
             self.seen[i] = self.seen[last.slot]
             last.slot = i
             self.running[i] = last

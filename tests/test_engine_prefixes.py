@@ -179,24 +179,30 @@ def test_a_turn_finds_its_row_past_rows_that_share_only_the_system_prompt(monkey
     assert seen == [3]
 
 
-def test_grow_keeps_running_and_kept_rows():
+def test_grow_keeps_running_and_kept_rows(monkeypatch):
     """grow() lengthens every row between steps: a request running across it and a kept conversation's
-    next turn (now longer than the old rows) give a fresh engine's tokens, the turn from its kept keys."""
+    next turn (now longer than the old rows) give a fresh engine's tokens, the turn from its kept keys.
+    The other request, prefilled afresh while the conversation's keys sat in the next free row, moved
+    them to the free row that kept nothing instead of overwriting them."""
     m = tiny()
     eng = Engine(m, slots=2, max_len=40, keep_prefixes=True)
     first = eng.generate([P1], SamplingParams(max_new_tokens=8))[0]
+    assert list(eng.held) == [0]
     other = [(5 * i + 2) % 101 for i in range(12)]
     rid = eng.add(other, SamplingParams(max_new_tokens=30))
     got = [ev.token for _ in range(3) for ev in eng.step()]
+    assert list(eng.held) == [1] and eng.held[1][0] == (P1 + first.tokens)[:len(P1) + 7]
     eng.grow(96)
     eng.grow(50)  # never shorter
     assert eng.max_len == 96 and eng.k[0].shape[2] == 96
-    p2 = P1 + first.tokens + EXTRA * 3  # 59 tokens: more than the old rows held
+    p2 = P1 + first.tokens + EXTRA * 3  # 52 tokens: more than the old rows held
+    seen = prefills(monkeypatch)
     turn = eng.add(p2, SamplingParams(max_new_tokens=10))
     outs = {}
     while eng.has_work():
         for ev in eng.step():
             outs.setdefault(ev.rid, []).append(ev.token)
+    assert seen == [len(p2) - 1 - (len(P1) + 7)]  # from the 27 kept keys on
     assert got + outs[rid] == fresh(m, other, 30).tokens
     assert outs[turn] == fresh(m, p2, 10).tokens
 
