@@ -46,7 +46,7 @@ class Candidate:
             what = " and ".join(kinds) if kinds else "nothing"
             raise UserError(f"candidate {flag or self.name or '?'}: got {what}; give exactly one of --{flag}model DIR, "
                             f"--{flag}base-url URL with --{flag}model-name NAME, or --{flag}answers FILE")
-        if self.quant not in ("", "none") and kinds[0] != "model":
+        if self.quant != "none" and kinds[0] != "model":
             raise UserError(f"--{flag}quant {self.quant}: only our model (--{flag}model) is loaded here; an endpoint "
                             f"or a file of answers has its weights elsewhere")
         return kinds[0]
@@ -55,7 +55,7 @@ class Candidate:
         if self.name:
             return self.name
         if self.model:  # a quantised copy named apart from the model it comes from
-            return Path(self.adapter or self.model).name + (f"-{self.quant}" if self.quant not in ("", "none") else "")
+            return Path(self.adapter or self.model).name + (f"-{self.quant}" if self.quant != "none" else "")
         return self.model_name or Path(self.answers).stem
 
 
@@ -87,7 +87,7 @@ def candidate_key(c: Candidate, s: GenerationSettings, extra: dict | None = None
     if kind == "model":
         what = {"model": str(Path(c.model).resolve()), "adapter": str(Path(c.adapter).resolve()) if c.adapter else None,
                 "files": _files_fingerprint(c.model) + _files_fingerprint(c.adapter), "template": c.template}
-        if c.quant not in ("", "none"):  # (answers stored before the flag keep their key)
+        if c.quant != "none":  # (answers stored before the flag keep their key)
             what["quant"] = c.quant
     elif kind == "endpoint":
         what = {"base_url": c.base_url.rstrip("/"), "model_name": c.model_name}
@@ -155,11 +155,8 @@ class LocalModel:
         self.keep_prefixes, self.engine = keep_prefixes, None
         t0 = time.time()
         from .generate import load_for_inference  # torch loads only when one of our models answers
-        from .quant import INFERENCE_QUANTS
-        if (c.quant or "none") not in INFERENCE_QUANTS:
-            raise UserError(f"candidate {self.name}: quant {c.quant!r}; use one of {', '.join(INFERENCE_QUANTS)}")
         # the adapter merged (base-model cost), then quantised; a trained adapter's own tokenizer and template win
-        self.model, self.tok, self.template = load_for_inference(c.model, c.adapter, dtype, device, c.quant or "none",
+        self.model, self.tok, self.template = load_for_inference(c.model, c.adapter, dtype, device, c.quant,
                                                                  template=c.template, what="evaluation")
         self.stop_ids = templates.stop_token_ids(self.tok, self.template)
         self.stops = templates.stop_strings(self.template)

@@ -476,7 +476,7 @@ def test_a_quantised_candidate(tmp_path):
     with pytest.raises(UserError, match="--a-quant int8: only our model"):
         ev.side(ev.PairwiseConfig(a_base_url="http://127.0.0.1:9/v1", a_model_name="m", a_quant="int8"), "a")
     cand = ans.Candidate(model=tiny, quant="int4")
-    with pytest.raises(UserError, match="quant 'int4'; use one of none, int8, nf4"):
+    with pytest.raises(ValueError, match="--quant int4: use one of none, int8, nf4"):  # load_for_inference's check
         ans.LocalModel(cand, ans.GenerationSettings(max_new_tokens=4), torch.device("cpu"), torch.float32)
 
 
