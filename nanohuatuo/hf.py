@@ -19,11 +19,14 @@ import math
 import os
 import shutil
 from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING
 
 from safetensors import SafetensorError, safe_open
 
 # torch is imported by the functions that build, load or save weights, not here: templates and the
 # tokenizer read config files through this module, and the LLM-only commands must start without torch
+if TYPE_CHECKING:
+    import torch
 
 
 class ModelDirError(ValueError):

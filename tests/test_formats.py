@@ -13,7 +13,7 @@ import pytest
 from conftest import tiny_base, write_jsonl
 
 from nanohuatuo import data, prepare, sft
-from nanohuatuo.formats import DataError, iter_records, to_row
+from nanohuatuo.formats import DataError, iter_records
 
 ROOT = Path(__file__).resolve().parents[1]
 QA = [("我头疼三天了，怎么办？", "多休息，必要时就医。"), ("孩子发烧38度要紧吗？", "先物理降温，观察精神。"),

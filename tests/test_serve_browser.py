@@ -131,7 +131,7 @@ def test_page_streams_a_reply(setup):
     browser.js("document.getElementById('max-tokens').value = '24'")
 
     ask(browser, "头痛怎么办？")
-    browser.wait(f"document.querySelectorAll('.msg.assistant').length === 1")
+    browser.wait("document.querySelectorAll('.msg.assistant').length === 1")
     seen = set()
     while not browser.js(f"{REPLY}.dataset.done"):
         seen.add(browser.js(f"{REPLY}.textContent"))
