@@ -89,6 +89,7 @@ class Event:
     # on a request's first event, if it asked for them: (token, logprob, top) for prompt tokens 1.. (the
     # first token has no context to be predicted from)
     prompt_logprobs: list[tuple[int, float, list | None]] | None = None
+    cached_tokens: int = 0  # prompt tokens whose keys a kept row held (keep_prefixes), not computed again
 
 
 @dataclass
@@ -100,6 +101,7 @@ class Output:
     top_logprobs: list[list[tuple[int, float]]] | None
     finish_reason: str  # "stop" (stop id or string) | "length" (max_new_tokens or cache row full) | "cancelled"
     text: str | None  # the tokens decoded, if the engine has a tokenizer
+    cached_tokens: int = 0  # as Event's
 
 
 # ----------------------------------------------------------------------------- the scheduler
@@ -120,6 +122,7 @@ class _Request:
     finish_reason: str | None = None
     adapter: int = 0  # which LoRA adapter of a multi_lora model the request runs under (0: none)
     prompt_logprobs: list | None = None  # until its first event carries them
+    cached: int = 0  # prompt tokens whose keys a kept row held (`_reuse`)
 
 
 def cuda_graphs(device):
@@ -408,11 +411,11 @@ class Engine:
                     lps = self._prompt_logprobs(h[j, :n], g[0].prompt, max(r.params.top_logprobs for r in g))
                     for r in g:
                         r.prompt_logprobs = lps if r.params.prompt_logprobs else None
-        for (g, _), n in zip(items, lengths):
+        for (g, s), n in zip(items, lengths):
             prompt_ids = torch.tensor(g[0].prompt, device=self.device)
             head = len(self.running)  # the group's first row, which the forward filled
             for j, r in enumerate(g):
-                r.slot, r.length, r.next = head + j, n, g[0].prompt[-1]
+                r.slot, r.length, r.next, r.cached = head + j, n, g[0].prompt[-1], s
                 if j and n:
                     for t in self.k + self.v:
                         t[r.slot, :, :n] = t[head, :, :n]
@@ -498,7 +501,7 @@ class Engine:
                 reason = "stop"
             elif len(r.tokens) >= p.max_new_tokens or r.length >= self.max_len:
                 reason = "length"
-            events.append(Event(r.rid, t, logprob, top, reason, r.prompt_logprobs))
+            events.append(Event(r.rid, t, logprob, top, reason, r.prompt_logprobs, r.cached))
             r.prompt_logprobs = None
             if reason:
                 done.append((r, reason))
@@ -562,4 +565,4 @@ class Engine:
         p = r.params
         text = self.tokenizer.decode(r.tokens) if self.tokenizer is not None else None
         return Output(r.rid, r.prompt, r.tokens, r.logprobs if p.logprobs else None,
-                      r.top_logprobs if p.top_logprobs else None, r.finish_reason, text)
+                      r.top_logprobs if p.top_logprobs else None, r.finish_reason, text, r.cached)

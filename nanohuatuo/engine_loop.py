@@ -37,6 +37,7 @@ class Choice:
         self.text, self.sent = "", 0
         self.stopped = False  # a stop string was found (the text is cut before it)
         self.tokens = 0  # generated tokens, the stop token included (what usage counts)
+        self.cached = 0  # prompt tokens whose keys the engine kept from an earlier request (usage's cached_tokens)
         self.logprobs = []  # (token, logprob, top, offset in text) not yet sent
         self.prompt_logprobs = []  # (token, logprob, top) of prompt tokens 1.., if asked for; set before the first piece
         self.finish_reason = None
@@ -210,6 +211,7 @@ class EngineLoop:
         if row is None:  # cancelled while the step ran
             return
         ticket, choice = row
+        choice.cached = ev.cached_tokens
         if ev.prompt_logprobs is not None:
             choice.prompt_logprobs = ev.prompt_logprobs
         reason = ev.finish_reason

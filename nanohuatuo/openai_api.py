@@ -342,8 +342,11 @@ class OpenAIProtocol:
     @staticmethod
     def usage(ticket):
         completion = sum(c.tokens for c in ticket.choices)
+        # cached: prompt tokens the engine did not compute again, their keys kept from an earlier request
+        # (a conversation's previous turn); OpenAI and vLLM report them under the same name
         return {"prompt_tokens": ticket.prompt_tokens, "completion_tokens": completion,
-                "total_tokens": ticket.prompt_tokens + completion}
+                "total_tokens": ticket.prompt_tokens + completion,
+                "prompt_tokens_details": {"cached_tokens": sum(c.cached for c in ticket.choices)}}
 
 
 def joined_logprobs(first, then):

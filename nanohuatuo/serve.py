@@ -7,8 +7,9 @@ Routes: GET /v1/models, POST /v1/chat/completions, POST /v1/completions (raw pro
 browser's CORS preflight). The wire format follows OpenAI's closely enough that the official
 `openai` client, our judge, evaluate.py, distill.py and lm-evaluation-harness's local-completions
 use it unchanged: streaming as server-sent events (a role delta, content deltas, the finish_reason,
-then `data: [DONE]`), usage in every answer, `n`, `stop`, `seed`, logprobs, prompt log-probs with
-`echo`. What a request may ask and how an answer is shaped is nanohuatuo/openai_api.py (fields the
+then `data: [DONE]`), usage in every answer (`prompt_tokens_details.cached_tokens`: the prompt tokens
+whose keys the engine kept from an earlier answer, a conversation's previous turn), `n`, `stop`,
+`seed`, logprobs, prompt log-probs with `echo`. What a request may ask and how an answer is shaped is nanohuatuo/openai_api.py (fields the
 server would not honour are refused there with a 400 naming them); this module is the HTTP side.
 Chat prompts are rendered with the model's own chat template; answers are what the model wrote.
 
@@ -316,7 +317,9 @@ class Handler(JSONHandler):
         finally:
             svc.runner.cancel(ticket)  # a no-op once every choice finished; frees the rows of a client gone
         u = svc.api.usage(ticket)
-        self.log_line(200, f" {u['prompt_tokens']} prompt + {u['completion_tokens']} completion tokens, "
+        cached = u["prompt_tokens_details"]["cached_tokens"]
+        self.log_line(200, f" {u['prompt_tokens']} prompt{f' ({cached} cached)' if cached else ''} + "
+                           f"{u['completion_tokens']} completion tokens, "
                            f"{time.perf_counter() - ticket.t0:.2f} s")
 
     def messages(self, ticket):

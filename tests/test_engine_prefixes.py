@@ -44,6 +44,7 @@ def test_the_next_turn_prefills_only_its_new_tokens(monkeypatch, kind):
     out = eng.generate([p2], SamplingParams(max_new_tokens=10, logprobs=True))[0]
     # the row held P1 and the answer but its last token (never fed): the prefill starts there
     assert seen == [len(p2) - 1 - (len(P1) + 9)] == [len(EXTRA)]
+    assert out.cached_tokens == len(P1) + 9 and first.cached_tokens == 0  # what the output reports
     want = fresh(m, p2, 10)
     assert out.tokens == want.tokens
     torch.testing.assert_close(torch.tensor(out.logprobs), plain_logprobs(m, p2, out.tokens), atol=5e-5, rtol=0)

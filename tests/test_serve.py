@@ -144,7 +144,8 @@ def test_chat_greedy_is_generate(tiny, client):
 
 def test_a_conversation_s_next_turn_reuses_its_keys(tiny, client, server, monkeypatch):
     """The server's engine keeps a finished answer's keys (keep_prefixes): the next turn of the same
-    conversation prefills only what it adds, and its greedy answer is still generate's."""
+    conversation prefills only what it adds, its greedy answer is still generate's, and its usage
+    counts the prompt tokens it did not compute as cached_tokens, streamed or not."""
     import nanohuatuo.engine as engine_mod
     assert server.service.runner.engine.keep_prefixes
     msgs = user(QUESTIONS[2])
@@ -156,7 +157,14 @@ def test_a_conversation_s_next_turn_reuses_its_keys(tiny, client, server, monkey
     r = client.chat.completions.create(model=NAME, messages=msgs, max_tokens=10, temperature=0)
     assert r.choices[0].message.content == want
     full = len(render_prompt(msgs, tiny[2], TEMPLATE))
-    assert seen and max(seen) < full - len(render_prompt(user(QUESTIONS[2]), tiny[2], TEMPLATE))
+    assert len(seen) == 1 and seen[0] < full - len(render_prompt(user(QUESTIONS[2]), tiny[2], TEMPLATE))
+    cached = full - 1 - seen[0]  # all but the last prompt token go through the prefill, less what was kept
+    assert r.usage.prompt_tokens == full and r.usage.prompt_tokens_details.cached_tokens == cached
+    # the same prompt again: every key but the last token's is kept; the stream's usage says so too
+    stream = client.chat.completions.create(model=NAME, messages=msgs, max_tokens=10, temperature=0, stream=True,
+                                            stream_options={"include_usage": True})
+    usage = [c.usage for c in stream if c.usage is not None]
+    assert len(usage) == 1 and usage[0].prompt_tokens_details.cached_tokens == full - 1
 
 
 def test_the_models_own_chat_template(tmp_path):
