@@ -163,6 +163,7 @@ class LocalModel:
         max_seq_len = self.model.config.max_seq_len
         self.budget = templates.prompt_budget(max_seq_len, max_seq_len, s.max_new_tokens)
         self.generated_tokens, self.truncated, self.seconds = 0, 0, 0.0
+        self.prompt_tokens, self.cached_tokens = 0, 0  # cached: prompt tokens whose keys the engine kept
         print(f"{self.name}: loaded {c.model}{' + ' + c.adapter if c.adapter else ''} in {time.time() - t0:.1f}s",
               file=sys.stderr, flush=True)
 
@@ -198,8 +199,11 @@ class LocalModel:
             engine = Engine(self.model, tokenizer=self.tok, slots=self.batch_size, max_len=max_len,
                             compile=self.compile, keep_prefixes=self.keep_prefixes)
             self.engine = engine if self.keep_prefixes else None
-        out = [(o.tokens, o.finish_reason) for o in engine.generate(prompts, params)]
+        outputs = engine.generate(prompts, params)
+        out = [(o.tokens, o.finish_reason) for o in outputs]
         self.generated_tokens += sum(len(t) for t, _ in out)
+        self.prompt_tokens += sum(map(len, prompts))
+        self.cached_tokens += sum(o.cached_tokens for o in outputs)
         self.seconds += time.time() - t0
         return [(cut_at_stop(self.tok.decode(t), self.stops).strip(), reason) for t, reason in out]
 
@@ -211,6 +215,8 @@ class LocalModel:
     def summary(self) -> str:
         rate = self.generated_tokens / self.seconds if self.seconds else 0.0
         text = f"{self.name}: {self.generated_tokens:,} tokens generated in {self.seconds:.1f}s ({rate:.0f} tok/s)"
+        if self.cached_tokens:
+            text += f", {self.cached_tokens:,} of {self.prompt_tokens:,} prompt tokens from kept keys"
         return text + (f", {self.truncated} prompts cut to fit the context" if self.truncated else "")
 
     def close(self):

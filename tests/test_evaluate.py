@@ -499,25 +499,34 @@ def test_consultations_keep_their_keys_between_turns(tmp_path, monkeypatch):
     (the patient's words, the answer's retokenised tail), fewer tokens in all than a new engine per
     turn (before), with the same transcripts, stored batch by batch."""
     import nanohuatuo.engine as engine_mod
-    counted, real = [], engine_mod.forward
+    counted, real, computed, prefill = [], engine_mod.forward, [], engine_mod.Engine._prefill
     monkeypatch.setattr(engine_mod, "forward",
                         lambda model, ids, *a: counted.append(ids.numel()) or real(model, ids, *a))
+    # the prompt tokens each prefill computes, its padding left out
+    monkeypatch.setattr(engine_mod.Engine, "_prefill", lambda self, items: computed.extend(
+        len(g[0].prompt) - 1 - start for g, start in items) or prefill(self, items))
     # a context the consultations fit in (the tiny tokenizer spells Chinese in bytes), so none is cut from the front
     roomy = tiny_base(tmp_path / "roomy", TEXTS, vocab_size=300, max_seq_len=1024).dir
     cand, s = ans.Candidate(model=roomy, name="tiny"), ans.GenerationSettings(max_new_tokens=10)
     opened = consult.open_candidate
 
     def run(keep):
-        counted.clear()
+        counted.clear(), computed.clear()
         monkeypatch.setattr(consult, "open_candidate", lambda c, s, cfg, keep_prefixes: opened(c, s, cfg, keep))
         cfg = ev.DialogueConfig(answers_dir=str(tmp_path / f"keep{keep}"), max_turns=3, stop_rule="turns", batch_size=2,
                                 device="cpu")
-        got = consult.consult(cand, s, CASES, consult.OfflinePatient(), cfg, [])
-        return [g["transcript"] for g in got], sum(counted)
+        summaries = []
+        got = consult.consult(cand, s, CASES, consult.OfflinePatient(), cfg, summaries)
+        return [g["transcript"] for g in got], sum(counted), summaries[0], sum(computed)
 
-    (kept, kept_tokens), (fresh, fresh_tokens) = run(True), run(False)
+    (kept, kept_tokens, kept_says, kept_computed), (fresh, fresh_tokens, fresh_says, _) = run(True), run(False)
     assert kept == fresh and all(len(t) == 6 for t in kept)
     assert kept_tokens < fresh_tokens / 2
+    # the summary counts the prompt tokens the kept keys saved: all but those the prefills computed and
+    # each prompt's last token (the first decode step feeds it)
+    said = re.search(r"([\d,]+) of ([\d,]+) prompt tokens from kept keys", kept_says)
+    cached, prompts = (int(x.replace(",", "")) for x in said.groups())
+    assert prompts - cached - 3 * len(CASES) == kept_computed and "kept keys" not in fresh_says
     [store] = (tmp_path / "keepTrue").glob("dialogue-*.jsonl")
     assert [json.loads(x)["id"] for x in store.read_text(encoding="utf-8").splitlines()] == [1, 2, 3]
 
