@@ -8,8 +8,9 @@ OpenAI-compatible endpoint, or a file of answers) answering conversations, each 
   (model and adapter files with their sizes and mtimes, template, sampling), so retraining in
   place makes new answers and every comparison pointing at the same directory reuses old ones.
 - LocalModel answers in batches on the engine (prompts fitted to the context, a seed per answer;
-  with keep_prefixes, one engine for the run that keeps each conversation's keys between its
-  turns, for the consultations); EndpointModel through llm.LLM with a SQLite cache; get_answers ties them together.
+  with keep_prefixes, one engine for the run that keeps finished answers' keys: a consultation's
+  next turn, or a question under the same system prompt, prefills only what it adds); EndpointModel
+  through llm.LLM with a SQLite cache; get_answers ties them together.
 """
 
 import hashlib
@@ -138,11 +139,12 @@ class AnswerStore:
 class LocalModel:
     """One of our models answering conversations in batches on the engine.
 
-    keep_prefixes: one engine for all batches, its cache grown as the conversations lengthen, each
-    finished answer's keys kept in its row (Engine keep_prefixes), so the next turn of a consultation
-    prefills only the patient's new words; batches of at most batch_size conversations, each the
-    next turn of the previous batch's, are what it serves best (consult.consult). Without it a new
-    engine per batch, its cache sized for that batch (a 7B model's full context in every slot
+    keep_prefixes: one engine for all batches, its cache grown as a batch needs (the longest prompt
+    and its answer, as a new engine's), each finished answer's keys kept in its row (Engine
+    keep_prefixes), so the next turn of a consultation prefills only the patient's new words, and a
+    question only what follows the system prompt; batches of at most batch_size conversations, each
+    the next turn of the previous batch's, are what it serves best (consult.consult). Without it a
+    new engine per batch, its cache sized for that batch (a 7B model's full context in every slot
     would not fit a small card)."""
 
     def __init__(self, c: Candidate, s: GenerationSettings, device, dtype, batch_size: int = 16,
@@ -192,8 +194,8 @@ class LocalModel:
         if engine is not None and engine.max_len < max_len:
             if engine.graphs:  # CUDA graphs are recorded on the cache: a new engine (its kept keys lost)
                 engine = self.engine = None
-            else:  # at least doubled, so a lengthening consultation grows the cache a few times only
-                engine.grow(min(self.model.config.max_seq_len, max(max_len, 2 * engine.max_len)))
+            else:  # to what this batch needs, no more: a 7B model's cache at twice that might not fit a card
+                engine.grow(max_len)
         if engine is None:
             # compiled, the step is compiled once per model, not per batch (engine_runner.compiled_decode)
             engine = Engine(self.model, tokenizer=self.tok, slots=self.batch_size, max_len=max_len,
@@ -287,7 +289,11 @@ def get_answers(c: Candidate, s: GenerationSettings, items: list[dict], run,
     print(f"{c.label()}: {len(items) - len(todo)}/{len(items)} answers in {store.path}, {len(todo)} to make",
           file=sys.stderr, flush=True)
     if todo:
-        model = open_candidate(c, s, run)
+        # our model keeps finished answers' keys: every prompt begins with the template's system prompt
+        # (the model's default or --system), so a question admitted to a freed row prefills only what
+        # follows it (96 KUAKE-QIC questions, Qwen2.5-Coder-0.5B-Instruct, 128 new tokens: prefill tokens
+        # 3,874 -> 1,812, answering 1.07x as fast on a CPU, the same answers; docs/benchmarks.md)
+        model = open_candidate(c, s, run, keep_prefixes=True)
         try:
             chunk = 64 if isinstance(model, LocalModel) else len(todo)  # a local run saves as it goes
             for b in range(0, len(todo), chunk):

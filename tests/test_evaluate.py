@@ -531,8 +531,38 @@ def test_consultations_keep_their_keys_between_turns(tmp_path, monkeypatch):
     assert [json.loads(x)["id"] for x in store.read_text(encoding="utf-8").splitlines()] == [1, 2, 3]
 
 
+def test_questions_reuse_the_system_prompts_keys(tmp_path, monkeypatch):
+    """Single-turn answers from our model: one engine for the run keeps finished answers' keys, so a
+    question admitted to a freed row prefills only what follows the system prompt, fewer tokens in
+    all than engines that keep nothing, with the same answers; the summary counts the tokens saved."""
+    import nanohuatuo.engine as engine_mod
+    counted, real = [], engine_mod.forward
+    monkeypatch.setattr(engine_mod, "forward",
+                        lambda model, ids, *a: counted.append(ids.numel()) or real(model, ids, *a))
+    roomy = tiny_base(tmp_path / "roomy", TEXTS, vocab_size=300, max_seq_len=1024).dir
+    cand = ans.Candidate(model=roomy, name="tiny")
+    s = ans.GenerationSettings(max_new_tokens=6, system="你是一名经验丰富的全科医生，请简明地回答患者的问题。")
+    items = [{"id": f"q{i}", "messages": [{"role": "user", "content": f"第{i}个问题：头痛发热怎么办"}]} for i in range(9)]
+    opened, asked = ans.open_candidate, []
+
+    def run(keep):  # keep: whether the engine keeps keys (get_answers' own choice recorded in `asked`)
+        counted.clear()
+        monkeypatch.setattr(ans, "open_candidate",
+                            lambda c, s, cfg, keep_prefixes: asked.append(keep_prefixes) or opened(c, s, cfg, keep))
+        cfg = ev.PairwiseConfig(answers_dir=str(tmp_path / f"keep{keep}"), batch_size=2, device="cpu")
+        summaries = []
+        got = ans.get_answers(cand, s, items, cfg, summaries)
+        return got, sum(counted), summaries[0]
+
+    (kept, kept_tokens, kept_says), (fresh, fresh_tokens, fresh_says) = run(True), run(False)
+    assert asked == [True, True] and kept == fresh and all(kept)
+    assert kept_tokens < fresh_tokens * 0.7, (kept_tokens, fresh_tokens)
+    assert re.search(r"[\d,]+ of [\d,]+ prompt tokens from kept keys", kept_says) and "kept" not in fresh_says
+
+
 def test_consult_bench_runs_both_ways(tmp_path, monkeypatch, capsys):
-    """bench/consult.py on a tiny model: both runs' figures, the same transcripts, the JSON written."""
+    """bench/consult.py on a tiny model, consultations and then questions: both runs' figures, the
+    same transcripts (answers), the JSON written."""
     import sys
     from conftest import bench_module
     bench = bench_module("consult")
@@ -546,6 +576,16 @@ def test_consult_bench_runs_both_ways(tmp_path, monkeypatch, capsys):
     assert got["same_transcripts"] == 3 and before["transcripts"] == after["transcripts"]
     assert after["prefill_tokens"] < before["prefill_tokens"] and before["generated_tokens"] == after["generated_tokens"]
     assert "identical transcripts 3/3" in capsys.readouterr().out
+    # --questions: single-turn answers under a system prompt, the same both ways
+    data, _ = questions(tmp_path, 5)
+    monkeypatch.setattr(sys, "argv", ["consult.py", "--model", roomy, "--questions", data, "--cases", "5",
+                                      "--max-new-tokens", "6", "--batch-size", "2", "--out", str(tmp_path / "q.json")])
+    bench.main()
+    got = json.loads((tmp_path / "q.json").read_text(encoding="utf-8"))
+    before, after = got["runs"]
+    assert got["same_transcripts"] == 5 and before["transcripts"] == after["transcripts"] and all(after["transcripts"])
+    assert before["cached_tokens"] == 0 < after["cached_tokens"] and after["prefill_tokens"] < before["prefill_tokens"]
+    assert "identical answers 5/5" in capsys.readouterr().out
 
 
 def test_metrics_run_scores_the_answers(tmp_path):
