@@ -411,11 +411,11 @@ class Engine:
                     lps = self._prompt_logprobs(h[j, :n], g[0].prompt, max(r.params.top_logprobs for r in g))
                     for r in g:
                         r.prompt_logprobs = lps if r.params.prompt_logprobs else None
-        for (g, s), n in zip(items, lengths):
+        for (g, start), n in zip(items, lengths):
             prompt_ids = torch.tensor(g[0].prompt, device=self.device)
             head = len(self.running)  # the group's first row, which the forward filled
             for j, r in enumerate(g):
-                r.slot, r.length, r.next, r.cached = head + j, n, g[0].prompt[-1], s
+                r.slot, r.length, r.next, r.cached = head + j, n, g[0].prompt[-1], start
                 if j and n:
                     for t in self.k + self.v:
                         t[r.slot, :, :n] = t[head, :, :n]

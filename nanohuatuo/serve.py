@@ -9,8 +9,9 @@ browser's CORS preflight). The wire format follows OpenAI's closely enough that 
 use it unchanged: streaming as server-sent events (a role delta, content deltas, the finish_reason,
 then `data: [DONE]`), usage in every answer (`prompt_tokens_details.cached_tokens`: the prompt tokens
 whose keys the engine kept from an earlier answer, a conversation's previous turn), `n`, `stop`,
-`seed`, logprobs, prompt log-probs with `echo`. What a request may ask and how an answer is shaped is nanohuatuo/openai_api.py (fields the
-server would not honour are refused there with a 400 naming them); this module is the HTTP side.
+`seed`, logprobs, prompt log-probs with `echo`. What a request may ask and how an answer is shaped
+is nanohuatuo/openai_api.py (fields the server would not honour are refused there with a 400
+naming them); this module is the HTTP side.
 Chat prompts are rendered with the model's own chat template; answers are what the model wrote.
 
 LoRA adapters: `--adapter DIR` is merged into the weights (the base's name then serves it);
