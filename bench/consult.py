@@ -45,8 +45,9 @@ def run(cand, settings, cases, cfg, keep: bool, questions: bool = False) -> dict
     (keep) or not (a new engine per turn; per batch of questions)."""
     made, prefilled, real_open, real_forward = [], [], answers.open_candidate, engine_mod.forward
 
-    def opening(c, s, run_cfg, keep_prefixes):
-        made.append(real_open(c, s, run_cfg, keep_prefixes=keep))
+    def opening(c, s, run_cfg):
+        made.append(real_open(c, s, run_cfg))
+        made[-1].keep_prefixes = keep  # False: a new engine per batch that keeps nothing, as before
         return made[-1]
 
     def counting(model, ids, *a):

@@ -139,16 +139,16 @@ class AnswerStore:
 class LocalModel:
     """One of our models answering conversations in batches on the engine.
 
-    keep_prefixes: one engine for all batches, its cache grown as a batch needs (the longest prompt
-    and its answer, as a new engine's), each finished answer's keys kept in its row (Engine
-    keep_prefixes), so the next turn of a consultation prefills only the patient's new words, and a
-    question only what follows the system prompt; batches of at most batch_size conversations, each
-    the next turn of the previous batch's, are what it serves best (consult.consult). Without it a
-    new engine per batch, its cache sized for that batch (a 7B model's full context in every slot
-    would not fit a small card)."""
+    One engine for all batches, its cache grown as a batch needs (the longest prompt and its answer,
+    as a new engine's; a 7B model's full context in every slot would not fit a small card), each
+    finished answer's keys kept in its row (Engine keep_prefixes): the next turn of a consultation
+    prefills only the patient's new words, and a question only what follows the system prompt
+    (get_answers); batches of at most batch_size conversations, each the next turn of the previous
+    batch's, are what it serves best (consult.consult). keep_prefixes=False (set before a batch; the
+    benchmark's "before"): a new engine per batch that keeps nothing."""
 
     def __init__(self, c: Candidate, s: GenerationSettings, device, dtype, batch_size: int = 16,
-                 compile: bool = False, keep_prefixes: bool = False):
+                 compile: bool = False, keep_prefixes: bool = True):
         if not Path(c.model, "config.json").is_file():
             raise UserError(f"--model {c.model}: no config.json there; pass a model directory (Hugging Face layout)")
         if c.adapter and not Path(c.adapter).is_dir():
@@ -261,13 +261,12 @@ def answers_from_file(path: str, flag: str = "--answers") -> dict[str, str]:
     return out
 
 
-def open_candidate(c: Candidate, s: GenerationSettings, run, keep_prefixes: bool = False) -> LocalModel | EndpointModel:
-    """The candidate, ready to answer; keep_prefixes: our model keeps conversations' keys (LocalModel)."""
+def open_candidate(c: Candidate, s: GenerationSettings, run) -> LocalModel | EndpointModel:
+    """The candidate, ready to answer (our model keeps finished answers' keys: LocalModel)."""
     if c.kind() == "model":
         from .cli import resolve_device, resolve_dtype
         device = resolve_device(run.device)
-        return LocalModel(c, s, device, resolve_dtype(run.dtype, device), run.batch_size,
-                          run.compile, keep_prefixes)
+        return LocalModel(c, s, device, resolve_dtype(run.dtype, device), run.batch_size, run.compile)
     return EndpointModel(c, s, Path(run.cache), run.concurrency)
 
 
@@ -293,7 +292,7 @@ def get_answers(c: Candidate, s: GenerationSettings, items: list[dict], run,
         # (the model's default or --system), so a question admitted to a freed row prefills only what
         # follows it (96 KUAKE-QIC questions, Qwen2.5-Coder-0.5B-Instruct, 128 new tokens: prefill tokens
         # 3,874 -> 1,812, answering 1.07x as fast on a CPU, the same answers; docs/benchmarks.md)
-        model = open_candidate(c, s, run, keep_prefixes=True)
+        model = open_candidate(c, s, run)
         try:
             chunk = 64 if isinstance(model, LocalModel) else len(todo)  # a local run saves as it goes
             for b in range(0, len(todo), chunk):

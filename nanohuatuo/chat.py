@@ -180,7 +180,7 @@ def run(cfg: ChatConfig) -> int:
     with contextlib.redirect_stdout(sys.stderr) if cfg.prompt is not None else contextlib.nullcontext():
         model, tok, template = load_for_inference(cfg.model, cfg.adapter, dtype, device,
                                                   inference_quant(cfg.quant, cfg.int8), cfg.template, what="chat")
-    gen = dict(max_new_tokens=cfg.max_new_tokens, seed=cfg.seed, context=cfg.max_len, compile=cfg.compile,
+    gen = dict(max_new_tokens=cfg.max_new_tokens, seed=cfg.seed, context=cfg.max_len,
                engine=chat_engine(model, cfg.max_len, cfg.compile), **generation_settings(cfg))
     if cfg.prompt is not None:
         messages = ([{"role": "system", "content": cfg.system}] if cfg.system else [])

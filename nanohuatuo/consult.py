@@ -144,7 +144,7 @@ def consult(c: Candidate, s: GenerationSettings, cases: list[dict], patient, cfg
     print(f"{c.label()}: {len(cases) - len(todo)}/{len(cases)} consultations in {store.path}, {len(todo)} to run",
           file=sys.stderr, flush=True)
     if todo:
-        model = open_candidate(c, s, cfg, keep_prefixes=True)
+        model = open_candidate(c, s, cfg)
         try:
             # our model: batch_size consultations at a time, all their turns, so each next turn finds its
             # conversation's keys still in the engine (LocalModel keep_prefixes) and each batch is stored

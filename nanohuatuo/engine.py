@@ -24,7 +24,7 @@ Built like nano-vllm, in three parts that each fit on a screen:
   produces every request's tokens, its first one included; single requests admitted in one step
   share one padded forward), decodes one token for every running
   row, applies each request's own sampling settings, and retires the rows that finished. With
-  keep_prefixes (chat, serve, consultations) a retired row keeps its keys while free, and a request
+  keep_prefixes (chat, serve, evaluation) a retired row keeps its keys while free, and a request
   whose prompt begins with them (the conversation's next turn) takes that row and prefills only
   the rest.
 
@@ -146,7 +146,7 @@ class Engine:
     its conversation: that turn's prompt and answer) takes that row (longest matches first, so rows
     sharing only a system prompt do not steal a conversation's turn) and prefills only the rest, so
     a chat's next turn costs its new tokens, not the whole conversation again. Only for a model
-    whose weights stay as they are while the engine lives (chat, serve, evaluate's consultations).
+    whose weights stay as they are while the engine lives (chat, serve, evaluation's answers).
     A prompt prefilled afresh moves the kept keys out of the rows it takes, into free rows that keep
     nothing, while there are any. `grow(max_len)` lengthens the rows, running and kept keys carried over.
     Kept keys were computed by other forwards (the decode steps of the answer, a prefill of other

@@ -493,6 +493,12 @@ def test_offline_dialogue_with_our_model(tmp_path, tiny):
     assert "offline patient stand-in" in (tmp_path / "dlg" / "report.md").read_text(encoding="utf-8")
 
 
+def keeping(model, keep):
+    """An opened candidate set to keep finished answers' keys (its default) or, as before, not."""
+    model.keep_prefixes = keep
+    return model
+
+
 def test_consultations_keep_their_keys_between_turns(tmp_path, monkeypatch):
     """Our model consults batch_size cases at a time through all their turns, in one engine that keeps
     each conversation's keys: every turn after the first prefills only what the conversation added
@@ -512,7 +518,7 @@ def test_consultations_keep_their_keys_between_turns(tmp_path, monkeypatch):
 
     def run(keep):
         counted.clear(), computed.clear()
-        monkeypatch.setattr(consult, "open_candidate", lambda c, s, cfg, keep_prefixes: opened(c, s, cfg, keep))
+        monkeypatch.setattr(consult, "open_candidate", lambda c, s, cfg: keeping(opened(c, s, cfg), keep))
         cfg = ev.DialogueConfig(answers_dir=str(tmp_path / f"keep{keep}"), max_turns=3, stop_rule="turns", batch_size=2,
                                 device="cpu")
         summaries = []
@@ -545,10 +551,14 @@ def test_questions_reuse_the_system_prompts_keys(tmp_path, monkeypatch):
     items = [{"id": f"q{i}", "messages": [{"role": "user", "content": f"第{i}个问题：头痛发热怎么办"}]} for i in range(9)]
     opened, asked = ans.open_candidate, []
 
-    def run(keep):  # keep: whether the engine keeps keys (get_answers' own choice recorded in `asked`)
+    def run(keep):  # keep: whether the engine keeps keys (what get_answers opened recorded in `asked`)
         counted.clear()
-        monkeypatch.setattr(ans, "open_candidate",
-                            lambda c, s, cfg, keep_prefixes: asked.append(keep_prefixes) or opened(c, s, cfg, keep))
+
+        def opening(c, s, cfg):
+            model = opened(c, s, cfg)
+            asked.append(model.keep_prefixes)
+            return keeping(model, keep)
+        monkeypatch.setattr(ans, "open_candidate", opening)
         cfg = ev.PairwiseConfig(answers_dir=str(tmp_path / f"keep{keep}"), batch_size=2, device="cpu")
         summaries = []
         got = ans.get_answers(cand, s, items, cfg, summaries)
