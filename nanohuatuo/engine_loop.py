@@ -30,12 +30,13 @@ def held_back(text, stops):
 class Choice:
     """One answer being generated: its text so far, what was sent, its pending logprobs."""
 
-    def __init__(self, index, rid, tok, stops, strip_end):
+    def __init__(self, index, rid, tok, stops, strip_end, end_stops=()):
         self.index, self.rid = index, rid
         self.decoder = StreamDecoder(tok)
-        self.stops, self.strip_end = stops, strip_end
+        self.stops, self.strip_end, self.end_stops = stops, strip_end, set(end_stops)
         self.text, self.sent = "", 0
-        self.stopped = False  # a stop string was found (the text is cut before it)
+        self.stopped = None  # the stop string found (the text is cut before it), if one was
+        self.trim = False  # the answer ended at the template's end: its trailing white space is dropped
         self.tokens = 0  # generated tokens, the stop token included (what usage counts)
         self.cached = 0  # prompt tokens whose keys the engine kept from an earlier request (usage's cached_tokens)
         self.logprobs = []  # (token, logprob, top, offset in text) not yet sent
@@ -52,27 +53,34 @@ class Choice:
         return self._cut(start)
 
     def _cut(self, start=0):
-        hits = [i for i in (self.text.find(s, start) for s in self.stops) if i >= 0]
+        hits = sorted((i, s) for s in self.stops if (i := self.text.find(s, start)) >= 0)
         if hits:
-            self.text = self.text[:min(hits)]
-            self.stopped = True
+            self.text = self.text[:hits[0][0]]
+            self.stopped = hits[0][1]
         return bool(hits)
 
     def close(self, reason):
         """The answer is complete: take what the decoder still holds (never a half character)."""
-        if not self.stopped:
+        if self.stopped is None:
             self.text += self.decoder.flush().rstrip("\ufffd")
             self._cut()
-        self.finish_reason = "stop" if self.stopped else reason
+        self.finish_reason = "stop" if self.stopped is not None else reason
+        # a stop token, or the template's end spelled as text: the end of the template's turn
+        at_end = self.stopped is None or self.stopped in self.end_stops
+        self.trim = self.strip_end and reason == "stop" and at_end
 
     def take(self):
-        """(new text safe to send, its logprobs): held back is what might start a stop string and,
-        with strip_end (chat), trailing white space (a template puts a space or newline before its end token)."""
+        """(new text safe to send, its logprobs): held back is what might start a stop string and, with
+        strip_end (chat), trailing white space until the answer is over: a template may put a space or
+        newline before its end token, which is not the answer's; an answer cut by the client's stop
+        string or by its length keeps its white space, as OpenAI's and vLLM's do."""
         end = len(self.text)
         if self.finish_reason is None:
             end -= held_back(self.text, self.stops)
-        if self.strip_end:
-            end = len(self.text[:end].rstrip())
+            if self.strip_end:
+                end = len(self.text[:end].rstrip())
+        elif self.trim:
+            end = len(self.text.rstrip())
         delta = self.text[self.sent:end] if end > self.sent else ""
         if not delta and self.finish_reason is None:
             return "", []
@@ -102,15 +110,19 @@ class Ticket:
 
     def pieces(self, idle=None, poll=0.2):
         """(index, text, logprobs, finish_reason) as the engine thread sends them, until every choice
-        finished. idle() is called after each `poll` seconds without news (it may raise, to give up:
-        the caller then cancels the ticket). A failed generation raises GenerationFailed."""
-        unfinished = len(self.choices)
+        finished. idle() is called every `poll` seconds, whether pieces came or not (it may raise, to
+        give up: the caller then cancels the ticket; a client that timed out on a whole answer still
+        being written must free its rows too). A failed generation raises GenerationFailed."""
+        unfinished, checked = len(self.choices), time.monotonic()
         while unfinished:
             try:
                 item = self.queue.get(timeout=poll)
             except queue.Empty:
-                if idle is not None:
-                    idle()
+                item = None
+            if idle is not None and time.monotonic() - checked >= poll:
+                idle()
+                checked = time.monotonic()
+            if item is None:
                 continue
             if item[0] == "error":
                 raise GenerationFailed(item[1])
@@ -150,11 +162,14 @@ class EngineLoop:
             self.thread.join(timeout=30)
         self.fail_all("the server is shutting down", log=False)  # no waiting caller blocks for ever
 
-    def submit(self, prompts, params, n=1, stops=(), strip_end=False, adapter=0, prompt_only=False) -> Ticket:
+    def submit(self, prompts, params, n=1, stops=(), strip_end=False, adapter=0, prompt_only=False,
+               end_stops=()) -> Ticket:
         """Add n samples of each prompt (under LoRA adapter `adapter`, 0: the base); raises QueueFull
         (retry later) or ValueError (a prompt the engine refuses, or more sequences than the capacity:
         neither is worth a retry). prompt_only: one token is generated and dropped (finish_reason
-        "length", no text, not counted), for a client that wants the prompt's log-probs alone."""
+        "length", no text, not counted), for a client that wants the prompt's log-probs alone. strip_end
+        (chat): white space before the template's end (a stop token, or one of `end_stops`, the
+        template's stop strings among `stops`) is not the answer's."""
         ticket = Ticket(params, sum(len(p) for p in prompts), prompt_only)
         want = len(prompts) * n
         if want > self.capacity:
@@ -166,7 +181,7 @@ class EngineLoop:
                 for prompt in prompts:
                     rids = self.engine.add(prompt, params, n=n, adapter=adapter)
                     for rid in rids if isinstance(rids, list) else [rids]:
-                        choice = Choice(len(ticket.choices), rid, self.tok, stops, strip_end)
+                        choice = Choice(len(ticket.choices), rid, self.tok, stops, strip_end, end_stops)
                         ticket.choices.append(choice)
                         self.rows[rid] = (ticket, choice)
             except ValueError:  # the engine refused a prompt: take back what was added

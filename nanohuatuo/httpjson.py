@@ -63,7 +63,8 @@ class JSONHandler(BaseHTTPRequestHandler):
         for k, v in (headers or {}).items():
             self.send_header(k, v)
         self.end_headers()
-        self.wfile.write(data)
+        if self.command != "HEAD":  # HEAD: the headers GET would send, Content-Length included, no body
+            self.wfile.write(data)
 
     def read_body(self, max_bytes):
         """The request body's bytes (Content-Length only); a refused body closes the connection."""

@@ -12,14 +12,31 @@ an empty `tools` list ...): an answer must never look as if a constraint held th
 Fields OpenAI defines that change nothing here (`user`, `metadata`, `store`, ...) and fields we do
 not know at all are ignored, as OpenAI and vLLM do.
 
+vLLM's own fields this server does not honour (`guided_json` and the other guided decoding,
+`structured_outputs`, `include_stop_str_in_output`, `prompt_logprobs`, `truncate_prompt_tokens`;
+on chat `echo`, `add_generation_prompt` false, `continue_final_message`, `chat_template`) are
+refused the same way. A number must be finite (JSON's NaN is refused by name).
+
+Defaults as OpenAI's: `max_tokens` left out is what the context leaves on chat and 16 on
+/v1/completions (OpenAI's and vLLM's default for a raw completion).
+
 Extensions, as vLLM has them: `model` may be left out (the base model answers); `top_k`,
-`repetition_penalty`, `ignore_eos`; `chat_template_kwargs` passed to a Jinja chat template (e.g.
+`repetition_penalty`, `ignore_eos`, `stop_token_ids` (more token ids that end an answer, the
+token not in the text); `chat_template_kwargs` passed to a Jinja chat template (e.g.
 Qwen3's `enable_thinking`); on /v1/completions `echo` with `logprobs` returns the prompt tokens'
 log-probs too (the first token's is null) and `max_tokens` 0 with `echo` scores a prompt without
 generating: the request shape of lm-evaluation-harness's loglikelihood tasks.
+
+Messages: content is a string or an array of text parts (joined with newlines, as vLLM joins
+them); a user or system message without content, or with an empty array, is refused, as is an
+assistant message with `tool_calls` (this server has no tools). Which orders of roles a
+conversation may take is the chat template's to say: a model's own Jinja template renders what it
+accepts (it may raise, as Llama-2's does for roles that do not alternate: a 400 with its message);
+a named template needs system? (user assistant)* user.
 """
 
 import json
+import math
 import re
 from dataclasses import dataclass
 
@@ -45,6 +62,21 @@ UNHONOURED = {
     "best_of": ("1", lambda v: v == 1),
     "min_p": ("0", lambda v: v == 0),  # vLLM's extensions
     "min_tokens": ("0", lambda v: v == 0),
+    "include_stop_str_in_output": ("false", lambda v: v is False),
+    "guided_json": ("null", lambda v: False),
+    "guided_regex": ("null", lambda v: False),
+    "guided_choice": ("null", lambda v: False),
+    "guided_grammar": ("null", lambda v: False),
+    "structured_outputs": ("null", lambda v: False),
+    "prompt_logprobs": ("null", lambda v: False),
+    "truncate_prompt_tokens": ("null", lambda v: False),
+}
+# the same on chat only: completions honour `echo`
+CHAT_UNHONOURED = {
+    "echo": ("false", lambda v: v is False),
+    "add_generation_prompt": ("true", lambda v: v is True),
+    "continue_final_message": ("false", lambda v: v is False),
+    "chat_template": ("null", lambda v: False),
 }
 # names a chat template sets itself; chat_template_kwargs cannot replace them
 TEMPLATE_NAMES = {"messages", "add_generation_prompt", "tools", "documents", "bos_token", "eos_token"}
@@ -79,15 +111,17 @@ def get_field(body, name, kinds, default=None, lo=None, hi=None):
     if not any(ok[k] for k in kinds):
         raise APIError(400, f"'{name}' must be {' or '.join(kinds)}, got {type_name(v)} {json.dumps(v)[:40]}",
                        param=name, code="invalid_type")
+    if isinstance(v, float) and not math.isfinite(v):  # Python's JSON reads NaN and Infinity
+        raise APIError(400, f"'{name}' is {v}; it must be a finite number", param=name, code="invalid_value")
     if (lo is not None and v < lo) or (hi is not None and v > hi):
         bound = f"at least {lo}" if hi is None else f"at most {hi}" if lo is None else f"between {lo} and {hi}"
         raise APIError(400, f"'{name}' is {v}; it must be {bound}", param=name, code="invalid_value")
     return v
 
 
-def refuse_unhonoured(body):
+def refuse_unhonoured(body, fields=UNHONOURED):
     """A 400 naming the first field the server would ignore; neutral values (and null) pass."""
-    for name, (neutral, is_neutral) in UNHONOURED.items():
+    for name, (neutral, is_neutral) in fields.items():
         v = body.get(name)
         if v is not None and not is_neutral(v):
             raise APIError(400, f"'{name}' is not supported by this server (it would be ignored, so the answer "
@@ -110,7 +144,11 @@ def stop_list(body):
 
 def message_content(message, i):
     content = message.get("content")
-    if content is None:
+    if content is None or content == []:
+        if message.get("role") != "assistant":  # only an assistant's may be empty (OpenAI: with tool calls)
+            raise APIError(400, f"messages[{i}].content is required for a {message.get('role')} message: a string "
+                                f"or a non-empty array of text parts", param=f"messages[{i}].content",
+                           code="missing_required_parameter")
         return ""
     if isinstance(content, str):
         return content
@@ -121,7 +159,7 @@ def message_content(message, i):
                 raise APIError(400, f"messages[{i}].content[{j}]: only text parts are supported",
                                param=f"messages[{i}].content", code="invalid_value")
             texts.append(part["text"])
-        return "".join(texts)
+        return "\n".join(texts)
     raise APIError(400, f"messages[{i}].content must be a string or an array of text parts, got "
                         f"{type_name(content)}", param=f"messages[{i}].content", code="invalid_type")
 
@@ -145,6 +183,9 @@ def chat_messages(body):
             what = "is not supported by this server (no tools)" if role in ("tool", "function") else "is unknown"
             raise APIError(400, f"messages[{i}].role {json.dumps(role)} {what}; use system, user or assistant",
                            param=f"messages[{i}].role", code="invalid_value")
+        if m.get("tool_calls") or m.get("function_call"):
+            raise APIError(400, f"messages[{i}] has tool calls, which this server does not support (no tools)",
+                           param=f"messages[{i}].tool_calls", code="invalid_value")
         out.append({"role": ROLES[role], "content": message_content(m, i)})
     return out
 
@@ -197,10 +238,11 @@ class OpenAIProtocol:
         limit = self.context - prompt_len
         if limit < 1:
             raise APIError(400, f"This model's maximum context length is {self.context} tokens, but the prompt is "
-                                f"{prompt_len} tokens; shorten the messages", param="messages" if chat else "prompt",
+                                f"{prompt_len} tokens; shorten the {'messages' if chat else 'prompt'}",
+                           param="messages" if chat else "prompt",
                            code="context_length_exceeded")
         name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
-        max_tokens = get_field(body, name, ["integer"], default=None)
+        max_tokens = get_field(body, name, ["integer"], default=None if chat else min(16, limit))
         if max_tokens is not None and max_tokens < (0 if zero_ok else 1):
             need = "at least 1 (0 only with 'echo': true)" if not chat else "at least 1"
             raise APIError(400, f"'{name}' is {max_tokens}; it must be {need}", param=name, code="invalid_value")
@@ -211,6 +253,7 @@ class OpenAIProtocol:
                            code="context_length_exceeded")
         seed = get_field(body, "seed", ["integer"])
         ignore_eos = get_field(body, "ignore_eos", ["boolean"], default=False)  # vLLM's extension, for benchmarks
+        stop_ids = () if ignore_eos else (self.chat_stop_ids if chat else self.raw_stop_ids)
         d = self.defaults
         return SamplingParams(
             max_new_tokens=max_tokens or limit if max_tokens != 0 else 1,  # 0: one token, dropped (prompt_only)
@@ -219,9 +262,22 @@ class OpenAIProtocol:
             top_k=max(0, get_field(body, "top_k", ["integer"], d["top_k"], -1, None)),  # vLLM's extension; -1: off
             repetition_penalty=float(get_field(body, "repetition_penalty", ["number"], d["repetition_penalty"],
                                                0.01, 10)),
-            stop_ids=() if ignore_eos else (self.chat_stop_ids if chat else self.raw_stop_ids),
+            stop_ids=tuple(dict.fromkeys(stop_ids + self.extra_stop_ids(body))),  # ignore_eos keeps the asked
             seed=None if seed is None else seed % 2**63,
         )
+
+    def extra_stop_ids(self, body):
+        """vLLM's `stop_token_ids`: more tokens that end an answer (not written in its text)."""
+        ids = body.get("stop_token_ids")
+        if ids is None:
+            return ()
+        if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+            raise APIError(400, "'stop_token_ids' must be an array of token ids", param="stop_token_ids",
+                           code="invalid_type")
+        if any(not 0 <= i < self.tok.vocab_size for i in ids):
+            raise APIError(400, f"'stop_token_ids': token ids must be in [0, {self.tok.vocab_size})",
+                           param="stop_token_ids", code="invalid_value")
+        return tuple(ids)
 
     def common(self, body, job_kwargs):
         n = get_field(body, "n", ["integer"], 1)
@@ -229,7 +285,11 @@ class OpenAIProtocol:
             raise APIError(400, f"'n' is {n}; it must be between 1 and {self.slots} (the server's --batch-size)",
                            param="n", code="invalid_value")
         stream = get_field(body, "stream", ["boolean"], False)
-        options = body.get("stream_options") or {}
+        options = body.get("stream_options")
+        if options is not None and not stream:  # as OpenAI and vLLM answer it
+            raise APIError(400, "'stream_options' is only allowed when 'stream' is true", param="stream_options",
+                           code="invalid_value")
+        options = options or {}
         if not isinstance(options, dict):
             raise APIError(400, "'stream_options' must be an object", param="stream_options", code="invalid_type")
         include_usage = get_field(options, "include_usage", ["boolean"], False)
@@ -238,6 +298,7 @@ class OpenAIProtocol:
     def chat_job(self, body) -> Job:
         model, adapter = self.adapter_of(body)
         refuse_unhonoured(body)
+        refuse_unhonoured(body, CHAT_UNHONOURED)
         messages = chat_messages(body)
         try:
             prompt = render_prompt(messages, self.tok, self.template, template_variables(body))
@@ -299,12 +360,14 @@ class OpenAIProtocol:
     # --- the answer's pieces
 
     def token_text(self, token):
-        """(text, bytes) of one token as logprobs show it; a byte-fallback piece (part of a character)
-        is written as OpenAI does, "\\xe5", with its byte."""
+        """(text, bytes) of one token as logprobs show it; a byte-fallback piece that is part of a
+        character (not ASCII) is written as OpenAI does, "\\xe5", with its byte; an ASCII one ("<0x0A>")
+        is its character."""
         piece = self.tok.id_to_token(token) or ""
         m = re.fullmatch(r"<0x([0-9A-Fa-f]{2})>", piece)
         if m:
-            return "\\x" + m.group(1).lower(), [int(m.group(1), 16)]
+            byte = int(m.group(1), 16)
+            return (chr(byte) if byte < 0x80 else "\\x" + m.group(1).lower()), [byte]
         text = self.tok.decode([token], skip_special=False, continuation=True, replacement=True)
         return text, list(text.encode("utf-8"))
 

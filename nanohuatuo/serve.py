@@ -238,6 +238,15 @@ class Handler(JSONHandler):
     def do_GET(self):
         self.route({"/": self.page, "/index.html": self.page, "/health": self.health, "/v1/models": self.models})
 
+    do_HEAD = do_GET  # a load balancer's health check may ask with HEAD
+
+    def do_PUT(self):  # the standard library answers an unknown method 501; a known route with another is 405
+        self.send_error_body(APIError(405, f"method {self.command} is not allowed; use GET or POST",
+                                      code="method_not_allowed", headers={"Allow": "GET, HEAD, POST, OPTIONS"}))
+        self.close_connection = True  # its body, if any, was not read
+
+    do_DELETE = do_PATCH = do_PUT
+
     def do_POST(self):
         self.route({"/v1/chat/completions": self.chat, "/v1/completions": self.completions})
 
@@ -253,7 +262,7 @@ class Handler(JSONHandler):
 
     def preflight(self):
         """A browser's CORS preflight: the methods and headers the request that follows may use."""
-        headers = {"Allow": "GET, POST, OPTIONS", "Content-Length": "0"}
+        headers = {"Allow": "GET, HEAD, POST, OPTIONS", "Content-Length": "0"}
         origin = self.headers.get("Origin")
         if origin and ("*" in self.svc.cors or origin in self.svc.cors):
             headers.update({"Access-Control-Allow-Methods": "GET, POST, OPTIONS",
@@ -300,8 +309,9 @@ class Handler(JSONHandler):
             raise APIError(400, f"the request needs {want} sequences (prompts x n); this server holds at most "
                                 f"{capacity} (--batch-size plus --max-queue)", param="n", code="invalid_value")
         try:
-            ticket = svc.runner.submit(job.prompts, job.params, job.n, job.stops, strip_end=job.kind == "chat",
-                                       adapter=job.adapter, prompt_only=job.prompt_only)
+            chat = job.kind == "chat"
+            ticket = svc.runner.submit(job.prompts, job.params, job.n, job.stops, strip_end=chat, adapter=job.adapter,
+                                       prompt_only=job.prompt_only, end_stops=svc.api.template_stops if chat else ())
         except QueueFull:
             raise APIError(429, f"the server is busy ({capacity} sequences in flight or waiting); "
                                 f"retry shortly", type="rate_limit_error", code="queue_full",

@@ -273,8 +273,9 @@ def _token_id(name: str, tok: Tokenizer, template: str) -> int:
     return token_id
 
 
-def _check(messages: list[dict], last: str) -> None:
-    """Raise ValueError naming the first message that breaks system? (user assistant)* order."""
+def _check(messages: list[dict], last: str, order: bool = True) -> None:
+    """Raise ValueError naming the first message that is not {role, str content} or, with `order`,
+    that breaks system? (user assistant)* order, or the last if its role is not `last`."""
     if not messages:
         raise ValueError("messages: empty conversation; pass at least one user message")
     expected = "user"
@@ -284,15 +285,19 @@ def _check(messages: list[dict], last: str) -> None:
         role = message.get("role")
         if role not in ("system", "user", "assistant"):
             raise ValueError(f"messages[{i}]: unknown role {role!r}; use 'system', 'user' or 'assistant'")
+        if not order:
+            continue
         if role == "system":
             if i != 0:
                 raise ValueError(f"messages[{i}]: a system message may only come first")
             continue
         if role != expected:
-            raise ValueError(f"messages[{i}]: expected a {expected} turn, got {role!r}; turns must alternate user/assistant starting with user")
+            raise ValueError(f"messages[{i}]: expected {'a user' if expected == 'user' else 'an assistant'} turn, got "
+                             f"{role!r}; turns must alternate user/assistant starting with user")
         expected = "assistant" if role == "user" else "user"
-    if messages[-1]["role"] != last:
-        what = "render needs a final assistant turn" if last == "assistant" else "render_prompt needs a final user turn"
+    if order and messages[-1]["role"] != last:
+        what = ("a conversation to learn from ends with an assistant message" if last == "assistant" else
+                "a prompt ends with the user message the model is to answer")
         raise ValueError(f"messages[{len(messages) - 1}]: conversation ends with a {messages[-1]['role']} message; {what}")
 
 
@@ -378,7 +383,9 @@ def render_prompt(messages: list[dict], tok: Tokenizer, template, variables: dic
     variables: extra names a Jinja template can read (a server's `chat_template_kwargs`, such as
     Qwen3's `enable_thinking`); the named templates read none."""
     template = _as_template(template, tok)
-    _check(messages, "user")
+    # a model's own template says itself which orders of roles it takes (Llama-2's raises where they do
+    # not alternate; Qwen's renders any), as transformers and vLLM leave it to the template
+    _check(messages, "user", order=template.kind == "named")
     return _KINDS[template.kind].render_prompt(messages, tok, template, variables)
 
 

@@ -70,7 +70,9 @@ def user(text):
 
 def reference_chat(tiny, messages, max_tokens, stops=()):
     """(text, finish_reason, completion tokens or None if a stop string cut it) as the server must answer
-    greedily: generate.generate on the rendered prompt, cut at the stop token or the first stop string."""
+    greedily: generate.generate on the rendered prompt, cut at the stop token or the first stop string;
+    white space before the template's end (its stop token or stop strings) is dropped, not before the
+    client's stop strings or at the length limit."""
     _, model, tok = tiny
     stop_ids = stop_token_ids(tok, TEMPLATE)
     out = generate(model, [render_prompt(messages, tok, TEMPLATE)], max_tokens, stop_ids=stop_ids)[0]
@@ -78,8 +80,9 @@ def reference_chat(tiny, messages, max_tokens, stops=()):
     text = tok.decode(out[:-1] if finish == "stop" else out).rstrip("\ufffd")
     cut = cut_at_stop(text, list(stops) + stop_strings(TEMPLATE))
     if cut != text:
-        return cut.rstrip(), "stop", None
-    return text.rstrip(), finish, len(out)
+        at_end = cut_at_stop(text, list(stops)) != cut  # the template's stop string came first
+        return cut.rstrip() if at_end else cut, "stop", None
+    return text.rstrip() if finish == "stop" else text, finish, len(out)
 
 
 def reference_completion(tiny, prompt, max_tokens):
@@ -298,7 +301,7 @@ def test_n_samples_and_seed(client):
 def test_stop_strings(tiny, client):
     full, _, _ = reference_chat(tiny, user(QUESTIONS[0]), 40)
     stop = full[len(full) // 2:len(full) // 2 + 2]
-    want = full[:full.find(stop)].rstrip()
+    want = full[:full.find(stop)]  # white space before the client's stop string is the answer's
     r = client.chat.completions.create(model=NAME, messages=user(QUESTIONS[0]), max_tokens=40, temperature=0,
                                        stop=[stop, "never appears"])
     assert r.choices[0].message.content == want and r.choices[0].finish_reason == "stop"
@@ -439,10 +442,16 @@ def test_bad_request(server, name, path, body, status, param):
 
 
 def test_unsupported_method_answers_json(server):
-    req = urllib.request.Request(server.url + "/v1/chat/completions", data=b"{}", method="PUT")
-    with pytest.raises(urllib.error.HTTPError) as e:
-        urllib.request.urlopen(req, timeout=30)
-    assert e.value.code == 501 and json.loads(e.value.read())["error"]["message"]
+    for method, status in (("PUT", 405), ("DELETE", 405), ("BREW", 501)):  # a method HTTP has, one it has not
+        req = urllib.request.Request(server.url + "/v1/chat/completions", data=b"{}", method=method)
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(req, timeout=30)
+        assert e.value.code == status and json.loads(e.value.read())["error"]["message"]
+        assert status == 501 or "HEAD" in e.value.headers["Allow"]
+    # HEAD: GET's status and headers without the body (a load balancer's health check)
+    for path in ("/health", "/v1/models", "/"):
+        with urllib.request.urlopen(urllib.request.Request(server.url + path, method="HEAD"), timeout=30) as r:
+            assert r.status == 200 and int(r.headers["Content-Length"]) > 0 and r.read() == b""
     assert http(server, "/health")[0] == 200
 
 
@@ -503,20 +512,28 @@ def test_full_queue_answers_429(tiny):
         srv.close()
 
 
-def test_dropped_stream_frees_its_slot(tiny):
+@pytest.mark.parametrize("stream", [True, False], ids=["stream", "whole"])
+def test_dropped_request_frees_its_slot(tiny, stream):
+    """A client that goes away mid-answer: a stream closed, or a whole answer's client timing out while
+    tokens still come (the openai client's timeout, after which it retries: each retry would otherwise
+    generate the answer again beside the abandoned one)."""
     srv = start(tiny, batch_size=1, max_queue=0)
     try:
-        gate = gate_engine(srv, delay=0.005)  # ~200 tokens/s: 900 tokens would take seconds
+        gate = gate_engine(srv, delay=0.01)  # ~100 tokens/s: 700 tokens would take seconds
         gate.set()
         c = openai.OpenAI(base_url=srv.url + "/v1", api_key="EMPTY", max_retries=0, timeout=60)
-        stream = c.chat.completions.create(model=NAME, messages=user("头痛"), max_tokens=700, temperature=1.0,
-                                           seed=0, stream=True)
-        got = 0
-        for chunk in stream:
-            got += bool(chunk.choices and chunk.choices[0].delta.content)
-            if got == 3:
-                break
-        stream.close()  # the client goes away mid-answer
+        ask = dict(model=NAME, messages=user("头痛"), max_tokens=700, temperature=1.0, seed=0,
+                   extra_body={"ignore_eos": True})
+        if stream:
+            chunks, got = c.chat.completions.create(stream=True, **ask), 0
+            for chunk in chunks:
+                got += bool(chunk.choices and chunk.choices[0].delta.content)
+                if got == 3:
+                    break
+            chunks.close()  # the client goes away mid-answer
+        else:
+            with pytest.raises(openai.APITimeoutError):
+                c.with_options(timeout=0.5).chat.completions.create(**ask)
         deadline = time.time() + 10
         while srv.service.runner.in_flight and time.time() < deadline:
             time.sleep(0.02)

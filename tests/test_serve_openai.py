@@ -18,6 +18,7 @@ import torch
 from conftest import tiny_base
 from nanohuatuo import Transformer
 from nanohuatuo.engine import Engine, SamplingParams
+from nanohuatuo.engine_loop import Choice
 from nanohuatuo.generate import cut_at_stop, generate
 from nanohuatuo.lora import apply_lora, lora_parameters, merge_and_unload, save_adapter
 from nanohuatuo.multi_lora import attach_adapters
@@ -44,12 +45,20 @@ def chat(srv, **body):
 REFUSED = [("presence_penalty", 0.5), ("frequency_penalty", -1), ("logit_bias", {"5": 100}),
            ("response_format", {"type": "json_object"}),
            ("tools", [{"type": "function", "function": {"name": "f", "parameters": {}}}]),
-           ("tool_choice", "required"), ("best_of", 3), ("suffix", "end")]
+           ("tool_choice", "required"), ("best_of", 3), ("suffix", "end"),
+           # vLLM's own fields
+           ("guided_json", {"type": "object"}), ("guided_choice", ["是", "否"]), ("guided_regex", "[0-9]+"),
+           ("structured_outputs", {"choice": ["是"]}), ("include_stop_str_in_output", True),
+           ("prompt_logprobs", 1), ("truncate_prompt_tokens", 8),
+           # on chat only (completions have echo)
+           ("echo", True), ("add_generation_prompt", False), ("continue_final_message", True),
+           ("chat_template", "{{ messages[0].content }}")]
+COMPLETION_ONLY = ("best_of", "suffix")
 
 
 @pytest.mark.parametrize("field,value", REFUSED, ids=[r[0] for r in REFUSED])
 def test_unhonoured_fields_are_refused_by_name(server, field, value):
-    path = "/v1/completions" if field in ("best_of", "suffix") else "/v1/chat/completions"
+    path = "/v1/completions" if field in COMPLETION_ONLY else "/v1/chat/completions"
     body = {"model": NAME, "max_tokens": 2, field: value,
             **({"prompt": "hi"} if path == "/v1/completions" else {"messages": user("hi")})}
     status, _, answer = http(server, path, body)
@@ -67,6 +76,78 @@ def test_neutral_values_and_no_model_are_accepted(server):
                                                               "temperature": 0})
     assert status == 200 and answer["model"] == NAME  # no 'model': the base answers, as in vLLM
     assert answer["choices"][0]["message"]["content"] == plain["choices"][0]["message"]["content"]
+
+
+def test_numbers_must_be_finite_and_stream_options_need_a_stream(server):
+    for field in ("temperature", "top_p", "repetition_penalty"):
+        raw = ('{"model": "%s", "messages": [{"role": "user", "content": "hi"}], "%s": NaN}' % (NAME, field)).encode()
+        status, _, answer = http(server, "/v1/chat/completions", raw=raw)  # Python's JSON reads NaN
+        assert status == 400 and answer["error"]["param"] == field and "finite" in answer["error"]["message"]
+    status, _, answer = chat(server, stream_options={"include_usage": True})
+    assert status == 400 and answer["error"]["param"] == "stream_options"
+
+
+def test_stop_token_ids_and_the_completion_default_length(tiny, server):
+    """vLLM's stop_token_ids end an answer at that token (not in the text, finish "stop"); a raw
+    completion without max_tokens gets OpenAI's and vLLM's 16 tokens, not the rest of the context."""
+    _, model, tok = tiny
+    prompt = render_prompt(user(QUESTIONS[0]), tok, TEMPLATE)
+    out = generate(model, [prompt], 8, stop_ids=())[0]
+    assert out[2] not in out[:2]
+    status, _, answer = chat(server, max_tokens=8, stop_token_ids=[out[2]])
+    assert status == 200 and answer["choices"][0]["finish_reason"] == "stop"
+    assert answer["choices"][0]["message"]["content"] == tok.decode(out[:2]).rstrip()
+    assert answer["usage"]["completion_tokens"] == 3  # the stop token counts, as the end token does
+    for bad in ([-1], "7", [True]):
+        assert chat(server, stop_token_ids=bad)[2]["error"]["param"] == "stop_token_ids"
+    status, _, answer = http(server, "/v1/completions", {"prompt": "血压高", "temperature": 0, "ignore_eos": True})
+    assert status == 200 and answer["usage"]["completion_tokens"] == 16
+    assert answer["choices"][0]["finish_reason"] == "length"
+
+
+def test_messages_as_openai_takes_them(tiny, server):
+    """Text parts are joined with newlines (as vLLM joins them); a user message needs content; tool
+    calls are refused (no tools here); the named template needs turns that alternate."""
+    parts = [{"type": "text", "text": "头痛"}, {"type": "text", "text": "怎么办？"}]
+    joined = chat(server, messages=user("头痛\n怎么办？"))[2]
+    answer = chat(server, messages=[{"role": "user", "content": parts}])[2]
+    assert answer["choices"] == joined["choices"] and answer["usage"]["prompt_tokens"] == joined["usage"]["prompt_tokens"]
+    for content in (None, [], "missing"):
+        message = {"role": "user"} if content == "missing" else {"role": "user", "content": content}
+        status, _, answer = chat(server, messages=[message])
+        assert status == 400 and answer["error"]["param"] == "messages[0].content"
+    calls = [{"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]
+    status, _, answer = chat(server, messages=user("hi") + [{"role": "assistant", "content": None,
+                                                             "tool_calls": calls}] + user("hi"))
+    assert status == 400 and answer["error"]["param"] == "messages[1].tool_calls"
+    status, _, answer = chat(server, messages=user("hi") + user("hi"))
+    assert status == 400 and "messages[1]: expected an assistant turn" in answer["error"]["message"]
+
+
+def test_white_space_before_the_template_s_end_and_byte_tokens(tiny, server):
+    """Chat drops the white space a template puts before its end (at a stop token or the template's
+    stop string), not an answer's own before the client's stop string or at the length limit; a
+    byte-fallback token of an ASCII character shows as that character in logprobs, one of a longer
+    character as "\\xe5"."""
+    _, _, tok = tiny
+    ids = tok.encode("多休息 \nX", bos=False)  # "多休息", " ", "\n" (a byte token), "X"
+    assert tok.decode(ids) == "多休息 \nX" and tok.id_to_token(ids[2]) == "<0x0A>"
+
+    def answer(tokens, reason, stops=(), end_stops=()):
+        choice = Choice(0, 0, tok, list(stops) + list(end_stops), True, end_stops)
+        for t in tokens:
+            choice.put(t)
+        sent = choice.take()[0]
+        choice.close(reason)
+        return sent + choice.take()[0], choice.finish_reason
+
+    assert answer(ids[:3], "stop") == ("多休息", "stop")  # a stop token after "多休息 \n"
+    assert answer(ids[:3], "length") == ("多休息 \n", "length")
+    assert answer(ids, "stop", stops=["X"]) == ("多休息 \n", "stop")  # the client's stop string
+    assert answer(ids, "stop", end_stops=["X"]) == ("多休息", "stop")  # the template's, spelled as text
+    api = server.service.api
+    assert api.token_text(ids[2]) == ("\n", [10])
+    assert api.token_text(tok.token_to_id("<0xE5>")) == ("\\xe5", [0xE5])
 
 
 def test_chat_template_kwargs_reach_the_template(tmp_path):
@@ -91,6 +172,11 @@ def test_chat_template_kwargs_reach_the_template(tmp_path):
         for bad in ({"messages": []}, "yes"):
             status, _, answer = http(srv, "/v1/chat/completions", {**body, "chat_template_kwargs": bad})
             assert status == 400 and answer["error"]["param"] == "chat_template_kwargs"
+        # the model's own template takes what orders of roles it renders, as transformers and vLLM leave it
+        for messages in (user("头痛") + user("发烧"), [{"role": "assistant", "content": "您好"}] + user("头痛"),
+                         user("头痛") + [{"role": "system", "content": "简短"}, {"role": "assistant", "content": "多"}]):
+            status, _, answer = http(srv, "/v1/chat/completions", {**body, "messages": messages})
+            assert status == 200 and answer["usage"]["prompt_tokens"] == len(render_prompt(messages, tok, template))
     finally:
         srv.close()
 
@@ -250,7 +336,10 @@ def test_server_serves_adapters_by_name(tiny, tmp_path):
             t.join()
         for name, ref in ((NAME, base), ("triage", merged(d, dirs[0])), ("peds", merged(d, dirs[1]))):
             want = generate(ref, [ids], 10, stop_ids=stops)[0]
-            text = cut_at_stop(tok.decode([t for t in want if t not in stops]), stop_strings(TEMPLATE)).rstrip()
+            whole = tok.decode([t for t in want if t not in stops])
+            text = cut_at_stop(whole, stop_strings(TEMPLATE))
+            if text != whole or want[-1] in stops:  # the template's end: the white space before it is not the answer's
+                text = text.rstrip()
             assert answers[name]["model"] == name and answers[name]["choices"][0]["message"]["content"] == text
         assert len({a["choices"][0]["message"]["content"] for a in answers.values()}) == 3
         assert http(srv, "/v1/chat/completions", {"model": "nope", "messages": user("hi")})[0] == 404

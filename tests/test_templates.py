@@ -246,7 +246,7 @@ def test_show(qwen, spm):
     [
         ([], "messages: empty"),
         ([CHAT[1]], r"messages\[0\]: expected a user turn"),
-        ([CHAT[0], CHAT[0], CHAT[1]], r"messages\[1\]: expected a assistant turn"),
+        ([CHAT[0], CHAT[0], CHAT[1]], r"messages\[1\]: expected an assistant turn"),
         ([CHAT[0], SYSTEM, CHAT[1]], r"messages\[1\]: a system message may only come first"),
         ([{"role": "doctor", "content": "x"}], r"messages\[0\]: unknown role"),
         ([CHAT[0], {"role": "assistant", "content": None}], r"messages\[1\]: need a dict"),
@@ -260,7 +260,7 @@ def test_render_rejects_malformed(spm, messages, where):
 
 
 def test_render_prompt_needs_a_user_turn_last(spm):
-    with pytest.raises(ValueError, match=r"messages\[1\]: .*render_prompt needs a final user turn"):
+    with pytest.raises(ValueError, match=r"messages\[1\]: .*a prompt ends with the user message"):
         render_prompt(CHAT[:2], spm, "huatuo")
 
 
