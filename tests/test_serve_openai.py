@@ -111,7 +111,8 @@ def test_messages_as_openai_takes_them(tiny, server):
     parts = [{"type": "text", "text": "头痛"}, {"type": "text", "text": "怎么办？"}]
     joined = chat(server, messages=user("头痛\n怎么办？"))[2]
     answer = chat(server, messages=[{"role": "user", "content": parts}])[2]
-    assert answer["choices"] == joined["choices"] and answer["usage"]["prompt_tokens"] == joined["usage"]["prompt_tokens"]
+    assert answer["choices"] == joined["choices"]
+    assert answer["usage"]["prompt_tokens"] == joined["usage"]["prompt_tokens"]
     for content in (None, [], "missing"):
         message = {"role": "user"} if content == "missing" else {"role": "user", "content": content}
         status, _, answer = chat(server, messages=[message])
@@ -173,8 +174,9 @@ def test_chat_template_kwargs_reach_the_template(tmp_path):
             status, _, answer = http(srv, "/v1/chat/completions", {**body, "chat_template_kwargs": bad})
             assert status == 400 and answer["error"]["param"] == "chat_template_kwargs"
         # the model's own template takes what orders of roles it renders, as transformers and vLLM leave it
+        late_system = [{"role": "system", "content": "简短"}, {"role": "assistant", "content": "多"}]
         for messages in (user("头痛") + user("发烧"), [{"role": "assistant", "content": "您好"}] + user("头痛"),
-                         user("头痛") + [{"role": "system", "content": "简短"}, {"role": "assistant", "content": "多"}]):
+                         user("头痛") + late_system):
             status, _, answer = http(srv, "/v1/chat/completions", {**body, "messages": messages})
             assert status == 200 and answer["usage"]["prompt_tokens"] == len(render_prompt(messages, tok, template))
     finally:
