@@ -89,6 +89,19 @@ def _write(text):
     sys.stdout.flush()
 
 
+def utf8(text: str) -> bool:
+    """False for text Python decoded with surrogate escapes: a terminal (or argument) in another encoding
+    (GBK, say), whose bytes no tokenizer can read."""
+    try:
+        text.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
+NOT_UTF8 = "is not UTF-8 text (is the terminal set to another encoding, such as GBK? set it to UTF-8)"
+
+
 def repl(model, tok, template, system=None, seed=None, **gen):
     """Interactive multi-turn chat on stdin/stdout; answer k is sampled with seed + k (a new answer each time)."""
     messages = [{"role": "system", "content": system}] if system else []
@@ -101,6 +114,9 @@ def repl(model, tok, template, system=None, seed=None, **gen):
             print()
             return
         if not line:
+            continue
+        if not utf8(line):
+            print(f"(not asked: the line {NOT_UTF8})")
             continue
         if line in ("/exit", "/quit"):
             return
@@ -151,8 +167,10 @@ class ChatConfig(GenerationFlags, ModelFlags):
     temperature: float | None = like(GenerationFlags, "temperature",
                                      help="sampling temperature, 0 is greedy (default: generation_config.json's, else 0.5)")
     repetition_penalty: float | None = arg(None, "penalty on tokens already in the prompt or answer "
-                                                 "(default: generation_config.json's, else 1.0: off)")
-    max_len: int = arg(1024, "tokens of history plus answer, capped at the model's max_seq_len", old=("--context",))
+                                                 "(default: generation_config.json's, else 1.0: off)",
+                                                 bounds="(0, inf)")
+    max_len: int = arg(1024, "tokens of history plus answer, capped at the model's max_seq_len", old=("--context",),
+                       bounds="[1, inf)")
     seed: int = arg(0, "random seed of sampling; answer k of a session uses seed + k, so a run is reproducible")
     quant: str = arg("none", INFERENCE_QUANT_HELP, choices=list(INFERENCE_QUANTS))
     int8: bool = arg(False, "int8 weight-only quantisation", retired="--quant int8")  # earlier spelling, hidden
@@ -172,6 +190,9 @@ def run(cfg: ChatConfig) -> int:
         raise UserError("--model is required: a model directory (config.json, safetensors weights, tokenizer)")
     if cfg.prompt is not None and not cfg.prompt.strip():
         raise UserError("--prompt is empty: give the question, or leave --prompt out to chat interactively")
+    for name, text in (("--prompt", cfg.prompt), ("--system", cfg.system)):
+        if text is not None and not utf8(text):
+            raise UserError(f"{name} {NOT_UTF8}")
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
     # an impossible budget is refused before anything is loaded

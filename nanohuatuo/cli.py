@@ -11,9 +11,11 @@
         return cli_main(run, Config, argv, prog="x.py", description=__doc__)
 
 What it holds:
-- `arg`: a dataclass field carrying its help text (and metavar, choices, a parser), so a flag
-  can never lose its documentation; `parse_config` builds argparse from the fields and shows
-  every default. Booleans are `--x/--no-x`; lists take space-separated values, each also split
+- `arg`: a dataclass field carrying its help text (and metavar, choices, a parser, the interval
+  its number must lie in: `bounds="(0, inf)"`), so a flag can never lose its documentation or its
+  range; `parse_config` builds argparse from the fields and shows every default. A number out of
+  its interval, or not finite, is refused with the flag named before anything runs; a bad flag
+  is one line (the usage is --help's). Booleans are `--x/--no-x`; lists take space-separated values, each also split
   on commas (`--lora-targets q_proj,v_proj` and `--lora-targets q_proj v_proj` are the same);
   dicts are `k=v,k=v`.
 - Flag groups, one flag per concept everywhere (the README's flag table): `ModelFlags`,
@@ -38,6 +40,7 @@ import argparse
 import dataclasses
 import fcntl
 import json
+import math
 import os
 import shutil
 import sys
@@ -61,18 +64,52 @@ class UserError(ValueError):
 
 
 def arg(default, help: str, metavar: str | None = None, choices=None, parse=None, flag: str | None = None,
-        old: tuple = (), old_values: dict | None = None, retired: str | None = None):
+        old: tuple = (), old_values: dict | None = None, retired: str | None = None, bounds: str | None = None):
     """A config field with its command-line help text (and optional metavar, choices, parser, and a flag
     name for a field whose name cannot be one, e.g. flag="--in" for a field `input`).
+
+    bounds: the interval a number must lie in, "[1, inf)" (at least 1), "(0, inf)" (above 0), "(0, 1]";
+    None passes (unset). Every float must be finite, bounded or not.
 
     old: earlier spellings of the flag, still accepted for one release but not shown in --help, with a
     one-line deprecation on stderr; old_values: earlier spellings of a choice, {old: new}, the same way;
     retired: a flag leaving the vocabulary, still working for one release, hidden, warning what to use instead."""
+    if bounds is not None:
+        _interval(bounds)  # a malformed interval fails at import, not when a user passes the flag
     meta = {"help": help, "metavar": metavar, "choices": choices, "parse": parse, "flag": flag,
-            "old": tuple(old), "old_values": dict(old_values or {}), "retired": retired}
+            "old": tuple(old), "old_values": dict(old_values or {}), "retired": retired, "bounds": bounds}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata=meta)
     return field(default=default, metadata=meta)
+
+
+def _interval(bounds: str):
+    """(low, low included, high, high included) of "[1, inf)", "(0, 1]", ..."""
+    try:
+        lo, hi = (float(x) for x in bounds[1:-1].split(","))
+    except ValueError:
+        lo = hi = math.nan
+    if bounds[:1] not in ("[", "(") or bounds[-1:] not in ("]", ")") or not lo <= hi:
+        raise ValueError(f"bounds {bounds!r}: write an interval such as '[1, inf)' or '(0, 1]'")
+    return lo, bounds[0] == "[", hi, bounds[-1] == "]"
+
+
+def check_value(name: str, value, bounds: str | None) -> None:
+    """UserError naming the flag unless a number is finite and within `bounds`; None (unset) passes."""
+    if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+        return
+    if isinstance(value, float) and not math.isfinite(value):
+        raise UserError(f"{name} {value}: must be a finite number")
+    if bounds is None:
+        return
+    lo, lo_in, hi, hi_in = _interval(bounds)
+    if (value > lo or lo_in and value == lo) and (value < hi or hi_in and value == hi):
+        return
+    if hi == math.inf:
+        need = f"at least {lo:g}" if lo_in else f"above {lo:g}"
+    else:
+        need = f"in {bounds}"
+    raise UserError(f"{name} {value}: must be {need}")
 
 
 def parse_kv(text: str) -> dict[str, float]:
@@ -86,6 +123,8 @@ def parse_kv(text: str) -> dict[str, float]:
             raise argparse.ArgumentTypeError(f"{part!r}: expected NAME=NUMBER") from None
         if not eq or not key.strip():
             raise argparse.ArgumentTypeError(f"{part!r}: expected NAME=NUMBER")
+        if not math.isfinite(out[key.strip()]):
+            raise argparse.ArgumentTypeError(f"{part!r}: the number must be finite")
     return out
 
 
@@ -174,7 +213,8 @@ def add_fields(p: argparse.ArgumentParser, cls) -> None:
 
 
 def config_from(cls, ns: argparse.Namespace):
-    """The dataclass cls from parsed arguments (list flags split on commas and converted)."""
+    """The dataclass cls from parsed arguments (list flags split on commas and converted), every number
+    checked against its field's bounds (UserError naming the flag)."""
     values = {}
     for f in dataclasses.fields(cls):
         v = getattr(ns, f.name)
@@ -184,13 +224,21 @@ def config_from(cls, ns: argparse.Namespace):
                 v = [inner(x) for x in _split_lists(v)]
             except ValueError as e:
                 raise UserError(f"{flag(f.name, f)}: {e}") from None
+        for item in v if isinstance(v, list) else [v]:
+            check_value(flag(f.name, f), item, f.metadata.get("bounds"))
         values[f.name] = v
     return cls(**values)
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with a bad flag answered in one line: the usage is what --help prints."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
 def make_parser(cls, prog: str | None = None, description: str | None = None) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=prog, description=description,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_fields(p, cls)
     add_config_flag(p)
     return p
@@ -349,8 +397,8 @@ class ModelFlags(DeviceFlags):
 
 @dataclasses.dataclass
 class LoRAFlags:
-    lora_r: int = arg(8, "LoRA rank; 0 trains all weights")
-    lora_alpha: float = arg(16.0, "LoRA alpha (scaling alpha / r)")
+    lora_r: int = arg(8, "LoRA rank; 0 trains all weights", bounds="[0, inf)")
+    lora_alpha: float = arg(16.0, "LoRA alpha (scaling alpha / r)", bounds="(0, inf)")
     lora_targets: list[str] = arg([], "LoRA target modules (default: every attention and MLP linear of the family)",
                                   metavar="NAME")
 
@@ -365,14 +413,16 @@ class OutputFlags:
 @dataclasses.dataclass
 class TrainLoopFlags(OutputFlags):
     """The training loop every trainer shares: steps, batches, clipping, checkpoints."""
-    max_steps: int | None = arg(None, "optimizer steps in all (default: --epochs over the data)")
-    stop_after: int | None = arg(None, "stop after this step as if interrupted (checkpoint written; resume later)")
-    batch_size: int = arg(32, "prompts or conversations per optimizer step, over all processes")
-    micro_batch_size: int = arg(2, "rows per forward/backward per process (gradient accumulation = the rest)")
-    max_grad_norm: float = arg(1.0, "clip the global gradient norm to this")
+    max_steps: int | None = arg(None, "optimizer steps in all (default: --epochs over the data)", bounds="[1, inf)")
+    stop_after: int | None = arg(None, "stop after this step as if interrupted (checkpoint written; resume later)",
+                                 bounds="[1, inf)")
+    batch_size: int = arg(32, "prompts or conversations per optimizer step, over all processes", bounds="[1, inf)")
+    micro_batch_size: int = arg(2, "rows per forward/backward per process (gradient accumulation = the rest)",
+                                bounds="[1, inf)")
+    max_grad_norm: float = arg(1.0, "clip the global gradient norm to this (0: no clipping)", bounds="[0, inf)")
     grad_checkpointing: bool = arg(False, "recompute each block's activations in backward (less memory)")
-    save_every: int = arg(200, "checkpoint every N steps (and at the end)")
-    keep_checkpoints: int = arg(1, "checkpoints kept in out/checkpoints (older ones are deleted)")
+    save_every: int = arg(200, "checkpoint every N steps (and at the end)", bounds="[1, inf)")
+    keep_checkpoints: int = arg(1, "checkpoints kept in out/checkpoints (older ones are deleted)", bounds="[1, inf)")
 
 
 @dataclasses.dataclass
@@ -384,12 +434,13 @@ class ExportFlags:
 
 @dataclasses.dataclass
 class GenerationFlags:
-    max_new_tokens: int = arg(256, "most new tokens in one answer")
+    max_new_tokens: int = arg(256, "most new tokens in one answer", bounds="[1, inf)")
     temperature: float | None = arg(None, "sampling temperature, 0 is greedy (default: generation_config.json's, "
-                                          "else 0.7)")
-    top_p: float | None = arg(None, "nucleus sampling mass (default: generation_config.json's, else 1.0: off)")
+                                          "else 0.7)", bounds="[0, inf)")
+    top_p: float | None = arg(None, "nucleus sampling mass (default: generation_config.json's, else 1.0: off)",
+                              bounds="(0, 1]")
     top_k: int | None = arg(None, "sample among the k likeliest tokens (default: generation_config.json's, "
-                                  "else 0: off)")
+                                  "else 0: off)", bounds="[0, inf)")
 
 
 def endpoint_flags(role: str, who: str, old: dict | None = None) -> type:
@@ -414,8 +465,7 @@ USER_ERRORS = (UserError, ValueError, FileNotFoundError, NotADirectoryError, IsA
 
 def cli_main(run, cls, argv=None, prog: str | None = None, description: str | None = None) -> int:
     """Parse argv into cls, call run(cfg); a user error becomes `error: ...` on stderr and exit code 2."""
-    cfg = parse_config(cls, argv, prog, description)
-    return guarded(run, cfg)
+    return guarded(lambda: run(parse_config(cls, argv, prog, description)))
 
 
 def commands_main(commands: dict, argv=None, prog: str = "") -> int:
@@ -428,9 +478,12 @@ def commands_main(commands: dict, argv=None, prog: str = "") -> int:
     if argv and argv[0] in ("-h", "--help"):
         print(usage)
         return 0
-    if not argv or argv[0] not in commands:
+    if not argv:  # asked for nothing: what there is to ask
         print(usage, file=sys.stderr)
-        print(f"error: {'no command given' if not argv else f'unknown command {argv[0]!r}'}", file=sys.stderr)
+        return 2
+    if argv[0] not in commands:
+        print(f"error: unknown command {argv[0]!r}; use one of {', '.join(commands)} (see {prog} --help)",
+              file=sys.stderr)
         return 2
     run, cls, desc = commands[argv[0]]
     return cli_main(run, cls, argv[1:], prog=f"{prog} {argv[0]}", description=desc)

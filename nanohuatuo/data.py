@@ -121,17 +121,13 @@ def write_jsonl(path, rows: Iterable[dict]) -> int:
 # ---------------------------------------------------------------- schema
 
 
-def validate(row, where: str) -> dict:
-    """Check one row against the schema; raise DataError('<where>: <reason>'); return row."""
+def check_messages(messages, where: str, last: str = "assistant") -> None:
+    """Raise DataError('<where>: <reason>') unless `messages` is a non-empty list of {role, non-empty
+    content} in the order system? (user assistant)* and ending with a `last` turn."""
 
     def fail(reason):
         raise DataError(f"{where}: {reason}")
 
-    if not isinstance(row, dict):
-        fail(f"row must be a JSON object, got {type(row).__name__}")
-    if "messages" not in row:
-        fail("missing 'messages'")
-    messages = row["messages"]
     if not isinstance(messages, list) or not messages:
         fail("'messages' must be a non-empty list")
     for i, m in enumerate(messages):
@@ -153,8 +149,40 @@ def validate(row, where: str) -> dict:
             if got == "system":
                 fail(f"messages[{i}]: system message is only allowed first")
             fail(f"messages[{i}]: broken alternation, expected {expected!r}, got {got!r}")
-    if messages[-1]["role"] != "assistant":
-        fail("conversation must end with an assistant message")
+    if messages[-1]["role"] != last:
+        fail(f"conversation must end with {'an assistant' if last == 'assistant' else 'a user'} message")
+
+
+def split_prompt(row, where: str) -> tuple[list[dict], str | None]:
+    """(messages ending with the user turn to answer, reference) of a prompt record {messages,
+    reference} or of a conversation ending with an answer, which becomes the reference (None
+    without either); DataError('<where>: <reason>') when the row is neither."""
+    if not isinstance(row, dict) or "messages" not in row:
+        raise DataError(f"{where}: expected a prompt record {{\"messages\": [...ending with a user turn], "
+                        f"\"reference\": ...}} or a conversation ending with an assistant turn")
+    messages, reference = row["messages"], row.get("reference")
+    if isinstance(messages, list) and messages and isinstance(messages[-1], dict) \
+            and messages[-1].get("role") == "assistant":
+        check_messages(messages, where)
+        messages, reference = messages[:-1], messages[-1]["content"]
+    else:
+        check_messages(messages, where, last="user")
+    if reference is not None and not isinstance(reference, str):
+        raise DataError(f"{where}: 'reference' must be a string (the doctor's reply), got {type(reference).__name__}")
+    return messages, reference
+
+
+def validate(row, where: str) -> dict:
+    """Check one row against the schema; raise DataError('<where>: <reason>'); return row."""
+
+    def fail(reason):
+        raise DataError(f"{where}: {reason}")
+
+    if not isinstance(row, dict):
+        fail(f"row must be a JSON object, got {type(row).__name__}")
+    if "messages" not in row:
+        fail("missing 'messages'")
+    check_messages(row["messages"], where)
     if not isinstance(row.get("source"), str) or not row["source"].strip():
         fail("missing or empty 'source'")
     for key in ("department", "id"):

@@ -200,7 +200,7 @@ class DemoConfig:
                     choices=ALGOS)
     profile: bool = arg(False, "profile every stage with cProfile; the top functions go to OUT/profile/STAGE.txt")
     overwrite: bool = arg(False, "replace --out even if it holds something other than an earlier demo run")
-    device: str = arg("auto", "auto (cuda if available), cpu, cuda, ...")
+    device: str = arg("auto", "auto (cuda if available), cpu, cuda, ...; the tiny demo (no --model) runs on the CPU")
     dtype: str = arg("auto", "auto (bfloat16 on CUDA, and with --model on a CPU that has bfloat16 instructions; "
                              "float32 otherwise), float32, bfloat16")
     seed: int = arg(0, "random seed of every stage")
@@ -468,7 +468,11 @@ def run(cfg: DemoConfig | None = None, **kw) -> dict:
     if cfg.llm_base_url and not cfg.llm_model_name:
         raise UserError("--llm-base-url needs --llm-model-name NAME (the model the endpoint serves)")
     real = bool(cfg.model)
-    device = str(resolve_device(cfg.device)) if real else "cpu"  # the tiny model is a CPU demo
+    device = str(resolve_device(cfg.device))  # checked with or without --model: a typo is refused
+    if not real and device != "cpu":  # the tiny model is a CPU demo
+        if cfg.device != "auto":
+            print(f"note: the tiny demo runs on the CPU; --device {cfg.device} applies with --model")
+        device = "cpu"
     try:  # the checkpoint is checked (tokenizer too) and its size read before anything is written
         n_params = (check_model_dir(cfg.model, tokenizer=True), count_params(cfg.model))[1] if real else None
     except ModelDirError as e:

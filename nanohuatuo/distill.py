@@ -228,11 +228,11 @@ class EndpointConfig(TeacherFlags):
     out: str = arg("", "output JSONL file (conversation schema)", metavar="FILE")
     cache: str = arg("", "SQLite reply cache; a rerun resumes from it (default: <out>.cache.sqlite; 'none': off)",
                      metavar="FILE")
-    concurrency: int = arg(4, "requests in flight at once")
-    attempts: int = arg(3, "asks per item before a malformed reply is skipped and counted")
-    timeout: float = arg(120.0, "seconds per request")
-    max_new_tokens: int = arg(1024, "most tokens per reply (the request's max_tokens)")
-    temperature: float = arg(0.7, "sampling temperature of the replies")
+    concurrency: int = arg(4, "requests in flight at once", bounds="[1, inf)")
+    attempts: int = arg(3, "asks per item before a malformed reply is skipped and counted", bounds="[1, inf)")
+    timeout: float = arg(120.0, "seconds per request", bounds="(0, inf)")
+    max_new_tokens: int = arg(1024, "most tokens per reply (the request's max_tokens)", bounds="[1, inf)")
+    temperature: float = arg(0.7, "sampling temperature of the replies", bounds="[0, inf)")
     seed: int = arg(0, "random seed (sampling of seeds/focus; request seeds)")
 
 
@@ -241,15 +241,18 @@ class InstructionsConfig(EndpointConfig):
     """python distill.py instructions: self-instruct from seed instructions."""
     seeds: str = arg("", "seed instructions, JSONL {instruction, department?, role?} (default: the bundled "
                      "data/distill_seeds.jsonl)", metavar="FILE")
-    limit: int = arg(100, "instructions to keep (each is then answered)", old=("--n",))
-    per_request: int = arg(5, "new instructions asked for in one request")
-    examples: int = arg(3, "seed instructions shown in one request")
-    role_share: float = arg(0.5, "share of requests that sample a role; the others sample a department")
-    rouge: float = arg(0.7, "keep an instruction only if its character ROUGE-L with every kept one is at most this")
-    min_chars: int = arg(6, "shortest instruction kept (characters)")
-    max_chars: int = arg(200, "longest instruction kept (characters)")
-    max_requests: int = arg(0, "give up after this many generation requests (0: 4 * n / per-request + 10)")
-    instruction_temperature: float = arg(1.0, "sampling temperature when writing instructions")
+    limit: int = arg(100, "instructions to keep (each is then answered)", old=("--n",), bounds="[1, inf)")
+    per_request: int = arg(5, "new instructions asked for in one request", bounds="[1, inf)")
+    examples: int = arg(3, "seed instructions shown in one request", bounds="[0, inf)")
+    role_share: float = arg(0.5, "share of requests that sample a role; the others sample a department",
+                            bounds="[0, 1]")
+    rouge: float = arg(0.7, "keep an instruction only if its character ROUGE-L with every kept one is at most this",
+                       bounds="[0, 1]")
+    min_chars: int = arg(6, "shortest instruction kept (characters)", bounds="[0, inf)")
+    max_chars: int = arg(200, "longest instruction kept (characters)", bounds="[1, inf)")
+    max_requests: int = arg(0, "give up after this many generation requests (0: 4 * n / per-request + 10)",
+                            bounds="[0, inf)")
+    instruction_temperature: float = arg(1.0, "sampling temperature when writing instructions", bounds="[0, inf)")
 
 
 @dataclass
@@ -257,8 +260,8 @@ class ConversationsConfig(EndpointConfig):
     """python distill.py conversations: patient and doctor agents on real cases."""
     data: list[str] = arg([], "cases: schema JSONL rows, or Med-dialog JSON/JSONL {medical_case, "
                               "doctor_diagnosis, Department}", metavar="FILE", old=("--cases",))
-    limit: int = arg(0, "use only the first N cases (0: all)")
-    max_turns: int = arg(4, "most doctor turns in one conversation")
+    limit: int = arg(0, "use only the first N cases (0: all)", bounds="[0, inf)")
+    max_turns: int = arg(4, "most doctor turns in one conversation", bounds="[1, inf)")
     patient_base_url: str = arg("", "patient agent's endpoint (default: --teacher-base-url)", metavar="URL")
     patient_model_name: str = arg("", "patient agent's model (default: --teacher-model-name)", metavar="NAME")
     patient_api_key: str | None = arg(None, "patient agent's API key (default: --teacher-api-key)")
@@ -271,11 +274,11 @@ class ConversationsConfig(EndpointConfig):
 class PolishConfig(EndpointConfig):
     """python distill.py polish: rewrite real doctors' replies, keeping their medical content."""
     data: list[str] = arg([], "schema JSONL rows with real doctors' replies", metavar="FILE", old=("--in",))
-    limit: int = arg(0, "polish only the first N rows (0: all)")
+    limit: int = arg(0, "polish only the first N rows (0: all)", bounds="[0, inf)")
     on_flag: str = arg("original", "a rewrite that changed drug names or numbers: use the doctor's original "
                        "reply instead, keep the rewrite (row marked flagged), or drop the row",
                        choices=("original", "keep", "drop"))
-    temperature: float = arg(0.3, "sampling temperature of the rewrites")
+    temperature: float = arg(0.3, "sampling temperature of the rewrites", bounds="[0, inf)")
 
 
 # ---------------------------------------------------------------- shared plumbing
@@ -623,7 +626,8 @@ def main(argv=None) -> int:
         return 0 if argv else 2
     name = argv[0]
     if name not in COMMANDS:
-        print(f"error: unknown command {name!r}\n{USAGE}", file=sys.stderr)
+        print(f"error: unknown command {name!r}; use one of {', '.join(COMMANDS)} (see distill.py --help)",
+              file=sys.stderr)
         return 2
     cls, run, doc = COMMANDS[name]
     return cli_main(run, cls, argv[1:], prog=f"distill.py {name}",

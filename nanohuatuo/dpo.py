@@ -85,27 +85,31 @@ class DPOConfig(ExportFlags, TrainLoopFlags, LoRAFlags, ModelFlags):
                      choices=["all", "best-worst"])
     eval_data: list[str] | None = arg(None, "held-out preference JSONL file(s) (then all of --data trains)",
                                       metavar="FILE")
-    eval_frac: float = arg(0.1, "fraction of the --data records held out when --eval-data is not given")
-    max_len: int = arg(1024, "tokens per prompt + answer; longer ones lose prompt tokens from the left")
+    eval_frac: float = arg(0.1, "fraction of the --data records held out when --eval-data is not given",
+                           bounds="[0, 1)")
+    max_len: int = arg(1024, "tokens per prompt + answer; longer ones lose prompt tokens from the left",
+                       bounds="[1, inf)")
     # the objective
     loss: str = arg("sigmoid", "sigmoid: DPO; ipo: IPO's squared loss on per-token mean log-probs; hinge: SLiC",
                     choices=["sigmoid", "ipo", "hinge"])
-    beta: float = arg(0.1, "strength of the pull towards the reference (DPO's beta; IPO's tau)")
-    label_smoothing: float = arg(0.0, "conservative DPO: the probability that a ranking is wrong (sigmoid loss)")
+    beta: float = arg(0.1, "strength of the pull towards the reference (DPO's beta; IPO's tau)", bounds="(0, inf)")
+    label_smoothing: float = arg(0.0, "conservative DPO: the probability that a ranking is wrong (sigmoid loss)",
+                                 bounds="[0, 0.5)")
     # LoRA and optimisation
     lora_r: int = like(LoRAFlags, "lora_r", 8, "rank of the DPO LoRA")
-    lora_dropout: float = arg(0.0, "dropout on the LoRA input (0: the policy starts exactly at the reference)")
-    lr: float = arg(5e-5, "peak learning rate of the LoRA tensors")
-    weight_decay: float = arg(0.0, "AdamW weight decay")
-    warmup_frac: float = arg(0.1, "fraction of the steps spent in linear warm-up")
-    epochs: int = arg(1, "passes over the pairs (ignored with --max-steps)")
+    lora_dropout: float = arg(0.0, "dropout on the LoRA input (0: the policy starts exactly at the reference)",
+                              bounds="[0, 1)")
+    lr: float = arg(5e-5, "peak learning rate of the LoRA tensors", bounds="(0, inf)")
+    weight_decay: float = arg(0.0, "AdamW weight decay", bounds="[0, inf)")
+    warmup_frac: float = arg(0.1, "fraction of the steps spent in linear warm-up", bounds="[0, 1]")
+    epochs: int = arg(1, "passes over the pairs (ignored with --max-steps)", bounds="[1, inf)")
     batch_size: int = like(TrainLoopFlags, "batch_size", 16, "pairs per optimizer step, over all processes")
     micro_batch_size: int = like(TrainLoopFlags, "micro_batch_size", 2, "pairs per forward/backward per process "
                                                                         "(each brings two answers)")
     quant: str = arg("none", QUANT_HELP, choices=list(QUANTS))
     # run
     report_to: list[str] = arg([], REPORT_TO_HELP, metavar="TRACKER")
-    eval_every: int = arg(50, "held-out loss and accuracy every N steps (and at the end)")
+    eval_every: int = arg(50, "held-out loss and accuracy every N steps (and at the end)", bounds="[1, inf)")
     save_every: int = like(TrainLoopFlags, "save_every", 50)
     seed: int = arg(0, "seed of the split, the pair order and the LoRA init")
 
@@ -238,7 +242,7 @@ def dpo_step(model, cfg: DPOConfig, seqs, ref, pairs, n_global: int, optimizer, 
         for k, v in _stats(losses, cr, rr, ratio).items():
             sums[k] += v
     dist.all_reduce_grads(params, d)
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or math.inf))
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     means = {k: dist.all_sum(v, d) / n_global for k, v in sums.items()}

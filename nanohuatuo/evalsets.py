@@ -22,7 +22,10 @@ def read_records(path: str, what: str, flag: str = "--data") -> list[dict]:
     p = Path(path)
     if not p.is_file():
         raise DataError(f"{flag} {path}: no such file; pass a {what} file")
-    text = p.read_text(encoding="utf-8-sig")
+    try:
+        text = p.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 ({e.reason} at byte {e.start}); expected {what} as JSON or JSONL") from None
     if text.lstrip().startswith("["):
         try:
             rows = json.loads(text)

@@ -303,8 +303,8 @@ class OutputFlags:
     answers_dir: str = arg("", "directory of per-candidate answer files (default OUT/answers); point several "
                                "runs at one directory to generate each model's answers once")
     cache: str = arg("", "directory of the SQLite caches of LLM replies, one per role (default OUT/cache)")
-    concurrency: int = arg(4, "requests in flight per endpoint")
-    limit: int = arg(0, "use only the first N items (0: all)")
+    concurrency: int = arg(4, "requests in flight per endpoint", bounds="[1, inf)")
+    limit: int = arg(0, "use only the first N items (0: all)", bounds="[0, inf)")
     seed: int = arg(0, "random seed (sampling, bootstrap, sheet shuffle)")
 
 
@@ -312,11 +312,11 @@ class OutputFlags:
 class GenerationFlags:
     device: str = arg("auto", "auto (cuda if available), cpu, cuda, cuda:1, ...")
     dtype: str = arg("auto", "auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16 or float16")
-    batch_size: int = arg(16, "our models: sequences decoded together")
-    max_new_tokens: int = arg(512, "answer length limit in tokens (max_tokens for endpoints)")
-    temperature: float = arg(0.0, "sampling temperature of the candidates (0: greedy)")
-    top_p: float = arg(1.0, "nucleus sampling of the candidates")
-    top_k: int = arg(0, "top-k sampling of our models (0: off)")
+    batch_size: int = arg(16, "our models: sequences decoded together", bounds="[1, inf)")
+    max_new_tokens: int = arg(512, "answer length limit in tokens (max_tokens for endpoints)", bounds="[1, inf)")
+    temperature: float = arg(0.0, "sampling temperature of the candidates (0: greedy)", bounds="[0, inf)")
+    top_p: float = arg(1.0, "nucleus sampling of the candidates", bounds="(0, 1]")
+    top_k: int = arg(0, "top-k sampling of our models (0: off)", bounds="[0, inf)")
     system: str = arg("", "system message for both candidates (empty: each model's own default)")
     compile: bool = arg(False, "our models: torch.compile the decode step (CUDA graphs on CUDA; fused element-wise "
                                "ops on CPU)")
@@ -372,11 +372,11 @@ class JudgeFlags:
     judge_base_url: str = arg("", "judge: OpenAI-compatible endpoint")
     judge_model_name: str = arg("", "judge: model name at --judge-base-url")
     judge_api_key: str | None = arg(None, "judge: API key (default $NANOHUATUO_API_KEY, $OPENAI_API_KEY)")
-    judge_temperature: float = arg(0.0, "judge: sampling temperature")
-    judge_max_new_tokens: int = arg(1024, "judge: reply length limit", old=("--judge-max-tokens",))
+    judge_temperature: float = arg(0.0, "judge: sampling temperature", bounds="[0, inf)")
+    judge_max_new_tokens: int = arg(1024, "judge: reply length limit", old=("--judge-max-tokens",), bounds="[1, inf)")
     combine: str = arg("sum", "two verdicts -> outcome: sum (HuatuoGPT: +1/0/-1 summed, opposite verdicts tie) "
                               "or strict (any disagreement is a tie, as FastChat)", choices=["sum", "strict"])
-    bootstrap: int = arg(1000, "bootstrap resamples over questions for the confidence intervals")
+    bootstrap: int = arg(1000, "bootstrap resamples over questions for the confidence intervals", bounds="[0, inf)")
     published: str = arg("auto", "published HuatuoGPT table to show beside ours: auto (by data file name), none, "
                                  + ", ".join(PUBLISHED))
 
@@ -393,7 +393,7 @@ class DialogueConfig(JudgeFlags, CandidateFlags, GenerationFlags, OutputFlags):
     out: str = arg("runs/eval_dialogue", "output directory (report.md, transcripts, judgements, caches)")
     data: str = arg("data/eval_dialogues.json", "cases in the Med-dialog format (JSON list of id, medical_case, "
                                                 "doctor_diagnosis, Department)", metavar="FILE")
-    max_turns: int = arg(5, "doctor turns per consultation at most")
+    max_turns: int = arg(5, "doctor turns per consultation at most", bounds="[1, inf)")
     stop_rule: str = arg("diagnosis", "diagnosis: stop at a doctor turn with a diagnosis and advice and no question; "
                                       "turns: always run --max-turns", choices=["diagnosis", "turns"])
     patient: str = arg("endpoint", "who plays the patient: endpoint (--patient-base-url, --patient-model-name) or "
@@ -401,8 +401,9 @@ class DialogueConfig(JudgeFlags, CandidateFlags, GenerationFlags, OutputFlags):
     patient_base_url: str = arg("", "patient: OpenAI-compatible endpoint")
     patient_model_name: str = arg("", "patient: model name at --patient-base-url")
     patient_api_key: str | None = arg(None, "patient: API key (default $NANOHUATUO_API_KEY, $OPENAI_API_KEY)")
-    patient_temperature: float = arg(0.0, "patient: sampling temperature")
-    patient_max_new_tokens: int = arg(256, "patient: reply length limit", old=("--patient-max-tokens",))
+    patient_temperature: float = arg(0.0, "patient: sampling temperature", bounds="[0, inf)")
+    patient_max_new_tokens: int = arg(256, "patient: reply length limit", old=("--patient-max-tokens",),
+                                      bounds="[1, inf)")
 
 
 @dataclass
@@ -432,7 +433,7 @@ class SheetConfig:
     out: str = arg("runs/sheet", "output directory for sheet.html, sheet.csv and sheet_key.json")
     overwrite: bool = arg(False, "delete what --out holds and start again")
     seed: int = arg(0, "random seed of the blind shuffle")
-    limit: int = arg(0, "put only the first N items of the shuffled order on the sheet (0: all)")
+    limit: int = arg(0, "put only the first N items of the shuffled order on the sheet (0: all)", bounds="[0, inf)")
 
 
 @dataclass

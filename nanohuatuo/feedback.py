@@ -342,11 +342,12 @@ class RankConfig(endpoint_flags("judge", "judge", old={"base_url": ("--base-url"
                      choices=["endpoint", "offline"], old_values={"openai": "endpoint"})
     cache: str = arg("runs/judge_cache.sqlite", "SQLite cache of the judge's replies; a rerun resumes from it")
     refresh_unusable: bool = arg(False, "ask again the items whose cached replies gave no usable ranking")
-    concurrency: int = arg(4, "judge requests in flight at once")
-    timeout: float = arg(60.0, "seconds per judge request")
+    concurrency: int = arg(4, "judge requests in flight at once", bounds="[1, inf)")
+    timeout: float = arg(60.0, "seconds per judge request", bounds="(0, inf)")
     max_retries: int = arg(5, "client retries of a request after connection errors, timeouts, 429 and 5xx",
-                           retired="--attempts for re-asks of unusable replies (the client's own retries stay 5)")
-    attempts: int = arg(3, "asks per item (the first, then nudges) before it counts as unusable")
+                           retired="--attempts for re-asks of unusable replies (the client's own retries stay 5)",
+                           bounds="[0, inf)")
+    attempts: int = arg(3, "asks per item (the first, then nudges) before it counts as unusable", bounds="[1, inf)")
     mixed: bool = arg(False, "rank the doctor's reply among the answers (HuatuoGPT's mixed feedback)")
     truncated: str = arg("drop", "answers cut by max_new_tokens: drop them, or rank them last (below every "
                                  "finished answer)", choices=list(TRUNCATED))
@@ -374,6 +375,8 @@ def read_items(path: str, mixed: bool = False) -> list[dict]:
 def rank_command(cfg: RankConfig) -> int:
     if not cfg.data or not cfg.out:
         raise UserError("feedback rank needs --data (judge items) and --out (preference records)")
+    if os.path.isdir(cfg.out):  # known before the judge is paid, not after
+        raise UserError(f"--out {cfg.out} is a directory; give the JSONL file to write")
     items = read_items(cfg.data, cfg.mixed)
     if cfg.judge == "offline":
         results = OfflineRanker(cfg.truncated).rank(items, mixed=cfg.mixed)
@@ -384,6 +387,9 @@ def rank_command(cfg: RankConfig) -> int:
                          refresh_unusable=cfg.refresh_unusable, truncated=cfg.truncated) as judge:
             results = judge.rank(items, mixed=cfg.mixed)
     records = rankings_to_preferences(items, results)
+    if not records:  # the line above says why; an empty file would only fail later, in train_rm.py
+        raise UserError(f"no usable ranking among the {len(items)} judge items of {cfg.data}; nothing written "
+                        f"to {cfg.out}")
     n = write_jsonl(cfg.out, records)
     print(f"feedback: wrote {n} records to {cfg.out}", file=sys.stderr)
     return 0
@@ -395,14 +401,14 @@ USAGE = "usage: python -m nanohuatuo.feedback {rank} --data SAMPLES.jsonl --out 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if not argv or argv[0] in ("-h", "--help"):
-        print(USAGE + "\n\n" + __doc__.split("\n\n")[0])
+        print(USAGE + "\n\n" + __doc__.split("\n\n")[0], file=sys.stdout if argv else sys.stderr)
         return 0 if argv else 2
     if argv[0] != "rank":
         print(f"error: unknown command {argv[0]!r}; {USAGE}", file=sys.stderr)
         return 2
     parser = make_parser(RankConfig, prog="python -m nanohuatuo.feedback rank",
                          description="Rank sampled answers with a judge and write preference data.")
-    return guarded(rank_command, config_from(RankConfig, parse_args(parser, RankConfig, argv[1:])))
+    return guarded(lambda: rank_command(config_from(RankConfig, parse_args(parser, RankConfig, argv[1:]))))
 
 
 if __name__ == "__main__":

@@ -77,7 +77,7 @@ class GRPOConfig(ExportFlags, TrainLoopFlags, LoRAFlags, ModelFlags,
                         "judge's reference) or prompt records", metavar="FILE")
     out: str = like(TrainLoopFlags, "out", "out/grpo", "output directory: adapter, metrics.jsonl, samples.jsonl, "
                                                         "plots, checkpoints/")
-    max_prompt_len: int = arg(512, "longer prompts are skipped")
+    max_prompt_len: int = arg(512, "longer prompts are skipped", bounds="[1, inf)")
     # the reward: one of --reward, --reward-fn, --judge-base-url
     reward: str | None = arg(None, "reward model directory (train_rm.py, or a released HuatuoGPT/Ziya RM)")
     reward_fn: str | None = arg(None, "rule reward: module:function or path/file.py:function, called as "
@@ -88,32 +88,35 @@ class GRPOConfig(ExportFlags, TrainLoopFlags, LoRAFlags, ModelFlags,
     reward_norm: str = arg("std", "std: reward-model scores in units of their spread on SFT-like answers; "
                                   "none: as the RM gives them", choices=["std", "none"])
     cache: str | None = arg(None, "judge reward: SQLite cache of the judge's replies (default: OUT/judge_cache.sqlite)")
-    concurrency: int = arg(4, "judge reward: requests in flight")
+    concurrency: int = arg(4, "judge reward: requests in flight", bounds="[1, inf)")
     # rollouts
     max_steps: int | None = like(TrainLoopFlags, "max_steps", None, "GRPO steps (default: one pass over the prompts)")
     batch_size: int = like(TrainLoopFlags, "batch_size", 8, "prompts per step, over all processes (each answered "
                                                             "--k times)")
-    k: int = arg(4, "answers sampled per prompt: the group its advantages are relative to")
-    max_new_tokens: int = arg(256, "answer length limit")
-    temperature: float = arg(0.7, "sampling temperature (top_k 0, top_p 1)")
-    rollout_batch_size: int = arg(0, "prompts generated at once per process (times --k rows); 0: all of them")
+    k: int = arg(4, "answers sampled per prompt: the group its advantages are relative to", bounds="[1, inf)")
+    max_new_tokens: int = arg(256, "answer length limit", bounds="[1, inf)")
+    temperature: float = arg(0.7, "sampling temperature (top_k 0, top_p 1)", bounds="(0, inf)")
+    rollout_batch_size: int = arg(0, "prompts generated at once per process (times --k rows); 0: all of them",
+                                  bounds="[0, inf)")
     missing_eos_penalty: float | None = arg(-1.0, "score of an answer that never stops ('none' keeps its score)",
                                             parse=_penalty)
     length_debias: float = arg(0.0, "remove COEF times the batch's linear dependence of the score on answer length "
-                                    "(1: all of it; 0: off)")
+                                    "(1: all of it; 0: off)", bounds="[0, inf)")
     # GRPO
     advantage: str = arg("grpo", "grpo: score - group mean (over the group's std with --scale-rewards); "
                                  "rloo: score - mean of the other K-1 answers", choices=["grpo", "rloo"])
     scale_rewards: bool = arg(True, "divide the advantages by the group's score std (--no-scale-rewards: Dr. GRPO)")
-    beta: float = arg(0.04, "weight of the k3 KL to the reference policy in the loss (0: no reference forward)")
-    clip_range: float = arg(0.2, "policy ratio clip")
-    num_iterations: int = arg(1, "updates per rollout batch (1: on-policy, the ratio is 1 and needs no old forward)")
+    beta: float = arg(0.04, "weight of the k3 KL to the reference policy in the loss (0: no reference forward)",
+                      bounds="[0, inf)")
+    clip_range: float = arg(0.2, "policy ratio clip", bounds="(0, inf)")
+    num_iterations: int = arg(1, "updates per rollout batch (1: on-policy, the ratio is 1 and needs no old forward)",
+                              bounds="[1, inf)")
     micro_batch_size: int = like(TrainLoopFlags, "micro_batch_size", 8, "rows (answers) per forward/backward; a "
                                                                         "step's gradients accumulate over these")
-    max_log_ratio: float = arg(20.0, "log-ratios are clamped to +-this before exp")
+    max_log_ratio: float = arg(20.0, "log-ratios are clamped to +-this before exp", bounds="(0, inf)")
     # optimisation
-    lr: float = arg(5e-5, "learning rate of the LoRA (as PPO's: see ppo.py's module doc)")
-    adam_eps: float = arg(1e-5, "Adam epsilon")
+    lr: float = arg(5e-5, "learning rate of the LoRA (as PPO's: see ppo.py's module doc)", bounds="(0, inf)")
+    adam_eps: float = arg(1e-5, "Adam epsilon", bounds="(0, inf)")
     anneal_lr: bool = arg(False, "decay the learning rate linearly to 0 at --max-steps")
     lora_r: int = like(LoRAFlags, "lora_r", 16, "rank of the GRPO LoRA")
     lora_alpha: float = like(LoRAFlags, "lora_alpha", 32.0)
@@ -121,7 +124,7 @@ class GRPOConfig(ExportFlags, TrainLoopFlags, LoRAFlags, ModelFlags,
     quant: str = arg("none", QUANT_HELP, choices=list(QUANTS))
     compile: bool = arg(False, "torch.compile the decode step (CUDA graphs on CUDA; fused element-wise ops on CPU)")
     seed: int = arg(0, "seed of the LoRA init, the prompt order and the rollouts")
-    sample_every: int = arg(10, "print and save sample answers every N steps (0: never)")
+    sample_every: int = arg(10, "print and save sample answers every N steps (0: never)", bounds="[0, inf)")
     report_to: list[str] = arg([], REPORT_TO_HELP, metavar="TRACKER")
     save_every: int = like(TrainLoopFlags, "save_every", 50)
 
@@ -250,7 +253,7 @@ def make_group_rollout(model, ref_lora, cfg: GRPOConfig, prompts, rows, reward: 
     B, R = b.mask.shape
     maskf = b.mask.float()
     responses, texts = answer_texts(b, tok, stops, stop_strs, end_id)  # cut by the limit: closed, as an RM reads
-    scores = torch.as_tensor(reward.fn(prompts, responses, rows, texts), dtype=torch.float32).to(device).reshape(B)
+    scores = reward(prompts, responses, rows, texts).to(device)
     if scale is not None:
         scores = scale(scores, d)
     raw = scores.clone()
@@ -321,7 +324,7 @@ def grpo_update(model, cfg: GRPOConfig, exp: GroupRollout, optimizer, params, d)
             acc["ratio"] += st["ratio"].item() * w
         dist.all_reduce_grads(params, d)
         acc = dist.all_mean(acc, d)
-        acc["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
+        acc["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or math.inf))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         for key, val in acc.items():

@@ -104,47 +104,51 @@ class PPOConfig(ExportFlags, TrainLoopFlags, LoRAFlags, ModelFlags):
                     metavar="FILE", old=("--prompts",))
     out: str = like(TrainLoopFlags, "out", "out/ppo", "output directory: adapter, metrics.jsonl, samples.jsonl, plots, "
                                                       "checkpoints/")
-    max_prompt_len: int = arg(512, "longer prompts are skipped")
+    max_prompt_len: int = arg(512, "longer prompts are skipped", bounds="[1, inf)")
     # rollouts
     max_steps: int | None = like(TrainLoopFlags, "max_steps", help="PPO steps (default: one pass over the prompts)")
     batch_size: int = like(TrainLoopFlags, "batch_size", 32, "prompts per step, over all processes (each answered "
                                                              "--k times)")
     k: int = arg(1, "answers sampled per prompt; with K > 1 each answer's score becomes its lead over the mean of "
                     "the prompt's other K-1 answers (the RLOO baseline) before KL and critic: the per-prompt offset "
-                    "a reward model has on its scale then does not reach the update")
-    max_new_tokens: int = arg(256, "answer length limit")
-    temperature: float = arg(0.7, "sampling temperature (top_k 0, top_p 1, no min length)")
-    rollout_batch_size: int = arg(0, "prompts generated at once per process (times --k rows); 0: all of them")
+                    "a reward model has on its scale then does not reach the update", bounds="[1, inf)")
+    max_new_tokens: int = arg(256, "answer length limit", bounds="[1, inf)")
+    temperature: float = arg(0.7, "sampling temperature (top_k 0, top_p 1, no min length)", bounds="(0, inf)")
+    rollout_batch_size: int = arg(0, "prompts generated at once per process (times --k rows); 0: all of them",
+                                  bounds="[0, inf)")
     missing_eos_penalty: float | None = arg(-1.0, "score of an answer that never stops, in reward units ('none' "
                                                   "keeps the reward model's score of it, closed by the end token)",
                                             parse=_penalty)
     length_debias: float = arg(0.0, "remove COEF times the batch's linear dependence of the score on answer length "
-                                    "(1: all of it), so PPO cannot win by shrinking or padding answers (0: off)")
+                                    "(1: all of it), so PPO cannot win by shrinking or padding answers (0: off)",
+                                    bounds="[0, inf)")
     # KL penalty in the reward
-    kl_coef: float = arg(0.05, "weight of the per-token KL to the reference in the reward")
+    kl_coef: float = arg(0.05, "weight of the per-token KL to the reference in the reward", bounds="[0, inf)")
     kl_estimator: str = arg("k1", "k1 = logp - logp_ref; k3 = (r - 1) - log r with r = p_ref / p",
                             choices=["k1", "k3"])
     adaptive_kl: bool = arg(False, "adapt kl_coef towards --kl-target (Ziegler et al.)")
-    kl_target: float = arg(6.0, "KL per answer the adaptive controller aims at")
-    kl_horizon: int = arg(10000, "horizon of the adaptive KL controller, in rollouts")
+    kl_target: float = arg(6.0, "KL per answer the adaptive controller aims at", bounds="(0, inf)")
+    kl_horizon: int = arg(10000, "horizon of the adaptive KL controller, in rollouts", bounds="[1, inf)")
     # PPO
-    ppo_epochs: int = arg(4, "passes over each step's rollouts")
-    num_mini_batches: int = arg(1, "optimizer steps per PPO epoch")
+    ppo_epochs: int = arg(4, "passes over each step's rollouts", bounds="[1, inf)")
+    num_mini_batches: int = arg(1, "optimizer steps per PPO epoch", bounds="[1, inf)")
     micro_batch_size: int = like(TrainLoopFlags, "micro_batch_size", 4, "rows per forward/backward; minibatches "
                                                                         "accumulate gradients over these")
-    gamma: float = arg(1.0, "discount")
-    lam: float = arg(0.95, "GAE lambda")
-    clip_range: float = arg(0.2, "policy ratio clip")
-    clip_range_value: float = arg(0.2, "value clip around the rollout's values")
-    vf_coef: float = arg(0.1, "weight of the value loss")
+    gamma: float = arg(1.0, "discount", bounds="[0, 1]")
+    lam: float = arg(0.95, "GAE lambda", bounds="[0, 1]")
+    clip_range: float = arg(0.2, "policy ratio clip", bounds="(0, inf)")
+    clip_range_value: float = arg(0.2, "value clip around the rollout's values", bounds="(0, inf)")
+    vf_coef: float = arg(0.1, "weight of the value loss", bounds="[0, inf)")
     whiten_advantages: bool = arg(True, "normalise advantages to mean 0, std 1 over the batch")
-    max_log_ratio: float = arg(20.0, "log-ratios are clamped to +-this before exp")
-    max_ratio: float = arg(10.0, "a minibatch whose mean ratio exceeds this is skipped")
-    target_approx_kl: float | None = arg(None, "stop a step's epochs once approx KL exceeds this")
+    max_log_ratio: float = arg(20.0, "log-ratios are clamped to +-this before exp", bounds="(0, inf)")
+    max_ratio: float = arg(10.0, "a minibatch whose mean ratio exceeds this is skipped", bounds="(0, inf)")
+    target_approx_kl: float | None = arg(None, "stop a step's epochs once approx KL exceeds this", bounds="(0, inf)")
     # optimisation
-    lr: float = arg(5e-5, "learning rate of the policy LoRA (higher than full-weight PPO: see the module doc)")
-    value_lr: float | None = arg(None, "learning rate of the value head and critic adapter (default: --lr)")
-    adam_eps: float = arg(1e-5, "Adam epsilon")
+    lr: float = arg(5e-5, "learning rate of the policy LoRA (higher than full-weight PPO: see the module doc)",
+                    bounds="(0, inf)")
+    value_lr: float | None = arg(None, "learning rate of the value head and critic adapter (default: --lr)",
+                                 bounds="(0, inf)")
+    adam_eps: float = arg(1e-5, "Adam epsilon", bounds="(0, inf)")
     anneal_lr: bool = arg(False, "decay the learning rates linearly to 0 at --max-steps")
     # LoRA and value
     lora_r: int = like(LoRAFlags, "lora_r", 16, "rank of the PPO LoRA (no dropout: the reference is the policy with "
@@ -157,7 +161,7 @@ class PPOConfig(ExportFlags, TrainLoopFlags, LoRAFlags, ModelFlags):
     quant: str = arg("none", QUANT_HELP, choices=list(QUANTS))
     compile: bool = arg(False, "torch.compile the decode step (CUDA graphs on CUDA; fused element-wise ops on CPU)")
     seed: int = arg(0, "seed of the LoRA init, the prompt order and the rollouts")
-    sample_every: int = arg(10, "print and save sample answers every N steps (0: never)")
+    sample_every: int = arg(10, "print and save sample answers every N steps (0: never)", bounds="[0, inf)")
     save_every: int = like(TrainLoopFlags, "save_every", 50)
     report_to: list[str] = arg([], REPORT_TO_HELP, metavar="TRACKER")
 
@@ -416,7 +420,7 @@ def make_experience(m: Models, cfg: PPOConfig, kl_coef, prompts, rows, reward: S
     # reward model's training pairs hold every answer; scored mid-text, the reward model would read a
     # position it never learned from, and its score would be noise
     resp_lists, texts = answer_texts(b, tok, stops, stop_strs, end_id)
-    scores = torch.as_tensor(reward.fn(prompts, resp_lists, rows, texts), dtype=torch.float32).to(device).reshape(B)
+    scores = reward(prompts, resp_lists, rows, texts).to(device)
     if scale is not None:
         scores = scale(scores, d)
     rm_scores = scores.clone()
@@ -498,7 +502,7 @@ def ppo_update(m: Models, cfg: PPOConfig, exp: Rollout, optimizer, params, seed,
                 skipped += 1  # a runaway ratio means the policy moved too far: drop this minibatch
                 optimizer.zero_grad(set_to_none=True)
                 continue
-            acc["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
+            acc["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or math.inf))
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             for k, val in acc.items():

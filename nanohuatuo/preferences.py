@@ -28,7 +28,7 @@ signal, so the reward model's pairs and DPO's pairs use it. It is not an answer 
 so statistics of the policy's answers (the reward model's bias and spread) skip it (`policy_seqs`).
 """
 
-from .data import DataError, iter_jsonl
+from .data import DataError, check_messages, iter_jsonl
 from .reward_model import as_messages, with_answer
 from .templates import render
 from .tokenizer import Tokenizer
@@ -115,6 +115,13 @@ def parse_record(row: dict, where: str) -> dict:
     if not all(isinstance(a, str) for a in answers) or not _is_messages(messages):
         raise DataError(f"{where}: answers must be strings and the prompt a string or messages "
                         f"[{{'role', 'content'}}, ...]")
+    check_messages(messages, f"{where}: prompt", last="user")  # an empty question teaches nothing
+    first = {}
+    for i, a in enumerate(answers):  # a ranking of one text above itself: a pair with nothing to prefer
+        if a in first:
+            raise DataError(f"{where}: answers {first[a]} and {i} are the same text; each pair needs two different "
+                            f"answers, one preferred")
+        first[a] = i
     return {"id": row.get("id", where), "prompt": messages, "answers": answers, "reference_index": ref}
 
 

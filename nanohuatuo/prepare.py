@@ -15,6 +15,7 @@ import itertools
 import sys
 from collections import Counter
 from dataclasses import dataclass
+from pathlib import Path
 
 from .cli import UserError, arg, commands_main
 from .data import (FORMATS, DataError, convert, load_conversations, mix_sources, require_rows, split_heldout,
@@ -31,7 +32,7 @@ class ConvertConfig:
     out: str = arg("", "output JSONL file")
     source: str | None = arg(None, "source for every row (defaults per format, see nanohuatuo/data.py)")
     encoding: str | None = arg(None, "force the CSV encoding (default: UTF-8 if clean, else GB18030)")
-    limit: int | None = arg(None, "stop after this many rows")
+    limit: int | None = arg(None, "stop after this many rows", bounds="[1, inf)")
     all_answers: bool = arg(False, "cmedqa2: one row per answer, not per question")
 
 
@@ -41,8 +42,8 @@ class MixConfig:
     weights: dict = arg({}, "source=w,... (w multiplies the source's count)", metavar="SOURCE=W,...")
     out: str = arg("", "output JSONL file")
     seed: int = arg(0, "random seed")
-    total: int | None = arg(None, "rescale the counts to exactly this many rows")
-    heldout: float = arg(0.0, "fraction held out before resampling")
+    total: int | None = arg(None, "rescale the counts to exactly this many rows", bounds="[1, inf)")
+    heldout: float = arg(0.0, "fraction held out before resampling", bounds="[0, 1)")
     heldout_out: str = arg("", "where the held-out rows go (needed with --heldout)")
     keep_flagged: bool = arg(False, "keep rows marked flagged (a polished reply whose drug names or numbers "
                                     "changed); by default they are dropped before the held-out split")
@@ -92,6 +93,11 @@ def run_mix(cfg: MixConfig) -> None:
     need(cfg, "--data", "--weights", "--out")
     if cfg.heldout and not cfg.heldout_out:
         raise UserError("--heldout needs --heldout-out")
+    if cfg.heldout and Path(cfg.heldout_out).resolve() == Path(cfg.out).resolve():
+        raise UserError(f"--heldout-out {cfg.heldout_out} is --out: the held-out rows would overwrite the mix")
+    bad = {source: w for source, w in cfg.weights.items() if w < 0}
+    if bad:
+        raise UserError(f"--weights: {', '.join(f'{s}={w:g}' for s, w in bad.items())}: a weight is at least 0")
     rows = []
     for path in cfg.data:
         part = require_rows(load_conversations(path), path, "conversations")
@@ -111,6 +117,9 @@ def run_mix(cfg: MixConfig) -> None:
     pool = [r for r in rows if cfg.weights.get(r["source"], 0) > 0]
     train, heldout = split_heldout(pool, cfg.heldout, cfg.seed) if cfg.heldout else (pool, [])
     mixed = mix_sources(train, cfg.weights, cfg.seed, cfg.total)
+    if not mixed:  # nothing to train on: say why rather than write an empty file
+        raise UserError(f"--weights {','.join(f'{s}={w:g}' for s, w in cfg.weights.items())}: no rows to mix "
+                        f"(the sources read are {', '.join(sorted(Counter(r['source'] for r in rows)))})")
     have, got = Counter(r["source"] for r in rows), Counter(r["source"] for r in mixed)
     for source in sorted(have):
         print(f"  {source}: {have[source]} in, weight {cfg.weights.get(source, 0):g}, {got[source]} out")

@@ -81,29 +81,29 @@ class RMConfig(TrainLoopFlags, LoRAFlags, ModelFlags):
                           metavar="FILE")
     out: str = like(TrainLoopFlags, "out", "out/rm", "output directory: the reward model, reward_config.json, "
                                                     "metrics.jsonl, checkpoints/")
-    lora_dropout: float = arg(0.0, "dropout on the LoRA input")
-    lr: float | None = arg(None, "peak learning rate (default 1e-4 with LoRA, 1e-5 for all weights)")
-    head_lr: float | None = arg(None, "value-head learning rate (default: --lr)")
-    weight_decay: float = arg(0.0, "AdamW weight decay on matrices")
-    warmup_frac: float = arg(0.03, "fraction of the steps spent in linear warm-up")
+    lora_dropout: float = arg(0.0, "dropout on the LoRA input", bounds="[0, 1)")
+    lr: float | None = arg(None, "peak learning rate (default 1e-4 with LoRA, 1e-5 for all weights)", bounds="(0, inf)")
+    head_lr: float | None = arg(None, "value-head learning rate (default: --lr)", bounds="(0, inf)")
+    weight_decay: float = arg(0.0, "AdamW weight decay on matrices", bounds="[0, inf)")
+    warmup_frac: float = arg(0.03, "fraction of the steps spent in linear warm-up", bounds="[0, 1]")
     schedule: str = arg("cosine", "learning-rate decay to 0 after the warm-up", choices=["cosine", "linear"])
-    epochs: int = arg(1, "passes over the preferences (ignored with --max-steps)")
+    epochs: int = arg(1, "passes over the preferences (ignored with --max-steps)", bounds="[1, inf)")
     batch_size: int = like(TrainLoopFlags, "batch_size", 4,
                            "prompts per optimizer step (each brings all its K answers)", old=("--batch-prompts",))
     micro_batch_size: int = like(TrainLoopFlags, "micro_batch_size", 0, "prompts per forward/backward (gradient "
                                                                         "accumulation); 0: the whole batch",
-                                 old=("--micro-prompts",))
+                                 old=("--micro-prompts",), bounds="[0, inf)")
     max_len: int = arg(1024, "tokens per prompt + answer; longer ones lose tokens from the left (the score is "
-                             "read at the end)")
-    eval_frac: float = arg(0.1, "fraction of --data held out when --eval-data is not given")
+                             "read at the end)", bounds="[1, inf)")
+    eval_frac: float = arg(0.1, "fraction of --data held out when --eval-data is not given", bounds="[0, 1)")
     eval_data: list[str] | None = arg(None, "held-out preference JSONL file(s) (then all of --data trains)",
                                       metavar="FILE")
-    eval_every: int = arg(200, "held-out accuracy every N steps (and at the end)")
+    eval_every: int = arg(200, "held-out accuracy every N steps (and at the end)", bounds="[1, inf)")
     center_coef: float = arg(0.0, "weight of the mean squared score of each pair, keeping scores near 0 (0.01 is "
-                                  "usual when used)")
+                                  "usual when used)", bounds="[0, inf)")
     norm_samples: str | None = arg(None, "JSONL of SFT-like answers for the bias (default: the training answers)",
                                    metavar="FILE")
-    norm_max: int = arg(2000, "at most this many answers scored for the bias")
+    norm_max: int = arg(2000, "at most this many answers scored for the bias", bounds="[1, inf)")
     normalize_std: bool = arg(False, "also scale scores to std 1 (gain = 1/std); PPO divides by the stored std "
                                      "either way")
     quant: str = arg("none", QUANT_HELP, choices=list(QUANTS))
@@ -240,6 +240,9 @@ def _train(cfg: RMConfig, hold: contextlib.ExitStack) -> dict:
     else:
         train_ex, eval_ex = split_heldout(examples, cfg.eval_frac, cfg.seed)
     norm = read_norm_samples(cfg.norm_samples, tok, template) if cfg.norm_samples else policy_seqs(train_ex)
+    if not norm:  # the bias is their mean score: with none it would be NaN, and so every score at PPO time
+        raise UserError(f"--norm-samples {cfg.norm_samples}: no answers in it to normalise the scores with"
+                        if cfg.norm_samples else "no training answers to normalise the scores with")
     model, trunk, head = build_model(cfg, device, dtype)
 
     out = Path(cfg.out)
@@ -308,7 +311,7 @@ def _train(cfg: RMConfig, hold: contextlib.ExitStack) -> dict:
             loss.backward()
             loss_sum += loss.item()
             tokens += int(mask.sum())
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or math.inf)
         opt.step()
         done = step + 1
         recent = (recent + [(loss_sum, correct, pairs)])[-20:]

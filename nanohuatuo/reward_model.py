@@ -133,12 +133,20 @@ def load_trunk(base, sft_adapter, device, dtype, keep_lm_head=False, quant="none
 
 
 def read_rm_config(path) -> dict | None:
-    """reward_config.json of our reward-model directory, or None (a released RM, or not a RM)."""
+    """reward_config.json of our reward-model directory, or None (a released RM, or not a RM); its
+    normalisation (bias, gain) must be finite numbers, or every score, and the policy trained on
+    them, would be NaN."""
     where = os.path.join(path, RM_CONFIG)
     if not os.path.exists(where):
         return None
     with open(where, encoding="utf-8") as f:
-        return json.load(f)
+        rc = json.load(f)
+    for key in ("bias", "gain"):
+        v = rc.get(key, 1.0)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise ValueError(f"{where}: '{key}' is {v!r}, not a finite number: the reward model's normalisation is "
+                             f"broken; train it again (train_rm.py) with answers to normalise on")
+    return rc
 
 
 def load_reward_model(path, device=None, dtype=None, template: str | None = None, quant="none") -> RewardModel:
@@ -212,6 +220,17 @@ class Scorer:
     from_rm: bool = False  # a reward model (whose scores PPO puts in units of their spread)
     spread: float | None = None  # std of its scores on SFT-like answers; None: not measured
     rm: RewardModel | None = None  # the reward model itself (PPO's critic can start from a shared one)
+
+    def __call__(self, prompts, responses, rows, texts) -> torch.Tensor:
+        """(B,) float32 scores on the CPU, checked: one NaN or infinite score would make the policy's
+        weights NaN at the next update, so the run stops there (its last checkpoint kept)."""
+        scores = torch.as_tensor(self.fn(prompts, responses, rows, texts), dtype=torch.float32).reshape(len(prompts))
+        bad = (~torch.isfinite(scores.cpu())).nonzero().flatten().tolist()
+        if bad:
+            i = bad[0]
+            raise ValueError(f"the reward gave {len(bad)} of {len(prompts)} answers a score that is not a finite "
+                             f"number ({scores[i].item()} for {texts[i][:40]!r}); check the reward model or function")
+        return scores
 
 
 def scorer(rm: RewardModel, tok, template) -> Scorer:

@@ -27,7 +27,7 @@ import torch.nn as nn
 
 from . import adapters, checkpoint
 from .cli import write_config
-from .data import DataError, iter_jsonl
+from .data import DataError, iter_jsonl, split_prompt
 from .heap import large_blocks_kept
 from .generate import cut_at_stop, generate_batch, left_pad, use_column_major_weights
 from .lora import apply_lora, default_targets, disabled_adapters, load_adapter, lora_modules
@@ -94,13 +94,7 @@ def load_prompts(path, tok, template, max_prompt_len):
     """
     rows, ids, skipped = [], [], 0
     for lineno, obj in iter_jsonl(path):
-        msgs = obj.get("messages")
-        if not isinstance(msgs, list) or not msgs:
-            raise DataError(f"{path}:{lineno}: no 'messages' list; each line needs "
-                            f'{{"messages": [{{"role": "user", "content": ...}}, ...]}}')
-        reference_text = obj.get("reference")
-        if msgs[-1].get("role") == "assistant":
-            reference_text, msgs = msgs[-1].get("content"), msgs[:-1]
+        msgs, reference_text = split_prompt(obj, f"{path}:{lineno}")
         try:
             prompt = render_prompt(msgs, tok, template)
         except ValueError as e:
@@ -112,7 +106,9 @@ def load_prompts(path, tok, template, max_prompt_len):
                      "reference": reference_text})
         ids.append(prompt)
     if not rows:
-        raise DataError(f"{path}: no usable prompts ({skipped} longer than --max-prompt-len {max_prompt_len})")
+        why = (f"no usable prompts (all {skipped} longer than --max-prompt-len {max_prompt_len})" if skipped else
+               "no prompts (the file is empty); make them with `python data.py prompts`")
+        raise DataError(f"{path}: {why}")
     if skipped:
         print(f"{path}: skipped {skipped} prompts longer than --max-prompt-len {max_prompt_len} tokens")
     return rows, ids

@@ -44,7 +44,7 @@ from dataclasses import dataclass
 
 from .cli import (GenerationFlags, ModelFlags, UserError, arg, cli_main, endpoint_flags, like, resolve_device,
                   resolve_dtype)
-from .data import DataError, iter_jsonl, read_jsonl, to_prompt, write_jsonl
+from .data import DataError, check_messages, iter_jsonl, read_jsonl, split_prompt, to_prompt, write_jsonl
 from .engine import Engine, SamplingParams
 from .generate import cut_at_stop, load_for_inference
 from .llm import LLM, from_flags
@@ -211,24 +211,27 @@ def sample_from_endpoint(llm: LLM, prompts: list[dict], k: int = 4, max_new_toke
 
 def read_prompts(path) -> list[dict]:
     """Prompt records from a file of prompt records or of schema conversations (see module doc)."""
-    prompts = []
+    prompts, lines = [], {}
     for lineno, row in iter_jsonl(path):
         where = f"{path}:{lineno}"
-        if "reference" in row:
-            if not isinstance(row.get("messages"), list) or not row["messages"] or "id" not in row:
+        if isinstance(row, dict) and "reference" in row:
+            if "id" not in row:
                 raise DataError(f"{where}: a prompt record needs 'id', 'messages' (ending with a user turn) "
                                 f"and 'reference'; make it with `python data.py prompts`")
+            check_messages(row.get("messages"), where, last="user")
+            if not isinstance(row["reference"], str):
+                raise DataError(f"{where}: 'reference' must be a string (the doctor's reply)")
             prompts.append(row)
-        elif isinstance(row.get("messages"), list):
-            try:
-                prompts.append(to_prompt(row))
-            except DataError as e:
-                raise DataError(f"{where}: {e}") from None
         else:
-            raise DataError(f"{where}: expected a prompt record (with 'reference') or a conversation "
-                            f"(with 'messages' ending in an assistant turn)")
-        if prompts[-1]["messages"][-1].get("role") != "user":
-            raise DataError(f"{where}: the prompt must end with a user turn to be answered")
+            _, reference = split_prompt(row, where)  # checks the conversation, names what is wrong
+            if reference is None:
+                raise DataError(f"{where}: no reference to judge the answers against: a prompt record needs "
+                                f"'reference' (the doctor's reply), a conversation must end with it")
+            prompts.append(to_prompt(row))
+        pid = prompts[-1]["id"]
+        if pid in lines:  # answers are seeded and resumed by id: two prompts of one id would share them
+            raise DataError(f"{where}: id {pid!r} was already used on line {lines[pid]}")
+        lines[pid] = lineno
     if not prompts:
         raise DataError(f"{path}: no prompts (the file is empty); make them with `python data.py prompts`")
     return prompts
@@ -249,17 +252,18 @@ class SampleConfig(GenerationFlags, endpoint_flags("", "instead of --model"), Mo
     cache: str = arg("", "SQLite cache of the endpoint's replies (with --base-url; default: none)")
     refresh_unusable: bool = arg(False, "with --base-url and --cache: ask again the prompts whose cached "
                                         "replies were unusable")
-    concurrency: int = arg(4, "requests in flight at once (with --base-url)")
-    k: int = arg(4, "answers per prompt")
+    concurrency: int = arg(4, "requests in flight at once (with --base-url)", bounds="[1, inf)")
+    k: int = arg(4, "answers per prompt", bounds="[1, inf)")
     max_new_tokens: int = like(GenerationFlags, "max_new_tokens", help="new tokens per answer; longer answers are "
                                                                        "marked unfinished")
     repetition_penalty: float | None = arg(None, "repetition penalty (default: generation_config.json, "
-                                                 "else 1.0: off)")
-    batch_size: int = arg(16, "sequences decoded together (engine slots; at least --k)")
+                                                 "else 1.0: off)", bounds="(0, inf)")
+    batch_size: int = arg(16, "sequences decoded together (engine slots; at least --k)", bounds="[1, inf)")
     seed: int = arg(0, "random seed; a prompt's answers depend only on it and the prompt id")
-    max_len: int = arg(2048, "prompt + answer token budget (capped at the model's max_seq_len)", old=("--context",))
+    max_len: int = arg(2048, "prompt + answer token budget (capped at the model's max_seq_len)", old=("--context",),
+                       bounds="[1, inf)")
     compile: bool = arg(False, "torch.compile the decode step (CUDA graphs on CUDA; fused element-wise ops on CPU)")
-    limit: int | None = arg(None, "only the first N prompts")
+    limit: int | None = arg(None, "only the first N prompts", bounds="[1, inf)")
 
 
 def run(cfg: SampleConfig) -> int:
@@ -308,6 +312,8 @@ def run(cfg: SampleConfig) -> int:
                        batch_size=cfg.batch_size, seed=cfg.seed, context=cfg.max_len,
                        extra_stop_ids=model_defaults.get("stop_ids", ()), compile=cfg.compile, on_batch=save,
                        **settings)
+    if not done:  # every prompt was skipped (the lines above say why): an empty file would fail later, in feedback
+        raise UserError(f"no prompt of {cfg.data} could be answered; nothing written to {cfg.out}")
     n = write_jsonl(cfg.out, done)
     print(f"sampling: wrote {n} items to {cfg.out}")
     return 0

@@ -68,17 +68,18 @@ class ServeConfig(ModelFlags):
     lora: list[str] = arg([], "LoRA adapters served by name next to the base, unmerged: NAME=DIR ... (a "
                               "request's 'model' picks one)", metavar="NAME=DIR")
     host: str = arg("127.0.0.1", "address to listen on (0.0.0.0 for every interface: set --api-key then)")
-    port: int = arg(8000, "port to listen on (0: any free port, printed at start)")
+    port: int = arg(8000, "port to listen on (0: any free port, printed at start)", bounds="[0, 65535]")
     served_model_name: str | None = arg(None, "the model name the server advertises and clients ask for (default: "
                                               "the model directory's name)", old=("--model-name",))
     quant: str = arg("none", INFERENCE_QUANT_HELP, choices=list(INFERENCE_QUANTS))
     int8: bool = arg(False, "int8 weight-only quantisation", retired="--quant int8")  # earlier spelling, hidden
     compile: bool = arg(False, "torch.compile the decode step (CUDA graphs on CUDA; fused element-wise ops on "
                                "CPU; slow first requests)")
-    batch_size: int = arg(16, "sequences decoded together (engine slots; also the largest n)", old=("--slots",))
+    batch_size: int = arg(16, "sequences decoded together (engine slots; also the largest n)", old=("--slots",),
+                          bounds="[1, inf)")
     max_len: int = arg(4096, "context window per sequence, prompt plus answer, in tokens (at most the model's); "
-                             "the KV cache holds batch-size x max-len tokens")
-    max_queue: int = arg(64, "sequences allowed to wait for a slot; beyond that requests get 429")
+                             "the KV cache holds batch-size x max-len tokens", bounds="[0, inf)")
+    max_queue: int = arg(64, "sequences allowed to wait for a slot; beyond that requests get 429", bounds="[0, inf)")
     api_key: str | None = arg(None, "require 'Authorization: Bearer KEY' on every route but /health "
                                     "(default: env NANOHUATUO_API_KEY, else no key)")
     cors_origin: str = arg("*", "origins a browser page may call the API from (Access-Control-Allow-Origin): "

@@ -88,31 +88,32 @@ class SFTConfig(ExportFlags, TrainLoopFlags, LoRAFlags, ModelFlags):
         None, "resample sources, e.g. distilled_instructions=1,real_doctor_instructions=2; sources not named are "
               "dropped (data.mix_sources)", metavar="SOURCE=W,...")
     eval_data: list[str] | None = arg(None, "held-out conversation file(s), as --data; default: --eval-frac of --data", metavar="FILE")
-    eval_frac: float = arg(0.05, "fraction of --data held out for the eval loss when --eval-data is not given")
-    max_len: int = arg(2048, "tokens per conversation; longer ones keep their first max_len tokens")
+    eval_frac: float = arg(0.05, "fraction of --data held out for the eval loss when --eval-data is not given",
+                           bounds="[0, 1)")
+    max_len: int = arg(2048, "tokens per conversation; longer ones keep their first max_len tokens", bounds="[1, inf)")
     # what is trained
-    lora_dropout: float = arg(0.05, "dropout on the LoRA input")
-    lr: float | None = arg(None, "peak learning rate (default 5e-5 full fine-tuning, 1e-4 LoRA)")
+    lora_dropout: float = arg(0.05, "dropout on the LoRA input", bounds="[0, 1)")
+    lr: float | None = arg(None, "peak learning rate (default 5e-5 full fine-tuning, 1e-4 LoRA)", bounds="(0, inf)")
     allow_high_lr: bool = arg(False, f"allow a LoRA learning rate above {LORA_LR_LIMIT:g}")
     # schedule and batches
-    epochs: int = arg(3, "passes over the training data (ignored with --max-steps)")
+    epochs: int = arg(3, "passes over the training data (ignored with --max-steps)", bounds="[1, inf)")
     max_steps: int | None = like(TrainLoopFlags, "max_steps",
                                  help="optimizer steps in all (the cosine schedule spans them)")
     batch_size: int = like(TrainLoopFlags, "batch_size", 128,
                            "global batch: conversations per optimizer step, over all processes")
     micro_batch_size: int = like(TrainLoopFlags, "micro_batch_size", 2, "conversations per forward pass per process "
                                                                         "(accumulation = the rest)")
-    weight_decay: float = arg(0.1, "AdamW weight decay on matrices (norms and biases get none)")
-    warmup_frac: float = arg(0.05, "fraction of the steps spent in linear warm-up")
-    max_grad_norm: float = like(TrainLoopFlags, "max_grad_norm",
-                                help="clip the global gradient norm to this (0: off)")
+    weight_decay: float = arg(0.1, "AdamW weight decay on matrices (norms and biases get none)", bounds="[0, inf)")
+    warmup_frac: float = arg(0.05, "fraction of the steps spent in linear warm-up", bounds="[0, 1]")
+    max_grad_norm: float = like(TrainLoopFlags, "max_grad_norm")
     quant: str = arg("none", QUANT_HELP, choices=list(QUANTS))
     seed: int = arg(0, "seed of the split, the shuffles, LoRA init and dropout")
     # bookkeeping
-    eval_every: int = arg(200, "held-out loss every N steps (and before the first step and at the end)")
+    eval_every: int = arg(200, "held-out loss every N steps (and before the first step and at the end)",
+                          bounds="[1, inf)")
     save_every: int = like(TrainLoopFlags, "save_every", 500)
     keep_checkpoints: int = like(TrainLoopFlags, "keep_checkpoints", 2)
-    log_every: int = arg(1, "print progress every N steps (metrics.jsonl gets every step)")
+    log_every: int = arg(1, "print progress every N steps (metrics.jsonl gets every step)", bounds="[1, inf)")
     report_to: list[str] = arg([], REPORT_TO_HELP, metavar="TRACKER")
     save_merged: bool = like(ExportFlags, "save_merged", help="also write the merged full model to out/merged (LoRA)")
     # hardware
@@ -358,6 +359,9 @@ def _train(cfg: SFTConfig, d: Dist, hold: contextlib.ExitStack) -> dict:
     eval_ex, estats = tokenize(eval_rows, tok, template, cfg.max_len)
     lengths = [len(e.ids) for e in train_ex]
     steps_per_epoch = len(train_ex) // cfg.batch_size
+    if not train_ex:  # the real cause, not "lower --batch-size"
+        raise UserError(f"no training conversations: {len(train_rows)} read from --data {' '.join(cfg.data)}, "
+                        f"{tstats['dropped']} of them with no answer token left within --max-len {cfg.max_len}")
     if steps_per_epoch == 0:
         raise UserError(f"{len(train_ex)} training conversations make less than one global batch "
                         f"(--batch-size {cfg.batch_size}); lower --batch-size or add data")

@@ -117,7 +117,12 @@ def read_marks(path: str) -> dict[str, str]:
     p = Path(path)
     if not p.is_file():
         raise UserError(f"--marks {path}: no such file")
-    reader = csv.DictReader(io.StringIO(p.read_text(encoding="utf-8-sig")))
+    try:
+        text = p.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise UserError(f"--marks {path}: not UTF-8 ({e.reason} at byte {e.start}); save the sheet as UTF-8 "
+                        f"CSV") from None
+    reader = csv.DictReader(io.StringIO(text))
     if not reader.fieldnames or "item" not in reader.fieldnames or "mark" not in reader.fieldnames:
         raise UserError(f"{path}:1: needs columns 'item' and 'mark' (got {reader.fieldnames})")
     marks = {}

@@ -131,8 +131,16 @@ def _extra_chat_cases(d):
     empty = os.path.join(d["tmp"], "empty.jsonl")
     open(empty, "w").write("\n")
     out = os.path.join(d["tmp"], "data_out.jsonl")
+    strings = os.path.join(d["tmp"], "prompt_strings.jsonl")  # messages as plain strings, not {role, content}
+    open(strings, "w").write(json.dumps({"id": "p0", "messages": ["头痛"], "reference": "多休息"}) + "\n")
     return {
         "empty_prompt": ("chat.py", ["--model", d["good"], "--prompt", "  "]),
+        # GB18030 bytes of 发烧 from a terminal in that encoding: Python hands them on as surrogate escapes
+        "not_utf8_prompt": ("chat.py", ["--model", d["good"], "--prompt", b"\xb7\xa2\xc9\xd5".decode(
+            "utf-8", "surrogateescape")]),
+        "prompt_strings": ("-m nanohuatuo.sampling", ["--model", d["good"], "--data", strings, "--out", out]),
+        "data_mix_same_out": ("-m nanohuatuo.data", ["mix", "--data", d["sft"], "--weights", "other=1",
+                                                     "--heldout", "0.5", "--out", out, "--heldout-out", out]),
         "budget": ("chat.py", ["--model", d["good"], "--prompt", QUESTION, "--max-new-tokens", "1024"]),
         "long_question": ("chat.py", ["--model", d["good"], "--prompt", "头痛" * 400, "--max-new-tokens", "8",
                                    "--template", "huatuo"]),
@@ -184,6 +192,16 @@ def test_one_case_as_its_own_process(dirs):
 
 def test_chat_refuses_an_empty_prompt(results):
     _one_line_exit_2(results["chat.py", "empty_prompt"], "--prompt is empty")
+
+
+def test_chat_refuses_a_prompt_not_in_utf8(results):
+    _one_line_exit_2(results["chat.py", "not_utf8_prompt"], "--prompt is not UTF-8 text", "GBK")
+
+
+def test_prompt_records_and_a_mix_that_would_overwrite_itself(results, dirs):
+    _one_line_exit_2(results["chat.py", "prompt_strings"], "prompt_strings.jsonl:1: messages[0] must be an object")
+    _one_line_exit_2(results["chat.py", "data_mix_same_out"], "--heldout-out", "would overwrite the mix")
+    assert not os.path.exists(os.path.join(dirs["tmp"], "data_out.jsonl"))
 
 
 def test_chat_prompt_budget(results):

@@ -43,6 +43,90 @@ def test_user_error_is_one_line_and_exit_2(capsys):
     assert cli_main(lambda cfg: None, Config, []) == 0
 
 
+@dataclass
+class Bounded:
+    lr: float | None = arg(None, "learning rate", bounds="(0, inf)")
+    top_p: float = arg(1.0, "nucleus mass", bounds="(0, 1]")
+    steps: int = arg(3, "steps", bounds="[1, inf)")
+    bias: float = arg(0.0, "any finite number")
+    ks: list[int] = arg([2], "several", bounds="[1, inf)")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--lr", "0"], "--lr 0.0: must be above 0"),
+    (["--lr=-1e-4"], "--lr -0.0001: must be above 0"),
+    (["--top-p", "1.5"], "--top-p 1.5: must be in (0, 1]"),
+    (["--top-p", "0"], "--top-p 0.0: must be in (0, 1]"),
+    (["--steps", "0"], "--steps 0: must be at least 1"),
+    (["--lr", "nan"], "--lr nan: must be a finite number"),
+    (["--bias", "inf"], "--bias inf: must be a finite number"),
+    (["--ks", "3,0"], "--ks 0: must be at least 1"),
+])
+def test_numbers_out_of_their_bounds_are_one_line_before_the_run(capsys, argv, message):
+    ran = []
+    assert cli_main(ran.append, Bounded, argv) == 2 and not ran
+    assert capsys.readouterr().err == f"error: {message}\n"
+
+
+def test_bounds_pass_the_interval_and_reach_config_files(tmp_path, capsys):
+    cfg = parse_config(Bounded, ["--lr", "1e-5", "--top-p", "1", "--steps", "1", "--bias", "-3", "--ks", "1", "5"])
+    assert (cfg.lr, cfg.top_p, cfg.steps, cfg.bias, cfg.ks) == (1e-5, 1.0, 1, -3.0, [1, 5])
+    assert parse_config(Bounded, []).lr is None  # unset passes
+    (tmp_path / "c.toml").write_text("top_p = 2.0\n")
+    assert cli_main(lambda cfg: None, Bounded, ["--config", str(tmp_path / "c.toml")]) == 2
+    assert capsys.readouterr().err == "error: --top-p 2.0: must be in (0, 1]\n"
+    with pytest.raises(ValueError, match="write an interval"):
+        arg(1, "x", bounds="1..2")
+
+
+def test_a_bad_flag_is_one_line(capsys):
+    with pytest.raises(SystemExit) as e:
+        parse_config(Config, ["--steps", "abc"], prog="x.py")
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err == "error: argument --steps: invalid int value: 'abc' (see x.py --help)\n"
+
+
+@pytest.mark.parametrize("module, argv, message", [
+    ("sft", ["--lr", "-1"], "--lr -1.0: must be above 0"),
+    ("dpo", ["--max-grad-norm", "-1"], "--max-grad-norm -1.0: must be at least 0"),  # was gradient ascent
+    ("ppo", ["--max-steps", "0"], "--max-steps 0: must be at least 1"),  # was "unset"
+    ("grpo", ["--max-new-tokens", "0"], "--max-new-tokens 0: must be at least 1"),
+    ("reward", ["--lora-r", "-1"], "--lora-r -1: must be at least 0"),
+    ("sampling", ["--top-p", "2"], "--top-p 2.0: must be in (0, 1]"),
+    ("evaluate", ["pairwise", "--limit", "-1"], "--limit -1: must be at least 0"),  # was all but the last
+    ("prepare", ["mix", "--total", "-3"], "--total -3: must be at least 1"),
+    ("distill", ["polish", "--timeout", "-1"], "--timeout -1.0: must be above 0"),
+    ("feedback", ["rank", "--timeout", "-1"], "--timeout -1.0: must be above 0"),
+    ("chat", ["--repetition-penalty", "0"], "--repetition-penalty 0.0: must be above 0"),
+    ("serve", ["--port", "70000"], "--port 70000: must be in [0, 65535]"),
+])
+def test_commands_refuse_numbers_out_of_bounds(capsys, module, argv, message):
+    import importlib
+    assert importlib.import_module(f"nanohuatuo.{module}").main(argv) == 2
+    assert capsys.readouterr().err == f"error: {message}\n"
+
+
+def test_every_number_a_command_takes_has_bounds():
+    """A new numeric flag states the interval it must lie in (seeds and penalties take any integer or
+    number), so an out-of-range value is refused before a run rather than trained on."""
+    import dataclasses
+    import types
+    from nanohuatuo import chat, distill, dpo, evaluate, feedback, grpo, ppo, prepare, reward, sampling, serve, sft
+    unbounded = set()
+    for mod in (chat, distill, dpo, evaluate, feedback, grpo, ppo, prepare, reward, sampling, serve, sft):
+        for cls in vars(mod).values():
+            if not (isinstance(cls, type) and dataclasses.is_dataclass(cls) and cls.__module__ == mod.__name__):
+                continue
+            for f in dataclasses.fields(cls):
+                typ = f.type
+                if isinstance(typ, types.UnionType):
+                    typ = next(t for t in typ.__args__ if t is not type(None))
+                if typ in (int, float) and "help" in f.metadata and not f.metadata.get("bounds"):
+                    unbounded.add(f.name)
+    assert unbounded == {"seed", "missing_eos_penalty"}
+
+
 def test_device_and_dtype():
     assert resolve_device("cpu") == torch.device("cpu")
     assert resolve_dtype("auto", "cpu") == torch.float32

@@ -244,11 +244,32 @@ def test_bad_input_leaves_the_old_reward_model_intact(trained, tmp_path, capsys)
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "x", "answers": ["only one"]}])
     assert reward.main(argv + ["--data", bad]) == 2
     assert reward.main(argv + ["--data", cfg.data[0], "--model", str(tmp_path / "nowhere")]) == 2
+    (tmp_path / "empty.jsonl").write_text("")  # no answers: the bias, their mean score, would be NaN
+    assert reward.main(argv + ["--data", cfg.data[0], "--norm-samples", str(tmp_path / "empty.jsonl")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 3 and all(line.startswith("error: ") for line in err), err
+    assert len(err) == 4 and all(line.startswith("error: ") for line in err), err
     assert "typo.jsonl" in err[0] and "bad.jsonl:1" in err[1] and "nowhere" in err[2]
+    assert err[3] == f"error: --norm-samples {tmp_path / 'empty.jsonl'}: no answers in it to normalise the scores with"
     after = {f: open(os.path.join(cfg.out, f), "rb").read() for f in before}
     assert after == before
+
+
+def test_a_broken_normalisation_or_a_non_finite_score_stops_rl(trained, tmp_path):
+    """A reward model whose bias is NaN (or a reward function that returns one) would turn the policy
+    NaN at its next update: loading refuses the first, the scorer the second, naming it."""
+    from nanohuatuo.reward_model import Scorer, read_rm_config
+    cfg, _, _ = trained
+    rc = json.load(open(os.path.join(cfg.out, "reward_config.json")))
+    os.makedirs(tmp_path / "rm")
+    with open(tmp_path / "rm" / "reward_config.json", "w") as f:
+        json.dump({**rc, "bias": float("nan")}, f)  # json writes NaN, and reads it back
+    with pytest.raises(ValueError, match=r"rm/reward_config.json: 'bias' is nan, not a finite number"):
+        read_rm_config(tmp_path / "rm")
+    score = Scorer(lambda prompts, responses, rows, texts: [0.5, float("inf")])
+    with pytest.raises(ValueError, match=r"1 of 2 answers a score that is not a finite number \(inf for '乙'\)"):
+        score([[1], [2]], [[3], [4]], [{}, {}], ["甲", "乙"])
+    ok = Scorer(lambda prompts, responses, rows, texts: [0.5, -1.0])
+    assert ok([[1], [2]], [[3], [4]], [{}, {}], ["甲", "乙"]).tolist() == [0.5, -1.0]
 
 
 def test_a_second_run_on_the_same_out_refuses(base, tmp_path):
