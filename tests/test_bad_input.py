@@ -133,8 +133,15 @@ def _extra_chat_cases(d):
     out = os.path.join(d["tmp"], "data_out.jsonl")
     strings = os.path.join(d["tmp"], "prompt_strings.jsonl")  # messages as plain strings, not {role, content}
     open(strings, "w").write(json.dumps({"id": "p0", "messages": ["头痛"], "reference": "多休息"}) + "\n")
+    same = os.path.join(d["tmp"], "same_answers.jsonl")  # judge items whose answers are all one text
+    open(same, "w").write(json.dumps({"id": "q0", "question": "头痛", "reference": "多休息",
+                                      "answers": ["多喝水", "多喝水 "]}) + "\n")
     return {
         "empty_prompt": ("chat.py", ["--model", d["good"], "--prompt", "  "]),
+        "feedback_nothing_ranked": ("-m nanohuatuo.feedback", ["rank", "--judge", "offline", "--data", same,
+                                                               "--out", out]),
+        "data_mix_negative": ("-m nanohuatuo.data", ["mix", "--data", d["sft"], "--weights", "other=-1",
+                                                     "--out", out]),
         # GB18030 bytes of 发烧 from a terminal in that encoding: Python hands them on as surrogate escapes
         "not_utf8_prompt": ("chat.py", ["--model", d["good"], "--prompt", b"\xb7\xa2\xc9\xd5".decode(
             "utf-8", "surrogateescape")]),
@@ -201,6 +208,10 @@ def test_chat_refuses_a_prompt_not_in_utf8(results):
 def test_prompt_records_and_a_mix_that_would_overwrite_itself(results, dirs):
     _one_line_exit_2(results["chat.py", "prompt_strings"], "prompt_strings.jsonl:1: messages[0] must be an object")
     _one_line_exit_2(results["chat.py", "data_mix_same_out"], "--heldout-out", "would overwrite the mix")
+    _one_line_exit_2(results["chat.py", "data_mix_negative"], "other=-1", "a weight is at least 0")
+    err = results["chat.py", "feedback_nothing_ranked"]["stderr"]  # the count of what was dropped, then why
+    assert results["chat.py", "feedback_nothing_ranked"]["code"] == 2 and "dropped 1 items" in err
+    assert err.strip().splitlines()[-1].startswith("error: no usable ranking among the 1 judge items")
     assert not os.path.exists(os.path.join(dirs["tmp"], "data_out.jsonl"))
 
 
