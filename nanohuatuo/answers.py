@@ -45,7 +45,8 @@ class Candidate:
                                  ("answers", self.answers)) if on]
         if len(kinds) != 1:
             what = " and ".join(kinds) if kinds else "nothing"
-            raise UserError(f"candidate {flag or self.name or '?'}: got {what}; give exactly one of --{flag}model DIR, "
+            who = f"candidate {flag or self.name}" if flag or self.name else "the model to evaluate"
+            raise UserError(f"{who}: got {what}; give exactly one of --{flag}model DIR, "
                             f"--{flag}base-url URL with --{flag}model-name NAME, or --{flag}answers FILE")
         if self.quant != "none" and kinds[0] != "model":
             raise UserError(f"--{flag}quant {self.quant}: only our model (--{flag}model) is loaded here; an endpoint "

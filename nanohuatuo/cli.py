@@ -15,9 +15,9 @@ What it holds:
   its number must lie in: `bounds="(0, inf)"`), so a flag can never lose its documentation or its
   range; `parse_config` builds argparse from the fields and shows every default. A number out of
   its interval, or not finite, is refused with the flag named before anything runs; a bad flag
-  is one line (the usage is --help's). Booleans are `--x/--no-x`; lists take space-separated values, each also split
-  on commas (`--lora-targets q_proj,v_proj` and `--lora-targets q_proj v_proj` are the same);
-  dicts are `k=v,k=v`.
+  is one line (the usage is --help's). Booleans are `--x/--no-x`; lists take space-separated
+  values, each also split on commas (`--lora-targets q_proj,v_proj` and `--lora-targets q_proj
+  v_proj` are the same); dicts are `k=v,k=v`.
 - Flag groups, one flag per concept everywhere (the README's flag table): `ModelFlags`,
   `DeviceFlags`, `LoRAFlags`, `OutputFlags`, `TrainLoopFlags`, `ExportFlags`, `GenerationFlags`,
   and `endpoint_flags(role, who)` (--ROLE-base-url, --ROLE-model-name, --ROLE-api-key; llm.from_flags
