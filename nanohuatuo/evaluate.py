@@ -145,18 +145,28 @@ _VERDICT = re.compile(r"assistant\s*([12])\s*is\s*(better|worse|equal)\s*(?:than
 
 
 def parse_verdict(text: str) -> str:
-    """'1', '2' (the assistant shown in that place is better) or 'tie', from the last verdict sentence.
+    """'1', '2' (the assistant shown in that place is better) or 'tie', from the verdict sentence on
+    the reply's last line, where the prompt asks for it (the last one there, if several).
 
-    Markdown decoration (** __ ` #) and full-width characters are ignored; ValueError when there is
-    no verdict sentence or it compares an assistant with itself."""
+    Only the last line counts: a verdict-like sentence in the reasoning ("Assistant 2 is better than
+    Assistant 1 at listing the symptoms") or a refusal quoting the options is not the verdict, and a
+    last line that is none of the three sentences ("Assistant 1 is slightly better ...") is re-asked.
+    Markdown decoration (** __ ` # and rules) and full-width characters are ignored; ValueError when
+    the last line holds no verdict sentence or it compares an assistant with itself."""
     clean = re.sub(r"[*_`#]", "", unicodedata.normalize("NFKC", text or ""))
-    found = list(_VERDICT.finditer(clean))
+    lines = [line for line in clean.splitlines() if re.sub(r"[\s\-=>|]", "", line)]
+    found = list(_VERDICT.finditer(lines[-1])) if lines else []
     if not found:
-        raise ValueError("no verdict line")
-    x, relation, y = found[-1].groups()
-    if x == y:
-        raise ValueError("verdict compares an assistant with itself")
-    return "tie" if relation.lower() == "equal" else (x if relation.lower() == "better" else y)
+        raise ValueError("no verdict line" if not _VERDICT.search(clean) else "the last line is not a verdict")
+    values = set()
+    for m in found:
+        x, relation, y = m.groups()
+        if x == y:
+            raise ValueError("verdict compares an assistant with itself")
+        values.add("tie" if relation.lower() == "equal" else (x if relation.lower() == "better" else y))
+    if len(values) > 1:  # "... better ... in safety; overall ... worse ...", or the options quoted
+        raise ValueError("the last line holds verdicts that disagree")
+    return values.pop()
 
 
 def verdict_followup(messages: list[dict], reply: str, reason: str) -> list[dict]:
@@ -465,9 +475,14 @@ def _setup(cfg):
     return lock, cfg
 
 
-def _names(a: Candidate, b: Candidate) -> tuple[str, str]:
-    na, nb = a.label(), b.label()
-    return (na, nb) if na != nb else (f"{na} (A)", f"{nb} (B)")
+def sides(cfg) -> tuple[Candidate, Candidate]:
+    """The two candidates. With one name between them (two endpoints serving one model name, two
+    `merged` directories) each is named after its side, "NAME (A)" and "NAME (B)": a candidate's
+    name keys its reply cache and its stored answers, so B would otherwise get A's answers."""
+    a, b = side(cfg, "a"), side(cfg, "b")
+    if a.label() == b.label():
+        a, b = replace(a, name=f"{a.label()} (A)"), replace(b, name=f"{b.label()} (B)")
+    return a, b
 
 
 def finish(out: Path, summary: dict, usage: list[str]) -> dict:
@@ -483,7 +498,7 @@ def finish(out: Path, summary: dict, usage: list[str]) -> dict:
 
 def run_pairwise(cfg: PairwiseConfig) -> dict:
     """Single-turn pairwise evaluation (see the module doc); returns the summary dict."""
-    a, b = side(cfg, "a"), side(cfg, "b")
+    a, b = sides(cfg)
     questions = load_questions(cfg.data, cfg.limit)
     lock, cfg = _setup(cfg)
     with lock:
@@ -492,7 +507,7 @@ def run_pairwise(cfg: PairwiseConfig) -> dict:
                  for q in questions]
         answers_a = get_answers(a, s, items, cfg, usage)
         answers_b = get_answers(b, s, items, cfg, usage)
-        na, nb = _names(a, b)
+        na, nb = a.label(), b.label()
         pairs = [{"id": q["id"], "group": q["group"], "prompt": q["query"], "answer_a": x, "answer_b": y,
                   "reference": q.get("reference") or q["query"], "with_reference": bool(q.get("reference")),
                   "reference_name": "reference answer" if q.get("reference") else "question",
@@ -540,7 +555,7 @@ def _judge_and_report(cfg, mode, judge, pairs, build, na, nb, usage, group_name,
 
 def run_dialogue(cfg: DialogueConfig) -> dict:
     """Multi-turn evaluation with a patient model (see the module doc); returns the summary dict."""
-    a, b = side(cfg, "a"), side(cfg, "b")
+    a, b = sides(cfg)
     if cfg.max_turns < 1:
         raise UserError(f"--max-turns {cfg.max_turns}: need at least 1")
     cases = load_cases(cfg.data, cfg.limit)
@@ -554,7 +569,7 @@ def run_dialogue(cfg: DialogueConfig) -> dict:
             usage.append(patient.summary())
         finally:
             patient.close()
-        na, nb = _names(a, b)
+        na, nb = a.label(), b.label()
         qa_data.write_jsonl(out / "transcripts.jsonl", [
             {"id": case["id"], "group": case["group"], "candidate": name, "patient": patient.label, **(t or {})}
             for case, x, y in zip(cases, ta, tb) for name, t in ((na, x), (nb, y))])

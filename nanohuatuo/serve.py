@@ -70,7 +70,8 @@ class ServeConfig(ModelFlags):
     host: str = arg("127.0.0.1", "address to listen on (0.0.0.0 for every interface: set --api-key then)")
     port: int = arg(8000, "port to listen on (0: any free port, printed at start)", bounds="[0, 65535]")
     served_model_name: str | None = arg(None, "the model name the server advertises and clients ask for (default: "
-                                              "the model directory's name)", old=("--model-name",))
+                                              "the --adapter directory's name, else the model directory's)",
+                                        old=("--model-name",))
     quant: str = arg("none", INFERENCE_QUANT_HELP, choices=list(INFERENCE_QUANTS))
     int8: bool = arg(False, "int8 weight-only quantisation", retired="--quant int8")  # earlier spelling, hidden
     compile: bool = arg(False, "torch.compile the decode step (CUDA graphs on CUDA; fused element-wise ops on "
@@ -130,7 +131,9 @@ def lora_flags(cfg: ServeConfig) -> dict[str, str]:
 
 
 def served_name(cfg: ServeConfig) -> str:
-    return cfg.served_model_name or Path(cfg.model).resolve().name
+    """--served-model-name, else the merged adapter's directory name, else the model's: two servers of one
+    base with different adapters merged must not answer to one name (a client's reply cache keys on it)."""
+    return cfg.served_model_name or Path(cfg.adapter or cfg.model).resolve().name
 
 
 # ----------------------------------------------------------------------------- the service
@@ -500,8 +503,9 @@ USAGE = """Serve a model as an OpenAI-compatible endpoint, with a chat page at /
     client = OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="EMPTY")
     client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "头痛怎么办？"}])
 
-NAME is the model directory's name (or --served-model-name); GET /v1/models lists it. Routes:
-/v1/chat/completions, /v1/completions, /v1/models, /health (no key needed) and / (the chat page).
+NAME is the model directory's name (the adapter's with --adapter; or --served-model-name); GET /v1/models
+lists it. Routes: /v1/chat/completions, /v1/completions, /v1/models, /health (no key needed) and / (the
+chat page).
 Models are not medical advice: everything they say must be checked by a doctor."""
 
 

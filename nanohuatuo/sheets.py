@@ -4,6 +4,10 @@
   sheet.html (self-contained; marks kept in the browser, downloaded as CSV), sheet.csv (with a
   BOM so spreadsheets read the Chinese as UTF-8) and sheet_key.json (which side was which, and the
   judge's outcome; kept away from the raters).
+- Each sheet has an id (a hash of its blind order and sides) in its key, its page and every row of
+  its CSVs: the page keeps its marks in the browser under it (two sheets opened in one browser do
+  not share marks), and tally refuses a marks file that names another sheet (an older sheet, or
+  one made again with another seed, would map the marks to the wrong candidates).
 - read_marks: a marked CSV (columns item, mark; 1/2/= and their spellings in MARKS) back to
   '1' | '2' | 'tie' per item; tally turns each rater's marks into win/tie/loss for candidate A and
   their agreement with the judge (percent and Cohen's kappa, winrate.py); with several raters also
@@ -13,6 +17,7 @@
 """
 
 import csv
+import hashlib
 import html
 import io
 import json
@@ -52,16 +57,19 @@ def write_sheet(source: str, out: str, seed: int = 0, limit: int = 0, overwrite:
             rows.append({"item": str(k), "question": p["prompt"], "reference": reference,
                          "answer_1": first, "answer_2": second, "mark": ""})
             key.append({"item": str(k), "id": p["id"], "group": p["group"], "left": left, "judge": p.get("outcome")})
+        blind = json.dumps([(str(src.resolve()), k["id"], k["left"]) for k in key], ensure_ascii=False)
+        sheet_id = hashlib.sha1(blind.encode()).hexdigest()[:12]
         buf = io.StringIO()
-        w = csv.DictWriter(buf, fieldnames=["item", "question", "reference", "answer_1", "answer_2", "mark"])
+        w = csv.DictWriter(buf, fieldnames=["item", "question", "reference", "answer_1", "answer_2", "mark", "sheet"])
         w.writeheader()
-        w.writerows(rows)
+        w.writerows({**r, "sheet": sheet_id} for r in rows)
         # a BOM so spreadsheet programs open the Chinese text as UTF-8
         (out / "sheet.csv").write_text("\ufeff" + buf.getvalue(), encoding="utf-8")
-        meta = {"source": str(src), "mode": summary_src.get("mode"), "a": summary_src.get("a"),
+        meta = {"sheet_id": sheet_id, "source": str(src), "mode": summary_src.get("mode"), "a": summary_src.get("a"),
                 "b": summary_src.get("b"), "judge": summary_src.get("judge"), "seed": seed, "items": key}
         (out / "sheet_key.json").write_text(json.dumps(meta, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
-        (out / "sheet.html").write_text(sheet_html(rows, summary_src.get("mode") == "dialogue"), encoding="utf-8")
+        (out / "sheet.html").write_text(sheet_html(rows, summary_src.get("mode") == "dialogue", sheet_id),
+                                        encoding="utf-8")
     print(f"sheet: {len(rows)} items in {out / 'sheet.html'} and {out / 'sheet.csv'}; keep {out / 'sheet_key.json'} "
           "away from the raters")
     return {"mode": "sheet", "items": len(rows), "out": str(out)}
@@ -73,21 +81,22 @@ SHEET_CSS = """body{font-family:sans-serif;max-width:1100px;margin:auto;padding:
 .pair{display:flex;gap:1em}.pair>div{flex:1;white-space:pre-wrap;border-left:3px solid #ddd;padding-left:.6em}
 .marks label{margin-right:1.5em}.note{color:#a33}"""
 
-SHEET_JS = """const KEY='nanohuatuo-sheet-'+document.title;
+SHEET_JS = """const KEY='nanohuatuo-sheet-'+SHEET;
 function save(){const m={};document.querySelectorAll('input[type=radio]:checked').forEach(r=>m[r.name]=r.value);
 m.rater=document.getElementById('rater').value;localStorage.setItem(KEY,JSON.stringify(m));}
 function load(){const m=JSON.parse(localStorage.getItem(KEY)||'{}');for(const[k,v]of Object.entries(m)){
 if(k==='rater'){document.getElementById('rater').value=v;continue;}
 const r=document.querySelector(`input[name="${k}"][value="${v}"]`);if(r)r.checked=true;}}
 function download(){const rater=document.getElementById('rater').value||'rater';
-let csv='item,mark,rater\\n';document.querySelectorAll('.item').forEach(d=>{const id=d.dataset.item;
-const r=document.querySelector(`input[name="m${id}"]:checked`);csv+=`${id},${r?r.value:''},"${rater.replace(/"/g,'""')}"\\n`;});
+let csv='item,mark,rater,sheet\\n';document.querySelectorAll('.item').forEach(d=>{const id=d.dataset.item;
+const r=document.querySelector(`input[name="m${id}"]:checked`);
+csv+=`${id},${r?r.value:''},"${rater.replace(/"/g,'""')}",${SHEET}\\n`;});
 const a=document.createElement('a');a.href=URL.createObjectURL(new Blob(['\\ufeff'+csv],{type:'text/csv'}));
 a.download='marks-'+rater+'.csv';a.click();}
 document.addEventListener('change',save);window.addEventListener('load',load);"""
 
 
-def sheet_html(rows: list[dict], dialogue: bool) -> str:
+def sheet_html(rows: list[dict], dialogue: bool, sheet_id: str) -> str:
     """A self-contained page: each item's question (or case), two unnamed answers, three marks."""
     e = html.escape
     what = "问诊对话" if dialogue else "回答"
@@ -108,12 +117,13 @@ def sheet_html(rows: list[dict], dialogue: bool) -> str:
             f"<p class='marks'><label><input type='radio' name='m{i}' value='1'> {what}1更好 (1 better)</label>"
             f"<label><input type='radio' name='m{i}' value='='> 相当 (equal)</label>"
             f"<label><input type='radio' name='m{i}' value='2'> {what}2更好 (2 better)</label></p></div>")
-    parts.append(f"<script>{SHEET_JS}</script></body></html>\n")
+    parts.append(f"<script>const SHEET='{sheet_id}';\n{SHEET_JS}</script></body></html>\n")
     return "\n".join(parts)
 
 
-def read_marks(path: str) -> dict[str, str]:
-    """item -> '1' | '2' | 'tie' from a marked CSV (columns item, mark); blank marks are skipped."""
+def read_marks(path: str, sheet_id: str | None = None) -> dict[str, str]:
+    """item -> '1' | '2' | 'tie' from a marked CSV (columns item, mark); blank marks are skipped. A
+    row naming another sheet than `sheet_id` (its `sheet` column) is refused."""
     p = Path(path)
     if not p.is_file():
         raise UserError(f"--marks {path}: no such file")
@@ -127,6 +137,10 @@ def read_marks(path: str) -> dict[str, str]:
         raise UserError(f"{path}:1: needs columns 'item' and 'mark' (got {reader.fieldnames})")
     marks = {}
     for line, row in enumerate(reader, start=2):
+        other = (row.get("sheet") or "").strip()
+        if sheet_id and other and other != sheet_id:
+            raise UserError(f"{path}:{line}: marks of sheet {other}, not of this one ({sheet_id}): the items would "
+                            f"map to the wrong answers; pass the marks of this sheet")
         mark = (row.get("mark") or "").strip().lower()
         if not mark:
             continue
@@ -150,7 +164,7 @@ def tally(meta: dict, mark_files: list[str], sheet: str) -> dict:
     key = {k["item"]: k for k in meta["items"]}
     raters, pooled_h, pooled_j, votes = [], [], [], {i: [] for i in key}
     for path in mark_files:
-        marks = read_marks(path)
+        marks = read_marks(path, meta.get("sheet_id"))
         unknown = sorted(set(marks) - set(key))
         if unknown:
             raise UserError(f"{path}: items {', '.join(unknown[:5])} are not on the sheet {sheet}")

@@ -213,8 +213,10 @@ def tables(items: list[dict], outcomes: list, boots: int, seed: int, names=("A",
     pairs = list(zip(items, outcomes))
     groups = dict.fromkeys(it["group"] for it in items)  # in order of first appearance
     # per group: counts and CIs only, a length fit on ten questions would be noise
+    # lengths where both answered: a missing answer (an endpoint's refusal, a consultation broken off) is not short
+    both = [it for it in items if it.get("answer_a") is not None and it.get("answer_b") is not None]
     return {"overall": stats(pairs, True),
-            "length_shift": length_shift([it["len_a"] for it in items], [it["len_b"] for it in items], names),
+            "length_shift": length_shift([it["len_a"] for it in both], [it["len_b"] for it in both], names),
             "groups": {g: stats([(it, o) for it, o in pairs if it["group"] == g], False) for g in groups}}
 
 

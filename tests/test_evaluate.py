@@ -240,6 +240,21 @@ def test_endpoint_candidate_answers_once_across_comparisons(tmp_path):
     assert len(store.read_text(encoding="utf-8").splitlines()) == len(rows)
 
 
+def test_two_endpoints_serving_one_model_name_keep_their_own_answers(tmp_path):
+    """serve.py on two ports, each with its own adapter merged, can advertise the same name: each side
+    is named after it ("NAME (A)", "NAME (B)"), so B is asked, not answered from A's cached replies."""
+    data, rows = questions(tmp_path, n=4)
+    with ScriptedServer(lambda req, path: "好的回答：多休息") as ppo, \
+            ScriptedServer(lambda req, path: "差的回答：去医院") as sft, ScriptedServer(good_judge) as judge:
+        summary = ev.run_pairwise(pairwise_cfg(tmp_path, judge, data, "", "", a_base_url=ppo.base_url,
+                                               a_model_name="Qwen2.5-0.5B", a_api_key="k", b_base_url=sft.base_url,
+                                               b_model_name="Qwen2.5-0.5B", b_api_key="k"))
+        assert len(sft.requests) == len(ppo.requests) == 4
+    assert (summary["a"], summary["b"]) == ("Qwen2.5-0.5B (A)", "Qwen2.5-0.5B (B)")
+    o = summary["stats"]["overall"]
+    assert (o["win"], o["tie"], o["loss"]) == (4, 0, 0)
+
+
 # ---------------------------------------------------------------- dialogue
 
 CASES = [
@@ -754,6 +769,14 @@ def test_sheet_tally_round_trip_reproduces_marks_and_kappa(tmp_path):
     (tmp_path / "bad.csv").write_text("item,mark\n1,maybe\n", encoding="utf-8")
     with pytest.raises(ev.UserError, match="bad.csv:2"):
         ev.run_tally(ev.TallyConfig(sheet=str(sheet), marks=[str(tmp_path / "bad.csv")]))
+    # each sheet has its id, in the page's storage key and in its CSV rows: another sheet's marks are refused
+    sheet_id = json.loads((sheet / "sheet_key.json").read_text(encoding="utf-8"))["sheet_id"]
+    assert f"const SHEET='{sheet_id}'" in page and {row["sheet"] for row in rows} == {sheet_id}
+    ev.make_sheet(ev.SheetConfig(source=str(src), out=str(tmp_path / "again"), seed=4))
+    other = json.loads((tmp_path / "again" / "sheet_key.json").read_text(encoding="utf-8"))["sheet_id"]
+    assert other != sheet_id
+    with pytest.raises(ev.UserError, match=f"marks.csv:2: marks of sheet {sheet_id}, not of this one \\({other}\\)"):
+        ev.run_tally(ev.TallyConfig(sheet=str(tmp_path / "again"), marks=[str(tmp_path / "marks.csv")]))
 
 
 def test_answers_only_run_makes_a_sheet(tmp_path):
@@ -845,7 +868,14 @@ def test_parse_verdict():
     assert ev.parse_verdict("Ａｓｓｉｓｔａｎｔ 1 is equal to Assistant 2") == "tie"  # full-width
     assert ev.parse_verdict("Assistant 1 is better than Assistant 2 in tone, but\nAssistant 1 is worse than "
                             "Assistant 2") == "2"  # the last one counts
-    for bad in ("I prefer the first.", "Assistant 1 is better than Assistant 1", ""):
+    assert ev.parse_verdict("reasons\n**Assistant 1 is worse than Assistant 2.**\n\n---\n") == "2"  # a rule after it
+    for bad in ("I prefer the first.", "Assistant 1 is better than Assistant 1", "",
+                # the last line is not one of the three sentences: a verdict-like phrase above it is reasoning
+                "Assistant 2 is better than Assistant 1 at listing the symptoms.\n"
+                "Final verdict: Assistant 1 is slightly better than Assistant 2",
+                "The options are 'Assistant 1 is better than Assistant 2' or 'Assistant 1 is worse than "
+                "Assistant 2'.\nI cannot decide.",
+                "Assistant 1 is better than Assistant 2 in safety; overall Assistant 1 is worse than Assistant 2"):
         with pytest.raises(ValueError):
             ev.parse_verdict(bad)
 

@@ -23,7 +23,7 @@ from conftest import tiny_base
 from nanohuatuo import Transformer
 from nanohuatuo.generate import cut_at_stop, generate
 from nanohuatuo.lora import apply_lora, lora_parameters, merge_and_unload, save_adapter
-from nanohuatuo.serve import ServeConfig, main as serve_main, make_server
+from nanohuatuo.serve import ServeConfig, main as serve_main, make_server, served_name
 from nanohuatuo.templates import render_prompt, resolve_template, stop_strings, stop_token_ids
 from nanohuatuo.tokenizer import Tokenizer
 
@@ -221,6 +221,10 @@ def test_adapter_is_merged(tiny, tmp_path):
         c.close()
     finally:
         srv.close()
+    # unnamed, a server of a merged adapter answers to the adapter's name, not the base's: two servers of one
+    # base with different adapters must differ for a client whose reply cache keys on the name
+    assert served_name(ServeConfig(model=d, adapter=str(tmp_path / "adapter"))) == "adapter"
+    assert served_name(ServeConfig(model=d)) == os.path.basename(d)
 
 
 @pytest.mark.parametrize("quant", ["int8", "nf4"])

@@ -140,3 +140,12 @@ def test_paired_diff_counts_and_interval():
     lo, hi = r["diff_ci"]
     assert -0.5 <= lo <= r["diff"] <= hi <= 2.0  # a bootstrap mean lies between the smallest and largest diff
     assert paired_diff([1.0], [0.0])["diff_ci"] is None  # one item: no interval
+
+
+def test_a_missing_answer_is_not_a_short_one():
+    """The length shift compares items both candidates answered: an endpoint's refusal or a consultation
+    broken off has no length, and counting it as 0 characters flagged B as "34% shorter"."""
+    items = [{"group": "g", "answer_a": "a" * 15, "answer_b": "b" * 16, "len_a": 15, "len_b": 16} for _ in range(7)]
+    items += [{"group": "g", "answer_a": "a" * 15, "answer_b": None, "len_a": 15, "len_b": 0} for _ in range(3)]
+    shift = tables(items, [("tie", None)] * 7 + [(None, "no answer")] * 3, boots=10, seed=0)["length_shift"]
+    assert (shift["mean_a"], shift["mean_b"], shift["warning"]) == (15.0, 16.0, None)
