@@ -9,7 +9,7 @@
 # are measured (DIR/generate.json), the log beside them, so a run stopped part way keeps its rows.
 #
 #   bash bench/gpu.sh DIR                 # on a machine with a CUDA GPU, PyTorch and transformers
-#   bash bench/gpu.sh DIR --device cpu --sizes tiny --mixed-requests 8   # the same run's plumbing, on a CPU
+#   bash bench/gpu.sh DIR --device cpu --sizes tiny --mixed-requests 8 --weights   # its plumbing, on a CPU
 #   NANOHUATUO_CUDA_GRAPHS=manual bash bench/gpu.sh DIR --sizes 500M --tables fixed   # the engine's own CUDA graphs
 #
 # The engine's own CUDA graphs against torch.compile's, alternating in one process (shorter, and paired),

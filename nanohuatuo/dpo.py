@@ -67,8 +67,7 @@ from .model import Transformer
 from .preferences import read_preferences
 from .quant import QUANT_HELP, QUANTS
 from .reward_model import right_pad
-from .templates import resolve_template, save_chat_template
-from .tokenizer import Tokenizer
+from .templates import save_chat_template, tokenizer_and_template
 
 
 @dataclass
@@ -314,8 +313,8 @@ def _train(cfg: DPOConfig, d, hold) -> dict:
     check_report_to(cfg.report_to)  # a missing tracker package is said now, not after the model loads
     dtype = resolve_dtype(cfg.dtype, d.device, training=True)
     # every input is read and checked before --out is touched
-    tok = Tokenizer.from_pretrained(cfg.model)
-    template = resolve_template(cfg.model, cfg.template, tok)
+    # the SFT adapter's tokenizer and chat template win over the base's, as sampling read the answers in them
+    tok, template = tokenizer_and_template(cfg.model, cfg.adapter, cfg.template)
     examples = _read(cfg.data, tok, template, cfg.max_len)
     if cfg.eval_data:
         train_ex, eval_ex = examples, _read(cfg.eval_data, tok, template, cfg.max_len)

@@ -4,9 +4,9 @@ Files (`iter_records(path)` yields ("file:line" or "file: row N", object) for ea
   - JSONL: one JSON object a line (UTF-8, a BOM allowed), blank lines skipped.
   - JSON: one array of objects (Alpaca's and LLaMA-Factory's files); each object's place is the line
     it starts on. A file whose first character is `[` is read this way whatever its name ends with.
-  - Parquet (`.parquet`), when pyarrow is installed (`pip install "nanohuatuo[parquet]"`).
+  - Parquet (`.parquet`), when pyarrow is installed (`pip install ".[parquet]"` in the repository).
   - A folder written by the `datasets` library's `save_to_disk` (its "train" split when it holds
-    several), when that library is installed (`pip install "nanohuatuo[datasets]"`), or a folder
+    several), when that library is installed (`pip install ".[datasets]"` in the repository), or a folder
     of Parquet files (read in name order).
 CSV files (`iter_csv`) are UTF-8 when their bytes decode cleanly as that, else GB18030, the
 encoding of the Chinese medical corpora; tab-separated text (`iter_tsv`) likewise.
@@ -106,8 +106,8 @@ def _needs(module: str, extra: str, what: str, path):
     try:
         return __import__(module)
     except ImportError:
-        raise DataError(f"{path}: reading {what} needs the {module} library: pip install \"nanohuatuo[{extra}]\" "
-                        f"(or pip install {module})") from None
+        raise DataError(f"{path}: reading {what} needs the {module} library: pip install \".[{extra}]\" in "
+                        f"the repository (or pip install {module})") from None
 
 
 def _iter_table(rows: list[dict], path) -> Iterator[tuple[str, dict]]:

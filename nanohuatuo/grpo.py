@@ -391,7 +391,7 @@ def _train(cfg: GRPOConfig, reward_fn, d, hold) -> dict:
         return_large_blocks()  # the update's freed activations go back to the OS instead of fragmenting the heap
     torch.manual_seed(cfg.seed)  # same LoRA init on every rank
     random.seed(cfg.seed)
-    tok, template, stops, stop_strs, end_id = chat_setup(cfg.model, cfg.template)
+    tok, template, stops, stop_strs, end_id = chat_setup(cfg.model, cfg.template, cfg.adapter)
     rows, prompts = load_prompts(cfg.data, tok, template, cfg.max_prompt_len)
     model, ref_lora, sft = policy_model(cfg.model, cfg.adapter, cfg.continue_adapter, cfg.lora_r, cfg.lora_alpha,
                                         cfg.lora_targets, device=d.device, dtype=dtype, quant=cfg.quant,

@@ -29,7 +29,7 @@ from torch.utils.checkpoint import checkpoint
 from . import hf
 from .hf import ModelConfig
 from .lora import load_adapter, merge_and_unload
-from .quant import quantize
+from .quant import Int8Linear, NF4Linear, quantize
 
 
 # ----------------------------------------------------------------------------- positions
@@ -295,7 +295,9 @@ class Transformer(nn.Module):
             init_value_head(self.value_head, g)
 
     def num_params(self):
-        return sum(p.numel() for p in {id(p): p for p in self.parameters()}.values())
+        """Parameters as the model has them, a quantised matrix (int8, NF4: a buffer) counted at its shape."""
+        quantised = sum(m.in_features * m.out_features for m in self.modules() if isinstance(m, (Int8Linear, NF4Linear)))
+        return quantised + sum(p.numel() for p in {id(p): p for p in self.parameters()}.values())
 
     def init_buffers(self, device=None):
         """RoPE frequencies and ALiBi slopes: computed from the config, never stored in weight files."""

@@ -591,7 +591,7 @@ def _train(cfg: PPOConfig, reward_fn, d, hold) -> dict:
     dtype = resolve_dtype(cfg.dtype, d.device)
     torch.manual_seed(cfg.seed)  # same LoRA init on every rank
     random.seed(cfg.seed)
-    tok, template, stops, stop_strs, end_id = chat_setup(cfg.model, cfg.template)
+    tok, template, stops, stop_strs, end_id = chat_setup(cfg.model, cfg.template, cfg.adapter)
     if tok.pad_id in stops and d.main:
         print(f"note: {cfg.model}'s pad id {tok.pad_id} is also a stop id; masks use lengths, so EOS still counts")
     rows, prompts = load_prompts(cfg.data, tok, template, cfg.max_prompt_len)

@@ -67,7 +67,7 @@ from .preferences import policy_seqs, read_preferences, reference_index  # noqa:
 from .quant import QUANT_HELP, QUANTS
 from .reward_model import (RM_CONFIG, RewardModel, load_reward_model, load_trunk, raw_scores, right_pad,  # noqa: F401
                            rm_forward, score_ids, score_texts, with_answer)
-from .templates import render, resolve_template, save_chat_template
+from .templates import render, save_chat_template, tokenizer_and_template
 from .tokenizer import Tokenizer
 
 
@@ -232,8 +232,8 @@ def _train(cfg: RMConfig, hold: contextlib.ExitStack) -> dict:
     head_lr = cfg.head_lr if cfg.head_lr is not None else lr
 
     # every input is read and checked before --out is touched
-    tok = Tokenizer(cfg.model)
-    template = resolve_template(cfg.model, cfg.template, tok)
+    # the SFT adapter's tokenizer and chat template win over the base's, as sampling read the answers in them
+    tok, template = tokenizer_and_template(cfg.model, cfg.adapter, cfg.template)
     examples = [ex for path in cfg.data for ex in read_preferences(path, tok, template)]
     if cfg.eval_data:
         train_ex, eval_ex = examples, [ex for path in cfg.eval_data for ex in read_preferences(path, tok, template)]

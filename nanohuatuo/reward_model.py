@@ -36,7 +36,7 @@ from .cli import resolve_device, resolve_dtype
 from .generate import cut_at_stop
 from .lora import CONFIG_FILE as ADAPTER_CONFIG, load_adapter, lora_modules
 from .model import Transformer
-from .templates import ChatTemplate, render, resolve_template
+from .templates import ChatTemplate, find_chat_templates, render, resolve_template
 from .tokenizer import Tokenizer
 
 RM_CONFIG = "reward_config.json"
@@ -62,10 +62,12 @@ class RewardModel:
         return None if self.score_std is None else self.score_std * self.gain
 
 
-def rm_template(model_dir, name: str | None, recorded: str | None = None) -> ChatTemplate:
+def rm_template(model_dir, name: str | None, recorded: str | None = None, adapter=None) -> ChatTemplate:
     """The chat template a reward model scores in: `name` when given (not "auto"), else the one
-    train_rm.py recorded, else the model directory's own (templates.resolve_template)."""
-    return resolve_template(model_dir, name if name and name != "auto" else recorded or "auto")
+    train_rm.py recorded, else the model directory's own (templates.resolve_template); "auto" is the
+    SFT adapter's template when that directory carries one, as train_rm.py read it."""
+    where = adapter if adapter and os.path.isdir(adapter) and find_chat_templates(adapter) else model_dir
+    return resolve_template(where, name if name and name != "auto" else recorded or "auto")
 
 
 # ----------------------------------------------------------------------------- forward
@@ -175,7 +177,8 @@ def load_reward_model(path, device=None, dtype=None, template: str | None = None
         else:
             model = Transformer.from_pretrained(path, dtype=dtype, device=device, quant=quant)
             tok = Tokenizer(path)
-        tmpl = rm_template(rc["base"] if rc["lora"] else path, template, rc["template"])
+        tmpl = rm_template(rc["base"] if rc["lora"] else path, template, rc["template"],
+                           rc.get("sft_adapter") if rc["lora"] else None)
         bias, gain, max_len, std = rc["bias"], rc["gain"], rc["max_len"], rc.get("score_std")
     else:
         if os.path.exists(os.path.join(path, ADAPTER_CONFIG)):
@@ -315,7 +318,8 @@ def share_base(path, model: Transformer, base, sft_adapter, tok, template=None, 
                 yield
         finally:
             model.value_head = keep
-    rm = RewardModel(model=model, tok=tok, template=rm_template(base, template, rc["template"]),
+    tmpl = rm_template(base, template, rc["template"], rc.get("sft_adapter"))
+    rm = RewardModel(model=model, tok=tok, template=tmpl,
                      bias=float(rc["bias"]), gain=float(rc.get("gain", 1.0)), max_len=int(rc["max_len"]),
                      score_std=rc.get("score_std"), path=str(path), swap=swap, lora=weights, head=head)
     return rm, ""

@@ -34,16 +34,14 @@ from .lora import apply_lora, default_targets, disabled_adapters, load_adapter, 
 from .metrics import MetricsLog
 from .model import Transformer
 from .reward_model import ScoreScale, end_at_stop_string, end_token
-from .templates import render_prompt, resolve_template, stop_strings, stop_token_ids
-from .tokenizer import Tokenizer
+from .templates import render_prompt, stop_strings, stop_token_ids, tokenizer_and_template
 
 
-def chat_setup(model_dir, template_name):
-    """(tok, template, stop ids, stop strings, end id): the model's tokenizer and chat template, the
-    tokens and strings an answer stops on, and the token that closes an assistant turn (what a
-    reward model reads last)."""
-    tok = Tokenizer.from_pretrained(model_dir)
-    template = resolve_template(model_dir, template_name, tok)
+def chat_setup(model_dir, template_name, adapter=None):
+    """(tok, template, stop ids, stop strings, end id): the model's tokenizer and chat template (the SFT
+    adapter's, when it carries them, as sampling and chat use), the tokens and strings an answer stops
+    on, and the token that closes an assistant turn (what a reward model reads last)."""
+    tok, template = tokenizer_and_template(model_dir, adapter, template_name)
     return tok, template, sorted(stop_token_ids(tok, template)), stop_strings(template), end_token(tok, template)
 
 

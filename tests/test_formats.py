@@ -141,7 +141,7 @@ def table(objs):
 
 
 def write_parquet(path, objs):
-    pq = pytest.importorskip("pyarrow.parquet", reason="pyarrow is not installed (pip install \"nanohuatuo[parquet]\")")
+    pq = pytest.importorskip("pyarrow.parquet", reason="pyarrow is not installed (pip install \".[parquet]\")")
     pq.write_table(table(objs), path)
     return str(path)
 
@@ -154,7 +154,7 @@ def test_parquet_rows_are_read_with_their_row_number(tmp_path):
 
 def test_a_datasets_folder_is_read(tmp_path):
     datasets = pytest.importorskip("datasets", reason="the datasets library is not installed "
-                                                      "(pip install \"nanohuatuo[datasets]\")")
+                                                      "(pip install \".[datasets]\")")
     from datasets.table import InMemoryTable
     # a fixed fingerprint: nothing to hash (some datasets and dill versions fail hashing pyarrow's types)
     rows = InMemoryTable(table([alpaca(r) for r in schema_rows()]))
@@ -167,7 +167,7 @@ def test_without_pyarrow_the_error_names_the_extra(tmp_path, monkeypatch):
     path = tmp_path / "s.parquet"
     path.write_bytes(b"PAR1")
     with pytest.raises(DataError, match=r"s.parquet: reading Parquet needs the pyarrow library: "
-                                        r"pip install \"nanohuatuo\[parquet\]\""):
+                                        r"pip install \"\.\[parquet\]\" in the repository"):
         data.load_conversations(path)
 
 

@@ -315,3 +315,24 @@ def test_torchrun_is_refused_in_one_line(monkeypatch, capsys):
     assert reward.main(["--model", "m", "--data", "p.jsonl"]) == 2
     assert capsys.readouterr().err == ("error: train_rm.py runs in one process (it has no data-parallel path, unlike "
                                        "SFT and PPO); start it with python, not torchrun\n")
+
+
+def test_rl_stages_read_in_the_sft_adapter_s_template(base, tmp_path):
+    """An SFT run writes its template next to its adapter (here HuatuoGPT-II's, on a base whose own is
+    HuatuoGPT's): the reward model, PPO/GRPO's rollouts and DPO read the answers in it, as sampling
+    wrote them, unless --template says otherwise."""
+    from nanohuatuo.reward_model import rm_template
+    from nanohuatuo.rollout import chat_setup
+    from nanohuatuo.templates import render_prompt, resolve_template, save_chat_template, tokenizer_and_template
+    path, tok, _ = base
+    adapter = tmp_path / "sft"
+    adapter.mkdir()
+    save_chat_template(adapter, tok, "huatuo2")
+    question = [{"role": "user", "content": "头疼三天怎么办"}]
+    want = render_prompt(question, tok, resolve_template(adapter, "auto", tok))
+    assert want != render_prompt(question, tok, resolve_template(path, "auto", tok))
+    for template in (chat_setup(path, "auto", str(adapter))[1], tokenizer_and_template(path, str(adapter))[1],
+                     rm_template(path, None, "auto", str(adapter))):
+        assert render_prompt(question, tok, template) == want
+    assert render_prompt(question, tok, chat_setup(path, "plain", str(adapter))[1]) == \
+        render_prompt(question, tok, "plain")  # --template wins
