@@ -296,7 +296,8 @@ class Transformer(nn.Module):
 
     def num_params(self):
         """Parameters as the model has them, a quantised matrix (int8, NF4: a buffer) counted at its shape."""
-        quantised = sum(m.in_features * m.out_features for m in self.modules() if isinstance(m, (Int8Linear, NF4Linear)))
+        quantised = sum(m.in_features * m.out_features for m in self.modules()
+                        if isinstance(m, (Int8Linear, NF4Linear)))
         return quantised + sum(p.numel() for p in {id(p): p for p in self.parameters()}.values())
 
     def init_buffers(self, device=None):
