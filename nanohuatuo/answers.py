@@ -120,8 +120,15 @@ class AnswerStore:
                 raw = raw[: raw.rfind(b"\n") + 1]
                 with open(self.path, "r+b") as f:
                     f.truncate(len(raw))
-            for line in raw.decode("utf-8").splitlines():
-                row = json.loads(line)
+            # "\n" only: splitlines() would also split at U+2028 and other separators an answer may hold
+            for lineno, line in enumerate(raw.decode("utf-8").split("\n"), start=1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{self.path}:{lineno}: not a stored answer ({e.msg}); move the file away to "
+                                     f"answer again") from None
                 self.rows[(row["id"], row["hash"])] = row
 
     def get(self, item_id: str, h: str) -> dict | None:

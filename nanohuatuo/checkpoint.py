@@ -197,7 +197,7 @@ def _plain(v):
 def read_jsonl_rows(path) -> list[dict]:
     """The rows of a per-step JSONL log; a torn last line (the process died mid-write) is dropped."""
     path = Path(path)
-    lines = path.read_text(encoding="utf-8").splitlines()
+    lines = path.read_text(encoding="utf-8").split("\n")  # not splitlines(): a text in a row may hold U+2028
     rows = []
     for i, line in enumerate(lines):
         if not line.strip():

@@ -19,17 +19,24 @@ What it holds, and the policy for each kind of failure:
   (the attempt number is part of the cache key, and `followup` may rewrite the messages for the
   next ask, e.g. to nudge the model towards the format). Then the Answer is unusable (ok False,
   error=reason) and counted in `usage.unusable[reason]`; a map never aborts for one item. Keep
-  reasons short and generic ("no ranking line"): they are the summary's categories.
+  reasons short and generic ("no ranking line"): they are the summary's categories. A reply cut
+  by max_tokens or a content filter (finish_reason "length", "content_filter") is unusable at once
+  where a `parse` expects a whole reply (a verdict, a ranking, a distilled answer): its end is
+  missing, and asking again the same way would be cut again. Text is kept as valid UTF-8 (a lone
+  surrogate, half an emoji, becomes U+FFFD), so every reply can be cached.
 - Cache: SQLite, keyed by the full request (model, messages, every parameter, attempt number).
-  Every reply received, usable or not, is written (and committed) before it is parsed, so an
-  interrupted run resumes without repeating a request and a rerun of a finished one sends none.
+  Every reply received with text, usable or not, and every refusal is written (and committed)
+  before it is parsed, so an interrupted run resumes without repeating a request and a rerun of a
+  finished one sends none. A reply without text (empty choices, a body that is not JSON: a
+  server's outage answered with 200) is not kept, so a rerun asks again once the server is back.
   Parsing is redone on cached text, so a fixed parser re-reads old replies for free; an item whose
   cached asks all failed is unusable again on a rerun, unless `refresh_unusable=True` re-asks it
   (and only it). One cache file belongs to one endpoint: the base URL is not in the key, so a
   server restarted on another port keeps its cache.
 - Concurrency: at most `concurrency` requests in flight (a thread pool in map(), a semaphore for
   chat() called from several threads). On an error, map() waits for the requests in flight so
-  their replies reach the cache, then raises.
+  their replies reach the cache, then raises. Identical requests in one map() (the same messages
+  and parameters, the same parse) are sent once and share the answer: two would be paid twice.
 - Accounting: `usage` = Usage(requests, cached, prompt_tokens, completion_tokens, retried,
   unusable). `requests` counts every ask (cache hits included, `cached` of them from the cache);
   token counts are those the server reported for replies received in this run (cached replies
@@ -54,12 +61,13 @@ import sys
 import threading
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from .cli import UserError
 
 PROGRESS_EVERY_S = 5.0
+CUT = {"length": "cut at max_tokens", "content_filter": "cut by a content filter"}  # finish_reason -> reason
 
 
 class LLMError(UserError):
@@ -113,6 +121,12 @@ def cache_key(model: str, messages: list, params: dict, attempt: int) -> str:
 
 def default_api_key() -> str:
     return os.environ.get("NANOHUATUO_API_KEY") or os.environ.get("OPENAI_API_KEY") or "EMPTY"
+
+
+def valid_utf8(text: str) -> str:
+    """The text with any lone surrogate (half of an emoji's UTF-16 pair, escaped in a JSON reply) as U+FFFD:
+    such text cannot be written as UTF-8, so it could be neither cached nor saved."""
+    return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
 
 
 def server_message(e) -> str:
@@ -235,7 +249,7 @@ class LLM:
         except openai.APIStatusError as e:
             if e.status_code in (408, 409, 429) or e.status_code >= 500:
                 raise LLMError(f"{where} still answered {e.status_code} after {self.max_retries} retries "
-                               f"({server_message(e)}){resume}") from None
+                               f"({server_message(e)}){resume}; so far {self.summary()}") from None
             with self._lock:  # say why once per status; the count is in the summary
                 first = e.status_code not in self._rejected
                 self._rejected.add(e.status_code)
@@ -244,7 +258,8 @@ class LLM:
                       file=sys.stderr, flush=True)
             return Reply(error=f"rejected ({e.status_code})", final=True)  # resending cannot help
         except openai.APIConnectionError as e:  # includes timeouts
-            raise LLMError(f"{where} could not be reached after {self.max_retries} retries ({e}){resume}") from None
+            raise LLMError(f"{where} could not be reached after {self.max_retries} retries ({e}){resume}; "
+                           f"so far {self.summary()}") from None
         except openai.APIResponseValidationError:
             return Reply(error="invalid response")
         except ValueError:  # the body claimed JSON and was not
@@ -262,6 +277,7 @@ class LLM:
         texts = [getattr(getattr(c, "message", None), "content", None) for c in choices]
         if any(not isinstance(t, str) for t in texts):
             return Reply(error="no content", **tokens)
+        texts = [valid_utf8(t) for t in texts]
         return Reply(texts=texts, finish_reasons=[getattr(c, "finish_reason", None) for c in choices], **tokens)
 
     def _count(self, unusable: str | None = None, **deltas) -> None:
@@ -281,8 +297,10 @@ class LLM:
             cached = reply is not None
             if reply is None:
                 reply = self._send(messages, params)
-                # stored before it is parsed: nothing received is lost if anything below fails
-                self._cache_put(key, {"model": self.model, "messages": messages, **params}, reply)
+                # stored before it is parsed: nothing received is lost if anything below fails; a reply
+                # without text (an outage answered 200) is not kept, so a rerun asks again
+                if reply.texts is not None or reply.final:
+                    self._cache_put(key, {"model": self.model, "messages": messages, **params}, reply)
                 self._count(requests=1, prompt_tokens=reply.prompt_tokens,
                             completion_tokens=reply.completion_tokens, retried=int(attempt > 0))
                 answer.prompt_tokens += reply.prompt_tokens
@@ -293,7 +311,10 @@ class LLM:
             answer.asks = attempt + 1
             answer.texts, answer.finish_reasons = reply.texts or [], reply.finish_reasons or []
             answer.text, error = (reply.texts[0] if reply.texts else None), reply.error
-            if error is None:
+            cut = CUT.get((reply.finish_reasons or [None])[0]) if parse is not None else None
+            if error is None and cut:
+                error = cut  # a verdict or a ranking may be what is missing: not used, not asked again
+            elif error is None:
                 try:
                     answer.value = parse(answer.text) if parse is not None else answer.text
                 except ValueError as e:
@@ -303,7 +324,7 @@ class LLM:
                 answer.ok, answer.error = True, None
                 return answer
             answer.error, answer.value = error, None
-            if reply.final:
+            if reply.final or cut:
                 break
             if answer.text is not None and followup is not None:
                 messages = followup(messages, answer.text, error) or messages
@@ -344,10 +365,17 @@ class LLM:
             raise ValueError(f"{self.name}: {total} requests but {len(parses)} parsers and {len(followups)} "
                              "followups; pass one function or one per request")
         answers: list[Answer | None] = [None] * total
+        # identical requests (and the same parse and followup) are asked once: sent together, both would be paid
+        first, same = {}, []
+        for i, r in enumerate(requests):
+            same.append(first.setdefault((json.dumps(r, sort_keys=True, ensure_ascii=False, default=str),
+                                          id(parses[i]), id(followups[i])), i))
+        unique = sorted(set(same))
+        repeated, total = total - len(unique), len(unique)
         t0 = last = time.monotonic()
         pool = concurrent.futures.ThreadPoolExecutor(max_workers=self.concurrency)
         try:
-            futures = {pool.submit(self._ask, r, parses[i], followups[i]): i for i, r in enumerate(requests)}
+            futures = {pool.submit(self._ask, requests[i], parses[i], followups[i]): i for i in unique}
             pending = set(futures)
             while pending:
                 finished, pending = concurrent.futures.wait(
@@ -367,9 +395,10 @@ class LLM:
             # cancel what has not started, and wait for what is in flight so its replies are cached
             pool.shutdown(wait=True, cancel_futures=True)
         if total:
-            print(f"{desc}: {done}/{total}, {from_cache} cached, {_duration(time.monotonic() - t0)}",
+            once = f" ({repeated} repeated requests asked once)" if repeated else ""
+            print(f"{desc}: {done}/{total}, {from_cache} cached, {_duration(time.monotonic() - t0)}{once}",
                   file=sys.stderr, flush=True)
-        return answers
+        return [answers[same[i]] if i == same[i] else replace(answers[same[i]]) for i in range(len(requests))]
 
     def summary(self) -> str:
         """judge: 12 requests (4 cached), 3,456 prompt + 789 completion tokens, 1 unusable (no ranking line)"""

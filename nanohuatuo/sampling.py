@@ -249,9 +249,10 @@ class SampleConfig(GenerationFlags, endpoint_flags("", "instead of --model"), Mo
                                                 "endpoint")
     adapter: str | None = arg(None, "LoRA adapter directory (PEFT layout, e.g. the SFT output), merged before "
                                     "sampling; its chat template, if it has one, is used")
-    cache: str = arg("", "SQLite cache of the endpoint's replies (with --base-url; default: none)")
-    refresh_unusable: bool = arg(False, "with --base-url and --cache: ask again the prompts whose cached "
-                                        "replies were unusable")
+    cache: str = arg("", "SQLite cache of the endpoint's replies, so a rerun pays for nothing twice (with "
+                         "--base-url; default: <out>.cache.sqlite; 'none': off)")
+    refresh_unusable: bool = arg(False, "with --base-url: ask again the prompts whose cached replies were "
+                                        "unusable")
     concurrency: int = arg(4, "requests in flight at once (with --base-url)", bounds="[1, inf)")
     k: int = arg(4, "answers per prompt", bounds="[1, inf)")
     max_new_tokens: int = like(GenerationFlags, "max_new_tokens", help="new tokens per answer; longer answers are "
@@ -292,7 +293,8 @@ def run(cfg: SampleConfig) -> int:
     if cfg.base_url:
         settings = {**DEFAULTS, **given}
         print(f"sampling: {len(todo)} prompts x {cfg.k} answers from {cfg.model_name} at {cfg.base_url}", flush=True)
-        with from_flags(cfg, cache=cfg.cache or None, name="sampling") as llm:
+        cache = None if cfg.cache.lower() == "none" else cfg.cache or f"{cfg.out}.cache.sqlite"
+        with from_flags(cfg, cache=cache, name="sampling") as llm:
             sample_from_endpoint(llm, todo, k=cfg.k, max_new_tokens=cfg.max_new_tokens,
                                  temperature=settings["temperature"], top_p=settings["top_p"],
                                  top_k=given.get("top_k"), repetition_penalty=given.get("repetition_penalty"),

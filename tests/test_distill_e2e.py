@@ -2,9 +2,10 @@
 by `python data.py mix`, and a few SFT steps on the mix.
 
 The tiny model is random, so its replies are noise; to make them parseable, whole numbered question
-lines are single (ordinary, decoded) tokens of its vocabulary and its output layer favours them:
-every reply is a few such lines. That is enough to drive each command through the real server,
-template, client, cache and filters, and to hand train_sft.py rows of all four sources."""
+lines are single (ordinary, decoded) tokens of its vocabulary and its output layer favours them and,
+less, the end token: every reply is a few such lines, ended (a reply cut at max_tokens is
+unusable). That is enough to drive each command through the real server, template, client, cache
+and filters, and to hand train_sft.py rows of all four sources."""
 
 import json
 import math
@@ -43,7 +44,10 @@ def line_model(d) -> str:
     with torch.no_grad():
         w = base.model.lm_head.weight
         w.zero_()
-        w[ids] = torch.randn(len(ids), w.shape[1], generator=torch.Generator().manual_seed(0)) * 5
+        # the lines and, weaker, the end token: a reply ends after some lines (one cut at max_tokens is unusable)
+        rows = ids + [base.tok.eos_id]
+        w[rows] = torch.randn(len(rows), w.shape[1], generator=torch.Generator().manual_seed(0)) * 5
+        w[base.tok.eos_id] *= 0.4
     base.model.save_pretrained(d)
     config = Path(d) / "tokenizer_config.json"
     tok = json.loads(config.read_text(encoding="utf-8"))

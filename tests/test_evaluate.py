@@ -914,3 +914,13 @@ def test_answer_store_cuts_a_torn_last_line(tmp_path):
     assert list(store.rows) == [("1", "h")]
     store.add([{"id": "2", "hash": "h", "answer": "y"}])
     assert [k for k in ans.AnswerStore(path).rows] == [("1", "h"), ("2", "h")]
+
+
+def test_answer_store_reads_back_an_answer_holding_a_line_separator(tmp_path):
+    """JSON keeps U+2028 raw in a line; reading the store with splitlines() cut such a row in two and
+    made every later --resume fail. Rows are split at newlines only."""
+    from nanohuatuo.answers import AnswerStore
+    store = AnswerStore(tmp_path / "a.jsonl")
+    store.add([{"id": "q1", "hash": "h", "answer": "多休息\u2028多喝水"}, {"id": "q2", "hash": "h", "answer": "好"}])
+    again = AnswerStore(tmp_path / "a.jsonl")
+    assert again.get("q1", "h")["answer"] == "多休息\u2028多喝水" and again.get("q2", "h")["answer"] == "好"

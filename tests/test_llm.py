@@ -1,6 +1,7 @@
 """nanohuatuo.llm with the real openai client against a scripted local server: malformed replies
 retried then counted, nothing lost under concurrency, the cache, refusals, usage totals."""
 
+import json
 import sqlite3
 import threading
 import time
@@ -74,10 +75,10 @@ def test_malformed_reply_is_retried_then_counted(tmp_path, bad, reason):
         assert len(srv.requests) == 6
         assert llm.usage.unusable == {reason: 2} and llm.usage.retried == 4
         assert llm.summary().endswith(f"2 unusable ({reason})")
-    # a rerun finds the bad replies in the cache and asks nothing
+    # replies without text (an outage answered 200) are not cached: a rerun asks again, once the server is back
     with ScriptedServer(lambda req, path: "fine") as srv, make(srv, tmp_path, attempts=3) as llm:
-        assert [a.ok for a in llm.map(requests_for(2))] == [False, False]
-        assert srv.requests == [] and llm.usage.cached == 6
+        assert [a.ok for a in llm.map(requests_for(2))] == [True, True]
+        assert len(srv.requests) == 2 and llm.usage.cached == 0
 
 
 def test_malformed_then_good_reply(tmp_path):
@@ -121,7 +122,7 @@ def test_parse_failure_retried_with_followup_then_unusable(tmp_path):
 
 def test_nothing_lost_with_concurrency_and_rerun_sends_nothing(tmp_path):
     """Bad replies mixed with good ones at concurrency 4: every good reply is cached, the run
-    finishes, and a rerun makes zero requests."""
+    finishes, and a rerun asks only what brought no text (an outage's replies are not kept)."""
     def handler(req, path):
         i = numbered(req)
         time.sleep(0.02 * (i % 3))  # finish out of order
@@ -138,11 +139,11 @@ def test_nothing_lost_with_concurrency_and_rerun_sends_nothing(tmp_path):
         assert len(srv.requests) == 8 + 8 * 2
         assert llm.usage.unusable == {"empty choices": 4, "non-JSON body": 4}
     rows = sqlite3.connect(tmp_path / "cache.sqlite").execute("SELECT COUNT(*) FROM replies").fetchone()[0]
-    assert rows == 8 + 8 * 2  # every reply received, good or bad
+    assert rows == 8  # every reply with text; none of those without
     with ScriptedServer(handler) as srv, make(srv, tmp_path, concurrency=4, attempts=2) as llm:
         again = llm.map(requests_for(16))
-        assert srv.requests == [] and [a.text for a in again] == [a.text for a in answers]
-        assert all(a.cached for a in again)
+        assert len(srv.requests) == 8 * 2 and [a.text for a in again] == [a.text for a in answers]
+        assert [a.cached for a in again] == [i % 4 in (0, 3) for i in range(16)]
 
 
 def test_fatal_error_keeps_what_was_received(tmp_path):
@@ -168,20 +169,27 @@ def test_fatal_error_keeps_what_was_received(tmp_path):
         assert [llm.chat(r["messages"], temperature=0.0).cached for r in requests_for(4)] == [True] * 4
 
 
+def _ok_only(text):
+    if "ok" not in text:
+        raise ValueError("garbled")
+    return text
+
+
 def test_refresh_unusable_reasks_only_the_unusable(tmp_path):
     good = {"question 0", "question 2"}
     with ScriptedServer(lambda req, path: "ok" if req["messages"][0]["content"] in good
-                        else {"choices": []}) as srv, make(srv, tmp_path, attempts=2) as llm:
-        assert [a.ok for a in llm.map(requests_for(3))] == [True, False, True]
+                        else "garbled") as srv, make(srv, tmp_path, attempts=2) as llm:
+        assert [a.ok for a in llm.map(requests_for(3), parse=_ok_only)] == [True, False, True]
     with ScriptedServer(lambda req, path: "now ok") as srv:
         with make(srv, tmp_path, attempts=2) as llm:
-            assert [a.ok for a in llm.map(requests_for(3))] == [True, False, True] and srv.requests == []
+            assert [a.ok for a in llm.map(requests_for(3), parse=_ok_only)] == [True, False, True]
+            assert srv.requests == []
         with make(srv, tmp_path, attempts=2, refresh_unusable=True) as llm:
-            answers = llm.map(requests_for(3))
+            answers = llm.map(requests_for(3), parse=_ok_only)
         assert [a.text for a in answers] == ["ok", "now ok", "ok"]
         assert [body["messages"][0]["content"] for _, body in srv.requests] == ["question 1"]
         with make(srv, tmp_path, attempts=2) as llm:  # the fresh reply replaced the bad one
-            assert llm.chat(requests_for(2)[1]["messages"], temperature=0.0).text == "now ok"
+            assert llm.chat(requests_for(2)[1]["messages"], parse=_ok_only, temperature=0.0).text == "now ok"
             assert len(srv.requests) == 1
 
 
@@ -241,3 +249,41 @@ def test_no_cache_and_bad_cache_file(tmp_path):
         bad.write_text("this is not a database " * 100)
         with pytest.raises(LLMError, match="bad.sqlite is not a usable SQLite file"):
             make(srv, tmp_path, cache=bad).chat(MSG)
+
+
+def test_a_cut_reply_is_unusable_where_a_whole_one_is_parsed(tmp_path):
+    """finish_reason "length" or "content_filter": the verdict or ranking may be what is missing, so a
+    parsed ask counts it unusable at once (asking the same again would be cut again); unparsed text
+    (a candidate's answer, sampling's) is kept with its finish reason."""
+    def handler(req, path):
+        return completion("Assistant 1 is better than", req, finish_reason="length" if numbered(req) == 0
+                          else "content_filter")
+
+    with ScriptedServer(handler) as srv, make(srv, tmp_path, attempts=3) as llm:
+        cut, filtered = llm.map(requests_for(2), parse=lambda text: text)
+        assert (cut.ok, cut.error, cut.asks) == (False, "cut at max_tokens", 1)
+        assert (filtered.ok, filtered.error) == (False, "cut by a content filter") and len(srv.requests) == 2
+        assert llm.usage.unusable == {"cut at max_tokens": 1, "cut by a content filter": 1}
+        plain = llm.map(requests_for(2))  # the same replies, from the cache, unparsed
+        assert all(a.ok for a in plain) and plain[0].finish_reasons == ["length"] and len(srv.requests) == 2
+
+
+def test_half_an_emoji_is_cached_as_a_replacement_character(tmp_path):
+    """A reply holding a lone surrogate (half of an emoji's UTF-16 pair, escaped in its JSON) could not
+    be written as UTF-8: it was paid for again on every rerun. Now it is kept, with U+FFFD."""
+    body = json.dumps(completion("头痛\ud83d多休息")).encode()  # ASCII JSON: the surrogate as \\ud83d
+    with ScriptedServer(lambda req, path: (200, body, {"Content-Type": "application/json"})) as srv, \
+            make(srv, tmp_path) as llm:
+        assert llm.chat(MSG).text == "头痛\ufffd多休息"
+    with ScriptedServer(lambda req, path: "never asked") as srv, make(srv, tmp_path) as llm:
+        a = llm.chat(MSG)
+        assert a.cached and a.text == "头痛\ufffd多休息" and srv.requests == []
+
+
+def test_identical_requests_in_one_map_are_paid_once(tmp_path):
+    with ScriptedServer(lambda req, path: f"answer {numbered(req)}") as srv, make(srv, tmp_path) as llm:
+        asked = requests_for(3)
+        answers = llm.map([asked[0], asked[1], asked[0], asked[2], asked[0]])
+        assert [a.text for a in answers] == ["answer 0", "answer 1", "answer 0", "answer 2", "answer 0"]
+        assert sorted(body["messages"][0]["content"] for _, body in srv.requests) == [
+            "question 0", "question 1", "question 2"]
