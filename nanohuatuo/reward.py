@@ -286,7 +286,7 @@ def _train(cfg: RMConfig, hold: contextlib.ExitStack) -> dict:
     log = MetricsLog(out / "metrics.jsonl", total_steps=total, report_to=cfg.report_to, config=dataclasses.asdict(cfg))
     hold.callback(log.close)
     micro = cfg.micro_batch_size or cfg.batch_size
-    result, params, stopped = {}, trunk + head, False
+    result, params, stopped, final_ev = {}, trunk + head, False, None
 
     for step in range(start, total):
         batch = batches[step]
@@ -317,9 +317,12 @@ def _train(cfg: RMConfig, hold: contextlib.ExitStack) -> dict:
         recent = (recent + [(loss_sum, correct, pairs)])[-20:]
         log.write(done, loss=loss_sum, accuracy=correct / pairs, lr=lr * factor,
                   grad_norm=float(grad_norm), tokens=tokens)
-        if eval_ex and cfg.eval_every and done % cfg.eval_every == 0 and done < total:
+        # the last step's evaluation is logged before its checkpoint: a run killed between the two and
+        # resumed does not log it twice
+        if eval_ex and (done == total or cfg.eval_every and done % cfg.eval_every == 0):
             ev = evaluate(model, eval_ex, tok.pad_id, cfg.max_len, cfg.batch_size, cfg.center_coef)
             log.write(done, **ev)
+            final_ev = ev if done == total else None
         if done % cfg.save_every == 0 or done == total or done == cfg.stop_after:
             print(f"checkpoint: {save_checkpoint(cfg, done, model, opt, tok, recent)}")
         if done == cfg.stop_after and done < total:
@@ -330,9 +333,8 @@ def _train(cfg: RMConfig, hold: contextlib.ExitStack) -> dict:
         return {"steps": cfg.stop_after, "stopped": True, "out": os.path.abspath(cfg.out)}
 
     model.eval()
-    ev = evaluate(model, eval_ex, tok.pad_id, cfg.max_len, cfg.batch_size, cfg.center_coef)
-    if eval_ex:
-        log.write(total, **ev)
+    # resumed after its last step, the run evaluates again (the same figures), logged once already
+    ev = final_ev or evaluate(model, eval_ex, tok.pad_id, cfg.max_len, cfg.batch_size, cfg.center_coef)
     result.update(ev)
     result["steps"] = total
     result["train_loss"] = sum(x[0] for x in recent) / max(len(recent), 1)  # over the last 20 steps

@@ -181,9 +181,12 @@ def load_reward_model(path, device=None, dtype=None, template: str | None = None
                            rc.get("sft_adapter") if rc["lora"] else None)
         bias, gain, max_len, std = rc["bias"], rc["gain"], rc["max_len"], rc.get("score_std")
     else:
-        if os.path.exists(os.path.join(path, ADAPTER_CONFIG)):
-            raise FileNotFoundError(f"{os.path.join(path, RM_CONFIG)} not found but {path} holds an adapter: "
-                                    f"reward-model training did not finish; rerun train_rm.py")
+        # train_rm.py writes rm_config.json first and reward_config.json last: one without the other is a run
+        # that did not finish (a full reward model's weights may already be there, and would pass as released)
+        left = [f for f in (ADAPTER_CONFIG, "rm_config.json") if os.path.exists(os.path.join(path, f))]
+        if left:
+            raise FileNotFoundError(f"{os.path.join(path, RM_CONFIG)} not found but {path} holds {left[0]}: "
+                                    f"reward-model training did not finish; rerun train_rm.py (--resume)")
         model = Transformer.from_pretrained(path, dtype=dtype, device=device, quant=quant)
         if model.value_head is None:
             raise ValueError(f"{path}: no value_head tensors and no {RM_CONFIG}; this is not a reward model "

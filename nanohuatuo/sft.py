@@ -526,14 +526,16 @@ def write_outputs(cfg: SFTConfig, d: Dist, model: Transformer, tok: Tokenizer, t
     if not d.main:
         return
     out = Path(cfg.out)
+    # the tokenizer and template first: the adapter's or model's own files, written last, mark the
+    # directory finished for the next stage, so a run killed in between leaves none that looks done
+    tok.save_pretrained(out)
+    save_chat_template(out, tok, template)
     if cfg.lora_r:
         save_adapter(host, out)
         say(f"adapter (PEFT layout): {out / 'adapter_config.json'}, {out / 'adapter_model.safetensors'}")
     else:
         host.save_pretrained(out)
-        tok.save_pretrained(out)
         say(f"model: {out} (config.json, safetensors, tokenizer)")
-    save_chat_template(out, tok, template)
     if cfg.save_merged:
         if not cfg.lora_r:
             say("--save-merged: full fine-tuning already wrote a full model; nothing to merge")

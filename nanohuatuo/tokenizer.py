@@ -28,12 +28,13 @@ segment by segment (see `nanohuatuo.templates`):
 
 import io
 import json
+import os
 import re
 import shutil
 from collections import Counter
 from pathlib import Path
 
-from .hf import read_json
+from .hf import TOKENIZER_MODEL_FILES, read_json
 
 # Files that make up a tokenizer; save_pretrained copies the ones that were present.
 TOKENIZER_FILES = (
@@ -467,15 +468,20 @@ class Tokenizer:
         """Copy the tokenizer files this tokenizer was loaded from into `out_dir`.
 
         generation_config.json is copied too when `out_dir` has none, since stop ids come from it.
+        Each file is copied under a temporary name and renamed, and tokenizer.json / tokenizer.model
+        come last: a directory that has one of them has the rest (a run killed mid-copy leaves no
+        half file, and its rerun, which copies only into a directory without them, completes the set).
         """
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
-        names = list(self.files)
+        names = sorted(self.files, key=lambda name: name in TOKENIZER_MODEL_FILES)
         if (self.path / "generation_config.json").exists() and not (out_dir / "generation_config.json").exists():
-            names.append("generation_config.json")
+            names.insert(0, "generation_config.json")
         for name in names:
             if (out_dir / name).resolve() != (self.path / name).resolve():
-                shutil.copyfile(self.path / name, out_dir / name)
+                tmp = out_dir / f".{name}.tmp"
+                shutil.copyfile(self.path / name, tmp)
+                os.replace(tmp, out_dir / name)
 
     def __repr__(self) -> str:
         return (
