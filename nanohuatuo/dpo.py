@@ -383,8 +383,8 @@ def _train(cfg: DPOConfig, d, hold) -> dict:
             break
 
     if d.main and not stopped:
+        save_chat_template(out, tok, template)  # first: the adapter's files mark the directory done
         adapters.save_on_base(model, out, merged=sft)  # for the original base: SFT (+) DPO when SFT was merged
-        save_chat_template(out, tok, template)
         say(f"wrote the DPO adapter to {out} (load with --model {cfg.model} --adapter {out})")
     if d.main and os.path.exists(log.path) and os.path.getsize(log.path):
         plot_metrics(log.path, out / "metrics.png", ["loss", "accuracy", "margin", "eval_loss", "eval_accuracy"],

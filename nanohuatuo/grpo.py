@@ -440,8 +440,8 @@ def _train(cfg: GRPOConfig, reward_fn, d, hold) -> dict:
     if getattr(reward.fn, "llm", None) is not None and d.main:
         print(reward.fn.llm.summary() + f"; {reward.fn.stats['unranked']} groups unranked (scored 0.5)")
     if d.main:
+        save_chat_template(out, tok, template)  # first: the adapter's files mark the directory done
         adapters.save_on_base(model, out, merged=sft)  # for the original base: SFT (+) GRPO when merged
-        save_chat_template(out, tok, template)
         if os.path.exists(log.path) and os.path.getsize(log.path):
             _plot(out, log.path)
         if cfg.save_merged:  # merges the LoRA layers away (a 4-bit base: onto a fresh full one): last

@@ -646,8 +646,9 @@ def _train(cfg: PPOConfig, reward_fn, d, hold) -> dict:
 
     if d.main:
         # for the original base: with a merged SFT adapter, the concatenation SFT (+) PPO
+        # the trained format travels with the adapter, written first: the adapter's files mark the directory done
+        save_chat_template(out, tok, template)
         adapters.save_on_base(m.model, out, merged=m.sft, extra=m.head() if m.critic_lora is None else None)
-        save_chat_template(out, tok, template)  # the trained format travels with the adapter
         if m.critic_lora is not None:
             with critic(m):
                 save_adapter(m.model, os.path.join(out, "critic"), extra=m.head())

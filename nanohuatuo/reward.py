@@ -351,9 +351,7 @@ def _train(cfg: RMConfig, hold: contextlib.ExitStack) -> dict:
     print(f"reward: bias {bias:.4f} (mean raw score of {len(norm)} SFT answers), std {std:.4f}, gain {gain:.4f}; "
           f"held-out pairwise accuracy {ev['eval_accuracy']:.3f} over {ev['eval_pairs']} pairs")
 
-    save_reward_model(model, cfg, template, bias, gain, std, ev["eval_accuracy"])
-    if not cfg.lora_r:  # a full reward model is its own model directory: it carries its template
-        save_chat_template(out, tok, template)
+    save_reward_model(model, cfg, template, bias, gain, std, ev["eval_accuracy"], tok)
     try:
         plot_metrics(out / "metrics.jsonl", out / "metrics.png",
                      ["loss", "accuracy", "eval_loss", "eval_accuracy", "lr"], title="reward model")
@@ -411,8 +409,9 @@ def load_checkpoint(cfg: RMConfig, ckpt: Path, model, opt, device) -> tuple[int,
     return state["step"], [tuple(x) for x in state["recent"]]
 
 
-def save_reward_model(model, cfg: RMConfig, template, bias, gain, score_std, eval_accuracy):
-    """Write the layout described in the module docstring; reward_config.json last."""
+def save_reward_model(model, cfg: RMConfig, template, bias, gain, score_std, eval_accuracy, tok=None):
+    """Write the layout described in the module docstring; reward_config.json last (a full reward model,
+    its own model directory, carries its chat template, written before it)."""
     out = cfg.out
     base = os.path.abspath(cfg.model)
     adapter = os.path.abspath(cfg.adapter) if cfg.adapter else None
@@ -421,6 +420,8 @@ def save_reward_model(model, cfg: RMConfig, template, bias, gain, score_std, eva
         save_adapter(model, out, extra=_head(model))
     else:
         model.save_pretrained(out, copy_from=base)  # tokenizer files come along from the base
+        if tok is not None:
+            save_chat_template(out, tok, template)
     checkpoint.atomic_json(os.path.join(out, RM_CONFIG), {
         "base": base if lora else os.path.abspath(out),
         "sft_adapter": adapter if lora else None,  # full mode: already merged into the saved weights

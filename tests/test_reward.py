@@ -169,7 +169,10 @@ def test_save_load_round_trip(base, tmp_path, mode):
     assert max(map(len, seqs)) > 20  # so left truncation to max_len is exercised too
     with torch.no_grad():
         want = reward.rm_forward(model, *reward.right_pad(seqs, tok.pad_id, max_len=20)) - 0.25
-    reward.save_reward_model(model, cfg, "plain", bias=0.25, gain=1.0, score_std=1.0, eval_accuracy=0.5)
+    reward.save_reward_model(model, cfg, "plain", bias=0.25, gain=1.0, score_std=1.0, eval_accuracy=0.5, tok=tok)
+    if mode == "full":  # its own model directory: its template is written before reward_config.json, the mark
+        assert os.stat(os.path.join(cfg.out, "chat_template.jinja")).st_mtime_ns <= \
+            os.stat(os.path.join(cfg.out, "reward_config.json")).st_mtime_ns
     rm = reward.load_reward_model(cfg.out, device="cpu")
     assert rm.model.lm_head is None and not any(p.requires_grad for p in rm.model.parameters())
     assert (rm.template.spec, rm.bias, rm.gain, rm.max_len) == ("plain", 0.25, 1.0, 20)
