@@ -921,6 +921,7 @@ def test_answer_store_reads_back_an_answer_holding_a_line_separator(tmp_path):
     made every later --resume fail. Rows are split at newlines only."""
     from nanohuatuo.answers import AnswerStore
     store = AnswerStore(tmp_path / "a.jsonl")
-    store.add([{"id": "q1", "hash": "h", "answer": "多休息\u2028多喝水"}, {"id": "q2", "hash": "h", "answer": "好"}])
+    store.add([{"id": "q1", "hash": "h", "answer": "多休息\u2028多喝水"},
+               {"id": "q2", "hash": "h", "answer": "好"}])
     again = AnswerStore(tmp_path / "a.jsonl")
     assert again.get("q1", "h")["answer"] == "多休息\u2028多喝水" and again.get("q2", "h")["answer"] == "好"
