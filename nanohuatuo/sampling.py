@@ -289,6 +289,23 @@ def run(cfg: SampleConfig) -> int:
             write_jsonl(cfg.out, done)
             last_save[0] = time.time()
 
+    try:
+        _sample(cfg, todo, save)
+    except KeyboardInterrupt:  # Ctrl-C: what was answered is written before leaving, not redone on the rerun
+        if done:
+            write_jsonl(cfg.out, done)
+        print(f"sampling: interrupted; {len(done)} items written to {cfg.out}, a rerun samples the rest",
+              file=sys.stderr, flush=True)
+        raise
+    if not done:  # every prompt was skipped (the lines above say why): an empty file would fail later, in feedback
+        raise UserError(f"no prompt of {cfg.data} could be answered; nothing written to {cfg.out}")
+    n = write_jsonl(cfg.out, done)
+    print(f"sampling: wrote {n} items to {cfg.out}")
+    return 0
+
+
+def _sample(cfg, todo, save):
+    """Answers to `todo` from the endpoint or the model, handed to save() batch by batch."""
     given = {name: getattr(cfg, name) for name in DEFAULTS if getattr(cfg, name) is not None}
     if cfg.base_url:
         settings = {**DEFAULTS, **given}
@@ -314,11 +331,6 @@ def run(cfg: SampleConfig) -> int:
                        batch_size=cfg.batch_size, seed=cfg.seed, context=cfg.max_len,
                        extra_stop_ids=model_defaults.get("stop_ids", ()), compile=cfg.compile, on_batch=save,
                        **settings)
-    if not done:  # every prompt was skipped (the lines above say why): an empty file would fail later, in feedback
-        raise UserError(f"no prompt of {cfg.data} could be answered; nothing written to {cfg.out}")
-    n = write_jsonl(cfg.out, done)
-    print(f"sampling: wrote {n} items to {cfg.out}")
-    return 0
 
 
 def main(argv=None) -> int:

@@ -198,3 +198,22 @@ def test_bad_prompt_file_names_the_line(tmp_path):
     bad.write_text(json.dumps(PROMPTS[0]) + "\n" + json.dumps({"question": "x"}) + "\n", encoding="utf-8")
     with pytest.raises(DataError, match=r"prompts.jsonl:2: expected a prompt record"):
         sampling.read_prompts(bad)
+
+
+def test_ctrl_c_writes_what_was_answered(tmp_path, monkeypatch):
+    """Answers are saved every 30 s; Ctrl-C writes the ones since before leaving, so a rerun does not redo them."""
+    from nanohuatuo import sampling as S
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"id": f"p{i}", "messages": [{"role": "user", "content": f"问题{i}"}],
+                                           "reference": "多休息"}, ensure_ascii=False) + "\n" for i in range(3)),
+                       encoding="utf-8")
+
+    def interrupted(cfg, todo, save):
+        save([{"id": todo[0]["id"], "answers": ["甲", "乙"]}])
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(S, "_sample", interrupted)
+    out = tmp_path / "samples.jsonl"
+    with pytest.raises(KeyboardInterrupt):
+        S.run(S.SampleConfig(model="unused", data=str(prompts), out=str(out)))
+    assert [row["id"] for row in map(json.loads, out.read_text(encoding="utf-8").splitlines())] == ["p0"]
