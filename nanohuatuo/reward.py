@@ -322,7 +322,8 @@ def _train(cfg: RMConfig, hold: contextlib.ExitStack) -> dict:
         if eval_ex and (done == total or cfg.eval_every and done % cfg.eval_every == 0):
             ev = evaluate(model, eval_ex, tok.pad_id, cfg.max_len, cfg.batch_size, cfg.center_coef)
             log.write(done, **ev)
-            final_ev = ev if done == total else None
+            if done == total:
+                final_ev = ev
         if done % cfg.save_every == 0 or done == total or done == cfg.stop_after:
             print(f"checkpoint: {save_checkpoint(cfg, done, model, opt, tok, recent)}")
         if done == cfg.stop_after and done < total:

@@ -228,8 +228,8 @@ class Scorer:
     rm: RewardModel | None = None  # the reward model itself (PPO's critic can start from a shared one)
 
     def __call__(self, prompts, responses, rows, texts) -> torch.Tensor:
-        """(B,) float32 scores on the CPU, checked: one NaN or infinite score would make the policy's
-        weights NaN at the next update, so the run stops there (its last checkpoint kept)."""
+        """(B,) float32 scores, checked: one NaN or infinite score would make the policy's weights NaN
+        at the next update, so the run stops there (its last checkpoint kept)."""
         scores = torch.as_tensor(self.fn(prompts, responses, rows, texts), dtype=torch.float32).reshape(len(prompts))
         bad = (~torch.isfinite(scores.cpu())).nonzero().flatten().tolist()
         if bad:

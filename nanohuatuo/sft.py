@@ -526,9 +526,9 @@ def write_outputs(cfg: SFTConfig, d: Dist, model: Transformer, tok: Tokenizer, t
     if not d.main:
         return
     out = Path(cfg.out)
-    # the tokenizer and template first: the adapter's or model's own files, written last, mark the
-    # directory finished for the next stage, so a run killed in between leaves none that looks done
-    tok.save_pretrained(out)
+    # the tokenizer and template first (save_chat_template copies the tokenizer files): the adapter's or
+    # model's own files, written last, mark the directory finished, so a run killed in between leaves
+    # none that looks done
     save_chat_template(out, tok, template)
     if cfg.lora_r:
         save_adapter(host, out)
