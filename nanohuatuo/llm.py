@@ -10,7 +10,9 @@ What it holds, and the policy for each kind of failure:
 - Transport: the official `openai` client (`openai.OpenAI(base_url, api_key, max_retries,
   timeout)`). Its own retries with exponential backoff (and the server's Retry-After) handle
   connection errors, timeouts, 408, 409, 429 and 5xx; when those run out, `LLMError` stops the
-  run (the server is gone: nothing would succeed) with what is cached kept for a rerun.
+  run (the server is gone: nothing would succeed) with what is cached kept for a rerun. A rate
+  limit (429) is waited out longer: after the client's retries, the request is sent again after
+  the server's Retry-After (or 5 s doubling to 60 s), for up to `rate_limit_wait` (10 min) in all.
 - Refusals: 401/403 (the key) and 404 (the URL or the model name) raise `LLMError` at once; any
   other 4xx (400 context too long, 422, ...) makes that one item unusable, unretried, since
   resending the same request cannot help.
@@ -34,9 +36,10 @@ What it holds, and the policy for each kind of failure:
   (and only it). One cache file belongs to one endpoint: the base URL is not in the key, so a
   server restarted on another port keeps its cache.
 - Concurrency: at most `concurrency` requests in flight (a thread pool in map(), a semaphore for
-  chat() called from several threads). On an error, map() waits for the requests in flight so
-  their replies reach the cache, then raises. Identical requests in one map() (the same messages
-  and parameters, the same parse) are sent once and share the answer: two would be paid twice.
+  chat() called from several threads). On an error or Ctrl-C, map() waits for the requests in
+  flight so their replies reach the cache, then raises (a second Ctrl-C a second later drops
+  them). Identical requests in one map() (the same messages and parameters, the same parse) are
+  sent once and share the answer: two would be paid twice.
 - Accounting: `usage` = Usage(requests, cached, prompt_tokens, completion_tokens, retried,
   unusable). `requests` counts every ask (cache hits included, `cached` of them from the cache);
   token counts are those the server reported for replies received in this run (cached replies
@@ -52,10 +55,13 @@ insists on one).
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import hashlib
 import json
+import math
 import os
 import re
+import signal
 import sqlite3
 import sys
 import threading
@@ -129,6 +135,19 @@ def valid_utf8(text: str) -> str:
     return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
 
 
+def retry_after(e) -> float | None:
+    """The seconds an openai APIStatusError's response asks to wait (Retry-After-Ms or Retry-After), if any."""
+    headers = getattr(getattr(e, "response", None), "headers", None) or {}
+    for name, scale in (("retry-after-ms", 1000.0), ("retry-after", 1.0)):
+        try:
+            value = float(headers.get(name)) / scale
+        except (TypeError, ValueError):
+            continue
+        if math.isfinite(value) and value > 0:
+            return value
+    return None
+
+
 def server_message(e) -> str:
     """The server's own words from an openai APIStatusError (its error.message where it sent one)."""
     body = getattr(e, "body", None)
@@ -144,13 +163,39 @@ def _duration(seconds: float) -> str:
     return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
 
 
+@contextlib.contextmanager
+def _one_interrupt():
+    """Ctrl-C raises KeyboardInterrupt once; another within a second of it is the same interrupt (a double
+    press; `timeout -s INT` signals the process and then its group), so the wait for the requests in flight
+    that follows is not cut short by it; a later one is a new interrupt. Only where Ctrl-C is Python's
+    default and this is the main thread (the only one that may set handlers)."""
+    if (threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
+        yield
+        return
+    first = []
+
+    def on_interrupt(signum, frame):
+        now = time.monotonic()
+        if first and now - first[-1] <= 1.0:
+            return
+        first.append(now)
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, on_interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 class LLM:
     """A cached, bounded, retrying chat-completions client for one endpoint and model (see module doc)."""
 
     def __init__(self, base_url: str, model: str, api_key: str | None = None,
                  cache: str | Path | None = None, concurrency: int = 4, max_retries: int = 4,
                  timeout: float = 120.0, attempts: int = 3, refresh_unusable: bool = False,
-                 name: str = "llm", progress_every: float = PROGRESS_EVERY_S):
+                 name: str = "llm", progress_every: float = PROGRESS_EVERY_S, rate_limit_wait: float = 600.0):
         import openai  # the offline paths of the stages run without the client installed
 
         if not base_url:
@@ -162,6 +207,7 @@ class LLM:
         self.base_url, self.model, self.name = base_url.rstrip("/"), model, name
         self.attempts, self.refresh_unusable = attempts, refresh_unusable
         self.concurrency, self.max_retries, self.progress_every = concurrency, max_retries, progress_every
+        self.rate_limit_wait, self._said_429 = rate_limit_wait, -math.inf
         self._openai = openai
         self._local = threading.local()  # HTTP sends of the current call, to count the client's retries
         http = openai.DefaultHttpxClient(event_hooks={"request": [self._on_send]})
@@ -239,7 +285,7 @@ class LLM:
         self._local.sends = 0
         try:
             with self._slots:
-                response = self._client.chat.completions.create(model=self.model, messages=messages, **params)
+                response = self._create(messages, params)
         except (openai.AuthenticationError, openai.PermissionDeniedError) as e:
             raise LLMError(f"{where} rejected the API key ({e.status_code}: {server_message(e)}); check --api-key or "
                            "$NANOHUATUO_API_KEY / $OPENAI_API_KEY") from None
@@ -248,7 +294,8 @@ class LLM:
                            "(usually ends in /v1) and --model-name") from None
         except openai.APIStatusError as e:
             if e.status_code in (408, 409, 429) or e.status_code >= 500:
-                raise LLMError(f"{where} still answered {e.status_code} after {self.max_retries} retries "
+                waited = f" and {e.waited:.0f} s of waiting" if getattr(e, "waited", 0) else ""
+                raise LLMError(f"{where} still answered {e.status_code} after {self.max_retries} retries{waited} "
                                f"({server_message(e)}){resume}; so far {self.summary()}") from None
             with self._lock:  # say why once per status; the count is in the summary
                 first = e.status_code not in self._rejected
@@ -279,6 +326,29 @@ class LLM:
             return Reply(error="no content", **tokens)
         texts = [valid_utf8(t) for t in texts]
         return Reply(texts=texts, finish_reasons=[getattr(c, "finish_reason", None) for c in choices], **tokens)
+
+    def _create(self, messages: list, params: dict):
+        """One chat completion through the client, waiting out rate limits: a 429 that outlasts the client's
+        retries (a few seconds of backoff; it ignores a long Retry-After) is asked again after the server's
+        Retry-After, or 5 s doubling to 60 s without one, for up to rate_limit_wait seconds in all."""
+        waited, waits = 0.0, 0
+        while True:
+            try:
+                return self._client.chat.completions.create(model=self.model, messages=messages, **params)
+            except self._openai.RateLimitError as e:
+                wait = retry_after(e) or min(60.0, 5.0 * 2 ** waits)
+                if waited + wait > self.rate_limit_wait:
+                    e.waited = waited
+                    raise
+                now = time.monotonic()
+                with self._lock:  # one line per half minute, not one per thread
+                    say = now - self._said_429 >= 30
+                    self._said_429 = now if say else self._said_429
+                if say:
+                    print(f"{self.name}: {self.base_url} is rate limiting (429: {server_message(e)}); waiting "
+                          f"{wait:.0f} s before asking again", file=sys.stderr, flush=True)
+                time.sleep(wait)
+                waited, waits = waited + wait, waits + 1
 
     def _count(self, unusable: str | None = None, **deltas) -> None:
         with self._lock:
@@ -374,26 +444,35 @@ class LLM:
         repeated, total = total - len(unique), len(unique)
         t0 = last = time.monotonic()
         pool = concurrent.futures.ThreadPoolExecutor(max_workers=self.concurrency)
-        try:
-            futures = {pool.submit(self._ask, requests[i], parses[i], followups[i]): i for i in unique}
-            pending = set(futures)
-            while pending:
-                finished, pending = concurrent.futures.wait(
-                    pending, timeout=self.progress_every or None, return_when=concurrent.futures.FIRST_COMPLETED)
-                for future in finished:
-                    answers[futures[future]] = a = future.result()  # an LLMError stops the map here
-                    done += 1
-                    from_cache += a.cached
-                now = time.monotonic()
-                if pending and now - last >= self.progress_every:
-                    last = now
-                    fresh = done - from_cache
-                    eta = (now - t0) / fresh * (total - done) if fresh else float("nan")
-                    print(f"{desc}: {done}/{total}, {from_cache} cached, ETA "
-                          f"{_duration(eta) if fresh else '?'}", file=sys.stderr, flush=True)
-        finally:
-            # cancel what has not started, and wait for what is in flight so its replies are cached
-            pool.shutdown(wait=True, cancel_futures=True)
+        futures = {}
+        with _one_interrupt():
+            try:
+                for i in unique:
+                    futures[pool.submit(self._ask, requests[i], parses[i], followups[i])] = i
+                pending = set(futures)
+                while pending:
+                    finished, pending = concurrent.futures.wait(
+                        pending, timeout=self.progress_every or None, return_when=concurrent.futures.FIRST_COMPLETED)
+                    for future in finished:
+                        answers[futures[future]] = a = future.result()  # an LLMError stops the map here
+                        done += 1
+                        from_cache += a.cached
+                    now = time.monotonic()
+                    if pending and now - last >= self.progress_every:
+                        last = now
+                        fresh = done - from_cache
+                        eta = (now - t0) / fresh * (total - done) if fresh else float("nan")
+                        print(f"{desc}: {done}/{total}, {from_cache} cached, ETA "
+                              f"{_duration(eta) if fresh else '?'}", file=sys.stderr, flush=True)
+            except BaseException:
+                # cancel what has not been sent, and wait for what is in flight: its replies are paid for
+                in_flight = sum(f.running() for f in futures)
+                if in_flight:
+                    print(f"{desc}: waiting for the {in_flight} requests in flight, so their replies are cached "
+                          "(Ctrl-C again to drop them)", file=sys.stderr, flush=True)
+                pool.shutdown(wait=True, cancel_futures=True)
+                raise
+        pool.shutdown(wait=True)
         if total:
             once = f" ({repeated} repeated requests asked once)" if repeated else ""
             print(f"{desc}: {done}/{total}, {from_cache} cached, {_duration(time.monotonic() - t0)}{once}",

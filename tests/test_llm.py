@@ -287,3 +287,65 @@ def test_identical_requests_in_one_map_are_paid_once(tmp_path):
         assert [a.text for a in answers] == ["answer 0", "answer 1", "answer 0", "answer 2", "answer 0"]
         assert sorted(body["messages"][0]["content"] for _, body in srv.requests) == [
             "question 0", "question 1", "question 2"]
+
+
+def test_a_double_ctrl_c_keeps_the_replies_in_flight(tmp_path):
+    """Two SIGINTs close together (a double press, or `timeout -s INT`, which signals the process and then its
+    group) stop the map once: the requests in flight are waited for and cached, those not sent are dropped."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    arrived, release = threading.Semaphore(0), threading.Event()
+
+    def handler(req, path):
+        arrived.release()
+        release.wait(10)
+        return f"answer {numbered(req)}"
+
+    script = ("import sys\nfrom nanohuatuo.llm import LLM\n"
+              "with LLM(sys.argv[1], 'test-model', api_key='k', cache=sys.argv[2], concurrency=2, max_retries=0) "
+              "as llm:\n"
+              "    llm.map([{'messages': [{'role': 'user', 'content': f'question {i}'}]} for i in range(6)])\n")
+    with ScriptedServer(handler) as srv:
+        proc = subprocess.Popen([sys.executable, "-c", script, srv.base_url, str(tmp_path / "c.sqlite")],
+                                stderr=subprocess.PIPE, text=True, env={**os.environ, "NO_PROXY": "127.0.0.1"})
+        try:
+            assert arrived.acquire(timeout=30) and arrived.acquire(timeout=10)  # two requests in flight
+            proc.send_signal(signal.SIGINT)
+            time.sleep(0.1)
+            proc.send_signal(signal.SIGINT)
+            time.sleep(0.3)
+            release.set()
+            err = proc.communicate(timeout=30)[1]
+        finally:
+            release.set()
+            proc.kill()
+        assert len(srv.requests) == 2, err
+    assert proc.returncode != 0 and "waiting for the 2 requests in flight" in err
+    rows = sqlite3.connect(tmp_path / "c.sqlite").execute("SELECT texts FROM replies ORDER BY texts").fetchall()
+    assert rows == [('["answer 0"]',), ('["answer 1"]',)]
+
+
+def test_a_rate_limit_is_waited_out_beyond_the_clients_retries(tmp_path, capsys, monkeypatch):
+    """429s that outlast the openai client's few seconds of backoff are asked again after the server's
+    Retry-After, for up to rate_limit_wait seconds; past that the run stops naming the wait."""
+    count = {"n": 0}
+
+    def handler(req, path):
+        count["n"] += 1
+        if count["n"] <= 5:
+            return 429, {"error": {"message": "tokens per minute"}}, {"Retry-After-Ms": "50"}
+        return "at last"
+
+    with ScriptedServer(handler) as srv, make(srv, tmp_path, max_retries=1) as llm:
+        a = llm.chat(MSG)
+        assert a.ok and a.text == "at last" and len(srv.requests) == 6 and llm.usage.retried == 5
+    assert capsys.readouterr().err.count("is rate limiting (429: tokens per minute); waiting") == 1
+    slept = []
+    monkeypatch.setattr(time, "sleep", slept.append)  # the 100 s the server asks for, without waiting them
+    with ScriptedServer(lambda req, path: (429, {"error": {"message": "quota"}}, {"Retry-After": "100"})) as srv:
+        with make(srv, tmp_path, max_retries=0, rate_limit_wait=150, cache=None) as llm, \
+                pytest.raises(LLMError, match=r"429 after 0 retries and 100 s of waiting \(quota\)"):
+            llm.chat(MSG)
+        assert len(srv.requests) == 2 and slept == [100.0]
