@@ -11,7 +11,9 @@ run killed at any moment leaves either the previous checkpoint or the new one, n
 On resume, `resume_from` finds the last complete checkpoint and `truncate_jsonl` cuts metrics.jsonl
 (and any other per-step log) back to the checkpoint's step, so an interrupted run's rows after
 its last checkpoint are not written twice; a half-written last line (kill -9 mid-write) is dropped.
-`config_changes` lists the settings a resumed run changed, for the stage to refuse or announce.
+`config_changes` lists the settings a resumed run changed, for the stage to refuse or announce;
+`unfinish` drops the finished marks of the outputs an earlier run wrote, so a resumed run killed
+before it writes its own (e.g. one given a larger --max-steps) never leaves the old ones looking done.
 
 A stage with a plain optimizer writes a checkpoint with `save(out, step, keep, d, config, optimizer,
 write_weights, **state)` and resumes with `read_resume(path, config, fixed, ignore)` (its state, the
@@ -86,6 +88,26 @@ def resume_from(out, resume: bool, say=print) -> Path | None:
         say(f"--resume: no checkpoint in {Path(out) / 'checkpoints'}, starting from step 0")
         return None
     return found[-1]
+
+
+FINISHED = ("adapter_config.json", "config.json", "reward_config.json")  # written last by a stage's outputs
+
+
+def unfinish(out, say=print) -> None:
+    """For --resume: drop what marks OUT's outputs finished (an adapter's or a model's config, a reward model's
+    reward_config.json, those of OUT/critic) and OUT/merged, before the run trains on. A run killed before it
+    writes its own outputs then leaves none that look done; an earlier run's would pass for its result."""
+    out = Path(out)
+    gone = [p for d in (out, out / "critic") for p in (d / name for name in FINISHED) if p.is_file()]
+    for p in gone:
+        p.unlink()
+    if (out / "merged").is_dir():
+        shutil.rmtree(out / "merged")
+        gone.append(out / "merged")
+    if gone:
+        names = ", ".join(str(p.relative_to(out)) for p in gone)
+        say(f"--resume: the outputs in {out} are no longer marked finished ({names} removed); this run writes "
+            "them again when it ends")
 
 
 @contextlib.contextmanager

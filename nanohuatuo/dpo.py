@@ -337,6 +337,8 @@ def _train(cfg: DPOConfig, d, hold) -> dict:
 
     hold.enter_context(prepare_out(cfg.out, resume=cfg.resume, overwrite=cfg.overwrite, main_process=d.main))
     out = Path(cfg.out)
+    if cfg.resume and d.main:
+        checkpoint.unfinish(out, say)
     ckpt = checkpoint.resume_from(out, cfg.resume, say)
     start = load_checkpoint(model, cfg, ckpt, optimizer, d) if ckpt else 0
     mine = [[pairs[p] for p in b[d.rank::d.world]] for b in batches]  # this process's share of every step

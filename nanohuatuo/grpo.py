@@ -398,6 +398,8 @@ def _train(cfg: GRPOConfig, reward_fn, d, hold) -> dict:
                                         compile=cfg.compile)
     hold.enter_context(prepare_out(cfg.out, resume=cfg.resume, overwrite=cfg.overwrite, main_process=d.main))
     out = cfg.out
+    if cfg.resume and d.main:
+        checkpoint.unfinish(out)
     reward = make_reward(reward_fn, model, ref_lora, cfg, tok, template, d, dtype)
     params = lora_parameters(model)
     optimizer = torch.optim.Adam([{"params": params, "lr": cfg.lr}], eps=cfg.adam_eps)

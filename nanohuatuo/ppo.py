@@ -607,6 +607,8 @@ def _train(cfg: PPOConfig, reward_fn, d, hold) -> dict:
 
     hold.enter_context(prepare_out(cfg.out, resume=cfg.resume, overwrite=cfg.overwrite, main_process=d.main))
     out = cfg.out
+    if cfg.resume and d.main:
+        checkpoint.unfinish(out)
     state = {"step": 0, "kl_coef": cfg.kl_coef, "data_pos": 0, "score_scale": None}
     ckpt = checkpoint.resume_from(out, cfg.resume, print if d.main else lambda *a: None)
     if ckpt:

@@ -248,8 +248,8 @@ def _train(cfg: RMConfig, hold: contextlib.ExitStack) -> dict:
     out = Path(cfg.out)
     hold.enter_context(prepare_out(out, resume=cfg.resume, overwrite=cfg.overwrite))
     ckpt = checkpoint.resume_from(out, cfg.resume)
-    if cfg.resume and (out / RM_CONFIG).exists():
-        os.remove(out / RM_CONFIG)  # written last: until this run ends, the directory is not a finished RM
+    if cfg.resume:
+        checkpoint.unfinish(out)
 
     n_seqs = sum(len(ex["seqs"]) for ex in train_ex)
     n_long = sum(len(s) > cfg.max_len for ex in train_ex for s in ex["seqs"])

@@ -375,6 +375,8 @@ def _train(cfg: SFTConfig, d: Dist, hold: contextlib.ExitStack) -> dict:
     ckpt = checkpoint.resume_from(out, cfg.resume, say)
     model = build_model(cfg, d, compute_dtype, ckpt)
     hold.enter_context(prepare_out(out, resume=cfg.resume, overwrite=cfg.overwrite, main_process=d.main))
+    if cfg.resume and d.main:
+        checkpoint.unfinish(out, say)
     n_params = model.num_params()
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     start_step = check_resume(cfg, ckpt, d, say) if ckpt else 0

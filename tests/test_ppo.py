@@ -568,6 +568,11 @@ def test_stop_after_and_resume_match_an_uninterrupted_run(tiny, tmp_path, capsys
     said = capsys.readouterr().out
     assert "changed settings, applied from here on" in said and "lr 0.003 -> 0.001" in said
     assert again["lr"] == 1e-3 and again["history"][0]["kl_coef"] != want[-1]["kl_coef"]
+    # continued further and killed before its end: neither the policy nor the critic of step 4 looks finished
+    ppo.train(tiny_cfg(base, tmp_path / "part", resume=True, **{**kw, "max_steps": 6, "stop_after": 5}),
+              reward_fn=good_fraction)
+    assert "critic/adapter_config.json removed" in capsys.readouterr().out
+    assert not any((tmp_path / "part" / d / "adapter_config.json").exists() for d in ("", "critic"))
 
 
 def test_length_debias_by_hand_and_it_holds_the_length(tiny, tmp_path):

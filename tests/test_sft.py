@@ -196,6 +196,11 @@ def test_resume_gives_the_same_losses(tmp_path, base, data):
     assert rest["eval_loss"] == pytest.approx(full["eval_loss"], abs=1e-6)
     a = (tmp_path / "full" / "adapter_model.safetensors").read_bytes()
     assert a == (tmp_path / "part" / "adapter_model.safetensors").read_bytes()
+    # continued further and killed before its end (--stop-after): the 6-step adapter no longer looks like its result
+    more = sft.train(config(base, data, tmp_path / "part", resume=True, **{**kw, "max_steps": 8, "stop_after": 7}))
+    assert more["stopped"] and not (tmp_path / "part" / "adapter_config.json").exists()
+    assert sft.train(config(base, data, tmp_path / "part", resume=True, **{**kw, "max_steps": 8}))["steps"] == 8
+    assert (tmp_path / "part" / "adapter_config.json").exists()
 
 
 def torchrun(out, base, data, *args):
