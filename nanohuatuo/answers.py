@@ -314,4 +314,12 @@ def get_answers(c: Candidate, s: GenerationSettings, items: list[dict], run,
         finally:
             model.close()
     rows = [store.get(it["id"], h) for it, h in zip(items, hashes)]
+    # a judge marks an answer without its end down: said, since the budget may be at fault, not the model
+    reasons = [r.get("finish_reason") for r in rows if r]
+    long, filtered = reasons.count("length"), reasons.count("content_filter")
+    why = ([f"{long} at the length limit, --max-new-tokens {s.max_new_tokens}"] if long else []) + \
+        ([f"{filtered} by a content filter"] if filtered else [])
+    if why:
+        summaries.append(f"{c.label()}: {long + filtered} of {len(reasons)} answers cut before their end "
+                         f"({', '.join(why)})")
     return [r["answer"] if r else None for r in rows]

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from conftest import tiny_base, write_jsonl
-from fake_openai import ScriptedServer
+from fake_openai import ScriptedServer, completion
 from nanohuatuo import answers as ans
 from nanohuatuo import consult
 from nanohuatuo import evaluate as ev
@@ -238,6 +238,24 @@ def test_endpoint_candidate_answers_once_across_comparisons(tmp_path):
     assert cand[0]["max_tokens"] == 64 and cand[0]["temperature"] == 0.0
     [store] = list((tmp_path / "answers").glob("cand-b-*.jsonl"))
     assert len(store.read_text(encoding="utf-8").splitlines()) == len(rows)
+
+
+def test_answers_cut_before_their_end_are_reported(tmp_path):
+    """A judge marks an unfinished answer down: the report says how many of a candidate's answers were cut."""
+    data, rows = questions(tmp_path)
+    a = answers(tmp_path, "a", rows, lambda r: f"好的回答{r['id']}")
+
+    def handler(req, path):
+        if req["model"] == "cand-b":
+            i = int(req["messages"][-1]["content"][1])
+            return completion(f"差的回答{i}", req, finish_reason="length" if i < 2 else "stop")
+        return good_judge(req, path)
+
+    with ScriptedServer(handler) as srv:
+        summary = ev.run_pairwise(pairwise_cfg(tmp_path, srv, data, a, "", b_base_url=srv.base_url,
+                                               b_model_name="cand-b", b_api_key="k", max_new_tokens=64))
+    said = "cand-b: 2 of 6 answers cut before their end (2 at the length limit, --max-new-tokens 64)"
+    assert said in summary["usage"] and said in (tmp_path / "out" / "report.md").read_text(encoding="utf-8")
 
 
 def test_two_endpoints_serving_one_model_name_keep_their_own_answers(tmp_path):
