@@ -65,7 +65,6 @@ import json
 import os
 import random
 import statistics
-import uuid
 from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -96,11 +95,12 @@ def write_jsonl(path, rows: Iterable[dict]) -> int:
     """Write rows as UTF-8 JSONL atomically (temp file + os.replace); return the count.
 
     The file gets the usual permissions (0666 less the umask, as `open` gives), not a temp file's 0600.
+    The temp file's name is fixed (.NAME.tmp), so one left by a killed write is replaced by the next.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex[:12]}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    tmp = path.parent / f".{path.name}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
     n = 0
     try:
         with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:

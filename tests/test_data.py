@@ -370,6 +370,19 @@ def test_outputs_have_normal_permissions(tmp_path):
     assert stat.S_IMODE(os.stat(tmp_path / "rows.jsonl").st_mode) == 0o644
 
 
+def test_a_write_killed_half_way_leaves_one_temp_file_the_next_replaces(tmp_path):
+    def rows():
+        yield conv("other")
+        raise KeyboardInterrupt  # a Ctrl-C mid-write: the temp file is removed
+    with pytest.raises(KeyboardInterrupt):
+        data.write_jsonl(tmp_path / "rows.jsonl", rows())
+    assert list(tmp_path.iterdir()) == []
+    (tmp_path / ".rows.jsonl.tmp").write_text("half a row from a SIGKILLed writ")  # a kill leaves it
+    assert data.write_jsonl(tmp_path / "rows.jsonl", [conv("other")]) == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["rows.jsonl"]
+    assert data.read_jsonl(tmp_path / "rows.jsonl") == [conv("other")]
+
+
 def test_iter_conversations_names_each_row(tmp_path):
     path = write_lines(tmp_path / "c.jsonl", [jl(conv("other")), "", jl(conv("other", q="咳嗽"))])
     assert [w for w, _ in data.iter_conversations(path)] == [f"{path}:1", f"{path}:3"]
