@@ -77,8 +77,13 @@ class JSONHandler(BaseHTTPRequestHandler):
             length = -1
         if length < 0 or length > max_bytes:
             self.close_connection = True
-            raise APIError(413 if length > max_bytes else 400, f"the request body must be at most {max_bytes} bytes "
-                                                               f"with a valid Content-Length")
+            status, left = (413 if length > max_bytes else 400), length
+            if max_bytes < length <= 8 * max_bytes:
+                # read and dropped: closing with the body unread resets the connection, and the client sees
+                # a broken pipe (and retries) instead of this answer
+                while left > 0:
+                    left -= len(self.rfile.read(min(left, 2**20))) or left
+            raise APIError(status, f"the request body must be at most {max_bytes} bytes with a valid Content-Length")
         return self.rfile.read(length)
 
     @staticmethod

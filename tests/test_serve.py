@@ -459,6 +459,16 @@ def test_unsupported_method_answers_json(server):
     assert http(server, "/health")[0] == 200
 
 
+def test_a_body_over_the_limit_gets_its_413(server):
+    """The body is read before the answer: closed unread, the connection is reset and the client sees a broken
+    pipe (the openai client retries it) instead of the 413."""
+    from nanohuatuo.serve import MAX_BODY
+    body = b'{"model": "x", "messages": [], "pad": "' + b"x" * MAX_BODY + b'"}'
+    got, _, answer = http(server, "/v1/chat/completions", raw=body)
+    assert got == 413 and f"at most {MAX_BODY} bytes" in answer["error"]["message"]
+    assert http(server, "/health")[0] == 200
+
+
 def test_bad_requests_through_the_client_and_unknown_fields(tiny, client):
     with pytest.raises(openai.NotFoundError) as e:
         client.chat.completions.create(model="gpt-4", messages=user("hi"))
