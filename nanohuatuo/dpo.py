@@ -337,8 +337,6 @@ def _train(cfg: DPOConfig, d, hold) -> dict:
 
     hold.enter_context(prepare_out(cfg.out, resume=cfg.resume, overwrite=cfg.overwrite, main_process=d.main))
     out = Path(cfg.out)
-    if cfg.resume and d.main:
-        checkpoint.unfinish(out, say)
     ckpt = checkpoint.resume_from(out, cfg.resume, say)
     start = load_checkpoint(model, cfg, ckpt, optimizer, d) if ckpt else 0
     mine = [[pairs[p] for p in b[d.rank::d.world]] for b in batches]  # this process's share of every step
@@ -365,6 +363,9 @@ def _train(cfg: DPOConfig, d, hold) -> dict:
 
     model.train()
     history, evals, stopped = [], {}, False
+    # the checks above passed and training begins: the outputs of an earlier run stop looking like this one's
+    if cfg.resume and d.main:
+        checkpoint.unfinish(out, say)
     for step in range(start, total):
         for g in optimizer.param_groups:
             g["lr"] = cfg.lr * lr_factor(step, total, warmup)

@@ -398,8 +398,6 @@ def _train(cfg: GRPOConfig, reward_fn, d, hold) -> dict:
                                         compile=cfg.compile)
     hold.enter_context(prepare_out(cfg.out, resume=cfg.resume, overwrite=cfg.overwrite, main_process=d.main))
     out = cfg.out
-    if cfg.resume and d.main:
-        checkpoint.unfinish(out)
     reward = make_reward(reward_fn, model, ref_lora, cfg, tok, template, d, dtype)
     params = lora_parameters(model)
     optimizer = torch.optim.Adam([{"params": params, "lr": cfg.lr}], eps=cfg.adam_eps)
@@ -414,6 +412,9 @@ def _train(cfg: GRPOConfig, reward_fn, d, hold) -> dict:
     scale = score_scale(reward, cfg, state, d)
     log = open_run_log(cfg, "grpo", bool(ckpt), state["step"], max_steps, d, hold)
     history, clock = [], {"plot": time.time()}
+    # the checks above passed and training begins: the outputs of an earlier run stop looking like this one's
+    if cfg.resume and d.main:
+        checkpoint.unfinish(out)
     for step in range(state["step"] + 1, max_steps + 1):
         if cfg.anneal_lr:
             optimizer.param_groups[0]["lr"] = cfg.lr * (1 - (step - 1) / max_steps)

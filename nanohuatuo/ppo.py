@@ -607,8 +607,6 @@ def _train(cfg: PPOConfig, reward_fn, d, hold) -> dict:
 
     hold.enter_context(prepare_out(cfg.out, resume=cfg.resume, overwrite=cfg.overwrite, main_process=d.main))
     out = cfg.out
-    if cfg.resume and d.main:
-        checkpoint.unfinish(out)
     state = {"step": 0, "kl_coef": cfg.kl_coef, "data_pos": 0, "score_scale": None}
     ckpt = checkpoint.resume_from(out, cfg.resume, print if d.main else lambda *a: None)
     if ckpt:
@@ -618,6 +616,9 @@ def _train(cfg: PPOConfig, reward_fn, d, hold) -> dict:
     scale = score_scale(reward, cfg, state, d)
     log = open_run_log(cfg, "ppo", bool(ckpt), state["step"], max_steps, d, hold)
     history, kl_coef, clock = [], state["kl_coef"], {"plot": time.time()}
+    # the checks above passed and training begins: the outputs of an earlier run stop looking like this one's
+    if cfg.resume and d.main:
+        checkpoint.unfinish(out)
     for step in range(state["step"] + 1, max_steps + 1):
         if cfg.anneal_lr:
             frac = 1 - (step - 1) / max_steps

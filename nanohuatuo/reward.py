@@ -248,8 +248,6 @@ def _train(cfg: RMConfig, hold: contextlib.ExitStack) -> dict:
     out = Path(cfg.out)
     hold.enter_context(prepare_out(out, resume=cfg.resume, overwrite=cfg.overwrite))
     ckpt = checkpoint.resume_from(out, cfg.resume)
-    if cfg.resume:
-        checkpoint.unfinish(out)
 
     n_seqs = sum(len(ex["seqs"]) for ex in train_ex)
     n_long = sum(len(s) > cfg.max_len for ex in train_ex for s in ex["seqs"])
@@ -288,6 +286,9 @@ def _train(cfg: RMConfig, hold: contextlib.ExitStack) -> dict:
     micro = cfg.micro_batch_size or cfg.batch_size
     result, params, stopped, final_ev = {}, trunk + head, False, None
 
+    # the checks above passed and training begins: the outputs of an earlier run stop looking like this one's
+    if cfg.resume:
+        checkpoint.unfinish(out)
     for step in range(start, total):
         batch = batches[step]
         factor = lr_factor(step, total, warmup, cfg.schedule)

@@ -375,8 +375,6 @@ def _train(cfg: SFTConfig, d: Dist, hold: contextlib.ExitStack) -> dict:
     ckpt = checkpoint.resume_from(out, cfg.resume, say)
     model = build_model(cfg, d, compute_dtype, ckpt)
     hold.enter_context(prepare_out(out, resume=cfg.resume, overwrite=cfg.overwrite, main_process=d.main))
-    if cfg.resume and d.main:
-        checkpoint.unfinish(out, say)
     n_params = model.num_params()
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     start_step = check_resume(cfg, ckpt, d, say) if ckpt else 0
@@ -428,6 +426,9 @@ def _train(cfg: SFTConfig, d: Dist, hold: contextlib.ExitStack) -> dict:
             log.write(0, eval_loss=eval_loss)
     plan, plan_epoch_no = None, -1
     train_loss, tokens_seen, stopped, last_saved, done = None, 0, False, start_step, start_step
+    # the checks above passed and training begins: the outputs of an earlier run stop looking like this one's
+    if cfg.resume and d.main:
+        checkpoint.unfinish(out, say)
     for step in range(start_step, total_steps):
         epoch, index = divmod(step, steps_per_epoch)
         if epoch != plan_epoch_no:

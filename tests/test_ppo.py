@@ -568,6 +568,11 @@ def test_stop_after_and_resume_match_an_uninterrupted_run(tiny, tmp_path, capsys
     said = capsys.readouterr().out
     assert "changed settings, applied from here on" in said and "lr 0.003 -> 0.001" in said
     assert again["lr"] == 1e-3 and again["history"][0]["kl_coef"] != want[-1]["kl_coef"]
+    # a continuation refused (its checkpoint does not fit) leaves the finished outputs as they were
+    with pytest.raises(ValueError, match="lora_r=4.*lora_r=8"):
+        ppo.train(tiny_cfg(base, tmp_path / "part", resume=True, **{**kw, "max_steps": 6, "lora_r": 8}),
+                  reward_fn=good_fraction)
+    assert all((tmp_path / "part" / d / "adapter_config.json").exists() for d in ("", "critic"))
     # continued further and killed before its end: neither the policy nor the critic of step 4 looks finished
     ppo.train(tiny_cfg(base, tmp_path / "part", resume=True, **{**kw, "max_steps": 6, "stop_after": 5}),
               reward_fn=good_fraction)
