@@ -146,6 +146,26 @@ def _first(hf, *keys):
     raise KeyError(keys[0])
 
 
+def _window(hf, mt, where):
+    """The sliding window, which nanohuatuo puts on every layer or on none. Mistral's is on every layer; Qwen2's
+    and Qwen3's, with use_sliding_window, on the layers from max_window_layers (28 when absent) on, or on those
+    layer_types names "sliding_attention": a window on some layers only is refused, not run wrong."""
+    size = hf.get("sliding_window")
+    if mt == "mistral" or not size:
+        return size or None
+    if mt not in ("qwen2", "qwen3") or not hf.get("use_sliding_window"):
+        return None
+    n = hf["num_hidden_layers"]
+    first = hf.get("max_window_layers", 28)
+    types = hf.get("layer_types") or ["sliding_attention" if i >= first else "full_attention" for i in range(n)]
+    windowed = sum(t == "sliding_attention" for t in types)
+    if windowed in (0, n):
+        return size if windowed else None
+    raise ModelDirError(f"{where}: a sliding window on {windowed} of {n} layers (use_sliding_window with "
+                        f"max_window_layers {first} or layer_types) is not supported; "
+                        "nanohuatuo puts the window on every layer or on none")
+
+
 def _config(hf, mt, where):
     arch = " ".join(hf.get("architectures") or [])
     is_reward = "RewardModel" in arch
@@ -156,7 +176,7 @@ def _config(hf, mt, where):
         act = hf.get("hidden_act", "silu")
         if act != "silu":
             raise ModelDirError(f"{where}: hidden_act {act!r} is not supported for {mt} (silu is)")
-        window = hf.get("sliding_window") if (mt == "mistral" or hf.get("use_sliding_window")) else None
+        window = _window(hf, mt, where)
         return ModelConfig(
             arch="llama" if mt == "yi" else mt, vocab_size=hf["vocab_size"], dim=hf["hidden_size"],
             n_layers=hf["num_hidden_layers"], n_heads=n_heads,
@@ -235,8 +255,8 @@ def hf_config(c: ModelConfig, dtype: "torch.dtype") -> dict:
             out["mlp_bias"] = c.mlp_bias
         if c.arch == "mistral" or c.sliding_window:
             out["sliding_window"] = c.sliding_window
-            if c.arch == "qwen2":
-                out["use_sliding_window"] = True
+            if c.arch in ("qwen2", "qwen3"):  # on every layer: from layer 0 on
+                out.update(use_sliding_window=True, max_window_layers=0)
     out.update(c.extra)
     out["torch_dtype"] = dtype_name
     return out

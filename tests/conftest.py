@@ -90,6 +90,9 @@ def hf_tiny(kind: str, seed: int = 0):
         cfg = tf.Qwen2Config(**TINY, tie_word_embeddings=True)
     elif kind == "qwen3":
         cfg = tf.Qwen3Config(**TINY, head_dim=16, tie_word_embeddings=False)
+    elif kind in ("qwen2_window", "qwen3_window"):  # a window on every layer: from layer 0 on
+        cls = tf.Qwen2Config if kind == "qwen2_window" else tf.Qwen3Config
+        cfg = cls(**TINY, use_sliding_window=True, sliding_window=5, max_window_layers=0)
     elif kind == "bloom":
         cfg = tf.BloomConfig(vocab_size=101, hidden_size=32, n_layer=2, n_head=4)
     else:

@@ -9,11 +9,12 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+from conftest import TINY
 from nanohuatuo import Transformer
 from nanohuatuo.hf import ModelDirError
 from nanohuatuo.model import alibi_slopes
 
-FAMILIES = ["llama", "llama3", "mistral", "mistral_window", "qwen2", "qwen3", "bloom"]
+FAMILIES = ["llama", "llama3", "mistral", "mistral_window", "qwen2", "qwen2_window", "qwen3", "qwen3_window", "bloom"]
 
 
 def _ids(B=2, T=12, vocab=101, seed=1):
@@ -61,6 +62,28 @@ def test_save_pretrained_reloads_in_transformers(hf_dirs, kind, tmp_path):
     again = Transformer.from_pretrained(tmp_path)
     with torch.no_grad():
         torch.testing.assert_close(again(ids), ours(ids), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("family", ["Qwen2Config", "Qwen3Config"])
+def test_a_qwen_window_on_every_layer_or_none_and_some_refused(tmp_path, family):
+    """Qwen's use_sliding_window windows the layers from max_window_layers on: all of them (parity above), none
+    of them (max_window_layers at least the depth: a plain model), or some, which is refused, not run wrong."""
+    import transformers as tf
+    torch.manual_seed(0)
+    ids = _ids(T=12)
+    for first, ok in ((2, True), (1, False)):
+        cfg = getattr(tf, family)(**TINY, use_sliding_window=True, sliding_window=3, max_window_layers=first)
+        ref = tf.AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").eval()
+        path = tmp_path / f"{family}-{first}"
+        ref.save_pretrained(path)
+        if not ok:
+            with pytest.raises(ModelDirError, match=r"config.json: a sliding window on 1 of 2 layers"):
+                Transformer.from_pretrained(path)
+            continue
+        ours = Transformer.from_pretrained(path)
+        assert ours.config.sliding_window is None
+        with torch.no_grad():
+            torch.testing.assert_close(ours(ids), ref(ids).logits, atol=1e-4, rtol=0)
 
 
 def test_sharded_save_and_load(hf_dirs, tmp_path):
@@ -139,7 +162,6 @@ def _baichuan_from_llama(path, out, *, pos, vocab_size=None):
 def mha_llama(tmp_path_factory):
     # Baichuan has no grouped-query attention: a plain multi-head Llama is its split-QKV twin
     import transformers as tf
-    from conftest import TINY
     torch.manual_seed(0)
     cfg = tf.LlamaConfig(**dict(TINY, num_key_value_heads=4))
     model = tf.LlamaForCausalLM(cfg).eval()
