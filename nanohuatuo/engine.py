@@ -29,7 +29,10 @@ Built like nano-vllm, in three parts that each fit on a screen:
   the rest.
 
 Exactness: a request's tokens do not depend on what else is in the batch (greedy: the tokens of
-running it alone; seeded sampling: one torch.Generator per request, one uniform draw per token).
+running it alone; seeded sampling: one torch.Generator per request, one uniform draw per token),
+up to float rounding: a batch of rows is multiplied with other roundings than one row (logits
+apart by about 1e-6), which flips a token only at a near-tie, or where a draw falls that close to
+the edge between two tokens.
 Log-probs are those of logits / temperature before top-k/top-p and the repetition penalty, what
 PPO's importance ratios need; they match a plain forward pass to float rounding. Prompt
 log-probs (`prompt_logprobs`, for scoring a text) are read off the prefill, plain log-softmax, and

@@ -8,9 +8,10 @@
 
 Each call makes an Engine with one slot per prompt, so every prompt runs at once and a row that
 finished early stops costing compute; identical prompts (K samples of one prompt) are prefilled
-once. A prompt gets exactly the tokens it gets alone. Sampling draws from one generator per row:
-row i of a call seeded with `seed` uses `engine.sample_seed(seed, i)`, so its tokens depend on
-the seed and its index, not on the other rows.
+once. A prompt gets the tokens it gets alone (up to float rounding, which can flip a near-tie:
+engine.py). Sampling draws from one generator per row: row i of a call seeded with `seed` uses
+`engine.sample_seed(seed, i)`, so its tokens depend on the seed and its index, not on the other
+rows.
 """
 
 from dataclasses import dataclass
