@@ -211,7 +211,10 @@ def iter_csv(path, columns: tuple[str, ...], encoding: str | None) -> Iterator[t
 
 def iter_tsv(path, n_fields: int, layout: str, encoding: str | None) -> Iterator[tuple[int, list[str]]]:
     """Yield (line, fields) for each non-blank line of tab-separated text without a header."""
-    for lineno, line in enumerate(decode_text(path, encoding).splitlines(), start=1):
+    # lines end at "\n" (and "\r\n") only: splitlines() also splits at the form feeds, U+2028 and the like
+    # that scraped answers hold, and then the line numbers are wrong too
+    for lineno, line in enumerate(decode_text(path, encoding).split("\n"), start=1):
+        line = line.removesuffix("\r")
         if not line.strip():
             continue
         fields = line.split("\t")

@@ -224,6 +224,12 @@ def test_webmedqa_errors_name_the_line(tmp_path):
     path.write_text("101\t7\t内科\t头疼？\t休息。\n", encoding="utf-8")
     with pytest.raises(DataError, match=r"w.txt:1: neither of the first two fields is a 0/1 label"):
         list(data.convert("webmedqa", [path]))
+    # a scraped answer holding a form feed or U+2028 is one line; CRLF endings are read; line numbers hold
+    path.write_text("101\t1\t内科\t头疼？\t休息。\x0c多喝水\u2028。\r\n\r\n202\t1\t儿科\t咳嗽？\r\n", encoding="utf-8")
+    with pytest.raises(DataError, match=r"w.txt:3: expected 5 tab-separated fields"):
+        list(data.convert("webmedqa", [path]))
+    path.write_text("101\t1\t内科\t头疼？\t休息。\x0c多喝水\u2028。\r\n", encoding="utf-8")
+    assert [r["messages"][1]["content"] for r in data.convert("webmedqa", [path])] == ["休息。\x0c多喝水\u2028。"]
 
 
 # ----------------------------------------------------------------------------- one SFT step on each format
