@@ -399,13 +399,14 @@ def _train(cfg: SFTConfig, d: Dist, hold: contextlib.ExitStack) -> dict:
     what = f"LoRA r={cfg.lora_r} alpha={cfg.lora_alpha:g} dropout {cfg.lora_dropout:g}{targets}" if lora \
         else "full fine-tuning"
     say(f"  {what}: {n_trainable / 1e6:.2f}M trainable ({100 * n_trainable / n_params:.2f}%)")
-    used, held = Counter(e.source for e in train_ex), Counter(e.source for e in eval_ex)
+    # conversations as read and weighted; those that tokenising drops are counted on the next line
+    used, held = Counter(r["source"] for r in train_rows), Counter(r["source"] for r in eval_rows)
     for source in sorted(set(info["read"]) | set(used) | set(held)):
         mixed = f" -> {used[source]} after weighting" if cfg.source_weights else ""
         say(f"  {source}: {info['read'][source]} train rows{mixed}, {held[source]} held out")
     say(f"  tokens: {tstats['tokens']:,} train ({tstats['targets']:,} trained on), {estats['tokens']:,} held out; "
         f"{tstats['truncated'] + estats['truncated']} conversations cut to {cfg.max_len} tokens, "
-        f"{tstats['dropped'] + estats['dropped']} dropped (no assistant token left)")
+        f"{tstats['dropped']} training and {estats['dropped']} held-out ones dropped (no assistant token left)")
     say(f"  steps: {total_steps} ({steps_per_epoch} per epoch; global batch {cfg.batch_size} = "
         f"{cfg.micro_batch_size} x {accum} accumulation x {d.world} process(es)), lr {peak_lr:g} cosine, "
         f"{warmup} warm-up" + (f"; resuming after step {start_step} from {ckpt}" if ckpt else ""))
