@@ -51,7 +51,8 @@ the line and the reason at the first malformed record; every row gets an id
                  `references` when several), the category as department; a question
                  without a positive is skipped. Default source real_doctor_instructions.
   - sharegpt, alpaca, openai   the chat shapes of other tools (formats.py), from JSONL, a
-                 JSON array, Parquet or a datasets folder; default source "other".
+                 JSON array, Parquet or a datasets folder; a row's own source is kept,
+                 else "other"; `--source` replaces both.
 SFT reads all of these shapes directly (load_conversations), so converting them first is only
 needed to mix, split or inspect them with this module's commands.
 Real doctor replies are kept verbatim (only surrounding whitespace is stripped):
@@ -391,6 +392,8 @@ def convert_foreign(fmt: str, path, source: str | None = None) -> Iterator[dict]
         if shape_of(obj) not in ((fmt, "schema") if fmt == "openai" else (fmt,)):
             raise DataError(f"{where}: not a {fmt} row (keys: {', '.join(sorted(map(str, obj))[:6])})")
         row = to_row(obj, where, source)
+        if source:  # given for every row: it replaces a source the row carries
+            row["source"] = source
         row.setdefault("id", f"{stem}-{n}")
         yield validate(row, where)
 

@@ -71,6 +71,9 @@ def run_convert(cfg: ConvertConfig) -> None:
     need(cfg, "--data", "--format", "--out")
     if cfg.all_answers and cfg.format != "cmedqa2":
         raise DataError("--all-answers only applies to --format cmedqa2")
+    if cfg.source is not None and not cfg.source.strip():
+        raise UserError(f"--source {cfg.source!r}: give a source name (e.g. real_doctor_instructions), or leave "
+                        "the flag out for the format's default")
     groups = [cfg.data] if cfg.format == "cmedqa2" else [[path] for path in cfg.data]
     counts = []
 
@@ -81,11 +84,14 @@ def run_convert(cfg: ConvertConfig) -> None:
                 counts[-1] += 1
                 yield row
             if not counts[-1]:  # raised before the output is renamed into place, so none is written
-                raise DataError(f"{' + '.join(map(str, group))}: no records to convert (the file is empty)")
+                raise DataError(f"{' + '.join(map(str, group))}: no records to convert (the file is empty, "
+                                "or holds blank lines or a header only)")
 
     n = write_jsonl(cfg.out, itertools.islice(rows(), cfg.limit))
-    for group, k in zip(groups, counts):
-        print(f"converted {k} rows from {' + '.join(map(str, group))} ({cfg.format})")
+    for i, group in enumerate(groups):
+        names = ' + '.join(map(str, group))
+        print(f"converted {counts[i]} rows from {names} ({cfg.format})" if i < len(counts) else
+              f"not read: {names} (--limit {cfg.limit} reached)")
     print(f"wrote {n} rows to {cfg.out}")
 
 

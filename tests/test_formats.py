@@ -184,6 +184,20 @@ def test_convert_writes_schema_rows_with_ids(tmp_path, shape):
     assert data.load_conversations(out) == rows
 
 
+def test_convert_source_replaces_the_rows_own_and_limit_names_what_it_left(tmp_path, capsys):
+    rows = schema_rows()  # with sources of their own
+    src = write_jsonl(tmp_path / "s.jsonl", [sharegpt(r) for r in rows])
+    again = write_jsonl(tmp_path / "t.jsonl", [sharegpt(r) for r in rows])
+    out = tmp_path / "out.jsonl"
+    assert prepare.main(["convert", "--format", "sharegpt", "--data", src, again, "--out", str(out),
+                         "--source", "real_doctor_conversations", "--limit", str(len(rows))]) == 0
+    assert {r["source"] for r in data.read_jsonl(out)} == {"real_doctor_conversations"}
+    said = capsys.readouterr().out
+    assert f"converted {len(rows)} rows from {src}" in said and f"not read: {again} (--limit {len(rows)} reached)" in said
+    assert prepare.main(["convert", "--format", "sharegpt", "--data", src, "--out", str(out), "--source", " "]) == 2
+    assert "error: --source ' ': give a source name" in capsys.readouterr().err
+
+
 def test_convert_refuses_a_row_of_another_shape(tmp_path, capsys):
     src = write_jsonl(tmp_path / "s.jsonl", [sharegpt(schema_rows()[0]), alpaca(schema_rows()[0])])
     assert prepare.main(["convert", "--format", "sharegpt", "--data", src, "--out", str(tmp_path / "o.jsonl")]) == 2
