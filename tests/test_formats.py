@@ -185,8 +185,8 @@ def test_convert_writes_schema_rows_with_ids(tmp_path, shape):
 
 
 def test_convert_source_replaces_the_rows_own_and_limit_names_what_it_left(tmp_path, capsys):
-    rows = schema_rows()  # with sources of their own
-    src = write_jsonl(tmp_path / "s.jsonl", [sharegpt(r) for r in rows])
+    rows = schema_rows()
+    src = write_jsonl(tmp_path / "s.jsonl", [{**sharegpt(r), "source": "web"} for r in rows])  # their own source
     again = write_jsonl(tmp_path / "t.jsonl", [sharegpt(r) for r in rows])
     out = tmp_path / "out.jsonl"
     assert prepare.main(["convert", "--format", "sharegpt", "--data", src, again, "--out", str(out),
