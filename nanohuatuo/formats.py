@@ -47,8 +47,13 @@ class DataError(ValueError):
 
 
 def iter_jsonl(path) -> Iterator[tuple[int, dict]]:
-    """Yield (line number, object) for each non-blank line of a UTF-8 JSONL file."""
+    """Yield (line number, object) for each non-blank line of a UTF-8 JSONL file; a file holding one JSON array
+    of objects (as many datasets are shipped) is read as its items, each at the line it starts on."""
     with open(path, "rb") as f:
+        if f.read(64).lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"["):
+            yield from iter_json_array(path)
+            return
+        f.seek(0)
         for lineno, raw in enumerate(f, start=1):
             try:
                 # utf-8-sig on the first line drops a BOM some editors write
@@ -154,10 +159,7 @@ def iter_records(path) -> Iterator[tuple[str, dict]]:
     elif path.suffix == ".parquet":
         yield from iter_parquet(path)
     else:
-        with open(path, "rb") as f:
-            head = f.read(64).lstrip(b"\xef\xbb\xbf \t\r\n")
-        rows = iter_json_array(path) if head.startswith(b"[") else iter_jsonl(path)
-        for lineno, obj in rows:
+        for lineno, obj in iter_jsonl(path):
             yield f"{path}:{lineno}", obj
 
 

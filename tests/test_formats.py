@@ -13,7 +13,7 @@ import pytest
 from conftest import tiny_base, write_jsonl
 
 from nanohuatuo import data, prepare, sft
-from nanohuatuo.formats import DataError, iter_records
+from nanohuatuo.formats import DataError, iter_jsonl, iter_records
 
 ROOT = Path(__file__).resolve().parents[1]
 QA = [("我头疼三天了，怎么办？", "多休息，必要时就医。"), ("孩子发烧38度要紧吗？", "先物理降温，观察精神。"),
@@ -196,6 +196,16 @@ def test_convert_source_replaces_the_rows_own_and_limit_names_what_it_left(tmp_p
     assert f"converted {len(rows)} rows from {src}" in said and f"not read: {again} (--limit {len(rows)} reached)" in said
     assert prepare.main(["convert", "--format", "sharegpt", "--data", src, "--out", str(out), "--source", " "]) == 2
     assert "error: --source ' ': give a source name" in capsys.readouterr().err
+
+
+def test_any_jsonl_input_may_be_a_json_array(tmp_path):
+    """Public corpora and preference sets are often shipped as one JSON array: every JSONL reader takes one."""
+    rows = [{"department": "内科", "title": "头疼", "question": "头疼三天", "answer": "测血压。"},
+            {"department": "儿科", "title": "咳嗽", "question": "孩子咳嗽", "answer": "观察体温。"}]
+    lines, array = write_jsonl(tmp_path / "c.jsonl", rows), write_json_array(tmp_path / "c.json", rows)
+    want = list(data.convert("cmd_jsonl", [lines]))
+    assert [r["messages"] for r in data.convert("cmd_jsonl", [array])] == [r["messages"] for r in want]
+    assert [n for n, _ in iter_jsonl(array)] == [2, 8]  # each object where it starts
 
 
 def test_convert_refuses_a_row_of_another_shape(tmp_path, capsys):
