@@ -38,6 +38,7 @@ What it holds:
 
 import argparse
 import dataclasses
+import errno
 import fcntl
 import json
 import math
@@ -497,6 +498,10 @@ def guarded(fn, *args) -> int:
         print("interrupted", file=sys.stderr)
         return 130
     except USER_ERRORS as e:
+        if isinstance(e, OSError) and e.strerror and e.filename:
+            # the file, then why: "out.jsonl: Is a directory", not "[Errno 21] ... '.out.jsonl.tmp' -> 'out.jsonl'"
+            at_target = e.filename2 and e.errno in (errno.EISDIR, errno.ENOTEMPTY, errno.EEXIST)
+            e = f"{e.filename2 if at_target else e.filename}: {e.strerror}"
         print(f"error: {e}", file=sys.stderr)
         return 2
     return code if isinstance(code, int) else 0

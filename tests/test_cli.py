@@ -1,5 +1,6 @@
 """Tests for nanohuatuo.cli: flags from a dataclass, the exit-code-2 wrapper, devices, dtypes, --out policy."""
 
+import os
 from dataclasses import dataclass
 
 import pytest
@@ -174,3 +175,20 @@ def test_old_spellings_work_hidden_with_one_line_of_deprecation(capsys):
     assert parse_config(Renamed, ["--no-merge"]) == Renamed()
     assert "use --no-save-merged" in capsys.readouterr().err
     assert parse_config(Renamed, []) == Renamed() and capsys.readouterr().err == ""
+
+
+def test_an_os_error_names_the_file_then_why(tmp_path, capsys):
+    """Not "[Errno 21] Is a directory: '.out.tmp' -> 'out'": the file the user named, then the reason."""
+    from nanohuatuo.cli import guarded
+
+    def rename():  # an atomic write's last step onto a directory
+        (tmp_path / ".out.tmp").write_text("x")
+        (tmp_path / "out").mkdir()
+        os.replace(tmp_path / ".out.tmp", tmp_path / "out")
+
+    def missing():
+        open(tmp_path / "nope.jsonl")
+
+    assert guarded(rename) == 2 and capsys.readouterr().err == f"error: {tmp_path / 'out'}: Is a directory\n"
+    assert guarded(missing) == 2
+    assert capsys.readouterr().err == f"error: {tmp_path / 'nope.jsonl'}: No such file or directory\n"
