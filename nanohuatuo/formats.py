@@ -314,7 +314,8 @@ def to_row(obj: dict, where: str, source: str | None = None) -> dict:
     if shape is None:
         keys = ", ".join(sorted(map(str, obj))[:6]) or "none"
         raise DataError(f"{where}: unknown row shape (keys: {keys}); expected the schema ('messages' and 'source'), "
-                        f"OpenAI 'messages', ShareGPT 'conversations' or Alpaca 'instruction'/'output'")
+                        f"OpenAI 'messages', ShareGPT 'conversations' or Alpaca 'instruction'/'output' (a public "
+                        f"corpus' own rows: `python data.py convert --format ...` first)")
     messages = {"openai": _openai, "sharegpt": _sharegpt, "alpaca": _alpaca}[shape](obj, where)
     own = obj.get("source")
     row = {"messages": messages, "source": own if isinstance(own, str) and own.strip() else source or DEFAULT_SOURCE}

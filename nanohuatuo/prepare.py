@@ -126,9 +126,11 @@ def run_mix(cfg: MixConfig) -> None:
     if not mixed:  # nothing to train on: say why rather than write an empty file
         raise UserError(f"--weights {','.join(f'{s}={w:g}' for s, w in cfg.weights.items())}: no rows to mix "
                         f"(the sources read are {', '.join(sorted(Counter(r['source'] for r in rows)))})")
-    have, got = Counter(r["source"] for r in rows), Counter(r["source"] for r in mixed)
+    # rows in: read, less the flagged ones dropped above; the held-out ones are taken from them before weighting
+    have, held, got = (Counter(r["source"] for r in part) for part in (rows, heldout, mixed))
     for source in sorted(have):
-        print(f"  {source}: {have[source]} in, weight {cfg.weights.get(source, 0):g}, {got[source]} out")
+        out = f", {held[source]} held out" if cfg.heldout else ""
+        print(f"  {source}: {have[source]} in{out}, weight {cfg.weights.get(source, 0):g}, {got[source]} out")
     print(f"wrote {write_jsonl(cfg.out, mixed)} rows to {cfg.out}")
     if cfg.heldout:
         print(f"wrote {write_jsonl(cfg.heldout_out, heldout)} held-out rows to {cfg.heldout_out}")
