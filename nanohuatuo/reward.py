@@ -252,7 +252,8 @@ def _train(cfg: RMConfig, hold: contextlib.ExitStack) -> dict:
     n_seqs = sum(len(ex["seqs"]) for ex in train_ex)
     n_long = sum(len(s) > cfg.max_len for ex in train_ex for s in ex["seqs"])
     print(f"reward: {len(train_ex)} training prompts ({n_seqs} answers), {len(eval_ex)} held out; template "
-          f"{template}; {n_long} answers longer than max_len {cfg.max_len} lose their first tokens")
+          f"{template}; {n_long} training answers longer, with their prompt, than --max-len {cfg.max_len} lose their "
+          "first tokens")
     model.train()
     targets = f" on {','.join(model.lora_config['target_modules'])}" if cfg.lora_r else ""
     print(f"reward: {'LoRA r=%d' % cfg.lora_r if cfg.lora_r else 'all weights'}{targets}, "
