@@ -503,8 +503,9 @@ def to_prompt(row: dict) -> dict:
         "id": row_id(row),
         "messages": messages[:-1],
         "reference": messages[-1]["content"],
-        "department": row.get("department"),
     }
+    if row.get("department"):  # optional in prompts as in the schema: left out, not null
+        prompt["department"] = row["department"]
     if row.get("references"):
         prompt["references"] = row["references"]
     return prompt

@@ -276,7 +276,7 @@ def test_to_prompt():
     several = data.to_prompt({**row, "references": ["去医院", "先观察"]})
     assert several["reference"] == "去医院" and several["references"] == ["去医院", "先观察"]
     anon = data.to_prompt(conv("other"))
-    assert anon["department"] is None and anon["id"] == data.to_prompt(conv("other"))["id"]
+    assert "department" not in anon and anon["id"] == data.to_prompt(conv("other"))["id"]
     with pytest.raises(DataError, match="ending with an assistant"):
         data.to_prompt({"messages": [U], "source": "other"})
 
@@ -313,7 +313,7 @@ def test_cli_convert_mix_prompts_stats(tmp_path, capsys):
 
     assert prepare.main(["prompts", "--data", str(tmp_path / "d.jsonl"), "--out", str(tmp_path / "p.jsonl")]) == 0
     assert data.read_jsonl(tmp_path / "p.jsonl")[0] == {
-        "id": "sft-1", "messages": [{"role": "user", "content": "问题0"}], "reference": "回答0", "department": None}
+        "id": "sft-1", "messages": [{"role": "user", "content": "问题0"}], "reference": "回答0"}
     capsys.readouterr()
     assert prepare.main(["stats", "--data", str(tmp_path / "d.jsonl")]) == 0
     assert "20 rows" in capsys.readouterr().out
