@@ -146,7 +146,7 @@ def run_prompts(cfg: PromptsConfig) -> None:
 def run_stats(cfg: StatsConfig) -> None:
     need(cfg, "--data")
     for path in cfg.data:
-        s = stats(load_conversations(path))
+        s = stats(require_rows(load_conversations(path), path, "conversations"))
         print(f"{path}: {s['rows']} rows")
         for key in ("sources", "departments", "turns"):
             print(f"  {key}: " + ", ".join(f"{k}={v}" for k, v in s[key].items()))
