@@ -8,8 +8,9 @@
 
 What a stage's server shares with any other: an APIError carries the HTTP status and an
 OpenAI-style error body ({"error": {message, type, param, code}}); an event stream is server-sent
-events in a chunked HTTP/1.1 body, and a client that went away (EOF on its socket, or a failed
-write) raises ClientGone, so the caller can stop work that nobody will read.
+events in a chunked HTTP/1.1 body (to an HTTP/1.0 client, the body up to the connection's close),
+and a client that went away (EOF on its socket, or a failed write) raises ClientGone, so the
+caller can stop work that nobody will read.
 """
 
 import json
@@ -43,6 +44,7 @@ def type_name(v):
 class JSONHandler(BaseHTTPRequestHandler):
     """A request handler that answers in JSON (errors too) and can stream server-sent events."""
     protocol_version = "HTTP/1.1"  # keep-alive: clients such as openai's reuse their connections
+    chunked = True  # an event stream's body in chunks (begin_event_stream: not to an HTTP/1.0 client)
 
     def log_message(self, fmt, *args):  # a subclass logs one line per request its own way
         pass
@@ -115,14 +117,20 @@ class JSONHandler(BaseHTTPRequestHandler):
         self.send_response_only(200)
         self.send_header("Content-Type", "text/event-stream; charset=utf-8")
         self.send_header("Cache-Control", "no-cache")
-        self.send_header("Transfer-Encoding", "chunked")
+        # an HTTP/1.0 client cannot read chunks: its body is the bytes until the connection closes
+        self.chunked = self.request_version != "HTTP/1.0"
+        if self.chunked:
+            self.send_header("Transfer-Encoding", "chunked")
+        else:
+            self.send_header("Connection", "close")
+            self.close_connection = True
         self.end_headers()
 
     def write_chunk(self, data: bytes):
-        """One piece of a chunked (HTTP/1.1) response."""
+        """One piece of the stream's body: a chunk (HTTP/1.1), or the bytes themselves (HTTP/1.0)."""
         self.check_client()
         try:
-            self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+            self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data) if self.chunked else data)
         except OSError:
             raise ClientGone() from None
 
@@ -133,6 +141,8 @@ class JSONHandler(BaseHTTPRequestHandler):
         """Send the last event (OpenAI's `[DONE]` by default) and end the chunked body."""
         if last:
             self.write_chunk(last)
+        if not self.chunked:
+            return
         try:
             self.wfile.write(b"0\r\n\r\n")
         except OSError:

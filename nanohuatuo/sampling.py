@@ -21,10 +21,10 @@ of ending on the end token or a stop string; the judge leaves such answers out.
 Our model: one `engine.Engine` for the whole run; each prompt goes in as `add(ids, params, n=k)`,
 so its k samples share one prefill, and a finished row takes the next prompt at once. Prompt i's
 samples are seeded by (seed, its id) alone, so the answers do not depend on --batch-size, on the
-order of the prompts or on a resume (up to float rounding, which can flip a near-tie: engine.py). Answers are cut before a stop string. A prompt longer than
-context - max_new_tokens loses its oldest turns (the system message and the last question are
-kept: templates.fit_prompt, as chat and evaluation fit theirs); one that still does not fit is
-skipped and named. Sampling settings not given as flags come from generation_config.json (the
+order of the prompts or on a resume (up to float rounding, which can flip a near-tie: engine.py).
+Answers are cut before a stop string. A prompt longer than context - max_new_tokens loses its
+oldest turns (the system message and the last question are kept: templates.fit_prompt, as chat
+and evaluation fit theirs); one that still does not fit is skipped and named. Sampling settings not given as flags come from generation_config.json (the
 adapter's, else the model's), else temperature 0.7, top_p 1, no top_k.
 
 An endpoint (vLLM, our serve.py, a cloud model) gets one request per prompt with n=k (topped up

@@ -260,6 +260,17 @@ def test_chat_stream(tiny, client, server):
     assert events[-1] == "[DONE]" and all(json.loads(e)["choices"] for e in events[:-1])
     # no usage chunk unless asked for, but the last chunk still carries the counts
     assert json.loads(events[-2])["usage"]["completion_tokens"] == reference_chat(tiny, msgs, 4)[2]
+    # an HTTP/1.0 client cannot read chunks: the same events, then the connection closes
+    import socket
+    body = json.dumps({"model": NAME, "messages": msgs, "max_tokens": 4, "stream": True, "temperature": 0}).encode()
+    with socket.create_connection(("127.0.0.1", int(server.url.rsplit(":", 1)[1])), timeout=60) as sock:
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.0\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        raw = b"".join(iter(lambda: sock.recv(65536), b""))  # to the close
+    head, _, payload = raw.partition(b"\r\n\r\n")
+    assert b"chunked" not in head.lower() and payload.decode().strip().split("\n\n")[-1] == "data: [DONE]"
+    deltas = [json.loads(e[len("data: "):])["choices"][0]["delta"] for e in payload.decode().split("\n\n")[:-2]]
+    assert "".join(d.get("content", "") for d in deltas) == reference_chat(tiny, msgs, 4)[0]
 
 
 def test_completions(tiny, client):
