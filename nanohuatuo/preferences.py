@@ -19,9 +19,10 @@ Three row shapes are accepted, told apart by their keys (a file may mix them):
 - MedicalGPT's reward/DPO format: {"question", "response_chosen", "response_rejected"} with
   optional "system" (str) and "history" ([[question, answer], ...], earlier turns).
 
-Every answer is rendered after its prompt with the chat template (templates.render); the answer's
-tokens are the last run of learned tokens, `answer_starts` saying where each begins, so a loss on
-"the answer" never touches an earlier assistant turn of a multi-turn prompt.
+Every answer is rendered after its prompt with the chat template and ended at its end token
+(reward_model.scored_seq: what a template writes after it, such as Qwen's newline, is not the
+answer's); the answer's tokens are the last run of learned tokens, `answer_starts` saying where
+each begins, so a loss on "the answer" never touches an earlier assistant turn of a multi-turn prompt.
 
 The doctor's reply (mixed feedback) stays among the ranked answers: it is a real preference
 signal, so the reward model's pairs and DPO's pairs use it. It is not an answer the policy wrote,
@@ -29,8 +30,7 @@ so statistics of the policy's answers (the reward model's bias and spread) skip 
 """
 
 from .data import DataError, check_messages, iter_jsonl
-from .reward_model import as_messages, with_answer
-from .templates import render
+from .reward_model import as_messages, scored_seq, with_answer
 from .tokenizer import Tokenizer
 
 SHAPES = ("{'prompt', 'answers': [best, ..., worst]} (feedback rank), {'prompt', 'chosen', 'rejected'} (TRL), "
@@ -151,7 +151,7 @@ def read_preferences(path, tok: Tokenizer, template) -> list[dict]:
         where = f"{path}:{lineno}"
         rec = parse_record(row, where)
         try:
-            rendered = [render(with_answer(rec["prompt"], a), tok, template) for a in rec["answers"]]
+            rendered = [scored_seq(with_answer(rec["prompt"], a), tok, template) for a in rec["answers"]]
         except ValueError as e:
             raise DataError(f"{where}: {e}") from None
         examples.append({"id": rec["id"], "seqs": [ids for ids, _ in rendered],

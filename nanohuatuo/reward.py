@@ -66,8 +66,8 @@ from .model import Transformer
 from .preferences import policy_seqs, read_preferences, reference_index  # noqa: F401 (re-exported)
 from .quant import QUANT_HELP, QUANTS
 from .reward_model import (RM_CONFIG, RewardModel, load_reward_model, load_trunk, raw_scores, right_pad,  # noqa: F401
-                           rm_forward, score_ids, score_texts, with_answer)
-from .templates import render, save_chat_template, tokenizer_and_template
+                           rm_forward, score_ids, score_texts, scored_seq, with_answer)
+from .templates import save_chat_template, tokenizer_and_template
 from .tokenizer import Tokenizer
 
 
@@ -145,10 +145,10 @@ def read_norm_samples(path, tok: Tokenizer, template: str) -> list[list[int]]:
             if isinstance(row.get("answers"), list):
                 prompt = row.get("prompt", row.get("question"))
                 skip = reference_index(row, f"{path}:{lineno}")
-                seqs += [render(with_answer(prompt, a), tok, template)[0] for i, a in enumerate(row["answers"])
+                seqs += [scored_seq(with_answer(prompt, a), tok, template)[0] for i, a in enumerate(row["answers"])
                          if i != skip]
             elif isinstance(row.get("messages"), list):
-                seqs.append(render(row["messages"], tok, template)[0])
+                seqs.append(scored_seq(row["messages"], tok, template)[0])
             else:
                 raise ValueError("expected 'answers' (with 'prompt' or 'question') or 'messages'")
         except (ValueError, TypeError) as e:

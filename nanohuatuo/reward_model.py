@@ -6,11 +6,13 @@
     scorer(rm, tok, template) -> Scorer      # a reward function for a policy's rollouts (PPO)
     reward_scorer(fn | rm | path, tok, template, share=...) -> Scorer   # any of those, sharing when it can
     ScoreScale(shift, scale)(scores, d)      # scores in units of the RM's spread on SFT-like answers
+    scored_seq(messages, tok, template) -> (ids, mask)   # a rendered conversation, ended at the answer's end token
     end_token(tok, template), end_at_stop_string(tokens, tok, stop_strs, end_id)   # answers as the RM reads them
 
 The model is a transformer trunk plus a linear value head d -> 1 read at the LAST REAL token of a
-right-padded batch (the answer's end token). Training it is the reward stage (reward.py); PPO,
-the demo and evaluation only score with it, so this lives below the stages.
+right-padded batch (the answer's end token: `scored_seq` ends a rendered conversation there, as
+a policy's answers end, even where the template writes more after it). Training it is the reward
+stage (reward.py); PPO, the demo and evaluation only score with it, so this lives below the stages.
 
 `share_base` makes a LoRA reward model one more adapter + head on a policy model that already
 holds the reward model's base and SFT adapter (PPO: one copy of the base for everything).
@@ -121,6 +123,16 @@ def with_answer(prompt, answer: str) -> list[dict]:
     return as_messages(prompt) + [{"role": "assistant", "content": answer}]
 
 
+def scored_seq(messages: list[dict], tok, template) -> tuple[list[int], list[int]]:
+    """(ids, mask) of a conversation ending with an answer, as a reward model reads it (and DPO sums it): rendered
+    in the template and ended at the answer's end token. What a template writes after that token (Qwen's
+    "<|im_end|>\\n") is cut: a policy's answer ends at the end token, where PPO reads its score, and a reward
+    model trained one token further on would be read where it never learned to score."""
+    ids, mask = render(messages, tok, template)
+    end = max((i for i, v in enumerate(mask) if v), default=len(ids) - 1) + 1
+    return ids[:end], mask[:end]
+
+
 # ----------------------------------------------------------------------------- loading and scoring
 
 def load_trunk(base, sft_adapter, device, dtype, keep_lm_head=False, quant="none") -> Transformer:
@@ -214,7 +226,7 @@ def score_texts(rm: RewardModel, messages_list: list, answers: list[str], batch_
     if len(messages_list) != len(answers):
         raise ValueError(f"score_texts got {len(messages_list)} conversations but {len(answers)} answers; "
                          f"pass one answer per conversation")
-    seqs = [render(with_answer(m, a), rm.tok, rm.template)[0] for m, a in zip(messages_list, answers)]
+    seqs = [scored_seq(with_answer(m, a), rm.tok, rm.template)[0] for m, a in zip(messages_list, answers)]
     return score_ids(rm, seqs, batch_size)
 
 

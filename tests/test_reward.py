@@ -339,3 +339,30 @@ def test_rl_stages_read_in_the_sft_adapter_s_template(base, tmp_path):
         assert render_prompt(question, tok, template) == want
     assert render_prompt(question, tok, chat_setup(path, "plain", str(adapter))[1]) == \
         render_prompt(question, tok, "plain")  # --template wins
+
+
+QWEN_LIKE = ("{%- for m in messages %}{{- '<|im_start|>' + m.role + '\\n' + m.content + '<|im_end|>' + '\\n' }}"
+             "{%- endfor %}{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}")
+
+
+def test_a_template_writing_past_the_end_token_is_scored_at_the_end_token(tmp_path):
+    """Qwen's template writes "<|im_end|>\\n": the reward model trains, is normalised and scores texts at
+    <|im_end|>, where PPO reads a policy's answer (prompt + answer + end token), not at the newline after it;
+    DPO's answer log-probs stop there too."""
+    from nanohuatuo.preferences import read_preferences
+    from nanohuatuo.reward_model import end_token, scored_seq, with_answer
+    from nanohuatuo.templates import render_prompt, resolve_template
+    base = tiny_base(tmp_path / "base", ["头痛 发热 怎么办 多 喝水 休息", "user assistant system"] * 20,
+                     extra_tokens=("<|im_start|>", "<|im_end|>"))
+    (tmp_path / "base" / "chat_template.jinja").write_text(QWEN_LIKE, encoding="utf-8")
+    template = resolve_template(base.dir, "auto", base.tok)
+    end = end_token(base.tok, template)
+    assert end == base.tok.token_to_id("<|im_end|>")
+    question = [{"role": "user", "content": "头痛发热怎么办"}]
+    full = render(with_answer(question, "多喝水"), base.tok, template)[0]
+    seq = scored_seq(with_answer(question, "多喝水"), base.tok, template)[0]
+    assert full[:len(seq)] == seq and seq[-1] == end and len(full) > len(seq)  # the newline left out
+    assert seq[:len(render_prompt(question, base.tok, template))] == render_prompt(question, base.tok, template)
+    prefs = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "头痛发热怎么办", "answers": ["多喝水", "休息"]}])
+    [ex] = read_preferences(prefs, base.tok, template)
+    assert [s[-1] for s in ex["seqs"]] == [end, end] and ex["seqs"][0] == seq
