@@ -39,6 +39,7 @@ class Candidate:
     answers: str = ""
     template: str = "auto"
     quant: str = "none"  # our model's weights as loaded: none, int8 or nf4 (quant.INFERENCE_QUANTS)
+    side: str = ""  # "A" or "B" where both candidates of a comparison have one label: said after it
 
     def kind(self, flag: str = "") -> str:
         kinds = [k for k, on in (("model", self.model), ("endpoint", self.base_url or self.model_name),
@@ -54,6 +55,12 @@ class Candidate:
         return kinds[0]
 
     def label(self) -> str:
+        """The name in reports and progress lines: "merged", or "merged (A)" beside another "merged"."""
+        return self.own_label() + (f" ({self.side})" if self.side else "")
+
+    def own_label(self) -> str:
+        """The name without the side: what names the stored answers and seeds the sampled ones, so they do not
+        depend on the other candidate (its own key tells two models of one name apart)."""
         if self.name:
             return self.name
         if self.model:  # a quantised copy named apart from the model it comes from
@@ -94,12 +101,12 @@ def candidate_key(c: Candidate, s: GenerationSettings, extra: dict | None = None
     elif kind == "endpoint":
         what = {"base_url": c.base_url.rstrip("/"), "model_name": c.model_name}
     else:
-        return "file-" + slug(c.label())
+        return "file-" + slug(c.own_label())
     sampled = asdict(s)
     if s.temperature == 0:
         del sampled["seed"]  # greedy answers do not depend on it (it also drives the bootstrap)
     blob = json.dumps({**what, **sampled, **(extra or {})}, sort_keys=True, ensure_ascii=False)
-    return f"{slug(c.label())}-{hashlib.sha1(blob.encode()).hexdigest()[:10]}"
+    return f"{slug(c.own_label())}-{hashlib.sha1(blob.encode()).hexdigest()[:10]}"
 
 
 def prompt_hash(messages) -> str:
@@ -162,6 +169,7 @@ class LocalModel:
         if c.adapter and not Path(c.adapter).is_dir():
             raise UserError(f"--adapter {c.adapter}: no such directory")
         self.name, self.s, self.batch_size, self.compile = c.label(), s, batch_size, compile
+        self.seed_name = c.own_label()
         self.keep_prefixes, self.engine = keep_prefixes, None
         t0 = time.time()
         from .generate import load_for_inference  # torch loads only when one of our models answers
@@ -193,7 +201,7 @@ class LocalModel:
         s, t0 = self.s, time.time()
         prompts = [self._prompt(self._with_system(m)) for m in conversations]
         # one seed per answer, from the candidate and the item: it does not depend on the rest of the batch
-        seeds = [int(hashlib.sha1(f"{s.seed}:{self.name}:{k}".encode()).hexdigest()[:8], 16) for k in keys]
+        seeds = [int(hashlib.sha1(f"{s.seed}:{self.seed_name}:{k}".encode()).hexdigest()[:8], 16) for k in keys]
         params = [SamplingParams(max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p,
                                  top_k=s.top_k, stop_ids=tuple(self.stop_ids), stop_strings=tuple(self.stops),
                                  seed=seed) for seed in seeds]
@@ -238,7 +246,7 @@ class EndpointModel:
 
     def __init__(self, c: Candidate, s: GenerationSettings, cache_dir: Path, concurrency: int):
         self.name, self.s = c.label(), s
-        name = f"answers-{c.label()}"
+        name = f"answers-{c.label()}"  # with its side: the reply cache's key has no URL to tell two servers apart
         self.llm = from_flags(c, name=name, cache=role_cache(cache_dir, name, c.model_name), concurrency=concurrency)
 
     def respond(self, conversations, keys):

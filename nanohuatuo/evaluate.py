@@ -477,11 +477,12 @@ def _setup(cfg):
 
 def sides(cfg) -> tuple[Candidate, Candidate]:
     """The two candidates. With one name between them (two endpoints serving one model name, two
-    `merged` directories) each is named after its side, "NAME (A)" and "NAME (B)": a candidate's
-    name keys its reply cache and its stored answers, so B would otherwise get A's answers."""
+    `merged` directories) each is labelled with its side, "NAME (A)" and "NAME (B)": in the report,
+    and in an endpoint's reply cache, which would otherwise give B A's replies. Stored answers keep
+    the name alone (Candidate.own_label), so a later comparison reuses them."""
     a, b = side(cfg, "a"), side(cfg, "b")
     if a.label() == b.label():
-        a, b = replace(a, name=f"{a.label()} (A)"), replace(b, name=f"{b.label()} (B)")
+        a, b = replace(a, side="A"), replace(b, side="B")
     return a, b
 
 

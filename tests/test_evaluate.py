@@ -424,6 +424,10 @@ def test_local_model_answers_are_generated_once(tmp_path, tiny, monkeypatch):
     assert again["stats"] == first["stats"]
     report = (tmp_path / "two" / "report.md").read_text(encoding="utf-8")
     assert "deterministic similarity stand-in" in report
+    # against a model of the same name: labelled by side in the report, the stored answers still its own (reused)
+    both = {**cfg, "b_answers": "", "b_model": tiny, "b_name": "tiny"}
+    twin = ev.run_pairwise(ev.PairwiseConfig(out=str(tmp_path / "three"), **both))
+    assert (twin["a"], twin["b"]) == ("tiny (A)", "tiny (B)") and len(list((tmp_path / "answers").glob("*"))) == 1
 
 
 def test_local_model_fits_prompts_to_the_context(tiny):
