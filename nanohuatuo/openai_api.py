@@ -100,6 +100,15 @@ class Job:
     prompt_only: bool = False  # max_tokens 0 with echo: score the prompt, generate nothing
 
 
+def token_limit_field(body) -> str:
+    """Which of the two names of the answer's token limit a request uses: max_completion_tokens wins."""
+    return "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+
+
+def requested_tokens(body):
+    return body.get(token_limit_field(body))
+
+
 def get_field(body, name, kinds, default=None, lo=None, hi=None):
     """body[name] checked against the JSON kinds ("integer", "number", "boolean", "string") and [lo, hi]."""
     v = body.get(name)
@@ -241,7 +250,7 @@ class OpenAIProtocol:
                                 f"{prompt_len} tokens; shorten the {'messages' if chat else 'prompt'}",
                            param="messages" if chat else "prompt",
                            code="context_length_exceeded")
-        name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+        name = token_limit_field(body)
         max_tokens = get_field(body, name, ["integer"], default=None if chat else min(16, limit))
         if max_tokens is not None and max_tokens < (0 if zero_ok else 1):
             need = "at least 1 (0 only with 'echo': true)" if not chat else "at least 1"
@@ -326,7 +335,7 @@ class OpenAIProtocol:
         return self.common(body, dict(kind="completion", prompts=prompts, params=params, stops=stop_list(body),
                                       logprobs=top is not None, top_logprobs=top or 0, model=model, adapter=adapter,
                                       echo=[self.tok.decode(p) for p in prompts] if echo else None,
-                                      prompt_only=body.get("max_tokens") == 0))
+                                      prompt_only=requested_tokens(body) == 0))
 
     def raw_prompts(self, prompt):
         """Token ids per prompt: a string, an array of strings, an array of ids or of id arrays."""

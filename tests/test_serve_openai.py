@@ -259,6 +259,10 @@ def test_lm_eval_loglikelihood_requests(tiny, server):
     assert choice["text"] == tok.decode(prompts[0]) and choice["finish_reason"] == "length"
     assert len(choice["logprobs"]["tokens"]) == len(prompts[0]) and answer["usage"]["completion_tokens"] == 0
     assert all(len(top) <= 2 for top in choice["logprobs"]["top_logprobs"][1:])
+    # max_tokens' other name, max_completion_tokens, scores the prompt alike
+    status, _, other = http(server, "/v1/completions", {"prompt": [prompts[0]], "max_completion_tokens": 0,
+                                                        "echo": True, "logprobs": 2, "temperature": 0})
+    assert status == 200 and other["choices"][0]["text"] == choice["text"] and other["usage"] == answer["usage"]
     # the same through the openai client, with a string prompt
     c = openai.OpenAI(base_url=server.url + "/v1", api_key="EMPTY", max_retries=0)
     r = c.completions.create(model=NAME, prompt="头痛三天了", max_tokens=0, echo=True, logprobs=1, temperature=0)
