@@ -439,7 +439,8 @@ def make_experience(m: Models, cfg: PPOConfig, kl_coef, prompts, rows, reward: S
         "rm_score": rm_scores.mean().item(),
         "length_slope": slope,  # score per answer token in this batch, before --length-debias took it out
         "kl": kl.sum(-1).mean().item(),  # per answer, summed over tokens, with the chosen estimator
-        "reward": rewards.sum(-1).mean().item(),  # score - kl_coef * KL, per answer
+        # the objective, score - kl_coef * KL per answer (with K > 1 the rewards hold each answer's lead, mean 0)
+        "reward": (scores - kl_coef * kl.sum(-1)).mean().item(),
         "entropy": masked_mean(entropy, maskf).item(),
         "response_length": maskf.sum(-1).mean().item(),
         "eos_rate": b.ended.float().mean().item(),

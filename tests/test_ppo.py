@@ -621,6 +621,8 @@ def test_k_answers_a_prompt_learn_from_their_lead_only(tiny, tmp_path):
     assert len({s[0] for s in seen}) == 3  # each step its own prompts
     for a, b in zip(plain, moved):
         assert b["score"] > a["score"] + 3  # the offset is in the logged score...
+        for h in (a, b):  # and in the logged objective, score - kl_coef * KL (the update sees the leads)
+            assert h["reward"] == pytest.approx(h["score"] - h["kl_coef"] * h["kl"], abs=1e-5)
         for key in ("kl", "entropy", "response_length", "approx_kl", "vf_loss", "score_std"):
             assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-5), key  # ...and nowhere in the update
     one = dict(kw, batch_size=16)
