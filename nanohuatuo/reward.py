@@ -348,10 +348,15 @@ def _train(cfg: RMConfig, hold: contextlib.ExitStack) -> dict:
         norm = random.Random(cfg.seed).sample(norm, cfg.norm_max)
     scores = raw_scores(model, norm, tok.pad_id, cfg.max_len)
     bias = scores.mean().item()
-    std = scores.std(correction=0).item() if len(scores) > 1 else 1.0
-    gain = 1.0 / max(std, 1e-6) if cfg.normalize_std else 1.0
+    std = scores.std(correction=0).item() if len(scores) > 1 else None
+    if std is not None and std < 1e-6:  # every answer scored alike: no spread to put PPO's scores in units of
+        print(f"reward: warning: the {len(norm)} normalisation answers all score {bias:.4f}; their spread is not "
+              f"stored (PPO measures it on its first batch)")
+        std = None
+    gain = 1.0 / std if cfg.normalize_std and std else 1.0
     result.update(bias=bias, gain=gain, score_std=std, norm_samples=len(norm), stopped=False)
-    print(f"reward: bias {bias:.4f} (mean raw score of {len(norm)} SFT answers), std {std:.4f}, gain {gain:.4f}; "
+    print(f"reward: bias {bias:.4f} (mean raw score of {len(norm)} SFT answers), std "
+          f"{'not measured' if std is None else f'{std:.4f}'}, gain {gain:.4f}; "
           f"held-out pairwise accuracy {ev['eval_accuracy']:.3f} over {ev['eval_pairs']} pairs")
 
     save_reward_model(model, cfg, template, bias, gain, std, ev["eval_accuracy"], tok)

@@ -153,13 +153,28 @@ def read_rm_config(path) -> dict | None:
     where = os.path.join(path, RM_CONFIG)
     if not os.path.exists(where):
         return None
-    with open(where, encoding="utf-8") as f:
-        rc = json.load(f)
-    for key in ("bias", "gain"):
-        v = rc.get(key, 1.0)
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-            raise ValueError(f"{where}: '{key}' is {v!r}, not a finite number: the reward model's normalisation is "
-                             f"broken; train it again (train_rm.py) with answers to normalise on")
+    try:
+        with open(where, encoding="utf-8") as f:
+            rc = json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{where}: not a JSON file ({e}); train the reward model again (train_rm.py)") from None
+    if not isinstance(rc, dict):
+        raise ValueError(f"{where}: expected a JSON object, got {type(rc).__name__}")
+
+    def number(v):
+        return not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v)
+
+    for key, ok, want in (("lora", lambda v: isinstance(v, bool), "true or false"),
+                          ("base", lambda v: isinstance(v, str) and v, "the base model's directory"),
+                          ("template", lambda v: isinstance(v, str) and v, "the chat template's name"),
+                          ("max_len", lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0,
+                           "a positive number of tokens"),
+                          ("bias", number, "a finite number"), ("gain", number, "a finite number"),
+                          ("score_std", lambda v: v is None or number(v) and v > 0, "a positive number or null")):
+        v = rc.get(key, 1.0 if key in ("gain", "score_std") else None)
+        if not ok(v):  # a NaN bias would make every score, and the policy trained on them, NaN
+            raise ValueError(f"{where}: '{key}' is {v!r}, not {want}: the reward model's config is broken; train "
+                             f"it again (train_rm.py)")
     return rc
 
 
@@ -195,10 +210,12 @@ def load_reward_model(path, device=None, dtype=None, template: str | None = None
     else:
         # train_rm.py writes rm_config.json first and reward_config.json last: one without the other is a run
         # that did not finish (a full reward model's weights may already be there, and would pass as released)
-        left = [f for f in (ADAPTER_CONFIG, "rm_config.json") if os.path.exists(os.path.join(path, f))]
-        if left:
-            raise FileNotFoundError(f"{os.path.join(path, RM_CONFIG)} not found but {path} holds {left[0]}: "
+        if os.path.exists(os.path.join(path, "rm_config.json")):
+            raise FileNotFoundError(f"{os.path.join(path, RM_CONFIG)} not found but {path} holds rm_config.json: "
                                     f"reward-model training did not finish; rerun train_rm.py (--resume)")
+        if os.path.exists(os.path.join(path, ADAPTER_CONFIG)):
+            raise FileNotFoundError(f"{path} holds a LoRA adapter ({ADAPTER_CONFIG}) but no {RM_CONFIG}: not a "
+                                    f"reward model (an SFT adapter?); pass the directory train_rm.py wrote")
         model = Transformer.from_pretrained(path, dtype=dtype, device=device, quant=quant)
         if model.value_head is None:
             raise ValueError(f"{path}: no value_head tensors and no {RM_CONFIG}; this is not a reward model "

@@ -5,6 +5,7 @@ import json
 import math
 import os
 import random
+import re
 
 import pytest
 import torch
@@ -268,6 +269,23 @@ def test_a_broken_normalisation_or_a_non_finite_score_stops_rl(trained, tmp_path
         json.dump({**rc, "bias": float("nan")}, f)  # json writes NaN, and reads it back
     with pytest.raises(ValueError, match=r"rm/reward_config.json: 'bias' is nan, not a finite number"):
         read_rm_config(tmp_path / "rm")
+    # a key missing or of the wrong kind, a spread of 0 to divide by, a file that is not JSON: named, not a traceback
+    for broken, said in (({k: v for k, v in rc.items() if k != "lora"}, "'lora' is None, not true or false"),
+                         ({**rc, "score_std": 0.0}, "'score_std' is 0.0, not a positive number or null"),
+                         ({**rc, "max_len": "512"}, "'max_len' is '512', not a positive number of tokens")):
+        with open(tmp_path / "rm" / "reward_config.json", "w") as f:
+            json.dump(broken, f)
+        with pytest.raises(ValueError, match=re.escape(said)):
+            read_rm_config(tmp_path / "rm")
+    (tmp_path / "rm" / "reward_config.json").write_text("{")
+    with pytest.raises(ValueError, match=r"rm/reward_config.json: not a JSON file"):
+        read_rm_config(tmp_path / "rm")
+    from nanohuatuo.reward_model import load_reward_model
+    os.makedirs(tmp_path / "sft")
+    (tmp_path / "sft" / "adapter_config.json").write_text("{}")  # an SFT adapter given as --reward
+    with pytest.raises(FileNotFoundError, match=r"holds a LoRA adapter \(adapter_config.json\) but no "
+                                                r"reward_config.json: not a reward model \(an SFT adapter\?\)"):
+        load_reward_model(tmp_path / "sft", device="cpu")
     score = Scorer(lambda prompts, responses, rows, texts: [0.5, float("inf")])
     with pytest.raises(ValueError, match=r"1 of 2 answers a score that is not a finite number \(inf for '乙'\)"):
         score([[1], [2]], [[3], [4]], [{}, {}], ["甲", "乙"])
