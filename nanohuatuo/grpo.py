@@ -307,7 +307,7 @@ def grpo_update(model, cfg: GRPOConfig, exp: GroupRollout, optimizer, params, d)
     n_tok = dist.all_sum(exp.mask.sum().item(), d) / d.world  # so every rank's tokens weigh the same
     sums = {}
     for _ in range(cfg.num_iterations):
-        acc = dict.fromkeys(("loss", "clipfrac", "approx_kl", "ratio"), 0.0)
+        acc = dict.fromkeys(("loss", "clipfrac", "ref_kl", "ratio"), 0.0)
         for idx in torch.arange(B, device=exp.mask.device).split(cfg.micro_batch_size):
             ids, attn, p, r = exp.rows(idx)
             mask = exp.mask[idx, :r].float()
@@ -320,7 +320,9 @@ def grpo_update(model, cfg: GRPOConfig, exp: GroupRollout, optimizer, params, d)
             w = mask.sum().item() / max(n_tok, 1.0)
             acc["loss"] += loss.item()
             acc["clipfrac"] += st["clipfrac"].item() * w
-            acc["approx_kl"] += st["kl"].item() * w  # the k3 KL to the reference, per token
+            # the k3 KL to the reference per token, as the update sees it (PPO's approx_kl is to the sampling
+            # policy: another number); NaN without a reference (--beta 0)
+            acc["ref_kl"] += st["kl"].item() * w
             acc["ratio"] += st["ratio"].item() * w
         dist.all_reduce_grads(params, d)
         acc = dist.all_mean(acc, d)
@@ -359,7 +361,7 @@ def load_checkpoint(model, cfg: GRPOConfig, path, optimizer, d) -> dict:
 
 
 PLOTS = {"curves.png": ["score", "kl", "response_length", "eos_rate"],
-         "grpo_stats.png": ["score_std", "zero_std_frac", "approx_kl", "clipfrac", "grad_norm"]}
+         "grpo_stats.png": ["score_std", "zero_std_frac", "ref_kl", "clipfrac", "grad_norm"]}
 
 
 def _plot(out, path):

@@ -258,7 +258,7 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, clip=0.2, beta=0.0, ma
     when beta is 0); advantages (B,), one per answer, spread over its tokens. denom defaults to the
     number of valid tokens: every token of the step weighs the same, however long its answer
     (DAPO's token-level mean; a per-answer mean would weigh a short answer's tokens more).
-    Returns (loss, stats): clipfrac, kl (masked mean of k3), ratio.
+    Returns (loss, stats): clipfrac, kl (masked mean of k3 to the reference; NaN without one), ratio.
     """
     log_ratio = (logp - old_logp).clamp(-max_log_ratio, max_log_ratio)
     ratio = log_ratio.exp()
@@ -272,8 +272,8 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, clip=0.2, beta=0.0, ma
     n = mask.sum() if denom is None else denom
     loss = (per_token * mask).sum() / n
     with torch.no_grad():
-        stats = {"clipfrac": masked_mean((pg2 > pg1).float(), mask), "kl": masked_mean(kl, mask),
-                 "ratio": masked_mean(ratio, mask)}
+        stats = {"clipfrac": masked_mean((pg2 > pg1).float(), mask), "ratio": masked_mean(ratio, mask),
+                 "kl": masked_mean(kl, mask) if ref_logp is not None else torch.tensor(float("nan"))}
     return loss, stats
 # ============================================================================= DPO: preference losses
 # (DPO's own block: the per-answer log-probs it needs and the pairwise objectives on them.)

@@ -107,16 +107,17 @@ class MetricsLog:
             self.first_step = step - 1  # a resumed run measures speed from where it resumed
         self.tokens += values.pop("tokens", 0) or 0
         elapsed = now - self.t0
-        row = {"step": step, **{k: _plain(v) for k, v in values.items()}, "time": round(now, 3)}
+        row = {"step": step, **{k: v.item() if hasattr(v, "item") else v for k, v in values.items()},
+               "time": round(now, 3)}
         if self.tokens:
             row["tokens_per_s"] = round(self.tokens / max(elapsed, 1e-9), 1)
-        with open(self.path, "a") as f:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        with open(self.path, "a") as f:  # strict JSON: a NaN or an infinity is written as the string "nan", "inf"
+            f.write(json.dumps({k: _plain(v) for k, v in row.items()}, ensure_ascii=False) + "\n")
         if self.stream is not None and (step % self.print_every == 0 or step == self.total_steps):
             self.stream.write(self.format(step, row, elapsed) + "\n")
             self.stream.flush()
         numbers = {k: v for k, v in row.items() if k not in ("step", "time") and isinstance(v, (int, float))
-                   and not isinstance(v, bool)}
+                   and not isinstance(v, bool) and math.isfinite(v)}
         for t in self.trackers:
             t.log(step, numbers)
         return row
@@ -147,8 +148,6 @@ class MetricsLog:
 
 
 def _plain(v):
-    if hasattr(v, "item"):
-        v = v.item()
     if isinstance(v, float):
         return v if math.isfinite(v) else str(v)
     return v

@@ -67,6 +67,7 @@ def test_grpo_loss_clipped_with_k3_by_hand():
     plain, st = grpo_loss(logp, logp.detach(), None, adv, mask)
     plain.backward()
     assert plain.item() == pytest.approx((-1 - 1 + 2) / 3) and st["ratio"].item() == 1.0
+    assert math.isnan(st["kl"].item())  # no reference: not measured, not a KL of 0
     torch.testing.assert_close(logp.grad, torch.tensor([[-1 / 3, -1 / 3], [2 / 3, 0.0]]))
 
 
@@ -181,6 +182,8 @@ def test_cli_run_bad_reward_fn_and_flags(tiny, tmp_path):
                        capture_output=True, text=True, timeout=120, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "step 1/1" in r.stdout and "sample 0 at step 1" in r.stdout
+    [row] = [json.loads(line) for line in open(tmp_path / "cli" / "metrics.jsonl")]
+    assert row["kl"] == row["ref_kl"] == "nan"  # --beta 0: no reference, no KL measured (strict JSON: a string)
     assert {"merged", "adapter_model.safetensors", "grpo_config.json"} <= set(os.listdir(tmp_path / "cli"))
     bad = subprocess.run(args + ["--out", str(tmp_path / "bad"), "--reward-fn", os.path.join(tiny, "rules.py") + ":nope"],
                          capture_output=True, text=True, timeout=60, env=env)

@@ -3,6 +3,7 @@ fake tracker modules put in sys.modules (no tracker package is needed); a missin
 one-line error naming the extra to install."""
 
 import json
+import math
 import sys
 import types
 
@@ -55,7 +56,8 @@ def trackers(monkeypatch):
 def test_rows_and_tables_reach_every_tracker(tmp_path, trackers):
     log = MetricsLog(tmp_path / "run" / "metrics.jsonl", stream=None, report_to=["wandb", "trackio", "tensorboard"],
                      config={"lr": 0.1})
-    log.write(1, loss=2.5, lr=0.1, note="text is not a number", tokens=100)
+    back = log.write(1, loss=2.5, lr=0.1, note="text is not a number", kl=float("nan"), tokens=100)
+    assert math.isnan(back["kl"])  # a number to the caller; the string "nan" in the file, nothing to the trackers
     log.table("samples", ["prompt", "score"], [["a|b", 0.5]], step=1)
     log.close()
     for name in ("wandb", "trackio"):
@@ -74,7 +76,7 @@ def test_rows_and_tables_reach_every_tracker(tmp_path, trackers):
     assert text[1] == "samples" and "| prompt | score |" in text[2] and "a\\|b" in text[2] and text[3] == 1
     assert tb[-1][0] == "close"
     row = json.loads(open(tmp_path / "run" / "metrics.jsonl").read())  # metrics.jsonl is written all the same
-    assert row["loss"] == 2.5 and row["note"] == "text is not a number"
+    assert row["loss"] == 2.5 and row["note"] == "text is not a number" and row["kl"] == "nan"
 
 
 def test_missing_package_and_unknown_tracker_say_what_to_do(monkeypatch):
