@@ -298,7 +298,7 @@ def _check(messages: list[dict], last: str, order: bool = True) -> None:
     if order and messages[-1]["role"] != last:
         what = ("a conversation to learn from ends with an assistant message" if last == "assistant" else
                 "a prompt ends with the user message the model is to answer")
-        raise ValueError(f"messages[{len(messages) - 1}]: conversation ends with a {messages[-1]['role']} message; {what}")
+        raise ValueError(f"messages[{len(messages) - 1}]: conversation ends with {messages[-1]['role']!r}; {what}")
 
 
 def _named_parts(messages: list[dict], template: str, prompt: bool) -> list[tuple[str, str, int]]:

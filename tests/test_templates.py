@@ -250,8 +250,8 @@ def test_show(qwen, spm):
         ([CHAT[0], SYSTEM, CHAT[1]], r"messages\[1\]: a system message may only come first"),
         ([{"role": "doctor", "content": "x"}], r"messages\[0\]: unknown role"),
         ([CHAT[0], {"role": "assistant", "content": None}], r"messages\[1\]: need a dict"),
-        (CHAT[:3], r"messages\[2\]: conversation ends with a user message"),
-        ([SYSTEM], r"messages\[0\]: conversation ends with a system message"),
+        (CHAT[:3], r"messages\[2\]: conversation ends with 'user'"),
+        ([SYSTEM], r"messages\[0\]: conversation ends with 'system'"),
     ],
 )
 def test_render_rejects_malformed(spm, messages, where):
