@@ -44,14 +44,19 @@ class Candidate:
     def kind(self, flag: str = "") -> str:
         kinds = [k for k, on in (("model", self.model), ("endpoint", self.base_url or self.model_name),
                                  ("answers", self.answers)) if on]
+        who = f"candidate {flag.rstrip('-') or self.name}" if flag or self.name else "the model to evaluate"
         if len(kinds) != 1:
             what = " and ".join(kinds) if kinds else "nothing"
-            who = f"candidate {flag or self.name}" if flag or self.name else "the model to evaluate"
             raise UserError(f"{who}: got {what}; give exactly one of --{flag}model DIR, "
                             f"--{flag}base-url URL with --{flag}model-name NAME, or --{flag}answers FILE")
         if self.quant != "none" and kinds[0] != "model":
             raise UserError(f"--{flag}quant {self.quant}: only our model (--{flag}model) is loaded here; an endpoint "
                             f"or a file of answers has its weights elsewhere")
+        if kinds[0] == "endpoint" and not (self.base_url and self.model_name):
+            raise UserError(f"{who}: an endpoint needs "
+                            f"--{flag}base-url URL and --{flag}model-name NAME (GET URL/models lists the names)")
+        if kinds[0] == "model" and not Path(self.model).is_dir():
+            raise UserError(f"--{flag}model {self.model}: no such directory (a model in the Hugging Face layout)")
         return kinds[0]
 
     def label(self) -> str:

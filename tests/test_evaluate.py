@@ -458,6 +458,14 @@ def test_judge_and_patient_endpoints_need_their_flags(tmp_path):
     with pytest.raises(UserError, match=r"the patient needs --patient-base-url URL and --patient-model-name NAME"):
         ev.open_patient(cfg)
     assert isinstance(ev.open_judge(ev.DialogueConfig(judge="offline")), ev.OfflineJudge)
+    # a candidate's endpoint or model directory is checked before anything runs, naming its side's flags
+    data, _ = questions(tmp_path)
+    with pytest.raises(UserError, match=r"candidate a: an endpoint needs --a-base-url URL and --a-model-name NAME"):
+        ev.run_pairwise(ev.PairwiseConfig(data=data, out=str(tmp_path / "o"), a_base_url="http://127.0.0.1:9/v1",
+                                          b_answers="b.jsonl", judge="offline"))
+    with pytest.raises(UserError, match=r"--b-model /nowhere: no such directory"):
+        ev.run_pairwise(ev.PairwiseConfig(data=data, out=str(tmp_path / "o"), a_answers="a.jsonl", b_model="/nowhere",
+                                          judge="offline"))
 
 
 def test_adapter_candidate(tmp_path, tiny):
