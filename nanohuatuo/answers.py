@@ -327,6 +327,10 @@ def get_answers(c: Candidate, s: GenerationSettings, items: list[dict], run,
         finally:
             model.close()
     rows = [store.get(it["id"], h) for it, h in zip(items, hashes)]
+    if items and not any(rows):  # every pair would go unjudged: said plainly, not only as a count in the tables
+        print(f"warning: {c.label()} gave no usable answer to any of the {len(items)} items (its usage line says "
+              f"why: e.g. a server refusing prompt + --max-new-tokens {s.max_new_tokens} beyond its context)",
+              file=sys.stderr, flush=True)
     # a judge marks an answer without its end down: said, since the budget may be at fault, not the model
     reasons = [r.get("finish_reason") for r in rows if r]
     long, filtered = reasons.count("length"), reasons.count("content_filter")

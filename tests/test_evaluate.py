@@ -258,6 +258,22 @@ def test_answers_cut_before_their_end_are_reported(tmp_path):
     assert said in summary["usage"] and said in (tmp_path / "out" / "report.md").read_text(encoding="utf-8")
 
 
+def test_an_endpoint_refusing_every_question_is_said_plainly(tmp_path, capsys):
+    data, rows = questions(tmp_path, 3)
+    a = answers(tmp_path, "a", rows, lambda r: f"好的回答{r['id']}")
+
+    def handler(req, path):
+        if req["model"] == "cand-b":
+            return 400, {"error": {"message": "prompt + max_tokens exceed the context"}}, None
+        return good_judge(req, path)
+
+    with ScriptedServer(handler) as srv:
+        summary = ev.run_pairwise(pairwise_cfg(tmp_path, srv, data, a, "", b_base_url=srv.base_url,
+                                               b_model_name="cand-b", b_api_key="k"))
+    assert summary["stats"]["overall"]["unjudged"] == 3
+    assert "warning: cand-b gave no usable answer to any of the 3 items" in capsys.readouterr().err
+
+
 def test_two_endpoints_serving_one_model_name_keep_their_own_answers(tmp_path):
     """serve.py on two ports, each with its own adapter merged, can advertise the same name: each side
     is named after it ("NAME (A)", "NAME (B)"), so B is asked, not answered from A's cached replies."""
