@@ -161,7 +161,12 @@ def consult(c: Candidate, s: GenerationSettings, cases: list[dict], patient, cfg
             summaries.append(model.summary())
         finally:
             model.close()
-    return [store.get(case["id"], h) for case, h in zip(cases, hashes)]
+    rows = [store.get(case["id"], h) for case, h in zip(cases, hashes)]
+    cut = [sum(bool(t.get("cut")) for t in r["transcript"]) for r in rows if r]
+    if any(cut):  # a judge marks an unfinished reply down: said, as pairwise says its cut answers
+        summaries.append(f"{c.label()}: {sum(map(bool, cut))} of {len(cut)} consultations with a doctor turn cut "
+                         f"before its end ({sum(cut)} turns, at --max-new-tokens {s.max_new_tokens} or a filter)")
+    return rows
 
 
 def run_consultations(model, cases: list[dict], patient, cfg, say: str) -> tuple[list[list[dict]], list[str]]:
@@ -182,11 +187,13 @@ def run_consultations(model, cases: list[dict], patient, cfg, say: str) -> tuple
             break
         replies = model.respond([doctor_view(transcripts[k]) for k in active],
                                 [f"{cases[k]['id']}:{turn}" for k in active])
-        for k, (text, _) in zip(active, replies):
+        for k, (text, reason) in zip(active, replies):
             if text is None:
                 stopped[k] = "doctor gave no usable reply"
                 continue
             transcripts[k].append({"role": "doctor", "content": text})
+            if reason in ("length", "content_filter"):  # cut before its end: counted in the summary
+                transcripts[k][-1]["cut"] = reason
             if cfg.stop_rule == "diagnosis" and gives_diagnosis_and_advice(text):
                 stopped[k] = "diagnosis and advice"
             elif turn == cfg.max_turns - 1:

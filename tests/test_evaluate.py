@@ -369,6 +369,20 @@ def test_dialogue_stops_at_the_rule_and_at_the_turn_limit(tmp_path):
     assert {(t["stopped"], t["doctor_turns"]) for t in turns} == {("turn limit", 2)}
 
 
+def test_doctor_turns_cut_before_their_end_are_reported(tmp_path):
+    def handler(req, path):
+        if req["model"] == "doc-cut":  # asks, and is cut at max_tokens every time
+            return completion("请问还有别的症状", req, finish_reason="length")
+        return dialogue_handler(req, path)
+
+    with ScriptedServer(handler) as srv:
+        summary = ev.run_dialogue(dialogue_cfg(tmp_path, srv, b_model_name="doc-cut", max_new_tokens=64))
+    n = summary["items"]
+    assert f"doc-cut: {n} of {n} consultations with a doctor turn cut before its end ({3 * n} turns, " \
+           f"at --max-new-tokens 64 or a filter)" in summary["usage"]
+    assert not any(u.startswith("doc-dx:") and "cut" in u for u in summary["usage"])
+
+
 def test_patient_that_writes_both_sides_keeps_its_own_lines(tmp_path):
     def handler(req, path):
         if req["model"] == "patient":  # plays the whole consultation, the doctor's lines included
