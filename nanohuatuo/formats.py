@@ -50,10 +50,9 @@ def iter_jsonl(path) -> Iterator[tuple[int, dict]]:
     """Yield (line number, object) for each non-blank line of a UTF-8 JSONL file; a file holding one JSON array
     of objects (as many datasets are shipped) is read as its items, each at the line it starts on."""
     with open(path, "rb") as f:
-        if f.read(64).lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"["):
-            yield from iter_json_array(path)
+        if f.peek(64)[:64].lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"["):  # peeked: a pipe cannot seek back
+            yield from json_array_items(path, f.read())
             return
-        f.seek(0)
         for lineno, raw in enumerate(f, start=1):
             try:
                 # utf-8-sig on the first line drops a BOM some editors write
@@ -71,16 +70,18 @@ def iter_jsonl(path) -> Iterator[tuple[int, dict]]:
             yield lineno, obj
 
 
-def iter_json_array(path) -> Iterator[tuple[int, dict]]:
-    """Yield (line the object starts on, object) for each item of a file holding one JSON array."""
+def json_array_items(path, data: bytes) -> Iterator[tuple[int, dict]]:
+    """Yield (line the object starts on, object) for each item of `data`, the bytes of `path`, one JSON array."""
     try:
-        text = Path(path).read_bytes().decode("utf-8-sig")
+        text = data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         raise DataError(f"{path}: not UTF-8: {e.reason}") from None
     decoder = json.JSONDecoder()
+    seen = [0, 1]  # a position and its line: lines are counted on from the last item, not from the start each time
 
     def line(pos):
-        return text.count("\n", 0, pos) + 1
+        seen[:] = pos, seen[1] + text.count("\n", seen[0], pos)
+        return seen[1]
 
     def skip(pos):  # past whitespace
         while pos < len(text) and text[pos] in " \t\r\n":

@@ -4,6 +4,7 @@ converter, the errors that name file and line, and one SFT step on each format (
 conversations in every shape give the same loss as the schema file)."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -207,6 +208,15 @@ def test_any_jsonl_input_may_be_a_json_array(tmp_path):
     want = list(data.convert("cmd_jsonl", [lines]))
     assert [r["messages"] for r in data.convert("cmd_jsonl", [array])] == [r["messages"] for r in want]
     assert [n for n, _ in iter_jsonl(array)] == [2, 8]  # each object where it starts
+    # from a pipe (`<(...)` in a shell), which cannot seek back: either form
+    for path in (lines, array):
+        r, w = os.pipe()
+        os.write(w, open(path, "rb").read())
+        os.close(w)
+        try:
+            assert [o for _, o in iter_jsonl(f"/dev/fd/{r}")] == rows
+        finally:
+            os.close(r)
 
 
 def test_convert_refuses_a_row_of_another_shape(tmp_path, capsys):
