@@ -208,6 +208,7 @@ class LLM:
         self.attempts, self.refresh_unusable = attempts, refresh_unusable
         self.concurrency, self.max_retries, self.progress_every = concurrency, max_retries, progress_every
         self.rate_limit_wait, self._said_429 = rate_limit_wait, -math.inf
+        self._stopping = threading.Event()  # set while a map that stopped drains: a 429's wait ends at once
         self._openai = openai
         self._local = threading.local()  # HTTP sends of the current call, to count the client's retries
         http = openai.DefaultHttpxClient(event_hooks={"request": [self._on_send]})
@@ -330,14 +331,16 @@ class LLM:
     def _create(self, messages: list, params: dict):
         """One chat completion through the client, waiting out rate limits: a 429 that outlasts the client's
         retries (a few seconds of backoff; it ignores a long Retry-After) is asked again after the server's
-        Retry-After, or 5 s doubling to 60 s without one, for up to rate_limit_wait seconds in all."""
+        Retry-After, or 5 s doubling to 60 s without one, for up to rate_limit_wait seconds in all. An exhausted
+        quota (OpenAI's insufficient_quota) is not waited for, and a map that stops ends the wait at once."""
         waited, waits = 0.0, 0
         while True:
             try:
                 return self._client.chat.completions.create(model=self.model, messages=messages, **params)
             except self._openai.RateLimitError as e:
                 wait = retry_after(e) or min(60.0, 5.0 * 2 ** waits)
-                if waited + wait > self.rate_limit_wait:
+                quota = "quota" in f"{getattr(e, 'code', '')} {getattr(e, 'type', '')}"
+                if quota or waited + wait > self.rate_limit_wait or self._stopping.is_set():
                     e.waited = waited
                     raise
                 now = time.monotonic()
@@ -347,7 +350,9 @@ class LLM:
                 if say:
                     print(f"{self.name}: {self.base_url} is rate limiting (429: {server_message(e)}); waiting "
                           f"{wait:.0f} s before asking again", file=sys.stderr, flush=True)
-                time.sleep(wait)
+                if self._stopping.wait(wait):  # the map stopped (an error, Ctrl-C): nobody waits for this reply
+                    e.waited = waited
+                    raise
                 waited, waits = waited + wait, waits + 1
 
     def _count(self, unusable: str | None = None, **deltas) -> None:
@@ -470,7 +475,11 @@ class LLM:
                 if in_flight:
                     print(f"{desc}: waiting for the {in_flight} requests in flight, so their replies are cached "
                           "(Ctrl-C again to drop them)", file=sys.stderr, flush=True)
-                pool.shutdown(wait=True, cancel_futures=True)
+                self._stopping.set()
+                try:
+                    pool.shutdown(wait=True, cancel_futures=True)
+                finally:
+                    self._stopping.clear()
                 raise
         pool.shutdown(wait=True)
         if total:

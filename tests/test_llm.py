@@ -343,9 +343,34 @@ def test_a_rate_limit_is_waited_out_beyond_the_clients_retries(tmp_path, capsys,
         assert a.ok and a.text == "at last" and len(srv.requests) == 6 and llm.usage.retried == 5
     assert capsys.readouterr().err.count("is rate limiting (429: tokens per minute); waiting") == 1
     slept = []
-    monkeypatch.setattr(time, "sleep", slept.append)  # the 100 s the server asks for, without waiting them
-    with ScriptedServer(lambda req, path: (429, {"error": {"message": "quota"}}, {"Retry-After": "100"})) as srv:
+    with ScriptedServer(lambda req, path: (429, {"error": {"message": "busy"}}, {"Retry-After": "100"})) as srv:
         with make(srv, tmp_path, max_retries=0, rate_limit_wait=150, cache=None) as llm, \
-                pytest.raises(LLMError, match=r"429 after 0 retries and 100 s of waiting \(quota\)"):
+                pytest.raises(LLMError, match=r"429 after 0 retries and 100 s of waiting \(busy\)"):
+            # the 100 s the server asks for, without waiting them
+            monkeypatch.setattr(llm._stopping, "wait", lambda s: slept.append(s) or False)
             llm.chat(MSG)
         assert len(srv.requests) == 2 and slept == [100.0]
+    # an exhausted quota never comes back by waiting: the run stops at once
+    quota = {"error": {"message": "You exceeded your current quota", "code": "insufficient_quota"}}
+    with ScriptedServer(lambda req, path: (429, quota, None)) as srv:
+        with make(srv, tmp_path, max_retries=0, cache=None) as llm, pytest.raises(LLMError, match="current quota"):
+            llm.chat(MSG)
+        assert len(srv.requests) == 1
+
+
+def test_a_map_that_stops_ends_the_rate_limit_waits_at_once(tmp_path):
+    """One item refused (401) while the others wait out a long Retry-After: the map raises without waiting
+    for them, and they are not asked again."""
+    def handler(req, path):
+        if numbered(req) == 3:
+            time.sleep(0.5)  # after the others have met their 429
+            return 401, {"error": {"message": "invalid api key"}}, None
+        return 429, {"error": {"message": "busy"}}, {"Retry-After": "300"}
+
+    with ScriptedServer(handler) as srv, make(srv, tmp_path, max_retries=0, concurrency=4) as llm:
+        waits = []
+        wait = llm._stopping.wait
+        llm._stopping.wait = lambda s: waits.append(wait(s)) or waits[-1]
+        with pytest.raises(LLMError, match="rejected the API key"):
+            llm.map(requests_for(4))
+        assert waits == [True, True, True] and len(srv.requests) == 4  # each wait ended by the stop, none re-sent
