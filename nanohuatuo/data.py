@@ -61,7 +61,9 @@ polishing them into fluent answers is an LLM job, out of scope here.
 The evaluation sets evaluate.py reads are in evalsets.py, on top of these converters.
 """
 
+import glob
 import hashlib
+import itertools
 import json
 import os
 import random
@@ -92,16 +94,34 @@ def read_jsonl(path) -> list[dict]:
     return [obj for _, obj in iter_jsonl(path)]
 
 
+_WRITES = itertools.count()  # this process's temp files, numbered: two threads never share one
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
 def write_jsonl(path, rows: Iterable[dict]) -> int:
     """Write rows as UTF-8 JSONL atomically (temp file + os.replace); return the count.
 
     The file gets the usual permissions (0666 less the umask, as `open` gives), not a temp file's 0600.
-    The temp file's name is fixed (.NAME.tmp), so one left by a killed write is replaced by the next.
+    The temp file (.NAME.PID-N.tmp) is this writer's own; one that a killed process left is removed
+    by the next write of the same file.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+    for old in path.parent.glob(f".{glob.escape(path.name)}.*-*.tmp"):
+        pid = old.name[len(path.name) + 2:].split("-")[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            old.unlink(missing_ok=True)
+    tmp = path.parent / f".{path.name}.{os.getpid()}-{next(_WRITES)}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     n = 0
     try:
         with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:

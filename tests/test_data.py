@@ -4,6 +4,8 @@ source mixing, held-out splits, RLAIF prompts, stats and the CLI."""
 import json
 import os
 import stat
+import subprocess
+import sys
 from collections import Counter
 
 import pytest
@@ -370,16 +372,19 @@ def test_outputs_have_normal_permissions(tmp_path):
     assert stat.S_IMODE(os.stat(tmp_path / "rows.jsonl").st_mode) == 0o644
 
 
-def test_a_write_killed_half_way_leaves_one_temp_file_the_next_replaces(tmp_path):
+def test_a_killed_writers_temp_file_is_removed_by_the_next_write(tmp_path):
     def rows():
         yield conv("other")
         raise KeyboardInterrupt  # a Ctrl-C mid-write: the temp file is removed
     with pytest.raises(KeyboardInterrupt):
         data.write_jsonl(tmp_path / "rows.jsonl", rows())
     assert list(tmp_path.iterdir()) == []
-    (tmp_path / ".rows.jsonl.tmp").write_text("half a row from a SIGKILLed writ")  # a kill leaves it
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead, live = int(gone.stdout), os.getpid()
+    (tmp_path / f".rows.jsonl.{dead}-0.tmp").write_text("half a row from a SIGKILLed writ")  # a kill leaves it
+    (tmp_path / f".rows.jsonl.{live}-999.tmp").write_text("another writer's, still running")
     assert data.write_jsonl(tmp_path / "rows.jsonl", [conv("other")]) == 1
-    assert [p.name for p in tmp_path.iterdir()] == ["rows.jsonl"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f".rows.jsonl.{live}-999.tmp", "rows.jsonl"]
     assert data.read_jsonl(tmp_path / "rows.jsonl") == [conv("other")]
 
 
