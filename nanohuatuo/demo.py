@@ -41,7 +41,7 @@ from .data import load_conversations, read_jsonl, to_prompt, write_jsonl
 from .feedback import EndpointRanker, OfflineRanker, rankings_to_preferences
 from .generate import for_inference
 from .hf import ModelDirError, check_model_dir, count_params
-from .metrics import cpu_name
+from .metrics import cpu_name, strict_json
 from .model import ModelConfig, Transformer
 from .reward_model import as_messages, load_reward_model, score_texts
 from .sampling import sample_answers
@@ -627,7 +627,7 @@ def _run(cfg: DemoConfig, size: DemoSize, real: bool, out: str, device: str, pro
                    online=bool(cfg.llm_base_url))
     summary.update(stage_seconds=dict(st.seconds), seconds=st.total(), profile=st.hot)
     with open(os.path.join(out, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=1, ensure_ascii=False, default=str)
+        json.dump(strict_json(summary), f, indent=1, ensure_ascii=False, default=str)
     write_report(out, summary, ev, st.seconds)
     print(f"\ndone in {summary['seconds'] / 60:.1f} min: {os.path.join(out, 'report.md')}")
     return summary

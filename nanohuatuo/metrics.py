@@ -153,6 +153,16 @@ def _plain(v):
     return v
 
 
+def strict_json(obj):
+    """obj with every NaN or infinity, however deep, as the string "nan", "inf" (as metrics.jsonl writes them):
+    json.dump would write a bare NaN, which strict JSON readers refuse."""
+    if isinstance(obj, dict):
+        return {k: strict_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [strict_json(v) for v in obj]
+    return _plain(obj)
+
+
 def _hms(seconds):
     seconds = int(max(seconds, 0))
     h, m, s = seconds // 3600, seconds // 60 % 60, seconds % 60

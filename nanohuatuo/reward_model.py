@@ -124,8 +124,9 @@ def with_answer(prompt, answer: str) -> list[dict]:
 
 
 def scored_seq(messages: list[dict], tok, template) -> tuple[list[int], list[int]]:
-    """(ids, mask) of a conversation ending with an answer, as a reward model reads it (and DPO sums it): rendered
-    in the template and ended at the answer's end token. What a template writes after that token (Qwen's
+    """(ids, mask) of a conversation ending with an answer, as a reward model reads it and DPO sums its answer:
+    rendered in the template and ended at the answer's end token; mask is the template's, every assistant turn's
+    tokens (preferences.answer_start finds the last answer's). What a template writes after that token (Qwen's
     "<|im_end|>\\n") is cut: a policy's answer ends at the end token, where PPO reads its score, and a reward
     model trained one token further on would be read where it never learned to score."""
     ids, mask = render(messages, tok, template)

@@ -24,8 +24,9 @@ samples are seeded by (seed, its id) alone, so the answers do not depend on --ba
 order of the prompts or on a resume (up to float rounding, which can flip a near-tie: engine.py).
 Answers are cut before a stop string. A prompt longer than context - max_new_tokens loses its
 oldest turns (the system message and the last question are kept: templates.fit_prompt, as chat
-and evaluation fit theirs); one that still does not fit is skipped and named. Sampling settings not given as flags come from generation_config.json (the
-adapter's, else the model's), else temperature 0.7, top_p 1, no top_k.
+and evaluation fit theirs); one that still does not fit is skipped and named. Sampling settings
+not given as flags come from generation_config.json (the adapter's, else the model's), else
+temperature 0.7, top_p 1, no top_k.
 
 An endpoint (vLLM, our serve.py, a cloud model) gets one request per prompt with n=k (topped up
 with single requests if the server returns fewer choices), through `llm.LLM`: cached, bounded,

@@ -56,7 +56,9 @@ def test_quick_demo_runs_every_stage_and_reports_them(tmp_path):
     rm = load_reward_model(os.path.join(out, "rm"))
     assert torch.isfinite(score_texts(rm, ["头痛怎么办？"], ["多休息。"])).all()
     # the numbers the report is made of
-    s = json.load(open(os.path.join(out, "summary.json")))
+    def bare(name):
+        raise AssertionError(f"summary.json holds a bare {name}: not strict JSON")
+    s = json.load(open(os.path.join(out, "summary.json")), parse_constant=bare)
     assert s["sft"]["eval_loss"] < s["sft"]["first_eval_loss"]
     assert 0.0 <= s["rm"]["eval_accuracy"] <= 1.0
     assert s["ppo"]["first_score"] is not None and s["ppo"]["last_kl"] is not None

@@ -110,3 +110,10 @@ def test_cli_missing_tracker_is_one_line(capsys, monkeypatch, tmp_path):
     assert ppo.main(["--model", str(tmp_path), "--data", str(tmp_path / "p.jsonl"), "--report-to", "trackio"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: --report-to trackio") and "Traceback" not in err
+
+
+def test_strict_json_writes_non_finite_numbers_as_strings():
+    from nanohuatuo.metrics import strict_json
+    got = strict_json({"a": [1.0, float("nan"), {"b": float("-inf")}], "c": (2, "x")})
+    assert got == {"a": [1.0, "nan", {"b": "-inf"}], "c": [2, "x"]}
+    json.dumps(got, allow_nan=False)  # strict
