@@ -557,14 +557,40 @@ class OutLock:
 LOCK_NAME = ".lock"
 
 
-def prepare_out(out, resume: bool = False, overwrite: bool = False, main_process: bool = True) -> OutLock:
+# the flags that name what a run reads: --out may neither be one of them nor hold one
+INPUT_FLAGS = ("model", "adapter", "reward", "data", "eval_data", "norm_samples", "reward_fn", "template",
+               "reward_template", "a_model", "a_adapter", "a_answers", "a_template", "b_model", "b_adapter",
+               "b_answers", "b_template", "answers")
+
+
+def check_inputs_outside(out: Path, cfg) -> None:
+    """Refuse an --out that is, or holds, a file or directory the run reads (cfg's INPUT_FLAGS): --overwrite would
+    delete it first, and the outputs (config.json, the tokenizer, adapter files) would be written over it."""
+    here = out.resolve()
+    for name in INPUT_FLAGS:
+        values = getattr(cfg, name, None)
+        for value in values if isinstance(values, (list, tuple)) else [values]:
+            if not isinstance(value, str) or not value:
+                continue
+            path = Path(value.rsplit(":", 1)[0] if name == "reward_fn" else value)  # reward_fn: FILE.py:function
+            if path.exists() and (path.resolve() == here or here in path.resolve().parents):
+                raise UserError(f"--out {out} {'is' if path.resolve() == here else 'holds'} --{name.replace('_', '-')} "
+                                f"{value}: the run would write over what it reads (and --overwrite delete it); "
+                                f"choose another --out")
+
+
+def prepare_out(out, resume: bool = False, overwrite: bool = False, main_process: bool = True,
+                inputs=None) -> OutLock:
     """Make --out ready for a run and lock it.
 
     An existing directory that holds anything is refused unless resume (continue what is there)
-    or overwrite (delete it first). The lock (fcntl on out/.lock) is held for the whole run, so a
+    or overwrite (delete it first); so is one that is or holds an input of the run's config
+    `inputs` (check_inputs_outside). The lock (fcntl on out/.lock) is held for the whole run, so a
     second run on the same --out stops at once instead of interleaving checkpoints and metrics.
     Only the main process of a distributed run touches the directory."""
     out = Path(out)
+    if inputs is not None:  # on every process, so all of them stop
+        check_inputs_outside(out, inputs)
     if not main_process:
         return OutLock(out, None)
     if out.exists() and not out.is_dir():

@@ -499,7 +499,7 @@ def run(cfg: DemoConfig | None = None, **kw) -> dict:
             and not cfg.overwrite:
         raise UserError(f"--out {out} holds something other than an earlier demo run; choose another --out or pass "
                         "--overwrite")
-    lock = prepare_out(out, overwrite=True)  # an earlier demo run is replaced: every stage starts clean
+    lock = prepare_out(out, overwrite=True, inputs=cfg)  # an earlier demo run is replaced: every stage starts clean
     try:
         with open(os.path.join(out, MARKER), "w") as f:
             json.dump({"config": asdict(cfg), "profile": profile, "size": asdict(size)}, f, indent=1)

@@ -335,7 +335,8 @@ def _train(cfg: DPOConfig, d, hold) -> dict:
     optimizer = torch.optim.AdamW([{"params": params, "lr": cfg.lr}], betas=(0.9, 0.999), eps=1e-8,
                                   weight_decay=cfg.weight_decay)
 
-    hold.enter_context(prepare_out(cfg.out, resume=cfg.resume, overwrite=cfg.overwrite, main_process=d.main))
+    hold.enter_context(prepare_out(cfg.out, resume=cfg.resume, overwrite=cfg.overwrite, main_process=d.main,
+                                   inputs=cfg))
     out = Path(cfg.out)
     ckpt = checkpoint.resume_from(out, cfg.resume, say)
     start = load_checkpoint(model, cfg, ckpt, optimizer, d) if ckpt else 0

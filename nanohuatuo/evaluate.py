@@ -468,7 +468,7 @@ def generation_settings(cfg) -> GenerationSettings:
 def _setup(cfg):
     """Lock --out; the config with the default cache and answer directories filled in (a copy), also
     written as evaluate_config.json."""
-    lock = prepare_out(cfg.out, resume=cfg.resume, overwrite=cfg.overwrite)
+    lock = prepare_out(cfg.out, resume=cfg.resume, overwrite=cfg.overwrite, inputs=cfg)
     cfg = replace(cfg, answers_dir=cfg.answers_dir or str(Path(cfg.out) / "answers"),
                   cache=cfg.cache or str(Path(cfg.out) / "cache"))
     write_config(cfg.out, cfg, "evaluate")

@@ -398,7 +398,8 @@ def _train(cfg: GRPOConfig, reward_fn, d, hold) -> dict:
     model, ref_lora, sft = policy_model(cfg.model, cfg.adapter, cfg.continue_adapter, cfg.lora_r, cfg.lora_alpha,
                                         cfg.lora_targets, device=d.device, dtype=dtype, quant=cfg.quant,
                                         compile=cfg.compile)
-    hold.enter_context(prepare_out(cfg.out, resume=cfg.resume, overwrite=cfg.overwrite, main_process=d.main))
+    hold.enter_context(prepare_out(cfg.out, resume=cfg.resume, overwrite=cfg.overwrite, main_process=d.main,
+                                   inputs=cfg))
     out = cfg.out
     reward = make_reward(reward_fn, model, ref_lora, cfg, tok, template, d, dtype)
     params = lora_parameters(model)

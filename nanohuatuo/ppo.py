@@ -606,7 +606,8 @@ def _train(cfg: PPOConfig, reward_fn, d, hold) -> dict:
     base_lrs = [g["lr"] for g in optimizer.param_groups]
     max_steps = cfg.max_steps or math.ceil(len(rows) / cfg.batch_size)
 
-    hold.enter_context(prepare_out(cfg.out, resume=cfg.resume, overwrite=cfg.overwrite, main_process=d.main))
+    hold.enter_context(prepare_out(cfg.out, resume=cfg.resume, overwrite=cfg.overwrite, main_process=d.main,
+                                   inputs=cfg))
     out = cfg.out
     state = {"step": 0, "kl_coef": cfg.kl_coef, "data_pos": 0, "score_scale": None}
     ckpt = checkpoint.resume_from(out, cfg.resume, print if d.main else lambda *a: None)

@@ -246,7 +246,7 @@ def _train(cfg: RMConfig, hold: contextlib.ExitStack) -> dict:
     model, trunk, head = build_model(cfg, device, dtype)
 
     out = Path(cfg.out)
-    hold.enter_context(prepare_out(out, resume=cfg.resume, overwrite=cfg.overwrite))
+    hold.enter_context(prepare_out(out, resume=cfg.resume, overwrite=cfg.overwrite, inputs=cfg))
     ckpt = checkpoint.resume_from(out, cfg.resume)
 
     n_seqs = sum(len(ex["seqs"]) for ex in train_ex)

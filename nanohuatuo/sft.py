@@ -374,7 +374,7 @@ def _train(cfg: SFTConfig, d: Dist, hold: contextlib.ExitStack) -> dict:
     # the model (every input is checked before --out is touched); then --out, locked for the run
     ckpt = checkpoint.resume_from(out, cfg.resume, say)
     model = build_model(cfg, d, compute_dtype, ckpt)
-    hold.enter_context(prepare_out(out, resume=cfg.resume, overwrite=cfg.overwrite, main_process=d.main))
+    hold.enter_context(prepare_out(out, resume=cfg.resume, overwrite=cfg.overwrite, main_process=d.main, inputs=cfg))
     n_params = model.num_params()
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     start_step = check_resume(cfg, ckpt, d, say) if ckpt else 0

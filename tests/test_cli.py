@@ -192,3 +192,23 @@ def test_an_os_error_names_the_file_then_why(tmp_path, capsys):
     assert guarded(rename) == 2 and capsys.readouterr().err == f"error: {tmp_path / 'out'}: Is a directory\n"
     assert guarded(missing) == 2
     assert capsys.readouterr().err == f"error: {tmp_path / 'nope.jsonl'}: No such file or directory\n"
+
+
+def test_out_may_not_be_or_hold_an_input(tmp_path):
+    """--out equal to --model (or holding --data) with --overwrite deleted the model before training read it."""
+    from types import SimpleNamespace
+    model = tmp_path / "base"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    (tmp_path / "data.jsonl").write_text("{}\n")
+    cfg = SimpleNamespace(model=str(model), data=[str(tmp_path / "data.jsonl")], template="huatuo",
+                          reward_fn=f"{tmp_path / 'data.jsonl'}:fn")
+    with pytest.raises(UserError, match=r"--out .*base is --model .*base: the run would write over what it reads"):
+        prepare_out(model, overwrite=True, inputs=cfg)
+    assert (model / "config.json").exists()
+    with pytest.raises(UserError, match=r"holds --data .*data.jsonl"):
+        prepare_out(tmp_path, overwrite=True, inputs=SimpleNamespace(data=cfg.data))
+    with prepare_out(tmp_path / "runs" / "sft", inputs=cfg):  # anywhere else is fine
+        pass
+    with pytest.raises(UserError, match=r"holds --reward-fn"):
+        prepare_out(tmp_path, overwrite=True, inputs=SimpleNamespace(reward_fn=f"{tmp_path / 'data.jsonl'}:fn"))
