@@ -50,7 +50,8 @@ the advantages mostly say which prompts were drawn.
 
 Export (--out): the policy adapter in PEFT layout with the value head in extra.safetensors, for the
 ORIGINAL base: with a merged SFT adapter it is the exact concatenation SFT (+) PPO, a rank r1 + r2
-adapter with scaling 1 (adapters.save_on_base). `--save-merged` also writes OUT/merged.
+adapter with scaling 1 (adapters.save_on_base). A critic of its own goes to OUT/critic, the same
+way (SFT (+) critic, its head in extra.safetensors). `--save-merged` also writes OUT/merged.
 
 Learning rate: 5e-5 by default: a LoRA update moves the weights much less per step than a
 full-weight one (1e-6..1e-5), and we stay below the 1e-4 at which medical LoRAs erode general
@@ -654,9 +655,9 @@ def _train(cfg: PPOConfig, reward_fn, d, hold) -> dict:
         # the trained format travels with the adapter, written first: the adapter's files mark the directory done
         save_chat_template(out, tok, template)
         adapters.save_on_base(m.model, out, merged=m.sft, extra=m.head() if m.critic_lora is None else None)
-        if m.critic_lora is not None:
+        if m.critic_lora is not None:  # for the original base too: it was trained on the SFT-merged weights
             with critic(m):
-                save_adapter(m.model, os.path.join(out, "critic"), extra=m.head())
+                adapters.save_on_base(m.model, os.path.join(out, "critic"), merged=m.sft, extra=m.head())
         if os.path.exists(log.path) and os.path.getsize(log.path):
             _plot(out, log.path)
         if cfg.save_merged:  # merges the LoRA layers away (a 4-bit base: onto a fresh full one): last

@@ -561,6 +561,15 @@ def test_stop_after_and_resume_match_an_uninterrupted_run(tiny, tmp_path, capsys
     assert [json.loads(x)["step"] for x in open(tmp_path / "part" / "samples.jsonl")] == [1, 1, 2, 2, 3, 3]
     for name in ("adapter_model.safetensors", "critic/adapter_model.safetensors", "critic/extra.safetensors"):
         assert (tmp_path / "part" / name).read_bytes() == (tmp_path / "full" / name).read_bytes(), name
+    # the critic, like the policy, is exported for the original base: SFT (+) critic, the trunk it was trained on
+    from nanohuatuo.lora import load_adapter, merge_and_unload
+    b = batch_for(base)
+    on_base = Transformer.from_pretrained(base, adapter=str(tmp_path / "full" / "critic"))
+    trained = merge_and_unload(Transformer.from_pretrained(base, adapter=sft))
+    load_adapter(trained, tmp_path / "full" / "checkpoints" / "step_000003" / "critic")
+    with torch.no_grad():
+        torch.testing.assert_close(on_base.hidden_states(b.ids), trained.hidden_states(b.ids), atol=1e-5, rtol=0)
+    assert json.load(open(tmp_path / "full" / "critic" / "adapter_config.json"))["r"] == 4 + 4
     # a changed learning rate or KL coefficient is applied from the checkpoint on, and said
     capsys.readouterr()
     again = ppo.train(tiny_cfg(base, tmp_path / "part", resume=True, **{**kw, "max_steps": 4, "lr": 1e-3,
