@@ -381,8 +381,12 @@ def load_adapter(model, adapter_dir, trainable: bool = False) -> dict[str, torch
     want = {"r": cfg["r"], "lora_alpha": cfg["lora_alpha"], "use_rslora": bool(cfg.get("use_rslora", False))}
     have = getattr(model, "lora_config", None)
     if have is None:
-        apply_lora(model, r=cfg["r"], alpha=cfg["lora_alpha"], dropout=cfg.get("lora_dropout") or 0.0,
-                   targets=cfg["target_modules"], use_rslora=want["use_rslora"])
+        try:
+            apply_lora(model, r=cfg["r"], alpha=cfg["lora_alpha"], dropout=cfg.get("lora_dropout") or 0.0,
+                       targets=cfg["target_modules"], use_rslora=want["use_rslora"])
+        except ValueError as e:  # target_modules that fit no layer: the file is at fault, so it is named
+            raise ModelDirError(f"{os.path.join(adapter_dir, CONFIG_FILE)}: {str(e).removeprefix('apply_lora: ')}"
+                                ) from None
     elif any(have[k] != v for k, v in want.items()):
         ours = {k: have[k] for k in want}
         raise ValueError(f"{adapter_dir}: the model already has LoRA adapters with {ours} but {CONFIG_FILE} "

@@ -187,6 +187,9 @@ def test_bad_adapter_dirs(hf_dirs, tmp_path):
         load_adapter(Transformer.from_pretrained(path), tmp_path)
     with pytest.raises(ValueError, match="no linear layer matches targets.*gate_proj"):
         apply_lora(Transformer.from_pretrained(path), targets=("c_attn",))
+    (tmp_path / "adapter_config.json").write_text(json.dumps({**cfg, "target_modules": ["foo_proj"]}))
+    with pytest.raises(ModelDirError, match=r"adapter_config.json: no linear layer matches targets \['foo_proj'\]"):
+        load_adapter(Transformer.from_pretrained(path), tmp_path)
 
 
 @pytest.mark.parametrize("arch, kw, want", [
