@@ -8,6 +8,9 @@ numerics themselves, to bfloat16's tolerance.
 """
 
 import copy
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -911,3 +914,12 @@ def test_decode_ab_refuses_comparisons_its_device_cannot_make(monkeypatch, capsy
             ab.main()
         assert e.value.code == 2, argv
         assert says in capsys.readouterr().err, argv
+
+
+def test_gguf_tool_names_a_file_that_is_not_gguf(tmp_path):
+    bad = tmp_path / "model.gguf"
+    bad.write_text("junk")
+    tool = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools", "gguf_to_hf.py")
+    r = subprocess.run([sys.executable, tool, "--gguf", str(bad), "--out", str(tmp_path / "out")],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stderr == f"error: {bad}: not a GGUF file (it does not start with the bytes GGUF)\n"

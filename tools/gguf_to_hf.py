@@ -34,8 +34,16 @@ def main(argv=None) -> int:
         print(f"error: {e}; pip install gguf transformers", file=sys.stderr)
         return 2
     folder, name = os.path.split(os.path.abspath(args.gguf))
-    tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, torch_dtype=getattr(torch, args.dtype))
+    with open(args.gguf, "rb") as f:
+        if f.read(4) != b"GGUF":  # transformers' own message would come at the end of a traceback
+            print(f"error: {args.gguf}: not a GGUF file (it does not start with the bytes GGUF)", file=sys.stderr)
+            return 2
+    try:
+        tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+        loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, torch_dtype=getattr(torch, args.dtype))
+    except (ValueError, KeyError, OSError) as e:  # an architecture or tensor type transformers cannot read
+        print(f"error: {args.gguf}: transformers cannot read it: {e}", file=sys.stderr)
+        return 2
     # transformers marks a GGUF-loaded model as quantised and will not save it: copy the (already
     # dequantised) tensors into a plain model of the same config
     config = loaded.config
