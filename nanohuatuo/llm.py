@@ -17,15 +17,17 @@ What it holds, and the policy for each kind of failure:
   other 4xx (400 context too long, 422, ...) makes that one item unusable, unretried, since
   resending the same request cannot help.
 - Malformed answers: a 200 with empty `choices`, a body that is not JSON, a choice without
-  content, or `parse(text)` raising ValueError(reason) are re-asked, up to `attempts` asks in all
-  (the attempt number is part of the cache key, and `followup` may rewrite the messages for the
-  next ask, e.g. to nudge the model towards the format). Then the Answer is unusable (ok False,
-  error=reason) and counted in `usage.unusable[reason]`; a map never aborts for one item. Keep
-  reasons short and generic ("no ranking line"): they are the summary's categories. A reply cut
-  by max_tokens or a content filter (finish_reason "length", "content_filter") is unusable at once
-  where a `parse` expects a whole reply (a verdict, a ranking, a distilled answer): its end is
-  missing, and asking again the same way would be cut again. Text is kept as valid UTF-8 (a lone
-  surrogate, half an emoji, becomes U+FFFD), so every reply can be cached.
+  content, a reasoning model's reply with nothing after its <think> block (the block itself is
+  left out of every text: `visible`), or `parse(text)` raising ValueError(reason) are re-asked, up
+  to `attempts` asks in all (the attempt number is part of the cache key, and `followup` may
+  rewrite the messages for the next ask, e.g. to nudge the model towards the format). Then the
+  Answer is unusable (ok False, error=reason) and counted in `usage.unusable[reason]`; a map never
+  aborts for one item. Keep reasons short and generic ("no ranking line"): they are the summary's
+  categories. A reply cut by max_tokens or a content filter (finish_reason "length",
+  "content_filter") is unusable at once where a `parse` expects a whole reply (a verdict, a
+  ranking, a distilled answer): its end is missing, and asking again the same way would be cut
+  again. Text is kept as valid UTF-8 (a lone surrogate, half an emoji, becomes U+FFFD), so every
+  reply can be cached.
 - Cache: SQLite, keyed by the full request (model, messages, every parameter, attempt number).
   Every reply received with text, usable or not, and every refusal is written (and committed)
   before it is parsed, so an interrupted run resumes without repeating a request and a rerun of a
@@ -133,6 +135,17 @@ def valid_utf8(text: str) -> str:
     """The text with any lone surrogate (half of an emoji's UTF-16 pair, escaped in a JSON reply) as U+FFFD:
     such text cannot be written as UTF-8, so it could be neither cached nor saved."""
     return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+
+
+def visible(text: str | None) -> str | None:
+    """A reply as it is read: a reasoning model's thinking (a <think>...</think> block first, as DeepSeek-R1 and
+    Qwen3 write it into the content; or only its end, where the chat template opened it) left out, so no parser
+    reads a draft verdict or ranking in it and no answer carries it. A reply cut while thinking reads as ""."""
+    if text is None or "think>" not in text:
+        return text
+    if "</think>" in text:
+        return text.rsplit("</think>", 1)[1].lstrip()
+    return "" if text.lstrip().startswith("<think>") else text
 
 
 def retry_after(e) -> float | None:
@@ -384,10 +397,12 @@ class LLM:
                 self._count(requests=1, cached=1)
             all_cached = all_cached and cached
             answer.asks = attempt + 1
-            answer.texts, answer.finish_reasons = reply.texts or [], reply.finish_reasons or []
-            answer.text, error = (reply.texts[0] if reply.texts else None), reply.error
+            answer.texts, answer.finish_reasons = [visible(t) for t in reply.texts or []], reply.finish_reasons or []
+            answer.text, error = (answer.texts[0] if answer.texts else None), reply.error
             cut = CUT.get((reply.finish_reasons or [None])[0]) if parse is not None else None
-            if error is None and cut:
+            if error is None and any(not t and "think>" in raw for t, raw in zip(answer.texts, reply.texts or [])):
+                error = "only thinking"  # a reasoning model's reply without an answer after its <think> block
+            elif error is None and cut:
                 error = cut  # a verdict or a ranking may be what is missing: not used, not asked again
             elif error is None:
                 try:

@@ -374,3 +374,18 @@ def test_a_map_that_stops_ends_the_rate_limit_waits_at_once(tmp_path):
         with pytest.raises(LLMError, match="rejected the API key"):
             llm.map(requests_for(4))
         assert waits == [True, True, True] and len(srv.requests) == 4  # each wait ended by the stop, none re-sent
+
+
+def test_a_reasoning_models_thinking_is_left_out_of_every_text(tmp_path):
+    """DeepSeek-R1 / Qwen3 through vLLM without a reasoning parser write <think>...</think> into the content: a draft
+    verdict or ranking in it must not be parsed, nor the thinking kept in an answer; a reply cut while thinking is
+    asked again."""
+    from nanohuatuo.llm import visible
+    assert visible("<think>\n初步排名：1 > 2\n</think>\n\n排名：2 > 1") == "排名：2 > 1"
+    assert visible("drafting... </think>answer") == "answer"  # the template opened the block
+    assert visible("<think> still going") == "" and visible("no thinking") == "no thinking" and visible(None) is None
+    replies = iter(["<think>cut while thinking", "<think>A is worse\n</think>\nB is worse"])
+    with ScriptedServer(lambda req, path: next(replies)) as srv, make(srv, tmp_path) as llm:
+        a = llm.chat(MSG, parse=lambda t: t.split()[0])
+        assert a.ok and a.text == "B is worse" and a.value == "B" and a.asks == 2
+        assert llm.usage.unusable == {}
