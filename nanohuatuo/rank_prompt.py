@@ -94,6 +94,8 @@ _LABEL = re.compile(r"(?:排名|排序|ranking)[ \t]*(?:结果)?[ \t]*(?:为|是
 _JSON = re.compile(r"\{[^{}]*\}")
 _ITEM = r"[\[(【]?\s*(?:候选回答|候选|回答|答案|candidate|answer)?\s*#?\s*\d+\s*[\])】]?"
 _SEQUENCE = re.compile(rf"{_ITEM}(?:\s*[>,、=]\s*{_ITEM})*", re.IGNORECASE)
+_LABELLED = re.compile(r"候选|回答|答案|candidate|answer", re.IGNORECASE)
+_ORDER = re.compile(rf"{_ITEM}(?:\s*>\s*{_ITEM})+", re.IGNORECASE)  # "2 > 1 > 3" anywhere
 
 
 def _parse_sequence(body: str, n: int) -> list[int] | None:
@@ -105,6 +107,10 @@ def _parse_sequence(body: str, n: int) -> list[int] | None:
     separators = set(re.findall(r"[>,、=]", span))
     # ties are unsupported, and mixing '>' with ',' leaves the order ambiguous
     if "=" in separators or (">" in separators and separators & {",", "、"}):
+        return None
+    # "1、回答2 2、回答1" is a numbered list, not the order 1, 2: bare numbers beside labelled ones are ambiguous
+    labelled = [bool(_LABELLED.search(item)) for item in re.findall(_ITEM, span, re.IGNORECASE)]
+    if any(labelled) and not all(labelled):
         return None
     numbers = [int(x) for x in re.findall(r"\d+", span)]
     if sorted(numbers) != list(range(1, n + 1)):
@@ -118,24 +124,32 @@ def parse_ranking(text: str, n: int) -> list[int] | None:
     Looks at every '排名：…' line and every JSON object with a "ranking" key,
     takes the last one that looks like a ranking and accepts it only if it is
     a permutation of all n answers shown; it never falls back to an earlier one.
+    None too when a full order of the n answers ('2 > 1 > 3') is written after it (the labelled
+    one was a draft), or when bare numbers and labelled answers mix ('1、回答2 2、回答1', a list).
     """
     # NFKC turns full-width ＞ ： ， and digits into ASCII; fences and bold are decoration
     text = unicodedata.normalize("NFKC", text or "").replace("`", "").replace("*", "")
-    found = []  # (position, sequence text or list of numbers)
+    found = []  # (position, where it ends, sequence text or list of numbers)
     for match in _LABEL.finditer(text):
-        body = match.group("body").strip() or (match.group("below") or "").strip()
+        below = not match.group("body").strip()
+        body = (match.group("below") or "").strip() if below else match.group("body").strip()
         if _SEQUENCE.match(body):
-            found.append((match.start(), body))
+            found.append((match.start(), match.end("below") if below else match.end("body"), body))
     for match in _JSON.finditer(text):
         try:
             obj = json.loads(match.group(0))
         except json.JSONDecodeError:
             continue
         if isinstance(obj, dict) and "ranking" in obj:
-            found.append((match.start(), obj["ranking"]))
+            found.append((match.start(), match.end(), obj["ranking"]))
     if not found:
         return None
-    _, value = max(found, key=lambda pair: pair[0])
+    _, end, value = max(found, key=lambda found: found[0])
+    # an order written after the last ranking found ("初步排名：1 > 2 > 3 ... 最终：2 > 1 > 3"): that one was a
+    # draft, and which is meant is not for a parser to guess, so the reply is asked again
+    later = [sorted(map(int, re.findall(r"\d+", m.group(0)))) for m in _ORDER.finditer(text, end)]
+    if list(range(1, n + 1)) in later:
+        return None
     if isinstance(value, str):
         return _parse_sequence(value, n)
     if not isinstance(value, list) or not all(

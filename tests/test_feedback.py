@@ -105,6 +105,10 @@ def judge_for(server, tmp_path, **kw):
     ("Final ranking is: 2 > 1", 2, [1, 0]),
     ("关于排名\n我认为都不错", 2, None),                                    # a label with no ranking below
     ("", 3, None),
+    ("初步排名：1 > 2 > 3，但考虑准确性后调整。\n最终：2 > 1 > 3", 3, None),   # a later order: re-asked
+    ("排名：2 > 1 > 3\n理由：收缩压 140 > 90，1 > 2 只在细节上", 3, [1, 0, 2]),  # numbers in the reasons
+    ("排名：\n1、回答2\n2、回答1", 2, None),                                  # a numbered list, not 1 > 2
+    ("排名：1、候选回答2；2、候选回答1", 2, None),
 ])
 def test_parse_ranking(text, n, expected):
     assert parse_ranking(text, n) == expected
