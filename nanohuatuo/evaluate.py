@@ -142,6 +142,8 @@ def dialogue_messages(case: str, diagnosis: str, transcript_1: str, transcript_2
 
 _VERDICT = re.compile(r"assistant\s*([12])\s*is\s*(better|worse|equal)\s*(?:than|to)\s*assistant\s*([12])",
                       re.IGNORECASE)
+_QUALIFIED = re.compile(r"\b(?:not|cannot|can't|no|never|while|although|though|but|however|whereas|unless|except|"
+                        r"if|wins?)\b|不|虽然|但|如果", re.IGNORECASE)
 
 
 def parse_verdict(text: str) -> str:
@@ -152,12 +154,18 @@ def parse_verdict(text: str) -> str:
     Assistant 1 at listing the symptoms") or a refusal quoting the options is not the verdict, and a
     last line that is none of the three sentences ("Assistant 1 is slightly better ...") is re-asked.
     Markdown decoration (** __ ` # and rules) and full-width characters are ignored; ValueError when
-    the last line holds no verdict sentence or it compares an assistant with itself."""
+    the last line holds no verdict sentence, compares an assistant with itself, is an option of a
+    ticked list, or qualifies the sentence ("I cannot say ...", "While ..., Assistant 2 wins")."""
     clean = re.sub(r"[*_`#]", "", unicodedata.normalize("NFKC", text or ""))
     lines = [line for line in clean.splitlines() if re.sub(r"[\s\-=>|]", "", line)]
     found = list(_VERDICT.finditer(lines[-1])) if lines else []
     if not found:
         raise ValueError("no verdict line" if not _VERDICT.search(clean) else "the last line is not a verdict")
+    # an option of a ticked list ("- [ ] Assistant 1 is equal to Assistant 2"), or a verdict the line qualifies
+    # ("I cannot say ...", "While ... better ..., Assistant 2 wins"): what it says is not the sentence
+    rest = _VERDICT.sub(" ", lines[-1])
+    if re.search(r"\[[ xX]?\]|[✅❌✔✗☐☑☒]", lines[-1]) or _QUALIFIED.search(rest):
+        raise ValueError("the last line qualifies its verdict")
     values = set()
     for m in found:
         x, relation, y = m.groups()

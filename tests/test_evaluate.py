@@ -929,13 +929,19 @@ def test_parse_verdict():
     assert ev.parse_verdict("Assistant 1 is better than Assistant 2 in tone, but\nAssistant 1 is worse than "
                             "Assistant 2") == "2"  # the last one counts
     assert ev.parse_verdict("reasons\n**Assistant 1 is worse than Assistant 2.**\n\n---\n") == "2"  # a rule after it
+    assert ev.parse_verdict("So, overall, Assistant 2 is better than Assistant 1.") == "2"  # a lead-in is fine
     for bad in ("I prefer the first.", "Assistant 1 is better than Assistant 1", "",
                 # the last line is not one of the three sentences: a verdict-like phrase above it is reasoning
                 "Assistant 2 is better than Assistant 1 at listing the symptoms.\n"
                 "Final verdict: Assistant 1 is slightly better than Assistant 2",
                 "The options are 'Assistant 1 is better than Assistant 2' or 'Assistant 1 is worse than "
                 "Assistant 2'.\nI cannot decide.",
-                "Assistant 1 is better than Assistant 2 in safety; overall Assistant 1 is worse than Assistant 2"):
+                "Assistant 1 is better than Assistant 2 in safety; overall Assistant 1 is worse than Assistant 2",
+                # options ticked, or a sentence the line qualifies: the sentence is not what the line says
+                "- [ ] Assistant 1 is better than Assistant 2\n- [x] Assistant 1 is worse than Assistant 2\n"
+                "- [ ] Assistant 1 is equal to Assistant 2",
+                "I cannot say Assistant 1 is better than Assistant 2; they are equally good.",
+                "While Assistant 1 is better than Assistant 2 in detail, it gives an unsafe dose, so Assistant 2 wins."):
         with pytest.raises(ValueError):
             ev.parse_verdict(bad)
 
