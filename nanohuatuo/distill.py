@@ -135,18 +135,24 @@ NUDGES = {
 # ---------------------------------------------------------------- reply parsers (text checks: textcheck.py)
 
 
-_ITEM = re.compile(r"^\s*(?:[-*•]\s*)?[(（]?\d{1,3}\s*(?:[.．、:：)）]|\s)\s*(.*\S)")
+_ITEM = re.compile(r"^\s*(?:[-*•]\s*)?[(（]?\d{1,3}\s*[.．、:：)）]\s*(.*\S)")  # not "10 条指令如下" nor "3 小时后"
 _QUOTES = "\"'“”‘’「」『』"
 
 
 def parse_instructions(text: str) -> list[str]:
-    """The numbered items of a reply ('1. ...', '2、...', '(3) ...'), quotes and 指令： stripped.
-    Raises ValueError when there is none, so the request is asked again."""
-    items = []
+    """The numbered items of a reply ('1. ...', '2、...', '(3) ...'), quotes and 指令： stripped; an
+    indented line right below an item continues it. Raises ValueError when there is none, so the
+    request is asked again."""
+    items, open_item = [], False
     for line in (text or "").splitlines():
         m = _ITEM.match(line)
         if not m:
+            if open_item and line[:1].isspace() and line.strip() and items:  # the item wraps onto this line
+                items[-1] = items[-1] + line.strip().strip(_QUOTES)
+            else:
+                open_item = False
             continue
+        open_item = True
         item = m.group(1).strip()
         for prefix in ("指令：", "指令:", "问题：", "问题:", "任务：", "任务:"):
             if item.startswith(prefix):

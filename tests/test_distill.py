@@ -148,6 +148,10 @@ def test_instruction_filters_and_parsers():
     assert D.parse_instructions(reply) == ["孩子发烧怎么办？", "湿疹能根治吗", "请解释高血压的分级"]
     with pytest.raises(ValueError, match="no numbered"):
         D.parse_instructions("我想不出来。")
+    # a preamble that opens with a number is not an item; an item wrapped onto an indented line is whole
+    reply = ("10 条新的指令如下：\n1. 我妈妈今年65岁，有高血压十年，\n   最近经常头晕，需要换药吗？\n2. 孩子发烧了\n"
+             "3 小时又烧起来了，怎么办？\n\n以上指令供参考。")
+    assert D.parse_instructions(reply) == ["我妈妈今年65岁，有高血压十年，最近经常头晕，需要换药吗？", "孩子发烧了"]
     assert D.parse_patient("患者：医生，我头疼。") == ("医生，我头疼。", False)
     assert D.parse_patient("谢谢医生！" + D.END_MARK) == ("谢谢医生！", True)
     assert D.parse_doctor("医生：多大年纪？\n患者：三十岁。") == ("多大年纪？", False)
