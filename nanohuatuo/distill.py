@@ -199,12 +199,17 @@ def parse_doctor(text: str) -> tuple[str, bool]:
     return said, ended
 
 
+_PREAMBLE = re.compile(r"^\**\s*(?:好的|以下|下面|改写)[^\n]{0,30}[：:]\s*\**\s*\n")  # 好的，以下是改写后的回复：
+_CLOSING = re.compile(r"\n\s*[（(]?\s*(?:改写说明|修改说明|说明|注)\s*[：:][^\n]*$")  # （改写说明：…）
+
+
 def parse_polished(text: str) -> str:
-    """A usable rewrite: the reply itself (a leading 改写后： or 医生： dropped), no refusal."""
-    text = (text or "").strip()
+    """A usable rewrite: the reply itself (a leading 好的，以下是改写后的回复：, 改写后： or 医生： and a closing
+    （改写说明：…） dropped), no refusal."""
+    text = _CLOSING.sub("", _PREAMBLE.sub("", (text or "").strip())).strip()
     for prefix in ("改写后的回复：", "改写后：", "改写：", "医生：", "医生:"):
-        if text.startswith(prefix):
-            text = text[len(prefix):].strip()
+        if text.lstrip("*").startswith(prefix):
+            text = text.lstrip("*")[len(prefix):].lstrip("*").strip()
     if not text:
         raise ValueError("empty rewrite")
     if is_refusal(text):

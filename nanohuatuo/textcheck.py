@@ -24,7 +24,7 @@ import unicodedata
 
 # A refusal or an AI disclaimer makes an instruction, an answer or a turn unusable.
 REFUSALS = ("作为一个人工智能", "作为人工智能", "作为一个AI", "作为AI", "作为一名AI", "我是一个AI", "我是AI",
-            "AI助手", "语言模型", "我无法回答", "我不能回答", "无法提供医疗建议", "很抱歉，我", "抱歉，我无法",
+            "AI助手", "语言模型", "我无法回答", "我不能回答", "无法提供医疗建议", "抱歉，我无法", "抱歉，我不能",
             "对不起，我无法", "对不起，我不能", "as an ai", "i'm sorry", "i am sorry", "i cannot", "i can't")
 MEDIA_WORDS = ("图片", "照片", "图像", "附图", "附件", "视频", "如图", "截图", "录音")  # text cannot answer these
 

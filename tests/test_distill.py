@@ -152,6 +152,13 @@ def test_instruction_filters_and_parsers():
     reply = ("10 条新的指令如下：\n1. 我妈妈今年65岁，有高血压十年，\n   最近经常头晕，需要换药吗？\n2. 孩子发烧了\n"
              "3 小时又烧起来了，怎么办？\n\n以上指令供参考。")
     assert D.parse_instructions(reply) == ["我妈妈今年65岁，有高血压十年，最近经常头晕，需要换药吗？", "孩子发烧了"]
+    # a rewrite's own preamble and closing note are not the reply; an apology of empathy is not a refusal
+    for reply in ("好的，以下是改写后的回复：\n\n您好，多休息。", "**改写后的回复：**\n您好，多休息。",
+                  "您好，多休息。\n\n（改写说明：语气更温和）"):
+        assert D.parse_polished(reply) == "您好，多休息。"
+    assert D.parse_answer("很抱歉，我理解您的焦虑。头痛三天建议测血压。").startswith("很抱歉")
+    with pytest.raises(ValueError, match="refusal"):
+        D.parse_answer("很抱歉，我无法提供诊断。")
     assert D.parse_patient("患者：医生，我头疼。") == ("医生，我头疼。", False)
     assert D.parse_patient("谢谢医生！" + D.END_MARK) == ("谢谢医生！", True)
     assert D.parse_doctor("医生：多大年纪？\n患者：三十岁。") == ("多大年纪？", False)
