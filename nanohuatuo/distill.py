@@ -179,8 +179,12 @@ def parse_turn(text: str, speaker: str) -> tuple[str, bool]:
     """(utterance, ended) from an agent's reply: END_MARK found and removed, then its own lines
     (textcheck.own_lines: a leading speaker tag dropped, the other side's lines cut off)."""
     text = (text or "").strip()
-    ended = END_MARK in text or END_MARK.strip("【】") in text
-    text = own_lines(text.replace(END_MARK, "").replace(END_MARK.strip("【】"), ""), speaker)
+    # the mark as written, or bare at the end of the reply or alone on a line ("（问诊结束）"); a sentence that
+    # mentions it ("等问诊结束后我会开检查单") neither ends the consultation nor loses the words
+    mark = re.compile(re.escape(END_MARK) + r"|(?:^|(?<=\n)|(?<=[。！？!?]))[ \t]*[【\[（(]?\s*" +
+                      re.escape(END_MARK.strip("【】")) + r"\s*[】\]）)]?[。.!！]?[ \t]*(?=\n|$)")
+    ended = bool(mark.search(text))
+    text = own_lines(mark.sub("", text), speaker)
     if not text and not ended:
         raise ValueError("empty turn")
     if is_refusal(text):

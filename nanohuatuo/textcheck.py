@@ -166,17 +166,19 @@ def fact_check(original: str, rewrite: str) -> dict:
 
 
 def _tag(speaker: str) -> str:
-    return "(?:" + "|".join(SPEAKER_TAGS[speaker]) + r")\s*[:：]"
+    """A speaker's tag as models write it: 患者：, **医生**：, 【患者】：, 患者（张女士）："""
+    return (r"[*【\[]*\s*(?:" + "|".join(SPEAKER_TAGS[speaker]) + r")\s*(?:[（(][^）)\n]{0,12}[）)])?\s*[*】\]]*"
+            r"\s*[:：]")
 
 
 def own_lines(text: str, speaker: str) -> str:
     """What `speaker` ("patient" or "doctor") says in a reply: a leading tag of its own dropped, and
-    everything from a line opening with the other side's tag cut off, since a model playing one
-    side often goes on to write the whole dialogue.
+    everything from the other side's tag on cut off (at a line's start, or after a sentence's end),
+    since a model playing one side often goes on to write the whole dialogue.
 
         own_lines("病人：我头痛三天了。\n医生：你好，发烧吗？", "patient") == "我头痛三天了。"
     """
     other = "doctor" if speaker == "patient" else "patient"
     text = re.sub(r"^\s*" + _tag(speaker), "", text or "").strip()
-    cut = re.search(r"\n\s*" + _tag(other), text)
+    cut = re.search(r"(?:\n|(?<=[。！？!?…]))\s*" + _tag(other), text)
     return (text[:cut.start()] if cut else text).strip()

@@ -161,6 +161,13 @@ def test_instruction_filters_and_parsers():
         D.parse_answer("很抱歉，我无法提供诊断。")
     assert D.parse_patient("患者：医生，我头疼。") == ("医生，我头疼。", False)
     assert D.parse_patient("谢谢医生！" + D.END_MARK) == ("谢谢医生！", True)
+    assert D.parse_patient("谢谢医生！（问诊结束）") == ("谢谢医生！", True)
+    assert D.parse_doctor("请问您发烧吗？等问诊结束后我会给您开检查单。") == \
+        ("请问您发烧吗？等问诊结束后我会给您开检查单。", False)  # a mention of it is not the mark
+    # the other side's lines are cut where they start, mid-line or behind a decorated tag
+    assert D.parse_patient("医生您好，我头痛三天了。医生：请问发烧吗？患者：没有。") == ("医生您好，我头痛三天了。", False)
+    assert D.parse_patient("**患者**：我头痛。\n**医生**：发烧吗？") == ("我头痛。", False)
+    assert D.parse_patient("患者（张女士）：我头痛。\n医生（李医生）：发烧吗？") == ("我头痛。", False)
     assert D.parse_doctor("医生：多大年纪？\n患者：三十岁。") == ("多大年纪？", False)
     assert TC.own_lines("病人 : 我头痛三天了。\n\n医生：你好。\n病人：谢谢。", "patient") == "我头痛三天了。"
     assert TC.own_lines("家属：孩子咳嗽，医生：这句是转述。", "patient") == "孩子咳嗽，医生：这句是转述。"  # not a new line
