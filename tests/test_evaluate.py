@@ -941,7 +941,8 @@ def test_parse_verdict():
                 "- [ ] Assistant 1 is better than Assistant 2\n- [x] Assistant 1 is worse than Assistant 2\n"
                 "- [ ] Assistant 1 is equal to Assistant 2",
                 "I cannot say Assistant 1 is better than Assistant 2; they are equally good.",
-                "While Assistant 1 is better than Assistant 2 in detail, it gives an unsafe dose, so Assistant 2 wins."):
+                "While Assistant 1 is better than Assistant 2 in detail, it gives an unsafe dose, so Assistant 2 "
+                "wins."):
         with pytest.raises(ValueError):
             ev.parse_verdict(bad)
 
