@@ -411,6 +411,8 @@ def test_stop_rule_and_offline_patient():
     assert consult.gives_diagnosis_and_advice("考虑湿疹，建议外用药膏。")
     assert not consult.gives_diagnosis_and_advice("考虑湿疹，建议外用药膏。还痒吗？")  # still asking
     assert not consult.gives_diagnosis_and_advice("建议多喝水。")                       # no diagnosis
+    assert not consult.gives_diagnosis_and_advice("为了明确诊断，建议先做血常规检查，然后把结果告诉我。")  # asks
+    assert consult.gives_diagnosis_and_advice("考虑胃肠炎，建议清淡饮食。还有其他问题吗？")  # a courtesy question
     assert not consult.gives_diagnosis_and_advice("可能是湿疹。")                       # no advice
     patient = consult.OfflinePatient()
     case = {"medical_case": CASES[0]["medical_case"]}
