@@ -400,10 +400,10 @@ class LLM:
             answer.texts, answer.finish_reasons = [visible(t) for t in reply.texts or []], reply.finish_reasons or []
             answer.text, error = (answer.texts[0] if answer.texts else None), reply.error
             cut = CUT.get((reply.finish_reasons or [None])[0]) if parse is not None else None
-            if error is None and any(not t and "think>" in raw for t, raw in zip(answer.texts, reply.texts or [])):
-                error = "only thinking"  # a reasoning model's reply without an answer after its <think> block
-            elif error is None and cut:
+            if error is None and cut:
                 error = cut  # a verdict or a ranking may be what is missing: not used, not asked again
+            elif error is None and any(not t and "think>" in raw for t, raw in zip(answer.texts, reply.texts or [])):
+                error = "only thinking"  # a reasoning model's reply without an answer after its <think> block
             elif error is None:
                 try:
                     answer.value = parse(answer.text) if parse is not None else answer.text
