@@ -40,15 +40,15 @@ DIAGNOSIS_CUES = ("考虑", "可能是", "诊断", "初步判断", "印象", "�
 ADVICE_CUES = ("建议", "治疗", "用药", "服用", "口服", "外用", "注意", "复查", "就诊", "就医", "检查")
 
 
-ASK_CUES = ("告诉我", "请描述", "请提供", "请补充", "能否告知", "麻烦您说", "说一下", "发给我", "看一下结果")
-# a courtesy question closing a conclusion ("还有其他问题吗？") asks the patient nothing about the illness
-_COURTESY = re.compile(r"(?:还有|有没有)(?:其他|别的|什么)[^。！？?]{0,10}(?:问题|疑问|不清楚|不明白|需要)[^。！？?]{0,6}[？?]\s*$")
+ASK_CUES = ("告诉我您", "结果告诉我", "请描述", "请提供", "请补充", "能否告知", "结果发给我")
+# a courtesy question in a conclusion ("还有其他问题吗？") asks the patient nothing about the illness
+_COURTESY = re.compile(r"(?:还有|有没有)(?:其他|别的|什么)(?:问题|疑问)(?:吗|呢)?[？?]")
 
 
 def gives_diagnosis_and_advice(reply: str) -> bool:
     """The stop rule: no question asked (a closing courtesy question aside) and no information asked
     for ("…把结果告诉我"), a diagnosis named and advice given (cue words above)."""
-    reply = _COURTESY.sub("", reply.strip())
+    reply = _COURTESY.sub("", reply)
     return ("？" not in reply and "?" not in reply and not any(c in reply for c in ASK_CUES)
             and any(c in reply for c in DIAGNOSIS_CUES) and any(c in reply for c in ADVICE_CUES))
 

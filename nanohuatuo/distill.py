@@ -147,8 +147,11 @@ def parse_instructions(text: str) -> list[str]:
     for line in (text or "").splitlines():
         m = _ITEM.match(line)
         if not m:
-            if open_item and line[:1].isspace() and line.strip() and items:  # the item wraps onto this line
-                items[-1] = items[-1] + line.strip().strip(_QUOTES)
+            # an item not yet ended ("…有高血压十年，") wraps onto this indented line; a sub-line under a whole one
+            # ("   - 类型：症状咨询") is not the item
+            if open_item and line[:1].isspace() and line.strip() and items and items[-1][-1] not in "。？！?!.":
+                more = line.strip().strip(_QUOTES)
+                items[-1] += (" " if items[-1][-1].isascii() and more[:1].isascii() else "") + more
             else:
                 open_item = False
             continue
@@ -179,12 +182,12 @@ def parse_turn(text: str, speaker: str) -> tuple[str, bool]:
     """(utterance, ended) from an agent's reply: END_MARK found and removed, then its own lines
     (textcheck.own_lines: a leading speaker tag dropped, the other side's lines cut off)."""
     text = (text or "").strip()
-    # the mark as written, or bare at the end of the reply or alone on a line ("（问诊结束）"); a sentence that
-    # mentions it ("等问诊结束后我会开检查单") neither ends the consultation nor loses the words
-    mark = re.compile(re.escape(END_MARK) + r"|(?:^|(?<=\n)|(?<=[。！？!?]))[ \t]*[【\[（(]?\s*" +
-                      re.escape(END_MARK.strip("【】")) + r"\s*[】\]）)]?[。.!！]?[ \t]*(?=\n|$)")
+    # the mark in any brackets ("（问诊结束）", "**问诊结束**"), or bare at the end of a line ("谢谢医生，问诊结束。"); a
+    # sentence that mentions it ("等问诊结束后我会开检查单") neither ends the consultation nor loses the words
+    bare = re.escape(END_MARK.strip("【】"))
+    mark = re.compile(rf"[【\[（(]\s*{bare}\s*[】\]）)]|\*\*\s*{bare}\s*\*\*|{bare}[ \t]*[。.!！]?[ \t]*(?=\n|$)")
     ended = bool(mark.search(text))
-    text = own_lines(mark.sub("", text), speaker)
+    text = own_lines(mark.sub("", text), speaker).rstrip("，,、 ")  # "谢谢医生，问诊结束。" leaves no comma
     if not text and not ended:
         raise ValueError("empty turn")
     if is_refusal(text):
@@ -203,8 +206,9 @@ def parse_doctor(text: str) -> tuple[str, bool]:
     return said, ended
 
 
-_PREAMBLE = re.compile(r"^\**\s*(?:好的|以下|下面|改写)[^\n]{0,30}[：:]\s*\**\s*\n")  # 好的，以下是改写后的回复：
-_CLOSING = re.compile(r"\n\s*[（(]?\s*(?:改写说明|修改说明|说明|注)\s*[：:][^\n]*$")  # （改写说明：…）
+# the rewriter's own words about its rewrite, not the reply: 好的，以下是改写后的回复： / （改写说明：语气更温和）
+_PREAMBLE = re.compile(r"^\**\s*(?:好的|以下|下面)?[^\n]{0,20}(?:改写|润色|修改)[^\n]{0,20}[：:]\s*\**\s*\n")
+_CLOSING = re.compile(r"\n\s*[（(]?\s*(?:改写|润色|修改)说明\s*[：:][^\n]*$")
 
 
 def parse_polished(text: str) -> str:

@@ -142,8 +142,11 @@ def dialogue_messages(case: str, diagnosis: str, transcript_1: str, transcript_2
 
 _VERDICT = re.compile(r"assistant\s*([12])\s*is\s*(better|worse|equal)\s*(?:than|to)\s*assistant\s*([12])",
                       re.IGNORECASE)
-_QUALIFIED = re.compile(r"\b(?:not|cannot|can't|no|never|while|although|though|but|however|whereas|unless|except|"
-                        r"if|wins?)\b|不|虽然|但|如果", re.IGNORECASE)
+# a verdict sentence the line takes back: negated just before it, inside a concession or condition, or followed by
+# another assistant ("..., so Assistant 2 wins")
+_NEGATED = re.compile(r"(?:\b(?:not|cannot|can't|never)\b|不能|无法|不是|并非)[^.;:。；：]{0,25}$", re.IGNORECASE)
+_CONCEDED = re.compile(r"^\W*(?:while|although|though|whereas|if|unless|虽然|尽管|如果)", re.IGNORECASE)
+_ANOTHER = re.compile(r"assistant\s*[12]|助手\s*[12]", re.IGNORECASE)
 
 
 def parse_verdict(text: str) -> str:
@@ -161,10 +164,11 @@ def parse_verdict(text: str) -> str:
     found = list(_VERDICT.finditer(lines[-1])) if lines else []
     if not found:
         raise ValueError("no verdict line" if not _VERDICT.search(clean) else "the last line is not a verdict")
-    # an option of a ticked list ("- [ ] Assistant 1 is equal to Assistant 2"), or a verdict the line qualifies
+    # an option of a ticked list ("- [ ] Assistant 1 is equal to Assistant 2"), or a verdict the line takes back
     # ("I cannot say ...", "While ... better ..., Assistant 2 wins"): what it says is not the sentence
-    rest = _VERDICT.sub(" ", lines[-1])
-    if re.search(r"\[[ xX]?\]|[✅❌✔✗☐☑☒]", lines[-1]) or _QUALIFIED.search(rest):
+    before, after = lines[-1][:found[0].start()], lines[-1][found[-1].end():]
+    if (re.search(r"\[[ xX]?\]|[❌✗☐☒]", lines[-1]) or _NEGATED.search(before) or _CONCEDED.search(before)
+            or _ANOTHER.search(after)):
         raise ValueError("the last line qualifies its verdict")
     values = set()
     for m in found:

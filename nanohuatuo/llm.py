@@ -402,8 +402,8 @@ class LLM:
             cut = CUT.get((reply.finish_reasons or [None])[0]) if parse is not None else None
             if error is None and cut:
                 error = cut  # a verdict or a ranking may be what is missing: not used, not asked again
-            elif error is None and any(not t and "think>" in raw for t, raw in zip(answer.texts, reply.texts or [])):
-                error = "only thinking"  # a reasoning model's reply without an answer after its <think> block
+            elif error is None and parse is not None and not answer.text and "think>" in (reply.texts or [""])[0]:
+                error = "only thinking"  # nothing after the <think> block to parse (without a parser: "", as cut)
             elif error is None:
                 try:
                     answer.value = parse(answer.text) if parse is not None else answer.text

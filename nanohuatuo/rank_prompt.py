@@ -108,9 +108,10 @@ def _parse_sequence(body: str, n: int) -> list[int] | None:
     # ties are unsupported, and mixing '>' with ',' leaves the order ambiguous
     if "=" in separators or (">" in separators and separators & {",", "、"}):
         return None
-    # "1、回答2 2、回答1" is a numbered list, not the order 1, 2: bare numbers beside labelled ones are ambiguous
+    # "1、回答2 2、回答1" is a numbered list, not the order 1, 2: a labelled answer after a bare number is ambiguous
+    # ("候选回答2 > 3 > 1", the label written once, is not)
     labelled = [bool(_LABELLED.search(item)) for item in re.findall(_ITEM, span, re.IGNORECASE)]
-    if any(labelled) and not all(labelled):
+    if not labelled[0] and any(labelled):
         return None
     numbers = [int(x) for x in re.findall(r"\d+", span)]
     if sorted(numbers) != list(range(1, n + 1)):
@@ -124,8 +125,9 @@ def parse_ranking(text: str, n: int) -> list[int] | None:
     Looks at every '排名：…' line and every JSON object with a "ranking" key,
     takes the last one that looks like a ranking and accepts it only if it is
     a permutation of all n answers shown; it never falls back to an earlier one.
-    None too when a full order of the n answers ('2 > 1 > 3') is written after it (the labelled
-    one was a draft), or when bare numbers and labelled answers mix ('1、回答2 2、回答1', a list).
+    None too when another full order of the n answers ('2 > 1 > 3') is written after it (the
+    labelled one was a draft), or when a labelled answer follows a bare number ('1、回答2 2、回答1',
+    a numbered list).
     """
     # NFKC turns full-width ＞ ： ， and digits into ASCII; fences and bold are decoration
     text = unicodedata.normalize("NFKC", text or "").replace("`", "").replace("*", "")
@@ -147,9 +149,12 @@ def parse_ranking(text: str, n: int) -> list[int] | None:
     _, end, value = max(found, key=lambda found: found[0])
     # an order written after the last ranking found ("初步排名：1 > 2 > 3 ... 最终：2 > 1 > 3"): that one was a
     # draft, and which is meant is not for a parser to guess, so the reply is asked again
-    later = [sorted(map(int, re.findall(r"\d+", m.group(0)))) for m in _ORDER.finditer(text, end)]
-    if list(range(1, n + 1)) in later:
-        return None
+    chosen = _parse_sequence(value if isinstance(value, str) else " > ".join(map(str, value)), n) \
+        if isinstance(value, (str, list)) else None
+    for m in _ORDER.finditer(text, end):  # a restatement of the same order is fine
+        numbers = [int(x) - 1 for x in re.findall(r"\d+", m.group(0))]
+        if sorted(numbers) == list(range(n)) and numbers != chosen:
+            return None
     if isinstance(value, str):
         return _parse_sequence(value, n)
     if not isinstance(value, list) or not all(

@@ -152,16 +152,22 @@ def test_instruction_filters_and_parsers():
     reply = ("10 条新的指令如下：\n1. 我妈妈今年65岁，有高血压十年，\n   最近经常头晕，需要换药吗？\n2. 孩子发烧了\n"
              "3 小时又烧起来了，怎么办？\n\n以上指令供参考。")
     assert D.parse_instructions(reply) == ["我妈妈今年65岁，有高血压十年，最近经常头晕，需要换药吗？", "孩子发烧了"]
+    assert D.parse_instructions("1. 孩子发烧39度该怎么办？\n   - 类型：症状咨询\n2. Which tests confirm\n   type 2 "
+                                "diabetes?") == ["孩子发烧39度该怎么办？", "Which tests confirm type 2 diabetes?"]
     # a rewrite's own preamble and closing note are not the reply; an apology of empathy is not a refusal
     for reply in ("好的，以下是改写后的回复：\n\n您好，多休息。", "**改写后的回复：**\n您好，多休息。",
                   "您好，多休息。\n\n（改写说明：语气更温和）"):
         assert D.parse_polished(reply) == "您好，多休息。"
+    for reply in ("您好，多休息。\n注：如出现高热不退，请立即就医。", "下面我说一下用药方法，每次2片：\n早晚各一次。"):
+        assert D.parse_polished(reply) == reply  # the reply's own note and opening line are kept
     assert D.parse_answer("很抱歉，我理解您的焦虑。头痛三天建议测血压。").startswith("很抱歉")
     with pytest.raises(ValueError, match="refusal"):
         D.parse_answer("很抱歉，我无法提供诊断。")
     assert D.parse_patient("患者：医生，我头疼。") == ("医生，我头疼。", False)
     assert D.parse_patient("谢谢医生！" + D.END_MARK) == ("谢谢医生！", True)
     assert D.parse_patient("谢谢医生！（问诊结束）") == ("谢谢医生！", True)
+    for said in ("谢谢医生（问诊结束）", "谢谢医生[问诊结束]", "谢谢医生，问诊结束。", "谢谢医生**问诊结束**"):
+        assert D.parse_patient(said) == ("谢谢医生", True), said
     assert D.parse_doctor("请问您发烧吗？等问诊结束后我会给您开检查单。") == \
         ("请问您发烧吗？等问诊结束后我会给您开检查单。", False)  # a mention of it is not the mark
     # the other side's lines are cut where they start, mid-line or behind a decorated tag

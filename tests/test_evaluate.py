@@ -412,7 +412,9 @@ def test_stop_rule_and_offline_patient():
     assert not consult.gives_diagnosis_and_advice("考虑湿疹，建议外用药膏。还痒吗？")  # still asking
     assert not consult.gives_diagnosis_and_advice("建议多喝水。")                       # no diagnosis
     assert not consult.gives_diagnosis_and_advice("为了明确诊断，建议先做血常规检查，然后把结果告诉我。")  # asks
-    assert consult.gives_diagnosis_and_advice("考虑胃肠炎，建议清淡饮食。还有其他问题吗？")  # a courtesy question
+    assert consult.gives_diagnosis_and_advice("考虑胃肠炎，建议清淡饮食。还有其他问题吗？祝您早日康复！")  # courtesy
+    assert consult.gives_diagnosis_and_advice("我简单说一下：考虑胃炎，建议清淡饮食，加重请随时告诉我。")
+    assert not consult.gives_diagnosis_and_advice("考虑感冒，建议多喝水。有没有其他症状需要告诉我？")
     assert not consult.gives_diagnosis_and_advice("可能是湿疹。")                       # no advice
     patient = consult.OfflinePatient()
     case = {"medical_case": CASES[0]["medical_case"]}
@@ -932,6 +934,12 @@ def test_parse_verdict():
                             "Assistant 2") == "2"  # the last one counts
     assert ev.parse_verdict("reasons\n**Assistant 1 is worse than Assistant 2.**\n\n---\n") == "2"  # a rule after it
     assert ev.parse_verdict("So, overall, Assistant 2 is better than Assistant 1.") == "2"  # a lead-in is fine
+    for fine in ("Overall, with no major errors in either answer, Assistant 1 is better than Assistant 2.",
+                 "In summary, Assistant 1 is better than Assistant 2 because it does not recommend antibiotics.",
+                 "Verdict (no ties allowed): Assistant 1 is better than Assistant 2 (but both are safe).",
+                 "**Final Verdict:** ✅ Assistant 1 is better than Assistant 2",
+                 "综上所述，不论是准确性还是安全性，Assistant 1 is better than Assistant 2"):
+        assert ev.parse_verdict(fine) == "1", fine
     for bad in ("I prefer the first.", "Assistant 1 is better than Assistant 1", "",
                 # the last line is not one of the three sentences: a verdict-like phrase above it is reasoning
                 "Assistant 2 is better than Assistant 1 at listing the symptoms.\n"

@@ -109,6 +109,8 @@ def judge_for(server, tmp_path, **kw):
     ("排名：2 > 1 > 3\n理由：收缩压 140 > 90，1 > 2 只在细节上", 3, [1, 0, 2]),  # numbers in the reasons
     ("排名：\n1、回答2\n2、回答1", 2, None),                                  # a numbered list, not 1 > 2
     ("排名：1、候选回答2；2、候选回答1", 2, None),
+    ("排名：2 > 1 > 3\n（即回答2 > 回答1 > 回答3）", 3, [1, 0, 2]),                # the same order restated
+    ("排名：候选回答 2 > 3 > 1", 3, [1, 2, 0]),                                  # the label written once
 ])
 def test_parse_ranking(text, n, expected):
     assert parse_ranking(text, n) == expected

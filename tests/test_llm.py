@@ -389,3 +389,8 @@ def test_a_reasoning_models_thinking_is_left_out_of_every_text(tmp_path):
         a = llm.chat(MSG, parse=lambda t: t.split()[0])
         assert a.ok and a.text == "B is worse" and a.value == "B" and a.asks == 2
         assert llm.usage.unusable == {}
+    # without a parser (sampled answers, n > 1): a choice cut while thinking is an empty, cut answer beside the others
+    body = completion(["<think>long reasoning", "answer"], finish_reason=["length", "stop"])
+    with ScriptedServer(lambda req, path: body) as srv, make(srv, tmp_path, cache=None) as llm:
+        a = llm.chat(MSG, n=2)
+        assert a.ok and a.texts == ["", "answer"] and a.finish_reasons == ["length", "stop"] and len(srv.requests) == 1
