@@ -267,6 +267,12 @@ def load_bundled() -> tuple[list[dict], list[str]]:
     return rows, paths
 
 
+def llm_cache(out: str, name: str) -> str:
+    """Where the demo keeps an endpoint's replies: beside --out (OUT.llm_cache/NAME), which every run replaces,
+    so a rerun against the same endpoint does not pay again for the requests it repeats."""
+    return os.path.join(f"{os.path.normpath(out)}.llm_cache", name)
+
+
 def distill_sources(out: str, cfg: DemoConfig, size: DemoSize, rows: list[dict]) -> list[str]:
     """A few items of each LLM-made source, through distill.py's own commands."""
     d = os.path.join(out, "distilled")
@@ -289,6 +295,7 @@ def distill_sources(out: str, cfg: DemoConfig, size: DemoSize, rows: list[dict])
             ("polish", distill.run_polish,
              distill.PolishConfig(out=os.path.join(d, "polished.jsonl"), data=[to_polish], **common))):
         print(f"distill {name}:", flush=True)
+        conf = replace(conf, cache=llm_cache(out, f"distill_{name}.sqlite"))
         run_fn(conf)
         made.append(conf.out)
     return made
@@ -323,7 +330,7 @@ def sample_stage(out, sft_dir, adapter, template, prompts, size, seed, device, d
 def feedback_stage(out, cfg: DemoConfig, items):
     if cfg.llm_base_url:
         judge = EndpointRanker(base_url=cfg.llm_base_url, model=cfg.llm_model_name, api_key=cfg.llm_api_key,
-                               cache_path=os.path.join(out, "judge_cache.sqlite"), truncated="last")
+                               cache_path=llm_cache(out, "judge.sqlite"), truncated="last")
         name = f"OpenAI-compatible judge {cfg.llm_model_name}"
     else:
         judge, name = OfflineRanker(truncated="last"), "offline judge (similarity to the doctor's reply)"
@@ -353,7 +360,8 @@ def eval_stage(out, cfg: DemoConfig, size: DemoSize, policy, sft_adapter, traine
     patient = dict(patient="endpoint", patient_base_url=cfg.llm_base_url, patient_model_name=cfg.llm_model_name,
                    patient_api_key=cfg.llm_api_key) if online else dict(patient="offline")
     gen = dict(device=device, dtype=cfg.dtype, batch_size=32, max_new_tokens=size.eval_tokens, seed=cfg.seed,
-               answers_dir=answers, overwrite=True, compile=size.compile and device.startswith("cuda"))
+               answers_dir=answers, overwrite=True, compile=size.compile and device.startswith("cuda"),
+               cache=llm_cache(out, "evaluate"))
     # the tiny model's "base" is random weights: nothing to compare against
     others = {"SFT": sft_adapter, **({"base": None} if cfg.model else {})}
     res = {"metrics": {}, "patient": f"{cfg.llm_model_name} (LLM)" if online else "offline stand-in reciting the case"}

@@ -123,6 +123,13 @@ def test_quick_demo_with_one_llm_as_teacher_judge_and_patient(tmp_path):
     assert "with an LLM as teacher, judge and patient" in report
     # the judge always prefers the answer shown first, so with the order swap every pair is a tie
     assert summary["eval"]["pairwise"]["tie"] == summary["size"]["eval_questions"]
+    # the replies are kept beside --out, which a rerun replaces: the same distillation is not paid for again
+    assert (tmp_path / "demo.llm_cache" / "judge.sqlite").exists()
+    distilling = (distill.INSTRUCTION_PROMPT[:20], distill.PATIENT_SYSTEM[:20], distill.POLISH_PROMPT[:20])
+    with ScriptedServer(handler) as srv:
+        run(out=str(out), quick=True, llm_base_url=srv.base_url, llm_model_name="teacher", llm_api_key="k")
+        again = [body["messages"][0]["content"] for _, body in srv.requests]
+    assert not [s for s in again if s.startswith(distilling)]
 
 
 CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
