@@ -231,8 +231,8 @@ def write_report(out, s, ev, seconds):
               "- The same recipe with LoRA on a real checkpoint: `python demo.py --model /models/Qwen2.5-0.5B-Instruct` "
               "(the size profile follows the device: `--size cpu` under 20 minutes for a 100-700M model on two "
               "cores, `--size gpu-24g` for 0.5-7B on one 24 GB GPU).",
-              "- A real judge, teacher and patient: `--llm-base-url URL --llm-model-name NAME` (any OpenAI-compatible "
-              "endpoint, e.g. vLLM or `serve.py`).",
+              *(["- A real judge, teacher and patient: `--llm-base-url URL --llm-model-name NAME` (any "
+                 "OpenAI-compatible endpoint, e.g. vLLM or `serve.py`)."] if offline else []),
               "- Each stage on its own, with your data: the README's pipeline table; HuatuoGPT's own evaluation sets "
               "with `python evaluate.py pairwise --data KUAKE-QIC_100.json ...` and `python evaluate.py dialogue "
               "--data Med-dialog_100.json ...`.", ""]

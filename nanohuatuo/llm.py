@@ -484,12 +484,13 @@ class LLM:
                         eta = (now - t0) / fresh * (total - done) if fresh else float("nan")
                         print(f"{desc}: {done}/{total}, {from_cache} cached, ETA "
                               f"{_duration(eta) if fresh else '?'}", file=sys.stderr, flush=True)
-            except BaseException:
+            except BaseException as stop:
                 # cancel what has not been sent, and wait for what is in flight: its replies are paid for
                 in_flight = sum(f.running() for f in futures)
                 if in_flight:
-                    print(f"{desc}: waiting for the {in_flight} requests in flight, so their replies are cached "
-                          "(Ctrl-C again to drop them)", file=sys.stderr, flush=True)
+                    again = " (Ctrl-C again to drop them)" if isinstance(stop, KeyboardInterrupt) else ""
+                    print(f"{desc}: waiting for the {in_flight} request{'s' * (in_flight > 1)} in flight, so their "
+                          f"replies are cached{again}", file=sys.stderr, flush=True)
                 self._stopping.set()
                 try:
                     pool.shutdown(wait=True, cancel_futures=True)

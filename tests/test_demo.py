@@ -120,7 +120,7 @@ def test_quick_demo_with_one_llm_as_teacher_judge_and_patient(tmp_path):
     for name in ("instructions", "conversations", "polished"):
         assert (out / "distilled" / f"{name}.jsonl").stat().st_size > 0
     report = (out / "report.md").read_text(encoding="utf-8")
-    assert "with an LLM as teacher, judge and patient" in report
+    assert "with an LLM as teacher, judge and patient" in report and "A real judge, teacher and patient" not in report
     # the judge always prefers the answer shown first, so with the order swap every pair is a tie
     assert summary["eval"]["pairwise"]["tie"] == summary["size"]["eval_questions"]
     # the replies are kept beside --out, which a rerun replaces: the same distillation is not paid for again
