@@ -3,7 +3,7 @@ endpoint (a cloud model, vLLM, or our own serve.py). Each writes rows of the con
 (nanohuatuo/data.py) with `source` set to the HuatuoGPT source it makes, ready for
 `python data.py mix` and train_sft.py:
 
-    python distill.py instructions --seeds data/distill_seeds.jsonl --limit 1000 --out di.jsonl \
+    python distill.py instructions --seeds data/distill_seeds.jsonl --limit 1000 --out di.jsonl \\
         --teacher-base-url URL --teacher-model-name NAME   # -> distilled_instructions
     python distill.py conversations --data cases.jsonl --out dc.jsonl ...
                                                      # -> distilled_conversations

@@ -1,9 +1,9 @@
 """HuatuoGPT's evaluation, for our models and any OpenAI-compatible one.
 
     python evaluate.py metrics  --data test.jsonl --model runs/sft
-    python evaluate.py pairwise --data KUAKE-QIC_100.json --a-model runs/ppo --b-base-url URL \
+    python evaluate.py pairwise --data KUAKE-QIC_100.json --a-model runs/ppo --b-base-url URL \\
         --b-model-name gpt-4o-mini --judge-base-url URL --judge-model-name gpt-4o
-    python evaluate.py dialogue --data Med-dialog_100.json --a-model ... --b-model ... \
+    python evaluate.py dialogue --data Med-dialog_100.json --a-model ... --b-model ... \\
         --patient-base-url URL --patient-model-name NAME --judge-base-url URL --judge-model-name NAME
     python evaluate.py sheet    --source runs/eval_pairwise --out runs/sheet
     python evaluate.py tally    --sheet runs/sheet --marks marks.csv

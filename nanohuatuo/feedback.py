@@ -9,8 +9,8 @@ of the answers to rank (repeats and answers cut by max_new_tokens left out), `En
 usage), `OfflineRanker` (similarity to the doctor's reply, no network), the
 conversion of rankings into reward-model preference records, and a CLI:
 
-    python -m nanohuatuo.feedback rank --data samples.jsonl --out prefs.jsonl \
-        [--judge endpoint|offline] [--judge-base-url URL --judge-model-name NAME --judge-api-key KEY \
+    python -m nanohuatuo.feedback rank --data samples.jsonl --out prefs.jsonl \\
+        [--judge endpoint|offline] [--judge-base-url URL --judge-model-name NAME --judge-api-key KEY \\
          --cache FILE --concurrency N --mixed --seed S --refresh-unusable]
 
 Item (one JSON object per line of the CLI's input, as `python -m nanohuatuo.sampling` writes):

@@ -3,9 +3,9 @@
     items = sample_answers(model, tok, template, prompts, k=4)        # our model, on the engine
     items = sample_from_endpoint(llm, prompts, k=4)                   # any OpenAI-compatible server
 
-    python -m nanohuatuo.sampling --model SFT_DIR [--adapter DIR] --prompts PROMPTS.jsonl --k 4 \
+    python -m nanohuatuo.sampling --model SFT_DIR [--adapter DIR] --prompts PROMPTS.jsonl --k 4 \\
         --out SAMPLES.jsonl [--max-new-tokens 256 --temperature 0.7 --batch-size 16 --seed 0 ...]
-    python -m nanohuatuo.sampling --base-url http://127.0.0.1:8000/v1 --model-name NAME \
+    python -m nanohuatuo.sampling --base-url http://127.0.0.1:8000/v1 --model-name NAME \\
         --prompts PROMPTS.jsonl --k 4 --out SAMPLES.jsonl [--cache FILE --concurrency 8 ...]
 
 PROMPTS.jsonl holds prompt records `{"id", "messages" (ending with a user turn), "reference"}`
