@@ -310,9 +310,10 @@ def _sample(cfg, todo, save):
     given = {name: getattr(cfg, name) for name in DEFAULTS if getattr(cfg, name) is not None}
     if cfg.base_url:
         settings = {**DEFAULTS, **given}
-        print(f"sampling: {len(todo)} prompts x {cfg.k} answers from {cfg.model_name} at {cfg.base_url}", flush=True)
         cache = None if cfg.cache.lower() == "none" else cfg.cache or f"{cfg.out}.cache.sqlite"
-        with from_flags(cfg, cache=cache, name="sampling") as llm:
+        with from_flags(cfg, cache=cache, name="sampling") as llm:  # a missing --model-name is said first
+            print(f"sampling: {len(todo)} prompts x {cfg.k} answers from {cfg.model_name} at {cfg.base_url}",
+                  flush=True)
             sample_from_endpoint(llm, todo, k=cfg.k, max_new_tokens=cfg.max_new_tokens,
                                  temperature=settings["temperature"], top_p=settings["top_p"],
                                  top_k=given.get("top_k"), repetition_penalty=given.get("repetition_penalty"),
