@@ -21,11 +21,12 @@ costs the generation, one reference forward (none with --beta 0) and one forward
 Rewards: a LoRA reward model from train_rm.py on the same base and SFT adapter is one more adapter
 + head on the same weights (reward_model.share_base), its scores in units of its spread on
 SFT-like answers as in PPO; `--reward-fn module:function` (or path/to/file.py:function) is called
-as function(prompts, responses, rows, texts) -> one float per answer; `--base-url` + `--model-name`
-asks a judge to rank each prompt's K answers with the doctor's reply as reference (feedback.py's
-question, rank_prompt.py), an answer's score being 1 for the best down to 0 for the worst (a group
-the judge could not rank scores 0.5 throughout: no gradient). An answer that never stops scores
-`--missing-eos-penalty`.
+as function(prompts, responses, rows, texts) -> one float per answer (rows[i]["ended"]: whether answer i
+stopped on its own); `--judge-base-url` + `--judge-model-name` asks a judge to rank each prompt's K
+answers with the doctor's reply as reference (feedback.py's question, rank_prompt.py), an answer's
+score being 1 for the best down to 0 for the worst (a group the judge could not rank scores 0.5
+throughout: no gradient). An answer that never stops scores `--missing-eos-penalty` (so the judge
+ranks only the others, and is not asked about a group with fewer than two).
 
 Export (--out) and checkpoints as PPO: the adapter for the ORIGINAL base (SFT (+) GRPO when the SFT
 adapter was merged), metrics.jsonl, samples.jsonl, curves.png; `--resume` continues exactly (the
@@ -87,7 +88,8 @@ class GRPOConfig(ExportFlags, TrainLoopFlags, LoRAFlags, ModelFlags,
                                        "recorded, else the RM directory's own), or a name")
     reward_norm: str = arg("std", "std: reward-model scores in units of their spread on SFT-like answers; "
                                   "none: as the RM gives them", choices=["std", "none"])
-    cache: str | None = arg(None, "judge reward: SQLite cache of the judge's replies (default: OUT/judge_cache.sqlite)")
+    cache: str | None = arg(None, "judge reward: SQLite cache of the judge's replies (default: OUT/judge_cache.sqlite; "
+                                  "'none': off)")
     concurrency: int = arg(4, "judge reward: requests in flight", bounds="[1, inf)")
     # rollouts
     max_steps: int | None = like(TrainLoopFlags, "max_steps", None, "GRPO steps (default: one pass over the prompts)")
@@ -172,33 +174,39 @@ def load_function(spec: str):
 
 def judge_reward(cfg: GRPOConfig, k: int):
     """fn(prompts, responses, rows, texts) -> scores: each prompt's K answers (consecutive rows) ranked
-    by the judge at --judge-base-url against the doctor's reply; best 1, worst 0, unranked groups 0.5."""
-    llm = from_flags(cfg, "judge", cache=cfg.cache or os.path.join(cfg.out, "judge_cache.sqlite"), progress_every=0)
-    stats = {"unranked": 0}
+    by the judge at --judge-base-url against the doctor's reply; best 1, worst 0, unranked groups 0.5.
+    With --missing-eos-penalty, answers that never stopped (rows[i]["ended"] False) get the penalty
+    whatever they score, so only the others are ranked, and a group with fewer than two is not asked."""
+    cache = None if (cfg.cache or "").lower() == "none" else cfg.cache or os.path.join(cfg.out, "judge_cache.sqlite")
+    llm = from_flags(cfg, "judge", cache=cache, progress_every=0)
+    stats = {"unranked": 0, "not asked": 0}
 
     def fn(prompts, responses, rows, texts):
-        requests, parses, followups, orders = [], [], [], []
+        requests, parses, followups, ranked = [], [], [], []
         for g in range(0, len(texts), k):
             row = rows[g]
             if not row.get("reference"):
                 raise UserError(f"{cfg.data}: prompt {row['id']} has no doctor's reply (a last assistant turn "
                                 f"or 'reference'), which the judge compares the answers with")
-            item = {"question": row["messages"], "reference": row["reference"], "answers": texts[g:g + k]}
-            order = shown_order(str(row["id"]), k, cfg.seed)
+            keep = [j for j in range(k) if cfg.missing_eos_penalty is None or rows[g + j].get("ended", True)]
+            if len(keep) < 2:  # nothing to rank: the judge's reply would be paid for and not used
+                stats["not asked"] += 1
+                continue
+            n = len(keep)
+            item = {"question": row["messages"], "reference": row["reference"], "answers": [texts[g + j] for j in keep]}
+            order = shown_order(str(row["id"]), n, cfg.seed)
             requests.append({"messages": build_judge_messages(item, order), "temperature": 0.0, "max_tokens": 1024})
-            parses.append(ranking_parser(k))
-            followups.append(lambda messages, text, reason: messages + [{"role": "assistant", "content": text},
-                                                                        nudge_message(k)])
-            orders.append(order)
-        scores = []
-        for order, a in zip(orders, llm.map(requests, parse=parses, followup=followups, desc="judge")):
-            group = [0.5] * k
-            if a.ok:
-                for place, shown in enumerate(a.value):  # shown position -> answer index via the order
-                    group[order[shown]] = 1.0 - place / (k - 1)
-            else:
+            parses.append(ranking_parser(n))
+            followups.append(lambda messages, text, reason, n=n: messages + [{"role": "assistant", "content": text},
+                                                                             nudge_message(n)])
+            ranked.append((g, [keep[i] for i in order]))  # shown position -> answer within the group
+        scores = [0.5] * len(texts)
+        for (g, shown), a in zip(ranked, llm.map(requests, parse=parses, followup=followups, desc="judge")):
+            if not a.ok:
                 stats["unranked"] += 1
-            scores += group
+                continue
+            for place, position in enumerate(a.value):
+                scores[g + shown[position]] = 1.0 - place / (len(shown) - 1)
         return scores
     fn.llm, fn.stats = llm, stats
     return fn
@@ -253,6 +261,8 @@ def make_group_rollout(model, ref_lora, cfg: GRPOConfig, prompts, rows, reward: 
     B, R = b.mask.shape
     maskf = b.mask.float()
     responses, texts = answer_texts(b, tok, stops, stop_strs, end_id)  # cut by the limit: closed, as an RM reads
+    # each answer's row says whether it stopped on its own (a judge need not rank what the penalty replaces)
+    rows = [{**r, "ended": bool(e)} for r, e in zip(rows, b.ended.tolist())]
     scores = reward(prompts, responses, rows, texts).to(device)
     if scale is not None:
         scores = scale(scores, d)
@@ -444,7 +454,9 @@ def _train(cfg: GRPOConfig, reward_fn, d, hold) -> dict:
             return {"steps": step, "stopped": True, "out": out, "history": history, "seconds": time.time() - started}
 
     if getattr(reward.fn, "llm", None) is not None and d.main:
-        print(reward.fn.llm.summary() + f"; {reward.fn.stats['unranked']} groups unranked (scored 0.5)")
+        st = reward.fn.stats
+        print(reward.fn.llm.summary() + f"; {st['unranked']} groups unranked (scored 0.5), {st['not asked']} not "
+              f"asked (fewer than two answers that stopped)")
     if d.main:
         save_chat_template(out, tok, template)  # first: the adapter's files mark the directory done
         adapters.save_on_base(model, out, merged=sft)  # for the original base: SFT (+) GRPO when merged

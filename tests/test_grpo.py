@@ -99,6 +99,17 @@ def test_judge_reward_ranks_each_group_against_the_doctor(tmp_path):
     assert "多休息" in first and "真实医生的回复" in first  # the doctor's reply as the reference
     with pytest.raises(ValueError, match="no doctor's reply"):
         fn(None, None, [{"id": "c", "messages": [], "reference": None}] * 3, ["a", "b", "c"])
+    # answers that never stopped get --missing-eos-penalty whatever they score: not ranked, and a group with fewer
+    # than two others not asked at all
+    ended = [True, False, True, False, False, True]
+    with ScriptedServer(shortest_first) as srv:
+        cfg = grpo.GRPOConfig(model="m", data="p.jsonl", out=str(tmp_path), judge_base_url=srv.base_url,
+                              judge_model_name="test-model", k=3, missing_eos_penalty=-1.0,
+                              cache=str(tmp_path / "again.sqlite"))
+        fn = grpo.judge_reward(cfg, 3)
+        scores = fn(None, None, [{**r, "ended": e} for r, e in zip(rows, ended)], texts)
+        assert len(srv.requests) == 1 and srv.requests[0][1]["messages"][-1]["content"].count("【候选回答") == 2
+    assert scores[:3] == [0.0, 0.5, 1.0] and scores[3:] == [0.5] * 3 and fn.stats["not asked"] == 1
 
 
 # ----------------------------------------------------------------------------- training on a tiny model
