@@ -114,6 +114,12 @@ def find_chat_templates(model_dir: str | Path) -> dict[str, tuple[str, str]]:
     return {}
 
 
+def template_dir(model_dir: str | Path, adapter: str | Path | None = None) -> str | Path:
+    """Where a model with a LoRA adapter finds its chat template: the adapter's directory when it carries
+    one (the template it was trained with, written beside it), else the model's."""
+    return adapter if adapter is not None and find_chat_templates(adapter) else model_dir
+
+
 # --- the Jinja environment transformers renders chat templates in ---------------------------
 
 _tracking: ContextVar = ContextVar("generation_tracking", default=None)  # (rendered blocks, spans) while tracked

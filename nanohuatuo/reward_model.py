@@ -38,7 +38,7 @@ from .cli import resolve_device, resolve_dtype
 from .generate import cut_at_stop
 from .lora import CONFIG_FILE as ADAPTER_CONFIG, load_adapter, lora_modules
 from .model import Transformer
-from .templates import ChatTemplate, find_chat_templates, render, resolve_template
+from .templates import ChatTemplate, render, resolve_template, template_dir
 from .tokenizer import Tokenizer
 
 RM_CONFIG = "reward_config.json"
@@ -68,8 +68,7 @@ def rm_template(model_dir, name: str | None, recorded: str | None = None, adapte
     """The chat template a reward model scores in: `name` when given (not "auto"), else the one
     train_rm.py recorded, else the model directory's own (templates.resolve_template); "auto" is the
     SFT adapter's template when that directory carries one, as train_rm.py read it."""
-    where = adapter if adapter and os.path.isdir(adapter) and find_chat_templates(adapter) else model_dir
-    return resolve_template(where, name if name and name != "auto" else recorded or "auto")
+    return resolve_template(template_dir(model_dir, adapter), name if name and name != "auto" else recorded or "auto")
 
 
 # ----------------------------------------------------------------------------- forward

@@ -52,6 +52,7 @@ from nanohuatuo.jinja_template import (  # ChatTemplate and find_chat_templates 
     learned_spans,
     masked_ids,
     render_jinja_text,
+    template_dir,
     turn_markers,
     write_chat_template,
 )
@@ -531,8 +532,7 @@ def tokenizer_and_template(model_dir: str | Path, adapter: str | Path | None = N
     """
     own = adapter is not None and any((Path(adapter) / f).is_file() for f in TOKENIZER_MODEL_FILES)
     tok = Tokenizer.from_pretrained(adapter if own else model_dir)
-    where = adapter if adapter is not None and find_chat_templates(adapter) else model_dir
-    return tok, resolve_template(where, name, tok)
+    return tok, resolve_template(template_dir(model_dir, adapter), name, tok)
 
 
 def _named_spelling(template: str, tok: Tokenizer) -> dict[str, str]:
