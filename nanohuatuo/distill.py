@@ -52,7 +52,7 @@ from pathlib import Path
 from .cli import UserError, arg, cli_main, endpoint_flags, parse_config
 from .data import DataError, iter_jsonl, row_id, validate, write_jsonl
 from .evalsets import load_cases
-from .llm import LLM, from_flags
+from .llm import LLM, cache_file, from_flags
 from .textcheck import fact_check, instruction_problem, is_refusal, own_lines
 from .textmetrics import RougeIndex
 
@@ -314,10 +314,8 @@ def _check_endpoint(cfg: EndpointConfig) -> None:
 
 def cache_path(cfg: EndpointConfig, suffix: str = "") -> str | None:
     """The SQLite cache file: --cache, or <out>.cache.sqlite; 'none' turns caching off."""
-    if cfg.cache.lower() == "none":
-        return None
-    path = cfg.cache or f"{cfg.out}.cache.sqlite"
-    if suffix:  # one file per endpoint when two are used
+    path = cache_file(cfg.cache, f"{cfg.out}.cache.sqlite")
+    if path and suffix:  # one file per endpoint when two are used
         p = Path(path)
         path = str(p.with_name(f"{p.stem}.{suffix}{p.suffix}"))
     return path

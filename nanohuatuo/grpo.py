@@ -50,7 +50,7 @@ from . import adapters, checkpoint, dist
 from .cli import (ExportFlags, LoRAFlags, ModelFlags, TrainLoopFlags, UserError, arg, cli_main, endpoint_flags, like,
                   prepare_out, resolve_dtype)
 from .heap import return_large_blocks
-from .llm import from_flags
+from .llm import cache_file, from_flags
 from .lora import load_adapter, lora_modules, lora_parameters, save_adapter
 from .losses import group_advantages, grpo_loss, kl_k3, length_debias, response_forward
 from .metrics import REPORT_TO_HELP, check_report_to, plot_metrics
@@ -177,8 +177,8 @@ def judge_reward(cfg: GRPOConfig, k: int):
     by the judge at --judge-base-url against the doctor's reply; best 1, worst 0, unranked groups 0.5.
     With --missing-eos-penalty, answers that never stopped (rows[i]["ended"] False) get the penalty
     whatever they score, so only the others are ranked, and a group with fewer than two is not asked."""
-    cache = None if (cfg.cache or "").lower() == "none" else cfg.cache or os.path.join(cfg.out, "judge_cache.sqlite")
-    llm = from_flags(cfg, "judge", cache=cache, progress_every=0)
+    llm = from_flags(cfg, "judge", cache=cache_file(cfg.cache, os.path.join(cfg.out, "judge_cache.sqlite")),
+                     progress_every=0)
     stats = {"unranked": 0, "not asked": 0}
 
     def fn(prompts, responses, rows, texts):

@@ -539,6 +539,13 @@ def from_flags(cfg, role: str = "", cache: str | Path | None = None, name: str |
     return LLM(base_url, model_name, api_key=api_key, cache=cache, name=name, **kw)
 
 
+def cache_file(flag: str | None, default: str | Path) -> str | Path | None:
+    """The reply cache a command's --cache names: the flag's file, `default` when it is empty, None for 'none'."""
+    if (flag or "").lower() == "none":
+        return None
+    return flag or default
+
+
 def slug(text: str) -> str:
     """A file-name-safe short form of a name."""
     return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-")[:40] or "x"

@@ -48,7 +48,7 @@ from .cli import (GenerationFlags, ModelFlags, UserError, arg, cli_main, endpoin
 from .data import DataError, check_messages, iter_jsonl, read_jsonl, split_prompt, to_prompt, write_jsonl
 from .engine import Engine, SamplingParams
 from .generate import cut_at_stop, load_for_inference
-from .llm import LLM, from_flags
+from .llm import LLM, cache_file, from_flags
 from .templates import PromptTooLong, fit_prompt, generation_defaults, prompt_budget, stop_strings, stop_token_ids
 
 SAVE_EVERY_S = 30.0  # how often the CLI rewrites --out with what it has so far
@@ -310,8 +310,7 @@ def _sample(cfg, todo, save):
     given = {name: getattr(cfg, name) for name in DEFAULTS if getattr(cfg, name) is not None}
     if cfg.base_url:
         settings = {**DEFAULTS, **given}
-        cache = None if cfg.cache.lower() == "none" else cfg.cache or f"{cfg.out}.cache.sqlite"
-        with from_flags(cfg, cache=cache, name="sampling") as llm:  # a missing --model-name is said first
+        with from_flags(cfg, cache=cache_file(cfg.cache, f"{cfg.out}.cache.sqlite"), name="sampling") as llm:  # a missing --model-name is said first
             print(f"sampling: {len(todo)} prompts x {cfg.k} answers from {cfg.model_name} at {cfg.base_url}",
                   flush=True)
             sample_from_endpoint(llm, todo, k=cfg.k, max_new_tokens=cfg.max_new_tokens,

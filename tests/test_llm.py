@@ -394,3 +394,10 @@ def test_a_reasoning_models_thinking_is_left_out_of_every_text(tmp_path):
     with ScriptedServer(lambda req, path: body) as srv, make(srv, tmp_path, cache=None) as llm:
         a = llm.chat(MSG, n=2)
         assert a.ok and a.texts == ["", "answer"] and a.finish_reasons == ["length", "stop"] and len(srv.requests) == 1
+
+
+def test_cache_file_follows_the_flag():
+    from nanohuatuo.llm import cache_file
+    assert cache_file("", "out.cache.sqlite") == cache_file(None, "out.cache.sqlite") == "out.cache.sqlite"
+    assert cache_file("mine.sqlite", "out.cache.sqlite") == "mine.sqlite"
+    assert cache_file("none", "x") is None and cache_file("None", "x") is None  # off, not a file named none
