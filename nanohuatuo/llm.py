@@ -186,13 +186,13 @@ def _one_interrupt():
             or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
         yield
         return
-    first = []
+    last = -math.inf
 
     def on_interrupt(signum, frame):
-        now = time.monotonic()
-        if first and now - first[-1] <= 1.0:
+        nonlocal last
+        if time.monotonic() - last <= 1.0:
             return
-        first.append(now)
+        last = time.monotonic()
         raise KeyboardInterrupt
 
     previous = signal.signal(signal.SIGINT, on_interrupt)
@@ -351,10 +351,10 @@ class LLM:
             try:
                 return self._client.chat.completions.create(model=self.model, messages=messages, **params)
             except self._openai.RateLimitError as e:
+                e.waited = waited  # for the message when this 429 is the last
                 wait = retry_after(e) or min(60.0, 5.0 * 2 ** waits)
-                quota = "quota" in f"{getattr(e, 'code', '')} {getattr(e, 'type', '')}"
-                if quota or waited + wait > self.rate_limit_wait or self._stopping.is_set():
-                    e.waited = waited
+                quota = "quota" in f"{getattr(e, 'code', '')} {getattr(e, 'type', '')}"  # OpenAI's insufficient_quota
+                if quota or waited + wait > self.rate_limit_wait:
                     raise
                 now = time.monotonic()
                 with self._lock:  # one line per half minute, not one per thread
@@ -364,7 +364,6 @@ class LLM:
                     print(f"{self.name}: {self.base_url} is rate limiting (429: {server_message(e)}); waiting "
                           f"{wait:.0f} s before asking again", file=sys.stderr, flush=True)
                 if self._stopping.wait(wait):  # the map stopped (an error, Ctrl-C): nobody waits for this reply
-                    e.waited = waited
                     raise
                 waited, waits = waited + wait, waits + 1
 
@@ -402,8 +401,8 @@ class LLM:
             cut = CUT.get((reply.finish_reasons or [None])[0]) if parse is not None else None
             if error is None and cut:
                 error = cut  # a verdict or a ranking may be what is missing: not used, not asked again
-            elif error is None and parse is not None and not answer.text and "think>" in (reply.texts or [""])[0]:
-                error = "only thinking"  # nothing after the <think> block to parse (without a parser: "", as cut)
+            elif error is None and parse is not None and not answer.text and (reply.texts or [""])[0]:
+                error = "only thinking"  # visible() left nothing after the <think> block (without a parser: "", as cut)
             elif error is None:
                 try:
                     answer.value = parse(answer.text) if parse is not None else answer.text
