@@ -20,7 +20,7 @@ write_weights, **state)` and resumes with `read_resume(path, config, fixed, igno
 changed settings, a refusal of changed fixed ones) then, once its weights are in, `restore(path,
 optimizer, d, lrs)` (optimizer, this run's learning rates, RNG).
 
-Every file that must never be seen half-written goes through `atomic_write` / `atomic_json`.
+Every file that must never be seen half-written goes through `atomic_write` / `atomic_json` (hf.py's).
 """
 
 import contextlib
@@ -34,25 +34,9 @@ import torch
 
 from . import dist
 from .cli import UserError
+from .hf import atomic_json, atomic_write  # noqa: F401 (hf's, re-exported: the stages write their files through here)
 
 STATE, OPTIMIZER = "state.json", "optimizer.pt"
-
-
-# ----------------------------------------------------------------------------- atomic files
-
-def atomic_write(path, write_fn) -> None:
-    """write_fn(tmp_path) writes the file; it then replaces `path` in one rename."""
-    path = str(path)
-    tmp = path + ".tmp"
-    write_fn(tmp)
-    os.replace(tmp, path)
-
-
-def atomic_json(path, obj) -> None:
-    def write(tmp):
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=2, ensure_ascii=False)
-    atomic_write(path, write)
 
 
 # ----------------------------------------------------------------------------- RNG

@@ -577,7 +577,7 @@ def save(model, path, max_shard_bytes=5 * 1024**3, copy_from=None):
 
 def atomic_write(final, write):
     """write(tmp) to a temporary name next to `final`, then rename it: `final` is whole or absent."""
-    tmp = final + ".tmp"
+    tmp = str(final) + ".tmp"
     write(tmp)
     os.replace(tmp, final)
 

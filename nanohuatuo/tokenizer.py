@@ -28,13 +28,12 @@ segment by segment (see `nanohuatuo.templates`):
 
 import io
 import json
-import os
 import re
 import shutil
 from collections import Counter
 from pathlib import Path
 
-from .hf import TOKENIZER_MODEL_FILES, read_json
+from .hf import TOKENIZER_MODEL_FILES, atomic_write, read_json
 
 # Files that make up a tokenizer; save_pretrained copies the ones that were present.
 TOKENIZER_FILES = (
@@ -479,9 +478,7 @@ class Tokenizer:
             names.insert(0, "generation_config.json")
         for name in names:
             if (out_dir / name).resolve() != (self.path / name).resolve():
-                tmp = out_dir / f".{name}.tmp"
-                shutil.copyfile(self.path / name, tmp)
-                os.replace(tmp, out_dir / name)
+                atomic_write(out_dir / name, lambda tmp, name=name: shutil.copyfile(self.path / name, tmp))
 
     def __repr__(self) -> str:
         return (
