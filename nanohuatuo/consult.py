@@ -24,6 +24,7 @@ from pathlib import Path
 from .answers import (AnswerStore, Candidate, GenerationSettings, LocalModel, candidate_key, open_candidate,
                       prompt_hash)
 from .cli import UserError
+from .llm import CUT
 from .textcheck import own_lines
 
 
@@ -199,7 +200,7 @@ def run_consultations(model, cases: list[dict], patient, cfg, say: str) -> tuple
                 stopped[k] = "doctor gave no usable reply"
                 continue
             transcripts[k].append({"role": "doctor", "content": text})
-            if reason in ("length", "content_filter"):  # cut before its end: counted in the summary
+            if reason in CUT:  # cut before its end (the length limit, a content filter): counted in the summary
                 transcripts[k][-1]["cut"] = reason
             if cfg.stop_rule == "diagnosis" and gives_diagnosis_and_advice(text):
                 stopped[k] = "diagnosis and advice"

@@ -147,21 +147,18 @@ def parse_ranking(text: str, n: int) -> list[int] | None:
     if not found:
         return None
     _, end, value = max(found, key=lambda found: found[0])
-    # an order written after the last ranking found ("初步排名：1 > 2 > 3 ... 最终：2 > 1 > 3"): that one was a
-    # draft, and which is meant is not for a parser to guess, so the reply is asked again
-    chosen = _parse_sequence(value if isinstance(value, str) else " > ".join(map(str, value)), n) \
-        if isinstance(value, (str, list)) else None
-    for m in _ORDER.finditer(text, end):  # a restatement of the same order is fine
-        numbers = [int(x) - 1 for x in re.findall(r"\d+", m.group(0))]
-        if sorted(numbers) == list(range(n)) and numbers != chosen:
-            return None
-    if isinstance(value, str):
-        return _parse_sequence(value, n)
-    if not isinstance(value, list) or not all(
+    if isinstance(value, list) and all(
             isinstance(x, int) and not isinstance(x, bool) or isinstance(x, str) and x.strip().isdigit()
             for x in value):
-        return None
-    return _parse_sequence(" > ".join(str(x).strip() for x in value), n)
+        value = " > ".join(str(x).strip() for x in value)
+    ranking = _parse_sequence(value, n) if isinstance(value, str) else None
+    # an order written after the last ranking found ("初步排名：1 > 2 > 3 ... 最终：2 > 1 > 3"): that one was a
+    # draft, and which is meant is not for a parser to guess, so the reply is asked again
+    for m in _ORDER.finditer(text, end):  # a restatement of the same order is fine
+        numbers = [int(x) - 1 for x in re.findall(r"\d+", m.group(0))]
+        if sorted(numbers) == list(range(n)) and numbers != ranking:
+            return None
+    return ranking
 
 
 NO_RANKING = "no ranking line"
