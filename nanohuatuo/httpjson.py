@@ -83,7 +83,7 @@ class JSONHandler(BaseHTTPRequestHandler):
             if max_bytes < length <= 8 * max_bytes:
                 # read and dropped: closing with the body unread resets the connection, and the client sees
                 # a broken pipe (and retries) instead of this answer
-                while left > 0:
+                while left > 0:  # (an empty read: the client stopped sending, nothing left to drop)
                     left -= len(self.rfile.read(min(left, 2**20))) or left
             raise APIError(status, f"the request body must be at most {max_bytes} bytes with a valid Content-Length")
         return self.rfile.read(length)

@@ -105,10 +105,6 @@ def token_limit_field(body) -> str:
     return "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
 
 
-def requested_tokens(body):
-    return body.get(token_limit_field(body))
-
-
 def get_field(body, name, kinds, default=None, lo=None, hi=None):
     """body[name] checked against the JSON kinds ("integer", "number", "boolean", "string") and [lo, hi]."""
     v = body.get(name)
@@ -335,7 +331,7 @@ class OpenAIProtocol:
         return self.common(body, dict(kind="completion", prompts=prompts, params=params, stops=stop_list(body),
                                       logprobs=top is not None, top_logprobs=top or 0, model=model, adapter=adapter,
                                       echo=[self.tok.decode(p) for p in prompts] if echo else None,
-                                      prompt_only=requested_tokens(body) == 0))
+                                      prompt_only=body.get(token_limit_field(body)) == 0))
 
     def raw_prompts(self, prompt):
         """Token ids per prompt: a string, an array of strings, an array of ids or of id arrays."""
